@@ -1,0 +1,18 @@
+"""Triton kernels for ttl, each beside its plain-PyTorch reference. Tensors in, tensors out: this package
+knows nothing of models."""
+
+from .cross_entropy import (
+    cross_entropy,
+    cross_entropy_reference,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+from .rms_norm import rms_norm, rms_norm_reference
+from .rotary import apply_rotary, apply_rotary_reference
+from .swiglu import swiglu, swiglu_reference
+
+__all__ = [
+    "apply_rotary", "apply_rotary_reference", "cross_entropy", "cross_entropy_reference",
+    "fused_linear_cross_entropy", "fused_linear_cross_entropy_reference", "rms_norm", "rms_norm_reference",
+    "swiglu", "swiglu_reference",
+]

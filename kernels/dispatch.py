@@ -1,0 +1,45 @@
+"""Choosing between a Triton kernel and its PyTorch reference for a given tensor.
+
+"auto" runs Triton on CUDA tensors and the reference elsewhere; the `TTL_KERNELS` environment variable
+(`triton` or `torch`) overrides "auto". Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before
+the first kernel module is imported, because Triton picks the interpreter when it decorates a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # triton ships for Linux only; the references still work elsewhere
+    HAVE_TRITON = False
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether a kernel call on `x` should take the Triton path for the requested `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("TTL_KERNELS", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"TTL_KERNELS must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = HAVE_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
+    if backend == "triton" and not runnable:
+        raise ValueError(
+            f"Triton kernels need triton and a CUDA tensor or TRITON_INTERPRET=1 for CPU tensors "
+            f"(got a {x.device.type} tensor, triton {'present' if HAVE_TRITON else 'missing'})"
+        )
+    return runnable if backend == "triton" else (HAVE_TRITON and x.is_cuda)

@@ -1,0 +1,38 @@
+"""Convert checkpoints between the Hugging Face layout and ttl's native one, optionally changing dtype.
+
+  python scripts/convert.py --from-hf HF_DIR OUT_DIR [--dtype bfloat16]
+  python scripts/convert.py --to-hf SRC_DIR OUT_DIR [--dtype float32] [--max-shard-size 2GB]
+
+Either direction reads both layouts; only safetensors are ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ttl_core.cli import run_cli
+from ttl_core.hf import DTYPES, load_pretrained, save_native, save_pretrained
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", action="store_true", help="write ttl's native layout")
+    direction.add_argument("--to-hf", action="store_true", help="write a transformers-loadable directory")
+    parser.add_argument("src", help="checkpoint directory to read")
+    parser.add_argument("out", help="directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights (default: keep)")
+    parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (default 2GB)")
+    args = parser.parse_args(argv)
+    model = load_pretrained(args.src, dtype=args.dtype)
+    if args.to_hf:
+        save_pretrained(model, args.out, max_shard_size=args.max_shard_size)
+    else:
+        save_native(model, args.out, max_shard_size=args.max_shard_size)
+    params = model.num_parameters()
+    print(f"wrote {model.architecture} ({params:,} parameters, {model.backbone.embed.weight.dtype}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

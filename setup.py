@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ttl",
+    version="0.1.0",
+    description="TeenyTinyLlama from scratch: Llama model, Triton kernels, training and HF interop",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ttl_core", "ttl_core.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "safetensors",
+        "sentencepiece",
+        "tqdm",
+    ],
+    extras_require={
+        "flash": ["flash-attn"],
+        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers"],
+    },
+)

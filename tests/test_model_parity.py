@@ -1,0 +1,207 @@
+"""ttl's model against transformers' Llama on random tiny configs (fp32 CPU unless stated)."""
+
+import pytest
+import torch
+from hf_reference import hf_causal_lm, hf_classifier
+
+import ttl_core
+from ttl_core.hf import hf_plan
+
+
+def to_ttl(hf_model, tmp_path, **overrides):
+    hf_model.save_pretrained(tmp_path)
+    return ttl_core.load_pretrained(tmp_path, **overrides)
+
+
+def padded_batch(vocab: int, pad: int, seed: int = 1, batch: int = 4, seq: int = 19):
+    """Random ids with row 1 left-padded, row 2 right-padded, row 3 unpadded, row 0 both-short."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :6] = 0
+    mask[2, 13:] = 0
+    mask[0, :2] = 0
+    ids[mask == 0] = pad
+    return ids, mask
+
+
+CAUSAL_CASES = {
+    "gqa": {},
+    "mha": dict(num_key_value_heads=4),
+    "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "theta_500k": dict(rope_theta=500000.0),
+    "odd_sizes": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, intermediate_size=77, vocab_size=97),
+    "bias": dict(attention_bias=True, mlp_bias=True),
+    "head_dim_override": dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2),
+    "rope_linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "rope_llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("case", list(CAUSAL_CASES))
+def test_causal_lm_logits_loss_and_grads_match_transformers(case, tmp_path):
+    hf = hf_causal_lm(**CAUSAL_CASES[case])
+    ours = to_ttl(hf, tmp_path)
+    vocab = hf.config.vocab_size
+    ids, mask = padded_batch(vocab, pad=3)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids).logits
+        assert torch.isfinite(got).all()
+        assert (ref - got).abs().max() <= 1e-4
+        assert ref.abs().max() > 0.5  # logits are O(1), so the tolerance means something
+        ref_masked = hf(ids, attention_mask=mask).logits
+        got_masked = ours(ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert (ref_masked[real] - got_masked[real]).abs().max() <= 1e-4
+
+    labels = ids.masked_fill(mask == 0, -100)
+    hf.zero_grad()
+    ref_loss = hf(ids, attention_mask=mask, labels=labels).loss
+    ref_loss.backward()
+    loss = ours(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    assert abs(ref_loss.item() - loss.item()) <= 1e-5
+
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    ours_params = dict(ours.named_parameters())
+    for name, pieces in hf_plan(ours.config, "LlamaForCausalLM").items():
+        ours_grad = ours_params[name].grad
+        start = 0
+        for key, rows in pieces:
+            rows = ours_grad.shape[0] if rows is None else rows
+            assert torch.allclose(ours_grad[start:start + rows], hf_grads[key], atol=1e-5, rtol=1e-4), key
+            start += rows
+
+
+def test_eager_backend_matches_transformers_eager(tmp_path):
+    hf = hf_causal_lm()
+    hf.config._attn_implementation = "eager"
+    ours = to_ttl(hf, tmp_path, attention="eager")
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert (ref - got)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_bf16_logits_error_no_worse_than_transformers_bf16(tmp_path):
+    """bf16 rounding alone moves these O(1) logits by ~1.7% (transformers' own bf16 model too), so the
+    criterion is flash-attn's: our bf16 error against the fp32 reference within 1.25x transformers'."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path, dtype=torch.bfloat16)
+    assert ours.backbone.embed.weight.dtype == torch.bfloat16
+    ids, _ = padded_batch(hf.config.vocab_size, pad=3)
+    with torch.no_grad():
+        exact = hf(ids).logits
+        hf_error = (hf.to(torch.bfloat16)(ids).logits.float() - exact).norm() / exact.norm()
+        got = ours(ids).logits.float()
+    assert torch.isfinite(got).all()
+    our_error = (got - exact).norm() / exact.norm()
+    assert our_error <= 1.25 * hf_error and our_error < 0.03
+
+
+def test_logits_to_keep_and_return_logits(tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    ids, _ = padded_batch(131, pad=3)
+    with torch.no_grad():
+        full = ours(ids).logits
+        last = ours(ids, logits_to_keep=1).logits
+        with_loss = ours(ids, labels=ids)
+        both = ours(ids, labels=ids, return_logits=True)
+    assert torch.equal(last, full[:, -1:])
+    assert with_loss.logits is None and with_loss.loss is not None
+    assert torch.equal(both.logits, full) and torch.equal(both.loss, with_loss.loss)
+
+
+def test_sum_reduction_equals_mean_times_count(tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    ids, mask = padded_batch(131, pad=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        mean = ours(ids, labels=labels).loss
+        total = ours(ids, labels=labels, loss_reduction="sum").loss
+    count = (labels[:, 1:] != -100).sum()
+    assert torch.allclose(total, mean * count, rtol=1e-6)
+
+
+@pytest.mark.parametrize("problem", ["single_label_classification", "regression", "multi_label_classification"])
+def test_classifier_matches_transformers(problem, tmp_path):
+    num_labels = 1 if problem == "regression" else 4
+    hf = hf_classifier(num_labels=num_labels)
+    ours = to_ttl(hf, tmp_path)
+    assert isinstance(ours, ttl_core.LlamaForSequenceClassification)
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    gen = torch.Generator().manual_seed(5)
+    if problem == "single_label_classification":
+        labels = torch.randint(0, num_labels, (ids.shape[0],), generator=gen)
+    elif problem == "regression":
+        labels = torch.randn(ids.shape[0], generator=gen)
+    else:
+        labels = (torch.rand(ids.shape[0], num_labels, generator=gen) > 0.5).float()
+    ref = hf(ids, attention_mask=mask, labels=labels)
+    got = ours(ids, attention_mask=mask, labels=labels)
+    assert got.logits.shape == (ids.shape[0], num_labels)
+    assert (ref.logits - got.logits).abs().max() <= 1e-4
+    assert abs(ref.loss.item() - got.loss.item()) <= 1e-5
+    ref.loss.backward()
+    got.loss.backward()
+    assert torch.allclose(ours.score.weight.grad, hf.score.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_classifier_pools_last_non_pad_token_left_and_right_padding(tmp_path):
+    ours = to_ttl(hf_classifier(), tmp_path)
+    ids, mask = padded_batch(131, pad=3)
+    with torch.no_grad():
+        batch_logits = ours(ids, attention_mask=mask).logits
+        for row in range(ids.shape[0]):
+            real = ids[row][mask[row].bool()][None]
+            alone = ours(real).logits[0]
+            # the right-padded and unpadded rows see exactly their own tokens at the pooled position
+            if mask[row, 0] == 1:
+                assert torch.allclose(batch_logits[row], alone, atol=1e-5)
+
+
+def test_classifier_without_pad_id_rejects_batches(tmp_path):
+    ours = to_ttl(hf_classifier(), tmp_path)
+    ours.config.pad_token_id = None
+    ids, _ = padded_batch(131, pad=3)
+    with pytest.raises(ttl_core.TTLError, match="pad_token_id"):
+        ours(ids)
+    assert ours(ids[:1]).logits.shape == (1, 2)
+
+
+def test_ttl_160m_preset_builds_counts_and_trains_on_cpu():
+    config = ttl_core.LlamaConfig.from_preset("ttl-160m")
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (768, 3072, 12)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (12, 12, 32000)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 3)
+    assert config.rms_norm_eps == 1e-5 and config.rope_theta == 10000.0 and not config.tie_word_embeddings
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(config)
+    assert model.num_parameters() == 162_417_408
+    ids = torch.randint(0, 32000, (1, 16))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(32000.0)).item()) < 0.5
+    assert all(p.grad is not None for p in model.parameters())
+    big = ttl_core.LlamaConfig.from_preset("ttl-460m")
+    with torch.device("meta"):
+        assert ttl_core.LlamaForCausalLM(big).num_parameters() == 468_239_360
+
+
+def test_weight_init_follows_transformers():
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny"))
+    embed = model.backbone.embed.weight
+    assert torch.all(embed[3] == 0)  # the pad row
+    assert abs(embed.std().item() - 0.02) < 1e-3
+    assert torch.all(model.backbone.layers[0].attn_norm.weight == 1)
+
+
+def test_rotary_frequencies_survive_dtype_casts():
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny"))
+    before = model.backbone.rotary.inv_freq_bits.clone()
+    model.to(torch.bfloat16)
+    assert torch.equal(model.backbone.rotary.inv_freq_bits, before)

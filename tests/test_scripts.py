@@ -1,0 +1,20 @@
+"""Every script in scripts/ answers --help (and so at least imports and parses)."""
+
+import pytest
+from helpers import ROOT, run_script
+
+SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_help(name):
+    run = run_script(name, "--help", timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "usage:" in run.stdout
+
+
+def test_smoke_script_trains_the_tiny_model():
+    run = run_script("smoke", "--steps", "4", "--seq", "32")
+    assert run.returncode == 0, run.stderr
+    losses = [float(line.split("loss ")[1].split()[0]) for line in run.stdout.splitlines() if "loss" in line]
+    assert len(losses) == 4 and losses[-1] < losses[0]

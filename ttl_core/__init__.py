@@ -1,0 +1,13 @@
+"""ttl: a from-scratch Llama (TeenyTinyLlama) with its own Triton kernels and exact Hugging Face interop."""
+
+from .config import PRESETS, LlamaConfig
+from .errors import TTLError
+from .hf import load_pretrained, save_native, save_pretrained
+from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", "TTLError", "build_model",
+    "load_pretrained", "save_native", "save_pretrained",
+]

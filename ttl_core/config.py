@@ -1,0 +1,208 @@
+"""Model configuration: one plain dataclass with Hugging Face field names, plus the published presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+KERNEL_CHOICES = ("auto", "triton", "torch")
+ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn", "triton", "eager")
+
+
+@dataclass
+class LlamaConfig:
+    """Llama hyper-parameters under their Hugging Face names, plus two ttl-only runtime switches.
+
+    `kernels` picks the implementation of RMSNorm, rotary, SwiGLU and cross-entropy ("auto": Triton on CUDA,
+    PyTorch references elsewhere; the `TTL_KERNELS` environment variable overrides "auto").
+    `attention` picks the attention backend ("auto": best available). Neither is written to config.json.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 3
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    kernels: str = "auto"
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_labels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ConfigError(
+                    f"unsupported rope type {rope_type!r}; ttl supports {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+            self.rope_scaling["rope_type"] = rope_type
+            self.rope_scaling.pop("type", None)
+            required = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                        "original_max_position_embeddings"]}
+            missing = [k for k in required.get(rope_type, []) if k not in self.rope_scaling]
+            if missing:
+                raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
+            if rope_type == "default":
+                self.rope_scaling = None
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+            if self.label2id is None:
+                self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown LlamaConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A preset by name (`ttl-160m`, `ttl-460m`, `tiny`), with fields optionally overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown LlamaConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "LlamaConfig":
+        """Read a transformers `config.json` dict (both the v4 `rope_theta`/`rope_scaling` keys and the
+        v5 `rope_parameters` block). Non-Llama models, activations other than SiLU and unknown rope types
+        raise `ConfigError` naming the offending value."""
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"unsupported model_type {model_type!r}; ttl implements 'llama' only")
+        for arch in hf.get("architectures") or []:
+            if arch not in SUPPORTED_ARCHITECTURES:
+                raise ConfigError(
+                    f"unsupported architecture {arch!r}; ttl supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"unsupported activation hidden_act={act!r}; Llama uses 'silu'")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError("pretraining_tp > 1 checkpoints are not supported")
+        rope_theta = hf.get("rope_theta", 10000.0)
+        rope_scaling = hf.get("rope_scaling")
+        rope_parameters = hf.get("rope_parameters")
+        if rope_parameters:
+            rope_parameters = dict(rope_parameters)
+            rope_theta = rope_parameters.pop("rope_theta", rope_theta)
+            rope_scaling = rope_parameters if rope_parameters.get("rope_type", "default") != "default" else None
+        fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
+        kwargs = {k: v for k, v in hf.items() if k in fields and v is not None}
+        if "pad_token_id" in hf:  # an explicit null pad id matters for classification pooling
+            kwargs["pad_token_id"] = hf["pad_token_id"]
+        return cls(rope_theta=float(rope_theta), rope_scaling=rope_scaling, **kwargs)
+
+    def to_hf_dict(self, architecture: str = "LlamaForCausalLM", dtype: str = "float32") -> dict[str, Any]:
+        """A transformers `config.json` dict that both transformers v4 and v5 read."""
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"unsupported architecture {architecture!r}")
+        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope_parameters = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        out: dict[str, Any] = {
+            "architectures": [architecture],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "rope_parameters": rope_parameters,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "mlp_bias": self.mlp_bias,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "pretraining_tp": 1,
+            "use_cache": True,
+            "dtype": dtype,
+            "torch_dtype": dtype,
+        }
+        if architecture == "LlamaForSequenceClassification":
+            id2label = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            out["id2label"] = {str(k): v for k, v in id2label.items()}
+            out["label2id"] = self.label2id or {v: k for k, v in id2label.items()}
+            if self.problem_type is not None:
+                out["problem_type"] = self.problem_type
+        return out
+
+
+_TTL_COMMON: dict[str, Any] = dict(
+    vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+)
+
+# Published TeenyTinyLlama shapes (see shared/README.md); `tiny` is sized for CPU training in minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ttl-160m": dict(_TTL_COMMON, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, num_key_value_heads=12),
+    "ttl-460m": dict(_TTL_COMMON, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, num_key_value_heads=16),
+    "tiny": dict(_TTL_COMMON, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+}
+

@@ -1,0 +1,33 @@
+"""Errors a user can cause. Each carries a one-line message naming the file, tensor or argument at fault.
+
+Every class derives from `TTLError`, itself a `ValueError`, so callers can catch one type; scripts turn
+it into a single `error: ...` line instead of a traceback (see `ttl_core.cli.run_cli`).
+"""
+
+
+class TTLError(ValueError):
+    """Base class of every user-facing ttl error."""
+
+
+class ConfigError(TTLError):
+    """A model or training configuration is invalid or unsupported."""
+
+
+class CheckpointError(TTLError):
+    """A checkpoint directory or file is missing, corrupt or does not fit the model."""
+
+
+class DataError(TTLError):
+    """Input data (text files, token files, task files) is empty, malformed or inconsistent."""
+
+
+class TokenizerError(TTLError):
+    """A tokenizer file is missing or of an unsupported kind."""
+
+
+class AdapterError(TTLError):
+    """A LoRA adapter does not fit the model it is applied to."""
+
+
+class GenerationError(TTLError):
+    """Arguments to text generation are out of range or inconsistent."""

@@ -1,0 +1,296 @@
+"""Reading and writing Hugging Face (and ttl-native) safetensors checkpoints.
+
+This is the only module that knows transformers' tensor names. A *plan* maps each ttl parameter to the
+checkpoint tensors stacked along dim 0 to form it (q/k/v -> qkv, gate/up -> gate_up); loading and saving
+both walk that plan, so the mapping is written once. Weights are read from safetensors only: pickles are
+never opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+from .errors import CheckpointError, TTLError
+from .fileio import atomic_write, write_json
+from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+
+# A plan: ttl parameter name -> [(checkpoint tensor name, rows taken along dim 0 or None for all)]
+Plan = dict[str, list[tuple[str, int | None]]]
+
+NATIVE_CONFIG = "ttl_config.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+# Tensors older transformers versions saved that carry no weights.
+IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def hf_plan(config: LlamaConfig, architecture: str) -> Plan:
+    """How transformers' Llama tensor names compose ttl's fused parameters."""
+    q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    plan: Plan = {"backbone.embed.weight": [("model.embed_tokens.weight", None)],
+                  "backbone.norm.weight": [("model.norm.weight", None)]}
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"backbone.layers.{i}.", f"model.layers.{i}."
+        kinds = ["weight"] + (["bias"] if config.attention_bias else [])
+        for kind in kinds:
+            plan[f"{ours}attn.qkv.{kind}"] = [(f"{theirs}self_attn.{p}_proj.{kind}", rows) for p, rows in
+                                               (("q", q_rows), ("k", kv_rows), ("v", kv_rows))]
+            plan[f"{ours}attn.out.{kind}"] = [(f"{theirs}self_attn.o_proj.{kind}", None)]
+        for kind in ["weight"] + (["bias"] if config.mlp_bias else []):
+            plan[f"{ours}mlp.gate_up.{kind}"] = [(f"{theirs}mlp.{p}_proj.{kind}", config.intermediate_size)
+                                                 for p in ("gate", "up")]
+            plan[f"{ours}mlp.down.{kind}"] = [(f"{theirs}mlp.down_proj.{kind}", None)]
+        plan[f"{ours}attn_norm.weight"] = [(f"{theirs}input_layernorm.weight", None)]
+        plan[f"{ours}mlp_norm.weight"] = [(f"{theirs}post_attention_layernorm.weight", None)]
+    if architecture == "LlamaForSequenceClassification":
+        plan["score.weight"] = [("score.weight", None)]
+    elif not config.tie_word_embeddings:
+        plan["lm_head.weight"] = [("lm_head.weight", None)]
+    return plan
+
+
+def native_plan(model: torch.nn.Module) -> Plan:
+    """ttl-native checkpoints store each parameter under its own name (tied weights once)."""
+    return {name: [(name, None)] for name, _ in model.named_parameters()}  # a shared tensor comes once
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no 'weight_map' in the index")
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+    elif (directory / "model.safetensors").exists():
+        files = [directory / "model.safetensors"]
+    else:
+        pickles = [f for f in PICKLE_FILES if (directory / f).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"{directory / pickles[0]} is a pickle checkpoint, which ttl never unpickles (it can run code); "
+                "convert it in a trusted environment with transformers: "
+                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
+            )
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"shard(s) named in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _list_some(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict[str, tuple[Path, list[int]]],
+                        directory: Path, ignorable) -> None:
+    wanted = {key for pieces in plan.values() for key, _ in pieces}
+    missing = sorted(wanted - set(found))
+    unexpected = sorted(k for k in set(found) - wanted if not ignorable(k))
+    mismatched = []
+    for name, pieces in plan.items():
+        for key, rows in pieces:
+            if key in found:
+                expected = [rows if rows is not None else params[name].shape[0], *params[name].shape[1:]]
+                if list(found[key][1]) != expected:
+                    mismatched.append(f"{key} {list(found[key][1])} (model expects {expected}, file {found[key][0].name})")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_list_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_list_some(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_list_some(mismatched, 3)}")
+    if problems:
+        raise CheckpointError(f"{directory}: " + "; ".join(problems))
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
+    """The config and architecture of a checkpoint directory (HF `config.json` or ttl `ttl_config.json`)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a checkpoint directory")
+    if (directory / NATIVE_CONFIG).exists():
+        meta = _read_json(directory / NATIVE_CONFIG)
+        try:
+            return LlamaConfig(**meta["config"]), meta["architecture"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{directory / NATIVE_CONFIG}: malformed ({e})") from None
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    hf = _read_json(directory / "config.json")
+    try:
+        config = LlamaConfig.from_hf_dict(hf)
+    except TTLError as e:
+        raise type(e)(f"{directory / 'config.json'}: {e}") from None
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    return config, architectures[0]
+
+
+def load_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    **config_overrides,
+) -> LlamaForCausalLM | LlamaForSequenceClassification:
+    """Load a checkpoint directory into a ttl model.
+
+    Reads transformers' layout (`config.json` + `model.safetensors` or a sharded index) or ttl's native one.
+    The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so
+    host memory peaks near one copy of the weights. `dtype=None` keeps the checkpoint's dtype.
+    `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`."""
+    directory = Path(path)
+    config, architecture = read_model_config(directory)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    native = (directory / NATIVE_CONFIG).exists()
+    files = _weight_files(directory)
+    handles = {f: _open_safetensors(f) for f in files}
+    found: dict[str, tuple[Path, list[int]]] = {}
+    for f, handle in handles.items():
+        for key in handle.keys():
+            found[key] = (f, handle.get_slice(key).get_shape())
+
+    with torch.device("meta"):
+        model = build_model(config, architecture)
+    plan = native_plan(model) if native else hf_plan(config, architecture)
+    params = dict(model.named_parameters())
+    tied_head = config.tie_word_embeddings and architecture == "LlamaForCausalLM"
+    _check_against_plan(plan, params, found, directory,
+                        lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (tied_head and k == "lm_head.weight"))
+
+    embed_key = plan["backbone.embed.weight"][0][0]
+    stored = handles[found[embed_key][0]].get_slice(embed_key).get_dtype()
+    target_dtype = _resolve_dtype(dtype) or SAFETENSORS_DTYPES.get(stored, torch.float32)
+    model = model.to(target_dtype).to_empty(device=device or "cpu")
+    model.tie_weights()
+    model.backbone.rotary.reset_inv_freq()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, pieces in plan.items():
+            start = 0
+            for key, rows in pieces:
+                f = found[key][0]
+                try:
+                    tensor = handles[f].get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
+                params[name][start:start + tensor.shape[0]].copy_(tensor)
+                start += tensor.shape[0]
+    return model.eval()
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise CheckpointError(f"cannot parse shard size {size!r} (examples: '2GB', '500MB', '1GiB')")
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    return int(float(match.group(1)) * units[(match.group(2) or "b").lower()])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, "float32")
+
+
+def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
+    """Write (name, tensor) pairs as one file or as shards with an index, replacing stale weight files."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    shard_bytes = 0
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append((name, t))
+        shard_bytes += size
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards):
+        # slices of fused parameters share storage, which safetensors refuses: give each its own copy
+        payload = {n: t.detach().to("cpu").clone().contiguous() for n, t in shard}
+        atomic_write(directory / fname, lambda tmp, p=payload: save_file(p, str(tmp), metadata={"format": "pt"}))
+    index = directory / "model.safetensors.index.json"
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for _, t in tensors)
+        write_json(index, {"metadata": {"total_size": total},
+                           "weight_map": {n: fname for fname, shard in zip(names, shards) for n, _ in shard}})
+    for stale in directory.glob("model*.safetensors*"):
+        if stale.name not in names and not (len(shards) > 1 and stale == index) and not stale.name.endswith(".tmp"):
+            stale.unlink()
+
+
+def _planned_tensors(model: torch.nn.Module, plan: Plan, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    params = dict(model.named_parameters())
+    out = []
+    for name, pieces in plan.items():
+        start = 0
+        for key, rows in pieces:
+            rows = params[name].shape[0] if rows is None else rows
+            out.append((key, params[name][start:start + rows].to(dtype)))
+            start += rows
+    return out
+
+
+def save_pretrained(
+    model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
+    max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None, tokenizer=None,
+) -> None:
+    """Write a transformers-loadable directory: safetensors (sharded with an index above `max_shard_size`),
+    `config.json` and `generation_config.json`, and the tokenizer files when a tokenizer is given. Every
+    file is written atomically. `dtype=None` keeps the model's dtype."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
+    config = model.config
+    plan = hf_plan(config, model.architecture)
+    _write_safetensors(directory, _planned_tensors(model, plan, dtype), _parse_size(max_shard_size))
+    write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
+    write_json(directory / "generation_config.json", {
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+    })
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
+                max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None) -> None:
+    """Write ttl's native layout: fused parameters under ttl's names and `ttl_config.json`."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
+    _write_safetensors(directory, _planned_tensors(model, native_plan(model), dtype), _parse_size(max_shard_size))
+    write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": 1, "architecture": model.architecture,
+                                           "config": dataclasses.asdict(model.config)})

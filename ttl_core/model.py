@@ -1,0 +1,321 @@
+"""The Llama architecture (TeenyTinyLlama): causal LM and sequence classifier in one readable file.
+
+Projections are fused (q/k/v in one matrix, gate/up in another) so each needs one matmul; `ttl_core.hf`
+splits and joins them when reading or writing Hugging Face checkpoints. Numerics follow transformers'
+`LlamaForCausalLM` step by step, so the PyTorch path reproduces its logits to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .attention import attention, causal_mask
+from .config import LlamaConfig
+from .errors import ConfigError
+
+
+@dataclass
+class ModelOutput:
+    """`loss` is None without labels; `logits` is None when a loss was computed without `return_logits`."""
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, kernel_backend: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.kernel_backend = kernel_backend
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps, backend=self.kernel_backend), x
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.kernel_backend)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies (head_dim / 2,) in fp32, scaled as `config.rope_scaling` says."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif config.rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        blend = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - blend) * slowed / factor + blend * slowed
+        in_between = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(in_between, smoothed, slowed)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        # Kept as the int32 bit pattern of the fp32 values: `model.to(torch.bfloat16)` casts floating
+        # buffers, and rotary angles rounded to bf16 would drift from transformers' fp32 angles.
+        self.register_buffer("inv_freq_bits", torch.empty(config.head_dim // 2, dtype=torch.int32), persistent=False)
+        self.reset_inv_freq()
+
+    def reset_inv_freq(self) -> None:
+        """(Re)compute the frequencies, e.g. after the module was materialized from the meta device."""
+        if self.inv_freq_bits.device.type != "meta":
+            values = rope_inverse_frequencies(self.config).view(torch.int32)
+            self.inv_freq_bits.copy_(values.to(self.inv_freq_bits.device))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (batch, seq, head_dim) for integer positions (batch, seq), cast to `dtype`."""
+        freqs = position_ids[..., None].float() * self.inv_freq_bits.view(torch.float32)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.attention_bias)
+        self.out = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.kernel_backend = config.kernels
+        self.attention_backend = config.attention
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv_cache=None
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(batch, seq, self.heads, self.head_dim)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim)
+        q, k = kernels.apply_rotary(q, k, cos, sin, backend=self.kernel_backend)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend)
+        return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.kernel_backend = config.kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(kernels.swiglu(gate, up, backend=self.kernel_backend))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None, kv_cache=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the previous sublayer's output and the residual stream before it; returns the same pair
+        for this block, so each residual add fuses into the next RMSNorm."""
+        x, residual = self.attn_norm(delta, residual)
+        delta = self.attn(x, cos, sin, mask, kv_cache)
+        x, residual = self.mlp_norm(delta, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder blocks and final norm: token ids in, final hidden states out."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        pad = config.pad_token_id
+        # As in transformers, the pad token's embedding row receives no gradient.
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
+                                  padding_idx=pad if pad is not None and 0 <= pad < config.vocab_size else None)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, kv_cache=None,
+    ) -> torch.Tensor:
+        """Hidden states (batch, seq, hidden).
+
+        `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
+        queries being the last `seq` positions) or a ready boolean (batch, 1, seq, kv_len) mask.
+        `position_ids` default to 0..seq-1. `kv_cache`, if given, has `update(layer_idx, k, v)` returning
+        the keys and values to attend over (see `ttl_core.generate`)."""
+        if input_ids.dim() != 2:
+            raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device)[None].expand(batch, seq)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2:
+            mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos, sin, mask, kv_cache)
+        return self.norm(hidden, residual)[0]
+
+
+def _init_weights(model: nn.Module, std: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+
+
+class _LlamaBase(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = LlamaModel(config)
+
+    def init_weights(self) -> None:
+        """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row."""
+        with torch.no_grad():
+            _init_weights(self, self.config.initializer_range)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the LM head when the config asks for it (no-op otherwise)."""
+
+    def num_parameters(self, exclude_embedding: bool = False) -> int:
+        """Distinct parameters; `exclude_embedding` leaves out the input embedding table (for MFU)."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embedding:
+            params.pop(id(self.backbone.embed.weight))
+            head = getattr(self, "lm_head", None)
+            if head is not None and head.weight is self.backbone.embed.weight:
+                params[id(head.weight)] = head.weight  # a tied head still does a matmul per token
+        return sum(p.numel() for p in params.values())
+
+
+class LlamaForCausalLM(_LlamaBase):
+    """Llama with an LM head. `model(ids, labels=labels).loss` is the shifted next-token loss."""
+
+    architecture = "LlamaForCausalLM"
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embed.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache=None,
+        logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
+    ) -> ModelOutput:
+        """Logits (batch, seq, vocab) without labels; with labels (batch, seq, -100 ignored) the mean loss
+        of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
+        are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions.
+        `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation)."""
+        hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache)
+        loss = logits = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ConfigError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+            loss = kernels.fused_linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
+                reduction=loss_reduction, backend=self.config.kernels,
+            )
+        if labels is None or return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return ModelOutput(logits=logits, loss=loss)
+
+
+class LlamaForSequenceClassification(_LlamaBase):
+    """Llama with a bias-free `score` head, pooled at each row's last non-pad token like transformers."""
+
+    architecture = "LlamaForSequenceClassification"
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.init_weights()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Pooled logits (batch, num_labels). Loss: MSE for one label (regression), cross-entropy for
+        integer labels, BCE-with-logits for float multi-label targets (or as `config.problem_type` says)."""
+        hidden = self.backbone(input_ids, attention_mask, position_ids)
+        token_logits = self.score(hidden)  # every position, as transformers does, for identical rounding
+        batch, seq = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if batch != 1:
+                raise ConfigError("pad_token_id is None: sequence classification of a batch > 1 needs it")
+            last = torch.full((1,), seq - 1, device=input_ids.device)
+        else:
+            positions = torch.arange(seq, device=input_ids.device, dtype=torch.int32)
+            last = (positions * (input_ids != pad).int()).argmax(-1)
+        logits = token_logits[torch.arange(batch, device=input_ids.device), last]
+        loss = None if labels is None else self._loss(logits, labels)
+        return ModelOutput(logits=logits, loss=loss)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.config.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            if self.config.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        raise ConfigError(f"unknown problem_type {problem!r}")
+
+
+def build_model(config: LlamaConfig, architecture: str = "LlamaForCausalLM") -> _LlamaBase:
+    """The model class named by a transformers `architectures` entry."""
+    classes = {cls.architecture: cls for cls in (LlamaForCausalLM, LlamaForSequenceClassification)}
+    if architecture not in classes:
+        raise ConfigError(f"unknown architecture {architecture!r}; ttl builds {', '.join(classes)}")
+    return classes[architecture](config)
