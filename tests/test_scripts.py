@@ -18,3 +18,17 @@ def test_smoke_script_trains_the_tiny_model():
     assert run.returncode == 0, run.stderr
     losses = [float(line.split("loss ")[1].split()[0]) for line in run.stdout.splitlines() if "loss" in line]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_benchmarks_refuse_clearly_without_cuda():
+    import torch
+
+    from ttl_core.benchmark import require_cuda, row
+
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="needs a CUDA GPU"):
+            require_cuda("bench_x")
+    r = row("ttl", "fwd", {"rows": 4096}, "bf16", 1.5, gbs=100.0)
+    assert list(r) == ["impl", "pass", "shape", "dtype", "ms", "gbs", "tflops", "frac_of_peak", "tokens_per_s",
+                       "mfu", "peak_mem_mb"]
+    assert r["gbs"] == 100.0 and r["tflops"] is None
