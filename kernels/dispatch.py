@@ -43,3 +43,18 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
             f"(got a {x.device.type} tensor, triton {'present' if HAVE_TRITON else 'missing'})"
         )
     return runnable if backend == "triton" else (HAVE_TRITON and x.is_cuda)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a 2-D (rows, last dim) tensor with a contiguous last dim, for row-wise kernels: a view when
+    the strides allow (e.g. a slice of a fused projection), a copy otherwise."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 on the CPU, where the interpreter runs the grid)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,8 +1,28 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm with an optional fused residual add: Triton forward and backward kernels beside the reference.
+
+Memory traffic is the whole cost, so each row is read once per pass and kept in registers: the forward
+reads x (and the residual) and writes y (and x + residual); the backward reads dy, the saved sum h (and the
+gradient of the new residual) and writes dx. The per-row 1/rms (4 bytes a row) is the only thing saved
+besides h. The weight gradient is a sum over rows; each backward program accumulates a partial row in fp32
+over a contiguous block of rows, and a second pass sums the partial rows, so the result is deterministic
+(no atomics) and the grid still fills the GPU.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from .dispatch import HAVE_TRITON, as_rows, sm_count, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+# One tile is ROWS x BLOCK_N elements. Small hidden sizes put several rows in a tile so each program moves
+# enough bytes; warps grow with the tile to keep about 16 fp32 values per thread. Starting points for
+# tuning on the GPU (issue 10), not measured optima.
+TILE_ELEMENTS = 4096
+MAX_HIDDEN = 65536  # whole rows live in registers; beyond this they would spill to local memory
 
 
 def rms_norm_reference(
@@ -19,9 +39,168 @@ def rms_norm_reference(
     return (out, x) if residual is not None else out
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        X, R, W, Y, H, RSTD, n_rows, n_cols, eps, stride_x, stride_r, stride_y, stride_h,
+        HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        rows = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows * stride_x + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        if HAS_RESIDUAL:
+            r = tl.load(R + rows * stride_r + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            # rounded to the sum's dtype first, as the reference's `residual + x` is
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + rows * stride_h + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        tl.store(RSTD + tl.program_id(0) * ROWS + tl.arange(0, ROWS), rstd, mask=row_ok)
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        normed = (x * rstd[:, None]).to(H.dtype.element_ty).to(tl.float32)
+        tl.store(Y + rows * stride_y + cols[None, :], (w[None, :] * normed).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        DY, DH, H, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, rows_per_program,
+        stride_dy, stride_dh, stride_h, stride_dx,
+        HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < n_cols
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        first = pid * rows_per_program
+        last = tl.minimum(first + rows_per_program, n_rows)
+        for start in range(first, last, ROWS):
+            rows = start + tl.arange(0, ROWS)
+            row_ok = rows < last
+            mask = row_ok[:, None] & col_ok[None, :]
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            rows = rows.to(tl.int64)[:, None]
+            h = tl.load(H + rows * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            normed = h * rstd[:, None]
+            g = dy * w[None, :]
+            # d/dh of g . (h * rstd) with rstd = (mean(h^2) + eps)^-1/2
+            dx = (g - normed * (tl.sum(g * normed, axis=1) / n_cols)[:, None]) * rstd[:, None]
+            if HAS_DH:
+                dx += tl.load(DH + rows * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw += tl.sum(dy * normed, axis=0)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for a hidden size."""
+    if n_cols > MAX_HIDDEN:
+        raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {n_cols}")
+    block_n = triton.next_power_of_2(n_cols)
+    rows = max(1, TILE_ELEMENTS // block_n)
+    num_warps = max(4, min(16, rows * block_n // 512)) if block_n <= 16384 else 32
+    return block_n, rows, num_warps
+
+
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Launch the forward kernel on (rows, hidden) views: returns (y, x + residual or None, 1/rms per row)."""
+    n_rows, n_cols = x.shape
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(weight.dtype, h_dtype), device=x.device)
+    h = None if residual is None else torch.empty((n_rows, n_cols), dtype=h_dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block_n, rows, num_warps = _launch_config(n_cols)
+    if n_rows:
+        # without a residual, x stands in for the unused R and H (H's dtype is the rounding dtype)
+        r_, h_ = (x, x) if residual is None else (residual, h)
+        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            x, r_, weight, y, h_, rstd, n_rows, n_cols, eps, x.stride(0), r_.stride(0), y.stride(0),
+            h_.stride(0), HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+        )
+    return y, h, rstd
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernel: returns (dx, dweight or None) from the output gradient `dy`, the new
+    residual's gradient `dh` (or None) and the forward's saved normalized input `h` and `rstd`."""
+    n_rows, n_cols = h.shape
+    block_n, rows, num_warps = _launch_config(n_cols)
+    dx = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
+    # enough programs to fill every SM several times over, each with a whole number of tiles
+    programs = max(1, min(sm_count(h.device) * max(1, 32 // num_warps), triton.cdiv(n_rows, rows)))
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+    programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 0
+    dw_partial = torch.empty((programs, n_cols) if compute_dw else (0,), dtype=torch.float32, device=h.device)
+    if programs:
+        dh_ = dy if dh is None else dh
+        _rms_norm_bwd_kernel[(programs,)](
+            dy, dh_, h, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
+            dy.stride(0), dh_.stride(0), h.stride(0), dx.stride(0),
+            HAS_DH=dh is not None, COMPUTE_DW=compute_dw, BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+        )
+    dw = None
+    if compute_dw:
+        dw = dw_partial.sum(0) if programs else torch.zeros(n_cols, dtype=torch.float32, device=h.device)
+        dw = dw.to(weight.dtype)
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper: returns y, or (y, x + residual) when a residual is given. Gradients may flow into
+    either output or both; dx (the gradient of x + residual) goes to x and to the residual alike."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        shape = x.shape
+        x2 = as_rows(x)
+        r2 = None if residual is None else as_rows(residual)
+        weight = weight.contiguous()
+        y, h, rstd = rms_norm_forward(x2, weight, eps, r2)
+        ctx.save_for_backward(x2 if h is None else h, weight, rstd)
+        ctx.input_dtypes = (x.dtype, None if residual is None else residual.dtype)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
+        if h is None:
+            return y.view(shape)
+        return y.view(shape), h.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, rstd = ctx.saved_tensors
+        x_dtype, r_dtype = ctx.input_dtypes
+        dh2 = None if dh is None else as_rows(dh)
+        if dy is None:  # only the new residual was used
+            dx, dw = dh2, None
+        else:
+            dx, dw = rms_norm_backward(as_rows(dy), dh2, h, weight, rstd, ctx.needs_input_grad[1])
+        dx = dx.view((dy if dy is not None else dh).shape)
+        dr = None if r_dtype is None else dx.to(r_dtype)
+        return dx.to(x_dtype), dw, dr, None
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
     *, backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dimension; with `residual`, returns `(normed, x + residual)`."""
-    return rms_norm_reference(x, weight, eps, residual)
+    """RMSNorm over the last dimension of `x` (any hidden size up to 65536; fp32, bf16 or fp16 with fp32
+    statistics), scaled by `weight`, rounding like `rms_norm_reference`; the output dtype is the promotion
+    of the weight's and the input's. With `residual` (same shape as `x`), normalizes `x + residual` in the
+    same pass and returns `(normed, x + residual)`. `backend` picks Triton or the reference (see
+    `kernels.dispatch.use_triton`)."""
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+    if not use_triton(x, backend):
+        return rms_norm_reference(x, weight, eps, residual)
+    return RMSNormFunction.apply(x, weight, residual, eps)

@@ -1,8 +1,20 @@
-"""Rotary position embedding in the Hugging Face `rotate_half` layout."""
+"""Rotary position embedding in the Hugging Face `rotate_half` layout: Triton kernel beside the reference.
+
+One program handles one token: it loads that position's cos/sin row once and rotates every query head and
+every key head with it, so q and k go through one launch and the angles are read once per token instead of
+once per head. The backward is the same kernel run on the gradients with the transposed rotation (the
+rotation by minus the angle when the two halves of cos/sin agree, as they do for real rotary tables).
+"""
 
 from __future__ import annotations
 
 import torch
+
+from .dispatch import HAVE_TRITON, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
 
 
 def _broadcast_angles(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -25,8 +37,117 @@ def apply_rotary_reference(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rotate_heads(
+        X, OUT, n_heads, stride_h, stride_out_h, c1, c2, s1, s2, half,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
+    ):
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        dims = tl.arange(0, BLOCK_HALF)[None, :]
+        mask = (heads < n_heads) & (dims < half)
+        x1 = tl.load(X + heads * stride_h + dims, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + heads * stride_h + half + dims, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:  # transpose of [x1, x2] -> [x1*c1 - x2*s1, x2*c2 + x1*s2]
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        tl.store(OUT + heads * stride_out_h + dims, o1.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + heads * stride_out_h + half + dims, o2.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(
+        Q, K, COS, SIN, QO, KO, seq_len, n_q_heads, n_k_heads, half,
+        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_cb, stride_cs,
+        stride_qob, stride_qos, stride_qoh, stride_kob, stride_kos, stride_koh,
+        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        b = token // seq_len
+        s = token % seq_len
+        dims = tl.arange(0, BLOCK_HALF)[None, :]
+        dim_ok = dims < half
+        angle = b * stride_cb + s * stride_cs + dims
+        # the reference multiplies by cos/sin cast to the activation dtype; so does this
+        act = Q.dtype.element_ty
+        c1 = tl.load(COS + angle, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        c2 = tl.load(COS + angle + half, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        s1 = tl.load(SIN + angle, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        s2 = tl.load(SIN + angle + half, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        _rotate_heads(Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos, n_q_heads,
+                      stride_qh, stride_qoh, c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, BACKWARD)
+        _rotate_heads(K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos, n_k_heads,
+                      stride_kh, stride_koh, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, BACKWARD)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rotary_launch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (or, with `backward`, apply the transposed rotation to) q and k in one launch; cos/sin are
+    already (batch, seq, dim) views (stride 0 where broadcast). Returns new contiguous tensors."""
+    q, k, cos, sin = (_last_dim_contiguous(t) for t in (q, k, cos, sin))
+    batch, seq, n_q_heads, dim = q.shape
+    n_k_heads = k.shape[2]
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if cos.stride() != sin.stride():  # the kernel indexes both with cos's strides
+        cos, sin = cos.contiguous(), sin.contiguous()
+    block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
+    block_half = triton.next_power_of_2(dim // 2)
+    num_warps = max(1, min(8, (block_qh + block_kh) * block_half // 256))
+    if batch * seq:
+        _rotary_kernel[(batch * seq,)](
+            q, k, cos, sin, qo, ko, seq, n_q_heads, n_k_heads, dim // 2,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos.stride(0),
+            cos.stride(1), qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
+            BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=num_warps,
+        )
+    return qo, ko
+
+
+class RotaryFunction(torch.autograd.Function):
+    """Autograd wrapper; cos/sin are constants (no gradient), as rotary tables are."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotary_launch(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        return (*rotary_launch(dq, dk, cos, sin, backward=True), None, None)
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply rotary embeddings to q and k; see `apply_rotary_reference` for the layout."""
-    return apply_rotary_reference(q, k, cos, sin)
+    """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by per-position angles given as
+    cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
+    positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
+    last dim; outputs are new tensors rounded like `apply_rotary_reference`. `backend` picks Triton or the
+    reference (see `kernels.dispatch.use_triton`)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"apply_rotary needs q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim), "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, seq, _, dim = q.shape
+    if dim % 2 or q.dtype != k.dtype:
+        raise ValueError(f"apply_rotary needs an even head dim and q, k of one dtype, got dim {dim}, "
+                         f"{q.dtype} and {k.dtype}")
+    if cos.shape != sin.shape or cos.shape[-2:] != (seq, dim) or cos.dim() not in (2, 3):
+        raise ValueError(f"apply_rotary cos/sin must be ({seq}, {dim}) or (batch, {seq}, {dim}), "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.dim() == 3 and cos.shape[0] not in (1, batch):
+        raise ValueError(f"apply_rotary cos/sin batch {cos.shape[0]} does not match q's batch {batch}")
+    if not use_triton(q, backend):
+        return apply_rotary_reference(q, k, cos, sin)
+    cos = cos.expand(batch, seq, dim)
+    sin = sin.expand(batch, seq, dim)
+    return RotaryFunction.apply(q, k, cos, sin)

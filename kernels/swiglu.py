@@ -1,9 +1,24 @@
-"""SwiGLU activation: silu(gate) * up."""
+"""SwiGLU activation silu(gate) * up: fused Triton forward and backward beside the reference.
+
+gate and up are usually the two halves of one fused projection, so the kernels take row-strided views
+and never copy them. The forward reads gate and up and writes the product (3 tensors of traffic); the
+backward saves nothing but the inputs, recomputes sigmoid(gate), and reads the output gradient, gate and
+up to write both input gradients (5 tensors). The reference saves silu(gate) as well and runs 3 kernels
+forward and more backward.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import HAVE_TRITON, as_rows, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+BLOCK = 1024  # elements per program; a starting point for tuning on the GPU (issue 10)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -11,6 +26,72 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, OUT, n_cols, stride_g, stride_u, stride_out, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        out = g * tl.sigmoid(g) * u
+        tl.store(OUT + row * stride_out + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(
+        DOUT, G, U, DG, DU, n_cols, stride_dout, stride_g, stride_u, stride_dg, stride_du, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        dout = tl.load(DOUT + row * stride_dout + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        # d silu / dg = sig + g * sig * (1 - sig)
+        dg = dout * u * (sig + silu * (1.0 - sig))
+        tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+        tl.store(DU + row * stride_du + cols, (dout * silu).to(DU.dtype.element_ty), mask=mask)
+
+
+def _grid(rows: torch.Tensor) -> tuple[int, int]:
+    return rows.shape[0], triton.cdiv(rows.shape[1], BLOCK)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Autograd wrapper saving only gate and up (views into the caller's projection output)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        g, u = as_rows(gate), as_rows(up)
+        out = torch.empty(g.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+        if out.numel():
+            _swiglu_fwd_kernel[_grid(g)](g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0),
+                                         BLOCK=BLOCK, num_warps=4)
+        ctx.save_for_backward(g, u)
+        ctx.shape = gate.shape
+        return out.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        g, u = ctx.saved_tensors
+        d = as_rows(dout)
+        dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        if d.numel():
+            _swiglu_bwd_kernel[_grid(g)](d, g, u, dg, du, g.shape[1], d.stride(0), g.stride(0), u.stride(0),
+                                         dg.stride(0), du.stride(0), BLOCK=BLOCK, num_warps=4)
+        return dg.view(ctx.shape), du.view(ctx.shape)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """silu(gate) * up."""
-    return swiglu_reference(gate, up)
+    """silu(gate) * up for gate and up of one shape (e.g. the halves of a fused gate/up projection, as
+    strided views), computed in fp32 and rounded once to the inputs' dtype. `backend` picks Triton or the
+    reference (see `kernels.dispatch.use_triton`)."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if not use_triton(gate, backend):
+        return swiglu_reference(gate, up)
+    return SwiGLUFunction.apply(gate, up)

@@ -1,4 +1,4 @@
-"""Running the scripts in `scripts/` as a user would, against this checkout's code."""
+"""Test helpers: running the scripts in `scripts/` as a user would, and measuring errors against a truth."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,3 +19,15 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+# Tolerances of shared/README's standard: relative error against a float64 truth computed from the same inputs.
+REL_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def rel_err(got, truth) -> float:
+    """max |got - truth| / max |truth| in float64; infinite when `got` holds a NaN or inf, so it never passes."""
+    got, truth = got.detach().double(), truth.detach().double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - truth).abs().max() / truth.abs().max())

@@ -1,0 +1,40 @@
+"""The model with the Triton kernels (interpreted on CPU) against the same model on the PyTorch references."""
+
+import pytest
+import torch
+from helpers import rel_err
+
+from ttl_core import LlamaConfig, LlamaForCausalLM
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_kernels_give_the_reference_loss_and_gradients(dtype):
+    config = LlamaConfig.from_preset("tiny", num_hidden_layers=2, num_key_value_heads=2, vocab_size=512,
+                                     kernels="torch")
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config)
+    truth = LlamaForCausalLM(config).double()
+    truth.load_state_dict(reference.state_dict())
+    reference.to(dtype)
+    ours = LlamaForCausalLM(config.replace(kernels="triton")).to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref_loss, ref_grads = loss_and_grads(reference, ids)
+    our_loss, our_grads = loss_and_grads(ours, ids)
+    if dtype == torch.float32:  # the same math up to fp32 rounding
+        assert rel_err(our_loss, ref_loss) <= 1e-5
+        for name, grad in ref_grads.items():
+            assert rel_err(our_grads[name], grad) <= 1e-5, name
+        return
+    # bf16: no further from the float64 model than the reference path is (flash-attn's criterion)
+    true_loss, true_grads = loss_and_grads(truth, ids)
+    assert rel_err(our_loss, true_loss) <= max(1e-2, 2 * rel_err(ref_loss, true_loss))
+    for name, grad in true_grads.items():
+        assert rel_err(our_grads[name], grad) <= 2 * rel_err(ref_grads[name], grad), name

@@ -1,0 +1,137 @@
+"""The Triton RMSNorm (interpreted on CPU, compiled on CUDA) against a float64 truth, forward and backward."""
+
+import pytest
+import torch
+from helpers import REL_TOL, rel_err
+
+import kernels
+from kernels.rms_norm import rms_norm_reference
+
+
+def truth(x, weight, eps, residual=None, grads=None):
+    """Float64 RMSNorm of the same inputs (no intermediate rounding) and its input gradients for the given
+    output gradients: returns (outputs, {name: grad})."""
+    leaves = {"x": x, "weight": weight} | ({} if residual is None else {"residual": residual})
+    leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    h = leaves["x"] if residual is None else leaves["x"] + leaves["residual"]
+    y = leaves["weight"] * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    outs = (y,) if residual is None else (y, h)
+    used = [(o, g.double()) for o, g in zip(outs, grads) if g is not None]
+    got = torch.autograd.grad([o for o, _ in used], list(leaves.values()), [g for _, g in used], allow_unused=True)
+    return outs, dict(zip(leaves, got))
+
+
+def run(x, weight, eps, residual=None, grads=None, backend="triton"):
+    """Our rms_norm's outputs and the gradients of sum(output * grad) over outputs whose grad is given."""
+    leaves = {"x": x, "weight": weight} | ({} if residual is None else {"residual": residual})
+    outs = kernels.rms_norm(x, weight, eps, residual=residual, backend=backend)
+    outs = (outs,) if residual is None else outs
+    used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    got = torch.autograd.grad([o for o, _ in used], list(leaves.values()), [g for _, g in used], allow_unused=True)
+    return outs, dict(zip(leaves, got))
+
+
+def inputs(rows, hidden, dtype, residual, seed=0, weight_dtype=None, residual_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype).requires_grad_()
+    w = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(weight_dtype or dtype).requires_grad_()
+    r = torch.randn(rows, hidden, generator=gen).to(residual_dtype or dtype).requires_grad_() if residual else None
+    return x, w, r
+
+
+def check(outs, grads, ref_outs, ref_grads, tol):
+    for got, want in zip(outs, ref_outs):
+        assert rel_err(got, want) <= tol
+    for name, want in ref_grads.items():
+        assert rel_err(grads[name], want) <= tol, name
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hidden", [1, 3, 768, 4097])
+def test_forward_and_backward_match_float64(hidden, dtype, residual):
+    rows = 9 if hidden > 1024 else 37  # with 768: several backward programs, the last tile partly masked
+    # hidden 1 makes the gradient x's deviation from sign(x), eps / (x^2 + eps): a large eps keeps that
+    # well-conditioned (with 1e-5 no fp32 implementation, PyTorch's included, gets 1e-5 relative error)
+    eps = 1.0 if hidden == 1 else 1e-5
+    x, w, r = inputs(rows, hidden, dtype, residual)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(2 if residual else 1)]
+    outs, got = run(x, w, eps, r, grads)
+    ref_outs = kernels.rms_norm_reference(x, w, eps, r)
+    for o, ref in zip(outs, ref_outs if residual else (ref_outs,)):
+        assert o.dtype == ref.dtype and o.shape == ref.shape
+    check(outs, got, *truth(x, w, eps, r, grads), REL_TOL[str(dtype).split(".")[1]])
+
+
+def test_fp16_and_mixed_dtypes_promote_like_the_reference():
+    # bf16 activations with an fp32 weight (mixed-precision training) give an fp32 output; an fp32 residual
+    # stream under bf16 sublayer outputs gives an fp32 sum
+    for dtype, w_dtype, r_dtype in [(torch.float16, None, None), (torch.bfloat16, torch.float32, torch.float32)]:
+        x, w, r = inputs(19, 300, dtype, True, seed=3, weight_dtype=w_dtype, residual_dtype=r_dtype)
+        ref_y, ref_h = rms_norm_reference(x, w, 1e-5, r)
+        gen = torch.Generator().manual_seed(4)
+        grads = [torch.randn(19, 300, generator=gen).to(ref_y.dtype), torch.randn(19, 300, generator=gen).to(ref_h.dtype)]
+        outs, got = run(x, w, 1e-5, r, grads)
+        assert [o.dtype for o in outs] == [ref_y.dtype, ref_h.dtype]
+        assert got["x"].dtype == x.dtype and got["weight"].dtype == w.dtype and got["residual"].dtype == r.dtype
+        check(outs, got, *truth(x, w, 1e-5, r, grads), 1e-2)
+
+
+@pytest.mark.parametrize("used", ["normed", "residual_only"])
+def test_gradient_through_one_output(used):
+    # the model's final norm discards the new residual; a gradient may also reach only the residual
+    x, w, r = inputs(21, 96, torch.float32, True, seed=5)
+    g = torch.randn(21, 96, generator=torch.Generator().manual_seed(6))
+    grads = [g, None] if used == "normed" else [None, g]
+    outs, got = run(x, w, 1e-5, r, grads)
+    ref_outs, ref_grads = truth(x, w, 1e-5, r, grads)
+    if used == "residual_only":  # y got no gradient: none for the weight, and x's is g itself
+        assert ref_grads.pop("weight") is None and got["weight"] is None
+    check(outs, got, ref_outs, ref_grads, 1e-5)
+
+
+def test_strided_inputs_and_gradients():
+    gen = torch.Generator().manual_seed(7)
+    # x: a slice of a wider projection (row stride > hidden); residual: (seq, batch, hidden) seen as
+    # (batch, seq, hidden), which cannot be flattened without a copy; weight: every other element
+    x = torch.randn(3, 5, 200, generator=gen)[..., :130].requires_grad_()
+    r = torch.randn(5, 3, 130, generator=gen).transpose(0, 1).requires_grad_()
+    w = torch.randn(260, generator=gen)[::2].requires_grad_()
+    y, h = kernels.rms_norm(x, w, 1e-5, residual=r, backend="triton")
+    # output gradients arrive transposed, i.e. not row-contiguous
+    gy = torch.randn(5, 3, 130, generator=gen).transpose(0, 1)
+    gh = torch.randn(5, 3, 130, generator=gen).transpose(0, 1)
+    got = dict(zip(["x", "weight", "residual"], torch.autograd.grad((y, h), (x, w, r), (gy, gh))))
+    check((y, h), got, *truth(x, w, 1e-5, r, [gy, gh]), 1e-5)
+
+
+def test_rejects_mismatched_shapes():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        kernels.rms_norm(x, torch.ones(7), backend="triton")
+    with pytest.raises(ValueError, match="residual shape"):
+        kernels.rms_norm(x, torch.ones(8), residual=torch.randn(4, 1), backend="triton")
+    with pytest.raises(ValueError, match="hidden sizes up to"):
+        kernels.rms_norm(torch.randn(1, 65537), torch.ones(65537), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("hidden", [768, 2048, 4097, 8192, 16384])
+def test_cuda_compiled_matches_float64_and_is_deterministic(hidden, dtype):
+    rows = 4096
+    x, w, r = (t.detach().cuda().requires_grad_() for t in inputs(rows, hidden, dtype, True, seed=8))
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    grads = [torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype) for _ in range(2)]
+    outs, got = run(x, w, 1e-5, r, grads, backend="auto")
+    assert "RMSNormFunction" in type(outs[0].grad_fn).__name__  # "auto" takes Triton on CUDA
+    ref_outs, ref_grads = truth(x, w, 1e-5, r, grads)
+    tol = REL_TOL[str(dtype).split(".")[1]]
+    check(outs, got, ref_outs, ref_grads, tol)
+    # flash-attn's criterion too: no worse than twice PyTorch's own error in this dtype
+    torch_outs, torch_got = run(x, w, 1e-5, r, grads, backend="torch")
+    for name in ref_grads:
+        assert rel_err(got[name], ref_grads[name]) <= 2 * rel_err(torch_got[name], ref_grads[name]) + 1e-6, name
+    _, again = run(x, w, 1e-5, r, grads)
+    assert torch.equal(again["weight"], got["weight"])  # the weight gradient is reduced without atomics

@@ -1,0 +1,122 @@
+"""The Triton rotary embedding (interpreted on CPU, compiled on CUDA) against a float64 truth."""
+
+import pytest
+import torch
+from helpers import REL_TOL, rel_err
+
+import kernels
+
+
+def angles(positions, dim, dtype, theta=10000.0):
+    """cos, sin of shape positions.shape + (dim,) in the HF `rotate_half` layout, as ttl's model builds them."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def projection(batch, seq, heads, kv_heads, dim, dtype, seed=0, device="cpu"):
+    """q and k as the model makes them: strided views into one fused qkv projection output."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(batch, seq, (heads + 2 * kv_heads) * dim, generator=gen, device=device).to(dtype)
+    qkv.requires_grad_()
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return qkv, q.view(batch, seq, heads, dim), k.view(batch, seq, kv_heads, dim)
+
+
+def check_against_truth(q, k, cos, sin, tol, backend="triton"):
+    """Forward and backward of our apply_rotary against the reference formula in float64."""
+    outs = kernels.apply_rotary(q, k, cos, sin, backend=backend)
+    grads = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, (q, k), grads)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    ref_outs = kernels.apply_rotary_reference(q64, k64, cos.double(), sin.double())
+    ref = torch.autograd.grad(ref_outs, (q64, k64), [g.double() for g in grads])
+    for o, r in zip((*outs, *got), (*ref_outs, *ref)):
+        assert o.dtype == q.dtype and o.shape == r.shape
+        assert rel_err(o, r) <= tol
+    return outs, got
+
+
+CASES = {  # batch, seq, heads, kv_heads, head_dim
+    "gqa": (2, 5, 4, 2, 64),
+    "mqa": (2, 7, 3, 1, 32),
+    "odd_half_dim": (1, 3, 5, 5, 6),
+    "dim2": (3, 2, 2, 1, 2),
+}
+
+
+@pytest.mark.parametrize("angle_batch", ["seq", "one", "batch", "arbitrary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_backward_match_float64(case, dtype, angle_batch):
+    batch, seq, heads, kv_heads, dim = CASES[case]
+    _, q, k = projection(batch, seq, heads, kv_heads, dim, dtype)
+    # per-row positions with offsets, as in packed sequences; "seq": one table for all rows, (seq, dim)
+    positions = torch.arange(seq)[None] + 3 * torch.arange(batch)[:, None]
+    cos, sin = angles(positions, dim, dtype)
+    if angle_batch == "seq":
+        cos, sin = cos[0], sin[0]
+    elif angle_batch == "one":
+        cos, sin = cos[:1], sin[:1]
+    elif angle_batch == "arbitrary":  # halves that differ: the kernel follows the reference formula, not a table
+        gen = torch.Generator().manual_seed(5)
+        cos, sin = (torch.randn(batch, seq, dim, generator=gen).to(dtype) for _ in range(2))
+    check_against_truth(q, k, cos, sin, REL_TOL[str(dtype).split(".")[1]])
+
+
+def test_decoding_offsets_agree_with_the_full_sequence():
+    # a KV-cache step rotates one new position with that position's row of the table
+    _, q, k = projection(2, 9, 4, 2, 16, torch.float32, seed=1)
+    cos, sin = angles(torch.arange(9), 16, torch.float32)
+    full_q, full_k = kernels.apply_rotary(q, k, cos, sin, backend="triton")
+    step_q, step_k = kernels.apply_rotary(q[:, 6:7], k[:, 6:7], cos[6:7], sin[6:7], backend="triton")
+    assert torch.equal(step_q, full_q[:, 6:7]) and torch.equal(step_k, full_k[:, 6:7])
+
+
+def test_backward_is_the_rotation_by_minus_the_angle():
+    _, q, k = projection(2, 6, 3, 3, 8, torch.float32, seed=2)
+    cos, sin = angles(torch.arange(6), 8, torch.float32)
+    outs = kernels.apply_rotary(q, k, cos, sin, backend="triton")
+    grads = [torch.randn_like(o) for o in outs]
+    dq, dk = torch.autograd.grad(outs, (q, k), grads)
+    back_q, back_k = kernels.apply_rotary(grads[0], grads[1], cos, -sin, backend="triton")
+    assert rel_err(dq, back_q) <= 1e-6 and rel_err(dk, back_k) <= 1e-6
+
+
+def test_strided_inputs_angles_and_gradients():
+    gen = torch.Generator().manual_seed(3)
+    # q, k laid out (batch, heads, seq, dim) and seen as (batch, seq, heads, dim); angles from a longer
+    # table, every other row; output gradients arriving transposed
+    q = torch.randn(2, 4, 7, 16, generator=gen).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 2, 7, 16, generator=gen).transpose(1, 2).requires_grad_()
+    cos, sin = angles(torch.arange(14), 16, torch.float32)
+    outs = kernels.apply_rotary(q, k, cos[::2], sin[::2], backend="triton")
+    grads = [torch.randn(o.transpose(1, 2).shape, generator=gen).transpose(1, 2) for o in outs]
+    got = torch.autograd.grad(outs, (q, k), grads)
+    ref_outs = kernels.apply_rotary_reference(q.double(), k.double(), cos[::2].double(), sin[::2].double())
+    ref = torch.autograd.grad(ref_outs, (q, k), [g.double() for g in grads])
+    for o, r in zip((*outs, *got), (*ref_outs, *ref)):
+        assert rel_err(o, r) <= 1e-5
+
+
+def test_rejects_mismatched_shapes():
+    q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    cos, sin = angles(torch.arange(5), 8, torch.float32)
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        kernels.apply_rotary(q, k, cos[:4], sin[:4], backend="triton")
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.apply_rotary(q, k, cos.expand(3, 5, 8), sin.expand(3, 5, 8), backend="triton")
+    with pytest.raises(ValueError, match="q \\(batch, seq, heads, dim\\)"):
+        kernels.apply_rotary(q, k[:, :4], cos, sin, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(4, 2048, 12, 12, 64), (2, 2048, 32, 8, 128)], ids=["ttl160m", "gqa128"])
+def test_cuda_compiled_matches_float64(shape, dtype):
+    batch, seq, heads, kv_heads, dim = shape
+    _, q, k = projection(batch, seq, heads, kv_heads, dim, dtype, device="cuda")
+    cos, sin = angles(torch.arange(seq, device="cuda")[None].expand(batch, seq), dim, dtype)
+    outs, _ = check_against_truth(q, k, cos, sin, REL_TOL[str(dtype).split(".")[1]], backend="auto")
+    assert "RotaryFunction" in type(outs[0].grad_fn).__name__  # "auto" takes Triton on CUDA
