@@ -19,8 +19,9 @@ if HAVE_TRITON:
     import triton.language as tl
 
 # One tile is ROWS x BLOCK_N elements. Small hidden sizes put several rows in a tile so each program moves
-# enough bytes; warps grow with the tile to keep about 16 fp32 values per thread. Starting points for
-# tuning on the GPU (issue 10), not measured optima.
+# enough bytes; warps grow with the tile to keep 8..32 values per thread (the backward, which also holds
+# a dW accumulator row, gets up to twice the warps). Starting points for tuning on the GPU (issue 10), not
+# measured optima.
 TILE_ELEMENTS = 4096
 MAX_HIDDEN = 65536  # whole rows live in registers; beyond this they would spill to local memory
 
@@ -73,7 +74,6 @@ if HAVE_TRITON:
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < n_cols
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
         first = pid * rows_per_program
         last = tl.minimum(first + rows_per_program, n_rows)
@@ -85,6 +85,8 @@ if HAVE_TRITON:
             rows = rows.to(tl.int64)[:, None]
             h = tl.load(H + rows * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + rows * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            # reloaded per tile (an L1 hit) rather than held across the loop beside the dw accumulator
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
             normed = h * rstd[:, None]
             g = dy * w[None, :]
             # d/dh of g . (h * rstd) with rstd = (mean(h^2) + eps)^-1/2
@@ -98,14 +100,14 @@ if HAVE_TRITON:
             tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int, int]:
+def _launch_config(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for a hidden size."""
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {n_cols}")
     block_n = triton.next_power_of_2(n_cols)
     rows = max(1, TILE_ELEMENTS // block_n)
-    num_warps = max(4, min(16, rows * block_n // 512)) if block_n <= 16384 else 32
-    return block_n, rows, num_warps
+    max_warps = 32 if backward or block_n > 16384 else 16
+    return block_n, rows, max(4, min(max_warps, rows * block_n // 512))
 
 
 def rms_norm_forward(
@@ -135,10 +137,11 @@ def rms_norm_backward(
     """Launch the backward kernel: returns (dx, dweight or None) from the output gradient `dy`, the new
     residual's gradient `dh` (or None) and the forward's saved normalized input `h` and `rstd`."""
     n_rows, n_cols = h.shape
-    block_n, rows, num_warps = _launch_config(n_cols)
+    block_n, rows, num_warps = _launch_config(n_cols, backward=True)
     dx = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
-    # enough programs to fill every SM several times over, each with a whole number of tiles
-    programs = max(1, min(sm_count(h.device) * max(1, 32 // num_warps), triton.cdiv(n_rows, rows)))
+    # at least two programs per SM (so one's start and final store overlap another's streaming), more
+    # when they are small, each with a whole number of tiles; the partial rows cost programs x hidden x 4 B
+    programs = max(1, min(sm_count(h.device) * max(2, 32 // num_warps), triton.cdiv(n_rows, rows)))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
     programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 0
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (0,), dtype=torch.float32, device=h.device)

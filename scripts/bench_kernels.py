@@ -1,0 +1,202 @@
+"""Benchmark ttl's Triton kernels against PyTorch eager, torch.compile, F.rms_norm and Liger-Kernel on a CUDA GPU.
+
+  python scripts/bench_kernels.py [--only rms_norm rotary swiglu] [--quick] [--dtype bfloat16] [--out DIR]
+
+For each kernel family, the forward (as in training: inputs require grad) and the forward + backward, over
+rows (tokens) 4096..65536: median ms (CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move
+(counted per family below; every implementation is charged the same bytes, so GB/s compares like ms does),
+that as a fraction of the copy bandwidth measured in the same run, and peak extra memory. Prints a table and
+writes benchmarks/results/<gpu>/<family>.{json,csv,png}. Needs CUDA; `--quick` runs a few sizes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import apply_rotary, apply_rotary_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference
+from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, peak_memory_mb, require_cuda,
+                                row, time_ms, write_results)
+from ttl_core.cli import run_cli
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ROWS, QUICK_ROWS = (4096, 16384, 65536), (16384,)
+
+
+def liger(module: str, name: str):
+    """A Liger-Kernel autograd Function's `apply`, or None when liger_kernel is not installed."""
+    try:
+        return getattr(__import__(f"liger_kernel.ops.{module}", fromlist=[name]), name).apply
+    except ImportError:
+        return None
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of `fn` from an empty cache, so each size family compiles afresh and no earlier
+    family's specializations count against dynamo's recompile limit."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+def measure(impls: dict[str, Callable], make_inputs: Callable, shape: dict, dtype: torch.dtype,
+            fwd_bytes: int, bwd_bytes: int, bandwidth: float) -> list[dict]:
+    """Time each implementation's forward and forward + backward (gradients of the inputs that require
+    grad) on fresh inputs from `make_inputs()`, returning result rows."""
+    rows = []
+    for impl, fn in impls.items():
+        if fn is None:
+            continue
+        tensors = make_inputs()
+        leaves = [t for t in tensors if t.requires_grad]
+        outs = fn(*tensors)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        grads = [torch.randn_like(o) for o in outs]
+
+        def forward():
+            return fn(*tensors)
+
+        def forward_backward():
+            result = fn(*tensors)
+            torch.autograd.grad(result if isinstance(result, tuple) else (result,), leaves, grads)
+
+        for pass_, run, nbytes in (("fwd", forward, fwd_bytes), ("fwd+bwd", forward_backward, fwd_bytes + bwd_bytes)):
+            ms = time_ms(run)
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append(row(impl, pass_, shape, str(dtype).split(".")[1], ms, gbs=gbs, frac_of_peak=gbs / bandwidth,
+                            peak_mem_mb=peak_memory_mb(run)))
+        del tensors, leaves, outs, grads
+    return rows
+
+
+def unfused(norm: Callable) -> Callable:
+    """A norm without a residual input, given one by a separate add (what a model does without fusion)."""
+    def fn(x, w, r=None):
+        if r is None:
+            return norm(x, w)
+        h = x + r
+        return norm(h, w), h
+    return fn
+
+
+def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict]:
+    """RMSNorm with and without the fused residual add, hidden 768..16384."""
+    liger_rms_norm = liger("rms_norm", "LigerRMSNormFunction")
+    eps = 1e-5
+    results = []
+    for hidden in (768, 4096) if quick else (768, 1024, 2048, 4096, 8192, 16384):
+        for residual in (False, True):
+            ref = compiled(rms_norm_reference)
+            impls = {
+                "ttl": lambda x, w, r=None: rms_norm(x, w, eps, residual=r),
+                "torch": lambda x, w, r=None: rms_norm_reference(x, w, eps, r),
+                "compile": lambda x, w, r=None: ref(x, w, eps, r),
+                "F.rms_norm": unfused(lambda x, w: F.rms_norm(x, (hidden,), w, eps)),
+                "liger": liger_rms_norm and unfused(lambda x, w: liger_rms_norm(x, w, eps)),
+            }
+            for rows in QUICK_ROWS if quick else ROWS:
+                def make_inputs():
+                    x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
+                    w = torch.randn(hidden, device="cuda", dtype=dtype, requires_grad=True)
+                    return (x, w, torch.randn_like(x, requires_grad=True)) if residual else (x, w)
+
+                # fwd reads x (and the residual), writes y (and x + residual); bwd reads dy, the saved
+                # x + residual (and its gradient) and writes dx, which is also the residual's gradient
+                tensor = rows * hidden * dtype.itemsize
+                fwd_bytes, bwd_bytes = (4 * tensor, 4 * tensor) if residual else (2 * tensor, 3 * tensor)
+                shape = {"rows": rows, "hidden": hidden, "residual": residual}
+                results += measure(impls, make_inputs, shape, dtype, fwd_bytes, bwd_bytes, bandwidth)
+    return results
+
+
+def bench_rotary(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict]:
+    """Rotary embedding of q and k cut from a fused qkv projection, with per-token (batch, seq, dim) angles."""
+    liger_rope = liger("rope", "LigerRopeFunction")
+    seq = 2048
+    heads = {"ttl-160m": (12, 12, 64), "ttl-460m": (16, 16, 64), "llama3-8b": (32, 8, 128)}
+    results = []
+    for name, (n_heads, n_kv, dim) in heads.items():
+        if quick and name == "ttl-460m":
+            continue
+        ref = compiled(apply_rotary_reference)
+        impls = {
+            "ttl": apply_rotary,
+            "torch": apply_rotary_reference,
+            "compile": ref,
+            # Liger takes (batch, heads, seq, dim) and returns that layout
+            "liger": liger_rope and (lambda q, k, cos, sin: liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)),
+        }
+        for tokens in QUICK_ROWS if quick else ROWS:
+            batch = tokens // seq
+
+            def make_inputs():
+                qkv = torch.randn(batch, seq, (n_heads + 2 * n_kv) * dim, device="cuda", dtype=dtype,
+                                  requires_grad=True)
+                q, k, _ = qkv.split([n_heads * dim, n_kv * dim, n_kv * dim], dim=-1)
+                angles = torch.rand(batch, seq, dim, device="cuda") * 6.3
+                return (q.view(batch, seq, n_heads, dim), k.view(batch, seq, n_kv, dim),
+                        angles.cos().to(dtype), angles.sin().to(dtype))
+
+            # each pass reads q, k, cos, sin and writes q, k (or their gradients)
+            nbytes = tokens * (2 * (n_heads + n_kv) * dim + 2 * dim) * dtype.itemsize
+            shape = {"tokens": tokens, "model": name, "heads": n_heads, "kv_heads": n_kv, "head_dim": dim}
+            results += measure(impls, make_inputs, shape, dtype, nbytes, nbytes, bandwidth)
+    return results
+
+
+def bench_swiglu(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict]:
+    """SwiGLU on the two halves of a fused gate/up projection output."""
+    liger_swiglu = liger("swiglu", "LigerSiLUMulFunction")
+    results = []
+    for inter in (3072, 14336) if quick else (3072, 4096, 8192, 14336):
+        ref = compiled(swiglu_reference)
+        impls = {"ttl": swiglu, "torch": swiglu_reference, "compile": ref, "liger": liger_swiglu}
+        for rows in QUICK_ROWS if quick else ROWS:
+            def make_inputs():
+                gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype, requires_grad=True)
+                return gate_up.chunk(2, dim=-1)
+
+            # fwd reads gate, up and writes the product; bwd reads its gradient, gate, up and writes two
+            tensor = rows * inter * dtype.itemsize
+            shape = {"rows": rows, "intermediate": inter}
+            results += measure(impls, make_inputs, shape, dtype, 3 * tensor, 5 * tensor, bandwidth)
+    return results
+
+
+FAMILIES = {"rms_norm": bench_rms_norm, "rotary": bench_rotary, "swiglu": bench_swiglu}
+
+
+def print_table(family: str, rows: list[dict]) -> None:
+    """One line per measurement, with its time over ttl's on the same shape and pass."""
+    ttl_ms = {(str(r["shape"]), r["pass"]): r["ms"] for r in rows if r["impl"] == "ttl"}
+    print(f"\n{family}")
+    print(f"{'shape':<58} {'pass':<8} {'impl':<11} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'peak MB':>9} {'/ ttl':>7}")
+    for r in rows:
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        ratio = r["ms"] / ttl_ms.get((str(r["shape"]), r["pass"]), float("nan"))
+        print(f"{shape:<58} {r['pass']:<8} {r['impl']:<11} {r['ms']:>9.4f} {r['gbs']:>8.0f} "
+              f"{r['frac_of_peak']:>8.1%} {r['peak_mem_mb']:>9.1f} {ratio:>7.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a few sizes only (a check in about a minute)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activation dtype")
+    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    require_cuda("bench_kernels")
+    bandwidth = measure_copy_bandwidth_gbs()
+    tflops = measure_bf16_tflops()
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    for family in args.only or FAMILIES:
+        rows = FAMILIES[family](args.quick, DTYPES[args.dtype], bandwidth)
+        print_table(family, rows)
+        print(f"wrote {write_results(family, rows, args.out, bandwidth, tflops)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
