@@ -31,3 +31,7 @@ class AdapterError(TTLError):
 
 class GenerationError(TTLError):
     """Arguments to text generation are out of range or inconsistent."""
+
+
+class TrainingError(TTLError):
+    """A training run cannot continue (a non-finite loss, a checkpoint that does not match the run)."""

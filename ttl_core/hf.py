@@ -252,8 +252,7 @@ def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]],
             stale.unlink()
 
 
-def _planned_tensors(model: torch.nn.Module, plan: Plan, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
-    params = dict(model.named_parameters())
+def _planned_tensors(params: dict[str, torch.Tensor], plan: Plan, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     out = []
     for name, pieces in plan.items():
         start = 0
@@ -267,16 +266,19 @@ def _planned_tensors(model: torch.nn.Module, plan: Plan, dtype: torch.dtype) -> 
 def save_pretrained(
     model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
     max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None, tokenizer=None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a transformers-loadable directory: safetensors (sharded with an index above `max_shard_size`),
     `config.json` and `generation_config.json`, and the tokenizer files when a tokenizer is given. Every
-    file is written atomically. `dtype=None` keeps the model's dtype."""
+    file is written atomically. `dtype=None` keeps the model's dtype. `state_dict` (ttl names) replaces the
+    model's own parameters, e.g. the full weights gathered from an FSDP-sharded model."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
+    params = state_dict if state_dict is not None else dict(model.named_parameters())
+    dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     config = model.config
     plan = hf_plan(config, model.architecture)
-    _write_safetensors(directory, _planned_tensors(model, plan, dtype), _parse_size(max_shard_size))
+    _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
     write_json(directory / "generation_config.json", {
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
@@ -291,6 +293,7 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
-    _write_safetensors(directory, _planned_tensors(model, native_plan(model), dtype), _parse_size(max_shard_size))
+    params = dict(model.named_parameters())
+    _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
     write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": 1, "architecture": model.architecture,
                                            "config": dataclasses.asdict(model.config)})

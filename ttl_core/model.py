@@ -242,22 +242,27 @@ class LlamaForCausalLM(_LlamaBase):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache=None,
         logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
+        targets: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits (batch, seq, vocab) without labels; with labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
         are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions.
-        `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation)."""
+        `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
+        labels already shifted (the token to predict at each position, as a packed data loader yields
+        them) and replace `labels`."""
         hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache)
         loss = logits = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ConfigError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        if labels is not None or targets is not None:
+            given = targets if targets is not None else labels
+            if given.shape != input_ids.shape:
+                raise ConfigError(f"labels shape {tuple(given.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            if targets is None:
+                targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             loss = kernels.fused_linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets,
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
                 reduction=loss_reduction, backend=self.config.kernels,
             )
-        if labels is None or return_logits:
+        if loss is None or return_logits:
             logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return ModelOutput(logits=logits, loss=loss)
 

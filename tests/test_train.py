@@ -1,0 +1,230 @@
+"""The training loop: configs, schedule, exact resume, crash safety, DDP/FSDP2 parity, the README's main job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, run_script
+from ttl_core import load_pretrained
+from ttl_core.checkpoint import complete_checkpoints
+from ttl_core.data import prepare_data
+from ttl_core.errors import ConfigError, TrainingError
+from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
+from ttl_core.run_config import load_run_config
+from ttl_core.train import build_optimizer, lr_at, train
+
+MICRO_MODEL = ["model.preset=\"tiny\"", "model.hidden_size=64", "model.intermediate_size=128",
+               "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.max_position_embeddings=64"]
+FAST = ["train.seq_len=32", "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=3",
+        "train.eval_batches=2", "train.sample_tokens=0", "train.lr=3e-3"]
+
+PORTUGUESE = ("O rio corre devagar entre as pedras da serra, e a cidade acorda com o cheiro de pão quente. "
+              "Na feira, a vendedora de frutas conta histórias sobre a chuva de ontem e o preço do café. ")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small prepared corpus: 60 distinct Portuguese documents, tokenizer trained on them."""
+    tmp = tmp_path_factory.mktemp("data")
+    docs = [f"Documento {i}. " + PORTUGUESE * (1 + i % 3) + f"Fim da história número {i * 7}." for i in range(60)]
+    (tmp / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    prepare_data([tmp / "corpus.txt"], tmp / "prepared", vocab_size=400, val_fraction=0.1)
+    return tmp / "prepared"
+
+
+def run_config(*overrides: str):
+    return load_run_config(None, [*MICRO_MODEL, "model.vocab_size=400", *FAST, *overrides])
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+# --- configuration and schedule ---------------------------------------------------------------------------
+
+def test_shipped_configs_load_and_match_the_published_recipe():
+    ttl = load_run_config(ROOT / "configs" / "ttl-160m.toml")
+    t = ttl.train
+    assert (t.seq_len, t.lr, t.warmup_steps, t.weight_decay, t.betas, t.eps, t.dtype) == \
+        (2048, 6e-4, 5000, 0.01, [0.9, 0.999], 1e-8, "bfloat16")
+    assert t.tokens_per_step == 8192 and ttl.model_config().hidden_size == 768
+    big = load_run_config(ROOT / "configs" / "ttl-460m.toml")
+    assert (big.train.lr, big.train.warmup_steps, big.model_config().num_hidden_layers) == (3e-4, 10000, 24)
+    tiny = load_run_config(ROOT / "configs" / "tiny.toml", ["train.grad_accum_steps=2", "train.lr=1e-3"])
+    assert tiny.train.grad_accum_steps == 2 and tiny.train.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_acum_steps=2", "unknown key(s) in [train]: grad_acum_steps"),
+    ("trian.lr=1", "unknown section 'trian'"),
+    ("train.lr=fast", "train.lr must be a float"),
+    ("model.hiden_size=8", "hiden_size"),
+    ("train.dtype=\"float8\"", "train.dtype must be one of"),
+    ("train.lr", "--set expects section.key=value"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(ROOT / "configs" / "tiny.toml", [override])
+    assert message in str(e.value)
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
+    t = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110"]).train
+    assert lr_at(1, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)  # halfway through the cosine: the mean of lr and min_lr
+    assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+
+
+def test_no_decay_groups_follow_the_name_fragments():
+    run = run_config("train.no_decay=[\"norm\", \"embed\"]")
+    from ttl_core.model import LlamaForCausalLM
+    model = LlamaForCausalLM(run.model_config())
+    optimizer = build_optimizer(model, run.train, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    undecayed = {names[id(p)] for p in optimizer.param_groups[1]["params"]}
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert all("norm" in n or "embed" in n for n in undecayed) and "backbone.embed.weight" in undecayed
+    assert "lm_head.weight" in decayed and not any("norm" in n for n in decayed)
+
+
+def test_mfu_flops_and_peaks():
+    from ttl_core import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.from_preset("ttl-160m"))
+    flops = flops_per_token(model.num_parameters(exclude_embedding=True), 12, 768, 2048)
+    assert flops == 6 * (162_417_408 - 32000 * 768) + 12 * 12 * 768 * 2048  # about 1.05 GFLOP per token
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+# --- exact resume and crash safety ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, data_dir, accum):
+    run = run_config("train.max_steps=6", "train.save_every=100", f"train.grad_accum_steps={accum}")
+    straight = tmp_path / "straight"
+    train(run, straight, data_dir=str(data_dir))
+    sliced = tmp_path / "sliced"
+    first = train(run, sliced, data_dir=str(data_dir), stop_after=3)
+    assert first.last_step == 3 and [p.name for p in complete_checkpoints(sliced)] == ["step-000003"]
+    train(run, sliced, data_dir=str(data_dir), resume=True)
+    assert losses(sliced) == losses(straight) and len(losses(straight)) == 6
+    a, b = load_pretrained(straight / "checkpoints" / "step-000006"), load_pretrained(sliced / "checkpoints" / "step-000006")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    evals = [r for r in read_metrics(sliced / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+
+
+KILLER = """
+import os, runpy, signal, sys
+import ttl_core.checkpoint as checkpoint
+original = checkpoint.save_pretrained
+def save_then_die(model, path, **kwargs):
+    original(model, path, **kwargs)
+    if "step-000004" in str(path):  # the weights are written, the rest of the checkpoint is not
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_pretrained = save_then_die
+sys.argv = ["pretrain.py", *sys.argv[1:]]
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+def test_a_run_killed_while_checkpointing_resumes_from_the_previous_checkpoint(tmp_path, data_dir):
+    overrides = [x for o in [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=6"] for x in ("--set", o)]
+    args = ["--data", data_dir, "--save-every", "2", *overrides]
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run_dir = tmp_path / "run"
+    died = subprocess.run([sys.executable, str(killer), str(ROOT / "scripts" / "pretrain.py"), "--out", str(run_dir),
+                           *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode == -9, died.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000002"]
+    assert (run_dir / "checkpoints" / ".step-000004.partial").exists()
+    resumed = run_script("pretrain", "--out", run_dir, "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "step-000002" in resumed.stdout
+    assert not (run_dir / "checkpoints" / ".step-000004.partial").exists()
+    straight = tmp_path / "straight"
+    assert run_script("pretrain", "--out", straight, *args).returncode == 0
+    assert losses(run_dir) == losses(straight)
+
+
+def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, data_dir):
+    run = run_config("train.max_steps=8", "train.save_every=1", "train.lr=1e12", "train.warmup_steps=0",
+                     "train.min_lr=1e12", "train.grad_clip=0.0")
+    with pytest.raises(TrainingError) as e:
+        train(run, tmp_path, data_dir=str(data_dir))
+    good = complete_checkpoints(tmp_path)
+    assert good and "loss became" in str(e.value) and f"Last good checkpoint: {good[-1]}" in str(e.value)
+    assert all(math.isfinite(x) for x in losses(tmp_path))
+
+
+def test_refuses_to_overwrite_a_run_and_checks_vocab(tmp_path, data_dir):
+    train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="has 400 tokens but the model's vocab_size is 300"):
+        train(load_run_config(None, [*MICRO_MODEL, "model.vocab_size=300", *FAST]), tmp_path / "b", data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="not a prepared data directory"):
+        train(run_config(), tmp_path / "c", data_dir=str(tmp_path))
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path, data_dir):
+    train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir))
+    source = tmp_path / "a" / "checkpoints" / "step-000002"
+    frozen = run_config("train.max_steps=1", "train.lr=0.0", "train.min_lr=0.0", "model.hidden_size=32")
+    train(frozen, tmp_path / "b", data_dir=str(data_dir), init_from=str(source))  # [model] shape ignored
+    a, b = load_pretrained(source), load_pretrained(tmp_path / "b" / "checkpoints" / "step-000001")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --- distributed --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir, mode):
+    common = [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=4", "train.grad_accum_steps=2"]
+    sets = lambda extra: [x for o in [*common, *extra] for x in ("--set", o)]  # noqa: E731
+    one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one", *sets(["train.micro_batch_size=4"]))
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "0",
+                          str(ROOT / "scripts" / "pretrain.py"), "--data", str(data_dir), "--out", str(tmp_path / "two"),
+                          *sets(["train.micro_batch_size=2", f"train.distributed=\"{mode}\""])],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert len(losses(tmp_path / "one")) == 4
+    # the FSDP-saved checkpoint is an ordinary HF checkpoint with the same weights
+    a = load_pretrained(tmp_path / "one" / "checkpoints" / "step-000004")
+    b = load_pretrained(tmp_path / "two" / "checkpoints" / "step-000004")
+    assert max((x - y).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values())) < 1e-5
+
+
+# --- the README's main job ----------------------------------------------------------------------------------
+
+def test_main_job_on_the_bundled_corpus_trains_saves_and_samples(tmp_path):
+    run_dir = tmp_path / "tiny"
+    done = run_script("pretrain", "--config", ROOT / "configs" / "tiny.toml", "--out", run_dir,
+                      "--set", "train.max_steps=40", "--set", "train.eval_every=20", "--set", "train.sample_tokens=8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = losses(run_dir)
+    assert len(record) == 40 and sum(record[-5:]) / 5 < sum(record[:5]) / 5 - 1.0
+    evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert (run_dir / "loss.png").stat().st_size > 0 and "sample: " in done.stdout
+    checkpoint = run_dir / "checkpoints" / "step-000040"
+    assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (checkpoint / "tokenizer.model").exists()
+    replot = run_script("plot_metrics", run_dir)
+    assert replot.returncode == 0 and "loss.png" in replot.stdout

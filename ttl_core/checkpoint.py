@@ -1,0 +1,119 @@
+"""Training checkpoints: an HF-format model directory plus the state that makes resuming exact.
+
+`RUN/checkpoints/step-000120/` holds `model.safetensors` + `config.json` (+ the tokenizer), loadable by
+transformers as is, and beside them `trainer_state.json` (step, data position, run config) and
+`optimizer.pt` (optimizer moments and RNG states; read back with `weights_only=True`). A checkpoint is
+written into a hidden `.step-000120.partial` directory and renamed into place only when complete, so a
+crash at any moment leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+from .fileio import atomic_write, fsync_dir, write_json
+from .hf import save_pretrained
+
+STEP_DIR = re.compile(r"step-(\d{6,})")
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (partial ones are never listed)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = complete_checkpoints(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete what an interrupted save left behind."""
+    root = checkpoint_root(run_dir)
+    for partial in root.glob(".step-*.partial") if root.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator a training step may draw from (python, numpy, torch, CUDA)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    """JSON-free round trip of random.getstate(): torch.save keeps tuples, but be strict about it."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None, keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` ones.
+
+    `model` supplies the config and architecture, `model_state` the full (gathered) weights; the
+    optimizer state and `rng_state()` go to `optimizer.pt`, `trainer_state` to JSON."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    partial = root / f".step-{step:06d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
+    atomic_write(partial / OPTIMIZER_STATE,
+                 lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp))
+    write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
+    fsync_dir(partial)
+    if final.exists():  # re-saving a step (e.g. the final step was also a periodic one)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    fsync_dir(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state JSON, {"optimizer": ..., "rng": ...}) of a complete checkpoint."""
+    try:
+        trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
+    except (json.JSONDecodeError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{checkpoint}: unreadable trainer state ({e})") from None
+    saved["rng"]["python"] = _as_tuples(saved["rng"]["python"])
+    return trainer_state, saved

@@ -1,0 +1,126 @@
+"""Process groups and model wrapping for `torchrun` launches: DDP or FSDP2 (`fully_shard`), gloo on CPU, NCCL
+on GPU. A plain `python` launch is a world of one and every helper here degrades to a no-op.
+
+Checkpoints always hold *full* weights and optimizer state keyed by parameter name (gathered through
+`torch.distributed.checkpoint.state_dict`), so a run saved by FSDP on 8 GPUs resumes in one CPU process and
+its model directory is an ordinary HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from .errors import ConfigError
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device: str) -> World:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available")
+    if size == 1:
+        return World(0, 1, torch.device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", device_id=target if device == "cuda" else None)
+    return World(rank, size, target)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum over processes, in place (the tensor itself when alone)."""
+    if world.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Module:
+    """DDP, or FSDP2 with each decoder block as its own shard unit; the model itself when alone."""
+    if not world.distributed:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+    for block in model.backbone.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module with the model's own attributes (config, backbone) under DDP's wrapper."""
+    return getattr(model, "module", model)
+
+
+def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
+    if hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, gathered in full on the CPU (on rank 0 when sharded), under ttl's names."""
+    return get_model_state_dict(unwrap(model), options=FULL)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, gathered in full (on rank 0 when sharded)."""
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=FULL)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full, name-keyed optimizer state into a (possibly sharded) optimizer."""
+    # the loader maps onto the optimizer's existing per-parameter state, so create it first with a step
+    # that changes nothing (zero gradients, learning rate 0)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,110 @@
+"""Run metrics: `RUN/metrics.jsonl` (one JSON object per optimizer step or evaluation), optional TensorBoard,
+and a PNG of the loss and eval curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .fileio import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+
+# Peak dense bf16 matmul throughput (TFLOP/s, without sparsity) by device-name fragment, for MFU.
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The device's published bf16 peak, or None for a device we have no figure for (no MFU is reported
+    rather than a wrong one)."""
+    for fragment, tflops in PEAK_BF16_TFLOPS.items():
+        if fragment in device_name:
+            return tflops
+    return None
+
+
+def flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6N for the weights' forward and backward matmuls plus 12·L·d·T for the
+    attention scores and values (N excludes the input embedding table; an LM head counts)."""
+    return 6 * non_embedding_params + 12 * num_layers * hidden_size * seq_len
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl (and TensorBoard when asked and installed). On resume the file is
+    first cut back to the resumed step, so it always describes one uninterrupted history."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = False):
+        self.path = Path(run_dir) / METRICS_FILE
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: tensorboard is not installed; logging to metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file; a torn last line (a crash mid-write) is dropped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def plot_metrics(run_dir: str | Path) -> Path | None:
+    """Write RUN/loss.png: training loss and eval loss against the step. Returns None (with a note) when
+    matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
+    records = read_metrics(path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        raise DataError(f"{path} holds no loss records yet")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install matplotlib); no loss plot written")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(run_dir).resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out

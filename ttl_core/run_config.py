@@ -1,0 +1,171 @@
+"""Training run configuration: a TOML file with `[model]`, `[data]` and `[train]` sections.
+
+`[model]` names a preset and/or sets `LlamaConfig` fields; `[data]` and `[train]` set the fields of the
+dataclasses below. `--set train.lr=3e-4` style overrides are applied on top, and an unknown section or key
+is an error that names it, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import LlamaConfig
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 installs tomli (see setup.py)
+    import tomli as tomllib
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from. An empty `path` means the bundled sample corpus, prepared into RUN/data."""
+
+    path: str = ""
+    document_masking: bool = False  # attend within documents only, rotary positions restart per document
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and bookkeeping. Steps count optimizer updates and are numbered from 1."""
+
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # parameter-name fragments excluded from weight decay; [] decays everything (TeenyTinyLlama's practice)
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    seed: int = 0
+    dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # how torchrun processes share the model: "ddp" or "fsdp" (FSDP2)
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    sample_prompt: str = "O Brasil é"
+    sample_tokens: int = 40
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.seq_len
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any]
+    data: DataConfig
+    train: TrainConfig
+
+    def model_config(self) -> LlamaConfig:
+        """The `LlamaConfig` the `[model]` section describes (a preset plus field overrides)."""
+        fields = dict(self.model)
+        preset = fields.pop("preset", None)
+        return LlamaConfig.from_preset(preset, **fields) if preset else LlamaConfig(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """Check a value against the type of the field's default (ints are accepted for floats)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{section}.{key} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, section: str, values: dict[str, Any]):
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**{k: _coerce(section, k, v, getattr(defaults, k)) for k, v in values.items()})
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value`, the value read as a TOML value (a bare word is taken as a string)."""
+    name, sep, raw = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def validate(run: RunConfig) -> None:
+    """Range checks a bad value would otherwise turn into a confusing failure mid-run."""
+    t = run.train
+    for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "max_steps", "eval_every", "save_every",
+                "keep_checkpoints", "eval_batches"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.dtype not in DTYPE_CHOICES:
+        raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {t.dtype!r}")
+    if t.distributed not in DISTRIBUTED_CHOICES:
+        raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {t.distributed!r}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
+        raise ConfigError("train.warmup_steps, grad_clip and weight_decay must be >= 0")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas must be two numbers, got {t.betas}")
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML run config (or start from the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML ({e})") from None
+    unknown = sorted(set(raw) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)} in {path}; expected [model], [data], [train]")
+    sections = {name: dict(raw.get(name, {})) for name in ("model", "data", "train")}
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        if section not in sections:
+            raise ConfigError(f"--set {item}: unknown section {section!r} (model, data or train)")
+        sections[section][key] = value
+    run = RunConfig(model=sections["model"], data=_build(DataConfig, "data", sections["data"]),
+                    train=_build(TrainConfig, "train", sections["train"]))
+    run.model_config()  # validates the [model] section now, naming any unknown field
+    validate(run)
+    return run

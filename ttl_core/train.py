@@ -1,0 +1,321 @@
+"""From-scratch pretraining (and continued pretraining) of a causal Llama on a prepared token directory.
+
+The loop is a handful of small functions with explicit inputs: `build_optimizer`, `lr_at`, `train_step`,
+`evaluate`, checkpointing in `ttl_core.checkpoint`, process groups in `ttl_core.distributed`. `train()`
+wires them together. Losses are summed over tokens and divided by the number of target tokens in the
+whole optimizer step (all micro-batches, all ranks), so gradient accumulation and data parallelism give
+the same update as one big batch; resuming restores weights, optimizer, RNG and data position, so a
+resumed run reproduces an uninterrupted one bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from .attention import document_layout
+from .checkpoint import latest_checkpoint, load_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rng_state
+from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
+from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
+                          init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
+from .errors import ConfigError, TrainingError
+from .generate import generate
+from .hf import load_pretrained
+from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics
+from .model import LlamaForCausalLM
+from .run_config import RunConfig, TrainConfig
+from .tokenizer import Tokenizer
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with the names matching `train.no_decay` in a group without
+    weight decay (fused kernels on CUDA)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if any(f in name for f in train.no_decay) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
+                             eps=train.eps, fused=device.type == "cuda")
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    if step <= train.warmup_steps:
+        return train.lr * step / train.warmup_steps
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
+    """Recompute each decoder block's activations in the backward instead of storing them. Replaces the
+    blocks' `forward` in place, so parameter names (and checkpoints) are unchanged."""
+    for block in model.backbone.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool,
+                 bos_id: int | None) -> dict[str, Any]:
+    """Keyword arguments for the model from a loader batch. With document masking, attention stays within
+    each document, positions restart at each document, and the token that begins the next document is not
+    a prediction target."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+              "targets": batch["labels"].to(device, non_blocking=True)}
+    if document_masking:
+        position_ids, cu_seqlens, max_seqlen = document_layout(batch["doc_starts"])
+        inputs.update(position_ids=position_ids.to(device), cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
+        if bos_id is not None:
+            inputs["targets"] = inputs["targets"].masked_fill(inputs["targets"] == bos_id, -100)
+    return inputs
+
+
+def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Tensor:
+    """Target tokens in the whole optimizer step, over every micro-batch and every rank."""
+    local = sum(int((mb["targets"] != -100).sum()) for mb in micro_batches)
+    total = torch.tensor([float(local)], device=world.device if world.device.type == "cuda" else "cpu")
+    return all_reduce_sum(total, world)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
+               train: TrainConfig, world: World, lr: float, scaler: torch.amp.GradScaler | None) -> tuple[float, float]:
+    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean loss per target token,
+    gradient norm before clipping). Raises TrainingError, before touching the weights, on a non-finite loss."""
+    n_targets = count_targets(micro_batches, world).clamp_min(1.0)
+    # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
+    scale = world.size / n_targets.to(world.device)
+    loss_sum = torch.zeros((), device=world.device)
+    for i, inputs in enumerate(micro_batches):
+        set_gradient_sync(model, i == len(micro_batches) - 1)
+        with autocast(world.device, train.dtype):
+            loss = model(**inputs, loss_reduction="sum").loss
+        loss_sum += loss.detach().float()
+        scaled = loss * scale
+        (scaler.scale(scaled) if scaler else scaled).backward()
+    mean_loss = (all_reduce_sum(loss_sum, world) / n_targets.to(world.device)).item()
+    if not math.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"loss became {mean_loss}")
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, float(grad_norm)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: World, bos_id: int | None) -> float:
+    """Mean loss per target token over the first `eval_batches` micro-batches of val.bin (split over ranks)."""
+    train = run.train
+    loader = PackedLoader(data_dir, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
+                          world_size=world.size, shuffle=False)
+    model.eval()
+    totals = torch.zeros(2, device=world.device)
+    for _, batch in zip(range(train.eval_batches), loader):
+        inputs = model_inputs(batch, world.device, run.data.document_masking, bos_id)
+        with autocast(world.device, train.dtype):
+            totals[0] += model(**inputs, loss_reduction="sum").loss.float()
+        totals[1] += (inputs["targets"] != -100).sum()
+    model.train()
+    totals = all_reduce_sum(totals, world)
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int) -> Path:
+    """The prepared data directory: given, named in the config, or the bundled sample corpus prepared
+    into RUN/data on first use."""
+    chosen = data_dir or run.data.path
+    if chosen:
+        path = Path(chosen)
+        if not (path / "meta.json").exists():
+            raise ConfigError(f"{path} is not a prepared data directory (no meta.json); run scripts/prepare_data.py")
+        return path
+    path = out_dir / "data"
+    if world.is_main and not (path / "meta.json").exists():
+        print(f"preparing the bundled sample corpus into {path}")
+        prepare_data(SAMPLE_CORPUS, path, vocab_size=vocab_size)
+    barrier(world)
+    return path
+
+
+def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str | None,
+                        device: torch.device) -> LlamaForCausalLM:
+    """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from
+    the run's seed. Parameters are float32 (autocast does the low-precision math)."""
+    config = run.model_config()
+    runtime = {"kernels": config.kernels, "attention": config.attention}
+    source = resume_from or init_from
+    if source is not None:
+        model = load_pretrained(source, dtype=torch.float32, device=device, **runtime)
+        if model.architecture != "LlamaForCausalLM":
+            raise ConfigError(f"{source} holds a {model.architecture}; pretraining needs a LlamaForCausalLM")
+        return model.train()
+    torch.manual_seed(run.train.seed)
+    return LlamaForCausalLM(config).to(device).train()
+
+
+def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
+    for _ in range(n):
+        yield next(loader)
+
+
+def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
+    """A continuation of `prompt` by the saved model, with TeenyTinyLlama's suggested sampling settings."""
+    model = load_pretrained(checkpoint, dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - ids.shape[1])
+    out = generate(model, ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.2, top_k=20,
+                   top_p=0.2, repetition_penalty=1.2, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                   seed=seed)
+    return tokenizer.decode(out[0].tolist())
+
+
+@dataclass
+class RunResult:
+    last_step: int
+    last_loss: float | None
+    checkpoint: Path | None
+    sample: str | None
+
+
+def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
+          resume: bool = False, stop_after: int | None = None, init_from: str | None = None) -> RunResult:
+    """Train `run` into `out_dir`: metrics.jsonl, checkpoints/step-N (HF format + tokenizer + trainer
+    state), loss.png, and a sample generation from the final model. `resume` continues from the newest
+    complete checkpoint; `stop_after` ends cleanly (with a checkpoint) after that step."""
+    out_dir = Path(out_dir)
+    world = init_world(device)
+    try:
+        return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+    finally:
+        close_world(world)
+
+
+def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, resume: bool,
+           stop_after: int | None, init_from: str | None) -> RunResult:
+    train = run.train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        remove_partial_checkpoints(out_dir)
+    resume_from = latest_checkpoint(out_dir) if resume else None
+    if resume and resume_from is None and world.is_main:
+        print(f"no complete checkpoint in {out_dir}; starting from step 0")
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
+
+    model = build_or_load_model(run, resume_from, init_from, world.device)
+    config = model.config
+    data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
+    tokenizer = Tokenizer.from_pretrained(data_path)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocab_size is {config.vocab_size}")
+    if train.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+
+    flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
+                            config.hidden_size, train.seq_len)
+    peak = peak_tflops(torch.cuda.get_device_name(world.device)) if world.device.type == "cuda" else None
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    model = wrap_model(model, train.distributed, world)
+    if train.compile:
+        for block in unwrap(model).backbone.layers:
+            block.compile()
+    optimizer = build_optimizer(model, train, world.device)
+    scaler = torch.amp.GradScaler(world.device.type) if train.dtype == "float16" else None
+    loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
+                          rank=world.rank, world_size=world.size)
+
+    step = 0
+    if resume_from is not None:
+        trainer_state, saved = load_trainer_state(resume_from)
+        step = trainer_state["step"]
+        load_optimizer_state(model, optimizer, saved["optimizer"])
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+        loader.load_state_dict(trainer_state["data"])
+        set_rng_state(saved["rng"])
+        if world.is_main:
+            print(f"resumed from {resume_from} at step {step}")
+
+    last_step = min(train.max_steps, stop_after or train.max_steps)
+    log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
+    progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
+    saved_at: Path | None = None
+    loss = None
+
+    def save(at_step: int) -> Path:
+        model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
+        path = None
+        if world.is_main:
+            extra = {"scaler": scaler.state_dict()} if scaler else {}
+            path = save_checkpoint(out_dir, at_step, unwrap(model), model_state, {**optimizer_state, **extra},
+                                   {"data": loader.state_dict(), "config": run.to_dict()}, tokenizer,
+                                   keep=train.keep_checkpoints)
+        barrier(world)
+        return path
+
+    try:
+        while step < last_step:
+            step += 1
+            start = time.perf_counter()
+            micro = [model_inputs(b, world.device, run.data.document_masking, tokenizer.bos_id)
+                     for b in batches(loader, train.grad_accum_steps)]
+            try:
+                loss, grad_norm = train_step(model, optimizer, micro, train, world, lr_at(step, train), scaler)
+            except TrainingError as e:
+                good = latest_checkpoint(out_dir)
+                raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
+                                    f"{good or 'none (no checkpoint was saved yet)'}") from None
+            elapsed = time.perf_counter() - start
+            tokens_per_s = train.tokens_per_step * world.size / elapsed
+            mfu = flops * tokens_per_s / (peak * 1e12 * world.size) if peak else None
+            if log:
+                log.log({"step": step, "loss": loss, "lr": lr_at(step, train), "grad_norm": grad_norm,
+                         "tokens_per_s": tokens_per_s, "mfu": mfu})
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if step % train.eval_every == 0 or step == train.max_steps:
+                eval_loss = evaluate(model, data_path, run, world, tokenizer.bos_id)
+                if log:
+                    log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.1f}")
+            if step % train.save_every == 0 or step == last_step:
+                saved_at = save(step)
+    finally:
+        progress.close()
+        if log:
+            log.close()
+
+    sample = None
+    if world.is_main:
+        plot_metrics(out_dir)
+        if step == train.max_steps and saved_at is not None and train.sample_tokens > 0:
+            sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
+    return RunResult(step, loss, saved_at, sample)
