@@ -73,11 +73,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _as_tuples(value: Any) -> Any:
-    """JSON-free round trip of random.getstate(): torch.save keeps tuples, but be strict about it."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def save_checkpoint(
     run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None, keep: int = 2,
@@ -115,5 +110,4 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
         raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
     except (json.JSONDecodeError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{checkpoint}: unreadable trainer state ({e})") from None
-    saved["rng"]["python"] = _as_tuples(saved["rng"]["python"])
     return trainer_state, saved
