@@ -15,9 +15,11 @@ setup(
         "safetensors",
         "sentencepiece",
         "tqdm",
+        "tomli; python_version < '3.11'",  # training configs are TOML; Python 3.11+ ships tomllib
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers"],
+        "plot": ["matplotlib"],  # loss curves (RUN/loss.png) and benchmark plots
+        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers", "matplotlib"],
     },
 )
