@@ -13,6 +13,8 @@ tokens included, left padding excluded), then, when sampling, temperature, top-k
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .attention import causal_mask
@@ -29,11 +31,13 @@ GRAPH_WARMUP_STEPS = 3
 
 
 def _flash_attn_with_kvcache():
+    """flash-attn's `flash_attn_with_kvcache`, or None when flash-attn is missing or older than 2.6 (the
+    first release with `cache_leftpad`, which left-padded batches need)."""
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
         return None
-    return flash_attn_with_kvcache
+    return flash_attn_with_kvcache if "cache_leftpad" in inspect.signature(flash_attn_with_kvcache).parameters else None
 
 
 class StaticKVCache:
@@ -241,17 +245,17 @@ class _CudaGraphStep:
 
     def __init__(self, fn, generator: torch.Generator | None):
         self.fn, self.generator, self.calls, self.graph = fn, generator, 0, None
+        self.side = torch.cuda.Stream()
 
     def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()
             return
         if self.calls < GRAPH_WARMUP_STEPS:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 self.fn()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             self.calls += 1
             return
         graph = torch.cuda.CUDAGraph()
@@ -273,6 +277,8 @@ def _token_list(ids, name: str, vocab: int) -> list[int]:
 
 def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     config = model.config
+    if not hasattr(model, "lm_head"):
+        raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
     if input_ids.numel() == 0:
