@@ -1,5 +1,6 @@
 """ttl_core.generate against transformers' generate() and logits processors on random tiny models (fp32 CPU)."""
 
+import gc
 import importlib
 import threading
 
@@ -184,6 +185,30 @@ def test_seed_reproduces_samples_and_num_return_sequences(models):
     d = ttl_core.generate(ours, ids, mask, **kwargs)
     torch.manual_seed(0)
     assert torch.equal(d, ttl_core.generate(ours, ids, mask, **kwargs))
+
+
+def test_reused_session_matches_a_fresh_one(models, tmp_path):
+    """A call with the same shapes and settings reuses the last call's buffers: nothing of that call leaks."""
+    _, ours = models
+    kwargs = dict(max_new_tokens=16, do_sample=True, top_k=20, repetition_penalty=1.3, eos_token_id=[5, 6], seed=4)
+    first, _ = left_padded(ours.config.vocab_size, seed=10)
+    ids, mask = left_padded(ours.config.vocab_size, seed=11, pads=(4, 0, 2))
+    generate_module._SESSIONS.clear()
+    fresh = ttl_core.generate(ours, ids, mask, **kwargs)
+    ttl_core.generate(ours, first, torch.ones_like(first), **kwargs)
+    session = generate_module._SESSIONS[ours]
+    reused = ttl_core.generate(ours, ids, mask, **kwargs)
+    assert generate_module._SESSIONS[ours] is session and torch.equal(reused, fresh)
+    ttl_core.generate(ours, ids, mask, **{**kwargs, "top_k": 21})
+    assert generate_module._SESSIONS[ours] is not session  # other settings: a new session
+
+    hf_causal_lm(seed=5).save_pretrained(tmp_path)
+    other = ttl_core.load_pretrained(tmp_path)
+    ttl_core.generate(other, ids, mask, max_new_tokens=4)
+    assert other in generate_module._SESSIONS
+    del other
+    gc.collect()
+    assert all(m is ours for m in generate_module._SESSIONS.keys())  # a cached session keeps no model alive
 
 
 class CharTokenizer:

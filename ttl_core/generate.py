@@ -14,6 +14,8 @@ tokens included, left padding excluded), then, when sampling, temperature, top-k
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 
 import torch
 
@@ -60,7 +62,7 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
-        self.write_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.write_index: torch.Tensor | None = None
         self.visible = max_len
         self.attends = False
         self.seqlens = self.leftpad = None
@@ -87,10 +89,11 @@ class KVDecoder:
     `step(tokens)` one token per row. Returns the last position's logits (batch, vocab) in the model's dtype.
 
     Positions follow transformers: each row counts from 0 at its first real token (cumsum of the mask - 1).
-    A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph."""
+    A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph, and
+    `reset(attention_mask)` starts over with new prompts of the same shape in the same tensors."""
 
     def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, flash: bool | None = None):
-        self.model = model
+        self.model_ref = weakref.ref(model)  # cached decoders (see _Session) must not keep their model alive
         batch, prompt_len = attention_mask.shape
         device, dtype = attention_mask.device, model.lm_head.weight.dtype
         if flash is None:
@@ -99,16 +102,30 @@ class KVDecoder:
         self.flash = flash
         # a multiple of 16 keeps the mask rows aligned for SDPA's memory-efficient kernel; extra slots stay masked
         max_len = -(-(prompt_len + max_new_tokens) // 16) * 16
-        real = attention_mask.bool()
         self.prompt_len = prompt_len
-        self.key_ok = torch.cat([real, real.new_ones(batch, max_len - prompt_len)], dim=1)
+        self.key_ok = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.key_index = torch.arange(max_len, device=device)
-        self.prompt_positions = (real.long().cumsum(-1) - 1).clamp_min(0)
-        self.position = self.prompt_positions[:, -1:] + 1
+        self.prompt_positions = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.decode_index = torch.zeros(1, dtype=torch.long, device=device)
         self.cache = StaticKVCache(model.config, batch, max_len, device, dtype, flash=flash)
         if flash:
-            self.cache.seqlens = torch.full((batch,), prompt_len, dtype=torch.int32, device=device)
-            self.cache.leftpad = (~real).sum(-1, dtype=torch.int32)
+            self.cache.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+            self.cache.leftpad = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.reset(attention_mask)
+
+    def reset(self, attention_mask: torch.Tensor) -> None:
+        """Forget the cached prompts; the next `prefill` takes prompts padded as `attention_mask` says."""
+        real = attention_mask.bool()
+        self.key_ok[:, :self.prompt_len].copy_(real)
+        self.prompt_positions.copy_((real.long().cumsum(-1) - 1).clamp_min(0))
+        self.position.copy_(self.prompt_positions[:, -1:] + 1)
+        self.decode_index.fill_(self.prompt_len)
+        for store in self.cache.keys + self.cache.values:
+            store.zero_()  # masked slots are multiplied by zero probabilities: keep NaN from older calls out
+        if self.flash:
+            self.cache.seqlens.fill_(self.prompt_len)
+            self.cache.leftpad.copy_((~real).sum(-1))
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Fill the cache with the prompts; logits of each row's next token."""
@@ -119,22 +136,21 @@ class KVDecoder:
         # which would land in the cache; real queries never see padding keys either way.
         mask = causal_mask(n, n, input_ids.device, key_padding=self.key_ok[:, :n])
         mask = mask | torch.eye(n, dtype=torch.bool, device=input_ids.device)
-        logits = self.model(input_ids, attention_mask=mask, position_ids=self.prompt_positions, kv_cache=cache,
+        logits = self.model_ref()(input_ids, attention_mask=mask, position_ids=self.prompt_positions, kv_cache=cache,
                             logits_to_keep=1).logits[:, -1]
-        cache.write_index = torch.full((1,), n, dtype=torch.long, device=input_ids.device)
+        cache.write_index = self.decode_index
         cache.visible, cache.attends = cache.max_len, self.flash
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (batch, 1) at the next position; logits of the token after it."""
-        cache = self.cache
-        mask = (self.key_ok & (self.key_index <= cache.write_index))[:, None, None, :]
-        logits = self.model(tokens, attention_mask=mask, position_ids=self.position, kv_cache=cache,
+        mask = (self.key_ok & (self.key_index <= self.decode_index))[:, None, None, :]
+        logits = self.model_ref()(tokens, attention_mask=mask, position_ids=self.position, kv_cache=self.cache,
                             logits_to_keep=1).logits[:, -1]
-        cache.write_index.add_(1)
+        self.decode_index.add_(1)
         self.position.add_(1)
         if self.flash:
-            cache.seqlens.add_(1)
+            self.cache.seqlens.add_(1)
         return logits
 
 
@@ -196,30 +212,40 @@ def sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 class _Decoding:
-    """What one `generate` call tracks on the device: the tokens produced (in a fixed-size buffer), which rows
-    have finished and after how many tokens, and which tokens each row has seen (for the repetition penalty).
-    `advance(logits)` is the whole per-step update, in place, so it can be part of a CUDA graph."""
+    """What a generation tracks on the device: the tokens produced (in a fixed-size buffer), which rows have
+    finished and after how many tokens, which tokens each row has seen (for the repetition penalty) and the
+    sampling RNG. `advance(logits)` is the whole per-step update, in place, so it can be part of a CUDA graph;
+    `reset(...)` starts a new generation in the same tensors."""
 
-    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, vocab: int,
-                 eos: list[int], pad: int | None, do_sample: bool, processors: dict, generator: torch.Generator):
-        batch, device = input_ids.shape[0], input_ids.device
-        self.out = torch.full((batch, max_new_tokens), 0 if pad is None else pad, dtype=torch.long, device=device)
+    def __init__(self, batch: int, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
+                 do_sample: bool, processors: dict, device: torch.device):
+        self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
+        self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.done_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+        self.done_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-        self.pad = torch.tensor(0 if pad is None else pad, dtype=torch.long, device=device)
-        self.seen = None
-        if processors["repetition_penalty"] != 1.0:
-            # left padding is not part of the prompt (transformers ignores it too): send it to a spare column
-            ids = input_ids.masked_fill(attention_mask == 0, vocab)
-            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device).scatter_(1, ids, True)
-            self.seen = seen[:, :vocab].contiguous()
-        self.do_sample, self.processors, self.generator = do_sample, processors, generator
+        self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
+        # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
+        penalize = processors["repetition_penalty"] != 1.0
+        self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
+        self.generator = torch.Generator(device=device) if do_sample else None
+        self.do_sample, self.processors = do_sample, processors
+
+    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
+        self.out.fill_(self.pad_id)
+        self.column.zero_()
+        self.finished.zero_()
+        self.done_at.fill_(self.max_new_tokens)
+        if self.seen is not None:
+            self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
 
     def advance(self, logits: torch.Tensor) -> None:
-        scores = process_logits(logits.float(), self.seen, self.do_sample, **self.processors)
+        seen = None if self.seen is None else self.seen[:, :self.vocab]
+        scores = process_logits(logits.float(), seen, self.do_sample, **self.processors)
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
@@ -265,6 +291,38 @@ class _CudaGraphStep:
             self.fn()  # recorded, not run
         self.graph = graph
         graph.replay()
+
+
+class _Session:
+    """The decoder, the decoding state and the (graphed) decode step of one shape of generation. The last one
+    is kept per model, so a later call with the same shapes and settings reuses its buffers and its captured
+    CUDA graph instead of allocating and capturing again; `lock` keeps concurrent calls from sharing it."""
+
+    def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, processors: dict,
+                 cuda_graph: bool):
+        self.key, self.lock = key, threading.Lock()
+        self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
+        self.state = _Decoding(input_ids.shape[0], max_new_tokens, model.config.vocab_size, eos, pad, do_sample,
+                               processors, input_ids.device)
+
+        def step() -> None:
+            self.state.advance(self.decoder.step(self.state.tokens))
+
+        self.step = _CudaGraphStep(step, self.state.generator) if cuda_graph else step
+
+
+# model -> its last _Session (weak keys: a cached session never keeps a model alive)
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _acquire_session(model, key: tuple, build) -> _Session:
+    session = _SESSIONS.get(model)
+    if session is None or session.key != key or not session.lock.acquire(blocking=False):
+        session = build()
+        session.lock.acquire()
+        _SESSIONS[model] = session
+    return session
 
 
 def _token_list(ids, name: str, vocab: int) -> list[int]:
@@ -366,7 +424,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     in the new tokens' text, which needs `tokenizer`) finish a row. `pad_token_id` defaults to the config's,
     then to the first EOS id. `seed` makes sampling reproducible (without it, the seed is drawn from torch's
     global RNG). `streamer` (e.g. `TextStreamer`, one row only) receives each new token as it is produced.
-    On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`."""
+    On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache, buffers and graph
+    of the last call stay with the model (until it is freed or called with other shapes or settings), so a
+    repeated call of the same shape allocates and captures nothing."""
     config = model.config
     _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
     input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens)
@@ -386,24 +446,32 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
 
     device = input_ids.device
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+    if do_sample and seed is None:
+        seed = int(torch.randint(2**62, ()))
     processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty)
-    decoder = KVDecoder(model, mask, max_new_tokens)
-    state = _Decoding(input_ids, mask, max_new_tokens, config.vocab_size, eos, pad, do_sample, processors, generator)
+    graphed = cuda_graph and device.type == "cuda"
+    # everything a session bakes in: shapes, settings, and the weights' addresses (a graph reads them there)
+    key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos), pad,
+           graphed, tuple(p.data_ptr() for p in model.parameters()))
+    session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
+                                                            do_sample, processors, graphed))
+    try:
+        return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stop_strings, tokenizer,
+                    can_finish=bool(eos or stop_strings))
+    finally:
+        session.lock.release()
+
+
+def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
+         streamer, stop_strings: list[str], tokenizer, can_finish: bool) -> torch.Tensor:
+    """Prefill, then decode until every row has finished or `max_new_tokens` are out."""
+    decoder, state = session.decoder, session.state
+    decoder.reset(mask)
+    state.reset(input_ids, mask, seed)
     state.advance(decoder.prefill(input_ids))
-
-    def step() -> None:
-        state.advance(decoder.step(state.tokens))
-
-    if cuda_graph and device.type == "cuda":
-        step = _CudaGraphStep(step, generator)
     watch = _HostWatch(state, streamer, stop_strings, tokenizer) if streamer is not None or stop_strings else None
-    can_finish = bool(eos or stop_strings)
-    check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(device.type, 1)
+    check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
     produced = 1
     while True:
         if watch is not None:
@@ -412,7 +480,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             break
         if can_finish and produced % check_every == 0 and bool(state.finished.all()):
             break
-        step()
+        session.step()
         produced += 1
     if streamer is not None:
         streamer.end()
