@@ -10,7 +10,8 @@ torch.compile(mode="reduce-overhead") ("hf_static_compile"). Each figure is the 
 calls after warm-up calls (so compilation is excluded; ttl's per-call graph capture is included), prefill
 included. Reports ms per call, ms per token step, tokens/s over the batch, and GB/s of the bytes decoding
 must read (every weight once per step plus each row's cached keys and values) as a fraction of the copy
-bandwidth measured in the same run. Writes benchmarks/results/<gpu>/generate.{json,csv,png}.
+bandwidth measured in the same run, and the extra device memory of the first (cold) call.
+Writes benchmarks/results/<gpu>/generate.{json,csv,png}.
 """
 
 from __future__ import annotations
@@ -70,14 +71,16 @@ def bench(path: str, batches: list[int], prompt: int, new: int, bandwidth: float
                                                              do_sample=False, cache_implementation="static")
         nbytes = decode_bytes(ours, batch, prompt, new)
         for impl, fn in impls.items():
-            shape = fn().shape
+            first = {}
+            memory = peak_memory_mb(lambda: first.update(out=fn()))  # the first call allocates its caches
+            shape = tuple(first["out"].shape)
             if shape != (batch, prompt + new):
-                raise RuntimeError(f"{impl} returned shape {tuple(shape)}, expected {(batch, prompt + new)}")
+                raise RuntimeError(f"{impl} returned shape {shape}, expected {(batch, prompt + new)}")
             ms = time_ms(fn, warmup=warmup, reps=reps)
             gbs = nbytes / (ms * 1e-3) / 1e9
             rows.append(row(impl, "decode", {"batch": batch, "prompt": prompt, "new_tokens": new}, "bf16", ms,
                             gbs=gbs, frac_of_peak=gbs / bandwidth, tokens_per_s=batch * new / (ms * 1e-3),
-                            peak_mem_mb=peak_memory_mb(fn)))
+                            peak_mem_mb=memory))
     return rows
 
 
