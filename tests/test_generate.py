@@ -48,6 +48,14 @@ def test_greedy_matches_transformers(models, penalty, batch):
     assert torch.equal(got, ref)
 
 
+def test_shortest_prompt_and_generation_match_transformers(models):
+    hf, ours = models
+    ids = torch.tensor([[17], [42]])
+    for new in (1, 2):
+        ref = hf_greedy(hf, ids, torch.ones_like(ids), max_new_tokens=new, eos_token_id=[])
+        assert torch.equal(ttl_core.generate(ours, ids, max_new_tokens=new, eos_token_id=[]), ref)
+
+
 def test_greedy_eos_stopping_matches_transformers(models):
     hf, ours = models
     ids, mask = left_padded(hf.config.vocab_size)
@@ -269,6 +277,9 @@ def test_bad_inputs_raise_one_line_errors(models):
         ttl_core.generate(ours, ids + 1000)
     with pytest.raises(GenerationError, match="a streamer follows one sequence"):
         ttl_core.generate(ours, ids, mask, streamer=TextStreamer(CharTokenizer()))
+    classifier = ttl_core.LlamaForSequenceClassification(ttl_core.LlamaConfig.from_preset("tiny"))
+    with pytest.raises(GenerationError, match="needs a causal LM"):
+        ttl_core.generate(classifier, ids)
 
 
 def gpu_models(tmp_path, dtype, attention="sdpa"):
