@@ -249,8 +249,10 @@ class _Session:
         self.state = _Decoding(input_ids.shape[0], max_new_tokens, model.config.vocab_size, eos, pad, do_sample,
                                processors, input_ids.device)
 
+        decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
+
         def step() -> None:
-            self.state.advance(self.decoder.step(self.state.tokens))
+            state.advance(decoder.step(state.tokens))
 
         self.step = _CudaGraphStep(step, self.state.generator) if cuda_graph else step
 
