@@ -3,6 +3,7 @@
 import gc
 import importlib
 import threading
+import weakref
 
 import pytest
 import torch
@@ -172,8 +173,10 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     session = generate_module._SESSIONS[ours]
     reused = ttl_core.generate(ours, ids, mask, **kwargs)
     assert generate_module._SESSIONS[ours] is session and torch.equal(reused, fresh)
+    replaced = weakref.ref(session)
+    del session
     ttl_core.generate(ours, ids, mask, **{**kwargs, "top_k": 21})
-    assert generate_module._SESSIONS[ours] is not session  # other settings: a new session
+    assert replaced() is None  # other settings: a new session, and the old one's memory is freed at once
 
     hf_causal_lm(seed=5).save_pretrained(tmp_path)
     other = ttl_core.load_pretrained(tmp_path)
