@@ -70,7 +70,10 @@ class Chat:
         self.ids += self.tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
 
     def add_model(self, ids: list[int]) -> None:
+        """Append the model's answer, closed with the end token if it ran out of tokens before one."""
         self.ids += ids
+        if self.fmt and (not ids or ids[-1] not in self.eos):
+            self.ids.append(self.eos[-1])
 
 
 def reply(model, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:

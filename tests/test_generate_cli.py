@@ -87,7 +87,11 @@ def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(cli, 
     assert "The context is full (48 tokens)" in out
     tok = CharTokenizer()
     assert prompts[0] == tok.encode(chat_prompt("aira", "primeira"), add_bos=False)
-    for before, after in zip(prompts, prompts[1:]):
+    questions = ["primeira", "segunda", "terceira"]
+    for before, after, question in zip(prompts, prompts[1:], questions[1:]):
         assert after[:len(before)] == before  # each turn continues the whole conversation
-        assert tok.decode(after[len(before):], skip_special_tokens=False).endswith("<|endofinstruction|>")
+        user = tok.encode(chat_prompt("aira", question), add_bos=False)
+        answer = after[len(before):len(after) - len(user)]
+        assert after[len(after) - len(user):] == user
+        assert answer[-1] in (2, 6) and not {2, 6} & set(answer[:-1])  # the answer is closed exactly once
     assert len(prompts[-1]) <= 48
