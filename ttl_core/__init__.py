@@ -2,12 +2,13 @@
 
 from .config import PRESETS, LlamaConfig
 from .errors import TTLError
+from .generate import TextStreamer, generate
 from .hf import load_pretrained, save_native, save_pretrained
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", "TTLError", "build_model",
-    "load_pretrained", "save_native", "save_pretrained",
+    "PRESETS", "LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", "TTLError", "TextStreamer",
+    "build_model", "generate", "load_pretrained", "save_native", "save_pretrained",
 ]

@@ -108,9 +108,12 @@ class Attention(nn.Module):
         k = k.view(batch, seq, self.kv_heads, self.head_dim)
         v = v.view(batch, seq, self.kv_heads, self.head_dim)
         q, k = kernels.apply_rotary(q, k, cos, sin, backend=self.kernel_backend)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend)
+        if getattr(kv_cache, "attends", False):  # the cache appends and attends in one kernel (flash-attn)
+            out = kv_cache.attend(self.layer_idx, q, k, v)
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.update(self.layer_idx, k, v)
+            out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend)
         return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
 
 
@@ -169,7 +172,8 @@ class LlamaModel(nn.Module):
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
         queries being the last `seq` positions) or a ready boolean (batch, 1, seq, kv_len) mask.
         `position_ids` default to 0..seq-1. `kv_cache`, if given, has `update(layer_idx, k, v)` returning
-        the keys and values to attend over (see `ttl_core.generate`)."""
+        the keys and values to attend over, or, while its `attends` is true, `attend(layer_idx, q, k, v)`
+        returning the attention output itself (see `ttl_core.generate.StaticKVCache`)."""
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape

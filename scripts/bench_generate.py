@@ -1,0 +1,126 @@
+"""Benchmark ttl's generate() against transformers' generate() on the same weights on a CUDA GPU.
+
+  python scripts/bench_generate.py [--quick] [--batches 1 8 64] [--prompt 128] [--new-tokens 256] [--out DIR]
+
+Random ttl-160m-shaped weights in bf16, saved once in the Hugging Face layout and loaded by both libraries.
+Greedy decoding of random prompts with EOS disabled, so every implementation produces exactly --new-tokens
+tokens per row: ttl with its decode step in a CUDA graph ("ttl") and without ("ttl_nograph"); transformers
+with its dynamic cache ("hf") and with a static cache, which its generate() compiles with
+torch.compile(mode="reduce-overhead") ("hf_static_compile"). Each figure is the median of whole generate()
+calls after warm-up calls, prefill included; transformers' compiled graphs and ttl's captured CUDA graph are
+made by the first call and reused by later calls of the same shape, so neither counts. Reports ms per call, ms per token step, tokens/s over the batch, and GB/s of the bytes decoding
+must read (every weight once per step plus each row's cached keys and values) as a fraction of the copy
+bandwidth measured in the same run, and the extra device memory of the first (cold) call.
+Writes benchmarks/results/<gpu>/generate.{json,csv,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+
+from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, peak_memory_mb, require_cuda,
+                                row, time_ms, write_results)
+from ttl_core.cli import run_cli
+from ttl_core.config import LlamaConfig
+from ttl_core.generate import generate
+from ttl_core.hf import load_pretrained, save_pretrained
+from ttl_core.model import LlamaForCausalLM
+
+
+def hf_model(path: str):
+    """transformers' Llama from the saved directory, or None (with a note) when transformers is missing."""
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed: measuring ttl only")
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = None  # every call runs the full length, as ttl's does
+    return model.cuda().eval()
+
+
+def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
+    """Bytes a generate() call must read: all weights but the embedding table at each step, and at step t the
+    keys and values of prompt + t positions per row."""
+    config = model.config
+    weights = model.num_parameters(exclude_embedding=True) * 2
+    per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    cached_positions = sum(prompt + t for t in range(new))
+    return new * weights + batch * per_position * cached_positions
+
+
+def bench(path: str, batches: list[int], prompt: int, new: int, bandwidth: float, quick: bool) -> list[dict]:
+    ours = load_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    hf = hf_model(path)
+    warmup, reps = (1, 3) if quick else (2, 5)
+    rows = []
+    for batch in batches:
+        gen = torch.Generator(device="cuda").manual_seed(batch)
+        ids = torch.randint(4, ours.config.vocab_size, (batch, prompt), device="cuda", generator=gen)
+        mask = torch.ones_like(ids)
+        impls = {
+            "ttl": lambda: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]),
+            "ttl_nograph": lambda: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[], cuda_graph=False),
+        }
+        if hf is not None:
+            impls["hf"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+            impls["hf_static_compile"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                                             do_sample=False, cache_implementation="static")
+        nbytes = decode_bytes(ours, batch, prompt, new)
+        for impl, fn in impls.items():
+            first = {}
+            memory = peak_memory_mb(lambda: first.update(out=fn()))  # the first call allocates its caches
+            shape = tuple(first["out"].shape)
+            if shape != (batch, prompt + new):
+                raise RuntimeError(f"{impl} returned shape {shape}, expected {(batch, prompt + new)}")
+            ms = time_ms(fn, warmup=warmup, reps=reps)
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append(row(impl, "decode", {"batch": batch, "prompt": prompt, "new_tokens": new}, "bf16", ms,
+                            gbs=gbs, frac_of_peak=gbs / bandwidth, tokens_per_s=batch * new / (ms * 1e-3),
+                            peak_mem_mb=memory))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per measurement, with ttl's speed-up over it on the same shape."""
+    ttl_ms = {str(r["shape"]): r["ms"] for r in rows if r["impl"] == "ttl"}
+    print(f"\n{'batch':>5} {'impl':<18} {'ms/call':>9} {'ms/token':>9} {'tokens/s':>10} {'GB/s':>7} {'of copy':>8} "
+          f"{'peak MB':>8} {'ttl speed-up':>12}")
+    for r in rows:
+        s = r["shape"]
+        print(f"{s['batch']:>5} {r['impl']:<18} {r['ms']:>9.1f} {r['ms'] / s['new_tokens']:>9.3f} "
+              f"{r['tokens_per_s']:>10.0f} {r['gbs']:>7.0f} {r['frac_of_peak']:>8.1%} {r['peak_mem_mb']:>8.0f} "
+              f"{r['ms'] / ttl_ms[str(s)]:>11.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 64; --quick: 1 64)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (default 128)")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per row (default 256; --quick: 64)")
+    parser.add_argument("--preset", default="ttl-160m", help="model shape (default ttl-160m)")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, tokens and repetitions")
+    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    require_cuda("bench_generate")
+    batches = args.batches or ([1, 64] if args.quick else [1, 8, 64])
+    new = args.new_tokens or (64 if args.quick else 256)
+    bandwidth = measure_copy_bandwidth_gbs()
+    tflops = measure_bf16_tflops()
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_preset(args.preset))
+    with tempfile.TemporaryDirectory() as path:
+        save_pretrained(model, path, dtype="bfloat16")
+        del model
+        rows = bench(path, batches, args.prompt, new, bandwidth, args.quick)
+    print_table(rows)
+    print(f"wrote {write_results('generate', rows, args.out, bandwidth, tflops, plot_metric='tokens_per_s')}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,130 @@
+"""Generate text with a ttl or Hugging Face checkpoint, streaming the output as it is produced.
+
+  python scripts/generate.py --model DIR --prompt "Qual é a capital do Brasil?" [--chat aira|alpaca]
+  python scripts/generate.py --model DIR --chat aira --interactive
+
+Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
+0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
+the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
+the answer. `--interactive` keeps a conversation in that format, one turn per input line, until the model's
+context is full (an empty line or end of input quits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ttl_core.cli import run_cli
+from ttl_core.generate import TextStreamer, generate
+from ttl_core.hf import DTYPES, load_pretrained
+
+# The Aira format's own end-of-answer token; stopping there ends a turn even if `</s>` never comes.
+AIRA_END = "<|endofcompletion|>"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint directory (ttl or Hugging Face layout)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    parser.add_argument("--prompt", help="text to continue (in chat mode: the first question)")
+    parser.add_argument("--input", default="", help="Alpaca's optional `### Entrada:` text for --prompt")
+    parser.add_argument("--chat", choices=("aira", "alpaca"), help="wrap prompts in this chat format")
+    parser.add_argument("--interactive", action="store_true", help="keep a conversation going from stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=150)
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--top-p", type=float, default=0.2)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.2)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling options ignored)")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs")
+    args = parser.parse_args(argv)
+    if args.prompt is None and not args.interactive:
+        parser.error("--prompt is required unless --interactive")
+    return args
+
+
+class Chat:
+    """The token ids of a conversation (or a plain text continuation) in one chat format."""
+
+    def __init__(self, tokenizer, chat_prompt, fmt: str | None):
+        self.tokenizer, self.chat_prompt, self.fmt = tokenizer, chat_prompt, fmt
+        self.ids: list[int] = []
+        self.eos = [tokenizer.eos_id]
+        end = tokenizer.token_to_id(AIRA_END) if fmt == "aira" else None
+        if end is not None:
+            self.eos.append(end)
+
+    def add_user(self, text: str, extra_input: str = "") -> None:
+        """Append a user turn (or, without a format, plain text to continue)."""
+        prompt = self.chat_prompt(self.fmt, text, extra_input) if self.fmt else text
+        # Aira's start-of-instruction token plays the BOS role; the other formats start with `<s>`
+        add_bos = not self.ids and self.fmt != "aira"
+        self.ids += self.tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+
+    def add_model(self, ids: list[int]) -> None:
+        """Append the model's answer, closed with the end token if it ran out of tokens before one."""
+        self.ids += ids
+        if self.fmt and (not ids or ids[-1] not in self.eos):
+            self.ids.append(self.eos[-1])
+
+
+def reply(model, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:
+    """Generate (and stream) the model's continuation of the conversation; returns its token ids."""
+    device = model.lm_head.weight.device
+    ids = torch.tensor([chat.ids], device=device)
+    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                                           top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    out = generate(model, ids, max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
+                   eos_token_id=chat.eos, pad_token_id=chat.tokenizer.pad_id, streamer=streamer,
+                   cuda_graph=not args.no_cuda_graph, **sampling)
+    print(flush=True)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ttl_core.tokenizer import Tokenizer, chat_prompt
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    model = load_pretrained(args.model, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    context = model.config.max_position_embeddings
+    chat = Chat(tokenizer, chat_prompt, args.chat)
+    streamer = TextStreamer(tokenizer, on_text=lambda piece: print(piece, end="", flush=True))
+
+    if not args.interactive:
+        chat.add_user(args.prompt, args.input)
+        reply(model, chat, args, streamer, args.max_new_tokens)
+        return 0
+
+    first = args.prompt
+    while True:
+        if first is not None:
+            line, first = first, None
+            print(f"> {line}")
+        else:
+            print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                return 0
+            line = line.rstrip("\n")
+        chat.add_user(line)
+        room = context - len(chat.ids)
+        if room < 1:
+            print(f"The context is full ({context} tokens): the conversation ends here. Start a new one to go on.")
+            return 0
+        chat.add_model(reply(model, chat, args, streamer, min(args.max_new_tokens, room)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

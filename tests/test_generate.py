@@ -1,0 +1,347 @@
+"""ttl_core.generate against transformers' generate() and logits processors on random tiny models (fp32 CPU)."""
+
+import gc
+import importlib
+import threading
+import weakref
+
+import pytest
+import torch
+from hf_reference import hf_causal_lm
+
+import ttl_core
+from ttl_core.errors import GenerationError
+from ttl_core.generate import KVDecoder, TextStreamer
+
+PAD = 3
+generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = hf_causal_lm()
+    path = tmp_path_factory.mktemp("gen")
+    hf.save_pretrained(path)
+    return hf, ttl_core.load_pretrained(path)
+
+
+def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0, 3, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads[:batch]):
+        mask[row, :n] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def hf_greedy(hf, ids, mask, **kwargs):
+    return hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_matches_transformers(models, penalty, batch):
+    hf, ours = models
+    ids, mask = left_padded(hf.config.vocab_size, batch=batch)
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=24, repetition_penalty=penalty, eos_token_id=[])
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, repetition_penalty=penalty, eos_token_id=[])
+    assert got.shape == ref.shape == (batch, 9 + 24)
+    assert torch.equal(got, ref)
+
+
+def test_shortest_prompt_and_generation_match_transformers(models):
+    hf, ours = models
+    ids = torch.tensor([[17], [42]])
+    for new in (1, 2):
+        ref = hf_greedy(hf, ids, torch.ones_like(ids), max_new_tokens=new, eos_token_id=[])
+        assert torch.equal(ttl_core.generate(ours, ids, max_new_tokens=new, eos_token_id=[]), ref)
+
+
+def test_greedy_eos_stopping_matches_transformers(models):
+    hf, ours = models
+    ids, mask = left_padded(hf.config.vocab_size)
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=[])[:, 9:]
+    # EOS ids that end rows at different steps: one id, then a list
+    for eos in (int(free[0, 4]), [int(free[0, 4]), int(free[1, 7])]):
+        ref = hf_greedy(hf, ids, mask, max_new_tokens=24, eos_token_id=eos)
+        got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
+        assert torch.equal(got, ref)
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else eos)
+        assert torch.isin(got[:, 9:], eos_ids).any(dim=1).any()  # EOS did stop a row
+    # every row stops: the output is cut at the step where the last row finished
+    eos = sorted({int(free[r, 2]) for r in range(3)})
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=24, eos_token_id=eos)
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(got, ref) and got.shape[1] <= 9 + 3
+
+
+def flash_attn_with_kvcache_reference(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, causal):
+    """flash-attn's documented semantics on the CPU: append k, v at each row's `cache_seqlens`, then attend
+    (causal, bottom-right aligned) over that row's keys from `cache_leftpad` on."""
+    from ttl_core.attention import sdpa_attention
+
+    out = []
+    for row in range(q.shape[0]):
+        start, end = int(cache_seqlens[row]), int(cache_seqlens[row]) + k.shape[1]
+        k_cache[row, start:end], v_cache[row, start:end] = k[row], v[row]
+        keys = slice(int(cache_leftpad[row]), end)
+        out.append(sdpa_attention(q[row:row + 1], k_cache[row:row + 1, keys], v_cache[row:row + 1, keys], causal=causal))
+    return torch.cat(out)
+
+
+def test_flash_decoding_bookkeeping_with_a_reference_kernel(models, monkeypatch):
+    """The flash-attn decode path (cache layout, seqlens, left padding) with a CPU stand-in for the kernel."""
+    _, ours = models
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return flash_attn_with_kvcache_reference(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "_flash_attn_with_kvcache", lambda: kernel)
+    ids, mask = left_padded(ours.config.vocab_size)
+    cont = torch.randint(0, ours.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        runs = []
+        for flash in (False, True):
+            decoder = KVDecoder(ours, mask, max_new_tokens=6, flash=flash)
+            runs.append(torch.stack([decoder.prefill(ids)] + [decoder.step(cont[:, t:t + 1]) for t in range(6)], 1))
+    assert decoder.cache.keys[0].shape[1] == decoder.cache.max_len  # flash-attn's (batch, seq, heads, dim)
+    assert calls == [1] * 6 * ours.config.num_hidden_layers  # every decode step of every layer, no prefill
+    assert (runs[0] - runs[1]).abs().max() <= 1e-5
+
+
+def test_lagged_eos_check_trims_to_the_same_output(models, monkeypatch):
+    """On CUDA the host checks for the end only every few steps; the steps run past it must not show."""
+    hf, ours = models
+    ids, mask = left_padded(hf.config.vocab_size)
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=[])[:, 9:]
+    eos = sorted({int(free[r, 2]) for r in range(3)})
+    every_step = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
+    monkeypatch.setattr(generate_module, "EOS_CHECK_EVERY", {"cpu": 7})
+    lagged = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(lagged, every_step) and lagged.shape[1] < 9 + 7
+
+
+def test_incremental_logits_equal_full_forward(models):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    gen = torch.Generator().manual_seed(2)
+    cont = torch.randint(0, ours.config.vocab_size, (3, 12), generator=gen)
+    full_ids = torch.cat([ids, cont], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        truth = ours(full_ids, attention_mask=full_mask, position_ids=positions).logits
+        decoder = KVDecoder(ours, mask, max_new_tokens=12)
+        steps = [decoder.prefill(ids)] + [decoder.step(cont[:, t:t + 1]) for t in range(12)]
+    assert torch.equal(decoder.position[:, 0], full_mask.sum(-1))  # transformers' per-row positions
+    got = torch.stack(steps, dim=1)
+    assert torch.isfinite(got).all()
+    err = (got - truth[:, 8:]).abs().max().item()
+    assert err <= 1e-5, err
+    assert truth.abs().max() > 0.5
+
+
+def test_seed_reproduces_samples_and_num_return_sequences(models):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=2)
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_k=30, top_p=0.95, min_p=0.02,
+                  repetition_penalty=1.1, eos_token_id=[], num_return_sequences=3)
+    a = ttl_core.generate(ours, ids, mask, seed=7, **kwargs)
+    b = ttl_core.generate(ours, ids, mask, seed=7, **kwargs)
+    c = ttl_core.generate(ours, ids, mask, seed=8, **kwargs)
+    assert a.shape == (6, 9 + 16)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :9], ids.repeat_interleave(3, dim=0))
+    assert len({tuple(r) for r in a[:3, 9:].tolist()}) > 1  # the copies of a prompt sample differently
+    torch.manual_seed(0)
+    d = ttl_core.generate(ours, ids, mask, **kwargs)
+    torch.manual_seed(0)
+    assert torch.equal(d, ttl_core.generate(ours, ids, mask, **kwargs))
+
+
+def test_reused_session_matches_a_fresh_one(models, tmp_path):
+    """A call with the same shapes and settings reuses the last call's buffers: nothing of that call leaks."""
+    _, ours = models
+    kwargs = dict(max_new_tokens=16, do_sample=True, top_k=20, repetition_penalty=1.3, eos_token_id=[5, 6], seed=4)
+    first, _ = left_padded(ours.config.vocab_size, seed=10)
+    ids, mask = left_padded(ours.config.vocab_size, seed=11, pads=(4, 0, 2))
+    generate_module._SESSIONS.clear()
+    fresh = ttl_core.generate(ours, ids, mask, **kwargs)
+    ttl_core.generate(ours, first, torch.ones_like(first), **kwargs)
+    session = generate_module._SESSIONS[ours]
+    reused = ttl_core.generate(ours, ids, mask, **kwargs)
+    assert generate_module._SESSIONS[ours] is session and torch.equal(reused, fresh)
+    replaced = weakref.ref(session)
+    del session
+    ttl_core.generate(ours, ids, mask, **{**kwargs, "top_k": 21})
+    assert replaced() is None  # other settings: a new session, and the old one's memory is freed at once
+
+    hf_causal_lm(seed=5).save_pretrained(tmp_path)
+    other = ttl_core.load_pretrained(tmp_path)
+    ttl_core.generate(other, ids, mask, max_new_tokens=4)
+    assert other in generate_module._SESSIONS
+    del other
+    gc.collect()
+    assert all(m is ours for m in generate_module._SESSIONS.keys())  # a cached session keeps no model alive
+
+
+class CharTokenizer:
+    """Token i is the byte i (mod 128) except ids 120..130, which are the UTF-8 bytes of 'é' and '€';
+    decoding joins the bytes, so a split character decodes to U+FFFD like a byte-fallback tokenizer."""
+
+    SPECIAL = {120: b"\xc3", 121: b"\xa9", 122: b"\xe2", 123: b"\x82", 124: b"\xac"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        data = b"".join(self.SPECIAL.get(i, bytes([97 + i % 26])) for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+
+def test_streamer_emits_stable_text():
+    tok = CharTokenizer()
+    pieces = []
+    streamer = TextStreamer(tok, on_text=pieces.append)
+    for ids in ([0], [1], [122], [123], [124], [120], [121], [2]):
+        streamer.put(ids)
+    assert pieces == ["a", "b", "€", "é", "c"]
+    streamer.end()
+    assert list(streamer) == pieces
+
+
+def test_streamer_follows_generation_from_a_thread(models):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=1)
+    streamer = TextStreamer(CharTokenizer(), timeout=60)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(ids=ttl_core.generate(
+        ours, ids, mask, max_new_tokens=12, eos_token_id=[], streamer=streamer)))
+    worker.start()
+    text = "".join(streamer)
+    worker.join()
+    assert text == CharTokenizer().decode(out["ids"][0, 9:].tolist())
+    assert len(text) > 0
+
+
+def test_stop_strings_finish_rows(models):
+    _, ours = models
+    tok = CharTokenizer()
+    ids, mask = left_padded(ours.config.vocab_size)
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=20, eos_token_id=[])[:, 9:]
+    stop = tok.decode(free[1, 5:7].tolist())  # completed by row 1's 7th new token
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=20, eos_token_id=[], stop_strings=stop, tokenizer=tok)
+    texts = [tok.decode(row) for row in free.tolist()]
+    for row in range(3):
+        cut = next((n for n in range(1, 21) if stop in tok.decode(free[row, :n].tolist())), None)
+        if cut is None:
+            assert torch.equal(got[row, 9:], free[row, :got.shape[1] - 9])
+        else:
+            assert torch.equal(got[row, 9:9 + cut], free[row, :cut])
+            assert (got[row, 9 + cut:] == PAD).all()
+    assert stop in texts[1] and got.shape[1] - 9 == max(
+        next((n for n in range(1, 21) if stop in tok.decode(free[r, :n].tolist())), 20) for r in range(3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=250), "exceeds the model's context of 256"),
+    (dict(do_sample=True, top_p=0.0), "top_p must be in"),
+    (dict(do_sample=True, top_p=1.5), "top_p must be in"),
+    (dict(temperature=-0.1), "temperature must be"),
+    (dict(do_sample=True, temperature=0.0), "temperature must be"),
+    (dict(top_k=-1), "top_k must be"),
+    (dict(min_p=1.5), "min_p must be"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be"),
+    (dict(num_return_sequences=2), "needs do_sample"),
+    (dict(eos_token_id=[2, 999]), "eos_token_id 999"),
+    (dict(stop_strings=["x"]), "need a tokenizer"),
+    (dict(max_new_tokens=0), "max_new_tokens must be"),
+])
+def test_bad_arguments_raise_one_line_errors(models, kwargs, message):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with pytest.raises(GenerationError, match=message) as info:
+        ttl_core.generate(ours, ids, mask, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_inputs_raise_one_line_errors(models):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        ttl_core.generate(ours, ids[:, :0])
+    no_token = mask.clone()
+    no_token[2] = 0
+    with pytest.raises(GenerationError, match="row 2 of attention_mask attends to no token"):
+        ttl_core.generate(ours, ids, no_token)
+    right = mask.flip(1)
+    with pytest.raises(GenerationError, match="left-padded"):
+        ttl_core.generate(ours, ids, right)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        ttl_core.generate(ours, ids + 1000)
+    with pytest.raises(GenerationError, match="a streamer follows one sequence"):
+        ttl_core.generate(ours, ids, mask, streamer=TextStreamer(CharTokenizer()))
+    classifier = ttl_core.LlamaForSequenceClassification(ttl_core.LlamaConfig.from_preset("tiny"))
+    with pytest.raises(GenerationError, match="needs a causal LM"):
+        ttl_core.generate(classifier, ids)
+
+
+def gpu_models(tmp_path, dtype, attention="sdpa"):
+    hf = hf_causal_lm(max_position_embeddings=512)
+    hf.save_pretrained(tmp_path)
+    return ttl_core.load_pretrained(tmp_path, dtype=dtype, device="cuda", attention=attention)
+
+
+def cuda_batch(vocab: int):
+    ids, mask = left_padded(vocab, batch=3, seq=40, pads=(0, 7, 31))
+    return ids.cuda(), mask.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
+    """Token for token, including sampling (the graph replays the seeded RNG) and a second call that reuses
+    the captured graph with other prompts; "auto" decodes with flash-attn in bf16 when it is installed."""
+    ours = gpu_models(tmp_path, dtype, attention)
+    ids, mask = cuda_batch(ours.config.vocab_size)
+    other = torch.randint(4, ours.config.vocab_size, ids.shape, device="cuda").masked_fill(mask == 0, PAD)
+    for kwargs in (dict(repetition_penalty=1.2),
+                   dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=3,
+                        num_return_sequences=2),
+                   dict(eos_token_id=[5, 6, 7, 8])):
+        ttl_core.generate(ours, ids, mask, max_new_tokens=64, **kwargs)
+        graphed = ttl_core.generate(ours, other, mask, max_new_tokens=64, **kwargs)
+        eager = ttl_core.generate(ours, other, mask, max_new_tokens=64, cuda_graph=False, **kwargs)
+        assert torch.equal(graphed, eager), kwargs
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_matches_transformers_fp32(tmp_path):
+    hf = hf_causal_lm(max_position_embeddings=512)
+    hf.save_pretrained(tmp_path)
+    ours = ttl_core.load_pretrained(tmp_path, device="cuda")
+    hf = hf.cuda()
+    ids, mask = cuda_batch(hf.config.vocab_size)
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=48, repetition_penalty=1.2, eos_token_id=[])
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=48, repetition_penalty=1.2,
+                                         eos_token_id=[]), ref)
+
+
+@pytest.mark.gpu
+def test_flash_attn_decoding_matches_sdpa(tmp_path):
+    """flash_attn_with_kvcache decoding (bf16) is as close to the fp32 truth as SDPA's bf16 decoding is
+    (flash-attn's own criterion: at most twice PyTorch's low-precision error)."""
+    pytest.importorskip("flash_attn")
+    truth_model = gpu_models(tmp_path, torch.float32)
+    sdpa = ttl_core.load_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda", attention="sdpa")
+    flash = ttl_core.load_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda", attention="auto")
+    ids, mask = cuda_batch(sdpa.config.vocab_size)
+    decoders = [KVDecoder(m, mask, max_new_tokens=8) for m in (truth_model, sdpa, flash)]
+    assert not decoders[1].flash and decoders[2].flash
+    tokens = torch.randint(4, sdpa.config.vocab_size, (3, 8), device="cuda")
+    with torch.no_grad():
+        logits = [[d.prefill(ids)] + [d.step(tokens[:, t:t + 1]) for t in range(8)] for d in decoders]
+    truth, low, got = (torch.stack(x, 1).float() for x in logits)
+    assert torch.isfinite(got).all()
+    sdpa_err, flash_err = (low - truth).abs().max(), (got - truth).abs().max()
+    assert flash_err <= 2 * sdpa_err, (flash_err, sdpa_err)

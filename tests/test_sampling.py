@@ -1,0 +1,76 @@
+"""ttl_core.sampling's logits processors against transformers' LogitsProcessor classes on random logits."""
+
+import pytest
+import torch
+import transformers.generation.logits_process as hf_lp
+
+from ttl_core.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample
+
+
+def random_logits(seed: int = 0, batch: int = 6, vocab: int = 1000) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0, 16.0])[:batch, None]
+    return torch.randn(batch, vocab, generator=gen) * scale
+
+
+def assert_same_scores(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 999, 1000, 5000])
+def test_top_k_matches_transformers(k):
+    scores = random_logits()
+    scores[0, :10] = scores[0, 10]  # ties at the boundary
+    assert_same_scores(apply_top_k(scores, k), hf_lp.TopKLogitsWarper(k)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("p", [1e-9, 0.01, 0.2, 0.5, 0.9, 0.999, 1.0])
+def test_top_p_matches_transformers(p):
+    scores = random_logits(1)
+    got = apply_top_p(scores, p)
+    assert_same_scores(got, hf_lp.TopPLogitsWarper(p)(None, scores.clone()))
+    assert torch.isfinite(got).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 0.9, 1.0])
+def test_min_p_matches_transformers(p):
+    scores = random_logits(2)
+    assert_same_scores(apply_min_p(scores, p), hf_lp.MinPLogitsWarper(p)(None, scores.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.2, 2.0])
+def test_repetition_penalty_matches_transformers(penalty):
+    scores = random_logits(3, batch=3, vocab=50)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 50, (3, 30), generator=gen)
+    pads = torch.tensor([0, 4, 11])
+    seen = torch.zeros(3, 51, dtype=torch.bool)
+    seen.scatter_(1, ids.masked_fill(torch.arange(30) < pads[:, None], 50), True)
+    ref = hf_lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=pads)(ids, scores.clone())
+    assert_same_scores(apply_repetition_penalty(scores, seen[:, :50], penalty), ref)
+
+
+def test_processor_chain_matches_transformers_order():
+    scores = random_logits(5, vocab=200)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 200, (6, 40), generator=gen)
+    seen = torch.zeros(6, 200, dtype=torch.bool).scatter_(1, ids, True)
+    chain = hf_lp.LogitsProcessorList([
+        hf_lp.RepetitionPenaltyLogitsProcessor(1.2), hf_lp.TemperatureLogitsWarper(0.7),
+        hf_lp.TopKLogitsWarper(40), hf_lp.TopPLogitsWarper(0.8), hf_lp.MinPLogitsWarper(0.05),
+    ])
+    got = process_logits(scores, seen, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, min_p=0.05,
+                         repetition_penalty=1.2)
+    assert_same_scores(got, chain(ids, scores.clone()))
+    greedy = process_logits(scores, seen, do_sample=False, temperature=0.7, top_k=40, repetition_penalty=1.2)
+    assert_same_scores(greedy, chain[0](ids, scores.clone()))
+
+
+def test_sample_follows_the_softmax():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf"), 0.5]]).expand(200_000, 6)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(scores, gen), minlength=6).double() / scores.shape[0]
+    probs = scores[0].softmax(-1).double()
+    assert counts[4] == 0
+    assert (counts - probs).abs().max() < 4e-3  # about 4 standard errors at 200k draws

@@ -1,0 +1,477 @@
+"""Text generation over a static KV cache, with transformers' sampling semantics and CUDA-graph decoding.
+
+`generate()` prefills the (left-padded) prompts once, then decodes one token per step. Every tensor a decode
+step touches is preallocated with a fixed shape and address: the per-layer keys and values, the attention
+mask over the whole cache, the positions, the output buffer and the RNG. So on CUDA the step (model forward,
+logits processors, sampling and bookkeeping) is captured once in a CUDA graph and replayed, and the host
+only launches graphs; it reads the device back only for the end-of-sequence check every few steps (or every
+step when a streamer or stop strings need the new tokens on the host).
+
+The logits processors and the sampler are in `ttl_core.sampling`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+
+import torch
+
+from .attention import causal_mask
+from .errors import GenerationError
+from .sampling import process_logits, sample
+
+# How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
+# On CUDA each check is one device sync; in between, the host queues graph replays without waiting for them.
+# Finishing costs at most this many wasted steps, which are trimmed from the output, so the result is the
+# same as checking every step. On the CPU a check costs nothing, so it happens every step.
+EOS_CHECK_EVERY = {"cuda": 8}
+# Eager decode steps (real steps, not thrown away) run before the step is captured in a CUDA graph, so lazy
+# initialization (cuBLAS handles, Triton compilation and autotuning) happens outside the capture.
+GRAPH_WARMUP_STEPS = 3
+
+
+def _flash_attn_with_kvcache():
+    """flash-attn's `flash_attn_with_kvcache`, or None when flash-attn is missing or older than 2.6 (the
+    first release with `cache_leftpad`, which left-padded batches need)."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache if "cache_leftpad" in inspect.signature(flash_attn_with_kvcache).parameters else None
+
+
+class StaticKVCache:
+    """Keys and values of every layer for `max_len` positions, allocated once and written in place.
+
+    Implements the model's cache protocol: `update(layer_idx, k, v)` writes the new keys and values at the
+    positions in `write_index` (a device tensor, so a decode step keeps static shapes) and returns the first
+    `visible` positions in the model's (batch, seq, kv_heads, head_dim) layout. For SDPA the storage is
+    (batch, kv_heads, max_len, head_dim) per layer, which SDPA reads without a copy. With `flash=True` the
+    storage is flash-attn's (batch, max_len, kv_heads, head_dim) and, while `attends` is set, the model calls
+    `attend()` instead, which appends and attends in one `flash_attn_with_kvcache` kernel (`seqlens` are the
+    absolute cache lengths, `leftpad` the left padding of each row, both int32 as flash-attn wants)."""
+
+    def __init__(self, config, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 flash: bool = False):
+        kv_heads, head_dim = config.num_key_value_heads, config.head_dim
+        shape = (batch, max_len, kv_heads, head_dim) if flash else (batch, kv_heads, max_len, head_dim)
+        self.seq_dim = 1 if flash else 2
+        # zeros, not empty: masked-out slots are still multiplied by a zero probability, and 0 * NaN is NaN
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.write_index: torch.Tensor | None = None
+        self.visible = max_len
+        self.attends = False
+        self.seqlens = self.leftpad = None
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k and v (batch, new, kv_heads, head_dim) at `write_index`; return the cached keys and values."""
+        cached = []
+        for store, new in ((self.keys[layer_idx], k), (self.values[layer_idx], v)):
+            if self.seq_dim == 2:
+                new = new.transpose(1, 2)
+            store.index_copy_(self.seq_dim, self.write_index, new)
+            view = store.narrow(self.seq_dim, 0, self.visible)
+            cached.append(view.transpose(1, 2) if self.seq_dim == 2 else view)
+        return cached[0], cached[1]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append k, v at `seqlens` and attend q over each row's cache (flash layout only)."""
+        return _flash_attn_with_kvcache()(q, self.keys[layer_idx], self.values[layer_idx], k=k, v=v,
+                                          cache_seqlens=self.seqlens, cache_leftpad=self.leftpad, causal=True)
+
+
+class KVDecoder:
+    """Runs a causal LM over a `StaticKVCache`: `prefill(input_ids)` over left-padded prompts, then
+    `step(tokens)` one token per row. Returns the last position's logits (batch, vocab) in the model's dtype.
+
+    Positions follow transformers: each row counts from 0 at its first real token (cumsum of the mask - 1).
+    A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph, and
+    `reset(attention_mask)` starts over with new prompts of the same shape in the same tensors."""
+
+    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, flash: bool | None = None):
+        self.model_ref = weakref.ref(model)  # cached decoders (see _Session) must not keep their model alive
+        batch, prompt_len = attention_mask.shape
+        device, dtype = attention_mask.device, model.lm_head.weight.dtype
+        if flash is None:
+            flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+                     and model.config.attention in ("auto", "flash_attn") and _flash_attn_with_kvcache() is not None)
+        self.flash = flash
+        # a multiple of 16 keeps the mask rows aligned for SDPA's memory-efficient kernel; extra slots stay masked
+        max_len = -(-(prompt_len + max_new_tokens) // 16) * 16
+        self.prompt_len = prompt_len
+        self.key_ok = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.key_index = torch.arange(max_len, device=device)
+        self.prompt_positions = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.decode_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache = StaticKVCache(model.config, batch, max_len, device, dtype, flash=flash)
+        if flash:
+            self.cache.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+            self.cache.leftpad = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.reset(attention_mask)
+
+    def reset(self, attention_mask: torch.Tensor) -> None:
+        """Forget the cached prompts; the next `prefill` takes prompts padded as `attention_mask` says."""
+        real = attention_mask.bool()
+        self.key_ok[:, :self.prompt_len].copy_(real)
+        self.prompt_positions.copy_((real.long().cumsum(-1) - 1).clamp_min(0))
+        self.position.copy_(self.prompt_positions[:, -1:] + 1)
+        self.decode_index.fill_(self.prompt_len)
+        for store in self.cache.keys + self.cache.values:
+            store.zero_()  # masked slots are multiplied by zero probabilities: keep NaN from older calls out
+        if self.flash:
+            self.cache.seqlens.fill_(self.prompt_len)
+            self.cache.leftpad.copy_((~real).sum(-1))
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Fill the cache with the prompts; logits of each row's next token."""
+        cache, n = self.cache, self.prompt_len
+        cache.write_index = torch.arange(n, device=input_ids.device)
+        cache.visible, cache.attends = n, False
+        # A padding query may attend itself: a query with no key at all makes some SDPA kernels return NaN,
+        # which would land in the cache; real queries never see padding keys either way.
+        mask = causal_mask(n, n, input_ids.device, key_padding=self.key_ok[:, :n])
+        mask = mask | torch.eye(n, dtype=torch.bool, device=input_ids.device)
+        logits = self.model_ref()(input_ids, attention_mask=mask, position_ids=self.prompt_positions, kv_cache=cache,
+                            logits_to_keep=1).logits[:, -1]
+        cache.write_index = self.decode_index
+        cache.visible, cache.attends = cache.max_len, self.flash
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (batch, 1) at the next position; logits of the token after it."""
+        mask = (self.key_ok & (self.key_index <= self.decode_index))[:, None, None, :]
+        logits = self.model_ref()(tokens, attention_mask=mask, position_ids=self.position, kv_cache=self.cache,
+                            logits_to_keep=1).logits[:, -1]
+        self.decode_index.add_(1)
+        self.position.add_(1)
+        if self.flash:
+            self.cache.seqlens.add_(1)
+        return logits
+
+
+class _Decoding:
+    """What a generation tracks on the device: the tokens produced (in a fixed-size buffer), which rows have
+    finished and after how many tokens, which tokens each row has seen (for the repetition penalty) and the
+    sampling RNG. `advance(logits)` is the whole per-step update, in place, so it can be part of a CUDA graph;
+    `reset(...)` starts a new generation in the same tensors."""
+
+    def __init__(self, batch: int, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
+                 do_sample: bool, processors: dict, device: torch.device):
+        self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
+        self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.done_at = torch.zeros(batch, dtype=torch.long, device=device)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
+        # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
+        penalize = processors["repetition_penalty"] != 1.0
+        self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
+        self.generator = torch.Generator(device=device) if do_sample else None
+        self.do_sample, self.processors = do_sample, processors
+
+    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
+        self.out.fill_(self.pad_id)
+        self.column.zero_()
+        self.finished.zero_()
+        self.done_at.fill_(self.max_new_tokens)
+        if self.seen is not None:
+            self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
+
+    def advance(self, logits: torch.Tensor) -> None:
+        seen = None if self.seen is None else self.seen[:, :self.vocab]
+        scores = process_logits(logits.float(), seen, self.do_sample, **self.processors)
+        token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
+        token = torch.where(self.finished, self.pad, token)
+        self.out.index_copy_(1, self.column, token[:, None])
+        self.column.add_(1)
+        if self.eos is not None:
+            hit = (token[:, None] == self.eos).any(dim=-1) & ~self.finished
+            self.done_at.copy_(torch.where(hit, self.column, self.done_at))
+            self.finished |= hit
+        if self.seen is not None:
+            self.seen.scatter_(1, token[:, None], True)
+        self.tokens.copy_(token[:, None])
+
+    def finish_row(self, row: int, produced: int) -> None:
+        """Mark a row finished from the host (a stop string was found after `produced` tokens)."""
+        self.finished[row] = True
+        self.done_at[row] = produced
+
+
+class _CudaGraphStep:
+    """Calls `fn` eagerly for the first `GRAPH_WARMUP_STEPS` calls (on a side stream, as CUDA-graph capture
+    wants), then captures it once and replays the graph for every later call. `fn` must only update
+    preallocated tensors in place; the generator, if any, is registered so sampling stays seeded."""
+
+    def __init__(self, fn, generator: torch.Generator | None):
+        self.fn, self.generator, self.calls, self.graph = fn, generator, 0, None
+        self.side = torch.cuda.Stream()
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.calls < GRAPH_WARMUP_STEPS:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.fn()
+            torch.cuda.current_stream().wait_stream(self.side)
+            self.calls += 1
+            return
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        with torch.cuda.graph(graph):
+            self.fn()  # recorded, not run
+        self.graph = graph
+        graph.replay()
+
+
+class _Session:
+    """The decoder, the decoding state and the (graphed) decode step of one shape of generation. The last one
+    is kept per model, so a later call with the same shapes and settings reuses its buffers and its captured
+    CUDA graph instead of allocating and capturing again; `lock` keeps concurrent calls from sharing it."""
+
+    def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, processors: dict,
+                 cuda_graph: bool):
+        self.key, self.lock = key, threading.Lock()
+        self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
+        self.state = _Decoding(input_ids.shape[0], max_new_tokens, model.config.vocab_size, eos, pad, do_sample,
+                               processors, input_ids.device)
+
+        decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
+
+        def step() -> None:
+            state.advance(decoder.step(state.tokens))
+
+        self.step = _CudaGraphStep(step, self.state.generator) if cuda_graph else step
+
+
+# model -> its last _Session (weak keys: a cached session never keeps a model alive)
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _acquire_session(model, key: tuple, build) -> _Session:
+    session = _SESSIONS.get(model)
+    if session is None or session.key != key or not session.lock.acquire(blocking=False):
+        session = build()
+        session.lock.acquire()
+        _SESSIONS[model] = session
+    return session
+
+
+def _token_list(ids, name: str, vocab: int) -> list[int]:
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    for i in ids:
+        if not isinstance(i, int) or not 0 <= i < vocab:
+            raise GenerationError(f"{name} {i!r} is not a token id in [0, {vocab})")
+    return ids
+
+
+def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    config = model.config
+    if not hasattr(model, "lm_head"):
+        raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
+    if input_ids.numel() == 0:
+        raise GenerationError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise GenerationError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
+                              f"exceeds the model's context of {config.max_position_embeddings} positions")
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device, torch.long)
+    if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
+        raise GenerationError(f"input_ids hold ids outside the vocabulary [0, {config.vocab_size})")
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                              f"{tuple(input_ids.shape)}")
+    mask = attention_mask.to(device, torch.long)
+    if ((mask != 0) & (mask != 1)).any():
+        raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
+    empty = (mask.sum(-1) == 0).nonzero()
+    if len(empty):
+        raise GenerationError(f"row {empty[0].item()} of attention_mask attends to no token")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise GenerationError("attention_mask must be left-padded (padding before the tokens) for generation")
+    return input_ids, mask
+
+
+def _check_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
+                    repetition_penalty: float, num_return_sequences: int) -> None:
+    if temperature < 0 or (do_sample and temperature == 0):
+        raise GenerationError(f"temperature must be positive when sampling (>= 0 otherwise), got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
+    if not repetition_penalty > 0:
+        raise GenerationError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
+    if num_return_sequences > 1 and not do_sample:
+        raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+
+
+class _HostWatch:
+    """Per-step host work that needs the new tokens: feeding a streamer and looking for stop strings (in the
+    text of each row's last tokens, decoded by `tokenizer.decode`)."""
+
+    def __init__(self, state: _Decoding, streamer, stop_strings: list[str], tokenizer):
+        self.state, self.streamer, self.stop_strings, self.tokenizer = state, streamer, stop_strings, tokenizer
+        # enough tokens to cover the longest stop string even at one byte-fallback token per UTF-8 byte
+        self.window = 4 * max((len(s) for s in stop_strings), default=0) + 4
+
+    def __call__(self, produced: int) -> None:
+        if self.streamer is not None:
+            self.streamer.put([int(self.state.out[0, produced - 1])])
+        if not self.stop_strings:
+            return
+        for row, done in enumerate(self.state.finished.tolist()):
+            if done:
+                continue
+            text = self.tokenizer.decode(self.state.out[row, max(0, produced - self.window):produced].tolist())
+            if any(s in text for s in self.stop_strings):
+                self.state.finish_row(row, produced)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None, num_return_sequences: int = 1, seed: int | None = None,
+             stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
+             cuda_graph: bool = True) -> torch.Tensor:
+    """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
+    `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
+    `generate()`: the prompts followed by the new tokens, rows that finished early padded with
+    `pad_token_id`, and no columns after the step where every row had finished.
+
+    Greedy unless `do_sample`; the processors and their order are transformers' (see the module docstring).
+    `eos_token_id` (an id or a list; default the model config's, `[]` for none) and `stop_strings` (matched
+    in the new tokens' text, which needs `tokenizer`) finish a row. `pad_token_id` defaults to the config's,
+    then to the first EOS id. `seed` makes sampling reproducible (without it, the seed is drawn from torch's
+    global RNG). `streamer` (e.g. `TextStreamer`, one row only) receives each new token as it is produced.
+    On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache, buffers and graph
+    of the last call stay with the model (until it is freed or called with other shapes or settings), so a
+    repeated call of the same shape allocates and captures nothing."""
+    config = model.config
+    _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
+    input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens)
+    eos = _token_list(config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id", config.vocab_size)
+    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
+    pad = pad if pad is not None else (eos[0] if eos else None)
+    _token_list(pad, "pad_token_id", config.vocab_size)
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    if stop_strings and tokenizer is None:
+        raise GenerationError("stop_strings need a tokenizer to decode the generated tokens")
+    if stop_strings and pad is None:
+        raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
+    if num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(num_return_sequences, dim=0)
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
+
+    device = input_ids.device
+    if do_sample and seed is None:
+        seed = int(torch.randint(2**62, ()))
+    processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty)
+    graphed = cuda_graph and device.type == "cuda"
+    # everything a session bakes in: shapes, settings, and the weights' addresses (a graph reads them there)
+    key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos), pad,
+           graphed, tuple(p.data_ptr() for p in model.parameters()))
+    session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
+                                                            do_sample, processors, graphed))
+    try:
+        return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stop_strings, tokenizer,
+                    can_finish=bool(eos or stop_strings))
+    finally:
+        session.lock.release()
+
+
+def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
+         streamer, stop_strings: list[str], tokenizer, can_finish: bool) -> torch.Tensor:
+    """Prefill, then decode until every row has finished or `max_new_tokens` are out."""
+    decoder, state = session.decoder, session.state
+    decoder.reset(mask)
+    state.reset(input_ids, mask, seed)
+    state.advance(decoder.prefill(input_ids))
+    watch = _HostWatch(state, streamer, stop_strings, tokenizer) if streamer is not None or stop_strings else None
+    check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
+    produced = 1
+    while True:
+        if watch is not None:
+            watch(produced)
+        if produced == max_new_tokens:
+            break
+        if can_finish and produced % check_every == 0 and bool(state.finished.all()):
+            break
+        session.step()
+        produced += 1
+    if streamer is not None:
+        streamer.end()
+    length = min(produced, int(state.done_at.max())) if can_finish else produced
+    return torch.cat([input_ids, state.out[:, :length]], dim=1)
+
+
+class TextStreamer:
+    """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
+
+    The new tokens are decoded as a whole each time, and only the text after what was already emitted is
+    handed out, once it decodes stably: text ending in U+FFFD (a multi-byte character whose remaining
+    byte-fallback tokens have not arrived yet) waits for the next token. Pieces go to `on_text` when given
+    (e.g. `print(piece, end="", flush=True)`) and can also be read by iterating the streamer, typically
+    from another thread while `generate` runs; the iteration ends when that generation does. The streamer
+    can be reused for the next `generate` call."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, on_text=None, timeout: float | None = None):
+        import queue
+
+        self.tokenizer, self.skip_special_tokens, self.on_text, self.timeout = (
+            tokenizer, skip_special_tokens, on_text, timeout)
+        self.pieces: queue.Queue = queue.Queue()
+        self.tokens: list[int] = []
+        self.emitted = 0
+
+    def put(self, token_ids: list[int]) -> None:
+        """Take new token ids; emit whatever text they complete."""
+        self.tokens.extend(token_ids)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def end(self) -> None:
+        """Emit what is left (even an incomplete character) and close this generation's iteration."""
+        self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens))
+        self.pieces.put(None)
+        self.tokens, self.emitted = [], 0
+
+    def _emit(self, text: str) -> None:
+        piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
+        if piece:
+            if self.on_text is not None:
+                self.on_text(piece)
+            self.pieces.put(piece)
+
+    def __iter__(self):
+        while (piece := self.pieces.get(timeout=self.timeout)) is not None:
+            yield piece

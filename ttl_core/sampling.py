@@ -1,0 +1,68 @@
+"""Logits processors with transformers' semantics and order, and a sampler that needs no host sync.
+
+`generate()` applies, like transformers' `generate()`: the repetition penalty (prompt tokens included, left
+padding excluded), then, only when sampling, temperature, top-k, top-p and min-p. Each function takes fp32
+scores (batch, vocab) and returns new ones, with -inf on filtered tokens; tests check each against the
+matching transformers `LogitsProcessor` on random logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the scores of tokens marked in `seen` (batch, vocab) are divided by
+    `penalty` when positive and multiplied by it when negative."""
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` highest scores of each row (ties with the k-th included); -inf elsewhere."""
+    kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: drop the least likely tokens whose probabilities add up to at most 1 - top_p,
+    always keeping the most likely one (accumulated from the least likely up, as transformers does, so the
+    float rounding at the boundary is the same)."""
+    ascending, order = torch.sort(scores, dim=-1)
+    tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = tail_mass <= 1 - top_p
+    drop[..., -1] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def apply_min_p(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the row's highest probability."""
+    probs = scores.softmax(dim=-1)
+    return scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: bool, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                   repetition_penalty: float = 1.0) -> torch.Tensor:
+    """The processors transformers' `generate()` would apply, in its order; `scores` should be fp32."""
+    if repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, seen, repetition_penalty)
+    if not do_sample:
+        return scores
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        scores = apply_top_k(scores, top_k)
+    if top_p < 1.0:
+        scores = apply_top_p(scores, top_p)
+    if min_p:
+        scores = apply_min_p(scores, min_p)
+    return scores
+
+
+def sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row drawn from softmax(scores), without a host sync: the argmax of p / E with E drawn
+    from Exp(1) picks token i with probability p_i (the exponential race), and unlike `torch.multinomial`
+    it needs no device-to-host check, so it can live in a CUDA graph."""
+    probs = scores.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
