@@ -198,7 +198,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one", *sets(["train.micro_batch_size=4"]))
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "0",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(ROOT / "scripts" / "pretrain.py"), "--data", str(data_dir), "--out", str(tmp_path / "two"),
                           *sets(["train.micro_batch_size=2", f"train.distributed=\"{mode}\""])],
                          env=env, capture_output=True, text=True, timeout=600)

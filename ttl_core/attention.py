@@ -30,6 +30,20 @@ def causal_mask(
     return mask & key_padding.bool()[:, None, None, :]
 
 
+def document_causal_mask(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, mask) for packed rows: `doc_starts` (batch, seq) is True where a document begins.
+    Positions restart at 0 in each document and the boolean (batch, 1, seq, seq) mask lets a token attend
+    only to earlier tokens of its own document, so every document is computed as if it were alone."""
+    seq = doc_starts.shape[1]
+    index = torch.arange(seq, device=doc_starts.device).expand_as(doc_starts)
+    starts = doc_starts.clone()
+    starts[:, 0] = True
+    doc_start_index = torch.where(starts, index, 0).cummax(dim=1).values
+    doc_id = starts.long().cumsum(dim=1)
+    same_doc = doc_id[:, :, None] == doc_id[:, None, :]
+    return index - doc_start_index, (same_doc & causal_mask(seq, seq, doc_starts.device)[0])[:, None]
+
+
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
 ) -> torch.Tensor:
