@@ -3,11 +3,12 @@
 from .config import PRESETS, LlamaConfig
 from .errors import TTLError
 from .hf import load_pretrained, save_native, save_pretrained
+from .tokenizer import Tokenizer, train_tokenizer
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", "TTLError", "build_model",
-    "load_pretrained", "save_native", "save_pretrained",
+    "Tokenizer", "load_pretrained", "save_native", "save_pretrained", "train_tokenizer",
 ]
