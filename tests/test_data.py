@@ -9,7 +9,7 @@ import pytest
 from helpers import run_script
 
 import ttl_core.data as data
-from ttl_core.data import SAMPLE_CORPUS, prepare_data, read_documents
+from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
 from ttl_core.errors import DataError, TTLError
 from ttl_core.tokenizer import Tokenizer
 
@@ -51,6 +51,9 @@ def test_sample_corpus(tmp_path):
     meta = prepare_data(SAMPLE_CORPUS, tmp_path / "d", vocab_size=4096, workers=2)
     check_data_dir(tmp_path / "d", docs)
     assert meta["vocab_size"] == 4096 and (tmp_path / "d" / "tokenizer_config.json").is_file()
+    loader = PackedLoader(tmp_path / "d", "train", seq_len=128, batch_size=8)
+    batch = next(loader)
+    assert batch["input_ids"].max() < 4096 and batch["doc_starts"][:, 1:].any()
 
 
 def write_inputs(tmp_path, seed=0):

@@ -246,3 +246,83 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
 
     atomic_write(out, write)
     return count
+
+
+# -- loader ----------------------------------------------------------------------------------------------------------
+class PackedLoader:
+    """Batches of fixed-length blocks from `DIR/{split}.bin`, deterministic, resumable and split across ranks.
+
+    The token stream is cut into blocks of `seq_len + 1` tokens at stride `seq_len` (inputs = block[:-1],
+    labels = block[1:], so no token is lost between blocks). Epoch e visits the blocks in a permutation seeded
+    by (seed, e); global batch g is permutation[g*B*W : (g+1)*B*W] and rank r takes the r-th slice of B, so the
+    W ranks' batches concatenated equal the batch of one process with batch size B*W, and no two ranks ever
+    share a block. The last incomplete global batch of an epoch is dropped. With `shuffle=True` iteration never
+    ends (epoch after epoch); with `shuffle=False` it is one pass in file order (evaluation), restarted by
+    `iter()`. Each batch is a dict of `input_ids`, `labels` (int64, (B, S)) and `doc_starts` (bool, (B, S): True
+    at position 0 and at each token that follows an `</s>`, i.e. each document's `<s>`)."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        data_dir = Path(data_dir)
+        meta_path, path = data_dir / "meta.json", data_dir / f"{split}.bin"
+        if not meta_path.is_file() or not path.is_file():
+            raise DataError(f"{data_dir}: no meta.json or {split}.bin (run scripts/prepare_data.py first)")
+        if seq_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"PackedLoader: bad seq_len={seq_len}, batch_size={batch_size}, rank={rank}, "
+                            f"world_size={world_size}")
+        meta = json.loads(meta_path.read_text())
+        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if path.stat().st_size else np.zeros(0, "u2")
+        self.eos_id = meta["eos_id"]
+        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
+        self.rank, self.world_size, self.split = rank, world_size, split
+        self.n_blocks = max(len(self.tokens) - 1, 0) // seq_len
+        global_batch = batch_size * world_size
+        self.batches_per_epoch = self.n_blocks // global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch needs "
+                            f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data, "
+                            f"a smaller batch or a shorter sequence")
+        self.epoch, self.batch = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_blocks)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+
+    def __iter__(self) -> "PackedLoader":
+        if not self.shuffle:
+            self.epoch, self.batch = 0, 0
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.batch == self.batches_per_epoch:
+            if not self.shuffle:
+                raise StopIteration
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        first = (self.batch * self.world_size + self.rank) * self.batch_size
+        blocks = self._order[first:first + self.batch_size]
+        self.batch += 1
+        S = self.seq_len
+        x = torch.from_numpy(np.stack([self.tokens[b * S:b * S + S + 1] for b in blocks]).astype(np.int64))
+        doc_starts = torch.zeros(len(blocks), S, dtype=torch.bool)
+        doc_starts[:, 0] = True
+        doc_starts[:, 1:] = x[:, :S - 1] == self.eos_id
+        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(), "doc_starts": doc_starts}
+
+    def state_dict(self) -> dict:
+        """The position (JSON-serializable): the next batch is epoch `epoch`, batch `batch`. Independent of rank
+        and world size, so a run may resume on a different number of ranks with the same global batch."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch": self.batch_size * self.world_size, "n_blocks": self.n_blocks, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that followed when it was saved."""
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "global_batch", "n_blocks", "split"):
+            if state.get(key) != mine[key]:
+                raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
+                                f"here {mine[key]!r}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._order = self._permutation(self.epoch)
