@@ -5,10 +5,11 @@ from .errors import TTLError
 from .generate import TextStreamer, generate
 from .hf import load_pretrained, save_native, save_pretrained
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+from .tokenizer import Tokenizer, train_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", "TTLError", "TextStreamer",
-    "build_model", "generate", "load_pretrained", "save_native", "save_pretrained",
+    "Tokenizer", "build_model", "generate", "load_pretrained", "save_native", "save_pretrained", "train_tokenizer",
 ]

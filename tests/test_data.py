@@ -1,0 +1,133 @@
+"""prepare_data: token files that decode back to the input documents, counts that match, resumption after an
+interruption, clear errors naming file and line."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from helpers import run_script
+
+import ttl_core.data as data
+from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
+from ttl_core.errors import DataError, TTLError
+from ttl_core.tokenizer import Tokenizer
+
+WORDS = "o rio a serra café manhã ponte escola árvore chuva João às 12h30 — ótimo! ação".split()
+
+
+def split_documents(ids: np.ndarray, bos: int, eos: int) -> list[list[int]]:
+    """The documents of a token file: each must be `<s>` ... `</s>`."""
+    docs, ends = [], np.flatnonzero(ids == eos)
+    assert len(ids) == 0 or ends[-1] == len(ids) - 1
+    start = 0
+    for end in ends:
+        doc = ids[start:end + 1].tolist()
+        assert doc[0] == bos and bos not in doc[1:]
+        docs.append(doc[1:-1])
+        start = end + 1
+    return docs
+
+
+def check_data_dir(out, expected_docs: list[str]):
+    meta = json.loads((out / "meta.json").read_text())
+    tok = Tokenizer(out / "tokenizer.model")
+    train = np.fromfile(out / "train.bin", dtype=meta["dtype"])
+    val = np.fromfile(out / "val.bin", dtype=meta["dtype"])
+    assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
+    assert meta["vocab_size"] == tok.vocab_size and meta["dtype"] == "uint16"
+    train_docs, val_docs = (split_documents(x, tok.bos_id, tok.eos_id) for x in (train, val))
+    assert (meta["train_documents"], meta["val_documents"]) == (len(train_docs), len(val_docs))
+    assert meta["documents"] == len(expected_docs) == len(train_docs) + len(val_docs)
+    assert len(val_docs) >= 1
+    assert sorted(tok.decode(d) for d in train_docs + val_docs) == sorted(expected_docs)
+    return meta
+
+
+def test_sample_corpus(tmp_path):
+    docs = [d for p in SAMPLE_CORPUS for d in read_documents(p)]
+    assert len(SAMPLE_CORPUS) >= 5 and len(docs) >= 50
+    assert 35_000 < sum(p.stat().st_size for p in SAMPLE_CORPUS) < 70_000
+    meta = prepare_data(SAMPLE_CORPUS, tmp_path / "d", vocab_size=4096, workers=2)
+    check_data_dir(tmp_path / "d", docs)
+    assert meta["vocab_size"] == 4096 and (tmp_path / "d" / "tokenizer_config.json").is_file()
+    loader = PackedLoader(tmp_path / "d", "train", seq_len=128, batch_size=8)
+    batch = next(loader)
+    assert batch["input_ids"].max() < 4096 and batch["doc_starts"][:, 1:].any()
+
+
+def write_inputs(tmp_path, seed=0):
+    rng = random.Random(seed)
+    doc = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))  # noqa: E731
+    docs = []
+    for k in range(3):
+        block = [doc() + ("\n" + doc() if rng.random() < 0.3 else "") for _ in range(rng.randint(15, 25))]
+        (tmp_path / f"part{k}.txt").write_text("\n\n\n".join(block) + "\n")
+        docs += block
+    lines = [doc() for _ in range(20)]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(lines)))
+    docs += lines
+    return sorted(tmp_path.glob("part*.txt")) + [tmp_path / "more.jsonl"], docs
+
+
+def read_outputs(out):
+    return {name: (out / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json", "tokenizer.model")}
+
+
+def test_multi_file_input_parallel_and_resumed_runs_are_identical(tmp_path, monkeypatch):
+    inputs, docs = write_inputs(tmp_path)
+    meta = prepare_data(inputs, tmp_path / "one", vocab_size=300, workers=1, shard_docs=7)
+    check_data_dir(tmp_path / "one", docs)
+    prepare_data(inputs, tmp_path / "two", tokenizer=tmp_path / "one" / "tokenizer.model", workers=2, shard_docs=7)
+    assert read_outputs(tmp_path / "two")["train.bin"] == read_outputs(tmp_path / "one")["train.bin"]
+
+    # Interrupt a run after three shards, then resume: only the missing shards are tokenized again.
+    calls = []
+    real = data._tokenize_shard
+
+    def failing(job):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(data, "_tokenize_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(inputs, tmp_path / "resumed", vocab_size=300, workers=1, shard_docs=7)
+    assert len(list((tmp_path / "resumed" / ".prepare").glob("*.npz"))) == 3
+    assert not (tmp_path / "resumed" / "meta.json").exists()
+    monkeypatch.setattr(data, "_tokenize_shard", lambda job: (calls.append(job[0]), real(job))[1])
+    assert prepare_data(inputs, tmp_path / "resumed", vocab_size=300, workers=1, shard_docs=7) == meta
+    n_shards = sum((c + 6) // 7 for c in meta["plan"]["documents"])
+    assert sorted(calls) == list(range(n_shards))  # each shard tokenized exactly once across both runs
+    assert read_outputs(tmp_path / "resumed") == read_outputs(tmp_path / "one")
+    assert not (tmp_path / "resumed" / ".prepare").exists()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("empty.txt", b"\n\n  \n", r"empty.txt: empty input \(no documents\)"),
+    ("latin1.txt", "primeira linha\nsegunda é ruim\n".encode("latin-1"), r"latin1.txt:2: not UTF-8"),
+    ("notext.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"notext.jsonl:2: no string 'text' field"),
+    ("broken.jsonl", b'{"text": "ok"}\n\n{"text": "x"\n', r"broken.jsonl:3: malformed JSON"),
+    ("table.csv", b"a,b\n", r"table.csv: unsupported input type '.csv'"),
+])
+def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        prepare_data([tmp_path / name], tmp_path / "out", vocab_size=300)
+    if name == "latin1.txt":  # the script turns it into one line
+        run = run_script("prepare_data", "--input", tmp_path / name, "--out", tmp_path / "out2", timeout=120)
+        assert run.returncode == 2 and run.stderr.strip().splitlines() == [f"error: {tmp_path / name}:2: not UTF-8 "
+                                                                           "text (bad byte at offset 8 of the line)"]
+
+
+def test_vocab_too_large_for_the_input_says_what_fits(tmp_path):
+    (tmp_path / "small.txt").write_text("uma frase curta.\n\noutra frase curta.\n")
+    with pytest.raises(TTLError, match=r"cannot train a 4096-token vocabulary.*largest this text allows is \d+"):
+        prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=4096)
+
+
+def test_script_on_sample(tmp_path):
+    run = run_script("prepare_data", "--sample", "--out", tmp_path / "s", "--vocab-size", "2048", timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "documents" in run.stdout and json.loads((tmp_path / "s" / "meta.json").read_text())["vocab_size"] == 2048

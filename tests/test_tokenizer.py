@@ -1,0 +1,160 @@
+"""Tokenizer: training, Unicode round trips, ids identical to transformers' AutoTokenizer on exported files and on a
+TeenyTinyLlama-style `tokenizer.json`, chat templates."""
+
+import json
+import random
+
+import pytest
+
+from ttl_core.errors import TokenizerError
+from ttl_core.tokenizer import (AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer,
+                                tokenizer_json_to_sentencepiece)
+
+WORDS = ("a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu muito "
+         "na cidade até amanhã café pão ação coração professora médico rio floresta").split()
+# Capitals, emoji, CJK, tabs, repeated spaces, newlines, control characters, leading/trailing spaces.
+HARD = ["Olá, mundo! Tudo bem?", "ÁRVORE Grande ÇÃO Ñ", "😀 emoji 👍🏽 família 👨‍👩‍👧", "中文字 日本語 한국어",
+        "tab\tseparado\t\tduplo", "espaços   repetidos    aqui", "linha\nnova\n\nparágrafo\r\n", "\x00\x07\x1b controle",
+        "123456 7.5 2024", "fim ", "", " começa com espaço", "  dois", "\u200bzero\u00a0nbsp", "x" * 50]
+
+
+def corpus(n=300, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + rng.choice([".", "!\n", "?\nsim"])
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(corpus(), None, vocab_size=320)
+
+
+def test_trained_tokenizer_layout(tok, tmp_path):
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 2, 3, 320)
+    assert [tok.id_to_token(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert tok.token_to_id("<0x41>") is not None and tok.token_to_id("no-such-piece") is None
+    ids = tok.encode("a casa")
+    assert ids[0] == tok.bos_id and tok.encode("a casa", add_bos=False, add_eos=True) == ids[1:] + [tok.eos_id]
+    digits = train_tokenizer(corpus() + ["ano 2024 e 1999, 2024 de novo 2024 2024"] * 50, None, vocab_size=320)
+    pieces = [digits.id_to_token(i) for i in range(320)]
+    assert not any(sum(c.isdigit() for c in p) > 1 for p in pieces if not p.startswith("<0x"))  # digits split
+    assert digits.token_to_id("2") is not None  # digits are learned, but only one at a time
+    train_tokenizer(corpus(), tmp_path / "m", vocab_size=300)
+    assert Tokenizer(tmp_path / "m.model").encode("a casa") == train_tokenizer(corpus(), None, 300).encode("a casa")
+
+
+def test_unicode_round_trip_never_unknown(tok):
+    rng = random.Random(1)
+    texts = [t for t in HARD if not t.startswith(" ")]
+    texts += ["".join(chr(rng.randint(1, 0x2FFFF)) for _ in range(30)).replace("\ud800", "") for _ in range(20)]
+    texts = [t.encode("utf-8", "ignore").decode("utf-8") for t in texts]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids
+        assert tok.decode(ids) == text
+    assert tok.decode_batch(tok.encode_batch(texts)) == texts
+    assert tok.decode(tok.encode("oi", add_eos=True), skip_special_tokens=False) == "<s> oi</s>"  # as transformers
+
+
+def assert_same_ids(ours, theirs, texts):
+    for text in texts:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+        assert ours.encode(text, add_bos=False) == theirs(text, add_special_tokens=False)["input_ids"], text
+        ids = ours.encode(text)
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
+        ids = ids + [ours.eos_id, ours.pad_id]
+        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False), text
+
+
+def test_save_pretrained_matches_autotokenizer(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "a")
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"tokenizer.model", "tokenizer_config.json",
+                                                           "special_tokens_map.json"}
+    assert_same_ids(tok, AutoTokenizer.from_pretrained(tmp_path / "a"), HARD + corpus(30, seed=5))
+    again = Tokenizer.from_pretrained(tmp_path / "a")
+    ids = again.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    assert ids == list(range(320, 324)) and again.add_special_tokens(AIRA_SPECIAL_TOKENS[:1]) == [320]
+    chat = chat_prompt("aira", "Qual é a capital?") + chat_response("aira", "Brasília.")
+    assert again.encode(chat)[:2] == [1, 320] and again.encode(chat)[-1] == 322
+    again.save_pretrained(tmp_path / "b")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert_same_ids(again, hf, HARD + [chat, "x<|pad|> y <|endofinstruction|>\nz", "<|endofcompletion|>"])
+    assert Tokenizer.from_pretrained(tmp_path / "b").vocab_size == 324
+
+
+def make_ttl_style_dir(path, texts):
+    """A tokenizer directory without tokenizer.model, built with `tokenizers` as TeenyTinyLlama's was: BPE with
+    byte fallback and the `<0xNN>` byte pieces in the vocabulary, Llama-2 normalizer (prepend "▁", spaces to "▁"),
+    BOS post-processor, and a LlamaTokenizer config with `legacy: false`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    t = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)  # training only
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=420, special_tokens=specials + bytes_,
+                                                     show_progress=False))
+    t.pre_tokenizer = None
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    spec = json.loads(t.to_str())
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] in specials]  # bytes are plain vocab
+    path.mkdir()
+    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    return spec
+
+
+def test_tokenizer_json_only_dir_matches_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = [t.lower() for t in corpus(300, seed=2)]  # no capitals in training
+    spec = make_ttl_style_dir(tmp_path / "ttl", texts)
+    assert len(spec["model"]["merges"]) > 100
+    ours = Tokenizer.from_pretrained(tmp_path / "ttl")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "ttl")
+    assert ours.vocab_size == len(hf)
+    assert_same_ids(ours, hf, HARD + corpus(40, seed=3) + ["A CASA DE PEDRO. Ontem, à Noite!"])
+    ours.save_pretrained(tmp_path / "out")  # and the converted model exports faithfully
+    assert_same_ids(ours, AutoTokenizer.from_pretrained(tmp_path / "out"), HARD)
+
+
+def test_unsupported_tokenizer_json_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(TokenizerError, match="unsupported tokenizer type 'WordPiece'"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(TokenizerError, match="no tokenizer.model or tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path / "missing")
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="not a sentencepiece model"):
+        Tokenizer(tmp_path / "bad.model")
+    with pytest.raises(TokenizerError, match="not valid JSON"):
+        (tmp_path / "x.json").write_text("{")
+        tokenizer_json_to_sentencepiece(tmp_path / "x.json")
+
+
+def test_vocab_too_large_names_the_size_that_fits():
+    with pytest.raises(TokenizerError, match=r"cannot train a 5000-token vocabulary.*largest this text allows is \d+"):
+        train_tokenizer(corpus(20), None, vocab_size=5000)
+
+
+def test_chat_templates():
+    assert chat_prompt("aira", "Oi?") == "<|startofinstruction|>Oi?<|endofinstruction|>"
+    assert chat_response("aira", "Olá.") == "Olá.<|endofcompletion|>"
+    assert chat_prompt("alpaca", "Traduza.") == (
+        "Abaixo está uma instrução que descreve uma tarefa. Escreva uma resposta que conclua adequadamente a "
+        "solicitação.\n\n### Instruções:\nTraduza.\n\n### Resposta:\n")
+    assert chat_prompt("alpaca", "Traduza.", "cat") == (
+        "Abaixo está uma instrução que descreve uma tarefa, emparelhada com uma entrada que fornece mais contexto. "
+        "Escreva uma resposta que conclua adequadamente a solicitação.\n\n### Instruções:\nTraduza.\n\n"
+        "### Entrada:\ncat\n\n### Resposta:\n")
+    assert chat_response("alpaca", "gato") == "gato"
+    with pytest.raises(TokenizerError, match="unknown chat format 'chatml'"):
+        chat_prompt("chatml", "x")

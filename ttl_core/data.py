@@ -1,0 +1,328 @@
+"""Training data: text files -> token files (`prepare_data`), and a packed, sharded, resumable loader.
+
+A data directory holds `train.bin` / `val.bin` (each document stored as `<s>` tokens `</s>`, uint16, or uint32
+when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transformers' files) and `meta.json`.
+`prepare_data` tokenizes in shards with all cores; each finished shard is saved under `DIR/.prepare/`, so an
+interrupted run resumes where it stopped and writes exactly what an uninterrupted run would. `PackedLoader`
+memory-maps a split, cuts it into blocks of `seq_len + 1` tokens at stride `seq_len`, and serves a seeded
+permutation of them split across ranks, with a position that can be saved and restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import DataError
+from .fileio import atomic_write, write_json
+from .tokenizer import Tokenizer, train_tokenizer
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+# -- reading documents -----------------------------------------------------------------------------------------------
+def read_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Yield the documents of one input file: blank-line-separated blocks of a `.txt`, the `text` field of each
+    `.jsonl` line, the `text` column of a `.parquet` (needs pyarrow). Bad input raises DataError naming the file
+    and line; a file without any document is an error too."""
+    path = Path(path)
+    if path.suffix not in INPUT_SUFFIXES:
+        raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix]
+    found = False
+    for doc in reader(path):
+        found = True
+        yield doc
+    if not found:
+        raise DataError(f"{path}: empty input (no documents)")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text (bad byte at offset {e.start} of the line)") from None
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    block: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip("\r\n")
+            block = []
+    if block:
+        yield "".join(block).rstrip("\r\n")
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number}: no string 'text' field")
+        if record["text"]:
+            yield record["text"]
+
+
+def _read_parquet(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    table = pq.ParquetFile(path)
+    if "text" not in table.schema_arrow.names:
+        raise DataError(f"{path}: no 'text' column")
+    for batch in table.iter_batches(columns=["text"]):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+# -- prepare_data ----------------------------------------------------------------------------------------------------
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(model: bytes) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model)
+
+
+def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.ndarray, np.ndarray, int]:
+    """Tokenize one shard: (shard id, first global document index, texts, val fraction) -> token arrays."""
+    shard, first, texts, val_fraction = job
+    train, val = [], []
+    for k, text in enumerate(texts, first):
+        ids = _worker_tokenizer.encode(text, add_bos=True, add_eos=True)
+        (val if _is_val(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.uint32)  # noqa: E731
+    return shard, join(train), join(val), len(texts)
+
+
+def _is_val(k: int, fraction: float) -> bool:
+    """Spread validation documents evenly through the input: document k is held out when the running count
+    floor((k+1) * fraction) steps up, so every input file contributes."""
+    return int((k + 1) * fraction) > int(k * fraction)
+
+
+def _fingerprint(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append({"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 4096,
+                 tokenizer: str | os.PathLike | Tokenizer | None = None, val_fraction: float = 0.1,
+                 workers: int | None = None, shard_docs: int = 1024) -> dict:
+    """Tokenize text files into a data directory (see the module docstring) and return its meta.json contents.
+
+    Trains a `vocab_size` tokenizer on the inputs unless `tokenizer` (a `.model` file, an HF tokenizer directory
+    or a `Tokenizer`) is given. Every document becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread
+    evenly, go to `val.bin`. `workers` processes (default: all cores) tokenize shards of `shard_docs`
+    documents; rerunning after an interruption reuses the finished shards and gives identical files."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise DataError("prepare_data: no input files")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    work = out_dir / ".prepare"
+    counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
+    if isinstance(tokenizer, Tokenizer):
+        source = tokenizer
+    elif tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        source = Tokenizer.from_pretrained(tokenizer) if tokenizer.is_dir() else Tokenizer(tokenizer)
+    else:
+        source = None
+    plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
+            "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
+                                                    if source else f"train:{vocab_size}")}
+    meta_path = out_dir / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("plan") == plan:
+        return json.loads(meta_path.read_text())  # already prepared from these exact inputs
+    if (work / "plan.json").is_file() and json.loads((work / "plan.json").read_text()) != plan:
+        shutil.rmtree(work)  # leftovers of a different run
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / "plan.json", plan)
+
+    model_path = work / "tokenizer.model"
+    if model_path.is_file():
+        tok = Tokenizer(model_path)
+    else:
+        tok = source or train_tokenizer((d for p in paths for d in read_documents(p)), None, vocab_size)
+        tok.save(model_path)
+    total = sum(counts)
+    sizes = [min(shard_docs, c - i) for c in counts for i in range(0, c, shard_docs)]  # documents per shard
+    done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
+
+    def jobs() -> Iterator[tuple[int, int, list[str], float]]:
+        shard, first = 0, 0
+        for path in paths:
+            docs = read_documents(path)
+            batch = []
+            for doc in docs:
+                batch.append(doc)
+                if len(batch) == sizes[shard]:
+                    if shard not in done:
+                        yield shard, first, batch, val_fraction
+                    shard, first, batch = shard + 1, first + len(batch), []
+
+    bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None)
+    bar.update(sum(sizes[i] for i in done))
+    workers = workers or os.cpu_count() or 1
+    model = tok.proto.SerializeToString()
+    if workers == 1:
+        _init_worker(model)
+        results = map(_tokenize_shard, jobs())
+        pool = None
+    else:
+        # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (model,))
+        results = pool.imap_unordered(_tokenize_shard, jobs())
+    try:
+        for shard, train, val, n in results:
+            atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
+            bar.update(n)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    shards = sorted(work.glob("*.npz"))
+    assert len(shards) == len(sizes), "every shard is tokenized before assembly"
+    tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
+    tok.save_pretrained(out_dir)
+    val_docs = sum(_is_val(k, val_fraction) for k in range(total))
+    meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
+            "val_tokens": tokens["val"], "documents": total, "train_documents": total - val_docs,
+            "val_documents": val_docs, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "unk_id": tok.unk_id, "tokenizer": "tokenizer.model", "plan": plan}
+    write_json(meta_path, meta)
+    shutil.rmtree(work)
+    return meta
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
+    """Write the shards' `split` tokens one after the other into `out`; return the token count."""
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "wb") as f:
+            for shard in shards:
+                with np.load(shard, allow_pickle=False) as z:
+                    ids = z[split]
+                count += len(ids)
+                f.write(ids.astype(dtype).tobytes())
+
+    atomic_write(out, write)
+    return count
+
+
+# -- loader ----------------------------------------------------------------------------------------------------------
+class PackedLoader:
+    """Batches of fixed-length blocks from `DIR/{split}.bin`, deterministic, resumable and split across ranks.
+
+    The token stream is cut into blocks of `seq_len + 1` tokens at stride `seq_len` (inputs = block[:-1],
+    labels = block[1:], so no token is lost between blocks). Epoch e visits the blocks in a permutation seeded
+    by (seed, e); global batch g is permutation[g*B*W : (g+1)*B*W] and rank r takes the r-th slice of B, so the
+    W ranks' batches concatenated equal the batch of one process with batch size B*W, and no two ranks ever
+    share a block. The last incomplete global batch of an epoch is dropped. With `shuffle=True` iteration never
+    ends (epoch after epoch); with `shuffle=False` it is one pass in file order (evaluation), restarted by
+    `iter()`. Each batch is a dict of `input_ids`, `labels` (int64, (B, S)) and `doc_starts` (bool, (B, S): True
+    at position 0 and at each token that follows an `</s>`, i.e. each document's `<s>`)."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        data_dir = Path(data_dir)
+        meta_path, path = data_dir / "meta.json", data_dir / f"{split}.bin"
+        if not meta_path.is_file() or not path.is_file():
+            raise DataError(f"{data_dir}: no meta.json or {split}.bin (run scripts/prepare_data.py first)")
+        if seq_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"PackedLoader: bad seq_len={seq_len}, batch_size={batch_size}, rank={rank}, "
+                            f"world_size={world_size}")
+        meta = json.loads(meta_path.read_text())
+        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if path.stat().st_size else np.zeros(0, "u2")
+        self.eos_id = meta["eos_id"]
+        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
+        self.rank, self.world_size, self.split = rank, world_size, split
+        self.n_blocks = max(len(self.tokens) - 1, 0) // seq_len
+        global_batch = batch_size * world_size
+        self.batches_per_epoch = self.n_blocks // global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch needs "
+                            f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data, "
+                            f"a smaller batch or a shorter sequence")
+        self.epoch, self.batch = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_blocks)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+
+    def __iter__(self) -> "PackedLoader":
+        if not self.shuffle:
+            self.epoch, self.batch = 0, 0
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.batch == self.batches_per_epoch:
+            if not self.shuffle:
+                raise StopIteration
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        first = (self.batch * self.world_size + self.rank) * self.batch_size
+        blocks = self._order[first:first + self.batch_size]
+        self.batch += 1
+        S = self.seq_len
+        x = torch.from_numpy(np.stack([self.tokens[b * S:b * S + S + 1] for b in blocks]).astype(np.int64))
+        doc_starts = torch.zeros(len(blocks), S, dtype=torch.bool)
+        doc_starts[:, 0] = True
+        doc_starts[:, 1:] = x[:, :S - 1] == self.eos_id
+        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(), "doc_starts": doc_starts}
+
+    def state_dict(self) -> dict:
+        """The position (JSON-serializable): the next batch is epoch `epoch`, batch `batch`. Independent of rank
+        and world size, so a run may resume on a different number of ranks with the same global batch."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch": self.batch_size * self.world_size, "n_blocks": self.n_blocks, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that followed when it was saved."""
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "global_batch", "n_blocks", "split"):
+            if state.get(key) != mine[key]:
+                raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
+                                f"here {mine[key]!r}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,287 @@
+"""Sentencepiece BPE tokenizer like TeenyTinyLlama's, Hugging Face tokenizer files, and chat templates.
+
+The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normalization, `<unk>` `<s>` `</s>`
+`<pad>` = 0..3). `Tokenizer` follows transformers' Llama tokenizer (`legacy: false`) rather than raw
+sentencepiece where the two differ, so ids equal `AutoTokenizer`'s on any text: the "▁" word prefix is added
+only at the start of the text and only when the text does not already start with a space, and added special
+tokens (e.g. Aira's `<|startofinstruction|>`) split the text before the model sees it. A `tokenizer.json`
+(the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the same sentencepiece model
+format: piece score = minus the rank of the merge that makes the piece, `<0xNN>` pieces typed BYTE.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+from .errors import TokenizerError
+from .fileio import atomic_write, write_json
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
+AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
+CHAT_FORMATS = ("aira", "alpaca")
+_ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
+_ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_Piece = spm_pb2.ModelProto.SentencePiece
+
+
+class Tokenizer:
+    """A sentencepiece BPE model with Llama/TeenyTinyLlama conventions (BOS added by default, no EOS)."""
+
+    def __init__(self, model: str | os.PathLike | bytes):
+        """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
+        if isinstance(model, (str, os.PathLike)):
+            path = Path(model)
+            if not path.is_file():
+                raise TokenizerError(f"{path}: no such sentencepiece model file")
+            model = path.read_bytes()
+        proto = spm_pb2.ModelProto()
+        try:
+            proto.ParseFromString(model)
+        except Exception as e:  # protobuf's DecodeError: the file is not a sentencepiece model
+            raise TokenizerError(f"not a sentencepiece model ({e})") from None
+        if not proto.pieces:
+            raise TokenizerError("not a sentencepiece model (no pieces)")
+        self._load(proto)
+
+    def _load(self, proto) -> None:
+        self.proto = proto
+        # The "▁" prefix is our job (see module docstring), so the processor never adds it itself.
+        runtime = spm_pb2.ModelProto()
+        runtime.CopyFrom(proto)
+        runtime.normalizer_spec.add_dummy_prefix = False
+        self.sp = spm.SentencePieceProcessor(model_proto=runtime.SerializeToString())
+        self.added_tokens = [p.piece for p in proto.pieces if p.type == _Piece.USER_DEFINED]
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self.added_tokens, key=len, reverse=True)))
+                                  + ")") if self.added_tokens else None)
+        self._added_ids = {t: self.sp.piece_to_id(t) for t in self.added_tokens}
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """Load an HF tokenizer directory: `tokenizer.model` if present, else a BPE `tokenizer.json`."""
+        directory = Path(directory)
+        if (directory / "tokenizer.model").is_file():
+            return cls(directory / "tokenizer.model")
+        if (directory / "tokenizer.json").is_file():
+            return cls(tokenizer_json_to_sentencepiece(directory / "tokenizer.json"))
+        raise TokenizerError(f"{directory}: no tokenizer.model or tokenizer.json")
+
+    # -- ids and vocabulary ------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a piece (`"▁de"`, `"<s>"`, an added token), or None when it is not in the vocabulary."""
+        i = self.sp.piece_to_id(token)
+        return None if i == self.unk_id and token != self.sp.id_to_piece(i) else i
+
+    def id_to_token(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Append tokens (kept whole, never split) at the end of the vocabulary; return their ids.
+
+        Tokens already in the vocabulary keep their id, so calling twice is harmless."""
+        for token in tokens:
+            if not token or self.token_to_id(token) is None:
+                if not token:
+                    raise TokenizerError("add_special_tokens: empty token")
+                self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
+        self._load(self.proto)
+        return [self.token_to_id(t) for t in tokens]
+
+    # -- encoding ----------------------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`, with `<s>` first (default) and `</s>` last (on request)."""
+        ids = [self.bos_id] if add_bos else []
+        parts = self._split.split(text) if self._split else [text]
+        for k, part in enumerate(parts):
+            if k % 2:  # an added token, matched whole
+                ids.append(self._added_ids[part])
+            elif part:
+                if k == 0 and not part.startswith(" "):
+                    part = " " + part
+                ids.extend(self.sp.encode(part))
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = True, add_eos: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`, as transformers decodes them; special and added tokens are dropped when
+        `skip_special_tokens`, else written as their text."""
+        special = {self.unk_id, self.bos_id, self.eos_id, self.pad_id, *self._added_ids.values()}
+        out, run = [], []
+        for i in map(int, ids):
+            if i in special:  # decoded apart: sentencepiece would drop control pieces and merge the rest
+                out.append(self.sp.decode(run))
+                run = []
+                if not skip_special_tokens:
+                    out.append(self.sp.id_to_piece(i))
+            else:
+                run.append(i)
+        out.append(self.sp.decode(run))
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
+
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+
+    # -- files -------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the sentencepiece model file atomically."""
+        atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory / "tokenizer.model")
+        names = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+        special = {k: self.sp.id_to_piece(getattr(self, k.replace("_token", "_id"))) for k in names}
+        decoder = {str(i): {"content": self.sp.id_to_piece(i), "lstrip": False, "normalized": False,
+                            "rstrip": False, "single_word": False, "special": True}
+                   for i in sorted({self.unk_id, self.bos_id, self.eos_id, self.pad_id, *self._added_ids.values()})}
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+                  "add_eos_token": False, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+                  "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
+                  "added_tokens_decoder": decoder, **special}
+        if self.added_tokens:
+            config["additional_special_tokens"] = list(self.added_tokens)
+        write_json(directory / "tokenizer_config.json", config)
+        write_json(directory / "special_tokens_map.json",
+                   {**special, **({"additional_special_tokens": list(self.added_tokens)} if self.added_tokens else {})})
+
+
+def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None,
+                    vocab_size: int, max_sentence_length: int = 1 << 16, num_threads: int | None = None,
+                    input_sentence_size: int = 2_000_000) -> Tokenizer:
+    """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
+
+    `inputs` is a text file, a list of text files, or an iterable of strings (documents). Settings follow
+    TeenyTinyLlama's: `<unk>` `<s>` `</s>` `<pad>` = 0..3, byte fallback (no text is ever unknown), identity
+    normalization with whitespace kept as is, digits split, whitespace-only pieces allowed. A vocabulary too
+    large for the text raises TokenizerError with the largest size sentencepiece would accept."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs)
+    if all(isinstance(x, Path) or (isinstance(x, str) and os.path.isfile(x)) for x in inputs) and inputs:
+        texts = (t for f in inputs for t in Path(f).read_text(encoding="utf-8").split("\n\n"))
+    else:
+        texts = iter(inputs)
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(t for t in texts if t.strip()), model_writer=buffer, model_type="bpe",
+            vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
+            character_coverage=0.9999, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+            split_by_whitespace=True, max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
+            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        match = re.search(r"<= (\d+)", str(e))
+        hint = f"; the largest this text allows is {match.group(1)}" if match else ""
+        raise TokenizerError(f"cannot train a {vocab_size}-token vocabulary: {str(e).splitlines()[-1]}{hint}") \
+            from None
+    tokenizer = Tokenizer(buffer.getvalue())
+    if out is not None:
+        out = Path(out)
+        tokenizer.save(out if out.suffix == ".model" else out.with_name(out.name + ".model"))
+    return tokenizer
+
+
+def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
+    """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: unsupported tokenizer type {model.get('type')!r} (only BPE converts)")
+    vocab: dict[str, int] = model["vocab"]
+    for token in spec.get("added_tokens", []):
+        vocab.setdefault(token["content"], token["id"])
+    rank = {}
+    for r, merge in enumerate(model.get("merges", [])):
+        rank.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), r)
+    pieces = sorted(vocab.items(), key=lambda kv: kv[1])
+    if [i for _, i in pieces] != list(range(len(pieces))):
+        raise TokenizerError(f"{path}: vocabulary ids are not contiguous from 0")
+    unk = model.get("unk_token") or "<unk>"
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    proto = spm_pb2.ModelProto()
+    for piece, i in pieces:
+        if piece == unk:
+            kind = _Piece.UNKNOWN
+        elif piece in ("<s>", "</s>", "<pad>"):
+            kind = _Piece.CONTROL
+        elif piece in added:
+            kind = _Piece.USER_DEFINED
+        elif _BYTE_PIECE.fullmatch(piece):
+            kind = _Piece.BYTE
+        else:
+            kind = _Piece.NORMAL
+        proto.pieces.add(piece=piece, score=-float(rank.get(piece, 0)) if kind == _Piece.NORMAL else 0.0, type=kind)
+    ids = {piece: i for piece, i in pieces}
+    t = proto.trainer_spec
+    t.model_type = spm_pb2.TrainerSpec.BPE
+    t.vocab_size = len(pieces)
+    t.byte_fallback = bool(model.get("byte_fallback"))
+    t.unk_id, t.bos_id, t.eos_id, t.pad_id = (ids.get(unk, 0), ids.get("<s>", -1), ids.get("</s>", -1),
+                                              ids.get("<pad>", -1))
+    t.unk_piece, t.bos_piece, t.eos_piece, t.pad_piece = unk, "<s>", "</s>", "<pad>"
+    n = proto.normalizer_spec
+    n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
+    return proto.SerializeToString()
+
+
+def chat_prompt(format: str, instruction: str, input: str = "") -> str:
+    """The text of a chat prompt up to where the response starts, in `aira` or `alpaca` (Alpaca-PTBR) form."""
+    if format == "aira":
+        return f"<|startofinstruction|>{instruction}" + (f"\n{input}" if input else "") + "<|endofinstruction|>"
+    if format == "alpaca":
+        if input:
+            return (f"{_ALPACA_HEADER}, emparelhada com uma entrada que fornece mais contexto. {_ALPACA_TAIL}\n\n"
+                    f"### Instruções:\n{instruction}\n\n### Entrada:\n{input}\n\n### Resposta:\n")
+        return f"{_ALPACA_HEADER}. {_ALPACA_TAIL}\n\n### Instruções:\n{instruction}\n\n### Resposta:\n"
+    raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")
+
+
+def chat_response(format: str, response: str) -> str:
+    """The response text that follows `chat_prompt`; Aira closes it with `<|endofcompletion|>` (Alpaca's EOS is
+    added as a token id by the caller)."""
+    if format == "aira":
+        return response + "<|endofcompletion|>"
+    if format == "alpaca":
+        return response
+    raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")
