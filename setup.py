@@ -19,6 +19,6 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers"],
+        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers", "pyarrow"],
     },
 )

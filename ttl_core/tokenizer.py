@@ -185,21 +185,24 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
                     input_sentence_size: int = 2_000_000) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
-    `inputs` is a text file, a list of text files, or an iterable of strings (documents). Settings follow
+    `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
+    iterable of strings (documents); the first `input_sentence_size` documents are used. Settings follow
     TeenyTinyLlama's: `<unk>` `<s>` `</s>` `<pad>` = 0..3, byte fallback (no text is ever unknown), identity
     normalization with whitespace kept as is, digits split, whitespace-only pieces allowed. A vocabulary too
     large for the text raises TokenizerError with the largest size sentencepiece would accept."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs)
-    if all(isinstance(x, Path) or (isinstance(x, str) and os.path.isfile(x)) for x in inputs) and inputs:
-        texts = (t for f in inputs for t in Path(f).read_text(encoding="utf-8").split("\n\n"))
+    if inputs and all(isinstance(x, Path) or (isinstance(x, str) and os.path.isfile(x)) for x in inputs):
+        from .data import read_documents  # deferred: data imports this module
+
+        texts = (t for f in inputs for t in read_documents(f))
     else:
         texts = iter(inputs)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(t for t in texts if t.strip()), model_writer=buffer, model_type="bpe",
+            sentence_iterator=_sentences(texts, max_sentence_length), model_writer=buffer, model_type="bpe",
             vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
             character_coverage=0.9999, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
@@ -216,6 +219,20 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         out = Path(out)
         tokenizer.save(out if out.suffix == ".model" else out.with_name(out.name + ".model"))
     return tokenizer
+
+
+def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+    """Training sentences: whole documents, except that sentencepiece would silently skip one longer than
+    `max_bytes`, so those are cut at line breaks (and lines still too long at `max_bytes // 4` characters)."""
+    for text in texts:
+        if len(text.encode("utf-8")) <= max_bytes:
+            if text.strip():
+                yield text
+            continue
+        for line in text.split("\n"):
+            for i in range(0, len(line), max_bytes // 4):
+                if line[i:i + max_bytes // 4].strip():
+                    yield line[i:i + max_bytes // 4]
 
 
 def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
