@@ -107,11 +107,12 @@ class Tokenizer:
         """Append tokens (kept whole, never split) at the end of the vocabulary; return their ids.
 
         Tokens already in the vocabulary keep their id, so calling twice is harmless."""
+        if not all(tokens):
+            raise TokenizerError("add_special_tokens: empty token")
         for token in tokens:
-            if not token or self.token_to_id(token) is None:
-                if not token:
-                    raise TokenizerError("add_special_tokens: empty token")
+            if self.token_to_id(token) is None:
                 self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
+        self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
         self._load(self.proto)
         return [self.token_to_id(t) for t in tokens]
 
@@ -245,6 +246,10 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: unsupported tokenizer type {model.get('type')!r} (only BPE converts)")
+    pipeline = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+    if "ByteLevel" in pipeline or "▁" not in pipeline:
+        raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
+                             f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
     vocab: dict[str, int] = model["vocab"]
     for token in spec.get("added_tokens", []):
         vocab.setdefault(token["content"], token["id"])
