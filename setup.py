@@ -21,6 +21,6 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],  # loss curves (RUN/loss.png) and benchmark plots
-        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers", "matplotlib"],
+        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers", "pyarrow", "matplotlib"],
     },
 )

@@ -121,6 +121,27 @@ def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
                                                                            "text (bad byte at offset 8 of the line)"]
 
 
+def test_parquet_input(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    texts = ["primeiro documento em parquet", "", "segundo, com acentuação: ação e coração"]
+    pq.write_table(pa.table({"text": texts, "n": [1, 2, 3]}), tmp_path / "docs.parquet", row_group_size=2)
+    assert list(read_documents(tmp_path / "docs.parquet")) == [texts[0], texts[2]]
+    pq.write_table(pa.table({"body": texts}), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="bad.parquet: no 'text' column"):
+        list(read_documents(tmp_path / "bad.parquet"))
+
+
+def test_long_documents_still_train_the_tokenizer():
+    from ttl_core.tokenizer import train_tokenizer
+
+    words = ["palavra", "comprida", "documento", "enorme", "linha"]
+    long_doc = "\n".join(" ".join(words[(i + j) % 5] for j in range(12)) for i in range(3000))  # ~250 KB
+    tok = train_tokenizer([long_doc], None, vocab_size=340, max_sentence_length=4096)
+    assert tok.token_to_id("▁documento") is not None  # learned from the cut-up pieces, not skipped
+
+
 def test_vocab_too_large_for_the_input_says_what_fits(tmp_path):
     (tmp_path / "small.txt").write_text("uma frase curta.\n\noutra frase curta.\n")
     with pytest.raises(TTLError, match=r"cannot train a 4096-token vocabulary.*largest this text allows is \d+"):

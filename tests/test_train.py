@@ -216,14 +216,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
 def test_main_job_on_the_bundled_corpus_trains_saves_and_samples(tmp_path):
     run_dir = tmp_path / "tiny"
     done = run_script("pretrain", "--config", ROOT / "configs" / "tiny.toml", "--out", run_dir,
-                      "--set", "train.max_steps=40", "--set", "train.eval_every=20", "--set", "train.sample_tokens=8")
+                      "--set", "train.max_steps=80", "--set", "train.eval_every=40", "--set", "train.sample_tokens=8")
     assert done.returncode == 0, done.stderr[-3000:]
     record = losses(run_dir)
-    assert len(record) == 40 and sum(record[-5:]) / 5 < sum(record[:5]) / 5 - 1.0
+    assert len(record) == 80 and sum(record[-5:]) / 5 < sum(record[:5]) / 5 - 1.0
     evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert (run_dir / "loss.png").stat().st_size > 0 and "sample: " in done.stdout
-    checkpoint = run_dir / "checkpoints" / "step-000040"
+    checkpoint = run_dir / "checkpoints" / "step-000080"
     assert json.loads((checkpoint / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (checkpoint / "tokenizer.model").exists()
     replot = run_script("plot_metrics", run_dir)

@@ -11,7 +11,6 @@ permutation of them split across ranks, with a position that can be saved and re
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -149,13 +148,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
-    if isinstance(tokenizer, Tokenizer):
-        source = tokenizer
-    elif tokenizer is not None:
-        tokenizer = Path(tokenizer)
-        source = Tokenizer.from_pretrained(tokenizer) if tokenizer.is_dir() else Tokenizer(tokenizer)
-    else:
-        source = None
+    source = _load_tokenizer(tokenizer)
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
             "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
                                                     if source else f"train:{vocab_size}")}
@@ -189,27 +182,11 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
                         yield shard, first, batch, val_fraction
                     shard, first, batch = shard + 1, first + len(batch), []
 
-    bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None)
-    bar.update(sum(sizes[i] for i in done))
-    workers = workers or os.cpu_count() or 1
-    model = tok.proto.SerializeToString()
-    if workers == 1:
-        _init_worker(model)
-        results = map(_tokenize_shard, jobs())
-        pool = None
-    else:
-        # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (model,))
-        results = pool.imap_unordered(_tokenize_shard, jobs())
-    try:
-        for shard, train, val, n in results:
+    bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
+    with bar:
+        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or os.cpu_count() or 1, tok):
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
 
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     shards = sorted(work.glob("*.npz"))
@@ -224,6 +201,26 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     write_json(meta_path, meta)
     shutil.rmtree(work)
     return meta
+
+
+def _run(fn, jobs: Iterator, workers: int, tok: Tokenizer) -> Iterator:
+    """`fn` over `jobs` in this process (workers == 1) or in a pool whose workers hold the tokenizer."""
+    model = tok.proto.SerializeToString()
+    if workers == 1:
+        _init_worker(model)
+        yield from map(fn, jobs)
+        return
+    # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (model,)) as pool:
+        yield from pool.imap_unordered(fn, jobs)
+
+
+def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:
+    if tokenizer is None or isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    path = Path(tokenizer)
+    return Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer(path)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

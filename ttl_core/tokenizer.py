@@ -107,11 +107,12 @@ class Tokenizer:
         """Append tokens (kept whole, never split) at the end of the vocabulary; return their ids.
 
         Tokens already in the vocabulary keep their id, so calling twice is harmless."""
+        if not all(tokens):
+            raise TokenizerError("add_special_tokens: empty token")
         for token in tokens:
-            if not token or self.token_to_id(token) is None:
-                if not token:
-                    raise TokenizerError("add_special_tokens: empty token")
+            if self.token_to_id(token) is None:
                 self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
+        self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
         self._load(self.proto)
         return [self.token_to_id(t) for t in tokens]
 
@@ -185,21 +186,24 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
                     input_sentence_size: int = 2_000_000) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
-    `inputs` is a text file, a list of text files, or an iterable of strings (documents). Settings follow
+    `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
+    iterable of strings (documents); the first `input_sentence_size` documents are used. Settings follow
     TeenyTinyLlama's: `<unk>` `<s>` `</s>` `<pad>` = 0..3, byte fallback (no text is ever unknown), identity
     normalization with whitespace kept as is, digits split, whitespace-only pieces allowed. A vocabulary too
     large for the text raises TokenizerError with the largest size sentencepiece would accept."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs)
-    if all(isinstance(x, Path) or (isinstance(x, str) and os.path.isfile(x)) for x in inputs) and inputs:
-        texts = (t for f in inputs for t in Path(f).read_text(encoding="utf-8").split("\n\n"))
+    if inputs and all(isinstance(x, Path) or (isinstance(x, str) and os.path.isfile(x)) for x in inputs):
+        from .data import read_documents  # deferred: data imports this module
+
+        texts = (t for f in inputs for t in read_documents(f))
     else:
         texts = iter(inputs)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(t for t in texts if t.strip()), model_writer=buffer, model_type="bpe",
+            sentence_iterator=_sentences(texts, max_sentence_length), model_writer=buffer, model_type="bpe",
             vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
             character_coverage=0.9999, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
@@ -218,6 +222,20 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     return tokenizer
 
 
+def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+    """Training sentences: whole documents, except that sentencepiece would silently skip one longer than
+    `max_bytes`, so those are cut at line breaks (and lines still too long at `max_bytes // 4` characters)."""
+    for text in texts:
+        if len(text.encode("utf-8")) <= max_bytes:
+            if text.strip():
+                yield text
+            continue
+        for line in text.split("\n"):
+            for i in range(0, len(line), max_bytes // 4):
+                if line[i:i + max_bytes // 4].strip():
+                    yield line[i:i + max_bytes // 4]
+
+
 def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model."""
     path = Path(path)
@@ -228,6 +246,10 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: unsupported tokenizer type {model.get('type')!r} (only BPE converts)")
+    pipeline = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
+    if "ByteLevel" in pipeline or "▁" not in pipeline:
+        raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
+                             f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
     vocab: dict[str, int] = model["vocab"]
     for token in spec.get("added_tokens", []):
         vocab.setdefault(token["content"], token["id"])
