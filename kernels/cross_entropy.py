@@ -1,23 +1,42 @@
-"""Cross-entropy on logits, and fused linear cross-entropy that never builds the (N, V) logits."""
+"""Cross-entropy on logits, and fused linear cross-entropy that never builds the (N, V) logits.
+
+One Triton kernel does the per-row work of both: an online max / sum-exp pass over the vocabulary gives
+the log-sum-exp, the loss (with label smoothing and z-loss), and a second pass writes the gradient
+d loss / d logits = softmax · (1 + 2·z·lse) − (1 − ε)·onehot − ε/V, scaled by the reduction's factor read
+from device memory (1 / non-ignored count for "mean", so there is no host sync). The gradient overwrites
+the logits buffer, which the fused linear version reuses chunk by chunk: logits_c = h_c Wᵀ (cuBLAS), the
+kernel, then dh_c = g_c W and dW += g_cᵀ h_c in float32. For "mean" and "sum" the gradients are made in
+the forward (the backward scales them by grad_output); "none" needs per-row grad_output and recomputes
+each chunk in the backward instead.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
+from .dispatch import HAVE_TRITON, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
 REDUCTIONS = ("mean", "sum", "none")
+BLOCK_V = 4096  # vocabulary columns per loop iteration; a starting point for GPU tuning (issue 10)
 
 
 def cross_entropy_reference(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy in fp32 with label smoothing and z-loss (`z_loss * logsumexp**2` per token).
+    """Cross-entropy in fp32 (or fp64 for fp64 inputs) with label smoothing and z-loss (`z_loss * logsumexp**2` per token).
 
     `mean` averages over non-ignored targets; with none of them it returns 0, not NaN."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (test truth)
     valid = targets != ignore_index
     if reduction == "mean" and z_loss == 0.0:
         # the exact transformers computation (same rounding) whenever there is something to average
@@ -42,19 +61,197 @@ def fused_linear_cross_entropy_reference(
     return cross_entropy_reference(F.linear(hidden, weight), targets, ignore_index, reduction, label_smoothing, z_loss)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _ce_row_kernel(
+        LOGITS, TARGETS, LOSS, SCALE, n_cols, stride_row, scale_stride, ignore_index, smoothing, z_loss,
+        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * stride_row
+        target = tl.load(TARGETS + row).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        if target == ignore_index:
+            tl.store(LOSS + row, 0.0)
+            if WRITE_GRAD:
+                for start in range(0, n_cols, BLOCK):
+                    tl.store(base + start + cols, tl.zeros((BLOCK,), tl.float32).to(LOGITS.dtype.element_ty),
+                             mask=start + cols < n_cols)
+        else:
+            # pass 1: running max and sum of exp, and the plain sum of logits for label smoothing
+            running_max = float("-inf")
+            running_sum = 0.0
+            logit_sum = 0.0
+            for start in range(0, n_cols, BLOCK):
+                mask = start + cols < n_cols
+                x = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                new_max = tl.maximum(running_max, tl.max(x, 0))
+                running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+                running_max = new_max
+                logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
+            lse = running_max + tl.log(running_sum)
+            x_target = tl.load(base + target).to(tl.float32)
+            loss = lse - (1.0 - smoothing) * x_target - smoothing * logit_sum / n_cols + z_loss * lse * lse
+            tl.store(LOSS + row, loss)
+            if WRITE_GRAD:
+                # pass 2: the gradient, written over the logits
+                scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
+                softmax_factor = 1.0 + 2.0 * z_loss * lse
+                for start in range(0, n_cols, BLOCK):
+                    idx = start + cols
+                    mask = idx < n_cols
+                    x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+                    grad = tl.exp(x - lse) * softmax_factor - smoothing / n_cols
+                    grad = tl.where(idx == target, grad - (1.0 - smoothing), grad)
+                    tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def _check(targets: torch.Tensor, rows: int, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if targets.dim() != 1 or targets.shape[0] != rows:
+        raise ValueError(f"targets must be ({rows},), got {tuple(targets.shape)}")
+
+
+def _reduction_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """The per-token gradient factor as a one-element device tensor (no host sync)."""
+    if reduction == "mean":
+        return 1.0 / (targets != ignore_index).sum().clamp(min=1).float().reshape(1)
+    return torch.ones(1, dtype=torch.float32, device=targets.device)
+
+
+def _reduce(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def ce_rows_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None, ignore_index: int,
+             label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Per-row losses (fp32) of `logits` (rows, V) with a contiguous last dim; when `scale` is given (one
+    value, or one per row), overwrite the logits with the loss gradient times that scale."""
+    rows, vocab = logits.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return losses
+    block = min(BLOCK_V, triton.next_power_of_2(vocab))
+    write = scale is not None
+    scale = scale if write else losses  # unread when not writing
+    _ce_row_kernel[(rows,)](
+        logits, targets, losses, scale, vocab, logits.stride(0), 1 if scale.numel() > 1 else 0, ignore_index,
+        label_smoothing, z_loss, WRITE_GRAD=write, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+    )
+    return losses
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss):
+        grad = logits.contiguous().clone() if logits.requires_grad else logits.contiguous()
+        scale = _reduction_scale(targets, ignore_index, reduction) if reduction != "none" else \
+            torch.ones(1, dtype=torch.float32, device=logits.device)
+        losses = ce_rows_(grad, targets, scale if logits.requires_grad else None, ignore_index,
+                          label_smoothing, z_loss)
+        ctx.save_for_backward(grad if logits.requires_grad else None)
+        ctx.reduction = reduction
+        return _reduce(losses, targets, ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        factor = grad_output[:, None] if ctx.reduction == "none" else grad_output
+        return (grad * factor).to(grad.dtype), None, None, None, None, None
+
+
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy on given logits (N, V) against targets (N,)."""
-    return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype."""
+    _check(targets, logits.shape[0], reduction)
+    if not use_triton(logits, backend):
+        return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    return _CrossEntropy.apply(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+
+
+def chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk: about V/d chunks keep each chunk's logits near the size of the hidden states (so
+    the extra memory stays a small fraction of unfused logits), at least 4 chunks and 64 rows per chunk."""
+    chunks = max(4, math.ceil(vocab / max(hidden, 1)))
+    return max(64, math.ceil(n_rows / chunks))
+
+
+def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss) -> torch.Tensor:
+    """Losses of every row, one chunk of logits at a time, without gradients."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    step = chunk_rows(hidden.shape[0], weight.shape[0], weight.shape[1])
+    for start in range(0, hidden.shape[0], step):
+        stop = min(hidden.shape[0], start + step)
+        losses[start:stop] = ce_rows_(hidden[start:stop] @ weight.t(), targets[start:stop], None, ignore_index,
+                                      label_smoothing, z_loss)
+    return losses
+
+
+def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, grad_weight):
+    """Losses of every row and the hidden gradient, accumulating the weight gradient into `grad_weight`
+    (fp32), one chunk of rows at a time. `scale` is one value or one per row."""
+    n = hidden.shape[0]
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden)
+    step = chunk_rows(n, weight.shape[0], weight.shape[1])
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        h = hidden[start:stop]
+        logits = h @ weight.t()
+        row_scale = scale[start:stop] if scale.numel() > 1 else scale
+        losses[start:stop] = ce_rows_(logits, targets[start:stop], row_scale, ignore_index, label_smoothing, z_loss)
+        grad_hidden[start:stop] = logits @ weight
+        grad_weight += (logits.t() @ h).float()
+    return losses, grad_hidden
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss):
+        hidden = hidden.contiguous()
+        ctx.reduction = reduction
+        ctx.options = (ignore_index, label_smoothing, z_loss)
+        if reduction == "none":
+            # per-row grad_output is known only in the backward: compute losses now, gradients then
+            ctx.save_for_backward(hidden, weight, targets)
+            return _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss)
+        ctx.weight_dtype = weight.dtype
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        scale = _reduction_scale(targets, ignore_index, reduction)
+        losses, grad_hidden = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss,
+                                           grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return _reduce(losses, targets, ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction == "none":
+            hidden, weight, targets = ctx.saved_tensors
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            _, grad_hidden = _chunk_grads(hidden, weight, targets, grad_output.float().contiguous(), *ctx.options,
+                                          grad_weight)
+            return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        weight_dtype = ctx.weight_dtype
+        return ((grad_hidden * grad_output).to(grad_hidden.dtype), (grad_weight * grad_output).to(weight_dtype),
+                None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
     reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy of the LM head `hidden (N, d) @ weight (V, d).T` against targets (N,)."""
-    return fused_linear_cross_entropy_reference(
-        hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss
-    )
+    """Cross-entropy of the LM head `hidden (N, d) @ weight (V, d).T` against targets (N,). The Triton path
+    never holds more than one chunk of logits; the weight gradient accumulates in float32."""
+    _check(targets, hidden.shape[0], reduction)
+    if not use_triton(hidden, backend):
+        return fused_linear_cross_entropy_reference(
+            hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)

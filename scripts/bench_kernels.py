@@ -1,11 +1,12 @@
 """Benchmark ttl's Triton kernels against PyTorch eager, torch.compile, F.rms_norm and Liger-Kernel on a CUDA GPU.
 
-  python scripts/bench_kernels.py [--only rms_norm rotary swiglu] [--quick] [--dtype bfloat16] [--out DIR]
+  python scripts/bench_kernels.py [--only rms_norm rotary swiglu cross_entropy] [--quick] [--dtype bfloat16] [--out DIR]
 
 For each kernel family, the forward (as in training: inputs require grad) and the forward + backward, over
 rows (tokens) 4096..65536: median ms (CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move
 (counted per family below; every implementation is charged the same bytes, so GB/s compares like ms does),
-that as a fraction of the copy bandwidth measured in the same run, and peak extra memory. Prints a table and
+that as a fraction of the copy bandwidth measured in the same run (for the matmul-bound fused linear
+cross-entropy: TFLOP/s as a fraction of the measured bf16 matmul rate), and peak extra memory. Prints a table and
 writes benchmarks/results/<gpu>/<family>.{json,csv,png}. Needs CUDA; `--quick` runs a few sizes only.
 """
 
@@ -17,7 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import apply_rotary, apply_rotary_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference
+from kernels import (apply_rotary, apply_rotary_reference, cross_entropy, cross_entropy_reference,
+                     fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu, swiglu_reference)
 from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, peak_memory_mb, require_cuda,
                                 row, time_ms, write_results)
 from ttl_core.cli import run_cli
@@ -42,9 +44,11 @@ def compiled(fn: Callable) -> Callable:
 
 
 def measure(impls: dict[str, Callable], make_inputs: Callable, shape: dict, dtype: torch.dtype,
-            fwd_bytes: int, bwd_bytes: int, bandwidth: float) -> list[dict]:
+            fwd_bytes: int, bwd_bytes: int, bandwidth: float, fwd_flops: float = 0.0, bwd_flops: float = 0.0,
+            matmul_tflops: float = 0.0) -> list[dict]:
     """Time each implementation's forward and forward + backward (gradients of the inputs that require
-    grad) on fresh inputs from `make_inputs()`, returning result rows."""
+    grad) on fresh inputs from `make_inputs()`, returning result rows. With FLOP counts (matmul-bound
+    kernels) the fraction of peak is of the measured matmul rate, otherwise of the copy bandwidth."""
     rows = []
     for impl, fn in impls.items():
         if fn is None:
@@ -62,10 +66,13 @@ def measure(impls: dict[str, Callable], make_inputs: Callable, shape: dict, dtyp
             result = fn(*tensors)
             torch.autograd.grad(result if isinstance(result, tuple) else (result,), leaves, grads)
 
-        for pass_, run, nbytes in (("fwd", forward, fwd_bytes), ("fwd+bwd", forward_backward, fwd_bytes + bwd_bytes)):
+        for pass_, run, nbytes, flops in (("fwd", forward, fwd_bytes, fwd_flops),
+                                          ("fwd+bwd", forward_backward, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)):
             ms = time_ms(run)
             gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append(row(impl, pass_, shape, str(dtype).split(".")[1], ms, gbs=gbs, frac_of_peak=gbs / bandwidth,
+            tflops = flops / (ms * 1e-3) / 1e12 if flops else None
+            rows.append(row(impl, pass_, shape, str(dtype).split(".")[1], ms, gbs=gbs, tflops=tflops,
+                            frac_of_peak=tflops / matmul_tflops if flops else gbs / bandwidth,
                             peak_mem_mb=peak_memory_mb(run)))
         del tensors, leaves, outs, grads
     return rows
@@ -81,7 +88,7 @@ def unfused(norm: Callable) -> Callable:
     return fn
 
 
-def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict]:
+def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
     """RMSNorm with and without the fused residual add, hidden 768..16384."""
     liger_rms_norm = liger("rms_norm", "LigerRMSNormFunction")
     eps = 1e-5
@@ -111,7 +118,7 @@ def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[di
     return results
 
 
-def bench_rotary(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict]:
+def bench_rotary(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
     """Rotary embedding of q and k cut from a fused qkv projection, with per-token (batch, seq, dim) angles."""
     liger_rope = liger("rope", "LigerRopeFunction")
     seq = 2048
@@ -146,7 +153,7 @@ def bench_rotary(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict
     return results
 
 
-def bench_swiglu(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict]:
+def bench_swiglu(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
     """SwiGLU on the two halves of a fused gate/up projection output."""
     liger_swiglu = liger("swiglu", "LigerSiLUMulFunction")
     results = []
@@ -165,14 +172,64 @@ def bench_swiglu(quick: bool, dtype: torch.dtype, bandwidth: float) -> list[dict
     return results
 
 
-FAMILIES = {"rms_norm": bench_rms_norm, "rotary": bench_rotary, "swiglu": bench_swiglu}
+def loss_only(out):
+    """Liger's loss Functions return the loss alone or (loss, z_loss) depending on the version."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def eager_linear_cross_entropy(hidden, weight, targets):
+    """What transformers does: the full logits, upcast to float32, then cross-entropy."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+
+
+def bench_cross_entropy(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
+    """Fused linear cross-entropy (LM head + loss, fwd 2·N·d·V FLOPs, bwd 4·N·d·V) and cross-entropy on
+    given logits (GB/s). The shape records the unfused logits + gradient bytes, the memory fusion avoids."""
+    liger_flce = liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
+    liger_ce = liger("cross_entropy", "LigerCrossEntropyFunction")
+    results = []
+    sizes = ([(16384, 4096, 128256), (8192, 768, 32000)] if quick else
+             [(t, d, v) for v in (32000, 128256) for d in (768, 2048, 4096) for t in (4096, 8192, 16384)])
+    for tokens, hidden, vocab in sizes:
+        ref = compiled(eager_linear_cross_entropy)
+        impls = {"ttl": fused_linear_cross_entropy, "torch": eager_linear_cross_entropy, "compile": ref,
+                 "liger": liger_flce and (lambda h, w, t: loss_only(liger_flce(h, w, t)))}
+
+        def make_inputs():
+            h = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
+            w = (torch.randn(vocab, hidden, device="cuda") / hidden**0.5).to(dtype).requires_grad_()
+            return h, w, torch.randint(0, vocab, (tokens,), device="cuda")
+
+        flops = 2 * tokens * hidden * vocab
+        unfused = 2 * tokens * vocab * dtype.itemsize
+        shape = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "unfused_logits_grad_mb": unfused / 2**20}
+        # bytes: hidden and weight read, gradients written; the logits themselves never reach memory
+        tensor_bytes = (tokens + vocab) * hidden * dtype.itemsize
+        results += measure(impls, make_inputs, shape, dtype, tensor_bytes, tensor_bytes, bandwidth,
+                           fwd_flops=flops, bwd_flops=2 * flops, matmul_tflops=tflops)
+    for tokens, vocab in [(8192, 128256)] if quick else [(t, v) for v in (32000, 128256) for t in (4096, 16384)]:
+        impls = {"ttl": cross_entropy, "torch": lambda x, t: F.cross_entropy(x.float(), t),
+                 "compile": compiled(cross_entropy_reference), "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t)))}
+
+        def make_logits():
+            x = torch.randn(tokens, vocab, device="cuda", dtype=dtype, requires_grad=True)
+            return x, torch.randint(0, vocab, (tokens,), device="cuda")
+
+        logits_bytes = tokens * vocab * dtype.itemsize  # fwd reads the logits, bwd writes their gradient
+        shape = {"tokens": tokens, "vocab": vocab, "on_logits": True}
+        results += measure(impls, make_logits, shape, dtype, logits_bytes, logits_bytes, bandwidth)
+    return results
+
+
+FAMILIES = {"rms_norm": bench_rms_norm, "rotary": bench_rotary, "swiglu": bench_swiglu,
+            "cross_entropy": bench_cross_entropy}
 
 
 def print_table(family: str, rows: list[dict]) -> None:
     """One line per measurement, with its time over ttl's on the same shape and pass."""
     ttl_ms = {(str(r["shape"]), r["pass"]): r["ms"] for r in rows if r["impl"] == "ttl"}
     print(f"\n{family}")
-    print(f"{'shape':<58} {'pass':<8} {'impl':<11} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'peak MB':>9} {'/ ttl':>7}")
+    print(f"{'shape':<58} {'pass':<8} {'impl':<11} {'ms':>9} {'GB/s':>8} {'of peak':>8} {'peak MB':>9} {'/ ttl':>7}")
     for r in rows:
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
         ratio = r["ms"] / ttl_ms.get((str(r["shape"]), r["pass"]), float("nan"))
@@ -192,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     tflops = measure_bf16_tflops()
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
     for family in args.only or FAMILIES:
-        rows = FAMILIES[family](args.quick, DTYPES[args.dtype], bandwidth)
+        rows = FAMILIES[family](args.quick, DTYPES[args.dtype], bandwidth, tflops)
         print_table(family, rows)
         print(f"wrote {write_results(family, rows, args.out, bandwidth, tflops)}")
     return 0

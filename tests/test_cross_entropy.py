@@ -1,0 +1,151 @@
+"""The Triton cross-entropy and fused linear cross-entropy (interpreted on CPU, compiled on CUDA) against
+float64 truths: losses, logits / hidden / weight gradients, every reduction, label smoothing and z-loss."""
+
+import pytest
+import torch
+from helpers import rel_err
+
+import kernels
+from kernels.cross_entropy import chunk_rows
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+FLCE_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # matmul-bound
+OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(label_smoothing=0.2, z_loss=1e-2)]
+OPTION_IDS = ["plain", "smooth", "zloss", "both"]
+
+
+def targets_for(n, vocab, seed=0, ignored_every=5, device="cpu"):
+    t = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).to(device)
+    t[::ignored_every] = -100
+    return t
+
+
+def formula(logits, targets, label_smoothing=0.0, z_loss=0.0):
+    """Per-token loss written out independently: lse - (1-ε)·x_t - ε·mean(x) + z·lse², 0 where ignored."""
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=-1)
+    valid = targets != -100
+    x_t = x.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    loss = lse - (1 - label_smoothing) * x_t - label_smoothing * x.mean(-1) + z_loss * lse**2
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def reduce(per_token, targets, reduction):
+    if reduction == "none":
+        return per_token
+    return per_token.sum() if reduction == "sum" else per_token.sum() / (targets != -100).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_reference_matches_the_written_out_formula(options):
+    logits, t = torch.randn(13, 37, dtype=torch.float64), targets_for(13, 37)
+    for reduction in ("mean", "sum", "none"):
+        got = kernels.cross_entropy_reference(logits, t, reduction=reduction, **options)
+        assert (got - reduce(formula(logits, t, **options), t, reduction)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_cross_entropy_on_logits_matches_float64(dtype, reduction, options):
+    n, vocab = 19, 1003
+    logits = (3 * torch.randn(n, vocab, generator=torch.Generator().manual_seed(2))).to(dtype).requires_grad_()
+    t = targets_for(n, vocab)
+    out = kernels.cross_entropy(logits, t, reduction=reduction, backend="triton", **options)
+    grad_out = torch.randn_like(out) if reduction == "none" else torch.tensor(1.3)
+    (grad,) = torch.autograd.grad(out, logits, grad_out)
+    truth_in = logits.detach().double().requires_grad_()
+    truth = reduce(formula(truth_in, t, **options), t, reduction)
+    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    assert rel_err(out, truth) <= TOL[dtype] and rel_err(grad, truth_grad) <= TOL[dtype]
+
+
+def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
+    wide = torch.randn(6, 32100, generator=torch.Generator().manual_seed(3))
+    logits = wide[:, :32000].requires_grad_()  # rows strided by 32100, as a slice of a padded head output
+    t = targets_for(6, 32000, ignored_every=4)
+    out = kernels.cross_entropy(logits, t, backend="triton", label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(out, logits)
+    truth_in = logits.detach().double().requires_grad_()
+    truth = reduce(formula(truth_in, t, label_smoothing=0.1), t, "mean")
+    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, torch.autograd.grad(truth, truth_in)[0]) <= 1e-5
+
+
+def flce_check(n, d, vocab, dtype, reduction, options, hidden_view=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if hidden_view:  # every other column of a wider tensor: not contiguous
+        hidden = torch.randn(n, 2 * d, generator=gen)[:, ::2].to(dtype).requires_grad_()
+    else:
+        hidden = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=gen) / d**0.5 * 2).to(dtype).requires_grad_()
+    t = targets_for(n, vocab, seed=seed)
+    out = kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend="triton", **options)
+    grad_out = torch.randn(out.shape, generator=gen) if reduction == "none" else torch.tensor(0.7)
+    grads = torch.autograd.grad(out, (hidden, weight), grad_out)
+    h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    truth = reduce(formula(h64 @ w64.T, t, **options), t, reduction)
+    truth_grads = torch.autograd.grad(truth, (h64, w64), grad_out.double())
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert rel_err(got, want) <= FLCE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", OPTIONS[::3], ids=OPTION_IDS[::3])
+def test_fused_linear_cross_entropy_matches_float64(dtype, reduction, options):
+    # 70 rows in chunks of 64 leave a 6-row tail: a chunk boundary that splits the rows unevenly
+    assert 70 % chunk_rows(70, 1003, 16) != 0
+    flce_check(70, 16, 1003, dtype, reduction, options)
+
+
+def test_fused_linear_cross_entropy_32000_vocab_and_strided_hidden():
+    flce_check(9, 24, 32000, torch.float32, "mean", dict(z_loss=1e-4), hidden_view=True, seed=4)
+
+
+def test_all_ignored_targets_give_zero_loss_and_zero_grads():
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    t = torch.full((10,), -100)
+    for reduction in ("mean", "sum"):
+        loss = kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend="triton")
+        gh, gw = torch.autograd.grad(loss, (hidden, weight))
+        assert loss.item() == 0.0 and gh.abs().max() == 0 and gw.abs().max() == 0
+        logits = torch.randn(10, 50, requires_grad=True)
+        loss = kernels.cross_entropy(logits, t, reduction=reduction, backend="triton")
+        (g,) = torch.autograd.grad(loss, logits)
+        assert loss.item() == 0.0 and torch.isfinite(g).all() and g.abs().max() == 0
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg", backend="triton")
+    with pytest.raises(ValueError, match=r"targets must be \(3,\)"):
+        kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long),
+                                           backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_compiled_kernels_on_cuda(dtype):
+    """The same checks with compiled kernels on real CUDA tensors, at LM-head sizes."""
+    n, d, vocab = 1024, 256, 32000
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(n, d, device="cuda", generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, device="cuda", generator=gen) / d**0.5 * 2).to(dtype).requires_grad_()
+    t = targets_for(n, vocab, device="cuda")
+    out = kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton", label_smoothing=0.1)
+    grads = torch.autograd.grad(out, (hidden, weight))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
+    truth = reduce(formula(h64 @ w64.T, t, label_smoothing=0.1), t, "mean")
+    truth_grads = torch.autograd.grad(truth, (h64, w64))
+    # tf32 may be on for fp32 matmuls on the GPU: hold fp32 to the matmul-bound tolerance only
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert rel_err(got, want) <= FLCE_TOL[dtype]
+    logits = (h64 @ w64.T).detach().to(dtype).requires_grad_()
+    loss = kernels.cross_entropy(logits, t, backend="triton", z_loss=1e-4)
+    (g,) = torch.autograd.grad(loss, logits)
+    l64 = logits.detach().double().requires_grad_()
+    ref = reduce(formula(l64, t, z_loss=1e-4), t, "mean")
+    assert rel_err(loss, ref) <= TOL[dtype] and rel_err(g, torch.autograd.grad(ref, l64)[0]) <= TOL[dtype]
