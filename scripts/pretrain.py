@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     parser.add_argument("--init-from", help="start from this HF Llama checkpoint instead of random weights")
+    parser.add_argument("--document-masking", action="store_true",
+                        help="attend within each packed document only, positions restarting per document")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.grad_accum_steps=2 (repeatable)")
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if args.document_masking:
+        overrides.append("data.document_masking=true")
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
     run = load_run_config(args.config, overrides)

@@ -8,10 +8,14 @@ backend allows). Masks are boolean (batch or 1, 1, q_len, kv_len), True where a 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+import kernels
+
+from .config import ATTENTION_CHOICES
 from .errors import ConfigError
 
 
@@ -30,18 +34,27 @@ def causal_mask(
     return mask & key_padding.bool()[:, None, None, :]
 
 
-def document_causal_mask(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(position_ids, mask) for packed rows: `doc_starts` (batch, seq) is True where a document begins.
-    Positions restart at 0 in each document and the boolean (batch, 1, seq, seq) mask lets a token attend
-    only to earlier tokens of its own document, so every document is computed as if it were alone."""
-    seq = doc_starts.shape[1]
-    index = torch.arange(seq, device=doc_starts.device).expand_as(doc_starts)
+def document_layout(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(position_ids, cu_seqlens, max_seqlen) for packed rows: `doc_starts` (batch, seq) is True where a
+    document begins (every row start counts as one). Positions restart at 0 in each document; `cu_seqlens`
+    (int32) delimits the documents in the flattened batch·seq tokens, for attention that keeps them apart."""
+    batch, seq = doc_starts.shape
     starts = doc_starts.clone()
     starts[:, 0] = True
-    doc_start_index = torch.where(starts, index, 0).cummax(dim=1).values
-    doc_id = starts.long().cumsum(dim=1)
-    same_doc = doc_id[:, :, None] == doc_id[:, None, :]
-    return index - doc_start_index, (same_doc & causal_mask(seq, seq, doc_starts.device)[0])[:, None]
+    index = torch.arange(seq, device=doc_starts.device).expand(batch, seq)
+    position_ids = index - torch.where(starts, index, 0).cummax(dim=1).values
+    flat = starts.flatten().nonzero().flatten()
+    cu_seqlens = torch.cat([flat, flat.new_tensor([batch * seq])]).to(torch.int32)
+    return position_ids, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """The boolean (batch, 1, seq, seq) mask equivalent to `cu_seqlens`: causal within each document,
+    nothing across documents (for backends without variable-length kernels)."""
+    tokens = torch.arange(batch * seq, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(batch, seq)
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    return (same_doc & causal_mask(seq, seq, cu_seqlens.device)[0])[:, None]
 
 
 def eager_attention(
@@ -79,15 +92,65 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
+def flash_attn_module():
+    """flash-attn's interface module, or None when the optional package is not installed."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+def flash_attn_usable(q: torch.Tensor) -> bool:
+    """flash-attn runs here: installed, an sm80+ GPU, fp16/bf16 tensors, head_dim up to 256."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and torch.cuda.get_device_capability(q.device)[0] >= 8 and flash_attn_module() is not None)
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that will run: "auto" (or the TTL_ATTENTION environment variable) picks flash-attn when
+    usable, else SDPA. Our Triton kernel is opt-in ("triton") until GPU benchmarks show it ahead of SDPA."""
+    if backend == "auto":
+        backend = os.environ.get("TTL_ATTENTION", "auto")
+        if backend not in ATTENTION_CHOICES:
+            raise ConfigError(f"TTL_ATTENTION must be one of {', '.join(ATTENTION_CHOICES)}, got {backend!r}")
+    if backend == "auto":
+        return "flash_attn" if flash_attn_usable(q) else "sdpa"
+    if backend == "flash_attn" and not flash_attn_usable(q):
+        raise ConfigError("attention backend 'flash_attn' needs the flash-attn package, an sm80+ GPU and fp16/bf16 "
+                          f"tensors (got {q.dtype} on {q.device.type}, flash-attn "
+                          f"{'installed' if flash_attn_module() else 'not installed'})")
+    return backend
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
-    backend: str = "auto",
+    backend: str = "auto", cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention by the chosen backend; returns (batch, q_len, heads, head_dim).
 
-    `mask`, when given, already holds causality and padding; `causal` applies only without a mask."""
-    if backend in ("auto", "sdpa"):
-        return sdpa_attention(q, k, v, mask, causal)
+    `mask`, when given, already holds causality and padding; `causal` applies only without a mask.
+    `cu_seqlens` / `max_seqlen` (from `document_layout`) treat the batch·seq tokens as packed documents that
+    never attend to each other. flash-attn and our Triton kernel take unmasked (or packed) calls; a call
+    with an explicit mask (padding, KV cache) goes to SDPA with them."""
+    backend = resolve_backend(backend, q)
+    batch, seq = q.shape[:2]
+    if cu_seqlens is not None:
+        if backend in ("flash_attn", "triton"):
+            flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
+            if backend == "flash_attn":
+                out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                                 causal=causal)
+            else:
+                out = kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                              backend="triton")
+            return out.view(q.shape)
+        mask = packed_causal_mask(cu_seqlens, batch, seq)
+    if mask is None and q.shape[1] == k.shape[1]:
+        if backend == "flash_attn":
+            return flash_attn_module().flash_attn_func(q, k, v, causal=causal)
+        if backend == "triton":
+            return kernels.flash_attention(q, k, v, causal=causal, backend="triton")
     if backend == "eager":
         return eager_attention(q, k, v, mask, causal)
-    raise ConfigError(f"attention backend {backend!r} is not available in this build")
+    return sdpa_attention(q, k, v, mask, causal)

@@ -99,7 +99,8 @@ class Attention(nn.Module):
         self.attention_backend = config.attention
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv_cache=None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv_cache=None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -113,7 +114,8 @@ class Attention(nn.Module):
         else:
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
-            out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend)
+            out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend, cu_seqlens=cu_seqlens,
+                            max_seqlen=max_seqlen)
         return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
 
 
@@ -139,12 +141,13 @@ class Block(nn.Module):
 
     def forward(
         self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, kv_cache=None,
+        mask: torch.Tensor | None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous sublayer's output and the residual stream before it; returns the same pair
         for this block, so each residual add fuses into the next RMSNorm."""
         x, residual = self.attn_norm(delta, residual)
-        delta = self.attn(x, cos, sin, mask, kv_cache)
+        delta = self.attn(x, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen)
         x, residual = self.mlp_norm(delta, residual)
         return self.mlp(x), residual
 
@@ -165,7 +168,8 @@ class LlamaModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, kv_cache=None,
+        position_ids: torch.Tensor | None = None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Hidden states (batch, seq, hidden).
 
@@ -186,7 +190,7 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary(position_ids, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos, sin, mask, kv_cache)
+            hidden, residual = layer(hidden, residual, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen)
         return self.norm(hidden, residual)[0]
 
 
@@ -275,15 +279,16 @@ class LlamaForCausalLM(_LlamaBase):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache=None,
         logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
-        targets: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> ModelOutput:
         """Logits (batch, seq, vocab) without labels; with labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
         are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions.
         `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
         labels already shifted (the token to predict at each position, as a packed data loader yields
-        them) and replace `labels`."""
-        hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache)
+        them) and replace `labels`. `cu_seqlens` / `max_seqlen` (see `ttl_core.attention.document_layout`) pack
+        several documents per row that do not attend to each other (pass their `position_ids` too)."""
+        hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen)
         loss = logits = None
         if labels is not None or targets is not None:
             given = targets if targets is not None else labels

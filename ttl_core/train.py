@@ -22,7 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from .attention import document_causal_mask
+from .attention import document_layout
 from .checkpoint import latest_checkpoint, load_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rng_state
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
@@ -79,8 +79,8 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_
     inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
               "targets": batch["labels"].to(device, non_blocking=True)}
     if document_masking:
-        position_ids, mask = document_causal_mask(batch["doc_starts"].to(device))
-        inputs.update(position_ids=position_ids, attention_mask=mask)
+        position_ids, cu_seqlens, max_seqlen = document_layout(batch["doc_starts"])
+        inputs.update(position_ids=position_ids.to(device), cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
         if bos_id is not None:
             inputs["targets"] = inputs["targets"].masked_fill(inputs["targets"] == bos_id, -100)
     return inputs

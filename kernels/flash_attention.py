@@ -1,0 +1,298 @@
+"""FlashAttention in Triton: forward and backward, causal or not, GQA, variable-length packed sequences.
+
+Every call is handled as packed: a (batch, seq, heads, dim) input is viewed as (batch·seq, heads, dim) with
+`cu_seqlens` = 0, seq, 2·seq, ..., so one kernel serves both layouts and any sequence length. The forward
+streams K/V blocks through an online softmax and saves the log-sum-exp per query row; the backward
+recomputes the probabilities from it. Grouped-query attention maps query head h to KV head h // group and
+never repeats K/V in memory: the dK/dV kernel owns one KV block of one KV head and loops over the query
+heads of its group (no atomics), the dQ kernel owns one query block of one head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dispatch import HAVE_TRITON, interpreting, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def flash_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None, softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Explicit-softmax attention in the input dtype's precision (float64 in tests), same layouts as
+    `flash_attention`; packed documents are computed one by one."""
+    if cu_seqlens is None:
+        batch, seq = q.shape[:2]
+        out = flash_attention_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal,
+                                        torch.arange(0, (batch + 1) * seq, seq), seq, softmax_scale)
+        return out.view(q.shape)
+    scale = softmax_scale or 1.0 / math.sqrt(q.shape[-1])
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        qd = q[start:stop].transpose(0, 1)  # (heads, len, dim)
+        kd = k[start:stop].transpose(0, 1).repeat_interleave(group, 0)
+        vd = v[start:stop].transpose(0, 1).repeat_interleave(group, 0)
+        scores = qd @ kd.transpose(1, 2) * scale
+        if causal:
+            n = stop - start
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        out[start:stop] = (scores.softmax(-1) @ vd).transpose(0, 1)
+    return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        # the interpreter computes dots of bf16 operands wrongly, so they are upcast there; fp32 inputs use
+        # full-precision dots rather than tf32
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        elif IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _tile(T, start, rows, head, stride_t, stride_h, offs_d, length):
+        """The (rows, D) tile of tokens start + rows of one head; zeros past the sequence's end."""
+        return tl.load(T + (start + rows)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+                       mask=(rows < length)[:, None], other=0.0)
+
+    @triton.jit
+    def _sequence(CU, program, n_heads):
+        """(sequence start, length, head) of a program numbered over sequences x heads."""
+        seq_id = program // n_heads
+        start = tl.load(CU + seq_id).to(tl.int64)
+        length = tl.load(CU + seq_id + 1).to(tl.int32) - start.to(tl.int32)
+        return start, length, program % n_heads
+
+    @triton.jit
+    def _keys_end(length, m_block, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+        """Keys a query block needs: with a causal mask, none after the block's last query."""
+        end = length
+        if CAUSAL:
+            end = tl.minimum(length, (m_block + 1) * BLOCK_M)
+        return end
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, O, LSE, CU, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_ot, stride_oh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        m_block = tl.program_id(0)
+        start, length, head = _sequence(CU, tl.program_id(1), n_heads)
+        kv_head = head // GROUP
+        if m_block * BLOCK_M < length:
+            offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, D)
+            row_ok = offs_m < length
+            q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, D), tl.float32)
+            for n0 in range(0, _keys_end(length, m_block, BLOCK_M, CAUSAL), BLOCK_N):
+                cols = n0 + offs_n
+                col_ok = cols < length
+                k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
+                s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+                keep = col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None])
+                s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp(s - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+                m_i = m_new
+            l_safe = tl.where(row_ok, l_i, 1.0)
+            out = acc / l_safe[:, None]
+            tl.store(O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                     out.to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(LSE + (start + offs_m) * n_heads + head, m_i + tl.log(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+        stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, n_heads, n_kv_heads,
+        GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        n_block = tl.program_id(0)
+        start, length, kv_head = _sequence(CU, tl.program_id(1), n_kv_heads)
+        if n_block * BLOCK_N < length:
+            offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_m = tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, D)
+            col_ok = offs_n < length
+            k = _tile(K, start, offs_n, kv_head, stride_kt, stride_kh, offs_d, length)
+            v = _tile(V, start, offs_n, kv_head, stride_vt, stride_vh, offs_d, length)
+            dk = tl.zeros((BLOCK_N, D), tl.float32)
+            dv = tl.zeros((BLOCK_N, D), tl.float32)
+            first = 0
+            if CAUSAL:  # queries before the block's first key see none of it
+                first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M
+            for g in range(GROUP):
+                head = kv_head * GROUP + g
+                for m0 in range(first, length, BLOCK_M):
+                    rows = m0 + offs_m
+                    row_ok = rows < length
+                    q = _tile(Q, start, rows, head, stride_qt, stride_qh, offs_d, length)
+                    do = _tile(DO, start, rows, head, stride_dot, stride_doh, offs_d, length)
+                    lse = tl.load(LSE + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
+                    delta = tl.load(DELTA + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
+                    # transposed scores: (keys, queries)
+                    s_t = _dot(k, tl.trans(q), UPCAST, IEEE) * scale
+                    keep = col_ok[:, None] & row_ok[None, :]
+                    if CAUSAL:
+                        keep = keep & (offs_n[:, None] <= rows[None, :])
+                    p_t = tl.where(keep, tl.exp(s_t - lse[None, :]), 0.0)
+                    dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+                    dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+            tl.store(DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+                     (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+            tl.store(DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_dot, stride_doh, stride_dqt, stride_dqh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        m_block = tl.program_id(0)
+        start, length, head = _sequence(CU, tl.program_id(1), n_heads)
+        kv_head = head // GROUP
+        if m_block * BLOCK_M < length:
+            offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, D)
+            row_ok = offs_m < length
+            q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
+            do = _tile(DO, start, offs_m, head, stride_dot, stride_doh, offs_d, length)
+            lse = tl.load(LSE + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0)
+            dq = tl.zeros((BLOCK_M, D), tl.float32)
+            for n0 in range(0, _keys_end(length, m_block, BLOCK_M, CAUSAL), BLOCK_N):
+                cols = n0 + offs_n
+                col_ok = cols < length
+                k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
+                v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
+                s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+                keep = row_ok[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None])
+                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+                dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+                ds = p * (dp - delta[:, None])
+                dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+            tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                     (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _blocks(head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): starting points for GPU tuning (issue 10)."""
+    return (64, 64, 4) if head_dim <= 64 else (64, 32, 4)
+
+
+def _flags(q: torch.Tensor) -> dict:
+    return {"UPCAST": interpreting() and q.dtype != torch.float32, "IEEE": q.dtype == torch.float32}
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+        total, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty((total, heads), dtype=torch.float32, device=q.device)
+        block_m, block_n, warps = _blocks(dim)
+        grid = (triton.cdiv(max_seqlen, block_m), (cu_seqlens.numel() - 1) * heads)
+        _fwd_kernel[grid](
+            q, k, v, out, lse, cu_seqlens, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), out.stride(0), out.stride(1), heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **_flags(q),
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        total, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO ∘ O): (total, heads), float32
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        block_m, block_n, warps = _blocks(dim)
+        n_seqs = cu_seqlens.numel() - 1
+        common = dict(GROUP=heads // kv_heads, CAUSAL=ctx.causal, D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                      num_warps=warps, **_flags(q))
+        _bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, block_n), n_seqs * kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1), dk.stride(0),
+            dk.stride(1), dv.stride(0), dv.stride(1), heads, kv_heads, **common,
+        )
+        _bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, block_m), n_seqs * heads)](
+            q, k, v, grad_out, lse, delta, dq, cu_seqlens, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1), dq.stride(0),
+            dq.stride(1), heads, **common,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> None:
+    want = 3 if packed else 4
+    if q.dim() != want or k.dim() != want or v.dim() != want:
+        raise ValueError(f"flash_attention expects {'(tokens, heads, dim)' if packed else '(batch, seq, heads, dim)'} "
+                         f"tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+    if q.shape[-2] % k.shape[-2]:
+        raise ValueError(f"query heads {q.shape[-2]} are not a multiple of key/value heads {k.shape[-2]}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported (choose one of {HEAD_DIMS})")
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None, softmax_scale: float | None = None, *, backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of q (batch, seq, heads, dim) over k, v (batch, seq, kv_heads, dim), or of packed
+    (total_tokens, heads, dim) documents delimited by `cu_seqlens` (int32, documents never attend across
+    boundaries; `max_seqlen` is the longest). kv_heads must divide heads; dim one of 16, 32, 64, 128."""
+    packed = cu_seqlens is not None
+    _check(q, k, v, packed)
+    scale = softmax_scale or 1.0 / math.sqrt(q.shape[-1])
+    if not use_triton(q, backend):
+        return flash_attention_reference(q, k, v, causal, cu_seqlens, max_seqlen, scale)
+    if packed:
+        if max_seqlen is None:
+            raise ValueError("packed flash_attention needs max_seqlen (the longest document)")
+        qf, kf, vf = q, k, v
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    else:
+        batch, seq = q.shape[:2]
+        qf, kf, vf = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+        cu = torch.arange(0, (batch + 1) * seq, seq, device=q.device, dtype=torch.int32)
+        max_seqlen = seq
+    qf, kf, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf))
+    out = _FlashAttention.apply(qf, kf, vf, cu, max_seqlen, causal, scale)
+    return out if packed else out.view(q.shape)

@@ -1,0 +1,104 @@
+"""Attention backends in the model: SDPA, eager and our Triton kernel (interpreted here) give the same
+logits and gradients; packed documents with document masking equal each document run alone."""
+
+import pytest
+import torch
+from helpers import rel_err
+
+from ttl_core import LlamaConfig, LlamaForCausalLM
+from ttl_core.attention import attention, document_layout
+from ttl_core.errors import ConfigError
+
+BACKENDS = ["sdpa", "eager", "triton"]
+
+
+def model_with(backend: str, dtype=torch.float32) -> LlamaForCausalLM:
+    config = LlamaConfig.from_preset("tiny", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=300, attention=backend)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # O(1) activations, so a wrong attention cannot hide under the tolerance
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.15 + (1.0 if p.dim() == 1 else 0.0))
+    return model.to(dtype)
+
+
+def logits_and_grads(model, ids, **kwargs):
+    model.zero_grad()
+    logits = model(ids, **kwargs).logits
+    (logits.float().pow(2).mean()).backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_document_layout_on_known_lengths():
+    starts = torch.zeros(2, 10, dtype=torch.bool)
+    starts[0, [3, 8]] = True  # row 0: documents of 3, 5, 2 tokens
+    starts[1, 6] = True       # row 1: 6 and 4 (the row start always begins one)
+    position_ids, cu, longest = document_layout(starts)
+    assert position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 10, 16, 20] and longest == 6
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_backends_give_the_same_logits_and_gradients(backend):
+    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_grads = logits_and_grads(model_with("sdpa"), ids)
+    logits, grads = logits_and_grads(model_with(backend), ids)
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    for name, grad in ref_grads.items():
+        assert rel_err(grads[name], grad) <= 1e-4, name
+
+
+def test_triton_backend_in_bf16_is_as_close_to_float64_as_sdpa():
+    ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(2))
+    truth, _ = logits_and_grads(model_with("eager").double(), ids)
+    sdpa, _ = logits_and_grads(model_with("sdpa", torch.bfloat16), ids)
+    ours, _ = logits_and_grads(model_with("triton", torch.bfloat16), ids)
+    assert rel_err(ours, truth) <= max(1e-2, 2 * rel_err(sdpa, truth))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_documents_equal_each_document_alone(backend):
+    model = model_with(backend)
+    lengths = [7, 12, 5]
+    docs = [torch.randint(4, 300, (1, n), generator=torch.Generator().manual_seed(10 + i)) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)
+    starts = torch.zeros_like(packed, dtype=torch.bool)
+    starts[0, [0, 7, 19]] = True
+    position_ids, cu, longest = document_layout(starts)
+    with torch.no_grad():
+        together = model(packed, position_ids=position_ids, cu_seqlens=cu, max_seqlen=longest).logits
+        alone = torch.cat([model(d).logits for d in docs], dim=1)
+        unmasked = model(packed).logits
+    assert (together - alone).abs().max() <= 1e-5
+    assert (unmasked - alone).abs().max() > 1e-2  # without the layout, later documents do see earlier ones
+
+
+def test_unavailable_backends_are_clear_errors(monkeypatch):
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(ConfigError, match="'flash_attn' needs the flash-attn package"):
+        attention(q, q, q, backend="flash_attn")
+    monkeypatch.setenv("TTL_ATTENTION", "fastest")
+    with pytest.raises(ConfigError, match="TTL_ATTENTION must be one of"):
+        attention(q, q, q)
+    monkeypatch.setenv("TTL_ATTENTION", "eager")
+    assert torch.allclose(attention(q, q, q), attention(q, q, q, backend="sdpa"), atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_gpu_backends_match_sdpa(backend):
+    from ttl_core.attention import flash_attn_usable
+    q = torch.randn(2, 256, 8, 64, device="cuda", dtype=torch.bfloat16)
+    if backend == "flash_attn" and not flash_attn_usable(q):
+        pytest.skip("flash-attn is not installed")
+    k, v = torch.randn_like(q[:, :, :2]), torch.randn_like(q[:, :, :2])
+    truth = attention(q.double(), k.double(), v.double(), backend="eager")
+    sdpa = attention(q, k, v, backend="sdpa")
+    ours = attention(q, k, v, backend=backend)
+    assert rel_err(ours, truth) <= max(2e-2, 2 * rel_err(sdpa, truth))
+    starts = torch.zeros(2, 256, dtype=torch.bool, device="cuda")
+    starts[:, [100, 201]] = True
+    _, cu, longest = document_layout(starts)
+    packed = attention(q, k, v, backend=backend, cu_seqlens=cu, max_seqlen=longest)
+    assert rel_err(packed, attention(q, k, v, backend="sdpa", cu_seqlens=cu, max_seqlen=longest)) <= 2e-2

@@ -1,0 +1,95 @@
+"""Our Triton FlashAttention (interpreted on CPU, compiled on CUDA) against explicit softmax in float64:
+causal or not, GQA, packed documents of unequal odd lengths, any sequence length, forward and backward."""
+
+import pytest
+import torch
+
+import kernels
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def err(got, truth):
+    """Relative max error; an all-zero truth (e.g. dq of a one-token sequence) is held to an absolute 1e-6."""
+    got, truth = got.detach().double(), truth.detach().double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    scale = truth.abs().max()
+    if scale == 0:
+        return 0.0 if got.abs().max() <= 1e-6 else float("inf")
+    return float((got - truth).abs().max() / scale)
+
+
+def check(q, k, v, causal, tol, cu_seqlens=None, max_seqlen=None, seed=0):
+    out = kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  backend="triton")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    truth = kernels.flash_attention_reference(q64, k64, v64, causal, cu_seqlens, max_seqlen)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert err(got, want) <= tol
+
+
+def qkv(shape_q, kv_heads, dtype, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    shape_kv = (*shape_q[:-2], kv_heads, shape_q[-1])
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+            for s in (shape_q, shape_kv, shape_kv)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("seq, heads, kv_heads, dim", [(1, 2, 2, 64), (17, 4, 2, 64), (130, 2, 1, 64), (33, 2, 2, 128)],
+                         ids=["seq1", "seq17-gqa", "seq130-mqa", "seq33-d128"])
+def test_matches_float64(dtype, causal, seq, heads, kv_heads, dim):
+    q, k, v = qkv((2, seq, heads, dim), kv_heads, dtype)
+    check(q, k, v, causal, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_documents_never_attend_across(dtype, causal):
+    lengths = [17, 5, 31]
+    cu = torch.tensor([0, 17, 22, 53], dtype=torch.int32)
+    q, k, v = qkv((sum(lengths), 4, 64), 2, dtype, seed=1)
+    check(q, k, v, causal, TOL[dtype], cu_seqlens=cu, max_seqlen=max(lengths))
+    # the reference is itself per document: the middle document alone gives the same rows
+    out = kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=31, backend="triton")
+    alone = kernels.flash_attention(q[17:22][None], k[17:22][None], v[17:22][None], causal=causal, backend="triton")
+    assert err(out[17:22], alone[0]) <= TOL[dtype]
+
+
+def test_strided_views_of_a_fused_projection():
+    qkv_out = torch.randn(2, 19, (4 + 2 + 2) * 32, requires_grad=True)
+    q, k, v = qkv_out.split([4 * 32, 2 * 32, 2 * 32], dim=-1)
+    q, k, v = q.view(2, 19, 4, 32), k.view(2, 19, 2, 32), v.view(2, 19, 2, 32)
+    out = kernels.flash_attention(q, k, v, backend="triton")
+    truth = kernels.flash_attention_reference(q.double(), k.double(), v.double())
+    assert err(out, truth) <= 1e-4
+
+
+def test_bad_shapes_are_clear():
+    q, k, v = qkv((1, 8, 3, 64), 2, torch.float32)
+    with pytest.raises(ValueError, match="not a multiple of key/value heads"):
+        kernels.flash_attention(q, k, v, backend="triton")
+    q, k, v = qkv((1, 8, 2, 48), 2, torch.float32)
+    with pytest.raises(ValueError, match="head_dim 48 is not supported"):
+        kernels.flash_attention(q, k, v, backend="triton")
+    q, k, v = qkv((10, 2, 64), 2, torch.float32)
+    with pytest.raises(ValueError, match="needs max_seqlen"):
+        kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_compiled_kernel_on_cuda(dtype, causal):
+    q, k, v = qkv((2, 1000, 8, 64), 2, dtype, device="cuda")
+    check(q, k, v, causal, TOL[dtype])
+    lengths = [300, 77, 623]
+    cu = torch.tensor([0, 300, 377, 1000], dtype=torch.int32, device="cuda")
+    q, k, v = qkv((1000, 8, 128), 4, dtype, seed=2, device="cuda")
+    check(q, k, v, causal, TOL[dtype], cu_seqlens=cu, max_seqlen=max(lengths))
