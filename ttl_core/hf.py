@@ -278,6 +278,10 @@ def save_pretrained(
     dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     config = model.config
     plan = hf_plan(config, model.architecture)
+    unplanned = sorted(set(params) - set(plan) - {"lm_head.weight"})
+    if unplanned:
+        raise CheckpointError(f"the model holds parameters an HF checkpoint cannot represent ({_list_some(unplanned)}); "
+                              "LoRA adapters are merged with ttl_core.lora.unload_lora or saved with save_adapter")
     _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
     write_json(directory / "generation_config.json", {

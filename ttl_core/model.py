@@ -216,6 +216,35 @@ class _LlamaBase(nn.Module):
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head when the config asks for it (no-op otherwise)."""
 
+    def resize_token_embeddings(self, new_vocab_size: int) -> None:
+        """Change the vocabulary size (e.g. after adding special tokens). Existing rows keep their values;
+        new input-embedding and LM-head rows start at the mean of the existing rows, so a new token begins as
+        an "average" token rather than noise (transformers' default draws them around that mean)."""
+        if new_vocab_size < 1:
+            raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
+        old = self.backbone.embed
+        pad = self.config.pad_token_id
+        embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
+                             padding_idx=pad if pad is not None and 0 <= pad < new_vocab_size else None)
+        with torch.no_grad():
+            kept = min(new_vocab_size, old.num_embeddings)
+            embed.weight[:kept] = old.weight[:kept]
+            embed.weight[kept:] = old.weight.mean(0)
+        embed.weight.requires_grad_(old.weight.requires_grad)
+        self.backbone.embed = embed
+        head = getattr(self, "lm_head", None)
+        if head is not None and not self.config.tie_word_embeddings:
+            new_head = nn.Linear(head.in_features, new_vocab_size, bias=False, device=head.weight.device,
+                                 dtype=head.weight.dtype)
+            with torch.no_grad():
+                new_head.weight[:kept] = head.weight[:kept]
+                new_head.weight[kept:] = head.weight.mean(0)
+            new_head.weight.requires_grad_(head.weight.requires_grad)
+            self.lm_head = new_head
+        self.config = self.config.replace(vocab_size=new_vocab_size)
+        self.backbone.config = self.config
+        self.tie_weights()
+
     def num_parameters(self, exclude_embedding: bool = False) -> int:
         """Distinct parameters; `exclude_embedding` leaves out the input embedding table (for MFU)."""
         params = {id(p): p for p in self.parameters()}

@@ -1,0 +1,178 @@
+"""LoRA against peft: adapters cross-load both ways with the same logits; merge, freezing and errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from hf_reference import hf_causal_lm, hf_classifier
+from safetensors.torch import load_file, save_file
+
+import ttl_core
+from ttl_core.errors import AdapterError, CheckpointError
+from ttl_core.lora import (apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter, unload_lora,
+                           unmerge_lora)
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def to_ttl(hf_model, tmp_path, name="base"):
+    hf_model.save_pretrained(tmp_path / name)
+    return ttl_core.load_pretrained(tmp_path / name).eval()
+
+
+def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
+    """Non-zero B (and fresh A) so the adapter changes the output and a wrong mapping cannot hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def ids(batch=2, seq=9, vocab=131, seed=1):
+    return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("targets, rslora", [(["q_proj", "v_proj"], False), ("all-linear", False),
+                                             (["k_proj", "gate_proj", "down_proj"], True)])
+def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, targets, rslora):
+    hf = hf_causal_lm()
+    ours = apply_lora(to_ttl(hf, tmp_path), r=4, alpha=8, targets=targets, use_rslora=rslora)
+    randomize_lora_(ours, seed=3)
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = ids()
+    with torch.no_grad():
+        expected, got = theirs(input_ids=x).logits, ours(x).logits
+    assert (got - expected).abs().max() < 1e-4
+    assert (got - to_ttl(hf_causal_lm(), tmp_path, "plain")(x).logits).abs().max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL])
+def test_peft_adapter_loads_in_ttl_with_the_same_logits(tmp_path, targets):
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                                                     task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=5)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(base, tmp_path / "adapter")
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+
+
+def test_classifier_score_head_travels_as_modules_to_save_both_ways(tmp_path):
+    hf = hf_classifier(num_labels=3)
+    ours = apply_lora(to_ttl(hf, tmp_path), r=4, alpha=8)
+    assert ours.score.weight.requires_grad
+    randomize_lora_(ours, seed=7)
+    with torch.no_grad():
+        ours.score.weight.mul_(-1.5)
+    save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    theirs = peft.PeftModel.from_pretrained(hf_classifier(num_labels=3), tmp_path / "ours").eval()
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs(input_ids=x).logits).abs().max() < 1e-4
+    # and back: peft's own save of that model loads into a fresh ttl classifier
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = load_adapter(to_ttl(hf_classifier(num_labels=3), tmp_path, "base2"), tmp_path / "theirs")
+    with torch.no_grad():
+        assert (again(x).logits - ours(x).logits).abs().max() < 1e-5
+
+
+def test_merge_unmerge_and_unload(tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets="all-linear", r=4, alpha=8)
+    randomize_lora_(model, seed=11, scale=0.05)  # deltas of a trained adapter's size
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    x = ids()
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(x).logits
+        unmerged = model(x).logits
+        merge_lora(model)
+        merged = model(x).logits
+        unmerge_lora(model)
+        again = model(x).logits
+    assert (merged - unmerged).abs().max() < 1e-5 and (again - unmerged).abs().max() < 1e-5
+    # merging rounds the weights once; its error against float64 is that of the unmerged float32 path
+    assert (merged.double() - truth).abs().max() <= 2 * (unmerged.double() - truth).abs().max()
+    params = dict(model.named_parameters())
+    assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
+    with pytest.raises(CheckpointError, match="LoRA adapters"):
+        ttl_core.save_pretrained(model, tmp_path / "refused")
+    unload_lora(model)
+    ttl_core.save_pretrained(model, tmp_path / "merged")
+    assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    import transformers
+    hf_merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (hf_merged(input_ids=x).logits - unmerged).abs().max() < 1e-4
+
+
+def test_only_lora_parameters_learn(tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path).train(), targets=["q_proj", "up_proj"], r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
+        sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    x = ids()
+    model(x, labels=x).loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+    # B starts at zero, so at first only B receives a non-zero gradient (as in PEFT)
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_resized_embeddings_travel_as_modules_to_save(tmp_path):
+    model = to_ttl(hf_causal_lm(), tmp_path)
+    model.resize_token_embeddings(134)
+    assert model.backbone.embed.weight.shape == (134, 64) and model.lm_head.weight.shape == (134, 64)
+    apply_lora(model, r=2, modules_to_save=["embed_tokens", "lm_head"])
+    assert model.backbone.embed.weight.requires_grad and model.lm_head.weight.requires_grad
+    save_adapter(model, tmp_path / "adapter")
+    keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
+    fresh = to_ttl(hf_causal_lm(), tmp_path, "fresh")
+    fresh.resize_token_embeddings(134)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(fresh.backbone.embed.weight, model.backbone.embed.weight)
+
+
+def test_bad_adapters_are_clear_errors(tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4)
+    save_adapter(model, tmp_path / "good")
+    with pytest.raises(AdapterError, match="already has LoRA"):
+        apply_lora(model)
+    with pytest.raises(AdapterError, match="unknown LoRA target"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=["qkv_proj"])
+    with pytest.raises(AdapterError, match="holds no adapter_config.json"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "c"), tmp_path)
+    config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    (tmp_path / "wrong_r").mkdir()
+    (tmp_path / "wrong_r" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    (tmp_path / "wrong_r" / "adapter_model.safetensors").write_bytes((tmp_path / "good" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match=r"has shape \(4, 64\).*r=8"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "d"), tmp_path / "wrong_r")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="peft_type 'IA3'"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "e"), tmp_path / "other")
+    (tmp_path / "bigger").mkdir()
+    (tmp_path / "bigger" / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    save_file({k: torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v for k, v in tensors.items()},
+              tmp_path / "bigger" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="the model needs"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "f"), tmp_path / "bigger")
+    (tmp_path / "missing").mkdir()
+    (tmp_path / "missing" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ALL}))
+    save_file(tensors, tmp_path / "missing" / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="does not fit this model: missing"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "g"), tmp_path / "missing")

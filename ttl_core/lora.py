@@ -1,0 +1,287 @@
+"""LoRA adapters on ttl's (fused) projections, saved and loaded in PEFT's format.
+
+`apply_lora` replaces the targeted `nn.Linear` layers by `LoRALinear`, an `nn.Linear` that keeps the frozen
+base weight under its usual name and adds, for each targeted slice of its output rows, a low-rank update
+`B (A dropout(x)) * scale`. A fused projection (qkv, gate_up) thus adapts `q_proj` and `v_proj` (or any
+subset) independently, exactly as PEFT adapts the separate HF projections. The mapping between ttl's
+modules and HF names comes from `ttl_core.hf.hf_plan`, and PEFT's key names are derived from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import AdapterError
+from .fileio import atomic_write, write_json
+from .hf import hf_plan
+from .model import LlamaForCausalLM, LlamaForSequenceClassification
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "LlamaForSequenceClassification": "SEQ_CLS"}
+
+
+class LoRALinear(nn.Linear):
+    """A frozen linear layer plus one LoRA pair per adapted slice of its output rows.
+
+    `slices` maps an HF projection name to the (start, stop) rows it occupies in this layer's output."""
+
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float,
+                 use_rslora: bool):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # the same tensors, under the same names
+        self.slices = dict(slices)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+                                     for n in slices})
+        self.lora_B = nn.ModuleDict({n: nn.Linear(r, stop - start, bias=False, device=device, dtype=dtype)
+                                     for n, (start, stop) in slices.items()})
+        for a in self.lora_A.values():  # PEFT's default init: A kaiming-uniform, B zero (a no-op at start)
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        for b in self.lora_B.values():
+            nn.init.zeros_(b.weight)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        names = list(self.slices)
+        # one matmul for every slice's A, then each slice's B on its r columns
+        down = F.linear(self.dropout(x), torch.cat([self.lora_A[n].weight for n in names]))
+        for n, part in zip(names, down.split(self.r, dim=-1)):
+            start, stop = self.slices[n]
+            y[..., start:stop] += self.lora_B[n](part) * self.scale
+        return y
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The dense weight update B A * scale of one slice, in float64 so merging rounds once."""
+        return (self.lora_B[name].weight.double() @ self.lora_A[name].weight.double()) * self.scale
+
+    def set_merged(self, merged: bool) -> None:
+        """Add (or subtract) every slice's update to the base weight; forward then skips (or runs) LoRA."""
+        if merged == self.merged:
+            return
+        sign = 1.0 if merged else -1.0
+        with torch.no_grad():
+            for n, (start, stop) in self.slices.items():
+                rows = self.weight[start:stop]
+                rows.copy_((rows.double() + sign * self.delta(n)).to(rows.dtype))
+        self.merged = merged
+
+
+def _linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
+    """ttl linear module path -> (HF module prefix, {HF projection name: (start, stop) rows})."""
+    plan = hf_plan(model.config, model.architecture)
+    out = {}
+    for param, pieces in plan.items():
+        module, kind = param.rsplit(".", 1)
+        if kind != "weight" or not any(p[0].rsplit(".", 2)[-2] in LINEAR_NAMES for p in pieces):
+            continue
+        slices, start = {}, 0
+        for hf_name, rows in pieces:
+            rows = rows if rows is not None else dict(model.named_parameters())[param].shape[0]
+            slices[hf_name.rsplit(".", 2)[-2]] = (start, start + rows)
+            start += rows
+        out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
+    return out
+
+
+def _resolve_targets(targets: str | Iterable[str]) -> list[str]:
+    names = list(LINEAR_NAMES) if targets == "all-linear" else [targets] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in names if t not in LINEAR_NAMES]
+    if unknown or not names:
+        raise AdapterError(f"unknown LoRA target module(s) {unknown or names}; choose from {', '.join(LINEAR_NAMES)} "
+                           "or 'all-linear'")
+    return names
+
+
+def _modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, str]:
+    """ttl parameter name -> PEFT key for each HF module named in `modules_to_save` (e.g. score,
+    embed_tokens, lm_head). Unless `strict`, names the model lacks are skipped (PEFT writes "classifier"
+    beside "score" for every sequence classifier)."""
+    plan = hf_plan(model.config, model.architecture)
+    if model.config.tie_word_embeddings and model.architecture == "LlamaForCausalLM":
+        plan["lm_head.weight"] = [("lm_head.weight", None)]
+    out = {}
+    for name in names:
+        found = {p: pieces[0][0] for p, pieces in plan.items()
+                 if len(pieces) == 1 and pieces[0][0].rsplit(".", 1)[0].split(".")[-1] == name}
+        if not found and strict:
+            raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
+        out.update({p: PEFT_PREFIX + hf for p, hf in found.items()})
+    return out
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int = 8, alpha: float = 16,
+               dropout: float = 0.05, targets: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
+               modules_to_save: Iterable[str] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
+    """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score`
+    head is always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such
+    as "embed_tokens", "lm_head") are trained in full too."""
+    if lora_layers(model):
+        raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
+    if r < 1:
+        raise AdapterError(f"LoRA rank r must be >= 1, got {r}")
+    wanted = _resolve_targets(targets)
+    saved = list(modules_to_save or [])
+    if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
+        saved.append("score")
+    full = _modules_to_save_params(model, saved)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for path, (_, slices) in _linear_slices(model).items():
+        chosen = {n: s for n, s in slices.items() if n in wanted}
+        if chosen:
+            parent, child = path.rsplit(".", 1)
+            layer = LoRALinear(model.get_submodule(path), chosen, r, alpha, dropout, use_rslora).train(model.training)
+            setattr(model.get_submodule(parent), child, layer)
+    params = dict(model.named_parameters())
+    for name in full:
+        params[name].requires_grad_(True)
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
+                         "use_rslora": use_rslora, "modules_to_save": saved}
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should hold after `apply_lora`: the LoRA pairs and modules_to_save."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (forward then costs nothing extra)."""
+    for layer in lora_layers(model).values():
+        layer.set_merged(True)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora`: the base weights return to their values up to float32 rounding."""
+    for layer in lora_layers(model).values():
+        layer.set_merged(False)
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge the adapters and put plain `nn.Linear` layers back, leaving a model `save_pretrained` can
+    write as an ordinary HF checkpoint."""
+    for path, layer in lora_layers(model).items():
+        layer.set_merged(True)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        parent, child = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, plain)
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for every LoRA weight of the model."""
+    slices = _linear_slices(model)
+    out = {}
+    for path, layer in lora_layers(model).items():
+        prefix = slices[path][0]
+        for n in layer.slices:
+            out[f"{PEFT_PREFIX}{prefix}.{n}.lora_A.weight"] = layer.lora_A[n].weight
+            out[f"{PEFT_PREFIX}{prefix}.{n}.lora_B.weight"] = layer.lora_B[n].weight
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
+    """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
+    `PeftModel.from_pretrained`)."""
+    settings = getattr(model, "lora_config", None)
+    if settings is None:
+        raise AdapterError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {**_peft_keys(model),
+               **{key: params[name] for name, key in _modules_to_save_params(model, settings["modules_to_save"]).items()}}
+    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
+    write_json(directory / CONFIG_FILE, {
+        "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
+        "lora_alpha": settings["lora_alpha"], "lora_dropout": settings["lora_dropout"],
+        "target_modules": settings["target_modules"], "use_rslora": settings["use_rslora"],
+        "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_dora": False, "revision": None,
+    })
+
+
+def _read_adapter_config(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{directory} holds no {CONFIG_FILE}") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{directory / CONFIG_FILE}: invalid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    for key, ok in (("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False)):
+        if config.get(key, ok) != ok:
+            raise AdapterError(f"{directory}: {key}={config[key]!r} is not supported (expected {ok!r})")
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if config.get(key):
+            raise AdapterError(f"{directory}: {key} is not supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise AdapterError(f"{directory}: target_modules given as a pattern ({targets!r}) is not supported; list names")
+    return config
+
+
+def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | Path,
+                 is_trainable: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
+    """Apply the LoRA adapter saved at `path` (ours or PEFT's) to a model without adapters. With
+    `is_trainable=False` the adapter is frozen too (inference); returns the model."""
+    directory = Path(path)
+    config = _read_adapter_config(directory)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
+    saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
+    apply_lora(model, r=int(config["r"]), alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+               targets=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)),
+               modules_to_save=saved)
+    params = dict(model.named_parameters())
+    expected = {**_peft_keys(model), **{key: params[name] for name, key in
+                                        _modules_to_save_params(model, model.lora_config["modules_to_save"]).items()}}
+    try:
+        with safe_open(directory / WEIGHTS_FILE, "pt") as f:
+            found = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
+    found = {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v for k, v in found.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"{directory}: the adapter does not fit this model: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if found[key].shape != target.shape:
+                raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model needs "
+                                   f"{tuple(target.shape)} (r={config['r']})")
+            target.copy_(found[key])
+    if not is_trainable:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
