@@ -18,10 +18,12 @@ import sys
 import torch
 
 from ttl_core.cli import run_cli
+from ttl_core.errors import GenerationError
 from ttl_core.generate import TextStreamer, generate
 from ttl_core.hf import DTYPES, load_pretrained
+from ttl_core.tokenizer import Tokenizer, chat_prompt
 
-# The Aira format's own end-of-answer token; stopping there ends a turn even if `</s>` never comes.
+# The Aira format's end-of-answer token: a turn ends there (fine-tuned answers end with it, not with `</s>`).
 AIRA_END = "<|endofcompletion|>"
 
 
@@ -54,20 +56,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Chat:
     """The token ids of a conversation (or a plain text continuation) in one chat format."""
 
-    def __init__(self, tokenizer, chat_prompt, fmt: str | None):
-        self.tokenizer, self.chat_prompt, self.fmt = tokenizer, chat_prompt, fmt
+    def __init__(self, tokenizer: Tokenizer, fmt: str | None):
+        self.tokenizer, self.fmt = tokenizer, fmt
         self.ids: list[int] = []
         self.eos = [tokenizer.eos_id]
-        end = tokenizer.token_to_id(AIRA_END) if fmt == "aira" else None
-        if end is not None:
+        if fmt == "aira":
+            end = tokenizer.token_to_id(AIRA_END)
+            if end is None:
+                raise GenerationError(f"--chat aira needs a tokenizer with Aira's special tokens; {AIRA_END} is missing")
             self.eos.append(end)
 
     def add_user(self, text: str, extra_input: str = "") -> None:
         """Append a user turn (or, without a format, plain text to continue)."""
-        prompt = self.chat_prompt(self.fmt, text, extra_input) if self.fmt else text
-        # Aira's start-of-instruction token plays the BOS role; the other formats start with `<s>`
-        add_bos = not self.ids and self.fmt != "aira"
-        self.ids += self.tokenizer.encode(prompt, add_bos=add_bos, add_eos=False)
+        prompt = chat_prompt(self.fmt, text, extra_input) if self.fmt else text
+        # `<s>` opens the conversation, as it opens every example in fine-tuning (ttl_core.instruct)
+        self.ids += self.tokenizer.encode(prompt, add_bos=not self.ids, add_eos=False)
 
     def add_model(self, ids: list[int]) -> None:
         """Append the model's answer, closed with the end token if it ran out of tokens before one."""
@@ -91,15 +94,13 @@ def reply(model, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, b
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ttl_core.tokenizer import Tokenizer, chat_prompt
-
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     model = load_pretrained(args.model, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     context = model.config.max_position_embeddings
-    chat = Chat(tokenizer, chat_prompt, args.chat)
+    chat = Chat(tokenizer, args.chat)
     streamer = TextStreamer(tokenizer, on_text=lambda piece: print(piece, end="", flush=True))
 
     if not args.interactive:

@@ -12,6 +12,7 @@ from hf_reference import hf_causal_lm
 import ttl_core
 from ttl_core.errors import GenerationError
 from ttl_core.generate import KVDecoder, TextStreamer
+from ttl_core.lora import apply_lora, lora_layers, merge_lora
 
 PAD = 3
 generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
@@ -23,6 +24,11 @@ def models(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen")
     hf.save_pretrained(path)
     return hf, ttl_core.load_pretrained(path)
+
+
+def tmp_path_hf(tmp_path, name: str, seed: int = 0):
+    hf_causal_lm(seed=seed).save_pretrained(tmp_path / name)
+    return tmp_path / name
 
 
 def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0, 3, 5)):
@@ -177,6 +183,23 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     del session
     ttl_core.generate(ours, ids, mask, **{**kwargs, "top_k": 21})
     assert replaced() is None  # other settings: a new session, and the old one's memory is freed at once
+
+    # what a captured step bakes in changes: a new session (a LoRA merge flips a flag, not a weight address)
+    lora_model = ttl_core.load_pretrained(tmp_path_hf(tmp_path, "lora"))
+    apply_lora(lora_model, r=4, targets="all-linear")
+    for layer in lora_layers(lora_model).values():
+        for b in layer.lora_B.values():
+            torch.nn.init.normal_(b.weight, std=0.2)
+    unmerged = ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
+    session = generate_module._SESSIONS[lora_model]
+    merge_lora(lora_model)
+    assert torch.equal(ttl_core.generate(lora_model, ids, mask, max_new_tokens=8), unmerged)
+    assert generate_module._SESSIONS[lora_model] is not session
+    session = generate_module._SESSIONS[lora_model]
+    lora_model.train()
+    ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
+    assert generate_module._SESSIONS[lora_model] is not session
+    del lora_model
 
     hf_causal_lm(seed=5).save_pretrained(tmp_path)
     other = ttl_core.load_pretrained(tmp_path)

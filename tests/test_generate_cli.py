@@ -1,77 +1,66 @@
-"""scripts/generate.py run in-process on a tiny random model, with a character-level tokenizer standing in for
-ttl_core.tokenizer (same interface), so prompts, chat formats and the interactive loop can be checked exactly."""
+"""scripts/generate.py on a tiny random model saved with ttl_core.save_pretrained and a small trained tokenizer
+with Aira's special tokens: the streamed text, the prompt formats and the interactive loop."""
 
 import importlib.util
 import io
-import re
 import sys
-import types
 
 import pytest
 import torch
-from helpers import ROOT
-from hf_reference import hf_causal_lm
+from helpers import ROOT, run_script
 
 import ttl_core
+from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, chat_prompt, train_tokenizer
 
-SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>"]
-
-
-class CharTokenizer:
-    """ids 0..6 are the special tokens above, 7 + (code point mod 124) the characters (vocab 131)."""
-
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, 3, 131
-
-    @classmethod
-    def from_pretrained(cls, path):
-        return cls()
-
-    def encode(self, text, add_bos=True, add_eos=False):
-        ids = [self.bos_id] if add_bos else []
-        for piece in re.split("(" + "|".join(map(re.escape, SPECIAL)) + ")", text):
-            ids += [SPECIAL.index(piece)] if piece in SPECIAL else [7 + ord(c) % 124 for c in piece]
-        return ids + ([self.eos_id] if add_eos else [])
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join("" if i < 7 and skip_special_tokens else SPECIAL[i] if i < 7 else chr(i - 7 + 32)
-                       for i in ids)
-
-    def token_to_id(self, token):
-        return SPECIAL.index(token) if token in SPECIAL else None
+WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
+CONTEXT = 64
 
 
-def chat_prompt(fmt, instruction, input=""):
-    assert fmt == "aira"
-    return f"<|startofinstruction|>{instruction}<|endofinstruction|>"
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 20)) + "." for i in range(200)]
+    tok = train_tokenizer(texts, None, vocab_size=320)
+    tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, max_position_embeddings=CONTEXT)
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding does not just repeat a token
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() > 1 else None
+    path = tmp_path_factory.mktemp("chat")
+    ttl_core.save_pretrained(model, path, tokenizer=tok)
+    return path, tok, ttl_core.load_pretrained(path)
 
 
-@pytest.fixture
-def cli(monkeypatch, tmp_path):
-    fake = types.ModuleType("ttl_core.tokenizer")
-    fake.Tokenizer, fake.chat_prompt = CharTokenizer, chat_prompt
-    monkeypatch.setitem(sys.modules, "ttl_core.tokenizer", fake)
-    hf_causal_lm(max_position_embeddings=48).save_pretrained(tmp_path)
+def expected_answer(model, tok, ids, **kwargs):
+    out = ttl_core.generate(model, torch.tensor([ids]), **kwargs)
+    return tok.decode(out[0, len(ids):].tolist())
+
+
+def test_prompt_streams_the_text_generate_returns(checkpoint):
+    path, tok, model = checkpoint
+    run = run_script("generate", "--model", path, "--prompt", "o menino foi para a escola?", "--chat", "aira",
+                     "--greedy", "--max-new-tokens", "12", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    ids = tok.encode(chat_prompt("aira", "o menino foi para a escola?"))
+    assert ids[:2] == [tok.bos_id, tok.token_to_id("<|startofinstruction|>")]  # as fine-tuning encodes it
+    eos = [tok.eos_id, tok.token_to_id("<|endofcompletion|>")]
+    answer = expected_answer(model, tok, ids, max_new_tokens=12, repetition_penalty=1.2, eos_token_id=eos,
+                             pad_token_id=tok.pad_id)
+    assert answer.strip() and run.stdout == answer + "\n"
+
+
+def load_script():
     spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    return script, str(tmp_path)
+    return script
 
 
-def test_prompt_streams_the_same_text_generate_returns(cli, capsys):
-    script, path = cli
-    assert script.main(["--model", path, "--prompt", "Olá, tudo bem?", "--chat", "aira", "--greedy",
-                        "--max-new-tokens", "12", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    tok = CharTokenizer()
-    ids = tok.encode(chat_prompt("aira", "Olá, tudo bem?"), add_bos=False)
-    model = ttl_core.load_pretrained(path)
-    out = ttl_core.generate(model, torch.tensor([ids]), max_new_tokens=12, repetition_penalty=1.2,
-                            eos_token_id=[2, 6], pad_token_id=3)
-    assert printed == tok.decode(out[0, len(ids):].tolist()) + "\n"
-
-
-def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(cli, capsys, monkeypatch):
-    script, path = cli
+def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(checkpoint, capsys, monkeypatch):
+    path, tok, _ = checkpoint
+    script = load_script()
     prompts = []
     real_generate = script.generate
 
@@ -80,18 +69,26 @@ def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(cli, 
         return real_generate(model, ids, **kwargs)
 
     monkeypatch.setattr(script, "generate", recording_generate)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("segunda\nterceira\nquarta\n"))
-    assert script.main(["--model", path, "--prompt", "primeira", "--chat", "aira", "--interactive",
+    questions = ["a casa", "o cachorro", "a escola", "a noite", "a chuva"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions[1:]) + "\n"))
+    assert script.main(["--model", str(path), "--prompt", questions[0], "--chat", "aira", "--interactive",
                         "--max-new-tokens", "10", "--seed", "1", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert "The context is full (48 tokens)" in out
-    tok = CharTokenizer()
-    assert prompts[0] == tok.encode(chat_prompt("aira", "primeira"), add_bos=False)
-    questions = ["primeira", "segunda", "terceira"]
+    assert f"The context is full ({CONTEXT} tokens)" in capsys.readouterr().out
+    assert len(prompts) >= 2 and prompts[0] == tok.encode(chat_prompt("aira", questions[0]))
+    ends = {tok.eos_id, tok.token_to_id("<|endofcompletion|>")}
     for before, after, question in zip(prompts, prompts[1:], questions[1:]):
         assert after[:len(before)] == before  # each turn continues the whole conversation
         user = tok.encode(chat_prompt("aira", question), add_bos=False)
-        answer = after[len(before):len(after) - len(user)]
         assert after[len(after) - len(user):] == user
-        assert answer[-1] in (2, 6) and not {2, 6} & set(answer[:-1])  # the answer is closed exactly once
-    assert len(prompts[-1]) <= 48
+        answer = after[len(before):len(after) - len(user)]
+        assert answer[-1] in ends and not ends & set(answer[:-1])  # each answer is closed exactly once
+    assert len(prompts[-1]) < CONTEXT
+
+
+def test_aira_needs_its_special_tokens(checkpoint, tmp_path):
+    path, _, model = checkpoint
+    plain = train_tokenizer(["a casa de o menino foi para escola"] * 50, None, vocab_size=290)
+    ttl_core.save_pretrained(model, tmp_path, tokenizer=plain)
+    run = run_script("generate", "--model", tmp_path, "--prompt", "oi", "--chat", "aira", "--device", "cpu")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --chat aira needs a tokenizer with Aira's special tokens; <|endofcompletion|> is missing"]

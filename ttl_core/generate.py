@@ -13,6 +13,7 @@ The logits processors and the sampler are in `ttl_core.sampling`.
 from __future__ import annotations
 
 import inspect
+import itertools
 import threading
 import weakref
 
@@ -261,6 +262,15 @@ class _Session:
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _forward_fingerprint(model) -> tuple:
+    """What a captured decode step bakes in besides the contents of tensors: every module's identity and plain
+    settings (training mode, a LoRA layer's `merged` flag and scale, ...) and every parameter's and buffer's
+    address. A session is reused only while these are unchanged."""
+    settings = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
+                     for m in model.modules())
+    return settings + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def _acquire_session(model, key: tuple, build) -> _Session:
     session = _SESSIONS.get(model)
     if session is None or session.key != key or not session.lock.acquire(blocking=False):
@@ -396,9 +406,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty)
     graphed = cuda_graph and device.type == "cuda"
-    # everything a session bakes in: shapes, settings, and the weights' addresses (a graph reads them there)
     key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos), pad,
-           graphed, tuple(p.data_ptr() for p in model.parameters()))
+           graphed, _forward_fingerprint(model))
     session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
                                                             do_sample, processors, graphed))
     try:
