@@ -10,6 +10,7 @@ The optimizer, schedule and update step are the pretraining loop's (`ttl_core.tr
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -63,6 +64,43 @@ class FinetuneConfig:
         return TrainConfig(micro_batch_size=self.batch_size, lr=self.lr, min_lr=0.0, warmup_steps=self.warmup_steps,
                            max_steps=max_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                            seed=self.seed, dtype=self.dtype)
+
+
+def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
+    """The command-line options shared by the fine-tuning scripts, with `defaults` shown in --help."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
+    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                       help="linear warmup, then cosine decay to 0 (default %(default)s)")
+    group.add_argument("--max-length", type=int, default=defaults.max_length,
+                       help="truncate examples to this many tokens (default %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+    group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
+    group.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
+                       help="autocast dtype (default %(default)s)")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
+                      help="train LoRA adapters instead of all weights (default %(default)s)")
+    lora.add_argument("--lora-r", type=int, default=defaults.lora_r, help="default %(default)s")
+    lora.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="default %(default)s")
+    lora.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default %(default)s")
+    lora.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
+                      help="comma-separated HF module names, or all-linear (default %(default)s)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="save the merged model instead of the PEFT adapter")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The `FinetuneConfig` that `add_finetune_args` options describe."""
+    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed,
+                          device=args.device, dtype=args.dtype, lora=args.lora, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                          merge_lora=args.merge_lora)
 
 
 @dataclass
@@ -278,20 +316,21 @@ def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: lis
 def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig) -> None:
     """Write the model atomically as a directory: a PEFT adapter (LoRA without merging) or, otherwise, a
     full transformers checkpoint (LoRA merged into the weights first, and unmerged again after)."""
-    from .lora import merge_lora, save_adapter, unmerge_lora
-
     def write(tmp: Path) -> None:
-        if cfg.lora and not cfg.merge_lora:
-            save_adapter(model, tmp)
-            tokenizer.save_pretrained(tmp)
-        elif cfg.lora:
+        if not cfg.lora:
+            save_pretrained(model, tmp, tokenizer=tokenizer)
+            return
+        from .lora import merge_lora, save_adapter, unmerge_lora
+
+        if cfg.merge_lora:
             merge_lora(model)
             try:
                 save_pretrained(model, tmp, tokenizer=tokenizer)
             finally:
                 unmerge_lora(model)
         else:
-            save_pretrained(model, tmp, tokenizer=tokenizer)
+            save_adapter(model, tmp)
+            tokenizer.save_pretrained(tmp)
 
     write_dir_atomically(directory, write)
 
