@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 
 from ttl_core.cli import run_cli
-from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, add_finetune_args, config_from_args
-from ttl_core.instruct import finetune_instruct
+from ttl_core.finetune import SAMPLE_DATA, add_finetune_args, config_from_args
+from ttl_core.instruct import INSTRUCT_DEFAULTS, finetune_instruct
 from ttl_core.tokenizer import CHAT_FORMATS
-
-DEFAULTS = FinetuneConfig(lr=2e-4, batch_size=8, epochs=3, max_length=512, lora=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="aira", choices=list(CHAT_FORMATS), help="default %(default)s")
     parser.add_argument("--train-on-inputs", action="store_true", help="also compute the loss on the prompt")
     parser.add_argument("--out", default="runs/finetune-instruct", help="output directory (default %(default)s)")
-    add_finetune_args(parser, DEFAULTS)
+    add_finetune_args(parser, INSTRUCT_DEFAULTS)
     args = parser.parse_args(argv)
     summary = finetune_instruct(args.model, args.data, args.out, args.format, config_from_args(args),
                                 eval_file=args.eval, train_on_inputs=args.train_on_inputs)

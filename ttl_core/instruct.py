@@ -27,6 +27,8 @@ from .tokenizer import AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt
 INSTRUCTION_FIELDS = ("instruction", "prompt")
 RESPONSE_FIELDS = ("output", "response", "completion")
 INPUT_FIELD = "input"
+# Alpaca-LoRA-PTBR's settings: LoRA r 8 / alpha 16 / dropout 0.05 on q/v, prompts cut at 512 tokens
+INSTRUCT_DEFAULTS = FinetuneConfig(lr=2e-4, batch_size=8, epochs=3, max_length=512, lora=True)
 
 
 def _pick(record: dict[str, Any], names: tuple[str, ...], path: Path, number: int) -> str:
@@ -135,7 +137,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     lowest eval loss when `eval_file` is given, else the last epoch) as a PEFT adapter with `cfg.lora`
     (plus the tokenizer, and the resized embeddings as modules_to_save) or as a full checkpoint.
     Returns the summary also written to OUT/results.json."""
-    cfg = cfg or FinetuneConfig(lr=2e-4, batch_size=8, max_length=512, lora=True)
+    cfg = cfg or INSTRUCT_DEFAULTS
     out_dir = Path(out_dir)
     device = torch.device(cfg.device)
     tokenizer = Tokenizer.from_pretrained(model_dir)
