@@ -56,6 +56,12 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     merge_lora: bool = False  # save the merged model instead of the PEFT adapter
 
+    def torch_device(self) -> torch.device:
+        """`device` as a torch device; asking for CUDA on a machine without it is a ConfigError."""
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device} was requested but no CUDA device is available")
+        return torch.device(self.device)
+
     def train_config(self, max_steps: int) -> TrainConfig:
         """The pretraining loop's config for `max_steps` updates: warmup, then cosine decay to zero."""
         if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.max_length < 2:
@@ -341,7 +347,7 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
     and clipped update; `loss_fn(model, batch)` gives each batch's mean loss, `after_epoch(epoch, step)`
     evaluates and saves. Each step is logged to metrics.jsonl."""
-    device = torch.device(cfg.device)
+    device = cfg.torch_device()
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     train_cfg = cfg.train_config(steps_per_epoch * cfg.epochs)
     optimizer = build_optimizer(model, train_cfg, device)
@@ -381,7 +387,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     else:
         head = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
                 "problem_type": "single_label_classification"}
-    device = torch.device(cfg.device)
+    device = cfg.torch_device()
     torch.manual_seed(cfg.seed)  # the new score head's initial values
     model = load_pretrained(model_dir, dtype=torch.float32, device=device,
                             architecture="LlamaForSequenceClassification", **head)

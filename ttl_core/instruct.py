@@ -139,7 +139,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     Returns the summary also written to OUT/results.json."""
     cfg = cfg or INSTRUCT_DEFAULTS
     out_dir = Path(out_dir)
-    device = torch.device(cfg.device)
+    device = cfg.torch_device()
     tokenizer = Tokenizer.from_pretrained(model_dir)
     model = load_pretrained(model_dir, dtype=torch.float32, device=device)
     if model.architecture != "LlamaForCausalLM":
