@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,3 +42,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+
+def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(partial_dir)` to fill a hidden `.name.partial` directory, then swap it in for `path`, so
+    a crash leaves either the previous complete directory or the new one (a rename of the old one to
+    `.name.old` precedes the swap; only the instant between the two renames has neither in place)."""
+    path = Path(path)
+    partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    for stale in (partial, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write(partial)
+    fsync_dir(partial)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(partial, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path

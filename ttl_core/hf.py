@@ -162,18 +162,27 @@ def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
 
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-    **config_overrides,
+    architecture: str | None = None, **config_overrides,
 ) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Load a checkpoint directory into a ttl model.
 
     Reads transformers' layout (`config.json` + `model.safetensors` or a sharded index) or ttl's native one.
     The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so
     host memory peaks near one copy of the weights. `dtype=None` keeps the checkpoint's dtype.
-    `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`."""
+    `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`, or the labels.
+    `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
+    fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
+    `num_labels` / `id2label` in `config_overrides`) is initialized as transformers does, from torch's
+    global RNG (seed it first for a reproducible head)."""
     directory = Path(path)
-    config, architecture = read_model_config(directory)
+    config, stored_architecture = read_model_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
+    architecture = architecture or stored_architecture
+    new_head = architecture != stored_architecture
+    if new_head and (stored_architecture, architecture) != ("LlamaForCausalLM", "LlamaForSequenceClassification"):
+        raise CheckpointError(f"{directory}: a {stored_architecture} checkpoint cannot be loaded as {architecture} "
+                              "(only a LlamaForCausalLM can start a LlamaForSequenceClassification)")
     native = (directory / NATIVE_CONFIG).exists()
     files = _weight_files(directory)
     handles = {f: _open_safetensors(f) for f in files}
@@ -185,10 +194,12 @@ def load_pretrained(
     with torch.device("meta"):
         model = build_model(config, architecture)
     plan = native_plan(model) if native else hf_plan(config, architecture)
+    if new_head:
+        plan.pop("score.weight")  # initialized below; the checkpoint's lm_head.weight is not used
     params = dict(model.named_parameters())
-    tied_head = config.tie_word_embeddings and architecture == "LlamaForCausalLM"
+    skip_head = new_head or (config.tie_word_embeddings and architecture == "LlamaForCausalLM")
     _check_against_plan(plan, params, found, directory,
-                        lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (tied_head and k == "lm_head.weight"))
+                        lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 
     embed_key = plan["backbone.embed.weight"][0][0]
     stored = handles[found[embed_key][0]].get_slice(embed_key).get_dtype()
@@ -196,6 +207,8 @@ def load_pretrained(
     model = model.to(target_dtype).to_empty(device=device or "cpu")
     model.tie_weights()
     model.backbone.rotary.reset_inv_freq()
+    if new_head:
+        model.init_weights()  # gives the new score head its initial values; the rest is overwritten below
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, pieces in plan.items():

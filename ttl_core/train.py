@@ -112,6 +112,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     if not math.isfinite(mean_loss):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"loss became {mean_loss}")
+    return mean_loss, optimizer_update(model, optimizer, train, lr, scaler)
+
+
+def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
+                     scaler: torch.amp.GradScaler | None = None) -> float:
+    """Apply the accumulated gradients: unscale (fp16), clip to `train.grad_clip` (0: no clipping), set the
+    learning rate, step and zero the gradients. Returns the gradient norm before clipping."""
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
@@ -124,7 +131,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return mean_loss, float(grad_norm)
+    return float(grad_norm)
 
 
 @torch.no_grad()

@@ -1,0 +1,55 @@
+"""Fine-tune a causal LM checkpoint into a sequence classifier (or regressor) on local task files.
+
+  python scripts/finetune_classifier.py --model BASE_DIR [--train FILE --eval FILE] [--out DIR]
+      [--text-fields title,text] [--label-field label] [--labels MUNDO,ESPORTES,NEGÓCIOS,TECNOLOGIA]
+      [--pair] [--regression] [--lora]
+
+Defaults reproduce the TeenyTinyLlama-160m-AgNews recipe (lr 4e-5, batch 16, 3 epochs, weight decay 0.01,
+max_length 256) on the bundled Portuguese news sample. Task files are CSV, TSV or JSON lines. The best
+epoch's model goes to OUT/best: a transformers checkpoint with id2label/label2id and the tokenizer, which
+`pipeline("text-classification", model="OUT/best")` loads (a PEFT adapter with --lora).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ttl_core.cli import run_cli
+from ttl_core.finetune import (AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, TaskSpec, add_finetune_args,
+                               config_from_args, finetune_classifier)
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--train", help="training task file (default: the bundled news sample)")
+    parser.add_argument("--eval", help="evaluation task file (default: the bundled news sample)")
+    parser.add_argument("--out", default="runs/finetune-classifier", help="output directory (default %(default)s)")
+    parser.add_argument("--text-fields", default="title,text",
+                        help="fields joined by a blank line into the text (default %(default)s)")
+    parser.add_argument("--label-field", default="label", help="default %(default)s")
+    parser.add_argument("--labels", help="label names in class-id order (default: sorted values of the train "
+                                         "file; the AgNews order for the bundled sample)")
+    parser.add_argument("--pair", action="store_true", help="two text fields as <s> first <s> second </s>")
+    parser.add_argument("--regression", action="store_true", help="one numeric label: Pearson and MSE")
+    add_finetune_args(parser, FinetuneConfig())
+    args = parser.parse_args(argv)
+    if (args.train is None) != (args.eval is None):
+        parser.error("give both --train and --eval, or neither (for the bundled sample)")
+    labels = _split(args.labels)
+    if args.train is None:
+        args.train, args.eval = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
+        labels = labels or list(AGNEWS_LABELS)
+    spec = TaskSpec(_split(args.text_fields), args.label_field, args.pair, args.regression, labels)
+    result = finetune_classifier(args.model, args.train, args.eval, args.out, spec, config_from_args(args))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "epoch")
+    print(f"best epoch {result.best['epoch']}: {shown}; saved to {result.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,279 @@
+"""Fine-tuning recipes: task files, the classifier loop against transformers, regression metrics,
+instruction data in both chat formats, LoRA instruction tuning with a PEFT adapter, scripts and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import run_script
+from ttl_core.config import LlamaConfig
+from ttl_core.errors import CheckpointError, ConfigError, DataError
+from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, TaskSpec, classification_metrics, collate,
+                               encode_example, finetune_classifier, load_task, predict, read_task_file,
+                               regression_metrics)
+from ttl_core.hf import load_pretrained, save_pretrained
+from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
+
+NEWS_TRAIN, NEWS_EVAL = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
+NEWS = TaskSpec(["title", "text"], "label", labels=["MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA"])
+STS = TaskSpec(["sentence1", "sentence2"], "score", pair=True, regression=True)
+FAST = dict(lr=3e-3, batch_size=16, epochs=2, max_length=96)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny random causal LM saved with a tokenizer trained on the bundled sample texts."""
+    tmp = tmp_path_factory.mktemp("base")
+    texts = []
+    for name in ("agnews_pt_train.csv", "sts_pt_train.csv", "nli_pt_train.csv"):
+        with open(SAMPLE_DATA / name, encoding="utf-8") as f:
+            texts += [" ".join(v for k, v in row.items() if k not in ("label", "score")) for row in csv.DictReader(f)]
+    texts += [" ".join(json.loads(line).values()) for line in open(SAMPLE_DATA / "instrucoes_pt.jsonl", encoding="utf-8")]
+    (tmp / "corpus.txt").write_text("\n".join(texts), encoding="utf-8")
+    train_tokenizer([tmp / "corpus.txt"], tmp / "tok", vocab_size=600)
+    tokenizer = Tokenizer.from_pretrained(tmp / "tok")
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    save_pretrained(LlamaForCausalLM(config), tmp / "model", tokenizer=tokenizer)
+    return tmp / "model"
+
+
+@pytest.fixture(scope="module")
+def news_run(base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("news")
+    return finetune_classifier(base_dir, NEWS_TRAIN, NEWS_EVAL, out, NEWS, FinetuneConfig(**FAST), verbose=False)
+
+
+# --- classification --------------------------------------------------------------------------------------
+
+def test_classifier_learns_a_separable_task(news_run):
+    assert news_run.best["accuracy"] > 0.9, news_run.history
+    assert len(news_run.history) == 2 and news_run.best["f1"] > 0.9
+    config = json.loads((news_run.checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {"0": "MUNDO", "1": "ESPORTES", "2": "NEGÓCIOS", "3": "TECNOLOGIA"}
+    assert config["label2id"]["TECNOLOGIA"] == 3
+    records = [json.loads(line) for line in (news_run.checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_accuracy"] for r in records if "eval_accuracy" in r] == [h["accuracy"] for h in news_run.history]
+
+
+def test_saved_classifier_matches_transformers_and_pipeline(news_run):
+    transformers = pytest.importorskip("transformers")
+    directory = news_run.checkpoint
+    tokenizer = Tokenizer.from_pretrained(directory)
+    examples = load_task(NEWS_EVAL, tokenizer, NEWS, list(NEWS.labels), 96)[:24]
+    ours = predict(load_pretrained(directory), examples, 8, torch.device("cpu"))
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(directory).eval()
+    batch = collate(examples, hf.config.pad_token_id)  # right padding: pooling must pick each row's last token
+    with torch.no_grad():
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    classify = transformers.pipeline("text-classification", model=str(directory), device="cpu")
+    rows = [r for _, r in read_task_file(NEWS_EVAL)][:8]
+    got = [p["label"] for p in classify([r["title"] + "\n\n" + r["text"] for r in rows])]
+    assert got == [NEWS.labels[i] for i in ours[:8].argmax(-1).tolist()]
+
+
+def test_regression_reports_pearson_and_mse_of_the_saved_model(base_dir, tmp_path):
+    train, evals = SAMPLE_DATA / "sts_pt_train.csv", SAMPLE_DATA / "sts_pt_eval.csv"
+    result = finetune_classifier(base_dir, train, evals, tmp_path, STS, FinetuneConfig(**{**FAST, "epochs": 1}),
+                                 verbose=False)
+    model = load_pretrained(result.checkpoint)
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    examples = load_task(evals, Tokenizer.from_pretrained(result.checkpoint), STS, None, 96)
+    pred = predict(model, examples, 5, torch.device("cpu"))[:, 0].double().numpy()
+    target = np.array([t for _, t in examples])
+    assert result.best["pearson"] == pytest.approx(np.corrcoef(pred, target)[0, 1], abs=1e-5)
+    assert result.best["mse"] == pytest.approx(np.mean((pred - target) ** 2), rel=1e-5)
+
+
+def test_metrics_against_hand_counts():
+    m = classification_metrics([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
+    # class 0: tp 1, predicted 2, actual 2 -> 0.5; class 1: tp 1, 1, 2 -> 2/3; class 2: tp 2, 3, 2 -> 0.8
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
+    rng = np.random.default_rng(0)
+    p, t = rng.normal(size=50), rng.normal(size=50)
+    r = regression_metrics(p.tolist(), t.tolist())
+    assert r["pearson"] == pytest.approx(np.corrcoef(p, t)[0, 1]) and r["mse"] == pytest.approx(np.mean((p - t) ** 2))
+
+
+def test_classifier_head_from_a_causal_lm(base_dir):
+    lm = load_pretrained(base_dir)
+    torch.manual_seed(1)
+    clf = load_pretrained(base_dir, architecture="LlamaForSequenceClassification", id2label={0: "a", 1: "b", 2: "c"})
+    lm_state, clf_state = lm.backbone.state_dict(), clf.backbone.state_dict()
+    assert all(torch.equal(lm_state[k], clf_state[k]) for k in lm_state)
+    assert clf.score.weight.shape == (3, 64) and 0.01 < clf.score.weight.std() < 0.03  # normal(0, 0.02)
+    assert clf.config.label2id == {"a": 0, "b": 1, "c": 2}
+    save_pretrained(clf, base_dir.parent / "clf")
+    with pytest.raises(CheckpointError, match="cannot be loaded as LlamaForCausalLM"):
+        load_pretrained(base_dir.parent / "clf", architecture="LlamaForCausalLM")
+
+
+# --- task files ------------------------------------------------------------------------------------------
+
+def test_task_file_formats_and_text_building(base_dir, tmp_path):
+    rows = [{"title": "Título, com vírgula", "text": "Texto \"citado\"", "label": "B"},
+            {"title": "Outro", "text": "Mais texto", "label": "A"}]
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["title", "text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "t.tsv").write_text("title\ttext\tlabel\n" + "".join(f"{r['title']}\t{r['text']}\t{r['label']}\n"
+                                                                     for r in rows), encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n\n" for r in rows))
+    for suffix in ("csv", "tsv", "jsonl"):
+        assert [r for _, r in read_task_file(tmp_path / f"t.{suffix}")] == rows
+    tok = Tokenizer.from_pretrained(base_dir)
+    assert encode_example(tok, ["a b", "c"], False, 256) == tok.encode("a b\n\nc", add_bos=True)
+    pair = encode_example(tok, ["O gato.", "O cão."], True, 256)
+    assert pair == ([tok.bos_id] + tok.encode("O gato.", add_bos=False) + [tok.bos_id]
+                    + tok.encode("O cão.", add_bos=False) + [tok.eos_id])
+    assert len(encode_example(tok, ["palavra " * 100], False, 16)) == 16
+    # labels given as names or as class ids; sorted when not given
+    spec = TaskSpec(["title", "text"], "label", labels=["A", "B"])
+    assert [label for _, label in load_task(tmp_path / "t.csv", tok, spec, ["A", "B"], 64)] == [1, 0]
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ("", "csv", "no examples"),
+    ("title,text,label\n", "csv", "no examples"),
+    ("title,text,label\na,b,A\nc,d,ZZZ\n", "csv", r"t\.csv:3: unknown label 'ZZZ'"),
+    ("title,text,label\na,b,A\nc,d\n", "csv", r"t\.csv:3: .*columns"),
+    ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
+    ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: invalid JSON"),
+    ("x", "xlsx", "unsupported task file type"),
+])
+def test_bad_task_files_name_file_and_line(base_dir, tmp_path, content, suffix, message):
+    path = tmp_path / f"t.{suffix}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_task(path, Tokenizer.from_pretrained(base_dir), TaskSpec(labels=["A", "B"]), ["A", "B"], 64)
+
+
+# --- instruction tuning ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["aira", "alpaca"])
+@pytest.mark.parametrize("extra", ["", "O céu está limpo."])
+def test_chat_ids_follow_the_template_and_mask_the_prompt(base_dir, fmt, extra):
+    tok = Tokenizer.from_pretrained(base_dir)
+    if fmt == "aira":
+        tok.add_special_tokens([t for t in AIRA_SPECIAL_TOKENS if tok.token_to_id(t) is None])
+    ids, labels = encode_chat(tok, fmt, "Descreva o tempo hoje.", extra, "Faz sol e calor.", 512)
+    prompt = chat_prompt(fmt, "Descreva o tempo hoje.", extra)
+    expected = tok.encode(prompt + chat_response(fmt, "Faz sol e calor."), add_bos=True)
+    expected += [tok.eos_id] if fmt == "alpaca" else []
+    assert ids == expected and ids[0] == tok.bos_id
+    n_prompt = len(tok.encode(prompt, add_bos=True))
+    assert ids[:n_prompt] == tok.encode(prompt, add_bos=True)
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert len(labels) > n_prompt
+    if fmt == "aira":
+        assert ids[-1] == tok.token_to_id("<|endofcompletion|>")
+        assert tok.token_to_id("<|startofinstruction|>") in ids and tok.token_to_id("<|endofinstruction|>") in ids
+    else:
+        assert "### Resposta:" in prompt and ("### Entrada:" in prompt) == bool(extra)
+    _, all_labels = encode_chat(tok, fmt, "Descreva o tempo hoje.", extra, "Faz sol e calor.", 512, True)
+    assert all_labels == ids
+    short_ids, short_labels = encode_chat(tok, fmt, "Descreva o tempo hoje.", extra, "Faz sol e calor.", 10)
+    assert short_ids == ids[:10] and short_labels == labels[:10]
+    batch = collate_lm([(ids, labels), (ids[:5], labels[:5])], pad_id=3)
+    assert batch["input_ids"][1, 5:].eq(3).all() and batch["labels"][1, 5:].eq(-100).all()
+    assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * (len(ids) - 5)
+
+
+def test_aira_tokens_are_added_and_embeddings_resized(base_dir):
+    tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
+    before = model.config.vocab_size
+    assert add_chat_tokens(tok, model, "aira") == list(AIRA_SPECIAL_TOKENS)
+    assert tok.vocab_size == before + len(AIRA_SPECIAL_TOKENS) == model.config.vocab_size
+    assert model.backbone.embed.weight.shape[0] == model.lm_head.weight.shape[0] == tok.vocab_size
+    assert tok.encode("<|endofinstruction|>", add_bos=False) == [tok.token_to_id("<|endofinstruction|>")]
+    assert add_chat_tokens(tok, model, "aira") == []  # a second call finds them
+    with pytest.raises(ConfigError, match="unknown chat format"):
+        add_chat_tokens(tok, model, "vicuna")
+
+
+def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "palavra " * 200, "output": "sim"}) + "\n")
+    with pytest.raises(DataError, match=r"long\.jsonl:1: the prompt fills max_length 64"):
+        build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+    path.write_text(json.dumps({"question": "?", "output": "sim"}) + "\n")
+    with pytest.raises(DataError, match=r"long\.jsonl:1: no text field among instruction, prompt"):
+        build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+
+
+def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from ttl_core.lora import apply_lora, load_adapter
+
+    cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=2, max_length=256, lora=True)
+    summary = finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", tmp_path, "aira", cfg, verbose=False)
+    assert summary["added_tokens"] == list(AIRA_SPECIAL_TOKENS)
+    adapter = tmp_path / "best"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 16, 0.05)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    tokenizer = Tokenizer.from_pretrained(adapter)
+    assert tokenizer.vocab_size == Tokenizer.from_pretrained(base_dir).vocab_size + 3
+    # peft loads it onto transformers' model of the base (resized the same way) ...
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    hf.resize_token_embeddings(tokenizer.vocab_size)
+    tuned = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    # ... and our loader gives the same logits on a chat prompt
+    ours = load_pretrained(base_dir)
+    ours.resize_token_embeddings(tokenizer.vocab_size)
+    apply_lora(ours, r=8, alpha=16, dropout=0.05, modules_to_save=["embed_tokens", "lm_head"])
+    load_adapter(ours, adapter)
+    ids = torch.tensor([tokenizer.encode(chat_prompt("aira", "Qual é a capital do Brasil?"), add_bos=True)])
+    with torch.no_grad():
+        assert (ours.eval()(ids).logits - tuned(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+# --- scripts ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["finetune_classifier", "finetune_benchmark", "finetune_instruct"])
+def test_scripts_help(script):
+    result = run_script(script, "--help")
+    assert result.returncode == 0 and "--model" in result.stdout and "--lora" in result.stdout
+
+
+def test_classifier_script_end_to_end_and_errors(base_dir, tmp_path):
+    result = run_script("finetune_classifier", "--model", base_dir, "--out", tmp_path / "run", "--epochs", "1",
+                        "--lr", "3e-3", "--max-length", "96")
+    assert result.returncode == 0, result.stderr
+    assert "best epoch 1: accuracy" in result.stdout and (tmp_path / "run" / "best" / "model.safetensors").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("title,text,label\na,b,MUNDO\nc,d,ESPORTE\n", encoding="utf-8")
+    result = run_script("finetune_classifier", "--model", base_dir, "--train", bad, "--eval", bad,
+                        "--labels", "MUNDO,ESPORTES", "--out", tmp_path / "bad")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}:3: unknown label 'ESPORTE' (labels: MUNDO, ESPORTES)"
+
+
+def test_benchmark_script_prints_one_table(base_dir, tmp_path):
+    tasks = [{"name": "noticias", "train": str(NEWS_TRAIN), "eval": str(NEWS_EVAL), "labels": NEWS.labels},
+             {"name": "sts", "train": str(SAMPLE_DATA / "sts_pt_train.csv"), "eval": str(SAMPLE_DATA / "sts_pt_eval.csv"),
+              "text_fields": ["sentence1", "sentence2"], "label_field": "score", "pair": True, "regression": True}]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    result = run_script("finetune_benchmark", "--model", base_dir, "--tasks", tmp_path / "tasks.json", "--out",
+                        tmp_path / "bench", "--epochs", "1", "--lr", "3e-3", "--max-length", "64")
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[0] == "| task | kind | best epoch | accuracy | f1 | pearson | mse |" and len(table) == 4
+    assert table[2].startswith("| noticias | classification | 1 |")
+    assert table[3].split("|")[4:6] == [" - ", " - "]  # regression has no accuracy / F1
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    assert rows[1]["pearson"] is not None and rows[0]["accuracy"] > 0.5

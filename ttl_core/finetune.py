@@ -1,0 +1,427 @@
+"""Sequence-classification fine-tuning: task files in, a transformers-loadable classifier out.
+
+The default recipe is TeenyTinyLlama-160m-AgNews's: lr 4e-5, batch 16, 3 epochs, weight decay 0.01,
+max_length 256, dynamic padding with the model's pad id, evaluation each epoch, best checkpoint kept.
+Task files are CSV, TSV or JSON lines (no pandas); the text of an example is built from one or more fields
+(AgNews: `title + "\\n\\n" + text`) or, for sentence pairs as in ASSIN2, `<s>` premise `<s>` hypothesis
+`</s>`. One label (`regression=True`) makes an STS-style regressor scored by Pearson correlation and MSE.
+The optimizer, schedule and update step are the pretraining loop's (`ttl_core.train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import ConfigError, DataError
+from .fileio import write_dir_atomically, write_json
+from .hf import load_pretrained, save_pretrained
+from .metrics import MetricsLog
+from .model import LlamaForSequenceClassification
+from .run_config import TrainConfig
+from .tokenizer import Tokenizer
+from .train import autocast, build_optimizer, lr_at, optimizer_update
+
+TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyperparameters of a fine-tune (classifier or instruction tuning); defaults are the AgNews recipe."""
+
+    lr: float = 4e-5
+    batch_size: int = 16
+    epochs: int = 3
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_length: int = 256
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"  # autocast dtype; parameters stay float32
+    device: str = "cpu"
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge_lora: bool = False  # save the merged model instead of the PEFT adapter
+
+    def torch_device(self) -> torch.device:
+        """`device` as a torch device; asking for CUDA on a machine without it is a ConfigError."""
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device} was requested but no CUDA device is available")
+        return torch.device(self.device)
+
+    def train_config(self, max_steps: int) -> TrainConfig:
+        """The pretraining loop's config for `max_steps` updates: warmup, then cosine decay to zero."""
+        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.max_length < 2:
+            raise ConfigError(f"lr, batch_size, epochs must be positive and max_length >= 2 (got {self.lr}, "
+                              f"{self.batch_size}, {self.epochs}, {self.max_length})")
+        return TrainConfig(micro_batch_size=self.batch_size, lr=self.lr, min_lr=0.0, warmup_steps=self.warmup_steps,
+                           max_steps=max_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                           seed=self.seed, dtype=self.dtype)
+
+
+def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
+    """The command-line options shared by the fine-tuning scripts, with `defaults` shown in --help."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
+    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                       help="linear warmup, then cosine decay to 0 (default %(default)s)")
+    group.add_argument("--max-length", type=int, default=defaults.max_length,
+                       help="truncate examples to this many tokens (default %(default)s)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+    group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
+    group.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
+                       help="autocast dtype (default %(default)s)")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
+                      help="train LoRA adapters instead of all weights (default %(default)s)")
+    lora.add_argument("--lora-r", type=int, default=defaults.lora_r, help="default %(default)s")
+    lora.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="default %(default)s")
+    lora.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default %(default)s")
+    lora.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
+                      help="comma-separated HF module names, or all-linear (default %(default)s)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="save the merged model instead of the PEFT adapter")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The `FinetuneConfig` that `add_finetune_args` options describe."""
+    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
+                          warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed,
+                          device=args.device, dtype=args.dtype, lora=args.lora, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                          merge_lora=args.merge_lora)
+
+
+@dataclass
+class TaskSpec:
+    """How to read one task file: which fields make the text, which holds the label, and the label set
+    (`labels=None`: the sorted distinct values of the training file)."""
+
+    text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
+    label_field: str = "label"
+    pair: bool = False  # two text fields joined as `<s>` first `<s>` second `</s>`
+    regression: bool = False
+    labels: list[str] | None = None
+
+
+Row = tuple[int, dict[str, Any]]  # (line number in the file, fields)
+
+
+def read_task_file(path: str | Path) -> list[Row]:
+    """The rows of a CSV (header line first), TSV or JSON-lines file, each with the line it ends on."""
+    path = Path(path)
+    if path.suffix.lower() not in TASK_SUFFIXES:
+        raise DataError(f"{path}: unsupported task file type; use one of {', '.join(TASK_SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows: list[Row] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+            rows.append((number, record))
+    else:
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        for record in reader:
+            if None in record or None in record.values():
+                raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames or [])} columns in the header, "
+                                f"a different number in this row")
+            rows.append((reader.line_num, record))
+    if not rows:
+        raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
+    return rows
+
+
+def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> Any:
+    """`record[name]`, or a DataError naming the file, line and the fields that do exist."""
+    if name not in record or record[name] is None:
+        raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(str, record))})")
+    return record[name]
+
+
+def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_length: int) -> list[int]:
+    """Token ids of one example, truncated to `max_length`. Several fields are joined by a blank line
+    (AgNews: title, blank line, text) and encoded with BOS; a pair is BOS first BOS second EOS."""
+    if pair:
+        first, second = texts
+        ids = ([tokenizer.bos_id] + tokenizer.encode(first, add_bos=False) + [tokenizer.bos_id]
+               + tokenizer.encode(second, add_bos=False) + [tokenizer.eos_id])
+    else:
+        ids = tokenizer.encode("\n\n".join(texts), add_bos=True)
+    return ids[:max_length]
+
+
+def _sort_key(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
+    """The label names, index = class id: `spec.labels`, else the distinct values in `rows`, sorted
+    (numerically when they are numbers)."""
+    if spec.labels is not None:
+        if len(set(spec.labels)) != len(spec.labels) or len(spec.labels) < 2:
+            raise ConfigError(f"labels must be at least two distinct names, got {spec.labels}")
+        return list(spec.labels)
+    found = sorted({str(field_value(path, n, r, spec.label_field)).strip() for n, r in rows}, key=_sort_key)
+    if len(found) < 2:
+        raise DataError(f"{path}: only one label value ({found[0]!r}) in field {spec.label_field!r}")
+    return found
+
+
+def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> int | float:
+    """A class id from a label name (or from an integer id in range), or a float for regression."""
+    text = str(raw).strip()
+    if labels is None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise DataError(f"{path}:{number}: regression label {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"{path}:{number}: regression label {text!r} is not finite")
+        return value
+    if text in labels:
+        return labels.index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(labels):
+        return int(text)
+    raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)})")
+
+
+def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: list[str] | None,
+              max_length: int, rows: list[Row] | None = None) -> list[tuple[list[int], int | float]]:
+    """(token ids, label) for every row of a task file; `labels=None` reads regression targets."""
+    path = Path(path)
+    if spec.pair and len(spec.text_fields) != 2:
+        raise ConfigError(f"a sentence-pair task needs exactly two text fields, got {spec.text_fields}")
+    examples = []
+    for number, record in rows if rows is not None else read_task_file(path):
+        texts = [str(field_value(path, number, record, name)) for name in spec.text_fields]
+        label = label_value(field_value(path, number, record, spec.label_field), labels, path, number)
+        examples.append((encode_example(tokenizer, texts, spec.pair, max_length), label))
+    return examples
+
+
+def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example (dynamic padding): input_ids, attention_mask, labels."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids)] = 1
+    labels = [label for _, label in examples]
+    dtype = torch.float32 if isinstance(labels[0], float) else torch.long
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=dtype)}
+
+
+def shuffled_batches(examples: list, batch_size: int, seed: int, collate_fn: Callable) -> Iterator[dict]:
+    """Batches in an order drawn from `seed` (one seed per epoch gives a reproducible run)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield collate_fn([examples[i] for i in order[start:start + batch_size]])
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+
+def classification_metrics(predictions: list[int], labels: list[int], num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-averaged F1 (classes absent from both predictions and labels are left out)."""
+    accuracy = sum(p == t for p, t in zip(predictions, labels)) / len(labels)
+    f1s = []
+    for c in range(num_labels):
+        tp = sum(p == c and t == c for p, t in zip(predictions, labels))
+        predicted, actual = predictions.count(c), labels.count(c)
+        if predicted or actual:
+            f1s.append(2 * tp / (predicted + actual))
+    return {"accuracy": accuracy, "f1": sum(f1s) / len(f1s)}
+
+
+def regression_metrics(predictions: list[float], targets: list[float]) -> dict[str, float]:
+    """Pearson correlation (0 when either side is constant) and mean squared error."""
+    n = len(targets)
+    mp, mt = sum(predictions) / n, sum(targets) / n
+    cov = sum((p - mp) * (t - mt) for p, t in zip(predictions, targets))
+    sp = math.sqrt(sum((p - mp) ** 2 for p in predictions))
+    st = math.sqrt(sum((t - mt) ** 2 for t in targets))
+    pearson = cov / (sp * st) if sp > 0 and st > 0 else 0.0
+    return {"pearson": pearson, "mse": sum((p - t) ** 2 for p, t in zip(predictions, targets)) / n}
+
+
+@torch.no_grad()
+def predict(model: LlamaForSequenceClassification, examples: list, batch_size: int, device: torch.device,
+            dtype: str = "float32") -> torch.Tensor:
+    """Logits (n, num_labels) for `examples` in order, in batches padded with the model's pad id."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], model.config.pad_token_id)
+        with autocast(device, dtype):
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+        out.append(logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def evaluate_classifier(model: LlamaForSequenceClassification, examples: list, batch_size: int,
+                        device: torch.device, dtype: str = "float32") -> dict[str, float]:
+    """Accuracy and macro F1, or Pearson and MSE for a one-label (regression) model."""
+    logits = predict(model, examples, batch_size, device, dtype)
+    targets = [label for _, label in examples]
+    if model.config.num_labels == 1:
+        return regression_metrics(logits[:, 0].tolist(), [float(t) for t in targets])
+    return classification_metrics(logits.argmax(-1).tolist(), targets, model.config.num_labels)
+
+
+# --- the fine-tuning loop -------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneResult:
+    best: dict[str, float]  # eval metrics of the kept checkpoint, with its "epoch"
+    history: list[dict[str, float]]  # eval metrics after each epoch
+    checkpoint: Path
+
+
+def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:
+    """Freeze the model and add LoRA adapters as `cfg` says (the heads in `modules_to_save` stay trainable)."""
+    from .lora import apply_lora
+
+    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+               targets=tuple(cfg.lora_targets), modules_to_save=modules_to_save)
+
+
+def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig) -> None:
+    """Write the model atomically as a directory: a PEFT adapter (LoRA without merging) or, otherwise, a
+    full transformers checkpoint (LoRA merged into the weights first, and unmerged again after)."""
+    def write(tmp: Path) -> None:
+        if not cfg.lora:
+            save_pretrained(model, tmp, tokenizer=tokenizer)
+            return
+        from .lora import merge_lora, save_adapter, unmerge_lora
+
+        if cfg.merge_lora:
+            merge_lora(model)
+            try:
+                save_pretrained(model, tmp, tokenizer=tokenizer)
+            finally:
+                unmerge_lora(model)
+        else:
+            save_adapter(model, tmp)
+            tokenizer.save_pretrained(tmp)
+
+    write_dir_atomically(directory, write)
+
+
+def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
+                 loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], log: MetricsLog,
+                 after_epoch: Callable[[int, int], None]) -> None:
+    """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
+    and clipped update; `loss_fn(model, batch)` gives each batch's mean loss, `after_epoch(epoch, step)`
+    evaluates and saves. Each step is logged to metrics.jsonl."""
+    device = cfg.torch_device()
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    train_cfg = cfg.train_config(steps_per_epoch * cfg.epochs)
+    optimizer = build_optimizer(model, train_cfg, device)
+    model.train()
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        for batch in shuffled_batches(examples, cfg.batch_size, cfg.seed * 1000 + epoch, collate_fn):
+            step += 1
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, cfg.dtype):
+                loss = loss_fn(model, batch)
+            if not math.isfinite(loss.item()):
+                raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss.item()}; lower the lr")
+            loss.backward()
+            lr = lr_at(step, train_cfg)
+            grad_norm = optimizer_update(model, optimizer, train_cfg, lr)
+            log.log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm})
+        after_epoch(epoch, step)
+
+
+def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file: str | Path,
+                        out_dir: str | Path, spec: TaskSpec | None = None,
+                        cfg: FinetuneConfig | None = None, verbose: bool = True) -> FinetuneResult:
+    """Fine-tune the causal LM (or classifier) in `model_dir` on a task file and keep the checkpoint that
+    scores best on `eval_file` (accuracy, or Pearson for regression) in OUT/best, with the tokenizer and
+    `id2label`/`label2id` in its config. OUT/metrics.jsonl logs every step and evaluation; OUT/results.json
+    holds the per-epoch evaluations."""
+    spec, cfg = spec or TaskSpec(), cfg or FinetuneConfig()
+    train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    train_rows = read_task_file(train_file)
+    labels = None if spec.regression else task_labels(train_rows, spec, train_file)
+    train_examples = load_task(train_file, tokenizer, spec, labels, cfg.max_length, train_rows)
+    eval_examples = load_task(eval_file, tokenizer, spec, labels, cfg.max_length)
+    if spec.regression:
+        head = {"num_labels": 1, "id2label": None, "label2id": None, "problem_type": "regression"}
+    else:
+        head = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
+                "problem_type": "single_label_classification"}
+    device = cfg.torch_device()
+    torch.manual_seed(cfg.seed)  # the new score head's initial values
+    model = load_pretrained(model_dir, dtype=torch.float32, device=device,
+                            architecture="LlamaForSequenceClassification", **head)
+    if model.config.pad_token_id is None:
+        raise ConfigError(f"{model_dir}: the config has no pad_token_id; batched classification needs one")
+    if cfg.lora:
+        start_lora(model, cfg, modules_to_save=["score"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out_dir)
+    primary = "pearson" if spec.regression else "accuracy"
+    history: list[dict[str, float]] = []
+    best: dict[str, float] = {}
+
+    def after_epoch(epoch: int, step: int) -> None:
+        metrics = evaluate_classifier(model, eval_examples, cfg.batch_size * 2, device, cfg.dtype)
+        history.append({"epoch": epoch, **metrics})
+        log.log({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+        improved = not best or metrics[primary] > best[primary]
+        if improved:
+            best.clear()
+            best.update(history[-1])
+            save_finetuned(model, out_dir / "best", tokenizer, cfg)
+        if verbose:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"epoch {epoch}: {shown}{' (best so far, saved)' if improved else ''}")
+
+    def classifier_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+
+    try:
+        train_epochs(model, train_examples, cfg, lambda b: collate(b, model.config.pad_token_id),
+                     classifier_loss, log, after_epoch)
+    finally:
+        log.close()
+    write_json(out_dir / "results.json", {"train": str(train_file), "eval": str(eval_file), "labels": labels,
+                                          "best": best, "history": history, "config": asdict(cfg)})
+    return FinetuneResult(best=best, history=history, checkpoint=out_dir / "best")

@@ -1,0 +1,192 @@
+"""Instruction tuning of a causal LM on instruction/response pairs in the Aira or Alpaca-PTBR chat format.
+
+Each example is the chat prompt followed by the response, encoded as one text (what the model reads at
+inference is exactly the prompt's tokens, then its own). The loss covers the response only: labels are -100
+over the prompt tokens (unless `train_on_inputs`) and over padding. Aira's special tokens are added to the
+tokenizer, and the embeddings resized, when the base model lacks them. LoRA (r 8, alpha 16, dropout 0.05 on
+q/v, Alpaca-LoRA-PTBR's settings) saves a PEFT adapter, or the merged model on request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DataError
+from .fileio import write_json
+from .finetune import FinetuneConfig, Row, read_task_file, save_finetuned, start_lora, train_epochs
+from .hf import load_pretrained
+from .metrics import MetricsLog, read_metrics
+from .model import LlamaForCausalLM
+from .tokenizer import AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
+
+# Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.
+INSTRUCTION_FIELDS = ("instruction", "prompt")
+RESPONSE_FIELDS = ("output", "response", "completion")
+INPUT_FIELD = "input"
+# Alpaca-LoRA-PTBR's settings: LoRA r 8 / alpha 16 / dropout 0.05 on q/v, prompts cut at 512 tokens
+INSTRUCT_DEFAULTS = FinetuneConfig(lr=2e-4, batch_size=8, epochs=3, max_length=512, lora=True)
+
+
+def _pick(record: dict[str, Any], names: tuple[str, ...], path: Path, number: int) -> str:
+    for name in names:
+        if isinstance(record.get(name), str):
+            return record[name]
+    raise DataError(f"{path}:{number}: no text field among {', '.join(names)} (fields: {', '.join(record)})")
+
+
+def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
+    """(line, instruction, input, response) for each record of a JSON-lines (or CSV/TSV) file."""
+    path = Path(path)
+    rows: list[Row] = read_task_file(path)
+    out = []
+    for number, record in rows:
+        instruction = _pick(record, INSTRUCTION_FIELDS, path, number)
+        response = _pick(record, RESPONSE_FIELDS, path, number)
+        extra = record.get(INPUT_FIELD) or ""
+        if not isinstance(extra, str):
+            raise DataError(f"{path}:{number}: field {INPUT_FIELD!r} must be text")
+        if not instruction.strip() or not response.strip():
+            raise DataError(f"{path}:{number}: empty instruction or response")
+        out.append((number, instruction, extra, response))
+    return out
+
+
+def add_chat_tokens(tokenizer: Tokenizer, model: LlamaForCausalLM, chat_format: str) -> list[str]:
+    """Make sure the format's special tokens exist: add the missing ones to the tokenizer and grow the
+    model's embeddings (and LM head) to the tokenizer's size. Returns the tokens that were added."""
+    if chat_format not in CHAT_FORMATS:
+        raise ConfigError(f"unknown chat format {chat_format!r}; choose one of {', '.join(CHAT_FORMATS)}")
+    wanted = list(AIRA_SPECIAL_TOKENS) if chat_format == "aira" else []
+    missing = [tok for tok in wanted if tokenizer.token_to_id(tok) is None]
+    if missing:
+        tokenizer.add_special_tokens(missing)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    return missing
+
+
+def encode_chat(tokenizer: Tokenizer, chat_format: str, instruction: str, input: str, response: str,
+                max_length: int, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example, truncated to `max_length`. The prompt and response are encoded
+    as one text with BOS (Alpaca then appends EOS; Aira's response ends in `<|endofcompletion|>`); labels
+    copy the ids except over the prompt's tokens, which are -100 unless `train_on_inputs`. Should BPE
+    merge across the prompt/response boundary, only the tokens wholly inside the prompt are masked."""
+    prompt = chat_prompt(chat_format, instruction, input)
+    ids = tokenizer.encode(prompt + chat_response(chat_format, response), add_bos=True)
+    if chat_format == "alpaca":
+        ids.append(tokenizer.eos_id)
+    prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    n_prompt = 0
+    while n_prompt < min(len(ids), len(prompt_ids)) and ids[n_prompt] == prompt_ids[n_prompt]:
+        n_prompt += 1
+    labels = list(ids) if train_on_inputs else [-100] * n_prompt + ids[n_prompt:]
+    return ids[:max_length], labels[:max_length]
+
+
+def collate_lm(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example: input_ids (pad id), attention_mask, labels (-100)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(lab)] = torch.tensor(lab)
+        mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def build_instruction_data(path: str | Path, tokenizer: Tokenizer, chat_format: str, max_length: int,
+                           train_on_inputs: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Encoded examples of an instruction file; an example whose response was cut off entirely by
+    `max_length` has nothing to learn from and is an error naming its line."""
+    out = []
+    for number, instruction, extra, response in instruction_rows(path):
+        ids, labels = encode_chat(tokenizer, chat_format, instruction, extra, response, max_length, train_on_inputs)
+        if all(label == -100 for label in labels[1:]):
+            raise DataError(f"{path}:{number}: the prompt fills max_length {max_length}; no response token is "
+                            "left to train on (raise --max-length or shorten the example)")
+        out.append((ids, labels))
+    return out
+
+
+@torch.no_grad()
+def lm_eval_loss(model: LlamaForCausalLM, examples: list, batch_size: int, pad_id: int,
+                 device: torch.device) -> float:
+    """Mean loss per response token over `examples`."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_lm(examples[start:start + batch_size], pad_id).items()}
+        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], loss_reduction="sum")
+        total += out.loss.item()
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, chat_format: str = "aira",
+                      cfg: FinetuneConfig | None = None, eval_file: str | Path | None = None,
+                      train_on_inputs: bool = False, verbose: bool = True) -> dict[str, Any]:
+    """Instruction-tune the causal LM in `model_dir` on `data_file`; the kept model goes to OUT/best (the
+    lowest eval loss when `eval_file` is given, else the last epoch) as a PEFT adapter with `cfg.lora`
+    (plus the tokenizer, and the resized embeddings as modules_to_save) or as a full checkpoint.
+    Returns the summary also written to OUT/results.json."""
+    cfg = cfg or INSTRUCT_DEFAULTS
+    out_dir = Path(out_dir)
+    device = cfg.torch_device()
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = load_pretrained(model_dir, dtype=torch.float32, device=device)
+    if model.architecture != "LlamaForCausalLM":
+        raise ConfigError(f"{model_dir} holds a {model.architecture}; instruction tuning needs a LlamaForCausalLM")
+    vocab_before = model.config.vocab_size
+    added = add_chat_tokens(tokenizer, model, chat_format)
+    model.to(device)
+    if model.config.pad_token_id is None and tokenizer.pad_id is None:
+        raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad token")
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_id
+    train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
+    eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
+                     if eval_file else None)
+    if cfg.lora:
+        # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
+        start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if model.config.vocab_size != vocab_before
+                   else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out_dir)
+    history: list[dict[str, float]] = []
+    best: dict[str, float] = {}
+
+    def after_epoch(epoch: int, step: int) -> None:
+        record: dict[str, float] = {"epoch": epoch}
+        if eval_examples:
+            record["eval_loss"] = lm_eval_loss(model, eval_examples, cfg.batch_size * 2, pad_id, device)
+            log.log({"step": step, **record})
+        history.append(record)
+        improved = not best or not eval_examples or record["eval_loss"] < best["eval_loss"]
+        if improved:
+            best.clear()
+            best.update(record)
+            save_finetuned(model, out_dir / "best", tokenizer, cfg)
+        if verbose:
+            shown = f", eval loss {record['eval_loss']:.4f}" if eval_examples else ""
+            print(f"epoch {epoch}{shown}{' (saved)' if improved else ''}")
+
+    def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+
+    try:
+        train_epochs(model, train_examples, cfg, lambda b: collate_lm(b, pad_id), lm_loss, log, after_epoch)
+    finally:
+        log.close()
+    summary = {"data": str(data_file), "format": chat_format, "added_tokens": added,
+               "train_examples": len(train_examples), "train_on_inputs": train_on_inputs,
+               "final_loss": [r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r][-1],
+               "best": best, "history": history, "config": asdict(cfg)}
+    write_json(out_dir / "results.json", summary)
+    return summary

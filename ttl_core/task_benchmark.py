@@ -1,0 +1,97 @@
+"""A Portuguese fine-tuning benchmark: one base model fine-tuned on several local task files in turn, with
+one results table (accuracy and macro F1 for classification, Pearson and MSE for regression).
+
+A task list is JSON: `[{"name": ..., "train": FILE, "eval": FILE, "text_fields": [...], "label_field": ...,
+"pair": false, "regression": false, "labels": null}, ...]`, relative paths resolved against the list's
+folder. The default list is the bundled sample tasks (news topics, entailment pairs, sentence similarity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .fileio import atomic_write, write_json
+from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, TaskSpec, finetune_classifier
+
+METRIC_COLUMNS = ("accuracy", "f1", "pearson", "mse")
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    train: Path
+    eval: Path
+    spec: TaskSpec
+
+
+def sample_tasks() -> list[Task]:
+    """The bundled tasks: 4-class news topics, ASSIN2-style entailment pairs, STS-style similarity (1-5)."""
+    return [
+        Task("noticias", SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv",
+             TaskSpec(["title", "text"], "label", labels=list(AGNEWS_LABELS))),
+        Task("inferencia", SAMPLE_DATA / "nli_pt_train.csv", SAMPLE_DATA / "nli_pt_eval.csv",
+             TaskSpec(["premise", "hypothesis"], "label", pair=True, labels=["NONE", "ENTAILMENT"])),
+        Task("similaridade", SAMPLE_DATA / "sts_pt_train.csv", SAMPLE_DATA / "sts_pt_eval.csv",
+             TaskSpec(["sentence1", "sentence2"], "score", pair=True, regression=True)),
+    ]
+
+
+def read_task_list(path: str | Path) -> list[Task]:
+    """Tasks from a JSON list (see the module docstring); a missing or unknown key is a DataError."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read the task list ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: expected a non-empty JSON list of tasks")
+    spec_fields = {f.name for f in dataclasses.fields(TaskSpec)}
+    tasks = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: task {i} is not an object")
+        missing = [k for k in ("name", "train", "eval") if k not in entry]
+        unknown = set(entry) - spec_fields - {"name", "train", "eval"}
+        if missing or unknown:
+            raise DataError(f"{path}: task {i}: " + "; ".join(
+                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(sorted(unknown))}"]
+                                                                          if unknown else [])))
+        spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
+        tasks.append(Task(str(entry["name"]), path.parent / entry["train"], path.parent / entry["eval"], spec))
+    return tasks
+
+
+def run_benchmark(model_dir: str | Path, tasks: list[Task], out_dir: str | Path, cfg: FinetuneConfig,
+                  verbose: bool = True) -> list[dict[str, Any]]:
+    """Fine-tune `model_dir` on each task (OUT/NAME holds its run and best checkpoint); returns one row per
+    task with the best epoch's metrics, also written to OUT/results.json and OUT/results.md."""
+    out_dir = Path(out_dir)
+    rows = []
+    for task in tasks:
+        if verbose:
+            print(f"== {task.name}: {task.train.name} -> {task.eval.name}")
+        result = finetune_classifier(model_dir, task.train, task.eval, out_dir / task.name, task.spec, cfg, verbose)
+        rows.append({"task": task.name, "kind": "regression" if task.spec.regression else "classification",
+                     "epoch": result.best["epoch"], **{k: result.best.get(k) for k in METRIC_COLUMNS}})
+    write_json(out_dir / "results.json", {"model": str(model_dir), "config": dataclasses.asdict(cfg), "rows": rows})
+    table = format_table(rows)
+    atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of benchmark rows; metrics a task does not have are shown as '-'."""
+    def cell(value: Any) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    lines = ["| task | kind | best epoch | " + " | ".join(METRIC_COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(METRIC_COLUMNS)]
+    for row in rows:
+        lines.append(f"| {row['task']} | {row['kind']} | {row['epoch']} | "
+                     + " | ".join(cell(row[k]) for k in METRIC_COLUMNS) + " |")
+    return "\n".join(lines)
