@@ -38,8 +38,7 @@ def base_dir(tmp_path_factory) -> Path:
             texts += [" ".join(v for k, v in row.items() if k not in ("label", "score")) for row in csv.DictReader(f)]
     texts += [" ".join(json.loads(line).values()) for line in open(SAMPLE_DATA / "instrucoes_pt.jsonl", encoding="utf-8")]
     (tmp / "corpus.txt").write_text("\n".join(texts), encoding="utf-8")
-    train_tokenizer([tmp / "corpus.txt"], tmp / "tok", vocab_size=600)
-    tokenizer = Tokenizer.from_pretrained(tmp / "tok")
+    tokenizer = train_tokenizer([tmp / "corpus.txt"], tmp / "tok.model", vocab_size=600)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     torch.manual_seed(0)
@@ -217,7 +216,7 @@ def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
 def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from ttl_core.lora import apply_lora, load_adapter
+    from ttl_core.lora import load_adapter
 
     cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=2, max_length=256, lora=True)
     summary = finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", tmp_path, "aira", cfg, verbose=False)
@@ -227,7 +226,7 @@ def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 16, 0.05)
     assert set(config["target_modules"]) == {"q_proj", "v_proj"}
     tokenizer = Tokenizer.from_pretrained(adapter)
-    assert tokenizer.vocab_size == Tokenizer.from_pretrained(base_dir).vocab_size + 3
+    assert tokenizer.vocab_size == Tokenizer.from_pretrained(base_dir).vocab_size + len(AIRA_SPECIAL_TOKENS)
     # peft loads it onto transformers' model of the base (resized the same way) ...
     hf = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     hf.resize_token_embeddings(tokenizer.vocab_size)
@@ -235,7 +234,6 @@ def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     # ... and our loader gives the same logits on a chat prompt
     ours = load_pretrained(base_dir)
     ours.resize_token_embeddings(tokenizer.vocab_size)
-    apply_lora(ours, r=8, alpha=16, dropout=0.05, modules_to_save=["embed_tokens", "lm_head"])
     load_adapter(ours, adapter)
     ids = torch.tensor([tokenizer.encode(chat_prompt("aira", "Qual é a capital do Brasil?"), add_bos=True)])
     with torch.no_grad():

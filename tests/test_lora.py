@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import AdapterError, CheckpointError
-from ttl_core.lora import (apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter, unload_lora,
-                           unmerge_lora)
+from ttl_core.lora import (apply_lora, load_adapter, lora_parameters, merge_lora, merged_weights, save_adapter,
+                           unload_lora, unmerge_lora)
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -106,6 +106,9 @@ def test_merge_unmerge_and_unload(tmp_path):
     assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
     with pytest.raises(CheckpointError, match="LoRA adapters"):
         ttl_core.save_pretrained(model, tmp_path / "refused")
+    ttl_core.save_pretrained(model, tmp_path / "folded", state_dict=merged_weights(model))  # model unchanged
+    with torch.no_grad():
+        assert (ttl_core.load_pretrained(tmp_path / "folded")(x).logits - unmerged).abs().max() < 1e-5
     unload_lora(model)
     ttl_core.save_pretrained(model, tmp_path / "merged")
     assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))

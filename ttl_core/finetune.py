@@ -321,19 +321,15 @@ def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: lis
 
 def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig) -> None:
     """Write the model atomically as a directory: a PEFT adapter (LoRA without merging) or, otherwise, a
-    full transformers checkpoint (LoRA merged into the weights first, and unmerged again after)."""
+    full transformers checkpoint (with LoRA, the adapters folded into the saved weights)."""
     def write(tmp: Path) -> None:
         if not cfg.lora:
             save_pretrained(model, tmp, tokenizer=tokenizer)
             return
-        from .lora import merge_lora, save_adapter, unmerge_lora
+        from .lora import merged_weights, save_adapter
 
         if cfg.merge_lora:
-            merge_lora(model)
-            try:
-                save_pretrained(model, tmp, tokenizer=tokenizer)
-            finally:
-                unmerge_lora(model)
+            save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model))
         else:
             save_adapter(model, tmp)
             tokenizer.save_pretrained(tmp)

@@ -178,6 +178,20 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.set_merged(False)
 
 
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters with every adapter folded into its base weight and the LoRA pairs left out,
+    for `save_pretrained(model, dir, state_dict=merged_weights(model))`; the model itself is unchanged."""
+    weights = {name: p.detach() for name, p in model.named_parameters() if ".lora_" not in name}
+    for path, layer in lora_layers(model).items():
+        if layer.merged:
+            continue
+        merged = layer.weight.detach().double().clone()
+        for n, (start, stop) in layer.slices.items():
+            merged[start:stop] += layer.delta(n)
+        weights[f"{path}.weight"] = merged.to(layer.weight.dtype)
+    return weights
+
+
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge the adapters and put plain `nn.Linear` layers back, leaving a model `save_pretrained` can
     write as an ordinary HF checkpoint."""
