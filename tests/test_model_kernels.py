@@ -38,3 +38,26 @@ def test_triton_kernels_give_the_reference_loss_and_gradients(dtype):
     assert rel_err(our_loss, true_loss) <= max(1e-2, 2 * rel_err(ref_loss, true_loss))
     for name, grad in true_grads.items():
         assert rel_err(our_grads[name], grad) <= 2 * rel_err(ref_grads[name], grad), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_kernels_in_the_model_on_cuda(dtype):
+    """The model on CUDA with the Triton kernels (compiled, not interpreted) and our attention against the
+    PyTorch references and SDPA, both judged against a float64 copy of the model."""
+    config = LlamaConfig.from_preset("tiny", num_hidden_layers=2, num_key_value_heads=2, vocab_size=4096,
+                                     kernels="torch", attention="sdpa")
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).cuda()
+    truth = LlamaForCausalLM(config).cuda().double()
+    truth.load_state_dict(reference.state_dict())
+    reference.to(dtype)
+    ours = LlamaForCausalLM(config.replace(kernels="triton", attention="triton")).cuda().to(dtype)
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 4096, (4, 256), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    ref_loss, ref_grads = loss_and_grads(reference, ids)
+    our_loss, our_grads = loss_and_grads(ours, ids)
+    true_loss, true_grads = loss_and_grads(truth, ids)
+    assert rel_err(our_loss, true_loss) <= max(1e-2, 2 * rel_err(ref_loss, true_loss))
+    for name, grad in true_grads.items():
+        assert rel_err(our_grads[name], grad) <= max(1e-2, 2 * rel_err(ref_grads[name], grad)), name

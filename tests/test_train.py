@@ -166,6 +166,25 @@ def test_document_masking_trains_on_packed_documents(tmp_path, data_dir):
     assert math.isfinite(masked.last_loss) and masked.last_loss != plain.last_loss
 
 
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir):
+    plain = train(run_config("train.max_steps=2"), tmp_path / "p", data_dir=str(data_dir))
+    recomputed = train(run_config("train.max_steps=2", "train.activation_checkpointing=true"), tmp_path / "c",
+                       data_dir=str(data_dir))
+    assert losses(tmp_path / "c") == losses(tmp_path / "p") and recomputed.last_loss == plain.last_loss
+
+
+@pytest.mark.gpu
+def test_bf16_compiled_training_on_cuda_tracks_eager(tmp_path, data_dir):
+    """Compiled blocks, Triton kernels and fused AdamW on the GPU: the same losses as eager within bf16
+    rounding, and a loss that falls."""
+    common = ("train.max_steps=8", "train.dtype=\"bfloat16\"", "train.eval_every=8")
+    eager = train(run_config(*common), tmp_path / "e", data_dir=str(data_dir), device="cuda")
+    compiled = train(run_config(*common, "train.compile=true"), tmp_path / "c", data_dir=str(data_dir), device="cuda")
+    a, b = losses(tmp_path / "e"), losses(tmp_path / "c")
+    assert max(abs(x - y) / abs(x) for x, y in zip(a, b)) <= 1e-2 and b[-1] < b[0]
+    assert compiled.last_loss == pytest.approx(eager.last_loss, rel=1e-2)
+
+
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, data_dir):
     run = run_config("train.max_steps=8", "train.save_every=1", "train.lr=1e12", "train.warmup_steps=0",
                      "train.min_lr=1e12", "train.grad_clip=0.0")
