@@ -150,7 +150,7 @@ def test_task_file_formats_and_text_building(base_dir, tmp_path):
     ("title,text,label\na,b,A\nc,d,ZZZ\n", "csv", r"t\.csv:3: unknown label 'ZZZ'"),
     ("title,text,label\na,b,A\nc,d\n", "csv", r"t\.csv:3: .*columns"),
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
-    ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: invalid JSON"),
+    ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: malformed JSON"),
     ("x", "xlsx", "unsupported task file type"),
 ])
 def test_bad_task_files_name_file_and_line(base_dir, tmp_path, content, suffix, message):

@@ -71,15 +71,24 @@ def _read_txt(path: Path) -> Iterator[str]:
         yield "".join(block).rstrip("\r\n")
 
 
-def _read_jsonl(path: Path) -> Iterator[str]:
-    for number, line in _lines(path):
+def json_objects(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; malformed JSON or a line that is
+    not an object raises DataError naming the file and line."""
+    for number, line in lines:
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        yield number, record
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    for number, record in json_objects(path, _lines(path)):
+        if not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{number}: no string 'text' field")
         if record["text"]:
             yield record["text"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .data import json_objects
 from .errors import ConfigError, DataError
 from .fileio import write_dir_atomically, write_json
 from .hf import load_pretrained, save_pretrained
@@ -137,16 +137,7 @@ def read_task_file(path: str | Path) -> list[Row]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows: list[Row] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-            rows.append((number, record))
+        rows.extend(json_objects(path, enumerate(text.splitlines(), 1)))
     else:
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         for record in reader:
