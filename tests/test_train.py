@@ -166,6 +166,16 @@ def test_document_masking_trains_on_packed_documents(tmp_path, data_dir):
     assert math.isfinite(masked.last_loss) and masked.last_loss != plain.last_loss
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_autocast_tracks_float32(tmp_path, data_dir, dtype):
+    """bf16 autocast, and fp16 with its gradient scaler, follow the float32 run within low-precision rounding."""
+    train(run_config("train.max_steps=3"), tmp_path / "fp32", data_dir=str(data_dir))
+    train(run_config("train.max_steps=3", f"train.dtype=\"{dtype}\""), tmp_path / dtype, data_dir=str(data_dir))
+    ours, reference = losses(tmp_path / dtype), losses(tmp_path / "fp32")
+    assert all(math.isfinite(x) for x in ours) and ours != reference
+    assert max(abs(x - y) / y for x, y in zip(ours, reference)) <= 1e-2
+
+
 def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir):
     plain = train(run_config("train.max_steps=2"), tmp_path / "p", data_dir=str(data_dir))
     recomputed = train(run_config("train.max_steps=2", "train.activation_checkpointing=true"), tmp_path / "c",
