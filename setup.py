@@ -15,12 +15,13 @@ setup(
         "numpy",
         "safetensors",
         "sentencepiece",
+        "protobuf",  # sentencepiece's model proto, which the tokenizer reads and writes, needs it
         "tqdm",
         "tomli; python_version < '3.11'",  # training configs are TOML; Python 3.11+ ships tomllib
     ],
     extras_require={
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],  # loss curves (RUN/loss.png) and benchmark plots
-        "dev": ["pytest", "transformers>=4.45", "peft", "protobuf", "tokenizers", "pyarrow", "matplotlib"],
+        "dev": ["pytest", "transformers>=4.45", "peft", "tokenizers", "pyarrow", "matplotlib"],
     },
 )

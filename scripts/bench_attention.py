@@ -1,12 +1,14 @@
 """Benchmark attention on a CUDA GPU: our Triton FlashAttention against SDPA's flash and cuDNN backends and
 flash-attn (when installed), forward and forward + backward, bf16.
 
-  python scripts/bench_attention.py [--quick] [--dtype bfloat16] [--out DIR]
+  python scripts/bench_attention.py [--quick] [--smoke] [--dtype bfloat16] [--out DIR]
 
 Sequence lengths 512..8192, head_dim 64 and 128, batch sized so batch·seq = 16k tokens and 2048 / head_dim
-heads (a 2048-wide model), causal and not. TFLOP/s counts 4·seq²·dim per (batch, head) forward (2.5x more
-backward) and half of that when causal; the fraction is of the bf16 matmul rate measured in the same run.
-Writes benchmarks/results/<gpu>/attention.{json,csv,png}. Needs CUDA.
+heads (a 2048-wide model), causal and not; the goal's shape (seq 2048, head_dim 64, causal) comes first.
+TFLOP/s counts 4·seq²·dim per (batch, head) forward (2.5x more backward) and half of that when causal; the
+fraction is of the bf16 matmul rate measured in the same run. Writes
+benchmarks/results/<gpu>/attention.{json,csv,png}, rewritten after every shape. Needs CUDA (`--smoke`: toy
+sizes, CPU allowed, a check of the harness).
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import flash_attention
 from ttl_core.attention import flash_attn_module
-from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, peak_memory_mb, require_cuda, row,
-                                time_ms, write_results)
+from ttl_core.benchmark import BenchDevice, Results, dtype_name, open_device, row
 from ttl_core.cli import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-SHORT = {"bfloat16": "bf16", "float16": "fp16"}
-TOKENS = 16384
+TOKENS = {"full": 16384, "quick": 16384, "smoke": 64}
+WIDTH = {"full": 2048, "quick": 2048, "smoke": 64}  # model width: heads = WIDTH / head_dim
 
 
 def sdpa(backend: SDPBackend) -> Callable:
@@ -37,63 +38,69 @@ def sdpa(backend: SDPBackend) -> Callable:
     return run
 
 
-def implementations() -> dict[str, Callable]:
-    impls = {"ttl": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
-             "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
-    module = flash_attn_module()
-    if module is not None:
-        impls["flash_attn"] = lambda q, k, v, causal: module.flash_attn_func(q, k, v, causal=causal)
+def implementations(dev: BenchDevice) -> dict[str, Callable]:
+    """ttl's kernel and the baselines this device has: SDPA's fused backends exist on CUDA only."""
+    impls = {"ttl": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)}
+    if dev.cuda:
+        impls |= {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+        module = flash_attn_module()
+        if module is not None:
+            impls["flash_attn"] = lambda q, k, v, causal: module.flash_attn_func(q, k, v, causal=causal)
+    else:
+        impls["sdpa_math"] = sdpa(SDPBackend.MATH)
     return impls
+
+
+def time_impl(dev: BenchDevice, impl: str, fn: Callable, shape: dict, dtype: torch.dtype) -> list[dict]:
+    """Rows for one implementation's forward and forward + backward on fresh random q, k, v."""
+    batch, seq, heads, dim, causal = (shape[k] for k in ("batch", "seq", "heads", "head_dim", "causal"))
+    q, k, v = (torch.randn(batch, seq, heads, dim, device=dev.device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    fwd_flops = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
+
+    def forward():
+        return fn(q, k, v, causal)
+
+    def forward_backward():
+        torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad)
+
+    rows = []
+    for pass_, run, flops in (("fwd", forward, fwd_flops), ("fwd+bwd", forward_backward, 3.5 * fwd_flops)):
+        ms = dev.time_ms(run, warmup=5, reps=20)
+        achieved = flops / (ms * 1e-3) / 1e12
+        rows.append(row(impl, pass_, shape, dtype_name(dtype), ms, tflops=achieved,
+                        frac_of_peak=achieved / dev.bf16_tflops, peak_mem_mb=dev.peak_memory_mb(run)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seq 2048 only, head_dim 64, causal")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, CPU allowed: checks the harness only")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
-    require_cuda("bench_attention")
+    dev = open_device("bench_attention", args.smoke)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     dtype = DTYPES[args.dtype]
-    bandwidth, tflops_peak = measure_copy_bandwidth_gbs(), measure_bf16_tflops()
-    print(f"{torch.cuda.get_device_name()}: bf16 matmul {tflops_peak:.0f} TFLOP/s measured")
-    configs = ([(2048, 64, True)] if args.quick else
-               [(s, d, c) for d in (64, 128) for c in (True, False) for s in (512, 1024, 2048, 4096, 8192)])
-    rows = []
+    configs = {"full": [(2048, 64, True)] + [(s, d, c) for d in (64, 128) for c in (True, False)
+                                             for s in (512, 1024, 2048, 4096, 8192) if (s, d, c) != (2048, 64, True)],
+               "quick": [(2048, 64, True)], "smoke": [(17, 16, True), (32, 16, False)]}[mode]
+    results = Results("attention", args.out, dev, plot_metric="tflops")
     print(f"{'seq':>6} {'dim':>4} {'causal':>6} {'pass':<8} {'impl':<11} {'ms':>8} {'TFLOP/s':>8} {'of peak':>8} {'/ ttl':>6}")
     for seq, dim, causal in configs:
-        batch, heads = TOKENS // seq, 2048 // dim
-        fwd_flops = 4 * batch * heads * seq * seq * dim * (0.5 if causal else 1.0)
-        ttl_ms = {}
-        for impl, fn in implementations().items():
-            q, k, v = (torch.randn(batch, seq, heads, dim, device="cuda", dtype=dtype, requires_grad=True)
-                       for _ in range(3))
-            grad = torch.randn_like(q)
-            try:
-                fn(q, k, v, causal)
-            except RuntimeError as e:  # e.g. no cuDNN attention for this shape or build
-                print(f"{seq:>6} {dim:>4} {causal!s:>6} skip     {impl:<11} ({str(e).splitlines()[0][:60]})")
-                continue
-
-            def forward():
-                return fn(q, k, v, causal)
-
-            def forward_backward():
-                torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad)
-
-            for pass_, run, flops in (("fwd", forward, fwd_flops), ("fwd+bwd", forward_backward, 3.5 * fwd_flops)):
-                ms = time_ms(run, warmup=5, reps=20)
-                achieved = flops / (ms * 1e-3) / 1e12
-                if impl == "ttl":
-                    ttl_ms[pass_] = ms
-                rows.append(row(impl, pass_, {"seq": seq, "head_dim": dim, "causal": causal, "batch": batch,
-                                              "heads": heads}, SHORT[args.dtype],
-                                ms, tflops=achieved, frac_of_peak=achieved / tflops_peak,
-                                peak_mem_mb=peak_memory_mb(run)))
-                ratio = ms / ttl_ms[pass_] if pass_ in ttl_ms else float("nan")
-                print(f"{seq:>6} {dim:>4} {causal!s:>6} {pass_:<8} {impl:<11} {ms:>8.3f} {achieved:>8.1f} "
-                      f"{achieved / tflops_peak:>8.1%} {ratio:>6.2f}")
-    print(f"wrote {write_results('attention', rows, args.out, bandwidth, tflops_peak, plot_metric='tflops')}")
-    return 0
+        shape = {"seq": seq, "head_dim": dim, "causal": causal, "batch": max(1, TOKENS[mode] // seq),
+                 "heads": WIDTH[mode] // dim}
+        rows = []
+        for impl, fn in implementations(dev).items():
+            rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_impl(dev, impl, fn, shape, dtype)) or []
+        results.add(rows)
+        ttl_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "ttl"}
+        for r in rows:
+            print(f"{seq:>6} {dim:>4} {causal!s:>6} {r['pass']:<8} {r['impl']:<11} {r['ms']:>8.3f} {r['tflops']:>8.1f} "
+                  f"{r['frac_of_peak']:>8.1%} {r['ms'] / ttl_ms.get(r['pass'], float('nan')):>6.2f}")
+    return results.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark ttl's generate() against transformers' generate() on the same weights on a CUDA GPU.
 
-  python scripts/bench_generate.py [--quick] [--batches 1 8 64] [--prompt 128] [--new-tokens 256] [--out DIR]
+  python scripts/bench_generate.py [--quick] [--smoke] [--batches 1 8 64] [--prompt 128] [--new-tokens 256] [--out DIR]
 
 Random ttl-160m-shaped weights in bf16, saved once in the Hugging Face layout and loaded by both libraries.
 Greedy decoding of random prompts with EOS disabled, so every implementation produces exactly --new-tokens
@@ -11,7 +11,8 @@ calls after warm-up calls, prefill included; transformers' compiled graphs and t
 made by the first call and reused by later calls of the same shape, so neither counts. Reports ms per call, ms per token step, tokens/s over the batch, and GB/s of the bytes decoding
 must read (every weight once per step plus each row's cached keys and values) as a fraction of the copy
 bandwidth measured in the same run, and the extra device memory of the first (cold) call.
-Writes benchmarks/results/<gpu>/generate.{json,csv,png}.
+Writes benchmarks/results/<gpu>/generate.{json,csv,png}, rewritten after every measurement. Needs CUDA
+(`--smoke`: the tiny preset, CPU allowed, a check of the harness).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import tempfile
 
 import torch
 
-from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, peak_memory_mb, require_cuda,
-                                row, time_ms, write_results)
+from ttl_core.benchmark import BenchDevice, Results, cell, open_device, row
 from ttl_core.cli import run_cli
 from ttl_core.config import LlamaConfig
 from ttl_core.generate import generate
@@ -30,7 +30,7 @@ from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.model import LlamaForCausalLM
 
 
-def hf_model(path: str):
+def hf_model(path: str, device: torch.device):
     """transformers' Llama from the saved directory, or None (with a note) when transformers is missing."""
     try:
         import transformers
@@ -39,7 +39,7 @@ def hf_model(path: str):
         return None
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.generation_config.eos_token_id = None  # every call runs the full length, as ttl's does
-    return model.cuda().eval()
+    return model.to(device).eval()
 
 
 def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
@@ -52,14 +52,14 @@ def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
     return new * weights + batch * per_position * cached_positions
 
 
-def bench(path: str, batches: list[int], prompt: int, new: int, bandwidth: float, quick: bool) -> list[dict]:
-    ours = load_pretrained(path, dtype=torch.bfloat16, device="cuda")
-    hf = hf_model(path)
-    warmup, reps = (1, 3) if quick else (2, 5)
-    rows = []
+def bench(path: str, batches: list[int], hf_static_batches: list[int], prompt: int, new: int, results: Results,
+          reps: int) -> None:
+    dev = results.device
+    ours = load_pretrained(path, dtype=torch.bfloat16, device=dev.device)
+    hf = hf_model(path, dev.device)
     for batch in batches:
-        gen = torch.Generator(device="cuda").manual_seed(batch)
-        ids = torch.randint(4, ours.config.vocab_size, (batch, prompt), device="cuda", generator=gen)
+        gen = torch.Generator(device=dev.device).manual_seed(batch)
+        ids = torch.randint(4, ours.config.vocab_size, (batch, prompt), device=dev.device, generator=gen)
         mask = torch.ones_like(ids)
         impls = {
             "ttl": lambda: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]),
@@ -67,21 +67,30 @@ def bench(path: str, batches: list[int], prompt: int, new: int, bandwidth: float
         }
         if hf is not None:
             impls["hf"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-            impls["hf_static_compile"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new,
-                                                             do_sample=False, cache_implementation="static")
+            if batch in hf_static_batches:
+                impls["hf_static_compile"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                                                 do_sample=False, cache_implementation="static")
         nbytes = decode_bytes(ours, batch, prompt, new)
+        shape = {"batch": batch, "prompt": prompt, "new_tokens": new}
         for impl, fn in impls.items():
-            first = {}
-            memory = peak_memory_mb(lambda: first.update(out=fn()))  # the first call allocates its caches
-            shape = tuple(first["out"].shape)
-            if shape != (batch, prompt + new):
-                raise RuntimeError(f"{impl} returned shape {shape}, expected {(batch, prompt + new)}")
-            ms = time_ms(fn, warmup=warmup, reps=reps)
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append(row(impl, "decode", {"batch": batch, "prompt": prompt, "new_tokens": new}, "bf16", ms,
-                            gbs=gbs, frac_of_peak=gbs / bandwidth, tokens_per_s=batch * new / (ms * 1e-3),
-                            peak_mem_mb=memory))
-    return rows
+            measured = results.attempt({"impl": impl, "shape": shape},
+                                       lambda: time_generate(dev, impl, fn, (batch, prompt + new), reps))
+            if measured:
+                ms, memory = measured
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                results.add([row(impl, "decode", shape, "bf16", ms, gbs=gbs, frac_of_peak=gbs / dev.bandwidth_gbs,
+                                 tokens_per_s=batch * new / (ms * 1e-3), peak_mem_mb=memory)])
+
+
+def time_generate(dev: BenchDevice, impl: str, fn, expected_shape: tuple[int, int],
+                  reps: int) -> tuple[float, float | None]:
+    """(median ms per call, extra memory MB of the first, cold call), after checking the output's shape.
+    Whole generate() calls take seconds for transformers, so few repetitions and no extra warm-up."""
+    first = {}
+    memory = dev.peak_memory_mb(lambda: first.update(out=fn()))  # the first call allocates its caches
+    if tuple(first["out"].shape) != expected_shape:
+        raise RuntimeError(f"{impl} returned shape {tuple(first['out'].shape)}, expected {expected_shape}")
+    return dev.time_ms(fn, warmup=0, reps=reps), memory
 
 
 def print_table(rows: list[dict]) -> None:
@@ -92,8 +101,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         s = r["shape"]
         print(f"{s['batch']:>5} {r['impl']:<18} {r['ms']:>9.1f} {r['ms'] / s['new_tokens']:>9.3f} "
-              f"{r['tokens_per_s']:>10.0f} {r['gbs']:>7.0f} {r['frac_of_peak']:>8.1%} {r['peak_mem_mb']:>8.0f} "
-              f"{r['ms'] / ttl_ms[str(s)]:>11.2f}x")
+              f"{r['tokens_per_s']:>10.0f} {r['gbs']:>7.0f} {r['frac_of_peak']:>8.1%} {cell(r['peak_mem_mb'], '8.0f'):>8} "
+              f"{r['ms'] / ttl_ms.get(str(s), float('nan')):>11.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,25 +110,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 64; --quick: 1 64)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (default 128)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per row (default 256; --quick: 64)")
+    parser.add_argument("--hf-static-batches", type=int, nargs="+",
+                        help="batch sizes at which to run transformers' static cache + compile, whose compilation "
+                             "takes minutes per batch size (default: all)")
     parser.add_argument("--preset", default="ttl-160m", help="model shape (default ttl-160m)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, tokens and repetitions")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, toy sizes, CPU allowed: checks the harness only")
     parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
-    require_cuda("bench_generate")
-    batches = args.batches or ([1, 64] if args.quick else [1, 8, 64])
-    new = args.new_tokens or (64 if args.quick else 256)
-    bandwidth = measure_copy_bandwidth_gbs()
-    tflops = measure_bf16_tflops()
-    print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    dev = open_device("bench_generate", args.smoke)
+    if args.smoke:
+        preset, batches, prompt, new = "tiny", [1, 2], 8, 4
+    else:
+        preset, prompt = args.preset, args.prompt
+        batches = args.batches or ([1, 64] if args.quick else [1, 8, 64])
+        new = args.new_tokens or (64 if args.quick else 256)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig.from_preset(args.preset))
+    model = LlamaForCausalLM(LlamaConfig.from_preset(preset))
+    results = Results("generate", args.out, dev, plot_metric="tokens_per_s")
     with tempfile.TemporaryDirectory() as path:
         save_pretrained(model, path, dtype="bfloat16")
         del model
-        rows = bench(path, batches, args.prompt, new, bandwidth, args.quick)
-    print_table(rows)
-    print(f"wrote {write_results('generate', rows, args.out, bandwidth, tflops, plot_metric='tokens_per_s')}")
-    return 0
+        bench(path, batches, args.hf_static_batches or batches, prompt, new, results, reps=2 if args.quick else 3)
+    print_table(results.rows)
+    return results.close()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ rows (tokens) 4096..65536: median ms (CUDA events, L2 flushed), GB/s of the byte
 (counted per family below; every implementation is charged the same bytes, so GB/s compares like ms does),
 that as a fraction of the copy bandwidth measured in the same run (for the matmul-bound fused linear
 cross-entropy: TFLOP/s as a fraction of the measured bf16 matmul rate), and peak extra memory. Prints a table and
-writes benchmarks/results/<gpu>/<family>.{json,csv,png}. Needs CUDA; `--quick` runs a few sizes only.
+writes benchmarks/results/<gpu>/<family>.{json,csv,png}, rewritten after every shape. Needs CUDA; `--quick`
+runs a few sizes only; `--smoke` checks the harness at toy sizes (on the CPU with TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import torch.nn.functional as F
 
 from kernels import (apply_rotary, apply_rotary_reference, cross_entropy, cross_entropy_reference,
                      fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu, swiglu_reference)
-from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, peak_memory_mb, require_cuda,
-                                row, time_ms, write_results)
+from ttl_core.benchmark import BenchDevice, Results, cell, dtype_name, open_device, row
 from ttl_core.cli import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ROWS, QUICK_ROWS = (4096, 16384, 65536), (16384,)
+ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48,)}
 
 
 def liger(module: str, name: str):
@@ -43,39 +43,45 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
-def measure(impls: dict[str, Callable], make_inputs: Callable, shape: dict, dtype: torch.dtype,
-            fwd_bytes: int, bwd_bytes: int, bandwidth: float, fwd_flops: float = 0.0, bwd_flops: float = 0.0,
-            matmul_tflops: float = 0.0) -> list[dict]:
-    """Time each implementation's forward and forward + backward (gradients of the inputs that require
-    grad) on fresh inputs from `make_inputs()`, returning result rows. With FLOP counts (matmul-bound
-    kernels) the fraction of peak is of the measured matmul rate, otherwise of the copy bandwidth."""
+def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape: dict, dtype: torch.dtype,
+                fwd_bytes: int, bwd_bytes: int, fwd_flops: float, bwd_flops: float) -> list[dict]:
+    """Rows for one implementation's forward and forward + backward (gradients of the inputs that require
+    grad). With FLOP counts (matmul-bound kernels) the fraction of peak is of the measured matmul rate,
+    otherwise of the copy bandwidth."""
+    leaves = [t for t in tensors if t.requires_grad]
+    outs = fn(*tensors)
+    grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+
+    def forward():
+        return fn(*tensors)
+
+    def forward_backward():
+        result = fn(*tensors)
+        torch.autograd.grad(result if isinstance(result, tuple) else (result,), leaves, grads)
+
+    rows = []
+    for pass_, run, nbytes, flops in (("fwd", forward, fwd_bytes, fwd_flops),
+                                      ("fwd+bwd", forward_backward, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)):
+        ms = dev.time_ms(run)
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        tflops = flops / (ms * 1e-3) / 1e12 if flops else None
+        rows.append(row(impl, pass_, shape, dtype_name(dtype), ms, gbs=gbs, tflops=tflops,
+                        frac_of_peak=tflops / dev.bf16_tflops if flops else gbs / dev.bandwidth_gbs,
+                        peak_mem_mb=dev.peak_memory_mb(run)))
+    return rows
+
+
+def measure(results: Results, impls: dict[str, Callable | None], make_inputs: Callable, shape: dict,
+            dtype: torch.dtype, fwd_bytes: int, bwd_bytes: int, fwd_flops: float = 0.0, bwd_flops: float = 0.0) -> None:
+    """Time every available implementation on fresh inputs from `make_inputs()` and add the rows; one
+    implementation failing (recorded in the results) does not stop the others."""
     rows = []
     for impl, fn in impls.items():
-        if fn is None:
-            continue
-        tensors = make_inputs()
-        leaves = [t for t in tensors if t.requires_grad]
-        outs = fn(*tensors)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        grads = [torch.randn_like(o) for o in outs]
-
-        def forward():
-            return fn(*tensors)
-
-        def forward_backward():
-            result = fn(*tensors)
-            torch.autograd.grad(result if isinstance(result, tuple) else (result,), leaves, grads)
-
-        for pass_, run, nbytes, flops in (("fwd", forward, fwd_bytes, fwd_flops),
-                                          ("fwd+bwd", forward_backward, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)):
-            ms = time_ms(run)
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            tflops = flops / (ms * 1e-3) / 1e12 if flops else None
-            rows.append(row(impl, pass_, shape, str(dtype).split(".")[1], ms, gbs=gbs, tflops=tflops,
-                            frac_of_peak=tflops / matmul_tflops if flops else gbs / bandwidth,
-                            peak_mem_mb=peak_memory_mb(run)))
-        del tensors, leaves, outs, grads
-    return rows
+        if fn is not None:
+            rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_passes(
+                results.device, impl, fn, make_inputs(), shape, dtype, fwd_bytes, bwd_bytes, fwd_flops,
+                bwd_flops)) or []
+    results.add(rows)
 
 
 def unfused(norm: Callable) -> Callable:
@@ -88,12 +94,12 @@ def unfused(norm: Callable) -> Callable:
     return fn
 
 
-def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
+def bench_rms_norm(mode: str, dtype: torch.dtype, results: Results) -> None:
     """RMSNorm with and without the fused residual add, hidden 768..16384."""
     liger_rms_norm = liger("rms_norm", "LigerRMSNormFunction")
-    eps = 1e-5
-    results = []
-    for hidden in (768, 4096) if quick else (768, 1024, 2048, 4096, 8192, 16384):
+    device, eps = results.device.device, 1e-5
+    hiddens = {"full": (768, 1024, 2048, 4096, 8192, 16384), "quick": (768, 4096), "smoke": (40,)}[mode]
+    for hidden in hiddens:
         for residual in (False, True):
             ref = compiled(rms_norm_reference)
             impls = {
@@ -103,10 +109,10 @@ def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: fl
                 "F.rms_norm": unfused(lambda x, w: F.rms_norm(x, (hidden,), w, eps)),
                 "liger": liger_rms_norm and unfused(lambda x, w: liger_rms_norm(x, w, eps)),
             }
-            for rows in QUICK_ROWS if quick else ROWS:
+            for rows in ROWS[mode]:
                 def make_inputs():
-                    x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
-                    w = torch.randn(hidden, device="cuda", dtype=dtype, requires_grad=True)
+                    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+                    w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
                     return (x, w, torch.randn_like(x, requires_grad=True)) if residual else (x, w)
 
                 # fwd reads x (and the residual), writes y (and x + residual); bwd reads dy, the saved
@@ -114,19 +120,18 @@ def bench_rms_norm(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: fl
                 tensor = rows * hidden * dtype.itemsize
                 fwd_bytes, bwd_bytes = (4 * tensor, 4 * tensor) if residual else (2 * tensor, 3 * tensor)
                 shape = {"rows": rows, "hidden": hidden, "residual": residual}
-                results += measure(impls, make_inputs, shape, dtype, fwd_bytes, bwd_bytes, bandwidth)
-    return results
+                measure(results, impls, make_inputs, shape, dtype, fwd_bytes, bwd_bytes)
 
 
-def bench_rotary(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
+def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
     """Rotary embedding of q and k cut from a fused qkv projection, with per-token (batch, seq, dim) angles."""
     liger_rope = liger("rope", "LigerRopeFunction")
-    seq = 2048
-    heads = {"ttl-160m": (12, 12, 64), "ttl-460m": (16, 16, 64), "llama3-8b": (32, 8, 128)}
-    results = []
+    device = results.device.device
+    seq = 16 if mode == "smoke" else 2048
+    heads = {"full": {"ttl-160m": (12, 12, 64), "ttl-460m": (16, 16, 64), "llama3-8b": (32, 8, 128)},
+             "quick": {"ttl-160m": (12, 12, 64), "llama3-8b": (32, 8, 128)},
+             "smoke": {"toy-gqa": (4, 2, 16)}}[mode]
     for name, (n_heads, n_kv, dim) in heads.items():
-        if quick and name == "ttl-460m":
-            continue
         ref = compiled(apply_rotary_reference)
         impls = {
             "ttl": apply_rotary,
@@ -135,41 +140,39 @@ def bench_rotary(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: floa
             # Liger takes (batch, heads, seq, dim) and returns that layout
             "liger": liger_rope and (lambda q, k, cos, sin: liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)),
         }
-        for tokens in QUICK_ROWS if quick else ROWS:
+        for tokens in ROWS[mode]:
             batch = tokens // seq
 
             def make_inputs():
-                qkv = torch.randn(batch, seq, (n_heads + 2 * n_kv) * dim, device="cuda", dtype=dtype,
+                qkv = torch.randn(batch, seq, (n_heads + 2 * n_kv) * dim, device=device, dtype=dtype,
                                   requires_grad=True)
                 q, k, _ = qkv.split([n_heads * dim, n_kv * dim, n_kv * dim], dim=-1)
-                angles = torch.rand(batch, seq, dim, device="cuda") * 6.3
+                angles = torch.rand(batch, seq, dim, device=device) * 6.3
                 return (q.view(batch, seq, n_heads, dim), k.view(batch, seq, n_kv, dim),
                         angles.cos().to(dtype), angles.sin().to(dtype))
 
             # each pass reads q, k, cos, sin and writes q, k (or their gradients)
             nbytes = tokens * (2 * (n_heads + n_kv) * dim + 2 * dim) * dtype.itemsize
             shape = {"tokens": tokens, "model": name, "heads": n_heads, "kv_heads": n_kv, "head_dim": dim}
-            results += measure(impls, make_inputs, shape, dtype, nbytes, nbytes, bandwidth)
-    return results
+            measure(results, impls, make_inputs, shape, dtype, nbytes, nbytes)
 
 
-def bench_swiglu(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
+def bench_swiglu(mode: str, dtype: torch.dtype, results: Results) -> None:
     """SwiGLU on the two halves of a fused gate/up projection output."""
     liger_swiglu = liger("swiglu", "LigerSiLUMulFunction")
-    results = []
-    for inter in (3072, 14336) if quick else (3072, 4096, 8192, 14336):
+    device = results.device.device
+    for inter in {"full": (3072, 4096, 8192, 14336), "quick": (3072, 14336), "smoke": (40,)}[mode]:
         ref = compiled(swiglu_reference)
         impls = {"ttl": swiglu, "torch": swiglu_reference, "compile": ref, "liger": liger_swiglu}
-        for rows in QUICK_ROWS if quick else ROWS:
+        for rows in ROWS[mode]:
             def make_inputs():
-                gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype, requires_grad=True)
+                gate_up = torch.randn(rows, 2 * inter, device=device, dtype=dtype, requires_grad=True)
                 return gate_up.chunk(2, dim=-1)
 
             # fwd reads gate, up and writes the product; bwd reads its gradient, gate, up and writes two
             tensor = rows * inter * dtype.itemsize
-            shape = {"rows": rows, "intermediate": inter}
-            results += measure(impls, make_inputs, shape, dtype, 3 * tensor, 5 * tensor, bandwidth)
-    return results
+            measure(results, impls, make_inputs, {"rows": rows, "intermediate": inter}, dtype, 3 * tensor,
+                    5 * tensor)
 
 
 def loss_only(out):
@@ -182,47 +185,52 @@ def eager_linear_cross_entropy(hidden, weight, targets):
     return F.cross_entropy(F.linear(hidden, weight).float(), targets)
 
 
-def bench_cross_entropy(quick: bool, dtype: torch.dtype, bandwidth: float, tflops: float) -> list[dict]:
+def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None:
     """Fused linear cross-entropy (LM head + loss, fwd 2·N·d·V FLOPs, bwd 4·N·d·V) and cross-entropy on
-    given logits (GB/s). The shape records the unfused logits + gradient bytes, the memory fusion avoids."""
+    given logits (GB/s). The shape records the unfused logits + gradient bytes, the memory fusion avoids.
+    The goal's shape (16k tokens x 4096 x 128256) comes first, so a run cut short still has it."""
     liger_flce = liger("fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
     liger_ce = liger("cross_entropy", "LigerCrossEntropyFunction")
-    results = []
-    sizes = ([(16384, 4096, 128256), (8192, 768, 32000)] if quick else
-             [(t, d, v) for v in (32000, 128256) for d in (768, 2048, 4096) for t in (4096, 8192, 16384)])
+    device = results.device.device
+    sizes = {"full": [(16384, 4096, 128256)] + [(t, d, v) for v in (32000, 128256) for d in (768, 2048, 4096)
+                                                 for t in (4096, 16384) if (t, d, v) != (16384, 4096, 128256)],
+             "quick": [(16384, 4096, 128256), (8192, 768, 32000)],
+             "smoke": [(48, 40, 1003)]}[mode]
     for tokens, hidden, vocab in sizes:
         ref = compiled(eager_linear_cross_entropy)
         impls = {"ttl": fused_linear_cross_entropy, "torch": eager_linear_cross_entropy, "compile": ref,
                  "liger": liger_flce and (lambda h, w, t: loss_only(liger_flce(h, w, t)))}
 
         def make_inputs():
-            h = torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True)
-            w = (torch.randn(vocab, hidden, device="cuda") / hidden**0.5).to(dtype).requires_grad_()
-            return h, w, torch.randint(0, vocab, (tokens,), device="cuda")
+            h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_()
+            return h, w, torch.randint(0, vocab, (tokens,), device=device)
 
         flops = 2 * tokens * hidden * vocab
-        unfused = 2 * tokens * vocab * dtype.itemsize
-        shape = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "unfused_logits_grad_mb": unfused / 2**20}
+        unfused_bytes = 2 * tokens * vocab * dtype.itemsize
+        shape = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "unfused_logits_grad_mb": round(unfused_bytes / 2**20, 1)}
         # bytes: hidden and weight read, gradients written; the logits themselves never reach memory
         tensor_bytes = (tokens + vocab) * hidden * dtype.itemsize
-        results += measure(impls, make_inputs, shape, dtype, tensor_bytes, tensor_bytes, bandwidth,
-                           fwd_flops=flops, bwd_flops=2 * flops, matmul_tflops=tflops)
-    for tokens, vocab in [(8192, 128256)] if quick else [(t, v) for v in (32000, 128256) for t in (4096, 16384)]:
+        measure(results, impls, make_inputs, shape, dtype, tensor_bytes, tensor_bytes, fwd_flops=flops,
+                bwd_flops=2 * flops)
+    logit_sizes = {"full": [(t, v) for v in (32000, 128256) for t in (4096, 16384)], "quick": [(8192, 128256)],
+                   "smoke": [(48, 1003)]}[mode]
+    for tokens, vocab in logit_sizes:
         impls = {"ttl": cross_entropy, "torch": lambda x, t: F.cross_entropy(x.float(), t),
                  "compile": compiled(cross_entropy_reference), "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t)))}
 
         def make_logits():
-            x = torch.randn(tokens, vocab, device="cuda", dtype=dtype, requires_grad=True)
-            return x, torch.randint(0, vocab, (tokens,), device="cuda")
+            x = torch.randn(tokens, vocab, device=device, dtype=dtype, requires_grad=True)
+            return x, torch.randint(0, vocab, (tokens,), device=device)
 
         logits_bytes = tokens * vocab * dtype.itemsize  # fwd reads the logits, bwd writes their gradient
-        shape = {"tokens": tokens, "vocab": vocab, "on_logits": True}
-        results += measure(impls, make_logits, shape, dtype, logits_bytes, logits_bytes, bandwidth)
-    return results
+        measure(results, impls, make_logits, {"tokens": tokens, "vocab": vocab, "on_logits": True}, dtype,
+                logits_bytes, logits_bytes)
 
 
-FAMILIES = {"rms_norm": bench_rms_norm, "rotary": bench_rotary, "swiglu": bench_swiglu,
-            "cross_entropy": bench_cross_entropy}
+# in the order of the speed goals (issue 10), so a run cut short by a time limit loses the least
+FAMILIES = {"rms_norm": bench_rms_norm, "rotary": bench_rotary, "cross_entropy": bench_cross_entropy,
+            "swiglu": bench_swiglu}
 
 
 def print_table(family: str, rows: list[dict]) -> None:
@@ -234,25 +242,26 @@ def print_table(family: str, rows: list[dict]) -> None:
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
         ratio = r["ms"] / ttl_ms.get((str(r["shape"]), r["pass"]), float("nan"))
         print(f"{shape:<58} {r['pass']:<8} {r['impl']:<11} {r['ms']:>9.4f} {r['gbs']:>8.0f} "
-              f"{r['frac_of_peak']:>8.1%} {r['peak_mem_mb']:>9.1f} {ratio:>7.2f}")
+              f"{r['frac_of_peak']:>8.1%} {cell(r['peak_mem_mb'], '9.1f'):>9} {ratio:>7.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="a few sizes only (a check in about a minute)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, CPU allowed: checks the harness only")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activation dtype")
     parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
-    require_cuda("bench_kernels")
-    bandwidth = measure_copy_bandwidth_gbs()
-    tflops = measure_bf16_tflops()
-    print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s")
+    dev = open_device("bench_kernels", args.smoke)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    status = 0
     for family in args.only or FAMILIES:
-        rows = FAMILIES[family](args.quick, DTYPES[args.dtype], bandwidth, tflops)
-        print_table(family, rows)
-        print(f"wrote {write_results(family, rows, args.out, bandwidth, tflops)}")
-    return 0
+        results = Results(family, args.out, dev)
+        FAMILIES[family](mode, DTYPES[args.dtype], results)
+        print_table(family, results.rows)
+        status |= results.close()
+    return status
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 (Triton kernels, fused linear cross-entropy, compiled blocks) against transformers' LlamaForCausalLM (SDPA),
 and Liger-Kernel's patched transformers model when importable, with the same optimizer and batch, in one run.
 
-  python scripts/bench_train.py [--preset ttl-160m] [--batch 4 16] [--steps 20] [--quick] [--out DIR]
+  python scripts/bench_train.py [--preset ttl-160m] [--batch 4 16] [--steps 20] [--quick] [--smoke] [--out DIR]
 
 MFU counts 6N + 12·L·d·T FLOPs per token (N without the input embedding table) against both the
-published bf16 peak of the device and the matmul throughput measured in the same run. Needs CUDA.
+published bf16 peak of the device and the matmul throughput measured in the same run. Needs CUDA
+(`--smoke`: the tiny preset at seq 64, CPU allowed, a check of the harness).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from typing import Callable
 import torch
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.benchmark import (measure_bf16_tflops, measure_copy_bandwidth_gbs, require_cuda, row,
-                                write_results)
+from ttl_core.benchmark import BenchDevice, Results, cell, open_device, row
 from ttl_core.cli import run_cli
 from ttl_core.config import PRESETS
 from ttl_core.distributed import World
@@ -27,17 +27,16 @@ from ttl_core.metrics import flops_per_token, peak_tflops
 from ttl_core.run_config import TrainConfig
 from ttl_core.train import build_optimizer, train_step
 
-SEQ = 2048
 
-
-def ttl_step(config: LlamaConfig, train: TrainConfig, compile_blocks: bool) -> Callable[[torch.Tensor], float]:
+def ttl_step(config: LlamaConfig, train: TrainConfig, compile_blocks: bool,
+             device: torch.device) -> Callable[[torch.Tensor], float]:
     """ttl's own training step (the one `ttl_core.train` runs) on a fresh random-init model."""
-    model = LlamaForCausalLM(config).cuda().train()
+    model = LlamaForCausalLM(config).to(device).train()
     if compile_blocks:
         for block in model.backbone.layers:
             block.compile()
-    optimizer = build_optimizer(model, train, torch.device("cuda"))
-    world = World(0, 1, torch.device("cuda"))
+    optimizer = build_optimizer(model, train, device)
+    world = World(0, 1, device)
 
     def step(ids: torch.Tensor) -> float:
         return train_step(model, optimizer, [{"input_ids": ids, "targets": ids.roll(-1, 1)}], train, world,
@@ -45,7 +44,8 @@ def ttl_step(config: LlamaConfig, train: TrainConfig, compile_blocks: bool) -> C
     return step
 
 
-def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool) -> Callable[[torch.Tensor], float] | None:
+def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool,
+            device: torch.device) -> Callable[[torch.Tensor], float] | None:
     """transformers' LlamaForCausalLM (SDPA attention) with the same optimizer settings and autocast."""
     import transformers
 
@@ -57,11 +57,11 @@ def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool) -> Callable[[t
         apply_liger_kernel_to_llama()
     hf_config = transformers.LlamaConfig(**config.to_hf_dict())
     hf_config._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(hf_config).cuda().train()
-    optimizer = build_optimizer(model, train, torch.device("cuda"))
+    model = transformers.LlamaForCausalLM(hf_config).to(device).train()
+    optimizer = build_optimizer(model, train, device)
 
     def step(ids: torch.Tensor) -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
@@ -71,19 +71,20 @@ def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool) -> Callable[[t
     return step
 
 
-def measure(step: Callable[[torch.Tensor], float], batch: int, vocab: int, steps: int) -> tuple[float, float]:
-    """(mean ms per optimizer step after 3 warm-up steps, peak memory MB) on random tokens."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = [torch.randint(0, vocab, (batch, SEQ), device="cuda", generator=gen) for _ in range(4)]
+def measure(dev: BenchDevice, step: Callable[[torch.Tensor], float], batch: int, seq: int, vocab: int,
+            steps: int) -> tuple[float, float | None]:
+    """(mean ms per optimizer step after 3 warm-up steps, peak memory MB or None) on random tokens."""
+    ids = [torch.randint(0, vocab, (batch, seq), device=dev.device) for _ in range(4)]
     for i in range(3):  # compilation and autotuning happen here
         step(ids[i % 4])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    dev.sync()
+    if dev.cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
         step(ids[i % 4])
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / steps, torch.cuda.max_memory_allocated() / 2**20
+    dev.sync()
+    return (time.perf_counter() - start) * 1e3 / steps, torch.cuda.max_memory_allocated() / 2**20 if dev.cuda else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,47 +93,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[4, 16], help="sequences of 2048 tokens per step")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     parser.add_argument("--quick", action="store_true", help="batch 16 only, 5 timed steps")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, seq 64, CPU allowed: checks the harness only")
     parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
-    require_cuda("bench_train")
-    batches, steps = ([16], 5) if args.quick else (args.batch, args.steps)
+    dev = open_device("bench_train", args.smoke)
+    preset, seq, batches, steps = ("tiny", 64, [2], 2) if args.smoke else (
+        (args.preset, 2048, [16], 5) if args.quick else (args.preset, 2048, args.batch, args.steps))
     torch.backends.cuda.matmul.allow_tf32 = True
-    bandwidth, measured_tflops = measure_copy_bandwidth_gbs(), measure_bf16_tflops()
-    published = peak_tflops(torch.cuda.get_device_name())
-    config = LlamaConfig.from_preset(args.preset)
+    published = peak_tflops(dev.name) if dev.cuda else None
+    config = LlamaConfig.from_preset(preset)
     with torch.device("meta"):
         flops = flops_per_token(LlamaForCausalLM(config).num_parameters(exclude_embedding=True),
-                                config.num_hidden_layers, config.hidden_size, SEQ)
-    train = TrainConfig(seq_len=SEQ, lr=6e-4, weight_decay=0.01, no_decay=[], grad_clip=0.0, dtype="bfloat16")
-    impls = {"ttl": lambda: ttl_step(config, train, True), "ttl-eager": lambda: ttl_step(config, train, False),
-             "hf": lambda: hf_step(config, train, False), "liger": lambda: hf_step(config, train, True)}
-    print(f"{torch.cuda.get_device_name()}: copy {bandwidth:.0f} GB/s, bf16 matmul {measured_tflops:.0f} TFLOP/s, "
-          f"{flops / 1e9:.3f} GFLOP per token")
+                                config.num_hidden_layers, config.hidden_size, seq)
+    train = TrainConfig(seq_len=seq, lr=6e-4, weight_decay=0.01, no_decay=[], grad_clip=0.0, dtype="bfloat16")
+    impls = {"ttl": lambda: ttl_step(config, train, True, dev.device),
+             "ttl-eager": lambda: ttl_step(config, train, False, dev.device),
+             "hf": lambda: hf_step(config, train, False, dev.device),
+             "liger": lambda: hf_step(config, train, True, dev.device)}
+    print(f"{flops / 1e9:.3f} GFLOP per token")
     print(f"{'impl':<10} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'of measured':>11} {'peak MB':>9} {'/ hf':>6}")
-    rows, hf_tokens_per_s = [], {}
+    results = Results("train", args.out, dev, plot_metric="tokens_per_s")
+    hf_tokens_per_s = {}
     # hf first (the ratios are against it); liger last, because its patch changes transformers for good
     for impl in ("hf", "ttl-eager", "ttl", "liger"):
         for batch in batches:
-            step = impls[impl]()
-            if step is None:
-                break
-            ms, peak_mb = measure(step, batch, config.vocab_size, steps)
-            tokens_per_s = batch * SEQ / (ms * 1e-3)
+            shape = {"preset": preset, "batch": batch, "seq": seq}
+            step = results.attempt({"impl": impl, "shape": shape}, impls[impl])
+            measured = step and results.attempt({"impl": impl, "shape": shape},
+                                                lambda: measure(dev, step, batch, seq, config.vocab_size, steps))
+            del step
+            gc.collect()
+            if dev.cuda:
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()
+            if not measured:
+                continue
+            ms, peak_mb = measured
+            tokens_per_s = batch * seq / (ms * 1e-3)
             achieved = flops * tokens_per_s / 1e12
             mfu = achieved / published if published else None
             if impl == "hf":
                 hf_tokens_per_s[batch] = tokens_per_s
-            rows.append(row(impl, "train_step", {"preset": args.preset, "batch": batch, "seq": SEQ}, "bf16", ms,
-                            tflops=achieved, frac_of_peak=achieved / measured_tflops, tokens_per_s=tokens_per_s,
-                            mfu=mfu, peak_mem_mb=peak_mb))
-            print(f"{impl:<10} {batch:>5} {ms:>9.1f} {tokens_per_s:>10,.0f} {(mfu or float('nan')):>6.1%} "
-                  f"{achieved / measured_tflops:>11.1%} {peak_mb:>9.0f} {tokens_per_s / hf_tokens_per_s[batch]:>6.2f}")
-            del step
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch._dynamo.reset()
-    print(f"wrote {write_results('train', rows, args.out, bandwidth, measured_tflops, plot_metric='tokens_per_s')}")
-    return 0
+            results.add([row(impl, "train_step", shape, "bf16", ms, tflops=achieved,
+                              frac_of_peak=achieved / dev.bf16_tflops, tokens_per_s=tokens_per_s, mfu=mfu,
+                              peak_mem_mb=peak_mb)])
+            print(f"{impl:<10} {batch:>5} {ms:>9.1f} {tokens_per_s:>10,.0f} {cell(mfu, '6.1%'):>6} "
+                  f"{achieved / dev.bf16_tflops:>11.1%} {cell(peak_mb, '9.0f'):>9} "
+                  f"{tokens_per_s / hf_tokens_per_s.get(batch, float('nan')):>6.2f}")
+    return results.close()
 
 
 if __name__ == "__main__":

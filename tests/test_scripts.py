@@ -1,7 +1,14 @@
-"""Every script in scripts/ answers --help (and so at least imports and parses)."""
+"""Every script in scripts/ answers --help (and so at least imports and parses); the benchmark harness runs
+end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its time to a harness bug."""
+
+import json
+import time
 
 import pytest
+import torch
 from helpers import ROOT, run_script
+
+from ttl_core.benchmark import ROW_FIELDS, BenchDevice, Results, open_device, row
 
 SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
 
@@ -13,15 +20,69 @@ def test_script_help(name):
     assert "usage:" in run.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_benchmarks_refuse_clearly_without_cuda():
-    import torch
+    with pytest.raises(Exception, match="needs a CUDA GPU"):
+        open_device("bench_x")
+    run = run_script("bench_kernels", "--quick")
+    assert run.returncode == 2 and run.stderr.strip().startswith("error: bench_kernels measures GPU speed")
 
-    from ttl_core.benchmark import require_cuda, row
 
-    if not torch.cuda.is_available():
-        with pytest.raises(Exception, match="needs a CUDA GPU"):
-            require_cuda("bench_x")
+def test_result_rows_hold_every_field():
     r = row("ttl", "fwd", {"rows": 4096}, "bf16", 1.5, gbs=100.0)
-    assert list(r) == ["impl", "pass", "shape", "dtype", "ms", "gbs", "tflops", "frac_of_peak", "tokens_per_s",
-                       "mfu", "peak_mem_mb"]
+    assert tuple(r) == ROW_FIELDS
     assert r["gbs"] == 100.0 and r["tflops"] is None
+    with pytest.raises(ValueError, match="unknown result fields"):
+        row("ttl", "fwd", {}, "bf16", 1.0, speed=3)
+
+
+def test_a_failed_measurement_is_recorded_and_the_run_goes_on(tmp_path):
+    results = Results("demo", tmp_path, BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0,
+                                                     bf16_tflops=1.0))
+    assert results.attempt({"impl": "liger"}, lambda: 1 / 0) is None
+    results.add([row("ttl", "fwd", {"rows": 1}, "bf16", 1.0)])
+    assert results.close() == 1
+    written = json.loads((tmp_path / "test-gpu" / "demo.json").read_text())
+    assert written["failures"] == [{"impl": "liger", "error": "ZeroDivisionError: division by zero"}]
+    assert [r["impl"] for r in written["rows"]] == ["ttl"]
+    smoke = Results("demo", tmp_path, BenchDevice(torch.device("cpu"), "cpu", smoke=True))
+    with pytest.raises(ZeroDivisionError):  # a smoke run exists to surface such failures
+        smoke.attempt({"impl": "ttl"}, lambda: 1 / 0)
+
+
+def test_timing_stays_within_its_budget():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    device = BenchDevice(torch.device("cpu"), "cpu", smoke=False)
+    ms = device.time_ms(slow, warmup=10, reps=50, max_seconds=0.2)
+    # 2 estimating calls, at most 2 warm-ups (a quarter of the budget), 5..10 timed: not 10 + 50
+    assert 7 <= len(calls) <= 14 and ms >= 20
+
+
+# kernels and attention run ttl's Triton kernels in the interpreter; training compiles its blocks, which
+# dynamo cannot trace through the interpreter, so it runs the references the CPU would use anyway
+SMOKE = {"bench_kernels": ({"TTL_KERNELS": "triton"}, ["rms_norm", "rotary", "swiglu", "cross_entropy"]),
+         "bench_attention": ({"TTL_KERNELS": "triton"}, ["attention"]),
+         "bench_train": ({}, ["train"]),
+         "bench_generate": ({}, ["generate"])}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_harness_runs_at_toy_sizes(script, tmp_path):
+    env, files = SMOKE[script]
+    run = run_script(script, "--smoke", "--out", tmp_path, env={**env, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    folder = next(tmp_path.iterdir())
+    assert folder.name.endswith("-smoke")  # never mixed with a GPU's real figures
+    for name in files:
+        written = json.loads((folder / f"{name}.json").read_text())
+        assert written["failures"] == [] and written["measured_bandwidth_gbs"] > 0
+        impls = {r["impl"] for r in written["rows"]}
+        assert "ttl" in impls and len(impls) >= 2, impls  # ttl and at least one baseline, same run
+        for r in written["rows"]:
+            assert tuple(r) == ROW_FIELDS and r["ms"] > 0 and r["frac_of_peak"] > 0
+        assert (folder / f"{name}.csv").read_text().count("\n") == len(written["rows"]) + 1

@@ -1,8 +1,13 @@
-"""What the `scripts/bench_*.py` benchmarks share: CUDA timing, the device's measured peaks, result files.
+"""What the `scripts/bench_*.py` benchmarks share: the device and its measured peaks, timing, result files.
 
 Every figure is reported against peaks measured in the same run (a large device-to-device copy for
 bandwidth, a large bf16 matmul for throughput), never against datasheet numbers. Results go to
 `benchmarks/results/<gpu-name>/<benchmark>.{json,csv,png}` in the format of shared/DESIGN.md.
+
+GPU time is scarce, so a benchmark must not lose a run to one bad measurement or a time limit: `Results`
+rewrites its files after every addition and records a failed measurement instead of stopping. `--smoke`
+runs a benchmark at toy sizes, on the CPU when there is no GPU, to check the harness itself (the test
+suite does); its figures mean nothing and say so in the results' device name.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import datetime
 import json
 import re
 import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,56 +32,100 @@ ROW_FIELDS = ("impl", "pass", "shape", "dtype", "ms", "gbs", "tflops", "frac_of_
               "peak_mem_mb")
 
 
-def require_cuda(benchmark: str) -> torch.device:
-    """The CUDA device, or a clear `TTLError` saying this benchmark needs one."""
-    if not torch.cuda.is_available():
-        raise TTLError(f"{benchmark} measures GPU speed and needs a CUDA GPU; none is available here")
-    return torch.device("cuda")
+@dataclass(frozen=True)
+class BenchDevice:
+    """Where a benchmark runs, the copy bandwidth and bf16 matmul rate measured there at its start, and how
+    it times: CUDA events on a GPU, the host clock in a CPU smoke run."""
 
+    device: torch.device
+    name: str
+    smoke: bool
+    bandwidth_gbs: float = float("nan")
+    bf16_tflops: float = float("nan")
 
-def time_ms(fn: Callable[[], Any], warmup: int = 10, reps: int = 50) -> float:
-    """Median milliseconds of `fn()` over `reps` runs, each timed with CUDA events after an L2 flush
-    (256 MB written between runs so no input is served from a warm cache)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(warmup):
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn: Callable[[], Any], warmup: int = 10, reps: int = 50, max_seconds: float = 2.0) -> float:
+        """Median milliseconds of `fn()`. After a first untimed call (compilation, autotuning) and a timed
+        one to estimate the cost, up to `warmup` calls warm up and up to `reps` are timed, fewer when they
+        would take longer than `max_seconds` (but at least 5, or `reps` if that is less). On a GPU each run is timed with CUDA events after
+        an L2 flush (256 MB written), so no input is served from a warm cache."""
+        if self.smoke:
+            warmup, reps = 1, 2
         fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        self.sync()
+        start = time.perf_counter()
         fn()
-        end.record()
+        self.sync()
+        estimate = max(time.perf_counter() - start, 1e-6)
+        for _ in range(min(warmup, int(max_seconds / 4 / estimate))):
+            fn()
+        reps = max(min(reps, 5), min(reps, int(max_seconds / estimate)))
+        flush = torch.empty(256 * 2**20 if self.cuda else 0, dtype=torch.int8, device=self.device)
+        times = []
+        for _ in range(reps):
+            flush.zero_()
+            if self.cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(begin.elapsed_time(end))
+            else:
+                begin_s = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin_s) * 1e3)
+        return statistics.median(times)
+
+    def peak_memory_mb(self, fn: Callable[[], Any]) -> float | None:
+        """Extra device memory (MB) `fn()` allocates at its peak over what was allocated before it ran;
+        None on the CPU, which keeps no such statistic."""
+        if not self.cuda:
+            fn()
+            return None
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+    def measure_peaks(self) -> BenchDevice:
+        """This device with its copy bandwidth (bytes read plus written of a large device-to-device copy)
+        and bf16 matmul rate (a large square product on random data) measured now."""
+        size, n = (2**24, 256) if self.smoke else (2**30, 8192)
+        src = torch.randint(0, 255, (size,), dtype=torch.uint8, device=self.device)
+        dst = torch.empty_like(src)
+        copy_ms = self.time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
+        a, b = (torch.randn(n, n, device=self.device, dtype=torch.bfloat16) for _ in range(2))
+        matmul_ms = self.time_ms(lambda: a @ b, warmup=5, reps=20)
+        return BenchDevice(self.device, self.name, self.smoke, 2 * size / (copy_ms * 1e-3) / 1e9,
+                           2 * n**3 / (matmul_ms * 1e-3) / 1e12)
+
+    def describe(self) -> str:
+        return f"{self.name}: copy {self.bandwidth_gbs:.0f} GB/s, bf16 matmul {self.bf16_tflops:.1f} TFLOP/s measured"
 
 
-def peak_memory_mb(fn: Callable[[], Any]) -> float:
-    """Extra device memory (MB) `fn()` allocates at its peak, over what was allocated before it ran."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def measure_copy_bandwidth_gbs(size_bytes: int = 2**30) -> float:
-    """Achieved bandwidth of a large device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.empty(size_bytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
-    return 2 * size_bytes / (ms * 1e-3) / 1e9
-
-
-def measure_bf16_tflops(n: int = 8192) -> float:
-    """Achieved throughput of a large square bf16 matmul."""
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, warmup=5, reps=20)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+def open_device(benchmark: str, smoke: bool = False) -> BenchDevice:
+    """The CUDA device with its peaks measured; without CUDA, a clear `TTLError`, or the CPU for a smoke run."""
+    if torch.cuda.is_available():
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+    elif smoke:
+        device, name = torch.device("cpu"), "cpu"
+    else:
+        raise TTLError(f"{benchmark} measures GPU speed and needs a CUDA GPU; none is available here "
+                       f"(--smoke checks the harness on the CPU)")
+    device = BenchDevice(device, f"{name} (smoke run: figures mean nothing)" if smoke else name, smoke)
+    device = device.measure_peaks()
+    print(device.describe())
+    return device
 
 
 def row(impl: str, pass_: str, shape: dict[str, Any], dtype: str, ms: float, **figures: Any) -> dict[str, Any]:
@@ -85,35 +137,81 @@ def row(impl: str, pass_: str, shape: dict[str, Any], dtype: str, ms: float, **f
             **{k: figures.get(k) for k in ROW_FIELDS[5:]}}
 
 
-def device_slug() -> str:
-    """A folder name for the current GPU, e.g. `nvidia-h100-80gb-hbm3`."""
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short dtype name results use: bf16, fp16, fp32."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
-def write_results(benchmark: str, rows: list[dict[str, Any]], out_root: str | Path, bandwidth_gbs: float,
-                  bf16_tflops: float, plot_metric: str = "frac_of_peak") -> Path:
-    """Write `<out_root>/<gpu>/<benchmark>.json`, `.csv` and (with matplotlib) `.png`; returns the JSON path."""
-    import triton
+def cell(value: float | None, spec: str) -> str:
+    """`value` formatted by `spec` for a printed table, or '-' when there is no figure."""
+    return "-" if value is None else format(value, spec)
 
-    out = Path(out_root) / device_slug()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{benchmark}.json", {
-        "benchmark": benchmark, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "date": datetime.date.today().isoformat(),
-        "measured_bandwidth_gbs": round(bandwidth_gbs, 1), "measured_bf16_tflops": round(bf16_tflops, 1),
-        "rows": rows,
-    })
 
-    def write_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**r, "shape": json.dumps(r["shape"], sort_keys=True)})
+@dataclass
+class Results:
+    """The rows of one results file, `<out_root>/<device>/<benchmark>.{json,csv,png}`, rewritten after every
+    `add` so a run cut off by a time limit keeps what it measured. `attempt` records a failed measurement
+    (a baseline missing a feature, an out-of-memory) and carries on; a smoke run raises instead, since
+    finding such failures before GPU time is spent is what it is for."""
 
-    atomic_write(out / f"{benchmark}.csv", write_csv)
-    _plot(out / f"{benchmark}.png", benchmark, rows, plot_metric)
-    return out / f"{benchmark}.json"
+    benchmark: str
+    out_root: Path
+    device: BenchDevice
+    plot_metric: str = "frac_of_peak"
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.rows += rows
+        self.write(plot=False)
+
+    def attempt(self, what: dict[str, Any], fn: Callable[[], Any]) -> Any | None:
+        """`fn()`, or None after recording its exception with `what` (impl, shape) it was measuring."""
+        if self.device.smoke:
+            return fn()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any failure of one measurement must not end the run
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failures.append({**what, "error": f"{type(e).__name__}: {first_line}"[:300]})
+            print(f"FAILED {what}: {type(e).__name__}: {first_line[:200]}")
+            traceback.print_exc()
+            if self.device.cuda:
+                torch.cuda.empty_cache()
+            return None
+
+    def close(self) -> int:
+        """Write the files with the plot; exit status 1 when any measurement failed, else 0."""
+        path = self.write(plot=True)
+        print(f"wrote {path}" + (f" ({len(self.failures)} failed measurements)" if self.failures else ""))
+        return 1 if self.failures else 0
+
+    def write(self, plot: bool) -> Path:
+        import triton
+
+        # smoke runs get their own folder ("<gpu>-smoke", "cpu-smoke"), never mixed with real figures
+        slug = re.sub(r"[^a-z0-9]+", "-", self.device.name.split(" (")[0].lower()).strip("-")
+        out = Path(self.out_root) / (f"{slug}-smoke" if self.device.smoke else slug)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{self.benchmark}.json", {
+            "benchmark": self.benchmark, "device": self.device.name, "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "measured_bandwidth_gbs": round(self.device.bandwidth_gbs, 1),
+            "measured_bf16_tflops": round(self.device.bf16_tflops, 1),
+            "rows": self.rows, "failures": self.failures,
+        })
+
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+                writer.writeheader()
+                for r in self.rows:
+                    writer.writerow({**r, "shape": json.dumps(r["shape"], sort_keys=True)})
+
+        atomic_write(out / f"{self.benchmark}.csv", write_csv)
+        if plot and self.rows:
+            _plot(out / f"{self.benchmark}.png", self.benchmark, self.rows, self.plot_metric)
+        return out / f"{self.benchmark}.json"
 
 
 def _plot(path: Path, title: str, rows: list[dict[str, Any]], metric: str) -> None:
@@ -136,7 +234,8 @@ def _plot(path: Path, title: str, rows: list[dict[str, Any]], metric: str) -> No
                       fontsize=6)
         ax.set_title(f"{title}: {pass_}")
         ax.set_ylabel(metric)
-        ax.legend(fontsize=7)
+        if subset:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
