@@ -11,6 +11,7 @@ heads of its group (no atomics), the dQ kernel owns one query block of one head.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -206,9 +207,42 @@ if HAVE_TRITON:
                      (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _blocks(head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): starting points for GPU tuning (issue 10)."""
-    return (64, 64, 4) if head_dim <= 64 else (64, 32, 4)
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim <= 64 and for 128. In the dK/dV
+# kernel BLOCK_N is the key block a program owns and BLOCK_M the query block it loops over. Every candidate
+# compiles for sm_90 to warpgroup MMA (HGMMA) without register spills (scripts/kernel_report.py lists them);
+# which is fastest is measured, not guessed: on CUDA the autotuner times them at the first call of each
+# (head_dim, causal, group, dtype) and keeps the winner. The first candidate runs in the interpreter and
+# with TTL_AUTOTUNE=0.
+CONFIGS = {
+    "fwd": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
+            128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]},
+    "dkdv": {64: [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)],
+             128: [(32, 64, 8, 3), (16, 64, 4, 3), (16, 128, 8, 3), (16, 64, 8, 3)]},
+    "dq": {64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
+           128: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]},
+}
+KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel} if HAVE_TRITON else {}
+_autotuned: dict = {}
+
+
+def autotuned_configs() -> dict[str, dict]:
+    """The candidate each autotuner chose so far, by kernel and tuning key (for benchmark results)."""
+    return {f"{name}/d{dim}": {str(key): str(config) for key, config in tuner.cache.items()}
+            for (name, dim), tuner in _autotuned.items() if tuner.cache}
+
+
+def _launch(name: str, grid, dim: int, autotune: bool, *args, **constexprs) -> None:
+    """Launch kernel `name` with the autotuner over its candidates, or with the first candidate."""
+    dim_class = 64 if dim <= 64 else 128
+    candidates = CONFIGS[name][dim_class]
+    if autotune:
+        if (name, dim_class) not in _autotuned:
+            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+            _autotuned[name, dim_class] = triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(KERNELS[name])
+        _autotuned[name, dim_class][grid](*args, **constexprs)
+    else:
+        block_m, block_n, warps, stages = candidates[0]
+        KERNELS[name][grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constexprs)
 
 
 def _flags(q: torch.Tensor) -> dict:
@@ -222,15 +256,16 @@ class _FlashAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty((total, heads), dtype=torch.float32, device=q.device)
-        block_m, block_n, warps = _blocks(dim)
-        grid = (triton.cdiv(max_seqlen, block_m), (cu_seqlens.numel() - 1) * heads)
-        _fwd_kernel[grid](
+        n_seqs = cu_seqlens.numel() - 1
+        autotune = q.is_cuda and os.environ.get("TTL_AUTOTUNE", "1") != "0"
+        _launch(
+            "fwd", lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs * heads), dim, autotune,
             q, k, v, out, lse, cu_seqlens, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **_flags(q),
+            **_flags(q),
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        ctx.max_seqlen, ctx.causal, ctx.scale, ctx.autotune = max_seqlen, causal, scale, autotune
         return out
 
     @staticmethod
@@ -241,16 +276,16 @@ class _FlashAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO ∘ O): (total, heads), float32
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        block_m, block_n, warps = _blocks(dim)
         n_seqs = cu_seqlens.numel() - 1
-        common = dict(GROUP=heads // kv_heads, CAUSAL=ctx.causal, D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                      num_warps=warps, **_flags(q))
-        _bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, block_n), n_seqs * kv_heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1), dk.stride(0),
-            dk.stride(1), dv.stride(0), dv.stride(1), heads, kv_heads, **common,
+        common = dict(GROUP=heads // kv_heads, CAUSAL=ctx.causal, D=dim, **_flags(q))
+        _launch(
+            "dkdv", lambda meta: (triton.cdiv(ctx.max_seqlen, meta["BLOCK_N"]), n_seqs * kv_heads), dim,
+            ctx.autotune, q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, ctx.scale, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads, kv_heads, **common,
         )
-        _bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, block_m), n_seqs * heads)](
+        _launch(
+            "dq", lambda meta: (triton.cdiv(ctx.max_seqlen, meta["BLOCK_M"]), n_seqs * heads), dim, ctx.autotune,
             q, k, v, grad_out, lse, delta, dq, cu_seqlens, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1), dq.stride(0),
             dq.stride(1), heads, **common,

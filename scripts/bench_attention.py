@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import flash_attention
+from kernels.flash_attention import autotuned_configs
 from ttl_core.attention import flash_attn_module
 from ttl_core.benchmark import BenchDevice, Results, dtype_name, open_device, row
 from ttl_core.cli import run_cli
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for impl, fn in implementations(dev).items():
             rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_impl(dev, impl, fn, shape, dtype)) or []
+        results.notes["autotuned_configs"] = autotuned_configs()
         results.add(rows)
         ttl_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "ttl"}
         for r in rows:

@@ -8,6 +8,9 @@ import torch
 # anything imports `kernels`. Model tests still take the PyTorch references on CPU ("auto" dispatch).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the attention autotuner compiles and times every candidate per shape class: minutes over the GPU tests, which
+# check the first candidate (each candidate is checked in the interpreter, the autotuned path by one test)
+os.environ.setdefault("TTL_AUTOTUNE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,10 +1,14 @@
 """Our Triton FlashAttention (interpreted on CPU, compiled on CUDA) against explicit softmax in float64:
 causal or not, GQA, packed documents of unequal odd lengths, any sequence length, forward and backward."""
 
+import importlib
+
 import pytest
 import torch
 
 import kernels
+
+fa_module = importlib.import_module("kernels.flash_attention")  # `kernels.flash_attention` is the function
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -62,6 +66,21 @@ def test_packed_documents_never_attend_across(dtype, causal):
     assert err(out[17:22], alone[0]) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("candidate", range(4))
+def test_every_autotuning_candidate_computes_the_same_attention(monkeypatch, dim, candidate):
+    """The autotuner may pick any candidate block shape on the GPU: each one, run here in the interpreter,
+    must be right on packed documents that span several blocks and end mid-block, causal, with GQA."""
+    for name, by_dim in fa_module.CONFIGS.items():
+        options = by_dim[dim]
+        chosen = options[candidate % len(options)]
+        monkeypatch.setitem(by_dim, dim, [chosen] + [c for c in options if c != chosen])
+    lengths = [150, 7, 261]
+    cu = torch.tensor([0, 150, 157, 418], dtype=torch.int32)
+    q, k, v = qkv((sum(lengths), 4, dim), 2, torch.float32, seed=candidate)
+    check(q, k, v, True, TOL[torch.float32], cu_seqlens=cu, max_seqlen=max(lengths))
+
+
 def test_strided_views_of_a_fused_projection():
     qkv_out = torch.randn(2, 19, (4 + 2 + 2) * 32, requires_grad=True)
     q, k, v = qkv_out.split([4 * 32, 2 * 32, 2 * 32], dim=-1)
@@ -81,6 +100,15 @@ def test_bad_shapes_are_clear():
     q, k, v = qkv((10, 2, 64), 2, torch.float32)
     with pytest.raises(ValueError, match="needs max_seqlen"):
         kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), backend="triton")
+
+
+@pytest.mark.gpu
+def test_autotuned_kernels_on_cuda(monkeypatch):
+    """The autotuner's choice (tests otherwise run the first candidate, TTL_AUTOTUNE=0) on the goal's shape."""
+    monkeypatch.setenv("TTL_AUTOTUNE", "1")
+    q, k, v = qkv((2, 2048, 12, 64), 12, torch.bfloat16, device="cuda")
+    check(q, k, v, True, TOL[torch.bfloat16])
+    assert fa_module.autotuned_configs()
 
 
 @pytest.mark.gpu

@@ -160,6 +160,7 @@ class Results:
     plot_metric: str = "frac_of_peak"
     rows: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. the block shapes an autotuner chose
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         self.rows += rows
@@ -198,7 +199,7 @@ class Results:
             "triton": triton.__version__, "date": datetime.date.today().isoformat(),
             "measured_bandwidth_gbs": round(self.device.bandwidth_gbs, 1),
             "measured_bf16_tflops": round(self.device.bf16_tflops, 1),
-            "rows": self.rows, "failures": self.failures,
+            "rows": self.rows, "failures": self.failures, "notes": self.notes,
         })
 
         def write_csv(tmp: Path) -> None:

@@ -1,0 +1,171 @@
+"""Compile every Triton kernel for a GPU on a machine without one, and report what the compiler made of it.
+
+  python scripts/kernel_report.py [--arch 90] [--json FILE]
+
+Reading the compiler's output costs no GPU time: per kernel and specialization it prints the registers per
+thread, the stack (local memory: register spills), the shared memory, the matrix instructions (HGMMA is
+Hopper's warpgroup MMA, HMMA the older per-warp one) and the 128-bit global loads and stores that
+memory-bound kernels need. It runs the kernels' own launch wrappers, forward and backward, on small CPU
+tensors at the model's and the benchmarks' widths, with Triton's active driver replaced by one that only
+names the target, so every launch compiles with Triton's own specialization and options instead of running.
+Exits 1 when a kernel fails to compile or needs more shared memory than the GPU has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # kernels must be compiled JIT functions, not interpreted ones
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from ttl_core.cli import run_cli  # noqa: E402
+
+SHARED_MEMORY_KB = {90: 227, 80: 163, 89: 99}  # per block, opt-in maximum
+SASS_COUNTS = {"hgmma": r"\bHGMMA\.", "hmma": r"\bHMMA\.", "ldg128": r"\bLDG\.E[.A-Z]*\.128\b",
+               "stg128": r"\bSTG\.E[.A-Z]*\.128\b", "local_ld_st": r"\b(?:LDL|STL)\b"}
+
+
+class CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver: names the target and a device 0, so launches compile."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def is_active(self) -> bool:
+        return True
+
+
+def capture_compilations(arch: int) -> list[tuple[str, dict, object]]:
+    """Route every kernel launch to a compile (Triton's warm-up path) and collect (name, specialization,
+    compiled kernel) for each distinct compilation."""
+    driver.set_active(CompileOnlyDriver(arch))
+    compiled, seen = [], set()
+    launch = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        key = (self.fn.__name__, json.dumps(constexprs, sort_keys=True, default=str), kernel.hash)
+        if key not in seen:
+            seen.add(key)
+            compiled.append((self.fn.__name__, constexprs, kernel))
+        return kernel
+
+    JITFunction.run = compile_only
+    return compiled
+
+
+def exercise_kernels() -> None:
+    """Forward and backward of every kernel family at the widths the model and the benchmarks use."""
+    from kernels import apply_rotary, cross_entropy, flash_attention, fused_linear_cross_entropy, rms_norm, swiglu
+
+    # Triton for CPU tensors: the dispatcher asks for the interpreter flag, which is read at call time; the
+    # attention kernels' interpreter-only upcast of their dots stays off, as on a GPU
+    os.environ["TRITON_INTERPRET"], os.environ["TTL_KERNELS"] = "1", "triton"
+    attention = importlib.import_module("kernels.flash_attention")
+    attention.interpreting = lambda: False
+    bf16 = torch.bfloat16
+
+    def backward(*outputs: torch.Tensor) -> None:
+        torch.autograd.backward([o.float().sum() for o in outputs])
+
+    for hidden in (768, 2048, 4096, 8192, 16384):
+        x = torch.randn(32, hidden, dtype=bf16, requires_grad=True)
+        w = torch.randn(hidden, dtype=bf16, requires_grad=True)
+        backward(rms_norm(x, w))
+        backward(*rms_norm(x, w, residual=torch.randn_like(x, requires_grad=True)))
+    for heads, kv_heads, dim in ((12, 12, 64), (32, 8, 128)):
+        qkv = torch.randn(2, 16, (heads + 2 * kv_heads) * dim, dtype=bf16, requires_grad=True)
+        q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+        cos, sin = torch.randn(2, 16, dim, dtype=bf16), torch.randn(2, 16, dim, dtype=bf16)
+        backward(*apply_rotary(q.view(2, 16, heads, dim), k.view(2, 16, kv_heads, dim), cos, sin))
+    for inter in (3072, 14336):
+        gate, up = torch.randn(16, 2 * inter, dtype=bf16, requires_grad=True).chunk(2, -1)
+        backward(swiglu(gate, up))
+    for hidden, vocab in ((768, 32000), (4096, 128256)):
+        h = torch.randn(64, hidden, dtype=bf16, requires_grad=True)
+        weight = (torch.randn(vocab, hidden) / hidden**0.5).to(bf16).requires_grad_()
+        targets = torch.randint(0, vocab, (64,))
+        backward(fused_linear_cross_entropy(h, weight, targets))
+        backward(cross_entropy(torch.randn(64, vocab, dtype=bf16, requires_grad=True), targets))
+    # every autotuning candidate of the attention kernels, each put first in turn (the one used untuned)
+    configs = attention.CONFIGS
+    for heads, kv_heads, dim in ((12, 12, 64), (32, 8, 128)):
+        for candidate in range(max(len(by_dim[dim]) for by_dim in configs.values())):
+            for by_dim in configs.values():
+                by_dim[dim].insert(0, by_dim[dim].pop(candidate % len(by_dim[dim])))
+            for causal in (True, False):
+                q = torch.randn(1, 130, heads, dim, dtype=bf16, requires_grad=True)
+                k, v = (torch.randn(1, 130, kv_heads, dim, dtype=bf16, requires_grad=True) for _ in range(2))
+                backward(flash_attention(q, k, v, causal=causal))
+
+
+def inspect(kernel, tools: Path) -> dict:
+    """Registers, stack bytes and SASS instruction counts of a compiled kernel, read with cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tools / "cuobjdump", "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            **{name: len(re.findall(pattern, sass)) for name, pattern in SASS_COUNTS.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_KB),
+                        help="compute capability x10 (default 90: H100/H200)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    compiled = capture_compilations(args.arch)
+    exercise_kernels()
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    rows, too_big = [], []
+    for name, constexprs, kernel in compiled:
+        shared_kb = kernel.metadata.shared / 1024
+        rows.append({"kernel": name, "constexprs": constexprs, "num_warps": kernel.metadata.num_warps,
+                     "num_stages": kernel.metadata.num_stages, "shared_kb": round(shared_kb, 1),
+                     **inspect(kernel, tools)})
+        if shared_kb > SHARED_MEMORY_KB[args.arch]:
+            too_big.append(name)
+    print(f"triton {triton.__version__}, sm_{args.arch}: {len(rows)} compilations")
+    print(f"{'kernel':<22} {'warps':>5} {'stages':>6} {'smem KB':>7} {'regs':>4} {'stack':>5} {'HGMMA':>5} {'HMMA':>5} "
+          f"{'LDG128':>6} {'STG128':>6}  constexprs")
+    for r in sorted(rows, key=lambda r: r["kernel"]):
+        consts = " ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k not in ("num_warps", "num_stages"))
+        print(f"{r['kernel']:<22} {r['num_warps']:>5} {r['num_stages']:>6} {r['shared_kb']:>7.1f} {r['registers']:>4} "
+              f"{r['stack_bytes']:>5} {r['hgmma']:>5} {r['hmma']:>5} {r['ldg128']:>6} {r['stg128']:>6}  {consts}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "rows": rows}, indent=1))
+    if too_big:
+        print(f"over the {SHARED_MEMORY_KB[args.arch]} KB of shared memory: {sorted(set(too_big))}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
