@@ -217,7 +217,7 @@ def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None
                    "smoke": [(48, 1003)]}[mode]
     for tokens, vocab in logit_sizes:
         impls = {"ttl": cross_entropy, "torch": lambda x, t: F.cross_entropy(x.float(), t),
-                 "compile": compiled(cross_entropy_reference), "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t)))}
+                 "compile": compiled(cross_entropy_reference), "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t, None)))}
 
         def make_logits():
             x = torch.randn(tokens, vocab, device=device, dtype=dtype, requires_grad=True)
