@@ -237,7 +237,8 @@ def _launch(name: str, grid, dim: int, autotune: bool, *args, **constexprs) -> N
     candidates = CONFIGS[name][dim_class]
     if autotune:
         if (name, dim_class) not in _autotuned:
-            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                       for m, n, w, s in candidates]
             _autotuned[name, dim_class] = triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(KERNELS[name])
         _autotuned[name, dim_class][grid](*args, **constexprs)
     else:

@@ -52,8 +52,10 @@ def implementations(dev: BenchDevice) -> dict[str, Callable]:
     return impls
 
 
-def time_impl(dev: BenchDevice, impl: str, fn: Callable, shape: dict, dtype: torch.dtype) -> list[dict]:
-    """Rows for one implementation's forward and forward + backward on fresh random q, k, v."""
+def time_impl(dev: BenchDevice, impl: str, fn: Callable, shape: dict, dtype: torch.dtype,
+              untimed_graphs: list[dict]) -> list[dict]:
+    """Rows for one implementation's forward and forward + backward on fresh random q, k, v, timed as CUDA
+    graph replays (a pass that cannot be captured is timed as it is and listed in `untimed_graphs`)."""
     batch, seq, heads, dim, causal = (shape[k] for k in ("batch", "seq", "heads", "head_dim", "causal"))
     q, k, v = (torch.randn(batch, seq, heads, dim, device=dev.device, dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -68,7 +70,10 @@ def time_impl(dev: BenchDevice, impl: str, fn: Callable, shape: dict, dtype: tor
 
     rows = []
     for pass_, run, flops in (("fwd", forward, fwd_flops), ("fwd+bwd", forward_backward, 3.5 * fwd_flops)):
-        ms = dev.time_ms(run, warmup=5, reps=20)
+        replay = dev.graph_replay(run)
+        ms = dev.time_ms(replay or run, warmup=5, reps=20)
+        if dev.cuda and replay is None:
+            untimed_graphs.append({"impl": impl, "pass": pass_, "shape": shape})
         achieved = flops / (ms * 1e-3) / 1e12
         rows.append(row(impl, pass_, shape, dtype_name(dtype), ms, tflops=achieved,
                         frac_of_peak=achieved / dev.bf16_tflops, peak_mem_mb=dev.peak_memory_mb(run)))
@@ -89,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                                              for s in (512, 1024, 2048, 4096, 8192) if (s, d, c) != (2048, 64, True)],
                "quick": [(2048, 64, True)], "smoke": [(17, 16, True), (32, 16, False)]}[mode]
     results = Results("attention", args.out, dev, plot_metric="tflops")
-    print(f"{'seq':>6} {'dim':>4} {'causal':>6} {'pass':<8} {'impl':<11} {'ms':>8} {'TFLOP/s':>8} {'of peak':>8} {'/ ttl':>6}")
+    print(f"{'seq':>6} {'dim':>4} {'causal':>6} {'pass':<8} {'impl':<11} {'ms':>8} {'TFLOP/s':>8} {'of peak':>8} "
+          f"{'/ ttl':>6}")
     for seq, dim, causal in configs:
         shape = {"seq": seq, "head_dim": dim, "causal": causal, "batch": max(1, TOKENS[mode] // seq),
                  "heads": WIDTH[mode] // dim}
         rows = []
         for impl, fn in implementations(dev).items():
-            rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_impl(dev, impl, fn, shape, dtype)) or []
+            rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_impl(
+                dev, impl, fn, shape, dtype, results.notes.setdefault("timed_without_cuda_graph", []))) or []
         results.notes["autotuned_configs"] = autotuned_configs()
         results.add(rows)
         ttl_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "ttl"}

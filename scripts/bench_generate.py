@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                              "takes minutes per batch size (default: all)")
     parser.add_argument("--preset", default="ttl-160m", help="model shape (default ttl-160m)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes, tokens and repetitions")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, toy sizes, CPU allowed: checks the harness only")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny preset, toy sizes, CPU allowed: checks the harness only")
     parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     dev = open_device("bench_generate", args.smoke)

@@ -3,7 +3,8 @@
   python scripts/bench_kernels.py [--only rms_norm rotary swiglu cross_entropy] [--quick] [--dtype bfloat16] [--out DIR]
 
 For each kernel family, the forward (as in training: inputs require grad) and the forward + backward, over
-rows (tokens) 4096..65536: median ms (CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move
+rows (tokens) 4096..65536: median ms of CUDA graph replays (kernel time without the host's Python and
+launch overhead; CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move
 (counted per family below; every implementation is charged the same bytes, so GB/s compares like ms does),
 that as a fraction of the copy bandwidth measured in the same run (for the matmul-bound fused linear
 cross-entropy: TFLOP/s as a fraction of the measured bf16 matmul rate), and peak extra memory. Prints a table and
@@ -25,7 +26,7 @@ from ttl_core.benchmark import BenchDevice, Results, cell, dtype_name, open_devi
 from ttl_core.cli import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48,)}
+ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48, 80)}
 
 
 def liger(module: str, name: str):
@@ -44,10 +45,12 @@ def compiled(fn: Callable) -> Callable:
 
 
 def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape: dict, dtype: torch.dtype,
-                fwd_bytes: int, bwd_bytes: int, fwd_flops: float, bwd_flops: float) -> list[dict]:
+                fwd_bytes: int, bwd_bytes: int, fwd_flops: float, bwd_flops: float,
+                untimed_graphs: list[dict]) -> list[dict]:
     """Rows for one implementation's forward and forward + backward (gradients of the inputs that require
-    grad). With FLOP counts (matmul-bound kernels) the fraction of peak is of the measured matmul rate,
-    otherwise of the copy bandwidth."""
+    grad), timed as CUDA graph replays (kernel time, no host overhead; a pass that cannot be captured is
+    timed as it is and listed in `untimed_graphs`). With FLOP counts (matmul-bound kernels) the fraction
+    of peak is of the measured matmul rate, otherwise of the copy bandwidth."""
     leaves = [t for t in tensors if t.requires_grad]
     outs = fn(*tensors)
     grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
@@ -62,7 +65,10 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
     rows = []
     for pass_, run, nbytes, flops in (("fwd", forward, fwd_bytes, fwd_flops),
                                       ("fwd+bwd", forward_backward, fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)):
-        ms = dev.time_ms(run)
+        replay = dev.graph_replay(run)
+        ms = dev.time_ms(replay or run)
+        if dev.cuda and replay is None:
+            untimed_graphs.append({"impl": impl, "pass": pass_, "shape": shape})
         gbs = nbytes / (ms * 1e-3) / 1e9
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
         rows.append(row(impl, pass_, shape, dtype_name(dtype), ms, gbs=gbs, tflops=tflops,
@@ -71,17 +77,30 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
     return rows
 
 
-def measure(results: Results, impls: dict[str, Callable | None], make_inputs: Callable, shape: dict,
-            dtype: torch.dtype, fwd_bytes: int, bwd_bytes: int, fwd_flops: float = 0.0, bwd_flops: float = 0.0) -> None:
+def measure(results: Results, impls: dict[str, Callable | None], make_inputs: Callable, row_inputs: tuple[int, ...],
+            shape: dict, dtype: torch.dtype, fwd_bytes: int, bwd_bytes: int, fwd_flops: float = 0.0,
+            bwd_flops: float = 0.0) -> None:
     """Time every available implementation on fresh inputs from `make_inputs()` and add the rows; one
-    implementation failing (recorded in the results) does not stop the others."""
+    implementation failing (recorded in the results) does not stop the others. `row_inputs` are the
+    positions of the inputs whose first dimension is the row (token) count."""
     rows = []
     for impl, fn in impls.items():
         if fn is not None:
             rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_passes(
-                results.device, impl, fn, make_inputs(), shape, dtype, fwd_bytes, bwd_bytes, fwd_flops,
-                bwd_flops)) or []
+                results.device, impl, fn, inputs_for(impl, make_inputs, row_inputs), shape, dtype, fwd_bytes, bwd_bytes,
+                fwd_flops, bwd_flops, results.notes.setdefault("timed_without_cuda_graph", []))) or []
     results.add(rows)
+
+
+def inputs_for(impl: str, make_inputs: Callable, row_inputs: tuple[int, ...]) -> tuple:
+    """Fresh inputs; for torch.compile the leading (rows or batch) dimension is marked dynamic, so one
+    compilation per width serves every row count (otherwise the second row count recompiles as dynamic
+    anyway, a minute of compiling per width) while the reduction width stays static, as compile prefers."""
+    tensors = make_inputs()
+    if impl == "compile":
+        for i in row_inputs:
+            torch._dynamo.mark_dynamic(tensors[i], 0)
+    return tensors
 
 
 def unfused(norm: Callable) -> Callable:
@@ -120,7 +139,7 @@ def bench_rms_norm(mode: str, dtype: torch.dtype, results: Results) -> None:
                 tensor = rows * hidden * dtype.itemsize
                 fwd_bytes, bwd_bytes = (4 * tensor, 4 * tensor) if residual else (2 * tensor, 3 * tensor)
                 shape = {"rows": rows, "hidden": hidden, "residual": residual}
-                measure(results, impls, make_inputs, shape, dtype, fwd_bytes, bwd_bytes)
+                measure(results, impls, make_inputs, (0, 2) if residual else (0,), shape, dtype, fwd_bytes, bwd_bytes)
 
 
 def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
@@ -154,7 +173,7 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
             # each pass reads q, k, cos, sin and writes q, k (or their gradients)
             nbytes = tokens * (2 * (n_heads + n_kv) * dim + 2 * dim) * dtype.itemsize
             shape = {"tokens": tokens, "model": name, "heads": n_heads, "kv_heads": n_kv, "head_dim": dim}
-            measure(results, impls, make_inputs, shape, dtype, nbytes, nbytes)
+            measure(results, impls, make_inputs, (0, 1, 2, 3), shape, dtype, nbytes, nbytes)
 
 
 def bench_swiglu(mode: str, dtype: torch.dtype, results: Results) -> None:
@@ -171,7 +190,7 @@ def bench_swiglu(mode: str, dtype: torch.dtype, results: Results) -> None:
 
             # fwd reads gate, up and writes the product; bwd reads its gradient, gate, up and writes two
             tensor = rows * inter * dtype.itemsize
-            measure(results, impls, make_inputs, {"rows": rows, "intermediate": inter}, dtype, 3 * tensor,
+            measure(results, impls, make_inputs, (0, 1), {"rows": rows, "intermediate": inter}, dtype, 3 * tensor,
                     5 * tensor)
 
 
@@ -208,23 +227,25 @@ def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None
 
         flops = 2 * tokens * hidden * vocab
         unfused_bytes = 2 * tokens * vocab * dtype.itemsize
-        shape = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "unfused_logits_grad_mb": round(unfused_bytes / 2**20, 1)}
+        shape = {"tokens": tokens, "hidden": hidden, "vocab": vocab,
+                 "unfused_logits_grad_mb": round(unfused_bytes / 2**20, 1)}
         # bytes: hidden and weight read, gradients written; the logits themselves never reach memory
         tensor_bytes = (tokens + vocab) * hidden * dtype.itemsize
-        measure(results, impls, make_inputs, shape, dtype, tensor_bytes, tensor_bytes, fwd_flops=flops,
+        measure(results, impls, make_inputs, (0, 2), shape, dtype, tensor_bytes, tensor_bytes, fwd_flops=flops,
                 bwd_flops=2 * flops)
     logit_sizes = {"full": [(t, v) for v in (32000, 128256) for t in (4096, 16384)], "quick": [(8192, 128256)],
                    "smoke": [(48, 1003)]}[mode]
     for tokens, vocab in logit_sizes:
         impls = {"ttl": cross_entropy, "torch": lambda x, t: F.cross_entropy(x.float(), t),
-                 "compile": compiled(cross_entropy_reference), "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t, None)))}
+                 "compile": compiled(cross_entropy_reference),
+                 "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t, None)))}
 
         def make_logits():
             x = torch.randn(tokens, vocab, device=device, dtype=dtype, requires_grad=True)
             return x, torch.randint(0, vocab, (tokens,), device=device)
 
         logits_bytes = tokens * vocab * dtype.itemsize  # fwd reads the logits, bwd writes their gradient
-        measure(results, impls, make_logits, {"tokens": tokens, "vocab": vocab, "on_logits": True}, dtype,
+        measure(results, impls, make_logits, (0, 1), {"tokens": tokens, "vocab": vocab, "on_logits": True}, dtype,
                 logits_bytes, logits_bytes)
 
 

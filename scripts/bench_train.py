@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[4, 16], help="sequences of 2048 tokens per step")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
     parser.add_argument("--quick", action="store_true", help="batch 16 only, 5 timed steps")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, seq 64, CPU allowed: checks the harness only")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny preset, seq 64, CPU allowed: checks the harness only")
     parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     dev = open_device("bench_train", args.smoke)

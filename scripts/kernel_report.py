@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:<22} {r['num_warps']:>5} {r['num_stages']:>6} {r['shared_kb']:>7.1f} {r['registers']:>4} "
               f"{r['stack_bytes']:>5} {r['hgmma']:>5} {r['hmma']:>5} {r['ldg128']:>6} {r['stg128']:>6}  {consts}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "rows": rows}, indent=1))
+        report = {"triton": triton.__version__, "arch": args.arch, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=1))
     if too_big:
         print(f"over the {SHARED_MEMORY_KB[args.arch]} KB of shared memory: {sorted(set(too_big))}")
         return 1
