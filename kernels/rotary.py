@@ -101,7 +101,9 @@ def rotary_launch(
         cos, sin = cos.contiguous(), sin.contiguous()
     block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
     block_half = triton.next_power_of_2(dim // 2)
-    num_warps = max(1, min(8, (block_qh + block_kh) * block_half // 256))
+    # about 16 values per thread across the q and k tiles: 8-value (16-byte) accesses on each tile at
+    # ttl's 64-wide heads, where 32 threads per tile row left 4-value (8-byte) ones
+    num_warps = min(8, 1 << max(0, ((block_qh + block_kh) * block_half // 512).bit_length() - 1))
     if batch * seq:
         _rotary_kernel[(batch * seq,)](
             q, k, cos, sin, qo, ko, seq, n_q_heads, n_k_heads, dim // 2,
