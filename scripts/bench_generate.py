@@ -54,32 +54,34 @@ def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
 
 def bench(path: str, batches: list[int], hf_static_batches: list[int], prompt: int, new: int, results: Results,
           reps: int) -> None:
+    """Every implementation at every batch size; transformers' static cache + compile last, since its
+    compilation takes minutes and a run cut short by a time limit should lose it rather than the rest."""
     dev = results.device
     ours = load_pretrained(path, dtype=torch.bfloat16, device=dev.device)
     hf = hf_model(path, dev.device)
-    for batch in batches:
+    impls = {
+        "ttl": lambda ids, mask: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]),
+        "ttl_nograph": lambda ids, mask: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[],
+                                                  cuda_graph=False),
+    }
+    if hf is not None:
+        impls["hf"] = lambda ids, mask: hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        impls["hf_static_compile"] = lambda ids, mask: hf.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                                                   do_sample=False, cache_implementation="static")
+    jobs = [(batch, impl) for batch in batches for impl in impls if impl != "hf_static_compile"]
+    jobs += [(batch, "hf_static_compile") for batch in batches if batch in hf_static_batches and hf is not None]
+    for batch, impl in jobs:
         gen = torch.Generator(device=dev.device).manual_seed(batch)
         ids = torch.randint(4, ours.config.vocab_size, (batch, prompt), device=dev.device, generator=gen)
         mask = torch.ones_like(ids)
-        impls = {
-            "ttl": lambda: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]),
-            "ttl_nograph": lambda: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[], cuda_graph=False),
-        }
-        if hf is not None:
-            impls["hf"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-            if batch in hf_static_batches:
-                impls["hf_static_compile"] = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new,
-                                                                 do_sample=False, cache_implementation="static")
-        nbytes = decode_bytes(ours, batch, prompt, new)
         shape = {"batch": batch, "prompt": prompt, "new_tokens": new}
-        for impl, fn in impls.items():
-            measured = results.attempt({"impl": impl, "shape": shape},
-                                       lambda: time_generate(dev, impl, fn, (batch, prompt + new), reps))
-            if measured:
-                ms, memory = measured
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                results.add([row(impl, "decode", shape, "bf16", ms, gbs=gbs, frac_of_peak=gbs / dev.bandwidth_gbs,
-                                 tokens_per_s=batch * new / (ms * 1e-3), peak_mem_mb=memory)])
+        measured = results.attempt({"impl": impl, "shape": shape}, lambda: time_generate(
+            dev, impl, lambda: impls[impl](ids, mask), (batch, prompt + new), reps))
+        if measured:
+            ms, memory = measured
+            gbs = decode_bytes(ours, batch, prompt, new) / (ms * 1e-3) / 1e9
+            results.add([row(impl, "decode", shape, "bf16", ms, gbs=gbs, frac_of_peak=gbs / dev.bandwidth_gbs,
+                             tokens_per_s=batch * new / (ms * 1e-3), peak_mem_mb=memory)])
 
 
 def time_generate(dev: BenchDevice, impl: str, fn, expected_shape: tuple[int, int],
