@@ -79,12 +79,37 @@ if HAVE_TRITON:
         return start, length, program % n_heads
 
     @triton.jit
-    def _keys_end(length, m_block, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-        """Keys a query block needs: with a causal mask, none after the block's last query."""
+    def _key_blocks(length, m_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+        """(unmasked_end, end) of the keys a query block attends to. Keys before `unmasked_end` need no mask:
+        every one lies in the sequence and, with a causal mask, before the block's first query; only the
+        blocks from there to `end` (the diagonal and the sequence's ragged end) pay for masking."""
         end = length
+        unmasked_end = (length // BLOCK_N) * BLOCK_N
         if CAUSAL:
             end = tl.minimum(length, (m_block + 1) * BLOCK_M)
-        return end
+            unmasked_end = (tl.minimum(length, m_block * BLOCK_M) // BLOCK_N) * BLOCK_N
+        return unmasked_end, end
+
+    @triton.jit
+    def _fwd_block(acc, m_i, l_i, q, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh, stride_vt,
+                   stride_vh, offs_d, length, scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """One key block of the online softmax: the running (acc, max, sum) after keys n0 .. n0 + BLOCK_N."""
+        cols = n0 + offs_n
+        k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+        if MASKED:
+            keep = (cols < length)[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        return acc, m_new, l_i
 
     @triton.jit
     def _fwd_kernel(
@@ -104,27 +129,42 @@ if HAVE_TRITON:
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             l_i = tl.zeros((BLOCK_M,), tl.float32)
             acc = tl.zeros((BLOCK_M, D), tl.float32)
-            for n0 in range(0, _keys_end(length, m_block, BLOCK_M, CAUSAL), BLOCK_N):
-                cols = n0 + offs_n
-                col_ok = cols < length
-                k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
-                s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
-                keep = col_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= offs_m[:, None])
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp(s - m_new[:, None])
-                alpha = tl.exp(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
-                m_i = m_new
+            unmasked_end, end = _key_blocks(length, m_block, BLOCK_M, BLOCK_N, CAUSAL)
+            for n0 in range(0, unmasked_end, BLOCK_N):
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt,
+                                           stride_kh, stride_vt, stride_vh, offs_d, length, scale, CAUSAL, False,
+                                           UPCAST, IEEE)
+            for n0 in range(unmasked_end, end, BLOCK_N):
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt,
+                                           stride_kh, stride_vt, stride_vh, offs_d, length, scale, CAUSAL, True,
+                                           UPCAST, IEEE)
             l_safe = tl.where(row_ok, l_i, 1.0)
             out = acc / l_safe[:, None]
             tl.store(O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                      out.to(O.dtype.element_ty), mask=row_ok[:, None])
             tl.store(LSE + (start + offs_m) * n_heads + head, m_i + tl.log(l_safe), mask=row_ok)
+
+    @triton.jit
+    def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads, stride_qt, stride_qh,
+                    stride_dot, stride_doh, offs_d, length, scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """(dK unscaled, dV) of one key block after adding the query block m0 .. m0 + BLOCK_M of `head`."""
+        rows = m0 + offs_m
+        row_ok = rows < length
+        q = _tile(Q, start, rows, head, stride_qt, stride_qh, offs_d, length)
+        do = _tile(DO, start, rows, head, stride_dot, stride_doh, offs_d, length)
+        lse = tl.load(LSE + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
+        p_t = tl.exp(_dot(k, tl.trans(q), UPCAST, IEEE) * scale - lse[None, :])  # (keys, queries)
+        if MASKED:
+            keep = (offs_n < length)[:, None] & row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= rows[None, :])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+        ds_t = p_t * (_dot(v, tl.trans(do), UPCAST, IEEE) - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+        return dk, dv
 
     @triton.jit
     def _bwd_dkdv_kernel(
@@ -144,32 +184,50 @@ if HAVE_TRITON:
             v = _tile(V, start, offs_n, kv_head, stride_vt, stride_vh, offs_d, length)
             dk = tl.zeros((BLOCK_N, D), tl.float32)
             dv = tl.zeros((BLOCK_N, D), tl.float32)
+            # query blocks [first, length): masked up to `unmasked_start` (with a causal mask, the blocks that
+            # reach back before the key block's last key; all of them when the key block runs past the
+            # sequence's end), unmasked after. Rows past the end need no mask there: their q, dO, lse and
+            # delta load as zeros, so they add exactly 0 to dK and dV.
             first = 0
+            unmasked_start = 0
             if CAUSAL:  # queries before the block's first key see none of it
                 first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M
+                unmasked_start = tl.cdiv((n_block + 1) * BLOCK_N, BLOCK_M) * BLOCK_M
+            if (n_block + 1) * BLOCK_N > length:
+                unmasked_start = length
+            unmasked_start = tl.minimum(unmasked_start, length)
             for g in range(GROUP):
                 head = kv_head * GROUP + g
-                for m0 in range(first, length, BLOCK_M):
-                    rows = m0 + offs_m
-                    row_ok = rows < length
-                    q = _tile(Q, start, rows, head, stride_qt, stride_qh, offs_d, length)
-                    do = _tile(DO, start, rows, head, stride_dot, stride_doh, offs_d, length)
-                    lse = tl.load(LSE + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
-                    delta = tl.load(DELTA + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
-                    # transposed scores: (keys, queries)
-                    s_t = _dot(k, tl.trans(q), UPCAST, IEEE) * scale
-                    keep = col_ok[:, None] & row_ok[None, :]
-                    if CAUSAL:
-                        keep = keep & (offs_n[:, None] <= rows[None, :])
-                    p_t = tl.where(keep, tl.exp(s_t - lse[None, :]), 0.0)
-                    dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
-                    dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
-                    ds_t = p_t * (dp_t - delta[None, :])
-                    dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+                for m0 in range(first, unmasked_start, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
+                                         stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
+                                         True, UPCAST, IEEE)
+                for m0 in range(tl.cdiv(unmasked_start, BLOCK_M) * BLOCK_M, length, BLOCK_M):
+                    dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
+                                         stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
+                                         False, UPCAST, IEEE)
             tl.store(DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
                      (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
             tl.store(DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
                      dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+    @triton.jit
+    def _dq_block(dq, q, do, lse, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh, stride_vt,
+                  stride_vh, offs_d, length, scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """dQ (unscaled) after adding the key block n0 .. n0 + BLOCK_N."""
+        cols = n0 + offs_n
+        k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
+        v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
+        p = tl.exp(_dot(q, tl.trans(k), UPCAST, IEEE) * scale - lse[:, None])
+        if MASKED:
+            keep = ((offs_m < length)[:, None]) & (cols < length)[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.to(k.dtype), k, UPCAST, IEEE)
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -190,19 +248,13 @@ if HAVE_TRITON:
             lse = tl.load(LSE + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0)
             dq = tl.zeros((BLOCK_M, D), tl.float32)
-            for n0 in range(0, _keys_end(length, m_block, BLOCK_M, CAUSAL), BLOCK_N):
-                cols = n0 + offs_n
-                col_ok = cols < length
-                k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
-                v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
-                s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
-                keep = row_ok[:, None] & col_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[None, :] <= offs_m[:, None])
-                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-                dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-                ds = p * (dp - delta[:, None])
-                dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+            unmasked_end, end = _key_blocks(length, m_block, BLOCK_M, BLOCK_N, CAUSAL)
+            for n0 in range(0, unmasked_end, BLOCK_N):
+                dq = _dq_block(dq, q, do, lse, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh, offs_d, length, scale, CAUSAL, False, UPCAST, IEEE)
+            for n0 in range(unmasked_end, end, BLOCK_N):
+                dq = _dq_block(dq, q, do, lse, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh, offs_d, length, scale, CAUSAL, True, UPCAST, IEEE)
             tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
                      (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -217,7 +269,7 @@ CONFIGS = {
     "fwd": {64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
             128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]},
     "dkdv": {64: [(64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2)],
-             128: [(32, 64, 8, 3), (16, 64, 4, 3), (16, 128, 8, 3), (16, 64, 8, 3)]},
+             128: [(16, 64, 8, 3), (16, 128, 8, 3)]},
     "dq": {64: [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
            128: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]},
 }
