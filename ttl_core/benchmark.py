@@ -55,7 +55,9 @@ class BenchDevice:
         """Median milliseconds of `fn()`. After a first untimed call (compilation, autotuning) and a timed
         one to estimate the cost, up to `warmup` calls warm up and up to `reps` are timed, fewer when they
         would take longer than `max_seconds` (but at least 5, or `reps` if that is less). On a GPU each run
-        is timed with CUDA events after an L2 flush (256 MB written), so no input comes from a warm cache."""
+        is timed with CUDA events after an L2 flush (256 MB written), so no input comes from a warm cache;
+        the flush also keeps the GPU busy while the host enqueues the timed call, so a call made of one
+        launch (a CUDA graph replay) is timed without its launch latency."""
         if self.smoke:
             warmup, reps = 1, 2
         fn()
