@@ -87,10 +87,10 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_
 
 
 def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Tensor:
-    """Target tokens in the whole optimizer step, over every micro-batch and every rank."""
-    local = sum(int((mb["targets"] != -100).sum()) for mb in micro_batches)
-    total = torch.tensor([float(local)], device=world.device if world.device.type == "cuda" else "cpu")
-    return all_reduce_sum(total, world)
+    """Target tokens in the whole optimizer step, over every micro-batch and every rank, counted on the
+    device (no host sync before the forward pass)."""
+    local = torch.stack([(mb["targets"] != -100).sum() for mb in micro_batches]).sum().float().reshape(1)
+    return all_reduce_sum(local.to(world.device if world.device.type == "cuda" else "cpu"), world)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
