@@ -111,7 +111,7 @@ def exercise_kernels() -> None:
         backward(cross_entropy(torch.randn(64, vocab, dtype=bf16, requires_grad=True), targets))
     # every autotuning candidate of the attention kernels, each put first in turn (the one used untuned)
     configs = attention.CONFIGS
-    for heads, kv_heads, dim in ((12, 12, 64), (32, 8, 128)):
+    for heads, kv_heads, dim in ((12, 12, 64), (8, 2, 64), (32, 8, 128)):  # ttl-160m, GQA, llama3-8b-like
         for candidate in range(max(len(by_dim[dim]) for by_dim in configs.values())):
             for by_dim in configs.values():
                 by_dim[dim].insert(0, by_dim[dim].pop(candidate % len(by_dim[dim])))
