@@ -187,6 +187,9 @@ def chunk_rows(n_rows: int) -> int:
     return max(64, math.ceil(n_rows / CHUNKS))
 
 
+_fp32_addmm = True  # cleared the first time CUDA refuses addmm with out_dtype (torch < 2.8)
+
+
 def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """grad_weight (float32) += grad_logits.T @ hidden. On CUDA the matmul accumulates into the float32
     tensor itself (addmm with out_dtype, torch >= 2.8); elsewhere, or where that is refused, the product is
@@ -202,8 +205,6 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
             _fp32_addmm = False
     grad_weight += (grad_logits.t() @ hidden).float()
 
-
-_fp32_addmm = True
 
 
 def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss) -> torch.Tensor:

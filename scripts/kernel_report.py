@@ -31,6 +31,8 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from ttl_core.cli import run_cli  # noqa: E402
+from ttl_core.errors import TTLError  # noqa: E402
+from ttl_core.fileio import write_json  # noqa: E402
 
 SHARED_MEMORY_KB = {90: 227, 80: 163, 89: 99}  # per block, opt-in maximum
 SASS_COUNTS = {"hgmma": r"\bHGMMA\.", "hmma": r"\bHMMA\.", "ldg128": r"\bLDG\.E[.A-Z]*\.128\b",
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = capture_compilations(args.arch)
     exercise_kernels()
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists():
+        raise TTLError(f"kernel_report reads the compiled kernels with cuobjdump, which this triton lacks ({tools})")
     rows, too_big = [], []
     for name, constexprs, kernel in compiled:
         shared_kb = kernel.metadata.shared / 1024
@@ -160,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:<22} {r['num_warps']:>5} {r['num_stages']:>6} {r['shared_kb']:>7.1f} {r['registers']:>4} "
               f"{r['stack_bytes']:>5} {r['hgmma']:>5} {r['hmma']:>5} {r['ldg128']:>6} {r['stg128']:>6}  {consts}")
     if args.json:
-        report = {"triton": triton.__version__, "arch": args.arch, "rows": rows}
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(Path(args.json), {"triton": triton.__version__, "arch": args.arch, "rows": rows})
     if too_big:
         print(f"over the {SHARED_MEMORY_KB[args.arch]} KB of shared memory: {sorted(set(too_big))}")
         return 1

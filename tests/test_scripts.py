@@ -103,3 +103,33 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
     assert len(attention) >= 40 and all(r["hgmma"] > 0 for r in attention)
     spilling = [(r["kernel"], r["constexprs"]) for r in rows if r["stack_bytes"]]
     assert all(name == "_rms_norm_bwd_kernel" and c["BLOCK_N"] == 16384 for name, c in spilling), spilling
+    # memory-bound kernels move 16-byte pieces (rotary at ttl-160m's 64-wide heads once moved 8-byte ones)
+    memory_bound = [r for r in rows if r["kernel"] in ("_rotary_kernel", "_rms_norm_fwd_kernel", "_swiglu_fwd_kernel")]
+    assert all(r["ldg128"] > 0 and r["stg128"] > 0 for r in memory_bound), memory_bound
+
+
+@pytest.mark.gpu
+def test_cuda_graph_timing_captures_forward_and_backward():
+    """The kernel benchmarks time CUDA graph replays: a forward + backward through a Triton kernel is captured
+    and its replay recomputes the gradient; a call that syncs with the host is refused, to be timed as is."""
+    import kernels
+
+    device = BenchDevice(torch.device("cuda"), "gpu", smoke=False)
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    w = torch.randn(1024, device="cuda", requires_grad=True)
+    dy = torch.randn_like(x)
+    grads = {}
+
+    def forward_backward():
+        grads["x"] = torch.autograd.grad(kernels.rms_norm(x, w), (x,), dy)[0]
+
+    replay = device.graph_replay(forward_backward)
+    assert replay is not None
+    with torch.no_grad():
+        x.mul_(2.0)  # the replay reads the inputs anew
+    replay()
+    torch.cuda.synchronize()
+    truth = torch.autograd.grad(kernels.rms_norm_reference(x, w), (x,), dy)[0]
+    assert torch.allclose(grads["x"], truth, rtol=1e-4, atol=1e-5)
+    assert device.graph_replay(lambda: x.sum().item()) is None
+    assert device.time_ms(replay, warmup=2, reps=5) > 0
