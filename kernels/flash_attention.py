@@ -274,27 +274,28 @@ CONFIGS = {
            128: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]},
 }
 KERNELS = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel} if HAVE_TRITON else {}
-_autotuned: dict = {}
+# Built at import rather than on first use: torch.compile cannot trace an autotuner's construction, and a
+# graph break there would split every compiled block that calls attention.
+AUTOTUNERS = {
+    (name, dim_class): triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                                        for m, n, w, s in candidates], key=["D", "CAUSAL", "GROUP"])(kernel)
+    for name, kernel in KERNELS.items() for dim_class, candidates in CONFIGS[name].items()
+}
 
 
 def autotuned_configs() -> dict[str, dict]:
     """The candidate each autotuner chose so far, by kernel and tuning key (for benchmark results)."""
     return {f"{name}/d{dim}": {str(key): str(config) for key, config in tuner.cache.items()}
-            for (name, dim), tuner in _autotuned.items() if tuner.cache}
+            for (name, dim), tuner in AUTOTUNERS.items() if tuner.cache}
 
 
 def _launch(name: str, grid, dim: int, autotune: bool, *args, **constexprs) -> None:
     """Launch kernel `name` with the autotuner over its candidates, or with the first candidate."""
     dim_class = 64 if dim <= 64 else 128
-    candidates = CONFIGS[name][dim_class]
     if autotune:
-        if (name, dim_class) not in _autotuned:
-            configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                       for m, n, w, s in candidates]
-            _autotuned[name, dim_class] = triton.autotune(configs, key=["D", "CAUSAL", "GROUP"])(KERNELS[name])
-        _autotuned[name, dim_class][grid](*args, **constexprs)
+        AUTOTUNERS[name, dim_class][grid](*args, **constexprs)
     else:
-        block_m, block_n, warps, stages = candidates[0]
+        block_m, block_n, warps, stages = CONFIGS[name][dim_class][0]
         KERNELS[name][grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constexprs)
 
 

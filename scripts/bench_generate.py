@@ -10,7 +10,8 @@ torch.compile(mode="reduce-overhead") ("hf_static_compile"). Each figure is the 
 calls after warm-up calls, prefill included; transformers' compiled graphs and ttl's captured CUDA graph are
 made by the first call and reused by later calls of the same shape, so neither counts. Reports ms per call, ms per token step, tokens/s over the batch, and GB/s of the bytes decoding
 must read (every weight once per step plus each row's cached keys and values) as a fraction of the copy
-bandwidth measured in the same run, and the extra device memory of the first (cold) call.
+bandwidth measured in the same run, and the extra device memory of the first (cold) call; ttl's call at the
+smallest batch is also profiled (JSON `notes.kernel_profiles`: its kernel time against its wall time).
 Writes benchmarks/results/<gpu>/generate.{json,csv,png}, rewritten after every measurement. Needs CUDA
 (`--smoke`: the tiny preset, CPU allowed, a check of the harness).
 """
@@ -22,7 +23,7 @@ import tempfile
 
 import torch
 
-from ttl_core.benchmark import BenchDevice, Results, cell, open_device, row
+from ttl_core.benchmark import BenchDevice, Results, cell, open_device, print_profiles, row
 from ttl_core.cli import run_cli
 from ttl_core.config import LlamaConfig
 from ttl_core.generate import generate
@@ -82,6 +83,11 @@ def bench(path: str, batches: list[int], hf_static_batches: list[int], prompt: i
             gbs = decode_bytes(ours, batch, prompt, new) / (ms * 1e-3) / 1e9
             results.add([row(impl, "decode", shape, "bf16", ms, gbs=gbs, frac_of_peak=gbs / dev.bandwidth_gbs,
                              tokens_per_s=batch * new / (ms * 1e-3), peak_mem_mb=memory)])
+            if impl == "ttl" and batch == min(batches):  # the goal's shape: is decoding bound by the host?
+                profile = results.attempt({"impl": impl, "shape": shape, "profile": True},
+                                          lambda: dev.kernel_profile(lambda: impls[impl](ids, mask), calls=1))
+                if profile:
+                    results.notes.setdefault("kernel_profiles", {})[f"{impl} batch {batch}"] = {"wall_ms": ms, **profile}
 
 
 def time_generate(dev: BenchDevice, impl: str, fn, expected_shape: tuple[int, int],
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         bench(path, batches, args.hf_static_batches or batches, prompt, new, results, reps=2 if args.quick else 3)
     print_table(results.rows)
+    print_profiles(results.notes.get("kernel_profiles", {}))
     return results.close()
 
 

@@ -4,7 +4,8 @@ and Liger-Kernel's patched transformers model when importable, with the same opt
 
   python scripts/bench_train.py [--preset ttl-160m] [--batch 4 16] [--steps 20] [--quick] [--smoke] [--out DIR]
 
-MFU counts 6N + 12·L·d·T FLOPs per token (N without the input embedding table) against both the
+Each configuration's kernels are profiled over two more steps (JSON `notes.kernel_profiles`): where a
+goal is missed, that says where the time went. MFU counts 6N + 12·L·d·T FLOPs per token (N without the input embedding table) against both the
 published bf16 peak of the device and the matmul throughput measured in the same run. Needs CUDA
 (`--smoke`: the tiny preset at seq 64, CPU allowed, a check of the harness).
 """
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.benchmark import BenchDevice, Results, cell, open_device, row
+from ttl_core.benchmark import BenchDevice, Results, cell, open_device, print_profiles, row
 from ttl_core.cli import run_cli
 from ttl_core.config import PRESETS
 from ttl_core.distributed import World
@@ -72,8 +73,9 @@ def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool,
 
 
 def measure(dev: BenchDevice, step: Callable[[torch.Tensor], float], batch: int, seq: int, vocab: int,
-            steps: int) -> tuple[float, float | None]:
-    """(mean ms per optimizer step after 3 warm-up steps, peak memory MB or None) on random tokens."""
+            steps: int) -> tuple[float, float | None, dict]:
+    """(mean ms per optimizer step after 3 warm-up steps, peak memory MB or None, the kernels that took the
+    device time of two more steps) on random tokens."""
     ids = [torch.randint(0, vocab, (batch, seq), device=dev.device) for _ in range(4)]
     for i in range(3):  # compilation and autotuning happen here
         step(ids[i % 4])
@@ -84,7 +86,9 @@ def measure(dev: BenchDevice, step: Callable[[torch.Tensor], float], batch: int,
     for i in range(steps):
         step(ids[i % 4])
     dev.sync()
-    return (time.perf_counter() - start) * 1e3 / steps, torch.cuda.max_memory_allocated() / 2**20 if dev.cuda else None
+    ms = (time.perf_counter() - start) * 1e3 / steps
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if dev.cuda else None
+    return ms, peak_mb, dev.kernel_profile(lambda: step(ids[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             torch._dynamo.reset()
             if not measured:
                 continue
-            ms, peak_mb = measured
+            ms, peak_mb, profile = measured
+            results.notes.setdefault("kernel_profiles", {})[f"{impl} batch {batch}"] = {"wall_ms": ms, **profile}
             tokens_per_s = batch * seq / (ms * 1e-3)
             achieved = flops * tokens_per_s / 1e12
             mfu = achieved / published if published else None
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{impl:<10} {batch:>5} {ms:>9.1f} {tokens_per_s:>10,.0f} {cell(mfu, '6.1%'):>6} "
                   f"{achieved / dev.bf16_tflops:>11.1%} {cell(peak_mb, '9.0f'):>9} "
                   f"{tokens_per_s / hf_tokens_per_s.get(batch, float('nan')):>6.2f}")
+    print_profiles(results.notes.get("kernel_profiles", {}))
     return results.close()
 
 

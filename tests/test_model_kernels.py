@@ -61,3 +61,24 @@ def test_compiled_kernels_in_the_model_on_cuda(dtype):
     assert rel_err(our_loss, true_loss) <= max(1e-2, 2 * rel_err(ref_loss, true_loss))
     for name, grad in true_grads.items():
         assert rel_err(our_grads[name], grad) <= max(1e-2, 2 * rel_err(ref_grads[name], grad)), name
+
+
+@pytest.mark.gpu
+def test_compiled_block_has_no_graph_breaks_on_cuda():
+    """torch.compile traces a decoder block on the Triton kernels and our attention, forward and backward, into
+    one graph: a break would run pieces of every block eagerly in compiled training."""
+    from ttl_core.model import Block
+
+    config = LlamaConfig.from_preset("tiny", kernels="triton", attention="triton")
+    block = Block(config, 0).cuda().to(torch.bfloat16)
+    x, residual = (torch.randn(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(2))
+    cos, sin = (torch.randn(2, 64, config.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    explained = torch._dynamo.explain(block)(x, residual, cos, sin, None)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    out, new_residual = torch.compile(block)(x, residual, cos, sin, None)
+    eager_out, eager_residual = block(x, residual, cos, sin, None)
+    assert rel_err(out, eager_out) <= 1e-2 and rel_err(new_residual, eager_residual) == 0
+    (out.float().sum() + new_residual.float().sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(block.mlp.gate_up.weight.grad).all()

@@ -123,6 +123,30 @@ class BenchDevice:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
 
+    def kernel_profile(self, fn: Callable[[], Any], calls: int = 2, top: int = 15) -> dict[str, Any]:
+        """Where the device time of `fn()` goes, for notes on a missed goal: `kernel_ms`, the kernel time per
+        call of `fn` (well under its wall time means the GPU waits on the host), and `top`, the kernels with
+        the most device time over `calls` calls (after one untimed call), each with its launches and
+        milliseconds per call and its share of all kernel time. CPU operators in a smoke run."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        self.sync()
+        with profile(activities=[ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+            self.sync()
+        kind = "cuda" if self.cuda else "cpu"
+        # user-annotated ranges (optimizer steps, compiled graphs) span kernels already counted
+        events = [e for e in prof.key_averages()
+                  if e.device_type.name.lower() == kind and not getattr(e, "is_user_annotation", False)]
+        times = {e.key: (e.self_device_time_total if self.cuda else e.self_cpu_time_total) for e in events}
+        total = sum(times.values())
+        ranked = sorted(events, key=lambda e: -times[e.key])[:top]
+        return {"kernel_ms": total / 1e3 / calls,
+                "top": [{"kernel": e.key[:120], "launches": e.count / calls, "ms": times[e.key] / 1e3 / calls,
+                         "share": times[e.key] / max(total, 1e-9)} for e in ranked]}
+
     def measure_peaks(self) -> BenchDevice:
         """This device with its copy bandwidth (bytes read plus written of a large device-to-device copy)
         and bf16 matmul rate (a large square product on random data) measured now."""
@@ -161,6 +185,15 @@ def row(impl: str, pass_: str, shape: dict[str, Any], dtype: str, ms: float, **f
         raise ValueError(f"unknown result fields: {sorted(unknown)}")
     return {"impl": impl, "pass": pass_, "shape": shape, "dtype": dtype, "ms": ms,
             **{k: figures.get(k) for k in ROW_FIELDS[5:]}}
+
+
+def print_profiles(profiles: dict[str, dict], top: int = 8) -> None:
+    """`BenchDevice.kernel_profile` results by configuration (each with its measured `wall_ms` per call):
+    kernel time against wall time (the rest is the GPU waiting on the host) and the kernels that take most."""
+    for name, p in profiles.items():
+        print(f"\n{name}: kernels {p['kernel_ms']:.2f} ms of {p['wall_ms']:.2f} ms per call")
+        for k in p["top"][:top]:
+            print(f"  {k['share']:6.1%} {k['ms']:8.3f} ms {k['launches']:6.0f}x  {k['kernel'][:90]}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
