@@ -53,8 +53,8 @@ def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
     return new * weights + batch * per_position * cached_positions
 
 
-def bench(path: str, batches: list[int], hf_static_batches: list[int], prompt: int, new: int, results: Results,
-          reps: int) -> None:
+def bench(path: str, preset: str, batches: list[int], hf_static_batches: list[int], prompt: int, new: int,
+          results: Results, reps: int) -> None:
     """Every implementation at every batch size; transformers' static cache + compile last, since its
     compilation takes minutes and a run cut short by a time limit should lose it rather than the rest."""
     dev = results.device
@@ -75,7 +75,7 @@ def bench(path: str, batches: list[int], hf_static_batches: list[int], prompt: i
         gen = torch.Generator(device=dev.device).manual_seed(batch)
         ids = torch.randint(4, ours.config.vocab_size, (batch, prompt), device=dev.device, generator=gen)
         mask = torch.ones_like(ids)
-        shape = {"batch": batch, "prompt": prompt, "new_tokens": new}
+        shape = {"preset": preset, "batch": batch, "prompt": prompt, "new_tokens": new}
         measured = results.attempt({"impl": impl, "shape": shape}, lambda: time_generate(
             dev, impl, lambda: impls[impl](ids, mask), (batch, prompt + new), reps))
         if measured:
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as path:
         save_pretrained(model, path, dtype="bfloat16")
         del model
-        bench(path, batches, args.hf_static_batches or batches, prompt, new, results, reps=2 if args.quick else 3)
+        bench(path, preset, batches, args.hf_static_batches or batches, prompt, new, results,
+              reps=2 if args.quick else 3)
     print_table(results.rows)
     print_profiles(results.notes.get("kernel_profiles", {}))
     return results.close()

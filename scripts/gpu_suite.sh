@@ -8,7 +8,7 @@
 # step cut off still leaves what it measured and the next step still runs. The limits fit the device
 # tool's 10-minute call. Optional wheels (liger-kernel, flash-attn) found in .whl/ are installed first, so
 # the benchmarks can compare against them. Results land in OUTDIR/results.tgz (<gpu>/<benchmark>.*) and are
-# also copied into benchmarks/results/ of the checkout.
+# also copied into benchmarks/results/ of the checkout; OUTDIR/goals.md judges them against issue 10's goals.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_suite.sh OUTDIR [--quick]}
 QUICK=${2:-}
@@ -53,4 +53,7 @@ else
   bench attention 60; bench train 90 --batch 16; bench generate 70 --hf-static-batches 1
 fi
 cp -r "$RESULTS"/. benchmarks/results/ 2>/dev/null
+for folder in "$RESULTS"/*/; do  # the speed goals judged from this run, as a table for the notes
+  python3 scripts/check_goals.py "$folder" >>"$OUT/goals.md" 2>>"$LOG"
+done
 say "done: $(cd "$RESULTS" && ls -R | tr '\n' ' ')"

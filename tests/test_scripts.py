@@ -140,3 +140,39 @@ def test_cuda_graph_timing_captures_forward_and_backward():
     assert torch.allclose(grads["x"], truth, rtol=1e-4, atol=1e-5)
     assert device.graph_replay(lambda: x.sum().item()) is None
     assert device.time_ms(replay, warmup=2, reps=5) > 0
+
+
+def test_goal_table_judges_each_goal_from_one_run(tmp_path):
+    """check_goals reads a GPU run's results and judges each goal of issue 10: met, missed, or not measured
+    when the run lacks the baseline (Liger not installed) or the shape."""
+    def result(name, rows):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"benchmark": name, "rows": rows}))
+
+    def r(impl, pass_, shape, ms, **figures):
+        return row(impl, pass_, shape, "bf16", ms, **figures)
+
+    norm = {"rows": 16384, "hidden": 4096, "residual": False}
+    small = {"rows": 16384, "hidden": 768, "residual": False}
+    result("rms_norm", [r("ttl", "fwd", norm, 1.0, frac_of_peak=0.92), r("ttl", "fwd+bwd", norm, 2.0, frac_of_peak=0.75),
+                        r("ttl", "fwd", small, 0.2, frac_of_peak=0.5), r("ttl", "fwd+bwd", small, 0.4, frac_of_peak=0.4)]
+           + [r(b, p, s, ms, frac_of_peak=0.5) for b in ("liger", "compile", "F.rms_norm", "torch")
+              for p, s, ms in (("fwd", norm, 1.1), ("fwd+bwd", norm, 2.2), ("fwd", small, 0.3),
+                               ("fwd+bwd", small, 0.3 if b == "liger" else 0.5))])
+    ce = {"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}
+    result("cross_entropy", [r("ttl", "fwd+bwd", ce, 90.0, frac_of_peak=0.7, peak_mem_mb=900.0)])
+    attention = {"seq": 2048, "head_dim": 64, "causal": True, "batch": 16, "heads": 16}
+    result("attention", [r("ttl", "fwd+bwd", attention, 1.0), r("sdpa_flash", "fwd+bwd", attention, 1.0)])
+    train = {"preset": "ttl-160m", "batch": 16, "seq": 2048}
+    result("train", [r("hf", "train_step", train, 150.0, tokens_per_s=2e5, mfu=0.21),
+                     r("ttl", "train_step", train, 60.0, tokens_per_s=5e5, mfu=0.53)])
+    result("generate", [r("ttl", "decode", {"preset": "ttl-160m", "batch": 1, "prompt": 128, "new_tokens": 256}, 50.0,
+                          tokens_per_s=5000.0)])
+    out = tmp_path / "verdicts.json"
+    run = run_script("check_goals", tmp_path, "--json", out)
+    assert run.returncode == 0, run.stderr[-2000:]
+    met = [v["met"] for v in json.loads(out.read_text())]
+    # RMSNorm fwd 92% (yes), fwd+bwd 75% (no), fwd faster than all (yes), fwd+bwd slower than Liger at 768 (no),
+    # rotary absent, FLCE 70% (yes), 900 MB of 8016 (yes), no Liger FLCE, attention tied with SDPA flash (yes),
+    # MFU 53% (yes), 2.5x transformers (yes), generation without transformers rows
+    assert met == [True, False, True, False, None, True, True, None, True, True, True, None, None]
+    assert "| RMSNorm fwd+bwd, hidden 768-16384" in run.stdout and "1.33x" in run.stdout
