@@ -93,8 +93,8 @@ def test_benchmark_harness_runs_at_toy_sizes(script, tmp_path):
 
 def test_every_kernel_compiles_for_hopper(tmp_path):
     """What the interpreter cannot show: each kernel compiles for sm_90 (H100/H200) within its shared memory,
-    every attention candidate uses warpgroup MMA (HGMMA) and none spills registers; only RMSNorm's backward at
-    hidden 16384, whose row and weight-gradient accumulator outgrow the registers, spills (to L1); and
+    every attention candidate uses warpgroup MMA (HGMMA); no kernel spills registers (RMSNorm's backward at
+    hidden 16384 once spilled 72-96 bytes a thread); and
     torch.compile traces a decoder block on the kernels into one graph (an autotuner built on first use once
     split it in eight)."""
     report = tmp_path / "report.json"
@@ -107,7 +107,7 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
     attention = [r for r in rows if r["kernel"] in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
     assert len(attention) >= 40 and all(r["hgmma"] > 0 for r in attention)
     spilling = [(r["kernel"], r["constexprs"]) for r in rows if r["stack_bytes"]]
-    assert all(name == "_rms_norm_bwd_kernel" and c["BLOCK_N"] == 16384 for name, c in spilling), spilling
+    assert not spilling, spilling
     # memory-bound kernels move 16-byte pieces (rotary at ttl-160m's 64-wide heads once moved 8-byte ones)
     memory_bound = [r for r in rows if r["kernel"] in ("_rotary_kernel", "_rms_norm_fwd_kernel", "_swiglu_fwd_kernel")]
     assert all(r["ldg128"] > 0 and r["stg128"] > 0 for r in memory_bound), memory_bound
