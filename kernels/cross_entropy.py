@@ -263,9 +263,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                                           grad_weight)
             return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
         grad_hidden, grad_weight = ctx.saved_tensors
-        weight_dtype = ctx.weight_dtype
-        return ((grad_hidden * grad_output).to(grad_hidden.dtype), (grad_weight * grad_output).to(weight_dtype),
+        return (_scaled(grad_hidden, grad_output, grad_hidden.dtype), _scaled(grad_weight, grad_output, ctx.weight_dtype),
                 None, None, None, None, None)
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gradient computed in the forward times the loss's incoming gradient, in `dtype`, without a float32
+    temporary the size of the weight: in place when the dtype is kept (a second backward through the same
+    graph then fails on the modified saved tensor rather than scaling twice), else written straight into
+    the narrower dtype."""
+    if grad.dtype == dtype:
+        return grad.mul_(grad_output)
+    return torch.mul(grad, grad_output, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 def fused_linear_cross_entropy(

@@ -159,7 +159,7 @@ def test_goal_table_judges_each_goal_from_one_run(tmp_path):
               for p, s, ms in (("fwd", norm, 1.1), ("fwd+bwd", norm, 2.2), ("fwd", small, 0.3),
                                ("fwd+bwd", small, 0.3 if b == "liger" else 0.5))])
     ce = {"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}
-    result("cross_entropy", [r("ttl", "fwd+bwd", ce, 90.0, frac_of_peak=0.7, peak_mem_mb=900.0)])
+    result("cross_entropy", [r("ttl", "fwd+bwd", ce, 90.0, frac_of_peak=0.7, peak_mem_mb=2000.0)])
     attention = {"seq": 2048, "head_dim": 64, "causal": True, "batch": 16, "heads": 16}
     result("attention", [r("ttl", "fwd+bwd", attention, 1.0), r("sdpa_flash", "fwd+bwd", attention, 1.0)])
     train = {"preset": "ttl-160m", "batch": 16, "seq": 2048}
@@ -172,7 +172,7 @@ def test_goal_table_judges_each_goal_from_one_run(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     met = [v["met"] for v in json.loads(out.read_text())]
     # RMSNorm fwd 92% (yes), fwd+bwd 75% (no), fwd faster than all (yes), fwd+bwd slower than Liger at 768 (no),
-    # rotary absent, FLCE 70% (yes), 900 MB of 8016 (yes), no Liger FLCE, attention tied with SDPA flash (yes),
+    # rotary absent, FLCE 70% (yes), 2000 MB less 1130 MB of gradients of 8016 (yes), no Liger FLCE, attention tied with SDPA flash (yes),
     # MFU 53% (yes), 2.5x transformers (yes), generation without transformers rows
     assert met == [True, False, True, False, None, True, True, None, True, True, True, None, None]
     assert "| RMSNorm fwd+bwd, hidden 768-16384" in run.stdout and "1.33x" in run.stdout
