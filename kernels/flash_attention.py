@@ -3,9 +3,12 @@
 Every call is handled as packed: a (batch, seq, heads, dim) input is viewed as (batch·seq, heads, dim) with
 `cu_seqlens` = 0, seq, 2·seq, ..., so one kernel serves both layouts and any sequence length. The forward
 streams K/V blocks through an online softmax and saves the log-sum-exp per query row; the backward
-recomputes the probabilities from it. Grouped-query attention maps query head h to KV head h // group and
-never repeats K/V in memory: the dK/dV kernel owns one KV block of one KV head and loops over the query
-heads of its group (no atomics), the dQ kernel owns one query block of one head.
+recomputes the probabilities from it. The forward and dQ kernels keep scores in base 2 (scaled by log2(e)
+with the softmax scale), so their exponentials are the GPU's native exp2 without a multiply of their own;
+the dK/dV kernel, at the edge of its registers with GQA, keeps the natural base, with which it spills
+nothing. Grouped-query attention maps query head h to KV head h // group and never repeats K/V in memory:
+the dK/dV kernel owns one KV block of one KV head and loops over the query heads of its group (no atomics),
+the dQ kernel owns one query block of one head.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def flash_attention_reference(
 
 
 if HAVE_TRITON:
+    LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -92,20 +96,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fwd_block(acc, m_i, l_i, q, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh, stride_vt,
-                   stride_vh, offs_d, length, scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                   stride_vh, offs_d, length, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """One key block of the online softmax: the running (acc, max, sum) after keys n0 .. n0 + BLOCK_N."""
+        """One key block of the online softmax: the running (acc, max, sum) after keys n0 .. n0 + BLOCK_N, with
+        scores and max in base 2 (`qk_scale` is the softmax scale times log2(e))."""
         cols = n0 + offs_n
         k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         if MASKED:
             keep = (cols < length)[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
@@ -130,19 +135,20 @@ if HAVE_TRITON:
             l_i = tl.zeros((BLOCK_M,), tl.float32)
             acc = tl.zeros((BLOCK_M, D), tl.float32)
             unmasked_end, end = _key_blocks(length, m_block, BLOCK_M, BLOCK_N, CAUSAL)
+            qk_scale = scale * LOG2E
             for n0 in range(0, unmasked_end, BLOCK_N):
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt,
-                                           stride_kh, stride_vt, stride_vh, offs_d, length, scale, CAUSAL, False,
+                                           stride_kh, stride_vt, stride_vh, offs_d, length, qk_scale, CAUSAL, False,
                                            UPCAST, IEEE)
             for n0 in range(unmasked_end, end, BLOCK_N):
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt,
-                                           stride_kh, stride_vt, stride_vh, offs_d, length, scale, CAUSAL, True,
+                                           stride_kh, stride_vt, stride_vh, offs_d, length, qk_scale, CAUSAL, True,
                                            UPCAST, IEEE)
             l_safe = tl.where(row_ok, l_i, 1.0)
             out = acc / l_safe[:, None]
             tl.store(O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                      out.to(O.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(LSE + (start + offs_m) * n_heads + head, m_i + tl.log(l_safe), mask=row_ok)
+            tl.store(LSE + (start + offs_m) * n_heads + head, (m_i + tl.log2(l_safe)) / LOG2E, mask=row_ok)
 
     @triton.jit
     def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads, stride_qt, stride_qh,
@@ -212,14 +218,14 @@ if HAVE_TRITON:
                      dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
     @triton.jit
-    def _dq_block(dq, q, do, lse, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh, stride_vt,
-                  stride_vh, offs_d, length, scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+    def _dq_block(dq, q, do, lse2, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh, stride_vt,
+                  stride_vh, offs_d, length, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """dQ (unscaled) after adding the key block n0 .. n0 + BLOCK_N."""
+        """dQ (unscaled) after adding the key block n0 .. n0 + BLOCK_N (log-sum-exp and scale in base 2)."""
         cols = n0 + offs_n
         k = _tile(K, start, cols, kv_head, stride_kt, stride_kh, offs_d, length)
         v = _tile(V, start, cols, kv_head, stride_vt, stride_vh, offs_d, length)
-        p = tl.exp(_dot(q, tl.trans(k), UPCAST, IEEE) * scale - lse[:, None])
+        p = tl.exp2(_dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale - lse2[:, None])
         if MASKED:
             keep = ((offs_m < length)[:, None]) & (cols < length)[None, :]
             if CAUSAL:
@@ -245,16 +251,17 @@ if HAVE_TRITON:
             row_ok = offs_m < length
             q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
             do = _tile(DO, start, offs_m, head, stride_dot, stride_doh, offs_d, length)
-            lse = tl.load(LSE + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0)
+            lse2 = tl.load(LSE + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0) * LOG2E
             delta = tl.load(DELTA + (start + offs_m) * n_heads + head, mask=row_ok, other=0.0)
             dq = tl.zeros((BLOCK_M, D), tl.float32)
             unmasked_end, end = _key_blocks(length, m_block, BLOCK_M, BLOCK_N, CAUSAL)
+            qk_scale = scale * LOG2E
             for n0 in range(0, unmasked_end, BLOCK_N):
-                dq = _dq_block(dq, q, do, lse, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
-                               stride_vt, stride_vh, offs_d, length, scale, CAUSAL, False, UPCAST, IEEE)
+                dq = _dq_block(dq, q, do, lse2, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh, offs_d, length, qk_scale, CAUSAL, False, UPCAST, IEEE)
             for n0 in range(unmasked_end, end, BLOCK_N):
-                dq = _dq_block(dq, q, do, lse, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
-                               stride_vt, stride_vh, offs_d, length, scale, CAUSAL, True, UPCAST, IEEE)
+                dq = _dq_block(dq, q, do, lse2, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh, offs_d, length, qk_scale, CAUSAL, True, UPCAST, IEEE)
             tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
                      (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
