@@ -8,10 +8,11 @@ tokens per row: ttl with its decode step in a CUDA graph ("ttl") and without ("t
 with its dynamic cache ("hf") and with a static cache, which its generate() compiles with
 torch.compile(mode="reduce-overhead") ("hf_static_compile"). Each figure is the median of whole generate()
 calls after warm-up calls, prefill included; transformers' compiled graphs and ttl's captured CUDA graph are
-made by the first call and reused by later calls of the same shape, so neither counts. Reports ms per call, ms per token step, tokens/s over the batch, and GB/s of the bytes decoding
-must read (every weight once per step plus each row's cached keys and values) as a fraction of the copy
-bandwidth measured in the same run, and the extra device memory of the first (cold) call; ttl's call at the
-smallest batch is also profiled (JSON `notes.kernel_profiles`: its kernel time against its wall time).
+made by the first call and reused by later calls of the same shape, so neither counts. Reports ms per call,
+ms per token step, tokens/s over the batch, and GB/s of the bytes decoding must read (every weight once per
+step plus each row's cached keys and values) as a fraction of the copy bandwidth measured in the same run,
+and the extra device memory of the first (cold) call; ttl's call at the smallest batch is also profiled
+(JSON `notes.kernel_profiles`: its kernel time against its wall time).
 Writes benchmarks/results/<gpu>/generate.{json,csv,png}, rewritten after every measurement. Needs CUDA
 (`--smoke`: the tiny preset, CPU allowed, a check of the harness).
 """
@@ -87,7 +88,8 @@ def bench(path: str, preset: str, batches: list[int], hf_static_batches: list[in
                 profile = results.attempt({"impl": impl, "shape": shape, "profile": True},
                                           lambda: dev.kernel_profile(lambda: impls[impl](ids, mask), calls=1))
                 if profile:
-                    results.notes.setdefault("kernel_profiles", {})[f"{impl} batch {batch}"] = {"wall_ms": ms, **profile}
+                    profiles = results.notes.setdefault("kernel_profiles", {})
+                    profiles[f"{impl} batch {batch}"] = {"wall_ms": ms, **profile}
 
 
 def time_generate(dev: BenchDevice, impl: str, fn, expected_shape: tuple[int, int],

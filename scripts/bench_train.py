@@ -7,9 +7,10 @@ blocks on the PyTorch references, fused by torch.compile, instead of our kernels
   python scripts/bench_train.py [--preset ttl-160m] [--batch 4 16] [--steps 20] [--quick] [--smoke] [--out DIR]
 
 Each configuration's kernels are profiled over two more steps (JSON `notes.kernel_profiles`): where a
-goal is missed, that says where the time went. MFU counts 6N + 12·L·d·T FLOPs per token (N without the input embedding table) against both the
-published bf16 peak of the device and the matmul throughput measured in the same run. Needs CUDA
-(`--smoke`: the tiny preset at seq 64, CPU allowed, a check of the harness).
+goal is missed, that says where the time went. MFU counts 6N + 12·L·d·T FLOPs per token (N without the
+input embedding table) against both the published bf16 peak of the device and the matmul throughput
+measured in the same run. Needs CUDA (`--smoke`: the tiny preset at seq 64, CPU allowed, a check of the
+harness).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
              "hf": lambda: hf_step(config, train, False, dev.device),
              "liger": lambda: hf_step(config, train, True, dev.device)}
     print(f"{flops / 1e9:.3f} GFLOP per token")
-    print(f"{'impl':<13} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'of measured':>11} {'peak MB':>9} {'/ hf':>6}")
+    print(f"{'impl':<13} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'of measured':>11} {'peak MB':>9} "
+          f"{'/ hf':>6}")
     results = Results("train", args.out, dev, plot_metric="tokens_per_s")
     hf_tokens_per_s = {}
     # hf first (the ratios are against it); liger after ttl's own, because its patch changes transformers for

@@ -133,10 +133,10 @@ def training_goals(rows: list[dict]) -> list[Verdict]:
     goal_shape = lambda s: s["preset"] == "ttl-160m" and s["seq"] == 2048  # noqa: E731
     ttl = select(rows, "ttl", "train_step", goal_shape)
     best = max(ttl, key=lambda r: r["tokens_per_s"], default=None)
+    measured = best is not None and best["mfu"] is not None
     mfu = Verdict("Training ttl-160m, seq 2048, bf16: MFU (published peak)",
-                  "-" if best is None or best["mfu"] is None else f"{best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s, "
-                  f"batch {best['shape']['batch']})", ">= 50%",
-                  None if best is None or best["mfu"] is None else best["mfu"] >= 0.5)
+                  f"{best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s, batch {best['shape']['batch']})"
+                  if measured else "-", ">= 50%", best["mfu"] >= 0.5 if measured else None)
     ratios = [(r["tokens_per_s"] / h["tokens_per_s"], r["shape"]["batch"]) for r in ttl
               for h in select(rows, "hf", "train_step", goal_shape) if h["shape"] == r["shape"]]
     worst = min(ratios, default=None)
@@ -167,7 +167,8 @@ def generation_goals(rows: list[dict]) -> list[Verdict]:
 def markdown(verdicts: list[Verdict]) -> str:
     lines = ["| goal | measured | target | met |", "|---|---|---|---|"]
     for v in verdicts:
-        lines.append(f"| {v.goal} | {v.measured} | {v.target} | {'not measured' if v.met is None else 'yes' if v.met else 'no'} |")
+        verdict = "not measured" if v.met is None else "yes" if v.met else "no"
+        lines.append(f"| {v.goal} | {v.measured} | {v.target} | {verdict} |")
     return "\n".join(lines)
 
 
