@@ -83,6 +83,14 @@ if HAVE_TRITON:
         return start, length, program % n_heads
 
     @triton.jit
+    def _heavy_first(CAUSAL: tl.constexpr):
+        """The query block of this program. Under a causal mask the last query blocks attend to the most keys;
+        numbering them first schedules the longest programs first, so the grid's tail is made of short ones."""
+        if CAUSAL:
+            return tl.num_programs(0) - 1 - tl.program_id(0)
+        return tl.program_id(0)
+
+    @triton.jit
     def _key_blocks(length, m_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
         """(unmasked_end, end) of the keys a query block attends to. Keys before `unmasked_end` need no mask:
         every one lies in the sequence and, with a causal mask, before the block's first query; only the
@@ -122,7 +130,7 @@ if HAVE_TRITON:
         stride_ot, stride_oh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        m_block = tl.program_id(0)
+        m_block = _heavy_first(CAUSAL)
         start, length, head = _sequence(CU, tl.program_id(1), n_heads)
         kv_head = head // GROUP
         if m_block * BLOCK_M < length:
@@ -241,7 +249,7 @@ if HAVE_TRITON:
         stride_dot, stride_doh, stride_dqt, stride_dqh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        m_block = tl.program_id(0)
+        m_block = _heavy_first(CAUSAL)
         start, length, head = _sequence(CU, tl.program_id(1), n_heads)
         kv_head = head // GROUP
         if m_block * BLOCK_M < length:
