@@ -74,6 +74,20 @@ def test_packed_documents_equal_each_document_alone(backend):
     assert (unmasked - alone).abs().max() > 1e-2  # without the layout, later documents do see earlier ones
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_an_additive_mask_equals_its_boolean_form(backend):
+    """Decoding passes one additive (0 / -inf) mask to every layer instead of a boolean one that SDPA would
+    convert in each call: both forms give the same attention, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 4, 16, generator=gen)
+    k, v = (torch.randn(2, 9, 4, 16, generator=gen) for _ in range(2))
+    allowed = torch.rand(2, 1, 3, 9, generator=gen) > 0.4
+    allowed[..., 0] = True  # an additive mask must leave each row a key
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    assert torch.equal(attention(q, k, v, mask=additive, backend=backend),
+                       attention(q, k, v, mask=allowed, backend=backend))
+
+
 def test_unavailable_backends_are_clear_errors(monkeypatch):
     q = torch.randn(1, 4, 2, 64)
     with pytest.raises(ConfigError, match="'flash_attn' needs the flash-attn package"):

@@ -2,7 +2,9 @@
 
 Tensors use the flash-attn layout: q (batch, q_len, heads, head_dim), k and v (batch, kv_len, kv_heads,
 head_dim) with kv_heads dividing heads (grouped-query attention without repeating K/V in memory where the
-backend allows). Masks are boolean (batch or 1, 1, q_len, kv_len), True where a query may attend.
+backend allows). Masks are (batch or 1, 1, q_len, kv_len): boolean, True where a query may attend, or
+additive in the query's dtype (0 where it may, -inf where not), which a caller builds once for many layers
+where SDPA would convert a boolean mask in every call; an additive mask must leave every row some key.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def eager_attention(
     kh = k.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     scores = (qh @ kh.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return (probs @ vh).transpose(1, 2)
 

@@ -174,7 +174,8 @@ class LlamaModel(nn.Module):
         """Hidden states (batch, seq, hidden).
 
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
-        queries being the last `seq` positions) or a ready boolean (batch, 1, seq, kv_len) mask.
+        queries being the last `seq` positions) or a ready (batch, 1, seq, kv_len) mask, boolean or additive
+        (see `ttl_core.attention`).
         `position_ids` default to 0..seq-1. `kv_cache`, if given, has `update(layer_idx, k, v)` returning
         the keys and values to attend over, or, while its `attends` is true, `attend(layer_idx, q, k, v)`
         returning the attention output itself (see `ttl_core.generate.StaticKVCache`)."""
