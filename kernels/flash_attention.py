@@ -75,6 +75,21 @@ if HAVE_TRITON:
                        mask=(rows < length)[:, None], other=0.0)
 
     @triton.jit
+    def _delta_kernel(O, DO, DELTA, n_rows, n_heads, stride_ot, stride_oh, stride_dot, stride_doh, D: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+        """rowsum(dO ∘ O) in float32 for BLOCK_R (token, head) rows: the softmax-gradient term both backward
+        kernels subtract. One pass over O and dO, where eager PyTorch would write and reread float32 copies."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        token, head = (rows // n_heads).to(tl.int64), rows % n_heads
+        offs_d = tl.arange(0, D)
+        o = tl.load(O + (token * stride_ot + head * stride_oh)[:, None] + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
+        do = tl.load(DO + (token * stride_dot + head * stride_doh)[:, None] + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=row_ok)
+
+    @triton.jit
     def _sequence(CU, program, n_heads):
         """(sequence start, length, head) of a program numbered over sequences x heads."""
         seq_id = program // n_heads
@@ -343,7 +358,12 @@ class _FlashAttention(torch.autograd.Function):
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         total, heads, dim = q.shape
         kv_heads = k.shape[1]
-        delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO ∘ O): (total, heads), float32
+        delta = torch.empty((total, heads), dtype=torch.float32, device=q.device)
+        rows, block = total * heads, 8192 // dim
+        if rows:
+            _delta_kernel[(triton.cdiv(rows, block),)](out, grad_out, delta, rows, heads, out.stride(0), out.stride(1),
+                                                      grad_out.stride(0), grad_out.stride(1), D=dim, BLOCK_R=block,
+                                                      num_warps=8)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         n_seqs = cu_seqlens.numel() - 1
         common = dict(GROUP=heads // kv_heads, CAUSAL=ctx.causal, D=dim, **_flags(q))
