@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         shape = {"seq": seq, "head_dim": dim, "causal": causal, "batch": max(1, TOKENS[mode] // seq),
                  "heads": WIDTH[mode] // dim}
         rows = []
-        for impl, fn in implementations(dev).items():
-            rows += results.attempt({"impl": impl, "shape": shape}, lambda: time_impl(
+        for impl, fn in implementations(dev).items():  # each written at once: a time limit may cut the next
+            impl_rows = results.attempt({"impl": impl, "shape": shape}, lambda: time_impl(
                 dev, impl, fn, shape, dtype, results.notes.setdefault("timed_without_cuda_graph", []))) or []
-        results.notes["autotuned_configs"] = autotuned_configs()
-        results.add(rows)
+            results.notes["autotuned_configs"] = autotuned_configs()
+            results.add(impl_rows)
+            rows += impl_rows
         ttl_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "ttl"}
         for r in rows:
             print(f"{seq:>6} {dim:>4} {causal!s:>6} {r['pass']:<8} {r['impl']:<11} {r['ms']:>8.3f} {r['tflops']:>8.1f} "
