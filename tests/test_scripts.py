@@ -178,3 +178,7 @@ def test_goal_table_judges_each_goal_from_one_run(tmp_path):
     # MFU 53% (yes), 2.5x transformers (yes), generation without transformers rows
     assert met == [True, False, True, False, None, True, True, None, True, True, True, None, None]
     assert "| RMSNorm fwd+bwd, hidden 768-16384" in run.stdout and "1.33x" in run.stdout
+    (tmp_path / "train.json").write_text("{not json")
+    broken = run_script("check_goals", tmp_path)
+    assert broken.returncode != 0 and broken.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "train.json is not valid JSON" in broken.stderr
