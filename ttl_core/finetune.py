@@ -346,12 +346,13 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, cfg.dtype):
                 loss = loss_fn(model, batch)
-            if not math.isfinite(loss.item()):
-                raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss.item()}; lower the lr")
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
             loss.backward()
             lr = lr_at(step, train_cfg)
             grad_norm = optimizer_update(model, optimizer, train_cfg, lr)
-            log.log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm})
+            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
         after_epoch(epoch, step)
 
 

@@ -108,21 +108,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         loss_sum += loss.detach().float()
         scaled = loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
-    mean_loss = (all_reduce_sum(loss_sum, world) / n_targets.to(world.device)).item()
+    mean_loss = all_reduce_sum(loss_sum, world) / n_targets.to(world.device)
+    grad_norm = clip_gradients(model, optimizer, train, scaler)
+    # one host sync for both figures: the loss must be known before the weights change, and a second sync
+    # for the norm after the update would drain the GPU again before the next step's work is queued
+    mean_loss, grad_norm = torch.stack([mean_loss.reshape(()), grad_norm.to(mean_loss)]).tolist()
     if not math.isfinite(mean_loss):
         optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"loss became {mean_loss}")
-    return mean_loss, optimizer_update(model, optimizer, train, lr, scaler)
+    apply_update(optimizer, lr, scaler)
+    return mean_loss, grad_norm
 
 
-def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
-                     scaler: torch.amp.GradScaler | None = None) -> float:
-    """Apply the accumulated gradients: unscale (fp16), clip to `train.grad_clip` (0: no clipping), set the
-    learning rate, step and zero the gradients. Returns the gradient norm before clipping."""
+def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
+                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Unscale the accumulated gradients (fp16) and clip them to `train.grad_clip` (0: no clipping); returns
+    the gradient norm before clipping as a device tensor (no host sync)."""
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+
+def apply_update(optimizer: torch.optim.Optimizer, lr: float, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Set the learning rate, step the optimizer (through the scaler for fp16) and zero the gradients."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if scaler:
@@ -131,6 +140,13 @@ def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, t
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
+                     scaler: torch.amp.GradScaler | None = None) -> float:
+    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping."""
+    grad_norm = clip_gradients(model, optimizer, train, scaler)
+    apply_update(optimizer, lr, scaler)
     return float(grad_norm)
 
 
