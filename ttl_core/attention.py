@@ -60,7 +60,8 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.
 
 
 def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Explicit-softmax attention (fp32 softmax), the reference the fast backends are tested against.
 
@@ -78,11 +79,14 @@ def eager_attention(
     elif mask is not None:
         scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
     return (probs @ vh).transpose(1, 2)
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """torch's scaled_dot_product_attention; a causal call without a mask on unequal q/kv lengths gets an
     explicit bottom-right mask, since SDPA's `is_causal` aligns the triangle top-left."""
@@ -90,7 +94,7 @@ def sdpa_attention(
     if mask is None and causal and q_len != kv_len:
         mask = causal_mask(q_len, kv_len, q.device)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p,
         is_causal=causal and mask is None, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
@@ -130,21 +134,26 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
     backend: str = "auto", cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention by the chosen backend; returns (batch, q_len, heads, head_dim).
 
     `mask`, when given, already holds causality and padding; `causal` applies only without a mask.
     `cu_seqlens` / `max_seqlen` (from `document_layout`) treat the batch·seq tokens as packed documents that
     never attend to each other. flash-attn and our Triton kernel take unmasked (or packed) calls; a call
-    with an explicit mask (padding, KV cache) goes to SDPA with them."""
+    with an explicit mask (padding, KV cache) goes to SDPA with them. `dropout_p` drops attention
+    probabilities (training with a config's `attention_dropout`); our Triton kernel has no dropout."""
     backend = resolve_backend(backend, q)
+    if dropout_p and backend == "triton":
+        raise ConfigError("attention backend 'triton' has no attention dropout; train with attention_dropout=0 or "
+                          "another backend")
     batch, seq = q.shape[:2]
     if cu_seqlens is not None:
         if backend in ("flash_attn", "triton"):
             flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
             if backend == "flash_attn":
                 out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                                                 causal=causal)
+                                                                 dropout_p=dropout_p, causal=causal)
             else:
                 out = kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                               backend="triton")
@@ -152,9 +161,9 @@ def attention(
         mask = packed_causal_mask(cu_seqlens, batch, seq)
     if mask is None and q.shape[1] == k.shape[1]:
         if backend == "flash_attn":
-            return flash_attn_module().flash_attn_func(q, k, v, causal=causal)
+            return flash_attn_module().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
         if backend == "triton":
             return kernels.flash_attention(q, k, v, causal=causal, backend="triton")
     if backend == "eager":
-        return eager_attention(q, k, v, mask, causal)
-    return sdpa_attention(q, k, v, mask, causal)
+        return eager_attention(q, k, v, mask, causal, dropout_p)
+    return sdpa_attention(q, k, v, mask, causal, dropout_p)

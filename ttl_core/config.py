@@ -36,6 +36,7 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    attention_dropout: float = 0.0
     mlp_bias: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 1
@@ -68,6 +69,8 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_labels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
@@ -129,21 +132,20 @@ class LlamaConfig:
                     f"unsupported architecture {arch!r}; ttl supports {', '.join(SUPPORTED_ARCHITECTURES)}"
                 )
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # transformers maps both names to the same SiLU
             raise ConfigError(f"unsupported activation hidden_act={act!r}; Llama uses 'silu'")
-        if hf.get("pretraining_tp", 1) not in (1, None):
-            raise ConfigError("pretraining_tp > 1 checkpoints are not supported")
-        rope_theta = hf.get("rope_theta", 10000.0)
-        rope_scaling = hf.get("rope_scaling")
-        rope_parameters = hf.get("rope_parameters")
-        if rope_parameters:
-            rope_parameters = dict(rope_parameters)
-            rope_theta = rope_parameters.pop("rope_theta", rope_theta)
-            rope_scaling = rope_parameters if rope_parameters.get("rope_type", "default") != "default" else None
+        # pretraining_tp (v4 split each projection into that many matmuls: the same math) is not read by
+        # current transformers either, so it is accepted and ignored
+        # As transformers does, a v4 `rope_scaling` block wins over `rope_parameters`, and `rope_theta` comes
+        # from the chosen block, else from the top level.
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
-        kwargs = {k: v for k, v in hf.items() if k in fields and v is not None}
-        if "pad_token_id" in hf:  # an explicit null pad id matters for classification pooling
-            kwargs["pad_token_id"] = hf["pad_token_id"]
+        # keys config.json leaves out take transformers' defaults, not ttl's presets; an explicit null stays
+        # null (no EOS, no padding token), except where ttl's field cannot be null
+        kwargs = {**HF_LLAMA_DEFAULTS, **{k: v for k, v in hf.items() if k in fields}}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in NULLABLE_HF_FIELDS}
         return cls(rope_theta=float(rope_theta), rope_scaling=rope_scaling, **kwargs)
 
     def to_hf_dict(self, architecture: str = "LlamaForCausalLM", dtype: str = "float32") -> dict[str, Any]:
@@ -171,7 +173,7 @@ class LlamaConfig:
             "rope_parameters": rope_parameters,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
-            "attention_dropout": 0.0,
+            "attention_dropout": self.attention_dropout,
             "mlp_bias": self.mlp_bias,
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
@@ -190,6 +192,15 @@ class LlamaConfig:
                 out["problem_type"] = self.problem_type
         return out
 
+
+# transformers' LlamaConfig defaults, for the keys a config.json may leave out
+HF_LLAMA_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+    attention_dropout=0.0, mlp_bias=False, initializer_range=0.02, bos_token_id=1, eos_token_id=2,
+    pad_token_id=None,
+)
+NULLABLE_HF_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id", "problem_type")
 
 _TTL_COMMON: dict[str, Any] = dict(
     vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,

@@ -293,10 +293,25 @@ def _token_list(ids, name: str, vocab: int) -> list[int]:
     return ids
 
 
-def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """(EOS ids, padding id): the arguments where given, else the checkpoint's generation_config.json as
+    transformers reads it (when the model was loaded with one), else the model config's; the padding id
+    falls back to the first EOS id."""
     config = model.config
-    if not hasattr(model, "lm_head"):
-        raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
+    defaults = model.generation_config
+    if defaults is None:
+        defaults = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    eos = _token_list(defaults.get("eos_token_id") if eos_token_id is None else eos_token_id, "eos_token_id",
+                      config.vocab_size)
+    pad = pad_token_id if pad_token_id is not None else defaults.get("pad_token_id")
+    pad = pad if pad is not None else (eos[0] if eos else None)
+    _token_list(pad, "pad_token_id", config.vocab_size)
+    return eos, pad
+
+
+def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: list[int],
+                    pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    config = model.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
     if input_ids.numel() == 0:
@@ -312,7 +327,10 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> tu
     if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
         raise GenerationError(f"input_ids hold ids outside the vocabulary [0, {config.vocab_size})")
     if attention_mask is None:
-        return input_ids, torch.ones_like(input_ids)
+        if pad is None or pad in eos or not bool((input_ids == pad).any()):
+            return input_ids, torch.ones_like(input_ids)
+        # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
+        attention_mask = (input_ids != pad).long()
     if attention_mask.shape != input_ids.shape:
         raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                               f"{tuple(input_ids.shape)}")
@@ -380,20 +398,20 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `pad_token_id`, and no columns after the step where every row had finished.
 
     Greedy unless `do_sample`; the processors and their order are transformers' (see the module docstring).
-    `eos_token_id` (an id or a list; default the model config's, `[]` for none) and `stop_strings` (matched
-    in the new tokens' text, which needs `tokenizer`) finish a row. `pad_token_id` defaults to the config's,
-    then to the first EOS id. `seed` makes sampling reproducible (without it, the seed is drawn from torch's
+    `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (matched in the new tokens' text,
+    which needs `tokenizer`) finish a row. `eos_token_id` and `pad_token_id` default to the checkpoint's
+    generation_config.json, else to the model config's; the padding id then to the first EOS id. Without
+    `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in
+    transformers. `seed` makes sampling reproducible (without it, the seed is drawn from torch's
     global RNG). `streamer` (e.g. `TextStreamer`, one row only) receives each new token as it is produced.
     On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache, buffers and graph
     of the last call stay with the model (until it is freed or called with other shapes or settings), so a
     repeated call of the same shape allocates and captures nothing."""
-    config = model.config
     _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
-    input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens)
-    eos = _token_list(config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id", config.vocab_size)
-    pad = pad_token_id if pad_token_id is not None else config.pad_token_id
-    pad = pad if pad is not None else (eos[0] if eos else None)
-    _token_list(pad, "pad_token_id", config.vocab_size)
+    if not hasattr(model, "lm_head"):
+        raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
+    eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
+    input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
     if stop_strings and tokenizer is None:
         raise GenerationError("stop_strings need a tokenizer to decode the generated tokens")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 Plan = dict[str, list[tuple[str, int | None]]]
 
 NATIVE_CONFIG = "ttl_config.json"
+GENERATION_CONFIG = "generation_config.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 # Tensors older transformers versions saved that carry no weights.
 IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -191,6 +193,11 @@ def load_pretrained(
         for key in handle.keys():
             found[key] = (f, handle.get_slice(key).get_shape())
 
+    if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
+            and "lm_head.weight" in found and _stored_head_differs(handles, found)):
+        warnings.warn(f"{directory}: config.json ties the LM head to the embedding, but the checkpoint stores a "
+                      "different lm_head.weight; it is kept untied, as transformers does")
+        config = config.replace(tie_word_embeddings=False)
     with torch.device("meta"):
         model = build_model(config, architecture)
     plan = native_plan(model) if native else hf_plan(config, architecture)
@@ -221,7 +228,18 @@ def load_pretrained(
                     raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
                 params[name][start:start + tensor.shape[0]].copy_(tensor)
                 start += tensor.shape[0]
+    if (directory / GENERATION_CONFIG).exists():
+        model.generation_config = _read_json(directory / GENERATION_CONFIG)
     return model.eval()
+
+
+def _stored_head_differs(handles: dict, found: dict[str, tuple[Path, list[int]]]) -> bool:
+    """Whether the checkpoint's lm_head.weight holds other values than its input embedding."""
+    embed_key = "model.embed_tokens.weight"
+    if embed_key not in found:
+        return False  # reported as a missing tensor by the plan check
+    tensors = [handles[found[key][0]].get_tensor(key) for key in (embed_key, "lm_head.weight")]
+    return tensors[0].shape != tensors[1].shape or not torch.equal(*tensors)
 
 
 def _parse_size(size: int | str) -> int:
@@ -297,8 +315,10 @@ def save_pretrained(
                               "LoRA adapters are merged with ttl_core.lora.unload_lora or saved with save_adapter")
     _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
-    write_json(directory / "generation_config.json", {
+    # the generation settings a checkpoint was loaded with (extra EOS ids, sampling defaults) are kept
+    write_json(directory / GENERATION_CONFIG, {
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+        **(model.generation_config or {}),
     })
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

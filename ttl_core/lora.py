@@ -114,16 +114,24 @@ def _modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool
     embed_tokens, lm_head). Unless `strict`, names the model lacks are skipped (PEFT writes "classifier"
     beside "score" for every sequence classifier)."""
     plan = hf_plan(model.config, model.architecture)
-    if model.config.tie_word_embeddings and model.architecture == "LlamaForCausalLM":
+    tied = _tied(model)
+    if tied:
         plan["lm_head.weight"] = [("lm_head.weight", None)]
     out = {}
     for name in names:
+        name = name.rsplit(".", 1)[-1]  # PEFT matches by the module path's end ("model.embed_tokens")
+        # a tied embedding is one tensor under both names: PEFT's ensure_weight_tying saves it under both
+        wanted = ("embed_tokens", "lm_head") if tied and name in ("embed_tokens", "lm_head") else (name,)
         found = {p: pieces[0][0] for p, pieces in plan.items()
-                 if len(pieces) == 1 and pieces[0][0].rsplit(".", 1)[0].split(".")[-1] == name}
+                 if len(pieces) == 1 and pieces[0][0].rsplit(".", 1)[0].split(".")[-1] in wanted}
         if not found and strict:
             raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
         out.update({p: PEFT_PREFIX + hf for p, hf in found.items()})
     return out
+
+
+def _tied(model: nn.Module) -> bool:
+    return model.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -132,10 +140,13 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int = 8, alpha: float = 16,
                dropout: float = 0.05, targets: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
-               modules_to_save: Iterable[str] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
+               modules_to_save: Iterable[str] | None = None,
+               ensure_weight_tying: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score`
     head is always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such
-    as "embed_tokens", "lm_head") are trained in full too."""
+    as "embed_tokens", "lm_head") are trained in full too. On a model whose LM head shares the input
+    embedding, training either one unties them, as PEFT does (the other keeps the original weights), unless
+    `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
     if r < 1:
@@ -144,6 +155,9 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
+    trains_embedding = {"embed_tokens", "lm_head"} & {n.rsplit(".", 1)[-1] for n in saved}
+    if _tied(model) and trains_embedding and not ensure_weight_tying:
+        model.untie_embeddings()
     full = _modules_to_save_params(model, saved)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -153,11 +167,11 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
             parent, child = path.rsplit(".", 1)
             layer = LoRALinear(model.get_submodule(path), chosen, r, alpha, dropout, use_rslora).train(model.training)
             setattr(model.get_submodule(parent), child, layer)
-    params = dict(model.named_parameters())
     for name in full:
-        params[name].requires_grad_(True)
+        model.get_parameter(name).requires_grad_(True)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
-                         "use_rslora": use_rslora, "modules_to_save": saved}
+                         "use_rslora": use_rslora, "modules_to_save": saved,
+                         "ensure_weight_tying": ensure_weight_tying and _tied(model)}
     return model
 
 
@@ -227,9 +241,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    params = dict(model.named_parameters())
-    tensors = {**_peft_keys(model),
-               **{key: params[name] for name, key in _modules_to_save_params(model, settings["modules_to_save"]).items()}}
+    tensors = {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in
+                                       _modules_to_save_params(model, settings["modules_to_save"]).items()}}
     payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
     write_json(directory / CONFIG_FILE, {
@@ -240,6 +253,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "use_dora": False, "revision": None,
+        **({"ensure_weight_tying": True} if settings["ensure_weight_tying"] else {}),
     })
 
 
@@ -275,9 +289,8 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
     apply_lora(model, r=int(config["r"]), alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                targets=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)),
-               modules_to_save=saved)
-    params = dict(model.named_parameters())
-    expected = {**_peft_keys(model), **{key: params[name] for name, key in
+               modules_to_save=saved, ensure_weight_tying=bool(config.get("ensure_weight_tying", False)))
+    expected = {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in
                                         _modules_to_save_params(model, model.lora_config["modules_to_save"]).items()}}
     try:
         with safe_open(directory / WEIGHTS_FILE, "pt") as f:

@@ -97,6 +97,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.kernel_backend = config.kernels
         self.attention_backend = config.attention
+        self.attention_dropout = config.attention_dropout
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv_cache=None,
@@ -115,7 +116,7 @@ class Attention(nn.Module):
             if kv_cache is not None:
                 k, v = kv_cache.update(self.layer_idx, k, v)
             out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend, cu_seqlens=cu_seqlens,
-                            max_seqlen=max_seqlen)
+                            max_seqlen=max_seqlen, dropout_p=self.attention_dropout if self.training else 0.0)
         return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
 
 
@@ -212,6 +213,8 @@ class _LlamaBase(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = LlamaModel(config)
+        # a checkpoint's generation_config.json (token ids, sampling defaults), as loaded by ttl_core.hf
+        self.generation_config: dict | None = None
 
     def init_weights(self) -> None:
         """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row."""
@@ -275,6 +278,14 @@ class LlamaForCausalLM(_LlamaBase):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embed.weight
+
+    def untie_embeddings(self) -> None:
+        """Give the LM head its own copy of a shared input embedding; the config then says untied."""
+        embed = self.backbone.embed.weight
+        if self.lm_head.weight is embed:
+            self.lm_head.weight = nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
+        self.config = self.config.replace(tie_word_embeddings=False)
+        self.backbone.config = self.config
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -346,6 +357,7 @@ class LlamaForSequenceClassification(_LlamaBase):
                 problem = "single_label_classification"
             else:
                 problem = "multi_label_classification"
+            self.config.problem_type = problem  # recorded as transformers does, so a saved config keeps it
         if problem == "regression":
             if self.config.num_labels == 1:
                 return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))

@@ -1,0 +1,189 @@
+"""What transformers and peft do with the less common parts of a checkpoint, and ttl doing the same: config
+keys left out or null, a v4 rope_scaling beside v5 rope_parameters, a tied config with its own stored head,
+generation_config.json, a prompt padded without a mask, problem_type, attention dropout, and LoRA's
+modules_to_save on tied embeddings. Every case compares against the reference library itself."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+from hf_reference import hf_causal_lm, hf_classifier
+
+import ttl_core
+from ttl_core.errors import ConfigError
+from ttl_core.lora import apply_lora, load_adapter, save_adapter
+
+PAD = 3
+
+
+def edited_checkpoint(hf_model, path, **edits):
+    """Save `hf_model`, then change config.json: a key set to `...` is removed, any other value replaces it."""
+    hf_model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    for key, value in edits.items():
+        if value is ...:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def ids(batch=2, seq=11, vocab=131, seed=3):
+    return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@pytest.mark.parametrize("edits, auto", [
+    # transformers v4 left pad_token_id out when it was None: the classifier then pools the last token
+    ({"pad_token_id": ...}, transformers.AutoModelForSequenceClassification),
+    ({"rms_norm_eps": ...}, transformers.AutoModelForCausalLM),  # transformers' default 1e-6, not ttl's 1e-5
+    # a v4 rope_scaling block wins over v5 rope_parameters in transformers
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, transformers.AutoModelForCausalLM),
+    ({"rope_parameters": ..., "rope_theta": 5e5}, transformers.AutoModelForCausalLM),
+    ({"hidden_act": "swish", "pretraining_tp": 2}, transformers.AutoModelForCausalLM),  # the same math
+])
+def test_config_json_reads_as_transformers_reads_it(tmp_path, edits, auto):
+    hf = hf_classifier(pad_token_id=None) if auto is transformers.AutoModelForSequenceClassification else hf_causal_lm()
+    path = edited_checkpoint(hf, tmp_path / "ckpt", **edits)
+    theirs = auto.from_pretrained(path).eval()
+    ours = ttl_core.load_pretrained(path)
+    tokens = ids(batch=1)
+    tokens[0, -1] = PAD  # an ordinary token unless the config names a padding id
+    with torch.no_grad():
+        assert max_diff(ours(tokens).logits, theirs(tokens).logits) < 1e-5
+
+
+def test_null_special_tokens_stay_null(tmp_path):
+    path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", bos_token_id=None, eos_token_id=None)
+    config = ttl_core.load_pretrained(path).config
+    assert config.bos_token_id is None and config.eos_token_id is None
+    assert config.to_hf_dict()["eos_token_id"] is None
+
+
+def test_a_tied_config_with_a_different_stored_head_keeps_the_head(tmp_path):
+    path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", tie_word_embeddings=True)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with pytest.warns(UserWarning, match="kept untied"):
+        ours = ttl_core.load_pretrained(path)
+    assert not ours.config.tie_word_embeddings and ours.lm_head.weight is not ours.backbone.embed.weight
+    with torch.no_grad():
+        assert max_diff(ours(ids()).logits, theirs(ids()).logits) < 1e-5
+
+
+def test_generation_config_sets_eos_and_travels(tmp_path):
+    hf = hf_causal_lm()
+    with torch.no_grad():
+        hf.lm_head.weight[PAD] = 0.0
+    tokens = ids(batch=3, seq=9)
+    free = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=12, do_sample=False,
+                       eos_token_id=[])
+    extra = int(free[0, 9 + 3])  # a token row 0 produces: an EOS id there makes it stop early
+    hf.generation_config.eos_token_id = [2, extra]
+    hf.generation_config.max_length = 77
+    hf.save_pretrained(tmp_path / "ckpt")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ours = ttl_core.load_pretrained(tmp_path / "ckpt")
+    expected = theirs.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=12, do_sample=False)
+    got = ttl_core.generate(ours, tokens, max_new_tokens=12)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    assert (got[0, 9 + 4:] == PAD).all()  # row 0 stopped at the extra EOS id
+    ttl_core.save_pretrained(ours, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [2, extra] and saved["max_length"] == 77
+
+
+def test_prompts_padded_without_a_mask_are_masked_by_the_padding_id(tmp_path):
+    hf = hf_causal_lm()
+    with torch.no_grad():
+        hf.lm_head.weight[PAD] = 0.0
+    hf.save_pretrained(tmp_path / "ckpt")
+    ours = ttl_core.load_pretrained(tmp_path / "ckpt")
+    tokens = ids(batch=3, seq=9)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = mask[2, :5] = 0
+    tokens = tokens.masked_fill(mask == 0, PAD)
+    expected = hf.generate(tokens, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    assert torch.equal(expected, hf.generate(tokens, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                             eos_token_id=[]))
+    assert torch.equal(ttl_core.generate(ours, tokens, max_new_tokens=12, eos_token_id=[]), expected)
+
+
+def test_the_inferred_problem_type_is_recorded_and_saved(tmp_path):
+    hf_classifier(num_labels=3).save_pretrained(tmp_path / "ckpt")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt")
+    ours = ttl_core.load_pretrained(tmp_path / "ckpt")
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    with torch.no_grad():
+        expected = theirs(ids(), labels=labels).loss
+        assert abs(float(ours(ids(), labels=labels).loss) - float(expected)) < 1e-5
+    assert ours.config.problem_type == theirs.config.problem_type == "multi_label_classification"
+    ttl_core.save_pretrained(ours, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["problem_type"] == "multi_label_classification"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_attention_dropout_applies_in_training_only(tmp_path, attention):
+    path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", attention_dropout=0.5)
+    ours = ttl_core.load_pretrained(path, attention=attention)
+    assert ours.config.attention_dropout == 0.5
+    with torch.no_grad():
+        evaluated = ours(ids()).logits
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        assert max_diff(evaluated, theirs(ids()).logits) < 1e-5
+        ours.train()
+        torch.manual_seed(0)
+        first = ours(ids()).logits
+        torch.manual_seed(1)
+        assert max_diff(first, ours(ids()).logits) > 1e-2  # different dropout masks
+        torch.manual_seed(0)
+        assert torch.equal(first, ours(ids()).logits)
+    ttl_core.save_pretrained(ours, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_dropout"] == 0.5
+
+
+def test_attention_dropout_is_refused_where_the_backend_has_none(tmp_path):
+    path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", attention_dropout=0.1)
+    ours = ttl_core.load_pretrained(path, attention="triton").train()
+    with pytest.raises(ConfigError, match="no attention dropout"):
+        ours(ids())
+
+
+def randomize_adapter_(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"]])
+@pytest.mark.parametrize("ensure_tying", [False, True])
+def test_modules_to_save_on_tied_embeddings_follow_peft_both_ways(tmp_path, saved, ensure_tying):
+    hf_causal_lm(tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    ours = apply_lora(ttl_core.load_pretrained(tmp_path / "base"), r=4, dropout=0.0, modules_to_save=saved,
+                      ensure_weight_tying=ensure_tying)
+    randomize_adapter_(ours, seed=5)
+    assert (ours.lm_head.weight is ours.backbone.embed.weight) == ensure_tying
+    save_adapter(ours, tmp_path / "ours")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert max_diff(ours.eval()(ids()).logits, theirs(input_ids=ids()).logits) < 1e-4
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, modules_to_save=saved,
+                             task_type="CAUSAL_LM", **({"ensure_weight_tying": True} if ensure_tying else {}))
+    trained = peft.get_peft_model(base, config)
+    randomize_adapter_(trained, seed=6)
+    trained.save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(ttl_core.load_pretrained(tmp_path / "base"), tmp_path / "theirs")
+    with torch.no_grad():
+        assert max_diff(loaded(ids()).logits, trained.eval()(input_ids=ids()).logits) < 1e-4
