@@ -19,7 +19,8 @@ import torch
 
 from ttl_core.cli import run_cli
 from ttl_core.errors import GenerationError
-from ttl_core.generate import TextStreamer, generate
+from ttl_core.generate import generate
+from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, load_pretrained
 from ttl_core.tokenizer import Tokenizer, chat_prompt
 

@@ -11,7 +11,8 @@ from hf_reference import hf_causal_lm
 
 import ttl_core
 from ttl_core.errors import GenerationError
-from ttl_core.generate import KVDecoder, TextStreamer
+from ttl_core.generate import KVDecoder
+from ttl_core.streamer import TextStreamer
 from ttl_core.lora import apply_lora, lora_layers, merge_lora
 
 PAD = 3

@@ -2,7 +2,8 @@
 
 from .config import PRESETS, LlamaConfig
 from .errors import TTLError
-from .generate import TextStreamer, generate
+from .generate import generate
+from .streamer import TextStreamer
 from .hf import load_pretrained, save_native, save_pretrained
 from .lora import apply_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
