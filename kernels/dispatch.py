@@ -21,6 +21,10 @@ except ImportError:  # triton ships for Linux only; the references still work el
 BACKENDS = ("auto", "triton", "torch")
 
 
+class BackendError(ValueError):
+    """A kernel backend that was asked for cannot run here, or is not one of `BACKENDS`."""
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -29,16 +33,16 @@ def interpreting() -> bool:
 def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
     """Whether a kernel call on `x` should take the Triton path for the requested `backend`."""
     if backend not in BACKENDS:
-        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+        raise BackendError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("TTL_KERNELS", "auto")
         if backend not in BACKENDS:
-            raise ValueError(f"TTL_KERNELS must be one of {BACKENDS}, got {backend!r}")
+            raise BackendError(f"TTL_KERNELS must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
     runnable = HAVE_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
     if backend == "triton" and not runnable:
-        raise ValueError(
+        raise BackendError(
             f"Triton kernels need triton and a CUDA tensor or TRITON_INTERPRET=1 for CPU tensors "
             f"(got a {x.device.type} tensor, triton {'present' if HAVE_TRITON else 'missing'})"
         )

@@ -69,9 +69,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rms_norm_bwd_kernel(
-        DY, DH, H, W, RSTD, DX, DW_PARTIAL, n_rows, n_cols, rows_per_program,
-        stride_dy, stride_dh, stride_h, stride_dx,
-        HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+        DY, DH, H, W, RSTD, DX, DR, DW_PARTIAL, n_rows, n_cols, rows_per_program,
+        stride_dy, stride_dh, stride_h, stride_dx, stride_dr,
+        HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
@@ -100,6 +101,8 @@ if HAVE_TRITON:
             if HAS_DH:
                 dx += tl.load(DH + rows * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DR:  # the same gradient in the residual's dtype (an fp32 residual stream beside bf16 x)
+                tl.store(DR + rows * stride_dr + cols[None, :], dx.to(DR.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
 
@@ -115,12 +118,14 @@ def _launch_config(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward kernel on (rows, hidden) views: returns (y, x + residual or None, 1/rms per row)."""
+    """Launch the forward kernel on (rows, hidden) views: returns (y, x + residual or None, 1/rms per row);
+    y is in `out_dtype`, by default the promotion of the weight's and the sum's dtypes."""
     n_rows, n_cols = x.shape
     h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(weight.dtype, h_dtype), device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or torch.promote_types(weight.dtype, h_dtype), device=x.device)
     h = None if residual is None else torch.empty((n_rows, n_cols), dtype=h_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_n, rows, num_warps = _launch_config(n_cols)
@@ -136,13 +141,16 @@ def rms_norm_forward(
 
 def rms_norm_backward(
     dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-    compute_dw: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the backward kernel: returns (dx, dweight or None) from the output gradient `dy`, the new
-    residual's gradient `dh` (or None) and the forward's saved normalized input `h` and `rstd`."""
+    compute_dw: bool, x_dtype: torch.dtype | None = None, r_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernel: returns (dx, dresidual, dweight or None) from the output gradient `dy`,
+    the new residual's gradient `dh` (or None) and the forward's saved normalized input `h` and `rstd`. dx
+    comes in `x_dtype` (default h's); dresidual is the same gradient in `r_dtype`, a second output of the
+    same pass where the dtypes differ, dx itself where they agree, None without `r_dtype`."""
     n_rows, n_cols = h.shape
     block_n, rows, num_warps = _launch_config(n_cols, backward=True)
-    dx = torch.empty((n_rows, n_cols), dtype=h.dtype, device=h.device)
+    dx = torch.empty((n_rows, n_cols), dtype=x_dtype or h.dtype, device=h.device)
+    dr = dx if r_dtype in (None, dx.dtype) else torch.empty((n_rows, n_cols), dtype=r_dtype, device=h.device)
     # at least two programs per SM (so one's start and final store overlap another's streaming), more
     # when they are small, each with a whole number of tiles; the partial rows cost programs x hidden x 4 B
     programs = max(1, min(sm_count(h.device) * max(2, 32 // num_warps), triton.cdiv(n_rows, rows)))
@@ -152,15 +160,16 @@ def rms_norm_backward(
     if programs:
         dh_ = dy if dh is None else dh
         _rms_norm_bwd_kernel[(programs,)](
-            dy, dh_, h, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
-            dy.stride(0), dh_.stride(0), h.stride(0), dx.stride(0),
-            HAS_DH=dh is not None, COMPUTE_DW=compute_dw, BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+            dy, dh_, h, weight, rstd, dx, dr, dw_partial, n_rows, n_cols, rows_per_program,
+            dy.stride(0), dh_.stride(0), h.stride(0), dx.stride(0), dr.stride(0),
+            HAS_DH=dh is not None, HAS_DR=dr is not dx, COMPUTE_DW=compute_dw, BLOCK_N=block_n, ROWS=rows,
+            num_warps=num_warps,
         )
     dw = None
     if compute_dw:
         dw = dw_partial.sum(0) if programs else torch.zeros(n_cols, dtype=torch.float32, device=h.device)
         dw = dw.to(weight.dtype)
-    return dx, dw
+    return dx, (dr if r_dtype is not None else None), dw
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -168,12 +177,12 @@ class RMSNormFunction(torch.autograd.Function):
     either output or both; dx (the gradient of x + residual) goes to x and to the residual alike."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps):
+    def forward(ctx, x, weight, residual, eps, out_dtype):
         shape = x.shape
         x2 = as_rows(x)
         r2 = None if residual is None else as_rows(residual)
         weight = weight.contiguous()
-        y, h, rstd = rms_norm_forward(x2, weight, eps, r2)
+        y, h, rstd = rms_norm_forward(x2, weight, eps, r2, out_dtype)
         ctx.save_for_backward(x2 if h is None else h, weight, rstd)
         ctx.input_dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
@@ -185,29 +194,33 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         x_dtype, r_dtype = ctx.input_dtypes
+        shape = (dy if dy is not None else dh).shape
         dh2 = None if dh is None else as_rows(dh)
         if dy is None:  # only the new residual was used
-            dx, dw = dh2, None
+            dx, dr, dw = dh2.to(x_dtype), None if r_dtype is None else dh2.to(r_dtype), None
         else:
-            dx, dw = rms_norm_backward(as_rows(dy), dh2, h, weight, rstd, ctx.needs_input_grad[1])
-        dx = dx.view((dy if dy is not None else dh).shape)
-        dr = None if r_dtype is None else dx.to(r_dtype)
-        return dx.to(x_dtype), dw, dr, None
+            dx, dr, dw = rms_norm_backward(as_rows(dy), dh2, h, weight, rstd, ctx.needs_input_grad[1], x_dtype,
+                                           r_dtype)
+        return dx.view(shape), dw, None if dr is None else dr.view(shape), None, None
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-    *, backend: str = "auto",
+    *, out_dtype: torch.dtype | None = None, backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dimension of `x` (any hidden size up to 65536; fp32, bf16 or fp16 with fp32
     statistics), scaled by `weight`, rounding like `rms_norm_reference`; the output dtype is the promotion
-    of the weight's and the input's. With `residual` (same shape as `x`), normalizes `x + residual` in the
-    same pass and returns `(normed, x + residual)`. `backend` picks Triton or the reference (see
-    `kernels.dispatch.use_triton`)."""
+    of the weight's and the input's, or `out_dtype`, to which the result is rounded once (as the cast
+    autocast puts before the next matmul would, without writing and rereading the wider tensor). With
+    `residual` (same shape as `x`), normalizes `x + residual` in the same pass and returns `(normed,
+    x + residual)`. `backend` picks Triton or the reference (see `kernels.dispatch.use_triton`)."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     if not use_triton(x, backend):
-        return rms_norm_reference(x, weight, eps, residual)
-    return RMSNormFunction.apply(x, weight, residual, eps)
+        out = rms_norm_reference(x, weight, eps, residual)
+        if out_dtype is None:
+            return out
+        return (out[0].to(out_dtype), out[1]) if residual is not None else out.to(out_dtype)
+    return RMSNormFunction.apply(x, weight, residual, eps, out_dtype)

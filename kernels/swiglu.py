@@ -1,7 +1,8 @@
 """SwiGLU activation silu(gate) * up: fused Triton forward and backward beside the reference.
 
 gate and up are usually the two halves of one fused projection, so the kernels take row-strided views
-and never copy them. The forward reads gate and up and writes the product (3 tensors of traffic); the
+and never copy them; given that projection's output whole, the backward writes both input gradients into
+one tensor shaped like it, so autograd need not concatenate two halves (a read and a write of both). The forward reads gate and up and writes the product (3 tensors of traffic); the
 backward saves nothing but the inputs, recomputes sigmoid(gate), and reads the output gradient, gate and
 up to write both input gradients (5 tensors). The reference saves silu(gate) as well and runs 3 kernels
 forward and more backward.
@@ -21,8 +22,10 @@ if HAVE_TRITON:
 BLOCK = 1024  # elements per program; a starting point for tuning on the GPU (issue 10)
 
 
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch SwiGLU, as transformers' Llama MLP computes it."""
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch SwiGLU, as transformers' Llama MLP computes it (`up=None`: see `swiglu`)."""
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -61,36 +64,50 @@ def _grid(rows: torch.Tensor) -> tuple[int, int]:
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """Autograd wrapper saving only gate and up (views into the caller's projection output)."""
+    """Autograd wrapper saving only gate and up (views into the caller's projection output). With `up` None,
+    `gate` holds both halves and gets one gradient tensor."""
 
     @staticmethod
     def forward(ctx, gate, up):
-        g, u = as_rows(gate), as_rows(up)
-        out = torch.empty(g.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+        packed = up is None
+        if packed:
+            g, u = as_rows(gate).chunk(2, dim=-1)
+        else:
+            g, u = as_rows(gate), as_rows(up)
+        out = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=gate.device)
         if out.numel():
             _swiglu_fwd_kernel[_grid(g)](g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0),
                                          BLOCK=BLOCK, num_warps=4)
         ctx.save_for_backward(g, u)
-        ctx.shape = gate.shape
-        return out.view(gate.shape)
+        ctx.packed, ctx.shape = packed, gate.shape
+        return out.view(*gate.shape[:-1], g.shape[1])
 
     @staticmethod
     def backward(ctx, dout):
         g, u = ctx.saved_tensors
         d = as_rows(dout)
-        dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-        du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        if ctx.packed:  # both halves of one gradient, as the fused projection's output is laid out
+            grad = torch.empty((g.shape[0], 2 * g.shape[1]), dtype=g.dtype, device=g.device)
+            dg, du = grad.chunk(2, dim=-1)
+        else:
+            dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+            du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
         if d.numel():
             _swiglu_bwd_kernel[_grid(g)](d, g, u, dg, du, g.shape[1], d.stride(0), g.stride(0), u.stride(0),
                                          dg.stride(0), du.stride(0), BLOCK=BLOCK, num_warps=4)
+        if ctx.packed:
+            return grad.view(ctx.shape), None
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for gate and up of one shape (e.g. the halves of a fused gate/up projection, as
-    strided views), computed in fp32 and rounded once to the inputs' dtype. `backend` picks Triton or the
-    reference (see `kernels.dispatch.use_triton`)."""
-    if gate.shape != up.shape:
+    strided views), computed in fp32 and rounded once to the inputs' dtype. With `up=None`, `gate` is the
+    fused projection's output itself, gate then up along the last dim (even), and its gradient is one tensor.
+    `backend` picks Triton or the reference (see `kernels.dispatch.use_triton`)."""
+    if up is None and gate.shape[-1] % 2:
+        raise ValueError(f"swiglu of a fused gate/up tensor needs an even last dim, got {tuple(gate.shape)}")
+    if up is not None and gate.shape != up.shape:
         raise ValueError(f"swiglu gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if not use_triton(gate, backend):
         return swiglu_reference(gate, up)

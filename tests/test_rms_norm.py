@@ -78,6 +78,36 @@ def test_fp16_and_mixed_dtypes_promote_like_the_reference():
         check(outs, got, *truth(x, w, 1e-5, r, grads), 1e-2)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_out_dtype_rounds_once_as_a_following_cast_would(with_residual, backend):
+    # the model under bf16 autocast: bf16 sublayer outputs, an fp32 residual stream and weight; the normed
+    # output is consumed in bf16, so emitting bf16 must equal rounding the fp32 output afterwards, and every
+    # gradient must be unchanged (x's in bf16, the residual's in fp32)
+    x, w, r = inputs(23, 300, torch.bfloat16, with_residual, seed=8, weight_dtype=torch.float32,
+                     residual_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(23, 300, generator=gen).to(torch.bfloat16), torch.randn(23, 300, generator=gen)]
+    leaves = [t for t in (x, w, r) if t is not None]
+
+    def outputs_and_grads(out_dtype):
+        outs = kernels.rms_norm(x, w, 1e-5, residual=r, out_dtype=out_dtype, backend=backend)
+        outs = (outs,) if r is None else outs
+        y = outs[0].to(torch.bfloat16)  # what autocast's cast before a matmul does to an fp32 output
+        rest = [(outs[1], grads[1])] if r is not None else []
+        used = [(y, grads[0])] + rest
+        return (y, *outs[1:]), torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used])
+
+    (y, *rest), got = outputs_and_grads(torch.bfloat16)
+    (want_y, *want_rest), want = outputs_and_grads(None)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want_y)
+    assert all(torch.equal(a, b) for a, b in zip(rest, want_rest))
+    for g, ref, leaf in zip(got, want, leaves):
+        assert g.dtype == leaf.dtype and torch.equal(g, ref)
+    if r is not None:  # one float32 gradient, rounded once for x
+        assert torch.equal(got[0], got[2].to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("used", ["normed", "residual_only"])
 def test_gradient_through_one_output(used):
     # the model's final norm discards the new residual; a gradient may also reach only the residual

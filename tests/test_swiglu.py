@@ -44,7 +44,23 @@ def test_separate_and_transposed_inputs():
     check_against_truth(gate, up, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(5, 1), (2, 3, 3), (3, 4097)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_projection_input_gives_one_gradient_equal_to_the_halves(shape, dtype):
+    gate_up, gate, up = fused_halves(shape, dtype, seed=2)
+    split_out = kernels.swiglu(gate, up, backend="triton")
+    grad = torch.randn_like(split_out)
+    (split_grad,) = torch.autograd.grad(split_out, gate_up, grad)
+    packed_out = kernels.swiglu(gate_up, backend="triton")
+    assert type(packed_out.grad_fn).__name__ == "SwiGLUFunctionBackward"  # no split node to concatenate
+    (packed_grad,) = torch.autograd.grad(packed_out, gate_up, grad)
+    assert torch.equal(packed_out, split_out) and torch.equal(packed_grad, split_grad)
+    assert torch.equal(kernels.swiglu_reference(gate_up), kernels.swiglu_reference(gate, up))
+
+
 def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="even last dim"):
+        kernels.swiglu(torch.randn(3, 5), backend="triton")
     with pytest.raises(ValueError, match="one shape"):
         kernels.swiglu(torch.randn(3, 4), torch.randn(3, 5), backend="triton")
 

@@ -218,10 +218,14 @@ def test_refuses_to_overwrite_a_run_and_checks_vocab(tmp_path, data_dir):
 def test_init_from_starts_from_the_given_weights(tmp_path, data_dir):
     train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir))
     source = tmp_path / "a" / "checkpoints" / "step-000002"
-    frozen = run_config("train.max_steps=1", "train.lr=0.0", "train.min_lr=0.0", "model.hidden_size=32")
-    train(frozen, tmp_path / "b", data_dir=str(data_dir), init_from=str(source))  # [model] shape ignored
+    frozen = run_config("train.max_steps=1", "train.lr=0.0", "train.min_lr=0.0")
+    train(frozen, tmp_path / "b", data_dir=str(data_dir), init_from=str(source))
     a, b = load_pretrained(source), load_pretrained(tmp_path / "b" / "checkpoints" / "step-000001")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # the checkpoint fixes the architecture: an explicit override that contradicts it is refused, not ignored
+    with pytest.raises(ConfigError, match="model.hidden_size=32 contradicts"):
+        train(run_config("train.max_steps=1", "model.hidden_size=32"), tmp_path / "c", data_dir=str(data_dir),
+              init_from=str(source))
 
 
 # --- distributed --------------------------------------------------------------------------------------------
@@ -264,3 +268,30 @@ def test_main_job_on_the_bundled_corpus_trains_saves_and_samples(tmp_path):
     assert (checkpoint / "tokenizer.model").exists()
     replot = run_script("plot_metrics", run_dir)
     assert replot.returncode == 0 and "loss.png" in replot.stdout
+
+
+def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="--stop-after must be"):
+        train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir), stop_after=0)
+    train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 2"):
+        train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir), resume=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.weight_decay=nan", "weight_decay must be >= 0"), ("train.grad_clip=nan", "grad_clip must be >= 0"),
+    ("train.eps=0.0", "eps must be > 0"), ("train.betas=[2.0, 0.9]", "betas must be two numbers"),
+    ("train.no_decay=[1]", "no_decay must list"), ("train.seed=-1", "seed must be in"),
+])
+def test_nan_and_out_of_range_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config(override)
+
+
+def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "scalar.toml").write_text("model = 5\n")
+    for path, message in ((tmp_path / "binary.toml", "invalid TOML"), (tmp_path / "scalar.toml", "must be a"),
+                          (tmp_path, "cannot read the config")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -108,6 +109,12 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
         saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
-    except (json.JSONDecodeError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{checkpoint}: unreadable trainer state ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        # weights_only loading refuses any pickle that would build objects: the file is never executed
+        raise CheckpointError(f"{checkpoint}: unreadable trainer state ({str(e).splitlines()[0]})") from None
+    step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
+    if not isinstance(step, int) or step < 0 or not isinstance(trainer_state.get("data"), dict):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: expected a step number and the data position")
+    if not isinstance(saved, dict) or not {"optimizer", "rng"} <= set(saved):
+        raise CheckpointError(f"{checkpoint / OPTIMIZER_STATE}: expected the optimizer and RNG states")
     return trainer_state, saved

@@ -5,15 +5,22 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from kernels.dispatch import BackendError
+
 from .errors import TTLError
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run a script's `main(argv)` and exit with its status; a `TTLError` prints one line, no traceback."""
+    """Run a script's `main(argv)` and exit with its status. A `TTLError` (or a kernel backend that cannot
+    run) prints one line, no traceback; so does a file-system error (an output path that is a file, a
+    directory given for a file, a full disk), which names the path."""
     try:
         status = main(argv)
-    except TTLError as e:
+    except (TTLError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -50,6 +50,7 @@ class LlamaConfig:
     attention: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -66,9 +67,6 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_labels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.rope_scaling is not None:
@@ -85,6 +83,9 @@ class LlamaConfig:
             missing = [k for k in required.get(rope_type, []) if k not in self.rope_scaling]
             if missing:
                 raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
+            for key in required.get(rope_type, []):
+                if not _is_number(self.rope_scaling[key]) or not self.rope_scaling[key] > 0:
+                    raise ConfigError(f"rope_scaling {key} must be a positive number, got {self.rope_scaling[key]!r}")
             if rope_type == "default":
                 self.rope_scaling = None
         if self.kernels not in KERNEL_CHOICES:
@@ -123,9 +124,13 @@ class LlamaConfig:
         """Read a transformers `config.json` dict (both the v4 `rope_theta`/`rope_scaling` keys and the
         v5 `rope_parameters` block). Non-Llama models, activations other than SiLU and unknown rope types
         raise `ConfigError` naming the offending value."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
             raise ConfigError(f"unsupported model_type {model_type!r}; ttl implements 'llama' only")
+        if not isinstance(hf.get("architectures") or [], list):
+            raise ConfigError(f"architectures must be a list of class names, got {hf['architectures']!r}")
         for arch in hf.get("architectures") or []:
             if arch not in SUPPORTED_ARCHITECTURES:
                 raise ConfigError(
@@ -138,8 +143,15 @@ class LlamaConfig:
         # current transformers either, so it is accepted and ignored
         # As transformers does, a v4 `rope_scaling` block wins over `rope_parameters`, and `rope_theta` comes
         # from the chosen block, else from the top level.
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_scaling / rope_parameters must be a JSON object, got {rope!r}")
+        rope = dict(rope)
+        rope_theta = rope.pop("rope_theta", None)
+        rope_theta = hf.get("rope_theta") if rope_theta is None else rope_theta
+        rope_theta = 10000.0 if rope_theta is None else rope_theta
+        if not _is_number(rope_theta):
+            raise ConfigError(f"rope_theta must be a number, got {rope_theta!r}")
         rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
         # keys config.json leaves out take transformers' defaults, not ttl's presets; an explicit null stays
@@ -191,6 +203,53 @@ class LlamaConfig:
             if self.problem_type is not None:
                 out["problem_type"] = self.problem_type
         return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_id(value: Any) -> bool:
+    # negative ids occur (old Llama configs have pad_token_id -1) and mean "none"
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+# Each field's type and range, checked before use: a config.json with "tie_word_embeddings": "false" (a truthy
+# string), a zero head count or a negative eps must be refused by name, not turned into garbage or a traceback.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "num_labels")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _check_field_types(config: "LlamaConfig") -> None:
+    for name in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL_POSITIVE_INTS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name in _POSITIVE_FLOATS:
+        value = getattr(config, name)
+        if not _is_number(value) or not value > 0:
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    for name in ("initializer_range", "attention_dropout"):
+        if not _is_number(getattr(config, name)) or not getattr(config, name) >= 0:
+            raise ConfigError(f"{name} must be a number >= 0, got {getattr(config, name)!r}")
+    for name in _BOOLS:
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    eos = config.eos_token_id
+    for name, value in (("bos_token_id", config.bos_token_id), ("pad_token_id", config.pad_token_id),
+                        *(("eos_token_id", e) for e in (eos if isinstance(eos, list) else [eos]))):
+        if not _is_token_id(value):
+            raise ConfigError(f"{name} must be a token id (an integer) or null, got {value!r}")
+    for name in ("rope_scaling", "id2label", "label2id"):
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), dict):
+            raise ConfigError(f"{name} must be a JSON object or null, got {getattr(config, name)!r}")
+    if config.id2label is not None and not all(str(k).lstrip("-").isdigit() for k in config.id2label):
+        raise ConfigError(f"id2label keys must be integers, got {list(config.id2label)[:4]}")
 
 
 # transformers' LlamaConfig defaults, for the keys a config.json may leave out

@@ -347,7 +347,7 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
 
 def _check_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
                     repetition_penalty: float, num_return_sequences: int) -> None:
-    if temperature < 0 or (do_sample and temperature == 0):
+    if not temperature >= 0 or (do_sample and temperature == 0):  # written so that NaN fails too
         raise GenerationError(f"temperature must be positive when sampling (>= 0 otherwise), got {temperature}")
     if not isinstance(top_k, int) or top_k < 0:
         raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
@@ -424,6 +424,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
 
     device = input_ids.device
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if do_sample and seed is None:
         seed = int(torch.randint(2**62, ()))
     processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

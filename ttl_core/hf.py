@@ -76,9 +76,12 @@ def _read_json(path: Path) -> dict:
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' in the index")
+        if not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
         files = [directory / f for f in dict.fromkeys(weight_map.values())]
     elif (directory / "model.safetensors").exists():
         files = [directory / "model.safetensors"]
@@ -132,7 +135,21 @@ def _check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict
         raise CheckpointError(f"{directory}: " + "; ".join(problems))
 
 
+def _checked_device(device: str | torch.device | None) -> torch.device:
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"unknown device {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"ttl loads models onto 'cpu' or 'cuda', not {str(device)!r}")
+    return device
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype) and dtype not in SAFETENSORS_DTYPES.values():
+        raise CheckpointError(f"dtype {dtype} is not a floating-point weight dtype")
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -177,6 +194,7 @@ def load_pretrained(
     `num_labels` / `id2label` in `config_overrides`) is initialized as transformers does, from torch's
     global RNG (seed it first for a reproducible head)."""
     directory = Path(path)
+    device = _checked_device(device)
     config, stored_architecture = read_model_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
@@ -191,7 +209,11 @@ def load_pretrained(
     found: dict[str, tuple[Path, list[int]]] = {}
     for f, handle in handles.items():
         for key in handle.keys():
-            found[key] = (f, handle.get_slice(key).get_shape())
+            piece = handle.get_slice(key)
+            if piece.get_dtype() not in SAFETENSORS_DTYPES:  # copying would silently cast ints, bools, fp8
+                raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
+                                      f"weights ({', '.join(SAFETENSORS_DTYPES)})")
+            found[key] = (f, piece.get_shape())
 
     if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
             and "lm_head.weight" in found and _stored_head_differs(handles, found)):
@@ -211,7 +233,7 @@ def load_pretrained(
     embed_key = plan["backbone.embed.weight"][0][0]
     stored = handles[found[embed_key][0]].get_slice(embed_key).get_dtype()
     target_dtype = _resolve_dtype(dtype) or SAFETENSORS_DTYPES.get(stored, torch.float32)
-    model = model.to(target_dtype).to_empty(device=device or "cpu")
+    model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
     model.backbone.rotary.reset_inv_freq()
     if new_head:
@@ -314,6 +336,7 @@ def save_pretrained(
         raise CheckpointError(f"the model holds parameters an HF checkpoint cannot represent ({_list_some(unplanned)}); "
                               "LoRA adapters are merged with ttl_core.lora.unload_lora or saved with save_adapter")
     _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
+    (directory / NATIVE_CONFIG).unlink(missing_ok=True)  # a stale one would take precedence when loading
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
     # the generation settings a checkpoint was loaded with (extra EOS ids, sampling defaults) are kept
     write_json(directory / GENERATION_CONFIG, {

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .errors import AdapterError
 from .fileio import atomic_write, write_json
 from .hf import hf_plan
-from .model import LlamaForCausalLM, LlamaForSequenceClassification
+from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -149,8 +149,12 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
-    if r < 1:
-        raise AdapterError(f"LoRA rank r must be >= 1, got {r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     wanted = _resolve_targets(targets)
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
@@ -231,6 +235,21 @@ def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor for everything an adapter file holds: the LoRA pairs and the modules_to_save."""
+    saved = _modules_to_save_params(model, model.lora_config["modules_to_save"])
+    return {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in saved.items()}}
+
+
+def _adapter_shapes(model: nn.Module, settings: dict) -> dict[str, tuple[int, ...]]:
+    """PEFT key -> shape of what `apply_lora(model, **settings)` would create, found on a weightless copy
+    of the model's structure, so an adapter that does not fit is refused before the model changes."""
+    with torch.device("meta"):
+        probe = build_model(model.config, model.architecture)
+    apply_lora(probe, **settings)
+    return {key: tuple(t.shape) for key, t in _adapter_tensors(probe).items()}
+
+
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
     `PeftModel.from_pretrained`)."""
@@ -241,9 +260,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in
-                                       _modules_to_save_params(model, settings["modules_to_save"]).items()}}
-    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in _adapter_tensors(model).items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
     write_json(directory / CONFIG_FILE, {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
@@ -262,8 +279,10 @@ def _read_adapter_config(directory: Path) -> dict:
         config = json.loads((directory / CONFIG_FILE).read_text())
     except FileNotFoundError:
         raise AdapterError(f"{directory} holds no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{directory / CONFIG_FILE}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{directory / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key, ok in (("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False)):
@@ -275,6 +294,15 @@ def _read_adapter_config(directory: Path) -> dict:
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         raise AdapterError(f"{directory}: target_modules given as a pattern ({targets!r}) is not supported; list names")
+    if not isinstance(targets, (str, list)):
+        raise AdapterError(f"{directory}: target_modules must list module names, got {targets!r}")
+    for key in ("use_rslora", "ensure_weight_tying"):
+        if not isinstance(config.get(key, False), bool):
+            raise AdapterError(f"{directory}: {key} must be true or false, got {config[key]!r}")
+    if not isinstance(config.get("modules_to_save") or [], list):
+        raise AdapterError(f"{directory}: modules_to_save must be a list, got {config['modules_to_save']!r}")
+    if "r" not in config or "lora_alpha" not in config:
+        raise AdapterError(f"{directory}: {CONFIG_FILE} needs r and lora_alpha")
     return config
 
 
@@ -287,26 +315,30 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     if not (directory / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
     saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
-    apply_lora(model, r=int(config["r"]), alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-               targets=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)),
-               modules_to_save=saved, ensure_weight_tying=bool(config.get("ensure_weight_tying", False)))
-    expected = {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in
-                                        _modules_to_save_params(model, model.lora_config["modules_to_save"]).items()}}
+    settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                    targets=config["target_modules"], use_rslora=config.get("use_rslora", False),
+                    modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False))
     try:
         with safe_open(directory / WEIGHTS_FILE, "pt") as f:
             found = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
     found = {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v for k, v in found.items()}
+    try:
+        expected = _adapter_shapes(model, settings)
+    except AdapterError as e:
+        raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
         raise AdapterError(f"{directory}: the adapter does not fit this model: missing {missing[:4]}, "
                            f"unexpected {unexpected[:4]}")
+    for key, shape in expected.items():
+        if tuple(found[key].shape) != shape:
+            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model needs {shape} "
+                               f"(r={config['r']})")
+    apply_lora(model, **settings)  # only now that the adapter is known to fit
     with torch.no_grad():
-        for key, target in expected.items():
-            if found[key].shape != target.shape:
-                raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model needs "
-                                   f"{tuple(target.shape)} (r={config['r']})")
+        for key, target in _adapter_tensors(model).items():
             target.copy_(found[key])
     if not is_trainable:
         for param in model.parameters():

@@ -39,10 +39,14 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x)."""
+        """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x). Under autocast the
+        normed output comes in the autocast dtype: every consumer is a matmul that would cast it so."""
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps, backend=self.kernel_backend), x
-        return kernels.rms_norm(x, self.weight, self.eps, residual=residual, backend=self.kernel_backend)
+            return kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.kernel_backend), x
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype,
+                                backend=self.kernel_backend)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -128,8 +132,7 @@ class MLP(nn.Module):
         self.kernel_backend = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(kernels.swiglu(gate, up, backend=self.kernel_backend))
+        return self.down(kernels.swiglu(self.gate_up(x), backend=self.kernel_backend))
 
 
 class Block(nn.Module):

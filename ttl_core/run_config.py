@@ -73,6 +73,7 @@ class RunConfig:
     model: dict[str, Any]
     data: DataConfig
     train: TrainConfig
+    model_overrides: list[str] = field(default_factory=list)  # [model] keys set by --set rather than the file
 
     def model_config(self) -> LlamaConfig:
         """The `LlamaConfig` the `[model]` section describes (a preset plus field overrides)."""
@@ -136,12 +137,20 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {t.dtype!r}")
     if t.distributed not in DISTRIBUTED_CHOICES:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {t.distributed!r}")
+    # comparisons written so that NaN fails them
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
-    if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
-        raise ConfigError("train.warmup_steps, grad_clip and weight_decay must be >= 0")
-    if len(t.betas) != 2:
-        raise ConfigError(f"train.betas must be two numbers, got {t.betas}")
+    for key in ("warmup_steps", "grad_clip", "weight_decay", "sample_tokens"):
+        if not getattr(t, key) >= 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if not t.eps > 0:
+        raise ConfigError(f"train.eps must be > 0, got {t.eps}")
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    if not all(isinstance(name, str) for name in t.no_decay):
+        raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -153,19 +162,27 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
     unknown = sorted(set(raw) - {"model", "data", "train"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)} in {path}; expected [model], [data], [train]")
+    for name in ("model", "data", "train"):
+        if not isinstance(raw.get(name, {}), dict):
+            raise ConfigError(f"{path}: {name} must be a [{name}] table, got {raw[name]!r}")
     sections = {name: dict(raw.get(name, {})) for name in ("model", "data", "train")}
+    model_overrides = []
     for item in overrides:
         section, key, value = _parse_override(item)
         if section not in sections:
             raise ConfigError(f"--set {item}: unknown section {section!r} (model, data or train)")
         sections[section][key] = value
+        if section == "model":
+            model_overrides.append(key)
     run = RunConfig(model=sections["model"], data=_build(DataConfig, "data", sections["data"]),
-                    train=_build(TrainConfig, "train", sections["train"]))
+                    train=_build(TrainConfig, "train", sections["train"]), model_overrides=model_overrides)
     run.model_config()  # validates the [model] section now, naming any unknown field
     validate(run)
     return run

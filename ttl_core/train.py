@@ -196,6 +196,11 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
         model = load_pretrained(source, dtype=torch.float32, device=device, **runtime)
         if model.architecture != "LlamaForCausalLM":
             raise ConfigError(f"{source} holds a {model.architecture}; pretraining needs a LlamaForCausalLM")
+        # the checkpoint fixes the architecture: an explicit --set that contradicts it is refused, not ignored
+        for key in run.model_overrides:
+            if key != "preset" and key not in runtime and getattr(model.config, key) != getattr(config, key):
+                raise ConfigError(f"--set model.{key}={run.model[key]!r} contradicts {source}, whose {key} is "
+                                  f"{getattr(model.config, key)!r}; the architecture comes from the checkpoint")
         return model.train()
     torch.manual_seed(run.train.seed)
     return LlamaForCausalLM(config).to(device).train()
@@ -260,6 +265,12 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if train.seq_len > config.max_position_embeddings:
         raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
+    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt)) >= config.max_position_embeddings:
+        raise ConfigError(f"train.sample_prompt is longer than the model's context of "
+                          f"{config.max_position_embeddings} tokens, leaving no room for the sample")
+    # the evaluation split must hold a batch before any step is spent (it is first read at the first eval)
+    PackedLoader(data_path, "val", train.seq_len, train.micro_batch_size, rank=world.rank, world_size=world.size,
+                 shuffle=False)
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
@@ -287,7 +298,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         if world.is_main:
             print(f"resumed from {resume_from} at step {step}")
 
-    last_step = min(train.max_steps, stop_after or train.max_steps)
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
+    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
+    if step >= last_step:
+        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
+        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
+                          "raise --max-steps to continue")
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None

@@ -1,0 +1,128 @@
+"""Bad checkpoints, configs, adapters and arguments end in one clear error naming the problem, never in a
+traceback or in silently wrong weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_script
+from hf_reference import hf_causal_lm
+from safetensors.torch import load_file, save_file
+
+import kernels
+import ttl_core
+from ttl_core.cli import run_cli
+from ttl_core.errors import AdapterError, CheckpointError, ConfigError, GenerationError
+from ttl_core.lora import apply_lora, load_adapter, lora_layers, save_adapter
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    hf_causal_lm().save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"vocab_size": 131.0}, "vocab_size must be a positive integer"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+    ({"rope_theta": 0, "rope_parameters": None}, "rope_theta must be a positive number"),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, "factor must be a positive number"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+    ({"pad_token_id": "x"}, "pad_token_id must be a token id"),
+])
+def test_wrongly_typed_or_ranged_config_values_are_named(checkpoint, changes, message):
+    edit_config(checkpoint, **changes)
+    with pytest.raises(ConfigError, match=message):
+        ttl_core.load_pretrained(checkpoint)
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(checkpoint):
+    (checkpoint / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        ttl_core.load_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float8_e4m3fn])
+def test_tensors_of_a_non_float_dtype_are_refused(checkpoint, dtype):
+    tensors = load_file(checkpoint / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {key} has dtype"):
+        ttl_core.load_pretrained(checkpoint)
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("meta", "not 'meta'")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU")]))
+def test_unusable_devices_are_refused(checkpoint, device, message):
+    with pytest.raises(CheckpointError, match=message):
+        ttl_core.load_pretrained(checkpoint, device=device)
+    with pytest.raises(CheckpointError, match="not a floating-point weight dtype"):
+        ttl_core.load_pretrained(checkpoint, dtype=torch.int64)
+
+
+def test_an_hf_export_over_a_native_one_loads(checkpoint, tmp_path):
+    model = ttl_core.load_pretrained(checkpoint)
+    ttl_core.save_native(model, tmp_path / "out")
+    ttl_core.save_pretrained(model, tmp_path / "out")  # a stale ttl_config.json would take precedence
+    reloaded = ttl_core.load_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_nan_temperature_and_unusable_seeds_are_refused(checkpoint):
+    model = ttl_core.load_pretrained(checkpoint)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(GenerationError, match="temperature"):
+        ttl_core.generate(model, ids, max_new_tokens=2, do_sample=True, temperature=float("nan"))
+    with pytest.raises(GenerationError, match="seed must be"):
+        ttl_core.generate(model, ids, max_new_tokens=2, do_sample=True, seed=10**30)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"use_rslora": "false"}, "use_rslora must be true or false"), ({"r": "abc"}, "rank r must be an integer"),
+    ({"lora_dropout": 5}, "dropout must be in"), ({"target_modules": None}, "target_modules must list"),
+])
+def test_a_bad_adapter_config_is_named_and_leaves_the_model_untouched(checkpoint, tmp_path, changes, message):
+    save_adapter(apply_lora(ttl_core.load_pretrained(checkpoint), r=4), tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    model = ttl_core.load_pretrained(checkpoint)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_model_untouched(checkpoint, tmp_path):
+    save_adapter(apply_lora(ttl_core.load_pretrained(checkpoint), r=4), tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    model = ttl_core.load_pretrained(checkpoint)
+    with pytest.raises(AdapterError, match="has shape"):
+        load_adapter(model, tmp_path / "adapter")
+    assert not lora_layers(model)
+    load_adapter(model, _restore_r(tmp_path / "adapter", config))  # and a retry with the right one works
+    assert lora_layers(model)
+
+
+def _restore_r(adapter, config):
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+def test_scripts_report_file_system_and_backend_errors_in_one_line(checkpoint, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    result = run_script("convert", "--to-hf", checkpoint, tmp_path / "a_file")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda argv: kernels.rms_norm(torch.randn(2, 4), torch.ones(4), backend="bogus"))
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: kernel backend must be one of")
