@@ -99,14 +99,16 @@ def exercise_kernels() -> None:
         w = torch.randn(hidden, dtype=bf16, requires_grad=True)
         backward(rms_norm(x, w))
         backward(*rms_norm(x, w, residual=torch.randn_like(x, requires_grad=True)))
+        # as in autocast training: an fp32 weight and residual stream, bf16 sublayer output and normed output
+        residual = torch.randn(32, hidden, requires_grad=True)
+        backward(*rms_norm(x, w.detach().float().requires_grad_(), residual=residual, out_dtype=bf16))
     for heads, kv_heads, dim in ((12, 12, 64), (32, 8, 128)):
         qkv = torch.randn(2, 16, (heads + 2 * kv_heads) * dim, dtype=bf16, requires_grad=True)
         q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
         cos, sin = torch.randn(2, 16, dim, dtype=bf16), torch.randn(2, 16, dim, dtype=bf16)
         backward(*apply_rotary(q.view(2, 16, heads, dim), k.view(2, 16, kv_heads, dim), cos, sin))
     for inter in (3072, 14336):
-        gate, up = torch.randn(16, 2 * inter, dtype=bf16, requires_grad=True).chunk(2, -1)
-        backward(swiglu(gate, up))
+        backward(swiglu(torch.randn(16, 2 * inter, dtype=bf16, requires_grad=True)))  # as the model calls it
     for hidden, vocab in ((768, 32000), (4096, 128256)):
         h = torch.randn(64, hidden, dtype=bf16, requires_grad=True)
         weight = (torch.randn(vocab, hidden) / hidden**0.5).to(bf16).requires_grad_()
