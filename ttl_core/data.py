@@ -29,6 +29,11 @@ from .tokenizer import Tokenizer, train_tokenizer
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # -- reading documents -----------------------------------------------------------------------------------------------
@@ -90,20 +95,30 @@ def _read_jsonl(path: Path) -> Iterator[str]:
     for number, record in json_objects(path, _lines(path)):
         if not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{number}: no string 'text' field")
-        if record["text"]:
+        if record["text"].strip():  # whitespace only is no document, as a blank .txt block is none
             yield record["text"]
 
 
 def _read_parquet(path: Path) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.ParquetFile(path)
-    if "text" not in table.schema_arrow.names:
-        raise DataError(f"{path}: no 'text' column")
-    for batch in table.iter_batches(columns=["text"]):
-        yield from (t for t in batch.column(0).to_pylist() if t)
+    try:
+        table = pq.ParquetFile(path)
+        if "text" not in table.schema_arrow.names:
+            raise DataError(f"{path}: no 'text' column")
+        row = 0
+        for batch in table.iter_batches(columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{path}: row {row}: 'text' is {type(text).__name__}, expected a string")
+                if text and text.strip():  # null and whitespace-only rows are no documents
+                    yield text
+    except (pa.ArrowException, OSError) as e:  # a corrupt or truncated file
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 # -- prepare_data ----------------------------------------------------------------------------------------------------
@@ -124,6 +139,15 @@ def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.nda
         (val if _is_val(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
     join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.uint32)  # noqa: E731
     return shard, join(train), join(val), len(texts)
+
+
+def _bookkeeping(path: Path) -> object:
+    """One of prepare_data's own JSON files, or None when missing or unreadable: the work it describes is
+    then redone rather than trusted (or reported, since only prepare_data writes these)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 def _is_val(k: int, fraction: float) -> bool:
@@ -149,11 +173,17 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     or a `Tokenizer`) is given. Every document becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread
     evenly, go to `val.bin`. `workers` processes (default: all cores) tokenize shards of `shard_docs`
     documents; rerunning after an interruption reuses the finished shards and gives identical files."""
+    if isinstance(inputs, (str, os.PathLike)):  # one file, not the characters of its name
+        inputs = [inputs]
     paths = [Path(p) for p in inputs]
     if not paths:
         raise DataError("prepare_data: no input files")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if workers is not None and not (_is_int(workers) and workers >= 1):
+        raise DataError(f"workers must be an integer >= 1 (or None for all cores), got {workers!r}")
+    if not (_is_int(shard_docs) and shard_docs >= 1):
+        raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
@@ -162,10 +192,11 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
             "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
                                                     if source else f"train:{vocab_size}")}
     meta_path = out_dir / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("plan") == plan:
-        return json.loads(meta_path.read_text())  # already prepared from these exact inputs
-    if (work / "plan.json").is_file() and json.loads((work / "plan.json").read_text()) != plan:
-        shutil.rmtree(work)  # leftovers of a different run
+    previous = _bookkeeping(meta_path)
+    if isinstance(previous, dict) and previous.get("plan") == plan:
+        return previous  # already prepared from these exact inputs
+    if work.is_dir() and _bookkeeping(work / "plan.json") != plan:
+        shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "plan.json", plan)
 
@@ -228,8 +259,10 @@ def _run(fn, jobs: Iterator, workers: int, tok: Tokenizer) -> Iterator:
 def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:
     if tokenizer is None or isinstance(tokenizer, Tokenizer):
         return tokenizer
-    path = Path(tokenizer)
-    return Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer(path)
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise DataError(f"tokenizer must be a .model file, an HF tokenizer directory or a Tokenizer, "
+                        f"got {type(tokenizer).__name__}")
+    return Tokenizer.from_pretrained(tokenizer)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -255,6 +288,38 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
 
 
 # -- loader ----------------------------------------------------------------------------------------------------------
+def read_meta(path: str | os.PathLike) -> dict:
+    """A data directory's meta.json, checked for the keys the loader relies on (DataError naming the file)."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); run scripts/prepare_data.py again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    shown = lambda key: repr(meta[key]) if key in meta else "missing"  # noqa: E731
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise DataError(f"{path}: 'dtype' is {shown('dtype')}; expected one of {', '.join(TOKEN_DTYPES)}")
+    for key, low in (("eos_id", 0), ("vocab_size", 1)):
+        if not (_is_int(meta.get(key)) and meta[key] >= low):
+            raise DataError(f"{path}: {key!r} is {shown(key)}; expected an integer >= {low}")
+    return meta
+
+
+def _token_file(path: Path, meta: dict, split: str) -> np.ndarray:
+    """`path` memory-mapped as meta's dtype; a size that is not a whole number of tokens, or a count other than
+    the one meta.json recorded, means a truncated file or a wrong dtype, and is a DataError."""
+    size, itemsize = path.stat().st_size, np.dtype(meta["dtype"]).itemsize
+    if size % itemsize:
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of {meta['dtype']} tokens ({itemsize} bytes "
+                        f"each); the file is truncated or meta.json's dtype is wrong")
+    recorded = meta.get(f"{split}_tokens")
+    if recorded is not None and recorded != size // itemsize:
+        raise DataError(f"{path}: {size // itemsize:,} {meta['dtype']} tokens, but meta.json records {recorded!r}; "
+                        f"the file is truncated or replaced, or meta.json's dtype is wrong")
+    return np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0, meta["dtype"])
+
+
 class PackedLoader:
     """Batches of fixed-length blocks from `DIR/{split}.bin`, deterministic, resumable and split across ranks.
 
@@ -273,12 +338,13 @@ class PackedLoader:
         meta_path, path = data_dir / "meta.json", data_dir / f"{split}.bin"
         if not meta_path.is_file() or not path.is_file():
             raise DataError(f"{data_dir}: no meta.json or {split}.bin (run scripts/prepare_data.py first)")
-        if seq_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"PackedLoader: bad seq_len={seq_len}, batch_size={batch_size}, rank={rank}, "
-                            f"world_size={world_size}")
-        meta = json.loads(meta_path.read_text())
-        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if path.stat().st_size else np.zeros(0, "u2")
-        self.eos_id = meta["eos_id"]
+        if not (all(map(_is_int, (seq_len, batch_size, rank, world_size)))
+                and seq_len >= 1 and batch_size >= 1 and 0 <= rank < world_size):
+            raise DataError(f"PackedLoader: bad seq_len={seq_len!r}, batch_size={batch_size!r}, rank={rank!r}, "
+                            f"world_size={world_size!r} (integers, rank in [0, world_size))")
+        meta = read_meta(meta_path)
+        self.tokens = _token_file(path, meta, split)
+        self.path, self.eos_id, self.vocab_size = path, meta["eos_id"], meta["vocab_size"]
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
         self.rank, self.world_size, self.split = rank, world_size, split
         self.n_blocks = max(len(self.tokens) - 1, 0) // seq_len
@@ -312,6 +378,10 @@ class PackedLoader:
         self.batch += 1
         S = self.seq_len
         x = torch.from_numpy(np.stack([self.tokens[b * S:b * S + S + 1] for b in blocks]).astype(np.int64))
+        if int(x.max()) >= self.vocab_size:  # garbage would otherwise surface as an IndexError in the embedding
+            row, col = divmod(int(x.argmax()), S + 1)
+            raise DataError(f"{self.path}: token {int(blocks[row]) * S + col:,} has id {int(x.max())}, outside the "
+                            f"vocabulary of {self.vocab_size} in meta.json (a corrupt file or another tokenizer's)")
         doc_starts = torch.zeros(len(blocks), S, dtype=torch.bool)
         doc_starts[:, 0] = True
         doc_starts[:, 1:] = x[:, :S - 1] == self.eos_id

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .data import json_objects
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .fileio import write_dir_atomically, write_json
 from .hf import load_pretrained, save_pretrained
 from .metrics import MetricsLog
@@ -31,6 +32,7 @@ from .tokenizer import Tokenizer
 from .train import autocast, build_optimizer, lr_at, optimizer_update
 
 TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 
@@ -53,20 +55,48 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
     merge_lora: bool = False  # save the merged model instead of the PEFT adapter
 
+    def __post_init__(self) -> None:
+        """Refuse values that would fail late (a ZeroDivisionError, NaN weights) or train without complaint on
+        nonsense; each check is written so that NaN fails it. Messages name the field and its option."""
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        checks = {
+            "lr": (real(self.lr) and self.lr > 0, "a finite number > 0"),
+            "batch_size": (whole(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            "epochs": (whole(self.epochs) and self.epochs >= 1, "an integer >= 1"),
+            "weight_decay": (real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            "warmup_steps": (whole(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
+            "max_length": (whole(self.max_length) and self.max_length >= 2, "an integer >= 2"),
+            "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
+            "dtype": (self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            "lora_r": (whole(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),
+            "lora_alpha": (real(self.lora_alpha) and self.lora_alpha > 0, "a finite number > 0"),
+            "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
+            "lora_targets": (self.lora_targets == "all-linear" or isinstance(self.lora_targets, (list, tuple))
+                             and bool(self.lora_targets), "module names or all-linear"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, "
+                                  f"got {getattr(self, name)!r}")
+
     def torch_device(self) -> torch.device:
-        """`device` as a torch device; asking for CUDA on a machine without it is a ConfigError."""
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        """`device` as a torch device; a malformed one, or CUDA on a machine without it, is a ConfigError."""
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device} was requested but no CUDA device is available")
-        return torch.device(self.device)
+        return device
 
     def train_config(self, max_steps: int) -> TrainConfig:
         """The pretraining loop's config for `max_steps` updates: warmup, then cosine decay to zero."""
-        if self.lr <= 0 or self.batch_size < 1 or self.epochs < 1 or self.max_length < 2:
-            raise ConfigError(f"lr, batch_size, epochs must be positive and max_length >= 2 (got {self.lr}, "
-                              f"{self.batch_size}, {self.epochs}, {self.max_length})")
         return TrainConfig(micro_batch_size=self.batch_size, lr=self.lr, min_lr=0.0, warmup_steps=self.warmup_steps,
                            max_steps=max_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                            seed=self.seed, dtype=self.dtype)
@@ -85,7 +115,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
                        help="truncate examples to this many tokens (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
-    group.add_argument("--dtype", default=defaults.dtype, choices=["float32", "bfloat16", "float16"],
+    group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES),
                        help="autocast dtype (default %(default)s)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
@@ -93,7 +123,8 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     lora.add_argument("--lora-r", type=int, default=defaults.lora_r, help="default %(default)s")
     lora.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="default %(default)s")
     lora.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default %(default)s")
-    lora.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
+    targets = defaults.lora_targets
+    lora.add_argument("--lora-targets", default=targets if isinstance(targets, str) else ",".join(targets),
                       help="comma-separated HF module names, or all-linear (default %(default)s)")
     lora.add_argument("--merge-lora", action="store_true",
                       help="save the merged model instead of the PEFT adapter")
@@ -101,11 +132,13 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The `FinetuneConfig` that `add_finetune_args` options describe."""
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
                           warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed,
                           device=args.device, dtype=args.dtype, lora=args.lora, lora_r=args.lora_r,
                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()],
+                          # apply_lora takes "all-linear" as the bare string, not as a module name in a list
+                          lora_targets="all-linear" if targets == ["all-linear"] else targets,
                           merge_lora=args.merge_lora)
 
 
@@ -119,6 +152,23 @@ class TaskSpec:
     pair: bool = False  # two text fields joined as `<s>` first `<s>` second `</s>`
     regression: bool = False
     labels: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        """Task lists are hand-written JSON: a string where a list belongs would be read character by character
+        and "no" would count as true, so the types are checked here (ConfigError naming the key)."""
+        names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip() for x in v)  # noqa
+        if not (names(self.text_fields) and self.text_fields):
+            raise ConfigError(f"text_fields must be a non-empty list of field names, got {self.text_fields!r}")
+        if not (isinstance(self.label_field, str) and self.label_field.strip()):
+            raise ConfigError(f"label_field must be a field name, got {self.label_field!r}")
+        for key in ("pair", "regression"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.labels is not None and not (names(self.labels) and len(set(self.labels)) == len(self.labels) >= 2):
+            raise ConfigError(f"labels must be a list of at least two distinct label names (or null), "
+                              f"got {self.labels!r}")
+        if self.pair and len(self.text_fields) != 2:
+            raise ConfigError(f"a sentence-pair task needs exactly two text fields, got {self.text_fields}")
 
 
 Row = tuple[int, dict[str, Any]]  # (line number in the file, fields)
@@ -139,15 +189,30 @@ def read_task_file(path: str | Path) -> list[Row]:
     if path.suffix.lower() in (".jsonl", ".json"):
         rows.extend(json_objects(path, enumerate(text.splitlines(), 1)))
     else:
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        rows.extend(_csv_rows(path, text))
+    if not rows:
+        raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> Iterator[Row]:
+    """The rows of a CSV/TSV text. Newlines inside quoted fields are kept, and parsing is strict, so an
+    unterminated quote is an error instead of one field swallowing the rest of the file."""
+    kind = "TSV" if path.suffix.lower() == ".tsv" else "CSV"
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "TSV" else ",", strict=True)
+    done = 0  # the line the last complete row (or the header) ended on
+    try:
+        reader.fieldnames  # reads the header
+        done = reader.line_num
         for record in reader:
             if None in record or None in record.values():
                 raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames or [])} columns in the header, "
                                 f"a different number in this row")
-            rows.append((reader.line_num, record))
-    if not rows:
-        raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
-    return rows
+            yield reader.line_num, record
+            done = reader.line_num
+    except csv.Error as e:
+        hint = " (a quote opened here is never closed)" if "end of data" in str(e) else ""
+        raise DataError(f"{path}:{done + 1}: malformed {kind}: {e}{hint}") from None
 
 
 def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> Any:
@@ -179,9 +244,7 @@ def _sort_key(value: str) -> tuple[int, float | str]:
 def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
     """The label names, index = class id: `spec.labels`, else the distinct values in `rows`, sorted
     (numerically when they are numbers)."""
-    if spec.labels is not None:
-        if len(set(spec.labels)) != len(spec.labels) or len(spec.labels) < 2:
-            raise ConfigError(f"labels must be at least two distinct names, got {spec.labels}")
+    if spec.labels is not None:  # checked by TaskSpec
         return list(spec.labels)
     found = sorted({str(field_value(path, n, r, spec.label_field)).strip() for n, r in rows}, key=_sort_key)
     if len(found) < 2:
@@ -211,8 +274,6 @@ def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: li
               max_length: int, rows: list[Row] | None = None) -> list[tuple[list[int], int | float]]:
     """(token ids, label) for every row of a task file; `labels=None` reads regression targets."""
     path = Path(path)
-    if spec.pair and len(spec.text_fields) != 2:
-        raise ConfigError(f"a sentence-pair task needs exactly two text fields, got {spec.text_fields}")
     examples = []
     for number, record in rows if rows is not None else read_task_file(path):
         texts = [str(field_value(path, number, record, name)) for name in spec.text_fields]
@@ -307,7 +368,32 @@ def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: lis
     from .lora import apply_lora
 
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-               targets=tuple(cfg.lora_targets), modules_to_save=modules_to_save)
+               targets=cfg.lora_targets, modules_to_save=modules_to_save)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, model: torch.nn.Module, model_dir: str | Path | None = None) -> None:
+    """Refuse a tokenizer with more tokens than the model's embedding table: its high ids would index past the
+    table (an IndexError mid-batch), or, when instruction tuning grows the table, train rows the base never
+    learned. Smaller is fine (vocabularies are often padded)."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        where = f"{model_dir}: " if model_dir is not None else ""
+        raise ConfigError(f"{where}the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+
+
+def load_base(model_dir: str | Path, cfg: FinetuneConfig, **kwargs: Any) -> tuple[Tokenizer, torch.nn.Module]:
+    """The tokenizer and model (float32, on `cfg`'s device; `kwargs` go to `load_pretrained`) of the checkpoint
+    being fine-tuned, checked against each other and against `cfg.max_length`."""
+    if not Path(model_dir).exists():
+        raise CheckpointError(f"{model_dir}: no such model directory")
+    model = load_pretrained(model_dir, dtype=torch.float32, device=cfg.torch_device(), **kwargs)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    check_tokenizer_fits(tokenizer, model, model_dir)
+    context = model.config.max_position_embeddings
+    if cfg.max_length > context:
+        raise ConfigError(f"max_length (--max-length) {cfg.max_length} exceeds the {context}-token context of "
+                          f"{model_dir}")
+    return tokenizer, model
 
 
 def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig) -> None:
@@ -365,20 +451,18 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     holds the per-epoch evaluations."""
     spec, cfg = spec or TaskSpec(), cfg or FinetuneConfig()
     train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    train_rows = read_task_file(train_file)
+    device = cfg.torch_device()
+    train_rows, eval_rows = read_task_file(train_file), read_task_file(eval_file)  # bad files fail before loading
     labels = None if spec.regression else task_labels(train_rows, spec, train_file)
-    train_examples = load_task(train_file, tokenizer, spec, labels, cfg.max_length, train_rows)
-    eval_examples = load_task(eval_file, tokenizer, spec, labels, cfg.max_length)
     if spec.regression:
         head = {"num_labels": 1, "id2label": None, "label2id": None, "problem_type": "regression"}
     else:
         head = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
                 "problem_type": "single_label_classification"}
-    device = cfg.torch_device()
     torch.manual_seed(cfg.seed)  # the new score head's initial values
-    model = load_pretrained(model_dir, dtype=torch.float32, device=device,
-                            architecture="LlamaForSequenceClassification", **head)
+    tokenizer, model = load_base(model_dir, cfg, architecture="LlamaForSequenceClassification", **head)
+    train_examples = load_task(train_file, tokenizer, spec, labels, cfg.max_length, train_rows)
+    eval_examples = load_task(eval_file, tokenizer, spec, labels, cfg.max_length, eval_rows)
     if model.config.pad_token_id is None:
         raise ConfigError(f"{model_dir}: the config has no pad_token_id; batched classification needs one")
     if cfg.lora:

@@ -17,8 +17,8 @@ import torch
 
 from .errors import ConfigError, DataError
 from .fileio import write_json
-from .finetune import FinetuneConfig, Row, read_task_file, save_finetuned, start_lora, train_epochs
-from .hf import load_pretrained
+from .finetune import (FinetuneConfig, Row, check_tokenizer_fits, load_base, read_task_file, save_finetuned,
+                       start_lora, train_epochs)
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .tokenizer import AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
@@ -57,9 +57,11 @@ def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
 
 def add_chat_tokens(tokenizer: Tokenizer, model: LlamaForCausalLM, chat_format: str) -> list[str]:
     """Make sure the format's special tokens exist: add the missing ones to the tokenizer and grow the
-    model's embeddings (and LM head) to the tokenizer's size. Returns the tokens that were added."""
+    model's embeddings (and LM head) to fit them. Returns the tokens that were added. A tokenizer already
+    larger than the model is refused (growing the model to it would train rows the base never learned)."""
     if chat_format not in CHAT_FORMATS:
         raise ConfigError(f"unknown chat format {chat_format!r}; choose one of {', '.join(CHAT_FORMATS)}")
+    check_tokenizer_fits(tokenizer, model)
     wanted = list(AIRA_SPECIAL_TOKENS) if chat_format == "aira" else []
     missing = [tok for tok in wanted if tokenizer.token_to_id(tok) is None]
     if missing:
@@ -140,8 +142,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     cfg = cfg or INSTRUCT_DEFAULTS
     out_dir = Path(out_dir)
     device = cfg.torch_device()
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = load_pretrained(model_dir, dtype=torch.float32, device=device)
+    tokenizer, model = load_base(model_dir, cfg)
     if model.architecture != "LlamaForCausalLM":
         raise ConfigError(f"{model_dir} holds a {model.architecture}; instruction tuning needs a LlamaForCausalLM")
     vocab_before = model.config.vocab_size

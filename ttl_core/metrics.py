@@ -65,14 +65,37 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file; a torn last line (a crash mid-write) is dropped."""
+    """The records of a metrics.jsonl file; a torn last line (a crash mid-write) is dropped. A file that is
+    not text, or a line that is not a JSON object, is a DataError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a metrics file (not UTF-8 text; bad byte at offset {e.start})") from None
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
     return records
+
+
+def _curve(path: Path, records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(step, value) of every record holding `key`, non-finite values left out; a value or step that is not
+    a number is a DataError (matplotlib would fail on it with a TypeError deep inside)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    points = []
+    for r in records:
+        if key in r:
+            if not (number(r[key]) and number(r.get("step"))):
+                raise DataError(f"{path}: a record has {key}={r[key]!r} at step {r.get('step')!r}; expected numbers")
+            if math.isfinite(r[key]):
+                points.append((r["step"], r[key]))
+    return points
 
 
 def plot_metrics(run_dir: str | Path) -> Path | None:
@@ -82,8 +105,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     if not path.exists():
         raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
     records = read_metrics(path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    train, evals = _curve(path, records, "loss"), _curve(path, records, "eval_loss")
     if not train and not evals:
         raise DataError(f"{path} holds no loss records yet")
     try:

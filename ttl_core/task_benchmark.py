@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .fileio import atomic_write, write_json
 from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, TaskSpec, finetune_classifier
 
@@ -61,8 +61,14 @@ def read_task_list(path: str | Path) -> list[Task]:
             raise DataError(f"{path}: task {i}: " + "; ".join(
                 ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(sorted(unknown))}"]
                                                                           if unknown else [])))
-        spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
-        tasks.append(Task(str(entry["name"]), path.parent / entry["train"], path.parent / entry["eval"], spec))
+        for key in ("name", "train", "eval"):
+            if not (isinstance(entry[key], str) and entry[key].strip()):
+                raise DataError(f"{path}: task {i}: {key!r} must be a non-empty string, got {entry[key]!r}")
+        try:
+            spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
+        except ConfigError as e:
+            raise DataError(f"{path}: task {i} ({entry['name']}): {e}") from None
+        tasks.append(Task(entry["name"], path.parent / entry["train"], path.parent / entry["eval"], spec))
     return tasks
 
 

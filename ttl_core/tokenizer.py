@@ -38,19 +38,25 @@ class Tokenizer:
 
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
+        where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if not path.is_file():
                 raise TokenizerError(f"{path}: no such sentencepiece model file")
-            model = path.read_bytes()
+            where, model = f"{path}: ", path.read_bytes()
+        elif not isinstance(model, bytes):
+            raise TokenizerError(f"Tokenizer expects a .model file path or its bytes, got {type(model).__name__}")
         proto = spm_pb2.ModelProto()
         try:
             proto.ParseFromString(model)
         except Exception as e:  # protobuf's DecodeError: the file is not a sentencepiece model
-            raise TokenizerError(f"not a sentencepiece model ({e})") from None
+            raise TokenizerError(f"{where}not a sentencepiece model ({e})") from None
         if not proto.pieces:
-            raise TokenizerError("not a sentencepiece model (no pieces)")
-        self._load(proto)
+            raise TokenizerError(f"{where}not a sentencepiece model (no pieces)")
+        try:
+            self._load(proto)
+        except RuntimeError as e:  # a well-formed proto sentencepiece still refuses (e.g. no <unk> piece)
+            raise TokenizerError(f"{where}sentencepiece cannot load the model ({str(e).splitlines()[0]})") from None
 
     def _load(self, proto) -> None:
         self.proto = proto
@@ -66,13 +72,25 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Load an HF tokenizer directory: `tokenizer.model` if present, else a BPE `tokenizer.json`."""
-        directory = Path(directory)
-        if (directory / "tokenizer.model").is_file():
-            return cls(directory / "tokenizer.model")
-        if (directory / "tokenizer.json").is_file():
-            return cls(tokenizer_json_to_sentencepiece(directory / "tokenizer.json"))
-        raise TokenizerError(f"{directory}: no tokenizer.model or tokenizer.json")
+        """Load an HF tokenizer directory: `tokenizer.model` if present, else a BPE `tokenizer.json`. Either
+        file may also be given itself (`--tokenizer DIR/tokenizer.model`)."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
+        path = Path(directory)
+        if path.is_dir():
+            found = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+            if not found:
+                raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json")
+            path = found[0]
+        elif not path.is_file():
+            raise TokenizerError(f"{path}: does not exist (no tokenizer.model or tokenizer.json)")
+        if path.suffix != ".json":
+            return cls(path)
+        model = tokenizer_json_to_sentencepiece(path)
+        try:
+            return cls(model)
+        except TokenizerError as e:  # the converted model names no file
+            raise TokenizerError(f"{path}: {e}") from None
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -101,7 +119,15 @@ class Tokenizer:
         return None if i == self.unk_id and token != self.sp.id_to_piece(i) else i
 
     def id_to_token(self, i: int) -> str:
-        return self.sp.id_to_piece(i)
+        return self.sp.id_to_piece(self._checked_id(i))
+
+    def _checked_id(self, i: int) -> int:
+        """`i` as an int, or a TokenizerError when the vocabulary has no such id (sentencepiece's IndexError
+        would not say which id, nor how large the vocabulary is)."""
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise TokenizerError(f"token id {i} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
+        return i
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
         """Append tokens (kept whole, never split) at the end of the vocabulary; return their ids.
@@ -119,6 +145,8 @@ class Tokenizer:
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         """Token ids of `text`, with `<s>` first (default) and `</s>` last (on request)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         ids = [self.bos_id] if add_bos else []
         parts = self._split.split(text) if self._split else [text]
         for k, part in enumerate(parts):
@@ -140,7 +168,7 @@ class Tokenizer:
         `skip_special_tokens`, else written as their text."""
         special = {self.unk_id, self.bos_id, self.eos_id, self.pad_id, *self._added_ids.values()}
         out, run = [], []
-        for i in map(int, ids):
+        for i in map(self._checked_id, ids):
             if i in special:  # decoded apart: sentencepiece would drop control pieces and merge the rest
                 out.append(self.sp.decode(run))
                 run = []
@@ -243,24 +271,40 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-    model = spec.get("model") or {}
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
+                             f"writes")
+    model = spec["model"]
     if model.get("type") != "BPE":
         raise TokenizerError(f"{path}: unsupported tokenizer type {model.get('type')!r} (only BPE converts)")
     pipeline = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
     if "ByteLevel" in pipeline or "▁" not in pipeline:
         raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
                              f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
-    vocab: dict[str, int] = model["vocab"]
-    for token in spec.get("added_tokens", []):
+    vocab, added_tokens, merges = model.get("vocab"), spec.get("added_tokens") or [], model.get("merges") or []
+    if not isinstance(vocab, dict) or not vocab or not all(type(i) is int for i in vocab.values()):
+        raise TokenizerError(f"{path}: model.vocab must be a non-empty object mapping tokens to integer ids")
+    if not isinstance(added_tokens, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int
+            for t in added_tokens):
+        raise TokenizerError(f"{path}: added_tokens must be a list of objects with a string 'content' and an "
+                             f"integer 'id'")
+    for token in added_tokens:
         vocab.setdefault(token["content"], token["id"])
+    bad = [merges] if not isinstance(merges, list) else [m for m in merges if not _is_merge(m)]
+    if bad:
+        raise TokenizerError(f"{path}: model.merges must be a list of \"a b\" strings or [\"a\", \"b\"] pairs; "
+                             f"found {bad[0]!r}")
     rank = {}
-    for r, merge in enumerate(model.get("merges", [])):
+    for r, merge in enumerate(merges):
         rank.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), r)
     pieces = sorted(vocab.items(), key=lambda kv: kv[1])
     if [i for _, i in pieces] != list(range(len(pieces))):
         raise TokenizerError(f"{path}: vocabulary ids are not contiguous from 0")
     unk = model.get("unk_token") or "<unk>"
-    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    if unk not in vocab:
+        raise TokenizerError(f"{path}: the vocabulary has no unknown token {unk!r}, which sentencepiece needs")
+    added = {t["content"]: t for t in added_tokens}
     proto = spm_pb2.ModelProto()
     for piece, i in pieces:
         if piece == unk:
@@ -285,6 +329,11 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     n = proto.normalizer_spec
     n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
     return proto.SerializeToString()
+
+
+def _is_merge(merge: object) -> bool:
+    """A `tokenizers` merge: "a b" (older files) or ["a", "b"]."""
+    return isinstance(merge, str) or isinstance(merge, list) and all(isinstance(part, str) for part in merge)
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:

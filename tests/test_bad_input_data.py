@@ -1,0 +1,323 @@
+"""Bad input to data preparation, the loader, tokenizer files, fine-tuning and metrics: each is one clear
+TTLError naming the file or argument, never a traceback from deep inside numpy, sentencepiece or torch."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_script
+
+from ttl_core.config import LlamaConfig
+from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
+from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerError
+from ttl_core.finetune import (FinetuneConfig, TaskSpec, add_finetune_args, config_from_args, finetune_classifier,
+                               read_task_file, start_lora)
+from ttl_core.hf import load_pretrained, save_pretrained
+from ttl_core.instruct import add_chat_tokens, finetune_instruct
+from ttl_core.metrics import plot_metrics, read_metrics
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.task_benchmark import read_task_list
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(SAMPLE_CORPUS[:2], None, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tok_file(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    tok.save(path)
+    return path
+
+
+def tiny_model_dir(path, tok, vocab_size: int, context: int = 64):
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context)
+    torch.manual_seed(0)
+    save_pretrained(LlamaForCausalLM(config), path, tokenizer=tok)
+    return path
+
+
+# --- prepare_data inputs -------------------------------------------------------------------------------------
+
+def test_whitespace_only_documents_are_empty_in_every_format(tmp_path, tok_file):
+    (tmp_path / "mixed.jsonl").write_text('{"text": "   "}\n{"text": "um texto"}\n{"text": "\\n\\t"}\n')
+    assert list(read_documents(tmp_path / "mixed.jsonl")) == ["um texto"]
+    (tmp_path / "blank.jsonl").write_text('{"text": "   "}\n{"text": "\\n"}\n')
+    with pytest.raises(DataError, match=r"blank\.jsonl: empty input"):  # not a dataset of blanks
+        prepare_data([tmp_path / "blank.jsonl"], tmp_path / "out", tokenizer=tok_file)
+    with pytest.raises(DataError, match=r"blank\.jsonl: empty input"):  # nor a sentencepiece INTERNAL error
+        prepare_data([tmp_path / "blank.jsonl"], tmp_path / "out2", vocab_size=300)
+
+
+def test_bad_parquet_inputs(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": ["   ", "documento", None]}), tmp_path / "ws.parquet")
+    assert list(read_documents(tmp_path / "ws.parquet")) == ["documento"]
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"ints\.parquet: row 1: 'text' is int, expected a string"):
+        list(read_documents(tmp_path / "ints.parquet"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(DataError, match=r"corrupt\.parquet: not a readable parquet file") as e:
+        list(read_documents(tmp_path / "corrupt.parquet"))
+    one_line(e)
+
+
+def test_prepare_data_arguments(tmp_path, tok_file):
+    doc = tmp_path / "a.txt"
+    doc.write_text("primeiro documento\n\nsegundo documento\n")
+    assert prepare_data(str(doc), tmp_path / "one", tokenizer=tok_file, val_fraction=0)["documents"] == 2
+    for kwargs, message in [(dict(workers=-2), "workers must be an integer >= 1"),
+                            (dict(workers=0), "workers must be an integer >= 1"),
+                            (dict(shard_docs=0), "shard_docs must be an integer >= 1"),
+                            (dict(tokenizer=5), "tokenizer must be a .model file, an HF tokenizer directory")]:
+        with pytest.raises(DataError, match=message):
+            prepare_data([doc], tmp_path / "bad", **{"tokenizer": tok_file, **kwargs})
+    run = run_script("prepare_data", "--input", doc, "--out", tmp_path / "s", "--workers", "-2", timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == ("error: workers must be an integer >= 1 (or None for all "
+                                                          "cores), got -2")
+
+
+def test_unreadable_bookkeeping_is_redone_not_a_traceback(tmp_path, tok_file):
+    doc = tmp_path / "a.txt"
+    doc.write_text("primeiro documento\n\nsegundo documento\n")
+    out = tmp_path / "out"
+    meta = prepare_data([doc], out, tokenizer=tok_file, val_fraction=0)
+    (out / "meta.json").write_text("{garbage")
+    assert prepare_data([doc], out, tokenizer=tok_file, val_fraction=0) == meta
+    (out / ".prepare").mkdir()
+    (out / ".prepare" / "plan.json").write_bytes(b"\xff\xfe garbage")
+    (out / "meta.json").unlink()
+    assert prepare_data([doc], out, tokenizer=tok_file, val_fraction=0) == meta
+    assert not (out / ".prepare").exists()
+
+
+# --- PackedLoader ---------------------------------------------------------------------------------------------
+
+def data_dir(path, tokens: np.ndarray, **meta):
+    path.mkdir()
+    tokens.tofile(path / "train.bin")
+    meta = {"dtype": tokens.dtype.name, "eos_id": 2, "vocab_size": 100, "train_tokens": len(tokens), **meta}
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not ...}))
+    return path
+
+
+TOKENS = np.arange(4, 4 + 90, dtype=np.uint16) % 100
+
+
+@pytest.mark.parametrize("meta_text, message", [
+    ("garb", r"meta\.json: not valid JSON"),
+    ("[]", r"meta\.json: expected a JSON object, got list"),
+    ('{"eos_id": 2, "vocab_size": 100}', r"meta\.json: 'dtype' is missing; expected one of uint16, uint32"),
+    ('{"dtype": "bogus", "eos_id": 2, "vocab_size": 100}', r"'dtype' is 'bogus'"),
+    ('{"dtype": "float32", "eos_id": 2, "vocab_size": 100}', r"'dtype' is 'float32'"),
+    ('{"dtype": "uint16", "vocab_size": 100}', r"meta\.json: 'eos_id' is missing"),
+    ('{"dtype": "uint16", "eos_id": 2}', r"meta\.json: 'vocab_size' is missing"),
+])
+def test_bad_meta_json(tmp_path, meta_text, message):
+    path = data_dir(tmp_path / "d", TOKENS)
+    (path / "meta.json").write_text(meta_text)
+    with pytest.raises(DataError, match=message) as e:
+        PackedLoader(path, "train", 8, 2)
+    one_line(e)
+
+
+def test_token_file_that_does_not_fit_meta(tmp_path):
+    path = data_dir(tmp_path / "odd", TOKENS, train_tokens=...)
+    (path / "train.bin").write_bytes((path / "train.bin").read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"train\.bin: 179 bytes is not a whole number of uint16 tokens"):
+        PackedLoader(path, "train", 8, 2)
+    path = data_dir(tmp_path / "wide", TOKENS, dtype="uint32")  # a uint16 file read as uint32: half the tokens
+    with pytest.raises(DataError, match=r"train\.bin: 45 uint32 tokens, but meta\.json records 90"):
+        PackedLoader(path, "train", 8, 2)
+    with pytest.raises(DataError, match=r"bad seq_len=64\.5"):
+        PackedLoader(path, "train", 64.5, 2)
+
+
+def test_out_of_vocabulary_ids_are_named_with_file_and_offset(tmp_path):
+    tokens = TOKENS.copy()
+    tokens[37] = 100  # == vocab_size
+    path = data_dir(tmp_path / "d", tokens)
+    loader = PackedLoader(path, "train", 8, 2, shuffle=False)
+    with pytest.raises(DataError, match=rf"{path / 'train.bin'}: token 37 has id 100, outside the vocabulary "
+                                        r"of 100"):
+        list(loader)
+
+
+# --- tokenizer files ------------------------------------------------------------------------------------------
+
+METASPACE = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([], 'expected a JSON object with a "model" object'),
+    (None, 'expected a JSON object with a "model" object'),
+    ({"model": [1]}, 'expected a JSON object with a "model" object'),
+    ({"model": {"type": "BPE"}, **METASPACE}, "model.vocab must be a non-empty object"),
+    ({"model": {"type": "BPE", "vocab": [["a", 0]]}, **METASPACE}, "model.vocab must be a non-empty object"),
+    ({"model": {"type": "BPE", "vocab": {"<unk>": 0}}, "added_tokens": [{"id": 1}], **METASPACE},
+     "added_tokens must be a list of objects with a string 'content'"),
+    ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1}, "merges": [5]}, **METASPACE},
+     "model.merges must be a list"),
+    ({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, **METASPACE}, "no unknown token '<unk>'"),
+])
+def test_bad_tokenizer_json(tmp_path, spec, message):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=message) as e:
+        Tokenizer.from_pretrained(tmp_path)
+    assert one_line(e).startswith(f"{tmp_path / 'tokenizer.json'}: ")
+
+
+def test_tokenizer_ids_and_files(tok, tok_file, tmp_path):
+    for bad in (5000, -1):
+        with pytest.raises(TokenizerError, match=rf"token id {bad} is outside the vocabulary \(ids 0\.\.399\)"):
+            tok.decode([5, bad])
+        with pytest.raises(TokenizerError, match=rf"token id {bad}"):
+            tok.id_to_token(bad)
+    with pytest.raises(TokenizerError, match="encode expects a str, got NoneType"):
+        tok.encode(None)
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match=rf"{tmp_path / 'bad.model'}: not a sentencepiece model"):
+        Tokenizer(tmp_path / "bad.model")
+    assert Tokenizer.from_pretrained(tok_file).encode("casa") == tok.encode("casa")  # a file, not a directory
+    with pytest.raises(TokenizerError, match=r"nope: does not exist"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------------------
+
+def parse(*argv: str) -> FinetuneConfig:
+    parser = argparse.ArgumentParser()
+    add_finetune_args(parser, FinetuneConfig())
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_lora_targets_all_linear(tok):
+    from ttl_core.lora import LINEAR_NAMES, lora_layers
+
+    cfg = parse("--lora", "--lora-targets", "all-linear")
+    assert cfg.lora_targets == "all-linear" and parse("--lora-targets", "q_proj, k_proj").lora_targets == ["q_proj",
+                                                                                                           "k_proj"]
+    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    start_lora(model, cfg)
+    adapted = {name for layer in lora_layers(model).values() for name in layer.slices}
+    assert adapted == set(LINEAR_NAMES)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], r"batch_size \(--batch-size\) must be an integer >= 1, got 0"),
+    (["--lr", "nan"], r"lr \(--lr\) must be a finite number > 0, got nan"),
+    (["--lr", "0"], r"lr \(--lr\) must be"),
+    (["--epochs", "0"], r"epochs \(--epochs\)"),
+    (["--weight-decay", "-1"], r"weight_decay \(--weight-decay\) must be a finite number >= 0"),
+    (["--weight-decay", "nan"], r"weight_decay \(--weight-decay\)"),
+    (["--warmup-steps", "-5"], r"warmup_steps \(--warmup-steps\) must be an integer >= 0"),
+    (["--lora-dropout", "2"], r"lora_dropout \(--lora-dropout\) must be a number in \[0, 1\)"),
+    (["--lora-dropout", "-1"], r"lora_dropout \(--lora-dropout\)"),
+    (["--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
+    (["--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
+])
+def test_bad_finetune_arguments(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(*argv)
+
+
+def test_bad_device_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"--device 'bogus': expected cpu, cuda or cuda:N"):
+        parse("--device", "bogus").torch_device()
+    assert parse("--device", "cpu").torch_device() == torch.device("cpu")
+
+
+@pytest.fixture
+def task_files(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("title,text,label\n" + "".join(f"titulo {i},texto {i},{'AB'[i % 2]}\n" for i in range(8)))
+    instructions = tmp_path / "i.jsonl"
+    instructions.write_text(json.dumps({"instruction": "Diga oi.", "output": "Oi."}) + "\n")
+    return path, instructions
+
+
+def test_model_checks_before_training(tmp_path, tok, task_files):
+    tasks, instructions = task_files
+    cfg = FinetuneConfig(epochs=1, batch_size=4, max_length=32)
+    small = tiny_model_dir(tmp_path / "small", tok, vocab_size=380)
+    mismatch = "the tokenizer has 400 tokens but the model's vocab_size is 380"
+    with pytest.raises(ConfigError, match="small: " + mismatch):
+        finetune_classifier(small, tasks, tasks, tmp_path / "out", TaskSpec(), cfg, verbose=False)
+    with pytest.raises(ConfigError, match="small: " + mismatch):
+        finetune_instruct(small, instructions, tmp_path / "out2", "aira", cfg, verbose=False)
+    with pytest.raises(ConfigError, match=mismatch):
+        add_chat_tokens(Tokenizer.from_pretrained(small), load_pretrained(small), "aira")
+    fits = tiny_model_dir(tmp_path / "fits", tok, vocab_size=tok.vocab_size, context=64)
+    with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 96 exceeds the 64-token context of"):
+        finetune_classifier(fits, tasks, tasks, tmp_path / "out3", TaskSpec(),
+                            FinetuneConfig(epochs=1, max_length=96), verbose=False)
+    with pytest.raises(CheckpointError, match=r"nope: no such model directory"):
+        finetune_instruct(tmp_path / "nope", instructions, tmp_path / "out4", "aira", cfg, verbose=False)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("text_fields", "title", r"task 0 \(t\): text_fields must be a non-empty list of field names, got 'title'"),
+    ("text_fields", [], r"task 0 \(t\): text_fields must be a non-empty list"),
+    ("regression", "no", r"task 0 \(t\): regression must be true or false, got 'no'"),
+    ("pair", 1, r"task 0 \(t\): pair must be true or false"),
+    ("labels", "XY", r"task 0 \(t\): labels must be a list of at least two distinct label names"),
+    ("label_field", 3, r"task 0 \(t\): label_field must be a field name"),
+    ("train", 5, r"task 0: 'train' must be a non-empty string, got 5"),
+])
+def test_bad_task_lists_name_task_and_key(tmp_path, key, value, message):
+    entry = {"name": "t", "train": "a.csv", "eval": "a.csv", key: value}
+    (tmp_path / "tasks.json").write_text(json.dumps([entry]))
+    with pytest.raises(DataError, match=message):
+        read_task_list(tmp_path / "tasks.json")
+
+
+def test_empty_text_fields_option_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="text_fields must be a non-empty list of field names, got"):
+        TaskSpec([])
+    run = run_script("finetune_classifier", "--model", tmp_path, "--text-fields", ",", timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == ("error: text_fields must be a non-empty list of field "
+                                                          "names, got []")
+
+
+def test_csv_quotes(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('a,b,label\nx,"duas\nlinhas",A\nc,d,B\n')
+    assert [r["b"] for _, r in read_task_file(path)] == ["duas\nlinhas", "d"]  # the newline is kept
+    path.write_text('a,b,label\nu,v,A\na,b,"X\nc,d,Y\n')
+    with pytest.raises(DataError, match=r"t\.csv:3: malformed CSV: .*\(a quote opened here is never closed\)"):
+        read_task_file(path)
+
+
+# --- metrics --------------------------------------------------------------------------------------------------
+
+def test_bad_metrics_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe\x00garbage\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl: not a metrics file \(not UTF-8 text"):
+        read_metrics(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": "b"}\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl: a record has loss='b' at step 2; expected numbers"):
+        plot_metrics(run)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: expected a JSON object per line, got list"):
+        read_metrics(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]  # a torn last line is dropped
+    assert math.isnan(read_metrics(run / "metrics.jsonl")[0]["loss"])
