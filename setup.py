@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ttl_core", "ttl_core.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["ttl_core", "ttl_core.*", "ttl_kernels", "ttl_kernels.*"]),
     package_data={"ttl_core": ["sample_data/*.txt", "sample_data/*.csv", "sample_data/*.jsonl"]},
     install_requires=[
         "torch>=2.5",

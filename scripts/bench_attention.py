@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import flash_attention
-from kernels.flash_attention import autotuned_configs
+from ttl_kernels import flash_attention
+from ttl_kernels.flash_attention import autotuned_configs
 from ttl_core.attention import flash_attn_module
 from ttl_core.benchmark import BenchDevice, Results, dtype_name, open_device, row
 from ttl_core.cli import run_cli

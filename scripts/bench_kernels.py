@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import (apply_rotary, apply_rotary_reference, cross_entropy, cross_entropy_reference,
+from ttl_kernels import (apply_rotary, apply_rotary_reference, cross_entropy, cross_entropy_reference,
                      fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu, swiglu_reference)
 from ttl_core.benchmark import BenchDevice, Results, cell, dtype_name, open_device, row
 from ttl_core.cli import run_cli

@@ -82,12 +82,12 @@ def capture_compilations(arch: int) -> list[tuple[str, dict, object]]:
 
 def exercise_kernels() -> None:
     """Forward and backward of every kernel family at the widths the model and the benchmarks use."""
-    from kernels import apply_rotary, cross_entropy, flash_attention, fused_linear_cross_entropy, rms_norm, swiglu
+    from ttl_kernels import apply_rotary, cross_entropy, flash_attention, fused_linear_cross_entropy, rms_norm, swiglu
 
     # Triton for CPU tensors: the dispatcher asks for the interpreter flag, which is read at call time; the
     # attention kernels' interpreter-only upcast of their dots stays off, as on a GPU
     os.environ["TRITON_INTERPRET"], os.environ["TTL_KERNELS"] = "1", "triton"
-    attention = importlib.import_module("kernels.flash_attention")
+    attention = importlib.import_module("ttl_kernels.flash_attention")
     attention.interpreting = lambda: False
     bf16 = torch.bfloat16
 

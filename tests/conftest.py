@@ -5,7 +5,7 @@ import os
 import torch
 
 # Triton decides between compiling and interpreting when a kernel is decorated, so this must be set before
-# anything imports `kernels`. Model tests still take the PyTorch references on CPU ("auto" dispatch).
+# anything imports `ttl_kernels`. Model tests still take the PyTorch references on CPU ("auto" dispatch).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # the attention autotuner compiles and times every candidate per shape class: minutes over the GPU tests, which

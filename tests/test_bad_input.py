@@ -11,7 +11,7 @@ from helpers import run_script
 from hf_reference import hf_causal_lm
 from safetensors.torch import load_file, save_file
 
-import kernels
+import ttl_kernels
 import ttl_core
 from ttl_core.cli import run_cli
 from ttl_core.errors import AdapterError, CheckpointError, ConfigError, GenerationError
@@ -124,5 +124,5 @@ def test_scripts_report_file_system_and_backend_errors_in_one_line(checkpoint, t
     result = run_script("convert", "--to-hf", checkpoint, tmp_path / "a_file")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     with pytest.raises(SystemExit) as exit_:
-        run_cli(lambda argv: kernels.rms_norm(torch.randn(2, 4), torch.ones(4), backend="bogus"))
+        run_cli(lambda argv: ttl_kernels.rms_norm(torch.randn(2, 4), torch.ones(4), backend="bogus"))
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: kernel backend must be one of")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import rel_err
 
-import kernels
-from kernels.cross_entropy import chunk_rows
+import ttl_kernels
+from ttl_kernels.cross_entropy import chunk_rows
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 FLCE_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # matmul-bound
@@ -42,7 +42,7 @@ def reduce(per_token, targets, reduction):
 def test_reference_matches_the_written_out_formula(options):
     logits, t = torch.randn(13, 37, dtype=torch.float64), targets_for(13, 37)
     for reduction in ("mean", "sum", "none"):
-        got = kernels.cross_entropy_reference(logits, t, reduction=reduction, **options)
+        got = ttl_kernels.cross_entropy_reference(logits, t, reduction=reduction, **options)
         assert (got - reduce(formula(logits, t, **options), t, reduction)).abs().max() < 1e-12
 
 
@@ -53,7 +53,7 @@ def test_cross_entropy_on_logits_matches_float64(dtype, reduction, options):
     n, vocab = 19, 1003
     logits = (3 * torch.randn(n, vocab, generator=torch.Generator().manual_seed(2))).to(dtype).requires_grad_()
     t = targets_for(n, vocab)
-    out = kernels.cross_entropy(logits, t, reduction=reduction, backend="triton", **options)
+    out = ttl_kernels.cross_entropy(logits, t, reduction=reduction, backend="triton", **options)
     grad_out = torch.randn_like(out) if reduction == "none" else torch.tensor(1.3)
     (grad,) = torch.autograd.grad(out, logits, grad_out)
     truth_in = logits.detach().double().requires_grad_()
@@ -67,7 +67,7 @@ def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
     wide = torch.randn(6, 32100, generator=torch.Generator().manual_seed(3))
     logits = wide[:, :32000].requires_grad_()  # rows strided by 32100, as a slice of a padded head output
     t = targets_for(6, 32000, ignored_every=4)
-    out = kernels.cross_entropy(logits, t, backend="triton", label_smoothing=0.1)
+    out = ttl_kernels.cross_entropy(logits, t, backend="triton", label_smoothing=0.1)
     (grad,) = torch.autograd.grad(out, logits)
     truth_in = logits.detach().double().requires_grad_()
     truth = reduce(formula(truth_in, t, label_smoothing=0.1), t, "mean")
@@ -82,7 +82,7 @@ def flce_check(n, d, vocab, dtype, reduction, options, hidden_view=False, seed=0
         hidden = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, d, generator=gen) / d**0.5 * 2).to(dtype).requires_grad_()
     t = targets_for(n, vocab, seed=seed)
-    out = kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend="triton", **options)
+    out = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend="triton", **options)
     grad_out = torch.randn(out.shape, generator=gen) if reduction == "none" else torch.tensor(0.7)
     grads = torch.autograd.grad(out, (hidden, weight), grad_out)
     h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
@@ -113,9 +113,9 @@ def test_a_second_backward_through_the_fused_loss_fails_loudly_rather_than_scali
     hidden = torch.randn(10, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     t = torch.randint(0, 50, (10,))
-    loss = kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton")
+    loss = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton")
     first = torch.autograd.grad(loss * 3.0, (hidden, weight), retain_graph=True)
-    truth = torch.autograd.grad(kernels.fused_linear_cross_entropy_reference(hidden, weight, t) * 3.0, (hidden, weight))
+    truth = torch.autograd.grad(ttl_kernels.fused_linear_cross_entropy_reference(hidden, weight, t) * 3.0, (hidden, weight))
     assert all(rel_err(got, want) <= 1e-5 for got, want in zip(first, truth))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(loss * 3.0, (hidden, weight))
@@ -126,20 +126,20 @@ def test_all_ignored_targets_give_zero_loss_and_zero_grads():
     weight = torch.randn(50, 16, requires_grad=True)
     t = torch.full((10,), -100)
     for reduction in ("mean", "sum"):
-        loss = kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend="triton")
+        loss = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend="triton")
         gh, gw = torch.autograd.grad(loss, (hidden, weight))
         assert loss.item() == 0.0 and gh.abs().max() == 0 and gw.abs().max() == 0
         logits = torch.randn(10, 50, requires_grad=True)
-        loss = kernels.cross_entropy(logits, t, reduction=reduction, backend="triton")
+        loss = ttl_kernels.cross_entropy(logits, t, reduction=reduction, backend="triton")
         (g,) = torch.autograd.grad(loss, logits)
         assert loss.item() == 0.0 and torch.isfinite(g).all() and g.abs().max() == 0
 
 
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="reduction must be one of"):
-        kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg", backend="triton")
+        ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg", backend="triton")
     with pytest.raises(ValueError, match=r"targets must be \(3,\)"):
-        kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long),
+        ttl_kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long),
                                            backend="triton")
 
 
@@ -152,7 +152,7 @@ def test_compiled_kernels_on_cuda(dtype):
     hidden = torch.randn(n, d, device="cuda", generator=gen).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, d, device="cuda", generator=gen) / d**0.5 * 2).to(dtype).requires_grad_()
     t = targets_for(n, vocab, device="cuda")
-    out = kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton", label_smoothing=0.1)
+    out = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton", label_smoothing=0.1)
     grads = torch.autograd.grad(out, (hidden, weight))
     h64, w64 = (x.detach().double().requires_grad_() for x in (hidden, weight))
     truth = reduce(formula(h64 @ w64.T, t, label_smoothing=0.1), t, "mean")
@@ -161,9 +161,9 @@ def test_compiled_kernels_on_cuda(dtype):
     for got, want in zip((out, *grads), (truth, *truth_grads)):
         assert rel_err(got, want) <= FLCE_TOL[dtype]
     # the weight gradient accumulated inside the matmul in float32, not through a rounded copy
-    assert importlib.import_module("kernels.cross_entropy")._fp32_addmm
+    assert importlib.import_module("ttl_kernels.cross_entropy")._fp32_addmm
     logits = (h64 @ w64.T).detach().to(dtype).requires_grad_()
-    loss = kernels.cross_entropy(logits, t, backend="triton", z_loss=1e-4)
+    loss = ttl_kernels.cross_entropy(logits, t, backend="triton", z_loss=1e-4)
     (g,) = torch.autograd.grad(loss, logits)
     l64 = logits.detach().double().requires_grad_()
     ref = reduce(formula(l64, t, z_loss=1e-4), t, "mean")

@@ -6,9 +6,9 @@ import importlib
 import pytest
 import torch
 
-import kernels
+import ttl_kernels
 
-fa_module = importlib.import_module("kernels.flash_attention")  # `kernels.flash_attention` is the function
+fa_module = importlib.import_module("ttl_kernels.flash_attention")  # `ttl_kernels.flash_attention` is the function
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -25,12 +25,12 @@ def err(got, truth):
 
 
 def check(q, k, v, causal, tol, cu_seqlens=None, max_seqlen=None, seed=0):
-    out = kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+    out = ttl_kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                   backend="triton")
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    truth = kernels.flash_attention_reference(q64, k64, v64, causal, cu_seqlens, max_seqlen)
+    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, causal, cu_seqlens, max_seqlen)
     truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
     assert out.dtype == q.dtype and out.shape == q.shape
     for got, want in zip((out, *grads), (truth, *truth_grads)):
@@ -61,8 +61,8 @@ def test_packed_documents_never_attend_across(dtype, causal):
     q, k, v = qkv((sum(lengths), 4, 64), 2, dtype, seed=1)
     check(q, k, v, causal, TOL[dtype], cu_seqlens=cu, max_seqlen=max(lengths))
     # the reference is itself per document: the middle document alone gives the same rows
-    out = kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=31, backend="triton")
-    alone = kernels.flash_attention(q[17:22][None], k[17:22][None], v[17:22][None], causal=causal, backend="triton")
+    out = ttl_kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=31, backend="triton")
+    alone = ttl_kernels.flash_attention(q[17:22][None], k[17:22][None], v[17:22][None], causal=causal, backend="triton")
     assert err(out[17:22], alone[0]) <= TOL[dtype]
 
 
@@ -85,21 +85,21 @@ def test_strided_views_of_a_fused_projection():
     qkv_out = torch.randn(2, 19, (4 + 2 + 2) * 32, requires_grad=True)
     q, k, v = qkv_out.split([4 * 32, 2 * 32, 2 * 32], dim=-1)
     q, k, v = q.view(2, 19, 4, 32), k.view(2, 19, 2, 32), v.view(2, 19, 2, 32)
-    out = kernels.flash_attention(q, k, v, backend="triton")
-    truth = kernels.flash_attention_reference(q.double(), k.double(), v.double())
+    out = ttl_kernels.flash_attention(q, k, v, backend="triton")
+    truth = ttl_kernels.flash_attention_reference(q.double(), k.double(), v.double())
     assert err(out, truth) <= 1e-4
 
 
 def test_bad_shapes_are_clear():
     q, k, v = qkv((1, 8, 3, 64), 2, torch.float32)
     with pytest.raises(ValueError, match="not a multiple of key/value heads"):
-        kernels.flash_attention(q, k, v, backend="triton")
+        ttl_kernels.flash_attention(q, k, v, backend="triton")
     q, k, v = qkv((1, 8, 2, 48), 2, torch.float32)
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
-        kernels.flash_attention(q, k, v, backend="triton")
+        ttl_kernels.flash_attention(q, k, v, backend="triton")
     q, k, v = qkv((10, 2, 64), 2, torch.float32)
     with pytest.raises(ValueError, match="needs max_seqlen"):
-        kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), backend="triton")
+        ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), backend="triton")
 
 
 @pytest.mark.gpu

@@ -206,9 +206,3 @@ def test_config_presets_and_validation():
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads"):
         ttl_core.LlamaConfig(num_attention_heads=12, num_key_value_heads=5)
     assert ttl_core.LlamaConfig.from_preset("tiny", vocab_size=500).vocab_size == 500
-
-
-def test_transformers_does_not_mistake_our_kernels_package_for_its_hub_kernels():
-    from transformers.utils.import_utils import is_kernels_available
-
-    assert not is_kernels_available()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import REL_TOL, rel_err
 
-import kernels
-from kernels.rms_norm import rms_norm_reference
+import ttl_kernels
+from ttl_kernels.rms_norm import rms_norm_reference
 
 
 def truth(x, weight, eps, residual=None, grads=None):
@@ -24,7 +24,7 @@ def truth(x, weight, eps, residual=None, grads=None):
 def run(x, weight, eps, residual=None, grads=None, backend="triton"):
     """Our rms_norm's outputs and the gradients of sum(output * grad) over outputs whose grad is given."""
     leaves = {"x": x, "weight": weight} | ({} if residual is None else {"residual": residual})
-    outs = kernels.rms_norm(x, weight, eps, residual=residual, backend=backend)
+    outs = ttl_kernels.rms_norm(x, weight, eps, residual=residual, backend=backend)
     outs = (outs,) if residual is None else outs
     used = [(o, g) for o, g in zip(outs, grads) if g is not None]
     got = torch.autograd.grad([o for o, _ in used], list(leaves.values()), [g for _, g in used], allow_unused=True)
@@ -58,7 +58,7 @@ def test_forward_and_backward_match_float64(hidden, dtype, residual):
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(2 if residual else 1)]
     outs, got = run(x, w, eps, r, grads)
-    ref_outs = kernels.rms_norm_reference(x, w, eps, r)
+    ref_outs = ttl_kernels.rms_norm_reference(x, w, eps, r)
     for o, ref in zip(outs, ref_outs if residual else (ref_outs,)):
         assert o.dtype == ref.dtype and o.shape == ref.shape
     check(outs, got, *truth(x, w, eps, r, grads), REL_TOL[str(dtype).split(".")[1]])
@@ -91,7 +91,7 @@ def test_out_dtype_rounds_once_as_a_following_cast_would(with_residual, backend)
     leaves = [t for t in (x, w, r) if t is not None]
 
     def outputs_and_grads(out_dtype):
-        outs = kernels.rms_norm(x, w, 1e-5, residual=r, out_dtype=out_dtype, backend=backend)
+        outs = ttl_kernels.rms_norm(x, w, 1e-5, residual=r, out_dtype=out_dtype, backend=backend)
         outs = (outs,) if r is None else outs
         y = outs[0].to(torch.bfloat16)  # what autocast's cast before a matmul does to an fp32 output
         rest = [(outs[1], grads[1])] if r is not None else []
@@ -128,7 +128,7 @@ def test_strided_inputs_and_gradients():
     x = torch.randn(3, 5, 200, generator=gen)[..., :130].requires_grad_()
     r = torch.randn(5, 3, 130, generator=gen).transpose(0, 1).requires_grad_()
     w = torch.randn(260, generator=gen)[::2].requires_grad_()
-    y, h = kernels.rms_norm(x, w, 1e-5, residual=r, backend="triton")
+    y, h = ttl_kernels.rms_norm(x, w, 1e-5, residual=r, backend="triton")
     # output gradients arrive transposed, i.e. not row-contiguous
     gy = torch.randn(5, 3, 130, generator=gen).transpose(0, 1)
     gh = torch.randn(5, 3, 130, generator=gen).transpose(0, 1)
@@ -139,11 +139,11 @@ def test_strided_inputs_and_gradients():
 def test_rejects_mismatched_shapes():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="weight must have shape"):
-        kernels.rms_norm(x, torch.ones(7), backend="triton")
+        ttl_kernels.rms_norm(x, torch.ones(7), backend="triton")
     with pytest.raises(ValueError, match="residual shape"):
-        kernels.rms_norm(x, torch.ones(8), residual=torch.randn(4, 1), backend="triton")
+        ttl_kernels.rms_norm(x, torch.ones(8), residual=torch.randn(4, 1), backend="triton")
     with pytest.raises(ValueError, match="hidden sizes up to"):
-        kernels.rms_norm(torch.randn(1, 65537), torch.ones(65537), backend="triton")
+        ttl_kernels.rms_norm(torch.randn(1, 65537), torch.ones(65537), backend="triton")
 
 
 @pytest.mark.gpu

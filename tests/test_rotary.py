@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import REL_TOL, rel_err
 
-import kernels
+import ttl_kernels
 
 
 def angles(positions, dim, dtype, theta=10000.0):
@@ -26,11 +26,11 @@ def projection(batch, seq, heads, kv_heads, dim, dtype, seed=0, device="cpu"):
 
 def check_against_truth(q, k, cos, sin, tol, backend="triton"):
     """Forward and backward of our apply_rotary against the reference formula in float64."""
-    outs = kernels.apply_rotary(q, k, cos, sin, backend=backend)
+    outs = ttl_kernels.apply_rotary(q, k, cos, sin, backend=backend)
     grads = [torch.randn_like(o) for o in outs]
     got = torch.autograd.grad(outs, (q, k), grads)
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
-    ref_outs = kernels.apply_rotary_reference(q64, k64, cos.double(), sin.double())
+    ref_outs = ttl_kernels.apply_rotary_reference(q64, k64, cos.double(), sin.double())
     ref = torch.autograd.grad(ref_outs, (q64, k64), [g.double() for g in grads])
     for o, r in zip((*outs, *got), (*ref_outs, *ref)):
         assert o.dtype == q.dtype and o.shape == r.shape
@@ -69,18 +69,18 @@ def test_decoding_offsets_agree_with_the_full_sequence():
     # a KV-cache step rotates one new position with that position's row of the table
     _, q, k = projection(2, 9, 4, 2, 16, torch.float32, seed=1)
     cos, sin = angles(torch.arange(9), 16, torch.float32)
-    full_q, full_k = kernels.apply_rotary(q, k, cos, sin, backend="triton")
-    step_q, step_k = kernels.apply_rotary(q[:, 6:7], k[:, 6:7], cos[6:7], sin[6:7], backend="triton")
+    full_q, full_k = ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton")
+    step_q, step_k = ttl_kernels.apply_rotary(q[:, 6:7], k[:, 6:7], cos[6:7], sin[6:7], backend="triton")
     assert torch.equal(step_q, full_q[:, 6:7]) and torch.equal(step_k, full_k[:, 6:7])
 
 
 def test_backward_is_the_rotation_by_minus_the_angle():
     _, q, k = projection(2, 6, 3, 3, 8, torch.float32, seed=2)
     cos, sin = angles(torch.arange(6), 8, torch.float32)
-    outs = kernels.apply_rotary(q, k, cos, sin, backend="triton")
+    outs = ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton")
     grads = [torch.randn_like(o) for o in outs]
     dq, dk = torch.autograd.grad(outs, (q, k), grads)
-    back_q, back_k = kernels.apply_rotary(grads[0], grads[1], cos, -sin, backend="triton")
+    back_q, back_k = ttl_kernels.apply_rotary(grads[0], grads[1], cos, -sin, backend="triton")
     assert rel_err(dq, back_q) <= 1e-6 and rel_err(dk, back_k) <= 1e-6
 
 
@@ -91,10 +91,10 @@ def test_strided_inputs_angles_and_gradients():
     q = torch.randn(2, 4, 7, 16, generator=gen).transpose(1, 2).requires_grad_()
     k = torch.randn(2, 2, 7, 16, generator=gen).transpose(1, 2).requires_grad_()
     cos, sin = angles(torch.arange(14), 16, torch.float32)
-    outs = kernels.apply_rotary(q, k, cos[::2], sin[::2], backend="triton")
+    outs = ttl_kernels.apply_rotary(q, k, cos[::2], sin[::2], backend="triton")
     grads = [torch.randn(o.transpose(1, 2).shape, generator=gen).transpose(1, 2) for o in outs]
     got = torch.autograd.grad(outs, (q, k), grads)
-    ref_outs = kernels.apply_rotary_reference(q.double(), k.double(), cos[::2].double(), sin[::2].double())
+    ref_outs = ttl_kernels.apply_rotary_reference(q.double(), k.double(), cos[::2].double(), sin[::2].double())
     ref = torch.autograd.grad(ref_outs, (q, k), [g.double() for g in grads])
     for o, r in zip((*outs, *got), (*ref_outs, *ref)):
         assert rel_err(o, r) <= 1e-5
@@ -104,11 +104,11 @@ def test_rejects_mismatched_shapes():
     q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
     cos, sin = angles(torch.arange(5), 8, torch.float32)
     with pytest.raises(ValueError, match="cos/sin must be"):
-        kernels.apply_rotary(q, k, cos[:4], sin[:4], backend="triton")
+        ttl_kernels.apply_rotary(q, k, cos[:4], sin[:4], backend="triton")
     with pytest.raises(ValueError, match="does not match"):
-        kernels.apply_rotary(q, k, cos.expand(3, 5, 8), sin.expand(3, 5, 8), backend="triton")
+        ttl_kernels.apply_rotary(q, k, cos.expand(3, 5, 8), sin.expand(3, 5, 8), backend="triton")
     with pytest.raises(ValueError, match="q \\(batch, seq, heads, dim\\)"):
-        kernels.apply_rotary(q, k[:, :4], cos, sin, backend="triton")
+        ttl_kernels.apply_rotary(q, k[:, :4], cos, sin, backend="triton")
 
 
 @pytest.mark.gpu

@@ -125,7 +125,7 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
 def test_cuda_graph_timing_captures_forward_and_backward():
     """The kernel benchmarks time CUDA graph replays: a forward + backward through a Triton kernel is captured
     and its replay recomputes the gradient; a call that syncs with the host is refused, to be timed as is."""
-    import kernels
+    import ttl_kernels
 
     device = BenchDevice(torch.device("cuda"), "gpu", smoke=False)
     x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
@@ -134,7 +134,7 @@ def test_cuda_graph_timing_captures_forward_and_backward():
     grads = {}
 
     def forward_backward():
-        grads["x"] = torch.autograd.grad(kernels.rms_norm(x, w), (x,), dy)[0]
+        grads["x"] = torch.autograd.grad(ttl_kernels.rms_norm(x, w), (x,), dy)[0]
 
     replay = device.graph_replay(forward_backward)
     assert replay is not None
@@ -142,7 +142,7 @@ def test_cuda_graph_timing_captures_forward_and_backward():
         x.mul_(2.0)  # the replay reads the inputs anew
     replay()
     torch.cuda.synchronize()
-    truth = torch.autograd.grad(kernels.rms_norm_reference(x, w), (x,), dy)[0]
+    truth = torch.autograd.grad(ttl_kernels.rms_norm_reference(x, w), (x,), dy)[0]
     assert torch.allclose(grads["x"], truth, rtol=1e-4, atol=1e-5)
     assert device.graph_replay(lambda: x.sum().item()) is None
     assert device.time_ms(replay, warmup=2, reps=5) > 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import REL_TOL, rel_err
 
-import kernels
+import ttl_kernels
 
 
 def fused_halves(shape, dtype, seed=0, device="cpu"):
@@ -18,11 +18,11 @@ def fused_halves(shape, dtype, seed=0, device="cpu"):
 
 def check_against_truth(gate, up, tol, backend="triton"):
     """Forward and both input gradients of our swiglu against the reference formula in float64."""
-    out = kernels.swiglu(gate, up, backend=backend)
+    out = ttl_kernels.swiglu(gate, up, backend=backend)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (gate, up), grad)
     g64, u64 = (t.detach().double().requires_grad_() for t in (gate, up))
-    ref_out = kernels.swiglu_reference(g64, u64)
+    ref_out = ttl_kernels.swiglu_reference(g64, u64)
     ref = torch.autograd.grad(ref_out, (g64, u64), grad.double())
     assert out.dtype == gate.dtype and out.shape == gate.shape
     for o, r in zip((out, *got), (ref_out, *ref)):
@@ -48,21 +48,21 @@ def test_separate_and_transposed_inputs():
 @pytest.mark.parametrize("shape", [(5, 1), (2, 3, 3), (3, 4097)], ids=lambda s: "x".join(map(str, s)))
 def test_fused_projection_input_gives_one_gradient_equal_to_the_halves(shape, dtype):
     gate_up, gate, up = fused_halves(shape, dtype, seed=2)
-    split_out = kernels.swiglu(gate, up, backend="triton")
+    split_out = ttl_kernels.swiglu(gate, up, backend="triton")
     grad = torch.randn_like(split_out)
     (split_grad,) = torch.autograd.grad(split_out, gate_up, grad)
-    packed_out = kernels.swiglu(gate_up, backend="triton")
+    packed_out = ttl_kernels.swiglu(gate_up, backend="triton")
     assert type(packed_out.grad_fn).__name__ == "SwiGLUFunctionBackward"  # no split node to concatenate
     (packed_grad,) = torch.autograd.grad(packed_out, gate_up, grad)
     assert torch.equal(packed_out, split_out) and torch.equal(packed_grad, split_grad)
-    assert torch.equal(kernels.swiglu_reference(gate_up), kernels.swiglu_reference(gate, up))
+    assert torch.equal(ttl_kernels.swiglu_reference(gate_up), ttl_kernels.swiglu_reference(gate, up))
 
 
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="even last dim"):
-        kernels.swiglu(torch.randn(3, 5), backend="triton")
+        ttl_kernels.swiglu(torch.randn(3, 5), backend="triton")
     with pytest.raises(ValueError, match="one shape"):
-        kernels.swiglu(torch.randn(3, 4), torch.randn(3, 5), backend="triton")
+        ttl_kernels.swiglu(torch.randn(3, 4), torch.randn(3, 5), backend="triton")
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-import kernels
+import ttl_kernels
 
 from .config import ATTENTION_CHOICES
 from .errors import ConfigError
@@ -155,7 +155,7 @@ def attention(
                 out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                                                  dropout_p=dropout_p, causal=causal)
             else:
-                out = kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                out = ttl_kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                               backend="triton")
             return out.view(q.shape)
         mask = packed_causal_mask(cu_seqlens, batch, seq)
@@ -163,7 +163,7 @@ def attention(
         if backend == "flash_attn":
             return flash_attn_module().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
         if backend == "triton":
-            return kernels.flash_attention(q, k, v, causal=causal, backend="triton")
+            return ttl_kernels.flash_attention(q, k, v, causal=causal, backend="triton")
     if backend == "eager":
         return eager_attention(q, k, v, mask, causal, dropout_p)
     return sdpa_attention(q, k, v, mask, causal, dropout_p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from kernels.dispatch import BackendError
+from ttl_kernels.dispatch import BackendError
 
 from .errors import TTLError
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import ttl_kernels
 
 from .attention import attention, causal_mask
 from .config import LlamaConfig
@@ -44,8 +44,8 @@ class RMSNorm(nn.Module):
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         if residual is None:
-            return kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.kernel_backend), x
-        return kernels.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype,
+            return ttl_kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.kernel_backend), x
+        return ttl_kernels.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype,
                                 backend=self.kernel_backend)
 
 
@@ -113,7 +113,7 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.heads, self.head_dim)
         k = k.view(batch, seq, self.kv_heads, self.head_dim)
         v = v.view(batch, seq, self.kv_heads, self.head_dim)
-        q, k = kernels.apply_rotary(q, k, cos, sin, backend=self.kernel_backend)
+        q, k = ttl_kernels.apply_rotary(q, k, cos, sin, backend=self.kernel_backend)
         if getattr(kv_cache, "attends", False):  # the cache appends and attends in one kernel (flash-attn)
             out = kv_cache.attend(self.layer_idx, q, k, v)
         else:
@@ -132,7 +132,7 @@ class MLP(nn.Module):
         self.kernel_backend = config.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(kernels.swiglu(self.gate_up(x), backend=self.kernel_backend))
+        return self.down(ttl_kernels.swiglu(self.gate_up(x), backend=self.kernel_backend))
 
 
 class Block(nn.Module):
@@ -311,7 +311,7 @@ class LlamaForCausalLM(_LlamaBase):
                 raise ConfigError(f"labels shape {tuple(given.shape)} != input_ids shape {tuple(input_ids.shape)}")
             if targets is None:
                 targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = kernels.fused_linear_cross_entropy(
+            loss = ttl_kernels.fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
                 reduction=loss_reduction, backend=self.config.kernels,
             )

@@ -135,7 +135,7 @@ def apply_rotary(
     cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
     positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
     last dim; outputs are new tensors rounded like `apply_rotary_reference`. `backend` picks Triton or the
-    reference (see `kernels.dispatch.use_triton`)."""
+    reference (see `ttl_kernels.dispatch.use_triton`)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"apply_rotary needs q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim), "
                          f"got {tuple(q.shape)} and {tuple(k.shape)}")

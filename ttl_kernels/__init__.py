@@ -1,5 +1,6 @@
 """Triton kernels for ttl, each beside its plain-PyTorch reference. Tensors in, tensors out: this package
-knows nothing of models."""
+knows nothing of models. (Not named `kernels`: that import name is Hugging Face's kernel-hub package, which
+transformers >= 5.25 installs and imports.)"""
 
 from .cross_entropy import (
     cross_entropy,

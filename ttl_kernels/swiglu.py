@@ -104,7 +104,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
     """silu(gate) * up for gate and up of one shape (e.g. the halves of a fused gate/up projection, as
     strided views), computed in fp32 and rounded once to the inputs' dtype. With `up=None`, `gate` is the
     fused projection's output itself, gate then up along the last dim (even), and its gradient is one tensor.
-    `backend` picks Triton or the reference (see `kernels.dispatch.use_triton`)."""
+    `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
     if up is None and gate.shape[-1] % 2:
         raise ValueError(f"swiglu of a fused gate/up tensor needs an even last dim, got {tuple(gate.shape)}")
     if up is not None and gate.shape != up.shape:

@@ -213,7 +213,7 @@ def rms_norm(
     of the weight's and the input's, or `out_dtype`, to which the result is rounded once (as the cast
     autocast puts before the next matmul would, without writing and rereading the wider tensor). With
     `residual` (same shape as `x`), normalizes `x + residual` in the same pass and returns `(normed,
-    x + residual)`. `backend` picks Triton or the reference (see `kernels.dispatch.use_triton`)."""
+    x + residual)`. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
