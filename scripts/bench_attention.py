@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ttl_kernels import flash_attention
 from ttl_kernels.flash_attention import autotuned_configs
 from ttl_core.attention import flash_attn_module
-from ttl_core.benchmark import BenchDevice, Results, dtype_name, open_device, row
+from ttl_core.benchmark import BenchDevice, Results, add_run_size_arguments, dtype_name, open_device, row
 from ttl_core.cli import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,10 +82,8 @@ def time_impl(dev: BenchDevice, impl: str, fn: Callable, shape: dict, dtype: tor
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="seq 2048 only, head_dim 64, causal")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, CPU allowed: checks the harness only")
+    add_run_size_arguments(parser, quick="seq 2048 only, head_dim 64, causal")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     dev = open_device("bench_attention", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"

@@ -24,7 +24,8 @@ import tempfile
 
 import torch
 
-from ttl_core.benchmark import BenchDevice, Results, cell, open_device, print_profiles, row
+from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, print_profiles,
+                                row)
 from ttl_core.cli import run_cli
 from ttl_core.config import LlamaConfig
 from ttl_core.generate import generate
@@ -124,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch sizes at which to run transformers' static cache + compile, whose compilation "
                              "takes minutes per batch size (default: all)")
     parser.add_argument("--preset", default="ttl-160m", help="model shape (default ttl-160m)")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes, tokens and repetitions")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny preset, toy sizes, CPU allowed: checks the harness only")
-    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
+    add_run_size_arguments(parser, quick="fewer sizes, tokens and repetitions",
+                           smoke="tiny preset, toy sizes, CPU allowed: checks the harness only")
     args = parser.parse_args(argv)
     dev = open_device("bench_generate", args.smoke)
     if args.smoke:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ttl_kernels import (apply_rotary, apply_rotary_reference, cross_entropy, cross_entropy_reference,
                      fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu, swiglu_reference)
-from ttl_core.benchmark import BenchDevice, Results, cell, dtype_name, open_device, row
+from ttl_core.benchmark import BenchDevice, Results, add_run_size_arguments, cell, dtype_name, open_device, row
 from ttl_core.cli import run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -270,10 +270,8 @@ def print_table(family: str, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run (default: all)")
-    parser.add_argument("--quick", action="store_true", help="a few sizes only (a check in about a minute)")
-    parser.add_argument("--smoke", action="store_true", help="toy sizes, CPU allowed: checks the harness only")
+    add_run_size_arguments(parser, quick="a few sizes only (a check in about a minute)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activation dtype")
-    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
     args = parser.parse_args(argv)
     dev = open_device("bench_kernels", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"

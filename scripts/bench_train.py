@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.benchmark import BenchDevice, Results, cell, open_device, print_profiles, row
+from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, print_profiles,
+                                row)
 from ttl_core.cli import run_cli
 from ttl_core.config import PRESETS
 from ttl_core.distributed import World
@@ -106,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="ttl-160m", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, nargs="+", default=[4, 16], help="sequences of 2048 tokens per step")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
-    parser.add_argument("--quick", action="store_true", help="batch 16 only, 5 timed steps")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny preset, seq 64, CPU allowed: checks the harness only")
-    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
+    add_run_size_arguments(parser, quick="batch 16 only, 5 timed steps",
+                           smoke="tiny preset, seq 64, CPU allowed: checks the harness only")
     args = parser.parse_args(argv)
     dev = open_device("bench_train", args.smoke)
     preset, seq, batches, steps = ("tiny", 64, [2], 2) if args.smoke else (

@@ -152,7 +152,7 @@ def test_missing_shard_and_corrupt_config(tmp_path):
     with pytest.raises(CheckpointError, match="missing: .*model-00002"):
         ttl_core.load_pretrained(tmp_path / "sharded")
     (d / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: cannot read JSON"):
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
         ttl_core.load_pretrained(d)
 
 

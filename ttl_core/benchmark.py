@@ -12,6 +12,7 @@ suite does); its figures mean nothing and say so in the results' device name.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -161,6 +162,15 @@ class BenchDevice:
 
     def describe(self) -> str:
         return f"{self.name}: copy {self.bandwidth_gbs:.0f} GB/s, bf16 matmul {self.bf16_tflops:.1f} TFLOP/s measured"
+
+
+def add_run_size_arguments(parser: argparse.ArgumentParser, quick: str,
+                           smoke: str = "toy sizes, CPU allowed: checks the harness only") -> None:
+    """The options every benchmark script takes: `--quick` (a shorter run, as the `quick` help says), `--smoke`
+    (the harness on toy sizes, CPU allowed) and `--out` (the results root)."""
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    parser.add_argument("--out", default="benchmarks/results", help="results root (default benchmarks/results)")
 
 
 def open_device(benchmark: str, smoke: bool = False) -> BenchDevice:

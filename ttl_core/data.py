@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import DataError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json, write_json
 from .tokenizer import Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
@@ -290,13 +290,7 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
 # -- loader ----------------------------------------------------------------------------------------------------------
 def read_meta(path: str | os.PathLike) -> dict:
     """A data directory's meta.json, checked for the keys the loader relies on (DataError naming the file)."""
-    path = Path(path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); run scripts/prepare_data.py again") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json(path, DataError)
     shown = lambda key: repr(meta[key]) if key in meta else "missing"  # noqa: E731
     if meta.get("dtype") not in TOKEN_DTYPES:
         raise DataError(f"{path}: 'dtype' is {shown('dtype')}; expected one of {', '.join(TOKEN_DTYPES)}")

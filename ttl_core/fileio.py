@@ -39,6 +39,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     fsync_dir(path.parent)
 
 
+def read_json(path: str | os.PathLike, error: type[Exception], expect: type = dict) -> Any:
+    """The JSON document at `path`, which must be an `expect` (an object unless told): an unreadable or
+    malformed file, or a document of another kind, raises `error` with a one-line message naming the file."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot read JSON ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(document, expect):
+        kind = {dict: "object", list: "list"}.get(expect, expect.__name__)
+        raise error(f"{path}: expected a JSON {kind}, got {type(document).__name__}")
+    return document
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))

@@ -9,7 +9,6 @@ never opened.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 
 from .config import LlamaConfig
 from .errors import CheckpointError, TTLError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 # A plan: ttl parameter name -> [(checkpoint tensor name, rows taken along dim 0 or None for all)]
@@ -66,18 +65,10 @@ def native_plan(model: torch.nn.Module) -> Plan:
     return {name: [(name, None)] for name, _ in model.named_parameters()}  # a shared tensor comes once
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
-
-
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _read_json(index)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        weight_map = read_json(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' in the index")
         if not all(isinstance(f, str) for f in weight_map.values()):
@@ -163,14 +154,14 @@ def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a checkpoint directory")
     if (directory / NATIVE_CONFIG).exists():
-        meta = _read_json(directory / NATIVE_CONFIG)
+        meta = read_json(directory / NATIVE_CONFIG, CheckpointError)
         try:
             return LlamaConfig(**meta["config"]), meta["architecture"]
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{directory / NATIVE_CONFIG}: malformed ({e})") from None
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json")
-    hf = _read_json(directory / "config.json")
+    hf = read_json(directory / "config.json", CheckpointError, expect=object)  # from_hf_dict checks its shape
     try:
         config = LlamaConfig.from_hf_dict(hf)
     except TTLError as e:
@@ -251,7 +242,7 @@ def load_pretrained(
                 params[name][start:start + tensor.shape[0]].copy_(tensor)
                 start += tensor.shape[0]
     if (directory / GENERATION_CONFIG).exists():
-        model.generation_config = _read_json(directory / GENERATION_CONFIG)
+        model.generation_config = read_json(directory / GENERATION_CONFIG, CheckpointError)
     return model.eval()
 
 

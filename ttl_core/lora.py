@@ -9,7 +9,6 @@ modules and HF names comes from `ttl_core.hf.hf_plan`, and PEFT's key names are 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import AdapterError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json, write_json
 from .hf import hf_plan
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
@@ -275,14 +274,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 
 
 def _read_adapter_config(directory: Path) -> dict:
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{directory} holds no {CONFIG_FILE}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{directory / CONFIG_FILE}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{directory / CONFIG_FILE}: expected a JSON object, got {type(config).__name__}")
+    if not (directory / CONFIG_FILE).is_file():
+        raise AdapterError(f"{directory} holds no {CONFIG_FILE}")
+    config = read_json(directory / CONFIG_FILE, AdapterError)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key, ok in (("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False)):

@@ -9,13 +9,12 @@ folder. The default list is the bundled sample tasks (news topics, entailment pa
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json, write_json
 from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, TaskSpec, finetune_classifier
 
 METRIC_COLUMNS = ("accuracy", "f1", "pearson", "mse")
@@ -44,11 +43,8 @@ def sample_tasks() -> list[Task]:
 def read_task_list(path: str | Path) -> list[Task]:
     """Tasks from a JSON list (see the module docstring); a missing or unknown key is a DataError."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read the task list ({e})") from None
-    if not isinstance(entries, list) or not entries:
+    entries = read_json(path, DataError, expect=list)
+    if not entries:
         raise DataError(f"{path}: expected a non-empty JSON list of tasks")
     spec_fields = {f.name for f in dataclasses.fields(TaskSpec)}
     tasks = []

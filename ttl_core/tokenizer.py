@@ -22,7 +22,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import TokenizerError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json, write_json
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
 AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
@@ -266,11 +266,7 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
 
 def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model."""
-    path = Path(path)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    spec = read_json(path, TokenizerError, expect=object)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
                              f"writes")

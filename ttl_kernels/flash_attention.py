@@ -75,6 +75,12 @@ if HAVE_TRITON:
                        mask=(rows < length)[:, None], other=0.0)
 
     @triton.jit
+    def _store_tile(T, start, rows, head, stride_t, stride_h, offs_d, tile, length):
+        """Store the (rows, D) tile of tokens start + rows of one head, in T's dtype; rows past the end skipped."""
+        tl.store(T + (start + rows)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+                 tile.to(T.dtype.element_ty), mask=(rows < length)[:, None])
+
+    @triton.jit
     def _delta_kernel(O, DO, DELTA, n_rows, n_heads, stride_ot, stride_oh, stride_dot, stride_doh, D: tl.constexpr,
                       BLOCK_R: tl.constexpr):
         """rowsum(dO ∘ O) in float32 for BLOCK_R (token, head) rows: the softmax-gradient term both backward
@@ -104,6 +110,16 @@ if HAVE_TRITON:
         if CAUSAL:
             return tl.num_programs(0) - 1 - tl.program_id(0)
         return tl.program_id(0)
+
+    @triton.jit
+    def _query_block(CU, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D: tl.constexpr):
+        """Where a program over (query block, sequence x head) works: (m_block, start, length, head, kv_head,
+        offs_m, offs_n, offs_d). The block may lie past its sequence's end (the grid covers the longest)."""
+        m_block = _heavy_first(CAUSAL)
+        start, length, head = _sequence(CU, tl.program_id(1), n_heads)
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        return m_block, start, length, head, head // GROUP, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, D)
 
     @triton.jit
     def _key_blocks(length, m_block, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
@@ -145,13 +161,9 @@ if HAVE_TRITON:
         stride_ot, stride_oh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        m_block = _heavy_first(CAUSAL)
-        start, length, head = _sequence(CU, tl.program_id(1), n_heads)
-        kv_head = head // GROUP
+        m_block, start, length, head, kv_head, offs_m, offs_n, offs_d = _query_block(CU, n_heads, GROUP, CAUSAL,
+                                                                                     BLOCK_M, BLOCK_N, D)
         if m_block * BLOCK_M < length:
-            offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, D)
             row_ok = offs_m < length
             q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -169,8 +181,7 @@ if HAVE_TRITON:
                                            UPCAST, IEEE)
             l_safe = tl.where(row_ok, l_i, 1.0)
             out = acc / l_safe[:, None]
-            tl.store(O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                     out.to(O.dtype.element_ty), mask=row_ok[:, None])
+            _store_tile(O, start, offs_m, head, stride_ot, stride_oh, offs_d, out, length)
             tl.store(LSE + (start + offs_m) * n_heads + head, (m_i + tl.log2(l_safe)) / LOG2E, mask=row_ok)
 
     @triton.jit
@@ -211,7 +222,6 @@ if HAVE_TRITON:
             offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_m = tl.arange(0, BLOCK_M)
             offs_d = tl.arange(0, D)
-            col_ok = offs_n < length
             k = _tile(K, start, offs_n, kv_head, stride_kt, stride_kh, offs_d, length)
             v = _tile(V, start, offs_n, kv_head, stride_vt, stride_vh, offs_d, length)
             dk = tl.zeros((BLOCK_N, D), tl.float32)
@@ -238,10 +248,8 @@ if HAVE_TRITON:
                     dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
                                          stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
                                          False, GROUP == 1, UPCAST, IEEE)
-            tl.store(DK + (start + offs_n)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-                     (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-            tl.store(DV + (start + offs_n)[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+            _store_tile(DK, start, offs_n, kv_head, stride_dkt, stride_dkh, offs_d, dk * scale, length)
+            _store_tile(DV, start, offs_n, kv_head, stride_dvt, stride_dvh, offs_d, dv, length)
 
     @triton.jit
     def _dq_block(dq, q, do, lse2, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh, stride_vt,
@@ -267,13 +275,9 @@ if HAVE_TRITON:
         stride_dot, stride_doh, stride_dqt, stride_dqh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        m_block = _heavy_first(CAUSAL)
-        start, length, head = _sequence(CU, tl.program_id(1), n_heads)
-        kv_head = head // GROUP
+        m_block, start, length, head, kv_head, offs_m, offs_n, offs_d = _query_block(CU, n_heads, GROUP, CAUSAL,
+                                                                                     BLOCK_M, BLOCK_N, D)
         if m_block * BLOCK_M < length:
-            offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = tl.arange(0, BLOCK_N)
-            offs_d = tl.arange(0, D)
             row_ok = offs_m < length
             q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
             do = _tile(DO, start, offs_m, head, stride_dot, stride_doh, offs_d, length)
@@ -288,8 +292,7 @@ if HAVE_TRITON:
             for n0 in range(unmasked_end, end, BLOCK_N):
                 dq = _dq_block(dq, q, do, lse2, delta, K, V, start, n0, offs_m, offs_n, kv_head, stride_kt, stride_kh,
                                stride_vt, stride_vh, offs_d, length, qk_scale, CAUSAL, True, UPCAST, IEEE)
-            tl.store(DQ + (start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
-                     (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+            _store_tile(DQ, start, offs_m, head, stride_dqt, stride_dqh, offs_d, dq * scale, length)
 
 
 # Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim <= 64 and for 128. In the dK/dV
