@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 
 from ttl_core.cli import run_cli
-from ttl_core.finetune import (AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, TaskSpec, add_finetune_args,
-                               config_from_args, finetune_classifier)
+from ttl_core.finetune import (AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, add_finetune_args, config_from_args,
+                               finetune_classifier)
+from ttl_core.task_files import TaskSpec
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -13,13 +13,13 @@ from helpers import run_script
 from ttl_core.config import LlamaConfig
 from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
 from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerError
-from ttl_core.finetune import (FinetuneConfig, TaskSpec, add_finetune_args, config_from_args, finetune_classifier,
-                               read_task_file, start_lora)
+from ttl_core.finetune import FinetuneConfig, add_finetune_args, config_from_args, finetune_classifier, start_lora
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.instruct import add_chat_tokens, finetune_instruct
 from ttl_core.metrics import plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_benchmark import read_task_list
+from ttl_core.task_files import TaskSpec, read_task_file
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 

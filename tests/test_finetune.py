@@ -14,12 +14,12 @@ import torch
 from tests.helpers import run_script
 from ttl_core.config import LlamaConfig
 from ttl_core.errors import CheckpointError, ConfigError, DataError
-from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, TaskSpec, classification_metrics, collate,
-                               encode_example, finetune_classifier, load_task, predict, read_task_file,
-                               regression_metrics)
+from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, collate, finetune_classifier,
+                               predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
 from ttl_core.model import LlamaForCausalLM
+from ttl_core.task_files import TaskSpec, encode_example, load_task, read_task_file
 from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
 
 NEWS_TRAIN, NEWS_EVAL = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"

@@ -2,17 +2,14 @@
 
 The default recipe is TeenyTinyLlama-160m-AgNews's: lr 4e-5, batch 16, 3 epochs, weight decay 0.01,
 max_length 256, dynamic padding with the model's pad id, evaluation each epoch, best checkpoint kept.
-Task files are CSV, TSV or JSON lines (no pandas); the text of an example is built from one or more fields
-(AgNews: `title + "\\n\\n" + text`) or, for sentence pairs as in ASSIN2, `<s>` premise `<s>` hypothesis
-`</s>`. One label (`regression=True`) makes an STS-style regressor scored by Pearson correlation and MSE.
+Task files (CSV, TSV or JSON lines) are read by `ttl_core.task_files`. One label (`regression=True`) makes an
+STS-style regressor scored by Pearson correlation and MSE.
 The optimizer, schedule and update step are the pretraining loop's (`ttl_core.train`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -21,17 +18,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .data import json_objects
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError
 from .fileio import write_dir_atomically, write_json
 from .hf import load_pretrained, save_pretrained
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .run_config import TrainConfig
+from .task_files import TaskSpec, load_task, read_task_file, task_labels
 from .tokenizer import Tokenizer
 from .train import autocast, build_optimizer, lr_at, optimizer_update
 
-TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
@@ -140,146 +136,6 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
                           # apply_lora takes "all-linear" as the bare string, not as a module name in a list
                           lora_targets="all-linear" if targets == ["all-linear"] else targets,
                           merge_lora=args.merge_lora)
-
-
-@dataclass
-class TaskSpec:
-    """How to read one task file: which fields make the text, which holds the label, and the label set
-    (`labels=None`: the sorted distinct values of the training file)."""
-
-    text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
-    label_field: str = "label"
-    pair: bool = False  # two text fields joined as `<s>` first `<s>` second `</s>`
-    regression: bool = False
-    labels: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        """Task lists are hand-written JSON: a string where a list belongs would be read character by character
-        and "no" would count as true, so the types are checked here (ConfigError naming the key)."""
-        names = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) and x.strip() for x in v)  # noqa
-        if not (names(self.text_fields) and self.text_fields):
-            raise ConfigError(f"text_fields must be a non-empty list of field names, got {self.text_fields!r}")
-        if not (isinstance(self.label_field, str) and self.label_field.strip()):
-            raise ConfigError(f"label_field must be a field name, got {self.label_field!r}")
-        for key in ("pair", "regression"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        if self.labels is not None and not (names(self.labels) and len(set(self.labels)) == len(self.labels) >= 2):
-            raise ConfigError(f"labels must be a list of at least two distinct label names (or null), "
-                              f"got {self.labels!r}")
-        if self.pair and len(self.text_fields) != 2:
-            raise ConfigError(f"a sentence-pair task needs exactly two text fields, got {self.text_fields}")
-
-
-Row = tuple[int, dict[str, Any]]  # (line number in the file, fields)
-
-
-def read_task_file(path: str | Path) -> list[Row]:
-    """The rows of a CSV (header line first), TSV or JSON-lines file, each with the line it ends on."""
-    path = Path(path)
-    if path.suffix.lower() not in TASK_SUFFIXES:
-        raise DataError(f"{path}: unsupported task file type; use one of {', '.join(TASK_SUFFIXES)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows: list[Row] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        rows.extend(json_objects(path, enumerate(text.splitlines(), 1)))
-    else:
-        rows.extend(_csv_rows(path, text))
-    if not rows:
-        raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
-    return rows
-
-
-def _csv_rows(path: Path, text: str) -> Iterator[Row]:
-    """The rows of a CSV/TSV text. Newlines inside quoted fields are kept, and parsing is strict, so an
-    unterminated quote is an error instead of one field swallowing the rest of the file."""
-    kind = "TSV" if path.suffix.lower() == ".tsv" else "CSV"
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "TSV" else ",", strict=True)
-    done = 0  # the line the last complete row (or the header) ended on
-    try:
-        reader.fieldnames  # reads the header
-        done = reader.line_num
-        for record in reader:
-            if None in record or None in record.values():
-                raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames or [])} columns in the header, "
-                                f"a different number in this row")
-            yield reader.line_num, record
-            done = reader.line_num
-    except csv.Error as e:
-        hint = " (a quote opened here is never closed)" if "end of data" in str(e) else ""
-        raise DataError(f"{path}:{done + 1}: malformed {kind}: {e}{hint}") from None
-
-
-def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> Any:
-    """`record[name]`, or a DataError naming the file, line and the fields that do exist."""
-    if name not in record or record[name] is None:
-        raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(str, record))})")
-    return record[name]
-
-
-def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_length: int) -> list[int]:
-    """Token ids of one example, truncated to `max_length`. Several fields are joined by a blank line
-    (AgNews: title, blank line, text) and encoded with BOS; a pair is BOS first BOS second EOS."""
-    if pair:
-        first, second = texts
-        ids = ([tokenizer.bos_id] + tokenizer.encode(first, add_bos=False) + [tokenizer.bos_id]
-               + tokenizer.encode(second, add_bos=False) + [tokenizer.eos_id])
-    else:
-        ids = tokenizer.encode("\n\n".join(texts), add_bos=True)
-    return ids[:max_length]
-
-
-def _sort_key(value: str) -> tuple[int, float | str]:
-    try:
-        return (0, float(value))
-    except ValueError:
-        return (1, value)
-
-
-def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
-    """The label names, index = class id: `spec.labels`, else the distinct values in `rows`, sorted
-    (numerically when they are numbers)."""
-    if spec.labels is not None:  # checked by TaskSpec
-        return list(spec.labels)
-    found = sorted({str(field_value(path, n, r, spec.label_field)).strip() for n, r in rows}, key=_sort_key)
-    if len(found) < 2:
-        raise DataError(f"{path}: only one label value ({found[0]!r}) in field {spec.label_field!r}")
-    return found
-
-
-def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> int | float:
-    """A class id from a label name (or from an integer id in range), or a float for regression."""
-    text = str(raw).strip()
-    if labels is None:
-        try:
-            value = float(text)
-        except ValueError:
-            raise DataError(f"{path}:{number}: regression label {text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise DataError(f"{path}:{number}: regression label {text!r} is not finite")
-        return value
-    if text in labels:
-        return labels.index(text)
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(labels):
-        return int(text)
-    raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)})")
-
-
-def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: list[str] | None,
-              max_length: int, rows: list[Row] | None = None) -> list[tuple[list[int], int | float]]:
-    """(token ids, label) for every row of a task file; `labels=None` reads regression targets."""
-    path = Path(path)
-    examples = []
-    for number, record in rows if rows is not None else read_task_file(path):
-        texts = [str(field_value(path, number, record, name)) for name in spec.text_fields]
-        label = label_value(field_value(path, number, record, spec.label_field), labels, path, number)
-        examples.append((encode_example(tokenizer, texts, spec.pair, max_length), label))
-    return examples
 
 
 def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -17,10 +17,10 @@ import torch
 
 from .errors import ConfigError, DataError
 from .fileio import write_json
-from .finetune import (FinetuneConfig, Row, check_tokenizer_fits, load_base, read_task_file, save_finetuned,
-                       start_lora, train_epochs)
+from .finetune import FinetuneConfig, check_tokenizer_fits, load_base, save_finetuned, start_lora, train_epochs
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
+from .task_files import Row, read_task_file
 from .tokenizer import AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
 
 # Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.

@@ -15,7 +15,8 @@ from typing import Any
 
 from .errors import ConfigError, DataError
 from .fileio import atomic_write, read_json, write_json
-from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, TaskSpec, finetune_classifier
+from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, finetune_classifier
+from .task_files import TaskSpec
 
 METRIC_COLUMNS = ("accuracy", "f1", "pearson", "mse")
 
