@@ -121,3 +121,19 @@ def test_compiled_kernel_on_cuda(dtype, causal):
     cu = torch.tensor([0, 300, 377, 1000], dtype=torch.int32, device="cuda")
     q, k, v = qkv((1000, 8, 128), 4, dtype, seed=2, device="cuda")
     check(q, k, v, causal, TOL[dtype], cu_seqlens=cu, max_seqlen=max(lengths))
+
+
+def test_row_strided_output_gradient():
+    # an output gradient with a contiguous last dim but its own row strides (here a slice of a wider tensor,
+    # as when the output is concatenated with another): the backward must index dO by dO's strides, not O's
+    cu = torch.tensor([0, 40, 47, 90], dtype=torch.int32)
+    q, k, v = qkv((90, 4, 32), 2, torch.float32, seed=3)
+    out = ttl_kernels.flash_attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=43, backend="triton")
+    grad = torch.randn(90, 5, 48, generator=torch.Generator().manual_seed(4))[:, 1:, 8:40]
+    assert grad.stride(-1) == 1 and grad.stride()[:2] != out.stride()[:2]
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, True, cu, 43)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert err(got, want) <= TOL[torch.float32]

@@ -165,3 +165,49 @@ def test_cuda_compiled_matches_float64_and_is_deterministic(hidden, dtype):
         assert rel_err(got[name], ref_grads[name]) <= 2 * rel_err(torch_got[name], ref_grads[name]) + 1e-6, name
     _, again = run(x, w, 1e-5, r, grads)
     assert torch.equal(again["weight"], got["weight"])  # the weight gradient is reduced without atomics
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=["fp32", "bf16", "bf16-fp32w", "fp16"])
+def test_reference_rounds_exactly_like_transformers(x_dtype, w_dtype):
+    # the reference is the torch path of every model and the rounding the kernel copies: it must be
+    # transformers' LlamaRMSNorm bit for bit (normed value cast to the input dtype before the weight multiply)
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x, w, _ = inputs(13, 200, x_dtype, False, seed=10, weight_dtype=w_dtype)
+    hf = LlamaRMSNorm(200, eps=1e-5).to(w_dtype)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        want = hf(x)
+        got = rms_norm_reference(x, w, 1e-5)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=["bf16w", "fp32w"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_bf16_kernel_output_rounds_like_the_reference(with_residual, w_dtype):
+    # the float64 truth cannot see the rounding of the normed value to bf16 before the weight multiply
+    # (skipping it is *more* accurate); the kernel must round like the reference / transformers. Only a
+    # rare one-ulp flip from a different fp32 reduction order (or the GPU's rsqrt) may differ.
+    x, w, r = inputs(37, 300, torch.bfloat16, with_residual, seed=11, weight_dtype=w_dtype)
+    with torch.no_grad():
+        got = ttl_kernels.rms_norm(x, w, 1e-5, residual=r, backend="triton")
+        want = rms_norm_reference(x, w, 1e-5, r)
+    got, want = (got[0], want[0]) if with_residual else (got, want)
+    assert got.dtype == want.dtype
+    assert (got != want).float().mean() <= 0.01
+
+
+def test_bf16_weight_gradient_is_summed_in_float32_and_rounded_once():
+    # dW sums over rows in per-program fp32 partial rows: with a bf16 weight it must equal the gradient of
+    # an fp32 copy of that weight rounded once to bf16 (partial rows rounded to bf16 would differ), and
+    # be within bf16 tolerance of the float64 truth. 1000 rows of hidden 64: 16 programs, the last partial.
+    x, w, _ = inputs(1000, 64, torch.bfloat16, False, seed=12)
+    dy = torch.randn(1000, 64, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    (dw,) = torch.autograd.grad(ttl_kernels.rms_norm(x, w, 1e-5, backend="triton"), w, dy)
+    w32 = w.detach().float().requires_grad_()
+    (dw32,) = torch.autograd.grad(ttl_kernels.rms_norm(x, w32, 1e-5, backend="triton"), w32, dy.float())
+    assert dw.dtype == torch.bfloat16 and torch.equal(dw, dw32.to(torch.bfloat16))
+    _, ref = truth(x, w, 1e-5, None, [dy])
+    assert rel_err(dw, ref["weight"]) <= 1e-2

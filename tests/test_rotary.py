@@ -120,3 +120,20 @@ def test_cuda_compiled_matches_float64(shape, dtype):
     cos, sin = angles(torch.arange(seq, device="cuda")[None].expand(batch, seq), dim, dtype)
     outs, _ = check_against_truth(q, k, cos, sin, REL_TOL[str(dtype).split(".")[1]], backend="auto")
     assert "RotaryFunction" in type(outs[0].grad_fn).__name__  # "auto" takes Triton on CUDA
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float32_angles_are_rounded_to_the_activation_dtype(backend):
+    # under autocast the model's tables are fp32 while q and k are bf16: both paths multiply by cos/sin cast
+    # to bf16 (as transformers does), so fp32 tables give exactly what pre-cast tables give, in bf16. The
+    # float64 truth cannot see this: skipping the cast is more accurate, not less.
+    _, q, k = projection(2, 5, 4, 2, 64, torch.bfloat16, seed=4)
+    cos, sin = angles(torch.arange(5)[None] + 7 * torch.arange(2)[:, None], 64, torch.float32)
+    outs = ttl_kernels.apply_rotary(q, k, cos, sin, backend=backend)
+    want = ttl_kernels.apply_rotary(q, k, cos.to(torch.bfloat16), sin.to(torch.bfloat16), backend=backend)
+    grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+             for i, o in enumerate(want)]
+    got_grads = torch.autograd.grad(outs, (q, k), grads)
+    want_grads = torch.autograd.grad(want, (q, k), grads)
+    for got, ref in zip((*outs, *got_grads), (*want, *want_grads)):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref)

@@ -72,3 +72,18 @@ def test_cuda_compiled_matches_float64(shape, dtype):
     _, gate, up = fused_halves(shape, dtype, device="cuda")
     out = check_against_truth(gate, up, REL_TOL[str(dtype).split(".")[1]], backend="auto")
     assert "SwiGLUFunction" in type(out.grad_fn).__name__  # "auto" takes Triton on CUDA
+
+
+def test_separate_inputs_with_different_row_strides():
+    # gate, up and the output gradient each with its own row stride: the kernels must index each by its own
+    gen = torch.Generator().manual_seed(3)
+    gate = torch.randn(7, 300, generator=gen).requires_grad_()                 # row stride 300
+    up = torch.randn(7, 520, generator=gen)[:, 100:400].requires_grad_()       # row stride 520
+    out = ttl_kernels.swiglu(gate, up, backend="triton")
+    grad = torch.randn(7, 410, generator=gen)[:, :300]                         # row stride 410
+    got = torch.autograd.grad(out, (gate, up), grad)
+    g64, u64 = (t.detach().double().requires_grad_() for t in (gate, up))
+    ref_out = ttl_kernels.swiglu_reference(g64, u64)
+    ref = torch.autograd.grad(ref_out, (g64, u64), grad.double())
+    for o, r in zip((out, *got), (ref_out, *ref)):
+        assert rel_err(o, r) <= 1e-5
