@@ -152,3 +152,20 @@ def test_script_on_sample(tmp_path):
     run = run_script("prepare_data", "--sample", "--out", tmp_path / "s", "--vocab-size", "2048", timeout=120)
     assert run.returncode == 0, run.stderr
     assert "documents" in run.stdout and json.loads((tmp_path / "s" / "meta.json").read_text())["vocab_size"] == 2048
+
+
+@pytest.mark.parametrize("fraction, held_out", [(0.1, [9]), (0.3, [3, 6, 9]), (0.5, [1, 3, 5, 7, 9])])
+def test_val_split_holds_out_the_fraction_spread_evenly(tmp_path, fraction, held_out):
+    """floor(n * val_fraction) of n documents go to val.bin, document k when floor((k+1) * fraction)
+    steps up: with 10 documents and 0.1, exactly one (the last), never none."""
+    inputs, docs = write_inputs(tmp_path)
+    prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)
+    ten = docs[:10]
+    (tmp_path / "ten.txt").write_text("\n\n".join(ten) + "\n")
+    meta = prepare_data([tmp_path / "ten.txt"], tmp_path / "out", tokenizer=tmp_path / "tok" / "tokenizer.model",
+                        val_fraction=fraction, workers=1, shard_docs=4)
+    check_data_dir(tmp_path / "out", ten)
+    tok = Tokenizer(tmp_path / "out" / "tokenizer.model")
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype=meta["dtype"])
+    assert meta["val_documents"] == len(held_out) == int(10 * fraction)
+    assert [tok.decode(d) for d in split_documents(val, tok.bos_id, tok.eos_id)] == [ten[k] for k in held_out]

@@ -379,3 +379,70 @@ def test_flash_attn_decoding_matches_sdpa(tmp_path):
     assert torch.isfinite(got).all()
     sdpa_err, flash_err = (low - truth).abs().max(), (got - truth).abs().max()
     assert flash_err <= 2 * sdpa_err, (flash_err, sdpa_err)
+
+
+def test_repetition_penalty_scores_ignore_left_padding_like_transformers(tmp_path, monkeypatch):
+    """Every step's processed scores equal transformers' `output_scores`, on a model whose padding-token
+    logit is not zero: a penalty on the left-padding id (which is no prompt token) would show there."""
+    hf = hf_causal_lm(seed=7)
+    hf.save_pretrained(tmp_path / "m")
+    ours = ttl_core.load_pretrained(tmp_path / "m")
+    ids, mask = left_padded(hf.config.vocab_size, seed=12, pads=(0, 4, 6))
+    assert not torch.isin(ids[mask == 1], torch.tensor(PAD)).any()  # PAD is only padding
+    recorded = []
+    real = generate_module.process_logits
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        recorded.append(out.clone())
+        return out
+
+    monkeypatch.setattr(generate_module, "process_logits", recording)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, repetition_penalty=1.5,
+                      eos_token_id=[], pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=6, repetition_penalty=1.5, eos_token_id=[],
+                            pad_token_id=PAD)
+    assert torch.equal(got, ref.sequences)
+    expected, scores = torch.stack(ref.scores, 1), torch.stack(recorded, 1)
+    assert scores.shape == expected.shape and expected[:, 0, PAD].abs().min() > 1e-2
+    assert (scores - expected).abs().max() <= 1e-4
+
+
+def test_padding_with_an_eos_id_and_a_lagged_check_trims_like_transformers(models, monkeypatch):
+    """pad_token_id equal to an EOS id (Llama's usual set-up): rows that finished keep emitting that id, which
+    must not count as finishing again when the host checks only every few steps (as on CUDA)."""
+    hf, ours = models
+    ids, mask = left_padded(hf.config.vocab_size)
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=[])[:, 9:]
+    eos = sorted({int(free[0, 1]), int(free[1, 3]), int(free[2, 4])})
+    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, eos_token_id=eos,
+                      pad_token_id=eos[0])
+    assert ref.shape[1] < 9 + 7  # every row finished before the first lagged check
+    monkeypatch.setattr(generate_module, "EOS_CHECK_EVERY", {"cpu": 7})
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=eos[0])
+    assert got.shape == ref.shape and torch.equal(got, ref)
+
+
+def test_left_padding_survives_kernels_that_return_nan_for_keyless_queries(models, monkeypatch):
+    """Some SDPA kernels (not the CPU one) return NaN for a query that may attend to no key; prefill must give
+    padding queries a key, or NaN reaches the cache and every later step. Emulated around torch's SDPA."""
+    import ttl_core.attention as attention_module
+
+    hf, ours = models
+    ids, mask = left_padded(hf.config.vocab_size)
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=8, eos_token_id=[])
+    real = attention_module.F.scaled_dot_product_attention
+
+    def nan_for_keyless_queries(q, k, v, attn_mask=None, **kwargs):
+        out = real(q, k, v, attn_mask=attn_mask, **kwargs)
+        if attn_mask is None:
+            return out
+        allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        return out.masked_fill(~allowed.any(-1, keepdim=True), float("nan"))
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", nan_for_keyless_queries)
+    with torch.no_grad():
+        decoder = KVDecoder(ours, mask, max_new_tokens=8)
+        assert torch.isfinite(decoder.prefill(ids)).all()
+        assert all(torch.isfinite(t).all() for t in decoder.cache.keys + decoder.cache.values)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=8, eos_token_id=[]), ref)

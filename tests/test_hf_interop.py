@@ -206,3 +206,17 @@ def test_config_presets_and_validation():
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads"):
         ttl_core.LlamaConfig(num_attention_heads=12, num_key_value_heads=5)
     assert ttl_core.LlamaConfig.from_preset("tiny", vocab_size=500).vocab_size == 500
+
+
+def test_saved_config_records_the_weight_dtype(tmp_path):
+    """config.json names the dtype the weights were written in, so transformers loads them without a cast."""
+    hf = hf_causal_lm().to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "src")
+    model = ttl_core.load_pretrained(tmp_path / "src")
+    ttl_core.save_pretrained(model, tmp_path / "same")
+    ttl_core.save_pretrained(model, tmp_path / "half", dtype="float16")
+    for name, dtype in (("same", torch.bfloat16), ("half", torch.float16)):
+        assert transformers.AutoConfig.from_pretrained(tmp_path / name).dtype == dtype
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name)  # dtype "auto": the config's
+        assert loaded.model.embed_tokens.weight.dtype == dtype, name
+        assert torch.equal(loaded.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(dtype))

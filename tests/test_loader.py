@@ -75,7 +75,7 @@ def test_same_seed_same_blocks_other_seed_other_order(data):
     assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(first, second))  # new permutation
 
 
-@pytest.mark.parametrize("skip", [0, 5, 39])
+@pytest.mark.parametrize("skip", [0, 5, 39, 45, 85])  # 45, 85: saved in epochs 1 and 2
 def test_state_dict_restores_the_exact_next_batch(data, skip):
     path, _, _ = data
     loader = PackedLoader(path, "train", 16, 4, seed=1)

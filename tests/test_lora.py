@@ -179,3 +179,19 @@ def test_bad_adapters_are_clear_errors(tmp_path):
     save_file(tensors, tmp_path / "missing" / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match="does not fit this model: missing"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "g"), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+def test_merged_weights_equal_peft_merge_and_unload(tmp_path, merge_first):
+    """`merged_weights` folds each adapter in exactly once, whether or not the model is merged already."""
+    hf = hf_causal_lm()
+    model = apply_lora(to_ttl(hf, tmp_path), targets="all-linear", r=4, alpha=8, dropout=0.0)
+    randomize_lora_(model, seed=13, scale=0.05)
+    save_adapter(model, tmp_path / "adapter")
+    truth = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").merge_and_unload().state_dict()
+    if merge_first:
+        merge_lora(model)
+    ttl_core.save_pretrained(model, tmp_path / "folded", state_dict=merged_weights(model))
+    folded = load_file(tmp_path / "folded" / "model.safetensors")
+    assert sorted(folded) == sorted(truth)
+    assert max((folded[k] - truth[k]).abs().max().item() for k in folded) <= 1e-5

@@ -14,7 +14,7 @@ def to_ttl(hf_model, tmp_path, **overrides):
 
 
 def padded_batch(vocab: int, pad: int, seed: int = 1, batch: int = 4, seq: int = 19):
-    """Random ids with row 1 left-padded, row 2 right-padded, row 3 unpadded, row 0 both-short."""
+    """Random ids with rows 0 and 1 left-padded (2 and 6 pads), row 2 right-padded, row 3 unpadded."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (batch, seq), generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -161,6 +161,26 @@ def test_classifier_pools_last_non_pad_token_left_and_right_padding(tmp_path):
             # the right-padded and unpadded rows see exactly their own tokens at the pooled position
             if mask[row, 0] == 1:
                 assert torch.allclose(batch_logits[row], alone, atol=1e-5)
+
+
+def test_classifier_pools_like_transformers_with_padding_on_both_sides_and_inside(tmp_path):
+    """transformers pools the rightmost non-pad token: rows padded on both ends, or with the padding id
+    inside the text, pool there too (not before the first padding token)."""
+    hf = hf_classifier(num_labels=3, seed=4)
+    ours = to_ttl(hf, tmp_path)
+    gen = torch.Generator().manual_seed(21)
+    ids = torch.randint(4, 131, (4, 15), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[0, 11:] = 0  # both ends
+    mask[1, :5] = 0                 # left
+    mask[2, 9:] = 0                 # right
+    ids = ids.masked_fill(mask == 0, 3)
+    ids[3, 6] = ids[0, 5] = 3       # the padding id as a token inside the text
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert (ref - got).abs().max() <= 1e-4
+    assert ref.abs().max() > 0.5
 
 
 def test_classifier_without_pad_id_rejects_batches(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -12,14 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_reference import randomize_
 from tests.helpers import ROOT, run_script
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints
-from ttl_core.data import prepare_data
+from ttl_core.data import PackedLoader, prepare_data
+from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
-from ttl_core.train import build_optimizer, lr_at, train
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.train import build_optimizer, lr_at, model_inputs, train, train_step
 
 MICRO_MODEL = ["model.preset=\"tiny\"", "model.hidden_size=64", "model.intermediate_size=128",
                "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.max_position_embeddings=64"]
@@ -295,3 +299,87 @@ def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
                           (tmp_path, "cannot read the config")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(path)
+
+
+# --- the step's arithmetic against eager PyTorch ----------------------------------------------------------
+
+def random_model(run, seed: int = 0):
+    torch.manual_seed(seed)
+    return randomize_(LlamaForCausalLM(run.model_config()), seed).train()
+
+
+def eager_loss(model, micro_batches) -> torch.Tensor:
+    """Mean cross-entropy per target token over every micro-batch together, from the full logits."""
+    total, count = 0.0, 0
+    for mb in micro_batches:
+        logits = model(mb["input_ids"], position_ids=mb.get("position_ids")).logits
+        total = total + torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb["targets"].flatten(),
+                                                          ignore_index=-100, reduction="sum")
+        count += int((mb["targets"] != -100).sum())
+    return total / count
+
+
+def test_accumulated_step_is_the_gradient_of_the_whole_batch_mean(tmp_path):
+    """Micro-batches with different numbers of ignored targets: the update is the gradient of the mean over
+    all target tokens of the step (one big batch), not a mean of per-micro-batch means or a multiple."""
+    run = run_config("train.grad_clip=0.0", "train.grad_accum_steps=3")
+    model = random_model(run)
+    gen = torch.Generator().manual_seed(4)
+    micro = []
+    for ignored in (0.1, 0.6, 0.3):
+        ids = torch.randint(0, 400, (2, 16), generator=gen)
+        targets = torch.randint(0, 400, (2, 16), generator=gen)
+        dropped = torch.rand(2, 16, generator=gen) < ignored
+        micro.append({"input_ids": ids, "targets": targets.masked_fill(dropped, -100)})
+    reference = copy.deepcopy(model)
+    truth = eager_loss(reference, micro)
+    truth.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient itself
+    loss, grad_norm = train_step(model, optimizer, micro, run.train, World(0, 1, torch.device("cpu")), 1.0, None)
+    assert abs(loss - truth.item()) <= 1e-5
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    assert grad_norm == pytest.approx(torch.cat([g.flatten() for g in grads.values()]).norm().item(), rel=1e-4)
+    for name, p in model.named_parameters():
+        assert (before[name] - p.detach() - grads[name]).abs().max() <= 1e-5, name
+
+
+def test_document_masked_loss_is_the_loss_of_each_document_alone(data_dir):
+    """With document masking a packed row's loss is that of its documents run one by one from position 0,
+    without predicting the <s> that opens the next document."""
+    run = run_config()
+    model = random_model(run).eval()
+    bos = json.loads((data_dir / "meta.json").read_text())["bos_id"]
+    batch = next(PackedLoader(data_dir, "train", 32, 4, seed=3))
+    assert batch["doc_starts"][:, 1:].sum() >= 2  # rows that pack several documents
+    inputs = model_inputs(batch, torch.device("cpu"), document_masking=True, bos_id=bos)
+    pieces = []
+    for row in range(4):
+        starts = [*batch["doc_starts"][row].nonzero().flatten().tolist(), 32]
+        for a, b in zip(starts, starts[1:]):
+            targets = batch["labels"][row:row + 1, a:b]
+            pieces.append({"input_ids": batch["input_ids"][row:row + 1, a:b],
+                           "targets": targets.masked_fill(targets == bos, -100)})
+    with torch.no_grad():
+        got = model(**inputs).loss
+        truth = eager_loss(model, pieces)
+        unmasked = model(batch["input_ids"], targets=batch["labels"]).loss
+    assert abs(got.item() - truth.item()) <= 1e-5
+    assert abs(unmasked.item() - truth.item()) > 1e-3
+
+
+def test_resume_restores_the_random_state_that_dropout_draws_from(tmp_path, data_dir):
+    """A resumed process starts with other RNG states; the checkpoint's are restored before the next step."""
+    run = run_config("model.attention_dropout=0.2", "train.max_steps=4", "train.save_every=100")
+    train(run, tmp_path / "straight", data_dir=str(data_dir))
+    train(run, tmp_path / "sliced", data_dir=str(data_dir), stop_after=2)
+    torch.manual_seed(12345)  # as in a new process
+    train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
+    run = run_config("train.max_steps=4", "train.save_every=1", f"train.keep_checkpoints={keep}")
+    train(run, tmp_path, data_dir=str(data_dir))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{s:06d}" for s in range(5 - keep, 5)]
