@@ -140,7 +140,7 @@ def test_bad_arguments_are_clear():
         ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg", backend="triton")
     with pytest.raises(ValueError, match=r"targets must be \(3,\)"):
         ttl_kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long),
-                                           backend="triton")
+                                               backend="triton")
 
 
 @pytest.mark.gpu

@@ -26,7 +26,7 @@ def err(got, truth):
 
 def check(q, k, v, causal, tol, cu_seqlens=None, max_seqlen=None, seed=0):
     out = ttl_kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                  backend="triton")
+                                      backend="triton")
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))

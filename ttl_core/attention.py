@@ -155,8 +155,8 @@ def attention(
                 out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                                                  dropout_p=dropout_p, causal=causal)
             else:
-                out = ttl_kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                              backend="triton")
+                out = ttl_kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens,
+                                                  max_seqlen=max_seqlen, backend="triton")
             return out.view(q.shape)
         mask = packed_causal_mask(cu_seqlens, batch, seq)
     if mask is None and q.shape[1] == k.shape[1]:

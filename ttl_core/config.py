@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, is_integer, is_number
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -84,7 +84,7 @@ class LlamaConfig:
             if missing:
                 raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
             for key in required.get(rope_type, []):
-                if not _is_number(self.rope_scaling[key]) or not self.rope_scaling[key] > 0:
+                if not is_number(self.rope_scaling[key]) or not self.rope_scaling[key] > 0:
                     raise ConfigError(f"rope_scaling {key} must be a positive number, got {self.rope_scaling[key]!r}")
             if rope_type == "default":
                 self.rope_scaling = None
@@ -150,7 +150,7 @@ class LlamaConfig:
         rope_theta = rope.pop("rope_theta", None)
         rope_theta = hf.get("rope_theta") if rope_theta is None else rope_theta
         rope_theta = 10000.0 if rope_theta is None else rope_theta
-        if not _is_number(rope_theta):
+        if not is_number(rope_theta):
             raise ConfigError(f"rope_theta must be a number, got {rope_theta!r}")
         rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
         fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
@@ -205,13 +205,9 @@ class LlamaConfig:
         return out
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_token_id(value: Any) -> bool:
     # negative ids occur (old Llama configs have pad_token_id -1) and mean "none"
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    return value is None or is_integer(value)
 
 
 # Each field's type and range, checked before use: a config.json with "tie_word_embeddings": "false" (a truthy
@@ -228,14 +224,14 @@ def _check_field_types(config: "LlamaConfig") -> None:
         value = getattr(config, name)
         if value is None and name in _OPTIONAL_POSITIVE_INTS:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     for name in _POSITIVE_FLOATS:
         value = getattr(config, name)
-        if not _is_number(value) or not value > 0:
+        if not is_number(value) or not value > 0:
             raise ConfigError(f"{name} must be a positive number, got {value!r}")
     for name in ("initializer_range", "attention_dropout"):
-        if not _is_number(getattr(config, name)) or not getattr(config, name) >= 0:
+        if not is_number(getattr(config, name)) or not getattr(config, name) >= 0:
             raise ConfigError(f"{name} must be a number >= 0, got {getattr(config, name)!r}")
     for name in _BOOLS:
         if not isinstance(getattr(config, name), bool):

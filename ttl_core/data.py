@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import DataError, is_integer
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -33,7 +33,7 @@ TOKEN_DTYPES = ("uint16", "uint32")
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return is_integer(value) or isinstance(value, np.integer)  # sizes computed with numpy are fine here
 
 
 # -- reading documents -----------------------------------------------------------------------------------------------

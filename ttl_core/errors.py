@@ -1,8 +1,22 @@
 """Errors a user can cause. Each carries a one-line message naming the file, tensor or argument at fault.
 
 Every class derives from `TTLError`, itself a `ValueError`, so callers can catch one type; scripts turn
-it into a single `error: ...` line instead of a traceback (see `ttl_core.cli.run_cli`).
+it into a single `error: ...` line instead of a traceback (see `ttl_core.cli.run_cli`). The two type
+predicates below are the ones the checks that raise them share: JSON, TOML and Python all let a bool pass
+for a number, which no setting here means.
 """
+
+from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (NaN and infinities included: range checks written so NaN fails them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """A Python int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TTLError(ValueError):

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import write_dir_atomically, write_json
-from .hf import load_pretrained, save_pretrained
+from .hf import checked_device, load_pretrained, save_pretrained
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .run_config import TrainConfig
@@ -57,18 +57,17 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         """Refuse values that would fail late (a ZeroDivisionError, NaN weights) or train without complaint on
         nonsense; each check is written so that NaN fails it. Messages name the field and its option."""
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        real = lambda v: is_number(v) and math.isfinite(v)  # noqa: E731
         checks = {
             "lr": (real(self.lr) and self.lr > 0, "a finite number > 0"),
-            "batch_size": (whole(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
-            "epochs": (whole(self.epochs) and self.epochs >= 1, "an integer >= 1"),
+            "batch_size": (is_integer(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            "epochs": (is_integer(self.epochs) and self.epochs >= 1, "an integer >= 1"),
             "weight_decay": (real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
-            "warmup_steps": (whole(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
-            "max_length": (whole(self.max_length) and self.max_length >= 2, "an integer >= 2"),
+            "warmup_steps": (is_integer(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
+            "max_length": (is_integer(self.max_length) and self.max_length >= 2, "an integer >= 2"),
             "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
             "dtype": (self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
-            "lora_r": (whole(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),
+            "lora_r": (is_integer(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),
             "lora_alpha": (real(self.lora_alpha) and self.lora_alpha > 0, "a finite number > 0"),
             "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
             "lora_targets": (self.lora_targets == "all-linear" or isinstance(self.lora_targets, (list, tuple))
@@ -82,14 +81,9 @@ class FinetuneConfig:
     def torch_device(self) -> torch.device:
         """`device` as a torch device; a malformed one, or CUDA on a machine without it, is a ConfigError."""
         try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device} was requested but no CUDA device is available")
-        return device
+            return checked_device(self.device)
+        except CheckpointError as e:
+            raise ConfigError(f"--device {self.device!r}: {e}") from None
 
     def train_config(self, max_steps: int) -> TrainConfig:
         """The pretraining loop's config for `max_steps` updates: warmup, then cosine decay to zero."""

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 from .attention import causal_mask
-from .errors import GenerationError
+from .errors import GenerationError, is_integer
 from .sampling import process_logits, sample
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
@@ -424,7 +424,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
 
     device = input_ids.device
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+    if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
         raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if do_sample and seed is None:
         seed = int(torch.randint(2**62, ()))

@@ -126,7 +126,9 @@ def _check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict
         raise CheckpointError(f"{directory}: " + "; ".join(problems))
 
 
-def _checked_device(device: str | torch.device | None) -> torch.device:
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """`device` (default the CPU) as a torch device ttl can load onto; anything else, CUDA on a machine
+    without it included, is a CheckpointError naming it."""
     try:
         device = torch.device(device or "cpu")
     except (RuntimeError, TypeError) as e:
@@ -185,7 +187,7 @@ def load_pretrained(
     `num_labels` / `id2label` in `config_overrides`) is initialized as transformers does, from torch's
     global RNG (seed it first for a reproducible head)."""
     directory = Path(path)
-    device = _checked_device(device)
+    device = checked_device(device)
     config, stored_architecture = read_model_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)

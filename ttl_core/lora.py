@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import AdapterError
+from .errors import AdapterError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import hf_plan
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
@@ -148,11 +148,11 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not is_integer(r) or r < 1:
         raise AdapterError(f"LoRA rank r must be an integer >= 1, got {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+    if not is_number(alpha) or not alpha > 0:
         raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     wanted = _resolve_targets(targets)
     saved = list(modules_to_save or [])

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, is_number
 from .fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -87,11 +87,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def _curve(path: Path, records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     """(step, value) of every record holding `key`, non-finite values left out; a value or step that is not
     a number is a DataError (matplotlib would fail on it with a TypeError deep inside)."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     points = []
     for r in records:
         if key in r:
-            if not (number(r[key]) and number(r.get("step"))):
+            if not (is_number(r[key]) and is_number(r.get("step"))):
                 raise DataError(f"{path}: a record has {key}={r[key]!r} at step {r.get('step')!r}; expected numbers")
             if math.isfinite(r[key]):
                 points.append((r["step"], r[key]))

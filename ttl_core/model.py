@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ttl_kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.kernel_backend), x
         return ttl_kernels.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype,
-                                backend=self.kernel_backend)
+                                    backend=self.kernel_backend)
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:

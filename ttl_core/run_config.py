@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LlamaConfig
-from .errors import ConfigError
+from .errors import ConfigError, is_integer, is_number
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,10 +91,10 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = is_number(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_integer(value)
     elif isinstance(default, list):
         ok = isinstance(value, list)
     else:

@@ -2,10 +2,10 @@
 
 gate and up are usually the two halves of one fused projection, so the kernels take row-strided views
 and never copy them; given that projection's output whole, the backward writes both input gradients into
-one tensor shaped like it, so autograd need not concatenate two halves (a read and a write of both). The forward reads gate and up and writes the product (3 tensors of traffic); the
-backward saves nothing but the inputs, recomputes sigmoid(gate), and reads the output gradient, gate and
-up to write both input gradients (5 tensors). The reference saves silu(gate) as well and runs 3 kernels
-forward and more backward.
+one tensor shaped like it, so autograd need not concatenate two halves (a read and a write of both). The
+forward reads gate and up and writes the product (3 tensors of traffic); the backward saves nothing but the
+inputs, recomputes sigmoid(gate), and reads the output gradient, gate and up to write both input gradients
+(5 tensors). The reference saves silu(gate) as well and runs 3 kernels forward and more backward.
 """
 
 from __future__ import annotations
