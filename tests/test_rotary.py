@@ -100,6 +100,40 @@ def test_strided_inputs_angles_and_gradients():
         assert rel_err(o, r) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["gqa", "mqa", "odd_half_dim"])
+def test_fused_qkv_equals_split_and_rotate(case, dtype):
+    # the model's path: one gradient for the whole projection instead of autograd's split + concatenation
+    batch, seq, heads, kv_heads, dim = CASES[case]
+    qkv, q, k = projection(batch, seq, heads, kv_heads, dim, dtype, seed=6)
+    v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)[2].view(batch, seq, kv_heads, dim)
+    cos, sin = angles(torch.arange(seq)[None] + 5 * torch.arange(batch)[:, None], dim, dtype)
+    heads_view = qkv.view(batch, seq, heads + 2 * kv_heads, dim)
+    fused = ttl_kernels.apply_rotary_qkv(heads_view, cos, sin, kv_heads, backend="triton")
+    assert "RotaryQKV" in type(fused[0].grad_fn).__name__
+    assert fused[2].data_ptr() == v.data_ptr() and torch.equal(fused[2], v)  # v is a view, not a copy
+    split = (*ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton"), v)
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(o.shape, generator=gen).to(dtype) for o in fused]
+    for used in ((0, 1, 2), (0,), (2,)):  # outputs left out of the loss contribute zeros
+        got = torch.autograd.grad([fused[i] for i in used], qkv, [grads[i] for i in used], retain_graph=True)[0]
+        want = torch.autograd.grad([split[i] for i in used], qkv, [grads[i] for i in used], retain_graph=True)[0]
+        assert torch.equal(got, want)
+    for o, r in zip(fused, split):
+        assert torch.equal(o, r)
+    ref = ttl_kernels.apply_rotary_qkv(heads_view, cos, sin, kv_heads, backend="torch")
+    for o, r in zip(fused, ref):
+        assert rel_err(o, r) <= REL_TOL[str(dtype).split(".")[1]]
+
+
+def test_fused_qkv_rejects_head_counts_that_do_not_fit():
+    qkv = torch.randn(2, 3, 6, 8)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    for kv_heads in (0, 3, 4):
+        with pytest.raises(ValueError, match="at least one query head"):
+            ttl_kernels.apply_rotary_qkv(qkv, cos, sin, kv_heads, backend="triton")
+
+
 def test_rejects_mismatched_shapes():
     q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
     cos, sin = angles(torch.arange(5), 8, torch.float32)

@@ -108,12 +108,8 @@ class Attention(nn.Module):
         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                     self.kv_heads * self.head_dim], dim=-1)
-        q = q.view(batch, seq, self.heads, self.head_dim)
-        k = k.view(batch, seq, self.kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.kv_heads, self.head_dim)
-        q, k = ttl_kernels.apply_rotary(q, k, cos, sin, backend=self.kernel_backend)
+        qkv = self.qkv(x).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = ttl_kernels.apply_rotary_qkv(qkv, cos, sin, self.kv_heads, backend=self.kernel_backend)
         if getattr(kv_cache, "attends", False):  # the cache appends and attends in one kernel (flash-attn)
             out = kv_cache.attend(self.layer_idx, q, k, v)
         else:

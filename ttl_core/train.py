@@ -238,7 +238,11 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
-        return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+        result = _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+        # rank 0 still plots and samples after the last collective; a rank that tore its gloo group down
+        # meanwhile was seen to abort at exit ("terminate called without an active exception")
+        barrier(world)
+        return result
     finally:
         close_world(world)
 

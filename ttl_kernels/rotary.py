@@ -88,15 +88,17 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def rotary_launch(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate (or, with `backward`, apply the transposed rotation to) q and k in one launch; cos/sin are
-    already (batch, seq, dim) views (stride 0 where broadcast). Returns new contiguous tensors."""
+    already (batch, seq, dim) views (stride 0 where broadcast). Writes into `out` (views with a contiguous
+    last dim) when given, else into new contiguous tensors; returns the two results."""
     q, k, cos, sin = (_last_dim_contiguous(t) for t in (q, k, cos, sin))
     batch, seq, n_q_heads, dim = q.shape
     n_k_heads = k.shape[2]
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    qo, ko = out or (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                     torch.empty(k.shape, dtype=k.dtype, device=k.device))
     if cos.stride() != sin.stride():  # the kernel indexes both with cos's strides
         cos, sin = cos.contiguous(), sin.contiguous()
     block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
@@ -128,14 +130,31 @@ class RotaryFunction(torch.autograd.Function):
         return (*rotary_launch(dq, dk, cos, sin, backward=True), None, None)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by per-position angles given as
-    cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
-    positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
-    last dim; outputs are new tensors rounded like `apply_rotary_reference`. `backend` picks Triton or the
-    reference (see `ttl_kernels.dispatch.use_triton`)."""
+class RotaryQKVFunction(torch.autograd.Function):
+    """Rotary on the fused q/k/v projection, returning v as a view of it. Autograd's backward for a split
+    would rotate dq and dk into new tensors and then concatenate them with dv; this one rotates them
+    straight into their places in the projection's gradient and copies dv beside them, so dq and dk are
+    not written and read a second time."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, kv_heads):
+        ctx.split_sizes = (qkv.shape[2] - 2 * kv_heads, kv_heads, kv_heads)
+        ctx.save_for_backward(cos, sin)
+        q, k, v = qkv.split(ctx.split_sizes, dim=2)
+        return (*rotary_launch(q, k, cos, sin), v)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):  # unused outputs arrive as zeros (autograd materializes them)
+        cos, sin = ctx.saved_tensors
+        batch, seq, _, dim = dq.shape
+        dqkv = torch.empty(batch, seq, sum(ctx.split_sizes), dim, dtype=dq.dtype, device=dq.device)
+        dq_slot, dk_slot, dv_slot = dqkv.split(ctx.split_sizes, dim=2)
+        rotary_launch(dq, dk, cos, sin, backward=True, out=(dq_slot, dk_slot))
+        dv_slot.copy_(dv)
+        return dqkv, None, None, None
+
+
+def _check_rotary_arguments(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"apply_rotary needs q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim), "
                          f"got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -148,8 +167,36 @@ def apply_rotary(
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if cos.dim() == 3 and cos.shape[0] not in (1, batch):
         raise ValueError(f"apply_rotary cos/sin batch {cos.shape[0]} does not match q's batch {batch}")
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by per-position angles given as
+    cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
+    positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
+    last dim; outputs are new tensors rounded like `apply_rotary_reference`. `backend` picks Triton or the
+    reference (see `ttl_kernels.dispatch.use_triton`)."""
+    _check_rotary_arguments(q, k, cos, sin)
     if not use_triton(q, backend):
         return apply_rotary_reference(q, k, cos, sin)
-    cos = cos.expand(batch, seq, dim)
-    sin = sin.expand(batch, seq, dim)
-    return RotaryFunction.apply(q, k, cos, sin)
+    batch, seq, _, dim = q.shape
+    return RotaryFunction.apply(q, k, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim))
+
+
+def apply_rotary_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused projection qkv (batch, seq, heads + 2 * kv_heads, dim) into its query, key and value
+    heads and rotate the first two as `apply_rotary` does; returns (q rotated, k rotated, v), v a view of
+    qkv. Same values as splitting and calling `apply_rotary`, with a cheaper backward on the Triton path:
+    the gradient of qkv is written in one piece (see `RotaryQKVFunction`)."""
+    if qkv.dim() != 4 or not 0 < 2 * kv_heads < qkv.shape[2]:
+        raise ValueError(f"apply_rotary_qkv needs qkv (batch, seq, heads + 2 * kv_heads, dim) with at least one "
+                         f"query head, got shape {tuple(qkv.shape)} and kv_heads {kv_heads}")
+    q, k, v = qkv.split((qkv.shape[2] - 2 * kv_heads, kv_heads, kv_heads), dim=2)
+    _check_rotary_arguments(q, k, cos, sin)
+    if not use_triton(qkv, backend):
+        return (*apply_rotary_reference(q, k, cos, sin), v)
+    batch, seq, _, dim = qkv.shape
+    return RotaryQKVFunction.apply(qkv, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim), kv_heads)
