@@ -82,7 +82,8 @@ def capture_compilations(arch: int) -> list[tuple[str, dict, object]]:
 
 def exercise_kernels() -> None:
     """Forward and backward of every kernel family at the widths the model and the benchmarks use."""
-    from ttl_kernels import apply_rotary, cross_entropy, flash_attention, fused_linear_cross_entropy, rms_norm, swiglu
+    from ttl_kernels import (apply_rotary_qkv, cross_entropy, flash_attention, fused_linear_cross_entropy, rms_norm,
+                             rotary_into_cache, swiglu)
 
     # Triton for CPU tensors: the dispatcher asks for the interpreter flag, which is read at call time; the
     # attention kernels' interpreter-only upcast of their dots stays off, as on a GPU
@@ -102,11 +103,14 @@ def exercise_kernels() -> None:
         # as in autocast training: an fp32 weight and residual stream, bf16 sublayer output and normed output
         residual = torch.randn(32, hidden, requires_grad=True)
         backward(*rms_norm(x, w.detach().float().requires_grad_(), residual=residual, out_dtype=bf16))
-    for heads, kv_heads, dim in ((12, 12, 64), (32, 8, 128)):
-        qkv = torch.randn(2, 16, (heads + 2 * kv_heads) * dim, dtype=bf16, requires_grad=True)
-        q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    for heads, kv_heads, dim in ((12, 12, 64), (32, 8, 128)):  # as the model calls them: training, then decoding
+        qkv = torch.randn(2, 16, heads + 2 * kv_heads, dim, dtype=bf16, requires_grad=True)
         cos, sin = torch.randn(2, 16, dim, dtype=bf16), torch.randn(2, 16, dim, dtype=bf16)
-        backward(*apply_rotary(q.view(2, 16, heads, dim), k.view(2, 16, kv_heads, dim), cos, sin))
+        backward(*apply_rotary_qkv(qkv, cos, sin, kv_heads)[:2])
+        k_cache, v_cache = (torch.zeros(8, kv_heads, 64, dim, dtype=bf16).transpose(1, 2) for _ in range(2))
+        with torch.no_grad():
+            rotary_into_cache(qkv[:, :1].repeat(4, 1, 1, 1), cos[:, :1].repeat(4, 1, 1), sin[:, :1].repeat(4, 1, 1),
+                              k_cache, v_cache, torch.tensor([5]))
     for inter in (3072, 14336):
         backward(swiglu(torch.randn(16, 2 * inter, dtype=bf16, requires_grad=True)))  # as the model calls it
     for hidden, vocab in ((768, 32000), (4096, 128256)):

@@ -140,7 +140,9 @@ def test_lagged_eos_check_trims_to_the_same_output(models, monkeypatch):
     assert torch.equal(lagged, every_step) and lagged.shape[1] < 9 + 7
 
 
-def test_incremental_logits_equal_full_forward(models):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_incremental_logits_equal_full_forward(models, kernels, monkeypatch):
+    monkeypatch.setenv("TTL_KERNELS", kernels)  # triton: rotary writes the cache itself (interpreter on CPU)
     _, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
     gen = torch.Generator().manual_seed(2)
@@ -158,6 +160,37 @@ def test_incremental_logits_equal_full_forward(models):
     err = (got - truth[:, 8:]).abs().max().item()
     assert err <= 1e-5, err
     assert truth.abs().max() > 0.5
+
+
+def test_greedy_with_triton_kernels_matches_transformers(models, monkeypatch):
+    monkeypatch.setenv("TTL_KERNELS", "triton")
+    hf, ours = models
+    ids, mask = left_padded(hf.config.vocab_size)
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=[])
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=[]), ref)
+
+
+@pytest.mark.parametrize("kernels, copies", [("torch", 2), ("triton", 0)])
+def test_decode_step_writes_the_cache_inside_the_rotary_kernel(models, kernels, copies, monkeypatch):
+    # two fewer kernels a layer in every decode step, where batch-1 time is mostly launches
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCopies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCopies.count += func.__name__.startswith("index_copy")
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("TTL_KERNELS", kernels)
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with torch.no_grad():
+        decoder = KVDecoder(ours, mask, max_new_tokens=2)
+        decoder.prefill(ids)
+        with CountCopies():
+            decoder.step(ids[:, -1:])
+    assert CountCopies.count == copies * ours.config.num_hidden_layers
 
 
 def test_seed_reproduces_samples_and_num_return_sequences(models):

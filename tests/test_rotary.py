@@ -134,6 +134,70 @@ def test_fused_qkv_rejects_head_counts_that_do_not_fit():
             ttl_kernels.apply_rotary_qkv(qkv, cos, sin, kv_heads, backend="triton")
 
 
+DECODE_SHAPES = {**CASES, "ttl160m_decode": (8, 1, 12, 12, 64), "ttl160m_prefill": (2, 100, 12, 12, 64)}
+
+
+@pytest.mark.parametrize("layout", ["sdpa", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case, device", [
+    ("gqa", "cpu"), ("mqa", "cpu"), ("odd_half_dim", "cpu"),
+    *(pytest.param(case, "cuda", marks=pytest.mark.gpu) for case in ("gqa", "ttl160m_decode", "ttl160m_prefill")),
+])
+def test_rotary_into_cache_equals_rotate_then_copy(case, device, dtype, layout):
+    # the decode path: one kernel rotates q, rotates k into the cache and copies v beside it
+    batch, seq, heads, kv_heads, dim = DECODE_SHAPES[case]
+    max_len = 128
+    qkv = projection(batch, seq, heads, kv_heads, dim, dtype, seed=8, device=device)[0].detach()
+    qkv = qkv.view(batch, seq, heads + 2 * kv_heads, dim)
+    positions = torch.arange(seq, device=device)[None] + 4 * torch.arange(batch, device=device)[:, None]
+    cos, sin = angles(positions, dim, dtype)
+    slots = torch.randperm(max_len, generator=torch.Generator().manual_seed(9))[:seq].to(device)  # scattered
+    gen = torch.Generator().manual_seed(10)
+
+    def caches():  # SDPA's (batch, kv_heads, max_len, dim) storage seen as (batch, max_len, kv_heads, dim)
+        shape = (batch, kv_heads, max_len, dim) if layout == "sdpa" else (batch, max_len, kv_heads, dim)
+        stores = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2)]
+        return [t.transpose(1, 2) for t in stores] if layout == "sdpa" else stores
+    fused_k, fused_v = caches()
+    ref_k, ref_v = (t.clone() for t in (fused_k, fused_v))
+    q = ttl_kernels.rotary_into_cache(qkv, cos, sin, fused_k, fused_v, slots, backend="triton")
+    want_q, want_k, want_v = ttl_kernels.apply_rotary_qkv(qkv, cos, sin, kv_heads, backend="triton")
+    ref_k.index_copy_(1, slots, want_k)
+    ref_v.index_copy_(1, slots, want_v)
+    assert torch.equal(q, want_q) and torch.equal(fused_k, ref_k) and torch.equal(fused_v, ref_v)
+    torch_k, torch_v = (t.clone() for t in caches())
+    torch_q = ttl_kernels.rotary_into_cache(qkv, cos, sin, torch_k, torch_v, slots, backend="torch")
+    tol = REL_TOL[str(dtype).split(".")[1]]
+    assert rel_err(q, torch_q) <= tol and rel_err(fused_k[:, slots], torch_k[:, slots]) <= tol
+    assert torch.equal(fused_v[:, slots], torch_v[:, slots])
+
+
+def test_rotary_into_cache_keeps_autograd_when_asked():
+    qkv = projection(1, 3, 2, 1, 8, torch.float32, seed=11)[0].view(1, 3, 4, 8)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    k_cache, v_cache = torch.zeros(1, 5, 1, 8), torch.zeros(1, 5, 1, 8)
+    q = ttl_kernels.rotary_into_cache(qkv, cos, sin, k_cache, v_cache, torch.tensor([0, 1, 2]), backend="triton")
+    assert q.requires_grad and k_cache.requires_grad  # rotate-then-copy, differentiable as before
+
+
+def test_rotary_into_cache_rejects_caches_that_do_not_fit():
+    qkv = torch.randn(2, 3, 8, 8)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    slots = torch.arange(3)
+    fits = torch.zeros(2, 5, 2, 8)
+    for k_cache, v_cache, message in [
+        (torch.zeros(2, 5, 8), fits, "k_cache \\(batch, max_len"),
+        (torch.zeros(2, 5, 4, 8), torch.zeros(2, 5, 4, 8), "at least one query head"),
+        (fits, torch.zeros(2, 5, 2, 8, dtype=torch.bfloat16), "v_cache \\(2, max_len, 2, 8\\) in torch.float32"),
+        (torch.zeros(2, 5, 8, 2).transpose(2, 3), fits, "contiguous last dim"),
+        (torch.zeros(1, 5, 2, 8), fits, "k_cache \\(2, max_len"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ttl_kernels.rotary_into_cache(qkv, cos, sin, k_cache, v_cache, slots, backend="triton")
+    with pytest.raises(ValueError, match="one integer cache slot per new token \\(3\\)"):
+        ttl_kernels.rotary_into_cache(qkv, cos, sin, fits, fits.clone(), torch.arange(2), backend="triton")
+
+
 def test_rejects_mismatched_shapes():
     q, k = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
     cos, sin = angles(torch.arange(5), 8, torch.float32)

@@ -102,9 +102,9 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     rows = json.loads(report.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
-    assert kernels >= {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_swiglu_fwd_kernel",
-                       "_swiglu_bwd_kernel", "_ce_row_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
-                       "_delta_kernel"}
+    assert kernels >= {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_rotary_into_cache_kernel",
+                       "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_row_kernel", "_fwd_kernel", "_bwd_dkdv_kernel",
+                       "_bwd_dq_kernel", "_delta_kernel"}
     attention = [r for r in rows if r["kernel"] in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
     assert len(attention) >= 40 and all(r["hgmma"] > 0 for r in attention)
     # the one known spill: RMSNorm's backward at hidden 16384 on an fp32 residual stream (autocast training),
@@ -114,7 +114,8 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
                          and r["constexprs"]["HAS_DR"])]
     assert not spilling, spilling
     # memory-bound kernels move 16-byte pieces (rotary at ttl-160m's 64-wide heads once moved 8-byte ones)
-    memory_bound = [r for r in rows if r["kernel"] in ("_rotary_kernel", "_rms_norm_fwd_kernel", "_swiglu_fwd_kernel")]
+    memory_bound = [r for r in rows if r["kernel"] in ("_rotary_kernel", "_rotary_into_cache_kernel",
+                                                      "_rms_norm_fwd_kernel", "_swiglu_fwd_kernel")]
     assert all(r["ldg128"] > 0 and r["stg128"] > 0 for r in memory_bound), memory_bound
     assert all(r["ldg128"] > 0 for r in rows if r["kernel"] == "_delta_kernel")  # it stores one value a row
     block = json.loads(report.read_text())["compiled_block"]

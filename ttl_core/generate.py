@@ -19,6 +19,8 @@ import weakref
 
 import torch
 
+import ttl_kernels
+
 from .attention import causal_mask
 from .errors import GenerationError, is_integer
 from .sampling import process_logits, sample
@@ -46,9 +48,10 @@ def _flash_attn_with_kvcache():
 class StaticKVCache:
     """Keys and values of every layer for `max_len` positions, allocated once and written in place.
 
-    Implements the model's cache protocol: `update(layer_idx, k, v)` writes the new keys and values at the
-    positions in `write_index` (a device tensor, so a decode step keeps static shapes) and returns the first
-    `visible` positions in the model's (batch, seq, kv_heads, head_dim) layout. For SDPA the storage is
+    Implements the model's cache protocol: `update(layer_idx, qkv, cos, sin, backend)` rotates the new
+    tokens' queries and keys, writes the keys and values at the positions in `write_index` (a device tensor,
+    so a decode step keeps static shapes; on the Triton path in the rotary kernel itself) and returns the
+    queries and the first `visible` cached positions in the model's (batch, seq, kv_heads, head_dim) layout. For SDPA the storage is
     (batch, kv_heads, max_len, head_dim) per layer, which SDPA reads without a copy. With `flash=True` the
     storage is flash-attn's (batch, max_len, kv_heads, head_dim) and, while `attends` is set, the model calls
     `attend()` instead, which appends and attends in one `flash_attn_with_kvcache` kernel (`seqlens` are the
@@ -68,16 +71,14 @@ class StaticKVCache:
         self.attends = False
         self.seqlens = self.leftpad = None
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k and v (batch, new, kv_heads, head_dim) at `write_index`; return the cached keys and values."""
-        cached = []
-        for store, new in ((self.keys[layer_idx], k), (self.values[layer_idx], v)):
-            if self.seq_dim == 2:
-                new = new.transpose(1, 2)
-            store.index_copy_(self.seq_dim, self.write_index, new)
-            view = store.narrow(self.seq_dim, 0, self.visible)
-            cached.append(view.transpose(1, 2) if self.seq_dim == 2 else view)
-        return cached[0], cached[1]
+    def update(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotate the new tokens' fused projection (batch, new, heads + 2 * kv_heads, head_dim), write their
+        keys and values at `write_index`; return the rotated queries and the cached keys and values."""
+        keys, values = (store.transpose(1, 2) if self.seq_dim == 2 else store
+                        for store in (self.keys[layer_idx], self.values[layer_idx]))
+        q = ttl_kernels.rotary_into_cache(qkv, cos, sin, keys, values, self.write_index, backend=backend)
+        return q, keys[:, :self.visible], values[:, :self.visible]
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append k, v at `seqlens` and attend q over each row's cache (flash layout only)."""

@@ -109,12 +109,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         qkv = self.qkv(x).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
-        q, k, v = ttl_kernels.apply_rotary_qkv(qkv, cos, sin, self.kv_heads, backend=self.kernel_backend)
-        if getattr(kv_cache, "attends", False):  # the cache appends and attends in one kernel (flash-attn)
+        cache_attends = kv_cache is not None and kv_cache.attends  # appends and attends in one kernel (flash-attn)
+        if kv_cache is None or cache_attends:
+            q, k, v = ttl_kernels.apply_rotary_qkv(qkv, cos, sin, self.kv_heads, backend=self.kernel_backend)
+        else:  # the new keys are rotated straight into the cache
+            q, k, v = kv_cache.update(self.layer_idx, qkv, cos, sin, self.kernel_backend)
+        if cache_attends:
             out = kv_cache.attend(self.layer_idx, q, k, v)
         else:
-            if kv_cache is not None:
-                k, v = kv_cache.update(self.layer_idx, k, v)
             out = attention(q, k, v, mask=mask, causal=True, backend=self.attention_backend, cu_seqlens=cu_seqlens,
                             max_seqlen=max_seqlen, dropout_p=self.attention_dropout if self.training else 0.0)
         return self.out(out.reshape(batch, seq, self.heads * self.head_dim))
@@ -176,9 +178,10 @@ class LlamaModel(nn.Module):
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
         queries being the last `seq` positions) or a ready (batch, 1, seq, kv_len) mask, boolean or additive
         (see `ttl_core.attention`).
-        `position_ids` default to 0..seq-1. `kv_cache`, if given, has `update(layer_idx, k, v)` returning
-        the keys and values to attend over, or, while its `attends` is true, `attend(layer_idx, q, k, v)`
-        returning the attention output itself (see `ttl_core.generate.StaticKVCache`)."""
+        `position_ids` default to 0..seq-1. `kv_cache`, if given, has `update(layer_idx, qkv, cos, sin,
+        kernel_backend)` taking the new tokens' fused projection and returning the rotated queries and the keys
+        and values to attend over, or, while its `attends` is true, `attend(layer_idx, q, k, v)` returning the
+        attention output itself (see `ttl_core.generate.StaticKVCache`)."""
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape

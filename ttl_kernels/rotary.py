@@ -59,6 +59,17 @@ if HAVE_TRITON:
         tl.store(OUT + heads * stride_out_h + half + dims, o2.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_angles(COS, SIN, half, act, BLOCK_HALF: tl.constexpr):
+        # the reference multiplies by cos/sin cast to the activation dtype; so does this
+        dims = tl.arange(0, BLOCK_HALF)[None, :]
+        dim_ok = dims < half
+        c1 = tl.load(COS + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        c2 = tl.load(COS + half + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        s1 = tl.load(SIN + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        s2 = tl.load(SIN + half + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
     def _rotary_kernel(
         Q, K, COS, SIN, QO, KO, seq_len, n_q_heads, n_k_heads, half,
         stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_cb, stride_cs,
@@ -68,19 +79,36 @@ if HAVE_TRITON:
         token = tl.program_id(0).to(tl.int64)
         b = token // seq_len
         s = token % seq_len
-        dims = tl.arange(0, BLOCK_HALF)[None, :]
-        dim_ok = dims < half
-        angle = b * stride_cb + s * stride_cs + dims
-        # the reference multiplies by cos/sin cast to the activation dtype; so does this
-        act = Q.dtype.element_ty
-        c1 = tl.load(COS + angle, mask=dim_ok, other=0.0).to(act).to(tl.float32)
-        c2 = tl.load(COS + angle + half, mask=dim_ok, other=0.0).to(act).to(tl.float32)
-        s1 = tl.load(SIN + angle, mask=dim_ok, other=0.0).to(act).to(tl.float32)
-        s2 = tl.load(SIN + angle + half, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        angle = b * stride_cb + s * stride_cs
+        c1, c2, s1, s2 = _load_angles(COS + angle, SIN + angle, half, Q.dtype.element_ty, BLOCK_HALF)
         _rotate_heads(Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos, n_q_heads,
                       stride_qh, stride_qoh, c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, BACKWARD)
         _rotate_heads(K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos, n_k_heads,
                       stride_kh, stride_koh, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, BACKWARD)
+
+    @triton.jit
+    def _rotary_into_cache_kernel(
+        QKV, COS, SIN, QO, K_CACHE, V_CACHE, SLOTS, seq_len, n_q_heads, n_k_heads, half,
+        stride_b, stride_s, stride_h, stride_cb, stride_cs, stride_qob, stride_qos, stride_qoh,
+        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        b = token // seq_len
+        s = token % seq_len
+        slot = tl.load(SLOTS + s).to(tl.int64)
+        angle = b * stride_cb + s * stride_cs
+        c1, c2, s1, s2 = _load_angles(COS + angle, SIN + angle, half, QKV.dtype.element_ty, BLOCK_HALF)
+        row = QKV + b * stride_b + s * stride_s
+        _rotate_heads(row, QO + b * stride_qob + s * stride_qos, n_q_heads, stride_h, stride_qoh,
+                      c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, False)
+        _rotate_heads(row + n_q_heads * stride_h, K_CACHE + b * stride_kcb + slot * stride_kcs, n_k_heads,
+                      stride_h, stride_kch, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, False)
+        heads = tl.arange(0, BLOCK_KH)[:, None]
+        dims = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (heads < n_k_heads) & (dims < 2 * half)
+        values = tl.load(row + (n_q_heads + n_k_heads + heads) * stride_h + dims, mask=mask)
+        tl.store(V_CACHE + b * stride_vcb + slot * stride_vcs + heads * stride_vch + dims, values, mask=mask)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -99,21 +127,29 @@ def rotary_launch(
     n_k_heads = k.shape[2]
     qo, ko = out or (torch.empty(q.shape, dtype=q.dtype, device=q.device),
                      torch.empty(k.shape, dtype=k.dtype, device=k.device))
-    if cos.stride() != sin.stride():  # the kernel indexes both with cos's strides
-        cos, sin = cos.contiguous(), sin.contiguous()
-    block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
-    block_half = triton.next_power_of_2(dim // 2)
-    # about 16 values per thread across the q and k tiles: 8-value (16-byte) accesses on each tile at
-    # ttl's 64-wide heads, where 32 threads per tile row left 4-value (8-byte) ones
-    num_warps = min(8, 1 << max(0, ((block_qh + block_kh) * block_half // 512).bit_length() - 1))
+    cos, sin = _same_strides(cos, sin)
     if batch * seq:
         _rotary_kernel[(batch * seq,)](
             q, k, cos, sin, qo, ko, seq, n_q_heads, n_k_heads, dim // 2,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), cos.stride(0),
             cos.stride(1), qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-            BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half, BACKWARD=backward, num_warps=num_warps,
+            BACKWARD=backward, **_tile_shape(n_q_heads, n_k_heads, dim),
         )
     return qo, ko
+
+
+def _same_strides(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the kernels index both tables with cos's strides
+    return (cos, sin) if cos.stride() == sin.stride() else (cos.contiguous(), sin.contiguous())
+
+
+def _tile_shape(n_q_heads: int, n_k_heads: int, dim: int) -> dict[str, int]:
+    block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
+    block_half = triton.next_power_of_2(dim // 2)
+    # about 16 values per thread across the q and k tiles: 8-value (16-byte) accesses on each tile at
+    # ttl's 64-wide heads, where 32 threads per tile row left 4-value (8-byte) ones
+    num_warps = min(8, 1 << max(0, ((block_qh + block_kh) * block_half // 512).bit_length() - 1))
+    return dict(BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half, num_warps=num_warps)
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -184,6 +220,17 @@ def apply_rotary(
     return RotaryFunction.apply(q, k, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim))
 
 
+def _split_qkv(
+    qkv: torch.Tensor, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if qkv.dim() != 4 or not 0 < 2 * kv_heads < qkv.shape[2]:
+        raise ValueError(f"qkv must be (batch, seq, heads + 2 * kv_heads, dim) with at least one query head, "
+                         f"got shape {tuple(qkv.shape)} and kv_heads {kv_heads}")
+    q, k, v = qkv.split((qkv.shape[2] - 2 * kv_heads, kv_heads, kv_heads), dim=2)
+    _check_rotary_arguments(q, k, cos, sin)
+    return q, k, v
+
+
 def apply_rotary_qkv(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,12 +238,48 @@ def apply_rotary_qkv(
     heads and rotate the first two as `apply_rotary` does; returns (q rotated, k rotated, v), v a view of
     qkv. Same values as splitting and calling `apply_rotary`, with a cheaper backward on the Triton path:
     the gradient of qkv is written in one piece (see `RotaryQKVFunction`)."""
-    if qkv.dim() != 4 or not 0 < 2 * kv_heads < qkv.shape[2]:
-        raise ValueError(f"apply_rotary_qkv needs qkv (batch, seq, heads + 2 * kv_heads, dim) with at least one "
-                         f"query head, got shape {tuple(qkv.shape)} and kv_heads {kv_heads}")
-    q, k, v = qkv.split((qkv.shape[2] - 2 * kv_heads, kv_heads, kv_heads), dim=2)
-    _check_rotary_arguments(q, k, cos, sin)
+    q, k, v = _split_qkv(qkv, kv_heads, cos, sin)
     if not use_triton(qkv, backend):
         return (*apply_rotary_reference(q, k, cos, sin), v)
     batch, seq, _, dim = qkv.shape
     return RotaryQKVFunction.apply(qkv, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim), kv_heads)
+
+
+def rotary_into_cache(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slots: torch.Tensor, *, backend: str = "auto",
+) -> torch.Tensor:
+    """For decoding with a preallocated KV cache: split the fused projection qkv (batch, seq, heads + 2 *
+    kv_heads, dim), rotate its query and key heads as `apply_rotary_qkv` does, write the rotated keys and
+    the values into `k_cache` and `v_cache` (batch, max_len, kv_heads, dim), strided views with a contiguous
+    last dim, at sequence positions `slots` (seq,) (a device tensor, so a captured decode step can advance
+    it), and return the rotated queries. The same values as `apply_rotary_qkv` followed by `index_copy_`
+    into the caches; the Triton path is one launch instead of three, and builds no autograd graph."""
+    if k_cache.dim() != 4:
+        raise ValueError(f"rotary_into_cache needs k_cache (batch, max_len, kv_heads, dim), got {tuple(k_cache.shape)}")
+    kv_heads = k_cache.shape[2]
+    q, _, _ = _split_qkv(qkv, kv_heads, cos, sin)
+    batch, seq, q_heads, dim = q.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.shape != (batch, k_cache.shape[1], kv_heads, dim) or cache.dtype != qkv.dtype or cache.stride(-1) != 1:
+            raise ValueError(f"rotary_into_cache needs {name} ({batch}, max_len, {kv_heads}, {dim}) in {qkv.dtype} "
+                             f"with a contiguous last dim, got {tuple(cache.shape)} {cache.dtype}")
+    if slots.shape != (seq,) or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rotary_into_cache needs one integer cache slot per new token ({seq}), "
+                         f"got {slots.dtype} slots of shape {tuple(slots.shape)}")
+    if not use_triton(qkv, backend) or (torch.is_grad_enabled() and qkv.requires_grad):
+        q, k, v = apply_rotary_qkv(qkv, cos, sin, kv_heads, backend=backend)
+        k_cache.index_copy_(1, slots, k)
+        v_cache.index_copy_(1, slots, v)
+        return q
+    qkv = _last_dim_contiguous(qkv)
+    cos, sin = _same_strides(*(_last_dim_contiguous(t.expand(batch, seq, dim)) for t in (cos, sin)))
+    q = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
+    if batch * seq:
+        _rotary_into_cache_kernel[(batch * seq,)](
+            qkv, cos, sin, q, k_cache, v_cache, slots, seq, q_heads, kv_heads, dim // 2,
+            qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0), cos.stride(1),
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), **_tile_shape(q_heads, kv_heads, dim),
+        )
+    return q
