@@ -51,11 +51,12 @@ class StaticKVCache:
     Implements the model's cache protocol: `update(layer_idx, qkv, cos, sin, backend)` rotates the new
     tokens' queries and keys, writes the keys and values at the positions in `write_index` (a device tensor,
     so a decode step keeps static shapes; on the Triton path in the rotary kernel itself) and returns the
-    queries and the first `visible` cached positions in the model's (batch, seq, kv_heads, head_dim) layout. For SDPA the storage is
-    (batch, kv_heads, max_len, head_dim) per layer, which SDPA reads without a copy. With `flash=True` the
-    storage is flash-attn's (batch, max_len, kv_heads, head_dim) and, while `attends` is set, the model calls
-    `attend()` instead, which appends and attends in one `flash_attn_with_kvcache` kernel (`seqlens` are the
-    absolute cache lengths, `leftpad` the left padding of each row, both int32 as flash-attn wants)."""
+    queries and the first `visible` cached positions in the model's (batch, seq, kv_heads, head_dim) layout.
+    For SDPA the storage is (batch, kv_heads, max_len, head_dim) per layer, which SDPA reads without a copy.
+    With `flash=True` the storage is flash-attn's (batch, max_len, kv_heads, head_dim) and, while `attends`
+    is set, the model calls `attend()` instead, which appends and attends in one `flash_attn_with_kvcache`
+    kernel (`seqlens` are the absolute cache lengths, `leftpad` the left padding of each row, both int32 as
+    flash-attn wants)."""
 
     def __init__(self, config, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  flash: bool = False):
