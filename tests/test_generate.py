@@ -171,15 +171,16 @@ def test_greedy_with_triton_kernels_matches_transformers(models, monkeypatch):
 
 
 @pytest.mark.parametrize("kernels, copies", [("torch", 2), ("triton", 0)])
-def test_decode_step_writes_the_cache_inside_the_rotary_kernel(models, kernels, copies, monkeypatch):
-    # two fewer kernels a layer in every decode step, where batch-1 time is mostly launches
+def test_decode_step_kernels(models, kernels, copies, monkeypatch):
+    # batch-1 decoding is mostly kernel launches: the rotary kernel writes the cache (two copies a layer
+    # fewer) and the angles come from a table (no trigonometry in the step)
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class CountCopies(TorchDispatchMode):
-        count = 0
+    class RecordOps(TorchDispatchMode):
+        names = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountCopies.count += func.__name__.startswith("index_copy")
+            RecordOps.names.append(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setenv("TTL_KERNELS", kernels)
@@ -188,9 +189,20 @@ def test_decode_step_writes_the_cache_inside_the_rotary_kernel(models, kernels, 
     with torch.no_grad():
         decoder = KVDecoder(ours, mask, max_new_tokens=2)
         decoder.prefill(ids)
-        with CountCopies():
+        with RecordOps():
             decoder.step(ids[:, -1:])
-    assert CountCopies.count == copies * ours.config.num_hidden_layers
+    assert RecordOps.names.count("index_copy_") == copies * ours.config.num_hidden_layers
+    assert not {"cos", "sin"} & set(RecordOps.names)
+
+
+def test_decode_angle_table_is_the_models_own_angles(models):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    decoder = KVDecoder(ours, mask, max_new_tokens=30)
+    positions = torch.arange(decoder.angle_table.shape[0])[None].expand(2, -1) - torch.tensor([[0], [3]])
+    cos, sin = ours.backbone.rotary(positions.clamp_min(0), torch.float32)
+    table = decoder.angle_table[positions.clamp_min(0)]
+    assert torch.equal(table[:, :, 0], cos) and torch.equal(table[:, :, 1], sin)
 
 
 def test_seed_reproduces_samples_and_num_return_sequences(models):

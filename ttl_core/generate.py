@@ -107,10 +107,15 @@ class KVDecoder:
         max_len = -(-(prompt_len + max_new_tokens) // 16) * 16
         self.prompt_len = prompt_len
         self.key_ok = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        # key_ok as an additive mask (0 or -inf) in the model's dtype: SDPA turns a boolean mask into that
-        # form in every layer's call, two kernels a layer that a decode step would pay 2 x num_layers times
+        # The decode steps' mask, additive (0 or -inf) in the model's dtype: SDPA turns a boolean mask into
+        # that form in every layer's call, two kernels a layer. It starts with the prompt's real keys and
+        # each step opens the column of its new token (one kernel).
         self.key_bias = torch.zeros(batch, max_len, dtype=dtype, device=device)
         self.key_index = torch.arange(max_len, device=device)
+        # rotary (cos, sin) of every position the cache can hold, as the model computes them: a step gathers
+        # its rows in one kernel instead of computing them in seven
+        cos, sin = model.backbone.rotary(self.key_index[None], model.backbone.embed.weight.dtype)
+        self.angle_table = torch.stack((cos[0], sin[0]), dim=1)  # (max_len, 2, head_dim)
         self.prompt_positions = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.decode_index = torch.zeros(1, dtype=torch.long, device=device)
@@ -124,7 +129,7 @@ class KVDecoder:
         """Forget the cached prompts; the next `prefill` takes prompts padded as `attention_mask` says."""
         real = attention_mask.bool()
         self.key_ok[:, :self.prompt_len].copy_(real)
-        self.key_bias.zero_().masked_fill_(~self.key_ok, float("-inf"))
+        self.key_bias.zero_().masked_fill_(~self.key_ok | (self.key_index >= self.prompt_len), float("-inf"))
         self.prompt_positions.copy_((real.long().cumsum(-1) - 1).clamp_min(0))
         self.position.copy_(self.prompt_positions[:, -1:] + 1)
         self.decode_index.fill_(self.prompt_len)
@@ -152,9 +157,10 @@ class KVDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (batch, 1) at the next position; logits of the token after it."""
         # every row sees at least its new token, so no row of this additive mask is all -inf
-        mask = self.key_bias.masked_fill(self.key_index > self.decode_index, float("-inf"))[:, None, None, :]
-        logits = self.model_ref()(tokens, attention_mask=mask, position_ids=self.position, kv_cache=self.cache,
-                            logits_to_keep=1).logits[:, -1]
+        self.key_bias.index_fill_(1, self.decode_index, 0.0)
+        angles = self.angle_table[self.position]  # (batch, 1, 2, head_dim)
+        logits = self.model_ref()(tokens, attention_mask=self.key_bias[:, None, None, :], position_ids=self.position,
+                                  kv_cache=self.cache, logits_to_keep=1, angles=angles.unbind(2)).logits[:, -1]
         self.decode_index.add_(1)
         self.position.add_(1)
         if self.flash:

@@ -171,7 +171,7 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
+        max_seqlen: int | None = None, angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states (batch, seq, hidden).
 
@@ -181,7 +181,9 @@ class LlamaModel(nn.Module):
         `position_ids` default to 0..seq-1. `kv_cache`, if given, has `update(layer_idx, qkv, cos, sin,
         kernel_backend)` taking the new tokens' fused projection and returning the rotated queries and the keys
         and values to attend over, or, while its `attends` is true, `attend(layer_idx, q, k, v)` returning the
-        attention output itself (see `ttl_core.generate.StaticKVCache`)."""
+        attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if given, are the rotary
+        (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a decoder gathers them from a
+        table: one kernel a step instead of seven)."""
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
@@ -191,7 +193,7 @@ class LlamaModel(nn.Module):
         if mask is not None and mask.dim() == 2:
             mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
         hidden = self.embed(input_ids)
-        cos, sin = self.rotary(position_ids, hidden.dtype)
+        cos, sin = angles if angles is not None else self.rotary(position_ids, hidden.dtype)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen)
@@ -294,6 +296,7 @@ class LlamaForCausalLM(_LlamaBase):
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache=None,
         logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ModelOutput:
         """Logits (batch, seq, vocab) without labels; with labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
@@ -301,8 +304,9 @@ class LlamaForCausalLM(_LlamaBase):
         `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
         labels already shifted (the token to predict at each position, as a packed data loader yields
         them) and replace `labels`. `cu_seqlens` / `max_seqlen` (see `ttl_core.attention.document_layout`) pack
-        several documents per row that do not attend to each other (pass their `position_ids` too)."""
-        hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen)
+        several documents per row that do not attend to each other (pass their `position_ids` too). `angles`:
+        see `LlamaModel.forward`."""
+        hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen, angles)
         loss = logits = None
         if labels is not None or targets is not None:
             given = targets if targets is not None else labels
