@@ -227,11 +227,11 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     """A call with the same shapes and settings reuses the last call's buffers: nothing of that call leaks."""
     _, ours = models
     kwargs = dict(max_new_tokens=16, do_sample=True, top_k=20, repetition_penalty=1.3, eos_token_id=[5, 6], seed=4)
-    first, _ = left_padded(ours.config.vocab_size, seed=10)
+    first, first_mask = left_padded(ours.config.vocab_size, seed=10)  # other padding: rows 1, 2 more masked
     ids, mask = left_padded(ours.config.vocab_size, seed=11, pads=(4, 0, 2))
     generate_module._SESSIONS.clear()
     fresh = ttl_core.generate(ours, ids, mask, **kwargs)
-    ttl_core.generate(ours, first, torch.ones_like(first), **kwargs)
+    ttl_core.generate(ours, first, first_mask, **kwargs)
     session = generate_module._SESSIONS[ours]
     reused = ttl_core.generate(ours, ids, mask, **kwargs)
     assert generate_module._SESSIONS[ours] is session and torch.equal(reused, fresh)

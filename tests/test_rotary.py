@@ -137,7 +137,7 @@ def test_fused_qkv_rejects_head_counts_that_do_not_fit():
 DECODE_SHAPES = {**CASES, "ttl160m_decode": (8, 1, 12, 12, 64), "ttl160m_prefill": (2, 100, 12, 12, 64)}
 
 
-@pytest.mark.parametrize("layout", ["sdpa", "flash"])
+@pytest.mark.parametrize("layout", ["sdpa", "flash", "k_sdpa_v_flash"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case, device", [
     ("gqa", "cpu"), ("mqa", "cpu"), ("odd_half_dim", "cpu"),
@@ -155,9 +155,10 @@ def test_rotary_into_cache_equals_rotate_then_copy(case, device, dtype, layout):
     gen = torch.Generator().manual_seed(10)
 
     def caches():  # SDPA's (batch, kv_heads, max_len, dim) storage seen as (batch, max_len, kv_heads, dim)
-        shape = (batch, kv_heads, max_len, dim) if layout == "sdpa" else (batch, max_len, kv_heads, dim)
-        stores = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2)]
-        return [t.transpose(1, 2) for t in stores] if layout == "sdpa" else stores
+        sdpa = (layout == "sdpa", layout == "sdpa") if layout != "k_sdpa_v_flash" else (True, False)
+        shapes = [(batch, kv_heads, max_len, dim) if s else (batch, max_len, kv_heads, dim) for s in sdpa]
+        stores = [torch.randn(shape, generator=gen).to(device, dtype) for shape in shapes]
+        return [t.transpose(1, 2) if s else t for t, s in zip(stores, sdpa)]
     fused_k, fused_v = caches()
     ref_k, ref_v = (t.clone() for t in (fused_k, fused_v))
     q = ttl_kernels.rotary_into_cache(qkv, cos, sin, fused_k, fused_v, slots, backend="triton")
@@ -170,6 +171,23 @@ def test_rotary_into_cache_equals_rotate_then_copy(case, device, dtype, layout):
     tol = REL_TOL[str(dtype).split(".")[1]]
     assert rel_err(q, torch_q) <= tol and rel_err(fused_k[:, slots], torch_k[:, slots]) <= tol
     assert torch.equal(fused_v[:, slots], torch_v[:, slots])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rotary_into_cache_slot_types_and_range(backend):
+    qkv = projection(2, 4, 2, 1, 8, torch.float32, seed=12)[0].detach().view(2, 4, 4, 8)
+    cos, sin = angles(torch.arange(4), 8, torch.float32)
+    slots = torch.tensor([3, 0, 6, 1], dtype=torch.int32)
+    k_cache, v_cache = torch.zeros(2, 7, 1, 8), torch.zeros(2, 7, 1, 8)
+    q = ttl_kernels.rotary_into_cache(qkv, cos, sin, k_cache, v_cache, slots, backend=backend)
+    want_q, want_k, want_v = ttl_kernels.apply_rotary_qkv(qkv, cos, sin, 1, backend=backend)
+    assert torch.equal(q, want_q)
+    assert torch.equal(k_cache[:, slots.long()], want_k) and torch.equal(v_cache[:, slots.long()], want_v)
+    if backend == "triton":  # a slot outside the cache is skipped, not written past its end
+        k_cache.zero_(), v_cache.zero_()
+        ttl_kernels.rotary_into_cache(qkv, cos, sin, k_cache, v_cache, torch.tensor([3, -1, 7, 1]), backend=backend)
+        assert torch.equal(k_cache[:, [3, 1]], want_k[:, [0, 3]]) and torch.equal(v_cache[:, [3, 1]], want_v[:, [0, 3]])
+        assert k_cache[:, [0, 2, 4, 5, 6]].abs().sum() == 0 and v_cache[:, [0, 2, 4, 5, 6]].abs().sum() == 0
 
 
 def test_rotary_into_cache_keeps_autograd_when_asked():

@@ -238,11 +238,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
-        result = _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
-        # rank 0 still plots and samples after the last collective; a rank that tore its gloo group down
-        # meanwhile was seen to abort at exit ("terminate called without an active exception")
-        barrier(world)
-        return result
+        return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
     finally:
         close_world(world)
 
@@ -358,8 +354,14 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             log.close()
 
     sample = None
-    if world.is_main:
-        plot_metrics(out_dir)
-        if step == train.max_steps and saved_at is not None and train.sample_tokens > 0:
-            sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
+    try:
+        if world.is_main:
+            plot_metrics(out_dir)
+            if step == train.max_steps and saved_at is not None and train.sample_tokens > 0:
+                sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
+    finally:
+        # the other ranks wait for rank 0 (even when it fails) before anyone tears the group down: a rank
+        # that destroyed its gloo group meanwhile was seen to abort ("terminate called without an active
+        # exception")
+        barrier(world)
     return RunResult(step, loss, saved_at, sample)

@@ -88,7 +88,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rotary_into_cache_kernel(
-        QKV, COS, SIN, QO, K_CACHE, V_CACHE, SLOTS, seq_len, n_q_heads, n_k_heads, half,
+        QKV, COS, SIN, QO, K_CACHE, V_CACHE, SLOTS, seq_len, n_q_heads, n_k_heads, half, max_len,
         stride_b, stride_s, stride_h, stride_cb, stride_cs, stride_qob, stride_qos, stride_qoh,
         stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
         BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -102,13 +102,20 @@ if HAVE_TRITON:
         row = QKV + b * stride_b + s * stride_s
         _rotate_heads(row, QO + b * stride_qob + s * stride_qos, n_q_heads, stride_h, stride_qoh,
                       c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, False)
-        _rotate_heads(row + n_q_heads * stride_h, K_CACHE + b * stride_kcb + slot * stride_kcs, n_k_heads,
-                      stride_h, stride_kch, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, False)
+        # a slot outside the cache writes nothing (the reference's index_copy_ would raise; this cannot
+        # without a host sync); head strides of a (batch, kv_heads, max_len, dim) cache are max_len * dim,
+        # whose multiples need 64 bits at long contexts (zeros + stride: also when Triton made a stride 1 a
+        # constant)
+        k_heads_in_cache = tl.where((slot >= 0) & (slot < max_len), n_k_heads, 0)
+        stride_kch64 = tl.zeros([], tl.int64) + stride_kch
+        stride_vch64 = tl.zeros([], tl.int64) + stride_vch
+        _rotate_heads(row + n_q_heads * stride_h, K_CACHE + b * stride_kcb + slot * stride_kcs, k_heads_in_cache,
+                      stride_h, stride_kch64, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, False)
         heads = tl.arange(0, BLOCK_KH)[:, None]
         dims = tl.arange(0, 2 * BLOCK_HALF)[None, :]
-        mask = (heads < n_k_heads) & (dims < 2 * half)
+        mask = (heads < k_heads_in_cache) & (dims < 2 * half)
         values = tl.load(row + (n_q_heads + n_k_heads + heads) * stride_h + dims, mask=mask)
-        tl.store(V_CACHE + b * stride_vcb + slot * stride_vcs + heads * stride_vch + dims, values, mask=mask)
+        tl.store(V_CACHE + b * stride_vcb + slot * stride_vcs + heads * stride_vch64 + dims, values, mask=mask)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -254,7 +261,8 @@ def rotary_into_cache(
     the values into `k_cache` and `v_cache` (batch, max_len, kv_heads, dim), strided views with a contiguous
     last dim, at sequence positions `slots` (seq,) (a device tensor, so a captured decode step can advance
     it), and return the rotated queries. The same values as `apply_rotary_qkv` followed by `index_copy_`
-    into the caches; the Triton path is one launch instead of three, and builds no autograd graph."""
+    into the caches; the Triton path is one launch instead of three, builds no autograd graph, and skips
+    (rather than raises on) a slot outside the cache."""
     if k_cache.dim() != 4:
         raise ValueError(f"rotary_into_cache needs k_cache (batch, max_len, kv_heads, dim), got {tuple(k_cache.shape)}")
     kv_heads = k_cache.shape[2]
@@ -269,15 +277,15 @@ def rotary_into_cache(
                          f"got {slots.dtype} slots of shape {tuple(slots.shape)}")
     if not use_triton(qkv, backend) or (torch.is_grad_enabled() and qkv.requires_grad):
         q, k, v = apply_rotary_qkv(qkv, cos, sin, kv_heads, backend=backend)
-        k_cache.index_copy_(1, slots, k)
-        v_cache.index_copy_(1, slots, v)
+        k_cache.index_copy_(1, slots.long(), k)
+        v_cache.index_copy_(1, slots.long(), v)
         return q
     qkv = _last_dim_contiguous(qkv)
     cos, sin = _same_strides(*(_last_dim_contiguous(t.expand(batch, seq, dim)) for t in (cos, sin)))
     q = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
     if batch * seq:
         _rotary_into_cache_kernel[(batch * seq,)](
-            qkv, cos, sin, q, k_cache, v_cache, slots, seq, q_heads, kv_heads, dim // 2,
+            qkv, cos, sin, q, k_cache, v_cache, slots, seq, q_heads, kv_heads, dim // 2, k_cache.shape[1],
             qkv.stride(0), qkv.stride(1), qkv.stride(2), cos.stride(0), cos.stride(1),
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), **_tile_shape(q_heads, kv_heads, dim),
