@@ -167,7 +167,8 @@ def test_greedy_with_triton_kernels_matches_transformers(models, monkeypatch):
     hf, ours = models
     ids, mask = left_padded(hf.config.vocab_size)
     ref = hf_greedy(hf, ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=[])
-    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=[]), ref)
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=12, repetition_penalty=1.3, eos_token_id=[])
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("kernels, copies", [("torch", 2), ("triton", 0)])

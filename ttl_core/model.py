@@ -181,9 +181,9 @@ class LlamaModel(nn.Module):
         `position_ids` default to 0..seq-1. `kv_cache`, if given, has an `attends` flag and `update(layer_idx,
         qkv, cos, sin, kernel_backend)` taking the new tokens' fused projection and returning the rotated
         queries and the keys and values to attend over, or, while `attends` is true, `attend(layer_idx, q, k,
-        v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if given, are the rotary
-        (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a decoder gathers them from a
-        table: one kernel a step instead of seven)."""
+        v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if
+        given, are the rotary (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a decoder
+        gathers them from a table: one kernel a step instead of seven)."""
         if input_ids.dim() != 2:
             raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         batch, seq = input_ids.shape
