@@ -220,3 +220,113 @@ def test_saved_config_records_the_weight_dtype(tmp_path):
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name)  # dtype "auto": the config's
         assert loaded.model.embed_tokens.weight.dtype == dtype, name
         assert torch.equal(loaded.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(dtype))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mlp_bias=True, attention_bias=True),
+    dict(head_dim=32),  # not hidden_size / heads
+    dict(num_key_value_heads=1),
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+])
+def test_less_common_shapes_round_trip_bit_identically(tmp_path, overrides):
+    """Also: llama3 rope without original_max_position_embeddings takes max_position_embeddings, as transformers."""
+    hf = hf_causal_lm(**overrides)
+    hf.save_pretrained(tmp_path / "src")
+    model = ttl_core.load_pretrained(tmp_path / "src")
+    ttl_core.save_pretrained(model, tmp_path / "out")
+    assert_bit_identical(read_all(tmp_path / "src"), read_all(tmp_path / "out"))
+    ids = torch.randint(4, 131, (2, 200), generator=torch.Generator().manual_seed(5))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (model(ids).logits - expected).abs().max() <= 1e-5
+        assert torch.equal(reloaded(ids).logits, expected)
+
+
+def test_label_overrides_rebuild_the_head_names(tmp_path):
+    """Asking for another number of labels resizes the head even when config.json names two labels."""
+    hf_causal_lm().save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config.update(id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "src", num_labels=5)
+    ours = ttl_core.load_pretrained(tmp_path / "src", architecture="LlamaForSequenceClassification", num_labels=5)
+    assert ours.score.weight.shape == theirs.score.weight.shape == (5, 64)
+    assert ours.config.id2label is None and ours.config.to_hf_dict("LlamaForSequenceClassification")["id2label"] == {
+        str(k): v for k, v in theirs.config.id2label.items()}
+    named = ours.config.replace(id2label={0: "neg", 1: "neu", 2: "pos"})
+    assert named.num_labels == 3 and named.label2id == {"neg": 0, "neu": 1, "pos": 2}
+    with pytest.raises(ConfigError, match="num_labels 4 does not match the 3 names"):
+        ours.config.replace(num_labels=4, id2label={0: "a", 1: "b", 2: "c"})
+
+
+def test_a_checkpoint_of_mixed_dtypes_loads_without_rounding(tmp_path):
+    hf = hf_causal_lm().to(torch.bfloat16)
+    for name, module in hf.named_modules():
+        if name.endswith("norm"):
+            module.float()
+    hf.save_pretrained(tmp_path / "src")
+    stored = read_all(tmp_path / "src")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16, torch.float32}
+    model = ttl_core.load_pretrained(tmp_path / "src")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ttl_core.save_pretrained(model, tmp_path / "out")
+    back = read_all(tmp_path / "out")
+    assert all(torch.equal(back[key], tensor.float()) for key, tensor in stored.items())
+
+
+def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_path):
+    hf_causal_lm().save_pretrained(tmp_path / "src")
+    model = ttl_core.load_pretrained(tmp_path / "src", kernels="torch", attention="eager")
+    ttl_core.save_pretrained(model, tmp_path / "out")
+    ttl_core.save_native(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()  # transformers would read the fused tensors under it
+    saved = json.loads((tmp_path / "out" / "ttl_config.json").read_text())["config"]
+    assert "kernels" not in saved and "attention" not in saved
+    reloaded = ttl_core.load_pretrained(tmp_path / "out")
+    assert (reloaded.config.kernels, reloaded.config.attention) == ("auto", "auto")
+    meta = json.loads((tmp_path / "out" / "ttl_config.json").read_text())
+    (tmp_path / "out" / "ttl_config.json").write_text(json.dumps({**meta, "architecture": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="unsupported architecture"):
+        ttl_core.load_pretrained(tmp_path / "out")
+
+
+def test_a_given_state_dict_is_checked_against_the_model(tmp_path):
+    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    full = {name: p.detach() for name, p in model.named_parameters()}
+    with pytest.raises(CheckpointError, match=r"state_dict lacks backbone\.embed\.weight.*without DDP"):
+        ttl_core.save_pretrained(model, tmp_path / "a", state_dict={f"module.{k}": v for k, v in full.items()})
+    half = {**full, "backbone.layers.0.attn.qkv.weight": full["backbone.layers.0.attn.qkv.weight"][:64]}
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.attn\.qkv\.weight \(64, 64\) \(model: \(128, 64\)\)"):
+        ttl_core.save_pretrained(model, tmp_path / "b", state_dict=half)
+    assert not list((tmp_path / "b").glob("*.safetensors"))
+
+
+def test_float64_weights_are_labelled_float64(tmp_path):
+    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"), dtype=torch.float64)
+    ttl_core.save_pretrained(model, tmp_path / "out")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.float64
+
+
+@pytest.mark.parametrize("pad", [-1, 130])
+def test_the_padding_row_is_the_one_transformers_picks(tmp_path, pad):
+    hf = hf_causal_lm(pad_token_id=pad)
+    ours = ttl_core.load_pretrained(_saved(hf, tmp_path / "src"))
+    assert ours.backbone.embed.padding_idx == hf.model.embed_tokens.padding_idx == 130
+
+
+def test_a_padding_id_outside_the_vocabulary_is_refused(tmp_path):
+    d = _saved(hf_causal_lm(), tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "pad_token_id": 131}))
+    with pytest.raises(ConfigError, match="pad_token_id 131 is outside the vocabulary of 131 tokens"):
+        ttl_core.load_pretrained(d)
+
+
+def test_llama3_rope_takes_the_original_context_as_transformers_does():
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    hf = {"max_position_embeddings": 256, "rope_parameters": rope}
+    for extra, expected in (({}, 256), ({"original_max_position_embeddings": 64}, 256)):  # not read at the top
+        ours = ttl_core.LlamaConfig.from_hf_dict({**hf, **extra}).rope_scaling["original_max_position_embeddings"]
+        theirs = transformers.LlamaConfig(**hf, **extra).rope_parameters["original_max_position_embeddings"]
+        assert ours == theirs == expected

@@ -78,6 +78,8 @@ class LlamaConfig:
                 )
             self.rope_scaling["rope_type"] = rope_type
             self.rope_scaling.pop("type", None)
+            if rope_type == "llama3":  # transformers' default: the model was pretrained at its full context
+                self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
             required = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                                         "original_max_position_embeddings"]}
             missing = [k for k in required.get(rope_type, []) if k not in self.rope_scaling]
@@ -107,6 +109,16 @@ class LlamaConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown LlamaConfig field(s): {', '.join(sorted(unknown))}")
+        # the label fields describe one head: changing one rebuilds the others from it, as transformers does,
+        # instead of keeping names for a head of another size
+        if "id2label" in changes:
+            id2label = changes["id2label"]
+            if "num_labels" in changes and id2label is not None and len(id2label) != changes["num_labels"]:
+                raise ConfigError(f"num_labels {changes['num_labels']} does not match the {len(id2label)} "
+                                  "names of id2label")
+            changes.setdefault("label2id", None)
+        elif "num_labels" in changes and changes["num_labels"] != self.num_labels:
+            changes.update(id2label=None, label2id=None)
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -9,6 +9,7 @@ never opened.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import warnings
@@ -18,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import LlamaConfig
+from .config import SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, TTLError
 from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
@@ -27,11 +28,12 @@ from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 Plan = dict[str, list[tuple[str, int | None]]]
 
 NATIVE_CONFIG = "ttl_config.json"
+RUNTIME_FIELDS = ("kernels", "attention")  # LlamaConfig fields that are not part of a checkpoint
 GENERATION_CONFIG = "generation_config.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 # Tensors older transformers versions saved that carry no weights.
 IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -158,9 +160,13 @@ def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
     if (directory / NATIVE_CONFIG).exists():
         meta = read_json(directory / NATIVE_CONFIG, CheckpointError)
         try:
-            return LlamaConfig(**meta["config"]), meta["architecture"]
-        except (KeyError, TypeError) as e:
+            fields = {k: v for k, v in meta["config"].items() if k not in RUNTIME_FIELDS}
+            config, architecture = LlamaConfig(**fields), meta["architecture"]
+        except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{directory / NATIVE_CONFIG}: malformed ({e})") from None
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"{directory / NATIVE_CONFIG}: unsupported architecture {architecture!r}")
+        return config, architecture
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: no config.json")
     hf = read_json(directory / "config.json", CheckpointError, expect=object)  # from_hf_dict checks its shape
@@ -180,7 +186,8 @@ def load_pretrained(
 
     Reads transformers' layout (`config.json` + `model.safetensors` or a sharded index) or ttl's native one.
     The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so
-    host memory peaks near one copy of the weights. `dtype=None` keeps the checkpoint's dtype.
+    host memory peaks near one copy of the weights. `dtype=None` keeps the checkpoint's dtype (for one that
+    mixes dtypes, the widest of them).
     `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`, or the labels.
     `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
     fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
@@ -200,6 +207,7 @@ def load_pretrained(
     files = _weight_files(directory)
     handles = {f: _open_safetensors(f) for f in files}
     found: dict[str, tuple[Path, list[int]]] = {}
+    stored_dtypes: dict[str, torch.dtype] = {}
     for f, handle in handles.items():
         for key in handle.keys():
             piece = handle.get_slice(key)
@@ -207,6 +215,7 @@ def load_pretrained(
                 raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
                                       f"weights ({', '.join(SAFETENSORS_DTYPES)})")
             found[key] = (f, piece.get_shape())
+            stored_dtypes[key] = SAFETENSORS_DTYPES[piece.get_dtype()]
 
     if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
             and "lm_head.weight" in found and _stored_head_differs(handles, found)):
@@ -223,9 +232,10 @@ def load_pretrained(
     _check_against_plan(plan, params, found, directory,
                         lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 
-    embed_key = plan["backbone.embed.weight"][0][0]
-    stored = handles[found[embed_key][0]].get_slice(embed_key).get_dtype()
-    target_dtype = _resolve_dtype(dtype) or SAFETENSORS_DTYPES.get(stored, torch.float32)
+    # a checkpoint that mixes dtypes (fp32 norms beside bf16 matrices) loads in the one they all convert to
+    # without loss, so no tensor is silently rounded
+    target_dtype = _resolve_dtype(dtype) or functools.reduce(
+        torch.promote_types, (stored_dtypes[key] for pieces in plan.values() for key, _ in pieces))
     model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
     model.backbone.rotary.reset_inv_freq()
@@ -320,10 +330,13 @@ def save_pretrained(
     model's own parameters, e.g. the full weights gathered from an FSDP-sharded model."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    params = state_dict if state_dict is not None else dict(model.named_parameters())
-    dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     config = model.config
     plan = hf_plan(config, model.architecture)
+    params = dict(model.named_parameters())
+    if state_dict is not None:
+        _check_state_dict(state_dict, {name: params[name].shape for name in plan})
+        params = state_dict
+    dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     unplanned = sorted(set(params) - set(plan) - {"lm_head.weight"})
     if unplanned:
         raise CheckpointError(f"the model holds parameters an HF checkpoint cannot represent ({_list_some(unplanned)}); "
@@ -340,6 +353,19 @@ def save_pretrained(
         tokenizer.save_pretrained(directory)
 
 
+def _check_state_dict(state_dict: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+    """A state dict handed to `save_pretrained` holds every weight under the model's own names and shapes
+    (an ungathered shard or a wrapper's prefix would otherwise be sliced into a broken checkpoint)."""
+    missing = [name for name in shapes if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"state_dict lacks {_list_some(missing)} (expected the model's own parameter names, "
+                              "without DDP or torch.compile prefixes)")
+    wrong = [f"{name} {tuple(state_dict[name].shape)} (model: {tuple(shape)})" for name, shape in shapes.items()
+             if tuple(state_dict[name].shape) != tuple(shape)]
+    if wrong:
+        raise CheckpointError(f"state_dict shapes differ from the model's: {_list_some(wrong)}")
+
+
 def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
                 max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None) -> None:
     """Write ttl's native layout: fused parameters under ttl's names and `ttl_config.json`."""
@@ -347,6 +373,9 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     directory.mkdir(parents=True, exist_ok=True)
     dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
     params = dict(model.named_parameters())
+    (directory / "config.json").unlink(missing_ok=True)  # transformers would read the new weights under it
     _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
+    # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
     write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": 1, "architecture": model.architecture,
-                                           "config": dataclasses.asdict(model.config)})
+                                           "config": config})

@@ -154,16 +154,25 @@ class Block(nn.Module):
         return self.mlp(x), residual
 
 
+def padding_index(pad_token_id: int | None, vocab_size: int) -> int | None:
+    """The embedding row of the pad token, read as transformers' `nn.Embedding(padding_idx=pad_token_id)` reads
+    it: a negative id counts from the end (old Llama configs say -1), one past the vocabulary is an error."""
+    if pad_token_id is None:
+        return None
+    if not -vocab_size <= pad_token_id < vocab_size:
+        raise ConfigError(f"pad_token_id {pad_token_id} is outside the vocabulary of {vocab_size} tokens")
+    return pad_token_id % vocab_size
+
+
 class LlamaModel(nn.Module):
     """Embedding, decoder blocks and final norm: token ids in, final hidden states out."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        pad = config.pad_token_id
         # As in transformers, the pad token's embedding row receives no gradient.
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size,
-                                  padding_idx=pad if pad is not None and 0 <= pad < config.vocab_size else None)
+                                  padding_idx=padding_index(config.pad_token_id, config.vocab_size))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.rotary = RotaryEmbedding(config)
@@ -235,9 +244,8 @@ class _LlamaBase(nn.Module):
         if new_vocab_size < 1:
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
-        pad = self.config.pad_token_id
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
-                             padding_idx=pad if pad is not None and 0 <= pad < new_vocab_size else None)
+                             padding_idx=padding_index(self.config.pad_token_id, new_vocab_size))
         with torch.no_grad():
             kept = min(new_vocab_size, old.num_embeddings)
             embed.weight[:kept] = old.weight[:kept]
