@@ -18,7 +18,7 @@ from tests.helpers import ROOT, run_script
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints
 from ttl_core.data import PackedLoader, prepare_data
-from ttl_core.distributed import World
+from ttl_core.distributed import World, full_optimizer_state, load_optimizer_state
 from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
@@ -286,6 +286,7 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     ("train.weight_decay=nan", "weight_decay must be >= 0"), ("train.grad_clip=nan", "grad_clip must be >= 0"),
     ("train.eps=0.0", "eps must be > 0"), ("train.betas=[2.0, 0.9]", "betas must be two numbers"),
     ("train.no_decay=[1]", "no_decay must list"), ("train.seed=-1", "seed must be in"),
+    ("train.lr=inf", "lr must be finite"), ("train.eps=inf", "eps must be finite"),
 ])
 def test_nan_and_out_of_range_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -383,3 +384,38 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
     run = run_config("train.max_steps=4", "train.save_every=1", f"train.keep_checkpoints={keep}")
     train(run, tmp_path, data_dir=str(data_dir))
     assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{s:06d}" for s in range(5 - keep, 5)]
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_leaves_the_weights_alone():
+    """Clipping an infinite norm would turn every gradient into NaN; the step is refused before the update."""
+    run = run_config()
+    model = random_model(run)
+    model.backbone.layers[0].mlp.down.weight.register_hook(lambda g: g * float("inf"))
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, run.train, torch.device("cpu"))
+    with pytest.raises(TrainingError, match="gradient norm became"):
+        train_step(model, optimizer, [{"input_ids": ids, "targets": ids}], run.train,
+                   World(0, 1, torch.device("cpu")), 1e-3, None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
+    """The checkpoint restores AdamW's moments; weight decay, betas and eps are the resumed run's config, and
+    a changed no_decay (which would regroup the parameters) is refused."""
+    run = run_config("train.max_steps=4")
+    train(run, tmp_path, data_dir=str(data_dir), stop_after=2)
+    with pytest.raises(ConfigError, match=r"trained with train.no_decay=\['norm', 'bias'\]; resuming with \[\]"):
+        train(run_config("train.max_steps=4", "train.no_decay=[]"), tmp_path, data_dir=str(data_dir), resume=True)
+    model = random_model(run)
+    first = build_optimizer(model, run.train, torch.device("cpu"))
+    model(torch.randint(0, 400, (2, 16)), labels=torch.randint(0, 400, (2, 16))).loss.backward()
+    first.step()
+    changed = run_config("train.weight_decay=0.5", "train.betas=[0.5, 0.6]", "train.eps=1e-3").train
+    second = build_optimizer(model, changed, torch.device("cpu"))
+    load_optimizer_state(model, second, full_optimizer_state(model, first))
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in second.param_groups] == [
+        (0.5, (0.5, 0.6), 1e-3), (0.0, (0.5, 0.6), 1e-3)]
+    saved, loaded = first.state_dict()["state"], second.state_dict()["state"]
+    assert all(torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"]) for i in saved)

@@ -346,7 +346,8 @@ class PackedLoader:
         self.batches_per_epoch = self.n_blocks // global_batch
         if self.batches_per_epoch == 0:
             raise DataError(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch needs "
-                            f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data, "
+                            f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
+                            f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
                             f"a smaller batch or a shorter sequence")
         self.epoch, self.batch = 0, 0
         self._order = self._permutation(0)

@@ -111,7 +111,9 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a full, name-keyed optimizer state into a (possibly sharded) optimizer."""
+    """Load a full, name-keyed optimizer state into a (possibly sharded) optimizer. The checkpoint supplies
+    the moments and step counts; the hyperparameters (weight decay, betas, eps) stay the ones the optimizer
+    was built with, so a resumed run applies the config it was started with, as it does for the lr."""
     # the loader maps onto the optimizer's existing per-parameter state, so create it first with a step
     # that changes nothing (zero gradients, learning rate 0)
     lrs = [group["lr"] for group in optimizer.param_groups]
@@ -123,4 +125,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     optimizer.zero_grad(set_to_none=True)
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)

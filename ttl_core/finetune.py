@@ -274,6 +274,8 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     train_cfg = cfg.train_config(steps_per_epoch * cfg.epochs)
     optimizer = build_optimizer(model, train_cfg, device)
+    # fp16 gradients of small losses underflow without loss scaling, as in pretraining
+    scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
     model.train()
     step = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -285,9 +287,9 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
-            loss.backward()
+            (scaler.scale(loss) if scaler else loss).backward()
             lr = lr_at(step, train_cfg)
-            grad_norm = optimizer_update(model, optimizer, train_cfg, lr)
+            grad_norm = optimizer_update(model, optimizer, train_cfg, lr, scaler)
             log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
         after_epoch(epoch, step)
 

@@ -8,6 +8,7 @@ is an error that names it, so a typo never silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,9 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if not t.eps > 0:
         raise ConfigError(f"train.eps must be > 0, got {t.eps}")
+    for key in ("lr", "eps", "weight_decay"):  # an infinite one turns the first update's weights into NaN
+        if not math.isfinite(getattr(t, key)):
+            raise ConfigError(f"train.{key} must be finite, got {getattr(t, key)}")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     if not all(isinstance(name, str) for name in t.no_decay):

@@ -96,7 +96,9 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float, scaler: torch.amp.GradScaler | None) -> tuple[float, float]:
     """One optimizer update from `grad_accum_steps` micro-batches; returns (mean loss per target token,
-    gradient norm before clipping). Raises TrainingError, before touching the weights, on a non-finite loss."""
+    gradient norm before clipping). Raises TrainingError, before touching the weights, on a non-finite loss or,
+    without an fp16 grad scaler (which skips such steps itself), a non-finite gradient norm: clipping would turn
+    every gradient into NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
@@ -113,9 +115,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # one host sync for both figures: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
     mean_loss, grad_norm = torch.stack([mean_loss.reshape(()), grad_norm.to(mean_loss)]).tolist()
-    if not math.isfinite(mean_loss):
-        optimizer.zero_grad(set_to_none=True)
-        raise TrainingError(f"loss became {mean_loss}")
+    stop_if_not_finite(optimizer, {"loss": mean_loss, **({} if scaler else {"gradient norm": grad_norm})})
     apply_update(optimizer, lr, scaler)
     return mean_loss, grad_norm
 
@@ -144,10 +144,21 @@ def apply_update(optimizer: torch.optim.Optimizer, lr: float, scaler: torch.amp.
 
 def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
                      scaler: torch.amp.GradScaler | None = None) -> float:
-    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping."""
-    grad_norm = clip_gradients(model, optimizer, train, scaler)
+    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping. A non-finite
+    norm without a grad scaler raises TrainingError before the weights change (see `train_step`)."""
+    grad_norm = float(clip_gradients(model, optimizer, train, scaler))
+    stop_if_not_finite(optimizer, {} if scaler else {"gradient norm": grad_norm})
     apply_update(optimizer, lr, scaler)
-    return float(grad_norm)
+    return grad_norm
+
+
+def stop_if_not_finite(optimizer: torch.optim.Optimizer, figures: dict[str, float]) -> None:
+    """Raise TrainingError naming the first of `figures` that is NaN or infinite, with the gradients dropped
+    so the weights stay as they were."""
+    for name, value in figures.items():
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"{name} became {value}")
 
 
 @torch.no_grad()
@@ -290,6 +301,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if resume_from is not None:
         trainer_state, saved = load_trainer_state(resume_from)
         step = trainer_state["step"]
+        saved_no_decay = trainer_state.get("config", {}).get("train", {}).get("no_decay")
+        if saved_no_decay is not None and list(saved_no_decay) != list(train.no_decay):
+            raise ConfigError(f"{resume_from} was trained with train.no_decay={saved_no_decay}; resuming with "
+                              f"{train.no_decay} would move parameters between weight-decay groups")
         load_optimizer_state(model, optimizer, saved["optimizer"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
