@@ -86,9 +86,10 @@ def reply(model, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, b
     ids = torch.tensor([chat.ids], device=device)
     sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                            top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    pad = chat.tokenizer.pad_id
     out = generate(model, ids, max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
-                   eos_token_id=chat.eos, pad_token_id=chat.tokenizer.pad_id, streamer=streamer,
-                   cuda_graph=not args.no_cuda_graph, **sampling)
+                   eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece
+                   streamer=streamer, cuda_graph=not args.no_cuda_graph, **sampling)
     print(flush=True)
     return out[0, ids.shape[1]:].tolist()
 
@@ -106,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.interactive:
         chat.add_user(args.prompt, args.input)
-        reply(model, chat, args, streamer, args.max_new_tokens)
+        room = context - len(chat.ids)
+        if room < 1:
+            raise GenerationError(f"the context is full ({context} tokens): the prompt takes {len(chat.ids)}, which "
+                                  f"leaves no room for an answer")
+        reply(model, chat, args, streamer, min(args.max_new_tokens, room))
         return 0
 
     first = args.prompt

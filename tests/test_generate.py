@@ -2,11 +2,11 @@
 
 import gc
 import importlib
-import threading
 import weakref
 
 import pytest
 import torch
+from generation_helpers import PAD, CharTokenizer, hf_generation_model, hf_greedy, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
@@ -15,44 +15,17 @@ from ttl_core.generate import KVDecoder
 from ttl_core.streamer import TextStreamer
 from ttl_core.lora import apply_lora, lora_layers, merge_lora
 
-PAD = 3
 generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
-
-
-def hf_generation_model(seed: int = 0, **overrides):
-    """A random transformers model whose logit for the padding token is always 0. transformers up to 5.17
-    applies repetition_penalty to the left-padding tokens of the prompt, later releases (and ttl) do not;
-    a penalty leaves a zero logit at zero, so greedy comparisons hold under both."""
-    hf = hf_causal_lm(seed=seed, **overrides)
-    with torch.no_grad():
-        hf.lm_head.weight[PAD] = 0.0
-    return hf
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = hf_generation_model()
-    path = tmp_path_factory.mktemp("gen")
-    hf.save_pretrained(path)
-    return hf, ttl_core.load_pretrained(path)
+    return saved_models(tmp_path_factory.mktemp("gen"))
 
 
 def tmp_path_hf(tmp_path, name: str, seed: int = 0):
     hf_generation_model(seed=seed).save_pretrained(tmp_path / name)
     return tmp_path / name
-
-
-def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0, 3, 5)):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate(pads[:batch]):
-        mask[row, :n] = 0
-    return ids.masked_fill(mask == 0, PAD), mask
-
-
-def hf_greedy(hf, ids, mask, **kwargs):
-    return hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
@@ -267,61 +240,6 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     assert all(m is ours for m in generate_module._SESSIONS.keys())  # a cached session keeps no model alive
 
 
-class CharTokenizer:
-    """Token i is the byte i (mod 128) except ids 120..130, which are the UTF-8 bytes of 'é' and '€';
-    decoding joins the bytes, so a split character decodes to U+FFFD like a byte-fallback tokenizer."""
-
-    SPECIAL = {120: b"\xc3", 121: b"\xa9", 122: b"\xe2", 123: b"\x82", 124: b"\xac"}
-
-    def decode(self, ids, skip_special_tokens=True):
-        data = b"".join(self.SPECIAL.get(i, bytes([97 + i % 26])) for i in ids)
-        return data.decode("utf-8", errors="replace")
-
-
-def test_streamer_emits_stable_text():
-    tok = CharTokenizer()
-    pieces = []
-    streamer = TextStreamer(tok, on_text=pieces.append)
-    for ids in ([0], [1], [122], [123], [124], [120], [121], [2]):
-        streamer.put(ids)
-    assert pieces == ["a", "b", "€", "é", "c"]
-    streamer.end()
-    assert list(streamer) == pieces
-
-
-def test_streamer_follows_generation_from_a_thread(models):
-    _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size, batch=1)
-    streamer = TextStreamer(CharTokenizer(), timeout=60)
-    out = {}
-    worker = threading.Thread(target=lambda: out.update(ids=ttl_core.generate(
-        ours, ids, mask, max_new_tokens=12, eos_token_id=[], streamer=streamer)))
-    worker.start()
-    text = "".join(streamer)
-    worker.join()
-    assert text == CharTokenizer().decode(out["ids"][0, 9:].tolist())
-    assert len(text) > 0
-
-
-def test_stop_strings_finish_rows(models):
-    _, ours = models
-    tok = CharTokenizer()
-    ids, mask = left_padded(ours.config.vocab_size)
-    free = ttl_core.generate(ours, ids, mask, max_new_tokens=20, eos_token_id=[])[:, 9:]
-    stop = tok.decode(free[1, 5:7].tolist())  # completed by row 1's 7th new token
-    got = ttl_core.generate(ours, ids, mask, max_new_tokens=20, eos_token_id=[], stop_strings=stop, tokenizer=tok)
-    texts = [tok.decode(row) for row in free.tolist()]
-    for row in range(3):
-        cut = next((n for n in range(1, 21) if stop in tok.decode(free[row, :n].tolist())), None)
-        if cut is None:
-            assert torch.equal(got[row, 9:], free[row, :got.shape[1] - 9])
-        else:
-            assert torch.equal(got[row, 9:9 + cut], free[row, :cut])
-            assert (got[row, 9 + cut:] == PAD).all()
-    assert stop in texts[1] and got.shape[1] - 9 == max(
-        next((n for n in range(1, 21) if stop in tok.decode(free[r, :n].tolist())), 20) for r in range(3))
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=250), "exceeds the model's context of 256"),
     (dict(do_sample=True, top_p=0.0), "top_p must be in"),
@@ -335,6 +253,14 @@ def test_stop_strings_finish_rows(models):
     (dict(eos_token_id=[2, 999]), "eos_token_id 999"),
     (dict(stop_strings=["x"]), "need a tokenizer"),
     (dict(max_new_tokens=0), "max_new_tokens must be"),
+    (dict(do_sample=True, temperature="0.5"), "temperature must be a number, got '0.5'"),
+    (dict(do_sample=True, temperature=1e-39), "temperature 1e-39 is too small to sample with"),
+    (dict(do_sample=True, top_p=None), "top_p must be a number, got None"),
+    (dict(do_sample=True, top_k=True), "top_k must be an integer"),
+    (dict(pad_token_id=[3, 4]), "pad_token_id must be one token id"),
+    (dict(eos_token_id=torch.tensor([2.0])), "eos_token_id 2.0 is not a token id"),
+    (dict(stop_strings=[""], tokenizer=CharTokenizer()), "stop_strings must be a non-empty string"),
+    (dict(stop_strings="x", tokenizer=object()), "stop_strings need a tokenizer with id_to_token"),
 ])
 def test_bad_arguments_raise_one_line_errors(models, kwargs, message):
     _, ours = models
@@ -356,6 +282,8 @@ def test_bad_inputs_raise_one_line_errors(models):
     right = mask.flip(1)
     with pytest.raises(GenerationError, match="left-padded"):
         ttl_core.generate(ours, ids, right)
+    with pytest.raises(GenerationError, match="attention_mask must be a tensor shaped like input_ids, got a list"):
+        ttl_core.generate(ours, ids, mask.tolist())
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         ttl_core.generate(ours, ids + 1000)
     with pytest.raises(GenerationError, match="a streamer follows one sequence"):
@@ -363,6 +291,43 @@ def test_bad_inputs_raise_one_line_errors(models):
     classifier = ttl_core.LlamaForSequenceClassification(ttl_core.LlamaConfig.from_preset("tiny"))
     with pytest.raises(GenerationError, match="needs a causal LM"):
         ttl_core.generate(classifier, ids)
+
+
+def test_token_ids_as_tensors_and_numpy_integers(models):
+    """As transformers takes them: 0-d and 1-d tensors and NumPy integers are ids like Python ints."""
+    import numpy as np
+
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=[])[:, 9:]
+    eos = [int(free[0, 2]), int(free[1, 4])]
+    expected = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
+    for eos_ids, pad in ((torch.tensor(eos), torch.tensor(PAD)), (np.array(eos), np.int64(PAD)),
+                         ([np.int64(eos[0]), torch.tensor(eos[1])], torch.tensor([PAD]))):
+        got = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos_ids, pad_token_id=pad)
+        assert torch.equal(got, expected)
+    one = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos[0], pad_token_id=PAD)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=torch.tensor(eos[0]),
+                                         pad_token_id=PAD), one)
+
+
+def test_scores_without_a_distribution_raise_like_transformers(tmp_path):
+    """Logits so large that logits / temperature overflows float32 (at a temperature above the smallest one
+    taken) leave softmax nothing to sample from: transformers' torch.multinomial raises, and so does ttl (once
+    the graph-friendly decode loop is done) rather than emit token 0."""
+    hf = hf_generation_model()
+    with torch.no_grad():
+        hf.lm_head.weight *= 1e4
+    hf.save_pretrained(tmp_path)
+    ours = ttl_core.load_pretrained(tmp_path)
+    ids, mask = left_padded(hf.config.vocab_size)
+    kwargs = dict(max_new_tokens=3, do_sample=True, temperature=1e-36, eos_token_id=[])
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        hf.generate(ids, attention_mask=mask, pad_token_id=PAD, **kwargs)
+    with pytest.raises(GenerationError, match="sampling met scores with no distribution") as info:
+        ttl_core.generate(ours, ids, mask, seed=0, **kwargs)
+    assert "\n" not in str(info.value)
+    assert ttl_core.generate(ours, ids, mask, seed=0, **{**kwargs, "temperature": 1.0}).shape == (3, 12)
 
 
 def gpu_models(tmp_path, dtype, attention="sdpa"):

@@ -6,14 +6,27 @@ import io
 import sys
 
 import pytest
+import sentencepiece as spm
 import torch
 from helpers import ROOT, run_script
 
 import ttl_core
-from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, chat_prompt, train_tokenizer
+from ttl_core.errors import GenerationError
+from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, train_tokenizer
 
 WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
 CONTEXT = 64
+
+
+def tiny_model(vocab_size: int) -> ttl_core.LlamaForCausalLM:
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, max_position_embeddings=CONTEXT)
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding does not just repeat a token
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() > 1 else None
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +34,7 @@ def checkpoint(tmp_path_factory):
     texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 20)) + "." for i in range(200)]
     tok = train_tokenizer(texts, None, vocab_size=320)
     tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
-    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=2, max_position_embeddings=CONTEXT)
-    torch.manual_seed(0)
-    model = ttl_core.LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding does not just repeat a token
-        for p in model.parameters():
-            p.normal_(0.0, 0.3) if p.dim() > 1 else None
+    model = tiny_model(tok.vocab_size)
     path = tmp_path_factory.mktemp("chat")
     ttl_core.save_pretrained(model, path, tokenizer=tok)
     return path, tok, ttl_core.load_pretrained(path)
@@ -92,3 +99,40 @@ def test_aira_needs_its_special_tokens(checkpoint, tmp_path):
     run = run_script("generate", "--model", tmp_path, "--prompt", "oi", "--chat", "aira", "--device", "cpu")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "error: --chat aira needs a tokenizer with Aira's special tokens; <|endofcompletion|> is missing"]
+
+
+def test_prompt_mode_shrinks_the_answer_to_the_context(checkpoint, capsys):
+    """Without --interactive too, --max-new-tokens beyond the context's room is cut to what fits, and a prompt
+    that fills the context is a one-line error."""
+    path, tok, model = checkpoint
+    script = load_script()
+    question = "o menino foi para a escola com seu cachorro ontem"
+    assert script.main(["--model", str(path), "--prompt", question, "--chat", "aira", "--greedy",
+                        "--max-new-tokens", "150", "--device", "cpu"]) == 0
+    ids = tok.encode(chat_prompt("aira", question))
+    eos = [tok.eos_id, tok.token_to_id("<|endofcompletion|>")]
+    answer = expected_answer(model, tok, ids, max_new_tokens=CONTEXT - len(ids), repetition_penalty=1.2,
+                             eos_token_id=eos, pad_token_id=tok.pad_id)
+    assert capsys.readouterr().out == answer + "\n"
+    long_prompt = " ".join(WORDS * 3)
+    with pytest.raises(GenerationError, match=rf"^the context is full \({CONTEXT} tokens\): the prompt takes "):
+        script.main(["--model", str(path), "--prompt", long_prompt, "--greedy", "--device", "cpu"])
+
+
+def test_tokenizer_without_padding_piece(tmp_path, capsys):
+    """A Llama-style tokenizer.model without `<pad>` (its pad id is -1): generation pads with the EOS id."""
+    texts = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(4 + i % 9)) for i in range(200)]
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model_file, model_type="bpe",
+                                   vocab_size=290, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                                   minloglevel=2)
+    model = tiny_model(290)
+    ttl_core.save_pretrained(model, tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(model_file.getvalue())
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.pad_id == -1
+    assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
+                               "8", "--device", "cpu"]) == 0
+    answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=8, repetition_penalty=1.2,
+                             eos_token_id=[tok.eos_id])
+    assert capsys.readouterr().out == answer + "\n"

@@ -7,11 +7,13 @@ logits processors, sampling and bookkeeping) is captured once in a CUDA graph an
 only launches graphs; it reads the device back only for the end-of-sequence check every few steps (or every
 step when a streamer or stop strings need the new tokens on the host).
 
-The logits processors and the sampler are in `ttl_core.sampling`.
+The logits processors and the sampler are in `ttl_core.sampling`; the streamer and the stop-string matcher in
+`ttl_core.streamer`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import threading
@@ -23,7 +25,8 @@ import ttl_kernels
 
 from .attention import causal_mask
 from .errors import GenerationError, is_integer
-from .sampling import process_logits, sample
+from .sampling import check_sampling_arguments, process_logits, sample
+from .streamer import StopStrings
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
 # On CUDA each check is one device sync; in between, the host queues graph replays without waiting for them.
@@ -188,6 +191,9 @@ class _Decoding:
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
         self.generator = torch.Generator(device=device) if do_sample else None
+        # whether every sampled row had a distribution (scores neither NaN nor inf nor all -inf): a graph
+        # cannot raise, so the host reads this once at the end
+        self.sampled_ok = torch.ones((), dtype=torch.bool, device=device) if do_sample else None
         self.do_sample, self.processors = do_sample, processors
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
@@ -199,11 +205,17 @@ class _Decoding:
             self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
         if self.generator is not None:
             self.generator.manual_seed(seed)
+            self.sampled_ok.fill_(True)
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
         scores = process_logits(logits.float(), seen, self.do_sample, **self.processors)
-        token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
+        if self.do_sample:
+            # a row's max is finite unless its scores hold NaN or +inf or are all -inf: then softmax is NaN
+            self.sampled_ok &= torch.isfinite(scores.amax(dim=-1)).all()
+            token = sample(scores, self.generator)
+        else:
+            token = scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
         self.column.add_(1)
@@ -294,9 +306,14 @@ def _acquire_session(model, key: tuple, build) -> _Session:
 
 
 def _token_list(ids, name: str, vocab: int) -> list[int]:
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    """`ids` (None, an id or a list of ids, where, as transformers takes them, an id may be a NumPy integer or
+    a 0-d tensor and the list a 1-d tensor or array) as a list of Python ints."""
+    if hasattr(ids, "tolist"):  # torch and NumPy tensors, NumPy scalars
+        ids = ids.tolist()
+    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    ids = [i.tolist() if hasattr(i, "tolist") else i for i in ids]
     for i in ids:
-        if not isinstance(i, int) or not 0 <= i < vocab:
+        if not is_integer(i) or not 0 <= i < vocab:
             raise GenerationError(f"{name} {i!r} is not a token id in [0, {vocab})")
     return ids
 
@@ -311,10 +328,11 @@ def _special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int |
         defaults = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
     eos = _token_list(defaults.get("eos_token_id") if eos_token_id is None else eos_token_id, "eos_token_id",
                       config.vocab_size)
-    pad = pad_token_id if pad_token_id is not None else defaults.get("pad_token_id")
-    pad = pad if pad is not None else (eos[0] if eos else None)
-    _token_list(pad, "pad_token_id", config.vocab_size)
-    return eos, pad
+    pad = _token_list(defaults.get("pad_token_id") if pad_token_id is None else pad_token_id, "pad_token_id",
+                      config.vocab_size)
+    if len(pad) > 1:
+        raise GenerationError(f"pad_token_id must be one token id, got {pad}")
+    return eos, pad[0] if pad else (eos[0] if eos else None)
 
 
 def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: list[int],
@@ -339,6 +357,9 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
             return input_ids, torch.ones_like(input_ids)
         # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
         attention_mask = (input_ids != pad).long()
+    if not isinstance(attention_mask, torch.Tensor):
+        raise GenerationError(f"attention_mask must be a tensor shaped like input_ids, got a "
+                              f"{type(attention_mask).__name__}")
     if attention_mask.shape != input_ids.shape:
         raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                               f"{tuple(input_ids.shape)}")
@@ -353,44 +374,35 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
     return input_ids, mask
 
 
-def _check_sampling(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
-                    repetition_penalty: float, num_return_sequences: int) -> None:
-    if not temperature >= 0 or (do_sample and temperature == 0):  # written so that NaN fails too
-        raise GenerationError(f"temperature must be positive when sampling (>= 0 otherwise), got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= min_p <= 1:
-        raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
-    if not repetition_penalty > 0:
-        raise GenerationError(f"repetition_penalty must be positive, got {repetition_penalty}")
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-    if num_return_sequences > 1 and not do_sample:
-        raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
-
-
 class _HostWatch:
-    """Per-step host work that needs the new tokens: feeding a streamer and looking for stop strings (in the
-    text of each row's last tokens, decoded by `tokenizer.decode`)."""
+    """Per-step host work that needs the new tokens: feeding a streamer and looking for stop strings. It keeps
+    each row's last tokens (from the prompt on) on the host, so a step reads only the newest column."""
 
-    def __init__(self, state: _Decoding, streamer, stop_strings: list[str], tokenizer):
-        self.state, self.streamer, self.stop_strings, self.tokenizer = state, streamer, stop_strings, tokenizer
-        # enough tokens to cover the longest stop string even at one byte-fallback token per UTF-8 byte
-        self.window = 4 * max((len(s) for s in stop_strings), default=0) + 4
+    def __init__(self, state: _Decoding, input_ids: torch.Tensor, streamer, stops: StopStrings | None):
+        self.state, self.streamer, self.stops = state, streamer, stops
+        self.rows = [row[-stops.window:] for row in input_ids.tolist()] if stops is not None else []
 
     def __call__(self, produced: int) -> None:
+        newest = self.state.out[:, produced - 1].tolist()
         if self.streamer is not None:
-            self.streamer.put([int(self.state.out[0, produced - 1])])
-        if not self.stop_strings:
+            self.streamer.put(newest[:1])
+        if self.stops is None:
             return
-        for row, done in enumerate(self.state.finished.tolist()):
-            if done:
-                continue
-            text = self.tokenizer.decode(self.state.out[row, max(0, produced - self.window):produced].tolist())
-            if any(s in text for s in self.stop_strings):
+        for row, (tokens, token, done) in enumerate(zip(self.rows, newest, self.state.finished.tolist())):
+            tokens.append(token)
+            del tokens[:-self.stops.window]
+            if not done and self.stops.ends_in_last(tokens):
                 self.state.finish_row(row, produced)
+
+
+@contextlib.contextmanager
+def _ending(streamer):
+    """End `streamer` when the block is left, on errors too: a thread iterating it would wait forever."""
+    try:
+        yield
+    finally:
+        if streamer is not None:
+            streamer.end()
 
 
 @torch.no_grad()
@@ -406,58 +418,58 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `pad_token_id`, and no columns after the step where every row had finished.
 
     Greedy unless `do_sample`; the processors and their order are transformers' (see the module docstring).
-    `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (matched in the new tokens' text,
-    which needs `tokenizer`) finish a row. `eos_token_id` and `pad_token_id` default to the checkpoint's
-    generation_config.json, else to the model config's; the padding id then to the first EOS id. Without
-    `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in
-    transformers. `seed` makes sampling reproducible (without it, the seed is drawn from torch's
-    global RNG). `streamer` (e.g. `TextStreamer`, one row only) receives each new token as it is produced.
-    On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache, buffers and graph
-    of the last call stay with the model (until it is freed or called with other shapes or settings), so a
-    repeated call of the same shape allocates and captures nothing."""
-    _check_sampling(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
-    if not hasattr(model, "lm_head"):
-        raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
-    eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
-    input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-    if stop_strings and tokenizer is None:
-        raise GenerationError("stop_strings need a tokenizer to decode the generated tokens")
-    if stop_strings and pad is None:
-        raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
-    if num_return_sequences > 1:
-        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
-        mask = mask.repeat_interleave(num_return_sequences, dim=0)
-    if streamer is not None and input_ids.shape[0] != 1:
-        raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
+    `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
+    as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
+    special tokens as their text), which needs `tokenizer` (see `ttl_core.streamer.StopStrings`).
+    `eos_token_id` and `pad_token_id` default to the checkpoint's generation_config.json, else to the model
+    config's; the padding id then to the first EOS id. Without `attention_mask`, prompt tokens equal to a
+    padding id that is no EOS id count as padding, as in transformers. `seed` makes sampling reproducible
+    (without it, the seed is drawn from torch's global RNG). `streamer` (e.g. `TextStreamer`, one row only)
+    receives each new token as it is produced, and is ended when the call returns or fails. On CUDA the
+    decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache, buffers and graph of the last
+    call stay with the model (until it is freed or called with other shapes or settings), so a repeated call
+    of the same shape allocates and captures nothing."""
+    with _ending(streamer):
+        check_sampling_arguments(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
+        if not hasattr(model, "lm_head"):
+            raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
+        eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
+        input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
+        stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+        if stops is not None and pad is None:
+            raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
+        if num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            mask = mask.repeat_interleave(num_return_sequences, dim=0)
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
 
-    device = input_ids.device
-    if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
-        raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    if do_sample and seed is None:
-        seed = int(torch.randint(2**62, ()))
-    processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                      repetition_penalty=repetition_penalty)
-    graphed = cuda_graph and device.type == "cuda"
-    key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos), pad,
-           graphed, _forward_fingerprint(model))
-    session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
-                                                            do_sample, processors, graphed))
-    try:
-        return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stop_strings, tokenizer,
-                    can_finish=bool(eos or stop_strings))
-    finally:
-        session.lock.release()
+        device = input_ids.device
+        if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
+            raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if do_sample and seed is None:
+            seed = int(torch.randint(2**62, ()))
+        processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty)
+        graphed = cuda_graph and device.type == "cuda"
+        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos),
+               pad, graphed, _forward_fingerprint(model))
+        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
+                                                                pad, do_sample, processors, graphed))
+        try:
+            return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
+        finally:
+            session.lock.release()
 
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
-         streamer, stop_strings: list[str], tokenizer, can_finish: bool) -> torch.Tensor:
+         streamer, stops: StopStrings | None, can_finish: bool) -> torch.Tensor:
     """Prefill, then decode until every row has finished or `max_new_tokens` are out."""
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
     state.reset(input_ids, mask, seed)
     state.advance(decoder.prefill(input_ids))
-    watch = _HostWatch(state, streamer, stop_strings, tokenizer) if streamer is not None or stop_strings else None
+    watch = _HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
     check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
     produced = 1
     while True:
@@ -469,7 +481,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
             break
         session.step()
         produced += 1
-    if streamer is not None:
-        streamer.end()
+    if state.sampled_ok is not None and not bool(state.sampled_ok):
+        raise GenerationError(f"sampling met scores with no distribution (NaN or inf): logits / temperature "
+                              f"{state.processors['temperature']} overflowed float32, or the model's logits did")
     length = min(produced, int(state.done_at.max())) if can_finish else produced
     return torch.cat([input_ids, state.out[:, :length]], dim=1)

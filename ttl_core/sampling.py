@@ -1,4 +1,5 @@
-"""Logits processors with transformers' semantics and order, and a sampler that needs no host sync.
+"""Logits processors with transformers' semantics and order, a sampler that needs no host sync, and the
+checks of `generate()`'s sampling arguments.
 
 `generate()` applies, like transformers' `generate()`: the repetition penalty (prompt tokens included, left
 padding excluded), then, only when sampling, temperature, top-k, top-p and min-p. Each function takes fp32
@@ -9,6 +10,40 @@ matching transformers `LogitsProcessor` on random logits.
 from __future__ import annotations
 
 import torch
+
+from .errors import GenerationError, is_integer, is_number
+
+# The smallest temperature sampling takes: the smallest normal float32. Scores are float32, and below it
+# logits / temperature overflows to inf for every logit of magnitude 4 or more (4 / 2**-126 > float32's
+# max), which leaves softmax no distribution to sample from. Larger logits can still overflow at larger
+# temperatures: `generate` reports that once it is done (transformers' torch.multinomial raises on it).
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
+                             repetition_penalty: float, num_return_sequences: int) -> None:
+    """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty)):
+        if not is_number(value):
+            raise GenerationError(f"{name} must be a number, got {value!r}")
+    if not temperature >= 0 or (do_sample and temperature == 0):  # written so that NaN fails too
+        raise GenerationError(f"temperature must be positive when sampling (>= 0 otherwise), got {temperature}")
+    if do_sample and temperature < MIN_TEMPERATURE:
+        raise GenerationError(f"temperature {temperature} is too small to sample with: below {MIN_TEMPERATURE:.3g} "
+                              f"(the smallest normal float32), logits / temperature overflows float32")
+    if not is_integer(top_k) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
+    if not repetition_penalty > 0:
+        raise GenerationError(f"repetition_penalty must be positive, got {repetition_penalty}")
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
+    if num_return_sequences > 1 and not do_sample:
+        raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -1,8 +1,14 @@
-"""Streaming generated text: `TextStreamer` turns the tokens `ttl_core.generate` produces into text pieces."""
+"""The text of generated tokens on the host: `TextStreamer` turns the tokens `ttl_core.generate` produces into
+text pieces as they arrive, and `StopStrings` finds where a stop string ends a row."""
 
 from __future__ import annotations
 
 import queue
+import re
+
+from .errors import GenerationError
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece
 
 
 class TextStreamer:
@@ -12,8 +18,8 @@ class TextStreamer:
     handed out, once it decodes stably: text ending in U+FFFD (a multi-byte character whose remaining
     byte-fallback tokens have not arrived yet) waits for the next token. Pieces go to `on_text` when given
     (e.g. `print(piece, end="", flush=True)`) and can also be read by iterating the streamer, typically
-    from another thread while `generate` runs; the iteration ends when that generation does. The streamer
-    can be reused for the next `generate` call."""
+    from another thread while `generate` runs; the iteration ends when that generation does, even when it
+    fails. The streamer can be reused for the next `generate` call."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, on_text=None, timeout: float | None = None):
         self.tokenizer, self.skip_special_tokens, self.on_text, self.timeout = (
@@ -31,9 +37,11 @@ class TextStreamer:
 
     def end(self) -> None:
         """Emit what is left (even an incomplete character) and close this generation's iteration."""
-        self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens))
-        self.pieces.put(None)
-        self.tokens, self.emitted = [], 0
+        try:
+            self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens))
+        finally:  # a reader waits for the end mark, whatever went wrong before it
+            self.pieces.put(None)
+            self.tokens, self.emitted = [], 0
 
     def _emit(self, text: str) -> None:
         piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
@@ -45,3 +53,44 @@ class TextStreamer:
     def __iter__(self):
         while (piece := self.pieces.get(timeout=self.timeout)) is not None:
             yield piece
+
+
+class StopStrings:
+    """transformers' `StopStringCriteria` on the host: a row stops once one of `strings` occurs in the UTF-8
+    bytes of its tokens, the prompt's included, and that occurrence ends within the newest token.
+
+    A token's bytes are what it adds to a text, read from its sentencepiece piece as transformers' "clean"
+    vocabulary reads them: a `<0xNN>` piece is that byte, `▁` is a space (also in a first token, where
+    `decode` would drop it) and special and added tokens (`</s>`, `<|endofcompletion|>`) are their own text
+    (which `decode` skips). The pieces come from `tokenizer.id_to_token` (ttl's `Tokenizer`) or
+    `tokenizer.convert_ids_to_tokens` (a transformers tokenizer)."""
+
+    def __init__(self, strings: str | list[str], tokenizer):
+        strings = [strings] if isinstance(strings, str) else strings
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+            raise GenerationError(f"stop_strings must be a non-empty string or a list of them, got {strings!r}")
+        if tokenizer is None:
+            raise GenerationError("stop_strings need a tokenizer to read the text of the generated tokens")
+        self._piece = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
+        if self._piece is None:
+            raise GenerationError(f"stop_strings need a tokenizer with id_to_token (ttl's Tokenizer), got a "
+                                  f"{type(tokenizer).__name__}")
+        self.targets = [s.encode("utf-8") for s in strings]
+        # transformers looks at this many last tokens; every piece adds at least one byte, so any match fits
+        self.window = max(map(len, self.targets))
+        self._bytes: dict[int, bytes] = {}
+
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes token `token` adds to a text (see the class docstring)."""
+        if token not in self._bytes:
+            piece = self._piece(token)
+            self._bytes[token] = (bytes([int(piece[3:5], 16)]) if _BYTE_PIECE.fullmatch(piece)
+                                  else piece.replace("\u2581", " ").encode("utf-8"))
+        return self._bytes[token]
+
+    def ends_in_last(self, tokens: list[int]) -> bool:
+        """Whether a stop string ends within the last of `tokens` (a row's tokens, oldest first)."""
+        parts = [self.token_bytes(t) for t in tokens[-self.window:]]
+        text = b"".join(parts)
+        newest = len(text) - len(parts[-1])  # where the last token's bytes begin
+        return any(target in text[max(0, newest + 1 - len(target)):] for target in self.targets)

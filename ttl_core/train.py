@@ -319,7 +319,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if step >= last_step:
         which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
         raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
-                          "raise --max-steps to continue")
+                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None

@@ -1,0 +1,58 @@
+"""Shared pieces of the generation tests: a transformers reference model, left-padded prompts and a
+character tokenizer with byte-fallback pieces."""
+
+from pathlib import Path
+
+import torch
+from hf_reference import hf_causal_lm
+
+import ttl_core
+
+PAD = 3
+
+
+def hf_generation_model(seed: int = 0, **overrides):
+    """A random transformers model whose logit for the padding token is always 0. transformers up to 5.17
+    applies repetition_penalty to the left-padding tokens of the prompt, later releases (and ttl) do not;
+    a penalty leaves a zero logit at zero, so greedy comparisons hold under both."""
+    hf = hf_causal_lm(seed=seed, **overrides)
+    with torch.no_grad():
+        hf.lm_head.weight[PAD] = 0.0
+    return hf
+
+
+def saved_models(path: Path):
+    """(transformers model, ttl model loaded from its saved checkpoint)."""
+    hf = hf_generation_model()
+    hf.save_pretrained(path)
+    return hf, ttl_core.load_pretrained(path)
+
+
+def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0, 3, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads[:batch]):
+        mask[row, :n] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def hf_greedy(hf, ids, mask, **kwargs):
+    return hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+class CharTokenizer:
+    """Token i is the letter "a" + i mod 26, except ids 120..124, which are the UTF-8 bytes of 'é' and '€'
+    (byte-fallback pieces `<0xNN>`); decoding joins the bytes, so a split character decodes to U+FFFD like
+    a byte-fallback tokenizer."""
+
+    SPECIAL = {120: b"\xc3", 121: b"\xa9", 122: b"\xe2", 123: b"\x82", 124: b"\xac"}
+
+    def token_bytes(self, i):
+        return self.SPECIAL.get(i, bytes([97 + i % 26]))
+
+    def id_to_token(self, i):
+        return f"<0x{self.SPECIAL[i][0]:02X}>" if i in self.SPECIAL else self.token_bytes(i).decode()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")

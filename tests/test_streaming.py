@@ -1,0 +1,200 @@
+"""Streaming text and stop strings: TextStreamer against the final text, stop strings against transformers'
+StopStringCriteria and generate(stop_strings=...) on a trained sentencepiece tokenizer."""
+
+import threading
+
+import pytest
+import torch
+from generation_helpers import PAD, CharTokenizer, left_padded, saved_models
+from hf_reference import hf_causal_lm
+
+import ttl_core
+from ttl_core.errors import GenerationError
+from ttl_core.streamer import TextStreamer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return saved_models(tmp_path_factory.mktemp("gen"))
+
+
+def test_streamer_emits_stable_text():
+    tok = CharTokenizer()
+    pieces = []
+    streamer = TextStreamer(tok, on_text=pieces.append)
+    for ids in ([0], [1], [122], [123], [124], [120], [121], [2]):
+        streamer.put(ids)
+    assert pieces == ["a", "b", "€", "é", "c"]
+    streamer.end()
+    assert list(streamer) == pieces
+
+
+def test_streamer_follows_generation_from_a_thread(models):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=1)
+    streamer = TextStreamer(CharTokenizer(), timeout=60)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(ids=ttl_core.generate(
+        ours, ids, mask, max_new_tokens=12, eos_token_id=[], streamer=streamer)))
+    worker.start()
+    text = "".join(streamer)
+    worker.join()
+    assert text == CharTokenizer().decode(out["ids"][0, 9:].tolist())
+    assert len(text) > 0
+
+
+def test_streamer_ends_when_generation_fails(models):
+    """A thread reading the streamer must not wait forever when generate() fails: midway (here the
+    streamer's own consumer fails after three tokens) or before the first token (a bad argument)."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=1)
+
+    class FailingStreamer(TextStreamer):
+        def put(self, token_ids):
+            super().put(token_ids)
+            if len(self.tokens) == 3:
+                raise RuntimeError("the consumer went away")
+
+    streamer = FailingStreamer(CharTokenizer(), timeout=10)
+    failure = {}
+
+    def run():
+        try:
+            ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=[], streamer=streamer)
+        except RuntimeError as e:
+            failure["error"] = e
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    text = "".join(streamer)  # before the fix: queue.Empty after the timeout
+    worker.join()
+    assert "error" in failure
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=3, eos_token_id=[])
+    assert text == CharTokenizer().decode(free[0, 9:].tolist())
+
+    plain = TextStreamer(CharTokenizer(), timeout=10)
+    with pytest.raises(GenerationError, match="top_p"):
+        ttl_core.generate(ours, ids, mask, do_sample=True, top_p=2.0, streamer=plain)
+    assert list(plain) == []
+
+
+def stop_step(tokens: list[int], prompt_len: int, stop: bytes, token_bytes) -> int | None:
+    """The first new token (counting from 1) after which the row's bytes hold more occurrences of `stop` than
+    before it, i.e. with an occurrence ending within that token; None if there is none."""
+    def occurrences(n):
+        text = b"".join(map(token_bytes, tokens[:n]))
+        return sum(text.startswith(stop, i) for i in range(len(text)))
+
+    return next((n - prompt_len for n in range(prompt_len + 1, len(tokens) + 1)
+                 if occurrences(n) > occurrences(n - 1)), None)
+
+
+def test_stop_strings_finish_rows(models):
+    _, ours = models
+    tok = CharTokenizer()
+    ids, mask = left_padded(ours.config.vocab_size, seed=4)
+    free = ttl_core.generate(ours, ids, mask, max_new_tokens=20, eos_token_id=[])
+    row1 = free[1].tolist()
+    assert not set(row1[7:11]) & set(tok.SPECIAL)  # letters only, so the stop string is plain text
+    stop = tok.decode(row1[7:11])  # begins in row 1's prompt, ends with its 2nd new token
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=20, eos_token_id=[], stop_strings=stop, tokenizer=tok)
+    cuts = [stop_step(row, 9, stop.encode(), tok.token_bytes) for row in free.tolist()]
+    assert cuts[1] == 2
+    for row, cut in enumerate(cuts):
+        if cut is None:
+            assert torch.equal(got[row, 9:], free[row, 9:got.shape[1]])
+        else:
+            assert torch.equal(got[row, :9 + cut], free[row, :9 + cut])
+            assert (got[row, 9 + cut:] == PAD).all()
+    assert got.shape[1] - 9 == max(20 if cut is None else cut for cut in cuts)
+
+
+WORDS = ("a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque "
+         "choveu").split()
+
+
+@pytest.fixture(scope="module")
+def spm_models(tmp_path_factory):
+    """A small trained sentencepiece tokenizer with Aira's special tokens (as ttl's Tokenizer and as
+    transformers' AutoTokenizer), and a transformers model and its ttl copy over that vocabulary, whose
+    greedy continuations emit `<|endofcompletion|>` now and then."""
+    from hf_reference import randomize_
+    from transformers import AutoTokenizer
+
+    from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, train_tokenizer
+
+    texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 20)) + "." for i in range(300)]
+    tok = train_tokenizer(texts, None, vocab_size=300)
+    tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    path = tmp_path_factory.mktemp("spm")
+    tok.save_pretrained(path / "tokenizer")
+    hf = hf_causal_lm(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id)
+    randomize_(hf, seed=0, scale=0.4)  # varied continuations, not one token repeated
+    with torch.no_grad():
+        hf.lm_head.weight[4:260] *= 0.3  # fewer byte-fallback tokens
+        hf.lm_head.weight[tok.token_to_id("<|endofcompletion|>")] = 2 * hf.lm_head.weight[tok.token_to_id("▁p")]
+    hf.save_pretrained(path / "model")
+    return tok, AutoTokenizer.from_pretrained(path / "tokenizer"), hf, ttl_core.load_pretrained(path / "model")
+
+
+STOP_CASES = [  # (prompt, stop string): the prompt's greedy continuation is "▁ca t ▁e te <|endofcompletion|> a"
+    ("o menino foi para", "ra ca"),  # begins in the prompt, ends within the first new token
+    ("o menino foi para", " ca"),  # a leading space, completed by the first new token
+    ("o menino foi para", "<|endofcompletion|>"),  # an added token's text, which decoding skips
+    ("o menino foi para", "t ete"),  # over three new tokens
+    ("seu", "</s>"),  # a special token's text (not an EOS here)
+    ("porque", "ã à"),  # multi-byte characters
+]
+
+
+def hf_stop_greedy(spm_models, ids, mask, stop, max_new_tokens):
+    tok, hf_tok, hf, _ = spm_models
+    return hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[],
+                       pad_token_id=tok.pad_id, stop_strings=stop, tokenizer=hf_tok)
+
+
+@pytest.mark.parametrize("prompt, stop", STOP_CASES)
+def test_stop_strings_match_transformers(spm_models, prompt, stop):
+    tok, _, _, ours = spm_models
+    ids = torch.tensor([tok.encode(prompt)])
+    ref = hf_stop_greedy(spm_models, ids, torch.ones_like(ids), stop, 12)
+    pieces = []
+    got = ttl_core.generate(ours, ids, max_new_tokens=12, eos_token_id=[], stop_strings=stop, tokenizer=tok,
+                            streamer=TextStreamer(tok, on_text=pieces.append))
+    assert ref.shape[1] < ids.shape[1] + 12  # the stop string ended the generation
+    assert torch.equal(got, ref)
+    assert "".join(pieces) == tok.decode(got[0, ids.shape[1]:].tolist())  # the stream stops where the text does
+
+
+def test_stop_strings_in_a_left_padded_batch_match_transformers(spm_models):
+    tok, _, _, ours = spm_models
+    rows = [tok.encode(p) for p in ("o menino foi para", "seu", "porque", "a casa")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width) >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    stops = [stop for _, stop in STOP_CASES if stop != " ca"]
+    ref = hf_stop_greedy(spm_models, ids, mask, stops, 16)
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=16, eos_token_id=[], pad_token_id=tok.pad_id,
+                            stop_strings=stops, tokenizer=tok)
+    assert torch.equal(got, ref) and (ref[:, width:] == tok.pad_id).any()  # some rows stopped early
+
+
+def test_stop_string_matcher_agrees_with_transformers_criteria(spm_models):
+    """StopStrings against transformers' StopStringCriteria on random token sequences (byte-fallback pieces
+    that split characters included) and stop strings cut from their text."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from ttl_core.streamer import StopStrings
+
+    tok, hf_tok, _, _ = spm_models
+    gen = torch.Generator().manual_seed(0)
+    reader, matches = StopStrings("x", tok), 0
+    for trial in range(150):
+        tokens = torch.randint(0, tok.vocab_size, (int(torch.randint(1, 10, (), generator=gen)),), generator=gen)
+        text = b"".join(map(reader.token_bytes, tokens.tolist()))
+        start, end = sorted(torch.randint(0, len(text) + 1, (2,), generator=gen).tolist())
+        stops = [text[start:end].decode("utf-8", errors="ignore") or "</s>"] + ["<s>"] * (trial % 3 == 0)
+        expected = bool(StopStringCriteria(hf_tok, stops)(tokens[None], None)[0])
+        assert StopStrings(stops, tok).ends_in_last(tokens.tolist()) == expected, (tokens.tolist(), stops)
+        matches += expected
+    assert matches > 20
