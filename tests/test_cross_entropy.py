@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import rel_err
 
 import ttl_kernels
@@ -193,3 +194,135 @@ def test_bf16_weight_gradient_accumulates_over_chunks_in_float32():
 
     assert ours.dtype == torch.bfloat16 and rel_err(ours, truth) <= 1e-2
     assert norm_err(ours) <= 1.6 * norm_err(ref)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["plain", "smooth"])
+def test_minus_inf_logits_give_what_pytorch_gives(label_smoothing):
+    """Masked vocabulary entries (-inf logits): PyTorch gives finite losses, or inf with label smoothing (a
+    smoothed target puts weight on the masked entries), and finite gradients. The kernel once gave NaN: from
+    0 * -inf in the smoothing term, and from -inf - -inf in the running sum-exp after a whole -inf block."""
+    vocab = 4100  # two 4096-column blocks
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(20))
+    logits[0, 7] = float("-inf")
+    logits[1, :4096] = float("-inf")  # the whole first block
+    logits[2, 100:] = float("-inf")
+    logits.requires_grad_()
+    t = torch.tensor([vocab - 1, vocab - 2, 3])
+    out = ttl_kernels.cross_entropy(logits, t, reduction="none", label_smoothing=label_smoothing, backend="triton")
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    l64 = logits.detach().double().requires_grad_()
+    truth = F.cross_entropy(l64, t, reduction="none", label_smoothing=label_smoothing)
+    (truth_grad,) = torch.autograd.grad(truth.sum(), l64)
+    if label_smoothing:
+        assert torch.isposinf(out).all() and torch.isposinf(truth).all()
+    else:
+        assert rel_err(out, truth) <= 1e-5
+    assert rel_err(grad, truth_grad) <= 1e-5
+
+
+def test_strided_targets_are_read_by_their_strides():
+    # a column of a (rows, 2) tensor: the kernel once read it as a packed array
+    gen = torch.Generator().manual_seed(21)
+    t = torch.randint(0, 11, (8, 2), generator=gen)[:, 0]
+    logits, hidden, weight = torch.randn(8, 11, generator=gen), torch.randn(8, 4, generator=gen), torch.randn(11, 4)
+    assert not t.is_contiguous()
+    got = ttl_kernels.cross_entropy(logits, t, backend="triton")
+    assert rel_err(got, ttl_kernels.cross_entropy_reference(logits.double(), t)) <= 1e-6
+    got = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton")
+    assert rel_err(got, ttl_kernels.fused_linear_cross_entropy_reference(hidden.double(), weight.double(), t)) <= 1e-6
+
+
+def test_targets_outside_the_vocabulary_give_nan_rows_not_stray_reads():
+    """The reference raises; the kernel cannot without a host sync, so it reads nothing out of bounds and makes
+    those rows' losses and gradients NaN (it once returned a plausible loss, or crashed on a far target)."""
+    gen = torch.Generator().manual_seed(22)
+    vocab = 7
+    t = torch.tensor([0, vocab, -1, 10**6, -100, 2])
+    bad, good = [1, 2, 3], [0, 4, 5]
+    logits = torch.randn(6, vocab, generator=gen, requires_grad=True)
+    out = ttl_kernels.cross_entropy(logits, t, reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    want = ttl_kernels.cross_entropy_reference(logits.detach()[good], t[good], reduction="none")
+    assert out[bad].isnan().all() and grad[bad].isnan().all()
+    assert rel_err(out[good], want) <= 1e-6 and grad[good].isfinite().all()
+    hidden = torch.randn(6, 4, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, 4, generator=gen, requires_grad=True)
+    loss = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton")
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.isnan() and gh[bad].isnan().all() and gh[good].isfinite().all() and gw.isnan().any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_are_made_only_for_inputs_that_need_them(monkeypatch, reduction):
+    """No gradient work under no_grad or without inputs that require grad, no float32 weight gradient for a
+    frozen LM head (LoRA), no hidden gradient for a frozen hidden; the gradients made are the same bits."""
+    module = importlib.import_module("ttl_kernels.cross_entropy")
+    chunk_grads, ce_rows = module._chunk_grads, module.ce_rows_
+    passes, writes = [], []
+
+    def spy_chunk_grads(*args):  # a gradient pass: which of the (hidden, weight) gradient buffers it fills
+        passes.append((args[-2] is not None, args[-1] is not None))
+        return chunk_grads(*args)
+
+    def spy_ce_rows(logits, targets, scale, *options):  # whether the kernel writes a gradient over the logits
+        writes.append(scale is not None)
+        return ce_rows(logits, targets, scale, *options)
+
+    monkeypatch.setattr(module, "_chunk_grads", spy_chunk_grads)
+    monkeypatch.setattr(module, "ce_rows_", spy_ce_rows)
+    gen = torch.Generator().manual_seed(23)
+    hidden, weight = torch.randn(12, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    t = targets_for(12, 50, seed=23)
+
+    def run(need_hidden, need_weight):
+        passes.clear()
+        h, w = hidden.clone().requires_grad_(need_hidden), weight.clone().requires_grad_(need_weight)
+        loss = ttl_kernels.fused_linear_cross_entropy(h, w, t, reduction=reduction, backend="triton")
+        used = [x for x in (h, w) if x.requires_grad]
+        return loss, torch.autograd.grad(loss.sum(), used) if loss.requires_grad else ()
+
+    loss, (gh, gw) = run(True, True)
+    assert passes == [(True, True)]
+    with torch.no_grad():
+        assert torch.equal(run(True, True)[0], loss) and passes == []
+    assert torch.equal(run(False, False)[0], loss) and passes == []
+    frozen_head_loss, (frozen_head_gh,) = run(True, False)
+    assert torch.equal(frozen_head_loss, loss) and torch.equal(frozen_head_gh, gh) and passes == [(True, False)]
+    frozen_hidden_loss, (frozen_hidden_gw,) = run(False, True)
+    assert torch.equal(frozen_hidden_loss, loss) and torch.equal(frozen_hidden_gw, gw) and passes == [(False, True)]
+    logits = torch.randn(12, 50, generator=gen, requires_grad=True)
+    writes.clear()
+    with torch.no_grad():
+        ttl_kernels.cross_entropy(logits, t, reduction=reduction, backend="triton")
+    ttl_kernels.cross_entropy(logits.detach(), t, reduction=reduction, backend="triton")
+    assert writes == [False, False]
+
+
+def test_unreduced_fused_loss_backward_under_cpu_autocast():
+    """reduction="none" recomputes the logits in the backward, which autograd runs outside the forward's
+    autocast region; it once multiplied the bf16 hidden states by the fp32 weight there and failed. It must
+    reproduce the forward's bf16 logits: the gradients of "none" are those "sum" makes in its forward."""
+    gen = torch.Generator().manual_seed(24)
+    hidden = torch.randn(12, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(300, 16, generator=gen, requires_grad=True)
+    t = targets_for(12, 300, seed=24)
+    grads = {}
+    for backend, reduction in [("triton", "none"), ("triton", "sum"), ("torch", "none")]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction, backend=backend)
+        grads[backend, reduction] = torch.autograd.grad(loss.sum(), (hidden, weight))
+    for got, same, ref in zip(grads["triton", "none"], grads["triton", "sum"], grads["torch", "none"]):
+        assert got.dtype == torch.float32 and torch.equal(got, same) and rel_err(got, ref) <= 1e-2
+
+
+def test_double_backward_fails_loudly_rather_than_dropping_terms():
+    # the backwards are not differentiable: a loss scaled by a learned weight once gave a second derivative
+    # with the terms through the kernel silently missing
+    logits, hidden = torch.randn(6, 10, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    weight, t = torch.randn(10, 4, requires_grad=True), torch.randint(0, 10, (6,))
+    s = torch.tensor(2.0, requires_grad=True)
+    for loss, x in [(ttl_kernels.cross_entropy(logits, t, backend="triton"), logits),
+                    (ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton"), hidden)]:
+        (g,) = torch.autograd.grad(loss * s, x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.pow(2).sum().backward()

@@ -137,3 +137,73 @@ def test_row_strided_output_gradient():
     truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
     for got, want in zip((out, *grads), (truth, *truth_grads)):
         assert err(got, want) <= TOL[torch.float32]
+
+
+def test_documents_that_do_not_fit_max_seqlen_or_the_tokens_are_refused():
+    """On the CPU cu_seqlens is checked: a max_seqlen below the longest document once left the rows past it
+    unwritten (uninitialized memory returned as attention), and cu_seqlens not covering the tokens likewise."""
+    q, k, v = qkv((30, 2, 32), 2, torch.float32, seed=5)
+    with pytest.raises(ValueError, match="max_seqlen 16 is less than the longest document in cu_seqlens \\(20"):
+        ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10, 30]), max_seqlen=16, backend="triton")
+    for cu in ([0, 10, 20], [2, 10, 30], [0, 20, 10, 30]):
+        with pytest.raises(ValueError, match="cu_seqlens must start at 0, never decrease and end at the 30 packed"):
+            ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu), max_seqlen=30, backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([[0, 30]]), max_seqlen=30, backend="triton")
+
+
+def test_strided_cu_seqlens_and_a_zero_softmax_scale():
+    # an int32 column of a wider tensor (`.to(int32)` keeps it strided) was once read as a packed array; a
+    # softmax_scale of 0.0 (uniform attention) was once replaced by the default 1/sqrt(dim)
+    cu = torch.tensor([[0, 0], [10, 0], [30, 0]], dtype=torch.int32)[:, 0]
+    q, k, v = (t.detach() for t in qkv((30, 2, 32), 2, torch.float32, seed=6))
+    out = ttl_kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=20, backend="triton")
+    assert err(out, ttl_kernels.flash_attention_reference(q.double(), k.double(), v.double(), True, cu)) <= 1e-4
+    q, k, v = (t.detach() for t in qkv((1, 5, 2, 32), 2, torch.float32, seed=7))
+    out = ttl_kernels.flash_attention(q, k, v, causal=False, softmax_scale=0.0, backend="triton")
+    assert err(out, v.mean(1, keepdim=True).expand_as(v)) <= 1e-6
+
+
+def test_double_backward_fails_loudly():
+    q, k, v = qkv((1, 5, 2, 32), 2, torch.float32, seed=8)
+    s = torch.tensor(2.0, requires_grad=True)  # the gradient then requires grad: it must not silently lack terms
+    (g,) = torch.autograd.grad(ttl_kernels.flash_attention(q, k, v, backend="triton").pow(2).sum() * s, q,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()
+
+
+def test_more_sequences_than_a_grid_axis_holds_go_in_several_launches(monkeypatch):
+    """The grid is (blocks, heads, sequences), and CUDA holds at most 65535 on the last two axes: more
+    sequences are split over launches (sequences x heads on one axis once passed it with 2048 documents of
+    32 heads). With the limit lowered to 2, five documents take three launches and give the same bits."""
+    cu = torch.tensor([0, 3, 10, 11, 17, 21], dtype=torch.int32)
+    q, k, v = qkv((21, 4, 32), 2, torch.float32, seed=9)
+    grad = torch.randn(21, 4, 32, generator=torch.Generator().manual_seed(10))
+    results = []
+    for limit in (fa_module.MAX_GRID_AXIS, 2):
+        monkeypatch.setattr(fa_module, "MAX_GRID_AXIS", limit)
+        out = ttl_kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=7, backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.gpu
+def test_more_sequences_than_a_grid_axis_holds_on_cuda():
+    """70000 two-token documents: more sequences than CUDA's second and third grid axes hold (65535), and
+    sequences x heads far beyond it; against float64 attention computed with the documents as a batch."""
+    docs, length, heads, kv_heads = 70000, 2, 4, 2
+    cu = torch.arange(0, (docs + 1) * length, length, dtype=torch.int32, device="cuda")
+    q, k, v = qkv((docs * length, heads, 64), kv_heads, torch.bfloat16, seed=9, device="cuda")
+    out = ttl_kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=length, backend="triton")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(10)).to("cuda", torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().view(docs, length, -1, 64).transpose(1, 2).requires_grad_()
+                     for t in (q, k, v))
+    scores = q64 @ k64.repeat_interleave(heads // kv_heads, 1).transpose(2, 3) * 64**-0.5
+    causal = torch.ones(length, length, dtype=torch.bool, device="cuda").triu(1)
+    truth = scores.masked_fill(causal, float("-inf")).softmax(-1) @ v64.repeat_interleave(heads // kv_heads, 1)
+    truth_grad = grad.double().view(docs, length, heads, 64).transpose(1, 2)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), truth_grad)
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert err(got, want.transpose(1, 2).flatten(0, 1)) <= TOL[torch.bfloat16]

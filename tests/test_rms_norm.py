@@ -211,3 +211,31 @@ def test_bf16_weight_gradient_is_summed_in_float32_and_rounded_once():
     assert dw.dtype == torch.bfloat16 and torch.equal(dw, dw32.to(torch.bfloat16))
     _, ref = truth(x, w, 1e-5, None, [dy])
     assert rel_err(dw, ref["weight"]) <= 1e-2
+
+
+@pytest.mark.parametrize("used", ["both", "residual_only"])
+def test_gradients_accumulated_into_leaves_are_neither_shared_nor_the_callers(used):
+    """Two backward calls into leaf x and residual, as in gradient accumulation. x.grad and residual.grad once
+    were two views of one buffer, so the second call added into it twice; with only the new residual used,
+    both were views of the caller's output gradient, which the second call then added into."""
+    x, w, r = inputs(6, 32, torch.float32, True, seed=14)
+    gen = torch.Generator().manual_seed(15)
+    grads = [torch.randn(6, 32, generator=gen) if used == "both" else None, torch.randn(6, 32, generator=gen)]
+    kept = [None if g is None else g.clone() for g in grads]
+    for _ in range(2):
+        y, h = ttl_kernels.rms_norm(x, w, 1e-5, residual=r, backend="triton")
+        pairs = [(o, g) for o, g in zip((y, h), grads) if g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    _, want = truth(x, w, 1e-5, r, grads)
+    assert all(g is None or torch.equal(g, k) for g, k in zip(grads, kept))
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    assert rel_err(x.grad, 2 * want["x"]) <= 1e-5 and rel_err(r.grad, 2 * want["residual"]) <= 1e-5
+
+
+def test_double_backward_fails_loudly():
+    x, w, r = inputs(4, 16, torch.float32, True, seed=16)
+    s = torch.tensor(2.0, requires_grad=True)  # the gradient then requires grad: it must not silently lack terms
+    y, h = ttl_kernels.rms_norm(x, w, 1e-5, residual=r, backend="triton")
+    (g,) = torch.autograd.grad((y.pow(2).sum() + h.sum()) * s, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()

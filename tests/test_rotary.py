@@ -253,3 +253,45 @@ def test_float32_angles_are_rounded_to_the_activation_dtype(backend):
     want_grads = torch.autograd.grad(want, (q, k), grads)
     for got, ref in zip((*outs, *got_grads), (*want, *want_grads)):
         assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
+
+
+def test_rotary_into_cache_reads_strided_slots_by_their_strides():
+    # a column of a (seq, 2) tensor: the kernel once read it as a packed array and wrote the wrong rows
+    qkv = projection(2, 3, 2, 1, 8, torch.float32, seed=13)[0].detach().view(2, 3, 4, 8)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    slots = torch.tensor([[4, 0], [5, 0], [6, 0]])[:, 0]
+    written = []
+    for s in (slots, slots.contiguous()):
+        k_cache, v_cache = torch.zeros(2, 10, 1, 8), torch.zeros(2, 10, 1, 8)
+        q = ttl_kernels.rotary_into_cache(qkv, cos, sin, k_cache, v_cache, s, backend="triton")
+        written.append((q, k_cache, v_cache))
+    assert all(torch.equal(a, b) for a, b in zip(*written))
+
+
+def test_angles_that_require_grad_are_refused_by_the_triton_path():
+    """The Triton backward has no gradient for cos/sin (the reference has): it once returned none, silently.
+    Under no_grad, where there is nothing to differentiate, the kernels run."""
+    qkv, q, k = projection(1, 3, 2, 1, 8, torch.float32, seed=14)
+    heads = qkv.view(1, 3, 4, 8)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    cos.requires_grad_()
+    caches = torch.zeros(1, 5, 1, 8), torch.zeros(1, 5, 1, 8)
+    for call in (lambda: ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton"),
+                 lambda: ttl_kernels.apply_rotary_qkv(heads, cos, sin, 1, backend="triton"),
+                 lambda: ttl_kernels.rotary_into_cache(heads.detach(), cos, sin, *caches, torch.arange(3),
+                                                       backend="triton")):
+        with pytest.raises(ValueError, match="cos/sin as constants"):
+            call()
+        with torch.no_grad():
+            call()
+
+
+def test_double_backward_fails_loudly():
+    qkv, q, k = projection(1, 3, 2, 1, 8, torch.float32, seed=15)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    s = torch.tensor(2.0, requires_grad=True)  # the gradient then requires grad: it must not silently lack terms
+    for outs in (ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton"),
+                 ttl_kernels.apply_rotary_qkv(qkv.view(1, 3, 4, 8), cos, sin, 1, backend="triton")[:2]):
+        (g,) = torch.autograd.grad((outs[0].pow(2).sum() + outs[1].sum()) * s, qkv, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.pow(2).sum().backward()

@@ -87,3 +87,12 @@ def test_separate_inputs_with_different_row_strides():
     ref = torch.autograd.grad(ref_out, (g64, u64), grad.double())
     for o, r in zip((out, *got), (ref_out, *ref)):
         assert rel_err(o, r) <= 1e-5
+
+
+def test_double_backward_fails_loudly():
+    gate_up, gate, up = fused_halves((3, 8), torch.float32, seed=4)
+    s = torch.tensor(2.0, requires_grad=True)  # the gradient then requires grad: it must not silently lack terms
+    for out in (ttl_kernels.swiglu(gate, up, backend="triton"), ttl_kernels.swiglu(gate_up, backend="triton")):
+        (g,) = torch.autograd.grad(out.pow(2).sum() * s, gate_up, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.pow(2).sum().backward()

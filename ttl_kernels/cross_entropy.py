@@ -7,7 +7,9 @@ from device memory (1 / non-ignored count for "mean", so there is no host sync).
 the logits buffer, which the fused linear version reuses chunk by chunk: logits_c = h_c Wᵀ (cuBLAS), the
 kernel, then dh_c = g_c W and dW += g_cᵀ h_c in float32. For "mean" and "sum" the gradients are made in
 the forward (the backward scales them by grad_output); "none" needs per-row grad_output and recomputes
-each chunk in the backward instead.
+each chunk in the backward instead. Gradients are made only for the inputs that need them, none under
+`torch.no_grad`. A target outside [0, V) other than `ignore_index` is never read: its row's loss and
+gradient are NaN (the check would cost a host sync; NaN makes the error visible instead).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, use_triton
+from .dispatch import HAVE_TRITON, as_rows, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -66,7 +69,7 @@ if HAVE_TRITON:
     @triton.jit
     def _ce_row_kernel(
         LOGITS, TARGETS, LOSS, SCALE, n_cols, stride_row, scale_stride, ignore_index, smoothing, z_loss,
-        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+        WRITE_GRAD: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride_row
@@ -79,7 +82,8 @@ if HAVE_TRITON:
                     tl.store(base + start + cols, tl.zeros((BLOCK,), tl.float32).to(LOGITS.dtype.element_ty),
                              mask=start + cols < n_cols)
         else:
-            # pass 1: running max and sum of exp, and the plain sum of logits for label smoothing
+            # pass 1: running max and sum of exp, and with label smoothing the plain sum of logits (only then:
+            # masked-out vocabulary entries are -inf, and 0 * -inf would make every loss NaN)
             running_max = float("-inf")
             running_sum = 0.0
             logit_sum = 0.0
@@ -87,16 +91,24 @@ if HAVE_TRITON:
                 mask = start + cols < n_cols
                 x = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 new_max = tl.maximum(running_max, tl.max(x, 0))
-                running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+                # exponents against a finite shift: while every logit so far is -inf, -inf - -inf would be NaN
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
                 running_max = new_max
-                logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
+                if SMOOTHING:
+                    logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
             lse = running_max + tl.log(running_sum)
-            x_target = tl.load(base + target).to(tl.float32)
-            loss = lse - (1.0 - smoothing) * x_target - smoothing * logit_sum / n_cols + z_loss * lse * lse
-            tl.store(LOSS + row, loss)
+            # a target outside the vocabulary is not read (no host sync can reject it): NaN loss and gradient
+            in_range = (target >= 0) & (target < n_cols)
+            x_target = tl.load(base + target, mask=in_range, other=float("nan")).to(tl.float32)
+            loss = lse - (1.0 - smoothing) * x_target
+            if SMOOTHING:
+                loss -= smoothing * logit_sum / n_cols
+            tl.store(LOSS + row, loss + z_loss * lse * lse)
             if WRITE_GRAD:
                 # pass 2: the gradient, written over the logits
                 scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
+                scale = tl.where(in_range, scale, float("nan"))
                 softmax_factor = 1.0 + 2.0 * z_loss * lse
                 for start in range(0, n_cols, BLOCK):
                     idx = start + cols
@@ -140,25 +152,28 @@ def ce_rows_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | 
     write = scale is not None
     scale = scale if write else losses  # unread when not writing
     _ce_row_kernel[(rows,)](
-        logits, targets, losses, scale, vocab, logits.stride(0), 1 if scale.numel() > 1 else 0, ignore_index,
-        label_smoothing, z_loss, WRITE_GRAD=write, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        logits, targets.contiguous(), losses, scale, vocab, logits.stride(0), 1 if scale.numel() > 1 else 0,
+        ignore_index, label_smoothing, z_loss, WRITE_GRAD=write, SMOOTHING=label_smoothing != 0.0, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
     )
     return losses
 
 
 class _CrossEntropy(torch.autograd.Function):
+    """Used only when the logits need a gradient: it is made in the forward, in a copy of the logits."""
+
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss):
-        grad = logits.contiguous().clone() if logits.requires_grad else logits.contiguous()
+        grad = logits.clone(memory_format=torch.contiguous_format)
         scale = _reduction_scale(targets, ignore_index, reduction) if reduction != "none" else \
             torch.ones(1, dtype=torch.float32, device=logits.device)
-        losses = ce_rows_(grad, targets, scale if logits.requires_grad else None, ignore_index,
-                          label_smoothing, z_loss)
-        ctx.save_for_backward(grad if logits.requires_grad else None)
+        losses = ce_rows_(grad, targets, scale, ignore_index, label_smoothing, z_loss)
+        ctx.save_for_backward(grad)
         ctx.reduction = reduction
         return _reduce(losses, targets, ignore_index, reduction)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         factor = grad_output[:, None] if ctx.reduction == "none" else grad_output
@@ -169,10 +184,15 @@ def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype."""
+    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype. On the
+    Triton path a target outside [0, V) other than `ignore_index` gives that row a NaN loss and gradient
+    (the reference raises)."""
     _check(targets, logits.shape[0], reduction)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    if not (torch.is_grad_enabled() and logits.requires_grad):  # the losses alone: no copy, no gradient
+        losses = ce_rows_(as_rows(logits), targets, None, ignore_index, label_smoothing, z_loss)
+        return _reduce(losses, targets, ignore_index, reduction)
     return _CrossEntropy.apply(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 
 
@@ -218,12 +238,20 @@ def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss
     return losses
 
 
-def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, grad_weight):
-    """Losses of every row and the hidden gradient, accumulating the weight gradient into `grad_weight`
-    (fp32), one chunk of rows at a time. `scale` is one value or one per row."""
+def _grad_buffers(hidden, weight, need_hidden: bool, need_weight: bool):
+    """(hidden gradient, float32 weight gradient accumulator), each None where that input needs none (a frozen
+    LM head under LoRA makes no V x d buffer and no weight-gradient matmuls)."""
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    return grad_hidden, grad_weight
+
+
+def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, grad_hidden, grad_weight):
+    """Losses of every row, writing the hidden gradient into `grad_hidden` and accumulating the weight gradient
+    into `grad_weight` (fp32), one chunk of rows at a time; either buffer may be None. `scale` is one value
+    or one per row."""
     n = hidden.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden)
     step = chunk_rows(n)
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -231,39 +259,51 @@ def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, 
         logits = h @ weight.t()
         row_scale = scale[start:stop] if scale.numel() > 1 else scale
         losses[start:stop] = ce_rows_(logits, targets[start:stop], row_scale, ignore_index, label_smoothing, z_loss)
-        grad_hidden[start:stop] = logits @ weight
-        _accumulate_weight_grad(grad_weight, logits, h)
-    return losses, grad_hidden
+        if grad_hidden is not None:
+            grad_hidden[start:stop] = logits @ weight
+        if grad_weight is not None:
+            _accumulate_weight_grad(grad_weight, logits, h)
+    return losses
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Used only when hidden or weight needs a gradient; makes the gradients of those that do."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss):
         hidden = hidden.contiguous()
         ctx.reduction = reduction
         ctx.options = (ignore_index, label_smoothing, z_loss)
         if reduction == "none":
-            # per-row grad_output is known only in the backward: compute losses now, gradients then
+            # per-row grad_output is known only in the backward: compute losses now, gradients then, under this
+            # autocast state (the backward runs outside it), so that the chunks' logits are the forward's
+            device = hidden.device.type
+            ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
             ctx.save_for_backward(hidden, weight, targets)
             return _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss)
         ctx.weight_dtype = weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
         scale = _reduction_scale(targets, ignore_index, reduction)
-        losses, grad_hidden = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss,
-                                           grad_weight)
+        losses = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, grad_hidden,
+                              grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return _reduce(losses, targets, ignore_index, reduction)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
             hidden, weight, targets = ctx.saved_tensors
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            _, grad_hidden = _chunk_grads(hidden, weight, targets, grad_output.float().contiguous(), *ctx.options,
-                                          grad_weight)
-            return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+            grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
+            device, autocast, autocast_dtype = ctx.autocast
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+                _chunk_grads(hidden, weight, targets, grad_output.float().contiguous(), *ctx.options, grad_hidden,
+                             grad_weight)
+            return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                    None, None, None, None, None)
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (_scaled(grad_hidden, grad_output, grad_hidden.dtype), _scaled(grad_weight, grad_output, ctx.weight_dtype),
+        return (None if grad_hidden is None else _scaled(grad_hidden, grad_output, grad_hidden.dtype),
+                None if grad_weight is None else _scaled(grad_weight, grad_output, ctx.weight_dtype),
                 None, None, None, None, None)
 
 
@@ -282,9 +322,14 @@ def fused_linear_cross_entropy(
     reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
     """Cross-entropy of the LM head `hidden (N, d) @ weight (V, d).T` against targets (N,). The Triton path
-    never holds more than one chunk of logits; the weight gradient accumulates in float32."""
+    never holds more than one chunk of logits; the weight gradient accumulates in float32, and is made only
+    when the weight requires grad. A target outside [0, V) other than `ignore_index` gives that row a NaN loss
+    (and NaN gradients) on the Triton path (the reference raises)."""
     _check(targets, hidden.shape[0], reduction)
     if not use_triton(hidden, backend):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # the losses alone
+        losses = _chunk_losses(hidden.contiguous(), weight, targets, ignore_index, label_smoothing, z_loss)
+        return _reduce(losses, targets, ignore_index, reduction)
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dispatch import HAVE_TRITON, interpreting, use_triton
 
@@ -38,7 +40,7 @@ def flash_attention_reference(
         out = flash_attention_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal,
                                         torch.arange(0, (batch + 1) * seq, seq), seq, softmax_scale)
         return out.view(q.shape)
-    scale = softmax_scale or 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
@@ -96,12 +98,12 @@ if HAVE_TRITON:
         tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=row_ok)
 
     @triton.jit
-    def _sequence(CU, program, n_heads):
-        """(sequence start, length, head) of a program numbered over sequences x heads."""
-        seq_id = program // n_heads
+    def _sequence(CU):
+        """(sequence start, length, head) of a program on a grid of (blocks, heads, sequences)."""
+        seq_id = tl.program_id(2)
         start = tl.load(CU + seq_id).to(tl.int64)
         length = tl.load(CU + seq_id + 1).to(tl.int32) - start.to(tl.int32)
-        return start, length, program % n_heads
+        return start, length, tl.program_id(1)
 
     @triton.jit
     def _heavy_first(CAUSAL: tl.constexpr):
@@ -112,12 +114,12 @@ if HAVE_TRITON:
         return tl.program_id(0)
 
     @triton.jit
-    def _query_block(CU, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, D: tl.constexpr):
-        """Where a program over (query block, sequence x head) works: (m_block, start, length, head, kv_head,
+    def _query_block(CU, GROUP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     D: tl.constexpr):
+        """Where a program over (query block, head, sequence) works: (m_block, start, length, head, kv_head,
         offs_m, offs_n, offs_d). The block may lie past its sequence's end (the grid covers the longest)."""
         m_block = _heavy_first(CAUSAL)
-        start, length, head = _sequence(CU, tl.program_id(1), n_heads)
+        start, length, head = _sequence(CU)
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         return m_block, start, length, head, head // GROUP, offs_m, tl.arange(0, BLOCK_N), tl.arange(0, D)
 
@@ -157,12 +159,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, CU, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        CU, Q, K, V, O, LSE, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_ot, stride_oh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        m_block, start, length, head, kv_head, offs_m, offs_n, offs_d = _query_block(CU, n_heads, GROUP, CAUSAL,
-                                                                                     BLOCK_M, BLOCK_N, D)
+        m_block, start, length, head, kv_head, offs_m, offs_n, offs_d = _query_block(CU, GROUP, CAUSAL, BLOCK_M,
+                                                                                     BLOCK_N, D)
         if m_block * BLOCK_M < length:
             row_ok = offs_m < length
             q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
@@ -211,13 +213,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-        stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, n_heads, n_kv_heads,
+        CU, Q, K, V, DO, LSE, DELTA, DK, DV, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+        stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, n_heads,
         GROUP: tl.constexpr, CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
         n_block = tl.program_id(0)
-        start, length, kv_head = _sequence(CU, tl.program_id(1), n_kv_heads)
+        start, length, kv_head = _sequence(CU)
         if n_block * BLOCK_N < length:
             offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
             offs_m = tl.arange(0, BLOCK_M)
@@ -271,12 +273,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, CU, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        CU, Q, K, V, DO, LSE, DELTA, DQ, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_dot, stride_doh, stride_dqt, stride_dqh, n_heads, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ):
-        m_block, start, length, head, kv_head, offs_m, offs_n, offs_d = _query_block(CU, n_heads, GROUP, CAUSAL,
-                                                                                     BLOCK_M, BLOCK_N, D)
+        m_block, start, length, head, kv_head, offs_m, offs_n, offs_d = _query_block(CU, GROUP, CAUSAL, BLOCK_M,
+                                                                                     BLOCK_N, D)
         if m_block * BLOCK_M < length:
             row_ok = offs_m < length
             q = _tile(Q, start, offs_m, head, stride_qt, stride_qh, offs_d, length)
@@ -325,14 +327,30 @@ def autotuned_configs() -> dict[str, dict]:
             for (name, dim), tuner in AUTOTUNERS.items() if tuner.cache}
 
 
-def _launch(name: str, grid, dim: int, autotune: bool, *args, **constexprs) -> None:
-    """Launch kernel `name` with the autotuner over its candidates, or with the first candidate."""
+# CUDA's limit on a grid's second and third axes (the first holds 2^31 - 1)
+MAX_GRID_AXIS = 65535
+
+
+def _launch(name: str, cu_seqlens: torch.Tensor, blocks: Callable[[dict], int], heads: int, dim: int,
+            autotune: bool, *args, **constexprs) -> None:
+    """Launch kernel `name` (its first argument cu_seqlens) on a grid of (`blocks(meta)` blocks, heads,
+    sequences), with the autotuner over its candidates or with the first candidate. CUDA starts programs in
+    the grid's order, the blocks of one sequence and head one after another (sharing its K/V in L2). More
+    sequences than a grid axis holds go in several launches, each given cu_seqlens from its first sequence
+    on: the kernels find every token through the offsets in it."""
     dim_class = 64 if dim <= 64 else 128
-    if autotune:
-        AUTOTUNERS[name, dim_class][grid](*args, **constexprs)
-    else:
-        block_m, block_n, warps, stages = CONFIGS[name][dim_class][0]
-        KERNELS[name][grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constexprs)
+    n_seqs = cu_seqlens.numel() - 1
+    for first in range(0, n_seqs, MAX_GRID_AXIS):
+        def grid(meta, seqs=min(MAX_GRID_AXIS, n_seqs - first)):
+            return blocks(meta), heads, seqs
+
+        cu = cu_seqlens[first:] if first else cu_seqlens  # no view op in the usual single launch's graph
+        if autotune:
+            AUTOTUNERS[name, dim_class][grid](cu, *args, **constexprs)
+        else:
+            block_m, block_n, warps, stages = CONFIGS[name][dim_class][0]
+            KERNELS[name][grid](cu, *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                                **constexprs)
 
 
 def _flags(q: torch.Tensor) -> dict:
@@ -346,11 +364,10 @@ class _FlashAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty((total, heads), dtype=torch.float32, device=q.device)
-        n_seqs = cu_seqlens.numel() - 1
         autotune = q.is_cuda and os.environ.get("TTL_AUTOTUNE", "1") != "0"
         _launch(
-            "fwd", lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), n_seqs * heads), dim, autotune,
-            q, k, v, out, lse, cu_seqlens, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            "fwd", cu_seqlens, lambda meta: triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads, dim, autotune,
+            q, k, v, out, lse, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim,
             **_flags(q),
         )
@@ -359,6 +376,7 @@ class _FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -371,17 +389,16 @@ class _FlashAttention(torch.autograd.Function):
                                                       grad_out.stride(0), grad_out.stride(1), D=dim, BLOCK_R=block,
                                                       num_warps=8)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        n_seqs = cu_seqlens.numel() - 1
         common = dict(GROUP=heads // kv_heads, CAUSAL=ctx.causal, D=dim, **_flags(q))
         _launch(
-            "dkdv", lambda meta: (triton.cdiv(ctx.max_seqlen, meta["BLOCK_N"]), n_seqs * kv_heads), dim,
-            ctx.autotune, q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, ctx.scale, q.stride(0), q.stride(1),
+            "dkdv", cu_seqlens, lambda meta: triton.cdiv(ctx.max_seqlen, meta["BLOCK_N"]), kv_heads, dim,
+            ctx.autotune, q, k, v, grad_out, lse, delta, dk, dv, ctx.scale, q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads, kv_heads, **common,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads, **common,
         )
         _launch(
-            "dq", lambda meta: (triton.cdiv(ctx.max_seqlen, meta["BLOCK_M"]), n_seqs * heads), dim, ctx.autotune,
-            q, k, v, grad_out, lse, delta, dq, cu_seqlens, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
+            "dq", cu_seqlens, lambda meta: triton.cdiv(ctx.max_seqlen, meta["BLOCK_M"]), heads, dim, ctx.autotune,
+            q, k, v, grad_out, lse, delta, dq, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), v.stride(0), v.stride(1), grad_out.stride(0), grad_out.stride(1), dq.stride(0),
             dq.stride(1), heads, **common,
         )
@@ -401,23 +418,49 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (choose one of {HEAD_DIMS})")
 
 
+def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+    """`cu_seqlens` against the packed tokens and `max_seqlen`: its values only when it is on the CPU, where
+    reading them costs no device sync (see `flash_attention` for the contract on a device)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"flash_attention cu_seqlens must be 1-D, one more entry than documents, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type != "cpu":
+        return
+    bounds = cu_seqlens.tolist()
+    lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+        shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-2:]
+        raise ValueError(f"flash_attention cu_seqlens must start at 0, never decrease and end at the {total} packed "
+                         f"tokens, got {shown}")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        raise ValueError(f"flash_attention max_seqlen {max_seqlen} is less than the longest document in "
+                         f"cu_seqlens ({max(lengths)} tokens)")
+
+
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None, softmax_scale: float | None = None, *, backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of q (batch, seq, heads, dim) over k, v (batch, seq, kv_heads, dim), or of packed
-    (total_tokens, heads, dim) documents delimited by `cu_seqlens` (int32, documents never attend across
-    boundaries; `max_seqlen` is the longest). kv_heads must divide heads; dim one of 16, 32, 64, 128."""
+    (total_tokens, heads, dim) documents delimited by `cu_seqlens` (documents never attend across
+    boundaries). kv_heads must divide heads; dim one of 16, 32, 64, 128; `softmax_scale` defaults to
+    1/sqrt(dim). `cu_seqlens` (integer, documents + 1) must start at 0, never decrease and end at
+    total_tokens, and `max_seqlen` must be at least the longest document: checked when `cu_seqlens` is on
+    the CPU, trusted when it is on the device (a check would sync), where a `max_seqlen` too small leaves
+    the output rows past it unwritten."""
     packed = cu_seqlens is not None
     _check(q, k, v, packed)
-    scale = softmax_scale or 1.0 / math.sqrt(q.shape[-1])
+    if packed:
+        _check_documents(cu_seqlens, q.shape[0], max_seqlen)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if not use_triton(q, backend):
         return flash_attention_reference(q, k, v, causal, cu_seqlens, max_seqlen, scale)
     if packed:
         if max_seqlen is None:
             raise ValueError("packed flash_attention needs max_seqlen (the longest document)")
         qf, kf, vf = q, k, v
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        # the kernels read cu_seqlens as a packed int32 array; `.to` keeps an int32 strided view as it is
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     else:
         batch, seq = q.shape[:2]
         qf, kf, vf = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))

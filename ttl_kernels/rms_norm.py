@@ -11,6 +11,7 @@ over a contiguous block of rows, and a second pass sums the partial rows, so the
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dispatch import HAVE_TRITON, as_rows, sm_count, use_triton
 
@@ -174,7 +175,11 @@ def rms_norm_backward(
 
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper: returns y, or (y, x + residual) when a residual is given. Gradients may flow into
-    either output or both; dx (the gradient of x + residual) goes to x and to the residual alike."""
+    either output or both; dx (the gradient of x + residual) goes to x and to the residual alike. Where the
+    two share a dtype they are returned as one tensor object, as `AddBackward` returns its gradient: autograd
+    copies a gradient used twice before making it a leaf's `.grad`, whereas two views of one buffer would
+    each become a `.grad`, one storage that later accumulations add into twice. For the same reason the
+    incoming gradient itself, never a view of it, is returned when only the new residual is used."""
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps, out_dtype):
@@ -191,17 +196,19 @@ class RMSNormFunction(torch.autograd.Function):
         return y.view(shape), h.view(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         x_dtype, r_dtype = ctx.input_dtypes
-        shape = (dy if dy is not None else dh).shape
+        if dy is None:  # only the new residual was used: its gradient is x's and the residual's (.to: no copy)
+            return dh.to(x_dtype), None, dh.to(r_dtype), None, None
         dh2 = None if dh is None else as_rows(dh)
-        if dy is None:  # only the new residual was used
-            dx, dr, dw = dh2.to(x_dtype), None if r_dtype is None else dh2.to(r_dtype), None
-        else:
-            dx, dr, dw = rms_norm_backward(as_rows(dy), dh2, h, weight, rstd, ctx.needs_input_grad[1], x_dtype,
-                                           r_dtype)
-        return dx.view(shape), dw, None if dr is None else dr.view(shape), None, None
+        dx2, dr2, dw = rms_norm_backward(as_rows(dy), dh2, h, weight, rstd, ctx.needs_input_grad[1], x_dtype,
+                                         r_dtype)
+        dx = dx2.view(dy.shape)
+        if dr2 is dx2:
+            return dx, dw, dx, None, None  # one object for both, not two views (see the class docstring)
+        return dx, dw, None if dr2 is None else dr2.view(dy.shape), None, None
 
 
 def rms_norm(

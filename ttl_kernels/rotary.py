@@ -3,12 +3,15 @@
 One program handles one token: it loads that position's cos/sin row once and rotates every query head and
 every key head with it, so q and k go through one launch and the angles are read once per token instead of
 once per head. The backward is the same kernel run on the gradients with the transposed rotation (the
-rotation by minus the angle when the two halves of cos/sin agree, as they do for real rotary tables).
+rotation by minus the angle when the two halves of cos/sin agree, as they do for real rotary tables). The
+tables are constants there: angles that require grad are refused on the Triton path (the reference
+differentiates them).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .dispatch import HAVE_TRITON, use_triton
 
@@ -168,6 +171,7 @@ class RotaryFunction(torch.autograd.Function):
         return rotary_launch(q, k, cos, sin)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         return (*rotary_launch(dq, dk, cos, sin, backward=True), None, None)
@@ -187,6 +191,7 @@ class RotaryQKVFunction(torch.autograd.Function):
         return (*rotary_launch(q, k, cos, sin), v)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq, dk, dv):  # unused outputs arrive as zeros (autograd materializes them)
         cos, sin = ctx.saved_tensors
         batch, seq, _, dim = dq.shape
@@ -212,6 +217,13 @@ def _check_rotary_arguments(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         raise ValueError(f"apply_rotary cos/sin batch {cos.shape[0]} does not match q's batch {batch}")
 
 
+def _check_constant_angles(cos: torch.Tensor, sin: torch.Tensor) -> None:
+    # the Triton path has no gradient for the angles: refuse rather than silently drop it
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("rotary's Triton kernels take cos/sin as constants, but they require grad here: detach "
+                         "them, or pass backend='torch' to differentiate them")
+
+
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,10 +231,12 @@ def apply_rotary(
     cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
     positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
     last dim; outputs are new tensors rounded like `apply_rotary_reference`. `backend` picks Triton or the
-    reference (see `ttl_kernels.dispatch.use_triton`)."""
+    reference (see `ttl_kernels.dispatch.use_triton`); only the reference differentiates cos/sin, and
+    Triton raises ValueError when they require grad (under grad mode)."""
     _check_rotary_arguments(q, k, cos, sin)
     if not use_triton(q, backend):
         return apply_rotary_reference(q, k, cos, sin)
+    _check_constant_angles(cos, sin)
     batch, seq, _, dim = q.shape
     return RotaryFunction.apply(q, k, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim))
 
@@ -248,6 +262,7 @@ def apply_rotary_qkv(
     q, k, v = _split_qkv(qkv, kv_heads, cos, sin)
     if not use_triton(qkv, backend):
         return (*apply_rotary_reference(q, k, cos, sin), v)
+    _check_constant_angles(cos, sin)
     batch, seq, _, dim = qkv.shape
     return RotaryQKVFunction.apply(qkv, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim), kv_heads)
 
@@ -261,8 +276,8 @@ def rotary_into_cache(
     the values into `k_cache` and `v_cache` (batch, max_len, kv_heads, dim), strided views with a contiguous
     last dim, at sequence positions `slots` (seq,) (a device tensor, so a captured decode step can advance
     it), and return the rotated queries. The same values as `apply_rotary_qkv` followed by `index_copy_`
-    into the caches; the Triton path is one launch instead of three, builds no autograd graph, and skips
-    (rather than raises on) a slot outside the cache."""
+    into the caches; the Triton path is one launch instead of three, builds no autograd graph, skips
+    (rather than raises on) a slot outside the cache, and refuses angles that require grad."""
     if k_cache.dim() != 4:
         raise ValueError(f"rotary_into_cache needs k_cache (batch, max_len, kv_heads, dim), got {tuple(k_cache.shape)}")
     kv_heads = k_cache.shape[2]
@@ -280,7 +295,8 @@ def rotary_into_cache(
         k_cache.index_copy_(1, slots.long(), k)
         v_cache.index_copy_(1, slots.long(), v)
         return q
-    qkv = _last_dim_contiguous(qkv)
+    _check_constant_angles(cos, sin)
+    qkv, slots = _last_dim_contiguous(qkv), slots.contiguous()  # the kernel indexes slots as a packed array
     cos, sin = _same_strides(*(_last_dim_contiguous(t.expand(batch, seq, dim)) for t in (cos, sin)))
     q = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
     if batch * seq:

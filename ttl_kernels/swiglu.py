@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .dispatch import HAVE_TRITON, as_rows, use_triton
 
@@ -83,6 +84,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return out.view(*gate.shape[:-1], g.shape[1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         g, u = ctx.saved_tensors
         d = as_rows(dout)
