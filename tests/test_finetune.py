@@ -225,6 +225,8 @@ def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 16, 0.05)
     assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())
     tokenizer = Tokenizer.from_pretrained(adapter)
     assert tokenizer.vocab_size == Tokenizer.from_pretrained(base_dir).vocab_size + len(AIRA_SPECIAL_TOKENS)
     # peft loads it onto transformers' model of the base (resized the same way) ...
@@ -238,6 +240,21 @@ def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     ids = torch.tensor([tokenizer.encode(chat_prompt("aira", "Qual é a capital do Brasil?"), add_bos=True)])
     with torch.no_grad():
         assert (ours.eval()(ids).logits - tuned(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_chat_tokens_added_into_padding_rows_are_trained(base_dir, tmp_path):
+    """A base whose vocabulary is padded past its tokenizer needs no resize for Aira's tokens, but their rows
+    were never trained: LoRA instruction tuning still trains and saves the embeddings in full."""
+    padded = load_pretrained(base_dir)
+    padded.resize_token_embeddings(padded.config.vocab_size + 16)
+    save_pretrained(padded, tmp_path / "padded", tokenizer=Tokenizer.from_pretrained(base_dir))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:8]))
+    cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=1, max_length=128, lora=True)
+    summary = finetune_instruct(tmp_path / "padded", data, tmp_path / "out", "aira", cfg, verbose=False)
+    assert summary["added_tokens"] == list(AIRA_SPECIAL_TOKENS)
+    config = json.loads((tmp_path / "out" / "best" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
 
 
 # --- scripts ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import peft
 import pytest
@@ -195,3 +196,84 @@ def test_merged_weights_equal_peft_merge_and_unload(tmp_path, merge_first):
     folded = load_file(tmp_path / "folded" / "model.safetensors")
     assert sorted(folded) == sorted(truth)
     assert max((folded[k] - truth[k]).abs().max().item() for k in folded) <= 1e-5
+
+
+@pytest.mark.parametrize("field, value", [
+    ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("init_lora_weights", "loftq"),
+    ("alora_invocation_tokens", [7, 8]), ("layers_to_transform", 0), ("loftq_config", {"loftq_bits": 4}),
+    ("trainable_token_indices", [5]),
+])
+def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, value):
+    """PEFT would compute something else with these (PiSSA/OLoRA/LoftQ rewrite the base weights on load,
+    aLoRA starts at the invocation tokens): loading them as plain LoRA would give other logits."""
+    save_adapter(apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4), tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(AdapterError, match=re.escape(f"{field}={value!r} is not supported")):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), tmp_path / "adapter")
+
+
+def test_peft_adapter_with_saved_embedding_layers_loads(tmp_path):
+    """PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
+    loads them into the base; ttl does the same once the vocabulary is resized to match."""
+    hf = hf_causal_lm()
+    hf.resize_token_embeddings(135, mean_resizing=False)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                     task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=2)
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.weight[131:].normal_()
+    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    assert "base_model.model.model.embed_tokens.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    with pytest.raises(AdapterError, match=r"embed_tokens.weight has shape \(135, 64\), the model's is \(131, 64\)"):
+        load_adapter(ours, tmp_path / "adapter")
+    ours.resize_token_embeddings(135)
+    load_adapter(ours, tmp_path / "adapter")
+    x = ids(vocab=135)
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() <= 1e-5
+
+
+def test_loading_for_inference_turns_dropout_off(tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5)
+    randomize_lora_(model, seed=4)
+    save_adapter(model, tmp_path / "adapter")
+    fresh = to_ttl(hf_causal_lm(), tmp_path, "fresh").train()
+    load_adapter(fresh, tmp_path / "adapter")
+    x = ids()
+    assert not fresh.training
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, fresh(x).logits)
+
+
+def test_adapters_on_a_bf16_base_stay_float32_like_peft(tmp_path):
+    hf = hf_causal_lm().to(torch.bfloat16)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                     task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=6)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = load_adapter(to_ttl(hf_causal_lm().to(torch.bfloat16), tmp_path), tmp_path / "adapter")
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    x = ids()
+    truth = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "adapter").eval()  # float32 throughout
+    with torch.no_grad():
+        exact = truth(input_ids=x).logits
+        ours_error = (ours(x).logits.float() - exact).abs().max()
+        peft_error = (theirs.eval()(input_ids=x).logits.float() - exact).abs().max()
+    assert ours_error <= 2 * peft_error  # flash-attn's criterion for a low-precision path
+
+
+def test_each_adapted_slice_draws_its_own_dropout_mask(tmp_path):
+    """q and v of the fused projection are two PEFT modules, each with its own dropout."""
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5).train()
+    layer = model.backbone.layers[0].attn.qkv
+    with torch.no_grad():
+        for n in ("q_proj", "v_proj"):
+            layer.lora_A[n].weight.copy_(torch.eye(4, 64))
+            layer.lora_B[n].weight.zero_()
+            layer.lora_B[n].weight[:4].copy_(torch.eye(4))
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+        delta = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
+    q, v = delta[..., :4], delta[..., layer.slices["v_proj"][0]:layer.slices["v_proj"][0] + 4]
+    assert not torch.equal(q, v)  # the same weights: only the masks differ

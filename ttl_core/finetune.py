@@ -246,9 +246,10 @@ def load_base(model_dir: str | Path, cfg: FinetuneConfig, **kwargs: Any) -> tupl
     return tokenizer, model
 
 
-def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig) -> None:
-    """Write the model atomically as a directory: a PEFT adapter (LoRA without merging) or, otherwise, a
-    full transformers checkpoint (with LoRA, the adapters folded into the saved weights)."""
+def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig,
+                   base_dir: str | Path) -> None:
+    """Write the model atomically as a directory: a PEFT adapter over `base_dir` (LoRA without merging) or,
+    otherwise, a full transformers checkpoint (with LoRA, the adapters folded into the saved weights)."""
     def write(tmp: Path) -> None:
         if not cfg.lora:
             save_pretrained(model, tmp, tokenizer=tokenizer)
@@ -258,7 +259,7 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
         if cfg.merge_lora:
             save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model))
         else:
-            save_adapter(model, tmp)
+            save_adapter(model, tmp, base_model_name_or_path=str(Path(base_dir).resolve()))
             tokenizer.save_pretrained(tmp)
 
     write_dir_atomically(directory, write)
@@ -333,7 +334,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
         if improved:
             best.clear()
             best.update(history[-1])
-            save_finetuned(model, out_dir / "best", tokenizer, cfg)
+            save_finetuned(model, out_dir / "best", tokenizer, cfg, model_dir)
         if verbose:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             print(f"epoch {epoch}: {shown}{' (best so far, saved)' if improved else ''}")

@@ -145,7 +145,6 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     tokenizer, model = load_base(model_dir, cfg)
     if model.architecture != "LlamaForCausalLM":
         raise ConfigError(f"{model_dir} holds a {model.architecture}; instruction tuning needs a LlamaForCausalLM")
-    vocab_before = model.config.vocab_size
     added = add_chat_tokens(tokenizer, model, chat_format)
     model.to(device)
     if model.config.pad_token_id is None and tokenizer.pad_id is None:
@@ -156,8 +155,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
                      if eval_file else None)
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
-        start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if model.config.vocab_size != vocab_before
-                   else None)
+        start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if added else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir)
     history: list[dict[str, float]] = []
@@ -173,7 +171,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
         if improved:
             best.clear()
             best.update(record)
-            save_finetuned(model, out_dir / "best", tokenizer, cfg)
+            save_finetuned(model, out_dir / "best", tokenizer, cfg, model_dir)
         if verbose:
             shown = f", eval loss {record['eval_loss']:.4f}" if eval_examples else ""
             print(f"epoch {epoch}{shown}{' (saved)' if improved else ''}")

@@ -27,6 +27,15 @@ from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
+# load an adapter whose outputs would differ from PEFT's
+UNSUPPORTED_ADAPTER_FIELDS = (
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "layer_replication", "lora_bias",
+    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+    "megatron_config", "loftq_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
+    "arrow_config", "kasa_config",
+)
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "LlamaForSequenceClassification": "SEQ_CLS"}
 
 
@@ -44,6 +53,9 @@ class LoRALinear(nn.Linear):
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, dtype = base.weight.device, base.weight.dtype
+        # on a half-precision base the adapters stay float32, as PEFT keeps them (autocast_adapter_dtype), so
+        # small optimizer steps on them are not rounded away
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
                                      for n in slices})
         self.lora_B = nn.ModuleDict({n: nn.Linear(r, stop - start, bias=False, device=device, dtype=dtype)
@@ -59,11 +71,14 @@ class LoRALinear(nn.Linear):
         if self.merged:
             return y
         names = list(self.slices)
-        # one matmul for every slice's A, then each slice's B on its r columns
-        down = F.linear(self.dropout(x), torch.cat([self.lora_A[n].weight for n in names]))
-        for n, part in zip(names, down.split(self.r, dim=-1)):
+        x = x.to(self.lora_A[names[0]].weight.dtype)
+        if isinstance(self.dropout, nn.Identity):  # one matmul for every slice's A
+            downs = F.linear(x, torch.cat([self.lora_A[n].weight for n in names])).split(self.r, dim=-1)
+        else:  # each slice draws its own dropout mask, as each of PEFT's separate modules does
+            downs = [self.lora_A[n](self.dropout(x)) for n in names]
+        for n, down in zip(names, downs):
             start, stop = self.slices[n]
-            y[..., start:stop] += self.lora_B[n](part) * self.scale
+            y[..., start:stop] += self.lora_B[n](down) * self.scale
         return y
 
     def delta(self, name: str) -> torch.Tensor:
@@ -282,9 +297,15 @@ def _read_adapter_config(directory: Path) -> dict:
     for key, ok in (("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False)):
         if config.get(key, ok) != ok:
             raise AdapterError(f"{directory}: {key}={config[key]!r} is not supported (expected {ok!r})")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if config.get(key):
-            raise AdapterError(f"{directory}: {key} is not supported")
+    for key in UNSUPPORTED_ADAPTER_FIELDS:
+        value = config.get(key)
+        # PEFT writes these unset as null, false, {} or []; layers_to_transform=0 is set (layer 0 only)
+        if value is not None and value is not False and value != {} and value != []:
+            raise AdapterError(f"{directory}: {key}={value!r} is not supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"{directory}: init_lora_weights={init!r} is not supported (PEFT rewrites the base "
+                           "weights with it when loading)")
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         raise AdapterError(f"{directory}: target_modules given as a pattern ({targets!r}) is not supported; list names")
@@ -322,6 +343,16 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
         expected = _adapter_shapes(model, settings)
     except AdapterError as e:
         raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
+    # PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
+    # loads them into the base model; so does ttl, once the model's vocabulary is resized to match
+    embeddings = {name: key for name, key in _modules_to_save_params(model, ["embed_tokens", "lm_head"],
+                                                                      strict=False).items()
+                  if key in found and key not in expected}
+    for name, key in embeddings.items():
+        if tuple(found[key].shape) != tuple(model.get_parameter(name).shape):
+            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model's is "
+                               f"{tuple(model.get_parameter(name).shape)} (resize its token embeddings first)")
+    base_weights = {name: found.pop(key) for name, key in embeddings.items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or unexpected:
         raise AdapterError(f"{directory}: the adapter does not fit this model: missing {missing[:4]}, "
@@ -334,7 +365,10 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     with torch.no_grad():
         for key, target in _adapter_tensors(model).items():
             target.copy_(found[key])
-    if not is_trainable:
+        for name, tensor in base_weights.items():
+            model.get_parameter(name).copy_(tensor)
+    if not is_trainable:  # inference, as PEFT's from_pretrained leaves it: frozen, dropout off
         for param in model.parameters():
             param.requires_grad_(False)
+        model.eval()
     return model
