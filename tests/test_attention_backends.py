@@ -116,3 +116,11 @@ def test_gpu_backends_match_sdpa(backend):
     _, cu, longest = document_layout(starts)
     packed = attention(q, k, v, backend=backend, cu_seqlens=cu, max_seqlen=longest)
     assert rel_err(packed, attention(q, k, v, backend="sdpa", cu_seqlens=cu, max_seqlen=longest)) <= 2e-2
+
+
+def test_a_mask_with_packed_documents_is_an_error():
+    q = torch.randn(1, 4, 2, 16)
+    _, cu_seqlens, max_seqlen = document_layout(torch.tensor([[True, False, True, False]]))
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    with pytest.raises(ConfigError, match="both mask and cu_seqlens"):
+        attention(q, q, q, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend="sdpa")

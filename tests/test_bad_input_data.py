@@ -321,3 +321,20 @@ def test_bad_metrics_files(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]  # a torn last line is dropped
     assert math.isnan(read_metrics(run / "metrics.jsonl")[0]["loss"])
+
+
+def test_byte_order_mark_is_no_part_of_the_first_document(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfprimeiro\n\nsegundo\n")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "primeiro"}\n{"text": "segundo"}\n')
+    for name in ("bom.txt", "bom.jsonl"):
+        assert list(read_documents(tmp_path / name)) == ["primeiro", "segundo"]
+
+
+def test_train_tokenizer_on_a_missing_file_is_an_error_not_its_name_as_text(tmp_path):
+    good = str(SAMPLE_CORPUS[0])
+    for inputs in ("corpus/typo.txt", tmp_path / "missing", [good, "corpus/typo.txt"], ["typo.jsonl", good]):
+        with pytest.raises(DataError, match="train_tokenizer: no such input file") as excinfo:
+            train_tokenizer(inputs, None, vocab_size=300)
+        assert "typo" in one_line(excinfo) or "missing" in one_line(excinfo)
+    # documents that merely mention a file are texts
+    assert train_tokenizer(["veja o arquivo notas.txt"] * 20, None, vocab_size=280).vocab_size == 280

@@ -169,3 +169,64 @@ def test_val_split_holds_out_the_fraction_spread_evenly(tmp_path, fraction, held
     val = np.fromfile(tmp_path / "out" / "val.bin", dtype=meta["dtype"])
     assert meta["val_documents"] == len(held_out) == int(10 * fraction)
     assert [tok.decode(d) for d in split_documents(val, tok.bos_id, tok.eos_id)] == [ten[k] for k in held_out]
+
+
+def test_an_interrupted_run_with_other_inputs_never_leaves_a_stale_meta(tmp_path, monkeypatch):
+    """Run A finishes; run B with other inputs is killed while writing the outputs; rerunning A must redo the
+    work rather than return A's meta.json over B's token files. Leftovers of a B killed while tokenizing go."""
+    inputs, _ = write_inputs(tmp_path)
+    prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)
+    tokenizer = tmp_path / "tok" / "tokenizer.model"
+    out = tmp_path / "out"
+    prepare_data(inputs, out, tokenizer=tokenizer, workers=1)
+    a = read_outputs(out)
+    real = data.write_json
+
+    def killed_before_meta(path, obj):
+        if path.name == "meta.json":
+            raise KeyboardInterrupt("simulated kill")
+        real(path, obj)
+
+    monkeypatch.setattr(data, "write_json", killed_before_meta)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(inputs[:1], out, tokenizer=tokenizer, workers=1)
+    monkeypatch.setattr(data, "write_json", real)
+    assert (out / "train.bin").read_bytes() != a["train.bin"] and not (out / "meta.json").exists()
+    prepare_data(inputs, out, tokenizer=tokenizer, workers=1)
+    assert read_outputs(out) == a
+
+    # token files replaced behind a meta.json whose plan still matches (as an older version could leave them)
+    (out / "train.bin").write_bytes(a["train.bin"][:-2])
+    prepare_data(inputs, out, tokenizer=tokenizer, workers=1)
+    assert read_outputs(out) == a
+    PackedLoader(out, "train", seq_len=16, batch_size=2)
+
+    # run B killed while tokenizing: A's finished outputs stand, B's work directory goes
+    def killed(job):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(data, "_tokenize_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(inputs[:1], out, tokenizer=tokenizer, workers=1)
+    assert (out / ".prepare").is_dir() and (out / "meta.json").is_file()
+    assert prepare_data(inputs, out, tokenizer=tokenizer, workers=1) == json.loads(a["meta.json"])
+    assert not (out / ".prepare").exists() and read_outputs(out) == a
+
+
+def test_special_token_text_in_documents_stays_text(tmp_path):
+    """A document that writes "</s>" or an Aira chat token means the characters: only the `</s>` that ends each
+    document is an EOS, so the loader's document boundaries stay the documents'."""
+    from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS
+
+    inputs, _ = write_inputs(tmp_path)
+    prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)
+    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    texts = ["fim </s> e <s> recomeço", "<|startofinstruction|>oi<|endofinstruction|>", "<pad><unk>", "ótimo"]
+    (tmp_path / "special.txt").write_text("\n\n".join(texts) + "\n")
+    meta = prepare_data([tmp_path / "special.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=1)
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    assert (train == tok.eos_id).sum() == (train == tok.bos_id).sum() == len(texts)
+    assert not np.isin(train, [tok.pad_id, tok.unk_id, *range(300, tok.vocab_size)]).any()
+    docs = split_documents(train, tok.bos_id, tok.eos_id)
+    assert [tok.decode(d) for d in docs] == texts

@@ -19,14 +19,17 @@ def models(tmp_path_factory):
 
 
 def test_streamer_emits_stable_text():
+    """A run of byte pieces is handed out once a token that is no byte ends it: until then a later byte may
+    still turn the run into replacement characters (the second run here: 'é' cut by a lone 0xE2)."""
     tok = CharTokenizer()
     pieces = []
     streamer = TextStreamer(tok, on_text=pieces.append)
-    for ids in ([0], [1], [122], [123], [124], [120], [121], [2]):
-        streamer.put(ids)
-    assert pieces == ["a", "b", "€", "é", "c"]
+    tokens = [0, 1, 122, 123, 124, 120, 121, 2, 120, 121, 122, 3]
+    for token in tokens:
+        streamer.put([token])
+    assert pieces == ["a", "b", "€éc", "é\ufffdd"]
     streamer.end()
-    assert list(streamer) == pieces
+    assert list(streamer) == pieces and "".join(pieces) == tok.decode(tokens)
 
 
 def test_streamer_follows_generation_from_a_thread(models):

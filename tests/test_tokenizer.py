@@ -162,3 +162,108 @@ def test_chat_templates():
     assert chat_response("alpaca", "gato") == "gato"
     with pytest.raises(TokenizerError, match="unknown chat format 'chatml'"):
         chat_prompt("chatml", "x")
+
+
+@pytest.fixture(scope="module")
+def hf_pairs(tok, tmp_path_factory):
+    """(ours, transformers') tokenizers on the same directory: ours saved with Aira's tokens added, and a
+    TeenyTinyLlama-style tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("pairs")
+    chat = Tokenizer(tok.proto.SerializeToString())  # a copy: `tok` is shared
+    chat.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    chat.save_pretrained(path / "chat")
+    make_ttl_style_dir(path / "ttl", [t.lower() for t in corpus(300, seed=2)])
+    return [(Tokenizer.from_pretrained(path / name), AutoTokenizer.from_pretrained(path / name))
+            for name in ("chat", "ttl")]
+
+
+# pieces of text that meet special tokens (whole, cut, adjacent), "▁", spaces and multi-byte characters
+FRAGMENTS = ["<s>", "</s>", "<unk>", "<pad>", "<|pad|>", "<|endofcompletion|>", "<|startofinstruction|>", " ", "  ",
+             "▁", "▁▁", "\n", "a", "casa", "é", "😀", "<", ">", "s>", "</", "<|", "|>", "x"]
+
+
+def test_special_tokens_and_leading_u2581_in_text_match_autotokenizer(hf_pairs):
+    """Special tokens written in the text are matched whole, as transformers does (or kept as text with
+    split_special_tokens); a text that starts with "▁" gets no extra "▁" prefix."""
+    rng = random.Random(7)
+    texts = ["fim do texto </s> outro", "<s>", "a <unk> b", "<pad>", "<s>casa", "x<s>▁casa", "▁casa", " ▁casa", "▁",
+             "<|startofinstruction|>oi</s><|endofinstruction|>"]
+    texts += ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 8))) for _ in range(300)]
+    for ours, hf in hf_pairs:
+        assert ours.encode("a </s>")[-1] == ours.eos_id and ours.encode("▁casa") == hf("▁casa")["input_ids"]
+        for text in texts:
+            assert ours.encode(text) == hf(text)["input_ids"], text
+            split = hf(text, split_special_tokens=True)["input_ids"]
+            assert ours.encode(text, split_special_tokens=True) == split, text
+        assert ours.eos_id not in ours.encode("a </s> <|endofcompletion|>", split_special_tokens=True)
+
+
+def test_decode_of_byte_runs_matches_autotokenizer(hf_pairs):
+    """Random byte-fallback sequences (valid and cut-off characters, stray bytes) between special and ordinary
+    pieces: a run that is not valid UTF-8 as a whole is one U+FFFD per byte, as transformers decodes it."""
+    rng = random.Random(3)
+    for ours, hf in hf_pairs:
+        byte_ids = [i for i in range(ours.vocab_size) if ours.id_to_token(i).startswith("<0x")]
+        characters = [ours.encode(c, add_bos=False) for c in ("é", "😀", "中", "ã")]
+        specials = [0, 1, 2, 3] + list(range(320, ours.vocab_size)) * (ours.vocab_size > 320)
+        cut = ours.encode("oi 😀", add_bos=False)[:-1] + [ours.token_to_id("<0x41>")]
+        assert ours.decode(cut) == hf.decode(cut) == "oi " + "\ufffd" * 4
+        for _ in range(1500):
+            ids = []
+            for _ in range(rng.randint(0, 12)):
+                r = rng.random()
+                ids += ([rng.choice(byte_ids)] if r < 0.4 else rng.choice(characters)[:rng.randint(1, 4)] if r < 0.6
+                        else [rng.choice(specials)] if r < 0.75 else [rng.randrange(ours.vocab_size)])
+            for skip in (True, False):
+                assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
+
+
+def test_from_pretrained_keeps_the_tokens_transformers_added(tok, tmp_path):
+    """transformers' add_special_tokens + save_pretrained keeps the new tokens out of tokenizer.model: in
+    tokenizer.json, tokenizer_config.json's added_tokens_decoder (transformers 4) or extra_special_tokens (5)."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "base")
+    hf.add_special_tokens({"additional_special_tokens": AIRA_SPECIAL_TOKENS})
+    hf.save_pretrained(tmp_path / "chat")
+    text = chat_prompt("aira", "Qual é a capital?") + chat_response("aira", "Brasília.")
+    expected = hf(text)["input_ids"]
+    assert expected[1] == 320
+    (tmp_path / "chat" / "tokenizer.model").write_bytes((tmp_path / "base" / "tokenizer.model").read_bytes())
+    for layout in ("tokenizer.json", "extra_special_tokens", "added_tokens_decoder"):
+        if layout == "extra_special_tokens":
+            (tmp_path / "chat" / "tokenizer.json").unlink()
+        if layout == "added_tokens_decoder":  # transformers 4's config: ids, and the names in another key
+            config = json.loads((tmp_path / "chat" / "tokenizer_config.json").read_text())
+            config.pop("extra_special_tokens")
+            config["added_tokens_decoder"] = {str(320 + k): {"content": t, "special": True}
+                                              for k, t in enumerate(AIRA_SPECIAL_TOKENS)}
+            (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(config))
+        for where in (tmp_path / "chat", tmp_path / "chat" / "tokenizer.model"):
+            ours = Tokenizer.from_pretrained(where)
+            assert ours.vocab_size == len(hf) and ours.encode(text) == expected, layout
+    config["added_tokens_decoder"] = {"321": {"content": "<|x|>"}}  # id 320 missing
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"added token ids \[321\] do not continue tokenizer.model's 320 pieces"):
+        Tokenizer.from_pretrained(tmp_path / "chat")
+    config["added_tokens_decoder"] = {"320": {"content": tok.id_to_token(300)}}  # a piece the model already has
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"added token '.*' \(id 320\) is already in tokenizer.model as id 300"):
+        Tokenizer.from_pretrained(tmp_path / "chat")
+
+
+def test_train_tokenizer_reads_only_the_documents_it_uses():
+    docs = corpus(300, seed=1)
+    pulled = []
+
+    def documents():
+        for k in range(100_000):
+            pulled.append(k)
+            yield docs[k % 300]
+
+    trained = train_tokenizer(documents(), None, vocab_size=320, input_sentence_size=250)
+    assert len(pulled) == 250
+    assert trained.proto.pieces == train_tokenizer(docs[:250], None, vocab_size=320).proto.pieces

@@ -58,6 +58,8 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
+            if number == 1:  # a byte order mark (editors on Windows write one) is no part of the text
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -135,7 +137,8 @@ def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.nda
     shard, first, texts, val_fraction = job
     train, val = [], []
     for k, text in enumerate(texts, first):
-        ids = _worker_tokenizer.encode(text, add_bos=True, add_eos=True)
+        # a corpus that writes "</s>" means the characters: only the ids added here end documents for the loader
+        ids = _worker_tokenizer.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
         (val if _is_val(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
     join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.uint32)  # noqa: E731
     return shard, join(train), join(val), len(texts)
@@ -193,7 +196,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
                                                     if source else f"train:{vocab_size}")}
     meta_path = out_dir / "meta.json"
     previous = _bookkeeping(meta_path)
-    if isinstance(previous, dict) and previous.get("plan") == plan:
+    if isinstance(previous, dict) and previous.get("plan") == plan and _outputs_fit(out_dir, previous):
+        if work.is_dir():  # an interrupted run with other inputs left it; the finished outputs stand
+            shutil.rmtree(work)
         return previous  # already prepared from these exact inputs
     if work.is_dir() and _bookkeeping(work / "plan.json") != plan:
         shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)
@@ -231,6 +236,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     shards = sorted(work.glob("*.npz"))
     assert len(shards) == len(sizes), "every shard is tokenized before assembly"
+    # The files below replace whatever meta.json describes: without it, an interruption from here on cannot
+    # leave an old meta.json vouching for new token files.
+    meta_path.unlink(missing_ok=True)
     tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
     tok.save_pretrained(out_dir)
     val_docs = sum(_is_val(k, val_fraction) for k in range(total))
@@ -241,6 +249,19 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     write_json(meta_path, meta)
     shutil.rmtree(work)
     return meta
+
+
+def _outputs_fit(out_dir: Path, meta: dict) -> bool:
+    """Whether the token files and the tokenizer file still fit `meta` (a finished run's meta.json), as far as
+    sizes tell; a file deleted or replaced since (e.g. by an interrupted run with other inputs) means preparing
+    again."""
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return (all((out_dir / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
+                    for split in ("train", "val"))
+                and (out_dir / meta["tokenizer"]).is_file())
+    except (KeyError, TypeError, ValueError, OSError):  # missing files, or a meta.json without those keys
+        return False
 
 
 def _run(fn, jobs: Iterator, workers: int, tok: Tokenizer) -> Iterator:

@@ -4,19 +4,19 @@ text pieces as they arrive, and `StopStrings` finds where a stop string ends a r
 from __future__ import annotations
 
 import queue
-import re
 
 from .errors import GenerationError
+from .tokenizer import BYTE_PIECE
 
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece
 
 
 class TextStreamer:
     """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
 
     The new tokens are decoded as a whole each time, and only the text after what was already emitted is
-    handed out, once it decodes stably: text ending in U+FFFD (a multi-byte character whose remaining
-    byte-fallback tokens have not arrived yet) waits for the next token. Pieces go to `on_text` when given
+    handed out, once it decodes stably: while the newest token is a byte-fallback piece (whose run a later
+    byte may still complete, or make invalid UTF-8, which decodes to one U+FFFD a byte as in transformers),
+    or while the text ends in U+FFFD, it waits for the next token. Pieces go to `on_text` when given
     (e.g. `print(piece, end="", flush=True)`) and can also be read by iterating the streamer, typically
     from another thread while `generate` runs; the iteration ends when that generation does, even when it
     fails. The streamer can be reused for the next `generate` call."""
@@ -31,6 +31,10 @@ class TextStreamer:
     def put(self, token_ids: list[int]) -> None:
         """Take new token ids; emit whatever text they complete."""
         self.tokens.extend(token_ids)
+        # a run of byte-fallback pieces is final only once a token that is no byte ends it (class docstring)
+        piece = getattr(self.tokenizer, "id_to_token", None)
+        if self.tokens and piece is not None and BYTE_PIECE.fullmatch(piece(self.tokens[-1])):
+            return
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
         if not text.endswith("\ufffd"):
             self._emit(text)
@@ -84,7 +88,7 @@ class StopStrings:
         """The UTF-8 bytes token `token` adds to a text (see the class docstring)."""
         if token not in self._bytes:
             piece = self._piece(token)
-            self._bytes[token] = (bytes([int(piece[3:5], 16)]) if _BYTE_PIECE.fullmatch(piece)
+            self._bytes[token] = (bytes([int(piece[3:5], 16)]) if BYTE_PIECE.fullmatch(piece)
                                   else piece.replace("\u2581", " ").encode("utf-8"))
         return self._bytes[token]
 

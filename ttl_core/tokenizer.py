@@ -2,9 +2,11 @@
 
 The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normalization, `<unk>` `<s>` `</s>`
 `<pad>` = 0..3). `Tokenizer` follows transformers' Llama tokenizer (`legacy: false`) rather than raw
-sentencepiece where the two differ, so ids equal `AutoTokenizer`'s on any text: the "▁" word prefix is added
-only at the start of the text and only when the text does not already start with a space, and added special
-tokens (e.g. Aira's `<|startofinstruction|>`) split the text before the model sees it. A `tokenizer.json`
+sentencepiece where the two differ, so ids and text equal `AutoTokenizer`'s: the "▁" word prefix is added only
+at the start of the text and only when the text does not already start with a space or "▁"; special tokens
+written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest,
+unless `split_special_tokens`; and decoding follows transformers' decoder chain, where a run of byte-fallback
+pieces that is not valid UTF-8 becomes one U+FFFD per byte. A `tokenizer.json`
 (the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the same sentencepiece model
 format: piece score = minus the rank of the merge that makes the piece, `<0xNN>` pieces typed BYTE.
 """
@@ -12,6 +14,7 @@ format: piece score = minus the rank of the merge that makes the piece, `<0xNN>`
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -21,7 +24,7 @@ from typing import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-from .errors import TokenizerError
+from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -29,7 +32,8 @@ AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endo
 CHAT_FORMATS = ("aira", "alpaca")
 _ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+_INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # ttl_core.data's input files (data imports this module)
 _Piece = spm_pb2.ModelProto.SentencePiece
 
 
@@ -60,15 +64,27 @@ class Tokenizer:
 
     def _load(self, proto) -> None:
         self.proto = proto
-        # The "▁" prefix is our job (see module docstring), so the processor never adds it itself.
+        # The "▁" prefix is our job (see module docstring), so the processor never adds it itself. Special tokens in
+        # the text are matched (or not, with split_special_tokens) by `_split`; the processor would always match
+        # user-defined pieces, so it sees them as control pieces, which text never produces.
         runtime = spm_pb2.ModelProto()
         runtime.CopyFrom(proto)
         runtime.normalizer_spec.add_dummy_prefix = False
+        for piece in runtime.pieces:
+            if piece.type == _Piece.USER_DEFINED:
+                piece.type = _Piece.CONTROL
         self.sp = spm.SentencePieceProcessor(model_proto=runtime.SerializeToString())
         self.added_tokens = [p.piece for p in proto.pieces if p.type == _Piece.USER_DEFINED]
-        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self.added_tokens, key=len, reverse=True)))
-                                  + ")") if self.added_tokens else None)
         self._added_ids = {t: self.sp.piece_to_id(t) for t in self.added_tokens}
+        # transformers' special tokens: <unk> <s> </s> <pad> (those the model has) and the added tokens
+        self._special_ids = {self.sp.id_to_piece(i): i for i in (self.unk_id, self.bos_id, self.eos_id, self.pad_id)
+                             if i >= 0} | self._added_ids
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True)))
+                                 + ")")
+        # what each piece adds to a decoded text: a byte (byte-fallback pieces) or a string, "▁" read as a space
+        self._piece_text = [p.piece.replace("\u2581", " ") for p in proto.pieces]
+        self._piece_byte = {i: int(p.piece[3:5], 16) for i, p in enumerate(proto.pieces)
+                            if BYTE_PIECE.fullmatch(p.piece)}
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -85,12 +101,39 @@ class Tokenizer:
         elif not path.is_file():
             raise TokenizerError(f"{path}: does not exist (no tokenizer.model or tokenizer.json)")
         if path.suffix != ".json":
-            return cls(path)
+            tokenizer = cls(path)
+            if path.name == "tokenizer.model":
+                tokenizer._add_saved_tokens(path.parent)
+            return tokenizer
         model = tokenizer_json_to_sentencepiece(path)
         try:
             return cls(model)
         except TokenizerError as e:  # the converted model names no file
             raise TokenizerError(f"{path}: {e}") from None
+
+    def _add_saved_tokens(self, directory: Path) -> None:
+        """Append the tokens transformers added next to `tokenizer.model`: its `add_special_tokens` records them
+        in tokenizer.json's `added_tokens` and tokenizer_config.json's `added_tokens_decoder` (ids that must
+        follow on from the model's pieces), or only by name in the config's `extra_special_tokens` (transformers 5)
+        or `additional_special_tokens`, which transformers appends in order; never in tokenizer.model."""
+        added: dict[int, str] = {}
+        named: list[str] = []
+        config_path, json_path = directory / "tokenizer_config.json", directory / "tokenizer.json"
+        if config_path.is_file():
+            config = read_json(config_path, TokenizerError, expect=object)
+            added, named = _added_tokens_decoder(config_path, config), _named_special_tokens(config_path, config)
+        if json_path.is_file():  # read after the config: transformers prefers it
+            added.update(_added_tokens(json_path, read_json(json_path, TokenizerError, expect=object)))
+        extra = sorted((i, token) for i, token in added.items() if i >= self.vocab_size)
+        ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
+        if ids != expected:
+            raise TokenizerError(f"{directory}: added token ids {ids} do not continue tokenizer.model's "
+                                 f"{self.vocab_size} pieces (expected {expected})")
+        for (i, token), j in zip(extra, self.add_special_tokens([token for _, token in extra])):
+            if i != j:
+                raise TokenizerError(f"{directory}: added token {token!r} (id {i}) is already in tokenizer.model "
+                                     f"as id {j}")
+        self.add_special_tokens(named)
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -135,48 +178,63 @@ class Tokenizer:
         Tokens already in the vocabulary keep their id, so calling twice is harmless."""
         if not all(tokens):
             raise TokenizerError("add_special_tokens: empty token")
-        for token in tokens:
-            if self.token_to_id(token) is None:
+        new = [token for token in dict.fromkeys(tokens) if self.token_to_id(token) is None]
+        if new:
+            for token in new:
                 self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
-        self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
-        self._load(self.proto)
+            self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
+            self._load(self.proto)
         return [self.token_to_id(t) for t in tokens]
 
     # -- encoding ----------------------------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-        """Token ids of `text`, with `<s>` first (default) and `</s>` last (on request)."""
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False,
+               split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`, with `<s>` first (default) and `</s>` last (on request).
+
+        Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
+        with `split_special_tokens` (transformers' name) they are ordinary text, which keeps a corpus that
+        mentions `</s>` from ending its documents there."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         ids = [self.bos_id] if add_bos else []
-        parts = self._split.split(text) if self._split else [text]
+        parts = [text] if split_special_tokens else self._split.split(text)
         for k, part in enumerate(parts):
-            if k % 2:  # an added token, matched whole
-                ids.append(self._added_ids[part])
+            if k % 2:  # a special token, matched whole
+                ids.append(self._special_ids[part])
             elif part:
-                if k == 0 and not part.startswith(" "):
+                if k == 0 and not part.startswith((" ", "\u2581")):  # transformers' Metaspace(prepend_scheme="first")
                     part = " " + part
                 ids.extend(self.sp.encode(part))
         if add_eos:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts: Iterable[str], add_bos: bool = True, add_eos: bool = False) -> list[list[int]]:
-        return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = True, add_eos: bool = False,
+                     split_special_tokens: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos=add_bos, add_eos=add_eos, split_special_tokens=split_special_tokens)
+                for t in texts]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as transformers decodes them; special and added tokens are dropped when
-        `skip_special_tokens`, else written as their text."""
-        special = {self.unk_id, self.bos_id, self.eos_id, self.pad_id, *self._added_ids.values()}
-        out, run = [], []
+        `skip_special_tokens`, else written as their text.
+
+        Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
+        UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run."""
+        special = set(self._special_ids.values())
+        out: list[str] = []
+        run = bytearray()  # the bytes of consecutive byte-fallback pieces
         for i in map(self._checked_id, ids):
-            if i in special:  # decoded apart: sentencepiece would drop control pieces and merge the rest
-                out.append(self.sp.decode(run))
-                run = []
-                if not skip_special_tokens:
-                    out.append(self.sp.id_to_piece(i))
-            else:
-                run.append(i)
-        out.append(self.sp.decode(run))
+            if skip_special_tokens and i in special:
+                continue
+            if i in self._piece_byte:
+                run.append(self._piece_byte[i])
+                continue
+            if run:
+                out.append(_bytes_text(run))
+                run.clear()
+            out.append(self._piece_text[i])
+        if run:
+            out.append(_bytes_text(run))
         text = "".join(out)
         return text[1:] if text.startswith(" ") else text
 
@@ -209,29 +267,50 @@ class Tokenizer:
                    {**special, **({"additional_special_tokens": list(self.added_tokens)} if self.added_tokens else {})})
 
 
+def _bytes_text(run: bytearray) -> str:
+    """The text of a run of byte-fallback pieces as transformers' ByteFallback decoder gives it: the UTF-8 text,
+    or one U+FFFD per byte when the run as a whole is not valid UTF-8."""
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
 def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None,
                     vocab_size: int, max_sentence_length: int = 1 << 16, num_threads: int | None = None,
                     input_sentence_size: int = 2_000_000) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
     `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
-    iterable of strings (documents); the first `input_sentence_size` documents are used. Settings follow
-    TeenyTinyLlama's: `<unk>` `<s>` `</s>` `<pad>` = 0..3, byte fallback (no text is ever unknown), identity
-    normalization with whitespace kept as is, digits split, whitespace-only pieces allowed. A vocabulary too
-    large for the text raises TokenizerError with the largest size sentencepiece would accept."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if inputs and all(isinstance(x, Path) or (isinstance(x, str) and os.path.isfile(x)) for x in inputs):
+    iterable of strings (documents); the first item decides which (see `_is_path`), and every path must then
+    exist. Only the first `input_sentence_size` documents are read (a long one counts once per piece it is cut
+    into, see `_sentences`). Settings follow TeenyTinyLlama's: `<unk>` `<s>` `</s>` `<pad>` = 0..3, byte
+    fallback (no text is ever unknown), identity normalization with whitespace kept as is, digits split,
+    whitespace-only pieces allowed. A vocabulary too large for the text raises TokenizerError with the largest
+    size sentencepiece would accept."""
+    if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
+        inputs = [Path(inputs)]
+    items = iter(inputs)
+    first = next(items, None)  # peeked to tell paths from texts without reading the rest
+    items = itertools.chain([first], items) if first is not None else items
+    if _is_path(first):
         from .data import read_documents  # deferred: data imports this module
 
-        texts = (t for f in inputs for t in read_documents(f))
+        paths = list(items)  # a few file names, never the documents
+        missing = [str(p) for p in paths if not (isinstance(p, (str, os.PathLike)) and os.path.isfile(p))]
+        if missing:
+            raise DataError(f"train_tokenizer: no such input file {missing[0]!r}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        texts = (t for f in paths for t in read_documents(f))
     else:
-        texts = iter(inputs)
+        texts = items
+    # sentencepiece uses the first input_sentence_size sentences (shuffle off); not reading the rest keeps a
+    # large corpus out of memory
+    sentences = itertools.islice(_sentences(texts, max_sentence_length), input_sentence_size)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts, max_sentence_length), model_writer=buffer, model_type="bpe",
+            sentence_iterator=sentences, model_writer=buffer, model_type="bpe",
             vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
             character_coverage=0.9999, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
@@ -248,6 +327,15 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         out = Path(out)
         tokenizer.save(out if out.suffix == ".model" else out.with_name(out.name + ".model"))
     return tokenizer
+
+
+def _is_path(item: object) -> bool:
+    """Whether a `train_tokenizer` input names a file rather than being a document's text: a path object, an
+    existing file, or a word ending in an input file suffix (a mistyped path, reported rather than trained on)."""
+    if isinstance(item, os.PathLike):
+        return True
+    return isinstance(item, str) and (os.path.isfile(item) or (item.endswith(_INPUT_SUFFIXES) and not any(
+        c.isspace() for c in item)))
 
 
 def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
@@ -277,16 +365,11 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     if "ByteLevel" in pipeline or "▁" not in pipeline:
         raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
                              f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
-    vocab, added_tokens, merges = model.get("vocab"), spec.get("added_tokens") or [], model.get("merges") or []
+    vocab, added_tokens, merges = model.get("vocab"), _added_tokens(path, spec), model.get("merges") or []
     if not isinstance(vocab, dict) or not vocab or not all(type(i) is int for i in vocab.values()):
         raise TokenizerError(f"{path}: model.vocab must be a non-empty object mapping tokens to integer ids")
-    if not isinstance(added_tokens, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int
-            for t in added_tokens):
-        raise TokenizerError(f"{path}: added_tokens must be a list of objects with a string 'content' and an "
-                             f"integer 'id'")
-    for token in added_tokens:
-        vocab.setdefault(token["content"], token["id"])
+    for i, token in added_tokens.items():
+        vocab.setdefault(token, i)
     bad = [merges] if not isinstance(merges, list) else [m for m in merges if not _is_merge(m)]
     if bad:
         raise TokenizerError(f"{path}: model.merges must be a list of \"a b\" strings or [\"a\", \"b\"] pairs; "
@@ -300,7 +383,7 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     unk = model.get("unk_token") or "<unk>"
     if unk not in vocab:
         raise TokenizerError(f"{path}: the vocabulary has no unknown token {unk!r}, which sentencepiece needs")
-    added = {t["content"]: t for t in added_tokens}
+    added = set(added_tokens.values())
     proto = spm_pb2.ModelProto()
     for piece, i in pieces:
         if piece == unk:
@@ -309,7 +392,7 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
             kind = _Piece.CONTROL
         elif piece in added:
             kind = _Piece.USER_DEFINED
-        elif _BYTE_PIECE.fullmatch(piece):
+        elif BYTE_PIECE.fullmatch(piece):
             kind = _Piece.BYTE
         else:
             kind = _Piece.NORMAL
@@ -325,6 +408,39 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
     n = proto.normalizer_spec
     n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
     return proto.SerializeToString()
+
+
+def _added_tokens(path: Path, spec: object) -> dict[int, str]:
+    """id -> text of a `tokenizer.json`'s `added_tokens` (a list of {"id": ..., "content": ...})."""
+    tokens = (spec.get("added_tokens") or []) if isinstance(spec, dict) else None
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int for t in tokens):
+        raise TokenizerError(f"{path}: added_tokens must be a list of objects with a string 'content' and an "
+                             f"integer 'id'")
+    return {t["id"]: t["content"] for t in tokens}
+
+
+def _added_tokens_decoder(path: Path, config: object) -> dict[int, str]:
+    """id -> text of a `tokenizer_config.json`'s `added_tokens_decoder` ({"<id>": {"content": ...}})."""
+    decoder = (config.get("added_tokens_decoder") or {}) if isinstance(config, dict) else None
+    if not isinstance(decoder, dict) or not all(
+            key.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) for key, t in decoder.items()):
+        raise TokenizerError(f"{path}: added_tokens_decoder must map token ids to objects with a string 'content'")
+    return {int(key): t["content"] for key, t in decoder.items()}
+
+
+def _named_special_tokens(path: Path, config: object) -> list[str]:
+    """The texts a `tokenizer_config.json` lists in `extra_special_tokens` (a list, or a dict of named tokens)
+    and `additional_special_tokens` (strings or {"content": ...} objects)."""
+    names = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        tokens = (config.get(key) or []) if isinstance(config, dict) else []
+        tokens = list(tokens.values()) if isinstance(tokens, dict) else tokens
+        texts = [t.get("content") if isinstance(t, dict) else t for t in tokens] if isinstance(tokens, list) else None
+        if texts is None or not all(isinstance(t, str) and t for t in texts):
+            raise TokenizerError(f"{path}: {key} must be a list of token strings")
+        names += [t for t in texts if t not in names]
+    return names
 
 
 def _is_merge(merge: object) -> bool:
