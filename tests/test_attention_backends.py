@@ -122,5 +122,5 @@ def test_a_mask_with_packed_documents_is_an_error():
     q = torch.randn(1, 4, 2, 16)
     _, cu_seqlens, max_seqlen = document_layout(torch.tensor([[True, False, True, False]]))
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
-    with pytest.raises(ConfigError, match="both mask and cu_seqlens"):
+    with pytest.raises(ConfigError, match=r"both a mask \(attention_mask\) and cu_seqlens"):
         attention(q, q, q, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend="sdpa")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import ttl_core
 from ttl_core.errors import CheckpointError, ConfigError
+from ttl_core.hf import DTYPES
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
@@ -229,7 +230,6 @@ def test_saved_config_records_the_weight_dtype(tmp_path):
     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
 ])
 def test_less_common_shapes_round_trip_bit_identically(tmp_path, overrides):
-    """Also: llama3 rope without original_max_position_embeddings takes max_position_embeddings, as transformers."""
     hf = hf_causal_lm(**overrides)
     hf.save_pretrained(tmp_path / "src")
     model = ttl_core.load_pretrained(tmp_path / "src")
@@ -260,19 +260,29 @@ def test_label_overrides_rebuild_the_head_names(tmp_path):
         ours.config.replace(num_labels=4, id2label={0: "a", 1: "b", 2: "c"})
 
 
-def test_a_checkpoint_of_mixed_dtypes_loads_without_rounding(tmp_path):
+@pytest.mark.parametrize("declared", ["bfloat16", "float32"])
+def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, declared):
+    """fp32 norms beside bf16 matrices: the model takes the dtype config.json declares, as transformers' default
+    dtype="auto" does (before, every tensor took the embedding's dtype, rounding fp32 ones to bf16)."""
     hf = hf_causal_lm().to(torch.bfloat16)
     for name, module in hf.named_modules():
         if name.endswith("norm"):
             module.float()
     hf.save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "dtype": declared}))
     stored = read_all(tmp_path / "src")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16, torch.float32}
-    model = ttl_core.load_pretrained(tmp_path / "src")
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    ttl_core.save_pretrained(model, tmp_path / "out")
-    back = read_all(tmp_path / "out")
-    assert all(torch.equal(back[key], tensor.float()) for key, tensor in stored.items())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    ours = ttl_core.load_pretrained(tmp_path / "src")
+    assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()} == {DTYPES[declared]}
+    if declared == "float32":  # nothing rounded: the stored tensors come back exactly, the logits as transformers'
+        ttl_core.save_pretrained(ours, tmp_path / "out")
+        back = read_all(tmp_path / "out")
+        assert all(torch.equal(back[key], tensor.float()) for key, tensor in stored.items())
+        ids = torch.randint(4, 131, (2, 11), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert (ours(ids).logits - theirs(ids).logits).abs().max() <= 1e-5
 
 
 def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_path):
@@ -330,3 +340,15 @@ def test_llama3_rope_takes_the_original_context_as_transformers_does():
         ours = ttl_core.LlamaConfig.from_hf_dict({**hf, **extra}).rope_scaling["original_max_position_embeddings"]
         theirs = transformers.LlamaConfig(**hf, **extra).rope_parameters["original_max_position_embeddings"]
         assert ours == theirs == expected
+
+
+def test_shrinking_the_vocabulary_below_the_padding_id_drops_the_padding_row(tmp_path):
+    """As transformers' resize_token_embeddings does; loading such a config is refused, naming the checkpoint."""
+    theirs = hf_causal_lm(pad_token_id=100)
+    ours = ttl_core.load_pretrained(_saved(theirs, tmp_path / "src"))
+    theirs.resize_token_embeddings(50)
+    ours.resize_token_embeddings(50)
+    assert ours.backbone.embed.padding_idx is theirs.model.embed_tokens.padding_idx is None
+    ttl_core.save_pretrained(ours, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"out: pad_token_id 100 is outside the vocabulary of 50 tokens"):
+        ttl_core.load_pretrained(tmp_path / "out")

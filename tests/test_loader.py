@@ -130,7 +130,7 @@ def test_doc_starts_on_documents_of_known_lengths(tmp_path):
 def test_too_little_data_is_a_clear_error(data):
     path, tokens, _ = data
     n_val = len(tokens) // 4
-    with pytest.raises(DataError, match=rf"val.bin: {n_val:,} tokens, fewer than one global batch needs"):
+    with pytest.raises(DataError, match=rf"val.bin: {n_val:,} tokens, fewer than one global batch needs.*--val-fraction"):
         PackedLoader(path, "val", seq_len=512, batch_size=4, world_size=2)
     with pytest.raises(DataError, match="no meta.json or test.bin"):
         PackedLoader(path, "test", 16, 2)

@@ -23,7 +23,7 @@ from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.train import build_optimizer, lr_at, model_inputs, train, train_step
+from ttl_core.train import build_optimizer, lr_at, model_inputs, optimizer_update, train, train_step
 
 MICRO_MODEL = ["model.preset=\"tiny\"", "model.hidden_size=64", "model.intermediate_size=128",
                "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.max_position_embeddings=64"]
@@ -287,6 +287,7 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     ("train.eps=0.0", "eps must be > 0"), ("train.betas=[2.0, 0.9]", "betas must be two numbers"),
     ("train.no_decay=[1]", "no_decay must list"), ("train.seed=-1", "seed must be in"),
     ("train.lr=inf", "lr must be finite"), ("train.eps=inf", "eps must be finite"),
+    ("train.weight_decay=inf", "weight_decay must be finite"),
 ])
 def test_nan_and_out_of_range_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -399,6 +400,10 @@ def test_a_non_finite_gradient_under_a_finite_loss_leaves_the_weights_alone():
                    World(0, 1, torch.device("cpu")), 1e-3, None)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
+    model(ids, labels=ids).loss.backward()  # fine-tuning's update takes the same guard
+    with pytest.raises(TrainingError, match="gradient norm became"):
+        optimizer_update(model, optimizer, run.train, 1e-3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):

@@ -148,7 +148,8 @@ def attention(
         raise ConfigError("attention backend 'triton' has no attention dropout; train with attention_dropout=0 or "
                           "another backend")
     if mask is not None and cu_seqlens is not None:  # one of them would silently be ignored
-        raise ConfigError("attention: got both mask and cu_seqlens; packed documents (cu_seqlens) take no mask")
+        raise ConfigError("attention: got both a mask (attention_mask) and cu_seqlens; packed documents "
+                          "(cu_seqlens) take no mask")
     batch, seq = q.shape[:2]
     if cu_seqlens is not None:
         if backend in ("flash_attn", "triton"):

@@ -118,7 +118,8 @@ class LlamaConfig:
                                   "names of id2label")
             changes.setdefault("label2id", None)
         elif "num_labels" in changes and changes["num_labels"] != self.num_labels:
-            changes.update(id2label=None, label2id=None)
+            changes["id2label"] = None
+            changes.setdefault("label2id", None)
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -191,14 +191,16 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     work = out_dir / ".prepare"
     counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
     source = _load_tokenizer(tokenizer)
+    # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
             "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
-                                                    if source else f"train:{vocab_size}")}
+                                                    if source else f"train:{vocab_size}"),
+            "encoding": "special tokens as text"}
     meta_path = out_dir / "meta.json"
     previous = _bookkeeping(meta_path)
     if isinstance(previous, dict) and previous.get("plan") == plan and _outputs_fit(out_dir, previous):
-        if work.is_dir():  # an interrupted run with other inputs left it; the finished outputs stand
-            shutil.rmtree(work)
+        if _bookkeeping(work / "plan.json") == plan:  # this run's own leftovers (stopped before removing them);
+            shutil.rmtree(work)  # another run's stay, to resume from
         return previous  # already prepared from these exact inputs
     if work.is_dir() and _bookkeeping(work / "plan.json") != plan:
         shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)

@@ -9,7 +9,6 @@ never opened.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 import warnings
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import SUPPORTED_ARCHITECTURES, LlamaConfig
-from .errors import CheckpointError, TTLError
+from .errors import CheckpointError, ConfigError, TTLError
 from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
@@ -186,8 +185,9 @@ def load_pretrained(
 
     Reads transformers' layout (`config.json` + `model.safetensors` or a sharded index) or ttl's native one.
     The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so
-    host memory peaks near one copy of the weights. `dtype=None` keeps the checkpoint's dtype (for one that
-    mixes dtypes, the widest of them).
+    host memory peaks near one copy of the weights. `dtype=None` loads in the dtype config.json declares, as
+    transformers' default `dtype="auto"` does (a checkpoint may store fp32 norms beside bf16 matrices), else
+    in the stored embedding's.
     `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`, or the labels.
     `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
     fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
@@ -207,7 +207,6 @@ def load_pretrained(
     files = _weight_files(directory)
     handles = {f: _open_safetensors(f) for f in files}
     found: dict[str, tuple[Path, list[int]]] = {}
-    stored_dtypes: dict[str, torch.dtype] = {}
     for f, handle in handles.items():
         for key in handle.keys():
             piece = handle.get_slice(key)
@@ -215,15 +214,17 @@ def load_pretrained(
                 raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
                                       f"weights ({', '.join(SAFETENSORS_DTYPES)})")
             found[key] = (f, piece.get_shape())
-            stored_dtypes[key] = SAFETENSORS_DTYPES[piece.get_dtype()]
 
     if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
             and "lm_head.weight" in found and _stored_head_differs(handles, found)):
         warnings.warn(f"{directory}: config.json ties the LM head to the embedding, but the checkpoint stores a "
                       "different lm_head.weight; it is kept untied, as transformers does")
         config = config.replace(tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = build_model(config, architecture)
+    try:
+        with torch.device("meta"):
+            model = build_model(config, architecture)
+    except ConfigError as e:
+        raise ConfigError(f"{directory}: {e}") from None
     plan = native_plan(model) if native else hf_plan(config, architecture)
     if new_head:
         plan.pop("score.weight")  # initialized below; the checkpoint's lm_head.weight is not used
@@ -232,10 +233,9 @@ def load_pretrained(
     _check_against_plan(plan, params, found, directory,
                         lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 
-    # a checkpoint that mixes dtypes (fp32 norms beside bf16 matrices) loads in the one they all convert to
-    # without loss, so no tensor is silently rounded
-    target_dtype = _resolve_dtype(dtype) or functools.reduce(
-        torch.promote_types, (stored_dtypes[key] for pieces in plan.values() for key, _ in pieces))
+    embed_key = plan["backbone.embed.weight"][0][0]
+    stored = SAFETENSORS_DTYPES[handles[found[embed_key][0]].get_slice(embed_key).get_dtype()]
+    target_dtype = _resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
     model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
     model.backbone.rotary.reset_inv_freq()
@@ -256,6 +256,13 @@ def load_pretrained(
     if (directory / GENERATION_CONFIG).exists():
         model.generation_config = read_json(directory / GENERATION_CONFIG, CheckpointError)
     return model.eval()
+
+
+def _declared_dtype(directory: Path) -> torch.dtype | None:
+    """The weight dtype a transformers config.json declares (`dtype`, formerly `torch_dtype`), if it names one."""
+    hf = read_json(directory / "config.json", CheckpointError, expect=object)
+    name = (hf.get("dtype") or hf.get("torch_dtype")) if isinstance(hf, dict) else None
+    return DTYPES.get(name) if isinstance(name, str) else None
 
 
 def _stored_head_differs(handles: dict, found: dict[str, tuple[Path, list[int]]]) -> bool:

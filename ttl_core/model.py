@@ -244,8 +244,10 @@ class _LlamaBase(nn.Module):
         if new_vocab_size < 1:
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
+        pad = self.config.pad_token_id
+        in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size  # else no padding row, as in transformers
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
-                             padding_idx=padding_index(self.config.pad_token_id, new_vocab_size))
+                             padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
         with torch.no_grad():
             kept = min(new_vocab_size, old.num_embeddings)
             embed.weight[:kept] = old.weight[:kept]
