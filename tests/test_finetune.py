@@ -96,6 +96,26 @@ def test_regression_reports_pearson_and_mse_of_the_saved_model(base_dir, tmp_pat
     assert result.best["mse"] == pytest.approx(np.mean((pred - target) ** 2), rel=1e-5)
 
 
+def test_float16_fine_tuning_scales_its_loss(base_dir, tmp_path, monkeypatch):
+    """fp16 gradients of small losses underflow; the update goes through a GradScaler, as in pretraining."""
+    scaled = []
+
+    class CountingScaler(torch.amp.GradScaler):
+        def scale(self, outputs):
+            scaled.append(outputs.dtype)
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", CountingScaler)
+    for name, rows in (("train.csv", 17), ("eval.csv", 9)):
+        source = NEWS_TRAIN if name == "train.csv" else NEWS_EVAL
+        (tmp_path / name).write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:rows]),
+                                     encoding="utf-8")
+    cfg = FinetuneConfig(**{**FAST, "epochs": 1, "batch_size": 8, "dtype": "float16"})
+    result = finetune_classifier(base_dir, tmp_path / "train.csv", tmp_path / "eval.csv", tmp_path / "out", NEWS,
+                                 cfg, verbose=False)
+    assert len(scaled) == 2 and np.isfinite(result.history[0]["accuracy"])
+
+
 def test_metrics_against_hand_counts():
     m = classification_metrics([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
     # class 0: tp 1, predicted 2, actual 2 -> 0.5; class 1: tp 1, 1, 2 -> 2/3; class 2: tp 2, 3, 2 -> 0.8
