@@ -21,7 +21,8 @@ from ttl_core.cli import run_cli
 from ttl_core.errors import GenerationError
 from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
-from ttl_core.hf import DTYPES, load_pretrained
+from ttl_core.hf import DTYPES, checked_device, load_pretrained
+from ttl_core.model import LlamaForCausalLM
 from ttl_core.tokenizer import Tokenizer, chat_prompt
 
 # The Aira format's end-of-answer token: a turn ends there (fine-tuned answers end with it, not with `</s>`).
@@ -96,10 +97,11 @@ def reply(model, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, b
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = checked_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
     model = load_pretrained(args.model, dtype=dtype, device=device)
+    if not isinstance(model, LlamaForCausalLM):
+        raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     context = model.config.max_position_embeddings
     chat = Chat(tokenizer, args.chat)

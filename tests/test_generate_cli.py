@@ -136,3 +136,15 @@ def test_tokenizer_without_padding_piece(tmp_path, capsys):
     answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=8, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id])
     assert capsys.readouterr().out == answer + "\n"
+
+
+def test_a_bad_device_or_a_classifier_is_a_one_line_error(checkpoint, tmp_path):
+    path, tok, model = checkpoint
+    run = run_script("generate", "--model", path, "--prompt", "oi", "--device", "foo")
+    assert run.returncode == 2 and run.stderr.startswith("error: unknown device 'foo'")
+    assert len(run.stderr.strip().splitlines()) == 1
+    classifier = ttl_core.LlamaForSequenceClassification(model.config)
+    ttl_core.save_pretrained(classifier, tmp_path, tokenizer=tok)
+    run = run_script("generate", "--model", tmp_path, "--prompt", "oi", "--device", "cpu")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"error: {tmp_path} holds a LlamaForSequenceClassification; generation needs a LlamaForCausalLM"]

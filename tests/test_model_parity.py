@@ -150,6 +150,21 @@ def test_classifier_matches_transformers(problem, tmp_path):
     assert torch.allclose(ours.score.weight.grad, hf.score.weight.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_bf16_classifier_losses_keep_float_labels_unrounded(tmp_path):
+    """As in transformers, the float targets of regression and multi-label losses are not cast to bf16 logits."""
+    ids, mask = padded_batch(131, pad=3)
+    gen = torch.Generator().manual_seed(6)
+    for num_labels, labels in ((1, 4 + torch.rand(ids.shape[0], generator=gen)),
+                               (3, torch.rand(ids.shape[0], 3, generator=gen))):
+        ours = to_ttl(hf_classifier(num_labels=num_labels), tmp_path / str(num_labels)).to(torch.bfloat16)
+        with torch.no_grad():
+            got = ours(ids, attention_mask=mask, labels=labels)
+        # transformers' own call on these logits (before, the labels were rounded to bf16 and so was the loss)
+        loss = (torch.nn.functional.mse_loss(got.logits.squeeze(), labels) if num_labels == 1 else
+                torch.nn.functional.binary_cross_entropy_with_logits(got.logits, labels))
+        assert got.loss.dtype == torch.float32 and torch.equal(got.loss, loss)
+
+
 def test_classifier_pools_last_non_pad_token_left_and_right_padding(tmp_path):
     ours = to_ttl(hf_classifier(), tmp_path)
     ids, mask = padded_batch(131, pad=3)
@@ -211,10 +226,13 @@ def test_ttl_160m_preset_builds_counts_and_trains_on_cpu():
         assert ttl_core.LlamaForCausalLM(big).num_parameters() == 468_239_360
 
 
-def test_weight_init_follows_transformers():
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_init_follows_transformers(tied):
+    """Also with a tied head, whose draw (the same tensor) must not refill the pad row."""
     torch.manual_seed(0)
-    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny"))
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny", tie_word_embeddings=tied))
     embed = model.backbone.embed.weight
+    assert (model.lm_head.weight is embed) == tied
     assert torch.all(embed[3] == 0)  # the pad row
     assert abs(embed.std().item() - 0.02) < 1e-3
     assert torch.all(model.backbone.layers[0].attn_norm.weight == 1)

@@ -108,6 +108,8 @@ def test_mfu_flops_and_peaks():
     assert flops == 6 * (162_417_408 - 32000 * 768) + 12 * 12 * 768 * 2048  # about 1.05 GFLOP per token
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA A100 80GB PCIe") == 312.0
+    assert peak_tflops("NVIDIA H100 PCIe") is peak_tflops("NVIDIA H100 NVL") is peak_tflops("NVIDIA H200 NVL") is None
 
 
 # --- exact resume and crash safety ------------------------------------------------------------------------

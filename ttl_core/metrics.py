@@ -13,13 +13,19 @@ from .fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
-# Peak dense bf16 matmul throughput (TFLOP/s, without sparsity) by device-name fragment, for MFU.
+# Peak dense bf16 matmul throughput (TFLOP/s, without sparsity) by device-name fragment, for MFU: the SXM
+# parts. Cards sold under the same names with lower clocks (H100 PCIe ~756, H100/H200 NVL ~835) get none.
 PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+SLOWER_VARIANTS = {"H100": ("PCIe", "NVL"), "H200": ("NVL",)}
 
 
 def peak_tflops(device_name: str) -> float | None:
     """The device's published bf16 peak, or None for a device we have no figure for (no MFU is reported
     rather than a wrong one)."""
+    for fragment, tflops in PEAK_BF16_TFLOPS.items():
+        if fragment in device_name:
+            return None if any(v in device_name for v in SLOWER_VARIANTS.get(fragment, ())) else tflops
+    return None
     for fragment, tflops in PEAK_BF16_TFLOPS.items():
         if fragment in device_name:
             return tflops

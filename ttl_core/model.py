@@ -211,14 +211,14 @@ class LlamaModel(nn.Module):
 
 def _init_weights(model: nn.Module, std: float) -> None:
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
 
 
 class _LlamaBase(nn.Module):
@@ -374,14 +374,15 @@ class LlamaForSequenceClassification(_LlamaBase):
             else:
                 problem = "multi_label_classification"
             self.config.problem_type = problem  # recorded as transformers does, so a saved config keeps it
+        # labels keep their dtype, as in transformers: casting float targets to bf16 logits would round them
         if problem == "regression":
             if self.config.num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-            return F.mse_loss(logits, labels.to(logits.dtype))
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
         if problem == "single_label_classification":
             return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
         if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            return F.binary_cross_entropy_with_logits(logits, labels)
         raise ConfigError(f"unknown problem_type {problem!r}")
 
 
