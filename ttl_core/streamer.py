@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 
 from .errors import GenerationError
-from .tokenizer import BYTE_PIECE
+from .tokenizer import BYTE_PIECE, piece_bytes
 
 
 
@@ -87,9 +87,7 @@ class StopStrings:
     def token_bytes(self, token: int) -> bytes:
         """The UTF-8 bytes token `token` adds to a text (see the class docstring)."""
         if token not in self._bytes:
-            piece = self._piece(token)
-            self._bytes[token] = (bytes([int(piece[3:5], 16)]) if BYTE_PIECE.fullmatch(piece)
-                                  else piece.replace("\u2581", " ").encode("utf-8"))
+            self._bytes[token] = piece_bytes(self._piece(token))
         return self._bytes[token]
 
     def ends_in_last(self, tokens: list[int]) -> bool:

@@ -83,7 +83,7 @@ class Tokenizer:
                                  + ")")
         # what each piece adds to a decoded text: a byte (byte-fallback pieces) or a string, "▁" read as a space
         self._piece_text = [p.piece.replace("\u2581", " ") for p in proto.pieces]
-        self._piece_byte = {i: int(p.piece[3:5], 16) for i, p in enumerate(proto.pieces)
+        self._piece_byte = {i: piece_bytes(p.piece)[0] for i, p in enumerate(proto.pieces)
                             if BYTE_PIECE.fullmatch(p.piece)}
 
     @classmethod
@@ -265,6 +265,14 @@ class Tokenizer:
         write_json(directory / "tokenizer_config.json", config)
         write_json(directory / "special_tokens_map.json",
                    {**special, **({"additional_special_tokens": list(self.added_tokens)} if self.added_tokens else {})})
+
+
+def piece_bytes(piece: str) -> bytes:
+    """The UTF-8 bytes a sentencepiece piece adds to a text, as transformers' decoder reads it: a byte-fallback
+    piece `<0xNN>` is that byte, "▁" is a space, any other piece (special tokens included) its own text."""
+    if BYTE_PIECE.fullmatch(piece):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 def _bytes_text(run: bytearray) -> str:
