@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="checkpoint directory (ttl or Hugging Face layout)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--prompt", help="text to continue (in chat mode: the first question)")
-    parser.add_argument("--input", default="", help="Alpaca's optional `### Entrada:` text for --prompt")
+    parser.add_argument("--input", default="", help="extra context for --prompt, in the --chat format (Alpaca's `### Entrada:`)")
     parser.add_argument("--chat", choices=("aira", "alpaca"), help="wrap prompts in this chat format")
     parser.add_argument("--interactive", action="store_true", help="keep a conversation going from stdin")
     parser.add_argument("--max-new-tokens", type=int, default=150)
@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.prompt is None and not args.interactive:
         parser.error("--prompt is required unless --interactive")
+    if args.input and (args.chat is None or args.prompt is None):
+        parser.error("--input adds context to --prompt in a --chat format; it needs both")
     return args
 
 
@@ -118,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     first = args.prompt
     while True:
+        extra_input = ""
         if first is not None:
-            line, first = first, None
+            line, first, extra_input = first, None, args.input
             print(f"> {line}")
         else:
             print("> ", end="", flush=True)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if not line.strip():
                 return 0
             line = line.rstrip("\n")
-        chat.add_user(line)
+        chat.add_user(line, extra_input)
         room = context - len(chat.ids)
         if room < 1:
             print(f"The context is full ({context} tokens): the conversation ends here. Start a new one to go on.")

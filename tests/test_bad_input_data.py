@@ -321,6 +321,12 @@ def test_bad_metrics_files(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]  # a torn last line is dropped
     assert math.isnan(read_metrics(run / "metrics.jsonl")[0]["loss"])
+    # a blank line (a hand edit) is skipped; a broken line before the end is an error, not the end of the log
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n')
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: not a JSON line"):
+        read_metrics(run / "metrics.jsonl")
 
 
 def test_byte_order_mark_is_no_part_of_the_first_document(tmp_path):

@@ -78,10 +78,10 @@ def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(check
     monkeypatch.setattr(script, "generate", recording_generate)
     questions = ["a casa", "o cachorro", "a escola", "a noite", "a chuva"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(questions[1:]) + "\n"))
-    assert script.main(["--model", str(path), "--prompt", questions[0], "--chat", "aira", "--interactive",
-                        "--max-new-tokens", "10", "--seed", "1", "--device", "cpu"]) == 0
+    assert script.main(["--model", str(path), "--prompt", questions[0], "--input", "de noite", "--chat", "aira",
+                        "--interactive", "--max-new-tokens", "10", "--seed", "1", "--device", "cpu"]) == 0
     assert f"The context is full ({CONTEXT} tokens)" in capsys.readouterr().out
-    assert len(prompts) >= 2 and prompts[0] == tok.encode(chat_prompt("aira", questions[0]))
+    assert len(prompts) >= 2 and prompts[0] == tok.encode(chat_prompt("aira", questions[0], "de noite"))
     ends = {tok.eos_id, tok.token_to_id("<|endofcompletion|>")}
     for before, after, question in zip(prompts, prompts[1:], questions[1:]):
         assert after[:len(before)] == before  # each turn continues the whole conversation
@@ -148,3 +148,13 @@ def test_a_bad_device_or_a_classifier_is_a_one_line_error(checkpoint, tmp_path):
     run = run_script("generate", "--model", tmp_path, "--prompt", "oi", "--device", "cpu")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"error: {tmp_path} holds a LlamaForSequenceClassification; generation needs a LlamaForCausalLM"]
+
+
+def test_input_without_a_chat_format_is_a_usage_error(checkpoint, capsys):
+    """--input is context for --prompt inside a chat format; without one it used to be dropped silently."""
+    script = load_script()
+    for extra in (["--prompt", "oi"], ["--chat", "alpaca", "--interactive"]):
+        with pytest.raises(SystemExit) as excinfo:
+            script.main(["--model", str(checkpoint[0]), "--input", "contexto", *extra])
+        assert excinfo.value.code == 2
+        assert "--input adds context to --prompt in a --chat format" in capsys.readouterr().err

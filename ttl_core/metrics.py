@@ -71,19 +71,25 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file; a torn last line (a crash mid-write) is dropped. A file that is
-    not text, or a line that is not a JSON object, is a DataError naming the file."""
+    """The records of a metrics.jsonl file; blank lines are skipped and a torn last line (a crash mid-write)
+    is dropped. A file that is not text, or any other line that is not a JSON object, is a DataError naming
+    the file and line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a metrics file (not UTF-8 text; bad byte at offset {e.start})") from None
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            break
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise DataError(f"{path}:{number}: not a JSON line ({e.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
         records.append(record)
