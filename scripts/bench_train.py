@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             shape = {"preset": preset, "batch": batch, "seq": seq}
             step = results.attempt({"impl": impl, "shape": shape}, impls[impl])
             measured = step and results.attempt({"impl": impl, "shape": shape},
-                                                lambda: measure(dev, step, batch, seq, config.vocab_size, steps))
+                                                lambda step=step: measure(dev, step, batch, seq, config.vocab_size,
+                                                                          steps))
             del step
             gc.collect()
             if dev.cuda:

@@ -23,10 +23,7 @@ from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, checked_device, load_pretrained
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.tokenizer import Tokenizer, chat_prompt
-
-# The Aira format's end-of-answer token: a turn ends there (fine-tuned answers end with it, not with `</s>`).
-AIRA_END = "<|endofcompletion|>"
+from ttl_core.tokenizer import AIRA_END, Tokenizer, chat_prompt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

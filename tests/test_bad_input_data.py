@@ -327,6 +327,9 @@ def test_bad_metrics_files(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')
     with pytest.raises(DataError, match=r"metrics\.jsonl:2: not a JSON line"):
         read_metrics(run / "metrics.jsonl")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.5}\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: a record without a numeric 'step'"):
+        read_metrics(run / "metrics.jsonl")
 
 
 def test_byte_order_mark_is_no_part_of_the_first_document(tmp_path):

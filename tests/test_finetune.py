@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.helpers import run_script
 from ttl_core.config import LlamaConfig
@@ -19,7 +20,7 @@ from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metri
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.task_files import TaskSpec, encode_example, load_task, read_task_file
+from ttl_core.task_files import TaskSpec, encode_example, label_value, load_task, read_task_file, task_labels
 from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
 
 NEWS_TRAIN, NEWS_EVAL = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
@@ -164,6 +165,18 @@ def test_task_file_formats_and_text_building(base_dir, tmp_path):
     assert [label for _, label in load_task(tmp_path / "t.csv", tok, spec, ["A", "B"], 64)] == [1, 0]
 
 
+def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
+    path = tmp_path / "t.csv"
+    assert label_value("1", ["neg", "pos"], path, 2) == 1  # ids stand for names
+    assert label_value("2", ["0", "2"], path, 2) == 1  # the name "2", not class id 2
+    for raw, labels in (("1", ["0", "2"]), ("0", ["1", "2", "3"])):  # an unseen value, not another class
+        with pytest.raises(DataError, match=rf"t\.csv:2: unknown label '{raw}'"):
+            label_value(raw, labels, path, 2)
+    path.write_text("title,text,label\na,b,pos\nc,d, \n")
+    with pytest.raises(DataError, match=r"t\.csv:3: empty label in field 'label'"):
+        task_labels(read_task_file(path), TaskSpec(), path)
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ("", "csv", "no examples"),
     ("title,text,label\n", "csv", "no examples"),
@@ -275,6 +288,32 @@ def test_chat_tokens_added_into_padding_rows_are_trained(base_dir, tmp_path):
     assert summary["added_tokens"] == list(AIRA_SPECIAL_TOKENS)
     config = json.loads((tmp_path / "out" / "best" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+
+
+def test_aira_tuning_is_seeded_stops_at_end_of_completion_and_pads_without_a_pad_token(base_dir, tmp_path,
+                                                                                       monkeypatch):
+    """The same --seed gives the same adapter (LoRA's A and the new rows came from an unseeded RNG); the saved
+    generation_config.json lists `<|endofcompletion|>` as an EOS, so transformers' generate() stops where the
+    answers were trained to end; a base with no pad token pads with EOS instead of -1."""
+    transformers = pytest.importorskip("transformers")
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:8]))
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=1, max_length=128, lora=True, seed=3)
+    for run in ("a", "b"):
+        finetune_instruct(base_dir, data, tmp_path / run, "aira", cfg, verbose=False)
+    adapters = [load_file(tmp_path / run / "best" / "adapter_model.safetensors") for run in ("a", "b")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+    no_pad = load_pretrained(base_dir)
+    no_pad.config = no_pad.config.replace(pad_token_id=None)
+    save_pretrained(no_pad, tmp_path / "no_pad", tokenizer=Tokenizer.from_pretrained(base_dir))
+    monkeypatch.setattr(Tokenizer, "pad_id", property(lambda self: -1))
+    merged = FinetuneConfig(lr=1e-3, batch_size=4, epochs=1, max_length=128, lora=True, merge_lora=True)
+    finetune_instruct(tmp_path / "no_pad", data, tmp_path / "merged", "aira", merged, verbose=False)
+    tok = Tokenizer.from_pretrained(tmp_path / "merged" / "best")
+    settings = transformers.GenerationConfig.from_pretrained(tmp_path / "merged" / "best")
+    assert settings.eos_token_id == [tok.eos_id, tok.token_to_id("<|endofcompletion|>")]
 
 
 # --- scripts ---------------------------------------------------------------------------------------------

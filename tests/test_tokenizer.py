@@ -84,6 +84,29 @@ def test_save_pretrained_matches_autotokenizer(tok, tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "b").vocab_size == 324
 
 
+def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
+    """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus(200)), model_writer=model_file, model_type="bpe",
+                                   vocab_size=300, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (tmp_path / "spm" / "tokenizer.model").parent.mkdir()
+    (tmp_path / "spm" / "tokenizer.model").write_bytes(model_file.getvalue())
+    ours = Tokenizer.from_pretrained(tmp_path / "spm")
+    assert ours.pad_id == -1
+    ours.save_pretrained(tmp_path / "out")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf.pad_token is None and (hf.bos_token, hf.eos_token) == ("<s>", "</s>")
+    for text in HARD + corpus(10, seed=7):
+        assert ours.encode(text) == hf(text)["input_ids"], text
+    assert Tokenizer.from_pretrained(tmp_path / "out").pad_id == -1
+
+
 def make_ttl_style_dir(path, texts):
     """A tokenizer directory without tokenizer.model, built with `tokenizers` as TeenyTinyLlama's was: BPE with
     byte fallback and the `<0xNN>` byte pieces in the vocabulary, Llama-2 normalizer (prepend "▁", spaces to "▁"),

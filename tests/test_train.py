@@ -82,9 +82,28 @@ def test_bad_overrides_are_named(override, message):
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
     t = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110"]).train
-    assert lr_at(1, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(1.0)
-    assert lr_at(60, t) == pytest.approx(0.55)  # halfway through the cosine: the mean of lr and min_lr
-    assert lr_at(110, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+    assert lr_at(1, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(1.0) == lr_at(11, t)
+    assert lr_at(61, t) == pytest.approx(0.55)  # halfway through the cosine: the mean of lr and min_lr
+    assert lr_at(110, t) > 0.1 and lr_at(111, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("warmup, min_lr", [(0, 0.0), (4, 0.0), (3, 0.1)])
+def test_lr_schedule_is_transformers_cosine_after_the_warmup(warmup, min_lr):
+    """Every step past the warmup uses transformers' lr; with min_lr 0 the last step still learns (a one-step
+    fine-tune used to run at lr 0)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+    t = load_run_config(None, ["train.lr=1.0", f"train.min_lr={min_lr}", f"train.warmup_steps={warmup}",
+                               "train.max_steps=12"]).train
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, 12, min_lr=min_lr)
+    for step in range(1, 13):
+        if step > warmup:
+            assert lr_at(step, t) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12), step
+        optimizer.step()
+        schedule.step()
+    assert lr_at(12, t) > min_lr
+    one_step = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_steps=0", "train.max_steps=1"]).train
+    assert lr_at(1, one_step) == 1.0
 
 
 def test_no_decay_groups_follow_the_name_fragments():
@@ -228,6 +247,14 @@ def test_init_from_starts_from_the_given_weights(tmp_path, data_dir):
     train(frozen, tmp_path / "b", data_dir=str(data_dir), init_from=str(source))
     a, b = load_pretrained(source), load_pretrained(tmp_path / "b" / "checkpoints" / "step-000001")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # dropout after --init-from draws from train.seed, not from whatever state the global RNG is in
+    dropout = run_config("train.max_steps=2", "model.attention_dropout=0.3")
+    train(dropout, tmp_path / "d0", data_dir=str(data_dir))
+    for name, seed in (("d1", 1), ("d2", 2)):
+        torch.manual_seed(seed)
+        train(dropout, tmp_path / name, data_dir=str(data_dir),
+              init_from=str(tmp_path / "d0" / "checkpoints" / "step-000002"))
+    assert losses(tmp_path / "d1") == losses(tmp_path / "d2")
     # the checkpoint fixes the architecture: an explicit override that contradicts it is refused, not ignored
     with pytest.raises(ConfigError, match="model.hidden_size=32 contradicts"):
         train(run_config("train.max_steps=1", "model.hidden_size=32"), tmp_path / "c", data_dir=str(data_dir),

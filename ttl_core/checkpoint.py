@@ -56,12 +56,13 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random number generator a training step may draw from (python, numpy, torch, CUDA)."""
+    """Every random number generator a training step may draw from (python, numpy, torch, this process's CUDA
+    device). Rank 0's state stands for every rank's: all are seeded alike and draw alike."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -71,7 +72,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # a run may resume on fewer GPUs than it saved from
 
 
 def save_checkpoint(

@@ -416,7 +416,9 @@ class PackedLoader:
         mine = self.state_dict()
         for key in ("seed", "seq_len", "global_batch", "n_blocks", "split"):
             if state.get(key) != mine[key]:
+                hint = (" (sequences per micro-batch over all ranks: keep micro_batch_size x processes as it was)"
+                        if key == "global_batch" else "")
                 raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
-                                f"here {mine[key]!r}")
+                                f"here {mine[key]!r}{hint}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self._order = self._permutation(self.epoch)

@@ -77,10 +77,14 @@ def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Modu
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    # FSDP2's default mesh is on the machine's accelerator: a gloo run on a GPU machine would move to CUDA
+    mesh = init_device_mesh(world.device.type, (world.size,))
     for block in model.backbone.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

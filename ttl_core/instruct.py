@@ -21,7 +21,7 @@ from .finetune import FinetuneConfig, check_tokenizer_fits, load_base, save_fine
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
-from .tokenizer import AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
+from .tokenizer import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
 
 # Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.
 INSTRUCTION_FIELDS = ("instruction", "prompt")
@@ -69,6 +69,17 @@ def add_chat_tokens(tokenizer: Tokenizer, model: LlamaForCausalLM, chat_format: 
     if tokenizer.vocab_size > model.config.vocab_size:
         model.resize_token_embeddings(tokenizer.vocab_size)
     return missing
+
+
+def stop_at_end_of_completion(model: LlamaForCausalLM, tokenizer: Tokenizer) -> None:
+    """Aira answers end with `<|endofcompletion|>`, never with `</s>`: add it to the EOS ids of the
+    generation_config.json the checkpoint is saved with, so transformers' `generate()` stops there too."""
+    settings = dict(model.generation_config or {})
+    eos = settings.get("eos_token_id", model.config.eos_token_id)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    end = tokenizer.token_to_id(AIRA_END)
+    settings["eos_token_id"] = eos + ([end] if end not in eos else [])
+    model.generation_config = settings
 
 
 def encode_chat(tokenizer: Tokenizer, chat_format: str, instruction: str, input: str, response: str,
@@ -145,11 +156,13 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     tokenizer, model = load_base(model_dir, cfg)
     if model.architecture != "LlamaForCausalLM":
         raise ConfigError(f"{model_dir} holds a {model.architecture}; instruction tuning needs a LlamaForCausalLM")
+    torch.manual_seed(cfg.seed)  # new embedding rows, LoRA's A matrices and dropout masks
     added = add_chat_tokens(tokenizer, model, chat_format)
+    if chat_format == "aira":
+        stop_at_end_of_completion(model, tokenizer)
     model.to(device)
-    if model.config.pad_token_id is None and tokenizer.pad_id is None:
-        raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad token")
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_id
+    # padded positions are masked out of attention and loss, so any token id pads when none is defined
+    pad_id = next(i for i in (model.config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id) if i is not None and i >= 0)
     train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
     eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
                      if eval_file else None)

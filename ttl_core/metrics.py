@@ -26,10 +26,6 @@ def peak_tflops(device_name: str) -> float | None:
         if fragment in device_name:
             return None if any(v in device_name for v in SLOWER_VARIANTS.get(fragment, ())) else tflops
     return None
-    for fragment, tflops in PEAK_BF16_TFLOPS.items():
-        if fragment in device_name:
-            return tflops
-    return None
 
 
 def flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int, seq_len: int) -> int:
@@ -92,6 +88,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{number}: not a JSON line ({e.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        if not is_number(record.get("step")):
+            raise DataError(f"{path}:{number}: a record without a numeric 'step'")
         records.append(record)
     return records
 

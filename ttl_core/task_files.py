@@ -126,7 +126,10 @@ def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
     (numerically when they are numbers)."""
     if spec.labels is not None:  # checked by TaskSpec
         return list(spec.labels)
-    found = sorted({str(field_value(path, n, r, spec.label_field)).strip() for n, r in rows}, key=_sort_key)
+    for number, record in rows:
+        if not str(field_value(path, number, record, spec.label_field)).strip():
+            raise DataError(f"{path}:{number}: empty label in field {spec.label_field!r}")
+    found = sorted({str(r[spec.label_field]).strip() for _, r in rows}, key=_sort_key)
     if len(found) < 2:
         raise DataError(f"{path}: only one label value ({found[0]!r}) in field {spec.label_field!r}")
     return found
@@ -145,7 +148,9 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> 
         return value
     if text in labels:
         return labels.index(text)
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(labels):
+    # an integer class id stands for a label only when no label name reads as a number: with labels {"0", "2"}
+    # discovered from the training file, an eval row's "1" is an unknown label, not class "2"
+    if text.isdigit() and int(text) < len(labels) and all(_sort_key(name)[0] == 1 for name in labels):
         return int(text)
     raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)})")
 

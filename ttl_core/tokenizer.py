@@ -30,6 +30,8 @@ from .fileio import atomic_write, read_json, write_json
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
 AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
 CHAT_FORMATS = ("aira", "alpaca")
+# The Aira format's end-of-answer token: fine-tuned answers end there, not with `</s>`.
+AIRA_END = "<|endofcompletion|>"
 _ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
@@ -251,11 +253,12 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.model")
-        names = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-        special = {k: self.sp.id_to_piece(getattr(self, k.replace("_token", "_id"))) for k in names}
+        # a Llama-2 style model has no pad piece (id -1): transformers reads that as pad_token null
+        ids = {"unk_token": self.unk_id, "bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        special = {name: self.sp.id_to_piece(i) if i >= 0 else None for name, i in ids.items()}
         decoder = {str(i): {"content": self.sp.id_to_piece(i), "lstrip": False, "normalized": False,
                             "rstrip": False, "single_word": False, "special": True}
-                   for i in sorted({self.unk_id, self.bos_id, self.eos_id, self.pad_id, *self._added_ids.values()})}
+                   for i in sorted({*ids.values(), *self._added_ids.values()}) if i >= 0}
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
                   "add_eos_token": False, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
                   "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
@@ -472,7 +475,7 @@ def chat_response(format: str, response: str) -> str:
     """The response text that follows `chat_prompt`; Aira closes it with `<|endofcompletion|>` (Alpaca's EOS is
     added as a token id by the caller)."""
     if format == "aira":
-        return response + "<|endofcompletion|>"
+        return response + AIRA_END
     if format == "alpaca":
         return response
     raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")

@@ -51,10 +51,13 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    """The lr of optimizer step `step` (from 1): linear warmup from lr/warmup to lr over `warmup_steps`, then
+    a cosine that reaches `min_lr` just after step `max_steps`, so the last update is not spent at the floor
+    (with `min_lr` 0 it would change nothing). Past the warmup this is transformers' cosine schedule
+    (`get_cosine_with_min_lr_schedule_with_warmup`), whose warmup starts one step behind, at lr 0."""
     if step <= train.warmup_steps:
         return train.lr * step / train.warmup_steps
-    progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+    progress = min(1.0, (step - 1 - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -203,6 +206,7 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
     config = run.model_config()
     runtime = {"kernels": config.kernels, "attention": config.attention}
     source = resume_from or init_from
+    torch.manual_seed(run.train.seed)  # fresh weights, and dropout after --init-from (resume restores its RNG)
     if source is not None:
         model = load_pretrained(source, dtype=torch.float32, device=device, **runtime)
         if model.architecture != "LlamaForCausalLM":
@@ -213,7 +217,6 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
                 raise ConfigError(f"--set model.{key}={run.model[key]!r} contradicts {source}, whose {key} is "
                                   f"{getattr(model.config, key)!r}; the architecture comes from the checkpoint")
         return model.train()
-    torch.manual_seed(run.train.seed)
     return LlamaForCausalLM(config).to(device).train()
 
 
@@ -285,7 +288,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
-    peak = peak_tflops(torch.cuda.get_device_name(world.device)) if world.device.type == "cuda" else None
+    # the peaks are half-precision tensor-core rates: a float32 run gets no MFU rather than a flattering one
+    half = world.device.type == "cuda" and train.dtype in ("bfloat16", "float16")
+    peak = peak_tflops(torch.cuda.get_device_name(world.device)) if half else None
     if train.activation_checkpointing:
         apply_activation_checkpointing(model)
     model = wrap_model(model, train.distributed, world)
