@@ -2,8 +2,9 @@
 
   python scripts/bench_kernels.py [--only rms_norm rotary swiglu cross_entropy] [--quick] [--dtype bfloat16] [--out DIR]
 
-For each kernel family, the forward (as in training: inputs require grad) and the forward + backward, over
-rows (tokens) 4096..65536: median ms of CUDA graph replays (kernel time without the host's Python and
+For each kernel family, the forward (as in training: inputs require grad; for the fused linear
+cross-entropy, whose training forward already computes both gradients, the loss alone under no_grad, as in
+evaluation) and the forward + backward, over rows (tokens) 4096..65536, the goals' shapes first: median ms of CUDA graph replays (kernel time without the host's Python and
 launch overhead; CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move
 (counted per family below; every implementation is charged the same bytes, so GB/s compares like ms does),
 that as a fraction of the copy bandwidth measured in the same run (for the matmul-bound fused linear
@@ -29,34 +30,48 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48, 80)}
 
 
+GOAL_ROWS = 16384  # the row count the speed goals name (issue 10); measured first
+
+
 def liger(module: str, name: str):
-    """A Liger-Kernel autograd Function's `apply`, or None when liger_kernel is not installed."""
+    """A Liger-Kernel autograd Function's `apply`, or None when liger_kernel is missing or fails to import
+    (a baseline absent, not a benchmark lost)."""
     try:
         return getattr(__import__(f"liger_kernel.ops.{module}", fromlist=[name]), name).apply
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - a Triton version clash raises more than ImportError
+        if not isinstance(e, ImportError):
+            print(f"liger_kernel.ops.{module} does not import ({type(e).__name__}: {e}): no Liger baseline")
         return None
 
 
-def compiled(fn: Callable) -> Callable:
-    """torch.compile of `fn` from an empty cache, so each size family compiles afresh and no earlier
-    family's specializations count against dynamo's recompile limit."""
-    torch._dynamo.reset()
-    return torch.compile(fn)
+def compile_once_per_width() -> None:
+    """torch.compile set-up for the baselines: the row dimension is marked dynamic (`inputs_for`), every
+    other dimension stays static without dynamo turning it dynamic on its own once a second width appears,
+    and the recompile limit is raised so every width of a family keeps its own compiled graph; each width
+    then compiles once, whatever order the shapes come in."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.recompile_limit = 256
+
+
+def goal_rows_first(mode: str) -> tuple[int, ...]:
+    return tuple(sorted(ROWS[mode], key=lambda rows: rows != GOAL_ROWS))
 
 
 def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape: dict, dtype: torch.dtype,
                 fwd_bytes: int, bwd_bytes: int, fwd_flops: float, bwd_flops: float,
-                untimed_graphs: list[dict]) -> list[dict]:
-    """Rows for one implementation's forward and forward + backward (gradients of the inputs that require
-    grad), timed as CUDA graph replays (kernel time, no host overhead; a pass that cannot be captured is
-    timed as it is and listed in `untimed_graphs`). With FLOP counts (matmul-bound kernels) the fraction
-    of peak is of the measured matmul rate, otherwise of the copy bandwidth."""
+                untimed_graphs: list[dict], forward_grad: bool = True) -> list[dict]:
+    """Rows for one implementation's forward (under no_grad when not `forward_grad`) and forward + backward
+    (gradients of the inputs that require grad), timed as CUDA graph replays (kernel time, no host
+    overhead; a pass that cannot be captured is timed as it is and listed in `untimed_graphs`). With FLOP
+    counts (matmul-bound kernels) the fraction of peak is of the measured matmul rate, otherwise of the
+    copy bandwidth."""
     leaves = [t for t in tensors if t.requires_grad]
     outs = fn(*tensors)
     grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
     def forward():
-        return fn(*tensors)
+        with torch.set_grad_enabled(forward_grad):
+            return fn(*tensors)
 
     def forward_backward():
         result = fn(*tensors)
@@ -79,7 +94,7 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
 
 def measure(results: Results, impls: dict[str, Callable | None], make_inputs: Callable, row_inputs: tuple[int, ...],
             shape: dict, dtype: torch.dtype, fwd_bytes: int, bwd_bytes: int, fwd_flops: float = 0.0,
-            bwd_flops: float = 0.0) -> None:
+            bwd_flops: float = 0.0, forward_grad: bool = True) -> None:
     """Time every available implementation on fresh inputs from `make_inputs()` and add its rows; one
     implementation failing (recorded in the results) does not stop the others. `row_inputs` are the
     positions of the inputs whose first dimension is the row (token) count."""
@@ -90,13 +105,13 @@ def measure(results: Results, impls: dict[str, Callable | None], make_inputs: Ca
         if fn is not None:
             results.add(results.attempt({"impl": impl, "shape": shape}, lambda: time_passes(
                 results.device, impl, fn, inputs_for(impl, make_inputs, row_inputs), shape, dtype, fwd_bytes, bwd_bytes,
-                fwd_flops, bwd_flops, results.notes.setdefault("timed_without_cuda_graph", []))) or [])
+                fwd_flops, bwd_flops, results.notes.setdefault("timed_without_cuda_graph", []), forward_grad)) or [])
 
 
 def inputs_for(impl: str, make_inputs: Callable, row_inputs: tuple[int, ...]) -> tuple:
     """Fresh inputs; for torch.compile the leading (rows or batch) dimension is marked dynamic, so one
-    compilation per width serves every row count (otherwise the second row count recompiles as dynamic
-    anyway, a minute of compiling per width) while the reduction width stays static, as compile prefers."""
+    compilation per width serves every row count (see `compile_once_per_width`) while the reduction width
+    stays static, as compile prefers."""
     tensors = make_inputs()
     if impl == "compile":
         for i in row_inputs:
@@ -114,22 +129,32 @@ def unfused(norm: Callable) -> Callable:
     return fn
 
 
+def with_liger_fused_add(norm: Callable | None, fused_add: Callable | None, eps: float) -> Callable | None:
+    """Liger's RMSNorm, with its fused residual-add Function for the residual rows when this version has one."""
+    if norm is None:
+        return None
+    if fused_add is None:
+        return unfused(lambda x, w: norm(x, w, eps))
+    return lambda x, w, r=None: norm(x, w, eps) if r is None else fused_add(x, r, w, eps)
+
+
 def bench_rms_norm(mode: str, dtype: torch.dtype, results: Results) -> None:
-    """RMSNorm with and without the fused residual add, hidden 768..16384."""
-    liger_rms_norm = liger("rms_norm", "LigerRMSNormFunction")
+    """RMSNorm with and without the fused residual add, hidden 768..16384. The goals' shapes come first
+    (16k rows without a residual, hidden 2048-8192 leading), so a run cut short keeps what they judge."""
     device, eps = results.device.device, 1e-5
-    hiddens = {"full": (768, 1024, 2048, 4096, 8192, 16384), "quick": (768, 4096), "smoke": (40,)}[mode]
-    for hidden in hiddens:
+    hiddens = {"full": (2048, 4096, 8192, 768, 1024, 16384), "quick": (4096, 768), "smoke": (40,)}[mode]
+    ref = torch.compile(rms_norm_reference)
+    impls = {
+        "ttl": lambda x, w, r=None: rms_norm(x, w, eps, residual=r),
+        "torch": lambda x, w, r=None: rms_norm_reference(x, w, eps, r),
+        "compile": lambda x, w, r=None: ref(x, w, eps, r),
+        "F.rms_norm": unfused(lambda x, w: F.rms_norm(x, x.shape[-1:], w, eps)),
+        "liger": with_liger_fused_add(liger("rms_norm", "LigerRMSNormFunction"),
+                                      liger("fused_add_rms_norm", "LigerFusedAddRMSNormFunction"), eps),
+    }
+    for rows in goal_rows_first(mode):
         for residual in (False, True):
-            ref = compiled(rms_norm_reference)
-            impls = {
-                "ttl": lambda x, w, r=None: rms_norm(x, w, eps, residual=r),
-                "torch": lambda x, w, r=None: rms_norm_reference(x, w, eps, r),
-                "compile": lambda x, w, r=None: ref(x, w, eps, r),
-                "F.rms_norm": unfused(lambda x, w: F.rms_norm(x, (hidden,), w, eps)),
-                "liger": liger_rms_norm and unfused(lambda x, w: liger_rms_norm(x, w, eps)),
-            }
-            for rows in ROWS[mode]:
+            for hidden in hiddens:
                 def make_inputs():
                     x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
                     w = torch.randn(hidden, device=device, dtype=dtype, requires_grad=True)
@@ -151,23 +176,24 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
     heads = {"full": {"ttl-160m": (12, 12, 64), "ttl-460m": (16, 16, 64), "llama3-8b": (32, 8, 128)},
              "quick": {"ttl-160m": (12, 12, 64), "llama3-8b": (32, 8, 128)},
              "smoke": {"toy-gqa": (4, 2, 16)}}[mode]
-    for name, (n_heads, n_kv, dim) in heads.items():
-        ref = compiled(apply_rotary_reference)
-        impls = {
-            "ttl": apply_rotary,
-            "torch": apply_rotary_reference,
-            "compile": ref,
-            # Liger takes (batch, heads, seq, dim) and returns that layout
-            "liger": liger_rope and (lambda q, k, cos, sin: liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)),
-        }
-        for tokens in ROWS[mode]:
+    impls = {
+        "ttl": apply_rotary,
+        "torch": apply_rotary_reference,
+        "compile": torch.compile(apply_rotary_reference),
+        # Liger takes (batch, heads, seq, dim) and returns that layout (transformers' layout, which it is
+        # given as the same transposed view of the projection as there)
+        "liger": liger_rope and (lambda q, k, cos, sin: liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)),
+    }
+    for tokens in goal_rows_first(mode):
+        for name, (n_heads, n_kv, dim) in heads.items():
             batch = tokens // seq
 
             def make_inputs():
                 qkv = torch.randn(batch, seq, (n_heads + 2 * n_kv) * dim, device=device, dtype=dtype,
                                   requires_grad=True)
                 q, k, _ = qkv.split([n_heads * dim, n_kv * dim, n_kv * dim], dim=-1)
-                angles = torch.rand(batch, seq, dim, device=device) * 6.3
+                # each frequency twice, as transformers builds them (Liger reads the first half only)
+                angles = (torch.rand(batch, seq, dim // 2, device=device) * 6.3).repeat(1, 1, 2)
                 return (q.view(batch, seq, n_heads, dim), k.view(batch, seq, n_kv, dim),
                         angles.cos().to(dtype), angles.sin().to(dtype))
 
@@ -178,16 +204,16 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
 
 
 def bench_swiglu(mode: str, dtype: torch.dtype, results: Results) -> None:
-    """SwiGLU on the two halves of a fused gate/up projection output."""
-    liger_swiglu = liger("swiglu", "LigerSiLUMulFunction")
+    """SwiGLU on separate gate and up tensors (transformers' layout; Liger copies strided halves of a fused
+    projection before its kernel, ttl's kernel reads them in place)."""
     device = results.device.device
-    for inter in {"full": (3072, 4096, 8192, 14336), "quick": (3072, 14336), "smoke": (40,)}[mode]:
-        ref = compiled(swiglu_reference)
-        impls = {"ttl": swiglu, "torch": swiglu_reference, "compile": ref, "liger": liger_swiglu}
-        for rows in ROWS[mode]:
+    impls = {"ttl": swiglu, "torch": swiglu_reference, "compile": torch.compile(swiglu_reference),
+             "liger": liger("swiglu", "LigerSiLUMulFunction")}
+    for rows in goal_rows_first(mode):
+        for inter in {"full": (3072, 4096, 8192, 14336), "quick": (3072, 14336), "smoke": (40,)}[mode]:
             def make_inputs():
-                gate_up = torch.randn(rows, 2 * inter, device=device, dtype=dtype, requires_grad=True)
-                return gate_up.chunk(2, dim=-1)
+                return tuple(torch.randn(rows, inter, device=device, dtype=dtype, requires_grad=True)
+                             for _ in range(2))
 
             # fwd reads gate, up and writes the product; bwd reads its gradient, gate, up and writes two
             tensor = rows * inter * dtype.itemsize
@@ -216,10 +242,10 @@ def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None
                                                  for t in (4096, 16384) if (t, d, v) != (16384, 4096, 128256)],
              "quick": [(16384, 4096, 128256), (8192, 768, 32000)],
              "smoke": [(48, 40, 1003)]}[mode]
+    impls = {"ttl": fused_linear_cross_entropy, "torch": eager_linear_cross_entropy,
+             "compile": torch.compile(eager_linear_cross_entropy),
+             "liger": liger_flce and (lambda h, w, t: loss_only(liger_flce(h, w, t)))}
     for tokens, hidden, vocab in sizes:
-        ref = compiled(eager_linear_cross_entropy)
-        impls = {"ttl": fused_linear_cross_entropy, "torch": eager_linear_cross_entropy, "compile": ref,
-                 "liger": liger_flce and (lambda h, w, t: loss_only(liger_flce(h, w, t)))}
 
         def make_inputs():
             h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
@@ -232,21 +258,23 @@ def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None
                  "unfused_logits_grad_mb": round(unfused_bytes / 2**20, 1)}
         # bytes: hidden and weight read, gradients written; the logits themselves never reach memory
         tensor_bytes = (tokens + vocab) * hidden * dtype.itemsize
+        # the fwd row is the loss alone (no_grad): with grad, ttl's and Liger's forward already computes
+        # both gradients (all 6·N·d·V FLOPs), so a 2·N·d·V charge would read 3x low
         measure(results, impls, make_inputs, (0, 2), shape, dtype, tensor_bytes, tensor_bytes, fwd_flops=flops,
-                bwd_flops=2 * flops)
+                bwd_flops=2 * flops, forward_grad=False)
     logit_sizes = {"full": [(t, v) for v in (32000, 128256) for t in (4096, 16384)], "quick": [(8192, 128256)],
                    "smoke": [(48, 1003)]}[mode]
+    logit_impls = {"ttl": cross_entropy, "torch": lambda x, t: F.cross_entropy(x.float(), t),
+                   "compile": torch.compile(cross_entropy_reference),
+                   "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t, None)))}
     for tokens, vocab in logit_sizes:
-        impls = {"ttl": cross_entropy, "torch": lambda x, t: F.cross_entropy(x.float(), t),
-                 "compile": compiled(cross_entropy_reference),
-                 "liger": liger_ce and (lambda x, t: loss_only(liger_ce(x, t, None)))}
 
         def make_logits():
             x = torch.randn(tokens, vocab, device=device, dtype=dtype, requires_grad=True)
             return x, torch.randint(0, vocab, (tokens,), device=device)
 
         logits_bytes = tokens * vocab * dtype.itemsize  # fwd reads the logits, bwd writes their gradient
-        measure(results, impls, make_logits, (0, 1), {"tokens": tokens, "vocab": vocab, "on_logits": True}, dtype,
+        measure(results, logit_impls, make_logits, (0, 1), {"tokens": tokens, "vocab": vocab, "on_logits": True}, dtype,
                 logits_bytes, logits_bytes)
 
 
@@ -275,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dev = open_device("bench_kernels", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    compile_once_per_width()
     status = 0
     for family in args.only or FAMILIES:
         results = Results(family, args.out, dev)

@@ -3,8 +3,10 @@
   python scripts/check_goals.py benchmarks/results/<gpu-name> [--json FILE]
 
 Reads the `rms_norm`, `rotary`, `cross_entropy`, `attention`, `train` and `generate` results a GPU run wrote
-and prints, per goal, the figure measured, the target and whether it was met ("not measured" when the run
-lacks the shape or the baseline the goal compares against, e.g. Liger-Kernel not installed). Every figure
+and prints, per goal, the figure measured, the target and whether it was met: "no" as soon as one measured
+shape misses, "yes" only when every shape the goal names was measured for ttl and for every baseline it
+compares against, else "not measured" (a time limit cut the run, a measurement failed, Liger-Kernel was not
+installed), with what is missing beside the figure. Every figure
 comes from one run, so ratios compare implementations measured side by side. Exits 0 whatever the verdicts:
 the table is for `benchmarks/README.md` and the notes, not a gate.
 """
@@ -32,43 +34,72 @@ class Verdict:
     met: bool | None  # None: not measured
 
 
-def load_rows(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Rows of every results JSON in `folder`, by benchmark name (bf16 rows only: the goals are bf16)."""
+def load_rows(folder: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """Rows of every results JSON in `folder`, by benchmark name (bf16 rows only: the goals are bf16), and
+    the measurements each recorded as failed (profiles aside: a failed profile loses no figure)."""
     if not folder.is_dir():
         raise TTLError(f"no results folder {folder}")
-    rows = {}
+    rows, failures = {}, {}
     for path in sorted(folder.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise TTLError(f"{path} is not valid JSON ({e})") from None
-        rows[data.get("benchmark", path.stem)] = [r for r in data.get("rows", []) if r.get("dtype") == "bf16"]
+        name = data.get("benchmark", path.stem)
+        rows[name] = [r for r in data.get("rows", []) if r.get("dtype") == "bf16"]
+        failures[name] = [f for f in data.get("failures", []) if not f.get("profile")]
     if not rows:
         raise TTLError(f"{folder} holds no benchmark results (*.json)")
-    return rows
+    return rows, failures
 
 
 def select(rows: list[dict], impl: str, pass_: str, where: Callable[[dict], bool] = lambda shape: True) -> list[dict]:
     return [r for r in rows if r["impl"] == impl and r["pass"] == pass_ and where(r["shape"])]
 
 
-def fraction_goal(goal: str, rows: list[dict], pass_: str, where: Callable[[dict], bool], floor: float) -> Verdict:
-    """The lowest fraction of the measured peak over ttl's rows of `pass_` that `where` selects."""
+def covers(shape: dict, required: dict) -> bool:
+    """Whether a measured shape is the required one (which names only the keys the goal fixes)."""
+    return all(shape.get(k) == v for k, v in required.items())
+
+
+def gaps(rows: list[dict], failures: list[dict], impls: tuple[str, ...], pass_: str,
+         required: list[dict]) -> str:
+    """'' when every implementation has a row at every required shape, else what is missing (and why, when
+    the run recorded the measurement as failed), as a note for the measured column."""
+    lost = []
+    for shape in required:
+        absent = []
+        for impl in impls:
+            if not any(covers(r["shape"], shape) for r in select(rows, impl, pass_)):
+                failed = [f["error"] for f in failures if f.get("impl") == impl and covers(f.get("shape", {}), shape)]
+                absent.append(impl + (f" (failed: {failed[0][:60]})" if failed else ""))
+        if absent:
+            lost.append(f"{shape_text(shape)}: {', '.join(absent)}")
+    return f"; not measured: {'; '.join(lost)}" if lost else ""
+
+
+def fraction_goal(goal: str, rows: list[dict], failures: list[dict], pass_: str, where: Callable[[dict], bool],
+                  floor: float, required: list[dict]) -> Verdict:
+    """The lowest fraction of the measured peak over ttl's rows of `pass_` that `where` selects. Missed as
+    soon as one row misses; met only when every `required` shape was measured."""
+    target = f">= {floor:.0%}"
     chosen = select(rows, "ttl", pass_, where)
+    missing = gaps(rows, failures, ("ttl",), pass_, required)
     if not chosen:
-        return Verdict(goal, "-", f">= {floor:.0%}", None)
+        return Verdict(goal, "-" + missing, target, None)
     worst = min(chosen, key=lambda r: r["frac_of_peak"])
-    return Verdict(goal, f"{worst['frac_of_peak']:.1%} (worst: {shape_text(worst['shape'])})", f">= {floor:.0%}",
-                   worst["frac_of_peak"] >= floor)
+    met = False if worst["frac_of_peak"] < floor else None if missing else True
+    return Verdict(goal, f"{worst['frac_of_peak']:.1%} (worst: {shape_text(worst['shape'])}){missing}", target, met)
 
 
-def speed_ratio_goal(goal: str, rows: list[dict], pass_: str, where: Callable[[dict], bool],
-                     baselines: tuple[str, ...], ties_allowed: bool = False) -> Verdict:
+def speed_ratio_goal(goal: str, rows: list[dict], failures: list[dict], pass_: str, where: Callable[[dict], bool],
+                     baselines: tuple[str, ...], required: list[dict], ties_allowed: bool = False) -> Verdict:
     """ttl faster than every baseline on every selected shape (or as fast, with `ties_allowed`): the worst
-    ratio of ttl's time to the fastest baseline's on the same shape. A baseline with no row at all (not
-    installed, say) leaves the goal not measured, though the ratio against the others is still shown."""
+    ratio of ttl's time to the fastest baseline's on the same shape. Missed as soon as one shape misses;
+    met only when ttl and every baseline were measured at every `required` shape (a baseline that is not
+    installed leaves the goal not measured, though the ratio against the others is shown)."""
     target = f"{'<=' if ties_allowed else '<'} 1.00x of the fastest baseline"
-    missing = [b for b in baselines if not select(rows, b, pass_, where)]
+    missing = gaps(rows, failures, ("ttl", *baselines), pass_, required)
     worst, worst_shape = 0.0, None
     for r in select(rows, "ttl", pass_, where):
         best = min((b["ms"] for name in baselines for b in select(rows, name, pass_) if b["shape"] == r["shape"]),
@@ -76,40 +107,48 @@ def speed_ratio_goal(goal: str, rows: list[dict], pass_: str, where: Callable[[d
         if best is not None and r["ms"] / best > worst:
             worst, worst_shape = r["ms"] / best, r["shape"]
     if worst_shape is None:
-        return Verdict(goal, "-", target, None)
-    measured = f"{worst:.2f}x (worst: {shape_text(worst_shape)})" + (f"; {', '.join(missing)} not measured"
-                                                                      if missing else "")
-    return Verdict(goal, measured, target, None if missing else worst <= 1.0 if ties_allowed else worst < 1.0)
+        return Verdict(goal, "-" + missing, target, None)
+    missed = worst > 1.0 if ties_allowed else worst >= 1.0
+    return Verdict(goal, f"{worst:.2f}x (worst: {shape_text(worst_shape)}){missing}", target,
+                   False if missed else None if missing else True)
 
 
 def shape_text(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items() if k != "unfused_logits_grad_mb")
 
 
-def judge(rows: dict[str, list[dict]]) -> list[Verdict]:
+def judge(rows: dict[str, list[dict]], failures: dict[str, list[dict]]) -> list[Verdict]:
+    """Every goal of issue 10, each with the shapes it names (at the goals' 16k rows or tokens)."""
     norm, rotary = rows.get("rms_norm", []), rows.get("rotary", [])
     ce, attention = rows.get("cross_entropy", []), rows.get("attention", [])
     train, gen = rows.get("train", []), rows.get("generate", [])
+    failed = lambda name: failures.get(name, [])  # noqa: E731
     large_norm = lambda s: 2048 <= s["hidden"] <= 8192 and s["rows"] >= 16384  # noqa: E731
-    goal_ce = lambda s: (s.get("tokens"), s.get("hidden"), s.get("vocab")) == (16384, 4096, 128256)  # noqa: E731
-    goal_attention = lambda s: s["seq"] == 2048 and s["head_dim"] == 64 and s["causal"]  # noqa: E731
+    norm_at = lambda hiddens: [{"rows": 16384, "hidden": h, "residual": False} for h in hiddens]  # noqa: E731
+    goal_ce = {"tokens": 16384, "hidden": 4096, "vocab": 128256}
+    goal_attention = {"seq": 2048, "head_dim": 64, "causal": True}
     verdicts = [
-        fraction_goal("RMSNorm fwd, hidden 2048-8192, >= 16k rows: fraction of copy bandwidth", norm, "fwd",
-                      large_norm, 0.90),
-        fraction_goal("RMSNorm fwd+bwd, same shapes", norm, "fwd+bwd", large_norm, 0.80),
+        fraction_goal("RMSNorm fwd, hidden 2048-8192, >= 16k rows: fraction of copy bandwidth", norm,
+                      failed("rms_norm"), "fwd", large_norm, 0.90, norm_at((2048, 4096, 8192))),
+        fraction_goal("RMSNorm fwd+bwd, same shapes", norm, failed("rms_norm"), "fwd+bwd", large_norm, 0.80,
+                      norm_at((2048, 4096, 8192))),
     ]
     for pass_ in ("fwd", "fwd+bwd"):
         verdicts.append(speed_ratio_goal(f"RMSNorm {pass_}, hidden 768-16384: ttl time / fastest baseline", norm,
-                                         pass_, lambda s: 768 <= s["hidden"] <= 16384, RMS_NORM_BASELINES))
-    verdicts.append(fraction_goal("Rotary fwd+bwd, >= 16k tokens: fraction of copy bandwidth", rotary, "fwd+bwd",
-                                  lambda s: s["tokens"] >= 16384, 0.85))
+                                         failed("rms_norm"), pass_, lambda s: 768 <= s["hidden"] <= 16384,
+                                         RMS_NORM_BASELINES, norm_at((768, 1024, 2048, 4096, 8192, 16384))))
+    verdicts.append(fraction_goal("Rotary fwd+bwd, >= 16k tokens: fraction of copy bandwidth", rotary,
+                                  failed("rotary"), "fwd+bwd", lambda s: s["tokens"] >= 16384, 0.85,
+                                  [{"tokens": 16384, "model": "ttl-160m"}]))
     verdicts.append(fraction_goal("Fused linear CE fwd+bwd, 16k x 4096 x 128256: fraction of bf16 matmul peak", ce,
-                                  "fwd+bwd", goal_ce, 0.65))
-    verdicts.append(flce_memory(ce, goal_ce))
-    verdicts.append(speed_ratio_goal("Fused linear CE fwd+bwd, same shape: ttl time / Liger", ce, "fwd+bwd", goal_ce,
-                                     ("liger",)))
+                                  failed("cross_entropy"), "fwd+bwd", lambda s: covers(s, goal_ce), 0.65, [goal_ce]))
+    verdicts.append(flce_memory(ce, lambda s: covers(s, goal_ce)))
+    verdicts.append(speed_ratio_goal("Fused linear CE fwd+bwd, same shape: ttl time / Liger", ce,
+                                     failed("cross_entropy"), "fwd+bwd", lambda s: covers(s, goal_ce), ("liger",),
+                                     [goal_ce]))
     verdicts.append(speed_ratio_goal("FlashAttention fwd+bwd, seq 2048, d64, causal: ttl time / SDPA flash",
-                                     attention, "fwd+bwd", goal_attention, ("sdpa_flash",), ties_allowed=True))
+                                     attention, failed("attention"), "fwd+bwd", lambda s: covers(s, goal_attention),
+                                     ("sdpa_flash",), [goal_attention], ties_allowed=True))
     verdicts += training_goals(train) + generation_goals(gen)
     return verdicts
 
@@ -177,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", help="one GPU's results folder, e.g. benchmarks/results/nvidia-h200")
     parser.add_argument("--json", help="also write the verdicts to this file")
     args = parser.parse_args(argv)
-    verdicts = judge(load_rows(Path(args.folder)))
+    verdicts = judge(*load_rows(Path(args.folder)))
     print(markdown(verdicts))
     if args.json:
         write_json(Path(args.json), [asdict(v) for v in verdicts])

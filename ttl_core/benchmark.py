@@ -29,6 +29,7 @@ import torch
 from .errors import TTLError
 from .fileio import atomic_write, write_json
 
+PLOT_EVERY_S = 20.0
 ROW_FIELDS = ("impl", "pass", "shape", "dtype", "ms", "gbs", "tflops", "frac_of_peak", "tokens_per_s", "mfu",
               "peak_mem_mb")
 
@@ -154,11 +155,22 @@ class BenchDevice:
         size, n = (2**24, 256) if self.smoke else (2**30, 8192)
         src = torch.randint(0, 255, (size,), dtype=torch.uint8, device=self.device)
         dst = torch.empty_like(src)
-        copy_ms = self.time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
         a, b = (torch.randn(n, n, device=self.device, dtype=torch.bfloat16) for _ in range(2))
+        # half a second of matmuls first: an idle GPU's clocks take a while to reach the rate it sustains,
+        # and a low peak would flatter every fraction measured against it
+        self.keep_busy(lambda: a @ b, 0.0 if self.smoke else 0.5)
+        copy_ms = self.time_ms(lambda: dst.copy_(src), warmup=5, reps=20)
         matmul_ms = self.time_ms(lambda: a @ b, warmup=5, reps=20)
         return BenchDevice(self.device, self.name, self.smoke, 2 * size / (copy_ms * 1e-3) / 1e9,
                            2 * n**3 / (matmul_ms * 1e-3) / 1e12)
+
+    def keep_busy(self, fn: Callable[[], Any], seconds: float) -> None:
+        """Call `fn` for about `seconds` of wall time."""
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for _ in range(10):
+                fn()
+            self.sync()
 
     def describe(self) -> str:
         return f"{self.name}: copy {self.bandwidth_gbs:.0f} GB/s, bf16 matmul {self.bf16_tflops:.1f} TFLOP/s measured"
@@ -230,10 +242,13 @@ class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. the block shapes an autotuner chose
+    last_plot: float = field(default=0.0, init=False)
 
     def add(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows and rewrite the files; the plot too every PLOT_EVERY_S seconds (a time limit's kill
+        leaves a recent one), not every time (a plot takes a fraction of a second)."""
         self.rows += rows
-        self.write(plot=False)
+        self.write(plot=time.monotonic() - self.last_plot >= PLOT_EVERY_S)
 
     def attempt(self, what: dict[str, Any], fn: Callable[[], Any]) -> Any | None:
         """`fn()`, or None after recording its exception with `what` (impl, shape) it was measuring."""
@@ -281,6 +296,7 @@ class Results:
         atomic_write(out / f"{self.benchmark}.csv", write_csv)
         if plot and self.rows:
             _plot(out / f"{self.benchmark}.png", self.benchmark, self.rows, self.plot_metric)
+            self.last_plot = time.monotonic()
         return out / f"{self.benchmark}.json"
 
 
