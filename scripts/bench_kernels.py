@@ -30,7 +30,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48, 80)}
 
 
-GOAL_ROWS = 16384  # the row count the speed goals name (issue 10); measured first
+GOAL_ROWS = 16384  # the row count the speed goals name (benchmarks/README.md); measured first
 
 
 def liger(module: str, name: str):
@@ -278,7 +278,7 @@ def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None
                 logits_bytes, logits_bytes)
 
 
-# in the order of the speed goals (issue 10), so a run cut short by a time limit loses the least
+# in the order of the speed goals (benchmarks/README.md), so a run cut short by a time limit loses the least
 FAMILIES = {"rms_norm": bench_rms_norm, "rotary": bench_rotary, "cross_entropy": bench_cross_entropy,
             "swiglu": bench_swiglu}
 

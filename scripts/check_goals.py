@@ -1,4 +1,4 @@
-"""Judge one GPU's benchmark results against the speed goals of issue 10, as a Markdown table.
+"""Judge one GPU's benchmark results against ttl's speed goals (benchmarks/README.md), as a Markdown table.
 
   python scripts/check_goals.py benchmarks/results/<gpu-name> [--json FILE]
 
@@ -118,7 +118,7 @@ def shape_text(shape: dict) -> str:
 
 
 def judge(rows: dict[str, list[dict]], failures: dict[str, list[dict]]) -> list[Verdict]:
-    """Every goal of issue 10, each with the shapes it names (at the goals' 16k rows or tokens)."""
+    """Every speed goal, each with the shapes it names (at the goals' 16k rows or tokens)."""
     norm, rotary = rows.get("rms_norm", []), rows.get("rotary", [])
     ce, attention = rows.get("cross_entropy", []), rows.get("attention", [])
     train, gen = rows.get("train", []), rows.get("generate", [])

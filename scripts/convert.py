@@ -3,15 +3,31 @@
   python scripts/convert.py --from-hf HF_DIR OUT_DIR [--dtype bfloat16]
   python scripts/convert.py --to-hf SRC_DIR OUT_DIR [--dtype float32] [--max-shard-size 2GB]
 
-Either direction reads both layouts; only safetensors are ever read.
+Either direction reads both layouts; only safetensors are ever read. The source's tokenizer (tokenizer.model
+or tokenizer.json) is written beside the weights in transformers' files, so the output is a whole checkpoint;
+one ttl cannot read is left out with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ttl_core.cli import run_cli
+from ttl_core.errors import TokenizerError
 from ttl_core.hf import DTYPES, load_pretrained, save_native, save_pretrained
+from ttl_core.tokenizer import Tokenizer
+
+
+def source_tokenizer(src: str) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None (with a note) when it has none or one ttl does not read."""
+    if not any((Path(src) / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        return None
+    try:
+        return Tokenizer.from_pretrained(src)
+    except TokenizerError as e:
+        print(f"note: the tokenizer is not copied ({e})")
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (default 2GB)")
     args = parser.parse_args(argv)
     model = load_pretrained(args.src, dtype=args.dtype)
+    tokenizer = source_tokenizer(args.src)
     if args.to_hf:
-        save_pretrained(model, args.out, max_shard_size=args.max_shard_size)
+        save_pretrained(model, args.out, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
     else:
         save_native(model, args.out, max_shard_size=args.max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
     params = model.num_parameters()
     print(f"wrote {model.architecture} ({params:,} parameters, {model.backbone.embed.weight.dtype}) to {args.out}")
     return 0

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.2)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.2)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling options ignored)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling options ignored; the repetition penalty still applies)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",

@@ -8,10 +8,14 @@
 # step cut off still leaves what it measured and the next step still runs. The limits fit the device
 # tool's 10-minute call. Optional wheels (liger-kernel, flash-attn) found in .whl/ are installed first, so
 # the benchmarks can compare against them. Results land in OUTDIR/results.tgz (<gpu>/<benchmark>.*) and are
-# also copied into benchmarks/results/ of the checkout; OUTDIR/goals.md judges them against issue 10's goals
+# also copied into benchmarks/results/ of the checkout; OUTDIR/goals.md judges them against the speed goals
 # (rewritten after every benchmark, so it holds what a cut-off call measured).
 set -uo pipefail
-OUT=${1:?usage: scripts/gpu_suite.sh OUTDIR [--quick]}
+case "${1:-}" in
+  -h|--help|"") sed -n '2,12p' "$0" | cut -c3-; exit 0 ;;
+  -*) echo "error: OUTDIR may not start with '-' (got $1)" >&2; exit 2 ;;
+esac
+OUT=$1
 QUICK=${2:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1

@@ -4,7 +4,7 @@
   torchrun --nproc_per_node 8 scripts/pretrain.py --config configs/ttl-160m.toml --data DATA --out RUN --device cuda
 
 Without --data (and no [data] path in the config) the bundled Portuguese sample corpus is prepared into
-RUN/data first. Writes RUN/metrics.jsonl, RUN/checkpoints/step-N (HF format, loadable by transformers and
+RUN/data first. Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
 `ttl_core.load_pretrained`), RUN/loss.png, and prints a sample generation from the final model.
 """
 

@@ -21,7 +21,7 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-# Tolerances of shared/README's standard: relative error against a float64 truth computed from the same inputs.
+# The project's tolerances: relative error against a float64 truth computed from the same inputs.
 REL_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import ttl_core
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.hf import DTYPES
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
@@ -87,6 +88,9 @@ def test_resharding_replaces_stale_shards(tmp_path):
 def test_native_layout_round_trip_and_convert_script(tmp_path):
     hf = hf_causal_lm()
     _saved(hf, tmp_path / "hf")
+    texts = [f"o menino {i} foi para a escola com seu cachorro número {i * 7}." for i in range(60)]
+    tokenizer = train_tokenizer(texts, None, vocab_size=300)
+    tokenizer.save_pretrained(tmp_path / "hf")
     run = run_script("convert", "--from-hf", tmp_path / "hf", tmp_path / "native", "--dtype", "bfloat16")
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "native" / "ttl_config.json").exists()
@@ -98,6 +102,9 @@ def test_native_layout_round_trip_and_convert_script(tmp_path):
     back = read_all(tmp_path / "back")
     for key, tensor in read_all(tmp_path / "hf").items():
         assert torch.equal(back[key], tensor.to(torch.bfloat16).float()), key
+    # the tokenizer travels with the weights, both ways, so each output is a whole checkpoint
+    for out in ("native", "back"):
+        assert Tokenizer.from_pretrained(tmp_path / out).encode(texts[3]) == tokenizer.encode(texts[3])
 
 
 

@@ -150,7 +150,7 @@ def test_cuda_graph_timing_captures_forward_and_backward():
 
 
 def test_goal_table_judges_each_goal_from_one_run(tmp_path):
-    """check_goals reads a GPU run's results and judges each goal of issue 10: met only when every shape it
+    """check_goals reads a GPU run's results and judges each speed goal: met only when every shape it
     names was measured, missed as soon as one measured shape misses, else not measured (the run lacks the
     baseline, e.g. Liger not installed, or a shape: cut off by a time limit, or failed)."""
     def result(name, rows, failures=()):

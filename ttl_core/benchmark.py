@@ -2,7 +2,7 @@
 
 Every figure is reported against peaks measured in the same run (a large device-to-device copy for
 bandwidth, a large bf16 matmul for throughput), never against datasheet numbers. Results go to
-`benchmarks/results/<gpu-name>/<benchmark>.{json,csv,png}` in the format of shared/DESIGN.md.
+`benchmarks/results/<gpu-name>/<benchmark>.{json,csv,png}` in the format benchmarks/README.md describes.
 
 GPU time is scarce, so a benchmark must not lose a run to one bad measurement or a time limit: `Results`
 rewrites its files after every addition and records a failed measurement instead of stopping. `--smoke`

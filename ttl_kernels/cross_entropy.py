@@ -27,7 +27,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
 REDUCTIONS = ("mean", "sum", "none")
-BLOCK_V = 4096  # vocabulary columns per loop iteration; a starting point for GPU tuning (issue 10)
+BLOCK_V = 4096  # vocabulary columns per loop iteration; a starting point for GPU tuning
 
 
 def cross_entropy_reference(

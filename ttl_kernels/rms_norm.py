@@ -21,7 +21,7 @@ if HAVE_TRITON:
 
 # One tile is ROWS x BLOCK_N elements. Small hidden sizes put several rows in a tile so each program moves
 # enough bytes; warps grow with the tile to keep 8..32 values per thread (the backward, which also holds
-# a dW accumulator row, gets up to twice the warps). Starting points for tuning on the GPU (issue 10), not
+# a dW accumulator row, gets up to twice the warps). Starting points for tuning on the GPU, not
 # measured optima.
 TILE_ELEMENTS = 4096
 # The largest hidden size accepted. Rows live in registers: the backward holds whole rows without spilling up

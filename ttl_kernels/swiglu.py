@@ -20,7 +20,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-BLOCK = 1024  # elements per program; a starting point for tuning on the GPU (issue 10)
+BLOCK = 1024  # elements per program; a starting point for tuning on the GPU
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
