@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,8 @@ def test_saved_classifier_matches_transformers_and_pipeline(news_run):
 
 
 def test_regression_reports_pearson_and_mse_of_the_saved_model(base_dir, tmp_path):
+    """Sentence pairs (STS): the metrics are those of the saved model, whose predictions transformers' pipeline
+    reproduces from the text `sentence1 + "<s>" + sentence2 + "</s>"`."""
     train, evals = SAMPLE_DATA / "sts_pt_train.csv", SAMPLE_DATA / "sts_pt_eval.csv"
     result = finetune_classifier(base_dir, train, evals, tmp_path, STS, FinetuneConfig(**{**FAST, "epochs": 1}),
                                  verbose=False)
@@ -95,6 +98,11 @@ def test_regression_reports_pearson_and_mse_of_the_saved_model(base_dir, tmp_pat
     target = np.array([t for _, t in examples])
     assert result.best["pearson"] == pytest.approx(np.corrcoef(pred, target)[0, 1], abs=1e-5)
     assert result.best["mse"] == pytest.approx(np.mean((pred - target) ** 2), rel=1e-5)
+    # a pair's text form reproduces ttl's predictions in transformers' pipeline
+    transformers = pytest.importorskip("transformers")
+    regress = transformers.pipeline("text-classification", model=str(result.checkpoint), device="cpu")
+    texts = [r["sentence1"] + "<s>" + r["sentence2"] + "</s>" for _, r in read_task_file(evals)]
+    assert np.abs(np.array([out["score"] for out in regress(texts)]) - pred).max() <= 1e-5
 
 
 def test_float16_fine_tuning_scales_its_loss(base_dir, tmp_path, monkeypatch):
@@ -156,13 +164,43 @@ def test_task_file_formats_and_text_building(base_dir, tmp_path):
         assert [r for _, r in read_task_file(tmp_path / f"t.{suffix}")] == rows
     tok = Tokenizer.from_pretrained(base_dir)
     assert encode_example(tok, ["a b", "c"], False, 256) == tok.encode("a b\n\nc", add_bos=True)
-    pair = encode_example(tok, ["O gato.", "O cão."], True, 256)
-    assert pair == ([tok.bos_id] + tok.encode("O gato.", add_bos=False) + [tok.bos_id]
-                    + tok.encode("O cão.", add_bos=False) + [tok.eos_id])
+    assert encode_example(tok, ["O gato.", "O cão."], True, 256) == tok.encode("O gato.<s>O cão.</s>", add_bos=True)
     assert len(encode_example(tok, ["palavra " * 100], False, 16)) == 16
     # labels given as names or as class ids; sorted when not given
     spec = TaskSpec(["title", "text"], "label", labels=["A", "B"])
     assert [label for _, label in load_task(tmp_path / "t.csv", tok, spec, ["A", "B"], 64)] == [1, 0]
+
+
+def test_sentence_pairs_are_the_ids_transformers_gives_their_text(base_dir, tmp_path):
+    """A pair is what AutoTokenizer makes of `first + "<s>" + second + "</s>"`, the text a transformers user
+    passes to the saved classifier: the second sentence, after a special token, has no "▁" word prefix. Too
+    long a pair loses tokens from its longer sentence first, as transformers' longest_first truncation cuts a
+    pair, and keeps both `<s>` and the final `</s>`."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.tokenization_python import PythonBackend
+
+    tok = Tokenizer.from_pretrained(base_dir)
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    pairs = [("O gato dorme.", "O cão late."), ("Ação, emoção e coração", "Não há previsão é"),
+             (" Espaço antes", "  dois espaços"), ("Em 2023 choveu 145 mm.", "3,5 graus às 7h"), ("a", "b"),
+             ("sem ponto", "▁com o prefixo"), ("", "só a segunda"), ("só a primeira", "")]
+    for first, second in pairs:
+        assert encode_example(tok, [first, second], True, 256) == hf(first + "<s>" + second + "</s>")["input_ids"]
+    longest_first = PythonBackend.truncate_sequences  # transformers' own rule, on token lists
+    for first, second in [("Era uma vez " * 6, "O fim."), ("Curta.", "Uma frase longa com 12 palavras " * 3),
+                          ("Primeira frase longa " * 5, "Segunda frase longa " * 5)]:
+        full = hf(first + "<s>" + second + "</s>")["input_ids"]
+        sep = full.index(tok.bos_id, 1)
+        head, tail = full[1:sep], full[sep + 1:-1]
+        for max_length in (3, 4, 9, 12, 13, len(full) - 1, len(full)):
+            ids = encode_example(tok, [first, second], True, max_length)
+            cut_head, cut_tail, _ = longest_first(types.SimpleNamespace(truncation_side="right"), head, tail,
+                                                  len(full) - max_length, "longest_first")
+            assert ids == [tok.bos_id, *cut_head, tok.bos_id, *cut_tail, tok.eos_id], (first, max_length)
+            assert len(ids) == max_length
+    with pytest.raises(ConfigError, match="max_length .* 2 leaves no room for a sentence pair's"):
+        encode_example(tok, ["a", "b"], True, 2)
 
 
 def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):

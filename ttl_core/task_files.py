@@ -1,9 +1,10 @@
 """Labelled task files for fine-tuning: CSV, TSV or JSON lines in (no pandas), token ids and labels out.
 
 The text of an example is built from one or more fields (AgNews: `title + "\\n\\n" + text`) or, for sentence
-pairs as in ASSIN2, `<s>` premise `<s>` hypothesis `</s>`. Labels are names from a fixed or discovered set,
-integer class ids, or (regression) finite numbers. Every problem is a DataError or ConfigError naming the
-file and line.
+pairs as in ASSIN2, `<s>` premise `<s>` hypothesis `</s>`: the ids transformers' tokenizer gives the text
+`premise + "<s>" + hypothesis + "</s>"`, which is the string to pass to the saved classifier in transformers.
+Labels are names from a fixed or discovered set, integer class ids, or (regression) finite numbers. Every
+problem is a DataError or ConfigError naming the file and line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class TaskSpec:
 
     text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
     label_field: str = "label"
-    pair: bool = False  # two text fields joined as `<s>` first `<s>` second `</s>`
+    pair: bool = False  # two text fields as `<s>` first `<s>` second `</s>` (see encode_example)
     regression: bool = False
     labels: list[str] | None = None
 
@@ -103,15 +104,24 @@ def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> A
 
 
 def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_length: int) -> list[int]:
-    """Token ids of one example, truncated to `max_length`. Several fields are joined by a blank line
-    (AgNews: title, blank line, text) and encoded with BOS; a pair is BOS first BOS second EOS."""
-    if pair:
-        first, second = texts
-        ids = ([tokenizer.bos_id] + tokenizer.encode(first, add_bos=False) + [tokenizer.bos_id]
-               + tokenizer.encode(second, add_bos=False) + [tokenizer.eos_id])
-    else:
-        ids = tokenizer.encode("\n\n".join(texts), add_bos=True)
-    return ids[:max_length]
+    """Token ids of one example, at most `max_length`. Several fields are joined by a blank line (AgNews: title,
+    blank line, text), encoded with BOS and cut at `max_length`. A sentence pair is the ids transformers'
+    tokenizer gives the text `first + "<s>" + second + "</s>"` (BOS added; the second sentence, following a
+    special token, gets no "▁" word prefix), which is what a transformers user passes to the saved classifier
+    to reproduce ttl's predictions. Too long a pair is cut as transformers' `longest_first` cuts a pair (the
+    longer sentence loses its last token until both fit); the three special tokens always stay."""
+    if not pair:
+        return tokenizer.encode("\n\n".join(texts), add_bos=True)[:max_length]
+    if max_length < 3:
+        raise ConfigError(f"max_length (--max-length) {max_length} leaves no room for a sentence pair's <s> <s> </s>")
+    first, second = texts
+    head = tokenizer.encode(first, add_bos=False)
+    # the second sentence is encoded after its `<s>`, as in the whole text, so it gets no "▁" prefix (transformers
+    # prepends one only at the start of the text); that `<s>` id is then dropped
+    tail = tokenizer.encode(tokenizer.id_to_token(tokenizer.bos_id) + second, add_bos=False)[1:]
+    while len(head) + len(tail) > max_length - 3:  # the longer loses a token, the second on a tie
+        (head if len(head) > len(tail) else tail).pop()
+    return [tokenizer.bos_id, *head, tokenizer.bos_id, *tail, tokenizer.eos_id]
 
 
 def _sort_key(value: str) -> tuple[int, float | str]:
