@@ -5,9 +5,9 @@
       [--pair] [--regression] [--lora]
 
 Defaults reproduce the TeenyTinyLlama-160m-AgNews recipe (lr 4e-5, batch 16, 3 epochs, weight decay 0.01,
-max_length 256) on the bundled Portuguese news sample. Task files are CSV, TSV or JSON lines. The best
-epoch's model goes to OUT/best: a transformers checkpoint with id2label/label2id and the tokenizer, which
-`pipeline("text-classification", model="OUT/best")` loads (with --pair, give it the text
+max_length 256) on the bundled Portuguese news sample. Task files are CSV, TSV, JSON lines or a .json array
+of objects. The best epoch's model goes to OUT/best: a transformers checkpoint with id2label/label2id and the
+tokenizer, which `pipeline("text-classification", model="OUT/best")` loads (with --pair, give it the text
 `first + "<s>" + second + "</s>"`: ttl encodes a pair as transformers encodes that string). With --lora it is
 a PEFT adapter over BASE_DIR (its score head included), for `ttl_core.load_adapter` or PEFT on BASE_DIR
 loaded as a classifier with the same number of labels; --merge-lora saves a full checkpoint instead.

@@ -3,11 +3,12 @@
   python scripts/finetune_instruct.py --model BASE_DIR [--data FILE.jsonl] [--format aira|alpaca]
       [--eval FILE.jsonl] [--train-on-inputs] [--no-lora | --merge-lora] [--out DIR]
 
-Records hold `instruction` (or `prompt`), an optional `input`, and `output` (or `response`/`completion`);
-the default data is the bundled set of Portuguese pairs. The loss covers the response only unless
---train-on-inputs. Aira's special tokens are added (and the embeddings resized) when the model lacks them.
-LoRA is on by default (r 8, alpha 16, dropout 0.05 on q_proj/v_proj); OUT/best then holds a PEFT adapter
-plus the tokenizer, or the merged model with --merge-lora, or the full model with --no-lora.
+Instruction files are JSON lines, a .json array of objects (as Alpaca-PTBR ships) or CSV/TSV. Records hold
+`instruction` (or `prompt`), an optional `input`, and `output` (or `response`/`completion`); the default data
+is the bundled set of Portuguese pairs. The loss covers the response only unless --train-on-inputs. Aira's
+special tokens are added (and the embeddings resized) when the model lacks them. LoRA is on by default (r 8,
+alpha 16, dropout 0.05 on q_proj/v_proj); OUT/best then holds a PEFT adapter plus the tokenizer, or the
+merged model with --merge-lora, or the full model with --no-lora.
 """
 
 from __future__ import annotations

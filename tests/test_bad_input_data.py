@@ -4,6 +4,7 @@ TTLError naming the file or argument, never a traceback from deep inside numpy, 
 import argparse
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -302,6 +303,26 @@ def test_csv_quotes(tmp_path):
     path.write_text('a,b,label\nu,v,A\na,b,"X\nc,d,Y\n')
     with pytest.raises(DataError, match=r"t\.csv:3: malformed CSV: .*\(a quote opened here is never closed\)"):
         read_task_file(path)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ('[\n  {"text": "a", "label": "A"},\n  ["b", "B"]\n]', 3, "expected a JSON object per array element, got list"),
+    ('[\n  {"text": "a", "label": "A"},\n  "b"\n]', 3, "expected a JSON object per array element, got str"),
+    ('[\n  {"text": "a", "label": "A"},\n  {"text": "b",\n   "label" "B"}\n]', 3,
+     r"malformed JSON in the array element starting on this line \(Expecting ':' delimiter on line 4\)"),
+    ('[{"text": "a", "label": "A"},\n{"text": "b", "label": "B"},\n]', 3, r"malformed JSON .*\(Expecting value"),
+    ('[{"text": "a", "label": "A"}\n {"text": "b", "label": "B"}]', 2, "expected ',' or ']' after an array element"),
+    ('[{"text": "a", "label": "A"}', 1, "expected ',' or ']' after an array element"),
+    ('[{"text": "a", "label": "A"}]\n\n[]', 3, r"text after the top-level array"),
+])
+def test_bad_json_array_task_files_name_file_and_line(tmp_path, text, line, message):
+    """A `.json` file holding one array of objects is read element by element: a bad element is named by the
+    line it starts on, in one line."""
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        read_task_file(path)
+    assert re.match(rf"{re.escape(str(path))}:{line}: .*{message}", one_line(e)), one_line(e)
 
 
 # --- metrics --------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from ttl_core.errors import CheckpointError, ConfigError, DataError
 from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, collate, finetune_classifier,
                                predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
-from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
+from ttl_core.instruct import (add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct,
+                               instruction_rows)
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec, encode_example, label_value, load_task, read_task_file, task_labels
 from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
@@ -201,6 +202,29 @@ def test_sentence_pairs_are_the_ids_transformers_gives_their_text(base_dir, tmp_
             assert len(ids) == max_length
     with pytest.raises(ConfigError, match="max_length .* 2 leaves no room for a sentence pair's"):
         encode_example(tok, ["a", "b"], True, 2)
+
+
+def test_a_json_array_file_gives_the_rows_of_its_json_lines(tmp_path):
+    """A `.json` task or instruction file may be one array of objects (Alpaca-PTBR's layout): its rows are
+    those of the same records as JSON lines, numbered by the line each element starts on; a `.json` file
+    that is not an array is still JSON lines."""
+    records = [{"instruction": "Traduza \"gato\".", "input": "", "output": "cat"},
+               {"instruction": "Some 2 e 3.", "input": "números\nnaturais", "output": "5"},
+               {"instruction": "Diga oi.", "input": "", "output": "Oi!"}]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    (tmp_path / "i.json").write_text("\n" + json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "compact.json").write_text(json.dumps(records), encoding="utf-8")
+    (tmp_path / "lines.json").write_text((tmp_path / "i.jsonl").read_text(), encoding="utf-8")
+    (tmp_path / "empty.json").write_text(" [ ]\n")
+    expected = [r for _, r in read_task_file(tmp_path / "i.jsonl")]
+    for name in ("i.json", "compact.json", "lines.json"):
+        assert [r for _, r in read_task_file(tmp_path / name)] == expected == records, name
+    assert [n for n, _ in read_task_file(tmp_path / "i.json")] == [3, 8, 13]  # where each element starts
+    assert [n for n, _ in read_task_file(tmp_path / "compact.json")] == [1, 1, 1]
+    assert [row[1:] for row in instruction_rows(tmp_path / "i.json")] == [
+        (r["instruction"], r["input"], r["output"]) for r in records]
+    with pytest.raises(DataError, match=r"empty\.json: no examples"):
+        read_task_file(tmp_path / "empty.json")
 
 
 def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):

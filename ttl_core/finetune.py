@@ -2,8 +2,8 @@
 
 The default recipe is TeenyTinyLlama-160m-AgNews's: lr 4e-5, batch 16, 3 epochs, weight decay 0.01,
 max_length 256, dynamic padding with the model's pad id, evaluation each epoch, best checkpoint kept.
-Task files (CSV, TSV or JSON lines) are read by `ttl_core.task_files`. One label (`regression=True`) makes an
-STS-style regressor scored by Pearson correlation and MSE.
+Task files (CSV, TSV, JSON lines or a JSON array) are read by `ttl_core.task_files`. One label
+(`regression=True`) makes an STS-style regressor scored by Pearson correlation and MSE.
 The optimizer, schedule and update step are the pretraining loop's (`ttl_core.train`).
 """
 

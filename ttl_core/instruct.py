@@ -39,7 +39,8 @@ def _pick(record: dict[str, Any], names: tuple[str, ...], path: Path, number: in
 
 
 def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
-    """(line, instruction, input, response) for each record of a JSON-lines (or CSV/TSV) file."""
+    """(line, instruction, input, response) for each record of a JSON-lines file, a `.json` array of objects
+    (Alpaca-PTBR's layout) or a CSV/TSV file."""
     path = Path(path)
     rows: list[Row] = read_task_file(path)
     out = []

@@ -1,4 +1,5 @@
-"""Labelled task files for fine-tuning: CSV, TSV or JSON lines in (no pandas), token ids and labels out.
+"""Labelled task files for fine-tuning: CSV, TSV, JSON lines or a JSON array in (no pandas), token ids and
+labels out.
 
 The text of an example is built from one or more fields (AgNews: `title + "\\n\\n" + text`) or, for sentence
 pairs as in ASSIN2, `<s>` premise `<s>` hypothesis `</s>`: the ids transformers' tokenizer gives the text
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import json_objects
+from .data import json_array_objects, json_objects
 from .errors import ConfigError, DataError
 from .tokenizer import Tokenizer
 
@@ -56,7 +57,9 @@ Row = tuple[int, dict[str, Any]]  # (line number in the file, fields)
 
 
 def read_task_file(path: str | Path) -> list[Row]:
-    """The rows of a CSV (header line first), TSV or JSON-lines file, each with the line it ends on."""
+    """The rows of a CSV (header line first), TSV or JSON-lines file, each with the line it ends on, or of a
+    `.json` file holding one array of objects (its first non-blank character is `[`), each with the line it
+    starts on; any other `.json` file is read as JSON lines."""
     path = Path(path)
     if path.suffix.lower() not in TASK_SUFFIXES:
         raise DataError(f"{path}: unsupported task file type; use one of {', '.join(TASK_SUFFIXES)}")
@@ -67,7 +70,9 @@ def read_task_file(path: str | Path) -> list[Row]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows: list[Row] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        rows.extend(json_array_objects(path, text))
+    elif path.suffix.lower() in (".jsonl", ".json"):
         rows.extend(json_objects(path, enumerate(text.splitlines(), 1)))
     else:
         rows.extend(_csv_rows(path, text))
