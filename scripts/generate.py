@@ -2,12 +2,18 @@
 
   python scripts/generate.py --model DIR --prompt "Qual é a capital do Brasil?" [--chat aira|alpaca]
   python scripts/generate.py --model DIR --chat aira --interactive
+  python scripts/generate.py --model runs/finetune-instruct/best --chat aira --prompt "..." [--base BASE_DIR]
 
 Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
 0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
 the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
 the answer. `--interactive` keeps a conversation in that format, one turn per input line, until the model's
 context is full (an empty line or end of input quits).
+
+--model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
+model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
+the adapter's vocabulary when fine-tuning added tokens, and the adapter merged into it, so decoding runs at
+the base's speed; the tokenizer is the one saved beside the adapter.
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ from ttl_core.errors import GenerationError
 from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, checked_device, load_pretrained
+from ttl_core.lora import is_adapter_dir, load_with_adapter
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.tokenizer import AIRA_END, Tokenizer, chat_prompt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint directory (ttl or Hugging Face layout)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (ttl or Hugging Face layout) or PEFT adapter directory")
+    parser.add_argument("--base", help="base model directory of an adapter --model (default: the one it names)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--prompt", help="text to continue (in chat mode: the first question)")
     parser.add_argument("--input", default="", help="extra context for --prompt, in the --chat format (Alpaca's `### Entrada:`)")
@@ -98,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = checked_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    model = load_pretrained(args.model, dtype=dtype, device=device)
+    if is_adapter_dir(args.model):
+        model = load_with_adapter(args.model, base=args.base, dtype=dtype, device=device)
+    elif args.base is not None:
+        raise GenerationError(f"--base is for an adapter --model; {args.model} holds no adapter_config.json")
+    else:
+        model = load_pretrained(args.model, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)

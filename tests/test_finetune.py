@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 import types
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import run_script
 from ttl_core.config import LlamaConfig
-from ttl_core.errors import CheckpointError, ConfigError, DataError
+from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataError
 from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, collate, finetune_classifier,
                                predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
@@ -379,6 +381,46 @@ def test_aira_tuning_is_seeded_stops_at_end_of_completion_and_pads_without_a_pad
 
 
 # --- scripts ---------------------------------------------------------------------------------------------
+
+def test_generate_script_runs_an_instruction_adapter_merged_into_its_base(base_dir, tmp_path):
+    """scripts/generate.py --model on the PEFT adapter finetune_instruct saves: the base it names, grown to the
+    adapter's vocabulary (Aira's tokens), with the adapter merged, streams what ttl_core.generate gives on
+    that merged model; --base finds a base that moved; a missing base or a classifier's adapter is one line."""
+    import ttl_core
+    from ttl_core.lora import load_adapter, load_with_adapter, merge_lora
+
+    base = Path(shutil.copytree(base_dir, tmp_path / "base"))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:4]))
+    cfg = FinetuneConfig(lr=1e-2, batch_size=4, epochs=1, max_length=128, lora=True)
+    finetune_instruct(base, data, tmp_path / "run", "aira", cfg, verbose=False)
+    adapter = tmp_path / "run" / "best"
+    assert not (adapter / "config.json").exists()
+    tok = Tokenizer.from_pretrained(adapter)
+    merged = load_pretrained(base)
+    merged.resize_token_embeddings(tok.vocab_size)
+    merge_lora(load_adapter(merged, adapter))
+    question = "Qual é a capital do Brasil?"
+    ids = tok.encode(chat_prompt("aira", question))
+    out = ttl_core.generate(merged, torch.tensor([ids]), max_new_tokens=12, repetition_penalty=1.2,
+                            eos_token_id=[tok.eos_id, tok.token_to_id("<|endofcompletion|>")], pad_token_id=tok.pad_id)
+    expected = tok.decode(out[0, len(ids):].tolist()) + "\n"
+    args = ["--prompt", question, "--chat", "aira", "--greedy", "--max-new-tokens", "12", "--device", "cpu"]
+    run = run_script("generate", "--model", adapter, *args)
+    assert run.returncode == 0 and run.stdout == expected, run.stderr
+
+    moved = base.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError) as e:
+        load_with_adapter(adapter)
+    assert str(e.value) == (f"{base}: no such base model directory (base_model_name_or_path in "
+                            f"{adapter / 'adapter_config.json'}; give its new place)")
+    run = run_script("generate", "--model", adapter, "--base", moved, *args)
+    assert run.returncode == 0 and run.stdout == expected, run.stderr
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(adapter))}: a SEQ_CLS adapter, not a causal LM's"):
+        load_with_adapter(adapter, base=moved)
+
 
 @pytest.mark.parametrize("script", ["finetune_classifier", "finetune_benchmark", "finetune_instruct"])
 def test_scripts_help(script):

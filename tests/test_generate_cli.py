@@ -150,6 +150,13 @@ def test_a_bad_device_or_a_classifier_is_a_one_line_error(checkpoint, tmp_path):
         f"error: {tmp_path} holds a LlamaForSequenceClassification; generation needs a LlamaForCausalLM"]
 
 
+def test_base_is_only_for_an_adapter_model(checkpoint):
+    """--base names the base model of a PEFT adapter --model; beside a full checkpoint it would be ignored."""
+    path = checkpoint[0]
+    with pytest.raises(GenerationError, match=rf"^--base is for an adapter --model; {path} holds no adapter_config"):
+        load_script().main(["--model", str(path), "--base", str(path), "--prompt", "oi", "--device", "cpu"])
+
+
 def test_input_without_a_chat_format_is_a_usage_error(checkpoint, capsys):
     """--input is context for --prompt inside a chat format; without one it used to be dropped silently."""
     script = load_script()

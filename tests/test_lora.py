@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import AdapterError, CheckpointError
-from ttl_core.lora import (apply_lora, load_adapter, lora_parameters, merge_lora, merged_weights, save_adapter,
-                           unload_lora, unmerge_lora)
+from ttl_core.lora import (apply_lora, load_adapter, load_with_adapter, lora_layers, lora_parameters, merge_lora,
+                           merged_weights, save_adapter, unload_lora, unmerge_lora)
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -215,7 +215,8 @@ def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, valu
 
 def test_peft_adapter_with_saved_embedding_layers_loads(tmp_path):
     """PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
-    loads them into the base; ttl does the same once the vocabulary is resized to match."""
+    loads them into the base; ttl does the same once the vocabulary is resized to match, and
+    `load_with_adapter` resizes the base itself and merges the adapter into it."""
     hf = hf_causal_lm()
     hf.resize_token_embeddings(135, mean_resizing=False)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
@@ -233,6 +234,12 @@ def test_peft_adapter_with_saved_embedding_layers_loads(tmp_path):
     x = ids(vocab=135)
     with torch.no_grad():
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() <= 1e-5
+    with pytest.raises(AdapterError, match="no base_model_name_or_path; give the base model's directory"):
+        load_with_adapter(tmp_path / "adapter")  # PEFT records no name for a model built in memory
+    merged = load_with_adapter(tmp_path / "adapter", base=tmp_path / "base")
+    assert merged.config.vocab_size == 135 and not lora_layers(merged)
+    with torch.no_grad():
+        assert (merged(x).logits - theirs(input_ids=x).logits).abs().max() <= 1e-5
 
 
 def test_loading_for_inference_turns_dropout_off(tmp_path):

@@ -5,13 +5,14 @@ base weight under its usual name and adds, for each targeted slice of its output
 `B (A dropout(x)) * scale`. A fused projection (qkv, gate_up) thus adapts `q_proj` and `v_proj` (or any
 subset) independently, exactly as PEFT adapts the separate HF projections. The mapping between ttl's
 modules and HF names comes from `ttl_core.hf.hf_plan`, and PEFT's key names are derived from it.
+`load_with_adapter` turns an adapter directory into a ready causal LM: its base, resized and merged.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import AdapterError, is_integer, is_number
+from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
-from .hf import hf_plan
+from .hf import hf_plan, load_pretrained
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -321,24 +322,30 @@ def _read_adapter_config(directory: Path) -> dict:
     return config
 
 
+def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """PEFT key -> `read(file, key)` for each tensor of the adapter's weights file (`get_tensor`, or a shape from
+    the header alone), the adapter name PEFT may leave in a key ("default") taken out."""
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
+    try:
+        with safe_open(directory / WEIGHTS_FILE, "pt") as f:
+            found = {key: read(f, key) for key in f.keys()}
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
+    return {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v for k, v in found.items()}
+
+
 def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | Path,
                  is_trainable: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Apply the LoRA adapter saved at `path` (ours or PEFT's) to a model without adapters. With
     `is_trainable=False` the adapter is frozen too (inference); returns the model."""
     directory = Path(path)
     config = _read_adapter_config(directory)
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
     saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     targets=config["target_modules"], use_rslora=config.get("use_rslora", False),
                     modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False))
-    try:
-        with safe_open(directory / WEIGHTS_FILE, "pt") as f:
-            found = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for truncated or foreign files
-        raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
-    found = {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v for k, v in found.items()}
+    found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:
         expected = _adapter_shapes(model, settings)
     except AdapterError as e:
@@ -372,3 +379,39 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
             param.requires_grad_(False)
         model.eval()
     return model
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a PEFT adapter directory (it holds adapter_config.json) rather than a checkpoint."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_with_adapter(path: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                      device: str | torch.device | None = None) -> LlamaForCausalLM:
+    """The causal LM that the PEFT adapter directory `path` makes of its base, for inference: the base
+    (`base`, else adapter_config.json's `base_model_name_or_path`) loaded in `dtype` on `device`, its
+    vocabulary grown to the embedding rows the adapter saves when fine-tuning added tokens (Aira's), the
+    adapter loaded and merged into the base weights, so the model runs at the base's speed. Use it with the
+    tokenizer saved in the adapter directory. A missing base directory, or an adapter that is not a causal
+    LM's (a classifier's), is a one-line error naming the path."""
+    directory = Path(path)
+    config = _read_adapter_config(directory)
+    if config.get("task_type") not in (None, TASK_TYPES["LlamaForCausalLM"]):
+        raise AdapterError(f"{directory}: a {config['task_type']} adapter, not a causal LM's (task_type CAUSAL_LM)")
+    named = base is None  # the base is the one the adapter names
+    base = config.get("base_model_name_or_path") if named else base
+    if named and not (isinstance(base, str) and base):
+        raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
+    if not Path(base).is_dir():
+        where = f" (base_model_name_or_path in {directory / CONFIG_FILE}; give its new place)" if named else ""
+        raise CheckpointError(f"{base}: no such base model directory{where}")
+    model = load_pretrained(base, dtype=dtype, device=device)
+    if not isinstance(model, LlamaForCausalLM):
+        raise AdapterError(f"{base}: holds a {model.architecture}; the adapter {directory} needs a LlamaForCausalLM")
+    embeddings = set(_modules_to_save_params(model, ["embed_tokens", "lm_head"]).values())
+    shapes = _read_adapter_weights(directory, lambda f, key: f.get_slice(key).get_shape())
+    rows = max((shape[0] for key, shape in shapes.items() if key in embeddings), default=0)
+    if rows > model.config.vocab_size:  # load_adapter then loads the saved rows into the grown tables
+        model.resize_token_embeddings(rows)
+    load_adapter(model, directory)
+    return unload_lora(model)
