@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataErro
 from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, collate, finetune_classifier,
                                predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
+from ttl_core.metrics import read_metrics
 from ttl_core.instruct import (add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct,
                                instruction_rows)
 from ttl_core.model import LlamaForCausalLM
@@ -227,6 +229,43 @@ def test_a_json_array_file_gives_the_rows_of_its_json_lines(tmp_path):
         (r["instruction"], r["input"], r["output"]) for r in records]
     with pytest.raises(DataError, match=r"empty\.json: no examples"):
         read_task_file(tmp_path / "empty.json")
+
+
+@pytest.mark.parametrize("kind", ["classifier", "instruct"])
+def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, monkeypatch, kind):
+    """2 accumulated batches of 4 give the first update the gradient one batch of 8 gives: the mean over all
+    examples (classifier) or over all target tokens (instruction tuning, whose batches hold different token
+    counts, so a mean of batch means would differ). Later updates are compared through Adam, which turns
+    rounding noise on near-zero gradients into lr-sized steps, so only the first one is exact."""
+    import ttl_core.finetune as finetune
+
+    lines = (NEWS_TRAIN if kind == "classifier" else SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines()
+    data = tmp_path / ("few.csv" if kind == "classifier" else "few.jsonl")
+    data.write_text("\n".join(lines[:21 if kind == "classifier" else 20]) + "\n")  # 20 examples: a short last batch
+    first_grads, losses = [], []
+    real_update = finetune.optimizer_update
+
+    def recording_update(model, optimizer, train_cfg, lr, scaler=None):
+        if len(first_grads) < len(losses) + 1:
+            first_grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real_update(model, optimizer, train_cfg, lr, scaler)
+
+    monkeypatch.setattr(finetune, "optimizer_update", recording_update)
+    for batch, accum in ((8, 1), (4, 2)):
+        cfg = FinetuneConfig(lr=3e-3, batch_size=batch, grad_accum_steps=accum, epochs=1, max_length=96)
+        out = tmp_path / f"b{batch}"
+        if kind == "classifier":
+            finetune_classifier(base_dir, data, data, out, NEWS, cfg, verbose=False)
+        else:
+            finetune_instruct(base_dir, data, out, "alpaca", replace(cfg, lora=False, max_length=512), verbose=False)
+        records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        assert [r["step"] for r in records] == [1, 2, 3]  # 3 updates either way
+        losses.append(records[0]["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    whole, accumulated = first_grads
+    assert whole.keys() == accumulated.keys()
+    for name, grad in whole.items():
+        assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
 
 
 def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):

@@ -10,6 +10,7 @@ The optimizer, schedule and update step are the pretraining loop's (`ttl_core.tr
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ class FinetuneConfig:
 
     lr: float = 4e-5
     batch_size: int = 16
+    grad_accum_steps: int = 1  # batches per optimizer step
     epochs: int = 3
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -61,6 +63,7 @@ class FinetuneConfig:
         checks = {
             "lr": (real(self.lr) and self.lr > 0, "a finite number > 0"),
             "batch_size": (is_integer(self.batch_size) and self.batch_size >= 1, "an integer >= 1"),
+            "grad_accum_steps": (is_integer(self.grad_accum_steps) and self.grad_accum_steps >= 1, "an integer >= 1"),
             "epochs": (is_integer(self.epochs) and self.epochs >= 1, "an integer >= 1"),
             "weight_decay": (real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
             "warmup_steps": (is_integer(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
@@ -96,7 +99,11 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     """The command-line options shared by the fine-tuning scripts, with `defaults` shown in --help."""
     group = parser.add_argument_group("training")
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="examples per forward pass (default %(default)s)")
+    group.add_argument("--grad-accum-steps", type=int, default=defaults.grad_accum_steps,
+                       help="batches per optimizer step: the effective batch is batch size x this (default "
+                            "%(default)s)")
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
     group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
@@ -123,7 +130,8 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """The `FinetuneConfig` that `add_finetune_args` options describe."""
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, weight_decay=args.weight_decay,
+    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
+                          epochs=args.epochs, weight_decay=args.weight_decay,
                           warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed,
                           device=args.device, dtype=args.dtype, lora=args.lora, lora_r=args.lora_r,
                           lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -266,29 +274,35 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
 
 
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
-                 loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], log: MetricsLog,
-                 after_epoch: Callable[[int, int], None]) -> None:
+                 loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], weight_fn: Callable[[dict], int],
+                 log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
-    and clipped update; `loss_fn(model, batch)` gives each batch's mean loss, `after_epoch(epoch, step)`
-    evaluates and saves. Each step is logged to metrics.jsonl."""
+    and clipped update, one update per `cfg.grad_accum_steps` batches; `loss_fn(model, batch)` gives a
+    batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
+    update's gradient is that of the mean over all items of its batches, as one large batch would give.
+    `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl."""
     device = cfg.torch_device()
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    train_cfg = cfg.train_config(steps_per_epoch * cfg.epochs)
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    train_cfg = cfg.train_config(math.ceil(batches_per_epoch / cfg.grad_accum_steps) * cfg.epochs)
     optimizer = build_optimizer(model, train_cfg, device)
     # fp16 gradients of small losses underflow without loss scaling, as in pretraining
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
     model.train()
     step = 0
     for epoch in range(1, cfg.epochs + 1):
-        for batch in shuffled_batches(examples, cfg.batch_size, cfg.seed * 1000 + epoch, collate_fn):
+        batches = shuffled_batches(examples, cfg.batch_size, cfg.seed * 1000 + epoch, collate_fn)
+        while window := list(itertools.islice(batches, cfg.grad_accum_steps)):
             step += 1
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, cfg.dtype):
-                loss = loss_fn(model, batch)
-            loss_value = loss.item()
+            weights = [weight_fn(batch) for batch in window]
+            loss_value = 0.0
+            for batch, weight in zip(window, weights):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, cfg.dtype):
+                    loss = loss_fn(model, batch) * (weight / sum(weights))
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_value += loss.item()
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
-            (scaler.scale(loss) if scaler else loss).backward()
             lr = lr_at(step, train_cfg)
             grad_norm = optimizer_update(model, optimizer, train_cfg, lr, scaler)
             log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
@@ -344,7 +358,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
 
     try:
         train_epochs(model, train_examples, cfg, lambda b: collate(b, model.config.pad_token_id),
-                     classifier_loss, log, after_epoch)
+                     classifier_loss, lambda batch: len(batch["labels"]), log, after_epoch)
     finally:
         log.close()
     write_json(out_dir / "results.json", {"train": str(train_file), "eval": str(eval_file), "labels": labels,

@@ -129,6 +129,11 @@ def build_instruction_data(path: str | Path, tokenizer: Tokenizer, chat_format: 
 
 
 @torch.no_grad()
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The tokens a causal-LM batch's loss averages over: labels other than -100 after the one-token shift."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def lm_eval_loss(model: LlamaForCausalLM, examples: list, batch_size: int, pad_id: int,
                  device: torch.device) -> float:
     """Mean loss per response token over `examples`."""
@@ -139,7 +144,7 @@ def lm_eval_loss(model: LlamaForCausalLM, examples: list, batch_size: int, pad_i
         batch = {k: v.to(device) for k, v in collate_lm(examples[start:start + batch_size], pad_id).items()}
         out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], loss_reduction="sum")
         total += out.loss.item()
-        count += int((batch["labels"][:, 1:] != -100).sum())
+        count += target_tokens(batch)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -194,7 +199,8 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
         return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
 
     try:
-        train_epochs(model, train_examples, cfg, lambda b: collate_lm(b, pad_id), lm_loss, log, after_epoch)
+        train_epochs(model, train_examples, cfg, lambda b: collate_lm(b, pad_id), lm_loss, target_tokens, log,
+                     after_epoch)
     finally:
         log.close()
     summary = {"data": str(data_file), "format": chat_format, "added_tokens": added,
