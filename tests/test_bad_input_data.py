@@ -296,6 +296,19 @@ def test_empty_text_fields_option_is_refused(tmp_path):
                                                           "names, got []")
 
 
+def test_tsv_fields_may_start_with_a_quote(tmp_path):
+    """Unquoted TSV (most TSV files) reads a field that starts with '"' as text; quoted TSV (as pandas writes
+    it) keeps its quoted newlines; a file that is neither stays an error naming the line."""
+    path = tmp_path / "t.tsv"
+    path.write_text('title\ttext\tlabel\n"Lula" visita Paris\tO presidente "viajou".\tMUNDO\nx\ty\tESPORTES\n')
+    assert [r["title"] for _, r in read_task_file(path)] == ['"Lula" visita Paris', "x"]
+    path.write_text('title\ttext\tlabel\n"duas\nlinhas"\ty\tMUNDO\n')
+    assert [r["title"] for _, r in read_task_file(path)] == ["duas\nlinhas"]
+    path.write_text('title\ttext\tlabel\n"aberta\ty\tMUNDO\nx\ty\n')
+    with pytest.raises(DataError, match=r"t\.tsv:2: malformed TSV"):
+        read_task_file(path)
+
+
 def test_csv_quotes(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text('a,b,label\nx,"duas\nlinhas",A\nc,d,B\n')

@@ -74,18 +74,28 @@ def read_task_file(path: str | Path) -> list[Row]:
         rows.extend(json_array_objects(path, text))
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows.extend(json_objects(path, enumerate(text.splitlines(), 1)))
+    elif path.suffix.lower() == ".tsv":
+        try:
+            rows.extend(_csv_rows(path, text, csv.QUOTE_MINIMAL))
+        except DataError as quoted:
+            # many TSV files never quote: a field that merely starts with '"' ("Lula" visita Paris) is text
+            try:
+                rows = list(_csv_rows(path, text, csv.QUOTE_NONE))
+            except DataError:
+                raise quoted from None
     else:
-        rows.extend(_csv_rows(path, text))
+        rows.extend(_csv_rows(path, text, csv.QUOTE_MINIMAL))
     if not rows:
         raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
     return rows
 
 
-def _csv_rows(path: Path, text: str) -> Iterator[Row]:
-    """The rows of a CSV/TSV text. Newlines inside quoted fields are kept, and parsing is strict, so an
-    unterminated quote is an error instead of one field swallowing the rest of the file."""
+def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
+    """The rows of a CSV/TSV text. With quoting, newlines inside quoted fields are kept, and parsing is
+    strict, so an unterminated quote is an error instead of one field swallowing the rest of the file."""
     kind = "TSV" if path.suffix.lower() == ".tsv" else "CSV"
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "TSV" else ",", strict=True)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "TSV" else ",", strict=True,
+                            quoting=quoting)
     done = 0  # the line the last complete row (or the header) ended on
     try:
         reader.fieldnames  # reads the header
