@@ -3,14 +3,15 @@
   python scripts/bench_kernels.py [--only rms_norm rotary swiglu cross_entropy] [--quick] [--dtype bfloat16] [--out DIR]
 
 For each kernel family, the forward (as in training: inputs require grad; for the fused linear
-cross-entropy, whose training forward already computes both gradients, the loss alone under no_grad, as in
-evaluation) and the forward + backward, over rows (tokens) 4096..65536, the goals' shapes first: median ms of CUDA graph replays (kernel time without the host's Python and
-launch overhead; CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move
-(counted per family below; every implementation is charged the same bytes, so GB/s compares like ms does),
-that as a fraction of the copy bandwidth measured in the same run (for the matmul-bound fused linear
-cross-entropy: TFLOP/s as a fraction of the measured bf16 matmul rate), and peak extra memory. Prints a table and
-writes benchmarks/results/<gpu>/<family>.{json,csv,png}, rewritten after every shape. Needs CUDA; `--quick`
-runs a few sizes only; `--smoke` checks the harness at toy sizes (on the CPU with TRITON_INTERPRET=1).
+cross-entropy, whose training forward already computes both gradients, the loss alone, as in evaluation:
+no_grad on inputs that do not require grad) and the forward + backward, over rows (tokens) 4096..65536, the
+goals' shapes first: median ms of CUDA graph replays (kernel time without the host's Python and launch
+overhead; CUDA events, L2 flushed), GB/s of the bytes a fused kernel must move (counted per family below;
+every implementation is charged the same bytes, so GB/s compares like ms does), that as a fraction of the
+copy bandwidth measured in the same run (for the matmul-bound fused linear cross-entropy: TFLOP/s as a
+fraction of the measured bf16 matmul rate), and peak extra memory. Prints a table and writes
+benchmarks/results/<gpu>/<family>.{json,csv,png}, rewritten after every shape. Needs CUDA; `--quick` runs a
+few sizes only; `--smoke` checks the harness at toy sizes (on the CPU with TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def goal_rows_first(mode: str) -> tuple[int, ...]:
 def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape: dict, dtype: torch.dtype,
                 fwd_bytes: int, bwd_bytes: int, fwd_flops: float, bwd_flops: float,
                 untimed_graphs: list[dict], forward_grad: bool = True) -> list[dict]:
-    """Rows for one implementation's forward (under no_grad when not `forward_grad`) and forward + backward
+    """Rows for one implementation's forward (without `forward_grad`: under no_grad, on detached inputs, as an
+    evaluation gives them; Liger decides from `requires_grad` whether to compute gradients) and forward + backward
     (gradients of the inputs that require grad), timed as CUDA graph replays (kernel time, no host
     overhead; a pass that cannot be captured is timed as it is and listed in `untimed_graphs`). With FLOP
     counts (matmul-bound kernels) the fraction of peak is of the measured matmul rate, otherwise of the
@@ -69,9 +71,13 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
     outs = fn(*tensors)
     grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
+    detached = tuple(t.detach() for t in tensors)
+
     def forward():
-        with torch.set_grad_enabled(forward_grad):
+        if forward_grad:
             return fn(*tensors)
+        with torch.no_grad():
+            return fn(*detached)
 
     def forward_backward():
         result = fn(*tensors)
@@ -258,8 +264,8 @@ def bench_cross_entropy(mode: str, dtype: torch.dtype, results: Results) -> None
                  "unfused_logits_grad_mb": round(unfused_bytes / 2**20, 1)}
         # bytes: hidden and weight read, gradients written; the logits themselves never reach memory
         tensor_bytes = (tokens + vocab) * hidden * dtype.itemsize
-        # the fwd row is the loss alone (no_grad): with grad, ttl's and Liger's forward already computes
-        # both gradients (all 6·N·d·V FLOPs), so a 2·N·d·V charge would read 3x low
+        # the fwd row is the loss alone (no_grad, detached inputs): with grad, ttl's and Liger's forward already
+        # computes both gradients (all 6·N·d·V FLOPs), so a 2·N·d·V charge would read 3x low
         measure(results, impls, make_inputs, (0, 2), shape, dtype, tensor_bytes, tensor_bytes, fwd_flops=flops,
                 bwd_flops=2 * flops, forward_grad=False)
     logit_sizes = {"full": [(t, v) for v in (32000, 128256) for t in (4096, 16384)], "quick": [(8192, 128256)],

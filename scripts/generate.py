@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", help="base model directory of an adapter --model (default: the one it names)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--prompt", help="text to continue (in chat mode: the first question)")
-    parser.add_argument("--input", default="", help="extra context for --prompt, in the --chat format (Alpaca's `### Entrada:`)")
+    parser.add_argument("--input", default="",
+                        help="extra context for --prompt, in the --chat format (Alpaca's `### Entrada:`)")
     parser.add_argument("--chat", choices=("aira", "alpaca"), help="wrap prompts in this chat format")
     parser.add_argument("--interactive", action="store_true", help="keep a conversation going from stdin")
     parser.add_argument("--max-new-tokens", type=int, default=150)
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.2)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.2)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling options ignored; the repetition penalty still applies)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding (sampling options ignored; the repetition penalty still applies)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",

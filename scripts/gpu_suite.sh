@@ -12,7 +12,8 @@
 # (rewritten after every benchmark, so it holds what a cut-off call measured).
 set -uo pipefail
 case "${1:-}" in
-  -h|--help|"") sed -n '2,12p' "$0" | cut -c3-; exit 0 ;;
+  -h|--help) sed -n '2,12p' "$0" | cut -c3-; exit 0 ;;
+  "") echo "usage: scripts/gpu_suite.sh OUTDIR [--quick]" >&2; exit 2 ;;
   -*) echo "error: OUTDIR may not start with '-' (got $1)" >&2; exit 2 ;;
 esac
 OUT=$1

@@ -17,7 +17,7 @@ from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerEr
 from ttl_core.finetune import FinetuneConfig, add_finetune_args, config_from_args, finetune_classifier, start_lora
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.instruct import add_chat_tokens, finetune_instruct
-from ttl_core.metrics import plot_metrics, read_metrics
+from ttl_core.metrics import MetricsLog, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_benchmark import read_task_list
 from ttl_core.task_files import TaskSpec, read_task_file
@@ -364,6 +364,12 @@ def test_bad_metrics_files(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.5}\n')
     with pytest.raises(DataError, match=r"metrics\.jsonl:2: a record without a numeric 'step'"):
         read_metrics(run / "metrics.jsonl")
+    with pytest.raises(DataError):  # resuming needs the history it continues ...
+        MetricsLog(run, resume_step=1)
+    log = MetricsLog(run)  # ... a fresh run replaces it, broken or not
+    log.log({"step": 1, "loss": 3.0})
+    log.close()
+    assert read_metrics(run / "metrics.jsonl") == [{"step": 1, "loss": 3.0}]
 
 
 def test_byte_order_mark_is_no_part_of_the_first_document(tmp_path):

@@ -233,46 +233,57 @@ def test_a_json_array_file_gives_the_rows_of_its_json_lines(tmp_path):
 
 @pytest.mark.parametrize("kind", ["classifier", "instruct"])
 def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, monkeypatch, kind):
-    """2 accumulated batches of 4 give the first update the gradient one batch of 8 gives: the mean over all
-    examples (classifier) or over all target tokens (instruction tuning, whose batches hold different token
-    counts, so a mean of batch means would differ). Later updates are compared through Adam, which turns
-    rounding noise on near-zero gradients into lr-sized steps, so only the first one is exact."""
+    """2 accumulated batches of 4 give each update the gradient one batch of 8 gives, the short last one
+    included: the mean over all examples (classifier) or over all target tokens (instruction tuning, whose
+    batches hold different token counts, so a mean of batch means would differ). The update itself is
+    skipped (the gradients recorded and dropped), so the weights stay put and every update compares exactly;
+    evaluation runs without autograd."""
     import ttl_core.finetune as finetune
 
     lines = (NEWS_TRAIN if kind == "classifier" else SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines()
     data = tmp_path / ("few.csv" if kind == "classifier" else "few.jsonl")
     data.write_text("\n".join(lines[:21 if kind == "classifier" else 20]) + "\n")  # 20 examples: a short last batch
-    first_grads, losses = [], []
-    real_update = finetune.optimizer_update
+    grads: dict[int, list] = {}
 
     def recording_update(model, optimizer, train_cfg, lr, scaler=None):
-        if len(first_grads) < len(losses) + 1:
-            first_grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real_update(model, optimizer, train_cfg, lr, scaler)
+        grads[current].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        optimizer.zero_grad(set_to_none=True)
+        return 0.0
 
+    eval_grad_modes = []
     monkeypatch.setattr(finetune, "optimizer_update", recording_update)
-    for batch, accum in ((8, 1), (4, 2)):
-        cfg = FinetuneConfig(lr=3e-3, batch_size=batch, grad_accum_steps=accum, epochs=1, max_length=96)
-        out = tmp_path / f"b{batch}"
+    losses = {}
+    for current, accum in ((8, 1), (4, 2)):
+        grads[current] = []
+        cfg = FinetuneConfig(lr=3e-3, batch_size=current, grad_accum_steps=accum, epochs=1, max_length=96)
+        out = tmp_path / f"b{current}"
         if kind == "classifier":
             finetune_classifier(base_dir, data, data, out, NEWS, cfg, verbose=False)
         else:
-            finetune_instruct(base_dir, data, out, "alpaca", replace(cfg, lora=False, max_length=512), verbose=False)
+            handle = torch.nn.modules.module.register_module_forward_pre_hook(
+                lambda module, args: eval_grad_modes.append(torch.is_grad_enabled()) if not module.training else None)
+            try:
+                finetune_instruct(base_dir, data, out, "alpaca", replace(cfg, lora=False, max_length=512),
+                                  eval_file=data, verbose=False)
+            finally:
+                handle.remove()
         records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
         assert [r["step"] for r in records] == [1, 2, 3]  # 3 updates either way
-        losses.append(records[0]["loss"])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    whole, accumulated = first_grads
-    assert whole.keys() == accumulated.keys()
-    for name, grad in whole.items():
-        assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
+        losses[current] = [r["loss"] for r in records]
+    assert losses[4] == pytest.approx(losses[8], rel=1e-6)
+    for whole, accumulated in zip(grads[8], grads[4], strict=True):
+        assert whole.keys() == accumulated.keys()
+        for name, grad in whole.items():
+            assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
+    if kind == "instruct":
+        assert eval_grad_modes and not any(eval_grad_modes)
 
 
 def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
     path = tmp_path / "t.csv"
     assert label_value("1", ["neg", "pos"], path, 2) == 1  # ids stand for names
     assert label_value("2", ["0", "2"], path, 2) == 1  # the name "2", not class id 2
-    for raw, labels in (("1", ["0", "2"]), ("0", ["1", "2", "3"])):  # an unseen value, not another class
+    for raw, labels in (("1", ["0", "2"]), ("0", ["1", "2", "3"]), ("²", ["neg", "pos"])):  # unseen, not a class
         with pytest.raises(DataError, match=rf"t\.csv:2: unknown label '{raw}'"):
             label_value(raw, labels, path, 2)
     path.write_text("title,text,label\na,b,pos\nc,d, \n")

@@ -102,7 +102,8 @@ def test_lr_schedule_is_transformers_cosine_after_the_warmup(warmup, min_lr):
         optimizer.step()
         schedule.step()
     assert lr_at(12, t) > min_lr
-    one_step = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_steps=0", "train.max_steps=1"]).train
+    one_step = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_steps=0",
+                                      "train.max_steps=1"]).train
     assert lr_at(1, one_step) == 1.0
 
 

@@ -275,7 +275,8 @@ _TTL_COMMON: dict[str, Any] = dict(
     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
 )
 
-# Published TeenyTinyLlama shapes (the model cards on the Hugging Face Hub); `tiny` is sized for CPU training in minutes.
+# Published TeenyTinyLlama shapes (the model cards on the Hugging Face Hub); `tiny` is sized for CPU training
+# in minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "ttl-160m": dict(_TTL_COMMON, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                      num_attention_heads=12, num_key_value_heads=12),

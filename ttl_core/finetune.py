@@ -107,7 +107,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
     group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                       help="linear warmup, then cosine decay to 0 (default %(default)s)")
+                       help="optimizer steps of linear warmup, then cosine decay to 0 (default %(default)s)")
     group.add_argument("--max-length", type=int, default=defaults.max_length,
                        help="truncate examples to this many tokens (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
@@ -294,13 +294,14 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
         while window := list(itertools.islice(batches, cfg.grad_accum_steps)):
             step += 1
             weights = [weight_fn(batch) for batch in window]
-            loss_value = 0.0
+            window_loss = torch.zeros((), device=device)
             for batch, weight in zip(window, weights):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(device, cfg.dtype):
                     loss = loss_fn(model, batch) * (weight / sum(weights))
                 (scaler.scale(loss) if scaler else loss).backward()
-                loss_value += loss.item()
+                window_loss += loss.detach().float()
+            loss_value = window_loss.item()  # one host sync per update
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
             lr = lr_at(step, train_cfg)

@@ -74,7 +74,8 @@ def add_chat_tokens(tokenizer: Tokenizer, model: LlamaForCausalLM, chat_format: 
 
 def stop_at_end_of_completion(model: LlamaForCausalLM, tokenizer: Tokenizer) -> None:
     """Aira answers end with `<|endofcompletion|>`, never with `</s>`: add it to the EOS ids of the
-    generation_config.json the checkpoint is saved with, so transformers' `generate()` stops there too."""
+    generation_config.json a full or merged checkpoint is saved with, so transformers' `generate()` stops
+    there too (a PEFT adapter carries no generation config; scripts/generate.py --chat aira stops there)."""
     settings = dict(model.generation_config or {})
     eos = settings.get("eos_token_id", model.config.eos_token_id)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -128,12 +129,12 @@ def build_instruction_data(path: str | Path, tokenizer: Tokenizer, chat_format: 
     return out
 
 
-@torch.no_grad()
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """The tokens a causal-LM batch's loss averages over: labels other than -100 after the one-token shift."""
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+@torch.no_grad()
 def lm_eval_loss(model: LlamaForCausalLM, examples: list, batch_size: int, pad_id: int,
                  device: torch.device) -> float:
     """Mean loss per response token over `examples`."""
@@ -168,7 +169,10 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
         stop_at_end_of_completion(model, tokenizer)
     model.to(device)
     # padded positions are masked out of attention and loss, so any token id pads when none is defined
-    pad_id = next(i for i in (model.config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id) if i is not None and i >= 0)
+    pad_id = next((i for i in (model.config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id)
+                   if i is not None and i >= 0), None)
+    if pad_id is None:
+        raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad or EOS token to pad with")
     train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
     eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
                      if eval_file else None)

@@ -40,7 +40,9 @@ class MetricsLog:
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = False):
         self.path = Path(run_dir) / METRICS_FILE
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if self.path.exists() else []
+        # a fresh run (resume_step 0) replaces whatever an earlier run left, readable or not
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step and self.path.exists() \
+            else []
         atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         self.file = open(self.path, "a", encoding="utf-8")
         self.writer = None

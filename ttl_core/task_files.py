@@ -175,7 +175,8 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> 
         return labels.index(text)
     # an integer class id stands for a label only when no label name reads as a number: with labels {"0", "2"}
     # discovered from the training file, an eval row's "1" is an unknown label, not class "2"
-    if text.isdigit() and int(text) < len(labels) and all(_sort_key(name)[0] == 1 for name in labels):
+    numeric_names = any(_sort_key(name)[0] == 0 for name in labels)
+    if text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names:
         return int(text)
     raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)})")
 

@@ -327,9 +327,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                           f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     if world.is_main:  # micro_batch_size is per process: a recipe's tokens per step multiply with the processes
-        tokens = train.micro_batch_size * train.grad_accum_steps * train.seq_len * world.size
         print(f"{unwrap(model).num_parameters():,} parameters; "
-              f"{tokens:,} tokens per optimizer step ({train.micro_batch_size} x {train.grad_accum_steps} "
+              f"{train.tokens_per_step * world.size:,} tokens per optimizer step ({train.micro_batch_size} x "
+              f"{train.grad_accum_steps} "
               f"x {train.seq_len} x {world.size} process{'es' if world.size > 1 else ''})")
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
