@@ -296,6 +296,12 @@ def test_empty_text_fields_option_is_refused(tmp_path):
                                                           "names, got []")
 
 
+def test_json_lines_keep_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "um\u2028dois", "label": "A"}\r\n{"text": "três", "label": "B"}\n', encoding="utf-8")
+    assert [(n, r["text"]) for n, r in read_task_file(path)] == [(1, "um\u2028dois"), (2, "três")]
+
+
 def test_tsv_fields_may_start_with_a_quote(tmp_path):
     """Unquoted TSV (most TSV files) reads a field that starts with '"' as text; quoted TSV (as pandas writes
     it) keeps its quoted newlines; a file that is neither stays an error naming the line."""

@@ -73,7 +73,9 @@ def read_task_file(path: str | Path) -> list[Row]:
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         rows.extend(json_array_objects(path, text))
     elif path.suffix.lower() in (".jsonl", ".json"):
-        rows.extend(json_objects(path, enumerate(text.splitlines(), 1)))
+        # JSON lines end at "\n" only: splitlines() would also cut at U+2028 inside a string, which JSON
+        # writers with ensure_ascii=False leave raw
+        rows.extend(json_objects(path, enumerate(text.split("\n"), 1)))
     elif path.suffix.lower() == ".tsv":
         try:
             rows.extend(_csv_rows(path, text, csv.QUOTE_MINIMAL))
