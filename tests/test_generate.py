@@ -255,7 +255,7 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(do_sample=True, temperature="0.5"), "temperature must be a number, got '0.5'"),
     (dict(do_sample=True, temperature=1e-39), "temperature 1e-39 is too small to sample with"),
-    (dict(do_sample=True, top_p=None), "top_p must be a number, got None"),
+    (dict(do_sample=True, top_p="0.9"), "top_p must be a number, got '0.9'"),
     (dict(do_sample=True, top_k=True), "top_k must be an integer"),
     (dict(pad_token_id=[3, 4]), "pad_token_id must be one token id"),
     (dict(eos_token_id=torch.tensor([2.0])), "eos_token_id 2.0 is not a token id"),

@@ -74,3 +74,31 @@ def test_sample_follows_the_softmax():
     probs = scores[0].softmax(-1).double()
     assert counts[4] == 0
     assert (counts - probs).abs().max() < 4e-3  # about 4 standard errors at 200k draws
+
+
+def test_decoding_defaults_come_from_the_checkpoint_as_in_transformers(tmp_path):
+    """Settings a call leaves out come from the checkpoint's generation_config.json (a published checkpoint's
+    repetition penalty, length, sampling settings), as transformers' generate() takes them; an id of -1
+    there (old conversions' "none") is no id; a padding id inside a prompt names the mask it was inferred to."""
+    import ttl_core
+    from generation_helpers import PAD, hf_generation_model
+
+    from ttl_core.errors import GenerationError
+
+    hf = hf_generation_model(seed=3)
+    hf.generation_config.repetition_penalty, hf.generation_config.max_new_tokens = 3.0, 12
+    hf.generation_config.pad_token_id = PAD
+    hf.save_pretrained(tmp_path / "m")
+    ours = ttl_core.load_pretrained(tmp_path / "m")
+    ids = torch.tensor([[5, 6, 7, 5, 6]])
+    expected = hf.generate(ids, do_sample=False, eos_token_id=[])
+    assert expected.shape[1] == 5 + 12 and torch.equal(ttl_core.generate(ours, ids, eos_token_id=[]), expected)
+    assert ttl_core.generate(ours, ids, eos_token_id=[], max_new_tokens=3).shape[1] == 8  # the call wins
+    # sampling settings too: top_k 1 leaves one token to sample, the greedy one
+    ours.generation_config = {**ours.generation_config, "do_sample": True, "top_k": 1}
+    assert torch.equal(ttl_core.generate(ours, ids, eos_token_id=[], seed=0), expected)
+    ours.generation_config = {"eos_token_id": -1, "pad_token_id": -1}
+    assert ttl_core.generate(ours, ids, max_new_tokens=4).shape == (1, 9)
+    with pytest.raises(GenerationError, match=r"the attention mask inferred from the padding id 7 in input_ids "
+                                              r"\(pass one\) must be left-padded"):
+        ttl_core.generate(ours, ids, pad_token_id=7, eos_token_id=2, max_new_tokens=4)

@@ -140,6 +140,26 @@ def spm_models(tmp_path_factory):
     return tok, AutoTokenizer.from_pretrained(path / "tokenizer"), hf, ttl_core.load_pretrained(path / "model")
 
 
+def test_streamed_text_is_the_decoded_text_around_skipped_special_tokens(spm_models):
+    """A skipped special token inside a run of byte pieces does not end the run (decode joins the bytes on
+    both sides, and an invalid whole becomes U+FFFD a byte), so the streamer must not emit the run before it;
+    the same holds with a transformers tokenizer, whose pieces come from convert_ids_to_tokens."""
+    ours, theirs, _, _ = spm_models
+    byte = lambda value: ours.token_to_id(f"<0x{value:02X}>")  # noqa: E731
+    special, word = ours.token_to_id("<|endofcompletion|>"), ours.encode("casa", add_bos=False)[0]
+    cases = ([byte(0xC3), byte(0xA9), special, byte(0xC3), word], [byte(0x41), special, byte(0xC3), word],
+             [byte(0xC3), ours.bos_id, byte(0xA9), word], [word, special, byte(0xE2), byte(0x82), byte(0xAC)])
+    for tokenizer in (ours, theirs):
+        for ids in cases:
+            for skip in (True, False):
+                pieces = []
+                streamer = TextStreamer(tokenizer, skip_special_tokens=skip, on_text=pieces.append)
+                for token in ids:
+                    streamer.put([token])
+                streamer.end()
+                assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip), (tokenizer, ids, skip)
+
+
 STOP_CASES = [  # (prompt, stop string): the prompt's greedy continuation is "▁ca t ▁e te <|endofcompletion|> a"
     ("o menino foi para", "ra ca"),  # begins in the prompt, ends within the first new token
     ("o menino foi para", " ca"),  # a leading space, completed by the first new token

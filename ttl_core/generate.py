@@ -25,7 +25,7 @@ import ttl_kernels
 
 from .attention import causal_mask
 from .errors import GenerationError, is_integer
-from .sampling import check_sampling_arguments, process_logits, sample
+from .sampling import check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids
 from .streamer import StopStrings
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
@@ -305,36 +305,6 @@ def _acquire_session(model, key: tuple, build) -> _Session:
     return session
 
 
-def _token_list(ids, name: str, vocab: int) -> list[int]:
-    """`ids` (None, an id or a list of ids, where, as transformers takes them, an id may be a NumPy integer or
-    a 0-d tensor and the list a 1-d tensor or array) as a list of Python ints."""
-    if hasattr(ids, "tolist"):  # torch and NumPy tensors, NumPy scalars
-        ids = ids.tolist()
-    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
-    ids = [i.tolist() if hasattr(i, "tolist") else i for i in ids]
-    for i in ids:
-        if not is_integer(i) or not 0 <= i < vocab:
-            raise GenerationError(f"{name} {i!r} is not a token id in [0, {vocab})")
-    return ids
-
-
-def _special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
-    """(EOS ids, padding id): the arguments where given, else the checkpoint's generation_config.json as
-    transformers reads it (when the model was loaded with one), else the model config's; the padding id
-    falls back to the first EOS id."""
-    config = model.config
-    defaults = model.generation_config
-    if defaults is None:
-        defaults = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
-    eos = _token_list(defaults.get("eos_token_id") if eos_token_id is None else eos_token_id, "eos_token_id",
-                      config.vocab_size)
-    pad = _token_list(defaults.get("pad_token_id") if pad_token_id is None else pad_token_id, "pad_token_id",
-                      config.vocab_size)
-    if len(pad) > 1:
-        raise GenerationError(f"pad_token_id must be one token id, got {pad}")
-    return eos, pad[0] if pad else (eos[0] if eos else None)
-
-
 def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: list[int],
                     pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     config = model.config
@@ -352,11 +322,13 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
     input_ids = input_ids.to(device, torch.long)
     if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
         raise GenerationError(f"input_ids hold ids outside the vocabulary [0, {config.vocab_size})")
+    source = "attention_mask"
     if attention_mask is None:
         if pad is None or pad in eos or not bool((input_ids == pad).any()):
             return input_ids, torch.ones_like(input_ids)
         # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
         attention_mask = (input_ids != pad).long()
+        source = f"the attention mask inferred from the padding id {pad} in input_ids (pass one)"
     if not isinstance(attention_mask, torch.Tensor):
         raise GenerationError(f"attention_mask must be a tensor shaped like input_ids, got a "
                               f"{type(attention_mask).__name__}")
@@ -368,9 +340,9 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
         raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
     empty = (mask.sum(-1) == 0).nonzero()
     if len(empty):
-        raise GenerationError(f"row {empty[0].item()} of attention_mask attends to no token")
+        raise GenerationError(f"row {empty[0].item()} of {source} attends to no token")
     if (mask[:, 1:] < mask[:, :-1]).any():
-        raise GenerationError("attention_mask must be left-padded (padding before the tokens) for generation")
+        raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation")
     return input_ids, mask
 
 
@@ -406,9 +378,10 @@ def _ending(streamer):
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, num_return_sequences: int = 1, seed: int | None = None,
              stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
              cuda_graph: bool = True) -> torch.Tensor:
@@ -418,6 +391,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `pad_token_id`, and no columns after the step where every row had finished.
 
     Greedy unless `do_sample`; the processors and their order are transformers' (see the module docstring).
+    A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json, else
+    from `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, greedy; sampling without top-k, where
+    transformers' default keeps the top 50).
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
     as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
     special tokens as their text), which needs `tokenizer` (see `ttl_core.streamer.StopStrings`).
@@ -430,10 +406,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     call stay with the model (until it is freed or called with other shapes or settings), so a repeated call
     of the same shape allocates and captures nothing."""
     with _ending(streamer):
-        check_sampling_arguments(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
-        eos, pad = _special_tokens(model, eos_token_id, pad_token_id)
+        settings = decoding_settings(model.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repetition_penalty=repetition_penalty)
+        max_new_tokens, do_sample = settings.pop("max_new_tokens"), settings.pop("do_sample")
+        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
+        eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
         if stops is not None and pad is None:
@@ -449,8 +429,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if do_sample and seed is None:
             seed = int(torch.randint(2**62, ()))
-        processors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty)
+        processors = settings
         graphed = cuda_graph and device.type == "cuda"
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos),
                pad, graphed, _forward_fingerprint(model))

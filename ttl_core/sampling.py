@@ -1,5 +1,6 @@
-"""Logits processors with transformers' semantics and order, a sampler that needs no host sync, and the
-checks of `generate()`'s sampling arguments.
+"""Logits processors with transformers' semantics and order, a sampler that needs no host sync, and
+`generate()`'s arguments: their checks, and the defaults a call leaves to the checkpoint (decoding settings,
+EOS and padding ids).
 
 `generate()` applies, like transformers' `generate()`: the repetition penalty (prompt tokens included, left
 padding excluded), then, only when sampling, temperature, top-k, top-p and min-p. Each function takes fp32
@@ -18,6 +19,20 @@ from .errors import GenerationError, is_integer, is_number
 # max), which leaves softmax no distribution to sample from. Larger logits can still overflow at larger
 # temperatures: `generate` reports that once it is done (transformers' torch.multinomial raises on it).
 MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+# generate()'s decoding settings where neither the call nor the checkpoint's generation_config.json sets them.
+# top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does.
+DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                     "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def decoding_settings(checkpoint: dict | None, **given) -> dict:
+    """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
+    generation_config.json value, which transformers' generate() applies too, else the default."""
+    saved = checkpoint or {}
+    return {name: given[name] if given.get(name) is not None else saved[name] if saved.get(name) is not None
+            else default for name, default in DECODING_DEFAULTS.items()}
 
 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -44,6 +59,39 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, to
         raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
     if num_return_sequences > 1 and not do_sample:
         raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+
+
+def _token_list(ids, name: str, vocab: int) -> list[int]:
+    """`ids` (None, an id or a list of ids, where, as transformers takes them, an id may be a NumPy integer or
+    a 0-d tensor and the list a 1-d tensor or array) as a list of Python ints."""
+    if hasattr(ids, "tolist"):  # torch and NumPy tensors, NumPy scalars
+        ids = ids.tolist()
+    ids = [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    ids = [i.tolist() if hasattr(i, "tolist") else i for i in ids]
+    for i in ids:
+        if not is_integer(i) or not 0 <= i < vocab:
+            raise GenerationError(f"{name} {i!r} is not a token id in [0, {vocab})")
+    return ids
+
+
+def special_token_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """(EOS ids, padding id): the arguments where given, else the checkpoint's generation_config.json as
+    transformers reads it (when the model was loaded with one), else the model config's; the padding id
+    falls back to the first EOS id."""
+    config = model.config
+    defaults = model.generation_config
+    if defaults is None:
+        defaults = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
+    # old conversions write -1 for "no such token", which transformers then ignores
+    saved = {k: [i for i in v if i >= 0] if isinstance(v, list) else None if isinstance(v, int) and v < 0 else v
+             for k, v in defaults.items() if k in ("eos_token_id", "pad_token_id")}
+    eos = _token_list(saved.get("eos_token_id") if eos_token_id is None else eos_token_id, "eos_token_id",
+                      config.vocab_size)
+    pad = _token_list(saved.get("pad_token_id") if pad_token_id is None else pad_token_id, "pad_token_id",
+                      config.vocab_size)
+    if len(pad) > 1:
+        raise GenerationError(f"pad_token_id must be one token id, got {pad}")
+    return eos, pad[0] if pad else (eos[0] if eos else None)
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

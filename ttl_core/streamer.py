@@ -14,9 +14,10 @@ class TextStreamer:
     """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
 
     The new tokens are decoded as a whole each time, and only the text after what was already emitted is
-    handed out, once it decodes stably: while the newest token is a byte-fallback piece (whose run a later
-    byte may still complete, or make invalid UTF-8, which decodes to one U+FFFD a byte as in transformers),
-    or while the text ends in U+FFFD, it waits for the next token. Pieces go to `on_text` when given
+    handed out, once it decodes stably: while the newest token that shows in the text (skipped special
+    tokens do not end a run) is a byte-fallback piece (whose run a later byte may still complete, or make
+    invalid UTF-8, which decodes to one U+FFFD a byte as in transformers), or while the text ends in U+FFFD,
+    it waits for the next token. ttl's `Tokenizer` and transformers tokenizers both work. Pieces go to `on_text` when given
     (e.g. `print(piece, end="", flush=True)`) and can also be read by iterating the streamer, typically
     from another thread while `generate` runs; the iteration ends when that generation does, even when it
     fails. The streamer can be reused for the next `generate` call."""
@@ -24,6 +25,9 @@ class TextStreamer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True, on_text=None, timeout: float | None = None):
         self.tokenizer, self.skip_special_tokens, self.on_text, self.timeout = (
             tokenizer, skip_special_tokens, on_text, timeout)
+        self._piece = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
+        skipped = getattr(tokenizer, "special_ids", None) or getattr(tokenizer, "all_special_ids", ())
+        self._skipped = frozenset(skipped) if skip_special_tokens else frozenset()
         self.pieces: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
         self.emitted = 0
@@ -31,9 +35,9 @@ class TextStreamer:
     def put(self, token_ids: list[int]) -> None:
         """Take new token ids; emit whatever text they complete."""
         self.tokens.extend(token_ids)
-        # a run of byte-fallback pieces is final only once a token that is no byte ends it (class docstring)
-        piece = getattr(self.tokenizer, "id_to_token", None)
-        if self.tokens and piece is not None and BYTE_PIECE.fullmatch(piece(self.tokens[-1])):
+        # a run of byte-fallback pieces is final only once a token that shows and is no byte ends it
+        shown = next((t for t in reversed(self.tokens) if t not in self._skipped), None)
+        if shown is not None and self._piece is not None and BYTE_PIECE.fullmatch(self._piece(shown)):
             return
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
         if not text.endswith("\ufffd"):

@@ -216,13 +216,18 @@ class Tokenizer:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos, split_special_tokens=split_special_tokens)
                 for t in texts]
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The ids `decode(..., skip_special_tokens=True)` drops: `<unk>` `<s>` `</s>` `<pad>` and added tokens."""
+        return frozenset(self._special_ids.values())
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as transformers decodes them; special and added tokens are dropped when
         `skip_special_tokens`, else written as their text.
 
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
         UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run."""
-        special = set(self._special_ids.values())
+        special = self.special_ids
         out: list[str] = []
         run = bytearray()  # the bytes of consecutive byte-fallback pieces
         for i in map(self._checked_id, ids):
