@@ -340,13 +340,37 @@ def test_a_padding_id_outside_the_vocabulary_is_refused(tmp_path):
         ttl_core.load_pretrained(d)
 
 
-def test_llama3_rope_takes_the_original_context_as_transformers_does():
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    hf = {"max_position_embeddings": 256, "rope_parameters": rope}
-    for extra, expected in (({}, 256), ({"original_max_position_embeddings": 64}, 256)):  # not read at the top
-        ours = ttl_core.LlamaConfig.from_hf_dict({**hf, **extra}).rope_scaling["original_max_position_embeddings"]
-        theirs = transformers.LlamaConfig(**hf, **extra).rope_parameters["original_max_position_embeddings"]
-        assert ours == theirs == expected
+@pytest.mark.parametrize("block, top", [({}, None), ({}, 32), ({"original_max_position_embeddings": 64}, 32),
+                                        ({"original_max_position_embeddings": 64}, None)])
+def test_llama3_rope_takes_the_original_context_as_transformers_models_do(tmp_path, block, top):
+    """The pretraining context llama3 rope scales from: the block's, else max_position_embeddings; a top-level
+    original_max_position_embeddings wins over both when transformers builds the model (its config object
+    still shows the other value, so logits are what this compares)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, **block}
+    _saved(hf_causal_lm(rope_parameters=rope), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {**rope, "rope_theta": config.get("rope_theta", 10000.0)}
+    if top is not None:
+        config["original_max_position_embeddings"] = top
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ours = ttl_core.load_pretrained(tmp_path / "m", kernels="torch")
+    ids = torch.randint(4, 131, (2, 200), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() <= 1e-4
+
+
+def test_bidirectional_and_partial_rotary_configs_are_refused(tmp_path):
+    """What ttl cannot compute as transformers does is refused, not run causally or with the whole head."""
+    with pytest.raises(ConfigError, match="is_causal false"):
+        ttl_core.LlamaConfig.from_hf_dict({"is_causal": False})
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5 is not supported"):
+        ttl_core.LlamaConfig.from_hf_dict({"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                               "partial_rotary_factor": 0.5}})
+    with pytest.raises(ConfigError, match="hidden_size 10 is not divisible by num_attention_heads 4"):
+        ttl_core.LlamaConfig(vocab_size=31, hidden_size=10, intermediate_size=8, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=4)
 
 
 def test_shrinking_the_vocabulary_below_the_padding_id_drops_the_padding_row(tmp_path):

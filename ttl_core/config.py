@@ -53,12 +53,10 @@ class LlamaConfig:
         _check_field_types(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:  # transformers refuses such a config.json, head_dim or not
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
         if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
-                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                    f"{self.num_attention_heads}; set head_dim explicitly"
-                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -80,6 +78,9 @@ class LlamaConfig:
             self.rope_scaling.pop("type", None)
             if rope_type == "llama3":  # transformers' default: the model was pretrained at its full context
                 self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ConfigError(f"partial_rotary_factor {self.rope_scaling['partial_rotary_factor']!r} is not "
+                                  "supported; Llama rotates the whole head")
             required = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                                         "original_max_position_embeddings"]}
             missing = [k for k in required.get(rope_type, []) if k not in self.rope_scaling]
@@ -166,6 +167,11 @@ class LlamaConfig:
         if not is_number(rope_theta):
             raise ConfigError(f"rope_theta must be a number, got {rope_theta!r}")
         rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        # transformers' rotary set-up lets a top-level original_max_position_embeddings win over the block's
+        if rope_scaling is not None and hf.get("original_max_position_embeddings") is not None:
+            rope_scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        if hf.get("is_causal", True) is False:
+            raise ConfigError("is_causal false (bidirectional attention) is not supported; ttl's Llama is causal")
         fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
         # keys config.json leaves out take transformers' defaults, not ttl's presets; an explicit null stays
         # null (no EOS, no padding token), except where ttl's field cannot be null
