@@ -187,7 +187,9 @@ class LlamaModel(nn.Module):
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
         queries being the last `seq` positions) or a ready (batch, 1, seq, kv_len) mask, boolean or additive
         (see `ttl_core.attention`).
-        `position_ids` default to 0..seq-1. `kv_cache`, if given, has an `attends` flag and `update(layer_idx,
+        `position_ids` default to 0..seq-1; they only place the rotary angles and never split a row into
+        documents (transformers does that from non-consecutive positions when it runs without a cache; here
+        packed documents are `cu_seqlens`, see `LlamaForCausalLM.forward`). `kv_cache`, if given, has an `attends` flag and `update(layer_idx,
         qkv, cos, sin, kernel_backend)` taking the new tokens' fused projection and returning the rotated
         queries and the keys and values to attend over, or, while `attends` is true, `attend(layer_idx, q, k,
         v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if
