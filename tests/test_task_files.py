@@ -1,0 +1,126 @@
+"""Task files for fine-tuning: CSV, TSV, JSON lines and JSON arrays read into rows, labels mapped, and
+examples (sentence pairs as transformers encodes their text) built and cut to max_length."""
+
+from __future__ import annotations
+
+import csv
+import json
+import types
+from pathlib import Path
+
+import pytest
+from finetune_helpers import saved_base_model
+
+from ttl_core.errors import ConfigError, DataError
+from ttl_core.instruct import instruction_rows
+from ttl_core.task_files import TaskSpec, encode_example, label_value, load_task, read_task_file, task_labels
+from ttl_core.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return saved_base_model(tmp_path_factory.mktemp("base"))
+
+
+def test_task_file_formats_and_text_building(base_dir, tmp_path):
+    rows = [{"title": "Título, com vírgula", "text": "Texto \"citado\"", "label": "B"},
+            {"title": "Outro", "text": "Mais texto", "label": "A"}]
+    with open(tmp_path / "t.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["title", "text", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "t.tsv").write_text("title\ttext\tlabel\n" + "".join(f"{r['title']}\t{r['text']}\t{r['label']}\n"
+                                                                     for r in rows), encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n\n" for r in rows))
+    for suffix in ("csv", "tsv", "jsonl"):
+        assert [r for _, r in read_task_file(tmp_path / f"t.{suffix}")] == rows
+    tok = Tokenizer.from_pretrained(base_dir)
+    assert encode_example(tok, ["a b", "c"], False, 256) == tok.encode("a b\n\nc", add_bos=True)
+    assert encode_example(tok, ["O gato.", "O cão."], True, 256) == tok.encode("O gato.<s>O cão.</s>", add_bos=True)
+    assert len(encode_example(tok, ["palavra " * 100], False, 16)) == 16
+    # labels given as names or as class ids; sorted when not given
+    spec = TaskSpec(["title", "text"], "label", labels=["A", "B"])
+    assert [label for _, label in load_task(tmp_path / "t.csv", tok, spec, ["A", "B"], 64)] == [1, 0]
+
+
+def test_sentence_pairs_are_the_ids_transformers_gives_their_text(base_dir, tmp_path):
+    """A pair is what AutoTokenizer makes of `first + "<s>" + second + "</s>"`, the text a transformers user
+    passes to the saved classifier: the second sentence, after a special token, has no "▁" word prefix. Too
+    long a pair loses tokens from its longer sentence first, as transformers' longest_first truncation cuts a
+    pair, and keeps both `<s>` and the final `</s>`."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.tokenization_python import PythonBackend
+
+    tok = Tokenizer.from_pretrained(base_dir)
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    pairs = [("O gato dorme.", "O cão late."), ("Ação, emoção e coração", "Não há previsão é"),
+             (" Espaço antes", "  dois espaços"), ("Em 2023 choveu 145 mm.", "3,5 graus às 7h"), ("a", "b"),
+             ("sem ponto", "▁com o prefixo"), ("", "só a segunda"), ("só a primeira", "")]
+    for first, second in pairs:
+        assert encode_example(tok, [first, second], True, 256) == hf(first + "<s>" + second + "</s>")["input_ids"]
+    longest_first = PythonBackend.truncate_sequences  # transformers' own rule, on token lists
+    for first, second in [("Era uma vez " * 6, "O fim."), ("Curta.", "Uma frase longa com 12 palavras " * 3),
+                          ("Primeira frase longa " * 5, "Segunda frase longa " * 5)]:
+        full = hf(first + "<s>" + second + "</s>")["input_ids"]
+        sep = full.index(tok.bos_id, 1)
+        head, tail = full[1:sep], full[sep + 1:-1]
+        for max_length in (3, 4, 9, 12, 13, len(full) - 1, len(full)):
+            ids = encode_example(tok, [first, second], True, max_length)
+            cut_head, cut_tail, _ = longest_first(types.SimpleNamespace(truncation_side="right"), head, tail,
+                                                  len(full) - max_length, "longest_first")
+            assert ids == [tok.bos_id, *cut_head, tok.bos_id, *cut_tail, tok.eos_id], (first, max_length)
+            assert len(ids) == max_length
+    with pytest.raises(ConfigError, match="max_length .* 2 leaves no room for a sentence pair's"):
+        encode_example(tok, ["a", "b"], True, 2)
+
+
+def test_a_json_array_file_gives_the_rows_of_its_json_lines(tmp_path):
+    """A `.json` task or instruction file may be one array of objects (Alpaca-PTBR's layout): its rows are
+    those of the same records as JSON lines, numbered by the line each element starts on; a `.json` file
+    that is not an array is still JSON lines."""
+    records = [{"instruction": "Traduza \"gato\".", "input": "", "output": "cat"},
+               {"instruction": "Some 2 e 3.", "input": "números\nnaturais", "output": "5"},
+               {"instruction": "Diga oi.", "input": "", "output": "Oi!"}]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    (tmp_path / "i.json").write_text("\n" + json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "compact.json").write_text(json.dumps(records), encoding="utf-8")
+    (tmp_path / "lines.json").write_text((tmp_path / "i.jsonl").read_text(), encoding="utf-8")
+    (tmp_path / "empty.json").write_text(" [ ]\n")
+    expected = [r for _, r in read_task_file(tmp_path / "i.jsonl")]
+    for name in ("i.json", "compact.json", "lines.json"):
+        assert [r for _, r in read_task_file(tmp_path / name)] == expected == records, name
+    assert [n for n, _ in read_task_file(tmp_path / "i.json")] == [3, 8, 13]  # where each element starts
+    assert [n for n, _ in read_task_file(tmp_path / "compact.json")] == [1, 1, 1]
+    assert [row[1:] for row in instruction_rows(tmp_path / "i.json")] == [
+        (r["instruction"], r["input"], r["output"]) for r in records]
+    with pytest.raises(DataError, match=r"empty\.json: no examples"):
+        read_task_file(tmp_path / "empty.json")
+
+
+def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
+    path = tmp_path / "t.csv"
+    assert label_value("1", ["neg", "pos"], path, 2) == 1  # ids stand for names
+    assert label_value("2", ["0", "2"], path, 2) == 1  # the name "2", not class id 2
+    for raw, labels in (("1", ["0", "2"]), ("0", ["1", "2", "3"]), ("²", ["neg", "pos"])):  # unseen, not a class
+        with pytest.raises(DataError, match=rf"t\.csv:2: unknown label '{raw}'"):
+            label_value(raw, labels, path, 2)
+    path.write_text("title,text,label\na,b,pos\nc,d, \n")
+    with pytest.raises(DataError, match=r"t\.csv:3: empty label in field 'label'"):
+        task_labels(read_task_file(path), TaskSpec(), path)
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ("", "csv", "no examples"),
+    ("title,text,label\n", "csv", "no examples"),
+    ("title,text,label\na,b,A\nc,d,ZZZ\n", "csv", r"t\.csv:3: unknown label 'ZZZ'"),
+    ("title,text,label\na,b,A\nc,d\n", "csv", r"t\.csv:3: .*columns"),
+    ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
+    ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: malformed JSON"),
+    ("x", "xlsx", "unsupported task file type"),
+])
+def test_bad_task_files_name_file_and_line(base_dir, tmp_path, content, suffix, message):
+    path = tmp_path / f"t.{suffix}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_task(path, Tokenizer.from_pretrained(base_dir), TaskSpec(labels=["A", "B"]), ["A", "B"], 64)
