@@ -56,6 +56,12 @@ def test_causal_lm_logits_loss_and_grads_match_transformers(case, tmp_path):
         real = mask.bool()
         assert (ref_masked[real] - got_masked[real]).abs().max() <= 1e-4
 
+    assert_loss_and_grads_match(hf, ours, ids, mask)
+
+
+def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Loss and every parameter's gradient under the usual recipe, labels = ids with padding ignored, in
+    which the last left-padding position (a query that sees no key) still predicts the first real token."""
     labels = ids.masked_fill(mask == 0, -100)
     hf.zero_grad()
     ref_loss = hf(ids, attention_mask=mask, labels=labels).loss
@@ -84,6 +90,7 @@ def test_eager_backend_matches_transformers_eager(tmp_path):
         ref = hf(ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask).logits
     assert (ref - got)[mask.bool()].abs().max() <= 1e-4
+    assert_loss_and_grads_match(hf, ours, ids, mask)
 
 
 def test_bf16_logits_error_no_worse_than_transformers_bf16(tmp_path):

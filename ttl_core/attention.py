@@ -65,8 +65,9 @@ def eager_attention(
 ) -> torch.Tensor:
     """Explicit-softmax attention (fp32 softmax), the reference the fast backends are tested against.
 
-    Masked scores get the most negative finite value rather than -inf, as in transformers' eager path, so
-    a query that may see no key averages all values instead of producing NaN."""
+    Masked scores get the most negative finite value added rather than -inf, as in transformers' eager
+    path, so a query that may see no key averages all values instead of producing NaN, and (added, not
+    filled in) passes gradients to its scores as transformers' does."""
     q_len, kv_len, heads, kv_heads = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if mask is None and causal:
         mask = causal_mask(q_len, kv_len, q.device)
@@ -75,7 +76,7 @@ def eager_attention(
     vh = v.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     scores = (qh @ kh.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
     if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
     elif mask is not None:
         scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
