@@ -9,6 +9,7 @@ where SDPA would convert a boolean mask in every call; an additive mask must lea
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -101,8 +102,10 @@ def sdpa_attention(
     return out.transpose(1, 2)
 
 
+@functools.cache
 def flash_attn_module():
-    """flash-attn's interface module, or None when the optional package is not installed."""
+    """flash-attn's interface module, or None when the optional package is not installed. Cached: every
+    attention call asks, and Python retries a failed import each time (about 34 us, a dozen times a forward)."""
     try:
         import flash_attn
     except ImportError:
@@ -110,10 +113,16 @@ def flash_attn_module():
     return flash_attn
 
 
+@functools.cache
+def _sm_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def flash_attn_usable(q: torch.Tensor) -> bool:
     """flash-attn runs here: installed, an sm80+ GPU, fp16/bf16 tensors, head_dim up to 256."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and torch.cuda.get_device_capability(q.device)[0] >= 8 and flash_attn_module() is not None)
+            and _sm_major(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 8
+            and flash_attn_module() is not None)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
