@@ -45,7 +45,7 @@ PYTEST_ARGS="$PYTEST_ARGS $(python3 -c "import pytest_timeout" 2>/dev/null && ec
 say "GPU tests"
 # SIGINT at the limit: pytest then still prints its failure summary and writes the XML; a module whose
 # reference library fails to import loses its own tests only; the slowest tests are listed to size the limit
-timeout -s INT -k 15 "$([ -n "$QUICK" ] && echo 75 || echo 95)" python3 -m pytest -q -m gpu -p no:cacheprovider \
+timeout -s INT -k 15 "$([ -n "$QUICK" ] && echo 75 || echo 110)" python3 -m pytest -q -m gpu -p no:cacheprovider \
   $PYTEST_ARGS --continue-on-collection-errors --durations=15 -rfE --junitxml="$OUT/gpu_tests.xml" tests \
   >"$OUT/gpu_tests.log" 2>&1
 say "GPU tests exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
@@ -70,7 +70,7 @@ if [ -n "$QUICK" ]; then
   bench kernels 45; bench attention 20; bench train 45; bench generate 30 --batches 1
 else
   # RMSNorm first (four goals; its goal shapes lead its sweep), then the cross-entropy goal's shape (its quick
-  # set), the rest of the kernels, and the model-level benchmarks: 390 s of limits, 500 s with the tests
+  # set), the rest of the kernels, and the model-level benchmarks: 390 s of limits, 515 s with the tests
   bench kernels 90 --only rms_norm; bench kernels 45 --quick --only cross_entropy
   bench kernels 50 --only rotary swiglu; bench attention 55; bench train 85 --batch 16
   bench generate 65 --hf-static-batches 1
