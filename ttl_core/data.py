@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from .errors import DataError, is_integer
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import INPUT_SUFFIXES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
-INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _JSON_BLANK = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
 TOKEN_DTYPES = ("uint16", "uint32")
 

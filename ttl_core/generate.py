@@ -429,12 +429,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if do_sample and seed is None:
             seed = int(torch.randint(2**62, ()))
-        processors = settings
         graphed = cuda_graph and device.type == "cuda"
-        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(processors.values()), tuple(eos),
+        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(settings.values()), tuple(eos),
                pad, graphed, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
-                                                                pad, do_sample, processors, graphed))
+                                                                pad, do_sample, settings, graphed))
         try:
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
         finally:

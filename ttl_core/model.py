@@ -189,9 +189,9 @@ class LlamaModel(nn.Module):
         (see `ttl_core.attention`).
         `position_ids` default to 0..seq-1; they only place the rotary angles and never split a row into
         documents (transformers does that from non-consecutive positions when it runs without a cache; here
-        packed documents are `cu_seqlens`, see `LlamaForCausalLM.forward`). `kv_cache`, if given, has an `attends` flag and `update(layer_idx,
-        qkv, cos, sin, kernel_backend)` taking the new tokens' fused projection and returning the rotated
-        queries and the keys and values to attend over, or, while `attends` is true, `attend(layer_idx, q, k,
+        packed documents are `cu_seqlens`, see `LlamaForCausalLM.forward`). `kv_cache`, if given, has an
+        `attends` flag and `update(layer_idx, qkv, cos, sin, kernel_backend)` taking the new tokens' fused
+        projection and returning the rotated queries and the keys and values to attend over, or, while `attends` is true, `attend(layer_idx, q, k,
         v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if
         given, are the rotary (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a decoder
         gathers them from a table: one kernel a step instead of seven)."""

@@ -35,7 +35,7 @@ AIRA_END = "<|endofcompletion|>"
 _ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-_INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # ttl_core.data's input files (data imports this module)
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and this module trains on)
 _Piece = spm_pb2.ModelProto.SentencePiece
 
 
@@ -350,7 +350,7 @@ def _is_path(item: object) -> bool:
     existing file, or a word ending in an input file suffix (a mistyped path, reported rather than trained on)."""
     if isinstance(item, os.PathLike):
         return True
-    return isinstance(item, str) and (os.path.isfile(item) or (item.endswith(_INPUT_SUFFIXES) and not any(
+    return isinstance(item, str) and (os.path.isfile(item) or (item.endswith(INPUT_SUFFIXES) and not any(
         c.isspace() for c in item)))
 
 

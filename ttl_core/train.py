@@ -327,10 +327,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                           f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     if world.is_main:  # micro_batch_size is per process: a recipe's tokens per step multiply with the processes
-        print(f"{unwrap(model).num_parameters():,} parameters; "
-              f"{train.tokens_per_step * world.size:,} tokens per optimizer step ({train.micro_batch_size} x "
-              f"{train.grad_accum_steps} "
-              f"x {train.seq_len} x {world.size} process{'es' if world.size > 1 else ''})")
+        print(f"{unwrap(model).num_parameters():,} parameters; {train.tokens_per_step * world.size:,} tokens per "
+              f"optimizer step ({train.micro_batch_size} x {train.grad_accum_steps} x {train.seq_len} x "
+              f"{world.size} process{'es' if world.size > 1 else ''})")
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
     loss = None
