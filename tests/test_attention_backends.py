@@ -8,6 +8,7 @@ from helpers import rel_err
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.attention import attention, document_layout
 from ttl_core.errors import ConfigError
+from ttl_kernels import flash_attention_reference
 
 BACKENDS = ["sdpa", "eager", "triton"]
 
@@ -86,6 +87,29 @@ def test_an_additive_mask_equals_its_boolean_form(backend):
     additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     assert torch.equal(attention(q, k, v, mask=additive, backend=backend),
                        attention(q, k, v, mask=allowed, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_queries_than_keys_are_the_last_positions(backend):
+    """A causal call without a mask whose queries are fewer than the keys (a chunk after cached keys): the
+    queries are the last positions, so each row equals that row of the full-length call (SDPA's own
+    `is_causal` would align them with the first keys; flash kernels take equal lengths only)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 9, 4, 16, generator=gen)
+    k, v = (torch.randn(2, 9, 2, 16, generator=gen) for _ in range(2))
+    full = attention(q, k, v, backend=backend)
+    assert (attention(q[:, 6:], k, v, backend=backend) - full[:, 6:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_causal_attention_sees_every_key(backend):
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 7, 4, 16, generator=gen)
+    k, v = (torch.randn(2, 7, 2, 16, generator=gen) for _ in range(2))
+    truth = flash_attention_reference(q.double(), k.double(), v.double(), causal=False)
+    assert (attention(q, k, v, causal=False, backend=backend) - truth).abs().max() <= 1e-5
+    causal = flash_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert (truth - causal).abs().max() > 0.1  # the two differ, so the check above means something
 
 
 def test_unavailable_backends_are_clear_errors(monkeypatch):

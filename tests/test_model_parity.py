@@ -5,6 +5,7 @@ import torch
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
+from ttl_core.generate import StaticKVCache
 from ttl_core.hf import hf_plan
 
 
@@ -79,6 +80,26 @@ def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor)
             rows = ours_grad.shape[0] if rows is None else rows
             assert torch.allclose(ours_grad[start:start + rows], hf_grads[key], atol=1e-5, rtol=1e-4), key
             start += rows
+
+
+def test_a_chunk_after_cached_keys_takes_the_last_positions_of_a_2d_mask(tmp_path):
+    """A (batch, kv_len) `attention_mask` with a KV cache holding earlier tokens (chunked prefill): the new
+    tokens are the mask's last positions, so their logits are those of one pass over the whole batch."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path)
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    batch, seq = ids.shape
+    split = 10
+    cache = StaticKVCache(ours.config, batch, seq, ids.device, torch.float32)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        cache.write_index, cache.visible = torch.arange(split), split
+        ours(ids[:, :split], attention_mask=mask[:, :split], kv_cache=cache)
+        cache.write_index, cache.visible = torch.arange(split, seq), seq
+        positions = torch.arange(split, seq)[None].expand(batch, -1)
+        got = ours(ids[:, split:], attention_mask=mask, position_ids=positions, kv_cache=cache).logits
+    real = mask[:, split:].bool()
+    assert (got[real] - ref[:, split:][real]).abs().max() <= 1e-4
 
 
 def test_eager_backend_matches_transformers_eager(tmp_path):
