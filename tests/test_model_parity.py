@@ -266,6 +266,43 @@ def test_weight_init_follows_transformers(tied):
     assert torch.all(model.backbone.layers[0].attn_norm.weight == 1)
 
 
+def test_weight_init_zeroes_the_biases():
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny", attention_bias=True, mlp_bias=True))
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert len(biases) == 4 * model.config.num_hidden_layers and all(torch.all(b == 0) for b in biases)
+
+
+def test_resizing_keeps_the_rows_and_starts_new_ones_at_the_mean():
+    """Growing keeps every row and starts new input and LM-head rows at the old rows' mean (a frozen
+    embedding stays frozen); shrinking keeps the first rows."""
+    torch.manual_seed(0)
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=40, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    model = ttl_core.LlamaForCausalLM(config)
+    model.backbone.embed.weight.requires_grad_(False)
+    embed, head = model.backbone.embed.weight.clone(), model.lm_head.weight.clone()
+    model.resize_token_embeddings(44)
+    assert torch.equal(model.backbone.embed.weight[:40], embed) and torch.equal(model.lm_head.weight[:40], head)
+    assert torch.allclose(model.backbone.embed.weight[40:], embed.mean(0).expand(4, -1))
+    assert torch.allclose(model.lm_head.weight[40:], head.mean(0).expand(4, -1))
+    assert not model.backbone.embed.weight.requires_grad and model.lm_head.weight.requires_grad
+    model.resize_token_embeddings(30)
+    assert torch.equal(model.backbone.embed.weight, embed[:30]) and torch.equal(model.lm_head.weight, head[:30])
+    assert model.backbone.embed.padding_idx == 3 and model.config.vocab_size == 30
+    assert model(torch.tensor([[5, 29]])).logits.shape == (1, 2, 30)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_without_the_embedding_keeps_a_tied_head(tied):
+    """The count MFU uses: a tied LM head still does a matmul per token, so only an untied table is left out."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = ttl_core.LlamaForCausalLM(config)
+    total, table = model.num_parameters(), config.vocab_size * config.hidden_size
+    assert model.num_parameters(exclude_embedding=True) == (total if tied else total - table)
+
+
 def test_rotary_frequencies_survive_dtype_casts():
     model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny"))
     before = model.backbone.rotary.inv_freq_bits.clone()
