@@ -39,6 +39,7 @@ def edit_config(path, **changes):
     ({"rope_scaling": {"type": "linear", "factor": 0}}, "factor must be a positive number"),
     ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
     ({"pad_token_id": "x"}, "pad_token_id must be a token id"),
+    ({"attention_dropout": 1.0}, r"attention_dropout must be in \[0, 1\), got 1.0"),
 ])
 def test_wrongly_typed_or_ranged_config_values_are_named(checkpoint, changes, message):
     edit_config(checkpoint, **changes)

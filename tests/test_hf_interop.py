@@ -73,6 +73,9 @@ def test_exported_config_round_trips_and_transformers_reads_it(tmp_path):
     assert config.rope_parameters["rope_theta"] == 500000.0
     assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 2.0
     assert ttl_core.LlamaConfig.from_hf_dict(model.config.to_hf_dict()) == model.config
+    default = ttl_core.LlamaConfig.from_preset("tiny", rope_scaling={"type": "default"})  # the same as none
+    assert default == ttl_core.LlamaConfig.from_preset("tiny")
+    assert ttl_core.LlamaConfig.from_hf_dict(default.to_hf_dict()) == default
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 2 and generation["pad_token_id"] == 3
 
@@ -213,6 +216,8 @@ def test_config_presets_and_validation():
         ttl_core.LlamaConfig.from_preset("tiny", hiden_size=3)
     with pytest.raises(ConfigError, match="not a multiple of num_key_value_heads"):
         ttl_core.LlamaConfig(num_attention_heads=12, num_key_value_heads=5)
+    with pytest.raises(ConfigError, match="head_dim must be even for rotary embeddings, got 63"):
+        ttl_core.LlamaConfig.from_preset("tiny", head_dim=63)
     assert ttl_core.LlamaConfig.from_preset("tiny", vocab_size=500).vocab_size == 500
 
 
@@ -325,11 +330,11 @@ def test_float64_weights_are_labelled_float64(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.float64
 
 
-@pytest.mark.parametrize("pad", [-1, 130])
-def test_the_padding_row_is_the_one_transformers_picks(tmp_path, pad):
+@pytest.mark.parametrize("pad, row", [(-1, 130), (130, 130), (-131, 0)])
+def test_the_padding_row_is_the_one_transformers_picks(tmp_path, pad, row):
     hf = hf_causal_lm(pad_token_id=pad)
     ours = ttl_core.load_pretrained(_saved(hf, tmp_path / "src"))
-    assert ours.backbone.embed.padding_idx == hf.model.embed_tokens.padding_idx == 130
+    assert ours.backbone.embed.padding_idx == hf.model.embed_tokens.padding_idx == row
 
 
 def test_a_padding_id_outside_the_vocabulary_is_refused(tmp_path):
@@ -347,7 +352,7 @@ def test_llama3_rope_takes_the_original_context_as_transformers_models_do(tmp_pa
     original_max_position_embeddings wins over both when transformers builds the model (its config object
     still shows the other value, so logits are what this compares)."""
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, **block}
-    _saved(hf_causal_lm(rope_parameters=rope), tmp_path / "m")
+    _saved(hf_causal_lm(rope_parameters=dict(rope)), tmp_path / "m")  # a copy: transformers fills in the defaults
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config.pop("rope_scaling", None)
     config["rope_parameters"] = {**rope, "rope_theta": config.get("rope_theta", 10000.0)}
