@@ -80,6 +80,14 @@ def test_an_hf_export_over_a_native_one_loads(checkpoint, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
 
 
+def test_saving_a_model_with_lora_adapters_as_a_plain_checkpoint_is_refused(checkpoint, tmp_path):
+    """The HF layout has no place for the adapters: writing it would silently drop them."""
+    model = apply_lora(ttl_core.load_pretrained(checkpoint), r=4)
+    with pytest.raises(CheckpointError, match=r"cannot represent \(backbone\.layers\.0\.attn\.qkv\.lora.*unload_lora"):
+        ttl_core.save_pretrained(model, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
 def test_nan_temperature_and_unusable_seeds_are_refused(checkpoint):
     model = ttl_core.load_pretrained(checkpoint)
     ids = torch.tensor([[5, 6, 7]])

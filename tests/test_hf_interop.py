@@ -10,10 +10,11 @@ from helpers import run_script
 from hf_reference import hf_causal_lm, hf_classifier
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers.utils.hub import convert_file_size_to_int
 
 import ttl_core
 from ttl_core.errors import CheckpointError, ConfigError
-from ttl_core.hf import DTYPES
+from ttl_core.hf import DTYPES, _parse_size
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
@@ -88,6 +89,21 @@ def test_resharding_replaces_stale_shards(tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
+def test_a_tensor_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
+    """The embedding (33.5 KB) exceeds 20 KB: it takes a shard alone, and no shard file is left empty."""
+    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    ttl_core.save_pretrained(model, tmp_path / "out", max_shard_size="20KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert shards == sorted(set(index["weight_map"].values()))
+    assert_bit_identical(read_all(tmp_path / "src"), read_all(tmp_path / "out"))
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    for size in ("40KB", "500MB", "2GB", "64KiB", "3MiB", "1GiB", 12345):
+        assert _parse_size(size) == convert_file_size_to_int(size), size
+
+
 def test_native_layout_round_trip_and_convert_script(tmp_path):
     hf = hf_causal_lm()
     _saved(hf, tmp_path / "hf")
@@ -134,6 +150,20 @@ def test_unexpected_tensor_is_named(tmp_path):
     _rewrite(d, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
     with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.extra\.weight"):
         ttl_core.load_pretrained(d)
+
+
+def test_rotary_buffers_saved_by_older_transformers_are_ignored(tmp_path):
+    """Older transformers versions saved each layer's rotary inv_freq buffer: it holds no weights, so the
+    checkpoint loads and the frequencies stay ttl's own."""
+    hf = hf_causal_lm()
+    d = _saved(hf, tmp_path)
+    gen = torch.Generator().manual_seed(7)
+    _rewrite(d, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8, generator=gen)
+                                    for i in range(hf.config.num_hidden_layers)}))
+    ours = ttl_core.load_pretrained(d)
+    ids = torch.randint(4, 131, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(ids).logits - hf(ids).logits).abs().max() <= 1e-5
 
 
 def test_wrong_vocab_size_is_a_shape_mismatch_naming_the_tensor(tmp_path):
@@ -295,6 +325,17 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, decl
         ids = torch.randint(4, 131, (2, 11), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             assert (ours(ids).logits - theirs(ids).logits).abs().max() <= 1e-5
+
+
+def test_an_older_config_declaring_torch_dtype_loads_in_that_dtype(tmp_path):
+    """transformers v4 wrote the weight dtype as `torch_dtype`; transformers still reads it, and so does ttl."""
+    hf_causal_lm().to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config.pop("dtype", None)
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    ours = ttl_core.load_pretrained(tmp_path / "src")
+    assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()} == {torch.float32}
 
 
 def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_path):

@@ -6,12 +6,14 @@ modules_to_save on tied embeddings. Every case compares against the reference li
 from __future__ import annotations
 
 import json
+import warnings
 
 import peft
 import pytest
 import torch
 import transformers
 from hf_reference import hf_causal_lm, hf_classifier
+from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import ConfigError
@@ -74,6 +76,23 @@ def test_a_tied_config_with_a_different_stored_head_keeps_the_head(tmp_path):
     with pytest.warns(UserWarning, match="kept untied"):
         ours = ttl_core.load_pretrained(path)
     assert not ours.config.tie_word_embeddings and ours.lm_head.weight is not ours.backbone.embed.weight
+    with torch.no_grad():
+        assert max_diff(ours(ids()).logits, theirs(ids()).logits) < 1e-5
+
+
+def test_a_tied_checkpoint_that_also_stores_the_same_head_stays_tied(tmp_path):
+    """Older transformers versions saved lm_head.weight beside a tied embedding: equal to it, it is no
+    reason to untie (nor an unexpected tensor), as transformers keeps such a model tied too."""
+    path = edited_checkpoint(hf_causal_lm(tie_word_embeddings=True), tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = ttl_core.load_pretrained(path)
+    assert ours.config.tie_word_embeddings and ours.lm_head.weight is ours.backbone.embed.weight
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
     with torch.no_grad():
         assert max_diff(ours(ids()).logits, theirs(ids()).logits) < 1e-5
 
