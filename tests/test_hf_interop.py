@@ -100,7 +100,7 @@ def test_a_tensor_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
 
 
 def test_shard_sizes_read_as_transformers_reads_them():
-    for size in ("40KB", "500MB", "2GB", "64KiB", "3MiB", "1GiB", 12345):
+    for size in ("40KB", "500MB", "2GB", "64KiB", "3MiB", "1GiB", "5Gb", "500mb", "40Kb", "3mib", 12345):
         assert _parse_size(size) == convert_file_size_to_int(size), size
 
 

@@ -280,8 +280,11 @@ def _parse_size(size: int | str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
     if not match:
         raise CheckpointError(f"cannot parse shard size {size!r} (examples: '2GB', '500MB', '1GiB')")
+    unit = match.group(2) or "B"
     units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match.group(1)) * units[(match.group(2) or "b").lower()])
+    size_bytes = int(float(match.group(1)) * units[unit.lower()])
+    # as transformers reads them, "5Gb", "500Mb" and "40Kb" are bits
+    return size_bytes // 8 if len(unit) == 2 and unit.endswith("b") else size_bytes
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
