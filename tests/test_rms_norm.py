@@ -93,6 +93,7 @@ def test_out_dtype_rounds_once_as_a_following_cast_would(with_residual, backend)
     def outputs_and_grads(out_dtype):
         outs = ttl_kernels.rms_norm(x, w, 1e-5, residual=r, out_dtype=out_dtype, backend=backend)
         outs = (outs,) if r is None else outs
+        assert outs[0].dtype == (out_dtype or torch.float32)  # emitted in out_dtype, not cast afterwards
         y = outs[0].to(torch.bfloat16)  # what autocast's cast before a matmul does to an fp32 output
         rest = [(outs[1], grads[1])] if r is not None else []
         used = [(y, grads[0])] + rest
@@ -239,3 +240,37 @@ def test_double_backward_fails_loudly():
     (g,) = torch.autograd.grad((y.pow(2).sum() + h.sum()) * s, x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.pow(2).sum().backward()
+
+
+def test_fp32_residual_stream_gets_a_float32_accurate_gradient():
+    # bf16 x beside an fp32 residual stream: the residual's gradient is the same fp32 gradient as x's, written
+    # in fp32 (not x's bf16 rounding of it, cast back up), so it must be fp32-close to the float64 truth
+    x, w, r = inputs(17, 96, torch.bfloat16, True, seed=17, weight_dtype=torch.float32, residual_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(18)
+    grads = [torch.randn(17, 96, generator=gen) for _ in range(2)]
+    for used in ([grads[0], grads[1]], [grads[0], None]):
+        outs, got = run(x, w, 1e-5, r, used)
+        _, want = truth(x, w, 1e-5, r, used)
+        assert got["residual"].dtype == torch.float32 and rel_err(got["residual"], want["residual"]) <= 1e-5
+        assert got["x"].dtype == torch.bfloat16 and rel_err(got["x"], want["x"]) <= 1e-2
+
+
+def test_largest_hidden_size_is_accepted():
+    # MAX_HIDDEN itself (65536) is supported; one more is refused (test_rejects_mismatched_shapes)
+    x, w, r = inputs(2, 65536, torch.float32, True, seed=19)
+    grads = [torch.randn(2, 65536, generator=torch.Generator().manual_seed(20)), None]
+    check(*run(x, w, 1e-5, r, grads), *truth(x, w, 1e-5, r, grads), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_default_eps_is_transformers_default(backend):
+    # LlamaRMSNorm's default eps is 1e-6; on inputs with a mean square near 1e-6 the default is visible
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x, w, _ = inputs(5, 64, torch.float32, False, seed=21)
+    x = (1e-3 * x).detach()
+    hf = LlamaRMSNorm(64)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        assert rel_err(ttl_kernels.rms_norm(x, w, backend=backend), hf(x)) <= 1e-5
+        assert rel_err(rms_norm_reference(x, w), hf(x)) <= 1e-5
