@@ -214,6 +214,8 @@ def test_rotary_into_cache_rejects_caches_that_do_not_fit():
             ttl_kernels.rotary_into_cache(qkv, cos, sin, k_cache, v_cache, slots, backend="triton")
     with pytest.raises(ValueError, match="one integer cache slot per new token \\(3\\)"):
         ttl_kernels.rotary_into_cache(qkv, cos, sin, fits, fits.clone(), torch.arange(2), backend="triton")
+    with pytest.raises(ValueError, match="one integer cache slot"):  # float positions are not slots
+        ttl_kernels.rotary_into_cache(qkv, cos, sin, fits, fits.clone(), torch.arange(3.0), backend="triton")
 
 
 def test_rejects_mismatched_shapes():
@@ -225,6 +227,15 @@ def test_rejects_mismatched_shapes():
         ttl_kernels.apply_rotary(q, k, cos.expand(3, 5, 8), sin.expand(3, 5, 8), backend="triton")
     with pytest.raises(ValueError, match="q \\(batch, seq, heads, dim\\)"):
         ttl_kernels.apply_rotary(q, k[:, :4], cos, sin, backend="triton")
+    with pytest.raises(ValueError, match="q \\(batch, seq, heads, dim\\)"):  # another head dim
+        ttl_kernels.apply_rotary(q, k[..., :6], cos, sin, backend="triton")
+    with pytest.raises(ValueError, match="cos/sin must be"):  # sin's shape is checked, not only cos's
+        ttl_kernels.apply_rotary(q, k, cos, sin[:4], backend="triton")
+    with pytest.raises(ValueError, match="q, k of one dtype"):
+        ttl_kernels.apply_rotary(q, k.to(torch.bfloat16), cos, sin, backend="triton")
+    odd_cos = torch.randn(5, 7)
+    with pytest.raises(ValueError, match="even head dim"):
+        ttl_kernels.apply_rotary(torch.randn(2, 5, 4, 7), torch.randn(2, 5, 2, 7), odd_cos, odd_cos, backend="triton")
 
 
 @pytest.mark.gpu
@@ -295,3 +306,48 @@ def test_double_backward_fails_loudly():
         (g,) = torch.autograd.grad((outs[0].pow(2).sum() + outs[1].sum()) * s, qkv, create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             g.pow(2).sum().backward()
+
+
+def test_operands_with_a_strided_last_dim_are_read_by_their_strides():
+    # q, k, the fused qkv, cos/sin and the output gradients with a last-dim stride other than 1 (e.g. a
+    # (dim, seq) table seen transposed): the kernels index the last dim as packed, so these are copied first
+    gen = torch.Generator().manual_seed(16)
+    q = torch.randn(2, 5, 8, 3, generator=gen).transpose(2, 3).requires_grad_()  # (2, 5, 3, 8), last stride 3
+    k = torch.randn(2, 5, 8, 2, generator=gen).transpose(2, 3).requires_grad_()
+    cos, sin = (t.t().contiguous().t() for t in angles(torch.arange(5), 8, torch.float32))
+    outs = ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton")
+    grads = [torch.randn(*o.shape[:2], 8, o.shape[2], generator=gen).transpose(2, 3) for o in outs]
+    got = torch.autograd.grad(outs, (q, k), grads)
+    ref_outs = ttl_kernels.apply_rotary_reference(q.double(), k.double(), cos.double(), sin.double())
+    ref = torch.autograd.grad(ref_outs, (q, k), [g.double() for g in grads])
+    for o, r in zip((*outs, *got), (*ref_outs, *ref)):
+        assert rel_err(o, r) <= 1e-5
+    qkv = torch.randn(2, 5, 8, 7, generator=gen).transpose(2, 3)  # 3 query heads, 2 kv heads
+    caches = [torch.zeros(2, 6, 2, 8) for _ in range(4)]
+    slots = torch.tensor([5, 0, 2, 1, 3])
+    q_triton = ttl_kernels.rotary_into_cache(qkv, cos, sin, *caches[:2], slots, backend="triton")
+    q_torch = ttl_kernels.rotary_into_cache(qkv, cos, sin, *caches[2:], slots, backend="torch")
+    assert rel_err(q_triton, q_torch) <= 1e-5 and rel_err(caches[0], caches[2]) <= 1e-5
+    assert torch.equal(caches[1], caches[3])
+
+
+def test_cos_and_sin_with_different_strides():
+    # the kernels index both tables with cos's strides: a sin laid out differently (every other row of a
+    # longer table beside a packed cos of the same positions) must not be read with cos's strides
+    _, q, k = projection(2, 4, 2, 1, 8, torch.float32, seed=17)
+    cos, sin = angles(torch.arange(8), 8, torch.float32)
+    cos, sin = cos[::2].contiguous(), sin[::2]
+    check_against_truth(q, k, cos, sin, 1e-5)
+    qkv = projection(2, 4, 2, 1, 8, torch.float32, seed=18)[0].detach().view(2, 4, 4, 8)
+    caches = [torch.zeros(2, 5, 1, 8) for _ in range(4)]
+    slots = torch.tensor([4, 1, 0, 2])
+    q_triton = ttl_kernels.rotary_into_cache(qkv, cos, sin, *caches[:2], slots, backend="triton")
+    q_torch = ttl_kernels.rotary_into_cache(qkv, cos, sin, *caches[2:], slots, backend="torch")
+    assert rel_err(q_triton, q_torch) <= 1e-5 and rel_err(caches[0], caches[2]) <= 1e-5
+
+
+def test_more_key_heads_than_query_heads():
+    # q and k heads are tiled separately, each by its own count: k may have more heads than q
+    _, q, k = projection(2, 3, 1, 3, 8, torch.float32, seed=19)
+    cos, sin = angles(torch.arange(3), 8, torch.float32)
+    check_against_truth(q, k, cos, sin, 1e-5)
