@@ -96,3 +96,20 @@ def test_double_backward_fails_loudly():
         (g,) = torch.autograd.grad(out.pow(2).sum() * s, gate_up, create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             g.pow(2).sum().backward()
+
+
+def test_mixed_dtypes_promote_like_the_reference():
+    # a bf16 gate beside an fp32 up: the output is fp32, as the reference's silu(gate) * up is, computed in
+    # fp32 from the gate's exact values; each input's gradient comes in its own dtype, du fp32-accurate
+    gen = torch.Generator().manual_seed(5)
+    gate = torch.randn(6, 40, generator=gen).to(torch.bfloat16).requires_grad_()
+    up = torch.randn(6, 40, generator=gen).requires_grad_()
+    out = ttl_kernels.swiglu(gate, up, backend="triton")
+    assert out.dtype == ttl_kernels.swiglu_reference(gate, up).dtype == torch.float32
+    grad = torch.randn(6, 40, generator=gen)
+    dg, du = torch.autograd.grad(out, (gate, up), grad)
+    g64, u64 = (t.detach().double().requires_grad_() for t in (gate, up))
+    ref_out = ttl_kernels.swiglu_reference(g64, u64)
+    ref_dg, ref_du = torch.autograd.grad(ref_out, (g64, u64), grad.double())
+    assert dg.dtype == torch.bfloat16 and du.dtype == torch.float32
+    assert rel_err(out, ref_out) <= 1e-5 and rel_err(du, ref_du) <= 1e-5 and rel_err(dg, ref_dg) <= 1e-2
