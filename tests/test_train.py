@@ -16,14 +16,14 @@ import torch
 from hf_reference import randomize_
 from tests.helpers import ROOT, run_script
 from ttl_core import load_pretrained
-from ttl_core.checkpoint import complete_checkpoints
+from ttl_core.checkpoint import complete_checkpoints, latest_checkpoint, load_trainer_state
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World, full_optimizer_state, load_optimizer_state
-from ttl_core.errors import ConfigError, TrainingError
+from ttl_core.errors import CheckpointError, ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.train import build_optimizer, lr_at, model_inputs, optimizer_update, train, train_step
+from ttl_core.train import build_optimizer, evaluate, lr_at, model_inputs, optimizer_update, train, train_step
 
 MICRO_MODEL = ["model.preset=\"tiny\"", "model.hidden_size=64", "model.intermediate_size=128",
                "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.max_position_embeddings=64"]
@@ -318,6 +318,8 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     ("train.no_decay=[1]", "no_decay must list"), ("train.seed=-1", "seed must be in"),
     ("train.lr=inf", "lr must be finite"), ("train.eps=inf", "eps must be finite"),
     ("train.weight_decay=inf", "weight_decay must be finite"),
+    ("train.min_lr=0.5", r"min_lr must lie in \[0, lr=0.003\]"),
+    ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1"), ("train.seed=4294967296", "seed must be in"),
 ])
 def test_nan_and_out_of_range_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -454,3 +456,100 @@ def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
         (0.5, (0.5, 0.6), 1e-3), (0.0, (0.5, 0.6), 1e-3)]
     saved, loaded = first.state_dict()["state"], second.state_dict()["state"]
     assert all(torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"]) for i in saved)
+
+
+def test_step_clips_to_grad_clip_and_applies_the_scheduled_lr():
+    """The update is -lr * gradient * grad_clip / norm when the norm exceeds grad_clip, with the lr passed for
+    this step (not the optimizer's construction-time lr); the norm returned is the one before clipping."""
+    run = run_config("train.grad_clip=0.05")
+    model = random_model(run, seed=2)
+    gen = torch.Generator().manual_seed(6)
+    ids, targets = torch.randint(0, 400, (2, 16), generator=gen), torch.randint(0, 400, (2, 16), generator=gen)
+    reference = copy.deepcopy(model)
+    eager_loss(reference, [{"input_ids": ids, "targets": targets}]).backward()
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    norm = torch.cat([g.flatten() for g in grads.values()]).norm().item()
+    assert norm > 10 * run.train.grad_clip  # the clip binds
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    lr = 0.25
+    _, grad_norm = train_step(model, optimizer, [{"input_ids": ids, "targets": targets}], run.train,
+                              World(0, 1, torch.device("cpu")), lr, None)
+    assert grad_norm == pytest.approx(norm, rel=1e-4)
+    factor = lr * run.train.grad_clip / norm
+    for name, p in model.named_parameters():
+        assert (before[name] - p.detach() - factor * grads[name]).abs().max() <= 1e-6, name
+
+
+def test_evaluate_is_the_eval_mode_mean_over_target_tokens(data_dir):
+    """evaluate() runs without dropout, averages over the tokens that are targets (with document masking the
+    <s> of the next document is none), reads `eval_batches` batches of val.bin in file order, and leaves the
+    model in training mode."""
+    run = run_config("model.attention_dropout=0.5", "data.document_masking=true", "train.eval_batches=2")
+    model = random_model(run)
+    bos = json.loads((data_dir / "meta.json").read_text())["bos_id"]
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for _, batch in zip(range(2), PackedLoader(data_dir, "val", 32, 4, shuffle=False)):
+            inputs = model_inputs(batch, torch.device("cpu"), True, bos)
+            total += model(**inputs, loss_reduction="sum").loss.item()
+            count += int((inputs["targets"] != -100).sum())
+    assert count < 2 * 4 * 32  # some targets are masked
+    model.train()
+    got = evaluate(model, data_dir, run, World(0, 1, torch.device("cpu")), bos)
+    assert got == pytest.approx(total / count, rel=1e-5) and model.training
+
+
+def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):
+    result = train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path, data_dir=str(data_dir),
+                   stop_after=10)
+    assert result.last_step == 4 and result.checkpoint.name == "step-000004"
+    assert len(losses(tmp_path)) == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
+
+
+def test_the_newest_checkpoint_is_found_by_step_number_past_six_digits(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in ("step-999999", "step-1000000", "step-000005", ".step-2000000.partial"):
+        (root / name).mkdir(parents=True)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000005", "step-999999", "step-1000000"]
+    assert latest_checkpoint(tmp_path).name == "step-1000000"
+
+
+def test_a_sequence_longer_than_the_context_is_refused(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="train.seq_len 128 exceeds the model's max_position_embeddings 64"):
+        train(run_config("train.seq_len=128"), tmp_path, data_dir=str(data_dir))
+
+
+def test_integers_are_accepted_for_float_settings():
+    t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
+    assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)
+    assert all(isinstance(v, float) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip))
+
+
+def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "step-000001"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
+    with pytest.raises(CheckpointError, match="is not a training checkpoint: optimizer.pt is missing"):
+        load_trainer_state(ckpt)
+    torch.save({"optimizer": {}, "rng": {}}, ckpt / "optimizer.pt")
+    assert load_trainer_state(ckpt)[0] == {"step": 1, "data": {}}
+    for state in ({"step": -1, "data": {}}, {"step": 1.5, "data": {}}, {"step": 1}, [1]):
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match="expected a step number and the data position"):
+            load_trainer_state(ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
+    torch.save({"optimizer": {}}, ckpt / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
+        load_trainer_state(ckpt)
+
+
+def test_init_from_a_classifier_is_refused(tmp_path, data_dir):
+    from ttl_core.hf import save_pretrained
+    from ttl_core.model import LlamaForSequenceClassification
+    run = run_config("train.max_steps=1")
+    save_pretrained(LlamaForSequenceClassification(run.model_config().replace(num_labels=2)), tmp_path / "clf")
+    with pytest.raises(ConfigError, match="holds a LlamaForSequenceClassification; pretraining needs a Llama"):
+        train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "clf"))
