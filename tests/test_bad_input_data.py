@@ -232,6 +232,7 @@ def test_lora_targets_all_linear(tok):
     (["--lora-dropout", "-1"], r"lora_dropout \(--lora-dropout\)"),
     (["--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
     (["--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
+    (["--max-length", "1"], r"max_length \(--max-length\) must be an integer >= 2, got 1"),
 ])
 def test_bad_finetune_arguments(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -393,3 +394,12 @@ def test_train_tokenizer_on_a_missing_file_is_an_error_not_its_name_as_text(tmp_
         assert "typo" in one_line(excinfo) or "missing" in one_line(excinfo)
     # documents that merely mention a file are texts
     assert train_tokenizer(["veja o arquivo notas.txt"] * 20, None, vocab_size=280).vocab_size == 280
+
+
+def test_a_broken_line_before_a_torn_last_line_is_an_error(tmp_path):
+    """Only the last line may be torn (a crash mid-write); a broken one before it is reported even when the
+    file does not end with a newline."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: not a JSON line"):
+        read_metrics(path)

@@ -136,3 +136,47 @@ def test_too_little_data_is_a_clear_error(data):
         PackedLoader(path, "val", seq_len=512, batch_size=4, world_size=2)
     with pytest.raises(DataError, match="no meta.json or test.bin"):
         PackedLoader(path, "test", 16, 2)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_stream_of_exactly_whole_blocks_loses_no_block(tmp_path, extra):
+    """B*S + 1 tokens make exactly B blocks (the +1 is the last label): all are served; one token fewer is
+    too little for a batch."""
+    B, S = 3, 8
+    tokens = (np.random.default_rng(4).permutation(50_000)[: B * S + 1] + 10).astype(np.uint16)
+    path = tmp_path / "d"
+    path.mkdir()
+    tokens.tofile(path / "train.bin")
+    (path / "meta.json").write_text(json.dumps({"dtype": "uint16", "eos_id": EOS, "vocab_size": 60_000}))
+    loader = PackedLoader(path, "train", S, B, shuffle=False)
+    assert (loader.n_blocks, loader.batches_per_epoch) == (B, 1)
+    (batch,) = list(loader)
+    assert torch.equal(batch["input_ids"].flatten(), torch.from_numpy(tokens[:-1].astype(np.int64)))
+    assert torch.equal(batch["labels"].flatten(), torch.from_numpy(tokens[1:].astype(np.int64)))
+    tokens[: B * S - extra].tofile(path / "train.bin")
+    with pytest.raises(DataError, match="fewer than one global batch needs"):
+        PackedLoader(path, "train", S, B, shuffle=False)
+
+
+def test_a_state_from_another_sequence_length_split_or_data_is_refused(data, tmp_path):
+    """A position only means something in the same block layout: a state saved with another seq_len, split or
+    token file (another block count) is refused rather than resumed at a meaningless place."""
+    path, tokens, _ = data
+    state = PackedLoader(path, "train", 16, 4, seed=1).state_dict()
+    with pytest.raises(DataError, match="seq_len is 16, here 8"):
+        PackedLoader(path, "train", 8, 8, seed=1).load_state_dict({**state, "global_batch": 8})
+    with pytest.raises(DataError, match="split is 'train', here 'val'"):
+        val = PackedLoader(path, "val", 16, 4, seed=1)
+        val.load_state_dict({**state, "n_blocks": val.n_blocks})
+    make_dir(tmp_path / "other", np.random.default_rng(1).integers(0, 40, size=100).tolist())
+    other = PackedLoader(tmp_path / "other", "train", 16, 4, seed=1)
+    assert other.n_blocks != state["n_blocks"]
+    with pytest.raises(DataError, match=rf"n_blocks is {state['n_blocks']}, here {other.n_blocks}"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_the_world_is_refused(data, rank, world_size):
+    path, _, _ = data
+    with pytest.raises(DataError, match=rf"rank={rank}, world_size={world_size} \(integers, rank in"):
+        PackedLoader(path, "train", 16, 2, rank=rank, world_size=world_size)
