@@ -5,6 +5,7 @@ files: test_task_files.py)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import replace
@@ -381,3 +382,87 @@ def test_benchmark_script_prints_one_table(base_dir, tmp_path):
     assert table[3].split("|")[4:6] == [" - ", " - "]  # regression has no accuracy / F1
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert rows[1]["pearson"] is not None and rows[0]["accuracy"] > 0.5
+
+
+def test_metrics_count_a_class_that_is_only_predicted_and_handle_constant_sides():
+    """Macro F1 averages over the classes in the predictions or the labels: a class predicted but never true
+    scores 0 and counts; one in neither is left out. Pearson is 0, not a ZeroDivisionError, when either the
+    predictions or the targets are constant."""
+    m = classification_metrics([0, 1, 2, 2], [0, 1, 1, 1], 4)
+    # class 0: tp 1, predicted 1, actual 1 -> 1; class 1: tp 1, 1, 3 -> 0.5; class 2: tp 0, 2, 0 -> 0; class 3: none
+    assert m["accuracy"] == pytest.approx(0.5) and m["f1"] == pytest.approx(1.5 / 3)
+    varied = [0.3, -1.2, 2.5, 0.7]
+    for p, t in ((varied, [1.5] * 4), ([1.5] * 4, varied)):
+        r = regression_metrics(p, t)
+        assert r["pearson"] == 0.0 and r["mse"] == pytest.approx(np.mean((np.array(p) - np.array(t)) ** 2))
+
+
+def test_classifier_keeps_the_first_best_epoch_and_decays_the_lr_over_all_updates(base_dir, tmp_path, monkeypatch):
+    """With scripted evaluations 0.5, 0.8, 0.8 the checkpoint is saved after epochs 1 and 2 only (a tie is no
+    improvement). The logged lr warms up for `warmup_steps` and then follows the cosine to 0 over the run's
+    updates: 10 examples in batches of 4 accumulated 2 by 2 are 2 updates per epoch, 6 in all."""
+    import ttl_core.finetune as finetune
+
+    scores, evaluated, saved = iter([0.5, 0.8, 0.8]), [], []
+
+    def scripted_evaluation(*args, **kwargs):
+        evaluated.append(True)
+        return {"accuracy": next(scores)}
+
+    monkeypatch.setattr(finetune, "evaluate_classifier", scripted_evaluation)
+    monkeypatch.setattr(finetune, "save_finetuned", lambda *args: saved.append(len(evaluated)))  # the epoch
+    rows = NEWS_TRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:11]  # the header and 10 examples
+    (tmp_path / "train.csv").write_text("".join(rows), encoding="utf-8")
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, grad_accum_steps=2, epochs=3, warmup_steps=1, max_length=96)
+    result = finetune_classifier(base_dir, tmp_path / "train.csv", tmp_path / "train.csv", tmp_path / "out", NEWS,
+                                 cfg, verbose=False)
+    assert saved == [1, 2] and result.best == {"epoch": 2, "accuracy": 0.8}
+    assert [h["accuracy"] for h in result.history] == [0.5, 0.8, 0.8]
+    records = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "lr" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    expected = [1e-3] + [0.5e-3 * (1 + math.cos(math.pi * (step - 2) / 5)) for step in range(2, 7)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_predict_leaves_a_training_model_in_training_mode(base_dir):
+    """Evaluating after an epoch must not switch dropout off for the epochs that follow."""
+    model = load_pretrained(base_dir, architecture="LlamaForSequenceClassification", id2label={0: "a", 1: "b"})
+    examples = [([5, 9, 14, 3 + k], k % 2) for k in range(3)]
+    for training in (True, False):
+        model.train(training)
+        predict(model, examples, 2, torch.device("cpu"))
+        assert model.training == training
+
+
+def test_collate_pads_right_and_keeps_regression_targets_fractional():
+    batch = collate([([5, 6, 7], 3.75), ([8], 0.2)], pad_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == pytest.approx([3.75, 0.2])
+    assert collate([([5], 2), ([6], 0)], pad_id=3)["labels"].dtype == torch.long
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
+    """train_epochs reshuffles per epoch (one order for all epochs would repeat the same batches), covers every
+    example each epoch, the short last batch included, and the same seed gives the same orders."""
+    from ttl_core.finetune import train_epochs
+    from ttl_core.metrics import MetricsLog
+
+    def epoch_orders(seed: int) -> list[list[int]]:
+        seen: list[int] = []
+        weight = torch.nn.Parameter(torch.tensor([0.5]))
+        model = torch.nn.Module()
+        model.weight = weight
+        (tmp_path / f"run{seed}").mkdir(exist_ok=True)
+        log = MetricsLog(tmp_path / f"run{seed}")
+        cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, seed=seed)
+        train_epochs(model, list(range(10)), cfg, lambda ids: {"ids": torch.tensor(ids)},
+                     lambda m, batch: (seen.extend(batch["ids"].tolist()), (m.weight * batch["ids"]).mean())[1],
+                     lambda batch: len(batch["ids"]), log, lambda epoch, step: None)
+        log.close()
+        return [seen[i:i + 10] for i in range(0, 30, 10)]
+
+    orders = epoch_orders(1)
+    assert len(orders) == 3 and all(sorted(order) == list(range(10)) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3
+    assert epoch_orders(1) == orders != epoch_orders(2)
