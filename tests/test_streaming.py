@@ -221,3 +221,53 @@ def test_stop_string_matcher_agrees_with_transformers_criteria(spm_models):
         assert StopStrings(stops, tok).ends_in_last(tokens.tolist()) == expected, (tokens.tolist(), stops)
         matches += expected
     assert matches > 20
+
+
+def test_streamer_reused_for_a_second_generation_starts_afresh():
+    """After `end()` the next generation's text is decoded from its own tokens alone: a character the first
+    one left split must not swallow the second one's bytes."""
+    tok = CharTokenizer()
+    pieces = []
+    streamer = TextStreamer(tok, on_text=pieces.append)
+    for tokens in ([0, 122], [123, 124, 1]):
+        pieces.clear()
+        for token in tokens:
+            streamer.put([token])
+        streamer.end()
+        assert "".join(pieces) == tok.decode(tokens) and list(streamer) == pieces
+
+
+def test_streamer_without_pieces_waits_for_complete_characters():
+    """A tokenizer that has no id_to_token: the streamer still holds text that ends in U+FFFD back."""
+    class DecodeOnly:
+        decode = CharTokenizer().decode
+
+    pieces = []
+    streamer = TextStreamer(DecodeOnly(), on_text=pieces.append)
+    for token in [0, 122, 123, 124, 1]:
+        streamer.put([token])
+    assert pieces == ["a", "€", "b"]
+
+
+def test_shown_special_tokens_end_a_run_of_bytes(spm_models):
+    """With skip_special_tokens=False a special token is text, so it ends a run of byte pieces and the text is
+    out before end(); when skipped, the run goes on and waits."""
+    ours, _, _, _ = spm_models
+    ids = [ours.token_to_id("<0xC3>"), ours.token_to_id("<0xA9>"), ours.token_to_id("<|endofcompletion|>")]
+    for skip in (False, True):
+        pieces = []
+        streamer = TextStreamer(ours, skip_special_tokens=skip, on_text=pieces.append)
+        for token in ids:
+            streamer.put([token])
+        assert "".join(pieces) == ("" if skip else ours.decode(ids, skip_special_tokens=False))
+        streamer.end()
+        assert "".join(pieces) == ours.decode(ids, skip_special_tokens=skip)
+
+
+def test_stop_strings_of_different_lengths_each_match_over_their_whole_length():
+    from ttl_core.streamer import StopStrings
+
+    tok = CharTokenizer()
+    stops = StopStrings(["zz", "cdef"], tok)  # "cdef" spans four one-byte tokens, "zz" two
+    assert stops.ends_in_last([0, 1, 2, 3, 4, 5])
+    assert not stops.ends_in_last([0, 1, 2, 3, 4, 5, 6])
