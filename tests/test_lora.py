@@ -180,6 +180,12 @@ def test_bad_adapters_are_clear_errors(tmp_path):
     save_file(tensors, tmp_path / "missing" / "adapter_model.safetensors")
     with pytest.raises(AdapterError, match="does not fit this model: missing"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "g"), tmp_path / "missing")
+    # PEFT reads a target_modules string as a regex over whole module paths, which "q_proj" alone never matches
+    save_adapter(apply_lora(to_ttl(hf_causal_lm(), tmp_path, "h"), r=4, targets=["q_proj"]), tmp_path / "pattern")
+    config = json.loads((tmp_path / "pattern" / "adapter_config.json").read_text())
+    (tmp_path / "pattern" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": "q_proj"}))
+    with pytest.raises(AdapterError, match=r"target_modules given as a pattern \('q_proj'\) is not supported"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "i"), tmp_path / "pattern")
 
 
 @pytest.mark.parametrize("merge_first", [False, True])
@@ -201,7 +207,7 @@ def test_merged_weights_equal_peft_merge_and_unload(tmp_path, merge_first):
 @pytest.mark.parametrize("field, value", [
     ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("init_lora_weights", "loftq"),
     ("alora_invocation_tokens", [7, 8]), ("layers_to_transform", 0), ("loftq_config", {"loftq_bits": 4}),
-    ("trainable_token_indices", [5]),
+    ("trainable_token_indices", [5]), ("init_lora_weights", "pissa_niter_4"), ("use_dora", True),
 ])
 def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, value):
     """PEFT would compute something else with these (PiSSA/OLoRA/LoftQ rewrite the base weights on load,
@@ -284,3 +290,54 @@ def test_each_adapted_slice_draws_its_own_dropout_mask(tmp_path):
         delta = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
     q, v = delta[..., :4], delta[..., layer.slices["v_proj"][0]:layer.slices["v_proj"][0] + 4]
     assert not torch.equal(q == 0, v == 0)  # the same weights on the same inputs: only the masks differ
+
+
+def test_fresh_adapters_start_as_peft_ones():
+    """PEFT's default init: B zero, so a fresh adapter leaves the logits exactly as they were, and A
+    kaiming-uniform with a = sqrt(5), i.e. uniform within 1 / sqrt(in_features)."""
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny")).eval()
+    x = ids(vocab=model.config.vocab_size)
+    with torch.no_grad():
+        before = model(x).logits
+        apply_lora(model, r=8, targets="all-linear", dropout=0.0)
+        assert torch.equal(model(x).logits, before)
+    for layer in lora_layers(model).values():
+        bound = 1 / layer.in_features ** 0.5
+        for a in layer.lora_A.values():
+            assert 0.9 * bound < a.weight.abs().max() <= bound
+
+
+def test_merging_twice_folds_the_adapter_in_once(tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets="all-linear", r=4, alpha=8)
+    randomize_lora_(model, seed=12, scale=0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    x = ids()
+    with torch.no_grad():
+        unmerged = model(x).logits
+        merge_lora(model)
+        once = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        merge_lora(model)
+        assert all(torch.equal(p, once[n]) for n, p in model.named_parameters() if "lora_" not in n)
+        assert (model(x).logits - unmerged).abs().max() < 1e-5
+        unmerge_lora(model)
+        unmerge_lora(model)
+    params = dict(model.named_parameters())
+    assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
+
+
+def test_adapter_keys_with_peft_adapter_name_load(tmp_path):
+    """Keys that still hold PEFT's adapter name (`...lora_A.default.weight`, `score.modules_to_save.default.`)
+    load as the plain ones do."""
+    model = apply_lora(to_ttl(hf_classifier(num_labels=3), tmp_path), r=4, alpha=8)
+    randomize_lora_(model, seed=8)
+    save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    renamed = {k.replace(".weight", ".default.weight") if "lora_" in k else
+               k.replace("score.", "score.modules_to_save.default."): v for k, v in tensors.items()}
+    assert any(".modules_to_save.default." in k for k in renamed)
+    save_file(renamed, weights)
+    loaded = load_adapter(to_ttl(hf_classifier(num_labels=3), tmp_path, "fresh"), tmp_path / "adapter")
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model.eval()(x).logits)
