@@ -47,6 +47,18 @@ def test_reference_matches_the_written_out_formula(options):
         assert (got - reduce(formula(logits, t, **options), t, reduction)).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_reference_gives_zero_not_nan_when_every_target_is_ignored(options):
+    # the CPU training path: a micro-batch of padding alone must add 0 to the loss and the gradients, where
+    # F.cross_entropy's mean (and a plain sum / count) is 0 / 0 = NaN
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(28), requires_grad=True)
+    t = torch.full((4,), -100)
+    for reduction in ("mean", "sum", "none"):
+        loss = ttl_kernels.cross_entropy_reference(logits, t, reduction=reduction, **options)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
@@ -64,6 +76,21 @@ def test_cross_entropy_on_logits_matches_float64(dtype, reduction, options):
     assert rel_err(out, truth) <= TOL[dtype] and rel_err(grad, truth_grad) <= TOL[dtype]
 
 
+def test_label_smoothing_spreads_over_the_whole_vocabulary_of_uncentred_logits():
+    # the smoothing term is ε · the mean of all V logits: on logits centred near 0 (as above) a wrong divisor,
+    # e.g. V - 1, hides under the tolerance; a common offset of 20 (which leaves the true loss as it is) shows it
+    n, vocab = 7, 11
+    logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(26)) + 20).requires_grad_()
+    t = targets_for(n, vocab, seed=26, ignored_every=4)
+    out = ttl_kernels.cross_entropy(logits, t, reduction="none", backend="triton", label_smoothing=0.1)
+    grad_out = torch.randn(n, generator=torch.Generator().manual_seed(27))
+    (grad,) = torch.autograd.grad(out, logits, grad_out)
+    truth_in = logits.detach().double().requires_grad_()
+    truth = formula(truth_in, t, label_smoothing=0.1)
+    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
+    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
+
+
 def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
     wide = torch.randn(6, 32100, generator=torch.Generator().manual_seed(3))
     logits = wide[:, :32000].requires_grad_()  # rows strided by 32100, as a slice of a padded head output
@@ -73,6 +100,23 @@ def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
     truth_in = logits.detach().double().requires_grad_()
     truth = reduce(formula(truth_in, t, label_smoothing=0.1), t, "mean")
     assert rel_err(out, truth) <= 1e-5 and rel_err(grad, torch.autograd.grad(truth, truth_in)[0]) <= 1e-5
+
+
+def test_logits_with_a_strided_last_dim():
+    # the transpose of a (vocab, rows) tensor: the kernel reads each row as contiguous, so such logits must be
+    # copied first, both for the losses alone (no_grad) and for the gradient (its buffer is a copy)
+    logits = torch.randn(37, 9, generator=torch.Generator().manual_seed(25)).t()
+    assert logits.stride(-1) != 1
+    t = targets_for(9, 37, seed=25)
+    truth_in = logits.double().requires_grad_()
+    truth = reduce(formula(truth_in, t, label_smoothing=0.1), t, "mean")
+    (truth_grad,) = torch.autograd.grad(truth, truth_in)
+    with torch.no_grad():
+        assert rel_err(ttl_kernels.cross_entropy(logits, t, backend="triton", label_smoothing=0.1), truth) <= 1e-5
+    logits.requires_grad_()
+    out = ttl_kernels.cross_entropy(logits, t, backend="triton", label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(out, logits)
+    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
 
 
 def flce_check(n, d, vocab, dtype, reduction, options, hidden_view=False, seed=0):
@@ -142,6 +186,8 @@ def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match=r"targets must be \(3,\)"):
         ttl_kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long),
                                                backend="triton")
+    with pytest.raises(ValueError, match=r"targets must be \(3,\), got \(3, 1\)"):  # one per row, not a column
+        ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, 1, dtype=torch.long), backend="triton")
 
 
 @pytest.mark.gpu
