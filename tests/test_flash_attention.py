@@ -90,10 +90,34 @@ def test_strided_views_of_a_fused_projection():
     assert err(out, truth) <= 1e-4
 
 
+def test_inputs_and_output_gradient_with_a_strided_last_dim():
+    # (tokens, dim, heads) tensors transposed to (tokens, heads, dim): the kernels index the last dim as
+    # contiguous, so q, k, v and the output gradient must be made contiguous first
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(26, 32, h, generator=gen).transpose(1, 2).requires_grad_() for h in (4, 2, 2))
+    grad = torch.randn(26, 32, 4, generator=gen).transpose(1, 2)
+    assert q.stride(-1) != 1 and k.stride(-1) != 1 and grad.stride(-1) != 1
+    cu = torch.tensor([0, 9, 26], dtype=torch.int32)
+    out = ttl_kernels.flash_attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=17, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, True, cu, 17)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert err(got, want) <= TOL[torch.float32]
+
+
 def test_bad_shapes_are_clear():
     q, k, v = qkv((1, 8, 3, 64), 2, torch.float32)
     with pytest.raises(ValueError, match="not a multiple of key/value heads"):
         ttl_kernels.flash_attention(q, k, v, backend="triton")
+    q, k, v = qkv((1, 8, 2, 64), 2, torch.float32)
+    for short in (k[:, :6], v[:, :6]):  # fewer key/value tokens than queries: the kernels would read past them
+        with pytest.raises(ValueError, match="do not fit together"):
+            ttl_kernels.flash_attention(q, short, short, backend="triton")
+    with pytest.raises(ValueError, match="do not fit together"):  # packed: the same, with no batch dim to differ
+        ttl_kernels.flash_attention(q[0], k[0, :6], v[0, :6], cu_seqlens=torch.tensor([0, 8]), max_seqlen=8,
+                                    backend="triton")
     q, k, v = qkv((1, 8, 2, 48), 2, torch.float32)
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
         ttl_kernels.flash_attention(q, k, v, backend="triton")
