@@ -180,6 +180,37 @@ def test_all_ignored_targets_give_zero_loss_and_zero_grads():
         assert loss.item() == 0.0 and torch.isfinite(g).all() and g.abs().max() == 0
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_custom_ignore_index_ignores_exactly_its_rows(reduction):
+    """Every other test ignores -100: here a padding id inside the vocabulary is the ignore_index, on each
+    path (kernel on logits, fused kernel, reference), and must act exactly as -100 at the same rows."""
+    n, d, vocab, pad = 14, 8, 29, 3
+    gen = torch.Generator().manual_seed(29)
+    hidden, weight = torch.randn(n, d, generator=gen), torch.randn(vocab, d, generator=gen) / d**0.5
+    t = targets_for(n, vocab, seed=29, ignored_every=3)
+    t = torch.where(t == -100, pad, t)
+    as_default = t.masked_fill(t == pad, -100)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3)
+    grad_out = torch.randn(n, generator=gen) if reduction == "none" else torch.tensor(0.7)
+
+    def check(fn, inputs, tol):
+        inputs = [x.clone().requires_grad_() for x in inputs]
+        out = fn(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        x64 = [x.detach().double().requires_grad_() for x in inputs]
+        logits64 = x64[0] if len(x64) == 1 else x64[0] @ x64[1].T
+        truth = reduce(formula(logits64, as_default, **opts), as_default, reduction)
+        truth_grads = torch.autograd.grad(truth, x64, grad_out.double())
+        for got, want in zip((out, *grads), (truth, *truth_grads)):
+            assert rel_err(got, want) <= tol
+
+    logits = hidden @ weight.T
+    check(lambda x: ttl_kernels.cross_entropy(x, t, pad, reduction, backend="triton", **opts), [logits], 1e-5)
+    check(lambda x: ttl_kernels.cross_entropy_reference(x, t, pad, reduction, **opts), [logits], 1e-5)
+    check(lambda h, w: ttl_kernels.fused_linear_cross_entropy(h, w, t, pad, reduction, backend="triton", **opts),
+          [hidden, weight], FLCE_TOL[torch.float32])
+
+
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="reduction must be one of"):
         ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg", backend="triton")
