@@ -188,6 +188,21 @@ def test_strided_cu_seqlens_and_a_zero_softmax_scale():
     assert err(out, v.mean(1, keepdim=True).expand_as(v)) <= 1e-6
 
 
+def test_a_given_softmax_scale_in_forward_and_backward():
+    # a softmax_scale other than 1/sqrt(dim) (only 0.0 is checked above, and in the forward): the forward and
+    # both backward kernels must use it
+    cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+    q, k, v = qkv((30, 4, 32), 2, torch.float32, seed=12)
+    out = ttl_kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=19, softmax_scale=0.4, backend="triton")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, True, cu, 19, softmax_scale=0.4)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
+    for got, want in zip((out, *grads), (truth, *truth_grads)):
+        assert err(got, want) <= TOL[torch.float32]
+
+
 def test_double_backward_fails_loudly():
     q, k, v = qkv((1, 5, 2, 32), 2, torch.float32, seed=8)
     s = torch.tensor(2.0, requires_grad=True)  # the gradient then requires grad: it must not silently lack terms
