@@ -112,12 +112,15 @@ def test_bad_shapes_are_clear():
     with pytest.raises(ValueError, match="not a multiple of key/value heads"):
         ttl_kernels.flash_attention(q, k, v, backend="triton")
     q, k, v = qkv((1, 8, 2, 64), 2, torch.float32)
-    for short in (k[:, :6], v[:, :6]):  # fewer key/value tokens than queries: the kernels would read past them
-        with pytest.raises(ValueError, match="do not fit together"):
-            ttl_kernels.flash_attention(q, short, short, backend="triton")
+    with pytest.raises(ValueError, match="do not fit together"):  # fewer key/value tokens than queries
+        ttl_kernels.flash_attention(q, k[:, :6], v[:, :6], backend="triton")
     with pytest.raises(ValueError, match="do not fit together"):  # packed: the same, with no batch dim to differ
         ttl_kernels.flash_attention(q[0], k[0, :6], v[0, :6], cu_seqlens=torch.tensor([0, 8]), max_seqlen=8,
                                     backend="triton")
+    with pytest.raises(ValueError, match="do not fit together"):  # keys of another head_dim than the queries
+        ttl_kernels.flash_attention(q, k[..., :32], v[..., :32], backend="triton")
+    with pytest.raises(ValueError, match="do not fit together"):  # values of another shape than the keys
+        ttl_kernels.flash_attention(q, k, v[:, :, :1], backend="triton")
     q, k, v = qkv((1, 8, 2, 48), 2, torch.float32)
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
         ttl_kernels.flash_attention(q, k, v, backend="triton")
