@@ -150,6 +150,19 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, data_dir, 
     assert [r["step"] for r in evals] == [3, 6]
 
 
+def test_resume_of_a_float16_run_restores_its_gradient_scaler(tmp_path, data_dir):
+    """The scaler's scale and its count of steps since the last overflow decide which later steps are
+    skipped, so a resumed fp16 run continues with the saved ones, not a fresh scaler's."""
+    run = run_config("train.max_steps=4", "train.save_every=100", "train.dtype=\"float16\"")
+    train(run, tmp_path / "straight", data_dir=str(data_dir))
+    train(run, tmp_path / "sliced", data_dir=str(data_dir), stop_after=2)
+    train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
+    scalers = [load_trainer_state(d / "checkpoints" / "step-000004")[1]["scaler"] for d in
+               (tmp_path / "straight", tmp_path / "sliced")]
+    assert scalers[0]["_growth_tracker"] == 4 and scalers[0] == scalers[1]
+
+
 KILLER = """
 import os, runpy, signal, sys
 import ttl_core.checkpoint as checkpoint

@@ -81,11 +81,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None, keep: int = 2,
+    scaler_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` ones.
 
     `model` supplies the config and architecture, `model_state` the full (gathered) weights; the
-    optimizer state and `rng_state()` go to `optimizer.pt`, `trainer_state` to JSON."""
+    optimizer state, `rng_state()` and an fp16 run's gradient-scaler state go to `optimizer.pt`,
+    `trainer_state` to JSON."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -94,7 +96,8 @@ def save_checkpoint(
     partial.mkdir()
     save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
     atomic_write(partial / OPTIMIZER_STATE,
-                 lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state()}, tmp))
+                 lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
+                                         **({"scaler": scaler_state} if scaler_state else {})}, tmp))
     write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
     fsync_dir(partial)
     if final.exists():  # re-saving a step (e.g. the final step was also a periodic one)
@@ -107,7 +110,7 @@ def save_checkpoint(
 
 
 def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state JSON, {"optimizer": ..., "rng": ...}) of a complete checkpoint."""
+    """(trainer_state JSON, {"optimizer": ..., "rng": ..., and "scaler" for fp16 runs}) of a complete checkpoint."""
     try:
         trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
         saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)

@@ -338,10 +338,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         path = None
         if world.is_main:
-            extra = {"scaler": scaler.state_dict()} if scaler else {}
-            path = save_checkpoint(out_dir, at_step, unwrap(model), model_state, {**optimizer_state, **extra},
+            path = save_checkpoint(out_dir, at_step, unwrap(model), model_state, optimizer_state,
                                    {"data": loader.state_dict(), "config": run.to_dict()}, tokenizer,
-                                   keep=train.keep_checkpoints)
+                                   keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None)
         barrier(world)
         return path
 
