@@ -3,11 +3,13 @@ end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import ROOT, run_script
 
+from ttl_core import benchmark
 from ttl_core.benchmark import ROW_FIELDS, BenchDevice, Results, open_device, row
 
 SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
@@ -195,3 +197,50 @@ def test_goal_table_judges_each_goal_from_one_run(tmp_path):
     broken = run_script("check_goals", tmp_path)
     assert broken.returncode != 0 and broken.stderr.strip().splitlines()[-1].startswith("error:")
     assert "train.json is not valid JSON" in broken.stderr
+
+
+# --- the harness's own arithmetic: timing, peaks, profiles and the results file --------------------------------
+
+def fixed_timing(monkeypatch, *ms):
+    """Every `BenchDevice.time_ms` call answers the next of `ms` (the last one repeated) without timing."""
+    answers = list(ms)
+    monkeypatch.setattr(BenchDevice, "time_ms", lambda self, fn, **kwargs: answers.pop(0) if len(answers) > 1
+                        else answers[0])
+
+
+def test_timing_is_the_median_of_at_least_five_timed_calls(monkeypatch):
+    """On a fake clock: a call slower than the whole budget is still timed 5 times, and the figure is their
+    median (3 ms here; the mean would be 8 ms, the minimum 1 ms)."""
+    clock = [0.0]
+    durations = [5.0, 3.0, 0.001, 0.002, 0.030, 0.004, 0.003]  # untimed, estimate, then the timed calls
+
+    def fn():
+        clock[0] += durations.pop(0)
+
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
+    ms = BenchDevice(torch.device("cpu"), "cpu", smoke=False).time_ms(fn, warmup=10, reps=50, max_seconds=2.0)
+    assert durations == [] and ms == pytest.approx(3.0)
+
+
+def test_peaks_count_a_copy_read_and_written_and_a_matmul_as_2n3_flops(monkeypatch):
+    fixed_timing(monkeypatch, 2.0, 4.0)  # the copy, then the matmul
+    device = BenchDevice(torch.device("cpu"), "cpu", smoke=True).measure_peaks()
+    assert device.bandwidth_gbs == pytest.approx(2 * 2**24 / 2e-3 / 1e9)  # 2**24 bytes read and as many written
+    assert device.bf16_tflops == pytest.approx(2 * 256**3 / 4e-3 / 1e12)
+
+
+def test_kernel_profile_is_per_call_and_its_shares_add_up():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    profile = BenchDevice(torch.device("cpu"), "cpu", smoke=True).kernel_profile(lambda: torch.mm(a, b), calls=3,
+                                                                                 top=1000)
+    assert [k["launches"] for k in profile["top"] if k["kernel"] == "aten::mm"] == [1.0]
+    assert sum(k["ms"] for k in profile["top"]) == pytest.approx(profile["kernel_ms"])
+    assert sum(k["share"] for k in profile["top"]) == pytest.approx(1.0)
+
+
+def test_results_record_each_measured_peak_under_its_own_name(tmp_path):
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=4321.04, bf16_tflops=765.43)
+    results = Results("demo", tmp_path, device)
+    results.add([row("ttl", "fwd", {"rows": 1}, "bf16", 1.0)])
+    written = json.loads((tmp_path / "test-gpu" / "demo.json").read_text())
+    assert written["measured_bandwidth_gbs"] == 4321.0 and written["measured_bf16_tflops"] == 765.4
