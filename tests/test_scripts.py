@@ -1,7 +1,9 @@
 """Every script in scripts/ answers --help (and so at least imports and parses); the benchmark harness runs
 end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its time to a harness bug."""
 
+import importlib.util
 import json
+import sys
 import time
 from types import SimpleNamespace
 
@@ -244,3 +246,96 @@ def test_results_record_each_measured_peak_under_its_own_name(tmp_path):
     results.add([row("ttl", "fwd", {"rows": 1}, "bf16", 1.0)])
     written = json.loads((tmp_path / "test-gpu" / "demo.json").read_text())
     assert written["measured_bandwidth_gbs"] == 4321.0 and written["measured_bf16_tflops"] == 765.4
+
+
+# --- the goal judge, on figures at each verdict's edge ---------------------------------------------------------
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # check_goals' dataclass looks its module up
+    spec.loader.exec_module(script)
+    return script
+
+
+def goal_row(impl, pass_, shape, ms, **figures):
+    return row(impl, pass_, shape, "bf16", ms, **figures)
+
+
+def test_fraction_goals_judge_the_worst_goal_shape_at_the_floor():
+    goals = load_script("check_goals")
+    norms = {h: {"rows": 16384, "hidden": h, "residual": False} for h in (2048, 4096, 8192)}
+    rows = [goal_row("ttl", "fwd", s, 1.0, frac_of_peak=0.90) for s in norms.values()]
+    assert goals.judge({"rms_norm": rows}, {})[0].met is True  # exactly 90%: met
+    worst_first = [goal_row("ttl", "fwd", norms[2048], 1.0, frac_of_peak=0.89)] + rows[1:]
+    for order in (worst_first, worst_first[::-1]):  # hidden 2048 is a goal shape; one shape missing misses
+        assert goals.judge({"rms_norm": order}, {})[0].met is False
+
+
+def test_goal_files_are_judged_on_bf16_rows_only(tmp_path):
+    goals = load_script("check_goals")
+    norms = [{"rows": 16384, "hidden": h, "residual": False} for h in (2048, 4096, 8192)]
+    rows = [goal_row("ttl", "fwd", s, 1.0, frac_of_peak=0.95) for s in norms]
+    rows.append(row("ttl", "fwd", norms[0], "fp32", 2.0, frac_of_peak=0.1))
+    (tmp_path / "rms_norm.json").write_text(json.dumps({"benchmark": "rms_norm", "rows": rows, "failures": []}))
+    assert goals.judge(*goals.load_rows(tmp_path))[0].met is True
+
+
+def test_speed_ratio_goals_need_strictly_faster_unless_ties_are_allowed_and_every_baseline():
+    goals = load_script("check_goals")
+    shape = {"rows": 16384, "hidden": 768, "residual": False}
+    required = [shape]
+    tie = [goal_row("ttl", "fwd", shape, 1.0), goal_row("liger", "fwd", shape, 1.0), goal_row("torch", "fwd", shape, 3.0)]
+    judge = lambda rows, **kw: goals.speed_ratio_goal("g", rows, [], "fwd", lambda s: True, ("liger", "torch"),  # noqa: E731
+                                                      required, **kw).met
+    assert judge(tie) is False and judge(tie, ties_allowed=True) is True
+    faster_than_one = [goal_row("ttl", "fwd", shape, 0.9), goal_row("liger", "fwd", shape, 1.0)]
+    assert judge(faster_than_one) is None  # torch not measured: not a "yes"
+    assert judge(faster_than_one + [goal_row("torch", "fwd", shape, 0.8)]) is False
+
+
+def test_fused_ce_memory_goal_is_met_at_exactly_one_eighth():
+    goals = load_script("check_goals")
+    shape = {"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}
+    gradients_mb = (16384 + 128256) * 4096 * 2 / 2**20  # 1130 MB of bf16 hidden and weight gradients
+    at = lambda extra: goals.flce_memory([goal_row("ttl", "fwd+bwd", shape, 1.0, peak_mem_mb=gradients_mb + extra)],  # noqa: E731
+                                         lambda s: True).met
+    assert at(8016.0 / 8) is True and at(8016.0 / 8 + 1) is False
+
+
+def test_training_goals_take_ttls_fastest_batch_and_the_worst_ratio_at_seq_2048():
+    goals = load_script("check_goals")
+    at = lambda batch, seq=2048: {"preset": "ttl-160m", "batch": batch, "seq": seq}  # noqa: E731
+    rows = [goal_row("ttl", "train_step", at(4), 1.0, tokens_per_s=3e5, mfu=0.3),
+            goal_row("ttl", "train_step", at(16), 1.0, tokens_per_s=5e5, mfu=0.5),  # exactly 50%: met
+            goal_row("ttl", "train_step", at(16, 512), 1.0, tokens_per_s=9e5, mfu=0.9),  # not the goal's shape
+            goal_row("hf", "train_step", at(4), 1.0, tokens_per_s=2e5),  # 1.5x
+            goal_row("hf", "train_step", at(16), 1.0, tokens_per_s=2.5e5),  # 2.0x
+            goal_row("hf", "train_step", at(16, 512), 1.0, tokens_per_s=1e5)]
+    mfu, versus_hf = goals.training_goals(rows)
+    assert mfu.met is True and "50.0%" in mfu.measured and "batch 16" in mfu.measured
+    assert versus_hf.met is False and versus_hf.measured.startswith("1.50x (batch 4)")
+    assert goals.training_goals([r for r in rows if r["shape"]["batch"] == 16])[1].met is True  # exactly 2x: met
+    assert goals.training_goals(rows[1:2] + rows[3:4] + rows[4:5])[0].met is True
+
+
+def test_generation_goals_need_10x_dynamic_and_strictly_faster_than_static_compile():
+    goals = load_script("check_goals")
+    at = lambda batch: {"preset": "ttl-160m", "batch": batch, "prompt": 128, "new_tokens": 256}  # noqa: E731
+    rows = [goal_row("ttl", "decode", at(1), 1.0, tokens_per_s=1000.0),
+            goal_row("hf", "decode", at(1), 1.0, tokens_per_s=100.0),  # exactly 10x: met
+            goal_row("hf_static_compile", "decode", at(1), 1.0, tokens_per_s=1000.0),  # a tie: not faster
+            goal_row("hf", "decode", at(8), 1.0, tokens_per_s=1.0)]
+    dynamic, static = goals.generation_goals(rows)
+    assert (dynamic.met, static.met) == (True, False) and dynamic.measured.startswith("10.00x")
+    rows[2] = goal_row("hf_static_compile", "decode", at(1), 1.0, tokens_per_s=999.0)
+    rows[1] = goal_row("hf", "decode", at(1), 1.0, tokens_per_s=101.0)
+    assert [v.met for v in goals.generation_goals(rows)] == [False, True]
+
+
+def test_goal_table_prints_each_verdict_in_words():
+    goals = load_script("check_goals")
+    table = goals.markdown([goals.Verdict("a", "1", ">= 1", True), goals.Verdict("b", "0", ">= 1", False),
+                            goals.Verdict("c", "-", ">= 1", None)])
+    assert table.splitlines()[2:] == ["| a | 1 | >= 1 | yes |", "| b | 0 | >= 1 | no |",
+                                      "| c | - | >= 1 | not measured |"]
