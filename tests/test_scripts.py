@@ -339,3 +339,126 @@ def test_goal_table_prints_each_verdict_in_words():
                             goals.Verdict("c", "-", ">= 1", None)])
     assert table.splitlines()[2:] == ["| a | 1 | >= 1 | yes |", "| b | 0 | >= 1 | no |",
                                       "| c | - | >= 1 | not measured |"]
+
+
+# --- the benchmarks' byte, FLOP, MFU and tokens/s counts, on stubbed timings ---------------------------------
+
+def test_kernel_rows_charge_both_passes_bytes_and_judge_flops_against_the_matmul_peak(monkeypatch):
+    script = load_script("bench_kernels")
+    fixed_timing(monkeypatch, 2.0)
+    dev = BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0, bf16_tflops=10.0)
+    x = torch.randn(8, 16, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    by_bytes = script.time_passes(dev, "ttl", lambda t: t * 2, (x,), {}, torch.bfloat16, 6e6, 4e6, 0.0, 0.0, [])
+    assert [r["pass"] for r in by_bytes] == ["fwd", "fwd+bwd"] and [r["tflops"] for r in by_bytes] == [None, None]
+    assert [r["gbs"] for r in by_bytes] == pytest.approx([3.0, 5.0])  # 6 MB, then 6 + 4 MB, in 2 ms
+    assert [r["frac_of_peak"] for r in by_bytes] == pytest.approx([0.03, 0.05])
+    by_flops = script.time_passes(dev, "ttl", lambda t: t * 2, (x,), {}, torch.bfloat16, 6e6, 4e6, 4e9, 8e9, [])
+    assert [r["tflops"] for r in by_flops] == pytest.approx([2.0, 6.0])  # 4 GFLOP, then 4 + 8, in 2 ms
+    assert [r["frac_of_peak"] for r in by_flops] == pytest.approx([0.2, 0.6])
+
+
+def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch):
+    """At the smoke sizes, bf16: RMSNorm reads x, writes y (+ the residual in, the sum out), backward reads dy and
+    x (and the sum's gradient), writes dx; rotary reads and writes q and k and reads cos and sin, each pass;
+    SwiGLU reads 2 writes 1, backward reads 3 writes 2; the fused linear CE moves hidden and weight (2·N·d·V
+    FLOPs forward, twice that backward); CE on logits reads them, backward writes their gradient."""
+    script = load_script("bench_kernels")
+    charged = []
+    monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, row_inputs, shape, dtype, fwd, bwd,
+                        fwd_flops=0.0, bwd_flops=0.0, forward_grad=True: charged.append(
+                            (shape, fwd, bwd, fwd_flops, bwd_flops)))
+    results = SimpleNamespace(device=SimpleNamespace(device=torch.device("cpu")))
+    for family in ("rms_norm", "rotary", "swiglu", "cross_entropy"):
+        script.FAMILIES[family]("smoke", torch.bfloat16, results)
+    t = 48 * 40 * 2  # one rows x hidden bf16 tensor
+    assert [c[1:3] for c in charged if "residual" in c[0] and c[0]["rows"] == 48] == [(2 * t, 3 * t), (4 * t, 4 * t)]
+    rotary = [c for c in charged if "model" in c[0]]
+    assert [c[0]["tokens"] for c in rotary] == [48, 80]
+    assert rotary[0][1:3] == (48 * ((4 + 2) * 16 * 2 + 16 * 2) * 2,) * 2
+    assert [c[1:3] for c in charged if "intermediate" in c[0] and c[0]["rows"] == 48] == [(3 * t, 5 * t)]
+    flce = [c for c in charged if "unfused_logits_grad_mb" in c[0]]
+    assert flce == [({"tokens": 48, "hidden": 40, "vocab": 1003, "unfused_logits_grad_mb": round(2 * 48 * 1003 * 2
+                     / 2**20, 1)}, (48 + 1003) * 40 * 2, (48 + 1003) * 40 * 2, 2 * 48 * 40 * 1003, 4 * 48 * 40 * 1003)]
+    assert [c[1:3] for c in charged if c[0].get("on_logits")] == [(48 * 1003 * 2, 48 * 1003 * 2)]
+    assert script.goal_rows_first("full")[0] == script.GOAL_ROWS  # what a time limit must not cut
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_flops_are_4_s2_d_per_head_forward_and_2_5x_more_backward_half_when_causal(causal, monkeypatch):
+    script = load_script("bench_attention")
+    fixed_timing(monkeypatch, 2.0)
+    dev = BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0, bf16_tflops=10.0)
+    shape = {"seq": 8, "head_dim": 4, "causal": causal, "batch": 2, "heads": 3}
+    rows = script.time_impl(dev, "ttl", lambda q, k, v, c: q + k + v, shape, torch.float32, [])
+    forward = 4 * 2 * 3 * 8 * 8 * 4 / (2 if causal else 1)
+    tflops = [forward / 2e-3 / 1e12, 3.5 * forward / 2e-3 / 1e12]
+    assert [r["tflops"] for r in rows] == pytest.approx(tflops)
+    assert [r["frac_of_peak"] for r in rows] == pytest.approx([f / 10.0 for f in tflops])
+
+
+def test_training_mfu_is_6n_plus_12ldt_flops_per_token_over_the_published_peak(tmp_path, monkeypatch):
+    """bench_train's figures from a stubbed step of 250 ms at batch 2 of 2048 tokens on a device named as an H100."""
+    from ttl_core import LlamaConfig, LlamaForCausalLM
+    script = load_script("bench_train")
+    gpu = SimpleNamespace(device=torch.device("cpu"), name="NVIDIA H100 80GB HBM3", smoke=False, cuda=True,
+                          bandwidth_gbs=3000.0, bf16_tflops=800.0, sync=lambda: None,
+                          kernel_profile=lambda fn: {"kernel_ms": 1.0, "top": []})
+    monkeypatch.setattr(script, "open_device", lambda name, smoke: gpu)
+    monkeypatch.setattr(script, "ttl_step", lambda *args, **kwargs: lambda ids: 0.0)
+    monkeypatch.setattr(script, "hf_step", lambda *args, **kwargs: lambda ids: 0.0)
+    monkeypatch.setattr(script, "measure", lambda dev, step, batch, seq, vocab, steps: (250.0, None))
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=False))  # the script sets it
+    assert script.main(["--preset", "tiny", "--batch", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
+    ttl = next(r for r in json.loads((tmp_path / "nvidia-h100-80gb-hbm3" / "train.json").read_text())["rows"]
+               if r["impl"] == "ttl")
+    config = LlamaConfig.from_preset("tiny")  # an untied LM head: its matmul counts, the input table does not
+    with torch.device("meta"):
+        non_embedding = sum(p.numel() for name, p in LlamaForCausalLM(config).named_parameters()
+                            if name != "backbone.embed.weight")
+    per_token = 6 * non_embedding + 12 * config.num_hidden_layers * config.hidden_size * 2048
+    assert ttl["tokens_per_s"] == pytest.approx(2 * 2048 / 0.25)
+    assert ttl["mfu"] == pytest.approx(per_token * 2 * 2048 / 0.25 / 989e12)
+    assert ttl["frac_of_peak"] == pytest.approx(per_token * 2 * 2048 / 0.25 / 800e12)
+
+
+def test_training_step_time_is_the_mean_after_three_warmup_steps(monkeypatch):
+    script = load_script("bench_train")
+    clock, calls = [0.0], []
+
+    def step(ids):
+        calls.append(ids.shape)
+        clock[0] += 0.5 if len(calls) > 3 else 9.0
+
+    monkeypatch.setattr(script, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    ms, peak = script.measure(BenchDevice(torch.device("cpu"), "cpu", smoke=True), step, 2, 8, 100, 4)
+    assert len(calls) == 7 and ms == pytest.approx(500.0) and peak is None
+
+
+def test_decoding_reads_every_weight_per_step_and_the_cache_so_far():
+    from ttl_core import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig.from_preset("tiny")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    weights = (model.num_parameters() - config.vocab_size * config.hidden_size) * 2  # bf16, the table aside
+    key_and_value = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    # 3 steps after a 5-token prompt attend to 5, 6 and 7 cached positions, per row
+    assert load_script("bench_generate").decode_bytes(model, 4, 5, 3) == 3 * weights + 4 * key_and_value * 18
+
+
+def test_decoding_rows_count_every_rows_tokens_and_the_bytes_read(tmp_path, monkeypatch):
+    """bench_generate's figures from a stubbed generate() call of 250 ms: 16 new tokens on each of 4 rows."""
+    from ttl_core import LlamaConfig, LlamaForCausalLM
+    script = load_script("bench_generate")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.from_preset("tiny"))
+    monkeypatch.setattr(script, "load_pretrained", lambda path, dtype, device: model)
+    monkeypatch.setattr(script, "hf_model", lambda path, device: None)
+    monkeypatch.setattr(script, "generate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(script, "time_generate", lambda dev, impl, fn, shape, reps: (250.0, None))
+    results = Results("generate", tmp_path, BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0))
+    results.last_plot = time.monotonic()  # no plot
+    script.bench("unused", "tiny", [1, 4], [1, 4], 8, 16, results, reps=1)
+    ttl = next(r for r in results.rows if r["impl"] == "ttl" and r["shape"]["batch"] == 4)
+    assert ttl["tokens_per_s"] == pytest.approx(4 * 16 / 0.25)
+    assert ttl["gbs"] == pytest.approx(script.decode_bytes(model, 4, 8, 16) / 0.25 / 1e9)
+    assert ttl["frac_of_peak"] == pytest.approx(ttl["gbs"] / 100.0)
