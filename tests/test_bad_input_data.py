@@ -183,7 +183,7 @@ def test_bad_tokenizer_json(tmp_path, spec, message):
 
 
 def test_tokenizer_ids_and_files(tok, tok_file, tmp_path):
-    for bad in (5000, -1):
+    for bad in (400, 5000, -1):  # 400: the first id past the vocabulary
         with pytest.raises(TokenizerError, match=rf"token id {bad} is outside the vocabulary \(ids 0\.\.399\)"):
             tok.decode([5, bad])
         with pytest.raises(TokenizerError, match=rf"token id {bad}"):

@@ -175,6 +175,7 @@ def test_vocab_too_large_names_the_size_that_fits():
 def test_chat_templates():
     assert chat_prompt("aira", "Oi?") == "<|startofinstruction|>Oi?<|endofinstruction|>"
     assert chat_response("aira", "Olá.") == "Olá.<|endofcompletion|>"
+    assert chat_prompt("aira", "Traduza.", "cat") == "<|startofinstruction|>Traduza.\ncat<|endofinstruction|>"
     assert chat_prompt("alpaca", "Traduza.") == (
         "Abaixo está uma instrução que descreve uma tarefa. Escreva uma resposta que conclua adequadamente a "
         "solicitação.\n\n### Instruções:\nTraduza.\n\n### Resposta:\n")
@@ -290,3 +291,56 @@ def test_train_tokenizer_reads_only_the_documents_it_uses():
     trained = train_tokenizer(documents(), None, vocab_size=320, input_sentence_size=250)
     assert len(pulled) == 250
     assert trained.proto.pieces == train_tokenizer(docs[:250], None, vocab_size=320).proto.pieces
+
+
+def test_added_tokens_that_extend_one_another_match_longest_first_as_autotokenizer(tok, tmp_path):
+    """Added tokens where one starts another ("<|fim|>" and "<|fim|>!", "<s" and "<s>", "</s>" and "</s>x"):
+    the longest one is matched, as transformers' added-token trie does."""
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer(tok.proto.SerializeToString())  # a copy: `tok` is shared
+    assert ours.add_special_tokens(["<|fim|>", "<|fim|>!", "</s>x", "<s"]) == [320, 321, 322, 323]
+    ours.save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["a <|fim|>! b", "a <|fim|>!<|fim|>", "x</s>x</s>", "<s><s", "<s<s>"]
+    for text in texts:
+        assert ours.encode(text) == hf(text)["input_ids"], text
+    assert ours.encode("<|fim|>!", add_bos=False) == [321] and ours.encode("<s>", add_bos=False) == [1]
+
+
+def test_add_special_tokens_keeps_ids_of_existing_and_repeated_tokens(tok):
+    """A token named twice in one call is added once; pieces the model has, `<unk>` included, keep their id;
+    an empty token is refused."""
+    ours = Tokenizer(tok.proto.SerializeToString())
+    assert ours.token_to_id("<unk>") == ours.unk_id == 0 and ours.token_to_id("<s>") == 1
+    assert ours.add_special_tokens(["<|x|>", "<unk>", "<|x|>", "</s>"]) == [320, 0, 320, 2]
+    assert ours.vocab_size == 321 and ours.id_to_token(320) == "<|x|>"
+    with pytest.raises(TokenizerError, match="empty token"):
+        ours.add_special_tokens(["<|y|>", ""])
+    assert ours.vocab_size == 321
+
+
+def test_tokens_added_to_a_tokenizer_json_are_matched_whole_as_autotokenizer(tmp_path):
+    """Aira's tokens added with the tokenizers library (in tokenizer.json's added_tokens only, after the BPE
+    vocabulary) convert to added pieces: matched whole in the text, dropped by skip_special_tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    make_ttl_style_dir(tmp_path / "ttl", [t.lower() for t in corpus(300, seed=2)])
+    t = HFTokenizer.from_file(str(tmp_path / "ttl" / "tokenizer.json"))
+    t.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    t.save(str(tmp_path / "ttl" / "tokenizer.json"))
+    ours, hf = Tokenizer.from_pretrained(tmp_path / "ttl"), AutoTokenizer.from_pretrained(tmp_path / "ttl")
+    assert ours.vocab_size == len(hf) == 424 and ours.added_tokens == AIRA_SPECIAL_TOKENS
+    chat = chat_prompt("aira", "qual é a capital?") + chat_response("aira", "brasília.")
+    assert ours.encode(chat)[:2] == [1, 420] and ours.encode(chat)[-1] == 422
+    assert_same_ids(ours, hf, [chat, "x<|pad|> y <|endofinstruction|>\nz", "a<|endofcompletion|>b"])
+
+
+def test_training_sentences_keep_documents_up_to_the_byte_limit_whole_and_cut_longer_ones_losslessly():
+    """`_sentences(texts, 8)`: a document of at most 8 UTF-8 bytes is one sentence; a longer one ("ééé\\né" is
+    9 bytes) is cut at line breaks, then into pieces of 8 // 4 = 2 characters, none lost; blank ones are dropped."""
+    from ttl_core.tokenizer import _sentences
+
+    texts = ["abc\ndefg", "ééé\né", " \n ", "", "abcdefghij\n\nkl", "x"]
+    assert list(_sentences(texts, 8)) == ["abc\ndefg", "éé", "é", "é", "ab", "cd", "ef", "gh", "ij", "kl", "x"]
