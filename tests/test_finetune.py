@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import shutil
 from dataclasses import replace
@@ -25,7 +26,7 @@ from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.metrics import read_metrics
 from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
 from ttl_core.task_files import TaskSpec, load_task, read_task_file
-from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response
+from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
 
 STS = TaskSpec(["sentence1", "sentence2"], "score", pair=True, regression=True)
 FAST = dict(lr=3e-3, batch_size=16, epochs=2, max_length=96)
@@ -218,6 +219,7 @@ def test_chat_ids_follow_the_template_and_mask_the_prompt(base_dir, fmt, extra):
 def test_aira_tokens_are_added_and_embeddings_resized(base_dir):
     tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
     before = model.config.vocab_size
+    assert add_chat_tokens(tok, model, "alpaca") == [] and tok.vocab_size == model.config.vocab_size == before
     assert add_chat_tokens(tok, model, "aira") == list(AIRA_SPECIAL_TOKENS)
     assert tok.vocab_size == before + len(AIRA_SPECIAL_TOKENS) == model.config.vocab_size
     assert model.backbone.embed.weight.shape[0] == model.lm_head.weight.shape[0] == tok.vocab_size
@@ -235,6 +237,10 @@ def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
     path.write_text(json.dumps({"question": "?", "output": "sim"}) + "\n")
     with pytest.raises(DataError, match=r"long\.jsonl:1: no text field among instruction, prompt"):
         build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+    for record in ({"instruction": "Diga oi.", "output": " \n"}, {"instruction": " ", "output": "Oi."}):
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(DataError, match=r"long\.jsonl:1: empty instruction or response"):
+            build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
 
 
 def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
@@ -466,3 +472,70 @@ def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
     assert len(orders) == 3 and all(sorted(order) == list(range(10)) for order in orders)
     assert len({tuple(order) for order in orders}) == 3
     assert epoch_orders(1) == orders != epoch_orders(2)
+
+
+def test_a_prompt_token_merged_with_the_response_is_trained_on():
+    """A tokenizer trained on Alpaca prompts has a "\\n\\n" piece: the prompt's closing "\\n" and a response that
+    starts with "\\n" encode as one token across the boundary, which is partly response and so is not masked;
+    every token before it is."""
+    rng = random.Random(0)
+    words = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais".split()
+    docs = [chat_prompt("alpaca", " ".join(rng.choices(words, k=6))) + "\n" + " ".join(rng.choices(words, k=8))
+            for _ in range(200)]
+    tok = train_tokenizer(docs, None, vocab_size=300)
+    prompt_ids = tok.encode(chat_prompt("alpaca", "Diga oi."))
+    ids, labels = encode_chat(tok, "alpaca", "Diga oi.", "", "\nSim.", 512)
+    n = len(prompt_ids) - 1  # the prompt's last token, "\n", merged with the response's
+    assert ids[:n] == prompt_ids[:n] and ids[n] != prompt_ids[n] and tok.id_to_token(ids[n]) == "\n\n"
+    assert labels == [-100] * n + ids[n:]
+
+
+def test_lm_eval_loss_is_the_mean_over_all_target_tokens(base_dir):
+    """Batches of 2 over 3 examples of different lengths, trained on their inputs too (the label at position 0
+    is no target: nothing predicts it): the mean of each token's cross entropy, over all examples."""
+    from ttl_core.instruct import lm_eval_loss
+
+    tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
+    examples = [encode_chat(tok, "alpaca", instruction, "", response, 512, train_on_inputs=True)
+                for instruction, response in (("Diga oi.", "Oi."), ("Conte até três.", "Um, dois, três."),
+                                              ("Qual é a capital do Brasil?", "Brasília."))]
+    total = count = 0.0
+    with torch.no_grad():
+        for ids, labels in examples:
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), reduction="sum").item()
+            count += len(labels) - 1
+    model.train()
+    assert lm_eval_loss(model, examples, 2, tok.pad_id, torch.device("cpu")) == pytest.approx(total / count, rel=1e-5)
+    assert model.training
+
+
+def test_instruction_tuning_keeps_the_first_lowest_eval_loss(base_dir, tmp_path, monkeypatch):
+    """With scripted eval losses 2, 1, 1 the model is saved after epochs 1 and 2 only (a tie is no improvement);
+    final_loss is the last logged training loss. Alpaca adds no tokens, so LoRA trains no embeddings in full, and
+    its answers end with the base's EOS alone."""
+    import ttl_core.instruct as instruct
+
+    losses, evaluated, saved = iter([2.0, 1.0, 1.0]), [], []
+
+    def scripted_eval_loss(*args):
+        evaluated.append(True)
+        return next(losses)
+
+    monkeypatch.setattr(instruct, "lm_eval_loss", scripted_eval_loss)
+    monkeypatch.setattr(instruct, "save_finetuned", lambda model, *args: saved.append(  # the epoch, the EOS ids
+        (len(evaluated), (model.generation_config or {}).get("eos_token_id"))))
+    lora_modules_to_save = []
+    start_lora = instruct.start_lora
+    monkeypatch.setattr(instruct, "start_lora", lambda model, cfg, modules_to_save: (
+        lora_modules_to_save.append(modules_to_save), start_lora(model, cfg, modules_to_save=modules_to_save)))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:4]))
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, max_length=512, lora=True)
+    summary = finetune_instruct(base_dir, data, tmp_path / "out", "alpaca", cfg, eval_file=data, verbose=False)
+    base_eos = (load_pretrained(base_dir).generation_config or {}).get("eos_token_id")  # Aira's end is no EOS here
+    assert saved == [(1, base_eos), (2, base_eos)] and summary["best"] == {"epoch": 2, "eval_loss": 1.0}
+    assert summary["added_tokens"] == [] and lora_modules_to_save == [None]  # no new rows to train in full
+    assert [h["eval_loss"] for h in summary["history"]] == [2.0, 1.0, 1.0]
+    train_losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(train_losses) == 3 and summary["final_loss"] == train_losses[-1] != train_losses[0]
