@@ -174,6 +174,7 @@ METASPACE = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
     ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1}, "merges": [5]}, **METASPACE},
      "model.merges must be a list"),
     ({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, **METASPACE}, "no unknown token '<unk>'"),
+    ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 2}}, **METASPACE}, "vocabulary ids are not contiguous"),
 ])
 def test_bad_tokenizer_json(tmp_path, spec, message):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
