@@ -118,9 +118,55 @@ def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
     ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: malformed JSON"),
     ("x", "xlsx", "unsupported task file type"),
+    ("title,text,label\na,b,A\nc,d,B,sobra\n", "csv", r"t\.csv:3: .*columns"),  # more fields than the header
+    ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "text": null, "label": "A"}\n', "jsonl",
+     r"t\.jsonl:2: no field 'text'"),  # a null is no text (not the text "None")
 ])
 def test_bad_task_files_name_file_and_line(base_dir, tmp_path, content, suffix, message):
     path = tmp_path / f"t.{suffix}"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         load_task(path, Tokenizer.from_pretrained(base_dir), TaskSpec(labels=["A", "B"]), ["A", "B"], 64)
+
+
+def test_a_byte_order_mark_is_no_part_of_the_header_and_other_encodings_are_named(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes("\ufefftitle,text,label\na,b,A\n".encode("utf-8"))
+    assert [(n, r) for n, r in read_task_file(path)] == [(2, {"title": "a", "text": "b", "label": "A"})]
+    path.write_bytes("title,text,label\nação,b,A\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"t\.csv: not UTF-8 text \(invalid continuation byte at byte 18\)"):
+        read_task_file(path)
+
+
+def test_a_task_spec_that_cannot_make_examples_is_refused():
+    for labels in (["A"], ["A", "B", "A"]):  # one class, or one name for two class ids
+        with pytest.raises(ConfigError, match="labels must be a list of at least two distinct label names"):
+            TaskSpec(labels=labels)
+    with pytest.raises(ConfigError, match=r"a sentence-pair task needs exactly two text fields, got \['a', 'b', 'c'\]"):
+        TaskSpec(["a", "b", "c"], pair=True)
+
+
+def test_discovered_labels_are_stripped_and_sorted_as_numbers(tmp_path):
+    """Without a label list the class ids are the training file's distinct values, surrounding spaces removed,
+    in numeric order when they are numbers ("9" before "10"), so a numbered label set keeps its order."""
+    path = tmp_path / "t.csv"
+    path.write_text("title,text,label\n" + "".join(f"t,x,{v}\n" for v in ("10", " 9", "0.5", "9 ", "10", "2")))
+    labels = task_labels(read_task_file(path), TaskSpec(), path)
+    assert labels == ["0.5", "2", "9", "10"]
+    assert label_value(" 10 ", labels, path, 2) == 3 and label_value("0.5", labels, path, 2) == 0
+    path.write_text("title,text,label\na,b,pos\nc,d, pos\n")
+    with pytest.raises(DataError, match=r"t\.csv: only one label value \('pos'\) in field 'label'"):
+        task_labels(read_task_file(path), TaskSpec(), path)
+
+
+def test_class_ids_must_be_in_range_and_regression_targets_finite(tmp_path):
+    path = tmp_path / "t.csv"
+    assert label_value(" pos\t", ["neg", "pos"], path, 2) == 1 and label_value("1", ["neg", "pos"], path, 2) == 1
+    with pytest.raises(DataError, match=r"t\.csv:2: unknown label '2' \(labels: neg, pos\)"):
+        label_value("2", ["neg", "pos"], path, 2)  # one past the last class id
+    assert label_value(" 3.25 ", None, path, 4) == 3.25
+    for raw in ("nan", "inf", "-Infinity"):
+        with pytest.raises(DataError, match=rf"t\.csv:4: regression label '{raw}' is not finite"):
+            label_value(raw, None, path, 4)
+    with pytest.raises(DataError, match=r"t\.csv:4: regression label 'alto' is not a number"):
+        label_value("alto", None, path, 4)
