@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,35 @@ def test_bad_task_lists_name_task_and_key(tmp_path, key, value, message):
     (tmp_path / "tasks.json").write_text(json.dumps([entry]))
     with pytest.raises(DataError, match=message):
         read_task_list(tmp_path / "tasks.json")
+
+
+@pytest.mark.parametrize("document, message", [
+    ([], r"tasks\.json: expected a non-empty JSON list of tasks"),
+    ({"name": "t"}, r"tasks\.json: expected a JSON list, got dict"),
+    ([["t", "a.csv", "a.csv"]], r"tasks\.json: task 0 is not an object"),
+    ([{"name": "t", "train": "a.csv"}], r"tasks\.json: task 0: missing eval$"),
+    ([{"name": "t", "train": "a.csv", "eval": "a.csv", "lable_field": "y", "labes": []}],
+     r"tasks\.json: task 0: unknown labes, lable_field$"),  # a misspelt key is not silently ignored
+])
+def test_task_lists_of_the_wrong_shape_are_named(tmp_path, document, message):
+    (tmp_path / "tasks.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match=message):
+        read_task_list(tmp_path / "tasks.json")
+
+
+def test_task_list_paths_are_relative_to_the_list_and_unreadable_lists_are_named(tmp_path):
+    (tmp_path / "lists").mkdir()
+    entry = {"name": "t", "train": "data/train.csv", "eval": "/abs/eval.tsv", "labels": ["A", "B"]}
+    (tmp_path / "lists" / "tasks.json").write_text(json.dumps([entry]))
+    [task] = read_task_list(tmp_path / "lists" / "tasks.json")
+    assert (task.name, task.train, task.eval) == ("t", tmp_path / "lists" / "data" / "train.csv",
+                                                 Path("/abs/eval.tsv"))
+    assert task.spec == TaskSpec(labels=["A", "B"])
+    with pytest.raises(DataError, match=r"missing\.json: cannot read JSON \(No such file or directory\)"):
+        read_task_list(tmp_path / "missing.json")
+    (tmp_path / "latin1.json").write_bytes('[{"name": "ação"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.json: not valid JSON \('utf-8' codec can't decode"):
+        read_task_list(tmp_path / "latin1.json")
 
 
 def test_empty_text_fields_option_is_refused(tmp_path):

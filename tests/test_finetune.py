@@ -9,6 +9,7 @@ import math
 import random
 import re
 import shutil
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -388,6 +389,38 @@ def test_benchmark_script_prints_one_table(base_dir, tmp_path):
     assert table[3].split("|")[4:6] == [" - ", " - "]  # regression has no accuracy / F1
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert rows[1]["pearson"] is not None and rows[0]["accuracy"] > 0.5
+
+
+def test_benchmark_rows_json_and_markdown_table(tmp_path, monkeypatch):
+    """One row per task with its kind and its best epoch's metrics (a metric the task lacks, or a NaN, is '-'),
+    each task run on its own train and eval files into OUT/NAME; results.md holds the printed table."""
+    import ttl_core.task_benchmark as bench
+
+    best = {"noticias": {"epoch": 2, "accuracy": 0.75, "f1": 0.5, "loss": 0.1},
+            "sts": {"epoch": 3, "pearson": float("nan"), "mse": 0.125}}
+    calls = []
+
+    def fake_finetune(model_dir, train, eval_, out, spec, cfg, verbose):
+        calls.append((train.name, eval_.name, out))
+        out.mkdir(parents=True)  # as the real run does
+        return types.SimpleNamespace(best=best[out.name])
+
+    monkeypatch.setattr(bench, "finetune_classifier", fake_finetune)
+    tasks = [bench.Task("noticias", tmp_path / "n_train.csv", tmp_path / "n_eval.csv", NEWS),
+             bench.Task("sts", tmp_path / "s_train.csv", tmp_path / "s_eval.csv", STS)]
+    rows = bench.run_benchmark(tmp_path / "model", tasks, tmp_path / "out", FinetuneConfig(epochs=3), verbose=False)
+    assert calls == [("n_train.csv", "n_eval.csv", tmp_path / "out" / "noticias"),
+                     ("s_train.csv", "s_eval.csv", tmp_path / "out" / "sts")]
+    assert rows[0] == {"task": "noticias", "kind": "classification", "epoch": 2, "accuracy": 0.75, "f1": 0.5,
+                       "pearson": None, "mse": None}
+    assert rows[1]["kind"] == "regression" and rows[1]["epoch"] == 3 and rows[1]["mse"] == 0.125
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"][0] == rows[0] and saved["config"]["epochs"] == 3
+    assert (tmp_path / "out" / "results.md").read_text(encoding="utf-8").splitlines() == [
+        "| task | kind | best epoch | accuracy | f1 | pearson | mse |",
+        "|---|---|---|---|---|---|---|",
+        "| noticias | classification | 2 | 0.7500 | 0.5000 | - | - |",
+        "| sts | regression | 3 | - | - | - | 0.1250 |"]
 
 
 def test_metrics_count_a_class_that_is_only_predicted_and_handle_constant_sides():
