@@ -135,3 +135,14 @@ def test_scripts_report_file_system_and_backend_errors_in_one_line(checkpoint, t
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda argv: ttl_kernels.rms_norm(torch.randn(2, 4), torch.ones(4), backend="bogus"))
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: kernel backend must be one of")
+
+
+def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    for main, code in ((lambda argv: 3, 3), (lambda argv: None, 0), (interrupted, 130)):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(main, [])
+        assert exit_.value.code == code
+    assert capsys.readouterr().err == ""

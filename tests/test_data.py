@@ -9,6 +9,7 @@ import pytest
 from helpers import run_script
 
 import ttl_core.data as data
+import ttl_core.fileio as fileio
 from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
 from ttl_core.errors import DataError, TTLError
 from ttl_core.tokenizer import Tokenizer
@@ -230,3 +231,30 @@ def test_special_token_text_in_documents_stays_text(tmp_path):
     assert not np.isin(train, [tok.pad_id, tok.unk_id, *range(300, tok.vocab_size)]).any()
     docs = split_documents(train, tok.bos_id, tok.eos_id)
     assert [tok.decode(d) for d in docs] == texts
+
+
+# --- crash-safe writes ---------------------------------------------------------------------------------------
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "meta.json"
+    fileio.write_json(path, {"n": 1})
+
+    def torn(tmp):
+        tmp.write_text('{"n": ')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        fileio.atomic_write(path, torn)
+    assert json.loads(path.read_text()) == {"n": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+def test_a_directory_written_atomically_replaces_the_old_one_after_a_crashed_attempt(tmp_path):
+    """The new contents replace the old directory whole (no file of the old one stays), a `.partial` left by
+    a crash is cleared first, and neither `.partial` nor `.old` remains."""
+    best = tmp_path / "best"
+    fileio.write_dir_atomically(best, lambda d: (d / "old.txt").write_text("epoch 1"))
+    (tmp_path / ".best.partial").mkdir()
+    (tmp_path / ".best.partial" / "torn.bin").write_bytes(b"\0")  # the crashed attempt
+    fileio.write_dir_atomically(best, lambda d: (d / "new.txt").write_text("epoch 2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert sorted(p.name for p in best.iterdir()) == ["new.txt"] and (best / "new.txt").read_text() == "epoch 2"

@@ -464,9 +464,11 @@ def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
     first.step()
     changed = run_config("train.weight_decay=0.5", "train.betas=[0.5, 0.6]", "train.eps=1e-3").train
     second = build_optimizer(model, changed, torch.device("cpu"))
+    lrs = [g["lr"] for g in second.param_groups]
     load_optimizer_state(model, second, full_optimizer_state(model, first))
     assert [(g["weight_decay"], g["betas"], g["eps"]) for g in second.param_groups] == [
         (0.5, (0.5, 0.6), 1e-3), (0.0, (0.5, 0.6), 1e-3)]
+    assert [g["lr"] for g in second.param_groups] == lrs and all(lr > 0 for lr in lrs)  # not the loader's 0
     saved, loaded = first.state_dict()["state"], second.state_dict()["state"]
     assert all(torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"]) for i in saved)
 
