@@ -24,13 +24,15 @@ def err(got, truth):
     return float((got - truth).abs().max() / scale)
 
 
-def check(q, k, v, causal, tol, cu_seqlens=None, max_seqlen=None, seed=0):
+def check(q, k, v, causal, tol, cu_seqlens=None, max_seqlen=None, seed=0, grad=None, softmax_scale=None):
+    """The Triton kernels' output and q/k/v gradients (for `grad`, random by default) against float64."""
     out = ttl_kernels.flash_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                      backend="triton")
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+                                      softmax_scale=softmax_scale, backend="triton")
+    if grad is None:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, causal, cu_seqlens, max_seqlen)
+    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, causal, cu_seqlens, max_seqlen, softmax_scale)
     truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
     assert out.dtype == q.dtype and out.shape == q.shape
     for got, want in zip((out, *grads), (truth, *truth_grads)):
@@ -97,14 +99,7 @@ def test_inputs_and_output_gradient_with_a_strided_last_dim():
     q, k, v = (torch.randn(26, 32, h, generator=gen).transpose(1, 2).requires_grad_() for h in (4, 2, 2))
     grad = torch.randn(26, 32, 4, generator=gen).transpose(1, 2)
     assert q.stride(-1) != 1 and k.stride(-1) != 1 and grad.stride(-1) != 1
-    cu = torch.tensor([0, 9, 26], dtype=torch.int32)
-    out = ttl_kernels.flash_attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=17, backend="triton")
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, True, cu, 17)
-    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
-    for got, want in zip((out, *grads), (truth, *truth_grads)):
-        assert err(got, want) <= TOL[torch.float32]
+    check(q, k, v, True, TOL[torch.float32], torch.tensor([0, 9, 26], dtype=torch.int32), 17, grad=grad)
 
 
 def test_bad_shapes_are_clear():
@@ -155,15 +150,9 @@ def test_row_strided_output_gradient():
     # as when the output is concatenated with another): the backward must index dO by dO's strides, not O's
     cu = torch.tensor([0, 40, 47, 90], dtype=torch.int32)
     q, k, v = qkv((90, 4, 32), 2, torch.float32, seed=3)
-    out = ttl_kernels.flash_attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=43, backend="triton")
     grad = torch.randn(90, 5, 48, generator=torch.Generator().manual_seed(4))[:, 1:, 8:40]
-    assert grad.stride(-1) == 1 and grad.stride()[:2] != out.stride()[:2]
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, True, cu, 43)
-    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
-    for got, want in zip((out, *grads), (truth, *truth_grads)):
-        assert err(got, want) <= TOL[torch.float32]
+    assert grad.stride(-1) == 1 and grad.stride()[:2] != torch.empty(90, 4, 32).stride()[:2]  # the output's
+    check(q, k, v, True, TOL[torch.float32], cu, 43, grad=grad)
 
 
 def test_documents_that_do_not_fit_max_seqlen_or_the_tokens_are_refused():
@@ -196,14 +185,7 @@ def test_a_given_softmax_scale_in_forward_and_backward():
     # both backward kernels must use it
     cu = torch.tensor([0, 11, 30], dtype=torch.int32)
     q, k, v = qkv((30, 4, 32), 2, torch.float32, seed=12)
-    out = ttl_kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=19, softmax_scale=0.4, backend="triton")
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    truth = ttl_kernels.flash_attention_reference(q64, k64, v64, True, cu, 19, softmax_scale=0.4)
-    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), grad.double())
-    for got, want in zip((out, *grads), (truth, *truth_grads)):
-        assert err(got, want) <= TOL[torch.float32]
+    check(q, k, v, True, TOL[torch.float32], cu, 19, seed=13, softmax_scale=0.4)
 
 
 def test_double_backward_fails_loudly():
