@@ -6,13 +6,12 @@ import weakref
 
 import pytest
 import torch
-from generation_helpers import PAD, CharTokenizer, hf_generation_model, hf_greedy, left_padded, saved_models
+from generation_helpers import PAD, hf_generation_model, hf_greedy, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
 from ttl_core.errors import GenerationError
 from ttl_core.generate import KVDecoder
-from ttl_core.streamer import TextStreamer
 from ttl_core.lora import apply_lora, lora_layers, merge_lora
 
 generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
@@ -240,80 +239,6 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     assert all(m is ours for m in generate_module._SESSIONS.keys())  # a cached session keeps no model alive
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=250), "exceeds the model's context of 256"),
-    (dict(do_sample=True, top_p=0.0), "top_p must be in"),
-    (dict(do_sample=True, top_p=1.5), "top_p must be in"),
-    (dict(temperature=-0.1), "temperature must be"),
-    (dict(do_sample=True, temperature=0.0), "temperature must be"),
-    (dict(top_k=-1), "top_k must be"),
-    (dict(min_p=1.5), "min_p must be"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be"),
-    (dict(num_return_sequences=2), "needs do_sample"),
-    (dict(eos_token_id=[2, 999]), "eos_token_id 999"),
-    (dict(eos_token_id=131), "eos_token_id 131 is not a token id in \\[0, 131\\)"),  # the vocabulary's end
-    (dict(stop_strings=["x"]), "need a tokenizer"),
-    (dict(max_new_tokens=0), "max_new_tokens must be"),
-    (dict(do_sample=True, temperature="0.5"), "temperature must be a number, got '0.5'"),
-    (dict(do_sample=True, temperature=1e-39), "temperature 1e-39 is too small to sample with"),
-    (dict(do_sample=True, top_p="0.9"), "top_p must be a number, got '0.9'"),
-    (dict(do_sample=True, top_k=True), "top_k must be an integer"),
-    (dict(pad_token_id=[3, 4]), "pad_token_id must be one token id"),
-    (dict(eos_token_id=torch.tensor([2.0])), "eos_token_id 2.0 is not a token id"),
-    (dict(stop_strings=[""], tokenizer=CharTokenizer()), "stop_strings must be a non-empty string"),
-    (dict(stop_strings="x", tokenizer=object()), "stop_strings need a tokenizer with id_to_token"),
-])
-def test_bad_arguments_raise_one_line_errors(models, kwargs, message):
-    _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size)
-    with pytest.raises(GenerationError, match=message) as info:
-        ttl_core.generate(ours, ids, mask, **kwargs)
-    assert "\n" not in str(info.value)
-
-
-def test_bad_inputs_raise_one_line_errors(models):
-    _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size)
-    with pytest.raises(GenerationError, match="empty prompt"):
-        ttl_core.generate(ours, ids[:, :0])
-    no_token = mask.clone()
-    no_token[2] = 0
-    with pytest.raises(GenerationError, match="row 2 of attention_mask attends to no token"):
-        ttl_core.generate(ours, ids, no_token)
-    right = mask.flip(1)
-    with pytest.raises(GenerationError, match="left-padded"):
-        ttl_core.generate(ours, ids, right)
-    with pytest.raises(GenerationError, match="attention_mask must be a tensor shaped like input_ids, got a list"):
-        ttl_core.generate(ours, ids, mask.tolist())
-    with pytest.raises(GenerationError, match="outside the vocabulary"):
-        ttl_core.generate(ours, ids + 1000)
-    with pytest.raises(GenerationError, match="outside the vocabulary"):  # one id past the last
-        ttl_core.generate(ours, ids.masked_fill(mask == 0, ours.config.vocab_size), mask)
-    with pytest.raises(GenerationError, match="a streamer follows one sequence"):
-        ttl_core.generate(ours, ids, mask, streamer=TextStreamer(CharTokenizer()))
-    classifier = ttl_core.LlamaForSequenceClassification(ttl_core.LlamaConfig.from_preset("tiny"))
-    with pytest.raises(GenerationError, match="needs a causal LM"):
-        ttl_core.generate(classifier, ids)
-
-
-def test_token_ids_as_tensors_and_numpy_integers(models):
-    """As transformers takes them: 0-d and 1-d tensors and NumPy integers are ids like Python ints."""
-    import numpy as np
-
-    _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size)
-    free = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=[])[:, 9:]
-    eos = [int(free[0, 2]), int(free[1, 4])]
-    expected = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=PAD)
-    for eos_ids, pad in ((torch.tensor(eos), torch.tensor(PAD)), (np.array(eos), np.int64(PAD)),
-                         ([np.int64(eos[0]), torch.tensor(eos[1])], torch.tensor([PAD]))):
-        got = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos_ids, pad_token_id=pad)
-        assert torch.equal(got, expected)
-    one = ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=eos[0], pad_token_id=PAD)
-    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=12, eos_token_id=torch.tensor(eos[0]),
-                                         pad_token_id=PAD), one)
-
-
 def test_scores_without_a_distribution_raise_like_transformers(tmp_path):
     """Logits so large that logits / temperature overflows float32 (at a temperature above the smallest one
     taken) leave softmax nothing to sample from: transformers' torch.multinomial raises, and so does ttl (once
@@ -462,74 +387,6 @@ def test_left_padding_survives_kernels_that_return_nan_for_keyless_queries(model
     assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=8, eos_token_id=[]), ref)
 
 
-def test_range_edges_are_accepted(models):
-    """Each setting's range includes its edges: temperature 0 when greedy (unused, as in transformers), the
-    smallest normal float32 temperature when sampling, min_p 1 (only the most likely token is left, so sampling
-    is greedy) and a prompt plus max_new_tokens that fill the context exactly."""
-    from ttl_core.sampling import MIN_TEMPERATURE, check_sampling_arguments
-
-    _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size)
-    greedy = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], temperature=0.0), greedy)
-    sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, min_p=1.0, seed=1)
-    assert torch.equal(sampled, greedy)
-    check_sampling_arguments(True, MIN_TEMPERATURE, 0, 1.0, 1.0, 1.0, 1)
-    every_id = list(range(ours.config.vocab_size))  # each row ends at its first token: a quick call
-    full = ttl_core.generate(ours, ids, mask, max_new_tokens=ours.config.max_position_embeddings - 9,
-                             eos_token_id=every_id, pad_token_id=PAD)
-    assert full.shape == (3, 10)
-
-
-def test_settings_left_out_sample_20_tokens_without_top_k(models, monkeypatch):
-    """DECODING_DEFAULTS where neither the call nor the checkpoint sets a value: 20 new tokens, and sampling
-    keeps every token (no top_k, where transformers' default would keep 50 of this vocabulary's 131)."""
-    _, ours = models
-    assert "max_new_tokens" not in ours.generation_config and "top_k" not in ours.generation_config
-    ids, mask = left_padded(ours.config.vocab_size)
-    assert ttl_core.generate(ours, ids, mask, eos_token_id=[]).shape == (3, 9 + 20)
-    recorded = []
-    real = generate_module.process_logits
-
-    def recording(*args, **kwargs):
-        recorded.append(real(*args, **kwargs))
-        return recorded[-1]
-
-    monkeypatch.setattr(generate_module, "process_logits", recording)
-    for top_k in (None, 50):
-        recorded.clear()
-        ttl_core.generate(ours, ids, mask, max_new_tokens=3, do_sample=True, top_k=top_k, eos_token_id=[], seed=0)
-        filtered = torch.isinf(torch.stack(recorded)).sum(-1)
-        assert len(recorded) == 3 and (filtered == (0 if top_k is None else ours.config.vocab_size - 50)).all()
-
-
-def test_special_token_ids_from_the_checkpoint(models, monkeypatch):
-    """The checkpoint's generation_config.json gives the EOS ids and the padding id (id 0 included, -1 meaning
-    none); without a padding id, padding is the first EOS id."""
-    from ttl_core.sampling import special_token_ids
-
-    _, ours = models
-    monkeypatch.setattr(ours, "generation_config", {"eos_token_id": [0, -1, 7], "pad_token_id": 5})
-    assert special_token_ids(ours, None, None) == ([0, 7], 5)
-    monkeypatch.setattr(ours, "generation_config", {"eos_token_id": [9, 7], "pad_token_id": -1})
-    assert special_token_ids(ours, None, None) == ([9, 7], 9)
-    assert special_token_ids(ours, 4, None) == ([4], 4) and special_token_ids(ours, 4, 0) == ([4], 0)
-    monkeypatch.setattr(ours, "generation_config", {})
-    ids, mask = left_padded(ours.config.vocab_size)
-    with pytest.raises(GenerationError, match="stop_strings need a pad_token_id"):
-        ttl_core.generate(ours, ids, mask, eos_token_id=[], stop_strings="ab", tokenizer=CharTokenizer())
-
-
-def test_a_padding_id_that_is_an_eos_id_is_not_taken_for_padding(models):
-    """As in transformers: without attention_mask, prompt tokens equal to the padding id count as padding
-    only when that id is no EOS id (Llama pads with its EOS id, and an EOS inside a prompt is a real token)."""
-    hf, ours = models
-    ids = left_padded(hf.config.vocab_size, batch=1)[0]
-    ids[0, 4] = 2
-    ref = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[2], pad_token_id=2)
-    assert torch.equal(ttl_core.generate(ours, ids, max_new_tokens=6, eos_token_id=[2], pad_token_id=2), ref)
-
-
 def test_decoding_stops_once_every_row_has_finished(models, monkeypatch):
     """No decode step runs after the step where the last row finished (the output would be the same, trimmed,
     but every extra step is a wasted forward pass)."""
@@ -542,14 +399,3 @@ def test_decoding_stops_once_every_row_has_finished(models, monkeypatch):
     monkeypatch.setattr(KVDecoder, "step", lambda self, tokens: steps.append(1) or real(self, tokens))
     got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
     assert len(steps) == got.shape[1] - 9 - 1 <= 2  # the prefill gives the first token
-
-
-def test_sampling_without_a_seed_follows_the_global_rng(models):
-    _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size)
-    kwargs = dict(max_new_tokens=8, do_sample=True, eos_token_id=[])
-    runs = []
-    for global_seed in (0, 1):
-        torch.manual_seed(global_seed)
-        runs.append(ttl_core.generate(ours, ids, mask, **kwargs))
-    assert not torch.equal(runs[0], runs[1])

@@ -1,4 +1,5 @@
-"""The training loop: configs, schedule, exact resume, crash safety, DDP/FSDP2 parity, the README's main job."""
+"""The training loop: configs, schedule, the step's arithmetic, DDP/FSDP2 parity, the README's main job (resume and
+crash safety: test_resume.py)."""
 
 from __future__ import annotations
 
@@ -13,43 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_reference import randomize_
 from tests.helpers import ROOT, run_script
+from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained
-from ttl_core.checkpoint import complete_checkpoints, latest_checkpoint, load_trainer_state
-from ttl_core.data import PackedLoader, prepare_data
-from ttl_core.distributed import World, full_optimizer_state, load_optimizer_state
-from ttl_core.errors import CheckpointError, ConfigError, TrainingError
+from ttl_core.checkpoint import complete_checkpoints
+from ttl_core.data import PackedLoader
+from ttl_core.distributed import World
+from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
-from ttl_core.model import LlamaForCausalLM
 from ttl_core.train import build_optimizer, evaluate, lr_at, model_inputs, optimizer_update, train, train_step
-
-MICRO_MODEL = ["model.preset=\"tiny\"", "model.hidden_size=64", "model.intermediate_size=128",
-               "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.max_position_embeddings=64"]
-FAST = ["train.seq_len=32", "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=3",
-        "train.eval_batches=2", "train.sample_tokens=0", "train.lr=3e-3"]
-
-PORTUGUESE = ("O rio corre devagar entre as pedras da serra, e a cidade acorda com o cheiro de pão quente. "
-              "Na feira, a vendedora de frutas conta histórias sobre a chuva de ontem e o preço do café. ")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """A small prepared corpus: 60 distinct Portuguese documents, tokenizer trained on them."""
-    tmp = tmp_path_factory.mktemp("data")
-    docs = [f"Documento {i}. " + PORTUGUESE * (1 + i % 3) + f"Fim da história número {i * 7}." for i in range(60)]
-    (tmp / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
-    prepare_data([tmp / "corpus.txt"], tmp / "prepared", vocab_size=400, val_fraction=0.1)
-    return tmp / "prepared"
-
-
-def run_config(*overrides: str):
-    return load_run_config(None, [*MICRO_MODEL, "model.vocab_size=400", *FAST, *overrides])
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 # --- configuration and schedule ---------------------------------------------------------------------------
@@ -132,71 +111,7 @@ def test_mfu_flops_and_peaks():
     assert peak_tflops("NVIDIA H100 PCIe") is peak_tflops("NVIDIA H100 NVL") is peak_tflops("NVIDIA H200 NVL") is None
 
 
-# --- exact resume and crash safety ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("accum", [1, 2])
-def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, data_dir, accum):
-    run = run_config("train.max_steps=6", "train.save_every=100", f"train.grad_accum_steps={accum}")
-    straight = tmp_path / "straight"
-    train(run, straight, data_dir=str(data_dir))
-    sliced = tmp_path / "sliced"
-    first = train(run, sliced, data_dir=str(data_dir), stop_after=3)
-    assert first.last_step == 3 and [p.name for p in complete_checkpoints(sliced)] == ["step-000003"]
-    train(run, sliced, data_dir=str(data_dir), resume=True)
-    assert losses(sliced) == losses(straight) and len(losses(straight)) == 6
-    a, b = load_pretrained(straight / "checkpoints" / "step-000006"), load_pretrained(sliced / "checkpoints" / "step-000006")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    evals = [r for r in read_metrics(sliced / "metrics.jsonl") if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [3, 6]
-
-
-def test_resume_of_a_float16_run_restores_its_gradient_scaler(tmp_path, data_dir):
-    """The scaler's scale and its count of steps since the last overflow decide which later steps are
-    skipped, so a resumed fp16 run continues with the saved ones, not a fresh scaler's."""
-    run = run_config("train.max_steps=4", "train.save_every=100", "train.dtype=\"float16\"")
-    train(run, tmp_path / "straight", data_dir=str(data_dir))
-    train(run, tmp_path / "sliced", data_dir=str(data_dir), stop_after=2)
-    train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
-    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
-    scalers = [load_trainer_state(d / "checkpoints" / "step-000004")[1]["scaler"] for d in
-               (tmp_path / "straight", tmp_path / "sliced")]
-    assert scalers[0]["_growth_tracker"] == 4 and scalers[0] == scalers[1]
-
-
-KILLER = """
-import os, runpy, signal, sys
-import ttl_core.checkpoint as checkpoint
-original = checkpoint.save_pretrained
-def save_then_die(model, path, **kwargs):
-    original(model, path, **kwargs)
-    if "step-000004" in str(path):  # the weights are written, the rest of the checkpoint is not
-        os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.save_pretrained = save_then_die
-sys.argv = ["pretrain.py", *sys.argv[1:]]
-runpy.run_path(sys.argv.pop(1), run_name="__main__")
-"""
-
-
-def test_a_run_killed_while_checkpointing_resumes_from_the_previous_checkpoint(tmp_path, data_dir):
-    overrides = [x for o in [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=6"] for x in ("--set", o)]
-    args = ["--data", data_dir, "--save-every", "2", *overrides]
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run_dir = tmp_path / "run"
-    died = subprocess.run([sys.executable, str(killer), str(ROOT / "scripts" / "pretrain.py"), "--out", str(run_dir),
-                           *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
-    assert died.returncode == -9, died.stderr[-2000:]
-    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000002"]
-    assert (run_dir / "checkpoints" / ".step-000004.partial").exists()
-    resumed = run_script("pretrain", "--out", run_dir, "--resume", *args)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout and "step-000002" in resumed.stdout
-    assert not (run_dir / "checkpoints" / ".step-000004.partial").exists()
-    straight = tmp_path / "straight"
-    assert run_script("pretrain", "--out", straight, *args).returncode == 0
-    assert losses(run_dir) == losses(straight)
-
+# --- training runs: masking, precision, recomputation, failures, starting points --------------------------
 
 def test_document_masking_trains_on_packed_documents(tmp_path, data_dir):
     masked = train(run_config("train.max_steps=3", "data.document_masking=true"), tmp_path / "m", data_dir=str(data_dir))
@@ -350,11 +265,6 @@ def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
 
 # --- the step's arithmetic against eager PyTorch ----------------------------------------------------------
 
-def random_model(run, seed: int = 0):
-    torch.manual_seed(seed)
-    return randomize_(LlamaForCausalLM(run.model_config()), seed).train()
-
-
 def eager_loss(model, micro_batches) -> torch.Tensor:
     """Mean cross-entropy per target token over every micro-batch together, from the full logits."""
     total, count = 0.0, 0
@@ -415,23 +325,6 @@ def test_document_masked_loss_is_the_loss_of_each_document_alone(data_dir):
     assert abs(unmasked.item() - truth.item()) > 1e-3
 
 
-def test_resume_restores_the_random_state_that_dropout_draws_from(tmp_path, data_dir):
-    """A resumed process starts with other RNG states; the checkpoint's are restored before the next step."""
-    run = run_config("model.attention_dropout=0.2", "train.max_steps=4", "train.save_every=100")
-    train(run, tmp_path / "straight", data_dir=str(data_dir))
-    train(run, tmp_path / "sliced", data_dir=str(data_dir), stop_after=2)
-    torch.manual_seed(12345)  # as in a new process
-    train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
-    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
-
-
-@pytest.mark.parametrize("keep", [1, 2])
-def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
-    run = run_config("train.max_steps=4", "train.save_every=1", f"train.keep_checkpoints={keep}")
-    train(run, tmp_path, data_dir=str(data_dir))
-    assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{s:06d}" for s in range(5 - keep, 5)]
-
-
 def test_a_non_finite_gradient_under_a_finite_loss_leaves_the_weights_alone():
     """Clipping an infinite norm would turn every gradient into NaN; the step is refused before the update."""
     run = run_config()
@@ -449,28 +342,6 @@ def test_a_non_finite_gradient_under_a_finite_loss_leaves_the_weights_alone():
     with pytest.raises(TrainingError, match="gradient norm became"):
         optimizer_update(model, optimizer, run.train, 1e-3)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-
-
-def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
-    """The checkpoint restores AdamW's moments; weight decay, betas and eps are the resumed run's config, and
-    a changed no_decay (which would regroup the parameters) is refused."""
-    run = run_config("train.max_steps=4")
-    train(run, tmp_path, data_dir=str(data_dir), stop_after=2)
-    with pytest.raises(ConfigError, match=r"trained with train.no_decay=\['norm', 'bias'\]; resuming with \[\]"):
-        train(run_config("train.max_steps=4", "train.no_decay=[]"), tmp_path, data_dir=str(data_dir), resume=True)
-    model = random_model(run)
-    first = build_optimizer(model, run.train, torch.device("cpu"))
-    model(torch.randint(0, 400, (2, 16)), labels=torch.randint(0, 400, (2, 16))).loss.backward()
-    first.step()
-    changed = run_config("train.weight_decay=0.5", "train.betas=[0.5, 0.6]", "train.eps=1e-3").train
-    second = build_optimizer(model, changed, torch.device("cpu"))
-    lrs = [g["lr"] for g in second.param_groups]
-    load_optimizer_state(model, second, full_optimizer_state(model, first))
-    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in second.param_groups] == [
-        (0.5, (0.5, 0.6), 1e-3), (0.0, (0.5, 0.6), 1e-3)]
-    assert [g["lr"] for g in second.param_groups] == lrs and all(lr > 0 for lr in lrs)  # not the loader's 0
-    saved, loaded = first.state_dict()["state"], second.state_dict()["state"]
-    assert all(torch.equal(saved[i]["exp_avg_sq"], loaded[i]["exp_avg_sq"]) for i in saved)
 
 
 def test_step_clips_to_grad_clip_and_applies_the_scheduled_lr():
@@ -524,14 +395,6 @@ def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_st
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
 
 
-def test_the_newest_checkpoint_is_found_by_step_number_past_six_digits(tmp_path):
-    root = tmp_path / "checkpoints"
-    for name in ("step-999999", "step-1000000", "step-000005", ".step-2000000.partial"):
-        (root / name).mkdir(parents=True)
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000005", "step-999999", "step-1000000"]
-    assert latest_checkpoint(tmp_path).name == "step-1000000"
-
-
 def test_a_sequence_longer_than_the_context_is_refused(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="train.seq_len 128 exceeds the model's max_position_embeddings 64"):
         train(run_config("train.seq_len=128"), tmp_path, data_dir=str(data_dir))
@@ -541,24 +404,6 @@ def test_integers_are_accepted_for_float_settings():
     t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
     assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)
     assert all(isinstance(v, float) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip))
-
-
-def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
-    ckpt = tmp_path / "step-000001"
-    ckpt.mkdir()
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
-    with pytest.raises(CheckpointError, match="is not a training checkpoint: optimizer.pt is missing"):
-        load_trainer_state(ckpt)
-    torch.save({"optimizer": {}, "rng": {}}, ckpt / "optimizer.pt")
-    assert load_trainer_state(ckpt)[0] == {"step": 1, "data": {}}
-    for state in ({"step": -1, "data": {}}, {"step": 1.5, "data": {}}, {"step": 1}, [1]):
-        (ckpt / "trainer_state.json").write_text(json.dumps(state))
-        with pytest.raises(CheckpointError, match="expected a step number and the data position"):
-            load_trainer_state(ckpt)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
-    torch.save({"optimizer": {}}, ckpt / "optimizer.pt")
-    with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
-        load_trainer_state(ckpt)
 
 
 def test_init_from_a_classifier_is_refused(tmp_path, data_dir):

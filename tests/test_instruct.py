@@ -1,0 +1,261 @@
+"""Instruction tuning: chat templates and prompt masking in both formats, Aira's tokens, LoRA instruction tuning
+with a PEFT adapter, evaluation and selection, and the generate script on the result."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.finetune_helpers import saved_base_model
+from tests.helpers import run_script
+from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataError
+from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig
+from ttl_core.hf import load_pretrained, save_pretrained
+from ttl_core.metrics import read_metrics
+from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
+from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return saved_base_model(tmp_path_factory.mktemp("base"))
+
+
+@pytest.mark.parametrize("fmt", ["aira", "alpaca"])
+@pytest.mark.parametrize("extra", ["", "O céu está limpo."])
+def test_chat_ids_follow_the_template_and_mask_the_prompt(base_dir, fmt, extra):
+    tok = Tokenizer.from_pretrained(base_dir)
+    if fmt == "aira":
+        tok.add_special_tokens([t for t in AIRA_SPECIAL_TOKENS if tok.token_to_id(t) is None])
+    ids, labels = encode_chat(tok, fmt, "Descreva o tempo hoje.", extra, "Faz sol e calor.", 512)
+    prompt = chat_prompt(fmt, "Descreva o tempo hoje.", extra)
+    expected = tok.encode(prompt + chat_response(fmt, "Faz sol e calor."), add_bos=True)
+    expected += [tok.eos_id] if fmt == "alpaca" else []
+    assert ids == expected and ids[0] == tok.bos_id
+    n_prompt = len(tok.encode(prompt, add_bos=True))
+    assert ids[:n_prompt] == tok.encode(prompt, add_bos=True)
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert len(labels) > n_prompt
+    if fmt == "aira":
+        assert ids[-1] == tok.token_to_id("<|endofcompletion|>")
+        assert tok.token_to_id("<|startofinstruction|>") in ids and tok.token_to_id("<|endofinstruction|>") in ids
+    else:
+        assert "### Resposta:" in prompt and ("### Entrada:" in prompt) == bool(extra)
+    _, all_labels = encode_chat(tok, fmt, "Descreva o tempo hoje.", extra, "Faz sol e calor.", 512, True)
+    assert all_labels == ids
+    short_ids, short_labels = encode_chat(tok, fmt, "Descreva o tempo hoje.", extra, "Faz sol e calor.", 10)
+    assert short_ids == ids[:10] and short_labels == labels[:10]
+    batch = collate_lm([(ids, labels), (ids[:5], labels[:5])], pad_id=3)
+    assert batch["input_ids"][1, 5:].eq(3).all() and batch["labels"][1, 5:].eq(-100).all()
+    assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * (len(ids) - 5)
+
+
+def test_aira_tokens_are_added_and_embeddings_resized(base_dir):
+    tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
+    before = model.config.vocab_size
+    assert add_chat_tokens(tok, model, "alpaca") == [] and tok.vocab_size == model.config.vocab_size == before
+    assert add_chat_tokens(tok, model, "aira") == list(AIRA_SPECIAL_TOKENS)
+    assert tok.vocab_size == before + len(AIRA_SPECIAL_TOKENS) == model.config.vocab_size
+    assert model.backbone.embed.weight.shape[0] == model.lm_head.weight.shape[0] == tok.vocab_size
+    assert tok.encode("<|endofinstruction|>", add_bos=False) == [tok.token_to_id("<|endofinstruction|>")]
+    assert add_chat_tokens(tok, model, "aira") == []  # a second call finds them
+    with pytest.raises(ConfigError, match="unknown chat format"):
+        add_chat_tokens(tok, model, "vicuna")
+
+
+def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "palavra " * 200, "output": "sim"}) + "\n")
+    with pytest.raises(DataError, match=r"long\.jsonl:1: the prompt fills max_length 64"):
+        build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+    path.write_text(json.dumps({"question": "?", "output": "sim"}) + "\n")
+    with pytest.raises(DataError, match=r"long\.jsonl:1: no text field among instruction, prompt"):
+        build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+    for record in ({"instruction": "Diga oi.", "output": " \n"}, {"instruction": " ", "output": "Oi."}):
+        path.write_text(json.dumps(record) + "\n")
+        with pytest.raises(DataError, match=r"long\.jsonl:1: empty instruction or response"):
+            build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+
+
+def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from ttl_core.lora import load_adapter
+
+    cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=2, max_length=256, lora=True)
+    summary = finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", tmp_path, "aira", cfg, verbose=False)
+    assert summary["added_tokens"] == list(AIRA_SPECIAL_TOKENS)
+    adapter = tmp_path / "best"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 8, 16, 0.05)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())
+    tokenizer = Tokenizer.from_pretrained(adapter)
+    assert tokenizer.vocab_size == Tokenizer.from_pretrained(base_dir).vocab_size + len(AIRA_SPECIAL_TOKENS)
+    # peft loads it onto transformers' model of the base (resized the same way) ...
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir)
+    hf.resize_token_embeddings(tokenizer.vocab_size)
+    tuned = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    # ... and our loader gives the same logits on a chat prompt
+    ours = load_pretrained(base_dir)
+    ours.resize_token_embeddings(tokenizer.vocab_size)
+    load_adapter(ours, adapter)
+    ids = torch.tensor([tokenizer.encode(chat_prompt("aira", "Qual é a capital do Brasil?"), add_bos=True)])
+    with torch.no_grad():
+        assert (ours.eval()(ids).logits - tuned(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_chat_tokens_added_into_padding_rows_are_trained(base_dir, tmp_path):
+    """A base whose vocabulary is padded past its tokenizer needs no resize for Aira's tokens, but their rows
+    were never trained: LoRA instruction tuning still trains and saves the embeddings in full."""
+    padded = load_pretrained(base_dir)
+    padded.resize_token_embeddings(padded.config.vocab_size + 16)
+    save_pretrained(padded, tmp_path / "padded", tokenizer=Tokenizer.from_pretrained(base_dir))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:8]))
+    cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=1, max_length=128, lora=True)
+    summary = finetune_instruct(tmp_path / "padded", data, tmp_path / "out", "aira", cfg, verbose=False)
+    assert summary["added_tokens"] == list(AIRA_SPECIAL_TOKENS)
+    config = json.loads((tmp_path / "out" / "best" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+
+
+def test_aira_tuning_is_seeded_stops_at_end_of_completion_and_pads_without_a_pad_token(base_dir, tmp_path,
+                                                                                       monkeypatch):
+    """The same --seed gives the same adapter (LoRA's A and the new rows came from an unseeded RNG); the saved
+    generation_config.json lists `<|endofcompletion|>` as an EOS, so transformers' generate() stops where the
+    answers were trained to end; a base with no pad token pads with EOS instead of -1."""
+    transformers = pytest.importorskip("transformers")
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:8]))
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=1, max_length=128, lora=True, seed=3)
+    for run in ("a", "b"):
+        finetune_instruct(base_dir, data, tmp_path / run, "aira", cfg, verbose=False)
+    adapters = [load_file(tmp_path / run / "best" / "adapter_model.safetensors") for run in ("a", "b")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+    no_pad = load_pretrained(base_dir)
+    no_pad.config = no_pad.config.replace(pad_token_id=None)
+    save_pretrained(no_pad, tmp_path / "no_pad", tokenizer=Tokenizer.from_pretrained(base_dir))
+    monkeypatch.setattr(Tokenizer, "pad_id", property(lambda self: -1))
+    merged = FinetuneConfig(lr=1e-3, batch_size=4, epochs=1, max_length=128, lora=True, merge_lora=True)
+    finetune_instruct(tmp_path / "no_pad", data, tmp_path / "merged", "aira", merged, verbose=False)
+    tok = Tokenizer.from_pretrained(tmp_path / "merged" / "best")
+    settings = transformers.GenerationConfig.from_pretrained(tmp_path / "merged" / "best")
+    assert settings.eos_token_id == [tok.eos_id, tok.token_to_id("<|endofcompletion|>")]
+
+
+def test_generate_script_runs_an_instruction_adapter_merged_into_its_base(base_dir, tmp_path):
+    """scripts/generate.py --model on the PEFT adapter finetune_instruct saves: the base it names, grown to the
+    adapter's vocabulary (Aira's tokens), with the adapter merged, streams what ttl_core.generate gives on
+    that merged model; --base finds a base that moved; a missing base or a classifier's adapter is one line."""
+    import ttl_core
+    from ttl_core.lora import load_adapter, load_with_adapter, merge_lora
+
+    base = Path(shutil.copytree(base_dir, tmp_path / "base"))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:4]))
+    cfg = FinetuneConfig(lr=1e-2, batch_size=4, epochs=1, max_length=128, lora=True)
+    finetune_instruct(base, data, tmp_path / "run", "aira", cfg, verbose=False)
+    adapter = tmp_path / "run" / "best"
+    assert not (adapter / "config.json").exists()
+    tok = Tokenizer.from_pretrained(adapter)
+    merged = load_pretrained(base)
+    merged.resize_token_embeddings(tok.vocab_size)
+    merge_lora(load_adapter(merged, adapter))
+    question = "Qual é a capital do Brasil?"
+    ids = tok.encode(chat_prompt("aira", question))
+    out = ttl_core.generate(merged, torch.tensor([ids]), max_new_tokens=12, repetition_penalty=1.2,
+                            eos_token_id=[tok.eos_id, tok.token_to_id("<|endofcompletion|>")], pad_token_id=tok.pad_id)
+    expected = tok.decode(out[0, len(ids):].tolist()) + "\n"
+    args = ["--prompt", question, "--chat", "aira", "--greedy", "--max-new-tokens", "12", "--device", "cpu"]
+    run = run_script("generate", "--model", adapter, *args)
+    assert run.returncode == 0 and run.stdout == expected, run.stderr
+
+    moved = base.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError) as e:
+        load_with_adapter(adapter)
+    assert str(e.value) == (f"{base}: no such base model directory (base_model_name_or_path in "
+                            f"{adapter / 'adapter_config.json'}; give its new place)")
+    run = run_script("generate", "--model", adapter, "--base", moved, *args)
+    assert run.returncode == 0 and run.stdout == expected, run.stderr
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(adapter))}: a SEQ_CLS adapter, not a causal LM's"):
+        load_with_adapter(adapter, base=moved)
+
+
+def test_a_prompt_token_merged_with_the_response_is_trained_on():
+    """A tokenizer trained on Alpaca prompts has a "\\n\\n" piece: the prompt's closing "\\n" and a response that
+    starts with "\\n" encode as one token across the boundary, which is partly response and so is not masked;
+    every token before it is."""
+    rng = random.Random(0)
+    words = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais".split()
+    docs = [chat_prompt("alpaca", " ".join(rng.choices(words, k=6))) + "\n" + " ".join(rng.choices(words, k=8))
+            for _ in range(200)]
+    tok = train_tokenizer(docs, None, vocab_size=300)
+    prompt_ids = tok.encode(chat_prompt("alpaca", "Diga oi."))
+    ids, labels = encode_chat(tok, "alpaca", "Diga oi.", "", "\nSim.", 512)
+    n = len(prompt_ids) - 1  # the prompt's last token, "\n", merged with the response's
+    assert ids[:n] == prompt_ids[:n] and ids[n] != prompt_ids[n] and tok.id_to_token(ids[n]) == "\n\n"
+    assert labels == [-100] * n + ids[n:]
+
+
+def test_lm_eval_loss_is_the_mean_over_all_target_tokens(base_dir):
+    """Batches of 2 over 3 examples of different lengths, trained on their inputs too (the label at position 0
+    is no target: nothing predicts it): the mean of each token's cross entropy, over all examples."""
+    from ttl_core.instruct import lm_eval_loss
+
+    tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
+    examples = [encode_chat(tok, "alpaca", instruction, "", response, 512, train_on_inputs=True)
+                for instruction, response in (("Diga oi.", "Oi."), ("Conte até três.", "Um, dois, três."),
+                                              ("Qual é a capital do Brasil?", "Brasília."))]
+    total = count = 0.0
+    with torch.no_grad():
+        for ids, labels in examples:
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(labels[1:]), reduction="sum").item()
+            count += len(labels) - 1
+    model.train()
+    assert lm_eval_loss(model, examples, 2, tok.pad_id, torch.device("cpu")) == pytest.approx(total / count, rel=1e-5)
+    assert model.training
+
+
+def test_instruction_tuning_keeps_the_first_lowest_eval_loss(base_dir, tmp_path, monkeypatch):
+    """With scripted eval losses 2, 1, 1 the model is saved after epochs 1 and 2 only (a tie is no improvement);
+    final_loss is the last logged training loss. Alpaca adds no tokens, so LoRA trains no embeddings in full, and
+    its answers end with the base's EOS alone."""
+    import ttl_core.instruct as instruct
+
+    losses, evaluated, saved = iter([2.0, 1.0, 1.0]), [], []
+
+    def scripted_eval_loss(*args):
+        evaluated.append(True)
+        return next(losses)
+
+    monkeypatch.setattr(instruct, "lm_eval_loss", scripted_eval_loss)
+    monkeypatch.setattr(instruct, "save_finetuned", lambda model, *args: saved.append(  # the epoch, the EOS ids
+        (len(evaluated), (model.generation_config or {}).get("eos_token_id"))))
+    lora_modules_to_save = []
+    start_lora = instruct.start_lora
+    monkeypatch.setattr(instruct, "start_lora", lambda model, cfg, modules_to_save: (
+        lora_modules_to_save.append(modules_to_save), start_lora(model, cfg, modules_to_save=modules_to_save)))
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:4]))
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, max_length=512, lora=True)
+    summary = finetune_instruct(base_dir, data, tmp_path / "out", "alpaca", cfg, eval_file=data, verbose=False)
+    base_eos = (load_pretrained(base_dir).generation_config or {}).get("eos_token_id")  # Aira's end is no EOS here
+    assert saved == [(1, base_eos), (2, base_eos)] and summary["best"] == {"epoch": 2, "eval_loss": 1.0}
+    assert summary["added_tokens"] == [] and lora_modules_to_save == [None]  # no new rows to train in full
+    assert [h["eval_loss"] for h in summary["history"]] == [2.0, 1.0, 1.0]
+    train_losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(train_losses) == 3 and summary["final_loss"] == train_losses[-1] != train_losses[0]

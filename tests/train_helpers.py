@@ -1,0 +1,43 @@
+"""What the training-loop tests share: a micro model config and a small prepared Portuguese corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hf_reference import randomize_
+from ttl_core.data import prepare_data
+from ttl_core.metrics import read_metrics
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.run_config import load_run_config
+
+MICRO_MODEL = ["model.preset=\"tiny\"", "model.hidden_size=64", "model.intermediate_size=128",
+               "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.max_position_embeddings=64"]
+FAST = ["train.seq_len=32", "train.micro_batch_size=4", "train.warmup_steps=2", "train.eval_every=3",
+        "train.eval_batches=2", "train.sample_tokens=0", "train.lr=3e-3"]
+
+PORTUGUESE = ("O rio corre devagar entre as pedras da serra, e a cidade acorda com o cheiro de pão quente. "
+              "Na feira, a vendedora de frutas conta histórias sobre a chuva de ontem e o preço do café. ")
+
+
+def prepared_corpus(tmp: Path) -> Path:
+    """A small prepared corpus under `tmp`: 60 distinct Portuguese documents, tokenizer trained on them."""
+    docs = [f"Documento {i}. " + PORTUGUESE * (1 + i % 3) + f"Fim da história número {i * 7}." for i in range(60)]
+    (tmp / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    prepare_data([tmp / "corpus.txt"], tmp / "prepared", vocab_size=400, val_fraction=0.1)
+    return tmp / "prepared"
+
+
+def run_config(*overrides: str):
+    return load_run_config(None, [*MICRO_MODEL, "model.vocab_size=400", *FAST, *overrides])
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def random_model(run, seed: int = 0) -> LlamaForCausalLM:
+    """`run`'s model with random weights (biases and norms included), in training mode."""
+    torch.manual_seed(seed)
+    return randomize_(LlamaForCausalLM(run.model_config()), seed).train()
