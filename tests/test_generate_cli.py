@@ -165,3 +165,110 @@ def test_input_without_a_chat_format_is_a_usage_error(checkpoint, capsys):
             script.main(["--model", str(checkpoint[0]), "--input", "contexto", *extra])
         assert excinfo.value.code == 2
         assert "--input adds context to --prompt in a --chat format" in capsys.readouterr().err
+
+
+class FakeGenerate:
+    """Stands in for ttl_core.generate in the script: records each call's prompt and options and answers with
+    `answer` (token ids), so the test sees exactly what the options turned into."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    def __call__(self, model, ids, **kwargs):
+        self.calls.append((ids[0].tolist(), kwargs))
+        return torch.cat([ids, torch.tensor([self.answer])], dim=1)
+
+
+def scripted(monkeypatch, answer, context=None):
+    """The script with generate() faked and, when `context` is given, the loaded model's context set to it."""
+    script = load_script()
+    fake = FakeGenerate(answer)
+    monkeypatch.setattr(script, "generate", fake)
+    loads = []
+
+    def load(path, **kwargs):
+        loads.append(kwargs)
+        model = ttl_core.load_pretrained(path, **kwargs)
+        if context is not None:
+            model.config.max_position_embeddings = context
+        return model
+
+    monkeypatch.setattr(script, "load_pretrained", load)
+    return script, fake, loads
+
+
+def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, capsys):
+    """The model card's defaults (temperature 0.2, top-k 20, top-p 0.2, repetition penalty 1.2, 150 new
+    tokens, float32 on CPU) and each sampling option, --seed and --dtype reach generate() and the loader;
+    --greedy drops the sampling options."""
+    path, tok, _ = checkpoint
+    script, fake, loads = scripted(monkeypatch, [5, 6], context=1000)
+    assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu"]) == 0
+    streamer = fake.calls[-1][1].pop("streamer")
+    assert fake.calls[-1] == (tok.encode("o menino"), dict(
+        max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
+        cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2, min_p=0.0, seed=None))
+    assert streamer is not None and loads[-1] == dict(dtype="float32", device=torch.device("cpu"))
+    assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--temperature", "0.7",
+                        "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
+                        "--seed", "3", "--max-new-tokens", "9", "--no-cuda-graph", "--dtype", "bfloat16"]) == 0
+    fake.calls[-1][1].pop("streamer")
+    assert fake.calls[-1][1] == dict(
+        max_new_tokens=9, repetition_penalty=1.1, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
+        cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3)
+    assert loads[-1]["dtype"] == "bfloat16"
+    assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy",
+                        "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
+    fake.calls[-1][1].pop("streamer")
+    assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
+                                     pad_token_id=tok.pad_id, cuda_graph=True)  # greedy: no sampling options
+
+
+def test_tokenizer_option_loads_the_tokenizer_from_its_own_directory(checkpoint, tmp_path, capsys):
+    """--tokenizer DIR for a checkpoint saved without one."""
+    _, tok, model = checkpoint
+    ttl_core.save_pretrained(model, tmp_path / "weights")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    assert load_script().main(["--model", str(tmp_path / "weights"), "--tokenizer", str(tmp_path / "tokenizer"),
+                               "--prompt", "o menino", "--greedy", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
+                             eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
+    assert capsys.readouterr().out == answer + "\n"
+
+
+def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monkeypatch, capsys):
+    """The boundary of the context check: a prompt filling the context exactly is refused (in the interactive
+    loop: the conversation ends), one a token shorter still gets a one-token answer."""
+    path, tok, _ = checkpoint
+    ids = tok.encode("o menino foi para a escola")
+    script, fake, _ = scripted(monkeypatch, [7], context=len(ids) + 1)
+    assert script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--device", "cpu"]) == 0
+    assert fake.calls[-1][0] == ids and fake.calls[-1][1]["max_new_tokens"] == 1
+    script, fake, _ = scripted(monkeypatch, [7], context=len(ids))
+    with pytest.raises(GenerationError, match=rf"^the context is full \({len(ids)} tokens\): the prompt takes"):
+        script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--device", "cpu"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("mais\n"))
+    assert script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--interactive",
+                        "--device", "cpu"]) == 0
+    assert fake.calls == [] and f"The context is full ({len(ids)} tokens)" in capsys.readouterr().out
+
+
+def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, monkeypatch, capsys):
+    """Without --prompt the first turn is read from stdin and a blank line quits. In a chat format an answer
+    that ran out of tokens is closed with the format's end token (Aira: <|endofcompletion|>, as fine-tuning
+    ends every response); a plain continuation is continued as is, with no </s> between the turns."""
+    path, tok, _ = checkpoint
+    end = tok.token_to_id("<|endofcompletion|>")
+    script, fake, _ = scripted(monkeypatch, [5, 6])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a casa\no cachorro\n\na escola\n"))
+    assert script.main(["--model", str(path), "--chat", "aira", "--interactive", "--max-new-tokens", "4",
+                        "--device", "cpu"]) == 0
+    first = tok.encode(chat_prompt("aira", "a casa"))
+    assert [kwargs["max_new_tokens"] for _, kwargs in fake.calls] == [4, 4]
+    assert [ids for ids, _ in fake.calls] == [
+        first, first + [5, 6, end] + tok.encode(chat_prompt("aira", "o cachorro"), add_bos=False)]
+    script, fake, _ = scripted(monkeypatch, [5, 6])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" o cachorro\n"))
+    assert script.main(["--model", str(path), "--prompt", "a casa", "--interactive", "--device", "cpu"]) == 0
+    assert [ids for ids, _ in fake.calls] == [
+        tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro", add_bos=False)]
