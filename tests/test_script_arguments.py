@@ -1,0 +1,238 @@
+"""Each option of the training, data and conversion scripts reaches the library call it names, with its
+documented default, and usage errors are refused before any work starts. The library calls are replaced by
+recorders (they are tested on their own), so each test runs in well under a second; convert.py runs for real on
+a tiny model."""
+
+import importlib.util
+import json
+import types
+
+import pytest
+import torch
+from helpers import ROOT
+
+import ttl_core
+from ttl_core.data import SAMPLE_CORPUS
+from ttl_core.errors import DataError
+from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
+from ttl_core.instruct import INSTRUCT_DEFAULTS
+from ttl_core.run_config import load_run_config
+from ttl_core.task_files import TaskSpec
+from ttl_core.tokenizer import train_tokenizer
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_args_script", ROOT / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def recorder(result):
+    """A stand-in for a library call: records its arguments, returns `result`."""
+    def record(*args, **kwargs):
+        record.calls.append((args, kwargs))
+        return result
+    record.calls = []
+    return record
+
+
+def usage_error(script, argv, capsys, message):
+    with pytest.raises(SystemExit) as excinfo:
+        script.main(argv)
+    assert excinfo.value.code == 2 and message in capsys.readouterr().err
+
+
+# --- pretrain.py ----------------------------------------------------------------------------------------------
+
+def test_pretrain_defaults_reach_train(tmp_path, monkeypatch, capsys):
+    script = load_script("pretrain")
+    train = recorder(types.SimpleNamespace(checkpoint=None, sample=None))
+    monkeypatch.setattr(script, "train", train)
+    assert script.main(["--out", str(tmp_path / "run")]) == 0
+    [((run, out), kwargs)] = train.calls
+    assert run == load_run_config(None, []) and out == str(tmp_path / "run")
+    assert kwargs == dict(data_dir=None, device="cpu", resume=False, stop_after=None, init_from=None)
+    assert capsys.readouterr().out == ""  # nothing trained, nothing to report
+
+
+def test_pretrain_options_reach_the_config_and_train(tmp_path, monkeypatch, capsys):
+    """The named options win over a --set of the same key; other --set overrides and the --config file apply."""
+    script = load_script("pretrain")
+    train = recorder(types.SimpleNamespace(checkpoint="RUN/checkpoints/step-000005", sample="o menino",
+                                           last_step=5, last_loss=1.234567))
+    monkeypatch.setattr(script, "train", train)
+    config = ROOT / "configs" / "tiny.toml"
+    assert script.main(["--config", str(config), "--data", "DATA", "--out", "RUN", "--set", "train.max_steps=99",
+                        "--max-steps", "7", "--save-every", "3", "--stop-after", "5", "--resume", "--init-from", "INIT",
+                        "--document-masking", "--device", "cuda", "--set", "train.lr=0.002",
+                        "--set", "train.seed=3"]) == 0
+    [((run, out), kwargs)] = train.calls
+    assert out == "RUN" and kwargs == dict(data_dir="DATA", device="cuda", resume=True, stop_after=5,
+                                           init_from="INIT")
+    tiny = load_run_config(config, [])
+    assert run.model == tiny.model and tiny.train.max_steps != 7 and tiny.train.lr != 0.002
+    assert (run.train.max_steps, run.train.save_every, run.train.lr, run.train.seed) == (7, 3, 0.002, 3)
+    assert run.data.document_masking is True and tiny.data.document_masking is False
+    assert run.train.micro_batch_size == tiny.train.micro_batch_size  # untouched keys keep the file's value
+    assert capsys.readouterr().out.splitlines() == [
+        "step 5: loss 1.2346; checkpoint RUN/checkpoints/step-000005", "sample: o menino"]
+
+
+# --- prepare_data.py ------------------------------------------------------------------------------------------
+
+META = {"documents": 1234, "train_tokens": 56789, "val_tokens": 4321, "dtype": "uint16", "vocab_size": 4096}
+
+
+def test_prepare_data_defaults_and_options_reach_prepare_data(monkeypatch, capsys):
+    script = load_script("prepare_data")
+    prepare = recorder(META)
+    monkeypatch.setattr(script, "prepare_data", prepare)
+    assert script.main(["--input", "a.txt", "b.jsonl", "--out", "OUT"]) == 0
+    assert prepare.calls[-1] == ((["a.txt", "b.jsonl"], "OUT"),
+                                 dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None))
+    assert capsys.readouterr().out.startswith("wrote OUT: 1,234 documents, 56,789 train + 4,321 val tokens "
+                                              "(uint16), vocab 4,096, ")
+    assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--vocab-size", "512", "--tokenizer", "T",
+                        "--val-fraction", "0.25", "--workers", "3"]) == 0
+    assert prepare.calls[-1] == ((["a.txt", *SAMPLE_CORPUS], "OUT"),
+                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3))
+    assert script.main(["--sample", "--out", "OUT"]) == 0
+    assert prepare.calls[-1][0][0] == list(SAMPLE_CORPUS)
+    with pytest.raises(DataError, match=r"^no input: give --input FILES\.\.\. or --sample$"):
+        script.main(["--out", "OUT"])
+    assert len(prepare.calls) == 3
+
+
+# --- finetune_classifier.py -----------------------------------------------------------------------------------
+
+def classifier_script(monkeypatch):
+    script = load_script("finetune_classifier")
+    best = {"epoch": 2, "accuracy": 0.75, "f1": 0.5}
+    run = recorder(types.SimpleNamespace(best=best, checkpoint="OUT/best"))
+    monkeypatch.setattr(script, "finetune_classifier", run)
+    return script, run
+
+
+def test_classifier_defaults_are_the_agnews_recipe_on_the_bundled_sample(monkeypatch, capsys):
+    script, run = classifier_script(monkeypatch)
+    assert script.main(["--model", "BASE"]) == 0
+    [((model, train, eval_, out, spec, cfg), _)] = run.calls
+    assert (model, out) == ("BASE", "runs/finetune-classifier")
+    assert (train, eval_) == (SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv")
+    assert spec == TaskSpec(["title", "text"], "label", False, False, list(AGNEWS_LABELS))
+    assert cfg == FinetuneConfig()
+    assert capsys.readouterr().out == "best epoch 2: accuracy 0.7500, f1 0.5000; saved to OUT/best\n"
+
+
+def test_classifier_options_reach_the_task_spec_and_the_config(monkeypatch):
+    script, run = classifier_script(monkeypatch)
+    assert script.main(["--model", "BASE", "--train", "T.csv", "--eval", "E.csv", "--out", "OUT",
+                        "--text-fields", " premise, hypothesis,", "--label-field", "y", "--labels", "sim, não,,",
+                        "--pair", "--lr", "1e-3", "--epochs", "2", "--batch-size", "4", "--max-length", "64",
+                        "--seed", "7", "--lora", "--lora-r", "4"]) == 0
+    (model, train, eval_, out, spec, cfg), _ = run.calls[-1]
+    assert (model, train, eval_, out) == ("BASE", "T.csv", "E.csv", "OUT")
+    assert spec == TaskSpec(["premise", "hypothesis"], "y", True, False, ["sim", "não"])
+    assert cfg == FinetuneConfig(lr=1e-3, epochs=2, batch_size=4, max_length=64, seed=7, lora=True, lora_r=4)
+    assert script.main(["--model", "BASE", "--train", "T.csv", "--eval", "E.csv", "--regression",
+                        "--label-field", "score"]) == 0
+    assert run.calls[-1][0][4] == TaskSpec(["title", "text"], "score", False, True, None)  # labels: the train file's
+    # --labels also applies to the bundled sample, instead of its AgNews order
+    assert script.main(["--model", "BASE", "--labels", "ESPORTES,MUNDO,NEGÓCIOS,TECNOLOGIA"]) == 0
+    assert run.calls[-1][0][4].labels == ["ESPORTES", "MUNDO", "NEGÓCIOS", "TECNOLOGIA"]
+
+
+@pytest.mark.parametrize("files", [["--train", "T.csv"], ["--eval", "E.csv"]])
+def test_classifier_needs_both_task_files_or_neither(files, monkeypatch, capsys):
+    script, run = classifier_script(monkeypatch)
+    usage_error(script, ["--model", "BASE", *files], capsys, "give both --train and --eval, or neither")
+    assert run.calls == []
+
+
+# --- finetune_instruct.py -------------------------------------------------------------------------------------
+
+def test_instruct_defaults_and_options_reach_finetune_instruct(monkeypatch, capsys):
+    script = load_script("finetune_instruct")
+    run = recorder({"train_examples": 12, "final_loss": 1.5, "added_tokens": ["<|startofinstruction|>"]})
+    monkeypatch.setattr(script, "finetune_instruct", run)
+    assert script.main(["--model", "BASE"]) == 0
+    assert run.calls[-1] == (("BASE", str(SAMPLE_DATA / "instrucoes_pt.jsonl"), "runs/finetune-instruct", "aira",
+                              INSTRUCT_DEFAULTS), dict(eval_file=None, train_on_inputs=False))
+    assert capsys.readouterr().out == ("12 examples, final training loss 1.5000; added tokens <|startofinstruction|>; "
+                                       "saved to runs/finetune-instruct/best\n")
+    assert script.main(["--model", "BASE", "--data", "D.jsonl", "--eval", "E.jsonl", "--format", "alpaca",
+                        "--train-on-inputs", "--out", "OUT", "--no-lora", "--lr", "1e-4"]) == 0
+    cfg = FinetuneConfig(lr=1e-4, batch_size=8, epochs=3, max_length=512, lora=False)
+    assert run.calls[-1] == (("BASE", "D.jsonl", "OUT", "alpaca", cfg), dict(eval_file="E.jsonl", train_on_inputs=True))
+
+
+# --- finetune_benchmark.py ------------------------------------------------------------------------------------
+
+def test_benchmark_runs_the_sample_tasks_or_the_given_list(monkeypatch, capsys):
+    script = load_script("finetune_benchmark")
+    run = recorder([])
+    monkeypatch.setattr(script, "run_benchmark", run)
+    monkeypatch.setattr(script, "format_table", lambda rows: "TABLE")
+    monkeypatch.setattr(script, "sample_tasks", lambda: ["sample"])
+    monkeypatch.setattr(script, "read_task_list", lambda path: [f"from {path}"])
+    assert script.main(["--model", "BASE"]) == 0
+    assert run.calls[-1] == (("BASE", ["sample"], "runs/finetune-benchmark", FinetuneConfig()), {})
+    assert capsys.readouterr().out.splitlines() == [
+        "TABLE", "results written to runs/finetune-benchmark/results.json and results.md"]
+    assert script.main(["--model", "BASE", "--tasks", "T.json", "--out", "OUT", "--epochs", "1"]) == 0
+    assert run.calls[-1] == (("BASE", ["from T.json"], "OUT", FinetuneConfig(epochs=1)), {})
+
+
+# --- convert.py -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """A tiny bfloat16 model in the HF layout, with a tokenizer."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=300, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(config).to(torch.bfloat16)
+    texts = [f"o menino {i} foi para a escola com seu cachorro número {i * 7}." for i in range(60)]
+    path = tmp_path_factory.mktemp("bf16")
+    ttl_core.save_pretrained(model, path, tokenizer=train_tokenizer(texts, None, vocab_size=300))
+    return path, model
+
+
+def test_convert_keeps_the_dtype_by_default_and_shards_at_max_shard_size(bf16_checkpoint, tmp_path, capsys):
+    src, model = bf16_checkpoint
+    script = load_script("convert")
+    assert script.main(["--from-hf", str(src), str(tmp_path / "native")]) == 0
+    assert capsys.readouterr().out == (f"wrote LlamaForCausalLM ({model.num_parameters():,} parameters, "
+                                       f"torch.bfloat16) to {tmp_path / 'native'}\n")
+    native = ttl_core.load_pretrained(tmp_path / "native")
+    assert (tmp_path / "native" / "ttl_config.json").exists() and (tmp_path / "native" / "tokenizer.model").exists()
+    for (name, a), b in zip(model.state_dict().items(), native.state_dict().values()):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    assert not list((tmp_path / "native").glob("*.index.json"))  # one file under the 2GB default
+    assert script.main(["--to-hf", str(tmp_path / "native"), str(tmp_path / "hf"), "--max-shard-size", "20KB"]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert torch.equal(ttl_core.load_pretrained(tmp_path / "hf").lm_head.weight, model.lm_head.weight)
+    assert script.main(["--from-hf", str(src), str(tmp_path / "native2"), "--max-shard-size", "20KB"]) == 0
+    assert list((tmp_path / "native2").glob("*.index.json"))
+
+
+@pytest.mark.parametrize("direction", [[], ["--from-hf", "--to-hf"]])
+def test_convert_needs_exactly_one_direction(direction, bf16_checkpoint, tmp_path, capsys):
+    usage_error(load_script("convert"), [*direction, str(bf16_checkpoint[0]), str(tmp_path / "out")], capsys,
+                "--from-hf" if not direction else "not allowed with argument")
+    assert not (tmp_path / "out").exists()
+
+
+# --- plot_metrics.py ------------------------------------------------------------------------------------------
+
+def test_plot_metrics_prints_the_plot_it_wrote(monkeypatch, capsys):
+    script = load_script("plot_metrics")
+    plot = recorder("RUN/loss.png")
+    monkeypatch.setattr(script, "plot_metrics", plot)
+    assert script.main(["RUN"]) == 0 and plot.calls == [(("RUN",), {})]
+    assert capsys.readouterr().out == "wrote RUN/loss.png\n"
+    plot = recorder(None)  # no metrics yet: nothing written, nothing claimed
+    monkeypatch.setattr(script, "plot_metrics", plot)
+    assert script.main(["RUN"]) == 0 and capsys.readouterr().out == ""
