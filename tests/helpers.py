@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +20,15 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def load_script(name: str):
+    """Import `scripts/NAME.py` as a fresh module, so a test can call its functions or `main(argv)` in-process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # a dataclass in the script (check_goals) looks its module up
+    spec.loader.exec_module(script)
+    return script
 
 
 # The project's tolerances: relative error against a float64 truth computed from the same inputs.

@@ -3,13 +3,12 @@ documented default, and usage errors are refused before any work starts. The lib
 recorders (they are tested on their own), so each test runs in well under a second; convert.py runs for real on
 a tiny model."""
 
-import importlib.util
 import json
 import types
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, load_script
 
 import ttl_core
 from ttl_core.data import SAMPLE_CORPUS
@@ -19,13 +18,6 @@ from ttl_core.instruct import INSTRUCT_DEFAULTS
 from ttl_core.run_config import load_run_config
 from ttl_core.task_files import TaskSpec
 from ttl_core.tokenizer import train_tokenizer
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_args_script", ROOT / "scripts" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def recorder(result):

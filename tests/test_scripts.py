@@ -1,15 +1,13 @@
 """Every script in scripts/ answers --help (and so at least imports and parses); the benchmark harness runs
 end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its time to a harness bug."""
 
-import importlib.util
 import json
-import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, run_script
+from helpers import ROOT, load_script, run_script
 
 from ttl_core import benchmark
 from ttl_core.benchmark import ROW_FIELDS, BenchDevice, Results, open_device, row
@@ -249,14 +247,6 @@ def test_results_record_each_measured_peak_under_its_own_name(tmp_path):
 
 
 # --- the goal judge, on figures at each verdict's edge ---------------------------------------------------------
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # check_goals' dataclass looks its module up
-    spec.loader.exec_module(script)
-    return script
-
 
 def goal_row(impl, pass_, shape, ms, **figures):
     return row(impl, pass_, shape, "bf16", ms, **figures)
