@@ -5,12 +5,58 @@ import pytest
 import torch
 from helpers import rel_err
 
+import ttl_core.attention as attention_module
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.attention import attention, document_layout
 from ttl_core.errors import ConfigError
 from ttl_kernels import flash_attention_reference
 
-BACKENDS = ["sdpa", "eager", "triton"]
+BACKENDS = ["sdpa", "eager", "triton", "flash_attn"]
+
+
+class FlashAttnStandIn:
+    """flash-attn's two training entry points with its signatures and the input contracts its kernels rely on,
+    computed by the explicit-softmax reference. flash-attn needs CUDA and is not in the GPU image either, so
+    this is what tests ttl's calls into it (argument order, layouts, int32 `cu_seqlens`, a `max_seqlen` that
+    covers every document: the kernel sizes its grid by it and would leave longer documents half done)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        self.calls.append("flash_attn_func")
+        assert q.dim() == 4 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1]
+        assert q.shape[2] % k.shape[2] == 0 and dropout_p == 0.0
+        return flash_attention_reference(q, k, v, causal, softmax_scale=softmax_scale)
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        self.calls.append("flash_attn_varlen_func")
+        assert q.dim() == 3 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2] % k.shape[1] == 0
+        for cu, longest in ((cu_seqlens_q, max_seqlen_q), (cu_seqlens_k, max_seqlen_k)):
+            assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.device == q.device and int(cu[-1]) == q.shape[0]
+            assert isinstance(longest, int) and longest >= int((cu[1:] - cu[:-1]).max())
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and dropout_p == 0.0
+        return flash_attention_reference(q, k, v, causal, cu_seqlens_q, max_seqlen_q, softmax_scale)
+
+
+@pytest.fixture
+def flash_attn(monkeypatch) -> FlashAttnStandIn:
+    """Routes the 'flash_attn' backend to the stand-in (and makes it usable, as on an sm80+ GPU with flash-attn)."""
+    stand_in = FlashAttnStandIn()
+    monkeypatch.setattr(attention_module, "flash_attn_module", lambda: stand_in)
+    monkeypatch.setattr(attention_module, "flash_attn_usable", lambda q: True)
+    return stand_in
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """The parametrized backend, with flash-attn's stand-in in place when it is 'flash_attn'."""
+    if request.param == "flash_attn":
+        request.getfixturevalue("flash_attn")
+    return request.param
 
 
 def model_with(backend: str, dtype=torch.float32) -> LlamaForCausalLM:
@@ -40,7 +86,7 @@ def test_document_layout_on_known_lengths():
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 8, 10, 16, 20] and longest == 6
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("backend", ["eager", "triton", "flash_attn"], indirect=True)
 def test_backends_give_the_same_logits_and_gradients(backend):
     ids = torch.randint(0, 300, (2, 21), generator=torch.Generator().manual_seed(1))
     ref_logits, ref_grads = logits_and_grads(model_with("sdpa"), ids)
@@ -58,7 +104,7 @@ def test_triton_backend_in_bf16_is_as_close_to_float64_as_sdpa():
     assert rel_err(ours, truth) <= max(1e-2, 2 * rel_err(sdpa, truth))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_packed_documents_equal_each_document_alone(backend):
     model = model_with(backend)
     lengths = [7, 12, 5]
@@ -75,6 +121,27 @@ def test_packed_documents_equal_each_document_alone(backend):
     assert (unmasked - alone).abs().max() > 1e-2  # without the layout, later documents do see earlier ones
 
 
+def test_auto_calls_flash_attn_where_it_is_usable(flash_attn):
+    """With flash-attn usable, "auto" sends plain causal calls to `flash_attn_func` and packed documents to
+    `flash_attn_varlen_func` in every layer; a padding mask (no flash-attn form here) goes to SDPA."""
+    model = model_with("auto")
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(4, 300, (2, 10), generator=torch.Generator().manual_seed(6))
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 4] = True
+    position_ids, cu, longest = document_layout(starts)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with torch.no_grad():
+        for kwargs, expected in (({}, ["flash_attn_func"] * layers),
+                                 (dict(position_ids=position_ids, cu_seqlens=cu, max_seqlen=longest),
+                                  ["flash_attn_varlen_func"] * layers),
+                                 (dict(attention_mask=padding), [])):
+            flash_attn.calls.clear()
+            model(ids, **kwargs)
+            assert flash_attn.calls == expected, kwargs
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_an_additive_mask_equals_its_boolean_form(backend):
     """Decoding passes one additive (0 / -inf) mask to every layer instead of a boolean one that SDPA would
@@ -89,7 +156,7 @@ def test_an_additive_mask_equals_its_boolean_form(backend):
                        attention(q, k, v, mask=allowed, backend=backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_fewer_queries_than_keys_are_the_last_positions(backend):
     """A causal call without a mask whose queries are fewer than the keys (a chunk after cached keys): the
     queries are the last positions, so each row equals that row of the full-length call (SDPA's own
@@ -101,7 +168,7 @@ def test_fewer_queries_than_keys_are_the_last_positions(backend):
     assert (attention(q[:, 6:], k, v, backend=backend) - full[:, 6:]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_non_causal_attention_sees_every_key(backend):
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, 7, 4, 16, generator=gen)
