@@ -114,6 +114,29 @@ def test_eager_backend_matches_transformers_eager(tmp_path):
     assert_loss_and_grads_match(hf, ours, ids, mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 48, 64])
+def test_eager_attention_is_bit_identical_to_transformers_eager_in_low_precision(dtype, head_dim):
+    """In bf16/fp16 the order of roundings decides the last bits: the scores are scaled in the input dtype
+    before the fp32 softmax, as transformers does (head_dim 32 and 48 have scales that are not powers of two),
+    with GQA and a padded causal mask (its fully masked rows included)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from ttl_core.attention import causal_mask, eager_attention
+    gen = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(2, 9, 4, head_dim, generator=gen).mul(2).to(dtype)
+    k, v = (torch.randn(2, 9, 2, head_dim, generator=gen).mul(2).to(dtype) for _ in range(2))
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :3] = False
+    allowed = causal_mask(9, 9, q.device) & padding[:, None, None, :]
+    additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    module = type("Attention", (), {"num_key_value_groups": 2, "training": False})()
+    ref, _ = eager_attention_forward(module, *(t.transpose(1, 2) for t in (q, k, v)), additive,
+                                     scaling=head_dim ** -0.5)
+    got = eager_attention(q, k, v, allowed)
+    assert got.dtype == dtype and torch.equal(got, ref)
+
+
 def test_bf16_logits_error_no_worse_than_transformers_bf16(tmp_path):
     """bf16 rounding alone moves these O(1) logits by ~1.7% (transformers' own bf16 model too), so the
     criterion is flash-attn's: our bf16 error against the fp32 reference within 1.25x transformers'."""

@@ -10,7 +10,6 @@ where SDPA would convert a boolean mask in every call; an additive mask must lea
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -75,7 +74,9 @@ def eager_attention(
     qh = q.transpose(1, 2)
     kh = k.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     vh = v.transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    # scaled in the input dtype before the fp32 softmax, as transformers' eager attention does: bit-identical
+    # to it in bf16/fp16 at every head_dim, not only where the scale is a power of two
+    scores = (qh @ kh.transpose(-1, -2) * q.shape[-1] ** -0.5).float()
     if mask is not None and mask.dtype == torch.bool:
         scores = scores + (~mask).to(scores.dtype) * torch.finfo(scores.dtype).min
     elif mask is not None:
