@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from helpers import run_script
 
 import ttl_core.data as data
@@ -30,13 +31,13 @@ def split_documents(ids: np.ndarray, bos: int, eos: int) -> list[list[int]]:
     return docs
 
 
-def check_data_dir(out, expected_docs: list[str]):
+def check_data_dir(out, expected_docs: list[str], dtype: str = "uint16"):
     meta = json.loads((out / "meta.json").read_text())
     tok = Tokenizer(out / "tokenizer.model")
     train = np.fromfile(out / "train.bin", dtype=meta["dtype"])
     val = np.fromfile(out / "val.bin", dtype=meta["dtype"])
     assert (meta["train_tokens"], meta["val_tokens"]) == (len(train), len(val))
-    assert meta["vocab_size"] == tok.vocab_size and meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == tok.vocab_size and meta["dtype"] == dtype
     train_docs, val_docs = (split_documents(x, tok.bos_id, tok.eos_id) for x in (train, val))
     assert (meta["train_documents"], meta["val_documents"]) == (len(train_docs), len(val_docs))
     assert meta["documents"] == len(expected_docs) == len(train_docs) + len(val_docs)
@@ -231,6 +232,29 @@ def test_special_token_text_in_documents_stays_text(tmp_path):
     assert not np.isin(train, [tok.pad_id, tok.unk_id, *range(300, tok.vocab_size)]).any()
     docs = split_documents(train, tok.bos_id, tok.eos_id)
     assert [tok.decode(d) for d in docs] == texts
+
+
+def test_a_vocabulary_over_65535_tokens_is_stored_as_uint32(tmp_path):
+    """Ids above 65535 do not fit uint16: such a vocabulary gets uint32 token files, whose documents decode back
+    and whose batches carry the large ids unchanged (a uint16 file would wrap them around)."""
+    from ttl_core.tokenizer import _Piece
+
+    inputs, docs = write_inputs(tmp_path)
+    prepare_data(inputs[:1], tmp_path / "small", vocab_size=300, workers=1)
+    tok = Tokenizer(tmp_path / "small" / "tokenizer.model")
+    first_new = tok.vocab_size
+    for i in range(65_536 + 64 - first_new):  # CJK Extension B characters, each a whole piece
+        tok.proto.pieces.add(piece=chr(0x20000 + i), score=-1e6, type=_Piece.NORMAL)
+    tok = Tokenizer(tok.proto.SerializeToString())
+    wide = [f"{doc} {chr(0x20000 + 65_535 - first_new + i)}" for i, doc in enumerate(docs[:40])]
+    (tmp_path / "wide.txt").write_text("\n\n".join(wide) + "\n")
+    meta = prepare_data([tmp_path / "wide.txt"], tmp_path / "out", tokenizer=tok, workers=1)
+    check_data_dir(tmp_path / "out", wide, dtype="uint32")
+    assert meta["vocab_size"] == 65_600
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint32)
+    assert train.max() > 65_535
+    batches = PackedLoader(tmp_path / "out", "train", seq_len=len(train) - 1, batch_size=1, shuffle=False)
+    assert torch.equal(next(iter(batches))["input_ids"][0], torch.from_numpy(train[:-1].astype(np.int64)))
 
 
 # --- crash-safe writes ---------------------------------------------------------------------------------------
