@@ -393,6 +393,12 @@ def test_bad_metrics_files(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]  # a torn last line is dropped
     assert math.isnan(read_metrics(run / "metrics.jsonl")[0]["loss"])
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": Infinity, "eval_loss": NaN}\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl: all 3 loss values are NaN or infinite; nothing to plot"):
+        plot_metrics(run)
+    (run / "metrics.jsonl").write_text('{"step": 1, "lr": 0.1}\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl holds no loss records yet"):
+        plot_metrics(run)
     # a blank line (a hand edit) is skipped; a broken line before the end is an error, not the end of the log
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n')
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]

@@ -118,7 +118,9 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     records = read_metrics(path)
     train, evals = _curve(path, records, "loss"), _curve(path, records, "eval_loss")
     if not train and not evals:
-        raise DataError(f"{path} holds no loss records yet")
+        logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)
+        raise DataError(f"{path}: all {logged} loss values are NaN or infinite; nothing to plot" if logged
+                        else f"{path} holds no loss records yet")
     try:
         import matplotlib
         matplotlib.use("Agg")
