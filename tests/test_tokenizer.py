@@ -5,23 +5,11 @@ import json
 import random
 
 import pytest
+from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
 
 from ttl_core.errors import TokenizerError
 from ttl_core.tokenizer import (AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer,
                                 tokenizer_json_to_sentencepiece)
-
-WORDS = ("a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu muito "
-         "na cidade até amanhã café pão ação coração professora médico rio floresta").split()
-# Capitals, emoji, CJK, tabs, repeated spaces, newlines, control characters, leading/trailing spaces.
-HARD = ["Olá, mundo! Tudo bem?", "ÁRVORE Grande ÇÃO Ñ", "😀 emoji 👍🏽 família 👨‍👩‍👧", "中文字 日本語 한국어",
-        "tab\tseparado\t\tduplo", "espaços   repetidos    aqui", "linha\nnova\n\nparágrafo\r\n", "\x00\x07\x1b controle",
-        "123456 7.5 2024", "fim ", "", " começa com espaço", "  dois", "\u200bzero\u00a0nbsp", "x" * 50]
-
-
-def corpus(n=300, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + rng.choice([".", "!\n", "?\nsim"])
-            for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +42,6 @@ def test_unicode_round_trip_never_unknown(tok):
         assert tok.decode(ids) == text
     assert tok.decode_batch(tok.encode_batch(texts)) == texts
     assert tok.decode(tok.encode("oi", add_eos=True), skip_special_tokens=False) == "<s> oi</s>"  # as transformers
-
-
-def assert_same_ids(ours, theirs, texts):
-    for text in texts:
-        assert ours.encode(text) == theirs(text)["input_ids"], text
-        assert ours.encode(text, add_bos=False) == theirs(text, add_special_tokens=False)["input_ids"], text
-        ids = ours.encode(text)
-        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
-        ids = ids + [ours.eos_id, ours.pad_id]
-        assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False), text
 
 
 def test_save_pretrained_matches_autotokenizer(tok, tmp_path):
@@ -105,34 +83,6 @@ def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     for text in HARD + corpus(10, seed=7):
         assert ours.encode(text) == hf(text)["input_ids"], text
     assert Tokenizer.from_pretrained(tmp_path / "out").pad_id == -1
-
-
-def make_ttl_style_dir(path, texts):
-    """A tokenizer directory without tokenizer.model, built with `tokenizers` as TeenyTinyLlama's was: BPE with
-    byte fallback and the `<0xNN>` byte pieces in the vocabulary, Llama-2 normalizer (prepend "▁", spaces to "▁"),
-    BOS post-processor, and a LlamaTokenizer config with `legacy: false`."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    t = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)  # training only
-    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=420, special_tokens=specials + bytes_,
-                                                     show_progress=False))
-    t.pre_tokenizer = None
-    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                   decoders.Strip(" ", 1, 0)])
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    spec = json.loads(t.to_str())
-    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["content"] in specials]  # bytes are plain vocab
-    path.mkdir()
-    (path / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
-    return spec
 
 
 def test_tokenizer_json_only_dir_matches_autotokenizer(tmp_path):
