@@ -6,16 +6,15 @@ sentencepiece where the two differ, so ids and text equal `AutoTokenizer`'s: the
 at the start of the text and only when the text does not already start with a space or "▁"; special tokens
 written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest,
 unless `split_special_tokens`; and decoding follows transformers' decoder chain, where a run of byte-fallback
-pieces that is not valid UTF-8 becomes one U+FFFD per byte. A `tokenizer.json`
-(the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the same sentencepiece model
-format: piece score = minus the rank of the merge that makes the piece, `<0xNN>` pieces typed BYTE.
+pieces that is not valid UTF-8 becomes one U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's
+BPE, as TeenyTinyLlama publishes) converts to the same sentencepiece model format, or is refused where
+sentencepiece would split text differently (see `ttl_core.tokenizer_json`).
 """
 
 from __future__ import annotations
 
 import io
 import itertools
-import json
 import os
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
+from .tokenizer_json import BYTE_PIECE, added_tokens_of, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
 AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
@@ -34,7 +34,6 @@ CHAT_FORMATS = ("aira", "alpaca")
 AIRA_END = "<|endofcompletion|>"
 _ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
-BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and this module trains on)
 _Piece = spm_pb2.ModelProto.SentencePiece
 
@@ -125,7 +124,7 @@ class Tokenizer:
             config = read_json(config_path, TokenizerError, expect=object)
             added, named = _added_tokens_decoder(config_path, config), _named_special_tokens(config_path, config)
         if json_path.is_file():  # read after the config: transformers prefers it
-            added.update(_added_tokens(json_path, read_json(json_path, TokenizerError, expect=object)))
+            added.update(added_tokens_of(json_path, read_json(json_path, TokenizerError, expect=object)))
         extra = sorted((i, token) for i, token in added.items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
@@ -368,74 +367,6 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
                     yield line[i:i + max_bytes // 4]
 
 
-def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
-    """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model."""
-    spec = read_json(path, TokenizerError, expect=object)
-    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-        raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
-                             f"writes")
-    model = spec["model"]
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{path}: unsupported tokenizer type {model.get('type')!r} (only BPE converts)")
-    pipeline = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")], ensure_ascii=False)
-    if "ByteLevel" in pipeline or "▁" not in pipeline:
-        raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
-                             f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
-    vocab, added_tokens, merges = model.get("vocab"), _added_tokens(path, spec), model.get("merges") or []
-    if not isinstance(vocab, dict) or not vocab or not all(type(i) is int for i in vocab.values()):
-        raise TokenizerError(f"{path}: model.vocab must be a non-empty object mapping tokens to integer ids")
-    for i, token in added_tokens.items():
-        vocab.setdefault(token, i)
-    bad = [merges] if not isinstance(merges, list) else [m for m in merges if not _is_merge(m)]
-    if bad:
-        raise TokenizerError(f"{path}: model.merges must be a list of \"a b\" strings or [\"a\", \"b\"] pairs; "
-                             f"found {bad[0]!r}")
-    rank = {}
-    for r, merge in enumerate(merges):
-        rank.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), r)
-    pieces = sorted(vocab.items(), key=lambda kv: kv[1])
-    if [i for _, i in pieces] != list(range(len(pieces))):
-        raise TokenizerError(f"{path}: vocabulary ids are not contiguous from 0")
-    unk = model.get("unk_token") or "<unk>"
-    if unk not in vocab:
-        raise TokenizerError(f"{path}: the vocabulary has no unknown token {unk!r}, which sentencepiece needs")
-    added = set(added_tokens.values())
-    proto = spm_pb2.ModelProto()
-    for piece, i in pieces:
-        if piece == unk:
-            kind = _Piece.UNKNOWN
-        elif piece in ("<s>", "</s>", "<pad>"):
-            kind = _Piece.CONTROL
-        elif piece in added:
-            kind = _Piece.USER_DEFINED
-        elif BYTE_PIECE.fullmatch(piece):
-            kind = _Piece.BYTE
-        else:
-            kind = _Piece.NORMAL
-        proto.pieces.add(piece=piece, score=-float(rank.get(piece, 0)) if kind == _Piece.NORMAL else 0.0, type=kind)
-    ids = {piece: i for piece, i in pieces}
-    t = proto.trainer_spec
-    t.model_type = spm_pb2.TrainerSpec.BPE
-    t.vocab_size = len(pieces)
-    t.byte_fallback = bool(model.get("byte_fallback"))
-    t.unk_id, t.bos_id, t.eos_id, t.pad_id = (ids.get(unk, 0), ids.get("<s>", -1), ids.get("</s>", -1),
-                                              ids.get("<pad>", -1))
-    t.unk_piece, t.bos_piece, t.eos_piece, t.pad_piece = unk, "<s>", "</s>", "<pad>"
-    n = proto.normalizer_spec
-    n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
-    return proto.SerializeToString()
-
-
-def _added_tokens(path: Path, spec: object) -> dict[int, str]:
-    """id -> text of a `tokenizer.json`'s `added_tokens` (a list of {"id": ..., "content": ...})."""
-    tokens = (spec.get("added_tokens") or []) if isinstance(spec, dict) else None
-    if not isinstance(tokens, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("content"), str) and type(t.get("id")) is int for t in tokens):
-        raise TokenizerError(f"{path}: added_tokens must be a list of objects with a string 'content' and an "
-                             f"integer 'id'")
-    return {t["id"]: t["content"] for t in tokens}
-
-
 def _added_tokens_decoder(path: Path, config: object) -> dict[int, str]:
     """id -> text of a `tokenizer_config.json`'s `added_tokens_decoder` ({"<id>": {"content": ...}})."""
     decoder = (config.get("added_tokens_decoder") or {}) if isinstance(config, dict) else None
@@ -457,11 +388,6 @@ def _named_special_tokens(path: Path, config: object) -> list[str]:
             raise TokenizerError(f"{path}: {key} must be a list of token strings")
         names += [t for t in texts if t not in names]
     return names
-
-
-def _is_merge(merge: object) -> bool:
-    """A `tokenizers` merge: "a b" (older files) or ["a", "b"]."""
-    return isinstance(merge, str) or isinstance(merge, list) and all(isinstance(part, str) for part in merge)
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:
