@@ -1,9 +1,12 @@
-"""tokenizer.json as transformers reads it: merges that no sentencepiece model can follow are refused instead of
-converted into a tokenizer that splits some texts differently (see ttl_core.tokenizer_json)."""
+"""tokenizer.json as transformers reads it: beside tokenizer.model it is the file transformers 5 uses (tokenizer.model
+is ignored), and merges that no sentencepiece model can follow are refused instead of converted into a tokenizer
+that splits some texts differently (see ttl_core.tokenizer_json)."""
 
 import itertools
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,11 +14,123 @@ from tokenizer_helpers import HARD, assert_same_ids, make_ttl_style_dir, write_l
 
 import ttl_core
 from ttl_core.errors import TokenizerError
-from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 SAMPLE_TEXTS = [line for f in sorted((Path(ttl_core.__file__).parent / "sample_data").glob("*.txt"))
                 for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
 SNOWMAN = "\u2603"  # a character none of these vocabularies has: byte fallback, so it never merges with a neighbour
+
+
+@pytest.fixture(scope="module")
+def both_files(tmp_path_factory):
+    """A TeenyTinyLlama-like directory: a sentencepiece tokenizer.model, the tokenizer.json transformers converts
+    from it, and ttl's LlamaTokenizer config."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("both")
+    train_tokenizer(SAMPLE_TEXTS, None, vocab_size=600).save_pretrained(path / "spm")
+    AutoTokenizer.from_pretrained(path / "spm").save_pretrained(path / "both")
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(path / "spm" / name, path / "both" / name)
+    return path / "both"
+
+
+def edited_copy(source, target, edit):
+    """A copy of the tokenizer directory `source` whose tokenizer.json and tokenizer_config.json are changed by
+    `edit(spec, config)`."""
+    shutil.copytree(source, target)
+    files = [target / "tokenizer.json", target / "tokenizer_config.json"]
+    spec, config = (json.loads(f.read_text(encoding="utf-8")) for f in files)
+    edit(spec, config)
+    for f, document in zip(files, (spec, config)):
+        f.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+    return target
+
+
+def leaf_pieces(spec):
+    """Pieces that no merge uses as a part, in the order of their first merge."""
+    merges = [tuple(m) for m in spec["model"]["merges"]]
+    parts = {part for merge in merges for part in merge}
+    return list(dict.fromkeys("".join(m) for m in merges if "".join(m) not in parts))
+
+
+def rename_piece(spec, config, index=0):
+    """The leaf piece `index` renamed (its merges dropped with it): tokenizer.json loses a piece tokenizer.model has."""
+    piece = leaf_pieces(spec)[index]
+    spec["model"]["vocab"][piece + SNOWMAN] = spec["model"]["vocab"].pop(piece)
+    drop_merges(spec, piece)
+
+
+def drop_merges(spec, piece):
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if "".join(m) != piece]
+
+
+def reverse_merges(spec, config):
+    spec["model"]["merges"].reverse()
+
+
+def add_token(spec, config):
+    """A token in tokenizer.json's added_tokens only: transformers 5 ignores it when the config has an
+    added_tokens_decoder (as TeenyTinyLlama's, and ttl's own save_pretrained, do)."""
+    spec["added_tokens"].append({"id": len(spec["model"]["vocab"]), "content": "<|novo|>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+
+
+def add_token_without_config_decoder(spec, config):
+    """As `add_token`, with a config that has no added_tokens_decoder (as transformers 5 saves it): then
+    transformers takes tokenizer.json's added_tokens."""
+    add_token(spec, config)
+    del config["added_tokens_decoder"]
+
+
+@pytest.mark.parametrize("edit", [rename_piece, reverse_merges, add_token, add_token_without_config_decoder])
+def test_beside_tokenizer_model_a_different_tokenizer_json_is_followed_as_autotokenizer(both_files, tmp_path, edit):
+    """transformers 5 builds a Llama tokenizer from tokenizer.json's vocab and merges whenever the file exists, and
+    takes its added tokens unless the config lists its own; ttl read tokenizer.model and added tokenizer.json's
+    added tokens to it regardless, so its ids differed from transformers' after each edit below."""
+    from transformers import AutoTokenizer
+
+    texts = HARD + SAMPLE_TEXTS + ["a<|novo|>b <|novo|>"]
+    path = edited_copy(both_files, tmp_path / "edited", edit)
+    ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    sentencepiece = Tokenizer(path / "tokenizer.model")
+    changed = any(sentencepiece.encode(text) != hf(text)["input_ids"] for text in texts)
+    assert changed == (edit is not add_token)  # what each edit does to transformers' ids
+    assert ours.vocab_size == len(hf)
+    assert_same_ids(ours, hf, texts)
+
+
+def test_agreeing_files_load_tokenizer_model_itself(both_files):
+    """When tokenizer.json splits every text as tokenizer.model does (the common case, TeenyTinyLlama's), the
+    model read is tokenizer.model with its own scores, which save_pretrained then writes back unchanged."""
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer.from_pretrained(both_files)
+    assert ours.proto.pieces == Tokenizer(both_files / "tokenizer.model").proto.pieces
+    assert_same_ids(ours, AutoTokenizer.from_pretrained(both_files), HARD + SAMPLE_TEXTS)
+
+
+def test_beside_tokenizer_model_merges_sentencepiece_cannot_follow_are_refused_naming_both_files(both_files, tmp_path):
+    """tokenizer.json without the merges into one of its pieces: transformers leaves that piece's two parts apart
+    (between characters that never merge), which no sentencepiece model with that piece can do. The refusal names
+    both files and their first difference: the vocabulary's, else the merge."""
+    from transformers import AutoTokenizer
+
+    spec = json.loads((both_files / "tokenizer.json").read_text(encoding="utf-8"))
+    piece = leaf_pieces(spec)[1]
+    path = edited_copy(both_files, tmp_path / "dropped", lambda spec, config: drop_merges(spec, piece))
+    witness = SNOWMAN + piece.replace("\u2581", " ") + SNOWMAN
+    hf = AutoTokenizer.from_pretrained(path)
+    assert hf(witness)["input_ids"] != Tokenizer.from_pretrained(path / "tokenizer.model").encode(witness)
+    with pytest.raises(TokenizerError, match=rf"{re.escape(f'{path}/tokenizer.json and {path}/tokenizer.model')} "
+                                             rf"disagree.*never merges .* into the piece {re.escape(repr(piece))}"):
+        Tokenizer.from_pretrained(path)
+    renamed = leaf_pieces(spec)[0]
+    path = edited_copy(path, tmp_path / "renamed_too", rename_piece)
+    difference = f"id {spec['model']['vocab'][renamed]} is {renamed!r} in tokenizer.model, " \
+                 f"{renamed + SNOWMAN!r} in tokenizer.json"
+    with pytest.raises(TokenizerError, match=rf"disagree.*: {re.escape(difference)}$"):
+        Tokenizer.from_pretrained(path)
 
 
 def hand_written_dir(path, pieces, merges):

@@ -89,52 +89,52 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Load an HF tokenizer directory: `tokenizer.model` if present, else a BPE `tokenizer.json`. Either
-        file may also be given itself (`--tokenizer DIR/tokenizer.model`)."""
+        """Load an HF tokenizer directory as transformers does: its BPE `tokenizer.json` if present (transformers
+        then ignores `tokenizer.model`), else `tokenizer.model`; plus the tokens tokenizer_config.json adds.
+        Either file may also be given itself (`--tokenizer DIR/tokenizer.model`), and is then the one read."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
         if path.is_dir():
-            found = [path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()]
+            found = [path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()]
             if not found:
                 raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json")
             path = found[0]
         elif not path.is_file():
             raise TokenizerError(f"{path}: does not exist (no tokenizer.model or tokenizer.json)")
+        saved = path.name in ("tokenizer.model", "tokenizer.json")  # files transformers saves with a config
+        decoder, named = _config_tokens(path.parent) if saved else (None, [])
         if path.suffix != ".json":
             tokenizer = cls(path)
-            if path.name == "tokenizer.model":
-                tokenizer._add_saved_tokens(path.parent)
-            return tokenizer
-        model = tokenizer_json_to_sentencepiece(path)
-        try:
-            return cls(model)
-        except TokenizerError as e:  # the converted model names no file
-            raise TokenizerError(f"{path}: {e}") from None
+            if saved:
+                tokenizer._add_saved_tokens(path, decoder)
+        else:
+            beside = path.with_name("tokenizer.model")
+            model = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None, decoder)
+            try:
+                tokenizer = cls(model)
+            except TokenizerError as e:  # the converted model names no file
+                raise TokenizerError(f"{path}: {e}") from None
+        tokenizer.add_special_tokens(named)
+        return tokenizer
 
-    def _add_saved_tokens(self, directory: Path) -> None:
-        """Append the tokens transformers added next to `tokenizer.model`: its `add_special_tokens` records them
-        in tokenizer.json's `added_tokens` and tokenizer_config.json's `added_tokens_decoder` (ids that must
-        follow on from the model's pieces), or only by name in the config's `extra_special_tokens` (transformers 5)
-        or `additional_special_tokens`, which transformers appends in order; never in tokenizer.model."""
-        added: dict[int, str] = {}
-        named: list[str] = []
-        config_path, json_path = directory / "tokenizer_config.json", directory / "tokenizer.json"
-        if config_path.is_file():
-            config = read_json(config_path, TokenizerError, expect=object)
-            added, named = _added_tokens_decoder(config_path, config), _named_special_tokens(config_path, config)
-        if json_path.is_file():  # read after the config: transformers prefers it
-            added.update(added_tokens_of(json_path, read_json(json_path, TokenizerError, expect=object)))
-        extra = sorted((i, token) for i, token in added.items() if i >= self.vocab_size)
+    def _add_saved_tokens(self, model_file: Path, decoder: dict[int, str] | None) -> None:
+        """Append the tokens transformers added to the model in `model_file`: its `add_special_tokens` records
+        them (never in tokenizer.model) in tokenizer_config.json's `added_tokens_decoder`, else in tokenizer.json's
+        `added_tokens`, which transformers 5 reads only when the config has no `added_tokens_decoder`. Their ids
+        must follow on from the model's pieces."""
+        json_path = model_file.with_name("tokenizer.json")
+        if decoder is None and json_path.is_file():
+            decoder = added_tokens_of(json_path, read_json(json_path, TokenizerError, expect=object))
+        extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
-            raise TokenizerError(f"{directory}: added token ids {ids} do not continue tokenizer.model's "
+            raise TokenizerError(f"{model_file.parent}: added token ids {ids} do not continue {model_file.name}'s "
                                  f"{self.vocab_size} pieces (expected {expected})")
         for (i, token), j in zip(extra, self.add_special_tokens([token for _, token in extra])):
             if i != j:
-                raise TokenizerError(f"{directory}: added token {token!r} (id {i}) is already in tokenizer.model "
-                                     f"as id {j}")
-        self.add_special_tokens(named)
+                raise TokenizerError(f"{model_file.parent}: added token {token!r} (id {i}) is already in "
+                                     f"{model_file.name} as id {j}")
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -365,6 +365,19 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
             for i in range(0, len(line), max_bytes // 4):
                 if line[i:i + max_bytes // 4].strip():
                     yield line[i:i + max_bytes // 4]
+
+
+def _config_tokens(directory: Path) -> tuple[dict[int, str] | None, list[str]]:
+    """The added tokens of `directory`'s tokenizer_config.json as transformers 5 reads them: its
+    `added_tokens_decoder` (id -> text; None when the config has none, and tokenizer.json's `added_tokens` count
+    instead) and the tokens it names, which transformers appends in order (see `_named_special_tokens`)."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None, []
+    config = read_json(config_path, TokenizerError, expect=object)
+    has_decoder = isinstance(config, dict) and "added_tokens_decoder" in config
+    return (_added_tokens_decoder(config_path, config) if has_decoder else None,
+            _named_special_tokens(config_path, config))
 
 
 def _added_tokens_decoder(path: Path, config: object) -> dict[int, str]:

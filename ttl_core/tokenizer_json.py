@@ -35,19 +35,57 @@ BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback piece
 _Piece = spm_pb2.ModelProto.SentencePiece
 
 
-def tokenizer_json_to_sentencepiece(path: str | os.PathLike) -> bytes:
+def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.PathLike | None = None,
+                                    added_tokens: dict[int, str] | None = None) -> bytes:
     """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model, or refuse
-    one whose merges sentencepiece cannot follow (see the module docstring)."""
-    proto, problem = _convert(Path(path))
-    if problem is not None:
+    one whose merges sentencepiece cannot follow (see the module docstring). `added_tokens` (id -> text) replace
+    the file's own, as tokenizer_config.json's `added_tokens_decoder` does in transformers 5. `beside` is the
+    `tokenizer.model` of the same directory, which transformers ignores: the model returned is that one (its own
+    scores, the added tokens appended) when it splits every text alike, and a refusal names the first difference
+    between the two files."""
+    proto, first_rank, problem = _convert(Path(path), added_tokens)
+    original = _read_model(Path(beside)) if beside is not None else None
+    if problem is None:
+        if original is not None:
+            for piece in proto.pieces[len(original.pieces):]:
+                original.pieces.add().CopyFrom(piece)
+            original.trainer_spec.vocab_size = len(original.pieces)
+            if _splits_alike(original, proto, first_rank):
+                return original.SerializeToString()
+        return proto.SerializeToString()
+    if beside is None:
         raise TokenizerError(f"{path}: sentencepiece cannot reproduce these merges exactly: {problem}")
-    return proto.SerializeToString()
+    difference = original is not None and _first_vocabulary_difference(original, proto, Path(beside).name)
+    raise TokenizerError(f"{path} and {beside} disagree, and ttl cannot follow {Path(path).name} as transformers "
+                         f"does (it ignores {Path(beside).name}): {difference or problem}")
 
 
-def _convert(path: Path) -> tuple[spm_pb2.ModelProto, str | None]:
-    """The sentencepiece model of a tokenizer.json, and why it would split some text differently (None: never).
-    Piece score = minus the rank of the piece's first merge; `<0xNN>` pieces are typed BYTE, added tokens
-    USER_DEFINED."""
+def _read_model(path: Path) -> spm_pb2.ModelProto | None:
+    """The sentencepiece model in `path`, or None when it is unreadable (transformers would not read it either)."""
+    proto = spm_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception:  # protobuf's DecodeError, or OSError
+        return None
+    return proto
+
+
+def _splits_alike(model: spm_pb2.ModelProto, converted: spm_pb2.ModelProto, first_rank: dict[str, int]) -> bool:
+    """Whether sentencepiece splits every text alike with `model` as with `converted`: the same pieces of the same
+    types, and the pieces merges make ranked in the same order by `model`'s scores, none tied (a tie would let the
+    position decide)."""
+    if [(p.piece, p.type) for p in model.pieces] != [(p.piece, p.type) for p in converted.pieces]:
+        return False
+    score = {p.piece: p.score for p in model.pieces if p.type == _Piece.NORMAL}
+    scores = [score[piece] for piece in sorted(first_rank, key=first_rank.__getitem__) if piece in score]
+    return all(a > b for a, b in zip(scores, scores[1:]))
+
+
+def _convert(path: Path, added_tokens: dict[int, str] | None) \
+        -> tuple[spm_pb2.ModelProto, dict[str, int], str | None]:
+    """The sentencepiece model of a tokenizer.json, the rank of the first merge into each piece a merge makes,
+    and why the model would split some text differently (None: never). Piece score = minus that rank; `<0xNN>`
+    pieces are typed BYTE, added tokens USER_DEFINED."""
     spec = read_json(path, TokenizerError, expect=object)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
@@ -59,7 +97,8 @@ def _convert(path: Path) -> tuple[spm_pb2.ModelProto, str | None]:
     if "ByteLevel" in pipeline or "▁" not in pipeline:
         raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
                              f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
-    vocab, added_tokens, merges = model.get("vocab"), added_tokens_of(path, spec), model.get("merges") or []
+    vocab, merges = model.get("vocab"), model.get("merges") or []
+    added_tokens = added_tokens_of(path, spec) if added_tokens is None else added_tokens
     if not isinstance(vocab, dict) or not vocab or not all(type(i) is int for i in vocab.values()):
         raise TokenizerError(f"{path}: model.vocab must be a non-empty object mapping tokens to integer ids")
     pairs = [_pair(merge) for merge in merges] if isinstance(merges, list) else [None]
@@ -113,7 +152,7 @@ def _convert(path: Path) -> tuple[spm_pb2.ModelProto, str | None]:
     n = proto.normalizer_spec
     n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
     normal = [p.piece for p in proto.pieces if p.type == _Piece.NORMAL and len(p.piece) > 1]
-    return proto, order_problem or _unlisted_merge_problem(normal, vocab, ranks)
+    return proto, first_rank, order_problem or _unlisted_merge_problem(normal, vocab, ranks)
 
 
 def _unlisted_merge_problem(pieces: list[str], vocab: dict[str, int], ranks: dict[tuple[str, str], int]) \
@@ -128,14 +167,14 @@ def _unlisted_merge_problem(pieces: list[str], vocab: dict[str, int], ranks: dic
                 break
         else:  # every split is a listed merge
             continue
-        parts = split_by_merges(piece, ranks)
+        parts = _split_by_merges(piece, ranks)
         if len(parts) == 2:
             return (f"tokenizers never merges {parts[0]!r} + {parts[1]!r} (no merge \"{' '.join(parts)}\"), "
                     f"which sentencepiece merges into the piece {piece!r}")
     return None
 
 
-def split_by_merges(text: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+def _split_by_merges(text: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """`text` split as `tokenizers`' BPE splits one word: starting from characters, the listed merge of lowest rank
     is applied first, the leftmost of equal ones first, until no listed merge applies."""
     parts = list(text)
@@ -145,6 +184,17 @@ def split_by_merges(text: str, ranks: dict[tuple[str, str], int]) -> list[str]:
             break
         parts[k:k + 2] = [parts[k] + parts[k + 1]]
     return parts
+
+
+def _first_vocabulary_difference(model: spm_pb2.ModelProto, converted: spm_pb2.ModelProto, name: str) -> str | None:
+    """The first id whose piece differs between the tokenizer.model `model` (called `name`) and the converted
+    tokenizer.json (which may go on with added tokens), or None when they agree that far."""
+    for i, (ours, theirs) in enumerate(zip(model.pieces, converted.pieces)):
+        if ours.piece != theirs.piece:
+            return f"id {i} is {ours.piece!r} in {name}, {theirs.piece!r} in tokenizer.json"
+    if len(model.pieces) > len(converted.pieces):
+        return f"{name} has {len(model.pieces)} pieces, tokenizer.json {len(converted.pieces)}"
+    return None
 
 
 def added_tokens_of(path: Path, spec: object) -> dict[int, str]:
