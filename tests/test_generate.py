@@ -277,7 +277,8 @@ def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
     the captured graph with other prompts; "auto" decodes with flash-attn in bf16 when it is installed."""
     ours = gpu_models(tmp_path, dtype, attention)
     ids, mask = cuda_batch(ours.config.vocab_size)
-    other = torch.randint(4, ours.config.vocab_size, ids.shape, device="cuda").masked_fill(mask == 0, PAD)
+    other = torch.randint(4, ours.config.vocab_size, ids.shape, generator=torch.Generator().manual_seed(2))
+    other = other.cuda().masked_fill(mask == 0, PAD)
     for kwargs in (dict(repetition_penalty=1.2),
                    dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=3,
                         num_return_sequences=2),
@@ -311,7 +312,7 @@ def test_flash_attn_decoding_matches_sdpa(tmp_path):
     ids, mask = cuda_batch(sdpa.config.vocab_size)
     decoders = [KVDecoder(m, mask, max_new_tokens=8) for m in (truth_model, sdpa, flash)]
     assert not decoders[1].flash and decoders[2].flash
-    tokens = torch.randint(4, sdpa.config.vocab_size, (3, 8), device="cuda")
+    tokens = torch.randint(4, sdpa.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(3)).cuda()
     with torch.no_grad():
         logits = [[d.prefill(ids)] + [d.step(tokens[:, t:t + 1]) for t in range(8)] for d in decoders]
     truth, low, got = (torch.stack(x, 1).float() for x in logits)

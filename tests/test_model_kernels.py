@@ -69,6 +69,7 @@ def test_compiled_block_has_no_graph_breaks_on_cuda():
     one graph: a break would run pieces of every block eagerly in compiled training."""
     from ttl_core.model import Block
 
+    torch.manual_seed(0)  # the block's weights, its inputs and the output gradients below
     config = LlamaConfig.from_preset("tiny", kernels="triton", attention="triton")
     block = Block(config, 0).cuda().to(torch.bfloat16)
     x, residual = (torch.randn(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)

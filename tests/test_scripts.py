@@ -131,6 +131,7 @@ def test_cuda_graph_timing_captures_forward_and_backward():
     import ttl_kernels
 
     device = BenchDevice(torch.device("cuda"), "gpu", smoke=False)
+    torch.manual_seed(0)
     x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
     w = torch.randn(1024, device="cuda", requires_grad=True)
     dy = torch.randn_like(x)

@@ -69,6 +69,7 @@ def test_rejects_mismatched_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(8, 2048, 3072), (4096, 14336), (4097, 4097)], ids=lambda s: "x".join(map(str, s)))
 def test_cuda_compiled_matches_float64(shape, dtype):
+    torch.manual_seed(0)  # check_against_truth's output gradient
     _, gate, up = fused_halves(shape, dtype, device="cuda")
     out = check_against_truth(gate, up, REL_TOL[str(dtype).split(".")[1]], backend="auto")
     assert "SwiGLUFunction" in type(out.grad_fn).__name__  # "auto" takes Triton on CUDA
