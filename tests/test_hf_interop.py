@@ -126,7 +126,6 @@ def test_native_layout_round_trip_and_convert_script(tmp_path):
         assert Tokenizer.from_pretrained(tmp_path / out).encode(texts[3]) == tokenizer.encode(texts[3])
 
 
-
 def _saved(hf_model, directory: Path) -> Path:
     hf_model.save_pretrained(directory)
     return directory

@@ -9,7 +9,6 @@ from .errors import GenerationError
 from .tokenizer import BYTE_PIECE, piece_bytes
 
 
-
 class TextStreamer:
     """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
 

@@ -226,7 +226,6 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     grad_weight += (grad_logits.t() @ hidden).float()
 
 
-
 def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss) -> torch.Tensor:
     """Losses of every row, one chunk of logits at a time, without gradients."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
