@@ -38,8 +38,26 @@ def _interpreter_rounds_bf16_like_the_gpu() -> None:
     interpreter._convert_float = convert
 
 
+def _interpreter_indexes_with_scalar_tensors() -> None:
+    """Every scalar in Triton's interpreter is a one-element 1-D array, and Triton 3.6 turns one used as a
+    Python index (a loop's runtime bound: `range(0, end, BLOCK)`) into an int with `int(array)`, which NumPy
+    2.4+ refuses for arrays of rank above 0. Later Tritons (3.9) squeeze the array first; do the same, so the kernels'
+    loops run in the interpreter under Triton 3.6 too (a GPU compiles the loop and never takes this path).
+    Fails loudly if a Triton upgrade moves the function."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_with_scalar_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_with_scalar_index
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_rounds_bf16_like_the_gpu()
+    _interpreter_indexes_with_scalar_tensors()
 
 
 def pytest_collection_modifyitems(config, items):
