@@ -322,12 +322,15 @@ def test_flash_attn_decoding_matches_sdpa(tmp_path):
 
 
 def test_repetition_penalty_scores_ignore_left_padding_like_transformers(tmp_path, monkeypatch):
-    """Every step's processed scores equal transformers' `output_scores`, on a model whose padding-token
-    logit is not zero: a penalty on the left-padding id (which is no prompt token) would show there."""
+    """Every step's processed scores of a left-padded batch equal transformers' `output_scores` for each row
+    generated alone, on a model whose padding-token logit is not zero: a penalty on the left-padding id (which
+    is no prompt token) would show there. Each row alone, because transformers 5.17 penalizes left padding in
+    a batch (5.25 no longer does)."""
     hf = hf_causal_lm(seed=7)
     hf.save_pretrained(tmp_path / "m")
     ours = ttl_core.load_pretrained(tmp_path / "m")
-    ids, mask = left_padded(hf.config.vocab_size, seed=12, pads=(0, 4, 6))
+    pads = (0, 4, 6)
+    ids, mask = left_padded(hf.config.vocab_size, seed=12, pads=pads)
     assert not torch.isin(ids[mask == 1], torch.tensor(PAD)).any()  # PAD is only padding
     recorded = []
     real = generate_module.process_logits
@@ -338,12 +341,16 @@ def test_repetition_penalty_scores_ignore_left_padding_like_transformers(tmp_pat
         return out
 
     monkeypatch.setattr(generate_module, "process_logits", recording)
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, repetition_penalty=1.5,
-                      eos_token_id=[], pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
     got = ttl_core.generate(ours, ids, mask, max_new_tokens=6, repetition_penalty=1.5, eos_token_id=[],
                             pad_token_id=PAD)
-    assert torch.equal(got, ref.sequences)
-    expected, scores = torch.stack(ref.scores, 1), torch.stack(recorded, 1)
+    alone = [hf.generate(ids[row:row + 1, pad:], max_new_tokens=6, do_sample=False, repetition_penalty=1.5,
+                         eos_token_id=[], pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+             for row, pad in enumerate(pads)]
+    assert torch.equal(got[:, :ids.shape[1]], ids)
+    for row, (pad, ref) in enumerate(zip(pads, alone)):
+        assert torch.equal(got[row:row + 1, pad:], ref.sequences)
+    expected = torch.cat([torch.stack(ref.scores, 1) for ref in alone])
+    scores = torch.stack(recorded, 1)
     assert scores.shape == expected.shape and expected[:, 0, PAD].abs().min() > 1e-2
     assert (scores - expected).abs().max() <= 1e-4
 

@@ -47,7 +47,9 @@ def test_repetition_penalty_matches_transformers(penalty):
     pads = torch.tensor([0, 4, 11])
     seen = torch.zeros(3, 51, dtype=torch.bool)
     seen.scatter_(1, ids.masked_fill(torch.arange(30) < pads[:, None], 50), True)
-    ref = hf_lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=pads)(ids, scores.clone())
+    # row by row: transformers 5.17 takes one prompt_ignore_length for the whole batch (5.25 also one a row)
+    ref = torch.cat([hf_lp.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=int(pad))(
+        ids[row:row + 1], scores[row:row + 1].clone()) for row, pad in enumerate(pads)])
     assert_same_scores(apply_repetition_penalty(scores, seen[:, :50], penalty), ref)
 
 
