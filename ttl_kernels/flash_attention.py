@@ -5,7 +5,8 @@ Every call is handled as packed: a (batch, seq, heads, dim) input is viewed as (
 streams K/V blocks through an online softmax and saves the log-sum-exp per query row; the backward
 recomputes the probabilities from it. Scores are kept in base 2 (log2(e) folded into the softmax scale), so
 the exponentials are the GPU's native exp2 without a multiply of their own; only the dK/dV kernel under
-grouped-query attention keeps the natural base: at 250-255 registers, exp2's instruction mix spills there.
+grouped-query attention keeps the natural base: its candidates ran at 250-255 registers when that was
+chosen (their query-head loop was nested then), and exp2's instruction mix spilled there.
 Grouped-query attention maps query head h to KV head h // group and never repeats K/V in memory:
 the dK/dV kernel owns one KV block of one KV head and loops over the query heads of its group (no atomics),
 the dQ kernel owns one query block of one head.
@@ -212,6 +213,15 @@ if HAVE_TRITON:
         return dk, dv
 
     @triton.jit
+    def _group_step(t, first, span, kv_head, GROUP: tl.constexpr):
+        """(query head, first query row) at step `t` of a loop from `first` over the query blocks
+        [first, first + span) of each query head of `kv_head`'s group in turn."""
+        if GROUP == 1:
+            return kv_head, t
+        g = (t - first) // span
+        return kv_head * GROUP + g, t - g * span
+
+    @triton.jit
     def _bwd_dkdv_kernel(
         CU, Q, K, V, DO, LSE, DELTA, DK, DV, scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
         stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, n_heads,
@@ -240,16 +250,22 @@ if HAVE_TRITON:
             if (n_block + 1) * BLOCK_N > length:
                 unmasked_start = length
             unmasked_start = tl.minimum(unmasked_start, length)
-            for g in range(GROUP):
-                head = kv_head * GROUP + g
-                for m0 in range(first, unmasked_start, BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
-                                         stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
-                                         True, GROUP == 1, UPCAST, IEEE)
-                for m0 in range(tl.cdiv(unmasked_start, BLOCK_M) * BLOCK_M, length, BLOCK_M):
-                    dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
-                                         stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
-                                         False, GROUP == 1, UPCAST, IEEE)
+            # under GQA each loop runs over (query head, query block) pairs rather than nesting the block loops
+            # in a loop over the group's heads: nested, Triton 3.6 spilled 8-496 bytes a thread in every GQA
+            # candidate. With one head a group they are the plain block loops.
+            masked_span = tl.cdiv(unmasked_start - first, BLOCK_M) * BLOCK_M
+            for t in range(first, unmasked_start if GROUP == 1 else first + GROUP * masked_span, BLOCK_M):
+                head, m0 = _group_step(t, first, masked_span, kv_head, GROUP)
+                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
+                                     stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
+                                     True, GROUP == 1, UPCAST, IEEE)
+            unmasked_first = tl.cdiv(unmasked_start, BLOCK_M) * BLOCK_M
+            unmasked_span = tl.cdiv(length - unmasked_first, BLOCK_M) * BLOCK_M
+            for t in range(unmasked_first, length if GROUP == 1 else unmasked_first + GROUP * unmasked_span, BLOCK_M):
+                head, m0 = _group_step(t, unmasked_first, unmasked_span, kv_head, GROUP)
+                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
+                                     stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
+                                     False, GROUP == 1, UPCAST, IEEE)
             _store_tile(DK, start, offs_n, kv_head, stride_dkt, stride_dkh, offs_d, dk * scale, length)
             _store_tile(DV, start, offs_n, kv_head, stride_dvt, stride_dvh, offs_d, dv, length)
 
