@@ -213,13 +213,23 @@ if HAVE_TRITON:
         return dk, dv
 
     @triton.jit
-    def _group_step(t, first, span, kv_head, GROUP: tl.constexpr):
-        """(query head, first query row) at step `t` of a loop from `first` over the query blocks
-        [first, first + span) of each query head of `kv_head`'s group in turn."""
-        if GROUP == 1:
-            return kv_head, t
-        g = (t - first) // span
-        return kv_head * GROUP + g, t - g * span
+    def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, start, begin, end, offs_m, offs_n, kv_head, n_heads, stride_qt,
+                     stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL: tl.constexpr,
+                     MASKED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr):
+        """(dK unscaled, dV) of one key block after adding the query blocks from `begin` to `end` of each query
+        head of `kv_head`'s group. Under GQA one loop walks the (query head, query block) pairs: nested in a loop
+        over the group's heads, the block loop spilled 8-496 bytes a thread in every GQA candidate (Triton 3.6)."""
+        span = tl.cdiv(end - begin, BLOCK_M) * BLOCK_M
+        for t in range(begin, end if GROUP == 1 else begin + GROUP * span, BLOCK_M):
+            head, m0 = kv_head, t
+            if GROUP > 1:
+                g = (t - begin) // span
+                head, m0 = kv_head * GROUP + g, t - g * span
+            dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
+                                 stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL, MASKED,
+                                 GROUP == 1, UPCAST, IEEE)
+        return dk, dv
 
     @triton.jit
     def _bwd_dkdv_kernel(
@@ -250,22 +260,12 @@ if HAVE_TRITON:
             if (n_block + 1) * BLOCK_N > length:
                 unmasked_start = length
             unmasked_start = tl.minimum(unmasked_start, length)
-            # under GQA each loop runs over (query head, query block) pairs rather than nesting the block loops
-            # in a loop over the group's heads: nested, Triton 3.6 spilled 8-496 bytes a thread in every GQA
-            # candidate. With one head a group they are the plain block loops.
-            masked_span = tl.cdiv(unmasked_start - first, BLOCK_M) * BLOCK_M
-            for t in range(first, unmasked_start if GROUP == 1 else first + GROUP * masked_span, BLOCK_M):
-                head, m0 = _group_step(t, first, masked_span, kv_head, GROUP)
-                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
-                                     stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
-                                     True, GROUP == 1, UPCAST, IEEE)
-            unmasked_first = tl.cdiv(unmasked_start, BLOCK_M) * BLOCK_M
-            unmasked_span = tl.cdiv(length - unmasked_first, BLOCK_M) * BLOCK_M
-            for t in range(unmasked_first, length if GROUP == 1 else unmasked_first + GROUP * unmasked_span, BLOCK_M):
-                head, m0 = _group_step(t, unmasked_first, unmasked_span, kv_head, GROUP)
-                dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
-                                     stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL,
-                                     False, GROUP == 1, UPCAST, IEEE)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, start, first, unmasked_start, offs_m, offs_n,
+                                  kv_head, n_heads, stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale,
+                                  CAUSAL, True, GROUP, BLOCK_M, UPCAST, IEEE)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, start, tl.cdiv(unmasked_start, BLOCK_M) * BLOCK_M,
+                                  length, offs_m, offs_n, kv_head, n_heads, stride_qt, stride_qh, stride_dot,
+                                  stride_doh, offs_d, length, scale, CAUSAL, False, GROUP, BLOCK_M, UPCAST, IEEE)
             _store_tile(DK, start, offs_n, kv_head, stride_dkt, stride_dkh, offs_d, dk * scale, length)
             _store_tile(DV, start, offs_n, kv_head, stride_dvt, stride_dvh, offs_d, dv, length)
 
