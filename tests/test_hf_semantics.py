@@ -119,6 +119,32 @@ def test_generation_config_sets_eos_and_travels(tmp_path):
     assert saved["eos_token_id"] == [2, extra] and saved["max_length"] == 77
 
 
+def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
+    """A generation_config.json `max_length` (prompt included) sets how many tokens a call without
+    max_new_tokens adds, as transformers reads it; the checkpoint's or the call's max_new_tokens wins over it,
+    and a prompt that already fills it is an error in both."""
+    from ttl_core.errors import GenerationError
+
+    hf = hf_causal_lm()
+    tokens = ids(batch=2, seq=9)
+    for saved, call, expected_len in ((dict(max_length=15), {}, 15), (dict(max_length=15, max_new_tokens=3), {}, 12),
+                                      (dict(max_length=15), dict(max_new_tokens=2), 11)):
+        hf.generation_config.max_new_tokens = None
+        for key, value in saved.items():
+            setattr(hf.generation_config, key, value)
+        hf.save_pretrained(tmp_path / "ckpt")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+        ours = ttl_core.load_pretrained(tmp_path / "ckpt")
+        expected = theirs.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False, eos_token_id=[],
+                                   **call)
+        got = ttl_core.generate(ours, tokens, eos_token_id=[], **call)
+        assert expected.shape[1] == expected_len and torch.equal(got, expected), (saved, call)
+    with pytest.raises(ValueError, match="max_length"):
+        theirs.generate(ids(batch=2, seq=15), do_sample=False)
+    with pytest.raises(GenerationError, match=r"the prompt's 15 tokens already fill the checkpoint's max_length of 15"):
+        ttl_core.generate(ours, ids(batch=2, seq=15))
+
+
 def test_prompts_padded_without_a_mask_are_masked_by_the_padding_id(tmp_path):
     hf = hf_causal_lm()
     with torch.no_grad():

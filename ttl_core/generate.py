@@ -391,9 +391,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `pad_token_id`, and no columns after the step where every row had finished.
 
     Greedy unless `do_sample`; the processors and their order are transformers' (see the module docstring).
-    A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json, else
-    from `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, greedy; sampling without top-k, where
-    transformers' default keeps the top 50).
+    A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (its
+    `max_length`, prompt included, where it has no `max_new_tokens`), else from
+    `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, greedy; sampling without top-k, where transformers'
+    default keeps the top 50).
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
     as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
     special tokens as their text), which needs `tokenizer` (see `ttl_core.streamer.StopStrings`).
@@ -408,9 +409,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     with _ending(streamer):
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
-        settings = decoding_settings(model.generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                     repetition_penalty=repetition_penalty)
+        prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
+        settings = decoding_settings(model.generation_config, prompt_len, max_new_tokens=max_new_tokens,
+                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     min_p=min_p, repetition_penalty=repetition_penalty)
         max_new_tokens, do_sample = settings.pop("max_new_tokens"), settings.pop("do_sample")
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)

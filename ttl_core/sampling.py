@@ -27,10 +27,18 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.
                      "min_p": 0.0, "repetition_penalty": 1.0}
 
 
-def decoding_settings(checkpoint: dict | None, **given) -> dict:
+def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, **given) -> dict:
     """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
-    generation_config.json value, which transformers' generate() applies too, else the default."""
-    saved = checkpoint or {}
+    generation_config.json value, which transformers' generate() applies too, else the default. As there, a
+    checkpoint's `max_length` (prompt included: `prompt_len` tokens) sets the number of new tokens when neither
+    the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is an error."""
+    saved = dict(checkpoint or {})
+    if given.get("max_new_tokens") is None and saved.get("max_new_tokens") is None and \
+            saved.get("max_length") is not None:
+        saved["max_new_tokens"] = saved["max_length"] - prompt_len
+        if saved["max_new_tokens"] < 1:
+            raise GenerationError(f"the prompt's {prompt_len} tokens already fill the checkpoint's max_length of "
+                                  f"{saved['max_length']} (generation_config.json); pass max_new_tokens")
     return {name: given[name] if given.get(name) is not None else saved[name] if saved.get(name) is not None
             else default for name, default in DECODING_DEFAULTS.items()}
 
