@@ -174,6 +174,10 @@ METASPACE = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
      "added_tokens must be a list of objects with a string 'content'"),
     ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1}, "merges": [5]}, **METASPACE},
      "model.merges must be a list"),
+    ({"model": {"type": "BPE", "vocab": {"<unk>": 0}}, "added_tokens": [{"id": "1", "content": "<x>"}], **METASPACE},
+     "added_tokens must be a list of objects with a string 'content' and an integer 'id'"),
+    ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "ab": 2}, "merges": ["a b"]}, **METASPACE},
+     "merge 'a b' uses or makes a token that is not in model.vocab"),  # "b" is not a token
     ({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, **METASPACE}, "no unknown token '<unk>'"),
     ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 2}}, **METASPACE}, "vocabulary ids are not contiguous"),
 ])
@@ -199,6 +203,18 @@ def test_tokenizer_ids_and_files(tok, tok_file, tmp_path):
     with pytest.raises(TokenizerError, match=r"nope: does not exist"):
         Tokenizer.from_pretrained(tmp_path / "nope")
 
+
+
+def test_bad_added_tokens_decoder_in_tokenizer_config(tok, tmp_path):
+    """tokenizer_config.json's added_tokens_decoder maps decimal ids to {"content": ...}; any other key is refused
+    by name (it used to escape as int()'s ValueError)."""
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["<|x|>"] = {"content": "<|x|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="added_tokens_decoder must map token ids to objects") as e:
+        Tokenizer.from_pretrained(tmp_path)
+    assert one_line(e).startswith(f"{tmp_path / 'tokenizer_config.json'}: ")
 
 # --- fine-tuning ----------------------------------------------------------------------------------------------
 
