@@ -193,3 +193,100 @@ def test_merges_trained_by_tokenizers_convert_exactly(tmp_path):
     rng = random.Random(0)
     glued = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for _ in range(2000)]
     assert_same_ids(ours, hf, HARD + SAMPLE_TEXTS + glued)
+
+
+def add_token_with_empty_config_decoder(spec, config):
+    """As `add_token`, with an empty added_tokens_decoder: transformers 5 still ignores tokenizer.json's added_tokens
+    (it asks whether the key is there, not whether it lists anything)."""
+    add_token(spec, config)
+    config["added_tokens_decoder"] = {}
+
+
+@pytest.mark.parametrize("edit", [add_token, add_token_without_config_decoder, add_token_with_empty_config_decoder])
+def test_added_tokens_come_from_the_config_decoder_if_present_else_tokenizer_json(both_files, tmp_path, edit):
+    """Whether the directory or its tokenizer.model itself is read, the added tokens are tokenizer_config.json's
+    added_tokens_decoder whenever the config has that key (even empty), else tokenizer.json's added_tokens, as
+    transformers 5 reads the directory; and a tokenizer.json that splits as tokenizer.model does still loads
+    tokenizer.model itself (its own scores), the added tokens appended."""
+    from transformers import AutoTokenizer
+
+    path = edited_copy(both_files, tmp_path / "edited", edit)
+    hf = AutoTokenizer.from_pretrained(path)
+    assert ("<|novo|>" in hf.get_vocab()) == (edit is add_token_without_config_decoder)
+    model = Tokenizer(path / "tokenizer.model").proto.pieces
+    for where in (path, path / "tokenizer.model"):
+        ours = Tokenizer.from_pretrained(where)
+        assert ours.vocab_size == len(hf), where
+        assert ours.proto.pieces[:len(model)] == model, where
+        assert_same_ids(ours, hf, HARD[:4] + ["a<|novo|>b <|novo|>"])
+
+
+def model_beside(path, edit):
+    """Write beside the hand-written tokenizer.json in `path` the tokenizer.model it converts to, changed by
+    `edit(pieces)`, a dict piece -> SentencePiece message."""
+    proto = Tokenizer.from_pretrained(path).proto
+    edit({p.piece: p for p in proto.pieces})
+    (path / "tokenizer.model").write_bytes(proto.SerializeToString())
+
+
+def tie_ab_with_bc(pieces):
+    pieces["ab"].score = pieces["bc"].score  # a tie: sentencepiece then merges the leftmost pair first
+
+
+def make_ab_user_defined(pieces):
+    pieces["ab"].type = pieces["ab"].USER_DEFINED  # matched whole, before the BPE
+
+
+@pytest.mark.parametrize("edit", [tie_ab_with_bc, make_ab_user_defined])
+def test_tokenizer_model_that_splits_differently_only_by_scores_or_types_is_ignored(tmp_path, edit):
+    """tokenizer.model with tokenizer.json's pieces, but a tie between the scores of two merged pieces or another
+    piece type, splits "abc" as a + bc no longer: ttl follows tokenizer.json, as transformers does."""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "abc", ["\u2581", "a", "b", "c", "ab", "bc"], [("b", "c"), ("a", "b")])
+    model_beside(path, edit)
+    hf = AutoTokenizer.from_pretrained(path)
+    assert hf.tokenize("abc") == ["\u2581", "a", "bc"]
+    assert Tokenizer(path / "tokenizer.model").encode("abc") != hf("abc")["input_ids"]  # the file disagrees
+    texts = ["".join(chars) for n in range(1, 5) for chars in itertools.product("abc ", repeat=n)]
+    assert_same_ids(Tokenizer.from_pretrained(path), hf, texts)
+
+
+def test_a_merge_listed_twice_keeps_its_last_rank_as_in_tokenizers(tmp_path):
+    """"a b" listed first and last: transformers ranks it after "b c" (the later duplicate wins), so "abc" is
+    a + bc. (The tokenizers library drops duplicates when it writes a file, so this one is written by hand.)"""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "written", ["\u2581", "a", "b", "c", "ab", "bc"], [("a", "b"), ("b", "c")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["model"]["merges"] = [["a", "b"], ["b", "c"], ["a", "b"]]
+    shutil.rmtree(path)
+    write_llama_dir(path, spec)
+    hf = AutoTokenizer.from_pretrained(path)
+    assert hf.tokenize("abc") == ["\u2581", "a", "bc"]
+    texts = ["".join(chars) for n in range(1, 5) for chars in itertools.product("abc ", repeat=n)]
+    assert_same_ids(Tokenizer.from_pretrained(path), hf, texts)
+
+
+def test_a_piece_no_merge_can_make_is_accepted(tmp_path):
+    """"abcd" is in the vocabulary, but "abcd" always splits into a + bc + d (b + c outranks a + b and c + d), no
+    two of which form a piece, in either library: the piece is never made, and the file converts exactly."""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "abcd", ["\u2581", "a", "b", "c", "d", "ab", "bc", "cd", "abcd"],
+                            [("b", "c"), ("a", "b"), ("c", "d")])
+    hf = AutoTokenizer.from_pretrained(path)
+    assert hf.tokenize("abcd") == ["\u2581", "a", "bc", "d"]
+    texts = ["".join(chars) for n in range(1, 6) for chars in itertools.product("abcd ", repeat=n)]
+    assert_same_ids(Tokenizer.from_pretrained(path), hf, texts)
+
+
+def test_a_piece_starting_with_a_character_the_vocabulary_lacks_is_refused(tmp_path):
+    """"☃a" with no "☃" in the vocabulary: transformers writes ☃ as its bytes, then "a"; sentencepiece would merge
+    ☃ + a into the piece, so the file is refused."""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "snow", ["\u2581", "a", "b", "ab", SNOWMAN + "a"], [("a", "b")])
+    assert AutoTokenizer.from_pretrained(path).tokenize(SNOWMAN + "a") == ["\u2581", "<0xE2>", "<0x98>", "<0x83>", "a"]
+    with pytest.raises(TokenizerError, match=rf"never merges '{SNOWMAN}' \+ 'a' .* into the piece '{SNOWMAN}a'"):
+        Tokenizer.from_pretrained(path)
