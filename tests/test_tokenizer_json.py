@@ -133,15 +133,18 @@ def test_beside_tokenizer_model_merges_sentencepiece_cannot_follow_are_refused_n
         Tokenizer.from_pretrained(path)
 
 
-def hand_written_dir(path, pieces, merges):
+def hand_written_dir(path, pieces, merges, byte_fallback=True):
     """A Llama-style tokenizer.json written with the tokenizers library from the given pieces and merges (ranked in
-    list order), with byte fallback, the pre-tokenizer transformers' LlamaTokenizer uses and a BOS post-processor."""
+    list order), with byte fallback (and its <0xNN> pieces) unless told, the pre-tokenizer transformers'
+    LlamaTokenizer uses and a BOS post-processor."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers, processors
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"<0x{i:02X}>" for i in range(256)] + pieces)}
-    t = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)] if byte_fallback else []
+    vocab = {t: i for i, t in enumerate(specials + byte_pieces + pieces)}
+    t = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=byte_fallback,
+                               fuse_unk=True))
     t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     t.add_special_tokens(specials)
@@ -290,3 +293,17 @@ def test_a_piece_starting_with_a_character_the_vocabulary_lacks_is_refused(tmp_p
     assert AutoTokenizer.from_pretrained(path).tokenize(SNOWMAN + "a") == ["\u2581", "<0xE2>", "<0x98>", "<0x83>", "a"]
     with pytest.raises(TokenizerError, match=rf"never merges '{SNOWMAN}' \+ 'a' .* into the piece '{SNOWMAN}a'"):
         Tokenizer.from_pretrained(path)
+
+
+def test_a_tokenizer_json_without_byte_fallback_converts_unknown_characters_to_unk(tmp_path):
+    """Without byte fallback (and no <0xNN> pieces), a character the vocabulary lacks is `<unk>`, consecutive ones
+    one `<unk>`, as the tokenizers library encodes the file. (transformers 5's LlamaTokenizer differs: it rebuilds
+    the BPE with byte fallback on and drops such characters.)"""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = hand_written_dir(tmp_path / "no_bytes", ["\u2581", "a", "b", "ab"], [("a", "b")], byte_fallback=False)
+    reference = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    ours = Tokenizer.from_pretrained(path)
+    assert ours.encode(f"ab{SNOWMAN}{SNOWMAN}b") == [1, 4, 7, 0, 6]  # <s> ▁ ab <unk> b
+    for text in ["".join(chars) for n in range(1, 5) for chars in itertools.product(f"abx {SNOWMAN}", repeat=n)]:
+        assert ours.encode(text) == reference.encode(text).ids, text
