@@ -229,6 +229,21 @@ def test_from_pretrained_keeps_the_tokens_transformers_added(tok, tmp_path):
         Tokenizer.from_pretrained(tmp_path / "chat")
 
 
+@pytest.mark.parametrize("extra", [["<|c|>", "<|a|>"], {"image_token": "<|c|>"}, [], {}])
+def test_config_extra_special_tokens_replace_additional_special_tokens_as_in_transformers_5(tok, tmp_path, extra):
+    """A config with both keys (transformers 4.48+ writes extra_special_tokens beside additional_special_tokens):
+    transformers 5 appends extra_special_tokens' tokens, in their order, and reads additional_special_tokens only
+    when the other key is empty. ttl appended both lists, additional first: other ids, one token more."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(additional_special_tokens=["<|a|>", "<|b|>"], extra_special_tokens=extra)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.vocab_size == len(hf) and ours.added_tokens == [hf.convert_ids_to_tokens(i) for i in range(320, len(hf))]
+    assert_same_ids(ours, hf, ["x<|a|>y <|b|> <|c|>z", "<|c|><|a|>"])
+
 def test_train_tokenizer_reads_only_the_documents_it_uses():
     docs = corpus(300, seed=1)
     pulled = []

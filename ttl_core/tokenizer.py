@@ -390,17 +390,18 @@ def _added_tokens_decoder(path: Path, config: object) -> dict[int, str]:
 
 
 def _named_special_tokens(path: Path, config: object) -> list[str]:
-    """The texts a `tokenizer_config.json` lists in `extra_special_tokens` (a list, or a dict of named tokens)
-    and `additional_special_tokens` (strings or {"content": ...} objects)."""
-    names = []
+    """The texts a `tokenizer_config.json` lists in `extra_special_tokens` (a list, or a dict of named tokens),
+    or, when that is absent or empty, in the older `additional_special_tokens` (strings or {"content": ...}
+    objects): transformers 5 reads the older key only then."""
+    names = {}
     for key in ("additional_special_tokens", "extra_special_tokens"):
         tokens = (config.get(key) or []) if isinstance(config, dict) else []
         tokens = list(tokens.values()) if isinstance(tokens, dict) else tokens
         texts = [t.get("content") if isinstance(t, dict) else t for t in tokens] if isinstance(tokens, list) else None
         if texts is None or not all(isinstance(t, str) and t for t in texts):
             raise TokenizerError(f"{path}: {key} must be a list of token strings")
-        names += [t for t in texts if t not in names]
-    return names
+        names[key] = list(dict.fromkeys(texts))
+    return names["extra_special_tokens"] or names["additional_special_tokens"]
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:
