@@ -178,6 +178,8 @@ METASPACE = {"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}
      "added_tokens must be a list of objects with a string 'content' and an integer 'id'"),
     ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "ab": 2}, "merges": ["a b"]}, **METASPACE},
      "merge 'a b' uses or makes a token that is not in model.vocab"),  # "b" is not a token
+    ({"model": {"type": "BPE", "vocab": {"<unk>": 0}}, "pre_tokenizer": {"type": "Whitespace"}},
+     "unsupported tokenizer type: BPE without sentencepiece-style"),  # no "▁", though not byte-level either
     ({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, **METASPACE}, "no unknown token '<unk>'"),
     ({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 2}}, **METASPACE}, "vocabulary ids are not contiguous"),
 ])

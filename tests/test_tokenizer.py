@@ -241,8 +241,39 @@ def test_config_extra_special_tokens_replace_additional_special_tokens_as_in_tra
     config.update(additional_special_tokens=["<|a|>", "<|b|>"], extra_special_tokens=extra)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
-    assert ours.vocab_size == len(hf) and ours.added_tokens == [hf.convert_ids_to_tokens(i) for i in range(320, len(hf))]
+    added = [hf.convert_ids_to_tokens(i) for i in range(320, len(hf))]
+    assert ours.vocab_size == len(hf) and ours.added_tokens == added
     assert_same_ids(ours, hf, ["x<|a|>y <|b|> <|c|>z", "<|c|><|a|>"])
+
+def test_added_tokens_decoder_ids_are_read_in_any_key_order(tok, tmp_path):
+    """added_tokens_decoder's ids are read whatever the order of its keys (json's sort_keys puts "1000" before
+    "999"), as transformers does."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"321": {"content": "<|b|>", "special": True},
+                                      "320": {"content": "<|a|>", "special": True}, **config["added_tokens_decoder"]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.vocab_size == len(hf) == 322 and ours.added_tokens == ["<|a|>", "<|b|>"]
+    assert_same_ids(ours, hf, ["x<|a|>y <|b|>"])
+
+
+def test_tokenizer_files_under_other_names_are_read_alone(tok, tmp_path):
+    """A sentencepiece model or tokenizer.json given under a name transformers does not save is read as what its
+    suffix says, without the directory's tokenizer_config.json (whose added tokens belong to tokenizer.model)."""
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["320"] = {"content": "<|a|>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.from_pretrained(tmp_path).vocab_size == 321
+    (tmp_path / "base.model").write_bytes((tmp_path / "tokenizer.model").read_bytes())
+    assert Tokenizer.from_pretrained(tmp_path / "base.model").vocab_size == 320
+    make_ttl_style_dir(tmp_path / "ttl", [t.lower() for t in corpus(100, seed=2)], vocab_size=300)
+    (tmp_path / "ttl" / "ttl.json").write_bytes((tmp_path / "ttl" / "tokenizer.json").read_bytes())
+    converted = Tokenizer.from_pretrained(tmp_path / "ttl").proto
+    assert Tokenizer.from_pretrained(tmp_path / "ttl" / "ttl.json").proto == converted
 
 def test_train_tokenizer_reads_only_the_documents_it_uses():
     docs = corpus(300, seed=1)

@@ -295,13 +295,16 @@ def test_a_piece_starting_with_a_character_the_vocabulary_lacks_is_refused(tmp_p
         Tokenizer.from_pretrained(path)
 
 
-def test_a_tokenizer_json_without_byte_fallback_converts_unknown_characters_to_unk(tmp_path):
-    """Without byte fallback (and no <0xNN> pieces), a character the vocabulary lacks is `<unk>`, consecutive ones
-    one `<unk>`, as the tokenizers library encodes the file. (transformers 5's LlamaTokenizer differs: it rebuilds
-    the BPE with byte fallback on and drops such characters.)"""
+@pytest.mark.parametrize("unk", ["<unk>", "[UNK]"])
+def test_a_tokenizer_json_without_byte_fallback_converts_unknown_characters_to_unk(tmp_path, unk):
+    """Without byte fallback (and no <0xNN> pieces), a character the vocabulary lacks is the file's unknown token
+    (model.unk_token, whatever its name), consecutive ones one, as the tokenizers library encodes the file.
+    (transformers 5's LlamaTokenizer differs: it rebuilds the BPE with byte fallback on and drops such characters.)"""
     from tokenizers import Tokenizer as HFTokenizer
 
     path = hand_written_dir(tmp_path / "no_bytes", ["\u2581", "a", "b", "ab"], [("a", "b")], byte_fallback=False)
+    text = (path / "tokenizer.json").read_text(encoding="utf-8")
+    (path / "tokenizer.json").write_text(text.replace('"<unk>"', json.dumps(unk)), encoding="utf-8")
     reference = HFTokenizer.from_file(str(path / "tokenizer.json"))
     ours = Tokenizer.from_pretrained(path)
     assert ours.encode(f"ab{SNOWMAN}{SNOWMAN}b") == [1, 4, 7, 0, 6]  # <s> ▁ ab <unk> b
