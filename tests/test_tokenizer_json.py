@@ -310,3 +310,28 @@ def test_a_tokenizer_json_without_byte_fallback_converts_unknown_characters_to_u
     assert ours.encode(f"ab{SNOWMAN}{SNOWMAN}b") == [1, 4, 7, 0, 6]  # <s> ▁ ab <unk> b
     for text in ["".join(chars) for n in range(1, 5) for chars in itertools.product(f"abx {SNOWMAN}", repeat=n)]:
         assert ours.encode(text) == reference.encode(text).ids, text
+
+
+def test_an_unreadable_tokenizer_model_beside_tokenizer_json_is_ignored_as_by_transformers(both_files, tmp_path):
+    """transformers 5 reads tokenizer.json and never opens tokenizer.model: a tokenizer.model that is no
+    sentencepiece model (a Git LFS pointer, a cut download) does not stop the directory from loading."""
+    from transformers import AutoTokenizer
+
+    path = edited_copy(both_files, tmp_path / "pointer", lambda spec, config: None)
+    (path / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    assert_same_ids(Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path), HARD[:4] + SAMPLE_TEXTS[:5])
+
+
+def test_an_added_token_the_vocabulary_has_keeps_its_vocabulary_id(tmp_path):
+    """tokenizer.json's added_tokens lists "ab", a piece of model.vocab, under a new id: transformers keeps the
+    vocabulary's id (and no new one), and matches "ab" whole as an added token."""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "abc", ["\u2581", "a", "b", "ab"], [("a", "b")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"].append({"id": len(spec["model"]["vocab"]), "content": "ab", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert ours.vocab_size == len(hf) == len(spec["model"]["vocab"])
+    assert_same_ids(ours, hf, ["xab", "aab b", "ba"])
