@@ -241,9 +241,13 @@ def test_config_extra_special_tokens_replace_additional_special_tokens_as_in_tra
     config.update(additional_special_tokens=["<|a|>", "<|b|>"], extra_special_tokens=extra)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    if not extra and len(hf) == 320:
+        pytest.skip("this transformers release (5.17, the GPU image's) ignores additional_special_tokens beside an "
+                    "empty extra_special_tokens; ttl follows 5.25, which reads them")
     added = [hf.convert_ids_to_tokens(i) for i in range(320, len(hf))]
     assert ours.vocab_size == len(hf) and ours.added_tokens == added
     assert_same_ids(ours, hf, ["x<|a|>y <|b|> <|c|>z", "<|c|><|a|>"])
+
 
 def test_added_tokens_decoder_ids_are_read_in_any_key_order(tok, tmp_path):
     """added_tokens_decoder's ids are read whatever the order of its keys (json's sort_keys puts "1000" before
