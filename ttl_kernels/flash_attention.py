@@ -4,9 +4,7 @@ Every call is handled as packed: a (batch, seq, heads, dim) input is viewed as (
 `cu_seqlens` = 0, seq, 2·seq, ..., so one kernel serves both layouts and any sequence length. The forward
 streams K/V blocks through an online softmax and saves the log-sum-exp per query row; the backward
 recomputes the probabilities from it. Scores are kept in base 2 (log2(e) folded into the softmax scale), so
-the exponentials are the GPU's native exp2 without a multiply of their own; only the dK/dV kernel under
-grouped-query attention keeps the natural base: its candidates ran at 250-255 registers when that was
-chosen (their query-head loop was nested then), and exp2's instruction mix spilled there.
+the exponentials are the GPU's native exp2 without a multiply of their own.
 Grouped-query attention maps query head h to KV head h // group and never repeats K/V in memory:
 the dK/dV kernel owns one KV block of one KV head and loops over the query heads of its group (no atomics),
 the dQ kernel owns one query block of one head.
@@ -190,7 +188,7 @@ if HAVE_TRITON:
     @triton.jit
     def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads, stride_qt, stride_qh,
                     stride_dot, stride_doh, offs_d, length, scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                    BASE2: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """(dK unscaled, dV) of one key block after adding the query block m0 .. m0 + BLOCK_M of `head`."""
         rows = m0 + offs_m
         row_ok = rows < length
@@ -198,10 +196,8 @@ if HAVE_TRITON:
         do = _tile(DO, start, rows, head, stride_dot, stride_doh, offs_d, length)
         lse = tl.load(LSE + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + (start + rows) * n_heads + head, mask=row_ok, other=0.0)
-        if BASE2:  # see the module docstring for why not always
-            p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST, IEEE) * (scale * LOG2E) - (lse * LOG2E)[None, :])
-        else:
-            p_t = tl.exp(_dot(k, tl.trans(q), UPCAST, IEEE) * scale - lse[None, :])  # (keys, queries)
+        # (keys, queries)
+        p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST, IEEE) * (scale * LOG2E) - (lse * LOG2E)[None, :])
         if MASKED:
             keep = (offs_n < length)[:, None] & row_ok[None, :]
             if CAUSAL:
@@ -228,7 +224,7 @@ if HAVE_TRITON:
                 head, m0 = kv_head * GROUP + g, t - g * span
             dk, dv = _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, start, m0, offs_m, offs_n, head, n_heads,
                                  stride_qt, stride_qh, stride_dot, stride_doh, offs_d, length, scale, CAUSAL, MASKED,
-                                 GROUP == 1, UPCAST, IEEE)
+                                 UPCAST, IEEE)
         return dk, dv
 
     @triton.jit
