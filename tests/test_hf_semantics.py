@@ -143,6 +143,9 @@ def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
         theirs.generate(ids(batch=2, seq=15), do_sample=False)
     with pytest.raises(GenerationError, match=r"the prompt's 15 tokens already fill the checkpoint's max_length of 15"):
         ttl_core.generate(ours, ids(batch=2, seq=15))
+    ours.generation_config["max_length"] = "15"
+    with pytest.raises(GenerationError, match=r"generation_config.json: max_length must be an integer, got '15'"):
+        ttl_core.generate(ours, tokens)
 
 
 def test_prompts_padded_without_a_mask_are_masked_by_the_padding_id(tmp_path):

@@ -35,6 +35,9 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, **given) -> 
     saved = dict(checkpoint or {})
     if given.get("max_new_tokens") is None and saved.get("max_new_tokens") is None and \
             saved.get("max_length") is not None:
+        if not is_integer(saved["max_length"]):
+            raise GenerationError(f"generation_config.json: max_length must be an integer, got "
+                                  f"{saved['max_length']!r}")
         saved["max_new_tokens"] = saved["max_length"] - prompt_len
         if saved["max_new_tokens"] < 1:
             raise GenerationError(f"the prompt's {prompt_len} tokens already fill the checkpoint's max_length of "
