@@ -81,8 +81,9 @@ class Chat:
     def add_user(self, text: str, extra_input: str = "") -> None:
         """Append a user turn (or, without a format, plain text to continue)."""
         prompt = chat_prompt(self.fmt, text, extra_input) if self.fmt else text
-        # `<s>` opens the conversation, as it opens every example in fine-tuning (ttl_core.instruct)
-        self.ids += self.tokenizer.encode(prompt, add_bos=not self.ids, add_eos=False)
+        # `<s>` (if the tokenizer adds it) opens the conversation, as it opens every example in fine-tuning
+        # (ttl_core.instruct)
+        self.ids += self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token and not self.ids, add_eos=False)
 
     def add_model(self, ids: list[int]) -> None:
         """Append the model's answer, closed with the end token if it ran out of tokens before one."""

@@ -80,8 +80,14 @@ def test_multi_file_input_parallel_and_resumed_runs_are_identical(tmp_path, monk
     inputs, docs = write_inputs(tmp_path)
     meta = prepare_data(inputs, tmp_path / "one", vocab_size=300, workers=1, shard_docs=7)
     check_data_dir(tmp_path / "one", docs)
+    # a source tokenizer that adds no <s> itself: the documents still start with one, and so does a prompt to a
+    # model trained on them (the saved tokenizer says so)
+    config = json.loads((tmp_path / "one" / "tokenizer_config.json").read_text())
+    (tmp_path / "one" / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    assert Tokenizer.from_pretrained(tmp_path / "one").encode("a")[0] != 1
     prepare_data(inputs, tmp_path / "two", tokenizer=tmp_path / "one" / "tokenizer.model", workers=2, shard_docs=7)
     assert read_outputs(tmp_path / "two")["train.bin"] == read_outputs(tmp_path / "one")["train.bin"]
+    assert Tokenizer.from_pretrained(tmp_path / "two").encode("a")[0] == 1
 
     # Interrupt a run after three shards, then resume: only the missing shards are tokenized again.
     calls = []

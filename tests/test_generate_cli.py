@@ -272,3 +272,18 @@ def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, m
     assert script.main(["--model", str(path), "--prompt", "a casa", "--interactive", "--device", "cpu"]) == 0
     assert [ids for ids, _ in fake.calls] == [
         tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro", add_bos=False)]
+
+
+def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoint):
+    """The first turn is encoded as the tokenizer encodes a text (here: without <s>), never with a </s> after the
+    prompt even where the tokenizer appends one; later turns get neither."""
+    _, tok, _ = checkpoint
+    plain = Tokenizer(tok.proto.SerializeToString())
+    plain.add_bos_token, plain.add_eos_token = False, True
+    chat = load_script().Chat(plain, "aira")
+    chat.add_user("a casa")
+    chat.add_model([5, 6])
+    chat.add_user("o cachorro")
+    prompts = [plain.encode(chat_prompt("aira", text), add_eos=False) for text in ("a casa", "o cachorro")]
+    assert chat.ids == prompts[0] + [5, 6, tok.token_to_id("<|endofcompletion|>")] + prompts[1]
+    assert tok.bos_id not in chat.ids and tok.eos_id not in chat.ids

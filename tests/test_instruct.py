@@ -57,6 +57,18 @@ def test_chat_ids_follow_the_template_and_mask_the_prompt(base_dir, fmt, extra):
     assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * (len(ids) - 5)
 
 
+def test_chat_ids_start_with_bos_only_when_the_tokenizer_adds_it(base_dir):
+    """The example is framed as the tokenizer frames a text (here: no <s>, as a tokenizer.json template "$A </s>"
+    says), except that only Alpaca's answer ends in </s>, once; the prompt is masked all the same."""
+    tok = Tokenizer.from_pretrained(base_dir)
+    tok.add_bos_token, tok.add_eos_token = False, True
+    prompt = chat_prompt("alpaca", "Diga oi.")
+    ids, labels = encode_chat(tok, "alpaca", "Diga oi.", "", "Oi.", 512)
+    assert ids == tok.encode(prompt + "Oi.", add_eos=False) + [tok.eos_id] and tok.bos_id not in ids
+    n_prompt = len(tok.encode(prompt, add_eos=False))
+    assert labels == [-100] * n_prompt + ids[n_prompt:] and len(ids) > n_prompt
+
+
 def test_aira_tokens_are_added_and_embeddings_resized(base_dir):
     tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
     before = model.config.vocab_size

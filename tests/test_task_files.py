@@ -71,8 +71,31 @@ def test_sentence_pairs_are_the_ids_transformers_gives_their_text(base_dir, tmp_
                                                   len(full) - max_length, "longest_first")
             assert ids == [tok.bos_id, *cut_head, tok.bos_id, *cut_tail, tok.eos_id], (first, max_length)
             assert len(ids) == max_length
-    with pytest.raises(ConfigError, match="max_length .* 2 leaves no room for a sentence pair's"):
+    with pytest.raises(ConfigError, match="max_length .* 2 leaves no room for a sentence pair.s 3 special tokens"):
         encode_example(tok, ["a", "b"], True, 2)
+
+
+@pytest.mark.parametrize("flags", [{"add_bos_token": False}, {"add_bos_token": False, "add_eos_token": True},
+                                   {"add_bos_token": True, "add_eos_token": True}])
+def test_examples_keep_the_special_tokens_the_tokenizer_adds_as_transformers_truncation(base_dir, tmp_path, flags):
+    """A tokenizer without <s>, or with </s>, frames examples as transformers' tokenizer frames their text; a text
+    cut to max_length keeps them, as transformers' truncation does."""
+    transformers = pytest.importorskip("transformers")
+
+    tok = Tokenizer.from_pretrained(base_dir)
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+    tok, hf = Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Título\n\nUm texto um pouco mais longo que o corte."
+    for max_length in (2, 5, 9, 256):
+        expected = hf(text, truncation=True, max_length=max_length)["input_ids"]
+        assert encode_example(tok, ["Título", "Um texto um pouco mais longo que o corte."], False, max_length) == expected
+    assert encode_example(tok, ["O gato.", "O cão."], True, 256) == hf("O gato.<s>O cão.</s>")["input_ids"]
+    specials = 2 + flags.get("add_bos_token", False) + flags.get("add_eos_token", False)
+    assert len(encode_example(tok, ["Primeira frase longa " * 5, "Segunda"], True, specials + 3)) == specials + 3
+    with pytest.raises(ConfigError, match=f"leaves no room for a sentence pair's {specials} special tokens"):
+        encode_example(tok, ["a", "b"], True, specials - 1)
 
 
 def test_a_json_array_file_gives_the_rows_of_its_json_lines(tmp_path):

@@ -62,6 +62,34 @@ def test_save_pretrained_matches_autotokenizer(tok, tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "b").vocab_size == 324
 
 
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True},
+                                   {"add_eos_token": True}, None])
+def test_bos_and_eos_around_a_text_follow_the_config_beside_tokenizer_model_as_in_transformers(tok, tmp_path, flags):
+    """Without tokenizer.json, transformers 5 reads add_bos_token / add_eos_token from tokenizer_config.json, and an
+    absent one as false; explicit add_bos / add_eos still decide. Without a config (no LlamaTokenizer for
+    transformers, whose releases then split texts differently) ttl reads the model file as it reads it alone."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    config = {k: v for k, v in json.loads((tmp_path / "tokenizer_config.json").read_text()).items()
+              if k not in ("add_bos_token", "add_eos_token")}
+    if flags is None:
+        (tmp_path / "tokenizer_config.json").unlink()
+    else:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+    ours = Tokenizer.from_pretrained(tmp_path)
+    assert (ours.add_bos_token, ours.add_eos_token) == ((True, False) if flags is None else (
+        flags.get("add_bos_token", False), flags.get("add_eos_token", False)))
+    if flags is not None:
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(tmp_path), HARD[:3] + [""])
+    assert ours.encode("a casa", add_bos=True, add_eos=True) == tok.encode("a casa", add_eos=True)
+    assert Tokenizer(tmp_path / "tokenizer.model").encode("a casa") == tok.encode("a casa")  # a model file: <s> only
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": "yes"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: add_bos_token and add_eos_token must be true or "
+                                             "false, got 'yes' and False"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
     import io
@@ -196,7 +224,9 @@ def test_decode_of_byte_runs_matches_autotokenizer(hf_pairs):
 
 def test_from_pretrained_keeps_the_tokens_transformers_added(tok, tmp_path):
     """transformers' add_special_tokens + save_pretrained keeps the new tokens out of tokenizer.model: in
-    tokenizer.json, tokenizer_config.json's added_tokens_decoder (transformers 4) or extra_special_tokens (5)."""
+    tokenizer.json, tokenizer_config.json's added_tokens_decoder (transformers 4) or extra_special_tokens (5).
+    Whether <s> comes first follows tokenizer.json's template, else the config, which transformers 5 saves without
+    add_bos_token: that reads as no <s> (transformers 5 itself loses it when tokenizer.json is deleted)."""
     from transformers import AutoTokenizer
 
     tok.save_pretrained(tmp_path / "base")
@@ -215,10 +245,13 @@ def test_from_pretrained_keeps_the_tokens_transformers_added(tok, tmp_path):
             config.pop("extra_special_tokens")
             config["added_tokens_decoder"] = {str(320 + k): {"content": t, "special": True}
                                               for k, t in enumerate(AIRA_SPECIAL_TOKENS)}
+            config["add_bos_token"] = True
             (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(config))
+        bos = [] if layout == "extra_special_tokens" else expected[:1]
+        assert AutoTokenizer.from_pretrained(tmp_path / "chat")(text)["input_ids"] == bos + expected[1:], layout
         for where in (tmp_path / "chat", tmp_path / "chat" / "tokenizer.model"):
             ours = Tokenizer.from_pretrained(where)
-            assert ours.vocab_size == len(hf) and ours.encode(text) == expected, layout
+            assert ours.vocab_size == len(hf) and ours.encode(text) == bos + expected[1:], layout
     config["added_tokens_decoder"] = {"321": {"content": "<|x|>"}}  # id 320 missing
     (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match=r"added token ids \[321\] do not continue tokenizer.model's 320 pieces"):

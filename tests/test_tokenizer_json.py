@@ -335,3 +335,50 @@ def test_an_added_token_the_vocabulary_has_keeps_its_vocabulary_id(tmp_path):
     ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     assert ours.vocab_size == len(hf) == len(spec["model"]["vocab"])
     assert_same_ids(ours, hf, ["xab", "aab b", "ba"])
+
+
+TEMPLATES = {"none": None, "text only": "$A", "<s> first": "<s> $A", "both": "<s> $A </s>", "</s> last": "$A </s>"}
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("config_adds_bos", [True, False])
+def test_bos_and_eos_around_a_text_follow_the_post_processor_as_in_transformers(tmp_path, template, config_adds_bos):
+    """With tokenizer.json, transformers 5 puts <s> / </s> around a text as the file's post-processor says
+    (nothing without one) and ignores tokenizer_config.json's add_bos_token / add_eos_token; encode's explicit
+    add_bos / add_eos still decide when given, and save_pretrained keeps the setting."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "t", ["\u2581", "a", "b", "ab"], [("a", "b")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    single = TEMPLATES[template]
+    spec["post_processor"] = single and json.loads(processors.TemplateProcessing(
+        single=single, special_tokens=[(t, i) for t, i in (("<s>", 1), ("</s>", 2)) if t in single]).__getstate__())
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": config_adds_bos}))
+    ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert (ours.add_bos_token, ours.add_eos_token) == ("<s> $A" in str(single), "$A </s>" in str(single))
+    assert_same_ids(ours, hf, ["ab ba", "b", ""])
+    assert ours.encode("ab", add_bos=True, add_eos=True) == [1, 260, 263, 2]  # <s> ▁ ab </s>
+    ours.save_pretrained(tmp_path / "saved")
+    saved = Tokenizer.from_pretrained(tmp_path / "saved")
+    assert saved.encode("ab") == ours.encode("ab") == AutoTokenizer.from_pretrained(tmp_path / "saved")("ab")["input_ids"]
+
+
+@pytest.mark.parametrize("processor, problem", [
+    ({"type": "ByteLevel", "trim_offsets": True}, "unsupported post_processor 'ByteLevel'"),
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<pad>", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}],
+      "special_tokens": {"<pad>": {"id": "<pad>", "ids": [3], "tokens": ["<pad>"]}}},
+     r"unsupported post_processor template \(ids around the text \$A: \[\(3,\), '\$A'\]\)"),
+    ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {}},
+     r"unsupported post_processor template \(ids around the text \$A: \['\$A', '\$A'\]\)"),
+    ([], "unsupported post_processor 'list'")])
+def test_a_post_processor_adding_other_tokens_is_refused(tmp_path, processor, problem):
+    path = hand_written_dir(tmp_path / "t", ["\u2581", "a", "b", "ab"], [("a", "b")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    (path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": processor}), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=f"tokenizer.json: {problem}"):
+        Tokenizer.from_pretrained(path)

@@ -285,6 +285,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     # leave an old meta.json vouching for new token files.
     meta_path.unlink(missing_ok=True)
     tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
+    # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
+    tok.add_bos_token, tok.add_eos_token = True, False
     tok.save_pretrained(out_dir)
     val_docs = sum(_is_val(k, val_fraction) for k in range(total))
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],

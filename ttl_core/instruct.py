@@ -87,14 +87,15 @@ def stop_at_end_of_completion(model: LlamaForCausalLM, tokenizer: Tokenizer) -> 
 def encode_chat(tokenizer: Tokenizer, chat_format: str, instruction: str, input: str, response: str,
                 max_length: int, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example, truncated to `max_length`. The prompt and response are encoded
-    as one text with BOS (Alpaca then appends EOS; Aira's response ends in `<|endofcompletion|>`); labels
+    as one text, `<s>` first if the tokenizer adds it (Alpaca then appends EOS; Aira's response ends in
+    `<|endofcompletion|>`); labels
     copy the ids except over the prompt's tokens, which are -100 unless `train_on_inputs`. Should BPE
     merge across the prompt/response boundary, only the tokens wholly inside the prompt are masked."""
     prompt = chat_prompt(chat_format, instruction, input)
-    ids = tokenizer.encode(prompt + chat_response(chat_format, response), add_bos=True)
+    ids = tokenizer.encode(prompt + chat_response(chat_format, response), add_eos=False)
     if chat_format == "alpaca":
         ids.append(tokenizer.eos_id)
-    prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    prompt_ids = tokenizer.encode(prompt, add_eos=False)
     n_prompt = 0
     while n_prompt < min(len(ids), len(prompt_ids)) and ids[n_prompt] == prompt_ids[n_prompt]:
         n_prompt += 1

@@ -121,24 +121,28 @@ def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> A
 
 
 def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_length: int) -> list[int]:
-    """Token ids of one example, at most `max_length`. Several fields are joined by a blank line (AgNews: title,
-    blank line, text), encoded with BOS and cut at `max_length`. A sentence pair is the ids transformers'
-    tokenizer gives the text `first + "<s>" + second + "</s>"` (BOS added; the second sentence, following a
-    special token, gets no "▁" word prefix), which is what a transformers user passes to the saved classifier
-    to reproduce ttl's predictions. Too long a pair is cut as transformers' `longest_first` cuts a pair (the
-    longer sentence loses its last token until both fit); the three special tokens always stay."""
+    """Token ids of one example, at most `max_length`: the text between the special tokens the tokenizer adds
+    (`<s>` first, for Llama's), which stay when the text is cut, as in transformers' truncation. Several fields
+    are joined by a blank line (AgNews: title, blank line, text). A sentence pair is the ids transformers'
+    tokenizer gives the text `first + "<s>" + second + "</s>"` (the second sentence, following a special token,
+    gets no "▁" word prefix), which is what a transformers user passes to the saved classifier to reproduce ttl's
+    predictions. Too long a pair is cut as transformers' `longest_first` cuts a pair (the longer sentence loses
+    its last token until both fit); the special tokens always stay."""
+    start, end = [tokenizer.bos_id] * tokenizer.add_bos_token, [tokenizer.eos_id] * tokenizer.add_eos_token
+    room = max_length - len(start) - len(end)
     if not pair:
-        return tokenizer.encode("\n\n".join(texts), add_bos=True)[:max_length]
-    if max_length < 3:
-        raise ConfigError(f"max_length (--max-length) {max_length} leaves no room for a sentence pair's <s> <s> </s>")
+        return start + tokenizer.encode("\n\n".join(texts), add_bos=False, add_eos=False)[:max(room, 0)] + end
+    if room < 2:
+        raise ConfigError(f"max_length (--max-length) {max_length} leaves no room for a sentence pair's "
+                          f"{len(start) + len(end) + 2} special tokens")
     first, second = texts
-    head = tokenizer.encode(first, add_bos=False)
+    head = tokenizer.encode(first, add_bos=False, add_eos=False)
     # the second sentence is encoded after its `<s>`, as in the whole text, so it gets no "▁" prefix (transformers
     # prepends one only at the start of the text); that `<s>` id is then dropped
-    tail = tokenizer.encode(tokenizer.id_to_token(tokenizer.bos_id) + second, add_bos=False)[1:]
-    while len(head) + len(tail) > max_length - 3:  # the longer loses a token, the second on a tie
+    tail = tokenizer.encode(tokenizer.id_to_token(tokenizer.bos_id) + second, add_bos=False, add_eos=False)[1:]
+    while len(head) + len(tail) > room - 2:  # the longer loses a token, the second on a tie
         (head if len(head) > len(tail) else tail).pop()
-    return [tokenizer.bos_id, *head, tokenizer.bos_id, *tail, tokenizer.eos_id]
+    return [*start, *head, tokenizer.bos_id, *tail, tokenizer.eos_id, *end]
 
 
 def _sort_key(value: str) -> tuple[int, float | str]:

@@ -5,8 +5,10 @@ The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normaliz
 sentencepiece where the two differ, so ids and text equal `AutoTokenizer`'s: the "▁" word prefix is added only
 at the start of the text and only when the text does not already start with a space or "▁"; special tokens
 written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest,
-unless `split_special_tokens`; and decoding follows transformers' decoder chain, where a run of byte-fallback
-pieces that is not valid UTF-8 becomes one U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's
+unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
+(tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
+follows transformers' decoder chain, where a run of byte-fallback pieces that is not valid UTF-8 becomes one
+U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's
 BPE, as TeenyTinyLlama publishes) converts to the same sentencepiece model format, or is refused where
 sentencepiece would split text differently (see `ttl_core.tokenizer_json`).
 """
@@ -25,7 +27,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_json import BYTE_PIECE, added_tokens_of, tokenizer_json_to_sentencepiece
+from .tokenizer_json import BYTE_PIECE, added_tokens_of, bos_eos_template, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
 AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
@@ -39,10 +41,13 @@ _Piece = spm_pb2.ModelProto.SentencePiece
 
 
 class Tokenizer:
-    """A sentencepiece BPE model with Llama/TeenyTinyLlama conventions (BOS added by default, no EOS)."""
+    """A sentencepiece BPE model with Llama/TeenyTinyLlama conventions. `add_bos_token` / `add_eos_token`
+    (transformers' names) say whether `encode` puts `<s>` / `</s>` around a text unless told: `<s>` only, for a
+    model file itself; as transformers reads them, for a tokenizer directory (`from_pretrained`)."""
 
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
+        self.add_bos_token, self.add_eos_token = True, False
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -103,29 +108,40 @@ class Tokenizer:
         elif not path.is_file():
             raise TokenizerError(f"{path}: does not exist (no tokenizer.model or tokenizer.json)")
         saved = path.name in ("tokenizer.model", "tokenizer.json")  # files transformers saves with a config
-        decoder, named = _config_tokens(path.parent) if saved else (None, [])
+        config = _read_config(path.parent) if saved else None
+        decoder, named = _config_tokens(path.parent / "tokenizer_config.json", config)
         if path.suffix != ".json":
             tokenizer = cls(path)
             if saved:
-                tokenizer._add_saved_tokens(path, decoder)
+                tokenizer._read_saved_settings(path, config, decoder)
         else:
             beside = path.with_name("tokenizer.model")
-            model = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None, decoder)
+            model, bos, eos = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None, decoder)
             try:
                 tokenizer = cls(model)
             except TokenizerError as e:  # the converted model names no file
                 raise TokenizerError(f"{path}: {e}") from None
+            tokenizer.add_bos_token, tokenizer.add_eos_token = bos, eos
         tokenizer.add_special_tokens(named)
         return tokenizer
 
-    def _add_saved_tokens(self, model_file: Path, decoder: dict[int, str] | None) -> None:
-        """Append the tokens transformers added to the model in `model_file`: its `add_special_tokens` records
-        them (never in tokenizer.model) in tokenizer_config.json's `added_tokens_decoder`, else in tokenizer.json's
-        `added_tokens`, which transformers 5 reads only when the config has no `added_tokens_decoder`. Their ids
-        must follow on from the model's pieces."""
+    def _read_saved_settings(self, model_file: Path, config: object, decoder: dict[int, str] | None) -> None:
+        """Read what transformers saves beside the tokenizer.model `model_file`, whose tokenizer_config.json is
+        `config` (with added tokens `decoder`):
+        - the tokens its `add_special_tokens` added (never to tokenizer.model), appended: the config's
+          `added_tokens_decoder`, else tokenizer.json's `added_tokens` (transformers 5 reads those only then);
+          their ids must follow on from the model's pieces;
+        - whether `<s>` / `</s>` go around a text: tokenizer.json's post-processor says where that file is there
+          (transformers 5 saves it only there), else the config's `add_bos_token` / `add_eos_token`."""
         json_path = model_file.with_name("tokenizer.json")
-        if decoder is None and json_path.is_file():
-            decoder = added_tokens_of(json_path, read_json(json_path, TokenizerError, expect=object))
+        spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
+        if spec is None:
+            self.add_bos_token, self.add_eos_token = _config_bos_eos(model_file.parent, config)
+        else:
+            processor = spec.get("post_processor") if isinstance(spec, dict) else None
+            self.add_bos_token, self.add_eos_token = bos_eos_template(json_path, processor,
+                                                                      {"<s>": self.bos_id, "</s>": self.eos_id})
+            decoder = added_tokens_of(json_path, spec) if decoder is None else decoder
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
@@ -188,15 +204,18 @@ class Tokenizer:
         return [self.token_to_id(t) for t in tokens]
 
     # -- encoding ----------------------------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False,
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
                split_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`, with `<s>` first (default) and `</s>` last (on request).
+        """Token ids of `text`, with `<s>` first and `</s>` last when asked, or by default as `add_bos_token` and
+        `add_eos_token` say (transformers' `add_special_tokens=True`).
 
         Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
         with `split_special_tokens` (transformers' name) they are ordinary text, which keeps a corpus that
         mentions `</s>` from ending its documents there."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        add_bos = self.add_bos_token if add_bos is None else add_bos
+        add_eos = self.add_eos_token if add_eos is None else add_eos
         ids = [self.bos_id] if add_bos else []
         parts = [text] if split_special_tokens else self._split.split(text)
         for k, part in enumerate(parts):
@@ -210,7 +229,7 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def encode_batch(self, texts: Iterable[str], add_bos: bool = True, add_eos: bool = False,
+    def encode_batch(self, texts: Iterable[str], add_bos: bool | None = None, add_eos: bool | None = None,
                      split_special_tokens: bool = False) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos, split_special_tokens=split_special_tokens)
                 for t in texts]
@@ -263,8 +282,8 @@ class Tokenizer:
         decoder = {str(i): {"content": self.sp.id_to_piece(i), "lstrip": False, "normalized": False,
                             "rstrip": False, "single_word": False, "special": True}
                    for i in sorted({*ids.values(), *self._added_ids.values()}) if i >= 0}
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
-                  "add_eos_token": False, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": self.add_bos_token,
+                  "add_eos_token": self.add_eos_token, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
                   "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
                   "added_tokens_decoder": decoder, **special}
         if self.added_tokens:
@@ -367,14 +386,32 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
                     yield line[i:i + max_bytes // 4]
 
 
-def _config_tokens(directory: Path) -> tuple[dict[int, str] | None, list[str]]:
-    """The added tokens of `directory`'s tokenizer_config.json as transformers 5 reads them: its
-    `added_tokens_decoder` (id -> text; None when the config has none, and tokenizer.json's `added_tokens` count
-    instead) and the tokens it names, which transformers appends in order (see `_named_special_tokens`)."""
+def _read_config(directory: Path) -> object:
+    """`directory`'s tokenizer_config.json, or None without one."""
     config_path = directory / "tokenizer_config.json"
-    if not config_path.is_file():
+    return read_json(config_path, TokenizerError, expect=object) if config_path.is_file() else None
+
+
+def _config_bos_eos(directory: Path, config: object) -> tuple[bool, bool]:
+    """Whether transformers 5 puts <s> / </s> around a text it encodes with `directory`'s tokenizer.model (no
+    tokenizer.json): as the config's `add_bos_token` / `add_eos_token` say, and not where they are absent (which
+    older releases read as <s> and no </s>). Without a config transformers reads no Llama tokenizer at all (its
+    releases split text differently there): <s> and no </s> then, as for a model file itself."""
+    if config is None:
+        return True, False
+    flags = [config.get(key, False) if isinstance(config, dict) else False for key in ("add_bos_token", "add_eos_token")]
+    if not all(isinstance(flag, bool) for flag in flags):
+        raise TokenizerError(f"{directory / 'tokenizer_config.json'}: add_bos_token and add_eos_token must be true or "
+                             f"false, got {flags[0]!r} and {flags[1]!r}")
+    return flags[0], flags[1]
+
+
+def _config_tokens(config_path: Path, config: object) -> tuple[dict[int, str] | None, list[str]]:
+    """The added tokens of a tokenizer_config.json as transformers 5 reads them: its `added_tokens_decoder` (id ->
+    text; None when the config has none, and tokenizer.json's `added_tokens` count instead) and the tokens it
+    names, which transformers appends in order (see `_named_special_tokens`)."""
+    if config is None:
         return None, []
-    config = read_json(config_path, TokenizerError, expect=object)
     has_decoder = isinstance(config, dict) and "added_tokens_decoder" in config
     return (_added_tokens_decoder(config_path, config) if has_decoder else None,
             _named_special_tokens(config_path, config))

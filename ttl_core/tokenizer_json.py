@@ -20,6 +20,7 @@ first then joins a part of the other; converted Llama files share this with thei
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -36,14 +37,15 @@ _Piece = spm_pb2.ModelProto.SentencePiece
 
 
 def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.PathLike | None = None,
-                                    added_tokens: dict[int, str] | None = None) -> bytes:
+                                    added_tokens: dict[int, str] | None = None) -> tuple[bytes, bool, bool]:
     """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model, or refuse
-    one whose merges sentencepiece cannot follow (see the module docstring). `added_tokens` (id -> text) replace
+    one whose merges sentencepiece cannot follow (see the module docstring); returns (model, adds <s>, adds
+    </s>), the last two read from its post-processor (see `bos_eos_template`). `added_tokens` (id -> text) replace
     the file's own, as tokenizer_config.json's `added_tokens_decoder` does in transformers 5. `beside` is the
     `tokenizer.model` of the same directory, which transformers ignores: the model returned is that one (its own
     scores, the added tokens appended) when it splits every text alike, and a refusal names the first difference
     between the two files."""
-    proto, first_rank, problem = _convert(Path(path), added_tokens)
+    proto, first_rank, problem, template = _convert(Path(path), added_tokens)
     original = _read_model(Path(beside)) if beside is not None else None
     if problem is None:
         if original is not None:
@@ -51,8 +53,8 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.Pa
                 original.pieces.add().CopyFrom(piece)
             original.trainer_spec.vocab_size = len(original.pieces)
             if _splits_alike(original, proto, first_rank):
-                return original.SerializeToString()
-        return proto.SerializeToString()
+                return (original.SerializeToString(), *template)
+        return (proto.SerializeToString(), *template)
     if beside is None:
         raise TokenizerError(f"{path}: sentencepiece cannot reproduce these merges exactly: {problem}")
     difference = original is not None and _first_vocabulary_difference(original, proto, Path(beside).name)
@@ -82,10 +84,10 @@ def _splits_alike(model: spm_pb2.ModelProto, converted: spm_pb2.ModelProto, firs
 
 
 def _convert(path: Path, added_tokens: dict[int, str] | None) \
-        -> tuple[spm_pb2.ModelProto, dict[str, int], str | None]:
+        -> tuple[spm_pb2.ModelProto, dict[str, int], str | None, tuple[bool, bool]]:
     """The sentencepiece model of a tokenizer.json, the rank of the first merge into each piece a merge makes,
-    and why the model would split some text differently (None: never). Piece score = minus that rank; `<0xNN>`
-    pieces are typed BYTE, added tokens USER_DEFINED."""
+    why the model would split some text differently (None: never), and whether its post-processor adds <s> and
+    </s>. Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens USER_DEFINED."""
     spec = read_json(path, TokenizerError, expect=object)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
@@ -152,7 +154,35 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     n = proto.normalizer_spec
     n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
     normal = [p.piece for p in proto.pieces if p.type == _Piece.NORMAL and len(p.piece) > 1]
-    return proto, first_rank, order_problem or _unlisted_merge_problem(normal, vocab, ranks)
+    return (proto, first_rank, order_problem or _unlisted_merge_problem(normal, vocab, ranks),
+            bos_eos_template(path, spec.get("post_processor"), ids))
+
+
+def bos_eos_template(path: Path, processor: object, ids: dict[str, int]) -> tuple[bool, bool]:
+    """Whether a tokenizer.json's `post_processor` puts <s> before an encoded text and </s> after it. transformers 5
+    follows the file here and ignores tokenizer_config.json's `add_bos_token` / `add_eos_token`; a file without one
+    adds neither. Only templates of that form are read: other tokens around the text are refused."""
+    if processor is None:
+        return False, False
+    kind = processor.get("type") if isinstance(processor, dict) else type(processor).__name__
+    single = processor.get("single") if kind == "TemplateProcessing" else None
+    specials = processor.get("special_tokens") if kind == "TemplateProcessing" else None
+    if not isinstance(single, list) or not isinstance(specials, dict):
+        raise TokenizerError(f"{path}: unsupported post_processor {kind!r}: ttl reads a TemplateProcessing that adds "
+                             f"<s> and/or </s> around the text")
+    template = []  # the text as "$A", a special token as its ids
+    for item in single:
+        text, special = (item.get("Sequence"), item.get("SpecialToken")) if isinstance(item, dict) else (None, None)
+        if isinstance(special, dict):
+            template.append(tuple((specials.get(special.get("id")) or {}).get("ids") or ()))
+        else:
+            template.append("$A" if isinstance(text, dict) and text.get("id") == "A" else repr(item))
+    bos, eos = (ids.get("<s>", -1),), (ids.get("</s>", -1),)
+    for adds_bos, adds_eos in itertools.product((False, True), repeat=2):
+        if template == [bos] * adds_bos + ["$A"] + [eos] * adds_eos:
+            return adds_bos, adds_eos
+    raise TokenizerError(f"{path}: unsupported post_processor template (ids around the text $A: {template}): ttl "
+                         f"reads templates that add <s> (id {bos[0]}) and/or </s> (id {eos[0]}) around the text")
 
 
 def _unlisted_merge_problem(pieces: list[str], vocab: dict[str, int], ranks: dict[tuple[str, str], int]) \

@@ -228,7 +228,7 @@ def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
 def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """A continuation of `prompt` by the saved model, with TeenyTinyLlama's suggested sampling settings."""
     model = load_pretrained(checkpoint, dtype=torch.float32)
-    ids = torch.tensor([tokenizer.encode(prompt)])
+    ids = torch.tensor([tokenizer.encode(prompt, add_eos=False)])
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - ids.shape[1])
     out = generate(model, ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.2, top_k=20,
                    top_p=0.2, repetition_penalty=1.2, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
@@ -279,7 +279,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if train.seq_len > config.max_position_embeddings:
         raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
-    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt)) >= config.max_position_embeddings:
+    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= config.max_position_embeddings:
         raise ConfigError(f"train.sample_prompt is longer than the model's context of "
                           f"{config.max_position_embeddings} tokens, leaving no room for the sample")
     # the evaluation split must hold a batch before any step is spent (it is first read at the first eval)
