@@ -90,6 +90,64 @@ def test_bos_and_eos_around_a_text_follow_the_config_beside_tokenizer_model_as_i
         Tokenizer.from_pretrained(tmp_path)
 
 
+ROLE_EDITS = {"all renamed": {"bos_token": "<|bos|>", "eos_token": "<|end|>", "unk_token": "<|unk|>",
+                               "pad_token": "<|pad|>", "extra_special_tokens": ["<|x|>"]},
+              "pad as an object, also extra": {"pad_token": {"content": "<|pad|>", "__type": "AddedToken"},
+                                               "extra_special_tokens": ["<|x|>", "<|pad|>"]},
+              "eos an added token": {"eos_token": "<|x|>", "extra_special_tokens": ["<|x|>"]},
+              "no pad": {"pad_token": None},
+              "pad an ordinary piece": {"pad_token": "ida"}}  # then matched whole, and dropped from decoded text
+
+
+@pytest.mark.parametrize("edit", sorted(ROLE_EDITS))
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_tokens_the_config_names_for_special_roles_as_in_transformers(tok, tmp_path, edit, layout):
+    """tokenizer_config.json's bos/eos/unk/pad tokens: those the vocabulary lacks are appended in that order before
+    the extra special tokens, are matched whole in a text, and give bos_id/eos_id/pad_id (-1 for a null pad) as
+    transformers' *_token_id; with a tokenizer.json template, <s> / </s> are the tokens it puts around a text (here
+    the model's own). Saved by ttl, the directory reads the same in transformers and in ttl."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "spm")
+    if layout == "tokenizer.json":  # as transformers 5 saves a directory: tokenizer.json and its config only
+        AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "base")
+    else:
+        (tmp_path / "spm").rename(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, **ROLE_EDITS[edit]}))
+    text = "a casa<|x|> </s><|pad|><|end|> fim"
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert ours.vocab_size == len(hf) and [ours.id_to_token(i) for i in range(320, ours.vocab_size)] == \
+            hf.convert_ids_to_tokens(list(range(320, len(hf))))
+        assert_same_ids(ours, hf, [text, "vida idade ida"])
+        assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, -1 if hf.pad_token_id is None else hf.pad_token_id)
+        assert ours.bos_id == (1 if layout == "tokenizer.json" and path.name == "base" else hf.bos_token_id)
+        ours.save_pretrained(tmp_path / "saved")
+    config["bos_token"] = 5
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object with "
+                                             "a string 'content', or null; got 5"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
+def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_transformers(tok, tmp_path):
+    """transformers 5 lets special_tokens_map.json override the config's bos/eos/unk/pad tokens when it reads a
+    tokenizer.json, and ignores that file beside a tokenizer.model alone."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tmp_path / "model").save_pretrained(tmp_path / "json")
+    for layout in ("model", "json"):
+        (tmp_path / layout / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>",
+                                                                             "pad_token": None}))
+        ours, hf = Tokenizer.from_pretrained(tmp_path / layout), AutoTokenizer.from_pretrained(tmp_path / layout)
+        assert (ours.eos_id, ours.pad_id) == ((320, -1) if layout == "json" else (2, 3))
+        assert ours.vocab_size == len(hf) and (hf.eos_token_id, hf.pad_token_id) == (
+            (320, None) if layout == "json" else (2, 3))
+        assert_same_ids(ours, hf, ["a casa<|end|></s>"])
+
+
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
     import io

@@ -368,15 +368,17 @@ def test_bos_and_eos_around_a_text_follow_the_post_processor_as_in_transformers(
 
 @pytest.mark.parametrize("processor, problem", [
     ({"type": "ByteLevel", "trim_offsets": True}, "unsupported post_processor 'ByteLevel'"),
-    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<pad>", "type_id": 0}},
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                               {"SpecialToken": {"id": "<pad>", "type_id": 0}},
                                                {"Sequence": {"id": "A", "type_id": 0}}],
-      "special_tokens": {"<pad>": {"id": "<pad>", "ids": [3], "tokens": ["<pad>"]}}},
-     r"unsupported post_processor template \(ids around the text \$A: \[\(3,\), '\$A'\]\)"),
+      "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]},
+                         "<pad>": {"id": "<pad>", "ids": [3], "tokens": ["<pad>"]}}},
+     r"unsupported post_processor template \(ids around the text \$A: \[\(1,\), \(3,\), '\$A'\]\)"),
     ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
                                                {"Sequence": {"id": "A", "type_id": 0}}], "special_tokens": {}},
      r"unsupported post_processor template \(ids around the text \$A: \['\$A', '\$A'\]\)"),
     ([], "unsupported post_processor 'list'")])
-def test_a_post_processor_adding_other_tokens_is_refused(tmp_path, processor, problem):
+def test_a_post_processor_adding_more_than_a_token_on_a_side_is_refused(tmp_path, processor, problem):
     path = hand_written_dir(tmp_path / "t", ["\u2581", "a", "b", "ab"], [("a", "b")])
     spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
     (path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": processor}), encoding="utf-8")

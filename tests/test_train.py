@@ -23,7 +23,9 @@ from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
-from ttl_core.train import build_optimizer, evaluate, lr_at, model_inputs, optimizer_update, train, train_step
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.train import (build_optimizer, evaluate, lr_at, model_inputs, optimizer_update, sample_text, train,
+                            train_step)
 
 
 @pytest.fixture(scope="module")
@@ -413,3 +415,19 @@ def test_init_from_a_classifier_is_refused(tmp_path, data_dir):
     save_pretrained(LlamaForSequenceClassification(run.model_config().replace(num_labels=2)), tmp_path / "clf")
     with pytest.raises(ConfigError, match="holds a LlamaForSequenceClassification; pretraining needs a Llama"):
         train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "clf"))
+
+
+def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
+    """A tokenizer without a pad token (Llama-2 style, or a config's null pad_token) still gives the sample at the
+    end of a run: generate() pads finished rows with EOS then (it was handed pad id -1, and refused it)."""
+    from ttl_core import save_pretrained
+
+    data = prepared_corpus(tmp_path)
+    config = json.loads((data / "tokenizer_config.json").read_text())
+    (data / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": None}))
+    tokenizer = Tokenizer.from_pretrained(data)
+    assert tokenizer.pad_id == -1
+    run = run_config(*MICRO_MODEL, *FAST)
+    save_pretrained(random_model(run).eval(), tmp_path / "checkpoint")
+    text = sample_text(tmp_path / "checkpoint", tokenizer, "O rio", max_new_tokens=6, seed=0)
+    assert text.startswith("O rio") and len(text) > len("O rio")

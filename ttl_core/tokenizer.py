@@ -27,7 +27,8 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_json import BYTE_PIECE, added_tokens_of, bos_eos_template, tokenizer_json_to_sentencepiece
+from .tokenizer_config import added_tokens_decoder, bos_eos_flags, extra_special_tokens, read_config, role_tokens
+from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
 AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
@@ -42,12 +43,14 @@ _Piece = spm_pb2.ModelProto.SentencePiece
 
 class Tokenizer:
     """A sentencepiece BPE model with Llama/TeenyTinyLlama conventions. `add_bos_token` / `add_eos_token`
-    (transformers' names) say whether `encode` puts `<s>` / `</s>` around a text unless told: `<s>` only, for a
-    model file itself; as transformers reads them, for a tokenizer directory (`from_pretrained`)."""
+    (transformers' names) say whether `encode` puts `<s>` / `</s>` (`bos_id` / `eos_id`) around a text unless
+    told: `<s>` only, for a model file itself; as transformers reads them, for a tokenizer directory
+    (`from_pretrained`), whose config may also name other tokens for these roles and for `<pad>`."""
 
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
         self.add_bos_token, self.add_eos_token = True, False
+        self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -82,21 +85,32 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=runtime.SerializeToString())
         self.added_tokens = [p.piece for p in proto.pieces if p.type == _Piece.USER_DEFINED]
         self._added_ids = {t: self.sp.piece_to_id(t) for t in self.added_tokens}
-        # transformers' special tokens: <unk> <s> </s> <pad> (those the model has) and the added tokens
-        self._special_ids = {self.sp.id_to_piece(i): i for i in (self.unk_id, self.bos_id, self.eos_id, self.pad_id)
-                             if i >= 0} | self._added_ids
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True)))
-                                 + ")")
+        self._index_special_tokens()
         # what each piece adds to a decoded text: a byte (byte-fallback pieces) or a string, "▁" read as a space
         self._piece_text = [p.piece.replace("\u2581", " ") for p in proto.pieces]
         self._piece_byte = {i: piece_bytes(p.piece)[0] for i, p in enumerate(proto.pieces)
                             if BYTE_PIECE.fullmatch(p.piece)}
 
+    def _index_special_tokens(self) -> None:
+        """transformers' special tokens, matched whole in a text and dropped by `decode(skip_special_tokens=True)`:
+        the model's <unk>, <s>, </s> and <pad> (those there are), the tokens a config names for those roles
+        instead, and the added tokens."""
+        roles = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), *self._role_ids.values())
+        self._special_ids = {self.sp.id_to_piece(i): i for i in roles if i >= 0} | self._added_ids
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True)))
+                                 + ")")
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
         """Load an HF tokenizer directory as transformers does: its BPE `tokenizer.json` if present (transformers
-        then ignores `tokenizer.model`), else `tokenizer.model`; plus the tokens tokenizer_config.json adds.
-        Either file may also be given itself (`--tokenizer DIR/tokenizer.model`), and is then the one read."""
+        then ignores `tokenizer.model`), else `tokenizer.model`; plus the tokens tokenizer_config.json adds and
+        the tokens it (or, beside tokenizer.json, special_tokens_map.json) names for the <s> </s> <unk> <pad>
+        roles, appended where the vocabulary lacks them. Either file may also be given itself (`--tokenizer
+        DIR/tokenizer.model`), and is then the one read.
+
+        Where ttl differs from transformers: `bos_id` / `eos_id` are the tokens a tokenizer.json template puts
+        around a text even where the config names others for those roles; a config that names no pad token
+        leaves the model's `<pad>` (transformers: none); the unknown token stays the model's."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
@@ -108,39 +122,60 @@ class Tokenizer:
         elif not path.is_file():
             raise TokenizerError(f"{path}: does not exist (no tokenizer.model or tokenizer.json)")
         saved = path.name in ("tokenizer.model", "tokenizer.json")  # files transformers saves with a config
-        config = _read_config(path.parent) if saved else None
-        decoder, named = _config_tokens(path.parent / "tokenizer_config.json", config)
+        config_path = path.with_name("tokenizer_config.json")
+        config = read_config(config_path) if saved else None
+        decoder = added_tokens_decoder(config_path, config)
         if path.suffix != ".json":
             tokenizer = cls(path)
-            if saved:
-                tokenizer._read_saved_settings(path, config, decoder)
+            template = tokenizer._add_saved_tokens(path, decoder) if saved else None
         else:
             beside = path.with_name("tokenizer.model")
-            model, bos, eos = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None, decoder)
+            model, template = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None, decoder)
             try:
                 tokenizer = cls(model)
             except TokenizerError as e:  # the converted model names no file
                 raise TokenizerError(f"{path}: {e}") from None
-            tokenizer.add_bos_token, tokenizer.add_eos_token = bos, eos
-        tokenizer.add_special_tokens(named)
+        roles = role_tokens(config_path, config)
+        if template is not None:  # with tokenizer.json, transformers 5 lets special_tokens_map.json name them too
+            map_path = path.with_name("special_tokens_map.json")
+            roles |= role_tokens(map_path, read_config(map_path))
+        tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
+                                     + extra_special_tokens(config_path, config))
+        tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         return tokenizer
 
-    def _read_saved_settings(self, model_file: Path, config: object, decoder: dict[int, str] | None) -> None:
-        """Read what transformers saves beside the tokenizer.model `model_file`, whose tokenizer_config.json is
-        `config` (with added tokens `decoder`):
-        - the tokens its `add_special_tokens` added (never to tokenizer.model), appended: the config's
-          `added_tokens_decoder`, else tokenizer.json's `added_tokens` (transformers 5 reads those only then);
-          their ids must follow on from the model's pieces;
-        - whether `<s>` / `</s>` go around a text: tokenizer.json's post-processor says where that file is there
-          (transformers 5 saves it only there), else the config's `add_bos_token` / `add_eos_token`."""
+    def _take_roles(self, path: Path, roles: dict[str, str | None], template: tuple[int | None, int | None] | None,
+                    flags: tuple[bool, bool]) -> None:
+        """Settle, as transformers 5 does, which tokens play <s>, </s> and <pad> and whether `encode` puts <s> / </s>
+        around a text: the tokens a tokenizer.json's template (`template`: the ids before and after a text) puts
+        there, and then only those; else the config's `add_bos_token` / `add_eos_token` (`flags`). The roles are
+        the config's tokens (`roles`; an unknown-token role stays the model's), else the model's own."""
+        ids = {role: -1 if text is None else self.token_to_id(text)
+               for role, text in roles.items() if role != "unk_token"}
+        if template is None:
+            self.add_bos_token, self.add_eos_token = flags
+        else:
+            self.add_bos_token, self.add_eos_token = (i is not None for i in template)
+            ids |= {role: i for role, i in zip(("bos_token", "eos_token"), template) if i is not None}
+        outside = [i for i in ids.values() if i >= self.vocab_size]
+        if outside:
+            raise TokenizerError(f"{path}: the post-processor adds token id {outside[0]}, outside the vocabulary (ids "
+                                 f"0..{self.vocab_size - 1})")
+        self._role_ids = ids
+        self._index_special_tokens()
+
+    def _add_saved_tokens(self, model_file: Path, decoder: dict[int, str] | None) \
+            -> tuple[int | None, int | None] | None:
+        """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
+        writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
+        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces.
+        Returns the ids tokenizer.json's post-processor puts around a text, where that file is there (transformers 5
+        saves that setting only there), else None."""
         json_path = model_file.with_name("tokenizer.json")
         spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
-        if spec is None:
-            self.add_bos_token, self.add_eos_token = _config_bos_eos(model_file.parent, config)
-        else:
-            processor = spec.get("post_processor") if isinstance(spec, dict) else None
-            self.add_bos_token, self.add_eos_token = bos_eos_template(json_path, processor,
-                                                                      {"<s>": self.bos_id, "</s>": self.eos_id})
+        template = None
+        if spec is not None:
+            template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)
             decoder = added_tokens_of(json_path, spec) if decoder is None else decoder
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
@@ -151,6 +186,7 @@ class Tokenizer:
             if i != j:
                 raise TokenizerError(f"{model_file.parent}: added token {token!r} (id {i}) is already in "
                                      f"{model_file.name} as id {j}")
+        return template
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -159,15 +195,16 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.sp.bos_id()
+        return self._role_ids.get("bos_token", self.sp.bos_id())
 
     @property
     def eos_id(self) -> int:
-        return self.sp.eos_id()
+        return self._role_ids.get("eos_token", self.sp.eos_id())
 
     @property
     def pad_id(self) -> int:
-        return self.sp.pad_id()
+        """The padding token's id, -1 where there is none."""
+        return self._role_ids.get("pad_token", self.sp.pad_id())
 
     @property
     def unk_id(self) -> int:
@@ -176,7 +213,7 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of a piece (`"▁de"`, `"<s>"`, an added token), or None when it is not in the vocabulary."""
         i = self.sp.piece_to_id(token)
-        return None if i == self.unk_id and token != self.sp.id_to_piece(i) else i
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
 
     def id_to_token(self, i: int) -> str:
         return self.sp.id_to_piece(self._checked_id(i))
@@ -281,7 +318,7 @@ class Tokenizer:
         special = {name: self.sp.id_to_piece(i) if i >= 0 else None for name, i in ids.items()}
         decoder = {str(i): {"content": self.sp.id_to_piece(i), "lstrip": False, "normalized": False,
                             "rstrip": False, "single_word": False, "special": True}
-                   for i in sorted({*ids.values(), *self._added_ids.values()}) if i >= 0}
+                   for i in sorted(self.special_ids)}
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": self.add_bos_token,
                   "add_eos_token": self.add_eos_token, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
                   "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
@@ -384,61 +421,6 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
             for i in range(0, len(line), max_bytes // 4):
                 if line[i:i + max_bytes // 4].strip():
                     yield line[i:i + max_bytes // 4]
-
-
-def _read_config(directory: Path) -> object:
-    """`directory`'s tokenizer_config.json, or None without one."""
-    config_path = directory / "tokenizer_config.json"
-    return read_json(config_path, TokenizerError, expect=object) if config_path.is_file() else None
-
-
-def _config_bos_eos(directory: Path, config: object) -> tuple[bool, bool]:
-    """Whether transformers 5 puts <s> / </s> around a text it encodes with `directory`'s tokenizer.model (no
-    tokenizer.json): as the config's `add_bos_token` / `add_eos_token` say, and not where they are absent (which
-    older releases read as <s> and no </s>). Without a config transformers reads no Llama tokenizer at all (its
-    releases split text differently there): <s> and no </s> then, as for a model file itself."""
-    if config is None:
-        return True, False
-    flags = [config.get(key, False) if isinstance(config, dict) else False for key in ("add_bos_token", "add_eos_token")]
-    if not all(isinstance(flag, bool) for flag in flags):
-        raise TokenizerError(f"{directory / 'tokenizer_config.json'}: add_bos_token and add_eos_token must be true or "
-                             f"false, got {flags[0]!r} and {flags[1]!r}")
-    return flags[0], flags[1]
-
-
-def _config_tokens(config_path: Path, config: object) -> tuple[dict[int, str] | None, list[str]]:
-    """The added tokens of a tokenizer_config.json as transformers 5 reads them: its `added_tokens_decoder` (id ->
-    text; None when the config has none, and tokenizer.json's `added_tokens` count instead) and the tokens it
-    names, which transformers appends in order (see `_named_special_tokens`)."""
-    if config is None:
-        return None, []
-    has_decoder = isinstance(config, dict) and "added_tokens_decoder" in config
-    return (_added_tokens_decoder(config_path, config) if has_decoder else None,
-            _named_special_tokens(config_path, config))
-
-
-def _added_tokens_decoder(path: Path, config: object) -> dict[int, str]:
-    """id -> text of a `tokenizer_config.json`'s `added_tokens_decoder` ({"<id>": {"content": ...}})."""
-    decoder = (config.get("added_tokens_decoder") or {}) if isinstance(config, dict) else None
-    if not isinstance(decoder, dict) or not all(
-            key.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) for key, t in decoder.items()):
-        raise TokenizerError(f"{path}: added_tokens_decoder must map token ids to objects with a string 'content'")
-    return {int(key): t["content"] for key, t in decoder.items()}
-
-
-def _named_special_tokens(path: Path, config: object) -> list[str]:
-    """The texts a `tokenizer_config.json` lists in `extra_special_tokens` (a list, or a dict of named tokens),
-    or, when that is absent or empty, in the older `additional_special_tokens` (strings or {"content": ...}
-    objects): transformers 5 reads the older key only then."""
-    names = {}
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        tokens = (config.get(key) or []) if isinstance(config, dict) else []
-        tokens = list(tokens.values()) if isinstance(tokens, dict) else tokens
-        texts = [t.get("content") if isinstance(t, dict) else t for t in tokens] if isinstance(tokens, list) else None
-        if texts is None or not all(isinstance(t, str) and t for t in texts):
-            raise TokenizerError(f"{path}: {key} must be a list of token strings")
-        names[key] = list(dict.fromkeys(texts))
-    return names["extra_special_tokens"] or names["additional_special_tokens"]
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:

@@ -20,7 +20,6 @@ first then joins a part of the other; converted Llama files share this with thei
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -37,10 +36,11 @@ _Piece = spm_pb2.ModelProto.SentencePiece
 
 
 def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.PathLike | None = None,
-                                    added_tokens: dict[int, str] | None = None) -> tuple[bytes, bool, bool]:
+                                    added_tokens: dict[int, str] | None = None) \
+        -> tuple[bytes, tuple[int | None, int | None]]:
     """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model, or refuse
-    one whose merges sentencepiece cannot follow (see the module docstring); returns (model, adds <s>, adds
-    </s>), the last two read from its post-processor (see `bos_eos_template`). `added_tokens` (id -> text) replace
+    one whose merges sentencepiece cannot follow (see the module docstring); returns the model and the ids the
+    file's post-processor puts before and after a text (see `template_ends`). `added_tokens` (id -> text) replace
     the file's own, as tokenizer_config.json's `added_tokens_decoder` does in transformers 5. `beside` is the
     `tokenizer.model` of the same directory, which transformers ignores: the model returned is that one (its own
     scores, the added tokens appended) when it splits every text alike, and a refusal names the first difference
@@ -53,8 +53,8 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.Pa
                 original.pieces.add().CopyFrom(piece)
             original.trainer_spec.vocab_size = len(original.pieces)
             if _splits_alike(original, proto, first_rank):
-                return (original.SerializeToString(), *template)
-        return (proto.SerializeToString(), *template)
+                return original.SerializeToString(), template
+        return proto.SerializeToString(), template
     if beside is None:
         raise TokenizerError(f"{path}: sentencepiece cannot reproduce these merges exactly: {problem}")
     difference = original is not None and _first_vocabulary_difference(original, proto, Path(beside).name)
@@ -84,10 +84,11 @@ def _splits_alike(model: spm_pb2.ModelProto, converted: spm_pb2.ModelProto, firs
 
 
 def _convert(path: Path, added_tokens: dict[int, str] | None) \
-        -> tuple[spm_pb2.ModelProto, dict[str, int], str | None, tuple[bool, bool]]:
+        -> tuple[spm_pb2.ModelProto, dict[str, int], str | None, tuple[int | None, int | None]]:
     """The sentencepiece model of a tokenizer.json, the rank of the first merge into each piece a merge makes,
-    why the model would split some text differently (None: never), and whether its post-processor adds <s> and
-    </s>. Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens USER_DEFINED."""
+    why the model would split some text differently (None: never), and the ids its post-processor puts around a
+    text (see `template_ends`). Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens
+    USER_DEFINED."""
     spec = read_json(path, TokenizerError, expect=object)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
@@ -155,34 +156,36 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
     normal = [p.piece for p in proto.pieces if p.type == _Piece.NORMAL and len(p.piece) > 1]
     return (proto, first_rank, order_problem or _unlisted_merge_problem(normal, vocab, ranks),
-            bos_eos_template(path, spec.get("post_processor"), ids))
+            template_ends(path, spec.get("post_processor")))
 
 
-def bos_eos_template(path: Path, processor: object, ids: dict[str, int]) -> tuple[bool, bool]:
-    """Whether a tokenizer.json's `post_processor` puts <s> before an encoded text and </s> after it. transformers 5
-    follows the file here and ignores tokenizer_config.json's `add_bos_token` / `add_eos_token`; a file without one
-    adds neither. Only templates of that form are read: other tokens around the text are refused."""
+def template_ends(path: Path, processor: object) -> tuple[int | None, int | None]:
+    """The ids a tokenizer.json's `post_processor` puts before and after an encoded text (None: nothing), which
+    transformers 5 follows whatever tokenizer_config.json's `add_bos_token` / `add_eos_token` say; a file without
+    one adds nothing. Only templates of one special token (or none) on each side of the text are read."""
     if processor is None:
-        return False, False
+        return None, None
     kind = processor.get("type") if isinstance(processor, dict) else type(processor).__name__
     single = processor.get("single") if kind == "TemplateProcessing" else None
     specials = processor.get("special_tokens") if kind == "TemplateProcessing" else None
     if not isinstance(single, list) or not isinstance(specials, dict):
-        raise TokenizerError(f"{path}: unsupported post_processor {kind!r}: ttl reads a TemplateProcessing that adds "
-                             f"<s> and/or </s> around the text")
+        raise TokenizerError(f"{path}: unsupported post_processor {kind!r}: ttl reads a TemplateProcessing that puts "
+                             f"at most one special token on each side of the text")
     template = []  # the text as "$A", a special token as its ids
     for item in single:
         text, special = (item.get("Sequence"), item.get("SpecialToken")) if isinstance(item, dict) else (None, None)
         if isinstance(special, dict):
-            template.append(tuple((specials.get(special.get("id")) or {}).get("ids") or ()))
+            ids = (specials.get(special.get("id")) or {}).get("ids")
+            template.append(tuple(ids) if isinstance(ids, list) else ())
         else:
             template.append("$A" if isinstance(text, dict) and text.get("id") == "A" else repr(item))
-    bos, eos = (ids.get("<s>", -1),), (ids.get("</s>", -1),)
-    for adds_bos, adds_eos in itertools.product((False, True), repeat=2):
-        if template == [bos] * adds_bos + ["$A"] + [eos] * adds_eos:
-            return adds_bos, adds_eos
+    if "$A" in template:
+        before, after = template[:template.index("$A")], template[template.index("$A") + 1:]
+        if len(before) <= 1 and len(after) <= 1 and all(len(ids) == 1 and type(ids[0]) is int
+                                                        for ids in before + after):
+            return before[0][0] if before else None, after[0][0] if after else None
     raise TokenizerError(f"{path}: unsupported post_processor template (ids around the text $A: {template}): ttl "
-                         f"reads templates that add <s> (id {bos[0]}) and/or </s> (id {eos[0]}) around the text")
+                         f"reads templates that put at most one special token on each side of the text")
 
 
 def _unlisted_merge_problem(pieces: list[str], vocab: dict[str, int], ranks: dict[tuple[str, str], int]) \

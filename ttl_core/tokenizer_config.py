@@ -1,0 +1,82 @@
+"""tokenizer_config.json (and special_tokens_map.json) as transformers 5 reads them beside a tokenizer file: the
+tokens they add to the vocabulary, the tokens that play <s>, </s> and <pad>, and whether <s> / </s> go around an
+encoded text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import TokenizerError
+from .fileio import read_json
+
+ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def read_config(path: Path) -> dict | None:
+    """The tokenizer_config.json or special_tokens_map.json at `path`, or None where there is none."""
+    if not path.is_file():
+        return None
+    config = read_json(path, TokenizerError, expect=object)
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def bos_eos_flags(path: Path, config: dict | None) -> tuple[bool, bool]:
+    """Whether transformers 5 puts <s> / </s> around a text it encodes with a tokenizer.model (no tokenizer.json)
+    whose config is `config`: as its `add_bos_token` / `add_eos_token` say, and not where they are absent (which
+    older releases read as <s> and no </s>). Without a config transformers reads no Llama tokenizer at all (its
+    releases split text differently there): <s> and no </s> then, as for a model file itself."""
+    if config is None:
+        return True, False
+    flags = [config.get(key, False) for key in ("add_bos_token", "add_eos_token")]
+    if not all(isinstance(flag, bool) for flag in flags):
+        raise TokenizerError(f"{path}: add_bos_token and add_eos_token must be true or false, got {flags[0]!r} and "
+                             f"{flags[1]!r}")
+    return flags[0], flags[1]
+
+
+def role_tokens(path: Path, config: dict | None) -> dict[str, str | None]:
+    """role (`bos_token` ...) -> the token a config (or special tokens map) names for it, None where it says null;
+    roles it does not name are left out. A token may be written as a string or as {"content": ...}. transformers
+    appends those the vocabulary lacks, in the order of `ROLES`, before the extra special tokens."""
+    roles = {}
+    for role in ROLES:
+        if config is None or role not in config:
+            continue
+        value = config[role]
+        text = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not (isinstance(text, str) and text):
+            raise TokenizerError(f"{path}: {role} must be a token string, an object with a string 'content', or "
+                                 f"null; got {value!r}")
+        roles[role] = text
+    return roles
+
+
+def added_tokens_decoder(path: Path, config: dict | None) -> dict[int, str] | None:
+    """id -> text of a `tokenizer_config.json`'s `added_tokens_decoder` ({"<id>": {"content": ...}}); None when the
+    config has none, and tokenizer.json's `added_tokens` count instead."""
+    if config is None or "added_tokens_decoder" not in config:
+        return None
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or not all(
+            key.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str) for key, t in decoder.items()):
+        raise TokenizerError(f"{path}: added_tokens_decoder must map token ids to objects with a string 'content'")
+    return {int(key): t["content"] for key, t in decoder.items()}
+
+
+def extra_special_tokens(path: Path, config: dict | None) -> list[str]:
+    """The texts a `tokenizer_config.json` lists in `extra_special_tokens` (a list, or a dict of named tokens),
+    or, when that is absent or empty, in the older `additional_special_tokens` (strings or {"content": ...}
+    objects): transformers 5 reads the older key only then, and appends them in order."""
+    if config is None:
+        return []
+    names = {}
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        tokens = config.get(key) or []
+        tokens = list(tokens.values()) if isinstance(tokens, dict) else tokens
+        texts = [t.get("content") if isinstance(t, dict) else t for t in tokens] if isinstance(tokens, list) else None
+        if texts is None or not all(isinstance(t, str) and t for t in texts):
+            raise TokenizerError(f"{path}: {key} must be a list of token strings")
+        names[key] = list(dict.fromkeys(texts))
+    return names["extra_special_tokens"] or names["additional_special_tokens"]
