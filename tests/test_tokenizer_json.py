@@ -384,3 +384,13 @@ def test_a_post_processor_adding_more_than_a_token_on_a_side_is_refused(tmp_path
     (path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": processor}), encoding="utf-8")
     with pytest.raises(TokenizerError, match=f"tokenizer.json: {problem}"):
         Tokenizer.from_pretrained(path)
+
+
+def test_a_post_processor_adding_a_token_outside_the_vocabulary_is_refused(tmp_path):
+    path = hand_written_dir(tmp_path / "t", ["\u2581", "a", "b", "ab"], [("a", "b")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["post_processor"]["special_tokens"]["<s>"]["ids"] = [len(spec["model"]["vocab"])]
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=rf"tokenizer.json: the post-processor adds token id 264, outside the "
+                                             rf"vocabulary \(ids 0..263\)"):
+        Tokenizer.from_pretrained(path)

@@ -88,9 +88,9 @@ def encode_chat(tokenizer: Tokenizer, chat_format: str, instruction: str, input:
                 max_length: int, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example, truncated to `max_length`. The prompt and response are encoded
     as one text, `<s>` first if the tokenizer adds it (Alpaca then appends EOS; Aira's response ends in
-    `<|endofcompletion|>`); labels
-    copy the ids except over the prompt's tokens, which are -100 unless `train_on_inputs`. Should BPE
-    merge across the prompt/response boundary, only the tokens wholly inside the prompt are masked."""
+    `<|endofcompletion|>`); labels copy the ids except over the prompt's tokens, which are -100 unless
+    `train_on_inputs`. Should BPE merge across the prompt/response boundary, only the tokens wholly inside the
+    prompt are masked."""
     prompt = chat_prompt(chat_format, instruction, input)
     ids = tokenizer.encode(prompt + chat_response(chat_format, response), add_eos=False)
     if chat_format == "alpaca":

@@ -8,9 +8,9 @@ written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole 
 unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
 (tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
 follows transformers' decoder chain, where a run of byte-fallback pieces that is not valid UTF-8 becomes one
-U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's
-BPE, as TeenyTinyLlama publishes) converts to the same sentencepiece model format, or is refused where
-sentencepiece would split text differently (see `ttl_core.tokenizer_json`).
+U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the
+same sentencepiece model format, or is refused where sentencepiece would split text differently (see
+`ttl_core.tokenizer_json`).
 """
 
 from __future__ import annotations
@@ -157,10 +157,10 @@ class Tokenizer:
         else:
             self.add_bos_token, self.add_eos_token = (i is not None for i in template)
             ids |= {role: i for role, i in zip(("bos_token", "eos_token"), template) if i is not None}
-        outside = [i for i in ids.values() if i >= self.vocab_size]
-        if outside:
-            raise TokenizerError(f"{path}: the post-processor adds token id {outside[0]}, outside the vocabulary (ids "
-                                 f"0..{self.vocab_size - 1})")
+            outside = [i for i in template if i is not None and not 0 <= i < self.vocab_size]
+            if outside:
+                raise TokenizerError(f"{path}: the post-processor adds token id {outside[0]}, outside the vocabulary "
+                                     f"(ids 0..{self.vocab_size - 1})")
         self._role_ids = ids
         self._index_special_tokens()
 
