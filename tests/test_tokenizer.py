@@ -148,6 +148,36 @@ def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_tra
         assert_same_ids(ours, hf, ["a casa<|end|></s>"])
 
 
+@pytest.mark.parametrize("settings", [{"legacy": True}, {"add_prefix_space": False},
+                                      {"legacy": True, "add_prefix_space": False}, {"legacy": None, "add_prefix_space": True}])
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok, tmp_path, settings, layout):
+    """transformers 5's LlamaTokenizer puts "▁" at the start of the text only (legacy false), also after each
+    special token in it (legacy true), or nowhere (add_prefix_space false, which also keeps the decoded text's
+    first space); ttl encodes and decodes alike, and saves the setting."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "spm")
+    if layout == "tokenizer.json":
+        AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "base")
+    else:
+        (tmp_path / "spm").rename(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    texts = HARD + ["</s>casa", "a</s> casa</s>\u2581b", "<s>"]
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours = Tokenizer.from_pretrained(path)
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), texts)
+        if path.name == "base":
+            ids = [ours.encode(text) for text in texts]
+            ours.save_pretrained(tmp_path / "saved")
+        assert [ours.encode(text) for text in texts] == ids
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": "no"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: legacy and add_prefix_space must be true, false "
+                                             "or null, got 'no' and None"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
     import io

@@ -125,8 +125,8 @@ def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_lengt
     (`<s>` first, for Llama's), which stay when the text is cut, as in transformers' truncation. Several fields
     are joined by a blank line (AgNews: title, blank line, text). A sentence pair is the ids transformers'
     tokenizer gives the text `first + "<s>" + second + "</s>"` (the second sentence, following a special token,
-    gets no "▁" word prefix), which is what a transformers user passes to the saved classifier to reproduce ttl's
-    predictions. Too long a pair is cut as transformers' `longest_first` cuts a pair (the longer sentence loses
+    gets no "▁" word prefix unless the tokenizer is `legacy`), which is what a transformers user passes to the
+    saved classifier to reproduce ttl's predictions. Too long a pair is cut as transformers' `longest_first` cuts a pair (the longer sentence loses
     its last token until both fit); the special tokens always stay."""
     start, end = [tokenizer.bos_id] * tokenizer.add_bos_token, [tokenizer.eos_id] * tokenizer.add_eos_token
     room = max_length - len(start) - len(end)
@@ -137,8 +137,9 @@ def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_lengt
                           f"{len(start) + len(end) + 2} special tokens")
     first, second = texts
     head = tokenizer.encode(first, add_bos=False, add_eos=False)
-    # the second sentence is encoded after its `<s>`, as in the whole text, so it gets no "▁" prefix (transformers
-    # prepends one only at the start of the text); that `<s>` id is then dropped
+    # the second sentence is encoded after its `<s>`, as in the whole text, so it gets the "▁" prefix only where the
+    # whole text would (transformers prepends one only at the start of the text, unless `legacy`); that `<s>` id is
+    # then dropped
     tail = tokenizer.encode(tokenizer.id_to_token(tokenizer.bos_id) + second, add_bos=False, add_eos=False)[1:]
     while len(head) + len(tail) > room - 2:  # the longer loses a token, the second on a tie
         (head if len(head) > len(tail) else tail).pop()

@@ -3,7 +3,8 @@
 The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normalization, `<unk>` `<s>` `</s>`
 `<pad>` = 0..3). `Tokenizer` follows transformers' Llama tokenizer (`legacy: false`) rather than raw
 sentencepiece where the two differ, so ids and text equal `AutoTokenizer`'s: the "▁" word prefix is added only
-at the start of the text and only when the text does not already start with a space or "▁"; special tokens
+at the start of the text and only when the text does not already start with a space or "▁" (or, as the
+config's `legacy` / `add_prefix_space` say, also after every special token, or nowhere); special tokens
 written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest,
 unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
 (tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
@@ -27,7 +28,8 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_config import added_tokens_decoder, bos_eos_flags, extra_special_tokens, read_config, role_tokens
+from .tokenizer_config import (added_tokens_decoder, bos_eos_flags, extra_special_tokens, prefix_scheme, read_config,
+                               role_tokens)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -50,6 +52,7 @@ class Tokenizer:
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
         self.add_bos_token, self.add_eos_token = True, False
+        self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
@@ -142,6 +145,7 @@ class Tokenizer:
         tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
                                      + extra_special_tokens(config_path, config))
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
+        tokenizer.prefix_scheme = prefix_scheme(config_path, config)
         return tokenizer
 
     def _take_roles(self, path: Path, roles: dict[str, str | None], template: tuple[int | None, int | None] | None,
@@ -259,7 +263,8 @@ class Tokenizer:
             if k % 2:  # a special token, matched whole
                 ids.append(self._special_ids[part])
             elif part:
-                if k == 0 and not part.startswith((" ", "\u2581")):  # transformers' Metaspace(prepend_scheme="first")
+                if (k == 0 and self.prefix_scheme == "first" or self.prefix_scheme == "always") \
+                        and not part.startswith((" ", "\u2581")):  # as transformers' Metaspace pre-tokenizer
                     part = " " + part
                 ids.extend(self.sp.encode(part))
         if add_eos:
@@ -298,7 +303,7 @@ class Tokenizer:
         if run:
             out.append(_bytes_text(run))
         text = "".join(out)
-        return text[1:] if text.startswith(" ") else text
+        return text[1:] if text.startswith(" ") and self.prefix_scheme != "never" else text
 
     def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
@@ -319,8 +324,10 @@ class Tokenizer:
         decoder = {str(i): {"content": self.sp.id_to_piece(i), "lstrip": False, "normalized": False,
                             "rstrip": False, "single_word": False, "special": True}
                    for i in sorted(self.special_ids)}
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": self.add_bos_token,
-                  "add_eos_token": self.add_eos_token, "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
+                  "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
+                  "add_prefix_space": False if self.prefix_scheme == "never" else None,
+                  "clean_up_tokenization_spaces": False,
                   "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
                   "added_tokens_decoder": decoder, **special}
         if self.added_tokens:

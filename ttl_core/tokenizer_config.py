@@ -36,6 +36,17 @@ def bos_eos_flags(path: Path, config: dict | None) -> tuple[bool, bool]:
     return flags[0], flags[1]
 
 
+def prefix_scheme(path: Path, config: dict | None) -> str:
+    """Where transformers 5's LlamaTokenizer puts the "▁" word prefix (its Metaspace `prepend_scheme`): "first",
+    at the start of the text only (`legacy: false`, the default); "always", also after every special token in
+    it (`legacy: true`); "never" (`add_prefix_space: false`, which also keeps the decoded text's first space)."""
+    legacy, add_prefix_space = (config.get("legacy"), config.get("add_prefix_space")) if config else (None, None)
+    if not (legacy in (None, True, False) and add_prefix_space in (None, True, False)):
+        raise TokenizerError(f"{path}: legacy and add_prefix_space must be true, false or null, got {legacy!r} and "
+                             f"{add_prefix_space!r}")
+    return "never" if add_prefix_space is False else "always" if legacy else "first"
+
+
 def role_tokens(path: Path, config: dict | None) -> dict[str, str | None]:
     """role (`bos_token` ...) -> the token a config (or special tokens map) names for it, None where it says null;
     roles it does not name are left out. A token may be written as a string or as {"content": ...}. transformers
