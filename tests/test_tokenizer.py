@@ -149,7 +149,8 @@ def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_tra
 
 
 @pytest.mark.parametrize("settings", [{"legacy": True}, {"add_prefix_space": False},
-                                      {"legacy": True, "add_prefix_space": False}, {"legacy": None, "add_prefix_space": True}])
+                                      {"legacy": True, "add_prefix_space": False},
+                                      {"legacy": None, "add_prefix_space": True}])
 @pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
 def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok, tmp_path, settings, layout):
     """transformers 5's LlamaTokenizer puts "▁" at the start of the text only (legacy false), also after each

@@ -363,7 +363,8 @@ def test_bos_and_eos_around_a_text_follow_the_post_processor_as_in_transformers(
     assert ours.encode("ab", add_bos=True, add_eos=True) == [1, 260, 263, 2]  # <s> ▁ ab </s>
     ours.save_pretrained(tmp_path / "saved")
     saved = Tokenizer.from_pretrained(tmp_path / "saved")
-    assert saved.encode("ab") == ours.encode("ab") == AutoTokenizer.from_pretrained(tmp_path / "saved")("ab")["input_ids"]
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved.encode("ab") == ours.encode("ab") == theirs("ab")["input_ids"]
 
 
 @pytest.mark.parametrize("processor, problem", [
@@ -391,6 +392,6 @@ def test_a_post_processor_adding_a_token_outside_the_vocabulary_is_refused(tmp_p
     spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
     spec["post_processor"]["special_tokens"]["<s>"]["ids"] = [len(spec["model"]["vocab"])]
     (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
-    with pytest.raises(TokenizerError, match=rf"tokenizer.json: the post-processor adds token id 264, outside the "
-                                             rf"vocabulary \(ids 0..263\)"):
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: the post-processor adds token id 264, outside the "
+                                             r"vocabulary \(ids 0..263\)"):
         Tokenizer.from_pretrained(path)

@@ -126,8 +126,8 @@ def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_lengt
     are joined by a blank line (AgNews: title, blank line, text). A sentence pair is the ids transformers'
     tokenizer gives the text `first + "<s>" + second + "</s>"` (the second sentence, following a special token,
     gets no "▁" word prefix unless the tokenizer is `legacy`), which is what a transformers user passes to the
-    saved classifier to reproduce ttl's predictions. Too long a pair is cut as transformers' `longest_first` cuts a pair (the longer sentence loses
-    its last token until both fit); the special tokens always stay."""
+    saved classifier to reproduce ttl's predictions. Too long a pair is cut as transformers' `longest_first` cuts
+    a pair (the longer sentence loses its last token until both fit); the special tokens always stay."""
     start, end = [tokenizer.bos_id] * tokenizer.add_bos_token, [tokenizer.eos_id] * tokenizer.add_eos_token
     room = max_length - len(start) - len(end)
     if not pair:
