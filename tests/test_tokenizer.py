@@ -179,6 +179,46 @@ def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok,
         Tokenizer.from_pretrained(tmp_path / "base")
 
 
+@pytest.mark.parametrize("flags", [{"lstrip": True}, {"rstrip": True}, {"single_word": True},
+                                   {"lstrip": True, "rstrip": True}, {"single_word": True, "lstrip": True}])
+@pytest.mark.parametrize("layout", ["added_tokens_decoder", "tokenizer.json"])
+def test_added_tokens_take_whitespace_or_match_whole_words_as_their_flags_say(tok, tmp_path, flags, layout):
+    """An added token's lstrip / rstrip take the whitespace before / after it in a text, single_word matches it only
+    where no letter, digit or "_" touches it, as transformers matches it; the flags come from where the token's id
+    does (the config's added_tokens_decoder, else tokenizer.json's added_tokens), and ttl saves them."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "spm")
+    entry = {"id": 320, "content": "<|x|>", "lstrip": False, "rstrip": False, "normalized": False,
+             "single_word": False, "special": True, **flags}
+    if layout == "tokenizer.json":  # as transformers 5 saves it: the flags in tokenizer.json only
+        AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "base")
+        spec = json.loads((tmp_path / "base" / "tokenizer.json").read_text())
+        spec["added_tokens"].append(entry)
+        (tmp_path / "base" / "tokenizer.json").write_text(json.dumps(spec))
+        config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+        assert "added_tokens_decoder" not in config
+    else:
+        (tmp_path / "spm").rename(tmp_path / "base")
+        config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"]["320"] = {k: v for k, v in entry.items() if k != "id"}
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": ["<|x|>"]}))
+    texts = ["a \t\n <|x|> \n\t casa", "x<|x|>", "<|x|>x", "(<|x|>)", "é<|x|>", "_<|x|>", "a <|x|><|x|> b", "<|x|>",
+             " <|x|> ", "1<|x|>", "casa <|x|>"]
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours = Tokenizer.from_pretrained(path)
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), texts)
+        if path.name == "base":
+            ids = [ours.encode(text) for text in texts]
+            ours.save_pretrained(tmp_path / "saved")
+        assert [ours.encode(text) for text in texts] == ids
+    config["added_tokens_decoder"] = {"320": {**entry, "rstrip": "yes"}}
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added token '<\|x\|>': lstrip, rstrip and "
+                                             r"single_word must be true or false, got"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
     import io

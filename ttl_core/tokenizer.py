@@ -5,7 +5,8 @@ The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normaliz
 sentencepiece where the two differ, so ids and text equal `AutoTokenizer`'s: the "▁" word prefix is added only
 at the start of the text and only when the text does not already start with a space or "▁" (or, as the
 config's `legacy` / `add_prefix_space` say, also after every special token, or nowhere); special tokens
-written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest,
+written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest
+(taking the whitespace beside them, or only as whole words, where their lstrip / rstrip / single_word flags say),
 unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
 (tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
 follows transformers' decoder chain, where a run of byte-fallback pieces that is not valid UTF-8 becomes one
@@ -28,8 +29,8 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_config import (added_tokens_decoder, bos_eos_flags, extra_special_tokens, prefix_scheme, read_config,
-                               role_tokens)
+from .tokenizer_config import (added_tokens_decoder, bos_eos_flags, extra_special_tokens, match_rules, prefix_scheme,
+                               read_config, role_tokens)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -54,6 +55,7 @@ class Tokenizer:
         self.add_bos_token, self.add_eos_token = True, False
         self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
+        self._match_rules: dict[str, tuple[bool, bool, bool]] = {}  # see tokenizer_config.match_rules
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -77,8 +79,8 @@ class Tokenizer:
     def _load(self, proto) -> None:
         self.proto = proto
         # The "▁" prefix is our job (see module docstring), so the processor never adds it itself. Special tokens in
-        # the text are matched (or not, with split_special_tokens) by `_split`; the processor would always match
-        # user-defined pieces, so it sees them as control pieces, which text never produces.
+        # the text are matched (or not, with split_special_tokens) by `_split_special_tokens`; the processor would
+        # always match user-defined pieces, so it sees them as control pieces, which text never produces.
         runtime = spm_pb2.ModelProto()
         runtime.CopyFrom(proto)
         runtime.normalizer_spec.add_dummy_prefix = False
@@ -100,8 +102,23 @@ class Tokenizer:
         instead, and the added tokens."""
         roles = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), *self._role_ids.values())
         self._special_ids = {self.sp.id_to_piece(i): i for i in roles if i >= 0} | self._added_ids
-        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self._special_ids, key=len, reverse=True)))
-                                 + ")")
+        # longest first, so that of two tokens starting at one place the longer is matched, as in transformers
+        patterns = []
+        for k, token in enumerate(sorted(self._special_ids, key=len, reverse=True)):
+            lstrip, rstrip, single_word = self._match_rules.get(token, (False, False, False))
+            before, after = (r"(?<!\w)", r"(?!\w)") if single_word else ("", "")
+            patterns.append((r"\s*" if lstrip else "") + f"{before}(?P<t{k}>{re.escape(token)}){after}"
+                            + (r"\s*" if rstrip else ""))
+        self._special_pattern = re.compile("|".join(patterns))
+
+    def _split_special_tokens(self, text: str) -> list[str]:
+        """`text` as [text, special token, text, ..., text]: the special tokens written in it, matched whole, and the
+        text between them, less the whitespace a token's match rules take."""
+        parts, start = [], 0
+        for match in self._special_pattern.finditer(text):
+            parts += [text[start:match.start()], match.group(match.lastgroup)]
+            start = match.end()
+        return parts + [text[start:]]
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -130,10 +147,11 @@ class Tokenizer:
         decoder = added_tokens_decoder(config_path, config)
         if path.suffix != ".json":
             tokenizer = cls(path)
-            template = tokenizer._add_saved_tokens(path, decoder) if saved else None
+            template, rules = tokenizer._add_saved_tokens(path, decoder) if saved else (None, {})
         else:
             beside = path.with_name("tokenizer.model")
-            model, template = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None, decoder)
+            model, template, rules = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None,
+                                                                     decoder)
             try:
                 tokenizer = cls(model)
             except TokenizerError as e:  # the converted model names no file
@@ -144,6 +162,9 @@ class Tokenizer:
             roles |= role_tokens(map_path, read_config(map_path))
         tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
                                      + extra_special_tokens(config_path, config))
+        if decoder is not None:  # the added tokens' match rules come from where their ids do
+            rules = match_rules(config_path, list((config.get("added_tokens_decoder") or {}).values()))
+        tokenizer._match_rules = rules
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
         return tokenizer
@@ -169,18 +190,19 @@ class Tokenizer:
         self._index_special_tokens()
 
     def _add_saved_tokens(self, model_file: Path, decoder: dict[int, str] | None) \
-            -> tuple[int | None, int | None] | None:
+            -> tuple[tuple[int | None, int | None] | None, dict[str, tuple[bool, bool, bool]]]:
         """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
         writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
         `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces.
-        Returns the ids tokenizer.json's post-processor puts around a text, where that file is there (transformers 5
-        saves that setting only there), else None."""
+        Returns, where a tokenizer.json is beside it, the ids its post-processor puts around a text (transformers 5
+        saves that setting only there) and its added tokens' match rules; else (None, {})."""
         json_path = model_file.with_name("tokenizer.json")
         spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
-        template = None
+        template, rules = None, {}
         if spec is not None:
             template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)
-            decoder = added_tokens_of(json_path, spec) if decoder is None else decoder
+            if decoder is None:
+                decoder, rules = added_tokens_of(json_path, spec), match_rules(json_path, spec["added_tokens"] or [])
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
@@ -190,7 +212,7 @@ class Tokenizer:
             if i != j:
                 raise TokenizerError(f"{model_file.parent}: added token {token!r} (id {i}) is already in "
                                      f"{model_file.name} as id {j}")
-        return template
+        return template, rules
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -258,7 +280,7 @@ class Tokenizer:
         add_bos = self.add_bos_token if add_bos is None else add_bos
         add_eos = self.add_eos_token if add_eos is None else add_eos
         ids = [self.bos_id] if add_bos else []
-        parts = [text] if split_special_tokens else self._split.split(text)
+        parts = [text] if split_special_tokens else self._split_special_tokens(text)
         for k, part in enumerate(parts):
             if k % 2:  # a special token, matched whole
                 ids.append(self._special_ids[part])
@@ -321,9 +343,11 @@ class Tokenizer:
         # a Llama-2 style model has no pad piece (id -1): transformers reads that as pad_token null
         ids = {"unk_token": self.unk_id, "bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         special = {name: self.sp.id_to_piece(i) if i >= 0 else None for name, i in ids.items()}
-        decoder = {str(i): {"content": self.sp.id_to_piece(i), "lstrip": False, "normalized": False,
-                            "rstrip": False, "single_word": False, "special": True}
-                   for i in sorted(self.special_ids)}
+        decoder = {}
+        for i in sorted(self.special_ids):
+            lstrip, rstrip, single_word = self._match_rules.get(self.sp.id_to_piece(i), (False, False, False))
+            decoder[str(i)] = {"content": self.sp.id_to_piece(i), "lstrip": lstrip, "normalized": False,
+                               "rstrip": rstrip, "single_word": single_word, "special": True}
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,

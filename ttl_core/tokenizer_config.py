@@ -64,6 +64,22 @@ def role_tokens(path: Path, config: dict | None) -> dict[str, str | None]:
     return roles
 
 
+def match_rules(path: Path, entries: list) -> dict[str, tuple[bool, bool, bool]]:
+    """text -> (lstrip, rstrip, single_word) of the added-token entries (tokenizer_config.json's
+    `added_tokens_decoder` values, tokenizer.json's `added_tokens`) that set any of them: how transformers matches
+    that token in a text (taking the whitespace before it, after it; only where no letter, digit or "_" touches
+    it)."""
+    rules = {}
+    for entry in entries:
+        flags = tuple(entry.get(key, False) for key in ("lstrip", "rstrip", "single_word"))
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise TokenizerError(f"{path}: added token {entry.get('content')!r}: lstrip, rstrip and single_word must "
+                                 f"be true or false, got {flags}")
+        if any(flags):
+            rules[entry["content"]] = flags
+    return rules
+
+
 def added_tokens_decoder(path: Path, config: dict | None) -> dict[int, str] | None:
     """id -> text of a `tokenizer_config.json`'s `added_tokens_decoder` ({"<id>": {"content": ...}}); None when the
     config has none, and tokenizer.json's `added_tokens` count instead."""
