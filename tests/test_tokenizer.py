@@ -96,7 +96,12 @@ ROLE_EDITS = {"all renamed": {"bos_token": "<|bos|>", "eos_token": "<|end|>", "u
                                                "extra_special_tokens": ["<|x|>", "<|pad|>"]},
               "eos an added token": {"eos_token": "<|x|>", "extra_special_tokens": ["<|x|>"]},
               "no pad": {"pad_token": None},
-              "pad an ordinary piece": {"pad_token": "ida"}}  # then matched whole, and dropped from decoded text
+              "no bos, though added": {"bos_token": None, "add_bos_token": True},
+              # an ordinary piece named for a role is matched whole, and dropped from decoded text, even where a
+              # template's <s> or the model's own <unk> plays the role
+              "pad an ordinary piece": {"pad_token": "ida"},
+              "bos an ordinary piece": {"bos_token": "ida"},
+              "unk an ordinary piece": {"unk_token": "ida"}}
 
 
 @pytest.mark.parametrize("edit", sorted(ROLE_EDITS))
@@ -122,13 +127,30 @@ def test_tokens_the_config_names_for_special_roles_as_in_transformers(tok, tmp_p
             hf.convert_ids_to_tokens(list(range(320, len(hf))))
         assert_same_ids(ours, hf, [text, "vida idade ida"])
         assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, -1 if hf.pad_token_id is None else hf.pad_token_id)
-        assert ours.bos_id == (1 if layout == "tokenizer.json" and path.name == "base" else hf.bos_token_id)
+        theirs = -1 if hf.bos_token_id is None else hf.bos_token_id
+        assert ours.bos_id == (1 if layout == "tokenizer.json" and path.name == "base" else theirs)
         ours.save_pretrained(tmp_path / "saved")
     config["bos_token"] = 5
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object with "
                                              "a string 'content', or null; got 5"):
         Tokenizer.from_pretrained(tmp_path / "base")
+
+
+def test_a_piece_listed_among_the_added_tokens_is_special_as_in_transformers(tok, tmp_path):
+    """A piece of tokenizer.model that tokenizer_config.json's added_tokens_decoder lists is, for transformers, a
+    special token: matched whole (inside "vida" too) and dropped from decoded text; saved by ttl, it stays one."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["282"] = {"content": "ida", "special": True}
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours = Tokenizer.from_pretrained(path)
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), ["ida vida<|x|>ida", "idade"])
+        assert ours.decode(ours.encode("vida")) == "v"
+        ours.save_pretrained(tmp_path / "saved")
 
 
 def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_transformers(tok, tmp_path):

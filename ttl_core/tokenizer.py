@@ -55,6 +55,9 @@ class Tokenizer:
         self.add_bos_token, self.add_eos_token = True, False
         self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
+        # pieces of the model that are special tokens though not control pieces: named for a role in the config or
+        # listed among its added tokens (transformers then matches them whole and skips them when decoding)
+        self._special_piece_ids: set[int] = set()
         self._match_rules: dict[str, tuple[bool, bool, bool]] = {}  # see tokenizer_config.match_rules
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
@@ -100,7 +103,8 @@ class Tokenizer:
         """transformers' special tokens, matched whole in a text and dropped by `decode(skip_special_tokens=True)`:
         the model's <unk>, <s>, </s> and <pad> (those there are), the tokens a config names for those roles
         instead, and the added tokens."""
-        roles = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), *self._role_ids.values())
+        roles = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), *self._role_ids.values(),
+                 *self._special_piece_ids)
         self._special_ids = {self.sp.id_to_piece(i): i for i in roles if i >= 0} | self._added_ids
         # longest first, so that of two tokens starting at one place the longer is matched, as in transformers
         patterns = []
@@ -174,9 +178,12 @@ class Tokenizer:
         """Settle, as transformers 5 does, which tokens play <s>, </s> and <pad> and whether `encode` puts <s> / </s>
         around a text: the tokens a tokenizer.json's template (`template`: the ids before and after a text) puts
         there, and then only those; else the config's `add_bos_token` / `add_eos_token` (`flags`). The roles are
-        the config's tokens (`roles`; an unknown-token role stays the model's), else the model's own."""
-        ids = {role: -1 if text is None else self.token_to_id(text)
-               for role, text in roles.items() if role != "unk_token"}
+        the config's tokens (`roles`), else the model's own. Every token the config names for a role is special
+        (matched whole, skipped when decoding) even where a template's token or, for the unknown-token role, the
+        model's own <unk> plays the role."""
+        ids = {role: -1 if text is None else self.token_to_id(text) for role, text in roles.items()}
+        self._special_piece_ids |= {i for i in ids.values() if i >= 0}
+        ids.pop("unk_token", None)
         if template is None:
             self.add_bos_token, self.add_eos_token = flags
         else:
@@ -193,9 +200,10 @@ class Tokenizer:
             -> tuple[tuple[int | None, int | None] | None, dict[str, tuple[bool, bool, bool]]]:
         """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
         writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
-        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces.
-        Returns, where a tokenizer.json is beside it, the ids its post-processor puts around a text (transformers 5
-        saves that setting only there) and its added tokens' match rules; else (None, {})."""
+        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces,
+        and pieces of the model listed there become special tokens. Returns, where a tokenizer.json is beside it,
+        the ids its post-processor puts around a text (transformers 5 saves that setting only there) and its added
+        tokens' match rules; else (None, {})."""
         json_path = model_file.with_name("tokenizer.json")
         spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
         template, rules = None, {}
@@ -203,6 +211,8 @@ class Tokenizer:
             template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)
             if decoder is None:
                 decoder, rules = added_tokens_of(json_path, spec), match_rules(json_path, spec["added_tokens"] or [])
+        self._special_piece_ids |= {i for i, token in (decoder or {}).items()
+                                    if i < self.vocab_size and self.sp.id_to_piece(i) == token}
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
@@ -277,8 +287,9 @@ class Tokenizer:
         mentions `</s>` from ending its documents there."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
-        add_bos = self.add_bos_token if add_bos is None else add_bos
-        add_eos = self.add_eos_token if add_eos is None else add_eos
+        # a tokenizer without <s> or </s> (null in the config) never adds it, as in transformers
+        add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
+        add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
         ids = [self.bos_id] if add_bos else []
         parts = [text] if split_special_tokens else self._split_special_tokens(text)
         for k, part in enumerate(parts):
