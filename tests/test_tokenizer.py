@@ -90,6 +90,33 @@ def test_bos_and_eos_around_a_text_follow_the_config_beside_tokenizer_model_as_i
         Tokenizer.from_pretrained(tmp_path)
 
 
+def saved_in_layout(tok, path, layout):
+    """`tok` saved at `path` as ttl saves it (tokenizer.model and its config) or, for "tokenizer.json", as transformers
+    5 saves that (tokenizer.json and its config only); returns the config."""
+    from transformers import AutoTokenizer
+
+    if layout == "tokenizer.json":
+        tok.save_pretrained(path.with_name(path.name + "-spm"))
+        AutoTokenizer.from_pretrained(path.with_name(path.name + "-spm")).save_pretrained(path)
+    else:
+        tok.save_pretrained(path)
+    return json.loads((path / "tokenizer_config.json").read_text())
+
+
+def assert_read_alike_and_saved(base, saved, texts):
+    """ttl reads the tokenizer directory `base` as AutoTokenizer does, and its save of it (`saved`) too, with the
+    same ids."""
+    from transformers import AutoTokenizer
+
+    for path in (base, saved):
+        ours = Tokenizer.from_pretrained(path)
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), texts)
+        if path == base:
+            ids = [ours.encode(text) for text in texts]
+            ours.save_pretrained(saved)
+        assert [ours.encode(text) for text in texts] == ids
+
+
 ROLE_EDITS = {"all renamed": {"bos_token": "<|bos|>", "eos_token": "<|end|>", "unk_token": "<|unk|>",
                                "pad_token": "<|pad|>", "extra_special_tokens": ["<|x|>"]},
               "pad as an object, also extra": {"pad_token": {"content": "<|pad|>", "__type": "AddedToken"},
@@ -113,12 +140,7 @@ def test_tokens_the_config_names_for_special_roles_as_in_transformers(tok, tmp_p
     the model's own). Saved by ttl, the directory reads the same in transformers and in ttl."""
     from transformers import AutoTokenizer
 
-    tok.save_pretrained(tmp_path / "spm")
-    if layout == "tokenizer.json":  # as transformers 5 saves a directory: tokenizer.json and its config only
-        AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "base")
-    else:
-        (tmp_path / "spm").rename(tmp_path / "base")
-    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config = saved_in_layout(tok, tmp_path / "base", layout)
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, **ROLE_EDITS[edit]}))
     text = "a casa<|x|> </s><|pad|><|end|> fim"
     for path in (tmp_path / "base", tmp_path / "saved"):
@@ -178,23 +200,10 @@ def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok,
     """transformers 5's LlamaTokenizer puts "▁" at the start of the text only (legacy false), also after each
     special token in it (legacy true), or nowhere (add_prefix_space false, which also keeps the decoded text's
     first space); ttl encodes and decodes alike, and saves the setting."""
-    from transformers import AutoTokenizer
-
-    tok.save_pretrained(tmp_path / "spm")
-    if layout == "tokenizer.json":
-        AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "base")
-    else:
-        (tmp_path / "spm").rename(tmp_path / "base")
-    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config = saved_in_layout(tok, tmp_path / "base", layout)
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
     texts = HARD + ["</s>casa", "a</s> casa</s>\u2581b", "<s>"]
-    for path in (tmp_path / "base", tmp_path / "saved"):
-        ours = Tokenizer.from_pretrained(path)
-        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), texts)
-        if path.name == "base":
-            ids = [ours.encode(text) for text in texts]
-            ours.save_pretrained(tmp_path / "saved")
-        assert [ours.encode(text) for text in texts] == ids
+    assert_read_alike_and_saved(tmp_path / "base", tmp_path / "saved", texts)
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": "no"}))
     with pytest.raises(TokenizerError, match="tokenizer_config.json: legacy and add_prefix_space must be true, false "
                                              "or null, got 'no' and None"):
@@ -208,32 +217,20 @@ def test_added_tokens_take_whitespace_or_match_whole_words_as_their_flags_say(to
     """An added token's lstrip / rstrip take the whitespace before / after it in a text, single_word matches it only
     where no letter, digit or "_" touches it, as transformers matches it; the flags come from where the token's id
     does (the config's added_tokens_decoder, else tokenizer.json's added_tokens), and ttl saves them."""
-    from transformers import AutoTokenizer
-
-    tok.save_pretrained(tmp_path / "spm")
     entry = {"id": 320, "content": "<|x|>", "lstrip": False, "rstrip": False, "normalized": False,
              "single_word": False, "special": True, **flags}
+    config = saved_in_layout(tok, tmp_path / "base", "tokenizer.model" if layout == "added_tokens_decoder" else layout)
     if layout == "tokenizer.json":  # as transformers 5 saves it: the flags in tokenizer.json only
-        AutoTokenizer.from_pretrained(tmp_path / "spm").save_pretrained(tmp_path / "base")
         spec = json.loads((tmp_path / "base" / "tokenizer.json").read_text())
         spec["added_tokens"].append(entry)
         (tmp_path / "base" / "tokenizer.json").write_text(json.dumps(spec))
-        config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
         assert "added_tokens_decoder" not in config
     else:
-        (tmp_path / "spm").rename(tmp_path / "base")
-        config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
         config["added_tokens_decoder"]["320"] = {k: v for k, v in entry.items() if k != "id"}
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": ["<|x|>"]}))
     texts = ["a \t\n <|x|> \n\t casa", "x<|x|>", "<|x|>x", "(<|x|>)", "é<|x|>", "_<|x|>", "a <|x|><|x|> b", "<|x|>",
              " <|x|> ", "1<|x|>", "casa <|x|>"]
-    for path in (tmp_path / "base", tmp_path / "saved"):
-        ours = Tokenizer.from_pretrained(path)
-        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), texts)
-        if path.name == "base":
-            ids = [ours.encode(text) for text in texts]
-            ours.save_pretrained(tmp_path / "saved")
-        assert [ours.encode(text) for text in texts] == ids
+    assert_read_alike_and_saved(tmp_path / "base", tmp_path / "saved", texts)
     config["added_tokens_decoder"] = {"320": {**entry, "rstrip": "yes"}}
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added token '<\|x\|>': lstrip, rstrip and "
@@ -341,8 +338,8 @@ def test_special_tokens_and_leading_u2581_in_text_match_autotokenizer(hf_pairs):
     """Special tokens written in the text are matched whole, as transformers does (or kept as text with
     split_special_tokens); a text that starts with "▁" gets no extra "▁" prefix."""
     rng = random.Random(7)
-    texts = ["fim do texto </s> outro", "<s>", "a <unk> b", "<pad>", "<s>casa", "x<s>▁casa", "▁casa", " ▁casa", "▁",
-             "<|startofinstruction|>oi</s><|endofinstruction|>"]
+    texts = ["fim do texto </s> outro", "<s>", "a <unk> b", "<pad>", "<s>casa", "x<s>▁casa", "▁casa", " ▁casa",
+             "▁", "<|startofinstruction|>oi</s><|endofinstruction|>"]
     texts += ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 8))) for _ in range(300)]
     for ours, hf in hf_pairs:
         assert ours.encode("a </s>")[-1] == ours.eos_id and ours.encode("▁casa") == hf("▁casa")["input_ids"]
