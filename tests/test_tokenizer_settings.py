@@ -41,6 +41,8 @@ def random_directory(rng, layouts, path):
     for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
         if rng.random() < 0.25:
             config[role] = settings[role] = rng.choice(TOKENS + ([None] if role != "unk_token" else []))
+        elif rng.random() < 0.1:
+            settings[role] = f"{config.pop(role, None)} dropped"
     for key, values in (("add_bos_token", [True, False]), ("add_eos_token", [True, False]),
                         ("legacy", [True, False, None]), ("add_prefix_space", [True, False, None])):
         if rng.random() < 0.3:

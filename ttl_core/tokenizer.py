@@ -133,8 +133,7 @@ class Tokenizer:
         DIR/tokenizer.model`), and is then the one read.
 
         Where ttl differs from transformers: `bos_id` / `eos_id` are the tokens a tokenizer.json template puts
-        around a text even where the config names others for those roles; a config that names no pad token
-        leaves the model's `<pad>` (transformers: none); the unknown token stays the model's."""
+        around a text even where the config names others for those roles; `unk_id` stays the model's `<unk>`."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
@@ -164,6 +163,8 @@ class Tokenizer:
         if template is not None:  # with tokenizer.json, transformers 5 lets special_tokens_map.json name them too
             map_path = path.with_name("special_tokens_map.json")
             roles |= role_tokens(map_path, read_config(map_path))
+        if config is not None:  # transformers' LlamaTokenizer pads with nothing unless a pad token is named
+            roles.setdefault("pad_token", None)
         tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
                                      + extra_special_tokens(config_path, config))
         if decoder is not None:  # the added tokens' match rules come from where their ids do
