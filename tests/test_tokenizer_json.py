@@ -395,3 +395,12 @@ def test_a_post_processor_adding_a_token_outside_the_vocabulary_is_refused(tmp_p
     with pytest.raises(TokenizerError, match=r"tokenizer.json: the post-processor adds token id 264, outside the "
                                              r"vocabulary \(ids 0..263\)"):
         Tokenizer.from_pretrained(path)
+
+
+def test_tokenizer_model_given_itself_beside_a_tokenizer_json_without_added_tokens(both_files, tmp_path):
+    """A tokenizer.json may leave out `added_tokens`: the tokenizer.model beside it, given itself, still loads
+    (its ids, and <s> as that tokenizer.json's post-processor says)."""
+    path = edited_copy(both_files, tmp_path / "no_added", lambda spec, config: (spec.pop("added_tokens"),
+                                                                                config.pop("added_tokens_decoder")))
+    ours = Tokenizer.from_pretrained(path / "tokenizer.model")
+    assert ours.encode("a casa") == Tokenizer.from_pretrained(both_files).encode("a casa")

@@ -101,8 +101,8 @@ class Tokenizer:
 
     def _index_special_tokens(self) -> None:
         """transformers' special tokens, matched whole in a text and dropped by `decode(skip_special_tokens=True)`:
-        the model's <unk>, <s>, </s> and <pad> (those there are), the tokens a config names for those roles
-        instead, and the added tokens."""
+        the model's <unk>, <s>, </s> and <pad> (those there are), the tokens a config names for those roles or
+        lists among its added tokens, and the added tokens."""
         roles = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), *self._role_ids.values(),
                  *self._special_piece_ids)
         self._special_ids = {self.sp.id_to_piece(i): i for i in roles if i >= 0} | self._added_ids
@@ -211,7 +211,8 @@ class Tokenizer:
         if spec is not None:
             template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)
             if decoder is None:
-                decoder, rules = added_tokens_of(json_path, spec), match_rules(json_path, spec["added_tokens"] or [])
+                decoder = added_tokens_of(json_path, spec)
+                rules = match_rules(json_path, spec.get("added_tokens") or [])
         self._special_piece_ids |= {i for i, token in (decoder or {}).items()
                                     if i < self.vocab_size and self.sp.id_to_piece(i) == token}
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
@@ -297,7 +298,7 @@ class Tokenizer:
             if k % 2:  # a special token, matched whole
                 ids.append(self._special_ids[part])
             elif part:
-                if (k == 0 and self.prefix_scheme == "first" or self.prefix_scheme == "always") \
+                if ((k == 0 and self.prefix_scheme == "first") or self.prefix_scheme == "always") \
                         and not part.startswith((" ", "\u2581")):  # as transformers' Metaspace pre-tokenizer
                     part = " " + part
                 ids.extend(self.sp.encode(part))
