@@ -1,15 +1,17 @@
-"""Tokenizer directories with random mixes of the settings transformers 5 reads (roles named in the config or in
-special_tokens_map.json, add_bos_token / add_eos_token, legacy / add_prefix_space, post-processor templates, added
-tokens and their lstrip / rstrip / single_word flags, ttl's own save of the result), each read by ttl and by
-AutoTokenizer, compared on random texts full of special tokens, spaces and rare characters."""
+"""The settings of a Hugging Face tokenizer directory that transformers 5 reads (add_bos_token / add_eos_token,
+tokens named for the <s> </s> <unk> <pad> roles in the config or in special_tokens_map.json, legacy /
+add_prefix_space, post-processor templates, added tokens and their lstrip / rstrip / single_word flags), read by
+ttl as by AutoTokenizer and kept by ttl's save: one setting at a time, then random mixes of them compared on
+random texts full of special tokens, spaces and rare characters."""
 
 import json
 import random
 import shutil
 
 import pytest
-from tokenizer_helpers import corpus
+from tokenizer_helpers import HARD, assert_same_ids, corpus
 
+from ttl_core.errors import TokenizerError
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 TOKENS = ["<|x|>", "<|y|>", "<|pad|>", "[PAD]", "<|end|>", "ida", "<s>", "</s>", "<pad>", "<unk>", "casa"]
@@ -17,15 +19,194 @@ TEXT_PARTS = ["a", " ", "  ", "\t", "\n", "casa", "vida", "ida", "é", "_", "x",
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
+def tok():
+    return train_tokenizer(corpus(), None, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def layouts(tok, tmp_path_factory):
     """A ttl-saved directory (tokenizer.model and its config) and the one transformers 5 saves from it
     (tokenizer.json and its config)."""
+    root = tmp_path_factory.mktemp("layouts")
+    for layout in ("tokenizer.model", "tokenizer.json"):
+        saved_in_layout(tok, root / layout, layout)
+    return root
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True},
+                                   {"add_eos_token": True}, None])
+def test_bos_and_eos_around_a_text_follow_the_config_beside_tokenizer_model_as_in_transformers(tok, tmp_path, flags):
+    """Without tokenizer.json, transformers 5 reads add_bos_token / add_eos_token from tokenizer_config.json, and an
+    absent one as false; explicit add_bos / add_eos still decide. Without a config (no LlamaTokenizer for
+    transformers, whose releases then split texts differently) ttl reads the model file as it reads it alone."""
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("layouts")
-    train_tokenizer(corpus(), None, vocab_size=320).save_pretrained(root / "tokenizer.model")
-    AutoTokenizer.from_pretrained(root / "tokenizer.model").save_pretrained(root / "tokenizer.json")
-    return root
+    tok.save_pretrained(tmp_path)
+    config = {k: v for k, v in json.loads((tmp_path / "tokenizer_config.json").read_text()).items()
+              if k not in ("add_bos_token", "add_eos_token")}
+    if flags is None:
+        (tmp_path / "tokenizer_config.json").unlink()
+    else:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+    ours = Tokenizer.from_pretrained(tmp_path)
+    assert (ours.add_bos_token, ours.add_eos_token) == ((True, False) if flags is None else (
+        flags.get("add_bos_token", False), flags.get("add_eos_token", False)))
+    if flags is not None:
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(tmp_path), HARD[:3] + [""])
+    assert ours.encode("a casa", add_bos=True, add_eos=True) == tok.encode("a casa", add_eos=True)
+    assert Tokenizer(tmp_path / "tokenizer.model").encode("a casa") == tok.encode("a casa")  # a model file: <s> only
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": "yes"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: add_bos_token and add_eos_token must be true or "
+                                             "false, got 'yes' and False"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def saved_in_layout(tok, path, layout):
+    """`tok` saved at `path` as ttl saves it (tokenizer.model and its config) or, for "tokenizer.json", as transformers
+    5 saves that (tokenizer.json and its config only); returns the config."""
+    from transformers import AutoTokenizer
+
+    if layout == "tokenizer.json":
+        tok.save_pretrained(path.with_name(path.name + "-spm"))
+        AutoTokenizer.from_pretrained(path.with_name(path.name + "-spm")).save_pretrained(path)
+    else:
+        tok.save_pretrained(path)
+    return json.loads((path / "tokenizer_config.json").read_text())
+
+
+def assert_read_alike_and_saved(base, saved, texts):
+    """ttl reads the tokenizer directory `base` as AutoTokenizer does, and its save of it (`saved`) too, with the
+    same ids."""
+    from transformers import AutoTokenizer
+
+    for path in (base, saved):
+        ours = Tokenizer.from_pretrained(path)
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), texts)
+        if path == base:
+            ids = [ours.encode(text) for text in texts]
+            ours.save_pretrained(saved)
+        assert [ours.encode(text) for text in texts] == ids
+
+
+ROLE_EDITS = {"all renamed": {"bos_token": "<|bos|>", "eos_token": "<|end|>", "unk_token": "<|unk|>",
+                               "pad_token": "<|pad|>", "extra_special_tokens": ["<|x|>"]},
+              "pad as an object, also extra": {"pad_token": {"content": "<|pad|>", "__type": "AddedToken"},
+                                               "extra_special_tokens": ["<|x|>", "<|pad|>"]},
+              "eos an added token": {"eos_token": "<|x|>", "extra_special_tokens": ["<|x|>"]},
+              "no pad": {"pad_token": None},
+              "no bos, though added": {"bos_token": None, "add_bos_token": True},
+              # an ordinary piece named for a role is matched whole, and dropped from decoded text, even where a
+              # template's <s> or the model's own <unk> plays the role
+              "pad an ordinary piece": {"pad_token": "ida"},
+              "bos an ordinary piece": {"bos_token": "ida"},
+              "unk an ordinary piece": {"unk_token": "ida"}}
+
+
+@pytest.mark.parametrize("edit", sorted(ROLE_EDITS))
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_tokens_the_config_names_for_special_roles_as_in_transformers(tok, tmp_path, edit, layout):
+    """tokenizer_config.json's bos/eos/unk/pad tokens: those the vocabulary lacks are appended in that order before
+    the extra special tokens, are matched whole in a text, and give bos_id/eos_id/pad_id (-1 for a null pad) as
+    transformers' *_token_id; with a tokenizer.json template, <s> / </s> are the tokens it puts around a text (here
+    the model's own). Saved by ttl, the directory reads the same in transformers and in ttl."""
+    from transformers import AutoTokenizer
+
+    config = saved_in_layout(tok, tmp_path / "base", layout)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, **ROLE_EDITS[edit]}))
+    text = "a casa<|x|> </s><|pad|><|end|> fim"
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert ours.vocab_size == len(hf) and [ours.id_to_token(i) for i in range(320, ours.vocab_size)] == \
+            hf.convert_ids_to_tokens(list(range(320, len(hf))))
+        assert_same_ids(ours, hf, [text, "vida idade ida"])
+        assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, -1 if hf.pad_token_id is None else hf.pad_token_id)
+        theirs = -1 if hf.bos_token_id is None else hf.bos_token_id
+        assert ours.bos_id == (1 if layout == "tokenizer.json" and path.name == "base" else theirs)
+        ours.save_pretrained(tmp_path / "saved")
+    config["bos_token"] = 5
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object with "
+                                             "a string 'content', or null; got 5"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
+def test_a_piece_listed_among_the_added_tokens_is_special_as_in_transformers(tok, tmp_path):
+    """A piece of tokenizer.model that tokenizer_config.json's added_tokens_decoder lists is, for transformers, a
+    special token: matched whole (inside "vida" too) and dropped from decoded text; saved by ttl, it stays one."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["282"] = {"content": "ida", "special": True}
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours = Tokenizer.from_pretrained(path)
+        assert_same_ids(ours, AutoTokenizer.from_pretrained(path), ["ida vida<|x|>ida", "idade"])
+        assert ours.decode(ours.encode("vida")) == "v"
+        ours.save_pretrained(tmp_path / "saved")
+
+
+def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_transformers(tok, tmp_path):
+    """transformers 5 lets special_tokens_map.json override the config's bos/eos/unk/pad tokens when it reads a
+    tokenizer.json, and ignores that file beside a tokenizer.model alone."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tmp_path / "model").save_pretrained(tmp_path / "json")
+    for layout in ("model", "json"):
+        (tmp_path / layout / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>",
+                                                                             "pad_token": None}))
+        ours, hf = Tokenizer.from_pretrained(tmp_path / layout), AutoTokenizer.from_pretrained(tmp_path / layout)
+        assert (ours.eos_id, ours.pad_id) == ((320, -1) if layout == "json" else (2, 3))
+        assert ours.vocab_size == len(hf) and (hf.eos_token_id, hf.pad_token_id) == (
+            (320, None) if layout == "json" else (2, 3))
+        assert_same_ids(ours, hf, ["a casa<|end|></s>"])
+
+
+@pytest.mark.parametrize("settings", [{"legacy": True}, {"add_prefix_space": False},
+                                      {"legacy": True, "add_prefix_space": False},
+                                      {"legacy": None, "add_prefix_space": True}])
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok, tmp_path, settings, layout):
+    """transformers 5's LlamaTokenizer puts "▁" at the start of the text only (legacy false), also after each
+    special token in it (legacy true), or nowhere (add_prefix_space false, which also keeps the decoded text's
+    first space); ttl encodes and decodes alike, and saves the setting."""
+    config = saved_in_layout(tok, tmp_path / "base", layout)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    texts = HARD + ["</s>casa", "a</s> casa</s>\u2581b", "<s>"]
+    assert_read_alike_and_saved(tmp_path / "base", tmp_path / "saved", texts)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": "no"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: legacy and add_prefix_space must be true, false "
+                                             "or null, got 'no' and None"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
+@pytest.mark.parametrize("flags", [{"lstrip": True}, {"rstrip": True}, {"single_word": True},
+                                   {"lstrip": True, "rstrip": True}, {"single_word": True, "lstrip": True}])
+@pytest.mark.parametrize("layout", ["added_tokens_decoder", "tokenizer.json"])
+def test_added_tokens_take_whitespace_or_match_whole_words_as_their_flags_say(tok, tmp_path, flags, layout):
+    """An added token's lstrip / rstrip take the whitespace before / after it in a text, single_word matches it only
+    where no letter, digit or "_" touches it, as transformers matches it; the flags come from where the token's id
+    does (the config's added_tokens_decoder, else tokenizer.json's added_tokens), and ttl saves them."""
+    entry = {"id": 320, "content": "<|x|>", "lstrip": False, "rstrip": False, "normalized": False,
+             "single_word": False, "special": True, **flags}
+    config = saved_in_layout(tok, tmp_path / "base", "tokenizer.model" if layout == "added_tokens_decoder" else layout)
+    if layout == "tokenizer.json":  # as transformers 5 saves it: the flags in tokenizer.json only
+        spec = json.loads((tmp_path / "base" / "tokenizer.json").read_text())
+        spec["added_tokens"].append(entry)
+        (tmp_path / "base" / "tokenizer.json").write_text(json.dumps(spec))
+        assert "added_tokens_decoder" not in config
+    else:
+        config["added_tokens_decoder"]["320"] = {k: v for k, v in entry.items() if k != "id"}
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": ["<|x|>"]}))
+    texts = ["a \t\n <|x|> \n\t casa", "x<|x|>", "<|x|>x", "(<|x|>)", "é<|x|>", "_<|x|>", "a <|x|><|x|> b", "<|x|>",
+             " <|x|> ", "1<|x|>", "casa <|x|>"]
+    assert_read_alike_and_saved(tmp_path / "base", tmp_path / "saved", texts)
+    config["added_tokens_decoder"] = {"320": {**entry, "rstrip": "yes"}}
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added token '<\|x\|>': lstrip, rstrip and "
+                                             r"single_word must be true or false, got"):
+        Tokenizer.from_pretrained(tmp_path / "base")
 
 
 def random_directory(rng, layouts, path):
