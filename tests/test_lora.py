@@ -38,8 +38,12 @@ def ids(batch=2, seq=9, vocab=131, seed=1):
     return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+# PEFT matches a listed target against the end of each module path, so a list can name single layers
+ONE_LAYER_EACH = ["model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "self_attn.v_proj"]
+
+
 @pytest.mark.parametrize("targets, rslora", [(["q_proj", "v_proj"], False), ("all-linear", False),
-                                             (["k_proj", "gate_proj", "down_proj"], True)])
+                                             (["k_proj", "gate_proj", "down_proj"], True), (ONE_LAYER_EACH, False)])
 def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, targets, rslora):
     hf = hf_causal_lm()
     ours = apply_lora(to_ttl(hf, tmp_path), r=4, alpha=8, targets=targets, use_rslora=rslora)
@@ -53,8 +57,10 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, targets, rslor
     assert (got - to_ttl(hf_causal_lm(), tmp_path, "plain")(x).logits).abs().max() > 1e-2  # the adapter matters
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL, "all-linear", ONE_LAYER_EACH])
 def test_peft_adapter_loads_in_ttl_with_the_same_logits(tmp_path, targets):
+    """Also PEFT's "all-linear", which it saves as the list of every adapted module's path, and lists that
+    adapt single layers."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
@@ -62,6 +68,9 @@ def test_peft_adapter_loads_in_ttl_with_the_same_logits(tmp_path, targets):
     randomize_lora_(theirs, seed=5)
     theirs.save_pretrained(tmp_path / "adapter")
     ours = load_adapter(base, tmp_path / "adapter")
+    adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+               for name, _ in theirs.named_modules() if name.endswith("lora_A.default")}
+    assert len(adapted) == sum(len(layer.slices) for layer in lora_layers(ours).values())
     x = ids()
     with torch.no_grad():
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
@@ -154,8 +163,11 @@ def test_bad_adapters_are_clear_errors(tmp_path):
     save_adapter(model, tmp_path / "good")
     with pytest.raises(AdapterError, match="already has LoRA"):
         apply_lora(model)
-    with pytest.raises(AdapterError, match="unknown LoRA target"):
-        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=["qkv_proj"])
+    for targets, unknown in ((["qkv_proj"], "'qkv_proj'"), (["q_proj", "model.layers.9.self_attn.q_proj"],
+                                                           "'model.layers.9.self_attn.q_proj'"),
+                             (["lm_head"], "'lm_head'"), (["q_proj", 3], "3")):
+        with pytest.raises(AdapterError, match=rf"unknown LoRA target module\(s\) \[{re.escape(unknown)}\]; "):
+            apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=targets)
     with pytest.raises(AdapterError, match="holds no adapter_config.json"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "c"), tmp_path)
     config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())

@@ -115,13 +115,28 @@ def _linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int
     return out
 
 
-def _resolve_targets(targets: str | Iterable[str]) -> list[str]:
-    names = list(LINEAR_NAMES) if targets == "all-linear" else [targets] if isinstance(targets, str) else list(targets)
-    unknown = [t for t in names if t not in LINEAR_NAMES]
+def _target_names(targets: str | Iterable[str]) -> list:
+    return list(LINEAR_NAMES) if targets == "all-linear" else [targets] if isinstance(targets, str) else list(targets)
+
+
+def _targeted_slices(model: nn.Module, targets: str | Iterable[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """ttl linear module path -> the slices (HF projection name: rows) that `targets` adapt, by PEFT's rule for a
+    list of target modules: an HF module is adapted when its path ("model.layers.0.self_attn.q_proj") is a
+    target or ends in "." + one ("q_proj", "self_attn.q_proj"), as in the lists PEFT writes for "all-linear".
+    A target that names no linear layer of the model is an error."""
+    names = _target_names(targets)
+    chosen, matched = {}, set()
+    for path, (prefix, slices) in _linear_slices(model).items():
+        for name, rows in slices.items():
+            hits = {t for t in names if isinstance(t, str) and f".{prefix}.{name}".endswith(f".{t}")}
+            if hits:
+                chosen.setdefault(path, {})[name] = rows
+                matched |= hits
+    unknown = [t for t in names if not isinstance(t, str) or t not in matched]
     if unknown or not names:
-        raise AdapterError(f"unknown LoRA target module(s) {unknown or names}; choose from {', '.join(LINEAR_NAMES)} "
-                           "or 'all-linear'")
-    return names
+        raise AdapterError(f"unknown LoRA target module(s) {unknown or names}; choose from {', '.join(LINEAR_NAMES)}, "
+                           "'all-linear', or module paths such as model.layers.0.self_attn.q_proj")
+    return chosen
 
 
 def _modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, str]:
@@ -170,7 +185,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    wanted = _resolve_targets(targets)
+    targeted = _targeted_slices(model, targets)
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
@@ -180,15 +195,14 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     full = _modules_to_save_params(model, saved)
     for param in model.parameters():
         param.requires_grad_(False)
-    for path, (_, slices) in _linear_slices(model).items():
-        chosen = {n: s for n, s in slices.items() if n in wanted}
-        if chosen:
-            parent, child = path.rsplit(".", 1)
-            layer = LoRALinear(model.get_submodule(path), chosen, r, alpha, dropout, use_rslora).train(model.training)
-            setattr(model.get_submodule(parent), child, layer)
+    for path, chosen in targeted.items():
+        parent, child = path.rsplit(".", 1)
+        layer = LoRALinear(model.get_submodule(path), chosen, r, alpha, dropout, use_rslora).train(model.training)
+        setattr(model.get_submodule(parent), child, layer)
     for name in full:
         model.get_parameter(name).requires_grad_(True)
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(wanted),
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": sorted(_target_names(targets)),
                          "use_rslora": use_rslora, "modules_to_save": saved,
                          "ensure_weight_tying": ensure_weight_tying and _tied(model)}
     return model
