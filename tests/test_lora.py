@@ -76,6 +76,32 @@ def test_peft_adapter_loads_in_ttl_with_the_same_logits(tmp_path, targets):
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("options", [
+    {"target_modules": r".*\.(q_proj|down_proj)"}, {"target_modules": ALL, "layers_to_transform": [1]},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+    {"target_modules": "all-linear", "exclude_modules": ["k_proj", "layers.0.mlp.up_proj"]},
+    {"target_modules": ALL, "exclude_modules": r".*\.1\.self_attn\..*"}])
+def test_peft_target_options_adapt_the_same_layers_both_ways(tmp_path, options):
+    """PEFT's pattern targets, layers_to_transform (with layers_pattern) and exclude_modules pick the same
+    layers in ttl: a PEFT adapter loads with the same logits, and ttl's save of it loads back in PEFT."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                     **options))
+    randomize_lora_(theirs, seed=5)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft")
+    adapted = [name for name, _ in theirs.named_modules() if name.endswith("lora_A.default")]
+    assert 0 < len(adapted) == sum(len(layer.slices) for layer in lora_layers(ours).values()) < 14
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+    save_adapter(ours, tmp_path / "ttl")
+    again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
+    with torch.no_grad():
+        assert (ours(x).logits - again(input_ids=x).logits).abs().max() < 1e-4
+
+
 def test_classifier_score_head_travels_as_modules_to_save_both_ways(tmp_path):
     hf = hf_classifier(num_labels=3)
     ours = apply_lora(to_ttl(hf, tmp_path), r=4, alpha=8)
@@ -196,8 +222,10 @@ def test_bad_adapters_are_clear_errors(tmp_path):
     save_adapter(apply_lora(to_ttl(hf_causal_lm(), tmp_path, "h"), r=4, targets=["q_proj"]), tmp_path / "pattern")
     config = json.loads((tmp_path / "pattern" / "adapter_config.json").read_text())
     (tmp_path / "pattern" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": "q_proj"}))
-    with pytest.raises(AdapterError, match=r"target_modules given as a pattern \('q_proj'\) is not supported"):
+    with pytest.raises(AdapterError, match=r"LoRA targets 'q_proj' leave no linear layer of the model to adapt"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "i"), tmp_path / "pattern")
+    with pytest.raises(AdapterError, match=r"LoRA target pattern '\(q_proj' is not a regular expression"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "j"), targets="(q_proj")
 
 
 @pytest.mark.parametrize("merge_first", [False, True])
@@ -218,7 +246,7 @@ def test_merged_weights_equal_peft_merge_and_unload(tmp_path, merge_first):
 
 @pytest.mark.parametrize("field, value", [
     ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("init_lora_weights", "loftq"),
-    ("alora_invocation_tokens", [7, 8]), ("layers_to_transform", 0), ("loftq_config", {"loftq_bits": 4}),
+    ("alora_invocation_tokens", [7, 8]), ("loftq_config", {"loftq_bits": 4}),
     ("trainable_token_indices", [5]), ("init_lora_weights", "pissa_niter_4"), ("use_dora", True),
 ])
 def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, value):

@@ -11,6 +11,7 @@ modules and HF names comes from `ttl_core.hf.hf_plan`, and PEFT's key names are 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,7 +32,7 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
 # load an adapter whose outputs would differ from PEFT's
 UNSUPPORTED_ADAPTER_FIELDS = (
-    "rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "layer_replication", "lora_bias",
+    "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias",
     "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
     "megatron_config", "loftq_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
     "arrow_config", "kasa_config",
@@ -116,26 +117,64 @@ def _linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int
 
 
 def _target_names(targets: str | Iterable[str]) -> list:
-    return list(LINEAR_NAMES) if targets == "all-linear" else [targets] if isinstance(targets, str) else list(targets)
+    """`targets` as a list of names, or, as PEFT reads a string other than "all-linear", as a pattern."""
+    if isinstance(targets, str):
+        return list(LINEAR_NAMES) if targets.lower() == "all-linear" else targets
+    return list(targets)
 
 
-def _targeted_slices(model: nn.Module, targets: str | Iterable[str]) -> dict[str, dict[str, tuple[int, int]]]:
-    """ttl linear module path -> the slices (HF projection name: rows) that `targets` adapt, by PEFT's rule for a
-    list of target modules: an HF module is adapted when its path ("model.layers.0.self_attn.q_proj") is a
-    target or ends in "." + one ("q_proj", "self_attn.q_proj"), as in the lists PEFT writes for "all-linear".
-    A target that names no linear layer of the model is an error."""
+def _ends_with_one_of(key: str, names: list | str) -> set:
+    """The entries of `names` that PEFT's list rule matches to the module path `key`: itself, or "." + it at its
+    end; a string `names` is a pattern the whole path must match."""
+    if isinstance(names, str):
+        return {names} if re.fullmatch(names, key) else set()
+    return {n for n in names if isinstance(n, str) and f".{key}".endswith(f".{n}")}
+
+
+def _layer_index(key: str, layers_pattern: str | list | None) -> int | None:
+    """The layer number in a module path, found as PEFT finds it for `layers_to_transform`: the first number
+    after a part named in `layers_pattern` (any part when there is none)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next(filter(None, (re.match(regex, key) for regex in regexes)), None)
+    return int(match["idx"]) if match else None
+
+
+def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
+                     layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
+        -> dict[str, dict[str, tuple[int, int]]]:
+    """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
+    ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
+    "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
+    unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
+    layer out. A listed target that names no linear layer of the model, or targets that leave none, are errors."""
     names = _target_names(targets)
-    chosen, matched = {}, set()
+    if isinstance(names, str):
+        try:
+            re.compile(names)
+        except re.error as e:
+            raise AdapterError(f"LoRA target pattern {names!r} is not a regular expression ({e})") from None
+    layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform or []
+    chosen, named = {}, set()
     for path, (prefix, slices) in _linear_slices(model).items():
         for name, rows in slices.items():
-            hits = {t for t in names if isinstance(t, str) and f".{prefix}.{name}".endswith(f".{t}")}
-            if hits:
-                chosen.setdefault(path, {})[name] = rows
-                matched |= hits
-    unknown = [t for t in names if not isinstance(t, str) or t not in matched]
-    if unknown or not names:
-        raise AdapterError(f"unknown LoRA target module(s) {unknown or names}; choose from {', '.join(LINEAR_NAMES)}, "
-                           "'all-linear', or module paths such as model.layers.0.self_attn.q_proj")
+            key = f"{prefix}.{name}"
+            hits = _ends_with_one_of(key, names)
+            named |= hits
+            if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
+                continue
+            if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
+                continue
+            chosen.setdefault(path, {})[name] = rows
+    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
+    if unknown:
+        raise AdapterError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}, "
+                           "'all-linear', module paths such as model.layers.0.self_attn.q_proj, or a pattern that "
+                           "matches whole paths")
+    if not chosen:
+        raise AdapterError(f"LoRA targets {names!r} leave no linear layer of the model to adapt (with "
+                           f"exclude_modules={exclude_modules!r}, layers_to_transform={layers_to_transform!r}; a "
+                           f"string is a pattern over whole module paths, as in PEFT)")
     return chosen
 
 
@@ -170,13 +209,16 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int = 8, alpha: float = 16,
                dropout: float = 0.05, targets: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
-               modules_to_save: Iterable[str] | None = None,
-               ensure_weight_tying: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
+               modules_to_save: Iterable[str] | None = None, ensure_weight_tying: bool = False,
+               exclude_modules: str | list[str] | None = None, layers_to_transform: int | list[int] | None = None,
+               layers_pattern: str | list[str] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score`
     head is always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such
     as "embed_tokens", "lm_head") are trained in full too. On a model whose LM head shares the input
     embedding, training either one unties them, as PEFT does (the other keeps the original weights), unless
-    `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one."""
+    `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
+    `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
+    those names do (see `_targeted_slices`)."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
     if not is_integer(r) or r < 1:
@@ -185,7 +227,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    targeted = _targeted_slices(model, targets)
+    targeted = _targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern)
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
@@ -201,8 +243,11 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         setattr(model.get_submodule(parent), child, layer)
     for name in full:
         model.get_parameter(name).requires_grad_(True)
+    names = _target_names(targets)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                         "target_modules": sorted(_target_names(targets)),
+                         "target_modules": names if isinstance(names, str) else sorted(names),
+                         "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
+                         "layers_pattern": layers_pattern,
                          "use_rslora": use_rslora, "modules_to_save": saved,
                          "ensure_weight_tying": ensure_weight_tying and _tied(model)}
     return model
@@ -297,7 +342,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "target_modules": settings["target_modules"], "use_rslora": settings["use_rslora"],
         "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base_model_name_or_path,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
+        "layers_pattern": settings["layers_pattern"], "rank_pattern": {}, "alpha_pattern": {},
         "use_dora": False, "revision": None,
         **({"ensure_weight_tying": True} if settings["ensure_weight_tying"] else {}),
     })
@@ -322,10 +368,13 @@ def _read_adapter_config(directory: Path) -> dict:
         raise AdapterError(f"{directory}: init_lora_weights={init!r} is not supported (PEFT rewrites the base "
                            "weights with it when loading)")
     targets = config.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        raise AdapterError(f"{directory}: target_modules given as a pattern ({targets!r}) is not supported; list names")
     if not isinstance(targets, (str, list)):
-        raise AdapterError(f"{directory}: target_modules must list module names, got {targets!r}")
+        raise AdapterError(f"{directory}: target_modules must list module names or be a pattern, got {targets!r}")
+    for key, kinds in (("exclude_modules", (str, list)), ("layers_to_transform", (int, list)),
+                       ("layers_pattern", (str, list))):
+        if config.get(key) is not None and not isinstance(config[key], kinds):
+            raise AdapterError(f"{directory}: {key} must be a {' or '.join(k.__name__ for k in kinds)}, got "
+                               f"{config[key]!r}")
     for key in ("use_rslora", "ensure_weight_tying"):
         if not isinstance(config.get(key, False), bool):
             raise AdapterError(f"{directory}: {key} must be true or false, got {config[key]!r}")
@@ -358,7 +407,8 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     targets=config["target_modules"], use_rslora=config.get("use_rslora", False),
-                    modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False))
+                    modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
+                    **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern")})
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:
         expected = _adapter_shapes(model, settings)
