@@ -102,6 +102,16 @@ def test_peft_target_options_adapt_the_same_layers_both_ways(tmp_path, options):
         assert (ours(x).logits - again(input_ids=x).logits).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("pattern", [r".*mlp.*", r".*(q_proj|input_layernorm)", r".*"])
+def test_a_pattern_that_also_matches_other_modules_is_refused_as_by_peft(tmp_path, pattern):
+    """PEFT refuses a target pattern that matches a module it cannot adapt (the MLP block, a norm, the model);
+    ttl does too, rather than adapt only the projections among them and save an adapter PEFT cannot load."""
+    with pytest.raises(ValueError, match="Target module"):
+        peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(target_modules=pattern, task_type="CAUSAL_LM"))
+    with pytest.raises(AdapterError, match=rf"LoRA target pattern {re.escape(repr(pattern))} also matches model"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets=pattern)
+
+
 def test_classifier_score_head_travels_as_modules_to_save_both_ways(tmp_path):
     hf = hf_classifier(num_labels=3)
     ours = apply_lora(to_ttl(hf, tmp_path), r=4, alpha=8)

@@ -140,6 +140,16 @@ def _layer_index(key: str, layers_pattern: str | list | None) -> int | None:
     return int(match["idx"]) if match else None
 
 
+def _other_module_paths(model: nn.Module) -> list[str]:
+    """The paths of the transformers model's modules other than the attention and MLP projections."""
+    head = "lm_head" if model.architecture == "LlamaForCausalLM" else "score"
+    paths = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", head]
+    for i in range(model.config.num_hidden_layers):
+        paths += [f"model.layers.{i}{part}" for part in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm",
+                                                         ".post_attention_layernorm")]
+    return paths
+
+
 def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
                      layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
         -> dict[str, dict[str, tuple[int, int]]]:
@@ -166,6 +176,11 @@ def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_mod
             if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
                 continue
             chosen.setdefault(path, {})[name] = rows
+    if isinstance(names, str):  # PEFT refuses a pattern that also matches a module it cannot adapt as ttl does
+        other = next((key for key in _other_module_paths(model) if re.fullmatch(names, key)), None)
+        if other:
+            raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
+                               f"linear layers {', '.join(LINEAR_NAMES)}")
     unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
     if unknown:
         raise AdapterError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}, "
