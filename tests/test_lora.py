@@ -236,6 +236,8 @@ def test_bad_adapters_are_clear_errors(tmp_path):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "i"), tmp_path / "pattern")
     with pytest.raises(AdapterError, match=r"LoRA target pattern '\(q_proj' is not a regular expression"):
         apply_lora(to_ttl(hf_causal_lm(), tmp_path, "j"), targets="(q_proj")
+    with pytest.raises(AdapterError, match=r"LoRA exclude_modules pattern '\[k' is not a regular expression"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "k"), targets="all-linear", exclude_modules="[k")
 
 
 @pytest.mark.parametrize("merge_first", [False, True])

@@ -159,11 +159,12 @@ def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_mod
     unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
     layer out. A listed target that names no linear layer of the model, or targets that leave none, are errors."""
     names = _target_names(targets)
-    if isinstance(names, str):
+    for what, pattern in (("target", names), ("exclude_modules", exclude_modules)):
         try:
-            re.compile(names)
+            if isinstance(pattern, str):
+                re.compile(pattern)
         except re.error as e:
-            raise AdapterError(f"LoRA target pattern {names!r} is not a regular expression ({e})") from None
+            raise AdapterError(f"LoRA {what} pattern {pattern!r} is not a regular expression ({e})") from None
     layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform or []
     chosen, named = {}, set()
     for path, (prefix, slices) in _linear_slices(model).items():
@@ -176,7 +177,7 @@ def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_mod
             if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
                 continue
             chosen.setdefault(path, {})[name] = rows
-    if isinstance(names, str):  # PEFT refuses a pattern that also matches a module it cannot adapt as ttl does
+    if isinstance(names, str):  # PEFT refuses a pattern that matches any module other than ttl's linear layers
         other = next((key for key in _other_module_paths(model) if re.fullmatch(names, key)), None)
         if other:
             raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
