@@ -207,6 +207,19 @@ def test_tokenizer_ids_and_files(tok, tok_file, tmp_path):
 
 
 
+@pytest.mark.parametrize("role, name", [("bos_token", "<s>"), ("eos_token", "</s>")])
+def test_a_tokenizer_without_bos_or_eos_cannot_prepare_data(tok, tmp_path, role, name):
+    """Prepared data puts <s> and </s> around every document: a tokenizer whose config makes either null is
+    refused before any file is written (it used to prepare data the loader then refused)."""
+    tok.save_pretrained(tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, role: None}))
+    (tmp_path / "docs.txt").write_text("um documento\n\noutro documento\n")
+    with pytest.raises(DataError, match=rf"the tokenizer {re.escape(str(tmp_path / 'tok'))} has no {name} token") as e:
+        prepare_data([tmp_path / "docs.txt"], tmp_path / "out", tokenizer=tmp_path / "tok")
+    assert one_line(e) and not (tmp_path / "out").exists()
+
+
 def test_bad_added_tokens_decoder_in_tokenizer_config(tok, tmp_path):
     """tokenizer_config.json's added_tokens_decoder maps decimal ids to {"content": ...}; any other key is refused
     by name (it used to escape as int()'s ValueError)."""

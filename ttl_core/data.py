@@ -325,12 +325,19 @@ def _run(fn, jobs: Iterator, workers: int, tok: Tokenizer) -> Iterator:
 
 
 def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:
-    if tokenizer is None or isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    if not isinstance(tokenizer, (str, os.PathLike)):
+    """The tokenizer given, which must have <s> and </s>: they mark where every document starts and ends."""
+    if tokenizer is None:
+        return None
+    if not isinstance(tokenizer, (str, os.PathLike, Tokenizer)):
         raise DataError(f"tokenizer must be a .model file, an HF tokenizer directory or a Tokenizer, "
                         f"got {type(tokenizer).__name__}")
-    return Tokenizer.from_pretrained(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
+    missing = [name for name, i in (("<s>", tok.bos_id), ("</s>", tok.eos_id)) if i < 0]
+    if missing:
+        where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
+        raise DataError(f"the tokenizer{where} has no {' or '.join(missing)} token (null in its config?), which "
+                        f"prepared data puts around every document")
+    return tok
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
