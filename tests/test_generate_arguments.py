@@ -41,6 +41,9 @@ def models(tmp_path_factory):
     (dict(eos_token_id=torch.tensor([2.0])), "eos_token_id 2.0 is not a token id"),
     (dict(stop_strings=[""], tokenizer=CharTokenizer()), "stop_strings must be a non-empty string"),
     (dict(stop_strings="x", tokenizer=object()), "stop_strings need a tokenizer with id_to_token"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),  # not 1 new token
+    (dict(do_sample=True, num_return_sequences=True), "num_return_sequences must be a positive integer, got True"),
+    (dict(do_sample="False"), "do_sample must be True or False, got 'False'"),  # a non-empty string is truthy
 ])
 def test_bad_arguments_raise_one_line_errors(models, kwargs, message):
     _, ours = models
@@ -59,6 +62,9 @@ def test_bad_inputs_raise_one_line_errors(models):
     no_token[2] = 0
     with pytest.raises(GenerationError, match="row 2 of attention_mask attends to no token"):
         ttl_core.generate(ours, ids, no_token)
+    for scale in (0.5, 1.5):  # float values that an integer conversion would turn into 0 or 1
+        with pytest.raises(GenerationError, match=r"attention_mask must hold only 0 \(padding\) and 1 \(token\)"):
+            ttl_core.generate(ours, ids, mask * scale)
     right = mask.flip(1)
     with pytest.raises(GenerationError, match="left-padded"):
         ttl_core.generate(ours, ids, right)

@@ -312,7 +312,7 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
         raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
     if input_ids.numel() == 0:
         raise GenerationError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     total = input_ids.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:
@@ -335,9 +335,10 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
     if attention_mask.shape != input_ids.shape:
         raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                               f"{tuple(input_ids.shape)}")
-    mask = attention_mask.to(device, torch.long)
-    if ((mask != 0) & (mask != 1)).any():
+    mask = attention_mask.to(device)
+    if ((mask != 0) & (mask != 1)).any():  # before the integer conversion, which would make 0.5 a 0 and 1.5 a 1
         raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.long()
     empty = (mask.sum(-1) == 0).nonzero()
     if len(empty):
         raise GenerationError(f"row {empty[0].item()} of {source} attends to no token")

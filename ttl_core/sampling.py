@@ -49,6 +49,8 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, **given) -> 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
                              repetition_penalty: float, num_return_sequences: int) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
+    if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
+        raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                         ("repetition_penalty", repetition_penalty)):
         if not is_number(value):
@@ -66,7 +68,7 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, to
         raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
     if not repetition_penalty > 0:
         raise GenerationError(f"repetition_penalty must be positive, got {repetition_penalty}")
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+    if not is_integer(num_return_sequences) or num_return_sequences < 1:
         raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
     if num_return_sequences > 1 and not do_sample:
         raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
