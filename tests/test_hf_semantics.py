@@ -119,6 +119,24 @@ def test_generation_config_sets_eos_and_travels(tmp_path):
     assert saved["eos_token_id"] == [2, extra] and saved["max_length"] == 77
 
 
+def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_path):
+    """A generation_config.json with settings that make transformers' generate() pick other tokens (n-gram
+    blocking, beams) is decoded without them, and a warning names them; a plain transformers checkpoint and
+    settings at their no-op values give none."""
+    hf = hf_causal_lm()
+    hf.save_pretrained(tmp_path / "plain")
+    hf.generation_config.no_repeat_ngram_size = 2
+    hf.generation_config.suppress_tokens = [5, 6]
+    hf.generation_config.typical_p = 1.0
+    hf.save_pretrained(tmp_path / "blocking")
+    tokens = ids(batch=1, seq=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ttl_core.generate(ttl_core.load_pretrained(tmp_path / "plain"), tokens, max_new_tokens=3)
+    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, suppress_tokens=\[5, 6\], which ttl"):
+        ttl_core.generate(ttl_core.load_pretrained(tmp_path / "blocking"), tokens, max_new_tokens=3)
+
+
 def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
     """A generation_config.json `max_length` (prompt included) sets how many tokens a call without
     max_new_tokens adds, as transformers reads it; the checkpoint's or the call's max_new_tokens wins over it,

@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import itertools
 import threading
+import warnings
 import weakref
 
 import torch
@@ -25,7 +26,8 @@ import ttl_kernels
 
 from .attention import causal_mask
 from .errors import GenerationError, is_integer
-from .sampling import check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids
+from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
+                       unimplemented_settings)
 from .streamer import StopStrings
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
@@ -395,7 +397,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (its
     `max_length`, prompt included, where it has no `max_new_tokens`), else from
     `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, greedy; sampling without top-k, where transformers'
-    default keeps the top 50).
+    default keeps the top 50). Checkpoint settings ttl does not implement (beam search, n-gram blocking, ...:
+    `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning that names them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
     as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
     special tokens as their text), which needs `tokenizer` (see `ttl_core.streamer.StopStrings`).
@@ -415,6 +418,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, repetition_penalty=repetition_penalty)
         max_new_tokens, do_sample = settings.pop("max_new_tokens"), settings.pop("do_sample")
+        ignored = unimplemented_settings(model.generation_config)
+        if ignored:
+            warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
+                          "does not implement: it decodes as if they were unset, unlike transformers' generate()")
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)

@@ -27,6 +27,25 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.
                      "min_p": 0.0, "repetition_penalty": 1.0}
 
 
+# generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
+# implement, each with the value that changes nothing (None, an empty list and these values are ignored).
+UNIMPLEMENTED_SETTINGS = {
+    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
+    "num_return_sequences": 1, "max_time": None, "bad_words_ids": None, "force_words_ids": None, "constraints": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "stop_strings": None,
+    "watermarking_config": None, "dola_layers": None, "token_healing": False, "remove_invalid_values": False}
+
+
+def unimplemented_settings(checkpoint: dict | None) -> list[str]:
+    """`name=value` for each setting of a checkpoint's generation_config.json that transformers' generate() would
+    apply but ttl's does not (UNIMPLEMENTED_SETTINGS), so that a caller can say its output will differ."""
+    return [f"{name}={value!r}" for name, value in (checkpoint or {}).items()
+            if name in UNIMPLEMENTED_SETTINGS and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
+
+
 def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, **given) -> dict:
     """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
     generation_config.json value, which transformers' generate() applies too, else the default. As there, a
