@@ -196,6 +196,22 @@ def test_missing_shard_and_corrupt_config(tmp_path):
         ttl_core.load_pretrained(d)
 
 
+def test_a_tensor_stored_in_two_shards_is_refused(tmp_path):
+    """Which copy a loader takes would be arbitrary (ttl took the last shard it scanned, transformers another):
+    the checkpoint is malformed, and the error names the tensor and both files."""
+    d = _saved(hf_causal_lm(), tmp_path / "a")
+    ttl_core.save_pretrained(ttl_core.load_pretrained(d), tmp_path / "sharded", max_shard_size="40KB")
+    first, second = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[:2]
+    with safe_open(first, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    with safe_open(second, framework="pt") as handle:
+        key = next(iter(handle.keys()))
+        tensors[key] = handle.get_tensor(key) + 1
+    save_file(tensors, first, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {key} is stored in both {first.name} and {second.name}"):
+        ttl_core.load_pretrained(tmp_path / "sharded")
+
+
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
     d = _saved(hf_causal_lm(), tmp_path)
     (d / "model.safetensors").unlink()

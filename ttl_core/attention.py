@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import ttl_kernels
+from ttl_kernels.flash_attention import HEAD_DIMS
 
 from .config import ATTENTION_CHOICES
 from .errors import ConfigError
@@ -135,6 +136,9 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
             raise ConfigError(f"TTL_ATTENTION must be one of {', '.join(ATTENTION_CHOICES)}, got {backend!r}")
     if backend == "auto":
         return "flash_attn" if flash_attn_usable(q) else "sdpa"
+    if backend == "triton" and q.shape[-1] not in HEAD_DIMS:
+        raise ConfigError(f"attention backend 'triton' supports head_dim {', '.join(map(str, HEAD_DIMS))}, not "
+                          f"{q.shape[-1]}; use 'sdpa' or 'eager' for this model")
     if backend == "flash_attn" and not flash_attn_usable(q):
         raise ConfigError("attention backend 'flash_attn' needs the flash-attn package, an sm80+ GPU and fp16/bf16 "
                           f"tensors (got {q.dtype} on {q.device.type}, flash-attn "

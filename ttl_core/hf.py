@@ -213,6 +213,8 @@ def load_pretrained(
             if piece.get_dtype() not in SAFETENSORS_DTYPES:  # copying would silently cast ints, bools, fp8
                 raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
                                       f"weights ({', '.join(SAFETENSORS_DTYPES)})")
+            if key in found:  # which copy to load would be arbitrary
+                raise CheckpointError(f"{directory}: tensor {key} is stored in both {found[key][0].name} and {f.name}")
             found[key] = (f, piece.get_shape())
 
     if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
