@@ -51,6 +51,7 @@ def max_diff(a, b) -> float:
     ({"rope_scaling": {"type": "linear", "factor": 4.0}}, transformers.AutoModelForCausalLM),
     ({"rope_parameters": ..., "rope_theta": 5e5}, transformers.AutoModelForCausalLM),
     ({"hidden_act": "swish", "pretraining_tp": 2}, transformers.AutoModelForCausalLM),  # the same math
+    ({"head_dim": None, "attention_dropout": None}, transformers.AutoModelForCausalLM),  # null: the default
 ])
 def test_config_json_reads_as_transformers_reads_it(tmp_path, edits, auto):
     hf = hf_classifier(pad_token_id=None) if auto is transformers.AutoModelForSequenceClassification else hf_causal_lm()
@@ -69,6 +70,16 @@ def test_null_special_tokens_stay_null(tmp_path):
     assert config.bos_token_id is None and config.eos_token_id is None
     assert config.to_hf_dict()["eos_token_id"] is None
 
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "hidden_size", "tie_word_embeddings"])
+def test_a_null_that_transformers_refuses_is_refused_by_name(tmp_path, field):
+    """Not read as some default: a null rms_norm_eps would otherwise take ttl's own 1e-5."""
+    path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", **{field: None})
+    with pytest.raises(Exception):
+        transformers.AutoConfig.from_pretrained(path)
+    with pytest.raises(ConfigError, match=f"config.json sets {field} to null"):
+        ttl_core.load_pretrained(path)
 
 def test_a_tied_config_with_a_different_stored_head_keeps_the_head(tmp_path):
     path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", tie_word_embeddings=True)

@@ -174,7 +174,12 @@ class LlamaConfig:
             raise ConfigError("is_causal false (bidirectional attention) is not supported; ttl's Llama is causal")
         fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
         # keys config.json leaves out take transformers' defaults, not ttl's presets; an explicit null stays
-        # null (no EOS, no padding token), except where ttl's field cannot be null
+        # null (no EOS, no padding token), means the default where transformers reads it so, and is refused
+        # where transformers refuses it (a null rms_norm_eps must not become some default eps)
+        refused = [k for k, v in hf.items() if v is None and k in fields
+                   and k not in NULLABLE_HF_FIELDS + NULL_MEANS_DEFAULT_HF_FIELDS]
+        if refused:
+            raise ConfigError(f"config.json sets {', '.join(refused)} to null; transformers refuses that too")
         kwargs = {**HF_LLAMA_DEFAULTS, **{k: v for k, v in hf.items() if k in fields}}
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in NULLABLE_HF_FIELDS}
         return cls(rope_theta=float(rope_theta), rope_scaling=rope_scaling, **kwargs)
@@ -275,6 +280,7 @@ HF_LLAMA_DEFAULTS: dict[str, Any] = dict(
     pad_token_id=None,
 )
 NULLABLE_HF_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id", "problem_type")
+NULL_MEANS_DEFAULT_HF_FIELDS = ("num_key_value_heads", "head_dim", "attention_dropout")
 
 _TTL_COMMON: dict[str, Any] = dict(
     vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
