@@ -454,6 +454,16 @@ def test_byte_order_mark_is_no_part_of_the_first_document(tmp_path):
         assert list(read_documents(tmp_path / name)) == ["primeiro", "segundo"]
 
 
+def test_windows_line_ends_are_line_ends(tmp_path):
+    """A .txt saved with CRLF line ends holds the documents (so the tokens) of the same text saved with LF, not a
+    carriage-return byte token before every line break."""
+    text = "primeira linha\nsegunda linha\n\n  terceiro\n \nquarto\n"
+    (tmp_path / "lf.txt").write_bytes(text.encode())
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    assert list(read_documents(tmp_path / "crlf.txt")) == list(read_documents(tmp_path / "lf.txt")) == [
+        "primeira linha\nsegunda linha", "  terceiro", "quarto"]
+
+
 def test_train_tokenizer_on_a_missing_file_is_an_error_not_its_name_as_text(tmp_path):
     good = str(SAMPLE_CORPUS[0])
     for inputs in ("corpus/typo.txt", tmp_path / "missing", [good, "corpus/typo.txt"], ["typo.jsonl", good]):

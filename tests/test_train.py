@@ -250,6 +250,10 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     ("train.weight_decay=inf", "weight_decay must be finite"),
     ("train.min_lr=0.5", r"min_lr must lie in \[0, lr=0.003\]"),
     ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1"), ("train.seed=4294967296", "seed must be in"),
+    ("train.betas=[false, 0.9]", "betas must be two numbers"),  # a bool is no number, here as everywhere else
+    pytest.param("train.lr=" + "9" * 400, "train.lr must be a float", id="an integer no float can hold"),
+    pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be a int", id="an integer Python won't read"),
+    ("model.preset=[\"tiny\"]", "unknown preset"), ("model.preset={name = \"tiny\"}", "unknown preset"),
 ])
 def test_nan_and_out_of_range_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -259,7 +263,9 @@ def test_nan_and_out_of_range_settings_are_refused(override, message):
 def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
     (tmp_path / "scalar.toml").write_text("model = 5\n")
+    (tmp_path / "long.toml").write_text("[train]\nseed = " + "9" * 5000 + "\n")
     for path, message in ((tmp_path / "binary.toml", "invalid TOML"), (tmp_path / "scalar.toml", "must be a"),
+                          (tmp_path / "long.toml", "invalid TOML"),
                           (tmp_path, "cannot read the config")):
         with pytest.raises(ConfigError, match=message):
             load_run_config(path)

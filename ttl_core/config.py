@@ -126,7 +126,7 @@ class LlamaConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
         """A preset by name (`ttl-160m`, `ttl-460m`, `tiny`), with fields optionally overridden."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:  # a list or table would fail the lookup itself
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

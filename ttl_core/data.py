@@ -70,8 +70,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 def _read_txt(path: Path) -> Iterator[str]:
     block: list[str] = []
     for _, line in _lines(path):
-        if line.strip():
-            block.append(line)
+        if line.strip():  # a Windows line end is a line end (as in Python's text mode), not a "\r" token
+            block.append(line.removesuffix("\r\n") + "\n" if line.endswith("\r\n") else line)
         elif block:
             yield "".join(block).rstrip("\r\n")
             block = []
@@ -238,7 +238,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
             "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
                                                     if source else f"train:{vocab_size}"),
-            "encoding": "special tokens as text"}
+            "encoding": "special tokens as text; CRLF as LF"}
     meta_path = out_dir / "meta.json"
     previous = _bookkeeping(meta_path)
     if isinstance(previous, dict) and previous.get("plan") == plan and _outputs_fit(out_dir, previous):

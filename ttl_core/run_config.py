@@ -92,7 +92,7 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = is_number(value)
+        ok = is_number(value) and (isinstance(value, float) or abs(value) <= sys.float_info.max)  # float() overflows
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = is_integer(value)
@@ -122,7 +122,7 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set expects section.key=value, got {item!r}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # a TOMLDecodeError, or an integer of more digits than Python converts
         value = raw.strip()
     return section, key, value
 
@@ -149,7 +149,7 @@ def validate(run: RunConfig) -> None:
     for key in ("lr", "eps", "weight_decay"):  # an infinite one turns the first update's weights into NaN
         if not math.isfinite(getattr(t, key)):
             raise ConfigError(f"train.{key} must be finite, got {getattr(t, key)}")
-    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.betas):
+    if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     if not all(isinstance(name, str) for name in t.no_decay):
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
@@ -166,7 +166,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, or an integer too long to convert
             raise ConfigError(f"{path}: invalid TOML ({e})") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
