@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,8 +88,9 @@ class LlamaConfig:
             if missing:
                 raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
             for key in required.get(rope_type, []):
-                if not is_number(self.rope_scaling[key]) or not self.rope_scaling[key] > 0:
-                    raise ConfigError(f"rope_scaling {key} must be a positive number, got {self.rope_scaling[key]!r}")
+                if not is_number(self.rope_scaling[key]) or not 0 < self.rope_scaling[key] < math.inf:
+                    raise ConfigError(f"rope_scaling {key} must be a positive finite number, got "
+                                      f"{self.rope_scaling[key]!r}")
             if rope_type == "default":
                 self.rope_scaling = None
         if self.kernels not in KERNEL_CHOICES:
@@ -252,11 +254,11 @@ def _check_field_types(config: "LlamaConfig") -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     for name in _POSITIVE_FLOATS:
         value = getattr(config, name)
-        if not is_number(value) or not value > 0:
-            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        if not is_number(value) or not 0 < value < math.inf:  # an infinite rope_theta or eps makes NaN activations
+            raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     for name in ("initializer_range", "attention_dropout"):
-        if not is_number(getattr(config, name)) or not getattr(config, name) >= 0:
-            raise ConfigError(f"{name} must be a number >= 0, got {getattr(config, name)!r}")
+        if not is_number(getattr(config, name)) or not 0 <= getattr(config, name) < math.inf:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(config, name)!r}")
     for name in _BOOLS:
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(config, name)!r}")
