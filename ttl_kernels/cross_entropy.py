@@ -97,25 +97,31 @@ if HAVE_TRITON:
                 running_max = new_max
                 if SMOOTHING:
                     logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
-            lse = running_max + tl.log(running_sum)
+            # lse = shift + log_sum, kept in two parts: logits are measured from their max (x - shift is exact
+            # near it), as PyTorch's softmax does; exp(x - lse) lost |lse| * 2^-24 of every softmax value to
+            # lse's rounding, more than fp32's 1e-5 tolerance once logits reach about 500
+            shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+            log_sum = tl.log(running_sum)
+            lse = shift + log_sum
             # a target outside the vocabulary is not read (no host sync can reject it): NaN loss and gradient
             in_range = (target >= 0) & (target < n_cols)
             x_target = tl.load(base + target, mask=in_range, other=float("nan")).to(tl.float32)
-            loss = lse - (1.0 - smoothing) * x_target
+            loss = log_sum + (1.0 - smoothing) * (shift - x_target)
             if SMOOTHING:
-                loss -= smoothing * logit_sum / n_cols
+                loss += smoothing * (shift - logit_sum / n_cols)
             tl.store(LOSS + row, loss + z_loss * lse * lse)
             if WRITE_GRAD:
                 # pass 2: the gradient, written over the logits
                 scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
                 scale = tl.where(in_range, scale, float("nan"))
-                softmax_factor = 1.0 + 2.0 * z_loss * lse
                 for start in range(0, n_cols, BLOCK):
                     idx = start + cols
                     mask = idx < n_cols
                     x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-                    grad = tl.exp(x - lse) * softmax_factor - smoothing / n_cols
-                    grad = tl.where(idx == target, grad - (1.0 - smoothing), grad)
+                    softmax = tl.exp((x - shift) - log_sum)
+                    # the z-loss term added last, so that softmax - target cancels exactly where it does
+                    grad = softmax - smoothing / n_cols
+                    grad = tl.where(idx == target, grad - (1.0 - smoothing), grad) + (2.0 * z_loss * lse) * softmax
                     tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
