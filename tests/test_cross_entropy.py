@@ -240,6 +240,28 @@ def test_bad_arguments_are_clear():
         ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, 1, dtype=torch.long), backend="triton")
 
 
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inputs_that_are_not_logit_rows_and_class_indices_are_refused(backend):
+    """Each once gave a number or an unclear error on the Triton path: (batch, seq, vocab) logits with one
+    target per batch row read seq times too many targets (past the tensor's end), 1-D logits gave one row's
+    loss, float or bool targets were cast to classes, a label smoothing outside [0, 1] was applied."""
+    t = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"needs logits \(rows, vocab\), got shape \(2, 3, 5\)"):
+        ttl_kernels.cross_entropy(torch.randn(2, 3, 5), t, backend=backend)
+    with pytest.raises(ValueError, match=r"needs logits \(rows, vocab\), got shape \(5,\)"):
+        ttl_kernels.cross_entropy(torch.randn(5), torch.zeros(5, dtype=torch.long), backend=backend)
+    for bad in (t.float(), t.bool()):
+        with pytest.raises(ValueError, match="targets must be class indices of an integer dtype"):
+            ttl_kernels.cross_entropy(torch.randn(2, 5), bad, backend=backend)
+    for smoothing in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must be between 0 and 1"):
+            ttl_kernels.cross_entropy(torch.randn(2, 5), t, label_smoothing=smoothing, backend=backend)
+    for hidden, weight in ((torch.randn(2, 3, 4), torch.randn(5, 4)), (torch.randn(2, 4), torch.randn(5, 3)),
+                           (torch.randn(2, 4), torch.randn(4))):
+        with pytest.raises(ValueError, match=r"needs hidden \(rows, d\) and weight \(vocab, d\)"):
+            ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend=backend)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_compiled_kernels_on_cuda(dtype):

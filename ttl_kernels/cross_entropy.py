@@ -125,11 +125,16 @@ if HAVE_TRITON:
                     tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _check(targets: torch.Tensor, rows: int, reduction: str) -> None:
+def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: float) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if targets.dim() != 1 or targets.shape[0] != rows:
         raise ValueError(f"targets must be ({rows},), got {tuple(targets.shape)}")
+    # the kernel would truncate float targets to classes and read bool ones as 0 and 1; the reference refuses both
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be class indices of an integer dtype, got {targets.dtype}")
+    if not 0.0 <= label_smoothing <= 1.0:  # written so that NaN fails too
+        raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
 
 
 def _reduction_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -193,7 +198,9 @@ def cross_entropy(
     """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype. On the
     Triton path a target outside [0, V) other than `ignore_index` gives that row a NaN loss and gradient
     (the reference raises)."""
-    _check(targets, logits.shape[0], reduction)
+    if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
+        raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
+    _check(targets, logits.shape[0], reduction, label_smoothing)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
     if not (torch.is_grad_enabled() and logits.requires_grad):  # the losses alone: no copy, no gradient
@@ -330,7 +337,10 @@ def fused_linear_cross_entropy(
     never holds more than one chunk of logits; the weight gradient accumulates in float32, and is made only
     when the weight requires grad. A target outside [0, V) other than `ignore_index` gives that row a NaN loss
     (and NaN gradients) on the Triton path (the reference raises)."""
-    _check(targets, hidden.shape[0], reduction)
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    _check(targets, hidden.shape[0], reduction, label_smoothing)
     if not use_triton(hidden, backend):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
