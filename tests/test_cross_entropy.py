@@ -91,6 +91,25 @@ def test_label_smoothing_spreads_over_the_whole_vocabulary_of_uncentred_logits()
     assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
 
 
+@pytest.mark.parametrize("offset, vocab, options", [(-1000.0, 500, {}), (1000.0, 500, dict(label_smoothing=0.1, z_loss=1e-4)),
+                                                   (0.0, 1, dict(label_smoothing=0.1, z_loss=1e-4))],
+                         ids=["low", "high", "one-class"])
+def test_float32_accuracy_does_not_depend_on_the_logits_magnitude(offset, vocab, options):
+    """Softmax values come from logits measured against their max, as PyTorch's do, not against a
+    log-sum-exp rounded at the logits' magnitude: that lost |lse| * 2^-24 of every gradient value (2e-5 at
+    logits near 1000, 1e-7 now). A one-class vocabulary, whose loss is z·lse² and gradient 2z·lse exactly,
+    lost both to cancellation (lse - x_t, and softmax·(1 + 2z·lse) - 1), 1e-4 where PyTorch is exact."""
+    n = 64
+    logits = (3 * torch.randn(n, vocab, generator=torch.Generator().manual_seed(28)) + offset).requires_grad_()
+    t = targets_for(n, vocab, seed=28)
+    out = ttl_kernels.cross_entropy(logits, t, reduction="none", backend="triton", **options)
+    grad_out = torch.randn(n, generator=torch.Generator().manual_seed(29))
+    (grad,) = torch.autograd.grad(out, logits, grad_out)
+    truth_in = logits.detach().double().requires_grad_()
+    truth = formula(truth_in, t, **options)
+    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
+    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
+
 def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
     wide = torch.randn(6, 32100, generator=torch.Generator().manual_seed(3))
     logits = wide[:, :32000].requires_grad_()  # rows strided by 32100, as a slice of a padded head output
@@ -220,6 +239,28 @@ def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match=r"targets must be \(3,\), got \(3, 1\)"):  # one per row, not a column
         ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, 1, dtype=torch.long), backend="triton")
 
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_inputs_that_are_not_logit_rows_and_class_indices_are_refused(backend):
+    """Each once gave a number or an unclear error on the Triton path: (batch, seq, vocab) logits with one
+    target per batch row read seq times too many targets (past the tensor's end), 1-D logits gave one row's
+    loss, float or bool targets were cast to classes, a label smoothing outside [0, 1] was applied."""
+    t = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"needs logits \(rows, vocab\), got shape \(2, 3, 5\)"):
+        ttl_kernels.cross_entropy(torch.randn(2, 3, 5), t, backend=backend)
+    with pytest.raises(ValueError, match=r"needs logits \(rows, vocab\), got shape \(5,\)"):
+        ttl_kernels.cross_entropy(torch.randn(5), torch.zeros(5, dtype=torch.long), backend=backend)
+    for bad in (t.float(), t.bool()):
+        with pytest.raises(ValueError, match="targets must be class indices of an integer dtype"):
+            ttl_kernels.cross_entropy(torch.randn(2, 5), bad, backend=backend)
+    for smoothing in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing must be between 0 and 1"):
+            ttl_kernels.cross_entropy(torch.randn(2, 5), t, label_smoothing=smoothing, backend=backend)
+    for hidden, weight in ((torch.randn(2, 3, 4), torch.randn(5, 4)), (torch.randn(2, 4), torch.randn(5, 3)),
+                           (torch.randn(2, 4), torch.randn(4))):
+        with pytest.raises(ValueError, match=r"needs hidden \(rows, d\) and weight \(vocab, d\)"):
+            ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend=backend)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

@@ -124,6 +124,23 @@ def test_bad_shapes_are_clear():
         ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), backend="triton")
 
 
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_mixed_dtypes_and_missing_heads_are_clear_and_empty_sequences_work(backend):
+    """q, k, v of different dtypes once reached the kernels' dots (an interpreter assertion, or bf16 queries
+    silently attending over fp32 keys), zero key/value heads divided by zero, and sequences of length 0
+    (as empty as a batch of 0, which worked) made the document offsets an arange of step 0."""
+    q, k, v = qkv((1, 8, 2, 16), 1, torch.float32)
+    for dtypes in ((torch.float32, torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32, torch.float32)):
+        with pytest.raises(ValueError, match="needs q, k, v of one dtype"):
+            ttl_kernels.flash_attention(*(t.to(d) for t, d in zip((q, k, v), dtypes)), backend=backend)
+    with pytest.raises(ValueError, match="not a multiple of key/value heads 0"):
+        ttl_kernels.flash_attention(q, k[:, :, :0], v[:, :, :0], backend=backend)
+    q, k, v = qkv((2, 0, 4, 16), 2, torch.float32)
+    out = ttl_kernels.flash_attention(q, k, v, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
 @pytest.mark.gpu
 def test_autotuned_kernels_on_cuda(monkeypatch):
     """The autotuner's choice (tests otherwise run the first candidate, TTL_AUTOTUNE=0) on the goal's shape."""

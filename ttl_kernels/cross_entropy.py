@@ -97,33 +97,44 @@ if HAVE_TRITON:
                 running_max = new_max
                 if SMOOTHING:
                     logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
-            lse = running_max + tl.log(running_sum)
+            # lse = shift + log_sum, kept in two parts: logits are measured from their max (x - shift is exact
+            # near it), as PyTorch's softmax does; exp(x - lse) lost |lse| * 2^-24 of every softmax value to
+            # lse's rounding, more than fp32's 1e-5 tolerance once logits reach about 500
+            shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+            log_sum = tl.log(running_sum)
+            lse = shift + log_sum
             # a target outside the vocabulary is not read (no host sync can reject it): NaN loss and gradient
             in_range = (target >= 0) & (target < n_cols)
             x_target = tl.load(base + target, mask=in_range, other=float("nan")).to(tl.float32)
-            loss = lse - (1.0 - smoothing) * x_target
+            loss = log_sum + (1.0 - smoothing) * (shift - x_target)
             if SMOOTHING:
-                loss -= smoothing * logit_sum / n_cols
+                loss += smoothing * (shift - logit_sum / n_cols)
             tl.store(LOSS + row, loss + z_loss * lse * lse)
             if WRITE_GRAD:
                 # pass 2: the gradient, written over the logits
                 scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
                 scale = tl.where(in_range, scale, float("nan"))
-                softmax_factor = 1.0 + 2.0 * z_loss * lse
                 for start in range(0, n_cols, BLOCK):
                     idx = start + cols
                     mask = idx < n_cols
                     x = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
-                    grad = tl.exp(x - lse) * softmax_factor - smoothing / n_cols
-                    grad = tl.where(idx == target, grad - (1.0 - smoothing), grad)
+                    softmax = tl.exp((x - shift) - log_sum)
+                    # the z-loss term added last, so that softmax - target cancels exactly where it does
+                    grad = softmax - smoothing / n_cols
+                    grad = tl.where(idx == target, grad - (1.0 - smoothing), grad) + (2.0 * z_loss * lse) * softmax
                     tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _check(targets: torch.Tensor, rows: int, reduction: str) -> None:
+def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: float) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if targets.dim() != 1 or targets.shape[0] != rows:
         raise ValueError(f"targets must be ({rows},), got {tuple(targets.shape)}")
+    # the kernel would truncate float targets to classes and read bool ones as 0 and 1; the reference refuses both
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be class indices of an integer dtype, got {targets.dtype}")
+    if not 0.0 <= label_smoothing <= 1.0:  # written so that NaN fails too
+        raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
 
 
 def _reduction_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -187,7 +198,9 @@ def cross_entropy(
     """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype. On the
     Triton path a target outside [0, V) other than `ignore_index` gives that row a NaN loss and gradient
     (the reference raises)."""
-    _check(targets, logits.shape[0], reduction)
+    if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
+        raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
+    _check(targets, logits.shape[0], reduction, label_smoothing)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
     if not (torch.is_grad_enabled() and logits.requires_grad):  # the losses alone: no copy, no gradient
@@ -324,7 +337,10 @@ def fused_linear_cross_entropy(
     never holds more than one chunk of logits; the weight gradient accumulates in float32, and is made only
     when the weight requires grad. A target outside [0, V) other than `ignore_index` gives that row a NaN loss
     (and NaN gradients) on the Triton path (the reference raises)."""
-    _check(targets, hidden.shape[0], reduction)
+    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    _check(targets, hidden.shape[0], reduction, label_smoothing)
     if not use_triton(hidden, backend):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)

@@ -37,7 +37,7 @@ def flash_attention_reference(
     if cu_seqlens is None:
         batch, seq = q.shape[:2]
         out = flash_attention_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal,
-                                        torch.arange(0, (batch + 1) * seq, seq), seq, softmax_scale)
+                                        torch.arange(batch + 1) * seq, seq, softmax_scale)
         return out.view(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
@@ -424,7 +424,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
                          f"tensors, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
-    if q.shape[-2] % k.shape[-2]:
+    if not q.dtype == k.dtype == v.dtype:  # the kernels' dots need one dtype (the reference's matmuls too)
+        raise ValueError(f"flash_attention needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads {q.shape[-2]} are not a multiple of key/value heads {k.shape[-2]}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (choose one of {HEAD_DIMS})")
@@ -476,7 +478,7 @@ def flash_attention(
     else:
         batch, seq = q.shape[:2]
         qf, kf, vf = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
-        cu = torch.arange(0, (batch + 1) * seq, seq, device=q.device, dtype=torch.int32)
+        cu = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq  # not a step of seq: it may be 0
         max_seqlen = seq
     qf, kf, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf))
     out = _FlashAttention.apply(qf, kf, vf, cu, max_seqlen, causal, scale)
