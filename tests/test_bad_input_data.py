@@ -266,6 +266,8 @@ def test_lora_targets_all_linear(tok):
     (["--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
     (["--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
     (["--max-length", "1"], r"max_length \(--max-length\) must be an integer >= 2, got 1"),
+    (["--seed", "-1"], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), got -1"),
+    (["--seed", str(2**70)], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\)"),  # torch.manual_seed overflowed
 ])
 def test_bad_finetune_arguments(argv, message):
     with pytest.raises(ConfigError, match=message):
