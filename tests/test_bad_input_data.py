@@ -21,7 +21,7 @@ from ttl_core.instruct import add_chat_tokens, finetune_instruct
 from ttl_core.metrics import MetricsLog, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_benchmark import read_task_list
-from ttl_core.task_files import TaskSpec, read_task_file
+from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -387,6 +387,24 @@ def test_csv_quotes(tmp_path):
     path.write_text('a,b,label\nu,v,A\na,b,"X\nc,d,Y\n')
     with pytest.raises(DataError, match=r"t\.csv:3: malformed CSV: .*\(a quote opened here is never closed\)"):
         read_task_file(path)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "b", "label": [1]}, "field 'label' is a JSON list"),
+    ({"text": {"x": 1}, "label": "B"}, "field 'text' is a JSON object"),
+    ({"text": "b", "label": None}, "field 'label' is null"),  # it was "no field 'label'", listing 'label'
+])
+def test_task_fields_that_are_not_text_or_numbers_are_named(tmp_path, tok, record, message):
+    """A JSON task file's text and label fields hold text or numbers; a list or object is refused rather than
+    trained on as its Python text, in the train file (label discovery) as in the eval file (encoding)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": "A"}) + "\n" + json.dumps(record) + "\n")
+    spec = TaskSpec(["text"], "label")
+    if "'label'" in message:
+        with pytest.raises(DataError, match=rf"t\.jsonl:2: {message}; expected text or a number"):
+            task_labels(read_task_file(path), spec, path)
+    with pytest.raises(DataError, match=rf"t\.jsonl:2: {message}; expected text or a number"):
+        load_task(path, tok, spec, ["A", "B"], 32)
 
 
 @pytest.mark.parametrize("text, line, message", [
