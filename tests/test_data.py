@@ -288,3 +288,17 @@ def test_a_directory_written_atomically_replaces_the_old_one_after_a_crashed_att
     fileio.write_dir_atomically(best, lambda d: (d / "new.txt").write_text("epoch 2"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert sorted(p.name for p in best.iterdir()) == ["new.txt"] and (best / "new.txt").read_text() == "epoch 2"
+
+
+def test_a_file_in_the_way_of_a_directory_written_atomically_is_replaced_and_leaves_nothing(tmp_path):
+    """A file where the directory goes is swapped out like an old directory; no `.old` file stays behind,
+    which would make the next write's swap fail (os.replace of a directory over a file)."""
+    best = tmp_path / "best"
+    best.write_text("a stray file")
+    for epoch in (1, 2):
+        fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text(f"epoch {epoch}"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+        assert (best / "model.txt").read_text() == f"epoch {epoch}"
+    (tmp_path / ".best.old").write_text("left by an earlier version")
+    fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text("epoch 3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (best / "model.txt").read_text() == "epoch 3"
