@@ -331,6 +331,11 @@ def test_bad_task_lists_name_task_and_key(tmp_path, key, value, message):
     ([{"name": "t", "train": "a.csv"}], r"tasks\.json: task 0: missing eval$"),
     ([{"name": "t", "train": "a.csv", "eval": "a.csv", "lable_field": "y", "labes": []}],
      r"tasks\.json: task 0: unknown labes, lable_field$"),  # a misspelt key is not silently ignored
+    # names are folders under --out: one task's run would overwrite another's, the benchmark's own results or
+    # files outside --out
+    ([{"name": "t", "train": "a.csv", "eval": "a.csv"}] * 2, r"task 1: the name 't' is already another task's"),
+    *[([{"name": name, "train": "a.csv", "eval": "a.csv"}], rf"task 0: 'name' must be a plain folder name .*{name!r}")
+      for name in (".", "..", "../t", "/tmp/t", "a/b")],
 ])
 def test_task_lists_of_the_wrong_shape_are_named(tmp_path, document, message):
     (tmp_path / "tasks.json").write_text(json.dumps(document))
