@@ -161,6 +161,15 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_named(checkpoint, tmp_pa
                             "--device", "cpu"])
 
 
+def test_a_prompt_that_is_not_utf8_is_named(checkpoint):
+    """A byte that is not UTF-8 in the prompt (a Latin-1 terminal's "olá") reaches Python as a lone surrogate
+    (surrogateescape), which sentencepiece refused with a pybind11 cast error traceback."""
+    run = run_script("generate", "--model", checkpoint[0], "--prompt", "ol\udce1", "--device", "cpu")
+    assert run.returncode == 2 and run.stderr == ("error: the text is not valid Unicode: character 2 is a lone "
+                                                  "surrogate '\\udce1' (a byte that is not UTF-8, as from a terminal "
+                                                  "in another encoding)\n"), run.stderr
+
+
 def test_base_is_only_for_an_adapter_model(checkpoint):
     """--base names the base model of a PEFT adapter --model; beside a full checkpoint it would be ignored."""
     path = checkpoint[0]
