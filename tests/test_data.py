@@ -2,12 +2,15 @@
 interruption, clear errors naming file and line."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import run_script
+from helpers import ROOT, run_script
 
 import ttl_core.data as data
 import ttl_core.fileio as fileio
@@ -276,6 +279,19 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     with pytest.raises(OSError, match="No space left"):
         fileio.atomic_write(path, torn)
     assert json.loads(path.read_text()) == {"n": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+def test_json_is_written_in_utf8_whatever_the_locale(tmp_path):
+    """A label like NEGÓCIOS is UTF-8 in config.json and results.json under an ASCII locale too (it raised
+    UnicodeEncodeError after training; cp1252 on Windows wrote a file transformers cannot read), and a path
+    with a byte that is not UTF-8 (a lone surrogate from the command line) reads back as it was given."""
+    obj = {"id2label": {"0": "NEGÓCIOS"}, "train": "t\udcff.csv"}
+    code = f"from ttl_core.fileio import write_json; write_json({str(tmp_path / 'r.json')!r}, {ascii(obj)})"
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert "NEGÓCIOS".encode() in (tmp_path / "r.json").read_bytes()
+    assert fileio.read_json(tmp_path / "r.json", ValueError) == obj
 
 
 def test_a_directory_written_atomically_replaces_the_old_one_after_a_crashed_attempt(tmp_path):

@@ -56,8 +56,11 @@ def read_json(path: str | os.PathLike, error: type[Exception], expect: type = di
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write `obj` as indented JSON."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    """Atomically write `obj` as indented JSON, in UTF-8 whatever the locale (transformers and `read_json` read
+    UTF-8). A lone surrogate (a path holding a byte that is not UTF-8) is written as its JSON escape, which
+    reads back as the same string."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
