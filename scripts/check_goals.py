@@ -14,14 +14,13 @@ the table is for `benchmarks/README.md` and the notes, not a gate.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ttl_core.cli import run_cli
 from ttl_core.errors import TTLError
-from ttl_core.fileio import write_json
+from ttl_core.fileio import read_json, write_json
 
 RMS_NORM_BASELINES = ("liger", "compile", "F.rms_norm", "torch")
 
@@ -41,10 +40,10 @@ def load_rows(folder: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, 
         raise TTLError(f"no results folder {folder}")
     rows, failures = {}, {}
     for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise TTLError(f"{path} is not valid JSON ({e})") from None
+        data = read_json(path, TTLError)  # unreadable, not JSON, or not an object: one line naming the file
+        for key in ("rows", "failures"):
+            if not (isinstance(data.get(key, []), list) and all(isinstance(r, dict) for r in data.get(key, []))):
+                raise TTLError(f"{path}: {key!r} must be a list of objects (a results file the benchmarks write)")
         name = data.get("benchmark", path.stem)
         rows[name] = [r for r in data.get("rows", []) if r.get("dtype") == "bf16"]
         failures[name] = [f for f in data.get("failures", []) if not f.get("profile")]

@@ -25,6 +25,7 @@ import torch
 
 from ttl_core.cli import run_cli
 from ttl_core.errors import GenerationError
+from ttl_core.finetune import check_tokenizer_fits
 from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, checked_device, load_pretrained
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(model, LlamaForCausalLM):
         raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    check_tokenizer_fits(tokenizer, model, args.tokenizer or args.model)  # another model's would misname ids
     context = model.config.max_position_embeddings
     chat = Chat(tokenizer, args.chat)
     streamer = TextStreamer(tokenizer, on_text=lambda piece: print(piece, end="", flush=True))

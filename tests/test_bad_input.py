@@ -15,6 +15,7 @@ import ttl_kernels
 import ttl_core
 from ttl_core.cli import run_cli
 from ttl_core.errors import AdapterError, CheckpointError, ConfigError, GenerationError
+from ttl_core.fileio import write_json
 from ttl_core.lora import apply_lora, load_adapter, lora_layers, save_adapter
 
 
@@ -138,6 +139,15 @@ def test_scripts_report_file_system_and_backend_errors_in_one_line(checkpoint, t
     with pytest.raises(SystemExit) as exit_:
         run_cli(lambda argv: ttl_kernels.rms_norm(torch.randn(2, 4), torch.ones(4), backend="bogus"))
     assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: kernel backend must be one of")
+
+
+def test_a_file_system_error_names_the_path_given_not_its_temporary(tmp_path, capsys):
+    """A directory where an output file goes (check_goals --json DIR): the rename of DIR.tmp over DIR fails,
+    and the line names DIR, not the temporary, which no longer exists."""
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda argv: write_json(tmp_path / "out", {}))
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'out'}: Is a directory\n"
 
 
 def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):

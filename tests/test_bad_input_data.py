@@ -21,7 +21,7 @@ from ttl_core.instruct import add_chat_tokens, finetune_instruct
 from ttl_core.metrics import MetricsLog, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_benchmark import read_task_list
-from ttl_core.task_files import TaskSpec, read_task_file
+from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -266,6 +266,8 @@ def test_lora_targets_all_linear(tok):
     (["--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
     (["--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
     (["--max-length", "1"], r"max_length \(--max-length\) must be an integer >= 2, got 1"),
+    (["--seed", "-1"], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), got -1"),
+    (["--seed", str(2**70)], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\)"),  # torch.manual_seed overflowed
 ])
 def test_bad_finetune_arguments(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -329,6 +331,11 @@ def test_bad_task_lists_name_task_and_key(tmp_path, key, value, message):
     ([{"name": "t", "train": "a.csv"}], r"tasks\.json: task 0: missing eval$"),
     ([{"name": "t", "train": "a.csv", "eval": "a.csv", "lable_field": "y", "labes": []}],
      r"tasks\.json: task 0: unknown labes, lable_field$"),  # a misspelt key is not silently ignored
+    # names are folders under --out: one task's run would overwrite another's, the benchmark's own results or
+    # files outside --out
+    ([{"name": "t", "train": "a.csv", "eval": "a.csv"}] * 2, r"task 1: the name 't' is already another task's"),
+    *[([{"name": name, "train": "a.csv", "eval": "a.csv"}], rf"task 0: 'name' must be a plain folder name .*{name!r}")
+      for name in (".", "..", "../t", "/tmp/t", "a/b")],
 ])
 def test_task_lists_of_the_wrong_shape_are_named(tmp_path, document, message):
     (tmp_path / "tasks.json").write_text(json.dumps(document))
@@ -385,6 +392,24 @@ def test_csv_quotes(tmp_path):
     path.write_text('a,b,label\nu,v,A\na,b,"X\nc,d,Y\n')
     with pytest.raises(DataError, match=r"t\.csv:3: malformed CSV: .*\(a quote opened here is never closed\)"):
         read_task_file(path)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "b", "label": [1]}, "field 'label' is a JSON list"),
+    ({"text": {"x": 1}, "label": "B"}, "field 'text' is a JSON object"),
+    ({"text": "b", "label": None}, "field 'label' is null"),  # it was "no field 'label'", listing 'label'
+])
+def test_task_fields_that_are_not_text_or_numbers_are_named(tmp_path, tok, record, message):
+    """A JSON task file's text and label fields hold text or numbers; a list or object is refused rather than
+    trained on as its Python text, in the train file (label discovery) as in the eval file (encoding)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": "A"}) + "\n" + json.dumps(record) + "\n")
+    spec = TaskSpec(["text"], "label")
+    if "'label'" in message:
+        with pytest.raises(DataError, match=rf"t\.jsonl:2: {message}; expected text or a number"):
+            task_labels(read_task_file(path), spec, path)
+    with pytest.raises(DataError, match=rf"t\.jsonl:2: {message}; expected text or a number"):
+        load_task(path, tok, spec, ["A", "B"], 32)
 
 
 @pytest.mark.parametrize("text, line, message", [

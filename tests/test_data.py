@@ -2,12 +2,15 @@
 interruption, clear errors naming file and line."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from helpers import run_script
+from helpers import ROOT, run_script
 
 import ttl_core.data as data
 import ttl_core.fileio as fileio
@@ -278,6 +281,19 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     assert json.loads(path.read_text()) == {"n": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
 
 
+def test_json_is_written_in_utf8_whatever_the_locale(tmp_path):
+    """A label like NEGÓCIOS is UTF-8 in config.json and results.json under an ASCII locale too (it raised
+    UnicodeEncodeError after training; cp1252 on Windows wrote a file transformers cannot read), and a path
+    with a byte that is not UTF-8 (a lone surrogate from the command line) reads back as it was given."""
+    obj = {"id2label": {"0": "NEGÓCIOS"}, "train": "t\udcff.csv"}
+    code = f"from ttl_core.fileio import write_json; write_json({str(tmp_path / 'r.json')!r}, {ascii(obj)})"
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert "NEGÓCIOS".encode() in (tmp_path / "r.json").read_bytes()
+    assert fileio.read_json(tmp_path / "r.json", ValueError) == obj
+
+
 def test_a_directory_written_atomically_replaces_the_old_one_after_a_crashed_attempt(tmp_path):
     """The new contents replace the old directory whole (no file of the old one stays), a `.partial` left by
     a crash is cleared first, and neither `.partial` nor `.old` remains."""
@@ -288,3 +304,17 @@ def test_a_directory_written_atomically_replaces_the_old_one_after_a_crashed_att
     fileio.write_dir_atomically(best, lambda d: (d / "new.txt").write_text("epoch 2"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert sorted(p.name for p in best.iterdir()) == ["new.txt"] and (best / "new.txt").read_text() == "epoch 2"
+
+
+def test_a_file_in_the_way_of_a_directory_written_atomically_is_replaced_and_leaves_nothing(tmp_path):
+    """A file where the directory goes is swapped out like an old directory; no `.old` file stays behind,
+    which would make the next write's swap fail (os.replace of a directory over a file)."""
+    best = tmp_path / "best"
+    best.write_text("a stray file")
+    for epoch in (1, 2):
+        fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text(f"epoch {epoch}"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+        assert (best / "model.txt").read_text() == f"epoch {epoch}"
+    (tmp_path / ".best.old").write_text("left by an earlier version")
+    fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text("epoch 3"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (best / "model.txt").read_text() == "epoch 3"

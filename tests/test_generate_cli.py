@@ -11,7 +11,7 @@ import torch
 from helpers import ROOT, run_script
 
 import ttl_core
-from ttl_core.errors import GenerationError
+from ttl_core.errors import ConfigError, GenerationError
 from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, train_tokenizer
 
 WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
@@ -148,6 +148,26 @@ def test_a_bad_device_or_a_classifier_is_a_one_line_error(checkpoint, tmp_path):
     run = run_script("generate", "--model", tmp_path, "--prompt", "oi", "--device", "cpu")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"error: {tmp_path} holds a LlamaForSequenceClassification; generation needs a LlamaForCausalLM"]
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_named(checkpoint, tmp_path):
+    """--tokenizer of another model: its ids past the embedding table were refused only as an eos_token_id or
+    input_ids out of range, which named neither the tokenizer nor the model."""
+    path, tok, model = checkpoint
+    ttl_core.save_pretrained(tiny_model(tok.vocab_size - 3), tmp_path)
+    with pytest.raises(ConfigError, match=rf"^{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                                          rf"vocab_size is {tok.vocab_size - 3}; use the tokenizer"):
+        load_script().main(["--model", str(tmp_path), "--tokenizer", str(path), "--prompt", "oi", "--chat", "aira",
+                            "--device", "cpu"])
+
+
+def test_a_prompt_that_is_not_utf8_is_named(checkpoint):
+    """A byte that is not UTF-8 in the prompt (a Latin-1 terminal's "olá") reaches Python as a lone surrogate
+    (surrogateescape), which sentencepiece refused with a pybind11 cast error traceback."""
+    run = run_script("generate", "--model", checkpoint[0], "--prompt", "ol\udce1", "--device", "cpu")
+    assert run.returncode == 2 and run.stderr == ("error: the text is not valid Unicode: character 2 is a lone "
+                                                  "surrogate '\\udce1' (a byte that is not UTF-8, as from a terminal "
+                                                  "in another encoding)\n"), run.stderr
 
 
 def test_base_is_only_for_an_adapter_model(checkpoint):

@@ -197,7 +197,7 @@ def test_goal_table_judges_each_goal_from_one_run(tmp_path):
     (tmp_path / "train.json").write_text("{not json")
     broken = run_script("check_goals", tmp_path)
     assert broken.returncode != 0 and broken.stderr.strip().splitlines()[-1].startswith("error:")
-    assert "train.json is not valid JSON" in broken.stderr
+    assert "train.json: not valid JSON" in broken.stderr
 
 
 # --- the harness's own arithmetic: timing, peaks, profiles and the results file --------------------------------
@@ -270,6 +270,19 @@ def test_goal_files_are_judged_on_bf16_rows_only(tmp_path):
     rows.append(row("ttl", "fwd", norms[0], "fp32", 2.0, frac_of_peak=0.1))
     (tmp_path / "rms_norm.json").write_text(json.dumps({"benchmark": "rms_norm", "rows": rows, "failures": []}))
     assert goals.judge(*goals.load_rows(tmp_path))[0].met is True
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{", "not valid JSON"), (b"\xff\xfe", "not valid JSON"), (b"[]", "expected a JSON object, got list"),
+    (b'{"rows": "x"}', "'rows' must be a list of objects"), (b'{"rows": [], "failures": [1]}', "'failures' must be"),
+])
+def test_a_malformed_results_file_is_named_in_one_line(tmp_path, content, message):
+    """A hand-edited or corrupt results file (binary, a list, rows that are not objects) is an `error:` line
+    naming it, not an AttributeError or UnicodeDecodeError traceback."""
+    (tmp_path / "rms_norm.json").write_bytes(content)
+    run = run_script("check_goals", tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"error: {tmp_path / 'rms_norm.json'}: ") and message in run.stderr
 
 
 def test_speed_ratio_goals_need_strictly_faster_unless_ties_are_allowed_and_every_baseline():

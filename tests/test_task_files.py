@@ -143,7 +143,7 @@ def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
     ("x", "xlsx", "unsupported task file type"),
     ("title,text,label\na,b,A\nc,d,B,sobra\n", "csv", r"t\.csv:3: .*columns"),  # more fields than the header
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "text": null, "label": "A"}\n', "jsonl",
-     r"t\.jsonl:2: no field 'text'"),  # a null is no text (not the text "None")
+     r"t\.jsonl:2: field 'text' is null"),  # a null is no text (not the text "None")
 ])
 def test_bad_task_files_name_file_and_line(base_dir, tmp_path, content, suffix, message):
     path = tmp_path / f"t.{suffix}"

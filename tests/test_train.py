@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,16 @@ def test_refuses_to_overwrite_a_run_and_checks_vocab(tmp_path, data_dir):
         train(load_run_config(None, [*MICRO_MODEL, "model.vocab_size=300", *FAST]), tmp_path / "b", data_dir=str(data_dir))
     with pytest.raises(ConfigError, match="not a prepared data directory"):
         train(run_config(), tmp_path / "c", data_dir=str(tmp_path))
+
+
+def test_a_data_vocab_larger_than_the_model_s_is_refused_before_training(tmp_path, data_dir):
+    """meta.json's vocab_size bounds the ids the loader lets through; one above the model's (a tokenizer swapped
+    in the data directory) would put an id past the embedding table: an IndexError traceback mid-run."""
+    shutil.copytree(data_dir, tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
+    with pytest.raises(ConfigError, match="meta.json records a vocab_size of 1000, but the model's vocab_size is 400"):
+        train(run_config("train.max_steps=1"), tmp_path / "run", data_dir=str(tmp_path / "data"))
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path, data_dir):

@@ -20,7 +20,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        # a failed rename names its destination second: the path the user gave, not the temporary written first
+        path = e.filename2 or e.filename
+        print(f"error: {path or ''}{': ' if path else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -56,8 +56,11 @@ def read_json(path: str | os.PathLike, error: type[Exception], expect: type = di
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write `obj` as indented JSON."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    """Atomically write `obj` as indented JSON, in UTF-8 whatever the locale (transformers and `read_json` read
+    UTF-8). A lone surrogate (a path holding a byte that is not UTF-8) is written as its JSON escape, which
+    reads back as the same string."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -67,7 +70,7 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     path = Path(path)
     partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
     for stale in (partial, old):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     partial.mkdir(parents=True)
     write(partial)
     fsync_dir(partial)
@@ -75,5 +78,14 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
         os.replace(path, old)
     os.replace(partial, path)
     fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     return path
+
+
+def _remove(path: Path) -> None:
+    """Delete `path` if it is there, a directory tree or a file: a file at `path` (say a stray file named
+    `best`) becomes the `.old` of the swap, and a `.old` file left would make every later swap fail."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -68,6 +68,8 @@ class FinetuneConfig:
             "weight_decay": (real(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
             "warmup_steps": (is_integer(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0"),
             "max_length": (is_integer(self.max_length) and self.max_length >= 2, "an integer >= 2"),
+            # the range pretraining's train.seed allows; torch.manual_seed overflows past 2**64
+            "seed": (is_integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
             "dtype": (self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
             "lora_r": (is_integer(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),

@@ -61,6 +61,13 @@ def read_task_list(path: str | Path) -> list[Task]:
         for key in ("name", "train", "eval"):
             if not (isinstance(entry[key], str) and entry[key].strip()):
                 raise DataError(f"{path}: task {i}: {key!r} must be a non-empty string, got {entry[key]!r}")
+        # each task's run goes to OUT/NAME: another task's, OUT itself or a folder outside it would be overwritten
+        name = entry["name"]
+        if name != Path(name).name or name == "..":
+            raise DataError(f"{path}: task {i}: 'name' must be a plain folder name (the task's run goes to "
+                            f"OUT/NAME), got {name!r}")
+        if name in [task.name for task in tasks]:
+            raise DataError(f"{path}: task {i}: the name {name!r} is already another task's (each writes OUT/NAME)")
         try:
             spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
         except ConfigError as e:

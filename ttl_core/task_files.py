@@ -114,10 +114,16 @@ def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
 
 
 def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> Any:
-    """`record[name]`, or a DataError naming the file, line and the fields that do exist."""
-    if name not in record or record[name] is None:
+    """`record[name]`: text, or a number or bool from a JSON file. A missing field is a DataError naming the
+    fields that do exist; a JSON null, list or object one naming the value (its Python text would otherwise
+    become a label name like "[1]" or a text like "{'x': 1}")."""
+    if name not in record:
         raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(str, record))})")
-    return record[name]
+    value = record[name]
+    if value is None or isinstance(value, (list, dict)):
+        kind = "null" if value is None else f"a JSON {'list' if isinstance(value, list) else 'object'}"
+        raise DataError(f"{path}:{number}: field {name!r} is {kind}; expected text or a number")
+    return value
 
 
 def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_length: int) -> list[int]:

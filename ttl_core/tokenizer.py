@@ -289,6 +289,13 @@ class Tokenizer:
         mentions `</s>` from ending its documents there."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # sentencepiece would fail on it with a pybind11 cast error
+                raise TokenizerError(f"the text is not valid Unicode: character {e.start} is a lone surrogate "
+                                     f"{text[e.start]!r} (a byte that is not UTF-8, as from a terminal in another "
+                                     "encoding)") from None
         # a tokenizer without <s> or </s> (null in the config) never adds it, as in transformers
         add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
         add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0

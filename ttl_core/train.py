@@ -283,8 +283,11 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         raise ConfigError(f"train.sample_prompt is longer than the model's context of "
                           f"{config.max_position_embeddings} tokens, leaving no room for the sample")
     # the evaluation split must hold a batch before any step is spent (it is first read at the first eval)
-    PackedLoader(data_path, "val", train.seq_len, train.micro_batch_size, rank=world.rank, world_size=world.size,
-                 shuffle=False)
+    val = PackedLoader(data_path, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
+                       world_size=world.size, shuffle=False)
+    if val.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
+        raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {val.vocab_size}, but the model's "
+                          f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
