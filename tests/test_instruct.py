@@ -19,7 +19,8 @@ from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataErro
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.metrics import read_metrics
-from ttl_core.instruct import add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct
+from ttl_core.instruct import (add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct,
+                               instruction_rows)
 from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
 
 
@@ -94,6 +95,13 @@ def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
         path.write_text(json.dumps(record) + "\n")
         with pytest.raises(DataError, match=r"long\.jsonl:1: empty instruction or response"):
             build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
+    # a non-text input is refused whether or not it is falsy (0 was read as no input, 5 refused); null is no input
+    for extra in (0, False, [], 5):
+        path.write_text(json.dumps({"instruction": "Dobre.", "input": extra, "output": "0"}) + "\n")
+        with pytest.raises(DataError, match=r"long\.jsonl:1: field 'input' must be text"):
+            instruction_rows(path)
+    path.write_text(json.dumps({"instruction": "Dobre.", "input": None, "output": "0"}) + "\n")
+    assert instruction_rows(path) == [(1, "Dobre.", "", "0")]
 
 
 def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):

@@ -47,7 +47,8 @@ def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
     for number, record in rows:
         instruction = _pick(record, INSTRUCTION_FIELDS, path, number)
         response = _pick(record, RESPONSE_FIELDS, path, number)
-        extra = record.get(INPUT_FIELD) or ""
+        # null or missing: no input; any other non-text (0 and false included) is refused, not read as no input
+        extra = "" if record.get(INPUT_FIELD) is None else record[INPUT_FIELD]
         if not isinstance(extra, str):
             raise DataError(f"{path}:{number}: field {INPUT_FIELD!r} must be text")
         if not instruction.strip() or not response.strip():
