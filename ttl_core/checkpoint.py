@@ -4,13 +4,13 @@
 transformers as is, and beside them `trainer_state.json` (step, data position, run config) and
 `optimizer.pt` (optimizer moments and RNG states; read back with `weights_only=True`). A checkpoint is
 written into a hidden `.step-000120.partial` directory and renamed into place only when complete, so a
-crash at any moment leaves the previous checkpoint as the newest complete one.
+crash at any moment leaves the previous checkpoint as the newest complete one; an old checkpoint is renamed
+to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-deleted one under its name.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import re
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_write, fsync_dir, write_json
+from .fileio import atomic_write, remove_dir_atomically, write_dir_atomically, write_json
 from .hf import save_pretrained
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
@@ -49,9 +49,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
-    """Delete what an interrupted save left behind."""
+    """Delete what an interrupted save (`.step-N.partial`) or deletion (`.step-N.old`) left behind."""
     root = checkpoint_root(run_dir)
-    for partial in root.glob(".step-*.partial") if root.is_dir() else []:
+    for partial in root.glob(".step-*") if root.is_dir() else []:
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -88,24 +88,17 @@ def save_checkpoint(
     `model` supplies the config and architecture, `model_state` the full (gathered) weights; the
     optimizer state, `rng_state()` and an fp16 run's gradient-scaler state go to `optimizer.pt`,
     `trainer_state` to JSON."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    partial = root / f".step-{step:06d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
-    atomic_write(partial / OPTIMIZER_STATE,
-                 lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
-                                         **({"scaler": scaler_state} if scaler_state else {})}, tmp))
-    write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
-    fsync_dir(partial)
-    if final.exists():  # re-saving a step (e.g. the final step was also a periodic one)
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    fsync_dir(root)
+    def write(partial: Path) -> None:
+        save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
+        atomic_write(partial / OPTIMIZER_STATE,
+                     lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
+                                             **({"scaler": scaler_state} if scaler_state else {})}, tmp))
+        write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
+
+    final = write_dir_atomically(checkpoint_root(run_dir) / f"step-{step:06d}", write)
+    # a directory named step-N is always complete: one killed while being deleted is gone from that name
     for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir_atomically(old)
     return final
 
 

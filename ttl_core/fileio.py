@@ -77,3 +77,14 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def remove_dir_atomically(path: str | os.PathLike) -> None:
+    """Delete the directory `path` so that a crash midway leaves none of it under its own name: it is renamed
+    to the hidden `.name.old` first, then deleted (`write_dir_atomically` clears a `.name.old` left behind)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
