@@ -21,6 +21,7 @@ from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_t
 from ttl_core.distributed import full_optimizer_state, load_optimizer_state
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.metrics import read_metrics
+import ttl_core.train as ttl_train
 from ttl_core.train import build_optimizer, train
 
 
@@ -101,6 +102,25 @@ def test_resume_restores_the_random_state_that_dropout_draws_from(tmp_path, data
     torch.manual_seed(12345)  # as in a new process
     train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
     assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
+
+
+def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path, data_dir, monkeypatch):
+    """Two runs on one directory would delete each other's checkpoint in progress and interleave their
+    checkpoints, and the second's rewrite of metrics.jsonl would hide the first's records."""
+    run = run_config("train.max_steps=2", "train.save_every=1")
+    real, second = ttl_train.save_checkpoint, []
+
+    def save_while_a_second_run_starts(*args, **kwargs):
+        if not second:
+            second.append("started")
+            with pytest.raises(ConfigError, match=f"{tmp_path} is in use by another training run"):
+                train(run, tmp_path, data_dir=str(data_dir), resume=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "save_checkpoint", save_while_a_second_run_starts)
+    assert train(run, tmp_path, data_dir=str(data_dir)).last_step == 2 and second
+    monkeypatch.undo()
+    assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
 
 
 @pytest.mark.parametrize("keep", [1, 2])

@@ -10,18 +10,21 @@ to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-d
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import pickle
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write, remove_dir_atomically, write_dir_atomically, write_json
 from .hf import save_pretrained
 
@@ -46,6 +49,27 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     dirs = complete_checkpoints(run_dir)
     return dirs[-1] if dirs else None
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run directory for one run: a second run started on it meanwhile (which would delete the first's
+    checkpoint in progress and interleave checkpoints and metrics) is a ConfigError. The lock is the kernel's
+    (`flock` on the directory), so a killed run leaves nothing behind that blocks its resumption."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{run_dir} is in use by another training run; wait for it to end or choose "
+                              "another --out") from None
+        except OSError:
+            pass  # a file system that cannot lock a directory (NFS emulates flock with write locks): no guard
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
