@@ -200,3 +200,6 @@ def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
     torch.save({"optimizer": {}}, ckpt / "optimizer.pt")
     with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
         load_trainer_state(ckpt)
+    (ckpt / "optimizer.pt").write_bytes(b"")  # as a full disk or a failed copy leaves it
+    with pytest.raises(CheckpointError, match="optimizer.pt: empty or truncated"):
+        load_trainer_state(ckpt)

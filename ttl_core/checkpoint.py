@@ -133,7 +133,9 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
         saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except EOFError:  # torch.load of an empty or cut-off file, often without a message
+        raise CheckpointError(f"{checkpoint / OPTIMIZER_STATE}: empty or truncated") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, pickle.UnpicklingError) as e:
         # weights_only loading refuses any pickle that would build objects: the file is never executed
         raise CheckpointError(f"{checkpoint}: unreadable trainer state ({str(e).splitlines()[0]})") from None
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
