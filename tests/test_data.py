@@ -4,8 +4,10 @@ interruption, clear errors naming file and line."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +224,26 @@ def test_an_interrupted_run_with_other_inputs_never_leaves_a_stale_meta(tmp_path
     assert (out / ".prepare").is_dir() and (out / "meta.json").is_file()
     assert prepare_data(inputs, out, tokenizer=tokenizer, workers=1) == json.loads(a["meta.json"])
     assert (out / ".prepare").is_dir() and read_outputs(out) == a
+
+
+def test_a_run_killed_while_removing_its_work_directory_leaves_none_after_the_rerun(tmp_path, monkeypatch):
+    """Killed while deleting `.prepare` after meta.json was written (plan.json already gone, shards not yet):
+    the rerun, finding the outputs complete, deletes the rest rather than keeping the shards forever."""
+    inputs, docs = write_inputs(tmp_path)
+    real = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "plan.json").unlink()
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=7)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert list((tmp_path / "out" / ".prepare").glob("*.npz"))
+    meta = prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=7)
+    assert not (tmp_path / "out" / ".prepare").exists()
+    assert check_data_dir(tmp_path / "out", docs) == meta
 
 
 def test_special_token_text_in_documents_stays_text(tmp_path):

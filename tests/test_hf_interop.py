@@ -1,6 +1,7 @@
 """Hugging Face checkpoint interop: bit-exact round trips, sharding, ttl-native layout and bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,32 @@ def test_resharding_replaces_stale_shards(tmp_path):
     ttl_core.save_pretrained(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_a_save_killed_while_removing_stale_shards_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """Saving one file over a sharded checkpoint, killed after any number of the old files are removed: the
+    directory loads (an index left naming removed shards would make it load nothing)."""
+    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    ttl_core.save_pretrained(model, tmp_path / "sharded", max_shard_size="40KB")
+    n_old = len(list((tmp_path / "sharded").glob("model*.safetensors*")))
+    real = Path.unlink
+    for survive in range(n_old):
+        out = tmp_path / f"out{survive}"
+        shutil.copytree(tmp_path / "sharded", out)
+        removed = []
+
+        def unlink_then_die(path, *args, **kwargs):
+            if path.name.startswith("model") and len(removed) == survive:
+                raise KeyboardInterrupt("simulated kill")
+            removed.append(path.name)
+            real(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "unlink", unlink_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            ttl_core.save_pretrained(model, out)
+        monkeypatch.setattr(Path, "unlink", real)
+        loaded = ttl_core.load_pretrained(out).state_dict()
+        assert all(torch.equal(loaded[name], weight) for name, weight in model.state_dict().items())
 
 
 def test_a_tensor_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +16,12 @@ import torch
 from tests.helpers import ROOT, run_script
 from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained
-from ttl_core.checkpoint import complete_checkpoints, latest_checkpoint, load_trainer_state
+from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state,
+                                 remove_partial_checkpoints, save_checkpoint)
 from ttl_core.distributed import full_optimizer_state, load_optimizer_state
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.metrics import read_metrics
+import ttl_core.train as ttl_train
 from ttl_core.train import build_optimizer, train
 
 
@@ -100,11 +104,54 @@ def test_resume_restores_the_random_state_that_dropout_draws_from(tmp_path, data
     assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 4
 
 
+def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path, data_dir, monkeypatch):
+    """Two runs on one directory would delete each other's checkpoint in progress and interleave their
+    checkpoints, and the second's rewrite of metrics.jsonl would hide the first's records."""
+    run = run_config("train.max_steps=2", "train.save_every=1")
+    real, second = ttl_train.save_checkpoint, []
+
+    def save_while_a_second_run_starts(*args, **kwargs):
+        if not second:
+            second.append("started")
+            with pytest.raises(ConfigError, match=f"{tmp_path} is in use by another training run"):
+                train(run, tmp_path, data_dir=str(data_dir), resume=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "save_checkpoint", save_while_a_second_run_starts)
+    assert train(run, tmp_path, data_dir=str(data_dir)).last_step == 2 and second
+    monkeypatch.undo()
+    assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
+
+
 @pytest.mark.parametrize("keep", [1, 2])
 def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
     run = run_config("train.max_steps=4", "train.save_every=1", f"train.keep_checkpoints={keep}")
     train(run, tmp_path, data_dir=str(data_dir))
     assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{s:06d}" for s in range(5 - keep, 5)]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_crash_while_deleting_an_old_checkpoint_leaves_no_half_deleted_one(tmp_path, monkeypatch):
+    """A checkpoint killed midway through its deletion (keep_checkpoints) must not stay listed as complete: the
+    newest is not always the one resumed (a finished run resumes nothing), and the torn one would be loaded."""
+    run = run_config()
+    model = random_model(run)
+    for step in (1, 2):
+        if step == 2:  # the deletion of step 1 removes one file, then the process dies
+            def dying_rmtree(path, ignore_errors=False):
+                if Path(path).is_dir():
+                    next(Path(path).iterdir()).unlink()
+                    raise Killed
+            monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+        with contextlib.suppress(Killed):
+            save_checkpoint(tmp_path, step, model, model.state_dict(), {}, {"data": {}}, keep=1)
+    monkeypatch.undo()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002"]
+    remove_partial_checkpoints(tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
 
 
 def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
@@ -152,4 +199,7 @@ def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
     torch.save({"optimizer": {}}, ckpt / "optimizer.pt")
     with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
+        load_trainer_state(ckpt)
+    (ckpt / "optimizer.pt").write_bytes(b"")  # as a full disk or a failed copy leaves it
+    with pytest.raises(CheckpointError, match="optimizer.pt: empty or truncated"):
         load_trainer_state(ckpt)

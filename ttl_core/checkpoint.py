@@ -4,11 +4,13 @@
 transformers as is, and beside them `trainer_state.json` (step, data position, run config) and
 `optimizer.pt` (optimizer moments and RNG states; read back with `weights_only=True`). A checkpoint is
 written into a hidden `.step-000120.partial` directory and renamed into place only when complete, so a
-crash at any moment leaves the previous checkpoint as the newest complete one.
+crash at any moment leaves the previous checkpoint as the newest complete one; an old checkpoint is renamed
+to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-deleted one under its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -16,14 +18,19 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
-from .fileio import atomic_write, fsync_dir, write_json
+from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write, remove_dir_atomically, write_dir_atomically, write_json
 from .hf import save_pretrained
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: runs there go without the run-directory guard
+    fcntl = None
 
 STEP_DIR = re.compile(r"step-(\d{6,})")
 TRAINER_STATE = "trainer_state.json"
@@ -48,10 +55,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold the run directory for one run: a second run started on it meanwhile (which would delete the first's
+    checkpoint in progress and interleave checkpoints and metrics) is a ConfigError. The lock is the kernel's
+    (`flock` on the directory), so a killed run leaves nothing behind that blocks its resumption."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{run_dir} is in use by another training run; wait for it to end or choose "
+                              "another --out") from None
+        except OSError:
+            pass  # a file system that cannot lock a directory (NFS emulates flock with write locks): no guard
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
-    """Delete what an interrupted save left behind."""
+    """Delete what an interrupted save (`.step-N.partial`) or deletion (`.step-N.old`) left behind."""
     root = checkpoint_root(run_dir)
-    for partial in root.glob(".step-*.partial") if root.is_dir() else []:
+    for partial in root.glob(".step-*") if root.is_dir() else []:
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -88,24 +119,17 @@ def save_checkpoint(
     `model` supplies the config and architecture, `model_state` the full (gathered) weights; the
     optimizer state, `rng_state()` and an fp16 run's gradient-scaler state go to `optimizer.pt`,
     `trainer_state` to JSON."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    partial = root / f".step-{step:06d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
-    atomic_write(partial / OPTIMIZER_STATE,
-                 lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
-                                         **({"scaler": scaler_state} if scaler_state else {})}, tmp))
-    write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
-    fsync_dir(partial)
-    if final.exists():  # re-saving a step (e.g. the final step was also a periodic one)
-        shutil.rmtree(final)
-    os.replace(partial, final)
-    fsync_dir(root)
+    def write(partial: Path) -> None:
+        save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
+        atomic_write(partial / OPTIMIZER_STATE,
+                     lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
+                                             **({"scaler": scaler_state} if scaler_state else {})}, tmp))
+        write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
+
+    final = write_dir_atomically(checkpoint_root(run_dir) / f"step-{step:06d}", write)
+    # a directory named step-N is always complete: one killed while being deleted is gone from that name
     for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir_atomically(old)
     return final
 
 
@@ -116,7 +140,9 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
         saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except EOFError:  # torch.load of an empty or cut-off file, often without a message
+        raise CheckpointError(f"{checkpoint / OPTIMIZER_STATE}: empty or truncated") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, pickle.UnpicklingError) as e:
         # weights_only loading refuses any pickle that would build objects: the file is never executed
         raise CheckpointError(f"{checkpoint}: unreadable trainer state ({str(e).splitlines()[0]})") from None
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None

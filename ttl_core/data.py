@@ -242,8 +242,10 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     meta_path = out_dir / "meta.json"
     previous = _bookkeeping(meta_path)
     if isinstance(previous, dict) and previous.get("plan") == plan and _outputs_fit(out_dir, previous):
-        if _bookkeeping(work / "plan.json") == plan:  # this run's own leftovers (stopped before removing them);
-            shutil.rmtree(work)  # another run's stay, to resume from
+        # this run's own leftovers go (stopped before removing them, or midway: plan.json gone, shards not);
+        # another run's stay, to resume from
+        if work.is_dir() and _bookkeeping(work / "plan.json") in (plan, None):
+            shutil.rmtree(work)
         return previous  # already prepared from these exact inputs
     if work.is_dir() and _bookkeeping(work / "plan.json") != plan:
         shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)

@@ -82,6 +82,17 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     return path
 
 
+def remove_dir_atomically(path: str | os.PathLike) -> None:
+    """Delete the directory `path` so that a crash midway leaves none of it under its own name: it is renamed
+    to the hidden `.name.old` first, then deleted (`write_dir_atomically` clears a `.name.old` left behind)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)
+    os.replace(path, old)
+    fsync_dir(path.parent)
+    _remove(old)
+
+
 def _remove(path: Path) -> None:
     """Delete `path` if it is there, a directory tree or a file: a file at `path` (say a stray file named
     `best`) becomes the `.old` of the swap, and a `.old` file left would make every later swap fail."""

@@ -315,9 +315,12 @@ def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]],
         total = sum(t.numel() * t.element_size() for _, t in tensors)
         write_json(index, {"metadata": {"total_size": total},
                            "weight_map": {n: fname for fname, shard in zip(names, shards) for n, _ in shard}})
-    for stale in directory.glob("model*.safetensors*"):
-        if stale.name not in names and not (len(shards) > 1 and stale == index) and not stale.name.endswith(".tmp"):
-            stale.unlink()
+    stale = [f for f in directory.glob("model*.safetensors*")
+             if f.name not in names and not (len(shards) > 1 and f == index) and not f.name.endswith(".tmp")]
+    # a stale index goes first: while it exists the shards it names are what loads, so a crash after removing one
+    # of them would leave a directory that loads nothing beside a complete new model.safetensors
+    for f in sorted(stale, key=lambda f: f != index):
+        f.unlink()
 
 
 def _planned_tensors(params: dict[str, torch.Tensor], plan: Plan, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:

@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .attention import document_layout
-from .checkpoint import latest_checkpoint, load_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rng_state
+from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, remove_partial_checkpoints,
+                         save_checkpoint, set_rng_state)
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
@@ -248,11 +249,13 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
           resume: bool = False, stop_after: int | None = None, init_from: str | None = None) -> RunResult:
     """Train `run` into `out_dir`: metrics.jsonl, checkpoints/step-N (HF format + tokenizer + trainer
     state), loss.png, and a sample generation from the final model. `resume` continues from the newest
-    complete checkpoint; `stop_after` ends cleanly (with a checkpoint) after that step."""
+    complete checkpoint; `stop_after` ends cleanly (with a checkpoint) after that step. A second run on
+    `out_dir` while this one runs is refused."""
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
-        return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+        with lock_run_dir(out_dir) if world.is_main else contextlib.nullcontext():  # rank 0 writes the run dir
+            return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
     finally:
         close_world(world)
 
