@@ -5,7 +5,7 @@
 
 Either direction reads both layouts; only safetensors are ever read. The source's tokenizer (tokenizer.model
 or tokenizer.json) is written beside the weights in transformers' files, so the output is a whole checkpoint;
-one ttl cannot read is left out with a note.
+one ttl cannot read is left out with a note. OUT_DIR must not be the source (it is written file by file).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from ttl_core.cli import run_cli
-from ttl_core.errors import TokenizerError
+from ttl_core.errors import ConfigError, TokenizerError
 from ttl_core.hf import DTYPES, load_pretrained, save_native, save_pretrained
 from ttl_core.tokenizer import Tokenizer
 
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights (default: keep)")
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (default 2GB)")
     args = parser.parse_args(argv)
+    if Path(args.out).resolve() == Path(args.src).resolve():  # files are replaced one by one, not the directory
+        raise ConfigError(f"{args.out} is the source checkpoint; write to another directory (a conversion in place "
+                          "that is interrupted leaves neither layout loadable)")
     model = load_pretrained(args.src, dtype=args.dtype)
     tokenizer = source_tokenizer(args.src)
     if args.to_hf:

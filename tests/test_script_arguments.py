@@ -12,7 +12,7 @@ from helpers import ROOT, load_script
 
 import ttl_core
 from ttl_core.data import SAMPLE_CORPUS
-from ttl_core.errors import DataError
+from ttl_core.errors import ConfigError, DataError
 from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import INSTRUCT_DEFAULTS
 from ttl_core.run_config import load_run_config
@@ -216,6 +216,14 @@ def test_convert_needs_exactly_one_direction(direction, bf16_checkpoint, tmp_pat
                 "--from-hf" if not direction else "not allowed with argument")
     assert not (tmp_path / "out").exists()
 
+
+
+def test_convert_refuses_to_write_over_its_source(bf16_checkpoint, capsys):
+    src = bf16_checkpoint[0]
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    with pytest.raises(ConfigError, match="is the source checkpoint; write to another directory"):
+        load_script("convert").main(["--from-hf", str(src), str(src / ".." / src.name)])
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
 
 # --- plot_metrics.py ------------------------------------------------------------------------------------------
 
