@@ -2,17 +2,14 @@
 interruption, clear errors naming file and line."""
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, run_script
+from helpers import run_in_ascii_locale, run_script
 
 import ttl_core.data as data
 import ttl_core.fileio as fileio
@@ -309,8 +306,7 @@ def test_json_is_written_in_utf8_whatever_the_locale(tmp_path):
     with a byte that is not UTF-8 (a lone surrogate from the command line) reads back as it was given."""
     obj = {"id2label": {"0": "NEGÓCIOS"}, "train": "t\udcff.csv"}
     code = f"from ttl_core.fileio import write_json; write_json({str(tmp_path / 'r.json')!r}, {ascii(obj)})"
-    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    run = run_in_ascii_locale(code)
     assert run.returncode == 0, run.stderr[-500:]
     assert "NEGÓCIOS".encode() in (tmp_path / "r.json").read_bytes()
     assert fileio.read_json(tmp_path / "r.json", ValueError) == obj

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_script
+from helpers import ROOT, run_in_ascii_locale, run_script
 from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state,
@@ -203,3 +203,15 @@ def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
     (ckpt / "optimizer.pt").write_bytes(b"")  # as a full disk or a failed copy leaves it
     with pytest.raises(CheckpointError, match="optimizer.pt: empty or truncated"):
         load_trainer_state(ckpt)
+
+
+def test_a_trainer_state_with_non_ascii_settings_resumes_under_an_ascii_locale(tmp_path):
+    """trainer_state.json is UTF-8 whatever the locale (the default sample prompt is "O Brasil é"), and is
+    read back as UTF-8 too."""
+    code = (f"from pathlib import Path; import torch; from ttl_core.fileio import write_json; "
+            f"from ttl_core.checkpoint import load_trainer_state, rng_state; ck = Path({str(tmp_path)!r}); "
+            f"write_json(ck / 'trainer_state.json', {{'step': 1, 'data': {{}}, 'prompt': 'O Brasil \\u00e9'}}); "
+            f"torch.save({{'optimizer': {{}}, 'rng': rng_state()}}, ck / 'optimizer.pt'); "
+            f"print(ascii(load_trainer_state(ck)[0]['prompt']))")
+    run = run_in_ascii_locale(code)
+    assert run.returncode == 0 and run.stdout.strip() == "'O Brasil \\xe9'", run.stderr[-500:]

@@ -136,7 +136,7 @@ def save_checkpoint(
 def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer_state JSON, {"optimizer": ..., "rng": ..., and "scaler" for fp16 runs}) of a complete checkpoint."""
     try:
-        trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
         saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
