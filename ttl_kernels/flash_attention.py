@@ -376,13 +376,15 @@ class _FlashAttention(torch.autograd.Function):
         kv_heads = k.shape[1]
         out = torch.empty_like(q)
         lse = torch.empty((total, heads), dtype=torch.float32, device=q.device)
+        # no tokens: nothing to launch, and the autotuner must not pick its config by timing empty grids
         autotune = q.is_cuda and os.environ.get("TTL_AUTOTUNE", "1") != "0"
-        _launch(
-            "fwd", cu_seqlens, lambda meta: triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads, dim, autotune,
-            q, k, v, out, lse, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), out.stride(0), out.stride(1), heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim,
-            **_flags(q),
-        )
+        if total:
+            _launch(
+                "fwd", cu_seqlens, lambda meta: triton.cdiv(max_seqlen, meta["BLOCK_M"]), heads, dim, autotune,
+                q, k, v, out, lse, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                v.stride(1), out.stride(0), out.stride(1), heads, GROUP=heads // kv_heads, CAUSAL=causal, D=dim,
+                **_flags(q),
+            )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen, ctx.causal, ctx.scale, ctx.autotune = max_seqlen, causal, scale, autotune
         return out
@@ -394,13 +396,15 @@ class _FlashAttention(torch.autograd.Function):
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         total, heads, dim = q.shape
         kv_heads = k.shape[1]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if not total:
+            return dq, dk, dv, None, None, None, None
         delta = torch.empty((total, heads), dtype=torch.float32, device=q.device)
         rows, block = total * heads, 8192 // dim
         if rows:
             _delta_kernel[(triton.cdiv(rows, block),)](out, grad_out, delta, rows, heads, out.stride(0), out.stride(1),
                                                       grad_out.stride(0), grad_out.stride(1), D=dim, BLOCK_R=block,
                                                       num_warps=8)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = dict(GROUP=heads // kv_heads, CAUSAL=ctx.causal, D=dim, **_flags(q))
         _launch(
             "dkdv", cu_seqlens, lambda meta: triton.cdiv(ctx.max_seqlen, meta["BLOCK_N"]), kv_heads, dim,
