@@ -21,6 +21,7 @@ from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_t
 from ttl_core.distributed import full_optimizer_state, load_optimizer_state
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.metrics import read_metrics
+import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.train import build_optimizer, train
 
@@ -129,6 +130,20 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
     train(run, tmp_path, data_dir=str(data_dir))
     assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{s:06d}" for s in range(5 - keep, 5)]
 
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_not_the_end_of_the_run(tmp_path, data_dir,
+                                                                                       monkeypatch):
+    def held_open(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ttl_checkpoint, "remove_dir_atomically", held_open)
+    run = run_config("train.max_steps=2", "train.save_every=1", "train.keep_checkpoints=1")
+    with pytest.warns(UserWarning, match="could not remove the old checkpoint .*step-000001 .Permission denied"):
+        assert train(run, tmp_path, data_dir=str(data_dir)).last_step == 2
+    (tmp_path / "checkpoints" / ".step-000001.old").write_text("a file, where a directory is usually left")
+    ttl_checkpoint.remove_partial_checkpoints(tmp_path)
+    assert not (tmp_path / "checkpoints" / ".step-000001.old").exists()
 
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""

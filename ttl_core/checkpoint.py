@@ -16,7 +16,7 @@ import os
 import pickle
 import random
 import re
-import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .fileio import atomic_write, remove_dir_atomically, write_dir_atomically, write_json
+from .fileio import atomic_write, remove_dir_atomically, remove_path, write_dir_atomically, write_json
 from .hf import save_pretrained
 
 try:
@@ -83,7 +83,7 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
     """Delete what an interrupted save (`.step-N.partial`) or deletion (`.step-N.old`) left behind."""
     root = checkpoint_root(run_dir)
     for partial in root.glob(".step-*") if root.is_dir() else []:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_path(partial)
 
 
 def rng_state() -> dict[str, Any]:
@@ -129,7 +129,10 @@ def save_checkpoint(
     final = write_dir_atomically(checkpoint_root(run_dir) / f"step-{step:06d}", write)
     # a directory named step-N is always complete: one killed while being deleted is gone from that name
     for old in complete_checkpoints(run_dir)[:-keep]:
-        remove_dir_atomically(old)
+        try:
+            remove_dir_atomically(old)
+        except OSError as e:  # the new checkpoint is safe: a file held open (Windows, NFS) must not end the run
+            warnings.warn(f"could not remove the old checkpoint {old} ({e.strerror or e}); delete it by hand")
     return final
 
 

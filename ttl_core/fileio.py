@@ -70,7 +70,7 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     path = Path(path)
     partial, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
     for stale in (partial, old):
-        _remove(stale)
+        remove_path(stale)
     partial.mkdir(parents=True)
     write(partial)
     fsync_dir(partial)
@@ -78,7 +78,7 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
         os.replace(path, old)
     os.replace(partial, path)
     fsync_dir(path.parent)
-    _remove(old)
+    remove_path(old)
     return path
 
 
@@ -87,13 +87,13 @@ def remove_dir_atomically(path: str | os.PathLike) -> None:
     to the hidden `.name.old` first, then deleted (`write_dir_atomically` clears a `.name.old` left behind)."""
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
-    _remove(old)
+    remove_path(old)
     os.replace(path, old)
     fsync_dir(path.parent)
-    _remove(old)
+    remove_path(old)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     """Delete `path` if it is there, a directory tree or a file: a file at `path` (say a stray file named
     `best`) becomes the `.old` of the swap, and a `.old` file left would make every later swap fail."""
     if path.is_dir() and not path.is_symlink():
