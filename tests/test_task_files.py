@@ -13,6 +13,7 @@ from finetune_helpers import saved_base_model
 
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.instruct import instruction_rows
+from ttl_core.task_benchmark import read_task_list
 from ttl_core.task_files import TaskSpec, encode_example, label_value, load_task, read_task_file, task_labels
 from ttl_core.tokenizer import Tokenizer
 
@@ -193,3 +194,54 @@ def test_class_ids_must_be_in_range_and_regression_targets_finite(tmp_path):
             label_value(raw, None, path, 4)
     with pytest.raises(DataError, match=r"t\.csv:4: regression label 'alto' is not a number"):
         label_value("alto", None, path, 4)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("text_fields", "title", r"task 0 \(t\): text_fields must be a non-empty list of field names, got 'title'"),
+    ("text_fields", [], r"task 0 \(t\): text_fields must be a non-empty list"),
+    ("regression", "no", r"task 0 \(t\): regression must be true or false, got 'no'"),
+    ("pair", 1, r"task 0 \(t\): pair must be true or false"),
+    ("labels", "XY", r"task 0 \(t\): labels must be a list of at least two distinct label names"),
+    ("label_field", 3, r"task 0 \(t\): label_field must be a field name"),
+    ("train", 5, r"task 0: 'train' must be a non-empty string, got 5"),
+])
+def test_bad_task_lists_name_task_and_key(tmp_path, key, value, message):
+    entry = {"name": "t", "train": "a.csv", "eval": "a.csv", key: value}
+    (tmp_path / "tasks.json").write_text(json.dumps([entry]))
+    with pytest.raises(DataError, match=message):
+        read_task_list(tmp_path / "tasks.json")
+
+
+@pytest.mark.parametrize("document, message", [
+    ([], r"tasks\.json: expected a non-empty JSON list of tasks"),
+    ({"name": "t"}, r"tasks\.json: expected a JSON list, got dict"),
+    ([["t", "a.csv", "a.csv"]], r"tasks\.json: task 0 is not an object"),
+    ([{"name": "t", "train": "a.csv"}], r"tasks\.json: task 0: missing eval$"),
+    ([{"name": "t", "train": "a.csv", "eval": "a.csv", "lable_field": "y", "labes": []}],
+     r"tasks\.json: task 0: unknown labes, lable_field$"),  # a misspelt key is not silently ignored
+    # names are folders under --out: one task's run would overwrite another's, the benchmark's own results or
+    # files outside --out
+    ([{"name": "t", "train": "a.csv", "eval": "a.csv"}] * 2, r"task 1: the name 't' is already another task's"),
+    ([{"name": n, "train": "a.csv", "eval": "a.csv"} for n in ("SST2", "sst2")], r"task 1: the name 'sst2' is already"),
+    *[([{"name": name, "train": "a.csv", "eval": "a.csv"}], rf"task 0: 'name' must be a plain folder name .*{name!r}")
+      for name in (".", "..", "../t", "/tmp/t", "a/b", "results.json", "results.md")],
+])
+def test_task_lists_of_the_wrong_shape_are_named(tmp_path, document, message):
+    (tmp_path / "tasks.json").write_text(json.dumps(document))
+    with pytest.raises(DataError, match=message):
+        read_task_list(tmp_path / "tasks.json")
+
+
+def test_task_list_paths_are_relative_to_the_list_and_unreadable_lists_are_named(tmp_path):
+    (tmp_path / "lists").mkdir()
+    entry = {"name": "t", "train": "data/train.csv", "eval": "/abs/eval.tsv", "labels": ["A", "B"]}
+    (tmp_path / "lists" / "tasks.json").write_text(json.dumps([entry]))
+    [task] = read_task_list(tmp_path / "lists" / "tasks.json")
+    assert (task.name, task.train, task.eval) == ("t", tmp_path / "lists" / "data" / "train.csv",
+                                                 Path("/abs/eval.tsv"))
+    assert task.spec == TaskSpec(labels=["A", "B"])
+    with pytest.raises(DataError, match=r"missing\.json: cannot read JSON \(No such file or directory\)"):
+        read_task_list(tmp_path / "missing.json")
+    (tmp_path / "latin1.json").write_bytes('[{"name": "ação"}]'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.json: not valid JSON \('utf-8' codec can't decode"):
+        read_task_list(tmp_path / "latin1.json")

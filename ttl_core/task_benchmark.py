@@ -18,6 +18,7 @@ from .fileio import atomic_write, read_json, write_json
 from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, finetune_classifier
 from .task_files import TaskSpec
 
+RESULT_FILES = ("results.json", "results.md")  # written beside the tasks' run folders in OUT
 METRIC_COLUMNS = ("accuracy", "f1", "pearson", "mse")
 
 
@@ -63,10 +64,11 @@ def read_task_list(path: str | Path) -> list[Task]:
                 raise DataError(f"{path}: task {i}: {key!r} must be a non-empty string, got {entry[key]!r}")
         # each task's run goes to OUT/NAME: another task's, OUT itself or a folder outside it would be overwritten
         name = entry["name"]
-        if name != Path(name).name or name == "..":
-            raise DataError(f"{path}: task {i}: 'name' must be a plain folder name (the task's run goes to "
-                            f"OUT/NAME), got {name!r}")
-        if name in [task.name for task in tasks]:
+        if name != Path(name).name or name == ".." or name in RESULT_FILES:
+            raise DataError(f"{path}: task {i}: 'name' must be a plain folder name other than "
+                            f"{' and '.join(RESULT_FILES)} (the task's run goes to OUT/NAME), got {name!r}")
+        # case-insensitive file systems (macOS, Windows) make SST2 and sst2 one folder
+        if name.casefold() in [task.name.casefold() for task in tasks]:
             raise DataError(f"{path}: task {i}: the name {name!r} is already another task's (each writes OUT/NAME)")
         try:
             spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
@@ -88,9 +90,9 @@ def run_benchmark(model_dir: str | Path, tasks: list[Task], out_dir: str | Path,
         result = finetune_classifier(model_dir, task.train, task.eval, out_dir / task.name, task.spec, cfg, verbose)
         rows.append({"task": task.name, "kind": "regression" if task.spec.regression else "classification",
                      "epoch": result.best["epoch"], **{k: result.best.get(k) for k in METRIC_COLUMNS}})
-    write_json(out_dir / "results.json", {"model": str(model_dir), "config": dataclasses.asdict(cfg), "rows": rows})
+    write_json(out_dir / RESULT_FILES[0], {"model": str(model_dir), "config": dataclasses.asdict(cfg), "rows": rows})
     table = format_table(rows)
-    atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
+    atomic_write(out_dir / RESULT_FILES[1], lambda tmp: tmp.write_text(table + "\n", encoding="utf-8"))
     return rows
 
 
