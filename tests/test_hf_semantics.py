@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 import transformers
+from generation_helpers import CharTokenizer
 from hf_reference import hf_causal_lm, hf_classifier
 from safetensors.torch import load_file, save_file
 
@@ -139,13 +140,19 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
     hf.generation_config.no_repeat_ngram_size = 2
     hf.generation_config.suppress_tokens = [5, 6]
     hf.generation_config.typical_p = 1.0
+    hf.generation_config.stop_strings = "</s>"
     hf.save_pretrained(tmp_path / "blocking")
     tokens = ids(batch=1, seq=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ttl_core.generate(ttl_core.load_pretrained(tmp_path / "plain"), tokens, max_new_tokens=3)
-    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, suppress_tokens=\[5, 6\], which ttl"):
-        ttl_core.generate(ttl_core.load_pretrained(tmp_path / "blocking"), tokens, max_new_tokens=3)
+    blocking = ttl_core.load_pretrained(tmp_path / "blocking")
+    every = r"sets no_repeat_ngram_size=2, stop_strings='</s>', suppress_tokens=\[5, 6\], which"
+    with pytest.warns(UserWarning, match=every):
+        ttl_core.generate(blocking, tokens, max_new_tokens=3)
+    with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, suppress_tokens=\[5, 6\], which") as seen:
+        ttl_core.generate(blocking, tokens, max_new_tokens=3, stop_strings="x", tokenizer=CharTokenizer())
+    assert seen[0].filename == __file__  # points at the call, not into ttl
 
 
 def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):

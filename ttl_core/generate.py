@@ -418,10 +418,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, repetition_penalty=repetition_penalty)
         max_new_tokens, do_sample = settings.pop("max_new_tokens"), settings.pop("do_sample")
-        ignored = unimplemented_settings(model.generation_config)
+        passed = {name for name, value in (("stop_strings", stop_strings),
+                                           ("num_return_sequences", num_return_sequences)) if value not in (None, 1)}
+        ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
-                          "does not implement: it decodes as if they were unset, unlike transformers' generate()")
+                          "does not implement: it decodes as if they were unset, unlike transformers' generate()",
+                          stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)

@@ -39,11 +39,12 @@ UNIMPLEMENTED_SETTINGS = {
     "watermarking_config": None, "dola_layers": None, "token_healing": False, "remove_invalid_values": False}
 
 
-def unimplemented_settings(checkpoint: dict | None) -> list[str]:
+def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:
     """`name=value` for each setting of a checkpoint's generation_config.json that transformers' generate() would
-    apply but ttl's does not (UNIMPLEMENTED_SETTINGS), so that a caller can say its output will differ."""
-    return [f"{name}={value!r}" for name, value in (checkpoint or {}).items()
-            if name in UNIMPLEMENTED_SETTINGS and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
+    apply but ttl's does not (UNIMPLEMENTED_SETTINGS), so that a caller can say its output will differ; names in
+    `passed` (set by the call itself, which then wins in ttl too) are left out."""
+    return [f"{name}={value!r}" for name, value in (checkpoint or {}).items() if name in UNIMPLEMENTED_SETTINGS
+            and name not in passed and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
 
 
 def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, **given) -> dict:
