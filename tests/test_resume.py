@@ -124,6 +124,33 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path, data_dir, m
     assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
 
 
+
+def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path, data_dir):
+    """Ranks started by a launcher other than torchrun (which would kill them when rank 0 fails) must not wait
+    at a collective for a rank 0 that refused the run directory."""
+    import fcntl
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    (tmp_path / "run").mkdir()
+    held = os.open(tmp_path / "run", os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another run's
+    try:
+        ranks = [subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--data", str(data_dir), "--out",
+             str(tmp_path / "run"), *[x for o in [*MICRO_MODEL, *FAST] for x in ("--set", o)]],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
+                 "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+        for rank in ranks:
+            _, err = rank.communicate(timeout=300)
+            assert rank.returncode == 2 and err.strip().endswith("is in use by another training run; wait for it "
+                                                                  "to end or choose another --out"), err[-1000:]
+    finally:
+        os.close(held)
+
 @pytest.mark.parametrize("keep", [1, 2])
 def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
     run = run_config("train.max_steps=4", "train.save_every=1", f"train.keep_checkpoints={keep}")

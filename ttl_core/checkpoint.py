@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .fileio import atomic_write, remove_dir_atomically, remove_path, write_dir_atomically, write_json
 from .hf import save_pretrained
 
@@ -56,25 +56,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
-    """Hold the run directory for one run: a second run started on it meanwhile (which would delete the first's
-    checkpoint in progress and interleave checkpoints and metrics) is a ConfigError. The lock is the kernel's
-    (`flock` on the directory), so a killed run leaves nothing behind that blocks its resumption."""
+def lock_run_dir(run_dir: str | Path) -> Iterator[bool]:
+    """Hold the run directory for one run; yields False when another run holds it (that one would have its
+    checkpoint in progress deleted, and checkpoints and metrics interleaved). The lock is the kernel's (`flock`
+    on the directory), so a killed run leaves nothing behind that blocks its resumption. Where there is no
+    flock (Windows) or the file system cannot lock a directory, it yields True without a guard."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
-        yield
+        yield True
         return
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
-            raise ConfigError(f"{run_dir} is in use by another training run; wait for it to end or choose "
-                              "another --out") from None
+            held = False
         except OSError:
-            pass  # a file system that cannot lock a directory (NFS emulates flock with write locks): no guard
-        yield
+            held = True  # NFS emulates flock with write locks, which a directory opened read-only cannot take
+        yield held
     finally:
         os.close(fd)  # releases the lock
 

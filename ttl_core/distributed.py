@@ -34,6 +34,11 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
+    @property
+    def reduce_device(self) -> torch.device:
+        """Where tensors for collectives live: the GPU under NCCL, the CPU under gloo."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
 
 def init_world(device: str) -> World:
     """Join the process group torchrun describes (if any) and pick this process's device."""

@@ -94,7 +94,7 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
     """Target tokens in the whole optimizer step, over every micro-batch and every rank, counted on the
     device (no host sync before the forward pass)."""
     local = torch.stack([(mb["targets"] != -100).sum() for mb in micro_batches]).sum().float().reshape(1)
-    return all_reduce_sum(local.to(world.device if world.device.type == "cuda" else "cpu"), world)
+    return all_reduce_sum(local.to(world.reduce_device), world)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
@@ -254,7 +254,12 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
-        with lock_run_dir(out_dir) if world.is_main else contextlib.nullcontext():  # rank 0 writes the run dir
+        # rank 0 writes the run dir and takes its lock; every rank stops if it is taken (under a launcher other
+        # than torchrun, ranks left running would wait at their first collective until it timed out)
+        with lock_run_dir(out_dir) if world.is_main else contextlib.nullcontext(True) as held:
+            if all_reduce_sum(torch.tensor([float(not held)], device=world.reduce_device), world).item():
+                raise ConfigError(f"{out_dir} is in use by another training run; wait for it to end or choose "
+                                  "another --out")
             return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
     finally:
         close_world(world)
