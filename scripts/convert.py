@@ -11,6 +11,7 @@ one ttl cannot read is left out with a note. OUT_DIR must not be the source (it 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ttl_core.cli import run_cli
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights (default: keep)")
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (default 2GB)")
     args = parser.parse_args(argv)
-    if Path(args.out).resolve() == Path(args.src).resolve():  # files are replaced one by one, not the directory
+    # files are replaced one by one, not the directory; samefile also sees a case-insensitive or bind-mounted alias
+    if Path(args.out).exists() and Path(args.src).exists() and os.path.samefile(args.out, args.src):
         raise ConfigError(f"{args.out} is the source checkpoint; write to another directory (a conversion in place "
                           "that is interrupted leaves neither layout loadable)")
     model = load_pretrained(args.src, dtype=args.dtype)

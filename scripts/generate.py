@@ -24,7 +24,7 @@ import sys
 import torch
 
 from ttl_core.cli import run_cli
-from ttl_core.errors import GenerationError
+from ttl_core.errors import GenerationError, TokenizerError
 from ttl_core.finetune import check_tokenizer_fits
 from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
@@ -140,13 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         if first is not None:
             line, first, extra_input = first, None, args.input
             print(f"> {line}")
+            chat.add_user(line, extra_input)
         else:
             print("> ", end="", flush=True)
             line = sys.stdin.readline()
             if not line.strip():
                 return 0
-            line = line.rstrip("\n")
-        chat.add_user(line, extra_input)
+            try:
+                chat.add_user(line.rstrip("\n"))
+            except TokenizerError as e:  # a line the tokenizer refuses (a byte that is not UTF-8) ends no session
+                print(f"error: {e}; type the line again", file=sys.stderr)
+                continue
         room = context - len(chat.ids)
         if room < 1:
             print(f"The context is full ({context} tokens): the conversation ends here. Start a new one to go on.")
