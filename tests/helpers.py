@@ -22,12 +22,12 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-
 def run_in_ascii_locale(code: str) -> subprocess.CompletedProcess:
     """`python -c CODE` with this checkout importable under an ASCII locale with UTF-8 mode off, where Python's
     default text encoding is ASCII (as a bare container's or a cluster node's often is)."""
     env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
 
 def load_script(name: str):
     """Import `scripts/NAME.py` as a fresh module, so a test can call its functions or `main(argv)` in-process."""

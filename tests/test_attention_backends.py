@@ -190,13 +190,13 @@ def test_unavailable_backends_are_clear_errors(monkeypatch):
     assert torch.allclose(attention(q, q, q), attention(q, q, q, backend="sdpa"), atol=1e-6)
 
 
-
 def test_a_head_dim_the_triton_kernel_lacks_is_a_config_error():
     """The Triton kernel is compiled for a few head sizes: another one is refused by name, as flash-attn's
     limits are, not with the kernel's ValueError from inside the forward."""
     q = torch.randn(1, 4, 2, 24)
     with pytest.raises(ConfigError, match=r"attention backend 'triton' supports head_dim 16, 32, 64, 128, not 24"):
         attention(q, q, q, backend="triton")
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "flash_attn"])

@@ -204,7 +204,6 @@ def test_tokenizer_ids_and_files(tok, tok_file, tmp_path):
         Tokenizer.from_pretrained(tmp_path / "nope")
 
 
-
 @pytest.mark.parametrize("role, name", [("bos_token", "<s>"), ("eos_token", "</s>")])
 def test_a_tokenizer_without_bos_or_eos_cannot_prepare_data(tok, tmp_path, role, name):
     """Prepared data puts <s> and </s> around every document: a tokenizer whose config makes either null is

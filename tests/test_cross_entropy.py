@@ -110,6 +110,7 @@ def test_float32_accuracy_does_not_depend_on_the_logits_magnitude(offset, vocab,
     (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
     assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
 
+
 def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
     wide = torch.randn(6, 32100, generator=torch.Generator().manual_seed(3))
     logits = wide[:, :32000].requires_grad_()  # rows strided by 32100, as a slice of a padded head output
@@ -240,7 +241,6 @@ def test_bad_arguments_are_clear():
         ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, 1, dtype=torch.long), backend="triton")
 
 
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_inputs_that_are_not_logit_rows_and_class_indices_are_refused(backend):
     """Each once gave a number or an unclear error on the Triton path: (batch, seq, vocab) logits with one
@@ -261,6 +261,7 @@ def test_inputs_that_are_not_logit_rows_and_class_indices_are_refused(backend):
                            (torch.randn(2, 4), torch.randn(4))):
         with pytest.raises(ValueError, match=r"needs hidden \(rows, d\) and weight \(vocab, d\)"):
             ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend=backend)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])

@@ -294,7 +294,6 @@ def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, m
         tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro", add_bos=False)]
 
 
-
 def test_an_interactive_line_the_tokenizer_refuses_is_asked_again(checkpoint, monkeypatch, capsys):
     """A line holding a byte that is not UTF-8 (a Latin-1 terminal's "olá") is refused, not the session."""
     path, tok, _ = checkpoint
@@ -302,6 +301,7 @@ def test_an_interactive_line_the_tokenizer_refuses_is_asked_again(checkpoint, mo
     monkeypatch.setattr(sys, "stdin", io.StringIO("ol\udce1\na casa\n\n"))
     assert script.main(["--model", str(path), "--interactive", "--device", "cpu"]) == 0
     assert "is a lone surrogate" in capsys.readouterr().err and [ids for ids, _ in fake.calls] == [tok.encode("a casa")]
+
 
 def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoint):
     """The first turn is encoded as the tokenizer encodes a text (here: without <s>), never with a </s> after the

@@ -18,6 +18,7 @@ from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.hf import DTYPES, _parse_size
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
+
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in sorted(directory.glob("*.safetensors")):

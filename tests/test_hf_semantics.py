@@ -72,15 +72,15 @@ def test_null_special_tokens_stay_null(tmp_path):
     assert config.to_hf_dict()["eos_token_id"] is None
 
 
-
 @pytest.mark.parametrize("field", ["rms_norm_eps", "hidden_size", "tie_word_embeddings"])
 def test_a_null_that_transformers_refuses_is_refused_by_name(tmp_path, field):
     """Not read as some default: a null rms_norm_eps would otherwise take ttl's own 1e-5."""
     path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", **{field: None})
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=f"field '{field}'"):  # transformers' validation error names it
         transformers.AutoConfig.from_pretrained(path)
     with pytest.raises(ConfigError, match=f"config.json sets {field} to null"):
         ttl_core.load_pretrained(path)
+
 
 def test_a_tied_config_with_a_different_stored_head_keeps_the_head(tmp_path):
     path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", tie_word_embeddings=True)

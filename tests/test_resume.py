@@ -124,7 +124,6 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(tmp_path, data_dir, m
     assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
 
 
-
 def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path, data_dir):
     """Ranks started by a launcher other than torchrun (which would kill them when rank 0 fails) must not wait
     at a collective for a rank 0 that refused the run directory."""
@@ -151,12 +150,12 @@ def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path, data_dir):
     finally:
         os.close(held)
 
+
 @pytest.mark.parametrize("keep", [1, 2])
 def test_only_the_newest_checkpoints_are_kept(tmp_path, data_dir, keep):
     run = run_config("train.max_steps=4", "train.save_every=1", f"train.keep_checkpoints={keep}")
     train(run, tmp_path, data_dir=str(data_dir))
     assert [p.name for p in complete_checkpoints(tmp_path)] == [f"step-{s:06d}" for s in range(5 - keep, 5)]
-
 
 
 def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_not_the_end_of_the_run(tmp_path, data_dir,
@@ -171,6 +170,7 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning_not_the_end_of_th
     (tmp_path / "checkpoints" / ".step-000001.old").write_text("a file, where a directory is usually left")
     ttl_checkpoint.remove_partial_checkpoints(tmp_path)
     assert not (tmp_path / "checkpoints" / ".step-000001.old").exists()
+
 
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""

@@ -217,7 +217,6 @@ def test_convert_needs_exactly_one_direction(direction, bf16_checkpoint, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-
 def test_convert_refuses_to_write_over_its_source(bf16_checkpoint, capsys):
     src = bf16_checkpoint[0]
     before = {f.name: f.read_bytes() for f in src.iterdir()}

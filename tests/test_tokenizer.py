@@ -284,6 +284,7 @@ def test_tokenizer_files_under_other_names_are_read_alone(tok, tmp_path):
     converted = Tokenizer.from_pretrained(tmp_path / "ttl").proto
     assert Tokenizer.from_pretrained(tmp_path / "ttl" / "ttl.json").proto == converted
 
+
 def test_train_tokenizer_reads_only_the_documents_it_uses():
     docs = corpus(300, seed=1)
     pulled = []

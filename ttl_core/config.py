@@ -299,4 +299,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_TTL_COMMON, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
 }
-
