@@ -145,6 +145,9 @@ def test_rejects_mismatched_shapes():
         ttl_kernels.rms_norm(x, torch.ones(8), residual=torch.randn(4, 1), backend="triton")
     with pytest.raises(ValueError, match="hidden sizes up to"):
         ttl_kernels.rms_norm(torch.randn(1, 65537), torch.ones(65537), backend="triton")
+    for backend in ("triton", "torch"):  # a scalar has no dimension to normalize over
+        with pytest.raises(ValueError, match="0-dim"):
+            ttl_kernels.rms_norm(torch.tensor(1.5), torch.ones(1), backend=backend)
 
 
 @pytest.mark.gpu

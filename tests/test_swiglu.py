@@ -61,6 +61,8 @@ def test_fused_projection_input_gives_one_gradient_equal_to_the_halves(shape, dt
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="even last dim"):
         ttl_kernels.swiglu(torch.randn(3, 5), backend="triton")
+    with pytest.raises(ValueError, match="even last dim"):  # a scalar is no gate/up pair
+        ttl_kernels.swiglu(torch.tensor(1.5), backend="triton")
     with pytest.raises(ValueError, match="one shape"):
         ttl_kernels.swiglu(torch.randn(3, 4), torch.randn(3, 5), backend="triton")
 

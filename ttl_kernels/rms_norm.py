@@ -221,6 +221,8 @@ def rms_norm(
     autocast puts before the next matmul would, without writing and rereading the wider tensor). With
     `residual` (same shape as `x`), normalizes `x + residual` in the same pass and returns `(normed,
     x + residual)`. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
+    if x.dim() == 0:
+        raise ValueError("rms_norm normalizes over the last dimension: the input must have one, got a 0-dim tensor")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:

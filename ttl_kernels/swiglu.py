@@ -107,7 +107,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
     strided views), computed in fp32 and rounded once to the inputs' dtype. With `up=None`, `gate` is the
     fused projection's output itself, gate then up along the last dim (even), and its gradient is one tensor.
     `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
-    if up is None and gate.shape[-1] % 2:
+    if up is None and (gate.dim() == 0 or gate.shape[-1] % 2):
         raise ValueError(f"swiglu of a fused gate/up tensor needs an even last dim, got {tuple(gate.shape)}")
     if up is not None and gate.shape != up.shape:
         raise ValueError(f"swiglu gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
