@@ -395,6 +395,11 @@ def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_pat
     (tmp_path / "out" / "ttl_config.json").write_text(json.dumps({**meta, "architecture": ["LlamaForCausalLM"]}))
     with pytest.raises(CheckpointError, match="unsupported architecture"):
         ttl_core.load_pretrained(tmp_path / "out")
+    # a layout written by a later ttl (or another tool's file of that name) is refused, not misread
+    for changed in ({"version": meta["version"] + 1}, {"format": "other"}):
+        (tmp_path / "out" / "ttl_config.json").write_text(json.dumps({**meta, **changed}))
+        with pytest.raises(CheckpointError, match="this ttl reads format 'ttl' version 1"):
+            ttl_core.load_pretrained(tmp_path / "out")
 
 
 def test_a_given_state_dict_is_checked_against_the_model(tmp_path):

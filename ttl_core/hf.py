@@ -27,6 +27,7 @@ from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 Plan = dict[str, list[tuple[str, int | None]]]
 
 NATIVE_CONFIG = "ttl_config.json"
+NATIVE_VERSION = 1  # raised whenever the native layout changes, so an older ttl refuses a newer checkpoint
 RUNTIME_FIELDS = ("kernels", "attention")  # LlamaConfig fields that are not part of a checkpoint
 GENERATION_CONFIG = "generation_config.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
@@ -158,6 +159,9 @@ def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
         raise CheckpointError(f"{directory}: not a checkpoint directory")
     if (directory / NATIVE_CONFIG).exists():
         meta = read_json(directory / NATIVE_CONFIG, CheckpointError)
+        if meta.get("format") != "ttl" or meta.get("version") != NATIVE_VERSION:
+            raise CheckpointError(f"{directory / NATIVE_CONFIG}: format {meta.get('format')!r} version "
+                                  f"{meta.get('version')!r}, this ttl reads format 'ttl' version {NATIVE_VERSION}")
         try:
             fields = {k: v for k, v in meta["config"].items() if k not in RUNTIME_FIELDS}
             config, architecture = LlamaConfig(**fields), meta["architecture"]
@@ -392,5 +396,5 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
     # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
-    write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": 1, "architecture": model.architecture,
+    write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION, "architecture": model.architecture,
                                            "config": config})
