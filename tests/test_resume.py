@@ -196,6 +196,34 @@ def test_a_crash_while_deleting_an_old_checkpoint_leaves_no_half_deleted_one(tmp
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
 
 
+@pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.pt"])
+def test_a_checkpoint_the_disk_cannot_hold_is_one_error_line_and_leaves_the_previous_newest(tmp_path, failing):
+    """A full disk while checkpointing (a file-size limit fails the writes the same way): safetensors and
+    torch.save raise errors of their own, torch's without the cause, and the user got their traceback; now one
+    line names the file and the free space, and the partial checkpoint is deleted, giving its space back."""
+    limit = {"model.safetensors": 100_000, "optimizer.pt": 600_000}[failing]  # the weights take 536 kB
+    code = f"""
+import resource, signal, sys, torch
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from train_helpers import random_model, run_config
+from ttl_core.checkpoint import save_checkpoint
+from ttl_core.cli import run_cli
+model = random_model(run_config())
+save_checkpoint({str(tmp_path)!r}, 1, model, model.state_dict(), {{}}, {{"data": {{}}}})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+moments = {{"exp_avg": torch.randn(250_000)}}  # 1 MB of optimizer state
+run_cli(lambda argv: save_checkpoint({str(tmp_path)!r}, 2, model, model.state_dict(), moments, {{"data": {{}}}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-3000:]
+    assert done.stderr.startswith(f"error: {tmp_path / 'checkpoints' / '.step-000002.partial' / failing}: write failed")
+    assert "File too large" in done.stderr or failing == "optimizer.pt"  # torch does not say
+    assert "MiB free on its file system" in done.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+
+
 def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
     """The checkpoint restores AdamW's moments; weight decay, betas and eps are the resumed run's config, and
     a changed no_decay (which would regroup the parameters) is refused."""

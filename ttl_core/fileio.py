@@ -5,11 +5,14 @@ complete file, never a torn one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
+
+from safetensors import SafetensorError
 
 
 def fsync_dir(directory: Path) -> None:
@@ -25,11 +28,19 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it into place atomically."""
+    """Call `write(tmp_path)` to produce the file, then move it into place atomically. A write that fails
+    in torch or safetensors is an `OSError` naming `path`, as one in Python's own file calls is."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (RuntimeError, SafetensorError) as e:
+            # torch.save and safetensors report a write that failed (a full disk, a file-size limit) as errors
+            # of their own, torch's without the cause ("unexpected pos 704 vs 598"): the free space tells
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise OSError(errno.EIO, f"write failed ({(str(e) or type(e).__name__).splitlines()[0]}; "
+                                     f"{free:,.0f} MiB free on its file system)", str(path)) from e
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,7 +83,11 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     for stale in (partial, old):
         remove_path(stale)
     partial.mkdir(parents=True)
-    write(partial)
+    try:
+        write(partial)
+    except BaseException:
+        remove_path(partial)  # the space a failed write took (a full disk) is given back
+        raise
     fsync_dir(partial)
     if path.exists():
         os.replace(path, old)
