@@ -102,6 +102,11 @@ class LlamaConfig:
             self.num_labels = len(self.id2label)
             if self.label2id is None:
                 self.label2id = {v: k for k, v in self.id2label.items()}
+        # a one-class cross-entropy is 0 whatever the logits (nothing would be learned), and transformers refuses
+        # to load a config.json that asks for it
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ConfigError("problem_type single_label_classification needs num_labels > 1; use num_labels 2 "
+                              "for two classes, or problem_type regression for one output")
 
     @property
     def rope_type(self) -> str:
