@@ -44,6 +44,9 @@ def edit_config(path, **changes):
     ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
     ({"pad_token_id": "x"}, "pad_token_id must be a token id"),
     ({"attention_dropout": 1.0}, r"attention_dropout must be in \[0, 1\), got 1.0"),
+    # transformers refuses it too; ttl trained on a loss that is always 0 and wrote a config.json it cannot load
+    ({"problem_type": "single_label_classification", "id2label": {"0": "yes"}},
+     "single_label_classification needs num_labels > 1"),
 ])
 def test_wrongly_typed_or_ranged_config_values_are_named(checkpoint, changes, message):
     edit_config(checkpoint, **changes)

@@ -303,6 +303,11 @@ def test_model_checks_before_training(tmp_path, tok, task_files):
                             FinetuneConfig(epochs=1, max_length=96), verbose=False)
     with pytest.raises(CheckpointError, match=r"nope: no such model directory"):
         finetune_instruct(tmp_path / "nope", instructions, tmp_path / "out4", "aira", cfg, verbose=False)
+    config = json.loads((fits / "config.json").read_text())
+    for pad in (None, -1):  # -1: old Llama configs' "none", which padding would use as a token id
+        (fits / "config.json").write_text(json.dumps({**config, "pad_token_id": pad}))
+        with pytest.raises(ConfigError, match=rf"fits: the config's pad_token_id {pad} is not a token id"):
+            finetune_classifier(fits, tasks, tasks, tmp_path / "out5", TaskSpec(), cfg, verbose=False)
 
 
 def test_empty_text_fields_option_is_refused(tmp_path):

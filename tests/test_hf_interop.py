@@ -345,6 +345,20 @@ def test_label_overrides_rebuild_the_head_names(tmp_path):
         ours.config.replace(num_labels=4, id2label={0: "a", 1: "b", 2: "c"})
 
 
+def test_a_config_json_whose_num_labels_disagrees_with_id2label_reads_as_in_transformers(tmp_path):
+    """transformers lets num_labels win and names the labels anew (ttl took the head size from id2label)."""
+    hf_causal_lm().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(num_labels=3, id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    ours = ttl_core.load_pretrained(tmp_path, architecture="LlamaForSequenceClassification")
+    assert ours.score.weight.shape == theirs.score.weight.shape == (3, 64)
+    exported = ours.config.to_hf_dict("LlamaForSequenceClassification")
+    assert exported["id2label"] == {str(k): v for k, v in theirs.config.id2label.items()}
+    assert exported["label2id"] == theirs.config.label2id
+
+
 @pytest.mark.parametrize("declared", ["bfloat16", "float32"])
 def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, declared):
     """fp32 norms beside bf16 matrices: the model takes the dtype config.json declares, as transformers' default

@@ -179,6 +179,25 @@ def test_only_lora_parameters_learn(tmp_path):
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_adapters_on_biased_layers_whose_input_needs_no_gradient_train_like_peft(tmp_path):
+    """o_proj and down_proj with biases as the first adapted layers (nothing before them needs a gradient): the
+    adapter's update covers the whole output there, which an in-place add through indexing refused to backpropagate
+    through (torch's view of the biased matmul's output)."""
+    hf = hf_classifier(num_labels=3, attention_bias=True, mlp_bias=True)
+    ours = apply_lora(to_ttl(hf, tmp_path), r=2, alpha=4, dropout=0.0, targets=["o_proj", "down_proj"])
+    randomize_lora_(ours, seed=5)
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True).eval()
+    x, labels = ids(), torch.tensor([0, 2])
+    got, expected = ours(x, labels=labels), theirs(input_ids=x, labels=labels)
+    assert (got.logits - expected.logits).abs().max() < 1e-5
+    got.loss.backward()
+    expected.loss.backward()
+    grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if "lora_B" in n}
+    key = "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight"
+    assert torch.allclose(ours.backbone.layers[0].attn.out.lora_B["o_proj"].weight.grad, grads[key], atol=1e-6)
+
+
 def test_resized_embeddings_travel_as_modules_to_save(tmp_path):
     model = to_ttl(hf_causal_lm(), tmp_path)
     model.resize_token_embeddings(134)

@@ -102,6 +102,11 @@ class LlamaConfig:
             self.num_labels = len(self.id2label)
             if self.label2id is None:
                 self.label2id = {v: k for k, v in self.id2label.items()}
+        # a one-class cross-entropy is 0 whatever the logits (nothing would be learned), and transformers refuses
+        # to load a config.json that asks for it
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ConfigError("problem_type single_label_classification needs num_labels > 1; use num_labels 2 "
+                              "for two classes, or problem_type regression for one output")
 
     @property
     def rope_type(self) -> str:
@@ -183,6 +188,10 @@ class LlamaConfig:
         if refused:
             raise ConfigError(f"config.json sets {', '.join(refused)} to null; transformers refuses that too")
         kwargs = {**HF_LLAMA_DEFAULTS, **{k: v for k, v in hf.items() if k in fields}}
+        # an explicit num_labels that disagrees with id2label wins in transformers, which names the labels anew
+        if isinstance(hf.get("id2label"), dict) and is_integer(hf.get("num_labels")) \
+                and hf["num_labels"] != len(hf["id2label"]):
+            kwargs.update(id2label=None, label2id=None)
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in NULLABLE_HF_FIELDS}
         return cls(rope_theta=float(rope_theta), rope_scaling=rope_scaling, **kwargs)
 

@@ -333,8 +333,11 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     tokenizer, model = load_base(model_dir, cfg, architecture="LlamaForSequenceClassification", **head)
     train_examples = load_task(train_file, tokenizer, spec, labels, cfg.max_length, train_rows)
     eval_examples = load_task(eval_file, tokenizer, spec, labels, cfg.max_length, eval_rows)
-    if model.config.pad_token_id is None:
-        raise ConfigError(f"{model_dir}: the config has no pad_token_id; batched classification needs one")
+    # batches are padded with this id and pooled at the last token that is not it: a negative id (old Llama
+    # configs say -1 for none) would index before the embedding table
+    if model.config.pad_token_id is None or model.config.pad_token_id < 0:
+        raise ConfigError(f"{model_dir}: the config's pad_token_id {model.config.pad_token_id} is not a token id; "
+                          "batched classification pads with one (set it in config.json)")
     if cfg.lora:
         start_lora(model, cfg, modules_to_save=["score"])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,9 @@ class LoRALinear(nn.Linear):
             downs = [self.lora_A[n](self.dropout(x)) for n in names]
         for n, down in zip(names, downs):
             start, stop = self.slices[n]
-            y[..., start:stop] += self.lora_B[n](down) * self.scale
+            # add_ on the view, not `y[...] += ...`: with a bias, y is torch's view of the matmul's output, and the
+            # write-back that `+=` adds through indexing is refused by autograd when the slice is the whole output
+            y[..., start:stop].add_(self.lora_B[n](down) * self.scale)
         return y
 
     def delta(self, name: str) -> torch.Tensor:
