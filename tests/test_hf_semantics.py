@@ -129,6 +129,12 @@ def test_generation_config_sets_eos_and_travels(tmp_path):
     ttl_core.save_pretrained(ours, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [2, extra] and saved["max_length"] == 77
+    # through ttl's native layout too (scripts/convert.py --from-hf, then --to-hf): the settings stay
+    ttl_core.save_native(ours, tmp_path / "native")
+    native = ttl_core.load_pretrained(tmp_path / "native")
+    assert torch.equal(ttl_core.generate(native, tokens, max_new_tokens=12), expected)
+    ttl_core.save_pretrained(native, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "generation_config.json").read_text()) == saved
 
 
 def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_path):

@@ -363,13 +363,19 @@ def save_pretrained(
     _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
     (directory / NATIVE_CONFIG).unlink(missing_ok=True)  # a stale one would take precedence when loading
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
-    # the generation settings a checkpoint was loaded with (extra EOS ids, sampling defaults) are kept
+    _write_generation_config(directory, model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _write_generation_config(directory: Path, model) -> None:
+    """`generation_config.json`: the model's special token ids, then the generation settings its checkpoint was
+    loaded with (extra EOS ids, sampling defaults), kept in either layout."""
+    config = model.config
     write_json(directory / GENERATION_CONFIG, {
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
         **(model.generation_config or {}),
     })
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
 
 
 def _check_state_dict(state_dict: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
@@ -387,7 +393,8 @@ def _check_state_dict(state_dict: dict[str, torch.Tensor], shapes: dict[str, tor
 
 def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
                 max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None) -> None:
-    """Write ttl's native layout: fused parameters under ttl's names and `ttl_config.json`."""
+    """Write ttl's native layout: fused parameters under ttl's names, `ttl_config.json` and, as
+    `save_pretrained` does, `generation_config.json`."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
@@ -398,3 +405,4 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
     write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION, "architecture": model.architecture,
                                            "config": config})
+    _write_generation_config(directory, model)
