@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", default=[], help="text files (.txt, .jsonl, .parquet)")
     parser.add_argument("--sample", action="store_true", help="use the bundled sample corpus as input")
     parser.add_argument("--out", required=True, help="data directory to write")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=4096,
+                        help="vocabulary of the trained tokenizer (default %(default)s)")
     parser.add_argument("--tokenizer", help="use this tokenizer (.model file or HF directory) instead of training")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     parser.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")

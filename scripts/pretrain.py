@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", help="start from this HF Llama checkpoint instead of random weights")
     parser.add_argument("--document-masking", action="store_true",
                         help="attend within each packed document only, positions restarting per document")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default %(default)s, even with a GPU")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.grad_accum_steps=2 (repeatable)")
     args = parser.parse_args(argv)

@@ -201,7 +201,7 @@ def open_device(benchmark: str, smoke: bool = False) -> BenchDevice:
 
 
 def row(impl: str, pass_: str, shape: dict[str, Any], dtype: str, ms: float, **figures: Any) -> dict[str, Any]:
-    """One result row with every DESIGN.md field present (missing figures are None)."""
+    """One result row with every field of benchmarks/README.md's results format (missing figures are None)."""
     unknown = set(figures) - set(ROW_FIELDS)
     if unknown:
         raise ValueError(f"unknown result fields: {sorted(unknown)}")
