@@ -247,7 +247,7 @@ def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
     # a pickle that would create a file if it were ever loaded
     (d / "pytorch_model.bin").write_bytes(
         b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
-    with pytest.raises(CheckpointError, match="pickle checkpoint.*never unpickles.*safe_serialization"):
+    with pytest.raises(CheckpointError, match=r"pickle checkpoint.*never unpickles.*save_pretrained\(OUT\), which"):
         ttl_core.load_pretrained(d)
     assert not marker.exists()
 

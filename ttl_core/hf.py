@@ -84,7 +84,8 @@ def _weight_files(directory: Path) -> list[Path]:
             raise CheckpointError(
                 f"{directory / pickles[0]} is a pickle checkpoint, which ttl never unpickles (it can run code); "
                 "convert it in a trusted environment with transformers: "
-                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)"
+                "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT), which writes safetensors "
+                "(transformers >= 4.35)"
             )
         raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     missing = [str(f) for f in files if not f.exists()]
@@ -403,6 +404,6 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
     # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
-    write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION, "architecture": model.architecture,
-                                           "config": config})
+    write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION,
+                                           "architecture": model.architecture, "config": config})
     _write_generation_config(directory, model)
