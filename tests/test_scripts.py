@@ -148,7 +148,9 @@ def test_cuda_graph_timing_captures_forward_and_backward():
     torch.cuda.synchronize()
     truth = torch.autograd.grad(ttl_kernels.rms_norm_reference(x, w), (x,), dy)[0]
     assert torch.allclose(grads["x"], truth, rtol=1e-4, atol=1e-5)
+    stream = torch.cuda.current_stream()
     assert device.graph_replay(lambda: x.sum().item()) is None
+    assert torch.cuda.current_stream() == stream  # not the failed capture's stream
     assert device.time_ms(replay, warmup=2, reps=5) > 0
 
 

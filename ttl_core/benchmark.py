@@ -95,6 +95,7 @@ class BenchDevice:
         (a host sync, say), which the caller then times as it is."""
         if not self.cuda:
             return None
+        stream = torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -108,6 +109,9 @@ class BenchDevice:
         except Exception as e:  # noqa: BLE001 - any capture failure means: time it without a graph
             reason = (str(e).splitlines() or [""])[0][:120]
             print(f"no CUDA graph ({type(e).__name__}: {reason}): timing eagerly")
+            # a capture invalidated by an error makes torch.cuda.graph's exit raise in capture_end before it
+            # restores the stream: its capture stream would stay current for every later measurement
+            torch.cuda.set_stream(stream)
             torch.cuda.synchronize()
             return None
         return graph.replay
