@@ -82,11 +82,14 @@ def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Modu
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    # FSDP2's default mesh is on the machine's accelerator: a gloo run on a GPU machine would move to CUDA
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    # A group of FSDP's own, not the world group: DTensor's caches keep FSDP's mesh and its group alive past
+    # destroy_process_group, and gloo then released the run's last works (held back by its final barrier)
+    # during interpreter shutdown, where a thread taking the GIL aborts the process (1 run in 30). The mesh's
+    # device type is the run's: FSDP2's default, the machine's accelerator, would move a gloo run to CUDA.
+    mesh = DeviceMesh.from_group(dist.new_group(), world.device.type)
     for block in model.backbone.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
