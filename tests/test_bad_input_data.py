@@ -458,3 +458,19 @@ def test_a_broken_line_before_a_torn_last_line_is_an_error(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
     with pytest.raises(DataError, match=r"metrics\.jsonl:2: not a JSON line"):
         read_metrics(path)
+
+
+def test_only_a_last_line_without_its_newline_counts_as_torn(tmp_path):
+    """A line ended by its newline was written whole: a broken one is damage, reported even when it is last."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+    with pytest.raises(DataError, match=r"metrics\.jsonl:2: not a JSON line"):
+        read_metrics(path)
+
+
+def test_a_run_resumed_without_its_metrics_file_starts_a_new_one(tmp_path):
+    """Checkpoints copied to a new run directory, or a deleted metrics.jsonl: the resumed log starts empty."""
+    log = MetricsLog(tmp_path, resume_step=3)
+    log.log({"step": 4, "loss": 1.25})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 4, "loss": 1.25}]

@@ -336,3 +336,29 @@ def test_a_file_in_the_way_of_a_directory_written_atomically_is_replaced_and_lea
     (tmp_path / ".best.old").write_text("left by an earlier version")
     fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text("epoch 3"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (best / "model.txt").read_text() == "epoch 3"
+
+
+def test_a_symlink_in_the_way_of_a_directory_written_atomically_is_unlinked_and_its_target_kept(tmp_path):
+    """A `best` that is a link to the user's own directory: each swap drops the link (its `.old`), never the
+    directory it points to, and no `.best.old` link stays to make the next swap fail (a directory cannot be
+    renamed over a link)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    best = tmp_path / "best"
+    best.symlink_to(mine, target_is_directory=True)
+    for epoch in (1, 2):
+        fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text(f"epoch {epoch}"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "mine"] and not best.is_symlink()
+        assert (best / "model.txt").read_text() == f"epoch {epoch}"
+    assert (mine / "notes.txt").read_text() == "the user's"
+
+
+def test_a_directory_removed_atomically_clears_an_old_one_a_crashed_removal_left(tmp_path):
+    """A `.name.old` left by a removal killed midway does not stop the next removal of that name."""
+    (tmp_path / ".step-000001.old").mkdir()
+    (tmp_path / ".step-000001.old" / "torn.bin").write_bytes(b"\1")
+    (tmp_path / "step-000001").mkdir()
+    (tmp_path / "step-000001" / "model.safetensors").write_bytes(b"\2")
+    fileio.remove_dir_atomically(tmp_path / "step-000001")
+    assert list(tmp_path.iterdir()) == []

@@ -250,6 +250,7 @@ def test_the_newest_checkpoint_is_found_by_step_number_past_six_digits(tmp_path)
     root = tmp_path / "checkpoints"
     for name in ("step-999999", "step-1000000", "step-000005", ".step-2000000.partial"):
         (root / name).mkdir(parents=True)
+    (root / "step-2000001").write_text("a stray file, not a checkpoint: never resumed from nor pruned")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000005", "step-999999", "step-1000000"]
     assert latest_checkpoint(tmp_path).name == "step-1000000"
 
@@ -267,9 +268,10 @@ def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match="expected a step number and the data position"):
             load_trainer_state(ckpt)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
-    torch.save({"optimizer": {}}, ckpt / "optimizer.pt")
-    with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
-        load_trainer_state(ckpt)
+    for saved in ({"optimizer": {}}, {"rng": {}}):
+        torch.save(saved, ckpt / "optimizer.pt")
+        with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
+            load_trainer_state(ckpt)
     (ckpt / "optimizer.pt").write_bytes(b"")  # as a full disk or a failed copy leaves it
     with pytest.raises(CheckpointError, match="optimizer.pt: empty or truncated"):
         load_trainer_state(ckpt)
@@ -285,3 +287,38 @@ def test_a_trainer_state_with_non_ascii_settings_resumes_under_an_ascii_locale(t
             f"print(ascii(load_trainer_state(ck)[0]['prompt']))")
     run = run_in_ascii_locale(code)
     assert run.returncode == 0 and run.stdout.strip() == "'O Brasil \\xe9'", run.stderr[-500:]
+
+
+def test_an_unreadable_trainer_state_or_a_pickle_of_objects_is_refused_not_loaded(tmp_path):
+    """A torn trainer_state.json is one error line, and optimizer.pt is read with weights_only: a pickle that
+    would build an arbitrary object (here an argparse.Namespace) is refused, never executed."""
+    import argparse
+    ckpt = tmp_path / "step-000001"
+    ckpt.mkdir()
+    torch.save({"optimizer": {}, "rng": {}}, ckpt / "optimizer.pt")
+    (ckpt / "trainer_state.json").write_text('{"step": 1, "da')
+    with pytest.raises(CheckpointError, match="unreadable trainer state"):
+        load_trainer_state(ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
+    torch.save({"optimizer": {}, "rng": {}, "extra": argparse.Namespace(lr=0.1)}, ckpt / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="unreadable trainer state"):
+        load_trainer_state(ckpt)
+
+
+def test_the_saved_rng_state_restores_python_numpy_and_torch_through_optimizer_pt(tmp_path):
+    """rng_state() survives the weights_only round trip of optimizer.pt, and set_rng_state puts every
+    generator back: the draws after restoring are the draws after saving."""
+    import random
+    import numpy as np
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    torch.save({"rng": ttl_checkpoint.rng_state()}, tmp_path / "optimizer.pt")
+
+    def draws():
+        return random.random(), np.random.rand(4).tolist(), torch.rand(4).tolist()
+
+    first = draws()
+    draws()  # the generators move on, as a new process's would differ
+    ttl_checkpoint.set_rng_state(torch.load(tmp_path / "optimizer.pt", weights_only=True)["rng"])
+    assert draws() == first

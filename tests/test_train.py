@@ -265,6 +265,11 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     pytest.param("train.lr=" + "9" * 400, "train.lr must be a float", id="an integer no float can hold"),
     pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be a int", id="an integer Python won't read"),
     ("model.preset=[\"tiny\"]", "unknown preset"), ("model.preset={name = \"tiny\"}", "unknown preset"),
+    ("train.min_lr=-0.1", r"min_lr must lie in \[0, lr"), ("train.betas=[0.9, 1.0]", "betas must be two numbers"),
+    ("train.save_every=0", "save_every must be >= 1"),  # a step % 0 mid-run otherwise
+    # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
+    ("train.compile=1", "train.compile must be a bool"), ("train.max_steps=true", "train.max_steps must be a int"),
+    ("train.no_decay=\"norm\"", "train.no_decay must be a list"),
 ])
 def test_nan_and_out_of_range_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -275,7 +280,9 @@ def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
     (tmp_path / "scalar.toml").write_text("model = 5\n")
     (tmp_path / "long.toml").write_text("[train]\nseed = " + "9" * 5000 + "\n")
+    (tmp_path / "typo.toml").write_text("[trian]\nlr = 0.5\n")  # a misspelt section must not train with defaults
     for path, message in ((tmp_path / "binary.toml", "invalid TOML"), (tmp_path / "scalar.toml", "must be a"),
+                          (tmp_path / "typo.toml", r"unknown section\(s\) trian in .*typo.toml"),
                           (tmp_path / "long.toml", "invalid TOML"),
                           (tmp_path, "cannot read the config")):
         with pytest.raises(ConfigError, match=message):
@@ -417,6 +424,13 @@ def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_st
 def test_a_sequence_longer_than_the_context_is_refused(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="train.seq_len 128 exceeds the model's max_position_embeddings 64"):
         train(run_config("train.seq_len=128"), tmp_path, data_dir=str(data_dir))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_config_error_not_a_torch_traceback():
+    from ttl_core.distributed import init_world
+    with pytest.raises(ConfigError, match="--device cuda was requested but no CUDA device is available"):
+        init_world("cuda")
 
 
 def test_integers_are_accepted_for_float_settings():
