@@ -23,6 +23,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
@@ -35,7 +36,7 @@ from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.model import LlamaForCausalLM
 
 
-def hf_model(path: str, device: torch.device):
+def hf_model(path: str, device: torch.device) -> torch.nn.Module | None:
     """transformers' Llama from the saved directory, or None (with a note) when transformers is missing."""
     try:
         import transformers
@@ -47,7 +48,7 @@ def hf_model(path: str, device: torch.device):
     return model.to(device).eval()
 
 
-def decode_bytes(model, batch: int, prompt: int, new: int) -> int:
+def decode_bytes(model: LlamaForCausalLM, batch: int, prompt: int, new: int) -> int:
     """Bytes a generate() call must read: all weights but the embedding table at each step, and at step t the
     keys and values of prompt + t positions per row."""
     config = model.config
@@ -97,7 +98,7 @@ def bench(path: str, preset: str, batches: list[int], hf_static_batches: list[in
                     profiles[f"{impl} batch {batch}"] = {"wall_ms": ms, **profile}
 
 
-def time_generate(dev: BenchDevice, impl: str, fn, expected_shape: tuple[int, int],
+def time_generate(dev: BenchDevice, impl: str, fn: Callable[[], torch.Tensor], expected_shape: tuple[int, int],
                   reps: int) -> tuple[float, float | None]:
     """(median ms per call, extra memory MB of the first, cold call), after checking the output's shape.
     Whole generate() calls take seconds for transformers: the cold call (compilation, graph capture) is the

@@ -34,7 +34,7 @@ ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48, 80)}
 GOAL_ROWS = 16384  # the row count the speed goals name (benchmarks/README.md); measured first
 
 
-def liger(module: str, name: str):
+def liger(module: str, name: str) -> Callable | None:
     """A Liger-Kernel autograd Function's `apply`, or None when liger_kernel is missing or fails to import
     (a baseline absent, not a benchmark lost)."""
     try:
@@ -227,12 +227,12 @@ def bench_swiglu(mode: str, dtype: torch.dtype, results: Results) -> None:
                     5 * tensor)
 
 
-def loss_only(out):
+def loss_only(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Liger's loss Functions return the loss alone or (loss, z_loss) depending on the version."""
     return out[0] if isinstance(out, tuple) else out
 
 
-def eager_linear_cross_entropy(hidden, weight, targets):
+def eager_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """What transformers does: the full logits, upcast to float32, then cross-entropy."""
     return F.cross_entropy(F.linear(hidden, weight).float(), targets)
 

@@ -93,7 +93,7 @@ class Chat:
             self.ids.append(self.eos[-1])
 
 
-def reply(model, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:
+def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:
     """Generate (and stream) the model's continuation of the conversation; returns its token ids."""
     device = model.lm_head.weight.device
     ids = torch.tensor([chat.ids], device=device)

@@ -157,7 +157,7 @@ def count_graph_breaks() -> dict:
             "reasons": [b.reason.splitlines()[0] for b in explained.break_reasons]}
 
 
-def inspect(kernel, tools: Path) -> dict:
+def inspect(kernel: triton.compiler.CompiledKernel, tools: Path) -> dict:
     """Registers, stack bytes and SASS instruction counts of a compiled kernel, read with cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])

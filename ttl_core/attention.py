@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,7 @@ def sdpa_attention(
 
 
 @functools.cache
-def flash_attn_module():
+def flash_attn_module() -> types.ModuleType | None:
     """flash-attn's interface module, or None when the optional package is not installed. Cached: every
     attention call asks, and Python retries a failed import each time (about 34 us, a dozen times a forward)."""
     try:

@@ -18,7 +18,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ import torch
 from .errors import CheckpointError
 from .fileio import atomic_write, remove_dir_atomically, remove_path, write_dir_atomically, write_json
 from .hf import save_pretrained
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 try:
     import fcntl
@@ -112,7 +115,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer=None, keep: int = 2,
+    optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer: Tokenizer | None = None, keep: int = 2,
     scaler_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` ones.

@@ -19,6 +19,7 @@ import itertools
 import threading
 import warnings
 import weakref
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +30,9 @@ from .errors import GenerationError, is_integer
 from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
                        unimplemented_settings)
 from .streamer import StopStrings
+
+if TYPE_CHECKING:
+    from .model import LlamaForCausalLM
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
 # On CUDA each check is one device sync; in between, the host queues graph replays without waiting for them.
@@ -381,12 +385,12 @@ def _ending(streamer):
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, num_return_sequences: int = 1, seed: int | None = None,
-             stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
+             stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              cuda_graph: bool = True) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'

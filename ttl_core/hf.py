@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,6 +23,9 @@ from .config import SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, ConfigError, TTLError
 from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 # A plan: ttl parameter name -> [(checkpoint tensor name, rows taken along dim 0 or None for all)]
 Plan = dict[str, list[tuple[str, int | None]]]
@@ -341,7 +345,7 @@ def _planned_tensors(params: dict[str, torch.Tensor], plan: Plan, dtype: torch.d
 
 def save_pretrained(
     model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
-    max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None, tokenizer=None,
+    max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None, tokenizer: Tokenizer | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a transformers-loadable directory: safetensors (sharded with an index above `max_shard_size`),

@@ -10,9 +10,14 @@ matching transformers `LogitsProcessor` on random logits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .errors import GenerationError, is_integer, is_number
+
+if TYPE_CHECKING:
+    from .model import LlamaForCausalLM
 
 # The smallest temperature sampling takes: the smallest normal float32. Scores are float32, and below it
 # logits / temperature overflows to inf for every logit of magnitude 4 or more (4 / 2**-126 > float32's
@@ -107,7 +112,8 @@ def _token_list(ids, name: str, vocab: int) -> list[int]:
     return ids
 
 
-def special_token_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | None,
+                      pad_token_id: int | None) -> tuple[list[int], int | None]:
     """(EOS ids, padding id): the arguments where given, else the checkpoint's generation_config.json as
     transformers reads it (when the model was loaded with one), else the model config's; the padding id
     falls back to the first EOS id."""
