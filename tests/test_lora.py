@@ -152,6 +152,9 @@ def test_merge_unmerge_and_unload(tmp_path):
     assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
     with pytest.raises(CheckpointError, match="LoRA adapters"):
         ttl_core.save_pretrained(model, tmp_path / "refused")
+    with pytest.raises(CheckpointError, match="LoRA adapters"):  # else written, then refused when loaded
+        ttl_core.save_native(model, tmp_path / "refused_native")
+    assert not (tmp_path / "refused_native").exists()
     ttl_core.save_pretrained(model, tmp_path / "folded", state_dict=merged_weights(model))  # model unchanged
     with torch.no_grad():
         assert (ttl_core.load_pretrained(tmp_path / "folded")(x).logits - unmerged).abs().max() < 1e-5

@@ -401,9 +401,15 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     """Write ttl's native layout: fused parameters under ttl's names, `ttl_config.json` and, as
     `save_pretrained` does, `generation_config.json`."""
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
     params = dict(model.named_parameters())
+    with torch.device("meta"):  # the parameters a model built from this config has, which loading expects
+        unplanned = sorted(set(params) - set(native_plan(build_model(model.config, model.architecture))))
+    if unplanned:
+        raise CheckpointError(f"the model holds parameters its config does not build ({_list_some(unplanned)}), "
+                              "which loading would refuse; LoRA adapters are merged with ttl_core.lora.unload_lora "
+                              "or saved with save_adapter")
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").unlink(missing_ok=True)  # transformers would read the new weights under it
     _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
     # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
