@@ -317,8 +317,9 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
                         cfg: FinetuneConfig | None = None, verbose: bool = True) -> FinetuneResult:
     """Fine-tune the causal LM (or classifier) in `model_dir` on a task file and keep the checkpoint that
     scores best on `eval_file` (accuracy, or Pearson for regression) in OUT/best, with the tokenizer and
-    `id2label`/`label2id` in its config. OUT/metrics.jsonl logs every step and evaluation; OUT/results.json
-    holds the per-epoch evaluations."""
+    `id2label`/`label2id` in its config (an unmerged LoRA run saves a PEFT adapter there instead, which holds no
+    config: its label names are those of OUT/results.json). OUT/metrics.jsonl logs every step and evaluation;
+    OUT/results.json holds the label names and the per-epoch evaluations."""
     spec, cfg = spec or TaskSpec(), cfg or FinetuneConfig()
     train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
     device = cfg.torch_device()
