@@ -283,8 +283,7 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Undo `merge_lora`: the base weights return to their values up to one rounding in their own dtype (a
-    bfloat16 base does not get its exact weights back)."""
+    """Undo `merge_lora`: the base weights return to their values up to rounding in their own dtype."""
     for layer in lora_layers(model).values():
         layer.set_merged(False)
 
