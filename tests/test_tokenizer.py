@@ -62,6 +62,15 @@ def test_save_pretrained_matches_autotokenizer(tok, tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "b").vocab_size == 324
 
 
+def test_save_pretrained_replaces_an_older_tokenizer_json(tok, tmp_path):
+    """transformers (and from_pretrained) read tokenizer.json first: one left in the directory would win."""
+    make_ttl_style_dir(tmp_path / "out", corpus(200, seed=1))
+    tok.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    again = Tokenizer.from_pretrained(tmp_path / "out")
+    assert again.vocab_size == tok.vocab_size and again.encode("o menino foi") == tok.encode("o menino foi")
+
+
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
     import io

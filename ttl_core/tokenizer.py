@@ -356,10 +356,13 @@ class Tokenizer:
         atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers."""
+        """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers (and
+        remove a `tokenizer.json` already there)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.model")
+        # transformers and from_pretrained read a tokenizer.json before tokenizer.model: an older one would win
+        (directory / "tokenizer.json").unlink(missing_ok=True)
         # a Llama-2 style model has no pad piece (id -1): transformers reads that as pad_token null
         ids = {"unk_token": self.unk_id, "bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         special = {name: self.sp.id_to_piece(i) if i >= 0 else None for name, i in ids.items()}
