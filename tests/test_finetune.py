@@ -18,7 +18,7 @@ from tests.finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
 from tests.helpers import run_script
 from ttl_core.errors import CheckpointError
 from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, collate, finetune_classifier,
-                               predict, regression_metrics)
+                               improves, predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.metrics import read_metrics
 from ttl_core.instruct import finetune_instruct
@@ -263,6 +263,19 @@ def test_metrics_count_a_class_that_is_only_predicted_and_handle_constant_sides(
     for p, t in ((varied, [1.5] * 4), ([1.5] * 4, varied)):
         r = regression_metrics(p, t)
         assert r["pearson"] == 0.0 and r["mse"] == pytest.approx(np.mean((np.array(p) - np.array(t)) ** 2))
+
+
+def test_a_diverged_evaluation_is_never_kept_over_a_real_one():
+    """Non-finite predictions score NaN, not the 0 of a constant prediction (which would beat a negative
+    Pearson); a NaN score beats no best, and any score beats a NaN best (else no later epoch could be kept)."""
+    for bad in (math.nan, math.inf):
+        r = regression_metrics([0.3, bad, 2.5], [1.0, 2.0, 3.0])
+        assert math.isnan(r["pearson"]) and math.isnan(r["mse"])
+    assert improves(0.5, None, higher_is_better=True) and improves(-0.2, math.nan, higher_is_better=True)
+    assert improves(3.0, math.nan, higher_is_better=False)
+    assert not improves(math.nan, -0.2, higher_is_better=True) and not improves(math.nan, 3.0, higher_is_better=False)
+    assert improves(0.6, 0.5, higher_is_better=True) and not improves(0.5, 0.5, higher_is_better=True)
+    assert improves(0.9, 1.0, higher_is_better=False) and not improves(1.1, 1.0, higher_is_better=False)
 
 
 def test_classifier_keeps_the_first_best_epoch_and_decays_the_lr_over_all_updates(base_dir, tmp_path, monkeypatch):

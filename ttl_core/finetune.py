@@ -178,14 +178,25 @@ def classification_metrics(predictions: list[int], labels: list[int], num_labels
 
 
 def regression_metrics(predictions: list[float], targets: list[float]) -> dict[str, float]:
-    """Pearson correlation (0 when either side is constant) and mean squared error."""
+    """Pearson correlation (0 when either side is constant, NaN when a prediction is not finite) and mean squared
+    error."""
     n = len(targets)
+    if not all(map(math.isfinite, predictions)):  # a diverged model, which a 0 would rank above anti-correlation
+        return {"pearson": math.nan, "mse": math.nan}
     mp, mt = sum(predictions) / n, sum(targets) / n
     cov = sum((p - mp) * (t - mt) for p, t in zip(predictions, targets))
     sp = math.sqrt(sum((p - mp) ** 2 for p in predictions))
     st = math.sqrt(sum((t - mt) ** 2 for t in targets))
     pearson = cov / (sp * st) if sp > 0 and st > 0 else 0.0
     return {"pearson": pearson, "mse": sum((p - t) ** 2 for p, t in zip(predictions, targets)) / n}
+
+
+def improves(score: float, best_score: float | None, higher_is_better: bool) -> bool:
+    """Whether an evaluation beats the best so far (a tie does not; with none yet, it does). A NaN score, from a
+    diverged evaluation, beats nothing, and anything beats a NaN best, so one bad epoch cannot block the rest."""
+    if best_score is None or math.isnan(best_score):
+        return True
+    return score > best_score if higher_is_better else score < best_score
 
 
 @torch.no_grad()
@@ -351,7 +362,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
         metrics = evaluate_classifier(model, eval_examples, cfg.batch_size * 2, device, cfg.dtype)
         history.append({"epoch": epoch, **metrics})
         log.log({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
-        improved = not best or metrics[primary] > best[primary]
+        improved = improves(metrics[primary], best.get(primary), higher_is_better=True)
         if improved:
             best.clear()
             best.update(history[-1])

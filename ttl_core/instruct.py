@@ -17,7 +17,8 @@ import torch
 
 from .errors import ConfigError, DataError
 from .fileio import write_json
-from .finetune import FinetuneConfig, check_tokenizer_fits, load_base, save_finetuned, start_lora, train_epochs
+from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base, save_finetuned, start_lora,
+                       train_epochs)
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
@@ -192,7 +193,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
             record["eval_loss"] = lm_eval_loss(model, eval_examples, cfg.batch_size * 2, pad_id, device)
             log.log({"step": step, **record})
         history.append(record)
-        improved = not best or not eval_examples or record["eval_loss"] < best["eval_loss"]
+        improved = not eval_examples or improves(record["eval_loss"], best.get("eval_loss"), higher_is_better=False)
         if improved:
             best.clear()
             best.update(record)
