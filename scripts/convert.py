@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         save_native(model, args.out, max_shard_size=args.max_shard_size)
         if tokenizer is not None:
-            tokenizer.save_pretrained(args.out)
+            tokenizer.save_pretrained(args.out, model.config.max_position_embeddings)
     params = model.num_parameters()
     print(f"wrote {model.architecture} ({params:,} parameters, {model.backbone.embed.weight.dtype}) to {args.out}")
     return 0

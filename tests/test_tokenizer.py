@@ -71,6 +71,19 @@ def test_save_pretrained_replaces_an_older_tokenizer_json(tok, tmp_path):
     assert again.vocab_size == tok.vocab_size and again.encode("o menino foi") == tok.encode("o menino foi")
 
 
+def test_a_checkpoint_tells_transformers_its_models_context(tok, tmp_path):
+    """Saved with a model, the tokenizer's model_max_length (where transformers truncates) is that model's
+    context, not TeenyTinyLlama's 2048."""
+    from transformers import AutoTokenizer
+
+    from ttl_core import LlamaConfig, LlamaForCausalLM, save_pretrained
+
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=96)
+    save_pretrained(LlamaForCausalLM(config), tmp_path / "ckpt", tokenizer=tok)
+    assert AutoTokenizer.from_pretrained(tmp_path / "ckpt").model_max_length == 96
+
+
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
     import io

@@ -281,7 +281,7 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
             save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model))
         else:
             save_adapter(model, tmp, base_model_name_or_path=str(Path(base_dir).resolve()))
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp, model.config.max_position_embeddings)
 
     write_dir_atomically(directory, write)
 

@@ -370,7 +370,7 @@ def save_pretrained(
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
     _write_generation_config(directory, model)
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        tokenizer.save_pretrained(directory, config.max_position_embeddings)
 
 
 def _write_generation_config(directory: Path, model) -> None:

@@ -355,9 +355,10 @@ class Tokenizer:
         """Write the sentencepiece model file atomically."""
         atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int = 2048) -> None:
         """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers (and
-        remove a `tokenizer.json` already there)."""
+        remove a `tokenizer.json` already there); `model_max_length`, the context of the model the tokenizer is
+        saved with, is where transformers' tokenizer truncates."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.model")
@@ -375,7 +376,7 @@ class Tokenizer:
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
                   "clean_up_tokenization_spaces": False,
-                  "model_max_length": 2048, "padding_side": "right", "sp_model_kwargs": {},
+                  "model_max_length": model_max_length, "padding_side": "right", "sp_model_kwargs": {},
                   "added_tokens_decoder": decoder, **special}
         if self.added_tokens:
             config["additional_special_tokens"] = list(self.added_tokens)
