@@ -133,7 +133,8 @@ class Tokenizer:
         DIR/tokenizer.model`), and is then the one read.
 
         Where ttl differs from transformers: `bos_id` / `eos_id` are the tokens a tokenizer.json template puts
-        around a text even where the config names others for those roles; `unk_id` stays the model's `<unk>`."""
+        around a text even where the config names others for those roles; `unk_id` stays the model's `<unk>`;
+        added tokens are all special (decoding with skip_special_tokens drops those marked not special too)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
@@ -356,9 +357,8 @@ class Tokenizer:
         atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
 
     def save_pretrained(self, directory: str | os.PathLike, model_max_length: int = 2048) -> None:
-        """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers (and
-        remove a `tokenizer.json` already there); `model_max_length`, the context of the model the tokenizer is
-        saved with, is where transformers' tokenizer truncates."""
+        """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers, which
+        truncates at `model_max_length` (the context of the model saved beside), and remove a `tokenizer.json`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.model")
