@@ -167,7 +167,9 @@ def stop_if_not_finite(optimizer: torch.optim.Optimizer, figures: dict[str, floa
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: World, bos_id: int | None) -> float:
-    """Mean loss per target token over the first `eval_batches` micro-batches of val.bin (split over ranks)."""
+    """Mean loss per target token over the first `eval_batches` global batches of val.bin (fewer if it holds
+    fewer), in file order: each rank evaluates its micro-batch of each, so the tokens evaluated grow with the
+    number of processes."""
     train = run.train
     loader = PackedLoader(data_dir, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
                           world_size=world.size, shuffle=False)
