@@ -71,6 +71,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run's configuration: the `[model]` table as given, and the `[data]` and `[train]` settings."""
+
     model: dict[str, Any]
     data: DataConfig
     train: TrainConfig

@@ -70,6 +70,7 @@ def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast to the run's `train.dtype` on `device`; float32 runs without autocast."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
@@ -224,6 +225,7 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
 
 
 def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's next `n` batches (the micro-batches of one optimizer step)."""
     for _ in range(n):
         yield next(loader)
 
@@ -241,6 +243,9 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
 
 @dataclass
 class RunResult:
+    """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only) and the
+    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0)."""
+
     last_step: int
     last_loss: float | None
     checkpoint: Path | None
