@@ -266,6 +266,8 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be a int", id="an integer Python won't read"),
     ("model.preset=[\"tiny\"]", "unknown preset"), ("model.preset={name = \"tiny\"}", "unknown preset"),
     ("train.min_lr=-0.1", r"min_lr must lie in \[0, lr"), ("train.betas=[0.9, 1.0]", "betas must be two numbers"),
+    # a bad lr is named itself, not as the bound of min_lr's range
+    ("train.lr=nan", "train.lr must be >= 0, got nan"), ("train.lr=-0.001", "train.lr must be >= 0, got -0.001"),
     ("train.save_every=0", "save_every must be >= 1"),  # a step % 0 mid-run otherwise
     # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
     ("train.compile=1", "train.compile must be a bool"), ("train.max_steps=true", "train.max_steps must be a int"),
