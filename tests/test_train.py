@@ -102,6 +102,18 @@ def test_no_decay_groups_follow_the_name_fragments():
     assert "lm_head.weight" in decayed and not any("norm" in n for n in decayed)
 
 
+def test_a_tied_lm_head_named_in_no_decay_is_not_decayed():
+    """A tied LM head is the embedding table: naming either in no_decay takes the one shared weight out of decay
+    (named_parameters lists it under the embedding's name only)."""
+    from ttl_core.model import LlamaForCausalLM
+    for fragment in ("lm_head", "embed"):
+        run = run_config(f"train.no_decay=[\"{fragment}\"]", "model.tie_word_embeddings=true")
+        model = LlamaForCausalLM(run.model_config())
+        optimizer = build_optimizer(model, run.train, torch.device("cpu"))
+        assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(model.parameters())) - 1, 1]
+        assert optimizer.param_groups[1]["params"][0] is model.lm_head.weight is model.backbone.embed.weight
+
+
 def test_mfu_flops_and_peaks():
     from ttl_core import LlamaConfig, LlamaForCausalLM
     with torch.device("meta"):

@@ -40,12 +40,15 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with the names matching `train.no_decay` in a group without
-    weight decay (fused kernels on CUDA)."""
+    """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
+    `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA)."""
+    # a tied weight counts under each of its names (the LM head tied to the embedding is listed as the embedding's)
+    excluded = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
+                if any(f in name for f in train.no_decay)}
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if any(f in name for f in train.no_decay) else decay).append(param)
+            (no_decay if id(param) in excluded else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
                              eps=train.eps, fused=device.type == "cuda")
