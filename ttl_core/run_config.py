@@ -48,7 +48,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    # parameter-name fragments excluded from weight decay; [] decays everything (TeenyTinyLlama's practice)
+    # parameter-name fragments excluded from weight decay, matched against ttl's names (backbone.embed.weight,
+    # backbone.layers.0.attn_norm.weight, lm_head.weight: HF's "embed_tokens" matches nothing, silently);
+    # [] decays everything (TeenyTinyLlama's practice)
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     seed: int = 0
