@@ -262,6 +262,18 @@ def test_special_token_text_in_documents_stays_text(tmp_path):
     assert [tok.decode(d) for d in docs] == texts
 
 
+def test_a_tokenizer_object_given_is_left_as_it_was(tmp_path):
+    """The data directory's tokenizer adds <s> and not </s>; the caller's Tokenizer keeps its own settings."""
+    inputs, _ = write_inputs(tmp_path)
+    prepare_data(inputs[:1], tmp_path / "tok", vocab_size=300, workers=1)
+    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok.add_bos_token, tok.add_eos_token = False, True
+    prepare_data(inputs[:1], tmp_path / "out", tokenizer=tok, workers=1)
+    assert (tok.add_bos_token, tok.add_eos_token) == (False, True)
+    saved = Tokenizer.from_pretrained(tmp_path / "out")
+    assert (saved.add_bos_token, saved.add_eos_token) == (True, False)
+
+
 def test_a_vocabulary_over_65535_tokens_is_stored_as_uint32(tmp_path):
     """Ids above 65535 do not fit uint16: such a vocabulary gets uint32 token files, whose documents decode back
     and whose batches carry the large ids unchanged (a uint16 file would wrap them around)."""

@@ -322,3 +322,24 @@ def test_the_saved_rng_state_restores_python_numpy_and_torch_through_optimizer_p
     draws()  # the generators move on, as a new process's would differ
     ttl_checkpoint.set_rng_state(torch.load(tmp_path / "optimizer.pt", weights_only=True)["rng"])
     assert draws() == first
+
+
+def test_a_resumed_run_hides_the_tensorboard_events_past_its_checkpoint(tmp_path, monkeypatch):
+    """TensorBoard describes one history, as metrics.jsonl does: the writer of a run resumed at step 3 purges what
+    a killed run logged from step 4 on (SummaryWriter's purge_step), and a fresh run's purges all an earlier one
+    left. A stand-in SummaryWriter records the arguments (tensorboard itself is an optional dependency)."""
+    import types
+    from ttl_core.metrics import MetricsLog
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, **kwargs):
+            made.append(kwargs)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    MetricsLog(tmp_path, resume_step=3, tensorboard=True).close()
+    MetricsLog(tmp_path, tensorboard=True).close()
+    assert [kwargs.get("purge_step") for kwargs in made] == [4, 1]

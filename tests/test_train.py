@@ -102,6 +102,18 @@ def test_no_decay_groups_follow_the_name_fragments():
     assert "lm_head.weight" in decayed and not any("norm" in n for n in decayed)
 
 
+def test_a_tied_lm_head_named_in_no_decay_is_not_decayed():
+    """A tied LM head is the embedding table: naming either in no_decay takes the one shared weight out of decay
+    (named_parameters lists it under the embedding's name only)."""
+    from ttl_core.model import LlamaForCausalLM
+    for fragment in ("lm_head", "embed"):
+        run = run_config(f"train.no_decay=[\"{fragment}\"]", "model.tie_word_embeddings=true")
+        model = LlamaForCausalLM(run.model_config())
+        optimizer = build_optimizer(model, run.train, torch.device("cpu"))
+        assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(model.parameters())) - 1, 1]
+        assert optimizer.param_groups[1]["params"][0] is model.lm_head.weight is model.backbone.embed.weight
+
+
 def test_mfu_flops_and_peaks():
     from ttl_core import LlamaConfig, LlamaForCausalLM
     with torch.device("meta"):
@@ -266,6 +278,8 @@ def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir)
     pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be a int", id="an integer Python won't read"),
     ("model.preset=[\"tiny\"]", "unknown preset"), ("model.preset={name = \"tiny\"}", "unknown preset"),
     ("train.min_lr=-0.1", r"min_lr must lie in \[0, lr"), ("train.betas=[0.9, 1.0]", "betas must be two numbers"),
+    # a bad lr is named itself, not as the bound of min_lr's range
+    ("train.lr=nan", "train.lr must be >= 0, got nan"), ("train.lr=-0.001", "train.lr must be >= 0, got -0.001"),
     ("train.save_every=0", "save_every must be >= 1"),  # a step % 0 mid-run otherwise
     # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
     ("train.compile=1", "train.compile must be a bool"), ("train.max_steps=true", "train.max_steps must be a int"),

@@ -41,6 +41,7 @@ OPTIMIZER_STATE = "optimizer.pt"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
+    """The directory holding a run's `step-N` checkpoints."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -54,6 +55,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None when the run has none."""
     dirs = complete_checkpoints(run_dir)
     return dirs[-1] if dirs else None
 
@@ -102,6 +104,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators `rng_state()` saved (CUDA's only where CUDA is available)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]

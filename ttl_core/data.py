@@ -10,6 +10,7 @@ permutation of them split across ranks, with a position that can be saved and re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import multiprocessing
@@ -333,7 +334,8 @@ def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenize
     if not isinstance(tokenizer, (str, os.PathLike, Tokenizer)):
         raise DataError(f"tokenizer must be a .model file, an HF tokenizer directory or a Tokenizer, "
                         f"got {type(tokenizer).__name__}")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
+    # a copy of a Tokenizer given: prepare_data sets the data directory's add_bos/add_eos on it, not the caller's
+    tok = copy.copy(tokenizer) if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
     missing = [name for name, i in (("<s>", tok.bos_id), ("</s>", tok.eos_id)) if i < 0]
     if missing:
         where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"

@@ -22,6 +22,8 @@ from .errors import ConfigError
 
 @dataclass
 class World:
+    """This process's place in the launch: its rank, the number of processes and its device."""
+
     rank: int
     size: int
     device: torch.device
@@ -59,11 +61,13 @@ def init_world(device: str) -> World:
 
 
 def close_world(world: World) -> None:
+    """Tear down the process group `init_world` joined (nothing for a world of one)."""
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:
+    """Wait until every process gets here (nothing for a world of one)."""
     if world.distributed:
         dist.barrier()
 

@@ -36,7 +36,8 @@ def flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int
 
 class MetricsLog:
     """Appends records to metrics.jsonl (and TensorBoard when asked and installed). On resume the file is
-    first cut back to the resumed step, so it always describes one uninterrupted history."""
+    first cut back to the resumed step (and TensorBoard's later events are purged), so it always describes one
+    uninterrupted history."""
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = False):
         self.path = Path(run_dir) / METRICS_FILE
@@ -51,8 +52,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 print("note: tensorboard is not installed; logging to metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            else:  # one history, as in metrics.jsonl: events logged before from this run's first step on are hidden
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -48,7 +48,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    # parameter-name fragments excluded from weight decay; [] decays everything (TeenyTinyLlama's practice)
+    # parameter-name fragments excluded from weight decay, matched against ttl's names (backbone.embed.weight,
+    # backbone.layers.0.attn_norm.weight, lm_head.weight: HF's "embed_tokens" matches nothing, silently);
+    # [] decays everything (TeenyTinyLlama's practice)
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     seed: int = 0
@@ -71,6 +73,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    """A whole run's configuration: the `[model]` table as given, and the `[data]` and `[train]` settings."""
+
     model: dict[str, Any]
     data: DataConfig
     train: TrainConfig
@@ -138,10 +142,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {t.dtype!r}")
     if t.distributed not in DISTRIBUTED_CHOICES:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {t.distributed!r}")
-    # comparisons written so that NaN fails them
-    if not 0 <= t.min_lr <= t.lr:
-        raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
-    for key in ("warmup_steps", "grad_clip", "weight_decay", "sample_tokens"):
+    # comparisons written so that NaN fails them; lr is checked before it bounds min_lr, so a bad one is named
+    for key in ("lr", "warmup_steps", "grad_clip", "weight_decay", "sample_tokens"):
         if not getattr(t, key) >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if not t.eps > 0:
@@ -149,6 +151,8 @@ def validate(run: RunConfig) -> None:
     for key in ("lr", "eps", "weight_decay"):  # an infinite one turns the first update's weights into NaN
         if not math.isfinite(getattr(t, key)):
             raise ConfigError(f"train.{key} must be finite, got {getattr(t, key)}")
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     if not all(isinstance(name, str) for name in t.no_decay):

@@ -40,12 +40,15 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with the names matching `train.no_decay` in a group without
-    weight decay (fused kernels on CUDA)."""
+    """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
+    `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA)."""
+    # a tied weight counts under each of its names (the LM head tied to the embedding is listed as the embedding's)
+    excluded = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
+                if any(f in name for f in train.no_decay)}
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if any(f in name for f in train.no_decay) else decay).append(param)
+            (no_decay if id(param) in excluded else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
                              eps=train.eps, fused=device.type == "cuda")
@@ -70,6 +73,7 @@ def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast to the run's `train.dtype` on `device`; float32 runs without autocast."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
@@ -167,7 +171,9 @@ def stop_if_not_finite(optimizer: torch.optim.Optimizer, figures: dict[str, floa
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: World, bos_id: int | None) -> float:
-    """Mean loss per target token over the first `eval_batches` micro-batches of val.bin (split over ranks)."""
+    """Mean loss per target token over the first `eval_batches` global batches of val.bin (fewer if it holds
+    fewer), in file order: each rank evaluates its micro-batch of each, so the tokens evaluated grow with the
+    number of processes."""
     train = run.train
     loader = PackedLoader(data_dir, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
                           world_size=world.size, shuffle=False)
@@ -222,6 +228,7 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
 
 
 def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's next `n` batches (the micro-batches of one optimizer step)."""
     for _ in range(n):
         yield next(loader)
 
@@ -239,6 +246,9 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
 
 @dataclass
 class RunResult:
+    """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only) and the
+    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0)."""
+
     last_step: int
     last_loss: float | None
     checkpoint: Path | None
