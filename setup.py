@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["ttl_core", "ttl_core.*", "ttl_kernels", "ttl_kernels.*"]),
     package_data={"ttl_core": ["sample_data/*.txt", "sample_data/*.csv", "sample_data/*.jsonl"]},
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.6",  # FSDP2's public fully_shard, torch.nn.utils.get_total_norm
         "triton; platform_system == 'Linux'",
         "numpy",
         "safetensors",

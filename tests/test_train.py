@@ -25,8 +25,8 @@ from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
-from ttl_core.train import (build_optimizer, evaluate, lr_at, model_inputs, optimizer_update, sample_text, train,
-                            train_step)
+from ttl_core.train import (build_optimizer, clip_gradients, evaluate, lr_at, model_inputs, optimizer_update,
+                            sample_text, train, train_step)
 
 
 @pytest.fixture(scope="module")
@@ -405,6 +405,22 @@ def test_step_clips_to_grad_clip_and_applies_the_scheduled_lr():
     factor = lr * run.train.grad_clip / norm
     for name, p in model.named_parameters():
         assert (before[name] - p.detach() - factor * grads[name]).abs().max() <= 1e-6, name
+
+
+def test_no_clipping_measures_the_norm_without_rewriting_the_gradients():
+    """grad_clip 0 (the published recipes') logs the norm but leaves every gradient untouched: clipping to
+    infinity would still multiply each one by 1 in place, a pass over all gradients every step."""
+    model = random_model(run_config(), seed=3)
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(4))
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    versions = [g._version for g in grads]
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    for grad_clip, rewritten in ((0.0, False), (1e6, True)):
+        run = run_config(f"train.grad_clip={grad_clip}")
+        assert clip_gradients(model, build_optimizer(model, run.train, torch.device("cpu")), run.train).item() == \
+            pytest.approx(norm.item(), rel=1e-5)
+        assert ([g._version for g in grads] != versions) == rewritten
 
 
 def test_evaluate_is_the_eval_mode_mean_over_target_tokens(data_dir):

@@ -88,7 +88,9 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_
               "targets": batch["labels"].to(device, non_blocking=True)}
     if document_masking:
         position_ids, cu_seqlens, max_seqlen = document_layout(batch["doc_starts"])
-        inputs.update(position_ids=position_ids.to(device), cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
+        # non_blocking as above: a blocking copy to the GPU waits for all the work queued before it
+        inputs.update(position_ids=position_ids.to(device, non_blocking=True),
+                      cu_seqlens=cu_seqlens.to(device, non_blocking=True), max_seqlen=max_seqlen)
         if bos_id is not None:
             inputs["targets"] = inputs["targets"].masked_fill(inputs["targets"] == bos_id, -100)
     return inputs
@@ -134,7 +136,10 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tra
     the gradient norm before clipping as a device tensor (no host sync)."""
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
+    if train.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+    else:  # the norm alone: clipping to infinity would still rescale every gradient by 1, a pass over all of them
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
 
