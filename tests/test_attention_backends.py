@@ -236,6 +236,16 @@ def test_gpu_backends_match_sdpa(backend):
     assert rel_err(packed, attention(q, k, v, backend="sdpa", cu_seqlens=cu, max_seqlen=longest)) <= 2e-2
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_packed_documents_without_max_seqlen_are_an_error_on_every_backend(backend):
+    """The varlen kernels need the longest document; SDPA does not, but a call that works there must not
+    fail only once "auto" picks flash-attn on a GPU (with a TypeError from inside flash-attn)."""
+    q = torch.randn(1, 4, 2, 16)
+    _, cu_seqlens, _ = document_layout(torch.tensor([[True, False, True, False]]))
+    with pytest.raises(ConfigError, match=r"cu_seqlens without max_seqlen"):
+        attention(q, q, q, cu_seqlens=cu_seqlens, backend=backend)
+
+
 def test_a_mask_with_packed_documents_is_an_error():
     q = torch.randn(1, 4, 2, 16)
     _, cu_seqlens, max_seqlen = document_layout(torch.tensor([[True, False, True, False]]))

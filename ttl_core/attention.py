@@ -168,6 +168,9 @@ def attention(
     if mask is not None and cu_seqlens is not None:  # one of them would silently be ignored
         raise ConfigError("attention: got both a mask (attention_mask) and cu_seqlens; packed documents "
                           "(cu_seqlens) take no mask")
+    if cu_seqlens is not None and max_seqlen is None:  # refused by every backend, not only the varlen kernels
+        raise ConfigError("attention: got cu_seqlens without max_seqlen (the longest document); "
+                          "ttl_core.attention.document_layout returns both")
     batch, seq = q.shape[:2]
     if cu_seqlens is not None:
         if backend in ("flash_attn", "triton"):
