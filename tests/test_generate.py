@@ -430,3 +430,24 @@ def test_flash_attn_kernel_is_looked_up_once(monkeypatch):
         assert checked == [flash_attn_with_kvcache]
     finally:
         lookup.cache_clear()  # later tests see the real (absent) package again
+
+
+def test_a_call_of_another_shape_frees_the_last_session_before_allocating(models, monkeypatch):
+    """The cached session of another shape (its KV cache, buffers and CUDA graph pool) is released before the
+    new one is allocated, so the two never hold memory at once, e.g. in a chat whose prompt grows each turn."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    ttl_core.generate(ours, ids, mask, max_new_tokens=4)
+    last = weakref.ref(generate_module._SESSIONS[ours])
+    alive_at_build, session_class = [], generate_module._Session
+
+    def session(*args, **kwargs):
+        alive_at_build.append(last() is not None)
+        return session_class(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "_Session", session)
+    ttl_core.generate(ours, ids, mask, max_new_tokens=5)
+    assert alive_at_build == [False]
+    reused = generate_module._SESSIONS[ours]
+    ttl_core.generate(ours, ids, mask, max_new_tokens=5)
+    assert generate_module._SESSIONS[ours] is reused and alive_at_build == [False]  # same shape: reused

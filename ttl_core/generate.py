@@ -307,10 +307,17 @@ def _forward_fingerprint(model) -> tuple:
 
 def _acquire_session(model, key: tuple, build) -> _Session:
     session = _SESSIONS.get(model)
-    if session is None or session.key != key or not session.lock.acquire(blocking=False):
-        session = build()
-        session.lock.acquire()
-        _SESSIONS[model] = session
+    if session is not None and session.lock.acquire(blocking=False):
+        if session.key == key:
+            return session
+        # another shape: free its cache, buffers and graph before `build` allocates the new ones
+        if _SESSIONS.get(model) is session:
+            del _SESSIONS[model]
+        session.lock.release()
+    del session
+    session = build()
+    session.lock.acquire()
+    _SESSIONS[model] = session
     return session
 
 
