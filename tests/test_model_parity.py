@@ -1,10 +1,13 @@
 """ttl's model against transformers' Llama on random tiny configs (fp32 CPU unless stated)."""
 
+import re
+
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
+from ttl_core.errors import ConfigError
 from ttl_core.generate import StaticKVCache
 from ttl_core.hf import hf_plan
 
@@ -100,6 +103,18 @@ def test_a_chunk_after_cached_keys_takes_the_last_positions_of_a_2d_mask(tmp_pat
         got = ours(ids[:, split:], attention_mask=mask, position_ids=positions, kv_cache=cache).logits
     real = mask[:, split:].bool()
     assert (got[real] - ref[:, split:][real]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 5), (2, 6), (5,), (2, 1, 5)])
+def test_an_attention_mask_that_does_not_fit_input_ids_is_named(shape):
+    """A mask of another batch or length, or without its batch dimension, is refused by name rather than with a
+    broadcasting or dtype error from inside attention; a 2-d mask may be longer only over cached keys."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    for model in (ttl_core.LlamaForCausalLM(config), ttl_core.LlamaForSequenceClassification(config)):
+        with pytest.raises(ConfigError, match=rf"attention_mask shape {re.escape(str(shape))}.* input_ids shape \(2, 5\)"):
+            model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
 
 
 def test_eager_backend_matches_transformers_eager(tmp_path):
