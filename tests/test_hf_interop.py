@@ -294,17 +294,6 @@ def test_config_presets_and_validation():
     assert ttl_core.LlamaConfig.from_preset("tiny", vocab_size=500).vocab_size == 500
 
 
-def test_a_preset_with_another_head_count_keeps_one_kv_head_per_head():
-    """The presets have a key/value head per head (no GQA): overriding the head count alone keeps that, rather
-    than pairing it with the preset's kv heads (a GQA nobody asked for, or an error naming num_key_value_heads,
-    which the call never set)."""
-    for preset, heads in (("tiny", 8), ("ttl-160m", 6)):
-        assert ttl_core.LlamaConfig.from_preset(preset, num_attention_heads=heads).num_key_value_heads == heads
-    assert ttl_core.LlamaConfig.from_preset("tiny", num_attention_heads=8, num_key_value_heads=2).num_key_value_heads == 2
-    assert [ttl_core.LlamaConfig.from_preset(name).num_key_value_heads for name in ("ttl-160m", "ttl-460m", "tiny")] \
-        == [12, 16, 4]
-
-
 def test_saved_config_records_the_weight_dtype(tmp_path):
     """config.json names the dtype the weights were written in, so transformers loads them without a cast."""
     hf = hf_causal_lm().to(torch.bfloat16)
