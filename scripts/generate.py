@@ -97,8 +97,10 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
     """Generate (and stream) the model's continuation of the conversation; returns its token ids."""
     device = model.lm_head.weight.device
     ids = torch.tensor([chat.ids], device=device)
-    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                                           top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    # do_sample=False, not unset: a checkpoint's generation_config.json would otherwise decide
+    sampling = dict(do_sample=False) if args.greedy else dict(
+        do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=args.seed)
     pad = chat.tokenizer.pad_id
     out = generate(model, ids, max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
                    eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece

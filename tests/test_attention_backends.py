@@ -179,6 +179,24 @@ def test_non_causal_attention_sees_every_key(backend):
     assert (truth - causal).abs().max() > 0.1  # the two differ, so the check above means something
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_keeps_documents_apart_causal_or_not(backend, causal):
+    """Packed documents (a row ending mid-document, so one spans the row boundary) attend within each document
+    only, causally or not as asked, on every backend: SDPA and eager build the mask the varlen kernels imply."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 6, 4, 16, generator=gen)
+    k, v = (torch.randn(2, 6, 2, 16, generator=gen) for _ in range(2))
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[0, 4] = True
+    starts[1, 3] = True
+    _, cu, longest = document_layout(starts)
+    flat = [t.flatten(0, 1).double() for t in (q, k, v)]
+    truth = flash_attention_reference(*flat, causal=causal, cu_seqlens=cu, max_seqlen=longest).view(q.shape)
+    got = attention(q, k, v, causal=causal, backend=backend, cu_seqlens=cu, max_seqlen=longest)
+    assert (got - truth).abs().max() <= 1e-5
+
+
 def test_unavailable_backends_are_clear_errors(monkeypatch):
     q = torch.randn(1, 4, 2, 64)
     with pytest.raises(ConfigError, match="'flash_attn' needs the flash-attn package"):
@@ -216,6 +234,16 @@ def test_gpu_backends_match_sdpa(backend):
     _, cu, longest = document_layout(starts)
     packed = attention(q, k, v, backend=backend, cu_seqlens=cu, max_seqlen=longest)
     assert rel_err(packed, attention(q, k, v, backend="sdpa", cu_seqlens=cu, max_seqlen=longest)) <= 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_packed_documents_without_max_seqlen_are_an_error_on_every_backend(backend):
+    """The varlen kernels need the longest document; SDPA does not, but a call that works there must not
+    fail only once "auto" picks flash-attn on a GPU (with a TypeError from inside flash-attn)."""
+    q = torch.randn(1, 4, 2, 16)
+    _, cu_seqlens, _ = document_layout(torch.tensor([[True, False, True, False]]))
+    with pytest.raises(ConfigError, match=r"cu_seqlens without max_seqlen"):
+        attention(q, q, q, cu_seqlens=cu_seqlens, backend=backend)
 
 
 def test_a_mask_with_packed_documents_is_an_error():

@@ -2,6 +2,9 @@
 
 import gc
 import importlib
+import inspect
+import sys
+import types
 import weakref
 
 import pytest
@@ -407,3 +410,44 @@ def test_decoding_stops_once_every_row_has_finished(models, monkeypatch):
     monkeypatch.setattr(KVDecoder, "step", lambda self, tokens: steps.append(1) or real(self, tokens))
     got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
     assert len(steps) == got.shape[1] - 9 - 1 <= 2  # the prefill gives the first token
+
+
+def test_flash_attn_kernel_is_looked_up_once(monkeypatch):
+    """`StaticKVCache.attend` asks for flash-attn's kernel in every layer of every decode step: the import and
+    the signature check (tens of microseconds, in an eager decode loop) run once, as `flash_attn_module`'s do."""
+    def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_leftpad=None,
+                                causal=False):
+        return q
+
+    signature, checked = inspect.signature, []
+    monkeypatch.setattr(inspect, "signature", lambda fn: checked.append(fn) or signature(fn))
+    fake = types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache)
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    lookup = generate_module._flash_attn_with_kvcache
+    lookup.cache_clear()
+    try:
+        assert [lookup() for _ in range(3)] == [flash_attn_with_kvcache] * 3
+        assert checked == [flash_attn_with_kvcache]
+    finally:
+        lookup.cache_clear()  # later tests see the real (absent) package again
+
+
+def test_a_call_of_another_shape_frees_the_last_session_before_allocating(models, monkeypatch):
+    """The cached session of another shape (its KV cache, buffers and CUDA graph pool) is released before the
+    new one is allocated, so the two never hold memory at once, e.g. in a chat whose prompt grows each turn."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    ttl_core.generate(ours, ids, mask, max_new_tokens=4)
+    last = weakref.ref(generate_module._SESSIONS[ours])
+    alive_at_build, session_class = [], generate_module._Session
+
+    def session(*args, **kwargs):
+        alive_at_build.append(last() is not None)
+        return session_class(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "_Session", session)
+    ttl_core.generate(ours, ids, mask, max_new_tokens=5)
+    assert alive_at_build == [False]
+    reused = generate_module._SESSIONS[ours]
+    ttl_core.generate(ours, ids, mask, max_new_tokens=5)
+    assert generate_module._SESSIONS[ours] is reused and alive_at_build == [False]  # same shape: reused

@@ -241,7 +241,27 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
                         "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
     fake.calls[-1][1].pop("streamer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
-                                     pad_token_id=tok.pad_id, cuda_graph=True)  # greedy: no sampling options
+                                     pad_token_id=tok.pad_id, cuda_graph=True,
+                                     do_sample=False)  # greedy: no sampling options
+
+
+def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, capsys):
+    """--greedy decodes greedily even where the checkpoint's generation_config.json says do_sample (which
+    generate() applies when the call leaves do_sample unset)."""
+    _, tok, model = checkpoint
+    saved = model.generation_config
+    model.generation_config = {**(saved or {}), "do_sample": True, "temperature": 5.0}
+    try:
+        ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
+    finally:
+        model.generation_config = saved
+    ids = tok.encode("o menino")
+    answer = expected_answer(model, tok, ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.2,
+                             eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
+    for _ in range(2):
+        assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
+                                   "--max-new-tokens", "12", "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == answer + "\n"
 
 
 def test_tokenizer_option_loads_the_tokenizer_from_its_own_directory(checkpoint, tmp_path, capsys):

@@ -1,10 +1,13 @@
 """ttl's model against transformers' Llama on random tiny configs (fp32 CPU unless stated)."""
 
+import re
+
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
+from ttl_core.errors import ConfigError
 from ttl_core.generate import StaticKVCache
 from ttl_core.hf import hf_plan
 
@@ -100,6 +103,19 @@ def test_a_chunk_after_cached_keys_takes_the_last_positions_of_a_2d_mask(tmp_pat
         got = ours(ids[:, split:], attention_mask=mask, position_ids=positions, kv_cache=cache).logits
     real = mask[:, split:].bool()
     assert (got[real] - ref[:, split:][real]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 5), (2, 6), (5,), (2, 1, 5)])
+def test_an_attention_mask_that_does_not_fit_input_ids_is_named(shape):
+    """A mask of another batch or length, or without its batch dimension, is refused by name rather than with a
+    broadcasting or dtype error from inside attention; a 2-d mask may be longer only over cached keys."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    for model in (ttl_core.LlamaForCausalLM(config), ttl_core.LlamaForSequenceClassification(config)):
+        message = rf"attention_mask shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
+        with pytest.raises(ConfigError, match=message):
+            model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
 
 
 def test_eager_backend_matches_transformers_eager(tmp_path):
@@ -275,6 +291,18 @@ def test_ttl_160m_preset_builds_counts_and_trains_on_cpu():
     big = ttl_core.LlamaConfig.from_preset("ttl-460m")
     with torch.device("meta"):
         assert ttl_core.LlamaForCausalLM(big).num_parameters() == 468_239_360
+
+
+def test_a_preset_with_another_head_count_keeps_one_kv_head_per_head():
+    """The presets have a key/value head per head (no GQA): overriding the head count alone keeps that, rather
+    than pairing it with the preset's kv heads (a GQA nobody asked for, or an error naming num_key_value_heads,
+    which the call never set)."""
+    for preset, heads in (("tiny", 8), ("ttl-160m", 6)):
+        assert ttl_core.LlamaConfig.from_preset(preset, num_attention_heads=heads).num_key_value_heads == heads
+    gqa = ttl_core.LlamaConfig.from_preset("tiny", num_attention_heads=8, num_key_value_heads=2)
+    assert gqa.num_key_value_heads == 2
+    assert [ttl_core.LlamaConfig.from_preset(name).num_key_value_heads for name in ("ttl-160m", "ttl-460m", "tiny")] \
+        == [12, 16, 4]
 
 
 @pytest.mark.parametrize("tied", [False, True])

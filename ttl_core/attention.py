@@ -52,13 +52,15 @@ def document_layout(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return position_ids, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """The boolean (batch, 1, seq, seq) mask equivalent to `cu_seqlens`: causal within each document,
-    nothing across documents (for backends without variable-length kernels)."""
+def packed_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, causal: bool = True) -> torch.Tensor:
+    """The boolean (batch, 1, seq, seq) mask equivalent to `cu_seqlens`: nothing across documents and, when
+    `causal`, causal within each (for backends without variable-length kernels)."""
     tokens = torch.arange(batch * seq, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(batch, seq)
     same_doc = doc[:, :, None] == doc[:, None, :]
-    return (same_doc & causal_mask(seq, seq, cu_seqlens.device)[0])[:, None]
+    if causal:
+        same_doc = same_doc & causal_mask(seq, seq, cu_seqlens.device)[0]
+    return same_doc[:, None]
 
 
 def eager_attention(
@@ -166,6 +168,9 @@ def attention(
     if mask is not None and cu_seqlens is not None:  # one of them would silently be ignored
         raise ConfigError("attention: got both a mask (attention_mask) and cu_seqlens; packed documents "
                           "(cu_seqlens) take no mask")
+    if cu_seqlens is not None and max_seqlen is None:  # refused by every backend, not only the varlen kernels
+        raise ConfigError("attention: got cu_seqlens without max_seqlen (the longest document); "
+                          "ttl_core.attention.document_layout returns both")
     batch, seq = q.shape[:2]
     if cu_seqlens is not None:
         if backend in ("flash_attn", "triton"):
@@ -177,7 +182,7 @@ def attention(
                 out = ttl_kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens,
                                                   max_seqlen=max_seqlen, backend="triton")
             return out.view(q.shape)
-        mask = packed_causal_mask(cu_seqlens, batch, seq)
+        mask = packed_mask(cu_seqlens, batch, seq, causal)
     if mask is None and q.shape[1] == k.shape[1]:
         if backend == "flash_attn":
             return flash_attn_module().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)

@@ -299,12 +299,13 @@ _TTL_COMMON: dict[str, Any] = dict(
 )
 
 # Published TeenyTinyLlama shapes (the model cards on the Hugging Face Hub); `tiny` is sized for CPU training
-# in minutes.
+# in minutes. None has GQA, and none names num_key_value_heads: it follows num_attention_heads, also where an
+# override changes the head count.
 PRESETS: dict[str, dict[str, Any]] = {
     "ttl-160m": dict(_TTL_COMMON, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12, num_key_value_heads=12),
+                     num_attention_heads=12),
     "ttl-460m": dict(_TTL_COMMON, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                     num_attention_heads=16, num_key_value_heads=16),
+                     num_attention_heads=16),
     "tiny": dict(_TTL_COMMON, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
+                 num_attention_heads=4, max_position_embeddings=512),
 }

@@ -14,6 +14,7 @@ The logits processors and the sampler are in `ttl_core.sampling`; the streamer a
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import threading
@@ -44,9 +45,11 @@ EOS_CHECK_EVERY = {"cuda": 8}
 GRAPH_WARMUP_STEPS = 3
 
 
+@functools.cache
 def _flash_attn_with_kvcache():
     """flash-attn's `flash_attn_with_kvcache`, or None when flash-attn is missing or older than 2.6 (the
-    first release with `cache_leftpad`, which left-padded batches need)."""
+    first release with `cache_leftpad`, which left-padded batches need). Cached: every layer of every decode
+    step asks, and the import and signature check cost tens of microseconds."""
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
@@ -304,10 +307,17 @@ def _forward_fingerprint(model) -> tuple:
 
 def _acquire_session(model, key: tuple, build) -> _Session:
     session = _SESSIONS.get(model)
-    if session is None or session.key != key or not session.lock.acquire(blocking=False):
-        session = build()
-        session.lock.acquire()
-        _SESSIONS[model] = session
+    if session is not None and session.lock.acquire(blocking=False):
+        if session.key == key:
+            return session
+        # another shape: free its cache, buffers and graph before `build` allocates the new ones
+        if _SESSIONS.get(model) is session:
+            del _SESSIONS[model]
+        session.lock.release()
+    del session
+    session = build()
+    session.lock.acquire()
+    _SESSIONS[model] = session
     return session
 
 

@@ -201,8 +201,15 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)[None].expand(batch, seq)
         mask = attention_mask
-        if mask is not None and mask.dim() == 2:
-            mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
+        if mask is not None:
+            # a 2-d mask longer than the row also covers the keys already in `kv_cache`
+            fits = mask.dim() == 4 or mask.dim() == 2 and mask.shape[0] == batch and (
+                mask.shape[1] == seq or kv_cache is not None and mask.shape[1] > seq)
+            if not fits:
+                raise ConfigError(f"attention_mask shape {tuple(mask.shape)} does not fit input_ids shape "
+                                  f"{tuple(input_ids.shape)}: (batch, seq), longer only over cached keys")
+            if mask.dim() == 2:
+                mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
         hidden = self.embed(input_ids)
         cos, sin = angles if angles is not None else self.rotary(position_ids, hidden.dtype)
         residual = None
