@@ -199,7 +199,7 @@ def test_seed_reproduces_samples_and_num_return_sequences(models):
     assert torch.equal(d, ttl_core.generate(ours, ids, mask, **kwargs))
 
 
-def test_reused_session_matches_a_fresh_one(models, tmp_path):
+def test_reused_session_matches_a_fresh_one(models, tmp_path, monkeypatch):
     """A call with the same shapes and settings reuses the last call's buffers: nothing of that call leaks."""
     _, ours = models
     kwargs = dict(max_new_tokens=16, do_sample=True, top_k=20, repetition_penalty=1.3, eos_token_id=[5, 6], seed=4)
@@ -231,6 +231,11 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path):
     lora_model.train()
     ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
     assert generate_module._SESSIONS[lora_model] is not session
+    for variable, choice in (("TTL_KERNELS", "torch"), ("TTL_ATTENTION", "eager")):  # what the step runs
+        session = generate_module._SESSIONS[lora_model]
+        monkeypatch.setenv(variable, choice)
+        ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
+        assert generate_module._SESSIONS[lora_model] is not session, variable
     del lora_model
 
     hf_generation_model(seed=5).save_pretrained(tmp_path)

@@ -130,13 +130,20 @@ def flash_attn_usable(q: torch.Tensor) -> bool:
             and flash_attn_module() is not None)
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend that will run: "auto" (or the TTL_ATTENTION environment variable) picks flash-attn when
-    usable, else SDPA. Our Triton kernel is opt-in ("triton") until GPU benchmarks show it ahead of SDPA."""
+def requested_backend(backend: str) -> str:
+    """`backend` as asked for: a config's "auto" defers to the TTL_ATTENTION environment variable (itself
+    "auto" when unset)."""
     if backend == "auto":
         backend = os.environ.get("TTL_ATTENTION", "auto")
         if backend not in ATTENTION_CHOICES:
             raise ConfigError(f"TTL_ATTENTION must be one of {', '.join(ATTENTION_CHOICES)}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that will run: "auto" (or the TTL_ATTENTION environment variable) picks flash-attn when
+    usable, else SDPA. Our Triton kernel is opt-in ("triton") until GPU benchmarks show it ahead of SDPA."""
+    backend = requested_backend(backend)
     if backend == "auto":
         return "flash_attn" if flash_attn_usable(q) else "sdpa"
     if backend == "triton" and q.shape[-1] not in HEAD_DIMS:

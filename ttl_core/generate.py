@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import os
 import threading
 import warnings
 import weakref
@@ -26,7 +27,7 @@ import torch
 
 import ttl_kernels
 
-from .attention import causal_mask
+from .attention import causal_mask, requested_backend
 from .errors import GenerationError, is_integer
 from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
                        unimplemented_settings)
@@ -113,7 +114,8 @@ class KVDecoder:
         device, dtype = attention_mask.device, model.lm_head.weight.dtype
         if flash is None:
             flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-                     and model.config.attention in ("auto", "flash_attn") and _flash_attn_with_kvcache() is not None)
+                     and requested_backend(model.config.attention) in ("auto", "flash_attn")
+                     and _flash_attn_with_kvcache() is not None)
         self.flash = flash
         # a multiple of 16 keeps the mask rows aligned for SDPA's memory-efficient kernel; extra slots stay masked
         max_len = -(-(prompt_len + max_new_tokens) // 16) * 16
@@ -298,11 +300,13 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _forward_fingerprint(model) -> tuple:
     """What a captured decode step bakes in besides the contents of tensors: every module's identity and plain
-    settings (training mode, a LoRA layer's `merged` flag and scale, ...) and every parameter's and buffer's
-    address. A session is reused only while these are unchanged."""
+    settings (training mode, a LoRA layer's `merged` flag and scale, ...), every parameter's and buffer's
+    address, and the kernel and attention choices of the environment. A session is reused only while these are
+    unchanged."""
     settings = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
                      for m in model.modules())
-    return settings + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+    environment = (os.environ.get("TTL_KERNELS"), os.environ.get("TTL_ATTENTION"))
+    return settings + environment + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _acquire_session(model, key: tuple, build) -> _Session:
