@@ -88,7 +88,7 @@ if HAVE_TRITON:
         kernels subtract. One pass over O and dO, where eager PyTorch would write and reread float32 copies."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
-        token, head = (rows // n_heads).to(tl.int64), rows % n_heads
+        token, head = (rows // n_heads).to(tl.int64), (rows % n_heads).to(tl.int64)
         offs_d = tl.arange(0, D)
         o = tl.load(O + (token * stride_ot + head * stride_oh)[:, None] + offs_d[None, :], mask=row_ok[:, None],
                     other=0.0)
@@ -98,11 +98,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sequence(CU):
-        """(sequence start, length, head) of a program on a grid of (blocks, heads, sequences)."""
+        """(sequence start, length, head) of a program on a grid of (blocks, heads, sequences). The head is
+        64-bit like the start: in a head-major view (heads outside tokens) head x head stride can pass 2^31."""
         seq_id = tl.program_id(2)
         start = tl.load(CU + seq_id).to(tl.int64)
         length = tl.load(CU + seq_id + 1).to(tl.int32) - start.to(tl.int32)
-        return start, length, tl.program_id(1)
+        return start, length, tl.program_id(1).to(tl.int64)
 
     @triton.jit
     def _heavy_first(CAUSAL: tl.constexpr):
