@@ -196,6 +196,9 @@ def test_documents_that_do_not_fit_max_seqlen_or_the_tokens_are_refused():
             ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu), max_seqlen=30, backend="triton")
     with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
         ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([[0, 30]]), max_seqlen=30, backend="triton")
+    for cu in ([0.0, 12.5, 30.0], [False, True]):  # float offsets were truncated: documents 0..12 and 12..30
+        with pytest.raises(ValueError, match="cu_seqlens must hold integer token offsets"):
+            ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu), max_seqlen=30, backend="triton")
 
 
 def test_strided_cu_seqlens_and_a_zero_softmax_scale():

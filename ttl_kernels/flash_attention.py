@@ -443,6 +443,9 @@ def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | Non
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attention cu_seqlens must be 1-D, one more entry than documents, got shape "
                          f"{tuple(cu_seqlens.shape)}")
+    # the kernels read it as int32: float offsets would be truncated to other documents without a word
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"flash_attention cu_seqlens must hold integer token offsets, got {cu_seqlens.dtype}")
     if cu_seqlens.device.type != "cpu":
         return
     bounds = cu_seqlens.tolist()
