@@ -469,7 +469,8 @@ def flash_attention(
     1/sqrt(dim). `cu_seqlens` (integer, documents + 1) must start at 0, never decrease and end at
     total_tokens, and `max_seqlen` must be at least the longest document: checked when `cu_seqlens` is on
     the CPU, trusted when it is on the device (a check would sync), where a `max_seqlen` too small leaves
-    the output rows past it unwritten."""
+    the output rows past it unwritten and every key/value gradient of that document wrong (they read those
+    rows' unwritten log-sum-exp)."""
     packed = cu_seqlens is not None
     _check(q, k, v, packed)
     if packed:
