@@ -48,3 +48,24 @@ def rel_err(got, truth) -> float:
     if not torch.isfinite(got).all():
         return float("inf")
     return float((got - truth).abs().max() / truth.abs().max())
+
+
+# Two heads' offset 2 * HEAD_STRIDE wraps in 32 bits to -128: past 2^31 elements, yet the stride is a 32-bit argument
+HEAD_STRIDE = 2**31 - 64
+
+
+def heads_far_apart(tokens: int, heads: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """A float16 (tokens, heads, dim) view whose heads lie HEAD_STRIDE elements apart, filled with random values,
+    in a storage whose first 256 elements (before the view) hold 7.0: where a head offset computed in 32 bits
+    lands. The storage is address space (4 GiB a head) of which only the few pages written are ever backed.
+    Skips the test where that address space cannot be reserved."""
+    import pytest
+
+    try:
+        storage = torch.empty(256 + (heads - 1) * HEAD_STRIDE + tokens * dim, dtype=torch.float16)
+    except RuntimeError:
+        pytest.skip(f"cannot reserve {heads * 4} GiB of address space")
+    storage[:256] = 7.0
+    view = storage.as_strided((tokens, heads, dim), (dim, HEAD_STRIDE, 1), storage_offset=256)
+    view.copy_(torch.randn(tokens, heads, dim, generator=torch.Generator().manual_seed(seed)))
+    return view

@@ -445,3 +445,22 @@ def test_double_backward_fails_loudly_rather_than_dropping_terms():
         (g,) = torch.autograd.grad(loss * s, x, create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             g.pow(2).sum().backward()
+
+
+def test_running_out_of_memory_keeps_the_float32_weight_gradient_path(monkeypatch):
+    """On CUDA the weight gradient accumulates in float32 through addmm's out_dtype, and falls back for good to
+    a product rounded to bf16 where torch refuses out_dtype (< 2.8). An out-of-memory error is a RuntimeError
+    as well: it once turned the fallback on for the rest of the process (lower precision, and a V x d product
+    and float32 copy allocated just when memory ran out). It must propagate and leave the path on."""
+    module = importlib.import_module("ttl_kernels.cross_entropy")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(module, "_fp32_addmm", True)
+    monkeypatch.setattr(torch, "addmm", out_of_memory)
+    on_cuda = type("CudaAccumulator", (), {"is_cuda": True})()  # only its device is read before addmm
+    grad_logits, hidden = torch.zeros(4, 3, dtype=torch.bfloat16), torch.zeros(4, 2, dtype=torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError):
+        module._accumulate_weight_grad(on_cuda, grad_logits, hidden)
+    assert module._fp32_addmm

@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+from helpers import heads_far_apart
 
 import ttl_kernels
 
@@ -195,6 +196,9 @@ def test_documents_that_do_not_fit_max_seqlen_or_the_tokens_are_refused():
             ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu), max_seqlen=30, backend="triton")
     with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
         ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([[0, 30]]), max_seqlen=30, backend="triton")
+    for cu in ([0.0, 12.5, 30.0], [False, True]):  # float offsets were truncated: documents 0..12 and 12..30
+        with pytest.raises(ValueError, match="cu_seqlens must hold integer token offsets"):
+            ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu), max_seqlen=30, backend="triton")
 
 
 def test_strided_cu_seqlens_and_a_zero_softmax_scale():
@@ -260,3 +264,18 @@ def test_more_sequences_than_a_grid_axis_holds_on_cuda():
     truth_grads = torch.autograd.grad(truth, (q64, k64, v64), truth_grad)
     for got, want in zip((out, *grads), (truth, *truth_grads)):
         assert err(got, want.transpose(1, 2).flatten(0, 1)) <= TOL[torch.bfloat16]
+
+
+def test_head_offsets_beyond_32_bits():
+    """Packed queries whose heads lie 2^31 - 64 elements apart (a head-major view of a long batch): the third
+    head's offset (2^32 - 128) wrapped to -128 in 32 bits and attended with the values before the view instead
+    of its own queries. Output and gradients must equal those of a compact copy, bit for bit."""
+    far = heads_far_apart(5, 3, 16).requires_grad_()
+    k, v = (torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(s)).half().requires_grad_() for s in (1, 2))
+    grad = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(3)).half()
+    cu = torch.tensor([0, 2, 5])
+    results = []
+    for q in (far, far.detach().clone().requires_grad_()):
+        out = ttl_kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=3, backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import REL_TOL, rel_err
+from helpers import REL_TOL, heads_far_apart, rel_err
 
 import ttl_kernels
 
@@ -352,3 +352,20 @@ def test_more_key_heads_than_query_heads():
     _, q, k = projection(2, 3, 1, 3, 8, torch.float32, seed=19)
     cos, sin = angles(torch.arange(3), 8, torch.float32)
     check_against_truth(q, k, cos, sin, 1e-5)
+
+
+def test_head_offsets_beyond_32_bits():
+    """q, and a fused qkv, whose heads lie 2^31 - 64 elements apart (a head-major view of a long sequence):
+    the third head's offset (2^32 - 128) wrapped to -128 in 32 bits and rotated the values before the view
+    instead of the head's own. The results must equal those of a compact copy, bit for bit."""
+    far = heads_far_apart(1, 3, 64)[None]  # (1, 1, 3, 64)
+    k = torch.randn(1, 1, 1, 64, generator=torch.Generator().manual_seed(1))
+    cos, sin = angles(torch.arange(1), 64, torch.float16)
+    for got, want in zip(ttl_kernels.apply_rotary(far, k.half(), cos, sin, backend="triton"),
+                         ttl_kernels.apply_rotary(far.clone(), k.half(), cos, sin, backend="triton")):
+        assert torch.equal(got, want)
+    caches = [torch.zeros(1, 4, 1, 64, dtype=torch.float16) for _ in range(4)]
+    slots = torch.tensor([2])
+    q_far = ttl_kernels.rotary_into_cache(far, cos, sin, *caches[:2], slots, backend="triton")  # v is the third head
+    q_compact = ttl_kernels.rotary_into_cache(far.clone(), cos, sin, *caches[2:], slots, backend="triton")
+    assert torch.equal(q_far, q_compact) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

@@ -234,6 +234,8 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
                 torch.addmm(grad_weight, grad_logits.t(), hidden.to(grad_logits.dtype), out_dtype=torch.float32,
                             out=grad_weight)
             return
+        except torch.OutOfMemoryError:  # a RuntimeError too, but no refusal: the next call may have the memory
+            raise
         except (RuntimeError, TypeError):
             _fp32_addmm = False
     grad_weight += (grad_logits.t() @ hidden).float()

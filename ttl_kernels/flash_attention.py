@@ -88,7 +88,7 @@ if HAVE_TRITON:
         kernels subtract. One pass over O and dO, where eager PyTorch would write and reread float32 copies."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
-        token, head = (rows // n_heads).to(tl.int64), rows % n_heads
+        token, head = (rows // n_heads).to(tl.int64), (rows % n_heads).to(tl.int64)
         offs_d = tl.arange(0, D)
         o = tl.load(O + (token * stride_ot + head * stride_oh)[:, None] + offs_d[None, :], mask=row_ok[:, None],
                     other=0.0)
@@ -98,11 +98,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _sequence(CU):
-        """(sequence start, length, head) of a program on a grid of (blocks, heads, sequences)."""
+        """(sequence start, length, head) of a program on a grid of (blocks, heads, sequences). The head is
+        64-bit like the start: in a head-major view (heads outside tokens) head x head stride can pass 2^31."""
         seq_id = tl.program_id(2)
         start = tl.load(CU + seq_id).to(tl.int64)
         length = tl.load(CU + seq_id + 1).to(tl.int32) - start.to(tl.int32)
-        return start, length, tl.program_id(1)
+        return start, length, tl.program_id(1).to(tl.int64)
 
     @triton.jit
     def _heavy_first(CAUSAL: tl.constexpr):
@@ -442,6 +443,9 @@ def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | Non
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attention cu_seqlens must be 1-D, one more entry than documents, got shape "
                          f"{tuple(cu_seqlens.shape)}")
+    # the kernels read it as int32: float offsets would be truncated to other documents without a word
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"flash_attention cu_seqlens must hold integer token offsets, got {cu_seqlens.dtype}")
     if cu_seqlens.device.type != "cpu":
         return
     bounds = cu_seqlens.tolist()
@@ -465,7 +469,8 @@ def flash_attention(
     1/sqrt(dim). `cu_seqlens` (integer, documents + 1) must start at 0, never decrease and end at
     total_tokens, and `max_seqlen` must be at least the longest document: checked when `cu_seqlens` is on
     the CPU, trusted when it is on the device (a check would sync), where a `max_seqlen` too small leaves
-    the output rows past it unwritten."""
+    the output rows past it unwritten and every key/value gradient of that document wrong (they read those
+    rows' unwritten log-sum-exp)."""
     packed = cu_seqlens is not None
     _check(q, k, v, packed)
     if packed:

@@ -47,7 +47,8 @@ if HAVE_TRITON:
         X, OUT, n_heads, stride_h, stride_out_h, c1, c2, s1, s2, half,
         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
     ):
-        heads = tl.arange(0, BLOCK_H)[:, None]
+        # 64-bit: in a head-major view (heads outside tokens) the last head's offset can pass 2^31 elements
+        heads = tl.arange(0, BLOCK_H).to(tl.int64)[:, None]
         dims = tl.arange(0, BLOCK_HALF)[None, :]
         mask = (heads < n_heads) & (dims < half)
         x1 = tl.load(X + heads * stride_h + dims, mask=mask, other=0.0).to(tl.float32)
@@ -106,19 +107,18 @@ if HAVE_TRITON:
         _rotate_heads(row, QO + b * stride_qob + s * stride_qos, n_q_heads, stride_h, stride_qoh,
                       c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, False)
         # a slot outside the cache writes nothing (the reference's index_copy_ would raise; this cannot
-        # without a host sync); head strides of a (batch, kv_heads, max_len, dim) cache are max_len * dim,
-        # whose multiples need 64 bits at long contexts (zeros + stride: also when Triton made a stride 1 a
-        # constant)
+        # without a host sync). Head offsets are 64-bit, as in _rotate_heads: the head stride of a (batch,
+        # kv_heads, max_len, dim) cache is max_len * dim, whose multiples pass 2^31 at long contexts (zeros +
+        # stride: also when Triton made a stride 1 a constant)
         k_heads_in_cache = tl.where((slot >= 0) & (slot < max_len), n_k_heads, 0)
-        stride_kch64 = tl.zeros([], tl.int64) + stride_kch
-        stride_vch64 = tl.zeros([], tl.int64) + stride_vch
-        _rotate_heads(row + n_q_heads * stride_h, K_CACHE + b * stride_kcb + slot * stride_kcs, k_heads_in_cache,
-                      stride_h, stride_kch64, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, False)
-        heads = tl.arange(0, BLOCK_KH)[:, None]
+        stride_h64 = tl.zeros([], tl.int64) + stride_h
+        _rotate_heads(row + n_q_heads * stride_h64, K_CACHE + b * stride_kcb + slot * stride_kcs, k_heads_in_cache,
+                      stride_h, stride_kch, c1, c2, s1, s2, half, BLOCK_KH, BLOCK_HALF, False)
+        heads = tl.arange(0, BLOCK_KH).to(tl.int64)[:, None]
         dims = tl.arange(0, 2 * BLOCK_HALF)[None, :]
         mask = (heads < k_heads_in_cache) & (dims < 2 * half)
         values = tl.load(row + (n_q_heads + n_k_heads + heads) * stride_h + dims, mask=mask)
-        tl.store(V_CACHE + b * stride_vcb + slot * stride_vcs + heads * stride_vch64 + dims, values, mask=mask)
+        tl.store(V_CACHE + b * stride_vcb + slot * stride_vcs + heads * stride_vch + dims, values, mask=mask)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
