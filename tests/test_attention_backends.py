@@ -206,6 +206,10 @@ def test_unavailable_backends_are_clear_errors(monkeypatch):
         attention(q, q, q)
     monkeypatch.setenv("TTL_ATTENTION", "eager")
     assert torch.allclose(attention(q, q, q), attention(q, q, q, backend="sdpa"), atol=1e-6)
+    # the variable picks the backend, not only passes validation: eager and SDPA agree above, flash-attn is refused
+    monkeypatch.setenv("TTL_ATTENTION", "flash_attn")
+    with pytest.raises(ConfigError, match="'flash_attn' needs the flash-attn package"):
+        attention(q, q, q)
 
 
 def test_a_head_dim_the_triton_kernel_lacks_is_a_config_error():
