@@ -101,16 +101,18 @@ def test_token_ids_as_tensors_and_numpy_integers(models):
 
 def test_range_edges_are_accepted(models):
     """Each setting's range includes its edges: temperature 0 when greedy (unused, as in transformers), the
-    smallest normal float32 temperature when sampling, min_p 1 (only the most likely token is left, so sampling
-    is greedy) and a prompt plus max_new_tokens that fill the context exactly."""
+    smallest normal float32 temperature when sampling, min_p 1 and a top_p near 0 (only the most likely token
+    is left, so sampling is greedy; this also shows each reaches the decode loop) and a prompt plus
+    max_new_tokens that fill the context exactly."""
     from ttl_core.sampling import MIN_TEMPERATURE, check_sampling_arguments
 
     _, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
     greedy = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[])
     assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], temperature=0.0), greedy)
-    sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, min_p=1.0, seed=1)
-    assert torch.equal(sampled, greedy)
+    for edge in (dict(min_p=1.0), dict(top_p=1e-9)):
+        sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, seed=1, **edge)
+        assert torch.equal(sampled, greedy), edge
     check_sampling_arguments(True, MIN_TEMPERATURE, 0, 1.0, 1.0, 1.0, 1)
     every_id = list(range(ours.config.vocab_size))  # each row ends at its first token: a quick call
     full = ttl_core.generate(ours, ids, mask, max_new_tokens=ours.config.max_position_embeddings - 9,
