@@ -25,6 +25,7 @@ from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
+import ttl_core.train as ttl_train
 from ttl_core.train import (build_optimizer, clip_gradients, evaluate, lr_at, model_inputs, optimizer_update,
                             sample_text, train, train_step)
 
@@ -145,11 +146,28 @@ def test_low_precision_autocast_tracks_float32(tmp_path, data_dir, dtype):
     assert max(abs(x - y) / y for x, y in zip(ours, reference)) <= 1e-2
 
 
-def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir):
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir, monkeypatch):
+    """The blocks are really recomputed (equal losses alone would pass with the setting ignored): each training
+    forward of a block runs it again in the backward, with the same results."""
+    runs = []  # per checkpointed call: how many times the block ran (1 forward + 1 recomputation)
+    real = ttl_train.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        runs.append(0)
+        index = len(runs) - 1
+
+        def counted(*a, **k):
+            runs[index] += 1
+            return function(*a, **k)
+        return real(counted, *args, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "checkpoint", counting_checkpoint)
     plain = train(run_config("train.max_steps=2"), tmp_path / "p", data_dir=str(data_dir))
+    assert runs == []
     recomputed = train(run_config("train.max_steps=2", "train.activation_checkpointing=true"), tmp_path / "c",
                        data_dir=str(data_dir))
     assert losses(tmp_path / "c") == losses(tmp_path / "p") and recomputed.last_loss == plain.last_loss
+    assert runs.count(2) == 2 * 2  # 2 steps x 2 layers, each recomputed once (evaluation's runs are single)
 
 
 @pytest.mark.gpu
