@@ -480,6 +480,26 @@ def test_evaluate_is_the_eval_mode_mean_over_target_tokens(data_dir):
     assert got == pytest.approx(total / count, rel=1e-5) and model.training
 
 
+def test_each_step_updates_with_its_scheduled_lr(tmp_path, data_dir, monkeypatch):
+    """The lr the optimizer steps with at step s is lr_at(s), the one logged: the schedule's tests check lr_at
+    alone, and the loop's resumes and losses look the same with the schedule one step off."""
+    applied = []
+    real = ttl_train.train_step
+
+    def recording_step(model, optimizer, *args):
+        result = real(model, optimizer, *args)
+        applied.append([g["lr"] for g in optimizer.param_groups])
+        return result
+
+    monkeypatch.setattr(ttl_train, "train_step", recording_step)
+    run = run_config("train.max_steps=4", "train.min_lr=1e-4")
+    train(run, tmp_path, data_dir=str(data_dir))
+    scheduled = [lr_at(step, run.train) for step in range(1, 5)]
+    assert scheduled[0] < scheduled[1] == scheduled[2] > scheduled[3]  # warmup, peak, cosine: one step off differs
+    assert applied == [[lr, lr] for lr in scheduled]
+    assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r] == scheduled
+
+
 def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):
     result = train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path, data_dir=str(data_dir),
                    stop_after=10)
