@@ -17,7 +17,7 @@ import torch
 
 from tests.helpers import ROOT, run_script
 from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
-from ttl_core import load_pretrained
+from ttl_core import load_pretrained, save_pretrained
 from ttl_core.checkpoint import complete_checkpoints
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
@@ -25,6 +25,7 @@ from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
+import ttl_core.train as ttl_train
 from ttl_core.train import (build_optimizer, clip_gradients, evaluate, lr_at, model_inputs, optimizer_update,
                             sample_text, train, train_step)
 
@@ -129,10 +130,23 @@ def test_mfu_flops_and_peaks():
 # --- training runs: masking, precision, recomputation, failures, starting points --------------------------
 
 def test_document_masking_trains_on_packed_documents(tmp_path, data_dir):
-    masked = train(run_config("train.max_steps=3", "data.document_masking=true"), tmp_path / "m", data_dir=str(data_dir))
-    plain = train(run_config("train.max_steps=3"), tmp_path / "p", data_dir=str(data_dir))
-    # same data and weights; only the attention pattern, positions and cross-document targets differ
-    assert math.isfinite(masked.last_loss) and masked.last_loss != plain.last_loss
+    """The training loop's first loss with document masking is that of the first batch's documents run alone
+    (not merely another loss than an unmasked run's: one predicting each next document's <s> is one too)."""
+    run = run_config("train.max_steps=1", "data.document_masking=true", "train.seed=3")  # seed 3: several documents
+    model = random_model(run).eval()
+    bos = json.loads((data_dir / "meta.json").read_text())["bos_id"]
+    save_pretrained(model, tmp_path / "init")
+    train(run, tmp_path / "m", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
+    batch = next(PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=run.train.seed))
+    assert batch["doc_starts"][:, 1:].sum() >= 2  # rows that pack several documents
+    with torch.no_grad():
+        truth = eager_loss(model, documents_alone(batch, bos))
+        unmasked = model(batch["input_ids"], targets=batch["labels"]).loss
+    assert abs(losses(tmp_path / "m")[0] - truth.item()) <= 1e-5 and abs(unmasked.item() - truth.item()) > 1e-3
+    # and the evaluation after the (last) step is the masked one of the weights that step saved
+    [logged] = [r["eval_loss"] for r in read_metrics(tmp_path / "m" / "metrics.jsonl") if "eval_loss" in r]
+    trained = load_pretrained(tmp_path / "m" / "checkpoints" / "step-000001")
+    assert logged == pytest.approx(evaluate(trained, data_dir, run, World(0, 1, torch.device("cpu")), bos), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -145,11 +159,28 @@ def test_low_precision_autocast_tracks_float32(tmp_path, data_dir, dtype):
     assert max(abs(x - y) / y for x, y in zip(ours, reference)) <= 1e-2
 
 
-def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir):
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir, monkeypatch):
+    """The blocks are really recomputed (equal losses alone would pass with the setting ignored): each training
+    forward of a block runs it again in the backward, with the same results."""
+    runs = []  # per checkpointed call: how many times the block ran (1 forward + 1 recomputation)
+    real = ttl_train.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        runs.append(0)
+        index = len(runs) - 1
+
+        def counted(*a, **k):
+            runs[index] += 1
+            return function(*a, **k)
+        return real(counted, *args, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "checkpoint", counting_checkpoint)
     plain = train(run_config("train.max_steps=2"), tmp_path / "p", data_dir=str(data_dir))
+    assert runs == []
     recomputed = train(run_config("train.max_steps=2", "train.activation_checkpointing=true"), tmp_path / "c",
                        data_dir=str(data_dir))
     assert losses(tmp_path / "c") == losses(tmp_path / "p") and recomputed.last_loss == plain.last_loss
+    assert runs.count(2) == 2 * 2  # 2 steps x 2 layers, each recomputed once (evaluation's runs are single)
 
 
 @pytest.mark.gpu
@@ -316,6 +347,19 @@ def eager_loss(model, micro_batches) -> torch.Tensor:
     return total / count
 
 
+def documents_alone(batch, bos: int) -> list[dict[str, torch.Tensor]]:
+    """Each document of a packed loader batch as a micro-batch of its own (from position 0), the <s> that opens
+    the next document no target."""
+    pieces = []
+    for row in range(batch["input_ids"].shape[0]):
+        starts = [*batch["doc_starts"][row].nonzero().flatten().tolist(), batch["input_ids"].shape[1]]
+        for a, b in zip(starts, starts[1:]):
+            targets = batch["labels"][row:row + 1, a:b]
+            pieces.append({"input_ids": batch["input_ids"][row:row + 1, a:b],
+                           "targets": targets.masked_fill(targets == bos, -100)})
+    return pieces
+
+
 def test_accumulated_step_is_the_gradient_of_the_whole_batch_mean(tmp_path):
     """Micro-batches with different numbers of ignored targets: the update is the gradient of the mean over
     all target tokens of the step (one big batch), not a mean of per-micro-batch means or a multiple."""
@@ -350,16 +394,9 @@ def test_document_masked_loss_is_the_loss_of_each_document_alone(data_dir):
     batch = next(PackedLoader(data_dir, "train", 32, 4, seed=3))
     assert batch["doc_starts"][:, 1:].sum() >= 2  # rows that pack several documents
     inputs = model_inputs(batch, torch.device("cpu"), document_masking=True, bos_id=bos)
-    pieces = []
-    for row in range(4):
-        starts = [*batch["doc_starts"][row].nonzero().flatten().tolist(), 32]
-        for a, b in zip(starts, starts[1:]):
-            targets = batch["labels"][row:row + 1, a:b]
-            pieces.append({"input_ids": batch["input_ids"][row:row + 1, a:b],
-                           "targets": targets.masked_fill(targets == bos, -100)})
     with torch.no_grad():
         got = model(**inputs).loss
-        truth = eager_loss(model, pieces)
+        truth = eager_loss(model, documents_alone(batch, bos))
         unmasked = model(batch["input_ids"], targets=batch["labels"]).loss
     assert abs(got.item() - truth.item()) <= 1e-5
     assert abs(unmasked.item() - truth.item()) > 1e-3
@@ -443,6 +480,26 @@ def test_evaluate_is_the_eval_mode_mean_over_target_tokens(data_dir):
     assert got == pytest.approx(total / count, rel=1e-5) and model.training
 
 
+def test_each_step_updates_with_its_scheduled_lr(tmp_path, data_dir, monkeypatch):
+    """The lr the optimizer steps with at step s is lr_at(s), the one logged: the schedule's tests check lr_at
+    alone, and the loop's resumes and losses look the same with the schedule one step off."""
+    applied = []
+    real = ttl_train.train_step
+
+    def recording_step(model, optimizer, *args):
+        result = real(model, optimizer, *args)
+        applied.append([g["lr"] for g in optimizer.param_groups])
+        return result
+
+    monkeypatch.setattr(ttl_train, "train_step", recording_step)
+    run = run_config("train.max_steps=4", "train.min_lr=1e-4")
+    train(run, tmp_path, data_dir=str(data_dir))
+    scheduled = [lr_at(step, run.train) for step in range(1, 5)]
+    assert scheduled[0] < scheduled[1] == scheduled[2] > scheduled[3]  # warmup, peak, cosine: one step off differs
+    assert applied == [[lr, lr] for lr in scheduled]
+    assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "lr" in r] == scheduled
+
+
 def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):
     result = train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path, data_dir=str(data_dir),
                    stop_after=10)
@@ -481,7 +538,6 @@ def test_init_from_a_classifier_is_refused(tmp_path, data_dir):
 def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
     """A tokenizer without a pad token (Llama-2 style, or a config's null pad_token) still gives the sample at the
     end of a run: generate() pads finished rows with EOS then (it was handed pad id -1, and refused it)."""
-    from ttl_core import save_pretrained
 
     data = prepared_corpus(tmp_path)
     config = json.loads((data / "tokenizer_config.json").read_text())
