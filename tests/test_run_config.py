@@ -1,0 +1,88 @@
+"""Run configs: the shipped recipes, `--set` overrides, and every refused setting named in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import ROOT
+from train_helpers import run_config
+from ttl_core.errors import ConfigError
+from ttl_core.run_config import load_run_config
+
+
+def test_shipped_configs_load_and_match_the_published_recipe():
+    ttl = load_run_config(ROOT / "configs" / "ttl-160m.toml")
+    t = ttl.train
+    assert (t.seq_len, t.lr, t.warmup_steps, t.weight_decay, t.betas, t.eps, t.dtype) == \
+        (2048, 6e-4, 5000, 0.01, [0.9, 0.999], 1e-8, "bfloat16")
+    assert t.tokens_per_step == 8192 and ttl.model_config().hidden_size == 768
+    big = load_run_config(ROOT / "configs" / "ttl-460m.toml")
+    assert (big.train.lr, big.train.warmup_steps, big.model_config().num_hidden_layers) == (3e-4, 10000, 24)
+    tiny = load_run_config(ROOT / "configs" / "tiny.toml", ["train.grad_accum_steps=2", "train.lr=1e-3"])
+    assert tiny.train.grad_accum_steps == 2 and tiny.train.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.grad_acum_steps=2", "unknown key(s) in [train]: grad_acum_steps"),
+    ("trian.lr=1", "unknown section 'trian'"),
+    ("train.lr=fast", "train.lr must be a float"),
+    ("model.hiden_size=8", "hiden_size"),
+    ("train.dtype=\"float8\"", "train.dtype must be one of"),
+    ("train.lr", "--set expects section.key=value"),
+])
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(ROOT / "configs" / "tiny.toml", [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.weight_decay=nan", "weight_decay must be >= 0"), ("train.grad_clip=nan", "grad_clip must be >= 0"),
+    ("train.eps=0.0", "eps must be > 0"), ("train.betas=[2.0, 0.9]", "betas must be two numbers"),
+    ("train.no_decay=[1]", "no_decay must list"), ("train.seed=-1", "seed must be in"),
+    ("train.lr=inf", "lr must be finite"), ("train.eps=inf", "eps must be finite"),
+    ("train.weight_decay=inf", "weight_decay must be finite"),
+    ("train.min_lr=0.5", r"min_lr must lie in \[0, lr=0.003\]"),
+    ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1"), ("train.seed=4294967296", "seed must be in"),
+    ("train.betas=[false, 0.9]", "betas must be two numbers"),  # a bool is no number, here as everywhere else
+    pytest.param("train.lr=" + "9" * 400, "train.lr must be a float", id="an integer no float can hold"),
+    pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be a int", id="an integer Python won't read"),
+    ("model.preset=[\"tiny\"]", "unknown preset"), ("model.preset={name = \"tiny\"}", "unknown preset"),
+    ("train.min_lr=-0.1", r"min_lr must lie in \[0, lr"), ("train.betas=[0.9, 1.0]", "betas must be two numbers"),
+    # a bad lr is named itself, not as the bound of min_lr's range
+    ("train.lr=nan", "train.lr must be >= 0, got nan"), ("train.lr=-0.001", "train.lr must be >= 0, got -0.001"),
+    ("train.save_every=0", "save_every must be >= 1"),  # a step % 0 mid-run otherwise
+    # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
+    ("train.compile=1", "train.compile must be a bool"), ("train.max_steps=true", "train.max_steps must be a int"),
+    ("train.no_decay=\"norm\"", "train.no_decay must be a list"),
+])
+def test_nan_and_out_of_range_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        run_config(override)
+
+
+def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "scalar.toml").write_text("model = 5\n")
+    (tmp_path / "long.toml").write_text("[train]\nseed = " + "9" * 5000 + "\n")
+    (tmp_path / "typo.toml").write_text("[trian]\nlr = 0.5\n")  # a misspelt section must not train with defaults
+    for path, message in ((tmp_path / "binary.toml", "invalid TOML"), (tmp_path / "scalar.toml", "must be a"),
+                          (tmp_path / "typo.toml", r"unknown section\(s\) trian in .*typo.toml"),
+                          (tmp_path / "long.toml", "invalid TOML"),
+                          (tmp_path, "cannot read the config")):
+        with pytest.raises(ConfigError, match=message):
+            load_run_config(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_a_config_error_not_a_torch_traceback():
+    from ttl_core.distributed import init_world
+    with pytest.raises(ConfigError, match="--device cuda was requested but no CUDA device is available"):
+        init_world("cuda")
+
+
+def test_integers_are_accepted_for_float_settings():
+    t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
+    assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)
+    assert all(isinstance(v, float) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip))
