@@ -440,6 +440,23 @@ def test_training_step_time_is_the_mean_after_three_warmup_steps(monkeypatch):
     assert len(calls) == 7 and ms == pytest.approx(500.0) and peak is None
 
 
+def test_transformers_training_step_takes_the_gradient_norm_without_a_rescale(monkeypatch):
+    """The baseline's step does what ttl's does with grad_clip 0 (the recipes'): the gradient norm alone, not
+    clip_grad_norm_ with an infinite bound, which would also multiply every gradient by 1 (a pass that ttl's
+    step does not make, charged to transformers alone)."""
+    from ttl_core import LlamaConfig
+    from ttl_core.run_config import TrainConfig
+    script = load_script("bench_train")
+    norms = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: pytest.fail("rescaled gradients"))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads, *args, **kwargs: norms.append(len(grads)))
+    config = LlamaConfig.from_preset("tiny")
+    train = TrainConfig(seq_len=8, lr=6e-4, weight_decay=0.01, no_decay=[], grad_clip=0.0, dtype="bfloat16")
+    step = script.hf_step(config, train, False, torch.device("cpu"))
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert step(ids) > 0 and len(norms) == 1 and norms[0] > 0
+
+
 def test_decoding_reads_every_weight_per_step_and_the_cache_so_far():
     from ttl_core import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig.from_preset("tiny")
