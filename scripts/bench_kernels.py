@@ -70,6 +70,9 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
     leaves = [t for t in tensors if t.requires_grad]
     outs = fn(*tensors)
     grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+    # the outputs hold their autograd graph and its saved tensors (8 GB of float32 log-probabilities for the eager
+    # cross-entropy at the goal's shape): not to be kept through the captures and timings below
+    del outs
 
     detached = tuple(t.detach() for t in tensors)
 
@@ -90,6 +93,9 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
         ms = dev.time_ms(replay or run)
         if dev.cuda and replay is None:
             untimed_graphs.append({"impl": impl, "pass": pass_, "shape": shape})
+        # the graph's private memory pool, pinned while it lives, becomes releasable (an allocation short of memory
+        # releases it) for the eager peak-memory run and the next pass's capture
+        del replay
         gbs = nbytes / (ms * 1e-3) / 1e9
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
         rows.append(row(impl, pass_, shape, dtype_name(dtype), ms, gbs=gbs, tflops=tflops,

@@ -363,6 +363,42 @@ def test_kernel_rows_charge_both_passes_bytes_and_judge_flops_against_the_matmul
     assert [r["frac_of_peak"] for r in by_flops] == pytest.approx([0.2, 0.6])
 
 
+def test_kernel_timing_keeps_no_output_or_graph_of_an_earlier_call_through_a_capture(monkeypatch):
+    """A pass's outputs hold their saved tensors (8 GB of float32 log-probabilities for the eager cross-entropy at
+    the goal's shape) and a captured graph pins its memory pool: neither may outlive its use while the next
+    graph is captured and the eager peak-memory run allocates."""
+    import weakref
+    script = load_script("bench_kernels")
+    fixed_timing(monkeypatch, 2.0)
+    outputs, graphs, alive = [], [], []
+
+    class Graph:
+        def replay(self):
+            pass
+
+    def graph_replay(self, fn):
+        alive.append([ref() is not None for ref in outputs + graphs])
+        graph = Graph()
+        graphs.append(weakref.ref(graph))
+        return graph.replay
+
+    def peak_memory_mb(self, fn):
+        alive.append([ref() is not None for ref in outputs + graphs])
+
+    monkeypatch.setattr(BenchDevice, "graph_replay", graph_replay)
+    monkeypatch.setattr(BenchDevice, "peak_memory_mb", peak_memory_mb)
+
+    def fn(t):
+        out = t * 2
+        outputs.append(weakref.ref(out))
+        return out
+
+    dev = BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0, bf16_tflops=10.0)
+    script.time_passes(dev, "ttl", fn, (torch.randn(8, 16, requires_grad=True),), {}, torch.bfloat16, 1, 1, 0.0,
+                       0.0, [])
+    assert len(alive) == 4 and not any(any(flags) for flags in alive), alive
+
+
 def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch):
     """At the smoke sizes, bf16: RMSNorm reads x, writes y (+ the residual in, the sum out), backward reads dy and
     x (and the sum's gradient), writes dx; rotary reads and writes q and k and reads cos and sin, each pass;
