@@ -93,8 +93,8 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
         ms = dev.time_ms(replay or run)
         if dev.cuda and replay is None:
             untimed_graphs.append({"impl": impl, "pass": pass_, "shape": shape})
-        # the graph's private memory pool, pinned while it lives, becomes releasable (an allocation short of memory
-        # releases it) for the eager peak-memory run and the next pass's capture
+        # a graph pins its private memory pool while it lives; released here, the pool is freed when the next
+        # capture begins (torch.cuda.graph empties the allocator's cache) or when the eager run below runs short
         del replay
         gbs = nbytes / (ms * 1e-3) / 1e9
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
