@@ -339,6 +339,26 @@ def test_generation_goals_need_10x_dynamic_and_strictly_faster_than_static_compi
     assert [v.met for v in goals.generation_goals(rows)] == [False, True]
 
 
+def test_training_and_generation_goals_name_what_is_missing_and_why(tmp_path):
+    """As every other goal: a verdict left 'not measured' says which implementation is missing at the goal's
+    shape, with the error when the run recorded its measurement as failed."""
+    train = {"preset": "ttl-160m", "batch": 16, "seq": 2048}
+    decode = {"preset": "ttl-160m", "batch": 1, "prompt": 128, "new_tokens": 256}
+    results = {"train": ([goal_row("ttl", "train_step", train, 60.0, tokens_per_s=5e5, mfu=0.53)],
+                         [{"impl": "hf", "shape": train, "error": "OutOfMemoryError: CUDA out of memory"}]),
+               "generate": ([goal_row("ttl", "decode", decode, 50.0, tokens_per_s=5000.0)],
+                            [{"impl": "hf_static_compile", "shape": decode, "error": "TimeoutError: compile"}])}
+    for name, (rows, failures) in results.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"benchmark": name, "rows": rows, "failures": failures}))
+    goals = load_script("check_goals")
+    verdicts = {v.goal: v for v in goals.judge(*goals.load_rows(tmp_path))}
+    versus_hf = verdicts["Training: ttl tokens/s / transformers (SDPA)"]
+    assert versus_hf.met is None and "hf (failed: OutOfMemoryError: CUDA out of memory)" in versus_hf.measured
+    dynamic, static = (v for goal, v in verdicts.items() if goal.startswith("Generation"))
+    assert dynamic.met is None and static.met is None
+    assert dynamic.measured.endswith("batch=1: hf") and "hf_static_compile (failed: TimeoutError" in static.measured
+
+
 def test_goal_table_prints_each_verdict_in_words():
     goals = load_script("check_goals")
     table = goals.markdown([goals.Verdict("a", "1", ">= 1", True), goals.Verdict("b", "0", ">= 1", False),
