@@ -181,7 +181,9 @@ def bench_rms_norm(mode: str, dtype: torch.dtype, results: Results) -> None:
 
 
 def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
-    """Rotary embedding of q and k cut from a fused qkv projection, with per-token (batch, seq, dim) angles."""
+    """Rotary embedding of q and k as separate projections give them (transformers' layout: Liger copies q and k
+    cut from a fused qkv projection before its in-place kernel, ttl's kernel reads them in place), with per-token
+    (batch, seq, dim) angles."""
     liger_rope = liger("rope", "LigerRopeFunction")
     device = results.device.device
     seq = 16 if mode == "smoke" else 2048
@@ -192,8 +194,8 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
         "ttl": apply_rotary,
         "torch": apply_rotary_reference,
         "compile": torch.compile(apply_rotary_reference),
-        # Liger takes (batch, heads, seq, dim) and returns that layout (transformers' layout, which it is
-        # given as the same transposed view of the projection as there)
+        # Liger takes (batch, heads, seq, dim) and returns that layout: the transposed view of each projection that
+        # transformers gives it, which it transposes back to contiguous (batch, seq, heads, dim) rows without a copy
         "liger": liger_rope and (lambda q, k, cos, sin: liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)),
     }
     for tokens in goal_rows_first(mode):
@@ -201,13 +203,11 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
             batch = tokens // seq
 
             def make_inputs():
-                qkv = torch.randn(batch, seq, (n_heads + 2 * n_kv) * dim, device=device, dtype=dtype,
-                                  requires_grad=True)
-                q, k, _ = qkv.split([n_heads * dim, n_kv * dim, n_kv * dim], dim=-1)
+                q, k = (torch.randn(batch, seq, n, dim, device=device, dtype=dtype, requires_grad=True)
+                        for n in (n_heads, n_kv))
                 # each frequency twice, as transformers builds them (Liger reads the first half only)
                 angles = (torch.rand(batch, seq, dim // 2, device=device) * 6.3).repeat(1, 1, 2)
-                return (q.view(batch, seq, n_heads, dim), k.view(batch, seq, n_kv, dim),
-                        angles.cos().to(dtype), angles.sin().to(dtype))
+                return q, k, angles.cos().to(dtype), angles.sin().to(dtype)
 
             # each pass reads q, k, cos, sin and writes q, k (or their gradients)
             nbytes = tokens * (2 * (n_heads + n_kv) * dim + 2 * dim) * dtype.itemsize

@@ -445,6 +445,21 @@ def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch):
     assert script.goal_rows_first("full")[0] == script.GOAL_ROWS  # what a time limit must not cut
 
 
+def test_rotary_baselines_get_q_and_k_liger_rotates_without_a_copy(monkeypatch):
+    """Liger's rotary takes transformers' transposed views of the q and k projections and makes them contiguous
+    (batch, seq, heads, dim) before rotating in place: a no-op on separate projections, but a copy of both
+    (charged to Liger alone) if q and k were strided views cut from one fused qkv projection."""
+    script = load_script("bench_kernels")
+    made = []
+    monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, *args, **kwargs: made.append(make_inputs))
+    script.bench_rotary("smoke", torch.bfloat16, SimpleNamespace(device=SimpleNamespace(device=torch.device("cpu"))))
+    for make_inputs in made:
+        q, k, cos, sin = make_inputs()
+        for t in (q, k):
+            as_liger_sees_it = t.transpose(1, 2).transpose(1, 2)
+            assert as_liger_sees_it.contiguous().data_ptr() == t.data_ptr() and t.requires_grad
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_flops_are_4_s2_d_per_head_forward_and_2_5x_more_backward_half_when_causal(causal, monkeypatch):
     script = load_script("bench_attention")
