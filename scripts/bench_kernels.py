@@ -70,6 +70,9 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
     leaves = [t for t in tensors if t.requires_grad]
     outs = fn(*tensors)
     grads = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+    # the outputs hold their autograd graph and its saved tensors (8 GB of float32 log-probabilities for the eager
+    # cross-entropy at the goal's shape): not to be kept through the captures and timings below
+    del outs
 
     detached = tuple(t.detach() for t in tensors)
 
@@ -90,6 +93,9 @@ def time_passes(dev: BenchDevice, impl: str, fn: Callable, tensors: tuple, shape
         ms = dev.time_ms(replay or run)
         if dev.cuda and replay is None:
             untimed_graphs.append({"impl": impl, "pass": pass_, "shape": shape})
+        # a graph pins its private memory pool while it lives; released here, the pool is freed when the next
+        # capture begins (torch.cuda.graph empties the allocator's cache) or when the eager run below runs short
+        del replay
         gbs = nbytes / (ms * 1e-3) / 1e9
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
         rows.append(row(impl, pass_, shape, dtype_name(dtype), ms, gbs=gbs, tflops=tflops,
@@ -175,7 +181,9 @@ def bench_rms_norm(mode: str, dtype: torch.dtype, results: Results) -> None:
 
 
 def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
-    """Rotary embedding of q and k cut from a fused qkv projection, with per-token (batch, seq, dim) angles."""
+    """Rotary embedding of q and k as separate projections give them (transformers' layout: Liger copies q and k
+    cut from a fused qkv projection before its in-place kernel, ttl's kernel reads them in place), with per-token
+    (batch, seq, dim) angles."""
     liger_rope = liger("rope", "LigerRopeFunction")
     device = results.device.device
     seq = 16 if mode == "smoke" else 2048
@@ -186,8 +194,8 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
         "ttl": apply_rotary,
         "torch": apply_rotary_reference,
         "compile": torch.compile(apply_rotary_reference),
-        # Liger takes (batch, heads, seq, dim) and returns that layout (transformers' layout, which it is
-        # given as the same transposed view of the projection as there)
+        # Liger takes (batch, heads, seq, dim) and returns that layout: the transposed view of each projection that
+        # transformers gives it, which it transposes back to contiguous (batch, seq, heads, dim) rows without a copy
         "liger": liger_rope and (lambda q, k, cos, sin: liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)),
     }
     for tokens in goal_rows_first(mode):
@@ -195,13 +203,11 @@ def bench_rotary(mode: str, dtype: torch.dtype, results: Results) -> None:
             batch = tokens // seq
 
             def make_inputs():
-                qkv = torch.randn(batch, seq, (n_heads + 2 * n_kv) * dim, device=device, dtype=dtype,
-                                  requires_grad=True)
-                q, k, _ = qkv.split([n_heads * dim, n_kv * dim, n_kv * dim], dim=-1)
+                q, k = (torch.randn(batch, seq, n, dim, device=device, dtype=dtype, requires_grad=True)
+                        for n in (n_heads, n_kv))
                 # each frequency twice, as transformers builds them (Liger reads the first half only)
                 angles = (torch.rand(batch, seq, dim // 2, device=device) * 6.3).repeat(1, 1, 2)
-                return (q.view(batch, seq, n_heads, dim), k.view(batch, seq, n_kv, dim),
-                        angles.cos().to(dtype), angles.sin().to(dtype))
+                return q, k, angles.cos().to(dtype), angles.sin().to(dtype)
 
             # each pass reads q, k, cos, sin and writes q, k (or their gradients)
             nbytes = tokens * (2 * (n_heads + n_kv) * dim + 2 * dim) * dtype.itemsize

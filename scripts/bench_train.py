@@ -76,7 +76,9 @@ def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool,
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        # the norm alone, as ttl's step takes it without clipping (grad_clip 0): clip_grad_norm_ with an infinite
+        # bound would also rescale every gradient by 1, a pass over all of them that ttl's step does not make
+        torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()

@@ -148,7 +148,7 @@ def judge(rows: dict[str, list[dict]], failures: dict[str, list[dict]]) -> list[
     verdicts.append(speed_ratio_goal("FlashAttention fwd+bwd, seq 2048, d64, causal: ttl time / SDPA flash",
                                      attention, failed("attention"), "fwd+bwd", lambda s: covers(s, goal_attention),
                                      ("sdpa_flash",), [goal_attention], ties_allowed=True))
-    verdicts += training_goals(train) + generation_goals(gen)
+    verdicts += training_goals(train, failed("train")) + generation_goals(gen, failed("generate"))
     return verdicts
 
 
@@ -166,25 +166,28 @@ def flce_memory(rows: list[dict], where: Callable[[dict], bool]) -> Verdict:
     return Verdict(goal, f"{share:.1%} ({extra_mb:.0f} MB)", target, share <= 1 / 8)
 
 
-def training_goals(rows: list[dict]) -> list[Verdict]:
+def training_goals(rows: list[dict], failures: list[dict] = ()) -> list[Verdict]:
     """MFU of ttl's best batch; tokens/s against transformers at each batch both ran (the worst ratio)."""
     goal_shape = lambda s: s["preset"] == "ttl-160m" and s["seq"] == 2048  # noqa: E731
+    required = [{"preset": "ttl-160m", "seq": 2048}]
     ttl = select(rows, "ttl", "train_step", goal_shape)
     best = max(ttl, key=lambda r: r["tokens_per_s"], default=None)
     measured = best is not None and best["mfu"] is not None
     mfu = Verdict("Training ttl-160m, seq 2048, bf16: MFU (published peak)",
                   f"{best['mfu']:.1%} ({best['tokens_per_s']:,.0f} tok/s, batch {best['shape']['batch']})"
-                  if measured else "-", ">= 50%", best["mfu"] >= 0.5 if measured else None)
+                  if measured else "-" + gaps(rows, failures, ("ttl",), "train_step", required), ">= 50%",
+                  best["mfu"] >= 0.5 if measured else None)
     ratios = [(r["tokens_per_s"] / h["tokens_per_s"], r["shape"]["batch"]) for r in ttl
               for h in select(rows, "hf", "train_step", goal_shape) if h["shape"] == r["shape"]]
     worst = min(ratios, default=None)
     versus_hf = Verdict("Training: ttl tokens/s / transformers (SDPA)",
-                        "-" if worst is None else f"{worst[0]:.2f}x (batch {worst[1]})", ">= 2.00x",
+                        "-" + gaps(rows, failures, ("ttl", "hf"), "train_step", required) if worst is None
+                        else f"{worst[0]:.2f}x (batch {worst[1]})", ">= 2.00x",
                         None if worst is None else worst[0] >= 2.0)
     return [mfu, versus_hf]
 
 
-def generation_goals(rows: list[dict]) -> list[Verdict]:
+def generation_goals(rows: list[dict], failures: list[dict] = ()) -> list[Verdict]:
     """Batch 1 decoding: ttl's tokens/s against transformers' dynamic cache and its static cache + compile."""
     goal_shape = lambda s: s["batch"] == 1 and s.get("preset") == "ttl-160m"  # noqa: E731
     ttl = select(rows, "ttl", "decode", goal_shape)
@@ -194,7 +197,8 @@ def generation_goals(rows: list[dict]) -> list[Verdict]:
         base = select(rows, impl, "decode", goal_shape)
         goal = f"Generation ttl-160m, batch 1: ttl tokens/s / transformers {name}"
         if not ttl or not base:
-            verdicts.append(Verdict(goal, "-", label, None))
+            missing = gaps(rows, failures, ("ttl", impl), "decode", [{"preset": "ttl-160m", "batch": 1}])
+            verdicts.append(Verdict(goal, "-" + missing, label, None))
             continue
         ratio = ttl[0]["tokens_per_s"] / base[0]["tokens_per_s"]
         measured = f"{ratio:.2f}x ({ttl[0]['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} tok/s)"
