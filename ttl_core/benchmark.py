@@ -30,6 +30,9 @@ from .errors import TTLError
 from .fileio import atomic_write, write_json
 
 PLOT_EVERY_S = 20.0
+# Warm-up before timing lasts at least this long (Triton's do_bench default): a few calls of a 50-us kernel
+# after seconds of host work (a torch.compile of the previous baseline) would be timed at an idle GPU's clocks
+WARMUP_S = 0.025
 ROW_FIELDS = ("impl", "pass", "shape", "dtype", "ms", "gbs", "tflops", "frac_of_peak", "tokens_per_s", "mfu",
               "peak_mem_mb")
 
@@ -55,11 +58,13 @@ class BenchDevice:
 
     def time_ms(self, fn: Callable[[], Any], warmup: int = 10, reps: int = 50, max_seconds: float = 2.0) -> float:
         """Median milliseconds of `fn()`. After a first untimed call (compilation, autotuning) and a timed
-        one to estimate the cost, up to `warmup` calls warm up and up to `reps` are timed, fewer when they
-        would take longer than `max_seconds` (but at least 5, or `reps` if that is less). On a GPU each run
-        is timed with CUDA events after an L2 flush (256 MB written), so no input comes from a warm cache;
-        the flush also keeps the GPU busy while the host enqueues the timed call, so a call made of one
-        launch (a CUDA graph replay) is timed without its launch latency."""
+        one to estimate the cost, `warmup` calls (more if they take under WARMUP_S) warm up and up to `reps`
+        are timed, fewer when they would take longer than `max_seconds` (warm-up at most a quarter of it; at
+        least 5 timed, or `reps` if that is less). On a GPU each run is timed with CUDA events after an L2
+        flush (256 MB read), so no input comes from a warm cache; a read, not a write, so the flush leaves no
+        dirty lines whose write-back the timed call would pay (up to 50 MB on an H100). The flush also keeps
+        the GPU busy while the host enqueues the timed call, so a call made of one launch (a CUDA graph
+        replay) is timed without its launch latency."""
         if self.smoke:
             warmup, reps = 1, 2
         fn()
@@ -68,13 +73,13 @@ class BenchDevice:
         fn()
         self.sync()
         estimate = max(time.perf_counter() - start, 1e-6)
-        for _ in range(min(warmup, int(max_seconds / 4 / estimate))):
+        for _ in range(min(max(warmup, int(WARMUP_S / estimate)), int(max_seconds / 4 / estimate))):
             fn()
         reps = max(min(reps, 5), min(reps, int(max_seconds / estimate)))
         flush = torch.empty(256 * 2**20 if self.cuda else 0, dtype=torch.int8, device=self.device)
         times = []
         for _ in range(reps):
-            flush.zero_()
+            flush.sum()
             if self.cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()

@@ -1,8 +1,9 @@
-"""The benchmarks give every implementation like work and hold no memory they no longer need: what a baseline
-is charged beyond what it does where it is used (a copy, a rescale pass) would flatter ttl's ratios, and memory
-kept across CUDA graph captures could cost a measurement at the largest shapes. CPU checks of the scripts'
-code paths, on stubbed devices and timings."""
+"""The benchmark harness times fairly: warm calls, medians within a budget; it gives every implementation like
+work and holds no memory it no longer needs (what a baseline is charged beyond what it does where it is used, a
+copy or a rescale pass, would flatter ttl's ratios, and memory kept across CUDA graph captures could cost a
+measurement at the largest shapes). CPU checks of the code paths, on fake clocks and stubbed devices."""
 
+import time
 import weakref
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from helpers import load_script
 
+from ttl_core import benchmark
 from ttl_core.benchmark import BenchDevice
 
 
@@ -78,3 +80,44 @@ def test_transformers_training_step_takes_the_gradient_norm_without_a_rescale(mo
     step = script.hf_step(config, train, False, torch.device("cpu"))
     ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     assert step(ids) > 0 and len(norms) == 1 and norms[0] > 0
+
+
+def test_timing_stays_within_its_budget():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    device = BenchDevice(torch.device("cpu"), "cpu", smoke=False)
+    ms = device.time_ms(slow, warmup=10, reps=50, max_seconds=0.2)
+    # 2 estimating calls, at most 2 warm-ups (a quarter of the budget), 5..10 timed: not 10 + 50
+    assert 7 <= len(calls) <= 14 and ms >= 20
+
+
+def test_timing_is_the_median_of_at_least_five_timed_calls(monkeypatch):
+    """On a fake clock: a call slower than the whole budget is still timed 5 times, and the figure is their
+    median (3 ms here; the mean would be 8 ms, the minimum 1 ms)."""
+    clock = [0.0]
+    durations = [5.0, 3.0, 0.001, 0.002, 0.030, 0.004, 0.003]  # untimed, estimate, then the timed calls
+
+    def fn():
+        clock[0] += durations.pop(0)
+
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
+    ms = BenchDevice(torch.device("cpu"), "cpu", smoke=False).time_ms(fn, warmup=10, reps=50, max_seconds=2.0)
+    assert durations == [] and ms == pytest.approx(3.0)
+
+
+def test_a_fast_call_warms_up_for_25_ms_before_it_is_timed(monkeypatch):
+    """On a fake clock: 10 warm-up calls of a 0.1 ms kernel would be 1 ms, too short for an idle GPU's clocks
+    to rise; it gets about 25 ms of them (Triton's do_bench warm-up), then its 50 timed calls."""
+    clock, calls = [0.0], []
+
+    def fn():
+        calls.append(1)
+        clock[0] += 1e-4
+
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
+    BenchDevice(torch.device("cpu"), "cpu", smoke=False).time_ms(fn, warmup=10, reps=50, max_seconds=2.0)
+    assert 245 <= len(calls) - 2 - 50 <= 255
