@@ -145,7 +145,7 @@ def rms_norm_backward(
     compute_dw: bool, x_dtype: torch.dtype | None = None, r_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel: returns (dx, dresidual, dweight or None) from the output gradient `dy`,
-    the new residual's gradient `dh` (or None) and the forward's saved normalized input `h` and `rstd`. dx
+    the new residual's gradient `dh` (or None) and the forward's saved input `h` (x, or x + residual) and `rstd`. dx
     comes in `x_dtype` (default h's); dresidual is the same gradient in `r_dtype`, a second output of the
     same pass where the dtypes differ, dx itself where they agree, None without `r_dtype`."""
     n_rows, n_cols = h.shape

@@ -230,9 +230,11 @@ def apply_rotary(
     """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by per-position angles given as
     cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
     positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
-    last dim; outputs are new tensors rounded like `apply_rotary_reference`. `backend` picks Triton or the
-    reference (see `ttl_kernels.dispatch.use_triton`); only the reference differentiates cos/sin, and
-    Triton raises ValueError when they require grad (under grad mode)."""
+    last dim; outputs are new tensors. The Triton path rounds cos/sin to q's dtype as the reference does,
+    then computes in fp32 and rounds once, where the reference rounds every product: in bf16/fp16 the two
+    differ by rounding. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`);
+    only the reference differentiates cos/sin, and Triton raises ValueError when they require grad (under
+    grad mode)."""
     _check_rotary_arguments(q, k, cos, sin)
     if not use_triton(q, backend):
         return apply_rotary_reference(q, k, cos, sin)

@@ -104,7 +104,8 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for gate and up of one shape (e.g. the halves of a fused gate/up projection, as
-    strided views), computed in fp32 and rounded once to the inputs' dtype. With `up=None`, `gate` is the
+    strided views), in the promotion of their dtypes: the Triton path computes in fp32 and rounds once, the
+    reference (as transformers) rounds silu(gate) first. With `up=None`, `gate` is the
     fused projection's output itself, gate then up along the last dim (even), and its gradient is one tensor.
     `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
     if up is None and (gate.dim() == 0 or gate.shape[-1] % 2):
