@@ -317,6 +317,17 @@ def test_weight_init_follows_transformers(tied):
     assert torch.all(model.backbone.layers[0].attn_norm.weight == 1)
 
 
+def test_init_weights_on_a_trained_model_resets_the_norms_too():
+    """A re-initialization leaves nothing trained behind: transformers sets RMSNorm weights back to 1."""
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny", num_hidden_layers=1))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ttl_core.model.RMSNorm):
+                module.weight.fill_(2.0)
+    model.init_weights()
+    assert all(torch.all(m.weight == 1) for m in model.modules() if isinstance(m, ttl_core.model.RMSNorm))
+
+
 def test_weight_init_zeroes_the_biases():
     torch.manual_seed(0)
     model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny", attention_bias=True, mlp_bias=True))

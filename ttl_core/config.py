@@ -21,7 +21,8 @@ class LlamaConfig:
 
     `kernels` picks the implementation of RMSNorm, rotary, SwiGLU and cross-entropy ("auto": Triton on CUDA,
     PyTorch references elsewhere; the `TTL_KERNELS` environment variable overrides "auto").
-    `attention` picks the attention backend ("auto": best available). Neither is written to config.json.
+    `attention` picks the attention backend ("auto": flash-attn where usable, else SDPA; the `TTL_ATTENTION`
+    environment variable overrides "auto"). Neither is written to config.json.
     """
 
     vocab_size: int = 32000
@@ -113,7 +114,9 @@ class LlamaConfig:
         return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
 
     def replace(self, **changes: Any) -> "LlamaConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). The fields `__post_init__` derived keep their
+        values: `num_key_value_heads` and `head_dim` do not follow a new head count or hidden size unless
+        changed too."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown LlamaConfig field(s): {', '.join(sorted(unknown))}")

@@ -224,6 +224,8 @@ def _init_weights(model: nn.Module, std: float) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, RMSNorm):  # a re-initialization of a trained model resets them, as transformers does
+            nn.init.ones_(module.weight)
     # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
     for module in model.modules():
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -239,7 +241,8 @@ class _LlamaBase(nn.Module):
         self.generation_config: dict | None = None
 
     def init_weights(self) -> None:
-        """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row."""
+        """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row, norm
+        weights 1."""
         with torch.no_grad():
             _init_weights(self, self.config.initializer_range)
 
@@ -357,7 +360,8 @@ class LlamaForSequenceClassification(_LlamaBase):
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Pooled logits (batch, num_labels). Loss: MSE for one label (regression), cross-entropy for
-        integer labels, BCE-with-logits for float multi-label targets (or as `config.problem_type` says)."""
+        integer labels, BCE-with-logits for float multi-label targets (or as `config.problem_type` says).
+        The first loss records the problem type it inferred in `config.problem_type`, as transformers does."""
         hidden = self.backbone(input_ids, attention_mask, position_ids)
         token_logits = self.score(hidden)  # every position, as transformers does, for identical rounding
         batch, seq = input_ids.shape
