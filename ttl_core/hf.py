@@ -201,7 +201,8 @@ def load_pretrained(
     `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
     fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
     `num_labels` / `id2label` in `config_overrides`) is initialized as transformers does, from torch's
-    global RNG (seed it first for a reproducible head)."""
+    global RNG (seed it first for a reproducible head). The model comes back in eval mode, as transformers'
+    `from_pretrained` returns it: call `.train()` before training (dropout)."""
     directory = Path(path)
     device = checked_device(device)
     config, stored_architecture = read_model_config(directory)
@@ -350,7 +351,8 @@ def save_pretrained(
 ) -> None:
     """Write a transformers-loadable directory: safetensors (sharded with an index above `max_shard_size`),
     `config.json` and `generation_config.json`, and the tokenizer files when a tokenizer is given. Every
-    file is written atomically. `dtype=None` keeps the model's dtype. `state_dict` (ttl names) replaces the
+    file is written atomically. `dtype=None` writes every tensor in the embedding's dtype (the model's, unless
+    its dtypes are mixed). `state_dict` (ttl names) replaces the
     model's own parameters, e.g. the full weights gathered from an FSDP-sharded model."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
