@@ -411,7 +411,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
     `pad_token_id`, and no columns after the step where every row had finished.
 
-    Greedy unless `do_sample`; the processors and their order are transformers' (see the module docstring).
+    Greedy unless `do_sample`; the processors and their order are transformers' (see `ttl_core.sampling`).
     A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (its
     `max_length`, prompt included, where it has no `max_new_tokens`), else from
     `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, greedy; sampling without top-k, where transformers'

@@ -418,8 +418,8 @@ def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> d
 
 def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | Path,
                  is_trainable: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
-    """Apply the LoRA adapter saved at `path` (ours or PEFT's) to a model without adapters. With
-    `is_trainable=False` the adapter is frozen too (inference); returns the model."""
+    """Apply the LoRA adapter at `path` (ours or PEFT's) to a model without adapters; embedding rows it saves
+    overwrite the model's. `is_trainable=False` freezes it too and sets eval mode (inference); returns the model."""
     directory = Path(path)
     config = _read_adapter_config(directory)
     saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
