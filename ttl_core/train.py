@@ -31,7 +31,7 @@ from .distributed import (World, all_reduce_sum, barrier, close_world, full_mode
 from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import load_pretrained
-from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics
+from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
 from .run_config import RunConfig, TrainConfig
 from .tokenizer import Tokenizer
@@ -410,8 +410,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             if step % train.eval_every == 0 or step == train.max_steps:
                 eval_loss = evaluate(model, data_path, run, world, tokenizer.bos_id)
                 if log:
-                    log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.1f}")
+                    log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
             if step % train.save_every == 0 or step == last_step:
                 saved_at = save(step)
     finally:
