@@ -17,7 +17,7 @@ from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerEr
 from ttl_core.finetune import FinetuneConfig, add_finetune_args, config_from_args, finetune_classifier, start_lora
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.instruct import add_chat_tokens, finetune_instruct
-from ttl_core.metrics import MetricsLog, plot_metrics, read_metrics
+from ttl_core.metrics import MetricsLog, perplexity, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
@@ -422,6 +422,12 @@ def test_bad_metrics_files(tmp_path):
     log.log({"step": 1, "loss": 3.0})
     log.close()
     assert read_metrics(run / "metrics.jsonl") == [{"step": 1, "loss": 3.0}]
+
+
+def test_the_perplexity_of_a_huge_eval_loss_is_inf_not_a_capped_figure():
+    # logged for each evaluation: once exp(min(loss, 50)), which put e^50 beside a loss of 60 (or of inf)
+    assert perplexity(60.0) == pytest.approx(math.exp(60.0)) and perplexity(709.0) == math.exp(709.0)
+    assert perplexity(710.0) == perplexity(math.inf) == math.inf and math.isnan(perplexity(math.nan))
 
 
 def test_byte_order_mark_is_no_part_of_the_first_document(tmp_path):

@@ -221,6 +221,26 @@ def test_a_given_softmax_scale_in_forward_and_backward():
     check(q, k, v, True, TOL[torch.float32], cu, 19, seed=13, softmax_scale=0.4)
 
 
+def test_recomputed_probabilities_keep_float32_accuracy_at_large_scores():
+    """Each query ties two keys at scores from 1e3 to 3e4 (every other score 0), so each row's probabilities
+    are exactly 1/2 and 0 and every score product is exact: dV must be the mean of the pair's output
+    gradients. The log-sum-exp once made a round trip through natural log between the forward and the
+    backward, two roundings at its magnitude that the recomputed probabilities lost (4e-3 of dV near 3e4)."""
+    seq, dim = 32, 16
+    c = (4 * torch.linspace(1e3, 3e4, dim)).sqrt()  # scores c^2 * dim^-1/2 = c^2 / 4
+    keys = (torch.eye(dim) * c[:, None]).repeat_interleave(2, 0)[None, :, None]  # keys 2i and 2i + 1 alike
+    q, k = keys.clone().requires_grad_(), keys.clone().requires_grad_()
+    v = torch.randn(1, seq, 1, dim, generator=torch.Generator().manual_seed(14)).requires_grad_()
+    grad = torch.randn(1, seq, 1, dim, generator=torch.Generator().manual_seed(15))
+    out = ttl_kernels.flash_attention(q, k, v, causal=False, backend="triton")
+    (dv,) = torch.autograd.grad(out, v, grad)
+
+    def pair_mean(t):
+        return t.view(dim, 2, dim).mean(1, keepdim=True).expand(dim, 2, dim).reshape(t.shape)
+
+    assert err(out, pair_mean(v)) <= TOL[torch.float32] and err(dv, pair_mean(grad)) <= TOL[torch.float32]
+
+
 def test_double_backward_fails_loudly():
     q, k, v = qkv((1, 5, 2, 32), 2, torch.float32, seed=8)
     s = torch.tensor(2.0, requires_grad=True)  # the gradient then requires grad: it must not silently lack terms

@@ -258,6 +258,17 @@ def test_fp32_residual_stream_gets_a_float32_accurate_gradient():
         assert got["x"].dtype == torch.bfloat16 and rel_err(got["x"], want["x"]) <= 1e-2
 
 
+@pytest.mark.parametrize("scale, eps", [(1e14, 1e-6), (1e16, 1e-6), (1e-18, 0.0)], ids=["1e14", "1e16", "1e-18-eps0"])
+def test_float32_gradient_accuracy_does_not_depend_on_the_rows_magnitude(scale, eps):
+    # any rms whose square fits in float32: the backward's per-row factor rstd^3 / hidden once went subnormal
+    # (rms above 1e11: 1e-5 off at 1e13, 6e-3 at 1e14, 5% at 1e16) or overflowed (rms below 1e-13 with eps 0:
+    # inf, as the reference's autograd still gives)
+    x, w, _ = inputs(5, 256, torch.float32, False, seed=22)
+    x = (scale * x).detach().requires_grad_()
+    grads = [torch.randn(5, 256, generator=torch.Generator().manual_seed(23))]
+    check(*run(x, w, eps, None, grads), *truth(x, w, eps, None, grads), 1e-5)
+
+
 def test_largest_hidden_size_is_accepted():
     # MAX_HIDDEN itself (65536) is supported; one more is refused (test_rejects_mismatched_shapes)
     x, w, r = inputs(2, 65536, torch.float32, True, seed=19)

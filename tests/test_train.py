@@ -358,6 +358,31 @@ def test_a_non_finite_gradient_under_a_finite_loss_leaves_the_weights_alone():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_fp16_steps_that_overflow_are_skipped_but_a_gradient_that_stays_nan_stops_training():
+    """The grad scaler skips a step whose gradients overflow and halves its scale; gradients still NaN at a
+    scale of 1 are no overflow, and were once skipped for ever (the scale halving to 0) without a word."""
+    run, world = run_config("train.dtype=float16"), World(0, 1, torch.device("cpu"))
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    for bad, init_scale in ((["inf"], 2.0**16), (["nan"] * 3, 4.0)):  # overflow once; NaN at scales 4, 2 and 1
+        model = random_model(run)
+        model.backbone.layers[0].mlp.down.weight.register_hook(lambda g: g * float(bad.pop()) if bad else g)
+        optimizer, scaler = build_optimizer(model, run.train, world.device), torch.amp.GradScaler("cpu", init_scale)
+        before = [p.detach().clone() for p in model.parameters()]
+
+        def step():
+            return train_step(model, optimizer, [{"input_ids": ids, "targets": ids}], run.train, world, 1e-3, scaler)
+
+        assert not math.isfinite(step()[1]) and scaler.get_scale() == init_scale / 2  # skipped
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        if bad:  # skipped at scale 2, then a NaN at scale 1 is no overflow
+            assert not math.isfinite(step()[1]) and scaler.get_scale() == 1.0
+            with pytest.raises(TrainingError, match="gradient norm at fp16 loss scale 1 became nan"):
+                step()
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        else:
+            assert math.isfinite(step()[1]) and any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_step_clips_to_grad_clip_and_applies_the_scheduled_lr():
     """The update is -lr * gradient * grad_clip / norm when the norm exceeds grad_clip, with the lr passed for
     this step (not the optimizer's construction-time lr); the norm returned is the one before clipping."""

@@ -28,6 +28,15 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss): inf past float's range (a loss above 709) rather than an OverflowError, or a capped figure
+    that would understate a diverged model's perplexity; NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int, seq_len: int) -> int:
     """Training FLOPs per token: 6N for the weights' forward and backward matmuls plus 12·L·d·T for the
     attention scores and values (N excludes the input embedding table; an LM head counts)."""

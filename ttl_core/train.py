@@ -31,12 +31,16 @@ from .distributed import (World, all_reduce_sum, barrier, close_world, full_mode
 from .errors import ConfigError, TrainingError
 from .generate import generate
 from .hf import load_pretrained
-from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics
+from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
 from .run_config import RunConfig, TrainConfig
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# fp16's grad scaler skips a step whose gradients are not finite and halves its loss scale. Gradients that are
+# still not finite at a scale of 1 or less were not pushed out of float16's range by the scaling: they are NaN,
+# or beyond float16 unscaled, which the scaler would skip for ever (the scale halving to 0) without a word.
+MIN_LOSS_SCALE = 1.0
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -106,9 +110,10 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float, scaler: torch.amp.GradScaler | None) -> tuple[float, float]:
     """One optimizer update from `grad_accum_steps` micro-batches; returns (mean loss per target token,
-    gradient norm before clipping). Raises TrainingError, before touching the weights, on a non-finite loss or,
-    without an fp16 grad scaler (which skips such steps itself), a non-finite gradient norm: clipping would turn
-    every gradient into NaN and the update would write NaN into every weight."""
+    gradient norm before clipping). Raises TrainingError, before touching the weights, on a non-finite loss or
+    a non-finite gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale
+    is down to MIN_LOSS_SCALE): clipping would turn every gradient into NaN and the update would write NaN into
+    every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
@@ -125,7 +130,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # one host sync for both figures: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
     mean_loss, grad_norm = torch.stack([mean_loss.reshape(()), grad_norm.to(mean_loss)]).tolist()
-    stop_if_not_finite(optimizer, {"loss": mean_loss, **({} if scaler else {"gradient norm": grad_norm})})
+    stop_if_not_finite(optimizer, {"loss": mean_loss, **gradient_figures(grad_norm, scaler)})
     apply_update(optimizer, lr, scaler)
     return mean_loss, grad_norm
 
@@ -158,11 +163,23 @@ def apply_update(optimizer: torch.optim.Optimizer, lr: float, scaler: torch.amp.
 def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
                      scaler: torch.amp.GradScaler | None = None) -> float:
     """Clip, then apply the accumulated gradients; returns the gradient norm before clipping. A non-finite
-    norm without a grad scaler raises TrainingError before the weights change (see `train_step`)."""
+    norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE) raises TrainingError before the weights
+    change (see `train_step`)."""
     grad_norm = float(clip_gradients(model, optimizer, train, scaler))
-    stop_if_not_finite(optimizer, {} if scaler else {"gradient norm": grad_norm})
+    stop_if_not_finite(optimizer, gradient_figures(grad_norm, scaler))
     apply_update(optimizer, lr, scaler)
     return grad_norm
+
+
+def gradient_figures(grad_norm: float, scaler: torch.amp.GradScaler | None) -> dict[str, float]:
+    """The gradient norm for `stop_if_not_finite` to check: always without a grad scaler; with one, only once
+    the loss scale is down to MIN_LOSS_SCALE (above it the scaler skips the step and lowers the scale itself).
+    The scale is read (a host sync) only for a norm that is not finite."""
+    if scaler is None:
+        return {"gradient norm": grad_norm}
+    if not math.isfinite(grad_norm) and scaler.get_scale() <= MIN_LOSS_SCALE:
+        return {f"gradient norm at fp16 loss scale {scaler.get_scale():g}": grad_norm}
+    return {}
 
 
 def stop_if_not_finite(optimizer: torch.optim.Optimizer, figures: dict[str, float]) -> None:
@@ -393,8 +410,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             if step % train.eval_every == 0 or step == train.max_steps:
                 eval_loss = evaluate(model, data_path, run, world, tokenizer.bos_id)
                 if log:
-                    log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.1f}")
+                    log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
             if step % train.save_every == 0 or step == last_step:
                 saved_at = save(step)
     finally:

@@ -49,7 +49,13 @@ def cross_entropy_reference(
         logits, targets, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     )
     if z_loss:
-        per_token = per_token + z_loss * torch.logsumexp(logits, dim=-1).pow(2) * valid
+        # log-sum-exp of the logits measured from their max (a constant to autograd; 0 for a row of -inf):
+        # torch.logsumexp's backward, exp(x - lse), lost |lse| * 2^-24 of every softmax value to lse's
+        # rounding (2e-4 of the gradient at float32 logits near 1e4), as the kernel once did
+        top = logits.detach().amax(-1, keepdim=True)
+        top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+        lse = (torch.logsumexp(logits - top, dim=-1, keepdim=True) + top).squeeze(-1)
+        per_token = per_token + z_loss * lse.pow(2) * valid
     if reduction == "none":
         return per_token
     total = per_token.sum()
@@ -82,11 +88,13 @@ if HAVE_TRITON:
                     tl.store(base + start + cols, tl.zeros((BLOCK,), tl.float32).to(LOGITS.dtype.element_ty),
                              mask=start + cols < n_cols)
         else:
-            # pass 1: running max and sum of exp, and with label smoothing the plain sum of logits (only then:
-            # masked-out vocabulary entries are -inf, and 0 * -inf would make every loss NaN)
+            # pass 1: running max and sum of exp, and with label smoothing the sum of the logits (only then:
+            # masked-out vocabulary entries are -inf, and 0 * -inf would make every loss NaN), measured from the
+            # running shift and moved with it: a plain sum of logits near 3e4 lost 2e-5 of the loss to the
+            # rounding of the sum and of shift - sum / V, where PyTorch (summing log-softmax values) loses 1e-7
             running_max = float("-inf")
             running_sum = 0.0
-            logit_sum = 0.0
+            centred_sum = 0.0
             for start in range(0, n_cols, BLOCK):
                 mask = start + cols < n_cols
                 x = tl.load(base + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
@@ -94,9 +102,10 @@ if HAVE_TRITON:
                 # exponents against a finite shift: while every logit so far is -inf, -inf - -inf would be NaN
                 shift = tl.where(new_max == float("-inf"), 0.0, new_max)
                 running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
+                if SMOOTHING:  # the `start` logits so far were measured from the previous shift
+                    old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+                    centred_sum += start * (old_shift - shift) + tl.sum(tl.where(mask, x - shift, 0.0), 0)
                 running_max = new_max
-                if SMOOTHING:
-                    logit_sum += tl.sum(tl.where(mask, x, 0.0), 0)
             # lse = shift + log_sum, kept in two parts: logits are measured from their max (x - shift is exact
             # near it), as PyTorch's softmax does; exp(x - lse) lost |lse| * 2^-24 of every softmax value to
             # lse's rounding, more than fp32's 1e-5 tolerance once logits reach about 500
@@ -108,7 +117,7 @@ if HAVE_TRITON:
             x_target = tl.load(base + target, mask=in_range, other=float("nan")).to(tl.float32)
             loss = log_sum + (1.0 - smoothing) * (shift - x_target)
             if SMOOTHING:
-                loss += smoothing * (shift - logit_sum / n_cols)
+                loss -= smoothing * (centred_sum / n_cols)
             tl.store(LOSS + row, loss + z_loss * lse * lse)
             if WRITE_GRAD:
                 # pass 2: the gradient, written over the logits

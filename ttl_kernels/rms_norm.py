@@ -96,8 +96,11 @@ if HAVE_TRITON:
             g = dy * w[None, :]
             # d/dh of g . (h * rstd) with rstd = (mean(h^2) + eps)^-1/2; written with h rather than h * rstd
             # and with dW summed first, so at most three row-sized values are live at once: 16384-wide rows
-            # then fit in 64 registers a thread instead of spilling 72-96 bytes
-            c = tl.sum(g * h, axis=1) * (rstd * rstd * rstd / n_cols)
+            # then fit in 64 registers a thread instead of spilling 72-96 bytes. The per-row factors are applied one
+            # at a time (per row, not per element), so the partial products stay in float32's range wherever the
+            # forward's mean square does: rstd^3 / n alone went subnormal for rows of rms above 1e11 (6e-3 off at
+            # 1e14) and overflowed for rms below 1e-13 (with eps 0)
+            c = tl.sum(g * h, axis=1) / n_cols * rstd * rstd * rstd
             dx = g * rstd[:, None] - h * c[:, None]
             if HAS_DH:
                 dx += tl.load(DH + rows * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
