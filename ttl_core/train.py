@@ -11,12 +11,11 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -69,7 +68,16 @@ def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
     """Recompute each decoder block's activations in the backward instead of storing them. Replaces the
     blocks' `forward` in place, so parameter names (and checkpoints) are unchanged."""
     for block in model.backbone.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = _checkpointed(block.forward)
+
+
+def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`forward` recomputed in the backward. A Python function, not `functools.partial(checkpoint, ...)`:
+    `block.compile()` (train.compile) traces only from the first Python frame under the module's call, and
+    `checkpoint` itself is closed to torch.compile, so with a partial the blocks silently ran eager."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
