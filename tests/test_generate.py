@@ -1,5 +1,6 @@
 """ttl_core.generate against transformers' generate() and logits processors on random tiny models (fp32 CPU)."""
 
+import copy
 import gc
 import importlib
 import inspect
@@ -264,6 +265,18 @@ def test_scores_without_a_distribution_raise_like_transformers(tmp_path):
         ttl_core.generate(ours, ids, mask, seed=0, **kwargs)
     assert "\n" not in str(info.value)
     assert ttl_core.generate(ours, ids, mask, seed=0, **{**kwargs, "temperature": 1.0}).shape == (3, 12)
+
+
+def test_greedy_decoding_of_nan_logits_raises_rather_than_emit_token_0(models):
+    """One NaN weight makes every logit NaN, and argmax then picks token 0 at every step (as transformers' greedy
+    search does), which a caller takes for text: ttl raises as it does when sampling."""
+    broken = copy.deepcopy(models[1])
+    with torch.no_grad():
+        broken.backbone.layers[0].mlp.down.weight[0, 0] = float("nan")
+    ids, mask = left_padded(broken.config.vocab_size)
+    with pytest.raises(GenerationError, match="greedy decoding met scores with no distribution") as info:
+        ttl_core.generate(broken, ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    assert "\n" not in str(info.value)
 
 
 def gpu_models(tmp_path, dtype, attention="sdpa"):

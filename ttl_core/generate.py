@@ -202,9 +202,9 @@ class _Decoding:
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
         self.generator = torch.Generator(device=device) if do_sample else None
-        # whether every sampled row had a distribution (scores neither NaN nor inf nor all -inf): a graph
-        # cannot raise, so the host reads this once at the end
-        self.sampled_ok = torch.ones((), dtype=torch.bool, device=device) if do_sample else None
+        # whether every row's scores had a finite max (neither NaN nor +inf nor all -inf): else softmax has no
+        # distribution and argmax no answer (a NaN wins it); a graph cannot raise, so the host reads this at the end
+        self.scores_ok = torch.ones((), dtype=torch.bool, device=device)
         self.do_sample, self.processors = do_sample, processors
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
@@ -214,19 +214,15 @@ class _Decoding:
         self.done_at.fill_(self.max_new_tokens)
         if self.seen is not None:
             self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
+        self.scores_ok.fill_(True)
         if self.generator is not None:
             self.generator.manual_seed(seed)
-            self.sampled_ok.fill_(True)
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
         scores = process_logits(logits.float(), seen, self.do_sample, **self.processors)
-        if self.do_sample:
-            # a row's max is finite unless its scores hold NaN or +inf or are all -inf: then softmax is NaN
-            self.sampled_ok &= torch.isfinite(scores.amax(dim=-1)).all()
-            token = sample(scores, self.generator)
-        else:
-            token = scores.argmax(dim=-1)
+        self.scores_ok &= torch.isfinite(scores.amax(dim=-1)).all()
+        token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
         self.column.add_(1)
@@ -490,8 +486,10 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
             break
         session.step()
         produced += 1
-    if state.sampled_ok is not None and not bool(state.sampled_ok):
-        raise GenerationError(f"sampling met scores with no distribution (NaN or inf): logits / temperature "
-                              f"{state.processors['temperature']} overflowed float32, or the model's logits did")
+    if not bool(state.scores_ok):
+        cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
+                 "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
+        raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
+                              f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced
     return torch.cat([input_ids, state.out[:, :length]], dim=1)
