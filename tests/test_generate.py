@@ -138,6 +138,25 @@ def test_incremental_logits_equal_full_forward(models, kernels, monkeypatch):
     assert truth.abs().max() > 0.5
 
 
+def test_generation_inside_a_callers_autocast(models):
+    """generate() inside a training loop's bf16 autocast: the projections give bf16 keys and values, which the
+    cache (float32 with the weights) refused; the decode steps follow the model's own autocast forward, and a
+    session is not reused across autocast on and off."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    plain = ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[])
+    cont = torch.randint(0, ours.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    full_ids, full_mask = torch.cat([ids, cont], dim=1), torch.cat([mask, torch.ones_like(cont)], dim=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]).shape == plain.shape
+        truth = ours(full_ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
+        decoder = KVDecoder(ours, mask, max_new_tokens=6)
+        got = torch.stack([decoder.prefill(ids)] + [decoder.step(cont[:, t:t + 1]) for t in range(5)], dim=1)
+    want = truth[:, ids.shape[1] - 1:-1].float()
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]), plain)
+
+
 def test_greedy_with_triton_kernels_matches_transformers(models, monkeypatch):
     monkeypatch.setenv("TTL_KERNELS", "triton")
     hf, ours = models

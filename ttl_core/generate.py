@@ -29,6 +29,7 @@ import ttl_kernels
 
 from .attention import causal_mask, requested_backend
 from .errors import GenerationError, is_integer
+from .model import autocast_dtype
 from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
                        unimplemented_settings)
 from .streamer import StopStrings
@@ -111,7 +112,8 @@ class KVDecoder:
     def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, flash: bool | None = None):
         self.model_ref = weakref.ref(model)  # cached decoders (see _Session) must not keep their model alive
         batch, prompt_len = attention_mask.shape
-        device, dtype = attention_mask.device, model.lm_head.weight.dtype
+        device = attention_mask.device
+        dtype = autocast_dtype(device.type) or model.lm_head.weight.dtype  # the projections' (the keys' and values')
         if flash is None:
             flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
                      and requested_backend(model.config.attention) in ("auto", "flash_attn")
@@ -297,11 +299,12 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _forward_fingerprint(model) -> tuple:
     """What a captured decode step bakes in besides the contents of tensors: every module's identity and plain
     settings (training mode, a LoRA layer's `merged` flag and scale, ...), every parameter's and buffer's
-    address, and the kernel and attention choices of the environment. A session is reused only while these are
-    unchanged."""
+    address, the kernel and attention choices of the environment and autocast's dtype (the cache's). A session is
+    reused only while these are unchanged."""
     settings = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
                      for m in model.modules())
-    environment = (os.environ.get("TTL_KERNELS"), os.environ.get("TTL_ATTENTION"))
+    environment = (os.environ.get("TTL_KERNELS"), os.environ.get("TTL_ATTENTION"),
+                   autocast_dtype(model.lm_head.weight.device.type))
     return settings + environment + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
@@ -456,7 +459,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if do_sample and seed is None:
             seed = int(torch.randint(2**62, ()))
-        graphed = cuda_graph and device.type == "cuda"
+        # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
+        graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(settings.values()), tuple(eos),
                pad, graphed, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
