@@ -138,10 +138,11 @@ def test_incremental_logits_equal_full_forward(models, kernels, monkeypatch):
     assert truth.abs().max() > 0.5
 
 
-def test_generation_inside_a_callers_autocast(models):
+def test_generation_inside_a_callers_autocast_or_inference_mode(models):
     """generate() inside a training loop's bf16 autocast: the projections give bf16 keys and values, which the
-    cache (float32 with the weights) refused; the decode steps follow the model's own autocast forward, and a
-    session is not reused across autocast on and off."""
+    cache (float32 with the weights) refused; the decode steps follow the model's own autocast forward. A session
+    is reused neither across autocast on and off nor out of torch.inference_mode, whose tensors may not be
+    updated outside it."""
     _, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
     plain = ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[])
@@ -154,6 +155,8 @@ def test_generation_inside_a_callers_autocast(models):
         got = torch.stack([decoder.prefill(ids)] + [decoder.step(cont[:, t:t + 1]) for t in range(5)], dim=1)
     want = truth[:, ids.shape[1] - 1:-1].float()
     assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+    with torch.inference_mode():
+        assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]), plain)
     assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]), plain)
 
 

@@ -297,14 +297,14 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _forward_fingerprint(model) -> tuple:
-    """What a captured decode step bakes in besides the contents of tensors: every module's identity and plain
-    settings (training mode, a LoRA layer's `merged` flag and scale, ...), every parameter's and buffer's
-    address, the kernel and attention choices of the environment and autocast's dtype (the cache's). A session is
-    reused only while these are unchanged."""
+    """What a session bakes in besides the contents of tensors: every module's identity and plain settings
+    (training mode, a LoRA layer's `merged` flag and scale, ...), every parameter's and buffer's address, the
+    kernel and attention choices of the environment, autocast's dtype (the cache's) and inference mode (whose
+    tensors may not be updated outside it). A session is reused only while these are unchanged."""
     settings = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
                      for m in model.modules())
     environment = (os.environ.get("TTL_KERNELS"), os.environ.get("TTL_ATTENTION"),
-                   autocast_dtype(model.lm_head.weight.device.type))
+                   autocast_dtype(model.lm_head.weight.device.type), torch.is_inference_mode_enabled())
     return settings + environment + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
