@@ -158,32 +158,6 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir,
     assert runs.count(2) == 2 * 2  # 2 steps x 2 layers, each recomputed once (evaluation's runs are single)
 
 
-def test_compiled_blocks_stay_compiled_under_activation_checkpointing():
-    """train.compile with train.activation_checkpointing: each block's forward is traced (a checkpoint that
-    torch.compile never enters left the run eager without a word) and gives the eager gradients."""
-    model = random_model(run_config())
-    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
-    ttl_train.apply_activation_checkpointing(model)
-    model(ids, labels=ids).loss.backward()
-    eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    graphs = []
-
-    def recording_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
-    try:
-        for block in model.backbone.layers:
-            block.compile(backend=recording_backend)
-        model(ids, labels=ids).loss.backward()
-    finally:
-        torch._dynamo.reset()
-    assert graphs
-    assert all(torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7) for p, g in zip(model.parameters(), eager))
-
-
 @pytest.mark.gpu
 def test_bf16_compiled_training_on_cuda_tracks_eager(tmp_path, data_dir):
     """Compiled blocks, Triton kernels and fused AdamW on the GPU: the same losses as eager within bf16
