@@ -1,5 +1,7 @@
 """The model with the Triton kernels (interpreted on CPU) against the same model on the PyTorch references."""
 
+import copy
+
 import pytest
 import torch
 from helpers import rel_err
@@ -92,13 +94,20 @@ def test_compiled_block_has_no_graph_breaks_on_cuda():
 
 def test_compiled_blocks_stay_compiled_under_activation_checkpointing():
     """train.compile with train.activation_checkpointing: each block's forward is traced (a checkpoint that
-    torch.compile never entered left the run eager without a word) and gives the eager gradients."""
+    torch.compile never entered left the run eager without a word) and gives the eager gradients; a deep copy
+    of the model (an EMA copy) runs its own weights."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=128, vocab_size=400,
                                                      num_hidden_layers=2, kernels="torch"))
     ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = copy.deepcopy(model)
     apply_activation_checkpointing(model)
     eager = loss_and_grads(model, ids)[1]
+    halved = copy.deepcopy(model)
+    with torch.no_grad():
+        for ours, theirs in zip(halved.parameters(), plain.parameters()):
+            ours.mul_(0.5), theirs.mul_(0.5)
+        assert torch.equal(halved(ids).logits, plain(ids).logits)
     graphs = []
 
     def recording_backend(graph, example_inputs):
