@@ -1,5 +1,6 @@
 """ttl_core.generate against transformers' generate() and logits processors on random tiny models (fp32 CPU)."""
 
+import copy
 import gc
 import importlib
 import inspect
@@ -137,6 +138,28 @@ def test_incremental_logits_equal_full_forward(models, kernels, monkeypatch):
     assert truth.abs().max() > 0.5
 
 
+def test_generation_inside_a_callers_autocast_or_inference_mode(models):
+    """generate() inside a training loop's bf16 autocast: the projections give bf16 keys and values, which the
+    cache (float32 with the weights) refused; the decode steps follow the model's own autocast forward. A session
+    is reused neither across autocast on and off nor out of torch.inference_mode, whose tensors may not be
+    updated outside it."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    plain = ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[])
+    cont = torch.randint(0, ours.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    full_ids, full_mask = torch.cat([ids, cont], dim=1), torch.cat([mask, torch.ones_like(cont)], dim=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]).shape == plain.shape
+        truth = ours(full_ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0)).logits
+        decoder = KVDecoder(ours, mask, max_new_tokens=6)
+        got = torch.stack([decoder.prefill(ids)] + [decoder.step(cont[:, t:t + 1]) for t in range(5)], dim=1)
+    want = truth[:, ids.shape[1] - 1:-1].float()
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+    with torch.inference_mode():
+        assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]), plain)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[]), plain)
+
+
 def test_greedy_with_triton_kernels_matches_transformers(models, monkeypatch):
     monkeypatch.setenv("TTL_KERNELS", "triton")
     hf, ours = models
@@ -264,6 +287,18 @@ def test_scores_without_a_distribution_raise_like_transformers(tmp_path):
         ttl_core.generate(ours, ids, mask, seed=0, **kwargs)
     assert "\n" not in str(info.value)
     assert ttl_core.generate(ours, ids, mask, seed=0, **{**kwargs, "temperature": 1.0}).shape == (3, 12)
+
+
+def test_greedy_decoding_of_nan_logits_raises_rather_than_emit_token_0(models):
+    """One NaN weight makes every logit NaN, and argmax then picks token 0 at every step (as transformers' greedy
+    search does), which a caller takes for text: ttl raises as it does when sampling."""
+    broken = copy.deepcopy(models[1])
+    with torch.no_grad():
+        broken.backbone.layers[0].mlp.down.weight[0, 0] = float("nan")
+    ids, mask = left_padded(broken.config.vocab_size)
+    with pytest.raises(GenerationError, match="greedy decoding met scores with no distribution") as info:
+        ttl_core.generate(broken, ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    assert "\n" not in str(info.value)
 
 
 def gpu_models(tmp_path, dtype, attention="sdpa"):

@@ -1,10 +1,13 @@
 """The model with the Triton kernels (interpreted on CPU) against the same model on the PyTorch references."""
 
+import copy
+
 import pytest
 import torch
 from helpers import rel_err
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
+from ttl_core.train import apply_activation_checkpointing
 
 
 def loss_and_grads(model, ids):
@@ -87,3 +90,36 @@ def test_compiled_block_has_no_graph_breaks_on_cuda():
     eager_grads = torch.autograd.grad([eager_out, eager_residual], params, weights)
     for got, want in zip(compiled_grads, eager_grads):  # the qkv gradient is written by the rotary backward
         assert rel_err(got, want) <= 1e-2
+
+
+def test_compiled_blocks_stay_compiled_under_activation_checkpointing():
+    """train.compile with train.activation_checkpointing: each block's forward is traced (a checkpoint that
+    torch.compile never entered left the run eager without a word) and gives the eager gradients; a deep copy
+    of the model (an EMA copy) runs its own weights."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=128, vocab_size=400,
+                                                     num_hidden_layers=2, kernels="torch"))
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = copy.deepcopy(model)
+    apply_activation_checkpointing(model)
+    eager = loss_and_grads(model, ids)[1]
+    halved = copy.deepcopy(model)
+    with torch.no_grad():
+        for ours, theirs in zip(halved.parameters(), plain.parameters()):
+            ours.mul_(0.5), theirs.mul_(0.5)
+        assert torch.equal(halved(ids).logits, plain(ids).logits)
+    graphs = []
+
+    def recording_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    try:
+        for block in model.backbone.layers:
+            block.compile(backend=recording_backend)
+        compiled = loss_and_grads(model, ids)[1]
+    finally:
+        torch._dynamo.reset()
+    assert graphs
+    assert all(torch.allclose(compiled[name], grad, rtol=1e-5, atol=1e-7) for name, grad in eager.items())

@@ -29,6 +29,7 @@ import ttl_kernels
 
 from .attention import causal_mask, requested_backend
 from .errors import GenerationError, is_integer
+from .model import autocast_dtype
 from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
                        unimplemented_settings)
 from .streamer import StopStrings
@@ -111,7 +112,8 @@ class KVDecoder:
     def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, flash: bool | None = None):
         self.model_ref = weakref.ref(model)  # cached decoders (see _Session) must not keep their model alive
         batch, prompt_len = attention_mask.shape
-        device, dtype = attention_mask.device, model.lm_head.weight.dtype
+        device = attention_mask.device
+        dtype = autocast_dtype(device.type) or model.lm_head.weight.dtype  # the projections' (the keys' and values')
         if flash is None:
             flash = (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
                      and requested_backend(model.config.attention) in ("auto", "flash_attn")
@@ -202,9 +204,9 @@ class _Decoding:
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
         self.generator = torch.Generator(device=device) if do_sample else None
-        # whether every sampled row had a distribution (scores neither NaN nor inf nor all -inf): a graph
-        # cannot raise, so the host reads this once at the end
-        self.sampled_ok = torch.ones((), dtype=torch.bool, device=device) if do_sample else None
+        # whether every row's scores had a finite max (neither NaN nor +inf nor all -inf): else softmax has no
+        # distribution and argmax no answer (a NaN wins it); a graph cannot raise, so the host reads this at the end
+        self.scores_ok = torch.ones((), dtype=torch.bool, device=device)
         self.do_sample, self.processors = do_sample, processors
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
@@ -214,19 +216,15 @@ class _Decoding:
         self.done_at.fill_(self.max_new_tokens)
         if self.seen is not None:
             self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
+        self.scores_ok.fill_(True)
         if self.generator is not None:
             self.generator.manual_seed(seed)
-            self.sampled_ok.fill_(True)
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
         scores = process_logits(logits.float(), seen, self.do_sample, **self.processors)
-        if self.do_sample:
-            # a row's max is finite unless its scores hold NaN or +inf or are all -inf: then softmax is NaN
-            self.sampled_ok &= torch.isfinite(scores.amax(dim=-1)).all()
-            token = sample(scores, self.generator)
-        else:
-            token = scores.argmax(dim=-1)
+        self.scores_ok &= torch.isfinite(scores.amax(dim=-1)).all()
+        token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
         self.column.add_(1)
@@ -299,13 +297,14 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _forward_fingerprint(model) -> tuple:
-    """What a captured decode step bakes in besides the contents of tensors: every module's identity and plain
-    settings (training mode, a LoRA layer's `merged` flag and scale, ...), every parameter's and buffer's
-    address, and the kernel and attention choices of the environment. A session is reused only while these are
-    unchanged."""
+    """What a session bakes in besides the contents of tensors: every module's identity and plain settings
+    (training mode, a LoRA layer's `merged` flag and scale, ...), every parameter's and buffer's address, the
+    kernel and attention choices of the environment, autocast's dtype (the cache's) and inference mode (whose
+    tensors may not be updated outside it). A session is reused only while these are unchanged."""
     settings = tuple((id(m), tuple((k, v) for k, v in vars(m).items() if isinstance(v, (bool, int, float, str))))
                      for m in model.modules())
-    environment = (os.environ.get("TTL_KERNELS"), os.environ.get("TTL_ATTENTION"))
+    environment = (os.environ.get("TTL_KERNELS"), os.environ.get("TTL_ATTENTION"),
+                   autocast_dtype(model.lm_head.weight.device.type), torch.is_inference_mode_enabled())
     return settings + environment + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
@@ -460,7 +459,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if do_sample and seed is None:
             seed = int(torch.randint(2**62, ()))
-        graphed = cuda_graph and device.type == "cuda"
+        # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
+        graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(settings.values()), tuple(eos),
                pad, graphed, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
@@ -490,8 +490,10 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
             break
         session.step()
         produced += 1
-    if state.sampled_ok is not None and not bool(state.sampled_ok):
-        raise GenerationError(f"sampling met scores with no distribution (NaN or inf): logits / temperature "
-                              f"{state.processors['temperature']} overflowed float32, or the model's logits did")
+    if not bool(state.scores_ok):
+        cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
+                 "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
+        raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
+                              f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced
     return torch.cat([input_ids, state.out[:, :length]], dim=1)

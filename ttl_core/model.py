@@ -29,6 +29,11 @@ class ModelOutput:
     loss: torch.Tensor | None = None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives matmul outputs on this device type; None where autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernel_backend: str = "auto"):
         super().__init__()
@@ -41,8 +46,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x). Under autocast the
         normed output comes in the autocast dtype: every consumer is a matmul that would cast it so."""
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        out_dtype = autocast_dtype(x.device.type)
         if residual is None:
             return ttl_kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.kernel_backend), x
         return ttl_kernels.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype,

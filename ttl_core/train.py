@@ -11,9 +11,9 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,7 +73,15 @@ def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
     """Recompute each decoder block's activations in the backward instead of storing them. Replaces the
     blocks' `forward` in place, so parameter names (and checkpoints) are unchanged."""
     for block in model.backbone.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's own forward, recomputed in the backward. A method of the block, not
+    `functools.partial(checkpoint, block.forward)`: `block.compile()` (train.compile) traces from the first Python
+    frame under the module's call, and `checkpoint` itself is closed to torch.compile, so under a partial the
+    blocks silently ran eager; and bound to the block, a deep copy of the model runs the copy's weights."""
+    return checkpoint(type(block).forward.__get__(block), *args, use_reentrant=False, **kwargs)
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
