@@ -271,7 +271,10 @@ def test_unsupported_configs_are_named(tmp_path, edit, message):
 def test_not_a_directory_and_empty_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         ttl_core.load_pretrained(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json$"):
+        ttl_core.load_pretrained(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")  # an adapter where a model was expected is named as such
+    with pytest.raises(CheckpointError, match=r"no config.json \(it holds a PEFT adapter"):
         ttl_core.load_pretrained(tmp_path)
 
 
