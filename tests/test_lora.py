@@ -152,6 +152,7 @@ def test_merge_unmerge_and_unload(tmp_path):
     assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
     with pytest.raises(CheckpointError, match="LoRA adapters"):
         ttl_core.save_pretrained(model, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
     with pytest.raises(CheckpointError, match="LoRA adapters"):  # else written, then refused when loaded
         ttl_core.save_native(model, tmp_path / "refused_native")
     assert not (tmp_path / "refused_native").exists()

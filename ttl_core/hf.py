@@ -357,7 +357,6 @@ def save_pretrained(
     its dtypes are mixed). `state_dict` (ttl names) replaces the
     model's own parameters, e.g. the full weights gathered from an FSDP-sharded model."""
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     plan = hf_plan(config, model.architecture)
     params = dict(model.named_parameters())
@@ -365,10 +364,8 @@ def save_pretrained(
         _check_state_dict(state_dict, {name: params[name].shape for name in plan})
         params = state_dict
     dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
-    unplanned = sorted(set(params) - set(plan) - {"lm_head.weight"})
-    if unplanned:
-        raise CheckpointError(f"the model holds parameters an HF checkpoint cannot represent ({_list_some(unplanned)}); "
-                              "LoRA adapters are merged with ttl_core.lora.unload_lora or saved with save_adapter")
+    _refuse_unplanned(sorted(set(params) - set(plan) - {"lm_head.weight"}), "an HF checkpoint")
+    directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
     (directory / NATIVE_CONFIG).unlink(missing_ok=True)  # a stale one would take precedence when loading
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
@@ -385,6 +382,14 @@ def _write_generation_config(directory: Path, model) -> None:
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
         **(model.generation_config or {}),
     })
+
+
+def _refuse_unplanned(unplanned: list[str], layout: str) -> None:
+    """Refuse, before anything is written, parameters a checkpoint in `layout` cannot represent (loading would
+    refuse or drop them): LoRA pairs, typically."""
+    if unplanned:
+        raise CheckpointError(f"the model holds parameters {layout} cannot represent ({_list_some(unplanned)}); "
+                              "LoRA adapters are merged with ttl_core.lora.unload_lora or saved with save_adapter")
 
 
 def _check_state_dict(state_dict: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
@@ -408,11 +413,8 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
     params = dict(model.named_parameters())
     with torch.device("meta"):  # the parameters a model built from this config has, which loading expects
-        unplanned = sorted(set(params) - set(native_plan(build_model(model.config, model.architecture))))
-    if unplanned:
-        raise CheckpointError(f"the model holds parameters its config does not build ({_list_some(unplanned)}), "
-                              "which loading would refuse; LoRA adapters are merged with ttl_core.lora.unload_lora "
-                              "or saved with save_adapter")
+        _refuse_unplanned(sorted(set(params) - set(native_plan(build_model(model.config, model.architecture)))),
+                          "ttl's native layout")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").unlink(missing_ok=True)  # transformers would read the new weights under it
     _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
