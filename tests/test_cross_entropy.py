@@ -356,6 +356,20 @@ def test_strided_targets_are_read_by_their_strides():
     assert rel_err(got, ttl_kernels.fused_linear_cross_entropy_reference(hidden.double(), weight.double(), t)) <= 1e-6
 
 
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_targets_of_any_integer_dtype_give_the_int64_losses(backend, dtype):
+    # the Triton path took int32 targets while the reference (the CPU default) raised deep in F.cross_entropy
+    gen = torch.Generator().manual_seed(22)
+    t = torch.randint(0, 11, (6,), generator=gen)
+    t[2] = 7 if dtype == torch.uint8 else -100
+    logits, hidden, weight = torch.randn(6, 11, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(11, 4)
+    options = dict(ignore_index=7 if dtype == torch.uint8 else -100, label_smoothing=0.1, backend=backend)
+    for loss, args in ((ttl_kernels.cross_entropy, (logits,)),
+                       (ttl_kernels.fused_linear_cross_entropy, (hidden, weight))):
+        assert torch.equal(loss(*args, t.to(dtype), reduction="none", **options),
+                           loss(*args, t, reduction="none", **options))
 def test_targets_outside_the_vocabulary_give_nan_rows_not_stray_reads():
     """The reference raises; the kernel cannot without a host sync, so it reads nothing out of bounds and makes
     those rows' losses and gradients NaN (it once returned a plausible loss, or crashed on a far target)."""

@@ -40,6 +40,7 @@ def cross_entropy_reference(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (test truth)
+    targets = targets.long()  # F.cross_entropy takes only int64 (and uint8) classes; the kernel any integer dtype
     valid = targets != ignore_index
     if reduction == "mean" and z_loss == 0.0:
         # the exact transformers computation (same rounding) whenever there is something to average
