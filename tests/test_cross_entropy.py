@@ -466,6 +466,20 @@ def test_double_backward_fails_loudly_rather_than_dropping_terms():
             g.pow(2).sum().backward()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_gradient_penalty_fails_loudly_rather_than_adding_nothing(reduction):
+    # from a constant seed (a plain loss) torch's once_differentiable gave the gradient no graph, so a penalty
+    # on it added no gradient to the backward, without a word
+    logits, hidden = torch.randn(6, 10, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    weight, t = torch.randn(10, 4, requires_grad=True), torch.randint(0, 10, (6,))
+    for loss, x in [(ttl_kernels.cross_entropy(logits, t, reduction=reduction, backend="triton"), logits),
+                    (ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, reduction=reduction,
+                                                            backend="triton"), hidden)]:
+        (g,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            (loss.sum() + g.pow(2).sum()).backward()
+
+
 def test_running_out_of_memory_keeps_the_float32_weight_gradient_path(monkeypatch):
     """On CUDA the weight gradient accumulates in float32 through addmm's out_dtype, and falls back for good to
     a product rounded to bf16 where torch refuses out_dtype (< 2.8). An out-of-memory error is a RuntimeError

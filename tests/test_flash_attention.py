@@ -250,6 +250,16 @@ def test_double_backward_fails_loudly():
         g.pow(2).sum().backward()
 
 
+def test_a_gradient_penalty_fails_loudly_rather_than_adding_nothing():
+    # from a constant seed (a plain loss) torch's once_differentiable gave q's gradient no graph, so a penalty
+    # on it added no gradient to the backward, without a word
+    q, k, v = qkv((1, 5, 2, 32), 2, torch.float32, seed=8)
+    loss = ttl_kernels.flash_attention(q, k, v, backend="triton").sum()
+    (g,) = torch.autograd.grad(loss, q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (loss + g.pow(2).sum()).backward()
+
+
 def test_more_sequences_than_a_grid_axis_holds_go_in_several_launches(monkeypatch):
     """The grid is (blocks, heads, sequences), and CUDA holds at most 65535 on the last two axes: more
     sequences are split over launches (sequences x heads on one axis once passed it with 2048 documents of

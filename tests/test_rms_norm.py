@@ -245,6 +245,16 @@ def test_double_backward_fails_loudly():
         g.pow(2).sum().backward()
 
 
+def test_a_gradient_penalty_fails_loudly_rather_than_adding_nothing():
+    # from a constant seed (a plain loss) torch's once_differentiable gave x's gradient no graph, so a penalty
+    # on it added no gradient to the backward, without a word
+    x, w, _ = inputs(4, 16, torch.float32, True, seed=16)
+    loss = ttl_kernels.rms_norm(x, w, 1e-5, backend="triton").sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (loss + g.pow(2).sum()).backward()
+
+
 def test_fp32_residual_stream_gets_a_float32_accurate_gradient():
     # bf16 x beside an fp32 residual stream: the residual's gradient is the same fp32 gradient as x's, written
     # in fp32 (not x's bf16 rounding of it, cast back up), so it must be fp32-close to the float64 truth

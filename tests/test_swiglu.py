@@ -101,6 +101,16 @@ def test_double_backward_fails_loudly():
             g.pow(2).sum().backward()
 
 
+def test_a_gradient_penalty_fails_loudly_rather_than_adding_nothing():
+    # from a constant seed (a plain loss) torch's once_differentiable gave the gradient no graph, so a penalty
+    # on it added no gradient to the backward, without a word
+    gate_up, gate, up = fused_halves((3, 8), torch.float32, seed=4)
+    for out in (ttl_kernels.swiglu(gate, up, backend="triton"), ttl_kernels.swiglu(gate_up, backend="triton")):
+        (g,) = torch.autograd.grad(out.sum(), gate_up, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            (out.sum() + g.pow(2).sum()).backward()
+
+
 def test_mixed_dtypes_promote_like_the_reference():
     # a bf16 gate beside an fp32 up: the output is fp32, as the reference's silu(gate) * up is, computed in
     # fp32 from the gate's exact values; each input's gradient comes in its own dtype, du fp32-accurate

@@ -18,9 +18,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, as_rows, use_triton
+from .dispatch import HAVE_TRITON, as_rows, once_differentiable, use_triton
 
 if HAVE_TRITON:
     import triton

@@ -3,11 +3,14 @@
 "auto" runs Triton on CUDA tensors and the reference elsewhere; the `TTL_KERNELS` environment variable
 (`triton` or `torch`) overrides "auto". Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before
 the first kernel module is imported, because Triton picks the interpreter when it decorates a kernel.
+The kernels' autograd functions share `once_differentiable` from here too.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -62,3 +65,21 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def once_differentiable(backward: Callable) -> Callable:
+    """torch's `once_differentiable` for a backward whose gradients depend on the saved inputs (every kernel's
+    but rotary's, which is linear in them): under `create_graph=True` its gradients always lead to the node that
+    raises 'trying to differentiate twice'. torch's marks them only when the incoming gradients require grad;
+    from a constant seed (a plain loss) they had no graph, so a term built on them (a gradient penalty) silently
+    added nothing to the next backward."""
+    marked = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # a backward under create_graph=True
+            grads = tuple(g.detach().requires_grad_() if isinstance(g, torch.Tensor) and not g.requires_grad else g
+                          for g in grads)
+        return marked(ctx, *grads)
+
+    return wrapper

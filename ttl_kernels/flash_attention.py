@@ -18,9 +18,8 @@ import os
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, interpreting, use_triton
+from .dispatch import HAVE_TRITON, interpreting, once_differentiable, use_triton
 
 if HAVE_TRITON:
     import triton

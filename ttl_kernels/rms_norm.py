@@ -11,9 +11,8 @@ over a contiguous block of rows, and a second pass sums the partial rows, so the
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, as_rows, sm_count, use_triton
+from .dispatch import HAVE_TRITON, as_rows, once_differentiable, sm_count, use_triton
 
 if HAVE_TRITON:
     import triton
