@@ -356,7 +356,6 @@ def test_strided_targets_are_read_by_their_strides():
     assert rel_err(got, ttl_kernels.fused_linear_cross_entropy_reference(hidden.double(), weight.double(), t)) <= 1e-6
 
 
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
 def test_targets_of_any_integer_dtype_give_the_int64_losses(backend, dtype):
@@ -370,6 +369,8 @@ def test_targets_of_any_integer_dtype_give_the_int64_losses(backend, dtype):
                        (ttl_kernels.fused_linear_cross_entropy, (hidden, weight))):
         assert torch.equal(loss(*args, t.to(dtype), reduction="none", **options),
                            loss(*args, t, reduction="none", **options))
+
+
 def test_targets_outside_the_vocabulary_give_nan_rows_not_stray_reads():
     """The reference raises; the kernel cannot without a host sync, so it reads nothing out of bounds and makes
     those rows' losses and gradients NaN (it once returned a plausible loss, or crashed on a far target)."""
