@@ -8,8 +8,8 @@ Hopper's warpgroup MMA, HMMA the older per-warp one) and the 128-bit global load
 memory-bound kernels need. It runs the kernels' own launch wrappers, forward and backward, on small CPU
 tensors at the model's and the benchmarks' widths, with Triton's active driver replaced by one that only
 names the target, so every launch compiles with Triton's own specialization and options instead of running.
-It also traces a decoder block with torch.compile's front end (on fake CUDA tensors) and counts the graph
-breaks. Exits 1 when a kernel fails to compile or needs more shared memory than the GPU has, or when the
+It also traces a decoder block with torch.compile's front end, for inference and training, and counts the
+graph breaks. Exits 1 when a kernel fails to compile or needs more shared memory than the GPU has, or when the
 compiled block breaks.
 """
 
@@ -131,30 +131,41 @@ def exercise_kernels() -> None:
                 backward(flash_attention(q, k, v, causal=causal))
 
 
-def count_graph_breaks() -> dict:
-    """How torch.compile sees a decoder block running the Triton kernels and our attention: the graphs its
-    forward traces into and the breaks between them (each break splits the compiled block and runs the code
-    between the pieces eagerly). Traced with fake CUDA tensors, so no GPU is needed; torch.compile treats
-    Triton launches as kernels only when it believes a GPU is present, hence the patched check."""
+def count_graph_breaks() -> dict[str, dict]:
+    """How torch.compile sees a decoder block running the Triton kernels and our attention, for inference and
+    for training: the graphs its forward traces into and the breaks between them (each break splits the compiled
+    block and runs the code between the pieces eagerly). torch.compile treats Triton launches as kernels only
+    when it believes a GPU is present, hence the patched check. Inference is traced with fake CUDA tensors. A
+    training trace also speculates each autograd Function's backward, and a CPU build of torch cannot give fake
+    CUDA tensors a gradient, so it runs on CPU tensors that the dispatcher sends to the compiled kernels (whose
+    launches only compile here)."""
     import torch.utils._triton as torch_triton
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ttl_core import LlamaConfig
     from ttl_core.model import Block
 
-    os.environ.pop("TRITON_INTERPRET", None)
+    def explain(block: Block, device: str) -> dict:
+        x, residual = (torch.randn(2, 64, config.hidden_size, device=device, dtype=torch.bfloat16,
+                                   requires_grad=torch.is_grad_enabled()) for _ in range(2))
+        cos, sin = (torch.randn(2, 64, config.head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+        explained = torch._dynamo.explain(block)(x, residual, cos, sin, None)
+        torch._dynamo.reset()
+        return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+                "reasons": [b.reason.splitlines()[0] for b in explained.break_reasons]}
+
     torch_triton.has_triton = lambda: True
     config = LlamaConfig.from_preset("tiny", kernels="triton", attention="triton")
+    os.environ.pop("TRITON_INTERPRET", None)
     with torch.device("meta"):
         block = Block(config, 0).to(torch.bfloat16)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        block = block.to_empty(device="cuda")
-        x, residual = (torch.randn(2, 64, config.hidden_size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        cos, sin = (torch.randn(2, 64, config.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        explained = torch._dynamo.explain(block)(x, residual, cos, sin, None)
-    torch._dynamo.reset()
-    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
-            "reasons": [b.reason.splitlines()[0] for b in explained.break_reasons]}
+        inference = explain(block.to_empty(device="cuda"), "cuda")
+    # the flag is read at call time, the kernels were decorated without it: CPU tensors reach compiled kernels
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.import_module("ttl_kernels.flash_attention").interpreting = lambda: False
+    training = explain(Block(config, 0).to(torch.bfloat16), "cpu")
+    return {"inference": inference, "training": training}
 
 
 def inspect(kernel: triton.compiler.CompiledKernel, tools: Path) -> dict:
@@ -198,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['kernel']:<22} {r['num_warps']:>5} {r['num_stages']:>6} {r['shared_kb']:>7.1f} {r['registers']:>4} "
               f"{r['stack_bytes']:>5} {r['hgmma']:>5} {r['hmma']:>5} {r['ldg128']:>6} {r['stg128']:>6}  {consts}")
     compiled_block = count_graph_breaks()
-    print(f"torch.compile of a decoder block (Triton kernels and attention): {compiled_block['graphs']} graph(s), "
-          f"{compiled_block['graph_breaks']} break(s)" + "".join(f"\n  {r}" for r in compiled_block["reasons"]))
+    for mode, trace in compiled_block.items():
+        print(f"torch.compile of a decoder block (Triton kernels and attention), {mode}: {trace['graphs']} graph(s), "
+              f"{trace['graph_breaks']} break(s)" + "".join(f"\n  {r}" for r in trace["reasons"]))
     if args.json:
         write_json(Path(args.json), {"triton": triton.__version__, "arch": args.arch, "rows": rows,
                                      "compiled_block": compiled_block})
     if too_big:
         print(f"over the {SHARED_MEMORY_KB[args.arch]} KB of shared memory: {sorted(set(too_big))}")
-    return 1 if too_big or compiled_block["graph_breaks"] else 0
+    return 1 if too_big or any(trace["graph_breaks"] for trace in compiled_block.values()) else 0
 
 
 if __name__ == "__main__":

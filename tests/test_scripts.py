@@ -83,8 +83,8 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
     """What the interpreter cannot show: each kernel compiles for sm_90 (H100/H200) within its shared memory,
     every attention candidate uses warpgroup MMA (HGMMA); no kernel spills registers (RMSNorm's backward at
     hidden 16384 once spilled 72-96 bytes a thread); and
-    torch.compile traces a decoder block on the kernels into one graph (an autotuner built on first use once
-    split it in eight)."""
+    torch.compile traces a decoder block on the kernels into one graph, in inference and in training (where it
+    also traces each kernel's backward; an autotuner built on first use once split it in eight)."""
     report = tmp_path / "report.json"
     run = run_script("kernel_report", "--json", report, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
@@ -106,8 +106,9 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
                                                       "_rms_norm_fwd_kernel", "_swiglu_fwd_kernel")]
     assert all(r["ldg128"] > 0 and r["stg128"] > 0 for r in memory_bound), memory_bound
     assert all(r["ldg128"] > 0 for r in rows if r["kernel"] == "_delta_kernel")  # it stores one value a row
-    block = json.loads(report.read_text())["compiled_block"]
-    assert block["graphs"] == 1 and block["graph_breaks"] == 0, block
+    traces = json.loads(report.read_text())["compiled_block"]
+    assert set(traces) == {"inference", "training"}
+    assert all(t["graphs"] == 1 and t["graph_breaks"] == 0 for t in traces.values()), traces
 
 
 @pytest.mark.gpu
