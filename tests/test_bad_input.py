@@ -162,3 +162,36 @@ def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):
             run_cli(main, [])
         assert exit_.value.code == code
     assert capsys.readouterr().err == ""
+
+
+def _kernel_calls(ints: torch.Tensor) -> dict:
+    """Each public kernel called with one integer tensor where a floating one belongs."""
+    floats = ints.float()
+    angles = torch.randn(3, 64)
+    heads = ints.view(1, 3, 2, 64)
+    return {
+        "rms_norm": lambda b: ttl_kernels.rms_norm(floats, torch.ones(64, dtype=torch.long), backend=b),
+        "swiglu": lambda b: ttl_kernels.swiglu(ints, floats, backend=b),
+        "apply_rotary": lambda b: ttl_kernels.apply_rotary(heads, heads, angles, angles, backend=b),
+        "cross_entropy": lambda b: ttl_kernels.cross_entropy(ints, torch.tensor([0] * 6), backend=b),
+        "fused_linear_cross_entropy": lambda b: ttl_kernels.fused_linear_cross_entropy(
+            floats, ints, torch.tensor([0] * 6), backend=b),
+        "flash_attention": lambda b: ttl_kernels.flash_attention(heads, heads, heads, backend=b),
+    }
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kernel", ["rms_norm", "swiglu", "apply_rotary", "cross_entropy", "fused_linear_cross_entropy",
+                                    "flash_attention"])
+def test_kernels_refuse_integer_tensors_by_name(kernel, backend):
+    # the Triton path rounded its float results to the integer dtype (RMSNorm of 1..4 gave 0s and 1s); the
+    # references raised deep inside torch, or rounded likewise
+    ints = torch.randint(1, 5, (6, 64), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=f"{kernel} takes floating-point tensors, got .* of dtype torch.int64"):
+        _kernel_calls(ints)[kernel](backend)
+
+
+def test_flash_attention_names_cu_seqlens_given_as_a_list():
+    q = torch.randn(5, 2, 64)
+    with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor, got a list"):
+        ttl_kernels.flash_attention(q, q, q, cu_seqlens=[0, 2, 5], max_seqlen=3, backend="triton")

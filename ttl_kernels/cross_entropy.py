@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAVE_TRITON, as_rows, once_differentiable, use_triton
+from .dispatch import HAVE_TRITON, as_rows, once_differentiable, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -210,6 +210,7 @@ def cross_entropy(
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
     _check(targets, logits.shape[0], reduction, label_smoothing)
+    require_floating("cross_entropy", logits=logits)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
     if not (torch.is_grad_enabled() and logits.requires_grad):  # the losses alone: no copy, no gradient
@@ -352,6 +353,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     _check(targets, hidden.shape[0], reduction, label_smoothing)
+    require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     if not use_triton(hidden, backend):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)

@@ -52,6 +52,14 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
     return runnable if backend == "triton" else (HAVE_TRITON and x.is_cuda)
 
 
+def require_floating(function: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse integer (or bool, complex) tensors where a kernel computes in floating point: the Triton path would
+    round its results to the integer dtype and the reference would raise deep inside torch, or round too."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{function} takes floating-point tensors, got {name} of dtype {t.dtype}")
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """`t` as a 2-D (rows, last dim) tensor with a contiguous last dim, for row-wise kernels: a view when
     the strides allow (e.g. a slice of a fused projection), a copy otherwise."""

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import HAVE_TRITON, interpreting, once_differentiable, use_triton
+from .dispatch import HAVE_TRITON, interpreting, once_differentiable, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -434,6 +434,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
     if not q.dtype == k.dtype == v.dtype:  # the kernels' dots need one dtype (the reference's matmuls too)
         raise ValueError(f"flash_attention needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    require_floating("flash_attention", q=q)
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads {q.shape[-2]} are not a multiple of key/value heads {k.shape[-2]}")
     if q.shape[-1] not in HEAD_DIMS:
@@ -443,6 +444,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
 def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
     """`cu_seqlens` against the packed tokens and `max_seqlen`: its values only when it is on the CPU, where
     reading them costs no device sync (see `flash_attention` for the contract on a device)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"flash_attention cu_seqlens must be an integer tensor, got a {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attention cu_seqlens must be 1-D, one more entry than documents, got shape "
                          f"{tuple(cu_seqlens.shape)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAVE_TRITON, as_rows, once_differentiable, sm_count, use_triton
+from .dispatch import HAVE_TRITON, as_rows, once_differentiable, require_floating, sm_count, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -229,6 +229,7 @@ def rms_norm(
         raise ValueError(f"rms_norm weight must have shape ({x.shape[-1]},), got {tuple(weight.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
+    require_floating("rms_norm", x=x, weight=weight, residual=residual)
     if not use_triton(x, backend):
         out = rms_norm_reference(x, weight, eps, residual)
         if out_dtype is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, use_triton
+from .dispatch import HAVE_TRITON, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -215,6 +215,7 @@ def _check_rotary_arguments(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if cos.dim() == 3 and cos.shape[0] not in (1, batch):
         raise ValueError(f"apply_rotary cos/sin batch {cos.shape[0]} does not match q's batch {batch}")
+    require_floating("apply_rotary", q=q, k=k, cos=cos, sin=sin)
 
 
 def _check_constant_angles(cos: torch.Tensor, sin: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAVE_TRITON, as_rows, once_differentiable, use_triton
+from .dispatch import HAVE_TRITON, as_rows, once_differentiable, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -111,6 +111,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
         raise ValueError(f"swiglu of a fused gate/up tensor needs an even last dim, got {tuple(gate.shape)}")
     if up is not None and gate.shape != up.shape:
         raise ValueError(f"swiglu gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    require_floating("swiglu", gate=gate, up=up)
     if not use_triton(gate, backend):
         return swiglu_reference(gate, up)
     return SwiGLUFunction.apply(gate, up)
