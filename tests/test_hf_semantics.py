@@ -1,7 +1,8 @@
 """What transformers and peft do with the less common parts of a checkpoint, and ttl doing the same: config
 keys left out or null, a v4 rope_scaling beside v5 rope_parameters, a tied config with its own stored head,
-generation_config.json, a prompt padded without a mask, problem_type, attention dropout, and LoRA's
-modules_to_save on tied embeddings. Every case compares against the reference library itself."""
+generation_config.json, a prompt padded without a mask, problem_type, attention dropout, LoRA's
+modules_to_save on tied embeddings, and a single weight file beside a sharded index. Every case compares against
+the reference library itself."""
 
 from __future__ import annotations
 
@@ -277,3 +278,14 @@ def test_modules_to_save_on_tied_embeddings_follow_peft_both_ways(tmp_path, save
     loaded = load_adapter(ttl_core.load_pretrained(tmp_path / "base"), tmp_path / "theirs")
     with torch.no_grad():
         assert max_diff(loaded(ids()).logits, trained.eval()(input_ids=ids()).logits) < 1e-4
+
+
+def test_a_single_weight_file_beside_a_sharded_index_is_the_one_loaded_as_in_transformers(tmp_path):
+    """transformers reads model.safetensors before model.safetensors.index.json, so a directory holding both (a
+    single-file model copied over a sharded one) loads the single file; ttl loads the same weights."""
+    hf_causal_lm(seed=0).save_pretrained(tmp_path / "both", max_shard_size="40KB")
+    hf_causal_lm(seed=1).save_pretrained(tmp_path / "single")
+    (tmp_path / "both" / "model.safetensors").write_bytes((tmp_path / "single" / "model.safetensors").read_bytes())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "both").eval()
+    with torch.no_grad():
+        assert max_diff(ttl_core.load_pretrained(tmp_path / "both")(ids()).logits, theirs(ids()).logits) < 1e-4

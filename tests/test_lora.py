@@ -437,3 +437,30 @@ def test_merging_into_a_bf16_base_rounds_as_peft_does(tmp_path, fold):
     # ttl's float64 update and peft's float32 one may round apart only where the sum sits on a bf16 tie
     differing = sum((merged[k] != truth[k]).sum().item() for k in merged)
     assert differing <= 1e-4 * sum(t.numel() for t in merged.values()), differing
+
+
+@pytest.mark.parametrize("saved", [["norm"], ["layers.1.post_attention_layernorm"], ["model.norm", "lm_head"]])
+def test_modules_to_save_name_the_modules_whose_path_ends_so_as_in_peft(tmp_path, saved):
+    """PEFT trains in full every module whose path ends with a modules_to_save entry, as a string: "norm" takes
+    the final norm and every layer's two norms, "layers.1.post_attention_layernorm" that one layer's. Adapters
+    cross-load both ways with the same logits; an entry that would take part of a fused projection is refused."""
+    theirs = peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0,
+                                                                 modules_to_save=saved, task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=5)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.mul_(1.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(to_ttl(hf_causal_lm(), tmp_path), tmp_path / "peft", is_trainable=True)
+    trained = [n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert len(trained) == sum(p.requires_grad and "lora_" not in n for n, p in ours.named_parameters())
+    x = ids()
+    with torch.no_grad():
+        assert (ours.eval()(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+    save_adapter(ours, tmp_path / "ttl")
+    again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
+    with torch.no_grad():
+        assert (ours(x).logits - again(input_ids=x).logits).abs().max() < 1e-4
+    with pytest.raises(AdapterError, match=r"modules_to_save names '_proj', which takes .*q_proj"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "fused"), modules_to_save=["_proj"])

@@ -372,3 +372,25 @@ def test_training_sentences_keep_documents_up_to_the_byte_limit_whole_and_cut_lo
 
     texts = ["abc\ndefg", "ééé\né", " \n ", "", "abcdefghij\n\nkl", "x"]
     assert list(_sentences(texts, 8)) == ["abc\ndefg", "éé", "é", "é", "ab", "cd", "ef", "gh", "ij", "kl", "x"]
+
+
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("jinja_files", [False, True])
+def test_chat_templates_are_kept_when_the_tokenizer_is_saved_again(tok, tmp_path, named, jinja_files):
+    """A chat model's template (transformers 5's chat_template.jinja and additional_chat_templates/, or an older
+    config's chat_template entry, several as a list) survives ttl's from_pretrained and save_pretrained, as in a
+    conversion or a fine-tune: transformers' apply_chat_template still works on the directory ttl writes."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "src")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "src")
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    hf.chat_template = {"default": template, "tool_use": "{{ messages | length }}"} if named else template
+    hf.save_pretrained(tmp_path / "src", save_jinja_files=jinja_files)
+    Tokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "out")
+    again = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again.chat_template == hf.chat_template
+    messages = [{"role": "user", "content": "Olá, tudo bem?"}]
+    assert again.apply_chat_template(messages) == hf.apply_chat_template(messages)
+    tok.save_pretrained(tmp_path / "out")  # a tokenizer without a template leaves none behind
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None

@@ -72,16 +72,17 @@ def native_plan(model: torch.nn.Module) -> Plan:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files to load, chosen as transformers chooses them: model.safetensors before an index."""
     index = directory / "model.safetensors.index.json"
-    if index.exists():
+    if (directory / "model.safetensors").exists():
+        files = [directory / "model.safetensors"]
+    elif index.exists():
         weight_map = read_json(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' in the index")
         if not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
         files = [directory / f for f in dict.fromkeys(weight_map.values())]
-    elif (directory / "model.safetensors").exists():
-        files = [directory / "model.safetensors"]
     else:
         pickles = [f for f in PICKLE_FILES if (directory / f).exists()]
         if pickles:
@@ -329,9 +330,9 @@ def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]],
                            "weight_map": {n: fname for fname, shard in zip(names, shards) for n, _ in shard}})
     stale = [f for f in directory.glob("model*.safetensors*")
              if f.name not in names and not (len(shards) > 1 and f == index) and not f.name.endswith(".tmp")]
-    # a stale index goes first: while it exists the shards it names are what loads, so a crash after removing one
-    # of them would leave a directory that loads nothing beside a complete new model.safetensors
-    for f in sorted(stale, key=lambda f: f != index):
+    # model.safetensors loads before an index, so whichever of these removals a crash interrupts, the directory
+    # loads the new weights or (shards replacing one file, until it goes) the old ones
+    for f in stale:
         f.unlink()
 
 

@@ -197,23 +197,27 @@ def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_mod
 
 
 def _modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, str]:
-    """ttl parameter name -> PEFT key for each HF module named in `modules_to_save` (e.g. score,
-    embed_tokens, lm_head). Unless `strict`, names the model lacks are skipped (PEFT writes "classifier"
-    beside "score" for every sequence classifier)."""
+    """ttl parameter name -> PEFT key for the HF modules `modules_to_save` names (score, embed_tokens, lm_head,
+    norm, ...): as PEFT matches them, each module whose path ends with a name, as a string ("norm": every norm).
+    Unless `strict`, names the model lacks are skipped (PEFT writes "classifier" beside "score" for a classifier).
+    A name taking part of a fused projection (q_proj) is refused: ttl cannot train one in full."""
     plan = hf_plan(model.config, model.architecture)
-    tied = _tied(model)
-    if tied:
+    embeddings = ["backbone.embed.weight", "lm_head.weight"]
+    if _tied(model):
         plan["lm_head.weight"] = [("lm_head.weight", None)]
+    modules = {p: [key.rsplit(".", 1)[0] for key, _ in pieces] for p, pieces in plan.items()}  # HF module paths
     out = {}
     for name in names:
-        name = name.rsplit(".", 1)[-1]  # PEFT matches by the module path's end ("model.embed_tokens")
-        # a tied embedding is one tensor under both names: PEFT's ensure_weight_tying saves it under both
-        wanted = ("embed_tokens", "lm_head") if tied and name in ("embed_tokens", "lm_head") else (name,)
-        found = {p: pieces[0][0] for p, pieces in plan.items()
-                 if len(pieces) == 1 and pieces[0][0].rsplit(".", 1)[0].split(".")[-1] in wanted}
+        found = [p for p, paths in modules.items() if any(path.endswith(name) for path in paths)]
+        fused = next((modules[p] for p in found if len(modules[p]) > 1), None)
+        if fused:
+            raise AdapterError(f"modules_to_save names {name!r}, which takes {', '.join(fused)}: a fused projection "
+                               "ttl cannot train in full (adapt it with LoRA instead)")
+        if _tied(model) and set(embeddings) & set(found):  # one tensor, two names: PEFT's ensure_weight_tying
+            found += embeddings  # saves it under both
         if not found and strict:
             raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
-        out.update({p: PEFT_PREFIX + hf for p, hf in found.items()})
+        out.update({p: PEFT_PREFIX + plan[p][0][0] for p in found})
     return out
 
 
@@ -230,9 +234,9 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
                modules_to_save: Iterable[str] | None = None, ensure_weight_tying: bool = False,
                exclude_modules: str | list[str] | None = None, layers_to_transform: int | list[int] | None = None,
                layers_pattern: str | list[str] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
-    """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score`
-    head is always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such
-    as "embed_tokens", "lm_head") are trained in full too. On a model whose LM head shares the input
+    """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score` head is
+    always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such as "embed_tokens",
+    "lm_head", matched as PEFT does) are trained in full too. On a model whose LM head shares the input
     embedding, training either one unties them, as PEFT does (the other keeps the original weights), unless
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
     `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
@@ -249,7 +253,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
-    trains_embedding = {"embed_tokens", "lm_head"} & {n.rsplit(".", 1)[-1] for n in saved}
+    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(_modules_to_save_params(model, saved))
     if _tied(model) and trains_embedding and not ensure_weight_tying:
         model.untie_embeddings()
     full = _modules_to_save_params(model, saved)
@@ -318,13 +322,8 @@ def unload_lora(model: nn.Module) -> nn.Module:
 def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for every LoRA weight of the model."""
     slices = _linear_slices(model)
-    out = {}
-    for path, layer in lora_layers(model).items():
-        prefix = slices[path][0]
-        for n in layer.slices:
-            out[f"{PEFT_PREFIX}{prefix}.{n}.lora_A.weight"] = layer.lora_A[n].weight
-            out[f"{PEFT_PREFIX}{prefix}.{n}.lora_B.weight"] = layer.lora_B[n].weight
-    return out
+    return {f"{PEFT_PREFIX}{slices[path][0]}.{n}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[n].weight
+            for path, layer in lora_layers(model).items() for n in layer.slices for ab in "AB"}
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_config import (added_tokens_decoder, bos_eos_flags, extra_special_tokens, match_rules, prefix_scheme,
-                               read_config, role_tokens)
+                               read_chat_template, read_config, replace_chat_template_files, role_tokens)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -59,6 +59,7 @@ class Tokenizer:
         # listed among its added tokens (transformers then matches them whole and skips them when decoding)
         self._special_piece_ids: set[int] = set()
         self._match_rules: dict[str, tuple[bool, bool, bool]] = {}  # see tokenizer_config.match_rules
+        self.chat_template: str | dict[str, str] | None = None  # a directory's, carried to save_pretrained
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -173,6 +174,7 @@ class Tokenizer:
         tokenizer._match_rules = rules
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
+        tokenizer.chat_template = read_chat_template(path.parent, config) if saved else None
         return tokenizer
 
     def _take_roles(self, path: Path, roles: dict[str, str | None], template: tuple[int | None, int | None] | None,
@@ -357,8 +359,8 @@ class Tokenizer:
         atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
 
     def save_pretrained(self, directory: str | os.PathLike, model_max_length: int = 2048) -> None:
-        """Write `tokenizer.model`, `tokenizer_config.json` and `special_tokens_map.json` for transformers, which
-        truncates at `model_max_length` (the context of the model saved beside), and remove a `tokenizer.json`."""
+        """Write `tokenizer.model`, `tokenizer_config.json` (with the chat template) and `special_tokens_map.json`, and
+        remove a `tokenizer.json` and template files; transformers truncates at `model_max_length` (the model's)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.model")
@@ -375,14 +377,12 @@ class Tokenizer:
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
-                  "clean_up_tokenization_spaces": False,
-                  "model_max_length": model_max_length, "padding_side": "right", "sp_model_kwargs": {},
-                  "added_tokens_decoder": decoder, **special}
-        if self.added_tokens:
-            config["additional_special_tokens"] = list(self.added_tokens)
-        write_json(directory / "tokenizer_config.json", config)
-        write_json(directory / "special_tokens_map.json",
-                   {**special, **({"additional_special_tokens": list(self.added_tokens)} if self.added_tokens else {})})
+                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "padding_side": "right",
+                  "sp_model_kwargs": {}, "added_tokens_decoder": decoder, **special}
+        extra = {"additional_special_tokens": list(self.added_tokens)} if self.added_tokens else {}
+        template = replace_chat_template_files(directory, self.chat_template)
+        write_json(directory / "tokenizer_config.json", {**config, **extra, **template})
+        write_json(directory / "special_tokens_map.json", {**special, **extra})
 
 
 def piece_bytes(piece: str) -> bytes:

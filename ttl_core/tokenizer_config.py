@@ -1,6 +1,6 @@
 """tokenizer_config.json (and special_tokens_map.json) as transformers 5 reads them beside a tokenizer file: the
-tokens they add to the vocabulary, the tokens that play <s>, </s> and <pad>, and whether <s> / </s> go around an
-encoded text."""
+tokens they add to the vocabulary, the tokens that play <s>, </s> and <pad>, whether <s> / </s> go around an
+encoded text, and the chat template."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .errors import TokenizerError
 from .fileio import read_json
 
 ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
+CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"  # transformers 5's
 
 
 def read_config(path: Path) -> dict | None:
@@ -107,3 +108,35 @@ def extra_special_tokens(path: Path, config: dict | None) -> list[str]:
             raise TokenizerError(f"{path}: {key} must be a list of token strings")
         names[key] = list(dict.fromkeys(texts))
     return names["extra_special_tokens"] or names["additional_special_tokens"]
+
+
+def read_chat_template(directory: Path, config: dict | None) -> str | dict[str, str] | None:
+    """A tokenizer directory's chat template as transformers 5 reads it: chat_template.jinja (the "default") and
+    additional_chat_templates/NAME.jinja where any exist, else the config's `chat_template` (a template, or a list
+    of {"name", "template"}); several come as a dict name -> template, as in transformers."""
+    files = {"default": directory / CHAT_TEMPLATE_FILE, **{f.stem: f for f in (directory / CHAT_TEMPLATE_DIR).glob(
+        "*.jinja")}}
+    try:
+        templates = {name: f.read_text(encoding="utf-8") for name, f in files.items() if f.is_file()}
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{directory}: unreadable chat template ({e})") from None
+    if not templates:
+        value = (config or {}).get("chat_template")
+        if value is None or isinstance(value, str):
+            return value
+        if not (isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                                and isinstance(t.get("template"), str) for t in value)):
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: chat_template must be a template string or "
+                                 "a list of {\"name\", \"template\"} objects")
+        templates = {t["name"]: t["template"] for t in value}
+    return templates["default"] if list(templates) == ["default"] else templates
+
+
+def replace_chat_template_files(directory: Path, template: str | dict[str, str] | None) -> dict:
+    """Remove the chat template files of `directory`, which transformers reads before the config, and return the
+    tokenizer_config.json entry that holds `template` (empty for none), as transformers writes it there."""
+    for f in [directory / CHAT_TEMPLATE_FILE, *(directory / CHAT_TEMPLATE_DIR).glob("*.jinja")]:
+        f.unlink(missing_ok=True)
+    if isinstance(template, dict):
+        return {"chat_template": [{"name": name, "template": text} for name, text in template.items()]}
+    return {} if template is None else {"chat_template": template}
