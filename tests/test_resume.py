@@ -22,6 +22,7 @@ from ttl_core.data import prepare_data
 from ttl_core.distributed import full_optimizer_state, load_optimizer_state
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.metrics import read_metrics
+from ttl_core.tokenizer import Tokenizer
 import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.train import build_optimizer, train
@@ -366,4 +367,10 @@ def test_data_tokenized_with_another_tokenizer_than_the_checkpoint_s_is_refused(
     bare = tmp_path / "bare"
     shutil.copytree(source, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
     assert train(run_config("train.max_steps=1"), tmp_path / "d", data_dir=str(other),
+                 init_from=str(bare)).last_step == 1
+    # tokens added after the data's (an added special token) leave every id of the data its meaning
+    extended = Tokenizer.from_pretrained(source)
+    extended.add_special_tokens(["<extra>"])
+    extended.save_pretrained(bare)
+    assert train(run_config("train.max_steps=1"), tmp_path / "e", data_dir=str(data_dir),
                  init_from=str(bare)).last_step == 1

@@ -259,20 +259,17 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
 
 def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path) -> None:
     """Refuse data tokenized with another tokenizer than the one saved beside the weights trained on: its ids
-    would index embeddings learned for other tokens, silently when its vocabulary is no larger. Weights saved
-    without a tokenizer (or with one ttl cannot read) leave nothing to compare."""
+    would index embeddings learned for other tokens, silently when its vocabulary is no larger. Tokens one of
+    the two adds after the other's (added special tokens) change no id's meaning; weights saved without a
+    tokenizer (or with one ttl cannot read) leave nothing to compare."""
     try:
         saved = Tokenizer.from_pretrained(source)
     except TokenizerError:
         return
-    if vocabulary(saved) != vocabulary(tokenizer):
+    shared = min(saved.vocab_size, tokenizer.vocab_size)
+    if any(saved.id_to_token(i) != tokenizer.id_to_token(i) for i in range(shared)):
         raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s; prepare the data "
                           f"with scripts/prepare_data.py --tokenizer {source}")
-
-
-def vocabulary(tokenizer: Tokenizer) -> list[str]:
-    """Every token of `tokenizer`, in id order."""
-    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
 
 
 def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
