@@ -131,6 +131,15 @@ def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
                                                                            "text (bad byte at offset 8 of the line)"]
 
 
+def test_a_directory_given_as_input_is_named_as_one(tmp_path):
+    """It was refused as an input of type '' (its empty suffix), or as no such file when named like one."""
+    for name in ("corpus", "corpus.txt"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.txt").write_text("um documento\n", encoding="utf-8")
+        with pytest.raises(DataError, match=rf"{name}: a directory; give the files in it \(e.g. .*{name}/\*.txt\)"):
+            prepare_data([tmp_path / name], tmp_path / "out", vocab_size=300)
+
+
 def test_parquet_input(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa

@@ -18,9 +18,11 @@ from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_mod
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state,
                                  remove_partial_checkpoints, save_checkpoint)
+from ttl_core.data import prepare_data
 from ttl_core.distributed import full_optimizer_state, load_optimizer_state
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.metrics import read_metrics
+from ttl_core.tokenizer import Tokenizer
 import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.train import build_optimizer, train
@@ -343,3 +345,34 @@ def test_a_resumed_run_hides_the_tensorboard_events_past_its_checkpoint(tmp_path
     MetricsLog(tmp_path, resume_step=3, tensorboard=True).close()
     MetricsLog(tmp_path, tensorboard=True).close()
     assert [kwargs.get("purge_step") for kwargs in made] == [4, 1]
+
+
+def test_data_tokenized_with_another_tokenizer_than_the_checkpoint_s_is_refused(tmp_path, data_dir):
+    """A vocabulary no larger than the model's passed the size checks, so continuing pretraining (or resuming)
+    on data a fresh tokenizer made trained the checkpoint's embeddings on ids that mean other tokens."""
+    train(run_config("train.max_steps=1"), tmp_path / "a", data_dir=str(data_dir))
+    source = tmp_path / "a" / "checkpoints" / "step-000001"
+    docs = [f"Capítulo {i}: a chuva caiu sobre o telhado da escola e os alunos cantaram. " * 3 for i in range(40)]
+    (tmp_path / "other.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    other = tmp_path / "other"
+    prepare_data([tmp_path / "other.txt"], other, vocab_size=300, val_fraction=0.25)
+    with pytest.raises(ConfigError, match=f"{other} was tokenized with another tokenizer than {source}'s"):
+        train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(other), init_from=str(source))
+    # resuming, the data is what changed (a forgotten --data trains on the bundled corpus, prepared anew)
+    with pytest.raises(ConfigError, match="another tokenizer than .*step-000001's: resume on the data the run "
+                                          "was trained on"):
+        train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(other), resume=True)
+    # the same text tokenized with the checkpoint's tokenizer trains; so do weights saved without a tokenizer
+    prepare_data([tmp_path / "other.txt"], tmp_path / "same", tokenizer=source, val_fraction=0.25)
+    assert train(run_config("train.max_steps=1"), tmp_path / "c", data_dir=str(tmp_path / "same"),
+                 init_from=str(source)).last_step == 1
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    assert train(run_config("train.max_steps=1"), tmp_path / "d", data_dir=str(other),
+                 init_from=str(bare)).last_step == 1
+    # tokens added after the data's (an added special token) leave every id of the data its meaning
+    extended = Tokenizer.from_pretrained(source)
+    extended.add_special_tokens(["<extra>"])
+    extended.save_pretrained(bare)
+    assert train(run_config("train.max_steps=1"), tmp_path / "e", data_dir=str(data_dir),
+                 init_from=str(bare)).last_step == 1

@@ -86,3 +86,13 @@ def test_integers_are_accepted_for_float_settings():
     t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
     assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)
     assert all(isinstance(v, float) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip))
+
+
+def test_an_unknown_model_key_is_named_with_or_without_a_preset(tmp_path):
+    """Without a preset the [model] table goes straight to LlamaConfig, whose TypeError was a traceback."""
+    (tmp_path / "typo.toml").write_text("[model]\nhidden_size = 64\nnum_layers = 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[model\]: num_layers"):
+        load_run_config(tmp_path / "typo.toml")
+    for overrides in (["model.hiden_size=8"], ["model.preset=\"tiny\"", "model.hiden_size=8"]):
+        with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[model\]: hiden_size"):
+            load_run_config(None, overrides)

@@ -44,6 +44,8 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     `.jsonl` line, the `text` column of a `.parquet` (needs pyarrow). Bad input raises DataError naming the file
     and line; a file without any document is an error too."""
     path = Path(path)
+    if path.is_dir():  # else refused as a file of type '' (or as no such file, when named like one)
+        raise DataError(f"{path}: a directory; give the files in it (e.g. {path}/*.txt)")
     if path.suffix not in INPUT_SUFFIXES:
         raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
     if not path.is_file():

@@ -83,6 +83,10 @@ class RunConfig:
     def model_config(self) -> LlamaConfig:
         """The `LlamaConfig` the `[model]` section describes (a preset plus field overrides)."""
         fields = dict(self.model)
+        # named here rather than left to LlamaConfig(**fields), where a typo without a preset is a TypeError
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)} - {"preset"})
+        if unknown:
+            raise ConfigError(f"unknown key(s) in [model]: {', '.join(unknown)} (preset or a LlamaConfig field)")
         preset = fields.pop("preset", None)
         return LlamaConfig.from_preset(preset, **fields) if preset else LlamaConfig(**fields)
 

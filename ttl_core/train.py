@@ -28,7 +28,7 @@ from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, re
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TokenizerError, TrainingError
 from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
@@ -257,6 +257,22 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
     return LlamaForCausalLM(config).to(device).train()
 
 
+def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, resuming: bool) -> None:
+    """Refuse data tokenized with another tokenizer than the one saved beside the weights trained on: its ids
+    would index embeddings learned for other tokens, silently when its vocabulary is no larger. Tokens one of
+    the two adds after the other's (added special tokens) change no id's meaning; weights saved without a
+    tokenizer (or with one ttl cannot read) leave nothing to compare."""
+    try:
+        saved = Tokenizer.from_pretrained(source)
+    except TokenizerError:
+        return
+    shared = min(saved.vocab_size, tokenizer.vocab_size)
+    if any(saved.id_to_token(i) != tokenizer.id_to_token(i) for i in range(shared)):
+        fix = ("resume on the data the run was trained on (its --data)" if resuming
+               else f"prepare the data with scripts/prepare_data.py --tokenizer {source}")
+        raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")
+
+
 def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
     """The loader's next `n` batches (the micro-batches of one optimizer step)."""
     for _ in range(n):
@@ -321,6 +337,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     config = model.config
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
     tokenizer = Tokenizer.from_pretrained(data_path)
+    if resume_from or init_from:
+        check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {config.vocab_size}")
