@@ -253,7 +253,6 @@ def load_pretrained(
     target_dtype = _resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
     model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
-    model.backbone.rotary.reset_inv_freq()
     if new_head:
         model.init_weights()  # gives the new score head its initial values; the rest is overwritten below
     params = dict(model.named_parameters())

@@ -83,10 +83,18 @@ class RotaryEmbedding(nn.Module):
         self.reset_inv_freq()
 
     def reset_inv_freq(self) -> None:
-        """(Re)compute the frequencies, e.g. after the module was materialized from the meta device."""
+        """(Re)compute the frequencies in place (a no-op on the meta device)."""
         if self.inv_freq_bits.device.type != "meta":
             values = rope_inverse_frequencies(self.config).view(torch.int32)
             self.inv_freq_bits.copy_(values.to(self.inv_freq_bits.device))
+
+    def _apply(self, fn, recurse: bool = True):
+        # Every move goes through here, `to_empty` too: it leaves the buffer uninitialized after the model was
+        # built on the meta device, and no state dict holds it, so neither init_weights nor load_state_dict
+        # would fill it in.
+        super()._apply(fn, recurse)
+        self.reset_inv_freq()
+        return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
