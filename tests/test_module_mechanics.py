@@ -27,3 +27,13 @@ def test_a_model_materialized_from_the_meta_device_has_exact_rotary_frequencies(
         assert torch.equal(meta.backbone.rotary.inv_freq_bits, model.backbone.rotary.inv_freq_bits)
     if fill == "load_state_dict":
         assert torch.equal(meta.eval()(ids).logits, model(ids).logits)
+
+
+def test_a_model_built_under_inference_mode_still_moves_and_casts():
+    """Recomputing the frequencies on a move must not write into a buffer made under `torch.inference_mode`
+    (an evaluation script that loads its model inside it, then casts it outside)."""
+    with torch.inference_mode():
+        model = ttl_core.LlamaForCausalLM(tiny_config())
+    model.to(torch.bfloat16).float()
+    expected = ttl_core.model.rope_inverse_frequencies(model.config)
+    assert torch.equal(model.backbone.rotary.inv_freq_bits.view(torch.float32), expected)

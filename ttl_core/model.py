@@ -54,9 +54,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies (head_dim / 2,) in fp32, scaled as `config.rope_scaling` says."""
+    """Per-pair rotation frequencies (head_dim / 2,) in fp32, scaled as `config.rope_scaling` says. Computed on
+    the CPU whatever the default device, as transformers computes them, so they are the same bits everywhere."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     if config.rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -83,10 +84,11 @@ class RotaryEmbedding(nn.Module):
         self.reset_inv_freq()
 
     def reset_inv_freq(self) -> None:
-        """(Re)compute the frequencies in place (a no-op on the meta device)."""
-        if self.inv_freq_bits.device.type != "meta":
-            values = rope_inverse_frequencies(self.config).view(torch.int32)
-            self.inv_freq_bits.copy_(values.to(self.inv_freq_bits.device))
+        """(Re)compute the frequencies (a no-op on the meta device). A new tensor, not an in-place copy: the
+        buffer may have been made under `torch.inference_mode`, which forbids writing into it outside."""
+        device = self.inv_freq_bits.device
+        if device.type != "meta":
+            self.inv_freq_bits = rope_inverse_frequencies(self.config).view(torch.int32).to(device)
 
     def _apply(self, fn, recurse: bool = True):
         # Every move goes through here, `to_empty` too: it leaves the buffer uninitialized after the model was
