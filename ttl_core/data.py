@@ -15,7 +15,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,12 +24,11 @@ import torch
 from tqdm import tqdm
 
 from .errors import DataError, is_integer
-from .fileio import atomic_write, read_json, write_json
+from .fileio import atomic_write, json_objects, read_json, write_json
 from .tokenizer import INPUT_SUFFIXES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
-_JSON_BLANK = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
@@ -80,63 +78,6 @@ def _read_txt(path: Path) -> Iterator[str]:
             block = []
     if block:
         yield "".join(block).rstrip("\r\n")
-
-
-def json_objects(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON-lines file; malformed JSON or a line that is
-    not an object raises DataError naming the file and line."""
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-        yield number, _json_object(path, number, record, "per line")
-
-
-def json_array_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each element of a JSON text that is one top-level array of objects (as
-    Alpaca-PTBR ships), the number being the line where the element starts. The array is read element by
-    element, so malformed JSON or an element that is not an object raises DataError naming the file and the
-    line where that element starts (and, for malformed JSON, the line where reading stopped)."""
-    decoder, blank = json.JSONDecoder(), _JSON_BLANK
-    number, counted = 1, 0  # the line number at offset `counted`: lines are counted once, as reading advances
-
-    def line_at(offset: int) -> int:
-        nonlocal number, counted
-        number += text.count("\n", counted, offset)
-        counted = offset
-        return number
-
-    pos = blank.match(text).end()
-    if text[pos:pos + 1] != "[":
-        raise DataError(f"{path}:{line_at(pos)}: expected a JSON array of objects")
-    pos = blank.match(text, pos + 1).end()
-    closed = text.startswith("]", pos)
-    if closed:  # an empty array
-        pos = blank.match(text, pos + 1).end()
-    while not closed:
-        start = line_at(pos)
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{start}: malformed JSON in the array element starting on this line ({e.msg} "
-                            f"on line {e.lineno})") from None
-        yield start, _json_object(path, start, record, "per array element")
-        pos = blank.match(text, end).end()
-        if text[pos:pos + 1] not in (",", "]"):
-            raise DataError(f"{path}:{line_at(pos)}: malformed JSON (expected ',' or ']' after an array element)")
-        closed = text[pos] == "]"
-        pos = blank.match(text, pos + 1).end()
-    if pos < len(text):
-        raise DataError(f"{path}:{line_at(pos)}: malformed JSON (text after the top-level array)")
-
-
-def _json_object(path: Path, number: int, record: object, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise DataError(f"{path}:{number}: expected a JSON object {where}, got {type(record).__name__}")
-    return record
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
