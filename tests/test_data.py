@@ -383,3 +383,21 @@ def test_a_directory_removed_atomically_clears_an_old_one_a_crashed_removal_left
     (tmp_path / "step-000001" / "model.safetensors").write_bytes(b"\2")
     fileio.remove_dir_atomically(tmp_path / "step-000001")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_the_byte_budget(tmp_path, monkeypatch):
+    """sentencepiece holds all the text it is given: a corpus larger than the budget gives it a sample of whole
+    documents taken evenly from every input file, not the whole corpus nor only the first files."""
+    inputs, docs = write_inputs(tmp_path)
+    budget = sum(p.stat().st_size for p in inputs) // 2
+    monkeypatch.setattr(data, "TRAIN_INPUT_BYTES", budget)
+    real, seen = data.train_tokenizer, []
+
+    def spy(texts, out, vocab_size, **kwargs):
+        return real((seen.append(t) or t for t in texts), out, vocab_size, **kwargs)
+
+    monkeypatch.setattr(data, "train_tokenizer", spy)
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1)
+    assert len(seen) < 0.6 * len(docs) and sum(len(t.encode()) for t in seen) <= budget + max(map(len, docs)) * 4
+    for path in inputs:  # every file contributes
+        assert set(seen) & set(read_documents(path)), path.name

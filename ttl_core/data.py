@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .errors import DataError, is_integer
 from .fileio import atomic_write, json_objects, read_json, write_json
-from .tokenizer import INPUT_SUFFIXES, Tokenizer, train_tokenizer
+from .tokenizer import INPUT_SUFFIXES, TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
@@ -126,7 +126,7 @@ def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.nda
     for k, text in enumerate(texts, first):
         # a corpus that writes "</s>" means the characters: only the ids added here end documents for the loader
         ids = _worker_tokenizer.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
-        (val if _is_val(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
+        (val if _evenly(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
     join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.uint32)  # noqa: E731
     return shard, join(train), join(val), len(texts)
 
@@ -140,9 +140,10 @@ def _bookkeeping(path: Path) -> object:
         return None
 
 
-def _is_val(k: int, fraction: float) -> bool:
-    """Spread validation documents evenly through the input: document k is held out when the running count
-    floor((k+1) * fraction) steps up, so every input file contributes."""
+def _evenly(k: int, fraction: float) -> bool:
+    """Whether document k is among an evenly spread `fraction` of the documents (held out for validation, or
+    in the tokenizer's sample): when the running count floor((k+1) * fraction) steps up, so every file
+    contributes."""
     return int((k + 1) * fraction) > int(k * fraction)
 
 
@@ -200,7 +201,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     if model_path.is_file():
         tok = Tokenizer(model_path)
     else:
-        tok = source or train_tokenizer((d for p in paths for d in read_documents(p)), None, vocab_size)
+        tok = source or train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
         tok.save(model_path)
     total = sum(counts)
     sizes = [min(shard_docs, c - i) for c in counts for i in range(0, c, shard_docs)]  # documents per shard
@@ -234,7 +235,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
     tok.add_bos_token, tok.add_eos_token = True, False
     tok.save_pretrained(out_dir)
-    val_docs = sum(_is_val(k, val_fraction) for k in range(total))
+    val_docs = sum(_evenly(k, val_fraction) for k in range(total))
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
             "val_tokens": tokens["val"], "documents": total, "train_documents": total - val_docs,
             "val_documents": val_docs, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
@@ -242,6 +243,14 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     write_json(meta_path, meta)
     shutil.rmtree(work)
     return meta
+
+
+def _tokenizer_sample(paths: list[Path]) -> Iterator[str]:
+    """The documents the tokenizer trains on: all, or when the files hold more than TRAIN_INPUT_BYTES (all that
+    sentencepiece is given stays in its memory), that share of every file's, not the first files' alone. A file
+    size can understate its text (parquet): train_tokenizer's own limit then cuts the sample's end."""
+    share = min(1.0, TRAIN_INPUT_BYTES / max(sum(p.stat().st_size for p in paths), 1))
+    return (d for k, d in enumerate(d for p in paths for d in read_documents(p)) if _evenly(k, share))
 
 
 def _outputs_fit(out_dir: Path, meta: dict) -> bool:
