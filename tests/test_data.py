@@ -401,3 +401,14 @@ def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_the_byte
     assert len(seen) < 0.6 * len(docs) and sum(len(t.encode()) for t in seen) <= budget + max(map(len, docs)) * 4
     for path in inputs:  # every file contributes
         assert set(seen) & set(read_documents(path)), path.name
+
+
+def test_shards_hold_tokens_in_the_final_dtype(tmp_path, monkeypatch):
+    """The shards kept for resuming use the token files' dtype: uint32 shards of a uint16 vocabulary would
+    double the temporary disk space (3x the final files at the end instead of 2x)."""
+    inputs, _ = write_inputs(tmp_path)
+    dtypes, real = [], data._save_npz
+    monkeypatch.setattr(data, "_save_npz", lambda path, **arrays: (dtypes.extend(a.dtype for a in arrays.values()),
+                                                                  real(path, **arrays))[1])
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=7)
+    assert dtypes and set(dtypes) == {np.dtype(np.uint16)}

@@ -122,13 +122,18 @@ def _init_worker(model: bytes) -> None:
 def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.ndarray, np.ndarray, int]:
     """Tokenize one shard: (shard id, first global document index, texts, val fraction) -> token arrays."""
     shard, first, texts, val_fraction = job
-    train, val = [], []
+    # shards wait on disk until assembly: in the token files' dtype they take no more room than those
+    train, val, dtype = [], [], _token_dtype(_worker_tokenizer.vocab_size)
     for k, text in enumerate(texts, first):
         # a corpus that writes "</s>" means the characters: only the ids added here end documents for the loader
         ids = _worker_tokenizer.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
-        (val if _evenly(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
-    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.uint32)  # noqa: E731
+        (val if _evenly(k, val_fraction) else train).append(np.asarray(ids, dtype=dtype))
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return shard, join(train), join(val), len(texts)
+
+
+def _token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 65535 else np.uint32
 
 
 def _bookkeeping(path: Path) -> object:
@@ -225,7 +230,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    dtype = _token_dtype(tok.vocab_size)
     shards = sorted(work.glob("*.npz"))
     assert len(shards) == len(sizes), "every shard is tokenized before assembly"
     # The files below replace whatever meta.json describes: without it, an interruption from here on cannot
@@ -312,7 +317,7 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
                 with np.load(shard, allow_pickle=False) as z:
                     ids = z[split]
                 count += len(ids)
-                f.write(ids.astype(dtype).tobytes())
+                f.write(ids.astype(dtype, copy=False).tobytes())  # uint32 only in shards an older version left
 
     atomic_write(out, write)
     return count
