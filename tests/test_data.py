@@ -108,7 +108,7 @@ def test_multi_file_input_parallel_and_resumed_runs_are_identical(tmp_path, monk
     assert not (tmp_path / "resumed" / "meta.json").exists()
     monkeypatch.setattr(data, "_tokenize_shard", lambda job: (calls.append(job[0]), real(job))[1])
     assert prepare_data(inputs, tmp_path / "resumed", vocab_size=300, workers=1, shard_docs=7) == meta
-    n_shards = sum((c + 6) // 7 for c in meta["plan"]["documents"])
+    n_shards = (sum(meta["plan"]["documents"]) + 6) // 7  # shards of 7 documents run across files
     assert sorted(calls) == list(range(n_shards))  # each shard tokenized exactly once across both runs
     assert read_outputs(tmp_path / "resumed") == read_outputs(tmp_path / "one")
     assert not (tmp_path / "resumed" / ".prepare").exists()
@@ -439,3 +439,29 @@ def test_shards_hold_tokens_in_the_final_dtype(tmp_path, monkeypatch):
                                                                   real(path, **arrays))[1])
     prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=7)
     assert dtypes and set(dtypes) == {np.dtype(np.uint16)}
+
+
+def test_shards_run_across_input_files(tmp_path, monkeypatch):
+    """A shard holds `shard_docs` documents whichever files they come from: one shard a file would cost a
+    corpus of many small files a shard file, two fsyncs and a pool round trip per input file."""
+    inputs, docs = [], []
+    for k in range(6):
+        block = [f"documento {k} {j} " + " ".join(random.Random(k * 3 + j).choices(WORDS, k=9)) for j in range(2)]
+        (tmp_path / f"f{k}.txt").write_text("\n\n".join(block) + "\n")
+        inputs, docs = inputs + [tmp_path / f"f{k}.txt"], docs + block
+    saved, real = [], data._save_npz
+    monkeypatch.setattr(data, "_save_npz", lambda path, **arrays: (saved.append(path), real(path, **arrays))[1])
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=5)
+    assert len(saved) == 3  # 12 documents: 5 + 5 + 2
+    check_data_dir(tmp_path / "out", docs)
+
+    # the work directory of a run killed under the older layout (a shard per file, no "shards" in its plan)
+    # is not resumed: its shard numbers mean other documents
+    work = tmp_path / "old" / ".prepare"
+    work.mkdir(parents=True)
+    plan = json.loads((tmp_path / "out" / "meta.json").read_text())["plan"]
+    (work / "plan.json").write_text(json.dumps(plan))
+    shutil.copy(tmp_path / "out" / "tokenizer.model", work / "tokenizer.model")
+    data._save_npz(work / "0000001.npz", train=np.array([1, 5, 2], np.uint32), val=np.zeros(0, np.uint32))
+    prepare_data(inputs, tmp_path / "old", vocab_size=300, workers=1, shard_docs=5)
+    assert read_outputs(tmp_path / "old") == read_outputs(tmp_path / "out")

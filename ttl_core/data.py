@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -216,18 +217,21 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
             "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
                                                     if source else f"train:{vocab_size}"),
             "encoding": "special tokens as text; CRLF as LF"}
+    # the shard layout matters to resuming only: it goes in the work directory's plan (an older layout numbered
+    # shards otherwise), not in meta.json, so directories prepared before stay valid
+    work_plan = {**plan, "shards": "shard_docs documents of all inputs in order"}
     meta_path = out_dir / "meta.json"
     previous = _bookkeeping(meta_path)
     if isinstance(previous, dict) and previous.get("plan") == plan and _outputs_fit(out_dir, previous):
         # this run's own leftovers go (stopped before removing them, or midway: plan.json gone, shards not);
         # another run's stay, to resume from
-        if work.is_dir() and _bookkeeping(work / "plan.json") in (plan, None):
+        if work.is_dir() and _bookkeeping(work / "plan.json") in (work_plan, None):
             shutil.rmtree(work)
         return previous  # already prepared from these exact inputs
-    if work.is_dir() and _bookkeeping(work / "plan.json") != plan:
+    if work.is_dir() and _bookkeeping(work / "plan.json") != work_plan:
         shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "plan.json", plan)
+    write_json(work / "plan.json", work_plan)
 
     model_path = work / "tokenizer.model"
     if model_path.is_file():
@@ -236,20 +240,16 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         tok = source or train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
         tok.save(model_path)
     total = sum(counts)
-    sizes = [min(shard_docs, c - i) for c in counts for i in range(0, c, shard_docs)]  # documents per shard
+    # shards run across files: a shard per file would give a corpus of many small files as many shards to write
+    sizes = [min(shard_docs, total - i) for i in range(0, total, shard_docs)]  # documents per shard
     done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
 
     def jobs() -> Iterator[tuple[int, int, list[str], float]]:
-        shard, first = 0, 0
-        for path in paths:
-            docs = read_documents(path)
-            batch = []
-            for doc in docs:
-                batch.append(doc)
-                if len(batch) == sizes[shard]:
-                    if shard not in done:
-                        yield shard, first, batch, val_fraction
-                    shard, first, batch = shard + 1, first + len(batch), []
+        docs = _documents(paths)
+        for shard, size in enumerate(sizes):
+            batch = list(itertools.islice(docs, size))
+            if shard not in done:
+                yield shard, shard * shard_docs, batch, val_fraction
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
@@ -282,7 +282,11 @@ def _tokenizer_sample(paths: list[Path]) -> Iterator[str]:
     sentencepiece is given stays in its memory), that share of every file's, not the first files' alone. A file
     size can understate its text (parquet): train_tokenizer's own limit then cuts the sample's end."""
     share = min(1.0, TRAIN_INPUT_BYTES / max(sum(p.stat().st_size for p in paths), 1))
-    return (d for k, d in enumerate(d for p in paths for d in read_documents(p)) if _evenly(k, share))
+    return (d for k, d in enumerate(_documents(paths)) if _evenly(k, share))
+
+
+def _documents(paths: list[Path]) -> Iterator[str]:
+    return (d for p in paths for d in read_documents(p))
 
 
 def _outputs_fit(out_dir: Path, meta: dict) -> bool:
