@@ -414,9 +414,13 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path
     long_doc = "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(3000)).strip()
     (tmp_path / "long.txt").write_text(long_doc + "\n")
     monkeypatch.setattr(data, "_PIECE_CHARS", 50)
-    lengths = []
-    real = Tokenizer.encode
-    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, **kw: (lengths.append(len(text)), real(self, text, **kw))[1])
+    lengths, real = [], Tokenizer.encode
+
+    def encode(self, text, **kwargs):
+        lengths.append(len(text))
+        return real(self, text, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
     meta = prepare_data([tmp_path / "long.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=1)
     assert max(lengths) < 200  # pieces, not the whole 20,000-character document
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
