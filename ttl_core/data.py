@@ -193,10 +193,11 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
                  workers: int | None = None, shard_docs: int = 1024) -> dict:
     """Tokenize text files into a data directory (see the module docstring) and return its meta.json contents.
 
-    Trains a `vocab_size` tokenizer on the inputs unless `tokenizer` (a `.model` file, an HF tokenizer directory
-    or a `Tokenizer`) is given. Every document becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread
-    evenly, go to `val.bin`. `workers` processes (default: all cores) tokenize shards of `shard_docs`
-    documents; rerunning after an interruption reuses the finished shards and gives identical files."""
+    Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES of them at most, see `_tokenizer_sample`)
+    unless `tokenizer` (a `.model` file, an HF tokenizer directory or a `Tokenizer`) is given. Every document
+    becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin`. `workers`
+    processes (default: all cores) tokenize shards of `shard_docs` documents; rerunning after an interruption
+    reuses the finished shards and gives identical files."""
     if isinstance(inputs, (str, os.PathLike)):  # one file, not the characters of its name
         inputs = [inputs]
     paths = [Path(p) for p in inputs]
