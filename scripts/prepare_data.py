@@ -4,9 +4,9 @@
   python scripts/prepare_data.py --sample --out data/sample        # the bundled Portuguese sample corpus
 
 Inputs: .txt (documents separated by blank lines), .jsonl (a "text" field per line), .parquet (a "text"
-column; needs pyarrow). A tokenizer is trained on the inputs unless --tokenizer gives one (a sentencepiece
-.model or a Hugging Face tokenizer directory). An interrupted run resumes when started again with the same
-arguments.
+column; needs pyarrow). A tokenizer is trained on the inputs (on 1 GiB of their documents at most, taken
+evenly from every file) unless --tokenizer gives one (a sentencepiece .model or a Hugging Face tokenizer
+directory). An interrupted run resumes when started again with the same arguments.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_multi_file_input_parallel_and_resumed_runs_are_identical(tmp_path, monk
     assert not (tmp_path / "resumed" / "meta.json").exists()
     monkeypatch.setattr(data, "_tokenize_shard", lambda job: (calls.append(job[0]), real(job))[1])
     assert prepare_data(inputs, tmp_path / "resumed", vocab_size=300, workers=1, shard_docs=7) == meta
-    n_shards = sum((c + 6) // 7 for c in meta["plan"]["documents"])
+    n_shards = (sum(meta["plan"]["documents"]) + 6) // 7  # shards of 7 documents run across files
     assert sorted(calls) == list(range(n_shards))  # each shard tokenized exactly once across both runs
     assert read_outputs(tmp_path / "resumed") == read_outputs(tmp_path / "one")
     assert not (tmp_path / "resumed" / ".prepare").exists()
@@ -383,3 +383,89 @@ def test_a_directory_removed_atomically_clears_an_old_one_a_crashed_removal_left
     (tmp_path / "step-000001" / "model.safetensors").write_bytes(b"\2")
     fileio.remove_dir_atomically(tmp_path / "step-000001")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_the_byte_budget(tmp_path, monkeypatch):
+    """sentencepiece holds all the text it is given: a corpus larger than the budget gives it a sample of whole
+    documents taken evenly from every input file, not the whole corpus nor only the first files."""
+    inputs, docs = write_inputs(tmp_path)
+    budget = sum(p.stat().st_size for p in inputs) // 2
+    monkeypatch.setattr(data, "TRAIN_INPUT_BYTES", budget)
+    real, seen = data.train_tokenizer, []
+
+    def spy(texts, out, vocab_size, **kwargs):
+        return real((seen.append(t) or t for t in texts), out, vocab_size, **kwargs)
+
+    monkeypatch.setattr(data, "train_tokenizer", spy)
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1)
+    assert len(seen) < 0.6 * len(docs) and sum(len(t.encode()) for t in seen) <= budget + max(map(len, docs)) * 4
+    for path in inputs:  # every file contributes
+        assert set(seen) & set(read_documents(path)), path.name
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path, monkeypatch):
+    """sentencepiece needs ~50 bytes of memory per character of a text it encodes at once, so a long document
+    (a .txt without blank lines is one) goes in pieces cut between words, which give the ids of the whole text."""
+    inputs, docs = write_inputs(tmp_path)
+    prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)
+    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    rng = random.Random(1)
+    seps = [" ", " ", " ", "  ", "\n", " \n ", "\t", " \u2581", "\u2581 ", "   ", "😀 "]
+    long_doc = "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(3000)).strip()
+    (tmp_path / "long.txt").write_text(long_doc + "\n")
+    monkeypatch.setattr(data, "_PIECE_CHARS", 50)
+    lengths, real = [], Tokenizer.encode
+
+    def encode(self, text, **kwargs):
+        lengths.append(len(text))
+        return real(self, text, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    meta = prepare_data([tmp_path / "long.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=1)
+    assert max(lengths) < 200  # pieces, not the whole 20,000-character document
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    whole = real(tok, long_doc, add_bos=True, add_eos=True, split_special_tokens=True)
+    assert train.tolist() == whole
+    data._init_worker(tok.proto.SerializeToString())
+    for size in (1, 7, 333):  # cuts everywhere the text allows one, and a few
+        monkeypatch.setattr(data, "_PIECE_CHARS", size)
+        assert data._encode_document(long_doc, np.uint16).tolist() == whole
+    tok.proto.normalizer_spec.remove_extra_whitespaces = True  # a cut piece's leading space would be dropped
+    assert not data._cuttable(tok)
+
+
+def test_shards_hold_tokens_in_the_final_dtype(tmp_path, monkeypatch):
+    """The shards kept for resuming use the token files' dtype: uint32 shards of a uint16 vocabulary would
+    double the temporary disk space (3x the final files at the end instead of 2x)."""
+    inputs, _ = write_inputs(tmp_path)
+    dtypes, real = [], data._save_npz
+    monkeypatch.setattr(data, "_save_npz", lambda path, **arrays: (dtypes.extend(a.dtype for a in arrays.values()),
+                                                                  real(path, **arrays))[1])
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=7)
+    assert dtypes and set(dtypes) == {np.dtype(np.uint16)}
+
+
+def test_shards_run_across_input_files(tmp_path, monkeypatch):
+    """A shard holds `shard_docs` documents whichever files they come from: one shard a file would cost a
+    corpus of many small files a shard file, two fsyncs and a pool round trip per input file."""
+    inputs, docs = [], []
+    for k in range(6):
+        block = [f"documento {k} {j} " + " ".join(random.Random(k * 3 + j).choices(WORDS, k=9)) for j in range(2)]
+        (tmp_path / f"f{k}.txt").write_text("\n\n".join(block) + "\n")
+        inputs, docs = inputs + [tmp_path / f"f{k}.txt"], docs + block
+    saved, real = [], data._save_npz
+    monkeypatch.setattr(data, "_save_npz", lambda path, **arrays: (saved.append(path), real(path, **arrays))[1])
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, shard_docs=5)
+    assert len(saved) == 3  # 12 documents: 5 + 5 + 2
+    check_data_dir(tmp_path / "out", docs)
+
+    # the work directory of a run killed under the older layout (a shard per file, no "shards" in its plan)
+    # is not resumed: its shard numbers mean other documents
+    work = tmp_path / "old" / ".prepare"
+    work.mkdir(parents=True)
+    plan = json.loads((tmp_path / "out" / "meta.json").read_text())["plan"]
+    (work / "plan.json").write_text(json.dumps(plan))
+    shutil.copy(tmp_path / "out" / "tokenizer.model", work / "tokenizer.model")
+    data._save_npz(work / "0000001.npz", train=np.array([1, 5, 2], np.uint32), val=np.zeros(0, np.uint32))
+    prepare_data(inputs, tmp_path / "old", vocab_size=300, workers=1, shard_docs=5)
+    assert read_outputs(tmp_path / "old") == read_outputs(tmp_path / "out")

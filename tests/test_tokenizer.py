@@ -321,6 +321,23 @@ def test_train_tokenizer_reads_only_the_documents_it_uses():
     assert trained.proto.pieces == train_tokenizer(docs[:250], None, vocab_size=320).proto.pieces
 
 
+def test_train_tokenizer_reads_no_more_than_its_byte_budget():
+    """sentencepiece holds every sentence it is given (a few times its size): documents of a few KB each would
+    take a multi-GB corpus whole under the 2M-sentence limit, so the text read is bounded in bytes too."""
+    docs = corpus(300, seed=1)
+    pulled = []
+
+    def documents():
+        for k in range(100_000):
+            pulled.append(k)
+            yield docs[k % 300]
+
+    budget = sum(len(d.encode()) for d in docs[:200])
+    trained = train_tokenizer(documents(), None, vocab_size=320, input_bytes=budget)
+    assert len(pulled) == 201  # the 201st would pass the budget
+    assert trained.proto.pieces == train_tokenizer(docs[:200], None, vocab_size=320).proto.pieces
+
+
 def test_added_tokens_that_extend_one_another_match_longest_first_as_autotokenizer(tok, tmp_path):
     """Added tokens where one starts another ("<|fim|>" and "<|fim|>!", "<s" and "<s>", "</s>" and "</s>x"):
     the longest one is matched, as transformers' added-token trie does."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -25,12 +26,11 @@ import torch
 from tqdm import tqdm
 
 from .errors import DataError, is_integer
-from .fileio import atomic_write, read_json, write_json
-from .tokenizer import INPUT_SUFFIXES, Tokenizer, train_tokenizer
+from .fileio import atomic_write, json_objects, read_json, write_json
+from .tokenizer import INPUT_SUFFIXES, TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
-_JSON_BLANK = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
@@ -82,63 +82,6 @@ def _read_txt(path: Path) -> Iterator[str]:
         yield "".join(block).rstrip("\r\n")
 
 
-def json_objects(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON-lines file; malformed JSON or a line that is
-    not an object raises DataError naming the file and line."""
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-        yield number, _json_object(path, number, record, "per line")
-
-
-def json_array_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each element of a JSON text that is one top-level array of objects (as
-    Alpaca-PTBR ships), the number being the line where the element starts. The array is read element by
-    element, so malformed JSON or an element that is not an object raises DataError naming the file and the
-    line where that element starts (and, for malformed JSON, the line where reading stopped)."""
-    decoder, blank = json.JSONDecoder(), _JSON_BLANK
-    number, counted = 1, 0  # the line number at offset `counted`: lines are counted once, as reading advances
-
-    def line_at(offset: int) -> int:
-        nonlocal number, counted
-        number += text.count("\n", counted, offset)
-        counted = offset
-        return number
-
-    pos = blank.match(text).end()
-    if text[pos:pos + 1] != "[":
-        raise DataError(f"{path}:{line_at(pos)}: expected a JSON array of objects")
-    pos = blank.match(text, pos + 1).end()
-    closed = text.startswith("]", pos)
-    if closed:  # an empty array
-        pos = blank.match(text, pos + 1).end()
-    while not closed:
-        start = line_at(pos)
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{start}: malformed JSON in the array element starting on this line ({e.msg} "
-                            f"on line {e.lineno})") from None
-        yield start, _json_object(path, start, record, "per array element")
-        pos = blank.match(text, end).end()
-        if text[pos:pos + 1] not in (",", "]"):
-            raise DataError(f"{path}:{line_at(pos)}: malformed JSON (expected ',' or ']' after an array element)")
-        closed = text[pos] == "]"
-        pos = blank.match(text, pos + 1).end()
-    if pos < len(text):
-        raise DataError(f"{path}:{line_at(pos)}: malformed JSON (text after the top-level array)")
-
-
-def _json_object(path: Path, number: int, record: object, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise DataError(f"{path}:{number}: expected a JSON object {where}, got {type(record).__name__}")
-    return record
-
-
 def _read_jsonl(path: Path) -> Iterator[str]:
     for number, record in json_objects(path, _lines(path)):
         if not isinstance(record.get("text"), str):
@@ -171,23 +114,54 @@ def _read_parquet(path: Path) -> Iterator[str]:
 
 # -- prepare_data ----------------------------------------------------------------------------------------------------
 _worker_tokenizer: Tokenizer | None = None
+_worker_cuts = False  # whether _worker_tokenizer may encode a long document in pieces (see _cuttable)
+_PIECE_CHARS = 1 << 20  # a longer document is encoded in pieces of about this many characters
+_WORD_END = re.compile(r"[^ \u2581](?= )")  # a character a space follows: a cut after it splits no word
 
 
 def _init_worker(model: bytes) -> None:
-    global _worker_tokenizer
+    global _worker_tokenizer, _worker_cuts
     _worker_tokenizer = Tokenizer(model)
+    _worker_cuts = _cuttable(_worker_tokenizer)
+
+
+def _cuttable(tok: Tokenizer) -> bool:
+    """Whether a text cut before the space of a word start encodes as the whole: the normalizer keeps the text
+    as it is, and no piece has "▁" after another character, so no token spans the cut."""
+    spec = tok.proto.normalizer_spec
+    return (spec.escape_whitespaces and not spec.remove_extra_whitespaces and not spec.precompiled_charsmap
+            and not any(_WORD_END.search(p.piece.replace("\u2581", " ")) for p in tok.proto.pieces))
+
+
+def _encode_document(text: str, dtype: type) -> np.ndarray:
+    """`<s>` ids `</s>` of one document. sentencepiece needs ~50 bytes of memory per character of a text it
+    encodes at once (4.7 GB for a 100 MB document, as a .txt without blank lines is one), so where the tokenizer
+    allows, a long text goes in pieces of about _PIECE_CHARS characters, which give the ids of the whole."""
+    tok, start = _worker_tokenizer, 0
+    ids = [np.array([tok.bos_id], dtype)]
+    while start < len(text):
+        cut = _WORD_END.search(text, start + _PIECE_CHARS) if _worker_cuts else None
+        end = cut.end() if cut else len(text)
+        # a corpus that writes "</s>" means the characters: only the ids added here end documents for the loader
+        piece = tok.encode(text[start:end], add_bos=False, add_eos=False, split_special_tokens=True)
+        ids.append(np.asarray(piece, dtype))
+        start = end
+    return np.concatenate(ids + [np.array([tok.eos_id], dtype)])
 
 
 def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.ndarray, np.ndarray, int]:
     """Tokenize one shard: (shard id, first global document index, texts, val fraction) -> token arrays."""
     shard, first, texts, val_fraction = job
-    train, val = [], []
+    # shards wait on disk until assembly: in the token files' dtype they take no more room than those
+    train, val, dtype = [], [], _token_dtype(_worker_tokenizer.vocab_size)
     for k, text in enumerate(texts, first):
-        # a corpus that writes "</s>" means the characters: only the ids added here end documents for the loader
-        ids = _worker_tokenizer.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
-        (val if _is_val(k, val_fraction) else train).append(np.asarray(ids, dtype=np.uint32))
-    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.uint32)  # noqa: E731
+        (val if _evenly(k, val_fraction) else train).append(_encode_document(text, dtype))
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return shard, join(train), join(val), len(texts)
+
+
+def _token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 65535 else np.uint32
 
 
 def _bookkeeping(path: Path) -> object:
@@ -199,9 +173,10 @@ def _bookkeeping(path: Path) -> object:
         return None
 
 
-def _is_val(k: int, fraction: float) -> bool:
-    """Spread validation documents evenly through the input: document k is held out when the running count
-    floor((k+1) * fraction) steps up, so every input file contributes."""
+def _evenly(k: int, fraction: float) -> bool:
+    """Whether document k is among an evenly spread `fraction` of the documents (held out for validation, or
+    in the tokenizer's sample): when the running count floor((k+1) * fraction) steps up, so every file
+    contributes."""
     return int((k + 1) * fraction) > int(k * fraction)
 
 
@@ -218,10 +193,11 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
                  workers: int | None = None, shard_docs: int = 1024) -> dict:
     """Tokenize text files into a data directory (see the module docstring) and return its meta.json contents.
 
-    Trains a `vocab_size` tokenizer on the inputs unless `tokenizer` (a `.model` file, an HF tokenizer directory
-    or a `Tokenizer`) is given. Every document becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread
-    evenly, go to `val.bin`. `workers` processes (default: all cores) tokenize shards of `shard_docs`
-    documents; rerunning after an interruption reuses the finished shards and gives identical files."""
+    Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES of them at most, see `_tokenizer_sample`)
+    unless `tokenizer` (a `.model` file, an HF tokenizer directory or a `Tokenizer`) is given. Every document
+    becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin`. `workers`
+    processes (default: all cores) tokenize shards of `shard_docs` documents; rerunning after an interruption
+    reuses the finished shards and gives identical files."""
     if isinstance(inputs, (str, os.PathLike)):  # one file, not the characters of its name
         inputs = [inputs]
     paths = [Path(p) for p in inputs]
@@ -242,40 +218,39 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
             "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
                                                     if source else f"train:{vocab_size}"),
             "encoding": "special tokens as text; CRLF as LF"}
+    # the shard layout matters to resuming only: it goes in the work directory's plan (an older layout numbered
+    # shards otherwise), not in meta.json, so directories prepared before stay valid
+    work_plan = {**plan, "shards": "shard_docs documents of all inputs in order"}
     meta_path = out_dir / "meta.json"
     previous = _bookkeeping(meta_path)
     if isinstance(previous, dict) and previous.get("plan") == plan and _outputs_fit(out_dir, previous):
         # this run's own leftovers go (stopped before removing them, or midway: plan.json gone, shards not);
         # another run's stay, to resume from
-        if work.is_dir() and _bookkeeping(work / "plan.json") in (plan, None):
+        if work.is_dir() and _bookkeeping(work / "plan.json") in (work_plan, None):
             shutil.rmtree(work)
         return previous  # already prepared from these exact inputs
-    if work.is_dir() and _bookkeeping(work / "plan.json") != plan:
+    if work.is_dir() and _bookkeeping(work / "plan.json") != work_plan:
         shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / "plan.json", plan)
+    write_json(work / "plan.json", work_plan)
 
     model_path = work / "tokenizer.model"
     if model_path.is_file():
         tok = Tokenizer(model_path)
     else:
-        tok = source or train_tokenizer((d for p in paths for d in read_documents(p)), None, vocab_size)
+        tok = source or train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
         tok.save(model_path)
     total = sum(counts)
-    sizes = [min(shard_docs, c - i) for c in counts for i in range(0, c, shard_docs)]  # documents per shard
+    # shards run across files: a shard per file would give a corpus of many small files as many shards to write
+    sizes = [min(shard_docs, total - i) for i in range(0, total, shard_docs)]  # documents per shard
     done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
 
     def jobs() -> Iterator[tuple[int, int, list[str], float]]:
-        shard, first = 0, 0
-        for path in paths:
-            docs = read_documents(path)
-            batch = []
-            for doc in docs:
-                batch.append(doc)
-                if len(batch) == sizes[shard]:
-                    if shard not in done:
-                        yield shard, first, batch, val_fraction
-                    shard, first, batch = shard + 1, first + len(batch), []
+        docs = _documents(paths)
+        for shard, size in enumerate(sizes):
+            batch = list(itertools.islice(docs, size))
+            if shard not in done:
+                yield shard, shard * shard_docs, batch, val_fraction
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
@@ -283,7 +258,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    dtype = _token_dtype(tok.vocab_size)
     shards = sorted(work.glob("*.npz"))
     assert len(shards) == len(sizes), "every shard is tokenized before assembly"
     # The files below replace whatever meta.json describes: without it, an interruption from here on cannot
@@ -293,7 +268,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
     tok.add_bos_token, tok.add_eos_token = True, False
     tok.save_pretrained(out_dir)
-    val_docs = sum(_is_val(k, val_fraction) for k in range(total))
+    val_docs = sum(_evenly(k, val_fraction) for k in range(total))
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
             "val_tokens": tokens["val"], "documents": total, "train_documents": total - val_docs,
             "val_documents": val_docs, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
@@ -301,6 +276,18 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     write_json(meta_path, meta)
     shutil.rmtree(work)
     return meta
+
+
+def _tokenizer_sample(paths: list[Path]) -> Iterator[str]:
+    """The documents the tokenizer trains on: all, or when the files hold more than TRAIN_INPUT_BYTES (all that
+    sentencepiece is given stays in its memory), that share of every file's, not the first files' alone. A file
+    size can understate its text (parquet): train_tokenizer's own limit then cuts the sample's end."""
+    share = min(1.0, TRAIN_INPUT_BYTES / max(sum(p.stat().st_size for p in paths), 1))
+    return (d for k, d in enumerate(_documents(paths)) if _evenly(k, share))
+
+
+def _documents(paths: list[Path]) -> Iterator[str]:
+    return (d for p in paths for d in read_documents(p))
 
 
 def _outputs_fit(out_dir: Path, meta: dict) -> bool:
@@ -362,7 +349,7 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
                 with np.load(shard, allow_pickle=False) as z:
                     ids = z[split]
                 count += len(ids)
-                f.write(ids.astype(dtype).tobytes())
+                f.write(ids.astype(dtype, copy=False).tobytes())  # uint32 only in shards an older version left
 
     atomic_write(out, write)
     return count

@@ -1,18 +1,23 @@
 """Crash-safe file writing: write `name.tmp`, flush and fsync, then rename over `name`.
 
 A reader (or a run resumed after SIGKILL) therefore sees either the previous complete file or the new
-complete file, never a torn one."""
+complete file, never a torn one. Also: JSON reading with errors that name the file (and line)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from safetensors import SafetensorError
+
+from .errors import DataError
+
+_JSON_BLANK = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
 
 
 def fsync_dir(directory: Path) -> None:
@@ -115,3 +120,60 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def json_objects(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; malformed JSON or a line that is
+    not an object raises DataError naming the file and line."""
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+        yield number, _json_object(path, number, record, "per line")
+
+
+def json_array_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each element of a JSON text that is one top-level array of objects (as
+    Alpaca-PTBR ships), the number being the line where the element starts. The array is read element by
+    element, so malformed JSON or an element that is not an object raises DataError naming the file and the
+    line where that element starts (and, for malformed JSON, the line where reading stopped)."""
+    decoder, blank = json.JSONDecoder(), _JSON_BLANK
+    number, counted = 1, 0  # the line number at offset `counted`: lines are counted once, as reading advances
+
+    def line_at(offset: int) -> int:
+        nonlocal number, counted
+        number += text.count("\n", counted, offset)
+        counted = offset
+        return number
+
+    pos = blank.match(text).end()
+    if text[pos:pos + 1] != "[":
+        raise DataError(f"{path}:{line_at(pos)}: expected a JSON array of objects")
+    pos = blank.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    if closed:  # an empty array
+        pos = blank.match(text, pos + 1).end()
+    while not closed:
+        start = line_at(pos)
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{start}: malformed JSON in the array element starting on this line ({e.msg} "
+                            f"on line {e.lineno})") from None
+        yield start, _json_object(path, start, record, "per array element")
+        pos = blank.match(text, end).end()
+        if text[pos:pos + 1] not in (",", "]"):
+            raise DataError(f"{path}:{line_at(pos)}: malformed JSON (expected ',' or ']' after an array element)")
+        closed = text[pos] == "]"
+        pos = blank.match(text, pos + 1).end()
+    if pos < len(text):
+        raise DataError(f"{path}:{line_at(pos)}: malformed JSON (text after the top-level array)")
+
+
+def _json_object(path: Path, number: int, record: object, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{number}: expected a JSON object {where}, got {type(record).__name__}")
+    return record

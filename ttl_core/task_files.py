@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import json_array_objects, json_objects
 from .errors import ConfigError, DataError
+from .fileio import json_array_objects, json_objects
 from .tokenizer import Tokenizer
 
 TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")

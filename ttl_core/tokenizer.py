@@ -41,6 +41,7 @@ AIRA_END = "<|endofcompletion|>"
 _ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and this module trains on)
+TRAIN_INPUT_BYTES = 1 << 30  # text train_tokenizer reads at most: sentencepiece needs ~3x its size in memory
 _Piece = spm_pb2.ModelProto.SentencePiece
 
 
@@ -404,16 +405,16 @@ def _bytes_text(run: bytearray) -> str:
 
 def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None,
                     vocab_size: int, max_sentence_length: int = 1 << 16, num_threads: int | None = None,
-                    input_sentence_size: int = 2_000_000) -> Tokenizer:
+                    input_sentence_size: int = 2_000_000, input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
     `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
     iterable of strings (documents); the first item decides which (see `_is_path`), and every path must then
-    exist. Only the first `input_sentence_size` documents are read (a long one counts once per piece it is cut
-    into, see `_sentences`). Settings follow TeenyTinyLlama's: `<unk>` `<s>` `</s>` `<pad>` = 0..3, byte
-    fallback (no text is ever unknown), identity normalization with whitespace kept as is, digits split,
-    whitespace-only pieces allowed. A vocabulary too large for the text raises TokenizerError with the largest
-    size sentencepiece would accept."""
+    exist. Only the first `input_sentence_size` documents (a long one counts once per piece it is cut into, see
+    `_sentences`), `input_bytes` of text at most, are read. Settings follow TeenyTinyLlama's: `<unk>` `<s>` `</s>`
+    `<pad>` = 0..3, byte fallback (no text is ever unknown), identity normalization with whitespace kept as is,
+    digits split, whitespace-only pieces allowed. A vocabulary too large for the text raises TokenizerError with
+    the largest size sentencepiece would accept."""
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items = iter(inputs)
@@ -430,9 +431,9 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         texts = (t for f in paths for t in read_documents(f))
     else:
         texts = items
-    # sentencepiece uses the first input_sentence_size sentences (shuffle off); not reading the rest keeps a
-    # large corpus out of memory
-    sentences = itertools.islice(_sentences(texts, max_sentence_length), input_sentence_size)
+    # sentencepiece holds every sentence it is given (the first input_sentence_size, shuffle off): reading no
+    # more than those, nor more than input_bytes, keeps a large corpus out of memory
+    sentences = itertools.islice(_sentences(texts, max_sentence_length, input_bytes), input_sentence_size)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -464,18 +465,17 @@ def _is_path(item: object) -> bool:
         c.isspace() for c in item)))
 
 
-def _sentences(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
-    """Training sentences: whole documents, except that sentencepiece would silently skip one longer than
+def _sentences(texts: Iterable[str], max_bytes: int, budget: int = TRAIN_INPUT_BYTES) -> Iterable[str]:
+    """Training sentences, `budget` UTF-8 bytes at most: whole documents, but sentencepiece would skip one over
     `max_bytes`, so those are cut at line breaks (and lines still too long at `max_bytes // 4` characters)."""
     for text in texts:
-        if len(text.encode("utf-8")) <= max_bytes:
-            if text.strip():
-                yield text
-            continue
-        for line in text.split("\n"):
-            for i in range(0, len(line), max_bytes // 4):
-                if line[i:i + max_bytes // 4].strip():
-                    yield line[i:i + max_bytes // 4]
+        pieces = [text] if len(text.encode("utf-8")) <= max_bytes else (
+            line[i:i + max_bytes // 4] for line in text.split("\n") for i in range(0, len(line), max_bytes // 4))
+        for piece in filter(str.strip, pieces):
+            budget -= len(piece.encode("utf-8"))
+            if budget < 0:
+                return
+            yield piece
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:
