@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="vocabulary of the trained tokenizer (default %(default)s)")
     parser.add_argument("--tokenizer", help="use this tokenizer (.model file or HF directory) instead of training")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    parser.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
+    parser.add_argument("--workers", type=int, help="tokenizing processes (default: every core this process may use)")
     args = parser.parse_args(argv)
     inputs = args.input + (SAMPLE_CORPUS if args.sample else [])
     if not inputs:

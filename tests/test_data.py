@@ -114,6 +114,17 @@ def test_multi_file_input_parallel_and_resumed_runs_are_identical(tmp_path, monk
     assert not (tmp_path / "resumed" / ".prepare").exists()
 
 
+def test_default_workers_are_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    # os.cpu_count() counts the machine's: under SLURM or a container cpuset, more processes than allowed cores
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    assert data.usable_cpus() == 2
+    workers, real = [], data._run
+    monkeypatch.setattr(data, "_run", lambda fn, jobs, n, tok: (workers.append(n), real(fn, jobs, 1, tok))[1])
+    prepare_data(write_inputs(tmp_path)[0], tmp_path / "out", vocab_size=300)
+    assert workers == [2]
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("empty.txt", b"\n\n  \n", r"empty.txt: empty input \(no documents\)"),
     ("latin1.txt", "primeira linha\nsegunda é ruim\n".encode("latin-1"), r"latin1.txt:2: not UTF-8"),

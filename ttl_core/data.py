@@ -2,10 +2,10 @@
 
 A data directory holds `train.bin` / `val.bin` (each document stored as `<s>` tokens `</s>`, uint16, or uint32
 when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transformers' files) and `meta.json`.
-`prepare_data` tokenizes in shards with all cores; each finished shard is saved under `DIR/.prepare/`, so an
-interrupted run resumes where it stopped and writes exactly what an uninterrupted run would. `PackedLoader`
-memory-maps a split, cuts it into blocks of `seq_len + 1` tokens at stride `seq_len`, and serves a seeded
-permutation of them split across ranks, with a position that can be saved and restored.
+`prepare_data` tokenizes in shards with every core it may use; each finished shard is saved under
+`DIR/.prepare/`, so an interrupted run resumes where it stopped and writes exactly what an uninterrupted run
+would. `PackedLoader` memory-maps a split, cuts it into blocks of `seq_len + 1` tokens at stride `seq_len`,
+and serves a seeded permutation of them split across ranks, with a position that can be saved and restored.
 """
 
 from __future__ import annotations
@@ -160,6 +160,12 @@ def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.nda
     return shard, join(train), join(val), len(texts)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: under a scheduler (SLURM, a container's cpuset) fewer than the machine
+    has, which os.cpu_count() reports and which would oversubscribe the allowed ones."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 65535 else np.uint32
 
@@ -196,8 +202,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES of them at most, see `_tokenizer_sample`)
     unless `tokenizer` (a `.model` file, an HF tokenizer directory or a `Tokenizer`) is given. Every document
     becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin`. `workers`
-    processes (default: all cores) tokenize shards of `shard_docs` documents; rerunning after an interruption
-    reuses the finished shards and gives identical files."""
+    processes (default: every core this process may use) tokenize shards of `shard_docs` documents; rerunning
+    after an interruption reuses the finished shards and gives identical files."""
     if isinstance(inputs, (str, os.PathLike)):  # one file, not the characters of its name
         inputs = [inputs]
     paths = [Path(p) for p in inputs]
@@ -206,7 +212,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers is not None and not (_is_int(workers) and workers >= 1):
-        raise DataError(f"workers must be an integer >= 1 (or None for all cores), got {workers!r}")
+        raise DataError(f"workers must be an integer >= 1 (or None for every usable core), got {workers!r}")
     if not (_is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
     out_dir = Path(out_dir)
@@ -254,7 +260,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
-        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or os.cpu_count() or 1, tok):
+        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), tok):
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 

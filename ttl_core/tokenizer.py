@@ -415,14 +415,14 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     `<pad>` = 0..3, byte fallback (no text is ever unknown), identity normalization with whitespace kept as is,
     digits split, whitespace-only pieces allowed. A vocabulary too large for the text raises TokenizerError with
     the largest size sentencepiece would accept."""
+    from .data import read_documents, usable_cpus  # deferred: data imports this module
+
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items = iter(inputs)
     first = next(items, None)  # peeked to tell paths from texts without reading the rest
     items = itertools.chain([first], items) if first is not None else items
     if _is_path(first):
-        from .data import read_documents  # deferred: data imports this module
-
         paths = list(items)  # a few file names, never the documents
         missing = [str(p) for p in paths if not (isinstance(p, (str, os.PathLike)) and os.path.isfile(p))]
         if missing:
@@ -443,7 +443,7 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
             add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
             split_by_whitespace=True, max_sentence_length=max_sentence_length,
             input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
-            num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+            num_threads=num_threads or usable_cpus(), minloglevel=2)
     except RuntimeError as e:
         match = re.search(r"<= (\d+)", str(e))
         hint = f"; the largest this text allows is {match.group(1)}" if match else ""
