@@ -307,16 +307,16 @@ def test_tokenizer_files_under_other_names_are_read_alone(tok, tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "ttl" / "ttl.json").proto == converted
 
 
+def endless(docs: list[str], pulled: list[int]):
+    """`docs` over and over, each one read noted in `pulled`."""
+    for k in range(100_000):
+        pulled.append(k)
+        yield docs[k % len(docs)]
+
+
 def test_train_tokenizer_reads_only_the_documents_it_uses():
-    docs = corpus(300, seed=1)
-    pulled = []
-
-    def documents():
-        for k in range(100_000):
-            pulled.append(k)
-            yield docs[k % 300]
-
-    trained = train_tokenizer(documents(), None, vocab_size=320, input_sentence_size=250)
+    docs, pulled = corpus(300, seed=1), []
+    trained = train_tokenizer(endless(docs, pulled), None, vocab_size=320, input_sentence_size=250)
     assert len(pulled) == 250
     assert trained.proto.pieces == train_tokenizer(docs[:250], None, vocab_size=320).proto.pieces
 
@@ -324,16 +324,9 @@ def test_train_tokenizer_reads_only_the_documents_it_uses():
 def test_train_tokenizer_reads_no_more_than_its_byte_budget():
     """sentencepiece holds every sentence it is given (a few times its size): documents of a few KB each would
     take a multi-GB corpus whole under the 2M-sentence limit, so the text read is bounded in bytes too."""
-    docs = corpus(300, seed=1)
-    pulled = []
-
-    def documents():
-        for k in range(100_000):
-            pulled.append(k)
-            yield docs[k % 300]
-
+    docs, pulled = corpus(300, seed=1), []
     budget = sum(len(d.encode()) for d in docs[:200])
-    trained = train_tokenizer(documents(), None, vocab_size=320, input_bytes=budget)
+    trained = train_tokenizer(endless(docs, pulled), None, vocab_size=320, input_bytes=budget)
     assert len(pulled) == 201  # the 201st would pass the budget
     assert trained.proto.pieces == train_tokenizer(docs[:200], None, vocab_size=320).proto.pieces
 
