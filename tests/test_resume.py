@@ -138,8 +138,9 @@ def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path, data_dir):
     (tmp_path / "run").mkdir()
     held = os.open(tmp_path / "run", os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # another run's
+    ranks = []
     try:
-        ranks = [subprocess.Popen(
+        ranks += [subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--data", str(data_dir), "--out",
              str(tmp_path / "run"), *[x for o in [*MICRO_MODEL, *FAST] for x in ("--set", o)]],
             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
@@ -150,6 +151,10 @@ def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path, data_dir):
             assert rank.returncode == 2 and err.strip().endswith("is in use by another training run; wait for it "
                                                                   "to end or choose another --out"), err[-1000:]
     finally:
+        for rank in ranks:  # a rank still waiting (a failed or timed-out check) must not outlive the test
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
         os.close(held)
 
 

@@ -249,7 +249,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
 def test_main_job_on_the_bundled_corpus_trains_saves_and_samples(tmp_path):
     run_dir = tmp_path / "tiny"
     done = run_script("pretrain", "--config", ROOT / "configs" / "tiny.toml", "--out", run_dir,
-                      "--set", "train.max_steps=80", "--set", "train.eval_every=40", "--set", "train.sample_tokens=8")
+                      "--set", "train.max_steps=80", "--set", "train.eval_every=40", "--set", "train.sample_tokens=8",
+                      timeout=1800)  # a hang guard: 25 s alone on 2 cores, 240 s on 2 busy ones
     assert done.returncode == 0, done.stderr[-3000:]
     record = losses(run_dir)
     assert len(record) == 80 and sum(record[-5:]) / 5 < sum(record[:5]) / 5 - 1.0
