@@ -87,8 +87,8 @@ def test_prepare_data_arguments(tmp_path, tok_file):
         with pytest.raises(DataError, match=message):
             prepare_data([doc], tmp_path / "bad", **{"tokenizer": tok_file, **kwargs})
     run = run_script("prepare_data", "--input", doc, "--out", tmp_path / "s", "--workers", "-2", timeout=120)
-    assert run.returncode == 2 and run.stderr.strip() == ("error: workers must be an integer >= 1 (or None for all "
-                                                          "cores), got -2")
+    assert run.returncode == 2 and run.stderr.strip() == ("error: workers must be an integer >= 1 (or None for every "
+                                                          "usable core), got -2")
 
 
 def test_unreadable_bookkeeping_is_redone_not_a_traceback(tmp_path, tok_file):
