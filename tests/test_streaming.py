@@ -271,3 +271,87 @@ def test_stop_strings_of_different_lengths_each_match_over_their_whole_length():
     stops = StopStrings(["zz", "cdef"], tok)  # "cdef" spans four one-byte tokens, "zz" two
     assert stops.ends_in_last([0, 1, 2, 3, 4, 5])
     assert not stops.ends_in_last([0, 1, 2, 3, 4, 5, 6])
+
+
+def streamed_by(generate, streamer_class, capsys, **kwargs) -> list[str]:
+    """The pieces a transformers streamer of `streamer_class` hands out while `generate(streamer)` runs: what
+    TextStreamer prints, or what a thread reads from TextIteratorStreamer."""
+    import transformers
+
+    if streamer_class is transformers.TextStreamer:
+        capsys.readouterr()
+        generate(streamer_class(**kwargs))
+        return [capsys.readouterr().out]
+    streamer, pieces = streamer_class(timeout=60, **kwargs), []
+    reader = threading.Thread(target=lambda: pieces.extend(streamer))
+    reader.start()
+    generate(streamer)
+    reader.join()
+    return pieces
+
+
+@pytest.mark.parametrize("streamer_class", ["TextStreamer", "TextIteratorStreamer"])
+@pytest.mark.parametrize("skip_prompt", [True, False])
+@pytest.mark.parametrize("finish", ["length", "eos", "stop_string"])
+def test_transformers_streamers_stream_what_transformers_generate_streams(spm_models, capsys, streamer_class,
+                                                                         skip_prompt, finish):
+    """transformers' streamers take ttl's generate() as a drop-in for transformers' own: the prompt as a
+    (1, len) LongTensor first, then each new token as a 1-element one, then end(), all on the host; the
+    stream ends with the token that ends the generation (an EOS, a stop string's last), as there."""
+    import transformers
+
+    tok, hf_tok, hf, ours = spm_models
+    ids = torch.tensor([tok.encode("o menino foi para")])  # greedy: "▁ca t ▁e te <|endofcompletion|> a ..."
+    settings = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=tok.pad_id)
+    if finish == "eos":
+        settings["eos_token_id"] = [tok.token_to_id("<|endofcompletion|>")]
+    elif finish == "stop_string":
+        settings.update(stop_strings="t ete", tokenizer=hf_tok)
+    kwargs = dict(tokenizer=hf_tok, skip_prompt=skip_prompt, skip_special_tokens=True)
+    cls = getattr(transformers, streamer_class)
+    ref = streamed_by(lambda s: hf.generate(ids, do_sample=False, streamer=s, **settings), cls, capsys, **kwargs)
+    got = streamed_by(lambda s: ttl_core.generate(ours, ids, streamer=s, **settings), cls, capsys, **kwargs)
+    assert got == ref and "".join(ref).strip()
+
+
+def test_ttl_streamer_skips_the_prompt_of_each_generation(spm_models):
+    """ttl's TextStreamer follows the same protocol (as transformers' with skip_prompt=True), so it also
+    streams transformers' generate(); a (batch > 1, len) tensor is refused, lists are new token ids."""
+    tok, _, hf, ours = spm_models
+    ids = torch.tensor([tok.encode("o menino foi para")])
+    for generate in (lambda s: hf.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=[], streamer=s),
+                     lambda s: ttl_core.generate(ours, ids, max_new_tokens=8, eos_token_id=[], streamer=s)):
+        pieces = []
+        streamer = TextStreamer(tok, on_text=pieces.append)
+        for _ in range(2):  # reused: each generation's first put is its prompt
+            pieces.clear()
+            out = generate(streamer)
+            assert "".join(pieces) == tok.decode(out[0, ids.shape[1]:].tolist()) and pieces
+    with pytest.raises(GenerationError, match="one row"):
+        TextStreamer(tok).put(ids.repeat(2, 1))
+
+
+def test_generate_puts_the_prompt_then_each_new_token_as_cpu_long_tensors(models):
+    """The exact calls a `BaseStreamer` gets. The per-step tensors are the streamer's own: one that keeps them
+    must not see a later generation overwrite them."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=1)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value)
+
+        def end(self):
+            self.calls.append("end")
+
+    recorder = Recorder()
+    out = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], streamer=recorder)
+    ttl_core.generate(ours, ids + 1, mask, max_new_tokens=6, eos_token_id=[])  # reuses the output buffer
+    prompt, *steps, end = recorder.calls
+    assert end == "end" and torch.equal(prompt, ids) and len(steps) == 6
+    for value in (prompt, *steps):
+        assert isinstance(value, torch.Tensor) and value.dtype == torch.long and value.device.type == "cpu"
+    assert all(step.shape == (1,) for step in steps) and torch.equal(torch.cat([prompt[0], *steps]), out[0])

@@ -13,7 +13,6 @@ The logits processors and the sampler are in `ttl_core.sampling`; the streamer a
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import itertools
@@ -367,34 +366,29 @@ def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: 
 
 
 class _HostWatch:
-    """Per-step host work that needs the new tokens: feeding a streamer and looking for stop strings. It keeps
+    """Per-step host work that needs the new tokens: feeding a streamer (as transformers' `generate()` does:
+    the prompt first, then each step's new token, as CPU LongTensors) and looking for stop strings. It keeps
     each row's last tokens (from the prompt on) on the host, so a step reads only the newest column."""
 
     def __init__(self, state: _Decoding, input_ids: torch.Tensor, streamer, stops: StopStrings | None):
         self.state, self.streamer, self.stops = state, streamer, stops
         self.rows = [row[-stops.window:] for row in input_ids.tolist()] if stops is not None else []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())  # (1, prompt_len), left padding included, as transformers puts it
 
     def __call__(self, produced: int) -> None:
-        newest = self.state.out[:, produced - 1].tolist()
+        # a copy (the step's one read of the device): a view of `out`, which later calls overwrite, would
+        # change under a streamer that keeps what it is given
+        newest = self.state.out[:, produced - 1].to("cpu", copy=True)
         if self.streamer is not None:
-            self.streamer.put(newest[:1])
+            self.streamer.put(newest)
         if self.stops is None:
             return
-        for row, (tokens, token, done) in enumerate(zip(self.rows, newest, self.state.finished.tolist())):
+        for row, (tokens, token, done) in enumerate(zip(self.rows, newest.tolist(), self.state.finished.tolist())):
             tokens.append(token)
             del tokens[:-self.stops.window]
             if not done and self.stops.ends_in_last(tokens):
                 self.state.finish_row(row, produced)
-
-
-@contextlib.contextmanager
-def _ending(streamer):
-    """End `streamer` when the block is left, on errors too: a thread iterating it would wait forever."""
-    try:
-        yield
-    finally:
-        if streamer is not None:
-            streamer.end()
 
 
 @torch.no_grad()
@@ -422,12 +416,13 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `eos_token_id` and `pad_token_id` default to the checkpoint's generation_config.json, else to the model
     config's; the padding id then to the first EOS id. Without `attention_mask`, prompt tokens equal to a
     padding id that is no EOS id count as padding, as in transformers. `seed` makes sampling reproducible
-    (without it, the seed is drawn from torch's global RNG). `streamer` (e.g. `TextStreamer`, one row only)
-    receives each new token as it is produced, and is ended when the call returns or fails. On CUDA the
-    decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache, buffers and graph of the last
-    call stay with the model (until it is freed or called with other shapes or settings), so a repeated call
-    of the same shape allocates and captures nothing."""
-    with _ending(streamer):
+    (without it, the seed is drawn from torch's global RNG). `streamer` (one row only: ttl's `TextStreamer`,
+    or transformers' `TextStreamer`, `TextIteratorStreamer` or any `BaseStreamer`) gets, as from transformers,
+    `put()` with the prompt, then with each new token as it is produced (CPU LongTensors), then `end()`, also
+    when the call fails. On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache,
+    buffers and graph of the last call stay with the model (until it is freed or called with other shapes or
+    settings), so a repeated call of the same shape allocates and captures nothing."""
+    try:
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
         prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
@@ -469,6 +464,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
         finally:
             session.lock.release()
+    finally:  # on errors too: a thread iterating the streamer would wait forever for its end
+        if streamer is not None:
+            streamer.end()
 
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
@@ -477,8 +475,9 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
     state.reset(input_ids, mask, seed)
-    state.advance(decoder.prefill(input_ids))
+    # before the prefill: a streamer gets the prompt first, as from transformers
     watch = _HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
+    state.advance(decoder.prefill(input_ids))
     check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
     produced = 1
     while True:

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import queue
 
+import torch
+
 from .errors import GenerationError
 from .tokenizer import BYTE_PIECE, piece_bytes
 
 
 class TextStreamer:
     """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
+
+    It follows transformers' streamer protocol (`BaseStreamer`), which ttl's `generate` and transformers'
+    `generate()` both speak: `put(LongTensor)` with the prompt, (1, prompt_len), first, then with each
+    step's new token(s), then `end()`. Like transformers' streamers with `skip_prompt=True`, it skips the
+    first tensor of each generation (the prompt) and hands out the text of the new tokens only; one row
+    only. A list of ints (ttl's earlier protocol, e.g. put by hand) is new token ids, never a prompt: code
+    written for that protocol puts no prompt, and would otherwise lose its first tokens without a word.
 
     The new tokens are decoded as a whole each time, and only the text after what was already emitted is
     handed out, once it decodes stably: while the newest token that shows in the text (skipped special
@@ -30,10 +39,19 @@ class TextStreamer:
         self.pieces: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
         self.emitted = 0
+        self._prompt_next = True  # whether a tensor put now is a generation's prompt
 
-    def put(self, token_ids: list[int]) -> None:
-        """Take new token ids; emit whatever text they complete."""
-        self.tokens.extend(token_ids)
+    def put(self, value: torch.Tensor | list[int]) -> None:
+        """Take a generation's prompt (skipped) or new tokens (see the class docstring); emit whatever text
+        the new tokens complete."""
+        prompt, self._prompt_next = self._prompt_next, False
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 1 and value.shape[0] > 1:
+                raise GenerationError(f"TextStreamer follows one row; got tokens for {value.shape[0]} rows")
+            if prompt:
+                return
+            value = value.reshape(-1).tolist()
+        self.tokens.extend(value)
         # a run of byte-fallback pieces is final only once a token that shows and is no byte ends it
         shown = next((t for t in reversed(self.tokens) if t not in self._skipped), None)
         if shown is not None and self._piece is not None and BYTE_PIECE.fullmatch(self._piece(shown)):
@@ -48,7 +66,7 @@ class TextStreamer:
             self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens))
         finally:  # a reader waits for the end mark, whatever went wrong before it
             self.pieces.put(None)
-            self.tokens, self.emitted = [], 0
+            self.tokens, self.emitted, self._prompt_next = [], 0, True
 
     def _emit(self, text: str) -> None:
         piece, self.emitted = text[self.emitted:], max(self.emitted, len(text))
