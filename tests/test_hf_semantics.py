@@ -289,3 +289,28 @@ def test_a_single_weight_file_beside_a_sharded_index_is_the_one_loaded_as_in_tra
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "both").eval()
     with torch.no_grad():
         assert max_diff(ttl_core.load_pretrained(tmp_path / "both")(ids()).logits, theirs(ids()).logits) < 1e-4
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_outputs_index_like_transformers_outputs(tmp_path, with_labels):
+    """Code written for transformers reads outputs by position (`model(x, labels=y)[0]` is the loss) or by
+    name; ttl's outputs answer both the same way, for the causal LM and the classifier."""
+    hf_causal_lm().save_pretrained(tmp_path / "lm")
+    hf_classifier(num_labels=3).save_pretrained(tmp_path / "cls")
+    x = ids()
+    cases = [(transformers.AutoModelForCausalLM, "lm", x, {"use_cache": False}, {"return_logits": True}),
+             (transformers.AutoModelForSequenceClassification, "cls", torch.tensor([0, 2]), {"use_cache": False}, {})]
+    for auto, name, labels, their_kwargs, our_kwargs in cases:
+        theirs = auto.from_pretrained(tmp_path / name).eval()
+        ours = ttl_core.load_pretrained(tmp_path / name).eval()
+        label_kwargs = {"labels": labels} if with_labels else {}
+        with torch.no_grad():
+            expected = theirs(x, **label_kwargs, **their_kwargs)
+            got = ours(x, **label_kwargs, **our_kwargs)
+        assert len(got.to_tuple()) == len(expected.to_tuple()) == 1 + with_labels
+        for position in range(1 + with_labels):
+            assert max_diff(got[position], expected[position]) < 1e-4
+        assert max_diff(got["logits"], expected["logits"]) < 1e-4
+        assert max_diff(got[-1], expected[-1]) < 1e-4  # the logits, last either way
+        with pytest.raises(KeyError):
+            got["hidden_states"]

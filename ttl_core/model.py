@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,10 +24,23 @@ from .errors import ConfigError
 
 @dataclass
 class ModelOutput:
-    """`loss` is None without labels; `logits` is None when a loss was computed without `return_logits`."""
+    """`loss` is None without labels; `logits` is None when a loss was computed without `return_logits`.
 
-    logits: torch.Tensor | None = None
+    Indexed like transformers' outputs, so code written for them runs unchanged: `out[0]` is the first field
+    that is not None in the order (loss, logits), `out["logits"]` a field by name."""
+
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(value for value in (self.loss, self.logits) if value is not None)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in ("loss", "logits") or getattr(self, key) is None:
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
