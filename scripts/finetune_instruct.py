@@ -8,7 +8,8 @@ Instruction files are JSON lines, a .json array of objects (as Alpaca-PTBR ships
 is the bundled set of Portuguese pairs. The loss covers the response only unless --train-on-inputs. Aira's
 special tokens are added (and the embeddings resized) when the model lacks them. LoRA is on by default (r 8,
 alpha 16, dropout 0.05 on q_proj/v_proj); OUT/best then holds a PEFT adapter plus the tokenizer, or the
-merged model with --merge-lora, or the full model with --no-lora.
+merged model with --merge-lora, or the full model with --no-lora. Where the attention backend runs packed
+sequences (flash-attn, or TTL_ATTENTION=triton), each batch is its examples end to end in one row, without padding.
 """
 
 from __future__ import annotations

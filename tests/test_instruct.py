@@ -1,5 +1,6 @@
 """Instruction tuning: chat templates and prompt masking in both formats, Aira's tokens, LoRA instruction tuning
-with a PEFT adapter, evaluation and selection, and the generate script on the result."""
+with a PEFT adapter, evaluation and selection, the generate script on the result, and packed (padding-free)
+batches where the attention backend runs packed sequences."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import ttl_core.attention as attention_module
+import ttl_kernels
 from tests.finetune_helpers import saved_base_model
-from tests.helpers import run_script
+from tests.helpers import rel_err, run_script
+from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataError
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.metrics import read_metrics
 from ttl_core.instruct import (add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct,
-                               instruction_rows)
+                               instruction_rows, lm_collator, pack_lm, target_tokens)
 from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer
 
 
@@ -279,3 +284,116 @@ def test_instruction_tuning_keeps_the_first_lowest_eval_loss(base_dir, tmp_path,
     assert [h["eval_loss"] for h in summary["history"]] == [2.0, 1.0, 1.0]
     train_losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(train_losses) == 3 and summary["final_loss"] == train_losses[-1] != train_losses[0]
+
+
+# --- packed batches ---------------------------------------------------------------------------------------------
+
+def tiny_lm(attention: str) -> LlamaForCausalLM:
+    """A random causal LM with one head of 64 dims (a head size the Triton attention kernel runs)."""
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64, attention=attention)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def random_examples(train_on_inputs: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Examples of 9, 17 and 5 tokens (ids 1..99: 0 pads) whose first 4, 6 and 2 tokens are the prompt."""
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for length, prompt in ((9, 4), (17, 6), (5, 2)):
+        ids = torch.randint(1, 100, (length,), generator=gen).tolist()
+        examples.append((ids, list(ids) if train_on_inputs else [-100] * prompt + ids[prompt:]))
+    return examples
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_packed_batches_give_the_loss_and_gradients_of_padded_ones(lora, monkeypatch):
+    """The same examples packed into one row, through our Triton attention kernel's varlen path (interpreted here),
+    give the loss and the gradients (every weight's, or LoRA's) of their right-padded batch, whose padding mask
+    sends attention to SDPA; the loss averages over the same number of target tokens."""
+    from ttl_core.lora import apply_lora
+
+    model = tiny_lm("triton")
+    if lora:
+        apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
+        with torch.no_grad():  # B starts at zero, which would leave every A without a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    packed_calls, flash_attention = [], ttl_kernels.flash_attention
+
+    def counted_flash_attention(*args, **kwargs):
+        packed_calls.append(kwargs.get("cu_seqlens") is not None)
+        return flash_attention(*args, **kwargs)
+
+    monkeypatch.setattr(ttl_kernels, "flash_attention", counted_flash_attention)
+    examples = random_examples()
+    assert lm_collator(model, "float32", pad_id=0) is pack_lm
+    results = []
+    for batch in (collate_lm(examples, pad_id=0), pack_lm(examples)):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), target_tokens(batch), grads))
+    assert packed_calls == [True] * model.config.num_hidden_layers  # the packed forward ran the Triton kernel
+    (padded_loss, padded_targets, padded_grads), (packed_loss, packed_targets, packed_grads) = results
+    assert abs(packed_loss - padded_loss) <= 1e-5 and packed_targets == padded_targets == 19
+    assert all("lora_" in name for name in padded_grads) == lora
+    for name, grad in padded_grads.items():
+        assert rel_err(packed_grads[name], grad) <= 1e-4, name
+
+
+def test_a_packed_batch_has_no_target_across_examples():
+    """Trained on the inputs too, every label is a token, so a plain concatenation would train each example's last
+    token to predict the next example's first. Packed, each example's targets after the model's one-token shift
+    are exactly those of its padded row, and nothing is predicted across a boundary; positions restart."""
+    examples = random_examples(train_on_inputs=True)
+    lengths = [len(ids) for ids, _ in examples]
+    packed, padded = pack_lm(examples), collate_lm(examples, pad_id=0)
+    assert packed["input_ids"].tolist() == [[token for ids, _ in examples for token in ids]]
+    assert packed["position_ids"].tolist() == [[p for n in lengths for p in range(n)]]
+    assert packed["cu_seqlens"].tolist() == [0, 9, 26, 31] and packed["max_seqlen"] == 17
+    shift = lambda labels: F.pad(labels[:, 1:], (0, 1), value=-100)  # noqa: E731  (the model's shift)
+    packed_targets = shift(packed["labels"])[0].split(lengths)
+    padded_targets = shift(padded["labels"])
+    for row, n in enumerate(lengths):
+        assert torch.equal(packed_targets[row], padded_targets[row, :n])
+        assert packed_targets[row][-1] == -100  # the last token predicts nothing
+    assert target_tokens(packed) == target_tokens(padded) == sum(n - 1 for n in lengths)
+
+
+def test_lm_batches_are_packed_only_where_attention_runs_packed_sequences(monkeypatch):
+    """SDPA and eager keep the right-padded batches (a block-diagonal mask over a whole packed row would cost more
+    than the padding); Triton packs, and so does "auto" where it resolves to flash-attn, as `resolve_backend`
+    decides for the model's device and the compute dtype (autocast's, not the fp32 parameters')."""
+    examples = random_examples()
+    monkeypatch.delenv("TTL_ATTENTION", raising=False)
+    for backend in ("sdpa", "eager", "auto"):  # "auto" is SDPA on a CPU
+        batch, padded = lm_collator(tiny_lm(backend), "float32", pad_id=0)(examples), collate_lm(examples, pad_id=0)
+        assert batch.keys() == padded.keys() and all(torch.equal(batch[k], padded[k]) for k in batch), backend
+    assert lm_collator(tiny_lm("triton"), "bfloat16", pad_id=0) is pack_lm
+    auto = tiny_lm("auto")
+    monkeypatch.setenv("TTL_ATTENTION", "triton")
+    assert lm_collator(auto, "float32", pad_id=0) is pack_lm
+    monkeypatch.delenv("TTL_ATTENTION")
+    asked = []
+    monkeypatch.setattr(attention_module, "flash_attn_usable", lambda q: asked.append(q.dtype) or True)
+    assert lm_collator(auto, "bfloat16", pad_id=0) is pack_lm and asked == [torch.bfloat16]
+
+
+def test_instruction_tuning_with_triton_attention_packs_and_trains_as_padded(base_dir, tmp_path, monkeypatch):
+    """finetune_instruct with TTL_ATTENTION=triton (interpreted here) trains and evaluates on packed rows, and its
+    step losses and eval loss are the padded SDPA run's up to fp32 rounding (LoRA without dropout, whose masks
+    would be drawn for differently shaped batches)."""
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join((SAMPLE_DATA / "instrucoes_pt.jsonl").read_text().splitlines(keepends=True)[:8]))
+    cfg = FinetuneConfig(lr=1e-2, batch_size=4, epochs=1, max_length=128, lora=True, lora_dropout=0.0)
+    runs = {}
+    for backend in ("sdpa", "triton"):
+        monkeypatch.setenv("TTL_ATTENTION", backend)
+        summary = finetune_instruct(base_dir, data, tmp_path / backend, "aira", cfg, eval_file=data, verbose=False)
+        losses = [r["loss"] for r in read_metrics(tmp_path / backend / "metrics.jsonl") if "loss" in r]
+        runs[backend] = summary["packed"], losses + [summary["history"][0]["eval_loss"]]
+    assert runs["sdpa"][0] is False and runs["triton"][0] is True
+    assert len(runs["triton"][1]) == 3 and max(abs(a - b) for a, b in zip(runs["sdpa"][1], runs["triton"][1])) <= 1e-5

@@ -156,6 +156,15 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+def runs_packed_natively(backend: str, head_dim: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `backend` resolves, for queries of `head_dim` in `dtype` on `device`, to a variable-length kernel
+    (flash-attn or our Triton kernel) that runs `cu_seqlens` at the cost of the documents alone; elsewhere packed
+    documents cost a block-diagonal mask over the whole row. Asks `resolve_backend` with an empty stand-in query,
+    so the answer (and any ConfigError) is the one the first attention call would give."""
+    probe = torch.empty(0, 0, 1, head_dim, device=device, dtype=dtype)
+    return resolve_backend(backend, probe) in ("flash_attn", "triton")
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
     backend: str = "auto", cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,

@@ -155,6 +155,11 @@ def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=dtype)}
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """`batch` with its tensors moved to `device`; other values (a packed batch's int `max_seqlen`) kept."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def shuffled_batches(examples: list, batch_size: int, seed: int, collate_fn: Callable) -> Iterator[dict]:
     """Batches in an order drawn from `seed` (one seed per epoch gives a reproducible run)."""
     order = list(range(len(examples)))
@@ -309,7 +314,7 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             weights = [weight_fn(batch) for batch in window]
             window_loss = torch.zeros((), device=device)
             for batch, weight in zip(window, weights):
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 with autocast(device, cfg.dtype):
                     loss = loss_fn(model, batch) * (weight / sum(weights))
                 (scaler.scale(loss) if scaler else loss).backward()

@@ -2,27 +2,32 @@
 
 Each example is the chat prompt followed by the response, encoded as one text (what the model reads at
 inference is exactly the prompt's tokens, then its own). The loss covers the response only: labels are -100
-over the prompt tokens (unless `train_on_inputs`) and over padding. Aira's special tokens are added to the
-tokenizer, and the embeddings resized, when the base model lacks them. LoRA (r 8, alpha 16, dropout 0.05 on
-q/v, Alpaca-LoRA-PTBR's settings) saves a PEFT adapter, or the merged model on request.
+over the prompt tokens (unless `train_on_inputs`) and over padding. Where the attention backend runs packed
+sequences natively (flash-attn, or our Triton kernel), a batch is one row of its examples end to end, kept
+apart by `cu_seqlens`, with no padding at all; elsewhere it is right-padded to its longest example. Aira's
+special tokens are added to the tokenizer, and the embeddings resized, when the base model lacks them. LoRA
+(r 8, alpha 16, dropout 0.05 on q/v, Alpaca-LoRA-PTBR's settings) saves a PEFT adapter, or the merged model on
+request.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .attention import document_layout, runs_packed_natively
 from .errors import ConfigError, DataError
 from .fileio import write_json
 from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base, save_finetuned, start_lora,
-                       train_epochs)
+                       to_device, train_epochs)
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
 from .tokenizer import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
+from .train import AUTOCAST_DTYPES, autocast
 
 # Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.
 INSTRUCTION_FIELDS = ("instruction", "prompt")
@@ -118,6 +123,35 @@ def collate_lm(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def pack_lm(examples: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    """Concatenate a batch into one row without padding, as transformers' DataCollatorWithFlattening does:
+    input_ids and labels (1, total tokens), position_ids restarting at each example, and `cu_seqlens` /
+    `max_seqlen` (see `document_layout`) so that no example attends to another. Each example's first label
+    becomes -100: the model shifts labels by one token along the row, and the last token of an example must not
+    learn to predict the next one's first token. No target is lost, since nothing predicts a first label in a
+    padded batch either; the loss and `target_tokens` are those of `collate_lm`'s batch."""
+    input_ids = torch.tensor([[token for ids, _ in examples for token in ids]])
+    labels = torch.tensor([[label for _, lab in examples for label in [-100, *lab[1:]]]])
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[0, torch.tensor([len(ids) for ids, _ in examples[:-1]], dtype=torch.long).cumsum(0)] = True
+    position_ids, cu_seqlens, max_seqlen = document_layout(starts)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seqlens": cu_seqlens,
+            "max_seqlen": max_seqlen}
+
+
+def lm_collator(model: LlamaForCausalLM, dtype: str, pad_id: int) -> Callable[[list], dict[str, Any]]:
+    """How LM fine-tuning batches examples for `model` computing in `dtype` (its autocast dtype, else the
+    parameters'): `pack_lm` where the attention backend resolves to a variable-length kernel there, so no
+    compute goes to padding; else `collate_lm`, since SDPA or eager would run packed examples under a
+    block-diagonal mask over the whole row, costlier than the padding saved. The batches of either form are
+    keyword arguments of `model`."""
+    param = next(model.parameters())
+    compute_dtype = AUTOCAST_DTYPES.get(dtype, param.dtype)
+    if runs_packed_natively(model.config.attention, model.config.head_dim, param.device, compute_dtype):
+        return pack_lm
+    return lambda examples: collate_lm(examples, pad_id)
+
+
 def build_instruction_data(path: str | Path, tokenizer: Tokenizer, chat_format: str, max_length: int,
                            train_on_inputs: bool = False) -> list[tuple[list[int], list[int]]]:
     """Encoded examples of an instruction file; an example whose response was cut off entirely by
@@ -133,20 +167,24 @@ def build_instruction_data(path: str | Path, tokenizer: Tokenizer, chat_format: 
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The tokens a causal-LM batch's loss averages over: labels other than -100 after the one-token shift."""
+    """The tokens a causal-LM batch's loss averages over (padded or packed): labels other than -100 after the
+    one-token shift."""
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
 @torch.no_grad()
 def lm_eval_loss(model: LlamaForCausalLM, examples: list, batch_size: int, pad_id: int,
-                 device: torch.device) -> float:
-    """Mean loss per response token over `examples`."""
+                 device: torch.device, dtype: str = "float32") -> float:
+    """Mean loss per response token over `examples`, under training's autocast `dtype`, in the batches
+    `lm_collator` forms."""
     was_training = model.training
     model.eval()
+    collate = lm_collator(model, dtype, pad_id)
     total = count = 0.0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate_lm(examples[start:start + batch_size], pad_id).items()}
-        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"], loss_reduction="sum")
+        batch = to_device(collate(examples[start:start + batch_size]), device)
+        with autocast(device, dtype):
+            out = model(**batch, loss_reduction="sum")
         total += out.loss.item()
         count += target_tokens(batch)
     model.train(was_training)
@@ -190,7 +228,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     def after_epoch(epoch: int, step: int) -> None:
         record: dict[str, float] = {"epoch": epoch}
         if eval_examples:
-            record["eval_loss"] = lm_eval_loss(model, eval_examples, cfg.batch_size * 2, pad_id, device)
+            record["eval_loss"] = lm_eval_loss(model, eval_examples, cfg.batch_size * 2, pad_id, device, cfg.dtype)
             log.log({"step": step, **record})
         history.append(record)
         improved = not eval_examples or improves(record["eval_loss"], best.get("eval_loss"), higher_is_better=False)
@@ -203,15 +241,16 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
             print(f"epoch {epoch}{shown}{' (saved)' if improved else ''}")
 
     def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+        return model(**batch).loss
 
+    collate = lm_collator(model, cfg.dtype, pad_id)
     try:
-        train_epochs(model, train_examples, cfg, lambda b: collate_lm(b, pad_id), lm_loss, target_tokens, log,
-                     after_epoch)
+        train_epochs(model, train_examples, cfg, collate, lm_loss, target_tokens, log, after_epoch)
     finally:
         log.close()
     summary = {"data": str(data_file), "format": chat_format, "added_tokens": added,
                "train_examples": len(train_examples), "train_on_inputs": train_on_inputs,
+               "packed": collate is pack_lm,
                "final_loss": [r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r][-1],
                "best": best, "history": history, "config": asdict(cfg)}
     write_json(out_dir / "results.json", summary)
