@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=4096,
                         help="vocabulary of the trained tokenizer (default %(default)s)")
     parser.add_argument("--tokenizer", help="use this tokenizer (.model file or HF directory) instead of training")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of documents held out for evaluation (default 0.1); 0 holds out none, for runs "
+                             "with train.eval_every=0")
     parser.add_argument("--workers", type=int, help="tokenizing processes (default: every core this process may use)")
     args = parser.parse_args(argv)
     inputs = args.input + (SAMPLE_CORPUS if args.sample else [])

@@ -280,8 +280,67 @@ def test_a_trainer_state_that_is_not_a_training_checkpoint_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match="expected the optimizer and RNG states"):
             load_trainer_state(ckpt)
     (ckpt / "optimizer.pt").write_bytes(b"")  # as a full disk or a failed copy leaves it
-    with pytest.raises(CheckpointError, match="optimizer.pt: empty or truncated"):
+    with pytest.raises(CheckpointError, match="optimizer.pt: empty, truncated or corrupt"):
         load_trainer_state(ckpt)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, data_dir) -> Path:
+    """A run directory holding step-000001 and step-000002."""
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    train(run_config("train.max_steps=2", "train.save_every=1"), run_dir, data_dir=str(data_dir))
+    return run_dir
+
+
+def _cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+# what disk trouble, a manual edit or a copy cut short leaves, and the start of the line that names it
+DAMAGE = {
+    "optimizer.pt cut off": (lambda ck: _cut_in_half(ck / "optimizer.pt"),
+                             "{ck}/optimizer.pt: empty, truncated or corrupt (not the complete zip archive"),
+    "model.safetensors cut off": (lambda ck: _cut_in_half(ck / "model.safetensors"),
+                                  "{ck}/model.safetensors: corrupt or truncated safetensors file"),
+    "model.safetensors garbage": (lambda ck: (ck / "model.safetensors").write_bytes(b"not safetensors " * 100),
+                                  "{ck}/model.safetensors: corrupt or truncated safetensors file"),
+    "trainer_state.json missing": (lambda ck: (ck / "trainer_state.json").unlink(),
+                                   "{ck} is not a training checkpoint: trainer_state.json is missing"),
+    "trainer_state.json garbage": (lambda ck: (ck / "trainer_state.json").write_text("{\"step\": 2, \"da"),
+                                   "{ck}/trainer_state.json: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_names_the_file_and_the_older_checkpoint_to_resume_from(tmp_path, data_dir,
+                                                                                           two_checkpoints, damage):
+    """--resume takes the newest checkpoint; when one of its files is broken the run stops in one line that names
+    the file and the older checkpoint that looks complete, with how to resume from that one. It never falls back
+    by itself: that would silently drop the training since, which the user may still recover."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run_dir)
+    newest = run_dir / "checkpoints" / "step-000002"
+    harm, start = DAMAGE[damage]
+    harm(newest)
+    again = run_config("train.max_steps=3", "train.save_every=1")
+    with pytest.raises(CheckpointError) as e:
+        train(again, run_dir, data_dir=str(data_dir), resume=True)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(start.format(ck=newest)), message
+    assert message.endswith(f"; the older step-000001 looks complete: to resume from it instead (losing the training "
+                            f"after it), move the damaged one aside (mv {newest} {newest}.damaged) and run again with "
+                            f"--resume"), message
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000001", "step-000002"]  # nothing touched
+    if damage == "optimizer.pt cut off":  # the advice works, and a damaged older checkpoint is not offered
+        _cut_in_half(run_dir / "checkpoints" / "step-000001" / "model.safetensors")
+        with pytest.raises(CheckpointError, match=r"; no older checkpoint \(step-000001\) looks complete either$"):
+            train(again, run_dir, data_dir=str(data_dir), resume=True)
+        shutil.copy(two_checkpoints / "checkpoints" / "step-000001" / "model.safetensors",
+                    run_dir / "checkpoints" / "step-000001")
+        newest.rename(f"{newest}.damaged")
+        assert train(again, run_dir, data_dir=str(data_dir), resume=True).last_step == 3
+        assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000002", "step-000003"]
+        assert Path(f"{newest}.damaged", "model.safetensors").exists()  # kept, for the user to recover or delete
 
 
 def test_a_trainer_state_with_non_ascii_settings_resumes_under_an_ascii_locale(tmp_path):
@@ -304,11 +363,11 @@ def test_an_unreadable_trainer_state_or_a_pickle_of_objects_is_refused_not_loade
     ckpt.mkdir()
     torch.save({"optimizer": {}, "rng": {}}, ckpt / "optimizer.pt")
     (ckpt / "trainer_state.json").write_text('{"step": 1, "da')
-    with pytest.raises(CheckpointError, match="unreadable trainer state"):
+    with pytest.raises(CheckpointError, match="trainer_state.json: not valid JSON"):
         load_trainer_state(ckpt)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "data": {}}))
     torch.save({"optimizer": {}, "rng": {}, "extra": argparse.Namespace(lr=0.1)}, ckpt / "optimizer.pt")
-    with pytest.raises(CheckpointError, match="unreadable trainer state"):
+    with pytest.raises(CheckpointError, match="optimizer.pt: unreadable trainer state"):
         load_trainer_state(ckpt)
 
 

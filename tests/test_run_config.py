@@ -53,6 +53,7 @@ def test_bad_overrides_are_named(override, message):
     # a bad lr is named itself, not as the bound of min_lr's range
     ("train.lr=nan", "train.lr must be >= 0, got nan"), ("train.lr=-0.001", "train.lr must be >= 0, got -0.001"),
     ("train.save_every=0", "save_every must be >= 1"),  # a step % 0 mid-run otherwise
+    ("train.eval_every=-1", r"train.eval_every must be >= 0 \(0: no evaluation\), got -1"),
     # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
     ("train.compile=1", "train.compile must be a bool"), ("train.max_steps=true", "train.max_steps must be a int"),
     ("train.no_decay=\"norm\"", "train.no_decay must be a list"),

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, run_script
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
+from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.checkpoint import complete_checkpoints
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
-from ttl_core.errors import ConfigError, TrainingError
+from ttl_core.errors import ConfigError, DataError, TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
@@ -219,6 +219,40 @@ def test_init_from_starts_from_the_given_weights(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="model.hidden_size=32 contradicts"):
         train(run_config("train.max_steps=1", "model.hidden_size=32"), tmp_path / "c", data_dir=str(data_dir),
               init_from=str(source))
+
+
+def test_init_from_takes_a_dropout_setting_and_a_resumed_run_keeps_its_own(tmp_path, data_dir):
+    """Dropout is how a model trains, not what it is: --set model.attention_dropout with --init-from applies to the
+    loaded model (its checkpoints record it in config.json, as transformers does). A resumed run keeps the dropout
+    it was trained with, so that it stays exact: another one is refused, not silently ignored."""
+    import transformers
+    train(run_config("train.max_steps=1"), tmp_path / "a", data_dir=str(data_dir))
+    source = tmp_path / "a" / "checkpoints" / "step-000001"
+    dropout = run_config("train.max_steps=2", "train.save_every=1", "model.attention_dropout=0.3")
+    model = ttl_train.build_or_load_model(dropout, None, str(source), torch.device("cpu"))
+    assert model.config.attention_dropout == 0.3 and model.training
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # each forward draws its own mask
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    train(dropout, tmp_path / "straight", data_dir=str(data_dir), init_from=str(source))
+    train(dropout, tmp_path / "sliced", data_dir=str(data_dir), init_from=str(source), stop_after=1)
+    saved = tmp_path / "sliced" / "checkpoints" / "step-000001"
+    assert json.loads((saved / "config.json").read_text())["attention_dropout"] == 0.3
+    assert transformers.AutoConfig.from_pretrained(saved).attention_dropout == 0.3
+    with pytest.raises(ConfigError, match=r"^--set model.attention_dropout=0.1: .*step-000001 was trained with "
+                                          r"attention_dropout 0.3, and a resumed run continues as it was; to train on "
+                                          r"with another attention_dropout, start a new run with --init-from .*"):
+        train(run_config("train.max_steps=2", "model.attention_dropout=0.1"), tmp_path / "sliced",
+              data_dir=str(data_dir), resume=True)
+    train(run_config("train.max_steps=2", "train.save_every=1"), tmp_path / "sliced", data_dir=str(data_dir),
+          resume=True)  # the config's default dropout 0 is no --set: the checkpoint's 0.3 goes on
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
+    assert load_pretrained(tmp_path / "sliced" / "checkpoints" / "step-000002").config.attention_dropout == 0.3
+    # the architecture stays the checkpoint's
+    with pytest.raises(ConfigError, match="model.num_hidden_layers=3 contradicts"):
+        train(run_config("model.num_hidden_layers=3", "model.attention_dropout=0.1"), tmp_path / "c",
+              data_dir=str(data_dir), init_from=str(source))
 
 
 # --- distributed --------------------------------------------------------------------------------------------
@@ -469,6 +503,34 @@ def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_st
     assert result.last_step == 4 and result.checkpoint.name == "step-000004"
     assert len(losses(tmp_path)) == 4
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
+
+
+def test_eval_every_0_trains_and_resumes_without_a_validation_split(tmp_path, data_dir):
+    """Throughput runs, and corpora without a held-out split: train.eval_every = 0 never evaluates (nor after the
+    last step), and the data then needs no val.bin. With evaluation on, a missing, empty or too small split is
+    refused before any step, in one line that names both ways out."""
+    prepared = run_script("prepare_data", "--input", corpus_file(tmp_path), "--out", tmp_path / "data",
+                          "--vocab-size", "400", "--val-fraction", "0", "--workers", "1")
+    assert prepared.returncode == 0 and " + 0 val tokens" in prepared.stdout, prepared.stderr[-2000:]
+    data = tmp_path / "data"
+    for what in ("val.bin is empty", "no val.bin"):
+        with pytest.raises(ConfigError, match=rf"^{data} has no validation split \({what}\); set train.eval_every=0 to "
+                                              r"train without evaluation, or prepare the data with scripts/"
+                                              r"prepare_data.py --val-fraction above 0$"):
+            train(run_config("train.max_steps=2"), tmp_path / "refused", data_dir=str(data))
+        (data / "val.bin").unlink(missing_ok=True)
+    with pytest.raises(DataError, match=r"val.bin: .* fewer than one global batch needs .*; or set "
+                                        r"train.eval_every=0 to train without evaluation$"):
+        train(run_config("train.micro_batch_size=32", "train.max_steps=1"), tmp_path / "refused",
+              data_dir=str(data_dir))
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # no step was spent
+    run = run_config("train.eval_every=0", "train.max_steps=4", "train.save_every=2")
+    assert train(run, tmp_path / "run", data_dir=str(data), stop_after=2).last_step == 2
+    result = train(run, tmp_path / "run", data_dir=str(data), resume=True)
+    assert result.last_step == 4 and result.checkpoint.name == "step-000004" and math.isfinite(result.last_loss)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and not any("eval_loss" in r for r in records)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
 def test_a_sequence_longer_than_the_context_is_refused(tmp_path, data_dir):

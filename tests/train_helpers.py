@@ -21,11 +21,16 @@ PORTUGUESE = ("O rio corre devagar entre as pedras da serra, e a cidade acorda c
               "Na feira, a vendedora de frutas conta histórias sobre a chuva de ontem e o preço do café. ")
 
 
-def prepared_corpus(tmp: Path) -> Path:
-    """A small prepared corpus under `tmp`: 60 distinct Portuguese documents, tokenizer trained on them."""
+def corpus_file(tmp: Path) -> Path:
+    """`tmp`/corpus.txt: 60 distinct Portuguese documents."""
     docs = [f"Documento {i}. " + PORTUGUESE * (1 + i % 3) + f"Fim da história número {i * 7}." for i in range(60)]
     (tmp / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
-    prepare_data([tmp / "corpus.txt"], tmp / "prepared", vocab_size=400, val_fraction=0.1)
+    return tmp / "corpus.txt"
+
+
+def prepared_corpus(tmp: Path) -> Path:
+    """A small prepared corpus under `tmp`: `corpus_file`'s documents, tokenizer trained on them."""
+    prepare_data([corpus_file(tmp)], tmp / "prepared", vocab_size=400, val_fraction=0.1)
     return tmp / "prepared"
 
 

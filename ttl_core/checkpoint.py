@@ -6,26 +6,29 @@ transformers as is, and beside them `trainer_state.json` (step, data position, r
 written into a hidden `.step-000120.partial` directory and renamed into place only when complete, so a
 crash at any moment leaves the previous checkpoint as the newest complete one; an old checkpoint is renamed
 to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-deleted one under its name.
+What a crash cannot break, disk trouble or a copy cut short still can: resuming from a damaged checkpoint
+names its broken file and the older checkpoint that looks complete (`point_to_older_checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import random
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError
-from .fileio import atomic_write, remove_dir_atomically, remove_path, write_dir_atomically, write_json
-from .hf import save_pretrained
+from .errors import CheckpointError, TTLError, is_integer
+from .fileio import (atomic_write, read_json, remove_dir_atomically, remove_path, write_dir_atomically,
+                     write_json)
+from .hf import check_weight_files, save_pretrained
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -143,21 +146,61 @@ def save_checkpoint(
     return final
 
 
-def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state JSON, {"optimizer": ..., "rng": ..., and "scaler" for fp16 runs}) of a complete checkpoint."""
-    try:
-        trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-        saved = torch.load(checkpoint / OPTIMIZER_STATE, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{checkpoint} is not a training checkpoint: {Path(e.filename).name} is missing") from None
-    except EOFError:  # torch.load of an empty or cut-off file, often without a message
-        raise CheckpointError(f"{checkpoint / OPTIMIZER_STATE}: empty or truncated") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError, pickle.UnpicklingError) as e:
-        # weights_only loading refuses any pickle that would build objects: the file is never executed
-        raise CheckpointError(f"{checkpoint}: unreadable trainer state ({str(e).splitlines()[0]})") from None
+def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer_state JSON, {"optimizer": ..., "rng": ..., and "scaler" for fp16 runs}) of a complete checkpoint.
+    A missing, damaged or malformed file raises CheckpointError naming it. `mmap` maps the tensors of
+    optimizer.pt instead of reading them (to check a checkpoint without loading it)."""
+    state_path, optimizer_path = checkpoint / TRAINER_STATE, checkpoint / OPTIMIZER_STATE
+    for path in (state_path, optimizer_path):
+        if not path.is_file():
+            raise CheckpointError(f"{checkpoint} is not a training checkpoint: {path.name} is missing")
+    trainer_state = read_json(state_path, CheckpointError, expect=object)
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
-    if not isinstance(step, int) or step < 0 or not isinstance(trainer_state.get("data"), dict):
-        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: expected a step number and the data position")
+    if not (is_integer(step) and step >= 0) or not isinstance(trainer_state.get("data"), dict):
+        raise CheckpointError(f"{state_path}: expected a step number and the data position")
+    # torch.save writes a zip archive whose directory comes last: an empty or cut-off file has none (torch's
+    # own error for it is a paragraph about miniz)
+    if not zipfile.is_zipfile(optimizer_path):
+        raise CheckpointError(f"{optimizer_path}: empty, truncated or corrupt (not the complete zip archive "
+                              "torch.save writes)")
+    try:
+        saved = torch.load(optimizer_path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        # weights_only loading refuses any pickle that would build objects: the file is never executed
+        raise CheckpointError(f"{optimizer_path}: unreadable trainer state ({str(e).splitlines()[0]})") from None
     if not isinstance(saved, dict) or not {"optimizer", "rng"} <= set(saved):
-        raise CheckpointError(f"{checkpoint / OPTIMIZER_STATE}: expected the optimizer and RNG states")
+        raise CheckpointError(f"{optimizer_path}: expected the optimizer and RNG states")
     return trainer_state, saved
+
+
+def looks_complete(checkpoint: Path) -> bool:
+    """Whether every file of a training checkpoint is there and readable, as far as can be told without reading
+    the weights or the optimizer moments: the JSON files, the safetensors headers (which a cut-off file fails)
+    and optimizer.pt's structure."""
+    try:
+        check_weight_files(checkpoint)
+        load_trainer_state(checkpoint, mmap=True)
+    except TTLError:  # a config.json edited to values out of range is a ConfigError
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def point_to_older_checkpoint(run_dir: str | Path, newest: Path | None) -> Iterator[None]:
+    """Add to a CheckpointError raised while resuming from `newest`, the run's newest checkpoint, which older
+    checkpoint looks complete and how to resume from it. The run never falls back by itself: that would
+    silently drop the training since, which the user may still recover (a copy cut short can be copied again)."""
+    try:
+        yield
+    except CheckpointError as e:
+        older = [p for p in complete_checkpoints(run_dir) if p != newest] if newest is not None else []
+        if not older:
+            raise
+        usable = next((p for p in reversed(older) if looks_complete(p)), None)
+        if usable is None:
+            raise CheckpointError(f"{e}; no older checkpoint ({', '.join(p.name for p in older)}) looks complete "
+                                  "either") from None
+        # a name outside STEP_DIR's pattern: never listed, resumed from or pruned, and not hidden (which is deleted)
+        raise CheckpointError(f"{e}; the older {usable.name} looks complete: to resume from it instead (losing the "
+                              f"training after it), move the damaged one aside (mv {newest} {newest}.damaged) and "
+                              "run again with --resume") from None

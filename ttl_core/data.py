@@ -201,7 +201,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES of them at most, see `_tokenizer_sample`)
     unless `tokenizer` (a `.model` file, an HF tokenizer directory or a `Tokenizer`) is given. Every document
-    becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin`. `workers`
+    becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin` (empty with 0, for
+    training without evaluation: `train.eval_every = 0`). `workers`
     processes (default: every core this process may use) tokenize shards of `shard_docs` documents; rerunning
     after an interruption reuses the finished shards and gives identical files."""
     if isinstance(inputs, (str, os.PathLike)):  # one file, not the characters of its name

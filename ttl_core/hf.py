@@ -189,6 +189,16 @@ def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
     return config, architectures[0]
 
 
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Raise CheckpointError naming the first file of a checkpoint directory that `load_pretrained` could not
+    start on: its config (ConfigError for values out of range), a missing weight file, or one whose safetensors
+    header is unreadable (a cut-off file fails it). The tensors themselves are not read."""
+    directory = Path(path)
+    read_model_config(directory)
+    for f in _weight_files(directory):
+        _open_safetensors(f)
+
+
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
     architecture: str | None = None, **config_overrides,

@@ -58,6 +58,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # how torchrun processes share the model: "ddp" or "fsdp" (FSDP2)
+    # evaluate on val.bin every eval_every steps and after the last; 0: never (the data then needs no val.bin)
     eval_every: int = 100
     eval_batches: int = 20
     save_every: int = 500
@@ -138,10 +139,12 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
 def validate(run: RunConfig) -> None:
     """Range checks a bad value would otherwise turn into a confusing failure mid-run."""
     t = run.train
-    for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "max_steps", "eval_every", "save_every",
-                "keep_checkpoints", "eval_batches"):
+    for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "max_steps", "save_every", "keep_checkpoints",
+                "eval_batches"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
     if t.dtype not in DTYPE_CHOICES:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {t.dtype!r}")
     if t.distributed not in DISTRIBUTED_CHOICES:

@@ -23,12 +23,12 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .attention import document_layout
-from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, remove_partial_checkpoints,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, point_to_older_checkpoint,
+                         remove_partial_checkpoints, save_checkpoint, set_rng_state)
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
-from .errors import ConfigError, TokenizerError, TrainingError
+from .errors import ConfigError, DataError, TokenizerError, TrainingError
 from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
@@ -41,6 +41,9 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # still not finite at a scale of 1 or less were not pushed out of float16's range by the scaling: they are NaN,
 # or beyond float16 unscaled, which the scaler would skip for ever (the scale halving to 0) without a word.
 MIN_LOSS_SCALE = 1.0
+# [model] fields that change how a model trains, not what it is: an --init-from run may set them (see
+# build_or_load_model)
+DROPOUT_FIELDS = ("attention_dropout",)
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -219,6 +222,21 @@ def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: Worl
     return float(totals[0] / totals[1].clamp_min(1))
 
 
+def check_eval_split(data_path: Path, run: RunConfig, world: World) -> None:
+    """With evaluation on, val.bin must hold a global batch before any step is spent (it is first read at the
+    first evaluation); a run with train.eval_every = 0 never opens it."""
+    val = data_path / "val.bin"
+    if not val.is_file() or val.stat().st_size == 0:
+        what = "val.bin is empty" if val.is_file() else "no val.bin"
+        raise ConfigError(f"{data_path} has no validation split ({what}); set train.eval_every=0 to train without "
+                          "evaluation, or prepare the data with scripts/prepare_data.py --val-fraction above 0")
+    try:
+        PackedLoader(data_path, "val", run.train.seq_len, run.train.micro_batch_size, rank=world.rank,
+                     world_size=world.size, shuffle=False)
+    except DataError as e:  # the train split opened: this is the validation split's alone, and avoidable
+        raise DataError(f"{e}; or set train.eval_every=0 to train without evaluation") from None
+
+
 def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int) -> Path:
     """The prepared data directory: given, named in the config, or the bundled sample corpus prepared
     into RUN/data on first use."""
@@ -239,18 +257,25 @@ def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: Wor
 def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str | None,
                         device: torch.device) -> LlamaForCausalLM:
     """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from
-    the run's seed. Parameters are float32 (autocast does the low-precision math)."""
+    the run's seed. Parameters are float32 (autocast does the low-precision math). A checkpoint fixes the
+    architecture; `--set` of a dropout field applies to an `--init-from` model (its checkpoints record it in
+    config.json), while a resumed run keeps the dropout it was trained with, so that it stays exact."""
     config = run.model_config()
     runtime = {"kernels": config.kernels, "attention": config.attention}
     source = resume_from or init_from
     torch.manual_seed(run.train.seed)  # fresh weights, and dropout after --init-from (resume restores its RNG)
     if source is not None:
-        model = load_pretrained(source, dtype=torch.float32, device=device, **runtime)
+        dropout = {} if resume_from else {k: getattr(config, k) for k in run.model_overrides if k in DROPOUT_FIELDS}
+        model = load_pretrained(source, dtype=torch.float32, device=device, **runtime, **dropout)
         if model.architecture != "LlamaForCausalLM":
             raise ConfigError(f"{source} holds a {model.architecture}; pretraining needs a LlamaForCausalLM")
-        # the checkpoint fixes the architecture: an explicit --set that contradicts it is refused, not ignored
+        # an explicit --set that contradicts the checkpoint is refused, not ignored
         for key in run.model_overrides:
             if key != "preset" and key not in runtime and getattr(model.config, key) != getattr(config, key):
+                if key in DROPOUT_FIELDS:  # only when resuming: dropout changes what the resumed steps compute
+                    raise ConfigError(f"--set model.{key}={run.model[key]!r}: {source} was trained with {key} "
+                                      f"{getattr(model.config, key)!r}, and a resumed run continues as it was; to "
+                                      f"train on with another {key}, start a new run with --init-from {source}")
                 raise ConfigError(f"--set model.{key}={run.model[key]!r} contradicts {source}, whose {key} is "
                                   f"{getattr(model.config, key)!r}; the architecture comes from the checkpoint")
         return model.train()
@@ -304,9 +329,11 @@ class RunResult:
 def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
           resume: bool = False, stop_after: int | None = None, init_from: str | None = None) -> RunResult:
     """Train `run` into `out_dir`: metrics.jsonl, checkpoints/step-N (HF format + tokenizer + trainer
-    state), loss.png, and a sample generation from the final model. `resume` continues from the newest
-    complete checkpoint; `stop_after` ends cleanly (with a checkpoint) after that step. A second run on
-    `out_dir` while this one runs is refused."""
+    state), loss.png, and a sample generation from the final model. Evaluation on val.bin runs every
+    `train.eval_every` steps and after the last (never with 0). `resume` continues from the newest complete
+    checkpoint (a damaged one is a CheckpointError naming the older one to resume from; there is no silent
+    fallback); `stop_after` ends cleanly (with a checkpoint) after that step. A second run on `out_dir` while
+    this one runs is refused."""
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
@@ -333,7 +360,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
 
-    model = build_or_load_model(run, resume_from, init_from, world.device)
+    # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
+    with point_to_older_checkpoint(out_dir, resume_from):
+        resumed = load_trainer_state(resume_from) if resume_from is not None else None
+        model = build_or_load_model(run, resume_from, init_from, world.device)
     config = model.config
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
     tokenizer = Tokenizer.from_pretrained(data_path)
@@ -348,12 +378,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= config.max_position_embeddings:
         raise ConfigError(f"train.sample_prompt is longer than the model's context of "
                           f"{config.max_position_embeddings} tokens, leaving no room for the sample")
-    # the evaluation split must hold a batch before any step is spent (it is first read at the first eval)
-    val = PackedLoader(data_path, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
-                       world_size=world.size, shuffle=False)
-    if val.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
-        raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {val.vocab_size}, but the model's "
+    loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
+                          rank=world.rank, world_size=world.size)
+    if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
+        raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
+    if train.eval_every:
+        check_eval_split(data_path, run, world)
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
@@ -368,12 +399,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             block.compile()
     optimizer = build_optimizer(model, train, world.device)
     scaler = torch.amp.GradScaler(world.device.type) if train.dtype == "float16" else None
-    loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
-                          rank=world.rank, world_size=world.size)
 
     step = 0
-    if resume_from is not None:
-        trainer_state, saved = load_trainer_state(resume_from)
+    if resumed is not None:
+        trainer_state, saved = resumed
         step = trainer_state["step"]
         saved_no_decay = trainer_state.get("config", {}).get("train", {}).get("no_decay")
         if saved_no_decay is not None and list(saved_no_decay) != list(train.no_decay):
@@ -433,7 +462,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                          "tokens_per_s": tokens_per_s, "mfu": mfu})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % train.eval_every == 0 or step == train.max_steps:
+            if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
                 eval_loss = evaluate(model, data_path, run, world, tokenizer.bos_id)
                 if log:
                     log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
