@@ -156,6 +156,16 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+def document_mask(backend: str, q: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool = True) -> torch.Tensor | None:
+    """How the backend that runs `q` (batch, seq, heads, head_dim) takes packed documents: None where it takes
+    `cu_seqlens` itself (the variable-length kernels of flash-attn and ours), else the `packed_mask` standing in
+    for them (SDPA, eager). Only `q`'s shape, dtype and device are read, so a model decides once per forward
+    for all its layers (with a zero-size stand-in) what each layer's `attention` call would."""
+    if resolve_backend(backend, q) in ("flash_attn", "triton"):
+        return None
+    return packed_mask(cu_seqlens, q.shape[0], q.shape[1], causal)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = True,
     backend: str = "auto", cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
@@ -180,7 +190,8 @@ def attention(
                           "ttl_core.attention.document_layout returns both")
     batch, seq = q.shape[:2]
     if cu_seqlens is not None:
-        if backend in ("flash_attn", "triton"):
+        mask = document_mask(backend, q, cu_seqlens, causal)
+        if mask is None:
             flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
             if backend == "flash_attn":
                 out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -189,7 +200,6 @@ def attention(
                 out = ttl_kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens,
                                                   max_seqlen=max_seqlen, backend="triton")
             return out.view(q.shape)
-        mask = packed_mask(cu_seqlens, batch, seq, causal)
     if mask is None and q.shape[1] == k.shape[1]:
         if backend == "flash_attn":
             return flash_attn_module().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)

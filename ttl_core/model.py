@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import ttl_kernels
 
-from .attention import attention, causal_mask
+from .attention import attention, causal_mask, document_mask
 from .config import LlamaConfig
 from .errors import ConfigError
 
@@ -225,6 +225,15 @@ class LlamaModel(nn.Module):
             if mask.dim() == 2:
                 mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
         hidden = self.embed(input_ids)
+        if cu_seqlens is not None and mask is None and max_seqlen is not None:  # else attention() refuses the call
+            # SDPA and eager take packed documents as a (batch, 1, seq, seq) mask: built here once, not in every
+            # layer (and again in each checkpointed layer's recomputation). A zero-size stand-in for the queries
+            # (autocast's dtype where it is on) lets the layers' own backend rule decide.
+            queries = hidden.new_empty(batch, seq, 0, self.config.head_dim,
+                                       dtype=autocast_dtype(hidden.device.type) or hidden.dtype)
+            packed = document_mask(self.config.attention, queries, cu_seqlens)
+            if packed is not None:
+                mask, cu_seqlens, max_seqlen = packed, None, None
         cos, sin = angles if angles is not None else self.rotary(position_ids, hidden.dtype)
         residual = None
         for layer in self.layers:
