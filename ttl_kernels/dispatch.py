@@ -15,11 +15,10 @@ from collections.abc import Callable
 import torch
 
 try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
+    import triton
 except ImportError:  # triton ships for Linux only; the references still work elsewhere
-    HAVE_TRITON = False
+    triton = None
+HAVE_TRITON = triton is not None
 
 BACKENDS = ("auto", "triton", "torch")
 
