@@ -6,9 +6,11 @@ import torch
 from helpers import rel_err
 
 import ttl_core.attention as attention_module
+import ttl_core.model as model_module
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.attention import attention, document_layout
+from ttl_core.attention import attention, document_layout, packed_mask
 from ttl_core.errors import ConfigError
+from ttl_core.train import apply_activation_checkpointing
 from ttl_kernels import flash_attention_reference
 
 BACKENDS = ["sdpa", "eager", "triton", "flash_attn"]
@@ -119,6 +121,63 @@ def test_packed_documents_equal_each_document_alone(backend):
         unmasked = model(packed).logits
     assert (together - alone).abs().max() <= 1e-5
     assert (unmasked - alone).abs().max() > 1e-2  # without the layout, later documents do see earlier ones
+
+
+def packed_rows(seed: int) -> tuple[torch.Tensor, dict]:
+    """Two rows of 16 tokens holding documents of 5, 6, 5 and 9, 7 tokens (one spanning the row boundary), and
+    the model keyword arguments that keep them apart."""
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(seed))
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[0, [5, 11]] = True
+    starts[1, 9] = True
+    position_ids, cu, longest = document_layout(starts)
+    return ids, dict(position_ids=position_ids, cu_seqlens=cu, max_seqlen=longest)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_packed_mask_is_built_once_per_forward(backend, checkpointed, monkeypatch):
+    """SDPA and eager take packed documents as a block-diagonal mask, which the model builds once for all its
+    layers (not in each layer's call, nor again in each checkpointed layer's recomputation); the varlen kernels
+    take cu_seqlens and need none. Every layer gets the mask it did before, so logits and gradients equal those
+    of a forward given that mask outright, bit for bit."""
+    model = model_with(backend)
+    if checkpointed:
+        apply_activation_checkpointing(model)
+    assert model.config.num_hidden_layers > 1
+    ids, packed = packed_rows(seed=7)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return packed_mask(*args, **kwargs)
+
+    for module in (attention_module, model_module):  # the model's own build, and any in attention()
+        monkeypatch.setattr(module, "packed_mask", counted)
+    logits, grads = logits_and_grads(model, ids, **packed)
+    assert len(calls) == (1 if backend in ("sdpa", "eager") else 0)
+    mask = packed_mask(packed["cu_seqlens"], *ids.shape)
+    ref_logits, ref_grads = logits_and_grads(model, ids, attention_mask=mask, position_ids=packed["position_ids"])
+    tolerance = 0 if backend in ("sdpa", "eager") else 1e-5  # the varlen kernels add up in another order than SDPA
+    assert (logits - ref_logits).abs().max() <= tolerance
+    for name, grad in ref_grads.items():
+        assert (grads[name] - grad).abs().max() <= tolerance * grad.abs().max(), name
+
+
+def test_auto_under_autocast_still_sends_packed_documents_to_flash_attn(flash_attn, monkeypatch):
+    """The model decides the packed-document form once for its layers, before any query exists, from the
+    queries' dtype: autocast's where it is on. An fp32 model under bf16 autocast runs flash-attn's varlen kernel
+    in every layer (flash-attn taking fp16/bf16 only, as `flash_attn_usable` says), in fp32 the SDPA mask."""
+    monkeypatch.setattr(attention_module, "flash_attn_usable", lambda q: q.dtype in (torch.float16, torch.bfloat16))
+    model = model_with("auto")
+    ids, packed = packed_rows(seed=9)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, **packed)
+        assert flash_attn.calls == ["flash_attn_varlen_func"] * model.config.num_hidden_layers
+        flash_attn.calls.clear()
+        model(ids, **packed)
+        assert flash_attn.calls == []
 
 
 def test_auto_calls_flash_attn_where_it_is_usable(flash_attn):

@@ -22,6 +22,9 @@ from ttl_kernels.flash_attention import HEAD_DIMS
 from .config import ATTENTION_CHOICES
 from .errors import ConfigError
 
+# backends that run packed documents (`cu_seqlens`) with variable-length kernels rather than a mask
+VARLEN_BACKENDS = ("flash_attn", "triton")
+
 
 def causal_mask(
     q_len: int, kv_len: int, device: torch.device, key_padding: torch.Tensor | None = None
@@ -162,7 +165,7 @@ def runs_packed_natively(backend: str, head_dim: int, device: torch.device, dtyp
     documents cost a block-diagonal mask over the whole row. Asks `resolve_backend` with an empty stand-in query,
     so the answer (and any ConfigError) is the one the first attention call would give."""
     probe = torch.empty(0, 0, 1, head_dim, device=device, dtype=dtype)
-    return resolve_backend(backend, probe) in ("flash_attn", "triton")
+    return resolve_backend(backend, probe) in VARLEN_BACKENDS
 
 
 def attention(
@@ -189,7 +192,7 @@ def attention(
                           "ttl_core.attention.document_layout returns both")
     batch, seq = q.shape[:2]
     if cu_seqlens is not None:
-        if backend in ("flash_attn", "triton"):
+        if backend in VARLEN_BACKENDS:
             flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
             if backend == "flash_attn":
                 out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import ttl_kernels
 
-from .attention import attention, causal_mask
+from .attention import attention, causal_mask, packed_mask, runs_packed_natively
 from .config import LlamaConfig
 from .errors import ConfigError
 
@@ -239,6 +239,12 @@ class LlamaModel(nn.Module):
             if mask.dim() == 2:
                 mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
         hidden = self.embed(input_ids)
+        if cu_seqlens is not None and mask is None and max_seqlen is not None:  # else attention() refuses the call
+            # SDPA and eager take packed documents as a (batch, 1, seq, seq) mask: built here once, not in every
+            # layer (and again in each checkpointed layer's recomputation); the queries come in autocast's dtype
+            query_dtype = autocast_dtype(hidden.device.type) or hidden.dtype
+            if not runs_packed_natively(self.config.attention, self.config.head_dim, hidden.device, query_dtype):
+                mask, cu_seqlens, max_seqlen = packed_mask(cu_seqlens, batch, seq), None, None
         cos, sin = angles if angles is not None else self.rotary(position_ids, hidden.dtype)
         residual = None
         for layer in self.layers:
