@@ -1,0 +1,175 @@
+"""Whole training runs from their edges: what is refused before a step is spent, continued pretraining from
+given weights (--init-from), evaluation settings (the last step, none at all) and the end-of-run sample."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import run_script
+from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, prepared_corpus, random_model, run_config
+from ttl_core import load_pretrained, save_pretrained
+from ttl_core.errors import ConfigError, DataError
+from ttl_core.metrics import read_metrics
+from ttl_core.run_config import load_run_config
+from ttl_core.tokenizer import Tokenizer
+import ttl_core.train as ttl_train
+from ttl_core.train import sample_text, train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+def test_refuses_to_overwrite_a_run_and_checks_vocab(tmp_path, data_dir):
+    train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="has 400 tokens but the model's vocab_size is 300"):
+        train(load_run_config(None, [*MICRO_MODEL, "model.vocab_size=300", *FAST]), tmp_path / "b", data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="not a prepared data directory"):
+        train(run_config(), tmp_path / "c", data_dir=str(tmp_path))
+
+
+def test_a_data_vocab_larger_than_the_model_s_is_refused_before_training(tmp_path, data_dir):
+    """meta.json's vocab_size bounds the ids the loader lets through; one above the model's (a tokenizer swapped
+    in the data directory) would put an id past the embedding table: an IndexError traceback mid-run."""
+    shutil.copytree(data_dir, tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
+    with pytest.raises(ConfigError, match="meta.json records a vocab_size of 1000, but the model's vocab_size is 400"):
+        train(run_config("train.max_steps=1"), tmp_path / "run", data_dir=str(tmp_path / "data"))
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path, data_dir):
+    train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir))
+    source = tmp_path / "a" / "checkpoints" / "step-000002"
+    frozen = run_config("train.max_steps=1", "train.lr=0.0", "train.min_lr=0.0")
+    train(frozen, tmp_path / "b", data_dir=str(data_dir), init_from=str(source))
+    a, b = load_pretrained(source), load_pretrained(tmp_path / "b" / "checkpoints" / "step-000001")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # dropout after --init-from draws from train.seed, not from whatever state the global RNG is in
+    dropout = run_config("train.max_steps=2", "model.attention_dropout=0.3")
+    train(dropout, tmp_path / "d0", data_dir=str(data_dir))
+    for name, seed in (("d1", 1), ("d2", 2)):
+        torch.manual_seed(seed)
+        train(dropout, tmp_path / name, data_dir=str(data_dir),
+              init_from=str(tmp_path / "d0" / "checkpoints" / "step-000002"))
+    assert losses(tmp_path / "d1") == losses(tmp_path / "d2")
+    # the checkpoint fixes the architecture: an explicit override that contradicts it is refused, not ignored
+    with pytest.raises(ConfigError, match="model.hidden_size=32 contradicts"):
+        train(run_config("train.max_steps=1", "model.hidden_size=32"), tmp_path / "c", data_dir=str(data_dir),
+              init_from=str(source))
+
+
+def test_init_from_takes_a_dropout_setting_and_a_resumed_run_keeps_its_own(tmp_path, data_dir):
+    """Dropout is how a model trains, not what it is: --set model.attention_dropout with --init-from applies to the
+    loaded model (its checkpoints record it in config.json, as transformers does). A resumed run keeps the dropout
+    it was trained with, so that it stays exact: another one is refused, not silently ignored."""
+    import transformers
+    train(run_config("train.max_steps=1"), tmp_path / "a", data_dir=str(data_dir))
+    source = tmp_path / "a" / "checkpoints" / "step-000001"
+    dropout = run_config("train.max_steps=2", "train.save_every=1", "model.attention_dropout=0.3")
+    model = ttl_train.build_or_load_model(dropout, None, str(source), torch.device("cpu"))
+    assert model.config.attention_dropout == 0.3 and model.training
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # each forward draws its own mask
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    train(dropout, tmp_path / "straight", data_dir=str(data_dir), init_from=str(source))
+    train(dropout, tmp_path / "sliced", data_dir=str(data_dir), init_from=str(source), stop_after=1)
+    saved = tmp_path / "sliced" / "checkpoints" / "step-000001"
+    assert json.loads((saved / "config.json").read_text())["attention_dropout"] == 0.3
+    assert transformers.AutoConfig.from_pretrained(saved).attention_dropout == 0.3
+    with pytest.raises(ConfigError, match=r"^--set model.attention_dropout=0.1: .*step-000001 was trained with "
+                                          r"attention_dropout 0.3, and a resumed run continues as it was; to train on "
+                                          r"with another attention_dropout, start a new run with --init-from .*"):
+        train(run_config("train.max_steps=2", "model.attention_dropout=0.1"), tmp_path / "sliced",
+              data_dir=str(data_dir), resume=True)
+    train(run_config("train.max_steps=2", "train.save_every=1"), tmp_path / "sliced", data_dir=str(data_dir),
+          resume=True)  # the config's default dropout 0 is no --set: the checkpoint's 0.3 goes on
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
+    assert load_pretrained(tmp_path / "sliced" / "checkpoints" / "step-000002").config.attention_dropout == 0.3
+    # the architecture stays the checkpoint's
+    with pytest.raises(ConfigError, match="model.num_hidden_layers=3 contradicts"):
+        train(run_config("model.num_hidden_layers=3", "model.attention_dropout=0.1"), tmp_path / "c",
+              data_dir=str(data_dir), init_from=str(source))
+
+
+def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="--stop-after must be"):
+        train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir), stop_after=0)
+    train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir))
+    with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 2"):
+        train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir), resume=True)
+
+
+def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):
+    result = train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path, data_dir=str(data_dir),
+                   stop_after=10)
+    assert result.last_step == 4 and result.checkpoint.name == "step-000004"
+    assert len(losses(tmp_path)) == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
+
+
+def test_eval_every_0_trains_and_resumes_without_a_validation_split(tmp_path, data_dir):
+    """Throughput runs, and corpora without a held-out split: train.eval_every = 0 never evaluates (nor after the
+    last step), and the data then needs no val.bin. With evaluation on, a missing, empty or too small split is
+    refused before any step, in one line that names both ways out."""
+    prepared = run_script("prepare_data", "--input", corpus_file(tmp_path), "--out", tmp_path / "data",
+                          "--vocab-size", "400", "--val-fraction", "0", "--workers", "1")
+    assert prepared.returncode == 0 and " + 0 val tokens" in prepared.stdout, prepared.stderr[-2000:]
+    data = tmp_path / "data"
+    for what in ("val.bin is empty", "no val.bin"):
+        with pytest.raises(ConfigError, match=rf"^{data} has no validation split \({what}\); set train.eval_every=0 to "
+                                              r"train without evaluation, or prepare the data with scripts/"
+                                              r"prepare_data.py --val-fraction above 0$"):
+            train(run_config("train.max_steps=2"), tmp_path / "refused", data_dir=str(data))
+        (data / "val.bin").unlink(missing_ok=True)
+    with pytest.raises(DataError, match=r"val.bin: .* fewer than one global batch needs .*; or set "
+                                        r"train.eval_every=0 to train without evaluation$"):
+        train(run_config("train.micro_batch_size=32", "train.max_steps=1"), tmp_path / "refused",
+              data_dir=str(data_dir))
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # no step was spent
+    run = run_config("train.eval_every=0", "train.max_steps=4", "train.save_every=2")
+    assert train(run, tmp_path / "run", data_dir=str(data), stop_after=2).last_step == 2
+    result = train(run, tmp_path / "run", data_dir=str(data), resume=True)
+    assert result.last_step == 4 and result.checkpoint.name == "step-000004" and math.isfinite(result.last_loss)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and not any("eval_loss" in r for r in records)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+
+
+def test_a_sequence_longer_than_the_context_is_refused(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="train.seq_len 128 exceeds the model's max_position_embeddings 64"):
+        train(run_config("train.seq_len=128"), tmp_path, data_dir=str(data_dir))
+
+
+def test_init_from_a_classifier_is_refused(tmp_path, data_dir):
+    from ttl_core.hf import save_pretrained
+    from ttl_core.model import LlamaForSequenceClassification
+    run = run_config("train.max_steps=1")
+    save_pretrained(LlamaForSequenceClassification(run.model_config().replace(num_labels=2)), tmp_path / "clf")
+    with pytest.raises(ConfigError, match="holds a LlamaForSequenceClassification; pretraining needs a Llama"):
+        train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "clf"))
+
+
+def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
+    """A tokenizer without a pad token (Llama-2 style, or a config's null pad_token) still gives the sample at the
+    end of a run: generate() pads finished rows with EOS then (it was handed pad id -1, and refused it)."""
+
+    data = prepared_corpus(tmp_path)
+    config = json.loads((data / "tokenizer_config.json").read_text())
+    (data / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": None}))
+    tokenizer = Tokenizer.from_pretrained(data)
+    assert tokenizer.pad_id == -1
+    run = run_config(*MICRO_MODEL, *FAST)
+    save_pretrained(random_model(run).eval(), tmp_path / "checkpoint")
+    text = sample_text(tmp_path / "checkpoint", tokenizer, "O rio", max_new_tokens=6, seed=0)
+    assert text.startswith("O rio") and len(text) > len("O rio")
