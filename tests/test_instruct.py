@@ -344,6 +344,37 @@ def test_packed_batches_give_the_loss_and_gradients_of_padded_ones(lora, monkeyp
         assert rel_err(packed_grads[name], grad) <= 1e-4, name
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_packed_batches_on_cuda_in_bf16_are_as_close_to_fp32_as_padded_ones(backend):
+    """On the GPU, under a fine-tuning run's bf16 autocast, the varlen kernel (ours compiled, or flash-attn's, which
+    "auto" picks in bf16) runs the packed batch: its loss and gradients are as near the fp32 padded batch's as the
+    padded bf16 batch's (SDPA) are, by the flash-attn criterion (at most twice that error, or 1e-2)."""
+    from ttl_core.finetune import to_device
+    from ttl_core.train import autocast
+
+    if backend == "auto" and attention_module.flash_attn_module() is None:
+        pytest.skip("flash-attn is not installed")
+    model = tiny_lm(backend).cuda()
+    assert lm_collator(model, "bfloat16", pad_id=0) is pack_lm
+    examples, device = random_examples(), torch.device("cuda")
+
+    def loss_and_grads(batch: dict, dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with autocast(device, dtype):
+            loss = model(**to_device(batch, device)).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    padded = collate_lm(examples, pad_id=0)
+    truth_loss, truth_grads = loss_and_grads(padded, "float32")
+    padded_loss, padded_grads = loss_and_grads(padded, "bfloat16")
+    packed_loss, packed_grads = loss_and_grads(pack_lm(examples), "bfloat16")
+    assert rel_err(packed_loss, truth_loss) <= max(1e-2, 2 * rel_err(padded_loss, truth_loss))
+    for name, grad in packed_grads.items():
+        assert rel_err(grad, truth_grads[name]) <= max(1e-2, 2 * rel_err(padded_grads[name], truth_grads[name])), name
+
+
 def test_a_packed_batch_has_no_target_across_examples():
     """Trained on the inputs too, every label is a token, so a plain concatenation would train each example's last
     token to predict the next example's first. Packed, each example's targets after the model's one-token shift
