@@ -10,7 +10,9 @@ of objects. The best epoch's model goes to OUT/best: a transformers checkpoint w
 tokenizer, which `pipeline("text-classification", model="OUT/best")` loads (with --pair, give it the text
 `first + "<s>" + second + "</s>"`: ttl encodes a pair as transformers encodes that string). With --lora it is
 a PEFT adapter over BASE_DIR (its score head included), for `ttl_core.load_adapter` or PEFT on BASE_DIR
-loaded as a classifier with the same number of labels; --merge-lora saves a full checkpoint instead.
+loaded as a classifier with the same number of labels; --merge-lora saves a full checkpoint instead. Where the
+attention backend runs packed sequences (flash-attn, or TTL_ATTENTION=triton), each batch is its examples end to
+end in one row, without padding.
 """
 
 from __future__ import annotations

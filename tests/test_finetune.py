@@ -1,6 +1,6 @@
 """Fine-tuning recipes: the classifier loop against transformers, regression metrics, gradient accumulation,
-the benchmark over a task list, scripts and errors (task files: test_task_files.py; instruction tuning:
-test_instruct.py)."""
+packed (padding-free) classifier batches where the attention backend runs packed sequences, the benchmark over a
+task list, scripts and errors (task files: test_task_files.py; instruction tuning: test_instruct.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from tests.finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
-from tests.helpers import run_script
+from tests.helpers import rel_err, run_script
+import ttl_kernels
+from ttl_core import LlamaConfig, LlamaForSequenceClassification
 from ttl_core.errors import CheckpointError
-from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, collate, finetune_classifier,
-                               improves, predict, regression_metrics)
+from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, classifier_collator, collate,
+                               finetune_classifier, improves, pack, predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.metrics import read_metrics
 from ttl_core.instruct import finetune_instruct
@@ -180,6 +182,125 @@ def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, mo
             assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
     if kind == "instruct":
         assert eval_grad_modes and not any(eval_grad_modes)
+
+
+# --- packed batches ---------------------------------------------------------------------------------------------
+
+def tiny_classifier(attention: str, num_labels: int = 3, problem_type: str | None = None):
+    """A random classifier padding with id 0, with one head of 64 dims (a head size the Triton attention kernel
+    runs)."""
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+                         num_labels=num_labels, problem_type=problem_type, attention=attention)
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config)
+
+
+def pad_ending_examples(labels: list) -> list[tuple[list[int], object]]:
+    """Five examples (ids 1..99, so 0 is only the pad id) of 9, 13, 3, 6 and 2 tokens, not all pooled at their last:
+    the second ends in two pad-id tokens, the third has only its first token other than the pad id, the last is
+    pad ids only (pooled at its first token, the argmax of zeros in transformers' position * (token != pad))."""
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 100, (n,), generator=gen).tolist() for n in (9, 11, 1, 6)]
+    ids[1] += [0, 0]
+    ids[2] += [0, 0]
+    return list(zip(ids + [[0, 0]], labels))
+
+
+@pytest.mark.parametrize("problem, lora", [("single_label_classification", False), ("regression", False),
+                                           ("multi_label_classification", False), ("single_label_classification", True)])
+def test_packed_classifier_batches_give_the_logits_loss_and_gradients_of_padded_ones(problem, lora, tmp_path,
+                                                                                     monkeypatch):
+    """The same examples packed into one row, through our Triton attention kernel's varlen path (interpreted here),
+    pool each example where its right-padded row does (transformers' pooling, which the padded batch reproduces),
+    so the logits, the loss (cross-entropy, MSE or BCE over the examples) and the gradients (every weight's, or
+    LoRA's and the score head's) are those of the padded batch, whose padding mask sends attention to SDPA.
+    `predict` packs too."""
+    from ttl_core.lora import apply_lora
+
+    model = tiny_classifier("triton", 1 if problem == "regression" else 3, problem)
+    if lora:
+        apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear", modules_to_save=["score"])
+        with torch.no_grad():  # B starts at zero, which would leave every A without a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    targets = {"single_label_classification": torch.tensor([0, 2, 1, 2, 0]), "regression": torch.randn(5, generator=gen),
+               "multi_label_classification": torch.rand(5, 3, generator=gen)}[problem]
+    examples = pad_ending_examples(targets.tolist())
+    packed_calls, flash_attention = [], ttl_kernels.flash_attention
+
+    def counted_flash_attention(*args, **kwargs):
+        packed_calls.append(kwargs.get("cu_seqlens") is not None)
+        return flash_attention(*args, **kwargs)
+
+    monkeypatch.setattr(ttl_kernels, "flash_attention", counted_flash_attention)
+    assert classifier_collator(model, "float32") is pack
+    results = []
+    for batch in (collate(examples, pad_id=0), pack(examples)):
+        batch["labels"] = targets  # multi-label targets are rows of floats, which task files never give
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), out.loss.item(), grads))
+    assert packed_calls == [True] * model.config.num_hidden_layers  # the packed forward ran the Triton kernel
+    (padded_logits, padded_loss, padded_grads), (packed_logits, packed_loss, packed_grads) = results
+    assert packed_logits.shape == (5, model.config.num_labels)
+    assert (packed_logits - padded_logits).abs().max() <= 1e-5 and abs(packed_loss - padded_loss) <= 1e-5
+    assert all("lora_" in name or "score" in name for name in padded_grads) == lora
+    for name, grad in padded_grads.items():
+        assert rel_err(packed_grads[name], grad) <= 1e-4, name
+    assert (predict(model, examples, 5, torch.device("cpu")) - padded_logits).abs().max() <= 1e-5
+    if not lora:  # transformers pools the padded batch at the same tokens
+        transformers = pytest.importorskip("transformers")
+        save_pretrained(model, tmp_path / "clf")
+        hf = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "clf").eval()
+        padded = collate(examples, pad_id=0)
+        with torch.no_grad():
+            theirs = hf(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        assert (theirs - packed_logits).abs().max() <= 1e-5
+
+
+def test_classifier_batches_are_packed_only_where_attention_runs_packed_sequences(monkeypatch):
+    """SDPA and eager (and "auto" on a CPU) keep `collate`'s right-padded batches; Triton packs the examples end to
+    end, positions restarting, with the padded batch's labels (the rule is instruction tuning's, `packs_batches`)."""
+    examples = pad_ending_examples([0, 1, 2, 1, 0])
+    monkeypatch.delenv("TTL_ATTENTION", raising=False)
+    padded = collate(examples, pad_id=0)
+    for backend in ("sdpa", "eager", "auto"):
+        batch = classifier_collator(tiny_classifier(backend), "float32")(examples)
+        assert batch.keys() == padded.keys() and all(torch.equal(batch[k], padded[k]) for k in batch), backend
+    assert classifier_collator(tiny_classifier("triton"), "bfloat16") is pack
+    packed, lengths = pack(examples), [len(ids) for ids, _ in examples]
+    assert packed["input_ids"].tolist() == [[token for ids, _ in examples for token in ids]]
+    assert packed["position_ids"].tolist() == [[p for n in lengths for p in range(n)]]
+    assert packed["cu_seqlens"].tolist() == [0, 9, 22, 25, 31, 33] and packed["max_seqlen"] == 13
+    assert torch.equal(packed["labels"], padded["labels"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_classifier_fine_tuning_with_triton_attention_packs_and_trains_as_padded(base_dir, tmp_path, monkeypatch,
+                                                                                  lora):
+    """finetune_classifier with TTL_ATTENTION=triton (interpreted here) trains and evaluates on packed rows, says so
+    in results.json, and logs the step losses and evaluations of the padded SDPA run up to fp32 rounding (LoRA
+    without dropout, whose masks would be drawn for differently shaped batches)."""
+    rows = NEWS_TRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:9]  # the header and 8 examples
+    (tmp_path / "few.csv").write_text("".join(rows), encoding="utf-8")
+    cfg = FinetuneConfig(lr=1e-2 if lora else 1e-3, batch_size=4, epochs=1, max_length=64, lora=lora,
+                         lora_dropout=0.0)
+    runs = {}
+    for backend in ("sdpa", "triton"):
+        monkeypatch.setenv("TTL_ATTENTION", backend)
+        out = tmp_path / backend
+        result = finetune_classifier(base_dir, tmp_path / "few.csv", tmp_path / "few.csv", out, NEWS, cfg,
+                                     verbose=False)
+        losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        runs[backend] = json.loads((out / "results.json").read_text())["packed"], losses, result.history
+    assert runs["sdpa"][0] is False and runs["triton"][0] is True
+    assert len(runs["triton"][1]) == 2 and max(abs(a - b) for a, b in zip(runs["sdpa"][1], runs["triton"][1])) <= 1e-5
+    assert runs["triton"][2] == runs["sdpa"][2]
 
 
 # --- scripts ---------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Sequence-classification fine-tuning: task files in, a transformers-loadable classifier out.
 
 The default recipe is TeenyTinyLlama-160m-AgNews's: lr 4e-5, batch 16, 3 epochs, weight decay 0.01,
-max_length 256, dynamic padding with the model's pad id, evaluation each epoch, best checkpoint kept.
+max_length 256, dynamic padding with the model's pad id, evaluation each epoch, best checkpoint kept. Where the
+attention backend runs packed sequences natively (flash-attn, or our Triton kernel), a batch is instead one row of
+its examples end to end, kept apart by `cu_seqlens` (as instruction tuning's batches are), with the padded batch's
+logits and loss.
 Task files (CSV, TSV, JSON lines or a JSON array) are read by `ttl_core.task_files`. One label
 (`regression=True`) makes an STS-style regressor scored by Pearson correlation and MSE.
 The optimizer, schedule and update step are the pretraining loop's (`ttl_core.train`).
@@ -19,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .attention import document_layout, runs_packed_natively
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, save_pretrained
@@ -27,7 +31,7 @@ from .model import LlamaForSequenceClassification
 from .run_config import TrainConfig
 from .task_files import TaskSpec, load_task, read_task_file, task_labels
 from .tokenizer import Tokenizer
-from .train import autocast, build_optimizer, lr_at, optimizer_update
+from .train import AUTOCAST_DTYPES, autocast, build_optimizer, lr_at, optimizer_update
 
 DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
@@ -142,6 +146,12 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
                           merge_lora=args.merge_lora)
 
 
+def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:
+    """The batch's labels: float targets stay float32 (regression), class ids are long."""
+    labels = [label for _, label in examples]
+    return torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+
+
 def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest example (dynamic padding): input_ids, attention_mask, labels."""
     width = max(len(ids) for ids, _ in examples)
@@ -150,9 +160,44 @@ def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, tor
     for row, (ids, _) in enumerate(examples):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         mask[row, :len(ids)] = 1
-    labels = [label for _, label in examples]
-    dtype = torch.float32 if isinstance(labels[0], float) else torch.long
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=dtype)}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": classifier_labels(examples)}
+
+
+def pack_sequences(sequences: list[list[int]]) -> dict[str, Any]:
+    """Token id lists end to end in one row without padding, as transformers' DataCollatorWithFlattening
+    packs them: input_ids (1, total tokens), position_ids restarting at each sequence, and `cu_seqlens` /
+    `max_seqlen` (see `document_layout`) so that no sequence attends to another."""
+    input_ids = torch.tensor([[token for ids in sequences for token in ids]])
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[0, torch.tensor([len(ids) for ids in sequences[:-1]], dtype=torch.long).cumsum(0)] = True
+    position_ids, cu_seqlens, max_seqlen = document_layout(starts)
+    return {"input_ids": input_ids, "position_ids": position_ids, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+
+
+def pack(examples: list[tuple[list[int], Any]]) -> dict[str, Any]:
+    """`collate`'s batch packed into one row (`pack_sequences`); the classifier pools each example at the token its
+    padded row would, so the logits and the loss are the padded batch's."""
+    return {**pack_sequences([ids for ids, _ in examples]), "labels": classifier_labels(examples)}
+
+
+def packs_batches(model: torch.nn.Module, dtype: str) -> bool:
+    """Whether fine-tuning `model`, computing in `dtype` (its autocast dtype, else the parameters'), packs its
+    batches: where the attention backend resolves to a variable-length kernel (`runs_packed_natively`), so no
+    compute goes to padding. SDPA or eager would run packed examples under a block-diagonal mask over the whole
+    row, costlier than the padding saved, and keep padded batches."""
+    param = next(model.parameters())
+    compute_dtype = AUTOCAST_DTYPES.get(dtype, param.dtype)
+    return runs_packed_natively(model.config.attention, model.config.head_dim, param.device, compute_dtype)
+
+
+def classifier_collator(model: LlamaForSequenceClassification, dtype: str) -> Callable[[list], dict[str, Any]]:
+    """How classifier fine-tuning and `predict` batch examples for `model` computing in `dtype`: `pack` where
+    `packs_batches`, else `collate` with the model's pad id. The batches of either form are keyword arguments of
+    `model`."""
+    if packs_batches(model, dtype):
+        return pack
+    pad_id = model.config.pad_token_id
+    return lambda examples: collate(examples, pad_id)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -207,14 +252,17 @@ def improves(score: float, best_score: float | None, higher_is_better: bool) -> 
 @torch.no_grad()
 def predict(model: LlamaForSequenceClassification, examples: list, batch_size: int, device: torch.device,
             dtype: str = "float32") -> torch.Tensor:
-    """Logits (n, num_labels) for `examples` in order, in batches padded with the model's pad id."""
+    """Logits (n, num_labels) for `examples` in order, under autocast `dtype`, in the batches
+    `classifier_collator` forms."""
     was_training = model.training
     model.eval()
+    collate_fn = classifier_collator(model, dtype)
     out = []
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], model.config.pad_token_id)
+        batch = to_device(collate_fn(examples[start:start + batch_size]), device)
+        del batch["labels"]  # a loss would be wasted work, and would set an unset config.problem_type
         with autocast(device, dtype):
-            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+            logits = model(**batch).logits
         out.append(logits.float().cpu())
     model.train(was_training)
     return torch.cat(out)
@@ -377,13 +425,15 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
             print(f"epoch {epoch}: {shown}{' (best so far, saved)' if improved else ''}")
 
     def classifier_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
+        return model(**batch).loss
 
+    collate_fn = classifier_collator(model, cfg.dtype)
     try:
-        train_epochs(model, train_examples, cfg, lambda b: collate(b, model.config.pad_token_id),
-                     classifier_loss, lambda batch: len(batch["labels"]), log, after_epoch)
+        train_epochs(model, train_examples, cfg, collate_fn, classifier_loss, lambda batch: len(batch["labels"]), log,
+                     after_epoch)
     finally:
         log.close()
     write_json(out_dir / "results.json", {"train": str(train_file), "eval": str(eval_file), "labels": labels,
-                                          "best": best, "history": history, "config": asdict(cfg)})
+                                          "packed": collate_fn is pack, "best": best, "history": history,
+                                          "config": asdict(cfg)})
     return FinetuneResult(best=best, history=history, checkpoint=out_dir / "best")

@@ -18,16 +18,15 @@ from typing import Any, Callable
 
 import torch
 
-from .attention import document_layout, runs_packed_natively
 from .errors import ConfigError, DataError
 from .fileio import write_json
-from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base, save_finetuned, start_lora,
-                       to_device, train_epochs)
+from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base, pack_sequences, packs_batches,
+                       save_finetuned, start_lora, to_device, train_epochs)
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
 from .tokenizer import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
-from .train import AUTOCAST_DTYPES, autocast
+from .train import autocast
 
 # Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.
 INSTRUCTION_FIELDS = ("instruction", "prompt")
@@ -124,30 +123,18 @@ def collate_lm(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict
 
 
 def pack_lm(examples: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-    """Concatenate a batch into one row without padding, as transformers' DataCollatorWithFlattening does:
-    input_ids and labels (1, total tokens), position_ids restarting at each example, and `cu_seqlens` /
-    `max_seqlen` (see `document_layout`) so that no example attends to another. Each example's first label
-    becomes -100: the model shifts labels by one token along the row, and the last token of an example must not
-    learn to predict the next one's first token. No target is lost, since nothing predicts a first label in a
-    padded batch either; the loss and `target_tokens` are those of `collate_lm`'s batch."""
-    input_ids = torch.tensor([[token for ids, _ in examples for token in ids]])
+    """`collate_lm`'s batch packed into one row (`pack_sequences`), with labels (1, total tokens) alongside. Each
+    example's first label becomes -100: the model shifts labels by one token along the row, and the last token of
+    an example must not learn to predict the next one's first token. No target is lost, since nothing predicts a
+    first label in a padded batch either; the loss and `target_tokens` are those of `collate_lm`'s batch."""
     labels = torch.tensor([[label for _, lab in examples for label in [-100, *lab[1:]]]])
-    starts = torch.zeros_like(input_ids, dtype=torch.bool)
-    starts[0, torch.tensor([len(ids) for ids, _ in examples[:-1]], dtype=torch.long).cumsum(0)] = True
-    position_ids, cu_seqlens, max_seqlen = document_layout(starts)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seqlens": cu_seqlens,
-            "max_seqlen": max_seqlen}
+    return {**pack_sequences([ids for ids, _ in examples]), "labels": labels}
 
 
 def lm_collator(model: LlamaForCausalLM, dtype: str, pad_id: int) -> Callable[[list], dict[str, Any]]:
-    """How LM fine-tuning batches examples for `model` computing in `dtype` (its autocast dtype, else the
-    parameters'): `pack_lm` where the attention backend resolves to a variable-length kernel there, so no
-    compute goes to padding; else `collate_lm`, since SDPA or eager would run packed examples under a
-    block-diagonal mask over the whole row, costlier than the padding saved. The batches of either form are
-    keyword arguments of `model`."""
-    param = next(model.parameters())
-    compute_dtype = AUTOCAST_DTYPES.get(dtype, param.dtype)
-    if runs_packed_natively(model.config.attention, model.config.head_dim, param.device, compute_dtype):
+    """How LM fine-tuning batches examples for `model` computing in `dtype`: `pack_lm` where `packs_batches`,
+    else `collate_lm`. The batches of either form are keyword arguments of `model`."""
+    if packs_batches(model, dtype):
         return pack_lm
     return lambda examples: collate_lm(examples, pad_id)
 

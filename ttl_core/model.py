@@ -380,7 +380,7 @@ class LlamaForCausalLM(_LlamaBase):
 
 
 class LlamaForSequenceClassification(_LlamaBase):
-    """Llama with a bias-free `score` head, pooled at each row's last non-pad token like transformers."""
+    """Llama with a bias-free `score` head, pooled at each sequence's last non-pad token like transformers."""
 
     architecture = "LlamaForSequenceClassification"
 
@@ -392,24 +392,36 @@ class LlamaForSequenceClassification(_LlamaBase):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> ModelOutput:
-        """Pooled logits (batch, num_labels). Loss: MSE for one label (regression), cross-entropy for
-        integer labels, BCE-with-logits for float multi-label targets (or as `config.problem_type` says).
-        The first loss records the problem type it inferred in `config.problem_type`, as transformers does."""
-        hidden = self.backbone(input_ids, attention_mask, position_ids)
+        """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
+        `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`; pass
+        its `position_ids` too), each pooled where its own padded row would be. Loss: MSE for one label
+        (regression), cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as
+        `config.problem_type` says), the mean over sequences. The first loss records the problem type it inferred
+        in `config.problem_type`, as transformers does."""
+        hidden = self.backbone(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         token_logits = self.score(hidden)  # every position, as transformers does, for identical rounding
         batch, seq = input_ids.shape
-        pad = self.config.pad_token_id
-        if pad is None:
-            if batch != 1:
+        if cu_seqlens is None:
+            if self.config.pad_token_id is None and batch != 1:
                 raise ConfigError("pad_token_id is None: sequence classification of a batch > 1 needs it")
-            last = torch.full((1,), seq - 1, device=input_ids.device)
-        else:
-            positions = torch.arange(seq, device=input_ids.device, dtype=torch.int32)
-            last = (positions * (input_ids != pad).int()).argmax(-1)
-        logits = token_logits[torch.arange(batch, device=input_ids.device), last]
+            cu_seqlens = torch.arange(0, batch * seq + 1, seq, device=input_ids.device)  # a sequence per row
+        logits = token_logits.flatten(0, 1)[self._pooled_tokens(input_ids.flatten(), cu_seqlens.long())]
         loss = None if labels is None else self._loss(logits, labels)
         return ModelOutput(logits=logits, loss=loss)
+
+    def _pooled_tokens(self, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Index into the flat `ids` of the token each sequence is pooled at: transformers' argmax of position *
+        (token != pad), i.e. the last token that is not the pad id, or the first when no later one is (without
+        a pad id, the last token)."""
+        pad = self.config.pad_token_id
+        candidate = torch.ones_like(ids, dtype=torch.bool) if pad is None else ids != pad
+        candidate[cu_seqlens[:-1]] = True  # the argmax of all zeros: the first position
+        # a running max of the candidates' indices holds, at a sequence's end, its own last candidate: those of the
+        # sequences before it all lie below its first token
+        tokens = torch.arange(ids.numel(), device=ids.device)
+        return torch.where(candidate, tokens, 0).cummax(0).values[cu_seqlens[1:] - 1]
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         problem = self.config.problem_type
