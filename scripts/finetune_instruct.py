@@ -19,7 +19,7 @@ import argparse
 from ttl_core.cli import run_cli
 from ttl_core.finetune import SAMPLE_DATA, add_finetune_args, config_from_args
 from ttl_core.instruct import INSTRUCT_DEFAULTS, finetune_instruct
-from ttl_core.tokenizer import CHAT_FORMATS
+from ttl_core.chat_format import CHAT_FORMATS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, checked_device, load_pretrained
 from ttl_core.lora import is_adapter_dir, load_with_adapter
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.tokenizer import AIRA_END, Tokenizer, chat_prompt
+from ttl_core.chat_format import AIRA_END, chat_prompt
+from ttl_core.tokenizer import Tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -266,7 +266,7 @@ def test_a_run_killed_while_removing_its_work_directory_leaves_none_after_the_re
 def test_special_token_text_in_documents_stays_text(tmp_path):
     """A document that writes "</s>" or an Aira chat token means the characters: only the `</s>` that ends each
     document is an EOS, so the loader's document boundaries stay the documents'."""
-    from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS
+    from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
 
     inputs, _ = write_inputs(tmp_path)
     prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)

@@ -12,7 +12,8 @@ from helpers import ROOT, run_script
 
 import ttl_core
 from ttl_core.errors import ConfigError, GenerationError
-from ttl_core.tokenizer import AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, train_tokenizer
+from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
 CONTEXT = 64

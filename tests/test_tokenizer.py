@@ -8,8 +8,8 @@ import pytest
 from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
 
 from ttl_core.errors import TokenizerError
-from ttl_core.tokenizer import (AIRA_SPECIAL_TOKENS, Tokenizer, chat_prompt, chat_response, train_tokenizer,
-                                tokenizer_json_to_sentencepiece)
+from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt, chat_response
+from ttl_core.tokenizer import Tokenizer, train_tokenizer, tokenizer_json_to_sentencepiece
 
 
 @pytest.fixture(scope="module")

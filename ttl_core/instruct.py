@@ -25,7 +25,8 @@ from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
-from .tokenizer import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, Tokenizer, chat_prompt, chat_response
+from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, chat_prompt, chat_response
+from .tokenizer import Tokenizer
 from .train import autocast
 
 # Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.

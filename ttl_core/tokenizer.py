@@ -1,4 +1,4 @@
-"""Sentencepiece BPE tokenizer like TeenyTinyLlama's, Hugging Face tokenizer files, and chat templates.
+"""Sentencepiece BPE tokenizer like TeenyTinyLlama's, and Hugging Face tokenizer files with their chat templates.
 
 The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normalization, `<unk>` `<s>` `</s>`
 `<pad>` = 0..3). `Tokenizer` follows transformers' Llama tokenizer (`legacy: false`) rather than raw
@@ -34,12 +34,6 @@ from .tokenizer_config import (added_tokens_decoder, bos_eos_flags, extra_specia
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
-AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
-CHAT_FORMATS = ("aira", "alpaca")
-# The Aira format's end-of-answer token: fine-tuned answers end there, not with `</s>`.
-AIRA_END = "<|endofcompletion|>"
-_ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
-_ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and this module trains on)
 TRAIN_INPUT_BYTES = 1 << 30  # text train_tokenizer reads at most: sentencepiece needs ~3x its size in memory
 _Piece = spm_pb2.ModelProto.SentencePiece
@@ -477,24 +471,3 @@ def _sentences(texts: Iterable[str], max_bytes: int, budget: int = TRAIN_INPUT_B
                 return
             yield piece
 
-
-def chat_prompt(format: str, instruction: str, input: str = "") -> str:
-    """The text of a chat prompt up to where the response starts, in `aira` or `alpaca` (Alpaca-PTBR) form."""
-    if format == "aira":
-        return f"<|startofinstruction|>{instruction}" + (f"\n{input}" if input else "") + "<|endofinstruction|>"
-    if format == "alpaca":
-        if input:
-            return (f"{_ALPACA_HEADER}, emparelhada com uma entrada que fornece mais contexto. {_ALPACA_TAIL}\n\n"
-                    f"### Instruções:\n{instruction}\n\n### Entrada:\n{input}\n\n### Resposta:\n")
-        return f"{_ALPACA_HEADER}. {_ALPACA_TAIL}\n\n### Instruções:\n{instruction}\n\n### Resposta:\n"
-    raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")
-
-
-def chat_response(format: str, response: str) -> str:
-    """The response text that follows `chat_prompt`; Aira closes it with `<|endofcompletion|>` (Alpaca's EOS is
-    added as a token id by the caller)."""
-    if format == "aira":
-        return response + AIRA_END
-    if format == "alpaca":
-        return response
-    raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")
