@@ -1,8 +1,8 @@
 """The settings of a Hugging Face tokenizer directory that transformers 5 reads (add_bos_token / add_eos_token,
 tokens named for the <s> </s> <unk> <pad> roles in the config or in special_tokens_map.json, legacy /
-add_prefix_space, post-processor templates, added tokens and their lstrip / rstrip / single_word flags), read by
-ttl as by AutoTokenizer and kept by ttl's save: one setting at a time, then random mixes of them compared on
-random texts full of special tokens, spaces and rare characters."""
+add_prefix_space, post-processor templates, added tokens and their lstrip / rstrip / single_word / special
+flags), read by ttl as by AutoTokenizer and kept by ttl's save: one setting at a time, then random mixes of them
+compared on random texts full of special tokens, spaces and rare characters."""
 
 import json
 import random
@@ -204,8 +204,8 @@ def test_added_tokens_take_whitespace_or_match_whole_words_as_their_flags_say(to
     assert_read_alike_and_saved(tmp_path / "base", tmp_path / "saved", texts)
     config["added_tokens_decoder"] = {"320": {**entry, "rstrip": "yes"}}
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added token '<\|x\|>': lstrip, rstrip and "
-                                             r"single_word must be true or false, got"):
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: added token '<\|x\|>': lstrip, rstrip, "
+                                             r"single_word, normalized and special must be true or false, got"):
         Tokenizer.from_pretrained(tmp_path / "base")
 
 
@@ -229,8 +229,8 @@ def random_directory(rng, layouts, path):
         if rng.random() < 0.3:
             config[key] = settings[key] = rng.choice(values)
     if extra and rng.random() < 0.5:
-        flags = settings["flags"] = {key: rng.random() < 0.4 for key in ("lstrip", "rstrip", "single_word")}
-        entries = [{"id": 320 + k, "content": t, "special": True, "normalized": False, **flags}
+        flags = settings["flags"] = {key: rng.random() < 0.4 for key in ("lstrip", "rstrip", "single_word", "special")}
+        entries = [{"id": 320 + k, "content": t, "normalized": False, **flags}
                    for k, t in enumerate(extra)]
         if spec is None:
             config["added_tokens_decoder"].update({str(e.pop("id")): e for e in entries})

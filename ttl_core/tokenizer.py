@@ -4,10 +4,10 @@ The model is a sentencepiece `ModelProto` (BPE, byte fallback, identity normaliz
 `<pad>` = 0..3). `Tokenizer` follows transformers' Llama tokenizer (`legacy: false`) rather than raw
 sentencepiece where the two differ, so ids and text equal `AutoTokenizer`'s: the "▁" word prefix is added only
 at the start of the text and only when the text does not already start with a space or "▁" (or, as the
-config's `legacy` / `add_prefix_space` say, also after every special token, or nowhere); special tokens
-written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the rest
-(taking the whitespace beside them, or only as whole words, where their lstrip / rstrip / single_word flags say),
-unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
+config's `legacy` / `add_prefix_space` say, also after every special token, or nowhere); special and added
+tokens written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the
+rest (taking the whitespace beside them, or only as whole words, where their lstrip / rstrip / single_word flags
+say), unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
 (tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
 follows transformers' decoder chain, where a run of byte-fallback pieces that is not valid UTF-8 becomes one
 U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the
@@ -29,8 +29,9 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_config import (added_tokens_decoder, bos_eos_flags, extra_special_tokens, match_rules, prefix_scheme,
-                               read_chat_template, read_config, replace_chat_template_files, role_tokens)
+from .tokenizer_config import (TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
+                               extra_special_tokens, prefix_scheme, read_chat_template, read_config,
+                               replace_chat_template_files, role_tokens, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -50,10 +51,11 @@ class Tokenizer:
         self.add_bos_token, self.add_eos_token = True, False
         self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
-        # pieces of the model that are special tokens though not control pieces: named for a role in the config or
-        # listed among its added tokens (transformers then matches them whole and skips them when decoding)
-        self._special_piece_ids: set[int] = set()
-        self._match_rules: dict[str, tuple[bool, bool, bool]] = {}  # see tokenizer_config.match_rules
+        # pieces of the model that transformers matches whole though they are not control pieces: those the config
+        # names for a role (always special) and those listed among its added tokens (special as their flags say)
+        self._role_piece_ids: set[int] = set()
+        self._listed_piece_ids: set[int] = set()
+        self._token_flags: dict[str, TokenFlags] = {}  # added tokens' flags as read; unlisted ones: TokenFlags()
         self.chat_template: str | dict[str, str] | None = None  # a directory's, carried to save_pretrained
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
@@ -96,24 +98,28 @@ class Tokenizer:
                             if BYTE_PIECE.fullmatch(p.piece)}
 
     def _index_special_tokens(self) -> None:
-        """transformers' special tokens, matched whole in a text and dropped by `decode(skip_special_tokens=True)`:
-        the model's <unk>, <s>, </s> and <pad> (those there are), the tokens a config names for those roles or
-        lists among its added tokens, and the added tokens."""
-        roles = (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(), *self._role_ids.values(),
-                 *self._special_piece_ids)
-        self._special_ids = {self.sp.id_to_piece(i): i for i in roles if i >= 0} | self._added_ids
+        """The tokens transformers matches whole in a text: the model's <unk>, <s>, </s> and <pad> (those there are),
+        the tokens a config names for those roles or lists among its added tokens, and the added tokens. All are
+        dropped by `decode(skip_special_tokens=True)` but the added ones whose flags say they are not special (a
+        role's token stays special whatever its flags say, as in transformers)."""
+        roles = {i for i in (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id(),
+                             *self._role_ids.values(), *self._role_piece_ids) if i >= 0}
+        whole = roles | self._listed_piece_ids | set(self._added_ids.values())
+        self._whole_ids = {self.sp.id_to_piece(i): i for i in whole}
+        self._plain_ids = {i for i in whole - roles
+                           if not self._token_flags.get(self.sp.id_to_piece(i), TokenFlags()).special}
         # longest first, so that of two tokens starting at one place the longer is matched, as in transformers
         patterns = []
-        for k, token in enumerate(sorted(self._special_ids, key=len, reverse=True)):
-            lstrip, rstrip, single_word = self._match_rules.get(token, (False, False, False))
-            before, after = (r"(?<!\w)", r"(?!\w)") if single_word else ("", "")
-            patterns.append((r"\s*" if lstrip else "") + f"{before}(?P<t{k}>{re.escape(token)}){after}"
-                            + (r"\s*" if rstrip else ""))
+        for k, token in enumerate(sorted(self._whole_ids, key=len, reverse=True)):
+            flags = self._token_flags.get(token, TokenFlags())
+            before, after = (r"(?<!\w)", r"(?!\w)") if flags.single_word else ("", "")
+            patterns.append((r"\s*" if flags.lstrip else "") + f"{before}(?P<t{k}>{re.escape(token)}){after}"
+                            + (r"\s*" if flags.rstrip else ""))
         self._special_pattern = re.compile("|".join(patterns))
 
     def _split_special_tokens(self, text: str) -> list[str]:
-        """`text` as [text, special token, text, ..., text]: the special tokens written in it, matched whole, and the
-        text between them, less the whitespace a token's match rules take."""
+        """`text` as [text, token, text, ..., text]: the special and added tokens written in it, matched whole, and the
+        text between them, less the whitespace a token's flags take."""
         parts, start = [], 0
         for match in self._special_pattern.finditer(text):
             parts += [text[start:match.start()], match.group(match.lastgroup)]
@@ -128,9 +134,13 @@ class Tokenizer:
         roles, appended where the vocabulary lacks them. Either file may also be given itself (`--tokenizer
         DIR/tokenizer.model`), and is then the one read.
 
-        Where ttl differs from transformers: `bos_id` / `eos_id` are the tokens a tokenizer.json template puts
-        around a text even where the config names others for those roles; `unk_id` stays the model's `<unk>`;
-        added tokens are all special (decoding with skip_special_tokens drops those marked not special too)."""
+        Each added token keeps its flags (see `tokenizer_config.TokenFlags`): those marked not special are matched
+        whole but kept by decode(skip_special_tokens=True). Where ttl differs from transformers: `bos_id` /
+        `eos_id` are the tokens a tokenizer.json template puts around a text even where the config names others for
+        those roles; `unk_id` stays the model's `<unk>`; which tokens transformers lists in `all_special_tokens`
+        is not read (`save_pretrained` lists the special added tokens), so a token listed among the config's
+        extra special tokens but marked not special, or marked special but not listed, is listed otherwise after
+        ttl saves it, though encoded and decoded alike."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
@@ -147,10 +157,10 @@ class Tokenizer:
         decoder = added_tokens_decoder(config_path, config)
         if path.suffix != ".json":
             tokenizer = cls(path)
-            template, rules = tokenizer._add_saved_tokens(path, decoder) if saved else (None, {})
+            template, flags = tokenizer._add_saved_tokens(path, decoder) if saved else (None, {})
         else:
             beside = path.with_name("tokenizer.model")
-            model, template, rules = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None,
+            model, template, flags = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None,
                                                                      decoder)
             try:
                 tokenizer = cls(model)
@@ -164,9 +174,9 @@ class Tokenizer:
             roles.setdefault("pad_token", None)
         tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
                                      + extra_special_tokens(config_path, config))
-        if decoder is not None:  # the added tokens' match rules come from where their ids do
-            rules = match_rules(config_path, list((config.get("added_tokens_decoder") or {}).values()))
-        tokenizer._match_rules = rules
+        if decoder is not None:  # the added tokens' flags come from where their ids do
+            flags = token_flags(config_path, list((config.get("added_tokens_decoder") or {}).values()))
+        tokenizer._token_flags = flags
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
         tokenizer.chat_template = read_chat_template(path.parent, config) if saved else None
@@ -181,7 +191,7 @@ class Tokenizer:
         (matched whole, skipped when decoding) even where a template's token or, for the unknown-token role, the
         model's own <unk> plays the role."""
         ids = {role: -1 if text is None else self.token_to_id(text) for role, text in roles.items()}
-        self._special_piece_ids |= {i for i in ids.values() if i >= 0}
+        self._role_piece_ids |= {i for i in ids.values() if i >= 0}
         ids.pop("unk_token", None)
         if template is None:
             self.add_bos_token, self.add_eos_token = flags
@@ -196,23 +206,23 @@ class Tokenizer:
         self._index_special_tokens()
 
     def _add_saved_tokens(self, model_file: Path, decoder: dict[int, str] | None) \
-            -> tuple[tuple[int | None, int | None] | None, dict[str, tuple[bool, bool, bool]]]:
+            -> tuple[tuple[int | None, int | None] | None, dict[str, TokenFlags]]:
         """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
         writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
         `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces,
-        and pieces of the model listed there become special tokens. Returns, where a tokenizer.json is beside it,
-        the ids its post-processor puts around a text (transformers 5 saves that setting only there) and its added
-        tokens' match rules; else (None, {})."""
+        and pieces of the model listed there are matched whole. Returns, where a tokenizer.json is beside it, the
+        ids its post-processor puts around a text (transformers 5 saves that setting only there) and its added
+        tokens' flags; else (None, {})."""
         json_path = model_file.with_name("tokenizer.json")
         spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
-        template, rules = None, {}
+        template, flags = None, {}
         if spec is not None:
             template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)
             if decoder is None:
                 decoder = added_tokens_of(json_path, spec)
-                rules = match_rules(json_path, spec.get("added_tokens") or [])
-        self._special_piece_ids |= {i for i, token in (decoder or {}).items()
-                                    if i < self.vocab_size and self.sp.id_to_piece(i) == token}
+                flags = token_flags(json_path, spec.get("added_tokens") or [])
+        self._listed_piece_ids |= {i for i, token in (decoder or {}).items()
+                                   if i < self.vocab_size and self.sp.id_to_piece(i) == token}
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
@@ -222,7 +232,7 @@ class Tokenizer:
             if i != j:
                 raise TokenizerError(f"{model_file.parent}: added token {token!r} (id {i}) is already in "
                                      f"{model_file.name} as id {j}")
-        return template, rules
+        return template, flags
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -263,15 +273,25 @@ class Tokenizer:
         return i
 
     def add_special_tokens(self, tokens: list[str]) -> list[int]:
-        """Append tokens (kept whole, never split) at the end of the vocabulary; return their ids.
+        """Append special tokens (matched whole, never split, dropped by decode(skip_special_tokens=True)) at the
+        end of the vocabulary; return their ids.
 
-        Tokens already in the vocabulary keep their id, so calling twice is harmless."""
+        Tokens already in the vocabulary keep their id and how they are treated, so calling twice is harmless."""
+        return self._append_tokens("add_special_tokens", tokens, TokenFlags())
+
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """As `add_special_tokens`, for tokens that are not special (transformers' `add_tokens`): matched whole,
+        but kept by decode(skip_special_tokens=True)."""
+        return self._append_tokens("add_tokens", tokens, TokenFlags(normalized=True, special=False))
+
+    def _append_tokens(self, caller: str, tokens: list[str], flags: TokenFlags) -> list[int]:
         if not all(tokens):
-            raise TokenizerError("add_special_tokens: empty token")
+            raise TokenizerError(f"{caller}: empty token")
         new = [token for token in dict.fromkeys(tokens) if self.token_to_id(token) is None]
         if new:
             for token in new:
                 self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
+                self._token_flags[token] = flags
             self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
             self._load(self.proto)
         return [self.token_to_id(t) for t in tokens]
@@ -300,8 +320,8 @@ class Tokenizer:
         ids = [self.bos_id] if add_bos else []
         parts = [text] if split_special_tokens else self._split_special_tokens(text)
         for k, part in enumerate(parts):
-            if k % 2:  # a special token, matched whole
-                ids.append(self._special_ids[part])
+            if k % 2:  # a special or added token, matched whole
+                ids.append(self._whole_ids[part])
             elif part:
                 if ((k == 0 and self.prefix_scheme == "first") or self.prefix_scheme == "always") \
                         and not part.startswith((" ", "\u2581")):  # as transformers' Metaspace pre-tokenizer
@@ -318,12 +338,13 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """The ids `decode(..., skip_special_tokens=True)` drops: `<unk>` `<s>` `</s>` `<pad>` and added tokens."""
-        return frozenset(self._special_ids.values())
+        """The ids `decode(..., skip_special_tokens=True)` drops: `<unk>` `<s>` `</s>` `<pad>` and the special added
+        tokens."""
+        return frozenset(self._whole_ids.values()) - self._plain_ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`, as transformers decodes them; special and added tokens are dropped when
-        `skip_special_tokens`, else written as their text.
+        """Text of `ids`, as transformers decodes them; special tokens are dropped when `skip_special_tokens`, else
+        written as their text (as added tokens that are not special always are).
 
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
         UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run."""
@@ -364,17 +385,16 @@ class Tokenizer:
         # a Llama-2 style model has no pad piece (id -1): transformers reads that as pad_token null
         ids = {"unk_token": self.unk_id, "bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         special = {name: self.sp.id_to_piece(i) if i >= 0 else None for name, i in ids.items()}
-        decoder = {}
-        for i in sorted(self.special_ids):
-            lstrip, rstrip, single_word = self._match_rules.get(self.sp.id_to_piece(i), (False, False, False))
-            decoder[str(i)] = {"content": self.sp.id_to_piece(i), "lstrip": lstrip, "normalized": False,
-                               "rstrip": rstrip, "single_word": single_word, "special": True}
+        decoder = added_tokens_entries({i: token for token, i in self._whole_ids.items()}, self._token_flags,
+                                       self.special_ids)
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
                   "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "padding_side": "right",
                   "sp_model_kwargs": {}, "added_tokens_decoder": decoder, **special}
-        extra = {"additional_special_tokens": list(self.added_tokens)} if self.added_tokens else {}
+        # transformers lists these in all_special_tokens: the added tokens that are special, as it saves them
+        listed = [token for token in self.added_tokens if self._added_ids[token] in self.special_ids]
+        extra = {"additional_special_tokens": listed} if listed else {}
         template = replace_chat_template_files(directory, self.chat_template)
         write_json(directory / "tokenizer_config.json", {**config, **extra, **template})
         write_json(directory / "special_tokens_map.json", {**special, **extra})
@@ -470,4 +490,3 @@ def _sentences(texts: Iterable[str], max_bytes: int, budget: int = TRAIN_INPUT_B
             if budget < 0:
                 return
             yield piece
-

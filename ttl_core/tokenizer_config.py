@@ -1,10 +1,11 @@
 """tokenizer_config.json (and special_tokens_map.json) as transformers 5 reads them beside a tokenizer file: the
-tokens they add to the vocabulary, the tokens that play <s>, </s> and <pad>, whether <s> / </s> go around an
-encoded text, and the chat template."""
+tokens they add to the vocabulary and how each is treated (special or not, how it is matched), the tokens that play
+<s>, </s> and <pad>, whether <s> / </s> go around an encoded text, and the chat template."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import TokenizerError
 from .fileio import read_json
@@ -65,20 +66,43 @@ def role_tokens(path: Path, config: dict | None) -> dict[str, str | None]:
     return roles
 
 
-def match_rules(path: Path, entries: list) -> dict[str, tuple[bool, bool, bool]]:
-    """text -> (lstrip, rstrip, single_word) of the added-token entries (tokenizer_config.json's
-    `added_tokens_decoder` values, tokenizer.json's `added_tokens`) that set any of them: how transformers matches
-    that token in a text (taking the whitespace before it, after it; only where no letter, digit or "_" touches
-    it)."""
-    rules = {}
+class TokenFlags(NamedTuple):
+    """How transformers treats an added token (an entry of tokenizer_config.json's `added_tokens_decoder` or of
+    tokenizer.json's `added_tokens`). Every added token is matched whole in a text, taking the whitespace before it
+    (`lstrip`), after it (`rstrip`), or only where no letter, digit or "_" touches it (`single_word`); `special`
+    ones are dropped by decode(skip_special_tokens=True), the others kept. `normalized` is carried only to be
+    saved back: transformers 5's LlamaTokenizer has no normalizer, so it matches a token alike either way."""
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+    special: bool = True
+
+
+def token_flags(path: Path, entries: list) -> dict[str, TokenFlags]:
+    """text -> flags of the added-token entries (tokenizer_config.json's `added_tokens_decoder` values,
+    tokenizer.json's `added_tokens`). An entry without "special" is not special, as transformers' `AddedToken`
+    defaults; without "normalized", normalized when not special, as it also defaults."""
+    flags = {}
     for entry in entries:
-        flags = tuple(entry.get(key, False) for key in ("lstrip", "rstrip", "single_word"))
-        if not all(isinstance(flag, bool) for flag in flags):
-            raise TokenizerError(f"{path}: added token {entry.get('content')!r}: lstrip, rstrip and single_word must "
-                                 f"be true or false, got {flags}")
-        if any(flags):
-            rules[entry["content"]] = flags
-    return rules
+        special = entry.get("special", False)
+        values = [entry.get(key, False) for key in ("lstrip", "rstrip", "single_word")]
+        values += [entry.get("normalized", not special), special]
+        if not all(isinstance(value, bool) for value in values):
+            raise TokenizerError(f"{path}: added token {entry.get('content')!r}: lstrip, rstrip, single_word, "
+                                 f"normalized and special must be true or false, got {tuple(values)}")
+        flags[entry["content"]] = TokenFlags(*values)
+    return flags
+
+
+def added_tokens_entries(tokens: dict[int, str], flags: dict[str, TokenFlags], special: set[int]) -> dict:
+    """tokenizer_config.json's `added_tokens_decoder` for `tokens` (id -> text), with the flags they were read
+    with (none read: a token's defaults) and `special` as the ids in `special` say."""
+    entries = {}
+    for i, token in sorted(tokens.items()):
+        entry = flags.get(token, TokenFlags())._asdict()
+        entries[str(i)] = {"content": token, **entry, "special": i in special}
+    return entries
 
 
 def added_tokens_decoder(path: Path, config: dict | None) -> dict[int, str] | None:

@@ -30,7 +30,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import TokenizerError
 from .fileio import read_json
-from .tokenizer_config import match_rules
+from .tokenizer_config import TokenFlags, token_flags
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback piece
 _Piece = spm_pb2.ModelProto.SentencePiece
@@ -38,16 +38,16 @@ _Piece = spm_pb2.ModelProto.SentencePiece
 
 def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.PathLike | None = None,
                                     added_tokens: dict[int, str] | None = None) \
-        -> tuple[bytes, tuple[int | None, int | None], dict[str, tuple[bool, bool, bool]]]:
+        -> tuple[bytes, tuple[int | None, int | None], dict[str, TokenFlags]]:
     """Convert a `tokenizers` BPE `tokenizer.json` into an equivalent serialized sentencepiece model, or refuse
     one whose merges sentencepiece cannot follow (see the module docstring); returns the model, the ids the
     file's post-processor puts before and after a text (see `template_ends`) and how its added tokens are
-    matched in a text (see `tokenizer_config.match_rules`). `added_tokens` (id -> text) replace
-    the file's own, as tokenizer_config.json's `added_tokens_decoder` does in transformers 5. `beside` is the
+    treated (see `tokenizer_config.TokenFlags`). `added_tokens` (id -> text) replace the file's own, as
+    tokenizer_config.json's `added_tokens_decoder` does in transformers 5. `beside` is the
     `tokenizer.model` of the same directory, which transformers ignores: the model returned is that one (its own
     scores, the added tokens appended) when it splits every text alike, and a refusal names the first difference
     between the two files."""
-    proto, first_rank, problem, template, rules = _convert(Path(path), added_tokens)
+    proto, first_rank, problem, template, flags = _convert(Path(path), added_tokens)
     original = _read_model(Path(beside)) if beside is not None else None
     if problem is None:
         if original is not None:
@@ -55,8 +55,8 @@ def tokenizer_json_to_sentencepiece(path: str | os.PathLike, beside: str | os.Pa
                 original.pieces.add().CopyFrom(piece)
             original.trainer_spec.vocab_size = len(original.pieces)
             if _splits_alike(original, proto, first_rank):
-                return original.SerializeToString(), template, rules
-        return proto.SerializeToString(), template, rules
+                return original.SerializeToString(), template, flags
+        return proto.SerializeToString(), template, flags
     if beside is None:
         raise TokenizerError(f"{path}: sentencepiece cannot reproduce these merges exactly: {problem}")
     difference = original is not None and _first_vocabulary_difference(original, proto, Path(beside).name)
@@ -87,10 +87,10 @@ def _splits_alike(model: spm_pb2.ModelProto, converted: spm_pb2.ModelProto, firs
 
 def _convert(path: Path, added_tokens: dict[int, str] | None) \
         -> tuple[spm_pb2.ModelProto, dict[str, int], str | None, tuple[int | None, int | None],
-                 dict[str, tuple[bool, bool, bool]]]:
+                 dict[str, TokenFlags]]:
     """The sentencepiece model of a tokenizer.json, the rank of the first merge into each piece a merge makes,
     why the model would split some text differently (None: never), the ids its post-processor puts around a
-    text (see `template_ends`) and the match rules of its added tokens ({} when `added_tokens` replace them).
+    text (see `template_ends`) and the flags of its added tokens ({} when `added_tokens` replace them).
     Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens USER_DEFINED."""
     spec = read_json(path, TokenizerError, expect=object)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
@@ -104,9 +104,9 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
         raise TokenizerError(f"{path}: unsupported tokenizer type: BPE without sentencepiece-style '▁' word "
                              f"boundaries (e.g. GPT-2's byte-level BPE); only Llama-style BPE converts")
     vocab, merges = model.get("vocab"), model.get("merges") or []
-    rules = {}
+    flags = {}
     if added_tokens is None:
-        added_tokens, rules = added_tokens_of(path, spec), match_rules(path, spec.get("added_tokens") or [])
+        added_tokens, flags = added_tokens_of(path, spec), token_flags(path, spec.get("added_tokens") or [])
     if not isinstance(vocab, dict) or not vocab or not all(type(i) is int for i in vocab.values()):
         raise TokenizerError(f"{path}: model.vocab must be a non-empty object mapping tokens to integer ids")
     pairs = [_pair(merge) for merge in merges] if isinstance(merges, list) else [None]
@@ -161,7 +161,7 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     n.name, n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = "identity", True, False, True
     normal = [p.piece for p in proto.pieces if p.type == _Piece.NORMAL and len(p.piece) > 1]
     return (proto, first_rank, order_problem or _unlisted_merge_problem(normal, vocab, ranks),
-            template_ends(path, spec.get("post_processor")), rules)
+            template_ends(path, spec.get("post_processor")), flags)
 
 
 def template_ends(path: Path, processor: object) -> tuple[int | None, int | None]:

@@ -1,0 +1,112 @@
+"""Added tokens that are special and added tokens that are not (transformers' `add_special_tokens` / `add_tokens`):
+both are matched whole in a text, only special ones are dropped by decode(skip_special_tokens=True) and listed in
+`all_special_tokens`; ttl reads, adds and saves them as transformers does."""
+
+import json
+import shutil
+
+import pytest
+from tokenizer_helpers import assert_same_ids, corpus, make_ttl_style_dir
+
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
+
+PLAIN = ["<nsp>", "foo", "a b"]  # added with add_tokens: not special
+SPECIAL = ["<sp>"]
+TEXTS = ["a foo b<sp> c", "afoob", "foo", " foo", "a  foo ", "x <nsp> y<nsp>z", "<sp>foo<nsp>", "a b c", "xa b",
+         "vida ida", " <sp> foo <nsp> ", "a\u2581foo"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(corpus(), None, vocab_size=320)
+
+
+def added_by_transformers(tok, path, layout, normalized):
+    """A directory with PLAIN and SPECIAL added by transformers to ttl's save of `tok`, in `layout`: tokenizer.json
+    as transformers 5 saves it, or tokenizer.model with a transformers 4 config (added_tokens_decoder with the
+    flags, additional_special_tokens), which also lists the vocabulary's piece "ida" as a non-special added token.
+    Returns that transformers tokenizer."""
+    from transformers import AddedToken, AutoTokenizer
+
+    tok.save_pretrained(path.with_name(path.name + "-spm"))
+    hf = AutoTokenizer.from_pretrained(path.with_name(path.name + "-spm"))
+    hf.add_tokens([AddedToken(t, normalized=normalized, special=False) for t in PLAIN])
+    hf.add_special_tokens({"additional_special_tokens": SPECIAL})
+    if layout == "tokenizer.json":
+        hf.save_pretrained(path)
+        return hf
+    shutil.copytree(path.with_name(path.name + "-spm"), path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    decoder = {str(i): {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word,
+                        "normalized": t.normalized, "special": t.special} for i, t in hf.added_tokens_decoder.items()}
+    decoder[str(tok.token_to_id("ida"))] = {"content": "ida", "normalized": normalized, "special": False}
+    config.update(added_tokens_decoder=decoder, additional_special_tokens=SPECIAL)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_added_tokens_read_and_saved_special_or_not_as_in_transformers(tok, tmp_path, layout, normalized):
+    """Directories where transformers added non-special tokens (normalized or not: transformers 5's LlamaTokenizer
+    has no normalizer, so both match the raw text alike) and a special one: ttl encodes and decodes as
+    AutoTokenizer, keeping the non-special ones when skipping special tokens; its save reads back in transformers
+    with the same special tokens, ids and decoded text."""
+    from transformers import AutoTokenizer
+
+    hf = added_by_transformers(tok, tmp_path / "base", layout, normalized)
+    ours = Tokenizer.from_pretrained(tmp_path / "base")
+    assert_same_ids(ours, hf, TEXTS)
+    ids = ours.encode("x <nsp> y<sp>foo")
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == "x <nsp> yfoo"
+    ours.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved.all_special_tokens == hf.all_special_tokens
+    assert saved.added_tokens_decoder == hf.added_tokens_decoder
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path / "saved"), saved, TEXTS)
+    for text in TEXTS:
+        ids = hf(text)["input_ids"]
+        assert saved(text)["input_ids"] == ids, text
+        assert saved.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), text
+
+
+def test_tokens_added_by_ttl_save_as_transformers_adds_them(tok, tmp_path):
+    """ttl's add_tokens / add_special_tokens give the ids, decoded text and special tokens that transformers'
+    add_tokens / add_special_tokens give, in ttl and, after ttl saves them, in transformers."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "base")
+    hf.add_tokens(PLAIN)
+    hf.add_special_tokens({"additional_special_tokens": SPECIAL})
+    ours = Tokenizer.from_pretrained(tmp_path / "base")
+    assert ours.add_tokens(PLAIN + ["foo"]) == [320, 321, 322, 321]
+    assert ours.add_special_tokens(SPECIAL + ["foo"]) == [323, 321]  # "foo" stays as it was added
+    assert_same_ids(ours, hf, TEXTS)
+    ours.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved.all_special_tokens == hf.all_special_tokens
+    assert saved.added_tokens_decoder == hf.added_tokens_decoder
+    assert_same_ids(ours, saved, TEXTS)
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path / "saved"), saved, TEXTS)
+
+
+def test_a_tokenizers_normalizer_does_not_change_how_added_tokens_match_as_in_transformers(tmp_path):
+    """A tokenizer.json trained with the tokenizers library (Llama-2 normalizer: "▁" prepended, spaces replaced by
+    "▁") with normalized and unnormalized non-special added tokens: transformers 5's LlamaTokenizer drops the
+    file's normalizer, so "foo" in "a foo" matches either way (as it would not after normalization for " foo"),
+    and ttl encodes and decodes alike."""
+    from transformers import AutoTokenizer
+
+    spec = make_ttl_style_dir(tmp_path / "base", corpus())
+    size = len(spec["model"]["vocab"])
+    tokens = [(" foo", True, False), ("<nsp>", False, False), ("a b", True, False), ("<sp>", False, True)]
+    spec["added_tokens"] += [{"id": size + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": normalized, "special": special}
+                             for k, (t, normalized, special) in enumerate(tokens)]
+    (tmp_path / "base" / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "extra_special_tokens": SPECIAL}))
+    hf, ours = AutoTokenizer.from_pretrained(tmp_path / "base"), Tokenizer.from_pretrained(tmp_path / "base")
+    assert hf.convert_ids_to_tokens(hf("a foo")["input_ids"]) == ["<s>", "▁a", " foo"]
+    assert_same_ids(ours, hf, TEXTS)
