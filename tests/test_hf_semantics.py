@@ -314,3 +314,7 @@ def test_outputs_index_like_transformers_outputs(tmp_path, with_labels):
         assert max_diff(got[-1], expected[-1]) < 1e-4  # the logits, last either way
         with pytest.raises(KeyError):
             got["hidden_states"]
+        # membership, keys and dict() as on transformers' outputs (which are ordered dicts of the fields set)
+        assert list(got.keys()) == [k for k in expected.keys() if k in ("loss", "logits")]
+        assert "logits" in got and ("loss" in got) == with_labels and "hidden_states" not in got
+        assert list(got) == list(dict(got)) == list(got.keys())

@@ -296,10 +296,18 @@ def _cut_in_half(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
 
+def _overwrite_head(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"XXXXXXXX")
+
+
 # what disk trouble, a manual edit or a copy cut short leaves, and the start of the line that names it
 DAMAGE = {
     "optimizer.pt cut off": (lambda ck: _cut_in_half(ck / "optimizer.pt"),
                              "{ck}/optimizer.pt: empty, truncated or corrupt (not the complete zip archive"),
+    # its first bytes garbled: torch.load no longer sees a zip archive and unpickles the bytes in its legacy format
+    "optimizer.pt head garbled": (lambda ck: _overwrite_head(ck / "optimizer.pt"),
+                                  "{ck}/optimizer.pt: empty, truncated or corrupt (not the complete zip archive"),
     "model.safetensors cut off": (lambda ck: _cut_in_half(ck / "model.safetensors"),
                                   "{ck}/model.safetensors: corrupt or truncated safetensors file"),
     "model.safetensors garbage": (lambda ck: (ck / "model.safetensors").write_bytes(b"not safetensors " * 100),

@@ -41,6 +41,7 @@ except ImportError:  # Windows has no flock: runs there go without the run-direc
 STEP_DIR = re.compile(r"step-(\d{6,})")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
+ZIP_LOCAL_HEADER = b"PK\x03\x04"  # how the zip archive torch.save writes begins
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -159,8 +160,9 @@ def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, 
     if not (is_integer(step) and step >= 0) or not isinstance(trainer_state.get("data"), dict):
         raise CheckpointError(f"{state_path}: expected a step number and the data position")
     # torch.save writes a zip archive whose directory comes last: an empty or cut-off file has none (torch's
-    # own error for it is a paragraph about miniz)
-    if not zipfile.is_zipfile(optimizer_path):
+    # own error for it is a paragraph about miniz); one whose first bytes are garbled torch.load would unpickle in
+    # its legacy format, failing with whatever the garbage provokes (a UnicodeDecodeError, ...)
+    if not zipfile.is_zipfile(optimizer_path) or _head(optimizer_path) != ZIP_LOCAL_HEADER:
         raise CheckpointError(f"{optimizer_path}: empty, truncated or corrupt (not the complete zip archive "
                               "torch.save writes)")
     try:
@@ -171,6 +173,11 @@ def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, 
     if not isinstance(saved, dict) or not {"optimizer", "rng"} <= set(saved):
         raise CheckpointError(f"{optimizer_path}: expected the optimizer and RNG states")
     return trainer_state, saved
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(len(ZIP_LOCAL_HEADER))
 
 
 def looks_complete(checkpoint: Path) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -27,20 +27,33 @@ class ModelOutput:
     """`loss` is None without labels; `logits` is None when a loss was computed without `return_logits`.
 
     Indexed like transformers' outputs, so code written for them runs unchanged: `out[0]` is the first field
-    that is not None in the order (loss, logits), `out["logits"]` a field by name."""
+    that is not None in the order (loss, logits), `out["logits"]` a field by name; `keys()`, `in` and iteration
+    see the fields that are set, as on their dicts."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
+    def keys(self) -> list[str]:
+        """The names of the fields that are set, in order (transformers' outputs are dicts of those)."""
+        return [key for key in ("loss", "logits") if getattr(self, key) is not None]
+
     def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(value for value in (self.loss, self.logits) if value is not None)
+        return tuple(getattr(self, key) for key in self.keys())
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            if key not in ("loss", "logits") or getattr(self, key) is None:
+            if key not in self.keys():
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
+
+    # as a dict's: without these, `"logits" in out` and `for key in out` would go through __getitem__ with integers,
+    # comparing the name to the tensors (always False) and yielding the tensors
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
