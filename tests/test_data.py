@@ -2,6 +2,7 @@
 interruption, clear errors naming file and line."""
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -330,6 +331,25 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     with pytest.raises(OSError, match="No space left"):
         fileio.atomic_write(path, torn)
     assert json.loads(path.read_text()) == {"n": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_files_written_atomically_get_the_mode_of_any_file_the_process_creates(tmp_path, umask):
+    """safetensors creates its files owner-only (0600): a checkpoint's weights were unreadable to the group that
+    could read its config and optimizer state. Every file written atomically now gets the umask's mode, whatever
+    the writer did, as a file Python opens does."""
+    from safetensors.torch import save_file
+
+    old = os.umask(umask)
+    try:
+        assert fileio.process_umask() == umask
+        (tmp_path / "plain").write_text("x")
+        fileio.atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"w": torch.ones(2)}, str(tmp)))
+        fileio.write_json(tmp_path / "c.json", {"n": 1})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["plain", "w.safetensors", "c.json"], 0o666 & ~umask)
 
 
 def test_json_is_written_in_utf8_whatever_the_locale(tmp_path):

@@ -32,9 +32,25 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """This process's umask. Linux shows it in /proc; elsewhere it can only be swapped out and back
+    (`os.umask`), and a file another thread creates meanwhile gets the stricter 0o077, never a looser mask."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it into place atomically. A write that fails
-    in torch or safetensors is an `OSError` naming `path`, as one in Python's own file calls is."""
+    """Call `write(tmp_path)` to produce the file, then move it into place atomically, readable as any file
+    the process creates (safetensors writes its files owner-only, so colleagues on a shared machine could not
+    load a checkpoint's weights though they could read the rest). A write that fails in torch or safetensors is
+    an `OSError` naming `path`, as one in Python's own file calls is."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -48,6 +64,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
                                      f"{free:,.0f} MiB free on its file system)", str(path)) from e
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
