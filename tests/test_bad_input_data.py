@@ -86,6 +86,14 @@ def test_prepare_data_arguments(tmp_path, tok_file):
                             (dict(tokenizer=5), "tokenizer must be a .model file, an HF tokenizer directory")]:
         with pytest.raises(DataError, match=message):
             prepare_data([doc], tmp_path / "bad", **{"tokenizer": tok_file, **kwargs})
+    # of 2 documents 0.4 holds none out: said at once, not only when a run finds no validation split
+    with pytest.warns(UserWarning, match=r"^val_fraction 0.4 of 2 documents holds none out: val.bin will be empty "
+                                         r"\(use at least 0.5, or train with train.eval_every=0\)$"):
+        assert prepare_data([doc], tmp_path / "small", tokenizer=tok_file, val_fraction=0.4)["val_tokens"] == 0
+    run = run_script("prepare_data", "--input", doc, "--out", tmp_path / "w", "--tokenizer", tok_file, timeout=120)
+    assert run.returncode == 0 and run.stderr.strip().splitlines() == [  # the scripts' one-line form
+        "warning: val_fraction 0.1 of 2 documents holds none out: val.bin will be empty (use at least 0.5, or train "
+        "with train.eval_every=0)"], run.stderr[-2000:]
     run = run_script("prepare_data", "--input", doc, "--out", tmp_path / "s", "--workers", "-2", timeout=120)
     assert run.returncode == 2 and run.stderr.strip() == ("error: workers must be an integer >= 1 (or None for every "
                                                           "usable core), got -2")

@@ -340,6 +340,12 @@ def test_a_damaged_newest_checkpoint_names_the_file_and_the_older_checkpoint_to_
                             f"--resume"), message
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000001", "step-000002"]  # nothing touched
     if damage == "optimizer.pt cut off":  # the advice works, and a damaged older checkpoint is not offered
+        only = tmp_path / "only"
+        shutil.copytree(run_dir, only)
+        shutil.rmtree(only / "checkpoints" / "step-000001")
+        with pytest.raises(CheckpointError, match=r"; it is the run's only checkpoint: restore it from a copy, or "
+                                                  r"start the run again with another --out$"):
+            train(again, only, data_dir=str(data_dir), resume=True)
         _cut_in_half(run_dir / "checkpoints" / "step-000001" / "model.safetensors")
         with pytest.raises(CheckpointError, match=r"; no older checkpoint \(step-000001\) looks complete either$"):
             train(again, run_dir, data_dir=str(data_dir), resume=True)

@@ -128,8 +128,8 @@ def test_eval_every_0_trains_and_resumes_without_a_validation_split(tmp_path, da
     data = tmp_path / "data"
     for what in ("val.bin is empty", "no val.bin"):
         with pytest.raises(ConfigError, match=rf"^{data} has no validation split \({what}\); set train.eval_every=0 to "
-                                              r"train without evaluation, or prepare the data with scripts/"
-                                              r"prepare_data.py --val-fraction above 0$"):
+                                              r"train without evaluation, or prepare the data with a "
+                                              r"--val-fraction that holds out documents$"):
             train(run_config("train.max_steps=2"), tmp_path / "refused", data_dir=str(data))
         (data / "val.bin").unlink(missing_ok=True)
     with pytest.raises(DataError, match=r"val.bin: .* fewer than one global batch needs .*; or set "

@@ -200,9 +200,12 @@ def point_to_older_checkpoint(run_dir: str | Path, newest: Path | None) -> Itera
     try:
         yield
     except CheckpointError as e:
-        older = [p for p in complete_checkpoints(run_dir) if p != newest] if newest is not None else []
-        if not older:
+        if newest is None:  # not resuming: an --init-from directory's error stands as it is
             raise
+        older = [p for p in complete_checkpoints(run_dir) if p != newest]
+        if not older:  # starting again in the same directory is refused while it holds a checkpoint
+            raise CheckpointError(f"{e}; it is the run's only checkpoint: restore it from a copy, or start the run "
+                                  "again with another --out") from None
         usable = next((p for p in reversed(older) if looks_complete(p)), None)
         if usable is None:
             raise CheckpointError(f"{e}; no older checkpoint ({', '.join(p.name for p in older)}) looks complete "

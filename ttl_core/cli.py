@@ -1,21 +1,36 @@
-"""What every script shares: user errors become one `error: ...` line and exit status 2."""
+"""What every script shares: user errors become one `error: ...` line and exit status 2, and ttl's own warnings
+(UserWarning) one `warning: ...` line."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 from ttl_kernels.dispatch import BackendError
 
 from .errors import TTLError
 
+_python_show_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A UserWarning (what ttl warns with) as one line: the source line that raised it says nothing to a
+    script's user. Other categories (deprecations in a library, say) keep Python's form, for their authors."""
+    if category is UserWarning:
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a script's `main(argv)` and exit with its status. A `TTLError` (or a kernel backend that cannot
     run) prints one line, no traceback; so does a file-system error (an output path that is a file, a
-    directory given for a file, a full disk), which names the path."""
+    directory given for a file, a full disk), which names the path; and so does a UserWarning."""
     try:
-        status = main(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            status = main(argv)
     except (TTLError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

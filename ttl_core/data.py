@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -219,6 +220,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
+    if val_fraction and int(sum(counts) * val_fraction) == 0 and sum(counts):  # `_evenly` holds out floor(n * f)
+        warnings.warn(f"val_fraction {val_fraction} of {sum(counts)} documents holds none out: val.bin will be empty "
+                      f"(use at least {1 / sum(counts):.3g}, or train with train.eval_every=0)", stacklevel=2)
     source = _load_tokenizer(tokenizer)
     # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,

@@ -229,7 +229,7 @@ def check_eval_split(data_path: Path, run: RunConfig, world: World) -> None:
     if not val.is_file() or val.stat().st_size == 0:
         what = "val.bin is empty" if val.is_file() else "no val.bin"
         raise ConfigError(f"{data_path} has no validation split ({what}); set train.eval_every=0 to train without "
-                          "evaluation, or prepare the data with scripts/prepare_data.py --val-fraction above 0")
+                          "evaluation, or prepare the data with a --val-fraction that holds out documents")
     try:
         PackedLoader(data_path, "val", run.train.seq_len, run.train.micro_batch_size, rank=world.rank,
                      world_size=world.size, shuffle=False)
