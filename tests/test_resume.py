@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,21 @@ def _overwrite_head(path: Path) -> None:
         f.write(b"XXXXXXXX")
 
 
+def _flip_a_tensor_byte(path: Path) -> None:
+    """Damage that keeps the structure: a byte in the middle of tensor data, in model.safetensors (its weights'
+    bytes fill the file after the header) or in optimizer.pt (an uncompressed zip archive: its largest member)."""
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".safetensors":
+        at = len(data) - 100
+    else:
+        member = max(zipfile.ZipFile(path).infolist(), key=lambda m: m.file_size)
+        name_and_extra = int.from_bytes(data[member.header_offset + 26:member.header_offset + 28], "little") + \
+            int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")
+        at = member.header_offset + 30 + name_and_extra + member.file_size // 2
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 # what disk trouble, a manual edit or a copy cut short leaves, and the start of the line that names it
 DAMAGE = {
     "optimizer.pt cut off": (lambda ck: _cut_in_half(ck / "optimizer.pt"),
@@ -312,6 +328,12 @@ DAMAGE = {
                                   "{ck}/model.safetensors: corrupt or truncated safetensors file"),
     "model.safetensors garbage": (lambda ck: (ck / "model.safetensors").write_bytes(b"not safetensors " * 100),
                                   "{ck}/model.safetensors: corrupt or truncated safetensors file"),
+    # a byte of a tensor flipped: every structure reads, only the digests saved with the checkpoint tell
+    "model.safetensors byte flipped": (lambda ck: _flip_a_tensor_byte(ck / "model.safetensors"),
+                                       "{ck}/model.safetensors: damaged since it was saved (its bytes no longer "
+                                       "match the digest in trainer_state.json)"),
+    "optimizer.pt byte flipped": (lambda ck: _flip_a_tensor_byte(ck / "optimizer.pt"),
+                                  "{ck}/optimizer.pt: damaged since it was saved"),
     "trainer_state.json missing": (lambda ck: (ck / "trainer_state.json").unlink(),
                                    "{ck} is not a training checkpoint: trainer_state.json is missing"),
     "trainer_state.json garbage": (lambda ck: (ck / "trainer_state.json").write_text("{\"step\": 2, \"da"),

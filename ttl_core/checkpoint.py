@@ -7,12 +7,14 @@ written into a hidden `.step-000120.partial` directory and renamed into place on
 crash at any moment leaves the previous checkpoint as the newest complete one; an old checkpoint is renamed
 to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-deleted one under its name.
 What a crash cannot break, disk trouble or a copy cut short still can: resuming from a damaged checkpoint
-names its broken file and the older checkpoint that looks complete (`point_to_older_checkpoint`).
+names its broken file and the older checkpoint that looks complete (`point_to_older_checkpoint`); the SHA-256
+digests that trainer_state.json records of the other files catch damage that leaves a file's structure intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import random
@@ -41,6 +43,7 @@ except ImportError:  # Windows has no flock: runs there go without the run-direc
 STEP_DIR = re.compile(r"step-(\d{6,})")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
+SHA256 = "sha256"  # trainer_state.json's record of the checkpoint's other files: name -> digest
 ZIP_LOCAL_HEADER = b"PK\x03\x04"  # how the zip archive torch.save writes begins
 
 
@@ -120,6 +123,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda)  # a run may resume on fewer GPUs than it saved from
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_digests(checkpoint: Path, trainer_state: dict[str, Any]) -> None:
+    """Raise CheckpointError naming the first file whose bytes differ from the digest saved with the checkpoint
+    (checkpoints written before digests were recorded have none to check)."""
+    digests = trainer_state.get(SHA256, {})
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: '{SHA256}' must map file names to digests")
+    for name, digest in digests.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{checkpoint} is not a training checkpoint: {name} is missing")
+        if file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: damaged since it was saved (its bytes no longer match the digest in "
+                                  f"{TRAINER_STATE})")
+
+
 def save_checkpoint(
     run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer: Tokenizer | None = None, keep: int = 2,
@@ -135,7 +161,10 @@ def save_checkpoint(
         atomic_write(partial / OPTIMIZER_STATE,
                      lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
                                              **({"scaler": scaler_state} if scaler_state else {})}, tmp))
-        write_json(partial / TRAINER_STATE, {"step": step, **trainer_state})
+        # every other file's digest, for a resume to tell a byte damaged since (a disk error, a bad copy) that
+        # leaves the files' structure readable; ~1.5 GB/s, about a second per save of ttl-160m with its optimizer
+        digests = {f.name: file_sha256(f) for f in sorted(partial.iterdir()) if f.is_file()}
+        write_json(partial / TRAINER_STATE, {"step": step, **trainer_state, SHA256: digests})
 
     final = write_dir_atomically(checkpoint_root(run_dir) / f"step-{step:06d}", write)
     # a directory named step-N is always complete: one killed while being deleted is gone from that name

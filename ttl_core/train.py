@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .attention import document_layout
 from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, point_to_older_checkpoint,
-                         remove_partial_checkpoints, save_checkpoint, set_rng_state)
+                         remove_partial_checkpoints, save_checkpoint, set_rng_state, verify_digests)
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
@@ -364,6 +364,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     with point_to_older_checkpoint(out_dir, resume_from):
         resumed = load_trainer_state(resume_from) if resume_from is not None else None
         model = build_or_load_model(run, resume_from, init_from, world.device)
+        if resumed is not None:  # every file read in structure; now every byte, against the digests saved
+            verify_digests(resume_from, resumed[0])
     config = model.config
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
     tokenizer = Tokenizer.from_pretrained(data_path)
