@@ -302,6 +302,10 @@ def _overwrite_head(path: Path) -> None:
         f.write(b"XXXXXXXX")
 
 
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def _flip_a_tensor_byte(path: Path) -> None:
     """Damage that keeps the structure: a byte in the middle of tensor data, in model.safetensors (its weights'
     bytes fill the file after the header) or in optimizer.pt (an uncompressed zip archive: its largest member)."""
@@ -334,6 +338,10 @@ DAMAGE = {
                                        "match the digest in trainer_state.json)"),
     "optimizer.pt byte flipped": (lambda ck: _flip_a_tensor_byte(ck / "optimizer.pt"),
                                   "{ck}/optimizer.pt: damaged since it was saved"),
+    # an edited record of digests may name only the checkpoint's own files
+    "trainer_state.json digests elsewhere": (lambda ck: _edit_json(ck / "trainer_state.json", sha256={"../x": "0"}),
+                                             "{ck}/trainer_state.json: 'sha256' must map the checkpoint's file names "
+                                             "to digests"),
     "trainer_state.json missing": (lambda ck: (ck / "trainer_state.json").unlink(),
                                    "{ck} is not a training checkpoint: trainer_state.json is missing"),
     "trainer_state.json garbage": (lambda ck: (ck / "trainer_state.json").write_text("{\"step\": 2, \"da"),

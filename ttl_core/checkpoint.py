@@ -135,8 +135,10 @@ def verify_digests(checkpoint: Path, trainer_state: dict[str, Any]) -> None:
     """Raise CheckpointError naming the first file whose bytes differ from the digest saved with the checkpoint
     (checkpoints written before digests were recorded have none to check)."""
     digests = trainer_state.get(SHA256, {})
-    if not isinstance(digests, dict):
-        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: '{SHA256}' must map file names to digests")
+    # names of the checkpoint's own files only: an edited one must not send the check to a file elsewhere
+    if not isinstance(digests, dict) or not all(isinstance(d, str) and Path(n).name == n for n, d in digests.items()):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: '{SHA256}' must map the checkpoint's file names to "
+                              "digests")
     for name, digest in digests.items():
         path = checkpoint / name
         if not path.is_file():
