@@ -220,9 +220,10 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
-    if val_fraction and int(sum(counts) * val_fraction) == 0 and sum(counts):  # `_evenly` holds out floor(n * f)
-        warnings.warn(f"val_fraction {val_fraction} of {sum(counts)} documents holds none out: val.bin will be empty "
-                      f"(use at least {1 / sum(counts):.3g}, or train with train.eval_every=0)", stacklevel=2)
+    total = sum(counts)
+    if total and val_fraction and int(total * val_fraction) == 0:  # `_evenly` holds out floor(n * f)
+        warnings.warn(f"val_fraction {val_fraction} of {total} documents holds none out: val.bin will be empty "
+                      f"(use at least {1 / total:.3g}, or train with train.eval_every=0)", stacklevel=2)
     source = _load_tokenizer(tokenizer)
     # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
@@ -251,7 +252,6 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     else:
         tok = source or train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
         tok.save(model_path)
-    total = sum(counts)
     # shards run across files: a shard per file would give a corpus of many small files as many shards to write
     sizes = [min(shard_docs, total - i) for i in range(0, total, shard_docs)]  # documents per shard
     done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
