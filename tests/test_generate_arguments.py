@@ -178,3 +178,19 @@ def test_sampling_without_a_seed_follows_the_global_rng(models):
         torch.manual_seed(global_seed)
         runs.append(ttl_core.generate(ours, ids, mask, **kwargs))
     assert not torch.equal(runs[0], runs[1])
+
+
+def test_the_default_length_stops_at_the_context_like_transformers(models):
+    """With no length from the call or the checkpoint, transformers generates 20 new tokens or up to the
+    model's context, whichever comes first; a prompt that fills the context leaves nothing to generate."""
+    hf, ours = models
+    context = ours.config.max_position_embeddings
+    assert "max_length" not in ours.generation_config and "max_new_tokens" not in ours.generation_config
+    ids = torch.randint(4, ours.config.vocab_size, (1, context - 6), generator=torch.Generator().manual_seed(5))
+    ref = hf.generate(ids, do_sample=False, eos_token_id=[], pad_token_id=PAD)
+    got = ttl_core.generate(ours, ids, eos_token_id=[])
+    assert ref.shape == (1, context) and torch.equal(got, ref)
+    full = torch.cat([ids, ids[:, :6]], dim=1)
+    with pytest.raises(GenerationError, match=f"the prompt's {context} tokens fill the model's context of {context} "
+                                              "positions: no room for new tokens"):
+        ttl_core.generate(ours, full, eos_token_id=[])

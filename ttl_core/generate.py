@@ -407,8 +407,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     Greedy unless `do_sample`; the processors and their order are transformers' (see `ttl_core.sampling`).
     A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (its
     `max_length`, prompt included, where it has no `max_new_tokens`), else from
-    `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, greedy; sampling without top-k, where transformers'
-    default keeps the top 50). Checkpoint settings ttl does not implement (beam search, n-gram blocking, ...:
+    `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, fewer where the context ends first; greedy; sampling
+    without top-k, where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search, n-gram blocking, ...:
     `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning that names them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
     as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
@@ -426,9 +426,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
         prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
-        settings = decoding_settings(model.generation_config, prompt_len, max_new_tokens=max_new_tokens,
-                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     min_p=min_p, repetition_penalty=repetition_penalty)
+        settings = decoding_settings(model.generation_config, prompt_len, model.config.max_position_embeddings,
+                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
         max_new_tokens, do_sample = settings.pop("max_new_tokens"), settings.pop("do_sample")
         passed = {name for name, value in (("stop_strings", stop_strings),
                                            ("num_return_sequences", num_return_sequences)) if value not in (None, 1)}

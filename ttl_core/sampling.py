@@ -27,7 +27,8 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 # generate()'s decoding settings where neither the call nor the checkpoint's generation_config.json sets them.
-# top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does.
+# top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does. The 20
+# new tokens stop at the model's context, as transformers' default length does.
 DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                      "min_p": 0.0, "repetition_penalty": 1.0}
 
@@ -52,21 +53,27 @@ def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset
             and name not in passed and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
 
 
-def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, **given) -> dict:
+def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None, **given) -> dict:
     """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
     generation_config.json value, which transformers' generate() applies too, else the default. As there, a
     checkpoint's `max_length` (prompt included: `prompt_len` tokens) sets the number of new tokens when neither
-    the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is an error."""
+    the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is an error; the
+    default number of new tokens stops at the model's `context`, as transformers' default length does."""
     saved = dict(checkpoint or {})
-    if given.get("max_new_tokens") is None and saved.get("max_new_tokens") is None and \
-            saved.get("max_length") is not None:
-        if not is_integer(saved["max_length"]):
-            raise GenerationError(f"generation_config.json: max_length must be an integer, got "
-                                  f"{saved['max_length']!r}")
-        saved["max_new_tokens"] = saved["max_length"] - prompt_len
-        if saved["max_new_tokens"] < 1:
-            raise GenerationError(f"the prompt's {prompt_len} tokens already fill the checkpoint's max_length of "
-                                  f"{saved['max_length']} (generation_config.json); pass max_new_tokens")
+    if given.get("max_new_tokens") is None and saved.get("max_new_tokens") is None:
+        if saved.get("max_length") is not None:
+            if not is_integer(saved["max_length"]):
+                raise GenerationError(f"generation_config.json: max_length must be an integer, got "
+                                      f"{saved['max_length']!r}")
+            saved["max_new_tokens"] = saved["max_length"] - prompt_len
+            if saved["max_new_tokens"] < 1:
+                raise GenerationError(f"the prompt's {prompt_len} tokens already fill the checkpoint's max_length of "
+                                      f"{saved['max_length']} (generation_config.json); pass max_new_tokens")
+        elif context is not None:
+            if prompt_len >= context:
+                raise GenerationError(f"the prompt's {prompt_len} tokens fill the model's context of {context} "
+                                      "positions: no room for new tokens")
+            saved["max_new_tokens"] = min(DECODING_DEFAULTS["max_new_tokens"], context - prompt_len)
     return {name: given[name] if given.get(name) is not None else saved[name] if saved.get(name) is not None
             else default for name, default in DECODING_DEFAULTS.items()}
 
