@@ -7,8 +7,9 @@
 Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
 0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
 the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
-the answer. `--interactive` keeps a conversation in that format, one turn per input line, until the model's
-context is full (an empty line or end of input quits).
+the answer; any answer also ends at the tokenizer's `</s>` and at the EOS ids of the checkpoint's
+generation_config.json. `--interactive` keeps a conversation in that format, one turn per input line, until
+the model's context is full (an empty line or end of input quits).
 
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
@@ -31,6 +32,7 @@ from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, checked_device, load_pretrained
 from ttl_core.lora import is_adapter_dir, load_with_adapter
 from ttl_core.model import LlamaForCausalLM
+from ttl_core.sampling import special_token_ids
 from ttl_core.chat_format import AIRA_END, chat_prompt
 from ttl_core.tokenizer import Tokenizer
 
@@ -68,17 +70,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Chat:
-    """The token ids of a conversation (or a plain text continuation) in one chat format."""
+    """The token ids of a conversation (or a plain text continuation) in one chat format. An answer ends at the
+    tokenizer's EOS, at the checkpoint's EOS ids (`checkpoint_eos`, which transformers' generate() stops at too)
+    and at the format's end token (`end`, which closes an answer that ran out of tokens)."""
 
-    def __init__(self, tokenizer: Tokenizer, fmt: str | None):
+    def __init__(self, tokenizer: Tokenizer, fmt: str | None, checkpoint_eos: list[int] = ()):
         self.tokenizer, self.fmt = tokenizer, fmt
         self.ids: list[int] = []
-        self.eos = [tokenizer.eos_id]
+        self.end = tokenizer.eos_id
         if fmt == "aira":
-            end = tokenizer.token_to_id(AIRA_END)
-            if end is None:
+            self.end = tokenizer.token_to_id(AIRA_END)
+            if self.end is None:
                 raise GenerationError(f"--chat aira needs a tokenizer with Aira's special tokens; {AIRA_END} is missing")
-            self.eos.append(end)
+        self.eos = list(dict.fromkeys([tokenizer.eos_id, *checkpoint_eos, self.end]))
 
     def add_user(self, text: str, extra_input: str = "") -> None:
         """Append a user turn (or, without a format, plain text to continue)."""
@@ -91,7 +95,7 @@ class Chat:
         """Append the model's answer, closed with the end token if it ran out of tokens before one."""
         self.ids += ids
         if self.fmt and (not ids or ids[-1] not in self.eos):
-            self.ids.append(self.eos[-1])
+            self.ids.append(self.end)
 
 
 def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     check_tokenizer_fits(tokenizer, model, args.tokenizer or args.model)  # another model's would misname ids
     context = model.config.max_position_embeddings
-    chat = Chat(tokenizer, args.chat)
+    chat = Chat(tokenizer, args.chat, special_token_ids(model, None, None)[0])
     streamer = TextStreamer(tokenizer, on_text=lambda piece: print(piece, end="", flush=True))
 
     if not args.interactive:

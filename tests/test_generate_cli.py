@@ -337,3 +337,24 @@ def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoin
     prompts = [plain.encode(chat_prompt("aira", text), add_eos=False) for text in ("a casa", "o cachorro")]
     assert chat.ids == prompts[0] + [5, 6, tok.token_to_id("<|endofcompletion|>")] + prompts[1]
     assert tok.bos_id not in chat.ids and tok.eos_id not in chat.ids
+
+
+def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys):
+    """A checkpoint whose generation_config.json lists more EOS ids (a merged Aira model adds
+    <|endofcompletion|>) stops there, as generate() and transformers' generate() do; the CLI stopped only at the
+    tokenizer's </s> (and, with --chat aira, <|endofcompletion|>) and streamed on past the checkpoint's end."""
+    _, tok, model = checkpoint
+    ids = tok.encode("o menino")
+    settings = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.2, pad_token_id=tok.pad_id)
+    free = ttl_core.generate(model, torch.tensor([ids]), eos_token_id=[tok.eos_id], **settings)[0, len(ids):]
+    stop = int(free[3])
+    assert stop not in free[:3].tolist() and stop != tok.eos_id and len(free) == 12
+    saved = model.generation_config
+    model.generation_config = {**(saved or {}), "eos_token_id": [tok.eos_id, stop]}
+    try:
+        ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
+    finally:
+        model.generation_config = saved
+    assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
+                               "12", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == tok.decode(free[:4].tolist()) + "\n"
