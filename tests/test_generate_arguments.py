@@ -194,3 +194,15 @@ def test_the_default_length_stops_at_the_context_like_transformers(models):
     with pytest.raises(GenerationError, match=f"the prompt's {context} tokens fill the model's context of {context} "
                                               "positions: no room for new tokens"):
         ttl_core.generate(ours, full, eos_token_id=[])
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"eos_token_id": [2, None]}, "generation_config.json: eos_token_id None is not a token id"),
+    ({"eos_token_id": 2, "pad_token_id": "3"}, "generation_config.json: pad_token_id '3' is not a token id"),
+])
+def test_bad_token_ids_in_the_checkpoint_are_named(models, monkeypatch, saved, message):
+    """A malformed id in generation_config.json (a null in an EOS list) raised a TypeError from deep inside."""
+    _, ours = models
+    monkeypatch.setattr(ours, "generation_config", saved)
+    with pytest.raises(GenerationError, match=message):
+        ttl_core.generate(ours, torch.tensor([[5, 6, 7]]), max_new_tokens=2)

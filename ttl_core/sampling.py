@@ -119,22 +119,31 @@ def _token_list(ids, name: str, vocab: int) -> list[int]:
     return ids
 
 
+def _without_none_marks(ids):
+    """A checkpoint's id or list of ids without the -1 that old conversions write for "no such token", which
+    transformers ignores (anything else that is no id is left for `_token_list` to name)."""
+    def none_mark(i) -> bool:
+        return is_integer(i) and i < 0
+
+    if isinstance(ids, list):
+        return [i for i in ids if not none_mark(i)]
+    return None if none_mark(ids) else ids
+
+
 def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | None,
                       pad_token_id: int | None) -> tuple[list[int], int | None]:
     """(EOS ids, padding id): the arguments where given, else the checkpoint's generation_config.json as
     transformers reads it (when the model was loaded with one), else the model config's; the padding id
     falls back to the first EOS id."""
     config = model.config
-    defaults = model.generation_config
+    defaults, source = model.generation_config, "generation_config.json: "
     if defaults is None:
-        defaults = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}
-    # old conversions write -1 for "no such token", which transformers then ignores
-    saved = {k: [i for i in v if i >= 0] if isinstance(v, list) else None if isinstance(v, int) and v < 0 else v
-             for k, v in defaults.items() if k in ("eos_token_id", "pad_token_id")}
-    eos = _token_list(saved.get("eos_token_id") if eos_token_id is None else eos_token_id, "eos_token_id",
-                      config.vocab_size)
-    pad = _token_list(saved.get("pad_token_id") if pad_token_id is None else pad_token_id, "pad_token_id",
-                      config.vocab_size)
+        defaults, source = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}, "config.json: "
+    saved = {k: _without_none_marks(v) for k, v in defaults.items() if k in ("eos_token_id", "pad_token_id")}
+    eos = _token_list(saved.get("eos_token_id") if eos_token_id is None else eos_token_id,
+                      "eos_token_id" if eos_token_id is not None else source + "eos_token_id", config.vocab_size)
+    pad = _token_list(saved.get("pad_token_id") if pad_token_id is None else pad_token_id,
+                      "pad_token_id" if pad_token_id is not None else source + "pad_token_id", config.vocab_size)
     if len(pad) > 1:
         raise GenerationError(f"pad_token_id must be one token id, got {pad}")
     return eos, pad[0] if pad else (eos[0] if eos else None)
