@@ -162,6 +162,24 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
     assert seen[0].filename == __file__  # points at the call, not into ttl
 
 
+def test_a_checkpoint_num_return_sequences_applies_as_in_transformers(tmp_path):
+    """A sampling generation_config.json with num_return_sequences 2 gives two rows a prompt, interleaved, as in
+    transformers' generate() (top_k 1: both draw the greedy tokens); ttl warned it did not implement the
+    setting and returned one. The call's own value wins."""
+    hf = hf_causal_lm()
+    hf.generation_config.update(do_sample=True, top_k=1, num_return_sequences=2, pad_token_id=PAD)
+    hf.save_pretrained(tmp_path / "m")
+    ours = ttl_core.load_pretrained(tmp_path / "m")
+    tokens = ids(batch=2, seq=5)
+    expected = hf.generate(tokens, max_new_tokens=4, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ttl_core.generate(ours, tokens, max_new_tokens=4, eos_token_id=[])
+    assert expected.shape == (4, 9) and torch.equal(got, expected)
+    assert torch.equal(ttl_core.generate(ours, tokens, max_new_tokens=4, eos_token_id=[], num_return_sequences=1),
+                       expected[::2])
+
+
 def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
     """A generation_config.json `max_length` (prompt included) sets how many tokens a call without
     max_new_tokens adds, as transformers reads it; the checkpoint's or the call's max_new_tokens wins over it,

@@ -396,7 +396,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, num_return_sequences: int = 1, seed: int | None = None,
+             pad_token_id: int | None = None, num_return_sequences: int | None = None, seed: int | None = None,
              stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              cuda_graph: bool = True) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
@@ -406,10 +406,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
 
     Greedy unless `do_sample`; the processors and their order are transformers' (see `ttl_core.sampling`).
     A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (its
-    `max_length`, prompt included, where it has no `max_new_tokens`), else from
-    `ttl_core.sampling.DECODING_DEFAULTS` (20 new tokens, fewer where the context ends first; greedy; sampling
-    without top-k, where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search, n-gram blocking, ...:
-    `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning that names them.
+    `max_length`, prompt included, where it has no `max_new_tokens`), else from `ttl_core.sampling.DECODING_DEFAULTS`
+    (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
+    where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search,
+    n-gram blocking, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
     as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
     special tokens as their text), which needs `tokenizer` (see `ttl_core.streamer.StopStrings`).
@@ -428,10 +428,11 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
         settings = decoding_settings(model.generation_config, prompt_len, model.config.max_position_embeddings,
                                      max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
-        max_new_tokens, do_sample = settings.pop("max_new_tokens"), settings.pop("do_sample")
-        passed = {name for name, value in (("stop_strings", stop_strings),
-                                           ("num_return_sequences", num_return_sequences)) if value not in (None, 1)}
+                                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                     num_return_sequences=num_return_sequences)
+        max_new_tokens, do_sample, num_return_sequences = (
+            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences"))
+        passed = {"stop_strings"} if stop_strings is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "

@@ -30,7 +30,7 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 # top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does. The 20
 # new tokens stop at the model's context, as transformers' default length does.
 DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                     "min_p": 0.0, "repetition_penalty": 1.0}
+                     "min_p": 0.0, "repetition_penalty": 1.0, "num_return_sequences": 1}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -38,11 +38,11 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0, "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
-    "num_return_sequences": 1, "max_time": None, "bad_words_ids": None, "force_words_ids": None, "constraints": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "stop_strings": None,
-    "watermarking_config": None, "dola_layers": None, "token_healing": False, "remove_invalid_values": False}
+    "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0, "max_time": None,
+    "bad_words_ids": None, "force_words_ids": None, "constraints": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
+    "token_healing": False, "remove_invalid_values": False}
 
 
 def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:
