@@ -66,10 +66,11 @@ def bench(path: str, preset: str, batches: list[int], hf_static_batches: list[in
     dev = results.device
     ours = load_pretrained(path, dtype=torch.bfloat16, device=dev.device)
     hf = hf_model(path, dev.device)
+    # greedy and EOS-blind whatever a generation_config.json says, as the timed shape (prompt + new) assumes
+    greedy = {"max_new_tokens": new, "do_sample": False, "eos_token_id": []}
     impls = {
-        "ttl": lambda ids, mask: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]),
-        "ttl_nograph": lambda ids, mask: generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[],
-                                                  cuda_graph=False),
+        "ttl": lambda ids, mask: generate(ours, ids, mask, **greedy),
+        "ttl_nograph": lambda ids, mask: generate(ours, ids, mask, **greedy, cuda_graph=False),
     }
     if hf is not None:
         impls["hf"] = lambda ids, mask: hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
