@@ -204,9 +204,9 @@ def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype. On the
-    Triton path a target outside [0, V) other than `ignore_index` gives that row a NaN loss and gradient
-    (the reference raises)."""
+    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for fp32, bf16 and fp16 (float64
+    takes the reference: see `ttl_kernels.dispatch.use_triton`). On the Triton path a target outside [0, V)
+    other than `ignore_index` gives that row a NaN loss and gradient (the reference raises)."""
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
     _check(targets, logits.shape[0], reduction, label_smoothing)
@@ -354,7 +354,7 @@ def fused_linear_cross_entropy(
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     _check(targets, hidden.shape[0], reduction, label_smoothing)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
-    if not use_triton(hidden, backend):
+    if not use_triton(hidden, backend, weight):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # the losses alone

@@ -230,7 +230,7 @@ def rms_norm(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     require_floating("rms_norm", x=x, weight=weight, residual=residual)
-    if not use_triton(x, backend):
+    if not use_triton(x, backend, weight, residual):
         out = rms_norm_reference(x, weight, eps, residual)
         if out_dtype is None:
             return out
