@@ -142,6 +142,16 @@ def test_mixed_dtypes_and_missing_heads_are_clear_and_empty_sequences_work(backe
     assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_batch_of_no_sequences_keeps_the_graph(backend):
+    # a fully filtered batch: the reference (the CPU default) returned an output cut off from q, k and v, so
+    # backward raised "element 0 of tensors does not require grad" where the Triton path gave empty gradients
+    q, k, v = qkv((0, 8, 4, 16), 2, torch.float32)
+    out = ttl_kernels.flash_attention(q, k, v, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 def test_no_tokens_launch_no_kernel(monkeypatch):
     """On a GPU the autotuner would otherwise time its candidates on empty grids and keep the winner of that
     noise for every later call of the same head size."""

@@ -33,11 +33,12 @@ def flash_attention_reference(
     max_seqlen: int | None = None, softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Explicit-softmax attention in the input dtype's precision (float64 in tests), same layouts as
-    `flash_attention`; packed documents are computed one by one."""
+    `flash_attention`, one document at a time (no sequences: one empty document, whose write keeps the graph)."""
     if cu_seqlens is None:
         batch, seq = q.shape[:2]
-        out = flash_attention_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal,
-                                        torch.arange(batch + 1) * seq, seq, softmax_scale)
+        cu = torch.arange(batch + 1) * seq if batch else torch.zeros(2, dtype=torch.long)
+        flat = (t.flatten(0, 1) for t in (q, k, v))
+        out = flash_attention_reference(*flat, causal, cu, seq, softmax_scale)
         return out.view(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
@@ -469,14 +470,13 @@ def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None, softmax_scale: float | None = None, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Attention of q (batch, seq, heads, dim) over k, v (batch, seq, kv_heads, dim), or of packed
-    (total_tokens, heads, dim) documents delimited by `cu_seqlens` (documents never attend across
-    boundaries). kv_heads must divide heads; dim one of 16, 32, 64, 128; `softmax_scale` defaults to
-    1/sqrt(dim). `cu_seqlens` (integer, documents + 1) must start at 0, never decrease and end at
-    total_tokens, and `max_seqlen` must be at least the longest document: checked when `cu_seqlens` is on
-    the CPU, trusted when it is on the device (a check would sync), where a `max_seqlen` too small leaves
-    the output rows past it unwritten and every key/value gradient of that document wrong (they read those
-    rows' unwritten log-sum-exp)."""
+    """Attention of q (batch, seq, heads, dim) over k, v (batch, seq, kv_heads, dim), or of packed (total_tokens,
+    heads, dim) documents delimited by `cu_seqlens` (documents never attend across boundaries). kv_heads must divide
+    heads; dim one of 16, 32, 64, 128; `softmax_scale` defaults to 1/sqrt(dim). `cu_seqlens` (integer,
+    documents + 1) must start at 0, never decrease and end at total_tokens, and `max_seqlen` must be at least the
+    longest document: checked when `cu_seqlens` is on the CPU, trusted when it is on the device (a check would
+    sync), where a `max_seqlen` too small leaves the output rows past it unwritten and every key/value gradient of
+    that document wrong (they read those rows' unwritten log-sum-exp)."""
     packed = cu_seqlens is not None
     _check(q, k, v, packed)
     if packed:
