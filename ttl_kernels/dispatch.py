@@ -9,6 +9,7 @@ The kernels' autograd functions share `once_differentiable` from here too.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -71,7 +72,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     the strides allow (e.g. a slice of a fused projection), a copy otherwise."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: a last dim of 0 leaves that ambiguous
 
 
 def sm_count(device: torch.device) -> int:
