@@ -442,11 +442,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (choose one of {HEAD_DIMS})")
 
 
-def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     """`cu_seqlens` against the packed tokens and `max_seqlen`: its values only when it is on the CPU, where
     reading them costs no device sync (see `flash_attention` for the contract on a device)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"flash_attention cu_seqlens must be an integer tensor, got a {type(cu_seqlens).__name__}")
+    if max_seqlen is None or isinstance(max_seqlen, float):  # the kernels' grid counts blocks of whole tokens
+        raise ValueError(f"packed flash_attention needs an int max_seqlen (the longest document), got {max_seqlen}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attention cu_seqlens must be 1-D, one more entry than documents, got shape "
                          f"{tuple(cu_seqlens.shape)}")
@@ -461,7 +463,7 @@ def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | Non
         shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-2:]
         raise ValueError(f"flash_attention cu_seqlens must start at 0, never decrease and end at the {total} packed "
                          f"tokens, got {shown}")
-    if max_seqlen is not None and max(lengths) > max_seqlen:
+    if max(lengths) > max_seqlen:
         raise ValueError(f"flash_attention max_seqlen {max_seqlen} is less than the longest document in "
                          f"cu_seqlens ({max(lengths)} tokens)")
 
@@ -485,8 +487,6 @@ def flash_attention(
     if not use_triton(q, backend):
         return flash_attention_reference(q, k, v, causal, cu_seqlens, max_seqlen, scale)
     if packed:
-        if max_seqlen is None:
-            raise ValueError("packed flash_attention needs max_seqlen (the longest document)")
         qf, kf, vf = q, k, v
         # the kernels read cu_seqlens as a packed int32 array; `.to` keeps an int32 strided view as it is
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
