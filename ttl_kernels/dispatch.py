@@ -1,8 +1,9 @@
 """Choosing between a Triton kernel and its PyTorch reference for a given tensor.
 
-"auto" runs Triton on CUDA tensors and the reference elsewhere; the `TTL_KERNELS` environment variable
-(`triton` or `torch`) overrides "auto". Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before
-the first kernel module is imported, because Triton picks the interpreter when it decorates a kernel.
+"auto" runs Triton on CUDA tensors and the reference elsewhere (and for float64, which the kernels would
+compute in float32); the `TTL_KERNELS` environment variable (`triton` or `torch`) overrides "auto". Triton
+on CPU tensors needs `TRITON_INTERPRET=1`, set before the first kernel module is imported, because Triton
+picks the interpreter when it decorates a kernel.
 The kernels' autograd functions share `once_differentiable` from here too.
 """
 
