@@ -12,6 +12,7 @@ from hf_reference import hf_causal_lm
 from safetensors.torch import load_file, save_file
 
 import ttl_kernels
+from ttl_kernels.dispatch import BackendError
 import ttl_core
 from ttl_core.cli import run_cli
 from ttl_core.errors import AdapterError, CheckpointError, ConfigError, GenerationError
@@ -189,6 +190,30 @@ def test_kernels_refuse_integer_tensors_by_name(kernel, backend):
     ints = torch.randint(1, 5, (6, 64), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match=f"{kernel} takes floating-point tensors, got .* of dtype torch.int64"):
         _kernel_calls(ints)[kernel](backend)
+
+
+@pytest.mark.parametrize("kernel", ["rms_norm", "swiglu", "apply_rotary", "apply_rotary_qkv", "rotary_into_cache",
+                                    "cross_entropy", "fused_linear_cross_entropy", "flash_attention"])
+def test_triton_kernels_refuse_float64_which_they_would_compute_in_float32(kernel):
+    # the kernels compute in float32: float64 inputs came back as float64 results of float32 accuracy (1e-7 off
+    # the reference), so a float64 gradcheck of a kernel failed as if its backward were wrong
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, angles = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                           for shape in ((6, 64), (1, 3, 4, 64), (3, 64)))
+    calls = {
+        "rms_norm": lambda: ttl_kernels.rms_norm(rows, rows[0], backend="triton"),
+        "swiglu": lambda: ttl_kernels.swiglu(rows, backend="triton"),
+        "apply_rotary": lambda: ttl_kernels.apply_rotary(heads, heads, angles, angles, backend="triton"),
+        "apply_rotary_qkv": lambda: ttl_kernels.apply_rotary_qkv(heads, angles, angles, 1, backend="triton"),
+        "rotary_into_cache": lambda: ttl_kernels.rotary_into_cache(
+            heads, angles, angles, heads[:, :, :1].clone(), heads[:, :, :1].clone(), torch.arange(3), backend="triton"),
+        "cross_entropy": lambda: ttl_kernels.cross_entropy(rows, torch.arange(6), backend="triton"),
+        "fused_linear_cross_entropy": lambda: ttl_kernels.fused_linear_cross_entropy(rows, rows, torch.arange(6),
+                                                                                     backend="triton"),
+        "flash_attention": lambda: ttl_kernels.flash_attention(heads, heads, heads, backend="triton"),
+    }
+    with pytest.raises(BackendError, match="compute in float32, so float64 .* backend='torch'"):
+        calls[kernel]()
 
 
 def test_flash_attention_names_cu_seqlens_given_as_a_list():

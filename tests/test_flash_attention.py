@@ -121,7 +121,7 @@ def test_bad_shapes_are_clear():
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
         ttl_kernels.flash_attention(q, k, v, backend="triton")
     q, k, v = qkv((10, 2, 64), 2, torch.float32)
-    with pytest.raises(ValueError, match="needs max_seqlen"):
+    with pytest.raises(ValueError, match="needs an int max_seqlen"):
         ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), backend="triton")
 
 
@@ -137,6 +137,16 @@ def test_mixed_dtypes_and_missing_heads_are_clear_and_empty_sequences_work(backe
     with pytest.raises(ValueError, match="not a multiple of key/value heads 0"):
         ttl_kernels.flash_attention(q, k[:, :, :0], v[:, :, :0], backend=backend)
     q, k, v = qkv((2, 0, 4, 16), 2, torch.float32)
+    out = ttl_kernels.flash_attention(q, k, v, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_batch_of_no_sequences_keeps_the_graph(backend):
+    # a fully filtered batch: the reference (the CPU default) returned an output cut off from q, k and v, so
+    # backward raised "element 0 of tensors does not require grad" where the Triton path gave empty gradients
+    q, k, v = qkv((0, 8, 4, 16), 2, torch.float32)
     out = ttl_kernels.flash_attention(q, k, v, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert out.shape == q.shape and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
@@ -199,6 +209,17 @@ def test_documents_that_do_not_fit_max_seqlen_or_the_tokens_are_refused():
     for cu in ([0.0, 12.5, 30.0], [False, True]):  # float offsets were truncated: documents 0..12 and 12..30
         with pytest.raises(ValueError, match="cu_seqlens must hold integer token offsets"):
             ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu), max_seqlen=30, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("max_seqlen", [None, 20.0], ids=["missing", "float"])
+def test_packed_documents_need_a_whole_max_seqlen_on_both_paths(max_seqlen, backend):
+    # the reference (the CPU default) ignored max_seqlen, so code written on the CPU without it, or with a float,
+    # failed on the Triton path: a ValueError without it, and for 20.0 a TypeError deep in the launch grid
+    q, k, v = qkv((30, 2, 32), 2, torch.float32, seed=5)
+    with pytest.raises(ValueError, match=f"packed flash_attention needs an int max_seqlen .*, got {max_seqlen}"):
+        ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10, 30]), max_seqlen=max_seqlen,
+                                    backend=backend)
 
 
 def test_strided_cu_seqlens_and_a_zero_softmax_scale():

@@ -137,6 +137,18 @@ def test_strided_inputs_and_gradients():
     check((y, h), got, *truth(x, w, 1e-5, r, [gy, gh]), 1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(5, 0), (0,), (0, 0)], ids=["hidden0", "empty-1d", "no-rows-hidden0"])
+def test_a_hidden_size_of_zero_gives_empty_results(shape, backend):
+    # the reference (and F.rms_norm) give empty outputs and gradients; the Triton path raised deep in a reshape
+    # ("cannot reshape tensor of 0 elements into shape [-1, 0]"), then divided by its block width 0
+    x, w, r = inputs(1, 0, torch.float32, True)
+    x, r = (t.detach().reshape(shape).requires_grad_() for t in (x, r))
+    y, h = ttl_kernels.rms_norm(x, w, residual=r, backend=backend)
+    grads = torch.autograd.grad((y, h), (x, w, r), (torch.ones_like(y), torch.ones_like(h)))
+    assert y.shape == h.shape == x.shape and [g.shape for g in grads] == [x.shape, w.shape, r.shape]
+
+
 def test_rejects_mismatched_shapes():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="weight must have shape"):

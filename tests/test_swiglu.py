@@ -58,6 +58,19 @@ def test_fused_projection_input_gives_one_gradient_equal_to_the_halves(shape, dt
     assert torch.equal(ttl_kernels.swiglu_reference(gate_up), ttl_kernels.swiglu_reference(gate, up))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_width_of_zero_gives_empty_results(backend):
+    # the reference gives empty outputs and gradients; the Triton path raised deep in a reshape ("cannot reshape
+    # tensor of 0 elements into shape [-1, 0]")
+    gate_up = torch.randn(3, 0, requires_grad=True)
+    out = ttl_kernels.swiglu(gate_up, backend=backend)
+    (grad,) = torch.autograd.grad(out, gate_up, torch.ones_like(out))
+    assert out.shape == (3, 0) and grad.shape == (3, 0)
+    gate, up = torch.randn(3, 0, requires_grad=True), torch.randn(3, 0, requires_grad=True)
+    out = ttl_kernels.swiglu(gate, up, backend=backend)
+    assert [g.shape for g in torch.autograd.grad(out, (gate, up), torch.ones_like(out))] == [(3, 0), (3, 0)]
+
+
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="even last dim"):
         ttl_kernels.swiglu(torch.randn(3, 5), backend="triton")

@@ -20,7 +20,7 @@ class LlamaConfig:
     """Llama hyper-parameters under their Hugging Face names, plus two ttl-only runtime switches.
 
     `kernels` picks the implementation of RMSNorm, rotary, SwiGLU and cross-entropy ("auto": Triton on CUDA,
-    PyTorch references elsewhere; the `TTL_KERNELS` environment variable overrides "auto").
+    PyTorch references elsewhere and for float64; the `TTL_KERNELS` environment variable overrides "auto").
     `attention` picks the attention backend ("auto": flash-attn where usable, else SDPA; the `TTL_ATTENTION`
     environment variable overrides "auto"). Neither is written to config.json.
     """

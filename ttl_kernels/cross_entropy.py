@@ -204,9 +204,9 @@ def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss: float = 0.0, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for any input dtype. On the
-    Triton path a target outside [0, V) other than `ignore_index` gives that row a NaN loss and gradient
-    (the reference raises)."""
+    """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for fp32, bf16 and fp16 (float64
+    takes the reference: see `ttl_kernels.dispatch.use_triton`). On the Triton path a target outside [0, V)
+    other than `ignore_index` gives that row a NaN loss and gradient (the reference raises)."""
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
     _check(targets, logits.shape[0], reduction, label_smoothing)
@@ -305,7 +305,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
             ctx.save_for_backward(hidden, weight, targets)
             return _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.scaled = weight.dtype, False
         grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
         scale = _reduction_scale(targets, ignore_index, reduction)
         losses = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, grad_hidden,
@@ -325,6 +325,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                              grad_weight)
             return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                     None, None, None, None, None)
+        if ctx.scaled:  # asked before saved_tensors, whose own check names only an internal tensor
+            raise RuntimeError("fused_linear_cross_entropy scales the gradients its forward made in place, once: use "
+                               "backend='torch' for a second backward through one loss (retain_graph)")
+        ctx.scaled = True
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else _scaled(grad_hidden, grad_output, grad_hidden.dtype),
                 None if grad_weight is None else _scaled(grad_weight, grad_output, ctx.weight_dtype),
@@ -333,9 +337,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A gradient computed in the forward times the loss's incoming gradient, in `dtype`, without a float32
-    temporary the size of the weight: in place when the dtype is kept (a second backward through the same
-    graph then fails on the modified saved tensor rather than scaling twice), else written straight into
-    the narrower dtype."""
+    temporary the size of the weight: in place when the dtype is kept (so a second backward through the same
+    graph is refused rather than scaling twice), else written straight into the narrower dtype."""
     if grad.dtype == dtype:
         return grad.mul_(grad_output)
     return torch.mul(grad, grad_output, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
@@ -347,14 +350,15 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of the LM head `hidden (N, d) @ weight (V, d).T` against targets (N,). The Triton path
     never holds more than one chunk of logits; the weight gradient accumulates in float32, and is made only
-    when the weight requires grad. A target outside [0, V) other than `ignore_index` gives that row a NaN loss
-    (and NaN gradients) on the Triton path (the reference raises)."""
+    when the weight requires grad; with "mean" or "sum" the gradients are made in the forward and handed out once,
+    so a second backward through one loss (retain_graph) is refused. A target outside [0, V) other than
+    `ignore_index` gives that row a NaN loss (and NaN gradients) on the Triton path (the reference raises)."""
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     _check(targets, hidden.shape[0], reduction, label_smoothing)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
-    if not use_triton(hidden, backend):
+    if not use_triton(hidden, backend, weight):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # the losses alone

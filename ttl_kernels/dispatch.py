@@ -1,14 +1,16 @@
 """Choosing between a Triton kernel and its PyTorch reference for a given tensor.
 
-"auto" runs Triton on CUDA tensors and the reference elsewhere; the `TTL_KERNELS` environment variable
-(`triton` or `torch`) overrides "auto". Triton on CPU tensors needs `TRITON_INTERPRET=1`, set before
-the first kernel module is imported, because Triton picks the interpreter when it decorates a kernel.
+"auto" runs Triton on CUDA tensors and the reference elsewhere (and for float64, which the kernels would
+compute in float32); the `TTL_KERNELS` environment variable (`triton` or `torch`) overrides "auto". Triton
+on CPU tensors needs `TRITON_INTERPRET=1`, set before the first kernel module is imported, because Triton
+picks the interpreter when it decorates a kernel.
 The kernels' autograd functions share `once_differentiable` from here too.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 
@@ -32,8 +34,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
-    """Whether a kernel call on `x` should take the Triton path for the requested `backend`."""
+def use_triton(x: torch.Tensor, backend: str = "auto", *others: torch.Tensor | None) -> bool:
+    """Whether a kernel call on `x` (and `others`, its other floating inputs) should take the Triton path for
+    the requested `backend`. The kernels compute in float32, so float64 inputs take the reference under "auto"
+    and are refused under "triton": their results would be float64 tensors of float32 accuracy."""
     if backend not in BACKENDS:
         raise BackendError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -42,13 +46,18 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
             raise BackendError(f"TTL_KERNELS must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    runnable = HAVE_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))
-    if backend == "triton" and not runnable:
+    float64 = any(t is not None and t.dtype == torch.float64 for t in (x, *others))
+    if backend == "auto":
+        return HAVE_TRITON and x.is_cuda and not float64
+    if float64:
+        raise BackendError("Triton kernels compute in float32, so float64 inputs would get float32 accuracy: "
+                           "use backend='torch' (or 'auto', or TTL_KERNELS=torch) for float64")
+    if not (HAVE_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))):
         raise BackendError(
             f"Triton kernels need triton and a CUDA tensor or TRITON_INTERPRET=1 for CPU tensors "
             f"(got a {x.device.type} tensor, triton {'present' if HAVE_TRITON else 'missing'})"
         )
-    return runnable if backend == "triton" else (HAVE_TRITON and x.is_cuda)
+    return True
 
 
 def require_floating(function: str, **tensors: torch.Tensor | None) -> None:
@@ -64,7 +73,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     the strides allow (e.g. a slice of a fused projection), a copy otherwise."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: a last dim of 0 leaves that ambiguous
 
 
 def sm_count(device: torch.device) -> int:

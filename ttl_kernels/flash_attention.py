@@ -33,11 +33,12 @@ def flash_attention_reference(
     max_seqlen: int | None = None, softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Explicit-softmax attention in the input dtype's precision (float64 in tests), same layouts as
-    `flash_attention`; packed documents are computed one by one."""
+    `flash_attention`, one document at a time (no sequences: one empty document, whose write keeps the graph)."""
     if cu_seqlens is None:
         batch, seq = q.shape[:2]
-        out = flash_attention_reference(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal,
-                                        torch.arange(batch + 1) * seq, seq, softmax_scale)
+        cu = torch.arange(batch + 1) * seq if batch else torch.zeros(2, dtype=torch.long)
+        flat = (t.flatten(0, 1) for t in (q, k, v))
+        out = flash_attention_reference(*flat, causal, cu, seq, softmax_scale)
         return out.view(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     group = q.shape[1] // k.shape[1]
@@ -441,11 +442,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (choose one of {HEAD_DIMS})")
 
 
-def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None) -> None:
+def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     """`cu_seqlens` against the packed tokens and `max_seqlen`: its values only when it is on the CPU, where
     reading them costs no device sync (see `flash_attention` for the contract on a device)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"flash_attention cu_seqlens must be an integer tensor, got a {type(cu_seqlens).__name__}")
+    if max_seqlen is None or isinstance(max_seqlen, float):  # the kernels' grid counts blocks of whole tokens
+        raise ValueError(f"packed flash_attention needs an int max_seqlen (the longest document), got {max_seqlen}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attention cu_seqlens must be 1-D, one more entry than documents, got shape "
                          f"{tuple(cu_seqlens.shape)}")
@@ -460,7 +463,7 @@ def _check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int | Non
         shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-2:]
         raise ValueError(f"flash_attention cu_seqlens must start at 0, never decrease and end at the {total} packed "
                          f"tokens, got {shown}")
-    if max_seqlen is not None and max(lengths) > max_seqlen:
+    if max(lengths) > max_seqlen:
         raise ValueError(f"flash_attention max_seqlen {max_seqlen} is less than the longest document in "
                          f"cu_seqlens ({max(lengths)} tokens)")
 
@@ -469,14 +472,13 @@ def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None, softmax_scale: float | None = None, *, backend: str = "auto",
 ) -> torch.Tensor:
-    """Attention of q (batch, seq, heads, dim) over k, v (batch, seq, kv_heads, dim), or of packed
-    (total_tokens, heads, dim) documents delimited by `cu_seqlens` (documents never attend across
-    boundaries). kv_heads must divide heads; dim one of 16, 32, 64, 128; `softmax_scale` defaults to
-    1/sqrt(dim). `cu_seqlens` (integer, documents + 1) must start at 0, never decrease and end at
-    total_tokens, and `max_seqlen` must be at least the longest document: checked when `cu_seqlens` is on
-    the CPU, trusted when it is on the device (a check would sync), where a `max_seqlen` too small leaves
-    the output rows past it unwritten and every key/value gradient of that document wrong (they read those
-    rows' unwritten log-sum-exp)."""
+    """Attention of q (batch, seq, heads, dim) over k, v (batch, seq, kv_heads, dim), or of packed (total_tokens,
+    heads, dim) documents delimited by `cu_seqlens` (documents never attend across boundaries). kv_heads must divide
+    heads; dim one of 16, 32, 64, 128; `softmax_scale` defaults to 1/sqrt(dim). `cu_seqlens` (integer,
+    documents + 1) must start at 0, never decrease and end at total_tokens, and `max_seqlen` must be at least the
+    longest document: checked when `cu_seqlens` is on the CPU, trusted when it is on the device (a check would
+    sync), where a `max_seqlen` too small leaves the output rows past it unwritten and every key/value gradient of
+    that document wrong (they read those rows' unwritten log-sum-exp)."""
     packed = cu_seqlens is not None
     _check(q, k, v, packed)
     if packed:
@@ -485,8 +487,6 @@ def flash_attention(
     if not use_triton(q, backend):
         return flash_attention_reference(q, k, v, causal, cu_seqlens, max_seqlen, scale)
     if packed:
-        if max_seqlen is None:
-            raise ValueError("packed flash_attention needs max_seqlen (the longest document)")
         qf, kf, vf = q, k, v
         # the kernels read cu_seqlens as a packed int32 array; `.to` keeps an int32 strided view as it is
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()

@@ -114,7 +114,7 @@ def _launch_config(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for a hidden size."""
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm supports hidden sizes up to {MAX_HIDDEN}, got {n_cols}")
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = triton.next_power_of_2(max(n_cols, 1))  # next_power_of_2(0) is 0
     rows = max(1, TILE_ELEMENTS // block_n)
     max_warps = 32 if backward or block_n > 16384 else 16
     return block_n, rows, max(4, min(max_warps, rows * block_n // 512))
@@ -132,7 +132,7 @@ def rms_norm_forward(
     h = None if residual is None else torch.empty((n_rows, n_cols), dtype=h_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_n, rows, num_warps = _launch_config(n_cols)
-    if n_rows:
+    if x.numel():
         # without a residual, x stands in for the unused R and H (H's dtype is the rounding dtype)
         r_, h_ = (x, x) if residual is None else (residual, h)
         _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
@@ -160,7 +160,7 @@ def rms_norm_backward(
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
     programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 0
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (0,), dtype=torch.float32, device=h.device)
-    if programs:
+    if programs and n_cols:
         dh_ = dy if dh is None else dh
         _rms_norm_bwd_kernel[(programs,)](
             dy, dh_, h, weight, rstd, dx, dr, dw_partial, n_rows, n_cols, rows_per_program,
@@ -230,7 +230,7 @@ def rms_norm(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     require_floating("rms_norm", x=x, weight=weight, residual=residual)
-    if not use_triton(x, backend):
+    if not use_triton(x, backend, weight, residual):
         out = rms_norm_reference(x, weight, eps, residual)
         if out_dtype is None:
             return out

@@ -112,6 +112,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
     if up is not None and gate.shape != up.shape:
         raise ValueError(f"swiglu gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     require_floating("swiglu", gate=gate, up=up)
-    if not use_triton(gate, backend):
+    if not use_triton(gate, backend, up):
         return swiglu_reference(gate, up)
     return SwiGLUFunction.apply(gate, up)
