@@ -10,33 +10,13 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
+from lora_helpers import ALL, ids, randomize_lora_, to_ttl
 from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import AdapterError, CheckpointError
 from ttl_core.lora import (apply_lora, load_adapter, load_with_adapter, lora_layers, lora_parameters, merge_lora,
                            merged_weights, save_adapter, unload_lora, unmerge_lora)
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def to_ttl(hf_model, tmp_path, name="base"):
-    hf_model.save_pretrained(tmp_path / name)
-    return ttl_core.load_pretrained(tmp_path / name).eval()
-
-
-def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
-    """Non-zero B (and fresh A) so the adapter changes the output and a wrong mapping cannot hide."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def ids(batch=2, seq=9, vocab=131, seed=1):
-    return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
 
 # PEFT matches a listed target against the end of each module path, so a list can name single layers
 ONE_LAYER_EACH = ["model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "self_attn.v_proj"]

@@ -4,14 +4,14 @@
 base weight under its usual name and adds, for each targeted slice of its output rows, a low-rank update
 `B (A dropout(x)) * scale`. A fused projection (qkv, gate_up) thus adapts `q_proj` and `v_proj` (or any
 subset) independently, exactly as PEFT adapts the separate HF projections. The mapping between ttl's
-modules and HF names comes from `ttl_core.hf.hf_plan`, and PEFT's key names are derived from it.
+modules and HF names, and which layers PEFT's options pick, come from `ttl_core.lora_targets`; PEFT's key
+names are derived from them.
 `load_with_adapter` turns an adapter directory into a ready causal LM: its base, resized and merged.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -23,11 +23,10 @@ from safetensors.torch import save_file
 
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
-from .hf import hf_plan, load_pretrained
+from .hf import load_pretrained
+from .lora_targets import PEFT_PREFIX, linear_slices, modules_to_save_params, target_names, targeted_slices, tied
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
 # load an adapter whose outputs would differ from PEFT's
@@ -101,128 +100,6 @@ class LoRALinear(nn.Linear):
         self.merged = merged
 
 
-def _linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
-    """ttl linear module path -> (HF module prefix, {HF projection name: (start, stop) rows})."""
-    plan = hf_plan(model.config, model.architecture)
-    out = {}
-    for param, pieces in plan.items():
-        module, kind = param.rsplit(".", 1)
-        if kind != "weight" or not any(p[0].rsplit(".", 2)[-2] in LINEAR_NAMES for p in pieces):
-            continue
-        slices, start = {}, 0
-        for hf_name, rows in pieces:
-            rows = rows if rows is not None else dict(model.named_parameters())[param].shape[0]
-            slices[hf_name.rsplit(".", 2)[-2]] = (start, start + rows)
-            start += rows
-        out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
-    return out
-
-
-def _target_names(targets: str | Iterable[str]) -> list:
-    """`targets` as a list of names, or, as PEFT reads a string other than "all-linear", as a pattern."""
-    if isinstance(targets, str):
-        return list(LINEAR_NAMES) if targets.lower() == "all-linear" else targets
-    return list(targets)
-
-
-def _ends_with_one_of(key: str, names: list | str) -> set:
-    """The entries of `names` that PEFT's list rule matches to the module path `key`: itself, or "." + it at its
-    end; a string `names` is a pattern the whole path must match."""
-    if isinstance(names, str):
-        return {names} if re.fullmatch(names, key) else set()
-    return {n for n in names if isinstance(n, str) and f".{key}".endswith(f".{n}")}
-
-
-def _layer_index(key: str, layers_pattern: str | list | None) -> int | None:
-    """The layer number in a module path, found as PEFT finds it for `layers_to_transform`: the first number
-    after a part named in `layers_pattern` (any part when there is none)."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    match = next(filter(None, (re.match(regex, key) for regex in regexes)), None)
-    return int(match["idx"]) if match else None
-
-
-def _other_module_paths(model: nn.Module) -> list[str]:
-    """The paths of the transformers model's modules other than the attention and MLP projections."""
-    head = "lm_head" if model.architecture == "LlamaForCausalLM" else "score"
-    paths = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", head]
-    for i in range(model.config.num_hidden_layers):
-        paths += [f"model.layers.{i}{part}" for part in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm",
-                                                         ".post_attention_layernorm")]
-    return paths
-
-
-def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
-                     layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
-        -> dict[str, dict[str, tuple[int, int]]]:
-    """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
-    ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
-    "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
-    unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
-    layer out. A listed target that names no linear layer of the model, or targets that leave none, are errors."""
-    names = _target_names(targets)
-    for what, pattern in (("target", names), ("exclude_modules", exclude_modules)):
-        try:
-            if isinstance(pattern, str):
-                re.compile(pattern)
-        except re.error as e:
-            raise AdapterError(f"LoRA {what} pattern {pattern!r} is not a regular expression ({e})") from None
-    layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform or []
-    chosen, named = {}, set()
-    for path, (prefix, slices) in _linear_slices(model).items():
-        for name, rows in slices.items():
-            key = f"{prefix}.{name}"
-            hits = _ends_with_one_of(key, names)
-            named |= hits
-            if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
-                continue
-            if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
-                continue
-            chosen.setdefault(path, {})[name] = rows
-    if isinstance(names, str):  # PEFT refuses a pattern that matches any module other than ttl's linear layers
-        other = next((key for key in _other_module_paths(model) if re.fullmatch(names, key)), None)
-        if other:
-            raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
-                               f"linear layers {', '.join(LINEAR_NAMES)}")
-    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
-    if unknown:
-        raise AdapterError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}, "
-                           "'all-linear', module paths such as model.layers.0.self_attn.q_proj, or a pattern that "
-                           "matches whole paths")
-    if not chosen:
-        raise AdapterError(f"LoRA targets {names!r} leave no linear layer of the model to adapt (with "
-                           f"exclude_modules={exclude_modules!r}, layers_to_transform={layers_to_transform!r}; a "
-                           f"string is a pattern over whole module paths, as in PEFT)")
-    return chosen
-
-
-def _modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, str]:
-    """ttl parameter name -> PEFT key for the HF modules `modules_to_save` names (score, embed_tokens, lm_head,
-    norm, ...): as PEFT matches them, each module whose path ends with a name, as a string ("norm": every norm).
-    Unless `strict`, names the model lacks are skipped (PEFT writes "classifier" beside "score" for a classifier).
-    A name taking part of a fused projection (q_proj) is refused: ttl cannot train one in full."""
-    plan = hf_plan(model.config, model.architecture)
-    embeddings = ["backbone.embed.weight", "lm_head.weight"]
-    if _tied(model):
-        plan["lm_head.weight"] = [("lm_head.weight", None)]
-    modules = {p: [key.rsplit(".", 1)[0] for key, _ in pieces] for p, pieces in plan.items()}  # HF module paths
-    out = {}
-    for name in names:
-        found = [p for p, paths in modules.items() if any(path.endswith(name) for path in paths)]
-        fused = next((modules[p] for p in found if len(modules[p]) > 1), None)
-        if fused:
-            raise AdapterError(f"modules_to_save names {name!r}, which takes {', '.join(fused)}: a fused projection "
-                               "ttl cannot train in full (adapt it with LoRA instead)")
-        if _tied(model) and set(embeddings) & set(found):  # one tensor, two names: PEFT's ensure_weight_tying
-            found += embeddings  # saves it under both
-        if not found and strict:
-            raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
-        out.update({p: PEFT_PREFIX + plan[p][0][0] for p in found})
-    return out
-
-
-def _tied(model: nn.Module) -> bool:
-    return model.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -240,7 +117,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     embedding, training either one unties them, as PEFT does (the other keeps the original weights), unless
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
     `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
-    those names do (see `_targeted_slices`)."""
+    those names do (see `targeted_slices`)."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
     if not is_integer(r) or r < 1:
@@ -249,14 +126,14 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    targeted = _targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern)
+    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern)
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
-    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(_modules_to_save_params(model, saved))
-    if _tied(model) and trains_embedding and not ensure_weight_tying:
+    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(modules_to_save_params(model, saved))
+    if tied(model) and trains_embedding and not ensure_weight_tying:
         model.untie_embeddings()
-    full = _modules_to_save_params(model, saved)
+    full = modules_to_save_params(model, saved)
     for param in model.parameters():
         param.requires_grad_(False)
     for path, chosen in targeted.items():
@@ -265,13 +142,13 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         setattr(model.get_submodule(parent), child, layer)
     for name in full:
         model.get_parameter(name).requires_grad_(True)
-    names = _target_names(targets)
+    names = target_names(targets)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          "target_modules": names if isinstance(names, str) else sorted(names),
                          "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
                          "layers_pattern": layers_pattern,
                          "use_rslora": use_rslora, "modules_to_save": saved,
-                         "ensure_weight_tying": ensure_weight_tying and _tied(model)}
+                         "ensure_weight_tying": ensure_weight_tying and tied(model)}
     return model
 
 
@@ -321,14 +198,14 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for every LoRA weight of the model."""
-    slices = _linear_slices(model)
+    slices = linear_slices(model)
     return {f"{PEFT_PREFIX}{slices[path][0]}.{n}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[n].weight
             for path, layer in lora_layers(model).items() for n in layer.slices for ab in "AB"}
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for everything an adapter file holds: the LoRA pairs and the modules_to_save."""
-    saved = _modules_to_save_params(model, model.lora_config["modules_to_save"])
+    saved = modules_to_save_params(model, model.lora_config["modules_to_save"])
     return {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in saved.items()}}
 
 
@@ -421,7 +298,7 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     overwrite the model's. `is_trainable=False` freezes it too and sets eval mode (inference); returns the model."""
     directory = Path(path)
     config = _read_adapter_config(directory)
-    saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
+    saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     targets=config["target_modules"], use_rslora=config.get("use_rslora", False),
                     modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
@@ -433,7 +310,7 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
         raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
     # PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
     # loads them into the base model; so does ttl, once the model's vocabulary is resized to match
-    embeddings = {name: key for name, key in _modules_to_save_params(model, ["embed_tokens", "lm_head"],
+    embeddings = {name: key for name, key in modules_to_save_params(model, ["embed_tokens", "lm_head"],
                                                                       strict=False).items()
                   if key in found and key not in expected}
     for name, key in embeddings.items():
@@ -489,7 +366,7 @@ def load_with_adapter(path: str | Path, base: str | Path | None = None, dtype: t
     model = load_pretrained(base, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise AdapterError(f"{base}: holds a {model.architecture}; the adapter {directory} needs a LlamaForCausalLM")
-    embeddings = set(_modules_to_save_params(model, ["embed_tokens", "lm_head"]).values())
+    embeddings = set(modules_to_save_params(model, ["embed_tokens", "lm_head"]).values())
     shapes = _read_adapter_weights(directory, lambda f, key: f.get_slice(key).get_shape())
     rows = max((shape[0] for key, shape in shapes.items() if key in embeddings), default=0)
     if rows > model.config.vocab_size:  # load_adapter then loads the saved rows into the grown tables

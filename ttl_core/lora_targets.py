@@ -1,0 +1,144 @@
+"""Which of a model's modules PEFT's LoRA options pick, found on ttl's (fused) layers.
+
+PEFT names the separate HF projections (`model.layers.0.self_attn.q_proj`); ttl fuses q/k/v and gate/up into
+one linear layer each. The functions here translate PEFT's target_modules, exclude_modules, layers_to_transform,
+layers_pattern and modules_to_save into ttl's layers and the rows each HF projection occupies in them, with the
+mapping from `ttl_core.hf.hf_plan`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch.nn as nn
+
+from .errors import AdapterError
+from .hf import hf_plan
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
+    """ttl linear module path -> (HF module prefix, {HF projection name: (start, stop) rows})."""
+    plan = hf_plan(model.config, model.architecture)
+    out = {}
+    for param, pieces in plan.items():
+        module, kind = param.rsplit(".", 1)
+        if kind != "weight" or not any(p[0].rsplit(".", 2)[-2] in LINEAR_NAMES for p in pieces):
+            continue
+        slices, start = {}, 0
+        for hf_name, rows in pieces:
+            rows = rows if rows is not None else dict(model.named_parameters())[param].shape[0]
+            slices[hf_name.rsplit(".", 2)[-2]] = (start, start + rows)
+            start += rows
+        out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
+    return out
+
+
+def target_names(targets: str | Iterable[str]) -> list:
+    """`targets` as a list of names, or, as PEFT reads a string other than "all-linear", as a pattern."""
+    if isinstance(targets, str):
+        return list(LINEAR_NAMES) if targets.lower() == "all-linear" else targets
+    return list(targets)
+
+
+def _ends_with_one_of(key: str, names: list | str) -> set:
+    """The entries of `names` that PEFT's list rule matches to the module path `key`: itself, or "." + it at its
+    end; a string `names` is a pattern the whole path must match."""
+    if isinstance(names, str):
+        return {names} if re.fullmatch(names, key) else set()
+    return {n for n in names if isinstance(n, str) and f".{key}".endswith(f".{n}")}
+
+
+def _layer_index(key: str, layers_pattern: str | list | None) -> int | None:
+    """The layer number in a module path, found as PEFT finds it for `layers_to_transform`: the first number
+    after a part named in `layers_pattern` (any part when there is none)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next(filter(None, (re.match(regex, key) for regex in regexes)), None)
+    return int(match["idx"]) if match else None
+
+
+def _other_module_paths(model: nn.Module) -> list[str]:
+    """The paths of the transformers model's modules other than the attention and MLP projections."""
+    head = "lm_head" if model.architecture == "LlamaForCausalLM" else "score"
+    paths = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", head]
+    for i in range(model.config.num_hidden_layers):
+        paths += [f"model.layers.{i}{part}" for part in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm",
+                                                         ".post_attention_layernorm")]
+    return paths
+
+
+def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
+                     layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
+        -> dict[str, dict[str, tuple[int, int]]]:
+    """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
+    ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
+    "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
+    unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
+    layer out. A listed target that names no linear layer of the model, or targets that leave none, are errors."""
+    names = target_names(targets)
+    for what, pattern in (("target", names), ("exclude_modules", exclude_modules)):
+        try:
+            if isinstance(pattern, str):
+                re.compile(pattern)
+        except re.error as e:
+            raise AdapterError(f"LoRA {what} pattern {pattern!r} is not a regular expression ({e})") from None
+    layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform or []
+    chosen, named = {}, set()
+    for path, (prefix, slices) in linear_slices(model).items():
+        for name, rows in slices.items():
+            key = f"{prefix}.{name}"
+            hits = _ends_with_one_of(key, names)
+            named |= hits
+            if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
+                continue
+            if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
+                continue
+            chosen.setdefault(path, {})[name] = rows
+    if isinstance(names, str):  # PEFT refuses a pattern that matches any module other than ttl's linear layers
+        other = next((key for key in _other_module_paths(model) if re.fullmatch(names, key)), None)
+        if other:
+            raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
+                               f"linear layers {', '.join(LINEAR_NAMES)}")
+    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
+    if unknown:
+        raise AdapterError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}, "
+                           "'all-linear', module paths such as model.layers.0.self_attn.q_proj, or a pattern that "
+                           "matches whole paths")
+    if not chosen:
+        raise AdapterError(f"LoRA targets {names!r} leave no linear layer of the model to adapt (with "
+                           f"exclude_modules={exclude_modules!r}, layers_to_transform={layers_to_transform!r}; a "
+                           f"string is a pattern over whole module paths, as in PEFT)")
+    return chosen
+
+
+def modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, str]:
+    """ttl parameter name -> PEFT key for the HF modules `modules_to_save` names (score, embed_tokens, lm_head,
+    norm, ...): as PEFT matches them, each module whose path ends with a name, as a string ("norm": every norm).
+    Unless `strict`, names the model lacks are skipped (PEFT writes "classifier" beside "score" for a classifier).
+    A name taking part of a fused projection (q_proj) is refused: ttl cannot train one in full."""
+    plan = hf_plan(model.config, model.architecture)
+    embeddings = ["backbone.embed.weight", "lm_head.weight"]
+    if tied(model):
+        plan["lm_head.weight"] = [("lm_head.weight", None)]
+    modules = {p: [key.rsplit(".", 1)[0] for key, _ in pieces] for p, pieces in plan.items()}  # HF module paths
+    out = {}
+    for name in names:
+        found = [p for p, paths in modules.items() if any(path.endswith(name) for path in paths)]
+        fused = next((modules[p] for p in found if len(modules[p]) > 1), None)
+        if fused:
+            raise AdapterError(f"modules_to_save names {name!r}, which takes {', '.join(fused)}: a fused projection "
+                               "ttl cannot train in full (adapt it with LoRA instead)")
+        if tied(model) and set(embeddings) & set(found):  # one tensor, two names: PEFT's ensure_weight_tying
+            found += embeddings  # saves it under both
+        if not found and strict:
+            raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
+        out.update({p: PEFT_PREFIX + plan[p][0][0] for p in found})
+    return out
+
+
+def tied(model: nn.Module) -> bool:
+    return model.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
