@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import load_pretrained
-from .lora_targets import PEFT_PREFIX, linear_slices, modules_to_save_params, target_names, targeted_slices, tied
+from .lora_targets import (PEFT_PREFIX, linear_slices, modules_to_save_params, present_targets, target_names,
+                           targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -300,8 +301,8 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     config = _read_adapter_config(directory)
     saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                    targets=config["target_modules"], use_rslora=config.get("use_rslora", False),
-                    modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
+                    targets=present_targets(model, config["target_modules"]),
+                    use_rslora=config.get("use_rslora", False), modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
                     **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern")})
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:

@@ -71,6 +71,20 @@ def _other_module_paths(model: nn.Module) -> list[str]:
     return paths
 
 
+def _names_a_module(target: object, paths: list[str]) -> bool:
+    return isinstance(target, str) and any(_ends_with_one_of(path, [target]) for path in paths)
+
+
+def present_targets(model: nn.Module, targets: str | list) -> str | list:
+    """A target list without the entries that name no module of the model, which PEFT passes over (the layer
+    names of other architectures, in lists written for several); a pattern or "all-linear" as it is."""
+    if isinstance(targets, str):
+        return targets
+    paths = [f"{prefix}.{name}" for prefix, slices in linear_slices(model).values() for name in slices]
+    paths += _other_module_paths(model)
+    return [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)]
+
+
 def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
                      layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
         -> dict[str, dict[str, tuple[int, int]]]:
@@ -78,8 +92,15 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
     ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
     "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
     unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
-    layer out. A listed target that names no linear layer of the model, or targets that leave none, are errors."""
+    layer out (a target that is the module's whole path is exempt, as in PEFT). A listed target that names no
+    linear layer of the model, targets that leave none, and layer options PEFT refuses are errors."""
     names = target_names(targets)
+    if isinstance(names, str) and (layers_to_transform is not None or layers_pattern is not None):
+        option = "layers_to_transform" if layers_to_transform is not None else "layers_pattern"
+        raise AdapterError(f"LoRA {option} cannot go with the target pattern {names!r}, which picks the layers "
+                           "itself (as in PEFT; list the target names instead)")
+    if layers_pattern and layers_to_transform is None:
+        raise AdapterError(f"LoRA layers_pattern {layers_pattern!r} needs layers_to_transform (as in PEFT)")
     for what, pattern in (("target", names), ("exclude_modules", exclude_modules)):
         try:
             if isinstance(pattern, str):
@@ -95,7 +116,7 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
             named |= hits
             if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
                 continue
-            if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
+            if layers and key not in names and _layer_index(key, layers_pattern) not in layers:
                 continue
             chosen.setdefault(path, {})[name] = rows
     if isinstance(names, str):  # PEFT refuses a pattern that matches any module other than ttl's linear layers
@@ -104,6 +125,10 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
             raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
                                f"linear layers {', '.join(LINEAR_NAMES)}")
     unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
+    unadaptable = [t for t in unknown if _names_a_module(t, _other_module_paths(model))]
+    if unadaptable:  # PEFT would adapt an embedding or the LM head: loading without it would change the logits
+        raise AdapterError(f"LoRA on {unadaptable} is not supported: ttl adapts only the attention and MLP "
+                           f"projections ({', '.join(LINEAR_NAMES)})")
     if unknown:
         raise AdapterError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}, "
                            "'all-linear', module paths such as model.layers.0.self_attn.q_proj, or a pattern that "

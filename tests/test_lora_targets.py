@@ -1,0 +1,75 @@
+"""LoRA target options against peft: the layers PEFT's target_modules, layers_to_transform, layers_pattern pick,
+and the option combinations it refuses."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from hf_reference import hf_causal_lm
+from lora_helpers import ids, randomize_lora_, to_ttl
+
+from ttl_core.errors import AdapterError
+from ttl_core.lora import apply_lora, load_adapter, lora_layers, save_adapter
+
+
+def adapted_modules(model) -> set[str]:
+    """The HF paths of a PEFT model's adapted modules ("model.layers.0.self_attn.q_proj")."""
+    return {name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+            for name, _ in model.named_modules() if name.endswith("lora_A.default")}
+
+
+@pytest.mark.parametrize("options, refused", [
+    ({"target_modules": r".*\.q_proj", "layers_to_transform": [0]}, "layers_to_transform"),
+    ({"target_modules": r".*\.q_proj", "layers_pattern": "layers"}, "layers_pattern"),
+    ({"target_modules": ["q_proj"], "layers_pattern": "layers"}, "layers_pattern"),
+])
+def test_layer_options_peft_refuses_are_refused(tmp_path, options, refused):
+    """PEFT refuses layers_to_transform or layers_pattern beside a pattern target (the pattern alone picks the
+    layers), and layers_pattern without layers_to_transform. ttl ignored them: layers_to_transform=[0] adapted
+    every layer, and the adapter it saved was one PEFT cannot load."""
+    with pytest.raises(ValueError, match=f"`{refused}`"):
+        peft.LoraConfig(**options)
+    settings = {"targets" if key == "target_modules" else key: value for key, value in options.items()}
+    with pytest.raises(AdapterError, match=rf"LoRA {refused} .*\(as in PEFT"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, **settings)
+
+
+def test_targets_naming_layers_the_model_lacks_load_as_in_peft(tmp_path):
+    """PEFT adapts what a target list's entries match and passes over the others (the names of other
+    architectures' layers, in lists written for several), so its adapter loads; ttl refused it as naming
+    unknown modules. Entries naming a module ttl cannot adapt (lm_head) are still refused, by name."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                     target_modules=["q_proj", "v_proj", "c_attn", "query_key_value"]))
+    randomize_lora_(theirs, seed=4)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft")
+    assert sum(len(layer.slices) for layer in lora_layers(ours).values()) == len(adapted_modules(theirs)) == 4
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+    with pytest.raises(AdapterError, match=r"LoRA on \['lm_head'\] is not supported: ttl adapts only the "):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "head"), targets=["q_proj", "lm_head"])
+
+
+def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp_path):
+    """PEFT applies layers_to_transform only to the targets that end a module's path, not to one that is the
+    whole path: with ["model.layers.1.self_attn.q_proj", "v_proj"] and layers_to_transform=[0] it adapts layer 0's
+    v_proj and layer 1's q_proj. ttl left the q_proj out, so PEFT's adapter did not fit."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                     target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
+                                                     layers_to_transform=[0]))
+    assert adapted_modules(theirs) == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"}
+    randomize_lora_(theirs, seed=6)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+    save_adapter(ours, tmp_path / "ttl")
+    again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
+    assert adapted_modules(again) == adapted_modules(theirs)
