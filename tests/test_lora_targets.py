@@ -1,5 +1,5 @@
-"""LoRA target options against peft: the layers PEFT's target_modules, layers_to_transform, layers_pattern pick,
-and the option combinations it refuses."""
+"""LoRA's per-module options against peft: the layers target_modules, layers_to_transform and layers_pattern
+pick (and the combinations PEFT refuses), and the rank and alpha rank_pattern and alpha_pattern give each."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm
-from lora_helpers import ids, randomize_lora_, to_ttl
+from lora_helpers import ALL, ids, randomize_lora_, to_ttl
 
 from ttl_core.errors import AdapterError
-from ttl_core.lora import apply_lora, load_adapter, lora_layers, save_adapter
+from ttl_core.lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
 
 
 def adapted_modules(model) -> set[str]:
@@ -73,3 +73,47 @@ def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp
     save_adapter(ours, tmp_path / "ttl")
     again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
     assert adapted_modules(again) == adapted_modules(theirs)
+
+
+@pytest.mark.parametrize("options", [
+    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+     "alpha_pattern": {"v_proj": 3.5}},
+    {"target_modules": "all-linear", "use_rslora": True, "rank_pattern": {"model.layers.0.self_attn.k_proj": 1},
+     "alpha_pattern": {r"layers\.\d\.mlp\..*": 32}},
+])
+def test_rank_and_alpha_patterns_cross_load_with_peft_logits(tmp_path, options):
+    """PEFT's rank_pattern and alpha_pattern give the modules whose path a key ends (as a pattern) their own rank
+    and alpha, within one fused ttl layer too; ttl refused such adapters. Unmerged and merged logits match
+    PEFT's, and ttl's save of the adapter loads back in PEFT with the same ranks."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                     **options))
+    randomize_lora_(theirs, seed=9)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=x).logits
+        assert (ours(x).logits - expected).abs().max() < 1e-4
+        merge_lora(ours)
+        assert (ours(x).logits - expected).abs().max() < 1e-4
+        unmerge_lora(ours)
+    save_adapter(ours, tmp_path / "ttl")
+    again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
+    ranks = {n: p.shape for n, p in theirs.named_parameters() if "lora_" in n}
+    assert ranks == {n: p.shape for n, p in again.named_parameters() if "lora_" in n}
+    assert len(set(ranks.values())) > 4  # the patterns changed some ranks
+    with torch.no_grad():
+        assert (again(input_ids=x).logits - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("rank_pattern", {"q_proj": 0}, r"rank_pattern\['q_proj'\] must be an integer >= 1, got 0"),
+    ("rank_pattern", ["q_proj", 2], r"rank_pattern must map module name patterns to values"),
+    ("alpha_pattern", {"v_proj": "8"}, r"alpha_pattern\['v_proj'\] must be a positive number, got '8'"),
+    ("alpha_pattern", {"(v_proj": 8}, r"alpha_pattern key '\(v_proj' is not a regular expression"),
+])
+def test_bad_rank_and_alpha_patterns_are_one_line_errors(tmp_path, option, value, message):
+    with pytest.raises(AdapterError, match=message):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, **{option: value})

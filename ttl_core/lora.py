@@ -24,16 +24,16 @@ from safetensors.torch import save_file
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import load_pretrained
-from .lora_targets import (PEFT_PREFIX, linear_slices, modules_to_save_params, present_targets, target_names,
-                           targeted_slices, tied)
+from .lora_targets import (PEFT_PREFIX, checked_pattern, linear_slices, modules_to_save_params, pattern_value,
+                           present_targets, target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
 # load an adapter whose outputs would differ from PEFT's
 UNSUPPORTED_ADAPTER_FIELDS = (
-    "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias",
-    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+    "layer_replication", "lora_bias", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+    "use_qalora", "use_bdlora",
     "megatron_config", "loftq_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
     "arrow_config", "kasa_config",
 )
@@ -44,23 +44,23 @@ TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "LlamaForSequenceClassification":
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus one LoRA pair per adapted slice of its output rows.
 
-    `slices` maps an HF projection name to the (start, stop) rows it occupies in this layer's output."""
+    `slices` maps an HF projection name to the (start, stop) rows it occupies in this layer's output; `ranks` and
+    `alphas` give each its rank and alpha (PEFT's rank_pattern and alpha_pattern can set them per module)."""
 
-    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float,
-                 use_rslora: bool):
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], ranks: dict[str, int],
+                 alphas: dict[str, float], dropout: float, use_rslora: bool):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same tensors, under the same names
-        self.slices = dict(slices)
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.slices, self.ranks = dict(slices), dict(ranks)
+        self.scales = {n: alphas[n] / (math.sqrt(ranks[n]) if use_rslora else ranks[n]) for n in slices}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, dtype = base.weight.device, base.weight.dtype
         # on a half-precision base the adapters stay float32, as PEFT keeps them (autocast_adapter_dtype), so
         # small optimizer steps on them are not rounded away
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, ranks[n], bias=False, device=device, dtype=dtype)
                                      for n in slices})
-        self.lora_B = nn.ModuleDict({n: nn.Linear(r, stop - start, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.ModuleDict({n: nn.Linear(ranks[n], stop - start, bias=False, device=device, dtype=dtype)
                                      for n, (start, stop) in slices.items()})
         for a in self.lora_A.values():  # PEFT's default init: A kaiming-uniform, B zero (a no-op at start)
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -75,19 +75,20 @@ class LoRALinear(nn.Linear):
         names = list(self.slices)
         x = x.to(self.lora_A[names[0]].weight.dtype)
         if isinstance(self.dropout, nn.Identity):  # one matmul for every slice's A
-            downs = F.linear(x, torch.cat([self.lora_A[n].weight for n in names])).split(self.r, dim=-1)
+            downs = F.linear(x, torch.cat([self.lora_A[n].weight for n in names])).split(
+                [self.ranks[n] for n in names], dim=-1)
         else:  # each slice draws its own dropout mask, as each of PEFT's separate modules does
             downs = [self.lora_A[n](self.dropout(x)) for n in names]
         for n, down in zip(names, downs):
             start, stop = self.slices[n]
             # add_ on the view, not `y[...] += ...`: with a bias, y is torch's view of the matmul's output, and the
             # write-back that `+=` adds through indexing is refused by autograd when the slice is the whole output
-            y[..., start:stop].add_(self.lora_B[n](down) * self.scale)
+            y[..., start:stop].add_(self.lora_B[n](down) * self.scales[n])
         return y
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense weight update B A * scale of one slice, in float64 so merging rounds once."""
-        return (self.lora_B[name].weight.double() @ self.lora_A[name].weight.double()) * self.scale
+        return (self.lora_B[name].weight.double() @ self.lora_A[name].weight.double()) * self.scales[name]
 
     def set_merged(self, merged: bool) -> None:
         """Add (or subtract) every slice's update to the base weight; forward then skips (or runs) LoRA."""
@@ -101,8 +102,6 @@ class LoRALinear(nn.Linear):
         self.merged = merged
 
 
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -111,20 +110,24 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
                dropout: float = 0.05, targets: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
                modules_to_save: Iterable[str] | None = None, ensure_weight_tying: bool = False,
                exclude_modules: str | list[str] | None = None, layers_to_transform: int | list[int] | None = None,
-               layers_pattern: str | list[str] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
+               layers_pattern: str | list[str] | None = None, rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score` head is
     always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such as "embed_tokens",
     "lm_head", matched as PEFT does) are trained in full too. On a model whose LM head shares the input
     embedding, training either one unties them, as PEFT does (the other keeps the original weights), unless
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
     `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
-    those names do (see `targeted_slices`)."""
+    those names do (see `targeted_slices`), and `rank_pattern` and `alpha_pattern` give the layers whose path a key
+    ends (as a regular expression) their own r and alpha, as PEFT's do."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
-    if not is_integer(r) or r < 1:
+    if not _valid_rank(r):
         raise AdapterError(f"LoRA rank r must be an integer >= 1, got {r!r}")
-    if not is_number(alpha) or not alpha > 0:
+    if not _valid_alpha(alpha):
         raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    rank_pattern = checked_pattern("rank_pattern", rank_pattern, _valid_rank, "an integer >= 1")
+    alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern)
@@ -137,9 +140,14 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     full = modules_to_save_params(model, saved)
     for param in model.parameters():
         param.requires_grad_(False)
+    hf_prefixes = {path: prefix for path, (prefix, _) in linear_slices(model).items()}
     for path, chosen in targeted.items():
         parent, child = path.rsplit(".", 1)
-        layer = LoRALinear(model.get_submodule(path), chosen, r, alpha, dropout, use_rslora).train(model.training)
+        keys = {n: f"{hf_prefixes[path]}.{n}" for n in chosen}  # HF module paths, which the patterns match
+        ranks = {n: pattern_value(rank_pattern, key, r) for n, key in keys.items()}
+        alphas = {n: pattern_value(alpha_pattern, key, alpha) for n, key in keys.items()}
+        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora)
+        layer.train(model.training)
         setattr(model.get_submodule(parent), child, layer)
     for name in full:
         model.get_parameter(name).requires_grad_(True)
@@ -147,10 +155,18 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          "target_modules": names if isinstance(names, str) else sorted(names),
                          "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
-                         "layers_pattern": layers_pattern,
+                         "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                          "use_rslora": use_rslora, "modules_to_save": saved,
                          "ensure_weight_tying": ensure_weight_tying and tied(model)}
     return model
+
+
+def _valid_rank(value: Any) -> bool:
+    return is_integer(value) and value >= 1
+
+
+def _valid_alpha(value: Any) -> bool:
+    return is_number(value) and value > 0
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -238,7 +254,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base_model_name_or_path,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
-        "layers_pattern": settings["layers_pattern"], "rank_pattern": {}, "alpha_pattern": {},
+        "layers_pattern": settings["layers_pattern"], "rank_pattern": settings["rank_pattern"],
+        "alpha_pattern": settings["alpha_pattern"],
         "use_dora": False, "revision": None,
         **({"ensure_weight_tying": True} if settings["ensure_weight_tying"] else {}),
     })
@@ -302,8 +319,10 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     targets=present_targets(model, config["target_modules"]),
-                    use_rslora=config.get("use_rslora", False), modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
-                    **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern")})
+                    use_rslora=config.get("use_rslora", False), modules_to_save=saved,
+                    ensure_weight_tying=config.get("ensure_weight_tying", False),
+                    **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
+                                                        "rank_pattern", "alpha_pattern")})
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:
         expected = _adapter_shapes(model, settings)

@@ -3,13 +3,13 @@
 PEFT names the separate HF projections (`model.layers.0.self_attn.q_proj`); ttl fuses q/k/v and gate/up into
 one linear layer each. The functions here translate PEFT's target_modules, exclude_modules, layers_to_transform,
 layers_pattern and modules_to_save into ttl's layers and the rows each HF projection occupies in them, with the
-mapping from `ttl_core.hf.hf_plan`.
+mapping from `ttl_core.hf.hf_plan`, and rank_pattern and alpha_pattern into each projection's rank and alpha.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch.nn as nn
 
@@ -167,3 +167,26 @@ def modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool 
 
 def tied(model: nn.Module) -> bool:
     return model.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
+
+
+def checked_pattern(option: str, pattern: Any, valid: Callable[[Any], bool], what: str) -> dict:
+    """`pattern` (rank_pattern or alpha_pattern: module path pattern -> value; None for none) once its keys are
+    known to be regular expressions and its values `valid`."""
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"LoRA {option} must map module name patterns to values, got {pattern!r}")
+    for key, value in pattern.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as e:
+            raise AdapterError(f"LoRA {option} key {key!r} is not a regular expression ({e})") from None
+        if not valid(value):
+            raise AdapterError(f"LoRA {option}[{key!r}] must be {what}, got {value!r}")
+    return dict(pattern)
+
+
+def pattern_value(pattern: dict, key: str, default: Any) -> Any:
+    """The value a rank_pattern or alpha_pattern gives the HF module path `key`, as PEFT's get_pattern_key finds
+    it: that of the first pattern the path ends with (after a dot, or as a whole), else `default`."""
+    return next((value for p, value in pattern.items() if re.match(rf"(.*\.)?({p})$", key)), default)
