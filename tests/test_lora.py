@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import AdapterError, CheckpointError
-from ttl_core.lora import (apply_lora, load_adapter, load_with_adapter, lora_layers, lora_parameters, merge_lora,
-                           merged_weights, save_adapter, unload_lora, unmerge_lora)
+from ttl_core.lora import (apply_lora, load_adapter, lora_layers, lora_parameters, merge_lora, merged_weights,
+                           save_adapter, unload_lora, unmerge_lora)
 
 # PEFT matches a listed target against the end of each module path, so a list can name single layers
 ONE_LAYER_EACH = ["model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "self_attn.v_proj"]
@@ -182,21 +182,6 @@ def test_adapters_on_biased_layers_whose_input_needs_no_gradient_train_like_peft
     assert torch.allclose(ours.backbone.layers[0].attn.out.lora_B["o_proj"].weight.grad, grads[key], atol=1e-6)
 
 
-def test_resized_embeddings_travel_as_modules_to_save(tmp_path):
-    model = to_ttl(hf_causal_lm(), tmp_path)
-    model.resize_token_embeddings(134)
-    assert model.backbone.embed.weight.shape == (134, 64) and model.lm_head.weight.shape == (134, 64)
-    apply_lora(model, r=2, modules_to_save=["embed_tokens", "lm_head"])
-    assert model.backbone.embed.weight.requires_grad and model.lm_head.weight.requires_grad
-    save_adapter(model, tmp_path / "adapter")
-    keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
-    fresh = to_ttl(hf_causal_lm(), tmp_path, "fresh")
-    fresh.resize_token_embeddings(134)
-    load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(fresh.backbone.embed.weight, model.backbone.embed.weight)
-
-
 def test_bad_adapters_are_clear_errors(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4)
     save_adapter(model, tmp_path / "good")
@@ -272,35 +257,6 @@ def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, valu
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(AdapterError, match=re.escape(f"{field}={value!r} is not supported")):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), tmp_path / "adapter")
-
-
-def test_peft_adapter_with_saved_embedding_layers_loads(tmp_path):
-    """PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
-    loads them into the base; ttl does the same once the vocabulary is resized to match, and
-    `load_with_adapter` resizes the base itself and merges the adapter into it."""
-    hf = hf_causal_lm()
-    hf.resize_token_embeddings(135, mean_resizing=False)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                                     task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=2)
-    with torch.no_grad():
-        theirs.base_model.model.model.embed_tokens.weight[131:].normal_()
-    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
-    assert "base_model.model.model.embed_tokens.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    ours = to_ttl(hf_causal_lm(), tmp_path)
-    with pytest.raises(AdapterError, match=r"embed_tokens.weight has shape \(135, 64\), the model's is \(131, 64\)"):
-        load_adapter(ours, tmp_path / "adapter")
-    ours.resize_token_embeddings(135)
-    load_adapter(ours, tmp_path / "adapter")
-    x = ids(vocab=135)
-    with torch.no_grad():
-        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() <= 1e-5
-    with pytest.raises(AdapterError, match="no base_model_name_or_path; give the base model's directory"):
-        load_with_adapter(tmp_path / "adapter")  # PEFT records no name for a model built in memory
-    merged = load_with_adapter(tmp_path / "adapter", base=tmp_path / "base")
-    assert merged.config.vocab_size == 135 and not lora_layers(merged)
-    with torch.no_grad():
-        assert (merged(x).logits - theirs(input_ids=x).logits).abs().max() <= 1e-5
 
 
 def test_loading_for_inference_turns_dropout_off(tmp_path):

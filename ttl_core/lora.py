@@ -235,9 +235,24 @@ def _adapter_shapes(model: nn.Module, settings: dict) -> dict[str, tuple[int, ..
     return {key: tuple(t.shape) for key, t in _adapter_tensors(probe).items()}
 
 
+def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor of the input embedding and LM head when the model's vocabulary differs from that of the
+    base directory's config.json: PEFT's save_embedding_layers="auto" saves them beside the adapter then, so that
+    it loads onto the base with the rows of the tokens fine-tuning added. Nothing for a base that is not a
+    local directory, as PEFT offline."""
+    config = Path(base) / "config.json" if base else None
+    if config is None or not config.is_file():
+        return {}
+    if read_json(config, CheckpointError).get("vocab_size") == model.config.vocab_size:
+        return {}
+    embeddings = modules_to_save_params(model, ["embed_tokens", "lm_head"], strict=False)
+    return {key: model.get_parameter(name) for name, key in embeddings.items()}
+
+
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
-    `PeftModel.from_pretrained`)."""
+    `PeftModel.from_pretrained`); with the embedding and LM head too when the vocabulary differs from that of
+    the base directory `base_model_name_or_path`, as PEFT's save_embedding_layers="auto" does."""
     settings = getattr(model, "lora_config", None)
     if settings is None:
         raise AdapterError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
@@ -245,7 +260,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in _adapter_tensors(model).items()}
+    tensors = {**_grown_embeddings(model, base_model_name_or_path), **_adapter_tensors(model)}
+    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
     write_json(directory / CONFIG_FILE, {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
