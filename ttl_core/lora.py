@@ -28,7 +28,7 @@ from .lora_targets import (PEFT_PREFIX, checked_pattern, linear_slices, modules_
                            present_targets, target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 # adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
 # load an adapter whose outputs would differ from PEFT's
 UNSUPPORTED_ADAPTER_FIELDS = (
@@ -317,6 +317,10 @@ def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> d
     """PEFT key -> `read(file, key)` for each tensor of the adapter's weights file (`get_tensor`, or a shape from
     the header alone), the adapter name PEFT may leave in a key ("default") taken out."""
     if not (directory / WEIGHTS_FILE).is_file():
+        if (directory / PICKLE_WEIGHTS_FILE).is_file():  # what PEFT writes with safe_serialization=False
+            raise AdapterError(f"{directory / PICKLE_WEIGHTS_FILE} is a pickle, which ttl never unpickles (it can run "
+                               "code); re-save the adapter in a trusted environment with PEFT: PeftModel."
+                               f"from_pretrained(base, DIR).save_pretrained(OUT), which writes {WEIGHTS_FILE}")
         raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
     try:
         with safe_open(directory / WEIGHTS_FILE, "pt") as f:
