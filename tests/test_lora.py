@@ -259,6 +259,28 @@ def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, valu
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_bias_options_load_on_a_model_without_biases_and_are_refused_with_them(tmp_path, bias):
+    """PEFT's bias="all" / "lora_only" train the base layers' biases and save them beside the adapter: on a Llama
+    without biases (TeenyTinyLlama's) there are none, and the adapter is a plain LoRA one, which ttl refused. On a
+    model with biases ttl still refuses it, naming the option, rather than drop the trained biases."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", bias=bias,
+                                                     lora_dropout=0.0, task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=14)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+    biased = hf_causal_lm(attention_bias=True)
+    peft.get_peft_model(biased, peft.LoraConfig(r=4, target_modules=["q_proj"], bias=bias)).save_pretrained(
+        tmp_path / "biased")
+    with pytest.raises(AdapterError, match=rf"bias='{bias}' is not supported on a model with biases"):
+        load_adapter(to_ttl(hf_causal_lm(attention_bias=True), tmp_path, "biased_base"), tmp_path / "biased")
+
+
 def test_loading_for_inference_turns_dropout_off(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5)
     randomize_lora_(model, seed=4)

@@ -283,9 +283,11 @@ def _read_adapter_config(directory: Path) -> dict:
     config = read_json(directory / CONFIG_FILE, AdapterError)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    for key, ok in (("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False)):
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
         if config.get(key, ok) != ok:
             raise AdapterError(f"{directory}: {key}={config[key]!r} is not supported (expected {ok!r})")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise AdapterError(f"{directory}: bias={config['bias']!r} is not one of PEFT's 'none', 'all', 'lora_only'")
     for key in UNSUPPORTED_ADAPTER_FIELDS:
         value = config.get(key)
         # PEFT writes these unset as null, false, {} or []; layers_to_transform=0 is set (layer 0 only)
@@ -343,6 +345,10 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
                     ensure_weight_tying=config.get("ensure_weight_tying", False),
                     **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
                                                         "rank_pattern", "alpha_pattern")})
+    # PEFT's bias="all" / "lora_only" train and save the base layers' biases, which a Llama without them lacks
+    if config.get("bias", "none") != "none" and any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        raise AdapterError(f"{directory}: bias={config['bias']!r} is not supported on a model with biases (ttl "
+                           "trains LoRA adapters only, as bias='none')")
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:
         expected = _adapter_shapes(model, settings)
