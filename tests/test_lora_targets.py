@@ -117,3 +117,31 @@ def test_rank_and_alpha_patterns_cross_load_with_peft_logits(tmp_path, options):
 def test_bad_rank_and_alpha_patterns_are_one_line_errors(tmp_path, option, value, message):
     with pytest.raises(AdapterError, match=message):
         apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, **{option: value})
+
+
+def test_modules_to_save_take_precedence_over_lora_targets_as_in_peft(tmp_path):
+    """PEFT never adapts a module that modules_to_save names: with "all-linear" and modules_to_save=["o_proj"] the
+    o_proj layers are trained in full and carry no LoRA pair. ttl adapted them as well: PEFT loaded ttl's adapter
+    without a word and gave logits 7.5 away, and ttl refused PEFT's adapter (missing o_proj.lora_A)."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                     target_modules="all-linear", modules_to_save=["o_proj"]))
+    assert not any("o_proj" in name for name in adapted_modules(theirs))
+    randomize_lora_(theirs, seed=10)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.mul_(1.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft", is_trainable=True)
+    assert not any("o_proj" in layer.slices for layer in lora_layers(ours).values())
+    assert ours.backbone.layers[0].attn.out.weight.requires_grad
+    x = ids()
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=x).logits
+        assert (ours.eval()(x).logits - expected).abs().max() < 1e-4
+    save_adapter(ours, tmp_path / "ttl")
+    again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
+    with torch.no_grad():
+        assert (again(input_ids=x).logits - expected).abs().max() < 1e-4

@@ -130,11 +130,11 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern)
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
     trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(modules_to_save_params(model, saved))
+    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, saved)
     if tied(model) and trains_embedding and not ensure_weight_tying:
         model.untie_embeddings()
     full = modules_to_save_params(model, saved)

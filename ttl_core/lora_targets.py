@@ -86,13 +86,14 @@ def present_targets(model: nn.Module, targets: str | list) -> str | list:
 
 
 def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
-                     layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
-        -> dict[str, dict[str, tuple[int, int]]]:
+                    layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None,
+                    modules_to_save: Iterable[str] = ()) -> dict[str, dict[str, tuple[int, int]]]:
     """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
     ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
     "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
-    unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
-    layer out (a target that is the module's whole path is exempt, as in PEFT). A listed target that names no
+    unless `exclude_modules` names it the same way, `modules_to_save` names it or a module above it (trained in
+    full instead), or `layers_to_transform` (with a list of targets) leaves its layer out (a target that is the
+    module's whole path is exempt, as in PEFT). A listed target that names no
     linear layer of the model, targets that leave none, and layer options PEFT refuses are errors."""
     names = target_names(targets)
     if isinstance(names, str) and (layers_to_transform is not None or layers_pattern is not None):
@@ -115,6 +116,8 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
             hits = _ends_with_one_of(key, names)
             named |= hits
             if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
+                continue
+            if any(re.match(rf"(^|.*\.){saved}($|\..*)", key) for saved in modules_to_save):  # PEFT's own rule
                 continue
             if layers and key not in names and _layer_index(key, layers_pattern) not in layers:
                 continue
