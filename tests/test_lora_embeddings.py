@@ -10,6 +10,7 @@ from hf_reference import hf_causal_lm
 from lora_helpers import ids, randomize_lora_, to_ttl
 from safetensors.torch import load_file
 
+import ttl_core
 from ttl_core.errors import AdapterError
 from ttl_core.lora import apply_lora, load_adapter, load_with_adapter, lora_layers, save_adapter
 
@@ -87,3 +88,8 @@ def test_an_adapter_of_a_grown_vocabulary_saves_its_embeddings_as_peft_does(tmp_
     again = peft.PeftModel.from_pretrained(grown, tmp_path / "ttl").eval()
     with torch.no_grad():
         assert (again(input_ids=x).logits - expected).abs().max() <= 1e-5
+    # a base in ttl's native layout (ttl_config.json, no config.json) is compared the same way
+    ttl_core.save_native(to_ttl(hf_causal_lm(), tmp_path, "hf_base"), tmp_path / "native")
+    save_adapter(ours, tmp_path / "over_native", base_model_name_or_path=str(tmp_path / "native"))
+    with torch.no_grad():
+        assert (load_with_adapter(tmp_path / "over_native")(x).logits - expected).abs().max() <= 1e-5

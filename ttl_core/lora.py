@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
-from .hf import load_pretrained
+from .hf import NATIVE_CONFIG, load_pretrained, read_model_config
 from .lora_targets import (PEFT_PREFIX, checked_pattern, linear_slices, modules_to_save_params, pattern_value,
                            present_targets, target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
@@ -237,13 +237,12 @@ def _adapter_shapes(model: nn.Module, settings: dict) -> dict[str, tuple[int, ..
 
 def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor of the input embedding and LM head when the model's vocabulary differs from that of the
-    base directory's config.json: PEFT's save_embedding_layers="auto" saves them beside the adapter then, so that
-    it loads onto the base with the rows of the tokens fine-tuning added. Nothing for a base that is not a
-    local directory, as PEFT offline."""
-    config = Path(base) / "config.json" if base else None
-    if config is None or not config.is_file():
+    base checkpoint directory `base` (either layout): PEFT's save_embedding_layers="auto" saves them beside the
+    adapter then, so that it loads onto the base with the rows of the tokens fine-tuning added. Nothing for a
+    base that is not a local checkpoint, as PEFT offline."""
+    if not base or not any((Path(base) / name).is_file() for name in ("config.json", NATIVE_CONFIG)):
         return {}
-    if read_json(config, CheckpointError).get("vocab_size") == model.config.vocab_size:
+    if read_model_config(base)[0].vocab_size == model.config.vocab_size:
         return {}
     embeddings = modules_to_save_params(model, ["embed_tokens", "lm_head"], strict=False)
     return {key: model.get_parameter(name) for name, key in embeddings.items()}
