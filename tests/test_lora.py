@@ -281,6 +281,22 @@ def test_peft_bias_options_load_on_a_model_without_biases_and_are_refused_with_t
         load_adapter(to_ttl(hf_causal_lm(attention_bias=True), tmp_path, "biased_base"), tmp_path / "biased")
 
 
+def test_an_adapter_config_with_fan_in_fan_out_loads_as_in_peft(tmp_path):
+    """PEFT sets fan_in_fan_out to false for every nn.Linear it adapts (all of a Llama's), with a warning, so an
+    adapter_config.json that says true loads there as the plain adapter it is; ttl refused it."""
+    ours = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, targets="all-linear")
+    randomize_lora_(ours, seed=15)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        theirs = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "adapter").eval()
+    loaded = load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), tmp_path / "adapter")
+    x = ids()
+    with torch.no_grad():
+        assert (loaded(x).logits - theirs(input_ids=x).logits).abs().max() < 1e-4
+
+
 def test_loading_for_inference_turns_dropout_off(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5)
     randomize_lora_(model, seed=4)
