@@ -7,6 +7,12 @@ subset) independently, exactly as PEFT adapts the separate HF projections. The m
 modules and HF names, and which layers PEFT's options pick, come from `ttl_core.lora_targets`; PEFT's key
 names are derived from them.
 `load_with_adapter` turns an adapter directory into a ready causal LM: its base, resized and merged.
+
+PEFT's LoRA options that ttl reproduces: r, lora_alpha, lora_dropout, use_rslora, target_modules (names, paths,
+patterns, "all-linear"), exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern,
+modules_to_save, ensure_weight_tying, and any init_lora_weights that leaves the base weights alone. Those it
+cannot (DoRA, LoRA on the embeddings or the LM head, trainable tokens, biases trained beside the adapter, inits
+that rewrite the base such as PiSSA, other PEFT types) are refused in one line naming the option.
 """
 
 from __future__ import annotations
