@@ -6,9 +6,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from hf_reference import hf_causal_lm
+from hf_reference import hf_causal_lm, hf_classifier
 from lora_helpers import ALL, ids, randomize_lora_, to_ttl
 
+import ttl_core
 from ttl_core.errors import AdapterError
 from ttl_core.lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
 
@@ -145,3 +146,25 @@ def test_modules_to_save_take_precedence_over_lora_targets_as_in_peft(tmp_path):
     again = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "ttl").eval()
     with torch.no_grad():
         assert (again(input_ids=x).logits - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("task, targets, saved", [("SEQ_CLS", ["q_proj", "v_proj", "score"], None),
+                                                 ("CAUSAL_LM", ["q_proj", "lm_head"], ["lm_head"])])
+def test_a_target_that_modules_to_save_trains_in_full_is_no_error(tmp_path, task, targets, saved):
+    """A classifier's score head (always trained in full for SEQ_CLS) or a modules_to_save entry listed among the
+    targets too is trained in full by PEFT, without a LoRA pair; ttl refused such adapters ('LoRA on ['score'] is
+    not supported')."""
+    hf = hf_classifier(num_labels=3) if task == "SEQ_CLS" else hf_causal_lm()
+    hf.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type=task,
+                                                     target_modules=targets, modules_to_save=saved))
+    randomize_lora_(theirs, seed=12)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.mul_(1.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(ttl_core.load_pretrained(tmp_path / "base"), tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4

@@ -75,6 +75,12 @@ def _names_a_module(target: object, paths: list[str]) -> bool:
     return isinstance(target, str) and any(_ends_with_one_of(path, [target]) for path in paths)
 
 
+def _trained_in_full(path: str, modules_to_save: Iterable[str]) -> bool:
+    """Whether a modules_to_save entry names the module at `path` or one above it, which PEFT then trains in full
+    and never adapts (its own rule, the entry read as a pattern)."""
+    return any(re.match(rf"(^|.*\.){saved}($|\..*)", path) for saved in modules_to_save)
+
+
 def present_targets(model: nn.Module, targets: str | list) -> str | list:
     """A target list without the entries that name no module of the model, which PEFT passes over (the layer
     names of other architectures, in lists written for several); a pattern or "all-linear" as it is."""
@@ -117,7 +123,7 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
             named |= hits
             if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
                 continue
-            if any(re.match(rf"(^|.*\.){saved}($|\..*)", key) for saved in modules_to_save):  # PEFT's own rule
+            if _trained_in_full(key, modules_to_save):
                 continue
             if layers and key not in names and _layer_index(key, layers_pattern) not in layers:
                 continue
@@ -127,7 +133,9 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
         if other:
             raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
                                f"linear layers {', '.join(LINEAR_NAMES)}")
-    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
+    saved_in_full = [path for path in _other_module_paths(model) if _trained_in_full(path, modules_to_save)]
+    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named
+                                                 and not _names_a_module(t, saved_in_full)]
     unadaptable = [t for t in unknown if _names_a_module(t, _other_module_paths(model))]
     if unadaptable:  # PEFT would adapt an embedding or the LM head: loading without it would change the logits
         raise AdapterError(f"LoRA on {unadaptable} is not supported: ttl adapts only the attention and MLP "
