@@ -395,25 +395,34 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def adapter_base(path: str | Path, base: str | Path | None = None) -> Path:
+    """The base model directory of the PEFT adapter directory `path`: `base` when given (the base has moved),
+    else the `base_model_name_or_path` its adapter_config.json names; one that is missing is a one-line error."""
+    directory = Path(path)
+    named = base is None  # the base is the one the adapter names
+    base = _read_adapter_config(directory).get("base_model_name_or_path") if named else base
+    if named and not (isinstance(base, str) and base):
+        raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
+    if not Path(base).is_dir():
+        where = f" (base_model_name_or_path in {directory / CONFIG_FILE}; give its new place)" if named else ""
+        raise CheckpointError(f"{base}: no such base model directory{where}")
+    return Path(base)
+
+
 def load_with_adapter(path: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
                       device: str | torch.device | None = None) -> LlamaForCausalLM:
     """The causal LM that the PEFT adapter directory `path` makes of its base, for inference: the base
     (`base`, else adapter_config.json's `base_model_name_or_path`) loaded in `dtype` on `device`, its
     vocabulary grown to the embedding rows the adapter saves when fine-tuning added tokens (Aira's), the
     adapter loaded and merged into the base weights, so the model runs at the base's speed. Use it with the
-    tokenizer saved in the adapter directory. A missing base directory, or an adapter that is not a causal
-    LM's (a classifier's), is a one-line error naming the path."""
+    tokenizer saved in the adapter directory (or the base's, when PEFT saved the adapter without one). A
+    missing base directory, or an adapter that is not a causal LM's (a classifier's), is a one-line error
+    naming the path."""
     directory = Path(path)
     config = _read_adapter_config(directory)
     if config.get("task_type") not in (None, TASK_TYPES["LlamaForCausalLM"]):
         raise AdapterError(f"{directory}: a {config['task_type']} adapter, not a causal LM's (task_type CAUSAL_LM)")
-    named = base is None  # the base is the one the adapter names
-    base = config.get("base_model_name_or_path") if named else base
-    if named and not (isinstance(base, str) and base):
-        raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
-    if not Path(base).is_dir():
-        where = f" (base_model_name_or_path in {directory / CONFIG_FILE}; give its new place)" if named else ""
-        raise CheckpointError(f"{base}: no such base model directory{where}")
+    base = adapter_base(directory, base)
     model = load_pretrained(base, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise AdapterError(f"{base}: holds a {model.architecture}; the adapter {directory} needs a LlamaForCausalLM")
