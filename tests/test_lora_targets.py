@@ -3,6 +3,8 @@ pick (and the combinations PEFT refuses), and the rank and alpha rank_pattern an
 
 from __future__ import annotations
 
+import json
+
 import peft
 import pytest
 import torch
@@ -53,6 +55,11 @@ def test_targets_naming_layers_the_model_lacks_load_as_in_peft(tmp_path):
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
     with pytest.raises(AdapterError, match=r"LoRA on \['lm_head'\] is not supported: ttl adapts only the "):
         apply_lora(to_ttl(hf_causal_lm(), tmp_path, "head"), targets=["q_proj", "lm_head"])
+    # an adapter none of whose targets the model has (another architecture's) is still named
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
+    with pytest.raises(AdapterError, match=r"unknown LoRA target module\(s\) \['c_attn'\]"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "gpt2_targets"), tmp_path / "peft")
 
 
 def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp_path):

@@ -83,12 +83,13 @@ def _trained_in_full(path: str, modules_to_save: Iterable[str]) -> bool:
 
 def present_targets(model: nn.Module, targets: str | list) -> str | list:
     """A target list without the entries that name no module of the model, which PEFT passes over (the layer
-    names of other architectures, in lists written for several); a pattern or "all-linear" as it is."""
+    names of other architectures, in lists written for several) unless no entry is left; a pattern or
+    "all-linear" as it is."""
     if isinstance(targets, str):
         return targets
     paths = [f"{prefix}.{name}" for prefix, slices in linear_slices(model).values() for name in slices]
     paths += _other_module_paths(model)
-    return [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)]
+    return [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)] or targets
 
 
 def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
