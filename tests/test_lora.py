@@ -297,6 +297,24 @@ def test_an_adapter_config_with_fan_in_fan_out_loads_as_in_peft(tmp_path):
         assert (loaded(x).logits - theirs(input_ids=x).logits).abs().max() < 1e-4
 
 
+def test_a_mica_adapter_loads_for_inference_and_is_refused_for_training(tmp_path):
+    """PEFT's init_lora_weights="mica" computes as plain LoRA but freezes lora_B while training; ttl would train
+    both, so is_trainable=True is refused by name rather than continue the training otherwise."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights="mica", lora_dropout=0.0, task_type="CAUSAL_LM"))
+    assert not any(p.requires_grad for name, p in theirs.named_parameters() if "lora_B" in name)
+    randomize_lora_(theirs, seed=16)
+    theirs.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=r"init_lora_weights='mica' trains lora_A only in PEFT.*is_trainable=False"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "trainable"), tmp_path / "adapter", is_trainable=True)
+    ours = load_adapter(base, tmp_path / "adapter")
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+
+
 def test_loading_for_inference_turns_dropout_off(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5)
     randomize_lora_(model, seed=4)

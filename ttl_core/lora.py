@@ -343,6 +343,9 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     overwrite the model's. `is_trainable=False` freezes it too and sets eval mode (inference); returns the model."""
     directory = Path(path)
     config = _read_adapter_config(directory)
+    if is_trainable and config.get("init_lora_weights") == "mica":
+        raise AdapterError(f"{directory}: init_lora_weights='mica' trains lora_A only in PEFT, which ttl does not; "
+                           "load it for inference (is_trainable=False)")
     saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     targets=present_targets(model, config["target_modules"]),
