@@ -100,8 +100,8 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
     "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
     unless `exclude_modules` names it the same way, `modules_to_save` names it or a module above it (trained in
     full instead), or `layers_to_transform` (with a list of targets) leaves its layer out (a target that is the
-    module's whole path is exempt, as in PEFT). A listed target that names no
-    linear layer of the model, targets that leave none, and layer options PEFT refuses are errors."""
+    module's whole path is exempt, as in PEFT). A listed target that names no linear layer of the model, targets
+    that leave none, and layer options PEFT refuses are errors."""
     names = target_names(targets)
     if isinstance(names, str) and (layers_to_transform is not None or layers_pattern is not None):
         option = "layers_to_transform" if layers_to_transform is not None else "layers_pattern"
@@ -122,9 +122,8 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
             key = f"{prefix}.{name}"
             hits = _ends_with_one_of(key, names)
             named |= hits
-            if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
-                continue
-            if _trained_in_full(key, modules_to_save):
+            excluded = exclude_modules and _ends_with_one_of(key, exclude_modules)
+            if not hits or excluded or _trained_in_full(key, modules_to_save):
                 continue
             if layers and key not in names and _layer_index(key, layers_pattern) not in layers:
                 continue
