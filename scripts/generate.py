@@ -14,13 +14,15 @@ the model's context is full (an empty line or end of input quits).
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
 the adapter's vocabulary when fine-tuning added tokens, and the adapter merged into it, so decoding runs at
-the base's speed; the tokenizer is the one saved beside the adapter.
+the base's speed; the tokenizer is the one saved beside the adapter, or the base's when there is none (PEFT
+saves adapters without one).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,7 +32,7 @@ from ttl_core.finetune import check_tokenizer_fits
 from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
 from ttl_core.hf import DTYPES, checked_device, load_pretrained
-from ttl_core.lora import is_adapter_dir, load_with_adapter
+from ttl_core.lora import adapter_base, is_adapter_dir, load_with_adapter
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.sampling import special_token_ids
 from ttl_core.chat_format import AIRA_END, chat_prompt
@@ -126,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(args.model, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    check_tokenizer_fits(tokenizer, model, args.tokenizer or args.model)  # another model's would misname ids
+    tokenizer_dir = args.tokenizer or args.model
+    if args.tokenizer is None and is_adapter_dir(args.model) and not any(
+            (Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        tokenizer_dir = adapter_base(args.model, args.base)  # PEFT saves adapters without the base's tokenizer
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    check_tokenizer_fits(tokenizer, model, tokenizer_dir)  # another model's would misname ids
     context = model.config.max_position_embeddings
     chat = Chat(tokenizer, args.chat, special_token_ids(model, None, None)[0])
     streamer = TextStreamer(tokenizer, on_text=lambda piece: print(piece, end="", flush=True))

@@ -131,6 +131,25 @@ def test_an_adapter_that_does_not_fit_leaves_the_model_untouched(checkpoint, tmp
     assert lora_layers(model)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("pickle", r"adapter_model.bin is a pickle, which ttl never unpickles \(it can run code\); re-save"),
+    ("missing", r"holds no adapter_model.safetensors$"),
+    ("truncated", r"adapter_model.safetensors: unreadable \("),
+])
+def test_an_adapter_without_readable_safetensors_is_one_clear_error(checkpoint, tmp_path, damage, message):
+    """PEFT falls back to adapter_model.bin, a pickle: ttl names it and says why it is not read."""
+    save_adapter(apply_lora(ttl_core.load_pretrained(checkpoint), r=4), tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-7])
+    else:
+        if damage == "pickle":
+            torch.save(load_file(weights), tmp_path / "adapter" / "adapter_model.bin")
+        weights.unlink()
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(ttl_core.load_pretrained(checkpoint), tmp_path / "adapter")
+
+
 def _restore_r(adapter, config):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     return adapter

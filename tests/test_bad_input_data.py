@@ -245,7 +245,8 @@ def parse(*argv: str) -> FinetuneConfig:
 
 
 def test_lora_targets_all_linear(tok):
-    from ttl_core.lora import LINEAR_NAMES, lora_layers
+    from ttl_core.lora import lora_layers
+    from ttl_core.lora_targets import LINEAR_NAMES
 
     cfg = parse("--lora", "--lora-targets", "all-linear")
     assert cfg.lora_targets == "all-linear" and parse("--lora-targets", "q_proj, k_proj").lora_targets == ["q_proj",

@@ -13,6 +13,7 @@ from helpers import ROOT, run_script
 import ttl_core
 from ttl_core.errors import ConfigError, GenerationError
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt
+from ttl_core.lora import apply_lora, save_adapter
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
@@ -275,6 +276,23 @@ def test_tokenizer_option_loads_the_tokenizer_from_its_own_directory(checkpoint,
     answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
     assert capsys.readouterr().out == answer + "\n"
+
+
+def test_an_adapter_saved_without_a_tokenizer_uses_its_bases(checkpoint, tmp_path, capsys):
+    """PEFT saves an adapter without the tokenizer (its users load the base's); --model on such a directory
+    stopped at 'no tokenizer.model or tokenizer.json' instead of using the base's tokenizer."""
+    path, tok, _ = checkpoint
+    adapted = apply_lora(ttl_core.load_pretrained(path), r=4, dropout=0.0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    save_adapter(adapted, tmp_path / "adapter", base_model_name_or_path=str(path))
+    assert load_script().main(["--model", str(tmp_path / "adapter"), "--prompt", "o menino", "--greedy",
+                               "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    answer = expected_answer(adapted.eval(), tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
+                             eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
+    assert answer.strip() and capsys.readouterr().out == answer + "\n"
 
 
 def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monkeypatch, capsys):

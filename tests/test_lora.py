@@ -10,33 +10,13 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
+from lora_helpers import ALL, ids, randomize_lora_, to_ttl
 from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import AdapterError, CheckpointError
-from ttl_core.lora import (apply_lora, load_adapter, load_with_adapter, lora_layers, lora_parameters, merge_lora,
-                           merged_weights, save_adapter, unload_lora, unmerge_lora)
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def to_ttl(hf_model, tmp_path, name="base"):
-    hf_model.save_pretrained(tmp_path / name)
-    return ttl_core.load_pretrained(tmp_path / name).eval()
-
-
-def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
-    """Non-zero B (and fresh A) so the adapter changes the output and a wrong mapping cannot hide."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-def ids(batch=2, seq=9, vocab=131, seed=1):
-    return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
+from ttl_core.lora import (apply_lora, load_adapter, lora_layers, lora_parameters, merge_lora, merged_weights,
+                           save_adapter, unload_lora, unmerge_lora)
 
 # PEFT matches a listed target against the end of each module path, so a list can name single layers
 ONE_LAYER_EACH = ["model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "self_attn.v_proj"]
@@ -202,21 +182,6 @@ def test_adapters_on_biased_layers_whose_input_needs_no_gradient_train_like_peft
     assert torch.allclose(ours.backbone.layers[0].attn.out.lora_B["o_proj"].weight.grad, grads[key], atol=1e-6)
 
 
-def test_resized_embeddings_travel_as_modules_to_save(tmp_path):
-    model = to_ttl(hf_causal_lm(), tmp_path)
-    model.resize_token_embeddings(134)
-    assert model.backbone.embed.weight.shape == (134, 64) and model.lm_head.weight.shape == (134, 64)
-    apply_lora(model, r=2, modules_to_save=["embed_tokens", "lm_head"])
-    assert model.backbone.embed.weight.requires_grad and model.lm_head.weight.requires_grad
-    save_adapter(model, tmp_path / "adapter")
-    keys = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
-    fresh = to_ttl(hf_causal_lm(), tmp_path, "fresh")
-    fresh.resize_token_embeddings(134)
-    load_adapter(fresh, tmp_path / "adapter")
-    assert torch.equal(fresh.backbone.embed.weight, model.backbone.embed.weight)
-
-
 def test_bad_adapters_are_clear_errors(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4)
     save_adapter(model, tmp_path / "good")
@@ -224,7 +189,7 @@ def test_bad_adapters_are_clear_errors(tmp_path):
         apply_lora(model)
     for targets, unknown in ((["qkv_proj"], "'qkv_proj'"), (["q_proj", "model.layers.9.self_attn.q_proj"],
                                                            "'model.layers.9.self_attn.q_proj'"),
-                             (["lm_head"], "'lm_head'"), (["q_proj", 3], "3")):
+                             (["q_proj", 3], "3")):
         with pytest.raises(AdapterError, match=rf"unknown LoRA target module\(s\) \[{re.escape(unknown)}\]; "):
             apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=targets)
     with pytest.raises(AdapterError, match="holds no adapter_config.json"):
@@ -294,33 +259,60 @@ def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, valu
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), tmp_path / "adapter")
 
 
-def test_peft_adapter_with_saved_embedding_layers_loads(tmp_path):
-    """PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
-    loads them into the base; ttl does the same once the vocabulary is resized to match, and
-    `load_with_adapter` resizes the base itself and merges the adapter into it."""
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_bias_options_load_on_a_model_without_biases_and_are_refused_with_them(tmp_path, bias):
+    """PEFT's bias="all" / "lora_only" train the base layers' biases and save them beside the adapter: on a Llama
+    without biases (TeenyTinyLlama's) there are none, and the adapter is a plain LoRA one, which ttl refused. On a
+    model with biases ttl still refuses it, naming the option, rather than drop the trained biases."""
     hf = hf_causal_lm()
-    hf.resize_token_embeddings(135, mean_resizing=False)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                                     task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=2)
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", bias=bias,
+                                                     lora_dropout=0.0, task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=14)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(base, tmp_path / "peft")
+    x = ids()
     with torch.no_grad():
-        theirs.base_model.model.model.embed_tokens.weight[131:].normal_()
-    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
-    assert "base_model.model.model.embed_tokens.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    ours = to_ttl(hf_causal_lm(), tmp_path)
-    with pytest.raises(AdapterError, match=r"embed_tokens.weight has shape \(135, 64\), the model's is \(131, 64\)"):
-        load_adapter(ours, tmp_path / "adapter")
-    ours.resize_token_embeddings(135)
-    load_adapter(ours, tmp_path / "adapter")
-    x = ids(vocab=135)
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+    biased = hf_causal_lm(attention_bias=True)
+    peft.get_peft_model(biased, peft.LoraConfig(r=4, target_modules=["q_proj"], bias=bias)).save_pretrained(
+        tmp_path / "biased")
+    with pytest.raises(AdapterError, match=rf"bias='{bias}' is not supported on a model with biases"):
+        load_adapter(to_ttl(hf_causal_lm(attention_bias=True), tmp_path, "biased_base"), tmp_path / "biased")
+
+
+def test_an_adapter_config_with_fan_in_fan_out_loads_as_in_peft(tmp_path):
+    """PEFT sets fan_in_fan_out to false for every nn.Linear it adapts (all of a Llama's), with a warning, so an
+    adapter_config.json that says true loads there as the plain adapter it is; ttl refused it."""
+    ours = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, targets="all-linear")
+    randomize_lora_(ours, seed=15)
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        theirs = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "adapter").eval()
+    loaded = load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), tmp_path / "adapter")
+    x = ids()
     with torch.no_grad():
-        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() <= 1e-5
-    with pytest.raises(AdapterError, match="no base_model_name_or_path; give the base model's directory"):
-        load_with_adapter(tmp_path / "adapter")  # PEFT records no name for a model built in memory
-    merged = load_with_adapter(tmp_path / "adapter", base=tmp_path / "base")
-    assert merged.config.vocab_size == 135 and not lora_layers(merged)
+        assert (loaded(x).logits - theirs(input_ids=x).logits).abs().max() < 1e-4
+
+
+def test_a_mica_adapter_loads_for_inference_and_is_refused_for_training(tmp_path):
+    """PEFT's init_lora_weights="mica" computes as plain LoRA but freezes lora_B while training; ttl would train
+    both, so is_trainable=True is refused by name rather than continue the training otherwise."""
+    hf = hf_causal_lm()
+    base = to_ttl(hf, tmp_path)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights="mica", lora_dropout=0.0, task_type="CAUSAL_LM"))
+    assert not any(p.requires_grad for name, p in theirs.named_parameters() if "lora_B" in name)
+    randomize_lora_(theirs, seed=16)
+    theirs.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=r"init_lora_weights='mica' trains lora_A only in PEFT.*is_trainable=False"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path, "trainable"), tmp_path / "adapter", is_trainable=True)
+    ours = load_adapter(base, tmp_path / "adapter")
+    x = ids()
     with torch.no_grad():
-        assert (merged(x).logits - theirs(input_ids=x).logits).abs().max() <= 1e-5
+        assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
 
 
 def test_loading_for_inference_turns_dropout_off(tmp_path):

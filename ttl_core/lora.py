@@ -4,14 +4,20 @@
 base weight under its usual name and adds, for each targeted slice of its output rows, a low-rank update
 `B (A dropout(x)) * scale`. A fused projection (qkv, gate_up) thus adapts `q_proj` and `v_proj` (or any
 subset) independently, exactly as PEFT adapts the separate HF projections. The mapping between ttl's
-modules and HF names comes from `ttl_core.hf.hf_plan`, and PEFT's key names are derived from it.
+modules and HF names, and which layers PEFT's options pick, come from `ttl_core.lora_targets`; PEFT's key
+names are derived from them.
 `load_with_adapter` turns an adapter directory into a ready causal LM: its base, resized and merged.
+
+PEFT's LoRA options that ttl reproduces: r, lora_alpha, lora_dropout, use_rslora, target_modules (names, paths,
+patterns, "all-linear"), exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern,
+modules_to_save, ensure_weight_tying, and any init_lora_weights that leaves the base weights alone. Those it
+cannot (DoRA, LoRA on the embeddings or the LM head, trainable tokens, biases trained beside the adapter, inits
+that rewrite the base such as PiSSA, other PEFT types) are refused in one line naming the option.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -23,17 +29,17 @@ from safetensors.torch import save_file
 
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
-from .hf import hf_plan, load_pretrained
+from .hf import NATIVE_CONFIG, load_pretrained, read_model_config
+from .lora_targets import (PEFT_PREFIX, checked_pattern, linear_slices, modules_to_save_params, pattern_value,
+                           present_targets, target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PEFT_PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 # adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
 # load an adapter whose outputs would differ from PEFT's
 UNSUPPORTED_ADAPTER_FIELDS = (
-    "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias",
-    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+    "layer_replication", "lora_bias", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
+    "use_qalora", "use_bdlora",
     "megatron_config", "loftq_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
     "arrow_config", "kasa_config",
 )
@@ -44,23 +50,23 @@ TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "LlamaForSequenceClassification":
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus one LoRA pair per adapted slice of its output rows.
 
-    `slices` maps an HF projection name to the (start, stop) rows it occupies in this layer's output."""
+    `slices` maps an HF projection name to the (start, stop) rows it occupies in this layer's output; `ranks` and
+    `alphas` give each its rank and alpha (PEFT's rank_pattern and alpha_pattern can set them per module)."""
 
-    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, alpha: float, dropout: float,
-                 use_rslora: bool):
+    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], ranks: dict[str, int],
+                 alphas: dict[str, float], dropout: float, use_rslora: bool):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same tensors, under the same names
-        self.slices = dict(slices)
-        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.slices, self.ranks = dict(slices), dict(ranks)
+        self.scales = {n: alphas[n] / (math.sqrt(ranks[n]) if use_rslora else ranks[n]) for n in slices}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, dtype = base.weight.device, base.weight.dtype
         # on a half-precision base the adapters stay float32, as PEFT keeps them (autocast_adapter_dtype), so
         # small optimizer steps on them are not rounded away
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, ranks[n], bias=False, device=device, dtype=dtype)
                                      for n in slices})
-        self.lora_B = nn.ModuleDict({n: nn.Linear(r, stop - start, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.ModuleDict({n: nn.Linear(ranks[n], stop - start, bias=False, device=device, dtype=dtype)
                                      for n, (start, stop) in slices.items()})
         for a in self.lora_A.values():  # PEFT's default init: A kaiming-uniform, B zero (a no-op at start)
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -75,19 +81,20 @@ class LoRALinear(nn.Linear):
         names = list(self.slices)
         x = x.to(self.lora_A[names[0]].weight.dtype)
         if isinstance(self.dropout, nn.Identity):  # one matmul for every slice's A
-            downs = F.linear(x, torch.cat([self.lora_A[n].weight for n in names])).split(self.r, dim=-1)
+            downs = F.linear(x, torch.cat([self.lora_A[n].weight for n in names])).split(
+                [self.ranks[n] for n in names], dim=-1)
         else:  # each slice draws its own dropout mask, as each of PEFT's separate modules does
             downs = [self.lora_A[n](self.dropout(x)) for n in names]
         for n, down in zip(names, downs):
             start, stop = self.slices[n]
             # add_ on the view, not `y[...] += ...`: with a bias, y is torch's view of the matmul's output, and the
             # write-back that `+=` adds through indexing is refused by autograd when the slice is the whole output
-            y[..., start:stop].add_(self.lora_B[n](down) * self.scale)
+            y[..., start:stop].add_(self.lora_B[n](down) * self.scales[n])
         return y
 
     def delta(self, name: str) -> torch.Tensor:
         """The dense weight update B A * scale of one slice, in float64 so merging rounds once."""
-        return (self.lora_B[name].weight.double() @ self.lora_A[name].weight.double()) * self.scale
+        return (self.lora_B[name].weight.double() @ self.lora_A[name].weight.double()) * self.scales[name]
 
     def set_merged(self, merged: bool) -> None:
         """Add (or subtract) every slice's update to the base weight; forward then skips (or runs) LoRA."""
@@ -101,130 +108,6 @@ class LoRALinear(nn.Linear):
         self.merged = merged
 
 
-def _linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
-    """ttl linear module path -> (HF module prefix, {HF projection name: (start, stop) rows})."""
-    plan = hf_plan(model.config, model.architecture)
-    out = {}
-    for param, pieces in plan.items():
-        module, kind = param.rsplit(".", 1)
-        if kind != "weight" or not any(p[0].rsplit(".", 2)[-2] in LINEAR_NAMES for p in pieces):
-            continue
-        slices, start = {}, 0
-        for hf_name, rows in pieces:
-            rows = rows if rows is not None else dict(model.named_parameters())[param].shape[0]
-            slices[hf_name.rsplit(".", 2)[-2]] = (start, start + rows)
-            start += rows
-        out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
-    return out
-
-
-def _target_names(targets: str | Iterable[str]) -> list:
-    """`targets` as a list of names, or, as PEFT reads a string other than "all-linear", as a pattern."""
-    if isinstance(targets, str):
-        return list(LINEAR_NAMES) if targets.lower() == "all-linear" else targets
-    return list(targets)
-
-
-def _ends_with_one_of(key: str, names: list | str) -> set:
-    """The entries of `names` that PEFT's list rule matches to the module path `key`: itself, or "." + it at its
-    end; a string `names` is a pattern the whole path must match."""
-    if isinstance(names, str):
-        return {names} if re.fullmatch(names, key) else set()
-    return {n for n in names if isinstance(n, str) and f".{key}".endswith(f".{n}")}
-
-
-def _layer_index(key: str, layers_pattern: str | list | None) -> int | None:
-    """The layer number in a module path, found as PEFT finds it for `layers_to_transform`: the first number
-    after a part named in `layers_pattern` (any part when there is none)."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    match = next(filter(None, (re.match(regex, key) for regex in regexes)), None)
-    return int(match["idx"]) if match else None
-
-
-def _other_module_paths(model: nn.Module) -> list[str]:
-    """The paths of the transformers model's modules other than the attention and MLP projections."""
-    head = "lm_head" if model.architecture == "LlamaForCausalLM" else "score"
-    paths = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", head]
-    for i in range(model.config.num_hidden_layers):
-        paths += [f"model.layers.{i}{part}" for part in ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm",
-                                                         ".post_attention_layernorm")]
-    return paths
-
-
-def _targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
-                     layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None) \
-        -> dict[str, dict[str, tuple[int, int]]]:
-    """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
-    ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
-    "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
-    unless `exclude_modules` names it the same way, or `layers_to_transform` (with a list of targets) leaves its
-    layer out. A listed target that names no linear layer of the model, or targets that leave none, are errors."""
-    names = _target_names(targets)
-    for what, pattern in (("target", names), ("exclude_modules", exclude_modules)):
-        try:
-            if isinstance(pattern, str):
-                re.compile(pattern)
-        except re.error as e:
-            raise AdapterError(f"LoRA {what} pattern {pattern!r} is not a regular expression ({e})") from None
-    layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform or []
-    chosen, named = {}, set()
-    for path, (prefix, slices) in _linear_slices(model).items():
-        for name, rows in slices.items():
-            key = f"{prefix}.{name}"
-            hits = _ends_with_one_of(key, names)
-            named |= hits
-            if not hits or exclude_modules and _ends_with_one_of(key, exclude_modules):
-                continue
-            if layers and not isinstance(names, str) and _layer_index(key, layers_pattern) not in layers:
-                continue
-            chosen.setdefault(path, {})[name] = rows
-    if isinstance(names, str):  # PEFT refuses a pattern that matches any module other than ttl's linear layers
-        other = next((key for key in _other_module_paths(model) if re.fullmatch(names, key)), None)
-        if other:
-            raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
-                               f"linear layers {', '.join(LINEAR_NAMES)}")
-    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named]
-    if unknown:
-        raise AdapterError(f"unknown LoRA target module(s) {unknown}; choose from {', '.join(LINEAR_NAMES)}, "
-                           "'all-linear', module paths such as model.layers.0.self_attn.q_proj, or a pattern that "
-                           "matches whole paths")
-    if not chosen:
-        raise AdapterError(f"LoRA targets {names!r} leave no linear layer of the model to adapt (with "
-                           f"exclude_modules={exclude_modules!r}, layers_to_transform={layers_to_transform!r}; a "
-                           f"string is a pattern over whole module paths, as in PEFT)")
-    return chosen
-
-
-def _modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool = True) -> dict[str, str]:
-    """ttl parameter name -> PEFT key for the HF modules `modules_to_save` names (score, embed_tokens, lm_head,
-    norm, ...): as PEFT matches them, each module whose path ends with a name, as a string ("norm": every norm).
-    Unless `strict`, names the model lacks are skipped (PEFT writes "classifier" beside "score" for a classifier).
-    A name taking part of a fused projection (q_proj) is refused: ttl cannot train one in full."""
-    plan = hf_plan(model.config, model.architecture)
-    embeddings = ["backbone.embed.weight", "lm_head.weight"]
-    if _tied(model):
-        plan["lm_head.weight"] = [("lm_head.weight", None)]
-    modules = {p: [key.rsplit(".", 1)[0] for key, _ in pieces] for p, pieces in plan.items()}  # HF module paths
-    out = {}
-    for name in names:
-        found = [p for p, paths in modules.items() if any(path.endswith(name) for path in paths)]
-        fused = next((modules[p] for p in found if len(modules[p]) > 1), None)
-        if fused:
-            raise AdapterError(f"modules_to_save names {name!r}, which takes {', '.join(fused)}: a fused projection "
-                               "ttl cannot train in full (adapt it with LoRA instead)")
-        if _tied(model) and set(embeddings) & set(found):  # one tensor, two names: PEFT's ensure_weight_tying
-            found += embeddings  # saves it under both
-        if not found and strict:
-            raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
-        out.update({p: PEFT_PREFIX + plan[p][0][0] for p in found})
-    return out
-
-
-def _tied(model: nn.Module) -> bool:
-    return model.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -233,46 +116,63 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
                dropout: float = 0.05, targets: str | Iterable[str] = ("q_proj", "v_proj"), use_rslora: bool = False,
                modules_to_save: Iterable[str] | None = None, ensure_weight_tying: bool = False,
                exclude_modules: str | list[str] | None = None, layers_to_transform: int | list[int] | None = None,
-               layers_pattern: str | list[str] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
+               layers_pattern: str | list[str] | None = None, rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score` head is
     always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such as "embed_tokens",
     "lm_head", matched as PEFT does) are trained in full too. On a model whose LM head shares the input
     embedding, training either one unties them, as PEFT does (the other keeps the original weights), unless
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
     `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
-    those names do (see `_targeted_slices`)."""
+    those names do (see `targeted_slices`), and `rank_pattern` and `alpha_pattern` give the layers whose path a key
+    ends (as a regular expression) their own r and alpha, as PEFT's do."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
-    if not is_integer(r) or r < 1:
+    if not _valid_rank(r):
         raise AdapterError(f"LoRA rank r must be an integer >= 1, got {r!r}")
-    if not is_number(alpha) or not alpha > 0:
+    if not _valid_alpha(alpha):
         raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    rank_pattern = checked_pattern("rank_pattern", rank_pattern, _valid_rank, "an integer >= 1")
+    alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    targeted = _targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern)
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
-    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(_modules_to_save_params(model, saved))
-    if _tied(model) and trains_embedding and not ensure_weight_tying:
+    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(modules_to_save_params(model, saved))
+    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, saved)
+    if tied(model) and trains_embedding and not ensure_weight_tying:
         model.untie_embeddings()
-    full = _modules_to_save_params(model, saved)
+    full = modules_to_save_params(model, saved)
     for param in model.parameters():
         param.requires_grad_(False)
+    hf_prefixes = {path: prefix for path, (prefix, _) in linear_slices(model).items()}
     for path, chosen in targeted.items():
         parent, child = path.rsplit(".", 1)
-        layer = LoRALinear(model.get_submodule(path), chosen, r, alpha, dropout, use_rslora).train(model.training)
+        keys = {n: f"{hf_prefixes[path]}.{n}" for n in chosen}  # HF module paths, which the patterns match
+        ranks = {n: pattern_value(rank_pattern, key, r) for n, key in keys.items()}
+        alphas = {n: pattern_value(alpha_pattern, key, alpha) for n, key in keys.items()}
+        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora)
+        layer.train(model.training)
         setattr(model.get_submodule(parent), child, layer)
     for name in full:
         model.get_parameter(name).requires_grad_(True)
-    names = _target_names(targets)
+    names = target_names(targets)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          "target_modules": names if isinstance(names, str) else sorted(names),
                          "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
-                         "layers_pattern": layers_pattern,
+                         "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                          "use_rslora": use_rslora, "modules_to_save": saved,
-                         "ensure_weight_tying": ensure_weight_tying and _tied(model)}
+                         "ensure_weight_tying": ensure_weight_tying and tied(model)}
     return model
+
+
+def _valid_rank(value: Any) -> bool:
+    return is_integer(value) and value >= 1
+
+
+def _valid_alpha(value: Any) -> bool:
+    return is_number(value) and value > 0
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -321,14 +221,14 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for every LoRA weight of the model."""
-    slices = _linear_slices(model)
+    slices = linear_slices(model)
     return {f"{PEFT_PREFIX}{slices[path][0]}.{n}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[n].weight
             for path, layer in lora_layers(model).items() for n in layer.slices for ab in "AB"}
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT key -> tensor for everything an adapter file holds: the LoRA pairs and the modules_to_save."""
-    saved = _modules_to_save_params(model, model.lora_config["modules_to_save"])
+    saved = modules_to_save_params(model, model.lora_config["modules_to_save"])
     return {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in saved.items()}}
 
 
@@ -341,9 +241,23 @@ def _adapter_shapes(model: nn.Module, settings: dict) -> dict[str, tuple[int, ..
     return {key: tuple(t.shape) for key, t in _adapter_tensors(probe).items()}
 
 
+def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Tensor]:
+    """PEFT key -> tensor of the input embedding and LM head when the model's vocabulary differs from that of the
+    base checkpoint directory `base` (either layout): PEFT's save_embedding_layers="auto" saves them beside the
+    adapter then, so that it loads onto the base with the rows of the tokens fine-tuning added. Nothing for a
+    base that is not a local checkpoint, as PEFT offline."""
+    if not base or not any((Path(base) / name).is_file() for name in ("config.json", NATIVE_CONFIG)):
+        return {}
+    if read_model_config(base)[0].vocab_size == model.config.vocab_size:
+        return {}
+    embeddings = modules_to_save_params(model, ["embed_tokens", "lm_head"], strict=False)
+    return {key: model.get_parameter(name) for name, key in embeddings.items()}
+
+
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
-    `PeftModel.from_pretrained`)."""
+    `PeftModel.from_pretrained`); with the embedding and LM head too when the vocabulary differs from that of
+    the base directory `base_model_name_or_path`, as PEFT's save_embedding_layers="auto" does."""
     settings = getattr(model, "lora_config", None)
     if settings is None:
         raise AdapterError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
@@ -351,7 +265,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in _adapter_tensors(model).items()}
+    tensors = {**_grown_embeddings(model, base_model_name_or_path), **_adapter_tensors(model)}
+    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
     write_json(directory / CONFIG_FILE, {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
@@ -360,7 +275,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base_model_name_or_path,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
-        "layers_pattern": settings["layers_pattern"], "rank_pattern": {}, "alpha_pattern": {},
+        "layers_pattern": settings["layers_pattern"], "rank_pattern": settings["rank_pattern"],
+        "alpha_pattern": settings["alpha_pattern"],
         "use_dora": False, "revision": None,
         **({"ensure_weight_tying": True} if settings["ensure_weight_tying"] else {}),
     })
@@ -372,9 +288,11 @@ def _read_adapter_config(directory: Path) -> dict:
     config = read_json(directory / CONFIG_FILE, AdapterError)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    for key, ok in (("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False)):
-        if config.get(key, ok) != ok:
-            raise AdapterError(f"{directory}: {key}={config[key]!r} is not supported (expected {ok!r})")
+    # fan_in_fan_out is not checked: PEFT sets it to false on every nn.Linear, which all of a Llama's projections are
+    if config.get("use_dora"):
+        raise AdapterError(f"{directory}: use_dora={config['use_dora']!r} is not supported (expected False)")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise AdapterError(f"{directory}: bias={config['bias']!r} is not one of PEFT's 'none', 'all', 'lora_only'")
     for key in UNSUPPORTED_ADAPTER_FIELDS:
         value = config.get(key)
         # PEFT writes these unset as null, false, {} or []; layers_to_transform=0 is set (layer 0 only)
@@ -406,6 +324,10 @@ def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> d
     """PEFT key -> `read(file, key)` for each tensor of the adapter's weights file (`get_tensor`, or a shape from
     the header alone), the adapter name PEFT may leave in a key ("default") taken out."""
     if not (directory / WEIGHTS_FILE).is_file():
+        if (directory / PICKLE_WEIGHTS_FILE).is_file():  # what PEFT writes with safe_serialization=False
+            raise AdapterError(f"{directory / PICKLE_WEIGHTS_FILE} is a pickle, which ttl never unpickles (it can run "
+                               "code); re-save the adapter in a trusted environment with PEFT: PeftModel."
+                               f"from_pretrained(base, DIR).save_pretrained(OUT), which writes {WEIGHTS_FILE}")
         raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
     try:
         with safe_open(directory / WEIGHTS_FILE, "pt") as f:
@@ -421,11 +343,20 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     overwrite the model's. `is_trainable=False` freezes it too and sets eval mode (inference); returns the model."""
     directory = Path(path)
     config = _read_adapter_config(directory)
-    saved = [n for n in config.get("modules_to_save") or [] if _modules_to_save_params(model, [n], strict=False)]
+    if is_trainable and config.get("init_lora_weights") == "mica":
+        raise AdapterError(f"{directory}: init_lora_weights='mica' trains lora_A only in PEFT, which ttl does not; "
+                           "load it for inference (is_trainable=False)")
+    saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                    targets=config["target_modules"], use_rslora=config.get("use_rslora", False),
-                    modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
-                    **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern")})
+                    targets=present_targets(model, config["target_modules"]),
+                    use_rslora=config.get("use_rslora", False), modules_to_save=saved,
+                    ensure_weight_tying=config.get("ensure_weight_tying", False),
+                    **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
+                                                        "rank_pattern", "alpha_pattern")})
+    # PEFT's bias="all" / "lora_only" train and save the base layers' biases, which a Llama without them lacks
+    if config.get("bias", "none") != "none" and any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        raise AdapterError(f"{directory}: bias={config['bias']!r} is not supported on a model with biases (ttl "
+                           "trains LoRA adapters only, as bias='none')")
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:
         expected = _adapter_shapes(model, settings)
@@ -433,7 +364,7 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
         raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
     # PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
     # loads them into the base model; so does ttl, once the model's vocabulary is resized to match
-    embeddings = {name: key for name, key in _modules_to_save_params(model, ["embed_tokens", "lm_head"],
+    embeddings = {name: key for name, key in modules_to_save_params(model, ["embed_tokens", "lm_head"],
                                                                       strict=False).items()
                   if key in found and key not in expected}
     for name, key in embeddings.items():
@@ -467,29 +398,38 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def adapter_base(path: str | Path, base: str | Path | None = None) -> Path:
+    """The base model directory of the PEFT adapter directory `path`: `base` when given (the base has moved),
+    else the `base_model_name_or_path` its adapter_config.json names; one that is missing is a one-line error."""
+    directory = Path(path)
+    named = base is None  # the base is the one the adapter names
+    base = _read_adapter_config(directory).get("base_model_name_or_path") if named else base
+    if named and not (isinstance(base, str) and base):
+        raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
+    if not Path(base).is_dir():
+        where = f" (base_model_name_or_path in {directory / CONFIG_FILE}; give its new place)" if named else ""
+        raise CheckpointError(f"{base}: no such base model directory{where}")
+    return Path(base)
+
+
 def load_with_adapter(path: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
                       device: str | torch.device | None = None) -> LlamaForCausalLM:
     """The causal LM that the PEFT adapter directory `path` makes of its base, for inference: the base
     (`base`, else adapter_config.json's `base_model_name_or_path`) loaded in `dtype` on `device`, its
     vocabulary grown to the embedding rows the adapter saves when fine-tuning added tokens (Aira's), the
     adapter loaded and merged into the base weights, so the model runs at the base's speed. Use it with the
-    tokenizer saved in the adapter directory. A missing base directory, or an adapter that is not a causal
-    LM's (a classifier's), is a one-line error naming the path."""
+    tokenizer saved in the adapter directory (or the base's, when PEFT saved the adapter without one). A
+    missing base directory, or an adapter that is not a causal LM's (a classifier's), is a one-line error
+    naming the path."""
     directory = Path(path)
     config = _read_adapter_config(directory)
     if config.get("task_type") not in (None, TASK_TYPES["LlamaForCausalLM"]):
         raise AdapterError(f"{directory}: a {config['task_type']} adapter, not a causal LM's (task_type CAUSAL_LM)")
-    named = base is None  # the base is the one the adapter names
-    base = config.get("base_model_name_or_path") if named else base
-    if named and not (isinstance(base, str) and base):
-        raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
-    if not Path(base).is_dir():
-        where = f" (base_model_name_or_path in {directory / CONFIG_FILE}; give its new place)" if named else ""
-        raise CheckpointError(f"{base}: no such base model directory{where}")
+    base = adapter_base(directory, base)
     model = load_pretrained(base, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise AdapterError(f"{base}: holds a {model.architecture}; the adapter {directory} needs a LlamaForCausalLM")
-    embeddings = set(_modules_to_save_params(model, ["embed_tokens", "lm_head"]).values())
+    embeddings = set(modules_to_save_params(model, ["embed_tokens", "lm_head"]).values())
     shapes = _read_adapter_weights(directory, lambda f, key: f.get_slice(key).get_shape())
     rows = max((shape[0] for key, shape in shapes.items() if key in embeddings), default=0)
     if rows > model.config.vocab_size:  # load_adapter then loads the saved rows into the grown tables

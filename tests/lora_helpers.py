@@ -1,0 +1,27 @@
+"""Shared pieces of the LoRA tests: ttl copies of transformers models, adapters that are not a no-op, inputs."""
+
+from __future__ import annotations
+
+import torch
+
+import ttl_core
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def to_ttl(hf_model, tmp_path, name="base"):
+    hf_model.save_pretrained(tmp_path / name)
+    return ttl_core.load_pretrained(tmp_path / name).eval()
+
+
+def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
+    """Non-zero B (and fresh A) so the adapter changes the output and a wrong mapping cannot hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def ids(batch=2, seq=9, vocab=131, seed=1):
+    return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
