@@ -118,6 +118,36 @@ def test_an_attention_mask_that_does_not_fit_input_ids_is_named(shape):
             model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 5, 4), (2, 1, 5, 6), (3, 1, 5, 5), (2, 1, 4, 5), (2, 3, 5, 5), (2, 5, 5)])
+def test_a_4d_attention_mask_that_does_not_fit_input_ids_is_named(shape):
+    """A ready mask is (batch or 1, 1 or heads, seq or 1, seq); any other shape is refused by name, not left to a
+    broadcasting error from inside attention (or, broadcast, to attend over the wrong keys)."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    message = rf"attention_mask shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
+    with pytest.raises(ConfigError, match=message):
+        ttl_core.LlamaForCausalLM(config)(ids, attention_mask=torch.ones(shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_ready_4d_mask_gives_transformers_logits_and_an_integer_one_is_refused(tmp_path, attention):
+    """transformers takes a 4-d mask as it is: boolean (True attends) or additive. An integer 0/1 mask is
+    neither: SDPA fails deep inside torch and the eager path added it to the scores, attending everywhere."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path, attention=attention)
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    allowed = torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    real = mask.bool()
+    with torch.no_grad():
+        for ready in (allowed, additive):
+            got, ref = ours(ids, attention_mask=ready).logits, hf(ids, attention_mask=ready).logits
+            assert (got - ref)[real].abs().max() <= 1e-4
+        with pytest.raises(ConfigError, match=r"a 4-d attention_mask must be boolean .* or additive .*, got torch.int64"):
+            ours(ids, attention_mask=allowed.long())
+
+
 def test_eager_backend_matches_transformers_eager(tmp_path):
     hf = hf_causal_lm()
     hf.config._attn_implementation = "eager"
