@@ -241,6 +241,10 @@ class LlamaModel(nn.Module):
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)[None].expand(batch, seq)
+        elif position_ids.shape[-1:] != (seq,) or position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch) \
+                or position_ids.dim() > 2:
+            raise ConfigError(f"position_ids shape {tuple(position_ids.shape)} does not fit input_ids shape "
+                              f"{tuple(input_ids.shape)}: (batch or 1, seq) or (seq,)")
         mask = attention_mask
         if mask is not None:
             # a mask longer than the row also covers the keys already in `kv_cache`; a 4-d one may broadcast
