@@ -210,6 +210,23 @@ def test_bf16_logits_error_no_worse_than_transformers_bf16(tmp_path):
     assert our_error <= 1.25 * hf_error and our_error < 0.03
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_autocast_forward_is_transformers_own(tmp_path, attention):
+    """ttl trains fp32 weights under bf16 autocast. There transformers' rotary multiplies the bf16 queries and
+    keys by its fp32 cos/sin (type promotion: fp32 products, rounded once), and so must ttl: rounding the
+    tables to bf16 first moved the logits 0.07 from transformers' (bf16 values of about 5)."""
+    hf = hf_causal_lm()
+    hf.config._attn_implementation = attention
+    ours = to_ttl(hf, tmp_path, attention=attention, kernels="torch")
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    real = mask.bool()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(got[real], expected[real])
+
+
 def test_logits_to_keep_and_return_logits(tmp_path):
     ours = to_ttl(hf_causal_lm(), tmp_path)
     ids, _ = padded_batch(131, pad=3)
