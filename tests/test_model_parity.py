@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
@@ -225,6 +226,22 @@ def test_the_autocast_forward_is_transformers_own(tmp_path, attention):
         got = ours(ids, attention_mask=mask).logits
     assert got.dtype == expected.dtype == torch.bfloat16
     assert torch.equal(got[real], expected[real])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_checkpoint_gives_transformers_logits_bit_for_bit(tmp_path, dtype):
+    """Loaded by both libraries in its stored dtype, with fp32 rotary tables in both (as from_pretrained makes
+    them), a bf16 or fp16 checkpoint gives transformers' own logits and loss."""
+    hf_causal_lm().to(dtype).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = ttl_core.load_pretrained(tmp_path, kernels="torch")
+    ids, mask = padded_batch(theirs.config.vocab_size, pad=3)
+    labels, real = ids.masked_fill(mask == 0, -100), mask.bool()
+    with torch.no_grad():
+        expected = theirs(ids, attention_mask=mask, labels=labels)
+        got = ours(ids, attention_mask=mask, labels=labels, return_logits=True)
+    assert got.logits.dtype == dtype and torch.equal(got.logits[real], expected.logits[real])
+    assert got.loss.item() == expected.loss.item()
 
 
 def test_logits_to_keep_and_return_logits(tmp_path):
