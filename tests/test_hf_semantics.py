@@ -238,6 +238,24 @@ def test_the_inferred_problem_type_is_recorded_and_saved(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["problem_type"] == "multi_label_classification"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_new_classifier_head_is_the_one_transformers_draws_from_the_same_seed(tmp_path, dtype):
+    """A causal LM loaded as a classifier gets the score head transformers gives it after the same
+    torch.manual_seed (its only draw from the RNG), so fine-tunes in the two libraries start alike."""
+    hf_causal_lm().save_pretrained(tmp_path / "lm")
+    torch.manual_seed(7)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, dtype=dtype)
+    torch.manual_seed(7)
+    ours = ttl_core.load_pretrained(tmp_path / "lm", architecture="LlamaForSequenceClassification", num_labels=3,
+                                    dtype=dtype)
+    assert ours.score.weight.dtype == dtype
+    assert torch.equal(ours.score.weight, theirs.score.weight)
+    with torch.no_grad():
+        expected = theirs(ids()).logits
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2 * float(expected.abs().max())
+        assert max_diff(ours(ids()).logits, expected) <= tolerance
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_attention_dropout_applies_in_training_only(tmp_path, attention):
     path = edited_checkpoint(hf_causal_lm(), tmp_path / "ckpt", attention_dropout=0.5)

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import transformers
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
@@ -118,6 +119,47 @@ def test_an_attention_mask_that_does_not_fit_input_ids_is_named(shape):
             model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
 
 
+@pytest.mark.parametrize("shape", [(2, 4), (3, 5), (5, 1), (2, 1, 5), (4,)])
+def test_position_ids_that_do_not_fit_input_ids_are_named(shape):
+    """Positions are (batch or 1, seq) or (seq,); others were refused by the rotary kernel, naming its cos/sin."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    message = rf"position_ids shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
+    with pytest.raises(ConfigError, match=message):
+        ttl_core.LlamaForCausalLM(config)(ids, position_ids=torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 5, 4), (2, 1, 5, 6), (3, 1, 5, 5), (2, 1, 4, 5), (2, 3, 5, 5), (2, 5, 5)])
+def test_a_4d_attention_mask_that_does_not_fit_input_ids_is_named(shape):
+    """A ready mask is (batch or 1, 1 or heads, seq or 1, seq); any other shape is refused by name, not left to a
+    broadcasting error from inside attention (or, broadcast, to attend over the wrong keys)."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    message = rf"attention_mask shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
+    with pytest.raises(ConfigError, match=message):
+        ttl_core.LlamaForCausalLM(config)(ids, attention_mask=torch.ones(shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_ready_4d_mask_gives_transformers_logits_and_an_integer_one_is_refused(tmp_path, attention):
+    """transformers takes a 4-d mask as it is: boolean (True attends) or additive. An integer 0/1 mask is
+    neither: SDPA fails deep inside torch and the eager path added it to the scores, attending everywhere."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path, attention=attention)
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    allowed = torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    real = mask.bool()
+    with torch.no_grad():
+        for ready in (allowed, additive):
+            got, ref = ours(ids, attention_mask=ready).logits, hf(ids, attention_mask=ready).logits
+            assert (got - ref)[real].abs().max() <= 1e-4
+        with pytest.raises(ConfigError, match=r"a 4-d attention_mask must be boolean .* or additive .*, got torch.int64"):
+            ours(ids, attention_mask=allowed.long())
+
+
 def test_eager_backend_matches_transformers_eager(tmp_path):
     hf = hf_causal_lm()
     hf.config._attn_implementation = "eager"
@@ -167,6 +209,39 @@ def test_bf16_logits_error_no_worse_than_transformers_bf16(tmp_path):
     assert torch.isfinite(got).all()
     our_error = (got - exact).norm() / exact.norm()
     assert our_error <= 1.25 * hf_error and our_error < 0.03
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_autocast_forward_is_transformers_own(tmp_path, attention):
+    """ttl trains fp32 weights under bf16 autocast. There transformers' rotary multiplies the bf16 queries and
+    keys by its fp32 cos/sin (type promotion: fp32 products, rounded once), and so must ttl: rounding the
+    tables to bf16 first moved the logits 0.07 from transformers' (bf16 values of about 5)."""
+    hf = hf_causal_lm()
+    hf.config._attn_implementation = attention
+    ours = to_ttl(hf, tmp_path, attention=attention, kernels="torch")
+    ids, mask = padded_batch(hf.config.vocab_size, pad=3)
+    real = mask.bool()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = hf(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(got[real], expected[real])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_checkpoint_gives_transformers_logits_bit_for_bit(tmp_path, dtype):
+    """Loaded by both libraries in its stored dtype, with fp32 rotary tables in both (as from_pretrained makes
+    them), a bf16 or fp16 checkpoint gives transformers' own logits and loss."""
+    hf_causal_lm().to(dtype).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = ttl_core.load_pretrained(tmp_path, kernels="torch")
+    ids, mask = padded_batch(theirs.config.vocab_size, pad=3)
+    labels, real = ids.masked_fill(mask == 0, -100), mask.bool()
+    with torch.no_grad():
+        expected = theirs(ids, attention_mask=mask, labels=labels)
+        got = ours(ids, attention_mask=mask, labels=labels, return_logits=True)
+    assert got.logits.dtype == dtype and torch.equal(got.logits[real], expected.logits[real])
+    assert got.loss.item() == expected.loss.item()
 
 
 def test_logits_to_keep_and_return_logits(tmp_path):

@@ -213,8 +213,9 @@ def load_pretrained(
     `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`, or the labels.
     `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
     fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
-    `num_labels` / `id2label` in `config_overrides`) is initialized as transformers does, from torch's
-    global RNG (seed it first for a reproducible head). The model comes back in eval mode, as transformers'
+    `num_labels` / `id2label` in `config_overrides`) is drawn as transformers draws it: normal(0,
+    initializer_range), the only draw from torch's global RNG, so after the same `torch.manual_seed` the head
+    is transformers' own (on the CPU). The model comes back in eval mode, as transformers'
     `from_pretrained` returns it: call `.train()` before training (dropout)."""
     directory = Path(path)
     device = checked_device(device)
@@ -263,8 +264,9 @@ def load_pretrained(
     target_dtype = _resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
     model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
-    if new_head:
-        model.init_weights()  # gives the new score head its initial values; the rest is overwritten below
+    if new_head:  # the only draw from torch's RNG, as in transformers: the same seed gives the same head
+        with torch.no_grad():
+            torch.nn.init.normal_(model.score.weight, mean=0.0, std=config.initializer_range)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, pieces in plan.items():

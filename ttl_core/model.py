@@ -241,14 +241,24 @@ class LlamaModel(nn.Module):
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)[None].expand(batch, seq)
+        elif position_ids.shape[-1:] != (seq,) or position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch) \
+                or position_ids.dim() > 2:
+            raise ConfigError(f"position_ids shape {tuple(position_ids.shape)} does not fit input_ids shape "
+                              f"{tuple(input_ids.shape)}: (batch or 1, seq) or (seq,)")
         mask = attention_mask
         if mask is not None:
-            # a 2-d mask longer than the row also covers the keys already in `kv_cache`
-            fits = mask.dim() == 4 or mask.dim() == 2 and mask.shape[0] == batch and (
-                mask.shape[1] == seq or kv_cache is not None and mask.shape[1] > seq)
-            if not fits:
+            # a mask longer than the row also covers the keys already in `kv_cache`; a 4-d one may broadcast
+            keys = mask.shape[-1] if mask.dim() in (2, 4) else -1
+            keys_fit = keys == seq or kv_cache is not None and keys > seq
+            rows_fit = mask.dim() == 2 and mask.shape[0] == batch or mask.dim() == 4 and mask.shape[0] in (1, batch) \
+                and mask.shape[1] in (1, self.config.num_attention_heads) and mask.shape[2] in (1, seq)
+            if not (keys_fit and rows_fit):
                 raise ConfigError(f"attention_mask shape {tuple(mask.shape)} does not fit input_ids shape "
-                                  f"{tuple(input_ids.shape)}: (batch, seq), longer only over cached keys")
+                                  f"{tuple(input_ids.shape)}: (batch, seq) or (batch, 1, seq, seq), longer only "
+                                  "over cached keys")
+            if mask.dim() == 4 and not (mask.dtype == torch.bool or mask.is_floating_point()):
+                raise ConfigError(f"a 4-d attention_mask must be boolean (True attends) or additive (0 or -inf), "
+                                  f"got {mask.dtype}")
             if mask.dim() == 2:
                 mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
         hidden = self.embed(input_ids)

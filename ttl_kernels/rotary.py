@@ -34,10 +34,10 @@ def apply_rotary_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by the angles whose cos/sin
-    are given per position, computed in the input dtype exactly as transformers does."""
-    cos = _broadcast_angles(cos, q).to(q.dtype)
-    sin = _broadcast_angles(sin, q).to(q.dtype)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    are given per position, computed exactly as transformers does: in the wider of the two dtypes (fp32 tables
+    with bf16 q and k under autocast), the result rounded to q's dtype."""
+    cos, sin = _broadcast_angles(cos, q), _broadcast_angles(sin, q)
+    return (q * cos + _rotate_half(q) * sin).to(q.dtype), (k * cos + _rotate_half(k) * sin).to(k.dtype)
 
 
 if HAVE_TRITON:
@@ -63,14 +63,14 @@ if HAVE_TRITON:
         tl.store(OUT + heads * stride_out_h + half + dims, o2.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_angles(COS, SIN, half, act, BLOCK_HALF: tl.constexpr):
-        # the reference multiplies by cos/sin cast to the activation dtype; so does this
+    def _load_angles(COS, SIN, half, BLOCK_HALF: tl.constexpr):
+        # in the tables' own precision, as transformers multiplies by them (fp32 tables under autocast)
         dims = tl.arange(0, BLOCK_HALF)[None, :]
         dim_ok = dims < half
-        c1 = tl.load(COS + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
-        c2 = tl.load(COS + half + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
-        s1 = tl.load(SIN + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
-        s2 = tl.load(SIN + half + dims, mask=dim_ok, other=0.0).to(act).to(tl.float32)
+        c1 = tl.load(COS + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + half + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + half + dims, mask=dim_ok, other=0.0).to(tl.float32)
         return c1, c2, s1, s2
 
     @triton.jit
@@ -84,7 +84,7 @@ if HAVE_TRITON:
         b = token // seq_len
         s = token % seq_len
         angle = b * stride_cb + s * stride_cs
-        c1, c2, s1, s2 = _load_angles(COS + angle, SIN + angle, half, Q.dtype.element_ty, BLOCK_HALF)
+        c1, c2, s1, s2 = _load_angles(COS + angle, SIN + angle, half, BLOCK_HALF)
         _rotate_heads(Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos, n_q_heads,
                       stride_qh, stride_qoh, c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, BACKWARD)
         _rotate_heads(K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos, n_k_heads,
@@ -102,7 +102,7 @@ if HAVE_TRITON:
         s = token % seq_len
         slot = tl.load(SLOTS + s).to(tl.int64)
         angle = b * stride_cb + s * stride_cs
-        c1, c2, s1, s2 = _load_angles(COS + angle, SIN + angle, half, QKV.dtype.element_ty, BLOCK_HALF)
+        c1, c2, s1, s2 = _load_angles(COS + angle, SIN + angle, half, BLOCK_HALF)
         row = QKV + b * stride_b + s * stride_s
         _rotate_heads(row, QO + b * stride_qob + s * stride_qos, n_q_heads, stride_h, stride_qoh,
                       c1, c2, s1, s2, half, BLOCK_QH, BLOCK_HALF, False)
@@ -231,9 +231,10 @@ def apply_rotary(
     """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by per-position angles given as
     cos/sin of shape (seq, dim) or (batch, seq, dim) in the `rotate_half` layout (pass the rows of the
     positions you need for offsets or packed sequences). q and k may be strided views with a contiguous
-    last dim; outputs are new tensors. The Triton path rounds cos/sin to q's dtype as the reference does,
-    then computes in fp32 and rounds once, where the reference rounds every product: in bf16/fp16 the two
-    differ by rounding. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`);
+    last dim; outputs are new tensors, in q's dtype. cos/sin keep their own dtype, as in transformers' `q * cos`:
+    fp32 tables with bf16/fp16 q and k (the model under autocast) compute in fp32 and round once, on both paths.
+    With tables in q's dtype the reference rounds every product, as transformers does, and Triton still computes
+    in fp32 and rounds once: in bf16/fp16 the two then differ by rounding. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`);
     only the reference differentiates cos/sin, and Triton raises ValueError when they require grad (under
     grad mode)."""
     _check_rotary_arguments(q, k, cos, sin)
