@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = _split(args.labels)
     if args.train is None:
         args.train, args.eval = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
-        labels = labels or list(AGNEWS_LABELS)
+        labels = labels or (None if args.regression else list(AGNEWS_LABELS))
     spec = TaskSpec(_split(args.text_fields), args.label_field, args.pair, args.regression, labels)
     result = finetune_classifier(args.model, args.train, args.eval, args.out, spec, config_from_args(args))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "epoch")

@@ -168,6 +168,25 @@ def test_a_task_spec_that_cannot_make_examples_is_refused():
             TaskSpec(labels=labels)
     with pytest.raises(ConfigError, match=r"a sentence-pair task needs exactly two text fields, got \['a', 'b', 'c'\]"):
         TaskSpec(["a", "b", "c"], pair=True)
+    # the label among the text would be read by the model it is to be predicted by: a silent 100% accuracy
+    with pytest.raises(ConfigError, match=r"label_field 'label' is also a text field: the model would read the label"):
+        TaskSpec(["text", "label"], "label")
+    # a regressor has one output and no class names: the list would be ignored without a word
+    with pytest.raises(ConfigError, match=r"labels name classes; a regression task has none, got \['A', 'B'\]"):
+        TaskSpec(regression=True, labels=["A", "B"])
+
+
+@pytest.mark.parametrize("suffix, sep", [("csv", ","), ("tsv", "\t")])
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path, suffix, sep):
+    """csv.DictReader keeps the last of two same-named columns, so the first column's text was dropped without a
+    word (pandas and datasets keep the first as "text" and call the second "text.1"); a name read twice is refused.
+    Unnamed columns (the trailing separators of a spreadsheet export) are never read and stay allowed."""
+    path = tmp_path / f"t.{suffix}"
+    path.write_text(sep.join(["title", "text", "text", "label"]) + "\n" + sep.join(["a", "b", "c", "A"]) + "\n")
+    with pytest.raises(DataError, match=rf"t\.{suffix}:1: the header names two columns 'text'; rename one"):
+        read_task_file(path)
+    path.write_text(sep.join(["title", "text", "label", "", ""]) + "\n" + sep.join(["a", "b", "A", "", ""]) + "\n")
+    assert [r["text"] for _, r in read_task_file(path)] == ["b"]
 
 
 def test_discovered_labels_are_stripped_and_sorted_as_numbers(tmp_path):

@@ -86,6 +86,8 @@ class FinetuneConfig:
             if not ok:
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, "
                                   f"got {getattr(self, name)!r}")
+        if self.merge_lora and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored
+            raise ConfigError("merge_lora (--merge-lora) merges LoRA adapters into the model; it needs --lora")
 
     def torch_device(self) -> torch.device:
         """`device` as a torch device; a malformed one, or CUDA on a machine without it, is a ConfigError."""

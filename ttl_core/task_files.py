@@ -51,6 +51,11 @@ class TaskSpec:
                               f"got {self.labels!r}")
         if self.pair and len(self.text_fields) != 2:
             raise ConfigError(f"a sentence-pair task needs exactly two text fields, got {self.text_fields}")
+        if self.label_field in self.text_fields:
+            raise ConfigError(f"label_field {self.label_field!r} is also a text field: the model would read the label "
+                              "it is to predict")
+        if self.regression and self.labels is not None:
+            raise ConfigError(f"labels name classes; a regression task has none, got {self.labels!r}")
 
 
 Row = tuple[int, dict[str, Any]]  # (line number in the file, fields)
@@ -100,8 +105,12 @@ def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
                             quoting=quoting)
     done = 0  # the line the last complete row (or the header) ended on
     try:
-        reader.fieldnames  # reads the header
+        named = [name for name in reader.fieldnames or [] if name.strip()]  # reads the header
         done = reader.line_num
+        # DictReader keeps the last of two same-named columns: the other's text would be dropped without a word
+        twice = next((name for name in named if named.count(name) > 1), None)
+        if twice is not None:
+            raise DataError(f"{path}:{done}: the header names two columns {twice!r}; rename one")
         for record in reader:
             if None in record or None in record.values():
                 raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames or [])} columns in the header, "
