@@ -134,6 +134,25 @@ def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
         task_labels(read_task_file(path), TaskSpec(), path)
 
 
+def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, tmp_path):
+    """Class ids index the label list. Given with --labels, that list is the dataset's order; discovered, it is
+    the train file's names sorted, which says nothing about what an eval file's ids meant: AgNews' id 0 (MUNDO)
+    was read as ESPORTES, the first name alphabetically, and the evaluation scored against the wrong labels."""
+    tok = Tokenizer.from_pretrained(base_dir)
+    train, evals = tmp_path / "train.csv", tmp_path / "eval.csv"
+    names = ["MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA"]  # AgNews' order: ids 0..3
+    train.write_text("text,label\n" + "".join(f"t{i},{name}\n" for i, name in enumerate(names)), encoding="utf-8")
+    evals.write_text("text,label\numa notícia,0\n", encoding="utf-8")
+    given = TaskSpec(["text"], "label", labels=names)
+    assert [label for _, label in load_task(evals, tok, given, names, 32)] == [0]
+    discovered = TaskSpec(["text"], "label")
+    labels = task_labels(read_task_file(train), discovered, train)
+    assert labels == sorted(names)
+    with pytest.raises(DataError, match=r"eval\.csv:2: unknown label '0' \(labels: ESPORTES, .*\); a class id "
+                                        r"needs the label order \(--labels\)"):
+        load_task(evals, tok, discovered, labels, 32)
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ("", "csv", "no examples"),
     ("title,text,label\n", "csv", "no examples"),

@@ -4,8 +4,8 @@ labels out.
 The text of an example is built from one or more fields (AgNews: `title + "\\n\\n" + text`) or, for sentence
 pairs as in ASSIN2, `<s>` premise `<s>` hypothesis `</s>`: the ids transformers' tokenizer gives the text
 `premise + "<s>" + hypothesis + "</s>"`, which is the string to pass to the saved classifier in transformers.
-Labels are names from a fixed or discovered set, integer class ids, or (regression) finite numbers. Every
-problem is a DataError or ConfigError naming the file and line.
+Labels are names from a fixed or discovered set, integer class ids into a fixed set, or (regression) finite
+numbers. Every problem is a DataError or ConfigError naming the file and line.
 """
 
 from __future__ import annotations
@@ -182,8 +182,9 @@ def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
     return found
 
 
-def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> int | float:
-    """A class id from a label name (or from an integer id in range), or a float for regression."""
+def label_value(raw: Any, labels: list[str] | None, path: Path, number: int, class_ids: bool = True) -> int | float:
+    """A class id from a label name (or, with `class_ids`, from an integer id in range), or a float for regression.
+    `class_ids` only where `labels` is the order the ids were given in, not one discovered by sorting names."""
     text = str(raw).strip()
     if labels is None:
         try:
@@ -198,18 +199,22 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> 
     # an integer class id stands for a label only when no label name reads as a number: with labels {"0", "2"}
     # discovered from the training file, an eval row's "1" is an unknown label, not class "2"
     numeric_names = any(_sort_key(name)[0] == 0 for name in labels)
-    if text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names:
+    is_class_id = text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names
+    if is_class_id and class_ids:
         return int(text)
-    raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)})")
+    hint = "; a class id needs the label order (--labels)" if is_class_id else ""
+    raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)}){hint}")
 
 
 def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: list[str] | None,
               max_length: int, rows: list[Row] | None = None) -> list[tuple[list[int], int | float]]:
-    """(token ids, label) for every row of a task file; `labels=None` reads regression targets."""
+    """(token ids, label) for every row of a task file; `labels=None` reads regression targets. Integer class ids
+    are read only where `spec.labels` gave the order they index."""
     path = Path(path)
     examples = []
     for number, record in rows if rows is not None else read_task_file(path):
         texts = [str(field_value(path, number, record, name)) for name in spec.text_fields]
-        label = label_value(field_value(path, number, record, spec.label_field), labels, path, number)
+        label = label_value(field_value(path, number, record, spec.label_field), labels, path, number,
+                            class_ids=spec.labels is not None)
         examples.append((encode_example(tokenizer, texts, spec.pair, max_length), label))
     return examples
