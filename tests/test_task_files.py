@@ -134,6 +134,17 @@ def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
         task_labels(read_task_file(path), TaskSpec(), path)
 
 
+@pytest.mark.parametrize("suffix, sep", [("csv", ","), ("tsv", "\t")])
+def test_a_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path, suffix, sep):
+    """Python's csv module refuses fields over 131,072 characters by default, and such a file (one long document,
+    which encoding cuts to max_length anyway) was called malformed; pandas and datasets read it."""
+    document = "palavra longa, " * 10_000  # 150,000 characters
+    path = tmp_path / f"t.{suffix}"
+    path.write_text(f"text{sep}label\n\"{document}\"{sep}A\ncurto{sep}B\n", encoding="utf-8")
+    assert [r["text"] for _, r in read_task_file(path)] == [document, "curto"]
+    assert csv.field_size_limit() == 131_072  # the module's setting is left as it was
+
+
 def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, tmp_path):
     """Class ids index the label list. Given with --labels, that list is the dataset's order; discovered, it is
     the train file's names sorted, which says nothing about what an eval file's ids meant: AgNews' id 0 (MUNDO)

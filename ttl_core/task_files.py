@@ -104,6 +104,9 @@ def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "TSV" else ",", strict=True,
                             quoting=quoting)
     done = 0  # the line the last complete row (or the header) ended on
+    # csv refuses a field over 131,072 characters unless told otherwise (a long document is no malformed file); no
+    # field is longer than the text. The module-wide setting is restored once the rows are read.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
         named = [name for name in reader.fieldnames or [] if name.strip()]  # reads the header
         done = reader.line_num
@@ -120,6 +123,8 @@ def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
     except csv.Error as e:
         hint = " (a quote opened here is never closed)" if "end of data" in str(e) else ""
         raise DataError(f"{path}:{done + 1}: malformed {kind}: {e}{hint}") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> Any:
