@@ -145,6 +145,20 @@ def test_a_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path, suf
     assert csv.field_size_limit() == 131_072  # the module's setting is left as it was
 
 
+def test_a_json_object_spanning_lines_is_named_not_called_malformed(tmp_path):
+    """A pretty-printed JSON object (a record, or {"data": [...]} as some exports wrap their rows) is valid JSON
+    but neither an array of objects nor JSON lines: it was reported as malformed JSON on line 1."""
+    path = tmp_path / "t.json"
+    for document in ({"data": [{"text": "a", "label": "A"}]}, {"text": "a", "label": "A"}):
+        path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        with pytest.raises(DataError, match=r"t\.json: one JSON object over several lines; a \.json task file holds "
+                                            r"an array of objects \(\[\{\.\.\.\}, \.\.\.\]\) or one object per line"):
+            read_task_file(path)
+    path.write_text('{"text": "a", "label": "A"}\n{"text": "b",\n', encoding="utf-8")  # truly malformed: as before
+    with pytest.raises(DataError, match=r"t\.json:2: malformed JSON"):
+        read_task_file(path)
+
+
 def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, tmp_path):
     """Class ids index the label list. Given with --labels, that list is the dataset's order; discovered, it is
     the train file's names sorted, which says nothing about what an eval file's ids meant: AgNews' id 0 (MUNDO)

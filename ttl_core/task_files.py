@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,14 @@ def read_task_file(path: str | Path) -> list[Row]:
     elif path.suffix.lower() in (".jsonl", ".json"):
         # JSON lines end at "\n" only: splitlines() would also cut at U+2028 inside a string, which JSON
         # writers with ensure_ascii=False leave raw
-        rows.extend(json_objects(path, enumerate(text.split("\n"), 1)))
+        try:
+            rows.extend(json_objects(path, enumerate(text.split("\n"), 1)))
+        except DataError:
+            # a pretty-printed object fails as JSON lines on its first line, but is no malformed JSON
+            if path.suffix.lower() == ".json" and _is_json_object(text):
+                raise DataError(f"{path}: one JSON object over several lines; a .json task file holds an array of "
+                                "objects ([{...}, ...]) or one object per line") from None
+            raise
     elif path.suffix.lower() == ".tsv":
         try:
             rows.extend(_csv_rows(path, text, csv.QUOTE_MINIMAL))
@@ -95,6 +103,13 @@ def read_task_file(path: str | Path) -> list[Row]:
     if not rows:
         raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
     return rows
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
