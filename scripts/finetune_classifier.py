@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-fields", default="title,text",
                         help="fields joined by a blank line into the text (default %(default)s)")
     parser.add_argument("--label-field", default="label", help="default %(default)s")
-    parser.add_argument("--labels", help="label names in class-id order (default: sorted values of the train "
-                                         "file; the AgNews order for the bundled sample)")
+    parser.add_argument("--labels", help="label names in class-id order (default: the values of the train file, "
+                                         "in a classifier base's order when it names the same set, else sorted; "
+                                         "the AgNews order for the bundled sample)")
     parser.add_argument("--pair", action="store_true", help="two text fields as <s> first <s> second </s>")
     parser.add_argument("--regression", action="store_true", help="one numeric label: Pearson and MSE")
     add_finetune_args(parser, FinetuneConfig())

@@ -28,7 +28,8 @@ TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 @dataclass
 class TaskSpec:
     """How to read one task file: which fields make the text, which holds the label, and the label set
-    (`labels=None`: the sorted distinct values of the training file)."""
+    (`labels=None`: the distinct values of the training file, sorted or in a classifier base's order; see
+    `finetune.label_order`)."""
 
     text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
     label_field: str = "label"
