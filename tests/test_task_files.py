@@ -186,6 +186,8 @@ def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, t
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
     ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: malformed JSON"),
     ("x", "xlsx", "unsupported task file type"),
+    # a space after a comma is part of the column's name (as in pandas): the message quotes the names to show it
+    ("title, text,label\na,b,A\n", "csv", r"t\.csv:2: no field 'text' \(fields: 'title', ' text', 'label'\)"),
     ("title,text,label\na,b,A\nc,d,B,sobra\n", "csv", r"t\.csv:3: .*columns"),  # more fields than the header
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "text": null, "label": "A"}\n', "jsonl",
      r"t\.jsonl:2: field 'text' is null"),  # a null is no text (not the text "None")
@@ -213,7 +215,7 @@ def test_a_task_spec_that_cannot_make_examples_is_refused():
     with pytest.raises(ConfigError, match=r"a sentence-pair task needs exactly two text fields, got \['a', 'b', 'c'\]"):
         TaskSpec(["a", "b", "c"], pair=True)
     # the label among the text would be read by the model it is to be predicted by: a silent 100% accuracy
-    with pytest.raises(ConfigError, match=r"label_field 'label' is also a text field: the model would read the label"):
+    with pytest.raises(ConfigError, match=r"label_field 'label' is also a text field: the model would read the"):
         TaskSpec(["text", "label"], "label")
     # a regressor has one output and no class names: the list would be ignored without a word
     with pytest.raises(ConfigError, match=r"labels name classes; a regression task has none, got \['A', 'B'\]"):

@@ -148,7 +148,7 @@ def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> A
     fields that do exist; a JSON null, list or object one naming the value (its Python text would otherwise
     become a label name like "[1]" or a text like "{'x': 1}")."""
     if name not in record:
-        raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(str, record))})")
+        raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(repr, record))})")
     value = record[name]
     if value is None or isinstance(value, (list, dict)):
         kind = "null" if value is None else f"a JSON {'list' if isinstance(value, list) else 'object'}"
