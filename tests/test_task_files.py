@@ -246,6 +246,11 @@ def test_discovered_labels_are_stripped_and_sorted_as_numbers(tmp_path):
     path.write_text("title,text,label\na,b,pos\nc,d, pos\n")
     with pytest.raises(DataError, match=r"t\.csv: only one label value \('pos'\) in field 'label'"):
         task_labels(read_task_file(path), TaskSpec(), path)
+    # JSON's 1 and 1.0 are one number (Python's int and float spell them apart): two classes for one value
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in (0, 1, 1.0, 2)))
+    with pytest.raises(DataError, match=r"t\.jsonl: the labels '1' and '1\.0' are one number; write each class"):
+        task_labels(read_task_file(path), TaskSpec(["text"]), path)
 
 
 def test_class_ids_must_be_in_range_and_regression_targets_finite(tmp_path):

@@ -197,7 +197,11 @@ def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
     for number, record in rows:
         if not str(field_value(path, number, record, spec.label_field)).strip():
             raise DataError(f"{path}:{number}: empty label in field {spec.label_field!r}")
-    found = sorted({str(r[spec.label_field]).strip() for _, r in rows}, key=_sort_key)
+    found = sorted({str(r[spec.label_field]).strip() for _, r in rows}, key=lambda name: (_sort_key(name), name))
+    # JSON's 1 and 1.0 (or a CSV's 1 and 01) are one value that would make two classes
+    same = next(((a, b) for a, b in zip(found, found[1:]) if _sort_key(a) == _sort_key(b)), None)
+    if same is not None:
+        raise DataError(f"{path}: the labels {same[0]!r} and {same[1]!r} are one number; write each class one way")
     if len(found) < 2:
         raise DataError(f"{path}: only one label value ({found[0]!r}) in field {spec.label_field!r}")
     return found
