@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-fields", default="title,text",
                         help="fields joined by a blank line into the text (default %(default)s)")
     parser.add_argument("--label-field", default="label", help="default %(default)s")
-    parser.add_argument("--labels", help="label names in class-id order (default: sorted values of the train "
-                                         "file; the AgNews order for the bundled sample)")
+    parser.add_argument("--labels", help="label names in class-id order (default: the values of the train file, "
+                                         "in a classifier base's order when it names the same set, else sorted; "
+                                         "the AgNews order for the bundled sample)")
     parser.add_argument("--pair", action="store_true", help="two text fields as <s> first <s> second </s>")
     parser.add_argument("--regression", action="store_true", help="one numeric label: Pearson and MSE")
     add_finetune_args(parser, FinetuneConfig())
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = _split(args.labels)
     if args.train is None:
         args.train, args.eval = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
-        labels = labels or list(AGNEWS_LABELS)
+        labels = labels or (None if args.regression else list(AGNEWS_LABELS))
     spec = TaskSpec(_split(args.text_fields), args.label_field, args.pair, args.regression, labels)
     result = finetune_classifier(args.model, args.train, args.eval, args.out, spec, config_from_args(args))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "epoch")

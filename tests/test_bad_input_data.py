@@ -272,6 +272,8 @@ def test_lora_targets_all_linear(tok):
     (["--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
     (["--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
     (["--max-length", "1"], r"max_length \(--max-length\) must be an integer >= 2, got 1"),
+    # without --lora every weight is trained and the full model saved: the flag was ignored without a word
+    (["--merge-lora"], r"merge_lora \(--merge-lora\) merges LoRA adapters into the model; it needs --lora"),
     (["--seed", "-1"], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), got -1"),
     (["--seed", str(2**70)], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\)"),  # torch.manual_seed overflowed
 ])

@@ -133,6 +133,9 @@ def test_classifier_options_reach_the_task_spec_and_the_config(monkeypatch):
     # --labels also applies to the bundled sample, instead of its AgNews order
     assert script.main(["--model", "BASE", "--labels", "ESPORTES,MUNDO,NEGÓCIOS,TECNOLOGIA"]) == 0
     assert run.calls[-1][0][4].labels == ["ESPORTES", "MUNDO", "NEGÓCIOS", "TECNOLOGIA"]
+    # the AgNews names are class names: a regressor on the bundled sample gets none (TaskSpec refuses both)
+    assert script.main(["--model", "BASE", "--regression"]) == 0
+    assert run.calls[-1][0][4] == TaskSpec(["title", "text"], "label", False, True, None)
 
 
 @pytest.mark.parametrize("files", [["--train", "T.csv"], ["--eval", "E.csv"]])

@@ -134,6 +134,50 @@ def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
         task_labels(read_task_file(path), TaskSpec(), path)
 
 
+@pytest.mark.parametrize("suffix, sep", [("csv", ","), ("tsv", "\t")])
+def test_a_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path, suffix, sep):
+    """Python's csv module refuses fields over 131,072 characters by default, and such a file (one long document,
+    which encoding cuts to max_length anyway) was called malformed; pandas and datasets read it."""
+    document = "palavra longa, " * 10_000  # 150,000 characters
+    path = tmp_path / f"t.{suffix}"
+    path.write_text(f"text{sep}label\n\"{document}\"{sep}A\ncurto{sep}B\n", encoding="utf-8")
+    assert [r["text"] for _, r in read_task_file(path)] == [document, "curto"]
+    assert csv.field_size_limit() == 131_072  # the module's setting is left as it was
+
+
+def test_a_json_object_spanning_lines_is_named_not_called_malformed(tmp_path):
+    """A pretty-printed JSON object (a record, or {"data": [...]} as some exports wrap their rows) is valid JSON
+    but neither an array of objects nor JSON lines: it was reported as malformed JSON on line 1."""
+    path = tmp_path / "t.json"
+    for document in ({"data": [{"text": "a", "label": "A"}]}, {"text": "a", "label": "A"}):
+        path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        with pytest.raises(DataError, match=r"t\.json: one JSON object over several lines; a \.json task file holds "
+                                            r"an array of objects \(\[\{\.\.\.\}, \.\.\.\]\) or one object per line"):
+            read_task_file(path)
+    path.write_text('{"text": "a", "label": "A"}\n{"text": "b",\n', encoding="utf-8")  # truly malformed: as before
+    with pytest.raises(DataError, match=r"t\.json:2: malformed JSON"):
+        read_task_file(path)
+
+
+def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, tmp_path):
+    """Class ids index the label list. Given with --labels, that list is the dataset's order; discovered, it is
+    the train file's names sorted, which says nothing about what an eval file's ids meant: AgNews' id 0 (MUNDO)
+    was read as ESPORTES, the first name alphabetically, and the evaluation scored against the wrong labels."""
+    tok = Tokenizer.from_pretrained(base_dir)
+    train, evals = tmp_path / "train.csv", tmp_path / "eval.csv"
+    names = ["MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA"]  # AgNews' order: ids 0..3
+    train.write_text("text,label\n" + "".join(f"t{i},{name}\n" for i, name in enumerate(names)), encoding="utf-8")
+    evals.write_text("text,label\numa notícia,0\n", encoding="utf-8")
+    given = TaskSpec(["text"], "label", labels=names)
+    assert [label for _, label in load_task(evals, tok, given, names, 32)] == [0]
+    discovered = TaskSpec(["text"], "label")
+    labels = task_labels(read_task_file(train), discovered, train)
+    assert labels == sorted(names)
+    with pytest.raises(DataError, match=r"eval\.csv:2: unknown label '0' \(labels: ESPORTES, .*\); a class id "
+                                        r"needs the label order \(--labels\)"):
+        load_task(evals, tok, discovered, labels, 32)
+
+
 @pytest.mark.parametrize("content, suffix, message", [
     ("", "csv", "no examples"),
     ("title,text,label\n", "csv", "no examples"),
@@ -142,6 +186,8 @@ def test_a_number_is_a_class_id_only_when_no_label_name_is_a_number(tmp_path):
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
     ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: malformed JSON"),
     ("x", "xlsx", "unsupported task file type"),
+    # a space after a comma is part of the column's name (as in pandas): the message quotes the names to show it
+    ("title, text,label\na,b,A\n", "csv", r"t\.csv:2: no field 'text' \(fields: 'title', ' text', 'label'\)"),
     ("title,text,label\na,b,A\nc,d,B,sobra\n", "csv", r"t\.csv:3: .*columns"),  # more fields than the header
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "text": null, "label": "A"}\n', "jsonl",
      r"t\.jsonl:2: field 'text' is null"),  # a null is no text (not the text "None")
@@ -168,6 +214,25 @@ def test_a_task_spec_that_cannot_make_examples_is_refused():
             TaskSpec(labels=labels)
     with pytest.raises(ConfigError, match=r"a sentence-pair task needs exactly two text fields, got \['a', 'b', 'c'\]"):
         TaskSpec(["a", "b", "c"], pair=True)
+    # the label among the text would be read by the model it is to be predicted by: a silent 100% accuracy
+    with pytest.raises(ConfigError, match=r"label_field 'label' is also a text field: the model would read the"):
+        TaskSpec(["text", "label"], "label")
+    # a regressor has one output and no class names: the list would be ignored without a word
+    with pytest.raises(ConfigError, match=r"labels name classes; a regression task has none, got \['A', 'B'\]"):
+        TaskSpec(regression=True, labels=["A", "B"])
+
+
+@pytest.mark.parametrize("suffix, sep", [("csv", ","), ("tsv", "\t")])
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path, suffix, sep):
+    """csv.DictReader keeps the last of two same-named columns, so the first column's text was dropped without a
+    word (pandas and datasets keep the first as "text" and call the second "text.1"); a name read twice is refused.
+    Unnamed columns (the trailing separators of a spreadsheet export) are never read and stay allowed."""
+    path = tmp_path / f"t.{suffix}"
+    path.write_text(sep.join(["title", "text", "text", "label"]) + "\n" + sep.join(["a", "b", "c", "A"]) + "\n")
+    with pytest.raises(DataError, match=rf"t\.{suffix}:1: the header names two columns 'text'; rename one"):
+        read_task_file(path)
+    path.write_text(sep.join(["title", "text", "label", "", ""]) + "\n" + sep.join(["a", "b", "A", "", ""]) + "\n")
+    assert [r["text"] for _, r in read_task_file(path)] == ["b"]
 
 
 def test_discovered_labels_are_stripped_and_sorted_as_numbers(tmp_path):
@@ -181,6 +246,11 @@ def test_discovered_labels_are_stripped_and_sorted_as_numbers(tmp_path):
     path.write_text("title,text,label\na,b,pos\nc,d, pos\n")
     with pytest.raises(DataError, match=r"t\.csv: only one label value \('pos'\) in field 'label'"):
         task_labels(read_task_file(path), TaskSpec(), path)
+    # JSON's 1 and 1.0 are one number (Python's int and float spell them apart): two classes for one value
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in (0, 1, 1.0, 2)))
+    with pytest.raises(DataError, match=r"t\.jsonl: the labels '1' and '1\.0' are one number; write each class"):
+        task_labels(read_task_file(path), TaskSpec(["text"]), path)
 
 
 def test_class_ids_must_be_in_range_and_regression_targets_finite(tmp_path):

@@ -25,7 +25,7 @@ import torch
 from .attention import document_layout, runs_packed_natively
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import write_dir_atomically, write_json
-from .hf import checked_device, load_pretrained, save_pretrained
+from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .run_config import TrainConfig
@@ -86,6 +86,8 @@ class FinetuneConfig:
             if not ok:
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, "
                                   f"got {getattr(self, name)!r}")
+        if self.merge_lora and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored
+            raise ConfigError("merge_lora (--merge-lora) merges LoRA adapters into the model; it needs --lora")
 
     def torch_device(self) -> torch.device:
         """`device` as a torch device; a malformed one, or CUDA on a machine without it, is a ConfigError."""
@@ -320,6 +322,18 @@ def load_base(model_dir: str | Path, cfg: FinetuneConfig, **kwargs: Any) -> tupl
     return tokenizer, model
 
 
+def label_order(model_dir: str | Path, labels: list[str]) -> list[str]:
+    """Discovered `labels` in the order of the classifier in `model_dir` when its id2label names the same set, so
+    its trained head keeps the meaning of each row (transformers' run_classification does the same); else as
+    they are."""
+    if not Path(model_dir).is_dir():  # load_base says what is wrong
+        return labels
+    config, architecture = read_model_config(model_dir)
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    kept = architecture == "LlamaForSequenceClassification" and sorted(names) == sorted(labels)
+    return names if kept else labels
+
+
 def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer, cfg: FinetuneConfig,
                    base_dir: str | Path) -> None:
     """Write the model atomically as a directory: a PEFT adapter over `base_dir` (LoRA without merging) or,
@@ -382,13 +396,16 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     """Fine-tune the causal LM (or classifier) in `model_dir` on a task file and keep the checkpoint that
     scores best on `eval_file` (accuracy, or Pearson for regression) in OUT/best, with the tokenizer and
     `id2label`/`label2id` in its config (an unmerged LoRA run saves a PEFT adapter there instead, which holds no
-    config: its label names are those of OUT/results.json). OUT/metrics.jsonl logs every step and evaluation;
-    OUT/results.json holds the label names and the per-epoch evaluations."""
+    config: its label names are those of OUT/results.json). Labels not given in `spec` are the train file's, in
+    the order of a classifier base that names the same set (`label_order`), else sorted. OUT/metrics.jsonl logs
+    every step and evaluation; OUT/results.json holds the label names and the per-epoch evaluations."""
     spec, cfg = spec or TaskSpec(), cfg or FinetuneConfig()
     train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
     device = cfg.torch_device()
     train_rows, eval_rows = read_task_file(train_file), read_task_file(eval_file)  # bad files fail before loading
     labels = None if spec.regression else task_labels(train_rows, spec, train_file)
+    if labels is not None and spec.labels is None:
+        labels = label_order(model_dir, labels)
     if spec.regression:
         head = {"num_labels": 1, "id2label": None, "label2id": None, "problem_type": "regression"}
     else:

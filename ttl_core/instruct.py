@@ -41,7 +41,7 @@ def _pick(record: dict[str, Any], names: tuple[str, ...], path: Path, number: in
     for name in names:
         if isinstance(record.get(name), str):
             return record[name]
-    raise DataError(f"{path}:{number}: no text field among {', '.join(names)} (fields: {', '.join(record)})")
+    raise DataError(f"{path}:{number}: no text field among {', '.join(names)} (fields: {', '.join(map(repr, record))})")
 
 
 def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:

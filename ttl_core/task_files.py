@@ -4,14 +4,15 @@ labels out.
 The text of an example is built from one or more fields (AgNews: `title + "\\n\\n" + text`) or, for sentence
 pairs as in ASSIN2, `<s>` premise `<s>` hypothesis `</s>`: the ids transformers' tokenizer gives the text
 `premise + "<s>" + hypothesis + "</s>"`, which is the string to pass to the saved classifier in transformers.
-Labels are names from a fixed or discovered set, integer class ids, or (regression) finite numbers. Every
-problem is a DataError or ConfigError naming the file and line.
+Labels are names from a fixed or discovered set, integer class ids into a fixed set, or (regression) finite
+numbers. Every problem is a DataError or ConfigError naming the file and line.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 @dataclass
 class TaskSpec:
     """How to read one task file: which fields make the text, which holds the label, and the label set
-    (`labels=None`: the sorted distinct values of the training file)."""
+    (`labels=None`: the distinct values of the training file, sorted or in a classifier base's order; see
+    `finetune.label_order`)."""
 
     text_fields: list[str] = field(default_factory=lambda: ["title", "text"])
     label_field: str = "label"
@@ -51,6 +53,11 @@ class TaskSpec:
                               f"got {self.labels!r}")
         if self.pair and len(self.text_fields) != 2:
             raise ConfigError(f"a sentence-pair task needs exactly two text fields, got {self.text_fields}")
+        if self.label_field in self.text_fields:
+            raise ConfigError(f"label_field {self.label_field!r} is also a text field: the model would read the label "
+                              "it is to predict")
+        if self.regression and self.labels is not None:
+            raise ConfigError(f"labels name classes; a regression task has none, got {self.labels!r}")
 
 
 Row = tuple[int, dict[str, Any]]  # (line number in the file, fields)
@@ -75,7 +82,14 @@ def read_task_file(path: str | Path) -> list[Row]:
     elif path.suffix.lower() in (".jsonl", ".json"):
         # JSON lines end at "\n" only: splitlines() would also cut at U+2028 inside a string, which JSON
         # writers with ensure_ascii=False leave raw
-        rows.extend(json_objects(path, enumerate(text.split("\n"), 1)))
+        try:
+            rows.extend(json_objects(path, enumerate(text.split("\n"), 1)))
+        except DataError:
+            # a pretty-printed object fails as JSON lines on its first line, but is no malformed JSON
+            if path.suffix.lower() == ".json" and _is_json_object(text):
+                raise DataError(f"{path}: one JSON object over several lines; a .json task file holds an array of "
+                                "objects ([{...}, ...]) or one object per line") from None
+            raise
     elif path.suffix.lower() == ".tsv":
         try:
             rows.extend(_csv_rows(path, text, csv.QUOTE_MINIMAL))
@@ -92,6 +106,13 @@ def read_task_file(path: str | Path) -> list[Row]:
     return rows
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
     """The rows of a CSV/TSV text. With quoting, newlines inside quoted fields are kept, and parsing is
     strict, so an unterminated quote is an error instead of one field swallowing the rest of the file."""
@@ -99,9 +120,16 @@ def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if kind == "TSV" else ",", strict=True,
                             quoting=quoting)
     done = 0  # the line the last complete row (or the header) ended on
+    # csv refuses a field over 131,072 characters unless told otherwise (a long document is no malformed file); no
+    # field is longer than the text. The module-wide setting is restored once the rows are read.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     try:
-        reader.fieldnames  # reads the header
+        named = [name for name in reader.fieldnames or [] if name.strip()]  # reads the header
         done = reader.line_num
+        # DictReader keeps the last of two same-named columns: the other's text would be dropped without a word
+        twice = next((name for name in named if named.count(name) > 1), None)
+        if twice is not None:
+            raise DataError(f"{path}:{done}: the header names two columns {twice!r}; rename one")
         for record in reader:
             if None in record or None in record.values():
                 raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames or [])} columns in the header, "
@@ -111,6 +139,8 @@ def _csv_rows(path: Path, text: str, quoting: int) -> Iterator[Row]:
     except csv.Error as e:
         hint = " (a quote opened here is never closed)" if "end of data" in str(e) else ""
         raise DataError(f"{path}:{done + 1}: malformed {kind}: {e}{hint}") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> Any:
@@ -118,7 +148,7 @@ def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> A
     fields that do exist; a JSON null, list or object one naming the value (its Python text would otherwise
     become a label name like "[1]" or a text like "{'x': 1}")."""
     if name not in record:
-        raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(str, record))})")
+        raise DataError(f"{path}:{number}: no field {name!r} (fields: {', '.join(map(repr, record))})")
     value = record[name]
     if value is None or isinstance(value, (list, dict)):
         kind = "null" if value is None else f"a JSON {'list' if isinstance(value, list) else 'object'}"
@@ -167,14 +197,19 @@ def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
     for number, record in rows:
         if not str(field_value(path, number, record, spec.label_field)).strip():
             raise DataError(f"{path}:{number}: empty label in field {spec.label_field!r}")
-    found = sorted({str(r[spec.label_field]).strip() for _, r in rows}, key=_sort_key)
+    found = sorted({str(r[spec.label_field]).strip() for _, r in rows}, key=lambda name: (_sort_key(name), name))
+    # JSON's 1 and 1.0 (or a CSV's 1 and 01) are one value that would make two classes
+    same = next(((a, b) for a, b in zip(found, found[1:]) if _sort_key(a) == _sort_key(b)), None)
+    if same is not None:
+        raise DataError(f"{path}: the labels {same[0]!r} and {same[1]!r} are one number; write each class one way")
     if len(found) < 2:
         raise DataError(f"{path}: only one label value ({found[0]!r}) in field {spec.label_field!r}")
     return found
 
 
-def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> int | float:
-    """A class id from a label name (or from an integer id in range), or a float for regression."""
+def label_value(raw: Any, labels: list[str] | None, path: Path, number: int, class_ids: bool = True) -> int | float:
+    """A class id from a label name (or, with `class_ids`, from an integer id in range), or a float for regression.
+    `class_ids` only where `labels` is the order the ids were given in, not one discovered by sorting names."""
     text = str(raw).strip()
     if labels is None:
         try:
@@ -189,18 +224,22 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int) -> 
     # an integer class id stands for a label only when no label name reads as a number: with labels {"0", "2"}
     # discovered from the training file, an eval row's "1" is an unknown label, not class "2"
     numeric_names = any(_sort_key(name)[0] == 0 for name in labels)
-    if text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names:
+    is_class_id = text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names
+    if is_class_id and class_ids:
         return int(text)
-    raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)})")
+    hint = "; a class id needs the label order (--labels)" if is_class_id else ""
+    raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)}){hint}")
 
 
 def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: list[str] | None,
               max_length: int, rows: list[Row] | None = None) -> list[tuple[list[int], int | float]]:
-    """(token ids, label) for every row of a task file; `labels=None` reads regression targets."""
+    """(token ids, label) for every row of a task file; `labels=None` reads regression targets. Integer class ids
+    are read only where `spec.labels` gave the order they index."""
     path = Path(path)
     examples = []
     for number, record in rows if rows is not None else read_task_file(path):
         texts = [str(field_value(path, number, record, name)) for name in spec.text_fields]
-        label = label_value(field_value(path, number, record, spec.label_field), labels, path, number)
+        label = label_value(field_value(path, number, record, spec.label_field), labels, path, number,
+                            class_ids=spec.labels is not None)
         examples.append((encode_example(tokenizer, texts, spec.pair, max_length), label))
     return examples
