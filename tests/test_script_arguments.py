@@ -137,6 +137,11 @@ def test_classifier_options_reach_the_task_spec_and_the_config(monkeypatch):
     assert script.main(["--model", "BASE", "--regression"]) == 0
     assert run.calls[-1][0][4] == TaskSpec(["title", "text"], "label", False, True, None)
 
+    # PEFT takes a fractional lora_alpha; a whole one stays an int, as PEFT writes it in adapter_config.json
+    assert script.main(["--model", "BASE", "--lora", "--lora-alpha", "2.5"]) == 0
+    assert run.calls[-1][0][5].lora_alpha == 2.5
+    assert script.main(["--model", "BASE", "--lora", "--lora-alpha", "32"]) == 0
+    assert repr(run.calls[-1][0][5].lora_alpha) == "32"
 
 @pytest.mark.parametrize("files", [["--train", "T.csv"], ["--eval", "E.csv"]])
 def test_classifier_needs_both_task_files_or_neither(files, monkeypatch, capsys):

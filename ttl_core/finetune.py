@@ -55,7 +55,7 @@ class FinetuneConfig:
     device: str = "cpu"
     lora: bool = False
     lora_r: int = 8
-    lora_alpha: int = 16
+    lora_alpha: float = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
     merge_lora: bool = False  # save the merged model instead of the PEFT adapter
@@ -126,13 +126,20 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
                       help="train LoRA adapters instead of all weights (default %(default)s)")
     lora.add_argument("--lora-r", type=int, default=defaults.lora_r, help="default %(default)s")
-    lora.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="default %(default)s")
+    lora.add_argument("--lora-alpha", type=number, default=defaults.lora_alpha,
+                      help="default %(default)s")
     lora.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default %(default)s")
     targets = defaults.lora_targets
     lora.add_argument("--lora-targets", default=targets if isinstance(targets, str) else ",".join(targets),
                       help="comma-separated HF module names, or all-linear (default %(default)s)")
     lora.add_argument("--merge-lora", action="store_true",
                       help="save the merged model instead of the PEFT adapter")
+
+
+def number(text: str) -> float:
+    """A number as PEFT's adapter_config.json holds lora_alpha: an int when whole, else a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
