@@ -10,7 +10,6 @@ import ttl_core.model as model_module
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.attention import attention, document_layout, packed_mask
 from ttl_core.errors import ConfigError
-from ttl_core.train import apply_activation_checkpointing
 from ttl_kernels import flash_attention_reference
 
 BACKENDS = ["sdpa", "eager", "triton", "flash_attn"]
@@ -143,7 +142,7 @@ def test_packed_mask_is_built_once_per_forward(backend, checkpointed, monkeypatc
     of a forward given that mask outright, bit for bit."""
     model = model_with(backend)
     if checkpointed:
-        apply_activation_checkpointing(model)
+        model.gradient_checkpointing_enable()
     assert model.config.num_hidden_layers > 1
     ids, packed = packed_rows(seed=7)
     calls = []

@@ -7,7 +7,6 @@ import torch
 from helpers import rel_err
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.train import apply_activation_checkpointing
 
 
 def loss_and_grads(model, ids):
@@ -101,7 +100,7 @@ def test_compiled_blocks_stay_compiled_under_activation_checkpointing():
                                                      num_hidden_layers=2, kernels="torch"))
     ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     plain = copy.deepcopy(model)
-    apply_activation_checkpointing(model)
+    model.gradient_checkpointing_enable()
     eager = loss_and_grads(model, ids)[1]
     halved = copy.deepcopy(model)
     with torch.no_grad():

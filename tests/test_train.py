@@ -23,6 +23,7 @@ from ttl_core.distributed import World
 from ttl_core.errors import TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
+import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
 from ttl_core.train import (build_optimizer, clip_gradients, evaluate, lr_at, model_inputs, optimizer_update,
                             train, train_step)
@@ -136,7 +137,7 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir,
     """The blocks are really recomputed (equal losses alone would pass with the setting ignored): each training
     forward of a block runs it again in the backward, with the same results."""
     runs = []  # per checkpointed call: how many times the block ran (1 forward + 1 recomputation)
-    real = ttl_train.checkpoint
+    real = ttl_model.checkpoint
 
     def counting_checkpoint(function, *args, **kwargs):
         runs.append(0)
@@ -147,13 +148,13 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir,
             return function(*a, **k)
         return real(counted, *args, **kwargs)
 
-    monkeypatch.setattr(ttl_train, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(ttl_model, "checkpoint", counting_checkpoint)
     plain = train(run_config("train.max_steps=2"), tmp_path / "p", data_dir=str(data_dir))
     assert runs == []
     recomputed = train(run_config("train.max_steps=2", "train.activation_checkpointing=true"), tmp_path / "c",
                        data_dir=str(data_dir))
     assert losses(tmp_path / "c") == losses(tmp_path / "p") and recomputed.last_loss == plain.last_loss
-    assert runs.count(2) == 2 * 2  # 2 steps x 2 layers, each recomputed once (evaluation's runs are single)
+    assert runs == [2] * 2 * 2  # 2 steps x 2 layers, each recomputed once (evaluation, in eval mode, runs none)
 
 
 @pytest.mark.gpu

@@ -312,3 +312,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_TTL_COMMON, vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, max_position_embeddings=512),
 }
+
+
+def padding_index(pad_token_id: int | None, vocab_size: int) -> int | None:
+    """The embedding row of the pad token, read as transformers' `nn.Embedding(padding_idx=pad_token_id)` reads
+    it: a negative id counts from the end (old Llama configs say -1), one past the vocabulary is an error."""
+    if pad_token_id is None:
+        return None
+    if not -vocab_size <= pad_token_id < vocab_size:
+        raise ConfigError(f"pad_token_id {pad_token_id} is outside the vocabulary of {vocab_size} tokens")
+    return pad_token_id % vocab_size

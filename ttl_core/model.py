@@ -8,52 +8,19 @@ splits and joins them when reading or writing Hugging Face checkpoints. Numerics
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterator
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import ttl_kernels
 
 from .attention import attention, causal_mask, packed_mask, runs_packed_natively
-from .config import LlamaConfig
-from .errors import ConfigError
-
-
-@dataclass
-class ModelOutput:
-    """`loss` is None without labels; `logits` is None when a loss was computed without `return_logits`.
-
-    Indexed like transformers' outputs, so code written for them runs unchanged: `out[0]` is the first field
-    that is not None in the order (loss, logits), `out["logits"]` a field by name; `keys()`, `in` and iteration
-    see the fields that are set, as on their dicts."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-
-    def keys(self) -> list[str]:
-        """The names of the fields that are set, in order (transformers' outputs are dicts of those)."""
-        return [key for key in ("loss", "logits") if getattr(self, key) is not None]
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, key) for key in self.keys())
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    # as a dict's: without these, `"logits" in out` and `for key in out` would go through __getitem__ with integers,
-    # comparing the name to the tensors (always False) and yielding the tensors
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
+from .config import LlamaConfig, padding_index
+from .errors import ConfigError, is_integer
+from .model_io import ModelOutput, check_inputs
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -181,6 +148,7 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.mlp = MLP(config)
+        self.gradient_checkpointing = False  # set by the model's activation_checkpointing_enable()
 
     def forward(
         self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
@@ -189,24 +157,26 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous sublayer's output and the residual stream before it; returns the same pair
         for this block, so each residual add fuses into the next RMSNorm."""
+        if self.gradient_checkpointing and self.training:
+            # in the block's own frame, not around its call: `block.compile()` traces from here and compiles the
+            # checkpoint with the block, while a compiled block called under a checkpoint silently runs eager
+            return checkpoint(self.sublayers, delta, residual, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen,
+                              use_reentrant=False)
+        return self.sublayers(delta, residual, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen)
+
+    def sublayers(
+        self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        mask: torch.Tensor | None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = self.attn_norm(delta, residual)
         delta = self.attn(x, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen)
         x, residual = self.mlp_norm(delta, residual)
         return self.mlp(x), residual
 
 
-def padding_index(pad_token_id: int | None, vocab_size: int) -> int | None:
-    """The embedding row of the pad token, read as transformers' `nn.Embedding(padding_idx=pad_token_id)` reads
-    it: a negative id counts from the end (old Llama configs say -1), one past the vocabulary is an error."""
-    if pad_token_id is None:
-        return None
-    if not -vocab_size <= pad_token_id < vocab_size:
-        raise ConfigError(f"pad_token_id {pad_token_id} is outside the vocabulary of {vocab_size} tokens")
-    return pad_token_id % vocab_size
-
-
 class LlamaModel(nn.Module):
-    """Embedding, decoder blocks and final norm: token ids in, final hidden states out."""
+    """Embedding, decoder blocks and final norm: token ids (or their embeddings) in, final hidden states out."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -219,12 +189,18 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None, angles: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Hidden states (batch, seq, hidden).
+        inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
+        return_dict: bool = True,
+    ) -> ModelOutput | tuple:
+        """`last_hidden_state` (batch, seq, hidden), the final norm's output, and, with `output_hidden_states`,
+        `hidden_states` as transformers gives them: the embeddings, each block's output but the last, and
+        `last_hidden_state` (num_hidden_layers + 1 tensors); `return_dict=False` gives them as a tuple, as in
+        transformers. `use_cache` may be False (or None): this forward keeps no cache, `ttl_core.generate` does.
 
+        Takes `input_ids` (batch, seq) or, instead, their embeddings `inputs_embeds` (batch, seq, hidden).
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
         queries being the last `seq` positions) or a ready (batch, 1, seq, kv_len) mask, boolean or additive
         (see `ttl_core.attention`).
@@ -236,32 +212,16 @@ class LlamaModel(nn.Module):
         v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if
         given, are the rotary (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a decoder
         gathers them from a table: one kernel a step instead of seven)."""
-        if input_ids.dim() != 2:
-            raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, kv_cache is not None,
+                     output_hidden_states, use_cache)
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        batch, seq = inputs.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(seq, device=input_ids.device)[None].expand(batch, seq)
-        elif position_ids.shape[-1:] != (seq,) or position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch) \
-                or position_ids.dim() > 2:
-            raise ConfigError(f"position_ids shape {tuple(position_ids.shape)} does not fit input_ids shape "
-                              f"{tuple(input_ids.shape)}: (batch or 1, seq) or (seq,)")
+            position_ids = torch.arange(seq, device=inputs.device)[None].expand(batch, seq)
         mask = attention_mask
-        if mask is not None:
-            # a mask longer than the row also covers the keys already in `kv_cache`; a 4-d one may broadcast
-            keys = mask.shape[-1] if mask.dim() in (2, 4) else -1
-            keys_fit = keys == seq or kv_cache is not None and keys > seq
-            rows_fit = mask.dim() == 2 and mask.shape[0] == batch or mask.dim() == 4 and mask.shape[0] in (1, batch) \
-                and mask.shape[1] in (1, self.config.num_attention_heads) and mask.shape[2] in (1, seq)
-            if not (keys_fit and rows_fit):
-                raise ConfigError(f"attention_mask shape {tuple(mask.shape)} does not fit input_ids shape "
-                                  f"{tuple(input_ids.shape)}: (batch, seq) or (batch, 1, seq, seq), longer only "
-                                  "over cached keys")
-            if mask.dim() == 4 and not (mask.dtype == torch.bool or mask.is_floating_point()):
-                raise ConfigError(f"a 4-d attention_mask must be boolean (True attends) or additive (0 or -inf), "
-                                  f"got {mask.dtype}")
-            if mask.dim() == 2:
-                mask = causal_mask(seq, mask.shape[1], input_ids.device, key_padding=mask)
-        hidden = self.embed(input_ids)
+        if mask is not None and mask.dim() == 2:
+            mask = causal_mask(seq, mask.shape[1], inputs.device, key_padding=mask)
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if cu_seqlens is not None and mask is None and max_seqlen is not None:  # else attention() refuses the call
             # SDPA and eager take packed documents as a (batch, 1, seq, seq) mask: built here once, not in every
             # layer (and again in each checkpointed layer's recomputation); the queries come in autocast's dtype
@@ -270,9 +230,15 @@ class LlamaModel(nn.Module):
                 mask, cu_seqlens, max_seqlen = packed_mask(cu_seqlens, batch, seq), None, None
         cos, sin = angles if angles is not None else self.rotary(position_ids, hidden.dtype)
         residual = None
+        hidden_states = [] if output_hidden_states else None
         for layer in self.layers:
+            if output_hidden_states:  # a block's output is the residual stream, whose add ttl fuses into the next norm
+                hidden_states.append(hidden if residual is None else hidden + residual)
             hidden, residual = layer(hidden, residual, cos, sin, mask, kv_cache, cu_seqlens, max_seqlen)
-        return self.norm(hidden, residual)[0]
+        hidden = self.norm(hidden, residual)[0]
+        out = ModelOutput(last_hidden_state=hidden,
+                          hidden_states=(*hidden_states, hidden) if output_hidden_states else None)
+        return out if return_dict else out.to_tuple()
 
 
 def _init_weights(model: nn.Module, std: float) -> None:
@@ -305,6 +271,46 @@ class _LlamaBase(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head when the config asks for it (no-op otherwise)."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.embed
+
+    def set_input_embeddings(self, embedding: nn.Module) -> None:
+        """As in transformers, a tied LM head keeps the table it had until `tie_weights()` ties it to this one."""
+        self.backbone.embed = embedding
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LM head; None for a classifier, as in transformers."""
+        return getattr(self, "lm_head", None)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1) -> None:
+        """Recompute the activations of every `every_n_layers`-th decoder block (from the first) in the backward
+        instead of storing them, in training mode, as transformers does (non-reentrant `torch.utils.checkpoint`,
+        the only kind taken). The gradients are those without, bit for bit; parameter names are unchanged."""
+        if dict(activation_checkpointing_kwargs or {}) not in ({}, {"use_reentrant": False}):
+            raise ConfigError(f"activation checkpointing takes only {{'use_reentrant': False}}, got "
+                              f"{activation_checkpointing_kwargs}")
+        if not is_integer(every_n_layers) or every_n_layers < 1:
+            raise ConfigError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        for index, block in enumerate(self.backbone.layers):
+            block.gradient_checkpointing = index % every_n_layers == 0
+
+    def activation_checkpointing_disable(self) -> None:
+        for block in self.backbone.layers:
+            block.gradient_checkpointing = False
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(block.gradient_checkpointing for block in self.backbone.layers)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1) -> None:
+        """transformers' older name for `activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+    is_gradient_checkpointing = is_activation_checkpointing
 
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Change the vocabulary size (e.g. after adding special tokens). Existing rows keep their values;
@@ -371,26 +377,30 @@ class LlamaForCausalLM(_LlamaBase):
         self.backbone.config = self.config
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache=None,
         logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> ModelOutput:
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
+    ) -> ModelOutput | tuple:
         """Logits (batch, seq, vocab) without labels; with labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
         are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions.
         `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
         labels already shifted (the token to predict at each position, as a packed data loader yields
         them) and replace `labels`. `cu_seqlens` / `max_seqlen` (see `ttl_core.attention.document_layout`) pack
-        several documents per row that do not attend to each other (pass their `position_ids` too). `angles`:
-        see `LlamaModel.forward`."""
-        hidden = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen, angles)
+        several documents per row that do not attend to each other (pass their `position_ids` too). `angles`,
+        `inputs_embeds` (in place of `input_ids`), `output_hidden_states`, `use_cache` and `return_dict`: see
+        `LlamaModel.forward`."""
+        base = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen, angles,
+                             inputs_embeds, output_hidden_states, use_cache)
+        hidden = base.last_hidden_state
         loss = logits = None
         if labels is not None or targets is not None:
             given = targets if targets is not None else labels
-            if given.shape != input_ids.shape:
-                raise ConfigError(f"labels shape {tuple(given.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            if given.shape != hidden.shape[:2]:
+                raise ConfigError(f"labels shape {tuple(given.shape)} != (batch, seq) {tuple(hidden.shape[:2])}")
             if targets is None:
                 targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             loss = ttl_kernels.fused_linear_cross_entropy(
@@ -399,7 +409,8 @@ class LlamaForCausalLM(_LlamaBase):
             )
         if loss is None or return_logits:
             logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return ModelOutput(logits=logits, loss=loss)
+        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
+        return out if return_dict else out.to_tuple()
 
 
 class LlamaForSequenceClassification(_LlamaBase):
@@ -413,26 +424,38 @@ class LlamaForSequenceClassification(_LlamaBase):
         self.init_weights()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-    ) -> ModelOutput:
+        inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
+        return_dict: bool = True,
+    ) -> ModelOutput | tuple:
         """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
         `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`; pass
         its `position_ids` too), each pooled where its own padded row would be. Loss: MSE for one label
         (regression), cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as
         `config.problem_type` says), the mean over sequences. The first loss records the problem type it inferred
-        in `config.problem_type`, as transformers does."""
-        hidden = self.backbone(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        token_logits = self.score(hidden)  # every position, as transformers does, for identical rounding
-        batch, seq = input_ids.shape
+        in `config.problem_type`, as transformers does. Given `inputs_embeds`, which show no pad token, each
+        sequence is pooled at its last position, as transformers pools them (it warns; so does ttl). The other
+        arguments: see `LlamaModel.forward`."""
+        base = self.backbone(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                             use_cache=use_cache)
+        token_logits = self.score(base.last_hidden_state)  # every position, as transformers does: identical rounding
+        batch, seq = token_logits.shape[:2]
         if cu_seqlens is None:
             if self.config.pad_token_id is None and batch != 1:
                 raise ConfigError("pad_token_id is None: sequence classification of a batch > 1 needs it")
-            cu_seqlens = torch.arange(0, batch * seq + 1, seq, device=input_ids.device)  # a sequence per row
-        logits = token_logits.flatten(0, 1)[self._pooled_tokens(input_ids.flatten(), cu_seqlens.long())]
+            cu_seqlens = torch.arange(0, batch * seq + 1, seq, device=token_logits.device)  # a sequence per row
+        if inputs_embeds is not None and self.config.pad_token_id is not None:
+            warnings.warn("inputs_embeds show no pad token: each sequence is pooled at its last position, as "
+                          "transformers pools them; pass input_ids to pool at the last token that is not padding")
+        cu_seqlens = cu_seqlens.long()
+        last_tokens = cu_seqlens[1:] - 1 if input_ids is None else self._pooled_tokens(input_ids.flatten(), cu_seqlens)
+        logits = token_logits.flatten(0, 1)[last_tokens]
         loss = None if labels is None else self._loss(logits, labels)
-        return ModelOutput(logits=logits, loss=loss)
+        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
+        return out if return_dict else out.to_tuple()
 
     def _pooled_tokens(self, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Index into the flat `ids` of the token each sequence is pooled at: transformers' argmax of position *

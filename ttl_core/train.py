@@ -13,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .attention import document_layout
@@ -70,21 +68,6 @@ def lr_at(step: int, train: TrainConfig) -> float:
         return train.lr * step / train.warmup_steps
     progress = min(1.0, (step - 1 - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def apply_activation_checkpointing(model: LlamaForCausalLM) -> None:
-    """Recompute each decoder block's activations in the backward instead of storing them. Replaces the
-    blocks' `forward` in place, so parameter names (and checkpoints) are unchanged."""
-    for block in model.backbone.layers:
-        block.forward = types.MethodType(_checkpointed_forward, block)
-
-
-def _checkpointed_forward(block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The block's own forward, recomputed in the backward. A method of the block, not
-    `functools.partial(checkpoint, block.forward)`: `block.compile()` (train.compile) traces from the first Python
-    frame under the module's call, and `checkpoint` itself is closed to torch.compile, so under a partial the
-    blocks silently ran eager; and bound to the block, a deep copy of the model runs the copy's weights."""
-    return checkpoint(type(block).forward.__get__(block), *args, use_reentrant=False, **kwargs)
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -394,7 +377,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     half = world.device.type == "cuda" and train.dtype in ("bfloat16", "float16")
     peak = peak_tflops(torch.cuda.get_device_name(world.device)) if half else None
     if train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        model.activation_checkpointing_enable()
     model = wrap_model(model, train.distributed, world)
     if train.compile:
         for block in unwrap(model).backbone.layers:

@@ -1,0 +1,252 @@
+"""The transformers model API a researcher reaches for, on ttl's models, against transformers itself:
+`output_hidden_states`, `inputs_embeds`, the embedding accessors and activation checkpointing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hf_reference import hf_causal_lm, hf_classifier
+
+import ttl_core
+from ttl_core.errors import ConfigError
+
+PAD = 3
+
+
+def to_ttl(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    return ttl_core.load_pretrained(tmp_path)
+
+
+def padded_batch(seed: int = 1, batch: int = 3, seq: int = 9, vocab: int = 131):
+    """Random ids with row 0 left-padded, row 1 right-padded and row 2 unpadded, and their mask."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, seq - 2:] = 0
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+def random_embeds(seed: int, batch: int = 3, seq: int = 9, hidden: int = 64) -> torch.Tensor:
+    return torch.randn(batch, seq, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+@pytest.mark.parametrize("build", [hf_causal_lm, hf_classifier])
+def test_hidden_states_match_transformers(build, tmp_path):
+    """The embeddings, each layer's output (the residual stream, whose add ttl fuses into the next norm) and, last,
+    the final norm's output, as transformers 5 returns them; padded positions aside, which no one reads."""
+    hf = build(num_hidden_layers=3)
+    ours = to_ttl(hf, tmp_path)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, output_hidden_states=True)
+        got = ours(ids, attention_mask=mask, output_hidden_states=True)
+    assert len(got.hidden_states) == len(ref.hidden_states) == 4
+    real = mask.bool()
+    for want, have in zip(ref.hidden_states, got.hidden_states):
+        assert want.abs().max() > 0.5 and max_diff(want[real], have[real]) <= 1e-5
+    assert max_diff(ref.logits, got.logits) <= 1e-5
+    with torch.no_grad():
+        assert ours(ids, attention_mask=mask).hidden_states is None  # nothing kept unless asked
+
+
+def test_llama_model_returns_the_last_hidden_state_and_hidden_states_as_transformers(tmp_path):
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path)
+    ids, mask = padded_batch(seed=2)
+    with torch.no_grad():
+        ref = hf.model(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        got = ours.backbone(ids, attention_mask=mask, output_hidden_states=True)
+    assert list(got.keys()) == list(ref.keys()) == ["last_hidden_state", "hidden_states"]
+    real = mask.bool()
+    assert max_diff(ref.last_hidden_state[real], got[0][real]) <= 1e-5
+    assert got.hidden_states[-1] is got.last_hidden_state
+    assert max_diff(ref.hidden_states[1][real], got[1][1][real]) <= 1e-5
+
+
+def test_outputs_index_and_iterate_like_transformers(tmp_path):
+    """(loss, logits, hidden_states) in transformers' order, None fields skipped (transformers without a cache)."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path)
+    ids, _ = padded_batch(seed=3)
+    with torch.no_grad():
+        ref = hf(ids, labels=ids, output_hidden_states=True, use_cache=False)
+        got = ours(ids, labels=ids, output_hidden_states=True, return_logits=True)
+    assert list(got) == list(got.keys()) == list(ref.keys()) == ["loss", "logits", "hidden_states"]
+    assert "hidden_states" in got and "last_hidden_state" not in got
+    assert len(got.to_tuple()) == len(ref.to_tuple()) == 3
+    assert abs(got[0].item() - ref[0].item()) <= 1e-5
+    assert max_diff(got[1], ref[1]) <= 1e-5 and len(got[2]) == len(ref[2]) == 3
+    assert max_diff(got["hidden_states"][1], ref["hidden_states"][1]) <= 1e-5
+
+
+def test_output_hidden_states_takes_a_bool_only(tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    with pytest.raises(ConfigError, match="output_hidden_states must be True or False, got 0"):
+        ours(padded_batch()[0], output_hidden_states=0)
+
+
+def test_inputs_embeds_logits_loss_and_gradient_match_transformers(tmp_path):
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path)
+    _, mask = padded_batch(seed=4)
+    labels = padded_batch(seed=5)[0].masked_fill(mask == 0, -100)
+    embeds = random_embeds(6).requires_grad_()
+    ref = hf(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    ref_grad, = torch.autograd.grad(ref.loss, embeds)
+    got = ours(inputs_embeds=embeds, attention_mask=mask, labels=labels, return_logits=True)
+    grad, = torch.autograd.grad(got.loss, embeds)
+    real = mask.bool()
+    assert abs(ref.loss.item() - got.loss.item()) <= 1e-5
+    assert max_diff(ref.logits[real], got.logits[real]) <= 1e-5
+    assert ref_grad.abs().max() > 1e-3 and max_diff(ref_grad, grad) <= 1e-5
+
+
+def test_inputs_embeds_of_the_ids_give_the_ids_logits_bit_for_bit(tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    ids, mask = padded_batch(seed=7)
+    with torch.no_grad():
+        from_ids = ours(ids, attention_mask=mask, output_hidden_states=True)
+        from_embeds = ours(inputs_embeds=ours.get_input_embeddings()(ids), attention_mask=mask,
+                           output_hidden_states=True)
+    assert torch.equal(from_ids.logits, from_embeds.logits)
+    assert all(map(torch.equal, from_ids.hidden_states, from_embeds.hidden_states))
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(), "exactly one of input_ids and inputs_embeds"),
+    (dict(input_ids=torch.ones(2, 5, dtype=torch.long), inputs_embeds=torch.ones(2, 5, 64)), "exactly one of"),
+    (dict(inputs_embeds=torch.ones(2, 5, 63)), r"inputs_embeds must be \(batch, seq, hidden_size\), got shape"),
+    (dict(inputs_embeds=torch.ones(2, 5, 64), attention_mask=torch.ones(2, 4)),
+     r"attention_mask shape \(2, 4\) does not fit inputs_embeds shape \(2, 5, 64\)"),
+])
+def test_input_ids_or_inputs_embeds_misused_is_named(given, message, tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        ours(**given)
+
+
+def test_classifier_pools_inputs_embeds_at_the_last_position_as_transformers_does(tmp_path):
+    """transformers cannot see padding in embeddings: it pools every row at its last position, with a warning."""
+    hf = hf_classifier()
+    ours = to_ttl(hf, tmp_path)
+    _, mask = padded_batch(seed=8)
+    embeds = random_embeds(9).requires_grad_()
+    labels = torch.tensor([0, 1, 1])
+    ref = hf(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    ref_grad, = torch.autograd.grad(ref.loss, embeds)
+    with pytest.warns(UserWarning, match="inputs_embeds show no pad token"):
+        got = ours(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    grad, = torch.autograd.grad(got.loss, embeds)
+    assert max_diff(ref.logits, got.logits) <= 1e-5 and abs(ref.loss.item() - got.loss.item()) <= 1e-5
+    assert max_diff(ref_grad, grad) <= 1e-5
+
+
+def test_embedding_accessors_follow_transformers(tmp_path):
+    """Setting the input embedding of a tied model leaves the LM head on the old table until `tie_weights()`."""
+    hf = hf_causal_lm(tie_word_embeddings=True)
+    ours = to_ttl(hf, tmp_path / "lm")
+    assert ours.get_input_embeddings() is ours.backbone.embed and ours.get_output_embeddings() is ours.lm_head
+    new_hf, new_ours = torch.nn.Embedding(131, 64), torch.nn.Embedding(131, 64)
+    hf.set_input_embeddings(new_hf)
+    ours.set_input_embeddings(new_ours)
+    assert ours.get_input_embeddings() is new_ours
+    assert hf.lm_head.weight is not new_hf.weight and ours.lm_head.weight is not new_ours.weight
+    hf.tie_weights()
+    ours.tie_weights()
+    assert hf.lm_head.weight is new_hf.weight and ours.lm_head.weight is new_ours.weight
+    classifier = hf_classifier()
+    assert classifier.get_output_embeddings() is None
+    assert to_ttl(classifier, tmp_path / "cls").get_output_embeddings() is None
+
+
+def loss_and_grads(model, ids, mask):
+    model.zero_grad()
+    loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    return loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_keeps_the_gradients_bit_for_bit(tmp_path):
+    ours = to_ttl(hf_causal_lm(num_hidden_layers=3), tmp_path).train()
+    ids, mask = padded_batch(seed=10)
+    loss, grads = loss_and_grads(ours, ids, mask)
+    calls = []
+    for block in ours.backbone.layers:
+        block.attn_norm.register_forward_hook(lambda *_: calls.append(1))
+    assert not ours.is_gradient_checkpointing
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert ours.is_gradient_checkpointing and ours.is_activation_checkpointing
+    recomputed_loss, recomputed = loss_and_grads(ours, ids, mask)
+    assert len(calls) == 6  # each block's forward, then again in the backward
+    assert torch.equal(loss, recomputed_loss)
+    assert all(torch.equal(grads[name], grad) for name, grad in recomputed.items())
+    ours.gradient_checkpointing_disable()
+    calls.clear()
+    loss_and_grads(ours, ids, mask)
+    assert not ours.is_gradient_checkpointing and len(calls) == 3
+
+
+def test_activation_checkpointing_every_n_layers_and_only_in_training(tmp_path):
+    ours = to_ttl(hf_causal_lm(num_hidden_layers=3), tmp_path)
+    ours.activation_checkpointing_enable(every_n_layers=2)
+    assert [block.gradient_checkpointing for block in ours.backbone.layers] == [True, False, True]
+    calls = []
+    ours.backbone.layers[0].attn_norm.register_forward_hook(lambda *_: calls.append(1))
+    ids, mask = padded_batch(seed=11)
+    ours.eval()
+    loss_and_grads(ours, ids, mask)
+    assert len(calls) == 1  # eval mode runs the block once, as transformers checks `self.training`
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gradient_checkpointing_kwargs={"use_reentrant": True}), "takes only {'use_reentrant': False}"),
+    (dict(every_n_layers=0), "every_n_layers must be a positive integer, got 0"),
+])
+def test_unsupported_checkpointing_settings_are_refused(kwargs, message, tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        ours.gradient_checkpointing_enable(**kwargs)
+
+
+def test_a_classifier_given_ids_pools_without_a_warning(tmp_path):
+    """The pooling warning is for embeddings only: a classifier given ids pools at the last non-pad token quietly."""
+    ours = to_ttl(hf_classifier(), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(padded_batch()[0])
+
+
+@pytest.mark.parametrize("build", [hf_causal_lm, hf_classifier])
+def test_return_dict_false_gives_transformers_tuple(build, tmp_path):
+    hf = build()
+    ours = to_ttl(hf, tmp_path)
+    ids, mask = padded_batch(seed=12)
+    labels = torch.tensor([0, 1, 1]) if build is hf_classifier else ids
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, labels=labels, output_hidden_states=True, use_cache=False,
+                 return_dict=False)
+        got = ours(ids, attention_mask=mask, labels=labels, output_hidden_states=True, use_cache=False,
+                   return_dict=False, **({} if build is hf_classifier else dict(return_logits=True)))
+        base_ref = hf.model(ids, attention_mask=mask, use_cache=False, return_dict=False)
+        base_got = ours.backbone(ids, attention_mask=mask, return_dict=False)
+    assert type(got) is type(ref) is tuple and len(got) == len(ref) == 3
+    assert abs(got[0].item() - ref[0].item()) <= 1e-5 and max_diff(got[1], ref[1]) <= 1e-5
+    assert len(got[2]) == len(ref[2])
+    assert type(base_got) is type(base_ref) is tuple and len(base_got) == len(base_ref) == 1
+    real = mask.bool()
+    assert max_diff(base_got[0][real], base_ref[0][real]) <= 1e-5
+
+
+def test_use_cache_true_is_refused_with_where_the_cache_lives(tmp_path):
+    ours = to_ttl(hf_causal_lm(), tmp_path)
+    with pytest.raises(ConfigError, match="use_cache=True: .* ttl_core.generate"):
+        ours(padded_batch()[0], use_cache=True)

@@ -1,0 +1,87 @@
+"""The models' arguments checked (each mistake named in one line) and their outputs shaped like transformers'."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
+
+import torch
+
+from .config import LlamaConfig
+from .errors import ConfigError
+
+
+@dataclass
+class ModelOutput:
+    """`loss` is None without labels; `logits` is None when a loss was computed without `return_logits`;
+    `last_hidden_state` is set by `LlamaModel` only; `hidden_states` only when `output_hidden_states=True`.
+
+    Indexed like transformers' outputs, so code written for them runs unchanged: `out[0]` is the first field
+    that is not None in the order (loss, logits, last_hidden_state, hidden_states), which is transformers' order
+    for a causal LM, a classifier and a base model alike (ttl never returns a cache, so the positions are those
+    transformers gives with `use_cache=False`); `out["logits"]` is a field by name; `keys()`, `in` and iteration
+    see the fields that are set, as on their dicts."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def keys(self) -> list[str]:
+        """The names of the fields that are set, in order (transformers' outputs are dicts of those)."""
+        return [field.name for field in fields(self) if getattr(self, field.name) is not None]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, key) for key in self.keys())
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    # as a dict's: without these, `"logits" in out` and `for key in out` would go through __getitem__ with integers,
+    # comparing the name to the tensors (always False) and yielding the tensors
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+
+def check_inputs(config: LlamaConfig, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cached: bool,
+                 output_hidden_states: bool, use_cache: bool | None) -> None:
+    """Raise a ConfigError naming the first argument of `LlamaModel.forward` whose shape or kind does not fit."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ConfigError("pass exactly one of input_ids and inputs_embeds")
+    given, inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
+    if inputs_embeds is None and input_ids.dim() != 2 or inputs_embeds is not None and (
+            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ConfigError(f"{given} must be (batch, seq{', hidden_size' if inputs_embeds is not None else ''}), "
+                          f"got shape {tuple(inputs.shape)}")
+    if not isinstance(output_hidden_states, bool):  # transformers also takes indices: not supported here
+        raise ConfigError(f"output_hidden_states must be True or False, got {output_hidden_states!r}")
+    if use_cache:
+        raise ConfigError("use_cache=True: the model's forward keeps no cache; ttl_core.generate decodes with its own "
+                          "static KV cache")
+    batch, seq = inputs.shape[:2]
+    if position_ids is not None and (position_ids.shape[-1:] != (seq,) or position_ids.dim() > 2
+                                     or position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+        raise ConfigError(f"position_ids shape {tuple(position_ids.shape)} does not fit {given} shape "
+                          f"{tuple(inputs.shape)}: (batch or 1, seq) or (seq,)")
+    mask = attention_mask
+    if mask is not None:
+        # a mask longer than the row also covers the keys already in the KV cache; a 4-d one may broadcast
+        keys = mask.shape[-1] if mask.dim() in (2, 4) else -1
+        keys_fit = keys == seq or cached and keys > seq
+        rows_fit = mask.dim() == 2 and mask.shape[0] == batch or mask.dim() == 4 and mask.shape[0] in (1, batch) \
+            and mask.shape[1] in (1, config.num_attention_heads) and mask.shape[2] in (1, seq)
+        if not (keys_fit and rows_fit):
+            raise ConfigError(f"attention_mask shape {tuple(mask.shape)} does not fit {given} shape "
+                              f"{tuple(inputs.shape)}: (batch, seq) or (batch, 1, seq, seq), longer only "
+                              "over cached keys")
+        if mask.dim() == 4 and not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise ConfigError(f"a 4-d attention_mask must be boolean (True attends) or additive (0 or -inf), "
+                              f"got {mask.dtype}")
