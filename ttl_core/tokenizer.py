@@ -347,13 +347,16 @@ class Tokenizer:
         written as their text (as added tokens that are not special always are).
 
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
-        UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run."""
-        special = self.special_ids
+        UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run. As there,
+        an id past the vocabulary (a model's embedding table may be larger, and sample it) is no text and
+        interrupts no run; a negative id is an error."""
+        special, size = self.special_ids, self.vocab_size
         out: list[str] = []
         run = bytearray()  # the bytes of consecutive byte-fallback pieces
-        for i in map(self._checked_id, ids):
-            if skip_special_tokens and i in special:
+        for i in map(int, ids):
+            if i >= size or (skip_special_tokens and i in special):
                 continue
+            self._checked_id(i)
             if i in self._piece_byte:
                 run.append(self._piece_byte[i])
                 continue
