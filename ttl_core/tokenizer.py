@@ -462,10 +462,14 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
             input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
             num_threads=num_threads or usable_cpus(), minloglevel=2)
     except RuntimeError as e:
-        match = re.search(r"<= (\d+)", str(e))
-        hint = f"; the largest this text allows is {match.group(1)}" if match else ""
-        raise TokenizerError(f"cannot train a {vocab_size}-token vocabulary: {str(e).splitlines()[-1]}{hint}") \
-            from None
+        detail = str(e).splitlines()[-1]
+        if match := re.search(r"<= (\d+)", detail):
+            detail += f"; the largest this text allows is {match.group(1)}"
+        elif match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", detail):
+            # sentencepiece's advice names its own --character_coverage, which ttl does not take
+            detail = f"too few for its characters, byte pieces and special tokens; the smallest this text allows is " \
+                     f"{match.group(1)}"
+        raise TokenizerError(f"cannot train a {vocab_size}-token vocabulary: {detail}") from None
     tokenizer = Tokenizer(buffer.getvalue())
     if out is not None:
         out = Path(out)
