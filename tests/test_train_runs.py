@@ -182,3 +182,13 @@ def test_a_model_vocabulary_larger_than_the_data_s_still_gives_the_end_of_run_sa
     result = train(run_config("model.vocab_size=4096", "train.max_steps=1", "train.sample_tokens=20"),
                    tmp_path / "run", data_dir=str(data_dir))
     assert result.sample is not None and result.sample.startswith("O Brasil é")
+
+
+def test_pretrain_without_a_config_or_data_says_how_to_fit_the_bundled_corpus(tmp_path):
+    """`--config` may be left out, and without --data the bundled corpus is prepared; but the default model's
+    32,000-token vocabulary is more than that corpus can train: the error says which settings to change."""
+    result = run_script("pretrain", "--out", tmp_path / "run", "--max-steps", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: cannot train a 32000-token vocabulary") and "largest this text allows" in message
+    assert "bundled sample corpus" in message and "configs/tiny.toml" in message and "--data" in message
