@@ -141,7 +141,7 @@ def judge(rows: dict[str, list[dict]], failures: dict[str, list[dict]]) -> list[
                                   [{"tokens": 16384, "model": "ttl-160m"}]))
     verdicts.append(fraction_goal("Fused linear CE fwd+bwd, 16k x 4096 x 128256: fraction of bf16 matmul peak", ce,
                                   failed("cross_entropy"), "fwd+bwd", lambda s: covers(s, goal_ce), 0.65, [goal_ce]))
-    verdicts.append(flce_memory(ce, lambda s: covers(s, goal_ce)))
+    verdicts.append(flce_memory(ce, failed("cross_entropy"), lambda s: covers(s, goal_ce), [goal_ce]))
     verdicts.append(speed_ratio_goal("Fused linear CE fwd+bwd, same shape: ttl time / Liger", ce,
                                      failed("cross_entropy"), "fwd+bwd", lambda s: covers(s, goal_ce), ("liger",),
                                      [goal_ce]))
@@ -152,14 +152,15 @@ def judge(rows: dict[str, list[dict]], failures: dict[str, list[dict]]) -> list[
     return verdicts
 
 
-def flce_memory(rows: list[dict], where: Callable[[dict], bool]) -> Verdict:
+def flce_memory(rows: list[dict], failures: list[dict], where: Callable[[dict], bool],
+                required: list[dict]) -> Verdict:
     """The fused loss's forward + backward peak beyond the hidden and weight gradients it must return
     (bf16, (tokens + vocab) x hidden x 2 bytes), against the unfused logits and their gradient."""
     goal = "Fused linear CE: extra peak memory (beyond the gradients) / unfused logits + gradient"
     target = "<= 1/8 (12.5%)"
     chosen = [r for r in select(rows, "ttl", "fwd+bwd", where) if r["peak_mem_mb"] is not None]
     if not chosen:
-        return Verdict(goal, "-", target, None)
+        return Verdict(goal, "-" + gaps(rows, failures, ("ttl",), "fwd+bwd", required), target, None)
     shape = chosen[0]["shape"]
     extra_mb = chosen[0]["peak_mem_mb"] - (shape["tokens"] + shape["vocab"]) * shape["hidden"] * 2 / 2**20
     share = extra_mb / shape["unfused_logits_grad_mb"]

@@ -376,3 +376,19 @@ def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys
     assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
                                "12", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == tok.decode(free[:4].tolist()) + "\n"
+
+
+def test_a_model_larger_than_its_tokenizer_streams_what_transformers_decodes(checkpoint, tmp_path):
+    """A model with more embedding rows than its tokenizer has tokens (check_tokenizer_fits lets it through)
+    samples ids the tokenizer lacks now and then: they print nothing, as transformers' decode gives nothing for
+    them, rather than stop the stream with an error."""
+    _, tok, _ = checkpoint
+    model = tiny_model(4 * tok.vocab_size)
+    ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
+    ids = tok.encode("o menino foi", add_eos=False)
+    out = ttl_core.generate(model, torch.tensor([ids]), max_new_tokens=12, repetition_penalty=1.0, do_sample=False)
+    assert (out[0, len(ids):] >= tok.vocab_size).any()  # the case at hand
+    run = run_script("generate", "--model", tmp_path, "--prompt", "o menino foi", "--greedy",
+                     "--repetition-penalty", "1.0", "--max-new-tokens", "12", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == tok.decode(out[0, len(ids):].tolist()) + "\n"

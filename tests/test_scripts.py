@@ -278,8 +278,18 @@ def test_fused_ce_memory_goal_is_met_at_exactly_one_eighth():
     shape = {"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}
     gradients_mb = (16384 + 128256) * 4096 * 2 / 2**20  # 1130 MB of bf16 hidden and weight gradients
     at = lambda extra: goals.flce_memory([goal_row("ttl", "fwd+bwd", shape, 1.0, peak_mem_mb=gradients_mb + extra)],  # noqa: E731
-                                         lambda s: True).met
+                                         [], lambda s: True, []).met
     assert at(8016.0 / 8) is True and at(8016.0 / 8 + 1) is False
+
+
+def test_fused_ce_memory_goal_not_measured_names_the_failed_measurement_as_the_others_do():
+    goals = load_script("check_goals")
+    goal_ce = {"tokens": 16384, "hidden": 4096, "vocab": 128256}
+    failure = {"impl": "ttl", "shape": {**goal_ce, "unfused_logits_grad_mb": 8016.0},
+               "error": "OutOfMemoryError: CUDA out of memory"}
+    verdicts = [v for v in goals.judge({}, {"cross_entropy": [failure]}) if v.goal.startswith("Fused linear CE")]
+    assert len(verdicts) == 3 and all(v.met is None for v in verdicts)
+    assert all("ttl (failed: OutOfMemoryError: CUDA out of memory)" in v.measured for v in verdicts), verdicts
 
 
 def test_training_goals_take_ttls_fastest_batch_and_the_worst_ratio_at_seq_2048():

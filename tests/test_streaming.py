@@ -9,7 +9,7 @@ from generation_helpers import PAD, CharTokenizer, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
-from ttl_core.errors import GenerationError
+from ttl_core.errors import GenerationError, TokenizerError
 from ttl_core.streamer import TextStreamer
 
 
@@ -159,6 +159,26 @@ def test_streamed_text_is_the_decoded_text_around_skipped_special_tokens(spm_mod
                     streamer.put([token])
                 streamer.end()
                 assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip), (tokenizer, ids, skip)
+
+
+def test_ids_past_the_tokenizer_decode_and_stream_to_nothing_as_in_transformers(spm_models):
+    """A model may have more embedding rows than its tokenizer has tokens (a padded vocabulary, or a config's
+    vocab_size above the data's tokenizer), and may sample those ids: transformers' decode drops them, without
+    ending a run of byte pieces, and so must ttl's decode and the streamer, rather than fail mid-generation."""
+    ours, theirs, _, _ = spm_models
+    past, word = ours.vocab_size, ours.encode("casa", add_bos=False)[0]
+    byte = lambda value: ours.token_to_id(f"<0x{value:02X}>")  # noqa: E731
+    for ids in ([word, past, word], [past + 1000], [byte(0xC3), past, byte(0xA9), word]):
+        assert ours.decode(ids) == theirs.decode(ids) == ours.decode([i for i in ids if i < past])
+        for tokenizer in (ours, theirs):
+            pieces = []
+            streamer = TextStreamer(tokenizer, on_text=pieces.append)
+            for token in ids:
+                streamer.put([token])
+            streamer.end()
+            assert "".join(pieces) == theirs.decode(ids), (tokenizer, ids)
+    with pytest.raises(TokenizerError, match="token id -1 is outside the vocabulary"):
+        ours.decode([word, -1])  # transformers fails too (an OverflowError)
 
 
 STOP_CASES = [  # (prompt, stop string): the prompt's greedy continuation is "▁ca t ▁e te <|endofcompletion|> a"

@@ -3,6 +3,7 @@ TeenyTinyLlama-style `tokenizer.json`, chat templates."""
 
 import json
 import random
+import re
 
 import pytest
 from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
@@ -142,6 +143,16 @@ def test_unsupported_tokenizer_json_is_a_clear_error(tmp_path):
 def test_vocab_too_large_names_the_size_that_fits():
     with pytest.raises(TokenizerError, match=r"cannot train a 5000-token vocabulary.*largest this text allows is \d+"):
         train_tokenizer(corpus(20), None, vocab_size=5000)
+
+
+def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
+    """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
+    and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""
+    with pytest.raises(TokenizerError, match=r"cannot train a 10-token vocabulary.*smallest this text allows") as e:
+        train_tokenizer(corpus(20), None, vocab_size=10)
+    assert "character_coverage" not in str(e.value)
+    smallest = int(re.search(r"smallest this text allows is (\d+)$", str(e.value)).group(1))
+    assert train_tokenizer(corpus(20), None, vocab_size=smallest).vocab_size == smallest
 
 
 def test_chat_templates():

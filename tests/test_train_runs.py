@@ -173,3 +173,22 @@ def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
     save_pretrained(random_model(run).eval(), tmp_path / "checkpoint")
     text = sample_text(tmp_path / "checkpoint", tokenizer, "O rio", max_new_tokens=6, seed=0)
     assert text.startswith("O rio") and len(text) > len("O rio")
+
+
+def test_a_model_vocabulary_larger_than_the_data_s_still_gives_the_end_of_run_sample(tmp_path, data_dir):
+    """configs/ttl-160m.toml (32,000 tokens) on data prepared with a smaller --vocab-size trains; the early model
+    samples ids the tokenizer lacks, which the sample drops as transformers' decode does, instead of ending the
+    run with an error after its last checkpoint is written."""
+    result = train(run_config("model.vocab_size=4096", "train.max_steps=1", "train.sample_tokens=20"),
+                   tmp_path / "run", data_dir=str(data_dir))
+    assert result.sample is not None and result.sample.startswith("O Brasil é")
+
+
+def test_pretrain_without_a_config_or_data_says_how_to_fit_the_bundled_corpus(tmp_path):
+    """`--config` may be left out, and without --data the bundled corpus is prepared; but the default model's
+    32,000-token vocabulary is more than that corpus can train: the error says which settings to change."""
+    result = run_script("pretrain", "--out", tmp_path / "run", "--max-steps", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: cannot train a 32000-token vocabulary") and "largest this text allows" in message
+    assert "bundled sample corpus" in message and "configs/tiny.toml" in message and "--data" in message

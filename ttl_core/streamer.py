@@ -24,11 +24,11 @@ class TextStreamer:
     The new tokens are decoded as a whole each time, and only the text after what was already emitted is
     handed out, once it decodes stably: while the newest token that shows in the text (skipped special
     tokens do not end a run) is a byte-fallback piece (whose run a later byte may still complete, or make
-    invalid UTF-8, which decodes to one U+FFFD a byte as in transformers), or while the text ends in U+FFFD,
-    it waits for the next token. ttl's `Tokenizer` and transformers tokenizers both work. Pieces go to
-    `on_text` when given (e.g. `print(piece, end="", flush=True)`) and can also be read by iterating the
-    streamer, typically from another thread while `generate` runs; the iteration ends when that generation
-    does, even when it fails. The streamer can be reused for the next `generate` call."""
+    invalid UTF-8, which decodes to one U+FFFD a byte as in transformers; ids past the tokenizer's vocabulary
+    show no text either), or while the text ends in U+FFFD, it waits for the next token. ttl's `Tokenizer` and
+    transformers tokenizers both work. Pieces go to `on_text` when given (e.g. `print(piece, end="",
+    flush=True)`) and can also be read by iterating the streamer, typically from another thread while
+    `generate` runs; the iteration ends when that generation does, even when it fails. The streamer can be reused for the next `generate` call."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, on_text=None, timeout: float | None = None):
         self.tokenizer, self.skip_special_tokens, self.on_text, self.timeout = (
@@ -36,6 +36,8 @@ class TextStreamer:
         self._piece = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
         skipped = getattr(tokenizer, "special_ids", None) or getattr(tokenizer, "all_special_ids", ())
         self._skipped = frozenset(skipped) if skip_special_tokens else frozenset()
+        # ids from here on (rows of a model's larger embedding table) decode to no text, as skipped tokens do
+        self._past_vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
         self.pieces: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
         self.emitted = 0
@@ -53,7 +55,8 @@ class TextStreamer:
             value = value.reshape(-1).tolist()
         self.tokens.extend(value)
         # a run of byte-fallback pieces is final only once a token that shows and is no byte ends it
-        shown = next((t for t in reversed(self.tokens) if t not in self._skipped), None)
+        shown = next((t for t in reversed(self.tokens) if t not in self._skipped
+                      and (self._past_vocab is None or t < self._past_vocab)), None)
         if shown is not None and self._piece is not None and BYTE_PIECE.fullmatch(self._piece(shown)):
             return
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)

@@ -347,13 +347,16 @@ class Tokenizer:
         written as their text (as added tokens that are not special always are).
 
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
-        UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run."""
-        special = self.special_ids
+        UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run. As there,
+        an id past the vocabulary (a model's embedding table may be larger, and sample it) is no text and
+        interrupts no run; a negative id is an error."""
+        special, size = self.special_ids, self.vocab_size
         out: list[str] = []
         run = bytearray()  # the bytes of consecutive byte-fallback pieces
-        for i in map(self._checked_id, ids):
-            if skip_special_tokens and i in special:
+        for i in map(int, ids):
+            if i >= size or (skip_special_tokens and i in special):
                 continue
+            self._checked_id(i)
             if i in self._piece_byte:
                 run.append(self._piece_byte[i])
                 continue
@@ -459,10 +462,14 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
             input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
             num_threads=num_threads or usable_cpus(), minloglevel=2)
     except RuntimeError as e:
-        match = re.search(r"<= (\d+)", str(e))
-        hint = f"; the largest this text allows is {match.group(1)}" if match else ""
-        raise TokenizerError(f"cannot train a {vocab_size}-token vocabulary: {str(e).splitlines()[-1]}{hint}") \
-            from None
+        detail = str(e).splitlines()[-1]
+        if match := re.search(r"<= (\d+)", detail):
+            detail += f"; the largest this text allows is {match.group(1)}"
+        elif match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", detail):
+            # sentencepiece's advice names its own --character_coverage, which ttl does not take
+            detail = f"too few for its characters, byte pieces and special tokens; the smallest this text allows is " \
+                     f"{match.group(1)}"
+        raise TokenizerError(f"cannot train a {vocab_size}-token vocabulary: {detail}") from None
     tokenizer = Tokenizer(buffer.getvalue())
     if out is not None:
         out = Path(out)

@@ -232,7 +232,11 @@ def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: Wor
     path = out_dir / "data"
     if world.is_main and not (path / "meta.json").exists():
         print(f"preparing the bundled sample corpus into {path}")
-        prepare_data(SAMPLE_CORPUS, path, vocab_size=vocab_size, val_fraction=0.15)  # a small corpus: hold out more
+        try:
+            prepare_data(SAMPLE_CORPUS, path, vocab_size=vocab_size, val_fraction=0.15)  # small: hold out more
+        except TokenizerError as e:  # the default config's 32,000 tokens, say: the corpus is about 80 KB
+            raise ConfigError(f"{e}; that is the bundled sample corpus, used without --data: set a model.vocab_size "
+                              "it allows (configs/tiny.toml has 1024) or give --data") from None
     barrier(world)
     return path
 
