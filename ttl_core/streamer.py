@@ -28,7 +28,8 @@ class TextStreamer:
     show no text either), or while the text ends in U+FFFD, it waits for the next token. ttl's `Tokenizer` and
     transformers tokenizers both work. Pieces go to `on_text` when given (e.g. `print(piece, end="",
     flush=True)`) and can also be read by iterating the streamer, typically from another thread while
-    `generate` runs; the iteration ends when that generation does, even when it fails. The streamer can be reused for the next `generate` call."""
+    `generate` runs; the iteration ends when that generation does, even when it fails. The streamer can be
+    reused for the next `generate` call."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, on_text=None, timeout: float | None = None):
         self.tokenizer, self.skip_special_tokens, self.on_text, self.timeout = (

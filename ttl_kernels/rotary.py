@@ -234,9 +234,9 @@ def apply_rotary(
     last dim; outputs are new tensors, in q's dtype. cos/sin keep their own dtype, as in transformers' `q * cos`:
     fp32 tables with bf16/fp16 q and k (the model under autocast) compute in fp32 and round once, on both paths.
     With tables in q's dtype the reference rounds every product, as transformers does, and Triton still computes
-    in fp32 and rounds once: in bf16/fp16 the two then differ by rounding. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`);
-    only the reference differentiates cos/sin, and Triton raises ValueError when they require grad (under
-    grad mode)."""
+    in fp32 and rounds once: in bf16/fp16 the two then differ by rounding. `backend` picks Triton or the
+    reference (see `ttl_kernels.dispatch.use_triton`); only the reference differentiates cos/sin, and Triton
+    raises ValueError when they require grad (under grad mode)."""
     _check_rotary_arguments(q, k, cos, sin)
     if not use_triton(q, backend):
         return apply_rotary_reference(q, k, cos, sin)
