@@ -376,3 +376,26 @@ def test_generate_puts_the_prompt_then_each_new_token_as_cpu_long_tensors(models
     for value in (prompt, *steps):
         assert isinstance(value, torch.Tensor) and value.dtype == torch.long and value.device.type == "cpu"
     assert all(step.shape == (1,) for step in steps) and torch.equal(torch.cat([prompt[0], *steps]), out[0])
+
+
+def test_stop_strings_see_ids_past_the_tokenizer_as_transformers_does(spm_models):
+    """A sampled id past the tokenizer (a larger embedding table) adds no text, and transformers' criterion
+    lets no stop string end in it or reach across it; ttl's matcher read its piece and failed."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from ttl_core.streamer import StopStrings
+
+    tok, hf_tok, _, _ = spm_models
+    past, gen, matches = tok.vocab_size, torch.Generator().manual_seed(1), 0
+    reader = StopStrings("x", tok)
+    for trial in range(150):
+        tokens = torch.randint(0, past, (int(torch.randint(2, 10, (), generator=gen)),), generator=gen).tolist()
+        text = b"".join(map(reader.token_bytes, tokens))
+        start, end = sorted(torch.randint(0, len(text) + 1, (2,), generator=gen).tolist())
+        stops = [text[start:end].decode("utf-8", errors="ignore") or "</s>"]
+        where = int(torch.randint(0, len(tokens) + 1, (), generator=gen))
+        tokens.insert(where, past + int(torch.randint(0, 50, (), generator=gen)))
+        expected = bool(StopStringCriteria(hf_tok, stops)(torch.tensor([tokens]), None)[0])
+        assert StopStrings(stops, tok).ends_in_last(tokens) == expected, (tokens, stops)
+        matches += expected
+    assert matches > 10

@@ -11,6 +11,11 @@ from .errors import GenerationError
 from .tokenizer import BYTE_PIECE, piece_bytes
 
 
+def vocabulary_end(tokenizer) -> int | None:
+    """The first id past `tokenizer`'s tokens, added ones included (None when it does not say)."""
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+
+
 class TextStreamer:
     """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
 
@@ -38,7 +43,7 @@ class TextStreamer:
         skipped = getattr(tokenizer, "special_ids", None) or getattr(tokenizer, "all_special_ids", ())
         self._skipped = frozenset(skipped) if skip_special_tokens else frozenset()
         # ids from here on (rows of a model's larger embedding table) decode to no text, as skipped tokens do
-        self._past_vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+        self._past_vocab = vocabulary_end(tokenizer)
         self.pieces: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
         self.emitted = 0
@@ -92,7 +97,8 @@ class StopStrings:
     vocabulary reads them: a `<0xNN>` piece is that byte, `▁` is a space (also in a first token, where
     `decode` would drop it) and special and added tokens (`</s>`, `<|endofcompletion|>`) are their own text
     (which `decode` skips). The pieces come from `tokenizer.id_to_token` (ttl's `Tokenizer`) or
-    `tokenizer.convert_ids_to_tokens` (a transformers tokenizer)."""
+    `tokenizer.convert_ids_to_tokens` (a transformers tokenizer). An id past the tokenizer (a model's larger
+    embedding table may sample one) has no piece: as in transformers, no stop string ends in it or spans it."""
 
     def __init__(self, strings: str | list[str], tokenizer):
         strings = [strings] if isinstance(strings, str) else strings
@@ -104,6 +110,7 @@ class StopStrings:
         if self._piece is None:
             raise GenerationError(f"stop_strings need a tokenizer with id_to_token (ttl's Tokenizer), got a "
                                   f"{type(tokenizer).__name__}")
+        self._past_vocab = vocabulary_end(tokenizer)
         self.targets = [s.encode("utf-8") for s in strings]
         # transformers looks at this many last tokens; every piece adds at least one byte, so any match fits
         self.window = max(map(len, self.targets))
@@ -117,7 +124,13 @@ class StopStrings:
 
     def ends_in_last(self, tokens: list[int]) -> bool:
         """Whether a stop string ends within the last of `tokens` (a row's tokens, oldest first)."""
-        parts = [self.token_bytes(t) for t in tokens[-self.window:]]
+        window = tokens[-self.window:]
+        past = [i for i, t in enumerate(window) if self._past_vocab is not None and t >= self._past_vocab]
+        if past:  # a match can neither end in nor span an id past the tokenizer
+            window = window[past[-1] + 1:]
+        if not window:
+            return False
+        parts = [self.token_bytes(t) for t in window]
         text = b"".join(parts)
         newest = len(text) - len(parts[-1])  # where the last token's bytes begin
         return any(target in text[max(0, newest + 1 - len(target)):] for target in self.targets)
