@@ -211,7 +211,7 @@ def test_generate_script_runs_an_instruction_adapter_merged_into_its_base(base_d
     with pytest.raises(CheckpointError) as e:
         load_with_adapter(adapter)
     assert str(e.value) == (f"{base}: no such base model directory (base_model_name_or_path in "
-                            f"{adapter / 'adapter_config.json'}; give its new place)")
+                            f"{adapter / 'adapter_config.json'}; pass its new place as base=, --base in the scripts)")
     run = run_script("generate", "--model", adapter, "--base", moved, *args)
     assert run.returncode == 0 and run.stdout == expected, run.stderr
     config = json.loads((adapter / "adapter_config.json").read_text())

@@ -407,7 +407,8 @@ def adapter_base(path: str | Path, base: str | Path | None = None) -> Path:
     if named and not (isinstance(base, str) and base):
         raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
     if not Path(base).is_dir():
-        where = f" (base_model_name_or_path in {directory / CONFIG_FILE}; give its new place)" if named else ""
+        where = (f" (base_model_name_or_path in {directory / CONFIG_FILE}; pass its new place as base=, --base in the "
+                 "scripts)") if named else ""
         raise CheckpointError(f"{base}: no such base model directory{where}")
     return Path(base)
 
