@@ -354,3 +354,15 @@ def test_outputs_index_like_transformers_outputs(tmp_path, with_labels):
         assert list(got.keys()) == [k for k in expected.keys() if k in ("loss", "logits")]
         assert "logits" in got and ("loss" in got) == with_labels and "hidden_states" not in got
         assert list(got) == list(dict(got)) == list(got.keys())
+
+
+def test_saved_files_are_those_transformers_saves_for_each_head(tmp_path):
+    """transformers writes generation_config.json for models that generate only; ttl wrote one for a
+    classifier too, where it is noise a pipeline never reads."""
+    for name, hf in (("causal", hf_causal_lm()), ("classifier", hf_classifier())):
+        hf.save_pretrained(tmp_path / name / "hf")
+        ours = ttl_core.load_pretrained(tmp_path / name / "hf")
+        ttl_core.save_pretrained(ours, tmp_path / name / "ttl")
+        files = {d: sorted(p.name for p in (tmp_path / name / d).iterdir()) for d in ("hf", "ttl")}
+        assert files["ttl"] == files["hf"], name
+        assert ("generation_config.json" in files["ttl"]) == (name == "causal")

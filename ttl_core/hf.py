@@ -388,7 +388,10 @@ def save_pretrained(
 
 def _write_generation_config(directory: Path, model) -> None:
     """`generation_config.json`: the model's special token ids, then the generation settings its checkpoint was
-    loaded with (extra EOS ids, sampling defaults), kept in either layout."""
+    loaded with (extra EOS ids, sampling defaults), kept in either layout; for a causal LM only, as transformers
+    writes it only for models that generate."""
+    if model.architecture != "LlamaForCausalLM":
+        return
     config = model.config
     write_json(directory / GENERATION_CONFIG, {
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
