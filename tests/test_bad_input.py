@@ -88,6 +88,14 @@ def test_an_hf_export_over_a_native_one_loads(checkpoint, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
 
 
+@pytest.mark.parametrize("size", [0, -5, "0GB", "0.4B", True])
+def test_a_shard_size_of_no_bytes_is_refused(checkpoint, tmp_path, size):
+    """Below one byte every tensor would be a shard of its own, silently (True is no byte count either)."""
+    with pytest.raises(CheckpointError, match="max_shard_size must be (at least one byte|a byte count)"):
+        ttl_core.save_pretrained(ttl_core.load_pretrained(checkpoint), tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists()
+
+
 def test_saving_a_model_with_lora_adapters_as_a_plain_checkpoint_is_refused(checkpoint, tmp_path):
     """The HF layout has no place for the adapters: writing it would silently drop them."""
     model = apply_lora(ttl_core.load_pretrained(checkpoint), r=4)

@@ -301,8 +301,11 @@ def _stored_head_differs(handles: dict, found: dict[str, tuple[Path, list[int]]]
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
+    """A shard size in bytes, from an int or transformers' strings ("2GB", "500MiB", "40Kb" in bits)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return _at_least_a_byte(size, size)
+    if not isinstance(size, str):
+        raise CheckpointError(f"max_shard_size must be a byte count or a size such as '2GB', got {size!r}")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
     if not match:
         raise CheckpointError(f"cannot parse shard size {size!r} (examples: '2GB', '500MB', '1GiB')")
@@ -310,7 +313,13 @@ def _parse_size(size: int | str) -> int:
     units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
     size_bytes = int(float(match.group(1)) * units[unit.lower()])
     # as transformers reads them, "5Gb", "500Mb" and "40Kb" are bits
-    return size_bytes // 8 if len(unit) == 2 and unit.endswith("b") else size_bytes
+    return _at_least_a_byte(size_bytes // 8 if len(unit) == 2 and unit.endswith("b") else size_bytes, size)
+
+
+def _at_least_a_byte(size_bytes: int, given: int | str) -> int:
+    if size_bytes < 1:  # every tensor would silently become a shard of its own
+        raise CheckpointError(f"max_shard_size must be at least one byte, got {given!r}")
+    return size_bytes
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -377,8 +386,9 @@ def save_pretrained(
         params = state_dict
     dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     _refuse_unplanned(sorted(set(params) - set(plan) - {"lm_head.weight"}), "an HF checkpoint")
+    shard_bytes = _parse_size(max_shard_size)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(directory, _planned_tensors(params, plan, dtype), _parse_size(max_shard_size))
+    _write_safetensors(directory, _planned_tensors(params, plan, dtype), shard_bytes)
     (directory / NATIVE_CONFIG).unlink(missing_ok=True)  # a stale one would take precedence when loading
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
     _write_generation_config(directory, model)
@@ -430,9 +440,10 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     with torch.device("meta"):  # the parameters a model built from this config has, which loading expects
         _refuse_unplanned(sorted(set(params) - set(native_plan(build_model(model.config, model.architecture)))),
                           "ttl's native layout")
+    shard_bytes = _parse_size(max_shard_size)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").unlink(missing_ok=True)  # transformers would read the new weights under it
-    _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), _parse_size(max_shard_size))
+    _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), shard_bytes)
     # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
     write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION,
