@@ -23,5 +23,13 @@ def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
+def scale_saved_modules_(model, factor: float = 1.5) -> None:
+    """Move PEFT's modules_to_save copies away from the base's weights, so an adapter that drops them shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.mul_(factor)
+
+
 def ids(batch=2, seq=9, vocab=131, seed=1):
     return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
-from lora_helpers import ALL, ids, randomize_lora_, to_ttl
+from lora_helpers import ALL, ids, randomize_lora_, scale_saved_modules_, to_ttl
 from safetensors.torch import load_file, save_file
 
 import ttl_core
@@ -439,10 +439,7 @@ def test_modules_to_save_name_the_modules_whose_path_ends_so_as_in_peft(tmp_path
     theirs = peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0,
                                                                  modules_to_save=saved, task_type="CAUSAL_LM"))
     randomize_lora_(theirs, seed=5)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "modules_to_save" in name:
-                p.mul_(1.5)
+    scale_saved_modules_(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(to_ttl(hf_causal_lm(), tmp_path), tmp_path / "peft", is_trainable=True)
     trained = [n for n, p in theirs.named_parameters() if p.requires_grad and "lora_" not in n]

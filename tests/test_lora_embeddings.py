@@ -30,18 +30,24 @@ def test_resized_embeddings_travel_as_modules_to_save(tmp_path):
     assert torch.equal(fresh.backbone.embed.weight, model.backbone.embed.weight)
 
 
+def grown_peft_adapter(hf, directory, seed: int):
+    """`hf` grown from 131 to 135 tokens (new rows random) under a random q/v LoRA adapter, saved to `directory`
+    with its embedding layers, as PEFT saves a fine-tune that added tokens."""
+    hf.resize_token_embeddings(135, mean_resizing=False)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                                     task_type="CAUSAL_LM"))
+    randomize_lora_(theirs, seed=seed)
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.weight[131:].normal_()
+    theirs.save_pretrained(directory, save_embedding_layers=True)
+    return theirs
+
+
 def test_peft_adapter_with_saved_embedding_layers_loads(tmp_path):
     """PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
     loads them into the base; ttl does the same once the vocabulary is resized to match, and
     `load_with_adapter` resizes the base itself and merges the adapter into it."""
-    hf = hf_causal_lm()
-    hf.resize_token_embeddings(135, mean_resizing=False)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                                     task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=2)
-    with torch.no_grad():
-        theirs.base_model.model.model.embed_tokens.weight[131:].normal_()
-    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    theirs = grown_peft_adapter(hf_causal_lm(), tmp_path / "adapter", seed=2)
     assert "base_model.model.model.embed_tokens.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     ours = to_ttl(hf_causal_lm(), tmp_path)
     with pytest.raises(AdapterError, match=r"embed_tokens.weight has shape \(135, 64\), the model's is \(131, 64\)"):
@@ -66,13 +72,7 @@ def test_an_adapter_of_a_grown_vocabulary_saves_its_embeddings_as_peft_does(tmp_
     tokens, and load_with_adapter then built a model without them (an IndexError on those ids)."""
     hf = hf_causal_lm()
     hf.save_pretrained(tmp_path / "base")
-    hf.resize_token_embeddings(135, mean_resizing=False)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                                     task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=3)
-    with torch.no_grad():
-        theirs.base_model.model.model.embed_tokens.weight[131:].normal_()
-    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    theirs = grown_peft_adapter(hf, tmp_path / "peft", seed=3)
     ours = to_ttl(hf_causal_lm(), tmp_path, "ttl_base")
     ours.resize_token_embeddings(135)
     load_adapter(ours, tmp_path / "peft", is_trainable=True)

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
-from lora_helpers import ALL, ids, randomize_lora_, to_ttl
+from lora_helpers import ALL, ids, randomize_lora_, scale_saved_modules_, to_ttl
 
 import ttl_core
 from ttl_core.errors import AdapterError
@@ -137,10 +137,7 @@ def test_modules_to_save_take_precedence_over_lora_targets_as_in_peft(tmp_path):
                                                      target_modules="all-linear", modules_to_save=["o_proj"]))
     assert not any("o_proj" in name for name in adapted_modules(theirs))
     randomize_lora_(theirs, seed=10)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "modules_to_save" in name:
-                p.mul_(1.5)
+    scale_saved_modules_(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(base, tmp_path / "peft", is_trainable=True)
     assert not any("o_proj" in layer.slices for layer in lora_layers(ours).values())
@@ -166,10 +163,7 @@ def test_a_target_that_modules_to_save_trains_in_full_is_no_error(tmp_path, task
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type=task,
                                                      target_modules=targets, modules_to_save=saved))
     randomize_lora_(theirs, seed=12)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "modules_to_save" in name:
-                p.mul_(1.5)
+    scale_saved_modules_(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(ttl_core.load_pretrained(tmp_path / "base"), tmp_path / "peft")
     x = ids()

@@ -122,24 +122,23 @@ def test_an_attention_mask_that_does_not_fit_input_ids_is_named(shape):
 @pytest.mark.parametrize("shape", [(2, 4), (3, 5), (5, 1), (2, 1, 5), (4,)])
 def test_position_ids_that_do_not_fit_input_ids_are_named(shape):
     """Positions are (batch or 1, seq) or (seq,); others were refused by the rotary kernel, naming its cos/sin."""
+    refused_for_input_ids_2x5("position_ids", torch.zeros(shape, dtype=torch.long))
+
+
+def refused_for_input_ids_2x5(argument: str, value: torch.Tensor) -> None:
     config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                               vocab_size=50)
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
-    message = rf"position_ids shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
+    message = rf"{argument} shape {re.escape(str(tuple(value.shape)))} does not fit input_ids shape \(2, 5\)"
     with pytest.raises(ConfigError, match=message):
-        ttl_core.LlamaForCausalLM(config)(ids, position_ids=torch.zeros(shape, dtype=torch.long))
+        ttl_core.LlamaForCausalLM(config)(ids, **{argument: value})
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 5, 4), (2, 1, 5, 6), (3, 1, 5, 5), (2, 1, 4, 5), (2, 3, 5, 5), (2, 5, 5)])
 def test_a_4d_attention_mask_that_does_not_fit_input_ids_is_named(shape):
     """A ready mask is (batch or 1, 1 or heads, seq or 1, seq); any other shape is refused by name, not left to a
     broadcasting error from inside attention (or, broadcast, to attend over the wrong keys)."""
-    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                              vocab_size=50)
-    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
-    message = rf"attention_mask shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
-    with pytest.raises(ConfigError, match=message):
-        ttl_core.LlamaForCausalLM(config)(ids, attention_mask=torch.ones(shape, dtype=torch.bool))
+    refused_for_input_ids_2x5("attention_mask", torch.ones(shape, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
