@@ -7,12 +7,12 @@ at the start of the text and only when the text does not already start with a sp
 config's `legacy` / `add_prefix_space` say, also after every special token, or nowhere); special and added
 tokens written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the
 rest (taking the whitespace beside them, or only as whole words, where their lstrip / rstrip / single_word flags
-say), unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
-(tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
-follows transformers' decoder chain, where a run of byte-fallback pieces that is not valid UTF-8 becomes one
-U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the
-same sentencepiece model format, or is refused where sentencepiece would split text differently (see
-`ttl_core.tokenizer_json`).
+say; see `ttl_core.added_tokens`), the special ones unless `split_special_tokens`; `<s>` and `</s>` go around a
+text as the directory's files tell transformers 5 (tokenizer.json's post-processor, else tokenizer_config.json's
+`add_bos_token` / `add_eos_token`); and decoding follows transformers' decoder chain, where a run of byte-fallback
+pieces that is not valid UTF-8 becomes one U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's BPE, as
+TeenyTinyLlama publishes) converts to the same sentencepiece model format, or is refused where sentencepiece would
+split text differently (see `ttl_core.tokenizer_json`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
+from .added_tokens import AddedTokenSplitter
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_config import (TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
@@ -80,7 +81,7 @@ class Tokenizer:
     def _load(self, proto) -> None:
         self.proto = proto
         # The "▁" prefix is our job (see module docstring), so the processor never adds it itself. Special tokens in
-        # the text are matched (or not, with split_special_tokens) by `_split_special_tokens`; the processor would
+        # the text are matched (or not, with split_special_tokens) by `AddedTokenSplitter`; the processor would
         # always match user-defined pieces, so it sees them as control pieces, which text never produces.
         runtime = spm_pb2.ModelProto()
         runtime.CopyFrom(proto)
@@ -108,23 +109,8 @@ class Tokenizer:
         self._whole_ids = {self.sp.id_to_piece(i): i for i in whole}
         self._plain_ids = {i for i in whole - roles
                            if not self._token_flags.get(self.sp.id_to_piece(i), TokenFlags()).special}
-        # longest first, so that of two tokens starting at one place the longer is matched, as in transformers
-        patterns = []
-        for k, token in enumerate(sorted(self._whole_ids, key=len, reverse=True)):
-            flags = self._token_flags.get(token, TokenFlags())
-            before, after = (r"(?<!\w)", r"(?!\w)") if flags.single_word else ("", "")
-            patterns.append((r"\s*" if flags.lstrip else "") + f"{before}(?P<t{k}>{re.escape(token)}){after}"
-                            + (r"\s*" if flags.rstrip else ""))
-        self._special_pattern = re.compile("|".join(patterns))
-
-    def _split_special_tokens(self, text: str) -> list[str]:
-        """`text` as [text, token, text, ..., text]: the special and added tokens written in it, matched whole, and the
-        text between them, less the whitespace a token's flags take."""
-        parts, start = [], 0
-        for match in self._special_pattern.finditer(text):
-            parts += [text[start:match.start()], match.group(match.lastgroup)]
-            start = match.end()
-        return parts + [text[start:]]
+        self._splitter = AddedTokenSplitter({t: self._token_flags.get(t, TokenFlags()) for t in self._whole_ids},
+                                            {t for t, i in self._whole_ids.items() if i not in self._plain_ids})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -140,7 +126,8 @@ class Tokenizer:
         those roles; `unk_id` stays the model's `<unk>`; which tokens transformers lists in `all_special_tokens`
         is not read (`save_pretrained` lists the special added tokens), so a token listed among the config's
         extra special tokens but marked not special, or marked special but not listed, is listed otherwise after
-        ttl saves it, though encoded and decoded alike."""
+        ttl saves it, though encoded and decoded alike; a `single_word` token is matched beside a letter newer than
+        Python's Unicode database (see `ttl_core.added_tokens`)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
@@ -303,8 +290,8 @@ class Tokenizer:
         `add_eos_token` say (transformers' `add_special_tokens=True`).
 
         Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
-        with `split_special_tokens` (transformers' name) they are ordinary text, which keeps a corpus that
-        mentions `</s>` from ending its documents there."""
+        with `split_special_tokens` (transformers' name) the special ones are ordinary text, which keeps a corpus
+        that mentions `</s>` from ending its documents there, while added tokens that are not special still match."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
@@ -318,7 +305,7 @@ class Tokenizer:
         add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
         add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
         ids = [self.bos_id] if add_bos else []
-        parts = [text] if split_special_tokens else self._split_special_tokens(text)
+        parts = self._splitter.split(text, split_special_tokens)
         for k, part in enumerate(parts):
             if k % 2:  # a special or added token, matched whole
                 ids.append(self._whole_ids[part])

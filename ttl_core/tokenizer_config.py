@@ -69,9 +69,10 @@ def role_tokens(path: Path, config: dict | None) -> dict[str, str | None]:
 class TokenFlags(NamedTuple):
     """How transformers treats an added token (an entry of tokenizer_config.json's `added_tokens_decoder` or of
     tokenizer.json's `added_tokens`). Every added token is matched whole in a text, taking the whitespace before it
-    (`lstrip`), after it (`rstrip`), or only where no letter, digit or "_" touches it (`single_word`); `special`
-    ones are dropped by decode(skip_special_tokens=True), the others kept. `normalized` is carried only to be
-    saved back: transformers 5's LlamaTokenizer has no normalizer, so it matches a token alike either way."""
+    (`lstrip`), after it (`rstrip`), or only where no letter, digit or mark touches it (`single_word`); `special`
+    ones are dropped by decode(skip_special_tokens=True), the others kept. transformers 5's LlamaTokenizer has no
+    normalizer, so `normalized` only orders the search: those not normalized are found first (see
+    `ttl_core.added_tokens`)."""
     lstrip: bool = False
     rstrip: bool = False
     single_word: bool = False
