@@ -126,8 +126,7 @@ class Tokenizer:
         those roles; `unk_id` stays the model's `<unk>`; which tokens transformers lists in `all_special_tokens`
         is not read (`save_pretrained` lists the special added tokens), so a token listed among the config's
         extra special tokens but marked not special, or marked special but not listed, is listed otherwise after
-        ttl saves it, though encoded and decoded alike; a `single_word` token is matched beside a letter newer than
-        Python's Unicode database (see `ttl_core.added_tokens`)."""
+        ttl saves it, though encoded and decoded alike."""
         if not isinstance(directory, (str, os.PathLike)):
             raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
         path = Path(directory)
