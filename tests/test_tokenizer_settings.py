@@ -181,6 +181,29 @@ def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok,
         Tokenizer.from_pretrained(tmp_path / "base")
 
 
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_split_special_tokens_in_the_config_is_the_default_of_encode_as_in_transformers(tok, tmp_path, layout):
+    """A config's `split_special_tokens: true` makes transformers read special tokens written in a text as text
+    unless a call says otherwise; ttl's encode does too, and its save keeps the setting."""
+    from transformers import AutoTokenizer
+
+    config = saved_in_layout(tok, tmp_path / "base", layout)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    text = "a </s> b<pad>"
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert tok.eos_id not in hf(text)["input_ids"]
+        assert ours.encode(text) == hf(text)["input_ids"]
+        assert ours.encode_batch([text]) == hf([text])["input_ids"]
+        assert ours.encode(text, split_special_tokens=False) == hf(text, split_special_tokens=False)["input_ids"]
+        ours.save_pretrained(tmp_path / "saved")
+    assert tok.encode(text) == Tokenizer.from_pretrained(tmp_path / "base").encode(text, split_special_tokens=False)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": "yes"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: split_special_tokens must be true or false, got "
+                                             "'yes'"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
 @pytest.mark.parametrize("flags", [{"lstrip": True}, {"rstrip": True}, {"single_word": True},
                                    {"lstrip": True, "rstrip": True}, {"single_word": True, "lstrip": True}])
 @pytest.mark.parametrize("layout", ["added_tokens_decoder", "tokenizer.json"])

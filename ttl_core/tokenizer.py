@@ -32,7 +32,7 @@ from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_config import (TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, prefix_scheme, read_chat_template, read_config,
-                               replace_chat_template_files, role_tokens, token_flags)
+                               replace_chat_template_files, role_tokens, split_special_tokens_flag, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -51,6 +51,7 @@ class Tokenizer:
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
         self.add_bos_token, self.add_eos_token = True, False
         self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
+        self.split_special_tokens = False  # encode's default, as a directory's config says
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
         # pieces of the model that transformers matches whole though they are not control pieces: those the config
         # names for a role (always special) and those listed among its added tokens (special as their flags say)
@@ -165,6 +166,7 @@ class Tokenizer:
         tokenizer._token_flags = flags
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
+        tokenizer.split_special_tokens = split_special_tokens_flag(config_path, config)
         tokenizer.chat_template = read_chat_template(path.parent, config) if saved else None
         return tokenizer
 
@@ -284,13 +286,14 @@ class Tokenizer:
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
-               split_special_tokens: bool = False) -> list[int]:
+               split_special_tokens: bool | None = None) -> list[int]:
         """Token ids of `text`, with `<s>` first and `</s>` last when asked, or by default as `add_bos_token` and
         `add_eos_token` say (transformers' `add_special_tokens=True`).
 
         Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
-        with `split_special_tokens` (transformers' name) the special ones are ordinary text, which keeps a corpus
-        that mentions `</s>` from ending its documents there, while added tokens that are not special still match."""
+        with `split_special_tokens` (transformers' name; by default as the directory's config says, else False) the
+        special ones are ordinary text, which keeps a corpus that mentions `</s>` from ending its documents there,
+        while added tokens that are not special still match."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
@@ -304,7 +307,8 @@ class Tokenizer:
         add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
         add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
         ids = [self.bos_id] if add_bos else []
-        parts = self._splitter.split(text, split_special_tokens)
+        parts = self._splitter.split(text, self.split_special_tokens if split_special_tokens is None
+                                     else split_special_tokens)
         for k, part in enumerate(parts):
             if k % 2:  # a special or added token, matched whole
                 ids.append(self._whole_ids[part])
@@ -318,7 +322,7 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Iterable[str], add_bos: bool | None = None, add_eos: bool | None = None,
-                     split_special_tokens: bool = False) -> list[list[int]]:
+                     split_special_tokens: bool | None = None) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos, split_special_tokens=split_special_tokens)
                 for t in texts]
 
@@ -378,6 +382,8 @@ class Tokenizer:
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
                   "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "padding_side": "right",
                   "sp_model_kwargs": {}, "added_tokens_decoder": decoder, **special}
+        if self.split_special_tokens:  # transformers too writes it only when set
+            config["split_special_tokens"] = True
         # transformers lists these in all_special_tokens: the added tokens that are special, as it saves them
         listed = [token for token in self.added_tokens if self._added_ids[token] in self.special_ids]
         extra = {"additional_special_tokens": listed} if listed else {}

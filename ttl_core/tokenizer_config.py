@@ -38,6 +38,15 @@ def bos_eos_flags(path: Path, config: dict | None) -> tuple[bool, bool]:
     return flags[0], flags[1]
 
 
+def split_special_tokens_flag(path: Path, config: dict | None) -> bool:
+    """A config's `split_special_tokens`: whether transformers reads the special tokens written in a text as text
+    unless a call says otherwise (absent: no)."""
+    flag = config.get("split_special_tokens", False) if config else False
+    if not isinstance(flag, bool):
+        raise TokenizerError(f"{path}: split_special_tokens must be true or false, got {flag!r}")
+    return flag
+
+
 def prefix_scheme(path: Path, config: dict | None) -> str:
     """Where transformers 5's LlamaTokenizer puts the "▁" word prefix (its Metaspace `prepend_scheme`): "first",
     at the start of the text only (`legacy: false`, the default); "always", also after every special token in
