@@ -163,6 +163,25 @@ def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_tra
         assert_same_ids(ours, hf, ["a casa<|end|></s>"])
 
 
+def test_role_tokens_of_the_config_and_the_special_tokens_map_are_appended_in_role_order_as_in_transformers(
+        tok, tmp_path):
+    """Where special_tokens_map.json names a role the config does not (here <s> </s> <unk> <pad>, in that order),
+    transformers still appends the new role tokens in the order bos, eos, unk, pad."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tmp_path / "model").save_pretrained(tmp_path / "json")
+    config = json.loads((tmp_path / "json" / "tokenizer_config.json").read_text())
+    config.pop("eos_token")
+    (tmp_path / "json" / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|pad|>"}))
+    (tmp_path / "json" / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    ours, hf = Tokenizer.from_pretrained(tmp_path / "json"), AutoTokenizer.from_pretrained(tmp_path / "json")
+    assert hf.convert_ids_to_tokens([320, 321]) == ["<|end|>", "<|pad|>"]
+    assert [ours.id_to_token(i) for i in range(ours.vocab_size)] == hf.convert_ids_to_tokens(list(range(len(hf))))
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (320, 321)
+    assert_same_ids(ours, hf, ["a casa<|end|></s><|pad|>"])
+
+
 @pytest.mark.parametrize("settings", [{"legacy": True}, {"add_prefix_space": False},
                                       {"legacy": True, "add_prefix_space": False},
                                       {"legacy": None, "add_prefix_space": True}])

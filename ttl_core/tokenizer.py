@@ -30,7 +30,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from .added_tokens import AddedTokenSplitter
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_config import (TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
+from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, prefix_scheme, read_chat_template, read_config,
                                replace_chat_template_files, role_tokens, split_special_tokens_flag, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
@@ -159,7 +159,8 @@ class Tokenizer:
             roles |= role_tokens(map_path, read_config(map_path))
         if config is not None:  # transformers' LlamaTokenizer pads with nothing unless a pad token is named
             roles.setdefault("pad_token", None)
-        tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
+        # appended in the order of ROLES, as transformers appends them, wherever each was named
+        tokenizer.add_special_tokens([roles[r] for r in ROLES if roles.get(r) is not None]
                                      + extra_special_tokens(config_path, config))
         if decoder is not None:  # the added tokens' flags come from where their ids do
             flags = token_flags(config_path, list((config.get("added_tokens_decoder") or {}).values()))
