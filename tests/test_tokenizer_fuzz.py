@@ -1,11 +1,11 @@
 """Differential fuzzing: ttl's Tokenizer and transformers' AutoTokenizer read the same directory, for each kind of
-directory ttl reads (tokenizer.model with ttl's config, as legacy, without word prefix, with or without <s> / </s>;
-tokenizer.json as transformers saves it; both files; TeenyTinyLlama-style tokenizer.json; Aira's chat tokens;
-tokens added by transformers with every flag, overlapping one another), and must give the same ids for seeded random
-texts (Portuguese accents composed and decomposed, emoji and other astral characters, CJK, bytes the vocabulary
-lacks, control characters, runs of spaces, zero-width and non-breaking spaces, "▁", special tokens whole and cut,
-very long words), with and without <s> / </s> and with split_special_tokens, and the same text for their decoding
-and for random ids (byte-fallback runs that are not UTF-8, special tokens skipped or kept)."""
+directory ttl reads (tokenizer.model with ttl's config, as legacy, without word prefix, with or without <s> / </s>,
+splitting special tokens; tokenizer.json as transformers saves it; both files; TeenyTinyLlama-style tokenizer.json;
+Aira's chat tokens; tokens added by transformers with every flag, overlapping one another), and must give the same
+ids for seeded random texts (Portuguese accents composed and decomposed, emoji and other astral characters, CJK,
+bytes the vocabulary lacks, control characters, runs of spaces, zero-width and non-breaking spaces, "▁", special
+tokens whole and cut, very long words), with and without <s> / </s> and with split_special_tokens, and the same text
+for their decoding and for random ids (byte-fallback runs that are not UTF-8, special tokens skipped or kept)."""
 
 import json
 import random
@@ -61,13 +61,14 @@ def build_directories(root):
             ("spm-no-prefix", {"add_prefix_space": False}, [], []),
             ("spm-bos-eos", {"add_bos_token": True, "add_eos_token": True}, AIRA_SPECIAL_TOKENS, []),
             ("spm-no-bos", {"add_bos_token": False}, [], []),
-            ("spm-aira", {}, AIRA_SPECIAL_TOKENS, ["<nsp>", "foo", "a b"])]:
+            ("spm-aira", {}, AIRA_SPECIAL_TOKENS, ["<nsp>", "foo", "a b"]),
+            ("spm-split", {"split_special_tokens": True}, AIRA_SPECIAL_TOKENS, ["<nsp>", "foo", "a b"])]:
         tok = Tokenizer(base.proto.SerializeToString())
         tok.add_special_tokens(special)
         tok.add_tokens(plain)
         tok.save_pretrained(root / name)
         edit_config(root / name, **settings)
-    for name in ("spm-legacy", "spm-no-prefix", "spm-bos-eos", "spm-no-bos", "spm-aira"):  # transformers' save
+    for name in ("spm-legacy", "spm-no-prefix", "spm-bos-eos", "spm-no-bos", "spm-aira", "spm-split"):  # hf's save
         AutoTokenizer.from_pretrained(root / name).save_pretrained(root / f"{name}-json")
     shutil.copytree(root / "spm-aira-json", root / "both-files")
     shutil.copy(root / "spm-aira" / "tokenizer.model", root / "both-files")
@@ -97,9 +98,9 @@ def directories(tmp_path_factory):
     return build_directories(tmp_path_factory.mktemp("fuzz"))
 
 
-NAMES = ["spm", "spm-legacy", "spm-no-prefix", "spm-bos-eos", "spm-no-bos", "spm-aira", "spm-legacy-json",
-         "spm-no-prefix-json", "spm-bos-eos-json", "spm-no-bos-json", "spm-aira-json", "both-files", "flags",
-         "flags-legacy", "flags-no-prefix", "ttl", "ttl-aira"]
+NAMES = ["spm", "spm-legacy", "spm-no-prefix", "spm-bos-eos", "spm-no-bos", "spm-aira", "spm-split",
+         "spm-legacy-json", "spm-no-prefix-json", "spm-bos-eos-json", "spm-no-bos-json", "spm-aira-json",
+         "spm-split-json", "both-files", "flags", "flags-legacy", "flags-no-prefix", "ttl", "ttl-aira"]
 
 
 def test_the_fuzzed_directories_are_all_there(directories):
