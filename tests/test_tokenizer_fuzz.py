@@ -10,40 +10,14 @@ for their decoding and for random ids (byte-fallback runs that are not UTF-8, sp
 import json
 import random
 import shutil
-import unicodedata
 
 import pytest
-from tokenizer_helpers import corpus, make_ttl_style_dir
+from tokenizer_helpers import corpus, make_ttl_style_dir, random_text
 
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 TEXTS, ID_SEQUENCES = 1000, 500  # per directory
-
-FRAGMENTS = [
-    "a", "casa", "não", "ação", "coração", "pão", "é", "É", "ç", "olá", "você", "à", "ü", "1", "2024", ".", ",", "!",
-    "?", "-", "_", "'", " ", "  ", "   ", "\t", "\n", "\r\n", "\r", "\x00", "\x07", "\x1b", "\x1c", "\x1f", "\x7f",
-    "\x85", "\u200b", "\u200d", "\u00a0", "\u202f", "\u3000", "\u2028", "\u2029", "\u1680", "\ufeff", "\u2581",
-    "\u2581\u2581", "😀", "👍🏽", "👨‍👩‍👧", "𝔸", "中文", "日本語", "한국어", "\U00031638", "\u0301", "\u0327", "ﬁ",
-    "Ⅻ", "①", "²", "Ⓐ", "‿", "\ue000", "\U0010fffd", "<s>", "</s>", "<unk>", "<pad>", "<s", "</s >", "< s>", "s>",
-    "</", "<|", "|>", *AIRA_SPECIAL_TOKENS, "<|startofinstruction", "<nsp>", "foo", "a b", "<|x|>", "<|y|>", "ab",
-    "bc", "xbc", "|x", " ca", "sa", "x" * 60, "ação" * 20]
-
-
-def random_text(rng: random.Random) -> str:
-    """Fragments and random characters (ASCII, Latin, CJK, emoji, controls, any code point), sometimes in NFD or
-    NFKC form."""
-    def character():
-        low, high = rng.choice([(0x20, 0x7E), (0xA0, 0x24F), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF), (0, 0x1F),
-                                (0, 0x10FFFF)])
-        c = rng.randint(low, high)
-        return "?" if 0xD800 <= c < 0xE000 else chr(c)
-
-    text = "".join(rng.choice(FRAGMENTS) if rng.random() < 0.7 else "".join(character() for _ in range(3))
-                   for _ in range(rng.choice([0, 1, 2, 3, 5, 8, 15])))
-    form = rng.random()
-    return unicodedata.normalize("NFD", text) if form < 0.15 else unicodedata.normalize("NFKC", text) \
-        if form < 0.2 else text
 
 
 def edit_config(path, **settings):

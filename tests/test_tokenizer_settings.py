@@ -9,7 +9,7 @@ import random
 import shutil
 
 import pytest
-from tokenizer_helpers import HARD, assert_same_ids, corpus
+from tokenizer_helpers import HARD, assert_same_ids, corpus, random_text
 
 from ttl_core.errors import TokenizerError
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
@@ -288,6 +288,8 @@ def random_directory(rng, layouts, path):
                        else {"SpecialToken": {"id": t, "type_id": 0}} for t in template.split()],
             "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in (("<s>", 1), ("</s>", 2))
                                if t in template}}
+    if rng.random() < 0.1:
+        config["split_special_tokens"] = settings["split_special_tokens"] = True
     if spec is not None and rng.random() < 0.2:
         special_map = settings["map"] = {r: rng.choice(TOKENS + [None]) for r in ("eos_token", "pad_token")
                                          if rng.random() < 0.6}
@@ -319,10 +321,13 @@ def test_random_settings_read_as_transformers_reads_them(layouts, tmp_path, seed
             theirs = getattr(hf, f"{role}_token_id")
             if not (templated and role != "pad" and getattr(ours, f"add_{role}_token")):
                 assert mine == (-1 if theirs is None else theirs), (role, settings)
-        for _ in range(25):
-            text = "".join(rng.choice(TEXT_PARTS + TOKENS) for _ in range(rng.randint(0, 10)))
+        for k in range(50):
+            text = "".join(rng.choice(TEXT_PARTS + TOKENS) for _ in range(rng.randint(0, 10))) if k % 2 \
+                else random_text(rng)
             ids = ours.encode(text)
             assert ids == hf(text)["input_ids"], (text, settings)
+            assert ours.encode(text, split_special_tokens=True) == hf(text, split_special_tokens=True)["input_ids"], \
+                (text, settings)
             assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), (text, settings)
             assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False), \
                 (text, settings)
