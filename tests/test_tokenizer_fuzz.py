@@ -1,11 +1,12 @@
 """Differential fuzzing: ttl's Tokenizer and transformers' AutoTokenizer read the same directory, for each kind of
 directory ttl reads (tokenizer.model with ttl's config, as legacy, without word prefix, with or without <s> / </s>,
 splitting special tokens; tokenizer.json as transformers saves it; both files; TeenyTinyLlama-style tokenizer.json;
-Aira's chat tokens; tokens added by transformers with every flag, overlapping one another), and must give the same
-ids for seeded random texts (Portuguese accents composed and decomposed, emoji and other astral characters, CJK,
-bytes the vocabulary lacks, control characters, runs of spaces, zero-width and non-breaking spaces, "▁", special
-tokens whole and cut, very long words), with and without <s> / </s> and with split_special_tokens, and the same text
-for their decoding and for random ids (byte-fallback runs that are not UTF-8, special tokens skipped or kept)."""
+Aira's chat tokens; tokens added by transformers with every flag, overlapping one another, or pieces of the model),
+and must give the same ids for seeded random texts (Portuguese accents composed and decomposed, emoji and other
+astral characters, CJK, bytes the vocabulary lacks, control characters, runs of spaces, zero-width and non-breaking
+spaces, "▁", special tokens whole and cut, very long words), with and without <s> / </s> and with
+split_special_tokens, and the same text for their decoding and for random ids (byte-fallback runs that are not
+UTF-8, special tokens skipped or kept)."""
 
 import json
 import random
@@ -55,6 +56,14 @@ def build_directories(root):
         AddedToken("<|x|>", lstrip=True, rstrip=True), AddedToken("<|y|>", lstrip=True, single_word=True),
         AddedToken("sa", normalized=True, single_word=True)]})
     hf.save_pretrained(root / "flags")
+    hf = AutoTokenizer.from_pretrained(root / "spm")  # pieces of the model ("▁a", "é") and whitespace added
+    hf.add_tokens([AddedToken("\n", normalized=False, special=False), AddedToken("  ", normalized=True, special=False),
+                   AddedToken("\u2581a", normalized=False, special=False),
+                   AddedToken(" x", normalized=False, special=False, lstrip=True),
+                   AddedToken("é", normalized=True, special=False, single_word=True)])
+    hf.add_special_tokens({"additional_special_tokens": [AddedToken("<|x|>", rstrip=True, lstrip=True),
+                                                         AddedToken("\t<s>", rstrip=True)]})
+    hf.save_pretrained(root / "pieces-and-spaces")
     for name, settings in (("flags-legacy", {"legacy": True}), ("flags-no-prefix", {"add_prefix_space": False})):
         shutil.copytree(root / "flags", root / name)
         edit_config(root / name, **settings)
@@ -74,7 +83,8 @@ def directories(tmp_path_factory):
 
 NAMES = ["spm", "spm-legacy", "spm-no-prefix", "spm-bos-eos", "spm-no-bos", "spm-aira", "spm-split",
          "spm-legacy-json", "spm-no-prefix-json", "spm-bos-eos-json", "spm-no-bos-json", "spm-aira-json",
-         "spm-split-json", "both-files", "flags", "flags-legacy", "flags-no-prefix", "ttl", "ttl-aira"]
+         "spm-split-json", "both-files", "flags", "flags-legacy", "flags-no-prefix", "pieces-and-spaces", "ttl",
+         "ttl-aira"]
 
 
 def test_the_fuzzed_directories_are_all_there(directories):

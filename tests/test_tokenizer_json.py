@@ -337,6 +337,25 @@ def test_an_added_token_the_vocabulary_has_keeps_its_vocabulary_id(tmp_path):
     assert_same_ids(ours, hf, ["xab", "aab b", "ba"])
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_a_piece_listed_as_an_added_token_is_still_made_by_merges_where_not_matched_whole(tmp_path, special):
+    """tokenizer.json's added_tokens list the model's pieces "ab" (whole word only) and "▁a": where the text
+    does not match them whole ("bab", or any text with split_special_tokens for a special token), transformers'
+    BPE still merges them from their letters; ttl did not, spelling them out."""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "abc", ["▁", "a", "b", "▁a", "ab"], [("▁", "a"), ("a", "b")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] += [{"id": spec["model"]["vocab"][t], "content": t, "single_word": t == "ab", "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": special} for t in ("ab", "▁a")]
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert hf.convert_ids_to_tokens(hf("bab", add_special_tokens=False)["input_ids"]) == ["▁", "b", "ab"]
+    assert_same_ids(ours, hf, ["bab", "ab", "b ab", "a b", "▁a", "bab▁a"])
+    for text in ("bab", "ab", " a ab", "▁ab"):
+        assert ours.encode(text, split_special_tokens=True) == hf(text, split_special_tokens=True)["input_ids"], text
+
+
 TEMPLATES = {"none": None, "text only": "$A", "<s> first": "<s> $A", "both": "<s> $A </s>", "</s> last": "$A </s>"}
 
 

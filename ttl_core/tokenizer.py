@@ -165,6 +165,8 @@ class Tokenizer:
         if decoder is not None:  # the added tokens' flags come from where their ids do
             flags = token_flags(config_path, list((config.get("added_tokens_decoder") or {}).values()))
         tokenizer._token_flags = flags
+        # the model's pieces listed among the added tokens are matched whole too (the flags name every listed token)
+        tokenizer._listed_piece_ids |= {tokenizer.token_to_id(token) for token in flags} - {None}
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
         tokenizer.split_special_tokens = split_special_tokens_flag(config_path, config)
@@ -198,10 +200,9 @@ class Tokenizer:
             -> tuple[tuple[int | None, int | None] | None, dict[str, TokenFlags]]:
         """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
         writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
-        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces,
-        and pieces of the model listed there are matched whole. Returns, where a tokenizer.json is beside it, the
-        ids its post-processor puts around a text (transformers 5 saves that setting only there) and its added
-        tokens' flags; else (None, {})."""
+        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces.
+        Returns, where a tokenizer.json is beside it, the ids its post-processor puts around a text (transformers 5
+        saves that setting only there) and its added tokens' flags; else (None, {})."""
         json_path = model_file.with_name("tokenizer.json")
         spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
         template, flags = None, {}
@@ -210,8 +211,6 @@ class Tokenizer:
             if decoder is None:
                 decoder = added_tokens_of(json_path, spec)
                 flags = token_flags(json_path, spec.get("added_tokens") or [])
-        self._listed_piece_ids |= {i for i, token in (decoder or {}).items()
-                                   if i < self.vocab_size and self.sp.id_to_piece(i) == token}
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
