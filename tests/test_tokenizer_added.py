@@ -164,3 +164,29 @@ def test_whole_words_and_whitespace_around_added_tokens_are_unicodes_as_in_trans
     texts += ["<|x|>" + c + "z" for c in before] + ["axbc", "a xbc", "xbc", "xbca", "xbc.", "a\x1f<|y|>"]
     for text in texts:
         assert ours.encode(text) == hf(text)["input_ids"], text
+
+
+def test_adding_a_piece_the_model_has_makes_it_an_added_token_as_in_transformers(tok, tmp_path):
+    """transformers' add_tokens / add_special_tokens of a piece the model already has keep its id but make it an
+    added token: matched whole in a text (no longer merged into a longer piece), and, when special, dropped by
+    decode(skip_special_tokens=True); ttl's do the same, and its save reads back alike in transformers."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "base")
+    pieces = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    plain, special = "ida", next(p for p in pieces if p.startswith("\u2581") and len(p) > 3)
+    hf.add_tokens([plain])
+    hf.add_special_tokens({"additional_special_tokens": [special]})
+    assert len(hf) == tok.vocab_size and {plain, special} <= {t.content for t in hf.added_tokens_decoder.values()}
+    ours = Tokenizer.from_pretrained(tmp_path / "base")
+    assert ours.add_tokens([plain]) == [tok.token_to_id(plain)]
+    assert ours.add_special_tokens([special]) == [tok.token_to_id(special)]
+    texts = ["vida ida", "vidas", "a" + special.replace("\u2581", " ") + "s", special.replace("\u2581", " "), "idade"]
+    assert any(hf(t)["input_ids"] != tok.encode(t) for t in texts)
+    assert_same_ids(ours, hf, texts)
+    ours.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for text in texts:
+        assert saved(text)["input_ids"] == hf(text)["input_ids"], text
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path / "saved"), saved, texts)

@@ -264,7 +264,8 @@ class Tokenizer:
         """Append special tokens (matched whole, never split, dropped by decode(skip_special_tokens=True)) at the
         end of the vocabulary; return their ids.
 
-        Tokens already in the vocabulary keep their id and how they are treated, so calling twice is harmless."""
+        Tokens already added (or special) keep their id and how they are treated, so calling twice is harmless; an
+        ordinary piece of the model keeps its id but becomes an added token, as in transformers."""
         return self._append_tokens("add_special_tokens", tokens, TokenFlags())
 
     def add_tokens(self, tokens: list[str]) -> list[int]:
@@ -275,13 +276,18 @@ class Tokenizer:
     def _append_tokens(self, caller: str, tokens: list[str], flags: TokenFlags) -> list[int]:
         if not all(tokens):
             raise TokenizerError(f"{caller}: empty token")
-        new = [token for token in dict.fromkeys(tokens) if self.token_to_id(token) is None]
+        unique = [token for token in dict.fromkeys(tokens) if token not in self._whole_ids]
+        new = [token for token in unique if self.token_to_id(token) is None]
+        self._listed_piece_ids |= {self.token_to_id(token) for token in unique if token not in new}
+        for token in unique:
+            self._token_flags[token] = flags
         if new:
             for token in new:
                 self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
-                self._token_flags[token] = flags
             self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
             self._load(self.proto)
+        elif unique:
+            self._index_special_tokens()
         return [self.token_to_id(t) for t in tokens]
 
     # -- encoding ----------------------------------------------------------------------------------------------
