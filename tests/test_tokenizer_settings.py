@@ -278,6 +278,8 @@ def random_directory(rng, layouts, path):
             config["added_tokens_decoder"].update({str(e.pop("id")): e for e in entries})
         else:
             spec["added_tokens"] += entries
+    if rng.random() < 0.15:  # a piece of the model named an extra special token
+        config["extra_special_tokens"] = settings["extra"] = extra + ["ida"]
     if spec is None and rng.random() < 0.2:  # a piece of the model listed as an added token
         config["added_tokens_decoder"]["282"] = settings["listed"] = {"content": "ida", "special": True}
     if spec is not None and rng.random() < 0.3:
