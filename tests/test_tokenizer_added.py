@@ -49,9 +49,9 @@ def added_by_transformers(tok, path, layout, normalized):
 @pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
 def test_added_tokens_read_and_saved_special_or_not_as_in_transformers(tok, tmp_path, layout, normalized):
     """Directories where transformers added non-special tokens (normalized or not: transformers 5's LlamaTokenizer
-    has no normalizer, so both match the raw text alike) and a special one: ttl encodes and decodes as
-    AutoTokenizer, keeping the non-special ones when skipping special tokens; its save reads back in transformers
-    with the same special tokens, ids and decoded text."""
+    has no normalizer, so both match the raw text, the normalized ones after the others) and a special one: ttl
+    encodes and decodes as AutoTokenizer, keeping the non-special ones when skipping special tokens; its save reads
+    back in transformers with the same special tokens, ids and decoded text."""
     from transformers import AutoTokenizer
 
     hf = added_by_transformers(tok, tmp_path / "base", layout, normalized)
@@ -110,3 +110,83 @@ def test_a_tokenizers_normalizer_does_not_change_how_added_tokens_match_as_in_tr
     hf, ours = AutoTokenizer.from_pretrained(tmp_path / "base"), Tokenizer.from_pretrained(tmp_path / "base")
     assert hf.convert_ids_to_tokens(hf("a foo")["input_ids"]) == ["<s>", "▁a", " foo"]
     assert_same_ids(ours, hf, TEXTS)
+
+
+@pytest.fixture(scope="module")
+def overlapping(tok, tmp_path_factory):
+    """(ttl, transformers) on a directory where transformers added tokens that overlap one another and the special
+    ones: "ab" normalized, "bc", "|x" and the whole-word "xbc" not; special "<|x|>" taking the whitespace after it,
+    "<|y|>" the whitespace before it, as a whole word only."""
+    from transformers import AddedToken, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("overlapping")
+    tok.save_pretrained(path / "base")
+    hf = AutoTokenizer.from_pretrained(path / "base")
+    hf.add_tokens([AddedToken("ab", normalized=True, special=False), AddedToken("bc", normalized=False, special=False),
+                   AddedToken("|x", normalized=False, special=False),
+                   AddedToken("xbc", normalized=False, special=False, single_word=True)])
+    hf.add_special_tokens({"additional_special_tokens": [AddedToken("<|x|>", rstrip=True),
+                                                         AddedToken("<|y|>", lstrip=True, single_word=True)]})
+    hf.save_pretrained(path / "added")
+    return Tokenizer.from_pretrained(path / "added"), AutoTokenizer.from_pretrained(path / "added")
+
+
+def test_split_special_tokens_still_matches_the_tokens_that_are_not_special_as_in_transformers(overlapping):
+    """With split_special_tokens, transformers reads special tokens written in the text as text, but still matches
+    the non-special added tokens, except inside a special token's text (it finds the special token, then drops it)."""
+    ours, hf = overlapping
+    bar_x = hf.convert_tokens_to_ids("|x")
+    assert bar_x in hf("a|xb", split_special_tokens=True)["input_ids"]
+    assert bar_x not in hf("<|x|>", split_special_tokens=True)["input_ids"]
+    for text in ["a|xb", "<|x|>", "<|x|> |x", "bc<|y|>ab", " <|y|> xbc", "foo"]:
+        assert ours.encode(text, split_special_tokens=True) == hf(text, split_special_tokens=True)["input_ids"], text
+
+
+def test_normalized_added_tokens_are_matched_after_the_others_as_in_transformers(overlapping):
+    """transformers matches the added tokens marked `normalized: false` first, then the normalized ones in the text
+    between them: in "abc" the unnormalized "bc" wins over the normalized "ab" though "ab" starts first."""
+    ours, hf = overlapping
+    assert hf.convert_ids_to_tokens(hf("abc", add_special_tokens=False)["input_ids"]) == ["▁a", "bc"]
+    for text in ["abc", "xabcx", "ab bc abc", "abab<|x|>bc"]:
+        assert ours.encode(text) == hf(text)["input_ids"], text
+
+
+def test_whole_words_and_whitespace_around_added_tokens_are_unicodes_as_in_transformers(overlapping):
+    """`single_word` and `lstrip` / `rstrip` read letters and whitespace as the tokenizers library's regexes do
+    (Unicode `\\w`: letters, marks, decimal digits, letter numbers, connector punctuation, the joiners; Unicode
+    White_Space), not as Python's `re` does; and a whole-word token found where it is not a whole word leaves that
+    text unmatched, though a shorter token inside it could match ("axbc": no "bc")."""
+    ours, hf = overlapping
+    before = ["①", "²", "Ⓐ", "\U0001f130", "e\u0301", "‿", "\u200d", "\u0663", "Ⅻ", "\x1c", "\u2029", "\u3000",
+              "\u00a0", "\u200b", " ", "a", "_", ".", "😀",
+              "\U00031638", "\u1c89"]  # letters of Unicode 15.0 and 16.0, which Python 3.11's database lacks
+    texts = [c + "<|y|>" for c in before] + ["<|y|>" + c for c in before] + ["x" + c + "<|y|>" for c in before]
+    texts += ["<|x|>" + c + "z" for c in before] + ["axbc", "a xbc", "xbc", "xbca", "xbc.", "a\x1f<|y|>"]
+    for text in texts:
+        assert ours.encode(text) == hf(text)["input_ids"], text
+
+
+def test_adding_a_piece_the_model_has_makes_it_an_added_token_as_in_transformers(tok, tmp_path):
+    """transformers' add_tokens / add_special_tokens of a piece the model already has keep its id but make it an
+    added token: matched whole in a text (no longer merged into a longer piece), and, when special, dropped by
+    decode(skip_special_tokens=True); ttl's do the same, and its save reads back alike in transformers."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "base")
+    pieces = [tok.id_to_token(i) for i in range(tok.vocab_size)]
+    plain, special = "ida", next(p for p in pieces if p.startswith("\u2581") and len(p) > 3)
+    hf.add_tokens([plain])
+    hf.add_special_tokens({"additional_special_tokens": [special]})
+    assert len(hf) == tok.vocab_size and {plain, special} <= {t.content for t in hf.added_tokens_decoder.values()}
+    ours = Tokenizer.from_pretrained(tmp_path / "base")
+    assert ours.add_tokens([plain]) == [tok.token_to_id(plain)]
+    assert ours.add_special_tokens([special]) == [tok.token_to_id(special)]
+    texts = ["vida ida", "vidas", "a" + special.replace("\u2581", " ") + "s", special.replace("\u2581", " "), "idade"]
+    assert any(hf(t)["input_ids"] != tok.encode(t) for t in texts)
+    assert_same_ids(ours, hf, texts)
+    ours.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    for text in texts:
+        assert saved(text)["input_ids"] == hf(text)["input_ids"], text
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path / "saved"), saved, texts)

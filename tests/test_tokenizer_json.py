@@ -337,6 +337,43 @@ def test_an_added_token_the_vocabulary_has_keeps_its_vocabulary_id(tmp_path):
     assert_same_ids(ours, hf, ["xab", "aab b", "ba"])
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_a_piece_listed_as_an_added_token_is_still_made_by_merges_where_not_matched_whole(tmp_path, special):
+    """tokenizer.json's added_tokens list the model's pieces "ab" (whole word only) and "▁a": where the text
+    does not match them whole ("bab", or any text with split_special_tokens for a special token), transformers'
+    BPE still merges them from their letters; ttl did not, spelling them out."""
+    from transformers import AutoTokenizer
+
+    path = hand_written_dir(tmp_path / "abc", ["▁", "a", "b", "▁a", "ab"], [("▁", "a"), ("a", "b")])
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["added_tokens"] += [{"id": spec["model"]["vocab"][t], "content": t, "single_word": t == "ab", "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": special} for t in ("ab", "▁a")]
+    (path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert hf.convert_ids_to_tokens(hf("bab", add_special_tokens=False)["input_ids"]) == ["▁", "b", "ab"]
+    assert_same_ids(ours, hf, ["bab", "ab", "b ab", "a b", "▁a", "bab▁a"])
+    for text in ("bab", "ab", " a ab", "▁ab"):
+        assert ours.encode(text, split_special_tokens=True) == hf(text, split_special_tokens=True)["input_ids"], text
+
+
+def test_byte_pieces_listed_among_the_added_tokens_still_serve_byte_fallback(tmp_path):
+    """The tokenizers trainer, given the <0xNN> pieces as special tokens (as TeenyTinyLlama-style files are trained),
+    also lists them among the added tokens: they stay byte pieces (ttl refused the file: sentencepiece found no 256
+    byte pieces), matched whole where written in the text, as transformers does."""
+    from transformers import AutoTokenizer
+
+    spec = make_ttl_style_dir(tmp_path / "base", [t.lower() for t in SAMPLE_TEXTS])
+    spec["added_tokens"] += [{"id": spec["model"]["vocab"][f"<0x{i:02X}>"], "content": f"<0x{i:02X}>",
+                              "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                              "special": True} for i in range(256)]
+    write_llama_dir(tmp_path / "bytes", spec)
+    ours, hf = Tokenizer.from_pretrained(tmp_path / "bytes"), AutoTokenizer.from_pretrained(tmp_path / "bytes")
+    texts = HARD + ["a<0x0A>b 😀", "<0x41>"]
+    assert_same_ids(ours, hf, texts)
+    for text in texts:
+        assert ours.encode(text, split_special_tokens=True) == hf(text, split_special_tokens=True)["input_ids"], text
+
+
 TEMPLATES = {"none": None, "text only": "$A", "<s> first": "<s> $A", "both": "<s> $A </s>", "</s> last": "$A </s>"}
 
 

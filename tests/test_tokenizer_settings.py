@@ -9,7 +9,7 @@ import random
 import shutil
 
 import pytest
-from tokenizer_helpers import HARD, assert_same_ids, corpus
+from tokenizer_helpers import HARD, assert_same_ids, corpus, random_text
 
 from ttl_core.errors import TokenizerError
 from ttl_core.tokenizer import Tokenizer, train_tokenizer
@@ -163,6 +163,25 @@ def test_special_tokens_map_names_the_roles_beside_tokenizer_json_only_as_in_tra
         assert_same_ids(ours, hf, ["a casa<|end|></s>"])
 
 
+def test_role_tokens_of_the_config_and_the_special_tokens_map_are_appended_in_role_order_as_in_transformers(
+        tok, tmp_path):
+    """Where special_tokens_map.json names a role the config does not (here <s> </s> <unk> <pad>, in that order),
+    transformers still appends the new role tokens in the order bos, eos, unk, pad."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tmp_path / "model").save_pretrained(tmp_path / "json")
+    config = json.loads((tmp_path / "json" / "tokenizer_config.json").read_text())
+    config.pop("eos_token")
+    (tmp_path / "json" / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|pad|>"}))
+    (tmp_path / "json" / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end|>"}))
+    ours, hf = Tokenizer.from_pretrained(tmp_path / "json"), AutoTokenizer.from_pretrained(tmp_path / "json")
+    assert hf.convert_ids_to_tokens([320, 321]) == ["<|end|>", "<|pad|>"]
+    assert [ours.id_to_token(i) for i in range(ours.vocab_size)] == hf.convert_ids_to_tokens(list(range(len(hf))))
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (320, 321)
+    assert_same_ids(ours, hf, ["a casa<|end|></s><|pad|>"])
+
+
 @pytest.mark.parametrize("settings", [{"legacy": True}, {"add_prefix_space": False},
                                       {"legacy": True, "add_prefix_space": False},
                                       {"legacy": None, "add_prefix_space": True}])
@@ -178,6 +197,29 @@ def test_word_prefix_follows_legacy_and_add_prefix_space_as_in_transformers(tok,
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": "no"}))
     with pytest.raises(TokenizerError, match="tokenizer_config.json: legacy and add_prefix_space must be true, false "
                                              "or null, got 'no' and None"):
+        Tokenizer.from_pretrained(tmp_path / "base")
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.model", "tokenizer.json"])
+def test_split_special_tokens_in_the_config_is_the_default_of_encode_as_in_transformers(tok, tmp_path, layout):
+    """A config's `split_special_tokens: true` makes transformers read special tokens written in a text as text
+    unless a call says otherwise; ttl's encode does too, and its save keeps the setting."""
+    from transformers import AutoTokenizer
+
+    config = saved_in_layout(tok, tmp_path / "base", layout)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": True}))
+    text = "a </s> b<pad>"
+    for path in (tmp_path / "base", tmp_path / "saved"):
+        ours, hf = Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        assert tok.eos_id not in hf(text)["input_ids"]
+        assert ours.encode(text) == hf(text)["input_ids"]
+        assert ours.encode_batch([text]) == hf([text])["input_ids"]
+        assert ours.encode(text, split_special_tokens=False) == hf(text, split_special_tokens=False)["input_ids"]
+        ours.save_pretrained(tmp_path / "saved")
+    assert tok.encode(text) == Tokenizer.from_pretrained(tmp_path / "base").encode(text, split_special_tokens=False)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "split_special_tokens": "yes"}))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: split_special_tokens must be true or false, got "
+                                             "'yes'"):
         Tokenizer.from_pretrained(tmp_path / "base")
 
 
@@ -236,6 +278,8 @@ def random_directory(rng, layouts, path):
             config["added_tokens_decoder"].update({str(e.pop("id")): e for e in entries})
         else:
             spec["added_tokens"] += entries
+    if rng.random() < 0.15:  # a piece of the model named an extra special token
+        config["extra_special_tokens"] = settings["extra"] = extra + ["ida"]
     if spec is None and rng.random() < 0.2:  # a piece of the model listed as an added token
         config["added_tokens_decoder"]["282"] = settings["listed"] = {"content": "ida", "special": True}
     if spec is not None and rng.random() < 0.3:
@@ -246,6 +290,8 @@ def random_directory(rng, layouts, path):
                        else {"SpecialToken": {"id": t, "type_id": 0}} for t in template.split()],
             "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in (("<s>", 1), ("</s>", 2))
                                if t in template}}
+    if rng.random() < 0.1:
+        config["split_special_tokens"] = settings["split_special_tokens"] = True
     if spec is not None and rng.random() < 0.2:
         special_map = settings["map"] = {r: rng.choice(TOKENS + [None]) for r in ("eos_token", "pad_token")
                                          if rng.random() < 0.6}
@@ -277,10 +323,13 @@ def test_random_settings_read_as_transformers_reads_them(layouts, tmp_path, seed
             theirs = getattr(hf, f"{role}_token_id")
             if not (templated and role != "pad" and getattr(ours, f"add_{role}_token")):
                 assert mine == (-1 if theirs is None else theirs), (role, settings)
-        for _ in range(25):
-            text = "".join(rng.choice(TEXT_PARTS + TOKENS) for _ in range(rng.randint(0, 10)))
+        for k in range(50):
+            text = "".join(rng.choice(TEXT_PARTS + TOKENS) for _ in range(rng.randint(0, 10))) if k % 2 \
+                else random_text(rng)
             ids = ours.encode(text)
             assert ids == hf(text)["input_ids"], (text, settings)
+            assert ours.encode(text, split_special_tokens=True) == hf(text, split_special_tokens=True)["input_ids"], \
+                (text, settings)
             assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), (text, settings)
             assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids, skip_special_tokens=False), \
                 (text, settings)

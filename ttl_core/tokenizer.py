@@ -7,12 +7,12 @@ at the start of the text and only when the text does not already start with a sp
 config's `legacy` / `add_prefix_space` say, also after every special token, or nowhere); special and added
 tokens written in the text (`</s>`, Aira's `<|startofinstruction|>`) are matched whole before the model sees the
 rest (taking the whitespace beside them, or only as whole words, where their lstrip / rstrip / single_word flags
-say), unless `split_special_tokens`; `<s>` and `</s>` go around a text as the directory's files tell transformers 5
-(tokenizer.json's post-processor, else tokenizer_config.json's `add_bos_token` / `add_eos_token`); and decoding
-follows transformers' decoder chain, where a run of byte-fallback pieces that is not valid UTF-8 becomes one
-U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's BPE, as TeenyTinyLlama publishes) converts to the
-same sentencepiece model format, or is refused where sentencepiece would split text differently (see
-`ttl_core.tokenizer_json`).
+say; see `ttl_core.added_tokens`), the special ones unless `split_special_tokens`; `<s>` and `</s>` go around a
+text as the directory's files tell transformers 5 (tokenizer.json's post-processor, else tokenizer_config.json's
+`add_bos_token` / `add_eos_token`); and decoding follows transformers' decoder chain, where a run of byte-fallback
+pieces that is not valid UTF-8 becomes one U+FFFD per byte. A `tokenizer.json` (the `tokenizers` library's BPE, as
+TeenyTinyLlama publishes) converts to the same sentencepiece model format, or is refused where sentencepiece would
+split text differently (see `ttl_core.tokenizer_json`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from typing import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
+from .added_tokens import AddedTokenSplitter
 from .errors import DataError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer_config import (TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
+from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, prefix_scheme, read_chat_template, read_config,
-                               replace_chat_template_files, role_tokens, token_flags)
+                               replace_chat_template_files, role_tokens, split_special_tokens_flag, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
@@ -50,6 +51,7 @@ class Tokenizer:
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
         self.add_bos_token, self.add_eos_token = True, False
         self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
+        self.split_special_tokens = False  # encode's default, as a directory's config says
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
         # pieces of the model that transformers matches whole though they are not control pieces: those the config
         # names for a role (always special) and those listed among its added tokens (special as their flags say)
@@ -80,7 +82,7 @@ class Tokenizer:
     def _load(self, proto) -> None:
         self.proto = proto
         # The "▁" prefix is our job (see module docstring), so the processor never adds it itself. Special tokens in
-        # the text are matched (or not, with split_special_tokens) by `_split_special_tokens`; the processor would
+        # the text are matched (or not, with split_special_tokens) by `AddedTokenSplitter`; the processor would
         # always match user-defined pieces, so it sees them as control pieces, which text never produces.
         runtime = spm_pb2.ModelProto()
         runtime.CopyFrom(proto)
@@ -108,23 +110,8 @@ class Tokenizer:
         self._whole_ids = {self.sp.id_to_piece(i): i for i in whole}
         self._plain_ids = {i for i in whole - roles
                            if not self._token_flags.get(self.sp.id_to_piece(i), TokenFlags()).special}
-        # longest first, so that of two tokens starting at one place the longer is matched, as in transformers
-        patterns = []
-        for k, token in enumerate(sorted(self._whole_ids, key=len, reverse=True)):
-            flags = self._token_flags.get(token, TokenFlags())
-            before, after = (r"(?<!\w)", r"(?!\w)") if flags.single_word else ("", "")
-            patterns.append((r"\s*" if flags.lstrip else "") + f"{before}(?P<t{k}>{re.escape(token)}){after}"
-                            + (r"\s*" if flags.rstrip else ""))
-        self._special_pattern = re.compile("|".join(patterns))
-
-    def _split_special_tokens(self, text: str) -> list[str]:
-        """`text` as [text, token, text, ..., text]: the special and added tokens written in it, matched whole, and the
-        text between them, less the whitespace a token's flags take."""
-        parts, start = [], 0
-        for match in self._special_pattern.finditer(text):
-            parts += [text[start:match.start()], match.group(match.lastgroup)]
-            start = match.end()
-        return parts + [text[start:]]
+        self._splitter = AddedTokenSplitter({t: self._token_flags.get(t, TokenFlags()) for t in self._whole_ids},
+                                            {t for t, i in self._whole_ids.items() if i not in self._plain_ids})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
@@ -172,13 +159,17 @@ class Tokenizer:
             roles |= role_tokens(map_path, read_config(map_path))
         if config is not None:  # transformers' LlamaTokenizer pads with nothing unless a pad token is named
             roles.setdefault("pad_token", None)
-        tokenizer.add_special_tokens([t for t in roles.values() if t is not None]
+        # appended in the order of ROLES, as transformers appends them, wherever each was named
+        tokenizer.add_special_tokens([roles[r] for r in ROLES if roles.get(r) is not None]
                                      + extra_special_tokens(config_path, config))
         if decoder is not None:  # the added tokens' flags come from where their ids do
             flags = token_flags(config_path, list((config.get("added_tokens_decoder") or {}).values()))
         tokenizer._token_flags = flags
+        # the model's pieces listed among the added tokens are matched whole too (the flags name every listed token)
+        tokenizer._listed_piece_ids |= {tokenizer.token_to_id(token) for token in flags} - {None}
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
+        tokenizer.split_special_tokens = split_special_tokens_flag(config_path, config)
         tokenizer.chat_template = read_chat_template(path.parent, config) if saved else None
         return tokenizer
 
@@ -209,10 +200,9 @@ class Tokenizer:
             -> tuple[tuple[int | None, int | None] | None, dict[str, TokenFlags]]:
         """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
         writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
-        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces,
-        and pieces of the model listed there are matched whole. Returns, where a tokenizer.json is beside it, the
-        ids its post-processor puts around a text (transformers 5 saves that setting only there) and its added
-        tokens' flags; else (None, {})."""
+        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces.
+        Returns, where a tokenizer.json is beside it, the ids its post-processor puts around a text (transformers 5
+        saves that setting only there) and its added tokens' flags; else (None, {})."""
         json_path = model_file.with_name("tokenizer.json")
         spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
         template, flags = None, {}
@@ -221,8 +211,6 @@ class Tokenizer:
             if decoder is None:
                 decoder = added_tokens_of(json_path, spec)
                 flags = token_flags(json_path, spec.get("added_tokens") or [])
-        self._listed_piece_ids |= {i for i, token in (decoder or {}).items()
-                                   if i < self.vocab_size and self.sp.id_to_piece(i) == token}
         extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
         ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
         if ids != expected:
@@ -276,7 +264,8 @@ class Tokenizer:
         """Append special tokens (matched whole, never split, dropped by decode(skip_special_tokens=True)) at the
         end of the vocabulary; return their ids.
 
-        Tokens already in the vocabulary keep their id and how they are treated, so calling twice is harmless."""
+        Tokens already added (or special) keep their id and how they are treated, so calling twice is harmless; an
+        ordinary piece of the model keeps its id but becomes an added token, as in transformers."""
         return self._append_tokens("add_special_tokens", tokens, TokenFlags())
 
     def add_tokens(self, tokens: list[str]) -> list[int]:
@@ -287,24 +276,30 @@ class Tokenizer:
     def _append_tokens(self, caller: str, tokens: list[str], flags: TokenFlags) -> list[int]:
         if not all(tokens):
             raise TokenizerError(f"{caller}: empty token")
-        new = [token for token in dict.fromkeys(tokens) if self.token_to_id(token) is None]
+        unique = [token for token in dict.fromkeys(tokens) if token not in self._whole_ids]
+        new = [token for token in unique if self.token_to_id(token) is None]
+        self._listed_piece_ids |= {self.token_to_id(token) for token in unique if token not in new}
+        for token in unique:
+            self._token_flags[token] = flags
         if new:
             for token in new:
                 self.proto.pieces.add(piece=token, score=0.0, type=_Piece.USER_DEFINED)
-                self._token_flags[token] = flags
             self.proto.trainer_spec.vocab_size = len(self.proto.pieces)
             self._load(self.proto)
+        elif unique:
+            self._index_special_tokens()
         return [self.token_to_id(t) for t in tokens]
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
-               split_special_tokens: bool = False) -> list[int]:
+               split_special_tokens: bool | None = None) -> list[int]:
         """Token ids of `text`, with `<s>` first and `</s>` last when asked, or by default as `add_bos_token` and
         `add_eos_token` say (transformers' `add_special_tokens=True`).
 
         Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
-        with `split_special_tokens` (transformers' name) they are ordinary text, which keeps a corpus that
-        mentions `</s>` from ending its documents there."""
+        with `split_special_tokens` (transformers' name; by default as the directory's config says, else False) the
+        special ones are ordinary text, which keeps a corpus that mentions `</s>` from ending its documents there,
+        while added tokens that are not special still match."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
@@ -318,7 +313,8 @@ class Tokenizer:
         add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
         add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
         ids = [self.bos_id] if add_bos else []
-        parts = [text] if split_special_tokens else self._split_special_tokens(text)
+        parts = self._splitter.split(text, self.split_special_tokens if split_special_tokens is None
+                                     else split_special_tokens)
         for k, part in enumerate(parts):
             if k % 2:  # a special or added token, matched whole
                 ids.append(self._whole_ids[part])
@@ -332,7 +328,7 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Iterable[str], add_bos: bool | None = None, add_eos: bool | None = None,
-                     split_special_tokens: bool = False) -> list[list[int]]:
+                     split_special_tokens: bool | None = None) -> list[list[int]]:
         return [self.encode(t, add_bos=add_bos, add_eos=add_eos, split_special_tokens=split_special_tokens)
                 for t in texts]
 
@@ -395,6 +391,8 @@ class Tokenizer:
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
                   "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "padding_side": "right",
                   "sp_model_kwargs": {}, "added_tokens_decoder": decoder, **special}
+        if self.split_special_tokens:  # transformers too writes it only when set
+            config["split_special_tokens"] = True
         # transformers lists these in all_special_tokens: the added tokens that are special, as it saves them
         listed = [token for token in self.added_tokens if self._added_ids[token] in self.special_ids]
         extra = {"additional_special_tokens": listed} if listed else {}

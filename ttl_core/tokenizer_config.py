@@ -38,6 +38,15 @@ def bos_eos_flags(path: Path, config: dict | None) -> tuple[bool, bool]:
     return flags[0], flags[1]
 
 
+def split_special_tokens_flag(path: Path, config: dict | None) -> bool:
+    """A config's `split_special_tokens`: whether transformers reads the special tokens written in a text as text
+    unless a call says otherwise (absent: no)."""
+    flag = config.get("split_special_tokens", False) if config else False
+    if not isinstance(flag, bool):
+        raise TokenizerError(f"{path}: split_special_tokens must be true or false, got {flag!r}")
+    return flag
+
+
 def prefix_scheme(path: Path, config: dict | None) -> str:
     """Where transformers 5's LlamaTokenizer puts the "▁" word prefix (its Metaspace `prepend_scheme`): "first",
     at the start of the text only (`legacy: false`, the default); "always", also after every special token in
@@ -69,9 +78,10 @@ def role_tokens(path: Path, config: dict | None) -> dict[str, str | None]:
 class TokenFlags(NamedTuple):
     """How transformers treats an added token (an entry of tokenizer_config.json's `added_tokens_decoder` or of
     tokenizer.json's `added_tokens`). Every added token is matched whole in a text, taking the whitespace before it
-    (`lstrip`), after it (`rstrip`), or only where no letter, digit or "_" touches it (`single_word`); `special`
-    ones are dropped by decode(skip_special_tokens=True), the others kept. `normalized` is carried only to be
-    saved back: transformers 5's LlamaTokenizer has no normalizer, so it matches a token alike either way."""
+    (`lstrip`), after it (`rstrip`), or only where no letter, digit or mark touches it (`single_word`); `special`
+    ones are dropped by decode(skip_special_tokens=True), the others kept. transformers 5's LlamaTokenizer has no
+    normalizer, so `normalized` only orders the search: those not normalized are found first (see
+    `ttl_core.added_tokens`)."""
     lstrip: bool = False
     rstrip: bool = False
     single_word: bool = False

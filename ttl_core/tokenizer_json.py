@@ -91,7 +91,7 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     """The sentencepiece model of a tokenizer.json, the rank of the first merge into each piece a merge makes,
     why the model would split some text differently (None: never), the ids its post-processor puts around a
     text (see `template_ends`) and the flags of its added tokens ({} when `added_tokens` replace them).
-    Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens USER_DEFINED."""
+    Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens the model cannot make USER_DEFINED."""
     spec = read_json(path, TokenizerError, expect=object)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
@@ -126,6 +126,7 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
                              f"piece has one score for all of its merges")
         first_rank.setdefault(piece, r)
         before = piece
+    own = set(vocab)  # the model's pieces, before the added tokens join them
     for i, token in added_tokens.items():
         vocab.setdefault(token, i)
     pieces = sorted(vocab.items(), key=lambda kv: kv[1])
@@ -134,7 +135,11 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     unk = model.get("unk_token") or "<unk>"
     if unk not in vocab:
         raise TokenizerError(f"{path}: the vocabulary has no unknown token {unk!r}, which sentencepiece needs")
-    added = set(added_tokens.values())
+    # Added tokens are matched whole before the model sees the text. Those the model can also make (a piece of its
+    # own that is one character, a byte, or made by a merge) keep their kind, so that the model still makes them
+    # where they are not matched whole (a single_word token inside a word; a special one with split_special_tokens).
+    made = {t for t in own if len(t) == 1 or t in first_rank or BYTE_PIECE.fullmatch(t)}
+    added = set(added_tokens.values()) - made
     proto = spm_pb2.ModelProto()
     for piece, i in pieces:
         if piece == unk:
