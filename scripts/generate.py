@@ -116,6 +116,17 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
     return out[0, ids.shape[1]:].tolist()
 
 
+def tokenizer_directory(args: argparse.Namespace) -> str | Path:
+    """--tokenizer, else --model's own tokenizer, else, for an adapter saved without one (as PEFT saves them),
+    its base's."""
+    if args.tokenizer is not None:
+        return args.tokenizer
+    has_own = any((Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    if has_own or not is_adapter_dir(args.model):
+        return args.model
+    return adapter_base(args.model, args.base)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = checked_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -128,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(args.model, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
-    tokenizer_dir = args.tokenizer or args.model
-    if args.tokenizer is None and is_adapter_dir(args.model) and not any(
-            (Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        tokenizer_dir = adapter_base(args.model, args.base)  # PEFT saves adapters without the base's tokenizer
+    tokenizer_dir = tokenizer_directory(args)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     check_tokenizer_fits(tokenizer, model, tokenizer_dir)  # another model's would misname ids
     context = model.config.max_position_embeddings
