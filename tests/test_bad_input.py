@@ -263,3 +263,11 @@ def test_float64_model_with_triton_kernels_names_the_config_field():
     model = ttl_core.build_model(ttl_core.LlamaConfig.from_preset("tiny", kernels="triton"), "LlamaForCausalLM").double()
     with pytest.raises(BackendError, match=r"float64 .*kernels='torch'"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_float64_model_with_triton_attention_names_the_attention_backend():
+    # the kernels' float64 refusal told a model with attention="triton" to change backend= or kernels=, neither of
+    # which picks its attention
+    model = ttl_core.build_model(ttl_core.LlamaConfig.from_preset("tiny", attention="triton"), "LlamaForCausalLM")
+    with pytest.raises(ConfigError, match=r"attention backend 'triton' computes in float32: .*'sdpa' or 'eager'"):
+        model.double()(torch.tensor([[1, 2, 3]]))
