@@ -288,7 +288,7 @@ class _LlamaBase(nn.Module):
         """Recompute the activations of every `every_n_layers`-th decoder block (from the first) in the backward
         instead of storing them, in training mode, as transformers does (non-reentrant `torch.utils.checkpoint`,
         the only kind taken). The gradients are those without, bit for bit; parameter names are unchanged."""
-        if dict(activation_checkpointing_kwargs or {}) not in ({}, {"use_reentrant": False}):
+        if activation_checkpointing_kwargs not in (None, {}, {"use_reentrant": False}):
             raise ConfigError(f"activation checkpointing takes only {{'use_reentrant': False}}, got "
                               f"{activation_checkpointing_kwargs}")
         if not is_integer(every_n_layers) or every_n_layers < 1:
