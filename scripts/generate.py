@@ -7,9 +7,9 @@
 Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
 0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
 the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
-the answer; any answer also ends at the tokenizer's `</s>` and at the EOS ids of the checkpoint's
-generation_config.json. `--interactive` keeps a conversation in that format, one turn per input line, until
-the model's context is full (an empty line or end of input quits).
+the answer; any answer also ends at the tokenizer's `</s>` and at the checkpoint's EOS ids (its
+generation_config.json's, else config.json's, as transformers reads them). `--interactive` keeps a conversation
+in that format, one turn per input line, until the model's context is full (an empty line or end of input quits).
 
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
