@@ -89,7 +89,8 @@ def present_targets(model: nn.Module, targets: str | list) -> str | list:
         return targets
     paths = [f"{prefix}.{name}" for prefix, slices in linear_slices(model).values() for name in slices]
     paths += _other_module_paths(model)
-    return [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)] or targets
+    present = [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)]  # a non-name: an error later
+    return present or targets  # none left: the list as it is, for targeted_slices to name
 
 
 def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
