@@ -260,7 +260,8 @@ def test_float64_refused_under_ttl_kernels_triton_names_the_variable_not_auto(mo
 
 def test_float64_model_with_triton_kernels_names_the_config_field():
     # a model's kernel calls pass config.kernels as `backend`, which its user never wrote
-    model = ttl_core.build_model(ttl_core.LlamaConfig.from_preset("tiny", kernels="triton"), "LlamaForCausalLM").double()
+    config = ttl_core.LlamaConfig.from_preset("tiny", kernels="triton")
+    model = ttl_core.build_model(config, "LlamaForCausalLM").double()
     with pytest.raises(BackendError, match=r"float64 .*kernels='torch'"):
         model(torch.tensor([[1, 2, 3]]))
 

@@ -239,7 +239,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     fake.calls[-1][1].pop("streamer")
     assert fake.calls[-1][1] == dict(
         max_new_tokens=9, repetition_penalty=1.1, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        num_return_sequences=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3)
+        num_return_sequences=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
+        seed=3)
     assert loads[-1]["dtype"] == "bfloat16"
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy",
                         "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
