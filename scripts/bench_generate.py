@@ -66,8 +66,9 @@ def bench(path: str, preset: str, batches: list[int], hf_static_batches: list[in
     dev = results.device
     ours = load_pretrained(path, dtype=torch.bfloat16, device=dev.device)
     hf = hf_model(path, dev.device)
-    # greedy and EOS-blind whatever a generation_config.json says, as the timed shape (prompt + new) assumes
-    greedy = {"max_new_tokens": new, "do_sample": False, "eos_token_id": []}
+    # greedy, EOS-blind and one sequence a prompt whatever a generation_config.json says, as the timed shape
+    # (batch, prompt + new) assumes
+    greedy = {"max_new_tokens": new, "do_sample": False, "eos_token_id": [], "num_return_sequences": 1}
     impls = {
         "ttl": lambda ids, mask: generate(ours, ids, mask, **greedy),
         "ttl_nograph": lambda ids, mask: generate(ours, ids, mask, **greedy, cuda_graph=False),

@@ -7,9 +7,9 @@
 Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
 0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
 the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
-the answer; any answer also ends at the tokenizer's `</s>` and at the EOS ids of the checkpoint's
-generation_config.json. `--interactive` keeps a conversation in that format, one turn per input line, until
-the model's context is full (an empty line or end of input quits).
+the answer; any answer also ends at the tokenizer's `</s>` and at the checkpoint's EOS ids (its
+generation_config.json's, else config.json's, as transformers reads them). `--interactive` keeps a conversation
+in that format, one turn per input line, until the model's context is full (an empty line or end of input quits).
 
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
@@ -109,11 +109,23 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
         do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.seed)
     pad = chat.tokenizer.pad_id
+    # one answer, whatever num_return_sequences a generation_config.json gives
     out = generate(model, ids, max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
                    eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece
-                   streamer=streamer, cuda_graph=not args.no_cuda_graph, **sampling)
+                   num_return_sequences=1, streamer=streamer, cuda_graph=not args.no_cuda_graph, **sampling)
     print(flush=True)
     return out[0, ids.shape[1]:].tolist()
+
+
+def tokenizer_directory(args: argparse.Namespace) -> str | Path:
+    """--tokenizer, else --model's own tokenizer, else, for an adapter saved without one (as PEFT saves them),
+    its base's."""
+    if args.tokenizer is not None:
+        return args.tokenizer
+    has_own = any((Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    if has_own or not is_adapter_dir(args.model):
+        return args.model
+    return adapter_base(args.model, args.base)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_pretrained(args.model, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
-    tokenizer_dir = args.tokenizer or args.model
-    if args.tokenizer is None and is_adapter_dir(args.model) and not any(
-            (Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        tokenizer_dir = adapter_base(args.model, args.base)  # PEFT saves adapters without the base's tokenizer
+    tokenizer_dir = tokenizer_directory(args)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     check_tokenizer_fits(tokenizer, model, tokenizer_dir)  # another model's would misname ids
     context = model.config.max_position_embeddings

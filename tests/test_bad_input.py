@@ -247,3 +247,28 @@ def test_flash_attention_names_cu_seqlens_given_as_a_list():
     q = torch.randn(5, 2, 64)
     with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor, got a list"):
         ttl_kernels.flash_attention(q, q, q, cu_seqlens=[0, 2, 5], max_seqlen=3, backend="triton")
+
+
+def test_float64_refused_under_ttl_kernels_triton_names_the_variable_not_auto(monkeypatch):
+    # with TTL_KERNELS=triton, "auto" is what the call already passed: the message told the user to pass it
+    monkeypatch.setenv("TTL_KERNELS", "triton")
+    rows = torch.randn(6, 64, dtype=torch.float64)
+    with pytest.raises(BackendError, match=r"compute in float32, .*TTL_KERNELS=triton forces them") as raised:
+        ttl_kernels.swiglu(rows)
+    assert "'auto'" not in str(raised.value)
+
+
+def test_float64_model_with_triton_kernels_names_the_config_field():
+    # a model's kernel calls pass config.kernels as `backend`, which its user never wrote
+    config = ttl_core.LlamaConfig.from_preset("tiny", kernels="triton")
+    model = ttl_core.build_model(config, "LlamaForCausalLM").double()
+    with pytest.raises(BackendError, match=r"float64 .*kernels='torch'"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_float64_model_with_triton_attention_names_the_attention_backend():
+    # the kernels' float64 refusal told a model with attention="triton" to change backend= or kernels=, neither of
+    # which picks its attention
+    model = ttl_core.build_model(ttl_core.LlamaConfig.from_preset("tiny", attention="triton"), "LlamaForCausalLM")
+    with pytest.raises(ConfigError, match=r"attention backend 'triton' computes in float32: .*'sdpa' or 'eager'"):
+        model.double()(torch.tensor([[1, 2, 3]]))

@@ -3,6 +3,7 @@ with Aira's special tokens: the streamed text, the prompt formats and the intera
 
 import importlib.util
 import io
+import json
 import sys
 
 import pytest
@@ -229,7 +230,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     streamer = fake.calls[-1][1].pop("streamer")
     assert fake.calls[-1] == (tok.encode("o menino"), dict(
         max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2, min_p=0.0, seed=None))
+        num_return_sequences=1, cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2, min_p=0.0,
+        seed=None))
     assert streamer is not None and loads[-1] == dict(dtype="float32", device=torch.device("cpu"))
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--temperature", "0.7",
                         "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
@@ -237,13 +239,14 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     fake.calls[-1][1].pop("streamer")
     assert fake.calls[-1][1] == dict(
         max_new_tokens=9, repetition_penalty=1.1, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3)
+        num_return_sequences=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
+        seed=3)
     assert loads[-1]["dtype"] == "bfloat16"
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy",
                         "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
     fake.calls[-1][1].pop("streamer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
-                                     pad_token_id=tok.pad_id, cuda_graph=True,
+                                     pad_token_id=tok.pad_id, num_return_sequences=1, cuda_graph=True,
                                      do_sample=False)  # greedy: no sampling options
 
 
@@ -392,3 +395,19 @@ def test_a_model_larger_than_its_tokenizer_streams_what_transformers_decodes(che
                      "--repetition-penalty", "1.0", "--max-new-tokens", "12", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert run.stdout == tok.decode(out[0, len(ids):].tolist()) + "\n"
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_checkpoint_asking_for_several_sequences_still_gets_one_answer(checkpoint, tmp_path, capsys, greedy):
+    """The CLI streams and prints one answer: a generation_config.json with num_return_sequences 2 (which generate()
+    now applies when the call leaves it unset) made greedy decoding refuse it and sampling two rows the streamer
+    refuses."""
+    _, tok, model = checkpoint
+    ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
+    config = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": True,
+                                                                 "num_return_sequences": 2}))
+    options = ["--greedy"] if greedy else ["--seed", "0"]
+    assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--max-new-tokens", "6",
+                               "--device", "cpu", *options]) == 0
+    assert capsys.readouterr().out.strip()

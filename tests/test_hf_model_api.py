@@ -210,6 +210,9 @@ def test_activation_checkpointing_every_n_layers_and_only_in_training(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(gradient_checkpointing_kwargs={"use_reentrant": True}), "takes only {'use_reentrant': False}"),
     (dict(every_n_layers=0), "every_n_layers must be a positive integer, got 0"),
+    # not a dict: dict() of it raised ValueError / TypeError from inside the check
+    (dict(gradient_checkpointing_kwargs=["use_reentrant"]), r"takes only .*got \['use_reentrant'\]"),
+    (dict(gradient_checkpointing_kwargs=True), "takes only .*got True"),
 ])
 def test_unsupported_checkpointing_settings_are_refused(kwargs, message, tmp_path):
     ours = to_ttl(hf_causal_lm(), tmp_path)

@@ -174,7 +174,7 @@ def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, t
     labels = task_labels(read_task_file(train), discovered, train)
     assert labels == sorted(names)
     with pytest.raises(DataError, match=r"eval\.csv:2: unknown label '0' \(labels: ESPORTES, .*\); a class id "
-                                        r"needs the label order \(--labels\)"):
+                                        r"needs the label order \(TaskSpec\.labels, --labels in the scripts\)"):
         load_task(evals, tok, discovered, labels, 32)
 
 

@@ -152,6 +152,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "triton" and q.shape[-1] not in HEAD_DIMS:
         raise ConfigError(f"attention backend 'triton' supports head_dim {', '.join(map(str, HEAD_DIMS))}, not "
                           f"{q.shape[-1]}; use 'sdpa' or 'eager' for this model")
+    if backend == "triton" and q.dtype == torch.float64:  # else the kernel's own refusal names the kernels' switches
+        raise ConfigError("attention backend 'triton' computes in float32: use 'sdpa' or 'eager' for a float64 model")
     if backend == "flash_attn" and not flash_attn_usable(q):
         raise ConfigError("attention backend 'flash_attn' needs the flash-attn package, an sm80+ GPU and fp16/bf16 "
                           f"tensors (got {q.dtype} on {q.device.type}, flash-attn "

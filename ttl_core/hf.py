@@ -373,7 +373,7 @@ def save_pretrained(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a transformers-loadable directory: safetensors (sharded with an index above `max_shard_size`),
-    `config.json` and `generation_config.json`, and the tokenizer files when a tokenizer is given. Every
+    `config.json`, a causal LM's `generation_config.json`, and the tokenizer files when a tokenizer is given. Every
     file is written atomically. `dtype=None` writes every tensor in the embedding's dtype (the model's, unless
     its dtypes are mixed). `state_dict` (ttl names) replaces the
     model's own parameters, e.g. the full weights gathered from an FSDP-sharded model."""
@@ -433,7 +433,7 @@ def _check_state_dict(state_dict: dict[str, torch.Tensor], shapes: dict[str, tor
 def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | os.PathLike,
                 max_shard_size: int | str = "2GB", dtype: torch.dtype | str | None = None) -> None:
     """Write ttl's native layout: fused parameters under ttl's names, `ttl_config.json` and, as
-    `save_pretrained` does, `generation_config.json`."""
+    `save_pretrained` does, a causal LM's `generation_config.json`."""
     directory = Path(path)
     dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
     params = dict(model.named_parameters())

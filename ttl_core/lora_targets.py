@@ -89,7 +89,8 @@ def present_targets(model: nn.Module, targets: str | list) -> str | list:
         return targets
     paths = [f"{prefix}.{name}" for prefix, slices in linear_slices(model).values() for name in slices]
     paths += _other_module_paths(model)
-    return [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)] or targets
+    present = [t for t in targets if not isinstance(t, str) or _names_a_module(t, paths)]  # a non-name: an error later
+    return present or targets  # none left: the list as it is, for targeted_slices to name
 
 
 def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
@@ -134,8 +135,13 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
             raise AdapterError(f"LoRA target pattern {names!r} also matches {other}, which is not one of the "
                                f"linear layers {', '.join(LINEAR_NAMES)}")
     saved_in_full = [path for path in _other_module_paths(model) if _trained_in_full(path, modules_to_save)]
-    unknown = [] if isinstance(names, str) else [t for t in names if not isinstance(t, str) or t not in named
-                                                 and not _names_a_module(t, saved_in_full)]
+
+    def names_nothing(target: object) -> bool:  # neither a linear layer nor a module trained in full instead
+        if not isinstance(target, str):
+            return True
+        return target not in named and not _names_a_module(target, saved_in_full)
+
+    unknown = [] if isinstance(names, str) else [t for t in names if names_nothing(t)]
     unadaptable = [t for t in unknown if _names_a_module(t, _other_module_paths(model))]
     if unadaptable:  # PEFT would adapt an embedding or the LM head: loading without it would change the logits
         raise AdapterError(f"LoRA on {unadaptable} is not supported: ttl adapts only the attention and MLP "

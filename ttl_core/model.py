@@ -195,10 +195,10 @@ class LlamaModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
         return_dict: bool = True,
     ) -> ModelOutput | tuple:
-        """`last_hidden_state` (batch, seq, hidden), the final norm's output, and, with `output_hidden_states`,
-        `hidden_states` as transformers gives them: the embeddings, each block's output but the last, and
-        `last_hidden_state` (num_hidden_layers + 1 tensors); `return_dict=False` gives them as a tuple, as in
-        transformers. `use_cache` may be False (or None): this forward keeps no cache, `ttl_core.generate` does.
+        """`last_hidden_state` (batch, seq, hidden), the final norm's output (under autocast in its dtype, where
+        transformers' stays float32), and, with `output_hidden_states`, `hidden_states` as transformers gives them:
+        the embeddings, each block's output but the last, and `last_hidden_state` (num_hidden_layers + 1 tensors);
+        `return_dict=False` gives a tuple. `use_cache` may be False (or None): `ttl_core.generate` keeps the cache.
 
         Takes `input_ids` (batch, seq) or, instead, their embeddings `inputs_embeds` (batch, seq, hidden).
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
@@ -288,7 +288,7 @@ class _LlamaBase(nn.Module):
         """Recompute the activations of every `every_n_layers`-th decoder block (from the first) in the backward
         instead of storing them, in training mode, as transformers does (non-reentrant `torch.utils.checkpoint`,
         the only kind taken). The gradients are those without, bit for bit; parameter names are unchanged."""
-        if dict(activation_checkpointing_kwargs or {}) not in ({}, {"use_reentrant": False}):
+        if activation_checkpointing_kwargs not in (None, {}, {"use_reentrant": False}):
             raise ConfigError(f"activation checkpointing takes only {{'use_reentrant': False}}, got "
                               f"{activation_checkpointing_kwargs}")
         if not is_integer(every_n_layers) or every_n_layers < 1:

@@ -57,27 +57,29 @@ def check_inputs(config: LlamaConfig, input_ids: torch.Tensor | None, inputs_emb
     if (input_ids is None) == (inputs_embeds is None):
         raise ConfigError("pass exactly one of input_ids and inputs_embeds")
     given, inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
-    if inputs_embeds is None and input_ids.dim() != 2 or inputs_embeds is not None and (
-            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
-        raise ConfigError(f"{given} must be (batch, seq{', hidden_size' if inputs_embeds is not None else ''}), "
-                          f"got shape {tuple(inputs.shape)}")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size):
+        raise ConfigError(f"inputs_embeds must be (batch, seq, hidden_size), got shape {tuple(inputs_embeds.shape)}")
     if not isinstance(output_hidden_states, bool):  # transformers also takes indices: not supported here
         raise ConfigError(f"output_hidden_states must be True or False, got {output_hidden_states!r}")
     if use_cache:
         raise ConfigError("use_cache=True: the model's forward keeps no cache; ttl_core.generate decodes with its own "
                           "static KV cache")
     batch, seq = inputs.shape[:2]
-    if position_ids is not None and (position_ids.shape[-1:] != (seq,) or position_ids.dim() > 2
-                                     or position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+    if position_ids is not None and not _positions_fit(position_ids, batch, seq):
         raise ConfigError(f"position_ids shape {tuple(position_ids.shape)} does not fit {given} shape "
                           f"{tuple(inputs.shape)}: (batch or 1, seq) or (seq,)")
     mask = attention_mask
     if mask is not None:
         # a mask longer than the row also covers the keys already in the KV cache; a 4-d one may broadcast
-        keys = mask.shape[-1] if mask.dim() in (2, 4) else -1
+        keys = mask.shape[-1] if mask.dim() in (2, 4) else -1  # -1: other ranks fit nothing
         keys_fit = keys == seq or cached and keys > seq
-        rows_fit = mask.dim() == 2 and mask.shape[0] == batch or mask.dim() == 4 and mask.shape[0] in (1, batch) \
-            and mask.shape[1] in (1, config.num_attention_heads) and mask.shape[2] in (1, seq)
+        if mask.dim() == 2:
+            rows_fit = mask.shape[0] == batch
+        else:  # (batch, heads, queries): each may be 1 and broadcast
+            rows_fit = mask.dim() == 4 and all(
+                size in (1, full) for size, full in zip(mask.shape[:3], (batch, config.num_attention_heads, seq)))
         if not (keys_fit and rows_fit):
             raise ConfigError(f"attention_mask shape {tuple(mask.shape)} does not fit {given} shape "
                               f"{tuple(inputs.shape)}: (batch, seq) or (batch, 1, seq, seq), longer only "
@@ -85,3 +87,10 @@ def check_inputs(config: LlamaConfig, input_ids: torch.Tensor | None, inputs_emb
         if mask.dim() == 4 and not (mask.dtype == torch.bool or mask.is_floating_point()):
             raise ConfigError(f"a 4-d attention_mask must be boolean (True attends) or additive (0 or -inf), "
                               f"got {mask.dtype}")
+
+
+def _positions_fit(position_ids: torch.Tensor, batch: int, seq: int) -> bool:
+    """(seq,), or (batch, seq) / (1, seq), which broadcasts over the batch."""
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq:
+        return False
+    return position_ids.dim() == 1 or position_ids.shape[0] in (1, batch)

@@ -139,11 +139,13 @@ def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | N
     defaults, source = model.generation_config, "generation_config.json: "
     if defaults is None:
         defaults, source = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}, "config.json: "
-    saved = {k: _without_none_marks(v) for k, v in defaults.items() if k in ("eos_token_id", "pad_token_id")}
-    eos = _token_list(saved.get("eos_token_id") if eos_token_id is None else eos_token_id,
-                      "eos_token_id" if eos_token_id is not None else source + "eos_token_id", config.vocab_size)
-    pad = _token_list(saved.get("pad_token_id") if pad_token_id is None else pad_token_id,
-                      "pad_token_id" if pad_token_id is not None else source + "pad_token_id", config.vocab_size)
+
+    def ids(name: str, given) -> list[int]:  # an error names the file a bad saved id came from
+        if given is not None:
+            return _token_list(given, name, config.vocab_size)
+        return _token_list(_without_none_marks(defaults.get(name)), source + name, config.vocab_size)
+
+    eos, pad = ids("eos_token_id", eos_token_id), ids("pad_token_id", pad_token_id)
     if len(pad) > 1:
         raise GenerationError(f"pad_token_id must be one token id, got {pad}")
     return eos, pad[0] if pad else (eos[0] if eos else None)

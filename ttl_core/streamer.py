@@ -16,6 +16,12 @@ def vocabulary_end(tokenizer) -> int | None:
     return len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
 
 
+def in_vocabulary(token: int, end: int | None) -> bool:
+    """Whether `token` is below `end` (see `vocabulary_end`): ids past it, rows of a model's larger embedding
+    table, decode to no text and have no piece."""
+    return end is None or token < end
+
+
 class TextStreamer:
     """Turns the tokens `generate(..., streamer=...)` produces into text pieces as they arrive.
 
@@ -42,8 +48,7 @@ class TextStreamer:
         self._piece = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
         skipped = getattr(tokenizer, "special_ids", None) or getattr(tokenizer, "all_special_ids", ())
         self._skipped = frozenset(skipped) if skip_special_tokens else frozenset()
-        # ids from here on (rows of a model's larger embedding table) decode to no text, as skipped tokens do
-        self._past_vocab = vocabulary_end(tokenizer)
+        self._vocab_end = vocabulary_end(tokenizer)
         self.pieces: queue.Queue = queue.Queue()
         self.tokens: list[int] = []
         self.emitted = 0
@@ -61,13 +66,15 @@ class TextStreamer:
             value = value.reshape(-1).tolist()
         self.tokens.extend(value)
         # a run of byte-fallback pieces is final only once a token that shows and is no byte ends it
-        shown = next((t for t in reversed(self.tokens) if t not in self._skipped
-                      and (self._past_vocab is None or t < self._past_vocab)), None)
+        shown = next((t for t in reversed(self.tokens) if self._shows_text(t)), None)
         if shown is not None and self._piece is not None and BYTE_PIECE.fullmatch(self._piece(shown)):
             return
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
         if not text.endswith("\ufffd"):
             self._emit(text)
+
+    def _shows_text(self, token: int) -> bool:
+        return token not in self._skipped and in_vocabulary(token, self._vocab_end)
 
     def end(self) -> None:
         """Emit what is left (even an incomplete character) and close this generation's iteration."""
@@ -110,7 +117,7 @@ class StopStrings:
         if self._piece is None:
             raise GenerationError(f"stop_strings need a tokenizer with id_to_token (ttl's Tokenizer), got a "
                                   f"{type(tokenizer).__name__}")
-        self._past_vocab = vocabulary_end(tokenizer)
+        self._vocab_end = vocabulary_end(tokenizer)
         self.targets = [s.encode("utf-8") for s in strings]
         # transformers looks at this many last tokens; every piece adds at least one byte, so any match fits
         self.window = max(map(len, self.targets))
@@ -125,9 +132,10 @@ class StopStrings:
     def ends_in_last(self, tokens: list[int]) -> bool:
         """Whether a stop string ends within the last of `tokens` (a row's tokens, oldest first)."""
         window = tokens[-self.window:]
-        past = [i for i, t in enumerate(window) if self._past_vocab is not None and t >= self._past_vocab]
-        if past:  # a match can neither end in nor span an id past the tokenizer
-            window = window[past[-1] + 1:]
+        for i in reversed(range(len(window))):  # a match can neither end in nor span an id past the tokenizer
+            if not in_vocabulary(window[i], self._vocab_end):
+                window = window[i + 1:]
+                break
         if not window:
             return False
         parts = [self.token_bytes(t) for t in window]

@@ -227,7 +227,7 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int, cla
     is_class_id = text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names
     if is_class_id and class_ids:
         return int(text)
-    hint = "; a class id needs the label order (--labels)" if is_class_id else ""
+    hint = "; a class id needs the label order (TaskSpec.labels, --labels in the scripts)" if is_class_id else ""
     raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)}){hint}")
 
 

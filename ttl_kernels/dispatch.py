@@ -37,21 +37,27 @@ def interpreting() -> bool:
 def use_triton(x: torch.Tensor, backend: str = "auto", *others: torch.Tensor | None) -> bool:
     """Whether a kernel call on `x` (and `others`, its other floating inputs) should take the Triton path for
     the requested `backend`. The kernels compute in float32, so float64 inputs take the reference under "auto"
-    and are refused under "triton": their results would be float64 tensors of float32 accuracy."""
+    and are refused under "triton" (TTL_KERNELS=triton included): their results would be float64 tensors of
+    float32 accuracy."""
     if backend not in BACKENDS:
         raise BackendError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    forced_by_env = False
     if backend == "auto":
         backend = os.environ.get("TTL_KERNELS", "auto")
         if backend not in BACKENDS:
             raise BackendError(f"TTL_KERNELS must be one of {BACKENDS}, got {backend!r}")
+        forced_by_env = backend == "triton"
     if backend == "torch":
         return False
     float64 = any(t is not None and t.dtype == torch.float64 for t in (x, *others))
     if backend == "auto":
         return HAVE_TRITON and x.is_cuda and not float64
     if float64:
-        raise BackendError("Triton kernels compute in float32, so float64 inputs would get float32 accuracy: "
-                           "use backend='torch' (or 'auto', or TTL_KERNELS=torch) for float64")
+        # name the switch the caller actually set: passing "auto" does not help while the environment forces Triton
+        remedy = ("TTL_KERNELS=triton forces them; unset it (or set TTL_KERNELS=torch)" if forced_by_env else
+                  "use backend='torch' or 'auto' (a model's config: kernels='torch' or 'auto')")
+        raise BackendError(f"Triton kernels compute in float32, so float64 inputs would get float32 accuracy: "
+                           f"{remedy} for float64")
     if not (HAVE_TRITON and (x.is_cuda or (interpreting() and x.device.type == "cpu"))):
         raise BackendError(
             f"Triton kernels need triton and a CUDA tensor or TRITON_INTERPRET=1 for CPU tensors "
