@@ -270,6 +270,16 @@ def test_unavailable_backends_are_clear_errors(monkeypatch):
         attention(q, q, q)
 
 
+@pytest.mark.parametrize("name", ["flash-attn", "Triton", "math"])
+def test_an_unknown_backend_name_is_a_config_error_not_sdpa(name):
+    """A misspelt backend given to attention() (the config checks its own) was run by SDPA without a word."""
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ConfigError, match=rf"attention backend must be one of .*, got '{name}'"):
+        attention(q, q, q, backend=name)
+    with pytest.raises(ConfigError, match=rf"attention backend must be one of .*, got '{name}'"):
+        attention_module.runs_packed_natively(name, 16, q.device, q.dtype)
+
+
 def test_a_head_dim_the_triton_kernel_lacks_is_a_config_error():
     """The Triton kernel is compiled for a few head sizes: another one is refused by name, as flash-attn's
     limits are, not with the kernel's ValueError from inside the forward."""

@@ -135,7 +135,9 @@ def flash_attn_usable(q: torch.Tensor) -> bool:
 
 def requested_backend(backend: str) -> str:
     """`backend` as asked for: a config's "auto" defers to the TTL_ATTENTION environment variable (itself
-    "auto" when unset)."""
+    "auto" when unset). An unknown name is refused here, where it would otherwise fall through to SDPA."""
+    if backend not in ATTENTION_CHOICES:
+        raise ConfigError(f"attention backend must be one of {', '.join(ATTENTION_CHOICES)}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("TTL_ATTENTION", "auto")
         if backend not in ATTENTION_CHOICES:
