@@ -155,7 +155,7 @@ def test_packed_mask_is_built_once_per_forward(backend, checkpointed, monkeypatc
         monkeypatch.setattr(module, "packed_mask", counted)
     logits, grads = logits_and_grads(model, ids, **packed)
     assert len(calls) == (1 if backend in ("sdpa", "eager") else 0)
-    mask = packed_mask(packed["cu_seqlens"], *ids.shape)
+    mask = packed_mask(packed["cu_seqlens"], *ids.shape, packed["max_seqlen"])
     ref_logits, ref_grads = logits_and_grads(model, ids, attention_mask=mask, position_ids=packed["position_ids"])
     tolerance = 0 if backend in ("sdpa", "eager") else 1e-5  # the varlen kernels add up in another order than SDPA
     assert (logits - ref_logits).abs().max() <= tolerance
@@ -316,6 +316,26 @@ def test_packed_documents_without_max_seqlen_are_an_error_on_every_backend(backe
     _, cu_seqlens, _ = document_layout(torch.tensor([[True, False, True, False]]))
     with pytest.raises(ConfigError, match=r"cu_seqlens without max_seqlen"):
         attention(q, q, q, cu_seqlens=cu_seqlens, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "triton"])
+@pytest.mark.parametrize("cu_seqlens, max_seqlen, message", [
+    ([0, 5, 10], 5, "cu_seqlens must start at 0, never decrease and end at the 16 packed tokens"),
+    ([2, 8, 16], 8, "cu_seqlens must start at 0, never decrease"),
+    ([0, 9, 4, 16], 12, "cu_seqlens must start at 0, never decrease"),
+    ([0, 8, 16], 3, r"max_seqlen 3 is less than the longest document in cu_seqlens \(8 tokens\)"),
+])
+def test_bad_packed_documents_are_refused_alike_by_every_backend(backend, cu_seqlens, max_seqlen, message):
+    """SDPA and eager turned any cu_seqlens into some block-diagonal mask and ignored max_seqlen, so a call that
+    ran there failed under 'triton', or gave wrong rows under flash-attn (which trusts them on the GPU)."""
+    model = model_with(backend).eval()
+    ids = torch.randint(4, 300, (2, 8))
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        model(ids, cu_seqlens=cu, max_seqlen=max_seqlen)
+    q = torch.randn(2, 8, 4, 16)
+    with pytest.raises(ValueError, match=message):
+        attention(q, q, q, backend=backend, cu_seqlens=cu, max_seqlen=max_seqlen)
 
 
 def test_a_mask_with_packed_documents_is_an_error():

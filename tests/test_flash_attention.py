@@ -217,7 +217,7 @@ def test_packed_documents_need_a_whole_max_seqlen_on_both_paths(max_seqlen, back
     # the reference (the CPU default) ignored max_seqlen, so code written on the CPU without it, or with a float,
     # failed on the Triton path: a ValueError without it, and for 20.0 a TypeError deep in the launch grid
     q, k, v = qkv((30, 2, 32), 2, torch.float32, seed=5)
-    with pytest.raises(ValueError, match=f"packed flash_attention needs an int max_seqlen .*, got {max_seqlen}"):
+    with pytest.raises(ValueError, match=f"packed attention needs an int max_seqlen .*, got {max_seqlen}"):
         ttl_kernels.flash_attention(q, k, v, cu_seqlens=torch.tensor([0, 10, 30]), max_seqlen=max_seqlen,
                                     backend=backend)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import ttl_kernels
-from ttl_kernels.flash_attention import HEAD_DIMS
+from ttl_kernels.flash_attention import HEAD_DIMS, check_documents
 
 from .config import ATTENTION_CHOICES
 from .errors import ConfigError
@@ -55,9 +55,11 @@ def document_layout(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return position_ids, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
-def packed_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, causal: bool = True) -> torch.Tensor:
+def packed_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, max_seqlen: int, causal: bool = True) -> torch.Tensor:
     """The boolean (batch, 1, seq, seq) mask equivalent to `cu_seqlens`: nothing across documents and, when
-    `causal`, causal within each (for backends without variable-length kernels)."""
+    `causal`, causal within each (for backends without variable-length kernels). `cu_seqlens` and `max_seqlen`
+    are checked as the varlen kernels check them, so a call refused there is not run here on some other mask."""
+    check_documents(cu_seqlens, batch * seq, max_seqlen)
     tokens = torch.arange(batch * seq, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(batch, seq)
     same_doc = doc[:, :, None] == doc[:, None, :]
@@ -198,14 +200,15 @@ def attention(
     if cu_seqlens is not None:
         if backend in VARLEN_BACKENDS:
             flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
-            if backend == "flash_attn":
+            if backend == "flash_attn":  # which trusts them: our Triton kernel checks its own
+                check_documents(cu_seqlens, batch * seq, max_seqlen)
                 out = flash_attn_module().flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                                                  dropout_p=dropout_p, causal=causal)
             else:
                 out = ttl_kernels.flash_attention(*flat, causal=causal, cu_seqlens=cu_seqlens,
                                                   max_seqlen=max_seqlen, backend="triton")
             return out.view(q.shape)
-        mask = packed_mask(cu_seqlens, batch, seq, causal)
+        mask = packed_mask(cu_seqlens, batch, seq, max_seqlen, causal)
     if mask is None and q.shape[1] == k.shape[1]:
         if backend == "flash_attn":
             return flash_attn_module().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)

@@ -227,7 +227,7 @@ class LlamaModel(nn.Module):
             # layer (and again in each checkpointed layer's recomputation); the queries come in autocast's dtype
             query_dtype = autocast_dtype(hidden.device.type) or hidden.dtype
             if not runs_packed_natively(self.config.attention, self.config.head_dim, hidden.device, query_dtype):
-                mask, cu_seqlens, max_seqlen = packed_mask(cu_seqlens, batch, seq), None, None
+                mask, cu_seqlens, max_seqlen = packed_mask(cu_seqlens, batch, seq, max_seqlen), None, None
         cos, sin = angles if angles is not None else self.rotary(position_ids, hidden.dtype)
         residual = None
         hidden_states = [] if output_hidden_states else None
