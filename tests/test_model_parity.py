@@ -8,6 +8,7 @@ import transformers
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
+from ttl_core.attention import document_layout
 from ttl_core.errors import ConfigError
 from ttl_core.generate import StaticKVCache
 from ttl_core.hf import hf_plan
@@ -64,14 +65,17 @@ def test_causal_lm_logits_loss_and_grads_match_transformers(case, tmp_path):
     assert_loss_and_grads_match(hf, ours, ids, mask)
 
 
-def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor) -> None:
+def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor | None = None, **packed) -> None:
     """Loss and every parameter's gradient under the usual recipe, labels = ids with padding ignored, in
-    which the last left-padding position (a query that sees no key) still predicts the first real token."""
-    labels = ids.masked_fill(mask == 0, -100)
+    which the last left-padding position (a query that sees no key) still predicts the first real token.
+    Packed rows (`packed`: document_layout's position_ids, cu_seqlens, max_seqlen) go to transformers as their
+    position_ids alone, from whose restarts it keeps the documents apart when it has no mask and no cache."""
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     hf.zero_grad()
-    ref_loss = hf(ids, attention_mask=mask, labels=labels).loss
+    ref_loss = hf(ids, attention_mask=mask, position_ids=packed.get("position_ids"), labels=labels,
+                  use_cache=False).loss
     ref_loss.backward()
-    loss = ours(ids, attention_mask=mask, labels=labels).loss
+    loss = ours(ids, attention_mask=mask, labels=labels, **packed).loss
     loss.backward()
     assert abs(ref_loss.item() - loss.item()) <= 1e-5
 
@@ -84,6 +88,25 @@ def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor)
             rows = ours_grad.shape[0] if rows is None else rows
             assert torch.allclose(ours_grad[start:start + rows], hf_grads[key], atol=1e-5, rtol=1e-4), key
             start += rows
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "triton"])
+def test_packed_rows_give_transformers_logits_from_its_position_id_restarts(tmp_path, attention):
+    """The documents ttl keeps apart by cu_seqlens are those transformers finds where position_ids restart:
+    logits, loss and gradients agree on rows of one, two and five documents, some of a single token."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path, attention=attention)
+    starts = torch.zeros(3, 11, dtype=torch.bool)
+    starts[1, 4] = True
+    starts[2, [1, 2, 6, 10]] = True
+    position_ids, cu_seqlens, max_seqlen = document_layout(starts)
+    ids = torch.randint(4, hf.config.vocab_size, starts.shape)
+    with torch.no_grad():
+        ref = hf(ids, position_ids=position_ids, use_cache=False).logits
+        got = ours(ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).logits
+        assert (got - ref).abs().max() <= 1e-4
+        assert (ours(ids, position_ids=position_ids).logits - ref).abs().max() > 1e-2  # not one document a row
+    assert_loss_and_grads_match(hf, ours, ids, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 def test_a_chunk_after_cached_keys_takes_the_last_positions_of_a_2d_mask(tmp_path):
