@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,6 +289,35 @@ def test_document_masked_loss_is_the_loss_of_each_document_alone(data_dir):
         unmasked = model(batch["input_ids"], targets=batch["labels"]).loss
     assert abs(got.item() - truth.item()) <= 1e-5
     assert abs(unmasked.item() - truth.item()) > 1e-3
+
+
+def test_document_masking_at_row_edges_is_alike_on_every_attention_backend(tmp_path):
+    """Hand-made rows through the loader: EOS as a row's last token, a row that is one document with no EOS, a row
+    that opens mid-document and holds a document of just <s></s>. Positions restart at each <s> (a document's
+    EOS is its own last token), no <s> is a target, and sdpa, eager and triton give the loss of each document
+    alone, and one gradient."""
+    bos, eos = 1, 2
+    words = torch.randint(4, 400, (31,)).tolist()
+    stream = [bos, *words[1:4], eos, bos, *words[6:9], eos, bos, *words[11:20], *words[20:22], eos, bos, eos, bos,
+              *words[26:31]]
+    (tmp_path / "train.bin").write_bytes(np.array(stream, dtype=np.uint16).tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16", "eos_id": eos, "vocab_size": 400}))
+    batch = next(PackedLoader(tmp_path, "train", 10, 3, shuffle=False))
+    inputs = model_inputs(batch, torch.device("cpu"), document_masking=True, bos_id=bos)
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], list(range(10)),
+                                               [0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]
+    assert (inputs["targets"] == -100).nonzero().tolist() == [[0, 4], [0, 9], [2, 2], [2, 4]]
+    grads = {}
+    for backend in ("sdpa", "eager", "triton"):
+        model = random_model(run_config(f'model.attention="{backend}"')).eval()
+        loss = model(**inputs).loss
+        loss.backward()
+        with torch.no_grad():
+            assert abs(loss.item() - eager_loss(model, documents_alone(batch, bos)).item()) <= 1e-5, backend
+        grads[backend] = {n: p.grad for n, p in model.named_parameters()}
+    for backend in ("eager", "triton"):
+        for name, grad in grads["sdpa"].items():
+            assert (grads[backend][name] - grad).abs().max() <= 1e-5 * grad.abs().max(), (backend, name)
 
 
 def test_a_non_finite_gradient_under_a_finite_loss_leaves_the_weights_alone():
