@@ -133,6 +133,18 @@ def packed_rows(seed: int) -> tuple[torch.Tensor, dict]:
     return ids, dict(position_ids=position_ids, cu_seqlens=cu, max_seqlen=longest)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_packed_documents_without_position_ids_restart_their_positions(backend):
+    """Positions left out of a packed forward restart in each document, as each document alone has them:
+    they ran on across the row, so a caller who passed cu_seqlens alone silently got other logits."""
+    model = model_with(backend)
+    ids, layout = packed_rows(seed=4)
+    with torch.no_grad():
+        given = model(ids, **layout).logits
+        derived = model(ids, cu_seqlens=layout["cu_seqlens"], max_seqlen=layout["max_seqlen"]).logits
+    assert torch.equal(derived, given)
+
+
 @pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_packed_mask_is_built_once_per_forward(backend, checkpointed, monkeypatch):

@@ -55,13 +55,29 @@ def document_layout(doc_starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return position_ids, cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
+def _documents_of_tokens(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """The index of the document each of the batch·seq flattened tokens belongs to, as (batch, seq)."""
+    tokens = torch.arange(batch * seq, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(batch, seq)
+
+
+def default_position_ids(batch: int, seq: int, device: torch.device,
+                         cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The positions a forward given none uses: 0..seq-1 in each row or, for packed documents (`cu_seqlens`),
+    restarting at 0 in each, where each document alone has them (those `document_layout` gives)."""
+    if cu_seqlens is None:
+        return torch.arange(seq, device=device)[None].expand(batch, seq)
+    doc = _documents_of_tokens(cu_seqlens, batch, seq)
+    tokens = torch.arange(batch * seq, device=cu_seqlens.device).view(batch, seq)
+    return (tokens - cu_seqlens.long()[doc]).to(device)
+
+
 def packed_mask(cu_seqlens: torch.Tensor, batch: int, seq: int, max_seqlen: int, causal: bool = True) -> torch.Tensor:
     """The boolean (batch, 1, seq, seq) mask equivalent to `cu_seqlens`: nothing across documents and, when
     `causal`, causal within each (for backends without variable-length kernels). `cu_seqlens` and `max_seqlen`
     are checked as the varlen kernels check them, so a call refused there is not run here on some other mask."""
     check_documents(cu_seqlens, batch * seq, max_seqlen)
-    tokens = torch.arange(batch * seq, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(batch, seq)
+    doc = _documents_of_tokens(cu_seqlens, batch, seq)
     same_doc = doc[:, :, None] == doc[:, None, :]
     if causal:
         same_doc = same_doc & causal_mask(seq, seq, cu_seqlens.device)[0]

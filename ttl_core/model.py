@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import ttl_kernels
 
-from .attention import attention, causal_mask, packed_mask, runs_packed_natively
+from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
 from .errors import ConfigError, is_integer
 from .model_io import ModelOutput, check_inputs
@@ -204,20 +204,20 @@ class LlamaModel(nn.Module):
         `attention_mask` is either (batch, kv_len) with 1 on real tokens (a causal mask is built, the
         queries being the last `seq` positions) or a ready (batch, 1, seq, kv_len) mask, boolean or additive
         (see `ttl_core.attention`).
-        `position_ids` default to 0..seq-1; they only place the rotary angles and never split a row into
-        documents (transformers does that from non-consecutive positions when it runs without a cache; here
-        packed documents are `cu_seqlens`, see `LlamaForCausalLM.forward`). `kv_cache`, if given, has an
-        `attends` flag and `update(layer_idx, qkv, cos, sin, kernel_backend)` taking the new tokens' fused
-        projection and returning the rotated queries and the keys and values to attend over, or, while `attends` is true, `attend(layer_idx, q, k,
-        v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`). `angles`, if
-        given, are the rotary (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a decoder
-        gathers them from a table: one kernel a step instead of seven)."""
+        `position_ids` default to 0..seq-1, restarting in each `cu_seqlens` document; they only place the rotary angles
+        and never split a row into documents (transformers does that from non-consecutive positions when it runs without
+        a cache; here packed documents are `cu_seqlens`, see `LlamaForCausalLM.forward`). `kv_cache`, if given, has an
+        `attends` flag and `update(layer_idx, qkv, cos, sin, kernel_backend)` taking the new tokens' fused projection
+        and returning the rotated queries and the keys and values to attend over, or, while `attends` is true,
+        `attend(layer_idx, q, k, v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`).
+        `angles`, if given, are the rotary (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a
+        decoder gathers them from a table: one kernel a step instead of seven)."""
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, kv_cache is not None,
                      output_hidden_states, use_cache)
         inputs = input_ids if inputs_embeds is None else inputs_embeds
         batch, seq = inputs.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(seq, device=inputs.device)[None].expand(batch, seq)
+            position_ids = default_position_ids(batch, seq, inputs.device, cu_seqlens)
         mask = attention_mask
         if mask is not None and mask.dim() == 2:
             mask = causal_mask(seq, mask.shape[1], inputs.device, key_padding=mask)
@@ -390,7 +390,7 @@ class LlamaForCausalLM(_LlamaBase):
         `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
         labels already shifted (the token to predict at each position, as a packed data loader yields
         them) and replace `labels`. `cu_seqlens` / `max_seqlen` (see `ttl_core.attention.document_layout`) pack
-        several documents per row that do not attend to each other (pass their `position_ids` too). `angles`,
+        several documents per row that do not attend to each other (positions restart in each). `angles`,
         `inputs_embeds` (in place of `input_ids`), `output_hidden_states`, `use_cache` and `return_dict`: see
         `LlamaModel.forward`."""
         base = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen, angles,
@@ -431,8 +431,8 @@ class LlamaForSequenceClassification(_LlamaBase):
         return_dict: bool = True,
     ) -> ModelOutput | tuple:
         """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
-        `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`; pass
-        its `position_ids` too), each pooled where its own padded row would be. Loss: MSE for one label
+        `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`;
+        positions restart in each), each pooled where its own padded row would be. Loss: MSE for one label
         (regression), cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as
         `config.problem_type` says), the mean over sequences. The first loss records the problem type it inferred
         in `config.problem_type`, as transformers does. Given `inputs_embeds`, which show no pad token, each
