@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -198,14 +199,17 @@ def test_pretrain_without_a_config_or_data_says_how_to_fit_the_bundled_corpus(tm
     assert "bundled sample corpus" in message and "configs/tiny.toml" in message and "--data" in message
 
 
-def test_the_logged_figures_are_those_of_the_whole_batch_computed_by_hand(tmp_path, data_dir):
+def test_the_logged_figures_are_those_of_the_whole_batch_computed_by_hand(tmp_path, data_dir, monkeypatch):
     """metrics.jsonl against an independent computation: with two accumulated micro-batches the loss is the mean
-    over both micro-batches' tokens and grad_norm the pre-clip norm of their mean gradient; the weights saved are
-    torch's AdamW step on the documented groups (no decay for norms) after clipping, at the warmup's first lr; the
-    eval loss is the saved model's mean token loss over the first eval_batches batches of val.bin."""
+    over both micro-batches' tokens, grad_norm the pre-clip norm of their mean gradient, and tokens_per_s counts
+    the tokens of both (no MFU without a GPU's bf16/fp16 peak); the weights saved are torch's AdamW step on the
+    documented groups (no decay for norms) after clipping, at the warmup's first lr; the eval loss is the saved
+    model's mean token loss over the first eval_batches batches of val.bin."""
     run = run_config("train.max_steps=1", "train.grad_accum_steps=2", "train.grad_clip=0.5", "train.eval_every=1",
                      "train.weight_decay=0.1", "train.eval_batches=3")
     t = run.train
+    clock = iter(range(0, 100, 2))  # every step takes 2 s
+    monkeypatch.setattr(ttl_train, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     train(run, tmp_path, data_dir=str(data_dir))
     step, evaluation = read_metrics(tmp_path / "metrics.jsonl")
 
@@ -220,6 +224,7 @@ def test_the_logged_figures_are_those_of_the_whole_batch_computed_by_hand(tmp_pa
     norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
     assert step["loss"] == pytest.approx(loss.item(), abs=1e-5) and step["grad_norm"] == pytest.approx(norm, rel=1e-5)
     assert step["lr"] == t.lr / t.warmup_steps and norm > t.grad_clip
+    assert step["tokens_per_s"] == t.micro_batch_size * t.seq_len * 2 / 2 and step["mfu"] is None
 
     for p in model.parameters():
         p.grad.mul_(t.grad_clip / (norm + 1e-6))  # clip_grad_norm_'s factor
