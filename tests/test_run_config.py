@@ -19,6 +19,12 @@ def test_shipped_configs_load_and_match_the_published_recipe():
     assert t.tokens_per_step == 8192 and ttl.model_config().hidden_size == 768
     big = load_run_config(ROOT / "configs" / "ttl-460m.toml")
     assert (big.train.lr, big.train.warmup_steps, big.model_config().num_hidden_layers) == (3e-4, 10000, 24)
+    for recipe, max_steps in ((t, 458_000), (big.train, 1_200_000)):
+        # the published pretraining script's transformers "cosine" schedule decays to 0; no clipping; every
+        # parameter decayed
+        assert (recipe.max_steps, recipe.min_lr, recipe.grad_clip, recipe.no_decay) == (max_steps, 0.0, 0.0, [])
+        assert (recipe.tokens_per_step, recipe.betas, recipe.eps, recipe.weight_decay, recipe.dtype) == \
+            (8192, [0.9, 0.999], 1e-8, 0.01, "bfloat16")
     tiny = load_run_config(ROOT / "configs" / "tiny.toml", ["train.grad_accum_steps=2", "train.lr=1e-3"])
     assert tiny.train.grad_accum_steps == 2 and tiny.train.lr == 1e-3
 

@@ -1,5 +1,6 @@
 """Whole training runs from their edges: what is refused before a step is spent, continued pretraining from
-given weights (--init-from), evaluation settings (the last step, none at all) and the end-of-run sample."""
+given weights (--init-from), evaluation settings (the last step, none at all), the end-of-run sample, and the
+figures a run logs against a computation by hand."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.helpers import run_script
 from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained, save_pretrained
+from ttl_core.data import PackedLoader
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.metrics import read_metrics
+from ttl_core.model import LlamaForCausalLM
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
 import ttl_core.train as ttl_train
@@ -192,3 +197,53 @@ def test_pretrain_without_a_config_or_data_says_how_to_fit_the_bundled_corpus(tm
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: cannot train a 32000-token vocabulary") and "largest this text allows" in message
     assert "bundled sample corpus" in message and "configs/tiny.toml" in message and "--data" in message
+
+
+def test_the_logged_figures_are_those_of_the_whole_batch_computed_by_hand(tmp_path, data_dir, monkeypatch):
+    """metrics.jsonl against an independent computation: with two accumulated micro-batches the loss is the mean
+    over both micro-batches' tokens, grad_norm the pre-clip norm of their mean gradient, and tokens_per_s counts
+    the tokens of both (no MFU without a GPU's bf16/fp16 peak); the weights saved are torch's AdamW step on the
+    documented groups (no decay for norms) after clipping, at the warmup's first lr; the eval loss is the saved
+    model's mean token loss over the first eval_batches batches of val.bin."""
+    run = run_config("train.max_steps=1", "train.grad_accum_steps=2", "train.grad_clip=0.5", "train.eval_every=1",
+                     "train.weight_decay=0.1", "train.eval_batches=3")
+    t = run.train
+    clock = iter(range(0, 100, 2))  # every step takes 2 s
+    monkeypatch.setattr(ttl_train, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    train(run, tmp_path, data_dir=str(data_dir))
+    step, evaluation = read_metrics(tmp_path / "metrics.jsonl")
+
+    torch.manual_seed(t.seed)  # the run's fresh weights
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", t.seq_len, t.micro_batch_size, seed=t.seed)
+    batches = [next(loader) for _ in range(t.grad_accum_steps)]
+    ids, targets = torch.cat([b["input_ids"] for b in batches]), torch.cat([b["labels"] for b in batches])
+    logits = model(ids, return_logits=True).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+    assert step["loss"] == pytest.approx(loss.item(), abs=1e-5) and step["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert step["lr"] == t.lr / t.warmup_steps and norm > t.grad_clip
+    assert step["tokens_per_s"] == t.micro_batch_size * t.seq_len * 2 / 2 and step["mfu"] is None
+
+    for p in model.parameters():
+        p.grad.mul_(t.grad_clip / (norm + 1e-6))  # clip_grad_norm_'s factor
+    named = dict(model.named_parameters())
+    norms = [p for n, p in named.items() if "norm" in n]
+    others = [p for n, p in named.items() if "norm" not in n]
+    torch.optim.AdamW([{"params": others, "weight_decay": t.weight_decay}, {"params": norms, "weight_decay": 0.0}],
+                      lr=t.lr / t.warmup_steps, betas=tuple(t.betas), eps=t.eps).step()
+    saved = load_pretrained(tmp_path / "checkpoints" / "step-000001", dtype=torch.float32).eval()
+    for name, weight in saved.state_dict().items():
+        torch.testing.assert_close(weight, model.state_dict()[name], rtol=0, atol=1e-7)
+
+    val = PackedLoader(data_dir, "val", t.seq_len, t.micro_batch_size, shuffle=False)
+    with torch.no_grad():
+        sums = [(F.cross_entropy(saved(b["input_ids"], return_logits=True).logits.flatten(0, 1),
+                                 b["labels"].flatten(), reduction="sum").item(), b["labels"].numel())
+                for _, b in zip(range(t.eval_batches), val)]
+    assert len(sums) == t.eval_batches < len(list(PackedLoader(data_dir, "val", t.seq_len, t.micro_batch_size,
+                                                                    shuffle=False)))  # a subset
+    eval_loss = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    assert evaluation["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
+    assert evaluation["eval_ppl"] == pytest.approx(math.exp(eval_loss), rel=1e-5)
