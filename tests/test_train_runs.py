@@ -107,6 +107,29 @@ def test_init_from_takes_a_dropout_setting_and_a_resumed_run_keeps_its_own(tmp_p
               data_dir=str(data_dir), init_from=str(source))
 
 
+def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_path, data_dir):
+    """A [model] key of the config file that contradicts the run's own was ignored on --resume (only --set was
+    checked): the run trained on with the checkpoint's model and recorded the other config beside it. A run
+    started with --init-from, whose source's architecture overrides the file's, resumes with that same file."""
+    def file_config(layers: int, *overrides: str):
+        path = tmp_path / f"layers{layers}.toml"
+        model = [o.removeprefix("model.").replace("num_hidden_layers=2", f"num_hidden_layers={layers}")
+                 for o in [*MICRO_MODEL, "model.vocab_size=400"]]
+        path.write_text("[model]\n" + "\n".join(model) + "\n")
+        return load_run_config(path, [*FAST, "train.max_steps=3", *overrides])
+
+    train(file_config(2), tmp_path / "run", data_dir=str(data_dir), stop_after=2)
+    with pytest.raises(ConfigError, match=r"^model.num_hidden_layers is 3 here, but .*step-000002 was trained in a run "
+                                          r"with 2; a resumed run keeps its model: .* or start a new run with "
+                                          r"--init-from .*step-000002$"):
+        train(file_config(3), tmp_path / "run", data_dir=str(data_dir), resume=True)
+    assert train(file_config(2, "train.lr=1e-3"), tmp_path / "run", data_dir=str(data_dir), resume=True).last_step == 3
+    source = str(tmp_path / "run" / "checkpoints" / "step-000003")
+    train(file_config(3), tmp_path / "init", data_dir=str(data_dir), init_from=source, stop_after=2)
+    assert train(file_config(3), tmp_path / "init", data_dir=str(data_dir), resume=True).last_step == 3
+    assert load_pretrained(tmp_path / "init" / "checkpoints" / "step-000003").config.num_hidden_layers == 2
+
+
 def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="--stop-after must be"):
         train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir), stop_after=0)

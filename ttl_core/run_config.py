@@ -24,6 +24,7 @@ else:  # pragma: no cover - Python 3.10 installs tomli (see setup.py)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+RUNTIME_FIELDS = ("kernels", "attention")  # [model] fields that pick how the model runs, not what it is
 
 
 @dataclass
@@ -166,6 +167,33 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+
+
+def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume `checkpoint` with a config that contradicts the run's own (`saved`, trainer_state.json's
+    "config"): a [model] key given now, in the file or by --set, that resolves otherwise than in the run (the
+    checkpoint fixes the model trained, and the other config would be recorded beside it), or another
+    train.no_decay (it would move parameters between weight-decay groups). The lr, schedule and other optimizer
+    settings may change; the data position checks seq_len, seed and the global batch itself."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):  # written before it was recorded
+        return
+    was = RunConfig(dict(saved["model"]), run.data, run.train)
+    try:
+        model_was = was.model_config()
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint}: the [model] its run recorded is not valid here ({e})") from None
+    model_now = run.model_config()
+    for key in sorted(set(run.model) - set(RUNTIME_FIELDS)):
+        now, before = ((run.model[key], was.model.get(key)) if key == "preset" else
+                       (getattr(model_now, key), getattr(model_was, key)))
+        if now != before:
+            raise ConfigError(f"model.{key} is {now!r} here, but {checkpoint} was trained in a run with {before!r}; "
+                              f"a resumed run keeps its model: give the run's own [model] settings, or start a new "
+                              f"run with --init-from {checkpoint}")
+    no_decay = saved.get("train", {}).get("no_decay")
+    if no_decay is not None and list(no_decay) != list(run.train.no_decay):
+        raise ConfigError(f"{checkpoint} was trained with train.no_decay={no_decay}; resuming with "
+                          f"{run.train.no_decay} would move parameters between weight-decay groups")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -31,7 +31,7 @@ from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
-from .run_config import RunConfig, TrainConfig
+from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -248,7 +248,7 @@ def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str
     architecture; `--set` of a dropout field applies to an `--init-from` model (its checkpoints record it in
     config.json), while a resumed run keeps the dropout it was trained with, so that it stays exact."""
     config = run.model_config()
-    runtime = {"kernels": config.kernels, "attention": config.attention}
+    runtime = {key: getattr(config, key) for key in RUNTIME_FIELDS}
     source = resume_from or init_from
     torch.manual_seed(run.train.seed)  # fresh weights, and dropout after --init-from (resume restores its RNG)
     if source is not None:
@@ -353,6 +353,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         model = build_or_load_model(run, resume_from, init_from, world.device)
         if resumed is not None:  # every file read in structure; now every byte, against the digests saved
             verify_digests(resume_from, resumed[0])
+    if resumed is not None:
+        check_resumable(run, resumed[0].get("config"), resume_from)
     config = model.config
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
     tokenizer = Tokenizer.from_pretrained(data_path)
@@ -393,10 +395,6 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if resumed is not None:
         trainer_state, saved = resumed
         step = trainer_state["step"]
-        saved_no_decay = trainer_state.get("config", {}).get("train", {}).get("no_decay")
-        if saved_no_decay is not None and list(saved_no_decay) != list(train.no_decay):
-            raise ConfigError(f"{resume_from} was trained with train.no_decay={saved_no_decay}; resuming with "
-                              f"{train.no_decay} would move parameters between weight-decay groups")
         load_optimizer_state(model, optimizer, saved["optimizer"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
