@@ -338,10 +338,16 @@ DAMAGE = {
                                        "match the digest in trainer_state.json)"),
     "optimizer.pt byte flipped": (lambda ck: _flip_a_tensor_byte(ck / "optimizer.pt"),
                                   "{ck}/optimizer.pt: damaged since it was saved"),
-    # an edited record of digests may name only the checkpoint's own files
-    "trainer_state.json digests elsewhere": (lambda ck: _edit_json(ck / "trainer_state.json", sha256={"../x": "0"}),
+    # an edited record of digests may name only the checkpoint's own files (here one without a digest of its own, as
+    # written before 2026-12-05)
+    "trainer_state.json digests elsewhere": (lambda ck: _edit_json(ck / "trainer_state.json", sha256={"../x": "0"},
+                                                                   state_sha256=None),
                                              "{ck}/trainer_state.json: 'sha256' must map the checkpoint's file names "
                                              "to digests"),
+    # one bit of the step number flipped (2 -> 3): still valid JSON, checked against the digest of its own content
+    "trainer_state.json step flipped": (lambda ck: _edit_json(ck / "trainer_state.json", step=3),
+                                        "{ck}/trainer_state.json: damaged since it was saved (its content no longer "
+                                        "matches the digest it records)"),
     "trainer_state.json missing": (lambda ck: (ck / "trainer_state.json").unlink(),
                                    "{ck} is not a training checkpoint: trainer_state.json is missing"),
     "trainer_state.json garbage": (lambda ck: (ck / "trainer_state.json").write_text("{\"step\": 2, \"da"),

@@ -8,13 +8,15 @@ crash at any moment leaves the previous checkpoint as the newest complete one; a
 to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-deleted one under its name.
 What a crash cannot break, disk trouble or a copy cut short still can: resuming from a damaged checkpoint
 names its broken file and the older checkpoint that looks complete (`point_to_older_checkpoint`); the SHA-256
-digests that trainer_state.json records of the other files catch damage that leaves a file's structure intact.
+digests that trainer_state.json records of the other files, and of its own content, catch damage that leaves a
+file's structure intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -44,6 +46,7 @@ STEP_DIR = re.compile(r"step-(\d{6,})")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SHA256 = "sha256"  # trainer_state.json's record of the checkpoint's other files: name -> digest
+STATE_SHA256 = "state_sha256"  # trainer_state.json's digest of its own content (see `state_digest`)
 ZIP_LOCAL_HEADER = b"PK\x03\x04"  # how the zip archive torch.save writes begins
 
 
@@ -131,6 +134,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_digest(trainer_state: dict[str, Any]) -> str:
+    """The SHA-256 of a trainer state's content as JSON (keys sorted; its own digest left out): a damaged byte
+    that leaves the file valid JSON (a step or data position one bit off) changes it, the layout does not."""
+    content = {key: value for key, value in trainer_state.items() if key != STATE_SHA256}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def verify_digests(checkpoint: Path, trainer_state: dict[str, Any]) -> None:
     """Raise CheckpointError naming the first file whose bytes differ from the digest saved with the checkpoint
     (checkpoints written before digests were recorded have none to check)."""
@@ -166,7 +176,9 @@ def save_checkpoint(
         # every other file's digest, for a resume to tell a byte damaged since (a disk error, a bad copy) that
         # leaves the files' structure readable; ~1.5 GB/s, about a second per save of ttl-160m with its optimizer
         digests = {f.name: file_sha256(f) for f in sorted(partial.iterdir()) if f.is_file()}
-        write_json(partial / TRAINER_STATE, {"step": step, **trainer_state, SHA256: digests})
+        # as read back (JSON makes tuples lists and keys strings), for the digest to match on reading
+        state = json.loads(json.dumps({"step": step, **trainer_state, SHA256: digests}))
+        write_json(partial / TRAINER_STATE, {**state, STATE_SHA256: state_digest(state)})
 
     final = write_dir_atomically(checkpoint_root(run_dir) / f"step-{step:06d}", write)
     # a directory named step-N is always complete: one killed while being deleted is gone from that name
@@ -187,6 +199,10 @@ def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, 
         if not path.is_file():
             raise CheckpointError(f"{checkpoint} is not a training checkpoint: {path.name} is missing")
     trainer_state = read_json(state_path, CheckpointError, expect=object)
+    recorded = trainer_state.get(STATE_SHA256) if isinstance(trainer_state, dict) else None
+    if recorded is not None and recorded != state_digest(trainer_state):  # none recorded before 2026-12-05
+        raise CheckpointError(f"{state_path}: damaged since it was saved (its content no longer matches the digest "
+                              "it records)")
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
     if not (is_integer(step) and step >= 0) or not isinstance(trainer_state.get("data"), dict):
         raise CheckpointError(f"{state_path}: expected a step number and the data position")
