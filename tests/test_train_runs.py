@@ -4,6 +4,7 @@ figures a run logs against a computation by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -21,7 +22,7 @@ from ttl_core.data import PackedLoader
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.run_config import load_run_config
+from ttl_core.run_config import check_resumable, load_run_config
 from ttl_core.tokenizer import Tokenizer
 import ttl_core.train as ttl_train
 from ttl_core.train import sample_text, train
@@ -124,6 +125,8 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
                                           r"--init-from .*step-000002$"):
         train(file_config(3), tmp_path / "run", data_dir=str(data_dir), resume=True)
     assert train(file_config(2, "train.lr=1e-3"), tmp_path / "run", data_dir=str(data_dir), resume=True).last_step == 3
+    run = file_config(2)  # a preset stands for its fields: a run recorded without one resumes with it named
+    check_resumable(run, {"model": dataclasses.asdict(run.model_config())}, tmp_path / "run")
     source = str(tmp_path / "run" / "checkpoints" / "step-000003")
     train(file_config(3), tmp_path / "init", data_dir=str(data_dir), init_from=source, stop_after=2)
     assert train(file_config(3), tmp_path / "init", data_dir=str(data_dir), resume=True).last_step == 3

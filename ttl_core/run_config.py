@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import LlamaConfig
+from .config import PRESETS, LlamaConfig
 from .errors import ConfigError, is_integer, is_number
 
 if sys.version_info >= (3, 11):
@@ -183,9 +183,9 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
     except ConfigError as e:
         raise ConfigError(f"{checkpoint}: the [model] its run recorded is not valid here ({e})") from None
     model_now = run.model_config()
-    for key in sorted(set(run.model) - set(RUNTIME_FIELDS)):
-        now, before = ((run.model[key], was.model.get(key)) if key == "preset" else
-                       (getattr(model_now, key), getattr(model_was, key)))
+    given = set(run.model) - {"preset"} | set(PRESETS.get(run.model.get("preset"), {}))  # a preset sets its fields
+    for key in sorted(given - set(RUNTIME_FIELDS)):
+        now, before = getattr(model_now, key), getattr(model_was, key)
         if now != before:
             raise ConfigError(f"model.{key} is {now!r} here, but {checkpoint} was trained in a run with {before!r}; "
                               f"a resumed run keeps its model: give the run's own [model] settings, or start a new "
