@@ -470,10 +470,11 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()`: the next batch is the one that followed when it was saved."""
         mine = self.state_dict()
+        hints = {"global_batch": "sequences per micro-batch over all ranks: keep micro_batch_size x processes as it was",
+                 "n_blocks": "blocks in the token file: other data than the position was saved on"}
         for key in ("seed", "seq_len", "global_batch", "n_blocks", "split"):
             if state.get(key) != mine[key]:
-                hint = (" (sequences per micro-batch over all ranks: keep micro_batch_size x processes as it was)"
-                        if key == "global_batch" else "")
+                hint = f" ({hints[key]})" if key in hints else ""
                 raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
                                 f"here {mine[key]!r}{hint}")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
