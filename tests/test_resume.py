@@ -34,9 +34,10 @@ def data_dir(tmp_path_factory) -> Path:
     return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, data_dir, accum):
-    run = run_config("train.max_steps=6", "train.save_every=100", f"train.grad_accum_steps={accum}")
+@pytest.mark.parametrize("accum, masking", [(1, "false"), (2, "false"), (2, "true")])
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, data_dir, accum, masking):
+    run = run_config("train.max_steps=6", "train.save_every=100", f"train.grad_accum_steps={accum}",
+                     f"data.document_masking={masking}")
     straight = tmp_path / "straight"
     train(run, straight, data_dir=str(data_dir))
     sliced = tmp_path / "sliced"
