@@ -133,6 +133,13 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
     assert load_pretrained(tmp_path / "init" / "checkpoints" / "step-000003").config.num_hidden_layers == 2
 
 
+def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, data_dir):
+    """--data is no [data] key: the run config saved in trainer_state.json recorded the path "" for it."""
+    train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
+    state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    assert state["config"]["data"]["path"] == str(data_dir)
+
+
 def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="--stop-after must be"):
         train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir), stop_after=0)

@@ -357,6 +357,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         check_resumable(run, resumed[0].get("config"), resume_from)
     config = model.config
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
+    recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
+    recorded_config["data"]["path"] = str(data_path)
     tokenizer = Tokenizer.from_pretrained(data_path)
     if resume_from or init_from:
         check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
@@ -424,7 +426,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         path = None
         if world.is_main:
             path = save_checkpoint(out_dir, at_step, unwrap(model), model_state, optimizer_state,
-                                   {"data": loader.state_dict(), "config": run.to_dict()}, tokenizer,
+                                   {"data": loader.state_dict(), "config": recorded_config}, tokenizer,
                                    keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None)
         barrier(world)
         return path
