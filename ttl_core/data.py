@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -120,9 +121,10 @@ _PIECE_CHARS = 1 << 20  # a longer document is encoded in pieces of about this m
 _WORD_END = re.compile(r"[^ \u2581](?= )")  # a character a space follows: a cut after it splits no word
 
 
-def _init_worker(model: bytes) -> None:
+def _init_worker(tokenizer_dir: str | os.PathLike) -> None:
     global _worker_tokenizer, _worker_cuts
-    _worker_tokenizer = Tokenizer(model)
+    # the whole directory, not the model file alone: its config may name another </s> or no word prefix
+    _worker_tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     _worker_cuts = _cuttable(_worker_tokenizer)
 
 
@@ -227,8 +229,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     source = _load_tokenizer(tokenizer)
     # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
-            "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
-                                                    if source else f"train:{vocab_size}"),
+            "shard_docs": shard_docs, "tokenizer": _fingerprint_tokenizer(source) if source else f"train:{vocab_size}",
             "encoding": "special tokens as text; CRLF as LF"}
     # the shard layout matters to resuming only: it goes in the work directory's plan (an older layout numbered
     # shards otherwise), not in meta.json, so directories prepared before stay valid
@@ -246,12 +247,15 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "plan.json", work_plan)
 
-    model_path = work / "tokenizer.model"
-    if model_path.is_file():
+    model_path = work / "tokenizer.model"  # a trained tokenizer, kept for a resumed run
+    if source is not None:
+        tok = source
+    elif model_path.is_file():
         tok = Tokenizer(model_path)
     else:
-        tok = source or train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
+        tok = train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
         tok.save(model_path)
+    tok.save_pretrained(work / "tokenizer")  # what every shard is encoded with, in this process or a worker
     # shards run across files: a shard per file would give a corpus of many small files as many shards to write
     sizes = [min(shard_docs, total - i) for i in range(0, total, shard_docs)]  # documents per shard
     done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
@@ -265,7 +269,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
-        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), tok):
+        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), work / "tokenizer"):
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 
@@ -276,8 +280,6 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     # leave an old meta.json vouching for new token files.
     meta_path.unlink(missing_ok=True)
     tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
-    # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
-    tok.add_bos_token, tok.add_eos_token = True, False
     tok.save_pretrained(out_dir)
     val_docs = sum(_evenly(k, val_fraction) for k in range(total))
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
@@ -314,16 +316,15 @@ def _outputs_fit(out_dir: Path, meta: dict) -> bool:
         return False
 
 
-def _run(fn, jobs: Iterator, workers: int, tok: Tokenizer) -> Iterator:
+def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
     """`fn` over `jobs` in this process (workers == 1) or in a pool whose workers hold the tokenizer."""
-    model = tok.proto.SerializeToString()
     if workers == 1:
-        _init_worker(model)
+        _init_worker(tokenizer_dir)
         yield from map(fn, jobs)
         return
     # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (model,)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
         yield from pool.imap_unordered(fn, jobs)
 
 
@@ -336,12 +337,23 @@ def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenize
                         f"got {type(tokenizer).__name__}")
     # a copy of a Tokenizer given: prepare_data sets the data directory's add_bos/add_eos on it, not the caller's
     tok = copy.copy(tokenizer) if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
+    # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
+    tok.add_bos_token, tok.add_eos_token = True, False
     missing = [name for name, i in (("<s>", tok.bos_id), ("</s>", tok.eos_id)) if i < 0]
     if missing:
         where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
         raise DataError(f"the tokenizer{where} has no {' or '.join(missing)} token (null in its config?), which "
                         f"prepared data puts around every document")
     return tok
+
+
+def _fingerprint_tokenizer(tok: Tokenizer) -> str:
+    """SHA-256 of the files `tok` saves: its model and the config that says how it encodes (which tokens play
+    <s> and </s>, the word prefix, the added tokens), all of which the token files depend on."""
+    with tempfile.TemporaryDirectory() as directory:
+        tok.save_pretrained(directory)
+        files = sorted(Path(directory).iterdir())
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
