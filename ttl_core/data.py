@@ -488,5 +488,9 @@ class PackedLoader:
                         if key == "global_batch" else "")
                 raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
                                 f"here {mine[key]!r}{hint}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        epoch, batch = state.get("epoch"), state.get("batch")
+        if not (_is_int(epoch) and _is_int(batch) and epoch >= 0 and 0 <= batch <= self.batches_per_epoch):
+            raise DataError(f"loader state: epoch {epoch!r} and batch {batch!r} are no position in epochs of "
+                            f"{self.batches_per_epoch} batches (a damaged trainer_state.json?)")
+        self.epoch, self.batch = epoch, batch
         self._order = self._permutation(self.epoch)
