@@ -340,10 +340,13 @@ def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenize
     # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
     tok.add_bos_token, tok.add_eos_token = True, False
     missing = [name for name, i in (("<s>", tok.bos_id), ("</s>", tok.eos_id)) if i < 0]
+    where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
     if missing:
-        where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
         raise DataError(f"the tokenizer{where} has no {' or '.join(missing)} token (null in its config?), which "
                         f"prepared data puts around every document")
+    if tok.bos_id == tok.eos_id:  # the loader finds documents by their </s>: each would end at its own <s>
+        raise DataError(f"the tokenizer{where} plays <s> and </s> with one token (id {tok.bos_id}); prepared data "
+                        f"needs two, to tell where each document starts and ends")
     return tok
 
 
