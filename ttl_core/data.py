@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .documents import read_documents
 from .errors import DataError, is_integer
-from .fileio import atomic_write, json_objects, read_json, write_json
-from .tokenizer import INPUT_SUFFIXES, TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
+from .fileio import atomic_write, read_json, write_json
+from .tokenizer import TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
@@ -38,80 +39,6 @@ TOKEN_DTYPES = ("uint16", "uint32")
 
 def _is_int(value: object) -> bool:
     return is_integer(value) or isinstance(value, np.integer)  # sizes computed with numpy are fine here
-
-
-# -- reading documents -----------------------------------------------------------------------------------------------
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Yield the documents of one input file: blank-line-separated blocks of a `.txt`, the `text` field of each
-    `.jsonl` line, the `text` column of a `.parquet` (needs pyarrow). Bad input raises DataError naming the file
-    and line; a file without any document is an error too."""
-    path = Path(path)
-    if path.is_dir():  # else refused as a file of type '' (or as no such file, when named like one)
-        raise DataError(f"{path}: a directory; give the files in it (e.g. {path}/*.txt)")
-    if path.suffix not in INPUT_SUFFIXES:
-        raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix]
-    found = False
-    for doc in reader(path):
-        found = True
-        yield doc
-    if not found:
-        raise DataError(f"{path}: empty input (no documents)")
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if number == 1:  # a byte order mark (editors on Windows write one) is no part of the text
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not UTF-8 text (bad byte at offset {e.start} of the line)") from None
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    block: list[str] = []
-    for _, line in _lines(path):
-        if line.strip():  # a Windows line end is a line end (as in Python's text mode), not a "\r" token
-            block.append(line.removesuffix("\r\n") + "\n" if line.endswith("\r\n") else line)
-        elif block:
-            yield "".join(block).rstrip("\r\n")
-            block = []
-    if block:
-        yield "".join(block).rstrip("\r\n")
-
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    for number, record in json_objects(path, _lines(path)):
-        if not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{number}: no string 'text' field")
-        if record["text"].strip():  # whitespace only is no document, as a blank .txt block is none
-            yield record["text"]
-
-
-def _read_parquet(path: Path) -> Iterator[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        table = pq.ParquetFile(path)
-        if "text" not in table.schema_arrow.names:
-            raise DataError(f"{path}: no 'text' column")
-        row = 0
-        for batch in table.iter_batches(columns=["text"]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"{path}: row {row}: 'text' is {type(text).__name__}, expected a string")
-                if text and text.strip():  # null and whitespace-only rows are no documents
-                    yield text
-    except (pa.ArrowException, OSError) as e:  # a corrupt or truncated file
-        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
 
 
 # -- prepare_data ----------------------------------------------------------------------------------------------------
