@@ -129,6 +129,9 @@ def test_default_workers_are_the_cores_this_process_may_use(tmp_path, monkeypatc
     ("latin1.txt", "primeira linha\nsegunda é ruim\n".encode("latin-1"), r"latin1.txt:2: not UTF-8"),
     ("notext.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"notext.jsonl:2: no string 'text' field"),
     ("broken.jsonl", b'{"text": "ok"}\n\n{"text": "x"\n', r"broken.jsonl:3: malformed JSON"),
+    # JSON may escape half a UTF-16 pair, which no text has: it was found by the tokenizer, in no named file
+    ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "meio \\ud83d par"}\n',
+     r"surrogate.jsonl:2: 'text' holds a lone surrogate '\\ud83d' at character 5 \(half an escaped UTF-16 pair\)$"),
     ("table.csv", b"a,b\n", r"table.csv: unsupported input type '.csv'"),
 ])
 def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
