@@ -144,6 +144,22 @@ def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
                                                                            "text (bad byte at offset 8 of the line)"]
 
 
+def test_every_input_without_a_document_is_named_at_once(tmp_path):
+    """A corpus of many files may hold several empty ones: one error names them all (the first few, and how many
+    more), where it named only the first and each rerun read the whole corpus again to find the next."""
+    inputs, _ = write_inputs(tmp_path)
+    empty = [tmp_path / f"empty{k}.txt" for k in range(7)] + [tmp_path / "blank.jsonl"]
+    rng = random.Random(7)
+    for path in empty[:-1]:
+        path.write_text(rng.choice(["", "\n\n", " \t\n", "\r\n"]))
+    empty[-1].write_text('{"text": " "}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=rf"^{empty[0]}: empty input \(no documents\); also empty: {empty[1]}, {empty[2]}, "
+                                        rf"{empty[3]}, {empty[4]} and 3 more$"):
+        prepare_data(inputs[:1] + empty + inputs[1:], tmp_path / "out", vocab_size=300, workers=1)
+    with pytest.raises(DataError, match=rf"^{empty[-1]}: empty input \(no documents\)$"):
+        prepare_data(inputs + empty[-1:], tmp_path / "out", vocab_size=300, workers=1)
+
+
 def test_a_directory_given_as_input_is_named_as_one(tmp_path):
     """It was refused as an input of type '' (its empty suffix), or as no such file when named like one."""
     for name in ("corpus", "corpus.txt"):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .documents import read_documents
+from .documents import count_documents, read_documents
 from .errors import DataError, is_integer
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer import TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
@@ -150,7 +150,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         raise DataError(f"vocab_size (to train a tokenizer) must be an integer >= 1, got {vocab_size!r}")
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
-    counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
+    counts = count_documents(paths)  # validates every file before any work
     total = sum(counts)
     if total and val_fraction and int(total * val_fraction) == 0:  # `_evenly` holds out floor(n * f)
         warnings.warn(f"val_fraction {val_fraction} of {total} documents holds none out: val.bin will be empty "

@@ -18,20 +18,38 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
     """Yield the documents of one input file: blank-line-separated blocks of a `.txt`, the `text` field of each
     `.jsonl` line, the `text` column of a `.parquet` (needs pyarrow). Bad input raises DataError naming the file
     and line; a file without any document is an error too."""
-    path = Path(path)
+    found = False
+    for doc in _documents_of(Path(path)):
+        found = True
+        yield doc
+    if not found:
+        raise _no_documents([Path(path)])
+
+
+def count_documents(paths: list[Path]) -> list[int]:
+    """The number of documents in each file, as `read_documents` reads them. Files without any document are
+    named together: a large corpus may hold many, and naming one at a time would take a full read per file."""
+    counts = [sum(1 for _ in _documents_of(p)) for p in paths]
+    empty = [p for p, n in zip(paths, counts) if n == 0]
+    if empty:
+        raise _no_documents(empty)
+    return counts
+
+
+def _no_documents(paths: list[Path], shown: int = 5) -> DataError:
+    others, more = ", ".join(map(str, paths[1:shown])), len(paths) - shown
+    also = f"; also empty: {others}{f' and {more} more' if more > 0 else ''}" if others else ""
+    return DataError(f"{paths[0]}: empty input (no documents){also}")
+
+
+def _documents_of(path: Path) -> Iterator[str]:
     if path.is_dir():  # else refused as a file of type '' (or as no such file, when named like one)
         raise DataError(f"{path}: a directory; give the files in it (e.g. {path}/*.txt)")
     if path.suffix not in INPUT_SUFFIXES:
         raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix]
-    found = False
-    for doc in reader(path):
-        found = True
-        yield doc
-    if not found:
-        raise DataError(f"{path}: empty input (no documents)")
+    return {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix](path)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
