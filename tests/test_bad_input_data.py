@@ -83,6 +83,7 @@ def test_prepare_data_arguments(tmp_path, tok_file):
     for kwargs, message in [(dict(workers=-2), "workers must be an integer >= 1"),
                             (dict(workers=0), "workers must be an integer >= 1"),
                             (dict(shard_docs=0), "shard_docs must be an integer >= 1"),
+                            (dict(tokenizer=None, vocab_size=0), r"^vocab_size \(to train a tokenizer\) must be an int"),
                             (dict(tokenizer=5), "tokenizer must be a .model file, an HF tokenizer directory")]:
         with pytest.raises(DataError, match=message):
             prepare_data([doc], tmp_path / "bad", **{"tokenizer": tok_file, **kwargs})
@@ -213,15 +214,18 @@ def test_tokenizer_ids_and_files(tok, tok_file, tmp_path):
         Tokenizer.from_pretrained(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("role, name", [("bos_token", "<s>"), ("eos_token", "</s>")])
-def test_a_tokenizer_without_bos_or_eos_cannot_prepare_data(tok, tmp_path, role, name):
+@pytest.mark.parametrize("role, token, problem", [("bos_token", None, "has no <s> token"),
+                                                  ("eos_token", None, "has no </s> token"),
+                                                  ("bos_token", "</s>", r"plays <s> and </s> with one token \(id 2\)")])
+def test_a_tokenizer_without_bos_or_eos_cannot_prepare_data(tok, tmp_path, role, token, problem):
     """Prepared data puts <s> and </s> around every document: a tokenizer whose config makes either null is
-    refused before any file is written (it used to prepare data the loader then refused)."""
+    refused before any file is written (it used to prepare data the loader then refused), and so is one whose <s>
+    is its </s> (the loader would end each document at its own <s>, and training would never target its end)."""
     tok.save_pretrained(tmp_path / "tok")
     config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
-    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, role: None}))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, role: token}))
     (tmp_path / "docs.txt").write_text("um documento\n\noutro documento\n")
-    with pytest.raises(DataError, match=rf"the tokenizer {re.escape(str(tmp_path / 'tok'))} has no {name} token") as e:
+    with pytest.raises(DataError, match=rf"the tokenizer {re.escape(str(tmp_path / 'tok'))} {problem}") as e:
         prepare_data([tmp_path / "docs.txt"], tmp_path / "out", tokenizer=tmp_path / "tok")
     assert one_line(e) and not (tmp_path / "out").exists()
 

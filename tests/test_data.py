@@ -129,6 +129,9 @@ def test_default_workers_are_the_cores_this_process_may_use(tmp_path, monkeypatc
     ("latin1.txt", "primeira linha\nsegunda é ruim\n".encode("latin-1"), r"latin1.txt:2: not UTF-8"),
     ("notext.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"notext.jsonl:2: no string 'text' field"),
     ("broken.jsonl", b'{"text": "ok"}\n\n{"text": "x"\n', r"broken.jsonl:3: malformed JSON"),
+    # JSON may escape half a UTF-16 pair, which no text has: it was found by the tokenizer, in no named file
+    ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "meio \\ud83d par"}\n',
+     r"surrogate.jsonl:2: 'text' holds a lone surrogate '\\ud83d' at character 5 \(half an escaped UTF-16 pair\)$"),
     ("table.csv", b"a,b\n", r"table.csv: unsupported input type '.csv'"),
 ])
 def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
@@ -139,6 +142,22 @@ def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
         run = run_script("prepare_data", "--input", tmp_path / name, "--out", tmp_path / "out2", timeout=120)
         assert run.returncode == 2 and run.stderr.strip().splitlines() == [f"error: {tmp_path / name}:2: not UTF-8 "
                                                                            "text (bad byte at offset 8 of the line)"]
+
+
+def test_every_input_without_a_document_is_named_at_once(tmp_path):
+    """A corpus of many files may hold several empty ones: one error names them all (the first few, and how many
+    more), where it named only the first and each rerun read the whole corpus again to find the next."""
+    inputs, _ = write_inputs(tmp_path)
+    empty = [tmp_path / f"empty{k}.txt" for k in range(7)] + [tmp_path / "blank.jsonl"]
+    rng = random.Random(7)
+    for path in empty[:-1]:
+        path.write_text(rng.choice(["", "\n\n", " \t\n", "\r\n"]))
+    empty[-1].write_text('{"text": " "}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=rf"^{empty[0]}: empty input \(no documents\); also empty: {empty[1]}, {empty[2]}, "
+                                        rf"{empty[3]}, {empty[4]} and 3 more$"):
+        prepare_data(inputs[:1] + empty + inputs[1:], tmp_path / "out", vocab_size=300, workers=1)
+    with pytest.raises(DataError, match=rf"^{empty[-1]}: empty input \(no documents\)$"):
+        prepare_data(inputs + empty[-1:], tmp_path / "out", vocab_size=300, workers=1)
 
 
 def test_a_directory_given_as_input_is_named_as_one(tmp_path):
@@ -293,6 +312,36 @@ def test_a_tokenizer_object_given_is_left_as_it_was(tmp_path):
     assert (saved.add_bos_token, saved.add_eos_token) == (True, False)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_tokenizer_directory_encodes_as_its_config_says(tmp_path, workers):
+    """A tokenizer directory whose config names another end-of-text token (a chat model's) and adds no word
+    prefix: the token files hold what that tokenizer gives each document, and end each with the </s> meta.json
+    records, where the loader's document boundaries are found; not the bare model file's ids."""
+    inputs, docs = write_inputs(tmp_path)
+    prepare_data(inputs[:1], tmp_path / "base", vocab_size=300, workers=1)
+    base = Tokenizer(tmp_path / "base" / "tokenizer.model")
+    base.add_special_tokens(["<|end|>"])
+    base.save_pretrained(tmp_path / "chat")
+    config = json.loads((tmp_path / "chat" / "tokenizer_config.json").read_text())
+    config |= {"eos_token": "<|end|>", "add_prefix_space": False}
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(config))
+    source = Tokenizer.from_pretrained(tmp_path / "chat")
+    assert source.eos_id == 300 and source.prefix_scheme == "never"
+    meta = prepare_data(inputs, tmp_path / "out", tokenizer=tmp_path / "chat", val_fraction=0, workers=workers)
+    assert (meta["bos_id"], meta["eos_id"]) == (source.bos_id, source.eos_id)
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    expected = [i for doc in docs for i in source.encode(doc, add_bos=True, add_eos=True, split_special_tokens=True)]
+    assert train.tolist() == expected
+    batch = next(PackedLoader(tmp_path / "out", "train", seq_len=len(train) - 1, batch_size=1, shuffle=False))
+    assert batch["doc_starts"][0].sum() == len(docs)
+    # the same model file with another config encodes otherwise: the rerun prepares again, not "already prepared"
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": None}))
+    source = Tokenizer.from_pretrained(tmp_path / "chat")
+    meta = prepare_data(inputs, tmp_path / "out", tokenizer=tmp_path / "chat", val_fraction=0, workers=workers)
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    assert train.tolist() == [i for doc in docs for i in source.encode(doc, add_eos=True, split_special_tokens=True)]
+
+
 def test_a_vocabulary_over_65535_tokens_is_stored_as_uint32(tmp_path):
     """Ids above 65535 do not fit uint16: such a vocabulary gets uint32 token files, whose documents decode back
     and whose batches carry the large ids unchanged (a uint16 file would wrap them around)."""
@@ -360,7 +409,8 @@ def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
     whole = real(tok, long_doc, add_bos=True, add_eos=True, split_special_tokens=True)
     assert train.tolist() == whole
-    data._init_worker(tok.proto.SerializeToString())
+    tok.save_pretrained(tmp_path / "worker")
+    data._init_worker(tmp_path / "worker")
     for size in (1, 7, 333):  # cuts everywhere the text allows one, and a few
         monkeypatch.setattr(data, "_PIECE_CHARS", size)
         assert data._encode_document(long_doc, np.uint16).tolist() == whole

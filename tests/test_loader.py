@@ -181,3 +181,19 @@ def test_a_rank_outside_the_world_is_refused(data, rank, world_size):
     path, _, _ = data
     with pytest.raises(DataError, match=rf"rank={rank}, world_size={world_size} \(integers, rank in"):
         PackedLoader(path, "train", 16, 2, rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("position", [{"epoch": 0, "batch": 41}, {"epoch": 0, "batch": -1}, {"epoch": -1, "batch": 0},
+                                      {"epoch": "1", "batch": 3}, {"epoch": 1, "batch": 2.5}, {"batch": 3}])
+def test_a_position_outside_the_epoch_is_refused(data, position):
+    """A damaged or hand-edited position (trainer_state.json is plain JSON) is one error line when loaded, not a
+    batch of no blocks or an index error at the next step."""
+    path, _, _ = data
+    loader = PackedLoader(path, "train", 16, 4, seed=1)
+    assert loader.batches_per_epoch == 40  # batch 40 is a finished epoch, resumed as the next one's start
+    state = {k: v for k, v in loader.state_dict().items() if k not in ("epoch", "batch")}
+    with pytest.raises(DataError, match=r"loader state: epoch .* and batch .* are no position in epochs of 40 "
+                                        r"batches \(a damaged trainer_state.json\?\)$"):
+        loader.load_state_dict({**state, **position})
+    loader.load_state_dict({**state, "epoch": 3, "batch": 40})
+    assert (loader.epoch, loader.batch) == (3, 40) and next(loader) and (loader.epoch, loader.batch) == (4, 1)

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .documents import count_documents, read_documents
 from .errors import DataError, is_integer
-from .fileio import atomic_write, json_objects, read_json, write_json
-from .tokenizer import INPUT_SUFFIXES, TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
+from .fileio import atomic_write, read_json, write_json
+from .tokenizer import TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
@@ -39,80 +41,6 @@ def _is_int(value: object) -> bool:
     return is_integer(value) or isinstance(value, np.integer)  # sizes computed with numpy are fine here
 
 
-# -- reading documents -----------------------------------------------------------------------------------------------
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Yield the documents of one input file: blank-line-separated blocks of a `.txt`, the `text` field of each
-    `.jsonl` line, the `text` column of a `.parquet` (needs pyarrow). Bad input raises DataError naming the file
-    and line; a file without any document is an error too."""
-    path = Path(path)
-    if path.is_dir():  # else refused as a file of type '' (or as no such file, when named like one)
-        raise DataError(f"{path}: a directory; give the files in it (e.g. {path}/*.txt)")
-    if path.suffix not in INPUT_SUFFIXES:
-        raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix]
-    found = False
-    for doc in reader(path):
-        found = True
-        yield doc
-    if not found:
-        raise DataError(f"{path}: empty input (no documents)")
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if number == 1:  # a byte order mark (editors on Windows write one) is no part of the text
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not UTF-8 text (bad byte at offset {e.start} of the line)") from None
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    block: list[str] = []
-    for _, line in _lines(path):
-        if line.strip():  # a Windows line end is a line end (as in Python's text mode), not a "\r" token
-            block.append(line.removesuffix("\r\n") + "\n" if line.endswith("\r\n") else line)
-        elif block:
-            yield "".join(block).rstrip("\r\n")
-            block = []
-    if block:
-        yield "".join(block).rstrip("\r\n")
-
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    for number, record in json_objects(path, _lines(path)):
-        if not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{number}: no string 'text' field")
-        if record["text"].strip():  # whitespace only is no document, as a blank .txt block is none
-            yield record["text"]
-
-
-def _read_parquet(path: Path) -> Iterator[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        table = pq.ParquetFile(path)
-        if "text" not in table.schema_arrow.names:
-            raise DataError(f"{path}: no 'text' column")
-        row = 0
-        for batch in table.iter_batches(columns=["text"]):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if text is not None and not isinstance(text, str):
-                    raise DataError(f"{path}: row {row}: 'text' is {type(text).__name__}, expected a string")
-                if text and text.strip():  # null and whitespace-only rows are no documents
-                    yield text
-    except (pa.ArrowException, OSError) as e:  # a corrupt or truncated file
-        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-
-
 # -- prepare_data ----------------------------------------------------------------------------------------------------
 _worker_tokenizer: Tokenizer | None = None
 _worker_cuts = False  # whether _worker_tokenizer may encode a long document in pieces (see _cuttable)
@@ -120,9 +48,10 @@ _PIECE_CHARS = 1 << 20  # a longer document is encoded in pieces of about this m
 _WORD_END = re.compile(r"[^ \u2581](?= )")  # a character a space follows: a cut after it splits no word
 
 
-def _init_worker(model: bytes) -> None:
+def _init_worker(tokenizer_dir: str | os.PathLike) -> None:
     global _worker_tokenizer, _worker_cuts
-    _worker_tokenizer = Tokenizer(model)
+    # the whole directory, not the model file alone: its config may name another </s> or no word prefix
+    _worker_tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     _worker_cuts = _cuttable(_worker_tokenizer)
 
 
@@ -217,9 +146,11 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         raise DataError(f"workers must be an integer >= 1 (or None for every usable core), got {workers!r}")
     if not (_is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
+    if tokenizer is None and not (_is_int(vocab_size) and vocab_size >= 1):  # said before the corpus is read
+        raise DataError(f"vocab_size (to train a tokenizer) must be an integer >= 1, got {vocab_size!r}")
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
-    counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
+    counts = count_documents(paths)  # validates every file before any work
     total = sum(counts)
     if total and val_fraction and int(total * val_fraction) == 0:  # `_evenly` holds out floor(n * f)
         warnings.warn(f"val_fraction {val_fraction} of {total} documents holds none out: val.bin will be empty "
@@ -227,8 +158,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     source = _load_tokenizer(tokenizer)
     # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
-            "shard_docs": shard_docs, "tokenizer": (hashlib.sha256(source.proto.SerializeToString()).hexdigest()
-                                                    if source else f"train:{vocab_size}"),
+            "shard_docs": shard_docs, "tokenizer": _fingerprint_tokenizer(source) if source else f"train:{vocab_size}",
             "encoding": "special tokens as text; CRLF as LF"}
     # the shard layout matters to resuming only: it goes in the work directory's plan (an older layout numbered
     # shards otherwise), not in meta.json, so directories prepared before stay valid
@@ -246,12 +176,15 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     work.mkdir(parents=True, exist_ok=True)
     write_json(work / "plan.json", work_plan)
 
-    model_path = work / "tokenizer.model"
-    if model_path.is_file():
+    model_path = work / "tokenizer.model"  # a trained tokenizer, kept for a resumed run
+    if source is not None:
+        tok = source
+    elif model_path.is_file():
         tok = Tokenizer(model_path)
     else:
-        tok = source or train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
+        tok = train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
         tok.save(model_path)
+    tok.save_pretrained(work / "tokenizer")  # what every shard is encoded with, in this process or a worker
     # shards run across files: a shard per file would give a corpus of many small files as many shards to write
     sizes = [min(shard_docs, total - i) for i in range(0, total, shard_docs)]  # documents per shard
     done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
@@ -265,7 +198,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
-        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), tok):
+        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), work / "tokenizer"):
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 
@@ -276,8 +209,6 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     # leave an old meta.json vouching for new token files.
     meta_path.unlink(missing_ok=True)
     tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
-    # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
-    tok.add_bos_token, tok.add_eos_token = True, False
     tok.save_pretrained(out_dir)
     val_docs = sum(_evenly(k, val_fraction) for k in range(total))
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
@@ -314,16 +245,15 @@ def _outputs_fit(out_dir: Path, meta: dict) -> bool:
         return False
 
 
-def _run(fn, jobs: Iterator, workers: int, tok: Tokenizer) -> Iterator:
+def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
     """`fn` over `jobs` in this process (workers == 1) or in a pool whose workers hold the tokenizer."""
-    model = tok.proto.SerializeToString()
     if workers == 1:
-        _init_worker(model)
+        _init_worker(tokenizer_dir)
         yield from map(fn, jobs)
         return
     # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (model,)) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
         yield from pool.imap_unordered(fn, jobs)
 
 
@@ -336,12 +266,26 @@ def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenize
                         f"got {type(tokenizer).__name__}")
     # a copy of a Tokenizer given: prepare_data sets the data directory's add_bos/add_eos on it, not the caller's
     tok = copy.copy(tokenizer) if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
+    # every document starts with <s> (and ends with </s>), so a prompt to a model trained on them starts with <s>
+    tok.add_bos_token, tok.add_eos_token = True, False
     missing = [name for name, i in (("<s>", tok.bos_id), ("</s>", tok.eos_id)) if i < 0]
+    where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
     if missing:
-        where = "" if isinstance(tokenizer, Tokenizer) else f" {tokenizer}"
         raise DataError(f"the tokenizer{where} has no {' or '.join(missing)} token (null in its config?), which "
                         f"prepared data puts around every document")
+    if tok.bos_id == tok.eos_id:  # the loader finds documents by their </s>: each would end at its own <s>
+        raise DataError(f"the tokenizer{where} plays <s> and </s> with one token (id {tok.bos_id}); prepared data "
+                        f"needs two, to tell where each document starts and ends")
     return tok
+
+
+def _fingerprint_tokenizer(tok: Tokenizer) -> str:
+    """SHA-256 of the files `tok` saves: its model and the config that says how it encodes (which tokens play
+    <s> and </s>, the word prefix, the added tokens), all of which the token files depend on."""
+    with tempfile.TemporaryDirectory() as directory:
+        tok.save_pretrained(directory)
+        files = sorted(Path(directory).iterdir())
+        return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -477,5 +421,9 @@ class PackedLoader:
                 hint = f" ({hints[key]})" if key in hints else ""
                 raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
                                 f"here {mine[key]!r}{hint}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        epoch, batch = state.get("epoch"), state.get("batch")
+        if not (_is_int(epoch) and _is_int(batch) and epoch >= 0 and 0 <= batch <= self.batches_per_epoch):
+            raise DataError(f"loader state: epoch {epoch!r} and batch {batch!r} are no position in epochs of "
+                            f"{self.batches_per_epoch} batches (a damaged trainer_state.json?)")
+        self.epoch, self.batch = epoch, batch
         self._order = self._permutation(self.epoch)

@@ -1,0 +1,111 @@
+"""Corpus files -> documents, the texts `ttl_core.data.prepare_data` tokenizes and a tokenizer trains on: the
+blank-line-separated blocks of a `.txt`, the `text` field of each `.jsonl` line, the `text` column of a `.parquet`.
+Bad input raises DataError naming the file and line."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DataError
+from .fileio import json_objects
+from .tokenizer import INPUT_SUFFIXES
+
+
+def read_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Yield the documents of one input file: blank-line-separated blocks of a `.txt`, the `text` field of each
+    `.jsonl` line, the `text` column of a `.parquet` (needs pyarrow). Bad input raises DataError naming the file
+    and line; a file without any document is an error too."""
+    found = False
+    for doc in _documents_of(Path(path)):
+        found = True
+        yield doc
+    if not found:
+        raise _no_documents([Path(path)])
+
+
+def count_documents(paths: list[Path]) -> list[int]:
+    """The number of documents in each file, as `read_documents` reads them. Files without any document are
+    named together: a large corpus may hold many, and naming one at a time would take a full read per file."""
+    counts = [sum(1 for _ in _documents_of(p)) for p in paths]
+    empty = [p for p, n in zip(paths, counts) if n == 0]
+    if empty:
+        raise _no_documents(empty)
+    return counts
+
+
+def _no_documents(paths: list[Path], shown: int = 5) -> DataError:
+    others, more = ", ".join(map(str, paths[1:shown])), len(paths) - shown
+    also = f"; also empty: {others}{f' and {more} more' if more > 0 else ''}" if others else ""
+    return DataError(f"{paths[0]}: empty input (no documents){also}")
+
+
+def _documents_of(path: Path) -> Iterator[str]:
+    if path.is_dir():  # else refused as a file of type '' (or as no such file, when named like one)
+        raise DataError(f"{path}: a directory; give the files in it (e.g. {path}/*.txt)")
+    if path.suffix not in INPUT_SUFFIXES:
+        raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix](path)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number == 1:  # a byte order mark (editors on Windows write one) is no part of the text
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text (bad byte at offset {e.start} of the line)") from None
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    block: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():  # a Windows line end is a line end (as in Python's text mode), not a "\r" token
+            block.append(line.removesuffix("\r\n") + "\n" if line.endswith("\r\n") else line)
+        elif block:
+            yield "".join(block).rstrip("\r\n")
+            block = []
+    if block:
+        yield "".join(block).rstrip("\r\n")
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character outside this range
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    for number, record in json_objects(path, _lines(path)):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number}: no string 'text' field")
+        if lone := _LONE_SURROGATE.search(record["text"]):  # JSON escapes allow one; UTF-8 text never holds one
+            raise DataError(f"{path}:{number}: 'text' holds a lone surrogate {lone.group()!r} at character "
+                            f"{lone.start()} (half an escaped UTF-16 pair)")
+        if record["text"].strip():  # whitespace only is no document, as a blank .txt block is none
+            yield record["text"]
+
+
+def _read_parquet(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.ParquetFile(path)
+        if "text" not in table.schema_arrow.names:
+            raise DataError(f"{path}: no 'text' column")
+        row = 0
+        for batch in table.iter_batches(columns=["text"]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"{path}: row {row}: 'text' is {type(text).__name__}, expected a string")
+                if text and text.strip():  # null and whitespace-only rows are no documents
+                    yield text
+    except (pa.ArrowException, OSError) as e:  # a corrupt or truncated file
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
