@@ -108,7 +108,8 @@ def test_ranks_are_disjoint_and_concatenate_to_the_single_process_batch(data):
     single.load_state_dict(ranks[0].state_dict())
     whole, parts = next(single), [next(r) for r in ranks]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
-    with pytest.raises(DataError, match=r"global_batch is 6, here 2 \(.*micro_batch_size x processes"):
+    with pytest.raises(DataError, match=r"global_batch is 6 \(micro_batch_size 2 x 3 processes\), here 2 "
+                                        r"\(micro_batch_size 2 x 1 process\): keep micro_batch_size x processes"):
         PackedLoader(path, "train", S, B, seed=5).load_state_dict(ranks[0].state_dict())
 
 

@@ -89,6 +89,37 @@ def test_device_cuda_without_a_gpu_is_a_config_error_not_a_torch_traceback():
         init_world("cuda")
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, r"WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT are not set: launch .* with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, r"WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "two"}, r"WORLD_SIZE='two' must be an integer"),
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE=0 must be >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, r"RANK=2 is outside \[0, 2\)"),
+])
+def test_a_launch_environment_torchrun_did_not_set_is_a_config_error(monkeypatch, env, message):
+    """Variables left over from another launcher (WORLD_SIZE alone, say) were a KeyError or torch's rendezvous
+    ValueError; the checks run before any process group is joined."""
+    from ttl_core.distributed import init_world
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        init_world("cpu")
+
+
+def test_more_processes_per_node_than_gpus_is_a_config_error(monkeypatch):
+    from ttl_core.distributed import init_world
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 needs CUDA device 1, but this machine has 1: start at most "
+                                          r"1 process per node \(torchrun --nproc_per_node 1\)"):
+        init_world("cuda")
+
+
 def test_integers_are_accepted_for_float_settings():
     t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
     assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)

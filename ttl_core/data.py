@@ -337,6 +337,13 @@ def _token_file(path: Path, meta: dict, split: str) -> np.ndarray:
     return np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0, meta["dtype"])
 
 
+def _split_batch(global_batch: object, world_size: object) -> str:
+    """' (micro_batch_size B x W processes)' for a loader's global batch, or '' for a state that lacks it."""
+    if not (_is_int(global_batch) and _is_int(world_size) and world_size >= 1):
+        return ""
+    return f" (micro_batch_size {global_batch // world_size} x {world_size} process{'es' if world_size > 1 else ''})"
+
+
 class PackedLoader:
     """Batches of fixed-length blocks from `DIR/{split}.bin`, deterministic, resumable and split across ranks.
 
@@ -409,18 +416,22 @@ class PackedLoader:
         """The position (JSON-serializable): the next batch is epoch `epoch`, batch `batch`. Independent of rank
         and world size, so a run may resume on a different number of ranks with the same global batch."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch": self.batch_size * self.world_size, "n_blocks": self.n_blocks, "split": self.split}
+                "global_batch": self.batch_size * self.world_size, "world_size": self.world_size,
+                "n_blocks": self.n_blocks, "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`: the next batch is the one that followed when it was saved."""
+        """Continue from a `state_dict()`: the next batch is the one that followed when it was saved (on any
+        number of ranks with the same global batch)."""
         mine = self.state_dict()
-        hints = {"global_batch": "sequences per micro-batch over all ranks: keep micro_batch_size x processes as it was",
-                 "n_blocks": "blocks in the token file: other data than the position was saved on"}
         for key in ("seed", "seq_len", "global_batch", "n_blocks", "split"):
             if state.get(key) != mine[key]:
-                hint = f" ({hints[key]})" if key in hints else ""
-                raise DataError(f"loader state does not fit this loader: {key} is {state.get(key)!r}, "
-                                f"here {mine[key]!r}{hint}")
+                saved, here = f"{state.get(key)!r}", f"{mine[key]!r}"
+                if key == "global_batch":  # a state saved before world_size was recorded goes without its split
+                    saved += _split_batch(state[key], state.get("world_size"))
+                    here += f"{_split_batch(mine[key], self.world_size)}: keep micro_batch_size x processes as it was"
+                elif key == "n_blocks":
+                    here += " (blocks in the token file: other data than the position was saved on)"
+                raise DataError(f"loader state does not fit this loader: {key} is {saved}, here {here}")
         epoch, batch = state.get("epoch"), state.get("batch")
         if not (_is_int(epoch) and _is_int(batch) and epoch >= 0 and 0 <= batch <= self.batches_per_epoch):
             raise DataError(f"loader state: epoch {epoch!r} and batch {batch!r} are no position in epochs of "

@@ -42,14 +42,38 @@ class World:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+def _launch_variable(name: str, default: str | None = None) -> int:
+    """An integer torchrun sets in each process's environment."""
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} must be an integer (torchrun sets it)") from None
+
+
 def init_world(device: str) -> World:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes (if any) and pick this process's device. A launch environment
+    torchrun did not set (variables left over from another launcher) is a ConfigError, before any group is
+    joined: torch's rendezvous would fail with a traceback, or wait for peers that never come."""
+    size = _launch_variable("WORLD_SIZE", "1")
+    if size < 1:
+        raise ConfigError(f"WORLD_SIZE={size} must be >= 1")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA device is available")
     if size == 1:
         return World(0, 1, torch.device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                          "set: launch multi-process runs with torchrun, which sets them for every process")
+    rank, local_rank = _launch_variable("RANK"), _launch_variable("LOCAL_RANK", "0")
+    if not 0 <= rank < size:
+        raise ConfigError(f"RANK={rank} is outside [0, {size}) for WORLD_SIZE={size}")
+    if device == "cuda" and local_rank >= torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise ConfigError(f"LOCAL_RANK={local_rank} needs CUDA device {local_rank}, but this machine has {gpus}: "
+                          f"start at most {gpus} process{'es' if gpus > 1 else ''} per node "
+                          f"(torchrun --nproc_per_node {gpus})")
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)
