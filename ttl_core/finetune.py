@@ -392,8 +392,8 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
             lr = lr_at(step, train_cfg)
-            grad_norm = optimizer_update(model, optimizer, train_cfg, lr, scaler)
-            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
+            grad_norm, scaling = optimizer_update(model, optimizer, train_cfg, lr, scaler)
+            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **scaling})
         after_epoch(epoch, step)
 
 
