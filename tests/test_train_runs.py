@@ -272,3 +272,22 @@ def test_an_fp16_step_the_grad_scaler_skips_is_logged_as_skipped_with_its_loss_s
     train(run_config("train.max_steps=1", "train.eval_every=0"), tmp_path / "fp32", data_dir=str(data_dir))
     assert {"skipped", "loss_scale"}.isdisjoint(read_metrics(tmp_path / "fp32" / "metrics.jsonl")[0])
 
+
+def test_tf32_switch_sets_the_cuda_flags_only_on_cuda(tmp_path, data_dir, monkeypatch):
+    """train.tf32 (TeenyTinyLlama's recipe trained with TF32 matmuls) sets torch's CUDA matmul and cuDNN TF32 flags
+    for a CUDA run, both ways; a CPU run, which has no TF32, leaves them as they were. train() hands it its device."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [flag.allow_tf32 for flag in flags]
+    try:
+        for enabled in (True, False):
+            ttl_train.set_tf32(torch.device("cuda", 0), enabled)
+            assert [flag.allow_tf32 for flag in flags] == [enabled, enabled]
+            ttl_train.set_tf32(torch.device("cpu"), not enabled)
+            assert [flag.allow_tf32 for flag in flags] == [enabled, enabled]
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
+    calls = []
+    monkeypatch.setattr(ttl_train, "set_tf32", lambda device, enabled: calls.append((device, enabled)))
+    train(run_config("train.max_steps=1", "train.eval_every=0", "train.tf32=true"), tmp_path, data_dir=str(data_dir))
+    assert calls == [(torch.device("cpu"), True)]

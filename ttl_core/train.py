@@ -77,6 +77,14 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """`train.tf32` on a CUDA device: float32 matmuls (and convolutions) round their inputs to TF32's 10-bit
+    mantissa on tensor cores, or stay full float32. Process-wide, as torch's flags are; other devices have no TF32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool,
                  bos_id: int | None) -> dict[str, Any]:
     """Keyword arguments for the model from a loader batch. With document masking, attention stays within
@@ -345,6 +353,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
 def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, resume: bool,
            stop_after: int | None, init_from: str | None) -> RunResult:
     train = run.train
+    set_tf32(world.device, train.tf32)
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         remove_partial_checkpoints(out_dir)
