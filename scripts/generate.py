@@ -7,9 +7,10 @@
 Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
 0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
 the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
-the answer; any answer also ends at the tokenizer's `</s>` and at the checkpoint's EOS ids (its
-generation_config.json's, else config.json's, as transformers reads them). `--interactive` keeps a conversation
-in that format, one turn per input line, until the model's context is full (an empty line or end of input quits).
+the answer; any answer also ends at the tokenizer's `</s>`, at the checkpoint's EOS ids (its
+generation_config.json's, else config.json's, as transformers reads them) and at its generation_config.json's
+stop_strings. `--interactive` keeps a conversation in that format, one turn per input line, until the model's
+context is full (an empty line or end of input quits).
 
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
@@ -94,7 +95,8 @@ class Chat:
         self.ids += self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos_token and not self.ids, add_eos=False)
 
     def add_model(self, ids: list[int]) -> None:
-        """Append the model's answer, closed with the end token if it ran out of tokens before one."""
+        """Append the model's answer, closed with the end token unless it ends with an EOS id (it ran out of
+        tokens, or stopped at a stop string)."""
         self.ids += ids
         if self.fmt and (not ids or ids[-1] not in self.eos):
             self.ids.append(self.end)
@@ -109,10 +111,11 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
         do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.seed)
     pad = chat.tokenizer.pad_id
-    # one answer, whatever num_return_sequences a generation_config.json gives
+    # one answer, whatever num_return_sequences a generation_config.json gives; the tokenizer reads its stop_strings
     out = generate(model, ids, max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
                    eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece
-                   num_return_sequences=1, streamer=streamer, cuda_graph=not args.no_cuda_graph, **sampling)
+                   num_return_sequences=1, streamer=streamer, tokenizer=chat.tokenizer,
+                   cuda_graph=not args.no_cuda_graph, **sampling)
     print(flush=True)
     return out[0, ids.shape[1]:].tolist()
 

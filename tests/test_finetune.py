@@ -94,7 +94,8 @@ def test_regression_reports_pearson_and_mse_of_the_saved_model(base_dir, tmp_pat
 
 
 def test_float16_fine_tuning_scales_its_loss(base_dir, tmp_path, monkeypatch):
-    """fp16 gradients of small losses underflow; the update goes through a GradScaler, as in pretraining."""
+    """fp16 gradients of small losses underflow; the update goes through a GradScaler, as in pretraining, and each
+    step logs its loss scale and whether the scaler skipped it."""
     scaled = []
 
     class CountingScaler(torch.amp.GradScaler):
@@ -111,6 +112,9 @@ def test_float16_fine_tuning_scales_its_loss(base_dir, tmp_path, monkeypatch):
     result = finetune_classifier(base_dir, tmp_path / "train.csv", tmp_path / "eval.csv", tmp_path / "out", NEWS,
                                  cfg, verbose=False)
     assert len(scaled) == 2 and np.isfinite(result.history[0]["accuracy"])
+    steps = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 2 and steps[0]["loss_scale"] == 2.0**16
+    assert all(r["skipped"] == (not math.isfinite(r["grad_norm"])) for r in steps)
 
 
 def test_metrics_against_hand_counts():
@@ -172,7 +176,7 @@ def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, mo
     def recording_update(model, optimizer, train_cfg, lr, scaler=None):
         grads[current].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         optimizer.zero_grad(set_to_none=True)
-        return 0.0
+        return 0.0, {}
 
     eval_grad_modes = []
     monkeypatch.setattr(finetune, "optimizer_update", recording_update)

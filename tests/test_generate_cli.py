@@ -5,6 +5,7 @@ import importlib.util
 import io
 import json
 import sys
+import warnings
 
 import pytest
 import sentencepiece as spm
@@ -227,7 +228,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     path, tok, _ = checkpoint
     script, fake, loads = scripted(monkeypatch, [5, 6], context=1000)
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu"]) == 0
-    streamer = fake.calls[-1][1].pop("streamer")
+    streamer, tokenizer = (fake.calls[-1][1].pop(name) for name in ("streamer", "tokenizer"))
+    assert isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size == tok.vocab_size
     assert fake.calls[-1] == (tok.encode("o menino"), dict(
         max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
         num_return_sequences=1, cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2, min_p=0.0,
@@ -236,7 +238,7 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--temperature", "0.7",
                         "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
                         "--seed", "3", "--max-new-tokens", "9", "--no-cuda-graph", "--dtype", "bfloat16"]) == 0
-    fake.calls[-1][1].pop("streamer")
+    fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(
         max_new_tokens=9, repetition_penalty=1.1, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
         num_return_sequences=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
@@ -244,7 +246,7 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert loads[-1]["dtype"] == "bfloat16"
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy",
                         "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
-    fake.calls[-1][1].pop("streamer")
+    fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
                                      pad_token_id=tok.pad_id, num_return_sequences=1, cuda_graph=True,
                                      do_sample=False)  # greedy: no sampling options
@@ -267,6 +269,31 @@ def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, caps
         assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
                                    "--max-new-tokens", "12", "--device", "cpu"]) == 0
         assert capsys.readouterr().out == answer + "\n"
+
+
+def test_the_checkpoint_stop_strings_end_the_answer(checkpoint, tmp_path, capsys):
+    """A generation_config.json's stop_strings end an answer, as transformers' generate() ends it given the
+    tokenizer (the script warned and ran on past them)."""
+    _, tok, model = checkpoint
+    ids = tok.encode("o menino")
+    settings = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
+                    pad_token_id=tok.pad_id)
+    free = expected_answer(model, tok, ids, **settings)
+    new = ttl_core.generate(model, torch.tensor([ids]), **settings)[0, len(ids):].tolist()
+    stop = next(tok.decode([t]) for t in new[3:] if tok.id_to_token(t).strip("▁").isalpha())  # a word piece
+    saved = model.generation_config
+    model.generation_config = {**(saved or {}), "stop_strings": [stop]}
+    try:
+        ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
+        answer = expected_answer(model, tok, ids, tokenizer=tok, **settings)
+    finally:
+        model.generation_config = saved
+    assert stop in answer and len(answer) < len(free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
+                                   "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == answer + "\n"
 
 
 def test_tokenizer_option_loads_the_tokenizer_from_its_own_directory(checkpoint, tmp_path, capsys):

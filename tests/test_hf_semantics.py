@@ -154,7 +154,8 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
         warnings.simplefilter("error")
         ttl_core.generate(ttl_core.load_pretrained(tmp_path / "plain"), tokens, max_new_tokens=3)
     blocking = ttl_core.load_pretrained(tmp_path / "blocking")
-    every = r"sets no_repeat_ngram_size=2, stop_strings='</s>', suppress_tokens=\[5, 6\], which"
+    every = (r"sets no_repeat_ngram_size=2, stop_strings='</s>' \(pass tokenizer= to apply them\), "
+             r"suppress_tokens=\[5, 6\], which")
     with pytest.warns(UserWarning, match=every):
         ttl_core.generate(blocking, tokens, max_new_tokens=3)
     with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=2, suppress_tokens=\[5, 6\], which") as seen:

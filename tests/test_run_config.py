@@ -23,10 +23,10 @@ def test_shipped_configs_load_and_match_the_published_recipe():
         # the published pretraining script's transformers "cosine" schedule decays to 0; no clipping; every
         # parameter decayed
         assert (recipe.max_steps, recipe.min_lr, recipe.grad_clip, recipe.no_decay) == (max_steps, 0.0, 0.0, [])
-        assert (recipe.tokens_per_step, recipe.betas, recipe.eps, recipe.weight_decay, recipe.dtype) == \
-            (8192, [0.9, 0.999], 1e-8, 0.01, "bfloat16")
+        assert (recipe.tokens_per_step, recipe.betas, recipe.eps, recipe.weight_decay, recipe.dtype, recipe.tf32) == \
+            (8192, [0.9, 0.999], 1e-8, 0.01, "bfloat16", True)  # bf16 + tf32, as published
     tiny = load_run_config(ROOT / "configs" / "tiny.toml", ["train.grad_accum_steps=2", "train.lr=1e-3"])
-    assert tiny.train.grad_accum_steps == 2 and tiny.train.lr == 1e-3
+    assert tiny.train.grad_accum_steps == 2 and tiny.train.lr == 1e-3 and not tiny.train.tf32
 
 
 @pytest.mark.parametrize("override, message", [

@@ -223,6 +223,41 @@ def test_stop_strings_in_a_left_padded_batch_match_transformers(spm_models):
     assert torch.equal(got, ref) and (ref[:, width:] == tok.pad_id).any()  # some rows stopped early
 
 
+def test_a_checkpoint_stop_strings_apply_as_in_transformers(spm_models, tmp_path):
+    """A generation_config.json's stop_strings end rows as in transformers' generate() given a tokenizer (ttl
+    warned and ignored them); the call's own stop_strings win, `[]` for none. Without a tokenizer (transformers then
+    raises) they are left out with a warning that says how to apply them."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    tok, hf_tok, hf, ours = spm_models
+    hf.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "generation_config.json").read_text())
+    stops = [stop for _, stop in STOP_CASES if stop != " ca"]
+    (tmp_path / "generation_config.json").write_text(json.dumps({**settings, "stop_strings": stops}))
+    theirs, saved = LlamaForCausalLM.from_pretrained(tmp_path), ttl_core.load_pretrained(tmp_path)
+    rows = [tok.encode(p) for p in ("o menino foi para", "seu", "porque", "a casa")]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width) >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    common = dict(attention_mask=mask, do_sample=False, max_new_tokens=16, eos_token_id=[], pad_token_id=tok.pad_id)
+    ref = theirs.generate(ids, tokenizer=hf_tok, **common)
+    assert ref.shape[1] < width + 16 and (ref[:, width:] == tok.pad_id).any()  # the saved stop strings stopped rows
+    assert torch.equal(ttl_core.generate(saved, ids, tokenizer=tok, **common), ref)
+    assert torch.equal(ttl_core.generate(saved, ids, tokenizer=hf_tok, **common), ref)
+    given = theirs.generate(ids, tokenizer=hf_tok, stop_strings="t ete", **common)
+    assert not torch.equal(given, ref)
+    assert torch.equal(ttl_core.generate(saved, ids, tokenizer=tok, stop_strings="t ete", **common), given)
+    free = ttl_core.generate(ours, ids, **common)  # the same weights without the checkpoint's stop strings
+    assert torch.equal(ttl_core.generate(saved, ids, tokenizer=tok, stop_strings=[], **common), free)
+    with pytest.warns(UserWarning, match=r"stop_strings=\['ra ca', .*\] \(pass tokenizer= to apply them\)"):
+        assert torch.equal(ttl_core.generate(saved, ids, **common), free)
+    (tmp_path / "generation_config.json").write_text(json.dumps({**settings, "stop_strings": [5]}))
+    with pytest.raises(GenerationError, match=r"^generation_config.json: stop_strings must be a non-empty string"):
+        ttl_core.generate(ttl_core.load_pretrained(tmp_path), ids, tokenizer=tok, **common)
+
+
 def test_stop_string_matcher_agrees_with_transformers_criteria(spm_models):
     """StopStrings against transformers' StopStringCriteria on random token sequences (byte-fallback pieces
     that split characters included) and stop strings cut from their text."""

@@ -315,3 +315,37 @@ def test_task_list_paths_are_relative_to_the_list_and_unreadable_lists_are_named
     (tmp_path / "latin1.json").write_bytes('[{"name": "ação"}]'.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.json: not valid JSON \('utf-8' codec can't decode"):
         read_task_list(tmp_path / "latin1.json")
+
+
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_bad_data_is_refused_before_the_model_loads(tmp_path, monkeypatch, which):
+    """A data file's errors that need no tokenizer (malformed file, missing field, unknown label) come before the
+    checkpoint is read: a ttl-160m load takes seconds, a bad file should not. The loader is replaced by one that
+    fails, so reaching it is the defect."""
+    from ttl_core import finetune, instruct
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(instruct, "load_base", no_loading)
+    monkeypatch.setattr(finetune, "load_base", no_loading)
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"instruction": "Diga oi.", "output": "Oi."}) + "\n")
+    for record, message in [('{"instruction": "x", "output": ', r"bad\.jsonl:2: malformed JSON"),
+                            (json.dumps({"instruction": "x", "reply": "y"}), r"bad\.jsonl:2: no text field among output"),
+                            (json.dumps({"instruction": "x", "input": 3, "output": "y"}), r"bad\.jsonl:2: field 'input'")]:
+        bad.write_text(good.read_text() + record + "\n")
+        train, evals = (bad, good) if which == "train" else (good, bad)
+        with pytest.raises(DataError, match=message):
+            instruct.finetune_instruct(tmp_path / "model", train, tmp_path / "out", eval_file=evals, verbose=False)
+    good.write_text("".join(json.dumps({"text": f"texto {i}", "label": "AB"[i % 2]}) + "\n" for i in range(4)))
+    spec = TaskSpec(["text"], "label")
+    for record, message in [('{"text": ', r"bad\.jsonl:5: malformed JSON"),
+                            (json.dumps({"txt": "x", "label": "A"}), r"bad\.jsonl:5: no field 'text'"),
+                            (json.dumps({"text": "x", "label": "C"}), r"bad\.jsonl:5: unknown label 'C'")]:
+        if which == "train" and "unknown label" in message:
+            continue  # a train file's labels are the label set
+        bad.write_text(good.read_text() + record + "\n")
+        train, evals = (bad, good) if which == "train" else (good, bad)
+        with pytest.raises(DataError, match=message):
+            finetune.finetune_classifier(tmp_path / "model", train, evals, tmp_path / "out", spec, verbose=False)

@@ -270,7 +270,8 @@ def test_accumulated_step_is_the_gradient_of_the_whole_batch_mean(tmp_path):
     truth.backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient itself
-    loss, grad_norm = train_step(model, optimizer, micro, run.train, World(0, 1, torch.device("cpu")), 1.0, None)
+    loss, grad_norm, _ = train_step(model, optimizer, micro, run.train, World(0, 1, torch.device("cpu")), 1.0,
+                                    None)
     assert abs(loss - truth.item()) <= 1e-5
     grads = {n: p.grad for n, p in reference.named_parameters()}
     assert grad_norm == pytest.approx(torch.cat([g.flatten() for g in grads.values()]).norm().item(), rel=1e-4)
@@ -383,7 +384,7 @@ def test_step_clips_to_grad_clip_and_applies_the_scheduled_lr():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     lr = 0.25
-    _, grad_norm = train_step(model, optimizer, [{"input_ids": ids, "targets": targets}], run.train,
+    _, grad_norm, _ = train_step(model, optimizer, [{"input_ids": ids, "targets": targets}], run.train,
                               World(0, 1, torch.device("cpu")), lr, None)
     assert grad_norm == pytest.approx(norm, rel=1e-4)
     factor = lr * run.train.grad_clip / norm

@@ -280,3 +280,47 @@ def test_the_logged_figures_are_those_of_the_whole_batch_computed_by_hand(tmp_pa
     eval_loss = sum(s for s, _ in sums) / sum(n for _, n in sums)
     assert evaluation["eval_loss"] == pytest.approx(eval_loss, abs=1e-5)
     assert evaluation["eval_ppl"] == pytest.approx(math.exp(eval_loss), rel=1e-5)
+
+
+def test_an_fp16_step_the_grad_scaler_skips_is_logged_as_skipped_with_its_loss_scale(tmp_path, data_dir, monkeypatch):
+    """With float16, each step's line names the loss scale its gradients were scaled by and whether the grad
+    scaler skipped it; a skipped step showed only as a non-finite grad_norm. Step 2's gradient overflows here: it is
+    skipped at scale 2**16 and step 3 runs at half that. A float32 run logs neither key."""
+    real_wrap, backwards = ttl_train.wrap_model, []
+
+    def overflow_at_step_2(model, *args):
+        def hook(grad):
+            backwards.append(grad)
+            return grad * math.inf if len(backwards) == 2 else grad
+        model.backbone.layers[0].mlp.down.weight.register_hook(hook)
+        return real_wrap(model, *args)
+
+    monkeypatch.setattr(ttl_train, "wrap_model", overflow_at_step_2)
+    train(run_config("train.max_steps=3", "train.dtype=\"float16\"", "train.eval_every=0"), tmp_path / "fp16",
+          data_dir=str(data_dir))
+    steps = [r for r in read_metrics(tmp_path / "fp16" / "metrics.jsonl") if "loss" in r]
+    assert [(r["skipped"], r["loss_scale"]) for r in steps] == [(False, 2.0**16), (True, 2.0**16), (False, 2.0**15)]
+    assert math.isfinite(steps[0]["grad_norm"]) and not math.isfinite(steps[1]["grad_norm"])
+    monkeypatch.setattr(ttl_train, "wrap_model", real_wrap)
+    train(run_config("train.max_steps=1", "train.eval_every=0"), tmp_path / "fp32", data_dir=str(data_dir))
+    assert {"skipped", "loss_scale"}.isdisjoint(read_metrics(tmp_path / "fp32" / "metrics.jsonl")[0])
+
+
+def test_tf32_switch_sets_the_cuda_flags_only_on_cuda(tmp_path, data_dir, monkeypatch):
+    """train.tf32 (TeenyTinyLlama's recipe trained with TF32 matmuls) sets torch's CUDA matmul and cuDNN TF32 flags
+    for a CUDA run, both ways; a CPU run, which has no TF32, leaves them as they were. train() hands it its device."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [flag.allow_tf32 for flag in flags]
+    try:
+        for enabled in (True, False):
+            ttl_train.set_tf32(torch.device("cuda", 0), enabled)
+            assert [flag.allow_tf32 for flag in flags] == [enabled, enabled]
+            ttl_train.set_tf32(torch.device("cpu"), not enabled)
+            assert [flag.allow_tf32 for flag in flags] == [enabled, enabled]
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
+    calls = []
+    monkeypatch.setattr(ttl_train, "set_tf32", lambda device, enabled: calls.append((device, enabled)))
+    train(run_config("train.max_steps=1", "train.eval_every=0", "train.tf32=true"), tmp_path, data_dir=str(data_dir))
+    assert calls == [(torch.device("cpu"), True)]

@@ -29,7 +29,7 @@ from .hf import checked_device, load_pretrained, read_model_config, save_pretrai
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .run_config import TrainConfig
-from .task_files import TaskSpec, load_task, read_task_file, task_labels
+from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
 from .train import AUTOCAST_DTYPES, autocast, build_optimizer, lr_at, optimizer_update
 
@@ -392,8 +392,8 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
             lr = lr_at(step, train_cfg)
-            grad_norm = optimizer_update(model, optimizer, train_cfg, lr, scaler)
-            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm})
+            grad_norm, scaling = optimizer_update(model, optimizer, train_cfg, lr, scaler)
+            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **scaling})
         after_epoch(epoch, step)
 
 
@@ -409,10 +409,13 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     spec, cfg = spec or TaskSpec(), cfg or FinetuneConfig()
     train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
     device = cfg.torch_device()
-    train_rows, eval_rows = read_task_file(train_file), read_task_file(eval_file)  # bad files fail before loading
+    # the data is read and checked first: a bad file fails at once, not after a model load of seconds
+    train_rows = read_task_file(train_file)
     labels = None if spec.regression else task_labels(train_rows, spec, train_file)
     if labels is not None and spec.labels is None:
         labels = label_order(model_dir, labels)
+    train_texts = task_examples(train_file, spec, labels, train_rows)
+    eval_texts = task_examples(eval_file, spec, labels)
     if spec.regression:
         head = {"num_labels": 1, "id2label": None, "label2id": None, "problem_type": "regression"}
     else:
@@ -420,8 +423,8 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
                 "problem_type": "single_label_classification"}
     torch.manual_seed(cfg.seed)  # the new score head's initial values
     tokenizer, model = load_base(model_dir, cfg, architecture="LlamaForSequenceClassification", **head)
-    train_examples = load_task(train_file, tokenizer, spec, labels, cfg.max_length, train_rows)
-    eval_examples = load_task(eval_file, tokenizer, spec, labels, cfg.max_length, eval_rows)
+    train_examples = encode_task(tokenizer, train_texts, spec.pair, cfg.max_length)
+    eval_examples = encode_task(tokenizer, eval_texts, spec.pair, cfg.max_length)
     # batches are padded with this id and pooled at the last token that is not it: a negative id (old Llama
     # configs say -1 for none) would index before the embedding table
     if model.config.pad_token_id is None or model.config.pad_token_id < 0:

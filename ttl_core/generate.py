@@ -30,7 +30,7 @@ from .attention import causal_mask, requested_backend
 from .errors import GenerationError, is_integer
 from .model import autocast_dtype
 from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
-                       unimplemented_settings)
+                       stop_string_matcher, unimplemented_settings)
 from .streamer import StopStrings
 
 if TYPE_CHECKING:
@@ -410,9 +410,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
     where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search,
     n-gram blocking, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
-    `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` finish a row; a stop string matches,
-    as in transformers, where it ends within a new token, in the text of the whole row (prompt included,
-    special tokens as their text), which needs `tokenizer` (see `ttl_core.streamer.StopStrings`).
+    `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
+    `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
+    within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
+    `tokenizer` (see `ttl_core.streamer.StopStrings`).
     `eos_token_id` and `pad_token_id` default to the checkpoint's generation_config.json, else to the model
     config's; the padding id then to the first EOS id. Without `attention_mask`, prompt tokens equal to a
     padding id that is no EOS id count as padding, as in transformers. `seed` makes sampling reproducible
@@ -432,7 +433,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      num_return_sequences=num_return_sequences)
         max_new_tokens, do_sample, num_return_sequences = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences"))
-        passed = {"stop_strings"} if stop_strings is not None else set()
+        passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
@@ -441,7 +442,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
-        stops = StopStrings(stop_strings, tokenizer) if stop_strings else None
+        stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
         if stops is not None and pad is None:
             raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
         if num_return_sequences > 1:

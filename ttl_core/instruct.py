@@ -141,11 +141,12 @@ def lm_collator(model: LlamaForCausalLM, dtype: str, pad_id: int) -> Callable[[l
 
 
 def build_instruction_data(path: str | Path, tokenizer: Tokenizer, chat_format: str, max_length: int,
-                           train_on_inputs: bool = False) -> list[tuple[list[int], list[int]]]:
-    """Encoded examples of an instruction file; an example whose response was cut off entirely by
-    `max_length` has nothing to learn from and is an error naming its line."""
+                           train_on_inputs: bool = False,
+                           rows: list[tuple[int, str, str, str]] | None = None) -> list[tuple[list[int], list[int]]]:
+    """Encoded examples of an instruction file (its `instruction_rows`, when already read); an example whose
+    response was cut off entirely by `max_length` has nothing to learn from and is an error naming its line."""
     out = []
-    for number, instruction, extra, response in instruction_rows(path):
+    for number, instruction, extra, response in rows if rows is not None else instruction_rows(path):
         ids, labels = encode_chat(tokenizer, chat_format, instruction, extra, response, max_length, train_on_inputs)
         if all(label == -100 for label in labels[1:]):
             raise DataError(f"{path}:{number}: the prompt fills max_length {max_length}; no response token is "
@@ -189,6 +190,9 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     cfg = cfg or INSTRUCT_DEFAULTS
     out_dir = Path(out_dir)
     device = cfg.torch_device()
+    # the data is read and checked first: a bad file fails at once, not after a model load of seconds
+    train_rows = instruction_rows(data_file)
+    eval_rows = instruction_rows(eval_file) if eval_file else None
     tokenizer, model = load_base(model_dir, cfg)
     if model.architecture != "LlamaForCausalLM":
         raise ConfigError(f"{model_dir} holds a {model.architecture}; instruction tuning needs a LlamaForCausalLM")
@@ -202,9 +206,10 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
                    if i is not None and i >= 0), None)
     if pad_id is None:
         raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad or EOS token to pad with")
-    train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
-    eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs)
-                     if eval_file else None)
+    train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs,
+                                            train_rows)
+    eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs,
+                                            eval_rows) if eval_file else None)
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
         start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if added else None)

@@ -56,6 +56,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
+    tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (TeenyTinyLlama's recipe); no effect off CUDA
     compile: bool = False
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # how torchrun processes share the model: "ddp" or "fsdp" (FSDP2)

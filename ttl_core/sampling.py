@@ -10,11 +10,12 @@ matching transformers `LogitsProcessor` on random logits.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import GenerationError, is_integer, is_number
+from .streamer import StopStrings
 
 if TYPE_CHECKING:
     from .model import LlamaForCausalLM
@@ -35,6 +36,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
 # implement, each with the value that changes nothing (None, an empty list and these values are ignored).
+# stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0, "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
@@ -49,8 +51,25 @@ def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset
     """`name=value` for each setting of a checkpoint's generation_config.json that transformers' generate() would
     apply but ttl's does not (UNIMPLEMENTED_SETTINGS), so that a caller can say its output will differ; names in
     `passed` (set by the call itself, which then wins in ttl too) are left out."""
-    return [f"{name}={value!r}" for name, value in (checkpoint or {}).items() if name in UNIMPLEMENTED_SETTINGS
-            and name not in passed and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
+    how = {"stop_strings": " (pass tokenizer= to apply them)"}
+    return [f"{name}={value!r}{how.get(name, '')}" for name, value in (checkpoint or {}).items()
+            if name in UNIMPLEMENTED_SETTINGS and name not in passed
+            and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
+
+
+def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] | None,
+                        tokenizer: Any) -> StopStrings | None:
+    """What ends a row at a stop string: the call's `stop_strings` where given (`[]` for none), else, as in
+    transformers' generate(), the checkpoint's generation_config.json ones when the call passes a `tokenizer` to
+    read the tokens' text with (without one, transformers raises; ttl leaves them out and
+    `unimplemented_settings` names them)."""
+    if stop_strings is not None:
+        return StopStrings(stop_strings, tokenizer) if stop_strings else None
+    saved = (checkpoint or {}).get("stop_strings") if tokenizer is not None else None
+    try:
+        return StopStrings(saved, tokenizer) if saved else None
+    except GenerationError as e:
+        raise GenerationError(f"generation_config.json: {e}") from None
 
 
 def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None, **given) -> dict:

@@ -231,15 +231,28 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int, cla
     raise DataError(f"{path}:{number}: unknown label {text!r} (labels: {', '.join(labels)}){hint}")
 
 
-def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: list[str] | None,
-              max_length: int, rows: list[Row] | None = None) -> list[tuple[list[int], int | float]]:
-    """(token ids, label) for every row of a task file; `labels=None` reads regression targets. Integer class ids
-    are read only where `spec.labels` gave the order they index."""
+def task_examples(path: str | Path, spec: TaskSpec, labels: list[str] | None,
+                  rows: list[Row] | None = None) -> list[tuple[list[str], int | float]]:
+    """(text fields, label) for every row of a task file (`rows`, when already read), checked without a tokenizer;
+    `labels=None` reads regression targets. Integer class ids are read only where `spec.labels` gave the order they
+    index."""
     path = Path(path)
     examples = []
     for number, record in rows if rows is not None else read_task_file(path):
         texts = [str(field_value(path, number, record, name)) for name in spec.text_fields]
         label = label_value(field_value(path, number, record, spec.label_field), labels, path, number,
                             class_ids=spec.labels is not None)
-        examples.append((encode_example(tokenizer, texts, spec.pair, max_length), label))
+        examples.append((texts, label))
     return examples
+
+
+def encode_task(tokenizer: Tokenizer, examples: list[tuple[list[str], int | float]], pair: bool,
+                max_length: int) -> list[tuple[list[int], int | float]]:
+    """(token ids, label) for each of `task_examples`' (text fields, label)."""
+    return [(encode_example(tokenizer, texts, pair, max_length), label) for texts, label in examples]
+
+
+def load_task(path: str | Path, tokenizer: Tokenizer, spec: TaskSpec, labels: list[str] | None,
+              max_length: int) -> list[tuple[list[int], int | float]]:
+    """(token ids, label) for every row of a task file: `task_examples`, encoded."""
+    return encode_task(tokenizer, task_examples(path, spec, labels), spec.pair, max_length)

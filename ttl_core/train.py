@@ -77,6 +77,14 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """`train.tf32` on a CUDA device: float32 matmuls (and convolutions) round their inputs to TF32's 10-bit
+    mantissa on tensor cores, or stay full float32. Process-wide, as torch's flags are; other devices have no TF32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool,
                  bos_id: int | None) -> dict[str, Any]:
     """Keyword arguments for the model from a loader batch. With document masking, attention stays within
@@ -102,12 +110,13 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
-               train: TrainConfig, world: World, lr: float, scaler: torch.amp.GradScaler | None) -> tuple[float, float]:
+               train: TrainConfig, world: World, lr: float,
+               scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
     """One optimizer update from `grad_accum_steps` micro-batches; returns (mean loss per target token,
-    gradient norm before clipping). Raises TrainingError, before touching the weights, on a non-finite loss or
-    a non-finite gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale
-    is down to MIN_LOSS_SCALE): clipping would turn every gradient into NaN and the update would write NaN into
-    every weight."""
+    gradient norm before clipping, the grad scaler's figures from `apply_update`). Raises TrainingError, before
+    touching the weights, on a non-finite loss or a non-finite gradient norm (with an fp16 grad scaler, which skips
+    such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient into
+    NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
@@ -125,8 +134,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # for the norm after the update would drain the GPU again before the next step's work is queued
     mean_loss, grad_norm = torch.stack([mean_loss.reshape(()), grad_norm.to(mean_loss)]).tolist()
     stop_if_not_finite(optimizer, {"loss": mean_loss, **gradient_figures(grad_norm, scaler)})
-    apply_update(optimizer, lr, scaler)
-    return mean_loss, grad_norm
+    return mean_loss, grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
 
 
 def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
@@ -142,27 +150,34 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tra
     return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
 
-def apply_update(optimizer: torch.optim.Optimizer, lr: float, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Set the learning rate, step the optimizer (through the scaler for fp16) and zero the gradients."""
+def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,
+                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float | bool]:
+    """Set the learning rate, step the optimizer (through the scaler for fp16) and zero the gradients. With a
+    scaler, returns the step's `loss_scale` (the one its gradients were scaled by) and whether the scaler `skipped`
+    it; else {}. Only a step with an inf or NaN gradient, hence a non-finite `grad_norm`, can be skipped: only then
+    is the scale read back after the update (a host sync that waits for it) to tell."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    figures: dict[str, float | bool] = {}
     if scaler:
+        scale = scaler.get_scale()  # no wait: the loss and norm were just read back
         scaler.step(optimizer)
-        scaler.update()
+        scaler.update()  # halves the scale after a skipped step
+        figures = {"loss_scale": scale, "skipped": not math.isfinite(grad_norm) and scaler.get_scale() < scale}
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return figures
 
 
 def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
-                     scaler: torch.amp.GradScaler | None = None) -> float:
-    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping. A non-finite
-    norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE) raises TrainingError before the weights
-    change (see `train_step`)."""
+                     scaler: torch.amp.GradScaler | None = None) -> tuple[float, dict[str, float | bool]]:
+    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping and the grad scaler's
+    figures from `apply_update`. A non-finite norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE)
+    raises TrainingError before the weights change (see `train_step`)."""
     grad_norm = float(clip_gradients(model, optimizer, train, scaler))
     stop_if_not_finite(optimizer, gradient_figures(grad_norm, scaler))
-    apply_update(optimizer, lr, scaler)
-    return grad_norm
+    return grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
 
 
 def gradient_figures(grad_norm: float, scaler: torch.amp.GradScaler | None) -> dict[str, float]:
@@ -338,6 +353,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
 def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, resume: bool,
            stop_after: int | None, init_from: str | None) -> RunResult:
     train = run.train
+    set_tf32(world.device, train.tf32)
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         remove_partial_checkpoints(out_dir)
@@ -438,7 +454,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             micro = [model_inputs(b, world.device, run.data.document_masking, tokenizer.bos_id)
                      for b in batches(loader, train.grad_accum_steps)]
             try:
-                loss, grad_norm = train_step(model, optimizer, micro, train, world, lr_at(step, train), scaler)
+                loss, grad_norm, scaling = train_step(model, optimizer, micro, train, world, lr_at(step, train),
+                                                      scaler)
             except TrainingError as e:
                 good = latest_checkpoint(out_dir)
                 raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
@@ -448,7 +465,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             mfu = flops * tokens_per_s / (peak * 1e12 * world.size) if peak else None
             if log:
                 log.log({"step": step, "loss": loss, "lr": lr_at(step, train), "grad_norm": grad_norm,
-                         "tokens_per_s": tokens_per_s, "mfu": mfu})
+                         "tokens_per_s": tokens_per_s, "mfu": mfu, **scaling})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
