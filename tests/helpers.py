@@ -22,6 +22,13 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_torchrun(script: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGS...` (one thread per process) on this checkout."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, args)], env=full_env, capture_output=True, text=True, timeout=600)
+
+
 def run_in_ascii_locale(code: str) -> subprocess.CompletedProcess:
     """`python -c CODE` with this checkout importable under an ASCII locale with UTF-8 mode off, where Python's
     default text encoding is ASCII (as a bare container's or a cluster node's often is)."""

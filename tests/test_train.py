@@ -6,16 +6,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_script
+from tests.helpers import ROOT, run_script, run_torchrun
 from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.checkpoint import complete_checkpoints
@@ -192,11 +189,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     sets = lambda extra: [x for o in [*common, *extra] for x in ("--set", o)]  # noqa: E731
     one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one", *sets(["train.micro_batch_size=4"]))
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "scripts" / "pretrain.py"), "--data", str(data_dir), "--out", str(tmp_path / "two"),
-                          *sets(["train.micro_batch_size=2", f"train.distributed=\"{mode}\""])],
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", tmp_path / "two",
+                       *sets(["train.micro_batch_size=2", f"train.distributed=\"{mode}\""]))
     assert two.returncode == 0, two.stderr[-3000:]
     for key in ("loss", "grad_norm", "eval_loss"):
         figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r] for run in ("one", "two")]
