@@ -35,6 +35,7 @@ from .fileio import (atomic_write, read_json, remove_dir_atomically, remove_path
 from .hf import check_weight_files, save_pretrained
 
 if TYPE_CHECKING:
+    from .distributed import World
     from .tokenizer import Tokenizer
 
 try:
@@ -102,9 +103,22 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
         remove_path(partial)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s dropout stream in a run seeded with `seed` (in [0, 2**32)): `seed` XOR a
+    bijective 32-bit mix of the rank (murmur3's finalizer, which maps 0 to 0). Rank 0 keeps `seed`, so a
+    one-process run draws as it always did; within a run every rank gets its own seed (the mix is one-to-one),
+    and across runs a collision needs two seeds whose XOR is that of two ranks' mixes, which scatter over 32
+    bits (seed + rank would give seed 1's rank 0 the stream of seed 0's rank 1). 32 bits, as torch's CPU generator
+    reads only the low 32 bits of a seed: seed + rank * 2**32 would be the same stream on every rank."""
+    mixed = rank
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        mixed = ((mixed ^ (mixed >> shift)) * factor) & 0xFFFFFFFF
+    return seed ^ mixed ^ (mixed >> 16)
+
+
 def rng_state() -> dict[str, Any]:
     """Every random number generator a training step may draw from (python, numpy, torch, this process's CUDA
-    device). Rank 0's state stands for every rank's: all are seeded alike and draw alike."""
+    device), as this process holds them; a checkpoint saves every rank's (`full_rng_states`)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
@@ -124,6 +138,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-12-04 held every device's state
             cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
         torch.cuda.set_rng_state(cuda)  # a run may resume on fewer GPUs than it saved from
+
+
+def set_rank_rng_state(saved: list[dict[str, Any]] | dict[str, Any] | None, seed: int, world: World) -> None:
+    """Give this rank its own random streams for training, once the weights are built (drawn alike on every
+    rank from `seed`): the state a checkpoint saved for it (`saved`: the checkpoint's list, one state per rank),
+    or, starting afresh or on a rank the checkpoint has no state for, torch's generators (CPU and CUDA: no step
+    draws from python's or numpy's) seeded with `rank_seed(seed, rank)`, except on rank 0, which keeps the
+    stream `seed` started before the weights were drawn, as a one-process run always has. A checkpoint from
+    before 2026-12-05 holds one state, rank 0's (every rank drew alike then): it is rank 0's alone now, as
+    handing it to every rank would bring back the shared dropout masks. Resuming on another number of processes
+    than saved is said in one line: the dropout masks then differ from an uninterrupted run's."""
+    states = [saved] if isinstance(saved, dict) else saved or []
+    if world.rank < len(states):
+        set_rng_state(states[world.rank])
+    elif world.rank > 0:
+        torch.manual_seed(rank_seed(seed, world.rank))
+    if states and len(states) != world.size and world.is_main:
+        first, last = sorted((len(states), world.size))
+        span = f"rank {first}" if last - first == 1 else f"ranks {first}-{last - 1}"
+        change = f"new streams from train.seed for {span}" if world.size > len(states) else \
+            f"the states saved for {span} go unused"
+        print(f"the checkpoint holds the random states of {len(states)} process{'es' if len(states) > 1 else ''}, "
+              f"this run has {world.size}: {change}, so dropout masks (if any) differ from the uninterrupted run's")
 
 
 def file_sha256(path: Path) -> str:
@@ -161,17 +198,17 @@ def verify_digests(checkpoint: Path, trainer_state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer: Tokenizer | None = None, keep: int = 2,
-    scaler_state: dict[str, Any] | None = None,
+    scaler_state: dict[str, Any] | None = None, rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` ones.
 
     `model` supplies the config and architecture, `model_state` the full (gathered) weights; the
-    optimizer state, `rng_state()` and an fp16 run's gradient-scaler state go to `optimizer.pt`,
-    `trainer_state` to JSON."""
+    optimizer state, every rank's `rng_state()` (`rng_states`, from `full_rng_states`; this process's alone by
+    default) and an fp16 run's gradient-scaler state go to `optimizer.pt`, `trainer_state` to JSON."""
     def write(partial: Path) -> None:
         save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
         atomic_write(partial / OPTIMIZER_STATE,
-                     lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_state(),
+                     lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_states or [rng_state()],
                                              **({"scaler": scaler_state} if scaler_state else {})}, tmp))
         # every other file's digest, for a resume to tell a byte damaged since (a disk error, a bad copy) that
         # leaves the files' structure readable; ~1.5 GB/s, about a second per save of ttl-160m with its optimizer

@@ -3,7 +3,8 @@ on GPU. A plain `python` launch is a world of one and every helper here degrades
 
 Checkpoints always hold *full* weights and optimizer state keyed by parameter name (gathered through
 `torch.distributed.checkpoint.state_dict`), so a run saved by FSDP on 8 GPUs resumes in one CPU process and
-its model directory is an ordinary HF checkpoint.
+its model directory is an ordinary HF checkpoint; they also hold every rank's RNG state, as each rank draws
+its own dropout masks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+from .checkpoint import rng_state
 from .errors import ConfigError
 
 
@@ -148,6 +150,16 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state keyed by parameter name, gathered in full (on rank 0 when sharded)."""
     return get_optimizer_state_dict(unwrap(model), optimizer, options=FULL)
+
+
+def full_rng_states(world: World) -> list[dict[str, Any]] | None:
+    """Every rank's `rng_state()`, in rank order, on rank 0 (None on the others; a collective all ranks call).
+    Pickled through the group (a few KB each), CUDA generator states included, which are CPU tensors."""
+    if not world.distributed:
+        return [rng_state()]
+    states = [None] * world.size if world.is_main else None
+    dist.gather_object(rng_state(), states, dst=0)
+    return states
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

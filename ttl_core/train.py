@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from .attention import document_layout
 from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, point_to_older_checkpoint,
-                         remove_partial_checkpoints, save_checkpoint, set_rng_state, verify_digests)
+                         remove_partial_checkpoints, save_checkpoint, set_rank_rng_state, verify_digests)
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
-                          init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
+                          full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
 from .errors import ConfigError, DataError, TokenizerError, TrainingError
 from .generate import generate
 from .hf import load_pretrained
@@ -417,9 +417,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         loader.load_state_dict(trainer_state["data"])
-        set_rng_state(saved["rng"])
         if world.is_main:
             print(f"resumed from {resume_from} at step {step}")
+    set_rank_rng_state(resumed[1]["rng"] if resumed else None, train.seed, world)  # each rank its own dropout
 
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
@@ -439,11 +439,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
 
     def save(at_step: int) -> Path:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
+        rng_states = full_rng_states(world)
         path = None
         if world.is_main:
             path = save_checkpoint(out_dir, at_step, unwrap(model), model_state, optimizer_state,
                                    {"data": loader.state_dict(), "config": recorded_config}, tokenizer,
-                                   keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None)
+                                   keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None,
+                                   rng_states=rng_states)
         barrier(world)
         return path
 
