@@ -3,6 +3,7 @@ documented default, and usage errors are refused before any work starts. The lib
 recorders (they are tested on their own), so each test runs in well under a second; convert.py runs for real on
 a tiny model."""
 
+import argparse
 import json
 import types
 
@@ -243,3 +244,44 @@ def test_plot_metrics_prints_the_plot_it_wrote(monkeypatch, capsys):
     plot = recorder(None)  # no metrics yet: nothing written, nothing claimed
     monkeypatch.setattr(script, "plot_metrics", plot)
     assert script.main(["RUN"]) == 0 and capsys.readouterr().out == ""
+
+
+# --- every script's --help ------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_option_has_help_and_shows_its_default(name, monkeypatch):
+    """--help is the reference a user reads: each option says what it does, and one with a default names it."""
+    parsers = []
+
+    def capture(parser, argv=None, namespace=None):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        load_script(name).main([])
+    [parser] = parsers
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+        shown = action.default in (None, False, [], "") or action.required or "default" in action.help
+        assert shown, f"{name}: {action.option_strings} does not show its default {action.default!r}"
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("bench_train", ["--batch", "4", "0"], "argument --batch: expected an integer >= 1, got '0'"),
+    ("bench_train", ["--steps", "-2"], "argument --steps: expected an integer >= 1, got '-2'"),
+    ("bench_generate", ["--batches", "0"], "argument --batches: expected an integer >= 1"),
+    ("bench_generate", ["--prompt", "0"], "argument --prompt: expected"),
+    ("bench_generate", ["--new-tokens", "-1"], "argument --new-tokens: expected"),
+    ("bench_generate", ["--hf-static-batches", "x"], "argument --hf-static-batches: expected"),
+    ("bench_generate", ["--preset", "ttl-16m"], "argument --preset: invalid choice"),
+])
+def test_benchmark_sizes_are_refused_before_any_gpu_time(name, argv, message, capsys):
+    """A count that cannot be measured is a usage error at once, not a crash after the device's peaks were measured
+    (or a run that records every shape as failed)."""
+    usage_error(load_script(name), argv, capsys, message)
