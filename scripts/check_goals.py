@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ttl_core.cli import run_cli
+from ttl_core.cli import output_file, run_cli
 from ttl_core.benchmark import ROW_FIELDS
 from ttl_core.errors import TTLError, is_number
 from ttl_core.fileio import read_json, write_json
@@ -248,7 +248,7 @@ def markdown(verdicts: list[Verdict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="one GPU's results folder, e.g. benchmarks/results/nvidia-h200")
-    parser.add_argument("--json", help="also write the verdicts to this file")
+    parser.add_argument("--json", type=output_file, help="also write the verdicts to this file")
     args = parser.parse_args(argv)
     verdicts = judge(*load_rows(Path(args.folder)))
     print(markdown(verdicts))

@@ -285,3 +285,19 @@ def test_benchmark_sizes_are_refused_before_any_gpu_time(name, argv, message, ca
     """A count that cannot be measured is a usage error at once, not a crash after the device's peaks were measured
     (or a run that records every shape as failed)."""
     usage_error(load_script(name), argv, capsys, message)
+
+
+@pytest.mark.parametrize("name, work", [("kernel_report", "capture_compilations"), ("check_goals", "load_rows")])
+@pytest.mark.parametrize("destination, message", [("", "is a directory"), ("missing/out.json", "no such directory")])
+def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(name, work, destination, message,
+                                                                               tmp_path, monkeypatch, capsys):
+    """kernel_report compiles every kernel for minutes before it writes --json: a directory given for the file, or
+    a file in a folder that does not exist, is a usage error at once, not a failure that loses the report."""
+    script = load_script(name)
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("the work started before --json was checked")
+
+    monkeypatch.setattr(script, work, must_not_start)
+    folder = [] if name == "kernel_report" else [str(tmp_path)]
+    usage_error(script, [*folder, "--json", str(tmp_path / destination)], capsys, message)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from ttl_kernels.dispatch import BackendError
@@ -21,6 +23,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"warning: {message}", file=sys.stderr if file is None else file)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
+
+
+def output_file(text: str) -> str:
+    """An argparse type for a file a script writes when its work is done (a report's --json): a directory, or a
+    file in a folder that does not exist, is a usage error at once rather than after the work it was to record."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
+    return text
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
