@@ -107,7 +107,8 @@ def classifier_script(monkeypatch):
     return script, run
 
 
-def test_classifier_defaults_are_the_agnews_recipe_on_the_bundled_sample(monkeypatch, capsys):
+def test_classifier_defaults_are_the_agnews_recipe_on_the_bundled_sample(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: a runs/ left in the checkout would be refused
     script, run = classifier_script(monkeypatch)
     assert script.main(["--model", "BASE"]) == 0
     [((model, train, eval_, out, spec, cfg), _)] = run.calls
@@ -153,7 +154,8 @@ def test_classifier_needs_both_task_files_or_neither(files, monkeypatch, capsys)
 
 # --- finetune_instruct.py -------------------------------------------------------------------------------------
 
-def test_instruct_defaults_and_options_reach_finetune_instruct(monkeypatch, capsys):
+def test_instruct_defaults_and_options_reach_finetune_instruct(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     script = load_script("finetune_instruct")
     run = recorder({"train_examples": 12, "final_loss": 1.5, "added_tokens": ["<|startofinstruction|>"]})
     monkeypatch.setattr(script, "finetune_instruct", run)
@@ -170,7 +172,8 @@ def test_instruct_defaults_and_options_reach_finetune_instruct(monkeypatch, caps
 
 # --- finetune_benchmark.py ------------------------------------------------------------------------------------
 
-def test_benchmark_runs_the_sample_tasks_or_the_given_list(monkeypatch, capsys):
+def test_benchmark_runs_the_sample_tasks_or_the_given_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     script = load_script("finetune_benchmark")
     run = recorder([])
     monkeypatch.setattr(script, "run_benchmark", run)
@@ -301,3 +304,41 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
     monkeypatch.setattr(script, work, must_not_start)
     folder = [] if name == "kernel_report" else [str(tmp_path)]
     usage_error(script, [*folder, "--json", str(tmp_path / destination)], capsys, message)
+
+
+# --- output that would replace an earlier run's -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name, work, result, left", [
+    ("finetune_classifier", "finetune_classifier", types.SimpleNamespace(best={"epoch": 1}, checkpoint="B"), "best"),
+    ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
+     "metrics.jsonl"),
+    ("finetune_benchmark", "run_benchmark", [], "results.json"),
+])
+def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, left, tmp_path, monkeypatch):
+    """A second run into the same --out (the default one, say) would replace the first's best model and results
+    without a word: it is refused unless --overwrite, as pretrain.py refuses an --out holding checkpoints."""
+    script = load_script(name)
+    run = recorder(result)
+    monkeypatch.setattr(script, work, run)
+    out = tmp_path / "out"
+    out.mkdir()
+    if left == "best":
+        (out / left).mkdir()
+    else:
+        (out / left).write_text("{}")
+    with pytest.raises(ConfigError, match=f"{out} already holds .*{left}.*--overwrite"):
+        script.main(["--model", "BASE", "--out", str(out)])
+    assert run.calls == []
+    assert script.main(["--model", "BASE", "--out", str(out), "--overwrite"]) == 0 and len(run.calls) == 1
+
+
+def test_convert_into_a_directory_holding_a_checkpoint_needs_overwrite(bf16_checkpoint, tmp_path):
+    src, _ = bf16_checkpoint
+    script = load_script("convert")
+    assert script.main(["--to-hf", str(src), str(tmp_path / "out")]) == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'out'} already holds .*config.json.*--overwrite"):
+        script.main(["--from-hf", str(src), str(tmp_path / "out"), "--dtype", "float32"])
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+    assert script.main(["--from-hf", str(src), str(tmp_path / "out"), "--dtype", "float32", "--overwrite"]) == 0
+    assert ttl_core.load_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ttl_kernels.dispatch import BackendError
 
-from .errors import TTLError
+from .errors import ConfigError, TTLError
 
 _python_show_warning = warnings.showwarning
 
@@ -34,6 +34,15 @@ def output_file(text: str) -> str:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
     return text
+
+
+def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> None:
+    """A ConfigError when `out` already holds one of `contents` (an earlier run's, a checkpoint's) and the user
+    did not pass --overwrite: a rerun into the same directory would otherwise replace it without a word."""
+    found = [name for name in contents if (Path(out) / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"{out} already holds {what} ({found[0]}); pass --overwrite to replace it, or choose "
+                          "another output directory")
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
