@@ -59,7 +59,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except OSError as e:
         # a failed rename names its destination second: the path the user gave, not the temporary written first
         path = e.filename2 or e.filename
-        print(f"error: {path or ''}{': ' if path else ''}{e.strerror or e}", file=sys.stderr)
+        reason = e.strerror or e
+        if isinstance(e, FileExistsError) and path and not Path(path).is_dir():
+            reason = "a file, not a directory"  # mkdir's "File exists" reads as if the output were there already
+        print(f"error: {path or ''}{': ' if path else ''}{reason}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
