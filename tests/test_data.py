@@ -177,6 +177,15 @@ def test_vocab_too_large_for_the_input_says_what_fits(tmp_path):
         prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=4096)
 
 
+@pytest.mark.parametrize("vocab_size", [0, -5, 2.5])
+def test_a_vocabulary_of_no_tokens_is_refused_before_any_work(tmp_path, vocab_size):
+    """sentencepiece's own words for it were a line of its C++ source ("INTERNAL: src/trainer_interface.cc(78)")."""
+    (tmp_path / "small.txt").write_text(f"uma frase curta {torch.randint(0, 99, ()).item()}.\n\noutra frase.\n")
+    with pytest.raises(DataError, match=f"^vocab_size must be an integer >= 1, got {vocab_size}$"):
+        prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=vocab_size)
+    assert not (tmp_path / "out").exists()
+
+
 def test_script_on_sample(tmp_path):
     run = run_script("prepare_data", "--sample", "--out", tmp_path / "s", "--vocab-size", "2048", timeout=120)
     assert run.returncode == 0, run.stderr

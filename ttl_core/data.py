@@ -217,6 +217,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         raise DataError(f"workers must be an integer >= 1 (or None for every usable core), got {workers!r}")
     if not (_is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
+    if tokenizer is None and not (_is_int(vocab_size) and vocab_size >= 1):  # a given tokenizer brings its own
+        raise DataError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = [sum(1 for _ in read_documents(p)) for p in paths]  # validates every file before any work
