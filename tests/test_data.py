@@ -120,7 +120,7 @@ def test_default_workers_are_the_cores_this_process_may_use(tmp_path, monkeypatc
     assert data.usable_cpus() == 2
     workers, real = [], data._run
     monkeypatch.setattr(data, "_run", lambda fn, jobs, n, tok: (workers.append(n), real(fn, jobs, 1, tok))[1])
-    prepare_data(write_inputs(tmp_path)[0], tmp_path / "out", vocab_size=300)
+    prepare_data(write_inputs(tmp_path)[0], tmp_path / "out", vocab_size=300, shard_docs=10)  # shards for both
     assert workers == [2]
 
 
@@ -184,6 +184,25 @@ def test_a_vocabulary_of_no_tokens_is_refused_before_any_work(tmp_path, vocab_si
     with pytest.raises(DataError, match=f"^vocab_size must be an integer >= 1, got {vocab_size}$"):
         prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=vocab_size)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_no_more_tokenizing_processes_start_than_there_are_shards(tmp_path, monkeypatch, shards):
+    """--workers 64 (or a machine's 64 cores) on a corpus of one shard forked 64 processes that had nothing to do."""
+    inputs, docs = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
+    started = []
+
+    class Context:
+        def Pool(self, processes, *args):
+            started.append(processes)
+            raise KeyboardInterrupt("a pool was started")
+
+    monkeypatch.setattr(data.multiprocessing, "get_context", lambda method: Context())
+    try:
+        prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=64, shard_docs=-(-len(docs) // shards))
+    except KeyboardInterrupt:
+        pass
+    assert started == ([] if shards == 1 else [shards])  # one shard is tokenized in this process
 
 
 def test_script_on_sample(tmp_path):

@@ -267,7 +267,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
-        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), tok):
+        # a process per shard left at most: more would start only to find nothing to do
+        processes = min(workers or usable_cpus(), max(1, len(sizes) - len(done)))
+        for shard, train, val, n in _run(_tokenize_shard, jobs(), processes, tok):
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 
