@@ -1,5 +1,6 @@
 """What every script shares: user errors become one `error: ...` line and exit status 2, and ttl's own warnings
-(UserWarning) one `warning: ...` line."""
+(UserWarning) one `warning: ...` line; outputs are checked before the work (a report file that cannot be
+written, a directory holding an earlier run's results)."""
 
 from __future__ import annotations
 
