@@ -188,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--json", type=output_file, help="also write the rows to this file")
     args = parser.parse_args(argv)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists():  # checked first: compiling every kernel takes minutes
+        raise TTLError(f"kernel_report reads the compiled kernels with cuobjdump, which this triton lacks ({tools})")
     compiled = capture_compilations(args.arch)
     exercise_kernels()
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "cuobjdump").exists():
-        raise TTLError(f"kernel_report reads the compiled kernels with cuobjdump, which this triton lacks ({tools})")
     rows, too_big = [], []
     for name, constexprs, kernel in compiled:
         shared_kb = kernel.metadata.shared / 1024

@@ -13,7 +13,7 @@ from helpers import ROOT, load_script
 
 import ttl_core
 from ttl_core.data import SAMPLE_CORPUS
-from ttl_core.errors import ConfigError, DataError
+from ttl_core.errors import ConfigError, DataError, TTLError
 from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import INSTRUCT_DEFAULTS
 from ttl_core.run_config import load_run_config
@@ -342,3 +342,12 @@ def test_convert_into_a_directory_holding_a_checkpoint_needs_overwrite(bf16_chec
     assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
     assert script.main(["--from-hf", str(src), str(tmp_path / "out"), "--dtype", "float32", "--overwrite"]) == 0
     assert ttl_core.load_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32
+
+
+def test_kernel_report_without_cuobjdump_says_so_before_compiling(tmp_path, monkeypatch):
+    """The tool that reads the compiled kernels was looked for only after every kernel had been compiled."""
+    script = load_script("kernel_report")
+    monkeypatch.setattr(script.triton, "__file__", str(tmp_path / "triton" / "__init__.py"))
+    monkeypatch.setattr(script, "capture_compilations", lambda arch: pytest.fail("compiled before the check"))
+    with pytest.raises(TTLError, match="cuobjdump, which this triton lacks"):
+        script.main([])
