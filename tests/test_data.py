@@ -431,3 +431,18 @@ def test_shards_run_across_input_files(tmp_path, monkeypatch):
     data._save_npz(work / "0000001.npz", train=np.array([1, 5, 2], np.uint32), val=np.zeros(0, np.uint32))
     prepare_data(inputs, tmp_path / "old", vocab_size=300, workers=1, shard_docs=5)
     assert read_outputs(tmp_path / "old") == read_outputs(tmp_path / "out")
+
+
+def test_data_prepared_from_other_inputs_is_replaced_only_when_asked(tmp_path):
+    """A second prepare_data into a finished directory with other inputs or settings replaced the data (and the
+    tokenizer) a run was trained on without a word; prepare_data.py now asks for --overwrite (replace=True)."""
+    inputs, _ = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1)
+    before = read_outputs(tmp_path / "out")
+    assert prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, replace=False)  # the same: nothing to do
+    with pytest.raises(DataError, match=f"^{tmp_path / 'out'} already holds data prepared from other inputs or "
+                                        "settings; pass --overwrite"):
+        prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=False)
+    assert read_outputs(tmp_path / "out") == before
+    assert prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=True)["documents"] < \
+        json.loads(before["meta.json"])["documents"]

@@ -83,14 +83,15 @@ def test_prepare_data_defaults_and_options_reach_prepare_data(monkeypatch, capsy
     monkeypatch.setattr(script, "prepare_data", prepare)
     assert script.main(["--input", "a.txt", "b.jsonl", "--out", "OUT"]) == 0
     assert prepare.calls[-1] == ((["a.txt", "b.jsonl"], "OUT"),
-                                 dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None))
+                                 dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None, replace=False))
     assert capsys.readouterr().out.startswith("wrote OUT: 1,234 documents, 56,789 train + 4,321 val tokens "
                                               "(uint16), vocab 4,096, ")
     assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--vocab-size", "512", "--tokenizer", "T",
                         "--val-fraction", "0.25", "--workers", "3"]) == 0
     assert prepare.calls[-1] == ((["a.txt", *SAMPLE_CORPUS], "OUT"),
-                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3))
-    assert script.main(["--sample", "--out", "OUT"]) == 0
+                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3, replace=False))
+    assert script.main(["--sample", "--out", "OUT", "--overwrite"]) == 0
+    assert prepare.calls[-1][1]["replace"] is True
     assert prepare.calls[-1][0][0] == list(SAMPLE_CORPUS)
     with pytest.raises(DataError, match=r"^no input: give --input FILES\.\.\. or --sample$"):
         script.main(["--out", "OUT"])
