@@ -444,5 +444,8 @@ def test_data_prepared_from_other_inputs_is_replaced_only_when_asked(tmp_path):
                                         "settings; pass --overwrite"):
         prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=False)
     assert read_outputs(tmp_path / "out") == before
+    (tmp_path / "out" / "train.bin").write_bytes(before["train.bin"][:-2])  # damaged, same inputs: prepared again
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, replace=False)
+    assert read_outputs(tmp_path / "out") == before
     assert prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=True)["documents"] < \
         json.loads(before["meta.json"])["documents"]

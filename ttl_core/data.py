@@ -244,7 +244,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         if work.is_dir() and _bookkeeping(work / "plan.json") in (work_plan, None):
             shutil.rmtree(work)
         return previous  # already prepared from these exact inputs
-    if isinstance(previous, dict) and "plan" in previous and not replace:
+    if isinstance(previous, dict) and previous.get("plan") not in (None, plan) and not replace:
         raise DataError(f"{out_dir} already holds data prepared from other inputs or settings; pass --overwrite to "
                         "replace it (runs trained on it would no longer resume), or choose another --out")
     if work.is_dir() and _bookkeeping(work / "plan.json") != work_plan:
