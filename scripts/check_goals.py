@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ttl_core.cli import output_file, run_cli
 from ttl_core.benchmark import ROW_FIELDS
+from ttl_core.cli import output_file, run_cli
 from ttl_core.errors import TTLError, is_number
 from ttl_core.fileio import read_json, write_json
 

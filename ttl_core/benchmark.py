@@ -188,12 +188,13 @@ class BenchDevice:
 def positive_int(text: str) -> int:
     """An argparse type for counts (batch sizes, steps, tokens): a 0 or negative one is a usage error at once,
     not a failure after the device's peaks were measured."""
+    refused = argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     try:
         value = int(text)
     except ValueError:
-        value = 0
+        raise refused from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        raise refused
     return value
 
 
