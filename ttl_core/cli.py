@@ -61,7 +61,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         # a failed rename names its destination second: the path the user gave, not the temporary written first
         path = e.filename2 or e.filename
         reason = e.strerror or e
-        if isinstance(e, FileExistsError) and path and not Path(path).is_dir():
+        if isinstance(e, FileExistsError) and path and Path(path).is_file():
             reason = "a file, not a directory"  # mkdir's "File exists" reads as if the output were there already
         print(f"error: {path or ''}{': ' if path else ''}{reason}", file=sys.stderr)
         sys.exit(2)
