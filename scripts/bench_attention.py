@@ -83,7 +83,8 @@ def time_impl(dev: BenchDevice, impl: str, fn: Callable, shape: dict, dtype: tor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_size_arguments(parser, quick="seq 2048 only, head_dim 64, causal")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="q, k, v dtype (default %(default)s)")
     args = parser.parse_args(argv)
     dev = open_device("bench_attention", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"

@@ -27,10 +27,10 @@ from typing import Callable
 
 import torch
 
-from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, print_profiles,
-                                row)
+from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, positive_int,
+                                print_profiles, row)
 from ttl_core.cli import run_cli
-from ttl_core.config import LlamaConfig
+from ttl_core.config import PRESETS, LlamaConfig
 from ttl_core.generate import generate
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.model import LlamaForCausalLM
@@ -133,13 +133,14 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 64; --quick: 1 64)")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (default 128)")
-    parser.add_argument("--new-tokens", type=int, help="tokens generated per row (default 256; --quick: 64)")
-    parser.add_argument("--hf-static-batches", type=int, nargs="+",
+    parser.add_argument("--batches", type=positive_int, nargs="+", help="batch sizes (default 1 8 64; --quick: 1 64)")
+    parser.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens per row (default 128)")
+    parser.add_argument("--new-tokens", type=positive_int, help="tokens generated per row (default 256; --quick: 64)")
+    parser.add_argument("--hf-static-batches", type=positive_int, nargs="+",
                         help="batch sizes at which to run transformers' static cache + compile, whose compilation "
                              "takes minutes per batch size (default: all)")
-    parser.add_argument("--preset", default="ttl-160m", help="model shape (default ttl-160m)")
+    parser.add_argument("--preset", default="ttl-160m", choices=sorted(PRESETS),
+                        help="model shape (default %(default)s)")
     add_run_size_arguments(parser, quick="fewer sizes, tokens and repetitions",
                            smoke="tiny preset, toy sizes, CPU allowed: checks the harness only")
     args = parser.parse_args(argv)

@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="kernel families to run (default: all)")
     add_run_size_arguments(parser, quick="a few sizes only (a check in about a minute)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activation dtype")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="activation dtype (default %(default)s)")
     args = parser.parse_args(argv)
     dev = open_device("bench_kernels", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"

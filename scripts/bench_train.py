@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, print_profiles,
-                                row)
+from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, positive_int,
+                                print_profiles, row)
 from ttl_core.cli import run_cli
 from ttl_core.config import PRESETS
 from ttl_core.distributed import World
@@ -105,9 +105,12 @@ def measure(dev: BenchDevice, step: Callable[[torch.Tensor], float], batch: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="ttl-160m", choices=sorted(PRESETS))
-    parser.add_argument("--batch", type=int, nargs="+", default=[4, 16], help="sequences of 2048 tokens per step")
-    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per configuration")
+    parser.add_argument("--preset", default="ttl-160m", choices=sorted(PRESETS),
+                        help="model shape (default %(default)s)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[4, 16],
+                        help="sequences of 2048 tokens per step (default 4 16)")
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="timed optimizer steps per configuration (default %(default)s)")
     add_run_size_arguments(parser, quick="batch 16 only, 5 timed steps",
                            smoke="tiny preset, seq 64, CPU allowed: checks the harness only")
     args = parser.parse_args(argv)

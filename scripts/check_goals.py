@@ -18,11 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ttl_core.cli import run_cli
-from ttl_core.errors import TTLError
+from ttl_core.benchmark import ROW_FIELDS
+from ttl_core.cli import output_file, run_cli
+from ttl_core.errors import TTLError, is_number
 from ttl_core.fileio import read_json, write_json
 
 RMS_NORM_BASELINES = ("liger", "compile", "F.rms_norm", "torch")
+# the shape entries each benchmark's goals compare as numbers
+GOAL_SHAPE_NUMBERS = {"rms_norm": ("rows", "hidden"), "rotary": ("tokens",), "train": ("batch", "seq"),
+                      "cross_entropy": ("tokens", "hidden", "vocab", "unfused_logits_grad_mb"), "generate": ("batch",)}
 
 
 @dataclass
@@ -46,10 +50,36 @@ def load_rows(folder: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, 
                 raise TTLError(f"{path}: {key!r} must be a list of objects (a results file the benchmarks write)")
         name = data.get("benchmark", path.stem)
         rows[name] = [r for r in data.get("rows", []) if r.get("dtype") == "bf16"]
+        for number, r in enumerate(data.get("rows", []), 1):
+            if r.get("dtype") == "bf16" and (problem := row_problem(r, GOAL_SHAPE_NUMBERS.get(name, ()))):
+                raise TTLError(f"{path}: row {number} {problem} (a results file the benchmarks write)")
+        for number, f in enumerate(data.get("failures", []), 1):
+            if not (isinstance(f.get("error"), str) and isinstance(f.get("shape", {}), dict)):
+                raise TTLError(f"{path}: failure {number} needs an 'error' text and a 'shape' object (a results file "
+                               "the benchmarks write)")
         failures[name] = [f for f in data.get("failures", []) if not f.get("profile")]
     if not rows:
         raise TTLError(f"{folder} holds no benchmark results (*.json)")
     return rows, failures
+
+
+def row_problem(r: dict, shape_numbers: tuple[str, ...]) -> str:
+    """What keeps a results row from being judged ('' when nothing does): the goals read every figure of
+    ROW_FIELDS and compare the shape's `shape_numbers` as numbers."""
+    for key in ROW_FIELDS:
+        if key not in r:
+            return f"lacks {key!r}"
+    if not (isinstance(r["impl"], str) and isinstance(r["pass"], str)):
+        return "has an 'impl' or 'pass' that is not text"
+    if not isinstance(r["shape"], dict):
+        return f"has a 'shape' that is not an object: {r['shape']!r}"
+    for key in ROW_FIELDS[4:]:
+        if not (is_number(r[key]) or (r[key] is None and key != "ms")):
+            return f"has {key!r} = {r[key]!r}, not a number"
+    for key in shape_numbers:
+        if not is_number(r["shape"].get(key)):
+            return f"has a shape without a number for {key!r}: {r['shape']}"
+    return ""
 
 
 def select(rows: list[dict], impl: str, pass_: str, where: Callable[[dict], bool] = lambda shape: True) -> list[dict]:
@@ -169,7 +199,7 @@ def flce_memory(rows: list[dict], failures: list[dict], where: Callable[[dict], 
 
 def training_goals(rows: list[dict], failures: list[dict] = ()) -> list[Verdict]:
     """MFU of ttl's best batch; tokens/s against transformers at each batch both ran (the worst ratio)."""
-    goal_shape = lambda s: s["preset"] == "ttl-160m" and s["seq"] == 2048  # noqa: E731
+    goal_shape = lambda s: s.get("preset") == "ttl-160m" and s["seq"] == 2048  # noqa: E731
     required = [{"preset": "ttl-160m", "seq": 2048}]
     ttl = select(rows, "ttl", "train_step", goal_shape)
     best = max(ttl, key=lambda r: r["tokens_per_s"], default=None)
@@ -218,7 +248,7 @@ def markdown(verdicts: list[Verdict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="one GPU's results folder, e.g. benchmarks/results/nvidia-h200")
-    parser.add_argument("--json", help="also write the verdicts to this file")
+    parser.add_argument("--json", type=output_file, help="also write the verdicts to this file")
     args = parser.parse_args(argv)
     verdicts = judge(*load_rows(Path(args.folder)))
     print(markdown(verdicts))

@@ -5,7 +5,8 @@
 
 Either direction reads both layouts; only safetensors are ever read. The source's tokenizer (tokenizer.model
 or tokenizer.json) is written beside the weights in transformers' files, so the output is a whole checkpoint;
-one ttl cannot read is left out with a note. OUT_DIR must not be the source (it is written file by file).
+one ttl cannot read is left out with a note. OUT_DIR must not be the source (it is written file by file), and
+one that already holds a checkpoint is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import argparse
 import os
 from pathlib import Path
 
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_to_replace, run_cli
 from ttl_core.errors import ConfigError, TokenizerError
-from ttl_core.hf import DTYPES, load_pretrained, save_native, save_pretrained
+from ttl_core.hf import DTYPES, NATIVE_CONFIG, load_pretrained, save_native, save_pretrained
 from ttl_core.tokenizer import Tokenizer
+
+# what marks a directory as a checkpoint already (either layout)
+CHECKPOINT_FILES = ("config.json", NATIVE_CONFIG, "model.safetensors", "model.safetensors.index.json")
 
 
 def source_tokenizer(src: str) -> Tokenizer | None:
@@ -40,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights (default: keep)")
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (default 2GB)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint OUT already holds (default: refuse)")
     args = parser.parse_args(argv)
     # files are replaced one by one, not the directory; samefile also sees a case-insensitive or bind-mounted alias
     if Path(args.out).exists() and Path(args.src).exists() and os.path.samefile(args.out, args.src):
         raise ConfigError(f"{args.out} is the source checkpoint; write to another directory (a conversion in place "
                           "that is interrupted leaves neither layout loadable)")
+    refuse_to_replace(args.out, CHECKPOINT_FILES, "a checkpoint", args.overwrite)
     model = load_pretrained(args.src, dtype=args.dtype)
     tokenizer = source_tokenizer(args.src)
     if args.to_hf:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from ttl_core.cli import run_cli
-from ttl_core.finetune import FinetuneConfig, add_finetune_args, config_from_args
+from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.finetune import RUN_OUTPUTS, FinetuneConfig, add_finetune_args, config_from_args
 from ttl_core.task_benchmark import format_table, read_task_list, run_benchmark, sample_tasks
 
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/finetune-benchmark", help="output directory (default %(default)s)")
     add_finetune_args(parser, FinetuneConfig())
     args = parser.parse_args(argv)
+    refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
     tasks = read_task_list(args.tasks) if args.tasks else sample_tasks()
     rows = run_benchmark(args.model, tasks, args.out, config_from_args(args))
     print(format_table(rows))

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 
-from ttl_core.cli import run_cli
-from ttl_core.finetune import (AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, add_finetune_args, config_from_args,
-                               finetune_classifier)
+from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.finetune import (AGNEWS_LABELS, RUN_OUTPUTS, SAMPLE_DATA, FinetuneConfig, add_finetune_args,
+                               config_from_args, finetune_classifier)
 from ttl_core.task_files import TaskSpec
 
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         args.train, args.eval = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
         labels = labels or (None if args.regression else list(AGNEWS_LABELS))
     spec = TaskSpec(_split(args.text_fields), args.label_field, args.pair, args.regression, labels)
+    refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
     result = finetune_classifier(args.model, args.train, args.eval, args.out, spec, config_from_args(args))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "epoch")
     print(f"best epoch {result.best['epoch']}: {shown}; saved to {result.checkpoint}")

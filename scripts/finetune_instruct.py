@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
-from ttl_core.cli import run_cli
-from ttl_core.finetune import SAMPLE_DATA, add_finetune_args, config_from_args
+from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.finetune import RUN_OUTPUTS, SAMPLE_DATA, add_finetune_args, config_from_args
 from ttl_core.instruct import INSTRUCT_DEFAULTS, finetune_instruct
 from ttl_core.chat_format import CHAT_FORMATS
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/finetune-instruct", help="output directory (default %(default)s)")
     add_finetune_args(parser, INSTRUCT_DEFAULTS)
     args = parser.parse_args(argv)
+    refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
     summary = finetune_instruct(args.model, args.data, args.out, args.format, config_from_args(args),
                                 eval_file=args.eval, train_on_inputs=args.train_on_inputs)
     added = f"; added tokens {', '.join(summary['added_tokens'])}" if summary["added_tokens"] else ""

@@ -16,6 +16,12 @@ case "${1:-}" in
   "") echo "usage: scripts/gpu_suite.sh OUTDIR [--quick]" >&2; exit 2 ;;
   -*) echo "error: OUTDIR may not start with '-' (got $1)" >&2; exit 2 ;;
 esac
+# anything else after OUTDIR is a typo, which must not pick the short or the full suite silently
+[ $# -gt 2 ] && { echo "error: at most OUTDIR and --quick (got $*)" >&2; exit 2; }
+case "${2:-}" in
+  ""|--quick) ;;
+  *) echo "error: unknown option $2 (usage: scripts/gpu_suite.sh OUTDIR [--quick])" >&2; exit 2 ;;
+esac
 OUT=$1
 QUICK=${2:-}
 mkdir -p "$OUT"

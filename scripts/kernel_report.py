@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from ttl_core.cli import run_cli  # noqa: E402
+from ttl_core.cli import output_file, run_cli  # noqa: E402
 from ttl_core.errors import TTLError  # noqa: E402
 from ttl_core.fileio import write_json  # noqa: E402
 
@@ -186,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_KB),
                         help="compute capability x10 (default 90: H100/H200)")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--json", type=output_file, help="also write the rows to this file")
     args = parser.parse_args(argv)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists():  # checked first: compiling every kernel takes minutes
+        raise TTLError(f"kernel_report reads the compiled kernels with cuobjdump, which this triton lacks ({tools})")
     compiled = capture_compilations(args.arch)
     exercise_kernels()
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "cuobjdump").exists():
-        raise TTLError(f"kernel_report reads the compiled kernels with cuobjdump, which this triton lacks ({tools})")
     rows, too_big = [], []
     for name, constexprs, kernel in compiled:
         shared_kb = kernel.metadata.shared / 1024

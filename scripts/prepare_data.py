@@ -6,7 +6,8 @@
 Inputs: .txt (documents separated by blank lines), .jsonl (a "text" field per line), .parquet (a "text"
 column; needs pyarrow). A tokenizer is trained on the inputs (on 1 GiB of their documents at most, taken
 evenly from every file) unless --tokenizer gives one (a sentencepiece .model or a Hugging Face tokenizer
-directory). An interrupted run resumes when started again with the same arguments.
+directory). An interrupted run resumes when started again with the same arguments; an --out already prepared
+from other inputs or settings is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of documents held out for evaluation (default 0.1); 0 holds out none, for runs "
                              "with train.eval_every=0")
     parser.add_argument("--workers", type=int, help="tokenizing processes (default: every core this process may use)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace data --out holds from other inputs or settings (default: refuse)")
     args = parser.parse_args(argv)
     inputs = args.input + (SAMPLE_CORPUS if args.sample else [])
     if not inputs:
         raise DataError("no input: give --input FILES... or --sample")
     start = time.perf_counter()
     meta = prepare_data(inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                        val_fraction=args.val_fraction, workers=args.workers)
+                        val_fraction=args.val_fraction, workers=args.workers, replace=args.overwrite)
     print(f"wrote {args.out}: {meta['documents']:,} documents, {meta['train_tokens']:,} train + "
           f"{meta['val_tokens']:,} val tokens ({meta['dtype']}), vocab {meta['vocab_size']:,}, "
           f"{time.perf_counter() - start:.1f} s")

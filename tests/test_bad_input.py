@@ -181,6 +181,14 @@ def test_a_file_system_error_names_the_path_given_not_its_temporary(tmp_path, ca
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'out'}: Is a directory\n"
 
 
+def test_an_output_directory_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    """--out naming a file: mkdir's own words ("File exists") read as if the run had already been written there."""
+    (tmp_path / "run").write_text(f"{torch.rand(()).item()}\n")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda argv: (tmp_path / "run").mkdir(parents=True, exist_ok=True))
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'run'}: a file, not a directory\n"
+
+
 def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):
     def interrupted(argv):
         raise KeyboardInterrupt

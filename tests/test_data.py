@@ -120,7 +120,7 @@ def test_default_workers_are_the_cores_this_process_may_use(tmp_path, monkeypatc
     assert data.usable_cpus() == 2
     workers, real = [], data._run
     monkeypatch.setattr(data, "_run", lambda fn, jobs, n, tok: (workers.append(n), real(fn, jobs, 1, tok))[1])
-    prepare_data(write_inputs(tmp_path)[0], tmp_path / "out", vocab_size=300)
+    prepare_data(write_inputs(tmp_path)[0], tmp_path / "out", vocab_size=300, shard_docs=10)  # shards for both
     assert workers == [2]
 
 
@@ -194,6 +194,35 @@ def test_vocab_too_large_for_the_input_says_what_fits(tmp_path):
     (tmp_path / "small.txt").write_text("uma frase curta.\n\noutra frase curta.\n")
     with pytest.raises(TTLError, match=r"cannot train a 4096-token vocabulary.*largest this text allows is \d+"):
         prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=4096)
+
+
+@pytest.mark.parametrize("vocab_size", [0, -5, 2.5])
+def test_a_vocabulary_of_no_tokens_is_refused_before_any_work(tmp_path, vocab_size):
+    """sentencepiece's own words for it were a line of its C++ source ("INTERNAL: src/trainer_interface.cc(78)")."""
+    (tmp_path / "small.txt").write_text(f"uma frase curta {torch.randint(0, 99, ()).item()}.\n\noutra frase.\n")
+    message = rf"^vocab_size \(to train a tokenizer\) must be an integer >= 1, got {vocab_size}$"
+    with pytest.raises(DataError, match=message):
+        prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=vocab_size)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_no_more_tokenizing_processes_start_than_there_are_shards(tmp_path, monkeypatch, shards):
+    """--workers 64 (or a machine's 64 cores) on a corpus of one shard forked 64 processes that had nothing to do."""
+    inputs, docs = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
+    started = []
+
+    class Context:
+        def Pool(self, processes, *args):
+            started.append(processes)
+            raise KeyboardInterrupt("a pool was started")
+
+    monkeypatch.setattr(data.multiprocessing, "get_context", lambda method: Context())
+    try:
+        prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=64, shard_docs=-(-len(docs) // shards))
+    except KeyboardInterrupt:
+        pass
+    assert started == ([] if shards == 1 else [shards])  # one shard is tokenized in this process
 
 
 def test_script_on_sample(tmp_path):
@@ -453,3 +482,21 @@ def test_shards_run_across_input_files(tmp_path, monkeypatch):
     data._save_npz(work / "0000001.npz", train=np.array([1, 5, 2], np.uint32), val=np.zeros(0, np.uint32))
     prepare_data(inputs, tmp_path / "old", vocab_size=300, workers=1, shard_docs=5)
     assert read_outputs(tmp_path / "old") == read_outputs(tmp_path / "out")
+
+
+def test_data_prepared_from_other_inputs_is_replaced_only_when_asked(tmp_path):
+    """A second prepare_data into a finished directory with other inputs or settings replaced the data (and the
+    tokenizer) a run was trained on without a word; prepare_data.py now asks for --overwrite (replace=True)."""
+    inputs, _ = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1)
+    before = read_outputs(tmp_path / "out")
+    assert prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, replace=False)  # the same: nothing to do
+    with pytest.raises(DataError, match=f"^{tmp_path / 'out'} already holds data prepared from other inputs or "
+                                        "settings; pass --overwrite"):
+        prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=False)
+    assert read_outputs(tmp_path / "out") == before
+    (tmp_path / "out" / "train.bin").write_bytes(before["train.bin"][:-2])  # damaged, same inputs: prepared again
+    prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1, replace=False)
+    assert read_outputs(tmp_path / "out") == before
+    assert prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=True)["documents"] < \
+        json.loads(before["meta.json"])["documents"]

@@ -3,6 +3,7 @@ documented default, and usage errors are refused before any work starts. The lib
 recorders (they are tested on their own), so each test runs in well under a second; convert.py runs for real on
 a tiny model."""
 
+import argparse
 import json
 import types
 
@@ -12,7 +13,7 @@ from helpers import ROOT, load_script
 
 import ttl_core
 from ttl_core.data import SAMPLE_CORPUS
-from ttl_core.errors import ConfigError, DataError
+from ttl_core.errors import ConfigError, DataError, TTLError
 from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import INSTRUCT_DEFAULTS
 from ttl_core.run_config import load_run_config
@@ -82,14 +83,15 @@ def test_prepare_data_defaults_and_options_reach_prepare_data(monkeypatch, capsy
     monkeypatch.setattr(script, "prepare_data", prepare)
     assert script.main(["--input", "a.txt", "b.jsonl", "--out", "OUT"]) == 0
     assert prepare.calls[-1] == ((["a.txt", "b.jsonl"], "OUT"),
-                                 dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None))
+                                 dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None, replace=False))
     assert capsys.readouterr().out.startswith("wrote OUT: 1,234 documents, 56,789 train + 4,321 val tokens "
                                               "(uint16), vocab 4,096, ")
     assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--vocab-size", "512", "--tokenizer", "T",
                         "--val-fraction", "0.25", "--workers", "3"]) == 0
     assert prepare.calls[-1] == ((["a.txt", *SAMPLE_CORPUS], "OUT"),
-                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3))
-    assert script.main(["--sample", "--out", "OUT"]) == 0
+                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3, replace=False))
+    assert script.main(["--sample", "--out", "OUT", "--overwrite"]) == 0
+    assert prepare.calls[-1][1]["replace"] is True
     assert prepare.calls[-1][0][0] == list(SAMPLE_CORPUS)
     with pytest.raises(DataError, match=r"^no input: give --input FILES\.\.\. or --sample$"):
         script.main(["--out", "OUT"])
@@ -106,7 +108,8 @@ def classifier_script(monkeypatch):
     return script, run
 
 
-def test_classifier_defaults_are_the_agnews_recipe_on_the_bundled_sample(monkeypatch, capsys):
+def test_classifier_defaults_are_the_agnews_recipe_on_the_bundled_sample(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: a runs/ left in the checkout would be refused
     script, run = classifier_script(monkeypatch)
     assert script.main(["--model", "BASE"]) == 0
     [((model, train, eval_, out, spec, cfg), _)] = run.calls
@@ -152,7 +155,8 @@ def test_classifier_needs_both_task_files_or_neither(files, monkeypatch, capsys)
 
 # --- finetune_instruct.py -------------------------------------------------------------------------------------
 
-def test_instruct_defaults_and_options_reach_finetune_instruct(monkeypatch, capsys):
+def test_instruct_defaults_and_options_reach_finetune_instruct(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     script = load_script("finetune_instruct")
     run = recorder({"train_examples": 12, "final_loss": 1.5, "added_tokens": ["<|startofinstruction|>"]})
     monkeypatch.setattr(script, "finetune_instruct", run)
@@ -169,7 +173,8 @@ def test_instruct_defaults_and_options_reach_finetune_instruct(monkeypatch, caps
 
 # --- finetune_benchmark.py ------------------------------------------------------------------------------------
 
-def test_benchmark_runs_the_sample_tasks_or_the_given_list(monkeypatch, capsys):
+def test_benchmark_runs_the_sample_tasks_or_the_given_list(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     script = load_script("finetune_benchmark")
     run = recorder([])
     monkeypatch.setattr(script, "run_benchmark", run)
@@ -243,3 +248,107 @@ def test_plot_metrics_prints_the_plot_it_wrote(monkeypatch, capsys):
     plot = recorder(None)  # no metrics yet: nothing written, nothing claimed
     monkeypatch.setattr(script, "plot_metrics", plot)
     assert script.main(["RUN"]) == 0 and capsys.readouterr().out == ""
+
+
+# --- every script's --help ------------------------------------------------------------------------------------
+
+SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_option_has_help_and_shows_its_default(name, monkeypatch):
+    """--help is the reference a user reads: each option says what it does, and one with a default names it."""
+    parsers = []
+
+    def capture(parser, argv=None, namespace=None):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        load_script(name).main([])
+    [parser] = parsers
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+        shown = action.default in (None, False, [], "") or action.required or "default" in action.help
+        assert shown, f"{name}: {action.option_strings} does not show its default {action.default!r}"
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("bench_train", ["--batch", "4", "0"], "argument --batch: expected an integer >= 1, got '0'"),
+    ("bench_train", ["--steps", "-2"], "argument --steps: expected an integer >= 1, got '-2'"),
+    ("bench_generate", ["--batches", "0"], "argument --batches: expected an integer >= 1"),
+    ("bench_generate", ["--prompt", "0"], "argument --prompt: expected"),
+    ("bench_generate", ["--new-tokens", "-1"], "argument --new-tokens: expected"),
+    ("bench_generate", ["--hf-static-batches", "x"], "argument --hf-static-batches: expected"),
+    ("bench_generate", ["--preset", "ttl-16m"], "argument --preset: invalid choice"),
+])
+def test_benchmark_sizes_are_refused_before_any_gpu_time(name, argv, message, capsys):
+    """A count that cannot be measured is a usage error at once, not a crash after the device's peaks were measured
+    (or a run that records every shape as failed)."""
+    usage_error(load_script(name), argv, capsys, message)
+
+
+@pytest.mark.parametrize("name, work", [("kernel_report", "capture_compilations"), ("check_goals", "load_rows")])
+@pytest.mark.parametrize("destination, message", [("", "is a directory"), ("missing/out.json", "no such directory")])
+def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(name, work, destination, message,
+                                                                               tmp_path, monkeypatch, capsys):
+    """kernel_report compiles every kernel for minutes before it writes --json: a directory given for the file, or
+    a file in a folder that does not exist, is a usage error at once, not a failure that loses the report."""
+    script = load_script(name)
+
+    def must_not_start(*args, **kwargs):
+        raise AssertionError("the work started before --json was checked")
+
+    monkeypatch.setattr(script, work, must_not_start)
+    folder = [] if name == "kernel_report" else [str(tmp_path)]
+    usage_error(script, [*folder, "--json", str(tmp_path / destination)], capsys, message)
+
+
+# --- output that would replace an earlier run's -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name, work, result, left", [
+    ("finetune_classifier", "finetune_classifier", types.SimpleNamespace(best={"epoch": 1}, checkpoint="B"), "best"),
+    ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
+     "metrics.jsonl"),
+    ("finetune_benchmark", "run_benchmark", [], "results.json"),
+])
+def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, left, tmp_path, monkeypatch):
+    """A second run into the same --out (the default one, say) would replace the first's best model and results
+    without a word: it is refused unless --overwrite, as pretrain.py refuses an --out holding checkpoints."""
+    script = load_script(name)
+    run = recorder(result)
+    monkeypatch.setattr(script, work, run)
+    out = tmp_path / "out"
+    out.mkdir()
+    if left == "best":
+        (out / left).mkdir()
+    else:
+        (out / left).write_text("{}")
+    with pytest.raises(ConfigError, match=f"{out} already holds .*{left}.*--overwrite"):
+        script.main(["--model", "BASE", "--out", str(out)])
+    assert run.calls == []
+    assert script.main(["--model", "BASE", "--out", str(out), "--overwrite"]) == 0 and len(run.calls) == 1
+
+
+def test_convert_into_a_directory_holding_a_checkpoint_needs_overwrite(bf16_checkpoint, tmp_path):
+    src, _ = bf16_checkpoint
+    script = load_script("convert")
+    assert script.main(["--to-hf", str(src), str(tmp_path / "out")]) == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'out'} already holds .*config.json.*--overwrite"):
+        script.main(["--from-hf", str(src), str(tmp_path / "out"), "--dtype", "float32"])
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+    assert script.main(["--from-hf", str(src), str(tmp_path / "out"), "--dtype", "float32", "--overwrite"]) == 0
+    assert ttl_core.load_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32
+
+
+def test_kernel_report_without_cuobjdump_says_so_before_compiling(tmp_path, monkeypatch):
+    """The tool that reads the compiled kernels was looked for only after every kernel had been compiled."""
+    script = load_script("kernel_report")
+    monkeypatch.setattr(script.triton, "__file__", str(tmp_path / "triton" / "__init__.py"))
+    monkeypatch.setattr(script, "capture_compilations", lambda arch: pytest.fail("compiled before the check"))
+    with pytest.raises(TTLError, match="cuobjdump, which this triton lacks"):
+        script.main([])

@@ -185,6 +185,19 @@ class BenchDevice:
         return f"{self.name}: copy {self.bandwidth_gbs:.0f} GB/s, bf16 matmul {self.bf16_tflops:.1f} TFLOP/s measured"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts (batch sizes, steps, tokens): a 0 or negative one is a usage error at once,
+    not a failure after the device's peaks were measured."""
+    refused = argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise refused from None
+    if value < 1:
+        raise refused
+    return value
+
+
 def add_run_size_arguments(parser: argparse.ArgumentParser, quick: str,
                            smoke: str = "toy sizes, CPU allowed: checks the harness only") -> None:
     """The options every benchmark script takes: `--quick` (a shorter run, as the `quick` help says), `--smoke`

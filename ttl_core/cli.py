@@ -1,15 +1,18 @@
 """What every script shares: user errors become one `error: ...` line and exit status 2, and ttl's own warnings
-(UserWarning) one `warning: ...` line."""
+(UserWarning) one `warning: ...` line; outputs are checked before the work (a report file that cannot be
+written, a directory holding an earlier run's results)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from ttl_kernels.dispatch import BackendError
 
-from .errors import TTLError
+from .errors import ConfigError, TTLError
 
 _python_show_warning = warnings.showwarning
 
@@ -21,6 +24,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"warning: {message}", file=sys.stderr if file is None else file)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
+
+
+def output_file(text: str) -> str:
+    """An argparse type for a file a script writes when its work is done (a report's --json): a directory, or a
+    file in a folder that does not exist, is a usage error at once rather than after the work it was to record."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
+    return text
+
+
+def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> None:
+    """A ConfigError when `out` already holds one of `contents` (an earlier run's, a checkpoint's) and the user
+    did not pass --overwrite: a rerun into the same directory would otherwise replace it without a word."""
+    found = [name for name in contents if (Path(out) / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"{out} already holds {what} ({found[0]}); pass --overwrite to replace it, or choose "
+                          "another output directory")
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
@@ -37,7 +60,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except OSError as e:
         # a failed rename names its destination second: the path the user gave, not the temporary written first
         path = e.filename2 or e.filename
-        print(f"error: {path or ''}{': ' if path else ''}{e.strerror or e}", file=sys.stderr)
+        reason = e.strerror or e
+        if isinstance(e, FileExistsError) and path and Path(path).is_file():
+            reason = "a file, not a directory"  # mkdir's "File exists" reads as if the output were there already
+        print(f"error: {path or ''}{': ' if path else ''}{reason}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -126,7 +126,7 @@ def _fingerprint(paths: list[Path]) -> list[dict]:
 
 def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 4096,
                  tokenizer: str | os.PathLike | Tokenizer | None = None, val_fraction: float = 0.1,
-                 workers: int | None = None, shard_docs: int = 1024) -> dict:
+                 workers: int | None = None, shard_docs: int = 1024, replace: bool = True) -> dict:
     """Tokenize text files into a data directory (see the module docstring) and return its meta.json contents.
 
     Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES of them at most, see `_tokenizer_sample`)
@@ -134,7 +134,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin` (empty with 0, for
     training without evaluation: `train.eval_every = 0`). `workers`
     processes (default: every core this process may use) tokenize shards of `shard_docs` documents; rerunning
-    after an interruption reuses the finished shards and gives identical files."""
+    after an interruption reuses the finished shards and gives identical files. A directory already prepared from
+    other inputs or settings is replaced, or with `replace=False` refused."""
     if isinstance(inputs, (str, os.PathLike)):  # one file, not the characters of its name
         inputs = [inputs]
     paths = [Path(p) for p in inputs]
@@ -171,6 +172,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         if work.is_dir() and _bookkeeping(work / "plan.json") in (work_plan, None):
             shutil.rmtree(work)
         return previous  # already prepared from these exact inputs
+    if isinstance(previous, dict) and previous.get("plan") not in (None, plan) and not replace:
+        raise DataError(f"{out_dir} already holds data prepared from other inputs or settings; pass --overwrite to "
+                        "replace it (runs trained on it would no longer resume), or choose another --out")
     if work.is_dir() and _bookkeeping(work / "plan.json") != work_plan:
         shutil.rmtree(work)  # leftovers of a different run (or of one whose plan is unreadable)
     work.mkdir(parents=True, exist_ok=True)
@@ -198,7 +202,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
-        for shard, train, val, n in _run(_tokenize_shard, jobs(), workers or usable_cpus(), work / "tokenizer"):
+        # a process per shard left at most: more would start only to find nothing to do
+        processes = min(workers or usable_cpus(), max(1, len(sizes) - len(done)))
+        for shard, train, val, n in _run(_tokenize_shard, jobs(), processes, work / "tokenizer"):
             atomic_write(work / f"{shard:07d}.npz", lambda tmp: _save_npz(tmp, train=train, val=val))
             bar.update(n)
 

@@ -36,6 +36,8 @@ from .train import AUTOCAST_DTYPES, autocast, build_optimizer, lr_at, optimizer_
 DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+# what a fine-tuning run (or a benchmark of them) leaves in its output directory
+RUN_OUTPUTS = ("best", "results.json", "metrics.jsonl")
 
 
 @dataclass
@@ -105,6 +107,8 @@ class FinetuneConfig:
 
 def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
     """The command-line options shared by the fine-tuning scripts, with `defaults` shown in --help."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results an earlier run left in --out (default: refuse)")
     group = parser.add_argument_group("training")
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size,
