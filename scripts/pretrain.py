@@ -4,7 +4,8 @@
   torchrun --nproc_per_node 8 scripts/pretrain.py --config configs/ttl-160m.toml --data DATA --out RUN --device cuda
 
 Without --data (and no [data] path in the config) the bundled Portuguese sample corpus is prepared into
-RUN/data first. Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
+RUN/data first; with --resume, the run continues on the data directory its checkpoint records instead.
+Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
 `ttl_core.load_pretrained`), RUN/loss.png, and prints a sample generation from the final model.
 """
 
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --out (on its recorded data if no --data)")
     parser.add_argument("--init-from", help="start from this HF Llama checkpoint instead of random weights")
     parser.add_argument("--document-masking", action="store_true",
                         help="attend within each packed document only, positions restarting per document")

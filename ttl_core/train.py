@@ -31,7 +31,7 @@ from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
-from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable
+from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -220,10 +220,18 @@ def check_eval_split(data_path: Path, run: RunConfig, world: World) -> None:
         raise DataError(f"{e}; or set train.eval_every=0 to train without evaluation") from None
 
 
-def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int) -> Path:
-    """The prepared data directory: given, named in the config, or the bundled sample corpus prepared
-    into RUN/data on first use."""
+def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int,
+                 recorded: tuple[Path, str] | None = None) -> Path:
+    """The prepared data directory: given, named in the config, the one the run resumed trained on (`recorded`:
+    its checkpoint and that directory), or the bundled sample corpus prepared into RUN/data on first use."""
     chosen = data_dir or run.data.path
+    if not chosen and recorded is not None:
+        checkpoint, chosen = recorded
+        if not Path(chosen).exists():
+            raise ConfigError(f"{checkpoint} was trained on {chosen}, which no longer exists; give the run's data "
+                              "with --data")
+        if world.is_main:
+            print(f"resuming on the data the run was trained on, {chosen} (give --data for other data)")
     if chosen:
         path = Path(chosen)
         if not (path / "meta.json").exists():
@@ -356,7 +364,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if resumed is not None:
         check_resumable(run, resumed[0].get("config"), resume_from)
     config = model.config
-    data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
+    recorded = recorded_data_path(resumed[0].get("config")) if resumed is not None else None
+    data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     recorded_config["data"]["path"] = str(data_path)
     tokenizer = Tokenizer.from_pretrained(data_path)
