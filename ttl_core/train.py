@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
+from .preemption import StopOnSignal
 from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path
 from .tokenizer import Tokenizer
 
@@ -312,13 +314,15 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
 
 @dataclass
 class RunResult:
-    """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only) and the
-    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0)."""
+    """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only), the
+    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0) and the signal that stopped the
+    run early, if one did (see `ttl_core.preemption`)."""
 
     last_step: int
     last_loss: float | None
     checkpoint: Path | None
     sample: str | None
+    stopped_by: signal.Signals | None = None
 
 
 def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
@@ -428,7 +432,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
               f"{world.size} process{'es' if world.size > 1 else ''})")
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
-    loss = None
+    loss = stopped_by = None
 
     def save(at_step: int) -> Path:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
@@ -440,6 +444,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         barrier(world)
         return path
 
+    stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
     try:
         while step < last_step:
             step += 1
@@ -465,13 +470,19 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 if log:
                     log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
-            if step % train.save_every == 0 or step == last_step:
+            stopped_by = stop.agreed() if step < last_step else None  # at the last step the run ends anyway
+            if step % train.save_every == 0 or step == last_step or stopped_by:
                 saved_at = save(step)
+            if stopped_by:
+                break
     finally:
+        stop.restore()
         progress.close()
         if log:
             log.close()
 
+    if stopped_by and world.is_main:
+        print(f"stopped on {stopped_by.name} at step {step}, saved in {saved_at}; continue with --resume")
     sample = None
     try:
         if world.is_main:
@@ -483,4 +494,4 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         # that destroyed its gloo group meanwhile was seen to abort ("terminate called without an active
         # exception")
         barrier(world)
-    return RunResult(step, loss, saved_at, sample)
+    return RunResult(step, loss, saved_at, sample, stopped_by)
