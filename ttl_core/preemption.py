@@ -56,7 +56,7 @@ class StopOnSignal:
         # the largest signal number wins, so all ranks report (and exit with the status of) the same signal
         number = torch.tensor([int(self.received or 0)])
         dist.all_reduce(number, op=dist.ReduceOp.MAX, group=self._group)
-        return signal.Signals(int(number)) if number.item() else None
+        return signal.Signals(int(number)) if int(number) else None
 
     def restore(self) -> None:
         """Put back the handlers found at construction and release the group."""
