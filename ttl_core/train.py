@@ -331,8 +331,9 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     state), loss.png, and a sample generation from the final model. Evaluation on val.bin runs every
     `train.eval_every` steps and after the last (never with 0). `resume` continues from the newest complete
     checkpoint (a damaged one is a CheckpointError naming the older one to resume from; there is no silent
-    fallback); `stop_after` ends cleanly (with a checkpoint) after that step. A second run on `out_dir` while
-    this one runs is refused."""
+    fallback); `stop_after` ends cleanly (with a checkpoint) after that step, and so does SIGTERM, SIGUSR1 or
+    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption). A second run on `out_dir`
+    while this one runs is refused."""
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
