@@ -37,11 +37,12 @@ class StopOnSignal:
     def __init__(self, world: World):
         self.world = world
         self.received: signal.Signals | None = None
+        # every rank creates it here, at the same point of the run, as a new group must be (and before the
+        # handlers change, so that a failure here leaves them as they were)
+        self._group = dist.new_group(backend="gloo") if world.distributed else None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._request) for sig in STOP_SIGNALS}
-        # every rank creates it here, at the same point of the run, as a new group must be
-        self._group = dist.new_group(backend="gloo") if world.distributed else None
 
     def _request(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received is not None:
