@@ -30,7 +30,8 @@ from ttl_core.config import PRESETS
 from ttl_core.distributed import World
 from ttl_core.metrics import flops_per_token, peak_tflops
 from ttl_core.run_config import TrainConfig
-from ttl_core.train import build_optimizer, train_step
+from ttl_core.optim import build_optimizer
+from ttl_core.train import train_step
 
 
 def ttl_step(config: LlamaConfig, train: TrainConfig, compile_blocks: bool, device: torch.device,

@@ -4,8 +4,14 @@
   torchrun --nproc_per_node 8 scripts/pretrain.py --config configs/ttl-160m.toml --data DATA --out RUN --device cuda
 
 Without --data (and no [data] path in the config) the bundled Portuguese sample corpus is prepared into
-RUN/data first. Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
+RUN/data first; with --resume, the run continues on the data directory its checkpoint records instead.
+Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
 `ttl_core.load_pretrained`), RUN/loss.png, and prints a sample generation from the final model.
+
+SIGTERM or SIGUSR1 (a scheduler's warning before its time limit: `#SBATCH --signal=USR1@120` in SLURM) ends the
+run after the optimizer step in progress, with a checkpoint of that step, and exit status 75 (EX_TEMPFAIL: requeue
+and run again with --resume); Ctrl-C does the same with status 130, and a second Ctrl-C stops at once. Under
+torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGUSR1 (see README.md).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from ttl_core.cli import run_cli
+from ttl_core.preemption import EXIT_STATUS
 from ttl_core.run_config import load_run_config
 from ttl_core.train import train
 
@@ -25,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --out (without --data: on the data it records)")
     parser.add_argument("--init-from", help="start from this HF Llama checkpoint instead of random weights")
     parser.add_argument("--document-masking", action="store_true",
                         help="attend within each packed document only, positions restarting per document")
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step {result.last_step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
     if result.sample is not None:
         print(f"sample: {result.sample}")
-    return 0
+    return EXIT_STATUS[result.stopped_by] if result.stopped_by else 0
 
 
 if __name__ == "__main__":

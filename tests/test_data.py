@@ -196,16 +196,6 @@ def test_vocab_too_large_for_the_input_says_what_fits(tmp_path):
         prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=4096)
 
 
-@pytest.mark.parametrize("vocab_size", [0, -5, 2.5])
-def test_a_vocabulary_of_no_tokens_is_refused_before_any_work(tmp_path, vocab_size):
-    """sentencepiece's own words for it were a line of its C++ source ("INTERNAL: src/trainer_interface.cc(78)")."""
-    (tmp_path / "small.txt").write_text(f"uma frase curta {torch.randint(0, 99, ()).item()}.\n\noutra frase.\n")
-    message = rf"^vocab_size \(to train a tokenizer\) must be an integer >= 1, got {vocab_size}$"
-    with pytest.raises(DataError, match=message):
-        prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=vocab_size)
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("shards", [1, 3])
 def test_no_more_tokenizing_processes_start_than_there_are_shards(tmp_path, monkeypatch, shards):
     """--workers 64 (or a machine's 64 cores) on a corpus of one shard forked 64 processes that had nothing to do."""

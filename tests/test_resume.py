@@ -26,7 +26,8 @@ from ttl_core.metrics import read_metrics
 from ttl_core.tokenizer import Tokenizer
 import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
-from ttl_core.train import build_optimizer, train
+from ttl_core.optim import build_optimizer
+from ttl_core.train import train
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ a tiny model."""
 
 import argparse
 import json
+import signal
 import types
 
 import pytest
@@ -40,7 +41,7 @@ def usage_error(script, argv, capsys, message):
 
 def test_pretrain_defaults_reach_train(tmp_path, monkeypatch, capsys):
     script = load_script("pretrain")
-    train = recorder(types.SimpleNamespace(checkpoint=None, sample=None))
+    train = recorder(types.SimpleNamespace(checkpoint=None, sample=None, stopped_by=None))
     monkeypatch.setattr(script, "train", train)
     assert script.main(["--out", str(tmp_path / "run")]) == 0
     [((run, out), kwargs)] = train.calls
@@ -49,11 +50,20 @@ def test_pretrain_defaults_reach_train(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == ""  # nothing trained, nothing to report
 
 
+@pytest.mark.parametrize("stopped_by, status", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)])
+def test_pretrain_stopped_by_a_signal_exits_with_the_documented_status(monkeypatch, stopped_by, status):
+    """75 (EX_TEMPFAIL) asks a requeue script to run again with --resume; a Ctrl-C keeps an interrupted program's 130."""
+    script = load_script("pretrain")
+    monkeypatch.setattr(script, "train", recorder(types.SimpleNamespace(
+        checkpoint="RUN/checkpoints/step-000002", sample=None, last_step=2, last_loss=1.5, stopped_by=stopped_by)))
+    assert script.main(["--out", "RUN"]) == status
+
+
 def test_pretrain_options_reach_the_config_and_train(tmp_path, monkeypatch, capsys):
     """The named options win over a --set of the same key; other --set overrides and the --config file apply."""
     script = load_script("pretrain")
     train = recorder(types.SimpleNamespace(checkpoint="RUN/checkpoints/step-000005", sample="o menino",
-                                           last_step=5, last_loss=1.234567))
+                                           last_step=5, last_loss=1.234567, stopped_by=None))
     monkeypatch.setattr(script, "train", train)
     config = ROOT / "configs" / "tiny.toml"
     assert script.main(["--config", str(config), "--data", "DATA", "--out", "RUN", "--set", "train.max_steps=99",

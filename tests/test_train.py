@@ -23,8 +23,8 @@ from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
 from ttl_core.run_config import load_run_config
 import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
-from ttl_core.train import (build_optimizer, clip_gradients, evaluate, lr_at, model_inputs, optimizer_update,
-                            train, train_step)
+from ttl_core.optim import build_optimizer, clip_gradients, lr_at, optimizer_update
+from ttl_core.train import evaluate, model_inputs, train, train_step
 
 
 @pytest.fixture(scope="module")

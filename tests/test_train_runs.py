@@ -324,3 +324,25 @@ def test_tf32_switch_sets_the_cuda_flags_only_on_cuda(tmp_path, data_dir, monkey
     monkeypatch.setattr(ttl_train, "set_tf32", lambda device, enabled: calls.append((device, enabled)))
     train(run_config("train.max_steps=1", "train.eval_every=0", "train.tf32=true"), tmp_path, data_dir=str(data_dir))
     assert calls == [(torch.device("cpu"), True)]
+
+
+def test_resume_without_data_continues_on_the_data_the_run_recorded(tmp_path, data_dir, capsys):
+    """A run trained on --data, resumed without it, prepared the bundled corpus into RUN/data and then refused it
+    for its other tokenizer; the checkpoint records the run's data directory, which --resume now takes (saying so).
+    A recorded directory that is gone is one line naming it."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    run = run_config("train.max_steps=4", "train.save_every=100")
+    train(run, tmp_path / "straight", data_dir=str(data))
+    train(run, tmp_path / "sliced", data_dir=str(data), stop_after=2)
+    capsys.readouterr()
+    assert train(run, tmp_path / "sliced", resume=True).last_step == 4
+    said = capsys.readouterr().out
+    assert f"resuming on the data the run was trained on, {data} (give --data for other data)" in said
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight") and not (tmp_path / "sliced" / "data").exists()
+    data.rename(tmp_path / "moved")
+    checkpoint = tmp_path / "sliced" / "checkpoints" / "step-000004"
+    with pytest.raises(ConfigError) as e:
+        train(run_config("train.max_steps=5"), tmp_path / "sliced", resume=True)
+    assert str(e.value) == (f"{checkpoint} was trained on {data}, which no longer exists; give the run's data "
+                            "with --data")

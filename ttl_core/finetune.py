@@ -28,10 +28,11 @@ from .fileio import write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
+from .optim import build_optimizer, lr_at, optimizer_update
 from .run_config import TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
-from .train import AUTOCAST_DTYPES, autocast, build_optimizer, lr_at, optimizer_update
+from .train import AUTOCAST_DTYPES, autocast
 
 DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")

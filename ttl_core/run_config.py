@@ -197,6 +197,14 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
                           f"{run.train.no_decay} would move parameters between weight-decay groups")
 
 
+def recorded_data_path(saved: Any) -> str | None:
+    """The data directory a checkpoint's run trained on, from trainer_state.json's "config"; None where it is not
+    recorded (checkpoints written before it was, which say "" for a run given --data)."""
+    data = saved.get("data") if isinstance(saved, dict) else None
+    path = data.get("path") if isinstance(data, dict) else None
+    return path if isinstance(path, str) and path else None
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML run config (or start from the defaults when `path` is None) and apply `--set` overrides."""
     raw: dict[str, Any] = {}

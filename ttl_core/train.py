@@ -1,7 +1,7 @@
 """From-scratch pretraining (and continued pretraining) of a causal Llama on a prepared token directory.
 
-The loop is a handful of small functions with explicit inputs: `build_optimizer`, `lr_at`, `train_step`,
-`evaluate`, checkpointing in `ttl_core.checkpoint`, process groups in `ttl_core.distributed`. `train()`
+The loop is a handful of small functions with explicit inputs: `train_step`, `evaluate`, the optimizer pieces in
+`ttl_core.optim`, checkpointing in `ttl_core.checkpoint`, process groups in `ttl_core.distributed`. `train()`
 wires them together. Losses are summed over tokens and divided by the number of target tokens in the
 whole optimizer step (all micro-batches, all ranks), so gradient accumulation and data parallelism give
 the same update as one big batch; resuming restores weights, optimizer, RNG and data position, so a
@@ -11,7 +11,7 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
-import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,43 +31,15 @@ from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
-from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable
+from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
+from .preemption import StopOnSignal
+from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-# fp16's grad scaler skips a step whose gradients are not finite and halves its loss scale. Gradients that are
-# still not finite at a scale of 1 or less were not pushed out of float16's range by the scaling: they are NaN,
-# or beyond float16 unscaled, which the scaler would skip for ever (the scale halving to 0) without a word.
-MIN_LOSS_SCALE = 1.0
 # [model] fields that change how a model trains, not what it is: an --init-from run may set them (see
 # build_or_load_model)
 DROPOUT_FIELDS = ("attention_dropout",)
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
-    `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA)."""
-    # a tied weight counts under each of its names (the LM head tied to the embedding is listed as the embedding's)
-    excluded = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
-                if any(f in name for f in train.no_decay)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if id(param) in excluded else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
-                             eps=train.eps, fused=device.type == "cuda")
-
-
-def lr_at(step: int, train: TrainConfig) -> float:
-    """The lr of optimizer step `step` (from 1): linear warmup from lr/warmup to lr over `warmup_steps`, then
-    a cosine that reaches `min_lr` just after step `max_steps`, so the last update is not spent at the floor
-    (with `min_lr` 0 it would change nothing). Past the warmup this is transformers' cosine schedule
-    (`get_cosine_with_min_lr_schedule_with_warmup`), whose warmup starts one step behind, at lr 0."""
-    if step <= train.warmup_steps:
-        return train.lr * step / train.warmup_steps
-    progress = min(1.0, (step - 1 - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
-    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -137,69 +109,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     return mean_loss, grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
 
 
-def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
-                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """Unscale the accumulated gradients (fp16) and clip them to `train.grad_clip` (0: no clipping); returns
-    the gradient norm before clipping as a device tensor (no host sync)."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    if train.grad_clip:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-    else:  # the norm alone: clipping to infinity would still rescale every gradient by 1, a pass over all of them
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-
-
-def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,
-                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float | bool]:
-    """Set the learning rate, step the optimizer (through the scaler for fp16) and zero the gradients. With a
-    scaler, returns the step's `loss_scale` (the one its gradients were scaled by) and whether the scaler `skipped`
-    it; else {}. Only a step with an inf or NaN gradient, hence a non-finite `grad_norm`, can be skipped: only then
-    is the scale read back after the update (a host sync that waits for it) to tell."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    figures: dict[str, float | bool] = {}
-    if scaler:
-        scale = scaler.get_scale()  # no wait: the loss and norm were just read back
-        scaler.step(optimizer)
-        scaler.update()  # halves the scale after a skipped step
-        figures = {"loss_scale": scale, "skipped": not math.isfinite(grad_norm) and scaler.get_scale() < scale}
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return figures
-
-
-def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
-                     scaler: torch.amp.GradScaler | None = None) -> tuple[float, dict[str, float | bool]]:
-    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping and the grad scaler's
-    figures from `apply_update`. A non-finite norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE)
-    raises TrainingError before the weights change (see `train_step`)."""
-    grad_norm = float(clip_gradients(model, optimizer, train, scaler))
-    stop_if_not_finite(optimizer, gradient_figures(grad_norm, scaler))
-    return grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
-
-
-def gradient_figures(grad_norm: float, scaler: torch.amp.GradScaler | None) -> dict[str, float]:
-    """The gradient norm for `stop_if_not_finite` to check: always without a grad scaler; with one, only once
-    the loss scale is down to MIN_LOSS_SCALE (above it the scaler skips the step and lowers the scale itself).
-    The scale is read (a host sync) only for a norm that is not finite."""
-    if scaler is None:
-        return {"gradient norm": grad_norm}
-    if not math.isfinite(grad_norm) and scaler.get_scale() <= MIN_LOSS_SCALE:
-        return {f"gradient norm at fp16 loss scale {scaler.get_scale():g}": grad_norm}
-    return {}
-
-
-def stop_if_not_finite(optimizer: torch.optim.Optimizer, figures: dict[str, float]) -> None:
-    """Raise TrainingError naming the first of `figures` that is NaN or infinite, with the gradients dropped
-    so the weights stay as they were."""
-    for name, value in figures.items():
-        if not math.isfinite(value):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(f"{name} became {value}")
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: World, bos_id: int | None) -> float:
     """Mean loss per target token over the first `eval_batches` global batches of val.bin (fewer if it holds
@@ -235,10 +144,18 @@ def check_eval_split(data_path: Path, run: RunConfig, world: World) -> None:
         raise DataError(f"{e}; or set train.eval_every=0 to train without evaluation") from None
 
 
-def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int) -> Path:
-    """The prepared data directory: given, named in the config, or the bundled sample corpus prepared
-    into RUN/data on first use."""
+def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int,
+                 recorded: tuple[Path, str] | None = None) -> Path:
+    """The prepared data directory: given, named in the config, the one the run resumed trained on (`recorded`:
+    its checkpoint and that directory), or the bundled sample corpus prepared into RUN/data on first use."""
     chosen = data_dir or run.data.path
+    if not chosen and recorded is not None:
+        checkpoint, chosen = recorded
+        if not Path(chosen).exists():
+            raise ConfigError(f"{checkpoint} was trained on {chosen}, which no longer exists; give the run's data "
+                              "with --data")
+        if world.is_main:
+            print(f"resuming on the data the run was trained on, {chosen} (give --data for other data)")
     if chosen:
         path = Path(chosen)
         if not (path / "meta.json").exists():
@@ -319,13 +236,15 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
 
 @dataclass
 class RunResult:
-    """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only) and the
-    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0)."""
+    """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only), the
+    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0) and the signal that stopped the
+    run early, if one did (see `ttl_core.preemption`)."""
 
     last_step: int
     last_loss: float | None
     checkpoint: Path | None
     sample: str | None
+    stopped_by: signal.Signals | None = None
 
 
 def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
@@ -334,8 +253,9 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     state), loss.png, and a sample generation from the final model. Evaluation on val.bin runs every
     `train.eval_every` steps and after the last (never with 0). `resume` continues from the newest complete
     checkpoint (a damaged one is a CheckpointError naming the older one to resume from; there is no silent
-    fallback); `stop_after` ends cleanly (with a checkpoint) after that step. A second run on `out_dir` while
-    this one runs is refused."""
+    fallback); `stop_after` ends cleanly (with a checkpoint) after that step, and so does SIGTERM, SIGUSR1 or
+    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption). A second run on `out_dir`
+    while this one runs is refused."""
     out_dir = Path(out_dir)
     world = init_world(device)
     try:
@@ -372,7 +292,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if resumed is not None:
         check_resumable(run, resumed[0].get("config"), resume_from)
     config = model.config
-    data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size)
+    recorded = recorded_data_path(resumed[0].get("config")) if resumed is not None else None
+    data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     recorded_config["data"]["path"] = str(data_path)
     tokenizer = Tokenizer.from_pretrained(data_path)
@@ -435,7 +356,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
               f"{world.size} process{'es' if world.size > 1 else ''})")
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
-    loss = None
+    loss = stopped_by = None
 
     def save(at_step: int) -> Path:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
@@ -449,6 +370,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         barrier(world)
         return path
 
+    stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
     try:
         while step < last_step:
             step += 1
@@ -475,13 +397,19 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 if log:
                     log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
-            if step % train.save_every == 0 or step == last_step:
+            stopped_by = stop.agreed() if step < last_step else None  # at the last step the run ends anyway
+            if step % train.save_every == 0 or step == last_step or stopped_by:
                 saved_at = save(step)
+            if stopped_by:
+                break
     finally:
+        stop.restore()
         progress.close()
         if log:
             log.close()
 
+    if stopped_by and world.is_main:
+        print(f"stopped on {stopped_by.name} at step {step}, saved in {saved_at}; continue with --resume")
     sample = None
     try:
         if world.is_main:
@@ -493,4 +421,4 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         # that destroyed its gloo group meanwhile was seen to abort ("terminate called without an active
         # exception")
         barrier(world)
-    return RunResult(step, loss, saved_at, sample)
+    return RunResult(step, loss, saved_at, sample, stopped_by)

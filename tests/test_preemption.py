@@ -1,0 +1,214 @@
+"""A scheduler's signal (SIGTERM, SIGUSR1) or Ctrl-C ends a run after the optimizer step in progress, with a
+checkpoint of that step from which --resume continues bit for bit. The signals are sent from inside the run at a
+chosen step (a wrapped train_step), never by a timer racing the steps."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT
+from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, run_config
+from ttl_core import load_pretrained
+from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
+import ttl_core.checkpoint as ttl_checkpoint
+import ttl_core.train as ttl_train
+from ttl_core.train import train
+
+RUN = ("train.max_steps=5", "train.save_every=100")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir) -> Path:
+    """The uninterrupted run the signalled ones must reproduce."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(run_config(*RUN), run_dir, data_dir=str(data_dir))
+    return run_dir
+
+
+def signal_during_step(monkeypatch, step: int, signum: int) -> None:
+    """Send `signum` to this process at the start of optimizer step `step` (counted from this train() call)."""
+    real, calls = ttl_train.train_step, []
+
+    def step_with_a_signal(*args, **kwargs):
+        calls.append(step)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "train_step", step_with_a_signal)
+
+
+def handlers() -> list:
+    return [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_checkpoints_the_step_in_progress_and_resume_continues_bit_for_bit(tmp_path, data_dir, straight,
+                                                                                    monkeypatch, capsys, signum):
+    before = handlers()
+    signal_during_step(monkeypatch, 3, signum)
+    result = train(run_config(*RUN), tmp_path, data_dir=str(data_dir))
+    assert (result.last_step, result.stopped_by) == (3, signum) and handlers() == before
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000003"] == [result.checkpoint.name]
+    assert (f"stopped on {signal.Signals(signum).name} at step 3, saved in {result.checkpoint}; continue with "
+            f"--resume") in capsys.readouterr().out
+    monkeypatch.undo()
+    assert train(run_config(*RUN), tmp_path, data_dir=str(data_dir), resume=True).stopped_by is None
+    assert losses(tmp_path) == losses(straight) and len(losses(straight)) == 5
+    assert same_weights(tmp_path / "checkpoints" / "step-000005", straight / "checkpoints" / "step-000005")
+
+
+def test_a_step_just_saved_is_not_saved_again_and_a_second_signal_while_saving_changes_nothing(tmp_path, data_dir,
+                                                                                              monkeypatch):
+    real, saves = ttl_train.save_checkpoint, []
+
+    def save_and_signal_again(run_dir, step, *args, **kwargs):
+        saves.append(step)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler that repeats itself
+        return real(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "save_checkpoint", save_and_signal_again)
+    signal_during_step(monkeypatch, 2, signal.SIGUSR1)
+    result = train(run_config(*RUN[:1], "train.save_every=2"), tmp_path, data_dir=str(data_dir))
+    assert (result.last_step, result.stopped_by, saves) == (2, signal.SIGUSR1, [2])
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002"]
+
+
+def test_a_second_ctrl_c_while_saving_stops_at_once_and_leaves_the_previous_checkpoint(tmp_path, data_dir, straight,
+                                                                                      monkeypatch):
+    real, interrupted = ttl_checkpoint.save_pretrained, []
+
+    def save_then_interrupt(model, path, **kwargs):
+        real(model, path, **kwargs)
+        if "step-000003" in str(path):  # the weights are written, the rest of the checkpoint is not
+            interrupted.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = handlers()
+    monkeypatch.setattr(ttl_checkpoint, "save_pretrained", save_then_interrupt)
+    signal_during_step(monkeypatch, 3, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(*RUN[:1], "train.save_every=2"), tmp_path, data_dir=str(data_dir))
+    # the first Ctrl-C let step 3 finish and its save begin; the second stopped the save
+    assert handlers() == before and interrupted and len(losses(tmp_path)) == 3
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000002"]
+    monkeypatch.undo()
+    assert train(run_config(*RUN), tmp_path, data_dir=str(data_dir), resume=True).last_step == 5
+    assert losses(tmp_path) == losses(straight)
+
+
+SIGNALLER = """
+import os, runpy, signal, sys
+import ttl_core.train as train
+step, name, rank = int(sys.argv.pop(1)), sys.argv.pop(1), sys.argv.pop(1)
+real, calls = train.train_step, []
+def step_with_a_signal(*args, **kwargs):
+    calls.append(step)
+    if len(calls) == step and os.environ.get("RANK", "0") == rank:
+        os.kill(os.getpid(), getattr(signal, name))
+    return real(*args, **kwargs)
+train.train_step = step_with_a_signal
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def pretrain_with_a_signal(tmp_path: Path, step: int, name: str, rank: int, args: list, env: dict):
+    """scripts/pretrain.py ARGS, signalled with `name` at the start of its step `step` on rank `rank` (unstarted)."""
+    signaller = tmp_path / "signaller.py"
+    signaller.write_text(SIGNALLER)
+    return subprocess.Popen([sys.executable, str(signaller), str(step), name, str(rank),
+                             str(ROOT / "scripts" / "pretrain.py"), *map(str, args)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_args(data_dir: Path, run_dir: Path, *more: str) -> list:
+    settings = [*MICRO_MODEL, "model.vocab_size=400", *FAST, *RUN, *more]
+    return ["--data", data_dir, "--out", run_dir, *[x for o in settings for x in ("--set", o)]]
+
+
+def test_pretrain_stopped_by_sigterm_exits_75_with_one_line_saying_how_to_continue(tmp_path, data_dir):
+    done = pretrain_with_a_signal(tmp_path, 2, "SIGTERM", 0, cli_args(data_dir, tmp_path / "run"), {})
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 75, err[-2000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    assert f"stopped on SIGTERM at step 2, saved in {checkpoint}; continue with --resume\n" in out
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
+
+
+def free_port() -> int:
+    """A free port in 29700-29799, the range these tests' process groups use."""
+    for port in range(29700, 29800):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 29700-29799")
+
+
+def two_ranks(tmp_path: Path, args: list, signal_at: int | None = None) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each of two gloo ranks of scripts/pretrain.py ARGS; with `signal_at`,
+    rank 1 alone gets SIGUSR1 at the start of that step."""
+    port = free_port()
+    ranks = [pretrain_with_a_signal(tmp_path, signal_at or 0, "SIGUSR1", 1, args,
+                                    {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=300) for rank in ranks]
+        return [(rank.returncode, *output) for rank, output in zip(ranks, outputs)]
+    finally:
+        for rank in ranks:  # a rank left waiting at a collective must not outlive the test
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+
+
+def same_state(a, b) -> bool:
+    """Equal nested dicts and lists of tensors and plain values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data_dir):
+    """torchrun's ranks may receive a signal during different steps (here rank 1 alone gets one): they agree on the
+    step to stop after and save it together, as the checkpoint an uninterrupted pair writes at that step (weights,
+    optimizer moments, random state, data position: all that --resume restores)."""
+    stopped = two_ranks(tmp_path, cli_args(data_dir, tmp_path / "run", "train.max_steps=3"), signal_at=2)
+    assert [status for status, _, _ in stopped] == [75, 75], stopped[0][2][-2000:] + stopped[1][2][-2000:]
+    assert "stopped on SIGUSR1 at step 2" in stopped[0][1]
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
+    whole = two_ranks(tmp_path, cli_args(data_dir, tmp_path / "whole", "train.max_steps=3", "train.save_every=2"))
+    assert [status for status, _, _ in whole] == [0, 0], whole[0][2][-2000:]
+    (state, saved), (whole_state, whole_saved) = [load_trainer_state(run / "checkpoints" / "step-000002")
+                                                  for run in (tmp_path / "run", tmp_path / "whole")]
+    # Python's and NumPy's generators are unseeded, each process's own: the training draws from torch's alone
+    assert state["data"] == whole_state["data"] and same_state(saved["rng"]["torch"], whole_saved["rng"]["torch"])
+    assert same_state(saved["optimizer"], whole_saved["optimizer"])
+    assert same_weights(*[run / "checkpoints" / "step-000002" for run in (tmp_path / "run", tmp_path / "whole")])
+    assert losses(tmp_path / "run") == losses(tmp_path / "whole")[:2]

@@ -1,0 +1,105 @@
+"""The optimizer side of a training step, shared by pretraining (`ttl_core.train`) and fine-tuning
+(`ttl_core.finetune`): AdamW with no-decay groups, the warmup + cosine schedule, gradient clipping, the fp16 grad
+scaler's step, and the stop on a non-finite loss or gradient before it reaches the weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import TrainingError
+from .run_config import TrainConfig
+
+# fp16's grad scaler skips a step whose gradients are not finite and halves its loss scale. Gradients that are
+# still not finite at a scale of 1 or less were not pushed out of float16's range by the scaling: they are NaN,
+# or beyond float16 unscaled, which the scaler would skip for ever (the scale halving to 0) without a word.
+MIN_LOSS_SCALE = 1.0
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
+    `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA)."""
+    # a tied weight counts under each of its names (the LM head tied to the embedding is listed as the embedding's)
+    excluded = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
+                if any(f in name for f in train.no_decay)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if id(param) in excluded else decay).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
+                             eps=train.eps, fused=device.type == "cuda")
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """The lr of optimizer step `step` (from 1): linear warmup from lr/warmup to lr over `warmup_steps`, then
+    a cosine that reaches `min_lr` just after step `max_steps`, so the last update is not spent at the floor
+    (with `min_lr` 0 it would change nothing). Past the warmup this is transformers' cosine schedule
+    (`get_cosine_with_min_lr_schedule_with_warmup`), whose warmup starts one step behind, at lr 0."""
+    if step <= train.warmup_steps:
+        return train.lr * step / train.warmup_steps
+    progress = min(1.0, (step - 1 - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
+                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Unscale the accumulated gradients (fp16) and clip them to `train.grad_clip` (0: no clipping); returns
+    the gradient norm before clipping as a device tensor (no host sync)."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if train.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+    else:  # the norm alone: clipping to infinity would still rescale every gradient by 1, a pass over all of them
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+
+def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,
+                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float | bool]:
+    """Set the learning rate, step the optimizer (through the scaler for fp16) and zero the gradients. With a
+    scaler, returns the step's `loss_scale` (the one its gradients were scaled by) and whether the scaler `skipped`
+    it; else {}. Only a step with an inf or NaN gradient, hence a non-finite `grad_norm`, can be skipped: only then
+    is the scale read back after the update (a host sync that waits for it) to tell."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    figures: dict[str, float | bool] = {}
+    if scaler:
+        scale = scaler.get_scale()  # no wait: the loss and norm were just read back
+        scaler.step(optimizer)
+        scaler.update()  # halves the scale after a skipped step
+        figures = {"loss_scale": scale, "skipped": not math.isfinite(grad_norm) and scaler.get_scale() < scale}
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return figures
+
+
+def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
+                     scaler: torch.amp.GradScaler | None = None) -> tuple[float, dict[str, float | bool]]:
+    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping and the grad scaler's
+    figures from `apply_update`. A non-finite norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE)
+    raises TrainingError before the weights change (see `train_step`)."""
+    grad_norm = float(clip_gradients(model, optimizer, train, scaler))
+    stop_if_not_finite(optimizer, gradient_figures(grad_norm, scaler))
+    return grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
+
+
+def gradient_figures(grad_norm: float, scaler: torch.amp.GradScaler | None) -> dict[str, float]:
+    """The gradient norm for `stop_if_not_finite` to check: always without a grad scaler; with one, only once
+    the loss scale is down to MIN_LOSS_SCALE (above it the scaler skips the step and lowers the scale itself).
+    The scale is read (a host sync) only for a norm that is not finite."""
+    if scaler is None:
+        return {"gradient norm": grad_norm}
+    if not math.isfinite(grad_norm) and scaler.get_scale() <= MIN_LOSS_SCALE:
+        return {f"gradient norm at fp16 loss scale {scaler.get_scale():g}": grad_norm}
+    return {}
+
+
+def stop_if_not_finite(optimizer: torch.optim.Optimizer, figures: dict[str, float]) -> None:
+    """Raise TrainingError naming the first of `figures` that is NaN or infinite, with the gradients dropped
+    so the weights stay as they were."""
+    for name, value in figures.items():
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"{name} became {value}")
