@@ -41,7 +41,12 @@ def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script  # a dataclass in the script (check_goals) looks its module up
-    spec.loader.exec_module(script)
+    environment = dict(os.environ)
+    try:
+        spec.loader.exec_module(script)
+    finally:  # kernel_report drops TRITON_INTERPRET on import (it compiles for real): the tests after it interpret
+        os.environ.clear()
+        os.environ.update(environment)
     return script
 
 

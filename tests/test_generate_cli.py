@@ -1,7 +1,6 @@
 """scripts/generate.py on a tiny random model saved with ttl_core.save_pretrained and a small trained tokenizer
 with Aira's special tokens: the streamed text, the prompt formats and the interactive loop."""
 
-import importlib.util
 import io
 import json
 import sys
@@ -10,7 +9,7 @@ import warnings
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import ROOT, run_script
+from helpers import load_script, run_script
 
 import ttl_core
 from ttl_core.errors import ConfigError, GenerationError
@@ -62,16 +61,9 @@ def test_prompt_streams_the_text_generate_returns(checkpoint):
     assert answer.strip() and run.stdout == answer + "\n"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(checkpoint, capsys, monkeypatch):
     path, tok, _ = checkpoint
-    script = load_script()
+    script = load_script("generate")
     prompts = []
     real_generate = script.generate
 
@@ -109,7 +101,7 @@ def test_prompt_mode_shrinks_the_answer_to_the_context(checkpoint, capsys):
     """Without --interactive too, --max-new-tokens beyond the context's room is cut to what fits, and a prompt
     that fills the context is a one-line error."""
     path, tok, model = checkpoint
-    script = load_script()
+    script = load_script("generate")
     question = "o menino foi para a escola com seu cachorro ontem"
     assert script.main(["--model", str(path), "--prompt", question, "--chat", "aira", "--greedy",
                         "--max-new-tokens", "150", "--device", "cpu"]) == 0
@@ -135,7 +127,7 @@ def test_tokenizer_without_padding_piece(tmp_path, capsys):
     (tmp_path / "tokenizer.model").write_bytes(model_file.getvalue())
     tok = Tokenizer.from_pretrained(tmp_path)
     assert tok.pad_id == -1
-    assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
+    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
                                "8", "--device", "cpu"]) == 0
     answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=8, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id])
@@ -161,7 +153,7 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_named(checkpoint, tmp_pa
     ttl_core.save_pretrained(tiny_model(tok.vocab_size - 3), tmp_path)
     with pytest.raises(ConfigError, match=rf"^{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
                                           rf"vocab_size is {tok.vocab_size - 3}; use the tokenizer"):
-        load_script().main(["--model", str(tmp_path), "--tokenizer", str(path), "--prompt", "oi", "--chat", "aira",
+        load_script("generate").main(["--model", str(tmp_path), "--tokenizer", str(path), "--prompt", "oi", "--chat", "aira",
                             "--device", "cpu"])
 
 
@@ -178,12 +170,12 @@ def test_base_is_only_for_an_adapter_model(checkpoint):
     """--base names the base model of a PEFT adapter --model; beside a full checkpoint it would be ignored."""
     path = checkpoint[0]
     with pytest.raises(GenerationError, match=rf"^--base is for an adapter --model; {path} holds no adapter_config"):
-        load_script().main(["--model", str(path), "--base", str(path), "--prompt", "oi", "--device", "cpu"])
+        load_script("generate").main(["--model", str(path), "--base", str(path), "--prompt", "oi", "--device", "cpu"])
 
 
 def test_input_without_a_chat_format_is_a_usage_error(checkpoint, capsys):
     """--input is context for --prompt inside a chat format; without one it used to be dropped silently."""
-    script = load_script()
+    script = load_script("generate")
     for extra in (["--prompt", "oi"], ["--chat", "alpaca", "--interactive"]):
         with pytest.raises(SystemExit) as excinfo:
             script.main(["--model", str(checkpoint[0]), "--input", "contexto", *extra])
@@ -205,7 +197,7 @@ class FakeGenerate:
 
 def scripted(monkeypatch, answer, context=None):
     """The script with generate() faked and, when `context` is given, the loaded model's context set to it."""
-    script = load_script()
+    script = load_script("generate")
     fake = FakeGenerate(answer)
     monkeypatch.setattr(script, "generate", fake)
     loads = []
@@ -266,7 +258,7 @@ def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, caps
     answer = expected_answer(model, tok, ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
     for _ in range(2):
-        assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
+        assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
                                    "--max-new-tokens", "12", "--device", "cpu"]) == 0
         assert capsys.readouterr().out == answer + "\n"
 
@@ -291,7 +283,7 @@ def test_the_checkpoint_stop_strings_end_the_answer(checkpoint, tmp_path, capsys
     assert stop in answer and len(answer) < len(free)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
+        assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
                                    "--max-new-tokens", "12", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == answer + "\n"
 
@@ -301,7 +293,7 @@ def test_tokenizer_option_loads_the_tokenizer_from_its_own_directory(checkpoint,
     _, tok, model = checkpoint
     ttl_core.save_pretrained(model, tmp_path / "weights")
     tok.save_pretrained(tmp_path / "tokenizer")
-    assert load_script().main(["--model", str(tmp_path / "weights"), "--tokenizer", str(tmp_path / "tokenizer"),
+    assert load_script("generate").main(["--model", str(tmp_path / "weights"), "--tokenizer", str(tmp_path / "tokenizer"),
                                "--prompt", "o menino", "--greedy", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
@@ -318,7 +310,7 @@ def test_an_adapter_saved_without_a_tokenizer_uses_its_bases(checkpoint, tmp_pat
             if "lora_B" in name:
                 p.normal_(0.0, 0.3)
     save_adapter(adapted, tmp_path / "adapter", base_model_name_or_path=str(path))
-    assert load_script().main(["--model", str(tmp_path / "adapter"), "--prompt", "o menino", "--greedy",
+    assert load_script("generate").main(["--model", str(tmp_path / "adapter"), "--prompt", "o menino", "--greedy",
                                "--max-new-tokens", "6", "--device", "cpu"]) == 0
     answer = expected_answer(adapted.eval(), tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
@@ -378,7 +370,7 @@ def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoin
     _, tok, _ = checkpoint
     plain = Tokenizer(tok.proto.SerializeToString())
     plain.add_bos_token, plain.add_eos_token = False, True
-    chat = load_script().Chat(plain, "aira")
+    chat = load_script("generate").Chat(plain, "aira")
     chat.add_user("a casa")
     chat.add_model([5, 6])
     chat.add_user("o cachorro")
@@ -403,7 +395,7 @@ def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys
         ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
     finally:
         model.generation_config = saved
-    assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
+    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
                                "12", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == tok.decode(free[:4].tolist()) + "\n"
 
@@ -435,6 +427,6 @@ def test_a_checkpoint_asking_for_several_sequences_still_gets_one_answer(checkpo
     (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": True,
                                                                  "num_return_sequences": 2}))
     options = ["--greedy"] if greedy else ["--seed", "0"]
-    assert load_script().main(["--model", str(tmp_path), "--prompt", "o menino", "--max-new-tokens", "6",
+    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--max-new-tokens", "6",
                                "--device", "cpu", *options]) == 0
     assert capsys.readouterr().out.strip()
