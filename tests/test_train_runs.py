@@ -133,6 +133,15 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
     assert load_pretrained(tmp_path / "init" / "checkpoints" / "step-000003").config.num_hidden_layers == 2
 
 
+def test_a_resume_without_model_settings_records_the_run_s_own(tmp_path, data_dir):
+    """A resume that gives no [model] key is accepted (the checkpoint fixes the model); it recorded that empty
+    [model] as the run's, so the next resume with the run's own config was refused as a different model."""
+    train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), stop_after=1)
+    bare = load_run_config(None, [*FAST, "train.max_steps=3"])
+    train(bare, tmp_path, data_dir=str(data_dir), resume=True, stop_after=2)
+    assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
+
+
 def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, data_dir):
     """--data is no [data] key: the run config saved in trainer_state.json recorded the path "" for it."""
     train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))

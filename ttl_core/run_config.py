@@ -197,6 +197,14 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
                           f"{run.train.no_decay} would move parameters between weight-decay groups")
 
 
+def resumed_model_settings(run: RunConfig, saved: Any) -> dict[str, Any]:
+    """The [model] a resumed run records: the run's own (`saved`, trainer_state.json's "config"), under what this
+    resume gives (which `check_resumable` let through: keys that resolve alike, and the runtime fields). The
+    resume's alone would drop the keys it does not give, and the next resume with the run's config be refused."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return {**model, **run.model} if isinstance(model, dict) else dict(run.model)
+
+
 def recorded_data_path(saved: Any) -> str | None:
     """The data directory a checkpoint's run trained on, from trainer_state.json's "config"; None where it is not
     recorded (checkpoints written before it was, which say "" for a run given --data)."""
