@@ -146,6 +146,7 @@ def cli_args(data_dir: Path, run_dir: Path, *more: str) -> list:
     return ["--data", data_dir, "--out", run_dir, *[x for o in settings for x in ("--set", o)]]
 
 
+@pytest.mark.slow
 def test_pretrain_stopped_by_sigterm_exits_75_with_one_line_saying_how_to_continue(tmp_path, data_dir):
     done = pretrain_with_a_signal(tmp_path, 2, "SIGTERM", 0, cli_args(data_dir, tmp_path / "run"), {})
     out, err = done.communicate(timeout=300)
@@ -195,6 +196,7 @@ def same_state(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data_dir):
     """torchrun's ranks may receive a signal during different steps (here rank 1 alone gets one): they agree on the
     step to stop after and save it together, as the checkpoint an uninterrupted pair writes at that step (weights,
