@@ -134,8 +134,8 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
 
 
 def test_a_resume_without_model_settings_records_the_run_s_own(tmp_path, data_dir):
-    """A resume that gives no [model] key is accepted (the checkpoint fixes the model); it recorded that empty
-    [model] as the run's, so the next resume with the run's own config was refused as a different model."""
+    """A resume that gives no [model] key keeps the checkpoint's model and records the run's own [model], so that
+    the next resume with the run's config is not refused as another model."""
     train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), stop_after=1)
     bare = load_run_config(None, [*FAST, "train.max_steps=3"])
     train(bare, tmp_path, data_dir=str(data_dir), resume=True, stop_after=2)
@@ -336,9 +336,9 @@ def test_tf32_switch_sets_the_cuda_flags_only_on_cuda(tmp_path, data_dir, monkey
 
 
 def test_resume_without_data_continues_on_the_data_the_run_recorded(tmp_path, data_dir, capsys):
-    """A run trained on --data, resumed without it, prepared the bundled corpus into RUN/data and then refused it
-    for its other tokenizer; the checkpoint records the run's data directory, which --resume now takes (saying so).
-    A recorded directory that is gone is one line naming it."""
+    """A run trained on --data and resumed without it continues on the data directory its checkpoint records (saying
+    so), not on the bundled corpus prepared into RUN/data (another tokenizer). A recorded directory that is gone is
+    one line naming it."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     run = run_config("train.max_steps=4", "train.save_every=100")
