@@ -178,9 +178,8 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
     settings may change; the data position checks seq_len, seed and the global batch itself."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):  # written before it was recorded
         return
-    was = RunConfig(dict(saved["model"]), run.data, run.train)
     try:
-        model_was = was.model_config()
+        model_was = RunConfig(dict(saved["model"]), run.data, run.train).model_config()
     except ConfigError as e:
         raise ConfigError(f"{checkpoint}: the [model] its run recorded is not valid here ({e})") from None
     model_now = run.model_config()
