@@ -115,6 +115,19 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_and_leaves_the_previous_chec
     assert losses(tmp_path) == losses(straight)
 
 
+def test_a_signal_the_process_ignores_stays_ignored(tmp_path, data_dir, monkeypatch):
+    """A shell starts a background job with SIGINT ignored (so that a Ctrl-C meant for the shell spares it), nohup
+    and other launchers likewise: a run keeps ignoring what its process was set to ignore."""
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal_during_step(monkeypatch, 2, signal.SIGINT)
+        result = train(run_config(*RUN), tmp_path, data_dir=str(data_dir))
+        assert (result.last_step, result.stopped_by) == (5, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+
+
 SIGNALLER = """
 import os, runpy, signal, sys
 import ttl_core.train as train
