@@ -335,6 +335,16 @@ def test_tf32_switch_sets_the_cuda_flags_only_on_cuda(tmp_path, data_dir, monkey
     assert calls == [(torch.device("cpu"), True)]
 
 
+def test_a_moved_run_on_the_bundled_corpus_resumes_on_its_own_data(tmp_path, data_dir):
+    """Without --data a run trains on the corpus prepared into RUN/data: the directory moves with the run, so a
+    checkpoint does not record it by path, which would name the old place."""
+    shutil.copytree(data_dir, tmp_path / "run" / "data")  # as if the bundled corpus had been prepared there
+    run = run_config("train.max_steps=3", "train.save_every=100")
+    train(run, tmp_path / "run", stop_after=2)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert train(run, tmp_path / "moved", resume=True).last_step == 3
+
+
 def test_resume_without_data_continues_on_the_data_the_run_recorded(tmp_path, data_dir, capsys):
     """A run trained on --data and resumed without it continues on the data directory its checkpoint records (saying
     so), not on the bundled corpus prepared into RUN/data (another tokenizer). A recorded directory that is gone is

@@ -206,7 +206,7 @@ def resumed_model_settings(run: RunConfig, saved: Any) -> dict[str, Any]:
 
 def recorded_data_path(saved: Any) -> str | None:
     """The data directory a checkpoint's run trained on, from trainer_state.json's "config"; None where it is not
-    recorded (checkpoints written before it was, which say "" for a run given --data)."""
+    recorded: the run's own RUN/data (the bundled corpus), or a checkpoint written before --data was recorded."""
     data = saved.get("data") if isinstance(saved, dict) else None
     path = data.get("path") if isinstance(data, dict) else None
     return path if isinstance(path, str) and path else None
