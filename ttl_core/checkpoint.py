@@ -110,10 +110,10 @@ def rank_seed(seed: int, rank: int) -> int:
     and across runs a collision needs two seeds whose XOR is that of two ranks' mixes, which scatter over 32
     bits (seed + rank would give seed 1's rank 0 the stream of seed 0's rank 1). 32 bits, as torch's CPU generator
     reads only the low 32 bits of a seed: seed + rank * 2**32 would be the same stream on every rank."""
-    mixed = rank
-    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-        mixed = ((mixed ^ (mixed >> shift)) * factor) & 0xFFFFFFFF
-    return seed ^ mixed ^ (mixed >> 16)
+    mixed = ((rank ^ (rank >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF  # murmur3's fmix32, as written there
+    mixed = ((mixed ^ (mixed >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    mixed ^= mixed >> 16
+    return seed ^ mixed
 
 
 def rng_state() -> dict[str, Any]:
