@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import ROOT
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, run_config
+from train_helpers import losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 import ttl_core.checkpoint as ttl_checkpoint
@@ -155,8 +155,7 @@ def pretrain_with_a_signal(tmp_path: Path, step: int, name: str, rank: int, args
 
 
 def cli_args(data_dir: Path, run_dir: Path, *more: str) -> list:
-    settings = [*MICRO_MODEL, "model.vocab_size=400", *FAST, *RUN, *more]
-    return ["--data", data_dir, "--out", run_dir, *[x for o in settings for x in ("--set", o)]]
+    return ["--data", data_dir, "--out", run_dir, *set_arguments(*RUN, *more)]
 
 
 @pytest.mark.slow
