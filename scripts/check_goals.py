@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ttl_core.benchmark import ROW_FIELDS
+from ttl_core.benchmark import ROW_FIELDS, ROW_FIGURES
 from ttl_core.cli import output_file, run_cli
 from ttl_core.errors import TTLError, is_number
 from ttl_core.fileio import read_json, write_json
@@ -73,7 +73,7 @@ def row_problem(r: dict, shape_numbers: tuple[str, ...]) -> str:
         return "has an 'impl' or 'pass' that is not text"
     if not isinstance(r["shape"], dict):
         return f"has a 'shape' that is not an object: {r['shape']!r}"
-    for key in ROW_FIELDS[4:]:
+    for key in ROW_FIGURES:
         if not (is_number(r[key]) or (r[key] is None and key != "ms")):
             return f"has {key!r} = {r[key]!r}, not a number"
     for key in shape_numbers:

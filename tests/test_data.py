@@ -475,8 +475,9 @@ def test_shards_run_across_input_files(tmp_path, monkeypatch):
 
 
 def test_data_prepared_from_other_inputs_is_replaced_only_when_asked(tmp_path):
-    """A second prepare_data into a finished directory with other inputs or settings replaced the data (and the
-    tokenizer) a run was trained on without a word; prepare_data.py now asks for --overwrite (replace=True)."""
+    """A second prepare_data into a finished directory with other inputs or settings would replace the data (and the
+    tokenizer) a run trained on: with replace=False (prepare_data.py without --overwrite) it is refused; the same
+    inputs, and damaged token files from them, are not."""
     inputs, _ = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
     prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1)
     before = read_outputs(tmp_path / "out")

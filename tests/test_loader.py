@@ -111,6 +111,10 @@ def test_ranks_are_disjoint_and_concatenate_to_the_single_process_batch(data):
     with pytest.raises(DataError, match=r"global_batch is 6 \(micro_batch_size 2 x 3 processes\), here 2 "
                                         r"\(micro_batch_size 2 x 1 process\): keep micro_batch_size x processes"):
         PackedLoader(path, "train", S, B, seed=5).load_state_dict(ranks[0].state_dict())
+    # a state without the field (hand-edited) is the same one line, not a KeyError
+    with pytest.raises(DataError, match=r"global_batch is None, here 2 \(micro_batch_size 2 x 1 process\)"):
+        PackedLoader(path, "train", S, B, seed=5).load_state_dict(
+            {k: v for k, v in ranks[0].state_dict().items() if k != "global_batch"})
 
 
 def test_doc_starts_on_documents_of_known_lengths(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import ROOT
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, run_config
+from train_helpers import losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 import ttl_core.checkpoint as ttl_checkpoint
@@ -115,6 +115,19 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_and_leaves_the_previous_chec
     assert losses(tmp_path) == losses(straight)
 
 
+def test_a_signal_the_process_ignores_stays_ignored(tmp_path, data_dir, monkeypatch):
+    """A shell starts a background job with SIGINT ignored (so that a Ctrl-C meant for the shell spares it), nohup
+    and other launchers likewise: a run keeps ignoring what its process was set to ignore."""
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal_during_step(monkeypatch, 2, signal.SIGINT)
+        result = train(run_config(*RUN), tmp_path, data_dir=str(data_dir))
+        assert (result.last_step, result.stopped_by) == (5, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+
+
 SIGNALLER = """
 import os, runpy, signal, sys
 import ttl_core.train as train
@@ -142,10 +155,10 @@ def pretrain_with_a_signal(tmp_path: Path, step: int, name: str, rank: int, args
 
 
 def cli_args(data_dir: Path, run_dir: Path, *more: str) -> list:
-    settings = [*MICRO_MODEL, "model.vocab_size=400", *FAST, *RUN, *more]
-    return ["--data", data_dir, "--out", run_dir, *[x for o in settings for x in ("--set", o)]]
+    return ["--data", data_dir, "--out", run_dir, *set_arguments(*RUN, *more)]
 
 
+@pytest.mark.slow
 def test_pretrain_stopped_by_sigterm_exits_75_with_one_line_saying_how_to_continue(tmp_path, data_dir):
     done = pretrain_with_a_signal(tmp_path, 2, "SIGTERM", 0, cli_args(data_dir, tmp_path / "run"), {})
     out, err = done.communicate(timeout=300)
@@ -195,6 +208,7 @@ def same_state(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, data_dir):
     """torchrun's ranks may receive a signal during different steps (here rank 1 alone gets one): they agree on the
     step to stop after and save it together, as the checkpoint an uninterrupted pair writes at that step (weights,
@@ -208,8 +222,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, dat
     (state, saved), (whole_state, whole_saved) = [load_trainer_state(run / "checkpoints" / "step-000002")
                                                   for run in (tmp_path / "run", tmp_path / "whole")]
     # Python's and NumPy's generators are unseeded, each process's own: the training draws from torch's alone
-    assert state["data"] == whole_state["data"] and len(saved["rng"]) == 2
-    assert all(same_state(mine["torch"], whole["torch"]) for mine, whole in zip(saved["rng"], whole_saved["rng"]))
+    torch_states = [[rank["torch"] for rank in checkpoint["rng"]] for checkpoint in (saved, whole_saved)]
+    assert state["data"] == whole_state["data"] and len(torch_states[0]) == 2 and same_state(*torch_states)
     assert same_state(saved["optimizer"], whole_saved["optimizer"])
     assert same_weights(*[run / "checkpoints" / "step-000002" for run in (tmp_path / "run", tmp_path / "whole")])
     assert losses(tmp_path / "run") == losses(tmp_path / "whole")[:2]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_torchrun
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, run_config
+from train_helpers import losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import load_trainer_state, rank_seed, rng_state, save_checkpoint, set_rank_rng_state
 from ttl_core.distributed import World, full_rng_states
@@ -113,10 +113,9 @@ def test_two_ranks_draw_different_dropout_masks_and_each_resumes_its_own(tmp_pat
     data = prepared_corpus(tmp_path)
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER)
-    overrides = [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=4", "train.micro_batch_size=2",
-                 "model.attention_dropout=0.1", "train.distributed=\"fsdp\"", "train.eval_every=0"]
     args = [ROOT / "scripts" / "pretrain.py", "--data", data, "--save-every", "2",
-            *[x for o in overrides for x in ("--set", o)]]
+            *set_arguments("train.max_steps=4", "train.micro_batch_size=2", "model.attention_dropout=0.1",
+                           "train.distributed=\"fsdp\"", "train.eval_every=0")]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = run_torchrun(recorder, *args, "--out", straight, env={"RECORD": str(tmp_path / "straight-")})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_in_ascii_locale, run_script
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
+from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state,
                                  remove_partial_checkpoints, save_checkpoint)
@@ -80,8 +80,7 @@ runpy.run_path(sys.argv.pop(1), run_name="__main__")
 
 
 def test_a_run_killed_while_checkpointing_resumes_from_the_previous_checkpoint(tmp_path, data_dir):
-    overrides = [x for o in [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=6"] for x in ("--set", o)]
-    args = ["--data", data_dir, "--save-every", "2", *overrides]
+    args = ["--data", data_dir, "--save-every", "2", *set_arguments("train.max_steps=6")]
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -465,8 +465,8 @@ def test_decoding_rows_count_every_rows_tokens_and_the_bytes_read(tmp_path, monk
 @pytest.mark.parametrize("args, message", [(["--quik"], "unknown option --quik"),
                                            (["--quick", "--smoke"], "at most OUTDIR and --quick")])
 def test_gpu_suite_refuses_a_second_argument_it_does_not_know_before_any_work(args, message, tmp_path):
-    """Any second argument used to mean --quick (a typo ran the short suite on a GPU machine's only call); now an
-    unknown one ends the call at once. A python3 that fails stands in, so a suite that went on installs nothing."""
+    """An unknown or extra argument after OUTDIR ends the call at once: a typo must not pick the short or the full
+    suite on a GPU machine's only call. A python3 that fails stands in, so a suite that went on installs nothing."""
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python3").write_text("#!/bin/sh\nexit 1\n")
     (tmp_path / "bin" / "python3").chmod(0o755)

@@ -1,6 +1,7 @@
 """Streaming text and stop strings: TextStreamer against the final text, stop strings against transformers'
 StopStringCriteria and generate(stop_strings=...) on a trained sentencepiece tokenizer."""
 
+import json
 import threading
 
 import pytest
@@ -224,11 +225,9 @@ def test_stop_strings_in_a_left_padded_batch_match_transformers(spm_models):
 
 
 def test_a_checkpoint_stop_strings_apply_as_in_transformers(spm_models, tmp_path):
-    """A generation_config.json's stop_strings end rows as in transformers' generate() given a tokenizer (ttl
-    warned and ignored them); the call's own stop_strings win, `[]` for none. Without a tokenizer (transformers then
+    """A generation_config.json's stop_strings end rows as in transformers' generate() given a tokenizer; the
+    call's own stop_strings win, `[]` for none. Without a tokenizer (transformers then
     raises) they are left out with a warning that says how to apply them."""
-    import json
-
     from transformers import LlamaForCausalLM
 
     tok, hf_tok, hf, ours = spm_models

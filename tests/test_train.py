@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, run_script, run_torchrun
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config
+from train_helpers import losses, prepared_corpus, random_model, run_config, set_arguments
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.checkpoint import complete_checkpoints
 from ttl_core.data import PackedLoader
@@ -185,12 +185,12 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, data_di
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir, mode, extra):
     """Loss, grad norm (FSDP's over its shards: the global one) and eval loss (each rank's share of the same val
     batches) of every step, and the saved weights."""
-    common = [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=4", "train.grad_accum_steps=2", *extra]
-    sets = lambda extra: [x for o in [*common, *extra] for x in ("--set", o)]  # noqa: E731
-    one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one", *sets(["train.micro_batch_size=4"]))
+    common = ["train.max_steps=4", "train.grad_accum_steps=2", *extra]
+    one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one",
+                     *set_arguments(*common, "train.micro_batch_size=4"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", tmp_path / "two",
-                       *sets(["train.micro_batch_size=2", f"train.distributed=\"{mode}\""]))
+                       *set_arguments(*common, "train.micro_batch_size=2", f"train.distributed=\"{mode}\""))
     assert two.returncode == 0, two.stderr[-3000:]
     for key in ("loss", "grad_norm", "eval_loss"):
         figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r] for run in ("one", "two")]

@@ -133,6 +133,15 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
     assert load_pretrained(tmp_path / "init" / "checkpoints" / "step-000003").config.num_hidden_layers == 2
 
 
+def test_a_resume_without_model_settings_records_the_run_s_own(tmp_path, data_dir):
+    """A resume that gives no [model] key keeps the checkpoint's model and records the run's own [model], so that
+    the next resume with the run's config is not refused as another model."""
+    train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), stop_after=1)
+    bare = load_run_config(None, [*FAST, "train.max_steps=3"])
+    train(bare, tmp_path, data_dir=str(data_dir), resume=True, stop_after=2)
+    assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
+
+
 def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, data_dir):
     """--data is no [data] key: the run config saved in trainer_state.json recorded the path "" for it."""
     train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
@@ -326,10 +335,20 @@ def test_tf32_switch_sets_the_cuda_flags_only_on_cuda(tmp_path, data_dir, monkey
     assert calls == [(torch.device("cpu"), True)]
 
 
+def test_a_moved_run_on_the_bundled_corpus_resumes_on_its_own_data(tmp_path, data_dir):
+    """Without --data a run trains on the corpus prepared into RUN/data: the directory moves with the run, so a
+    checkpoint does not record it by path, which would name the old place."""
+    shutil.copytree(data_dir, tmp_path / "run" / "data")  # as if the bundled corpus had been prepared there
+    run = run_config("train.max_steps=3", "train.save_every=100")
+    train(run, tmp_path / "run", stop_after=2)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert train(run, tmp_path / "moved", resume=True).last_step == 3
+
+
 def test_resume_without_data_continues_on_the_data_the_run_recorded(tmp_path, data_dir, capsys):
-    """A run trained on --data, resumed without it, prepared the bundled corpus into RUN/data and then refused it
-    for its other tokenizer; the checkpoint records the run's data directory, which --resume now takes (saying so).
-    A recorded directory that is gone is one line naming it."""
+    """A run trained on --data and resumed without it continues on the data directory its checkpoint records (saying
+    so), not on the bundled corpus prepared into RUN/data (another tokenizer). A recorded directory that is gone is
+    one line naming it."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     run = run_config("train.max_steps=4", "train.save_every=100")

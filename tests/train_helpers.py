@@ -38,6 +38,11 @@ def run_config(*overrides: str):
     return load_run_config(None, [*MICRO_MODEL, "model.vocab_size=400", *FAST, *overrides])
 
 
+def set_arguments(*overrides: str) -> list[str]:
+    """The --set arguments that give scripts/pretrain.py the config `run_config(*overrides)` builds."""
+    return [x for o in [*MICRO_MODEL, "model.vocab_size=400", *FAST, *overrides] for x in ("--set", o)]
+
+
 def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 

@@ -35,6 +35,7 @@ PLOT_EVERY_S = 20.0
 WARMUP_S = 0.025
 ROW_FIELDS = ("impl", "pass", "shape", "dtype", "ms", "gbs", "tflops", "frac_of_peak", "tokens_per_s", "mfu",
               "peak_mem_mb")
+ROW_FIGURES = ROW_FIELDS[ROW_FIELDS.index("ms"):]  # the measured numbers: ms, then those a benchmark may leave None
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def row(impl: str, pass_: str, shape: dict[str, Any], dtype: str, ms: float, **f
     if unknown:
         raise ValueError(f"unknown result fields: {sorted(unknown)}")
     return {"impl": impl, "pass": pass_, "shape": shape, "dtype": dtype, "ms": ms,
-            **{k: figures.get(k) for k in ROW_FIELDS[5:]}}
+            **{k: figures.get(k) for k in ROW_FIGURES[1:]}}
 
 
 def print_profiles(profiles: dict[str, dict], top: int = 8) -> None:

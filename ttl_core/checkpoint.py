@@ -110,10 +110,10 @@ def rank_seed(seed: int, rank: int) -> int:
     and across runs a collision needs two seeds whose XOR is that of two ranks' mixes, which scatter over 32
     bits (seed + rank would give seed 1's rank 0 the stream of seed 0's rank 1). 32 bits, as torch's CPU generator
     reads only the low 32 bits of a seed: seed + rank * 2**32 would be the same stream on every rank."""
-    mixed = rank
-    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-        mixed = ((mixed ^ (mixed >> shift)) * factor) & 0xFFFFFFFF
-    return seed ^ mixed ^ (mixed >> 16)
+    mixed = ((rank ^ (rank >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF  # murmur3's fmix32, as written there
+    mixed = ((mixed ^ (mixed >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    mixed ^= mixed >> 16
+    return seed ^ mixed
 
 
 def rng_state() -> dict[str, Any]:
@@ -141,26 +141,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def set_rank_rng_state(saved: list[dict[str, Any]] | dict[str, Any] | None, seed: int, world: World) -> None:
-    """Give this rank its own random streams for training, once the weights are built (drawn alike on every
-    rank from `seed`): the state a checkpoint saved for it (`saved`: the checkpoint's list, one state per rank),
-    or, starting afresh or on a rank the checkpoint has no state for, torch's generators (CPU and CUDA: no step
-    draws from python's or numpy's) seeded with `rank_seed(seed, rank)`, except on rank 0, which keeps the
-    stream `seed` started before the weights were drawn, as a one-process run always has. A checkpoint from
-    before 2026-12-05 holds one state, rank 0's (every rank drew alike then): it is rank 0's alone now, as
-    handing it to every rank would bring back the shared dropout masks. Resuming on another number of processes
-    than saved is said in one line: the dropout masks then differ from an uninterrupted run's."""
+    """Give this rank its own random streams once the weights are built (drawn alike on every rank from `seed`):
+    the state a checkpoint saved for it (`saved`, one state per rank), else torch's generators seeded with
+    `rank_seed(seed, rank)` (no step draws from python's or numpy's). Rank 0 keeps the stream `seed` started,
+    so a one-process run draws as it always has. An older checkpoint's single state (every rank then drew alike)
+    is rank 0's alone: handing it to every rank would bring the shared dropout masks back."""
     states = [saved] if isinstance(saved, dict) else saved or []
     if world.rank < len(states):
         set_rng_state(states[world.rank])
     elif world.rank > 0:
         torch.manual_seed(rank_seed(seed, world.rank))
     if states and len(states) != world.size and world.is_main:
-        first, last = sorted((len(states), world.size))
-        span = f"rank {first}" if last - first == 1 else f"ranks {first}-{last - 1}"
-        change = f"new streams from train.seed for {span}" if world.size > len(states) else \
-            f"the states saved for {span} go unused"
-        print(f"the checkpoint holds the random states of {len(states)} process{'es' if len(states) > 1 else ''}, "
-              f"this run has {world.size}: {change}, so dropout masks (if any) differ from the uninterrupted run's")
+        print(_other_world_size_note(len(states), world.size))
+
+
+def _other_world_size_note(saved_ranks: int, ranks: int) -> str:
+    """The line that says a resume on `ranks` processes of a checkpoint saved by `saved_ranks` draws other dropout
+    masks than the uninterrupted run."""
+    first, last = sorted((saved_ranks, ranks))
+    span = f"rank {first}" if last - first == 1 else f"ranks {first}-{last - 1}"
+    change = (f"new streams from train.seed for {span}" if ranks > saved_ranks
+              else f"the states saved for {span} go unused")
+    return (f"the checkpoint holds the random states of {saved_ranks} process{'es' if saved_ranks > 1 else ''}, "
+            f"this run has {ranks}: {change}, so dropout masks (if any) differ from the uninterrupted run's")
 
 
 def file_sha256(path: Path) -> str:

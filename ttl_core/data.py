@@ -433,7 +433,7 @@ class PackedLoader:
             if state.get(key) != mine[key]:
                 saved, here = f"{state.get(key)!r}", f"{mine[key]!r}"
                 if key == "global_batch":  # a state saved before world_size was recorded goes without its split
-                    saved += _split_batch(state[key], state.get("world_size"))
+                    saved += _split_batch(state.get(key), state.get("world_size"))
                     here += f"{_split_batch(mine[key], self.world_size)}: keep micro_batch_size x processes as it was"
                 elif key == "n_blocks":
                     here += " (blocks in the token file: other data than the position was saved on)"

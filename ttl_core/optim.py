@@ -16,6 +16,7 @@ from .run_config import TrainConfig
 # or beyond float16 unscaled, which the scaler would skip for ever (the scale halving to 0) without a word.
 MIN_LOSS_SCALE = 1.0
 
+
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
     `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA)."""

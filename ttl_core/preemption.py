@@ -32,7 +32,8 @@ EXIT_STATUS = {signal.SIGTERM: 75, signal.SIGUSR1: 75, signal.SIGINT: 130}
 class StopOnSignal:
     """From construction until `restore()`, STOP_SIGNALS ask the training loop to stop after the step in progress
     instead of ending the process (in the main thread only: Python runs handlers nowhere else, so a `train()`
-    called from another thread keeps the process's handlers). `restore()` puts the previous handlers back."""
+    called from another thread keeps the process's handlers; and not those the process ignores). `restore()` puts
+    the previous handlers back."""
 
     def __init__(self, world: World):
         self.world = world
@@ -42,7 +43,9 @@ class StopOnSignal:
         self._group = dist.new_group(backend="gloo") if world.distributed else None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._request) for sig in STOP_SIGNALS}
+            # a signal the process was started ignoring stays ignored (a shell's background job, nohup)
+            self._previous = {sig: signal.signal(sig, self._request) for sig in STOP_SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _request(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received is not None:

@@ -178,9 +178,8 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
     settings may change; the data position checks seq_len, seed and the global batch itself."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):  # written before it was recorded
         return
-    was = RunConfig(dict(saved["model"]), run.data, run.train)
     try:
-        model_was = was.model_config()
+        model_was = RunConfig(dict(saved["model"]), run.data, run.train).model_config()
     except ConfigError as e:
         raise ConfigError(f"{checkpoint}: the [model] its run recorded is not valid here ({e})") from None
     model_now = run.model_config()
@@ -197,9 +196,17 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
                           f"{run.train.no_decay} would move parameters between weight-decay groups")
 
 
+def resumed_model_settings(run: RunConfig, saved: Any) -> dict[str, Any]:
+    """The [model] a resumed run records: the run's own (`saved`, trainer_state.json's "config"), under what this
+    resume gives (which `check_resumable` let through: keys that resolve alike, and the runtime fields). The
+    resume's alone would drop the keys it does not give, and the next resume with the run's config be refused."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return {**model, **run.model} if isinstance(model, dict) else dict(run.model)
+
+
 def recorded_data_path(saved: Any) -> str | None:
     """The data directory a checkpoint's run trained on, from trainer_state.json's "config"; None where it is not
-    recorded (checkpoints written before it was, which say "" for a run given --data)."""
+    recorded: the run's own RUN/data (the bundled corpus), or a checkpoint written before --data was recorded."""
     data = saved.get("data") if isinstance(saved, dict) else None
     path = data.get("path") if isinstance(data, dict) else None
     return path if isinstance(path, str) and path else None

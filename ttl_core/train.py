@@ -33,7 +33,8 @@ from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
 from .preemption import StopOnSignal
-from .run_config import RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path
+from .run_config import (RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path,
+                         resumed_model_settings)
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -295,7 +296,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     recorded = recorded_data_path(resumed[0].get("config")) if resumed is not None else None
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
-    recorded_config["data"]["path"] = str(data_path)
+    # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
+    recorded_config["data"]["path"] = "" if data_path == out_dir / "data" else str(data_path)
+    if resumed is not None:
+        recorded_config["model"] = resumed_model_settings(run, resumed[0].get("config"))
     tokenizer = Tokenizer.from_pretrained(data_path)
     if resume_from or init_from:
         check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
