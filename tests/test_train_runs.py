@@ -142,11 +142,13 @@ def test_a_resume_without_model_settings_records_the_run_s_own(tmp_path, data_di
     assert train(run_config("train.max_steps=3"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 3
 
 
-def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, data_dir):
-    """--data is no [data] key: the run config saved in trainer_state.json recorded the path "" for it."""
-    train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
+def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, data_dir, monkeypatch):
+    """--data is no [data] key: the run config saved in trainer_state.json recorded the path "" for it. A relative
+    --data is recorded absolute, for a resume from another working directory to find it."""
+    monkeypatch.chdir(data_dir.parent)
+    train(run_config("train.max_steps=1"), tmp_path, data_dir=data_dir.name)
     state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
-    assert state["config"]["data"]["path"] == str(data_dir)
+    assert state["config"]["data"]["path"] == str(data_dir.resolve())
 
 
 def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):

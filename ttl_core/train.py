@@ -297,7 +297,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
-    recorded_config["data"]["path"] = "" if data_path == out_dir / "data" else str(data_path)
+    recorded_config["data"]["path"] = "" if data_path == out_dir / "data" else str(data_path.resolve())
     if resumed is not None:
         recorded_config["model"] = resumed_model_settings(run, resumed[0].get("config"))
     tokenizer = Tokenizer.from_pretrained(data_path)
