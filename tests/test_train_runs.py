@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import run_script
+from tests.helpers import load_script, run_script
 from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.data import PackedLoader
@@ -140,12 +140,25 @@ def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, 
     assert state["config"]["data"]["path"] == str(data_dir)
 
 
-def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):
+def test_step_arguments_that_would_train_nothing_are_refused_and_a_finished_run_resumed_exits_0(tmp_path, data_dir,
+                                                                                                 capsys):
+    """A requeue loop (README) resubmits with --resume until the status is not 75: the run that reached max_steps
+    is done, and says so with status 0, where a refusal (2) would read as a failed job."""
     with pytest.raises(ConfigError, match="--stop-after must be"):
         train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir), stop_after=0)
     train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir))
-    with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 2"):
-        train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir), resume=True)
+    capsys.readouterr()
+    pretrain = load_script("pretrain")
+    settings = [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=2"]
+    args = ["--out", str(tmp_path / "b"), "--data", str(data_dir), "--resume",
+            *[x for o in settings for x in ("--set", o)]]
+    assert pretrain.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"{tmp_path / 'b' / 'checkpoints' / 'step-000002'} is at "
+                                                        "train.max_steps (step 2): the run is complete")
+    with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 1: nothing to train"):
+        train(run_config("train.max_steps=1"), tmp_path / "b", data_dir=str(data_dir), resume=True)
+    with pytest.raises(ConfigError, match="is at step 2, and --stop-after is 2: nothing to train"):
+        train(run_config("train.max_steps=3"), tmp_path / "b", data_dir=str(data_dir), resume=True, stop_after=2)
 
 
 def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):

@@ -254,7 +254,8 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     `train.eval_every` steps and after the last (never with 0). `resume` continues from the newest complete
     checkpoint (a damaged one is a CheckpointError naming the older one to resume from; there is no silent
     fallback); `stop_after` ends cleanly (with a checkpoint) after that step, and so does SIGTERM, SIGUSR1 or
-    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption). A second run on `out_dir`
+    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption); resuming a run already at
+    `max_steps` trains nothing and returns that step, without a loss or checkpoint. A second run on `out_dir`
     while this one runs is refused."""
     out_dir = Path(out_dir)
     world = init_world(device)
@@ -345,6 +346,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
     last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
+    if step == last_step == train.max_steps:  # a finished run requeued: the job is done, not refused
+        if world.is_main:
+            print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
+        return RunResult(step, None, None, None)
     if step >= last_step:
         which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
         raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
