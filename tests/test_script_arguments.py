@@ -96,16 +96,18 @@ def test_prepare_data_defaults_and_options_reach_prepare_data(monkeypatch, capsy
                                  dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None, replace=False))
     assert capsys.readouterr().out.startswith("wrote OUT: 1,234 documents, 56,789 train + 4,321 val tokens "
                                               "(uint16), vocab 4,096, ")
-    assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--vocab-size", "512", "--tokenizer", "T",
+    assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--tokenizer", "T",
                         "--val-fraction", "0.25", "--workers", "3"]) == 0
     assert prepare.calls[-1] == ((["a.txt", *SAMPLE_CORPUS], "OUT"),
-                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3, replace=False))
+                                 dict(vocab_size=4096, tokenizer="T", val_fraction=0.25, workers=3, replace=False))
+    assert script.main(["--sample", "--out", "OUT", "--vocab-size", "512"]) == 0
+    assert prepare.calls[-1][1]["vocab_size"] == 512
     assert script.main(["--sample", "--out", "OUT", "--overwrite"]) == 0
     assert prepare.calls[-1][1]["replace"] is True
     assert prepare.calls[-1][0][0] == list(SAMPLE_CORPUS)
     with pytest.raises(DataError, match=r"^no input: give --input FILES\.\.\. or --sample$"):
         script.main(["--out", "OUT"])
-    assert len(prepare.calls) == 3
+    assert len(prepare.calls) == 4
 
 
 # --- finetune_classifier.py -----------------------------------------------------------------------------------
@@ -299,6 +301,29 @@ def test_benchmark_sizes_are_refused_before_any_gpu_time(name, argv, message, ca
     """A count that cannot be measured is a usage error at once, not a crash after the device's peaks were measured
     (or a run that records every shape as failed)."""
     usage_error(load_script(name), argv, capsys, message)
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    ("prepare_data", ["--sample", "--out", "O", "--tokenizer", "T", "--vocab-size", "8"], "--vocab-size"),
+    ("bench_train", ["--quick", "--batch", "4"], "--batch"),
+    ("bench_train", ["--quick", "--steps", "3"], "--steps"),
+    ("bench_train", ["--smoke", "--preset", "ttl-460m"], "--preset"),
+    ("bench_train", ["--smoke", "--batch", "4"], "--batch"),
+    ("bench_train", ["--smoke", "--quick"], "--quick"),
+    ("bench_generate", ["--smoke", "--batches", "4"], "--batches"),
+    ("bench_generate", ["--smoke", "--prompt", "4"], "--prompt"),
+    ("bench_generate", ["--smoke", "--new-tokens", "4"], "--new-tokens"),
+    ("bench_generate", ["--smoke", "--preset", "ttl-460m"], "--preset"),
+    ("bench_generate", ["--smoke", "--quick"], "--quick"),
+    ("bench_attention", ["--smoke", "--quick"], "--quick"),
+    ("bench_kernels", ["--smoke", "--quick"], "--quick"),
+])
+def test_an_option_another_makes_irrelevant_is_refused(name, argv, message, capsys):
+    """An option given and then ignored (a size under --smoke, a vocabulary size with a given tokenizer) would
+    let a user believe it took effect: a usage error naming both options."""
+    overriding = {"--tokenizer", "--quick", "--smoke"} & set(argv)
+    overriding = "--smoke" if "--smoke" in overriding else overriding.pop()
+    usage_error(load_script(name), argv, capsys, f"error: {message} has no effect with {overriding}\n")
 
 
 @pytest.mark.parametrize("name, work", [("kernel_report", "capture_compilations"), ("check_goals", "load_rows")])

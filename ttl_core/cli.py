@@ -37,6 +37,16 @@ def output_file(text: str) -> str:
     return text
 
 
+def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, option: str, *ignored: str) -> None:
+    """A usage error when `option` is on and one of the `ignored` options, which it makes irrelevant, was given:
+    ignored in silence, it would seem to have taken effect. Each of `ignored` defaults to None (or False), so
+    that an option given is told from one left at its default."""
+    if getattr(args, option.lstrip("-").replace("-", "_")):
+        for name in ignored:
+            if getattr(args, name.lstrip("-").replace("-", "_")) not in (None, False):
+                parser.error(f"{name} has no effect with {option}")
+
+
 def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> None:
     """A ConfigError when `out` already holds one of `contents` (an earlier run's, a checkpoint's) and the user
     did not pass --overwrite: a rerun into the same directory would otherwise replace it without a word."""
