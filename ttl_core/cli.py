@@ -71,8 +71,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         # a failed rename names its destination second: the path the user gave, not the temporary written first
         path = e.filename2 or e.filename
         reason = e.strerror or e
-        if isinstance(e, FileExistsError) and path and Path(path).is_file():
-            reason = "a file, not a directory"  # mkdir's "File exists" reads as if the output were there already
+        # mkdir's "File exists" reads as if the output were there already, and "Not a directory" names a path
+        # made inside a file given for a directory (prepare_data's OUT/.prepare) rather than that file
+        file = path and next((p for p in (Path(path), *Path(path).parents) if p.is_file()), None)
+        if isinstance(e, (FileExistsError, NotADirectoryError)) and file:
+            path, reason = file, "a file, not a directory"
         print(f"error: {path or ''}{': ' if path else ''}{reason}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
