@@ -161,6 +161,24 @@ def test_step_arguments_that_would_train_nothing_are_refused_and_a_finished_run_
         train(run_config("train.max_steps=3"), tmp_path / "b", data_dir=str(data_dir), resume=True, stop_after=2)
 
 
+@pytest.mark.parametrize("refused, kwargs, message", [
+    (["train.max_steps=2"], {"stop_after": 0}, "--stop-after must be"),
+    (["train.seq_len=100"], {}, "exceeds the model's max_position_embeddings"),
+    (["model.vocab_size=8"], {"data_dir": None}, "that is the bundled sample corpus"),
+])
+def test_a_refused_run_leaves_no_run_directory_behind(tmp_path, data_dir, refused, kwargs, message):
+    """The run directory (and its parents) made for a run that is then refused, before any step, goes again;
+    one that existed stays, and so does whatever an interrupted run trained into one."""
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match=message):
+        train(run_config(*refused), out, **{"data_dir": str(data_dir), **kwargs})
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=message):
+        train(run_config(*refused), out, **{"data_dir": str(data_dir), **kwargs})
+    assert out.is_dir()
+
+
 def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):
     result = train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path, data_dir=str(data_dir),
                    stop_after=10)

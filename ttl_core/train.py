@@ -11,6 +11,7 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, po
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
-from .errors import ConfigError, DataError, TokenizerError, TrainingError
+from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
@@ -256,8 +257,9 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     fallback); `stop_after` ends cleanly (with a checkpoint) after that step, and so does SIGTERM, SIGUSR1 or
     SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption); resuming a run already at
     `max_steps` trains nothing and returns that step, without a loss or checkpoint. A second run on `out_dir`
-    while this one runs is refused."""
+    while this one runs is refused; a run refused before its first step leaves no directory it made."""
     out_dir = Path(out_dir)
+    made = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)  # the top one new
     world = init_world(device)
     try:
         # rank 0 writes the run dir and takes its lock; every rank stops if it is taken (under a launcher other
@@ -266,7 +268,14 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
             if all_reduce_sum(torch.tensor([float(not held)], device=world.reduce_device), world).item():
                 raise ConfigError(f"{out_dir} is in use by another training run; wait for it to end or choose "
                                   "another --out")
-            return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+            try:
+                return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+            except TTLError:
+                # a run refused before its first step (no metrics.jsonl yet) leaves no trace: the directories
+                # made for it go again, the sample corpus prepared into RUN/data with them
+                if made is not None and world.is_main and not (out_dir / "metrics.jsonl").exists():
+                    shutil.rmtree(made, ignore_errors=True)
+                raise
     finally:
         close_world(world)
 
