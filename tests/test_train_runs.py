@@ -20,7 +20,7 @@ from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, prepared_corpu
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.data import PackedLoader
 from ttl_core.errors import ConfigError, DataError
-from ttl_core.metrics import read_metrics
+from ttl_core.metrics import plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.run_config import check_resumable, load_run_config
 from ttl_core.tokenizer import Tokenizer
@@ -377,3 +377,18 @@ def test_resume_without_data_continues_on_the_data_the_run_recorded(tmp_path, da
         train(run_config("train.max_steps=5"), tmp_path / "sliced", resume=True)
     assert str(e.value) == (f"{checkpoint} was trained on {data}, which no longer exists; give the run's data "
                             "with --data")
+
+
+@pytest.mark.parametrize("evaluation, unit", [({"eval_loss": 2.0}, "cross-entropy (nats/token)"),
+                                              ({"eval_accuracy": 0.5, "eval_f1": 0.4}, "cross-entropy (nats/example)"),
+                                              ({"eval_pearson": 0.3, "eval_mse": 1.5}, "squared error (per example)")])
+def test_the_loss_plot_labels_the_loss_of_the_run_it_plots(tmp_path, monkeypatch, evaluation, unit):
+    """A classifier's loss is a mean over examples (its eval records say which kind of run it is), a language
+    model's over tokens."""
+    import matplotlib.axes
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, label, **kwargs: labels.append(label))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5}) + "\n" +
+                                            json.dumps({"step": 1, **evaluation}) + "\n")
+    plot_metrics(tmp_path)
+    assert labels == [unit]
