@@ -5,6 +5,7 @@ a tiny model."""
 
 import argparse
 import json
+import os
 import signal
 import types
 
@@ -191,14 +192,14 @@ def test_benchmark_runs_the_sample_tasks_or_the_given_list(tmp_path, monkeypatch
     run = recorder([])
     monkeypatch.setattr(script, "run_benchmark", run)
     monkeypatch.setattr(script, "format_table", lambda rows: "TABLE")
-    monkeypatch.setattr(script, "sample_tasks", lambda: ["sample"])
-    monkeypatch.setattr(script, "read_task_list", lambda path: [f"from {path}"])
+    monkeypatch.setattr(script, "sample_tasks", lambda: [types.SimpleNamespace(name="sample")])
+    monkeypatch.setattr(script, "read_task_list", lambda path: [types.SimpleNamespace(name=f"from {path}")])
     assert script.main(["--model", "BASE"]) == 0
-    assert run.calls[-1] == (("BASE", ["sample"], "runs/finetune-benchmark", FinetuneConfig()), {})
+    assert run.calls[-1] == (("BASE", script.sample_tasks(), "runs/finetune-benchmark", FinetuneConfig()), {})
     assert capsys.readouterr().out.splitlines() == [
         "TABLE", "results written to runs/finetune-benchmark/results.json and results.md"]
     assert script.main(["--model", "BASE", "--tasks", "T.json", "--out", "OUT", "--epochs", "1"]) == 0
-    assert run.calls[-1] == (("BASE", ["from T.json"], "OUT", FinetuneConfig(epochs=1)), {})
+    assert run.calls[-1] == (("BASE", script.read_task_list("T.json"), "OUT", FinetuneConfig(epochs=1)), {})
 
 
 # --- convert.py -----------------------------------------------------------------------------------------------
@@ -349,6 +350,7 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
     ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
      "metrics.jsonl"),
     ("finetune_benchmark", "run_benchmark", [], "results.json"),
+    ("finetune_benchmark", "run_benchmark", [], "inferencia/best"),  # interrupted before results.json
 ])
 def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, left, tmp_path, monkeypatch):
     """A second run into the same --out (the default one, say) would replace the first's best model and results
@@ -357,12 +359,13 @@ def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, lef
     run = recorder(result)
     monkeypatch.setattr(script, work, run)
     out = tmp_path / "out"
-    out.mkdir()
-    if left == "best":
+    (out / left).parent.mkdir(parents=True)
+    if left.endswith("best"):
         (out / left).mkdir()
     else:
         (out / left).write_text("{}")
-    with pytest.raises(ConfigError, match=f"{out} already holds .*{left}.*--overwrite"):
+    folder, name = os.path.split(out / left)
+    with pytest.raises(ConfigError, match=f"{folder} already holds .*{name}.*--overwrite"):
         script.main(["--model", "BASE", "--out", str(out)])
     assert run.calls == []
     assert script.main(["--model", "BASE", "--out", str(out), "--overwrite"]) == 0 and len(run.calls) == 1
