@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     # a benchmark interrupted before its results.json left the runs of the tasks it did
     for folder in (Path(args.out), *(Path(args.out) / task.name for task in tasks)):
         refuse_to_replace(folder, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
-    rows = run_benchmark(args.model, tasks, args.out, config_from_args(args))
+    rows = run_benchmark(args.model, tasks, args.out, config_from_args(parser, args))
     print(format_table(rows))
     print(f"results written to {args.out}/results.json and results.md")
     return 0
