@@ -24,7 +24,7 @@ from ttl_kernels import flash_attention
 from ttl_kernels.flash_attention import autotuned_configs
 from ttl_core.attention import flash_attn_module
 from ttl_core.benchmark import BenchDevice, Results, add_run_size_arguments, dtype_name, open_device, row
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_ignored, run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS = {"full": 16384, "quick": 16384, "smoke": 64}
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="q, k, v dtype (default %(default)s)")
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args, "--smoke", "--quick")
     dev = open_device("bench_attention", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     dtype = DTYPES[args.dtype]

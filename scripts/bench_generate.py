@@ -14,7 +14,8 @@ step plus each row's cached keys and values) as a fraction of the copy bandwidth
 and the extra device memory of the first (cold) call; ttl's call at the smallest batch is also profiled
 (JSON `notes.kernel_profiles`: its kernel time against its wall time).
 Writes benchmarks/results/<gpu>/generate.{json,csv,png}, rewritten after every measurement. Needs CUDA
-(`--smoke`: the tiny preset, CPU allowed, a check of the harness).
+(`--smoke`: the tiny preset, CPU allowed, a check of the harness; it fixes every size, so a size option given
+with it is refused).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 
 from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, positive_int,
                                 print_profiles, row)
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.config import PRESETS, LlamaConfig
 from ttl_core.generate import generate
 from ttl_core.hf import load_pretrained, save_pretrained
@@ -134,21 +135,21 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=positive_int, nargs="+", help="batch sizes (default 1 8 64; --quick: 1 64)")
-    parser.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens per row (default 128)")
+    parser.add_argument("--prompt", type=positive_int, help="prompt tokens per row (default 128)")
     parser.add_argument("--new-tokens", type=positive_int, help="tokens generated per row (default 256; --quick: 64)")
     parser.add_argument("--hf-static-batches", type=positive_int, nargs="+",
                         help="batch sizes at which to run transformers' static cache + compile, whose compilation "
                              "takes minutes per batch size (default: all)")
-    parser.add_argument("--preset", default="ttl-160m", choices=sorted(PRESETS),
-                        help="model shape (default %(default)s)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default ttl-160m)")
     add_run_size_arguments(parser, quick="fewer sizes, tokens and repetitions",
                            smoke="tiny preset, toy sizes, CPU allowed: checks the harness only")
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args, "--smoke", "--quick", "--preset", "--batches", "--prompt", "--new-tokens")
     dev = open_device("bench_generate", args.smoke)
     if args.smoke:
         preset, batches, prompt, new = "tiny", [1, 2], 8, 4
     else:
-        preset, prompt = args.preset, args.prompt
+        preset, prompt = args.preset or "ttl-160m", args.prompt or 128
         batches = args.batches or ([1, 64] if args.quick else [1, 8, 64])
         new = args.new_tokens or (64 if args.quick else 256)
     torch.manual_seed(0)

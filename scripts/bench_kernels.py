@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ttl_kernels import (apply_rotary, apply_rotary_reference, cross_entropy, cross_entropy_reference,
                      fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu, swiglu_reference)
 from ttl_core.benchmark import BenchDevice, Results, add_run_size_arguments, cell, dtype_name, open_device, row
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_ignored, run_cli
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROWS = {"full": (4096, 16384, 65536), "quick": (16384,), "smoke": (48, 80)}
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="activation dtype (default %(default)s)")
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args, "--smoke", "--quick")
     dev = open_device("bench_kernels", args.smoke)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     compile_once_per_width()

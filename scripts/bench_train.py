@@ -10,7 +10,7 @@ Each configuration's kernels are profiled over two more steps (JSON `notes.kerne
 goal is missed, that says where the time went. MFU counts 6N + 12·L·d·T FLOPs per token (N without the
 input embedding table) against both the published bf16 peak of the device and the matmul throughput
 measured in the same run. Needs CUDA (`--smoke`: the tiny preset at seq 64, CPU allowed, a check of the
-harness).
+harness). --quick and --smoke fix the sizes: a --batch or --steps (or with --smoke, --preset) given too is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, cell, open_device, positive_int,
                                 print_profiles, row)
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.config import PRESETS
 from ttl_core.distributed import World
 from ttl_core.metrics import flops_per_token, peak_tflops
@@ -106,18 +106,19 @@ def measure(dev: BenchDevice, step: Callable[[torch.Tensor], float], batch: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="ttl-160m", choices=sorted(PRESETS),
-                        help="model shape (default %(default)s)")
-    parser.add_argument("--batch", type=positive_int, nargs="+", default=[4, 16],
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default ttl-160m)")
+    parser.add_argument("--batch", type=positive_int, nargs="+",
                         help="sequences of 2048 tokens per step (default 4 16)")
-    parser.add_argument("--steps", type=positive_int, default=20,
-                        help="timed optimizer steps per configuration (default %(default)s)")
+    parser.add_argument("--steps", type=positive_int, help="timed optimizer steps per configuration (default 20)")
     add_run_size_arguments(parser, quick="batch 16 only, 5 timed steps",
                            smoke="tiny preset, seq 64, CPU allowed: checks the harness only")
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args, "--smoke", "--quick", "--preset", "--batch", "--steps")
+    refuse_ignored(parser, args, "--quick", "--batch", "--steps")
     dev = open_device("bench_train", args.smoke)
     preset, seq, batches, steps = ("tiny", 64, [2], 2) if args.smoke else (
-        (args.preset, 2048, [16], 5) if args.quick else (args.preset, 2048, args.batch, args.steps))
+        (args.preset or "ttl-160m", 2048, [16], 5) if args.quick else
+        (args.preset or "ttl-160m", 2048, args.batch or [4, 16], args.steps or 20))
     torch.backends.cuda.matmul.allow_tf32 = True
     published = peak_tflops(dev.name) if dev.cuda else None
     config = LlamaConfig.from_preset(preset)

@@ -12,6 +12,7 @@ epoch's accuracy and macro F1 (classification) or Pearson and MSE (regression).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ttl_core.cli import refuse_to_replace, run_cli
 from ttl_core.finetune import RUN_OUTPUTS, FinetuneConfig, add_finetune_args, config_from_args
@@ -25,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/finetune-benchmark", help="output directory (default %(default)s)")
     add_finetune_args(parser, FinetuneConfig())
     args = parser.parse_args(argv)
-    refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
     tasks = read_task_list(args.tasks) if args.tasks else sample_tasks()
-    rows = run_benchmark(args.model, tasks, args.out, config_from_args(args))
+    # a benchmark interrupted before its results.json left the runs of the tasks it did
+    for folder in (Path(args.out), *(Path(args.out) / task.name for task in tasks)):
+        refuse_to_replace(folder, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
+    rows = run_benchmark(args.model, tasks, args.out, config_from_args(parser, args))
     print(format_table(rows))
     print(f"results written to {args.out}/results.json and results.md")
     return 0

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = labels or (None if args.regression else list(AGNEWS_LABELS))
     spec = TaskSpec(_split(args.text_fields), args.label_field, args.pair, args.regression, labels)
     refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
-    result = finetune_classifier(args.model, args.train, args.eval, args.out, spec, config_from_args(args))
+    result = finetune_classifier(args.model, args.train, args.eval, args.out, spec, config_from_args(parser, args))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k != "epoch")
     print(f"best epoch {result.best['epoch']}: {shown}; saved to {result.checkpoint}")
     return 0

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     add_finetune_args(parser, INSTRUCT_DEFAULTS)
     args = parser.parse_args(argv)
     refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
-    summary = finetune_instruct(args.model, args.data, args.out, args.format, config_from_args(args),
+    summary = finetune_instruct(args.model, args.data, args.out, args.format, config_from_args(parser, args),
                                 eval_file=args.eval, train_on_inputs=args.train_on_inputs)
     added = f"; added tokens {', '.join(summary['added_tokens'])}" if summary["added_tokens"] else ""
     print(f"{summary['train_examples']} examples, final training loss {summary['final_loss']:.4f}{added}; "

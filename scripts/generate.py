@@ -4,13 +4,13 @@
   python scripts/generate.py --model DIR --chat aira --interactive
   python scripts/generate.py --model runs/finetune-instruct/best --chat aira --prompt "..." [--base BASE_DIR]
 
-Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature
-0.2, top-k 20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead. `--chat` wraps the prompt in
-the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and stops at the end of
-the answer; any answer also ends at the tokenizer's `</s>`, at the checkpoint's EOS ids (its
+Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetition penalty 1.2, temperature 0.2, top-k
+20, top-p 0.2, 150 new tokens); `--greedy` decodes greedily instead (and refuses the sampling options and --seed).
+`--chat` wraps the prompt in the Aira (`<|startofinstruction|>` ... `<|endofinstruction|>`) or Alpaca-PTBR format and
+stops at the end of the answer; any answer also ends at the tokenizer's `</s>`, at the checkpoint's EOS ids (its
 generation_config.json's, else config.json's, as transformers reads them) and at its generation_config.json's
-stop_strings. `--interactive` keeps a conversation in that format, one turn per input line, until the model's
-context is full (an empty line or end of input quits).
+stop_strings. `--interactive` keeps a conversation in that format, one turn per input line, until the model's context is
+full (an empty line or end of input quits).
 
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.errors import GenerationError, TokenizerError
 from ttl_core.finetune import check_tokenizer_fits
 from ttl_core.generate import generate
@@ -38,6 +38,8 @@ from ttl_core.model import LlamaForCausalLM
 from ttl_core.sampling import special_token_ids
 from ttl_core.chat_format import AIRA_END, chat_prompt
 from ttl_core.tokenizer import Tokenizer
+
+SAMPLING = {"temperature": 0.2, "top_k": 20, "top_p": 0.2, "min_p": 0.0}  # the model card's, as transformers names them
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,13 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chat", choices=("aira", "alpaca"), help="wrap prompts in this chat format")
     parser.add_argument("--interactive", action="store_true", help="keep a conversation going from stdin")
     parser.add_argument("--max-new-tokens", type=int, default=150, help="new tokens per answer (default %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.2, help="default %(default)s")
-    parser.add_argument("--top-k", type=int, default=20, help="0 turns it off (default %(default)s)")
-    parser.add_argument("--top-p", type=float, default=0.2, help="1 turns it off (default %(default)s)")
-    parser.add_argument("--min-p", type=float, default=0.0, help="0 turns it off (default %(default)s)")
+    parser.add_argument("--temperature", type=float, help=f"default {SAMPLING['temperature']}")
+    parser.add_argument("--top-k", type=int, help=f"0 turns it off (default {SAMPLING['top_k']})")
+    parser.add_argument("--top-p", type=float, help=f"1 turns it off (default {SAMPLING['top_p']})")
+    parser.add_argument("--min-p", type=float, help=f"0 turns it off (default {SAMPLING['min_p']})")
     parser.add_argument("--repetition-penalty", type=float, default=1.2, help="1 turns it off (default %(default)s)")
     parser.add_argument("--greedy", action="store_true",
-                        help="greedy decoding (sampling options ignored; the repetition penalty still applies)")
+                        help="greedy decoding (no sampling options or --seed; the repetition penalty applies)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
@@ -69,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--prompt is required unless --interactive")
     if args.input and (args.chat is None or args.prompt is None):
         parser.error("--input adds context to --prompt in a --chat format; it needs both")
+    refuse_ignored(parser, args, "--greedy", "--temperature", "--top-k", "--top-p", "--min-p", "--seed")
+    for name, value in SAMPLING.items():  # None until here, so that an option given is told from its default
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 

@@ -6,8 +6,8 @@
 Inputs: .txt (documents separated by blank lines), .jsonl (a "text" field per line), .parquet (a "text"
 column; needs pyarrow). A tokenizer is trained on the inputs (on 1 GiB of their documents at most, taken
 evenly from every file) unless --tokenizer gives one (a sentencepiece .model or a Hugging Face tokenizer
-directory). An interrupted run resumes when started again with the same arguments; an --out already prepared
-from other inputs or settings is replaced only with --overwrite.
+directory; --vocab-size then has no use and is refused). An interrupted run resumes when started again with the
+same arguments; an --out already prepared from other inputs or settings is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from ttl_core.cli import run_cli
+from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.data import SAMPLE_CORPUS, prepare_data
 from ttl_core.errors import DataError
+
+VOCAB_SIZE = 4096  # the trained tokenizer's, without --vocab-size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", default=[], help="text files (.txt, .jsonl, .parquet)")
     parser.add_argument("--sample", action="store_true", help="use the bundled sample corpus as input")
     parser.add_argument("--out", required=True, help="data directory to write")
-    parser.add_argument("--vocab-size", type=int, default=4096,
-                        help="vocabulary of the trained tokenizer (default %(default)s)")
+    parser.add_argument("--vocab-size", type=int,
+                        help=f"vocabulary of the trained tokenizer (default {VOCAB_SIZE}; not with --tokenizer)")
     parser.add_argument("--tokenizer", help="use this tokenizer (.model file or HF directory) instead of training")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of documents held out for evaluation (default 0.1); 0 holds out none, for runs "
@@ -35,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace data --out holds from other inputs or settings (default: refuse)")
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args, "--tokenizer", "--vocab-size")
     inputs = args.input + (SAMPLE_CORPUS if args.sample else [])
     if not inputs:
         raise DataError("no input: give --input FILES... or --sample")
     start = time.perf_counter()
-    meta = prepare_data(inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+    meta = prepare_data(inputs, args.out, vocab_size=args.vocab_size or VOCAB_SIZE, tokenizer=args.tokenizer,
                         val_fraction=args.val_fraction, workers=args.workers, replace=args.overwrite)
     print(f"wrote {args.out}: {meta['documents']:,} documents, {meta['train_tokens']:,} train + "
           f"{meta['val_tokens']:,} val tokens ({meta['dtype']}), vocab {meta['vocab_size']:,}, "

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import load_script, run_script
 from hf_reference import hf_causal_lm
 from safetensors.torch import load_file, save_file
 
@@ -181,12 +181,21 @@ def test_a_file_system_error_names_the_path_given_not_its_temporary(tmp_path, ca
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'out'}: Is a directory\n"
 
 
-def test_an_output_directory_that_is_a_file_is_named_as_such(tmp_path, capsys):
-    """--out naming a file: mkdir's own words ("File exists") read as if the run had already been written there."""
+@pytest.mark.parametrize("made", ["run", "run/.prepare", "run/a/b"])
+def test_an_output_directory_that_is_a_file_is_named_as_such(tmp_path, capsys, made):
+    """--out naming a file: mkdir's own words ("File exists") read as if the run had already been written there,
+    and a directory made inside it (prepare_data's RUN/.prepare) named a path the user never gave."""
     (tmp_path / "run").write_text(f"{torch.rand(()).item()}\n")
     with pytest.raises(SystemExit) as exit_:
-        run_cli(lambda argv: (tmp_path / "run").mkdir(parents=True, exist_ok=True))
+        run_cli(lambda argv: (tmp_path / made).mkdir(parents=True, exist_ok=True))
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'run'}: a file, not a directory\n"
+
+
+def test_prepare_data_into_a_file_names_the_file(tmp_path, capsys):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(SystemExit):
+        run_cli(load_script("prepare_data").main, ["--sample", "--out", str(tmp_path / "run"), "--workers", "1"])
+    assert capsys.readouterr().err == f"error: {tmp_path / 'run'}: a file, not a directory\n"
 
 
 def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):

@@ -248,7 +248,7 @@ def test_bad_added_tokens_decoder_in_tokenizer_config(tok, tmp_path):
 def parse(*argv: str) -> FinetuneConfig:
     parser = argparse.ArgumentParser()
     add_finetune_args(parser, FinetuneConfig())
-    return config_from_args(parser.parse_args(list(argv)))
+    return config_from_args(parser, parser.parse_args(list(argv)))
 
 
 def test_lora_targets_all_linear(tok):
@@ -256,8 +256,8 @@ def test_lora_targets_all_linear(tok):
     from ttl_core.lora_targets import LINEAR_NAMES
 
     cfg = parse("--lora", "--lora-targets", "all-linear")
-    assert cfg.lora_targets == "all-linear" and parse("--lora-targets", "q_proj, k_proj").lora_targets == ["q_proj",
-                                                                                                           "k_proj"]
+    assert cfg.lora_targets == "all-linear"
+    assert parse("--lora", "--lora-targets", "q_proj, k_proj").lora_targets == ["q_proj", "k_proj"]
     config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
     model = LlamaForCausalLM(config)
@@ -274,13 +274,11 @@ def test_lora_targets_all_linear(tok):
     (["--weight-decay", "-1"], r"weight_decay \(--weight-decay\) must be a finite number >= 0"),
     (["--weight-decay", "nan"], r"weight_decay \(--weight-decay\)"),
     (["--warmup-steps", "-5"], r"warmup_steps \(--warmup-steps\) must be an integer >= 0"),
-    (["--lora-dropout", "2"], r"lora_dropout \(--lora-dropout\) must be a number in \[0, 1\)"),
-    (["--lora-dropout", "-1"], r"lora_dropout \(--lora-dropout\)"),
-    (["--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
-    (["--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
+    (["--lora", "--lora-dropout", "2"], r"lora_dropout \(--lora-dropout\) must be a number in \[0, 1\)"),
+    (["--lora", "--lora-dropout", "-1"], r"lora_dropout \(--lora-dropout\)"),
+    (["--lora", "--lora-alpha", "0"], r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
+    (["--lora", "--lora-targets", ","], r"lora_targets \(--lora-targets\)"),
     (["--max-length", "1"], r"max_length \(--max-length\) must be an integer >= 2, got 1"),
-    # without --lora every weight is trained and the full model saved: the flag was ignored without a word
-    (["--merge-lora"], r"merge_lora \(--merge-lora\) merges LoRA adapters into the model; it needs --lora"),
     (["--seed", "-1"], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\), got -1"),
     (["--seed", str(2**70)], r"seed \(--seed\) must be an integer in \[0, 2\*\*32\)"),  # torch.manual_seed overflowed
 ])

@@ -18,7 +18,7 @@ from tests.finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
 from tests.helpers import rel_err, run_script
 import ttl_kernels
 from ttl_core import LlamaConfig, LlamaForSequenceClassification
-from ttl_core.errors import CheckpointError
+from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, classifier_collator, collate,
                                finetune_classifier, improves, pack, predict, regression_metrics)
 from ttl_core.hf import load_pretrained, save_pretrained
@@ -491,3 +491,8 @@ def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
     assert len(orders) == 3 and all(sorted(order) == list(range(10)) for order in orders)
     assert len({tuple(order) for order in orders}) == 3
     assert epoch_orders(1) == orders != epoch_orders(2)
+
+
+def test_merge_lora_without_lora_is_refused():  # every weight would be trained and the full model saved
+    with pytest.raises(ConfigError, match=r"merge_lora \(--merge-lora\) merges LoRA adapters .*; it needs --lora"):
+        FinetuneConfig(merge_lora=True)

@@ -216,7 +216,7 @@ def scripted(monkeypatch, answer, context=None):
 def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, capsys):
     """The model card's defaults (temperature 0.2, top-k 20, top-p 0.2, repetition penalty 1.2, 150 new
     tokens, float32 on CPU) and each sampling option, --seed and --dtype reach generate() and the loader;
-    --greedy drops the sampling options."""
+    --greedy drops the sampling options, and refuses them (and --seed) given with it."""
     path, tok, _ = checkpoint
     script, fake, loads = scripted(monkeypatch, [5, 6], context=1000)
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu"]) == 0
@@ -236,8 +236,12 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
         num_return_sequences=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
         seed=3)
     assert loads[-1]["dtype"] == "bfloat16"
-    assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy",
-                        "--temperature", "0.7", "--top-k", "5", "--seed", "3"]) == 0
+    for option, value in (("--temperature", "0.7"), ("--top-k", "5"), ("--top-p", "0.9"), ("--min-p", "0.1"),
+                          ("--seed", "3")):  # each would be ignored: refused, naming both
+        with pytest.raises(SystemExit) as exit_:
+            script.main(["--model", str(path), "--prompt", "o menino", "--greedy", option, value])
+        assert exit_.value.code == 2 and f"error: {option} has no effect with --greedy\n" in capsys.readouterr().err
+    assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy"]) == 0
     fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
                                      pad_token_id=tok.pad_id, num_return_sequences=1, cuda_graph=True,

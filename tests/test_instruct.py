@@ -108,6 +108,12 @@ def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
             instruction_rows(path)
     path.write_text(json.dumps({"instruction": "Dobre.", "input": None, "output": "0"}) + "\n")
     assert instruction_rows(path) == [(1, "Dobre.", "", "0")]
+    # JSON may escape half a UTF-16 pair, which no text has: the tokenizer found it, in no named file
+    for field in ("instruction", "input", "output"):
+        path.write_text(json.dumps({"instruction": "Dobre.", "input": "", "output": "0", field: "meio \ud83d"}))
+        with pytest.raises(DataError, match=rf"long\.jsonl:1: '{field}' holds a lone surrogate '\\ud83d' at "
+                                            r"character 5 \(half an escaped UTF-16 pair\)$"):
+            build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
 
 
 def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):

@@ -5,6 +5,7 @@ a tiny model."""
 
 import argparse
 import json
+import os
 import signal
 import types
 
@@ -96,16 +97,18 @@ def test_prepare_data_defaults_and_options_reach_prepare_data(monkeypatch, capsy
                                  dict(vocab_size=4096, tokenizer=None, val_fraction=0.1, workers=None, replace=False))
     assert capsys.readouterr().out.startswith("wrote OUT: 1,234 documents, 56,789 train + 4,321 val tokens "
                                               "(uint16), vocab 4,096, ")
-    assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--vocab-size", "512", "--tokenizer", "T",
+    assert script.main(["--input", "a.txt", "--sample", "--out", "OUT", "--tokenizer", "T",
                         "--val-fraction", "0.25", "--workers", "3"]) == 0
     assert prepare.calls[-1] == ((["a.txt", *SAMPLE_CORPUS], "OUT"),
-                                 dict(vocab_size=512, tokenizer="T", val_fraction=0.25, workers=3, replace=False))
+                                 dict(vocab_size=4096, tokenizer="T", val_fraction=0.25, workers=3, replace=False))
+    assert script.main(["--sample", "--out", "OUT", "--vocab-size", "512"]) == 0
+    assert prepare.calls[-1][1]["vocab_size"] == 512
     assert script.main(["--sample", "--out", "OUT", "--overwrite"]) == 0
     assert prepare.calls[-1][1]["replace"] is True
     assert prepare.calls[-1][0][0] == list(SAMPLE_CORPUS)
     with pytest.raises(DataError, match=r"^no input: give --input FILES\.\.\. or --sample$"):
         script.main(["--out", "OUT"])
-    assert len(prepare.calls) == 3
+    assert len(prepare.calls) == 4
 
 
 # --- finetune_classifier.py -----------------------------------------------------------------------------------
@@ -189,14 +192,14 @@ def test_benchmark_runs_the_sample_tasks_or_the_given_list(tmp_path, monkeypatch
     run = recorder([])
     monkeypatch.setattr(script, "run_benchmark", run)
     monkeypatch.setattr(script, "format_table", lambda rows: "TABLE")
-    monkeypatch.setattr(script, "sample_tasks", lambda: ["sample"])
-    monkeypatch.setattr(script, "read_task_list", lambda path: [f"from {path}"])
+    monkeypatch.setattr(script, "sample_tasks", lambda: [types.SimpleNamespace(name="sample")])
+    monkeypatch.setattr(script, "read_task_list", lambda path: [types.SimpleNamespace(name=f"from {path}")])
     assert script.main(["--model", "BASE"]) == 0
-    assert run.calls[-1] == (("BASE", ["sample"], "runs/finetune-benchmark", FinetuneConfig()), {})
+    assert run.calls[-1] == (("BASE", script.sample_tasks(), "runs/finetune-benchmark", FinetuneConfig()), {})
     assert capsys.readouterr().out.splitlines() == [
         "TABLE", "results written to runs/finetune-benchmark/results.json and results.md"]
     assert script.main(["--model", "BASE", "--tasks", "T.json", "--out", "OUT", "--epochs", "1"]) == 0
-    assert run.calls[-1] == (("BASE", ["from T.json"], "OUT", FinetuneConfig(epochs=1)), {})
+    assert run.calls[-1] == (("BASE", script.read_task_list("T.json"), "OUT", FinetuneConfig(epochs=1)), {})
 
 
 # --- convert.py -----------------------------------------------------------------------------------------------
@@ -301,6 +304,33 @@ def test_benchmark_sizes_are_refused_before_any_gpu_time(name, argv, message, ca
     usage_error(load_script(name), argv, capsys, message)
 
 
+@pytest.mark.parametrize("name, argv, ignored, by", [
+    ("prepare_data", ["--sample", "--out", "O", "--tokenizer", "T", "--vocab-size", "8"], "--vocab-size",
+     "--tokenizer"),
+    ("bench_train", ["--quick", "--batch", "4"], "--batch", "--quick"),
+    ("bench_train", ["--quick", "--steps", "3"], "--steps", "--quick"),
+    ("bench_train", ["--smoke", "--preset", "ttl-460m"], "--preset", "--smoke"),
+    ("bench_train", ["--smoke", "--batch", "4"], "--batch", "--smoke"),
+    ("bench_train", ["--smoke", "--quick"], "--quick", "--smoke"),
+    ("bench_generate", ["--smoke", "--batches", "4"], "--batches", "--smoke"),
+    ("bench_generate", ["--smoke", "--prompt", "4"], "--prompt", "--smoke"),
+    ("bench_generate", ["--smoke", "--new-tokens", "4"], "--new-tokens", "--smoke"),
+    ("bench_generate", ["--smoke", "--preset", "ttl-460m"], "--preset", "--smoke"),
+    ("bench_generate", ["--smoke", "--quick"], "--quick", "--smoke"),
+    ("bench_attention", ["--smoke", "--quick"], "--quick", "--smoke"),
+    ("bench_kernels", ["--smoke", "--quick"], "--quick", "--smoke"),
+    ("finetune_classifier", ["--model", "B", "--lora-r", "4"], "--lora-r", "--no-lora"),  # LoRA is off by default
+    ("finetune_classifier", ["--model", "B", "--merge-lora"], "--merge-lora", "--no-lora"),
+    ("finetune_instruct", ["--model", "B", "--no-lora", "--lora-alpha", "8"], "--lora-alpha", "--no-lora"),
+    ("finetune_benchmark", ["--model", "B", "--lora-dropout", "0.1"], "--lora-dropout", "--no-lora"),
+    ("finetune_benchmark", ["--model", "B", "--lora-targets", "q_proj"], "--lora-targets", "--no-lora"),
+])
+def test_an_option_another_makes_irrelevant_is_refused(name, argv, ignored, by, capsys):
+    """An option given and then ignored (a size under --smoke, a vocabulary size with a given tokenizer) would
+    let a user believe it took effect: a usage error naming both options."""
+    usage_error(load_script(name), argv, capsys, f"error: {ignored} has no effect with {by}\n")
+
+
 @pytest.mark.parametrize("name, work", [("kernel_report", "capture_compilations"), ("check_goals", "load_rows")])
 @pytest.mark.parametrize("destination, message", [("", "is a directory"), ("missing/out.json", "no such directory")])
 def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(name, work, destination, message,
@@ -324,6 +354,7 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
     ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
      "metrics.jsonl"),
     ("finetune_benchmark", "run_benchmark", [], "results.json"),
+    ("finetune_benchmark", "run_benchmark", [], "inferencia/best"),  # interrupted before results.json
 ])
 def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, left, tmp_path, monkeypatch):
     """A second run into the same --out (the default one, say) would replace the first's best model and results
@@ -332,12 +363,13 @@ def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, lef
     run = recorder(result)
     monkeypatch.setattr(script, work, run)
     out = tmp_path / "out"
-    out.mkdir()
-    if left == "best":
+    (out / left).parent.mkdir(parents=True)
+    if left.endswith("best"):
         (out / left).mkdir()
     else:
         (out / left).write_text("{}")
-    with pytest.raises(ConfigError, match=f"{out} already holds .*{left}.*--overwrite"):
+    folder, name = os.path.split(out / left)
+    with pytest.raises(ConfigError, match=f"{folder} already holds .*{name}.*--overwrite"):
         script.main(["--model", "BASE", "--out", str(out)])
     assert run.calls == []
     assert script.main(["--model", "BASE", "--out", str(out), "--overwrite"]) == 0 and len(run.calls) == 1

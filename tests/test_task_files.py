@@ -191,6 +191,11 @@ def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, t
     ("title,text,label\na,b,A\nc,d,B,sobra\n", "csv", r"t\.csv:3: .*columns"),  # more fields than the header
     ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "text": null, "label": "A"}\n', "jsonl",
      r"t\.jsonl:2: field 'text' is null"),  # a null is no text (not the text "None")
+    # JSON may escape half a UTF-16 pair, which no text has: the tokenizer found it, in no named file
+    ('{"title": "a", "text": "meio \\ud83d par", "label": "A"}\n', "jsonl",
+     r"t\.jsonl:1: 'text' holds a lone surrogate '\\ud83d' at character 5 \(half an escaped UTF-16 pair\)$"),
+    ('[{"title": "a", "text": "b", "label": "A"},\n {"title": "a", "text": "b", "label": "\\udc00"}]', "json",
+     r"t\.json:2: 'label' holds a lone surrogate '\\udc00' at character 0 \(half an escaped UTF-16 pair\)$"),
 ])
 def test_bad_task_files_name_file_and_line(base_dir, tmp_path, content, suffix, message):
     path = tmp_path / f"t.{suffix}"

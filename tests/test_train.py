@@ -170,11 +170,11 @@ def test_bf16_compiled_training_on_cuda_tracks_eager(tmp_path, data_dir):
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, data_dir):
     run = run_config("train.max_steps=8", "train.save_every=1", "train.lr=1e12", "train.warmup_steps=0",
                      "train.min_lr=1e12", "train.grad_clip=0.0")
-    with pytest.raises(TrainingError) as e:
-        train(run, tmp_path, data_dir=str(data_dir))
-    good = complete_checkpoints(tmp_path)
+    with pytest.raises(TrainingError) as e:  # into a new directory, which keeps what the run trained
+        train(run, tmp_path / "run", data_dir=str(data_dir))
+    good = complete_checkpoints(tmp_path / "run")
     assert good and "loss became" in str(e.value) and f"Last good checkpoint: {good[-1]}" in str(e.value)
-    assert all(math.isfinite(x) for x in losses(tmp_path))
+    assert all(math.isfinite(x) for x in losses(tmp_path / "run"))
 
 
 # --- distributed --------------------------------------------------------------------------------------------

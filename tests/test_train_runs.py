@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import run_script
+from tests.helpers import load_script, run_script
 from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, prepared_corpus, random_model, run_config
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.data import PackedLoader
 from ttl_core.errors import ConfigError, DataError
-from ttl_core.metrics import read_metrics
+from ttl_core.metrics import plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.run_config import check_resumable, load_run_config
 from ttl_core.tokenizer import Tokenizer
@@ -151,12 +151,43 @@ def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, 
     assert state["config"]["data"]["path"] == str(data_dir.resolve())
 
 
-def test_step_arguments_that_would_train_nothing_are_refused(tmp_path, data_dir):
+def test_step_arguments_that_would_train_nothing_are_refused_and_a_finished_run_resumed_exits_0(tmp_path, data_dir,
+                                                                                                 capsys):
+    """A requeue loop (README) resubmits with --resume until the status is not 75: the run that reached max_steps
+    is done, and says so with status 0, where a refusal (2) would read as a failed job."""
     with pytest.raises(ConfigError, match="--stop-after must be"):
         train(run_config("train.max_steps=2"), tmp_path / "a", data_dir=str(data_dir), stop_after=0)
     train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir))
-    with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 2"):
-        train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(data_dir), resume=True)
+    capsys.readouterr()
+    pretrain = load_script("pretrain")
+    settings = [*MICRO_MODEL, "model.vocab_size=400", *FAST, "train.max_steps=2"]
+    args = ["--out", str(tmp_path / "b"), "--data", str(data_dir), "--resume",
+            *[x for o in settings for x in ("--set", o)]]
+    assert pretrain.main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"{tmp_path / 'b' / 'checkpoints' / 'step-000002'} is at "
+                                                        "train.max_steps (step 2): the run is complete")
+    with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 1: nothing to train"):
+        train(run_config("train.max_steps=1"), tmp_path / "b", data_dir=str(data_dir), resume=True)
+    with pytest.raises(ConfigError, match="is at step 2, and --stop-after is 2: nothing to train"):
+        train(run_config("train.max_steps=3"), tmp_path / "b", data_dir=str(data_dir), resume=True, stop_after=2)
+
+
+@pytest.mark.parametrize("refused, kwargs, message", [
+    (["train.max_steps=2"], {"stop_after": 0}, "--stop-after must be"),
+    (["train.seq_len=100"], {}, "exceeds the model's max_position_embeddings"),
+    (["model.vocab_size=8"], {"data_dir": None}, "that is the bundled sample corpus"),
+])
+def test_a_refused_run_leaves_no_run_directory_behind(tmp_path, data_dir, refused, kwargs, message):
+    """The run directory (and its parents) made for a run that is then refused, before any step, goes again;
+    one that existed stays, and so does whatever an interrupted run trained into one."""
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match=message):
+        train(run_config(*refused), out, **{"data_dir": str(data_dir), **kwargs})
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=message):
+        train(run_config(*refused), out, **{"data_dir": str(data_dir), **kwargs})
+    assert out.is_dir()
 
 
 def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_steps(tmp_path, data_dir):
@@ -367,3 +398,18 @@ def test_resume_without_data_continues_on_the_data_the_run_recorded(tmp_path, da
         train(run_config("train.max_steps=5"), tmp_path / "sliced", resume=True)
     assert str(e.value) == (f"{checkpoint} was trained on {data}, which no longer exists; give the run's data "
                             "with --data")
+
+
+@pytest.mark.parametrize("evaluation, unit", [({"eval_loss": 2.0}, "cross-entropy (nats/token)"),
+                                              ({"eval_accuracy": 0.5, "eval_f1": 0.4}, "cross-entropy (nats/example)"),
+                                              ({"eval_pearson": 0.3, "eval_mse": 1.5}, "squared error (per example)")])
+def test_the_loss_plot_labels_the_loss_of_the_run_it_plots(tmp_path, monkeypatch, evaluation, unit):
+    """A classifier's loss is a mean over examples (its eval records say which kind of run it is), a language
+    model's over tokens."""
+    import matplotlib.axes
+    labels = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, label, **kwargs: labels.append(label))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.5}) + "\n" +
+                                            json.dumps({"step": 1, **evaluation}) + "\n")
+    plot_metrics(tmp_path)
+    assert labels == [unit]

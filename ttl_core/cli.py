@@ -37,6 +37,18 @@ def output_file(text: str) -> str:
     return text
 
 
+def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, option: str, *ignored: str,
+                   active: bool | None = None) -> None:
+    """A usage error when `option` is on (or `active`, for one that is on by default, such as --no-lora) and one
+    of the `ignored` options, which it makes irrelevant, was given: ignored in silence, it would seem to have
+    taken effect. Each of `ignored` defaults to None (or False), so that an option given is told from one left
+    at its default."""
+    if getattr(args, option.lstrip("-").replace("-", "_")) if active is None else active:
+        for name in ignored:
+            if getattr(args, name.lstrip("-").replace("-", "_")) not in (None, False):
+                parser.error(f"{name} has no effect with {option}")
+
+
 def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> None:
     """A ConfigError when `out` already holds one of `contents` (an earlier run's, a checkpoint's) and the user
     did not pass --overwrite: a rerun into the same directory would otherwise replace it without a word."""
@@ -61,8 +73,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         # a failed rename names its destination second: the path the user gave, not the temporary written first
         path = e.filename2 or e.filename
         reason = e.strerror or e
-        if isinstance(e, FileExistsError) and path and Path(path).is_file():
-            reason = "a file, not a directory"  # mkdir's "File exists" reads as if the output were there already
+        # mkdir's "File exists" reads as if the output were there already, and "Not a directory" names a path
+        # made inside a file given for a directory (prepare_data's OUT/.prepare) rather than that file
+        file = path and next((p for p in (Path(path), *Path(path).parents) if p.is_file()), None)
+        if isinstance(e, (FileExistsError, NotADirectoryError)) and file:
+            path, reason = file, "a file, not a directory"
         print(f"error: {path or ''}{': ' if path else ''}{reason}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

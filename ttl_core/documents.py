@@ -5,12 +5,11 @@ Bad input raises DataError naming the file and line."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Iterator
 
 from .errors import DataError
-from .fileio import json_objects
+from .fileio import json_objects, refuse_lone_surrogate
 from .tokenizer import INPUT_SUFFIXES
 
 
@@ -75,16 +74,11 @@ def _read_txt(path: Path) -> Iterator[str]:
         yield "".join(block).rstrip("\r\n")
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character outside this range
-
-
 def _read_jsonl(path: Path) -> Iterator[str]:
     for number, record in json_objects(path, _lines(path)):
         if not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{number}: no string 'text' field")
-        if lone := _LONE_SURROGATE.search(record["text"]):  # JSON escapes allow one; UTF-8 text never holds one
-            raise DataError(f"{path}:{number}: 'text' holds a lone surrogate {lone.group()!r} at character "
-                            f"{lone.start()} (half an escaped UTF-16 pair)")
+        refuse_lone_surrogate(path, number, "text", record["text"])
         if record["text"].strip():  # whitespace only is no document, as a blank .txt block is none
             yield record["text"]
 

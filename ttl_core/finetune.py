@@ -16,13 +16,14 @@ import argparse
 import itertools
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from .attention import document_layout, runs_packed_natively
+from .cli import refuse_ignored
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
@@ -106,6 +107,9 @@ class FinetuneConfig:
                            seed=self.seed, dtype=self.dtype)
 
 
+LORA_OPTIONS = ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--merge-lora")
+
+
 def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
     """The command-line options shared by the fine-tuning scripts, with `defaults` shown in --help."""
     parser.add_argument("--overwrite", action="store_true",
@@ -130,15 +134,16 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
                       help="train LoRA adapters instead of all weights (default %(default)s)")
-    lora.add_argument("--lora-r", type=int, default=defaults.lora_r, help="default %(default)s")
-    lora.add_argument("--lora-alpha", type=number, default=defaults.lora_alpha,
-                      help="default %(default)s")
-    lora.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default %(default)s")
+    # no argparse defaults for these: given without --lora, they are refused (config_from_args fills them in)
+    lora.add_argument("--lora-r", type=int, help=f"default {defaults.lora_r}")
+    lora.add_argument("--lora-alpha", type=number, help=f"default {defaults.lora_alpha}")
+    lora.add_argument("--lora-dropout", type=float, help=f"default {defaults.lora_dropout}")
     targets = defaults.lora_targets
-    lora.add_argument("--lora-targets", default=targets if isinstance(targets, str) else ",".join(targets),
-                      help="comma-separated HF module names, or all-linear (default %(default)s)")
+    lora.add_argument("--lora-targets", help="comma-separated HF module names, or all-linear (default "
+                                             f"{targets if isinstance(targets, str) else ','.join(targets)})")
     lora.add_argument("--merge-lora", action="store_true",
                       help="save the merged model instead of the PEFT adapter")
+    parser.set_defaults(finetune_defaults=defaults)
 
 
 def number(text: str) -> float:
@@ -147,17 +152,20 @@ def number(text: str) -> float:
     return int(value) if value.is_integer() else value
 
 
-def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    """The `FinetuneConfig` that `add_finetune_args` options describe."""
-    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    return FinetuneConfig(lr=args.lr, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
-                          epochs=args.epochs, weight_decay=args.weight_decay,
-                          warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed,
-                          device=args.device, dtype=args.dtype, lora=args.lora, lora_r=args.lora_r,
-                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          # apply_lora takes "all-linear" as the bare string, not as a module name in a list
-                          lora_targets="all-linear" if targets == ["all-linear"] else targets,
-                          merge_lora=args.merge_lora)
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
+    """The `FinetuneConfig` that `add_finetune_args` options describe; a LoRA option given without --lora is a
+    usage error."""
+    refuse_ignored(parser, args, "--no-lora", *LORA_OPTIONS, active=not args.lora)
+    lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout")
+            if getattr(args, name) is not None}
+    if args.lora_targets is not None:
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        # apply_lora takes "all-linear" as the bare string, not as a module name in a list
+        lora["lora_targets"] = "all-linear" if targets == ["all-linear"] else targets
+    return replace(args.finetune_defaults, lr=args.lr, batch_size=args.batch_size,
+                   grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, weight_decay=args.weight_decay,
+                   warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed, device=args.device,
+                   dtype=args.dtype, lora=args.lora, merge_lora=args.merge_lora, **lora)
 
 
 def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:

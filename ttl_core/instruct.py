@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ConfigError, DataError
-from .fileio import write_json
+from .fileio import refuse_lone_surrogate, write_json
 from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base, pack_sequences, packs_batches,
                        save_finetuned, start_lora, to_device, train_epochs)
 from .metrics import MetricsLog, read_metrics
@@ -40,7 +40,7 @@ INSTRUCT_DEFAULTS = FinetuneConfig(lr=2e-4, batch_size=8, epochs=3, max_length=5
 def _pick(record: dict[str, Any], names: tuple[str, ...], path: Path, number: int) -> str:
     for name in names:
         if isinstance(record.get(name), str):
-            return record[name]
+            return refuse_lone_surrogate(path, number, name, record[name])
     raise DataError(f"{path}:{number}: no text field among {', '.join(names)} (fields: {', '.join(map(repr, record))})")
 
 
@@ -57,6 +57,7 @@ def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
         extra = "" if record.get(INPUT_FIELD) is None else record[INPUT_FIELD]
         if not isinstance(extra, str):
             raise DataError(f"{path}:{number}: field {INPUT_FIELD!r} must be text")
+        refuse_lone_surrogate(path, number, INPUT_FIELD, extra)
         if not instruction.strip() or not response.strip():
             raise DataError(f"{path}:{number}: empty instruction or response")
         out.append((number, instruction, extra, response))

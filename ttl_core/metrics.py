@@ -119,9 +119,14 @@ def _curve(path: Path, records: list[dict[str, Any]], key: str) -> list[tuple[fl
     return points
 
 
+# a classifier fine-tuning run's loss is a mean over examples; its evaluations (after each epoch) tell its kind
+CLASSIFIER_LOSSES = {"eval_accuracy": "cross-entropy (nats/example)", "eval_pearson": "squared error (per example)"}
+
+
 def plot_metrics(run_dir: str | Path) -> Path | None:
-    """Write RUN/loss.png: training loss and eval loss against the step. Returns None (with a note) when
-    matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
+    """Write RUN/loss.png: training loss and eval loss against the step, labelled per token (a language model's)
+    or, once a classifier run has evaluated, per example. Returns None (with a note) when matplotlib, an optional
+    dependency (`pip install ttl[plot]`), is missing."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
@@ -144,7 +149,8 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(next((label for r in records for key, label in CLASSIFIER_LOSSES.items() if key in r),
+                       "cross-entropy (nats/token)"))
     ax.set_title(Path(run_dir).resolve().name)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError, DataError
-from .fileio import json_array_objects, json_objects
+from .fileio import json_array_objects, json_objects, refuse_lone_surrogate
 from .tokenizer import Tokenizer
 
 TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -153,7 +153,7 @@ def field_value(path: Path, number: int, record: dict[str, Any], name: str) -> A
     if value is None or isinstance(value, (list, dict)):
         kind = "null" if value is None else f"a JSON {'list' if isinstance(value, list) else 'object'}"
         raise DataError(f"{path}:{number}: field {name!r} is {kind}; expected text or a number")
-    return value
+    return refuse_lone_surrogate(path, number, name, value) if isinstance(value, str) else value
 
 
 def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_length: int) -> list[int]:

@@ -11,6 +11,7 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, po
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
-from .errors import ConfigError, DataError, TokenizerError, TrainingError
+from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
@@ -255,9 +256,11 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     `train.eval_every` steps and after the last (never with 0). `resume` continues from the newest complete
     checkpoint (a damaged one is a CheckpointError naming the older one to resume from; there is no silent
     fallback); `stop_after` ends cleanly (with a checkpoint) after that step, and so does SIGTERM, SIGUSR1 or
-    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption). A second run on `out_dir`
-    while this one runs is refused."""
+    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption); resuming a run already at
+    `max_steps` trains nothing and returns that step, without a loss or checkpoint. A second run on `out_dir`
+    while this one runs is refused; a run refused before its first step leaves no directory it made."""
     out_dir = Path(out_dir)
+    made = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)  # the top one new
     world = init_world(device)
     try:
         # rank 0 writes the run dir and takes its lock; every rank stops if it is taken (under a launcher other
@@ -266,7 +269,14 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
             if all_reduce_sum(torch.tensor([float(not held)], device=world.reduce_device), world).item():
                 raise ConfigError(f"{out_dir} is in use by another training run; wait for it to end or choose "
                                   "another --out")
-            return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+            try:
+                return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+            except TTLError:
+                # a run refused before its first step (no metrics.jsonl yet) leaves no trace: the directories
+                # made for it go again, the sample corpus prepared into RUN/data with them
+                if made is not None and world.is_main and not (out_dir / "metrics.jsonl").exists():
+                    shutil.rmtree(made, ignore_errors=True)
+                raise
     finally:
         close_world(world)
 
@@ -349,6 +359,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
     last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
+    if step == last_step == train.max_steps:  # a finished run requeued: the job is done, not refused
+        if world.is_main:
+            print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
+        return RunResult(step, None, None, None)
     if step >= last_step:
         which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
         raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
