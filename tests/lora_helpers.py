@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import peft
 import torch
 
 import ttl_core
@@ -21,6 +22,16 @@ def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def saved_peft_adapter(hf_model, directory, seed: int, **options):
+    """PEFT's LoRA model of `hf_model` (rank 4, no dropout, a causal LM unless `options` say otherwise) with random
+    adapter weights drawn from `seed`, saved in `directory`."""
+    theirs = peft.get_peft_model(hf_model, peft.LoraConfig(**{"r": 4, "lora_dropout": 0.0, "task_type": "CAUSAL_LM",
+                                                               **options}))
+    randomize_lora_(theirs, seed)
+    theirs.save_pretrained(directory)
+    return theirs
 
 
 def scale_saved_modules_(model, factor: float = 1.5) -> None:

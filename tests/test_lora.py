@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
-from lora_helpers import ALL, ids, randomize_lora_, scale_saved_modules_, to_ttl
+from lora_helpers import ALL, ids, randomize_lora_, saved_peft_adapter, scale_saved_modules_, to_ttl
 from safetensors.torch import load_file, save_file
 
 import ttl_core
@@ -43,10 +43,7 @@ def test_peft_adapter_loads_in_ttl_with_the_same_logits(tmp_path, targets):
     adapt single layers."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
-                                                     task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=5)
-    theirs.save_pretrained(tmp_path / "adapter")
+    theirs = saved_peft_adapter(hf, tmp_path / "adapter", seed=5, lora_alpha=16, target_modules=targets)
     ours = load_adapter(base, tmp_path / "adapter")
     adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
                for name, _ in theirs.named_modules() if name.endswith("lora_A.default")}
@@ -66,10 +63,7 @@ def test_peft_target_options_adapt_the_same_layers_both_ways(tmp_path, options):
     layers in ttl: a PEFT adapter loads with the same logits, and ttl's save of it loads back in PEFT."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                     **options))
-    randomize_lora_(theirs, seed=5)
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = saved_peft_adapter(hf, tmp_path / "peft", seed=5, lora_alpha=16, **options)
     ours = load_adapter(base, tmp_path / "peft")
     adapted = [name for name, _ in theirs.named_modules() if name.endswith("lora_A.default")]
     assert 0 < len(adapted) == sum(len(layer.slices) for layer in lora_layers(ours).values()) < 14
@@ -266,10 +260,7 @@ def test_peft_bias_options_load_on_a_model_without_biases_and_are_refused_with_t
     model with biases ttl still refuses it, naming the option, rather than drop the trained biases."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", bias=bias,
-                                                     lora_dropout=0.0, task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=14)
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = saved_peft_adapter(hf, tmp_path / "peft", seed=14, lora_alpha=8, target_modules="all-linear", bias=bias)
     ours = load_adapter(base, tmp_path / "peft")
     x = ids()
     with torch.no_grad():
@@ -329,10 +320,7 @@ def test_loading_for_inference_turns_dropout_off(tmp_path):
 
 def test_adapters_on_a_bf16_base_stay_float32_like_peft(tmp_path):
     hf = hf_causal_lm().to(torch.bfloat16)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                                     task_type="CAUSAL_LM"))
-    randomize_lora_(theirs, seed=6)
-    theirs.save_pretrained(tmp_path / "adapter")
+    theirs = saved_peft_adapter(hf, tmp_path / "adapter", seed=6, target_modules=["q_proj", "v_proj"])
     ours = load_adapter(to_ttl(hf_causal_lm().to(torch.bfloat16), tmp_path), tmp_path / "adapter")
     assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
     x = ids()

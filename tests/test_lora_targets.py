@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 from hf_reference import hf_causal_lm, hf_classifier
-from lora_helpers import ALL, ids, randomize_lora_, scale_saved_modules_, to_ttl
+from lora_helpers import ALL, ids, randomize_lora_, saved_peft_adapter, scale_saved_modules_, to_ttl
 
 import ttl_core
 from ttl_core.errors import AdapterError
@@ -44,10 +44,8 @@ def test_targets_naming_layers_the_model_lacks_load_as_in_peft(tmp_path):
     unknown modules. Entries naming a module ttl cannot adapt (lm_head) are still refused, by name."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                     target_modules=["q_proj", "v_proj", "c_attn", "query_key_value"]))
-    randomize_lora_(theirs, seed=4)
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = saved_peft_adapter(hf, tmp_path / "peft", seed=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj", "c_attn", "query_key_value"])
     ours = load_adapter(base, tmp_path / "peft")
     assert sum(len(layer.slices) for layer in lora_layers(ours).values()) == len(adapted_modules(theirs)) == 4
     x = ids()
@@ -68,12 +66,9 @@ def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp
     v_proj and layer 1's q_proj. ttl left the q_proj out, so PEFT's adapter did not fit."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                     target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
-                                                     layers_to_transform=[0]))
+    theirs = saved_peft_adapter(hf, tmp_path / "peft", seed=6, lora_alpha=8, layers_to_transform=[0],
+                                target_modules=["model.layers.1.self_attn.q_proj", "v_proj"])
     assert adapted_modules(theirs) == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"}
-    randomize_lora_(theirs, seed=6)
-    theirs.save_pretrained(tmp_path / "peft")
     ours = load_adapter(base, tmp_path / "peft")
     x = ids()
     with torch.no_grad():
@@ -95,10 +90,7 @@ def test_rank_and_alpha_patterns_cross_load_with_peft_logits(tmp_path, options):
     PEFT's, and ttl's save of the adapter loads back in PEFT with the same ranks."""
     hf = hf_causal_lm()
     base = to_ttl(hf, tmp_path)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                     **options))
-    randomize_lora_(theirs, seed=9)
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = saved_peft_adapter(hf, tmp_path / "peft", seed=9, lora_alpha=8, **options)
     ours = load_adapter(base, tmp_path / "peft")
     x = ids()
     with torch.no_grad():
