@@ -133,6 +133,28 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
     assert load_pretrained(tmp_path / "init" / "checkpoints" / "step-000003").config.num_hidden_layers == 2
 
 
+def test_a_resume_is_refused_or_found_complete_before_any_weights_are_read(tmp_path, data_dir, monkeypatch):
+    """What a resume checks against the checkpoint's JSON files (a [model] key of the config file or of --set that
+    contradicts the run's, a step past the end) is checked before the model is built and optimizer.pt read, which
+    takes seconds for ttl-160m: a refused resume, or a finished run requeued, costs milliseconds."""
+    train(run_config("train.max_steps=2"), tmp_path, data_dir=str(data_dir), stop_after=1)
+
+    def weights_read(*args, **kwargs):
+        raise AssertionError("weights or optimizer state read before the resume was checked")
+
+    for module, name in ((ttl_train, "load_pretrained"), (ttl_train, "LlamaForCausalLM"), (torch, "load")):
+        monkeypatch.setattr(module, name, weights_read)
+    layers3 = run_config("train.max_steps=2", "model.num_hidden_layers=3")
+    with pytest.raises(ConfigError, match=r"^model.num_hidden_layers is 3 here, but .*step-000001 was trained in a "
+                                          r"run with 2"):
+        train(dataclasses.replace(layers3, model_overrides=[]), tmp_path, data_dir=str(data_dir), resume=True)
+    with pytest.raises(ConfigError, match=r"^--set model.num_hidden_layers=3 contradicts .*step-000001"):
+        train(layers3, tmp_path, data_dir=str(data_dir), resume=True)
+    with pytest.raises(ConfigError, match="is at step 1, and --stop-after is 1: nothing to train"):
+        train(run_config("train.max_steps=2"), tmp_path, data_dir=str(data_dir), resume=True, stop_after=1)
+    assert train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 1
+
+
 def test_a_resume_without_model_settings_records_the_run_s_own(tmp_path, data_dir):
     """A resume that gives no [model] key keeps the checkpoint's model and records the run's own [model], so that
     the next resume with the run's config is not refused as another model."""

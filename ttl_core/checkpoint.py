@@ -230,10 +230,10 @@ def save_checkpoint(
     return final
 
 
-def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state JSON, {"optimizer": ..., "rng": ..., and "scaler" for fp16 runs}) of a complete checkpoint.
-    A missing, damaged or malformed file raises CheckpointError naming it. `mmap` maps the tensors of
-    optimizer.pt instead of reading them (to check a checkpoint without loading it)."""
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """trainer_state.json of a complete checkpoint (step, data position, run config), checked against the digest
+    of its own content, without reading optimizer.pt: what a resume checks before loading anything heavy. A
+    missing, damaged or malformed file raises CheckpointError naming it."""
     state_path, optimizer_path = checkpoint / TRAINER_STATE, checkpoint / OPTIMIZER_STATE
     for path in (state_path, optimizer_path):
         if not path.is_file():
@@ -246,6 +246,14 @@ def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, 
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
     if not (is_integer(step) and step >= 0) or not isinstance(trainer_state.get("data"), dict):
         raise CheckpointError(f"{state_path}: expected a step number and the data position")
+    return trainer_state
+
+
+def load_optimizer_file(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
+    """optimizer.pt of a checkpoint: {"optimizer": ..., "rng": ..., and "scaler" for fp16 runs}. A damaged or
+    malformed file raises CheckpointError naming it. `mmap` maps the tensors instead of reading them (to check a
+    checkpoint without loading it)."""
+    optimizer_path = checkpoint / OPTIMIZER_STATE
     # torch.save writes a zip archive whose directory comes last: an empty or cut-off file has none (torch's
     # own error for it is a paragraph about miniz); one whose first bytes are garbled torch.load would unpickle in
     # its legacy format, failing with whatever the garbage provokes (a UnicodeDecodeError, ...)
@@ -259,7 +267,12 @@ def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, 
         raise CheckpointError(f"{optimizer_path}: unreadable trainer state ({str(e).splitlines()[0]})") from None
     if not isinstance(saved, dict) or not {"optimizer", "rng"} <= set(saved):
         raise CheckpointError(f"{optimizer_path}: expected the optimizer and RNG states")
-    return trainer_state, saved
+    return saved
+
+
+def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`read_trainer_state`, `load_optimizer_file`) of a complete checkpoint."""
+    return read_trainer_state(checkpoint), load_optimizer_file(checkpoint, mmap)
 
 
 def _head(path: Path) -> bytes:

@@ -22,14 +22,16 @@ import torch
 from tqdm import tqdm
 
 from .attention import document_layout
-from .checkpoint import (latest_checkpoint, load_trainer_state, lock_run_dir, point_to_older_checkpoint,
-                         remove_partial_checkpoints, save_checkpoint, set_rank_rng_state, verify_digests)
+from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
+                         read_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rank_rng_state,
+                         verify_digests)
+from .config import LlamaConfig
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
 from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
-from .hf import load_pretrained
+from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
@@ -175,32 +177,47 @@ def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: Wor
     return path
 
 
+def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: str | None) -> LlamaConfig:
+    """The config of the model the run will train, read without any weights: the checkpoint's (resumed or
+    `--init-from`; with the run's runtime fields, and an `--init-from` run's `--set` dropout), else the run's
+    [model]. A checkpoint fixes the architecture: a `--set` that contradicts it is refused, not ignored."""
+    config = run.model_config()
+    source = resume_from or init_from
+    if source is None:
+        return config
+    stored, architecture = read_model_config(source)
+    if architecture != "LlamaForCausalLM":
+        raise ConfigError(f"{source} holds a {architecture}; pretraining needs a LlamaForCausalLM")
+    runtime = {key: getattr(config, key) for key in RUNTIME_FIELDS}
+    for key in run.model_overrides:
+        if key == "preset" or key in runtime or getattr(stored, key) == getattr(config, key):
+            continue
+        if key not in DROPOUT_FIELDS:
+            raise ConfigError(f"--set model.{key}={run.model[key]!r} contradicts {source}, whose {key} is "
+                              f"{getattr(stored, key)!r}; the architecture comes from the checkpoint")
+        if resume_from:  # dropout changes what the resumed steps compute
+            raise ConfigError(f"--set model.{key}={run.model[key]!r}: {source} was trained with {key} "
+                              f"{getattr(stored, key)!r}, and a resumed run continues as it was; to train on "
+                              f"with another {key}, start a new run with --init-from {source}")
+    # --set dropout applies to an --init-from model (its checkpoints record it in config.json); a resumed run keeps
+    # the dropout it was trained with, so that it stays exact
+    dropout = {} if resume_from else {key: getattr(config, key) for key in run.model_overrides if key in DROPOUT_FIELDS}
+    return stored.replace(**runtime, **dropout)
+
+
 def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str | None,
                         device: torch.device) -> LlamaForCausalLM:
     """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from
-    the run's seed. Parameters are float32 (autocast does the low-precision math). A checkpoint fixes the
-    architecture; `--set` of a dropout field applies to an `--init-from` model (its checkpoints record it in
-    config.json), while a resumed run keeps the dropout it was trained with, so that it stays exact."""
-    config = run.model_config()
-    runtime = {key: getattr(config, key) for key in RUNTIME_FIELDS}
+    the run's seed, for the config `planned_model_config` gives. Parameters are float32 (autocast does the
+    low-precision math)."""
+    config = planned_model_config(run, resume_from, init_from)
     source = resume_from or init_from
     torch.manual_seed(run.train.seed)  # fresh weights, and dropout after --init-from (resume restores its RNG)
-    if source is not None:
-        dropout = {} if resume_from else {k: getattr(config, k) for k in run.model_overrides if k in DROPOUT_FIELDS}
-        model = load_pretrained(source, dtype=torch.float32, device=device, **runtime, **dropout)
-        if model.architecture != "LlamaForCausalLM":
-            raise ConfigError(f"{source} holds a {model.architecture}; pretraining needs a LlamaForCausalLM")
-        # an explicit --set that contradicts the checkpoint is refused, not ignored
-        for key in run.model_overrides:
-            if key != "preset" and key not in runtime and getattr(model.config, key) != getattr(config, key):
-                if key in DROPOUT_FIELDS:  # only when resuming: dropout changes what the resumed steps compute
-                    raise ConfigError(f"--set model.{key}={run.model[key]!r}: {source} was trained with {key} "
-                                      f"{getattr(model.config, key)!r}, and a resumed run continues as it was; to "
-                                      f"train on with another {key}, start a new run with --init-from {source}")
-                raise ConfigError(f"--set model.{key}={run.model[key]!r} contradicts {source}, whose {key} is "
-                                  f"{getattr(model.config, key)!r}; the architecture comes from the checkpoint")
-        return model.train()
-    return LlamaForCausalLM(config).to(device).train()
+    if source is None:
+        return LlamaForCausalLM(config).to(device).train()
+    # the stored architecture, with the planned runtime and dropout fields on top
+    overrides = {key: getattr(config, key) for key in (*RUNTIME_FIELDS, *DROPOUT_FIELDS)}
+    return load_pretrained(source, dtype=torch.float32, device=device, **overrides).train()
 
 
 def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, resuming: bool) -> None:
@@ -294,22 +311,32 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if not resume and latest_checkpoint(out_dir) is not None:
         raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
 
-    # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
+    # what the checkpoint's JSON files tell is checked first: a refused resume reads no weights
     with point_to_older_checkpoint(out_dir, resume_from):
-        resumed = load_trainer_state(resume_from) if resume_from is not None else None
-        model = build_or_load_model(run, resume_from, init_from, world.device)
-        if resumed is not None:  # every file read in structure; now every byte, against the digests saved
-            verify_digests(resume_from, resumed[0])
-    if resumed is not None:
-        check_resumable(run, resumed[0].get("config"), resume_from)
-    config = model.config
-    recorded = recorded_data_path(resumed[0].get("config")) if resumed is not None else None
+        trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
+        config = planned_model_config(run, resume_from, init_from)
+    saved_run = trainer_state.get("config") if trainer_state is not None else None
+    if trainer_state is not None:
+        check_resumable(run, saved_run, resume_from)
+    step = trainer_state["step"] if trainer_state is not None else 0
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
+    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
+    if step == last_step == train.max_steps:  # a finished run requeued: the job is done, not refused
+        if world.is_main:
+            print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
+        return RunResult(step, None, None, None)
+    if step >= last_step:
+        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
+        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
+                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
+    recorded = recorded_data_path(saved_run)
     data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
     recorded_config["data"]["path"] = "" if data_path == out_dir / "data" else str(data_path.resolve())
-    if resumed is not None:
-        recorded_config["model"] = resumed_model_settings(run, resumed[0].get("config"))
+    if trainer_state is not None:
+        recorded_config["model"] = resumed_model_settings(run, saved_run)
     tokenizer = Tokenizer.from_pretrained(data_path)
     if resume_from or init_from:
         check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
@@ -330,6 +357,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if train.eval_every:
         check_eval_split(data_path, run, world)
 
+    # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
+    with point_to_older_checkpoint(out_dir, resume_from):
+        saved = load_optimizer_file(resume_from) if resume_from is not None else None
+        model = build_or_load_model(run, resume_from, init_from, world.device)
+        if resume_from is not None:  # every file read in structure; now every byte, against the digests saved
+            verify_digests(resume_from, trainer_state)
+
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
     # the peaks are half-precision tensor-core rates: a float32 run gets no MFU rather than a flattering one
@@ -344,29 +378,15 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     optimizer = build_optimizer(model, train, world.device)
     scaler = torch.amp.GradScaler(world.device.type) if train.dtype == "float16" else None
 
-    step = 0
-    if resumed is not None:
-        trainer_state, saved = resumed
-        step = trainer_state["step"]
+    if saved is not None:
         load_optimizer_state(model, optimizer, saved["optimizer"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
         loader.load_state_dict(trainer_state["data"])
         if world.is_main:
             print(f"resumed from {resume_from} at step {step}")
-    set_rank_rng_state(resumed[1]["rng"] if resumed else None, train.seed, world)  # each rank its own dropout
+    set_rank_rng_state(saved["rng"] if saved else None, train.seed, world)  # each rank its own dropout
 
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
-    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
-    if step == last_step == train.max_steps:  # a finished run requeued: the job is done, not refused
-        if world.is_main:
-            print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
-        return RunResult(step, None, None, None)
-    if step >= last_step:
-        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
-        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
-                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     if world.is_main:  # micro_batch_size is per process: a recipe's tokens per step multiply with the processes
         print(f"{unwrap(model).num_parameters():,} parameters; {train.tokens_per_step * world.size:,} tokens per "
