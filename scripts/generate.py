@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
     tokenizer_dir = tokenizer_directory(args)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
-    check_tokenizer_fits(tokenizer, model, tokenizer_dir)  # another model's would misname ids
+    check_tokenizer_fits(tokenizer, model.config, tokenizer_dir)  # another model's would misname ids
     context = model.config.max_position_embeddings
     chat = Chat(tokenizer, args.chat, special_token_ids(model, None, None)[0])
     streamer = TextStreamer(tokenizer, on_text=lambda piece: print(piece, end="", flush=True))

@@ -15,8 +15,8 @@ from ttl_core.config import LlamaConfig
 from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
 from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerError
 from ttl_core.finetune import FinetuneConfig, add_finetune_args, config_from_args, finetune_classifier, start_lora
-from ttl_core.hf import load_pretrained, save_pretrained
-from ttl_core.instruct import add_chat_tokens, finetune_instruct
+from ttl_core.hf import save_pretrained
+from ttl_core.instruct import finetune_instruct
 from ttl_core.metrics import MetricsLog, perplexity, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels
@@ -311,8 +311,6 @@ def test_model_checks_before_training(tmp_path, tok, task_files):
         finetune_classifier(small, tasks, tasks, tmp_path / "out", TaskSpec(), cfg, verbose=False)
     with pytest.raises(ConfigError, match="small: " + mismatch):
         finetune_instruct(small, instructions, tmp_path / "out2", "aira", cfg, verbose=False)
-    with pytest.raises(ConfigError, match=mismatch):
-        add_chat_tokens(Tokenizer.from_pretrained(small), load_pretrained(small), "aira")
     fits = tiny_model_dir(tmp_path / "fits", tok, vocab_size=tok.vocab_size, context=64)
     with pytest.raises(ConfigError, match=r"max_length \(--max-length\) 96 exceeds the 64-token context of"):
         finetune_classifier(fits, tasks, tasks, tmp_path / "out3", TaskSpec(),

@@ -76,17 +76,40 @@ def test_chat_ids_start_with_bos_only_when_the_tokenizer_adds_it(base_dir):
     assert labels == [-100] * n_prompt + ids[n_prompt:] and len(ids) > n_prompt
 
 
-def test_aira_tokens_are_added_and_embeddings_resized(base_dir):
-    tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
-    before = model.config.vocab_size
-    assert add_chat_tokens(tok, model, "alpaca") == [] and tok.vocab_size == model.config.vocab_size == before
-    assert add_chat_tokens(tok, model, "aira") == list(AIRA_SPECIAL_TOKENS)
-    assert tok.vocab_size == before + len(AIRA_SPECIAL_TOKENS) == model.config.vocab_size
-    assert model.backbone.embed.weight.shape[0] == model.lm_head.weight.shape[0] == tok.vocab_size
+def test_aira_tokens_are_added_to_the_tokenizer(base_dir):
+    """The model's embeddings grow to fit them in finetune_instruct (test_lora_instruction_tuning_saves_a_peft_adapter
+    loads the result onto transformers' resized base)."""
+    tok = Tokenizer.from_pretrained(base_dir)
+    before = tok.vocab_size
+    assert add_chat_tokens(tok, "alpaca") == [] and tok.vocab_size == before
+    assert add_chat_tokens(tok, "aira") == list(AIRA_SPECIAL_TOKENS)
+    assert tok.vocab_size == before + len(AIRA_SPECIAL_TOKENS)
     assert tok.encode("<|endofinstruction|>", add_bos=False) == [tok.token_to_id("<|endofinstruction|>")]
-    assert add_chat_tokens(tok, model, "aira") == []  # a second call finds them
+    assert add_chat_tokens(tok, "aira") == []  # a second call finds them
     with pytest.raises(ConfigError, match="unknown chat format"):
-        add_chat_tokens(tok, model, "vicuna")
+        add_chat_tokens(tok, "vicuna")
+
+
+def test_a_prompt_that_fills_max_length_is_refused_before_the_model_loads(base_dir, tmp_path, monkeypatch):
+    """The examples are encoded with the tokenizer (Aira's tokens added) and config.json alone, so a prompt that
+    leaves no response token within max_length is refused before the weights load (seconds for ttl-160m). The
+    loader is replaced by one that fails; a good file reaching it shows the replacement is the one used."""
+    import ttl_core.finetune as finetune
+    import ttl_core.instruct as instruct
+
+    def weights_read(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    for module in (finetune, instruct):
+        monkeypatch.setattr(module, "load_pretrained", weights_read)
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"instruction": "Diga oi, por favor, com calma.", "output": "Oi."}) + "\n")
+    cfg = FinetuneConfig(epochs=1, max_length=8)
+    with pytest.raises(DataError, match=r"long\.jsonl:1: the prompt fills max_length 8"):
+        finetune_instruct(base_dir, path, tmp_path / "out", "aira", cfg, verbose=False)
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        finetune_instruct(base_dir, path, tmp_path / "out", "aira", FinetuneConfig(epochs=1, max_length=64),
+                          verbose=False)
 
 
 def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):

@@ -332,8 +332,8 @@ def test_bad_data_is_refused_before_the_model_loads(tmp_path, monkeypatch, which
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(instruct, "load_base", no_loading)
-    monkeypatch.setattr(finetune, "load_base", no_loading)
+    for module in (finetune, instruct):
+        monkeypatch.setattr(module, "load_pretrained", no_loading)
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text(json.dumps({"instruction": "Diga oi.", "output": "Oi."}) + "\n")
     for record, message in [('{"instruction": "x", "output": ', r"bad\.jsonl:2: malformed JSON"),

@@ -24,6 +24,7 @@ import torch
 
 from .attention import document_layout, runs_packed_natively
 from .cli import refuse_ignored
+from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
@@ -317,29 +318,35 @@ def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: lis
                targets=cfg.lora_targets, modules_to_save=modules_to_save)
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, model: torch.nn.Module, model_dir: str | Path | None = None) -> None:
-    """Refuse a tokenizer with more tokens than the model's embedding table: its high ids would index past the
-    table (an IndexError mid-batch), or, when instruction tuning grows the table, train rows the base never
-    learned. Smaller is fine (vocabularies are often padded)."""
-    if tokenizer.vocab_size > model.config.vocab_size:
+def check_tokenizer_fits(tokenizer: Tokenizer, config: LlamaConfig, model_dir: str | Path | None = None) -> None:
+    """Refuse a tokenizer with more tokens than the embedding table of the model `config` describes: its high ids
+    would index past the table (an IndexError mid-batch), or, when instruction tuning grows the table, train rows
+    the base never learned. Smaller is fine (vocabularies are often padded)."""
+    if tokenizer.vocab_size > config.vocab_size:
         where = f"{model_dir}: " if model_dir is not None else ""
         raise ConfigError(f"{where}the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+                          f"{config.vocab_size}; use the tokenizer the model was trained with")
+
+
+def read_base(model_dir: str | Path, cfg: FinetuneConfig) -> tuple[Tokenizer, LlamaConfig, str]:
+    """The tokenizer, config and architecture of the checkpoint being fine-tuned, read without its weights and
+    checked against each other and against `cfg.max_length`: what the data is encoded and checked with before a
+    model load of seconds."""
+    if not Path(model_dir).exists():
+        raise CheckpointError(f"{model_dir}: no such model directory")
+    config, architecture = read_model_config(model_dir)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    check_tokenizer_fits(tokenizer, config, model_dir)
+    if cfg.max_length > config.max_position_embeddings:
+        raise ConfigError(f"max_length (--max-length) {cfg.max_length} exceeds the {config.max_position_embeddings}"
+                          f"-token context of {model_dir}")
+    return tokenizer, config, architecture
 
 
 def load_base(model_dir: str | Path, cfg: FinetuneConfig, **kwargs: Any) -> tuple[Tokenizer, torch.nn.Module]:
-    """The tokenizer and model (float32, on `cfg`'s device; `kwargs` go to `load_pretrained`) of the checkpoint
-    being fine-tuned, checked against each other and against `cfg.max_length`."""
-    if not Path(model_dir).exists():
-        raise CheckpointError(f"{model_dir}: no such model directory")
-    model = load_pretrained(model_dir, dtype=torch.float32, device=cfg.torch_device(), **kwargs)
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    check_tokenizer_fits(tokenizer, model, model_dir)
-    context = model.config.max_position_embeddings
-    if cfg.max_length > context:
-        raise ConfigError(f"max_length (--max-length) {cfg.max_length} exceeds the {context}-token context of "
-                          f"{model_dir}")
-    return tokenizer, model
+    """`read_base`'s tokenizer, and the model (float32, on `cfg`'s device; `kwargs` go to `load_pretrained`)."""
+    tokenizer = read_base(model_dir, cfg)[0]
+    return tokenizer, load_pretrained(model_dir, dtype=torch.float32, device=cfg.torch_device(), **kwargs)
 
 
 def label_order(model_dir: str | Path, labels: list[str]) -> list[str]:

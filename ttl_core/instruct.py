@@ -20,8 +20,9 @@ import torch
 
 from .errors import ConfigError, DataError
 from .fileio import refuse_lone_surrogate, write_json
-from .finetune import (FinetuneConfig, check_tokenizer_fits, improves, load_base, pack_sequences, packs_batches,
-                       save_finetuned, start_lora, to_device, train_epochs)
+from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, read_base, save_finetuned, start_lora,
+                       to_device, train_epochs)
+from .hf import load_pretrained
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
@@ -64,19 +65,15 @@ def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
     return out
 
 
-def add_chat_tokens(tokenizer: Tokenizer, model: LlamaForCausalLM, chat_format: str) -> list[str]:
-    """Make sure the format's special tokens exist: add the missing ones to the tokenizer and grow the
-    model's embeddings (and LM head) to fit them. Returns the tokens that were added. A tokenizer already
-    larger than the model is refused (growing the model to it would train rows the base never learned)."""
+def add_chat_tokens(tokenizer: Tokenizer, chat_format: str) -> list[str]:
+    """Make sure the format's special tokens exist: add the missing ones to the tokenizer and return them (the
+    model's embeddings and LM head grow to fit them when it is loaded: `finetune_instruct`)."""
     if chat_format not in CHAT_FORMATS:
         raise ConfigError(f"unknown chat format {chat_format!r}; choose one of {', '.join(CHAT_FORMATS)}")
-    check_tokenizer_fits(tokenizer, model)
     wanted = list(AIRA_SPECIAL_TOKENS) if chat_format == "aira" else []
     missing = [tok for tok in wanted if tokenizer.token_to_id(tok) is None]
     if missing:
         tokenizer.add_special_tokens(missing)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        model.resize_token_embeddings(tokenizer.vocab_size)
     return missing
 
 
@@ -194,23 +191,26 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     # the data is read and checked first: a bad file fails at once, not after a model load of seconds
     train_rows = instruction_rows(data_file)
     eval_rows = instruction_rows(eval_file) if eval_file else None
-    tokenizer, model = load_base(model_dir, cfg)
-    if model.architecture != "LlamaForCausalLM":
-        raise ConfigError(f"{model_dir} holds a {model.architecture}; instruction tuning needs a LlamaForCausalLM")
-    torch.manual_seed(cfg.seed)  # new embedding rows, LoRA's A matrices and dropout masks
-    added = add_chat_tokens(tokenizer, model, chat_format)
-    if chat_format == "aira":
-        stop_at_end_of_completion(model, tokenizer)
-    model.to(device)
+    # then what needs only the tokenizer and config.json (prompts that fill max_length), before the weights load
+    tokenizer, config, architecture = read_base(model_dir, cfg)
+    if architecture != "LlamaForCausalLM":
+        raise ConfigError(f"{model_dir} holds a {architecture}; instruction tuning needs a LlamaForCausalLM")
+    added = add_chat_tokens(tokenizer, chat_format)
     # padded positions are masked out of attention and loss, so any token id pads when none is defined
-    pad_id = next((i for i in (model.config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id)
-                   if i is not None and i >= 0), None)
+    pad_id = next((i for i in (config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id) if i is not None and i >= 0),
+                  None)
     if pad_id is None:
         raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad or EOS token to pad with")
     train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs,
                                             train_rows)
     eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs,
                                             eval_rows) if eval_file else None)
+    model = load_pretrained(model_dir, dtype=torch.float32, device=device)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices and dropout masks
+    if tokenizer.vocab_size > model.config.vocab_size:  # by the `added` tokens alone: read_base refused more
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    if chat_format == "aira":
+        stop_at_end_of_completion(model, tokenizer)
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
         start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if added else None)
