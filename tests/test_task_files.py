@@ -258,6 +258,24 @@ def test_discovered_labels_are_stripped_and_sorted_as_numbers(tmp_path):
         task_labels(read_task_file(path), TaskSpec(["text"]), path)
 
 
+def test_nan_and_infinity_labels_sort_and_are_one_number_however_spelled(tmp_path):
+    """float("nan") equals nothing, not even itself: "nan" and "NaN" made two classes (where "inf" and "Infinity", or
+    "1" and "1.0", are refused as one number), and NaN keys left the sort order to the set's iteration order."""
+    path = tmp_path / "t.csv"
+    for a, b in (("nan", "NaN"), ("-nan", "NAN"), ("inf", "Infinity"), ("-inf", "-Infinity")):
+        path.write_text(f"title,text,label\nt,x,{a}\nt,x,{b}\nt,x,2\n")
+        with pytest.raises(DataError, match=r"t\.csv: the labels '.*' and '.*' are one number; write each class"):
+            task_labels(read_task_file(path), TaskSpec(), path)
+    values = ["10", "nan", "b", "2", "inf", "a", "-inf", "-3.5"]
+    for order in (values, values[::-1], values[3:] + values[:3]):
+        path.write_text("title,text,label\n" + "".join(f"t,x,{v}\n" for v in order))
+        assert task_labels(read_task_file(path), TaskSpec(), path) == ["-inf", "-3.5", "2", "10", "inf", "nan", "a",
+                                                                       "b"]
+    assert label_value("nan", ["nan", "pos"], path, 2) == 0
+    with pytest.raises(DataError, match=r"unknown label '1'"):  # "nan" is a number: "1" is no class id beside it
+        label_value("1", ["nan", "pos"], path, 2)
+
+
 def test_class_ids_must_be_in_range_and_regression_targets_finite(tmp_path):
     path = tmp_path / "t.csv"
     assert label_value(" pos\t", ["neg", "pos"], path, 2) == 1 and label_value("1", ["neg", "pos"], path, 2) == 1

@@ -182,11 +182,21 @@ def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_lengt
     return [*start, *head, tokenizer.bos_id, *tail, tokenizer.eos_id, *end]
 
 
-def _sort_key(value: str) -> tuple[int, float | str]:
+def _number_key(value: str) -> tuple[int, float] | None:
+    """How a label that reads as a number sorts (None for a name): by value, and NaN, however spelled, as one value
+    after the others. As a float, NaN equals nothing, not even itself: "nan" and "NaN" would neither sort nor show to
+    be one number written two ways, as "1" and "1.0" do."""
     try:
-        return (0, float(value))
+        number = float(value)
     except ValueError:
-        return (1, value)
+        return None
+    return (1, 0.0) if math.isnan(number) else (0, number)
+
+
+def _sort_key(value: str) -> tuple[int, tuple[int, float] | str]:
+    """Numbers first, in `_number_key`'s order, then names by their text."""
+    number = _number_key(value)
+    return (0, number) if number is not None else (1, value)
 
 
 def task_labels(rows: list[Row], spec: TaskSpec, path: Path) -> list[str]:
@@ -223,7 +233,7 @@ def label_value(raw: Any, labels: list[str] | None, path: Path, number: int, cla
         return labels.index(text)
     # an integer class id stands for a label only when no label name reads as a number: with labels {"0", "2"}
     # discovered from the training file, an eval row's "1" is an unknown label, not class "2"
-    numeric_names = any(_sort_key(name)[0] == 0 for name in labels)
+    numeric_names = any(_number_key(name) is not None for name in labels)
     is_class_id = text.isascii() and text.isdigit() and int(text) < len(labels) and not numeric_names
     if is_class_id and class_ids:
         return int(text)
