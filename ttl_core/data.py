@@ -10,6 +10,7 @@ and serves a seeded permutation of them split across ranks, with a position that
 
 from __future__ import annotations
 
+import array
 import copy
 import hashlib
 import itertools
@@ -35,6 +36,7 @@ from .tokenizer import TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
 TOKEN_DTYPES = ("uint16", "uint32")
+_TYPECODES = {np.uint16: "H", np.uint32: "I"}  # array.array's: C's unsigned short and int, 2 and 4 bytes
 
 
 def _is_int(value: object) -> bool:
@@ -44,7 +46,10 @@ def _is_int(value: object) -> bool:
 # -- prepare_data ----------------------------------------------------------------------------------------------------
 _worker_tokenizer: Tokenizer | None = None
 _worker_cuts = False  # whether _worker_tokenizer may encode a long document in pieces (see _cuttable)
-_PIECE_CHARS = 1 << 20  # a longer document is encoded in pieces of about this many characters
+# a longer document is encoded in pieces of about this many characters: each piece's ids come back as a Python
+# list (~36 bytes a token), and sentencepiece is slower on long texts (a 60 MB document took 38 s in pieces of
+# 2**20 characters, 13 s in pieces of 2**16)
+_PIECE_CHARS = 1 << 16
 _WORD_END = re.compile(r"[^ \u2581](?= )")  # a character a space follows: a cut after it splits no word
 
 
@@ -63,31 +68,31 @@ def _cuttable(tok: Tokenizer) -> bool:
             and not any(_WORD_END.search(p.piece.replace("\u2581", " ")) for p in tok.proto.pieces))
 
 
-def _encode_document(text: str, dtype: type) -> np.ndarray:
-    """`<s>` ids `</s>` of one document. sentencepiece needs ~50 bytes of memory per character of a text it
-    encodes at once (4.7 GB for a 100 MB document, as a .txt without blank lines is one), so where the tokenizer
-    allows, a long text goes in pieces of about _PIECE_CHARS characters, which give the ids of the whole."""
+def _encode_document(text: str, out: array.array) -> None:
+    """Append `<s>` ids `</s>` of one document to `out`, which grows in place: a shard's ids are never copied to be
+    joined. sentencepiece needs ~50 bytes of memory per character of a text it encodes at once (4.7 GB for a 100 MB
+    document, as a .txt without blank lines is one), so where the tokenizer allows, a long text goes in pieces of
+    about _PIECE_CHARS characters, which give the ids of the whole."""
     tok, start = _worker_tokenizer, 0
-    ids = [np.array([tok.bos_id], dtype)]
+    out.append(tok.bos_id)
     while start < len(text):
         cut = _WORD_END.search(text, start + _PIECE_CHARS) if _worker_cuts else None
         end = cut.end() if cut else len(text)
         # a corpus that writes "</s>" means the characters: only the ids added here end documents for the loader
-        piece = tok.encode(text[start:end], add_bos=False, add_eos=False, split_special_tokens=True)
-        ids.append(np.asarray(piece, dtype))
+        out.extend(tok.encode(text[start:end], add_bos=False, add_eos=False, split_special_tokens=True))
         start = end
-    return np.concatenate(ids + [np.array([tok.eos_id], dtype)])
+    out.append(tok.eos_id)
 
 
 def _tokenize_shard(job: tuple[int, int, list[str], float]) -> tuple[int, np.ndarray, np.ndarray, int]:
     """Tokenize one shard: (shard id, first global document index, texts, val fraction) -> token arrays."""
     shard, first, texts, val_fraction = job
     # shards wait on disk until assembly: in the token files' dtype they take no more room than those
-    train, val, dtype = [], [], _token_dtype(_worker_tokenizer.vocab_size)
+    dtype = _token_dtype(_worker_tokenizer.vocab_size)
+    train, val = array.array(_TYPECODES[dtype]), array.array(_TYPECODES[dtype])
     for k, text in enumerate(texts, first):
-        (val if _evenly(k, val_fraction) else train).append(_encode_document(text, dtype))
-    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    return shard, join(train), join(val), len(texts)
+        _encode_document(text, val if _evenly(k, val_fraction) else train)
+    return shard, np.frombuffer(train, dtype), np.frombuffer(val, dtype), len(texts)
 
 
 def usable_cpus() -> int:

@@ -12,6 +12,8 @@ from .errors import DataError
 from .fileio import json_objects, refuse_lone_surrogate
 from .tokenizer import INPUT_SUFFIXES
 
+_CHUNK_LINES = 1024  # lines of a .txt document joined into one string as they are read (see _read_txt)
+
 
 def read_documents(path: str | os.PathLike) -> Iterator[str]:
     """Yield the documents of one input file: blank-line-separated blocks of a `.txt`, the `text` field of each
@@ -63,15 +65,34 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_txt(path: Path) -> Iterator[str]:
-    block: list[str] = []
+    # a .txt without blank lines is one document: its lines are joined in chunks as they come, since a line kept as a
+    # string of its own costs ~50 bytes beside its text (a 60 MB document read as 600,000 lines took 1.5 times its
+    # size, then as much again to join)
+    chunks: list[str] = []
+    lines: list[str] = []
     for _, line in _lines(path):
         if line.strip():  # a Windows line end is a line end (as in Python's text mode), not a "\r" token
-            block.append(line.removesuffix("\r\n") + "\n" if line.endswith("\r\n") else line)
-        elif block:
-            yield "".join(block).rstrip("\r\n")
-            block = []
-    if block:
-        yield "".join(block).rstrip("\r\n")
+            lines.append(line.removesuffix("\r\n") + "\n" if line.endswith("\r\n") else line)
+            if len(lines) == _CHUNK_LINES:
+                chunks.append("".join(lines))
+                lines.clear()
+        elif lines or chunks:
+            yield _document(chunks, lines)
+    if lines or chunks:
+        yield _document(chunks, lines)
+
+
+def _document(chunks: list[str], lines: list[str]) -> str:
+    """The text of a block read as `chunks` then `lines`, which it empties, so that they do not stay alive beside it
+    while it is tokenized. The last line's end goes before joining: the text is built once, not copied to strip it."""
+    if lines:
+        lines[-1] = lines[-1].rstrip("\r\n")  # any line of a block holds more than line ends
+    else:
+        chunks[-1] = chunks[-1].rstrip("\r\n")
+    text = "".join(chunks + lines)
+    chunks.clear()
+    lines.clear()
+    return text
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
