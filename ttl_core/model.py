@@ -20,7 +20,7 @@ import ttl_kernels
 from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
 from .errors import ConfigError, is_integer
-from .model_io import ModelOutput, check_inputs
+from .model_io import KVCache, ModelOutput, check_inputs
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -112,8 +112,8 @@ class Attention(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, kv_cache=None,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         qkv = self.qkv(x).view(batch, seq, self.heads + 2 * self.kv_heads, self.head_dim)
@@ -152,7 +152,7 @@ class Block(nn.Module):
 
     def forward(
         self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
+        mask: torch.Tensor | None, kv_cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the previous sublayer's output and the residual stream before it; returns the same pair
@@ -166,7 +166,7 @@ class Block(nn.Module):
 
     def sublayers(
         self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        mask: torch.Tensor | None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
+        mask: torch.Tensor | None, kv_cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = self.attn_norm(delta, residual)
@@ -190,10 +190,10 @@ class LlamaModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, kv_cache=None, cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None, angles: tuple[torch.Tensor, torch.Tensor] | None = None,
-        inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
-        return_dict: bool = True,
+        position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
     ) -> ModelOutput | tuple:
         """`last_hidden_state` (batch, seq, hidden), the final norm's output (under autocast in its dtype, where
         transformers' stays float32), and, with `output_hidden_states`, `hidden_states` as transformers gives them:
@@ -378,7 +378,7 @@ class LlamaForCausalLM(_LlamaBase):
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache=None,
+        position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
         logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,

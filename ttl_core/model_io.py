@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 
 from .config import LlamaConfig
 from .errors import ConfigError
+
+
+class KVCache(Protocol):
+    """What the model asks of a key/value cache (generation's `StaticKVCache` is one): `update` rotates the new
+    tokens' fused projection (batch, new, heads + 2 * kv_heads, head_dim), stores their keys and values and returns
+    the queries with the keys and values to attend over; while `attends` is set, the model calls `attend` instead,
+    which appends the new keys and values and attends in one kernel."""
+
+    attends: bool
+
+    def update(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

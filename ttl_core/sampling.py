@@ -125,7 +125,7 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, to
         raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
 
 
-def _token_list(ids, name: str, vocab: int) -> list[int]:
+def _token_list(ids: Any, name: str, vocab: int) -> list[int]:
     """`ids` (None, an id or a list of ids, where, as transformers takes them, an id may be a NumPy integer or
     a 0-d tensor and the list a 1-d tensor or array) as a list of Python ints."""
     if hasattr(ids, "tolist"):  # torch and NumPy tensors, NumPy scalars
@@ -138,10 +138,10 @@ def _token_list(ids, name: str, vocab: int) -> list[int]:
     return ids
 
 
-def _without_none_marks(ids):
+def _without_none_marks(ids: object) -> object:
     """A checkpoint's id or list of ids without the -1 that old conversions write for "no such token", which
     transformers ignores (anything else that is no id is left for `_token_list` to name)."""
-    def none_mark(i) -> bool:
+    def none_mark(i: object) -> bool:
         return is_integer(i) and i < 0
 
     if isinstance(ids, list):
@@ -159,7 +159,7 @@ def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | N
     if defaults is None:
         defaults, source = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}, "config.json: "
 
-    def ids(name: str, given) -> list[int]:  # an error names the file a bad saved id came from
+    def ids(name: str, given: int | list[int] | None) -> list[int]:  # an error names the file a bad saved id came from
         if given is not None:
             return _token_list(given, name, config.vocab_size)
         return _token_list(_without_none_marks(defaults.get(name)), source + name, config.vocab_size)

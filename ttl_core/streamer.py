@@ -11,8 +11,9 @@ from .errors import GenerationError
 from .tokenizer import BYTE_PIECE, piece_bytes
 
 
-def vocabulary_end(tokenizer) -> int | None:
-    """The first id past `tokenizer`'s tokens, added ones included (None when it does not say)."""
+def vocabulary_end(tokenizer: object) -> int | None:
+    """The first id past `tokenizer`'s tokens (ttl's `Tokenizer` or a transformers tokenizer), added ones included
+    (None when it does not say)."""
     return len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
 
 
