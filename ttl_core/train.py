@@ -42,7 +42,7 @@ from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # [model] fields that change how a model trains, not what it is: an --init-from run may set them (see
-# build_or_load_model)
+# planned_model_config)
 DROPOUT_FIELDS = ("attention_dropout",)
 
 
