@@ -44,8 +44,10 @@ def test_a_long_document_is_read_and_tokenized_in_about_three_times_its_size(tmp
     tok = train_tokenizer([text[:20_000]], None, vocab_size=300)
     tracemalloc.start()
     try:
+        before = tracemalloc.get_traced_memory()[0]  # none, unless something traced already
+        tracemalloc.reset_peak()
         meta = prepare_data([tmp_path / "long.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=1)
-        peak = tracemalloc.get_traced_memory()[1]
+        peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
     ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
