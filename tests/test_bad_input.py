@@ -260,6 +260,24 @@ def test_triton_kernels_refuse_float64_which_they_would_compute_in_float32(kerne
         calls[kernel]()
 
 
+@pytest.mark.parametrize("float64_input", ["rms_norm weight", "rms_norm residual", "swiglu up",
+                                           "fused_linear_cross_entropy weight"])
+def test_triton_kernels_refuse_float64_in_any_floating_input(float64_input):
+    # a float32 activation beside a float64 weight, residual or up half promotes to a float64 result, of float32
+    # accuracy on the Triton path: the dispatch must look at every floating input, not the first alone
+    gen = torch.Generator().manual_seed(0)
+    rows, wide = torch.randn(6, 64, generator=gen), torch.randn(6, 64, generator=gen, dtype=torch.float64)
+    calls = {
+        "rms_norm weight": lambda: ttl_kernels.rms_norm(rows, wide[0], backend="triton"),
+        "rms_norm residual": lambda: ttl_kernels.rms_norm(rows, rows[0], residual=wide, backend="triton"),
+        "swiglu up": lambda: ttl_kernels.swiglu(rows, wide, backend="triton"),
+        "fused_linear_cross_entropy weight": lambda: ttl_kernels.fused_linear_cross_entropy(
+            rows, wide, torch.arange(6), backend="triton"),
+    }
+    with pytest.raises(BackendError, match="compute in float32, so float64 .* backend='torch'"):
+        calls[float64_input]()
+
+
 def test_flash_attention_names_cu_seqlens_given_as_a_list():
     q = torch.randn(5, 2, 64)
     with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor, got a list"):
