@@ -278,6 +278,22 @@ def test_triton_kernels_refuse_float64_in_any_floating_input(float64_input):
         calls[float64_input]()
 
 
+def test_kernel_dispatch_refuses_what_it_cannot_run_in_one_line(monkeypatch):
+    # a misspelt TTL_KERNELS must not act as "triton" (every value but "torch" and "auto" would force it); a CPU
+    # tensor without Triton's interpreter must not reach a launch; every non-floating dtype is refused, not int64 alone
+    x = torch.randn(2, 8)
+    monkeypatch.setenv("TTL_KERNELS", "cuda")
+    with pytest.raises(BackendError, match="TTL_KERNELS must be one of .*, got 'cuda'"):
+        ttl_kernels.rms_norm(x, torch.ones(8))
+    monkeypatch.setenv("TTL_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="need triton and a CUDA tensor or TRITON_INTERPRET=1 .*got a cpu tensor"):
+        ttl_kernels.rms_norm(x, torch.ones(8))
+    for dtype in (torch.int32, torch.bool):
+        with pytest.raises(TypeError, match=f"swiglu takes floating-point tensors, got gate of dtype {dtype}"):
+            ttl_kernels.swiglu(x.to(dtype), backend="torch")
+
+
 def test_flash_attention_names_cu_seqlens_given_as_a_list():
     q = torch.randn(5, 2, 64)
     with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor, got a list"):
