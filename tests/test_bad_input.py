@@ -260,6 +260,40 @@ def test_triton_kernels_refuse_float64_which_they_would_compute_in_float32(kerne
         calls[kernel]()
 
 
+@pytest.mark.parametrize("float64_input", ["rms_norm weight", "rms_norm residual", "swiglu up",
+                                           "fused_linear_cross_entropy weight"])
+def test_triton_kernels_refuse_float64_in_any_floating_input(float64_input):
+    # a float32 activation beside a float64 weight, residual or up half promotes to a float64 result, of float32
+    # accuracy on the Triton path: the dispatch must look at every floating input, not the first alone
+    gen = torch.Generator().manual_seed(0)
+    rows, wide = torch.randn(6, 64, generator=gen), torch.randn(6, 64, generator=gen, dtype=torch.float64)
+    calls = {
+        "rms_norm weight": lambda: ttl_kernels.rms_norm(rows, wide[0], backend="triton"),
+        "rms_norm residual": lambda: ttl_kernels.rms_norm(rows, rows[0], residual=wide, backend="triton"),
+        "swiglu up": lambda: ttl_kernels.swiglu(rows, wide, backend="triton"),
+        "fused_linear_cross_entropy weight": lambda: ttl_kernels.fused_linear_cross_entropy(
+            rows, wide, torch.arange(6), backend="triton"),
+    }
+    with pytest.raises(BackendError, match="compute in float32, so float64 .* backend='torch'"):
+        calls[float64_input]()
+
+
+def test_kernel_dispatch_refuses_what_it_cannot_run_in_one_line(monkeypatch):
+    # a misspelt TTL_KERNELS must not act as "triton" (every value but "torch" and "auto" would force it); a CPU
+    # tensor without Triton's interpreter must not reach a launch; every non-floating dtype is refused, not int64 alone
+    x = torch.randn(2, 8)
+    monkeypatch.setenv("TTL_KERNELS", "cuda")
+    with pytest.raises(BackendError, match="TTL_KERNELS must be one of .*, got 'cuda'"):
+        ttl_kernels.rms_norm(x, torch.ones(8))
+    monkeypatch.setenv("TTL_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="need triton and a CUDA tensor or TRITON_INTERPRET=1 .*got a cpu tensor"):
+        ttl_kernels.rms_norm(x, torch.ones(8))
+    for dtype in (torch.int32, torch.bool):
+        with pytest.raises(TypeError, match=f"swiglu takes floating-point tensors, got gate of dtype {dtype}"):
+            ttl_kernels.swiglu(x.to(dtype), backend="torch")
+
+
 def test_flash_attention_names_cu_seqlens_given_as_a_list():
     q = torch.randn(5, 2, 64)
     with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor, got a list"):

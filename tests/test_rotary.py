@@ -279,20 +279,21 @@ def test_rotary_into_cache_reads_strided_slots_by_their_strides():
 
 def test_angles_that_require_grad_are_refused_by_the_triton_path():
     """The Triton backward has no gradient for cos/sin (the reference has): it once returned none, silently.
-    Under no_grad, where there is nothing to differentiate, the kernels run."""
+    Either table requiring grad is refused. Under no_grad, where there is nothing to differentiate, the kernels run."""
     qkv, q, k = projection(1, 3, 2, 1, 8, torch.float32, seed=14)
     heads = qkv.view(1, 3, 4, 8)
-    cos, sin = angles(torch.arange(3), 8, torch.float32)
-    cos.requires_grad_()
     caches = torch.zeros(1, 5, 1, 8), torch.zeros(1, 5, 1, 8)
-    for call in (lambda: ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton"),
-                 lambda: ttl_kernels.apply_rotary_qkv(heads, cos, sin, 1, backend="triton"),
-                 lambda: ttl_kernels.rotary_into_cache(heads.detach(), cos, sin, *caches, torch.arange(3),
-                                                       backend="triton")):
-        with pytest.raises(ValueError, match="cos/sin as constants"):
-            call()
-        with torch.no_grad():
-            call()
+    for differentiated in ("cos", "sin"):
+        cos, sin = angles(torch.arange(3), 8, torch.float32)
+        {"cos": cos, "sin": sin}[differentiated].requires_grad_()
+        for call in (lambda: ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton"),
+                     lambda: ttl_kernels.apply_rotary_qkv(heads, cos, sin, 1, backend="triton"),
+                     lambda: ttl_kernels.rotary_into_cache(heads.detach(), cos, sin, *caches, torch.arange(3),
+                                                           backend="triton")):
+            with pytest.raises(ValueError, match="cos/sin as constants"):
+                call()
+            with torch.no_grad():
+                call()
 
 
 def test_double_backward_fails_loudly():
@@ -361,8 +362,10 @@ def test_head_offsets_beyond_32_bits():
     for got, want in zip(ttl_kernels.apply_rotary(far, k.half(), cos, sin, backend="triton"),
                          ttl_kernels.apply_rotary(far.clone(), k.half(), cos, sin, backend="triton")):
         assert torch.equal(got, want)
+    # two query heads, so the key head's offset (2 query heads' strides) passes 2^31 too, not only the value's
+    far_qkv = heads_far_apart(1, 4, 64)[None]
     caches = [torch.zeros(1, 4, 1, 64, dtype=torch.float16) for _ in range(4)]
     slots = torch.tensor([2])
-    q_far = ttl_kernels.rotary_into_cache(far, cos, sin, *caches[:2], slots, backend="triton")  # v is the third head
-    q_compact = ttl_kernels.rotary_into_cache(far.clone(), cos, sin, *caches[2:], slots, backend="triton")
+    q_far = ttl_kernels.rotary_into_cache(far_qkv, cos, sin, *caches[:2], slots, backend="triton")
+    q_compact = ttl_kernels.rotary_into_cache(far_qkv.clone(), cos, sin, *caches[2:], slots, backend="triton")
     assert torch.equal(q_far, q_compact) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
