@@ -4,6 +4,7 @@ chosen step (a wrapped train_step), never by a timer racing the steps."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import socket
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from helpers import ROOT
 from train_helpers import losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
+from ttl_core.distributed import World
+from ttl_core.preemption import StopOnSignal
 import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.train import train
@@ -126,6 +130,56 @@ def test_a_signal_the_process_ignores_stays_ignored(tmp_path, data_dir, monkeypa
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, ignored)
+
+
+def test_a_signal_during_the_last_step_ends_the_run_as_finished(tmp_path, data_dir, monkeypatch, capsys):
+    """The run ends after its last step anyway: a signal during it is no stop to report (a requeue script would
+    run the finished job again on the 75 it exits with)."""
+    signal_during_step(monkeypatch, 2, signal.SIGTERM)
+    result = train(run_config("train.max_steps=2"), tmp_path, data_dir=str(data_dir))
+    assert (result.last_step, result.stopped_by, result.checkpoint.name) == (2, None, "step-000002")
+    assert "stopped on" not in capsys.readouterr().out
+
+
+def test_the_first_signal_received_is_the_one_reported():
+    """A Ctrl-C then a scheduler's SIGTERM in one step is a stop a person asked for (exit 130, not requeued)."""
+    stop = StopOnSignal(World(0, 1, torch.device("cpu")))
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.agreed() is signal.SIGINT
+    finally:
+        stop.restore()
+
+
+def _agree_on_two_ranks(rank: int, signum: int, store: str) -> None:
+    """A forked rank of a two-process gloo group: receive `signum` (0: none), exit with the agreed signal."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    stop = StopOnSignal(World(rank, 2, torch.device("cpu")))
+    if signum:
+        os.kill(os.getpid(), signum)
+    agreed = stop.agreed()
+    stop.restore()
+    dist.destroy_process_group()
+    os._exit(int(agreed or 0))
+
+
+@pytest.mark.parametrize("received, agreed", [((signal.SIGTERM, signal.SIGTERM), signal.SIGTERM),
+                                              ((signal.SIGUSR1, signal.SIGTERM), signal.SIGTERM),
+                                              ((0, signal.SIGUSR1), signal.SIGUSR1), ((0, 0), 0)])
+def test_ranks_agree_on_the_largest_signal_any_of_them_received(tmp_path, received, agreed):
+    """Every rank reports the same signal, hence exits with the same status: the largest number any rank got
+    (torchrun and SLURM signal every rank, often with the same one)."""
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=_agree_on_two_ranks, args=(rank, signum, str(tmp_path / "store")))
+             for rank, signum in enumerate(received)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=60)
+        if rank.is_alive():  # a rank left waiting at the collective must not outlive the test
+            rank.kill()
+    assert [rank.exitcode for rank in ranks] == [int(agreed)] * 2
 
 
 SIGNALLER = """

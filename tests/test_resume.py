@@ -388,6 +388,9 @@ def test_a_damaged_newest_checkpoint_names_the_file_and_the_older_checkpoint_to_
             train(again, run_dir, data_dir=str(data_dir), resume=True)
         shutil.copy(two_checkpoints / "checkpoints" / "step-000001" / "model.safetensors",
                     run_dir / "checkpoints" / "step-000001")
+        shutil.copytree(two_checkpoints / "checkpoints" / "step-000001", run_dir / "checkpoints" / "step-000000")
+        with pytest.raises(CheckpointError, match="; the older step-000001 looks complete"):  # the least lost
+            train(again, run_dir, data_dir=str(data_dir), resume=True)
         newest.rename(f"{newest}.damaged")
         assert train(again, run_dir, data_dir=str(data_dir), resume=True).last_step == 3
         assert [p.name for p in complete_checkpoints(run_dir)] == ["step-000002", "step-000003"]

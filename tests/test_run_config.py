@@ -8,7 +8,7 @@ import torch
 from tests.helpers import ROOT
 from train_helpers import run_config
 from ttl_core.errors import ConfigError
-from ttl_core.run_config import load_run_config
+from ttl_core.run_config import check_resumable, load_run_config
 
 
 def test_shipped_configs_load_and_match_the_published_recipe():
@@ -63,6 +63,12 @@ def test_bad_overrides_are_named(override, message):
     # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
     ("train.compile=1", "train.compile must be a bool"), ("train.max_steps=true", "train.max_steps must be a int"),
     ("train.no_decay=\"norm\"", "train.no_decay must be a list"),
+    # every count that sizes a step, the schedule or evaluation, and the way processes share the model
+    *[(f"train.{key}=0", f"train.{key} must be >= 1, got 0") for key in (
+        "micro_batch_size", "grad_accum_steps", "seq_len", "max_steps", "eval_batches")],
+    ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+    ("train.sample_tokens=-1", "train.sample_tokens must be >= 0"),
+    ("train.distributed=\"zero\"", "train.distributed must be one of ddp, fsdp, got 'zero'"),
 ])
 def test_nan_and_out_of_range_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -134,3 +140,12 @@ def test_an_unknown_model_key_is_named_with_or_without_a_preset(tmp_path):
     for overrides in (["model.hiden_size=8"], ["model.preset=\"tiny\"", "model.hiden_size=8"]):
         with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[model\]: hiden_size"):
             load_run_config(None, overrides)
+
+
+def test_a_resume_naming_another_preset_is_refused_though_it_sets_no_field_itself(tmp_path):
+    """A preset stands for its fields: resuming a run trained as "tiny" with model.preset="ttl-160m" alone names
+    another hidden_size, though no [model] key but the preset is given."""
+    saved = {"model": {"preset": "tiny"}}
+    check_resumable(load_run_config(None, ["model.preset=\"tiny\""]), saved, tmp_path)
+    with pytest.raises(ConfigError, match=r"^model.hidden_size is 768 here, but .* was trained in a run with 256"):
+        check_resumable(load_run_config(None, ["model.preset=\"ttl-160m\""]), saved, tmp_path)

@@ -363,6 +363,25 @@ def test_fp16_steps_that_overflow_are_skipped_but_a_gradient_that_stays_nan_stop
             assert math.isfinite(step()[1]) and any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_fp16_norm_and_clipping_are_those_of_the_unscaled_gradients():
+    """The grad scaler's factor is taken out before the norm is measured and the clip applied: the norm and the
+    update match the same fp16 step without a scaler (clipping scaled gradients would shrink the update by it)."""
+    run = run_config("train.dtype=float16", "train.grad_clip=0.05")
+    gen = torch.Generator().manual_seed(8)
+    batch = [{"input_ids": torch.randint(0, 400, (2, 16), generator=gen),
+              "targets": torch.randint(0, 400, (2, 16), generator=gen)}]
+    norms, updates = [], []
+    for scaler in (None, torch.amp.GradScaler("cpu", 2.0**8)):
+        model = random_model(run, seed=5)
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        _, grad_norm, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), batch, run.train,
+                                     World(0, 1, torch.device("cpu")), 0.25, scaler)
+        norms.append(grad_norm)
+        updates.append(before - torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert norms[0] > 10 * run.train.grad_clip and norms[1] == pytest.approx(norms[0], rel=1e-3)
+    assert (updates[1] - updates[0]).abs().max() <= 1e-2 * updates[0].abs().max()
+
+
 def test_step_clips_to_grad_clip_and_applies_the_scheduled_lr():
     """The update is -lr * gradient * grad_clip / norm when the norm exceeds grad_clip, with the lr passed for
     this step (not the optimizer's construction-time lr); the norm returned is the one before clipping."""

@@ -218,6 +218,12 @@ def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_st
     assert result.last_step == 4 and result.checkpoint.name == "step-000004"
     assert len(losses(tmp_path)) == 4
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
+    # a run stopped early (here at step 2) is not at its last step: resumed, it logs the uninterrupted run's evals
+    train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path / "sliced", data_dir=str(data_dir),
+          stop_after=2)
+    train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path / "sliced", data_dir=str(data_dir),
+          resume=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "sliced" / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
 
 
 def test_eval_every_0_trains_and_resumes_without_a_validation_split(tmp_path, data_dir):
