@@ -188,6 +188,9 @@ def test_step_arguments_that_would_train_nothing_are_refused_and_a_finished_run_
     assert pretrain.main(args) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (f"{tmp_path / 'b' / 'checkpoints' / 'step-000002'} is at "
                                                         "train.max_steps (step 2): the run is complete")
+    # a requeue script that slices the run with --stop-after finds it complete too, whichever slice it asks for
+    assert pretrain.main([*args, "--stop-after", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("train.max_steps (step 2): the run is complete")
     with pytest.raises(ConfigError, match="is at step 2, and train.max_steps is 1: nothing to train"):
         train(run_config("train.max_steps=1"), tmp_path / "b", data_dir=str(data_dir), resume=True)
     with pytest.raises(ConfigError, match="is at step 2, and --stop-after is 2: nothing to train"):

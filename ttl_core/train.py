@@ -322,7 +322,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
     last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
-    if step == last_step == train.max_steps:  # a finished run requeued: the job is done, not refused
+    if step == train.max_steps:  # a finished run requeued (whatever slice --stop-after asks): done, not refused
         if world.is_main:
             print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
         return RunResult(step, None, None, None)
