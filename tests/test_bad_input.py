@@ -327,15 +327,14 @@ def test_float64_model_with_triton_attention_names_the_attention_backend():
 
 @pytest.mark.parametrize("changes, message", [
     ({"grad_accum_steps": 0}, r"^grad_accum_steps \(--grad-accum-steps\) must be an integer >= 1, got 0$"),
-    # no script has a --grad-clip option for the message to name: not pinned here
-    ({"grad_clip": -1.0}, r"^grad_clip .*must be a finite number >= 0 \(0: no clipping\), got -1.0$"),
+    ({"grad_clip": -1.0}, r"^grad_clip \(--grad-clip\) must be a finite number >= 0 \(0: no clipping\), got -1.0$"),
     ({"grad_clip": float("inf")}, r"^grad_clip .*must be a finite number >= 0"),
     ({"lora_r": 0}, r"^lora_r \(--lora-r\) must be an integer >= 1, got 0$"),
     ({"dtype": "float8"}, r"^dtype \(--dtype\) must be one of float32, bfloat16, float16, got 'float8'$"),
 ])
 def test_fine_tuning_settings_out_of_range_are_refused_by_the_config_itself(changes, message):
     """FinetuneConfig is the library's entry point too: a setting the scripts' parser never lets through (a dtype
-    outside its choices, a grad_clip it has no option for) is refused when the config is made, not mid-run."""
+    outside its choices) is refused when the config is made, not mid-run."""
     from ttl_core.finetune import FinetuneConfig
     with pytest.raises(ConfigError, match=message):
         FinetuneConfig(**changes)

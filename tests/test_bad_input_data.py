@@ -274,6 +274,7 @@ def test_lora_targets_all_linear(tok):
     (["--epochs", "0"], r"epochs \(--epochs\)"),
     (["--weight-decay", "-1"], r"weight_decay \(--weight-decay\) must be a finite number >= 0"),
     (["--weight-decay", "nan"], r"weight_decay \(--weight-decay\)"),
+    (["--grad-clip", "-0.5"], r"grad_clip \(--grad-clip\) must be a finite number >= 0 \(0: no clipping\), got -0.5"),
     (["--warmup-steps", "-5"], r"warmup_steps \(--warmup-steps\) must be an integer >= 0"),
     (["--lora", "--lora-dropout", "2"], r"lora_dropout \(--lora-dropout\) must be a number in \[0, 1\)"),
     (["--lora", "--lora-dropout", "-1"], r"lora_dropout \(--lora-dropout\)"),

@@ -126,6 +126,8 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
     group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                        help="optimizer steps of linear warmup, then cosine decay to 0 (default %(default)s)")
+    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip,
+                       help="clip the gradient norm to this (0: no clipping; default %(default)s)")
     group.add_argument("--max-length", type=int, default=defaults.max_length,
                        help="truncate examples to this many tokens (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
@@ -165,7 +167,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         lora["lora_targets"] = "all-linear" if targets == ["all-linear"] else targets
     return replace(args.finetune_defaults, lr=args.lr, batch_size=args.batch_size,
                    grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, weight_decay=args.weight_decay,
-                   warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed, device=args.device,
+                   warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
+                   device=args.device,
                    dtype=args.dtype, lora=args.lora, merge_lora=args.merge_lora, **lora)
 
 
