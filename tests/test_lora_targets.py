@@ -79,7 +79,8 @@ def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp
 
 
 @pytest.mark.parametrize("options", [
-    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+    # a key must end the path: "layers.0" gives no module of layer 0 its rank
+    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6, r"layers\.0": 3},
      "alpha_pattern": {"v_proj": 3.5}},
     {"target_modules": "all-linear", "use_rslora": True, "rank_pattern": {"model.layers.0.self_attn.k_proj": 1},
      "alpha_pattern": {r"layers\.\d\.mlp\..*": 32}},
@@ -161,3 +162,9 @@ def test_a_target_that_modules_to_save_trains_in_full_is_no_error(tmp_path, task
     x = ids()
     with torch.no_grad():
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+
+
+def test_the_all_linear_shorthand_is_read_in_any_case_as_by_peft(tmp_path):
+    ours = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, targets="All-Linear")
+    theirs = peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(r=4, target_modules="All-Linear"))
+    assert len(adapted_modules(theirs)) == sum(len(layer.slices) for layer in lora_layers(ours).values()) > 0
