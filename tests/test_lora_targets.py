@@ -168,3 +168,19 @@ def test_the_all_linear_shorthand_is_read_in_any_case_as_by_peft(tmp_path):
     ours = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, targets="All-Linear")
     theirs = peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(r=4, target_modules="All-Linear"))
     assert len(adapted_modules(theirs)) == sum(len(layer.slices) for layer in lora_layers(ours).values()) > 0
+
+
+def test_a_classifier_of_a_tied_config_trains_its_embedding_in_full_as_peft_does(tmp_path):
+    """A classifier has no LM head to share the input embedding with, whatever tie_word_embeddings says:
+    modules_to_save=["embed_tokens"] trains the embedding alone (ttl must not untie a head it lacks)."""
+    hf = hf_classifier(num_labels=3, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="SEQ_CLS",
+                                                     modules_to_save=["embed_tokens"]))
+    randomize_lora_(theirs, seed=13)
+    scale_saved_modules_(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(ttl_core.load_pretrained(tmp_path / "base"), tmp_path / "peft")
+    with torch.no_grad():
+        assert (ours(ids()).logits - theirs.eval()(input_ids=ids()).logits).abs().max() < 1e-4
+    assert ours.config.tie_word_embeddings  # nothing was untied
