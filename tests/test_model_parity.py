@@ -178,6 +178,8 @@ def test_a_ready_4d_mask_gives_transformers_logits_and_an_integer_one_is_refused
         for ready in (allowed, additive):
             got, ref = ours(ids, attention_mask=ready).logits, hf(ids, attention_mask=ready).logits
             assert (got - ref)[real].abs().max() <= 1e-4
+        per_head = allowed.expand(-1, hf.config.num_attention_heads, -1, -1)  # (batch, heads, seq, seq) fits too
+        assert (ours(ids, attention_mask=per_head).logits - got)[real].abs().max() <= 1e-5
         with pytest.raises(ConfigError, match=r"a 4-d attention_mask must be boolean .* or additive .*, got torch.int64"):
             ours(ids, attention_mask=allowed.long())
 
