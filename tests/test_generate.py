@@ -292,14 +292,20 @@ def test_scores_without_a_distribution_raise_like_transformers(tmp_path):
 
 def test_greedy_decoding_of_nan_logits_raises_rather_than_emit_token_0(models):
     """One NaN weight makes every logit NaN, and argmax then picks token 0 at every step (as transformers' greedy
-    search does), which a caller takes for text: ttl raises as it does when sampling."""
-    broken = copy.deepcopy(models[1])
+    search does), which a caller takes for text: ttl raises as it does when sampling. The weight repaired in place
+    (a checkpoint loaded into the model), the next call reuses the session, whose cache must not keep the NaN
+    keys and values: masked slots still meet a zero probability, and 0 * NaN is NaN."""
+    broken, kwargs = copy.deepcopy(models[1]), dict(max_new_tokens=3, do_sample=False, eos_token_id=[])
+    weight, ids, mask = broken.backbone.layers[0].mlp.down.weight, *left_padded(broken.config.vocab_size)
     with torch.no_grad():
-        broken.backbone.layers[0].mlp.down.weight[0, 0] = float("nan")
-    ids, mask = left_padded(broken.config.vocab_size)
+        weight[0, 0] = float("nan")
     with pytest.raises(GenerationError, match="greedy decoding met scores with no distribution") as info:
-        ttl_core.generate(broken, ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=[])
+        ttl_core.generate(broken, ids, mask, **kwargs)
     assert "\n" not in str(info.value)
+    with torch.no_grad():
+        weight.copy_(models[1].backbone.layers[0].mlp.down.weight)
+    repaired = ttl_core.generate(broken, ids, mask, **kwargs)
+    assert torch.equal(repaired, ttl_core.generate(models[1], ids, mask, **kwargs))
 
 
 def gpu_models(tmp_path, dtype, attention="sdpa"):

@@ -404,11 +404,12 @@ def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_pat
     ttl_core.save_pretrained(model, tmp_path / "out")
     ttl_core.save_native(model, tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()  # transformers would read the fused tensors under it
-    saved = json.loads((tmp_path / "out" / "ttl_config.json").read_text())["config"]
-    assert "kernels" not in saved and "attention" not in saved
+    meta = json.loads((tmp_path / "out" / "ttl_config.json").read_text())
+    assert "kernels" not in meta["config"] and "attention" not in meta["config"]
+    edited = {**meta, "config": {**meta["config"], "kernels": "torch"}}  # nor does a file holding them choose them
+    (tmp_path / "out" / "ttl_config.json").write_text(json.dumps(edited))
     reloaded = ttl_core.load_pretrained(tmp_path / "out")
     assert (reloaded.config.kernels, reloaded.config.attention) == ("auto", "auto")
-    meta = json.loads((tmp_path / "out" / "ttl_config.json").read_text())
     (tmp_path / "out" / "ttl_config.json").write_text(json.dumps({**meta, "architecture": ["LlamaForCausalLM"]}))
     with pytest.raises(CheckpointError, match="unsupported architecture"):
         ttl_core.load_pretrained(tmp_path / "out")

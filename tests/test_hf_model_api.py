@@ -253,3 +253,16 @@ def test_use_cache_true_is_refused_with_where_the_cache_lives(tmp_path):
     ours = to_ttl(hf_causal_lm(), tmp_path)
     with pytest.raises(ConfigError, match="use_cache=True: .* ttl_core.generate"):
         ours(padded_batch()[0], use_cache=True)
+
+
+def test_resizing_a_tied_model_grows_its_head_with_the_embedding(tmp_path):
+    """As transformers' resize_token_embeddings does, a tied LM head stays the input embedding: the logits gain the
+    new tokens' columns and keep the old ones."""
+    ours = to_ttl(hf_causal_lm(tie_word_embeddings=True), tmp_path)
+    ids, _ = padded_batch()
+    with torch.no_grad():
+        before = ours(ids).logits
+        ours.resize_token_embeddings(140)
+        after = ours(ids).logits
+    assert ours.lm_head.weight is ours.backbone.embed.weight
+    assert after.shape[-1] == 140 and torch.equal(after[..., :131], before)

@@ -242,8 +242,9 @@ def test_the_inferred_problem_type_is_recorded_and_saved(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_new_classifier_head_is_the_one_transformers_draws_from_the_same_seed(tmp_path, dtype):
     """A causal LM loaded as a classifier gets the score head transformers gives it after the same
-    torch.manual_seed (its only draw from the RNG), so fine-tunes in the two libraries start alike."""
-    hf_causal_lm().save_pretrained(tmp_path / "lm")
+    torch.manual_seed (its only draw from the RNG), so fine-tunes in the two libraries start alike; its std is the
+    checkpoint's initializer_range (here not the default 0.02)."""
+    hf_causal_lm(initializer_range=0.05).save_pretrained(tmp_path / "lm")
     torch.manual_seed(7)
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, dtype=dtype)
     torch.manual_seed(7)

@@ -35,6 +35,19 @@ def base_dir(tmp_path_factory) -> Path:
     return saved_base_model(tmp_path_factory.mktemp("base"))
 
 
+def test_chat_prompts_keep_their_exact_text():
+    """Fine-tuning and prompting must see the same bytes: a stray newline or a missing one before the answer
+    changes every prompt's tokens (the template test below only encodes what chat_prompt returns)."""
+    assert chat_prompt("aira", "Oi?") == "<|startofinstruction|>Oi?<|endofinstruction|>"
+    assert chat_prompt("aira", "Oi?", "x") == "<|startofinstruction|>Oi?\nx<|endofinstruction|>"
+    assert chat_prompt("alpaca", "Oi?").endswith(". Escreva uma resposta que conclua adequadamente a solicitação."
+                                                 "\n\n### Instruções:\nOi?\n\n### Resposta:\n")
+    assert chat_prompt("alpaca", "Oi?", "x").endswith(", emparelhada com uma entrada que fornece mais contexto. "
+                                                      "Escreva uma resposta que conclua adequadamente a solicitação."
+                                                      "\n\n### Instruções:\nOi?\n\n### Entrada:\nx\n\n### Resposta:\n")
+    assert chat_response("aira", "Sim.") == "Sim.<|endofcompletion|>" and chat_response("alpaca", "Sim.") == "Sim."
+
+
 @pytest.mark.parametrize("fmt", ["aira", "alpaca"])
 @pytest.mark.parametrize("extra", ["", "O céu está limpo."])
 def test_chat_ids_follow_the_template_and_mask_the_prompt(base_dir, fmt, extra):

@@ -183,11 +183,14 @@ def test_bad_adapters_are_clear_errors(tmp_path):
         apply_lora(model)
     for targets, unknown in ((["qkv_proj"], "'qkv_proj'"), (["q_proj", "model.layers.9.self_attn.q_proj"],
                                                            "'model.layers.9.self_attn.q_proj'"),
-                             (["q_proj", 3], "3")):
+                             (["q_proj", 3], "3"), (["proj"], "'proj'")):  # a name ends a path after a dot
         with pytest.raises(AdapterError, match=rf"unknown LoRA target module\(s\) \[{re.escape(unknown)}\]; "):
             apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=targets)
     with pytest.raises(AdapterError, match="holds no adapter_config.json"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "c"), tmp_path)
+    merge_lora(model)
+    with pytest.raises(AdapterError, match="the adapters are merged into the base weights; unmerge_lora before"):
+        save_adapter(model, tmp_path / "merged")
     config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
     (tmp_path / "wrong_r").mkdir()
     (tmp_path / "wrong_r" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
@@ -306,14 +309,15 @@ def test_a_mica_adapter_loads_for_inference_and_is_refused_for_training(tmp_path
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
 
 
-def test_loading_for_inference_turns_dropout_off(tmp_path):
-    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5)
+def test_loading_for_inference_turns_dropout_off_and_freezes(tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.5, modules_to_save=["lm_head"])
     randomize_lora_(model, seed=4)
     save_adapter(model, tmp_path / "adapter")
     fresh = to_ttl(hf_causal_lm(), tmp_path, "fresh").train()
     load_adapter(fresh, tmp_path / "adapter")
     x = ids()
     assert not fresh.training
+    assert not any(p.requires_grad for p in fresh.parameters())  # as PEFT's from_pretrained(is_trainable=False)
     with torch.no_grad():
         assert torch.equal(fresh(x).logits, fresh(x).logits)
 

@@ -79,7 +79,8 @@ def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp
 
 
 @pytest.mark.parametrize("options", [
-    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+    # a key must end the path: "layers.0" gives no module of layer 0 its rank
+    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6, r"layers\.0": 3},
      "alpha_pattern": {"v_proj": 3.5}},
     {"target_modules": "all-linear", "use_rslora": True, "rank_pattern": {"model.layers.0.self_attn.k_proj": 1},
      "alpha_pattern": {r"layers\.\d\.mlp\..*": 32}},
@@ -161,3 +162,25 @@ def test_a_target_that_modules_to_save_trains_in_full_is_no_error(tmp_path, task
     x = ids()
     with torch.no_grad():
         assert (ours(x).logits - theirs.eval()(input_ids=x).logits).abs().max() < 1e-4
+
+
+def test_the_all_linear_shorthand_is_read_in_any_case_as_by_peft(tmp_path):
+    ours = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, targets="All-Linear")
+    theirs = peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(r=4, target_modules="All-Linear"))
+    assert len(adapted_modules(theirs)) == sum(len(layer.slices) for layer in lora_layers(ours).values()) > 0
+
+
+def test_a_classifier_of_a_tied_config_trains_its_embedding_in_full_as_peft_does(tmp_path):
+    """A classifier has no LM head to share the input embedding with, whatever tie_word_embeddings says:
+    modules_to_save=["embed_tokens"] trains the embedding alone (ttl must not untie a head it lacks)."""
+    hf = hf_classifier(num_labels=3, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="SEQ_CLS",
+                                                     modules_to_save=["embed_tokens"]))
+    randomize_lora_(theirs, seed=13)
+    scale_saved_modules_(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(ttl_core.load_pretrained(tmp_path / "base"), tmp_path / "peft")
+    with torch.no_grad():
+        assert (ours(ids()).logits - theirs.eval()(input_ids=ids()).logits).abs().max() < 1e-4
+    assert ours.config.tie_word_embeddings  # nothing was untied

@@ -178,6 +178,8 @@ def test_a_ready_4d_mask_gives_transformers_logits_and_an_integer_one_is_refused
         for ready in (allowed, additive):
             got, ref = ours(ids, attention_mask=ready).logits, hf(ids, attention_mask=ready).logits
             assert (got - ref)[real].abs().max() <= 1e-4
+        per_head = allowed.expand(-1, hf.config.num_attention_heads, -1, -1)  # (batch, heads, seq, seq) fits too
+        assert (ours(ids, attention_mask=per_head).logits - got)[real].abs().max() <= 1e-5
         with pytest.raises(ConfigError, match=r"a 4-d attention_mask must be boolean .* or additive .*, got torch.int64"):
             ours(ids, attention_mask=allowed.long())
 
@@ -309,6 +311,7 @@ def test_classifier_matches_transformers(problem, tmp_path):
     assert got.logits.shape == (ids.shape[0], num_labels)
     assert (ref.logits - got.logits).abs().max() <= 1e-4
     assert abs(ref.loss.item() - got.loss.item()) <= 1e-5
+    assert ours.config.problem_type == hf.config.problem_type == problem  # recorded, so a saved config keeps it
     ref.loss.backward()
     got.loss.backward()
     assert torch.allclose(ours.score.weight.grad, hf.score.weight.grad, atol=1e-5, rtol=1e-4)
@@ -344,17 +347,19 @@ def test_classifier_pools_last_non_pad_token_left_and_right_padding(tmp_path):
 
 def test_classifier_pools_like_transformers_with_padding_on_both_sides_and_inside(tmp_path):
     """transformers pools the rightmost non-pad token: rows padded on both ends, or with the padding id
-    inside the text, pool there too (not before the first padding token)."""
+    inside the text, pool there too (not before the first padding token); a row of padding ids alone pools at
+    its first position (the argmax of no candidate), not at a token of the row before."""
     hf = hf_classifier(num_labels=3, seed=4)
     ours = to_ttl(hf, tmp_path)
     gen = torch.Generator().manual_seed(21)
-    ids = torch.randint(4, 131, (4, 15), generator=gen)
+    ids = torch.randint(4, 131, (5, 15), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, :3] = mask[0, 11:] = 0  # both ends
     mask[1, :5] = 0                 # left
     mask[2, 9:] = 0                 # right
     ids = ids.masked_fill(mask == 0, 3)
     ids[3, 6] = ids[0, 5] = 3       # the padding id as a token inside the text
+    ids[4] = 3                      # nothing but padding ids (attended)
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask).logits

@@ -104,3 +104,15 @@ def test_decoding_defaults_come_from_the_checkpoint_as_in_transformers(tmp_path)
     with pytest.raises(GenerationError, match=r"the attention mask inferred from the padding id 7 in input_ids "
                                               r"\(pass one\) must be left-padded"):
         ttl_core.generate(ours, ids, pad_token_id=7, eos_token_id=2, max_new_tokens=4)
+
+
+def test_a_zero_exponential_draw_never_picks_a_filtered_token(monkeypatch):
+    """float32 Exp(1) draws can be exactly 0: a filtered token's probability 0 over it is NaN, which argmax picks,
+    so `sample` clamps the draws above 0 (the kept tokens' odds do not change)."""
+    scores = random_logits(7, batch=4, vocab=50)
+    scores[:, 0] = float("-inf")  # a filtered token, whose draw comes out 0
+    expected = sample(scores, torch.Generator().manual_seed(0))
+    draw = torch.Tensor.exponential_
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, generator=None: draw(t, generator=generator)
+                        .index_fill_(-1, torch.tensor([0]), 0.0))
+    assert torch.equal(sample(scores, torch.Generator().manual_seed(0)), expected)
