@@ -312,6 +312,8 @@ def test_classifier_matches_transformers(problem, tmp_path):
     assert (ref.logits - got.logits).abs().max() <= 1e-4
     assert abs(ref.loss.item() - got.loss.item()) <= 1e-5
     assert ours.config.problem_type == hf.config.problem_type == problem  # recorded, so a saved config keeps it
+    if problem == "single_label_classification":  # int32 class ids too (transformers' F.cross_entropy refuses them)
+        assert ours(ids, attention_mask=mask, labels=labels.int()).loss.item() == got.loss.item()
     ref.loss.backward()
     got.loss.backward()
     assert torch.allclose(ours.score.weight.grad, hf.score.weight.grad, atol=1e-5, rtol=1e-4)

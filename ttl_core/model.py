@@ -484,8 +484,9 @@ class LlamaForSequenceClassification(_LlamaBase):
             if self.config.num_labels == 1:
                 return F.mse_loss(logits.squeeze(), labels.squeeze())
             return F.mse_loss(logits, labels)
-        if problem == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.config.num_labels), labels.view(-1))
+        if problem == "single_label_classification":  # class ids of any integer width: F.cross_entropy takes int64
+            ids = labels if labels.is_floating_point() else labels.long()
+            return F.cross_entropy(logits.view(-1, self.config.num_labels), ids.view(-1))
         if problem == "multi_label_classification":
             return F.binary_cross_entropy_with_logits(logits, labels)
         raise ConfigError(f"unknown problem_type {problem!r}")
