@@ -61,6 +61,16 @@ def test_bos_and_eos_around_a_text_follow_the_config_beside_tokenizer_model_as_i
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_a_config_without_an_eos_token_adds_none_though_add_eos_token_says_so_as_in_transformers(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    config = saved_in_layout(tok, tmp_path, "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None, "add_eos_token": True}))
+    ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert (ours.eos_id, hf.eos_token_id) == (-1, None)
+    assert ours.encode("a casa", add_eos=True) == hf("a casa")["input_ids"] == tok.encode("a casa")
+
+
 def saved_in_layout(tok, path, layout):
     """`tok` saved at `path` as ttl saves it (tokenizer.model and its config) or, for "tokenizer.json", as transformers
     5 saves that (tokenizer.json and its config only); returns the config."""
