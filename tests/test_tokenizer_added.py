@@ -157,9 +157,9 @@ def test_whole_words_and_whitespace_around_added_tokens_are_unicodes_as_in_trans
     White_Space), not as Python's `re` does; and a whole-word token found where it is not a whole word leaves that
     text unmatched, though a shorter token inside it could match ("axbc": no "bc")."""
     ours, hf = overlapping
-    before = ["①", "²", "Ⓐ", "\U0001f130", "e\u0301", "‿", "\u200d", "\u0663", "Ⅻ", "\x1c", "\u2029", "\u3000",
+    before = ["①", "²", "Ⓐ", "ⓩ", "\U0001f130", "e\u0301", "‿", "\u200d", "\u0663", "Ⅻ", "\x1c", "\u2029", "\u3000",
               "\u00a0", "\u200b", " ", "a", "_", ".", "😀",
-              "\U00031638", "\u1c89"]  # letters of Unicode 15.0 and 16.0, which Python 3.11's database lacks
+              "\U00031638", "\u1c89", "\u1c8a"]  # letters of Unicode 15.0 and 16.0, which Python 3.11's database lacks
     texts = [c + "<|y|>" for c in before] + ["<|y|>" + c for c in before] + ["x" + c + "<|y|>" for c in before]
     texts += ["<|x|>" + c + "z" for c in before] + ["axbc", "a xbc", "xbc", "xbca", "xbc.", "a\x1f<|y|>"]
     for text in texts:
