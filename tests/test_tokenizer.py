@@ -413,5 +413,6 @@ def test_chat_templates_are_kept_when_the_tokenizer_is_saved_again(tok, tmp_path
     assert again.chat_template == hf.chat_template
     messages = [{"role": "user", "content": "Olá, tudo bem?"}]
     assert again.apply_chat_template(messages) == hf.apply_chat_template(messages)
-    tok.save_pretrained(tmp_path / "out")  # a tokenizer without a template leaves none behind
-    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None
+    for directory in ("out", "src"):  # a tokenizer without a template leaves none behind, nor transformers' files
+        tok.save_pretrained(tmp_path / directory)
+        assert AutoTokenizer.from_pretrained(tmp_path / directory).chat_template is None
