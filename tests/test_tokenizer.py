@@ -410,7 +410,7 @@ def test_chat_templates_are_kept_when_the_tokenizer_is_saved_again(tok, tmp_path
     hf.save_pretrained(tmp_path / "src", save_jinja_files=jinja_files)
     Tokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "out")
     again = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert again.chat_template == hf.chat_template
+    assert again.chat_template == hf.chat_template == Tokenizer.from_pretrained(tmp_path / "out").chat_template
     messages = [{"role": "user", "content": "Olá, tudo bem?"}]
     assert again.apply_chat_template(messages) == hf.apply_chat_template(messages)
     for directory in ("out", "src"):  # a tokenizer without a template leaves none behind, nor transformers' files
