@@ -190,3 +190,17 @@ def test_adding_a_piece_the_model_has_makes_it_an_added_token_as_in_transformers
     for text in texts:
         assert saved(text)["input_ids"] == hf(text)["input_ids"], text
     assert_same_ids(Tokenizer.from_pretrained(tmp_path / "saved"), saved, texts)
+
+
+def test_added_token_entries_without_flags_take_transformers_defaults(tok, tmp_path):
+    """An added_tokens_decoder entry without "special" is not special, and one without "normalized" is normalized
+    unless special (transformers' AddedToken defaults): "ab" is kept when decoding and matched after "bc"."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"].update({"320": {"content": "ab"}, "321": {"content": "bc", "normalized": False}})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.convert_ids_to_tokens(hf("abc")["input_ids"]) == ["<s>", "▁a", "bc"]
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path), hf, ["abc", "x ab bc", "abab"])
