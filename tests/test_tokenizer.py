@@ -126,8 +126,9 @@ def test_unsupported_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(TokenizerError, match="unsupported tokenizer type 'WordPiece'"):
         Tokenizer.from_pretrained(tmp_path)
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []},
-                                                         "pre_tokenizer": {"type": "ByteLevel"}}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({  # byte-level, though "▁" replaces spaces first
+        "model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"},
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}}))
     with pytest.raises(TokenizerError, match="unsupported tokenizer type: BPE without sentencepiece-style"):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(TokenizerError, match="no tokenizer.model or tokenizer.json"):
