@@ -29,6 +29,8 @@ def test_trained_tokenizer_layout(tok, tmp_path):
     assert not any(sum(c.isdigit() for c in p) > 1 for p in pieces if not p.startswith("<0x"))  # digits split
     assert digits.token_to_id("2") is not None  # digits are learned, but only one at a time
     train_tokenizer(corpus(), tmp_path / "m", vocab_size=300)
+    train_tokenizer(corpus(), tmp_path / "n.model", vocab_size=300)  # ".model" is added only where missing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model", "n.model"]
     assert Tokenizer(tmp_path / "m.model").encode("a casa") == train_tokenizer(corpus(), None, 300).encode("a casa")
 
 
