@@ -133,11 +133,11 @@ def test_tokens_the_config_names_for_special_roles_as_in_transformers(tok, tmp_p
         theirs = -1 if hf.bos_token_id is None else hf.bos_token_id
         assert ours.bos_id == (1 if layout == "tokenizer.json" and path.name == "base" else theirs)
         ours.save_pretrained(tmp_path / "saved")
-    config["bos_token"] = 5
-    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object with "
-                                             "a string 'content', or null; got 5"):
-        Tokenizer.from_pretrained(tmp_path / "base")
+    for bad in (5, ""):
+        (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bad}))
+        with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object "
+                                                 f"with a string 'content', or null; got {bad!r}"):
+            Tokenizer.from_pretrained(tmp_path / "base")
 
 
 def test_a_piece_listed_among_the_added_tokens_is_special_as_in_transformers(tok, tmp_path):
