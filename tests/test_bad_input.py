@@ -4,6 +4,7 @@ traceback or in silently wrong weights."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -207,6 +208,17 @@ def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):
             run_cli(main, [])
         assert exit_.value.code == code
     assert capsys.readouterr().err == ""
+
+
+def test_scripts_show_ttl_s_warnings_in_one_line_and_a_library_s_as_python_does(capsys):
+    def main(argv):
+        warnings.warn("val.bin will be empty", UserWarning)
+        warnings.warn("an argument a library will drop", FutureWarning)
+
+    # Python's own display of a warning is what pytest records
+    with pytest.warns(FutureWarning, match="an argument a library will drop"), pytest.raises(SystemExit):
+        run_cli(main, [])
+    assert capsys.readouterr().err == "warning: val.bin will be empty\n"
 
 
 def _kernel_calls(ints: torch.Tensor) -> dict:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from helpers import run_in_ascii_locale
 
 import ttl_core.fileio as fileio
+from ttl_core.errors import DataError
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -107,3 +109,11 @@ def test_a_directory_removed_atomically_clears_an_old_one_a_crashed_removal_left
     (tmp_path / "step-000001" / "model.safetensors").write_bytes(b"\2")
     fileio.remove_dir_atomically(tmp_path / "step-000001")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lone_surrogate_of_either_half_is_refused_naming_file_line_and_field(tmp_path):
+    for lone in ("\ud83d", "\ude00"):  # the first half of "😀" without its second, and the second alone
+        message = f"a.jsonl:2: 'text' holds a lone surrogate {lone!r} at character 4"
+        with pytest.raises(DataError, match=re.escape(message)):
+            fileio.refuse_lone_surrogate(tmp_path / "a.jsonl", 2, "text", f"olá {lone}!")
+    assert fileio.refuse_lone_surrogate(tmp_path / "a.jsonl", 2, "text", "olá 😀!") == "olá 😀!"

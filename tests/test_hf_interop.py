@@ -73,9 +73,10 @@ def test_exported_config_round_trips_and_transformers_reads_it(tmp_path):
     assert model.config.rope_theta == 500000.0 and model.config.rope_type == "linear"
     ttl_core.save_pretrained(model, tmp_path / "out")
     config = transformers.AutoConfig.from_pretrained(tmp_path / "out")
-    assert config.rope_parameters["rope_theta"] == 500000.0
-    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 2.0
-    assert ttl_core.LlamaConfig.from_hf_dict(model.config.to_hf_dict()) == model.config
+    exported, expected = model.config.to_hf_dict(), {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}
+    assert config.rope_parameters == expected == exported["rope_parameters"]  # v5's key; v4 reads rope_scaling
+    assert {**exported["rope_scaling"], "rope_theta": 500000.0} == expected
+    assert ttl_core.LlamaConfig.from_hf_dict(exported) == model.config
     default = ttl_core.LlamaConfig.from_preset("tiny", rope_scaling={"type": "default"})  # the same as none
     assert default == ttl_core.LlamaConfig.from_preset("tiny")
     assert ttl_core.LlamaConfig.from_hf_dict(default.to_hf_dict()) == default

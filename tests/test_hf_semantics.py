@@ -239,6 +239,15 @@ def test_the_inferred_problem_type_is_recorded_and_saved(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["problem_type"] == "multi_label_classification"
 
 
+def test_label_names_that_are_not_each_others_inverse_are_kept_as_in_transformers():
+    """Hub configs may pair id2label with a label2id of other names; transformers keeps both as given."""
+    hf = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "negative", "1": "positive"},
+          "label2id": {"LABEL_0": 0, "LABEL_1": 1}}
+    theirs = transformers.LlamaConfig(**hf)
+    exported = ttl_core.LlamaConfig.from_hf_dict(hf).to_hf_dict("LlamaForSequenceClassification")
+    assert (exported["id2label"], exported["label2id"]) == ({"0": "negative", "1": "positive"}, theirs.label2id)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_new_classifier_head_is_the_one_transformers_draws_from_the_same_seed(tmp_path, dtype):
     """A causal LM loaded as a classifier gets the score head transformers gives it after the same

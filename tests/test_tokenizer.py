@@ -29,6 +29,8 @@ def test_trained_tokenizer_layout(tok, tmp_path):
     assert not any(sum(c.isdigit() for c in p) > 1 for p in pieces if not p.startswith("<0x"))  # digits split
     assert digits.token_to_id("2") is not None  # digits are learned, but only one at a time
     train_tokenizer(corpus(), tmp_path / "m", vocab_size=300)
+    train_tokenizer(corpus(), tmp_path / "n.model", vocab_size=300)  # ".model" is added only where missing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model", "n.model"]
     assert Tokenizer(tmp_path / "m.model").encode("a casa") == train_tokenizer(corpus(), None, 300).encode("a casa")
 
 
@@ -126,8 +128,9 @@ def test_unsupported_tokenizer_json_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(TokenizerError, match="unsupported tokenizer type 'WordPiece'"):
         Tokenizer.from_pretrained(tmp_path)
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []},
-                                                         "pre_tokenizer": {"type": "ByteLevel"}}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({  # byte-level, though "▁" replaces spaces first
+        "model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"},
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}}))
     with pytest.raises(TokenizerError, match="unsupported tokenizer type: BPE without sentencepiece-style"):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(TokenizerError, match="no tokenizer.model or tokenizer.json"):
@@ -410,8 +413,9 @@ def test_chat_templates_are_kept_when_the_tokenizer_is_saved_again(tok, tmp_path
     hf.save_pretrained(tmp_path / "src", save_jinja_files=jinja_files)
     Tokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "out")
     again = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert again.chat_template == hf.chat_template
+    assert again.chat_template == hf.chat_template == Tokenizer.from_pretrained(tmp_path / "out").chat_template
     messages = [{"role": "user", "content": "Olá, tudo bem?"}]
     assert again.apply_chat_template(messages) == hf.apply_chat_template(messages)
-    tok.save_pretrained(tmp_path / "out")  # a tokenizer without a template leaves none behind
-    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template is None
+    for directory in ("out", "src"):  # a tokenizer without a template leaves none behind, nor transformers' files
+        tok.save_pretrained(tmp_path / directory)
+        assert AutoTokenizer.from_pretrained(tmp_path / directory).chat_template is None

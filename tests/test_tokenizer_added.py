@@ -157,9 +157,9 @@ def test_whole_words_and_whitespace_around_added_tokens_are_unicodes_as_in_trans
     White_Space), not as Python's `re` does; and a whole-word token found where it is not a whole word leaves that
     text unmatched, though a shorter token inside it could match ("axbc": no "bc")."""
     ours, hf = overlapping
-    before = ["①", "²", "Ⓐ", "\U0001f130", "e\u0301", "‿", "\u200d", "\u0663", "Ⅻ", "\x1c", "\u2029", "\u3000",
+    before = ["①", "²", "Ⓐ", "ⓩ", "\U0001f130", "e\u0301", "‿", "\u200d", "\u0663", "Ⅻ", "\x1c", "\u2029", "\u3000",
               "\u00a0", "\u200b", " ", "a", "_", ".", "😀",
-              "\U00031638", "\u1c89"]  # letters of Unicode 15.0 and 16.0, which Python 3.11's database lacks
+              "\U00031638", "\u1c89", "\u1c8a"]  # letters of Unicode 15.0 and 16.0, which Python 3.11's database lacks
     texts = [c + "<|y|>" for c in before] + ["<|y|>" + c for c in before] + ["x" + c + "<|y|>" for c in before]
     texts += ["<|x|>" + c + "z" for c in before] + ["axbc", "a xbc", "xbc", "xbca", "xbc.", "a\x1f<|y|>"]
     for text in texts:
@@ -190,3 +190,17 @@ def test_adding_a_piece_the_model_has_makes_it_an_added_token_as_in_transformers
     for text in texts:
         assert saved(text)["input_ids"] == hf(text)["input_ids"], text
     assert_same_ids(Tokenizer.from_pretrained(tmp_path / "saved"), saved, texts)
+
+
+def test_added_token_entries_without_flags_take_transformers_defaults(tok, tmp_path):
+    """An added_tokens_decoder entry without "special" is not special, and one without "normalized" is normalized
+    unless special (transformers' AddedToken defaults): "ab" is kept when decoding and matched after "bc"."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"].update({"320": {"content": "ab"}, "321": {"content": "bc", "normalized": False}})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.convert_ids_to_tokens(hf("abc")["input_ids"]) == ["<s>", "▁a", "bc"]
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path), hf, ["abc", "x ab bc", "abab"])

@@ -61,6 +61,16 @@ def test_bos_and_eos_around_a_text_follow_the_config_beside_tokenizer_model_as_i
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_a_config_without_an_eos_token_adds_none_though_add_eos_token_says_so_as_in_transformers(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    config = saved_in_layout(tok, tmp_path, "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None, "add_eos_token": True}))
+    ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert (ours.eos_id, hf.eos_token_id) == (-1, None)
+    assert ours.encode("a casa", add_eos=True) == hf("a casa")["input_ids"] == tok.encode("a casa")
+
+
 def saved_in_layout(tok, path, layout):
     """`tok` saved at `path` as ttl saves it (tokenizer.model and its config) or, for "tokenizer.json", as transformers
     5 saves that (tokenizer.json and its config only); returns the config."""
@@ -123,11 +133,11 @@ def test_tokens_the_config_names_for_special_roles_as_in_transformers(tok, tmp_p
         theirs = -1 if hf.bos_token_id is None else hf.bos_token_id
         assert ours.bos_id == (1 if layout == "tokenizer.json" and path.name == "base" else theirs)
         ours.save_pretrained(tmp_path / "saved")
-    config["bos_token"] = 5
-    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object with "
-                                             "a string 'content', or null; got 5"):
-        Tokenizer.from_pretrained(tmp_path / "base")
+    for bad in (5, ""):
+        (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bad}))
+        with pytest.raises(TokenizerError, match="tokenizer_config.json: bos_token must be a token string, an object "
+                                                 f"with a string 'content', or null; got {bad!r}"):
+            Tokenizer.from_pretrained(tmp_path / "base")
 
 
 def test_a_piece_listed_among_the_added_tokens_is_special_as_in_transformers(tok, tmp_path):
