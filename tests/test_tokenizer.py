@@ -419,3 +419,19 @@ def test_chat_templates_are_kept_when_the_tokenizer_is_saved_again(tok, tmp_path
     for directory in ("out", "src"):  # a tokenizer without a template leaves none behind, nor transformers' files
         tok.save_pretrained(tmp_path / directory)
         assert AutoTokenizer.from_pretrained(tmp_path / directory).chat_template is None
+
+
+def test_a_config_chat_template_given_as_a_dict_reads_as_in_transformers(tok, tmp_path):
+    """transformers keeps a tokenizer_config.json `chat_template` written as {name: template} as it is (its own
+    saves write a list); anything else there is refused with the file named."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    templates = {"default": "{{ messages[0]['content'] }}</s>", "tool_use": "{{ messages | length }}"}
+    config_path.write_text(json.dumps({**config, "chat_template": templates}))
+    assert Tokenizer.from_pretrained(tmp_path).chat_template == AutoTokenizer.from_pretrained(tmp_path).chat_template
+    config_path.write_text(json.dumps({**config, "chat_template": {"default": 3}}))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: chat_template must be a template string, "):
+        Tokenizer.from_pretrained(tmp_path)

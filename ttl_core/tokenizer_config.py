@@ -147,7 +147,8 @@ def extra_special_tokens(path: Path, config: dict | None) -> list[str]:
 def read_chat_template(directory: Path, config: dict | None) -> str | dict[str, str] | None:
     """A tokenizer directory's chat template as transformers 5 reads it: chat_template.jinja (the "default") and
     additional_chat_templates/NAME.jinja where any exist, else the config's `chat_template` (a template, or a list
-    of {"name", "template"}); several come as a dict name -> template, as in transformers."""
+    of {"name", "template"}, or a dict name -> template); several come as a dict name -> template, as in
+    transformers."""
     files = {"default": directory / CHAT_TEMPLATE_FILE, **{f.stem: f for f in (directory / CHAT_TEMPLATE_DIR).glob(
         "*.jinja")}}
     try:
@@ -158,11 +159,13 @@ def read_chat_template(directory: Path, config: dict | None) -> str | dict[str, 
         value = (config or {}).get("chat_template")
         if value is None or isinstance(value, str):
             return value
-        if not (isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                                and isinstance(t.get("template"), str) for t in value)):
-            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: chat_template must be a template string or "
-                                 "a list of {\"name\", \"template\"} objects")
-        templates = {t["name"]: t["template"] for t in value}
+        if isinstance(value, list) and all(isinstance(t, dict) for t in value):  # transformers' own saves
+            value = {t.get("name"): t.get("template") for t in value}
+        if not (isinstance(value, dict) and all(isinstance(name, str) and isinstance(template, str)
+                                                for name, template in value.items())):
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: chat_template must be a template string, "
+                                 "a list of {\"name\", \"template\"} objects or an object name -> template")
+        templates = value
     return templates["default"] if list(templates) == ["default"] else templates
 
 
