@@ -400,8 +400,7 @@ def test_an_older_config_declaring_torch_dtype_loads_in_that_dtype(tmp_path):
 
 
 def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_path):
-    hf_causal_lm().save_pretrained(tmp_path / "src")
-    model = ttl_core.load_pretrained(tmp_path / "src", kernels="torch", attention="eager")
+    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"), kernels="torch", attention="eager")
     ttl_core.save_pretrained(model, tmp_path / "out")
     ttl_core.save_native(model, tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()  # transformers would read the fused tensors under it
