@@ -82,7 +82,8 @@ def test_init_from_takes_a_dropout_setting_and_a_resumed_run_keeps_its_own(tmp_p
     train(run_config("train.max_steps=1"), tmp_path / "a", data_dir=str(data_dir))
     source = tmp_path / "a" / "checkpoints" / "step-000001"
     dropout = run_config("train.max_steps=2", "train.save_every=1", "model.attention_dropout=0.3")
-    model = ttl_train.build_or_load_model(dropout, None, str(source), torch.device("cpu"))
+    planned = ttl_train.planned_model_config(dropout, None, str(source))
+    model = ttl_train.build_or_load_model(planned, dropout.train.seed, None, str(source), torch.device("cpu"))
     assert model.config.attention_dropout == 0.3 and model.training
     ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     assert not torch.equal(model(ids).logits, model(ids).logits)  # each forward draws its own mask

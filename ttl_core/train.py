@@ -205,14 +205,12 @@ def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: st
     return stored.replace(**runtime, **dropout)
 
 
-def build_or_load_model(run: RunConfig, resume_from: Path | None, init_from: str | None,
+def build_or_load_model(config: LlamaConfig, seed: int, resume_from: Path | None, init_from: str | None,
                         device: torch.device) -> LlamaForCausalLM:
-    """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from
-    the run's seed, for the config `planned_model_config` gives. Parameters are float32 (autocast does the
-    low-precision math)."""
-    config = planned_model_config(run, resume_from, init_from)
+    """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from `seed`,
+    for the config `planned_model_config` gave. Parameters are float32 (autocast does the low-precision math)."""
     source = resume_from or init_from
-    torch.manual_seed(run.train.seed)  # fresh weights, and dropout after --init-from (resume restores its RNG)
+    torch.manual_seed(seed)  # fresh weights, and dropout after --init-from (resume restores its RNG)
     if source is None:
         return LlamaForCausalLM(config).to(device).train()
     # the stored architecture, with the planned runtime and dropout fields on top
@@ -360,7 +358,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
     with point_to_older_checkpoint(out_dir, resume_from):
         saved = load_optimizer_file(resume_from) if resume_from is not None else None
-        model = build_or_load_model(run, resume_from, init_from, world.device)
+        model = build_or_load_model(config, train.seed, resume_from, init_from, world.device)
         if resume_from is not None:  # every file read in structure; now every byte, against the digests saved
             verify_digests(resume_from, trainer_state)
 
