@@ -1,13 +1,15 @@
-"""check_goals.py on results files it cannot judge (corrupt, hand-edited, or from an older harness): one `error:`
-line naming the file and what is wrong, never a traceback from deep inside a goal."""
+"""check_goals.py on the results files the benchmarks write, and on those it cannot judge (corrupt, hand-edited,
+or from an older harness): one `error:` line naming the file and what is wrong, never a traceback from deep
+inside a goal. Then each goal's floor, and the shapes and pass it reads."""
 
 import json
+import time
 
 import pytest
 import torch
 from helpers import load_script
 
-from ttl_core.benchmark import row
+from ttl_core.benchmark import BenchDevice, Results, row
 from ttl_core.cli import run_cli
 
 
@@ -36,7 +38,7 @@ GOAL_SHAPE = {"rows": 16384, "hidden": 4096, "residual": False}
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.pop("pass"), "'pass'"), (lambda r: r.update(shape="16384x4096"), "'shape'"),
-    (lambda r: r.update(ms="1.5"), "'ms'"), (lambda r: r.update(frac_of_peak=[0.9]), "'frac_of_peak'"),
+    (lambda r: r.update(ms="1.5"), "'ms'"), (lambda r: r.update(ms=None), "'ms'"), (lambda r: r.update(frac_of_peak=[0.9]), "'frac_of_peak'"),
     (lambda r: r["shape"].pop("hidden"), "'hidden'"), (lambda r: r["shape"].update(rows="16k"), "'rows'"),
 ])
 def test_a_results_row_without_the_fields_the_goals_read_is_named_in_one_line(tmp_path, capsys, change, message):
@@ -57,3 +59,25 @@ def test_a_recorded_failure_without_an_error_or_a_shape_object_is_named_in_one_l
     (tmp_path / "rms_norm.json").write_text(json.dumps({"benchmark": "rms_norm", "rows": rows, "failures": [failure]}))
     err = judged_with_error(tmp_path, capsys)
     assert err.startswith(f"error: {tmp_path / 'rms_norm.json'}: failure 1 "), err
+
+
+def test_the_results_files_the_kernel_benchmarks_write_are_judged(tmp_path, monkeypatch):
+    """Every shape each kernel family writes (at the sizes of `--quick`) loads and is judged: cross-entropy on
+    given logits, a shape without a hidden size beside the fused loss's in cross_entropy.json, once made the
+    judge refuse the whole file."""
+    kernels, goals = load_script("bench_kernels"), load_script("check_goals")
+
+    def measure(results, impls, make_inputs, row_inputs, shape, dtype, *charges, **kwargs):
+        results.add([row("ttl", pass_, shape, "bf16", 1.0, frac_of_peak=0.5, peak_mem_mb=1.0)
+                     for pass_ in ("fwd", "fwd+bwd")])
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    for family, bench in kernels.FAMILIES.items():
+        results = Results(family, tmp_path, device)
+        results.last_plot = time.monotonic()  # no plot
+        bench("quick", torch.bfloat16, results)
+    rows, failures = goals.load_rows(tmp_path / "test-gpu")
+    assert sorted(rows) == sorted(kernels.FAMILIES) and any(r["shape"].get("on_logits") for r in rows["cross_entropy"])
+    flce = [v for v in goals.judge(rows, failures) if v.goal.startswith("Fused linear CE fwd+bwd, 16k")]
+    assert flce[0].met is False and flce[0].measured.startswith("50.0%")
