@@ -81,3 +81,82 @@ def test_the_results_files_the_kernel_benchmarks_write_are_judged(tmp_path, monk
     assert sorted(rows) == sorted(kernels.FAMILIES) and any(r["shape"].get("on_logits") for r in rows["cross_entropy"])
     flce = [v for v in goals.judge(rows, failures) if v.goal.startswith("Fused linear CE fwd+bwd, 16k")]
     assert flce[0].met is False and flce[0].measured.startswith("50.0%")
+
+
+# --- the goals' floors and the rows each reads, on figures at each edge -------------------------------------------
+
+NORM_GOAL = [{"rows": 16384, "hidden": h, "residual": False} for h in (2048, 4096, 8192)]
+ROTARY_GOAL = [{"tokens": 16384, "model": "ttl-160m", "heads": 12, "kv_heads": 12, "head_dim": 64}]
+FLCE_GOAL = [{"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}]
+# each fraction-of-peak goal: its benchmark, the pass it judges, the shapes it names, its floor, and shapes it must
+# not read (too few rows or tokens, a hidden size outside 2048..8192, another fused-loss shape)
+FRACTION_GOALS = {
+    "RMSNorm fwd,": ("rms_norm", "fwd", NORM_GOAL, 0.90, [{"rows": 4096, "hidden": 4096, "residual": False},
+                                                         {"rows": 16384, "hidden": 1024, "residual": False},
+                                                         {"rows": 16384, "hidden": 16384, "residual": False}]),
+    "RMSNorm fwd+bwd,": ("rms_norm", "fwd+bwd", NORM_GOAL, 0.80, [{"rows": 4096, "hidden": 4096, "residual": False},
+                                                                 {"rows": 16384, "hidden": 1024, "residual": False}]),
+    "Rotary": ("rotary", "fwd+bwd", ROTARY_GOAL, 0.85, [{**ROTARY_GOAL[0], "tokens": 4096}]),
+    "Fused linear CE fwd+bwd, 16k": ("cross_entropy", "fwd+bwd", FLCE_GOAL, 0.65,
+                                     [{**FLCE_GOAL[0], "hidden": 768, "unfused_logits_grad_mb": 8016.0}]),
+}
+
+
+def verdict(goal: str, benchmark: str, rows: list[dict]):
+    """The verdict of the goal whose name starts with `goal`, judged on `rows` as the `benchmark` results."""
+    return next(v for v in load_script("check_goals").judge({benchmark: rows}, {}) if v.goal.startswith(goal))
+
+
+@pytest.mark.parametrize("goal", sorted(FRACTION_GOALS))
+def test_each_fraction_goal_is_met_at_its_floor_and_reads_only_its_shapes_and_pass(goal):
+    """Exactly at the floor on every goal shape: met, though far slower shapes the goal does not name and the
+    other pass were measured too; a hair under on one goal shape: missed, even with the other shapes missing."""
+    _, pass_, shapes, floor, elsewhere = FRACTION_GOALS[goal]
+    other_pass = "fwd" if pass_ == "fwd+bwd" else "fwd+bwd"
+    slow = [row("ttl", pass_, s, "bf16", 1.0, frac_of_peak=0.1) for s in elsewhere]
+    slow += [row("ttl", other_pass, s, "bf16", 1.0, frac_of_peak=0.1) for s in shapes]
+    at_floor = [row("ttl", pass_, s, "bf16", 1.0, frac_of_peak=floor) for s in shapes]
+    benchmark = FRACTION_GOALS[goal][0]
+    assert verdict(goal, benchmark, slow + at_floor).met is True
+    under = [row("ttl", pass_, shapes[-1], "bf16", 1.0, frac_of_peak=floor - 0.001)]
+    assert verdict(goal, benchmark, slow + at_floor[:-1] + under).met is False
+    assert verdict(goal, benchmark, under).met is False
+
+
+@pytest.mark.parametrize("goal, benchmark, shapes, impls", [
+    ("RMSNorm fwd,", "rms_norm", [{**s, "residual": True} for s in NORM_GOAL], ("ttl",)),
+    ("Rotary", "rotary", [{"tokens": 16384, "model": "llama3-8b", "heads": 32, "kv_heads": 8, "head_dim": 128}],
+     ("ttl",)),
+    ("Fused linear CE fwd+bwd, 16k", "cross_entropy", [{**FLCE_GOAL[0], "vocab": 32000, "unfused_logits_grad_mb": 2000.0}],
+     ("ttl",)),
+    ("FlashAttention", "attention", [{"seq": 2048, "head_dim": 64, "causal": False, "batch": 16, "heads": 16}],
+     ("ttl", "sdpa_flash")),
+])
+def test_a_goal_is_not_measured_on_shapes_it_does_not_name(goal, benchmark, shapes, impls):
+    """Rows beside the goal's shape (with a residual add, another model's heads, a smaller vocabulary, without the
+    causal mask), every one passing, leave the goal not measured: they do not stand in for its shape."""
+    rows = [row(impl, "fwd+bwd" if benchmark != "rms_norm" else "fwd", s, "bf16", 1.0 if impl == "ttl" else 2.0,
+                frac_of_peak=0.95) for s in shapes for impl in impls]
+    assert verdict(goal, benchmark, rows).met is None
+
+
+def test_fused_ce_memory_goal_reads_the_goal_shape_only():
+    """A smaller fused-loss shape measured first (its extra memory within 1/8 of the goal's logits) does not stand
+    in for the goal's shape, which failed."""
+    goals = load_script("check_goals")
+    small = {"tokens": 4096, "hidden": 768, "vocab": 32000, "unfused_logits_grad_mb": 500.0}
+    rows = [row("ttl", "fwd+bwd", small, "bf16", 1.0, frac_of_peak=0.7, peak_mem_mb=10.0)]
+    memory = next(v for v in goals.judge({"cross_entropy": rows}, {}) if "extra peak memory" in v.goal)
+    assert memory.met is None
+
+
+def test_training_and_generation_goals_judge_ttl_160m_only():
+    """A results file from a run with `--preset ttl-460m` leaves the ttl-160m goals not measured."""
+    goals = load_script("check_goals")
+    train = {"preset": "ttl-460m", "batch": 16, "seq": 2048}
+    decode = {"preset": "ttl-460m", "batch": 1, "prompt": 128, "new_tokens": 256}
+    trained = goals.training_goals([row(impl, "train_step", train, "bf16", 1.0, tokens_per_s=tps, mfu=0.6)
+                                    for impl, tps in (("ttl", 5e5), ("hf", 1e5))])
+    decoded = goals.generation_goals([row(impl, "decode", decode, "bf16", 1.0, tokens_per_s=tps)
+                                      for impl, tps in (("ttl", 5e3), ("hf", 1e2), ("hf_static_compile", 1e3))])
+    assert [v.met for v in trained + decoded] == [None] * 4
