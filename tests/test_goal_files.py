@@ -161,3 +161,19 @@ def test_training_and_generation_goals_judge_ttl_160m_only():
     decoded = goals.generation_goals([row(impl, "decode", decode, "bf16", 1.0, tokens_per_s=tps)
                                       for impl, tps in (("ttl", 5e3), ("hf", 1e2), ("hf_static_compile", 1e3))])
     assert [v.met for v in trained + decoded] == [None] * 4
+
+
+@pytest.mark.parametrize("size", [[], ["--quick"]])
+def test_the_attention_benchmark_measures_the_goals_shape(tmp_path, monkeypatch, size):
+    """Full or `--quick`, bench_attention measures seq 2048, head_dim 64, causal: a tie with SDPA's flash backend
+    there meets the goal."""
+    attention = load_script("bench_attention")
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    monkeypatch.setattr(attention, "open_device", lambda name, smoke: device)
+    monkeypatch.setattr(attention, "implementations", lambda dev: {"ttl": None, "sdpa_flash": None})
+    monkeypatch.setattr(attention, "time_impl", lambda dev, impl, fn, shape, dtype, untimed: [
+        row(impl, pass_, shape, "bf16", 1.0, tflops=1.0, frac_of_peak=1.0) for pass_ in ("fwd", "fwd+bwd")])
+    written = []
+    monkeypatch.setattr(Results, "add", lambda self, rows: written.extend(rows))
+    assert attention.main([*size, "--out", str(tmp_path)]) == 0
+    assert verdict("FlashAttention", "attention", written).met is True
