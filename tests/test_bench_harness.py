@@ -142,3 +142,22 @@ def test_a_fast_call_warms_up_for_25_ms_before_it_is_timed(monkeypatch):
     monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
     BenchDevice(torch.device("cpu"), "cpu", smoke=False).time_ms(fn, warmup=10, reps=50, max_seconds=2.0)
     assert 245 <= len(calls) - 2 - 50 <= 255
+
+
+def test_a_kernel_run_with_a_failed_measurement_goes_on_and_exits_1(tmp_path, monkeypatch):
+    """A measurement failing in one family leaves the next family to run, and the run's status says so (the GPU
+    suite logs it beside each step)."""
+    script = load_script("bench_kernels")
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    monkeypatch.setattr(script, "open_device", lambda name, smoke: device)
+    monkeypatch.setattr(script, "compile_once_per_width", lambda: None)  # no dynamo settings left behind
+    ran = []
+
+    def family(name, fails):
+        def bench(mode, dtype, results):
+            ran.append(name)
+            results.attempt({"impl": "ttl", "shape": {}}, lambda: 1 / 0 if fails else None)
+        return bench
+
+    monkeypatch.setattr(script, "FAMILIES", {"first": family("first", True), "second": family("second", False)})
+    assert script.main(["--out", str(tmp_path)]) == 1 and ran == ["first", "second"]
