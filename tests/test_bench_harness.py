@@ -50,16 +50,37 @@ def test_kernel_timing_keeps_no_output_or_graph_of_an_earlier_call_through_a_cap
     assert len(alive) == 4 and not any(any(flags) for flags in alive), alive
 
 
+def test_the_fused_loss_forward_row_is_timed_as_an_evaluation_without_grad(monkeypatch):
+    """With `forward_grad=False` the forward pass runs under no_grad on detached inputs (ttl's and Liger's training
+    forward computes the gradients too, which its 2·N·d·V FLOP charge would not count); the forward + backward
+    pass keeps them."""
+    script = load_script("bench_kernels")
+    monkeypatch.setattr(BenchDevice, "time_ms", lambda self, fn, **kwargs: 2.0)
+    seen = []
+
+    def fn(t):
+        seen.append((torch.is_grad_enabled(), t.requires_grad))
+        return t * 2
+
+    dev = BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0, bf16_tflops=10.0)
+    script.time_passes(dev, "ttl", fn, (torch.randn(8, 16, requires_grad=True),), {}, torch.bfloat16, 1, 1, 1.0,
+                       2.0, [], forward_grad=False)
+    assert seen == [(True, True), (False, False), (True, True)]  # the first call makes the output gradients
+
+
 def test_rotary_baselines_get_q_and_k_liger_rotates_without_a_copy(monkeypatch):
     """Liger's rotary takes transformers' transposed views of the q and k projections and makes them contiguous
     (batch, seq, heads, dim) before rotating in place: a no-op on separate projections, but a copy of both
     (charged to Liger alone) if q and k were strided views cut from one fused qkv projection."""
     script = load_script("bench_kernels")
     made = []
-    monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, *args, **kwargs: made.append(make_inputs))
+    monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, row_inputs, shape, *args, **kwargs:
+                        made.append((make_inputs(), shape)))  # inputs made in their loop step, as measure does
     script.bench_rotary("smoke", torch.bfloat16, SimpleNamespace(device=SimpleNamespace(device=torch.device("cpu"))))
-    for make_inputs in made:
-        q, k, cos, sin = make_inputs()
+    for (q, k, cos, sin), shape in made:
+        # the tokens and heads the shape records (and the byte count charges) are the ones rotated
+        assert q.shape[:3] == (shape["tokens"] // q.shape[1], q.shape[1], shape["heads"]), (q.shape, shape)
+        assert k.shape[:3] == q.shape[:2] + (shape["kv_heads"],) and cos.shape[:2] == q.shape[:2]
         for t in (q, k):
             as_liger_sees_it = t.transpose(1, 2).transpose(1, 2)
             assert as_liger_sees_it.contiguous().data_ptr() == t.data_ptr() and t.requires_grad
@@ -121,3 +142,22 @@ def test_a_fast_call_warms_up_for_25_ms_before_it_is_timed(monkeypatch):
     monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0], monotonic=time.monotonic))
     BenchDevice(torch.device("cpu"), "cpu", smoke=False).time_ms(fn, warmup=10, reps=50, max_seconds=2.0)
     assert 245 <= len(calls) - 2 - 50 <= 255
+
+
+def test_a_kernel_run_with_a_failed_measurement_goes_on_and_exits_1(tmp_path, monkeypatch):
+    """A measurement failing in one family leaves the next family to run, and the run's status says so (the GPU
+    suite logs it beside each step)."""
+    script = load_script("bench_kernels")
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    monkeypatch.setattr(script, "open_device", lambda name, smoke: device)
+    monkeypatch.setattr(script, "compile_once_per_width", lambda: None)  # no dynamo settings left behind
+    ran = []
+
+    def family(name, fails):
+        def bench(mode, dtype, results):
+            ran.append(name)
+            results.attempt({"impl": "ttl", "shape": {}}, lambda: 1 / 0 if fails else None)
+        return bench
+
+    monkeypatch.setattr(script, "FAMILIES", {"first": family("first", True), "second": family("second", False)})
+    assert script.main(["--out", str(tmp_path)]) == 1 and ran == ["first", "second"]

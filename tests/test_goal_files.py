@@ -1,13 +1,15 @@
-"""check_goals.py on results files it cannot judge (corrupt, hand-edited, or from an older harness): one `error:`
-line naming the file and what is wrong, never a traceback from deep inside a goal."""
+"""check_goals.py on the results files the benchmarks write, and on those it cannot judge (corrupt, hand-edited,
+or from an older harness): one `error:` line naming the file and what is wrong, never a traceback from deep
+inside a goal. Then each goal's floor, and the shapes and pass it reads."""
 
 import json
+import time
 
 import pytest
 import torch
 from helpers import load_script
 
-from ttl_core.benchmark import row
+from ttl_core.benchmark import BenchDevice, Results, row
 from ttl_core.cli import run_cli
 
 
@@ -36,7 +38,7 @@ GOAL_SHAPE = {"rows": 16384, "hidden": 4096, "residual": False}
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.pop("pass"), "'pass'"), (lambda r: r.update(shape="16384x4096"), "'shape'"),
-    (lambda r: r.update(ms="1.5"), "'ms'"), (lambda r: r.update(frac_of_peak=[0.9]), "'frac_of_peak'"),
+    (lambda r: r.update(ms="1.5"), "'ms'"), (lambda r: r.update(ms=None), "'ms'"), (lambda r: r.update(frac_of_peak=[0.9]), "'frac_of_peak'"),
     (lambda r: r["shape"].pop("hidden"), "'hidden'"), (lambda r: r["shape"].update(rows="16k"), "'rows'"),
 ])
 def test_a_results_row_without_the_fields_the_goals_read_is_named_in_one_line(tmp_path, capsys, change, message):
@@ -57,3 +59,121 @@ def test_a_recorded_failure_without_an_error_or_a_shape_object_is_named_in_one_l
     (tmp_path / "rms_norm.json").write_text(json.dumps({"benchmark": "rms_norm", "rows": rows, "failures": [failure]}))
     err = judged_with_error(tmp_path, capsys)
     assert err.startswith(f"error: {tmp_path / 'rms_norm.json'}: failure 1 "), err
+
+
+def test_the_results_files_the_kernel_benchmarks_write_are_judged(tmp_path, monkeypatch):
+    """Each kernel family at the sizes gpu_suite.sh runs (the cross-entropy goal's shape in its `--quick` set),
+    every implementation measured, ttl at the peak and twice as fast: every kernel goal loads, finds each shape
+    it names, and is met. Cross-entropy on given logits, a shape without a hidden size beside the fused loss's
+    in cross_entropy.json, once made the judge refuse that whole file, and the suite's goal table with it."""
+    kernels, goals = load_script("bench_kernels"), load_script("check_goals")
+
+    def measure(results, impls, make_inputs, row_inputs, shape, dtype, *charges, **kwargs):
+        results.add([row(impl, pass_, shape, "bf16", 1.0 if impl == "ttl" else 2.0, frac_of_peak=1.0,
+                         peak_mem_mb=1.0) for impl in impls for pass_ in ("fwd", "fwd+bwd")])
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    for family, bench in kernels.FAMILIES.items():
+        results = Results(family, tmp_path, device)
+        results.last_plot = time.monotonic()  # no plot
+        bench("quick" if family == "cross_entropy" else "full", torch.bfloat16, results)
+    rows, failures = goals.load_rows(tmp_path / "test-gpu")
+    assert sorted(rows) == sorted(kernels.FAMILIES) and any(r["shape"].get("on_logits") for r in rows["cross_entropy"])
+    kernel_goals = goals.judge(rows, failures)[:8]
+    assert kernel_goals[-1].goal.endswith("ttl time / Liger") and all(v.met for v in kernel_goals), kernel_goals
+
+
+# --- the goals' floors and the rows each reads, on figures at each edge -------------------------------------------
+
+NORM_GOAL = [{"rows": 16384, "hidden": h, "residual": False} for h in (2048, 4096, 8192)]
+ROTARY_GOAL = [{"tokens": 16384, "model": "ttl-160m", "heads": 12, "kv_heads": 12, "head_dim": 64}]
+FLCE_GOAL = [{"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}]
+# each fraction-of-peak goal: its benchmark, the pass it judges, the shapes it names, its floor, and shapes it must
+# not read (too few rows or tokens, a hidden size outside 2048..8192, another fused-loss shape)
+FRACTION_GOALS = {
+    "RMSNorm fwd,": ("rms_norm", "fwd", NORM_GOAL, 0.90, [{"rows": 4096, "hidden": 4096, "residual": False},
+                                                         {"rows": 16384, "hidden": 1024, "residual": False},
+                                                         {"rows": 16384, "hidden": 16384, "residual": False}]),
+    "RMSNorm fwd+bwd,": ("rms_norm", "fwd+bwd", NORM_GOAL, 0.80, [{"rows": 4096, "hidden": 4096, "residual": False},
+                                                                 {"rows": 16384, "hidden": 1024, "residual": False}]),
+    "Rotary": ("rotary", "fwd+bwd", ROTARY_GOAL, 0.85, [{**ROTARY_GOAL[0], "tokens": 4096}]),
+    "Fused linear CE fwd+bwd, 16k": ("cross_entropy", "fwd+bwd", FLCE_GOAL, 0.65,
+                                     [{**FLCE_GOAL[0], "hidden": 768, "unfused_logits_grad_mb": 8016.0}]),
+}
+
+
+def verdict(goal: str, benchmark: str, rows: list[dict]):
+    """The verdict of the goal whose name starts with `goal`, judged on `rows` as the `benchmark` results."""
+    return next(v for v in load_script("check_goals").judge({benchmark: rows}, {}) if v.goal.startswith(goal))
+
+
+@pytest.mark.parametrize("goal", sorted(FRACTION_GOALS))
+def test_each_fraction_goal_is_met_at_its_floor_and_reads_only_its_shapes_and_pass(goal):
+    """Exactly at the floor on every goal shape: met, though far slower shapes the goal does not name and the
+    other pass were measured too; a hair under on one goal shape: missed, even with the other shapes missing."""
+    _, pass_, shapes, floor, elsewhere = FRACTION_GOALS[goal]
+    other_pass = "fwd" if pass_ == "fwd+bwd" else "fwd+bwd"
+    slow = [row("ttl", pass_, s, "bf16", 1.0, frac_of_peak=0.1) for s in elsewhere]
+    slow += [row("ttl", other_pass, s, "bf16", 1.0, frac_of_peak=0.1) for s in shapes]
+    at_floor = [row("ttl", pass_, s, "bf16", 1.0, frac_of_peak=floor) for s in shapes]
+    benchmark = FRACTION_GOALS[goal][0]
+    assert verdict(goal, benchmark, slow + at_floor).met is True
+    under = [row("ttl", pass_, shapes[-1], "bf16", 1.0, frac_of_peak=floor - 0.001)]
+    assert verdict(goal, benchmark, slow + at_floor[:-1] + under).met is False
+    assert verdict(goal, benchmark, under).met is False
+
+
+@pytest.mark.parametrize("goal, benchmark, shapes, impls", [
+    ("RMSNorm fwd,", "rms_norm", [{**s, "residual": True} for s in NORM_GOAL], ("ttl",)),
+    ("Rotary", "rotary", [{"tokens": 16384, "model": "llama3-8b", "heads": 32, "kv_heads": 8, "head_dim": 128}],
+     ("ttl",)),
+    ("Fused linear CE fwd+bwd, 16k", "cross_entropy", [{**FLCE_GOAL[0], "vocab": 32000, "unfused_logits_grad_mb": 2000.0}],
+     ("ttl",)),
+    ("FlashAttention", "attention", [{"seq": 2048, "head_dim": 64, "causal": False, "batch": 16, "heads": 16}],
+     ("ttl", "sdpa_flash")),
+])
+def test_a_goal_is_not_measured_on_shapes_it_does_not_name(goal, benchmark, shapes, impls):
+    """Rows beside the goal's shape (with a residual add, another model's heads, a smaller vocabulary, without the
+    causal mask), every one passing, leave the goal not measured: they do not stand in for its shape."""
+    rows = [row(impl, "fwd+bwd" if benchmark != "rms_norm" else "fwd", s, "bf16", 1.0 if impl == "ttl" else 2.0,
+                frac_of_peak=0.95) for s in shapes for impl in impls]
+    assert verdict(goal, benchmark, rows).met is None
+
+
+def test_fused_ce_memory_goal_reads_the_goal_shape_only():
+    """A smaller fused-loss shape measured first (its extra memory within 1/8 of the goal's logits) does not stand
+    in for the goal's shape, which failed."""
+    goals = load_script("check_goals")
+    small = {"tokens": 4096, "hidden": 768, "vocab": 32000, "unfused_logits_grad_mb": 500.0}
+    rows = [row("ttl", "fwd+bwd", small, "bf16", 1.0, frac_of_peak=0.7, peak_mem_mb=10.0)]
+    memory = next(v for v in goals.judge({"cross_entropy": rows}, {}) if "extra peak memory" in v.goal)
+    assert memory.met is None
+
+
+def test_training_and_generation_goals_judge_ttl_160m_only():
+    """A results file from a run with `--preset ttl-460m` leaves the ttl-160m goals not measured."""
+    goals = load_script("check_goals")
+    train = {"preset": "ttl-460m", "batch": 16, "seq": 2048}
+    decode = {"preset": "ttl-460m", "batch": 1, "prompt": 128, "new_tokens": 256}
+    trained = goals.training_goals([row(impl, "train_step", train, "bf16", 1.0, tokens_per_s=tps, mfu=0.6)
+                                    for impl, tps in (("ttl", 5e5), ("hf", 1e5))])
+    decoded = goals.generation_goals([row(impl, "decode", decode, "bf16", 1.0, tokens_per_s=tps)
+                                      for impl, tps in (("ttl", 5e3), ("hf", 1e2), ("hf_static_compile", 1e3))])
+    assert [v.met for v in trained + decoded] == [None] * 4
+
+
+@pytest.mark.parametrize("size", [[], ["--quick"]])
+def test_the_attention_benchmark_measures_the_goals_shape(tmp_path, monkeypatch, size):
+    """Full or `--quick`, bench_attention measures seq 2048, head_dim 64, causal: a tie with SDPA's flash backend
+    there meets the goal."""
+    attention = load_script("bench_attention")
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    monkeypatch.setattr(attention, "open_device", lambda name, smoke: device)
+    monkeypatch.setattr(attention, "implementations", lambda dev: {"ttl": None, "sdpa_flash": None})
+    monkeypatch.setattr(attention, "time_impl", lambda dev, impl, fn, shape, dtype, untimed: [
+        row(impl, pass_, shape, "bf16", 1.0, tflops=1.0, frac_of_peak=1.0) for pass_ in ("fwd", "fwd+bwd")])
+    written = []
+    monkeypatch.setattr(Results, "add", lambda self, rows: written.extend(rows))
+    assert attention.main([*size, "--out", str(tmp_path)]) == 0
+    assert verdict("FlashAttention", "attention", written).met is True

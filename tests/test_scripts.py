@@ -1,6 +1,7 @@
 """Every script in scripts/ answers --help (and so at least imports and parses); the benchmark harness runs
 end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its time to a harness bug."""
 
+import csv
 import json
 import os
 import subprocess
@@ -222,6 +223,8 @@ def test_results_record_each_measured_peak_under_its_own_name(tmp_path):
     results.add([row("ttl", "fwd", {"rows": 1}, "bf16", 1.0)])
     written = json.loads((tmp_path / "test-gpu" / "demo.json").read_text())
     assert written["measured_bandwidth_gbs"] == 4321.0 and written["measured_bf16_tflops"] == 765.4
+    with open(tmp_path / "test-gpu" / "demo.csv", newline="") as f:  # the CSV's shape column is the JSON's shape
+        assert [(tuple(r), json.loads(r["shape"])) for r in csv.DictReader(f)] == [(ROW_FIELDS, {"rows": 1})]
 
 
 # --- the goal judge, on figures at each verdict's edge ---------------------------------------------------------
