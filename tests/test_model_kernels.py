@@ -7,11 +7,12 @@ import torch
 from helpers import rel_err
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
+from ttl_core.errors import ConfigError
 
 
-def loss_and_grads(model, ids):
+def loss_and_grads(model, ids, labels=None):
     model.zero_grad()
-    loss = model(ids, labels=ids).loss
+    loss = model(ids, labels=ids if labels is None else labels).loss
     loss.backward()
     return loss.detach(), {n: p.grad.detach() for n, p in model.named_parameters()}
 
@@ -40,6 +41,32 @@ def test_triton_kernels_give_the_reference_loss_and_gradients(dtype):
     assert rel_err(our_loss, true_loss) <= max(1e-2, 2 * rel_err(ref_loss, true_loss))
     for name, grad in true_grads.items():
         assert rel_err(our_grads[name], grad) <= 2 * rel_err(ref_grads[name], grad), name
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_labels_of_any_integer_dtype_give_the_int64_loss_and_gradients(kernels):
+    """uint8 labels made the -100 padding of the shift overflow (transformers refuses all but int64 labels)."""
+    config = LlamaConfig.from_preset("tiny", num_hidden_layers=1, vocab_size=128, kernels=kernels)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    masked = ids.clone()
+    masked[0, :3] = -100  # a masked prompt: no uint8 holds -100
+    for labels, dtypes in ((masked, (torch.int8, torch.int16, torch.int32)), (ids, (torch.uint8,))):
+        want_loss, want_grads = loss_and_grads(model, ids, labels)
+        for dtype in dtypes:
+            got_loss, got_grads = loss_and_grads(model, ids, labels.to(dtype))
+            assert torch.equal(got_loss, want_loss), dtype
+            assert all(torch.equal(got_grads[name], grad) for name, grad in want_grads.items()), dtype
+
+
+@pytest.mark.parametrize("argument", ["labels", "targets"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_labels_that_are_not_integers_are_named(argument, dtype):
+    model = LlamaForCausalLM(LlamaConfig.from_preset("tiny", num_hidden_layers=1, vocab_size=128))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ConfigError, match=f"^{argument} must be integer token ids, got {dtype}$"):
+        model(ids, **{argument: ids.to(dtype)})
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ import ttl_kernels
 from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
 from .errors import ConfigError, is_integer
-from .model_io import KVCache, ModelOutput, check_inputs
+from .model_io import KVCache, ModelOutput, check_inputs, next_token_targets
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -384,7 +384,7 @@ class LlamaForCausalLM(_LlamaBase):
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
     ) -> ModelOutput | tuple:
-        """Logits (batch, seq, vocab) without labels; with labels (batch, seq, -100 ignored) the mean loss
+        """Logits (batch, seq, vocab) without labels; with integer labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
         are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions.
         `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
@@ -398,11 +398,7 @@ class LlamaForCausalLM(_LlamaBase):
         hidden = base.last_hidden_state
         loss = logits = None
         if labels is not None or targets is not None:
-            given = targets if targets is not None else labels
-            if given.shape != hidden.shape[:2]:
-                raise ConfigError(f"labels shape {tuple(given.shape)} != (batch, seq) {tuple(hidden.shape[:2])}")
-            if targets is None:
-                targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            targets = next_token_targets(labels, targets, hidden.shape[:2])
             loss = ttl_kernels.fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
                 reduction=loss_reduction, backend=self.config.kernels,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterator, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .config import LlamaConfig
 from .errors import ConfigError
@@ -108,3 +109,19 @@ def _positions_fit(position_ids: torch.Tensor, batch: int, seq: int) -> bool:
     if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq:
         return False
     return position_ids.dim() == 1 or position_ids.shape[0] in (1, batch)
+
+
+def next_token_targets(labels: torch.Tensor | None, targets: torch.Tensor | None,
+                       batch_seq: tuple[int, int]) -> torch.Tensor:
+    """The int64 token to predict at each position (-100 ignored) of a causal LM: `targets` as given, else
+    `labels` shifted left by one with the last position ignored. Raise a ConfigError naming the argument whose
+    shape is not (batch, seq) or whose dtype is not an integer one (transformers refuses float labels too)."""
+    name, given = ("targets", targets) if targets is not None else ("labels", labels)
+    if given.shape != batch_seq:
+        raise ConfigError(f"{name} shape {tuple(given.shape)} != (batch, seq) {tuple(batch_seq)}")
+    if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+        raise ConfigError(f"{name} must be integer token ids, got {given.dtype}")
+    # widened before the -100 padding, which no uint8 holds; nor can a uint8 label hold -100 (written into one it
+    # wraps to 156, a token id), so with uint8 labels every position is a class but the shifted-out last one
+    given = given.long()
+    return given if targets is not None else F.pad(given[:, 1:], (0, 1), value=-100)
