@@ -19,7 +19,7 @@ from ttl_core.checkpoint import complete_checkpoints
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import TrainingError
-from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics
+from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics, step_throughput
 from ttl_core.run_config import load_run_config
 import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
@@ -97,6 +97,15 @@ def test_mfu_flops_and_peaks():
     assert peak_tflops("NVIDIA GeForce RTX 4090") is None
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA A100 80GB PCIe") == 312.0
     assert peak_tflops("NVIDIA H100 PCIe") is peak_tflops("NVIDIA H100 NVL") is peak_tflops("NVIDIA H200 NVL") is None
+
+
+def test_tokens_per_s_counts_every_rank_and_mfu_is_per_gpu():
+    """4 ranks of 8192 tokens in 2 s at 1.05 GFLOP per token on 312-TFLOP/s GPUs: 16384 tokens/s per rank."""
+    tokens_per_s, mfu = step_throughput(8192, 4, 2.0, 1_050_000_000, 312.0)
+    assert tokens_per_s == 4 * 8192 / 2.0
+    assert mfu == pytest.approx(1.05e9 * 8192 / 2.0 / 312e12)
+    assert step_throughput(8192, 1, 2.0, 1_050_000_000, 312.0) == (8192 / 2.0, pytest.approx(mfu))
+    assert step_throughput(8192, 4, 2.0, 1_050_000_000, None) == (tokens_per_s, None)
 
 
 # --- training runs: masking, precision, recomputation, failures, starting points --------------------------

@@ -43,6 +43,15 @@ def flops_per_token(non_embedding_params: int, num_layers: int, hidden_size: int
     return 6 * non_embedding_params + 12 * num_layers * hidden_size * seq_len
 
 
+def step_throughput(tokens_per_rank: int, world_size: int, seconds: float, flops_per_token: int,
+                    peak_tflops: float | None) -> tuple[float, float | None]:
+    """One optimizer step's tokens/s over all ranks, each of which trained `tokens_per_rank` tokens in `seconds`,
+    and its MFU, a per-GPU figure: the FLOP/s of all ranks over `world_size` peaks (None without a peak)."""
+    tokens_per_s = tokens_per_rank * world_size / seconds
+    mfu = flops_per_token * tokens_per_s / (peak_tflops * 1e12 * world_size) if peak_tflops else None
+    return tokens_per_s, mfu
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl (and TensorBoard when asked and installed). On resume the file is
     first cut back to the resumed step (and TensorBoard's later events are purged), so it always describes one

@@ -32,7 +32,7 @@ from .distributed import (World, all_reduce_sum, barrier, close_world, full_mode
 from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
-from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics
+from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics, step_throughput
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
 from .preemption import StopOnSignal
@@ -421,8 +421,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
                                     f"{good or 'none (no checkpoint was saved yet)'}") from None
             elapsed = time.perf_counter() - start
-            tokens_per_s = train.tokens_per_step * world.size / elapsed
-            mfu = flops * tokens_per_s / (peak * 1e12 * world.size) if peak else None
+            tokens_per_s, mfu = step_throughput(train.tokens_per_step, world.size, elapsed, flops, peak)
             if log:
                 log.log({"step": step, "loss": loss, "lr": lr_at(step, train), "grad_norm": grad_norm,
                          "tokens_per_s": tokens_per_s, "mfu": mfu, **scaling})
