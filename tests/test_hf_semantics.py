@@ -1,8 +1,8 @@
 """What transformers and peft do with the less common parts of a checkpoint, and ttl doing the same: config
 keys left out or null, a v4 rope_scaling beside v5 rope_parameters, a tied config with its own stored head,
 generation_config.json, a prompt padded without a mask, problem_type, attention dropout, LoRA's
-modules_to_save on tied embeddings, and a single weight file beside a sharded index. Every case compares against
-the reference library itself."""
+modules_to_save on tied embeddings, a single weight file beside a sharded index and a shard filled exactly to
+max_shard_size. Every case compares against the reference library itself."""
 
 from __future__ import annotations
 
@@ -377,3 +377,17 @@ def test_saved_files_are_those_transformers_saves_for_each_head(tmp_path):
         files = {d: sorted(p.name for p in (tmp_path / name / d).iterdir()) for d in ("hf", "ttl")}
         assert files["ttl"] == files["hf"], name
         assert ("generation_config.json" in files["ttl"]) == (name == "causal")
+
+
+def test_a_shard_filled_exactly_to_max_shard_size_is_not_split_as_in_transformers(tmp_path):
+    """A shard may hold max_shard_size bytes; one byte less splits it. Here the whole checkpoint's tensors fill
+    the one file exactly."""
+    hf = hf_causal_lm()
+    hf.save_pretrained(tmp_path / "src")
+    ours = ttl_core.load_pretrained(tmp_path / "src")
+    total = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    for limit in (total, total - 1):
+        hf.save_pretrained(tmp_path / f"hf-{limit}", max_shard_size=limit)
+        ttl_core.save_pretrained(ours, tmp_path / f"ttl-{limit}", max_shard_size=limit)
+        files = {d: len(list((tmp_path / f"{d}-{limit}").glob("model*.safetensors"))) for d in ("hf", "ttl")}
+        assert (files["ttl"] == 1) == (files["hf"] == 1) == (limit == total), files
