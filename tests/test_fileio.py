@@ -111,6 +111,30 @@ def test_a_directory_removed_atomically_clears_an_old_one_a_crashed_removal_left
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_atomic_swap_is_made_durable_by_fsyncing_its_parent_directory_after_the_rename(tmp_path, monkeypatch):
+    """A rename lives in the directory entry: until the parent directory is fsynced a power cut may undo it,
+    leaving the old file or no directory at all. The fsyncs and renames each writer makes, in order (what was
+    fsynced told by its inode, which a rename keeps)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename to", os.path.basename(dst))),
+                                                         real_replace(src, dst)))
+    parent = ("fsync", tmp_path.stat().st_ino)
+
+    def made_by(write, *args) -> list:
+        events.clear()
+        write(*args)
+        return events[:]
+
+    assert made_by(fileio.write_json, tmp_path / "c.json", {"n": 1}) == [
+        ("fsync", (tmp_path / "c.json").stat().st_ino), ("rename to", "c.json"), parent]
+    (tmp_path / "best").mkdir()
+    assert made_by(fileio.write_dir_atomically, tmp_path / "best", lambda d: (d / "m.txt").write_text("x")) == [
+        ("fsync", (tmp_path / "best").stat().st_ino), ("rename to", ".best.old"), ("rename to", "best"), parent]
+    assert made_by(fileio.remove_dir_atomically, tmp_path / "best") == [("rename to", ".best.old"), parent]
+
+
 def test_a_lone_surrogate_of_either_half_is_refused_naming_file_line_and_field(tmp_path):
     for lone in ("\ud83d", "\ude00"):  # the first half of "😀" without its second, and the second alone
         message = f"a.jsonl:2: 'text' holds a lone surrogate {lone!r} at character 4"
