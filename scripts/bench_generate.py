@@ -51,10 +51,10 @@ def hf_model(path: str, device: torch.device) -> torch.nn.Module | None:
 
 def decode_bytes(model: LlamaForCausalLM, batch: int, prompt: int, new: int) -> int:
     """Bytes a generate() call must read: all weights but the embedding table at each step, and at step t the
-    keys and values of prompt + t positions per row."""
-    config = model.config
-    weights = model.num_parameters(exclude_embedding=True) * 2
-    per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    keys and values of prompt + t positions per row, all in the model's dtype (the cache's)."""
+    config, element = model.config, model.lm_head.weight.element_size()
+    weights = model.num_parameters(exclude_embedding=True) * element
+    per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * element
     cached_positions = sum(prompt + t for t in range(new))
     return new * weights + batch * per_position * cached_positions
 

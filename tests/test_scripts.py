@@ -358,8 +358,9 @@ def test_kernel_rows_charge_both_passes_bytes_and_judge_flops_against_the_matmul
     assert [r["frac_of_peak"] for r in by_flops] == pytest.approx([0.2, 0.6])
 
 
-def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch):
-    """At the smoke sizes, bf16: RMSNorm reads x, writes y (+ the residual in, the sum out), backward reads dy and
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch, dtype):
+    """At the smoke sizes, in 2- and 4-byte elements: RMSNorm reads x, writes y (+ the residual in, the sum out), backward reads dy and
     x (and the sum's gradient), writes dx; rotary reads and writes q and k and reads cos and sin, each pass;
     SwiGLU reads 2 writes 1, backward reads 3 writes 2; the fused linear CE moves hidden and weight (2·N·d·V
     FLOPs forward, twice that backward); CE on logits reads them, backward writes their gradient."""
@@ -370,17 +371,19 @@ def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch):
                             (shape, fwd, bwd, fwd_flops, bwd_flops)))
     results = SimpleNamespace(device=SimpleNamespace(device=torch.device("cpu")))
     for family in ("rms_norm", "rotary", "swiglu", "cross_entropy"):
-        script.FAMILIES[family]("smoke", torch.bfloat16, results)
-    t = 48 * 40 * 2  # one rows x hidden bf16 tensor
+        script.FAMILIES[family]("smoke", dtype, results)
+    size = dtype.itemsize
+    t = 48 * 40 * size  # one rows x hidden tensor
     assert [c[1:3] for c in charged if "residual" in c[0] and c[0]["rows"] == 48] == [(2 * t, 3 * t), (4 * t, 4 * t)]
     rotary = [c for c in charged if "model" in c[0]]
     assert [c[0]["tokens"] for c in rotary] == [48, 80]
-    assert rotary[0][1:3] == (48 * ((4 + 2) * 16 * 2 + 16 * 2) * 2,) * 2
+    assert rotary[0][1:3] == (48 * ((4 + 2) * 16 * 2 + 16 * 2) * size,) * 2
     assert [c[1:3] for c in charged if "intermediate" in c[0] and c[0]["rows"] == 48] == [(3 * t, 5 * t)]
     flce = [c for c in charged if "unfused_logits_grad_mb" in c[0]]
-    assert flce == [({"tokens": 48, "hidden": 40, "vocab": 1003, "unfused_logits_grad_mb": round(2 * 48 * 1003 * 2
-                     / 2**20, 1)}, (48 + 1003) * 40 * 2, (48 + 1003) * 40 * 2, 2 * 48 * 40 * 1003, 4 * 48 * 40 * 1003)]
-    assert [c[1:3] for c in charged if c[0].get("on_logits")] == [(48 * 1003 * 2, 48 * 1003 * 2)]
+    assert flce == [({"tokens": 48, "hidden": 40, "vocab": 1003, "unfused_logits_grad_mb": round(
+        2 * 48 * 1003 * size / 2**20, 1)}, (48 + 1003) * 40 * size, (48 + 1003) * 40 * size, 2 * 48 * 40 * 1003,
+        4 * 48 * 40 * 1003)]
+    assert [c[1:3] for c in charged if c[0].get("on_logits")] == [(48 * 1003 * size, 48 * 1003 * size)]
     assert script.goal_rows_first("full")[0] == script.GOAL_ROWS  # what a time limit must not cut
 
 
@@ -435,13 +438,14 @@ def test_training_step_time_is_the_mean_after_three_warmup_steps(monkeypatch):
     assert len(calls) == 7 and ms == pytest.approx(500.0) and peak is None
 
 
-def test_decoding_reads_every_weight_per_step_and_the_cache_so_far():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decoding_reads_every_weight_per_step_and_the_cache_so_far(dtype):
     from ttl_core import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig.from_preset("tiny")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    weights = (model.num_parameters() - config.vocab_size * config.hidden_size) * 2  # bf16, the table aside
-    key_and_value = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+        model = LlamaForCausalLM(config).to(dtype)
+    weights = (model.num_parameters() - config.vocab_size * config.hidden_size) * dtype.itemsize  # the table aside
+    key_and_value = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
     # 3 steps after a 5-token prompt attend to 5, 6 and 7 cached positions, per row
     assert load_script("bench_generate").decode_bytes(model, 4, 5, 3) == 3 * weights + 4 * key_and_value * 18
 
