@@ -7,8 +7,8 @@ Greedy decoding of random prompts with EOS disabled, so every implementation pro
 tokens per row: ttl with its decode step in a CUDA graph ("ttl") and without ("ttl_nograph"); transformers
 with its dynamic cache ("hf") and with a static cache, which its generate() compiles with
 torch.compile(mode="reduce-overhead") ("hf_static_compile"). Each figure is the median of whole generate()
-calls after warm-up calls, prefill included; transformers' compiled graphs and ttl's captured CUDA graph are
-made by the first call and reused by later calls of the same shape, so neither counts. Reports ms per call,
+calls after a first, untimed one, prefill included; transformers' compiled graphs and ttl's captured CUDA graph
+are made by that first call and reused by later calls of the same shape, so neither counts. Reports ms per call,
 ms per token step, tokens/s over the batch, and GB/s of the bytes decoding must read (every weight once per
 step plus each row's cached keys and values) as a fraction of the copy bandwidth measured in the same run,
 and the extra device memory of the first (cold) call; ttl's call at the smallest batch is also profiled

@@ -167,6 +167,7 @@ def _other_world_size_note(saved_ranks: int, ranks: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB chunks (a checkpoint's files run to gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

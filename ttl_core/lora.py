@@ -109,6 +109,7 @@ class LoRALinear(nn.Linear):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA-wrapped layers by module path (none before `apply_lora`)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
