@@ -175,11 +175,6 @@ def _valid_alpha(value: Any) -> bool:
     return is_number(value) and value > 0
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should hold after `apply_lora`: the LoRA pairs and modules_to_save."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight (forward then costs nothing extra)."""
     for layer in lora_layers(model).values():
