@@ -255,6 +255,16 @@ def _init_weights(model: nn.Module, std: float) -> None:
             module.weight.data[module.padding_idx].zero_()
 
 
+@torch.no_grad()
+def _fill_resized_table(new: nn.Parameter, old: nn.Parameter) -> None:
+    """Fill a resized embedding or LM-head table: the old rows it still holds, then (where it grew) the mean of
+    the old rows; it requires grad as the old one did."""
+    kept = min(len(new), len(old))
+    new[:kept] = old[:kept]
+    new[kept:] = old.mean(0)
+    new.requires_grad_(old.requires_grad)
+
+
 class _LlamaBase(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -323,20 +333,13 @@ class _LlamaBase(nn.Module):
         in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size  # else no padding row, as in transformers
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
                              padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
-        with torch.no_grad():
-            kept = min(new_vocab_size, old.num_embeddings)
-            embed.weight[:kept] = old.weight[:kept]
-            embed.weight[kept:] = old.weight.mean(0)
-        embed.weight.requires_grad_(old.weight.requires_grad)
+        _fill_resized_table(embed.weight, old.weight)
         self.backbone.embed = embed
         head = getattr(self, "lm_head", None)
         if head is not None and not self.config.tie_word_embeddings:
             new_head = nn.Linear(head.in_features, new_vocab_size, bias=False, device=head.weight.device,
                                  dtype=head.weight.dtype)
-            with torch.no_grad():
-                new_head.weight[:kept] = head.weight[:kept]
-                new_head.weight[kept:] = head.weight.mean(0)
-            new_head.weight.requires_grad_(head.weight.requires_grad)
+            _fill_resized_table(new_head.weight, head.weight)
             self.lm_head = new_head
         self.config = self.config.replace(vocab_size=new_vocab_size)
         self.backbone.config = self.config
