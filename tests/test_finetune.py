@@ -473,19 +473,24 @@ def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
     from ttl_core.finetune import train_epochs
     from ttl_core.metrics import MetricsLog
 
+    class RecordingModel(torch.nn.Module):  # a model whose loss notes the examples of each batch it sees
+        def __init__(self):
+            super().__init__()
+            self.weight, self.seen = torch.nn.Parameter(torch.tensor([0.5])), []
+
+        def forward(self, ids: torch.Tensor) -> types.SimpleNamespace:
+            self.seen.extend(ids.tolist())
+            return types.SimpleNamespace(loss=(self.weight * ids).mean())
+
     def epoch_orders(seed: int) -> list[list[int]]:
-        seen: list[int] = []
-        weight = torch.nn.Parameter(torch.tensor([0.5]))
-        model = torch.nn.Module()
-        model.weight = weight
+        model = RecordingModel()
         (tmp_path / f"run{seed}").mkdir(exist_ok=True)
         log = MetricsLog(tmp_path / f"run{seed}")
         cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, seed=seed)
         train_epochs(model, list(range(10)), cfg, lambda ids: {"ids": torch.tensor(ids)},
-                     lambda m, batch: (seen.extend(batch["ids"].tolist()), (m.weight * batch["ids"]).mean())[1],
                      lambda batch: len(batch["ids"]), log, lambda epoch, step: None)
         log.close()
-        return [seen[i:i + 10] for i in range(0, 30, 10)]
+        return [model.seen[i:i + 10] for i in range(0, 30, 10)]
 
     orders = epoch_orders(1)
     assert len(orders) == 3 and all(sorted(order) == list(range(10)) for order in orders)

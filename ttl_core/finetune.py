@@ -178,15 +178,22 @@ def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
 
 
+def right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """The rows as one long tensor (rows, longest row), each filled up with `value` after its end."""
+    width = max(map(len, rows))
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists as rows right-padded to the longest (dynamic padding): input_ids, and the attention_mask
+    that marks their real tokens."""
+    return {"input_ids": right_pad(sequences, pad_id),
+            "attention_mask": right_pad([[1] * len(ids) for ids in sequences], 0)}
+
+
 def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example (dynamic padding): input_ids, attention_mask, labels."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(examples):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": classifier_labels(examples)}
+    """A batch right-padded to its longest example (`pad_sequences`), with its labels."""
+    return {**pad_sequences([ids for ids, _ in examples], pad_id), "labels": classifier_labels(examples)}
 
 
 def pack_sequences(sequences: list[list[int]]) -> dict[str, Any]:
@@ -386,10 +393,9 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
 
 
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
-                 loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], weight_fn: Callable[[dict], int],
-                 log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
+                 weight_fn: Callable[[dict], int], log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
-    and clipped update, one update per `cfg.grad_accum_steps` batches; `loss_fn(model, batch)` gives a
+    and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch).loss` is a
     batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
     update's gradient is that of the mean over all items of its batches, as one large batch would give.
     `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl."""
@@ -410,7 +416,7 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             for batch, weight in zip(window, weights):
                 batch = to_device(batch, device)
                 with autocast(device, cfg.dtype):
-                    loss = loss_fn(model, batch) * (weight / sum(weights))
+                    loss = model(**batch).loss * (weight / sum(weights))
                 (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss.detach().float()
             loss_value = window_loss.item()  # one host sync per update
@@ -476,13 +482,9 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             print(f"epoch {epoch}: {shown}{' (best so far, saved)' if improved else ''}")
 
-    def classifier_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(**batch).loss
-
     collate_fn = classifier_collator(model, cfg.dtype)
     try:
-        train_epochs(model, train_examples, cfg, collate_fn, classifier_loss, lambda batch: len(batch["labels"]), log,
-                     after_epoch)
+        train_epochs(model, train_examples, cfg, collate_fn, lambda batch: len(batch["labels"]), log, after_epoch)
     finally:
         log.close()
     write_json(out_dir / "results.json", {"train": str(train_file), "eval": str(eval_file), "labels": labels,
