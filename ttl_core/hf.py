@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -201,7 +201,7 @@ def check_weight_files(path: str | os.PathLike) -> None:
 
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-    architecture: str | None = None, **config_overrides,
+    architecture: str | None = None, **config_overrides: Any,
 ) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Load a checkpoint directory into a ttl model.
 
