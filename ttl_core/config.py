@@ -13,6 +13,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn", "triton", "eager")
+# fields that pick how the model runs on this machine, not what it is: never read from or written to a checkpoint
+RUNTIME_FIELDS = ("kernels", "attention")
 
 
 @dataclass
@@ -182,7 +184,7 @@ class LlamaConfig:
             rope_scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         if hf.get("is_causal", True) is False:
             raise ConfigError("is_causal false (bidirectional attention) is not supported; ttl's Llama is causal")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {*RUNTIME_FIELDS, "rope_theta", "rope_scaling"}
         # keys config.json leaves out take transformers' defaults, not ttl's presets; an explicit null stays
         # null (no EOS, no padding token), means the default where transformers reads it so, and is refused
         # where transformers refuses it (a null rms_norm_eps must not become some default eps)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import SUPPORTED_ARCHITECTURES, LlamaConfig
+from .config import RUNTIME_FIELDS, SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, ConfigError, TTLError
 from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
@@ -32,7 +32,6 @@ Plan = dict[str, list[tuple[str, int | None]]]
 
 NATIVE_CONFIG = "ttl_config.json"
 NATIVE_VERSION = 1  # raised whenever the native layout changes, so an older ttl refuses a newer checkpoint
-RUNTIME_FIELDS = ("kernels", "attention")  # LlamaConfig fields that are not part of a checkpoint
 GENERATION_CONFIG = "generation_config.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 # Tensors older transformers versions saved that carry no weights.

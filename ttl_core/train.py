@@ -25,7 +25,7 @@ from .attention import document_layout
 from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
                          read_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rank_rng_state,
                          verify_digests)
-from .config import LlamaConfig
+from .config import RUNTIME_FIELDS, LlamaConfig
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
@@ -36,8 +36,7 @@ from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
 from .preemption import StopOnSignal
-from .run_config import (RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path,
-                         resumed_model_settings)
+from .run_config import RunConfig, TrainConfig, check_resumable, recorded_data_path, resumed_model_settings
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
