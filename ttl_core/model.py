@@ -241,20 +241,6 @@ class LlamaModel(nn.Module):
         return out if return_dict else out.to_tuple()
 
 
-def _init_weights(model: nn.Module, std: float) -> None:
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, RMSNorm):  # a re-initialization of a trained model resets them, as transformers does
-            nn.init.ones_(module.weight)
-    # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight.data[module.padding_idx].zero_()
-
-
 @torch.no_grad()
 def _fill_resized_table(new: nn.Parameter, old: nn.Parameter) -> None:
     """Fill a resized embedding or LM-head table: the old rows it still holds, then (where it grew) the mean of
@@ -273,11 +259,21 @@ class _LlamaBase(nn.Module):
         # a checkpoint's generation_config.json (token ids, sampling defaults), as loaded by ttl_core.hf
         self.generation_config: dict | None = None
 
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row, norm
         weights 1."""
-        with torch.no_grad():
-            _init_weights(self, self.config.initializer_range)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):  # reset too when a trained model is re-initialized (transformers does)
+                nn.init.ones_(module.weight)
+        # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
+        for module in self.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head when the config asks for it (no-op otherwise)."""
