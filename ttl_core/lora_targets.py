@@ -30,14 +30,14 @@ def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int,
             continue
         slices, start = {}, 0
         for hf_name, rows in pieces:
-            rows = rows if rows is not None else dict(model.named_parameters())[param].shape[0]
+            rows = rows if rows is not None else model.get_parameter(param).shape[0]
             slices[hf_name.rsplit(".", 2)[-2]] = (start, start + rows)
             start += rows
         out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
     return out
 
 
-def target_names(targets: str | Iterable[str]) -> list:
+def target_names(targets: str | Iterable[str]) -> list[str] | str:
     """`targets` as a list of names, or, as PEFT reads a string other than "all-linear", as a pattern."""
     if isinstance(targets, str):
         return list(LINEAR_NAMES) if targets.lower() == "all-linear" else targets
