@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, chat_prompt, chat_response
 from .errors import ConfigError, DataError
 from .fileio import refuse_lone_surrogate, write_json
 from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, pad_sequences, read_base,
@@ -26,7 +27,6 @@ from .hf import load_pretrained
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
-from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, chat_prompt, chat_response
 from .tokenizer import Tokenizer
 from .train import autocast
 
