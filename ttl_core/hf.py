@@ -47,8 +47,7 @@ def hf_plan(config: LlamaConfig, architecture: str) -> Plan:
                   "backbone.norm.weight": [("model.norm.weight", None)]}
     for i in range(config.num_hidden_layers):
         ours, theirs = f"backbone.layers.{i}.", f"model.layers.{i}."
-        kinds = ["weight"] + (["bias"] if config.attention_bias else [])
-        for kind in kinds:
+        for kind in ["weight"] + (["bias"] if config.attention_bias else []):
             plan[f"{ours}attn.qkv.{kind}"] = [(f"{theirs}self_attn.{p}_proj.{kind}", rows) for p, rows in
                                                (("q", q_rows), ("k", kv_rows), ("v", kv_rows))]
             plan[f"{ours}attn.out.{kind}"] = [(f"{theirs}self_attn.o_proj.{kind}", None)]
