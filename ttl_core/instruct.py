@@ -24,6 +24,7 @@ from .fileio import refuse_lone_surrogate, write_json
 from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, pad_sequences, read_base,
                        right_pad, save_finetuned, start_lora, to_device, train_epochs)
 from .hf import load_pretrained
+from .lora_targets import EMBEDDING_MODULES
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
@@ -206,7 +207,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
         stop_at_end_of_completion(model, tokenizer)
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
-        start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if added else None)
+        start_lora(model, cfg, modules_to_save=list(EMBEDDING_MODULES) if added else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir)
     history: list[dict[str, float]] = []

@@ -18,6 +18,7 @@ from .hf import hf_plan
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # the HF modules of the input embedding and the LM head
 
 
 def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
