@@ -472,25 +472,21 @@ def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
     example each epoch, the short last batch included, and the same seed gives the same orders."""
     from ttl_core.finetune import train_epochs
     from ttl_core.metrics import MetricsLog
-
-    class RecordingModel(torch.nn.Module):  # a model whose loss notes the examples of each batch it sees
-        def __init__(self):
-            super().__init__()
-            self.weight, self.seen = torch.nn.Parameter(torch.tensor([0.5])), []
-
-        def forward(self, ids: torch.Tensor) -> types.SimpleNamespace:
-            self.seen.extend(ids.tolist())
-            return types.SimpleNamespace(loss=(self.weight * ids).mean())
+    from ttl_core.model_io import ModelOutput
 
     def epoch_orders(seed: int) -> list[list[int]]:
-        model = RecordingModel()
+        seen: list[int] = []
+        model = torch.nn.Module()
+        model.weight = torch.nn.Parameter(torch.tensor([0.5]))
+        # train_epochs calls model(**batch).loss: this one notes the examples of each batch it sees
+        model.forward = lambda ids: (seen.extend(ids.tolist()), ModelOutput(loss=(model.weight * ids).mean()))[1]
         (tmp_path / f"run{seed}").mkdir(exist_ok=True)
         log = MetricsLog(tmp_path / f"run{seed}")
         cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, seed=seed)
         train_epochs(model, list(range(10)), cfg, lambda ids: {"ids": torch.tensor(ids)},
                      lambda batch: len(batch["ids"]), log, lambda epoch, step: None)
         log.close()
-        return [model.seen[i:i + 10] for i in range(0, 30, 10)]
+        return [seen[i:i + 10] for i in range(0, 30, 10)]
 
     orders = epoch_orders(1)
     assert len(orders) == 3 and all(sorted(order) == list(range(10)) for order in orders)
