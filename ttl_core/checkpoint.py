@@ -167,7 +167,6 @@ def _other_world_size_note(saved_ranks: int, ranks: int) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 hex digest of a file, read 1 MiB at a time (weight files run to gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

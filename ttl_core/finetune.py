@@ -315,8 +315,6 @@ def evaluate_classifier(model: LlamaForSequenceClassification, examples: list, b
 
 @dataclass
 class FinetuneResult:
-    """What `finetune_classifier` returns."""
-
     best: dict[str, float]  # eval metrics of the kept checkpoint, with its "epoch"
     history: list[dict[str, float]]  # eval metrics after each epoch
     checkpoint: Path

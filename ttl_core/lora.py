@@ -109,7 +109,6 @@ class LoRALinear(nn.Linear):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every `LoRALinear` of the model, by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 

@@ -184,7 +184,6 @@ def modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool 
 
 
 def tied(model: nn.Module) -> bool:
-    """Whether the model's LM head is its input embedding (a classifier's `score` head never is)."""
     return model.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
 
 

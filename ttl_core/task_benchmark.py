@@ -24,8 +24,6 @@ METRIC_COLUMNS = ("accuracy", "f1", "pearson", "mse")
 
 @dataclasses.dataclass
 class Task:
-    """A fine-tuning task of the benchmark: its train and eval files and how to read them."""
-
     name: str
     train: Path
     eval: Path
