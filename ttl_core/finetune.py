@@ -31,12 +31,11 @@ from .hf import checked_device, load_pretrained, read_model_config, save_pretrai
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .optim import build_optimizer, lr_at, optimizer_update
-from .run_config import TrainConfig
+from .run_config import DTYPE_CHOICES, TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
 from .train import AUTOCAST_DTYPES, autocast
 
-DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 # what a fine-tuning run (or a benchmark of them) leaves in its output directory
@@ -80,7 +79,7 @@ class FinetuneConfig:
             # the range pretraining's train.seed allows; torch.manual_seed overflows past 2**64
             "seed": (is_integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
-            "dtype": (self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            "dtype": (self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
             "lora_r": (is_integer(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),
             "lora_alpha": (real(self.lora_alpha) and self.lora_alpha > 0, "a finite number > 0"),
             "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
@@ -132,7 +131,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
                        help="truncate examples to this many tokens (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
-    group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES),
+    group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPE_CHOICES),
                        help="autocast dtype (default %(default)s)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
