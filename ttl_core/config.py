@@ -7,11 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ttl_kernels.dispatch import BACKENDS
+
 from .errors import ConfigError, is_integer, is_number
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-KERNEL_CHOICES = ("auto", "triton", "torch")
+KERNEL_CHOICES = BACKENDS  # what ttl_kernels' dispatch takes
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn", "triton", "eager")
 # fields that pick how the model runs on this machine, not what it is: never read from or written to a checkpoint
 RUNTIME_FIELDS = ("kernels", "attention")

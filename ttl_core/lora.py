@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import NATIVE_CONFIG, load_pretrained, read_model_config
-from .lora_targets import (EMBEDDING_MODULES, PEFT_PREFIX, checked_pattern, linear_slices, modules_to_save_params,
-                           pattern_value, present_targets, target_names, targeted_slices, tied)
+from .lora_targets import (EMBEDDING_MODULES, EMBEDDING_PARAMS, PEFT_PREFIX, checked_pattern, linear_slices,
+                           modules_to_save_params, pattern_value, present_targets, target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -139,7 +139,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
-    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(modules_to_save_params(model, saved))
+    trains_embedding = set(EMBEDDING_PARAMS) & set(modules_to_save_params(model, saved))
     targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, saved)
     if tied(model) and trains_embedding and not ensure_weight_tying:
         model.untie_embeddings()
