@@ -20,7 +20,7 @@ import os
 import threading
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -306,7 +306,8 @@ def _forward_fingerprint(model) -> tuple:
     return settings + environment + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def _acquire_session(model, key: tuple, build) -> _Session:
+def _acquire_session(model: LlamaForCausalLM, key: tuple, build: Callable[[], _Session]) -> _Session:
+    """The model's cached session if built for `key` and free, locked for this call; else a new one from `build`."""
     session = _SESSIONS.get(model)
     if session is not None and session.lock.acquire(blocking=False):
         if session.key == key:
