@@ -472,17 +472,18 @@ def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
     example each epoch, the short last batch included, and the same seed gives the same orders."""
     from ttl_core.finetune import train_epochs
     from ttl_core.metrics import MetricsLog
+    from ttl_core.model_io import ModelOutput
 
     def epoch_orders(seed: int) -> list[list[int]]:
         seen: list[int] = []
-        weight = torch.nn.Parameter(torch.tensor([0.5]))
         model = torch.nn.Module()
-        model.weight = weight
+        model.weight = torch.nn.Parameter(torch.tensor([0.5]))
+        # train_epochs calls model(**batch).loss: this one notes the examples of each batch it sees
+        model.forward = lambda ids: (seen.extend(ids.tolist()), ModelOutput(loss=(model.weight * ids).mean()))[1]
         (tmp_path / f"run{seed}").mkdir(exist_ok=True)
         log = MetricsLog(tmp_path / f"run{seed}")
         cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, seed=seed)
         train_epochs(model, list(range(10)), cfg, lambda ids: {"ids": torch.tensor(ids)},
-                     lambda m, batch: (seen.extend(batch["ids"].tolist()), (m.weight * batch["ids"]).mean())[1],
                      lambda batch: len(batch["ids"]), log, lambda epoch, step: None)
         log.close()
         return [seen[i:i + 10] for i in range(0, 30, 10)]

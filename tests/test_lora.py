@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import ttl_core
 from ttl_core.errors import AdapterError, CheckpointError
-from ttl_core.lora import (apply_lora, load_adapter, lora_layers, lora_parameters, merge_lora, merged_weights,
+from ttl_core.lora import (apply_lora, load_adapter, lora_layers, merge_lora, merged_weights,
                            save_adapter, unload_lora, unmerge_lora)
 
 # PEFT matches a listed target against the end of each module path, so a list can name single layers
@@ -145,10 +145,7 @@ def test_merge_unmerge_and_unload(tmp_path):
 def test_only_lora_parameters_learn(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path).train(), targets=["q_proj", "up_proj"], r=2)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_" in n for n in trainable)
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
-        sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert trainable and trainable == {n for n, _ in model.named_parameters() if ".lora_" in n}
     x = ids()
     model(x, labels=x).loss.backward()
     for name, p in model.named_parameters():

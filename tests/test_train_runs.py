@@ -263,6 +263,14 @@ def test_a_sequence_longer_than_the_context_is_refused(tmp_path, data_dir):
         train(run_config("train.seq_len=128"), tmp_path, data_dir=str(data_dir))
 
 
+def test_a_sample_prompt_that_fills_the_context_is_refused_before_training(tmp_path, data_dir):
+    prompt = "O rio corre devagar entre as pedras. " * 10  # well over the 64-token context
+    with pytest.raises(ConfigError, match="train.sample_prompt is longer than the model's context of 64 tokens"):
+        train(run_config("train.sample_tokens=8", f'train.sample_prompt="{prompt}"'), tmp_path / "run",
+              data_dir=str(data_dir))
+    assert not (tmp_path / "run").exists()  # refused before a step: nothing left behind
+
+
 def test_init_from_a_classifier_is_refused(tmp_path, data_dir):
     from ttl_core.hf import save_pretrained
     from ttl_core.model import LlamaForSequenceClassification

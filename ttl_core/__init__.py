@@ -3,15 +3,16 @@
 from .config import PRESETS, LlamaConfig
 from .errors import TTLError
 from .generate import generate
-from .streamer import TextStreamer
 from .hf import load_pretrained, save_native, save_pretrained
 from .lora import apply_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+from .streamer import TextStreamer
 from .tokenizer import Tokenizer, train_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "LlamaConfig", "apply_lora", "load_adapter", "merge_lora", "save_adapter", "unload_lora", "unmerge_lora", "LlamaForCausalLM", "LlamaForSequenceClassification", "TTLError", "TextStreamer",
-    "Tokenizer", "build_model", "generate", "load_pretrained", "save_native", "save_pretrained", "train_tokenizer",
+    "PRESETS", "LlamaConfig", "TTLError", "generate", "load_pretrained", "save_native", "save_pretrained",
+    "apply_lora", "load_adapter", "merge_lora", "save_adapter", "unload_lora", "unmerge_lora",
+    "LlamaForCausalLM", "LlamaForSequenceClassification", "build_model", "TextStreamer", "Tokenizer", "train_tokenizer",
 ]

@@ -1,4 +1,5 @@
-"""The one attention entry point that the model, the trainer and the sampler call.
+"""Attention behind one entry point (`attention`, whichever backend runs it), and the masks and packed-document
+layouts the model, the trainers and generation build for it.
 
 Tensors use the flash-attn layout: q (batch, q_len, heads, head_dim), k and v (batch, kv_len, kv_heads,
 head_dim) with kv_heads dividing heads (grouped-query attention without repeating K/V in memory where the

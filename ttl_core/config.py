@@ -7,12 +7,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ttl_kernels.dispatch import BACKENDS
+
 from .errors import ConfigError, is_integer, is_number
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-KERNEL_CHOICES = ("auto", "triton", "torch")
+KERNEL_CHOICES = BACKENDS  # what ttl_kernels' dispatch takes
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn", "triton", "eager")
+# fields that pick how the model runs on this machine, not what it is: never read from or written to a checkpoint
+RUNTIME_FIELDS = ("kernels", "attention")
 
 
 @dataclass
@@ -69,31 +73,7 @@ class LlamaConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
-        if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(
-                    f"unsupported rope type {rope_type!r}; ttl supports {', '.join(SUPPORTED_ROPE_TYPES)}"
-                )
-            self.rope_scaling["rope_type"] = rope_type
-            self.rope_scaling.pop("type", None)
-            if rope_type == "llama3":  # transformers' default: the model was pretrained at its full context
-                self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
-            if self.rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
-                raise ConfigError(f"partial_rotary_factor {self.rope_scaling['partial_rotary_factor']!r} is not "
-                                  "supported; Llama rotates the whole head")
-            required = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                                                        "original_max_position_embeddings"]}
-            missing = [k for k in required.get(rope_type, []) if k not in self.rope_scaling]
-            if missing:
-                raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
-            for key in required.get(rope_type, []):
-                if not is_number(self.rope_scaling[key]) or not 0 < self.rope_scaling[key] < math.inf:
-                    raise ConfigError(f"rope_scaling {key} must be a positive finite number, got "
-                                      f"{self.rope_scaling[key]!r}")
-            if rope_type == "default":
-                self.rope_scaling = None
+        self.rope_scaling = _checked_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
         if self.attention not in ATTENTION_CHOICES:
@@ -182,7 +162,7 @@ class LlamaConfig:
             rope_scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         if hf.get("is_causal", True) is False:
             raise ConfigError("is_causal false (bidirectional attention) is not supported; ttl's Llama is causal")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"kernels", "attention", "rope_theta", "rope_scaling"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {*RUNTIME_FIELDS, "rope_theta", "rope_scaling"}
         # keys config.json leaves out take transformers' defaults, not ttl's presets; an explicit null stays
         # null (no EOS, no padding token), means the default where transformers reads it so, and is refused
         # where transformers refuses it (a null rms_norm_eps must not become some default eps)
@@ -241,6 +221,35 @@ class LlamaConfig:
             if self.problem_type is not None:
                 out["problem_type"] = self.problem_type
         return out
+
+
+def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,
+                          max_position_embeddings: int) -> dict[str, Any] | None:
+    """`rope_scaling` with its type under `rope_type` (also read from transformers' older `type` key) and
+    llama3's original_max_position_embeddings defaulted; None for the default rotary. An unsupported type, a
+    partial rotary factor, or a parameter of the type that is missing or not a positive number is refused."""
+    if rope_scaling is None:
+        return None
+    rope_scaling = dict(rope_scaling)
+    rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"unsupported rope type {rope_type!r}; ttl supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+    rope_scaling["rope_type"] = rope_type
+    rope_scaling.pop("type", None)
+    if rope_type == "llama3":  # transformers' default: the model was pretrained at its full context
+        rope_scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
+    if rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"partial_rotary_factor {rope_scaling['partial_rotary_factor']!r} is not supported; "
+                          "Llama rotates the whole head")
+    required = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings"]}.get(rope_type, [])
+    missing = [k for k in required if k not in rope_scaling]
+    if missing:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
+    for key in required:
+        if not is_number(rope_scaling[key]) or not 0 < rope_scaling[key] < math.inf:
+            raise ConfigError(f"rope_scaling {key} must be a positive finite number, got {rope_scaling[key]!r}")
+    return None if rope_type == "default" else rope_scaling
 
 
 def _is_token_id(value: Any) -> bool:

@@ -31,12 +31,11 @@ from .hf import checked_device, load_pretrained, read_model_config, save_pretrai
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .optim import build_optimizer, lr_at, optimizer_update
-from .run_config import TrainConfig
+from .run_config import DTYPE_CHOICES, TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
 from .train import AUTOCAST_DTYPES, autocast
 
-DTYPES = ("float32", "bfloat16", "float16")
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 # what a fine-tuning run (or a benchmark of them) leaves in its output directory
@@ -80,7 +79,7 @@ class FinetuneConfig:
             # the range pretraining's train.seed allows; torch.manual_seed overflows past 2**64
             "seed": (is_integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
-            "dtype": (self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            "dtype": (self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
             "lora_r": (is_integer(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),
             "lora_alpha": (real(self.lora_alpha) and self.lora_alpha > 0, "a finite number > 0"),
             "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
@@ -132,7 +131,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
                        help="truncate examples to this many tokens (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
-    group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPES),
+    group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPE_CHOICES),
                        help="autocast dtype (default %(default)s)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
@@ -178,15 +177,22 @@ def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
 
 
+def right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    """The rows as one long tensor (rows, longest row), each filled up with `value` after its end."""
+    width = max(map(len, rows))
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists as rows right-padded to the longest (dynamic padding): input_ids, and the attention_mask
+    that marks their real tokens."""
+    return {"input_ids": right_pad(sequences, pad_id),
+            "attention_mask": right_pad([[1] * len(ids) for ids in sequences], 0)}
+
+
 def collate(examples: list[tuple[list[int], Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example (dynamic padding): input_ids, attention_mask, labels."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, _) in enumerate(examples):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": classifier_labels(examples)}
+    """A batch right-padded to its longest example (`pad_sequences`), with its labels."""
+    return {**pad_sequences([ids for ids, _ in examples], pad_id), "labels": classifier_labels(examples)}
 
 
 def pack_sequences(sequences: list[list[int]]) -> dict[str, Any]:
@@ -386,10 +392,9 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
 
 
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
-                 loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor], weight_fn: Callable[[dict], int],
-                 log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
+                 weight_fn: Callable[[dict], int], log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
-    and clipped update, one update per `cfg.grad_accum_steps` batches; `loss_fn(model, batch)` gives a
+    and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch).loss` is a
     batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
     update's gradient is that of the mean over all items of its batches, as one large batch would give.
     `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl."""
@@ -410,7 +415,7 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
             for batch, weight in zip(window, weights):
                 batch = to_device(batch, device)
                 with autocast(device, cfg.dtype):
-                    loss = loss_fn(model, batch) * (weight / sum(weights))
+                    loss = model(**batch).loss * (weight / sum(weights))
                 (scaler.scale(loss) if scaler else loss).backward()
                 window_loss += loss.detach().float()
             loss_value = window_loss.item()  # one host sync per update
@@ -476,13 +481,9 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             print(f"epoch {epoch}: {shown}{' (best so far, saved)' if improved else ''}")
 
-    def classifier_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(**batch).loss
-
     collate_fn = classifier_collator(model, cfg.dtype)
     try:
-        train_epochs(model, train_examples, cfg, collate_fn, classifier_loss, lambda batch: len(batch["labels"]), log,
-                     after_epoch)
+        train_epochs(model, train_examples, cfg, collate_fn, lambda batch: len(batch["labels"]), log, after_epoch)
     finally:
         log.close()
     write_json(out_dir / "results.json", {"train": str(train_file), "eval": str(eval_file), "labels": labels,

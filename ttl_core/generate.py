@@ -20,21 +20,19 @@ import os
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
 import ttl_kernels
 
 from .attention import causal_mask, requested_backend
+from .config import LlamaConfig
 from .errors import GenerationError, is_integer
-from .model import autocast_dtype
+from .model import LlamaForCausalLM, autocast_dtype
 from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
                        stop_string_matcher, unimplemented_settings)
 from .streamer import StopStrings
-
-if TYPE_CHECKING:
-    from .model import LlamaForCausalLM
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
 # On CUDA each check is one device sync; in between, the host queues graph replays without waiting for them.
@@ -71,7 +69,7 @@ class StaticKVCache:
     kernel (`seqlens` are the absolute cache lengths, `leftpad` the left padding of each row, both int32 as
     flash-attn wants)."""
 
-    def __init__(self, config, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  flash: bool = False):
         kv_heads, head_dim = config.num_key_value_heads, config.head_dim
         shape = (batch, max_len, kv_heads, head_dim) if flash else (batch, kv_heads, max_len, head_dim)
@@ -108,7 +106,8 @@ class KVDecoder:
     A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph, and
     `reset(attention_mask)` starts over with new prompts of the same shape in the same tensors."""
 
-    def __init__(self, model, attention_mask: torch.Tensor, max_new_tokens: int, flash: bool | None = None):
+    def __init__(self, model: LlamaForCausalLM, attention_mask: torch.Tensor, max_new_tokens: int,
+                 flash: bool | None = None):
         self.model_ref = weakref.ref(model)  # cached decoders (see _Session) must not keep their model alive
         batch, prompt_len = attention_mask.shape
         device = attention_mask.device
@@ -307,7 +306,8 @@ def _forward_fingerprint(model) -> tuple:
     return settings + environment + tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
 
 
-def _acquire_session(model, key: tuple, build) -> _Session:
+def _acquire_session(model: LlamaForCausalLM, key: tuple, build: Callable[[], _Session]) -> _Session:
+    """The model's cached session if built for `key` and free, locked for this call; else a new one from `build`."""
     session = _SESSIONS.get(model)
     if session is not None and session.lock.acquire(blocking=False):
         if session.key == key:
@@ -450,12 +450,11 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             mask = mask.repeat_interleave(num_return_sequences, dim=0)
         if streamer is not None and input_ids.shape[0] != 1:
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
-
-        device = input_ids.device
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if do_sample and seed is None:
             seed = int(torch.randint(2**62, ()))
+        device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(settings.values()), tuple(eos),

@@ -13,13 +13,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import SUPPORTED_ARCHITECTURES, LlamaConfig
+from .config import RUNTIME_FIELDS, SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, ConfigError, TTLError
 from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
@@ -32,7 +32,6 @@ Plan = dict[str, list[tuple[str, int | None]]]
 
 NATIVE_CONFIG = "ttl_config.json"
 NATIVE_VERSION = 1  # raised whenever the native layout changes, so an older ttl refuses a newer checkpoint
-RUNTIME_FIELDS = ("kernels", "attention")  # LlamaConfig fields that are not part of a checkpoint
 GENERATION_CONFIG = "generation_config.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 # Tensors older transformers versions saved that carry no weights.
@@ -48,8 +47,7 @@ def hf_plan(config: LlamaConfig, architecture: str) -> Plan:
                   "backbone.norm.weight": [("model.norm.weight", None)]}
     for i in range(config.num_hidden_layers):
         ours, theirs = f"backbone.layers.{i}.", f"model.layers.{i}."
-        kinds = ["weight"] + (["bias"] if config.attention_bias else [])
-        for kind in kinds:
+        for kind in ["weight"] + (["bias"] if config.attention_bias else []):
             plan[f"{ours}attn.qkv.{kind}"] = [(f"{theirs}self_attn.{p}_proj.{kind}", rows) for p, rows in
                                                (("q", q_rows), ("k", kv_rows), ("v", kv_rows))]
             plan[f"{ours}attn.out.{kind}"] = [(f"{theirs}self_attn.o_proj.{kind}", None)]
@@ -201,7 +199,7 @@ def check_weight_files(path: str | os.PathLike) -> None:
 
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-    architecture: str | None = None, **config_overrides,
+    architecture: str | None = None, **config_overrides: Any,
 ) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Load a checkpoint directory into a ttl model.
 

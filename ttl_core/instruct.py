@@ -18,15 +18,16 @@ from typing import Any, Callable
 
 import torch
 
+from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, chat_prompt, chat_response
 from .errors import ConfigError, DataError
 from .fileio import refuse_lone_surrogate, write_json
-from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, read_base, save_finetuned, start_lora,
-                       to_device, train_epochs)
+from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, pad_sequences, read_base,
+                       right_pad, save_finetuned, start_lora, to_device, train_epochs)
 from .hf import load_pretrained
+from .lora_targets import EMBEDDING_MODULES
 from .metrics import MetricsLog, read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
-from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, chat_prompt, chat_response
 from .tokenizer import Tokenizer
 from .train import autocast
 
@@ -109,16 +110,9 @@ def encode_chat(tokenizer: Tokenizer, chat_format: str, instruction: str, input:
 
 
 def collate_lm(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example: input_ids (pad id), attention_mask, labels (-100)."""
-    width = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(lab)] = torch.tensor(lab)
-        mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    """A batch right-padded to its longest example (`pad_sequences`), with its labels padded with -100."""
+    return {**pad_sequences([ids for ids, _ in examples], pad_id),
+            "labels": right_pad([labels for _, labels in examples], -100)}
 
 
 def pack_lm(examples: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
@@ -213,7 +207,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
         stop_at_end_of_completion(model, tokenizer)
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
-        start_lora(model, cfg, modules_to_save=["embed_tokens", "lm_head"] if added else None)
+        start_lora(model, cfg, modules_to_save=list(EMBEDDING_MODULES) if added else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out_dir)
     history: list[dict[str, float]] = []
@@ -234,12 +228,9 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
             shown = f", eval loss {record['eval_loss']:.4f}" if eval_examples else ""
             print(f"epoch {epoch}{shown}{' (saved)' if improved else ''}")
 
-    def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(**batch).loss
-
     collate = lm_collator(model, cfg.dtype, pad_id)
     try:
-        train_epochs(model, train_examples, cfg, collate, lm_loss, target_tokens, log, after_epoch)
+        train_epochs(model, train_examples, cfg, collate, target_tokens, log, after_epoch)
     finally:
         log.close()
     summary = {"data": str(data_file), "format": chat_format, "added_tokens": added,

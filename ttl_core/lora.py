@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import NATIVE_CONFIG, load_pretrained, read_model_config
-from .lora_targets import (PEFT_PREFIX, checked_pattern, linear_slices, modules_to_save_params, pattern_value,
-                           present_targets, target_names, targeted_slices, tied)
+from .lora_targets import (EMBEDDING_MODULES, EMBEDDING_PARAMS, PEFT_PREFIX, checked_pattern, linear_slices,
+                           modules_to_save_params, pattern_value, present_targets, target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -140,7 +140,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
-    trains_embedding = {"backbone.embed.weight", "lm_head.weight"} & set(modules_to_save_params(model, saved))
+    trains_embedding = set(EMBEDDING_PARAMS) & set(modules_to_save_params(model, saved))
     targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, saved)
     if tied(model) and trains_embedding and not ensure_weight_tying:
         model.untie_embeddings()
@@ -174,11 +174,6 @@ def _valid_rank(value: Any) -> bool:
 
 def _valid_alpha(value: Any) -> bool:
     return is_number(value) and value > 0
-
-
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should hold after `apply_lora`: the LoRA pairs and modules_to_save."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -251,7 +246,7 @@ def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Ten
         return {}
     if read_model_config(base)[0].vocab_size == model.config.vocab_size:
         return {}
-    embeddings = modules_to_save_params(model, ["embed_tokens", "lm_head"], strict=False)
+    embeddings = modules_to_save_params(model, EMBEDDING_MODULES, strict=False)
     return {key: model.get_parameter(name) for name, key in embeddings.items()}
 
 
@@ -365,8 +360,7 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
         raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
     # PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
     # loads them into the base model; so does ttl, once the model's vocabulary is resized to match
-    embeddings = {name: key for name, key in modules_to_save_params(model, ["embed_tokens", "lm_head"],
-                                                                      strict=False).items()
+    embeddings = {name: key for name, key in modules_to_save_params(model, EMBEDDING_MODULES, strict=False).items()
                   if key in found and key not in expected}
     for name, key in embeddings.items():
         if tuple(found[key].shape) != tuple(model.get_parameter(name).shape):
@@ -431,7 +425,7 @@ def load_with_adapter(path: str | Path, base: str | Path | None = None, dtype: t
     model = load_pretrained(base, dtype=dtype, device=device)
     if not isinstance(model, LlamaForCausalLM):
         raise AdapterError(f"{base}: holds a {model.architecture}; the adapter {directory} needs a LlamaForCausalLM")
-    embeddings = set(modules_to_save_params(model, ["embed_tokens", "lm_head"]).values())
+    embeddings = set(modules_to_save_params(model, EMBEDDING_MODULES).values())
     shapes = _read_adapter_weights(directory, lambda f, key: f.get_slice(key).get_shape())
     rows = max((shape[0] for key, shape in shapes.items() if key in embeddings), default=0)
     if rows > model.config.vocab_size:  # load_adapter then loads the saved rows into the grown tables

@@ -18,6 +18,8 @@ from .hf import hf_plan
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # the HF modules of the input embedding and the LM head
+EMBEDDING_PARAMS = ("backbone.embed.weight", "lm_head.weight")  # and ttl's parameters of them
 
 
 def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
@@ -30,14 +32,14 @@ def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int,
             continue
         slices, start = {}, 0
         for hf_name, rows in pieces:
-            rows = rows if rows is not None else dict(model.named_parameters())[param].shape[0]
+            rows = rows if rows is not None else model.get_parameter(param).shape[0]
             slices[hf_name.rsplit(".", 2)[-2]] = (start, start + rows)
             start += rows
         out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
     return out
 
 
-def target_names(targets: str | Iterable[str]) -> list:
+def target_names(targets: str | Iterable[str]) -> list[str] | str:
     """`targets` as a list of names, or, as PEFT reads a string other than "all-linear", as a pattern."""
     if isinstance(targets, str):
         return list(LINEAR_NAMES) if targets.lower() == "all-linear" else targets
@@ -163,7 +165,6 @@ def modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool 
     Unless `strict`, names the model lacks are skipped (PEFT writes "classifier" beside "score" for a classifier).
     A name taking part of a fused projection (q_proj) is refused: ttl cannot train one in full."""
     plan = hf_plan(model.config, model.architecture)
-    embeddings = ["backbone.embed.weight", "lm_head.weight"]
     if tied(model):
         plan["lm_head.weight"] = [("lm_head.weight", None)]
     modules = {p: [key.rsplit(".", 1)[0] for key, _ in pieces] for p, pieces in plan.items()}  # HF module paths
@@ -174,8 +175,8 @@ def modules_to_save_params(model: nn.Module, names: Iterable[str], strict: bool 
         if fused:
             raise AdapterError(f"modules_to_save names {name!r}, which takes {', '.join(fused)}: a fused projection "
                                "ttl cannot train in full (adapt it with LoRA instead)")
-        if tied(model) and set(embeddings) & set(found):  # one tensor, two names: PEFT's ensure_weight_tying
-            found += embeddings  # saves it under both
+        if tied(model) and set(EMBEDDING_PARAMS) & set(found):  # one tensor, two names: PEFT's ensure_weight_tying
+            found += EMBEDDING_PARAMS  # saves it under both
         if not found and strict:
             raise AdapterError(f"modules_to_save names {name!r}, which this {model.architecture} does not have")
         out.update({p: PEFT_PREFIX + plan[p][0][0] for p in found})

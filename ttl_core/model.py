@@ -241,18 +241,14 @@ class LlamaModel(nn.Module):
         return out if return_dict else out.to_tuple()
 
 
-def _init_weights(model: nn.Module, std: float) -> None:
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, RMSNorm):  # a re-initialization of a trained model resets them, as transformers does
-            nn.init.ones_(module.weight)
-    # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            module.weight.data[module.padding_idx].zero_()
+@torch.no_grad()
+def _fill_resized_table(new: nn.Parameter, old: nn.Parameter) -> None:
+    """Fill a resized embedding or LM-head table: the old rows it still holds, then (where it grew) the mean of
+    the old rows; it requires grad as the old one did."""
+    kept = min(len(new), len(old))
+    new[:kept] = old[:kept]
+    new[kept:] = old.mean(0)
+    new.requires_grad_(old.requires_grad)
 
 
 class _LlamaBase(nn.Module):
@@ -263,11 +259,21 @@ class _LlamaBase(nn.Module):
         # a checkpoint's generation_config.json (token ids, sampling defaults), as loaded by ttl_core.hf
         self.generation_config: dict | None = None
 
+    @torch.no_grad()
     def init_weights(self) -> None:
         """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row, norm
         weights 1."""
-        with torch.no_grad():
-            _init_weights(self, self.config.initializer_range)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):  # reset too when a trained model is re-initialized (transformers does)
+                nn.init.ones_(module.weight)
+        # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
+        for module in self.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head when the config asks for it (no-op otherwise)."""
@@ -323,20 +329,13 @@ class _LlamaBase(nn.Module):
         in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size  # else no padding row, as in transformers
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
                              padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
-        with torch.no_grad():
-            kept = min(new_vocab_size, old.num_embeddings)
-            embed.weight[:kept] = old.weight[:kept]
-            embed.weight[kept:] = old.weight.mean(0)
-        embed.weight.requires_grad_(old.weight.requires_grad)
+        _fill_resized_table(embed.weight, old.weight)
         self.backbone.embed = embed
         head = getattr(self, "lm_head", None)
         if head is not None and not self.config.tie_word_embeddings:
             new_head = nn.Linear(head.in_features, new_vocab_size, bias=False, device=head.weight.device,
                                  dtype=head.weight.dtype)
-            with torch.no_grad():
-                new_head.weight[:kept] = head.weight[:kept]
-                new_head.weight[kept:] = head.weight.mean(0)
-            new_head.weight.requires_grad_(head.weight.requires_grad)
+            _fill_resized_table(new_head.weight, head.weight)
             self.lm_head = new_head
         self.config = self.config.replace(vocab_size=new_vocab_size)
         self.backbone.config = self.config

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ class StopOnSignal:
             self._previous = {sig: signal.signal(sig, self._request) for sig in STOP_SIGNALS
                               if signal.getsignal(sig) is not signal.SIG_IGN}
 
-    def _request(self, signum: int, frame) -> None:
+    def _request(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt  # a second Ctrl-C: the person does not want to wait for the checkpoint
         self.received = self.received or signal.Signals(signum)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, LlamaConfig
+from .config import PRESETS, RUNTIME_FIELDS, LlamaConfig
 from .errors import ConfigError, is_integer, is_number
 
 if sys.version_info >= (3, 11):
@@ -24,7 +24,6 @@ else:  # pragma: no cover - Python 3.10 installs tomli (see setup.py)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
-RUNTIME_FIELDS = ("kernels", "attention")  # [model] fields that pick how the model runs, not what it is
 
 
 @dataclass

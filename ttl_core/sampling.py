@@ -72,7 +72,8 @@ def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] |
         raise GenerationError(f"generation_config.json: {e}") from None
 
 
-def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None, **given) -> dict:
+def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None,
+                      **given: Any) -> dict[str, Any]:
     """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
     generation_config.json value, which transformers' generate() applies too, else the default. As there, a
     checkpoint's `max_length` (prompt included: `prompt_len` tokens) sets the number of new tokens when neither

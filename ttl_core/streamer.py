@@ -4,6 +4,7 @@ text pieces as they arrive, and `StopStrings` finds where a stop string ends a r
 from __future__ import annotations
 
 import queue
+from typing import Callable
 
 import torch
 
@@ -15,6 +16,12 @@ def vocabulary_end(tokenizer: object) -> int | None:
     """The first id past `tokenizer`'s tokens (ttl's `Tokenizer` or a transformers tokenizer), added ones included
     (None when it does not say)."""
     return len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+
+
+def piece_lookup(tokenizer: object) -> Callable[[int], str] | None:
+    """`tokenizer`'s id -> piece function: ttl's `Tokenizer.id_to_token` or a transformers tokenizer's
+    `convert_ids_to_tokens` (None when it has neither)."""
+    return getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
 
 
 def in_vocabulary(token: int, end: int | None) -> bool:
@@ -43,10 +50,11 @@ class TextStreamer:
     `generate` runs; the iteration ends when that generation does, even when it fails. The streamer can be
     reused for the next `generate` call."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True, on_text=None, timeout: float | None = None):
+    def __init__(self, tokenizer: object, skip_special_tokens: bool = True,
+                 on_text: Callable[[str], None] | None = None, timeout: float | None = None):
         self.tokenizer, self.skip_special_tokens, self.on_text, self.timeout = (
             tokenizer, skip_special_tokens, on_text, timeout)
-        self._piece = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
+        self._piece = piece_lookup(tokenizer)
         skipped = getattr(tokenizer, "special_ids", None) or getattr(tokenizer, "all_special_ids", ())
         self._skipped = frozenset(skipped) if skip_special_tokens else frozenset()
         self._vocab_end = vocabulary_end(tokenizer)
@@ -108,13 +116,13 @@ class StopStrings:
     `tokenizer.convert_ids_to_tokens` (a transformers tokenizer). An id past the tokenizer (a model's larger
     embedding table may sample one) has no piece: as in transformers, no stop string ends in it or spans it."""
 
-    def __init__(self, strings: str | list[str], tokenizer):
+    def __init__(self, strings: str | list[str], tokenizer: object):
         strings = [strings] if isinstance(strings, str) else strings
         if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
             raise GenerationError(f"stop_strings must be a non-empty string or a list of them, got {strings!r}")
         if tokenizer is None:
             raise GenerationError("stop_strings need a tokenizer to read the text of the generated tokens")
-        self._piece = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "convert_ids_to_tokens", None)
+        self._piece = piece_lookup(tokenizer)
         if self._piece is None:
             raise GenerationError(f"stop_strings need a tokenizer with id_to_token (ttl's Tokenizer), got a "
                                   f"{type(tokenizer).__name__}")

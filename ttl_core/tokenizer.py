@@ -35,7 +35,6 @@ from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_to
                                replace_chat_template_files, role_tokens, split_special_tokens_flag, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, as in TeenyTinyLlama
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and this module trains on)
 TRAIN_INPUT_BYTES = 1 << 30  # text train_tokenizer reads at most: sentencepiece needs ~3x its size in memory
 _Piece = spm_pb2.ModelProto.SentencePiece

@@ -25,7 +25,7 @@ from .attention import document_layout
 from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
                          read_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rank_rng_state,
                          verify_digests)
-from .config import LlamaConfig
+from .config import RUNTIME_FIELDS, LlamaConfig
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
@@ -36,8 +36,7 @@ from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
 from .preemption import StopOnSignal
-from .run_config import (RUNTIME_FIELDS, RunConfig, TrainConfig, check_resumable, recorded_data_path,
-                         resumed_model_settings)
+from .run_config import RunConfig, TrainConfig, check_resumable, recorded_data_path, resumed_model_settings
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -234,6 +233,21 @@ def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, re
         raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")
 
 
+def check_run_fits_model(config: LlamaConfig, train: TrainConfig, tokenizer: Tokenizer, data_path: Path) -> None:
+    """Refuse, before any weights load, a run the model cannot serve: a tokenizer (the data's, in `data_path`)
+    with more tokens than the embedding table, a `train.seq_len` past the model's context, or a
+    `train.sample_prompt` that fills the context, leaving the end-of-run sample no room."""
+    context = config.max_position_embeddings
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocab_size is {config.vocab_size}")
+    if train.seq_len > context:
+        raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings {context}")
+    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= context:
+        raise ConfigError(f"train.sample_prompt is longer than the model's context of {context} tokens, leaving no "
+                          "room for the sample")
+
+
 def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
     """The loader's next `n` batches (the micro-batches of one optimizer step)."""
     for _ in range(n):
@@ -338,15 +352,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     tokenizer = Tokenizer.from_pretrained(data_path)
     if resume_from or init_from:
         check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
-                          f"vocab_size is {config.vocab_size}")
-    if train.seq_len > config.max_position_embeddings:
-        raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings "
-                          f"{config.max_position_embeddings}")
-    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= config.max_position_embeddings:
-        raise ConfigError(f"train.sample_prompt is longer than the model's context of "
-                          f"{config.max_position_embeddings} tokens, leaving no room for the sample")
+    check_run_fits_model(config, train, tokenizer, data_path)
     loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
                           rank=world.rank, world_size=world.size)
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table

@@ -147,7 +147,7 @@ def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: fl
 
 
 def _reduction_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """The per-token gradient factor as a one-element device tensor (no host sync)."""
+    """The per-token gradient factor as a one-element device tensor (no host sync): 1 but for "mean"."""
     if reduction == "mean":
         return 1.0 / (targets != ignore_index).sum().clamp(min=1).float().reshape(1)
     return torch.ones(1, dtype=torch.float32, device=targets.device)
@@ -185,8 +185,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss):
         grad = logits.clone(memory_format=torch.contiguous_format)
-        scale = _reduction_scale(targets, ignore_index, reduction) if reduction != "none" else \
-            torch.ones(1, dtype=torch.float32, device=logits.device)
+        scale = _reduction_scale(targets, ignore_index, reduction)
         losses = ce_rows_(grad, targets, scale, ignore_index, label_smoothing, z_loss)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
