@@ -8,7 +8,7 @@ import re
 import pytest
 from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
 
-from ttl_core.errors import TokenizerError
+from ttl_core.errors import ConfigError, TokenizerError
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt, chat_response
 from ttl_core.tokenizer import Tokenizer, train_tokenizer, tokenizer_json_to_sentencepiece
 
@@ -170,8 +170,10 @@ def test_chat_templates():
         "Escreva uma resposta que conclua adequadamente a solicitação.\n\n### Instruções:\nTraduza.\n\n"
         "### Entrada:\ncat\n\n### Resposta:\n")
     assert chat_response("alpaca", "gato") == "gato"
-    with pytest.raises(TokenizerError, match="unknown chat format 'chatml'"):
+    with pytest.raises(ConfigError, match="unknown chat format 'chatml'; choose one of aira, alpaca"):
         chat_prompt("chatml", "x")
+    with pytest.raises(ConfigError, match="unknown chat format 'chatml'"):
+        chat_response("chatml", "x")
 
 
 @pytest.fixture(scope="module")

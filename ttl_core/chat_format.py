@@ -3,7 +3,7 @@ tokens around the instruction and the completion, and Alpaca-PTBR's Portuguese h
 
 from __future__ import annotations
 
-from .errors import TokenizerError
+from .errors import ConfigError
 
 AIRA_SPECIAL_TOKENS = ["<|startofinstruction|>", "<|endofinstruction|>", "<|endofcompletion|>", "<|pad|>"]
 CHAT_FORMATS = ("aira", "alpaca")
@@ -11,6 +11,16 @@ CHAT_FORMATS = ("aira", "alpaca")
 AIRA_END = "<|endofcompletion|>"
 _ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
+
+
+def check_chat_format(format: str) -> None:
+    """Refuse a chat format ttl does not know, naming the ones it does."""
+    if format not in CHAT_FORMATS:
+        raise _unknown_format(format)
+
+
+def _unknown_format(format: str) -> ConfigError:
+    return ConfigError(f"unknown chat format {format!r}; choose one of {', '.join(CHAT_FORMATS)}")
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:
@@ -22,7 +32,7 @@ def chat_prompt(format: str, instruction: str, input: str = "") -> str:
             return (f"{_ALPACA_HEADER}, emparelhada com uma entrada que fornece mais contexto. {_ALPACA_TAIL}\n\n"
                     f"### Instruções:\n{instruction}\n\n### Entrada:\n{input}\n\n### Resposta:\n")
         return f"{_ALPACA_HEADER}. {_ALPACA_TAIL}\n\n### Instruções:\n{instruction}\n\n### Resposta:\n"
-    raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")
+    raise _unknown_format(format)
 
 
 def chat_response(format: str, response: str) -> str:
@@ -32,4 +42,4 @@ def chat_response(format: str, response: str) -> str:
         return response + AIRA_END
     if format == "alpaca":
         return response
-    raise TokenizerError(f"unknown chat format {format!r}; expected one of {', '.join(CHAT_FORMATS)}")
+    raise _unknown_format(format)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, CHAT_FORMATS, chat_prompt, chat_response
+from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, chat_prompt, chat_response, check_chat_format
 from .errors import ConfigError, DataError
 from .fileio import refuse_lone_surrogate, write_json
 from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, pad_sequences, read_base,
@@ -69,8 +69,7 @@ def instruction_rows(path: str | Path) -> list[tuple[int, str, str, str]]:
 def add_chat_tokens(tokenizer: Tokenizer, chat_format: str) -> list[str]:
     """Make sure the format's special tokens exist: add the missing ones to the tokenizer and return them (the
     model's embeddings and LM head grow to fit them when it is loaded: `finetune_instruct`)."""
-    if chat_format not in CHAT_FORMATS:
-        raise ConfigError(f"unknown chat format {chat_format!r}; choose one of {', '.join(CHAT_FORMATS)}")
+    check_chat_format(chat_format)
     wanted = list(AIRA_SPECIAL_TOKENS) if chat_format == "aira" else []
     missing = [tok for tok in wanted if tokenizer.token_to_id(tok) is None]
     if missing:
