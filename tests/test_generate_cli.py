@@ -183,6 +183,16 @@ def test_input_without_a_chat_format_is_a_usage_error(checkpoint, capsys):
         assert "--input adds context to --prompt in a --chat format" in capsys.readouterr().err
 
 
+def test_input_joins_the_prompt_in_its_chat_format(checkpoint, monkeypatch):
+    """--input with --prompt (no --interactive) is the prompt's context in the format's own place (Alpaca's
+    `### Entrada:`)."""
+    path, tok, _ = checkpoint
+    script, fake, _ = scripted(monkeypatch, [5, 6], context=1000)  # room for Alpaca's long header
+    assert script.main(["--model", str(path), "--prompt", "a casa", "--input", "de noite", "--chat", "alpaca",
+                        "--device", "cpu"]) == 0
+    assert [ids for ids, _ in fake.calls] == [tok.encode(chat_prompt("alpaca", "a casa", "de noite"))]
+
+
 class FakeGenerate:
     """Stands in for ttl_core.generate in the script: records each call's prompt and options and answers with
     `answer` (token ids), so the test sees exactly what the options turned into."""
@@ -336,6 +346,11 @@ def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monk
     assert script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--interactive",
                         "--device", "cpu"]) == 0
     assert fake.calls == [] and f"The context is full ({len(ids)} tokens)" in capsys.readouterr().out
+    script, fake, _ = scripted(monkeypatch, [7], context=len(ids) + 1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--interactive",
+                        "--device", "cpu"]) == 0
+    assert [(prompt, kwargs["max_new_tokens"]) for prompt, kwargs in fake.calls] == [(ids, 1)]
 
 
 def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, monkeypatch, capsys):
@@ -353,10 +368,10 @@ def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, m
     assert [ids for ids, _ in fake.calls] == [
         first, first + [5, 6, end] + tok.encode(chat_prompt("aira", "o cachorro"), add_bos=False)]
     script, fake, _ = scripted(monkeypatch, [5, 6])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(" o cachorro\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" o cachorro \n"))  # the trailing space is a token of its own
     assert script.main(["--model", str(path), "--prompt", "a casa", "--interactive", "--device", "cpu"]) == 0
     assert [ids for ids, _ in fake.calls] == [
-        tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro", add_bos=False)]
+        tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro ", add_bos=False)]
 
 
 def test_an_interactive_line_the_tokenizer_refuses_is_asked_again(checkpoint, monkeypatch, capsys):
@@ -381,6 +396,21 @@ def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoin
     prompts = [plain.encode(chat_prompt("aira", text), add_eos=False) for text in ("a casa", "o cachorro")]
     assert chat.ids == prompts[0] + [5, 6, tok.token_to_id("<|endofcompletion|>")] + prompts[1]
     assert tok.bos_id not in chat.ids and tok.eos_id not in chat.ids
+
+
+def test_an_answer_is_closed_by_its_formats_end_unless_an_eos_ended_it(checkpoint):
+    """An answer that ran out of tokens is closed as fine-tuning ends each format's responses (Aira:
+    <|endofcompletion|>, Alpaca: </s>); one that stopped at any EOS id (the tokenizer's, the checkpoint's) is not
+    closed a second time."""
+    _, tok, _ = checkpoint
+    aira_end, checkpoint_eos = tok.token_to_id("<|endofcompletion|>"), 7
+    chat_class = load_script("generate").Chat
+    for fmt, end in (("aira", aira_end), ("alpaca", tok.eos_id)):
+        for answer, closed in (([5, 6], [5, 6, end]), ([5, end], [5, end]), ([5, tok.eos_id], [5, tok.eos_id]),
+                               ([5, checkpoint_eos], [5, checkpoint_eos])):
+            chat = chat_class(tok, fmt, [checkpoint_eos])
+            chat.add_model(answer)
+            assert chat.ids == closed, (fmt, answer)
 
 
 def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys):
