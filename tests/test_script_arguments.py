@@ -184,6 +184,11 @@ def test_instruct_defaults_and_options_reach_finetune_instruct(tmp_path, monkeyp
                         "--train-on-inputs", "--out", "OUT", "--no-lora", "--lr", "1e-4"]) == 0
     cfg = FinetuneConfig(lr=1e-4, batch_size=8, epochs=3, max_length=512, lora=False)
     assert run.calls[-1] == (("BASE", "D.jsonl", "OUT", "alpaca", cfg), dict(eval_file="E.jsonl", train_on_inputs=True))
+    capsys.readouterr()
+    monkeypatch.setattr(script, "finetune_instruct", recorder({"train_examples": 3, "final_loss": 2.0,
+                                                               "added_tokens": []}))  # the model had them all
+    assert script.main(["--model", "BASE", "--out", "OUT2"]) == 0
+    assert capsys.readouterr().out == "3 examples, final training loss 2.0000; saved to OUT2/best\n"
 
 
 # --- finetune_benchmark.py ------------------------------------------------------------------------------------
@@ -355,6 +360,8 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
 
 @pytest.mark.parametrize("name, work, result, left", [
     ("finetune_classifier", "finetune_classifier", types.SimpleNamespace(best={"epoch": 1}, checkpoint="B"), "best"),
+    ("finetune_classifier", "finetune_classifier", types.SimpleNamespace(best={"epoch": 1}, checkpoint="B"),
+     "metrics.jsonl"),  # interrupted before its best epoch was saved
     ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
      "metrics.jsonl"),
     ("finetune_benchmark", "run_benchmark", [], "results.json"),
