@@ -15,7 +15,7 @@ from helpers import run_script
 import ttl_core.data as data
 from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
 from ttl_core.errors import DataError, TTLError
-from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = "o rio a serra café manhã ponte escola árvore chuva João às 12h30 — ótimo! ação".split()
 
@@ -139,6 +139,10 @@ def test_bad_inputs_name_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
         prepare_data([tmp_path / name], tmp_path / "out", vocab_size=300)
+    # train_tokenizer reads its files inside sentencepiece, which made the error "cannot train a 300-token
+    # vocabulary: .../documents.py(27): read_documents"
+    with pytest.raises(DataError, match=message):
+        train_tokenizer([tmp_path / name], None, vocab_size=300)
     if name == "latin1.txt":  # the script turns it into one line
         run = run_script("prepare_data", "--input", tmp_path / name, "--out", tmp_path / "out2", timeout=120)
         assert run.returncode == 2 and run.stderr.strip().splitlines() == [f"error: {tmp_path / name}:2: not UTF-8 "
