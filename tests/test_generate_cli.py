@@ -369,7 +369,9 @@ def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, m
         first, first + [5, 6, end] + tok.encode(chat_prompt("aira", "o cachorro"), add_bos=False)]
     script, fake, _ = scripted(monkeypatch, [5, 6])
     monkeypatch.setattr(sys, "stdin", io.StringIO(" o cachorro \n"))  # the trailing space is a token of its own
+    capsys.readouterr()
     assert script.main(["--model", str(path), "--prompt", "a casa", "--interactive", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("> a casa\n")  # --prompt's turn is shown as a typed one would be
     assert [ids for ids, _ in fake.calls] == [
         tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro ", add_bos=False)]
 

@@ -245,6 +245,15 @@ def test_convert_keeps_the_dtype_by_default_and_shards_at_max_shard_size(bf16_ch
     assert list((tmp_path / "native2").glob("*.index.json"))
 
 
+def test_convert_shards_at_2gb_by_default_either_way(bf16_checkpoint, tmp_path, monkeypatch):
+    script = load_script("convert")
+    for direction, writer in (("--to-hf", "save_pretrained"), ("--from-hf", "save_native")):
+        save = recorder(None)
+        monkeypatch.setattr(script, writer, save)
+        assert script.main([direction, str(bf16_checkpoint[0]), str(tmp_path / direction)]) == 0
+        assert save.calls[-1][1]["max_shard_size"] == "2GB", direction
+
+
 @pytest.mark.parametrize("direction", [[], ["--from-hf", "--to-hf"]])
 def test_convert_needs_exactly_one_direction(direction, bf16_checkpoint, tmp_path, capsys):
     usage_error(load_script("convert"), [*direction, str(bf16_checkpoint[0]), str(tmp_path / "out")], capsys,
