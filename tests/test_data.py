@@ -184,6 +184,14 @@ def test_parquet_input(tmp_path):
     pq.write_table(pa.table({"body": texts}), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="bad.parquet: no 'text' column"):
         list(read_documents(tmp_path / "bad.parquet"))
+    # damaged compressed pages, found only as the rows are read, are an OSError from pyarrow, not an ArrowException
+    pq.write_table(pa.table({"text": [f"documento {i} " * 20 for i in range(200)]}), tmp_path / "big.parquet",
+                   row_group_size=50)
+    damaged = bytearray((tmp_path / "big.parquet").read_bytes())
+    damaged[len(damaged) // 3:len(damaged) // 3 + 200] = bytes(200)
+    (tmp_path / "damaged.parquet").write_bytes(damaged)
+    with pytest.raises(DataError, match=r"damaged.parquet: not a readable parquet file \(Corrupt"):
+        list(read_documents(tmp_path / "damaged.parquet"))
 
 
 def test_long_documents_still_train_the_tokenizer():
