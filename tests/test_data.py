@@ -174,29 +174,7 @@ def test_a_directory_given_as_input_is_named_as_one(tmp_path):
             prepare_data([tmp_path / name], tmp_path / "out", vocab_size=300)
 
 
-def test_parquet_input(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
-
-    texts = ["primeiro documento em parquet", "", "segundo, com acentuação: ação e coração"]
-    pq.write_table(pa.table({"text": texts, "n": [1, 2, 3]}), tmp_path / "docs.parquet", row_group_size=2)
-    assert list(read_documents(tmp_path / "docs.parquet")) == [texts[0], texts[2]]
-    pq.write_table(pa.table({"body": texts}), tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match="bad.parquet: no 'text' column"):
-        list(read_documents(tmp_path / "bad.parquet"))
-    # damaged compressed pages, found only as the rows are read, are an OSError from pyarrow, not an ArrowException
-    pq.write_table(pa.table({"text": [f"documento {i} " * 20 for i in range(200)]}), tmp_path / "big.parquet",
-                   row_group_size=50)
-    damaged = bytearray((tmp_path / "big.parquet").read_bytes())
-    damaged[len(damaged) // 3:len(damaged) // 3 + 200] = bytes(200)
-    (tmp_path / "damaged.parquet").write_bytes(damaged)
-    with pytest.raises(DataError, match=r"damaged.parquet: not a readable parquet file \(Corrupt"):
-        list(read_documents(tmp_path / "damaged.parquet"))
-
-
 def test_long_documents_still_train_the_tokenizer():
-    from ttl_core.tokenizer import train_tokenizer
-
     words = ["palavra", "comprida", "documento", "enorme", "linha"]
     long_doc = "\n".join(" ".join(words[(i + j) % 5] for j in range(12)) for i in range(3000))  # ~250 KB
     tok = train_tokenizer([long_doc], None, vocab_size=340, max_sentence_length=4096)
