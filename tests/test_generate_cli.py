@@ -329,6 +329,11 @@ def test_an_adapter_saved_without_a_tokenizer_uses_its_bases(checkpoint, tmp_pat
     answer = expected_answer(adapted.eval(), tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
     assert answer.strip() and capsys.readouterr().out == answer + "\n"
+    # a base that has moved since is given as --base: its tokenizer too is read from there
+    save_adapter(adapted, tmp_path / "moved", base_model_name_or_path=str(tmp_path / "moved_away"))
+    assert load_script("generate").main(["--model", str(tmp_path / "moved"), "--base", str(path), "--prompt",
+                                         "o menino", "--greedy", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == answer + "\n"
 
 
 def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monkeypatch, capsys):
