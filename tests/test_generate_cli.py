@@ -258,6 +258,18 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
                                      do_sample=False)  # greedy: no sampling options
 
 
+def test_the_default_device_is_cuda_in_bfloat16_where_there_is_one(checkpoint, monkeypatch):
+    """--device auto and --dtype auto on a machine with a GPU, faked here: the model loads in bfloat16 on CUDA."""
+    path = checkpoint[0]
+    script, fake, _ = scripted(monkeypatch, [5])
+    loads = []
+    monkeypatch.setattr(script.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(script, "checked_device", lambda name: torch.device(name))  # no CUDA here to check
+    monkeypatch.setattr(script, "load_pretrained", lambda where, **kwargs: loads.append(kwargs) or checkpoint[2])
+    assert script.main(["--model", str(path), "--prompt", "o menino"]) == 0
+    assert loads == [dict(dtype="bfloat16", device=torch.device("cuda"))] and len(fake.calls) == 1
+
+
 def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, capsys):
     """--greedy decodes greedily even where the checkpoint's generation_config.json says do_sample (which
     generate() applies when the call leaves do_sample unset)."""
