@@ -374,7 +374,7 @@ def test_benchmark_rows_json_and_markdown_table(tmp_path, monkeypatch):
     calls = []
 
     def fake_finetune(model_dir, train, eval_, out, spec, cfg, verbose):
-        calls.append((train.name, eval_.name, out))
+        calls.append((train.name, eval_.name, out, verbose))
         out.mkdir(parents=True)  # as the real run does
         return types.SimpleNamespace(best=best[out.name])
 
@@ -382,8 +382,8 @@ def test_benchmark_rows_json_and_markdown_table(tmp_path, monkeypatch):
     tasks = [bench.Task("noticias", tmp_path / "n_train.csv", tmp_path / "n_eval.csv", NEWS),
              bench.Task("sts", tmp_path / "s_train.csv", tmp_path / "s_eval.csv", STS)]
     rows = bench.run_benchmark(tmp_path / "model", tasks, tmp_path / "out", FinetuneConfig(epochs=3), verbose=False)
-    assert calls == [("n_train.csv", "n_eval.csv", tmp_path / "out" / "noticias"),
-                     ("s_train.csv", "s_eval.csv", tmp_path / "out" / "sts")]
+    assert calls == [("n_train.csv", "n_eval.csv", tmp_path / "out" / "noticias", False),
+                     ("s_train.csv", "s_eval.csv", tmp_path / "out" / "sts", False)]
     assert rows[0] == {"task": "noticias", "kind": "classification", "epoch": 2, "accuracy": 0.75, "f1": 0.5,
                        "pearson": None, "mse": None}
     assert rows[1]["kind"] == "regression" and rows[1]["epoch"] == 3 and rows[1]["mse"] == 0.125

@@ -183,6 +183,16 @@ def test_input_without_a_chat_format_is_a_usage_error(checkpoint, capsys):
         assert "--input adds context to --prompt in a --chat format" in capsys.readouterr().err
 
 
+def test_input_joins_the_prompt_in_its_chat_format(checkpoint, monkeypatch):
+    """--input with --prompt (no --interactive) is the prompt's context in the format's own place (Alpaca's
+    `### Entrada:`)."""
+    path, tok, _ = checkpoint
+    script, fake, _ = scripted(monkeypatch, [5, 6], context=1000)  # room for Alpaca's long header
+    assert script.main(["--model", str(path), "--prompt", "a casa", "--input", "de noite", "--chat", "alpaca",
+                        "--device", "cpu"]) == 0
+    assert [ids for ids, _ in fake.calls] == [tok.encode(chat_prompt("alpaca", "a casa", "de noite"))]
+
+
 class FakeGenerate:
     """Stands in for ttl_core.generate in the script: records each call's prompt and options and answers with
     `answer` (token ids), so the test sees exactly what the options turned into."""
@@ -246,6 +256,18 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
                                      pad_token_id=tok.pad_id, num_return_sequences=1, cuda_graph=True,
                                      do_sample=False)  # greedy: no sampling options
+
+
+def test_the_default_device_is_cuda_in_bfloat16_where_there_is_one(checkpoint, monkeypatch):
+    """--device auto and --dtype auto on a machine with a GPU, faked here: the model loads in bfloat16 on CUDA."""
+    path = checkpoint[0]
+    script, fake, _ = scripted(monkeypatch, [5])
+    loads = []
+    monkeypatch.setattr(script.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(script, "checked_device", lambda name: torch.device(name))  # no CUDA here to check
+    monkeypatch.setattr(script, "load_pretrained", lambda where, **kwargs: loads.append(kwargs) or checkpoint[2])
+    assert script.main(["--model", str(path), "--prompt", "o menino"]) == 0
+    assert loads == [dict(dtype="bfloat16", device=torch.device("cuda"))] and len(fake.calls) == 1
 
 
 def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, capsys):
@@ -319,6 +341,11 @@ def test_an_adapter_saved_without_a_tokenizer_uses_its_bases(checkpoint, tmp_pat
     answer = expected_answer(adapted.eval(), tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
     assert answer.strip() and capsys.readouterr().out == answer + "\n"
+    # a base that has moved since is given as --base: its tokenizer too is read from there
+    save_adapter(adapted, tmp_path / "moved", base_model_name_or_path=str(tmp_path / "moved_away"))
+    assert load_script("generate").main(["--model", str(tmp_path / "moved"), "--base", str(path), "--prompt",
+                                         "o menino", "--greedy", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == answer + "\n"
 
 
 def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monkeypatch, capsys):
@@ -336,6 +363,11 @@ def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monk
     assert script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--interactive",
                         "--device", "cpu"]) == 0
     assert fake.calls == [] and f"The context is full ({len(ids)} tokens)" in capsys.readouterr().out
+    script, fake, _ = scripted(monkeypatch, [7], context=len(ids) + 1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert script.main(["--model", str(path), "--prompt", "o menino foi para a escola", "--interactive",
+                        "--device", "cpu"]) == 0
+    assert [(prompt, kwargs["max_new_tokens"]) for prompt, kwargs in fake.calls] == [(ids, 1)]
 
 
 def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, monkeypatch, capsys):
@@ -353,10 +385,12 @@ def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, m
     assert [ids for ids, _ in fake.calls] == [
         first, first + [5, 6, end] + tok.encode(chat_prompt("aira", "o cachorro"), add_bos=False)]
     script, fake, _ = scripted(monkeypatch, [5, 6])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(" o cachorro\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" o cachorro \n"))  # the trailing space is a token of its own
+    capsys.readouterr()
     assert script.main(["--model", str(path), "--prompt", "a casa", "--interactive", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("> a casa\n")  # --prompt's turn is shown as a typed one would be
     assert [ids for ids, _ in fake.calls] == [
-        tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro", add_bos=False)]
+        tok.encode("a casa"), tok.encode("a casa") + [5, 6] + tok.encode(" o cachorro ", add_bos=False)]
 
 
 def test_an_interactive_line_the_tokenizer_refuses_is_asked_again(checkpoint, monkeypatch, capsys):
@@ -381,6 +415,21 @@ def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoin
     prompts = [plain.encode(chat_prompt("aira", text), add_eos=False) for text in ("a casa", "o cachorro")]
     assert chat.ids == prompts[0] + [5, 6, tok.token_to_id("<|endofcompletion|>")] + prompts[1]
     assert tok.bos_id not in chat.ids and tok.eos_id not in chat.ids
+
+
+def test_an_answer_is_closed_by_its_formats_end_unless_an_eos_ended_it(checkpoint):
+    """An answer that ran out of tokens is closed as fine-tuning ends each format's responses (Aira:
+    <|endofcompletion|>, Alpaca: </s>); one that stopped at any EOS id (the tokenizer's, the checkpoint's) is not
+    closed a second time."""
+    _, tok, _ = checkpoint
+    aira_end, checkpoint_eos = tok.token_to_id("<|endofcompletion|>"), 7
+    chat_class = load_script("generate").Chat
+    for fmt, end in (("aira", aira_end), ("alpaca", tok.eos_id)):
+        for answer, closed in (([5, 6], [5, 6, end]), ([5, end], [5, end]), ([5, tok.eos_id], [5, tok.eos_id]),
+                               ([5, checkpoint_eos], [5, checkpoint_eos])):
+            chat = chat_class(tok, fmt, [checkpoint_eos])
+            chat.add_model(answer)
+            assert chat.ids == closed, (fmt, answer)
 
 
 def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys):

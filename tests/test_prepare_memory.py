@@ -28,10 +28,12 @@ def test_a_document_is_its_lines_joined_wherever_the_chunks_of_lines_end(tmp_pat
     rng = random.Random(1)
     blocks = [[f"{rng.choice(WORDS)} {n}.{k}" + ("\rx" if k == 1 else "") for k in range(n)] for n in range(1, 8)]
     ends = ["\n", "\r\n"]
-    (tmp_path / "t.txt").write_bytes("".join(
-        "".join(line + ends[k % 2] for k, line in enumerate(block)) + "\n" * (1 + n % 2) for n, block in
-        enumerate(blocks)).encode())
-    assert list(read_documents(tmp_path / "t.txt")) == ["\n".join(block) for block in blocks]
+    text = "".join("".join(line + ends[k % 2] for k, line in enumerate(block)) + "\n" * (1 + n % 2)
+                   for n, block in enumerate(blocks))
+    (tmp_path / "t.txt").write_bytes(text.encode())
+    (tmp_path / "no_blank_line_at_the_end.txt").write_bytes(text.removesuffix("\n").encode())
+    for name in ("t.txt", "no_blank_line_at_the_end.txt"):
+        assert list(read_documents(tmp_path / name)) == ["\n".join(block) for block in blocks], name
 
 
 def test_a_long_document_is_read_and_tokenized_in_about_three_times_its_size(tmp_path):

@@ -68,6 +68,8 @@ def test_resuming_on_another_number_of_processes_says_the_dropout_masks_differ(c
         "ranks 2-3, so dropout masks (if any) differ from the uninterrupted run's")
     set_rank_rng_state([rng_state(), rng_state()], 0, World(0, 1, CPU))
     assert "this run has 1: the states saved for rank 1 go unused, so dropout" in capsys.readouterr().out
+    set_rank_rng_state([rng_state(), rng_state()], 0, World(1, 4, CPU))
+    assert capsys.readouterr().out == ""  # rank 0 alone says it, not every process
 
 
 def test_a_checkpoint_holds_one_rng_state_per_rank(tmp_path):

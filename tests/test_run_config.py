@@ -126,6 +126,13 @@ def test_more_processes_per_node_than_gpus_is_a_config_error(monkeypatch):
         init_world("cuda")
 
 
+def test_collectives_use_the_gpu_under_nccl_and_the_cpu_under_gloo():
+    """NCCL reduces only CUDA tensors, and a CPU run's gloo group CPU ones: the loss and the eval totals go there."""
+    from ttl_core.distributed import World
+    assert World(1, 2, torch.device("cuda", 1)).reduce_device == torch.device("cuda", 1)
+    assert World(1, 2, torch.device("cpu")).reduce_device == torch.device("cpu")
+
+
 def test_integers_are_accepted_for_float_settings():
     t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
     assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 from helpers import ROOT, load_script
+from tokenizer_helpers import make_ttl_style_dir
 
 import ttl_core
 from ttl_core.data import SAMPLE_CORPUS
@@ -20,7 +21,7 @@ from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import INSTRUCT_DEFAULTS
 from ttl_core.run_config import load_run_config
 from ttl_core.task_files import TaskSpec
-from ttl_core.tokenizer import train_tokenizer
+from ttl_core.tokenizer import Tokenizer, train_tokenizer
 
 
 def recorder(result):
@@ -183,6 +184,11 @@ def test_instruct_defaults_and_options_reach_finetune_instruct(tmp_path, monkeyp
                         "--train-on-inputs", "--out", "OUT", "--no-lora", "--lr", "1e-4"]) == 0
     cfg = FinetuneConfig(lr=1e-4, batch_size=8, epochs=3, max_length=512, lora=False)
     assert run.calls[-1] == (("BASE", "D.jsonl", "OUT", "alpaca", cfg), dict(eval_file="E.jsonl", train_on_inputs=True))
+    capsys.readouterr()
+    monkeypatch.setattr(script, "finetune_instruct", recorder({"train_examples": 3, "final_loss": 2.0,
+                                                               "added_tokens": []}))  # the model had them all
+    assert script.main(["--model", "BASE", "--out", "OUT2"]) == 0
+    assert capsys.readouterr().out == "3 examples, final training loss 2.0000; saved to OUT2/best\n"
 
 
 # --- finetune_benchmark.py ------------------------------------------------------------------------------------
@@ -226,6 +232,8 @@ def test_convert_keeps_the_dtype_by_default_and_shards_at_max_shard_size(bf16_ch
                                        f"torch.bfloat16) to {tmp_path / 'native'}\n")
     native = ttl_core.load_pretrained(tmp_path / "native")
     assert (tmp_path / "native" / "ttl_config.json").exists() and (tmp_path / "native" / "tokenizer.model").exists()
+    tokenizer_config = json.loads((tmp_path / "native" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == model.config.max_position_embeddings  # transformers truncates there
     for (name, a), b in zip(model.state_dict().items(), native.state_dict().values()):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
     assert not list((tmp_path / "native").glob("*.index.json"))  # one file under the 2GB default
@@ -235,6 +243,15 @@ def test_convert_keeps_the_dtype_by_default_and_shards_at_max_shard_size(bf16_ch
     assert torch.equal(ttl_core.load_pretrained(tmp_path / "hf").lm_head.weight, model.lm_head.weight)
     assert script.main(["--from-hf", str(src), str(tmp_path / "native2"), "--max-shard-size", "20KB"]) == 0
     assert list((tmp_path / "native2").glob("*.index.json"))
+
+
+def test_convert_shards_at_2gb_by_default_either_way(bf16_checkpoint, tmp_path, monkeypatch):
+    script = load_script("convert")
+    for direction, writer in (("--to-hf", "save_pretrained"), ("--from-hf", "save_native")):
+        save = recorder(None)
+        monkeypatch.setattr(script, writer, save)
+        assert script.main([direction, str(bf16_checkpoint[0]), str(tmp_path / direction)]) == 0
+        assert save.calls[-1][1]["max_shard_size"] == "2GB", direction
 
 
 @pytest.mark.parametrize("direction", [[], ["--from-hf", "--to-hf"]])
@@ -352,6 +369,8 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
 
 @pytest.mark.parametrize("name, work, result, left", [
     ("finetune_classifier", "finetune_classifier", types.SimpleNamespace(best={"epoch": 1}, checkpoint="B"), "best"),
+    ("finetune_classifier", "finetune_classifier", types.SimpleNamespace(best={"epoch": 1}, checkpoint="B"),
+     "metrics.jsonl"),  # interrupted before its best epoch was saved
     ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
      "metrics.jsonl"),
     ("finetune_benchmark", "run_benchmark", [], "results.json"),
@@ -386,6 +405,32 @@ def test_convert_into_a_directory_holding_a_checkpoint_needs_overwrite(bf16_chec
     assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
     assert script.main(["--from-hf", str(src), str(tmp_path / "out"), "--dtype", "float32", "--overwrite"]) == 0
     assert ttl_core.load_pretrained(tmp_path / "out").lm_head.weight.dtype == torch.float32
+    assert script.main(["--from-hf", str(src), str(tmp_path / "native")]) == 0  # ttl's layout is a checkpoint too
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'native'} already holds .*--overwrite"):
+        script.main(["--to-hf", str(src), str(tmp_path / "native")])
+
+
+def test_convert_copies_a_tokenizer_json_and_leaves_out_one_it_cannot_read(bf16_checkpoint, tmp_path, capsys):
+    """A source whose tokenizer is a tokenizer.json only (as TeenyTinyLlama's hub files may be) gets it copied
+    (as tokenizer.model); one ttl cannot read is left out with a note, and the weights are still converted."""
+    _, model = bf16_checkpoint
+    texts = [f"o menino {i} foi para a escola com seu cachorro número {i * 7}." for i in range(60)]
+    spec_dir = tmp_path / "spec"
+    make_ttl_style_dir(spec_dir, texts, vocab_size=300)
+    ttl_core.save_pretrained(model, tmp_path / "src")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "src" / name).write_bytes((spec_dir / name).read_bytes())
+    script = load_script("convert")
+    assert script.main(["--to-hf", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    copied = Tokenizer.from_pretrained(tmp_path / "out").encode(texts[3])
+    assert copied == Tokenizer.from_pretrained(spec_dir).encode(texts[3])
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    capsys.readouterr()
+    assert script.main(["--from-hf", str(tmp_path / "src"), str(tmp_path / "native")]) == 0
+    note, wrote = capsys.readouterr().out.splitlines()
+    assert note.startswith("note: the tokenizer is not copied (") and wrote.startswith("wrote LlamaForCausalLM")
+    assert not list((tmp_path / "native").glob("tokenizer*"))
+    assert torch.equal(ttl_core.load_pretrained(tmp_path / "native").lm_head.weight, model.lm_head.weight)
 
 
 def test_kernel_report_without_cuobjdump_says_so_before_compiling(tmp_path, monkeypatch):

@@ -13,8 +13,10 @@ from finetune_helpers import saved_base_model
 
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.instruct import instruction_rows
-from ttl_core.task_benchmark import read_task_list
-from ttl_core.task_files import TaskSpec, encode_example, label_value, load_task, read_task_file, task_labels
+from ttl_core.finetune import AGNEWS_LABELS
+from ttl_core.task_benchmark import read_task_list, sample_tasks
+from ttl_core.task_files import (TaskSpec, encode_example, label_value, load_task, read_task_file, task_examples,
+                                 task_labels)
 from ttl_core.tokenizer import Tokenizer
 
 
@@ -297,6 +299,7 @@ def test_class_ids_must_be_in_range_and_regression_targets_finite(tmp_path):
     ("labels", "XY", r"task 0 \(t\): labels must be a list of at least two distinct label names"),
     ("label_field", 3, r"task 0 \(t\): label_field must be a field name"),
     ("train", 5, r"task 0: 'train' must be a non-empty string, got 5"),
+    ("name", " ", r"task 0: 'name' must be a non-empty string, got ' '"),  # a blank folder name under --out
 ])
 def test_bad_task_lists_name_task_and_key(tmp_path, key, value, message):
     entry = {"name": "t", "train": "a.csv", "eval": "a.csv", key: value}
@@ -323,6 +326,28 @@ def test_task_lists_of_the_wrong_shape_are_named(tmp_path, document, message):
     (tmp_path / "tasks.json").write_text(json.dumps(document))
     with pytest.raises(DataError, match=message):
         read_task_list(tmp_path / "tasks.json")
+
+
+def test_the_bundled_benchmark_tasks_read_as_they_are_described():
+    """finetune_benchmark.py's default tasks, read without a model: news topics in the AgNews order, entailment
+    pairs (ASSIN2's NONE / ENTAILMENT order) and sentence-pair similarity scored 1-5, each with its own eval file
+    and every class in its training file."""
+    tasks = {task.name: task for task in sample_tasks()}
+    assert list(tasks) == ["noticias", "inferencia", "similaridade"]
+    described = {"noticias": (False, False, list(AGNEWS_LABELS)), "inferencia": (True, False, ["NONE", "ENTAILMENT"]),
+                 "similaridade": (True, True, None)}
+    for name, task in tasks.items():
+        pair, regression, labels = described[name]
+        assert (task.spec.pair, task.spec.regression, task.spec.labels) == (pair, regression, labels), name
+        assert task.train != task.eval and len(task.spec.text_fields) == 2, name
+        for path in (task.train, task.eval):
+            examples = task_examples(path, task.spec, labels)
+            assert all(text.strip() for texts, _ in examples for text in texts), path
+            targets = [label for _, label in examples]
+            if regression:
+                assert 1.0 <= min(targets) < max(targets) <= 5.0, path
+            elif path == task.train:
+                assert set(targets) == set(range(len(labels))), path
 
 
 def test_task_list_paths_are_relative_to_the_list_and_unreadable_lists_are_named(tmp_path):

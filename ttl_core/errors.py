@@ -6,7 +6,7 @@ predicates below are the ones the checks that raise them share: JSON, TOML and P
 for a number, which no setting here means.
 """
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 
 def is_number(value: Any) -> bool:
@@ -17,6 +17,16 @@ def is_number(value: Any) -> bool:
 def is_integer(value: Any) -> bool:
     """A Python int, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def noting_failure(items: Iterable[Any], failures: list[Exception]) -> Iterator[Any]:
+    """`items`, with the exception iterating them raises appended to `failures` before it propagates: a consumer
+    in C++ (sentencepiece's trainer) re-raises it as a RuntimeError that names only a line of code."""
+    try:
+        yield from items
+    except Exception as e:
+        failures.append(e)
+        raise
 
 
 class TTLError(ValueError):

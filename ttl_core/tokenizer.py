@@ -28,7 +28,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .added_tokens import AddedTokenSplitter
-from .errors import DataError, TokenizerError
+from .errors import DataError, TokenizerError, noting_failure
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, prefix_scheme, read_chat_template, read_config,
@@ -445,9 +445,10 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         texts = (t for f in paths for t in read_documents(f))
     else:
         texts = items
-    # sentencepiece holds every sentence it is given (the first input_sentence_size, shuffle off): reading no
-    # more than those, nor more than input_bytes, keeps a large corpus out of memory
-    sentences = itertools.islice(_sentences(texts, max_sentence_length, input_bytes), input_sentence_size)
+    # sentencepiece holds all it reads (shuffle off): input_sentence_size and input_bytes keep a corpus out of memory
+    failures: list[Exception] = []  # what reading the inputs raised (a file's DataError)
+    sentences = itertools.islice(_sentences(noting_failure(texts, failures), max_sentence_length, input_bytes),
+                                 input_sentence_size)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -459,6 +460,8 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
             input_sentence_size=input_sentence_size, shuffle_input_sentence=False,
             num_threads=num_threads or usable_cpus(), minloglevel=2)
     except RuntimeError as e:
+        if failures:
+            raise failures[0] from None
         detail = str(e).splitlines()[-1]
         if match := re.search(r"<= (\d+)", detail):
             detail += f"; the largest this text allows is {match.group(1)}"

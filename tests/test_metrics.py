@@ -1,0 +1,73 @@
+"""ttl_core.metrics on its own: what MetricsLog hands a reader (metrics.jsonl while the run goes on, TensorBoard)
+and which points the loss plot draws."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+
+from ttl_core.metrics import MetricsLog, plot_metrics, read_metrics
+
+
+def test_a_logged_record_is_in_the_file_before_the_run_ends(tmp_path):
+    """plot_metrics.py reads metrics.jsonl while the run is still going, and a crash loses no logged step."""
+    log = MetricsLog(tmp_path)
+    log.log({"step": 1, "loss": 2.5})
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
+    log.close()
+    assert log.file.closed
+
+
+def test_tensorboard_gets_each_numeric_value_at_its_step(tmp_path, monkeypatch):
+    """A stand-in SummaryWriter (tensorboard is an optional dependency) records the scalars: every number but the
+    step itself, each at the record's step."""
+    scalars = []
+
+    class Writer:
+        def __init__(self, log_dir, **kwargs):
+            pass
+
+        def add_scalar(self, key, value, step):
+            scalars.append((key, value, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.log({"step": 7, "loss": 1.5, "lr": 3e-4, "skipped": 0, "note": "text"})
+    log.close()
+    assert scalars == [("loss", 1.5, 7), ("lr", 3e-4, 7), ("skipped", 0, 7)]
+
+
+@pytest.fixture
+def plotted(monkeypatch):
+    """The (label, steps, values) of each curve plot_metrics draws."""
+    import matplotlib.axes
+    curves, draw = [], matplotlib.axes.Axes.plot
+
+    def plot(self, steps, values, *style, label, **kwargs):
+        curves.append((label, list(steps), list(values)))
+        return draw(self, steps, values, *style, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    return curves
+
+
+def write_records(run_dir, *records):
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_plot_draws_the_finite_train_and_eval_losses(tmp_path, plotted):
+    write_records(tmp_path, {"step": 1, "loss": 3.0}, {"step": 2, "loss": math.nan}, {"step": 2, "eval_loss": 2.8},
+                  {"step": 3, "loss": 2.5, "lr": 1e-4}, {"step": 4, "eval_loss": 2.4})
+    assert plot_metrics(tmp_path) == tmp_path / "loss.png"
+    assert plotted == [("train loss", [1, 3], [3.0, 2.5]), ("eval loss", [2, 4], [2.8, 2.4])]
+
+
+def test_a_run_whose_train_losses_are_all_nan_still_plots_its_evaluations(tmp_path, plotted):
+    write_records(tmp_path, {"step": 1, "loss": math.nan}, {"step": 1, "eval_loss": 2.8})
+    assert plot_metrics(tmp_path) == tmp_path / "loss.png"
+    assert plotted == [("eval loss", [1], [2.8])]
