@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -55,11 +57,16 @@ REL_TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
 
 def rel_err(got, truth) -> float:
-    """max |got - truth| / max |truth| in float64; infinite when `got` holds a NaN or inf, so it never passes."""
+    """max |got - truth| / max |truth| in float64; NaN when `got` holds a NaN or inf (or the truth is unusable), so
+    it passes no comparison: an infinite error would pass `<= 2 * rel_err(reference, truth)` with a NaN reference."""
     got, truth = got.detach().double(), truth.detach().double()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float((got - truth).abs().max() / truth.abs().max())
+    error = float((got - truth).abs().max() / truth.abs().max())  # torch's max propagates a NaN
+    return error if math.isfinite(error) else math.nan
+
+
+def largest(values: Iterable[float]) -> float:
+    """The largest of `values`, NaN if any is NaN (Python's `max` keeps its first value when the next is NaN)."""
+    return float(torch.tensor(list(values), dtype=torch.float64).max())
 
 
 # Two heads' offset 2 * HEAD_STRIDE wraps in 32 bits to -128: past 2^31 elements, yet the stride is a 32-bit argument

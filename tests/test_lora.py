@@ -9,6 +9,7 @@ import re
 import peft
 import pytest
 import torch
+from helpers import largest
 from hf_reference import hf_causal_lm, hf_classifier
 from lora_helpers import ALL, ids, randomize_lora_, saved_peft_adapter, scale_saved_modules_, to_ttl
 from safetensors.torch import load_file, save_file
@@ -123,7 +124,7 @@ def test_merge_unmerge_and_unload(tmp_path):
     # merging rounds the weights once; its error against float64 is that of the unmerged float32 path
     assert (merged.double() - truth).abs().max() <= 2 * (unmerged.double() - truth).abs().max()
     params = dict(model.named_parameters())
-    assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
+    assert largest((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
     with pytest.raises(CheckpointError, match="LoRA adapters"):
         ttl_core.save_pretrained(model, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
@@ -235,7 +236,7 @@ def test_merged_weights_equal_peft_merge_and_unload(tmp_path, merge_first):
     ttl_core.save_pretrained(model, tmp_path / "folded", state_dict=merged_weights(model))
     folded = load_file(tmp_path / "folded" / "model.safetensors")
     assert sorted(folded) == sorted(truth)
-    assert max((folded[k] - truth[k]).abs().max().item() for k in folded) <= 1e-5
+    assert largest((folded[k] - truth[k]).abs().max().item() for k in folded) <= 1e-5
 
 
 @pytest.mark.parametrize("field, value", [
@@ -378,7 +379,7 @@ def test_merging_twice_folds_the_adapter_in_once(tmp_path):
         unmerge_lora(model)
         unmerge_lora(model)
     params = dict(model.named_parameters())
-    assert max((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
+    assert largest((params[n] - w).abs().max().item() for n, w in base.items()) < 1e-6
 
 
 def test_adapter_keys_with_peft_adapter_name_load(tmp_path):
