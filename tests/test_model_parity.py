@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 import transformers
+from helpers import rel_err
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
@@ -86,7 +87,8 @@ def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor 
         start = 0
         for key, rows in pieces:
             rows = ours_grad.shape[0] if rows is None else rows
-            assert torch.allclose(ours_grad[start:start + rows], hf_grads[key], atol=1e-5, rtol=1e-4), key
+            # measured: under 1.1e-6 of the largest entry (fp32, the same math summed in another order)
+            assert rel_err(ours_grad[start:start + rows], hf_grads[key]) <= 1e-5, key
             start += rows
 
 
@@ -316,7 +318,7 @@ def test_classifier_matches_transformers(problem, tmp_path):
         assert ours(ids, attention_mask=mask, labels=labels.int()).loss.item() == got.loss.item()
     ref.loss.backward()
     got.loss.backward()
-    assert torch.allclose(ours.score.weight.grad, hf.score.weight.grad, atol=1e-5, rtol=1e-4)
+    assert rel_err(ours.score.weight.grad, hf.score.weight.grad) <= 1e-5
 
 
 def test_bf16_classifier_losses_keep_float_labels_unrounded(tmp_path):
