@@ -202,7 +202,7 @@ def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, mo
     for whole, accumulated in zip(grads[8], grads[4], strict=True):
         assert whole.keys() == accumulated.keys()
         for name, grad in whole.items():
-            assert torch.allclose(accumulated[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
+            assert rel_err(accumulated[name], grad) <= 1e-5, name  # measured: under 4e-7
     if kind == "instruct":
         assert eval_grad_modes and not any(eval_grad_modes)
 
