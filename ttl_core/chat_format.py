@@ -16,30 +16,22 @@ _ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
 def check_chat_format(format: str) -> None:
     """Refuse a chat format ttl does not know, naming the ones it does."""
     if format not in CHAT_FORMATS:
-        raise _unknown_format(format)
-
-
-def _unknown_format(format: str) -> ConfigError:
-    return ConfigError(f"unknown chat format {format!r}; choose one of {', '.join(CHAT_FORMATS)}")
+        raise ConfigError(f"unknown chat format {format!r}; choose one of {', '.join(CHAT_FORMATS)}")
 
 
 def chat_prompt(format: str, instruction: str, input: str = "") -> str:
     """The text of a chat prompt up to where the response starts, in `aira` or `alpaca` (Alpaca-PTBR) form."""
+    check_chat_format(format)
     if format == "aira":
         return f"<|startofinstruction|>{instruction}" + (f"\n{input}" if input else "") + "<|endofinstruction|>"
-    if format == "alpaca":
-        if input:
-            return (f"{_ALPACA_HEADER}, emparelhada com uma entrada que fornece mais contexto. {_ALPACA_TAIL}\n\n"
-                    f"### Instruções:\n{instruction}\n\n### Entrada:\n{input}\n\n### Resposta:\n")
-        return f"{_ALPACA_HEADER}. {_ALPACA_TAIL}\n\n### Instruções:\n{instruction}\n\n### Resposta:\n"
-    raise _unknown_format(format)
+    if input:
+        return (f"{_ALPACA_HEADER}, emparelhada com uma entrada que fornece mais contexto. {_ALPACA_TAIL}\n\n"
+                f"### Instruções:\n{instruction}\n\n### Entrada:\n{input}\n\n### Resposta:\n")
+    return f"{_ALPACA_HEADER}. {_ALPACA_TAIL}\n\n### Instruções:\n{instruction}\n\n### Resposta:\n"
 
 
 def chat_response(format: str, response: str) -> str:
     """The response text that follows `chat_prompt`; Aira closes it with `<|endofcompletion|>` (Alpaca's EOS is
     added as a token id by the caller)."""
-    if format == "aira":
-        return response + AIRA_END
-    if format == "alpaca":
-        return response
-    raise _unknown_format(format)
+    check_chat_format(format)
+    return response + AIRA_END if format == "aira" else response

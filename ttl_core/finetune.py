@@ -166,9 +166,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         lora["lora_targets"] = "all-linear" if targets == ["all-linear"] else targets
     return replace(args.finetune_defaults, lr=args.lr, batch_size=args.batch_size,
                    grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, weight_decay=args.weight_decay,
-                   warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, max_length=args.max_length, seed=args.seed,
-                   device=args.device,
-                   dtype=args.dtype, lora=args.lora, merge_lora=args.merge_lora, **lora)
+                   warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, max_length=args.max_length,
+                   seed=args.seed, device=args.device, dtype=args.dtype, lora=args.lora, merge_lora=args.merge_lora,
+                   **lora)
 
 
 def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:
