@@ -39,18 +39,24 @@ def _interpreter_rounds_bf16_like_the_gpu() -> None:
 
 
 def _interpreter_indexes_with_scalar_tensors() -> None:
-    """Every scalar in Triton's interpreter is a one-element 1-D array, and Triton 3.6 turns one used as a
+    """Every scalar in Triton's interpreter is a one-element 1-D array, and Triton 3.5 and 3.6 turn one used as a
     Python index (a loop's runtime bound: `range(0, end, BLOCK)`) into an int with `int(array)`, which NumPy
-    2.4+ refuses for arrays of rank above 0. Later Tritons (3.9) squeeze the array first; do the same, so the kernels'
-    loops run in the interpreter under Triton 3.6 too (a GPU compiles the loop and never takes this path).
-    Fails loudly if a Triton upgrade moves the function."""
+    2.4+ refuses for arrays of rank above 0. Later Tritons (3.9) squeeze the array first; do the same, so the
+    kernels' loops run in the interpreter under Triton 3.5 and 3.6 too (a GPU compiles the loop and never takes
+    this path). Fails loudly if a Triton upgrade moves the function."""
     from triton.runtime import interpreter
 
     patch_tensor = interpreter._patch_lang_tensor
 
-    def patch_with_scalar_index(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def index(self) -> int:
+        return int(self.handle.data.squeeze())
+
+    def patch_with_scalar_index(tensor, *scope):  # Triton 3.6 passes a patch scope, 3.5 none
+        patch_tensor(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = patch_with_scalar_index
 
