@@ -10,7 +10,9 @@ setup(
     packages=find_packages(include=["ttl_core", "ttl_core.*", "ttl_kernels", "ttl_kernels.*"]),
     package_data={"ttl_core": ["sample_data/*.txt", "sample_data/*.csv", "sample_data/*.jsonl"]},
     install_requires=[
-        "torch>=2.6",  # FSDP2's public fully_shard, torch.nn.utils.get_total_norm
+        # 2.9 at least (README, "Tested versions"): torch 2.8's FSDP2 summed the ranks' gradients over gloo instead
+        # of averaging them, and the Triton of torch 2.6 and 2.7 cannot build an autotuner on a machine without a GPU
+        "torch>=2.9",
         "triton; platform_system == 'Linux'",
         "numpy",
         "safetensors",
@@ -22,8 +24,9 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],  # loss curves (RUN/loss.png) and benchmark plots
-        # transformers and peft are the tests' references: capped above the releases the suite last passed
-        # against (5.25, 0.21), so a new release is checked on purpose (raise the cap) rather than by surprise
-        "dev": ["pytest", "transformers>=4.45,<5.26", "peft<0.22", "tokenizers", "pyarrow", "matplotlib"],
+        # transformers and peft are the tests' references, from the oldest releases the suite passes against
+        # (transformers 5.17, the GPU image's) and capped above the newest (5.25, 0.21), so a new release is
+        # checked on purpose (raise the cap) rather than by surprise
+        "dev": ["pytest", "transformers>=5.17,<5.26", "peft>=0.21,<0.22", "tokenizers", "pyarrow", "matplotlib"],
     },
 )
