@@ -24,7 +24,7 @@ from ttl_core.run_config import load_run_config
 import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
 from ttl_core.optim import build_optimizer, clip_gradients, lr_at, optimizer_update
-from ttl_core.train import evaluate, model_inputs, train, train_step
+from ttl_core.train import cpp_compiler, evaluate, model_inputs, train, train_step
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,17 @@ def test_activation_checkpointing_changes_memory_not_results(tmp_path, data_dir,
                        data_dir=str(data_dir))
     assert losses(tmp_path / "c") == losses(tmp_path / "p") and recomputed.last_loss == plain.last_loss
     assert runs == [2] * 2 * 2  # 2 steps x 2 layers, each recomputed once (evaluation, in eval mode, runs none)
+
+
+def test_compiled_training_on_the_cpu_gives_eager_s_losses(tmp_path, data_dir):
+    """`train.compile` on the CPU (what the ttl-160m recipe asks for, run without --device cuda): the compiled
+    blocks, on the reference kernels, train to eager's losses within float32 rounding."""
+    if cpp_compiler() is None:
+        pytest.skip("torch.compile builds C++ kernels on the CPU, and no C++ compiler is installed")
+    eager = train(run_config("train.max_steps=3"), tmp_path / "e", data_dir=str(data_dir))
+    compiled = train(run_config("train.max_steps=3", "train.compile=true"), tmp_path / "c", data_dir=str(data_dir))
+    assert largest(abs(x - y) for x, y in zip(losses(tmp_path / "e"), losses(tmp_path / "c"))) <= 1e-4
+    assert compiled.last_loss == pytest.approx(eager.last_loss, abs=1e-4)
 
 
 @pytest.mark.gpu

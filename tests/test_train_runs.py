@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -196,6 +197,19 @@ def test_step_arguments_that_would_train_nothing_are_refused_and_a_finished_run_
         train(run_config("train.max_steps=1"), tmp_path / "b", data_dir=str(data_dir), resume=True)
     with pytest.raises(ConfigError, match="is at step 2, and --stop-after is 2: nothing to train"):
         train(run_config("train.max_steps=3"), tmp_path / "b", data_dir=str(data_dir), resume=True, stop_after=2)
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tmp_path, data_dir, monkeypatch):
+    """torch.compile's CPU backend builds C++ kernels with the compiler $CXX names (else g++): without it a
+    compiled CPU run failed at its first step in a long inductor traceback; now it is refused in one line first."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    assert ttl_train.cpp_compiler() is None
+    with pytest.raises(ConfigError, match=r"train.compile on the CPU needs a C\+\+ compiler, and \S*no-such-compiler"):
+        train(run_config("train.compile=true"), tmp_path / "run", data_dir=str(data_dir))
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("CXX", sys.executable)  # any installed program passes the lookup, as in inductor's
+    assert ttl_train.cpp_compiler() == sys.executable
 
 
 @pytest.mark.parametrize("refused, kwargs, message", [

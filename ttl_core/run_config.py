@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
     tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (TeenyTinyLlama's recipe); no effect off CUDA
-    compile: bool = False
+    compile: bool = False  # torch.compile each decoder block (on the CPU that needs a C++ compiler: $CXX, else g++)
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # how torchrun processes share the model: "ddp" or "fsdp" (FSDP2)
     # evaluate on val.bin every eval_every steps and after the last; 0: never (the data then needs no val.bin)

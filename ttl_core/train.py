@@ -11,6 +11,7 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import time
@@ -58,6 +59,22 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend builds its kernels with, looked up as inductor does ($CXX,
+    else g++), or None when it is not installed."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def check_compiler(device: torch.device, train: TrainConfig) -> None:
+    """Refuse `train.compile` on the CPU without a C++ compiler, which would fail at the first step in a long
+    traceback (a CUDA run compiles Triton kernels instead; inductor can also fetch g++ itself when asked to)."""
+    if (train.compile and device.type == "cpu" and cpp_compiler() is None
+            and not os.environ.get("TORCH_INDUCTOR_INSTALL_GXX")):
+        raise ConfigError(f"train.compile on the CPU needs a C++ compiler, and {os.environ.get('CXX', 'g++')} "
+                          f"(named by $CXX, else g++) is not installed: install one, point $CXX at it, or set "
+                          f"train.compile=false")
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, document_masking: bool,
@@ -313,6 +330,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
 def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, resume: bool,
            stop_after: int | None, init_from: str | None) -> RunResult:
     train = run.train
+    check_compiler(world.device, train)
     set_tf32(world.device, train.tf32)
     out_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
