@@ -37,7 +37,7 @@ def flash_attention_reference(
     if cu_seqlens is None:
         batch, seq = q.shape[:2]
         cu = torch.arange(batch + 1) * seq if batch else torch.zeros(2, dtype=torch.long)
-        flat = (t.flatten(0, 1) for t in (q, k, v))
+        flat = [t.flatten(0, 1) for t in (q, k, v)]
         out = flash_attention_reference(*flat, causal, cu, seq, softmax_scale)
         return out.view(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -492,9 +492,9 @@ def flash_attention(
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     else:
         batch, seq = q.shape[:2]
-        qf, kf, vf = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+        qf, kf, vf = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
         cu = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq  # not a step of seq: it may be 0
         max_seqlen = seq
-    qf, kf, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf))
+    qf, kf, vf = [t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf)]
     out = _FlashAttention.apply(qf, kf, vf, cu, max_seqlen, causal, scale)
     return out if packed else out.view(q.shape)

@@ -132,7 +132,9 @@ def rotary_launch(
     """Rotate (or, with `backward`, apply the transposed rotation to) q and k in one launch; cos/sin are
     already (batch, seq, dim) views (stride 0 where broadcast). Writes into `out` (views with a contiguous
     last dim) when given, else into new contiguous tensors; returns the two results."""
-    q, k, cos, sin = (_last_dim_contiguous(t) for t in (q, k, cos, sin))
+    # a list, not a generator: torch 2.15's dynamo fails on a generator unpacked in an autograd Function's forward
+    # ("generator already executing") and splits a compiled training block at it
+    q, k, cos, sin = [_last_dim_contiguous(t) for t in (q, k, cos, sin)]
     batch, seq, n_q_heads, dim = q.shape
     n_k_heads = k.shape[2]
     qo, ko = out or (torch.empty(q.shape, dtype=q.dtype, device=q.device),
@@ -301,7 +303,7 @@ def rotary_into_cache(
         return q
     _check_constant_angles(cos, sin)
     qkv, slots = _last_dim_contiguous(qkv), slots.contiguous()  # the kernel indexes slots as a packed array
-    cos, sin = _same_strides(*(_last_dim_contiguous(t.expand(batch, seq, dim)) for t in (cos, sin)))
+    cos, sin = _same_strides(*[_last_dim_contiguous(t.expand(batch, seq, dim)) for t in (cos, sin)])
     q = torch.empty(q.shape, dtype=qkv.dtype, device=qkv.device)
     if batch * seq:
         _rotary_into_cache_kernel[(batch * seq,)](
