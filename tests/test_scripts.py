@@ -13,6 +13,7 @@ import torch
 from helpers import ROOT, load_script, run_script
 
 from ttl_core.benchmark import ROW_FIELDS, BenchDevice, Results, open_device, row
+from ttl_core.train import cpp_compiler
 
 SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
 
@@ -65,6 +66,8 @@ SMOKE = {"bench_kernels": ({"TTL_KERNELS": "triton"}, ["rms_norm", "rotary", "sw
 @pytest.mark.parametrize("script", sorted(SMOKE))
 def test_benchmark_harness_runs_at_toy_sizes(script, tmp_path):
     env, files = SMOKE[script]
+    if script in ("bench_kernels", "bench_train") and cpp_compiler() is None:
+        pytest.skip("its torch.compile baselines build C++ kernels on the CPU, and no C++ compiler is installed")
     run = run_script(script, "--smoke", "--out", tmp_path, env={**env, "TRITON_INTERPRET": "1"}, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     folder = next(tmp_path.iterdir())
@@ -84,32 +87,37 @@ def test_benchmark_harness_runs_at_toy_sizes(script, tmp_path):
 
 def test_every_kernel_compiles_for_hopper(tmp_path):
     """What the interpreter cannot show: each kernel compiles for sm_90 (H100/H200) within its shared memory,
-    every attention candidate uses warpgroup MMA (HGMMA); no kernel spills registers (RMSNorm's backward at
-    hidden 16384 once spilled 72-96 bytes a thread); and
+    every attention candidate uses warpgroup MMA (HGMMA); no kernel spills registers but where a Triton release
+    is known to (RMSNorm's backward at hidden 16384 once spilled 72-96 bytes a thread); and
     torch.compile traces a decoder block on the kernels into one graph, in inference and in training (where it
     also traces each kernel's backward; an autotuner built on first use once split it in eight)."""
     report = tmp_path / "report.json"
     run = run_script("kernel_report", "--json", report, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    rows = json.loads(report.read_text())["rows"]
+    compiled = json.loads(report.read_text())
+    rows = compiled["rows"]
     kernels = {r["kernel"] for r in rows}
     assert kernels >= {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_rotary_into_cache_kernel",
                        "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_ce_row_kernel", "_fwd_kernel", "_bwd_dkdv_kernel",
                        "_bwd_dq_kernel", "_delta_kernel"}
     attention = [r for r in rows if r["kernel"] in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
     assert len(attention) >= 40 and all(r["hgmma"] > 0 for r in attention)
-    # the one known spill: RMSNorm's backward at hidden 16384 on an fp32 residual stream (autocast training),
-    # whose fp32 rows do not fit in 64 registers a thread (beyond ttl's widths; see benchmarks/NOTES.md)
-    spilling = [(r["kernel"], r["constexprs"]) for r in rows if r["stack_bytes"]
+    # the known spills, all in RMSNorm's backward at hidden 16384 (beyond ttl's widths; see benchmarks/NOTES.md):
+    # on an fp32 residual stream (autocast training) fp32 rows do not fit in 64 registers a thread, and under
+    # Triton 3.6 and 3.7 (torch 2.11-2.13's CUDA builds) a bf16 stream's loop spills 16 bytes of scalars (three
+    # 32-bit values stored and reloaded once a row, L1 hits beside the row's 96 KB of loads); 3.8 keeps them in
+    # registers
+    old_triton = tuple(map(int, compiled["triton"].split(".")[:2])) < (3, 8)
+    spilling = [(r["kernel"], r["constexprs"], r["stack_bytes"]) for r in rows if r["stack_bytes"]
                 and not (r["kernel"] == "_rms_norm_bwd_kernel" and r["constexprs"]["BLOCK_N"] == 16384
-                         and r["constexprs"]["HAS_DR"])]
+                         and (r["constexprs"]["HAS_DR"] or old_triton and r["stack_bytes"] <= 16))]
     assert not spilling, spilling
     # memory-bound kernels move 16-byte pieces (rotary at ttl-160m's 64-wide heads once moved 8-byte ones)
     memory_bound = [r for r in rows if r["kernel"] in ("_rotary_kernel", "_rotary_into_cache_kernel",
                                                       "_rms_norm_fwd_kernel", "_swiglu_fwd_kernel")]
     assert all(r["ldg128"] > 0 and r["stg128"] > 0 for r in memory_bound), memory_bound
     assert all(r["ldg128"] > 0 for r in rows if r["kernel"] == "_delta_kernel")  # it stores one value a row
-    traces = json.loads(report.read_text())["compiled_block"]
+    traces = compiled["compiled_block"]
     assert set(traces) == {"inference", "training"}
     assert all(t["graphs"] == 1 and t["graph_breaks"] == 0 for t in traces.values()), traces
 
