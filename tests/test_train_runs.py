@@ -208,6 +208,11 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tm
     with pytest.raises(ConfigError, match=r"train.compile on the CPU needs a C\+\+ compiler, and \S*no-such-compiler"):
         train(run_config("train.compile=true"), tmp_path / "run", data_dir=str(data_dir))
     assert not (tmp_path / "run").exists()
+    compiled, eager = run_config("train.compile=true").train, run_config().train
+    ttl_train.check_compiler(torch.device("cuda"), compiled)  # a CUDA run compiles Triton kernels, not C++
+    ttl_train.check_compiler(torch.device("cpu"), eager)
+    monkeypatch.setenv("TORCH_INDUCTOR_INSTALL_GXX", "1")  # inductor fetches g++ itself
+    ttl_train.check_compiler(torch.device("cpu"), compiled)
     monkeypatch.setenv("CXX", sys.executable)  # any installed program passes the lookup, as in inductor's
     assert ttl_train.cpp_compiler() == sys.executable
 
