@@ -1,5 +1,6 @@
 """The training loop: schedule, the step's arithmetic, DDP/FSDP2 parity, the README's main job (resume and
-crash safety: test_resume.py; refusals, --init-from and evaluation settings: test_train_runs.py)."""
+crash safety: test_resume.py; refusals, --init-from and evaluation settings: test_train_runs.py; whole runs
+against a loop written with transformers: test_train_reference.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,166 @@
+"""A whole pretraining run against a plain loop written from the documented recipe with transformers'
+LlamaForCausalLM, torch's AdamW and clip_grad_norm_, and transformers' cosine schedule: the same weights in,
+the same batches (drawn from train.bin as PackedLoader's docstring says, not by PackedLoader), so the same
+losses, gradient norms, lrs, evaluation and final weights out (the weights judged against the loop in float64:
+see `check_run_follows_reference`)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from hf_reference import hf_causal_lm
+from train_helpers import prepared_corpus, run_config
+from ttl_core.metrics import read_metrics
+from ttl_core.run_config import TrainConfig
+from ttl_core.train import train
+
+KERNEL_MODULES = [importlib.import_module(f"ttl_kernels.{name}")
+                  for name in ("rms_norm", "rotary", "swiglu", "cross_entropy", "flash_attention")]
+
+
+def blocks_of(data_dir: Path, split: str, seq_len: int) -> np.ndarray:
+    """`split`.bin cut into (n_blocks, seq_len + 1) windows at stride seq_len."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tokens = np.fromfile(data_dir / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+    n_blocks = (len(tokens) - 1) // seq_len
+    return np.stack([tokens[b * seq_len:b * seq_len + seq_len + 1] for b in range(n_blocks)])
+
+
+def training_batches(blocks: np.ndarray, batch_size: int, seed: int):
+    """Batch after batch: epoch e visits the blocks in the permutation seeded by [seed, e], in whole batches."""
+    for epoch in range(1_000):
+        order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+        for first in range(0, len(order) - batch_size + 1, batch_size):
+            yield torch.from_numpy(blocks[order[first:first + batch_size]])
+
+
+def summed_loss(model: transformers.LlamaForCausalLM, block: torch.Tensor) -> torch.Tensor:
+    logits = model(block[:, :-1]).logits
+    return F.cross_entropy(logits.flatten(0, 1), block[:, 1:].flatten(), reduction="sum")
+
+
+def reference_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """Linear warmup to `lr` at step `warmup`, then transformers' cosine with a floor, one step behind ours
+    (transformers numbers its first step 0)."""
+    if step <= warmup:
+        return lr * step / warmup
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(probe, warmup, max_steps, min_lr=min_lr)
+    return schedule.lr_lambdas[0](step - 1) * lr
+
+
+def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path,
+                       t: TrainConfig) -> tuple[list[dict], float]:
+    """Train `model` in place by the recipe in `t`; returns each step's figures (as metrics.jsonl
+    names them) and the evaluation after the last step."""
+    blocks = blocks_of(data_dir, "train", t.seq_len)
+    decay = [p for name, p in model.named_parameters() if "norm" not in name]
+    no_decay = [p for name, p in model.named_parameters() if "norm" in name]
+    assert decay and no_decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas, eps=t.eps)
+    draw = training_batches(blocks, t.micro_batch_size, t.seed)
+    figures = []
+    for step in range(1, t.max_steps + 1):
+        micro_batches = [next(draw) for _ in range(t.grad_accum_steps)]
+        targets = sum(b[:, 1:].numel() for b in micro_batches)
+        loss = 0.0
+        for block in micro_batches:
+            part = summed_loss(model, block) / targets
+            part.backward()
+            loss += part.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        lr = reference_lr(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad()
+        figures.append({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
+    with torch.no_grad():
+        val = torch.from_numpy(blocks_of(data_dir, "val", t.seq_len))
+        first = val[:min(t.eval_batches, len(val) // t.micro_batch_size) * t.micro_batch_size]  # whole batches
+        eval_loss = sum(summed_loss(model.eval(), b).item()
+                        for b in first.split(t.micro_batch_size)) / first[:, 1:].numel()
+    return figures, eval_loss
+
+
+def check_run_follows_reference(tmp_path: Path, *overrides: str) -> list[dict]:
+    """Run ttl's training from a transformers-made GQA model with an untied head, then `reference_training` from
+    the same weights in float32 and in float64. Losses, gradient norms, lrs and the evaluation must be the float32
+    loop's to float32 rounding. The weights are judged against the float64 loop, as flash-attn judges its kernels:
+    no further from it than twice transformers' own float32 run is (or 1e-5). A direct 1e-5 would not do: AdamW
+    divides each gradient by its own running scale, so a float32 rounding in a near-zero gradient moves its weight
+    by up to lr times its relative error, and two steps on Triton kernels put transformers' float32 run 2e-5
+    from the float64 one. Returns the float32 loop's step figures."""
+    data_dir = prepared_corpus(tmp_path)
+    run = run_config(*overrides)
+    t = run.train
+    reference = hf_causal_lm(seed=1, vocab_size=400, intermediate_size=128, max_position_embeddings=64,
+                             num_key_value_heads=2, tie_word_embeddings=False).float().train()
+    reference.save_pretrained(tmp_path / "init")
+    truth = copy.deepcopy(reference).double()
+    train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
+    expected, eval_loss = reference_training(reference, data_dir, t)
+    reference_training(truth, data_dir, t)
+
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, t.max_steps + 1))
+    for got, want in zip(logged, expected):
+        assert math.isclose(got["lr"], want["lr"], rel_tol=1e-12), got["step"]  # one formula, two spellings
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5), (got, want)
+        assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-5), (got, want)
+    [logged_eval] = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert math.isclose(logged_eval, eval_loss, rel_tol=1e-5)
+    last = tmp_path / "run" / "checkpoints" / f"step-{t.max_steps:06d}"
+    trained = transformers.LlamaForCausalLM.from_pretrained(last)
+    theirs, exact = reference.state_dict(), truth.state_dict()
+    for name, ours in trained.state_dict().items():
+        their_error = (theirs[name].double() - exact[name]).abs().max().item()
+        assert (ours.double() - exact[name]).abs().max().item() <= max(1e-5, 2 * their_error), name
+    return expected
+
+
+def record_kernel_decisions(monkeypatch) -> dict[str, set[bool]]:
+    """Each kernel module's answers to "Triton or the reference?" from here on, by module name."""
+    decisions: dict[str, set[bool]] = {}
+    for module in KERNEL_MODULES:
+        def recorded(*args, module=module, decide=module.use_triton):
+            decision = decide(*args)
+            decisions.setdefault(module.__name__, set()).add(decision)
+            return decision
+        monkeypatch.setattr(module, "use_triton", recorded)
+    return decisions
+
+
+def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path):
+    """Gradient accumulation, an epoch boundary, clipping both on and off, weight decay with the norms exempt,
+    the warmup and cosine to a floor."""
+    overrides = ["train.max_steps=12", "train.micro_batch_size=10", "train.grad_accum_steps=2",
+                 "train.warmup_steps=3", "train.min_lr=3e-4", "train.weight_decay=0.1", "train.grad_clip=2.0",
+                 "train.eval_every=12", "train.save_every=12", "train.seed=5"]
+    expected = check_run_follows_reference(tmp_path, *overrides)
+    assert min(e["grad_norm"] for e in expected) < 2.0 < max(e["grad_norm"] for e in expected)
+    batches_per_epoch = len(blocks_of(tmp_path / "prepared", "train", 32)) // 10
+    assert batches_per_epoch < 12 * 2  # the run takes more micro-batches than an epoch holds
+
+
+def test_a_run_on_the_triton_kernels_is_the_recipe_written_out_with_transformers(tmp_path, monkeypatch):
+    """The same on every Triton kernel (in the interpreter) and Triton attention: RMSNorm with the fused residual,
+    rotary on the fused projection, SwiGLU and the fused linear cross-entropy, in training and in evaluation."""
+    decisions = record_kernel_decisions(monkeypatch)
+    monkeypatch.setenv("TTL_KERNELS", "triton")
+    monkeypatch.setenv("TTL_ATTENTION", "triton")
+    check_run_follows_reference(tmp_path, "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                                "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
+                                "train.save_every=2", "train.seed=5")
+    assert decisions == {module.__name__: {True} for module in KERNEL_MODULES}  # Triton, each time
