@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
@@ -43,9 +44,23 @@ def training_batches(blocks: np.ndarray, batch_size: int, seed: int):
             yield torch.from_numpy(blocks[order[first:first + batch_size]])
 
 
-def summed_loss(model: transformers.LlamaForCausalLM, block: torch.Tensor) -> torch.Tensor:
-    logits = model(block[:, :-1]).logits
-    return F.cross_entropy(logits.flatten(0, 1), block[:, 1:].flatten(), reduction="sum")
+def summed_loss(model: transformers.LlamaForCausalLM, block: torch.Tensor, meta: dict | None) -> torch.Tensor:
+    """Cross-entropy summed over the block's targets. With document masking (`meta`, the data's meta.json) each
+    document runs alone, from position 0, and the <s> that starts the next one is no target."""
+    inputs, labels = block[:, :-1], block[:, 1:]
+    if meta is None:
+        return F.cross_entropy(model(inputs).logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    total = torch.zeros((), dtype=model.dtype)
+    for row, row_labels in zip(inputs, labels):
+        starts = [0] + [j for j in range(1, len(row)) if row[j - 1] == meta["eos_id"]] + [len(row)]
+        for start, end in zip(starts, starts[1:]):
+            targets = row_labels[start:end].masked_fill(row_labels[start:end] == meta["bos_id"], -100)
+            total = total + F.cross_entropy(model(row[None, start:end]).logits[0], targets, reduction="sum")
+    return total
+
+
+def target_count(block: torch.Tensor, meta: dict | None) -> int:
+    return block[:, 1:].numel() if meta is None else int((block[:, 1:] != meta["bos_id"]).sum())
 
 
 def reference_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
@@ -58,10 +73,11 @@ def reference_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: in
     return schedule.lr_lambdas[0](step - 1) * lr
 
 
-def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path,
-                       t: TrainConfig) -> tuple[list[dict], float]:
+def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: TrainConfig,
+                       document_masking: bool) -> tuple[list[dict], float]:
     """Train `model` in place by the recipe in `t`; returns each step's figures (as metrics.jsonl
     names them) and the evaluation after the last step."""
+    meta = json.loads((data_dir / "meta.json").read_text()) if document_masking else None
     blocks = blocks_of(data_dir, "train", t.seq_len)
     decay = [p for name, p in model.named_parameters() if "norm" not in name]
     no_decay = [p for name, p in model.named_parameters() if "norm" in name]
@@ -72,10 +88,10 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path,
     figures = []
     for step in range(1, t.max_steps + 1):
         micro_batches = [next(draw) for _ in range(t.grad_accum_steps)]
-        targets = sum(b[:, 1:].numel() for b in micro_batches)
+        targets = sum(target_count(b, meta) for b in micro_batches)
         loss = 0.0
         for block in micro_batches:
-            part = summed_loss(model, block) / targets
+            part = summed_loss(model, block, meta) / targets
             part.backward()
             loss += part.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
@@ -88,8 +104,8 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path,
     with torch.no_grad():
         val = torch.from_numpy(blocks_of(data_dir, "val", t.seq_len))
         first = val[:min(t.eval_batches, len(val) // t.micro_batch_size) * t.micro_batch_size]  # whole batches
-        eval_loss = sum(summed_loss(model.eval(), b).item()
-                        for b in first.split(t.micro_batch_size)) / first[:, 1:].numel()
+        eval_loss = sum(summed_loss(model.eval(), b, meta).item()
+                        for b in first.split(t.micro_batch_size)) / target_count(first, meta)
     return figures, eval_loss
 
 
@@ -109,8 +125,8 @@ def check_run_follows_reference(tmp_path: Path, *overrides: str) -> list[dict]:
     reference.save_pretrained(tmp_path / "init")
     truth = copy.deepcopy(reference).double()
     train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
-    expected, eval_loss = reference_training(reference, data_dir, t)
-    reference_training(truth, data_dir, t)
+    expected, eval_loss = reference_training(reference, data_dir, t, run.data.document_masking)
+    reference_training(truth, data_dir, t, run.data.document_masking)
 
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     logged = [r for r in records if "loss" in r]
@@ -154,13 +170,34 @@ def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path):
     assert batches_per_epoch < 12 * 2  # the run takes more micro-batches than an epoch holds
 
 
-def test_a_run_on_the_triton_kernels_is_the_recipe_written_out_with_transformers(tmp_path, monkeypatch):
-    """The same on every Triton kernel (in the interpreter) and Triton attention: RMSNorm with the fused residual,
-    rotary on the fused projection, SwiGLU and the fused linear cross-entropy, in training and in evaluation."""
+def documents_share_rows(data_dir: Path, t: TrainConfig, steps: int) -> bool:
+    """Whether a row of the first `steps` optimizer steps' batches holds the start of a second document."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    draw = training_batches(blocks_of(data_dir, "train", t.seq_len), t.micro_batch_size, t.seed)
+    return any((next(draw)[:, :-2] == meta["eos_id"]).any() for _ in range(steps * t.grad_accum_steps))
+
+
+def test_a_document_masked_run_is_each_document_run_alone_with_transformers(tmp_path):
+    """With data.document_masking, every document of a packed row is its own sequence, as transformers runs it
+    alone: attention within it, positions from 0, and the next document's <s> no target."""
+    overrides = ["train.max_steps=6", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.warmup_steps=2",
+                 "train.eval_every=6", "train.save_every=6", "data.document_masking=true", "train.seed=5"]
+    check_run_follows_reference(tmp_path, *overrides)
+    assert documents_share_rows(tmp_path / "prepared", run_config(*overrides).train, 6)
+
+
+@pytest.mark.parametrize("document_masking", [False, True], ids=["causal", "documents"])
+def test_a_run_on_the_triton_kernels_is_the_recipe_written_out_with_transformers(tmp_path, monkeypatch,
+                                                                                 document_masking):
+    """The same on every Triton kernel (in the interpreter) and Triton attention (over packed documents through
+    cu_seqlens, with document masking): RMSNorm with the fused residual, rotary on the fused projection, SwiGLU
+    and the fused linear cross-entropy, in training and in evaluation."""
     decisions = record_kernel_decisions(monkeypatch)
     monkeypatch.setenv("TTL_KERNELS", "triton")
     monkeypatch.setenv("TTL_ATTENTION", "triton")
-    check_run_follows_reference(tmp_path, "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=2",
-                                "train.warmup_steps=1", "train.eval_every=2", "train.eval_batches=1",
-                                "train.save_every=2", "train.seed=5")
+    overrides = ["train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=2", "train.warmup_steps=1",
+                 "train.eval_every=2", "train.eval_batches=1", "train.save_every=2", "train.seed=5",
+                 f"data.document_masking={str(document_masking).lower()}"]
+    check_run_follows_reference(tmp_path, *overrides)
     assert decisions == {module.__name__: {True} for module in KERNEL_MODULES}  # Triton, each time
+    assert not document_masking or documents_share_rows(tmp_path / "prepared", run_config(*overrides).train, 2)
