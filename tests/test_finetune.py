@@ -1,6 +1,7 @@
 """Fine-tuning recipes: the classifier loop against transformers, regression metrics, gradient accumulation,
 packed (padding-free) classifier batches where the attention backend runs packed sequences, the benchmark over a
-task list, scripts and errors (task files: test_task_files.py; instruction tuning: test_instruct.py)."""
+task list, scripts and errors (task files: test_task_files.py; instruction tuning: test_instruct.py; a whole
+classifier run against a loop written with transformers: test_finetune_reference.py)."""
 
 from __future__ import annotations
 
