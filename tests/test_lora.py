@@ -349,20 +349,33 @@ def test_each_adapted_slice_draws_its_own_dropout_mask(tmp_path):
     assert not torch.equal(q == 0, v == 0)  # the same weights on the same inputs: only the masks differ
 
 
-def test_fresh_adapters_start_as_peft_ones():
-    """PEFT's default init: B zero, so a fresh adapter leaves the logits exactly as they were, and A
-    kaiming-uniform with a = sqrt(5), i.e. uniform within 1 / sqrt(in_features)."""
-    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset("tiny")).eval()
-    x = ids(vocab=model.config.vocab_size)
+@pytest.mark.parametrize("kind, dtype, options", [
+    ("causal", torch.float32, dict(target_modules=["q_proj", "v_proj"])),
+    ("causal", torch.bfloat16, dict(target_modules="all-linear", rank_pattern={"down_proj": 2})),
+    ("classifier", torch.float16, dict(target_modules=["k_proj", "up_proj"], layers_to_transform=[1]))])
+def test_fresh_adapters_from_a_seed_are_peft_s_to_the_bit(kind, dtype, options, tmp_path):
+    """The same seed gives PEFT's initial adapters (A kaiming-uniform, drawn in PEFT's module order after each
+    pair's default nn.Linear inits, rounded through a half-precision base's dtype; B zero), so a LoRA run can
+    start where PEFT's does; a fresh adapter leaves the logits exactly as they were."""
+    hf = (hf_causal_lm() if kind == "causal" else hf_classifier(num_labels=3)).to(dtype)
+    ours = to_ttl(hf, tmp_path)
+    x = ids()
     with torch.no_grad():
-        before = model(x).logits
-        apply_lora(model, r=8, targets="all-linear", dropout=0.0)
-        assert torch.equal(model(x).logits, before)
-    for layer in lora_layers(model).values():
-        bound = 1 / layer.in_features ** 0.5
-        for a in layer.lora_A.values():
-            assert 0.9 * bound < a.weight.abs().max() <= bound
-
+        before = ours(x).logits
+        torch.manual_seed(11)
+        apply_lora(ours, r=4, alpha=8, dropout=0.0, targets=options["target_modules"],
+                   **{k: v for k, v in options.items() if k != "target_modules"})
+        assert torch.equal(ours(x).logits, before)
+    torch.manual_seed(11)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS", **options))
+    save_adapter(ours, tmp_path / "ours")
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    expected = peft.get_peft_model_state_dict(theirs)
+    lora = sorted(k for k in expected if "lora_" in k)
+    assert lora and lora == sorted(k for k in saved if "lora_" in k)
+    for key in lora:
+        assert saved[key].dtype == expected[key].dtype == torch.float32 and torch.equal(saved[key], expected[key]), key
 
 def test_merging_twice_folds_the_adapter_in_once(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets="all-linear", r=4, alpha=8)

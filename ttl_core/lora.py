@@ -63,15 +63,18 @@ class LoRALinear(nn.Linear):
         device, dtype = base.weight.device, base.weight.dtype
         # on a half-precision base the adapters stay float32, as PEFT keeps them (autocast_adapter_dtype), so
         # small optimizer steps on them are not rounded away
-        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, ranks[n], bias=False, device=device, dtype=dtype)
-                                     for n in slices})
-        self.lora_B = nn.ModuleDict({n: nn.Linear(ranks[n], stop - start, bias=False, device=device, dtype=dtype)
-                                     for n, (start, stop) in slices.items()})
-        for a in self.lora_A.values():  # PEFT's default init: A kaiming-uniform, B zero (a no-op at start)
+        adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        # each slice's pair is made as PEFT makes a module's (the caller goes through them in PEFT's module order), so
+        # a seed gives PEFT's initial adapters on any device and base dtype: built on the CPU in the default dtype,
+        # each nn.Linear taking the draws of its own default init, then A kaiming-uniform and B zero (a no-op at
+        # start), then cast to the base's device and dtype, which rounds A on a half-precision base
+        for n, (start, stop) in slices.items():
+            a, b = nn.Linear(self.in_features, ranks[n], bias=False), nn.Linear(ranks[n], stop - start, bias=False)
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        for b in self.lora_B.values():
             nn.init.zeros_(b.weight)
+            self.lora_A[n] = a.to(device, dtype).to(adapter_dtype)
+            self.lora_B[n] = b.to(device, dtype).to(adapter_dtype)
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,8 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
     `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
     those names do (see `targeted_slices`), and `rank_pattern` and `alpha_pattern` give the layers whose path a key
-    ends (as a regular expression) their own r and alpha, as PEFT's do."""
+    ends (as a regular expression) their own r and alpha, as PEFT's do. From the same torch seed, the new adapters
+    are those PEFT's `get_peft_model` draws."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
     if not _valid_rank(r):
