@@ -9,14 +9,19 @@ import csv
 import math
 import random
 from pathlib import Path
+from typing import Callable
 
+import peft
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
 from hf_reference import assert_trained_as_closely_as_transformers, reference_adamw, reference_lr
-from ttl_core.finetune import FinetuneConfig, finetune_classifier
+from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, finetune_classifier
+from ttl_core.instruct import build_instruction_data, finetune_instruct
 from ttl_core.metrics import read_metrics
+from ttl_core.tokenizer import Tokenizer
 
 
 def task_rows(path: Path, count: int) -> list[dict[str, str]]:
@@ -38,37 +43,37 @@ def padded(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.T
             "labels": torch.tensor([label for _, label in batch])}
 
 
-@torch.no_grad()
 def accuracy(model: transformers.LlamaForSequenceClassification, examples: list, pad_id: int) -> float:
-    model.eval()
     batch = padded(examples, pad_id)
     right = (model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1) == batch["labels"])
-    model.train()
     return right.sum().item() / len(examples)
 
 
-def reference_fine_tuning(model: transformers.LlamaForSequenceClassification, examples: list, eval_examples: list,
-                          cfg: FinetuneConfig) -> tuple[list[dict], list[float], dict]:
+def reference_fine_tuning(model: torch.nn.Module, examples: list, cfg: FinetuneConfig,
+                          collate: Callable[[list], dict], weight: Callable[[dict], int],
+                          evaluate: Callable[[torch.nn.Module], float], higher_is_better: bool,
+                          snapshot: Callable[[torch.nn.Module], dict]) -> tuple[list[dict], list[float], dict]:
     """Epoch e visits the examples in the order random.Random(seed * 1000 + e) shuffles them into, in batches of
     `batch_size`, one update per `grad_accum_steps` batches (the last window may be short) on the mean loss over
-    its examples; the lr warms up and then follows the cosine to 0 over all the run's updates. Returns each
-    update's figures, each epoch's eval accuracy, and the weights after the first epoch of the best accuracy."""
-    pad_id = model.config.pad_token_id
+    its items (a batch's mean weighted by its `weight`: examples or target tokens); the lr warms up and then
+    follows the cosine to 0 over all the run's updates. Returns each update's figures, each epoch's `evaluate`
+    score, and the `snapshot` after the first epoch of the best score."""
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     max_steps = math.ceil(batches_per_epoch / cfg.grad_accum_steps) * cfg.epochs
     optimizer = reference_adamw(model, cfg.lr, cfg.weight_decay)
-    figures, accuracies, best = [], [], {}
+    figures, scores, best = [], [], {}
     model.train()
     for epoch in range(1, cfg.epochs + 1):
         order = list(range(len(examples)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        batches = [[examples[i] for i in order[at:at + cfg.batch_size]] for at in range(0, len(order), cfg.batch_size)]
+        batches = [collate([examples[i] for i in order[at:at + cfg.batch_size]])
+                   for at in range(0, len(order), cfg.batch_size)]
         for first in range(0, len(batches), cfg.grad_accum_steps):
             window = batches[first:first + cfg.grad_accum_steps]
-            count = sum(len(batch) for batch in window)
+            total = sum(weight(batch) for batch in window)
             loss = 0.0
             for batch in window:
-                part = model(**padded(batch, pad_id)).loss * len(batch) / count
+                part = model(**batch).loss * weight(batch) / total
                 part.backward()
                 loss += part.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -78,10 +83,24 @@ def reference_fine_tuning(model: transformers.LlamaForSequenceClassification, ex
             optimizer.step()
             optimizer.zero_grad()
             figures.append({"step": len(figures) + 1, "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr})
-        accuracies.append(accuracy(model, eval_examples, pad_id))
-        if accuracies[-1] > max(accuracies[:-1], default=-1.0):
-            best = copy.deepcopy(model.state_dict())
-    return figures, accuracies, best
+        model.eval()
+        with torch.no_grad():
+            scores.append(evaluate(model))
+        model.train()
+        previous = scores[:-1]
+        if not previous or (scores[-1] > max(previous) if higher_is_better else scores[-1] < min(previous)):
+            best = snapshot(model)
+    return figures, scores, best
+
+
+def check_figures(run_dir: Path, expected: list[dict]) -> None:
+    """metrics.jsonl's update figures are the reference loop's, to float32 rounding."""
+    logged = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in logged] == [(e["step"], e["epoch"]) for e in expected]
+    for got, want in zip(logged, expected):
+        assert math.isclose(got["lr"], want["lr"], rel_tol=1e-12), got["step"]
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5), (got, want)
+        assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-5), (got, want)
 
 
 def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_path):
@@ -107,18 +126,80 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
     torch.manual_seed(cfg.seed)
     reference = transformers.LlamaForSequenceClassification.from_pretrained(base, **head)
     truth = copy.deepcopy(reference).double()
-    expected, accuracies, best = reference_fine_tuning(reference, examples, eval_examples, cfg)
-    _, exact_accuracies, exact_best = reference_fine_tuning(truth, examples, eval_examples, cfg)
 
-    logged = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
-    assert [(r["step"], r["epoch"]) for r in logged] == [(e["step"], e["epoch"]) for e in expected]
+    def run(model: transformers.LlamaForSequenceClassification) -> tuple[list[dict], list[float], dict]:
+        pad_id = model.config.pad_token_id
+        return reference_fine_tuning(model, examples, cfg, lambda batch: padded(batch, pad_id),
+                                     lambda batch: len(batch["labels"]),
+                                     lambda model: accuracy(model, eval_examples, pad_id), higher_is_better=True,
+                                     snapshot=lambda model: copy.deepcopy(model.state_dict()))
+
+    expected, accuracies, best = run(reference)
+    _, exact_accuracies, exact_best = run(truth)
+    check_figures(tmp_path / "out", expected)
     assert len(expected) == 6  # 5 batches an epoch: a window of 3 and one of 2 unequal ones (8 and 4 examples)
     assert min(e["grad_norm"] for e in expected) < cfg.grad_clip < max(e["grad_norm"] for e in expected)
-    for got, want in zip(logged, expected):
-        assert math.isclose(got["lr"], want["lr"], rel_tol=1e-12), got["step"]
-        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5), (got, want)
-        assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-5), (got, want)
     assert [h["accuracy"] for h in result.history] == accuracies == exact_accuracies
     assert max(accuracies) in accuracies[:-1]  # the weights kept are not the last ones (here epochs 2 and 3 tie)
     trained = transformers.LlamaForSequenceClassification.from_pretrained(result.checkpoint)
     assert_trained_as_closely_as_transformers(trained.state_dict(), best, exact_best)
+
+
+def lm_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids with their attention mask, and the labels (-100 over each prompt) padded with -100."""
+    longest = max(len(ids) for ids, _ in batch)
+    return {"input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids, _ in batch]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in batch]),
+            "labels": torch.tensor([labels + [-100] * (longest - len(labels)) for _, labels in batch])}
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The targets of transformers' shifted loss: labels other than -100 after the first position."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def lm_loss(model: torch.nn.Module, examples: list, pad_id: int) -> float:
+    """The mean loss over the response tokens of all `examples`."""
+    batch = lm_padded(examples, pad_id)
+    return model(**batch).loss.item()
+
+
+def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and_peft(tmp_path):
+    """LoRA on q and v from the seed as PEFT draws it, with PEFT's dropout masks, the loss over response tokens
+    only, batches weighted by their response tokens, clipping, warmup + cosine, and the adapter of the lowest eval
+    loss kept (here the last; test_instruct.py checks which is kept). The examples are ttl's Alpaca encoding,
+    whose text test_instruct.py checks."""
+    base = saved_base_model(tmp_path)
+    lines = (SAMPLE_DATA / "instrucoes_pt.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(lines[:18]), encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("".join(lines[18:26]), encoding="utf-8")
+    cfg = FinetuneConfig(lr=1e-2, batch_size=4, grad_accum_steps=2, epochs=3, warmup_steps=1, max_length=224,
+                         weight_decay=0.1, grad_clip=0.1, seed=2, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.1)
+    summary = finetune_instruct(base, tmp_path / "train.jsonl", tmp_path / "out", "alpaca", cfg,
+                                eval_file=tmp_path / "eval.jsonl", verbose=False)
+
+    tokenizer = Tokenizer.from_pretrained(base)
+    examples, eval_examples = (build_instruction_data(tmp_path / name, tokenizer, "alpaca", cfg.max_length)
+                               for name in ("train.jsonl", "eval.jsonl"))
+    assert any(len(ids) == cfg.max_length for ids, _ in examples)  # some are cut
+
+    def run(dtype: torch.dtype) -> tuple[list[dict], list[float], dict]:  # padding with id 0: it is masked out
+        model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=dtype)
+        torch.manual_seed(cfg.seed)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
+                                                           target_modules=["q_proj", "v_proj"]))
+        return reference_fine_tuning(model, examples, cfg, lambda batch: lm_padded(batch, 0), response_tokens,
+                                     lambda model: lm_loss(model, eval_examples, 0), higher_is_better=False,
+                                     snapshot=lambda model: {k: v.clone() for k, v in
+                                                             peft.get_peft_model_state_dict(model).items()})
+
+    expected, eval_losses, best = run(torch.float32)
+    _, exact_eval_losses, exact_best = run(torch.float64)
+    check_figures(tmp_path / "out", expected)
+    assert len(expected) == 9  # 5 batches an epoch, the last of 2 examples: windows of 2, 2 and 1 batches
+    assert min(e["grad_norm"] for e in expected) < cfg.grad_clip < max(e["grad_norm"] for e in expected)
+    logged = [h["eval_loss"] for h in summary["history"]]
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(logged, eval_losses, strict=True))
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(exact_eval_losses, eval_losses, strict=True))
+    saved = load_file(tmp_path / "out" / "best" / "adapter_model.safetensors")
+    assert_trained_as_closely_as_transformers(saved, best, exact_best)
