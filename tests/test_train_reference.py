@@ -27,6 +27,12 @@ from ttl_core.train import train
 KERNEL_MODULES = [importlib.import_module(f"ttl_kernels.{name}")
                   for name in ("rms_norm", "rotary", "swiglu", "cross_entropy", "flash_attention")]
 
+# gradient accumulation, an epoch boundary (about 18 micro-batches an epoch), clipping both on and off, weight
+# decay, warmup and cosine to a floor
+RECIPE = ["train.max_steps=12", "train.micro_batch_size=10", "train.grad_accum_steps=2", "train.warmup_steps=3",
+          "train.min_lr=3e-4", "train.weight_decay=0.1", "train.grad_clip=2.0", "train.eval_every=12",
+          "train.save_every=12", "train.seed=5"]
+
 
 def blocks_of(data_dir: Path, split: str, seq_len: int) -> np.ndarray:
     """`split`.bin cut into (n_blocks, seq_len + 1) windows at stride seq_len."""
@@ -95,7 +101,7 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: 
     return figures, eval_loss
 
 
-def check_run_follows_reference(tmp_path: Path, *overrides: str) -> list[dict]:
+def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "cpu") -> list[dict]:
     """Run ttl's training from a transformers-made GQA model with an untied head, then `reference_training` from
     the same weights in float32 and in float64. Losses, gradient norms, lrs and the evaluation must be the float32
     loop's to float32 rounding, the weights as close to the float64 loop's as the float32 loop's are
@@ -107,7 +113,7 @@ def check_run_follows_reference(tmp_path: Path, *overrides: str) -> list[dict]:
                              num_key_value_heads=2, tie_word_embeddings=False).float().train()
     reference.save_pretrained(tmp_path / "init")
     truth = copy.deepcopy(reference).double()
-    train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
+    train(run, tmp_path / "run", data_dir=str(data_dir), device=device, init_from=str(tmp_path / "init"))
     expected, eval_loss = reference_training(reference, data_dir, t, run.data.document_masking)
     reference_training(truth, data_dir, t, run.data.document_masking)
 
@@ -141,13 +147,20 @@ def record_kernel_decisions(monkeypatch) -> dict[str, set[bool]]:
 def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path):
     """Gradient accumulation, an epoch boundary, clipping both on and off, weight decay with the norms exempt,
     the warmup and cosine to a floor."""
-    overrides = ["train.max_steps=12", "train.micro_batch_size=10", "train.grad_accum_steps=2",
-                 "train.warmup_steps=3", "train.min_lr=3e-4", "train.weight_decay=0.1", "train.grad_clip=2.0",
-                 "train.eval_every=12", "train.save_every=12", "train.seed=5"]
-    expected = check_run_follows_reference(tmp_path, *overrides)
+    expected = check_run_follows_reference(tmp_path, *RECIPE)
     assert min(e["grad_norm"] for e in expected) < 2.0 < max(e["grad_norm"] for e in expected)
     batches_per_epoch = len(blocks_of(tmp_path / "prepared", "train", 32)) // 10
     assert batches_per_epoch < 12 * 2  # the run takes more micro-batches than an epoch holds
+
+
+@pytest.mark.gpu
+def test_a_cuda_run_is_the_documented_recipe_written_out_with_transformers(tmp_path, monkeypatch):
+    """The same recipe on the GPU in float32: the Triton kernels (their dots in full float32, not TF32), Triton
+    attention and fused AdamW, against the loop on the CPU."""
+    decisions = record_kernel_decisions(monkeypatch)
+    monkeypatch.setenv("TTL_ATTENTION", "triton")
+    check_run_follows_reference(tmp_path, *RECIPE, device="cuda")
+    assert decisions == {module.__name__: {True} for module in KERNEL_MODULES}
 
 
 def documents_share_rows(data_dir: Path, t: TrainConfig, steps: int) -> bool:
