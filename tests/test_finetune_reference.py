@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import peft
+import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -103,9 +104,11 @@ def check_figures(run_dir: Path, expected: list[dict]) -> None:
         assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-5), (got, want)
 
 
-def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_path, lora):
     """Truncation, right padding and last-token pooling, the score head drawn from the seed, accumulation over
-    batches of unequal size, clipping, decay groups, warmup + cosine, and the first best epoch kept."""
+    batches of unequal size, clipping, decay groups, warmup + cosine, and the first best epoch kept; with --lora,
+    PEFT's adapters from the seed (drawn after the head) with its dropout masks, and the head trained in full."""
     base = saved_base_model(tmp_path)
     train_rows, eval_rows = task_rows(NEWS_TRAIN, 36), task_rows(NEWS_EVAL, 24)
     for name, rows in (("train.csv", train_rows), ("eval.csv", eval_rows)):
@@ -113,8 +116,9 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
             writer = csv.DictWriter(f, fieldnames=["title", "text", "label"])
             writer.writeheader()
             writer.writerows(rows)
-    cfg = FinetuneConfig(lr=2e-3, batch_size=8, grad_accum_steps=3, epochs=3, warmup_steps=1, max_length=24,
-                         weight_decay=0.1, grad_clip=3.0, seed=1)
+    cfg = FinetuneConfig(lr=2e-3 if not lora else 1e-2, batch_size=8, grad_accum_steps=3, epochs=3, warmup_steps=1,
+                         max_length=24, weight_decay=0.1, grad_clip=3.0 if not lora else 1.8, seed=1, lora=lora,
+                         lora_r=4, lora_alpha=8, lora_dropout=0.1)
     result = finetune_classifier(base, tmp_path / "train.csv", tmp_path / "eval.csv", tmp_path / "out", NEWS, cfg,
                                  verbose=False)
 
@@ -125,24 +129,38 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
                 label2id={name: i for i, name in enumerate(NEWS.labels)})
     torch.manual_seed(cfg.seed)
     reference = transformers.LlamaForSequenceClassification.from_pretrained(base, **head)
-    truth = copy.deepcopy(reference).double()
+    after_head = torch.get_rng_state()
 
     def run(model: transformers.LlamaForSequenceClassification) -> tuple[list[dict], list[float], dict]:
         pad_id = model.config.pad_token_id
+        snapshot = lambda model: copy.deepcopy(model.state_dict())  # noqa: E731
+        if lora:
+            torch.set_rng_state(after_head)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="SEQ_CLS",
+                                                               target_modules=["q_proj", "v_proj"]))
+            snapshot = adapter_snapshot
         return reference_fine_tuning(model, examples, cfg, lambda batch: padded(batch, pad_id),
                                      lambda batch: len(batch["labels"]),
                                      lambda model: accuracy(model, eval_examples, pad_id), higher_is_better=True,
-                                     snapshot=lambda model: copy.deepcopy(model.state_dict()))
+                                     snapshot=snapshot)
 
+    _, exact_accuracies, exact_best = run(copy.deepcopy(reference).double())
     expected, accuracies, best = run(reference)
-    _, exact_accuracies, exact_best = run(truth)
     check_figures(tmp_path / "out", expected)
     assert len(expected) == 6  # 5 batches an epoch: a window of 3 and one of 2 unequal ones (8 and 4 examples)
     assert min(e["grad_norm"] for e in expected) < cfg.grad_clip < max(e["grad_norm"] for e in expected)
     assert [h["accuracy"] for h in result.history] == accuracies == exact_accuracies
-    assert max(accuracies) in accuracies[:-1]  # the weights kept are not the last ones (here epochs 2 and 3 tie)
-    trained = transformers.LlamaForSequenceClassification.from_pretrained(result.checkpoint)
-    assert_trained_as_closely_as_transformers(trained.state_dict(), best, exact_best)
+    assert max(accuracies) in accuracies[:-1]  # the weights kept are not the last ones
+    if lora:
+        trained = load_file(result.checkpoint / "adapter_model.safetensors")
+    else:
+        trained = transformers.LlamaForSequenceClassification.from_pretrained(result.checkpoint).state_dict()
+    assert_trained_as_closely_as_transformers(trained, best, exact_best)
+
+
+def adapter_snapshot(model: peft.PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter as PEFT saves it: the LoRA pairs and the modules trained in full."""
+    return {name: tensor.clone() for name, tensor in peft.get_peft_model_state_dict(model).items()}
 
 
 def lm_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -190,8 +208,7 @@ def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and
                                                            target_modules=["q_proj", "v_proj"]))
         return reference_fine_tuning(model, examples, cfg, lambda batch: lm_padded(batch, 0), response_tokens,
                                      lambda model: lm_loss(model, eval_examples, 0), higher_is_better=False,
-                                     snapshot=lambda model: {k: v.clone() for k, v in
-                                                             peft.get_peft_model_state_dict(model).items()})
+                                     snapshot=adapter_snapshot)
 
     expected, eval_losses, best = run(torch.float32)
     _, exact_eval_losses, exact_best = run(torch.float64)
