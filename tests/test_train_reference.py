@@ -101,8 +101,9 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: 
     return figures, eval_loss
 
 
-def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "cpu") -> list[dict]:
-    """Run ttl's training from a transformers-made GQA model with an untied head, then `reference_training` from
+def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "cpu", tied: bool = False) -> list[dict]:
+    """Run ttl's training from a transformers-made GQA model (its LM head `tied` to the embedding or not), then
+    `reference_training` from
     the same weights in float32 and in float64. Losses, gradient norms, lrs and the evaluation must be the float32
     loop's to float32 rounding, the weights as close to the float64 loop's as the float32 loop's are
     (`assert_trained_as_closely_as_transformers`). Returns the float32 loop's step figures."""
@@ -110,7 +111,7 @@ def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "
     run = run_config(*overrides)
     t = run.train
     reference = hf_causal_lm(seed=1, vocab_size=400, intermediate_size=128, max_position_embeddings=64,
-                             num_key_value_heads=2, tie_word_embeddings=False).float().train()
+                             num_key_value_heads=2, tie_word_embeddings=tied).float().train()
     reference.save_pretrained(tmp_path / "init")
     truth = copy.deepcopy(reference).double()
     train(run, tmp_path / "run", data_dir=str(data_dir), device=device, init_from=str(tmp_path / "init"))
@@ -144,10 +145,11 @@ def record_kernel_decisions(monkeypatch) -> dict[str, set[bool]]:
     return decisions
 
 
-def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path, tied):
     """Gradient accumulation, an epoch boundary, clipping both on and off, weight decay with the norms exempt,
-    the warmup and cosine to a floor."""
-    expected = check_run_follows_reference(tmp_path, *RECIPE)
+    the warmup and cosine to a floor; a tied head trains as one tensor with the embedding."""
+    expected = check_run_follows_reference(tmp_path, *RECIPE, tied=tied)
     assert min(e["grad_norm"] for e in expected) < 2.0 < max(e["grad_norm"] for e in expected)
     batches_per_epoch = len(blocks_of(tmp_path / "prepared", "train", 32)) // 10
     assert batches_per_epoch < 12 * 2  # the run takes more micro-batches than an epoch holds
