@@ -1,6 +1,7 @@
-"""The classifier fine-tuning recipe against a plain loop written from its documentation with transformers'
-tokenizer and LlamaForSequenceClassification, torch's AdamW and transformers' schedule: the same task file, base
-and seed in, so the same losses, gradient norms, lrs, evaluations and best checkpoint out."""
+"""The fine-tuning recipes (classifier, in full or with LoRA, and LoRA instruction tuning) against plain loops
+written from their documentation with transformers (its tokenizer for the classifier), peft, torch's AdamW and
+transformers' schedule: the same files, base and seed in, so the same losses, gradient norms, lrs, evaluations and
+kept weights out."""
 
 from __future__ import annotations
 
