@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from hf_reference import assert_trained_as_closely_as_transformers, hf_causal_lm, reference_adamw, reference_lr
+from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_transformers,
+                          assert_trained_as_closely_as_transformers, hf_causal_lm, reference_adamw, reference_lr)
 from train_helpers import prepared_corpus, run_config
 from ttl_core.metrics import read_metrics
 from ttl_core.run_config import TrainConfig
@@ -103,10 +103,9 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: 
 
 def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "cpu", tied: bool = False) -> list[dict]:
     """Run ttl's training from a transformers-made GQA model (its LM head `tied` to the embedding or not), then
-    `reference_training` from
-    the same weights in float32 and in float64. Losses, gradient norms, lrs and the evaluation must be the float32
-    loop's to float32 rounding, the weights as close to the float64 loop's as the float32 loop's are
-    (`assert_trained_as_closely_as_transformers`). Returns the float32 loop's step figures."""
+    `reference_training` from the same weights in float32 and in float64. The lrs must be the loop's; the losses,
+    gradient norms, evaluation and weights within 1e-5 of the float64 loop's, or no further from them than twice
+    the float32 loop's are (`as_close_as_transformers`). Returns the float32 loop's step figures."""
     data_dir = prepared_corpus(tmp_path)
     run = run_config(*overrides)
     t = run.train
@@ -116,17 +115,15 @@ def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "
     truth = copy.deepcopy(reference).double()
     train(run, tmp_path / "run", data_dir=str(data_dir), device=device, init_from=str(tmp_path / "init"))
     expected, eval_loss = reference_training(reference, data_dir, t, run.data.document_masking)
-    reference_training(truth, data_dir, t, run.data.document_masking)
+    exact, exact_eval_loss = reference_training(truth, data_dir, t, run.data.document_masking)
 
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, t.max_steps + 1))
-    for got, want in zip(logged, expected):
-        assert math.isclose(got["lr"], want["lr"], rel_tol=1e-12), got["step"]  # one formula, two spellings
-        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5), (got, want)
-        assert math.isclose(got["grad_norm"], want["grad_norm"], rel_tol=1e-5), (got, want)
+    assert_figures_as_close_as_transformers(logged, expected, exact)
     [logged_eval] = [r["eval_loss"] for r in records if "eval_loss" in r]
-    assert math.isclose(logged_eval, eval_loss, rel_tol=1e-5)
+    assert as_close_as_transformers(abs(logged_eval - exact_eval_loss), abs(eval_loss - exact_eval_loss),
+                                    1e-5 * exact_eval_loss)
     last = tmp_path / "run" / "checkpoints" / f"step-{t.max_steps:06d}"
     trained = transformers.LlamaForCausalLM.from_pretrained(last)
     assert_trained_as_closely_as_transformers(trained.state_dict(), reference.state_dict(), truth.state_dict())
