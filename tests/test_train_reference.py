@@ -101,19 +101,28 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: 
     return figures, eval_loss
 
 
-def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "cpu", tied: bool = False) -> list[dict]:
-    """Run ttl's training from a transformers-made GQA model (its LM head `tied` to the embedding or not), then
-    `reference_training` from the same weights in float32 and in float64. The lrs must be the loop's; the losses,
-    gradient norms, evaluation and weights within 1e-5 of the float64 loop's, or no further from them than twice
-    the float32 loop's are (`as_close_as_transformers`). Returns the float32 loop's step figures."""
+def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "cpu", tied: bool = False,
+                                from_scratch: bool = False) -> list[dict]:
+    """Run ttl's training from a transformers-made GQA model (its LM head `tied` to the embedding or not) or, `from
+    scratch`, from the weights it draws from `train.seed` (as `transformers.LlamaForCausalLM(config)` draws them
+    after `torch.manual_seed(seed)`), then `reference_training` from the same weights in float32 and in float64.
+    The lrs must be the loop's; the losses, gradient norms, evaluation and weights within 1e-5 of the float64
+    loop's, or no further from them than twice the float32 loop's are (`as_close_as_transformers`). Returns the
+    float32 loop's step figures."""
     data_dir = prepared_corpus(tmp_path)
     run = run_config(*overrides)
     t = run.train
-    reference = hf_causal_lm(seed=1, vocab_size=400, intermediate_size=128, max_position_embeddings=64,
-                             num_key_value_heads=2, tie_word_embeddings=tied).float().train()
-    reference.save_pretrained(tmp_path / "init")
+    if from_scratch:
+        torch.manual_seed(t.seed)
+        config = transformers.LlamaConfig(**run.model_config().to_hf_dict())
+        reference = transformers.LlamaForCausalLM(config).train()
+    else:
+        reference = hf_causal_lm(seed=1, vocab_size=400, intermediate_size=128, max_position_embeddings=64,
+                                 num_key_value_heads=2, tie_word_embeddings=tied).float().train()
+        reference.save_pretrained(tmp_path / "init")
     truth = copy.deepcopy(reference).double()
-    train(run, tmp_path / "run", data_dir=str(data_dir), device=device, init_from=str(tmp_path / "init"))
+    train(run, tmp_path / "run", data_dir=str(data_dir), device=device,
+          init_from=None if from_scratch else str(tmp_path / "init"))
     expected, eval_loss = reference_training(reference, data_dir, t, run.data.document_masking)
     exact, exact_eval_loss = reference_training(truth, data_dir, t, run.data.document_masking)
 
@@ -142,11 +151,13 @@ def record_kernel_decisions(monkeypatch) -> dict[str, set[bool]]:
     return decisions
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path, tied):
+@pytest.mark.parametrize("start", ["untied", "tied", "from scratch"])
+def test_a_run_is_the_documented_recipe_written_out_with_transformers(tmp_path, start):
     """Gradient accumulation, an epoch boundary, clipping both on and off, weight decay with the norms exempt,
-    the warmup and cosine to a floor; a tied head trains as one tensor with the embedding."""
-    expected = check_run_follows_reference(tmp_path, *RECIPE, tied=tied)
+    the warmup and cosine to a floor; a tied head trains as one tensor with the embedding; and a run from scratch
+    is transformers' from the same seed."""
+    expected = check_run_follows_reference(tmp_path, *RECIPE, tied=start == "tied",
+                                           from_scratch=start == "from scratch")
     assert min(e["grad_norm"] for e in expected) < 2.0 < max(e["grad_norm"] for e in expected)
     batches_per_epoch = len(blocks_of(tmp_path / "prepared", "train", 32)) // 10
     assert batches_per_epoch < 12 * 2  # the run takes more micro-batches than an epoch holds

@@ -12,7 +12,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import ttl_kernels
@@ -20,7 +19,7 @@ import ttl_kernels
 from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
 from .errors import ConfigError, is_integer
-from .model_io import KVCache, ModelOutput, check_inputs, next_token_targets
+from .model_io import KVCache, ModelOutput, check_inputs, classification_loss, next_token_targets
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -187,6 +186,26 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.rotary = RotaryEmbedding(config)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize as transformers does, in its order (a fused projection piece by piece: q, k, v; gate, up),
+        after as many draws at construction, so after the same `torch.manual_seed` the weights are transformers'
+        to the bit: normal(0, initializer_range), zero biases and pad row, norm weights 1."""
+        c = self.config
+        pieces = {"qkv": [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2,
+                  "gate_up": [c.intermediate_size] * 2}
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                for piece in module.weight.split(pieces.get(name.rsplit(".", 1)[-1], len(module.weight))):
+                    piece.normal_(0.0, c.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, RMSNorm):  # reset too when a trained model is re-initialized (transformers does)
+                module.weight.fill_(1.0)
+        if self.embed.padding_idx is not None:
+            self.embed.weight[self.embed.padding_idx] = 0.0
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -261,19 +280,11 @@ class _LlamaBase(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialize as transformers does: normal(0, initializer_range), zero biases and pad row, norm
-        weights 1."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, RMSNorm):  # reset too when a trained model is re-initialized (transformers does)
-                nn.init.ones_(module.weight)
-        # after every draw: a tied LM head is the embedding's tensor, and its draw comes after the embedding's
-        for module in self.modules():
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                module.weight.data[module.padding_idx].zero_()
+        """Initialize every weight as transformers does: the backbone's, then the head's (a tied one is drawn once)."""
+        self.backbone.init_weights()
+        head = self.get_output_embeddings() or self.score
+        if head.weight is not self.backbone.embed.weight:
+            head.weight.normal_(0.0, self.config.initializer_range)
 
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head when the config asks for it (no-op otherwise)."""
@@ -360,8 +371,9 @@ class LlamaForCausalLM(_LlamaBase):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # drawn even if tied next, as transformers does, so that later draws (dropout, LoRA) are transformers' too
+        nn.init.normal_(self.lm_head.weight, 0.0, config.initializer_range)
         self.tie_weights()
-        self.init_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -416,7 +428,7 @@ class LlamaForSequenceClassification(_LlamaBase):
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.init_weights()
+        nn.init.normal_(self.score.weight, 0.0, config.initializer_range)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -448,7 +460,7 @@ class LlamaForSequenceClassification(_LlamaBase):
         cu_seqlens = cu_seqlens.long()
         last_tokens = cu_seqlens[1:] - 1 if input_ids is None else self._pooled_tokens(input_ids.flatten(), cu_seqlens)
         logits = token_logits.flatten(0, 1)[last_tokens]
-        loss = None if labels is None else self._loss(logits, labels)
+        loss = None if labels is None else classification_loss(self.config, logits, labels)
         out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
         return out if return_dict else out.to_tuple()
 
@@ -463,29 +475,6 @@ class LlamaForSequenceClassification(_LlamaBase):
         # sequences before it all lie below its first token
         tokens = torch.arange(ids.numel(), device=ids.device)
         return torch.where(candidate, tokens, 0).cummax(0).values[cu_seqlens[1:] - 1]
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        problem = self.config.problem_type
-        if problem is None:
-            if self.config.num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-            self.config.problem_type = problem  # recorded as transformers does, so a saved config keeps it
-        # labels keep their dtype, as in transformers: casting float targets to bf16 logits would round them
-        if problem == "regression":
-            if self.config.num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze())
-            return F.mse_loss(logits, labels)
-        if problem == "single_label_classification":  # class ids of any integer width: F.cross_entropy takes int64
-            ids = labels if labels.is_floating_point() else labels.long()
-            return F.cross_entropy(logits.view(-1, self.config.num_labels), ids.view(-1))
-        if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, labels)
-        raise ConfigError(f"unknown problem_type {problem!r}")
-
 
 def build_model(config: LlamaConfig, architecture: str = "LlamaForCausalLM") -> _LlamaBase:
     """The model class named by a transformers `architectures` entry."""

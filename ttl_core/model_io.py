@@ -1,4 +1,5 @@
-"""The models' arguments checked (each mistake named in one line) and their outputs shaped like transformers'."""
+"""The models' arguments checked (each mistake named in one line), and their outputs and the classifier's loss as
+transformers gives them."""
 
 from __future__ import annotations
 
@@ -125,3 +126,29 @@ def next_token_targets(labels: torch.Tensor | None, targets: torch.Tensor | None
     # wraps to 156, a token id), so with uint8 labels every position is a class but the shifted-out last one
     given = given.long()
     return given if targets is not None else F.pad(given[:, 1:], (0, 1), value=-100)
+
+
+def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's loss, chosen as transformers chooses it: MSE for one label (regression),
+    cross-entropy for integer labels, BCE-with-logits for float multi-label targets, or as `config.problem_type`
+    says."""
+    problem = config.problem_type
+    if problem is None:
+        if config.num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+        config.problem_type = problem  # recorded as transformers does, so a saved config keeps it
+    # labels keep their dtype, as in transformers: casting float targets to bf16 logits would round them
+    if problem == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if problem == "single_label_classification":  # class ids of any integer width: F.cross_entropy takes int64
+        ids = labels if labels.is_floating_point() else labels.long()
+        return F.cross_entropy(logits.view(-1, config.num_labels), ids.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    raise ConfigError(f"unknown problem_type {problem!r}")
