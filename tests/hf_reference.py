@@ -49,6 +49,16 @@ def reference_adamw(model: torch.nn.Module, lr: float, weight_decay: float, beta
                               {"params": exempt, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
 
 
+def reference_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float) -> float:
+    """Clip the accumulated gradients to `grad_clip`, step at `lr` and zero them; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad()
+    return grad_norm
+
+
 def reference_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
     """The lr of update `step` (from 1): a linear warmup to `lr` at step `warmup`, then transformers' cosine
     with a floor, one step behind (transformers numbers its first update 0)."""

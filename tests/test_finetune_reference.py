@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
 from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_transformers,
-                          assert_trained_as_closely_as_transformers, reference_adamw, reference_lr)
+                          assert_trained_as_closely_as_transformers, reference_adamw, reference_lr,
+                          reference_update)
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, finetune_classifier
 from ttl_core.instruct import build_instruction_data, finetune_instruct
 from ttl_core.metrics import read_metrics
@@ -79,12 +80,8 @@ def reference_fine_tuning(model: torch.nn.Module, examples: list, cfg: FinetuneC
                 part = model(**batch).loss * weight(batch) / total
                 part.backward()
                 loss += part.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             lr = reference_lr(len(figures) + 1, cfg.lr, 0.0, cfg.warmup_steps, max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad()
+            grad_norm = reference_update(model, optimizer, lr, cfg.grad_clip)
             figures.append({"step": len(figures) + 1, "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr})
         model.eval()
         with torch.no_grad():

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import transformers
 
 from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_transformers,
-                          assert_trained_as_closely_as_transformers, hf_causal_lm, reference_adamw, reference_lr)
+                          assert_trained_as_closely_as_transformers, hf_causal_lm, reference_adamw, reference_lr,
+                          reference_update)
 from train_helpers import prepared_corpus, run_config
 from ttl_core.metrics import read_metrics
 from ttl_core.run_config import TrainConfig
@@ -86,12 +87,8 @@ def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: 
             part = summed_loss(model, block, meta) / targets
             part.backward()
             loss += part.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
         lr = reference_lr(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad()
+        grad_norm = reference_update(model, optimizer, lr, t.grad_clip)
         figures.append({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr})
     with torch.no_grad():
         val = torch.from_numpy(blocks_of(data_dir, "val", t.seq_len))
