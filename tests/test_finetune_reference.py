@@ -23,7 +23,7 @@ from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_t
                           assert_trained_as_closely_as_transformers, reference_adamw, reference_lr,
                           reference_update)
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, finetune_classifier
-from ttl_core.instruct import build_instruction_data, finetune_instruct
+from ttl_core.instruct import add_chat_tokens, build_instruction_data, finetune_instruct
 from ttl_core.metrics import read_metrics
 from ttl_core.tokenizer import Tokenizer
 
@@ -149,8 +149,10 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
 
 
 def adapter_snapshot(model: peft.PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter as PEFT saves it: the LoRA pairs and the modules trained in full."""
-    return {name: tensor.clone() for name, tensor in peft.get_peft_model_state_dict(model).items()}
+    """The adapter as PEFT saves it: the LoRA pairs and the modules trained in full (without the copies of those
+    that PEFT may add from their wrappers: the trained one again and the base's)."""
+    return {name: tensor.clone() for name, tensor in peft.get_peft_model_state_dict(model).items()
+            if ".modules_to_save." not in name and ".original_module." not in name}
 
 
 def lm_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -172,30 +174,40 @@ def lm_loss(model: torch.nn.Module, examples: list, pad_id: int) -> float:
     return model(**batch).loss.item()
 
 
-def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and_peft(tmp_path):
+@pytest.mark.parametrize("chat_format", ["alpaca", "aira"])
+def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and_peft(tmp_path, chat_format):
     """LoRA on q and v from the seed as PEFT draws it, with PEFT's dropout masks, the loss over response tokens
     only, batches weighted by their response tokens, clipping, warmup + cosine, and the adapter of the lowest eval
-    loss kept (here the last; test_instruct.py checks which is kept). The examples are ttl's Alpaca encoding,
-    whose text test_instruct.py checks."""
+    loss kept (here the last; test_instruct.py checks which is kept). Aira's tokens are added to the vocabulary:
+    the embedding and LM head grow as transformers grows them (new rows drawn after the seed) and are trained in
+    full, as PEFT's modules_to_save. The examples are ttl's encoding, whose text test_instruct.py checks."""
     base = saved_base_model(tmp_path)
     lines = (SAMPLE_DATA / "instrucoes_pt.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (tmp_path / "train.jsonl").write_text("".join(lines[:18]), encoding="utf-8")
     (tmp_path / "eval.jsonl").write_text("".join(lines[18:26]), encoding="utf-8")
-    cfg = FinetuneConfig(lr=1e-2, batch_size=4, grad_accum_steps=2, epochs=3, warmup_steps=1, max_length=224,
-                         weight_decay=0.1, grad_clip=0.1, seed=2, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.1)
-    summary = finetune_instruct(base, tmp_path / "train.jsonl", tmp_path / "out", "alpaca", cfg,
+    max_length = 224 if chat_format == "alpaca" else 128  # Alpaca's prompts are long in a 600-token vocabulary
+    cfg = FinetuneConfig(lr=1e-2, batch_size=4, grad_accum_steps=2, epochs=3, warmup_steps=1, max_length=max_length,
+                         weight_decay=0.1, grad_clip=0.1 if chat_format == "alpaca" else 1.0, seed=2, lora=True,
+                         lora_r=4, lora_alpha=8, lora_dropout=0.1)
+    summary = finetune_instruct(base, tmp_path / "train.jsonl", tmp_path / "out", chat_format, cfg,
                                 eval_file=tmp_path / "eval.jsonl", verbose=False)
 
     tokenizer = Tokenizer.from_pretrained(base)
-    examples, eval_examples = (build_instruction_data(tmp_path / name, tokenizer, "alpaca", cfg.max_length)
+    added = add_chat_tokens(tokenizer, chat_format)
+    assert bool(added) == (chat_format == "aira")
+    examples, eval_examples = (build_instruction_data(tmp_path / name, tokenizer, chat_format, cfg.max_length)
                                for name in ("train.jsonl", "eval.jsonl"))
     assert any(len(ids) == cfg.max_length for ids, _ in examples)  # some are cut
 
     def run(dtype: torch.dtype) -> tuple[list[dict], list[float], dict]:  # padding with id 0: it is masked out
         model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=dtype)
         torch.manual_seed(cfg.seed)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
-                                                           target_modules=["q_proj", "v_proj"]))
+        if added:
+            model.resize_token_embeddings(tokenizer.vocab_size)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
+                               target_modules=["q_proj", "v_proj"],
+                               modules_to_save=["embed_tokens", "lm_head"] if added else None)
+        model = peft.get_peft_model(model, lora)
         return reference_fine_tuning(model, examples, cfg, lambda batch: lm_padded(batch, 0), response_tokens,
                                      lambda model: lm_loss(model, eval_examples, 0), higher_is_better=False,
                                      snapshot=adapter_snapshot)

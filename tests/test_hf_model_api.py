@@ -266,3 +266,22 @@ def test_resizing_a_tied_model_grows_its_head_with_the_embedding(tmp_path):
         after = ours(ids).logits
     assert ours.lm_head.weight is ours.backbone.embed.weight
     assert after.shape[-1] == 140 and torch.equal(after[..., :131], before)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resizing_after_a_seed_draws_transformers_new_rows(tied, dtype, tmp_path):
+    """Grown by 9 tokens after the same seed, the embedding (and an untied LM head) get transformers' new rows to
+    the bit: drawn around the old rows' mean with 1e-9 times their covariance (131 rows of 64 dims: positive
+    definite), with the same draws, so the RNG is left where transformers leaves it (for LoRA's adapters next)."""
+    theirs = hf_causal_lm(tie_word_embeddings=tied).to(dtype)
+    ours = to_ttl(theirs, tmp_path).to(dtype)
+    torch.manual_seed(9)
+    theirs.resize_token_embeddings(140)
+    their_next_draw = torch.rand(4)
+    torch.manual_seed(9)
+    ours.resize_token_embeddings(140)
+    assert torch.equal(torch.rand(4), their_next_draw)
+    assert torch.equal(ours.backbone.embed.weight, theirs.model.embed_tokens.weight)
+    assert torch.equal(ours.lm_head.weight, theirs.lm_head.weight) and not torch.equal(ours.lm_head.weight[-1],
+                                                                                     ours.lm_head.weight[-2])

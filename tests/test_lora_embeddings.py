@@ -6,6 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+import transformers
 from hf_reference import hf_causal_lm
 from lora_helpers import ids, randomize_lora_, to_ttl
 from safetensors.torch import load_file
@@ -93,3 +94,32 @@ def test_an_adapter_of_a_grown_vocabulary_saves_its_embeddings_as_peft_does(tmp_
     save_adapter(ours, tmp_path / "over_native", base_model_name_or_path=str(tmp_path / "native"))
     with torch.no_grad():
         assert (load_with_adapter(tmp_path / "over_native")(x).logits - expected).abs().max() <= 1e-5
+
+
+def test_a_peft_adapter_training_grown_embeddings_in_full_loads(tmp_path):
+    """A PEFT fine-tune that adds tokens trains the embedding and LM head in full (modules_to_save). On a base read
+    from a directory, PEFT also writes each wrapper's own copies: the trained one again (`...modules_to_save.weight`)
+    and the base's (`...original_module.weight`); ttl refused those as unexpected keys."""
+    hf_causal_lm().save_pretrained(tmp_path / "base")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    hf.resize_token_embeddings(135, mean_resizing=False)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(hf, lora)
+    randomize_lora_(theirs, seed=4)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)))
+    theirs.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.original_module.weight" in load_file(tmp_path / "adapter" /
+                                                                          "adapter_model.safetensors")
+    ours = to_ttl(hf_causal_lm(), tmp_path, "ours")
+    ours.resize_token_embeddings(135)
+    load_adapter(ours, tmp_path / "adapter")
+    x = ids(vocab=135)
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=x).logits
+        assert (ours(x).logits - expected).abs().max() <= 1e-5  # the same math: the adapter beside the weights
+        # merged into the base the adapter names, grown: logits of about 10 differ by float32 rounding
+        assert (load_with_adapter(tmp_path / "adapter")(x).logits - expected).abs().max() <= 1e-4

@@ -463,9 +463,9 @@ def test_init_weights_on_a_trained_model_resets_the_norms_too():
     assert all(torch.all(m.weight == 1) for m in model.modules() if isinstance(m, ttl_core.model.RMSNorm))
 
 
-def test_resizing_keeps_the_rows_and_starts_new_ones_at_the_mean():
-    """Growing keeps every row and starts new input and LM-head rows at the old rows' mean (a frozen
-    embedding stays frozen); shrinking keeps the first rows."""
+def test_resizing_keeps_the_rows_and_starts_new_ones_at_the_mean_with_too_few_rows_to_draw_around_it():
+    """Growing keeps every row; new rows take the old rows' mean itself, as in transformers when (40 rows of 64
+    dims) no positive definite covariance is there to draw around it. Frozen stays frozen; shrinking keeps the first."""
     torch.manual_seed(0)
     config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=40, hidden_size=64, intermediate_size=96,
                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)

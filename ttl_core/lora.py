@@ -334,7 +334,14 @@ def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> d
             found = {key: read(f, key) for key in f.keys()}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
-    return {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v for k, v in found.items()}
+    weights = {}
+    # PEFT saving a module trained in full (modules_to_save) whose vocabulary grew can also write its wrapper's two
+    # copies: the trained one again (".modules_to_save.") and the base's (".original_module."), which it replaces
+    for key in sorted(found, key=lambda k: ".modules_to_save.weight" in k):  # the plain key first
+        if ".original_module." not in key:
+            name = key.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+            weights.setdefault(name.replace(".modules_to_save.", "."), found[key])
+    return weights
 
 
 def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | Path,

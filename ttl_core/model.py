@@ -262,11 +262,20 @@ class LlamaModel(nn.Module):
 
 @torch.no_grad()
 def _fill_resized_table(new: nn.Parameter, old: nn.Parameter) -> None:
-    """Fill a resized embedding or LM-head table: the old rows it still holds, then (where it grew) the mean of
-    the old rows; it requires grad as the old one did."""
-    kept = min(len(new), len(old))
-    new[:kept] = old[:kept]
-    new[kept:] = old.mean(0)
+    """Fill a resized embedding or LM-head table as transformers' `resize_token_embeddings` does by default: the
+    old rows it still holds and, where it grew, rows drawn around the old rows' mean, from a normal with 1e-9 times
+    their covariance (a new token starts as an "average" one, not as noise), or the mean itself where that
+    covariance is not positive definite. It requires grad as the old table did."""
+    added = len(new) - len(old)
+    if added > 0:
+        rows = old.float()
+        mean = rows.mean(0)
+        covariance = 1e-9 * ((rows - mean).T @ (rows - mean) / len(old))
+        if torch.distributions.constraints.positive_definite.check(covariance).all():
+            new[len(old):] = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((added,))
+        else:
+            new[len(old):] = mean
+    new[:len(old)] = old[:len(new)]
     new.requires_grad_(old.requires_grad)
 
 
@@ -330,9 +339,9 @@ class _LlamaBase(nn.Module):
     is_gradient_checkpointing = is_activation_checkpointing
 
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
-        """Change the vocabulary size (e.g. after adding special tokens). Existing rows keep their values;
-        new input-embedding and LM-head rows start at the mean of the existing rows, so a new token begins as
-        an "average" token rather than noise (transformers' default draws them around that mean)."""
+        """Change the vocabulary size (e.g. after adding special tokens) as transformers does by default: existing
+        rows keep their values, new input-embedding and LM-head rows are drawn close around the mean of the existing
+        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows."""
         if new_vocab_size < 1:
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
