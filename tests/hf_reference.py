@@ -88,8 +88,11 @@ def assert_figures_as_close_as_transformers(ours: list[dict], theirs: list[dict]
     for got, want, truth in zip(ours, theirs, exact):
         assert math.isclose(got["lr"], want["lr"], rel_tol=1e-12), got["step"]  # one formula, two spellings
         for key in ("loss", "grad_norm"):
-            assert as_close_as_transformers(abs(got[key] - truth[key]), abs(want[key] - truth[key]),
-                                            1e-5 * abs(truth[key])), (key, got, want, truth)
+            their_error = abs(want[key] - truth[key])
+            # else the two runs of the loop differ in more than rounding, and "twice their error" checks nothing
+            assert their_error <= 1e-3 * abs(truth[key]), ("the float64 loop is another run", key, want, truth)
+            assert as_close_as_transformers(abs(got[key] - truth[key]), their_error, 1e-5 * abs(truth[key])), \
+                (key, got, want, truth)
 
 
 def assert_trained_as_closely_as_transformers(ours: dict, theirs: dict, exact: dict) -> None:
@@ -99,4 +102,5 @@ def assert_trained_as_closely_as_transformers(ours: dict, theirs: dict, exact: d
     for name, weight in ours.items():
         our_error = (weight.double() - exact[name]).abs().max().item()
         their_error = (theirs[name].double() - exact[name]).abs().max().item()
+        assert their_error <= 1e-3, ("the float64 loop is another run", name)  # as for the figures
         assert as_close_as_transformers(our_error, their_error, 1e-5), name

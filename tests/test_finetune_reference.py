@@ -200,14 +200,15 @@ def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and
     assert any(len(ids) == cfg.max_length for ids, _ in examples)  # some are cut
 
     def run(dtype: torch.dtype) -> tuple[list[dict], list[float], dict]:  # padding with id 0: it is masked out
-        model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=dtype)
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
         torch.manual_seed(cfg.seed)
         if added:
             model.resize_token_embeddings(tokenizer.vocab_size)
         lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
                                target_modules=["q_proj", "v_proj"],
                                modules_to_save=["embed_tokens", "lm_head"] if added else None)
-        model = peft.get_peft_model(model, lora)
+        # built in float32 whatever `dtype`, then cast: float64 draws other numbers from the same seed
+        model = peft.get_peft_model(model, lora).to(dtype)
         return reference_fine_tuning(model, examples, cfg, lambda batch: lm_padded(batch, 0), response_tokens,
                                      lambda model: lm_loss(model, eval_examples, 0), higher_is_better=False,
                                      snapshot=adapter_snapshot)
