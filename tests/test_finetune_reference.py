@@ -39,11 +39,16 @@ def encoded(tokenizer, rows: list[dict[str, str]], max_length: int) -> list[tupl
              NEWS.labels.index(row["label"])) for row in rows]
 
 
+def right_padded(rows: list[list[int]], value: int, longest: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (longest - len(row)) for row in rows])
+
+
 def padded(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ids with their attention mask and the labels."""
-    longest = max(len(ids) for ids, _ in batch)
-    return {"input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids, _ in batch]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in batch]),
+    ids = [ids for ids, _ in batch]
+    longest = max(map(len, ids))
+    return {"input_ids": right_padded(ids, pad_id, longest),
+            "attention_mask": right_padded([[1] * len(row) for row in ids], 0, longest),
             "labels": torch.tensor([label for _, label in batch])}
 
 
@@ -158,9 +163,8 @@ def adapter_snapshot(model: peft.PeftModel) -> dict[str, torch.Tensor]:
 def lm_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ids with their attention mask, and the labels (-100 over each prompt) padded with -100."""
     longest = max(len(ids) for ids, _ in batch)
-    return {"input_ids": torch.tensor([ids + [pad_id] * (longest - len(ids)) for ids, _ in batch]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids, _ in batch]),
-            "labels": torch.tensor([labels + [-100] * (longest - len(labels)) for _, labels in batch])}
+    return {**padded([(ids, 0) for ids, _ in batch], pad_id),
+            "labels": right_padded([labels for _, labels in batch], -100, longest)}
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:
