@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["ttl_core", "ttl_core.*", "ttl_kernels", "ttl_kernels.*"]),
     package_data={"ttl_core": ["sample_data/*.txt", "sample_data/*.csv", "sample_data/*.jsonl"]},
     install_requires=[
-        # 2.9 at least (README, "Tested versions"): torch 2.8's FSDP2 summed the ranks' gradients over gloo instead
+        # 2.9 at least (docs/versions.md): torch 2.8's FSDP2 summed the ranks' gradients over gloo instead
         # of averaging them, and the Triton of torch 2.6 and 2.7 cannot build an autotuner on a machine without a GPU
         "torch>=2.9",
         "triton; platform_system == 'Linux'",

@@ -11,8 +11,8 @@ Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by tr
 SIGTERM or SIGUSR1 (a scheduler's warning before its time limit: `#SBATCH --signal=USR1@120` in SLURM) ends the
 run after the optimizer step in progress, with a checkpoint of that step, and exit status 75 (EX_TEMPFAIL: requeue
 and run again with --resume); Ctrl-C does the same with status 130, and a second Ctrl-C stops at once. Under
-torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGUSR1 (see README.md). --resume on a
-run already at train.max_steps says the run is complete and exits 0.
+torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGUSR1 (see docs/training.md).
+--resume on a run already at train.max_steps says the run is complete and exits 0.
 """
 
 from __future__ import annotations
