@@ -111,7 +111,7 @@ class Chat:
 def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:
     """Generate (and stream) the model's continuation of the conversation; returns its token ids."""
     device = model.lm_head.weight.device
-    ids = torch.tensor([chat.ids], device=device)
+    ids = torch.tensor([chat.ids], dtype=torch.long, device=device)  # an empty prompt is still an id tensor
     # do_sample=False, not unset: a checkpoint's generation_config.json would otherwise decide
     sampling = dict(do_sample=False) if args.greedy else dict(
         do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import load_script, run_script
+from helpers import load_script, run_in_ascii_locale, run_script
 from hf_reference import hf_causal_lm
 from safetensors.torch import load_file, save_file
 
@@ -208,6 +208,16 @@ def test_scripts_exit_with_main_s_status_and_130_on_ctrl_c(capsys):
             run_cli(main, [])
         assert exit_.value.code == code
     assert capsys.readouterr().err == ""
+
+
+def test_a_script_prints_text_its_locale_cannot_encode_escaped():
+    """Under an ASCII locale, printing a generated answer or pretrain's closing sample ("O Brasil é ...") raised
+    UnicodeEncodeError: a traceback and exit status 1 after the work was done; the text is now written with
+    Python's escapes (as stderr already is) and the script exits with main's status."""
+    code = ("from ttl_core.cli import run_cli; "
+            "run_cli(lambda argv: print('sample: O Brasil \\xe9 \\u201cgrande\\u201d', flush=True))")
+    run = run_in_ascii_locale(code)
+    assert run.returncode == 0 and run.stdout == "sample: O Brasil \\xe9 \\u201cgrande\\u201d\n", run.stderr[-500:]
 
 
 def test_scripts_show_ttl_s_warnings_in_one_line_and_a_library_s_as_python_does(capsys):

@@ -417,6 +417,17 @@ def test_a_conversation_opens_with_bos_only_when_the_tokenizer_adds_it(checkpoin
     assert tok.bos_id not in chat.ids and tok.eos_id not in chat.ids
 
 
+def test_an_empty_prompt_without_bos_is_named(checkpoint, tmp_path):
+    """`--prompt ""` where the tokenizer adds no <s> leaves no token to continue: the prompt's empty id list became
+    a float tensor, refused as "input_ids must be an integer tensor", which named neither the prompt nor its length."""
+    _, tok, model = checkpoint
+    plain = Tokenizer(tok.proto.SerializeToString())
+    plain.add_bos_token = False
+    ttl_core.save_pretrained(model, tmp_path, tokenizer=plain)
+    with pytest.raises(GenerationError, match=r"^empty prompt: input_ids has shape \(1, 0\)"):
+        load_script("generate").main(["--model", str(tmp_path), "--prompt", "", "--device", "cpu"])
+
+
 def test_an_answer_is_closed_by_its_formats_end_unless_an_eos_ended_it(checkpoint):
     """An answer that ran out of tokens is closed as fine-tuning ends each format's responses (Aira:
     <|endofcompletion|>, Alpaca: </s>); one that stopped at any EOS id (the tokenizer's, the checkpoint's) is not

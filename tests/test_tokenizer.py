@@ -110,6 +110,23 @@ def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "out").pad_id == -1
 
 
+def test_a_sentencepiece_model_with_its_own_normalizer_encodes_as_autotokenizer(tmp_path):
+    """A tokenizer.model trained with sentencepiece's defaults (NFKC, extra whitespace removed): transformers reads
+    its pieces and merges and ignores that normalizer, but ttl ran it, which also stripped the space that stands for
+    the word prefix, so the first word lost its "▁" in every text ("▁o" read as "o")."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus(200)), model_writer=model_file, model_type="bpe",
+                                   vocab_size=300, unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
+                                   minloglevel=2)
+    Tokenizer(model_file.getvalue()).save_pretrained(tmp_path)
+    assert_same_ids(Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path),
+                    HARD + ["ﬁm Ａ ①", "a\tb"] + corpus(10, seed=7))
+
 def test_tokenizer_json_only_dir_matches_autotokenizer(tmp_path):
     from transformers import AutoTokenizer
 

@@ -5,6 +5,7 @@ written, a directory holding an earlier run's results)."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
 import warnings
 from pathlib import Path
@@ -61,7 +62,11 @@ def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, ove
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a script's `main(argv)` and exit with its status. A `TTLError` (or a kernel backend that cannot
     run) prints one line, no traceback; so does a file-system error (an output path that is a file, a
-    directory given for a file, a full disk), which names the path; and so does a UserWarning."""
+    directory given for a file, a full disk), which names the path; and so does a UserWarning. Text stdout's
+    locale cannot encode (an answer, a sample, under an ASCII locale) is written with Python's escapes, as
+    stderr's is, rather than raise after the work is done."""
+    if hasattr(sys.stdout, "reconfigure") and codecs.lookup(sys.stdout.encoding).name != "utf-8":
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

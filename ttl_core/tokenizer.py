@@ -80,12 +80,13 @@ class Tokenizer:
 
     def _load(self, proto) -> None:
         self.proto = proto
-        # The "▁" prefix is our job (see module docstring), so the processor never adds it itself. Special tokens in
-        # the text are matched (or not, with split_special_tokens) by `AddedTokenSplitter`; the processor would
-        # always match user-defined pieces, so it sees them as control pieces, which text never produces.
-        runtime = spm_pb2.ModelProto()
-        runtime.CopyFrom(proto)
-        runtime.normalizer_spec.add_dummy_prefix = False
+        # The "▁" prefix is our job (see module docstring) and transformers ignores the model's normalizer (NFKC,
+        # whitespace removal), so the processor does neither. Special tokens in the text are matched (or not, with
+        # split_special_tokens) by `AddedTokenSplitter`; the processor would always match user-defined pieces, so it
+        # sees them as control pieces, which text never produces.
+        runtime = spm_pb2.ModelProto.FromString(proto.SerializeToString())
+        runtime.normalizer_spec.CopyFrom(spm_pb2.NormalizerSpec(name="identity", add_dummy_prefix=False,
+                                                                remove_extra_whitespaces=False))
         for piece in runtime.pieces:
             if piece.type == _Piece.USER_DEFINED:
                 piece.type = _Piece.CONTROL
