@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.input and (args.chat is None or args.prompt is None):
         parser.error("--input adds context to --prompt in a --chat format; it needs both")
     refuse_ignored(parser, args, "--greedy", "--temperature", "--top-k", "--top-p", "--min-p", "--seed")
+    if args.temperature == 0:  # how other tools ask for greedy decoding; the sampler would refuse it unexplained
+        parser.error("--temperature 0 does not sample; use --greedy for greedy decoding")
     for name, value in SAMPLING.items():  # None until here, so that an option given is told from its default
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -99,7 +99,7 @@ def test_prepare_data_arguments(tmp_path, tok_file):
         "warning: val_fraction 0.1 of 2 documents holds none out: val.bin will be empty (use at least 0.5, or train "
         "with train.eval_every=0)"], run.stderr[-2000:]
     run = run_script("prepare_data", "--input", doc, "--out", tmp_path / "s", "--workers", "-2", timeout=120)
-    assert run.returncode == 2 and run.stderr.strip() == ("error: workers must be an integer >= 1 (or None for every "
+    assert run.returncode == 2 and run.stderr.strip() == ("error: workers must be an integer >= 1 (left unset: every "
                                                           "usable core), got -2")
 
 

@@ -251,6 +251,9 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
         with pytest.raises(SystemExit) as exit_:
             script.main(["--model", str(path), "--prompt", "o menino", "--greedy", option, value])
         assert exit_.value.code == 2 and f"error: {option} has no effect with --greedy\n" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # greedy decoding as other tools ask for it: pointed to --greedy
+        script.main(["--model", str(path), "--prompt", "o menino", "--temperature", "0"])
+    assert exit_.value.code == 2 and "error: --temperature 0 does not sample; use --greedy" in capsys.readouterr().err
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy"]) == 0
     fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],

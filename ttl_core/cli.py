@@ -40,14 +40,15 @@ def output_file(text: str) -> str:
 
 def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, option: str, *ignored: str,
                    active: bool | None = None) -> None:
-    """A usage error when `option` is on (or `active`, for one that is on by default, such as --no-lora) and one
-    of the `ignored` options, which it makes irrelevant, was given: ignored in silence, it would seem to have
-    taken effect. Each of `ignored` defaults to None (or False), so that an option given is told from one left
-    at its default."""
+    """A usage error when `option` is on and one of the `ignored` options, which it makes irrelevant, was given:
+    ignored in silence, it would seem to have taken effect. With `active` given, `option` instead names the
+    condition it tells ("without --lora"). Each of `ignored` defaults to None (or False), so that an option given
+    is told from one left at its default."""
+    condition = f"with {option}" if active is None else option
     if getattr(args, option.lstrip("-").replace("-", "_")) if active is None else active:
         for name in ignored:
             if getattr(args, name.lstrip("-").replace("-", "_")) not in (None, False):
-                parser.error(f"{name} has no effect with {option}")
+                parser.error(f"{name} has no effect {condition}")
 
 
 def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> None:

@@ -149,7 +149,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers is not None and not (_is_int(workers) and workers >= 1):
-        raise DataError(f"workers must be an integer >= 1 (or None for every usable core), got {workers!r}")
+        raise DataError(f"workers must be an integer >= 1 (left unset: every usable core), got {workers!r}")
     if not (_is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
     if tokenizer is None and not (_is_int(vocab_size) and vocab_size >= 1):  # said before the corpus is read

@@ -157,7 +157,7 @@ def number(text: str) -> float:
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
     """The `FinetuneConfig` that `add_finetune_args` options describe; a LoRA option given without --lora is a
     usage error."""
-    refuse_ignored(parser, args, "--no-lora", *LORA_OPTIONS, active=not args.lora)
+    refuse_ignored(parser, args, "without --lora", *LORA_OPTIONS, active=not args.lora)
     lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout")
             if getattr(args, name) is not None}
     if args.lora_targets is not None:

@@ -97,6 +97,9 @@ class RunConfig:
                 "train": dataclasses.asdict(self.train)}
 
 
+_TYPE_WORDS = {bool: "true or false", float: "a number", int: "an integer", str: "a string", list: "a list"}
+
+
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     """Check a value against the type of the field's default (ints are accepted for floats)."""
     if isinstance(default, bool):
@@ -111,7 +114,7 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{section}.{key} must be a {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"{section}.{key} must be {_TYPE_WORDS[type(default)]}, got {value!r}")
     return value
 
 
