@@ -235,11 +235,14 @@ run_cli(lambda argv: save_checkpoint({str(tmp_path)!r}, 2, model, model.state_di
 
 def test_resume_applies_the_configured_optimizer_settings(tmp_path, data_dir):
     """The checkpoint restores AdamW's moments; weight decay, betas and eps are the resumed run's config, and
-    a changed no_decay (which would regroup the parameters) is refused."""
+    a changed no_decay (which would regroup the parameters) is refused, as are a changed seq_len or seed."""
     run = run_config("train.max_steps=4")
     train(run, tmp_path, data_dir=str(data_dir), stop_after=2)
     with pytest.raises(ConfigError, match=r"trained with train.no_decay=\['norm', 'bias'\]; resuming with \[\]"):
         train(run_config("train.max_steps=4", "train.no_decay=[]"), tmp_path, data_dir=str(data_dir), resume=True)
+    for key, other in (("seq_len", run.train.seq_len // 2), ("seed", run.train.seed + 1)):  # the data position's
+        with pytest.raises(ConfigError, match=rf"^train.{key} is {other} here, but \S+step-000002 was trained with"):
+            train(run_config("train.max_steps=4", f"train.{key}={other}"), tmp_path, str(data_dir), resume=True)
     model = random_model(run)
     first = build_optimizer(model, run.train, torch.device("cpu"))
     model(torch.randint(0, 400, (2, 16)), labels=torch.randint(0, 400, (2, 16))).loss.backward()
