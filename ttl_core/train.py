@@ -11,10 +11,12 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -250,14 +252,21 @@ def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, re
         raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")
 
 
-def check_run_fits_model(config: LlamaConfig, train: TrainConfig, tokenizer: Tokenizer, data_path: Path) -> None:
+def check_run_fits_model(config: LlamaConfig, train: TrainConfig, tokenizer: Tokenizer, data_path: Path,
+                         warn_unused_rows: bool) -> None:
     """Refuse, before any weights load, a run the model cannot serve: a tokenizer (the data's, in `data_path`)
     with more tokens than the embedding table, a `train.seq_len` past the model's context, or a
-    `train.sample_prompt` that fills the context, leaving the end-of-run sample no room."""
+    `train.sample_prompt` that fills the context, leaving the end-of-run sample no room. With `warn_unused_rows`,
+    warn when the table is larger than the tokenizer's vocabulary padded to a multiple of 128, as a preset's 32000
+    rows are for data prepared with a smaller --vocab-size: the rows past it serve no token."""
     context = config.max_position_embeddings
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
                           f"vocab_size is {config.vocab_size}")
+    if warn_unused_rows and config.vocab_size > math.ceil(tokenizer.vocab_size / 128) * 128:
+        warnings.warn(f"the model's vocab_size is {config.vocab_size} but the tokenizer in {data_path} has "
+                      f"{tokenizer.vocab_size} tokens: {config.vocab_size - tokenizer.vocab_size} rows of the "
+                      f"embedding and LM head serve no token (set model.vocab_size={tokenizer.vocab_size})")
     if train.seq_len > context:
         raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings {context}")
     if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= context:
@@ -370,7 +379,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     tokenizer = Tokenizer.from_pretrained(data_path)
     if resume_from or init_from:
         check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
-    check_run_fits_model(config, train, tokenizer, data_path)
+    check_run_fits_model(config, train, tokenizer, data_path,  # a new model's table is the run's to choose: warn once
+                         warn_unused_rows=world.is_main and not (resume_from or init_from))
     loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
                           rank=world.rank, world_size=world.size)
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
