@@ -249,6 +249,19 @@ def test_return_dict_false_gives_transformers_tuple(build, tmp_path):
     assert max_diff(base_got[0][real], base_ref[0][real]) <= 1e-5
 
 
+@pytest.mark.parametrize("keep", [3, torch.tensor([0, 4, 8]), torch.tensor([5])], ids=["last_3", "indices", "index"])
+def test_logits_to_keep_takes_a_count_or_positions_as_in_transformers(keep, tmp_path):
+    """An int keeps the last n positions; a 1-d tensor keeps the positions it indexes (packed rows: each document's
+    last token), as transformers reads `logits_to_keep`."""
+    hf = hf_causal_lm()
+    ours = to_ttl(hf, tmp_path)
+    ids, _ = padded_batch(seed=13)
+    with torch.no_grad():
+        expected = hf(ids, logits_to_keep=keep).logits
+        got = ours(ids, logits_to_keep=keep).logits
+    assert got.shape == expected.shape and max_diff(got, expected) <= 1e-5
+
+
 def test_use_cache_true_is_refused_with_where_the_cache_lives(tmp_path):
     ours = to_ttl(hf_causal_lm(), tmp_path)
     with pytest.raises(ConfigError, match="use_cache=True: .* ttl_core.generate"):

@@ -399,14 +399,15 @@ class LlamaForCausalLM(_LlamaBase):
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-        logits_to_keep: int = 0, return_logits: bool = False, loss_reduction: str = "mean",
+        logits_to_keep: int | torch.Tensor = 0, return_logits: bool = False, loss_reduction: str = "mean",
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
     ) -> ModelOutput | tuple:
         """Logits (batch, seq, vocab) without labels; with integer labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
-        are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions.
+        are never built unless `return_logits`. `logits_to_keep=n` keeps only the last n positions (a 1-d tensor:
+        the positions it indexes, as in transformers).
         `loss_reduction="sum"` returns the summed loss (for exact gradient accumulation). `targets` are
         labels already shifted (the token to predict at each position, as a packed data loader yields
         them) and replace `labels`. `cu_seqlens` / `max_seqlen` (see `ttl_core.attention.document_layout`) pack
@@ -424,7 +425,8 @@ class LlamaForCausalLM(_LlamaBase):
                 reduction=loss_reduction, backend=self.config.kernels,
             )
         if loss is None or return_logits:
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # -0: all
+            logits = self.lm_head(hidden[:, kept])
         out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
         return out if return_dict else out.to_tuple()
 
