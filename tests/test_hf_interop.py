@@ -363,8 +363,8 @@ def test_a_config_json_whose_num_labels_disagrees_with_id2label_reads_as_in_tran
     assert exported["label2id"] == theirs.config.label2id
 
 
-@pytest.mark.parametrize("declared", ["bfloat16", "float32"])
-def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, declared):
+@pytest.mark.parametrize("declared, dtype", [("bfloat16", None), ("float32", None), ("bfloat16", "auto")])
+def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, declared, dtype):
     """fp32 norms beside bf16 matrices: the model takes the dtype config.json declares, as transformers' default
     dtype="auto" does (before, every tensor took the embedding's dtype, rounding fp32 ones to bf16)."""
     hf = hf_causal_lm().to(torch.bfloat16)
@@ -377,7 +377,7 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, decl
     stored = read_all(tmp_path / "src")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16, torch.float32}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
-    ours = ttl_core.load_pretrained(tmp_path / "src")
+    ours = ttl_core.load_pretrained(tmp_path / "src", dtype=dtype)  # "auto": transformers' name for the default
     assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()} == {DTYPES[declared]}
     if declared == "float32":  # nothing rounded: the stored tensors come back exactly, the logits as transformers'
         ttl_core.save_pretrained(ours, tmp_path / "out")

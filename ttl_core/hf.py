@@ -147,12 +147,13 @@ def checked_device(device: str | torch.device | None) -> torch.device:
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The weights' dtype asked for; None (or transformers' "auto") for the checkpoint's or model's own."""
     if isinstance(dtype, torch.dtype) and dtype not in SAFETENSORS_DTYPES.values():
         raise CheckpointError(f"dtype {dtype} is not a floating-point weight dtype")
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -205,9 +206,9 @@ def load_pretrained(
 
     Reads transformers' layout (`config.json` + `model.safetensors` or a sharded index) or ttl's native one.
     The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so
-    host memory peaks near one copy of the weights. `dtype=None` loads in the dtype config.json declares, as
-    transformers' default `dtype="auto"` does (a checkpoint may store fp32 norms beside bf16 matrices), else
-    in the stored embedding's.
+    host memory peaks near one copy of the weights. `dtype=None` (or "auto") loads in the dtype config.json
+    declares, as transformers' default `dtype="auto"` does (a checkpoint may store fp32 norms beside bf16
+    matrices), else in the stored embedding's.
     `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`, or the labels.
     `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
     fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
