@@ -8,6 +8,7 @@ from helpers import rel_err
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.errors import ConfigError
+from ttl_kernels.dispatch import interpreting
 
 
 def loss_and_grads(model, ids, labels=None):
@@ -149,3 +150,28 @@ def test_compiled_blocks_stay_compiled_under_activation_checkpointing():
         torch._dynamo.reset()
     assert graphs
     assert all(torch.allclose(compiled[name], grad, rtol=1e-5, atol=1e-7) for name, grad in eager.items())
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton interpreter's case (TRITON_INTERPRET=1)")
+def test_compiled_blocks_run_the_interpreted_kernels():
+    """train.compile with TTL_KERNELS=triton on the CPU: dynamo traced into the Triton interpreter's numpy code,
+    which in training broke the graph but under no_grad (the run's first evaluation) raised InterpreterError.
+    The kernels run eagerly between the compiled pieces, forward and backward, with the eager results."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=128, vocab_size=400,
+                                                     num_hidden_layers=1, kernels="triton"))
+    ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    eager_loss, eager_grads = loss_and_grads(model, ids)
+    with torch.no_grad():
+        eager_logits = model(ids).logits
+    torch._dynamo.reset()
+    try:
+        for block in model.backbone.layers:
+            block.compile(backend="eager")
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, eager_logits, rtol=1e-5, atol=1e-6)
+        loss, grads = loss_and_grads(model, ids)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(loss, eager_loss, rtol=1e-6)
+    assert all(torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-7) for name, grad in eager_grads.items())

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAVE_TRITON, as_rows, once_differentiable, require_floating, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -215,7 +215,7 @@ def cross_entropy(
     if not (torch.is_grad_enabled() and logits.requires_grad):  # the losses alone: no copy, no gradient
         losses = ce_rows_(as_rows(logits), targets, None, ignore_index, label_smoothing, z_loss)
         return _reduce(losses, targets, ignore_index, reduction)
-    return _CrossEntropy.apply(logits, targets, ignore_index, reduction, label_smoothing, z_loss)
+    return apply_kernel(_CrossEntropy, logits, targets, ignore_index, reduction, label_smoothing, z_loss)
 
 
 CHUNKS = 8
@@ -363,4 +363,5 @@ def fused_linear_cross_entropy(
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # the losses alone
         losses = _chunk_losses(hidden.contiguous(), weight, targets, ignore_index, label_smoothing, z_loss)
         return _reduce(losses, targets, ignore_index, reduction)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss)
+    return apply_kernel(_FusedLinearCrossEntropy, hidden, weight, targets, ignore_index, reduction, label_smoothing,
+                        z_loss)

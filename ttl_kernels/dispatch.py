@@ -4,7 +4,7 @@
 compute in float32); the `TTL_KERNELS` environment variable (`triton` or `torch`) overrides "auto". Triton
 on CPU tensors needs `TRITON_INTERPRET=1`, set before the first kernel module is imported, because Triton
 picks the interpreter when it decorates a kernel.
-The kernels' autograd functions share `once_differentiable` from here too.
+The kernels' autograd functions share `once_differentiable` and `apply_kernel` from here too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,22 @@ class BackendError(ValueError):
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.disable
+def _apply_eagerly(function: type[torch.autograd.Function], *args):
+    return function.apply(*args)
+
+
+# read once, as Triton reads it once when it decorates the kernels; a constant to dynamo, which traces `apply_kernel`
+_INTERPRETED_KERNELS = interpreting()
+
+
+def apply_kernel(function: type[torch.autograd.Function], *args):
+    """`function.apply(*args)`, kept out of torch.compile's graphs when Triton interprets on the CPU: dynamo
+    would trace into the interpreter's numpy code and fail (under no_grad, as in evaluation, with an error rather
+    than a graph break). Compiled CUDA kernels stay in the graph."""
+    return _apply_eagerly(function, *args) if _INTERPRETED_KERNELS else function.apply(*args)
 
 
 def use_triton(x: torch.Tensor, backend: str = "auto", *others: torch.Tensor | None) -> bool:

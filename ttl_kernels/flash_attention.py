@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import HAVE_TRITON, interpreting, once_differentiable, require_floating, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, interpreting, once_differentiable, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -496,5 +496,5 @@ def flash_attention(
         cu = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * seq  # not a step of seq: it may be 0
         max_seqlen = seq
     qf, kf, vf = [t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf)]
-    out = _FlashAttention.apply(qf, kf, vf, cu, max_seqlen, causal, scale)
+    out = apply_kernel(_FlashAttention, qf, kf, vf, cu, max_seqlen, causal, scale)
     return out if packed else out.view(q.shape)

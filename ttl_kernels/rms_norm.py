@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAVE_TRITON, as_rows, once_differentiable, require_floating, sm_count, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, sm_count, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -235,4 +235,4 @@ def rms_norm(
         if out_dtype is None:
             return out
         return (out[0].to(out_dtype), out[1]) if residual is not None else out.to(out_dtype)
-    return RMSNormFunction.apply(x, weight, residual, eps, out_dtype)
+    return apply_kernel(RMSNormFunction, x, weight, residual, eps, out_dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, require_floating, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -244,7 +244,7 @@ def apply_rotary(
         return apply_rotary_reference(q, k, cos, sin)
     _check_constant_angles(cos, sin)
     batch, seq, _, dim = q.shape
-    return RotaryFunction.apply(q, k, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim))
+    return apply_kernel(RotaryFunction, q, k, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim))
 
 
 def _split_qkv(
@@ -270,7 +270,8 @@ def apply_rotary_qkv(
         return (*apply_rotary_reference(q, k, cos, sin), v)
     _check_constant_angles(cos, sin)
     batch, seq, _, dim = qkv.shape
-    return RotaryQKVFunction.apply(qkv, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim), kv_heads)
+    return apply_kernel(RotaryQKVFunction, qkv, cos.expand(batch, seq, dim), sin.expand(batch, seq, dim),
+                        kv_heads)
 
 
 def rotary_into_cache(

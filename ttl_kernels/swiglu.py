@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAVE_TRITON, as_rows, once_differentiable, require_floating, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -114,4 +114,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
     require_floating("swiglu", gate=gate, up=up)
     if not use_triton(gate, backend, up):
         return swiglu_reference(gate, up)
-    return SwiGLUFunction.apply(gate, up)
+    return apply_kernel(SwiGLUFunction, gate, up)
