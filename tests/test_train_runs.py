@@ -222,6 +222,7 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tm
     (["train.max_steps=2"], {"stop_after": 0}, "--stop-after must be"),
     (["train.seq_len=100"], {}, "exceeds the model's max_position_embeddings"),
     (["model.vocab_size=8"], {"data_dir": None}, "that is the bundled sample corpus"),
+    (["model.attention=\"triton\"", "model.attention_dropout=0.1"], {}, "has no attention dropout"),  # at step 1
 ])
 def test_a_refused_run_leaves_no_run_directory_behind(tmp_path, data_dir, refused, kwargs, message):
     """The run directory (and its parents) made for a run that is then refused, before any step, goes again;

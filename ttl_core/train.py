@@ -327,9 +327,11 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
             try:
                 return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
             except TTLError:
-                # a run refused before its first step (no metrics.jsonl yet) leaves no trace: the directories
-                # made for it go again, the sample corpus prepared into RUN/data with them
-                if made is not None and world.is_main and not (out_dir / "metrics.jsonl").exists():
+                # a run refused before its first step was logged (metrics.jsonl absent or empty: a refusal may
+                # come from step 1's forward) leaves no trace: the directories made for it go again, the sample
+                # corpus prepared into RUN/data with them
+                metrics = out_dir / "metrics.jsonl"
+                if made is not None and world.is_main and not (metrics.exists() and metrics.stat().st_size):
                     shutil.rmtree(made, ignore_errors=True)
                 raise
     finally:
