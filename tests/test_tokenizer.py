@@ -1,11 +1,13 @@
 """Tokenizer: training, Unicode round trips, ids identical to transformers' AutoTokenizer on exported files and on a
 TeenyTinyLlama-style `tokenizer.json`, chat templates."""
 
+import io
 import json
 import random
 import re
 
 import pytest
+import sentencepiece as spm
 from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
 
 from ttl_core.errors import ConfigError, TokenizerError
@@ -114,9 +116,6 @@ def test_a_sentencepiece_model_with_its_own_normalizer_encodes_as_autotokenizer(
     """A tokenizer.model trained with sentencepiece's defaults (NFKC, extra whitespace removed): transformers reads
     its pieces and merges and ignores that normalizer, but ttl ran it, which also stripped the space that stands for
     the word prefix, so the first word lost its "▁" in every text ("▁o" read as "o")."""
-    import io
-
-    import sentencepiece as spm
     from transformers import AutoTokenizer
 
     model_file = io.BytesIO()
@@ -126,6 +125,7 @@ def test_a_sentencepiece_model_with_its_own_normalizer_encodes_as_autotokenizer(
     Tokenizer(model_file.getvalue()).save_pretrained(tmp_path)
     assert_same_ids(Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path),
                     HARD + ["ﬁm Ａ ①", "a\tb"] + corpus(10, seed=7))
+
 
 def test_tokenizer_json_only_dir_matches_autotokenizer(tmp_path):
     from transformers import AutoTokenizer

@@ -150,8 +150,10 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The weights' dtype asked for; None (or transformers' "auto") for the checkpoint's or model's own."""
     if isinstance(dtype, torch.dtype) and dtype not in SAFETENSORS_DTYPES.values():
         raise CheckpointError(f"dtype {dtype} is not a floating-point weight dtype")
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]

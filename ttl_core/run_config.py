@@ -114,7 +114,8 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ConfigError(f"{section}.{key} must be {_TYPE_WORDS[type(default)]}, got {value!r}")
+        raise ConfigError(f"{section}.{key} must be {_TYPE_WORDS.get(type(default), type(default).__name__)}, "
+                          f"got {value!r}")
     return value
 
 
