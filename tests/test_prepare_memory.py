@@ -1,6 +1,7 @@
 """prepare_data on a .txt without blank lines, which is one document however large: the text it reads, and the
 memory it takes to read and tokenize it."""
 
+import array
 import random
 import sys
 import tracemalloc
@@ -8,6 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+import ttl_core.data as data
 import ttl_core.documents as documents
 from ttl_core.data import prepare_data, read_documents
 from ttl_core.tokenizer import train_tokenizer
@@ -55,3 +57,25 @@ def test_a_long_document_is_read_and_tokenized_in_about_three_times_its_size(tmp
     ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
     assert ids.tolist() == tok.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
     assert peak < 3 * sys.getsizeof(text) + (4 << 20), f"{peak / sys.getsizeof(text):.1f} times the text"
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip"])
+def test_a_long_document_with_tokens_that_take_whitespace_has_the_ids_of_the_whole(tmp_path, monkeypatch, flag):
+    """An added token that takes the whitespace beside it (lstrip / rstrip) takes it across a place where a long
+    document could be cut ("zz|   o", "o\\t| zz"): its pieces would keep that whitespace as text, so such a
+    tokenizer encodes a document whole."""
+    from transformers import AddedToken, AutoTokenizer
+
+    rng = random.Random(2)
+    seps = [" ", "  ", "\t ", " zz ", "zz   ", "\u00a0 zz", "\t zz\t "]
+    text = "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(400)).strip()
+    train_tokenizer([one_paragraph(300)], None, vocab_size=300).save_pretrained(tmp_path / "base")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "base")
+    hf.add_tokens([AddedToken("zz", normalized=False, special=False, **{flag: True})])
+    hf.save_pretrained(tmp_path / "tok")
+    data._init_worker(tmp_path / "tok")
+    whole = data._worker_tokenizer.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
+    assert whole[1:-1] == hf(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(data, "_PIECE_CHARS", 1)  # a cut wherever the text allows one
+    data._encode_document(text, ids := array.array("H"))
+    assert ids.tolist() == whole
