@@ -1,10 +1,13 @@
-"""ttl_core.documents on its own: the documents of a .parquet input, and the one-line errors of one that is
-not a parquet file of texts."""
+"""ttl_core.documents: the documents of a .parquet input, and the one-line errors of one that is not a parquet
+file of texts; an input that changes while prepare_data reads it."""
 
 import pytest
 
+import ttl_core.data as data
+from ttl_core.data import prepare_data
 from ttl_core.documents import read_documents
 from ttl_core.errors import DataError
+from ttl_core.tokenizer import train_tokenizer
 
 
 def test_parquet_input(tmp_path):
@@ -31,3 +34,28 @@ def test_only_the_file_start_loses_a_byte_order_mark(tmp_path):
     """A BOM opening the file is the editor's (as Python's utf-8-sig reads it); U+FEFF further on is the text's."""
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfprimeiro\n\n\xef\xbb\xbfsegundo\n")
     assert list(read_documents(tmp_path / "bom.txt")) == ["primeiro", "\ufeffsegundo"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("changed, text", [("a.txt", "um\n\ndois\n\nmais um\n"), ("a.txt", "um\n"),
+                                           ("b.jsonl", '{"text": "tres"}\n{"text": "quatro"}\n')])
+def test_an_input_that_changes_while_it_is_prepared_is_named_not_tokenized_in_part(tmp_path, monkeypatch, workers,
+                                                                                 changed, text):
+    """Documents are counted before they are tokenized, and the counts make meta.json and the val split: a file
+    still being written (a download appending to it) that gains or loses documents in between would leave token
+    files that do not fit meta.json, and a rerun would find them prepared already."""
+    (tmp_path / "a.txt").write_text("um\n\ndois\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "tres"}\n')
+    tok = train_tokenizer(["um dois tres quatro outro"] * 10, None, vocab_size=300)
+    counted = data.count_documents
+
+    def count_then_change(paths):
+        counts = counted(paths)
+        (tmp_path / changed).write_text(text)
+        return counts
+
+    monkeypatch.setattr(data, "count_documents", count_then_change)
+    with pytest.raises(DataError, match=f"{changed}: changed while being prepared"):
+        prepare_data([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out", tokenizer=tok, val_fraction=0.5,
+                     workers=workers, shard_docs=1)
+    assert not (tmp_path / "out" / "meta.json").exists()

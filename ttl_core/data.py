@@ -203,11 +203,12 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     done = {int(p.name.split(".")[0]) for p in work.glob("*.npz")}
 
     def jobs() -> Iterator[tuple[int, int, list[str], float]]:
-        docs = _documents(paths)
+        docs = _documents(paths, counts)
         for shard, size in enumerate(sizes):
             batch = list(itertools.islice(docs, size))
             if shard not in done:
                 yield shard, shard * shard_docs, batch, val_fraction
+        next(docs, None)  # the last file's count is checked at its end
 
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=None, initial=sum(sizes[i] for i in done))
     with bar:
@@ -243,8 +244,20 @@ def _tokenizer_sample(paths: list[Path]) -> Iterator[str]:
     return (d for k, d in enumerate(_documents(paths)) if _evenly(k, share))
 
 
-def _documents(paths: list[Path]) -> Iterator[str]:
-    return (d for p in paths for d in read_documents(p))
+def _documents(paths: list[Path], counts: list[int] | None = None) -> Iterator[str]:
+    """The documents of `paths` in order. With `counts` (as counted before), a file that now holds more or fewer
+    is a DataError: meta.json and the val split rest on the counts, and a file still being written would leave
+    token files that do not fit them."""
+    for path, counted in zip(paths, counts or itertools.repeat(None)):
+        n = 0
+        for n, doc in enumerate(read_documents(path), 1):
+            if counted is not None and n > counted:
+                break
+            yield doc
+        if counted is not None and n != counted:
+            now = "more" if n > counted else f"{n:,}"
+            raise DataError(f"{path}: changed while being prepared ({counted:,} documents when counted, {now} now); "
+                            f"run again once it is complete")
 
 
 def _outputs_fit(out_dir: Path, meta: dict) -> bool:
