@@ -4,6 +4,7 @@ interruption, clear errors naming file and line."""
 import array
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -483,3 +484,19 @@ def test_data_prepared_from_other_inputs_is_replaced_only_when_asked(tmp_path):
     assert read_outputs(tmp_path / "out") == before
     assert prepare_data(inputs[:2], tmp_path / "out", vocab_size=300, workers=1, replace=True)["documents"] < \
         json.loads(before["meta.json"])["documents"]
+
+
+@pytest.mark.parametrize("total", [1, 3, 9, 30, 300])
+def test_the_val_fraction_a_warning_suggests_holds_a_document_out(tmp_path, total):
+    """The smallest val_fraction that holds one of n documents out is 1/n: said rounded to nearest (0.333 of 3
+    is 0.999 documents) it held none out still, and for one document (which nothing can split) it was 1."""
+    (tmp_path / "c.txt").write_text("".join(f"doc {k}\n\n" for k in range(total)))
+    tok = train_tokenizer([" ".join(WORDS)] * 50, None, vocab_size=300)
+    with pytest.warns(UserWarning, match="holds none out") as warned:
+        prepare_data([tmp_path / "c.txt"], tmp_path / "out", tokenizer=tok, val_fraction=1e-9)
+    suggested = re.search(r"use at least ([^,]+),", str(warned[0].message))
+    if total == 1:
+        assert not suggested and "one document" in str(warned[0].message)
+    else:
+        meta = prepare_data([tmp_path / "c.txt"], tmp_path / "out", tokenizer=tok, val_fraction=float(suggested[1]))
+        assert meta["val_documents"] == 1

@@ -125,6 +125,13 @@ def _evenly(k: int, fraction: float) -> bool:
     return int((k + 1) * fraction) > int(k * fraction)
 
 
+def _least_fraction(total: int) -> float:
+    """1/total rounded up to three significant digits: the val_fraction to suggest for holding out one of `total`
+    documents (rounded to nearest, 1/3 would be 0.333, which holds out floor(0.999) = none)."""
+    units = 10 ** (len(str(total)) + 2)  # 1/total is k/units, k in [100, 1000]
+    return -(-units // total) / units
+
+
 def _fingerprint(paths: list[Path]) -> list[dict]:
     out = []
     for p in paths:
@@ -163,8 +170,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     counts = count_documents(paths)  # validates every file before any work
     total = sum(counts)
     if total and val_fraction and int(total * val_fraction) == 0:  # `_evenly` holds out floor(n * f)
+        fix = f"use at least {_least_fraction(total):g}, or" if total > 1 else "one document cannot be split:"
         warnings.warn(f"val_fraction {val_fraction} of {total} documents holds none out: val.bin will be empty "
-                      f"(use at least {1 / total:.3g}, or train with train.eval_every=0)", stacklevel=2)
+                      f"({fix} train with train.eval_every=0)", stacklevel=2)
     source = _load_tokenizer(tokenizer)
     # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
