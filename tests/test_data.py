@@ -2,6 +2,7 @@
 interruption, clear errors naming file and line."""
 
 import array
+import itertools
 import json
 import random
 import re
@@ -379,20 +380,24 @@ def test_a_vocabulary_over_65535_tokens_is_stored_as_uint32(tmp_path):
 # --- corpora at scale: the tokenizer's sample, long documents, shards -------------------------------------
 
 
-def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_the_byte_budget(tmp_path, monkeypatch):
-    """sentencepiece holds all the text it is given: a corpus larger than the budget gives it a sample of whole
-    documents taken evenly from every input file, not the whole corpus nor only the first files."""
+@pytest.mark.parametrize("budget", ["bytes", "documents"])
+def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_its_budget(tmp_path, monkeypatch, budget):
+    """sentencepiece holds all the text it is given: a corpus over the budget (bytes, or documents, which it reads
+    up to a count) gives it a sample of whole documents taken evenly from every input file, not the whole corpus
+    nor only the first files (which a corpus of many short documents got, cut at the count)."""
     inputs, docs = write_inputs(tmp_path)
-    budget = sum(p.stat().st_size for p in inputs) // 2
-    monkeypatch.setattr(data, "TRAIN_INPUT_BYTES", budget)
+    total_bytes, count = sum(p.stat().st_size for p in inputs), len(docs)
+    monkeypatch.setattr(data, "TRAIN_INPUT_BYTES", total_bytes // 2 if budget == "bytes" else total_bytes)
+    monkeypatch.setattr(data, "TRAIN_INPUT_SENTENCES", count // 2 if budget == "documents" else count, raising=False)
     real, seen = data.train_tokenizer, []
 
-    def spy(texts, out, vocab_size, **kwargs):
+    def spy(texts, out, vocab_size, input_sentence_size, **kwargs):  # cut as train_tokenizer cuts (sentencepiece
+        texts = itertools.islice(texts, input_sentence_size)  # itself refuses a count of 100 or less)
         return real((seen.append(t) or t for t in texts), out, vocab_size, **kwargs)
 
     monkeypatch.setattr(data, "train_tokenizer", spy)
     prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=1)
-    assert len(seen) < 0.6 * len(docs) and sum(len(t.encode()) for t in seen) <= budget + max(map(len, docs)) * 4
+    assert len(seen) < 0.6 * count and sum(len(t.encode()) for t in seen) <= total_bytes // 2 + max(map(len, docs)) * 4
     for path in inputs:  # every file contributes
         assert set(seen) & set(read_documents(path)), path.name
 

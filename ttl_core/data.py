@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .documents import count_documents, read_documents
 from .errors import DataError, is_integer
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer import TRAIN_INPUT_BYTES, Tokenizer, train_tokenizer
+from .tokenizer import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, Tokenizer, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
@@ -145,7 +145,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
                  workers: int | None = None, shard_docs: int = 1024, replace: bool = True) -> dict:
     """Tokenize text files into a data directory (see the module docstring) and return its meta.json contents.
 
-    Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES of them at most, see `_tokenizer_sample`)
+    Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES and TRAIN_INPUT_SENTENCES documents of them
+    at most, see `_tokenizer_sample`)
     unless `tokenizer` (a `.model` file, an HF tokenizer directory or a `Tokenizer`) is given. Every document
     becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin` (empty with 0, for
     training without evaluation: `train.eval_every = 0`). `workers`
@@ -203,7 +204,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     elif model_path.is_file():
         tok = Tokenizer(model_path)
     else:
-        tok = train_tokenizer(_tokenizer_sample(paths), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES)
+        tok = train_tokenizer(_tokenizer_sample(paths, total), None, vocab_size, input_bytes=TRAIN_INPUT_BYTES,
+                              input_sentence_size=TRAIN_INPUT_SENTENCES)
         tok.save(model_path)
     tok.save_pretrained(work / "tokenizer")  # what every shard is encoded with, in this process or a worker
     # shards run across files: a shard per file would give a corpus of many small files as many shards to write
@@ -244,11 +246,13 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     return meta
 
 
-def _tokenizer_sample(paths: list[Path]) -> Iterator[str]:
-    """The documents the tokenizer trains on: all, or when the files hold more than TRAIN_INPUT_BYTES (all that
-    sentencepiece is given stays in its memory), that share of every file's, not the first files' alone. A file
-    size can understate its text (parquet): train_tokenizer's own limit then cuts the sample's end."""
-    share = min(1.0, TRAIN_INPUT_BYTES / max(sum(p.stat().st_size for p in paths), 1))
+def _tokenizer_sample(paths: list[Path], documents: int) -> Iterator[str]:
+    """The documents the tokenizer trains on: all, or when the files hold more than TRAIN_INPUT_BYTES or
+    TRAIN_INPUT_SENTENCES documents (all that sentencepiece is given stays in its memory), that share of every
+    file's, not the first files' alone. A file size can understate its text (parquet), and a long document counts
+    once per piece train_tokenizer cuts it into: train_tokenizer's own limits then cut the sample's end."""
+    share = min(1.0, TRAIN_INPUT_BYTES / max(sum(p.stat().st_size for p in paths), 1),
+                TRAIN_INPUT_SENTENCES / documents)
     return (d for k, d in enumerate(_documents(paths)) if _evenly(k, share))
 
 

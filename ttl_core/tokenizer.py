@@ -37,6 +37,7 @@ from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenize
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and this module trains on)
 TRAIN_INPUT_BYTES = 1 << 30  # text train_tokenizer reads at most: sentencepiece needs ~3x its size in memory
+TRAIN_INPUT_SENTENCES = 2_000_000  # and documents (or pieces of long ones)
 _Piece = spm_pb2.ModelProto.SentencePiece
 
 
@@ -420,7 +421,8 @@ def _bytes_text(run: bytearray) -> str:
 
 def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None,
                     vocab_size: int, max_sentence_length: int = 1 << 16, num_threads: int | None = None,
-                    input_sentence_size: int = 2_000_000, input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
+                    input_sentence_size: int = TRAIN_INPUT_SENTENCES,
+                    input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
     `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
