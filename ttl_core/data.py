@@ -146,10 +146,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     """Tokenize text files into a data directory (see the module docstring) and return its meta.json contents.
 
     Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES and TRAIN_INPUT_SENTENCES documents of them
-    at most, see `_tokenizer_sample`)
-    unless `tokenizer` (a `.model` file, an HF tokenizer directory or a `Tokenizer`) is given. Every document
-    becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread evenly, go to `val.bin` (empty with 0, for
-    training without evaluation: `train.eval_every = 0`). `workers`
+    at most, see `_tokenizer_sample`) unless `tokenizer` (a `.model` file, an HF tokenizer directory or a
+    `Tokenizer`) is given. Every document becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread
+    evenly, go to `val.bin` (empty with 0, for training without evaluation: `train.eval_every = 0`). `workers`
     processes (default: every core this process may use) tokenize shards of `shard_docs` documents; rerunning
     after an interruption reuses the finished shards and gives identical files. A directory already prepared from
     other inputs or settings is replaced, or with `replace=False` refused."""
