@@ -4,8 +4,8 @@
   python scripts/prepare_data.py --sample --out data/sample        # the bundled Portuguese sample corpus
 
 Inputs: .txt (documents separated by blank lines), .jsonl (a "text" field per line), .parquet (a "text"
-column; needs pyarrow). A tokenizer is trained on the inputs (on 1 GiB of their documents at most, taken
-evenly from every file) unless --tokenizer gives one (a sentencepiece .model or a Hugging Face tokenizer
+column; needs pyarrow). A tokenizer is trained on the inputs (on 1 GiB and 2 million of their documents at most,
+taken evenly from every file) unless --tokenizer gives one (a sentencepiece .model or a Hugging Face tokenizer
 directory; --vocab-size then has no use and is refused). An interrupted run resumes when started again with the
 same arguments; an --out already prepared from other inputs or settings is replaced only with --overwrite.
 """
