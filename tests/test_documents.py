@@ -1,6 +1,8 @@
 """ttl_core.documents: the documents of a .parquet input, and the one-line errors of one that is not a parquet
 file of texts; an input that changes while prepare_data reads it."""
 
+import os
+
 import pytest
 
 import ttl_core.data as data
@@ -59,3 +61,14 @@ def test_an_input_that_changes_while_it_is_prepared_is_named_not_tokenized_in_pa
         prepare_data([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "out", tokenizer=tok, val_fraction=0.5,
                      workers=workers, shard_docs=1)
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_an_input_that_is_a_pipe_is_named_as_one_not_as_missing(tmp_path):
+    """A named pipe (`mkfifo corpus.txt` fed by `zcat`) exists, but prepare_data reads every input more than once
+    (counting, the tokenizer's sample, tokenizing): said to be no such file, it would send the user looking for
+    a file that is there."""
+    os.mkfifo(tmp_path / "corpus.txt")
+    with pytest.raises(DataError, match=r"corpus\.txt: not a regular file \(a pipe or device"):
+        list(read_documents(tmp_path / "corpus.txt"))
+    with pytest.raises(DataError, match=r"missing\.txt: no such file$"):
+        list(read_documents(tmp_path / "missing.txt"))

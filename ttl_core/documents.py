@@ -48,8 +48,8 @@ def _documents_of(path: Path) -> Iterator[str]:
         raise DataError(f"{path}: a directory; give the files in it (e.g. {path}/*.txt)")
     if path.suffix not in INPUT_SUFFIXES:
         raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected {', '.join(INPUT_SUFFIXES)}")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if not path.is_file():  # inputs are read more than once (counted, sampled, tokenized): no pipe will do
+        raise DataError(f"{path}: not a regular file (a pipe or device)" if path.exists() else f"{path}: no such file")
     return {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix](path)
 
 
