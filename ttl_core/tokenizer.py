@@ -421,8 +421,7 @@ def _bytes_text(run: bytearray) -> str:
 
 def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None,
                     vocab_size: int, max_sentence_length: int = 1 << 16, num_threads: int | None = None,
-                    input_sentence_size: int = TRAIN_INPUT_SENTENCES,
-                    input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
+                    input_sentence_size: int = TRAIN_INPUT_SENTENCES, input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
     `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
