@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             if not line.strip():
                 return 0
             try:
-                chat.add_user(line.rstrip("\n"))
+                chat.add_user(line.rstrip("\r\n"))  # a file of turns from Windows ends its lines in \r\n
             except TokenizerError as e:  # a line the tokenizer refuses (a byte that is not UTF-8) ends no session
                 print(f"error: {e}; type the line again", file=sys.stderr)
                 continue

@@ -389,13 +389,14 @@ def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monk
 
 
 def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, monkeypatch, capsys):
-    """Without --prompt the first turn is read from stdin and a blank line quits. In a chat format an answer
-    that ran out of tokens is closed with the format's end token (Aira: <|endofcompletion|>, as fine-tuning
-    ends every response); a plain continuation is continued as is, with no </s> between the turns."""
+    """Without --prompt the first turn is read from stdin and a blank line quits; a line may end in Windows'
+    \\r\\n (a file of turns piped in), which is no part of the turn. In a chat format an answer that ran out of
+    tokens is closed with the format's end token (Aira: <|endofcompletion|>, as fine-tuning ends every response);
+    a plain continuation is continued as is, with no </s> between the turns."""
     path, tok, _ = checkpoint
     end = tok.token_to_id("<|endofcompletion|>")
     script, fake, _ = scripted(monkeypatch, [5, 6])
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a casa\no cachorro\n\na escola\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a casa\r\no cachorro\n\r\na escola\n"))
     assert script.main(["--model", str(path), "--chat", "aira", "--interactive", "--max-new-tokens", "4",
                         "--device", "cpu"]) == 0
     first = tok.encode(chat_prompt("aira", "a casa"))
