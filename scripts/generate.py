@@ -119,8 +119,9 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
         do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.seed)
     pad = chat.tokenizer.pad_id
-    # one answer, whatever num_return_sequences a generation_config.json gives; the tokenizer reads its stop_strings
-    out = generate(model, ids, max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
+    # one answer, whatever num_return_sequences a generation_config.json gives; the tokenizer reads its stop_strings.
+    # The mask: one row has no padding, so a padding id in it (a typed "<pad>") is a token, not padding to infer
+    out = generate(model, ids, torch.ones_like(ids), max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
                    eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece
                    num_return_sequences=1, streamer=streamer, tokenizer=chat.tokenizer,
                    cuda_graph=not args.no_cuda_graph, **sampling)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             if not line.strip():
                 return 0
             try:
-                chat.add_user(line.rstrip("\n"))
+                chat.add_user(line.rstrip("\r\n"))  # a file of turns from Windows ends its lines in \r\n
             except TokenizerError as e:  # a line the tokenizer refuses (a byte that is not UTF-8) ends no session
                 print(f"error: {e}; type the line again", file=sys.stderr)
                 continue

@@ -2,7 +2,6 @@
 with Aira's special tokens: the streamed text, the prompt formats and the interactive loop."""
 
 import io
-import json
 import sys
 import warnings
 
@@ -43,6 +42,16 @@ def checkpoint(tmp_path_factory):
     return path, tok, ttl_core.load_pretrained(path)
 
 
+def save_with_generation_config(model, tok, path, **settings) -> None:
+    """Save the shared `model` with `settings` added to its generation_config.json (the model keeps its own)."""
+    saved = model.generation_config
+    model.generation_config = {**(saved or {}), **settings}
+    try:
+        ttl_core.save_pretrained(model, path, tokenizer=tok)
+    finally:
+        model.generation_config = saved
+
+
 def expected_answer(model, tok, ids, **kwargs):
     out = ttl_core.generate(model, torch.tensor([ids]), **kwargs)
     return tok.decode(out[0, len(ids):].tolist())
@@ -67,9 +76,9 @@ def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(check
     prompts = []
     real_generate = script.generate
 
-    def recording_generate(model, ids, **kwargs):
+    def recording_generate(model, ids, *args, **kwargs):
         prompts.append(ids[0].tolist())
-        return real_generate(model, ids, **kwargs)
+        return real_generate(model, ids, *args, **kwargs)
 
     monkeypatch.setattr(script, "generate", recording_generate)
     questions = ["a casa", "o cachorro", "a escola", "a noite", "a chuva"]
@@ -86,6 +95,21 @@ def test_interactive_chat_keeps_the_conversation_until_the_context_is_full(check
         answer = after[len(before):len(after) - len(user)]
         assert answer[-1] in ends and not ends & set(answer[:-1])  # each answer is closed exactly once
     assert len(prompts[-1]) < CONTEXT
+
+
+def test_a_padding_token_in_a_turn_is_a_token(checkpoint, monkeypatch, capsys):
+    """A conversation is one row with no padding, so the padding id in it (a typed "<pad>", or one the model
+    sampled in an earlier answer) is a token: generate() took it for padding, as it does when given no mask, and
+    ended the conversation with "must be left-padded" about a mask the user never gave."""
+    path, tok, model = checkpoint
+    monkeypatch.setattr(sys, "stdin", io.StringIO("o que é <pad>?\n"))
+    assert load_script("generate").main(["--model", str(path), "--chat", "aira", "--interactive", "--greedy",
+                                         "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    ids = tok.encode(chat_prompt("aira", "o que é <pad>?"))
+    assert tok.pad_id in ids
+    answer = expected_answer(model, tok, ids, attention_mask=torch.ones(1, len(ids)), max_new_tokens=8,
+                             repetition_penalty=1.2, eos_token_id=[tok.eos_id, tok.token_to_id("<|endofcompletion|>")])
+    assert answer.strip() and capsys.readouterr().out == f"> {answer}\n> "
 
 
 def test_aira_needs_its_special_tokens(checkpoint, tmp_path):
@@ -200,7 +224,8 @@ class FakeGenerate:
     def __init__(self, answer):
         self.answer, self.calls = answer, []
 
-    def __call__(self, model, ids, **kwargs):
+    def __call__(self, model, ids, attention_mask, **kwargs):
+        assert torch.equal(attention_mask, torch.ones_like(ids))  # one row: no padding
         self.calls.append((ids[0].tolist(), kwargs))
         return torch.cat([ids, torch.tensor([self.answer])], dim=1)
 
@@ -277,12 +302,7 @@ def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, caps
     """--greedy decodes greedily even where the checkpoint's generation_config.json says do_sample (which
     generate() applies when the call leaves do_sample unset)."""
     _, tok, model = checkpoint
-    saved = model.generation_config
-    model.generation_config = {**(saved or {}), "do_sample": True, "temperature": 5.0}
-    try:
-        ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
-    finally:
-        model.generation_config = saved
+    save_with_generation_config(model, tok, tmp_path, do_sample=True, temperature=5.0)
     ids = tok.encode("o menino")
     answer = expected_answer(model, tok, ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
@@ -302,13 +322,8 @@ def test_the_checkpoint_stop_strings_end_the_answer(checkpoint, tmp_path, capsys
     free = expected_answer(model, tok, ids, **settings)
     new = ttl_core.generate(model, torch.tensor([ids]), **settings)[0, len(ids):].tolist()
     stop = next(tok.decode([t]) for t in new[3:] if tok.id_to_token(t).strip("▁").isalpha())  # a word piece
-    saved = model.generation_config
-    model.generation_config = {**(saved or {}), "stop_strings": [stop]}
-    try:
-        ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
-        answer = expected_answer(model, tok, ids, tokenizer=tok, **settings)
-    finally:
-        model.generation_config = saved
+    save_with_generation_config(model, tok, tmp_path, stop_strings=[stop])
+    answer = expected_answer(model, tok, ids, stop_strings=[stop], tokenizer=tok, **settings)
     assert stop in answer and len(answer) < len(free)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -374,13 +389,14 @@ def test_a_prompt_one_token_short_of_the_context_gets_one_token(checkpoint, monk
 
 
 def test_interactive_turns_a_blank_line_and_how_answers_are_closed(checkpoint, monkeypatch, capsys):
-    """Without --prompt the first turn is read from stdin and a blank line quits. In a chat format an answer
-    that ran out of tokens is closed with the format's end token (Aira: <|endofcompletion|>, as fine-tuning
-    ends every response); a plain continuation is continued as is, with no </s> between the turns."""
+    """Without --prompt the first turn is read from stdin and a blank line quits; a line may end in Windows'
+    \\r\\n (a file of turns piped in), which is no part of the turn. In a chat format an answer that ran out of
+    tokens is closed with the format's end token (Aira: <|endofcompletion|>, as fine-tuning ends every response);
+    a plain continuation is continued as is, with no </s> between the turns."""
     path, tok, _ = checkpoint
     end = tok.token_to_id("<|endofcompletion|>")
     script, fake, _ = scripted(monkeypatch, [5, 6])
-    monkeypatch.setattr(sys, "stdin", io.StringIO("a casa\no cachorro\n\na escola\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a casa\r\no cachorro\n\r\na escola\n"))
     assert script.main(["--model", str(path), "--chat", "aira", "--interactive", "--max-new-tokens", "4",
                         "--device", "cpu"]) == 0
     first = tok.encode(chat_prompt("aira", "a casa"))
@@ -456,12 +472,7 @@ def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys
     free = ttl_core.generate(model, torch.tensor([ids]), eos_token_id=[tok.eos_id], **settings)[0, len(ids):]
     stop = int(free[3])
     assert stop not in free[:3].tolist() and stop != tok.eos_id and len(free) == 12
-    saved = model.generation_config
-    model.generation_config = {**(saved or {}), "eos_token_id": [tok.eos_id, stop]}
-    try:
-        ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
-    finally:
-        model.generation_config = saved
+    save_with_generation_config(model, tok, tmp_path, eos_token_id=[tok.eos_id, stop])
     assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
                                "12", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == tok.decode(free[:4].tolist()) + "\n"
@@ -489,10 +500,7 @@ def test_a_checkpoint_asking_for_several_sequences_still_gets_one_answer(checkpo
     now applies when the call leaves it unset) made greedy decoding refuse it and sampling two rows the streamer
     refuses."""
     _, tok, model = checkpoint
-    ttl_core.save_pretrained(model, tmp_path, tokenizer=tok)
-    config = json.loads((tmp_path / "generation_config.json").read_text())
-    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "do_sample": True,
-                                                                 "num_return_sequences": 2}))
+    save_with_generation_config(model, tok, tmp_path, do_sample=True, num_return_sequences=2)
     options = ["--greedy"] if greedy else ["--seed", "0"]
     assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--max-new-tokens", "6",
                                "--device", "cpu", *options]) == 0

@@ -316,6 +316,17 @@ def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
     assert text.startswith("O rio") and len(text) > len("O rio")
 
 
+def test_the_end_of_run_sample_prompt_may_hold_the_padding_token(tmp_path, data_dir):
+    """The sample's prompt is one row with no padding, so a "<pad>" in train.sample_prompt is a token: generate()
+    took it for padding (as when given no mask) and ended the run, its checkpoint written, with "must be left-padded"."""
+    tokenizer = Tokenizer.from_pretrained(data_dir)
+    ids = tokenizer.encode("O rio <pad> corre", add_eos=False)
+    assert tokenizer.pad_id in ids
+    save_pretrained(random_model(run_config(*MICRO_MODEL, *FAST)).eval(), tmp_path / "checkpoint")
+    text = sample_text(tmp_path / "checkpoint", tokenizer, "O rio <pad> corre", max_new_tokens=6, seed=0)
+    assert text.startswith(tokenizer.decode(ids)) and len(text) > len(tokenizer.decode(ids))
+
+
 def test_a_model_vocabulary_larger_than_the_data_s_is_warned_of_and_still_gives_the_end_of_run_sample(tmp_path,
                                                                                                         data_dir):
     """configs/ttl-160m.toml (32,000 tokens) on data prepared with a smaller --vocab-size trains, with a warning
