@@ -26,7 +26,7 @@ from .attention import document_layout, runs_packed_natively
 from .cli import refuse_ignored
 from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
-from .fileio import write_dir_atomically, write_json
+from .fileio import remove_path, write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
@@ -391,6 +391,15 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
     write_dir_atomically(directory, write)
 
 
+def start_run(out_dir: Path) -> MetricsLog:
+    """The metrics log of a new run into `out_dir`, once an earlier run's results there are gone (the scripts
+    replace them only with --overwrite): a run that failed before saving its own would seem to have made them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_OUTPUTS:
+        remove_path(out_dir / name)
+    return MetricsLog(out_dir)
+
+
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
                  weight_fn: Callable[[dict], int], log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
@@ -462,8 +471,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
                           "batched classification pads with one (set it in config.json)")
     if cfg.lora:
         start_lora(model, cfg, modules_to_save=["score"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out_dir)
+    log = start_run(out_dir)
     primary = "pearson" if spec.regression else "accuracy"
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
