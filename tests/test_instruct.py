@@ -352,13 +352,14 @@ def test_a_run_that_fails_leaves_none_of_the_earlier_results_it_replaces(recipe,
     cfg = FinetuneConfig(batch_size=8, epochs=1, max_length=64, lora=True)
     with pytest.raises(ConfigError, match="the loss became nan"):
         if recipe == "instruct":
-            finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", out, "alpaca", replace(cfg, max_length=512),
-                              verbose=False)
+            finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", out, "alpaca",
+                              replace(cfg, max_length=512), verbose=False)
         elif recipe == "classifier":
             finetune.finetune_classifier(base_dir, NEWS_TRAIN, NEWS_EVAL, out, NEWS, cfg, verbose=False)
         else:
             run_benchmark(base_dir, sample_tasks()[:1], out, cfg, verbose=False)
-    assert [p.name for p in (run_dir / "best", run_dir / "results.json", *(out / n for n in tables)) if p.exists()] == []
+    earlier = (run_dir / "best", run_dir / "results.json", *(out / name for name in tables))
+    assert [path.name for path in earlier if path.exists()] == []
     assert read_metrics(run_dir / "metrics.jsonl") == []
 
 
