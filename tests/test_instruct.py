@@ -8,7 +8,6 @@ import json
 import random
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 import ttl_core.attention as attention_module
 import ttl_kernels
-from tests.finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
+from tests.finetune_helpers import saved_base_model
 from tests.helpers import largest, rel_err, run_script
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataError
@@ -328,39 +327,6 @@ def test_instruction_tuning_keeps_the_first_lowest_eval_loss(base_dir, tmp_path,
     assert [h["eval_loss"] for h in summary["history"]] == [2.0, 1.0, 1.0]
     train_losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(train_losses) == 3 and summary["final_loss"] == train_losses[-1] != train_losses[0]
-
-
-@pytest.mark.parametrize("recipe", ["instruct", "classifier", "benchmark"])
-def test_a_run_that_fails_leaves_none_of_the_earlier_results_it_replaces(recipe, base_dir, tmp_path, monkeypatch):
-    """A run into a folder holding an earlier run's results (--overwrite) that diverges at its first step must not
-    leave that run's best model and results.json beside its own metrics.jsonl, as if they were its outcome."""
-    import ttl_core.finetune as finetune
-    from ttl_core.task_benchmark import RESULT_FILES, run_benchmark, sample_tasks
-
-    out = tmp_path / "out"
-    run_dir, tables = (out / "noticias", RESULT_FILES) if recipe == "benchmark" else (out, ())
-    (run_dir / "best").mkdir(parents=True)
-    (run_dir / "best" / "config.json").write_text("{}")
-    (run_dir / "results.json").write_text("{}")
-    for name in tables:  # a benchmark's, beside its tasks' folders
-        (out / name).write_text("{}")
-
-    def diverge(*args):
-        raise ConfigError("epoch 1, step 1: the loss became nan; lower the lr")
-
-    monkeypatch.setattr(finetune, "optimizer_update", diverge)
-    cfg = FinetuneConfig(batch_size=8, epochs=1, max_length=64, lora=True)
-    with pytest.raises(ConfigError, match="the loss became nan"):
-        if recipe == "instruct":
-            finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", out, "alpaca",
-                              replace(cfg, max_length=512), verbose=False)
-        elif recipe == "classifier":
-            finetune.finetune_classifier(base_dir, NEWS_TRAIN, NEWS_EVAL, out, NEWS, cfg, verbose=False)
-        else:
-            run_benchmark(base_dir, sample_tasks()[:1], out, cfg, verbose=False)
-    earlier = (run_dir / "best", run_dir / "results.json", *(out / name for name in tables))
-    assert [path.name for path in earlier if path.exists()] == []
-    assert read_metrics(run_dir / "metrics.jsonl") == []
 
 
 # --- packed batches ---------------------------------------------------------------------------------------------

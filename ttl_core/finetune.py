@@ -28,6 +28,7 @@ from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import remove_path, write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
+from .lora import apply_lora, merged_weights, save_adapter
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .optim import build_optimizer, lr_at, optimizer_update
@@ -323,8 +324,6 @@ class FinetuneResult:
 
 def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:
     """Freeze the model and add LoRA adapters as `cfg` says (the heads in `modules_to_save` stay trainable)."""
-    from .lora import apply_lora
-
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                targets=cfg.lora_targets, modules_to_save=modules_to_save)
 
@@ -380,8 +379,6 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
         if not cfg.lora:
             save_pretrained(model, tmp, tokenizer=tokenizer)
             return
-        from .lora import merged_weights, save_adapter
-
         if cfg.merge_lora:
             save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model))
         else:
@@ -391,9 +388,12 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
     write_dir_atomically(directory, write)
 
 
-def start_run(out_dir: Path) -> MetricsLog:
-    """The metrics log of a new run into `out_dir`, once an earlier run's results there are gone (the scripts
-    replace them only with --overwrite): a run that failed before saving its own would seem to have made them."""
+def start_run(out_dir: Path, model_dir: str | Path, cfg: FinetuneConfig) -> MetricsLog:
+    """The metrics log of a run of `cfg` from `model_dir` into `out_dir`, which first loses an earlier run's results
+    (--overwrite), lest a failed run seem to have made them; a LoRA run from OUT/best is refused (its base would go)."""
+    if cfg.lora and not cfg.merge_lora and Path(model_dir).resolve() == (out_dir / "best").resolve():
+        raise ConfigError(f"{model_dir}: the model to fine-tune is the best/ this run replaces, and the LoRA adapter "
+                          "saved there would have no base; choose another --out (or pass --merge-lora)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_OUTPUTS:
         remove_path(out_dir / name)
@@ -471,7 +471,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
                           "batched classification pads with one (set it in config.json)")
     if cfg.lora:
         start_lora(model, cfg, modules_to_save=["score"])
-    log = start_run(out_dir)
+    log = start_run(out_dir, model_dir, cfg)
     primary = "pearson" if spec.regression else "accuracy"
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}

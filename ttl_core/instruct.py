@@ -207,7 +207,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
         start_lora(model, cfg, modules_to_save=list(EMBEDDING_MODULES) if added else None)
-    log = start_run(out_dir)
+    log = start_run(out_dir, model_dir, cfg)
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
 
