@@ -259,7 +259,7 @@ def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Ten
     return {key: model.get_parameter(name) for name, key in embeddings.items()}
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | Path | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
     `PeftModel.from_pretrained`); with the embedding and LM head too when the vocabulary differs from that of
     the base directory `base_model_name_or_path`, as PEFT's save_embedding_layers="auto" does."""
@@ -270,14 +270,15 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**_grown_embeddings(model, base_model_name_or_path), **_adapter_tensors(model)}
+    base = None if base_model_name_or_path is None else str(base_model_name_or_path)  # a Path, as JSON text
+    tensors = {**_grown_embeddings(model, base), **_adapter_tensors(model)}
     payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
     write_json(directory / CONFIG_FILE, {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
         "lora_alpha": settings["lora_alpha"], "lora_dropout": settings["lora_dropout"],
         "target_modules": settings["target_modules"], "use_rslora": settings["use_rslora"],
-        "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
         "layers_pattern": settings["layers_pattern"], "rank_pattern": settings["rank_pattern"],
