@@ -37,6 +37,10 @@ def run(recipe: str, base: Path, out: Path, cfg: FinetuneConfig) -> None:
         run_benchmark(base, sample_tasks()[:1], out, cfg, verbose=False)
 
 
+def diverge(*args):
+    raise ConfigError("epoch 1, step 1: the loss became nan; lower the lr")
+
+
 @pytest.mark.parametrize("recipe", ["instruct", "classifier", "benchmark"])
 def test_a_run_that_fails_leaves_none_of_the_earlier_results_it_replaces(recipe, base_dir, tmp_path, monkeypatch):
     """A run into a folder holding an earlier run's results (--overwrite) that diverges at its first step must not
@@ -48,10 +52,6 @@ def test_a_run_that_fails_leaves_none_of_the_earlier_results_it_replaces(recipe,
     (run_dir / "results.json").write_text("{}")
     for name in tables:  # a benchmark's, beside its tasks' folders
         (out / name).write_text("{}")
-
-    def diverge(*args):
-        raise ConfigError("epoch 1, step 1: the loss became nan; lower the lr")
-
     monkeypatch.setattr(finetune, "optimizer_update", diverge)
     with pytest.raises(ConfigError, match="the loss became nan"):
         run(recipe, base_dir, out, FinetuneConfig(batch_size=8, epochs=1, max_length=64, lora=True))
@@ -61,10 +61,12 @@ def test_a_run_that_fails_leaves_none_of_the_earlier_results_it_replaces(recipe,
 
 
 @pytest.mark.parametrize("recipe", ["instruct", "classifier", "benchmark"])
-def test_a_lora_run_never_replaces_the_best_model_it_starts_from(recipe, base_dir, tmp_path):
-    """Going on from one's own best with --overwrite (--model OUT/best --out OUT) replaced OUT/best, the base, by a
-    LoRA adapter whose base_model_name_or_path was that folder itself: the base was lost and the adapter unloadable.
-    It is refused before the folder changes; a merged run, a whole model, replaces it."""
+def test_a_run_from_the_best_model_it_replaces_keeps_it_until_it_saves_its_own(recipe, base_dir, tmp_path,
+                                                                                monkeypatch):
+    """Going on from one's own best with --overwrite (--model OUT/best --out OUT): a LoRA run replaced OUT/best, the
+    base, by an adapter whose base_model_name_or_path was that folder itself (the base lost, the adapter unloadable);
+    it is refused before the folder changes. A merged (or full) run, a whole model, replaces it at its first save,
+    and one that fails before then leaves it as it was."""
     out = tmp_path / "out"
     best = (out / "noticias" if recipe == "benchmark" else out) / "best"
     shutil.copytree(base_dir, best)
@@ -72,6 +74,10 @@ def test_a_lora_run_never_replaces_the_best_model_it_starts_from(recipe, base_di
     cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=1, max_length=64, lora=True)
     with pytest.raises(ConfigError, match=rf"^{best}: the model to fine-tune is the best/ this run replaces"):
         run(recipe, best, out, cfg)
+    with monkeypatch.context() as patched:
+        patched.setattr(finetune, "optimizer_update", diverge)
+        with pytest.raises(ConfigError, match="the loss became nan"):
+            run(recipe, best, out, replace(cfg, merge_lora=True))
     assert (best / "model.safetensors").read_bytes() == weights and not (best / "adapter_config.json").exists()
     run(recipe, best, out, replace(cfg, merge_lora=True))
     assert json.loads((best / "config.json").read_text())["architectures"]

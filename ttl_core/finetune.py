@@ -224,9 +224,8 @@ def packs_batches(model: torch.nn.Module, dtype: str) -> bool:
 
 
 def classifier_collator(model: LlamaForSequenceClassification, dtype: str) -> Callable[[list], dict[str, Any]]:
-    """How classifier fine-tuning and `predict` batch examples for `model` computing in `dtype`: `pack` where
-    `packs_batches`, else `collate` with the model's pad id. The batches of either form are keyword arguments of
-    `model`."""
+    """How classifier fine-tuning and `predict` batch examples for `model` computing in `dtype` (as keyword
+    arguments of `model`): `pack` where `packs_batches`, else `collate` with the model's pad id."""
     if packs_batches(model, dtype):
         return pack
     pad_id = model.config.pad_token_id
@@ -390,13 +389,15 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
 
 def start_run(out_dir: Path, model_dir: str | Path, cfg: FinetuneConfig) -> MetricsLog:
     """The metrics log of a run of `cfg` from `model_dir` into `out_dir`, which first loses an earlier run's results
-    (--overwrite), lest a failed run seem to have made them; a LoRA run from OUT/best is refused (its base would go)."""
-    if cfg.lora and not cfg.merge_lora and Path(model_dir).resolve() == (out_dir / "best").resolve():
+    (--overwrite), lest a failed run seem to have made them: all but a best/ that is `model_dir`, kept till replaced."""
+    from_best = Path(model_dir).resolve() == (out_dir / "best").resolve()
+    if from_best and cfg.lora and not cfg.merge_lora:  # the adapter saved in best/ would have no base left
         raise ConfigError(f"{model_dir}: the model to fine-tune is the best/ this run replaces, and the LoRA adapter "
                           "saved there would have no base; choose another --out (or pass --merge-lora)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in RUN_OUTPUTS:
-        remove_path(out_dir / name)
+        if not (from_best and name == "best"):
+            remove_path(out_dir / name)
     return MetricsLog(out_dir)
 
 
