@@ -116,7 +116,8 @@ def test_nan_temperature_and_unusable_seeds_are_refused(checkpoint):
 
 @pytest.mark.parametrize("changes, message", [
     ({"use_rslora": "false"}, "use_rslora must be true or false"), ({"r": "abc"}, "rank r must be an integer"),
-    ({"lora_dropout": 5}, "dropout must be in"), ({"target_modules": None}, "target_modules must list"),
+    ({"lora_dropout": 5}, "dropout must be in"), ({"target_modules": None}, "target_modules must be a string or a"),
+    ({"layers_pattern": 0}, "layers_pattern must be a string or a list"), ({"modules_to_save": "x"}, "must be a list"),
 ])
 def test_a_bad_adapter_config_is_named_and_leaves_the_model_untouched(checkpoint, tmp_path, changes, message):
     save_adapter(apply_lora(ttl_core.load_pretrained(checkpoint), r=4), tmp_path / "adapter")

@@ -349,6 +349,26 @@ def test_each_adapted_slice_draws_its_own_dropout_mask(tmp_path):
     assert not torch.equal(q == 0, v == 0)  # the same weights on the same inputs: only the masks differ
 
 
+def test_adapters_under_activation_checkpointing_train_as_without_it(tmp_path):
+    """A checkpointed block runs its adapters again for the backward pass: the recomputation must draw the
+    forward's dropout masks, or the gradients would be those of another forward."""
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.3, targets="all-linear").train()
+    randomize_lora_(model, seed=2)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    x, runs = ids(), []
+    for m in (model, checkpointed):
+        torch.manual_seed(7)
+        loss = m(x, labels=x).loss
+        loss.backward()
+        runs.append((loss, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = runs
+    assert torch.equal(loss, checkpointed_loss) and grads.keys() == checkpointed_grads.keys()
+    assert all(torch.equal(grads[n], checkpointed_grads[n]) for n in grads)
+    with torch.no_grad():
+        assert loss != model.eval()(x, labels=x).loss  # dropout was on
+
+
 @pytest.mark.parametrize("kind, dtype, options", [
     ("causal", torch.float32, dict(target_modules=["q_proj", "v_proj"])),
     ("causal", torch.bfloat16, dict(target_modules="all-linear", rank_pattern={"down_proj": 2})),

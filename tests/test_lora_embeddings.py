@@ -91,7 +91,8 @@ def test_an_adapter_of_a_grown_vocabulary_saves_its_embeddings_as_peft_does(tmp_
         assert (again(input_ids=x).logits - expected).abs().max() <= 1e-5
     # a base in ttl's native layout (ttl_config.json, no config.json) is compared the same way
     ttl_core.save_native(to_ttl(hf_causal_lm(), tmp_path, "hf_base"), tmp_path / "native")
-    save_adapter(ours, tmp_path / "over_native", base_model_name_or_path=str(tmp_path / "native"))
+    # given as a Path, as ttl's other functions take directories (it was a TypeError after the weights were written)
+    save_adapter(ours, tmp_path / "over_native", base_model_name_or_path=tmp_path / "native")
     with torch.no_grad():
         assert (load_with_adapter(tmp_path / "over_native")(x).logits - expected).abs().max() <= 1e-5
 

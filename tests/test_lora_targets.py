@@ -120,6 +120,22 @@ def test_bad_rank_and_alpha_patterns_are_one_line_errors(tmp_path, option, value
         apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, **{option: value})
 
 
+@pytest.mark.parametrize("option, value, message", [
+    # a flag that is not a bool was applied (any text is true) and written to adapter_config.json, which ttl's own
+    # load_adapter then refused
+    ("use_rslora", "yes", "LoRA use_rslora must be true or false, got 'yes'"),
+    ("ensure_weight_tying", 1, "LoRA ensure_weight_tying must be true or false, got 1"),
+    # a string where a list belongs was read letter by letter: "modules_to_save names 'l'"
+    ("modules_to_save", "lm_head", "LoRA modules_to_save must be a list, got 'lm_head'"),
+    # and these were a TypeError from deep inside the layer matching
+    ("layers_to_transform", "0", "LoRA layers_to_transform must be an integer or a list, got '0'"),
+    ("targets", None, "LoRA target_modules must be a string or a list, got None"),
+])
+def test_options_of_the_wrong_type_are_one_line_errors(tmp_path, option, value, message):
+    with pytest.raises(AdapterError, match=f"^{message}$"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, **{"targets": ["q_proj"], option: value})
+
+
 def test_modules_to_save_take_precedence_over_lora_targets_as_in_peft(tmp_path):
     """PEFT never adapts a module that modules_to_save names: with "all-linear" and modules_to_save=["o_proj"] the
     o_proj layers are trained in full and carry no LoRA pair. ttl adapted them as well: PEFT loaded ttl's adapter

@@ -26,8 +26,9 @@ from .attention import document_layout, runs_packed_natively
 from .cli import refuse_ignored
 from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
-from .fileio import write_dir_atomically, write_json
+from .fileio import remove_path, write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
+from .lora import apply_lora, merged_weights, save_adapter
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .optim import build_optimizer, lr_at, optimizer_update
@@ -223,9 +224,8 @@ def packs_batches(model: torch.nn.Module, dtype: str) -> bool:
 
 
 def classifier_collator(model: LlamaForSequenceClassification, dtype: str) -> Callable[[list], dict[str, Any]]:
-    """How classifier fine-tuning and `predict` batch examples for `model` computing in `dtype`: `pack` where
-    `packs_batches`, else `collate` with the model's pad id. The batches of either form are keyword arguments of
-    `model`."""
+    """How classifier fine-tuning and `predict` batch examples for `model` computing in `dtype` (as keyword
+    arguments of `model`): `pack` where `packs_batches`, else `collate` with the model's pad id."""
     if packs_batches(model, dtype):
         return pack
     pad_id = model.config.pad_token_id
@@ -323,8 +323,6 @@ class FinetuneResult:
 
 def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:
     """Freeze the model and add LoRA adapters as `cfg` says (the heads in `modules_to_save` stay trainable)."""
-    from .lora import apply_lora
-
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                targets=cfg.lora_targets, modules_to_save=modules_to_save)
 
@@ -380,8 +378,6 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
         if not cfg.lora:
             save_pretrained(model, tmp, tokenizer=tokenizer)
             return
-        from .lora import merged_weights, save_adapter
-
         if cfg.merge_lora:
             save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model))
         else:
@@ -389,6 +385,20 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
             tokenizer.save_pretrained(tmp, model.config.max_position_embeddings)
 
     write_dir_atomically(directory, write)
+
+
+def start_run(out_dir: Path, model_dir: str | Path, cfg: FinetuneConfig) -> MetricsLog:
+    """The metrics log of a run of `cfg` from `model_dir` into `out_dir`, which first loses an earlier run's results
+    (--overwrite), lest a failed run seem to have made them: all but a best/ that is `model_dir`, kept till replaced."""
+    from_best = Path(model_dir).resolve() == (out_dir / "best").resolve()
+    if from_best and cfg.lora and not cfg.merge_lora:  # the adapter saved in best/ would have no base left
+        raise ConfigError(f"{model_dir}: the model to fine-tune is the best/ this run replaces, and the LoRA adapter "
+                          "saved there would have no base; choose another --out (or pass --merge-lora)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_OUTPUTS:
+        if not (from_best and name == "best"):
+            remove_path(out_dir / name)
+    return MetricsLog(out_dir)
 
 
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
@@ -462,8 +472,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
                           "batched classification pads with one (set it in config.json)")
     if cfg.lora:
         start_lora(model, cfg, modules_to_save=["score"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out_dir)
+    log = start_run(out_dir, model_dir, cfg)
     primary = "pearson" if spec.regression else "accuracy"
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}

@@ -22,10 +22,10 @@ from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, chat_prompt, chat_respon
 from .errors import ConfigError, DataError
 from .fileio import refuse_lone_surrogate, write_json
 from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, pad_sequences, read_base,
-                       right_pad, save_finetuned, start_lora, to_device, train_epochs)
+                       right_pad, save_finetuned, start_lora, start_run, to_device, train_epochs)
 from .hf import load_pretrained
 from .lora_targets import EMBEDDING_MODULES
-from .metrics import MetricsLog, read_metrics
+from .metrics import read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
 from .tokenizer import Tokenizer
@@ -207,8 +207,7 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     if cfg.lora:
         # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
         start_lora(model, cfg, modules_to_save=list(EMBEDDING_MODULES) if added else None)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out_dir)
+    log = start_run(out_dir, model_dir, cfg)
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
 

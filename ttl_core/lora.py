@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import NATIVE_CONFIG, load_pretrained, read_model_config
-from .lora_targets import (EMBEDDING_MODULES, EMBEDDING_PARAMS, PEFT_PREFIX, checked_pattern, linear_slices,
-                           modules_to_save_params, pattern_value, present_targets, target_names, targeted_slices, tied)
+from .lora_targets import (EMBEDDING_MODULES, EMBEDDING_PARAMS, OPTION_TYPES, PEFT_PREFIX, check_option_types,
+                           checked_pattern, linear_slices, modules_to_save_params, pattern_value, present_targets,
+                           target_names, targeted_slices, tied)
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -141,6 +142,10 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
+                        "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
+                        "modules_to_save": modules_to_save, "use_rslora": use_rslora,
+                        "ensure_weight_tying": ensure_weight_tying})
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
         saved.append("score")
@@ -254,7 +259,7 @@ def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Ten
     return {key: model.get_parameter(name) for name, key in embeddings.items()}
 
 
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | Path | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
     `PeftModel.from_pretrained`); with the embedding and LM head too when the vocabulary differs from that of
     the base directory `base_model_name_or_path`, as PEFT's save_embedding_layers="auto" does."""
@@ -265,14 +270,15 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {**_grown_embeddings(model, base_model_name_or_path), **_adapter_tensors(model)}
+    base = None if base_model_name_or_path is None else str(base_model_name_or_path)  # a Path, as JSON text
+    tensors = {**_grown_embeddings(model, base), **_adapter_tensors(model)}
     payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
     write_json(directory / CONFIG_FILE, {
         "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
         "lora_alpha": settings["lora_alpha"], "lora_dropout": settings["lora_dropout"],
         "target_modules": settings["target_modules"], "use_rslora": settings["use_rslora"],
-        "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
         "layers_pattern": settings["layers_pattern"], "rank_pattern": settings["rank_pattern"],
@@ -302,19 +308,11 @@ def _read_adapter_config(directory: Path) -> dict:
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise AdapterError(f"{directory}: init_lora_weights={init!r} is not supported (PEFT rewrites the base "
                            "weights with it when loading)")
-    targets = config.get("target_modules")
-    if not isinstance(targets, (str, list)):
-        raise AdapterError(f"{directory}: target_modules must list module names or be a pattern, got {targets!r}")
-    for key, kinds in (("exclude_modules", (str, list)), ("layers_to_transform", (int, list)),
-                       ("layers_pattern", (str, list))):
-        if config.get(key) is not None and not isinstance(config[key], kinds):
-            raise AdapterError(f"{directory}: {key} must be a {' or '.join(k.__name__ for k in kinds)}, got "
-                               f"{config[key]!r}")
-    for key in ("use_rslora", "ensure_weight_tying"):
-        if not isinstance(config.get(key, False), bool):
-            raise AdapterError(f"{directory}: {key} must be true or false, got {config[key]!r}")
-    if not isinstance(config.get("modules_to_save") or [], list):
-        raise AdapterError(f"{directory}: modules_to_save must be a list, got {config['modules_to_save']!r}")
+    try:  # an unset flag is false
+        check_option_types({key: config.get(key, False if kinds == (bool,) else None)
+                            for key, kinds in OPTION_TYPES.items()})
+    except AdapterError as e:
+        raise AdapterError(f"{directory}: {e}") from None
     if "r" not in config or "lora_alpha" not in config:
         raise AdapterError(f"{directory}: {CONFIG_FILE} needs r and lora_alpha")
     return config

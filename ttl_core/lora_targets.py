@@ -20,6 +20,11 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PEFT_PREFIX = "base_model.model."
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # the HF modules of the input embedding and the LM head
 EMBEDDING_PARAMS = ("backbone.embed.weight", "lm_head.weight")  # and ttl's parameters of them
+# the types PEFT's LoraConfig takes for the options that choose the adapted layers (NoneType: may be unset)
+OPTION_TYPES = {"target_modules": (str, list), "exclude_modules": (str, list, type(None)),
+                "layers_to_transform": (int, list, type(None)), "layers_pattern": (str, list, type(None)),
+                "modules_to_save": (list, type(None)), "use_rslora": (bool,), "ensure_weight_tying": (bool,)}
+TYPE_WORDS = {str: "a string", int: "an integer", list: "a list"}
 
 
 def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:
@@ -37,6 +42,18 @@ def linear_slices(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int,
             start += rows
         out[module] = (pieces[0][0].rsplit(".", 2)[0], slices)
     return out
+
+
+def check_option_types(options: dict[str, Any]) -> None:
+    """Refuse a LoRA option (PEFT's name -> value) of a type PEFT does not take, in one line naming it: a string
+    where a list belongs would pick modules by its letters, and any text would count as a true flag. A tuple (or a
+    set of target names) is taken where PEFT's JSON holds a list."""
+    for key, value in options.items():
+        kinds = OPTION_TYPES[key]
+        if isinstance(value, (*kinds, *((tuple, set, frozenset) if list in kinds else ()))):
+            continue
+        expected = " or ".join(TYPE_WORDS[kind] for kind in kinds if kind in TYPE_WORDS) or "true or false"
+        raise AdapterError(f"LoRA {key} must be {expected}, got {value!r}")
 
 
 def target_names(targets: str | Iterable[str]) -> list[str] | str:
