@@ -257,7 +257,12 @@ def load_pretrained(
     if new_head:
         plan.pop("score.weight")  # initialized below; the checkpoint's lm_head.weight is not used
     params = dict(model.named_parameters())
-    skip_head = new_head or (config.tie_word_embeddings and architecture == "LlamaForCausalLM")
+    tied_lm = config.tie_word_embeddings and architecture == "LlamaForCausalLM"
+    skip_head = new_head or tied_lm
+    # safetensors' save_model keeps a shared tensor under its first name in sorted order, lm_head.weight;
+    # transformers then fills the embedding from the head, and so does ttl
+    if tied_lm and not native and "model.embed_tokens.weight" not in found and "lm_head.weight" in found:
+        plan["backbone.embed.weight"] = [("lm_head.weight", None)]
     _check_against_plan(plan, params, found, directory,
                         lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 
