@@ -19,9 +19,14 @@ from ttl_core.cli import refuse_to_replace, run_cli
 from ttl_core.errors import ConfigError, TokenizerError
 from ttl_core.hf import DTYPES, NATIVE_CONFIG, load_pretrained, save_native, save_pretrained
 from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_config import replace_chat_template_files
 
 # what marks a directory as a checkpoint already (either layout)
 CHECKPOINT_FILES = ("config.json", NATIVE_CONFIG, "model.safetensors", "model.safetensors.index.json")
+# a tokenizer's files as ttl and transformers write them (chat templates apart): those of a checkpoint replaced
+# by one without a tokenizer would pass for the new weights' tokenizer
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def source_tokenizer(src: str) -> Tokenizer | None:
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.out).exists() and Path(args.src).exists() and os.path.samefile(args.out, args.src):
         raise ConfigError(f"{args.out} is the source checkpoint; write to another directory (a conversion in place "
                           "that is interrupted leaves neither layout loadable)")
-    refuse_to_replace(args.out, CHECKPOINT_FILES, "a checkpoint", args.overwrite)
+    replacing = refuse_to_replace(args.out, CHECKPOINT_FILES, "a checkpoint", args.overwrite)
     model = load_pretrained(args.src, dtype=args.dtype)
     tokenizer = source_tokenizer(args.src)
     if args.to_hf:
@@ -60,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         save_native(model, args.out, max_shard_size=args.max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(args.out, model.config.max_position_embeddings)
+    if tokenizer is None and replacing:
+        for name in TOKENIZER_FILES:
+            (Path(args.out) / name).unlink(missing_ok=True)
+        replace_chat_template_files(Path(args.out), None)
     params = model.num_parameters()
     print(f"wrote {model.architecture} ({params:,} parameters, {model.backbone.embed.weight.dtype}) to {args.out}")
     return 0

@@ -361,3 +361,17 @@ def test_fine_tuning_settings_out_of_range_are_refused_by_the_config_itself(chan
     from ttl_core.finetune import FinetuneConfig
     with pytest.raises(ConfigError, match=message):
         FinetuneConfig(**changes)
+
+
+def test_integer_targets_for_a_multi_label_loss_are_named():
+    """BCE takes one 0..1 float per label: integer targets failed deep in torch with a cast error ("result type
+    Float can't be cast to ... Long") that named neither the labels nor the problem type."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_labels=3,
+                                              problem_type="multi_label_classification")
+    model = ttl_core.build_model(config, "LlamaForSequenceClassification")
+    gen = torch.Generator().manual_seed(11)
+    ids, labels = torch.randint(4, 64, (2, 7), generator=gen), torch.randint(0, 2, (2, 3), generator=gen)
+    with pytest.raises(ConfigError, match=r"multi_label_classification takes float targets .*got torch.int64"):
+        model(ids, labels=labels)
+    assert model(ids, labels=labels.float()).loss.isfinite()

@@ -181,13 +181,13 @@ def test_unexpected_tensor_is_named(tmp_path):
 
 
 def test_rotary_buffers_saved_by_older_transformers_are_ignored(tmp_path):
-    """Older transformers versions saved each layer's rotary inv_freq buffer: it holds no weights, so the
-    checkpoint loads and the frequencies stay ttl's own."""
+    """Older transformers versions saved each layer's rotary inv_freq, state dicts gathered with the buffers hold the
+    model's: no weights, so the checkpoint loads, as in transformers, and the frequencies stay ttl's own."""
     hf = hf_causal_lm()
     d = _saved(hf, tmp_path)
     gen = torch.Generator().manual_seed(7)
-    _rewrite(d, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8, generator=gen)
-                                    for i in range(hf.config.num_hidden_layers)}))
+    _rewrite(d, lambda t: t.update({f"model.{where}rotary_emb.inv_freq": torch.rand(8, generator=gen)
+                                    for where in ("", "layers.0.self_attn.", "layers.1.self_attn.")}))
     ours = ttl_core.load_pretrained(d)
     ids = torch.randint(4, 131, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

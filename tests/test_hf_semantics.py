@@ -15,7 +15,7 @@ import torch
 import transformers
 from generation_helpers import CharTokenizer
 from hf_reference import hf_causal_lm, hf_classifier
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
 import ttl_core
 from ttl_core.errors import ConfigError
@@ -108,6 +108,22 @@ def test_a_tied_checkpoint_that_also_stores_the_same_head_stays_tied(tmp_path):
     assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
     with torch.no_grad():
         assert max_diff(ours(ids()).logits, theirs(ids()).logits) < 1e-5
+
+
+def test_a_tied_checkpoint_that_stores_the_shared_weight_as_the_head_loads_as_in_transformers(tmp_path):
+    """safetensors' save_model keeps one name per shared tensor, the first in sorted order: a tied Llama's
+    weight lands under lm_head.weight alone. transformers fills the embedding from it; so must ttl."""
+    hf = hf_causal_lm(tie_word_embeddings=True)
+    path = edited_checkpoint(hf, tmp_path / "ckpt")
+    (path / "model.safetensors").unlink()
+    save_model(hf, str(path / "model.safetensors"))
+    assert "model.embed_tokens.weight" not in load_file(path / "model.safetensors")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ours = ttl_core.load_pretrained(path)
+    assert ours.config.tie_word_embeddings and ours.lm_head.weight is ours.backbone.embed.weight
+    with torch.no_grad():
+        assert max_diff(ours(ids()).logits, theirs(ids()).logits) < 1e-5
+        assert max_diff(ours(ids()).logits, hf(ids()).logits) < 1e-5
 
 
 def test_generation_config_sets_eos_and_travels(tmp_path):

@@ -433,6 +433,25 @@ def test_convert_copies_a_tokenizer_json_and_leaves_out_one_it_cannot_read(bf16_
     assert torch.equal(ttl_core.load_pretrained(tmp_path / "native").lm_head.weight, model.lm_head.weight)
 
 
+def test_convert_over_a_checkpoint_from_a_source_without_a_tokenizer_leaves_no_stale_tokenizer(bf16_checkpoint,
+                                                                                                 tmp_path):
+    """--overwrite replaces the checkpoint OUT holds, tokenizer included: the old tokenizer stayed beside the new
+    weights, which AutoTokenizer and ttl then read as theirs. A tokenizer alone in OUT (no checkpoint) is kept."""
+    src, model = bf16_checkpoint
+    ttl_core.save_pretrained(model, tmp_path / "bare")  # no tokenizer
+    script = load_script("convert")
+    assert script.main(["--to-hf", str(src), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.model").exists()
+    (tmp_path / "out" / "chat_template.jinja").write_text("{{ messages }}")  # as transformers 5 saves a template
+    assert script.main(["--to-hf", str(tmp_path / "bare"), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert not [f.name for f in (tmp_path / "out").iterdir() if "token" in f.name or "template" in f.name]
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "tokenizer_only").mkdir(exist_ok=True)
+        (tmp_path / "tokenizer_only" / name).write_bytes((src / name).read_bytes())
+    assert script.main(["--from-hf", str(tmp_path / "bare"), str(tmp_path / "tokenizer_only")]) == 0
+    assert Tokenizer.from_pretrained(tmp_path / "tokenizer_only").vocab_size == 300
+
+
 def test_kernel_report_without_cuobjdump_says_so_before_compiling(tmp_path, monkeypatch):
     """The tool that reads the compiled kernels was looked for only after every kernel had been compiled."""
     script = load_script("kernel_report")

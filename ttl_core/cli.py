@@ -51,13 +51,15 @@ def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, op
                 parser.error(f"{name} has no effect {condition}")
 
 
-def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> None:
+def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> bool:
     """A ConfigError when `out` already holds one of `contents` (an earlier run's, a checkpoint's) and the user
-    did not pass --overwrite: a rerun into the same directory would otherwise replace it without a word."""
+    did not pass --overwrite: a rerun into the same directory would otherwise replace it without a word. Returns
+    whether `out` holds any (which --overwrite then replaces)."""
     found = [name for name in contents if (Path(out) / name).exists()]
     if found and not overwrite:
         raise ConfigError(f"{out} already holds {what} ({found[0]}); pass --overwrite to replace it, or choose "
                           "another output directory")
+    return bool(found)
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -34,8 +34,9 @@ NATIVE_CONFIG = "ttl_config.json"
 NATIVE_VERSION = 1  # raised whenever the native layout changes, so an older ttl refuses a newer checkpoint
 GENERATION_CONFIG = "generation_config.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
-# Tensors older transformers versions saved that carry no weights.
-IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Rotary buffers that carry no weights: each layer's, which older transformers versions saved, and the model's, which
+# state dicts gathered with the buffers hold (transformers ignores both).
+IGNORED_HF_TENSORS = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -256,7 +257,12 @@ def load_pretrained(
     if new_head:
         plan.pop("score.weight")  # initialized below; the checkpoint's lm_head.weight is not used
     params = dict(model.named_parameters())
-    skip_head = new_head or (config.tie_word_embeddings and architecture == "LlamaForCausalLM")
+    tied_lm = config.tie_word_embeddings and architecture == "LlamaForCausalLM"
+    skip_head = new_head or tied_lm
+    # safetensors' save_model keeps a shared tensor under its first name in sorted order, lm_head.weight;
+    # transformers then fills the embedding from the head, and so does ttl
+    if tied_lm and not native and "model.embed_tokens.weight" not in found and "lm_head.weight" in found:
+        plan["backbone.embed.weight"] = [("lm_head.weight", None)]
     _check_against_plan(plan, params, found, directory,
                         lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 

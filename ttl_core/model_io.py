@@ -150,5 +150,8 @@ def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch
         ids = labels if labels.is_floating_point() else labels.long()
         return F.cross_entropy(logits.view(-1, config.num_labels), ids.view(-1))
     if problem == "multi_label_classification":
+        if not labels.is_floating_point():  # torch's own error is a cast failure naming neither labels nor problem
+            raise ConfigError(f"multi_label_classification takes float targets (a 0..1 value per label), got "
+                              f"{labels.dtype}; class ids for single-label classification are int64 or int32")
         return F.binary_cross_entropy_with_logits(logits, labels)
     raise ConfigError(f"unknown problem_type {problem!r}")
