@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -29,6 +30,18 @@ def run_torchrun(script: Path, *args: str, env: dict | None = None) -> subproces
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *map(str, args)], env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    """A free port in 29700-29799, the range these tests' process groups use."""
+    for port in range(29700, 29800):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 29700-29799")
 
 
 def run_in_ascii_locale(code: str) -> subprocess.CompletedProcess:

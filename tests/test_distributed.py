@@ -1,5 +1,5 @@
 """The distributed wrappers on a one-process gloo group, which needs no torchrun and no port: which wrapper each
-`train.distributed` setting gives, and DDP's gradient sync switch."""
+`train.distributed` setting gives, and DDP's gradient sync switch; and what ranks launched apart leave behind."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT
+import pytest
+
+from helpers import ROOT, free_port
+from train_helpers import prepared_corpus, set_arguments
 
 
 def test_train_distributed_picks_the_wrapper(tmp_path):
@@ -38,3 +41,45 @@ print("wrapped")
     # torch 2.9 and 2.10's gloo prints lines of its own ("[Gloo] Rank 0 is connected to ..."); nothing else may
     ours = [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
     assert done.returncode == 0 and ours == ["wrapped"], done.stderr[-3000:]
+
+
+RANK_1_LAST = """
+import os, runpy, sys, time
+from pathlib import Path
+import ttl_core.train as train
+out, check_compiler = Path(sys.argv.pop(1)), train.check_compiler
+
+def after_rank_0(*args):  # rank 1 starts its run once rank 0 has refused it and removed what it made
+    deadline = time.monotonic() + 120
+    while os.environ["RANK"] == "1" and out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check_compiler(*args)
+
+train.check_compiler = after_rank_0
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_run_refused_on_two_ranks_leaves_no_run_directory_behind(tmp_path):
+    """Rank 0 removes the directories it made for a refused run; a slower rank must not make them again (the
+    ranks need not meet between the start and a refusal: no collective runs on the way to this one)."""
+    data = prepared_corpus(tmp_path)
+    launcher = tmp_path / "rank_1_last.py"
+    launcher.write_text(RANK_1_LAST)
+    out, port = tmp_path / "new" / "run", free_port()
+    ranks = [subprocess.Popen([sys.executable, str(launcher), str(out), str(ROOT / "scripts" / "pretrain.py"),
+                               "--data", str(data), "--out", str(out), *set_arguments("train.seq_len=100")],
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+                                   "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        errors = [rank.communicate(timeout=300)[1] for rank in ranks]
+    finally:
+        for rank in ranks:  # a rank left waiting at a collective must not outlive the test
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
+    assert [rank.returncode for rank in ranks] == [2, 2], errors
+    assert all("exceeds the model's max_position_embeddings" in error for error in errors)
+    assert not (tmp_path / "new").exists()

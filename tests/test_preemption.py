@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import ROOT
+from helpers import ROOT, free_port
 from train_helpers import losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
@@ -220,18 +219,6 @@ def test_pretrain_stopped_by_sigterm_exits_75_with_one_line_saying_how_to_contin
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
     assert f"stopped on SIGTERM at step 2, saved in {checkpoint}; continue with --resume\n" in out
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
-
-
-def free_port() -> int:
-    """A free port in 29700-29799, the range these tests' process groups use."""
-    for port in range(29700, 29800):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 29700-29799")
 
 
 def two_ranks(tmp_path: Path, args: list, signal_at: int | None = None) -> list[tuple[int, str, str]]:
