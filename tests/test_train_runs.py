@@ -138,8 +138,8 @@ def test_resume_refuses_a_config_file_whose_model_differs_from_the_run_s(tmp_pat
 
 def test_a_resume_is_refused_or_found_complete_before_any_weights_are_read(tmp_path, data_dir, monkeypatch):
     """What a resume checks against the checkpoint's JSON files (a [model] key of the config file or of --set that
-    contradicts the run's, a step past the end) is checked before the model is built and optimizer.pt read, which
-    takes seconds for ttl-160m: a refused resume, or a finished run requeued, costs milliseconds."""
+    contradicts the run's, a step past the end, another global batch) is checked before the model is built and
+    optimizer.pt read (seconds for ttl-160m): a refused resume, or a finished run requeued, costs milliseconds."""
     train(run_config("train.max_steps=2"), tmp_path, data_dir=str(data_dir), stop_after=1)
 
     def weights_read(*args, **kwargs):
@@ -155,6 +155,8 @@ def test_a_resume_is_refused_or_found_complete_before_any_weights_are_read(tmp_p
         train(layers3, tmp_path, data_dir=str(data_dir), resume=True)
     with pytest.raises(ConfigError, match="is at step 1, and --stop-after is 1: nothing to train"):
         train(run_config("train.max_steps=2"), tmp_path, data_dir=str(data_dir), resume=True, stop_after=1)
+    with pytest.raises(DataError, match=r"global_batch is 4 \(micro_batch_size 4 x 1 process\), here 8"):
+        train(run_config("train.max_steps=2", "train.micro_batch_size=8"), tmp_path, data_dir=str(data_dir), resume=True)
     assert train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 1
 
 

@@ -386,6 +386,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                          warn_unused_rows=world.is_main and not (resume_from or init_from))
     loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
                           rank=world.rank, world_size=world.size)
+    if trainer_state is not None:  # another global batch, seq_len or data is refused here, before any weights load
+        loader.load_state_dict(trainer_state["data"])
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
         raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
@@ -417,7 +419,6 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         load_optimizer_state(model, optimizer, saved["optimizer"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
-        loader.load_state_dict(trainer_state["data"])
         if world.is_main:
             print(f"resumed from {resume_from} at step {step}")
     set_rank_rng_state(saved["rng"] if saved else None, train.seed, world)  # each rank its own dropout
