@@ -137,7 +137,10 @@ def test_doc_starts_on_documents_of_known_lengths(tmp_path):
 def test_too_little_data_is_a_clear_error(data):
     path, tokens, _ = data
     n_val = len(tokens) // 4
-    with pytest.raises(DataError, match=rf"val.bin: {n_val:,} tokens, fewer than one global batch needs.*--val-fraction"):
+    # the global batch of several processes is named as the product it is, with the processes as a remedy
+    with pytest.raises(DataError, match=rf"val.bin: {n_val:,} tokens, fewer than one global batch \(micro_batch_size "
+                                        r"4 x 2 processes\) needs \(8 x 512 \+ 1 = 4,097\); .*--val-fraction.*, "
+                                        r"a smaller batch, fewer processes or a shorter sequence$"):
         PackedLoader(path, "val", seq_len=512, batch_size=4, world_size=2)
     with pytest.raises(DataError, match="no meta.json or test.bin"):
         PackedLoader(path, "test", 16, 2)

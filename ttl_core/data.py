@@ -413,11 +413,13 @@ class PackedLoader:
         self.n_blocks = max(len(self.tokens) - 1, 0) // seq_len
         global_batch = batch_size * world_size
         self.batches_per_epoch = self.n_blocks // global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch needs "
+        if self.batches_per_epoch == 0:  # a global batch of several processes: which product it is, and a remedy
+            several = world_size > 1
+            raise DataError(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch"
+                            f"{_split_batch(global_batch, world_size) if several else ''} needs "
                             f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
                             f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
-                            f"a smaller batch or a shorter sequence")
+                            f"a smaller batch{', fewer processes' if several else ''} or a shorter sequence")
         self.epoch, self.batch = 0, 0
         self._order = self._permutation(0)
 
