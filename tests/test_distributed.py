@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,19 +61,14 @@ runpy.run_path(sys.argv.pop(1), run_name="__main__")
 """
 
 
-@pytest.mark.slow
-def test_a_run_refused_on_two_ranks_leaves_no_run_directory_behind(tmp_path):
-    """Rank 0 removes the directories it made for a refused run; a slower rank must not make them again (the
-    ranks need not meet between the start and a refusal: no collective runs on the way to this one)."""
-    data = prepared_corpus(tmp_path)
-    launcher = tmp_path / "rank_1_last.py"
-    launcher.write_text(RANK_1_LAST)
-    out, port = tmp_path / "new" / "run", free_port()
-    ranks = [subprocess.Popen([sys.executable, str(launcher), str(out), str(ROOT / "scripts" / "pretrain.py"),
-                               "--data", str(data), "--out", str(out), *set_arguments("train.seq_len=100")],
+def two_ranks(launcher: Path, *args) -> list[tuple[int, str]]:
+    """(exit status, stderr) of each of two gloo ranks of `python LAUNCHER ARGS`, launched apart (torchrun would
+    end one rank when the other fails)."""
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, str(launcher), *map(str, args)], stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-                                   "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+                                   "RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
     try:
         errors = [rank.communicate(timeout=300)[1] for rank in ranks]
     finally:
@@ -80,6 +76,35 @@ def test_a_run_refused_on_two_ranks_leaves_no_run_directory_behind(tmp_path):
             if rank.poll() is None:
                 rank.kill()
                 rank.wait()
-    assert [rank.returncode for rank in ranks] == [2, 2], errors
-    assert all("exceeds the model's max_position_embeddings" in error for error in errors)
+    return [(rank.returncode, error) for rank, error in zip(ranks, errors)]
+
+
+@pytest.mark.slow
+def test_a_run_refused_on_two_ranks_leaves_no_run_directory_behind(tmp_path):
+    """Rank 0 removes the directories it made for a refused run; a slower rank must not make them again (the
+    ranks need not meet between the start and a refusal: no collective runs on the way to this one)."""
+    launcher = tmp_path / "rank_1_last.py"
+    launcher.write_text(RANK_1_LAST)
+    out = tmp_path / "new" / "run"
+    ranks = two_ranks(launcher, out, ROOT / "scripts" / "pretrain.py", "--data", prepared_corpus(tmp_path),
+                      "--out", out, *set_arguments("train.seq_len=100"))
+    assert [status for status, _ in ranks] == [2, 2], ranks
+    assert all("exceeds the model's max_position_embeddings" in error for _, error in ranks)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refused, message", [
+    ("out", "run: a file, not a directory"),
+    ("corpus", "that is the bundled sample corpus, used without --data"),
+])
+def test_what_rank_0_alone_refuses_stops_the_other_ranks_in_one_line(tmp_path, refused, message):
+    """Rank 0 alone makes the run directory and prepares the bundled corpus: when it cannot, the other ranks, which
+    wait for it, stop with one line pointing to its error, not a traceback of a collective whose peer left."""
+    (tmp_path / "run").write_text("a file where the run directory goes")
+    args = ["--out", tmp_path / "run" / "sub"] if refused == "out" else ["--out", tmp_path / "new"]
+    ranks = two_ranks(ROOT / "scripts" / "pretrain.py", *args, *set_arguments("model.vocab_size=70000"))
+    assert [status for status, _ in ranks] == [2, 2], ranks
+    assert message in ranks[0][1] and ranks[0][1].count("\n") == 1, ranks[0][1]
+    assert ranks[1][1] == "error: rank 0 stopped the run before its first step; its error says why\n"
     assert not (tmp_path / "new").exists()

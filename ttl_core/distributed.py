@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from .checkpoint import rng_state
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -103,6 +105,24 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(tensor)
     return tensor
+
+
+def main_first(world: World, work: Callable[[], T]) -> T | None:
+    """`work()` on rank 0 while the other ranks wait; its result on rank 0, None on the others. When it fails,
+    every rank stops: rank 0 with its error, the others with one line pointing to it, where they would otherwise
+    fail at their next collective with a traceback about the peer that left (or, under a launcher other than
+    torchrun, wait there until it timed out)."""
+    result, failure = None, None
+    if world.is_main:
+        try:
+            result = work()
+        except Exception as e:  # raised again below, once every rank knows
+            failure = e
+    if all_reduce_sum(torch.tensor([float(failure is not None)], device=world.reduce_device), world).item():
+        if failure is not None:
+            raise failure
+        raise ConfigError("rank 0 stopped the run before its first step; its error says why")
+    return result
 
 
 def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Module:

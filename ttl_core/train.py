@@ -31,7 +31,8 @@ from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, p
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
-                          full_rng_states, init_world, load_optimizer_state, set_gradient_sync, unwrap, wrap_model)
+                          full_rng_states, init_world, load_optimizer_state, main_first, set_gradient_sync, unwrap,
+                          wrap_model)
 from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
@@ -184,14 +185,16 @@ def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: Wor
             raise ConfigError(f"{path} is not a prepared data directory (no meta.json); run scripts/prepare_data.py")
         return path
     path = out_dir / "data"
-    if world.is_main and not (path / "meta.json").exists():
-        print(f"preparing the bundled sample corpus into {path}")
-        try:
-            prepare_data(SAMPLE_CORPUS, path, vocab_size=vocab_size, val_fraction=0.15)  # small: hold out more
-        except TokenizerError as e:  # the default config's 32,000 tokens, say: the corpus is about 80 KB
-            raise ConfigError(f"{e}; that is the bundled sample corpus, used without --data: set a model.vocab_size "
-                              "it allows (configs/tiny.toml has 1024) or give --data") from None
-    barrier(world)
+
+    def prepare() -> None:
+        if not (path / "meta.json").exists():
+            print(f"preparing the bundled sample corpus into {path}")
+            try:
+                prepare_data(SAMPLE_CORPUS, path, vocab_size=vocab_size, val_fraction=0.15)  # small: hold out more
+            except TokenizerError as e:  # the default config's 32,000 tokens, say: the corpus is about 80 KB
+                raise ConfigError(f"{e}; that is the bundled sample corpus, used without --data: set a "
+                                  "model.vocab_size it allows (configs/tiny.toml has 1024) or give --data") from None
+    main_first(world, prepare)
     return path
 
 
@@ -319,10 +322,10 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     made = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)  # the top one new
     world = init_world(device)
     try:
-        # rank 0 writes the run dir and takes its lock; every rank stops if it is taken (under a launcher other
-        # than torchrun, ranks left running would wait at their first collective until it timed out)
-        with lock_run_dir(out_dir) if world.is_main else contextlib.nullcontext(True) as held:
-            if all_reduce_sum(torch.tensor([float(not held)], device=world.reduce_device), world).item():
+        # rank 0 makes the run dir and takes its lock; every rank stops if it cannot, or if the lock is taken
+        with contextlib.ExitStack() as lock:
+            held = main_first(world, lambda: lock.enter_context(lock_run_dir(out_dir)))
+            if all_reduce_sum(torch.tensor([float(held is False)], device=world.reduce_device), world).item():
                 raise ConfigError(f"{out_dir} is in use by another training run; wait for it to end or choose "
                                   "another --out")
             try:
