@@ -106,5 +106,28 @@ def test_what_rank_0_alone_refuses_stops_the_other_ranks_in_one_line(tmp_path, r
     ranks = two_ranks(ROOT / "scripts" / "pretrain.py", *args, *set_arguments("model.vocab_size=70000"))
     assert [status for status, _ in ranks] == [2, 2], ranks
     assert message in ranks[0][1] and ranks[0][1].count("\n") == 1, ranks[0][1]
-    assert ranks[1][1] == "error: rank 0 stopped the run before its first step; its error says why\n"
+    assert ranks[1][1] == "error: rank 0 stopped the run; its error says why\n"
     assert not (tmp_path / "new").exists()
+
+
+FULL_DISK_ON_RANK_0 = """
+import errno, os, runpy, sys
+import ttl_core.train as train
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", sys.argv[sys.argv.index("--out") + 1])
+
+if os.environ["RANK"] == "0":
+    train.save_checkpoint = no_space
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_rank_0_cannot_write_stops_the_other_ranks_in_one_line(tmp_path):
+    launcher = tmp_path / "full_disk.py"
+    launcher.write_text(FULL_DISK_ON_RANK_0)
+    ranks = two_ranks(launcher, ROOT / "scripts" / "pretrain.py", "--data", prepared_corpus(tmp_path),
+                      "--out", tmp_path / "run", *set_arguments("train.max_steps=1"))
+    assert ranks[0][0] == 2 and ranks[0][1].endswith(f"\nerror: {tmp_path / 'run'}: No space left on device\n")
+    assert ranks[1] == (2, "error: rank 0 stopped the run; its error says why\n"), ranks

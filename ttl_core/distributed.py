@@ -121,7 +121,7 @@ def main_first(world: World, work: Callable[[], T]) -> T | None:
     if all_reduce_sum(torch.tensor([float(failure is not None)], device=world.reduce_device), world).item():
         if failure is not None:
             raise failure
-        raise ConfigError("rank 0 stopped the run before its first step; its error says why")
+        raise ConfigError("rank 0 stopped the run; its error says why")
     return result
 
 

@@ -435,17 +435,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     saved_at: Path | None = None
     loss = stopped_by = None
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int) -> Path | None:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         rng_states = full_rng_states(world)
-        path = None
-        if world.is_main:
-            path = save_checkpoint(out_dir, at_step, unwrap(model), model_state, optimizer_state,
-                                   {"data": loader.state_dict(), "config": recorded_config}, tokenizer,
-                                   keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None,
-                                   rng_states=rng_states)
-        barrier(world)
-        return path
+        return main_first(world, lambda: save_checkpoint(
+            out_dir, at_step, unwrap(model), model_state, optimizer_state,
+            {"data": loader.state_dict(), "config": recorded_config}, tokenizer, keep=train.keep_checkpoints,
+            scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states))
 
     stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
     try:
