@@ -1,5 +1,6 @@
 """The distributed wrappers on a one-process gloo group, which needs no torchrun and no port: which wrapper each
-`train.distributed` setting gives, and DDP's gradient sync switch; and what ranks launched apart leave behind."""
+`train.distributed` setting gives, and DDP's gradient sync switch. Then two ranks launched apart: what rank 0 alone
+does and fails at stops the other in one line, and a run refused on both leaves no directory behind."""
 
 from __future__ import annotations
 
