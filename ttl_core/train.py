@@ -347,7 +347,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     train = run.train
     check_compiler(world.device, train)
     set_tf32(world.device, train.tf32)
-    # out_dir is rank 0's to make (lock_run_dir): a slower rank making it too could bring back a refused run's
+    # out_dir is rank 0's to make (lock_run_dir): a slower rank making it too could bring back a refused run's dir
     if world.is_main:
         remove_partial_checkpoints(out_dir)
     resume_from = latest_checkpoint(out_dir) if resume else None
