@@ -388,7 +388,7 @@ def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_its_budg
     inputs, docs = write_inputs(tmp_path)
     total_bytes, count = sum(p.stat().st_size for p in inputs), len(docs)
     monkeypatch.setattr(data, "TRAIN_INPUT_BYTES", total_bytes // 2 if budget == "bytes" else total_bytes)
-    monkeypatch.setattr(data, "TRAIN_INPUT_SENTENCES", count // 2 if budget == "documents" else count, raising=False)
+    monkeypatch.setattr(data, "TRAIN_INPUT_SENTENCES", count // 2 if budget == "documents" else count)
     real, seen = data.train_tokenizer, []
 
     def spy(texts, out, vocab_size, input_sentence_size, **kwargs):  # cut as train_tokenizer cuts (sentencepiece

@@ -156,7 +156,8 @@ def test_a_resume_is_refused_or_found_complete_before_any_weights_are_read(tmp_p
     with pytest.raises(ConfigError, match="is at step 1, and --stop-after is 1: nothing to train"):
         train(run_config("train.max_steps=2"), tmp_path, data_dir=str(data_dir), resume=True, stop_after=1)
     with pytest.raises(DataError, match=r"global_batch is 4 \(micro_batch_size 4 x 1 process\), here 8"):
-        train(run_config("train.max_steps=2", "train.micro_batch_size=8"), tmp_path, data_dir=str(data_dir), resume=True)
+        train(run_config("train.max_steps=2", "train.micro_batch_size=8"), tmp_path, data_dir=str(data_dir),
+              resume=True)
     assert train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir), resume=True).last_step == 1
 
 
@@ -320,7 +321,8 @@ def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
 
 def test_the_end_of_run_sample_prompt_may_hold_the_padding_token(tmp_path, data_dir):
     """The sample's prompt is one row with no padding, so a "<pad>" in train.sample_prompt is a token: generate()
-    took it for padding (as when given no mask) and ended the run, its checkpoint written, with "must be left-padded"."""
+    took it for padding (as when given no mask) and ended the run, its checkpoint written, with "must be
+    left-padded"."""
     tokenizer = Tokenizer.from_pretrained(data_dir)
     ids = tokenizer.encode("O rio <pad> corre", add_eos=False)
     assert tokenizer.pad_id in ids

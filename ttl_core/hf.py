@@ -302,7 +302,7 @@ def _stored_head_differs(handles: dict, found: dict[str, tuple[Path, list[int]]]
     """Whether the checkpoint's lm_head.weight holds other values than its input embedding."""
     embed_key = "model.embed_tokens.weight"
     if embed_key not in found:
-        return False  # reported as a missing tensor by the plan check
+        return False  # the head stored alone: the embedding loads from it, as in transformers
     tensors = [handles[found[key][0]].get_tensor(key) for key in (embed_key, "lm_head.weight")]
     return tensors[0].shape != tensors[1].shape or not torch.equal(*tensors)
 

@@ -335,8 +335,7 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """The ids `decode(..., skip_special_tokens=True)` drops: `<unk>` `<s>` `</s>` `<pad>` and the special added
-        tokens."""
+        """The ids `decode(..., skip_special_tokens=True)` drops: `<unk>` `<s>` `</s>` `<pad>`, special added tokens."""
         return frozenset(self._whole_ids.values()) - self._plain_ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -419,9 +418,10 @@ def _bytes_text(run: bytearray) -> str:
         return "\ufffd" * len(run)
 
 
-def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None,
-                    vocab_size: int, max_sentence_length: int = 1 << 16, num_threads: int | None = None,
-                    input_sentence_size: int = TRAIN_INPUT_SENTENCES, input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
+def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str | os.PathLike | None, vocab_size: int,
+                    max_sentence_length: int = 1 << 16, num_threads: int | None = None,
+                    input_sentence_size: int = TRAIN_INPUT_SENTENCES,
+                    input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
     `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
