@@ -107,7 +107,7 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-def main_first(world: World, work: Callable[[], T]) -> T | None:
+def on_rank_0(world: World, work: Callable[[], T]) -> T | None:
     """`work()` on rank 0 while the other ranks wait; its result on rank 0, None on the others. When it fails,
     every rank stops: rank 0 with its error, the others with one line pointing to it, where they would otherwise
     fail at their next collective with a traceback about the peer that left (or, under a launcher other than

@@ -31,7 +31,7 @@ from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, p
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
-                          full_rng_states, init_world, load_optimizer_state, main_first, set_gradient_sync, unwrap,
+                          full_rng_states, init_world, load_optimizer_state, on_rank_0, set_gradient_sync, unwrap,
                           wrap_model)
 from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
@@ -194,7 +194,7 @@ def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: Wor
             except TokenizerError as e:  # the default config's 32,000 tokens, say: the corpus is about 80 KB
                 raise ConfigError(f"{e}; that is the bundled sample corpus, used without --data: set a "
                                   "model.vocab_size it allows (configs/tiny.toml has 1024) or give --data") from None
-    main_first(world, prepare)
+    on_rank_0(world, prepare)
     return path
 
 
@@ -324,7 +324,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
     try:
         # rank 0 makes the run dir and takes its lock; every rank stops if it cannot, or if the lock is taken
         with contextlib.ExitStack() as lock:
-            held = main_first(world, lambda: lock.enter_context(lock_run_dir(out_dir)))
+            held = on_rank_0(world, lambda: lock.enter_context(lock_run_dir(out_dir)))
             if all_reduce_sum(torch.tensor([float(held is False)], device=world.reduce_device), world).item():
                 raise ConfigError(f"{out_dir} is in use by another training run; wait for it to end or choose "
                                   "another --out")
@@ -438,7 +438,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     def save(at_step: int) -> Path | None:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         rng_states = full_rng_states(world)
-        return main_first(world, lambda: save_checkpoint(
+        return on_rank_0(world, lambda: save_checkpoint(
             out_dir, at_step, unwrap(model), model_state, optimizer_state,
             {"data": loader.state_dict(), "config": recorded_config}, tokenizer, keep=train.keep_checkpoints,
             scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states))
