@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ttl_core.cli import refuse_to_replace, run_cli
 from ttl_core.finetune import RUN_OUTPUTS, FinetuneConfig, add_finetune_args, config_from_args
-from ttl_core.task_benchmark import format_table, read_task_list, run_benchmark, sample_tasks
+from ttl_core.task_benchmark import RESULT_FILES, format_table, read_task_list, run_benchmark, sample_tasks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     add_finetune_args(parser, FinetuneConfig())
     args = parser.parse_args(argv)
     tasks = read_task_list(args.tasks) if args.tasks else sample_tasks()
-    # a benchmark interrupted before its results.json left the runs of the tasks it did
-    for folder in (Path(args.out), *(Path(args.out) / task.name for task in tasks)):
-        refuse_to_replace(folder, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
+    # OUT's results.md too goes as a run starts; a benchmark interrupted before its results left the tasks' runs
+    refuse_to_replace(args.out, RUN_OUTPUTS + RESULT_FILES, "a fine-tuning run's results", args.overwrite)
+    for task in tasks:
+        refuse_to_replace(Path(args.out) / task.name, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)
     rows = run_benchmark(args.model, tasks, args.out, config_from_args(parser, args))
     print(format_table(rows))
     print(f"results written to {args.out}/results.json and results.md")

@@ -374,6 +374,7 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
     ("finetune_instruct", "finetune_instruct", {"train_examples": 1, "final_loss": 1.0, "added_tokens": []},
      "metrics.jsonl"),
     ("finetune_benchmark", "run_benchmark", [], "results.json"),
+    ("finetune_benchmark", "run_benchmark", [], "results.md"),  # which a run removes as it starts, as results.json
     ("finetune_benchmark", "run_benchmark", [], "inferencia/best"),  # interrupted before results.json
 ])
 def test_fine_tuning_over_an_earlier_run_needs_overwrite(name, work, result, left, tmp_path, monkeypatch):
