@@ -321,8 +321,7 @@ def test_the_end_of_run_sample_needs_no_pad_token(tmp_path):
 
 def test_the_end_of_run_sample_prompt_may_hold_the_padding_token(tmp_path, data_dir):
     """The sample's prompt is one row with no padding, so a "<pad>" in train.sample_prompt is a token: generate()
-    took it for padding (as when given no mask) and ended the run, its checkpoint written, with "must be
-    left-padded"."""
+    took it for padding (as with no mask) and ended the run, its checkpoint written, with "must be left-padded"."""
     tokenizer = Tokenizer.from_pretrained(data_dir)
     ids = tokenizer.encode("O rio <pad> corre", add_eos=False)
     assert tokenizer.pad_id in ids
