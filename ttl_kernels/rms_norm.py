@@ -202,6 +202,8 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         x_dtype, r_dtype = ctx.input_dtypes
+        if dy is None and dh is None:  # neither output's gradient is defined (set_materialize_grads(False))
+            return None, None, None, None, None
         if dy is None:  # only the new residual was used: its gradient is x's and the residual's (.to: no copy)
             return dh.to(x_dtype), None, dh.to(r_dtype), None, None
         dh2 = None if dh is None else as_rows(dh)
