@@ -150,3 +150,10 @@ def test_bf16_triton_output_is_the_float32_product_rounded_once():
         got = ttl_kernels.swiglu(gate_up, backend="triton")
     want = (torch.nn.functional.silu(gate.float()) * up.float()).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and (got != want).float().mean() <= 0.01
+
+
+def test_rejects_scalar_gate_and_up():
+    """0-dim gate and up have no last dim to run along: refused by name on either backend, not an IndexError."""
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="last dim"):
+            ttl_kernels.swiglu(torch.tensor(1.5), torch.tensor(0.5), backend=backend)

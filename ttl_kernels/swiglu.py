@@ -109,8 +109,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
     `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
     if up is None and (gate.dim() == 0 or gate.shape[-1] % 2):
         raise ValueError(f"swiglu of a fused gate/up tensor needs an even last dim, got {tuple(gate.shape)}")
-    if up is not None and gate.shape != up.shape:
-        raise ValueError(f"swiglu gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    if up is not None and (gate.shape != up.shape or gate.dim() == 0):
+        raise ValueError(f"swiglu gate and up must have one shape with a last dim, got {tuple(gate.shape)} and "
+                         f"{tuple(up.shape)}")
     require_floating("swiglu", gate=gate, up=up)
     if not use_triton(gate, backend, up):
         return swiglu_reference(gate, up)
