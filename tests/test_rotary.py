@@ -369,3 +369,17 @@ def test_head_offsets_beyond_32_bits():
     q_far = ttl_kernels.rotary_into_cache(far_qkv, cos, sin, *caches[:2], slots, backend="triton")
     q_compact = ttl_kernels.rotary_into_cache(far_qkv.clone(), cos, sin, *caches[2:], slots, backend="triton")
     assert torch.equal(q_far, q_compact) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_zero_heads_or_head_dim_match_reference():
+    """Empty head or head-dim axes give empty results on the Triton path as on the reference, not a kernel
+    built with a zero-sized tile."""
+    for q_heads, k_heads, dim in ((3, 0, 8), (0, 2, 8), (2, 1, 0)):
+        q, k = torch.randn(2, 5, q_heads, dim, requires_grad=True), torch.randn(2, 5, k_heads, dim, requires_grad=True)
+        cos, sin = torch.randn(5, dim), torch.randn(5, dim)
+        got = ttl_kernels.apply_rotary(q, k, cos, sin, backend="triton")
+        want = ttl_kernels.apply_rotary_reference(q, k, cos, sin)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+        grads = torch.autograd.grad(got, (q, k), [torch.randn_like(t) for t in got])
+        assert [g.shape for g in grads] == [q.shape, k.shape]

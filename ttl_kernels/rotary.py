@@ -156,8 +156,8 @@ def _same_strides(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _tile_shape(n_q_heads: int, n_k_heads: int, dim: int) -> dict[str, int]:
-    block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
-    block_half = triton.next_power_of_2(dim // 2)
+    # next_power_of_2(0) is 0, and a zero-sized tile does not compile: empty axes get a masked tile of 1
+    block_qh, block_kh, block_half = [triton.next_power_of_2(max(n, 1)) for n in (n_q_heads, n_k_heads, dim // 2)]
     # about 16 values per thread across the q and k tiles: 8-value (16-byte) accesses on each tile at
     # ttl's 64-wide heads, where 32 threads per tile row left 4-value (8-byte) ones
     num_warps = min(8, 1 << max(0, ((block_qh + block_kh) * block_half // 512).bit_length() - 1))
