@@ -36,6 +36,10 @@ def test_shipped_configs_load_and_match_the_published_recipe():
     ("model.hiden_size=8", "hiden_size"),
     ("train.dtype=\"float8\"", "train.dtype must be one of"),
     ("train.lr", "--set expects section.key=value"),
+    # Python's spellings are no TOML: the value stays a string, and the error says how to write it
+    ("train.lr=.5", "train.lr must be a number, got the string '.5' (values are read as TOML: 0.5,"),
+    ("train.tf32=True", "train.tf32 must be true or false, got the string 'True' (values are read as TOML"),
+    ("train.max_steps=1e3", "train.max_steps must be an integer, got 1000.0 (a float in TOML: write 1000)"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError) as e:

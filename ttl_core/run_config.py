@@ -114,8 +114,15 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        # Python's spellings (.5, True, 1e3 for a count) are no TOML, or not the type meant: say how to write it
+        if isinstance(value, str):
+            got = f"the string {value!r} (values are read as TOML: 0.5, 1_000, true, [\"norm\"])"
+        elif isinstance(value, float) and value.is_integer() and isinstance(default, int):
+            got = f"{value!r} (a float in TOML: write {int(value)})"
+        else:
+            got = repr(value)
         raise ConfigError(f"{section}.{key} must be {_TYPE_WORDS.get(type(default), type(default).__name__)}, "
-                          f"got {value!r}")
+                          f"got {got}")
     return value
 
 
