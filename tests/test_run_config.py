@@ -84,8 +84,11 @@ def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
     (tmp_path / "scalar.toml").write_text("model = 5\n")
     (tmp_path / "long.toml").write_text("[train]\nseed = " + "9" * 5000 + "\n")
     (tmp_path / "typo.toml").write_text("[trian]\nlr = 0.5\n")  # a misspelt section must not train with defaults
+    (tmp_path / "loose.toml").write_text("max_steps = 5\n[train]\nlr = 0.5\n")  # a key above every header
     for path, message in ((tmp_path / "binary.toml", "invalid TOML"), (tmp_path / "scalar.toml", "must be a"),
                           (tmp_path / "typo.toml", r"unknown section\(s\) trian in .*typo.toml"),
+                          (tmp_path / "loose.toml", r"loose.toml: max_steps is set outside any section; put it "
+                                                    r"under \[model\], \[data\] or \[train\]"),
                           (tmp_path / "long.toml", "invalid TOML"),
                           (tmp_path, "cannot read the config")):
         with pytest.raises(ConfigError, match=message):

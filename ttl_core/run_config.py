@@ -243,6 +243,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
     unknown = sorted(set(raw) - {"model", "data", "train"})
+    loose = [key for key in unknown if not isinstance(raw[key], dict)]  # written above every [section] header
+    if loose:
+        raise ConfigError(f"{path}: {', '.join(loose)} {'is' if len(loose) == 1 else 'are'} set outside any "
+                          f"section; put {'it' if len(loose) == 1 else 'them'} under [model], [data] or [train]")
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)} in {path}; expected [model], [data], [train]")
     for name in ("model", "data", "train"):
