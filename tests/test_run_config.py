@@ -40,6 +40,11 @@ def test_shipped_configs_load_and_match_the_published_recipe():
     ("train.lr=.5", "train.lr must be a number, got the string '.5' (values are read as TOML: 0.5,"),
     ("train.tf32=True", "train.tf32 must be true or false, got the string 'True' (values are read as TOML"),
     ("train.max_steps=1e3", "train.max_steps must be an integer, got 1000.0 (a float in TOML: write 1000)"),
+    # a key given in the wrong section is named with the one it belongs to
+    ("model.seq_len=128", "unknown key(s) in [model]: seq_len (preset or a LlamaConfig field); seq_len is a [train] "
+                          "setting"),
+    ("train.vocab_size=1024", "; vocab_size is a [model] setting"),
+    ("data.seq_len=64", "; seq_len is a [train] setting"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError) as e:

@@ -88,7 +88,8 @@ class RunConfig:
         # named here rather than left to LlamaConfig(**fields), where a typo without a preset is a TypeError
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)} - {"preset"})
         if unknown:
-            raise ConfigError(f"unknown key(s) in [model]: {', '.join(unknown)} (preset or a LlamaConfig field)")
+            raise ConfigError(f"unknown key(s) in [model]: {', '.join(unknown)} (preset or a LlamaConfig field)"
+                              f"{_other_sections(unknown, 'model')}")
         preset = fields.pop("preset", None)
         return LlamaConfig.from_preset(preset, **fields) if preset else LlamaConfig(**fields)
 
@@ -126,12 +127,20 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _other_sections(keys: list[str], section: str) -> str:
+    """'; KEY is a [other] setting' for each of `keys` another section knows: a key in the wrong section."""
+    fields = {"model": LlamaConfig, "data": DataConfig, "train": TrainConfig}
+    return "".join(f"; {key} is a [{other}] setting" for key in keys for other, cls in fields.items()
+                   if other != section and key in {f.name for f in dataclasses.fields(cls)})
+
+
 def _build(cls, section: str, values: dict[str, Any]):
     defaults = cls()
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+                          f"{_other_sections(unknown, section)}")
     return cls(**{k: _coerce(section, k, v, getattr(defaults, k)) for k, v in values.items()})
 
 
