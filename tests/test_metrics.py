@@ -71,3 +71,13 @@ def test_a_run_whose_train_losses_are_all_nan_still_plots_its_evaluations(tmp_pa
     write_records(tmp_path, {"step": 1, "loss": math.nan}, {"step": 1, "eval_loss": 2.8})
     assert plot_metrics(tmp_path) == tmp_path / "loss.png"
     assert plotted == [("eval loss", [1], [2.8])]
+
+
+def test_tensorboard_asked_for_but_missing_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    """The run goes on with metrics.jsonl alone, and the note says what to install, as the plot's does."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import then raises ImportError
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.log({"step": 1, "loss": 2.5})
+    log.close()
+    assert log.writer is None and read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
+    assert "tensorboard is not installed (pip install tensorboard)" in capsys.readouterr().out

@@ -36,6 +36,15 @@ def test_shipped_configs_load_and_match_the_published_recipe():
     ("model.hiden_size=8", "hiden_size"),
     ("train.dtype=\"float8\"", "train.dtype must be one of"),
     ("train.lr", "--set expects section.key=value"),
+    # Python's spellings are no TOML: the value stays a string, and the error says how to write it
+    ("train.lr=.5", "train.lr must be a number, got the string '.5' (values are read as TOML: 0.5,"),
+    ("train.tf32=True", "train.tf32 must be true or false, got the string 'True' (values are read as TOML"),
+    ("train.max_steps=1e3", "train.max_steps must be an integer, got 1000.0 (a float in TOML: write 1000)"),
+    # a key given in the wrong section is named with the one it belongs to
+    ("model.seq_len=128", "unknown key(s) in [model]: seq_len (preset or a LlamaConfig field); seq_len is a [train] "
+                          "setting"),
+    ("train.vocab_size=1024", "; vocab_size is a [model] setting"),
+    ("data.seq_len=64", "; seq_len is a [train] setting"),
 ])
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(ConfigError) as e:
@@ -80,8 +89,11 @@ def test_a_config_that_is_not_text_or_not_tables_is_refused(tmp_path):
     (tmp_path / "scalar.toml").write_text("model = 5\n")
     (tmp_path / "long.toml").write_text("[train]\nseed = " + "9" * 5000 + "\n")
     (tmp_path / "typo.toml").write_text("[trian]\nlr = 0.5\n")  # a misspelt section must not train with defaults
+    (tmp_path / "loose.toml").write_text("max_steps = 5\n[train]\nlr = 0.5\n")  # a key above every header
     for path, message in ((tmp_path / "binary.toml", "invalid TOML"), (tmp_path / "scalar.toml", "must be a"),
                           (tmp_path / "typo.toml", r"unknown section\(s\) trian in .*typo.toml"),
+                          (tmp_path / "loose.toml", r"loose.toml: max_steps is set outside any section; put it "
+                                                    r"under \[model\], \[data\] or \[train\]"),
                           (tmp_path / "long.toml", "invalid TOML"),
                           (tmp_path, "cannot read the config")):
         with pytest.raises(ConfigError, match=message):

@@ -69,7 +69,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                print("note: tensorboard is not installed; logging to metrics.jsonl only")
+                print("note: tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
             else:  # one history, as in metrics.jsonl: events logged before from this run's first step on are hidden
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 

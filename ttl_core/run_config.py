@@ -88,7 +88,8 @@ class RunConfig:
         # named here rather than left to LlamaConfig(**fields), where a typo without a preset is a TypeError
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LlamaConfig)} - {"preset"})
         if unknown:
-            raise ConfigError(f"unknown key(s) in [model]: {', '.join(unknown)} (preset or a LlamaConfig field)")
+            raise ConfigError(f"unknown key(s) in [model]: {', '.join(unknown)} (preset or a LlamaConfig field)"
+                              f"{_other_sections(unknown, 'model')}")
         preset = fields.pop("preset", None)
         return LlamaConfig.from_preset(preset, **fields) if preset else LlamaConfig(**fields)
 
@@ -114,9 +115,23 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        # Python's spellings (.5, True, 1e3 for a count) are no TOML, or not the type meant: say how to write it
+        if isinstance(value, str):
+            got = f"the string {value!r} (values are read as TOML: 0.5, 1_000, true, [\"norm\"])"
+        elif isinstance(value, float) and value.is_integer() and isinstance(default, int):
+            got = f"{value!r} (a float in TOML: write {int(value)})"
+        else:
+            got = repr(value)
         raise ConfigError(f"{section}.{key} must be {_TYPE_WORDS.get(type(default), type(default).__name__)}, "
-                          f"got {value!r}")
+                          f"got {got}")
     return value
+
+
+def _other_sections(keys: list[str], section: str) -> str:
+    """'; KEY is a [other] setting' for each of `keys` another section knows: a key in the wrong section."""
+    fields = {"model": LlamaConfig, "data": DataConfig, "train": TrainConfig}
+    return "".join(f"; {key} is a [{other}] setting" for key in keys for other, cls in fields.items()
+                   if other != section and key in {f.name for f in dataclasses.fields(cls)})
 
 
 def _build(cls, section: str, values: dict[str, Any]):
@@ -124,7 +139,8 @@ def _build(cls, section: str, values: dict[str, Any]):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+                          f"{_other_sections(unknown, section)}")
     return cls(**{k: _coerce(section, k, v, getattr(defaults, k)) for k, v in values.items()})
 
 
@@ -236,6 +252,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
     unknown = sorted(set(raw) - {"model", "data", "train"})
+    loose = [key for key in unknown if not isinstance(raw[key], dict)]  # written above every [section] header
+    if loose:
+        raise ConfigError(f"{path}: {', '.join(loose)} {'is' if len(loose) == 1 else 'are'} set outside any "
+                          f"section; put {'it' if len(loose) == 1 else 'them'} under [model], [data] or [train]")
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)} in {path}; expected [model], [data], [train]")
     for name in ("model", "data", "train"):
