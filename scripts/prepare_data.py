@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if not inputs:
         raise DataError("no input: give --input FILES... or --sample")
     start = time.perf_counter()
-    meta = prepare_data(inputs, args.out, vocab_size=args.vocab_size or VOCAB_SIZE, tokenizer=args.tokenizer,
+    vocab_size = VOCAB_SIZE if args.vocab_size is None else args.vocab_size  # 0 is refused there, not defaulted
+    meta = prepare_data(inputs, args.out, vocab_size=vocab_size, tokenizer=args.tokenizer,
                         val_fraction=args.val_fraction, workers=args.workers, replace=args.overwrite)
     print(f"wrote {args.out}: {meta['documents']:,} documents, {meta['train_tokens']:,} train + "
           f"{meta['val_tokens']:,} val tokens ({meta['dtype']}), vocab {meta['vocab_size']:,}, "

@@ -112,6 +112,19 @@ def test_prepare_data_defaults_and_options_reach_prepare_data(monkeypatch, capsy
     assert len(prepare.calls) == 4
 
 
+def test_prepare_data_vocab_size_0_is_passed_on_and_refused_with_a_tokenizer(monkeypatch):
+    """--vocab-size 0 is a mistake to report (as -5 is), not the default 4096 trained in silence; and with
+    --tokenizer it has no effect, as any other size."""
+    script = load_script("prepare_data")
+    prepare = recorder(META)
+    monkeypatch.setattr(script, "prepare_data", prepare)
+    script.main(["--sample", "--out", "OUT", "--vocab-size", "0"])
+    assert prepare.calls[-1][1]["vocab_size"] == 0
+    with pytest.raises(SystemExit):
+        script.main(["--sample", "--out", "OUT", "--tokenizer", "T", "--vocab-size", "0"])
+    assert len(prepare.calls) == 1
+
+
 # --- finetune_classifier.py -----------------------------------------------------------------------------------
 
 def classifier_script(monkeypatch):

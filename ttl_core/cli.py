@@ -47,7 +47,8 @@ def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, op
     condition = f"with {option}" if active is None else option
     if getattr(args, option.lstrip("-").replace("-", "_")) if active is None else active:
         for name in ignored:
-            if getattr(args, name.lstrip("-").replace("-", "_")) not in (None, False):
+            value = getattr(args, name.lstrip("-").replace("-", "_"))
+            if value is not None and value is not False:  # not `in (None, False)`: 0 == False, and 0 was given
                 parser.error(f"{name} has no effect {condition}")
 
 
