@@ -165,6 +165,15 @@ def test_vocab_too_large_names_the_size_that_fits():
         train_tokenizer(corpus(20), None, vocab_size=5000)
 
 
+def test_vocab_too_large_is_said_without_sentencepiece_internals():
+    """sentencepiece's message names its C++ source line and a failed assertion; the user needs only the size."""
+    with pytest.raises(TokenizerError) as e:
+        train_tokenizer(corpus(20), None, vocab_size=5000)
+    largest = int(re.search(r"the largest this text allows is (\d+)$", str(e.value)).group(1))
+    assert not re.search(r"INTERNAL|\.cc\(|pieces_size|Please set", str(e.value)), str(e.value)
+    assert train_tokenizer(corpus(20), None, vocab_size=largest).vocab_size == largest
+
+
 def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
     """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
     and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""

@@ -465,8 +465,8 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         if failures:
             raise failures[0] from None
         detail = str(e).splitlines()[-1]
-        if match := re.search(r"<= (\d+)", detail):
-            detail += f"; the largest this text allows is {match.group(1)}"
+        if match := re.search(r"<= (\d+)", detail):  # sentencepiece's says its source line and assertion
+            detail = f"more than the text has pieces for; the largest this text allows is {match.group(1)}"
         elif match := re.search(r"smaller than required_chars\. \d+ vs (\d+)", detail):
             # sentencepiece's advice names its own --character_coverage, which ttl does not take
             detail = f"too few for its characters, byte pieces and special tokens; the smallest this text allows is " \
