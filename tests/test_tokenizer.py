@@ -174,6 +174,23 @@ def test_vocab_too_large_is_said_without_sentencepiece_internals():
     assert train_tokenizer(corpus(20), None, vocab_size=largest).vocab_size == largest
 
 
+@pytest.mark.parametrize("documents, vocab_size, error", [
+    ([], 300, r"no text to train on"),
+    (["", "  \n", "\t"], 300, r"no text to train on"),
+    (corpus(5), 0, r"vocab_size must be an integer >= 1, got 0"),
+    (corpus(5), -3, r"vocab_size must be an integer >= 1, got -3"),
+    (corpus(5), 300.5, r"vocab_size must be an integer >= 1, got 300\.5"),
+    (corpus(5), None, r"vocab_size must be an integer >= 1, got None"),
+    (["casa", b"casa"], 300, r"document 1 is a bytes, not a str"),
+    (["casa \ud800 x"], 300, r"document 0 is not valid Unicode: character 5 is a lone surrogate"),
+])
+def test_train_tokenizer_refuses_bad_input_with_a_clear_error(documents, vocab_size, error):
+    """Not sentencepiece's internals ('INTERNAL: src/trainer_interface.cc(467) [!sentences_.empty()]', 'cannot
+    parse "None" as int') nor Python's (AttributeError, UnicodeEncodeError)."""
+    with pytest.raises(TokenizerError, match=error):
+        train_tokenizer(documents, None, vocab_size=vocab_size)
+
+
 def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
     """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
     and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""

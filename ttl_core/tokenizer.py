@@ -28,7 +28,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .added_tokens import AddedTokenSplitter
-from .errors import DataError, TokenizerError, noting_failure
+from .errors import DataError, TokenizerError, is_integer, noting_failure
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, prefix_scheme, read_chat_template, read_config,
@@ -304,12 +304,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # sentencepiece would fail on it with a pybind11 cast error
-                raise TokenizerError(f"the text is not valid Unicode: character {e.start} is a lone surrogate "
-                                     f"{text[e.start]!r} (a byte that is not UTF-8, as from a terminal in another "
-                                     "encoding)") from None
+            _utf8(text, "the text")
         # a tokenizer without <s> or </s> (null in the config) never adds it, as in transformers
         add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
         add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
@@ -409,6 +404,15 @@ def piece_bytes(piece: str) -> bytes:
     return piece.replace("\u2581", " ").encode("utf-8")
 
 
+def _utf8(text: str, what: str) -> bytes:
+    """`text` in UTF-8, or a TokenizerError naming its first lone surrogate (sentencepiece's error would not)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"{what} is not valid Unicode: character {e.start} is a lone surrogate {text[e.start]!r} "
+                             "(a byte that is not UTF-8, as from a terminal in another encoding)") from None
+
+
 def _bytes_text(run: bytearray) -> str:
     """The text of a run of byte-fallback pieces as transformers' ByteFallback decoder gives it: the UTF-8 text,
     or one U+FFFD per byte when the run as a whole is not valid UTF-8."""
@@ -429,10 +433,11 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     exist. Only the first `input_sentence_size` documents (a long one counts once per piece it is cut into, see
     `_sentences`), `input_bytes` of text at most, are read. Settings follow TeenyTinyLlama's: `<unk>` `<s>` `</s>`
     `<pad>` = 0..3, byte fallback (no text is ever unknown), identity normalization with whitespace kept as is,
-    digits split, whitespace-only pieces allowed. A vocabulary too large for the text raises TokenizerError with
-    the largest size sentencepiece would accept."""
+    digits split, whitespace-only pieces allowed. A vocabulary too large or too small for the text raises
+    TokenizerError with the size that fits."""
     from .data import read_documents, usable_cpus  # deferred: data imports this module
-
+    if not (is_integer(vocab_size) and vocab_size >= 1):
+        raise TokenizerError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items = iter(inputs)
@@ -448,8 +453,8 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     else:
         texts = items
     # sentencepiece holds all it reads (shuffle off): input_sentence_size and input_bytes keep a corpus out of memory
-    failures: list[Exception] = []  # what reading the inputs raised (a file's DataError)
-    sentences = itertools.islice(_sentences(noting_failure(texts, failures), max_sentence_length, input_bytes),
+    failures: list[Exception] = []  # what reading the inputs raised (a file's DataError, a document not a str)
+    sentences = itertools.islice(noting_failure(_sentences(texts, max_sentence_length, input_bytes), failures),
                                  input_sentence_size)
     buffer = io.BytesIO()
     try:
@@ -471,6 +476,8 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
             # sentencepiece's advice names its own --character_coverage, which ttl does not take
             detail = f"too few for its characters, byte pieces and special tokens; the smallest this text allows is " \
                      f"{match.group(1)}"
+        elif "sentences_.empty()" in detail:
+            detail = "no text to train on (no document has any but whitespace)"
         raise TokenizerError(f"cannot train a {vocab_size}-token vocabulary: {detail}") from None
     tokenizer = Tokenizer(buffer.getvalue())
     if out is not None:
@@ -491,8 +498,10 @@ def _is_path(item: object) -> bool:
 def _sentences(texts: Iterable[str], max_bytes: int, budget: int = TRAIN_INPUT_BYTES) -> Iterable[str]:
     """Training sentences, `budget` UTF-8 bytes at most: whole documents, but sentencepiece would skip one over
     `max_bytes`, so those are cut at line breaks (and lines still too long at `max_bytes // 4` characters)."""
-    for text in texts:
-        pieces = [text] if len(text.encode("utf-8")) <= max_bytes else (
+    for number, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TokenizerError(f"train_tokenizer: document {number} is a {type(text).__name__}, not a str")
+        pieces = [text] if len(_utf8(text, f"document {number}")) <= max_bytes else (
             line[i:i + max_bytes // 4] for line in text.split("\n") for i in range(0, len(line), max_bytes // 4))
         for piece in filter(str.strip, pieces):
             budget -= len(piece.encode("utf-8"))
