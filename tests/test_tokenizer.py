@@ -182,6 +182,7 @@ def test_vocab_too_large_is_said_without_sentencepiece_internals():
     (corpus(5), 300.5, r"vocab_size must be an integer >= 1, got 300\.5"),
     (corpus(5), None, r"vocab_size must be an integer >= 1, got None"),
     (["casa", b"casa"], 300, r"document 1 is a bytes, not a str"),
+    ([None, *corpus(5)], 300, r"document 0 is a NoneType, not a str"),
     (["casa \ud800 x"], 300, r"document 0 is not valid Unicode: character 5 is a lone surrogate"),
 ])
 def test_train_tokenizer_refuses_bad_input_with_a_clear_error(documents, vocab_size, error):

@@ -440,9 +440,9 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         raise TokenizerError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
-    items = iter(inputs)
-    first = next(items, None)  # peeked to tell paths from texts without reading the rest
-    items = itertools.chain([first], items) if first is not None else items
+    items, nothing = iter(inputs), object()  # not None: a None document is reported, not dropped
+    first = next(items, nothing)  # peeked to tell paths from texts without reading the rest
+    items = itertools.chain([first], items) if first is not nothing else items
     if _is_path(first):
         paths = list(items)  # a few file names, never the documents
         missing = [str(p) for p in paths if not (isinstance(p, (str, os.PathLike)) and os.path.isfile(p))]
