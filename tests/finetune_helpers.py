@@ -11,7 +11,7 @@ from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.hf import save_pretrained
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec
-from ttl_core.tokenizer import train_tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 NEWS_TRAIN, NEWS_EVAL = SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv"
 NEWS = TaskSpec(["title", "text"], "label", labels=["MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA"])

@@ -20,7 +20,8 @@ from ttl_core.instruct import finetune_instruct
 from ttl_core.metrics import MetricsLog, perplexity, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 
 def one_line(excinfo) -> str:

@@ -9,7 +9,7 @@ import ttl_core.data as data
 from ttl_core.data import prepare_data
 from ttl_core.documents import read_documents
 from ttl_core.errors import DataError
-from ttl_core.tokenizer import train_tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 
 def test_parquet_input(tmp_path):

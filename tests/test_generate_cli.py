@@ -14,7 +14,8 @@ import ttl_core
 from ttl_core.errors import ConfigError, GenerationError
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt
 from ttl_core.lora import apply_lora, save_adapter
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
 CONTEXT = 64

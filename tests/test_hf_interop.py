@@ -16,7 +16,8 @@ from transformers.utils.hub import convert_file_size_to_int
 import ttl_core
 from ttl_core.errors import CheckpointError, ConfigError
 from ttl_core.hf import DTYPES, _parse_size
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:

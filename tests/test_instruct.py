@@ -27,7 +27,8 @@ from ttl_core.metrics import read_metrics
 from ttl_core.instruct import (add_chat_tokens, build_instruction_data, collate_lm, encode_chat, finetune_instruct,
                                instruction_rows, lm_collator, pack_lm, target_tokens)
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt, chat_response
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 
 @pytest.fixture(scope="module")

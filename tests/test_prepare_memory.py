@@ -12,7 +12,7 @@ import pytest
 import ttl_core.data as data
 import ttl_core.documents as documents
 from ttl_core.data import prepare_data, read_documents
-from ttl_core.tokenizer import train_tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 WORDS = "o rio a serra café manhã ponte escola árvore chuva João às 12h30 — ótimo! ação".split()
 

@@ -21,7 +21,8 @@ from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import INSTRUCT_DEFAULTS
 from ttl_core.run_config import load_run_config
 from ttl_core.task_files import TaskSpec
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 
 def recorder(result):

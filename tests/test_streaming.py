@@ -126,7 +126,7 @@ def spm_models(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
-    from ttl_core.tokenizer import train_tokenizer
+    from ttl_core.tokenizer_train import train_tokenizer
 
     texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 20)) + "." for i in range(300)]
     tok = train_tokenizer(texts, None, vocab_size=300)

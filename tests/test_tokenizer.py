@@ -12,7 +12,8 @@ from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
 
 from ttl_core.errors import ConfigError, TokenizerError
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt, chat_response
-from ttl_core.tokenizer import Tokenizer, train_tokenizer, tokenizer_json_to_sentencepiece
+from ttl_core.tokenizer import Tokenizer, tokenizer_json_to_sentencepiece
+from ttl_core.tokenizer_train import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +439,7 @@ def test_tokens_added_to_a_tokenizer_json_are_matched_whole_as_autotokenizer(tmp
 def test_training_sentences_keep_documents_up_to_the_byte_limit_whole_and_cut_longer_ones_losslessly():
     """`_sentences(texts, 8)`: a document of at most 8 UTF-8 bytes is one sentence; a longer one ("ééé\\né" is
     9 bytes) is cut at line breaks, then into pieces of 8 // 4 = 2 characters, none lost; blank ones are dropped."""
-    from ttl_core.tokenizer import _sentences
+    from ttl_core.tokenizer_train import _sentences
 
     texts = ["abc\ndefg", "ééé\né", " \n ", "", "abcdefghij\n\nkl", "x"]
     assert list(_sentences(texts, 8)) == ["abc\ndefg", "éé", "é", "é", "ab", "cd", "ef", "gh", "ij", "kl", "x"]

@@ -8,7 +8,8 @@ import shutil
 import pytest
 from tokenizer_helpers import assert_same_ids, corpus, make_ttl_style_dir
 
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 PLAIN = ["<nsp>", "foo", "a b"]  # added with add_tokens: not special
 SPECIAL = ["<sp>"]

@@ -16,7 +16,8 @@ import pytest
 from tokenizer_helpers import corpus, make_ttl_style_dir, random_text
 
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 TEXTS, ID_SEQUENCES = 1000, 500  # per directory
 

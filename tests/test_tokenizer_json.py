@@ -14,7 +14,8 @@ from tokenizer_helpers import HARD, assert_same_ids, make_ttl_style_dir, write_l
 
 import ttl_core
 from ttl_core.errors import TokenizerError
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 SAMPLE_TEXTS = [line for f in sorted((Path(ttl_core.__file__).parent / "sample_data").glob("*.txt"))
                 for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]

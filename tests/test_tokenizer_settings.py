@@ -12,7 +12,8 @@ import pytest
 from tokenizer_helpers import HARD, assert_same_ids, corpus, random_text
 
 from ttl_core.errors import TokenizerError
-from ttl_core.tokenizer import Tokenizer, train_tokenizer
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_train import train_tokenizer
 
 TOKENS = ["<|x|>", "<|y|>", "<|pad|>", "[PAD]", "<|end|>", "ida", "<s>", "</s>", "<pad>", "<unk>", "casa"]
 TEXT_PARTS = ["a", " ", "  ", "\t", "\n", "casa", "vida", "ida", "é", "_", "x", "1", ".", "😀", "\u2581", "\u00a0"]

@@ -7,7 +7,8 @@ from .hf import load_pretrained, save_native, save_pretrained
 from .lora import apply_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 from .streamer import TextStreamer
-from .tokenizer import Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_train import train_tokenizer
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from .documents import count_documents, read_documents
 from .errors import DataError, is_integer
 from .fileio import atomic_write, read_json, write_json
-from .tokenizer import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, Tokenizer, train_tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
