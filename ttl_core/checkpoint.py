@@ -247,6 +247,10 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
     if not (is_integer(step) and step >= 0) or not isinstance(trainer_state.get("data"), dict):
         raise CheckpointError(f"{state_path}: expected a step number and the data position")
+    # one copied back under another step's name would be resumed from, then overwritten and pruned as that step
+    if (named := STEP_DIR.fullmatch(checkpoint.name)) and int(named.group(1)) != step:
+        raise CheckpointError(f"{state_path}: records step {step}, not the step {int(named.group(1))} its directory "
+                              "is named for")
     return trainer_state
 
 
