@@ -57,11 +57,13 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (partial ones are never listed)."""
+    """Complete checkpoint directories of a run, oldest first (partial ones are never listed). A link whose target
+    is missing is listed, for a resume to name it rather than silently fall back to an older checkpoint."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (p.is_dir() or p.is_symlink()) and (m := STEP_DIR.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -235,6 +237,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """trainer_state.json of a complete checkpoint (step, data position, run config), checked against the digest
     of its own content, without reading optimizer.pt: what a resume checks before loading anything heavy. A
     missing, damaged or malformed file raises CheckpointError naming it."""
+    if checkpoint.is_symlink() and not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint} links to {os.readlink(checkpoint)}, which is missing")
     state_path, optimizer_path = checkpoint / TRAINER_STATE, checkpoint / OPTIMIZER_STATE
     for path in (state_path, optimizer_path):
         if not path.is_file():
