@@ -101,6 +101,16 @@ def test_a_symlink_in_the_way_of_a_directory_written_atomically_is_unlinked_and_
     assert (mine / "notes.txt").read_text() == "the user's"
 
 
+def test_a_dangling_symlink_in_the_way_of_a_directory_written_atomically_is_replaced(tmp_path):
+    """A link whose target is gone (a purged scratch directory) does not exist to `Path.exists`, yet a directory
+    cannot be renamed over it: it must be moved aside as a live one is, not end the run at its next save."""
+    best = tmp_path / "best"
+    best.symlink_to(tmp_path / "purged", target_is_directory=True)
+    fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text("epoch 1"))
+    assert not best.is_symlink() and (best / "model.txt").read_text() == "epoch 1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
 def test_a_directory_removed_atomically_clears_an_old_one_a_crashed_removal_left(tmp_path):
     """A `.name.old` left by a removal killed midway does not stop the next removal of that name."""
     (tmp_path / ".step-000001.old").mkdir()

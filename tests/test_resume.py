@@ -352,6 +352,13 @@ DAMAGE = {
     "trainer_state.json step flipped": (lambda ck: _edit_json(ck / "trainer_state.json", step=3),
                                         "{ck}/trainer_state.json: damaged since it was saved (its content no longer "
                                         "matches the digest it records)"),
+    # copied back under another step's name: resuming would redo the steps since and overwrite their checkpoints
+    "trainer_state.json of another step": (lambda ck: shutil.copy(ck.parent / "step-000001" / "trainer_state.json", ck),
+                                           "{ck}/trainer_state.json: records step 1, not the step 2 its directory is "
+                                           "named for"),
+    # a link to a directory that is gone (a purged scratch, a file system not mounted): never skipped for an older one
+    "checkpoint links to a missing directory": (lambda ck: (shutil.rmtree(ck), ck.symlink_to(ck.parent / "purged")),
+                                                "{ck} links to {ck.parent}/purged, which is missing"),
     "trainer_state.json missing": (lambda ck: (ck / "trainer_state.json").unlink(),
                                    "{ck} is not a training checkpoint: trainer_state.json is missing"),
     "trainer_state.json garbage": (lambda ck: (ck / "trainer_state.json").write_text("{\"step\": 2, \"da"),

@@ -57,11 +57,13 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (partial ones are never listed)."""
+    """Complete checkpoint directories of a run, oldest first (partial ones are never listed). A link whose target
+    is missing is listed, for a resume to name it rather than silently fall back to an older checkpoint."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (p.is_dir() or p.is_symlink()) and (m := STEP_DIR.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
@@ -235,6 +237,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     """trainer_state.json of a complete checkpoint (step, data position, run config), checked against the digest
     of its own content, without reading optimizer.pt: what a resume checks before loading anything heavy. A
     missing, damaged or malformed file raises CheckpointError naming it."""
+    if checkpoint.is_symlink() and not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint} links to {os.readlink(checkpoint)}, which is missing")
     state_path, optimizer_path = checkpoint / TRAINER_STATE, checkpoint / OPTIMIZER_STATE
     for path in (state_path, optimizer_path):
         if not path.is_file():
@@ -247,6 +251,10 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     step = trainer_state.get("step") if isinstance(trainer_state, dict) else None
     if not (is_integer(step) and step >= 0) or not isinstance(trainer_state.get("data"), dict):
         raise CheckpointError(f"{state_path}: expected a step number and the data position")
+    # one copied back under another step's name would be resumed from, then overwritten and pruned as that step
+    if (named := STEP_DIR.fullmatch(checkpoint.name)) and int(named.group(1)) != step:
+        raise CheckpointError(f"{state_path}: records step {step}, not the step {int(named.group(1))} its directory "
+                              "is named for")
     return trainer_state
 
 

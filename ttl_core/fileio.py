@@ -111,7 +111,7 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
         remove_path(partial)  # the space a failed write took (a full disk) is given back
         raise
     fsync_dir(partial)
-    if path.exists():
+    if path.exists() or path.is_symlink():  # a link to a missing target does not exist, yet is in the way
         os.replace(path, old)
     os.replace(partial, path)
     fsync_dir(path.parent)
