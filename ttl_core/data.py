@@ -66,10 +66,8 @@ def _cuttable(tok: Tokenizer) -> bool:
     as it is, no piece has "▁" after another character, so no token spans the cut, and no added token that
     matches in a corpus (one not special) takes the whitespace beside it (lstrip / rstrip), which a cut divides."""
     spec = tok.proto.normalizer_spec
-    takes_whitespace = any((flags.lstrip or flags.rstrip) and tok.token_to_id(token) not in tok.special_ids
-                           for token, flags in tok._token_flags.items())
     return (spec.escape_whitespaces and not spec.remove_extra_whitespaces and not spec.precompiled_charsmap
-            and not takes_whitespace
+            and not tok.plain_tokens_take_whitespace
             and not any(_WORD_END.search(p.piece.replace("\u2581", " ")) for p in tok.proto.pieces))
 
 

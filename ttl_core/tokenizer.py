@@ -328,6 +328,14 @@ class Tokenizer:
         """The ids `decode(..., skip_special_tokens=True)` drops: `<unk>` `<s>` `</s>` `<pad>`, special added tokens."""
         return frozenset(self._whole_ids.values()) - self._plain_ids
 
+    @property
+    def plain_tokens_take_whitespace(self) -> bool:
+        """Whether an added token that matches in text (one not special) takes the whitespace beside it (lstrip /
+        rstrip), so that a text cut next to it encodes otherwise than the whole."""
+        special = self.special_ids
+        return any((flags.lstrip or flags.rstrip) and self.token_to_id(token) not in special
+                   for token, flags in self._token_flags.items())
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as transformers decodes them; special tokens are dropped when `skip_special_tokens`, else
         written as their text (as added tokens that are not special always are).
