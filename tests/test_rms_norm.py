@@ -122,6 +122,17 @@ def test_gradient_through_one_output(used):
     check(outs, got, ref_outs, ref_grads, 1e-5)
 
 
+def test_weight_gradient_of_a_constant_input():
+    # norm weights trained over activations that need no gradient: the weight's gradient is made because the
+    # weight requires grad, whatever the input does
+    x, w, _ = inputs(21, 96, torch.float32, False, seed=24)
+    x.requires_grad_(False)
+    g = torch.randn(21, 96, generator=torch.Generator().manual_seed(25))
+    (got,) = torch.autograd.grad(ttl_kernels.rms_norm(x, w, 1e-5, backend="triton"), w, g, allow_unused=True)
+    _, want = truth(x, w, 1e-5, None, [g])
+    assert got is not None and rel_err(got, want["weight"]) <= 1e-5
+
+
 def test_strided_inputs_and_gradients():
     gen = torch.Generator().manual_seed(7)
     # x: a slice of a wider projection (row stride > hidden); residual: (seq, batch, hidden) seen as
