@@ -208,7 +208,8 @@ def test_all_ignored_targets_give_zero_loss_and_zero_grads():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_a_custom_ignore_index_ignores_exactly_its_rows(reduction):
     """Every other test ignores -100: here a padding id inside the vocabulary is the ignore_index, on each
-    path (kernel on logits, fused kernel, reference), and must act exactly as -100 at the same rows."""
+    path (kernel on logits, fused kernel, reference; with gradients and for the losses alone, as in evaluation),
+    and must act exactly as -100 at the same rows."""
     n, d, vocab, pad = 14, 8, 29, 3
     gen = torch.Generator().manual_seed(29)
     hidden, weight = torch.randn(n, d, generator=gen), torch.randn(vocab, d, generator=gen) / d**0.5
@@ -222,11 +223,12 @@ def test_a_custom_ignore_index_ignores_exactly_its_rows(reduction):
         inputs = [x.clone().requires_grad_() for x in inputs]
         out = fn(*inputs)
         grads = torch.autograd.grad(out, inputs, grad_out)
+        alone = torch.no_grad()(fn)(*inputs)  # the losses alone (evaluation) take another path
         x64 = [x.detach().double().requires_grad_() for x in inputs]
         logits64 = x64[0] if len(x64) == 1 else x64[0] @ x64[1].T
         truth = reduce(formula(logits64, as_default, **opts), as_default, reduction)
         truth_grads = torch.autograd.grad(truth, x64, grad_out.double())
-        for got, want in zip((out, *grads), (truth, *truth_grads)):
+        for got, want in zip((out, alone, *grads), (truth, truth, *truth_grads)):
             assert rel_err(got, want) <= tol
 
     logits = hidden @ weight.T
