@@ -259,28 +259,46 @@ def test_kernels_refuse_integer_tensors_by_name(kernel, backend):
         _kernel_calls(ints)[kernel](backend)
 
 
-@pytest.mark.parametrize("kernel", ["rms_norm", "swiglu", "apply_rotary", "apply_rotary_qkv", "rotary_into_cache",
-                                    "cross_entropy", "fused_linear_cross_entropy", "flash_attention"])
+def _float64_kernel_calls(backend: str, device: str = "cpu") -> dict:
+    """Each public kernel called on float64 inputs with `backend`."""
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, angles = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(device)
+                           for shape in ((6, 64), (1, 3, 4, 64), (3, 64)))
+    targets, positions = torch.arange(6, device=device), torch.arange(3, device=device)
+    return {
+        "rms_norm": lambda: ttl_kernels.rms_norm(rows, rows[0], backend=backend),
+        "swiglu": lambda: ttl_kernels.swiglu(rows, backend=backend),
+        "apply_rotary": lambda: ttl_kernels.apply_rotary(heads, heads, angles, angles, backend=backend),
+        "apply_rotary_qkv": lambda: ttl_kernels.apply_rotary_qkv(heads, angles, angles, 1, backend=backend),
+        "rotary_into_cache": lambda: ttl_kernels.rotary_into_cache(
+            heads, angles, angles, heads[:, :, :1].clone(), heads[:, :, :1].clone(), positions, backend=backend),
+        "cross_entropy": lambda: ttl_kernels.cross_entropy(rows, targets, backend=backend),
+        "fused_linear_cross_entropy": lambda: ttl_kernels.fused_linear_cross_entropy(rows, rows, targets,
+                                                                                     backend=backend),
+        "flash_attention": lambda: ttl_kernels.flash_attention(heads, heads, heads, backend=backend),
+    }
+
+
+FLOAT_KERNELS = ["rms_norm", "swiglu", "apply_rotary", "apply_rotary_qkv", "rotary_into_cache", "cross_entropy",
+                 "fused_linear_cross_entropy", "flash_attention"]
+
+
+@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
 def test_triton_kernels_refuse_float64_which_they_would_compute_in_float32(kernel):
     # the kernels compute in float32: float64 inputs came back as float64 results of float32 accuracy (1e-7 off
     # the reference), so a float64 gradcheck of a kernel failed as if its backward were wrong
-    gen = torch.Generator().manual_seed(0)
-    rows, heads, angles = (torch.randn(*shape, generator=gen, dtype=torch.float64)
-                           for shape in ((6, 64), (1, 3, 4, 64), (3, 64)))
-    calls = {
-        "rms_norm": lambda: ttl_kernels.rms_norm(rows, rows[0], backend="triton"),
-        "swiglu": lambda: ttl_kernels.swiglu(rows, backend="triton"),
-        "apply_rotary": lambda: ttl_kernels.apply_rotary(heads, heads, angles, angles, backend="triton"),
-        "apply_rotary_qkv": lambda: ttl_kernels.apply_rotary_qkv(heads, angles, angles, 1, backend="triton"),
-        "rotary_into_cache": lambda: ttl_kernels.rotary_into_cache(
-            heads, angles, angles, heads[:, :, :1].clone(), heads[:, :, :1].clone(), torch.arange(3), backend="triton"),
-        "cross_entropy": lambda: ttl_kernels.cross_entropy(rows, torch.arange(6), backend="triton"),
-        "fused_linear_cross_entropy": lambda: ttl_kernels.fused_linear_cross_entropy(rows, rows, torch.arange(6),
-                                                                                     backend="triton"),
-        "flash_attention": lambda: ttl_kernels.flash_attention(heads, heads, heads, backend="triton"),
-    }
     with pytest.raises(BackendError, match="compute in float32, so float64 .* backend='torch'"):
-        calls[kernel]()
+        _float64_kernel_calls("triton")[kernel]()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", FLOAT_KERNELS)
+def test_auto_gives_float64_cuda_inputs_to_the_reference(kernel):
+    # on the CPU "auto" always takes the reference, so only a GPU shows that float64 CUDA tensors skip the float32
+    # kernels: their results must be the reference's, bit for bit
+    got, want = (_float64_kernel_calls(backend, "cuda")[kernel]() for backend in ("auto", "torch"))
+    for g, w in zip(*(out if isinstance(out, tuple) else (out,) for out in (got, want)), strict=True):
+        assert g.dtype == torch.float64 and torch.equal(g, w)
 
 
 @pytest.mark.parametrize("float64_input", ["rms_norm weight", "rms_norm residual", "swiglu up",
