@@ -81,16 +81,17 @@ def test_a_signal_checkpoints_the_step_in_progress_and_resume_continues_bit_for_
 
 def test_a_requeue_with_init_from_resumes_from_the_run_s_checkpoint_not_from_the_init_weights(tmp_path, data_dir,
                                                                                              straight, monkeypatch):
-    """A requeue script passes the same --resume --init-from DIR to every submission: the first, on a run without a
-    checkpoint, starts from DIR's weights; a later one continues from the run's own checkpoint (DIR's weights would
-    silently throw away the training since), bit for bit as a run from DIR that was never stopped."""
-    init = str(straight / "checkpoints" / "step-000005")
-    train(run_config(*RUN), tmp_path / "uninterrupted", data_dir=str(data_dir), init_from=init)
+    """A requeue script passes the same --resume --init-from DIR (and --set dropout) to every submission: the first,
+    on a run without a checkpoint, starts from DIR's weights; a later one continues from the run's own checkpoint and
+    its config (DIR's weights would silently throw away the training since, and DIR's dropout of 0 refuse the --set),
+    bit for bit as a run from DIR that was never stopped."""
+    init, run = str(straight / "checkpoints" / "step-000005"), run_config(*RUN, "model.attention_dropout=0.1")
+    train(run, tmp_path / "uninterrupted", data_dir=str(data_dir), init_from=init)
     signal_during_step(monkeypatch, 3, signal.SIGTERM)
-    first = train(run_config(*RUN), tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
+    first = train(run, tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
     assert (first.last_step, first.stopped_by) == (3, signal.SIGTERM)
     monkeypatch.undo()
-    train(run_config(*RUN), tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
+    train(run, tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
     assert losses(tmp_path / "requeued") == losses(tmp_path / "uninterrupted") != losses(straight)
     assert same_weights(*(tmp_path / run / "checkpoints" / "step-000005" for run in ("requeued", "uninterrupted")))
 
