@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 
 from helpers import ROOT, free_port
-from train_helpers import losses, prepared_corpus, run_config, set_arguments
+from train_helpers import corpus_file, losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
+from ttl_core.data import prepare_data
 from ttl_core.distributed import World
+from ttl_core.errors import ConfigError
 from ttl_core.preemption import StopOnSignal
+from ttl_core.tokenizer import Tokenizer
 import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.train import train
@@ -94,6 +97,22 @@ def test_a_requeue_with_init_from_resumes_from_the_run_s_checkpoint_not_from_the
     train(run, tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
     assert losses(tmp_path / "requeued") == losses(tmp_path / "uninterrupted") != losses(straight)
     assert same_weights(*(tmp_path / run / "checkpoints" / "step-000005" for run in ("requeued", "uninterrupted")))
+
+
+def test_a_requeue_with_init_from_checks_the_data_s_tokenizer_against_the_run_s_checkpoint(tmp_path, data_dir):
+    """The run's data gave an added token the id 400, past DIR's 400-token tokenizer (in DIR's 416-row table): data
+    whose id 400 is another added token agrees with DIR's tokenizer on every id DIR has, but would train the
+    checkpoint's row 400 on another token; a requeue on it is refused as any resume on other data is."""
+    train(run_config("train.max_steps=1", "model.vocab_size=416"), tmp_path / "init", data_dir=str(data_dir))
+    init = str(tmp_path / "init" / "checkpoints" / "step-000001")
+    for name in ("ano", "mes"):
+        tokenizer = Tokenizer.from_pretrained(init)
+        assert tokenizer.add_special_tokens([f"<{name}>"]) == [400]
+        prepare_data([corpus_file(tmp_path)], tmp_path / name, tokenizer=tokenizer)
+    run = run_config(*RUN, "model.vocab_size=416")
+    train(run, tmp_path / "run", data_dir=str(tmp_path / "ano"), resume=True, init_from=init, stop_after=1)
+    with pytest.raises(ConfigError, match="another tokenizer than .*step-000001's: resume on the data the run was"):
+        train(run, tmp_path / "run", data_dir=str(tmp_path / "mes"), resume=True, init_from=init)
 
 
 def test_a_step_just_saved_is_not_saved_again_and_a_second_signal_while_saving_changes_nothing(tmp_path, data_dir,
