@@ -1,6 +1,7 @@
 """The distributed wrappers on a one-process gloo group, which needs no torchrun and no port: which wrapper each
 `train.distributed` setting gives, and DDP's gradient sync switch. Then two ranks launched apart: what rank 0 alone
-does and fails at stops the other in one line, and a run refused on both leaves no directory behind."""
+does and fails at stops the other in one line, a run refused on both leaves no directory behind, and the throughput
+figures a two-process run logs."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT, free_port
-from train_helpers import prepared_corpus, set_arguments
+from train_helpers import prepared_corpus, run_config, set_arguments
+from ttl_core.metrics import read_metrics
+from ttl_core.model import LlamaForCausalLM
 
 
 def test_train_distributed_picks_the_wrapper(tmp_path):
@@ -132,3 +136,40 @@ def test_a_checkpoint_rank_0_cannot_write_stops_the_other_ranks_in_one_line(tmp_
                       "--out", tmp_path / "run", *set_arguments("train.max_steps=1"))
     assert ranks[0][0] == 2 and ranks[0][1].endswith(f"\nerror: {tmp_path / 'run'}: No space left on device\n")
     assert ranks[1] == (2, "error: rank 0 stopped the run; its error says why\n"), ranks
+
+
+TWO_SECOND_STEPS_ON_AN_A100 = """
+import runpy, sys
+from types import SimpleNamespace
+import ttl_core.train as train
+clock = iter(range(0, 1000, 2))  # every step takes 2 s
+train.time = SimpleNamespace(perf_counter=lambda: next(clock))
+step_throughput = train.step_throughput
+# a CPU run has no half-precision peak to figure an MFU against: lend it an A100's (312 TFLOP/s)
+train.step_throughput = lambda tokens, ranks, seconds, flops, _: step_throughput(tokens, ranks, seconds, flops, 312.0)
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_two_process_run_logs_the_tokens_of_both_ranks_and_a_per_gpu_mfu_of_6n_plus_12ldt(tmp_path):
+    """tokens_per_s counts both ranks' tokens, and the MFU is figured from 6N + 12·L·d·T FLOPs per token, N the
+    parameters without the input embedding table, over one GPU's peak: test_train checks `step_throughput` alone,
+    this what the loop hands it (a one-process run on the CPU logs no MFU, and one rank's tokens are all its)."""
+    overrides = ("train.max_steps=1", "train.grad_accum_steps=2", "train.eval_every=0")
+    launcher = tmp_path / "a100.py"
+    launcher.write_text(TWO_SECOND_STEPS_ON_AN_A100)
+    ranks = two_ranks(launcher, ROOT / "scripts" / "pretrain.py", "--data", prepared_corpus(tmp_path),
+                      "--out", tmp_path / "run", *set_arguments(*overrides))
+    assert [status for status, _ in ranks] == [0, 0], ranks
+    [step] = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    run = run_config(*overrides)
+    config, t = run.model_config(), run.train
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert not config.tie_word_embeddings  # the LM head is a table of its own, which counts in N
+    attention = 12 * config.num_hidden_layers * config.hidden_size * t.seq_len
+    flops = 6 * (params - config.vocab_size * config.hidden_size) + attention
+    tokens_per_s = t.micro_batch_size * t.grad_accum_steps * t.seq_len * 2 / 2.0
+    assert step["tokens_per_s"] == tokens_per_s
+    assert step["mfu"] == pytest.approx(flops * tokens_per_s / (312e12 * 2), rel=1e-12)

@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 
 from helpers import ROOT, free_port
-from train_helpers import losses, prepared_corpus, run_config, set_arguments
+from train_helpers import corpus_file, losses, prepared_corpus, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
+from ttl_core.data import prepare_data
 from ttl_core.distributed import World
+from ttl_core.errors import ConfigError
 from ttl_core.preemption import StopOnSignal
+from ttl_core.tokenizer import Tokenizer
 import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.train import train
@@ -77,6 +80,39 @@ def test_a_signal_checkpoints_the_step_in_progress_and_resume_continues_bit_for_
     assert train(run_config(*RUN), tmp_path, data_dir=str(data_dir), resume=True).stopped_by is None
     assert losses(tmp_path) == losses(straight) and len(losses(straight)) == 5
     assert same_weights(tmp_path / "checkpoints" / "step-000005", straight / "checkpoints" / "step-000005")
+
+
+def test_a_requeue_with_init_from_resumes_from_the_run_s_checkpoint_not_from_the_init_weights(tmp_path, data_dir,
+                                                                                             straight, monkeypatch):
+    """A requeue script passes the same --resume --init-from DIR (and --set dropout) to every submission: the first,
+    on a run without a checkpoint, starts from DIR's weights; a later one continues from the run's own checkpoint and
+    its config (DIR's weights would silently throw away the training since, and DIR's dropout of 0 refuse the --set),
+    bit for bit as a run from DIR that was never stopped."""
+    init, run = str(straight / "checkpoints" / "step-000005"), run_config(*RUN, "model.attention_dropout=0.1")
+    train(run, tmp_path / "uninterrupted", data_dir=str(data_dir), init_from=init)
+    signal_during_step(monkeypatch, 3, signal.SIGTERM)
+    first = train(run, tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
+    assert (first.last_step, first.stopped_by) == (3, signal.SIGTERM)
+    monkeypatch.undo()
+    train(run, tmp_path / "requeued", data_dir=str(data_dir), resume=True, init_from=init)
+    assert losses(tmp_path / "requeued") == losses(tmp_path / "uninterrupted") != losses(straight)
+    assert same_weights(*(tmp_path / run / "checkpoints" / "step-000005" for run in ("requeued", "uninterrupted")))
+
+
+def test_a_requeue_with_init_from_checks_the_data_s_tokenizer_against_the_run_s_checkpoint(tmp_path, data_dir):
+    """The run's data gave an added token the id 400, past DIR's 400-token tokenizer (in DIR's 416-row table): data
+    whose id 400 is another added token agrees with DIR's tokenizer on every id DIR has, but would train the
+    checkpoint's row 400 on another token; a requeue on it is refused as any resume on other data is."""
+    train(run_config("train.max_steps=1", "model.vocab_size=416"), tmp_path / "init", data_dir=str(data_dir))
+    init = str(tmp_path / "init" / "checkpoints" / "step-000001")
+    for name in ("ano", "mes"):
+        tokenizer = Tokenizer.from_pretrained(init)
+        assert tokenizer.add_special_tokens([f"<{name}>"]) == [400]
+        prepare_data([corpus_file(tmp_path)], tmp_path / name, tokenizer=tokenizer)
+    run = run_config(*RUN, "model.vocab_size=416")
+    train(run, tmp_path / "run", data_dir=str(tmp_path / "ano"), resume=True, init_from=init, stop_after=1)
+    with pytest.raises(ConfigError, match="another tokenizer than .*step-000001's: resume on the data the run was"):
+        train(run, tmp_path / "run", data_dir=str(tmp_path / "mes"), resume=True, init_from=init)
 
 
 def test_a_step_just_saved_is_not_saved_again_and_a_second_signal_while_saving_changes_nothing(tmp_path, data_dir,
