@@ -320,6 +320,16 @@ def test_loading_for_inference_turns_dropout_off_and_freezes(tmp_path):
         assert torch.equal(fresh(x).logits, fresh(x).logits)
 
 
+def test_loading_for_training_keeps_the_adapter_s_dropout(tmp_path):
+    """As PEFT's from_pretrained(is_trainable=True): the saved lora_dropout applies in training, and is saved again."""
+    saved_peft_adapter(hf_causal_lm(), tmp_path / "adapter", seed=4, lora_dropout=0.5)
+    ours = load_adapter(to_ttl(hf_causal_lm(), tmp_path), tmp_path / "adapter", is_trainable=True).train()
+    x = ids()
+    with torch.no_grad():
+        assert not torch.equal(ours(x).logits, ours(x).logits)  # each call draws its own dropout masks
+    save_adapter(ours, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_dropout"] == 0.5
+
 def test_adapters_on_a_bf16_base_stay_float32_like_peft(tmp_path):
     hf = hf_causal_lm().to(torch.bfloat16)
     theirs = saved_peft_adapter(hf, tmp_path / "adapter", seed=6, target_modules=["q_proj", "v_proj"])

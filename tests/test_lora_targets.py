@@ -79,9 +79,9 @@ def test_a_target_naming_a_whole_path_escapes_layers_to_transform_as_in_peft(tmp
 
 
 @pytest.mark.parametrize("options", [
-    # a key must end the path: "layers.0" gives no module of layer 0 its rank
-    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6, r"layers\.0": 3},
-     "alpha_pattern": {"v_proj": 3.5}},
+    # a key must end the path, after a dot: "layers.0" gives no module of layer 0 its rank, "_proj" none at all
+    {"target_modules": ALL, "rank_pattern": {"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6, r"layers\.0": 3,
+                                          "_proj": 5}, "alpha_pattern": {"v_proj": 3.5}},
     {"target_modules": "all-linear", "use_rslora": True, "rank_pattern": {"model.layers.0.self_attn.k_proj": 1},
      "alpha_pattern": {r"layers\.\d\.mlp\..*": 32}},
 ])

@@ -116,3 +116,28 @@ def test_a_zero_exponential_draw_never_picks_a_filtered_token(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, generator=None: draw(t, generator=generator)
                         .index_fill_(-1, torch.tensor([0]), 0.0))
     assert torch.equal(sample(scores, torch.Generator().manual_seed(0)), expected)
+
+
+def test_a_bf16_model_samples_from_float32_scores_as_transformers_does(tmp_path):
+    """generate() upcasts a bf16 model's logits to float32 before the processors and the sampler, as transformers'
+    generate() does: in bf16 the scores round, and some of these 600 draws would pick other tokens."""
+    import ttl_core
+    from generation_helpers import PAD, hf_generation_model, left_padded
+
+    from ttl_core.generate import KVDecoder
+
+    hf_generation_model(seed=2).save_pretrained(tmp_path)
+    model = ttl_core.load_pretrained(tmp_path, dtype=torch.bfloat16)
+    prompts, prompt_mask = left_padded(model.config.vocab_size)
+    draws = 200  # sequences a prompt, each one draw
+    ids, mask = prompts.repeat_interleave(draws, 0), prompt_mask.repeat_interleave(draws, 0)
+    with torch.no_grad():
+        logits = KVDecoder(model, mask, max_new_tokens=1).prefill(ids)  # those generate() draws its token from
+    assert logits.dtype == torch.bfloat16
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+    seen[:, PAD] = False  # only the left padding holds it, which is no part of the prompt
+    settings = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.3)
+    got = ttl_core.generate(model, prompts, prompt_mask, max_new_tokens=1, do_sample=True, seed=0, eos_token_id=[],
+                            num_return_sequences=draws, **settings)
+    expected = sample(process_logits(logits.float(), seen, True, **settings), torch.Generator().manual_seed(0))
+    assert torch.equal(got[:, -1], expected), f"{int((got[:, -1] != expected).sum())} draws differ"

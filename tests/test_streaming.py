@@ -422,13 +422,14 @@ def test_stop_strings_see_ids_past_the_tokenizer_as_transformers_does(spm_models
     tok, hf_tok, _, _ = spm_models
     past, gen, matches = tok.vocab_size, torch.Generator().manual_seed(1), 0
     reader = StopStrings("x", tok)
-    for trial in range(150):
+    for trial in range(200):
         tokens = torch.randint(0, past, (int(torch.randint(2, 10, (), generator=gen)),), generator=gen).tolist()
         text = b"".join(map(reader.token_bytes, tokens))
         start, end = sorted(torch.randint(0, len(text) + 1, (2,), generator=gen).tolist())
         stops = [text[start:end].decode("utf-8", errors="ignore") or "</s>"]
-        where = int(torch.randint(0, len(tokens) + 1, (), generator=gen))
-        tokens.insert(where, past + int(torch.randint(0, 50, (), generator=gen)))
+        for _ in range(1 + trial % 2):  # two such ids: the match may only follow the later one
+            where = int(torch.randint(0, len(tokens) + 1, (), generator=gen))
+            tokens.insert(where, past + int(torch.randint(0, 50, (), generator=gen)))
         expected = bool(StopStringCriteria(hf_tok, stops)(torch.tensor([tokens]), None)[0])
         assert StopStrings(stops, tok).ends_in_last(tokens) == expected, (tokens, stops)
         matches += expected
