@@ -330,6 +330,7 @@ def test_loading_for_training_keeps_the_adapter_s_dropout(tmp_path):
     save_adapter(ours, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["lora_dropout"] == 0.5
 
+
 def test_adapters_on_a_bf16_base_stay_float32_like_peft(tmp_path):
     hf = hf_causal_lm().to(torch.bfloat16)
     theirs = saved_peft_adapter(hf, tmp_path / "adapter", seed=6, target_modules=["q_proj", "v_proj"])

@@ -4,6 +4,9 @@ import pytest
 import torch
 import transformers.generation.logits_process as hf_lp
 
+import ttl_core
+from generation_helpers import PAD, hf_generation_model, left_padded
+from ttl_core.generate import KVDecoder
 from ttl_core.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample
 
 
@@ -121,11 +124,6 @@ def test_a_zero_exponential_draw_never_picks_a_filtered_token(monkeypatch):
 def test_a_bf16_model_samples_from_float32_scores_as_transformers_does(tmp_path):
     """generate() upcasts a bf16 model's logits to float32 before the processors and the sampler, as transformers'
     generate() does: in bf16 the scores round, and some of these 600 draws would pick other tokens."""
-    import ttl_core
-    from generation_helpers import PAD, hf_generation_model, left_padded
-
-    from ttl_core.generate import KVDecoder
-
     hf_generation_model(seed=2).save_pretrained(tmp_path)
     model = ttl_core.load_pretrained(tmp_path, dtype=torch.bfloat16)
     prompts, prompt_mask = left_padded(model.config.vocab_size)
