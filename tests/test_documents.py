@@ -6,6 +6,7 @@ import os
 import pytest
 
 import ttl_core.data as data
+import ttl_core.documents as documents
 from ttl_core.data import prepare_data
 from ttl_core.documents import read_documents
 from ttl_core.errors import DataError
@@ -36,6 +37,19 @@ def test_only_the_file_start_loses_a_byte_order_mark(tmp_path):
     """A BOM opening the file is the editor's (as Python's utf-8-sig reads it); U+FEFF further on is the text's."""
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfprimeiro\n\n\xef\xbb\xbfsegundo\n")
     assert list(read_documents(tmp_path / "bom.txt")) == ["primeiro", "\ufeffsegundo"]
+
+
+@pytest.mark.parametrize("chunk_lines", [1, 2, 3, 1024])
+def test_txt_documents_are_the_blank_line_separated_blocks_as_written(tmp_path, monkeypatch, chunk_lines):
+    """Each block's text is kept as written (trailing spaces, a lone "\r", Unicode line separators) but for the
+    line end after its last line; a "\r\n" line end reads as "\n". Lines are joined in chunks as they are read
+    (`_CHUNK_LINES`): a block that ends at a chunk's end loses its last line end too."""
+    monkeypatch.setattr(documents, "_CHUNK_LINES", chunk_lines)
+    blocks = [["um  ", "dois\t"], ["tres \r quatro"], ["cinco", "seis", "sete", "oito"], [" nove\u2028dez "]]
+    for line_end in ("\n", "\r\n"):
+        text = "\n \t\n" + (line_end * 2).join(line_end.join(block) for block in blocks) + line_end + " \n"
+        (tmp_path / "docs.txt").write_bytes(text.encode("utf-8"))
+        assert list(read_documents(tmp_path / "docs.txt")) == ["\n".join(block) for block in blocks], line_end
 
 
 @pytest.mark.parametrize("workers", [1, 2])

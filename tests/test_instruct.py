@@ -153,6 +153,20 @@ def test_prompt_longer_than_max_length_is_a_clear_error(base_dir, tmp_path):
             build_instruction_data(path, Tokenizer.from_pretrained(base_dir), "alpaca", 64)
 
 
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_an_example_is_refused_only_where_max_length_leaves_no_target(base_dir, train_on_inputs):
+    """The first label is never a target (nothing predicts it); any later label that is not -100 is. One response
+    token kept after the prompt is enough, as is, trained on the inputs, a second token of the prompt."""
+    tok = Tokenizer.from_pretrained(base_dir)
+    rows = [(1, "Diga oi.", "", "Oi, tudo bem?")]
+    n_prompt = len(tok.encode(chat_prompt("alpaca", "Diga oi."), add_eos=False))
+    shortest = 2 if train_on_inputs else n_prompt + 1
+    [(ids, labels)] = build_instruction_data("x.jsonl", tok, "alpaca", shortest, train_on_inputs, rows)
+    assert len(ids) == shortest and sum(label != -100 for label in labels[1:]) == 1
+    with pytest.raises(DataError, match=rf"x\.jsonl:1: the prompt fills max_length {shortest - 1}"):
+        build_instruction_data("x.jsonl", tok, "alpaca", shortest - 1, train_on_inputs, rows)
+
+
 def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")

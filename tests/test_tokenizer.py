@@ -277,6 +277,17 @@ def test_decode_of_byte_runs_matches_autotokenizer(hf_pairs):
                 assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), ids
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing_as_in_transformers(hf_pairs):
+    """A model's embedding table may be larger than its tokenizer and sample such ids: from the first one past the
+    last token on, they are no text and do not cut a run of byte pieces, as in transformers."""
+    for ours, hf in hf_pairs:
+        size, ids = ours.vocab_size, ours.encode("oi 😀", add_bos=False)
+        first_byte = next(k for k, i in enumerate(ids) if ours.id_to_token(i).startswith("<0x"))
+        ids = [size, *ids[:first_byte + 1], size, *ids[first_byte + 1:], size + 7]
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip) == "oi 😀"
+
+
 def test_from_pretrained_keeps_the_tokens_transformers_added(tok, tmp_path):
     """transformers' add_special_tokens + save_pretrained keeps the new tokens out of tokenizer.model: in
     tokenizer.json, tokenizer_config.json's added_tokens_decoder (transformers 4) or extra_special_tokens (5).

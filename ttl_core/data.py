@@ -64,7 +64,8 @@ def _init_worker(tokenizer_dir: str | os.PathLike) -> None:
 def _cuttable(tok: Tokenizer) -> bool:
     """Whether a text cut before the space of a word start encodes as the whole: the normalizer keeps the text
     as it is, no piece has "▁" after another character, so no token spans the cut, and no added token that
-    matches in a corpus (one not special) takes the whitespace beside it (lstrip / rstrip), which a cut divides."""
+    matches in a corpus (one not special) takes the whitespace beside it (lstrip / rstrip), which a cut divides, or
+    is a whole word starting with a space, whose word before a cut hides (`Tokenizer.plain_tokens_take_whitespace`)."""
     spec = tok.proto.normalizer_spec
     return (spec.escape_whitespaces and not spec.remove_extra_whitespaces and not spec.precompiled_charsmap
             and not tok.plain_tokens_take_whitespace

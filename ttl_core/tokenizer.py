@@ -24,7 +24,7 @@ from typing import Iterable
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-from .added_tokens import AddedTokenSplitter
+from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import TokenizerError
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
@@ -331,10 +331,11 @@ class Tokenizer:
     @property
     def plain_tokens_take_whitespace(self) -> bool:
         """Whether an added token that matches in text (one not special) takes the whitespace beside it (lstrip /
-        rstrip), so that a text cut next to it encodes otherwise than the whole."""
+        rstrip) or, matched only as a whole word (single_word), starts with whitespace, so that a text cut next to
+        it (or before its first space, hiding the word before) encodes otherwise than the whole."""
         special = self.special_ids
-        return any((flags.lstrip or flags.rstrip) and self.token_to_id(token) not in special
-                   for token, flags in self._token_flags.items())
+        return any((flags.lstrip or flags.rstrip or flags.single_word and token[0] in WHITE_SPACE)
+                   and self.token_to_id(token) not in special for token, flags in self._token_flags.items())
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as transformers decodes them; special tokens are dropped when `skip_special_tokens`, else
