@@ -2,12 +2,14 @@
 both are matched whole in a text, only special ones are dropped by decode(skip_special_tokens=True) and listed in
 `all_special_tokens`; ttl reads, adds and saves them as transformers does."""
 
+import array
 import json
 import shutil
 
 import pytest
 from tokenizer_helpers import assert_same_ids, corpus, make_ttl_style_dir
 
+import ttl_core.data as data
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 
@@ -207,21 +209,18 @@ def test_added_token_entries_without_flags_take_transformers_defaults(tok, tmp_p
     assert_same_ids(Tokenizer.from_pretrained(tmp_path), hf, ["abc", "x ab bc", "abab"])
 
 
-@pytest.mark.parametrize("token, plain, special, takes", [
+@pytest.mark.parametrize("token, plain, special, divided", [
     ("foo", {"lstrip": True}, {}, True), ("foo", {"rstrip": True}, {}, True), (" foo", {"single_word": True}, {}, True),
+    ("bom dia", {}, {}, True), ("foo ", {}, {}, True),
     (" foo", {}, {"lstrip": True, "rstrip": True}, False), ("foo", {"single_word": True}, {}, False)])
-def test_a_corpus_is_cut_into_pieces_only_where_no_token_it_matches_takes_whitespace(tok, tmp_path, monkeypatch, token,
-                                                                                     plain, special, takes):
+def test_a_corpus_is_cut_into_pieces_only_where_no_token_it_matches_spans_a_cut(tok, tmp_path, monkeypatch, token,
+                                                                               plain, special, divided):
     """prepare_data encodes a long document in pieces cut before the spaces after a word; an added token that matches
     in a corpus (one not special: special ones are text there) and takes the whitespace beside it would take other
     whitespace in a piece than in the whole text ("foo| bar" with rstrip, "a\\n| foo" with lstrip), as would a
-    whole-word token that starts with a space (in "bar| foo" the piece hides the word before it), so its tokenizer
-    encodes documents whole."""
-    import array
-
+    whole-word token that starts with a space (in "bar| foo" the piece hides the word before it) and one holding a
+    space after a word ("bom| dia", "foo| "), so its tokenizer encodes documents whole."""
     from transformers import AddedToken, AutoTokenizer
-
-    import ttl_core.data as data
 
     tok.save_pretrained(tmp_path / "base")
     hf = AutoTokenizer.from_pretrained(tmp_path / "base")
@@ -229,12 +228,11 @@ def test_a_corpus_is_cut_into_pieces_only_where_no_token_it_matches_takes_whites
     hf.add_special_tokens({"additional_special_tokens": [AddedToken("<|x|>", normalized=False, **special)]})
     hf.save_pretrained(tmp_path / "added")
     ours = Tokenizer.from_pretrained(tmp_path / "added")
-    assert ours.plain_tokens_take_whitespace == takes
     for name in ("_worker_tokenizer", "_worker_cuts"):  # set by _init_worker; restored after the test
         monkeypatch.setattr(data, name, getattr(data, name))
     data._init_worker(tmp_path / "added")
-    assert data._worker_cuts != takes
-    text = "a\n foo bar foo  casa\tfoo <|x|> foo\n\n foo"
+    assert data._worker_cuts != divided
+    text = "a\n foo bar foo  casa\tfoo <|x|> foo\n\n foo bom dia"
     monkeypatch.setattr(data, "_PIECE_CHARS", 1)  # a cut wherever the text allows one
     data._encode_document(text, ids := array.array("I"))
     assert ids.tolist() == ours.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
