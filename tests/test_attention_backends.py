@@ -325,11 +325,14 @@ def test_gpu_backends_match_sdpa(backend):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_packed_documents_without_max_seqlen_are_an_error_on_every_backend(backend):
     """The varlen kernels need the longest document; SDPA does not, but a call that works there must not
-    fail only once "auto" picks flash-attn on a GPU (with a TypeError from inside flash-attn)."""
+    fail only once "auto" picks flash-attn on a GPU (with a TypeError from inside flash-attn); nor in the model,
+    which builds the SDPA and eager mask itself."""
     q = torch.randn(1, 4, 2, 16)
     _, cu_seqlens, _ = document_layout(torch.tensor([[True, False, True, False]]))
     with pytest.raises(ConfigError, match=r"cu_seqlens without max_seqlen"):
         attention(q, q, q, cu_seqlens=cu_seqlens, backend=backend)
+    with pytest.raises(ConfigError, match=r"cu_seqlens without max_seqlen"):
+        model_with(backend)(torch.randint(4, 300, (1, 4)), cu_seqlens=cu_seqlens)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "triton"])

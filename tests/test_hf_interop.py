@@ -400,7 +400,7 @@ def test_an_older_config_declaring_torch_dtype_loads_in_that_dtype(tmp_path):
     assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()} == {torch.float32}
 
 
-def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_path):
+def test_each_layout_removes_the_others_config_and_native_keeps_no_runtime_settings(tmp_path):
     model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"), kernels="torch", attention="eager")
     ttl_core.save_pretrained(model, tmp_path / "out")
     ttl_core.save_native(model, tmp_path / "out")
@@ -419,6 +419,8 @@ def test_native_layout_leaves_no_stale_hf_config_and_no_runtime_settings(tmp_pat
         (tmp_path / "out" / "ttl_config.json").write_text(json.dumps({**meta, **changed}))
         with pytest.raises(CheckpointError, match="this ttl reads format 'ttl' version 1"):
             ttl_core.load_pretrained(tmp_path / "out")
+    ttl_core.save_pretrained(model, tmp_path / "out")  # back to transformers' layout: the native config would win
+    assert not (tmp_path / "out" / "ttl_config.json").exists() and ttl_core.load_pretrained(tmp_path / "out")
 
 
 def test_a_given_state_dict_is_checked_against_the_model(tmp_path):
@@ -489,13 +491,14 @@ def test_bidirectional_and_partial_rotary_configs_are_refused(tmp_path):
                              num_attention_heads=4, num_key_value_heads=2, head_dim=4)
 
 
-def test_shrinking_the_vocabulary_below_the_padding_id_drops_the_padding_row(tmp_path):
+@pytest.mark.parametrize("size", [50, 100])  # 100: the pad id itself is the first row dropped
+def test_shrinking_the_vocabulary_below_the_padding_id_drops_the_padding_row(tmp_path, size):
     """As transformers' resize_token_embeddings does; loading such a config is refused, naming the checkpoint."""
     theirs = hf_causal_lm(pad_token_id=100)
     ours = ttl_core.load_pretrained(_saved(theirs, tmp_path / "src"))
-    theirs.resize_token_embeddings(50)
-    ours.resize_token_embeddings(50)
+    theirs.resize_token_embeddings(size)
+    ours.resize_token_embeddings(size)
     assert ours.backbone.embed.padding_idx is theirs.model.embed_tokens.padding_idx is None
     ttl_core.save_pretrained(ours, tmp_path / "out")
-    with pytest.raises(ConfigError, match=r"out: pad_token_id 100 is outside the vocabulary of 50 tokens"):
+    with pytest.raises(ConfigError, match=rf"out: pad_token_id 100 is outside the vocabulary of {size} tokens"):
         ttl_core.load_pretrained(tmp_path / "out")

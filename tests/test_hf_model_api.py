@@ -168,6 +168,15 @@ def test_embedding_accessors_follow_transformers(tmp_path):
     assert to_ttl(classifier, tmp_path / "cls").get_output_embeddings() is None
 
 
+def test_untying_gives_the_head_its_own_copy_frozen_as_the_embedding_was(tmp_path):
+    ours = to_ttl(hf_causal_lm(tie_word_embeddings=True), tmp_path)
+    ours.backbone.embed.weight.requires_grad_(False)
+    ours.untie_embeddings()
+    head, embed = ours.lm_head.weight, ours.backbone.embed.weight
+    assert head.data_ptr() != embed.data_ptr() and torch.equal(head, embed) and not head.requires_grad
+    assert not ours.config.tie_word_embeddings and ours.backbone.config is ours.config
+
+
 def loss_and_grads(model, ids, mask):
     model.zero_grad()
     loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
@@ -226,6 +235,21 @@ def test_a_classifier_given_ids_pools_without_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(padded_batch()[0])
+
+
+def test_classifier_places_its_tokens_at_the_position_ids_given_as_transformers_does(tmp_path):
+    """Positions spread apart (not a shift, to which rotary attention is blind) change a classifier's logits as
+    they change transformers'; the defaults 0..seq-1 give other logits. Positions (1, seq) or (seq,) broadcast."""
+    hf = hf_classifier(num_labels=3)
+    ours = to_ttl(hf, tmp_path)
+    ids, mask = padded_batch(seed=14)
+    position_ids = (torch.arange(ids.shape[1]) * 5)[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+        assert max_diff(got, expected) <= 1e-5 and max_diff(ours(ids, attention_mask=mask).logits, expected) > 1e-2
+        for broadcast in (position_ids[:1], position_ids[0]):
+            assert torch.equal(ours(ids, attention_mask=mask, position_ids=broadcast).logits, got)
 
 
 @pytest.mark.parametrize("build", [hf_causal_lm, hf_classifier])

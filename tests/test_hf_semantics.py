@@ -255,6 +255,19 @@ def test_the_inferred_problem_type_is_recorded_and_saved(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["problem_type"] == "multi_label_classification"
 
 
+def test_int32_class_ids_make_a_single_label_classifier_as_in_transformers(tmp_path):
+    """transformers infers single-label classification from int64 or int32 labels (its cross-entropy then refuses
+    int32, which ttl widens): the first loss of a fresh classifier given int32 ids is the int64 ids' loss."""
+    hf_classifier(num_labels=3).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    ours = ttl_core.load_pretrained(tmp_path)
+    labels = torch.tensor([2, 0])
+    with torch.no_grad():
+        expected = theirs(ids(), labels=labels).loss
+        assert abs(float(ours(ids(), labels=labels.int()).loss) - float(expected)) < 1e-5
+    assert ours.config.problem_type == theirs.config.problem_type == "single_label_classification"
+
+
 def test_label_names_that_are_not_each_others_inverse_are_kept_as_in_transformers():
     """Hub configs may pair id2label with a label2id of other names; transformers keeps both as given."""
     hf = {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "negative", "1": "positive"},

@@ -222,13 +222,14 @@ def test_eager_backend_matches_transformers_eager(tmp_path):
 def test_eager_attention_is_bit_identical_to_transformers_eager_in_low_precision(dtype, head_dim):
     """In bf16/fp16 the order of roundings decides the last bits: the scores are scaled in the input dtype
     before the fp32 softmax, as transformers does (head_dim 32 and 48 have scales that are not powers of two),
-    with GQA and a padded causal mask (its fully masked rows included)."""
+    with GQA and a padded causal mask (its fully masked rows included); the gradients too, which a softmax left in
+    bf16/fp16 rounds while its CPU forward stays the same."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     from ttl_core.attention import causal_mask, eager_attention
     gen = torch.Generator().manual_seed(head_dim)
-    q = torch.randn(2, 9, 4, head_dim, generator=gen).mul(2).to(dtype)
-    k, v = (torch.randn(2, 9, 2, head_dim, generator=gen).mul(2).to(dtype) for _ in range(2))
+    q = torch.randn(2, 9, 4, head_dim, generator=gen).mul(2).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 9, 2, head_dim, generator=gen).mul(2).to(dtype).requires_grad_() for _ in range(2))
     padding = torch.ones(2, 9, dtype=torch.bool)
     padding[1, :3] = False
     allowed = causal_mask(9, 9, q.device) & padding[:, None, None, :]
@@ -238,6 +239,9 @@ def test_eager_attention_is_bit_identical_to_transformers_eager_in_low_precision
                                      scaling=head_dim ** -0.5)
     got = eager_attention(q, k, v, allowed)
     assert got.dtype == dtype and torch.equal(got, ref)
+    grad_out = torch.randn(got.shape, generator=gen).to(dtype)
+    grads = [torch.autograd.grad(out, (q, k, v), grad_out) for out in (got, ref)]
+    assert all(map(torch.equal, *grads))
 
 
 def test_bf16_logits_error_no_worse_than_transformers_bf16(tmp_path):
