@@ -145,6 +145,21 @@ def test_a_goal_is_not_measured_on_shapes_it_does_not_name(goal, benchmark, shap
     assert verdict(goal, benchmark, rows).met is None
 
 
+@pytest.mark.parametrize("goal, benchmark, baseline, elsewhere", [
+    ("FlashAttention", "attention", "sdpa_flash", {"seq": 8192, "head_dim": 128, "causal": False, "batch": 2, "heads": 16}),
+    ("Fused linear CE fwd+bwd, same shape", "cross_entropy", "liger", {**FLCE_GOAL[0], "hidden": 768}),
+])
+def test_a_speed_ratio_goal_reads_only_its_shape(goal, benchmark, baseline, elsewhere):
+    """ttl faster than the baseline at the goal's shape meets the goal, though it is slower at a shape the goal does
+    not name."""
+    shape = {"seq": 2048, "head_dim": 64, "causal": True, "batch": 8, "heads": 32} if benchmark == "attention" \
+        else FLCE_GOAL[0]
+    rows = [row(impl, "fwd+bwd", s, "bf16", ms, frac_of_peak=0.7)
+            for impl, s, ms in (("ttl", shape, 1.0), (baseline, shape, 1.5), ("ttl", elsewhere, 3.0),
+                                (baseline, elsewhere, 1.5))]
+    assert verdict(goal, benchmark, rows).met is True
+
+
 def test_fused_ce_memory_goal_reads_the_goal_shape_only():
     """A smaller fused-loss shape measured first (its extra memory within 1/8 of the goal's logits) does not stand
     in for the goal's shape, which failed."""
