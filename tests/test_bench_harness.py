@@ -144,6 +144,38 @@ def test_a_fast_call_warms_up_for_25_ms_before_it_is_timed(monkeypatch):
     assert 245 <= len(calls) - 2 - 50 <= 255
 
 
+def test_generation_is_timed_as_the_median_of_the_calls_after_the_cold_one(monkeypatch):
+    """On a fake clock: the first generate() call (compilation, graph capture: 9 s) is not timed, and the figure is
+    the median of the next `reps` calls (3 ms; their mean would be 5 ms, and with the cold call in, 1.5 s)."""
+    script = load_script("bench_generate")
+    clock, durations = [0.0], [9.0, 0.001, 0.003, 0.011]
+
+    def fn():
+        clock[0] += durations.pop(0)
+        return torch.zeros(2, 5)
+
+    monkeypatch.setattr(script, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    device = BenchDevice(torch.device("cpu"), "cpu", smoke=False)
+    assert script.time_generate(device, "ttl", fn, (2, 5), reps=3) == (pytest.approx(3.0), None) and durations == []
+
+
+def test_training_steps_are_timed_from_when_the_warm_up_steps_have_finished(monkeypatch):
+    """On a fake device whose steps return before their work is done (as a GPU's do, ttl's optimizer update
+    included): the clock starts after a sync, so the warm-up steps' unfinished work is not charged to the timed ones."""
+    script = load_script("bench_train")
+    clock, queued = [0.0], [0.0]
+
+    def step(ids):
+        queued[0] += 0.5
+
+    def sync():
+        clock[0], queued[0] = clock[0] + queued[0], 0.0
+
+    monkeypatch.setattr(script, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    device = SimpleNamespace(device=torch.device("cpu"), cuda=False, sync=sync)
+    assert script.measure(device, step, 2, 8, 100, 4) == (pytest.approx(500.0), None)
+
+
 def test_a_kernel_run_with_a_failed_measurement_goes_on_and_exits_1(tmp_path, monkeypatch):
     """A measurement failing in one family leaves the next family to run, and the run's status says so (the GPU
     suite logs it beside each step)."""
