@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import load_script
 
+from ttl_core import LlamaForCausalLM
 from ttl_core.benchmark import BenchDevice, Results, row
 from ttl_core.cli import run_cli
 
@@ -67,8 +68,9 @@ def test_the_results_files_the_kernel_benchmarks_write_are_judged(tmp_path, monk
     """Each kernel family at the sizes gpu_suite.sh runs (the cross-entropy goal's shape in its `--quick` set;
     with `gpu_suite.sh --quick`, every family's quick set), every implementation measured, ttl at the peak and
     twice as fast: every kernel goal loads, finds each shape it names, and is met (`--quick`: the rotary and
-    cross-entropy goals; it measures RMSNorm at two hidden sizes only). Cross-entropy on given logits, a shape without a hidden size beside the fused loss's
-    in cross_entropy.json, once made the judge refuse that whole file, and the suite's goal table with it."""
+    cross-entropy goals; it measures RMSNorm at two hidden sizes only). Cross-entropy on given logits, a shape
+    without a hidden size beside the fused loss's in cross_entropy.json, once made the judge refuse that whole
+    file, and the suite's goal table with it."""
     kernels, goals = load_script("bench_kernels"), load_script("check_goals")
 
     def measure(results, impls, make_inputs, row_inputs, shape, dtype, *charges, **kwargs):
@@ -146,7 +148,8 @@ def test_a_goal_is_not_measured_on_shapes_it_does_not_name(goal, benchmark, shap
 
 
 @pytest.mark.parametrize("goal, benchmark, baseline, elsewhere", [
-    ("FlashAttention", "attention", "sdpa_flash", {"seq": 8192, "head_dim": 128, "causal": False, "batch": 2, "heads": 16}),
+    ("FlashAttention", "attention", "sdpa_flash",
+     {"seq": 8192, "head_dim": 128, "causal": False, "batch": 2, "heads": 16}),
     ("Fused linear CE fwd+bwd, same shape", "cross_entropy", "liger", {**FLCE_GOAL[0], "hidden": 768}),
 ])
 def test_a_speed_ratio_goal_reads_only_its_shape(goal, benchmark, baseline, elsewhere):
@@ -232,7 +235,6 @@ def test_the_training_benchmark_measures_the_goals_shape(tmp_path, monkeypatch, 
 def test_the_generation_benchmark_measures_the_goals_shape(tmp_path, monkeypatch, args):
     """By default and as gpu_suite.sh runs it (`--hf-static-batches 1`, `--quick --batches 1`), bench_generate
     decodes ttl-160m at batch 1 with ttl and both transformers baselines: ttl 20x and 2x faster meets both goals."""
-    from ttl_core import LlamaForCausalLM
     script = load_script("bench_generate")
     models = []
 
