@@ -40,7 +40,8 @@ GOAL_SHAPE = {"rows": 16384, "hidden": 4096, "residual": False}
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.pop("pass"), "'pass'"), (lambda r: r.update(shape="16384x4096"), "'shape'"),
-    (lambda r: r.update(ms="1.5"), "'ms'"), (lambda r: r.update(ms=None), "'ms'"), (lambda r: r.update(frac_of_peak=[0.9]), "'frac_of_peak'"),
+    (lambda r: r.update(ms="1.5"), "'ms'"), (lambda r: r.update(ms=None), "'ms'"),
+    (lambda r: r.update(frac_of_peak=[0.9]), "'frac_of_peak'"),
     (lambda r: r["shape"].pop("hidden"), "'hidden'"), (lambda r: r["shape"].update(rows="16k"), "'rows'"),
 ])
 def test_a_results_row_without_the_fields_the_goals_read_is_named_in_one_line(tmp_path, capsys, change, message):
@@ -134,7 +135,8 @@ def test_each_fraction_goal_is_met_at_its_floor_and_reads_only_its_shapes_and_pa
     ("RMSNorm fwd,", "rms_norm", [{**s, "residual": True} for s in NORM_GOAL], ("ttl",)),
     ("Rotary", "rotary", [{"tokens": 16384, "model": "llama3-8b", "heads": 32, "kv_heads": 8, "head_dim": 128}],
      ("ttl",)),
-    ("Fused linear CE fwd+bwd, 16k", "cross_entropy", [{**FLCE_GOAL[0], "vocab": 32000, "unfused_logits_grad_mb": 2000.0}],
+    ("Fused linear CE fwd+bwd, 16k", "cross_entropy",
+     [{**FLCE_GOAL[0], "vocab": 32000, "unfused_logits_grad_mb": 2000.0}],
      ("ttl",)),
     ("FlashAttention", "attention", [{"seq": 2048, "head_dim": 64, "causal": False, "batch": 16, "heads": 16}],
      ("ttl", "sdpa_flash")),
