@@ -1,7 +1,9 @@
 """ttl_core.documents: the documents of a .parquet input, and the one-line errors of one that is not a parquet
 file of texts; an input that changes while prepare_data reads it."""
 
+import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -76,6 +78,33 @@ def test_an_input_that_changes_while_it_is_prepared_is_named_not_tokenized_in_pa
                      workers=workers, shard_docs=1)
     assert not (tmp_path / "out" / "meta.json").exists()
 
+
+
+def test_an_input_that_changes_lets_the_busy_workers_finish_rather_than_killing_them(tmp_path, monkeypatch):
+    """A worker killed (SIGTERM) as it sends a result keeps the result queue's lock for good, and the pool's
+    shutdown then waits on that lock forever: prepare_data hung, rarely, with two zombie workers, instead of
+    naming the changed input. Stopping on the error must let a worker busy with a shard finish, not kill it."""
+    (tmp_path / "a.txt").write_text("um\n\ndois\n")
+    tok = train_tokenizer(["um dois tres quatro outro"] * 10, None, vocab_size=300)
+    counted, encode = data.count_documents, data._encode_document
+
+    def count_then_grow(paths):
+        counts = counted(paths)
+        (tmp_path / "a.txt").write_text("um\n\ndois\n\nmais um\n")
+        return counts
+
+    def slow_on_dois(text, out):  # the worker given "dois" is still busy when the third document is found
+        time.sleep(1 if text == "dois" else 0)
+        encode(text, out)
+
+    killed = []
+    terminate = multiprocessing.process.BaseProcess.terminate
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "terminate", lambda p: killed.append(p) or terminate(p))
+    monkeypatch.setattr(data, "count_documents", count_then_grow)
+    monkeypatch.setattr(data, "_encode_document", slow_on_dois)  # the forked workers inherit it
+    with pytest.raises(DataError, match="a.txt: changed while being prepared"):
+        prepare_data([tmp_path / "a.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=2, shard_docs=1)
+    assert killed == []
 
 def test_an_input_that_is_a_pipe_is_named_as_one_not_as_missing(tmp_path):
     """A named pipe (`mkfifo corpus.txt` fed by `zcat`) exists, but prepare_data reads every input more than once

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -133,11 +134,8 @@ def _least_fraction(total: int) -> float:
 
 
 def _fingerprint(paths: list[Path]) -> list[dict]:
-    out = []
-    for p in paths:
-        st = p.stat()
-        out.append({"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
+    stats = [(p, p.stat()) for p in paths]
+    return [{"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]
 
 
 def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 4096,
@@ -285,15 +283,32 @@ def _outputs_fit(out_dir: Path, meta: dict) -> bool:
 
 
 def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
-    """`fn` over `jobs` in this process (workers == 1) or in a pool whose workers hold the tokenizer."""
+    """`fn` over `jobs`, in order, in this process (workers == 1) or in a pool whose workers hold the tokenizer."""
     if workers == 1:
         _init_worker(tokenizer_dir)
         yield from map(fn, jobs)
         return
     # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer_dir,)) as pool:
-        yield from pool.imap_unordered(fn, jobs)
+    pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer_dir,))
+    try:
+        # jobs are read in this thread (an input's DataError raises here), two a worker ahead: enough to keep
+        # each busy, few to hold in memory
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(fn, (job,)))
+            if len(pending) == 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    except KeyboardInterrupt:  # Ctrl-C stops the workers too: a task one dropped would keep join() waiting
+        pool.terminate()
+        raise
+    finally:
+        # on an error too, workers finish their tasks and leave: one killed as it sends a result would keep the
+        # result queue's lock, and the pool's shutdown would wait on it forever
+        pool.close()
+        pool.join()
 
 
 def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:
