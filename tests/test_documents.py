@@ -3,9 +3,12 @@ file of texts; an input that changes while prepare_data reads it."""
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 
 import pytest
+from helpers import ROOT
 
 import ttl_core.data as data
 import ttl_core.documents as documents
@@ -79,7 +82,6 @@ def test_an_input_that_changes_while_it_is_prepared_is_named_not_tokenized_in_pa
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
-
 def test_an_input_that_changes_lets_the_busy_workers_finish_rather_than_killing_them(tmp_path, monkeypatch):
     """A worker killed (SIGTERM) as it sends a result keeps the result queue's lock for good, and the pool's
     shutdown then waits on that lock forever: prepare_data hung, rarely, with two zombie workers, instead of
@@ -105,6 +107,40 @@ def test_an_input_that_changes_lets_the_busy_workers_finish_rather_than_killing_
     with pytest.raises(DataError, match="a.txt: changed while being prepared"):
         prepare_data([tmp_path / "a.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=2, shard_docs=1)
     assert killed == []
+
+
+CTRL_C_AS_A_SHARD_IS_SAVED = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job ignores Ctrl-C
+import ttl_core.data as data
+from ttl_core.tokenizer_train import train_tokenizer
+save, encode = data.atomic_write, data._encode_document
+
+def interrupted(path, write):  # while the parent saves the first shard, the workers tokenize the next ones
+    if path.suffix == ".npz":
+        os.killpg(0, signal.SIGINT)
+        time.sleep(5)
+    save(path, write)
+
+data.atomic_write = interrupted
+data._encode_document = lambda text, out: time.sleep(0.01) or encode(text, out)  # the forked workers inherit it
+tok = train_tokenizer(["um dois tres quatro outro"] * 10, None, vocab_size=300)
+data.prepare_data([sys.argv[1]], sys.argv[2], tokenizer=tok, val_fraction=0, workers=2, shard_docs=50)
+"""
+
+
+def test_ctrl_c_stops_prepare_data_at_once_while_its_workers_are_busy(tmp_path):
+    """Ctrl-C reaches the whole process group. Workers it stopped mid-shard never returned their tasks, and the
+    pool's shutdown waited for them forever (unless the parent was itself waiting on a result); the workers now
+    leave Ctrl-C to the parent, which stops, lets them finish their shards, and alone prints the interrupt."""
+    (tmp_path / "a.txt").write_text("\n\n".join(["um dois tres quatro outro"] * 500))
+    (tmp_path / "interrupted.py").write_text(CTRL_C_AS_A_SHARD_IS_SAVED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, tmp_path / "interrupted.py", tmp_path / "a.txt", tmp_path / "out"],
+                          env=env, capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert done.returncode != 0 and done.stderr.rstrip().endswith("KeyboardInterrupt"), done.stderr
+    assert "ForkPoolWorker" not in done.stderr, done.stderr
+
 
 def test_an_input_that_is_a_pipe_is_named_as_one_not_as_missing(tmp_path):
     """A named pipe (`mkfifo corpus.txt` fed by `zcat`) exists, but prepare_data reads every input more than once

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
 import warnings
 from collections import deque
@@ -60,6 +61,13 @@ def _init_worker(tokenizer_dir: str | os.PathLike) -> None:
     # the whole directory, not the model file alone: its config may name another </s> or no word prefix
     _worker_tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     _worker_cuts = _cuttable(_worker_tokenizer)
+
+
+def _init_pool_worker(tokenizer_dir: str | os.PathLike) -> None:
+    # Ctrl-C reaches the whole process group: a worker it stopped would drop its task, and the pool's join() wait
+    # for that task's result forever; the parent alone stops, and lets the workers finish theirs
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(tokenizer_dir)
 
 
 def _cuttable(tok: Tokenizer) -> bool:
@@ -134,8 +142,7 @@ def _least_fraction(total: int) -> float:
 
 
 def _fingerprint(paths: list[Path]) -> list[dict]:
-    stats = [(p, p.stat()) for p in paths]
-    return [{"path": str(p.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns} for p, st in stats]
+    return [{"path": str(p.resolve()), "bytes": (st := p.stat()).st_size, "mtime_ns": st.st_mtime_ns} for p in paths]
 
 
 def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, vocab_size: int = 4096,
@@ -290,7 +297,7 @@ def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
         return
     # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (tokenizer_dir,))
+    pool = multiprocessing.get_context(method).Pool(workers, _init_pool_worker, (tokenizer_dir,))
     try:
         # jobs are read in this thread (an input's DataError raises here), two a worker ahead: enough to keep
         # each busy, few to hold in memory
@@ -301,12 +308,9 @@ def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-    except KeyboardInterrupt:  # Ctrl-C stops the workers too: a task one dropped would keep join() waiting
-        pool.terminate()
-        raise
     finally:
-        # on an error too, workers finish their tasks and leave: one killed as it sends a result would keep the
-        # result queue's lock, and the pool's shutdown would wait on it forever
+        # on an error or Ctrl-C too, workers finish their tasks and leave: one killed (terminate()) as it sends a
+        # result would keep the result queue's lock, and the pool's shutdown would wait on it forever
         pool.close()
         pool.join()
 
