@@ -10,6 +10,7 @@ import ttl_core.model as model_module
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.attention import attention, document_layout, packed_mask
 from ttl_core.errors import ConfigError
+from ttl_core.finetune import packs_batches
 from ttl_kernels import flash_attention_reference
 
 BACKENDS = ["sdpa", "eager", "triton", "flash_attn"]
@@ -292,6 +293,16 @@ def test_an_unknown_backend_name_is_a_config_error_not_sdpa(name):
         attention(q, q, q, backend=name)
     with pytest.raises(ConfigError, match=rf"attention backend must be one of .*, got '{name}'"):
         attention_module.runs_packed_natively(name, 16, q.device, q.dtype)
+
+
+def test_fine_tuning_packs_its_batches_where_auto_picks_flash_attn_for_the_autocast_dtype(monkeypatch):
+    """Fine-tuning keeps float32 parameters and computes attention in its autocast dtype: under bf16 or fp16 "auto"
+    picks flash-attn (an sm80+ GPU, faked here), so the batches are packed; in float32 it picks SDPA, so not."""
+    monkeypatch.delenv("TTL_ATTENTION", raising=False)
+    monkeypatch.setattr(attention_module, "flash_attn_usable", lambda q: q.dtype in (torch.float16, torch.bfloat16))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=1))
+    assert [packs_batches(model, dtype) for dtype in ("float32", "bfloat16", "float16")] == [False, True, True]
 
 
 def test_a_head_dim_the_triton_kernel_lacks_is_a_config_error():

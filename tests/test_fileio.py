@@ -29,12 +29,15 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
-def test_files_written_atomically_get_the_mode_of_any_file_the_process_creates(tmp_path, umask):
+def test_files_written_atomically_get_the_mode_of_any_file_the_process_creates(tmp_path, umask, monkeypatch):
     """safetensors creates its files owner-only (0600): a checkpoint's weights were unreadable to the group that
     could read its config and optimizer state. Every file written atomically now gets the umask's mode, whatever
-    the writer did, as a file Python opens does."""
+    the writer did, as a file Python opens does, and has it before it is renamed into place."""
     from safetensors.torch import save_file
 
+    modes_renamed, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (modes_renamed.append(os.stat(src).st_mode & 0o777),
+                                                         real_replace(src, dst)))
     old = os.umask(umask)
     try:
         assert fileio.process_umask() == umask
@@ -45,6 +48,7 @@ def test_files_written_atomically_get_the_mode_of_any_file_the_process_creates(t
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == dict.fromkeys(["plain", "w.safetensors", "c.json"], 0o666 & ~umask)
+    assert modes_renamed == [0o666 & ~umask] * 2
 
 
 def test_json_is_written_in_utf8_whatever_the_locale(tmp_path):
@@ -69,6 +73,21 @@ def test_a_directory_written_atomically_replaces_the_old_one_after_a_crashed_att
     fileio.write_dir_atomically(best, lambda d: (d / "new.txt").write_text("epoch 2"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert sorted(p.name for p in best.iterdir()) == ["new.txt"] and (best / "new.txt").read_text() == "epoch 2"
+
+
+def test_a_directory_write_that_fails_keeps_the_old_directory_and_leaves_no_partial(tmp_path):
+    """A write that fails midway (a full disk) leaves the previous directory as it was and gives back the space
+    its `.partial` took."""
+    best = tmp_path / "best"
+    fileio.write_dir_atomically(best, lambda d: (d / "model.txt").write_text("epoch 1"))
+
+    def torn(directory):
+        (directory / "model.txt").write_text("epoch 2, half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        fileio.write_dir_atomically(best, torn)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (best / "model.txt").read_text() == "epoch 1"
 
 
 def test_a_file_in_the_way_of_a_directory_written_atomically_is_replaced_and_leaves_nothing(tmp_path):

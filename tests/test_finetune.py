@@ -130,19 +130,19 @@ def test_metrics_against_hand_counts():
 
 def test_a_classifier_base_keeps_its_label_order_over_the_discovered_one(base_dir, tmp_path):
     """Fine-tuning a classifier further (TeenyTinyLlama-160m-AgNews on more news, say) keeps its trained head: with
-    no --labels, the train file's names sorted would give row 0 (MUNDO) to ESPORTES. As transformers'
-    run_classification does, a base whose id2label holds the discovered names keeps its order; other names don't."""
+    no --labels, the train file's names sorted would give row 0 (MUNDO) to ESPORTES. As in transformers'
+    run_classification, a base naming the discovered set keeps its order; other names don't, and --labels wins."""
     header, *rows = NEWS_TRAIN.read_text(encoding="utf-8").splitlines(keepends=True)
     few = [next(row for row in rows if row.rstrip().endswith("," + name)) for name in NEWS.labels]
     (tmp_path / "few.csv").write_text(header + "".join(few), encoding="utf-8")
     cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=1, max_length=32)
-    for names, kept in ((NEWS.labels, True), (["A", "B", "C", "D"], False)):
+    for names, given, expected in ((NEWS.labels, None, NEWS.labels), (list("ABCD"), None, sorted(NEWS.labels)),
+                                   (NEWS.labels, sorted(NEWS.labels), sorted(NEWS.labels))):
         save_pretrained(load_pretrained(base_dir, architecture="LlamaForSequenceClassification",
                                         id2label=dict(enumerate(names))), tmp_path / "clf",
                         tokenizer=Tokenizer.from_pretrained(base_dir))
         result = finetune_classifier(tmp_path / "clf", tmp_path / "few.csv", tmp_path / "few.csv", tmp_path / "out",
-                                     TaskSpec(["title", "text"], "label"), cfg, verbose=False)
-        expected = NEWS.labels if kept else sorted(NEWS.labels)
+                                     TaskSpec(["title", "text"], "label", labels=given), cfg, verbose=False)
         assert json.loads((tmp_path / "out" / "results.json").read_text())["labels"] == expected
         assert load_pretrained(result.checkpoint).config.id2label == dict(enumerate(expected))
 

@@ -1,5 +1,5 @@
-"""What a fine-tuning run does to its output folder: an earlier run's results there go when it starts, and a LoRA
-run never replaces the model it starts from."""
+"""What a fine-tuning run does to its output folder: an earlier run's results there go when it starts, a LoRA run
+never replaces the model it starts from, and the epoch kept (best/, results.json) is the best by the task's metric."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ttl_core.errors import ConfigError
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import finetune_instruct
 from ttl_core.metrics import read_metrics
+from ttl_core.task_files import TaskSpec
 from ttl_core.task_benchmark import RESULT_FILES, run_benchmark, sample_tasks
 
 
@@ -74,11 +75,30 @@ def test_a_run_from_the_best_model_it_replaces_keeps_it_until_it_saves_its_own(r
     cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=1, max_length=64, lora=True)
     with pytest.raises(ConfigError, match=rf"^{best}: the model to fine-tune is the best/ this run replaces"):
         run(recipe, best, out, cfg)
+    (best.parent / "results.json").write_text("{}")  # the earlier run's, which is not the base
+    (best.parent / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     with monkeypatch.context() as patched:
         patched.setattr(finetune, "optimizer_update", diverge)
         with pytest.raises(ConfigError, match="the loss became nan"):
             run(recipe, best, out, replace(cfg, merge_lora=True))
     assert (best / "model.safetensors").read_bytes() == weights and not (best / "adapter_config.json").exists()
+    assert not (best.parent / "results.json").exists() and read_metrics(best.parent / "metrics.jsonl") == []
     run(recipe, best, out, replace(cfg, merge_lora=True))
     assert json.loads((best / "config.json").read_text())["architectures"]
     assert (best / "model.safetensors").read_bytes() != weights
+
+
+def test_a_regression_run_keeps_the_epoch_of_the_highest_pearson_and_records_it(base_dir, tmp_path, monkeypatch):
+    """An STS run is ranked by Pearson, higher better, not by MSE: with scripted evaluations whose best Pearson
+    (epoch 2) has neither the lowest nor the highest MSE, epoch 2 is the one saved, returned and in results.json."""
+    evaluations = iter([{"pearson": 0.2, "mse": 1.5}, {"pearson": 0.7, "mse": 1.0}, {"pearson": 0.4, "mse": 0.5}])
+    saved = []
+    monkeypatch.setattr(finetune, "evaluate_classifier", lambda *args, **kwargs: next(evaluations))
+    monkeypatch.setattr(finetune, "save_finetuned", lambda *args: saved.append(len(saved)))
+    rows = (SAMPLE_DATA / "sts_pt_train.csv").read_text(encoding="utf-8").splitlines(keepends=True)[:9]
+    (tmp_path / "train.csv").write_text("".join(rows), encoding="utf-8")
+    spec = TaskSpec(["sentence1", "sentence2"], "score", pair=True, regression=True)
+    result = finetune.finetune_classifier(base_dir, tmp_path / "train.csv", tmp_path / "train.csv", tmp_path / "out",
+                                          spec, FinetuneConfig(batch_size=8, epochs=3, max_length=64), verbose=False)
+    assert len(saved) == 2 and result.best == {"epoch": 2, "pearson": 0.7, "mse": 1.0}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["best"] == result.best

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import random
 from pathlib import Path
@@ -52,10 +53,16 @@ def padded(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.T
             "labels": torch.tensor([label for _, label in batch])}
 
 
-def accuracy(model: transformers.LlamaForSequenceClassification, examples: list, pad_id: int) -> float:
+def evaluation(model: transformers.LlamaForSequenceClassification, examples: list, pad_id: int) -> dict[str, float]:
+    """Accuracy, and macro F1 over the classes predicted or true, from the confusion matrix (F1 = 2PR / (P + R))."""
     batch = padded(examples, pad_id)
-    right = (model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1) == batch["labels"])
-    return right.sum().item() / len(examples)
+    predicted = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    confusion = torch.zeros(len(NEWS.labels), len(NEWS.labels), dtype=torch.float64)
+    confusion.index_put_((batch["labels"], predicted), torch.ones(len(examples), dtype=torch.float64), accumulate=True)
+    hits, predictions, truths = confusion.diag(), confusion.sum(0), confusion.sum(1)
+    precision, recall = hits / predictions.clamp(min=1), hits / truths.clamp(min=1)
+    f1 = torch.where(hits > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {"accuracy": hits.sum().item() / len(examples), "f1": f1[predictions + truths > 0].mean().item()}
 
 
 def reference_fine_tuning(model: torch.nn.Module, examples: list, cfg: FinetuneConfig,
@@ -125,8 +132,14 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
     reference = transformers.LlamaForSequenceClassification.from_pretrained(base, **head)
     after_head = torch.get_rng_state()
 
-    def run(model: transformers.LlamaForSequenceClassification) -> tuple[list[dict], list[float], dict]:
+    def run(model: transformers.LlamaForSequenceClassification,
+            evaluations: list[dict]) -> tuple[list[dict], list[float], dict]:
         pad_id = model.config.pad_token_id
+
+        def accuracy(model: torch.nn.Module) -> float:
+            evaluations.append(evaluation(model, eval_examples, pad_id))
+            return evaluations[-1]["accuracy"]
+
         snapshot = lambda model: copy.deepcopy(model.state_dict())  # noqa: E731
         if lora:
             torch.set_rng_state(after_head)
@@ -135,19 +148,24 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
             snapshot = adapter_snapshot
         return reference_fine_tuning(model, examples, cfg, lambda batch: padded(batch, pad_id),
                                      lambda batch: len(batch["labels"]),
-                                     lambda model: accuracy(model, eval_examples, pad_id), higher_is_better=True,
+                                     accuracy, higher_is_better=True,
                                      snapshot=snapshot)
 
-    exact, exact_accuracies, exact_best = run(copy.deepcopy(reference).double())
-    expected, accuracies, best = run(reference)
+    evaluations = []
+    exact, exact_accuracies, exact_best = run(copy.deepcopy(reference).double(), [])
+    expected, accuracies, best = run(reference, evaluations)
     logged = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert_figures_as_close_as_transformers(logged, expected, exact)
     assert len(expected) == 6  # 5 batches an epoch: a window of 3 and one of 2 unequal ones (8 and 4 examples)
     assert min(e["grad_norm"] for e in expected) < cfg.grad_clip < max(e["grad_norm"] for e in expected)
     assert [h["accuracy"] for h in result.history] == accuracies == exact_accuracies
+    assert [h["f1"] for h in result.history] == pytest.approx([e["f1"] for e in evaluations], rel=1e-12)
+    assert len({label for _, label in eval_examples}) == len(NEWS.labels)  # no class may be left out of the F1
     assert max(accuracies) in accuracies[:-1]  # the weights kept are not the last ones
     if lora:
         trained = load_file(result.checkpoint / "adapter_model.safetensors")
+        adapter_config = json.loads((result.checkpoint / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == str(base.resolve())
     else:
         trained = transformers.LlamaForSequenceClassification.from_pretrained(result.checkpoint).state_dict()
     assert_trained_as_closely_as_transformers(trained, best, exact_best)

@@ -18,6 +18,7 @@ from hf_reference import hf_causal_lm, hf_classifier
 from safetensors.torch import load_file, save_file, save_model
 
 import ttl_core
+from ttl_core.config import padding_index
 from ttl_core.errors import ConfigError
 from ttl_core.lora import apply_lora, load_adapter, save_adapter
 
@@ -224,6 +225,16 @@ def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
     ours.generation_config["max_length"] = "15"
     with pytest.raises(GenerationError, match=r"generation_config.json: max_length must be an integer, got '15'"):
         ttl_core.generate(ours, tokens)
+
+
+def test_the_padding_row_is_the_one_torch_reads_from_pad_token_id():
+    """transformers passes pad_token_id to nn.Embedding as padding_idx, which counts a negative one from the end
+    (old Llama configs say -1) down to -vocab_size, row 0; past either end is an error."""
+    for pad in (-8, -1, 0, 7):
+        assert padding_index(pad, 8) == torch.nn.Embedding(8, 2, padding_idx=pad).padding_idx
+    for pad in (-9, 8):
+        with pytest.raises(ConfigError, match=f"^pad_token_id {pad} is outside the vocabulary of 8 tokens$"):
+            padding_index(pad, 8)
 
 
 def test_prompts_padded_without_a_mask_are_masked_by_the_padding_id(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from tests.helpers import ROOT
 from train_helpers import run_config
 from ttl_core.errors import ConfigError
-from ttl_core.run_config import check_resumable, load_run_config
+from ttl_core.run_config import check_resumable, load_run_config, resumed_model_settings
 
 
 def test_shipped_configs_load_and_match_the_published_recipe():
@@ -149,6 +149,21 @@ def test_integers_are_accepted_for_float_settings():
     t = load_run_config(None, ["train.lr=1", "train.min_lr=0", "train.weight_decay=0", "train.grad_clip=2"]).train
     assert (t.lr, t.min_lr, t.weight_decay, t.grad_clip) == (1.0, 0.0, 0.0, 2.0)
     assert all(isinstance(v, float) for v in (t.lr, t.min_lr, t.weight_decay, t.grad_clip))
+    assert load_run_config(None, ["train.lr=3e-4", "train.min_lr=3e-4"]).train.min_lr == 3e-4  # a constant lr
+
+
+def test_only_model_keys_given_by_set_count_as_model_overrides():
+    """--init-from checks each of run.model_overrides against its checkpoint: a [data] or [train] key there would
+    be looked up as a LlamaConfig field."""
+    run = load_run_config(None, ["data.document_masking=true", "train.lr=1e-3", "model.attention_dropout=0.1"])
+    assert run.model_overrides == ["attention_dropout"]
+
+
+def test_a_resume_records_the_run_s_model_under_the_settings_it_gives():
+    """What a resume gives (a runtime field such as attention) wins over what its run recorded; the rest is kept."""
+    resume = load_run_config(None, ["model.attention=\"eager\""])
+    saved = {"model": {"num_hidden_layers": 2, "attention": "sdpa"}}
+    assert resumed_model_settings(resume, saved) == {"num_hidden_layers": 2, "attention": "eager"}
 
 
 def test_an_unknown_model_key_is_named_with_or_without_a_preset(tmp_path):

@@ -145,6 +145,8 @@ def test_classifier_defaults_are_the_agnews_recipe_on_the_bundled_sample(tmp_pat
     assert (train, eval_) == (SAMPLE_DATA / "agnews_pt_train.csv", SAMPLE_DATA / "agnews_pt_eval.csv")
     assert spec == TaskSpec(["title", "text"], "label", False, False, list(AGNEWS_LABELS))
     assert cfg == FinetuneConfig()
+    # the recipe docs/finetuning.md and the module's docstring give
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.weight_decay, cfg.max_length) == (4e-5, 16, 3, 0.01, 256)
     assert capsys.readouterr().out == "best epoch 2: accuracy 0.7500, f1 0.5000; saved to OUT/best\n"
 
 
@@ -174,6 +176,15 @@ def test_classifier_options_reach_the_task_spec_and_the_config(monkeypatch):
     assert run.calls[-1][0][5].lora_alpha == 2.5
     assert script.main(["--model", "BASE", "--lora", "--lora-alpha", "32"]) == 0
     assert repr(run.calls[-1][0][5].lora_alpha) == "32"
+    # each training option reaches the config, not only those above; all-linear is PEFT's word, not a module name
+    assert script.main(["--model", "BASE", "--weight-decay", "0.1", "--warmup-steps", "5", "--grad-accum-steps", "3",
+                        "--dtype", "bfloat16", "--device", "cuda:1", "--lora", "--lora-dropout", "0",
+                        "--lora-targets", "all-linear", "--merge-lora"]) == 0
+    assert run.calls[-1][0][5] == FinetuneConfig(weight_decay=0.1, warmup_steps=5, grad_accum_steps=3, dtype="bfloat16",
+                                                 device="cuda:1", lora=True, lora_dropout=0.0,
+                                                 lora_targets="all-linear", merge_lora=True)
+    assert script.main(["--model", "BASE", "--lora", "--lora-targets", " q_proj, o_proj,"]) == 0
+    assert run.calls[-1][0][5].lora_targets == ["q_proj", "o_proj"]
 
 @pytest.mark.parametrize("files", [["--train", "T.csv"], ["--eval", "E.csv"]])
 def test_classifier_needs_both_task_files_or_neither(files, monkeypatch, capsys):
