@@ -196,12 +196,11 @@ def test_no_more_tokenizing_processes_start_than_there_are_shards(tmp_path, monk
     inputs, docs = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
     started = []
 
-    class Context:
-        def Pool(self, processes, *args):
-            started.append(processes)
-            raise KeyboardInterrupt("a pool was started")
+    def executor(processes, *args):
+        started.append(processes)
+        raise KeyboardInterrupt("a pool was started")
 
-    monkeypatch.setattr(data.multiprocessing, "get_context", lambda method: Context())
+    monkeypatch.setattr(data, "ProcessPoolExecutor", executor)
     try:
         prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=64, shard_docs=-(-len(docs) // shards))
     except KeyboardInterrupt:

@@ -142,6 +142,19 @@ def test_ctrl_c_stops_prepare_data_at_once_while_its_workers_are_busy(tmp_path):
     assert "ForkPoolWorker" not in done.stderr, done.stderr
 
 
+def test_a_worker_killed_mid_shard_stops_prepare_data_in_one_line(tmp_path, monkeypatch):
+    """A worker the kernel kills (out of memory: sentencepiece takes ~50 bytes a character of a document) never
+    returns its shard: the pool waited for it forever, where the run must stop and say what happened."""
+    (tmp_path / "a.txt").write_text("um\n\ndois\n\ntres\n\nquatro\n")
+    tok = train_tokenizer(["um dois tres quatro outro"] * 10, None, vocab_size=300)
+    encode = data._encode_document
+    # the forked workers inherit it
+    monkeypatch.setattr(data, "_encode_document", lambda text, out: text == "tres" and os.kill(os.getpid(), 9)
+                        or encode(text, out))
+    with pytest.raises(DataError, match=r"^a tokenizing worker died \(killed, out of memory\?\)"):
+        prepare_data([tmp_path / "a.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=2, shard_docs=1)
+
+
 def test_an_input_that_is_a_pipe_is_named_as_one_not_as_missing(tmp_path):
     """A named pipe (`mkfifo corpus.txt` fed by `zcat`) exists, but prepare_data reads every input more than once
     (counting, the tokenizer's sample, tokenizing): said to be no such file, it would send the user looking for

@@ -23,6 +23,8 @@ import signal
 import tempfile
 import warnings
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -64,8 +66,8 @@ def _init_worker(tokenizer_dir: str | os.PathLike) -> None:
 
 
 def _init_pool_worker(tokenizer_dir: str | os.PathLike) -> None:
-    # Ctrl-C reaches the whole process group: a worker it stopped would drop its task, and the pool's join() wait
-    # for that task's result forever; the parent alone stops, and lets the workers finish theirs
+    # Ctrl-C reaches the whole process group: the parent alone stops (and says so), and lets the workers finish
+    # their shards rather than each dropping its task with a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(tokenizer_dir)
 
@@ -295,24 +297,22 @@ def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
         _init_worker(tokenizer_dir)
         yield from map(fn, jobs)
         return
-    # fork: workers start at once (spawn would re-import torch in each); they never touch torch.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(workers, _init_pool_worker, (tokenizer_dir,))
-    try:
-        # jobs are read in this thread (an input's DataError raises here), two a worker ahead: enough to keep
-        # each busy, few to hold in memory
-        pending = deque()
+    # fork: workers start at once (spawn would re-import torch in each); they never touch torch. An executor, not
+    # a multiprocessing.Pool: a worker killed (out of memory) breaks it, where a Pool waits for its task forever.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool, pending = ProcessPoolExecutor(workers, context, _init_pool_worker, (tokenizer_dir,)), deque()
+    try:  # jobs are read here (an input's DataError raises here), two a worker ahead: each busy, few in memory
         for job in jobs:
-            pending.append(pool.apply_async(fn, (job,)))
+            pending.append(pool.submit(fn, job))
             if len(pending) == 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
-    finally:
-        # on an error or Ctrl-C too, workers finish their tasks and leave: one killed (terminate()) as it sends a
-        # result would keep the result queue's lock, and the pool's shutdown would wait on it forever
-        pool.close()
-        pool.join()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise DataError("a tokenizing worker died (killed, out of memory?): prepare the data again with fewer "
+                        "--workers, or split the longest documents") from None
+    finally:  # on an error or Ctrl-C too, workers finish their shards, never killed midway: one killed as it sends
+        pool.shutdown(cancel_futures=True)  # a result would keep the result queue's lock, and shutdown wait forever
 
 
 def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenizer | None:
