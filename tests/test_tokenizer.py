@@ -31,9 +31,15 @@ def test_trained_tokenizer_layout(tok, tmp_path):
     pieces = [digits.id_to_token(i) for i in range(320)]
     assert not any(sum(c.isdigit() for c in p) > 1 for p in pieces if not p.startswith("<0x"))  # digits split
     assert digits.token_to_id("2") is not None  # digits are learned, but only one at a time
+    # the dummy prefix: a document's first word is learned as "▁sol", as encode (which adds the "▁") asks for it,
+    # not as a piece "sol" that encode never produces
+    opening = train_tokenizer(["sol de verão"] * 300 + ["a lua e o mar"] * 300, None, vocab_size=300)
+    assert [opening.id_to_token(i) for i in opening.encode("sol", add_bos=False)] == ["\u2581sol"]
     train_tokenizer(corpus(), tmp_path / "m", vocab_size=300)
     train_tokenizer(corpus(), tmp_path / "n.model", vocab_size=300)  # ".model" is added only where missing
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model", "n.model"]
+    # and never replaces the part after a dot in the name given: "pt.v2" would otherwise be written as "pt.model"
+    train_tokenizer(corpus(), tmp_path / "pt.v2", vocab_size=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.model", "n.model", "pt.v2.model"]
     assert Tokenizer(tmp_path / "m.model").encode("a casa") == train_tokenizer(corpus(), None, 300).encode("a casa")
 
 
