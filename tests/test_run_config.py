@@ -122,6 +122,8 @@ def test_a_launch_environment_torchrun_did_not_set_is_a_config_error(monkeypatch
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # a check missed would wait to join a group whose peers never come, hanging the suite rather than failing it
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: pytest.fail("joined"))
     with pytest.raises(ConfigError, match=message):
         init_world("cpu")
 
