@@ -89,8 +89,7 @@ class FinetuneConfig:
         }
         for name, (ok, expected) in checks.items():
             if not ok:
-                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, "
-                                  f"got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(self, name)!r}")
         if self.merge_lora and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored
             raise ConfigError("merge_lora (--merge-lora) merges LoRA adapters into the model; it needs --lora")
 
