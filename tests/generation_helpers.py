@@ -37,6 +37,12 @@ def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0
     return ids.masked_fill(mask == 0, PAD), mask
 
 
+def cuda_batch(vocab: int):
+    """Three left-padded prompts of 40 tokens on the GPU, one of them only 9 tokens long."""
+    ids, mask = left_padded(vocab, batch=3, seq=40, pads=(0, 7, 31))
+    return ids.cuda(), mask.cuda()
+
+
 def hf_greedy(hf, ids, mask, **kwargs):
     return hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
 

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from generation_helpers import PAD, hf_generation_model, hf_greedy, left_padded, saved_models
+from generation_helpers import PAD, cuda_batch, hf_generation_model, hf_greedy, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
@@ -312,11 +312,6 @@ def gpu_models(tmp_path, dtype, attention="sdpa"):
     hf = hf_generation_model(max_position_embeddings=512)
     hf.save_pretrained(tmp_path)
     return ttl_core.load_pretrained(tmp_path, dtype=dtype, device="cuda", attention=attention)
-
-
-def cuda_batch(vocab: int):
-    ids, mask = left_padded(vocab, batch=3, seq=40, pads=(0, 7, 31))
-    return ids.cuda(), mask.cuda()
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@ import torch
 import transformers.generation.logits_process as hf_lp
 
 import ttl_core
-from generation_helpers import PAD, hf_generation_model, left_padded
+from generation_helpers import PAD, cuda_batch, hf_generation_model, left_padded, saved_models
+from ttl_core.errors import GenerationError
 from ttl_core.generate import KVDecoder
 from ttl_core.sampling import apply_min_p, apply_repetition_penalty, apply_top_k, apply_top_p, process_logits, sample
 
@@ -85,11 +86,6 @@ def test_decoding_defaults_come_from_the_checkpoint_as_in_transformers(tmp_path)
     """Settings a call leaves out come from the checkpoint's generation_config.json (a published checkpoint's
     repetition penalty, length, sampling settings), as transformers' generate() takes them; an id of -1
     there (old conversions' "none") is no id; a padding id inside a prompt names the mask it was inferred to."""
-    import ttl_core
-    from generation_helpers import PAD, hf_generation_model
-
-    from ttl_core.errors import GenerationError
-
     hf = hf_generation_model(seed=3)
     hf.generation_config.repetition_penalty, hf.generation_config.max_new_tokens = 3.0, 12
     hf.generation_config.pad_token_id = PAD
@@ -139,3 +135,63 @@ def test_a_bf16_model_samples_from_float32_scores_as_transformers_does(tmp_path)
                             num_return_sequences=draws, **settings)
     expected = sample(process_logits(logits.float(), seen, True, **settings), torch.Generator().manual_seed(0))
     assert torch.equal(got[:, -1], expected), f"{int((got[:, -1] != expected).sum())} draws differ"
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    return saved_models(tmp_path_factory.mktemp("sampling"))
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.2),
+                                      dict(temperature=1.5, top_k=0)])
+def test_seed_s_samples_the_tokens_transformers_samples_after_manual_seed_s(hf_and_ours, settings):
+    """torch.multinomial of one sample is itself an exponential race, over the same draws, so `seed=s` samples
+    transformers' tokens after torch.manual_seed(s); rows that met EOS keep drawing, in both."""
+    hf, ours = hf_and_ours
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=24, do_sample=True, eos_token_id=[5, 6, 7], pad_token_id=PAD, num_return_sequences=2,
+                  **settings)
+    finished_early = 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(ttl_core.generate(ours, ids, mask, seed=seed, **kwargs), expected), seed
+        finished_early += int((expected[:, -1] == PAD).sum())
+    assert finished_early > 0
+
+
+def test_without_a_seed_sampling_draws_from_torchs_global_rng_as_transformers_does(hf_and_ours):
+    """After torch.manual_seed(s), calls without `seed` sample transformers' tokens, and leave torch's global RNG
+    where transformers leaves it, so a second call samples transformers' second answer; also right after a
+    seeded call of the same shape (whose kept buffers draw from a generator of its own)."""
+    hf, ours = hf_and_ours
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_k=20, eos_token_id=[], pad_token_id=PAD)
+    ttl_core.generate(ours, ids, mask, seed=5, **kwargs)
+    torch.manual_seed(11)
+    expected = [hf.generate(ids, attention_mask=mask, **kwargs) for _ in range(2)]
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(11)
+    got = [ttl_core.generate(ours, ids, mask, **kwargs) for _ in range(2)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], got[1])
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_sampling_draws_transformers_tokens(tmp_path):
+    """On CUDA too, where the decode step is a CUDA graph replaying the generator's draws: transformers' tokens
+    after torch.manual_seed(s), with `seed=s` and without a seed."""
+    hf = hf_generation_model(max_position_embeddings=512)
+    hf.save_pretrained(tmp_path)
+    ours = ttl_core.load_pretrained(tmp_path, device="cuda")
+    hf = hf.cuda()
+    ids, mask = cuda_batch(hf.config.vocab_size)
+    kwargs = dict(max_new_tokens=48, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1,
+                  eos_token_id=[], pad_token_id=PAD)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(ttl_core.generate(ours, ids, mask, seed=seed, **kwargs), expected), seed
+        torch.manual_seed(seed)
+        assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected), seed

@@ -30,14 +30,13 @@ from .attention import causal_mask, requested_backend
 from .config import LlamaConfig
 from .errors import GenerationError, is_integer
 from .model import LlamaForCausalLM, autocast_dtype
-from .sampling import (check_sampling_arguments, decoding_settings, process_logits, sample, special_token_ids,
-                       stop_string_matcher, unimplemented_settings)
+from .sampling import (check_sampling_arguments, decoding_settings, global_generator, process_logits, sample,
+                       special_token_ids, stop_string_matcher, unimplemented_settings)
 from .streamer import StopStrings
 
-# How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished.
-# On CUDA each check is one device sync; in between, the host queues graph replays without waiting for them.
-# Finishing costs at most this many wasted steps, which are trimmed from the output, so the result is the
-# same as checking every step. On the CPU a check costs nothing, so it happens every step.
+# How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished. On
+# CUDA a check is a device sync, while in between the host queues graph replays without waiting; the at most this
+# many steps decoded past the end are trimmed, so the output is as if it checked every step.
 EOS_CHECK_EVERY = {"cuda": 8}
 # Eager decode steps (real steps, not thrown away) run before the step is captured in a CUDA graph, so lazy
 # initialization (cuBLAS handles, Triton compilation and autotuning) happens outside the capture.
@@ -189,7 +188,7 @@ class _Decoding:
     `reset(...)` starts a new generation in the same tensors."""
 
     def __init__(self, batch: int, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
-                 do_sample: bool, processors: dict, device: torch.device):
+                 do_sample: bool, seeded: bool, processors: dict, device: torch.device):
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -201,13 +200,14 @@ class _Decoding:
         # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
-        self.generator = torch.Generator(device=device) if do_sample else None
+        # a seeded call draws from a generator of its own, else from torch's global RNG (which transformers draws from)
+        self.generator = (torch.Generator(device=device) if seeded else global_generator(device)) if do_sample else None
         # whether every row's scores had a finite max (neither NaN nor +inf nor all -inf): else softmax has no
         # distribution and argmax no answer (a NaN wins it); a graph cannot raise, so the host reads this at the end
         self.scores_ok = torch.ones((), dtype=torch.bool, device=device)
         self.do_sample, self.processors = do_sample, processors
 
-    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int) -> None:
+    def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None) -> None:
         self.out.fill_(self.pad_id)
         self.column.zero_()
         self.finished.zero_()
@@ -215,7 +215,7 @@ class _Decoding:
         if self.seen is not None:
             self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
         self.scores_ok.fill_(True)
-        if self.generator is not None:
+        if self.generator is not None and seed is not None:
             self.generator.manual_seed(seed)
 
     def advance(self, logits: torch.Tensor) -> None:
@@ -275,12 +275,12 @@ class _Session:
     CUDA graph instead of allocating and capturing again; `lock` keeps concurrent calls from sharing it."""
 
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, processors: dict,
-                 cuda_graph: bool):
+                 max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
+                 processors: dict, cuda_graph: bool):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
         self.state = _Decoding(input_ids.shape[0], max_new_tokens, model.config.vocab_size, eos, pad, do_sample,
-                               processors, input_ids.device)
+                               seeded, processors, input_ids.device)
 
         decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
 
@@ -416,13 +416,13 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `tokenizer` (see `ttl_core.streamer.StopStrings`).
     `eos_token_id` and `pad_token_id` default to the checkpoint's generation_config.json, else to the model
     config's; the padding id then to the first EOS id. Without `attention_mask`, prompt tokens equal to a
-    padding id that is no EOS id count as padding, as in transformers. `seed` makes sampling reproducible
-    (without it, the seed is drawn from torch's global RNG). `streamer` (one row only: ttl's `TextStreamer`,
-    or transformers' `TextStreamer`, `TextIteratorStreamer` or any `BaseStreamer`) gets, as from transformers,
-    `put()` with the prompt, then with each new token as it is produced (CPU LongTensors), then `end()`, also
-    when the call fails. On CUDA the decode step runs as a CUDA graph unless `cuda_graph=False`. The KV cache,
-    buffers and graph of the last call stay with the model (until it is freed or called with other shapes or
-    settings), so a repeated call of the same shape allocates and captures nothing."""
+    padding id that is no EOS id count as padding, as in transformers. Sampling draws transformers' tokens: with
+    `seed=s` those it draws after `torch.manual_seed(s)`; without, from torch's global RNG where it stands.
+    `streamer` (one row only: ttl's `TextStreamer`, or transformers' `TextStreamer`, `TextIteratorStreamer` or
+    any `BaseStreamer`) gets, as from transformers, `put()` with the prompt, then with each new token as it is
+    produced (CPU LongTensors), then `end()`, also when the call fails. On CUDA the decode step runs as a CUDA
+    graph unless `cuda_graph=False`. The last call's KV cache, buffers and graph stay with the model until it is
+    freed or called with other shapes or settings: a repeated call allocates and captures nothing."""
     try:
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
@@ -452,15 +452,13 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-        if do_sample and seed is None:
-            seed = int(torch.randint(2**62, ()))
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
-        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, tuple(settings.values()), tuple(eos),
-               pad, graphed, _forward_fingerprint(model))
+        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
+               tuple(eos), pad, graphed, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
-                                                                pad, do_sample, settings, graphed))
+                                                                pad, do_sample, seed is not None, settings, graphed))
         try:
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
         finally:

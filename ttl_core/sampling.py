@@ -219,10 +219,16 @@ def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: b
     return scores
 
 
+def global_generator(device: torch.device) -> torch.Generator:
+    """The generator `torch.manual_seed` seeds for a CPU or CUDA device, which transformers' sampling draws from."""
+    return torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
+
+
 def sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row drawn from softmax(scores), without a host sync: the argmax of p / E with E drawn
-    from Exp(1) picks token i with probability p_i (the exponential race), and unlike `torch.multinomial`
-    it needs no device-to-host check, so it can live in a CUDA graph."""
+    from Exp(1) picks token i with probability p_i (the exponential race). `torch.multinomial` draws one sample
+    the same way, from the same draws, so transformers' tokens come out of the same generator state; but it
+    checks the probabilities on the host first, which a CUDA graph cannot hold."""
     probs = scores.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / race).argmax(dim=-1)
