@@ -2,6 +2,7 @@
 defaults and special token ids a checkpoint supplies, and token ids in any integer type."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -44,6 +45,9 @@ def models(tmp_path_factory):
     (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),  # not 1 new token
     (dict(do_sample=True, num_return_sequences=True), "num_return_sequences must be a positive integer, got True"),
     (dict(do_sample="False"), "do_sample must be True or False, got 'False'"),  # a non-empty string is truthy
+    (dict(min_new_tokens=-1), "min_new_tokens must be an integer >= 0, got -1"),
+    (dict(min_length=2.5), "min_length must be an integer >= 0, got 2.5"),
+    (dict(max_new_tokens=None, max_length="20"), "max_length must be an integer >= 0, got '20'"),
 ])
 def test_bad_arguments_raise_one_line_errors(models, kwargs, message):
     _, ours = models
@@ -113,7 +117,7 @@ def test_range_edges_are_accepted(models):
     for edge in (dict(min_p=1.0), dict(top_p=1e-9)):
         sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, seed=1, **edge)
         assert torch.equal(sampled, greedy), edge
-    check_sampling_arguments(True, MIN_TEMPERATURE, 0, 1.0, 1.0, 1.0, 1)
+    check_sampling_arguments(True, MIN_TEMPERATURE, 0, 1.0, 1.0, 1.0, 1, 0)
     every_id = list(range(ours.config.vocab_size))  # each row ends at its first token: a quick call
     full = ttl_core.generate(ours, ids, mask, max_new_tokens=ours.config.max_position_embeddings - 9,
                              eos_token_id=every_id, pad_token_id=PAD)
@@ -169,15 +173,56 @@ def test_a_padding_id_that_is_an_eos_id_is_not_taken_for_padding(models):
     assert torch.equal(ttl_core.generate(ours, ids, max_new_tokens=6, eos_token_id=[2], pad_token_id=2), ref)
 
 
-def test_sampling_without_a_seed_follows_the_global_rng(models):
-    _, ours = models
+@pytest.mark.parametrize("lengths", [dict(min_new_tokens=6), dict(min_length=9 + 5),
+                                     dict(min_new_tokens=6, min_length=30), dict(min_length=4)])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_min_lengths_keep_eos_away_as_in_transformers(models, lengths, do_sample):
+    """min_new_tokens, or min_length (prompt columns included, left padding too), keep the EOS ids from being
+    chosen until a row is that long, greedy or sampling; min_new_tokens wins over min_length, as in transformers.
+    The EOS ids are tokens the rows pick at once without them."""
+    hf, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
-    kwargs = dict(max_new_tokens=8, do_sample=True, eos_token_id=[])
-    runs = []
-    for global_seed in (0, 1):
-        torch.manual_seed(global_seed)
-        runs.append(ttl_core.generate(ours, ids, mask, **kwargs))
-    assert not torch.equal(runs[0], runs[1])
+    seed = 0 if do_sample else None
+    first = ttl_core.generate(ours, ids, mask, max_new_tokens=2, do_sample=do_sample, seed=seed, eos_token_id=[])
+    kwargs = dict(max_new_tokens=12, do_sample=do_sample, top_k=20, eos_token_id=first[:, 9:].flatten().tolist(),
+                  pad_token_id=PAD)
+    torch.manual_seed(0)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs, **lengths)
+    got = ttl_core.generate(ours, ids, mask, seed=seed, **kwargs, **lengths)
+    assert torch.equal(got, expected)
+    without = ttl_core.generate(ours, ids, mask, seed=seed, **kwargs)
+    assert got.shape[1] == without.shape[1] if lengths == dict(min_length=4) else got.shape[1] > without.shape[1]
+
+
+def test_a_checkpoint_min_length_applies_without_a_warning(models, monkeypatch):
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    eos = ttl_core.generate(ours, ids, mask, max_new_tokens=1, eos_token_id=[])[:, -1].tolist()
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    monkeypatch.setattr(hf.generation_config, "min_length", 9 + 5)
+    monkeypatch.setattr(ours, "generation_config", {"min_length": 9 + 5})
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ttl_core.generate(ours, ids, mask, **kwargs)
+    assert expected.shape[1] >= 9 + 5 and torch.equal(got, expected)
+
+
+def test_max_length_counts_the_prompt_as_in_transformers(models, monkeypatch):
+    """max_length counts the prompt's columns; max_new_tokens, the call's or the checkpoint's, wins over it; a
+    prompt that fills it leaves no room."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(do_sample=False, eos_token_id=[], pad_token_id=PAD)
+    with pytest.raises(GenerationError, match="the prompt's 9 tokens already fill max_length of 9: no room for new"):
+        ttl_core.generate(ours, ids, mask, max_length=9, **kwargs)
+    for lengths, saved, columns in ((dict(max_length=13), None, 13), (dict(max_length=13, max_new_tokens=7), None, 16),
+                                    (dict(max_length=20), 5, 14)):
+        monkeypatch.setattr(hf.generation_config, "max_new_tokens", saved)
+        monkeypatch.setattr(ours, "generation_config", {"max_new_tokens": saved})
+        expected = hf.generate(ids, attention_mask=mask, **kwargs, **lengths)
+        got = ttl_core.generate(ours, ids, mask, **kwargs, **lengths)
+        assert expected.shape[1] == columns and torch.equal(got, expected), lengths
 
 
 def test_the_default_length_stops_at_the_context_like_transformers(models):

@@ -30,8 +30,8 @@ from .attention import causal_mask, requested_backend
 from .config import LlamaConfig
 from .errors import GenerationError, is_integer
 from .model import LlamaForCausalLM, autocast_dtype
-from .sampling import (check_sampling_arguments, decoding_settings, global_generator, process_logits, sample,
-                       special_token_ids, stop_string_matcher, unimplemented_settings)
+from .sampling import (check_sampling_arguments, checked_inputs, decoding_settings, global_generator, process_logits,
+                       sample, special_token_ids, stop_string_matcher, unimplemented_settings)
 from .streamer import StopStrings
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished. On
@@ -187,8 +187,8 @@ class _Decoding:
     sampling RNG. `advance(logits)` is the whole per-step update, in place, so it can be part of a CUDA graph;
     `reset(...)` starts a new generation in the same tensors."""
 
-    def __init__(self, batch: int, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
-                 do_sample: bool, seeded: bool, processors: dict, device: torch.device):
+    def __init__(self, batch: int, max_new_tokens: int, min_new_tokens: int, vocab: int, eos: list[int],
+                 pad: int | None, do_sample: bool, seeded: bool, processors: dict, device: torch.device):
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -197,6 +197,8 @@ class _Decoding:
         self.done_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
+        self.min_new_tokens = min_new_tokens  # until then the EOS ids' scores are -inf, as in transformers
+        self.eos_ids = torch.isin(torch.arange(vocab, device=device), self.eos) if self.eos is not None else None
         # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
@@ -220,7 +222,10 @@ class _Decoding:
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
-        scores = process_logits(logits.float(), seen, self.do_sample, **self.processors)
+        logits = logits.float()
+        if self.eos_ids is not None and self.min_new_tokens:  # before the penalty, which leaves -inf as it is
+            logits = logits.masked_fill(self.eos_ids & (self.column < self.min_new_tokens), float("-inf"))
+        scores = process_logits(logits, seen, self.do_sample, **self.processors)
         self.scores_ok &= torch.isfinite(scores.amax(dim=-1)).all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
@@ -275,12 +280,12 @@ class _Session:
     CUDA graph instead of allocating and capturing again; `lock` keeps concurrent calls from sharing it."""
 
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
-                 processors: dict, cuda_graph: bool):
+                 max_new_tokens: int, min_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool,
+                 seeded: bool, processors: dict, cuda_graph: bool):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
-        self.state = _Decoding(input_ids.shape[0], max_new_tokens, model.config.vocab_size, eos, pad, do_sample,
-                               seeded, processors, input_ids.device)
+        self.state = _Decoding(input_ids.shape[0], max_new_tokens, min_new_tokens, model.config.vocab_size, eos, pad,
+                               do_sample, seeded, processors, input_ids.device)
 
         decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
 
@@ -323,48 +328,6 @@ def _acquire_session(model: LlamaForCausalLM, key: tuple, build: Callable[[], _S
     return session
 
 
-def _checked_inputs(model, input_ids, attention_mask, max_new_tokens: int, eos: list[int],
-                    pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    config = model.config
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
-    if input_ids.numel() == 0:
-        raise GenerationError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    if not is_integer(max_new_tokens) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    total = input_ids.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise GenerationError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
-                              f"exceeds the model's context of {config.max_position_embeddings} positions")
-    device = model.lm_head.weight.device
-    input_ids = input_ids.to(device, torch.long)
-    if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
-        raise GenerationError(f"input_ids hold ids outside the vocabulary [0, {config.vocab_size})")
-    source = "attention_mask"
-    if attention_mask is None:
-        if pad is None or pad in eos or not bool((input_ids == pad).any()):
-            return input_ids, torch.ones_like(input_ids)
-        # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
-        attention_mask = (input_ids != pad).long()
-        source = f"the attention mask inferred from the padding id {pad} in input_ids (pass one)"
-    if not isinstance(attention_mask, torch.Tensor):
-        raise GenerationError(f"attention_mask must be a tensor shaped like input_ids, got a "
-                              f"{type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                              f"{tuple(input_ids.shape)}")
-    mask = attention_mask.to(device)
-    if ((mask != 0) & (mask != 1)).any():  # before the integer conversion, which would make 0.5 a 0 and 1.5 a 1
-        raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
-    mask = mask.long()
-    empty = (mask.sum(-1) == 0).nonzero()
-    if len(empty):
-        raise GenerationError(f"row {empty[0].item()} of {source} attends to no token")
-    if (mask[:, 1:] < mask[:, :-1]).any():
-        raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation")
-    return input_ids, mask
-
-
 class _HostWatch:
     """Per-step host work that needs the new tokens: feeding a streamer (as transformers' `generate()` does:
     the prompt first, then each step's new token, as CPU LongTensors) and looking for stop strings. It keeps
@@ -398,15 +361,19 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, num_return_sequences: int | None = None, seed: int | None = None,
              stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
-             cuda_graph: bool = True) -> torch.Tensor:
+             cuda_graph: bool = True, max_length: int | None = None, min_new_tokens: int | None = None,
+             min_length: int | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
     `pad_token_id`, and no columns after the step where every row had finished.
 
+    As in transformers, `max_length` and `min_length` count the prompt's columns (left padding included), and
+    `max_new_tokens` wins over `max_length`, `min_new_tokens` over `min_length`; until a row has `min_new_tokens`
+    new tokens, its EOS ids are never chosen.
     Greedy unless `do_sample`; the processors and their order are transformers' (see `ttl_core.sampling`).
-    A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (its
-    `max_length`, prompt included, where it has no `max_new_tokens`), else from `ttl_core.sampling.DECODING_DEFAULTS`
+    A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (also
+    its `max_length` and `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
     where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search,
     n-gram blocking, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
@@ -428,20 +395,22 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
         prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
         settings = decoding_settings(model.generation_config, prompt_len, model.config.max_position_embeddings,
-                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                     max_length, min_length, max_new_tokens=max_new_tokens,
+                                     min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                      num_return_sequences=num_return_sequences)
-        max_new_tokens, do_sample, num_return_sequences = (
-            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences"))
+        max_new_tokens, min_new_tokens, do_sample, num_return_sequences = (
+            settings.pop(name) for name in ("max_new_tokens", "min_new_tokens", "do_sample", "num_return_sequences"))
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
                           "does not implement: it decodes as if they were unset, unlike transformers' generate()",
                           stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
-        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
+        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, min_new_tokens=min_new_tokens,
+                                 **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
-        input_ids, mask = _checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
+        input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
         if stops is not None and pad is None:
             raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
@@ -455,10 +424,11 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
-        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
-               tuple(eos), pad, graphed, _forward_fingerprint(model))
-        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
-                                                                pad, do_sample, seed is not None, settings, graphed))
+        key = (tuple(input_ids.shape), max_new_tokens, min_new_tokens, device, do_sample, seed is not None,
+               tuple(settings.values()), tuple(eos), pad, graphed, _forward_fingerprint(model))
+        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens,
+                                                                min_new_tokens, eos, pad, do_sample, seed is not None,
+                                                                settings, graphed))
         try:
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
         finally:

@@ -30,8 +30,8 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 # generate()'s decoding settings where neither the call nor the checkpoint's generation_config.json sets them.
 # top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does. The 20
 # new tokens stop at the model's context, as transformers' default length does.
-DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                     "min_p": 0.0, "repetition_penalty": 1.0, "num_return_sequences": 1}
+DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 0,
+                     "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "num_return_sequences": 1}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -39,7 +39,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.
 # stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "encoder_no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0, "max_time": None,
     "bad_words_ids": None, "force_words_ids": None, "constraints": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
@@ -73,34 +73,40 @@ def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] |
 
 
 def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None,
-                      **given: Any) -> dict[str, Any]:
+                      max_length: int | None = None, min_length: int | None = None, **given: Any) -> dict[str, Any]:
     """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
     generation_config.json value, which transformers' generate() applies too, else the default. As there, a
-    checkpoint's `max_length` (prompt included: `prompt_len` tokens) sets the number of new tokens when neither
-    the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is an error; the
-    default number of new tokens stops at the model's `context`, as transformers' default length does."""
-    saved = dict(checkpoint or {})
-    if given.get("max_new_tokens") is None and saved.get("max_new_tokens") is None:
-        if saved.get("max_length") is not None:
-            if not is_integer(saved["max_length"]):
-                raise GenerationError(f"generation_config.json: max_length must be an integer, got "
-                                      f"{saved['max_length']!r}")
-            saved["max_new_tokens"] = saved["max_length"] - prompt_len
-            if saved["max_new_tokens"] < 1:
-                raise GenerationError(f"the prompt's {prompt_len} tokens already fill the checkpoint's max_length of "
-                                      f"{saved['max_length']} (generation_config.json); pass max_new_tokens")
-        elif context is not None:
-            if prompt_len >= context:
-                raise GenerationError(f"the prompt's {prompt_len} tokens fill the model's context of {context} "
-                                      "positions: no room for new tokens")
-            saved["max_new_tokens"] = min(DECODING_DEFAULTS["max_new_tokens"], context - prompt_len)
-    return {name: given[name] if given.get(name) is not None else saved[name] if saved.get(name) is not None
-            else default for name, default in DECODING_DEFAULTS.items()}
+    `max_length` (the call's, else the checkpoint's; prompt included: `prompt_len` tokens) sets the number of new
+    tokens where neither the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is
+    an error; a `min_length` sets `min_new_tokens` likewise. The default number of new tokens stops at the model's
+    `context`, as transformers' default length does."""
+    saved = {name: value for name, value in (checkpoint or {}).items() if value is not None}
+    merged = {**saved, **{name: value for name, value in given.items() if value is not None}}
+    for length_name, new_tokens_name, given_length in (("max_length", "max_new_tokens", max_length),
+                                                       ("min_length", "min_new_tokens", min_length)):
+        total = given_length if given_length is not None else saved.get(length_name)
+        if total is None or merged.get(new_tokens_name) is not None:
+            continue
+        source, whose = ("generation_config.json: ", "the checkpoint's ") if given_length is None else ("", "")
+        if not is_integer(total) or total < 0:
+            raise GenerationError(f"{source}{length_name} must be an integer >= 0, got {total!r}")
+        if length_name == "max_length" and total <= prompt_len:
+            raise GenerationError(f"the prompt's {prompt_len} tokens already fill {whose}max_length of {total}: no "
+                                  "room for new tokens")
+        merged[new_tokens_name] = max(total - prompt_len, 0)
+    if merged.get("max_new_tokens") is None and context is not None:
+        if prompt_len >= context:
+            raise GenerationError(f"the prompt's {prompt_len} tokens fill the model's context of {context} "
+                                  "positions: no room for new tokens")
+        merged["max_new_tokens"] = min(DECODING_DEFAULTS["max_new_tokens"], context - prompt_len)
+    return {name: merged.get(name, default) for name, default in DECODING_DEFAULTS.items()}
 
 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
-                             repetition_penalty: float, num_return_sequences: int) -> None:
+                             repetition_penalty: float, num_return_sequences: int, min_new_tokens: int) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
+    if not is_integer(min_new_tokens) or min_new_tokens < 0:
+        raise GenerationError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
@@ -124,6 +130,50 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, to
         raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
     if num_return_sequences > 1 and not do_sample:
         raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
+
+
+def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any, max_new_tokens: int,
+                   eos: list[int], pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate()`'s prompts as long ids on the model's device, and their attention mask (the one given, else
+    the one transformers infers from padding ids), after the checks that name what is wrong with them."""
+    config = model.config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
+    if input_ids.numel() == 0:
+        raise GenerationError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise GenerationError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
+                              f"exceeds the model's context of {config.max_position_embeddings} positions")
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device, torch.long)
+    if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
+        raise GenerationError(f"input_ids hold ids outside the vocabulary [0, {config.vocab_size})")
+    source = "attention_mask"
+    if attention_mask is None:
+        if pad is None or pad in eos or not bool((input_ids == pad).any()):
+            return input_ids, torch.ones_like(input_ids)
+        # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
+        attention_mask = (input_ids != pad).long()
+        source = f"the attention mask inferred from the padding id {pad} in input_ids (pass one)"
+    if not isinstance(attention_mask, torch.Tensor):
+        raise GenerationError(f"attention_mask must be a tensor shaped like input_ids, got a "
+                              f"{type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                              f"{tuple(input_ids.shape)}")
+    mask = attention_mask.to(device)
+    if ((mask != 0) & (mask != 1)).any():  # before the integer conversion, which would make 0.5 a 0 and 1.5 a 1
+        raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.long()
+    empty = (mask.sum(-1) == 0).nonzero()
+    if len(empty):
+        raise GenerationError(f"row {empty[0].item()} of {source} attends to no token")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation")
+    return input_ids, mask
 
 
 def _token_list(ids: Any, name: str, vocab: int) -> list[int]:
