@@ -362,7 +362,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              pad_token_id: int | None = None, num_return_sequences: int | None = None, seed: int | None = None,
              stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              cuda_graph: bool = True, max_length: int | None = None, min_new_tokens: int | None = None,
-             min_length: int | None = None) -> torch.Tensor:
+             min_length: int | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
+             eta_cutoff: float | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -397,8 +398,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         settings = decoding_settings(model.generation_config, prompt_len, model.config.max_position_embeddings,
                                      max_length, min_length, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                                     num_return_sequences=num_return_sequences)
+                                     top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                                     epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                                     repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
         max_new_tokens, min_new_tokens, do_sample, num_return_sequences = (
             settings.pop(name) for name in ("max_new_tokens", "min_new_tokens", "do_sample", "num_return_sequences"))
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()

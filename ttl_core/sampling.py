@@ -3,9 +3,9 @@
 EOS and padding ids).
 
 `generate()` applies, like transformers' `generate()`: the repetition penalty (prompt tokens included, left
-padding excluded), then, only when sampling, temperature, top-k, top-p and min-p. Each function takes fp32
-scores (batch, vocab) and returns new ones, with -inf on filtered tokens; tests check each against the
-matching transformers `LogitsProcessor` on random logits.
+padding excluded), then, only when sampling, temperature, top-k, top-p, min-p, typical-p and the epsilon and eta
+cutoffs. Each function takes fp32 scores (batch, vocab) and returns new ones, with -inf on filtered tokens; tests
+check each against the matching transformers `LogitsProcessor` on random logits.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 # top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does. The 20
 # new tokens stop at the model's context, as transformers' default length does.
 DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 0,
-                     "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "num_return_sequences": 1}
+                     "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                     "repetition_penalty": 1.0, "num_return_sequences": 1}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -39,8 +40,8 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 # stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0, "max_time": None,
+    "encoder_no_repeat_ngram_size": 0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
+    "max_time": None,
     "bad_words_ids": None, "force_words_ids": None, "constraints": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
@@ -103,13 +104,15 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 
 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
-                             repetition_penalty: float, num_return_sequences: int, min_new_tokens: int) -> None:
+                             typical_p: float, epsilon_cutoff: float, eta_cutoff: float, repetition_penalty: float,
+                             num_return_sequences: int, min_new_tokens: int) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
     if not is_integer(min_new_tokens) or min_new_tokens < 0:
         raise GenerationError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
+                        ("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff),
                         ("repetition_penalty", repetition_penalty)):
         if not is_number(value):
             raise GenerationError(f"{name} must be a number, got {value!r}")
@@ -124,6 +127,11 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, to
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     if not 0 <= min_p <= 1:
         raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
+    if not 0 < typical_p <= 1:
+        raise GenerationError(f"typical_p must be in (0, 1], got {typical_p}")
+    for name, cutoff in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if not 0 <= cutoff < 1:
+            raise GenerationError(f"{name} must be in [0, 1), got {cutoff}")
     if not repetition_penalty > 0:
         raise GenerationError(f"repetition_penalty must be positive, got {repetition_penalty}")
     if not is_integer(num_return_sequences) or num_return_sequences < 1:
@@ -250,8 +258,42 @@ def apply_min_p(scores: torch.Tensor, min_p: float) -> torch.Tensor:
     return scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+def apply_typical_p(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling: rank tokens by how far their surprisal is from the row's entropy and keep the
+    closest, up to the first whose cumulative probability reaches `mass` (ties with it included, one at least)."""
+    log_probs = scores.log_softmax(dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # nansum: 0 * -inf for filtered tokens
+    distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)
+    reached = (scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1) < mass).sum(dim=-1, keepdim=True)
+    drop = distance > distance.gather(-1, reached.clamp_(max=scores.shape[-1] - 1))
+    drop[..., 0] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def apply_epsilon_cutoff(scores: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Truncation sampling: drop tokens whose probability is below `epsilon`, but never the most likely one."""
+    return _drop_below(scores, scores.softmax(dim=-1), epsilon)
+
+
+def apply_eta_cutoff(scores: torch.Tensor, eta: float) -> torch.Tensor:
+    """Entropy-dependent truncation: drop tokens whose probability is below min(eta, sqrt(eta) * exp(-entropy)),
+    but never the most likely one. The entropy's sum and eta's float32 square root are computed as transformers
+    computes them (through torch.distributions.Categorical), so the threshold is its to the bit."""
+    normalized = scores - scores.logsumexp(dim=-1, keepdim=True)
+    probs = normalized.softmax(dim=-1)
+    entropy = -(normalized.clamp(min=torch.finfo(scores.dtype).min) * probs).sum(dim=-1)
+    eta_tensor = torch.full_like(entropy, eta)  # a fill, not a host copy: fine inside a CUDA graph
+    return _drop_below(scores, scores.softmax(dim=-1),
+                       torch.minimum(eta_tensor, eta_tensor.sqrt() * torch.exp(-entropy))[..., None])
+
+
+def _drop_below(scores: torch.Tensor, probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    return scores.masked_fill((probs < threshold) & (scores < scores.amax(dim=-1, keepdim=True)), float("-inf"))
+
+
 def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: bool, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
+                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
                    repetition_penalty: float = 1.0) -> torch.Tensor:
     """The processors transformers' `generate()` would apply, in its order; `scores` should be fp32."""
     if repetition_penalty != 1.0:
@@ -266,6 +308,12 @@ def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: b
         scores = apply_top_p(scores, top_p)
     if min_p:
         scores = apply_min_p(scores, min_p)
+    if typical_p < 1.0:
+        scores = apply_typical_p(scores, typical_p)
+    if epsilon_cutoff:
+        scores = apply_epsilon_cutoff(scores, epsilon_cutoff)
+    if eta_cutoff:
+        scores = apply_eta_cutoff(scores, eta_cutoff)
     return scores
 
 
