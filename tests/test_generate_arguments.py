@@ -46,6 +46,7 @@ def models(tmp_path_factory):
     (dict(do_sample=True, num_return_sequences=True), "num_return_sequences must be a positive integer, got True"),
     (dict(do_sample="False"), "do_sample must be True or False, got 'False'"),  # a non-empty string is truthy
     (dict(min_new_tokens=-1), "min_new_tokens must be an integer >= 0, got -1"),
+    (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0, got 1.5"),
     (dict(do_sample=True, typical_p=0.0), r"typical_p must be in \(0, 1\], got 0.0"),
     (dict(do_sample=True, epsilon_cutoff=1.0), r"epsilon_cutoff must be in \[0, 1\), got 1.0"),
     (dict(do_sample=True, eta_cutoff=-0.1), r"eta_cutoff must be in \[0, 1\), got -0.1"),
@@ -122,7 +123,8 @@ def test_range_edges_are_accepted(models):
         sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, seed=1, **edge)
         assert torch.equal(sampled, greedy), edge
     check_sampling_arguments(True, MIN_TEMPERATURE, top_k=0, top_p=1.0, min_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
-                             eta_cutoff=0.0, repetition_penalty=1.0, num_return_sequences=1, min_new_tokens=0)
+                             eta_cutoff=0.0, repetition_penalty=1.0, num_return_sequences=1, min_new_tokens=0,
+                             no_repeat_ngram_size=0)
     every_id = list(range(ours.config.vocab_size))  # each row ends at its first token: a quick call
     full = ttl_core.generate(ours, ids, mask, max_new_tokens=ours.config.max_position_embeddings - 9,
                              eos_token_id=every_id, pad_token_id=PAD)
@@ -197,6 +199,23 @@ def test_min_lengths_keep_eos_away_as_in_transformers(models, lengths, do_sample
     assert torch.equal(got, expected)
     without = ttl_core.generate(ours, ids, mask, seed=seed, **kwargs)
     assert got.shape[1] == without.shape[1] if lengths == dict(min_length=4) else got.shape[1] > without.shape[1]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 12, 40])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_no_repeat_ngram_size_blocks_as_in_transformers(models, size, do_sample):
+    """A token that would repeat an n-gram of the row (left padding and prompt included, as transformers reads
+    the row) is never chosen; greedy, or sampling at a low temperature, the rows would repeat themselves."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=24, do_sample=do_sample, temperature=0.1, top_k=0, eos_token_id=[5, 6],
+                  pad_token_id=PAD, num_return_sequences=2 if do_sample else 1)
+    torch.manual_seed(3)
+    expected = hf.generate(ids, attention_mask=mask, no_repeat_ngram_size=size, **kwargs)
+    got = ttl_core.generate(ours, ids, mask, seed=3 if do_sample else None, no_repeat_ngram_size=size, **kwargs)
+    assert torch.equal(got, expected)
+    unblocked = ttl_core.generate(ours, ids, mask, seed=3 if do_sample else None, **kwargs)
+    assert not torch.equal(got, unblocked) or size >= 12  # 40: longer than the rows
 
 
 def test_a_checkpoint_min_length_applies_without_a_warning(models, monkeypatch):

@@ -183,12 +183,13 @@ class KVDecoder:
 
 class _Decoding:
     """What a generation tracks on the device: the tokens produced (in a fixed-size buffer), which rows have
-    finished and after how many tokens, which tokens each row has seen (for the repetition penalty) and the
-    sampling RNG. `advance(logits)` is the whole per-step update, in place, so it can be part of a CUDA graph;
-    `reset(...)` starts a new generation in the same tensors."""
+    finished and after how many tokens, which tokens each row has seen (for the repetition penalty), the whole
+    rows (for n-gram blocking) and the sampling RNG. `advance(logits)` is the whole per-step update, in place, so
+    it can be part of a CUDA graph; `reset(...)` starts a new generation in the same tensors."""
 
-    def __init__(self, batch: int, max_new_tokens: int, min_new_tokens: int, vocab: int, eos: list[int],
-                 pad: int | None, do_sample: bool, seeded: bool, processors: dict, device: torch.device):
+    def __init__(self, prompt_shape: torch.Size, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
+                 do_sample: bool, seeded: bool, settings: dict, device: torch.device):
+        batch, self.prompt_len = prompt_shape
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -197,8 +198,17 @@ class _Decoding:
         self.done_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
-        self.min_new_tokens = min_new_tokens  # until then the EOS ids' scores are -inf, as in transformers
-        self.eos_ids = torch.isin(torch.arange(vocab, device=device), self.eos) if self.eos is not None else None
+        processors = dict(settings)
+        # these two need the step and the rows so far, so they are applied here; the rest in process_logits
+        self.min_new_tokens, self.ngram_size = processors.pop("min_new_tokens"), processors.pop("no_repeat_ngram_size")
+        self.eos_ids = (torch.isin(torch.arange(vocab, device=device), self.eos)
+                        if self.eos is not None and self.min_new_tokens else None)
+        if self.ngram_size and self.ngram_size <= self.prompt_len + max_new_tokens:  # else no n-gram ever fits
+            self.rows = torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
+            self.ngram_starts = torch.arange(self.rows.shape[1] - self.ngram_size + 1, device=device)
+            self.ngram_prefix = torch.arange(1 - self.ngram_size, 0, device=device)  # the n - 1 last, as offsets
+        else:
+            self.rows = None
         # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
@@ -219,17 +229,34 @@ class _Decoding:
         self.scores_ok.fill_(True)
         if self.generator is not None and seed is not None:
             self.generator.manual_seed(seed)
+        if self.rows is not None:
+            self.rows[:, :self.prompt_len].copy_(input_ids)
+
+    def _blocked(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` with -inf where transformers' min_new_tokens and no_repeat_ngram_size put it. It sets them after
+        the repetition penalty, which leaves -inf as it is, so setting them first gives the same scores."""
+        if self.eos_ids is not None:
+            logits = logits.masked_fill(self.eos_ids & (self.column < self.min_new_tokens), float("-inf"))
+        if self.rows is None:
+            return logits
+        # a token is blocked where it would end an n-gram already in the row: one starting inside the row whose
+        # first n - 1 tokens are the row's last n - 1 (the row as transformers reads it: left padding included)
+        length = self.prompt_len + self.column
+        ngrams = self.rows.unfold(1, self.ngram_size, 1)
+        prefix = self.rows.index_select(1, (length + self.ngram_prefix).clamp_min(0))
+        repeated = (ngrams[..., :-1] == prefix[:, None]).all(dim=-1) & (self.ngram_starts <= length - self.ngram_size)
+        hits = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, ngrams[..., -1], repeated.int())
+        return logits.masked_fill(hits > 0, float("-inf"))
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
-        logits = logits.float()
-        if self.eos_ids is not None and self.min_new_tokens:  # before the penalty, which leaves -inf as it is
-            logits = logits.masked_fill(self.eos_ids & (self.column < self.min_new_tokens), float("-inf"))
-        scores = process_logits(logits, seen, self.do_sample, **self.processors)
+        scores = process_logits(self._blocked(logits.float()), seen, self.do_sample, **self.processors)
         self.scores_ok &= torch.isfinite(scores.amax(dim=-1)).all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
+        if self.rows is not None:
+            self.rows.index_copy_(1, self.prompt_len + self.column, token[:, None])
         self.column.add_(1)
         if self.eos is not None:
             hit = (token[:, None] == self.eos).any(dim=-1) & ~self.finished
@@ -280,12 +307,12 @@ class _Session:
     CUDA graph instead of allocating and capturing again; `lock` keeps concurrent calls from sharing it."""
 
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, min_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool,
-                 seeded: bool, processors: dict, cuda_graph: bool):
+                 max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
+                 settings: dict, cuda_graph: bool):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
-        self.state = _Decoding(input_ids.shape[0], max_new_tokens, min_new_tokens, model.config.vocab_size, eos, pad,
-                               do_sample, seeded, processors, input_ids.device)
+        self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
+                               settings, input_ids.device)
 
         decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
 
@@ -363,7 +390,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              cuda_graph: bool = True, max_length: int | None = None, min_new_tokens: int | None = None,
              min_length: int | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-             eta_cutoff: float | None = None) -> torch.Tensor:
+             eta_cutoff: float | None = None, no_repeat_ngram_size: int | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -400,17 +427,17 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
-                                     repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
-        max_new_tokens, min_new_tokens, do_sample, num_return_sequences = (
-            settings.pop(name) for name in ("max_new_tokens", "min_new_tokens", "do_sample", "num_return_sequences"))
+                                     repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                     num_return_sequences=num_return_sequences)
+        max_new_tokens, do_sample, num_return_sequences = (
+            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences"))
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
                           "does not implement: it decodes as if they were unset, unlike transformers' generate()",
                           stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
-        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, min_new_tokens=min_new_tokens,
-                                 **settings)
+        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
@@ -426,11 +453,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
-        key = (tuple(input_ids.shape), max_new_tokens, min_new_tokens, device, do_sample, seed is not None,
-               tuple(settings.values()), tuple(eos), pad, graphed, _forward_fingerprint(model))
-        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens,
-                                                                min_new_tokens, eos, pad, do_sample, seed is not None,
-                                                                settings, graphed))
+        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
+               tuple(eos), pad, graphed, _forward_fingerprint(model))
+        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
+                                                                pad, do_sample, seed is not None, settings, graphed))
         try:
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
         finally:

@@ -32,17 +32,16 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 # new tokens stop at the model's context, as transformers' default length does.
 DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 0,
                      "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-                     "repetition_penalty": 1.0, "num_return_sequences": 1}
+                     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
 # implement, each with the value that changes nothing (None, an empty list and these values are ignored).
 # stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
-    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0, "no_repeat_ngram_size": 0,
+    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
-    "max_time": None,
-    "bad_words_ids": None, "force_words_ids": None, "constraints": None, "suppress_tokens": None,
+    "max_time": None, "bad_words_ids": None, "force_words_ids": None, "constraints": None, "suppress_tokens": None,
     "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
     "token_healing": False, "remove_invalid_values": False}
@@ -105,10 +104,11 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
                              typical_p: float, epsilon_cutoff: float, eta_cutoff: float, repetition_penalty: float,
-                             num_return_sequences: int, min_new_tokens: int) -> None:
+                             num_return_sequences: int, min_new_tokens: int, no_repeat_ngram_size: int) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
-    if not is_integer(min_new_tokens) or min_new_tokens < 0:
-        raise GenerationError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    for name, value in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size)):
+        if not is_integer(value) or value < 0:
+            raise GenerationError(f"{name} must be an integer >= 0, got {value!r}")
     if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
