@@ -275,3 +275,21 @@ def test_bad_token_ids_in_the_checkpoint_are_named(models, monkeypatch, saved, m
     monkeypatch.setattr(ours, "generation_config", saved)
     with pytest.raises(GenerationError, match=message):
         ttl_core.generate(ours, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+
+
+def test_blocking_every_token_picks_transformers_greedy_token_and_names_the_cause_when_sampling(models):
+    """no_repeat_ngram_size=1 over a row that holds every id, or min_new_tokens with every id an EOS id, leaves no
+    token: transformers' greedy argmax then picks id 0 and its sampling fails. ttl raised in both, blaming the
+    model's logits."""
+    hf, ours = models
+    vocab = ours.config.vocab_size
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(4))[None, :vocab - 5]
+    mask = torch.ones_like(ids)
+    every_id = list(range(vocab))
+    for blocking in (dict(no_repeat_ngram_size=1, eos_token_id=[]), dict(min_new_tokens=3, eos_token_id=every_id)):
+        kwargs = dict(max_new_tokens=8, pad_token_id=PAD, **blocking)
+        expected = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+        assert expected[0, -1] == 0  # every id blocked (then, in the second, id 0 is an EOS id and ends the row)
+        assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
+        with pytest.raises(GenerationError, match="or min_new_tokens and no_repeat_ngram_size left no token"):
+            ttl_core.generate(ours, ids, mask, do_sample=True, seed=0, **kwargs)

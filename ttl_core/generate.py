@@ -203,12 +203,11 @@ class _Decoding:
         self.min_new_tokens, self.ngram_size = processors.pop("min_new_tokens"), processors.pop("no_repeat_ngram_size")
         self.eos_ids = (torch.isin(torch.arange(vocab, device=device), self.eos)
                         if self.eos is not None and self.min_new_tokens else None)
+        self.rows = None
         if self.ngram_size and self.ngram_size <= self.prompt_len + max_new_tokens:  # else no n-gram ever fits
             self.rows = torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
             self.ngram_starts = torch.arange(self.rows.shape[1] - self.ngram_size + 1, device=device)
             self.ngram_prefix = torch.arange(1 - self.ngram_size, 0, device=device)  # the n - 1 last, as offsets
-        else:
-            self.rows = None
         # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
@@ -232,26 +231,31 @@ class _Decoding:
         if self.rows is not None:
             self.rows[:, :self.prompt_len].copy_(input_ids)
 
-    def _blocked(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` with -inf where transformers' min_new_tokens and no_repeat_ngram_size put it. It sets them after
-        the repetition penalty, which leaves -inf as it is, so setting them first gives the same scores."""
-        if self.eos_ids is not None:
-            logits = logits.masked_fill(self.eos_ids & (self.column < self.min_new_tokens), float("-inf"))
+    def _blocked(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Where transformers' min_new_tokens and no_repeat_ngram_size put -inf in `logits` (None: nowhere). It
+        sets them after the repetition penalty, which leaves -inf as it is, so setting them first gives its scores."""
+        blocked = self.eos_ids & (self.column < self.min_new_tokens) if self.eos_ids is not None else None
         if self.rows is None:
-            return logits
+            return blocked
         # a token is blocked where it would end an n-gram already in the row: one starting inside the row whose
         # first n - 1 tokens are the row's last n - 1 (the row as transformers reads it: left padding included)
         length = self.prompt_len + self.column
         ngrams = self.rows.unfold(1, self.ngram_size, 1)
         prefix = self.rows.index_select(1, (length + self.ngram_prefix).clamp_min(0))
         repeated = (ngrams[..., :-1] == prefix[:, None]).all(dim=-1) & (self.ngram_starts <= length - self.ngram_size)
-        hits = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, ngrams[..., -1], repeated.int())
-        return logits.masked_fill(hits > 0, float("-inf"))
+        hits = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, ngrams[..., -1], repeated.int()) > 0
+        return hits if blocked is None else hits | blocked
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
-        scores = process_logits(self._blocked(logits.float()), seen, self.do_sample, **self.processors)
-        self.scores_ok &= torch.isfinite(scores.amax(dim=-1)).all()
+        logits, blocked = logits.float(), self._blocked(logits)
+        if blocked is not None:
+            logits = logits.masked_fill(blocked, float("-inf"))
+        scores = process_logits(logits, seen, self.do_sample, **self.processors)
+        finite = torch.isfinite(scores.amax(dim=-1))
+        if blocked is not None and not self.do_sample:  # a row left no token: transformers' argmax picks id 0
+            finite |= blocked.all(dim=-1)
+        self.scores_ok &= finite.all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
@@ -404,7 +408,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     its `max_length` and `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
     where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search,
-    n-gram blocking, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
+    bad_words_ids, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
@@ -489,6 +493,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if not bool(state.scores_ok):
         cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
+        if state.do_sample and (state.eos_ids is not None or state.rows is not None):  # transformers fails there too
+            cause += ", or min_new_tokens and no_repeat_ngram_size left no token"
         raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
                               f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced
