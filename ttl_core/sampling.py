@@ -85,11 +85,13 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
     for length_name, new_tokens_name, given_length in (("max_length", "max_new_tokens", max_length),
                                                        ("min_length", "min_new_tokens", min_length)):
         total = given_length if given_length is not None else saved.get(length_name)
-        if total is None or merged.get(new_tokens_name) is not None:
+        if total is None:
             continue
         source, whose = ("generation_config.json: ", "the checkpoint's ") if given_length is None else ("", "")
-        if not is_integer(total) or total < 0:
+        if not is_integer(total) or total < 0:  # also where the number of new tokens wins: a wrong value is an error
             raise GenerationError(f"{source}{length_name} must be an integer >= 0, got {total!r}")
+        if merged.get(new_tokens_name) is not None:
+            continue
         if length_name == "max_length" and total <= prompt_len:
             raise GenerationError(f"the prompt's {prompt_len} tokens already fill {whose}max_length of {total}: no "
                                   "room for new tokens")
