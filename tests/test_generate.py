@@ -318,8 +318,9 @@ def gpu_models(tmp_path, dtype, attention="sdpa"):
 @pytest.mark.parametrize("attention", ["sdpa", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
-    """Token for token, including sampling (the graph replays the seeded RNG) and a second call that reuses
-    the captured graph with other prompts; "auto" decodes with flash-attn in bf16 when it is installed."""
+    """Token for token, including sampling (the graph replays the seeded RNG, or torch's global one) and a second
+    call that reuses the captured graph with other prompts; "auto" decodes with flash-attn in bf16 when it is
+    installed."""
     ours = gpu_models(tmp_path, dtype, attention)
     ids, mask = cuda_batch(ours.config.vocab_size)
     other = torch.randint(4, ours.config.vocab_size, ids.shape, generator=torch.Generator().manual_seed(2))
@@ -327,9 +328,13 @@ def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
     for kwargs in (dict(repetition_penalty=1.2),
                    dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=3,
                         num_return_sequences=2),
-                   dict(eos_token_id=[5, 6, 7, 8])):
+                   dict(eos_token_id=[5, 6, 7, 8]),
+                   dict(do_sample=True, typical_p=0.9, eta_cutoff=1e-3, no_repeat_ngram_size=3, min_new_tokens=20,
+                        eos_token_id=[5, 6, 7, 8])):
         ttl_core.generate(ours, ids, mask, max_new_tokens=64, **kwargs)
+        torch.manual_seed(7)
         graphed = ttl_core.generate(ours, other, mask, max_new_tokens=64, **kwargs)
+        torch.manual_seed(7)
         eager = ttl_core.generate(ours, other, mask, max_new_tokens=64, cuda_graph=False, **kwargs)
         assert torch.equal(graphed, eager), kwargs
 

@@ -53,6 +53,7 @@ def models(tmp_path_factory):
     (dict(do_sample=True, eta_cutoff="0.1"), "eta_cutoff must be a number, got '0.1'"),
     (dict(min_length=2.5), "min_length must be an integer >= 0, got 2.5"),
     (dict(max_new_tokens=None, max_length="20"), "max_length must be an integer >= 0, got '20'"),
+    (dict(max_new_tokens=None, max_length=10**9), "^max_length of 1000000000 exceeds the model's context of 256 "),
     (dict(max_new_tokens=3, max_length=-1), "max_length must be an integer >= 0, got -1"),  # unused, still wrong
     (dict(min_new_tokens=2, min_length="4"), "min_length must be an integer >= 0, got '4'"),
 ])

@@ -65,8 +65,7 @@ class StaticKVCache:
     For SDPA the storage is (batch, kv_heads, max_len, head_dim) per layer, which SDPA reads without a copy.
     With `flash=True` the storage is flash-attn's (batch, max_len, kv_heads, head_dim) and, while `attends`
     is set, the model calls `attend()` instead, which appends and attends in one `flash_attn_with_kvcache`
-    kernel (`seqlens` are the absolute cache lengths, `leftpad` the left padding of each row, both int32 as
-    flash-attn wants)."""
+    kernel (`seqlens`: the absolute cache lengths, `leftpad`: each row's left padding, int32 as flash-attn wants)."""
 
     def __init__(self, config: LlamaConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  flash: bool = False):

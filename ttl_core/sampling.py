@@ -95,6 +95,8 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
         if length_name == "max_length" and total <= prompt_len:
             raise GenerationError(f"the prompt's {prompt_len} tokens already fill {whose}max_length of {total}: no "
                                   "room for new tokens")
+        if length_name == "max_length" and context is not None and total > context:
+            raise GenerationError(f"{whose}max_length of {total} exceeds the model's context of {context} positions")
         merged[new_tokens_name] = max(total - prompt_len, 0)
     if merged.get("max_new_tokens") is None and context is not None:
         if prompt_len >= context:
