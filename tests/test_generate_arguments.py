@@ -126,8 +126,7 @@ def test_range_edges_are_accepted(models):
         sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, seed=1, **edge)
         assert torch.equal(sampled, greedy), edge
     check_sampling_arguments(True, MIN_TEMPERATURE, top_k=0, top_p=1.0, min_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
-                             eta_cutoff=0.0, repetition_penalty=1.0, num_return_sequences=1, min_new_tokens=0,
-                             no_repeat_ngram_size=0)
+                             eta_cutoff=0.0, repetition_penalty=1.0, num_return_sequences=1)
     every_id = list(range(ours.config.vocab_size))  # each row ends at its first token: a quick call
     full = ttl_core.generate(ours, ids, mask, max_new_tokens=ours.config.max_position_embeddings - 9,
                              eos_token_id=every_id, pad_token_id=PAD)
@@ -294,5 +293,6 @@ def test_blocking_every_token_picks_transformers_greedy_token_and_names_the_caus
         expected = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
         assert expected[0, -1] == 0  # every id blocked (then, in the second, id 0 is an EOS id and ends the row)
         assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
-        with pytest.raises(GenerationError, match="or min_new_tokens and no_repeat_ngram_size left no token"):
+        with pytest.raises(GenerationError, match=r"or the token rules \(min_new_tokens, no_repeat_ngram_size, "
+                                                  r"bad_words_ids, ...\) left no token"):
             ttl_core.generate(ours, ids, mask, do_sample=True, seed=0, **kwargs)

@@ -30,9 +30,11 @@ from .attention import causal_mask, requested_backend
 from .config import LlamaConfig
 from .errors import GenerationError, is_integer
 from .model import LlamaForCausalLM, autocast_dtype
-from .sampling import (check_sampling_arguments, checked_inputs, decoding_settings, global_generator, process_logits,
-                       sample, special_token_ids, stop_string_matcher, unimplemented_settings)
+from .sampling import (check_sampling_arguments, checked_inputs, checked_token_rules, decoding_settings,
+                       global_generator, process_logits, sample, special_token_ids, stop_string_matcher,
+                       unimplemented_settings)
 from .streamer import StopStrings
+from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished. On
 # CUDA a check is a device sync, while in between the host queues graph replays without waiting; the at most this
@@ -183,11 +185,11 @@ class KVDecoder:
 class _Decoding:
     """What a generation tracks on the device: the tokens produced (in a fixed-size buffer), which rows have
     finished and after how many tokens, which tokens each row has seen (for the repetition penalty), the whole
-    rows (for n-gram blocking) and the sampling RNG. `advance(logits)` is the whole per-step update, in place, so
-    it can be part of a CUDA graph; `reset(...)` starts a new generation in the same tensors."""
+    rows where the token rules read them, and the sampling RNG. `advance(logits)` is the whole per-step update, in
+    place, so it can be part of a CUDA graph; `reset(...)` starts a new generation in the same tensors."""
 
     def __init__(self, prompt_shape: torch.Size, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
-                 do_sample: bool, seeded: bool, settings: dict, device: torch.device):
+                 do_sample: bool, seeded: bool, processors: dict, rules: dict, device: torch.device):
         batch, self.prompt_len = prompt_shape
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
@@ -197,16 +199,9 @@ class _Decoding:
         self.done_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
-        processors = dict(settings)
-        # these two need the step and the rows so far, so they are applied here; the rest in process_logits
-        self.min_new_tokens, self.ngram_size = processors.pop("min_new_tokens"), processors.pop("no_repeat_ngram_size")
-        self.eos_ids = (torch.isin(torch.arange(vocab, device=device), self.eos)
-                        if self.eos is not None and self.min_new_tokens else None)
-        self.rows = None
-        if self.ngram_size and self.ngram_size <= self.prompt_len + max_new_tokens:  # else no n-gram ever fits
-            self.rows = torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
-            self.ngram_starts = torch.arange(self.rows.shape[1] - self.ngram_size + 1, device=device)
-            self.ngram_prefix = torch.arange(1 - self.ngram_size, 0, device=device)  # the n - 1 last, as offsets
+        self.rules = TokenRules(rules, eos, vocab, self.prompt_len, max_new_tokens, device)
+        self.rows = (torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
+                     if self.rules.needs_rows else None)
         # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
         penalize = processors["repetition_penalty"] != 1.0
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
@@ -230,30 +225,15 @@ class _Decoding:
         if self.rows is not None:
             self.rows[:, :self.prompt_len].copy_(input_ids)
 
-    def _blocked(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Where transformers' min_new_tokens and no_repeat_ngram_size put -inf in `logits` (None: nowhere). It
-        sets them after the repetition penalty, which leaves -inf as it is, so setting them first gives its scores."""
-        blocked = self.eos_ids & (self.column < self.min_new_tokens) if self.eos_ids is not None else None
-        if self.rows is None:
-            return blocked
-        # a token is blocked where it would end an n-gram already in the row: one starting inside the row whose
-        # first n - 1 tokens are the row's last n - 1 (the row as transformers reads it: left padding included)
-        length = self.prompt_len + self.column
-        ngrams = self.rows.unfold(1, self.ngram_size, 1)
-        prefix = self.rows.index_select(1, (length + self.ngram_prefix).clamp_min(0))
-        repeated = (ngrams[..., :-1] == prefix[:, None]).all(dim=-1) & (self.ngram_starts <= length - self.ngram_size)
-        hits = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, ngrams[..., -1], repeated.int()) > 0
-        return hits if blocked is None else hits | blocked
-
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
-        logits, blocked = logits.float(), self._blocked(logits)
-        if blocked is not None:
-            logits = logits.masked_fill(blocked, float("-inf"))
+        logits = logits.float()
+        if self.rules.active:
+            logits = self.rules(logits, self.rows, self.prompt_len + self.column, self.column)
         scores = process_logits(logits, seen, self.do_sample, **self.processors)
         finite = torch.isfinite(scores.amax(dim=-1))
-        if blocked is not None and not self.do_sample:  # a row left no token: transformers' argmax picks id 0
-            finite |= blocked.all(dim=-1)
+        if self.rules.active and not self.do_sample:  # the rules left a row no token: transformers' argmax picks 0
+            finite |= torch.isneginf(logits).all(dim=-1)
         self.scores_ok &= finite.all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
@@ -311,11 +291,11 @@ class _Session:
 
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
-                 settings: dict, cuda_graph: bool):
+                 processors: dict, rules: dict, cuda_graph: bool):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
         self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
-                               settings, input_ids.device)
+                               processors, rules, input_ids.device)
 
         decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
 
@@ -393,7 +373,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              cuda_graph: bool = True, max_length: int | None = None, min_new_tokens: int | None = None,
              min_length: int | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-             eta_cutoff: float | None = None, no_repeat_ngram_size: int | None = None) -> torch.Tensor:
+             eta_cutoff: float | None = None, no_repeat_ngram_size: int | None = None,
+             sequence_bias: dict | list | None = None, bad_words_ids: list[list[int]] | None = None,
+             suppress_tokens: list[int] | None = None, begin_suppress_tokens: list[int] | None = None,
+             forced_eos_token_id: int | list[int] | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -431,7 +414,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
                                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                     num_return_sequences=num_return_sequences)
+                                     num_return_sequences=num_return_sequences, sequence_bias=sequence_bias,
+                                     bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens,
+                                     begin_suppress_tokens=begin_suppress_tokens,
+                                     forced_eos_token_id=forced_eos_token_id)
         max_new_tokens, do_sample, num_return_sequences = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences"))
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
@@ -440,6 +426,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
                           "does not implement: it decodes as if they were unset, unlike transformers' generate()",
                           stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
+        rules = checked_token_rules({name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}, model.config.vocab_size)
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
@@ -457,9 +444,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
-               tuple(eos), pad, graphed, _forward_fingerprint(model))
-        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos,
-                                                                pad, do_sample, seed is not None, settings, graphed))
+               tuple(rules.values()), tuple(eos), pad, graphed, _forward_fingerprint(model))
+        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
+                                                                do_sample, seed is not None, settings, rules, graphed))
         try:
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
         finally:
@@ -492,8 +479,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if not bool(state.scores_ok):
         cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
-        if state.do_sample and (state.eos_ids is not None or state.rows is not None):  # transformers fails there too
-            cause += ", or min_new_tokens and no_repeat_ngram_size left no token"
+        if state.do_sample and state.rules.active:  # transformers fails there too
+            cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
         raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
                               f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced

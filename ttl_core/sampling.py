@@ -32,7 +32,9 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 # new tokens stop at the model's context, as transformers' default length does.
 DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 0,
                      "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-                     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1}
+                     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
+                     "sequence_bias": None, "bad_words_ids": None, "suppress_tokens": None,
+                     "begin_suppress_tokens": None, "forced_eos_token_id": None}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -41,8 +43,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
-    "max_time": None, "bad_words_ids": None, "force_words_ids": None, "constraints": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "max_time": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
     "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
     "token_healing": False, "remove_invalid_values": False}
 
@@ -108,11 +109,8 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
                              typical_p: float, epsilon_cutoff: float, eta_cutoff: float, repetition_penalty: float,
-                             num_return_sequences: int, min_new_tokens: int, no_repeat_ngram_size: int) -> None:
+                             num_return_sequences: int) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
-    for name, value in (("min_new_tokens", min_new_tokens), ("no_repeat_ngram_size", no_repeat_ngram_size)):
-        if not is_integer(value) or value < 0:
-            raise GenerationError(f"{name} must be an integer >= 0, got {value!r}")
     if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
@@ -199,6 +197,35 @@ def _token_list(ids: Any, name: str, vocab: int) -> list[int]:
         if not is_integer(i) or not 0 <= i < vocab:
             raise GenerationError(f"{name} {i!r} is not a token id in [0, {vocab})")
     return ids
+
+
+def checked_token_rules(rules: dict[str, Any], vocab: int) -> dict[str, Any]:
+    """The settings of `ttl_core.token_rules.TOKEN_RULE_SETTINGS` checked (token ids inside the vocabulary, one-line
+    errors) and made hashable, as a decoding session's key needs: id lists as tuples (None for none), a
+    sequence_bias (transformers' dict, or the list of [ids, bias] pairs a generation_config.json holds) as pairs."""
+    checked = dict(rules)
+    for name in ("min_new_tokens", "no_repeat_ngram_size"):
+        if not is_integer(rules[name]) or rules[name] < 0:
+            raise GenerationError(f"{name} must be an integer >= 0, got {rules[name]!r}")
+    for name in ("suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"):
+        checked[name] = tuple(_token_list(rules[name], name, vocab)) or None
+
+    def sequence(ids: Any, name: str) -> tuple[int, ...]:
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise GenerationError(f"{name} must hold non-empty lists of token ids, got {ids!r}")
+        return tuple(_token_list(list(ids), name, vocab))
+
+    bad_words, bias = rules["bad_words_ids"], rules["sequence_bias"]
+    if bad_words is not None:
+        if not isinstance(bad_words, (list, tuple)):
+            raise GenerationError(f"bad_words_ids must be a list of lists of token ids, got {bad_words!r}")
+        checked["bad_words_ids"] = tuple(sequence(ids, "bad_words_ids") for ids in bad_words) or None
+    if bias is not None:
+        pairs = list(bias.items() if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else [bias])
+        if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 and is_number(pair[1]) for pair in pairs):
+            raise GenerationError(f"sequence_bias must map token id sequences to numbers, got {bias!r}")
+        checked["sequence_bias"] = tuple((sequence(ids, "sequence_bias"), float(b)) for ids, b in pairs) or None
+    return checked
 
 
 def _without_none_marks(ids: object) -> object:

@@ -1,0 +1,88 @@
+"""ttl_core.token_rules' processors (sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
+forced_eos_token_id) through generate(), token for token against transformers' generate(), greedy and sampled."""
+
+import pytest
+import torch
+from generation_helpers import PAD, left_padded, saved_models
+
+import ttl_core
+from ttl_core.errors import GenerationError
+
+NEW = 12  # new tokens a call
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return saved_models(tmp_path_factory.mktemp("rules"))
+
+
+@pytest.fixture(scope="module")
+def greedy_tokens(models):
+    """Each row's greedy new tokens without any rule: the rules below name them, so that each has an effect."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    return ttl_core.generate(ours, ids, mask, max_new_tokens=NEW, eos_token_id=[])[:, 9:].tolist()
+
+
+def rule_cases(g: list[list[int]]) -> dict[str, dict]:
+    return {
+        "sequence_bias": dict(sequence_bias={(g[0][0],): -4.0, (g[1][1], g[1][2]): -30.0, (g[2][3],): 2.5,
+                                             (g[2][0], g[2][1], g[2][2]): -1e9, (g[1][0], g[1][1]): 0.75}),
+        # a bad word that is one EOS id (5) bans nothing, as in transformers
+        "bad_words_ids": dict(bad_words_ids=[[g[0][0]], [g[1][1], g[1][2]], [g[2][0], g[2][1], g[2][2]], [5]]),
+        "suppress_tokens": dict(suppress_tokens=[g[0][0], g[1][0], g[2][4]]),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=[g[0][0], g[1][0], g[2][0]]),
+        "forced_eos_token_id": dict(forced_eos_token_id=[7, 8]),
+    }
+
+
+@pytest.mark.parametrize("rule", ["sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                                  "forced_eos_token_id"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_token_rules_match_transformers(models, greedy_tokens, rule, do_sample):
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    settings = rule_cases(greedy_tokens)[rule]
+    kwargs = dict(max_new_tokens=NEW, do_sample=do_sample, top_k=0, temperature=0.5, repetition_penalty=1.3,
+                  eos_token_id=[5], pad_token_id=PAD, num_return_sequences=2 if do_sample else 1)
+    seed = 1 if do_sample else None
+    torch.manual_seed(1)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs, **settings)
+    got = ttl_core.generate(ours, ids, mask, seed=seed, **kwargs, **settings)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, ttl_core.generate(ours, ids, mask, seed=seed, **kwargs))  # the rule had an effect
+
+
+def test_rules_from_the_checkpoint_together_as_in_transformers(models, greedy_tokens, monkeypatch):
+    """All five at once, read from generation_config.json (where transformers writes a sequence_bias as a list of
+    [ids, bias] pairs), with n-gram blocking and min_new_tokens: each in transformers' order."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    saved = {name: value for case in rule_cases(greedy_tokens).values() for name, value in case.items()}
+    saved.update(no_repeat_ngram_size=2, min_new_tokens=4)
+    for name, value in saved.items():
+        monkeypatch.setattr(hf.generation_config, name, value)
+    saved["sequence_bias"] = [[list(sequence), bias] for sequence, bias in saved["sequence_bias"].items()]
+    monkeypatch.setattr(ours, "generation_config", saved)
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=[5, 7], pad_token_id=PAD)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), hf.generate(ids, attention_mask=mask, **kwargs))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(bad_words_ids=[[]]), r"bad_words_ids must hold non-empty lists of token ids, got \[\]"),
+    (dict(bad_words_ids=[4, 5]), "bad_words_ids must hold non-empty lists of token ids, got 4"),
+    (dict(bad_words_ids=[[4, 131]]), r"bad_words_ids 131 is not a token id in \[0, 131\)"),
+    (dict(bad_words_ids=7), "bad_words_ids must be a list of lists of token ids, got 7"),
+    (dict(sequence_bias={(3,): "x"}), "sequence_bias must map token id sequences to numbers"),
+    (dict(sequence_bias=[[[3, 4]]]), "sequence_bias must map token id sequences to numbers"),
+    (dict(sequence_bias={(): 1.0}), r"sequence_bias must hold non-empty lists of token ids, got \(\)"),
+    (dict(suppress_tokens=[-1]), r"suppress_tokens -1 is not a token id in \[0, 131\)"),
+    (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens 'a' is not a token id"),
+    (dict(forced_eos_token_id=131), r"forced_eos_token_id 131 is not a token id in \[0, 131\)"),
+])
+def test_bad_rules_are_one_line_errors(models, kwargs, message):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with pytest.raises(GenerationError, match=message) as info:
+        ttl_core.generate(ours, ids, mask, max_new_tokens=3, **kwargs)
+    assert "\n" not in str(info.value)
