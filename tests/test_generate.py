@@ -318,9 +318,8 @@ def gpu_models(tmp_path, dtype, attention="sdpa"):
 @pytest.mark.parametrize("attention", ["sdpa", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
-    """Token for token, including sampling (the graph replays the seeded RNG, or torch's global one) and a second
-    call that reuses the captured graph with other prompts; "auto" decodes with flash-attn in bf16 when it is
-    installed."""
+    """Token for token, sampling included (the graph replays a seeded or the global RNG), and a second call that
+    reuses the captured graph with other prompts; "auto" decodes with flash-attn in bf16 where it is installed."""
     ours = gpu_models(tmp_path, dtype, attention)
     ids, mask = cuda_batch(ours.config.vocab_size)
     other = torch.randint(4, ours.config.vocab_size, ids.shape, generator=torch.Generator().manual_seed(2))
