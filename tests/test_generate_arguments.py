@@ -47,6 +47,8 @@ def models(tmp_path_factory):
     (dict(do_sample="False"), "do_sample must be True or False, got 'False'"),  # a non-empty string is truthy
     (dict(min_new_tokens=-1), "min_new_tokens must be an integer >= 0, got -1"),
     (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0, got 1.5"),
+    (dict(do_sample=True, top_h=0.0), r"top_h must be in \(0, 1\], got 0.0"),
+    (dict(do_sample=True, top_h="1"), "top_h must be a number, got '1'"),
     (dict(do_sample=True, typical_p=0.0), r"typical_p must be in \(0, 1\], got 0.0"),
     (dict(do_sample=True, epsilon_cutoff=1.0), r"epsilon_cutoff must be in \[0, 1\), got 1.0"),
     (dict(do_sample=True, eta_cutoff=-0.1), r"eta_cutoff must be in \[0, 1\), got -0.1"),
@@ -125,8 +127,8 @@ def test_range_edges_are_accepted(models):
     for edge in (dict(min_p=1.0), dict(top_p=1e-9)):
         sampled = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, seed=1, **edge)
         assert torch.equal(sampled, greedy), edge
-    check_sampling_arguments(True, MIN_TEMPERATURE, top_k=0, top_p=1.0, min_p=1.0, typical_p=1.0, epsilon_cutoff=0.0,
-                             eta_cutoff=0.0, repetition_penalty=1.0, num_return_sequences=1)
+    check_sampling_arguments(True, MIN_TEMPERATURE, top_h=1.0, top_k=0, top_p=1.0, min_p=1.0, typical_p=1.0,
+                             epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, num_return_sequences=1)
     every_id = list(range(ours.config.vocab_size))  # each row ends at its first token: a quick call
     full = ttl_core.generate(ours, ids, mask, max_new_tokens=ours.config.max_position_embeddings - 9,
                              eos_token_id=every_id, pad_token_id=PAD)

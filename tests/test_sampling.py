@@ -9,7 +9,7 @@ from generation_helpers import PAD, cuda_batch, hf_generation_model, left_padded
 from ttl_core.errors import GenerationError
 from ttl_core.generate import KVDecoder
 from ttl_core.sampling import (apply_epsilon_cutoff, apply_eta_cutoff, apply_min_p, apply_repetition_penalty,
-                               apply_top_k, apply_top_p, apply_typical_p, process_logits, sample)
+                               apply_top_h, apply_top_k, apply_top_p, apply_typical_p, process_logits, sample)
 
 
 def random_logits(seed: int = 0, batch: int = 6, vocab: int = 1000) -> torch.Tensor:
@@ -51,6 +51,14 @@ def test_typical_p_matches_transformers(mass):
     assert_same_scores(apply_typical_p(scores, mass), hf_lp.TypicalLogitsWarper(mass)(None, scores.clone()))
 
 
+@pytest.mark.parametrize("top_h", [1e-3, 0.2, 0.6, 1.0])
+@pytest.mark.parametrize("vocab", [50, 1000])  # fewer and more tokens than the 100 it ranks
+def test_top_h_matches_transformers(top_h, vocab):
+    scores = random_logits(10, vocab=vocab)
+    scores[3, :vocab // 2] = float("-inf")  # tokens an earlier processor filtered
+    assert_same_scores(apply_top_h(scores, top_h), hf_lp.TopHLogitsWarper(top_h)(None, scores.clone()))
+
+
 @pytest.mark.parametrize("cutoff", [1e-6, 3e-4, 0.02, 0.3, 0.999])
 def test_epsilon_and_eta_cutoffs_match_transformers(cutoff):
     scores = random_logits(9)
@@ -79,11 +87,11 @@ def test_processor_chain_matches_transformers_order():
     ids = torch.randint(0, 200, (6, 40), generator=gen)
     seen = torch.zeros(6, 200, dtype=torch.bool).scatter_(1, ids, True)
     chain = hf_lp.LogitsProcessorList([
-        hf_lp.RepetitionPenaltyLogitsProcessor(1.2), hf_lp.TemperatureLogitsWarper(0.7),
+        hf_lp.RepetitionPenaltyLogitsProcessor(1.2), hf_lp.TemperatureLogitsWarper(0.7), hf_lp.TopHLogitsWarper(0.9),
         hf_lp.TopKLogitsWarper(40), hf_lp.TopPLogitsWarper(0.8), hf_lp.MinPLogitsWarper(0.05),
         hf_lp.TypicalLogitsWarper(0.9), hf_lp.EpsilonLogitsWarper(0.01), hf_lp.EtaLogitsWarper(0.005),
     ])
-    got = process_logits(scores, seen, do_sample=True, temperature=0.7, top_k=40, top_p=0.8, min_p=0.05,
+    got = process_logits(scores, seen, do_sample=True, temperature=0.7, top_h=0.9, top_k=40, top_p=0.8, min_p=0.05,
                          typical_p=0.9, epsilon_cutoff=0.01, eta_cutoff=0.005, repetition_penalty=1.2)
     assert_same_scores(got, chain(ids, scores.clone()))
     greedy = process_logits(scores, seen, do_sample=False, temperature=0.7, top_k=40, repetition_penalty=1.2)
@@ -161,7 +169,8 @@ def hf_and_ours(tmp_path_factory):
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.8, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.2),
                                       dict(temperature=1.5, top_k=0),
-                                      dict(top_k=0, typical_p=0.8, epsilon_cutoff=3e-3, eta_cutoff=1e-3)])
+                                      dict(top_k=0, typical_p=0.8, epsilon_cutoff=3e-3, eta_cutoff=1e-3),
+                                      dict(top_k=0, top_h=0.5)])
 def test_seed_s_samples_the_tokens_transformers_samples_after_manual_seed_s(hf_and_ours, settings):
     """torch.multinomial of one sample is itself an exponential race, over the same draws, so `seed=s` samples
     transformers' tokens after torch.manual_seed(s); rows that met EOS keep drawing, in both."""

@@ -373,7 +373,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              stop_strings: str | list[str] | None = None, tokenizer: Any = None, streamer: Any = None,
              cuda_graph: bool = True, max_length: int | None = None, min_new_tokens: int | None = None,
              min_length: int | None = None, typical_p: float | None = None, epsilon_cutoff: float | None = None,
-             eta_cutoff: float | None = None, no_repeat_ngram_size: int | None = None,
+             eta_cutoff: float | None = None, top_h: float | None = None, no_repeat_ngram_size: int | None = None,
              sequence_bias: dict | list | None = None, bad_words_ids: list[list[int]] | None = None,
              suppress_tokens: list[int] | None = None, begin_suppress_tokens: list[int] | None = None,
              forced_eos_token_id: int | list[int] | None = None) -> torch.Tensor:
@@ -411,7 +411,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         settings = decoding_settings(model.generation_config, prompt_len, model.config.max_position_embeddings,
                                      max_length, min_length, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                                     top_h=top_h, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
                                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                      num_return_sequences=num_return_sequences, sequence_bias=sequence_bias,

@@ -3,8 +3,8 @@
 EOS and padding ids).
 
 `generate()` applies, like transformers' `generate()`: the repetition penalty (prompt tokens included, left
-padding excluded), then, only when sampling, temperature, top-k, top-p, min-p, typical-p and the epsilon and eta
-cutoffs. Each function takes fp32 scores (batch, vocab) and returns new ones, with -inf on filtered tokens; tests
+padding excluded), then, only when sampling, temperature, top-h, top-k, top-p, min-p, typical-p and the epsilon and
+eta cutoffs. Each function takes fp32 scores (batch, vocab) and returns new ones, with -inf on filtered tokens; tests
 check each against the matching transformers `LogitsProcessor` on random logits.
 """
 
@@ -30,8 +30,8 @@ MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 # generate()'s decoding settings where neither the call nor the checkpoint's generation_config.json sets them.
 # top_k 0 is off, where transformers' own default is 50: pass top_k=50 to sample as its generate() does. The 20
 # new tokens stop at the model's context, as transformers' default length does.
-DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 0,
-                     "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_h": None,
+                     "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
                      "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
                      "sequence_bias": None, "bad_words_ids": None, "suppress_tokens": None,
                      "begin_suppress_tokens": None, "forced_eos_token_id": None}
@@ -42,7 +42,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 # stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
-    "encoder_no_repeat_ngram_size": 0, "top_h": None, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
+    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
     "max_time": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
     "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
     "token_healing": False, "remove_invalid_values": False}
@@ -107,9 +107,9 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
     return {name: merged.get(name, default) for name, default in DECODING_DEFAULTS.items()}
 
 
-def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, top_p: float, min_p: float,
-                             typical_p: float, epsilon_cutoff: float, eta_cutoff: float, repetition_penalty: float,
-                             num_return_sequences: int) -> None:
+def check_sampling_arguments(do_sample: bool, temperature: float, top_h: float | None, top_k: int, top_p: float,
+                             min_p: float, typical_p: float, epsilon_cutoff: float, eta_cutoff: float,
+                             repetition_penalty: float, num_return_sequences: int) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
     if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
@@ -129,6 +129,10 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_k: int, to
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     if not 0 <= min_p <= 1:
         raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
+    if top_h is not None and not is_number(top_h):
+        raise GenerationError(f"top_h must be a number, got {top_h!r}")
+    if top_h is not None and not 0 < top_h <= 1:  # None is off (1 still keeps the 100 most likely at most)
+        raise GenerationError(f"top_h must be in (0, 1], got {top_h}")
     if not 0 < typical_p <= 1:
         raise GenerationError(f"typical_p must be in (0, 1], got {typical_p}")
     for name, cutoff in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
@@ -310,12 +314,28 @@ def apply_eta_cutoff(scores: torch.Tensor, eta: float) -> torch.Tensor:
     """Entropy-dependent truncation: drop tokens whose probability is below min(eta, sqrt(eta) * exp(-entropy)),
     but never the most likely one. The entropy's sum and eta's float32 square root are computed as transformers
     computes them (through torch.distributions.Categorical), so the threshold is its to the bit."""
-    normalized = scores - scores.logsumexp(dim=-1, keepdim=True)
-    probs = normalized.softmax(dim=-1)
-    entropy = -(normalized.clamp(min=torch.finfo(scores.dtype).min) * probs).sum(dim=-1)
+    _, entropy = _categorical(scores)
     eta_tensor = torch.full_like(entropy, eta)  # a fill, not a host copy: fine inside a CUDA graph
     return _drop_below(scores, scores.softmax(dim=-1),
                        torch.minimum(eta_tensor, eta_tensor.sqrt() * torch.exp(-entropy))[..., None])
+
+
+def apply_top_h(scores: torch.Tensor, top_h: float) -> torch.Tensor:
+    """Top-H: of the 100 highest scores, renormalized, keep the most likely tokens while their terms -p log p add up
+    to at most `top_h` times that distribution's entropy (the most likely one always); drop every other token."""
+    top_scores, top_ids = torch.topk(scores, min(100, scores.shape[-1]), dim=-1)
+    probs, entropy = _categorical(top_scores)
+    keep = (-probs * probs.log()).cumsum(dim=-1) <= (entropy * top_h)[:, None]
+    keep[:, 0] = True
+    return scores.masked_fill(~torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_ids, keep), float("-inf"))
+
+
+def _categorical(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, entropy) of each row's softmax as torch.distributions.Categorical computes them, which
+    transformers' entropy-based warpers use (without its argument checks, which would sync the host)."""
+    normalized = scores - scores.logsumexp(dim=-1, keepdim=True)
+    probs = normalized.softmax(dim=-1)
+    return probs, -(normalized.clamp(min=torch.finfo(scores.dtype).min) * probs).sum(dim=-1)
 
 
 def _drop_below(scores: torch.Tensor, probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
@@ -323,8 +343,8 @@ def _drop_below(scores: torch.Tensor, probs: torch.Tensor, threshold: float | to
 
 
 def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: bool, temperature: float = 1.0,
-                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
-                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
+                   top_h: float | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                   typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
                    repetition_penalty: float = 1.0) -> torch.Tensor:
     """The processors transformers' `generate()` would apply, in its order; `scores` should be fp32."""
     if repetition_penalty != 1.0:
@@ -333,6 +353,8 @@ def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: b
         return scores
     if temperature != 1.0:
         scores = scores / temperature
+    if top_h is not None:
+        scores = apply_top_h(scores, top_h)
     if top_k:
         scores = apply_top_k(scores, top_k)
     if top_p < 1.0:
