@@ -79,6 +79,9 @@ def test_rules_from_the_checkpoint_together_as_in_transformers(models, greedy_to
     (dict(suppress_tokens=[-1]), r"suppress_tokens -1 is not a token id in \[0, 131\)"),
     (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens 'a' is not a token id"),
     (dict(forced_eos_token_id=131), r"forced_eos_token_id 131 is not a token id in \[0, 131\)"),
+    # transformers refuses this too: the last step would have no token left (greedy would silently pick id 0)
+    (dict(forced_eos_token_id=[7, 9], suppress_tokens=[9, 4, 7]),
+     r"every forced_eos_token_id \(\[7, 9\]\) is also in suppress_tokens"),
 ])
 def test_bad_rules_are_one_line_errors(models, kwargs, message):
     _, ours = models

@@ -213,6 +213,10 @@ def checked_token_rules(rules: dict[str, Any], vocab: int) -> dict[str, Any]:
             raise GenerationError(f"{name} must be an integer >= 0, got {rules[name]!r}")
     for name in ("suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"):
         checked[name] = tuple(_token_list(rules[name], name, vocab)) or None
+    forced, suppressed = checked["forced_eos_token_id"], checked["suppress_tokens"]
+    if forced and set(forced) <= set(suppressed or ()):  # the last step would have no token; transformers refuses
+        raise GenerationError(f"every forced_eos_token_id ({sorted(set(forced))}) is also in suppress_tokens: the "
+                              "last new token could be none of them")
 
     def sequence(ids: Any, name: str) -> tuple[int, ...]:
         if not isinstance(ids, (list, tuple)) or not ids:
