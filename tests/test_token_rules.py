@@ -68,6 +68,18 @@ def test_rules_from_the_checkpoint_together_as_in_transformers(models, greedy_to
     assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), hf.generate(ids, attention_mask=mask, **kwargs))
 
 
+def test_an_infinite_sequence_bias_forces_its_token_in_greedy_decoding_as_in_transformers(models, greedy_tokens):
+    """+inf is argmax's answer, as in transformers (sampling from it fails in both): no NaN-or-inf error."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    forced = greedy_tokens[1][4]
+    kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=[5], pad_token_id=PAD, repetition_penalty=1.3,
+                  sequence_bias={(forced,): float("inf"), (greedy_tokens[0][0], greedy_tokens[0][1]): -2.0})
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert (expected[:, 9:] == forced).all()
+    assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bad_words_ids=[[]]), r"bad_words_ids must hold non-empty lists of token ids, got \[\]"),
     (dict(bad_words_ids=[4, 5]), "bad_words_ids must hold non-empty lists of token ids, got 4"),

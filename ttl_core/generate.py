@@ -227,13 +227,13 @@ class _Decoding:
 
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
-        logits = logits.float()
-        if self.rules.active:
-            logits = self.rules(logits, self.rows, self.prompt_len + self.column, self.column)
+        raw = logits.float()
+        logits = self.rules(raw, self.rows, self.prompt_len + self.column, self.column) if self.rules.active else raw
         scores = process_logits(logits, seen, self.do_sample, **self.processors)
-        finite = torch.isfinite(scores.amax(dim=-1))
-        if self.rules.active and not self.do_sample:  # the rules left a row no token: transformers' argmax picks 0
-            finite |= torch.isneginf(logits).all(dim=-1)
+        if self.do_sample:
+            finite = torch.isfinite(scores.amax(dim=-1))
+        else:  # argmax has an answer (as transformers') where only the rules put inf: 0 where they left no token
+            finite = torch.isfinite(raw.amax(dim=-1)) & ~torch.isnan(scores.amax(dim=-1))
         self.scores_ok &= finite.all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
