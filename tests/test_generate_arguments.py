@@ -37,6 +37,8 @@ def models(tmp_path_factory):
     (dict(do_sample=True, temperature="0.5"), "temperature must be a number, got '0.5'"),
     (dict(do_sample=True, temperature=1e-39), "temperature 1e-39 is too small to sample with"),
     (dict(do_sample=True, top_p="0.9"), "top_p must be a number, got '0.9'"),
+    (dict(do_sample=True, temperature=10**400), "temperature must be a number, got 1000"),  # float() overflows
+    (dict(repetition_penalty=-10**400), "repetition_penalty must be a number, got -1000"),
     (dict(do_sample=True, top_k=True), "top_k must be an integer"),
     (dict(pad_token_id=[3, 4]), "pad_token_id must be one token id"),
     (dict(eos_token_id=torch.tensor([2.0])), "eos_token_id 2.0 is not a token id"),

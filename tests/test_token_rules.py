@@ -87,6 +87,7 @@ def test_an_infinite_sequence_bias_forces_its_token_in_greedy_decoding_as_in_tra
     (dict(bad_words_ids=7), "bad_words_ids must be a list of lists of token ids, got 7"),
     (dict(sequence_bias={(3,): "x"}), "sequence_bias must map token id sequences to numbers"),
     (dict(sequence_bias=[[[3, 4]]]), "sequence_bias must map token id sequences to numbers"),
+    (dict(sequence_bias={(3,): 10**400}), "sequence_bias must map token id sequences to numbers"),  # no float
     (dict(sequence_bias={(): 1.0}), r"sequence_bias must hold non-empty lists of token ids, got \(\)"),
     (dict(suppress_tokens=[-1]), r"suppress_tokens -1 is not a token id in \[0, 131\)"),
     (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens 'a' is not a token id"),

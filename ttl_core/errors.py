@@ -6,12 +6,14 @@ predicates below are the ones the checks that raise them share: JSON, TOML and P
 for a number, which no setting here means.
 """
 
+import sys
 from typing import Any, Iterable, Iterator
 
 
 def is_number(value: Any) -> bool:
-    """An int or float, not a bool (NaN and infinities included: range checks written so NaN fails them)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A float, or an int that a float can hold (float() and math would overflow on a larger one), not a bool
+    (NaN and infinities included: range checks written so NaN fails them)."""
+    return isinstance(value, float) or is_integer(value) and abs(value) <= sys.float_info.max
 
 
 def is_integer(value: Any) -> bool:

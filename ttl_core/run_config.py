@@ -106,7 +106,7 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
-        ok = is_number(value) and (isinstance(value, float) or abs(value) <= sys.float_info.max)  # float() overflows
+        ok = is_number(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = is_integer(value)
