@@ -80,6 +80,19 @@ def test_an_infinite_sequence_bias_forces_its_token_in_greedy_decoding_as_in_tra
     assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_infinite_biases_that_make_nan_or_inf_scores_are_named(models, greedy_tokens, do_sample):
+    """inf and -inf on one token is NaN, which transformers' argmax picks as if it were text, and sampling takes
+    no inf: ttl raises, naming sequence_bias rather than the model's weights."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    token = greedy_tokens[0][0]
+    with pytest.raises(GenerationError, match="or sequence_bias put inf") as info:
+        ttl_core.generate(ours, ids, mask, max_new_tokens=3, do_sample=do_sample, seed=0,
+                          sequence_bias={(token,): float("inf")}, bad_words_ids=[[token]])
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bad_words_ids=[[]]), r"bad_words_ids must hold non-empty lists of token ids, got \[\]"),
     (dict(bad_words_ids=[4, 5]), "bad_words_ids must hold non-empty lists of token ids, got 4"),

@@ -481,6 +481,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
         if state.do_sample and state.rules.active:  # transformers fails there too
             cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
+        if state.rules.sequence_bias is not None:
+            cause += ", or sequence_bias put inf in them (inf - inf is NaN; inf has no probability)"
         raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
                               f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced
