@@ -328,9 +328,9 @@ def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
                    dict(do_sample=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=3,
                         num_return_sequences=2),
                    dict(eos_token_id=[5, 6, 7, 8]),
-                   dict(do_sample=True, typical_p=0.9, eta_cutoff=1e-3, no_repeat_ngram_size=3, min_new_tokens=20,
-                        eos_token_id=[5, 6, 7, 8], bad_words_ids=[[9], [10, 11]], sequence_bias={(12, 13): -2.0},
-                        suppress_tokens=[14], begin_suppress_tokens=[15], forced_eos_token_id=5)):
+                   dict(do_sample=True, top_h=0.9, typical_p=0.9, eta_cutoff=1e-3, no_repeat_ngram_size=3,
+                        min_new_tokens=20, eos_token_id=[5, 6, 7, 8], bad_words_ids=[[9], [10, 11]], suppress_tokens=[4],
+                        sequence_bias={(12, 13): -2.0}, begin_suppress_tokens=[15], forced_eos_token_id=5)):
         ttl_core.generate(ours, ids, mask, max_new_tokens=64, **kwargs)
         torch.manual_seed(7)
         graphed = ttl_core.generate(ours, other, mask, max_new_tokens=64, **kwargs)
