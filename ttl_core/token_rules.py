@@ -68,7 +68,9 @@ class TokenRules:
             self.ngram_prefix = torch.arange(1 - self.ngram_size, 0, device=device)  # the n - 1 last, as offsets
         self.min_new_tokens = settings["min_new_tokens"] if eos else 0
         self.eos = self._mask(eos if self.min_new_tokens else (), device)
-        self.forced_eos = self._mask(settings["forced_eos_token_id"], device)
+        forced = self._mask(settings["forced_eos_token_id"], device)
+        # the last step's scores when forcing: only the forced ids, at 0
+        self.forced_eos = None if forced is None else torch.where(forced, 0.0, float("-inf"))
         self.suppressed = self._mask(settings["suppress_tokens"], device)
         self.suppressed_first = self._mask(settings["begin_suppress_tokens"], device)
         biases = [rule for rule in (self.sequence_bias, self.bad_words) if rule is not None]
@@ -93,9 +95,8 @@ class TokenRules:
             scores = self.bad_words(scores, rows, length)
         if self.min_new_tokens:
             scores = scores.masked_fill(self.eos & (step < self.min_new_tokens), float("-inf"))
-        if self.forced_eos is not None:  # the last step: only the forced ids, at 0
-            forced = torch.where(self.forced_eos, 0.0, float("-inf"))
-            scores = torch.where(step == self.max_new_tokens - 1, forced, scores)
+        if self.forced_eos is not None:
+            scores = torch.where(step == self.max_new_tokens - 1, self.forced_eos, scores)
         if self.suppressed is not None:
             scores = scores.masked_fill(self.suppressed, float("-inf"))
         if self.suppressed_first is not None:
