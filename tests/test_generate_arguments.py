@@ -49,6 +49,8 @@ def models(tmp_path_factory):
     (dict(do_sample="False"), "do_sample must be True or False, got 'False'"),  # a non-empty string is truthy
     (dict(min_new_tokens=-1), "min_new_tokens must be an integer >= 0, got -1"),
     (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be an integer >= 0, got 1.5"),
+    (dict(max_time=-1.0), "max_time must be a number of seconds >= 0, got -1.0"),
+    (dict(max_time="5"), "max_time must be a number of seconds >= 0, got '5'"),
     (dict(do_sample=True, top_h=0.0), r"top_h must be in \(0, 1\], got 0.0"),
     (dict(do_sample=True, top_h="1"), "top_h must be a number, got '1'"),
     (dict(do_sample=True, typical_p=0.0), r"typical_p must be in \(0, 1\], got 0.0"),
@@ -236,6 +238,18 @@ def test_a_checkpoint_min_length_applies_without_a_warning(models, monkeypatch):
         warnings.simplefilter("error")
         got = ttl_core.generate(ours, ids, mask, **kwargs)
     assert expected.shape[1] >= 9 + 5 and torch.equal(got, expected)
+
+
+def test_max_time_stops_as_in_transformers(models):
+    """max_time is checked after each new token, as transformers' MaxTimeCriteria is: 0 s leaves one token, a day
+    all of them."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=[], pad_token_id=PAD)
+    for max_time, new_tokens in ((0.0, 1), (86400.0, 10)):
+        expected = hf.generate(ids, attention_mask=mask, max_time=max_time, **kwargs)
+        got = ttl_core.generate(ours, ids, mask, max_time=max_time, **kwargs)
+        assert expected.shape[1] == 9 + new_tokens and torch.equal(got, expected)
 
 
 def test_max_length_counts_the_prompt_as_in_transformers(models, monkeypatch):

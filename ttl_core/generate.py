@@ -18,6 +18,7 @@ import inspect
 import itertools
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Callable
@@ -376,7 +377,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              eta_cutoff: float | None = None, top_h: float | None = None, no_repeat_ngram_size: int | None = None,
              sequence_bias: dict | list | None = None, bad_words_ids: list[list[int]] | None = None,
              suppress_tokens: list[int] | None = None, begin_suppress_tokens: list[int] | None = None,
-             forced_eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+             forced_eos_token_id: int | list[int] | None = None, max_time: float | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -417,9 +418,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      num_return_sequences=num_return_sequences, sequence_bias=sequence_bias,
                                      bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens,
                                      begin_suppress_tokens=begin_suppress_tokens,
-                                     forced_eos_token_id=forced_eos_token_id)
-        max_new_tokens, do_sample, num_return_sequences = (
-            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences"))
+                                     forced_eos_token_id=forced_eos_token_id, max_time=max_time)
+        max_new_tokens, do_sample, num_return_sequences, max_time = (
+            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time"))
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
@@ -427,7 +428,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                           "does not implement: it decodes as if they were unset, unlike transformers' generate()",
                           stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
         rules = checked_token_rules({name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}, model.config.vocab_size)
-        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, **settings)
+        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
@@ -447,8 +448,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                tuple(rules.values()), tuple(eos), pad, graphed, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
                                                                 do_sample, seed is not None, settings, rules, graphed))
+        deadline = None if max_time is None else time.monotonic() + max_time
         try:
-            return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, can_finish=bool(eos or stops))
+            return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops), deadline)
         finally:
             session.lock.release()
     finally:  # on errors too: a thread iterating the streamer would wait forever for its end
@@ -457,8 +459,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
 
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
-         streamer, stops: StopStrings | None, can_finish: bool) -> torch.Tensor:
-    """Prefill, then decode until every row has finished or `max_new_tokens` are out."""
+         streamer, stops: StopStrings | None, can_finish: bool, deadline: float | None) -> torch.Tensor:
+    """Prefill, then decode until every row has finished, `max_new_tokens` are out or the `deadline` (of
+    time.monotonic(), checked after each token as transformers' max_time is) has passed."""
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
     state.reset(input_ids, mask, seed)
@@ -470,7 +473,7 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     while True:
         if watch is not None:
             watch(produced)
-        if produced == max_new_tokens:
+        if produced == max_new_tokens or (deadline is not None and time.monotonic() > deadline):
             break
         if can_finish and produced % check_every == 0 and bool(state.finished.all()):
             break

@@ -34,7 +34,8 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
                      "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
                      "sequence_bias": None, "bad_words_ids": None, "suppress_tokens": None,
-                     "begin_suppress_tokens": None, "forced_eos_token_id": None}
+                     "begin_suppress_tokens": None, "forced_eos_token_id": None,
+                     "max_time": None}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -43,7 +44,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 UNIMPLEMENTED_SETTINGS = {
     "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
-    "max_time": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
+    "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
     "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
     "token_healing": False, "remove_invalid_values": False}
 
@@ -109,8 +110,12 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 
 def check_sampling_arguments(do_sample: bool, temperature: float, top_h: float | None, top_k: int, top_p: float,
                              min_p: float, typical_p: float, epsilon_cutoff: float, eta_cutoff: float,
-                             repetition_penalty: float, num_return_sequences: int) -> None:
-    """Raise a GenerationError naming the first of `generate`'s sampling arguments that is out of range."""
+                             repetition_penalty: float, num_return_sequences: int,
+                             max_time: float | None = None) -> None:
+    """Raise a GenerationError naming the first of `generate`'s sampling arguments (and its `max_time`) that is out
+    of range."""
+    if max_time is not None and not (is_number(max_time) and max_time >= 0):
+        raise GenerationError(f"max_time must be a number of seconds >= 0, got {max_time!r}")
     if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
         raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
