@@ -28,13 +28,14 @@ import torch
 import ttl_kernels
 
 from .attention import causal_mask, requested_backend
+from .beam_search import beam_search, check_beam_arguments
 from .config import LlamaConfig
 from .errors import GenerationError, is_integer
 from .model import LlamaForCausalLM, autocast_dtype
 from .sampling import (check_sampling_arguments, checked_inputs, checked_token_rules, decoding_settings,
                        global_generator, process_logits, sample, special_token_ids, stop_string_matcher,
                        unimplemented_settings)
-from .streamer import StopStrings
+from .streamer import HostWatch, StopStrings
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished. On
@@ -339,32 +340,6 @@ def _acquire_session(model: LlamaForCausalLM, key: tuple, build: Callable[[], _S
     return session
 
 
-class _HostWatch:
-    """Per-step host work that needs the new tokens: feeding a streamer (as transformers' `generate()` does:
-    the prompt first, then each step's new token, as CPU LongTensors) and looking for stop strings. It keeps
-    each row's last tokens (from the prompt on) on the host, so a step reads only the newest column."""
-
-    def __init__(self, state: _Decoding, input_ids: torch.Tensor, streamer, stops: StopStrings | None):
-        self.state, self.streamer, self.stops = state, streamer, stops
-        self.rows = [row[-stops.window:] for row in input_ids.tolist()] if stops is not None else []
-        if streamer is not None:
-            streamer.put(input_ids.cpu())  # (1, prompt_len), left padding included, as transformers puts it
-
-    def __call__(self, produced: int) -> None:
-        # a copy (the step's one read of the device): a view of `out`, which later calls overwrite, would
-        # change under a streamer that keeps what it is given
-        newest = self.state.out[:, produced - 1].to("cpu", copy=True)
-        if self.streamer is not None:
-            self.streamer.put(newest)
-        if self.stops is None:
-            return
-        for row, (tokens, token, done) in enumerate(zip(self.rows, newest.tolist(), self.state.finished.tolist())):
-            tokens.append(token)
-            del tokens[:-self.stops.window]
-            if not done and self.stops.ends_in_last(tokens):
-                self.state.finish_row(row, produced)
-
-
 @torch.no_grad()
 def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
@@ -377,7 +352,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              eta_cutoff: float | None = None, top_h: float | None = None, no_repeat_ngram_size: int | None = None,
              sequence_bias: dict | list | None = None, bad_words_ids: list[list[int]] | None = None,
              suppress_tokens: list[int] | None = None, begin_suppress_tokens: list[int] | None = None,
-             forced_eos_token_id: int | list[int] | None = None, max_time: float | None = None) -> torch.Tensor:
+             forced_eos_token_id: int | list[int] | None = None, max_time: float | None = None,
+             num_beams: int | None = None, length_penalty: float | None = None,
+             early_stopping: bool | str | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -390,8 +367,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (also
     its `max_length` and `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
-    where transformers' default keeps the top 50). Checkpoint settings ttl does not implement (beam search,
-    bad_words_ids, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
+    where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search
+    (`ttl_core.beam_search`). Checkpoint settings ttl does not implement (beam sampling, contrastive search, ...:
+    `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
@@ -418,9 +396,11 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      num_return_sequences=num_return_sequences, sequence_bias=sequence_bias,
                                      bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens,
                                      begin_suppress_tokens=begin_suppress_tokens,
-                                     forced_eos_token_id=forced_eos_token_id, max_time=max_time)
-        max_new_tokens, do_sample, num_return_sequences, max_time = (
-            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time"))
+                                     forced_eos_token_id=forced_eos_token_id, max_time=max_time, num_beams=num_beams,
+                                     length_penalty=length_penalty, early_stopping=early_stopping)
+        max_new_tokens, do_sample, num_return_sequences, max_time, num_beams, length_penalty, early_stopping = (
+            settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time",
+                                            "num_beams", "length_penalty", "early_stopping"))
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
@@ -428,15 +408,23 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                           "does not implement: it decodes as if they were unset, unlike transformers' generate()",
                           stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
         rules = checked_token_rules({name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}, model.config.vocab_size)
-        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time, **settings)
+        check_beam_arguments(num_beams, length_penalty, early_stopping, do_sample, num_return_sequences)
+        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time,
+                                 num_beams=num_beams, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
         if stops is not None and pad is None:
             raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
-        if num_return_sequences > 1:
-            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
-            mask = mask.repeat_interleave(num_return_sequences, dim=0)
+        deadline = None if max_time is None else time.monotonic() + max_time
+        if num_beams > 1:
+            if streamer is not None or stops is not None:  # transformers refuses a streamer there too
+                raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
+            input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
+            return beam_search(KVDecoder(model, mask, max_new_tokens), input_ids, mask, max_new_tokens, eos, pad,
+                               settings, rules, num_beams, length_penalty, early_stopping, num_return_sequences,
+                               deadline)
+        input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
         if streamer is not None and input_ids.shape[0] != 1:
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
@@ -448,7 +436,6 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                tuple(rules.values()), tuple(eos), pad, graphed, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
                                                                 do_sample, seed is not None, settings, rules, graphed))
-        deadline = None if max_time is None else time.monotonic() + max_time
         try:
             return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops), deadline)
         finally:
@@ -466,7 +453,7 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     decoder.reset(mask)
     state.reset(input_ids, mask, seed)
     # before the prefill: a streamer gets the prompt first, as from transformers
-    watch = _HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
+    watch = HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
     state.advance(decoder.prefill(input_ids))
     check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
     produced = 1

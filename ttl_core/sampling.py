@@ -35,14 +35,14 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
                      "sequence_bias": None, "bad_words_ids": None, "suppress_tokens": None,
                      "begin_suppress_tokens": None, "forced_eos_token_id": None,
-                     "max_time": None}
+                     "max_time": None, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
 # implement, each with the value that changes nothing (None, an empty list and these values are ignored).
 # stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
-    "num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
     "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
     "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
@@ -111,7 +111,7 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 def check_sampling_arguments(do_sample: bool, temperature: float, top_h: float | None, top_k: int, top_p: float,
                              min_p: float, typical_p: float, epsilon_cutoff: float, eta_cutoff: float,
                              repetition_penalty: float, num_return_sequences: int,
-                             max_time: float | None = None) -> None:
+                             max_time: float | None = None, num_beams: int = 1) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments (and its `max_time`) that is out
     of range."""
     if max_time is not None and not (is_number(max_time) and max_time >= 0):
@@ -147,7 +147,7 @@ def check_sampling_arguments(do_sample: bool, temperature: float, top_h: float |
         raise GenerationError(f"repetition_penalty must be positive, got {repetition_penalty}")
     if not is_integer(num_return_sequences) or num_return_sequences < 1:
         raise GenerationError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-    if num_return_sequences > 1 and not do_sample:
+    if num_return_sequences > 1 and not do_sample and num_beams == 1:
         raise GenerationError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
 
 

@@ -1,10 +1,11 @@
 """The text of generated tokens on the host: `TextStreamer` turns the tokens `ttl_core.generate` produces into
-text pieces as they arrive, and `StopStrings` finds where a stop string ends a row."""
+text pieces as they arrive, `StopStrings` finds where a stop string ends a row, and `HostWatch` feeds both
+from a generation's decoding state."""
 
 from __future__ import annotations
 
 import queue
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -151,3 +152,31 @@ class StopStrings:
         text = b"".join(parts)
         newest = len(text) - len(parts[-1])  # where the last token's bytes begin
         return any(target in text[max(0, newest + 1 - len(target)):] for target in self.targets)
+
+
+class HostWatch:
+    """Per-step host work of `ttl_core.generate` that needs the new tokens: feeding a streamer (as transformers'
+    `generate()` does: the prompt first, then each step's new token, as CPU LongTensors) and looking for stop
+    strings, which finish a row through the decoding `state` (its `out` tokens, `finished` rows and
+    `finish_row`). It keeps each row's last tokens (from the prompt on) on the host, so a step reads only the
+    newest column."""
+
+    def __init__(self, state: Any, input_ids: torch.Tensor, streamer: Any, stops: StopStrings | None):
+        self.state, self.streamer, self.stops = state, streamer, stops
+        self.rows = [row[-stops.window:] for row in input_ids.tolist()] if stops is not None else []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())  # (1, prompt_len), left padding included, as transformers puts it
+
+    def __call__(self, produced: int) -> None:
+        # a copy (the step's one read of the device): a view of `out`, which later calls overwrite, would
+        # change under a streamer that keeps what it is given
+        newest = self.state.out[:, produced - 1].to("cpu", copy=True)
+        if self.streamer is not None:
+            self.streamer.put(newest)
+        if self.stops is None:
+            return
+        for row, (tokens, token, done) in enumerate(zip(self.rows, newest.tolist(), self.state.finished.tolist())):
+            tokens.append(token)
+            del tokens[:-self.stops.window]
+            if not done and self.stops.ends_in_last(tokens):
+                self.state.finish_row(row, produced)

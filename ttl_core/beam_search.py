@@ -1,0 +1,131 @@
+"""Beam search (`generate(num_beams=k)`), step for step as transformers' `generate()` runs it (its vectorized
+beam search of release 5), over ttl's static KV cache.
+
+Each prompt runs as k rows. A step scores every continuation of every running beam (its summed log-probability,
+after the same processors as greedy decoding, applied to log-probabilities as transformers applies them), keeps the
+best `max(2, 1 + #EOS ids) * k` of each prompt, lets the best k that did not stop (at an EOS id, the length limit or
+`max_time`) run on, and files those that stopped among the k best finished hypotheses, scored by their summed
+log-probability over (new tokens) ** length_penalty. The cache rows follow their beams. The loop ends as
+transformers' does: when no running beam can still beat a finished one (`early_stopping` picks the heuristic),
+when every beam has finished under `early_stopping=True`, or when every continuation stopped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import GenerationError, is_integer, is_number
+from .sampling import process_logits
+from .token_rules import TokenRules
+
+_NEVER = -1.0e9  # transformers' score for "not a candidate"; its arithmetic is copied, so the order is too
+
+
+def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
+                         num_return_sequences: int) -> None:
+    """Raise a GenerationError naming the first beam-search setting that is out of range or not implemented."""
+    if not is_integer(num_beams) or num_beams < 1:
+        raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if not is_number(length_penalty):
+        raise GenerationError(f"length_penalty must be a number, got {length_penalty!r}")
+    if early_stopping not in (True, False, "never"):
+        raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if num_beams > 1 and do_sample:
+        raise GenerationError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; pass "
+                              "do_sample=False for beam search")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise GenerationError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
+
+
+def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
+                pad: int | None, processors: dict, rules: dict, num_beams: int, length_penalty: float,
+                early_stopping: bool | str, num_return_sequences: int, deadline: float | None) -> torch.Tensor:
+    """The `num_return_sequences` best finished beams of each prompt row of `input_ids` (batch, seq), already
+    repeated `num_beams` times each, as `decoder` (a `KVDecoder` over those rows) continues them; returns
+    (batch * num_return_sequences, seq + new) like transformers' `generate()`."""
+    rows, prompt_len = input_ids.shape
+    batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
+    max_length = prompt_len + max_new_tokens
+    fill = (pad or eos[0]) if eos else -1  # transformers' padding of short beams (a padding id of 0 is no padding)
+    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = input_ids.view(batch, num_beams, prompt_len)
+    finished_sequences = running.clone()
+    running_scores = torch.zeros(batch, num_beams, device=device)
+    running_scores[:, 1:] = _NEVER  # the beams start as copies: only the first one may be extended at first
+    finished_scores = torch.full((batch, num_beams), _NEVER, device=device)
+    finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    # the flattened row each beam came from at each new position (-1: not generated), to reorder the cache with
+    running_origins = torch.full((batch, num_beams, max_new_tokens), -1, dtype=torch.int32, device=device)
+    finished_origins = running_origins.clone()
+    keep = max(2, 1 + len(eos)) * num_beams
+    first_k = torch.arange(keep, device=device) < num_beams
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    token_rules = TokenRules(rules, eos, vocab, prompt_len, max_new_tokens, device)
+    penalize = processors["repetition_penalty"] != 1.0
+    real = torch.cat([mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    row_offsets = torch.arange(batch, device=device)[:, None] * num_beams
+
+    logits = decoder.prefill(input_ids)
+    for cur_len in range(prompt_len, max_length):
+        step = torch.full((1,), cur_len - prompt_len, device=device)
+        flat = running.view(rows, max_length)
+        log_probs = logits.float().log_softmax(dim=-1)
+        if token_rules.active:
+            log_probs = token_rules(log_probs, flat, step + prompt_len, step)
+        seen = None
+        if penalize:  # the tokens of each beam so far, left padding excluded
+            seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, flat[:, :cur_len].masked_fill(~real[:, :cur_len], vocab), True)
+            seen = seen[:, :vocab]
+        log_probs = process_logits(log_probs, seen, False, **processors)
+        totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+        top_scores, top_index = torch.topk(totals, keep)
+        top_beams, top_tokens = top_index // vocab, top_index % vocab
+        top_sequences = torch.take_along_dim(running, top_beams[..., None], dim=1)
+        top_sequences[:, :, cur_len] = top_tokens
+        top_origins = torch.take_along_dim(running_origins, top_beams[..., None], dim=1)
+        top_origins[:, :, cur_len - prompt_len] = top_beams + row_offsets
+        stopped = torch.isin(top_tokens, eos_ids)
+        if cur_len + 1 >= max_length or (deadline is not None and time.monotonic() > deadline):
+            stopped = torch.ones_like(stopped)
+
+        # the best k continuations that did not stop run on
+        candidates = top_scores + stopped.to(torch.float32) * _NEVER
+        next_index = torch.topk(candidates, k=num_beams)[1]
+        running = torch.take_along_dim(top_sequences, next_index[..., None], dim=1)
+        running_scores = torch.take_along_dim(candidates, next_index, dim=1)
+        running_origins = torch.take_along_dim(top_origins, next_index[..., None], dim=1)
+
+        # those of the first k that stopped join the finished hypotheses, if they beat one
+        just_finished = stopped & first_k[None, :]
+        scores = top_scores / ((cur_len + 1 - prompt_len) ** length_penalty)
+        scores += (torch.all(finished, dim=-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * _NEVER
+        scores += (~improvable).to(torch.float32) * _NEVER
+        scores += (~just_finished) * _NEVER
+        merged_scores = torch.cat((finished_scores, scores), dim=1)
+        best = torch.topk(merged_scores, k=num_beams)[1]
+        finished_sequences = torch.take_along_dim(torch.cat((finished_sequences, top_sequences), 1), best[..., None], 1)
+        finished_scores = torch.take_along_dim(merged_scores, best, dim=1)
+        finished_origins = torch.take_along_dim(torch.cat((finished_origins, top_origins), 1), best[..., None], 1)
+        finished = torch.take_along_dim(torch.cat((finished, just_finished), dim=1), best, dim=1)
+
+        source_rows = running_origins[..., cur_len - prompt_len].reshape(-1)
+        for store in decoder.cache.keys + decoder.cache.values:  # the cache rows follow their beams
+            store.copy_(store.index_select(0, source_rows))
+
+        new_tokens = cur_len + 1 - prompt_len
+        hoped = max_length - prompt_len if early_stopping == "never" and length_penalty > 0.0 else new_tokens
+        best_running = running_scores[:, :1] / (hoped ** length_penalty)
+        worst_finished = torch.where(finished, torch.min(finished_scores, dim=1, keepdim=True)[0], _NEVER)
+        improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+        open_beams = not (bool(finished.all()) and early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(stopped.all())):
+            break
+        logits = decoder.step(running[:, :, cur_len].reshape(rows, 1))
+
+    sequences = finished_sequences[:, :num_return_sequences].reshape(-1, max_length)
+    origins = finished_origins[:, :num_return_sequences].reshape(-1, max_new_tokens)
+    return sequences[:, :prompt_len + int((origins + 1).bool().sum(dim=1).max())]
