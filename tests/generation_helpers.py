@@ -37,6 +37,13 @@ def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0
     return ids.masked_fill(mask == 0, PAD), mask
 
 
+def cuda_models(path: Path):
+    """(transformers model, ttl model loaded from its saved checkpoint), both float32 on the GPU, context 512."""
+    hf = hf_generation_model(max_position_embeddings=512)
+    hf.save_pretrained(path)
+    return hf.cuda(), ttl_core.load_pretrained(path, device="cuda")
+
+
 def cuda_batch(vocab: int):
     """Three left-padded prompts of 40 tokens on the GPU, one of them only 9 tokens long."""
     ids, mask = left_padded(vocab, batch=3, seq=40, pads=(0, 7, 31))

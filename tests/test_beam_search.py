@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from generation_helpers import PAD, CharTokenizer, cuda_batch, hf_generation_model, left_padded, saved_models
+from generation_helpers import PAD, CharTokenizer, cuda_batch, cuda_models, left_padded, saved_models
 
 import ttl_core
 from ttl_core.errors import GenerationError
@@ -84,10 +84,7 @@ def test_beam_settings_are_checked(models, kwargs, message):
 @pytest.mark.gpu
 def test_cuda_beam_search_matches_transformers_fp32(tmp_path):
     """On CUDA the cache rows follow their beams through index_select copies (flash-attn's layout too, in bf16)."""
-    hf = hf_generation_model(max_position_embeddings=512)
-    hf.save_pretrained(tmp_path)
-    ours = ttl_core.load_pretrained(tmp_path, device="cuda")
-    hf = hf.cuda()
+    hf, ours = cuda_models(tmp_path)
     ids, mask = cuda_batch(hf.config.vocab_size)
     kwargs = dict(max_new_tokens=24, num_beams=4, num_return_sequences=2, eos_token_id=[5, 6, 7], pad_token_id=PAD,
                   repetition_penalty=1.2)

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from generation_helpers import PAD, cuda_batch, hf_generation_model, hf_greedy, left_padded, saved_models
+from generation_helpers import PAD, cuda_batch, cuda_models, hf_generation_model, hf_greedy, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
@@ -341,10 +341,7 @@ def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
 
 @pytest.mark.gpu
 def test_cuda_greedy_matches_transformers_fp32(tmp_path):
-    hf = hf_generation_model(max_position_embeddings=512)
-    hf.save_pretrained(tmp_path)
-    ours = ttl_core.load_pretrained(tmp_path, device="cuda")
-    hf = hf.cuda()
+    hf, ours = cuda_models(tmp_path)
     ids, mask = cuda_batch(hf.config.vocab_size)
     ref = hf_greedy(hf, ids, mask, max_new_tokens=48, repetition_penalty=1.2, eos_token_id=[])
     assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=48, repetition_penalty=1.2,

@@ -5,7 +5,7 @@ import torch
 import transformers.generation.logits_process as hf_lp
 
 import ttl_core
-from generation_helpers import PAD, cuda_batch, hf_generation_model, left_padded, saved_models
+from generation_helpers import PAD, cuda_batch, cuda_models, hf_generation_model, left_padded, saved_models
 from ttl_core.errors import GenerationError
 from ttl_core.generate import KVDecoder
 from ttl_core.sampling import (apply_epsilon_cutoff, apply_eta_cutoff, apply_min_p, apply_repetition_penalty,
@@ -209,10 +209,7 @@ def test_without_a_seed_sampling_draws_from_torchs_global_rng_as_transformers_do
 def test_cuda_graph_sampling_draws_transformers_tokens(tmp_path):
     """On CUDA too, where the decode step is a CUDA graph replaying the generator's draws: transformers' tokens
     after torch.manual_seed(s), with `seed=s` and without a seed."""
-    hf = hf_generation_model(max_position_embeddings=512)
-    hf.save_pretrained(tmp_path)
-    ours = ttl_core.load_pretrained(tmp_path, device="cuda")
-    hf = hf.cuda()
+    hf, ours = cuda_models(tmp_path)
     ids, mask = cuda_batch(hf.config.vocab_size)
     kwargs = dict(max_new_tokens=48, do_sample=True, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1,
                   eos_token_id=[], pad_token_id=PAD)
