@@ -34,7 +34,7 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
         raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if num_beams > 1 and do_sample:
         raise GenerationError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; pass "
-                              "do_sample=False for beam search")
+                              "do_sample=False for beam search or num_beams=1 to sample")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise GenerationError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
 
