@@ -43,6 +43,17 @@ def test_beam_search_matches_transformers(models, chunk):
         assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected), kwargs
 
 
+def test_forced_eos_without_eos_ids_pads_placeholder_beams_with_the_padding_id(models):
+    """With one token left (forced EOS) the k beams tie with the empty finished slots transformers starts with; those
+    are filled with the padding id there whenever it is set, also with no EOS ids (never with -1, no token id)."""
+    hf, ours = models
+    ids, mask = left_padded(131, batch=2, seq=5, pads=(0, 2))
+    kwargs = dict(max_new_tokens=1, num_beams=3, num_return_sequences=3, eos_token_id=[], pad_token_id=5,
+                  forced_eos_token_id=5)
+    expected = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
+
+
 def test_beams_find_a_likelier_sequence_than_greedy(models):
     """What beam search is for: with 4 beams the returned continuation is at least as likely as greedy's, and here
     strictly likelier (the sums of log-probabilities below are computed from full forward passes)."""
@@ -64,10 +75,16 @@ def test_beams_find_a_likelier_sequence_than_greedy(models):
     (dict(num_beams=0), "num_beams must be a positive integer, got 0"),
     (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number, got '1'"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never', got 'sometimes'"),
-    (dict(num_beams=2, do_sample=True), r"beam sampling \(num_beams > 1 with do_sample=True\) is not implemented"),
+    (dict(num_beams=2, do_sample=True), r"beam sampling \(num_beams > 1 with do_sample=True\) is not implemented; pass do_sample=False for beam "
+     r"search or num_beams=1 to sample$"),
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams \(2\)"),
     (dict(num_beams=2, stop_strings="ab", tokenizer=CharTokenizer()),
      r"beam search \(num_beams > 1\) takes no streamer or stop strings"),
+    (dict(num_beams=2, length_penalty=2000.0),
+     r"length_penalty 2000.0 is too large: \(new tokens\) \*\* length_penalty overflows a float at 2 new tokens"),
+    (dict(num_beams=2, length_penalty=1100), r"length_penalty 1100 is too large"),
+    (dict(num_beams=2, eos_token_id=list(range(131))),
+     r"beam search keeps \(1 \+ 131 EOS ids\) \* 2 beams = 264 candidates, more than the 262 there are"),
     (dict(num_beams=2, stop_strings=[]), None),  # no stop strings: accepted
 ])
 def test_beam_settings_are_checked(models, kwargs, message):

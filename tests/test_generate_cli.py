@@ -260,8 +260,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size == tok.vocab_size
     assert fake.calls[-1] == (tok.encode("o menino"), dict(
         max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        num_return_sequences=1, cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2, min_p=0.0,
-        seed=None))
+        num_return_sequences=1, num_beams=1, cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2,
+        min_p=0.0, seed=None))
     assert streamer is not None and loads[-1] == dict(dtype="float32", device=torch.device("cpu"))
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--temperature", "0.7",
                         "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
@@ -269,8 +269,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(
         max_new_tokens=9, repetition_penalty=1.1, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        num_return_sequences=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, min_p=0.05,
-        seed=3)
+        num_return_sequences=1, num_beams=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
+        min_p=0.05, seed=3)
     assert loads[-1]["dtype"] == "bfloat16"
     for option, value in (("--temperature", "0.7"), ("--top-k", "5"), ("--top-p", "0.9"), ("--min-p", "0.1"),
                           ("--seed", "3")):  # each would be ignored: refused, naming both
@@ -283,7 +283,7 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy"]) == 0
     fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
-                                     pad_token_id=tok.pad_id, num_return_sequences=1, cuda_graph=True,
+                                     pad_token_id=tok.pad_id, num_return_sequences=1, num_beams=1, cuda_graph=True,
                                      do_sample=False)  # greedy: no sampling options
 
 
@@ -301,9 +301,9 @@ def test_the_default_device_is_cuda_in_bfloat16_where_there_is_one(checkpoint, m
 
 def test_greedy_is_greedy_when_the_checkpoint_samples(checkpoint, tmp_path, capsys):
     """--greedy decodes greedily even where the checkpoint's generation_config.json says do_sample (which
-    generate() applies when the call leaves do_sample unset)."""
+    generate() applies when the call leaves do_sample unset) and num_beams (a streamed answer is one sequence)."""
     _, tok, model = checkpoint
-    save_with_generation_config(model, tok, tmp_path, do_sample=True, temperature=5.0)
+    save_with_generation_config(model, tok, tmp_path, do_sample=True, temperature=5.0, num_beams=4)
     ids = tok.encode("o menino")
     answer = expected_answer(model, tok, ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)

@@ -34,7 +34,7 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
         raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if num_beams > 1 and do_sample:
         raise GenerationError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; pass "
-                              "do_sample=False for beam search")
+                              "do_sample=False for beam search or num_beams=1 to sample")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise GenerationError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
 
@@ -48,7 +48,19 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     rows, prompt_len = input_ids.shape
     batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
     max_length = prompt_len + max_new_tokens
-    fill = (pad or eos[0]) if eos else -1  # transformers' padding of short beams (a padding id of 0 is no padding)
+    keep = max(2, 1 + len(eos)) * num_beams
+    if keep > num_beams * vocab:
+        raise GenerationError(f"beam search keeps (1 + {len(eos)} EOS ids) * {num_beams} beams = {keep} candidates, "
+                              f"more than the {num_beams * vocab} there are")
+    try:
+        float(max_new_tokens) ** float(length_penalty)  # the largest length divisor
+    except OverflowError:
+        raise GenerationError(f"length_penalty {length_penalty!r} is too large: (new tokens) ** length_penalty "
+                              f"overflows a float at {max_new_tokens} new tokens") from None
+    length_penalty = float(length_penalty)  # an int's power of the length would be an int too large for a tensor
+    # transformers' padding of short beams and of the finished slots no beam filled: a padding id of 0 counts as
+    # none; -1 only where there is neither a padding id nor an EOS id
+    fill = pad or (eos[0] if eos else -1)
     running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids.view(batch, num_beams, prompt_len)
     finished_sequences = running.clone()
@@ -60,7 +72,6 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     # the flattened row each beam came from at each new position (-1: not generated), to reorder the cache with
     running_origins = torch.full((batch, num_beams, max_new_tokens), -1, dtype=torch.int32, device=device)
     finished_origins = running_origins.clone()
-    keep = max(2, 1 + len(eos)) * num_beams
     first_k = torch.arange(keep, device=device) < num_beams
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     token_rules = TokenRules(rules, eos, vocab, prompt_len, max_new_tokens, device)
