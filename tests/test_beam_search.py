@@ -73,10 +73,11 @@ def test_beams_find_a_likelier_sequence_than_greedy(models):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_beams=0), "num_beams must be a positive integer, got 0"),
+    (dict(num_beams=2, seed=-1), r"seed must be an integer in \[0, 2\*\*63\), got -1"),  # checked, though unused
     (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number, got '1'"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never', got 'sometimes'"),
-    (dict(num_beams=2, do_sample=True), r"beam sampling \(num_beams > 1 with do_sample=True\) is not implemented; pass do_sample=False for beam "
-     r"search or num_beams=1 to sample$"),
+    (dict(num_beams=2, do_sample=True), r"beam sampling \(num_beams > 1 with do_sample=True\) is not implemented; "
+     r"pass do_sample=False for beam search or num_beams=1 to sample$"),
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams \(2\)"),
     (dict(num_beams=2, stop_strings="ab", tokenizer=CharTokenizer()),
      r"beam search \(num_beams > 1\) takes no streamer or stop strings"),

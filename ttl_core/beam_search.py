@@ -17,7 +17,7 @@ import time
 import torch
 
 from .errors import GenerationError, is_integer, is_number
-from .sampling import process_logits
+from .sampling import mark_seen, process_logits
 from .token_rules import TokenRules
 
 _NEVER = -1.0e9  # transformers' score for "not a candidate"; its arithmetic is copied, so the order is too
@@ -88,9 +88,8 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
             log_probs = token_rules(log_probs, flat, step + prompt_len, step)
         seen = None
         if penalize:  # the tokens of each beam so far, left padding excluded
-            seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
-            seen.scatter_(1, flat[:, :cur_len].masked_fill(~real[:, :cur_len], vocab), True)
-            seen = seen[:, :vocab]
+            seen = torch.empty(rows, vocab + 1, dtype=torch.bool, device=device)
+            seen = mark_seen(seen, flat[:, :cur_len], real[:, :cur_len])[:, :vocab]
         log_probs = process_logits(log_probs, seen, False, **processors)
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         top_scores, top_index = torch.topk(totals, keep)
@@ -123,10 +122,6 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         finished_origins = torch.take_along_dim(torch.cat((finished_origins, top_origins), 1), best[..., None], 1)
         finished = torch.take_along_dim(torch.cat((finished, just_finished), dim=1), best, dim=1)
 
-        source_rows = running_origins[..., cur_len - prompt_len].reshape(-1)
-        for store in decoder.cache.keys + decoder.cache.values:  # the cache rows follow their beams
-            store.copy_(store.index_select(0, source_rows))
-
         new_tokens = cur_len + 1 - prompt_len
         hoped = max_length - prompt_len if early_stopping == "never" and length_penalty > 0.0 else new_tokens
         best_running = running_scores[:, :1] / (hoped ** length_penalty)
@@ -135,6 +130,9 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         open_beams = not (bool(finished.all()) and early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(stopped.all())):
             break
+        source_rows = running_origins[..., cur_len - prompt_len].reshape(-1)
+        for store in decoder.cache.keys + decoder.cache.values:  # the cache rows follow their beams
+            store.copy_(store.index_select(0, source_rows))
         logits = decoder.step(running[:, :, cur_len].reshape(rows, 1))
 
     sequences = finished_sequences[:, :num_return_sequences].reshape(-1, max_length)

@@ -33,7 +33,7 @@ from .config import LlamaConfig
 from .errors import GenerationError, is_integer
 from .model import LlamaForCausalLM, autocast_dtype
 from .sampling import (check_sampling_arguments, checked_inputs, checked_token_rules, decoding_settings,
-                       global_generator, process_logits, sample, special_token_ids, stop_string_matcher,
+                       global_generator, mark_seen, process_logits, sample, special_token_ids, stop_string_matcher,
                        unimplemented_settings)
 from .streamer import HostWatch, StopStrings
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
@@ -204,8 +204,7 @@ class _Decoding:
         self.rules = TokenRules(rules, eos, vocab, self.prompt_len, max_new_tokens, device)
         self.rows = (torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
                      if self.rules.needs_rows else None)
-        # a spare last column takes the left padding, which is not part of the prompt (transformers agrees)
-        penalize = processors["repetition_penalty"] != 1.0
+        penalize = processors["repetition_penalty"] != 1.0  # a spare last column: see mark_seen
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
         # a seeded call draws from a generator of its own, else from torch's global RNG (which transformers draws from)
         self.generator = (torch.Generator(device=device) if seeded else global_generator(device)) if do_sample else None
@@ -220,7 +219,7 @@ class _Decoding:
         self.finished.zero_()
         self.done_at.fill_(self.max_new_tokens)
         if self.seen is not None:
-            self.seen.zero_().scatter_(1, input_ids.masked_fill(attention_mask == 0, self.vocab), True)
+            mark_seen(self.seen, input_ids, attention_mask != 0)
         self.scores_ok.fill_(True)
         if self.generator is not None and seed is not None:
             self.generator.manual_seed(seed)
@@ -416,6 +415,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
         if stops is not None and pad is None:
             raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
+        if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
+            raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         deadline = None if max_time is None else time.monotonic() + max_time
         if num_beams > 1:
             if streamer is not None or stops is not None:  # transformers refuses a streamer there too
@@ -427,8 +428,6 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
         if streamer is not None and input_ids.shape[0] != 1:
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
-        if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
-            raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None

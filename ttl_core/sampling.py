@@ -273,6 +273,12 @@ def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | N
     return eos, pad[0] if pad else (eos[0] if eos else None)
 
 
+def mark_seen(seen: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """`seen` (rows, vocab + 1) set, in place, at each row's `ids` where `real` is true; the spare last column takes
+    the rest (left padding, which transformers' repetition penalty leaves out). Returns `seen`."""
+    return seen.zero_().scatter_(1, ids.masked_fill(~real, seen.shape[1] - 1), True)
+
+
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition penalty: the scores of tokens marked in `seen` (batch, vocab) are divided by
     `penalty` when positive and multiplied by it when negative."""
