@@ -25,7 +25,8 @@ def random_case(rng: random.Random, case: int) -> tuple[torch.Tensor, torch.Tens
                   eos_token_id=rng.choice([[], [5], [5, 6, 7], list(range(4, 40))]), pad_token_id=PAD,
                   length_penalty=rng.choice([1.0, 0.0, -1.0, 2.0]), early_stopping=rng.choice([False, True, "never"]))
     extras = [dict(repetition_penalty=rng.choice([1.3, 0.8])), dict(no_repeat_ngram_size=rng.choice([1, 2, 3])),
-              dict(min_new_tokens=rng.randint(1, 5)), dict(bad_words_ids=[[rng.randint(4, 130)], [9, 10]])]
+              dict(min_new_tokens=rng.randint(1, 5)), dict(bad_words_ids=[[rng.randint(4, 130)], [9, 10]]),
+              dict(renormalize_logits=True), dict(exponential_decay_length_penalty=(rng.randint(-2, 4), 1.5))]
     for extra in extras:
         if rng.random() < 0.3:
             kwargs.update(extra)
@@ -41,6 +42,29 @@ def test_beam_search_matches_transformers(models, chunk):
         ids, mask, kwargs = random_case(rng, 6 * chunk + case)
         expected = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
         assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected), kwargs
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_beam_sampling_matches_transformers(models, chunk):
+    """Beams with do_sample draw their candidates as transformers' torch.multinomial does (the best of p / Exp(1),
+    over the same draws), with its warpers keeping a token more than there are EOS ids: 12 random cases, seeded
+    (`seed=s` as `torch.manual_seed(s)`) or from torch's global RNG, which ends where transformers leaves it."""
+    hf, ours = models
+    rng = random.Random(100 + chunk)
+    for case in range(6):
+        ids, mask, kwargs = random_case(rng, 100 + 6 * chunk + case)
+        kwargs.update(do_sample=True, top_k=0)
+        warpers = [dict(temperature=0.6), dict(top_k=rng.choice([1, 3])), dict(top_p=rng.choice([0.1, 0.6])),
+                   dict(min_p=0.3), dict(typical_p=0.5), dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.02)]
+        for warper in rng.sample(warpers, 2):
+            kwargs.update(warper)
+        seeded = case % 2 == 0
+        torch.manual_seed(case)
+        expected, after_transformers = hf.generate(ids, attention_mask=mask, **kwargs), torch.rand(1)
+        torch.manual_seed(99 if seeded else case)
+        got = ttl_core.generate(ours, ids, mask, seed=case if seeded else None, **kwargs)
+        assert torch.equal(got, expected), kwargs
+        assert seeded or torch.equal(torch.rand(1), after_transformers)
 
 
 def test_forced_eos_without_eos_ids_pads_placeholder_beams_with_the_padding_id(models):
@@ -73,11 +97,9 @@ def test_beams_find_a_likelier_sequence_than_greedy(models):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_beams=0), "num_beams must be a positive integer, got 0"),
-    (dict(num_beams=2, seed=-1), r"seed must be an integer in \[0, 2\*\*63\), got -1"),  # checked, though unused
+    (dict(num_beams=2, seed=-1), r"seed must be an integer in \[0, 2\*\*63\), got -1"),
     (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number, got '1'"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never', got 'sometimes'"),
-    (dict(num_beams=2, do_sample=True), r"beam sampling \(num_beams > 1 with do_sample=True\) is not implemented; "
-     r"pass do_sample=False for beam search or num_beams=1 to sample$"),
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams \(2\)"),
     (dict(num_beams=2, stop_strings="ab", tokenizer=CharTokenizer()),
      r"beam search \(num_beams > 1\) takes no streamer or stop strings"),
@@ -107,5 +129,9 @@ def test_cuda_beam_search_matches_transformers_fp32(tmp_path):
     kwargs = dict(max_new_tokens=24, num_beams=4, num_return_sequences=2, eos_token_id=[5, 6, 7], pad_token_id=PAD,
                   repetition_penalty=1.2)
     assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), hf.generate(ids, attention_mask=mask, **kwargs))
+    kwargs.update(do_sample=True, top_k=0, top_p=0.9)  # beam sampling draws from the CUDA generator as transformers
+    torch.manual_seed(0)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, seed=0, **kwargs), expected)
     bf16 = ttl_core.load_pretrained(tmp_path, device="cuda", dtype=torch.bfloat16)
     assert ttl_core.generate(bf16, ids, mask, **kwargs).shape[0] == 6

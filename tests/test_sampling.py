@@ -8,8 +8,9 @@ import ttl_core
 from generation_helpers import PAD, cuda_batch, cuda_models, hf_generation_model, left_padded, saved_models
 from ttl_core.errors import GenerationError
 from ttl_core.generate import KVDecoder
-from ttl_core.sampling import (apply_epsilon_cutoff, apply_eta_cutoff, apply_min_p, apply_repetition_penalty,
-                               apply_top_h, apply_top_k, apply_top_p, apply_typical_p, process_logits, sample)
+from ttl_core.sampling import (apply_epsilon_cutoff, apply_eta_cutoff, apply_min_p, apply_top_h, apply_top_k,
+                               apply_top_p, apply_typical_p, process_logits, sample)
+from ttl_core.token_rules import apply_repetition_penalty
 
 
 def random_logits(seed: int = 0, batch: int = 6, vocab: int = 1000) -> torch.Tensor:
@@ -67,6 +68,31 @@ def test_epsilon_and_eta_cutoffs_match_transformers(cutoff):
     assert_same_scores(apply_eta_cutoff(scores, cutoff), hf_lp.EtaLogitsWarper(cutoff)(None, scores.clone()))
 
 
+@pytest.mark.parametrize("keep", [2, 4, 1000])
+def test_warpers_keep_min_tokens_to_keep_as_in_transformers(keep):
+    """Beam sampling's warpers keep at least `keep` tokens (one more than there are EOS ids), at thresholds that
+    would keep fewer; the top-k, top-p and typical-p rows have ties at the boundary."""
+    scores = random_logits(11)
+    scores[0, :10] = scores[0, 10]
+    cases = [(apply_top_k, hf_lp.TopKLogitsWarper, 1), (apply_top_p, hf_lp.TopPLogitsWarper, 0.01),
+             (apply_min_p, hf_lp.MinPLogitsWarper, 0.9), (apply_typical_p, hf_lp.TypicalLogitsWarper, 0.01),
+             (apply_epsilon_cutoff, hf_lp.EpsilonLogitsWarper, 0.3), (apply_eta_cutoff, hf_lp.EtaLogitsWarper, 0.3)]
+    for ours, theirs, threshold in cases:
+        got = ours(scores, threshold, keep)
+        assert_same_scores(got, theirs(threshold, min_tokens_to_keep=keep)(None, scores.clone()))
+        assert (torch.isfinite(got).sum(-1) >= keep).all()
+        assert (torch.isfinite(ours(scores, threshold)).sum(-1) < keep).any()  # the threshold alone keeps fewer
+
+
+def test_renormalize_logits_ends_the_chain_with_transformers_log_softmax():
+    scores = random_logits(12)
+    scores[1, :7] = float("-inf")
+    ref = hf_lp.LogitNormalization()(None, hf_lp.TopKLogitsWarper(30)(None, scores.clone()))
+    assert_same_scores(process_logits(scores, do_sample=True, top_k=30, renormalize_logits=True), ref)
+    assert_same_scores(process_logits(scores, do_sample=False, top_k=30, renormalize_logits=True),
+                       hf_lp.LogitNormalization()(None, scores.clone()))
+
+
 @pytest.mark.parametrize("penalty", [0.7, 1.2, 2.0])
 def test_repetition_penalty_matches_transformers(penalty):
     scores = random_logits(3, batch=3, vocab=50)
@@ -91,10 +117,11 @@ def test_processor_chain_matches_transformers_order():
         hf_lp.TopKLogitsWarper(40), hf_lp.TopPLogitsWarper(0.8), hf_lp.MinPLogitsWarper(0.05),
         hf_lp.TypicalLogitsWarper(0.9), hf_lp.EpsilonLogitsWarper(0.01), hf_lp.EtaLogitsWarper(0.005),
     ])
-    got = process_logits(scores, seen, do_sample=True, temperature=0.7, top_h=0.9, top_k=40, top_p=0.8, min_p=0.05,
-                         typical_p=0.9, epsilon_cutoff=0.01, eta_cutoff=0.005, repetition_penalty=1.2)
+    penalized = apply_repetition_penalty(scores, seen, 1.2)
+    got = process_logits(penalized, do_sample=True, temperature=0.7, top_h=0.9, top_k=40, top_p=0.8, min_p=0.05,
+                         typical_p=0.9, epsilon_cutoff=0.01, eta_cutoff=0.005)
     assert_same_scores(got, chain(ids, scores.clone()))
-    greedy = process_logits(scores, seen, do_sample=False, temperature=0.7, top_k=40, repetition_penalty=1.2)
+    greedy = process_logits(penalized, do_sample=False, temperature=0.7, top_k=40)
     assert_same_scores(greedy, chain[0](ids, scores.clone()))
 
 
@@ -155,10 +182,10 @@ def test_a_bf16_model_samples_from_float32_scores_as_transformers_does(tmp_path)
     assert logits.dtype == torch.bfloat16
     seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
     seen[:, PAD] = False  # only the left padding holds it, which is no part of the prompt
-    settings = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.3)
     got = ttl_core.generate(model, prompts, prompt_mask, max_new_tokens=1, do_sample=True, seed=0, eos_token_id=[],
-                            num_return_sequences=draws, **settings)
-    expected = sample(process_logits(logits.float(), seen, True, **settings), torch.Generator().manual_seed(0))
+                            num_return_sequences=draws, temperature=0.7, top_p=0.9, repetition_penalty=1.3)
+    expected = sample(process_logits(apply_repetition_penalty(logits.float(), seen, 1.3), True, temperature=0.7,
+                                     top_p=0.9), torch.Generator().manual_seed(0))
     assert torch.equal(got[:, -1], expected), f"{int((got[:, -1] != expected).sum())} draws differ"
 
 

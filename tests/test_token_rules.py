@@ -1,5 +1,6 @@
 """ttl_core.token_rules' processors (sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens,
-forced_eos_token_id) through generate(), token for token against transformers' generate(), greedy and sampled."""
+forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty) through
+generate(), token for token against transformers' generate(), greedy and sampled."""
 
 import pytest
 import torch
@@ -54,18 +55,76 @@ def test_token_rules_match_transformers(models, greedy_tokens, rule, do_sample):
 
 
 def test_rules_from_the_checkpoint_together_as_in_transformers(models, greedy_tokens, monkeypatch):
-    """All five at once, read from generation_config.json (where transformers writes a sequence_bias as a list of
-    [ids, bias] pairs), with n-gram blocking and min_new_tokens: each in transformers' order."""
+    """All at once, read from generation_config.json (where transformers writes a sequence_bias as a list of
+    [ids, bias] pairs), with the repetition penalty, n-gram blocking and min_new_tokens: each in transformers'
+    order."""
     hf, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
     saved = {name: value for case in rule_cases(greedy_tokens).values() for name, value in case.items()}
-    saved.update(no_repeat_ngram_size=2, min_new_tokens=4)
+    saved.update(no_repeat_ngram_size=2, min_new_tokens=4, exponential_decay_length_penalty=(5, 1.4),
+                 remove_invalid_values=True, repetition_penalty=1.2)
     for name, value in saved.items():
         monkeypatch.setattr(hf.generation_config, name, value)
     saved["sequence_bias"] = [[list(sequence), bias] for sequence, bias in saved["sequence_bias"].items()]
+    saved["exponential_decay_length_penalty"] = [5, 1.4]  # as JSON holds it
     monkeypatch.setattr(ours, "generation_config", saved)
     kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=[5, 7], pad_token_id=PAD)
     assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), hf.generate(ids, attention_mask=mask, **kwargs))
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_forced_bos_after_a_one_token_prompt_as_in_transformers(models, do_sample):
+    """transformers forces forced_bos_token_id where the row is one token long: the first new token after a
+    one-column prompt (never after a longer one); begin_suppress_tokens then apply to the token after it."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=3, seq=1, pads=(0, 0, 0))
+    first = ttl_core.generate(ours, ids, mask, max_new_tokens=2, eos_token_id=[])[:, 1:].tolist()
+    settings = dict(forced_bos_token_id=first[1][1], begin_suppress_tokens=[first[0][1], first[2][1]])
+    kwargs = dict(max_new_tokens=NEW, do_sample=do_sample, top_k=0, eos_token_id=[5], pad_token_id=PAD)
+    torch.manual_seed(2)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs, **settings)
+    got = ttl_core.generate(ours, ids, mask, seed=2 if do_sample else None, **kwargs, **settings)
+    assert torch.equal(got, expected) and (got[:, 1] == settings["forced_bos_token_id"]).all()
+    longer, longer_mask = left_padded(ours.config.vocab_size)
+    assert torch.equal(ttl_core.generate(ours, longer, longer_mask, **kwargs, forced_bos_token_id=7, seed=2),
+                       ttl_core.generate(ours, longer, longer_mask, **kwargs, seed=2))
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_exponential_decay_length_penalty_matches_transformers(models, do_sample):
+    """From the `start`-th new token on, the EOS ids' scores grow by |score| * (factor ** steps - 1): rows end
+    earlier than without it (and a negative start counts from before the first new token)."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=NEW, do_sample=do_sample, top_k=0, repetition_penalty=1.2, eos_token_id=[5, 9],
+                  pad_token_id=PAD)
+    for decay in ((3, 1.8), (-2, 1.3)):
+        torch.manual_seed(3)
+        expected = hf.generate(ids, attention_mask=mask, exponential_decay_length_penalty=decay, **kwargs)
+        got = ttl_core.generate(ours, ids, mask, exponential_decay_length_penalty=decay, seed=3, **kwargs)
+        assert torch.equal(got, expected)
+        assert got.shape[1] < ttl_core.generate(ours, ids, mask, seed=3, **kwargs).shape[1]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_remove_invalid_values_makes_inf_the_largest_float_as_in_transformers(models, greedy_tokens, do_sample):
+    """remove_invalid_values turns +inf scores (here from sequence_bias) into float32's largest value and -inf into
+    its lowest, after the repetition penalty: two tokens biased by +inf then share all the probability (without it,
+    sampling has no distribution and ttl raises)."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    favored = (greedy_tokens[0][2], greedy_tokens[1][3])
+    kwargs = dict(max_new_tokens=NEW, do_sample=do_sample, top_k=0, repetition_penalty=1.3, eos_token_id=[],
+                  pad_token_id=PAD, num_return_sequences=2 if do_sample else 1, min_new_tokens=2,
+                  sequence_bias={(favored[0],): float("inf"), (favored[1],): float("inf")})
+    torch.manual_seed(4)
+    expected = hf.generate(ids, attention_mask=mask, remove_invalid_values=True, **kwargs)
+    got = ttl_core.generate(ours, ids, mask, remove_invalid_values=True, seed=4, **kwargs)
+    assert torch.equal(got, expected) and torch.isin(got[:, 9:], torch.tensor(favored)).all()
+    if do_sample:
+        assert set(got[:, 9:].flatten().tolist()) == set(favored)
+        with pytest.raises(GenerationError, match="sampling met scores with no distribution"):
+            ttl_core.generate(ours, ids, mask, seed=4, **kwargs)
 
 
 def test_an_infinite_sequence_bias_forces_its_token_in_greedy_decoding_as_in_transformers(models, greedy_tokens):
@@ -105,6 +164,12 @@ def test_infinite_biases_that_make_nan_or_inf_scores_are_named(models, greedy_to
     (dict(suppress_tokens=[-1]), r"suppress_tokens -1 is not a token id in \[0, 131\)"),
     (dict(begin_suppress_tokens=["a"]), "begin_suppress_tokens 'a' is not a token id"),
     (dict(forced_eos_token_id=131), r"forced_eos_token_id 131 is not a token id in \[0, 131\)"),
+    (dict(forced_bos_token_id=131), r"forced_bos_token_id 131 is not a token id in \[0, 131\)"),
+    (dict(forced_bos_token_id=[1, 2]), r"forced_bos_token_id must be one token id, got \[1, 2\]"),
+    (dict(remove_invalid_values="yes"), "remove_invalid_values must be True or False, got 'yes'"),
+    (dict(exponential_decay_length_penalty=(1.5, 2.0)), r"exponential_decay_length_penalty must be \(start, factor\)"),
+    (dict(exponential_decay_length_penalty=3), r"must be \(start, factor\): new tokens before the penalty starts"),
+    (dict(exponential_decay_length_penalty=(1, "x")), r"got \(1, 'x'\)"),
     # transformers refuses this too: the last step would have no token left (greedy would silently pick id 0)
     (dict(forced_eos_token_id=[7, 9], suppress_tokens=[9, 4, 7]),
      r"every forced_eos_token_id \(\[7, 9\]\) is also in suppress_tokens"),

@@ -17,13 +17,13 @@ import time
 import torch
 
 from .errors import GenerationError, is_integer, is_number
-from .sampling import mark_seen, process_logits
+from .sampling import global_generator, mark_seen, process_logits
 from .token_rules import TokenRules
 
 _NEVER = -1.0e9  # transformers' score for "not a candidate"; its arithmetic is copied, so the order is too
 
 
-def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
+def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: bool | str,
                          num_return_sequences: int) -> None:
     """Raise a GenerationError naming the first beam-search setting that is out of range or not implemented."""
     if not is_integer(num_beams) or num_beams < 1:
@@ -32,19 +32,19 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
         raise GenerationError(f"length_penalty must be a number, got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if num_beams > 1 and do_sample:
-        raise GenerationError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; pass "
-                              "do_sample=False for beam search or num_beams=1 to sample")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise GenerationError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
 
 
 def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
-                pad: int | None, processors: dict, rules: dict, num_beams: int, length_penalty: float,
-                early_stopping: bool | str, num_return_sequences: int, deadline: float | None) -> torch.Tensor:
+                pad: int | None, do_sample: bool, seed: int | None, processors: dict, rules: dict, num_beams: int,
+                length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
+                deadline: float | None) -> torch.Tensor:
     """The `num_return_sequences` best finished beams of each prompt row of `input_ids` (batch, seq), already
     repeated `num_beams` times each, as `decoder` (a `KVDecoder` over those rows) continues them; returns
-    (batch * num_return_sequences, seq + new) like transformers' `generate()`."""
+    (batch * num_return_sequences, seq + new) like transformers' `generate()`. With `do_sample`, each step samples
+    its candidates (without replacement, from the softmax of their summed scores) instead of taking the best, from
+    a generator seeded with `seed`, else from torch's global one, as transformers' beam sampling does."""
     rows, prompt_len = input_ids.shape
     batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
     max_length = prompt_len + max_new_tokens
@@ -75,7 +75,12 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     first_k = torch.arange(keep, device=device) < num_beams
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     token_rules = TokenRules(rules, eos, vocab, prompt_len, max_new_tokens, device)
-    penalize = processors["repetition_penalty"] != 1.0
+    # as transformers, the warpers keep a token more than there are EOS ids, so that a beam can go on (where the
+    # model has no EOS id at all, transformers keeps 2; ttl cannot tell that from eos_token_id=[] and keeps 1)
+    processors = {**processors, "min_tokens_to_keep": len(eos) + 1}
+    generator = None
+    if do_sample:
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else global_generator(device)
     real = torch.cat([mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     row_offsets = torch.arange(batch, device=device)[:, None] * num_beams
 
@@ -85,14 +90,24 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         flat = running.view(rows, max_length)
         log_probs = logits.float().log_softmax(dim=-1)
         if token_rules.active:
-            log_probs = token_rules(log_probs, flat, step + prompt_len, step)
-        seen = None
-        if penalize:  # the tokens of each beam so far, left padding excluded
-            seen = torch.empty(rows, vocab + 1, dtype=torch.bool, device=device)
-            seen = mark_seen(seen, flat[:, :cur_len], real[:, :cur_len])[:, :vocab]
-        log_probs = process_logits(log_probs, seen, False, **processors)
+            seen = None
+            if token_rules.penalizes:  # the tokens of each beam so far, left padding excluded
+                seen = torch.empty(rows, vocab + 1, dtype=torch.bool, device=device)
+                seen = mark_seen(seen, flat[:, :cur_len], real[:, :cur_len])[:, :vocab]
+            log_probs = token_rules(log_probs, flat, step + prompt_len, step, seen)
+        log_probs = process_logits(log_probs, do_sample, **processors)
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        top_scores, top_index = torch.topk(totals, keep)
+        if do_sample:  # torch.multinomial without replacement, as transformers calls it: the top `keep` of p / Exp(1)
+            if not bool(torch.isfinite(totals.amax(dim=-1)).all()):  # transformers' torch.multinomial raises too
+                raise GenerationError(f"beam sampling met scores with no distribution (NaN or inf) at new token "
+                                      f"{cur_len - prompt_len + 1}: the model's logits, or the settings (a large "
+                                      "exponential_decay_length_penalty, token rules that leave no token) made them")
+            race = torch.empty_like(totals).exponential_(generator=generator)
+            top_index = torch.topk(totals.softmax(dim=-1) / race, keep)[1]
+            top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
+            top_index = top_index.gather(1, order)
+        else:
+            top_scores, top_index = torch.topk(totals, keep)
         top_beams, top_tokens = top_index // vocab, top_index % vocab
         top_sequences = torch.take_along_dim(running, top_beams[..., None], dim=1)
         top_sequences[:, :, cur_len] = top_tokens

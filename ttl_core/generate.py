@@ -204,8 +204,8 @@ class _Decoding:
         self.rules = TokenRules(rules, eos, vocab, self.prompt_len, max_new_tokens, device)
         self.rows = (torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
                      if self.rules.needs_rows else None)
-        penalize = processors["repetition_penalty"] != 1.0  # a spare last column: see mark_seen
-        self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if penalize else None
+        # a spare last column: see mark_seen
+        self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if self.rules.penalizes else None
         # a seeded call draws from a generator of its own, else from torch's global RNG (which transformers draws from)
         self.generator = (torch.Generator(device=device) if seeded else global_generator(device)) if do_sample else None
         # whether every row's scores had a finite max (neither NaN nor +inf nor all -inf): else softmax has no
@@ -229,12 +229,15 @@ class _Decoding:
     def advance(self, logits: torch.Tensor) -> None:
         seen = None if self.seen is None else self.seen[:, :self.vocab]
         raw = logits.float()
-        logits = self.rules(raw, self.rows, self.prompt_len + self.column, self.column) if self.rules.active else raw
-        scores = process_logits(logits, seen, self.do_sample, **self.processors)
+        logits = (self.rules(raw, self.rows, self.prompt_len + self.column, self.column, seen) if self.rules.active
+                  else raw)
+        scores = process_logits(logits, self.do_sample, **self.processors)
         if self.do_sample:
             finite = torch.isfinite(scores.amax(dim=-1))
         else:  # argmax has an answer (as transformers') where only the rules put inf: 0 where they left no token
-            finite = torch.isfinite(raw.amax(dim=-1)) & ~torch.isnan(scores.amax(dim=-1))
+            finite = ~torch.isnan(scores.amax(dim=-1))
+            if not self.rules.remove_invalid:  # which asks for the model's NaN and inf to pass
+                finite &= torch.isfinite(raw.amax(dim=-1))
         self.scores_ok &= finite.all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         token = torch.where(self.finished, self.pad, token)
@@ -351,9 +354,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              eta_cutoff: float | None = None, top_h: float | None = None, no_repeat_ngram_size: int | None = None,
              sequence_bias: dict | list | None = None, bad_words_ids: list[list[int]] | None = None,
              suppress_tokens: list[int] | None = None, begin_suppress_tokens: list[int] | None = None,
-             forced_eos_token_id: int | list[int] | None = None, max_time: float | None = None,
-             num_beams: int | None = None, length_penalty: float | None = None,
-             early_stopping: bool | str | None = None) -> torch.Tensor:
+             forced_eos_token_id: int | list[int] | None = None, forced_bos_token_id: int | None = None,
+             remove_invalid_values: bool | None = None, exponential_decay_length_penalty: tuple | None = None,
+             renormalize_logits: bool | None = None, max_time: float | None = None, num_beams: int | None = None,
+             length_penalty: float | None = None, early_stopping: bool | str | None = None) -> torch.Tensor:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -366,9 +370,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (also
     its `max_length` and `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
-    where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search
-    (`ttl_core.beam_search`). Checkpoint settings ttl does not implement (beam sampling, contrastive search, ...:
-    `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
+    where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search, or beam sampling
+    with `do_sample` (`ttl_core.beam_search`). Checkpoint settings ttl does not implement (contrastive search,
+    guidance, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
@@ -395,7 +399,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      num_return_sequences=num_return_sequences, sequence_bias=sequence_bias,
                                      bad_words_ids=bad_words_ids, suppress_tokens=suppress_tokens,
                                      begin_suppress_tokens=begin_suppress_tokens,
-                                     forced_eos_token_id=forced_eos_token_id, max_time=max_time, num_beams=num_beams,
+                                     forced_eos_token_id=forced_eos_token_id, forced_bos_token_id=forced_bos_token_id,
+                                     remove_invalid_values=remove_invalid_values,
+                                     exponential_decay_length_penalty=exponential_decay_length_penalty,
+                                     renormalize_logits=renormalize_logits, max_time=max_time, num_beams=num_beams,
                                      length_penalty=length_penalty, early_stopping=early_stopping)
         max_new_tokens, do_sample, num_return_sequences, max_time, num_beams, length_penalty, early_stopping = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time",
@@ -406,11 +413,12 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
                           "does not implement: it decodes as if they were unset, unlike transformers' generate()",
                           stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
-        rules = checked_token_rules({name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}, model.config.vocab_size)
-        check_beam_arguments(num_beams, length_penalty, early_stopping, do_sample, num_return_sequences)
-        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time,
-                                 num_beams=num_beams, **settings)
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
+        rules = {name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}
+        check_beam_arguments(num_beams, length_penalty, early_stopping, num_return_sequences)
+        check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time,
+                                 num_beams=num_beams, repetition_penalty=rules["repetition_penalty"], **settings)
+        rules = checked_token_rules(rules, model.config.vocab_size)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
         if stops is not None and pad is None:
@@ -423,8 +431,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                 raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
             input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
             return beam_search(KVDecoder(model, mask, max_new_tokens), input_ids, mask, max_new_tokens, eos, pad,
-                               settings, rules, num_beams, length_penalty, early_stopping, num_return_sequences,
-                               deadline)
+                               do_sample, seed, settings, rules, num_beams, length_penalty, early_stopping,
+                               num_return_sequences, deadline)
         input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
         if streamer is not None and input_ids.shape[0] != 1:
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
@@ -468,7 +476,7 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if not bool(state.scores_ok):
         cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
-        if state.do_sample and state.rules.active:  # transformers fails there too
+        if state.do_sample and state.rules.blocks:  # transformers fails there too
             cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
         if state.rules.sequence_bias is not None:
             cause += ", or sequence_bias put inf in them (inf - inf is NaN; inf has no probability)"

@@ -1,11 +1,11 @@
-"""Logits processors with transformers' semantics and order, a sampler that needs no host sync, and
-`generate()`'s arguments: their checks, and the defaults a call leaves to the checkpoint (decoding settings,
-EOS and padding ids).
+"""Logits warpers with transformers' semantics and order, a sampler that needs no host sync, and `generate()`'s
+arguments: their checks, and the defaults a call leaves to the checkpoint (decoding settings, EOS and padding ids).
 
-`generate()` applies, like transformers' `generate()`: the repetition penalty (prompt tokens included, left
-padding excluded), then, only when sampling, temperature, top-h, top-k, top-p, min-p, typical-p and the epsilon and
-eta cutoffs. Each function takes fp32 scores (batch, vocab) and returns new ones, with -inf on filtered tokens; tests
-check each against the matching transformers `LogitsProcessor` on random logits.
+`generate()` applies, like transformers' `generate()`: the token rules of `ttl_core.token_rules` (the repetition
+penalty among them), then, only when sampling, temperature, top-h, top-k, top-p, min-p, typical-p and the epsilon and
+eta cutoffs, then a log-softmax where `renormalize_logits` asks for one. Each function takes fp32 scores (batch,
+vocab) and returns new ones, with -inf on filtered tokens; tests check each against the matching transformers
+`LogitsProcessor` on random logits.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
                      "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
                      "sequence_bias": None, "bad_words_ids": None, "suppress_tokens": None,
-                     "begin_suppress_tokens": None, "forced_eos_token_id": None,
-                     "max_time": None, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False}
+                     "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                     "remove_invalid_values": False, "exponential_decay_length_penalty": None,
+                     "renormalize_logits": False, "max_time": None, "num_beams": 1, "length_penalty": 1.0,
+                     "early_stopping": False}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -44,9 +46,8 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 UNIMPLEMENTED_SETTINGS = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
-    "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
-    "exponential_decay_length_penalty": None, "stop_strings": None, "watermarking_config": None, "dola_layers": None,
-    "token_healing": False, "remove_invalid_values": False}
+    "force_words_ids": None, "constraints": None, "stop_strings": None, "watermarking_config": None,
+    "dola_layers": None, "token_healing": False}
 
 
 def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:
@@ -111,13 +112,15 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 def check_sampling_arguments(do_sample: bool, temperature: float, top_h: float | None, top_k: int, top_p: float,
                              min_p: float, typical_p: float, epsilon_cutoff: float, eta_cutoff: float,
                              repetition_penalty: float, num_return_sequences: int,
-                             max_time: float | None = None, num_beams: int = 1) -> None:
+                             max_time: float | None = None, num_beams: int = 1,
+                             renormalize_logits: bool = False) -> None:
     """Raise a GenerationError naming the first of `generate`'s sampling arguments (and its `max_time`) that is out
     of range."""
+    for name, flag in (("do_sample", do_sample), ("renormalize_logits", renormalize_logits)):
+        if not isinstance(flag, bool):  # a string such as "False" would otherwise be true
+            raise GenerationError(f"{name} must be True or False, got {flag!r}")
     if max_time is not None and not (is_number(max_time) and max_time >= 0):
         raise GenerationError(f"max_time must be a number of seconds >= 0, got {max_time!r}")
-    if not isinstance(do_sample, bool):  # a string such as "False" would otherwise be true
-        raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("typical_p", typical_p),
                         ("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff),
                         ("repetition_penalty", repetition_penalty)):
@@ -210,14 +213,28 @@ def _token_list(ids: Any, name: str, vocab: int) -> list[int]:
 
 def checked_token_rules(rules: dict[str, Any], vocab: int) -> dict[str, Any]:
     """The settings of `ttl_core.token_rules.TOKEN_RULE_SETTINGS` checked (token ids inside the vocabulary, one-line
-    errors) and made hashable, as a decoding session's key needs: id lists as tuples (None for none), a
-    sequence_bias (transformers' dict, or the list of [ids, bias] pairs a generation_config.json holds) as pairs."""
+    errors) and made hashable, as a decoding session's key needs: id lists as tuples (None for
+    none), a sequence_bias (transformers' dict, or the list of [ids, bias] pairs a generation_config.json holds) as
+    pairs, the exponential decay's (start, factor) as a tuple."""
     checked = dict(rules)
     for name in ("min_new_tokens", "no_repeat_ngram_size"):
         if not is_integer(rules[name]) or rules[name] < 0:
             raise GenerationError(f"{name} must be an integer >= 0, got {rules[name]!r}")
+    if not isinstance(rules["remove_invalid_values"], bool):
+        raise GenerationError(f"remove_invalid_values must be True or False, got {rules['remove_invalid_values']!r}")
     for name in ("suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"):
         checked[name] = tuple(_token_list(rules[name], name, vocab)) or None
+    if rules["forced_bos_token_id"] is not None:
+        forced_bos = _token_list(rules["forced_bos_token_id"], "forced_bos_token_id", vocab)
+        if len(forced_bos) != 1:
+            raise GenerationError(f"forced_bos_token_id must be one token id, got {rules['forced_bos_token_id']!r}")
+        checked["forced_bos_token_id"] = forced_bos[0]
+    decay = rules["exponential_decay_length_penalty"]
+    if decay is not None:
+        if not (isinstance(decay, (list, tuple)) and len(decay) == 2 and is_integer(decay[0]) and is_number(decay[1])):
+            raise GenerationError("exponential_decay_length_penalty must be (start, factor): new tokens before the "
+                                  f"penalty starts and the factor it grows by, got {decay!r}")
+        checked["exponential_decay_length_penalty"] = (decay[0], float(decay[1]))
     forced, suppressed = checked["forced_eos_token_id"], checked["suppress_tokens"]
     if forced and set(forced) <= set(suppressed or ()):  # the last step would have no token; transformers refuses
         raise GenerationError(f"every forced_eos_token_id ({sorted(set(forced))}) is also in suppress_tokens: the "
@@ -279,60 +296,62 @@ def mark_seen(seen: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torc
     return seen.zero_().scatter_(1, ids.masked_fill(~real, seen.shape[1] - 1), True)
 
 
-def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty: the scores of tokens marked in `seen` (batch, vocab) are divided by
-    `penalty` when positive and multiplied by it when negative."""
-    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-
-
-def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the `top_k` highest scores of each row (ties with the k-th included); -inf elsewhere."""
-    kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+def apply_top_k(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Keep the `top_k` (at least `min_tokens_to_keep`) highest scores of each row (ties with the k-th included);
+    -inf elsewhere."""
+    kth = torch.topk(scores, min(max(top_k, min_tokens_to_keep), scores.shape[-1]), dim=-1).values[..., -1:]
     return scores.masked_fill(scores < kth, float("-inf"))
 
 
-def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def apply_top_p(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Nucleus filtering: drop the least likely tokens whose probabilities add up to at most 1 - top_p,
-    always keeping the most likely one (accumulated from the least likely up, as transformers does, so the
-    float rounding at the boundary is the same)."""
+    always keeping the `min_tokens_to_keep` most likely (accumulated from the least likely up, as transformers
+    does, so the float rounding at the boundary is the same)."""
     ascending, order = torch.sort(scores, dim=-1)
     tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
     drop = tail_mass <= 1 - top_p
-    drop[..., -1] = False
+    drop[..., -min_tokens_to_keep:] = False
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def apply_min_p(scores: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below `min_p` times the row's highest probability."""
+def apply_min_p(scores: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the row's highest probability, but never the
+    `min_tokens_to_keep` most likely."""
     probs = scores.softmax(dim=-1)
-    return scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    if min_tokens_to_keep > 1:  # the most likely token is never below the threshold
+        drop.scatter_(-1, torch.topk(probs, min(min_tokens_to_keep, probs.shape[-1]), dim=-1).indices, False)
+    return scores.masked_fill(drop, float("-inf"))
 
 
-def apply_typical_p(scores: torch.Tensor, mass: float) -> torch.Tensor:
+def apply_typical_p(scores: torch.Tensor, mass: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Locally typical sampling: rank tokens by how far their surprisal is from the row's entropy and keep the
-    closest, up to the first whose cumulative probability reaches `mass` (ties with it included, one at least)."""
+    closest, up to the first whose cumulative probability reaches `mass` (ties with it included,
+    `min_tokens_to_keep` at least)."""
     log_probs = scores.log_softmax(dim=-1)
     entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # nansum: 0 * -inf for filtered tokens
     distance, order = torch.sort((-log_probs - entropy).abs(), dim=-1)
     reached = (scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1) < mass).sum(dim=-1, keepdim=True)
     drop = distance > distance.gather(-1, reached.clamp_(max=scores.shape[-1] - 1))
-    drop[..., 0] = False
+    drop[..., :min_tokens_to_keep] = False
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def apply_epsilon_cutoff(scores: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Truncation sampling: drop tokens whose probability is below `epsilon`, but never the most likely one."""
-    return _drop_below(scores, scores.softmax(dim=-1), epsilon)
+def apply_epsilon_cutoff(scores: torch.Tensor, epsilon: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Truncation sampling: drop tokens whose probability is below `epsilon`, but never the `min_tokens_to_keep`
+    most likely."""
+    return _drop_below(scores, scores.softmax(dim=-1), epsilon, min_tokens_to_keep)
 
 
-def apply_eta_cutoff(scores: torch.Tensor, eta: float) -> torch.Tensor:
+def apply_eta_cutoff(scores: torch.Tensor, eta: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Entropy-dependent truncation: drop tokens whose probability is below min(eta, sqrt(eta) * exp(-entropy)),
-    but never the most likely one. The entropy's sum and eta's float32 square root are computed as transformers
-    computes them (through torch.distributions.Categorical), so the threshold is its to the bit."""
+    but never the `min_tokens_to_keep` most likely. The entropy's sum and eta's float32 square root are computed as
+    transformers computes them (through torch.distributions.Categorical), so the threshold is its to the bit."""
     _, entropy = _categorical(scores)
     eta_tensor = torch.full_like(entropy, eta)  # a fill, not a host copy: fine inside a CUDA graph
     return _drop_below(scores, scores.softmax(dim=-1),
-                       torch.minimum(eta_tensor, eta_tensor.sqrt() * torch.exp(-entropy))[..., None])
+                       torch.minimum(eta_tensor, eta_tensor.sqrt() * torch.exp(-entropy))[..., None],
+                       min_tokens_to_keep)
 
 
 def apply_top_h(scores: torch.Tensor, top_h: float) -> torch.Tensor:
@@ -353,36 +372,37 @@ def _categorical(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return probs, -(normalized.clamp(min=torch.finfo(scores.dtype).min) * probs).sum(dim=-1)
 
 
-def _drop_below(scores: torch.Tensor, probs: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    return scores.masked_fill((probs < threshold) & (scores < scores.amax(dim=-1, keepdim=True)), float("-inf"))
+def _drop_below(scores: torch.Tensor, probs: torch.Tensor, threshold: float | torch.Tensor,
+                min_tokens_to_keep: int) -> torch.Tensor:
+    kth = torch.topk(scores, min(min_tokens_to_keep, scores.shape[-1]), dim=-1).values[..., -1:]
+    return scores.masked_fill((probs < threshold) & (scores < kth), float("-inf"))
 
 
-def process_logits(scores: torch.Tensor, seen: torch.Tensor | None, do_sample: bool, temperature: float = 1.0,
-                   top_h: float | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                   typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
-                   repetition_penalty: float = 1.0) -> torch.Tensor:
-    """The processors transformers' `generate()` would apply, in its order; `scores` should be fp32."""
-    if repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, seen, repetition_penalty)
-    if not do_sample:
-        return scores
-    if temperature != 1.0:
-        scores = scores / temperature
-    if top_h is not None:
-        scores = apply_top_h(scores, top_h)
-    if top_k:
-        scores = apply_top_k(scores, top_k)
-    if top_p < 1.0:
-        scores = apply_top_p(scores, top_p)
-    if min_p:
-        scores = apply_min_p(scores, min_p)
-    if typical_p < 1.0:
-        scores = apply_typical_p(scores, typical_p)
-    if epsilon_cutoff:
-        scores = apply_epsilon_cutoff(scores, epsilon_cutoff)
-    if eta_cutoff:
-        scores = apply_eta_cutoff(scores, eta_cutoff)
-    return scores
+def process_logits(scores: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_h: float | None = None,
+                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
+                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0, renormalize_logits: bool = False,
+                   min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """The processors transformers' `generate()` applies after the token rules (`ttl_core.token_rules`), in its
+    order: the warpers when sampling, each keeping at least `min_tokens_to_keep` tokens (beam sampling keeps one
+    more than there are EOS ids), then a log-softmax where `renormalize_logits`. `scores` should be fp32."""
+    if do_sample:
+        if temperature != 1.0:
+            scores = scores / temperature
+        if top_h is not None:
+            scores = apply_top_h(scores, top_h)
+        if top_k:
+            scores = apply_top_k(scores, top_k, min_tokens_to_keep)
+        if top_p < 1.0:
+            scores = apply_top_p(scores, top_p, min_tokens_to_keep)
+        if min_p:
+            scores = apply_min_p(scores, min_p, min_tokens_to_keep)
+        if typical_p < 1.0:
+            scores = apply_typical_p(scores, typical_p, min_tokens_to_keep)
+        if epsilon_cutoff:
+            scores = apply_epsilon_cutoff(scores, epsilon_cutoff, min_tokens_to_keep)
+        if eta_cutoff:
+            scores = apply_eta_cutoff(scores, eta_cutoff, min_tokens_to_keep)
+    return scores.log_softmax(dim=-1) if renormalize_logits else scores
 
 
 def global_generator(device: torch.device) -> torch.Generator:

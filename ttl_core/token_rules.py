@@ -1,21 +1,36 @@
-"""transformers' logits processors that bias, block or force single tokens by what a row holds so far:
-sequence_bias, no_repeat_ngram_size, bad_words_ids, min_new_tokens (and min_length), forced_eos_token_id,
-suppress_tokens and begin_suppress_tokens, applied in transformers' order.
+"""transformers' logits processors that act on scores by what a row holds so far or by its length, in
+transformers' order: sequence_bias, the repetition penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens (and
+min_length), forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
+suppress_tokens and begin_suppress_tokens. The warpers that follow them when sampling are in `ttl_core.sampling`.
 
-transformers applies the first before the repetition penalty and the others after it; each of the others only
-puts -inf on tokens (or, forcing, -inf on all tokens but the forced ones, which get 0), and the penalty leaves
--inf and 0 as they are, so `TokenRules` applies all of them first and the scores come out the same. Everything
-is set up once per decoding session in fixed-shape tensors: a step is device work only, so it can be captured in
-a CUDA graph.
+Everything is set up once per decoding session in fixed-shape tensors: a step is device work only, so it can be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # decoding settings (see ttl_core.sampling.DECODING_DEFAULTS) that TokenRules applies
-TOKEN_RULE_SETTINGS = ("sequence_bias", "no_repeat_ngram_size", "bad_words_ids", "min_new_tokens",
-                       "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens")
+TOKEN_RULE_SETTINGS = ("sequence_bias", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+                       "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+                       "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens")
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the scores of tokens marked in `seen` (batch, vocab) are divided by
+    `penalty` when positive and multiplied by it when negative."""
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def _decay_factor(factor: float, power: int) -> float:
+    """factor ** power - 1, inf past the float range (where transformers' own Python power overflows)."""
+    try:
+        return factor ** power - 1
+    except OverflowError:
+        return math.inf
 
 
 class _SequenceBias:
@@ -50,13 +65,16 @@ class _SequenceBias:
 class TokenRules:
     """The processors of TOKEN_RULE_SETTINGS that are on for one decoding session of `prompt_len`-column prompts
     and `max_new_tokens` new tokens; `needs_rows` says whether a call needs each whole row so far (its prompt,
-    left padding included, then its new tokens), which the caller keeps."""
+    left padding included, then its new tokens) and `penalizes` whether it needs the tokens each row has seen,
+    which the caller keeps."""
 
     def __init__(self, settings: dict, eos: list[int], vocab: int, prompt_len: int, max_new_tokens: int,
                  device: torch.device):
         self.vocab, self.max_new_tokens = vocab, max_new_tokens
         self.sequence_bias = (_SequenceBias(dict(settings["sequence_bias"]), vocab, device)
                               if settings["sequence_bias"] else None)
+        self.penalty = settings["repetition_penalty"]
+        self.penalizes = self.penalty != 1.0
         # as in transformers, a bad word that is one EOS id is no bad word
         bad_words = {ids: float("-inf") for ids in settings["bad_words_ids"] or () if ids not in [(i,) for i in eos]}
         self.bad_words = _SequenceBias(bad_words, vocab, device) if bad_words else None
@@ -68,15 +86,25 @@ class TokenRules:
             self.ngram_prefix = torch.arange(1 - self.ngram_size, 0, device=device)  # the n - 1 last, as offsets
         self.min_new_tokens = settings["min_new_tokens"] if eos else 0
         self.eos = self._mask(eos if self.min_new_tokens else (), device)
-        forced = self._mask(settings["forced_eos_token_id"], device)
-        # the last step's scores when forcing: only the forced ids, at 0
-        self.forced_eos = None if forced is None else torch.where(forced, 0.0, float("-inf"))
+        # transformers forces its BOS id where the row is one token long: the first new token of a one-column prompt
+        forces_bos = settings["forced_bos_token_id"] is not None and prompt_len == 1
+        self.forced_bos = self._forcing(self._mask((settings["forced_bos_token_id"],) if forces_bos else (), device))
+        self.forced_eos = self._forcing(self._mask(settings["forced_eos_token_id"], device))
+        self.remove_invalid = settings["remove_invalid_values"]
+        decay = settings["exponential_decay_length_penalty"]
+        self.decay_eos = torch.tensor(eos, dtype=torch.long, device=device) if decay and eos else None
+        if decay:  # step s > start multiplies |EOS scores| by factor ** (s - start) - 1, rounded as transformers does
+            start, factor = decay
+            self.decay = torch.tensor([_decay_factor(factor, step - start) if step > start else 0.0
+                                       for step in range(max_new_tokens)], dtype=torch.float, device=device)
         self.suppressed = self._mask(settings["suppress_tokens"], device)
         self.suppressed_first = self._mask(settings["begin_suppress_tokens"], device)
+        self.first_step = 1 if forces_bos else 0  # transformers suppresses after the forced BOS
         biases = [rule for rule in (self.sequence_bias, self.bad_words) if rule is not None]
         self.needs_rows = bool(self.ngram_size) or any(rule.groups for rule in biases)
-        masks = (self.eos, self.forced_eos, self.suppressed, self.suppressed_first)
-        self.active = bool(self.ngram_size or biases or any(mask is not None for mask in masks))
+        masks = (self.eos, self.forced_bos, self.forced_eos, self.suppressed, self.suppressed_first)
+        self.blocks = bool(self.ngram_size or biases or any(mask is not None for mask in masks))  # may leave no token
+        self.active = self.blocks or self.penalizes or self.remove_invalid or self.decay_eos is not None
 
     def _mask(self, ids: tuple[int, ...] | None, device: torch.device) -> torch.Tensor | None:
         """(vocab,) True at `ids`; None for no ids."""
@@ -84,23 +112,41 @@ class TokenRules:
             return None
         return torch.isin(torch.arange(self.vocab, device=device), torch.tensor(ids, dtype=torch.long, device=device))
 
+    @staticmethod
+    def _forcing(mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The scores of a step that forces the ids of `mask`: 0 there, -inf elsewhere."""
+        return None if mask is None else torch.where(mask, 0.0, float("-inf"))
+
     def __call__(self, scores: torch.Tensor, rows: torch.Tensor | None, length: torch.Tensor,
-                 step: torch.Tensor) -> torch.Tensor:
-        """`scores` (batch, vocab, fp32) for the token after `step` new ones, `length` tokens in each row."""
+                 step: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """`scores` (batch, vocab, fp32) for the token after `step` new ones, `length` tokens in each row; `seen`
+        (batch, vocab) marks the tokens of each row so far (left padding excluded) where the penalty is on."""
         if self.sequence_bias is not None:
             scores = self.sequence_bias(scores, rows, length)
+        if self.penalizes:
+            scores = apply_repetition_penalty(scores, seen, self.penalty)
         if self.ngram_size:
             scores = scores.masked_fill(self._repeated_ngram_ends(scores, rows, length), float("-inf"))
         if self.bad_words is not None:
             scores = self.bad_words(scores, rows, length)
         if self.min_new_tokens:
             scores = scores.masked_fill(self.eos & (step < self.min_new_tokens), float("-inf"))
+        if self.forced_bos is not None:
+            scores = torch.where(step == 0, self.forced_bos, scores)
         if self.forced_eos is not None:
             scores = torch.where(step == self.max_new_tokens - 1, self.forced_eos, scores)
+        if self.remove_invalid:
+            finfo = torch.finfo(scores.dtype)
+            scores = scores.nan_to_num(nan=0.0, posinf=finfo.max, neginf=finfo.min)
+        if self.decay_eos is not None:
+            eos_scores = scores.index_select(1, self.decay_eos)
+            penalty = (eos_scores.abs() * self.decay.index_select(0, step.long())).masked_fill(
+                ~eos_scores.isfinite(), 0.0)
+            scores = scores.scatter(1, self.decay_eos.expand_as(eos_scores), eos_scores + penalty)
         if self.suppressed is not None:
             scores = scores.masked_fill(self.suppressed, float("-inf"))
         if self.suppressed_first is not None:
-            scores = scores.masked_fill(self.suppressed_first & (step == 0), float("-inf"))
+            scores = scores.masked_fill(self.suppressed_first & (step == self.first_step), float("-inf"))
         return scores
 
     def _repeated_ngram_ends(self, scores: torch.Tensor, rows: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
