@@ -15,7 +15,8 @@ from hf_reference import hf_causal_lm
 
 import ttl_core
 from ttl_core.errors import GenerationError
-from ttl_core.generate import KVDecoder
+from ttl_core import kv_cache
+from ttl_core.kv_cache import KVDecoder
 from ttl_core.lora import apply_lora, lora_layers, merge_lora
 
 generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
@@ -91,7 +92,7 @@ def test_flash_decoding_bookkeeping_with_a_reference_kernel(models, monkeypatch)
         calls.append(args[0].shape[1])
         return flash_attn_with_kvcache_reference(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "_flash_attn_with_kvcache", lambda: kernel)
+    monkeypatch.setattr(kv_cache, "_flash_attn_with_kvcache", lambda: kernel)
     ids, mask = left_padded(ours.config.vocab_size)
     cont = torch.randint(0, ours.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -469,7 +470,7 @@ def test_flash_attn_kernel_is_looked_up_once(monkeypatch):
     monkeypatch.setattr(inspect, "signature", lambda fn: checked.append(fn) or signature(fn))
     fake = types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache)
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
-    lookup = generate_module._flash_attn_with_kvcache
+    lookup = kv_cache._flash_attn_with_kvcache
     lookup.cache_clear()
     try:
         assert [lookup() for _ in range(3)] == [flash_attn_with_kvcache] * 3

@@ -12,7 +12,7 @@ from hf_reference import hf_causal_lm, hf_classifier
 import ttl_core
 from ttl_core.attention import document_layout
 from ttl_core.errors import ConfigError
-from ttl_core.generate import StaticKVCache
+from ttl_core.kv_cache import StaticKVCache
 from ttl_core.hf import hf_plan
 
 

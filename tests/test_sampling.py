@@ -7,7 +7,7 @@ import transformers.generation.logits_process as hf_lp
 import ttl_core
 from generation_helpers import PAD, cuda_batch, cuda_models, hf_generation_model, left_padded, saved_models
 from ttl_core.errors import GenerationError
-from ttl_core.generate import KVDecoder
+from ttl_core.kv_cache import KVDecoder
 from ttl_core.sampling import (apply_epsilon_cutoff, apply_eta_cutoff, apply_min_p, apply_top_h, apply_top_k,
                                apply_top_p, apply_typical_p, process_logits, sample)
 from ttl_core.token_rules import apply_repetition_penalty

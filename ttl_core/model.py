@@ -228,7 +228,7 @@ class LlamaModel(nn.Module):
         a cache; here packed documents are `cu_seqlens`, see `LlamaForCausalLM.forward`). `kv_cache`, if given, has an
         `attends` flag and `update(layer_idx, qkv, cos, sin, kernel_backend)` taking the new tokens' fused projection
         and returning the rotated queries and the keys and values to attend over, or, while `attends` is true,
-        `attend(layer_idx, q, k, v)` returning the attention output itself (see `ttl_core.generate.StaticKVCache`).
+        `attend(layer_idx, q, k, v)` returning the attention output itself (see `ttl_core.kv_cache.StaticKVCache`).
         `angles`, if given, are the rotary (cos, sin) of the positions (batch, seq, head_dim) computed beforehand (a
         decoder gathers them from a table: one kernel a step instead of seven)."""
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, kv_cache is not None,
