@@ -119,13 +119,13 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
         do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         seed=args.seed)
     pad = chat.tokenizer.pad_id
-    # one answer, streamed, whatever num_return_sequences or num_beams a generation_config.json gives; the tokenizer
-    # reads its stop_strings.
+    # one answer, streamed, as tokens, whatever num_return_sequences, num_beams or return_dict_in_generate a
+    # generation_config.json gives; the tokenizer reads its stop_strings.
     # The mask: one row has no padding, so a padding id in it (a typed "<pad>") is a token, not padding to infer
     out = generate(model, ids, torch.ones_like(ids), max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
                    eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece
-                   num_return_sequences=1, num_beams=1, streamer=streamer, tokenizer=chat.tokenizer,
-                   cuda_graph=not args.no_cuda_graph, **sampling)
+                   num_return_sequences=1, num_beams=1, return_dict_in_generate=False, streamer=streamer,
+                   tokenizer=chat.tokenizer, cuda_graph=not args.no_cuda_graph, **sampling)
     print(flush=True)
     return out[0, ids.shape[1]:].tolist()
 

@@ -260,8 +260,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size == tok.vocab_size
     assert fake.calls[-1] == (tok.encode("o menino"), dict(
         max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        num_return_sequences=1, num_beams=1, cuda_graph=True, do_sample=True, temperature=0.2, top_k=20, top_p=0.2,
-        min_p=0.0, seed=None))
+        num_return_sequences=1, num_beams=1, return_dict_in_generate=False, cuda_graph=True, do_sample=True,
+        temperature=0.2, top_k=20, top_p=0.2, min_p=0.0, seed=None))
     assert streamer is not None and loads[-1] == dict(dtype="float32", device=torch.device("cpu"))
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--temperature", "0.7",
                         "--top-k", "5", "--top-p", "0.9", "--min-p", "0.05", "--repetition-penalty", "1.1",
@@ -269,8 +269,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(
         max_new_tokens=9, repetition_penalty=1.1, eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id,
-        num_return_sequences=1, num_beams=1, cuda_graph=False, do_sample=True, temperature=0.7, top_k=5, top_p=0.9,
-        min_p=0.05, seed=3)
+        num_return_sequences=1, num_beams=1, return_dict_in_generate=False, cuda_graph=False, do_sample=True,
+        temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=3)
     assert loads[-1]["dtype"] == "bfloat16"
     for option, value in (("--temperature", "0.7"), ("--top-k", "5"), ("--top-p", "0.9"), ("--min-p", "0.1"),
                           ("--seed", "3")):  # each would be ignored: refused, naming both
@@ -283,7 +283,8 @@ def test_sampling_defaults_and_options_reach_generate(checkpoint, monkeypatch, c
     assert script.main(["--model", str(path), "--prompt", "o menino", "--device", "cpu", "--greedy"]) == 0
     fake.calls[-1][1].pop("streamer"), fake.calls[-1][1].pop("tokenizer")
     assert fake.calls[-1][1] == dict(max_new_tokens=150, repetition_penalty=1.2, eos_token_id=[tok.eos_id],
-                                     pad_token_id=tok.pad_id, num_return_sequences=1, num_beams=1, cuda_graph=True,
+                                     pad_token_id=tok.pad_id, num_return_sequences=1, num_beams=1,
+                                     return_dict_in_generate=False, cuda_graph=True,
                                      do_sample=False)  # greedy: no sampling options
 
 

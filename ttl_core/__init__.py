@@ -2,7 +2,7 @@
 
 from .config import PRESETS, LlamaConfig
 from .errors import TTLError
-from .generate import generate
+from .generate import GenerateOutput, generate
 from .hf import load_pretrained, save_native, save_pretrained
 from .lora import apply_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
@@ -13,7 +13,7 @@ from .tokenizer_train import train_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "LlamaConfig", "TTLError", "generate", "load_pretrained", "save_native", "save_pretrained",
-    "apply_lora", "load_adapter", "merge_lora", "save_adapter", "unload_lora", "unmerge_lora",
+    "PRESETS", "LlamaConfig", "TTLError", "GenerateOutput", "generate", "load_pretrained", "save_native",
+    "save_pretrained", "apply_lora", "load_adapter", "merge_lora", "save_adapter", "unload_lora", "unmerge_lora",
     "LlamaForCausalLM", "LlamaForSequenceClassification", "build_model", "TextStreamer", "Tokenizer", "train_tokenizer",
 ]

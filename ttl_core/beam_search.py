@@ -39,12 +39,15 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
 def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
                 pad: int | None, do_sample: bool, seed: int | None, processors: dict, rules: dict, num_beams: int,
                 length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
-                deadline: float | None) -> torch.Tensor:
+                deadline: float | None, keep_scores: bool = False, keep_logits: bool = False) -> tuple:
     """The `num_return_sequences` best finished beams of each prompt row of `input_ids` (batch, seq), already
-    repeated `num_beams` times each, as `decoder` (a `KVDecoder` over those rows) continues them; returns
-    (batch * num_return_sequences, seq + new) like transformers' `generate()`. With `do_sample`, each step samples
-    its candidates (without replacement, from the softmax of their summed scores) instead of taking the best, from
-    a generator seeded with `seed`, else from torch's global one, as transformers' beam sampling does."""
+    repeated `num_beams` times each, as `decoder` (a `KVDecoder` over those rows) continues them, (batch *
+    num_return_sequences, seq + new) like transformers' `generate()`; returned with what transformers' beam output
+    holds beside them: each step's processed log-probabilities (with `keep_scores`, else None) and logits (with
+    `keep_logits`), each returned beam's score (with `keep_scores`) and the beam rows its tokens came from. With
+    `do_sample`, each step samples its candidates (without replacement, from the softmax of their summed scores)
+    instead of taking the best, from a generator seeded with `seed`, else from torch's global one, as transformers'
+    beam sampling does."""
     rows, prompt_len = input_ids.shape
     batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
     max_length = prompt_len + max_new_tokens
@@ -84,6 +87,7 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     real = torch.cat([mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
     row_offsets = torch.arange(batch, device=device)[:, None] * num_beams
 
+    kept_scores, kept_logits = [], []
     logits = decoder.prefill(input_ids)
     for cur_len in range(prompt_len, max_length):
         step = torch.full((1,), cur_len - prompt_len, device=device)
@@ -96,6 +100,10 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
                 seen = mark_seen(seen, flat[:, :cur_len], real[:, :cur_len])[:, :vocab]
             log_probs = token_rules(log_probs, flat, step + prompt_len, step, seen)
         log_probs = process_logits(log_probs, do_sample, **processors)
+        if keep_scores:
+            kept_scores.append(log_probs.clone())
+        if keep_logits:
+            kept_logits.append(logits.float().clone())
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
         if do_sample:  # torch.multinomial without replacement, as transformers calls it: the top `keep` of p / Exp(1)
             if not bool(torch.isfinite(totals.amax(dim=-1)).all()):  # transformers' torch.multinomial raises too
@@ -152,4 +160,7 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
 
     sequences = finished_sequences[:, :num_return_sequences].reshape(-1, max_length)
     origins = finished_origins[:, :num_return_sequences].reshape(-1, max_new_tokens)
-    return sequences[:, :prompt_len + int((origins + 1).bool().sum(dim=1).max())]
+    new_tokens = int((origins + 1).bool().sum(dim=1).max())
+    return (sequences[:, :prompt_len + new_tokens], tuple(kept_scores) if keep_scores else None,
+            tuple(kept_logits) if keep_logits else None,
+            finished_scores[:, :num_return_sequences].reshape(-1) if keep_scores else None, origins[:, :new_tokens])

@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -42,14 +43,32 @@ EOS_CHECK_EVERY = {"cuda": 8}
 GRAPH_WARMUP_STEPS = 3
 
 
+@dataclass
+class GenerateOutput:
+    """What `generate(..., return_dict_in_generate=True)` returns, as transformers' GenerateDecoderOnlyOutput (and,
+    with beams, GenerateBeamDecoderOnlyOutput) holds it: `sequences` as `generate()` returns them; with
+    `output_scores`, `scores`, one (rows, vocab) float32 tensor a decoding step: the scores the token was chosen from,
+    after every processor (with beams, of each beam's log-probabilities) and, with beams, `sequences_scores`, each
+    returned beam's length-penalized score; with `output_logits`, `logits`, the model's logits a step; with beams,
+    `beam_indices`, the beam row each returned sequence's token came from at each new position (-1 past its end)."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    sequences_scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
+
+
 class _Decoding:
     """What a generation tracks on the device: the tokens produced (in a fixed-size buffer), which rows have
     finished and after how many tokens, which tokens each row has seen (for the repetition penalty), the whole
-    rows where the token rules read them, and the sampling RNG. `advance(logits)` is the whole per-step update, in
-    place, so it can be part of a CUDA graph; `reset(...)` starts a new generation in the same tensors."""
+    rows where the token rules read them, the sampling RNG, and each step's scores and logits where they are asked
+    for. `advance(logits)` is the whole per-step update, in place, so it can be part of a CUDA graph; `reset(...)`
+    starts a new generation in the same tensors."""
 
     def __init__(self, prompt_shape: torch.Size, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
-                 do_sample: bool, seeded: bool, processors: dict, rules: dict, device: torch.device):
+                 do_sample: bool, seeded: bool, processors: dict, rules: dict, device: torch.device,
+                 keep_scores: bool = False, keep_logits: bool = False):
         batch, self.prompt_len = prompt_shape
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
@@ -70,6 +89,8 @@ class _Decoding:
         # distribution and argmax no answer (a NaN wins it); a graph cannot raise, so the host reads this at the end
         self.scores_ok = torch.ones((), dtype=torch.bool, device=device)
         self.do_sample, self.processors = do_sample, processors
+        self.kept_scores = torch.zeros(max_new_tokens, batch, vocab, device=device) if keep_scores else None
+        self.kept_logits = torch.zeros(max_new_tokens, batch, vocab, device=device) if keep_logits else None
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int | None) -> None:
         self.out.fill_(self.pad_id)
@@ -98,6 +119,9 @@ class _Decoding:
                 finite &= torch.isfinite(raw.amax(dim=-1))
         self.scores_ok &= finite.all()
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
+        for kept, step_values in ((self.kept_scores, scores), (self.kept_logits, raw)):
+            if kept is not None:
+                kept.index_copy_(0, self.column, step_values[None])
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column, token[:, None])
         if self.rows is not None:
@@ -110,6 +134,12 @@ class _Decoding:
         if self.seen is not None:
             self.seen.scatter_(1, token[:, None], True)
         self.tokens.copy_(token[:, None])
+
+    def kept_steps(self, steps: int) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """(scores, logits) of the first `steps` decoding steps, one (rows, vocab) tensor a step (None where not
+        kept), copied out of the buffers the next call reuses."""
+        return tuple(None if kept is None else kept[:steps].clone().unbind(0)
+                     for kept in (self.kept_scores, self.kept_logits))
 
     def finish_row(self, row: int, produced: int) -> None:
         """Mark a row finished from the host (a stop string was found after `produced` tokens)."""
@@ -153,11 +183,11 @@ class _Session:
 
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
-                 processors: dict, rules: dict, cuda_graph: bool):
+                 processors: dict, rules: dict, cuda_graph: bool, keep_scores: bool, keep_logits: bool):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
         self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
-                               processors, rules, input_ids.device)
+                               processors, rules, input_ids.device, keep_scores, keep_logits)
 
         decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
 
@@ -215,11 +245,14 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              forced_eos_token_id: int | list[int] | None = None, forced_bos_token_id: int | None = None,
              remove_invalid_values: bool | None = None, exponential_decay_length_penalty: tuple | None = None,
              renormalize_logits: bool | None = None, max_time: float | None = None, num_beams: int | None = None,
-             length_penalty: float | None = None, early_stopping: bool | str | None = None) -> torch.Tensor:
+             length_penalty: float | None = None, early_stopping: bool | str | None = None,
+             output_scores: bool | None = None, output_logits: bool | None = None,
+             return_dict_in_generate: bool | None = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
-    `pad_token_id`, and no columns after the step where every row had finished.
+    `pad_token_id`, and no columns after the step where every row had finished. With `return_dict_in_generate`,
+    a `GenerateOutput` holds them, with each step's scores (`output_scores`) and logits (`output_logits`).
 
     As in transformers, `max_length` and `min_length` count the prompt's columns (left padding included), and
     `max_new_tokens` wins over `max_length`, `min_new_tokens` over `min_length`; until a row has `min_new_tokens`
@@ -261,10 +294,13 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      remove_invalid_values=remove_invalid_values,
                                      exponential_decay_length_penalty=exponential_decay_length_penalty,
                                      renormalize_logits=renormalize_logits, max_time=max_time, num_beams=num_beams,
-                                     length_penalty=length_penalty, early_stopping=early_stopping)
+                                     length_penalty=length_penalty, early_stopping=early_stopping,
+                                     return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
+                                     output_logits=output_logits)
         max_new_tokens, do_sample, num_return_sequences, max_time, num_beams, length_penalty, early_stopping = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time",
                                             "num_beams", "length_penalty", "early_stopping"))
+        outputs = {name: settings.pop(name) for name in ("return_dict_in_generate", "output_scores", "output_logits")}
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
@@ -275,7 +311,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         rules = {name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}
         check_beam_arguments(num_beams, length_penalty, early_stopping, num_return_sequences)
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time,
-                                 num_beams=num_beams, repetition_penalty=rules["repetition_penalty"], **settings)
+                                 num_beams=num_beams, repetition_penalty=rules["repetition_penalty"], **settings,
+                                 **outputs)
+        as_dict = outputs["return_dict_in_generate"]
+        keep_scores, keep_logits = as_dict and outputs["output_scores"], as_dict and outputs["output_logits"]
         rules = checked_token_rules(rules, model.config.vocab_size)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
@@ -288,9 +327,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             if streamer is not None or stops is not None:  # transformers refuses a streamer there too
                 raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
             input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
-            return beam_search(KVDecoder(model, mask, max_new_tokens), input_ids, mask, max_new_tokens, eos, pad,
-                               do_sample, seed, settings, rules, num_beams, length_penalty, early_stopping,
-                               num_return_sequences, deadline)
+            found = beam_search(KVDecoder(model, mask, max_new_tokens), input_ids, mask, max_new_tokens, eos, pad,
+                                do_sample, seed, settings, rules, num_beams, length_penalty, early_stopping,
+                                num_return_sequences, deadline, keep_scores, keep_logits)
+            return GenerateOutput(*found) if as_dict else found[0]
         input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
         if streamer is not None and input_ids.shape[0] != 1:
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
@@ -298,11 +338,16 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
-               tuple(rules.values()), tuple(eos), pad, graphed, _forward_fingerprint(model))
+               tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
-                                                                do_sample, seed is not None, settings, rules, graphed))
+                                                                do_sample, seed is not None, settings, rules, graphed,
+                                                                keep_scores, keep_logits))
         try:
-            return _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops), deadline)
+            sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
+                             deadline)
+            if not as_dict:
+                return sequences
+            return GenerateOutput(sequences, *session.state.kept_steps(sequences.shape[1] - input_ids.shape[1]))
         finally:
             session.lock.release()
     finally:  # on errors too: a thread iterating the streamer would wait forever for its end

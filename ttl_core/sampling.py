@@ -37,7 +37,8 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                      "remove_invalid_values": False, "exponential_decay_length_penalty": None,
                      "renormalize_logits": False, "max_time": None, "num_beams": 1, "length_penalty": 1.0,
-                     "early_stopping": False}
+                     "early_stopping": False, "return_dict_in_generate": False, "output_scores": False,
+                     "output_logits": False}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not
@@ -112,11 +113,14 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
 def check_sampling_arguments(do_sample: bool, temperature: float, top_h: float | None, top_k: int, top_p: float,
                              min_p: float, typical_p: float, epsilon_cutoff: float, eta_cutoff: float,
                              repetition_penalty: float, num_return_sequences: int,
-                             max_time: float | None = None, num_beams: int = 1,
-                             renormalize_logits: bool = False) -> None:
-    """Raise a GenerationError naming the first of `generate`'s sampling arguments (and its `max_time`) that is out
-    of range."""
-    for name, flag in (("do_sample", do_sample), ("renormalize_logits", renormalize_logits)):
+                             max_time: float | None = None, num_beams: int = 1, renormalize_logits: bool = False,
+                             return_dict_in_generate: bool = False, output_scores: bool = False,
+                             output_logits: bool = False) -> None:
+    """Raise a GenerationError naming the first of `generate`'s sampling arguments (and its `max_time` and output
+    flags) that is out of range."""
+    for name, flag in (("do_sample", do_sample), ("renormalize_logits", renormalize_logits),
+                       ("return_dict_in_generate", return_dict_in_generate), ("output_scores", output_scores),
+                       ("output_logits", output_logits)):
         if not isinstance(flag, bool):  # a string such as "False" would otherwise be true
             raise GenerationError(f"{name} must be True or False, got {flag!r}")
     if max_time is not None and not (is_number(max_time) and max_time >= 0):
