@@ -83,6 +83,38 @@ def test_beam_outputs_match_transformers(models, do_sample):
     assert_same_steps(got.logits, expected.logits)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=False, repetition_penalty=1.3, eos_token_id=[5, 6]),
+    dict(do_sample=True, top_k=20, num_return_sequences=2, seed=1, eos_token_id=[5, 6]),
+    dict(num_beams=3, num_return_sequences=2, eos_token_id=list(range(4, 24)), length_penalty=0.5),
+    dict(num_beams=3, do_sample=True, top_k=0, seed=2, eos_token_id=list(range(4, 24))),
+])
+def test_transition_scores_are_transformers_compute_transition_scores(models, kwargs):
+    """Bit for bit what transformers' `compute_transition_scores` makes of the same output, normalized or not."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=10, pad_token_id=PAD, return_dict_in_generate=True,
+                            output_scores=True, **kwargs)
+    for normalize in (False, True):
+        expected = hf.compute_transition_scores(got.sequences, got.scores, got.beam_indices, normalize)
+        assert torch.equal(got.transition_scores(normalize), expected)
+
+
+def test_normalized_transition_scores_are_the_log_probabilities_of_the_new_tokens(models):
+    """Greedy, without processors: each new token's log-probability under a full forward pass of the sequence."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, batch=1, pads=(0,))
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True,
+                            output_scores=True)
+    with torch.no_grad():
+        log_probs = ours(got.sequences).logits[0, 8:-1].float().log_softmax(-1)
+    expected = log_probs.gather(1, got.sequences[0, 9:, None])[:, 0]
+    torch.testing.assert_close(got.transition_scores(normalize_logits=True)[0], expected, rtol=0, atol=1e-5)
+    with pytest.raises(GenerationError, match="^transition scores need each step's scores: generate with "
+                                              "output_scores=True$"):
+        ttl_core.generate(ours, ids, mask, max_new_tokens=2, return_dict_in_generate=True).transition_scores()
+
+
 def test_only_what_is_asked_for_is_kept(models):
     """Without output_scores or output_logits the output holds the sequences (and, with beams, the beam indices, as
     transformers'); output flags without return_dict_in_generate change nothing."""

@@ -58,6 +58,25 @@ class GenerateOutput:
     sequences_scores: torch.Tensor | None = None
     beam_indices: torch.Tensor | None = None
 
+    def transition_scores(self, normalize_logits: bool = False) -> torch.Tensor:
+        """(rows, new tokens): each new token's score at the step that chose it, in the scores of the beam row it
+        came from (log-softmaxed first with `normalize_logits`, which makes the greedy or sampled scores of a model
+        log-probabilities), 0 past a beam's end: what transformers' `compute_transition_scores` computes."""
+        if self.scores is None:
+            raise GenerationError("transition scores need each step's scores: generate with output_scores=True")
+        # (beam rows, vocab, steps), steps outermost in memory: transformers' layout, so the log-softmax rounds alike
+        steps = torch.stack(self.scores).permute(1, 2, 0)
+        if normalize_logits:
+            steps = steps.log_softmax(dim=1)
+        origins = self.beam_indices
+        if origins is None:  # greedy or sampled: each row's tokens come from its own scores
+            origins = torch.arange(self.sequences.shape[0], device=steps.device)[:, None].expand(-1, len(self.scores))
+        ended = origins < 0
+        new_tokens = int((~ended).sum(dim=-1).max())
+        origins, ended = origins[:, :new_tokens].long().clamp_min(0), ended[:, :new_tokens]
+        picked = steps[origins, self.sequences[:, -new_tokens:], torch.arange(new_tokens, device=steps.device)]
+        return picked.masked_fill(ended, 0.0)
+
 
 class _Decoding:
     """What a generation tracks on the device: the tokens produced (in a fixed-size buffer), which rows have
