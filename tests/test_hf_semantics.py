@@ -156,13 +156,13 @@ def test_generation_config_sets_eos_and_travels(tmp_path):
 
 
 def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_path):
-    """A generation_config.json with settings that make transformers' generate() pick other tokens (guidance,
-    contrastive search) is decoded without them, and a warning names them; a plain transformers checkpoint and
+    """A generation_config.json with settings that make transformers' generate() pick other tokens (contrastive
+    search, token healing) is decoded without them, and a warning names them; a plain transformers checkpoint and
     settings at their no-op values give none."""
     hf = hf_causal_lm()
     hf.save_pretrained(tmp_path / "plain")
-    hf.generation_config.guidance_scale = 1.5
     hf.generation_config.penalty_alpha = 0.6
+    hf.generation_config.token_healing = True
     hf.generation_config.typical_p = 1.0
     hf.generation_config.stop_strings = "</s>"
     hf.save_pretrained(tmp_path / "blocking")
@@ -171,11 +171,11 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
         warnings.simplefilter("error")
         ttl_core.generate(ttl_core.load_pretrained(tmp_path / "plain"), tokens, max_new_tokens=3)
     blocking = ttl_core.load_pretrained(tmp_path / "blocking")
-    every = (r"sets guidance_scale=1.5, penalty_alpha=0.6, stop_strings='</s>' \(pass tokenizer= to apply "
-             r"them\), which")
+    every = (r"sets penalty_alpha=0.6, stop_strings='</s>' \(pass tokenizer= to apply them\), "
+             r"token_healing=True, which")
     with pytest.warns(UserWarning, match=every):
         ttl_core.generate(blocking, tokens, max_new_tokens=3)
-    with pytest.warns(UserWarning, match=r"sets guidance_scale=1.5, penalty_alpha=0.6, which") as seen:
+    with pytest.warns(UserWarning, match=r"sets penalty_alpha=0.6, token_healing=True, which") as seen:
         ttl_core.generate(blocking, tokens, max_new_tokens=3, stop_strings="x", tokenizer=CharTokenizer())
     assert seen[0].filename == __file__  # points at the call, not into ttl
 

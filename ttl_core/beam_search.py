@@ -17,7 +17,7 @@ import time
 import torch
 
 from .errors import GenerationError, is_integer, is_number
-from .sampling import global_generator, mark_seen, process_logits
+from .sampling import apply_guidance, global_generator, mark_seen, process_logits
 from .token_rules import TokenRules
 
 _NEVER = -1.0e9  # transformers' score for "not a candidate"; its arithmetic is copied, so the order is too
@@ -39,7 +39,8 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
 def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
                 pad: int | None, do_sample: bool, seed: int | None, processors: dict, rules: dict, num_beams: int,
                 length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
-                deadline: float | None, keep_scores: bool = False, keep_logits: bool = False) -> tuple:
+                deadline: float | None, keep_scores: bool = False, keep_logits: bool = False,
+                guidance: tuple | None = None) -> tuple:
     """The `num_return_sequences` best finished beams of each prompt row of `input_ids` (batch, seq), already
     repeated `num_beams` times each, as `decoder` (a `KVDecoder` over those rows) continues them, (batch *
     num_return_sequences, seq + new) like transformers' `generate()`; returned with what transformers' beam output
@@ -47,7 +48,9 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     `keep_logits`), each returned beam's score (with `keep_scores`) and the beam rows its tokens came from. With
     `do_sample`, each step samples its candidates (without replacement, from the softmax of their summed scores)
     instead of taking the best, from a generator seeded with `seed`, else from torch's global one, as transformers'
-    beam sampling does."""
+    beam sampling does. `guidance` (scale, a `KVDecoder` over the unconditional rows, their ids) applies
+    classifier-free guidance as transformers does with beams: its unconditional rows go on with the tokens of the
+    beams that run on in their place, without following them (so their context mixes the beams')."""
     rows, prompt_len = input_ids.shape
     batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
     max_length = prompt_len + max_new_tokens
@@ -89,10 +92,13 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
 
     kept_scores, kept_logits = [], []
     logits = decoder.prefill(input_ids)
+    unconditional_logits = None if guidance is None else guidance[1].prefill(guidance[2])
     for cur_len in range(prompt_len, max_length):
         step = torch.full((1,), cur_len - prompt_len, device=device)
         flat = running.view(rows, max_length)
         log_probs = logits.float().log_softmax(dim=-1)
+        if guidance is not None:
+            log_probs = apply_guidance(log_probs, unconditional_logits, guidance[0])
         if token_rules.active:
             seen = None
             if token_rules.penalizes:  # the tokens of each beam so far, left padding excluded
@@ -157,6 +163,8 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         for store in decoder.cache.keys + decoder.cache.values:  # the cache rows follow their beams
             store.copy_(store.index_select(0, source_rows))
         logits = decoder.step(running[:, :, cur_len].reshape(rows, 1))
+        if guidance is not None:
+            unconditional_logits = guidance[1].step(running[:, :, cur_len].reshape(rows, 1))
 
     sequences = finished_sequences[:, :num_return_sequences].reshape(-1, max_length)
     origins = finished_origins[:, :num_return_sequences].reshape(-1, max_new_tokens)

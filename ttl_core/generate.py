@@ -28,9 +28,9 @@ from .beam_search import beam_search, check_beam_arguments
 from .errors import GenerationError, is_integer
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
-from .sampling import (check_sampling_arguments, checked_inputs, checked_token_rules, decoding_settings,
-                       global_generator, mark_seen, process_logits, sample, special_token_ids, stop_string_matcher,
-                       unimplemented_settings)
+from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs, checked_token_rules,
+                       decoding_settings, global_generator, mark_seen, process_logits, sample, special_token_ids,
+                       stop_string_matcher, unconditional_inputs, unimplemented_settings)
 from .streamer import HostWatch, StopStrings
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
 
@@ -87,7 +87,7 @@ class _Decoding:
 
     def __init__(self, prompt_shape: torch.Size, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
                  do_sample: bool, seeded: bool, processors: dict, rules: dict, device: torch.device,
-                 keep_scores: bool = False, keep_logits: bool = False):
+                 keep_scores: bool = False, keep_logits: bool = False, guidance_scale: float = 1.0):
         batch, self.prompt_len = prompt_shape
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
@@ -107,7 +107,7 @@ class _Decoding:
         # whether every row's scores had a finite max (neither NaN nor +inf nor all -inf): else softmax has no
         # distribution and argmax no answer (a NaN wins it); a graph cannot raise, so the host reads this at the end
         self.scores_ok = torch.ones((), dtype=torch.bool, device=device)
-        self.do_sample, self.processors = do_sample, processors
+        self.do_sample, self.processors, self.guidance_scale = do_sample, processors, guidance_scale
         self.kept_scores = torch.zeros(max_new_tokens, batch, vocab, device=device) if keep_scores else None
         self.kept_logits = torch.zeros(max_new_tokens, batch, vocab, device=device) if keep_logits else None
 
@@ -124,11 +124,15 @@ class _Decoding:
         if self.rows is not None:
             self.rows[:, :self.prompt_len].copy_(input_ids)
 
-    def advance(self, logits: torch.Tensor) -> None:
+    def advance(self, logits: torch.Tensor, unconditional_logits: torch.Tensor | None = None) -> None:
+        """One step: choose each row's token from the model's `logits` (and, with guidance, those the model gave
+        the unconditional context)."""
         seen = None if self.seen is None else self.seen[:, :self.vocab]
-        raw = logits.float()
-        logits = (self.rules(raw, self.rows, self.prompt_len + self.column, self.column, seen) if self.rules.active
-                  else raw)
+        raw = logits = logits.float()
+        if unconditional_logits is not None:
+            logits = apply_guidance(logits, unconditional_logits, self.guidance_scale)
+        if self.rules.active:
+            logits = self.rules(logits, self.rows, self.prompt_len + self.column, self.column, seen)
         scores = process_logits(logits, self.do_sample, **self.processors)
         if self.do_sample:
             finite = torch.isfinite(scores.amax(dim=-1))
@@ -202,16 +206,22 @@ class _Session:
 
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
-                 processors: dict, rules: dict, cuda_graph: bool, keep_scores: bool, keep_logits: bool):
+                 processors: dict, rules: dict, cuda_graph: bool, keep_scores: bool, keep_logits: bool,
+                 guidance_scale: float, unconditional_mask: torch.Tensor | None):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
+        # classifier-free guidance runs the model a second time, on the unconditional context, in a cache of its own
+        self.unconditional = (None if unconditional_mask is None
+                              else KVDecoder(model, unconditional_mask, max_new_tokens))
         self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
-                               processors, rules, input_ids.device, keep_scores, keep_logits)
+                               processors, rules, input_ids.device, keep_scores, keep_logits, guidance_scale)
 
-        decoder, state = self.decoder, self.state  # not `self`: no reference cycle holding the cache past its use
+        # not `self`: no reference cycle holding the caches past their use
+        decoder, unconditional, state = self.decoder, self.unconditional, self.state
 
         def step() -> None:
-            state.advance(decoder.step(state.tokens))
+            state.advance(decoder.step(state.tokens),
+                          None if unconditional is None else unconditional.step(state.tokens))
 
         self.step = _CudaGraphStep(step, self.state.generator) if cuda_graph else step
 
@@ -266,7 +276,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              renormalize_logits: bool | None = None, max_time: float | None = None, num_beams: int | None = None,
              length_penalty: float | None = None, early_stopping: bool | str | None = None,
              output_scores: bool | None = None, output_logits: bool | None = None,
-             return_dict_in_generate: bool | None = None) -> torch.Tensor | GenerateOutput:
+             return_dict_in_generate: bool | None = None, guidance_scale: float | None = None,
+             negative_prompt_ids: torch.Tensor | None = None,
+             negative_prompt_attention_mask: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -281,8 +293,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     its `max_length` and `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
     where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search, or beam sampling
-    with `do_sample` (`ttl_core.beam_search`). Checkpoint settings ttl does not implement (contrastive search,
-    guidance, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
+    with `do_sample` (`ttl_core.beam_search`). `guidance_scale` != 1 applies transformers' classifier-free guidance
+    (unconditioned on `negative_prompt_ids`, else on each prompt's last token). Checkpoint settings ttl does not
+    implement (contrastive search, watermarking, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with
+    a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
@@ -315,11 +329,12 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      renormalize_logits=renormalize_logits, max_time=max_time, num_beams=num_beams,
                                      length_penalty=length_penalty, early_stopping=early_stopping,
                                      return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
-                                     output_logits=output_logits)
+                                     output_logits=output_logits, guidance_scale=guidance_scale)
         max_new_tokens, do_sample, num_return_sequences, max_time, num_beams, length_penalty, early_stopping = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time",
                                             "num_beams", "length_penalty", "early_stopping"))
         outputs = {name: settings.pop(name) for name in ("return_dict_in_generate", "output_scores", "output_logits")}
+        guidance_scale = settings.pop("guidance_scale")
         passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(model.generation_config, passed)
         if ignored:
@@ -336,6 +351,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         keep_scores, keep_logits = as_dict and outputs["output_scores"], as_dict and outputs["output_logits"]
         rules = checked_token_rules(rules, model.config.vocab_size)
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
+        unconditional = unconditional_inputs(model, input_ids, guidance_scale, negative_prompt_ids,
+                                             negative_prompt_attention_mask, max_new_tokens)
         stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
         if stops is not None and pad is None:
             raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
@@ -346,24 +363,32 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             if streamer is not None or stops is not None:  # transformers refuses a streamer there too
                 raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
             input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
+            guidance = None
+            if unconditional is not None:
+                ids, uncond_mask = (t.repeat_interleave(num_beams, 0) for t in unconditional)
+                guidance = (guidance_scale, KVDecoder(model, uncond_mask, max_new_tokens), ids)
             found = beam_search(KVDecoder(model, mask, max_new_tokens), input_ids, mask, max_new_tokens, eos, pad,
                                 do_sample, seed, settings, rules, num_beams, length_penalty, early_stopping,
-                                num_return_sequences, deadline, keep_scores, keep_logits)
+                                num_return_sequences, deadline, keep_scores, keep_logits, guidance)
             return GenerateOutput(*found) if as_dict else found[0]
         input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
+        if unconditional is not None:
+            unconditional = tuple(t.repeat_interleave(num_return_sequences, dim=0) for t in unconditional)
         if streamer is not None and input_ids.shape[0] != 1:
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
+        unconditional_shape = None if unconditional is None else tuple(unconditional[0].shape)
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
-               tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, _forward_fingerprint(model))
-        session = _acquire_session(model, key, lambda: _Session(key, model, input_ids, mask, max_new_tokens, eos, pad,
-                                                                do_sample, seed is not None, settings, rules, graphed,
-                                                                keep_scores, keep_logits))
+               tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, guidance_scale,
+               unconditional_shape, _forward_fingerprint(model))
+        session = _acquire_session(model, key, lambda: _Session(
+            key, model, input_ids, mask, max_new_tokens, eos, pad, do_sample, seed is not None, settings, rules,
+            graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1]))
         try:
             sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
-                             deadline)
+                             deadline, unconditional)
             if not as_dict:
                 return sequences
             return GenerateOutput(sequences, *session.state.kept_steps(sequences.shape[1] - input_ids.shape[1]))
@@ -375,15 +400,21 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
 
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
-         streamer, stops: StopStrings | None, can_finish: bool, deadline: float | None) -> torch.Tensor:
-    """Prefill, then decode until every row has finished, `max_new_tokens` are out or the `deadline` (of
-    time.monotonic(), checked after each token as transformers' max_time is) has passed."""
+         streamer, stops: StopStrings | None, can_finish: bool, deadline: float | None,
+         unconditional: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Prefill (also guidance's `unconditional` ids and mask), then decode until every row has finished,
+    `max_new_tokens` are out or the `deadline` (of time.monotonic(), checked after each token as transformers'
+    max_time is) has passed."""
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
     state.reset(input_ids, mask, seed)
     # before the prefill: a streamer gets the prompt first, as from transformers
     watch = HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
-    state.advance(decoder.prefill(input_ids))
+    unconditional_logits = None
+    if unconditional is not None:
+        session.unconditional.reset(unconditional[1])
+        unconditional_logits = session.unconditional.prefill(unconditional[0])
+    state.advance(decoder.prefill(input_ids), unconditional_logits)
     check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
     produced = 1
     while True:

@@ -37,7 +37,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                      "remove_invalid_values": False, "exponential_decay_length_penalty": None,
                      "renormalize_logits": False, "max_time": None, "num_beams": 1, "length_penalty": 1.0,
-                     "early_stopping": False, "return_dict_in_generate": False, "output_scores": False,
+                     "early_stopping": False, "guidance_scale": 1.0, "return_dict_in_generate": False, "output_scores": False,
                      "output_logits": False}
 
 
@@ -46,7 +46,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 # stop_strings are implemented, but read only with a tokenizer: a call without one leaves them out.
 UNIMPLEMENTED_SETTINGS = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
-    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0,
+    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
     "force_words_ids": None, "constraints": None, "stop_strings": None, "watermarking_config": None,
     "dola_layers": None, "token_healing": False}
 
@@ -202,6 +202,32 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
     return input_ids, mask
 
 
+def unconditional_inputs(model: LlamaForCausalLM, input_ids: torch.Tensor, guidance_scale: float,
+                         negative_prompt_ids: Any, negative_prompt_attention_mask: Any,
+                         max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What classifier-free guidance runs the model on besides the prompts (`input_ids`, checked): the negative
+    prompts (one a prompt row, left-padded per their mask) where given, else, as in transformers, each prompt's last
+    token; None without guidance (`guidance_scale` 1)."""
+    if not is_number(guidance_scale):
+        raise GenerationError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if guidance_scale == 1:
+        if negative_prompt_ids is not None or negative_prompt_attention_mask is not None:
+            raise GenerationError("a negative prompt takes effect only with classifier-free guidance: pass "
+                                  "guidance_scale != 1")
+        return None
+    if negative_prompt_ids is None:
+        if negative_prompt_attention_mask is not None:
+            raise GenerationError("negative_prompt_attention_mask needs negative_prompt_ids")
+        return input_ids[:, -1:], torch.ones_like(input_ids[:, -1:])
+    try:
+        ids, mask = checked_inputs(model, negative_prompt_ids, negative_prompt_attention_mask, max_new_tokens, [], None)
+    except GenerationError as e:
+        raise GenerationError(f"negative prompt: {e}") from None
+    if ids.shape[0] != input_ids.shape[0]:
+        raise GenerationError(f"negative_prompt_ids has {ids.shape[0]} rows for {input_ids.shape[0]} prompt rows")
+    return ids, mask
+
+
 def _token_list(ids: Any, name: str, vocab: int) -> list[int]:
     """`ids` (None, an id or a list of ids, where, as transformers takes them, an id may be a NumPy integer or
     a 0-d tensor and the list a 1-d tensor or array) as a list of Python ints."""
@@ -298,6 +324,14 @@ def mark_seen(seen: torch.Tensor, ids: torch.Tensor, real: torch.Tensor) -> torc
     """`seen` (rows, vocab + 1) set, in place, at each row's `ids` where `real` is true; the spare last column takes
     the rest (left padding, which transformers' repetition penalty leaves out). Returns `seen`."""
     return seen.zero_().scatter_(1, ids.masked_fill(~real, seen.shape[1] - 1), True)
+
+
+def apply_guidance(scores: torch.Tensor, unconditional_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, as transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor applies it first of
+    all processors: the log-probabilities of the model given the prompt pushed `scale` times as far from those given
+    only the unconditional context (its logits, in the model's dtype, as transformers takes them)."""
+    unconditional = unconditional_logits.log_softmax(dim=-1)
+    return scale * (scores.log_softmax(dim=-1) - unconditional) + unconditional
 
 
 def apply_top_k(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) -> torch.Tensor:
