@@ -173,6 +173,9 @@ def test_infinite_biases_that_make_nan_or_inf_scores_are_named(models, greedy_to
     # transformers refuses this too: the last step would have no token left (greedy would silently pick id 0)
     (dict(forced_eos_token_id=[7, 9], suppress_tokens=[9, 4, 7]),
      r"every forced_eos_token_id \(\[7, 9\]\) is also in suppress_tokens"),
+    # and this (whatever the prompt's length): after a one-column prompt, greedy would silently pick id 0
+    (dict(forced_bos_token_id=7, suppress_tokens=[9, 7]),
+     r"every forced_bos_token_id \(\[7\]\) is also in suppress_tokens"),
 ])
 def test_bad_rules_are_one_line_errors(models, kwargs, message):
     _, ours = models
