@@ -152,6 +152,17 @@ def test_infinite_biases_that_make_nan_or_inf_scores_are_named(models, greedy_to
     assert "\n" not in str(info.value)
 
 
+def test_an_exponential_decay_past_the_float_range_keeps_the_sign_of_its_power(models):
+    """A negative factor's power alternates in sign: past a double's range (where transformers' Python power
+    overflows) an odd power of it is -inf, which bans the EOS ids, and an even one +inf, which forces them."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    # EOS is banned by min_new_tokens at new token 0; tokens 1, 2 and 3 are 401st, 402nd and 403rd powers of -10
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[5], pad_token_id=PAD, min_new_tokens=1,
+                            exponential_decay_length_penalty=(-400, -10.0))
+    assert (got[:, 10] != 5).all() and (got[:, 11] == 5).all()
+
+
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_an_exponential_decay_past_float32_is_named(models, do_sample):
     """factor ** steps past float32's range makes the EOS scores inf (past a double's, transformers' power overflows),
