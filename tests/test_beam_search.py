@@ -100,6 +100,8 @@ def test_beams_find_a_likelier_sequence_than_greedy(models):
     (dict(num_beams=2, seed=-1), r"seed must be an integer in \[0, 2\*\*63\), got -1"),
     (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number, got '1'"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never', got 'sometimes'"),
+    # 1 == True, but transformers' beam search (and ttl's) tests `is True`: 1 would silently stop as False does
+    (dict(num_beams=2, early_stopping=1), "early_stopping must be True, False or 'never', got 1"),
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams \(2\)"),
     (dict(num_beams=2, stop_strings="ab", tokenizer=CharTokenizer()),
      r"beam search \(num_beams > 1\) takes no streamer or stop strings"),

@@ -152,6 +152,29 @@ def test_infinite_biases_that_make_nan_or_inf_scores_are_named(models, greedy_to
     assert "\n" not in str(info.value)
 
 
+def test_an_exponential_decay_past_the_float_range_keeps_the_sign_of_its_power(models):
+    """A negative factor's power alternates in sign: past a double's range (where transformers' Python power
+    overflows) an odd power of it is -inf, which bans the EOS ids, and an even one +inf, which forces them."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    # EOS is banned by min_new_tokens at new token 0; tokens 1, 2 and 3 are 401st, 402nd and 403rd powers of -10
+    got = ttl_core.generate(ours, ids, mask, max_new_tokens=4, eos_token_id=[5], pad_token_id=PAD, min_new_tokens=1,
+                            exponential_decay_length_penalty=(-400, -10.0))
+    assert (got[:, 10] != 5).all() and (got[:, 11] == 5).all()
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_an_exponential_decay_past_float32_is_named(models, do_sample):
+    """factor ** steps past float32's range makes the EOS scores inf (past a double's, transformers' power overflows),
+    which renormalize_logits turns into NaN and which sampling cannot draw from: the error names the decay, not the
+    model's weights."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with pytest.raises(GenerationError, match="or exponential_decay_length_penalty grew the EOS scores past float32"):
+        ttl_core.generate(ours, ids, mask, max_new_tokens=4, do_sample=do_sample, seed=0, eos_token_id=[5, 9],
+                          exponential_decay_length_penalty=(-3, 1e30), renormalize_logits=True)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bad_words_ids=[[]]), r"bad_words_ids must hold non-empty lists of token ids, got \[\]"),
     (dict(bad_words_ids=[4, 5]), "bad_words_ids must hold non-empty lists of token ids, got 4"),
@@ -173,6 +196,11 @@ def test_infinite_biases_that_make_nan_or_inf_scores_are_named(models, greedy_to
     # transformers refuses this too: the last step would have no token left (greedy would silently pick id 0)
     (dict(forced_eos_token_id=[7, 9], suppress_tokens=[9, 4, 7]),
      r"every forced_eos_token_id \(\[7, 9\]\) is also in suppress_tokens"),
+    # and this (whatever the prompt's length): after a one-column prompt, greedy would silently pick id 0
+    (dict(forced_bos_token_id=7, suppress_tokens=[9, 7]),
+     r"every forced_bos_token_id \(\[7\]\) is also in suppress_tokens"),
+    # transformers' greedy decoding picks the NaN it puts on the EOS scores as if it were a token
+    (dict(exponential_decay_length_penalty=(1, float("nan"))), "exponential_decay_length_penalty's factor is NaN"),
 ])
 def test_bad_rules_are_one_line_errors(models, kwargs, message):
     _, ours = models

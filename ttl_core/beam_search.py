@@ -30,7 +30,7 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
         raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}")
     if not is_number(length_penalty):
         raise GenerationError(f"length_penalty must be a number, got {length_penalty!r}")
-    if early_stopping not in (True, False, "never"):
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # 1 == True, but the search tests `is True`
         raise GenerationError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise GenerationError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")

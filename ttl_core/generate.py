@@ -433,6 +433,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
             cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
         if state.rules.sequence_bias is not None:
             cause += ", or sequence_bias put inf in them (inf - inf is NaN; inf has no probability)"
+        if state.rules.decay_eos is not None:
+            cause += ", or exponential_decay_length_penalty grew the EOS scores past float32"
         raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
                               f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced

@@ -10,6 +10,7 @@ vocab) and returns new ones, with -inf on filtered tokens; tests check each agai
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -264,11 +265,14 @@ def checked_token_rules(rules: dict[str, Any], vocab: int) -> dict[str, Any]:
         if not (isinstance(decay, (list, tuple)) and len(decay) == 2 and is_integer(decay[0]) and is_number(decay[1])):
             raise GenerationError("exponential_decay_length_penalty must be (start, factor): new tokens before the "
                                   f"penalty starts and the factor it grows by, got {decay!r}")
+        if math.isnan(decay[1]):  # NaN EOS scores, which transformers' argmax would pick as if they were text
+            raise GenerationError(f"exponential_decay_length_penalty's factor is NaN, got {decay!r}")
         checked["exponential_decay_length_penalty"] = (decay[0], float(decay[1]))
-    forced, suppressed = checked["forced_eos_token_id"], checked["suppress_tokens"]
-    if forced and set(forced) <= set(suppressed or ()):  # the last step would have no token; transformers refuses
-        raise GenerationError(f"every forced_eos_token_id ({sorted(set(forced))}) is also in suppress_tokens: the "
-                              "last new token could be none of them")
+    for name in ("forced_bos_token_id", "forced_eos_token_id"):  # transformers refuses these: a step with no token
+        forced = {checked[name]} if is_integer(checked[name]) else set(checked[name] or ())
+        if forced and forced <= set(checked["suppress_tokens"] or ()):
+            raise GenerationError(f"every {name} ({sorted(forced)}) is also in suppress_tokens: the new token "
+                                  "it forces could be none of them")
 
     def sequence(ids: Any, name: str) -> tuple[int, ...]:
         if not isinstance(ids, (list, tuple)) or not ids:

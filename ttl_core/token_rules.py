@@ -26,11 +26,11 @@ def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def _decay_factor(factor: float, power: int) -> float:
-    """factor ** power - 1, inf past the float range (where transformers' own Python power overflows)."""
+    """factor ** power - 1, +-inf past the float range (where transformers' own Python power overflows)."""
     try:
         return factor ** power - 1
     except OverflowError:
-        return math.inf
+        return -math.inf if factor < 0 and power % 2 else math.inf
 
 
 class _SequenceBias:
