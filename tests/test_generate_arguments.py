@@ -314,3 +314,30 @@ def test_blocking_every_token_picks_transformers_greedy_token_and_names_the_caus
         with pytest.raises(GenerationError, match=r"or the token rules \(min_new_tokens, no_repeat_ngram_size, "
                                                   r"bad_words_ids, ...\) left no token"):
             ttl_core.generate(ours, ids, mask, do_sample=True, seed=0, **kwargs)
+
+
+def test_a_generation_config_passed_wins_over_the_checkpoints_as_in_transformers(models, monkeypatch):
+    """`generation_config=` (transformers' GenerationConfig or a dict): its settings win over the checkpoint's
+    generation_config.json where it sets them (ids included), the call's own arguments over both."""
+    from transformers import GenerationConfig
+
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    saved = {"max_new_tokens": 4, "repetition_penalty": 3.0, "eos_token_id": [9], "top_k": 1}
+    monkeypatch.setattr(ours, "generation_config", saved)
+    for name, value in saved.items():
+        monkeypatch.setattr(hf.generation_config, name, value)
+    passed = GenerationConfig(max_new_tokens=9, do_sample=True, top_k=0, temperature=0.7, eos_token_id=[5, 6],
+                              pad_token_id=PAD, num_return_sequences=2)
+    for config in (passed, passed.to_dict()):
+        for call in ({}, dict(top_k=3, max_new_tokens=6)):
+            torch.manual_seed(1)
+            expected = hf.generate(ids, attention_mask=mask, generation_config=passed, **call)
+            got = ttl_core.generate(ours, ids, mask, generation_config=config, seed=1, **call)
+            assert torch.equal(got, expected)
+    assert got.shape == (6, 9 + 6)
+    with pytest.raises(GenerationError, match="^generation_config must be a dict or a transformers GenerationConfig, "
+                                              "got a list$"):
+        ttl_core.generate(ours, ids, mask, generation_config=[("top_k", 3)])
+    with pytest.raises(GenerationError, match="^generation_config: eos_token_id 131 is not a token id"):
+        ttl_core.generate(ours, ids, mask, generation_config={"eos_token_id": 131})

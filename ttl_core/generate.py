@@ -29,8 +29,8 @@ from .errors import GenerationError, is_integer
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
 from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs, checked_token_rules,
-                       decoding_settings, global_generator, mark_seen, process_logits, sample, special_token_ids,
-                       stop_string_matcher, unconditional_inputs, unimplemented_settings)
+                       decoding_settings, global_generator, mark_seen, passed_generation_config, process_logits,
+                       sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
 from .streamer import HostWatch, StopStrings
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
 
@@ -278,7 +278,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              output_scores: bool | None = None, output_logits: bool | None = None,
              return_dict_in_generate: bool | None = None, guidance_scale: float | None = None,
              negative_prompt_ids: torch.Tensor | None = None,
-             negative_prompt_attention_mask: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
+             negative_prompt_attention_mask: torch.Tensor | None = None,
+             generation_config: Any = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -289,8 +290,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `max_new_tokens` wins over `max_length`, `min_new_tokens` over `min_length`; until a row has `min_new_tokens`
     new tokens, its EOS ids are never chosen.
     Greedy unless `do_sample`; the processors and their order are transformers' (see `ttl_core.sampling`).
-    A decoding setting left None comes, as in transformers, from the checkpoint's generation_config.json (also
-    its `max_length` and `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
+    A decoding setting left None comes, as in transformers, from a `generation_config` passed (a dict or
+    transformers' GenerationConfig), else from the checkpoint's generation_config.json (also their `max_length` and
+    `min_length`), else from `ttl_core.sampling.DECODING_DEFAULTS`
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
     where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search, or beam sampling
     with `do_sample` (`ttl_core.beam_search`). `guidance_scale` != 1 applies transformers' classifier-free guidance
@@ -314,7 +316,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
         prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
-        settings = decoding_settings(model.generation_config, prompt_len, model.config.max_position_embeddings,
+        passed = passed_generation_config(generation_config)
+        saved = {**(model.generation_config or {}), **passed} if passed else model.generation_config
+        settings = decoding_settings(saved, prompt_len, model.config.max_position_embeddings,
                                      max_length, min_length, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_h=top_h, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
@@ -335,13 +339,14 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                             "num_beams", "length_penalty", "early_stopping"))
         outputs = {name: settings.pop(name) for name in ("return_dict_in_generate", "output_scores", "output_logits")}
         guidance_scale = settings.pop("guidance_scale")
-        passed = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
-        ignored = unimplemented_settings(model.generation_config, passed)
+        given = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
+        ignored = unimplemented_settings(saved, given)
         if ignored:
-            warnings.warn(f"the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's generate() "
-                          "does not implement: it decodes as if they were unset, unlike transformers' generate()",
-                          stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
-        eos, pad = special_token_ids(model, eos_token_id, pad_token_id)
+            whose = "the generation_config passed or " if passed else ""
+            warnings.warn(f"{whose}the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's "
+                          "generate() does not implement: it decodes as if they were unset, unlike transformers' "
+                          "generate()", stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
+        eos, pad = special_token_ids(model, eos_token_id, pad_token_id, passed)
         rules = {name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}
         check_beam_arguments(num_beams, length_penalty, early_stopping, num_return_sequences)
         check_sampling_arguments(do_sample, num_return_sequences=num_return_sequences, max_time=max_time,
@@ -353,7 +358,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         unconditional = unconditional_inputs(model, input_ids, guidance_scale, negative_prompt_ids,
                                              negative_prompt_attention_mask, max_new_tokens)
-        stops = stop_string_matcher(model.generation_config, stop_strings, tokenizer)
+        stops = stop_string_matcher(saved, stop_strings, tokenizer)
         if stops is not None and pad is None:
             raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):

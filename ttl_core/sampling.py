@@ -303,11 +303,23 @@ def _without_none_marks(ids: object) -> object:
     return None if none_mark(ids) else ids
 
 
-def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | None,
-                      pad_token_id: int | None) -> tuple[list[int], int | None]:
-    """(EOS ids, padding id): the arguments where given, else the checkpoint's generation_config.json as
-    transformers reads it (when the model was loaded with one), else the model config's; the padding id
-    falls back to the first EOS id."""
+def passed_generation_config(generation_config: Any) -> dict[str, Any]:
+    """The settings a `generation_config` passed to `generate()` sets: a dict's, or those of transformers'
+    GenerationConfig (anything with `to_dict()`) that are not None, which win over the checkpoint's as there."""
+    if generation_config is None:
+        return {}
+    settings = generation_config.to_dict() if hasattr(generation_config, "to_dict") else generation_config
+    if not isinstance(settings, dict):
+        raise GenerationError(f"generation_config must be a dict or a transformers GenerationConfig, got a "
+                              f"{type(generation_config).__name__}")
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | None, pad_token_id: int | None,
+                      passed: dict[str, Any] | None = None) -> tuple[list[int], int | None]:
+    """(EOS ids, padding id): the arguments where given, else those of the `generation_config` the call passed
+    (`passed`, see `passed_generation_config`), else the checkpoint's generation_config.json as transformers reads it
+    (when the model was loaded with one), else the model config's; the padding id falls back to the first EOS id."""
     config = model.config
     defaults, source = model.generation_config, "generation_config.json: "
     if defaults is None:
@@ -316,6 +328,8 @@ def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | N
     def ids(name: str, given: int | list[int] | None) -> list[int]:  # an error names the file a bad saved id came from
         if given is not None:
             return _token_list(given, name, config.vocab_size)
+        if (passed or {}).get(name) is not None:
+            return _token_list(_without_none_marks(passed[name]), "generation_config: " + name, config.vocab_size)
         return _token_list(_without_none_marks(defaults.get(name)), source + name, config.vocab_size)
 
     eos, pad = ids("eos_token_id", eos_token_id), ids("pad_token_id", pad_token_id)
