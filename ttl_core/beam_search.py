@@ -12,6 +12,7 @@ when every beam has finished under `early_stopping=True`, or when every continua
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from .errors import GenerationError, is_integer, is_number
 from .sampling import apply_guidance, global_generator, mark_seen, process_logits
 from .token_rules import TokenRules
+from .watermark import Watermark
 
 _NEVER = -1.0e9  # transformers' score for "not a candidate"; its arithmetic is copied, so the order is too
 
@@ -40,7 +42,7 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
                 pad: int | None, do_sample: bool, seed: int | None, processors: dict, rules: dict, num_beams: int,
                 length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
                 deadline: float | None, keep_scores: bool = False, keep_logits: bool = False,
-                guidance: tuple | None = None) -> tuple:
+                guidance: tuple | None = None, watermark: tuple | None = None) -> tuple:
     """The `num_return_sequences` best finished beams of each prompt row of `input_ids` (batch, seq), already
     repeated `num_beams` times each, as `decoder` (a `KVDecoder` over those rows) continues them, (batch *
     num_return_sequences, seq + new) like transformers' `generate()`; returned with what transformers' beam output
@@ -50,7 +52,8 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     instead of taking the best, from a generator seeded with `seed`, else from torch's global one, as transformers'
     beam sampling does. `guidance` (scale, a `KVDecoder` over the unconditional rows, their ids) applies
     classifier-free guidance as transformers does with beams: its unconditional rows go on with the tokens of the
-    beams that run on in their place, without following them (so their context mixes the beams')."""
+    beams that run on in their place, without following them (so their context mixes the beams'). `watermark` (the
+    settings of `ttl_core.watermark.checked_watermark`) marks each step's log-probabilities as transformers does."""
     rows, prompt_len = input_ids.shape
     batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
     max_length = prompt_len + max_new_tokens
@@ -81,6 +84,7 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     first_k = torch.arange(keep, device=device) < num_beams
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     token_rules = TokenRules(rules, eos, vocab, prompt_len, max_new_tokens, device)
+    watermark = None if watermark is None else Watermark(watermark, vocab, device)
     # as transformers, the warpers keep a token more than there are EOS ids, so that a beam can go on (where the
     # model has no EOS id at all, transformers keeps 2; ttl cannot tell that from eos_token_id=[] and keeps 1)
     processors = {**processors, "min_tokens_to_keep": len(eos) + 1}
@@ -105,7 +109,8 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
                 seen = torch.empty(rows, vocab + 1, dtype=torch.bool, device=device)
                 seen = mark_seen(seen, flat[:, :cur_len], real[:, :cur_len])[:, :vocab]
             log_probs = token_rules(log_probs, flat, step + prompt_len, step, seen)
-        log_probs = process_logits(log_probs, do_sample, **processors)
+        marked = None if watermark is None else functools.partial(watermark, rows=flat[:, :cur_len])
+        log_probs = process_logits(log_probs, do_sample, watermark=marked, **processors)
         if keep_scores:
             kept_scores.append(log_probs.clone())
         if keep_logits:

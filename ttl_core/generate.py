@@ -13,6 +13,7 @@ The KV cache and the decoder are in `ttl_core.kv_cache`, the logits processors i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -33,6 +34,7 @@ from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs,
                        sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
 from .streamer import HostWatch, StopStrings
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
+from .watermark import Watermark, checked_watermark
 
 # How often (in decode steps, per device type; 1 elsewhere) the host checks whether every row has finished. On
 # CUDA a check is a device sync, while in between the host queues graph replays without waiting; the at most this
@@ -87,7 +89,8 @@ class _Decoding:
 
     def __init__(self, prompt_shape: torch.Size, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
                  do_sample: bool, seeded: bool, processors: dict, rules: dict, device: torch.device,
-                 keep_scores: bool = False, keep_logits: bool = False, guidance_scale: float = 1.0):
+                 keep_scores: bool = False, keep_logits: bool = False, guidance_scale: float = 1.0,
+                 watermark: tuple | None = None):
         batch, self.prompt_len = prompt_shape
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
@@ -98,8 +101,9 @@ class _Decoding:
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
         self.rules = TokenRules(rules, eos, vocab, self.prompt_len, max_new_tokens, device)
+        self.watermark = None if watermark is None else Watermark(watermark, vocab, device)
         self.rows = (torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
-                     if self.rules.needs_rows else None)
+                     if self.rules.needs_rows or self.watermark is not None else None)
         # a spare last column: see mark_seen
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if self.rules.penalizes else None
         # a seeded call draws from a generator of its own, else from torch's global RNG (which transformers draws from)
@@ -133,7 +137,10 @@ class _Decoding:
             logits = apply_guidance(logits, unconditional_logits, self.guidance_scale)
         if self.rules.active:
             logits = self.rules(logits, self.rows, self.prompt_len + self.column, self.column, seen)
-        scores = process_logits(logits, self.do_sample, **self.processors)
+        watermark = None
+        if self.watermark is not None:  # eager steps only: it reads each row's seed on the host
+            watermark = functools.partial(self.watermark, rows=self.rows[:, :self.prompt_len + int(self.column)])
+        scores = process_logits(logits, self.do_sample, watermark=watermark, **self.processors)
         if self.do_sample:
             finite = torch.isfinite(scores.amax(dim=-1))
         else:  # argmax has an answer (as transformers') where only the rules put inf: 0 where they left no token
@@ -207,14 +214,15 @@ class _Session:
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
                  processors: dict, rules: dict, cuda_graph: bool, keep_scores: bool, keep_logits: bool,
-                 guidance_scale: float, unconditional_mask: torch.Tensor | None):
+                 guidance_scale: float, unconditional_mask: torch.Tensor | None, watermark: tuple | None):
         self.key, self.lock = key, threading.Lock()
         self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
         # classifier-free guidance runs the model a second time, on the unconditional context, in a cache of its own
         self.unconditional = (None if unconditional_mask is None
                               else KVDecoder(model, unconditional_mask, max_new_tokens))
         self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
-                               processors, rules, input_ids.device, keep_scores, keep_logits, guidance_scale)
+                               processors, rules, input_ids.device, keep_scores, keep_logits, guidance_scale,
+                               watermark)
 
         # not `self`: no reference cycle holding the caches past their use
         decoder, unconditional, state = self.decoder, self.unconditional, self.state
@@ -278,7 +286,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              output_scores: bool | None = None, output_logits: bool | None = None,
              return_dict_in_generate: bool | None = None, guidance_scale: float | None = None,
              negative_prompt_ids: torch.Tensor | None = None,
-             negative_prompt_attention_mask: torch.Tensor | None = None,
+             negative_prompt_attention_mask: torch.Tensor | None = None, watermarking_config: Any = None,
              generation_config: Any = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
@@ -296,9 +304,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     (20 new tokens, fewer where the context ends first; greedy; one sequence a prompt; sampling without top-k,
     where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search, or beam sampling
     with `do_sample` (`ttl_core.beam_search`). `guidance_scale` != 1 applies transformers' classifier-free guidance
-    (unconditioned on `negative_prompt_ids`, else on each prompt's last token). Checkpoint settings ttl does not
-    implement (contrastive search, watermarking, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with
-    a warning naming them.
+    (unconditioned on `negative_prompt_ids`, else on each prompt's last token); `watermarking_config` its
+    watermark (`ttl_core.watermark`). Checkpoint settings ttl does not implement (contrastive search, token
+    healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
@@ -333,12 +341,14 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      renormalize_logits=renormalize_logits, max_time=max_time, num_beams=num_beams,
                                      length_penalty=length_penalty, early_stopping=early_stopping,
                                      return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
-                                     output_logits=output_logits, guidance_scale=guidance_scale)
+                                     output_logits=output_logits, guidance_scale=guidance_scale,
+                                     watermarking_config=watermarking_config)
         max_new_tokens, do_sample, num_return_sequences, max_time, num_beams, length_penalty, early_stopping = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time",
                                             "num_beams", "length_penalty", "early_stopping"))
         outputs = {name: settings.pop(name) for name in ("return_dict_in_generate", "output_scores", "output_logits")}
         guidance_scale = settings.pop("guidance_scale")
+        watermark = checked_watermark(settings.pop("watermarking_config"))
         given = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(saved, given)
         if ignored:
@@ -374,7 +384,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                 guidance = (guidance_scale, KVDecoder(model, uncond_mask, max_new_tokens), ids)
             found = beam_search(KVDecoder(model, mask, max_new_tokens), input_ids, mask, max_new_tokens, eos, pad,
                                 do_sample, seed, settings, rules, num_beams, length_penalty, early_stopping,
-                                num_return_sequences, deadline, keep_scores, keep_logits, guidance)
+                                num_return_sequences, deadline, keep_scores, keep_logits, guidance, watermark)
             return GenerateOutput(*found) if as_dict else found[0]
         input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
         if unconditional is not None:
@@ -383,14 +393,15 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
-        graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None
+        graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None and watermark is None
         unconditional_shape = None if unconditional is None else tuple(unconditional[0].shape)
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
                tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, guidance_scale,
-               unconditional_shape, _forward_fingerprint(model))
+               unconditional_shape, watermark, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(
             key, model, input_ids, mask, max_new_tokens, eos, pad, do_sample, seed is not None, settings, rules,
-            graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1]))
+            graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1],
+            watermark))
         try:
             sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
                              deadline, unconditional)

@@ -11,7 +11,7 @@ vocab) and returns new ones, with -inf on filtered tokens; tests check each agai
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -38,7 +38,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                      "remove_invalid_values": False, "exponential_decay_length_penalty": None,
                      "renormalize_logits": False, "max_time": None, "num_beams": 1, "length_penalty": 1.0,
-                     "early_stopping": False, "guidance_scale": 1.0, "return_dict_in_generate": False, "output_scores": False,
+                     "early_stopping": False, "guidance_scale": 1.0, "watermarking_config": None, "return_dict_in_generate": False, "output_scores": False,
                      "output_logits": False}
 
 
@@ -48,8 +48,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 UNIMPLEMENTED_SETTINGS = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
-    "force_words_ids": None, "constraints": None, "stop_strings": None, "watermarking_config": None,
-    "dola_layers": None, "token_healing": False}
+    "force_words_ids": None, "constraints": None, "stop_strings": None, "dola_layers": None, "token_healing": False}
 
 
 def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:
@@ -437,10 +436,12 @@ def _drop_below(scores: torch.Tensor, probs: torch.Tensor, threshold: float | to
 def process_logits(scores: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_h: float | None = None,
                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
                    epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0, renormalize_logits: bool = False,
-                   min_tokens_to_keep: int = 1) -> torch.Tensor:
+                   min_tokens_to_keep: int = 1,
+                   watermark: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The processors transformers' `generate()` applies after the token rules (`ttl_core.token_rules`), in its
     order: the warpers when sampling, each keeping at least `min_tokens_to_keep` tokens (beam sampling keeps one
-    more than there are EOS ids), then a log-softmax where `renormalize_logits`. `scores` should be fp32."""
+    more than there are EOS ids), then the `watermark` (see `ttl_core.watermark`), then a log-softmax where
+    `renormalize_logits`. `scores` should be fp32."""
     if do_sample:
         if temperature != 1.0:
             scores = scores / temperature
@@ -458,6 +459,8 @@ def process_logits(scores: torch.Tensor, do_sample: bool, temperature: float = 1
             scores = apply_epsilon_cutoff(scores, epsilon_cutoff, min_tokens_to_keep)
         if eta_cutoff:
             scores = apply_eta_cutoff(scores, eta_cutoff, min_tokens_to_keep)
+    if watermark is not None:
+        scores = watermark(scores)
     return scores.log_softmax(dim=-1) if renormalize_logits else scores
 
 

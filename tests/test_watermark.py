@@ -1,0 +1,89 @@
+"""Watermarking (`generate(watermarking_config=...)`) token for token against transformers' generate(), and what it
+is for: transformers' WatermarkDetector finds the watermark in ttl's text and not in unmarked text."""
+
+import pytest
+import torch
+from generation_helpers import PAD, cuda_batch, cuda_models, left_padded, saved_models
+from transformers import WatermarkDetector, WatermarkingConfig
+
+import ttl_core
+from ttl_core.errors import GenerationError
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return saved_models(tmp_path_factory.mktemp("watermark"))
+
+
+@pytest.mark.parametrize("scheme, width", [("lefthash", 1), ("selfhash", 1), ("selfhash", 3)])
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=False),
+    dict(do_sample=True, top_k=10, temperature=0.7, num_return_sequences=2, renormalize_logits=True),
+    dict(num_beams=2, do_sample=True, top_k=0),
+])
+def test_watermarked_tokens_match_transformers(models, scheme, width, kwargs):
+    """Greedy, sampled (after the warpers, before the log-softmax of renormalize_logits, as there) and beam
+    sampled; selfhash with a context of 3 tokens reaches into the left padding, as transformers' rows do."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    config = WatermarkingConfig(seeding_scheme=scheme, context_width=width, bias=4.0)
+    common = dict(max_new_tokens=10, eos_token_id=[5, 6], pad_token_id=PAD, **kwargs)
+    torch.manual_seed(3)
+    expected = hf.generate(ids, attention_mask=mask, watermarking_config=config, **common)
+    seed = 3 if kwargs["do_sample"] else None
+    got = ttl_core.generate(ours, ids, mask, watermarking_config=config.to_dict(), seed=seed, **common)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, ttl_core.generate(ours, ids, mask, seed=seed, **common))  # the watermark had an effect
+
+
+def test_transformers_detector_finds_the_watermark_in_ttl_text(models):
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, pads=(0, 0, 0))
+    config = WatermarkingConfig(bias=4.0)
+    kwargs = dict(max_new_tokens=60, do_sample=True, top_k=0, eos_token_id=[], seed=1)
+    detector = WatermarkDetector(hf.config, "cpu", config)
+    marked = detector(ttl_core.generate(ours, ids, mask, watermarking_config=config, **kwargs)[:, 9:],
+                      return_dict=True)
+    plain = detector(ttl_core.generate(ours, ids, mask, **kwargs)[:, 9:], return_dict=True)
+    assert marked.prediction.all() and (marked.z_score > 8).all()
+    assert not plain.prediction.any()
+
+
+def test_a_checkpoint_watermarking_config_applies(models, monkeypatch):
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    monkeypatch.setattr(ours, "generation_config", {"watermarking_config": {"bias": 3.0, "seeding_scheme": "selfhash"}})
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], do_sample=False,
+                           watermarking_config=WatermarkingConfig(bias=3.0, seeding_scheme="selfhash"))
+    assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[]), expected)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"seeding_scheme": "hash"}, "seeding_scheme must be 'lefthash' or 'selfhash', got 'hash'"),
+    ({"greenlist_ratio": 1.0}, r"greenlist_ratio must be in \(0, 1\), got 1.0"),
+    ({"context_width": 0}, "context_width must be an integer >= 1, got 0"),
+    ({"hashing_key": 1.5}, "hashing_key must be an integer, got 1.5"),
+    ({"bias": "2"}, "bias must be a number, got '2'"),
+    ({"gamma": 0.5}, r"watermarking_config has unknown settings \['gamma'\]"),
+    ({"ngram_len": 5, "keys": [1, 2]}, r"SynthID text watermarking \(a watermarking_config with ngram_len\) is not "
+                                       "implemented"),
+    ("lefthash", "watermarking_config must be a dict or a transformers WatermarkingConfig, got a str"),
+])
+def test_bad_watermarking_configs_are_one_line_errors(models, config, message):
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with pytest.raises(GenerationError, match=message) as info:
+        ttl_core.generate(ours, ids, mask, max_new_tokens=2, watermarking_config=config)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+def test_cuda_watermark_matches_transformers(tmp_path):
+    """On CUDA the green lists come from CUDA generators, as transformers draws them; the steps run eagerly."""
+    hf, ours = cuda_models(tmp_path)
+    ids, mask = cuda_batch(hf.config.vocab_size)
+    kwargs = dict(max_new_tokens=24, eos_token_id=[5, 6], pad_token_id=PAD, do_sample=True, top_k=0,
+                  watermarking_config=WatermarkingConfig(seeding_scheme="selfhash", bias=3.0))
+    torch.manual_seed(0)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, seed=0, **kwargs), expected)
