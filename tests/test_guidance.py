@@ -83,7 +83,10 @@ def test_guidance_scale_comes_from_the_checkpoint(models, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(guidance_scale="2"), "guidance_scale must be a number, got '2'"),
+    (dict(guidance_scale="2"), "guidance_scale must be a finite number, got '2'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+    (dict(guidance_scale=float("-inf")), "guidance_scale must be a finite number, got -inf"),
+    (dict(guidance_scale=1e300, do_sample=True, top_k=0), r"sampling met scores .*, or guidance_scale 1e\+300 did"),
     (dict(negative_prompt_ids=torch.ones(3, 2, dtype=torch.long)),
      r"a negative prompt takes effect only with classifier-free guidance: pass guidance_scale != 1"),
     (dict(guidance_scale=2.0, negative_prompt_attention_mask=torch.ones(3, 2, dtype=torch.long)),

@@ -447,6 +447,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
         if state.do_sample and state.rules.blocks:  # transformers fails there too
             cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
+        if state.do_sample and state.guidance_scale != 1:  # scale * (log-probability difference) may overflow
+            cause += f", or guidance_scale {state.guidance_scale} did"
         if state.rules.sequence_bias is not None:
             cause += ", or sequence_bias put inf in them (inf - inf is NaN; inf has no probability)"
         if state.rules.decay_eos is not None:

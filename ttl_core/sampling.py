@@ -208,8 +208,8 @@ def unconditional_inputs(model: LlamaForCausalLM, input_ids: torch.Tensor, guida
     """What classifier-free guidance runs the model on besides the prompts (`input_ids`, checked): the negative
     prompts (one a prompt row, left-padded per their mask) where given, else, as in transformers, each prompt's last
     token; None without guidance (`guidance_scale` 1)."""
-    if not is_number(guidance_scale):
-        raise GenerationError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if not (is_number(guidance_scale) and math.isfinite(guidance_scale)):  # inf and NaN make every score inf or NaN
+        raise GenerationError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if guidance_scale == 1:
         if negative_prompt_ids is not None or negative_prompt_attention_mask is not None:
             raise GenerationError("a negative prompt takes effect only with classifier-free guidance: pass "
