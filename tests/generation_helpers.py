@@ -3,10 +3,12 @@ character tokenizer with byte-fallback pieces."""
 
 from pathlib import Path
 
+import pytest
 import torch
 from hf_reference import hf_causal_lm
 
 import ttl_core
+from ttl_core.errors import GenerationError
 
 PAD = 3
 
@@ -35,6 +37,14 @@ def left_padded(vocab: int, seed: int = 1, batch: int = 3, seq: int = 9, pads=(0
     for row, n in enumerate(pads[:batch]):
         mask[row, :n] = 0
     return ids.masked_fill(mask == 0, PAD), mask
+
+
+def assert_refused(model, message: str, **kwargs) -> None:
+    """generate(**kwargs) over the `left_padded` prompts raises a one-line GenerationError matching `message`."""
+    ids, mask = left_padded(model.config.vocab_size)
+    with pytest.raises(GenerationError, match=message) as info:
+        ttl_core.generate(model, ids, mask, **kwargs)
+    assert "\n" not in str(info.value)
 
 
 def cuda_models(path: Path):
