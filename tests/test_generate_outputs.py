@@ -115,6 +115,19 @@ def test_normalized_transition_scores_are_the_log_probabilities_of_the_new_token
         ttl_core.generate(ours, ids, mask, max_new_tokens=2, return_dict_in_generate=True).transition_scores()
 
 
+def test_outputs_read_like_transformers_outputs(models):
+    """By field name or by position among the fields that are set, as code written for transformers reads them."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=3, eos_token_id=[], return_dict_in_generate=True, output_logits=True)
+    got, expected = ttl_core.generate(ours, ids, mask, **kwargs), hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(got["sequences"], expected["sequences"]) and torch.equal(got[0], expected[0])
+    assert len(got[1]) == len(expected[1]) == 3 and got[1] is got.logits  # no scores: the logits come second
+    for output in (got, expected):  # a field not set is no key
+        with pytest.raises(KeyError):
+            output["scores"]
+
+
 def test_only_what_is_asked_for_is_kept(models):
     """Without output_scores or output_logits the output holds the sequences (and, with beams, the beam indices, as
     transformers'); output flags without return_dict_in_generate change nothing."""

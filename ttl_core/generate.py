@@ -60,6 +60,11 @@ class GenerateOutput:
     sequences_scores: torch.Tensor | None = None
     beam_indices: torch.Tensor | None = None
 
+    def __getitem__(self, key: str | int | slice) -> Any:
+        """As transformers' outputs are read: by the name of a field that is set, or by position among them."""
+        fields = {name: value for name, value in vars(self).items() if value is not None}
+        return fields[key] if isinstance(key, str) else tuple(fields.values())[key]
+
     def transition_scores(self, normalize_logits: bool = False) -> torch.Tensor:
         """(rows, new tokens): each new token's score at the step that chose it, in the scores of the beam row it
         came from (log-softmaxed first with `normalize_logits`, which makes the greedy or sampled scores of a model
