@@ -451,6 +451,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
             cause += ", or sequence_bias put inf in them (inf - inf is NaN; inf has no probability)"
         if state.rules.decay_eos is not None:
             cause += ", or exponential_decay_length_penalty grew the EOS scores past float32"
+        if state.watermark is not None and not abs(state.watermark.bias) < torch.finfo(torch.float32).max:
+            cause += f", or watermarking_config's bias {state.watermark.bias} took them to inf or NaN"
         raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
                               f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced
