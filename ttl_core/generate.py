@@ -327,7 +327,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         passed = passed_generation_config(generation_config)
         saved = {**(model.generation_config or {}), **passed} if passed else model.generation_config
         settings = decoding_settings(saved, prompt_len, model.config.max_position_embeddings,
-                                     max_length, min_length, max_new_tokens=max_new_tokens,
+                                     max_length, min_length, passed=passed, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_h=top_h, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
