@@ -337,3 +337,17 @@ def test_a_generation_config_passed_wins_over_the_checkpoints_as_in_transformers
         ttl_core.generate(ours, ids, mask, generation_config=[("top_k", 3)])
     with pytest.raises(GenerationError, match="^generation_config: eos_token_id 131 is not a token id"):
         ttl_core.generate(ours, ids, mask, generation_config={"eos_token_id": 131})
+
+
+@pytest.mark.parametrize("passed, message", [
+    ({"max_length": 5}, "^the prompt's 9 tokens already fill the generation_config's max_length of 5: no room"),
+    ({"max_length": 999}, "^the generation_config's max_length of 999 exceeds the model's context of 256 positions$"),
+    ({"min_length": -2}, "^generation_config: min_length must be an integer >= 0, got -2$"),
+])
+def test_a_bad_length_in_a_generation_config_passed_is_blamed_on_it(models, monkeypatch, passed, message):
+    """Not on the checkpoint's generation_config.json, which may not exist or not set a length at all."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    monkeypatch.setattr(ours, "generation_config", None)
+    with pytest.raises(GenerationError, match=message):
+        ttl_core.generate(ours, ids, mask, generation_config=passed)

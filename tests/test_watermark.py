@@ -62,8 +62,11 @@ def test_a_checkpoint_watermarking_config_applies(models, monkeypatch):
     ({"seeding_scheme": "hash"}, "seeding_scheme must be 'lefthash' or 'selfhash', got 'hash'"),
     ({"greenlist_ratio": 1.0}, r"greenlist_ratio must be in \(0, 1\), got 1.0"),
     ({"context_width": 0}, "context_width must be an integer >= 1, got 0"),
-    ({"hashing_key": 1.5}, "hashing_key must be an integer, got 1.5"),
-    ({"bias": "2"}, "bias must be a number, got '2'"),
+    ({"hashing_key": 1.5}, r"hashing_key must be an integer in \[-2\*\*63, 2\*\*64\), got 1.5"),
+    ({"hashing_key": 2**64}, r"hashing_key must be an integer in \[-2\*\*63, 2\*\*64\), got 18446744073709551616"),
+    ({"hashing_key": -2**63 - 1, "seeding_scheme": "selfhash"}, "hashing_key must be an integer in"),
+    ({"bias": "2"}, "bias must be a number other than NaN, got '2'"),
+    ({"bias": float("nan")}, "bias must be a number other than NaN, got nan"),
     ({"gamma": 0.5}, r"watermarking_config has unknown settings \['gamma'\]"),
     ({"ngram_len": 5, "keys": [1, 2]}, r"SynthID text watermarking \(a watermarking_config with ngram_len\) is not "
                                        "implemented"),
@@ -75,6 +78,18 @@ def test_bad_watermarking_configs_are_one_line_errors(models, config, message):
     with pytest.raises(GenerationError, match=message) as info:
         ttl_core.generate(ours, ids, mask, max_new_tokens=2, watermarking_config=config)
     assert "\n" not in str(info.value)
+
+
+
+@pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=0), dict(suppress_tokens=list(range(4, 60)))])
+def test_an_infinite_bias_is_named_where_it_leaves_no_distribution(models, kwargs):
+    """+inf on green tokens leaves sampling no distribution, and on a green token scored -inf (suppressed) is NaN,
+    which greedy decoding cannot pick from either: the error names the bias, not the model's logits."""
+    _, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    with pytest.raises(GenerationError, match="or watermarking_config's bias inf took them to inf or NaN"):
+        ttl_core.generate(ours, ids, mask, max_new_tokens=3, seed=0, watermarking_config={"bias": float("inf")},
+                          **kwargs)
 
 
 @pytest.mark.gpu

@@ -332,7 +332,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         passed = passed_generation_config(generation_config)
         saved = {**(model.generation_config or {}), **passed} if passed else model.generation_config
         settings = decoding_settings(saved, prompt_len, model.config.max_position_embeddings,
-                                     max_length, min_length, max_new_tokens=max_new_tokens,
+                                     max_length, min_length, passed=passed, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_h=top_h, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
@@ -458,6 +458,8 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
             cause += ", or sequence_bias put inf in them (inf - inf is NaN; inf has no probability)"
         if state.rules.decay_eos is not None:
             cause += ", or exponential_decay_length_penalty grew the EOS scores past float32"
+        if state.watermark is not None and not abs(state.watermark.bias) < torch.finfo(torch.float32).max:
+            cause += f", or watermarking_config's bias {state.watermark.bias} took them to inf or NaN"
         raise GenerationError(f"{'sampling' if state.do_sample else 'greedy decoding'} met scores with no "
                               f"distribution (NaN or inf): {cause}")
     length = min(produced, int(state.done_at.max())) if can_finish else produced

@@ -77,10 +77,12 @@ def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] |
 
 
 def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None,
-                      max_length: int | None = None, min_length: int | None = None, **given: Any) -> dict[str, Any]:
-    """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the checkpoint's
-    generation_config.json value, which transformers' generate() applies too, else the default. As there, a
-    `max_length` (the call's, else the checkpoint's; prompt included: `prompt_len` tokens) sets the number of new
+                      max_length: int | None = None, min_length: int | None = None, passed: dict | None = None,
+                      **given: Any) -> dict[str, Any]:
+    """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the `checkpoint`'s
+    generation_config.json value, which transformers' generate() applies too, else the default (`checkpoint` holds
+    the settings of a generation_config the call `passed` too: errors name those as its). As there, a
+    `max_length` (the call's, else the saved one; prompt included: `prompt_len` tokens) sets the number of new
     tokens where neither the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is
     an error; a `min_length` sets `min_new_tokens` likewise. The default number of new tokens stops at the model's
     `context`, as transformers' default length does."""
@@ -91,7 +93,9 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
         total = given_length if given_length is not None else saved.get(length_name)
         if total is None:
             continue
-        source, whose = ("generation_config.json: ", "the checkpoint's ") if given_length is None else ("", "")
+        source, whose = (("", "") if given_length is not None else
+                         ("generation_config: ", "the generation_config's ") if length_name in (passed or {}) else
+                         ("generation_config.json: ", "the checkpoint's "))
         if not is_integer(total) or total < 0:  # also where the number of new tokens wins: a wrong value is an error
             raise GenerationError(f"{source}{length_name} must be an integer >= 0, got {total!r}")
         if merged.get(new_tokens_name) is not None:

@@ -9,6 +9,7 @@ step that watermarks cannot be a CUDA graph.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,10 +39,11 @@ def checked_watermark(config: Any) -> tuple | None:
     merged = {**WATERMARK_DEFAULTS, **{name: value for name, value in settings.items() if value is not None}}
     if not (is_number(merged["greenlist_ratio"]) and 0 < merged["greenlist_ratio"] < 1):
         raise GenerationError(f"watermarking_config greenlist_ratio must be in (0, 1), got {merged['greenlist_ratio']!r}")
-    if not is_number(merged["bias"]):
-        raise GenerationError(f"watermarking_config bias must be a number, got {merged['bias']!r}")
-    if not is_integer(merged["hashing_key"]):
-        raise GenerationError(f"watermarking_config hashing_key must be an integer, got {merged['hashing_key']!r}")
+    if not (is_number(merged["bias"]) and not math.isnan(merged["bias"])):  # NaN scores would win argmax
+        raise GenerationError(f"watermarking_config bias must be a number other than NaN, got {merged['bias']!r}")
+    if not (is_integer(merged["hashing_key"]) and -2**63 <= merged["hashing_key"] < 2**64):  # what seeds a generator
+        raise GenerationError(f"watermarking_config hashing_key must be an integer in [-2**63, 2**64), got "
+                              f"{merged['hashing_key']!r}")
     if merged["seeding_scheme"] not in ("lefthash", "selfhash"):
         raise GenerationError(f"watermarking_config seeding_scheme must be 'lefthash' or 'selfhash', got "
                               f"{merged['seeding_scheme']!r}")
