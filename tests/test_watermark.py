@@ -3,7 +3,7 @@ is for: transformers' WatermarkDetector finds the watermark in ttl's text and no
 
 import pytest
 import torch
-from generation_helpers import PAD, cuda_batch, cuda_models, left_padded, saved_models
+from generation_helpers import PAD, assert_refused, cuda_batch, cuda_models, left_padded, saved_models
 from transformers import WatermarkDetector, WatermarkingConfig
 
 import ttl_core
@@ -73,11 +73,17 @@ def test_a_checkpoint_watermarking_config_applies(models, monkeypatch):
     ("lefthash", "watermarking_config must be a dict or a transformers WatermarkingConfig, got a str"),
 ])
 def test_bad_watermarking_configs_are_one_line_errors(models, config, message):
+    assert_refused(models[1], message, max_new_tokens=2, watermarking_config=config)
+
+
+def test_a_bad_watermarking_config_names_where_it_came_from(models, monkeypatch):
+    """SynthID (not implemented) in a checkpoint's generation_config.json, or in a generation_config passed."""
     _, ours = models
-    ids, mask = left_padded(ours.config.vocab_size)
-    with pytest.raises(GenerationError, match=message) as info:
-        ttl_core.generate(ours, ids, mask, max_new_tokens=2, watermarking_config=config)
-    assert "\n" not in str(info.value)
+    synthid = {"ngram_len": 5, "keys": [1, 2]}
+    assert_refused(ours, "^generation_config: SynthID", max_new_tokens=2,
+                   generation_config={"watermarking_config": synthid})
+    monkeypatch.setattr(ours, "generation_config", {"watermarking_config": synthid})
+    assert_refused(ours, "^generation_config.json: SynthID", max_new_tokens=2)
 
 
 

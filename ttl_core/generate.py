@@ -353,7 +353,12 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                             "num_beams", "length_penalty", "early_stopping"))
         outputs = {name: settings.pop(name) for name in ("return_dict_in_generate", "output_scores", "output_logits")}
         guidance_scale = settings.pop("guidance_scale")
-        watermark = checked_watermark(settings.pop("watermarking_config"))
+        try:
+            watermark = checked_watermark(settings.pop("watermarking_config"))
+        except GenerationError as e:  # name where a bad configuration came from
+            source = ("" if watermarking_config is not None else "generation_config: "
+                      if "watermarking_config" in passed else "generation_config.json: ")
+            raise GenerationError(f"{source}{e}") from None
         given = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
         ignored = unimplemented_settings(saved, given)
         if ignored:
