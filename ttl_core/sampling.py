@@ -38,8 +38,8 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                      "remove_invalid_values": False, "exponential_decay_length_penalty": None,
                      "renormalize_logits": False, "max_time": None, "num_beams": 1, "length_penalty": 1.0,
-                     "early_stopping": False, "guidance_scale": 1.0, "watermarking_config": None, "return_dict_in_generate": False, "output_scores": False,
-                     "output_logits": False}
+                     "early_stopping": False, "guidance_scale": 1.0, "watermarking_config": None,
+                     "return_dict_in_generate": False, "output_scores": False, "output_logits": False}
 
 
 # generation_config.json settings with which transformers' generate() picks other tokens but which ttl does not

@@ -35,10 +35,12 @@ def checked_watermark(config: Any) -> tuple | None:
         raise GenerationError("SynthID text watermarking (a watermarking_config with ngram_len) is not implemented")
     unknown = sorted(set(settings) - set(WATERMARK_DEFAULTS))
     if unknown:
-        raise GenerationError(f"watermarking_config has unknown settings {unknown}; it takes {list(WATERMARK_DEFAULTS)}")
+        raise GenerationError(f"watermarking_config has unknown settings {unknown}; it takes "
+                              f"{list(WATERMARK_DEFAULTS)}")
     merged = {**WATERMARK_DEFAULTS, **{name: value for name, value in settings.items() if value is not None}}
     if not (is_number(merged["greenlist_ratio"]) and 0 < merged["greenlist_ratio"] < 1):
-        raise GenerationError(f"watermarking_config greenlist_ratio must be in (0, 1), got {merged['greenlist_ratio']!r}")
+        raise GenerationError(f"watermarking_config greenlist_ratio must be in (0, 1), got "
+                              f"{merged['greenlist_ratio']!r}")
     if not (is_number(merged["bias"]) and not math.isnan(merged["bias"])):  # NaN scores would win argmax
         raise GenerationError(f"watermarking_config bias must be a number other than NaN, got {merged['bias']!r}")
     if not (is_integer(merged["hashing_key"]) and -2**63 <= merged["hashing_key"] < 2**64):  # what seeds a generator
