@@ -127,6 +127,46 @@ def test_remove_invalid_values_makes_inf_the_largest_float_as_in_transformers(mo
             ttl_core.generate(ours, ids, mask, seed=4, **kwargs)
 
 
+def allowed_after(prompt: int, row: torch.Tensor) -> list[int]:
+    """A constraint that depends on the prompt and on the row's last token, as a grammar's would."""
+    return [(int(row[-1]) * 7 + k + prompt) % 131 for k in range(5)]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=False, repetition_penalty=1.3),
+    dict(do_sample=True, top_k=0, num_return_sequences=2),
+    dict(num_beams=3, num_return_sequences=2),
+    dict(num_beams=2, do_sample=True, top_k=0),
+])
+def test_prefix_allowed_tokens_fn_matches_transformers(models, kwargs):
+    """Called with the prompt's index (shared by its returned sequences and beams) and the row so far, prompt and
+    left padding included; every new token is one it allowed."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=PAD, prefix_allowed_tokens_fn=allowed_after,
+                  **kwargs)
+    torch.manual_seed(5)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    got = ttl_core.generate(ours, ids, mask, seed=5 if kwargs.get("do_sample") else None, **kwargs)
+    assert torch.equal(got, expected)
+    rows_per_prompt = got.shape[0] // 3
+    for row, tokens in enumerate(got):
+        for end in range(9, tokens.shape[0]):
+            assert int(tokens[end]) in allowed_after(row // rows_per_prompt, tokens[:end])
+
+
+def test_an_unmeetable_prefix_constraint_keeps_its_tokens_as_in_transformers(models):
+    """Where every allowed token is already blocked (here by bad_words_ids), transformers keeps the allowed tokens
+    at 0 rather than leaving no token; ttl does the same."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=4, eos_token_id=[], pad_token_id=PAD, bad_words_ids=[[20], [21]],
+                  prefix_allowed_tokens_fn=lambda prompt, row: [20 + prompt % 2])
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
+    assert torch.equal(expected[:, 9:], torch.tensor([[20], [21], [20]]).expand(3, 4))
+
+
 def test_an_infinite_sequence_bias_forces_its_token_in_greedy_decoding_as_in_transformers(models, greedy_tokens):
     """+inf is argmax's answer, as in transformers (sampling from it fails in both): no NaN-or-inf error."""
     hf, ours = models
@@ -193,6 +233,11 @@ def test_an_exponential_decay_past_float32_is_named(models, do_sample):
     (dict(exponential_decay_length_penalty=(1.5, 2.0)), r"exponential_decay_length_penalty must be \(start, factor\)"),
     (dict(exponential_decay_length_penalty=3), r"must be \(start, factor\): new tokens before the penalty starts"),
     (dict(exponential_decay_length_penalty=(1, "x")), r"got \(1, 'x'\)"),
+    (dict(prefix_allowed_tokens_fn=lambda prompt, row: [] if prompt == 1 else [4]),
+     "prefix_allowed_tokens_fn allowed no token for prompt 1: its constraint cannot be met"),
+    (dict(prefix_allowed_tokens_fn=lambda prompt, row: [4, 131]),
+     r"prefix_allowed_tokens_fn allowed ids outside the vocabulary \[0, 131\) for prompt 0"),
+    (dict(prefix_allowed_tokens_fn=[4, 5]), r"prefix_allowed_tokens_fn must be a function \(prompt index, row so far\)"),
     # transformers refuses this too: the last step would have no token left (greedy would silently pick id 0)
     (dict(forced_eos_token_id=[7, 9], suppress_tokens=[9, 4, 7]),
      r"every forced_eos_token_id \(\[7, 9\]\) is also in suppress_tokens"),

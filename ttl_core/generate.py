@@ -292,6 +292,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              return_dict_in_generate: bool | None = None, guidance_scale: float | None = None,
              negative_prompt_ids: torch.Tensor | None = None,
              negative_prompt_attention_mask: torch.Tensor | None = None, watermarking_config: Any = None,
+             prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
              generation_config: Any = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
@@ -310,7 +311,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     where transformers' default keeps the top 50). `num_beams` > 1 runs transformers' beam search, or beam sampling
     with `do_sample` (`ttl_core.beam_search`). `guidance_scale` != 1 applies transformers' classifier-free guidance
     (unconditioned on `negative_prompt_ids`, else on each prompt's last token); `watermarking_config` its
-    watermark (`ttl_core.watermark`). Checkpoint settings ttl does not implement (contrastive search, token
+    watermark (`ttl_core.watermark`); `prefix_allowed_tokens_fn(prompt index, row so far)` the ids each step may
+    choose. Checkpoint settings ttl does not implement (contrastive search, token
     healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
@@ -375,6 +377,11 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         as_dict = outputs["return_dict_in_generate"]
         keep_scores, keep_logits = as_dict and outputs["output_scores"], as_dict and outputs["output_logits"]
         rules = checked_token_rules(rules, model.config.vocab_size)
+        if prefix_allowed_tokens_fn is not None:
+            if not callable(prefix_allowed_tokens_fn):
+                raise GenerationError(f"prefix_allowed_tokens_fn must be a function (prompt index, row so far) -> "
+                                      f"allowed ids, got a {type(prefix_allowed_tokens_fn).__name__}")
+            rules["prefix_allowed_tokens_fn"] = (prefix_allowed_tokens_fn, max(num_beams, num_return_sequences))
         input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
         unconditional = unconditional_inputs(model, input_ids, guidance_scale, negative_prompt_ids,
                                              negative_prompt_attention_mask, max_new_tokens)
@@ -403,7 +410,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
             raise GenerationError(f"a streamer follows one sequence; this call generates {input_ids.shape[0]}")
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
-        graphed = cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None and watermark is None
+        graphed = (cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None and watermark is None
+                   and prefix_allowed_tokens_fn is None)  # both run host code every step
         unconditional_shape = None if unconditional is None else tuple(unconditional[0].shape)
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
                tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, guidance_scale,

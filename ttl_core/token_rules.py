@@ -1,10 +1,10 @@
 """transformers' logits processors that act on scores by what a row holds so far or by its length, in
 transformers' order: sequence_bias, the repetition penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens (and
-min_length), forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
+min_length), prefix_allowed_tokens_fn, forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
 suppress_tokens and begin_suppress_tokens. The warpers that follow them when sampling are in `ttl_core.sampling`.
 
 Everything is set up once per decoding session in fixed-shape tensors: a step is device work only, so it can be
-captured in a CUDA graph.
+captured in a CUDA graph, except with a `prefix_allowed_tokens_fn`, which the host calls for each row.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .errors import GenerationError
 
 # decoding settings (see ttl_core.sampling.DECODING_DEFAULTS) that TokenRules applies
 TOKEN_RULE_SETTINGS = ("sequence_bias", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
@@ -100,10 +102,13 @@ class TokenRules:
         self.suppressed = self._mask(settings["suppress_tokens"], device)
         self.suppressed_first = self._mask(settings["begin_suppress_tokens"], device)
         self.first_step = 1 if forces_bos else 0  # transformers suppresses after the forced BOS
+        # (the function, the rows of each prompt: transformers hands the function a prompt's index)
+        self.allowed_tokens, self.rows_per_prompt = settings.get("prefix_allowed_tokens_fn") or (None, 1)
         biases = [rule for rule in (self.sequence_bias, self.bad_words) if rule is not None]
-        self.needs_rows = bool(self.ngram_size) or any(rule.groups for rule in biases)
+        self.needs_rows = bool(self.ngram_size or self.allowed_tokens) or any(rule.groups for rule in biases)
         masks = (self.eos, self.forced_bos, self.forced_eos, self.suppressed, self.suppressed_first)
-        self.blocks = bool(self.ngram_size or biases or any(mask is not None for mask in masks))  # may leave no token
+        # may leave no token
+        self.blocks = bool(self.ngram_size or biases or self.allowed_tokens or any(mask is not None for mask in masks))
         self.active = self.blocks or self.penalizes or self.remove_invalid or self.decay_eos is not None
 
     def _mask(self, ids: tuple[int, ...] | None, device: torch.device) -> torch.Tensor | None:
@@ -131,6 +136,8 @@ class TokenRules:
             scores = self.bad_words(scores, rows, length)
         if self.min_new_tokens:
             scores = scores.masked_fill(self.eos & (step < self.min_new_tokens), float("-inf"))
+        if self.allowed_tokens is not None:
+            scores = self._only_allowed(scores, rows[:, :int(length)])
         if self.forced_bos is not None:
             scores = torch.where(step == 0, self.forced_bos, scores)
         if self.forced_eos is not None:
@@ -148,6 +155,24 @@ class TokenRules:
         if self.suppressed_first is not None:
             scores = scores.masked_fill(self.suppressed_first & (step == self.first_step), float("-inf"))
         return scores
+
+    def _only_allowed(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """-inf on the tokens `prefix_allowed_tokens_fn(prompt index, row so far)` does not allow; as in
+        transformers, a prompt none of whose rows has an allowed token left at a finite score gets 0 on them."""
+        allowed = torch.full_like(scores, float("-inf"))
+        for row, tokens in enumerate(rows):
+            prompt = row // self.rows_per_prompt
+            ids = torch.as_tensor(self.allowed_tokens(prompt, tokens), dtype=torch.long, device=scores.device)
+            if ids.numel() == 0:
+                raise GenerationError(f"prefix_allowed_tokens_fn allowed no token for prompt {prompt}: its "
+                                      "constraint cannot be met")
+            if ((ids < 0) | (ids >= self.vocab)).any():
+                raise GenerationError(f"prefix_allowed_tokens_fn allowed ids outside the vocabulary [0, {self.vocab}) "
+                                      f"for prompt {prompt}")
+            allowed[row, ids] = 0.0
+        kept = scores + allowed
+        unmet = kept.amax(dim=-1).isneginf().view(-1, self.rows_per_prompt).all(dim=-1, keepdim=True)
+        return torch.where(unmet.repeat_interleave(self.rows_per_prompt, dim=0), allowed, kept)
 
     def _repeated_ngram_ends(self, scores: torch.Tensor, rows: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """(batch, vocab): the tokens that would end an n-gram already in the row: one starting inside the row
