@@ -21,6 +21,7 @@ import ttl_core
 from ttl_core.config import padding_index
 from ttl_core.errors import ConfigError
 from ttl_core.lora import apply_lora, load_adapter, save_adapter
+from ttl_core.sampling import unimplemented_settings
 
 PAD = 3
 
@@ -178,6 +179,8 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
     with pytest.warns(UserWarning, match=r"sets penalty_alpha=0.6, token_healing=True, which") as seen:
         ttl_core.generate(blocking, tokens, max_new_tokens=3, stop_strings="x", tokenizer=CharTokenizer())
     assert seen[0].filename == __file__  # points at the call, not into ttl
+    # prompt lookup (assisted) decoding samples by speculative acceptance, which ttl does not implement
+    assert unimplemented_settings({"prompt_lookup_num_tokens": 3, "top_k": 4}) == ["prompt_lookup_num_tokens=3"]
 
 
 def test_a_checkpoint_num_return_sequences_applies_as_in_transformers(tmp_path):

@@ -48,7 +48,8 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 UNIMPLEMENTED_SETTINGS = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
-    "force_words_ids": None, "constraints": None, "stop_strings": None, "dola_layers": None, "token_healing": False}
+    "force_words_ids": None, "constraints": None, "stop_strings": None, "dola_layers": None, "token_healing": False,
+    "prompt_lookup_num_tokens": None}
 
 
 def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:
