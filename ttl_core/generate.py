@@ -319,8 +319,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
     `tokenizer` (see `ttl_core.streamer.StopStrings`).
     `eos_token_id` and `pad_token_id` default to a passed `generation_config`'s, else to the checkpoint's
-    generation_config.json, else to the model config's; the padding id then to the first EOS id. Without `attention_mask`, prompt tokens equal to a
-    padding id that is no EOS id count as padding, as in transformers. Sampling draws transformers' tokens: with
+    generation_config.json, else to the model config's; the padding id then to the first EOS id. Without
+    `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in transformers. Sampling draws transformers' tokens: with
     `seed=s` those it draws after `torch.manual_seed(s)`; without, from torch's global RNG where it stands.
     `streamer` (one row only: ttl's `TextStreamer`, or transformers' `TextStreamer`, `TextIteratorStreamer` or
     any `BaseStreamer`) gets, as from transformers, `put()` with the prompt, then with each new token as it is

@@ -307,15 +307,22 @@ def _without_none_marks(ids: object) -> object:
     return None if none_mark(ids) else ids
 
 
+def settings_dict(config: Any, name: str, transformers_class: str) -> dict[str, Any]:
+    """A configuration argument as a dict: a dict itself, or what the `to_dict()` of transformers' class of that
+    name (or anything with one) gives; a one-line error naming `name` otherwise."""
+    settings = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(settings, dict):
+        raise GenerationError(f"{name} must be a dict or a transformers {transformers_class}, got a "
+                              f"{type(config).__name__}")
+    return settings
+
+
 def passed_generation_config(generation_config: Any) -> dict[str, Any]:
     """The settings a `generation_config` passed to `generate()` sets: a dict's, or those of transformers'
     GenerationConfig (anything with `to_dict()`) that are not None, which win over the checkpoint's as there."""
     if generation_config is None:
         return {}
-    settings = generation_config.to_dict() if hasattr(generation_config, "to_dict") else generation_config
-    if not isinstance(settings, dict):
-        raise GenerationError(f"generation_config must be a dict or a transformers GenerationConfig, got a "
-                              f"{type(generation_config).__name__}")
+    settings = settings_dict(generation_config, "generation_config", "GenerationConfig")
     return {name: value for name, value in settings.items() if value is not None}
 
 

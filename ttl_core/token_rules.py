@@ -1,7 +1,8 @@
 """transformers' logits processors that act on scores by what a row holds so far or by its length, in
 transformers' order: sequence_bias, the repetition penalty, no_repeat_ngram_size, bad_words_ids, min_new_tokens (and
-min_length), prefix_allowed_tokens_fn, forced_bos_token_id, forced_eos_token_id, remove_invalid_values, exponential_decay_length_penalty,
-suppress_tokens and begin_suppress_tokens. The warpers that follow them when sampling are in `ttl_core.sampling`.
+min_length), prefix_allowed_tokens_fn, forced_bos_token_id, forced_eos_token_id, remove_invalid_values,
+exponential_decay_length_penalty, suppress_tokens and begin_suppress_tokens. The warpers that follow them when
+sampling are in `ttl_core.sampling`.
 
 Everything is set up once per decoding session in fixed-shape tensors: a step is device work only, so it can be
 captured in a CUDA graph, except with a `prefix_allowed_tokens_fn`, which the host calls for each row.
@@ -107,8 +108,8 @@ class TokenRules:
         biases = [rule for rule in (self.sequence_bias, self.bad_words) if rule is not None]
         self.needs_rows = bool(self.ngram_size or self.allowed_tokens) or any(rule.groups for rule in biases)
         masks = (self.eos, self.forced_bos, self.forced_eos, self.suppressed, self.suppressed_first)
-        # may leave no token
-        self.blocks = bool(self.ngram_size or biases or self.allowed_tokens or any(mask is not None for mask in masks))
+        self.blocks = bool(self.ngram_size or biases or self.allowed_tokens  # these may leave no token
+                           or any(mask is not None for mask in masks))
         self.active = self.blocks or self.penalizes or self.remove_invalid or self.decay_eos is not None
 
     def _mask(self, ids: tuple[int, ...] | None, device: torch.device) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import GenerationError, is_integer, is_number
+from .sampling import settings_dict
 
 WATERMARK_DEFAULTS = {"greenlist_ratio": 0.25, "bias": 2.0, "hashing_key": 15485863, "seeding_scheme": "lefthash",
                       "context_width": 1}
@@ -27,10 +28,7 @@ def checked_watermark(config: Any) -> tuple | None:
     WATERMARK_DEFAULTS' order, each checked (one-line errors); None for none."""
     if config is None:
         return None
-    settings = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(settings, dict):
-        raise GenerationError(f"watermarking_config must be a dict or a transformers WatermarkingConfig, got a "
-                              f"{type(config).__name__}")
+    settings = settings_dict(config, "watermarking_config", "WatermarkingConfig")
     if "ngram_len" in settings:
         raise GenerationError("SynthID text watermarking (a watermarking_config with ngram_len) is not implemented")
     unknown = sorted(set(settings) - set(WATERMARK_DEFAULTS))
