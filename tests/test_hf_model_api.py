@@ -322,3 +322,16 @@ def test_resizing_after_a_seed_draws_transformers_new_rows(tied, dtype, tmp_path
     assert torch.equal(ours.backbone.embed.weight, theirs.model.embed_tokens.weight)
     assert torch.equal(ours.lm_head.weight, theirs.lm_head.weight) and not torch.equal(ours.lm_head.weight[-1],
                                                                                      ours.lm_head.weight[-2])
+
+
+def test_model_generate_is_ttl_generate_called_as_transformers_code_calls_it(tmp_path):
+    """`model.generate(**batch, ...)` (the tokenizer's dict unpacked) gives transformers' tokens, and ttl's own
+    options (here the seed) reach `ttl_core.generate`."""
+    from generation_helpers import left_padded, saved_models
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(hf.config.vocab_size)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    expected = hf.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(ours.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=PAD), expected)
+    sampled = dict(max_new_tokens=5, do_sample=True, top_k=0, seed=4, pad_token_id=PAD)
+    assert torch.equal(ours.generate(ids, mask, **sampled), ttl_core.generate(ours, ids, mask, **sampled))

@@ -430,6 +430,11 @@ class LlamaForCausalLM(_LlamaBase):
         out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
         return out if return_dict else out.to_tuple()
 
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings):
+        """`ttl_core.generate(self, input_ids, attention_mask, **settings)`, as transformers' `model.generate`."""
+        from .generate import generate  # generate.py imports this module
+        return generate(self, input_ids, attention_mask, **settings)
+
 
 class LlamaForSequenceClassification(_LlamaBase):
     """Llama with a bias-free `score` head, pooled at each sequence's last non-pad token like transformers."""
