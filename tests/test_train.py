@@ -21,7 +21,6 @@ from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import TrainingError
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics, step_throughput
-from ttl_core.run_config import load_run_config
 import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
 from ttl_core.optim import build_optimizer, clip_gradients, lr_at, optimizer_update
@@ -33,34 +32,7 @@ def data_dir(tmp_path_factory) -> Path:
     return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
-# --- schedule, optimizer groups, MFU -----------------------------------------------------------------------
-
-
-def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
-    t = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110"]).train
-    assert lr_at(1, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(1.0) == lr_at(11, t)
-    assert lr_at(61, t) == pytest.approx(0.55)  # halfway through the cosine: the mean of lr and min_lr
-    assert lr_at(110, t) > 0.1 and lr_at(111, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize("warmup, min_lr", [(0, 0.0), (4, 0.0), (3, 0.1)])
-def test_lr_schedule_is_transformers_cosine_after_the_warmup(warmup, min_lr):
-    """Every step past the warmup uses transformers' lr; with min_lr 0 the last step still learns (a one-step
-    fine-tune used to run at lr 0)."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-    t = load_run_config(None, ["train.lr=1.0", f"train.min_lr={min_lr}", f"train.warmup_steps={warmup}",
-                               "train.max_steps=12"]).train
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, 12, min_lr=min_lr)
-    for step in range(1, 13):
-        if step > warmup:
-            assert lr_at(step, t) == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12), step
-        optimizer.step()
-        schedule.step()
-    assert lr_at(12, t) > min_lr
-    one_step = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_steps=0",
-                                      "train.max_steps=1"]).train
-    assert lr_at(1, one_step) == 1.0
+# --- optimizer groups, MFU -----------------------------------------------------------------------------------
 
 
 def test_no_decay_groups_follow_the_name_fragments():

@@ -1,5 +1,5 @@
 """The optimizer side of a training step, shared by pretraining (`ttl_core.train`) and fine-tuning
-(`ttl_core.finetune`): AdamW with no-decay groups, the warmup + cosine schedule, gradient clipping, the fp16 grad
+(`ttl_core.finetune`): AdamW with no-decay groups, the warmup and decay schedule, gradient clipping, the fp16 grad
 scaler's step, and the stop on a non-finite loss or gradient before it reaches the weights."""
 
 from __future__ import annotations
@@ -34,13 +34,18 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
 
 def lr_at(step: int, train: TrainConfig) -> float:
     """The lr of optimizer step `step` (from 1): linear warmup from lr/warmup to lr over `warmup_steps`, then
-    a cosine that reaches `min_lr` just after step `max_steps`, so the last update is not spent at the floor
-    (with `min_lr` 0 it would change nothing). Past the warmup this is transformers' cosine schedule
-    (`get_cosine_with_min_lr_schedule_with_warmup`), whose warmup starts one step behind, at lr 0."""
+    `lr` until the decay starts (at once with `decay_steps` 0, else `decay_steps` before `max_steps`), then the
+    `schedule`'s decay, which reaches `min_lr` just after step `max_steps`, so the last update is not spent at the
+    floor (with `min_lr` 0 it would change nothing). Past the warmup this is transformers' schedule of the same
+    shape (`get_cosine_with_min_lr_schedule_with_warmup`, `get_linear_schedule_with_warmup`, `get_wsd_schedule`),
+    whose warmup starts one step behind, at lr 0."""
     if step <= train.warmup_steps:
         return train.lr * step / train.warmup_steps
-    progress = min(1.0, (step - 1 - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
-    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+    decay_start = train.max_steps - train.decay_steps if train.decay_steps else train.warmup_steps
+    progress = min(1.0, max(0.0, (step - 1 - decay_start) / max(1, train.max_steps - decay_start)))
+    remaining = {"cosine": 0.5 * (1.0 + math.cos(math.pi * progress)), "linear": 1.0 - progress,
+                 "1-sqrt": 1.0 - math.sqrt(progress), "constant": 1.0}[train.schedule]
+    return train.min_lr + (train.lr - train.min_lr) * remaining
 
 
 def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,

@@ -24,6 +24,7 @@ else:  # pragma: no cover - Python 3.10 installs tomli (see setup.py)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
+SCHEDULE_CHOICES = ("cosine", "linear", "1-sqrt", "constant")
 
 
 @dataclass
@@ -45,6 +46,11 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     max_steps: int = 1000
+    # the decay's shape after the warmup: "cosine", "linear", "1-sqrt" or "constant" (no decay), down to min_lr;
+    # decay_steps 0 decays from the warmup to max_steps, N > 0 holds lr and decays over the last N steps only
+    # (warmup-stable-decay: resume with another max_steps to branch a decay off any checkpoint of the stable phase)
+    schedule: str = "cosine"
+    decay_steps: int = 0
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -168,6 +174,14 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
     if t.dtype not in DTYPE_CHOICES:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {t.dtype!r}")
+    if t.schedule not in SCHEDULE_CHOICES:
+        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {t.schedule!r}")
+    if not 0 <= t.decay_steps <= max(0, t.max_steps - t.warmup_steps):
+        raise ConfigError(f"train.decay_steps must lie in [0, max_steps - warmup_steps = "
+                          f"{max(0, t.max_steps - t.warmup_steps)}] (0: decay from the warmup on), got {t.decay_steps}")
+    if t.decay_steps and t.schedule == "constant":
+        raise ConfigError(f"train.decay_steps={t.decay_steps} needs a schedule that decays (cosine, linear, 1-sqrt), "
+                          f"not constant")
     if t.distributed not in DISTRIBUTED_CHOICES:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {t.distributed!r}")
     # comparisons written so that NaN fails them; lr is checked before it bounds min_lr, so a bad one is named
