@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from ttl_core.cli import refuse_ignored, run_cli
+from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir, refuse_ignored, run_cli
 from ttl_core.errors import GenerationError, TokenizerError
 from ttl_core.finetune import check_tokenizer_fits
 from ttl_core.generate import generate
 from ttl_core.streamer import TextStreamer
-from ttl_core.hf import DTYPES, checked_device, load_pretrained
-from ttl_core.lora import adapter_base, is_adapter_dir, load_with_adapter
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.sampling import special_token_ids
 from ttl_core.chat_format import AIRA_END, chat_prompt
@@ -44,9 +41,7 @@ SAMPLING = {"temperature": 0.2, "top_k": 20, "top_p": 0.2, "min_p": 0.0}  # the 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
-                        help="checkpoint directory (ttl or Hugging Face layout) or PEFT adapter directory")
-    parser.add_argument("--base", help="base model directory of an adapter --model (default: the one it names)")
+    add_model_options(parser)
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     parser.add_argument("--prompt", help="text to continue (in chat mode: the first question)")
     parser.add_argument("--input", default="",
@@ -62,9 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--greedy", action="store_true",
                         help="greedy decoding (no sampling options or --seed; the repetition penalty applies)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs")
     args = parser.parse_args(argv)
     if args.prompt is None and not args.interactive:
@@ -130,30 +122,10 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
     return out[0, ids.shape[1]:].tolist()
 
 
-def tokenizer_directory(args: argparse.Namespace) -> str | Path:
-    """--tokenizer, else --model's own tokenizer, else, for an adapter saved without one (as PEFT saves them),
-    its base's."""
-    if args.tokenizer is not None:
-        return args.tokenizer
-    has_own = any((Path(args.model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-    if has_own or not is_adapter_dir(args.model):
-        return args.model
-    return adapter_base(args.model, args.base)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = checked_device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    if is_adapter_dir(args.model):
-        model = load_with_adapter(args.model, base=args.base, dtype=dtype, device=device)
-    elif args.base is not None:
-        raise GenerationError(f"--base is for an adapter --model; {args.model} holds no adapter_config.json")
-    else:
-        model = load_pretrained(args.model, dtype=dtype, device=device)
-    if not isinstance(model, LlamaForCausalLM):
-        raise GenerationError(f"{args.model} holds a {model.architecture}; generation needs a LlamaForCausalLM")
-    tokenizer_dir = tokenizer_directory(args)
+    model = load_causal_lm(args, "generation", GenerationError)
+    tokenizer_dir = args.tokenizer or model_tokenizer_dir(args.model, args.base)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     check_tokenizer_fits(tokenizer, model.config, tokenizer_dir)  # another model's would misname ids
     context = model.config.max_position_embeddings

@@ -11,6 +11,7 @@ import torch
 from helpers import load_script, run_script
 
 import ttl_core
+import ttl_core.cli
 from ttl_core.errors import ConfigError, GenerationError
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt
 from ttl_core.lora import apply_lora, save_adapter
@@ -245,7 +246,7 @@ def scripted(monkeypatch, answer, context=None):
             model.config.max_position_embeddings = context
         return model
 
-    monkeypatch.setattr(script, "load_pretrained", load)
+    monkeypatch.setattr(ttl_core.cli, "load_pretrained", load)
     return script, fake, loads
 
 
@@ -294,8 +295,8 @@ def test_the_default_device_is_cuda_in_bfloat16_where_there_is_one(checkpoint, m
     script, fake, _ = scripted(monkeypatch, [5])
     loads = []
     monkeypatch.setattr(script.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(script, "checked_device", lambda name: torch.device(name))  # no CUDA here to check
-    monkeypatch.setattr(script, "load_pretrained", lambda where, **kwargs: loads.append(kwargs) or checkpoint[2])
+    monkeypatch.setattr(ttl_core.cli, "checked_device", lambda name: torch.device(name))  # no CUDA here to check
+    monkeypatch.setattr(ttl_core.cli, "load_pretrained", lambda where, **kwargs: loads.append(kwargs) or checkpoint[2])
     assert script.main(["--model", str(path), "--prompt", "o menino"]) == 0
     assert loads == [dict(dtype="bfloat16", device=torch.device("cuda"))] and len(fake.calls) == 1
 

@@ -11,9 +11,14 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ttl_kernels.dispatch import BackendError
 
 from .errors import ConfigError, TTLError
+from .hf import DTYPES, checked_device, load_pretrained
+from .lora import adapter_base, is_adapter_dir, load_with_adapter
+from .model import LlamaForCausalLM
 
 _python_show_warning = warnings.showwarning
 
@@ -50,6 +55,40 @@ def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, op
             value = getattr(args, name.lstrip("-").replace("-", "_"))
             if value is not None and value is not False:  # not `in (None, False)`: 0 == False, and 0 was given
                 parser.error(f"{name} has no effect {condition}")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --base, --device and --dtype: the causal LM a script runs, as `load_causal_lm` loads it."""
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (ttl or Hugging Face layout) or PEFT adapter directory")
+    parser.add_argument("--base", help="base model directory of an adapter --model (default: the one it names)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def load_causal_lm(args: argparse.Namespace, purpose: str, error: type[TTLError] = ConfigError) -> LlamaForCausalLM:
+    """The model `add_model_options`' arguments name: a checkpoint, or a PEFT adapter merged into its base; anything
+    but a causal LM is an `error` naming the `purpose` it cannot serve."""
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = checked_device(auto_device if args.device == "auto" else args.device)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    if is_adapter_dir(args.model):
+        model = load_with_adapter(args.model, base=args.base, dtype=dtype, device=device)
+    elif args.base is not None:
+        raise error(f"--base is for an adapter --model; {args.model} holds no adapter_config.json")
+    else:
+        model = load_pretrained(args.model, dtype=dtype, device=device)
+    if not isinstance(model, LlamaForCausalLM):
+        raise error(f"{args.model} holds a {model.architecture}; {purpose} needs a LlamaForCausalLM")
+    return model
+
+
+def model_tokenizer_dir(model: str | Path, base: str | Path | None = None) -> str | Path:
+    """The tokenizer a --model comes with: its own, else, for an adapter saved without one (as PEFT saves them),
+    its base's (`base`, or the one the adapter names)."""
+    has_own = any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    return model if has_own or not is_adapter_dir(model) else adapter_base(model, base)
 
 
 def refuse_to_replace(out: str | Path, contents: tuple[str, ...], what: str, overwrite: bool) -> bool:

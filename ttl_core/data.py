@@ -381,7 +381,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _token_file(path: Path, meta: dict, split: str) -> np.ndarray:
+def token_file(path: Path, meta: dict, split: str) -> np.ndarray:
     """`path` memory-mapped as meta's dtype; a size that is not a whole number of tokens, or a count other than
     the one meta.json recorded, means a truncated file or a wrong dtype, and is a DataError."""
     size, itemsize = path.stat().st_size, np.dtype(meta["dtype"]).itemsize
@@ -425,7 +425,7 @@ class PackedLoader:
             raise DataError(f"PackedLoader: bad seq_len={seq_len!r}, batch_size={batch_size!r}, rank={rank!r}, "
                             f"world_size={world_size!r} (integers, rank in [0, world_size))")
         meta = read_meta(meta_path)
-        self.tokens = _token_file(path, meta, split)
+        self.tokens = token_file(path, meta, split)
         self.path, self.eos_id, self.vocab_size = path, meta["eos_id"], meta["vocab_size"]
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
         self.rank, self.world_size, self.split = rank, world_size, split

@@ -1,0 +1,91 @@
+"""Held-out loss and perplexity of a causal LM (a ttl or Hugging Face checkpoint, or a PEFT adapter) on a prepared
+data split or on text files.
+
+  python scripts/evaluate.py --model DIR --data DATA_DIR [--split val]
+  python scripts/evaluate.py --model DIR --text held_out.txt [more.jsonl ...]
+  python scripts/evaluate.py --model DIR --data DATA_DIR --seq-len 2048 --stride 512 --json results.json
+
+The split's documents are read as the model trained on them, `<s>` ids `</s>` end to end; text files (.txt with
+blank-line-separated documents, .jsonl, .parquet, as scripts/prepare_data.py reads them) are first tokenized that
+way with the model's tokenizer. Windows of --seq-len tokens (default: the model's context) start every --stride
+tokens (default: --seq-len, the training loop's evaluation, every token scored once in disjoint blocks; a smaller
+stride gives each token at least seq_len - stride tokens of context); each token after the first is scored once.
+Prints the tokens scored, the mean loss (nats per token) and the perplexity, exp(loss); for text files also bits
+per byte: every scored token's nats (document markers included) over ln 2 and the documents' UTF-8 bytes, a
+figure comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir, output_file, run_cli
+from ttl_core.data import prepare_data
+from ttl_core.documents import read_documents
+from ttl_core.errors import ConfigError
+from ttl_core.evaluate import split_tokens, stream_loss
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.train import check_same_tokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="prepared data directory (scripts/prepare_data.py)")
+    source.add_argument("--text", nargs="+", help="text files to tokenize with the model's tokenizer")
+    parser.add_argument("--split", default="val", choices=("val", "train"), help="split of --data (default val)")
+    parser.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    parser.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default %(default)s)")
+    parser.add_argument("--max-tokens", type=int, help="score only the stream's first N tokens")
+    parser.add_argument("--json", type=output_file, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.text is not None and args.split != "val":
+        parser.error("--split chooses a split of --data; --text is evaluated whole")
+    for name in ("seq_len", "stride", "batch_size", "max_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (2 if name == "max_tokens" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'max_tokens' else 1}, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tokenizer_dir = model_tokenizer_dir(args.model, args.base)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.text:
+            data_dir, split = Path(scratch), "train"
+            prepare_data(args.text, data_dir, tokenizer=tokenizer_dir, val_fraction=0.0)
+            text_bytes = sum(len(doc.encode("utf-8")) for path in args.text for doc in read_documents(path))
+        else:
+            data_dir, split, text_bytes = Path(args.data), args.split, None
+            if (data_dir / "tokenizer.model").is_file():
+                check_same_tokenizer(Path(tokenizer_dir), Tokenizer.from_pretrained(data_dir), data_dir, False)
+        tokens, _ = split_tokens(data_dir, split)
+        model = load_causal_lm(args, "evaluation")
+        seq_len = args.seq_len or model.config.max_position_embeddings
+        if args.stride is not None and args.stride > seq_len:
+            raise ConfigError(f"--stride {args.stride} is longer than the window (--seq-len {seq_len}): tokens "
+                              f"between windows would never be scored")
+        result = stream_loss(model, tokens[:args.max_tokens], seq_len, args.stride, args.batch_size)
+    figures = {"model": args.model, "data": args.data or args.text, "split": split if args.data else None,
+               "seq_len": seq_len, "stride": args.stride or seq_len, "tokens": result.tokens,
+               "loss": result.loss, "perplexity": result.perplexity}
+    if text_bytes and result.tokens == len(tokens) - 1:  # the bytes are the whole text's
+        figures["bits_per_byte"] = result.nll / math.log(2) / text_bytes
+    for key in ("tokens", "loss", "perplexity", "bits_per_byte"):
+        if key in figures:
+            value = figures[key]
+            print(f"{key:>13}: {value:,}" if key == "tokens" else f"{key:>13}: {value:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
