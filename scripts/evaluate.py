@@ -10,9 +10,10 @@ blank-line-separated documents, .jsonl, .parquet, as scripts/prepare_data.py rea
 way with the model's tokenizer. Windows of --seq-len tokens (default: the model's context) start every --stride
 tokens (default: --seq-len, the training loop's evaluation, every token scored once in disjoint blocks; a smaller
 stride gives each token at least seq_len - stride tokens of context); each token after the first is scored once.
-Prints the tokens scored, the mean loss (nats per token) and the perplexity, exp(loss); for text files also bits
-per byte: every scored token's nats (document markers included) over ln 2 and the documents' UTF-8 bytes, a
-figure comparable across tokenizers.
+--document-masking keeps each document's attention within itself (positions from 0, its `<s>` not scored), as a run
+with data.document_masking trained. Prints the tokens scored, the mean loss (nats per token) and the perplexity,
+exp(loss); for text files scored whole (no --max-tokens) also bits per byte: every scored token's nats (`</s>`
+included) over ln 2 and the documents' UTF-8 bytes, a figure comparable across tokenizers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, help="score only the stream's first N tokens")
+    parser.add_argument("--document-masking", action="store_true",
+                        help="attend within each document only, as a run with data.document_masking trained")
     parser.add_argument("--json", type=output_file, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.text is not None and args.split != "val":
@@ -66,17 +69,19 @@ def main(argv: list[str] | None = None) -> int:
             data_dir, split, text_bytes = Path(args.data), args.split, None
             if (data_dir / "tokenizer.model").is_file():
                 check_same_tokenizer(Path(tokenizer_dir), Tokenizer.from_pretrained(data_dir), data_dir, False)
-        tokens, _ = split_tokens(data_dir, split)
+        tokens, meta = split_tokens(data_dir, split)
         model = load_causal_lm(args, "evaluation")
         seq_len = args.seq_len or model.config.max_position_embeddings
         if args.stride is not None and args.stride > seq_len:
             raise ConfigError(f"--stride {args.stride} is longer than the window (--seq-len {seq_len}): tokens "
                               f"between windows would never be scored")
-        result = stream_loss(model, tokens[:args.max_tokens], seq_len, args.stride, args.batch_size)
+        documents = (meta["bos_id"], meta["eos_id"]) if args.document_masking else None
+        result = stream_loss(model, tokens[:args.max_tokens], seq_len, args.stride, args.batch_size, documents)
     figures = {"model": args.model, "data": args.data or args.text, "split": split if args.data else None,
-               "seq_len": seq_len, "stride": args.stride or seq_len, "tokens": result.tokens,
+               "seq_len": seq_len, "stride": args.stride or seq_len, "document_masking": args.document_masking,
+               "tokens": result.tokens,
                "loss": result.loss, "perplexity": result.perplexity}
-    if text_bytes and result.tokens == len(tokens) - 1:  # the bytes are the whole text's
+    if text_bytes and args.max_tokens is None:  # the bytes are the whole text's
         figures["bits_per_byte"] = result.nll / math.log(2) / text_bytes
     for key in ("tokens", "loss", "perplexity", "bits_per_byte"):
         if key in figures:

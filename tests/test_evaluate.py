@@ -13,12 +13,14 @@ import pytest
 import torch
 from helpers import ROOT, load_script
 from hf_reference import hf_causal_lm, hf_classifier
-from train_helpers import prepared_corpus
+from train_helpers import prepared_corpus, run_config
 
 import ttl_core
 from ttl_core.data import PackedLoader
+from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.evaluate import split_tokens, stream_loss, windows
+from ttl_core.train import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +71,21 @@ def test_the_loss_is_transformers_models_over_the_same_windows(checkpoint, strid
     assert got.perplexity == pytest.approx(math.exp(want / 202), rel=1e-5)
 
 
-def test_disjoint_windows_are_the_training_loops_evaluation_blocks(checkpoint):
+@pytest.mark.parametrize("masking", [False, True])
+def test_disjoint_windows_are_the_training_loops_evaluation(checkpoint, masking):
     """With the stride at seq_len, the windows are PackedLoader's blocks (no token lost between them): over the
-    tokens its batches cover, the loss is the sum of the training loop's batch losses."""
+    tokens its batches cover, the loss is the training loop's eval_loss, with document masking too."""
     model, data = ttl_core.load_pretrained(checkpoint[0]), checkpoint[1]
-    loader = PackedLoader(data, "val", 16, 2, shuffle=False)
-    with torch.no_grad():
-        nll = sum(float(model(b["input_ids"], labels=None, targets=b["labels"], loss_reduction="sum").loss)
-                  for b in loader)
-    covered = loader.batches_per_epoch * 2 * 16
-    got = stream_loss(model, split_tokens(data, "val")[0][:covered + 1], 16, batch_size=3)
-    assert got.tokens == covered and got.nll == pytest.approx(nll, rel=1e-6)
+    run = run_config("train.seq_len=16", "train.micro_batch_size=2", "train.eval_batches=1000",
+                     f"data.document_masking={str(masking).lower()}")
+    eval_loss = evaluate(model, data, run, World(0, 1, torch.device("cpu")), bos_id=1)
+    covered = PackedLoader(data, "val", 16, 2, shuffle=False).batches_per_epoch * 2 * 16
+    meta = json.loads((data / "meta.json").read_text())
+    got = stream_loss(model, split_tokens(data, "val")[0][:covered + 1], 16, batch_size=3,
+                      document_ids=(meta["bos_id"], meta["eos_id"]) if masking else None)
+    assert got.loss == pytest.approx(eval_loss, rel=1e-6) and (got.tokens < covered) == masking
+    unmasked = stream_loss(model, split_tokens(data, "val")[0][:covered + 1], 16)
+    assert abs(unmasked.loss - got.loss) > 1e-3 if masking else unmasked.loss == got.loss
 
 
 def test_bad_streams_and_settings_are_named(checkpoint):
@@ -105,6 +111,11 @@ def test_the_script_reports_a_split_and_text_files_with_bits_per_byte(checkpoint
     want = stream_loss(ttl_core.load_pretrained(model_dir), val, 16)
     assert report["tokens"] == len(val) - 1 and report["loss"] == pytest.approx(want.loss, rel=1e-6)
     assert "bits_per_byte" not in report and f"perplexity: {want.perplexity:.4f}" in capsys.readouterr().out
+    assert script.main(["--model", str(model_dir), "--data", str(data), "--seq-len", "16", "--document-masking",
+                        "--json", str(tmp_path / "masked.json")]) == 0
+    masked = stream_loss(ttl_core.load_pretrained(model_dir), val, 16, document_ids=(1, 2))
+    report = json.loads((tmp_path / "masked.json").read_text())
+    assert report["document_masking"] and report["loss"] == pytest.approx(masked.loss, rel=1e-6) != want.loss
     text = tmp_path / "held_out.txt"
     documents = ["Ontem choveu na serra e o rio subiu.", "A feira abriu cedo; o café acabou às nove."]
     text.write_text("\n\n".join(documents), encoding="utf-8")

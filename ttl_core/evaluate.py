@@ -20,6 +20,7 @@ import torch
 from .data import read_meta, token_file
 from .errors import ConfigError, DataError
 from .model import LlamaForCausalLM
+from .train import model_inputs
 
 
 @dataclass
@@ -70,9 +71,11 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 
 @torch.no_grad()
 def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None = None,
-                batch_size: int = 8) -> StreamLoss:
+                batch_size: int = 8, document_ids: tuple[int, int] | None = None) -> StreamLoss:
     """Score `tokens` (a 1-d id stream) in windows of `seq_len` every `stride` (default `seq_len`), `batch_size`
-    windows per forward pass; the loss is the fused cross-entropy's, so no logits are built."""
+    windows per forward pass; the loss is the fused cross-entropy's, so no logits are built. With `document_ids`
+    (the stream's BOS and EOS ids), documents are masked as the training loop masks them (`data.document_masking`):
+    each attends within itself, with positions from 0, and its BOS is not scored."""
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
     context = model.config.max_position_embeddings
@@ -90,15 +93,21 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no host sync per batch
+    # summed on the device: no host sync per batch
+    nll, scored = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device)
     full = [w for w in spans if w[1] - w[0] == seq_len]  # every window but perhaps the last, which is shorter
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in spans[len(full):]]
     for group in batches:
-        rows = [torch.from_numpy(np.asarray(tokens[s:e + 1], dtype=np.int64)) for s, e, _ in group]
-        block = torch.stack(rows).to(device)
+        block = torch.stack([torch.from_numpy(np.asarray(tokens[s:e + 1], dtype=np.int64)) for s, e, _ in group])
         targets = block[:, 1:].clone()
         for row, (start, _, first_scored) in enumerate(group):
             targets[row, :first_scored - start - 1] = -100  # scored by an earlier window
-        nll += model(block[:, :-1], targets=targets, loss_reduction="sum").loss.double()
+        batch = {"input_ids": block[:, :-1], "labels": targets}
+        if document_ids is not None:  # documents start at each window's start and after each EOS, as PackedLoader's
+            batch["doc_starts"] = torch.cat([torch.ones_like(block[:, :1], dtype=torch.bool),
+                                             block[:, :-2] == document_ids[1]], dim=1)
+        inputs = model_inputs(batch, device, document_ids is not None, document_ids[0] if document_ids else None)
+        nll += model(**inputs, loss_reduction="sum").loss.double()
+        scored += (inputs["targets"] != -100).sum()
     model.train(was_training)
-    return StreamLoss(tokens=len(tokens) - 1, nll=float(nll))
+    return StreamLoss(tokens=int(scored), nll=float(nll))
