@@ -141,3 +141,17 @@ def test_the_script_refuses_another_tokenizer_s_data_and_a_classifier(checkpoint
     with pytest.raises(ConfigError, match="holds a LlamaForSequenceClassification; evaluation needs a LlamaForCausalLM"):
         script.main(["--model", str(tmp_path / "classifier"), "--data", str(data)])
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masking", [False, True])
+def test_cuda_evaluation_matches_the_cpu_s(checkpoint, masking):
+    """On the GPU's kernels (fused cross-entropy, and with masking the packed attention backend), float32 within
+    1e-5 of the CPU's loss and bfloat16 within 1e-2."""
+    model_dir, data = checkpoint
+    tokens, documents = split_tokens(data, "val")[0], (1, 2) if masking else None
+    cpu = stream_loss(ttl_core.load_pretrained(model_dir), tokens, 16, 5, document_ids=documents)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        got = stream_loss(ttl_core.load_pretrained(model_dir, dtype=dtype, device="cuda"), tokens, 16, 5,
+                          document_ids=documents)
+        assert got.tokens == cpu.tokens and abs(got.loss - cpu.loss) <= tolerance * cpu.loss, (dtype, got, cpu)
