@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--stride {args.stride} is longer than the window (--seq-len {seq_len}): tokens "
                               f"between windows would never be scored")
         documents = (meta["bos_id"], meta["eos_id"]) if args.document_masking else None
-        result = stream_loss(model, tokens[:args.max_tokens], seq_len, args.stride, args.batch_size, documents)
+        result = stream_loss(model, tokens[:args.max_tokens], seq_len, args.stride, args.batch_size, documents,
+                             progress=True)
     figures = {"model": args.model, "data": args.data or args.text, "split": split if args.data else None,
                "seq_len": seq_len, "stride": args.stride or seq_len, "document_masking": args.document_masking,
                "tokens": result.tokens,

@@ -19,7 +19,7 @@ import ttl_core
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
-from ttl_core.evaluate import split_tokens, stream_loss, windows
+from ttl_core.evaluate import count_windows, split_tokens, stream_loss, windows
 from ttl_core.train import evaluate
 
 
@@ -57,7 +57,7 @@ def test_windows_score_every_token_after_the_first_once_with_the_context_the_str
         for token in range(first, end + 1):
             scored.append(token)
             assert token - start >= min(token, seq_len - stride + 1)  # its context: every earlier token read
-    assert scored == list(range(1, n))
+    assert scored == list(range(1, n)) and count_windows(n, seq_len, stride) == len(list(windows(n, seq_len, stride)))
 
 
 @pytest.mark.parametrize("stride, batch_size", [(16, 1), (16, 4), (5, 3)])

@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .data import read_meta, token_file
 from .errors import ConfigError, DataError
@@ -53,29 +55,33 @@ def split_tokens(data_dir: str | Path, split: str) -> tuple[np.ndarray, dict]:
     return token_file(path, meta, split), meta
 
 
-def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(start, end, first_scored) of each window over a stream of `n_tokens`: it reads tokens [start, end) and
     scores the predictions of tokens [first_scored, end + 1). Windows start every `stride` tokens until one
     predicts the stream's last token."""
-    if not (seq_len >= 1 and 1 <= stride <= seq_len):
-        raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
-    spans, scored_until = [], 1  # the first token has nothing to be predicted from
+    scored_until = 1  # the first token has nothing to be predicted from
     for start in range(0, max(n_tokens - 1, 0), stride):
         end = min(start + seq_len, n_tokens - 1)
-        spans.append((start, end, scored_until))
+        yield start, end, scored_until
         scored_until = end + 1
         if end == n_tokens - 1:
-            break
-    return spans
+            return
+
+
+def count_windows(n_tokens: int, seq_len: int, stride: int) -> int:
+    """How many `windows` a stream of `n_tokens` has."""
+    if n_tokens < 2:
+        return 0
+    return min(-(-(n_tokens - 1) // stride), max(0, -(-(n_tokens - 1 - seq_len) // stride)) + 1)
 
 
 @torch.no_grad()
 def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None = None,
-                batch_size: int = 8, document_ids: tuple[int, int] | None = None) -> StreamLoss:
+                batch_size: int = 8, document_ids: tuple[int, int] | None = None, progress: bool = False) -> StreamLoss:
     """Score `tokens` (a 1-d id stream) in windows of `seq_len` every `stride` (default `seq_len`), `batch_size`
     windows per forward pass; the loss is the fused cross-entropy's, so no logits are built. With `document_ids`
     (the stream's BOS and EOS ids), documents are masked as the training loop masks them (`data.document_masking`):
-    each attends within itself, with positions from 0, and its BOS is not scored."""
+    each attends within itself, with positions from 0, and its BOS is not scored. `progress` shows a tqdm bar."""
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
     context = model.config.max_position_embeddings
@@ -89,15 +95,16 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     if top >= model.config.vocab_size:
         raise DataError(f"the stream holds id {top}, outside the model's vocabulary of {model.config.vocab_size} "
                         f"(data prepared with another tokenizer?)")
-    spans = windows(len(tokens), seq_len, stride or seq_len)
+    stride = stride or seq_len
+    if not (seq_len >= 1 and 1 <= stride <= seq_len):
+        raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
     # summed on the device: no host sync per batch
     nll, scored = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device)
-    full = [w for w in spans if w[1] - w[0] == seq_len]  # every window but perhaps the last, which is shorter
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in spans[len(full):]]
-    for group in batches:
+
+    def score(group: list[tuple[int, int, int]]) -> None:
         block = torch.stack([torch.from_numpy(np.asarray(tokens[s:e + 1], dtype=np.int64)) for s, e, _ in group])
         targets = block[:, 1:].clone()
         for row, (start, _, first_scored) in enumerate(group):
@@ -107,7 +114,18 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
             batch["doc_starts"] = torch.cat([torch.ones_like(block[:, :1], dtype=torch.bool),
                                              block[:, :-2] == document_ids[1]], dim=1)
         inputs = model_inputs(batch, device, document_ids is not None, document_ids[0] if document_ids else None)
-        nll += model(**inputs, loss_reduction="sum").loss.double()
-        scored += (inputs["targets"] != -100).sum()
+        nll.add_(model(**inputs, loss_reduction="sum").loss.double())
+        scored.add_((inputs["targets"] != -100).sum())
+        bar.update(len(group))
+
+    group: list[tuple[int, int, int]] = []  # windows of one length (only the last may be shorter)
+    with tqdm(total=count_windows(len(tokens), seq_len, stride), unit="window", leave=False,
+              disable=not progress) as bar:
+        for window in windows(len(tokens), seq_len, stride):
+            if group and (len(group) == batch_size or window[1] - window[0] != group[0][1] - group[0][0]):
+                score(group)
+                group = []
+            group.append(window)
+        score(group)
     model.train(was_training)
     return StreamLoss(tokens=int(scored), nll=float(nll))
