@@ -94,9 +94,12 @@ def test_sampling_draws_transformers_tokens(models, drafted, settings):
     assert any(drafted)  # no_repeat_ngram_size 3 forbids every draft longer than one token
 
 
-@pytest.mark.parametrize("settings", SETTINGS[2:3] + [dict(sequence_bias={(40,): -float("inf")}, suppress_tokens=[7],
-                                                           forced_eos_token_id=2, exponential_decay_length_penalty=(
-                                                               3, 1.2), top_k=0)])
+RULES = [SETTINGS[2], dict(sequence_bias={(40,): -float("inf")}, suppress_tokens=[7], forced_eos_token_id=2,
+                          exponential_decay_length_penalty=(3, 1.2)),
+         dict(prefix_allowed_tokens_fn=lambda prompt, row: range(4, 90) if len(row) % 3 else range(40, 131))]
+
+
+@pytest.mark.parametrize("settings", RULES)
 def test_token_rules_apply_to_each_verified_position_greedy(models, settings):
     hf, ours = models
     for seed in (0, 4):
@@ -132,16 +135,17 @@ def test_drafts_stop_before_an_eos_id_and_generation_at_one(models, drafted):
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_max_new_tokens_cuts_a_draft_as_in_transformers(models, max_new_tokens, do_sample):
-    """Drafts may run past the last new token (their positions are still drawn for when sampling); the step keeps
-    only what fits."""
+    """Drafts may run past the last new token (their positions are still drawn for when sampling, and checked
+    against the processors, which may cut them there); the step keeps only what fits."""
     hf, ours = models
     ids = torch.cat([repeating_prompt(3)] * 2, dim=1)  # long drafts: the prompt repeats in full
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=0, prompt_lookup_num_tokens=10,
+                    no_repeat_ngram_size=12, **(dict(top_p=0.9) if do_sample else {}))
     torch.manual_seed(7)
-    ref = theirs(hf, ids, max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=0, prompt_lookup_num_tokens=10)
+    ref = theirs(hf, ids, **settings)
     after_theirs = torch.rand(2)
     torch.manual_seed(7)
-    got = ttl_core.generate(ours, ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            prompt_lookup_num_tokens=10, **COMMON)
+    got = ttl_core.generate(ours, ids, **settings, **COMMON)
     assert torch.equal(got, ref) and torch.equal(torch.rand(2), after_theirs)
 
 
