@@ -8,7 +8,8 @@ only launches graphs; it reads the device back only for the end-of-sequence chec
 step when a streamer or stop strings need the new tokens on the host).
 
 The KV cache and the decoder are in `ttl_core.kv_cache`, the logits processors in `ttl_core.token_rules` and
-`ttl_core.sampling` (with the sampler), the streamer and the stop-string matcher in `ttl_core.streamer`.
+`ttl_core.sampling` (with the sampler), the streamer and the stop-string matcher in `ttl_core.streamer`, prompt-lookup
+decoding (several tokens a step, eagerly) in `ttl_core.prompt_lookup`.
 """
 
 from __future__ import annotations

@@ -73,6 +73,7 @@ class StaticKVCache:
 class KVDecoder:
     """Runs a causal LM over a `StaticKVCache`: `prefill(input_ids)` over left-padded prompts, then
     `step(tokens)` one token per row. Returns the last position's logits (batch, vocab) in the model's dtype.
+    `verify(tokens)` and `accept(kept)` feed several tokens a row at once and keep the first of them (prompt lookup).
 
     Positions follow transformers: each row counts from 0 at its first real token (cumsum of the mask - 1).
     A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph, and
