@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ttl_core
-from generation_helpers import PAD, saved_models
+from generation_helpers import PAD, cuda_models, saved_models
 from ttl_core import prompt_lookup
 from ttl_core.errors import GenerationError
 from ttl_core.kv_cache import KVDecoder
@@ -230,3 +230,16 @@ def test_what_it_cannot_run_with_is_refused(models, kwargs, message):
     assert "\n" not in str(info.value)
     with pytest.raises(GenerationError, match="decodes one sequence, got 2 prompt rows"):  # as transformers
         ttl_core.generate(ours, repeating_prompt(0).repeat(2, 1), max_new_tokens=4, prompt_lookup_num_tokens=2)
+
+
+@pytest.mark.gpu
+def test_on_cuda_greedy_and_sampled_tokens_are_transformers(tmp_path):
+    """Eagerly on the GPU (fp32), where a plain call would run a CUDA graph and flash-attn's cache layout."""
+    hf, ours = cuda_models(tmp_path)
+    ids = repeating_prompt(2).cuda()
+    for do_sample in (False, True):
+        torch.manual_seed(3)
+        ref = theirs(hf, ids, max_new_tokens=24, do_sample=do_sample, top_k=0, prompt_lookup_num_tokens=5)
+        got = ttl_core.generate(ours, ids, max_new_tokens=24, do_sample=do_sample, seed=3, prompt_lookup_num_tokens=5,
+                                **COMMON)
+        assert torch.equal(got, ref)
