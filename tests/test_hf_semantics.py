@@ -179,8 +179,9 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
     with pytest.warns(UserWarning, match=r"sets penalty_alpha=0.6, token_healing=True, which") as seen:
         ttl_core.generate(blocking, tokens, max_new_tokens=3, stop_strings="x", tokenizer=CharTokenizer())
     assert seen[0].filename == __file__  # points at the call, not into ttl
-    # prompt lookup (assisted) decoding samples by speculative acceptance, which ttl does not implement
-    assert unimplemented_settings({"prompt_lookup_num_tokens": 3, "top_k": 4}) == ["prompt_lookup_num_tokens=3"]
+    assert unimplemented_settings({"token_healing": True, "top_k": 4}) == ["token_healing=True"]
+    # prompt lookup is implemented (ttl_core.prompt_lookup): a checkpoint that sets it decodes as transformers does
+    assert unimplemented_settings({"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}) == []
 
 
 def test_a_checkpoint_num_return_sequences_applies_as_in_transformers(tmp_path):

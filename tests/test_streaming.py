@@ -211,6 +211,23 @@ def test_stop_strings_match_transformers(spm_models, prompt, stop):
     assert "".join(pieces) == tok.decode(got[0, ids.shape[1]:].tolist())  # the stream stops where the text does
 
 
+@pytest.mark.parametrize("prompt, stop", [("o menino foi para ca t ete o menino foi para", "ra ca"),
+                                          ("seu cachorro seu", " ca")])
+def test_prompt_lookup_looks_for_stop_strings_where_transformers_does(spm_models, prompt, stop):
+    """transformers' assisted decoding checks stop strings after each step's accepted tokens, at their end only: one
+    that ends inside them goes unseen (here the generation stops later than plain decoding's, or not at all)."""
+    tok, hf_tok, hf, ours = spm_models
+    ids = torch.tensor([tok.encode(prompt)])
+    common = dict(max_new_tokens=16, eos_token_id=[], pad_token_id=tok.pad_id, stop_strings=stop)
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, tokenizer=hf_tok,
+                      prompt_lookup_num_tokens=5, **common)
+    pieces = []
+    got = ttl_core.generate(ours, ids, tokenizer=tok, prompt_lookup_num_tokens=5, **common,
+                            streamer=TextStreamer(tok, on_text=pieces.append))
+    assert torch.equal(got, ref) and got.shape != ttl_core.generate(ours, ids, tokenizer=tok, **common).shape
+    assert "".join(pieces) == tok.decode(got[0, ids.shape[1]:].tolist())
+
+
 def test_stop_strings_in_a_left_padded_batch_match_transformers(spm_models):
     tok, _, _, ours = spm_models
     rows = [tok.encode(p) for p in ("o menino foi para", "seu", "porque", "a casa")]

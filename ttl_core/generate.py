@@ -8,7 +8,8 @@ only launches graphs; it reads the device back only for the end-of-sequence chec
 step when a streamer or stop strings need the new tokens on the host).
 
 The KV cache and the decoder are in `ttl_core.kv_cache`, the logits processors in `ttl_core.token_rules` and
-`ttl_core.sampling` (with the sampler), the streamer and the stop-string matcher in `ttl_core.streamer`.
+`ttl_core.sampling` (with the sampler), the streamer and the stop-string matcher in `ttl_core.streamer`, prompt-lookup
+decoding (several tokens a step, eagerly) in `ttl_core.prompt_lookup`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .beam_search import beam_search, check_beam_arguments
 from .errors import GenerationError, is_integer
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
+from .prompt_lookup import checked_lookup, decode as lookup_decode
 from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs, checked_token_rules,
                        decoding_settings, global_generator, mark_seen, passed_generation_config, process_logits,
                        sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
@@ -95,7 +97,7 @@ class _Decoding:
     def __init__(self, prompt_shape: torch.Size, max_new_tokens: int, vocab: int, eos: list[int], pad: int | None,
                  do_sample: bool, seeded: bool, processors: dict, rules: dict, device: torch.device,
                  keep_scores: bool = False, keep_logits: bool = False, guidance_scale: float = 1.0,
-                 watermark: tuple | None = None):
+                 watermark: tuple | None = None, past_end: int = 0):
         batch, self.prompt_len = prompt_shape
         self.max_new_tokens, self.vocab, self.pad_id = max_new_tokens, vocab, 0 if pad is None else pad
         self.out = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
@@ -105,16 +107,16 @@ class _Decoding:
         self.done_at = torch.zeros(batch, dtype=torch.long, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad = torch.tensor(self.pad_id, dtype=torch.long, device=device)
-        self.rules = TokenRules(rules, eos, vocab, self.prompt_len, max_new_tokens, device)
+        # past_end: columns prompt lookup's drafts may reach past the last new token (see ttl_core.prompt_lookup)
+        self.rules = TokenRules(rules, eos, vocab, self.prompt_len, max_new_tokens, device, past_end)
         self.watermark = None if watermark is None else Watermark(watermark, vocab, device)
-        self.rows = (torch.zeros(batch, self.prompt_len + max_new_tokens, dtype=torch.long, device=device)
+        self.rows = (torch.zeros(batch, self.prompt_len + max_new_tokens + past_end, dtype=torch.long, device=device)
                      if self.rules.needs_rows or self.watermark is not None else None)
         # a spare last column: see mark_seen
         self.seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device) if self.rules.penalizes else None
         # a seeded call draws from a generator of its own, else from torch's global RNG (which transformers draws from)
         self.generator = (torch.Generator(device=device) if seeded else global_generator(device)) if do_sample else None
-        # whether every row's scores had a finite max (neither NaN nor +inf nor all -inf): else softmax has no
-        # distribution and argmax no answer (a NaN wins it); a graph cannot raise, so the host reads this at the end
+        # see check_scores; a graph cannot raise, so the host reads this at the end
         self.scores_ok = torch.ones((), dtype=torch.bool, device=device)
         self.do_sample, self.processors, self.guidance_scale = do_sample, processors, guidance_scale
         self.kept_scores = torch.zeros(max_new_tokens, batch, vocab, device=device) if keep_scores else None
@@ -146,13 +148,7 @@ class _Decoding:
         if self.watermark is not None:  # eager steps only: it reads each row's seed on the host
             watermark = functools.partial(self.watermark, rows=self.rows[:, :self.prompt_len + int(self.column)])
         scores = process_logits(logits, self.do_sample, watermark=watermark, **self.processors)
-        if self.do_sample:
-            finite = torch.isfinite(scores.amax(dim=-1))
-        else:  # argmax has an answer (as transformers') where only the rules put inf: 0 where they left no token
-            finite = ~torch.isnan(scores.amax(dim=-1))
-            if not self.rules.remove_invalid:  # which asks for the model's NaN and inf to pass
-                finite &= torch.isfinite(raw.amax(dim=-1))
-        self.scores_ok &= finite.all()
+        self.check_scores(scores, raw)
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
         for kept, step_values in ((self.kept_scores, scores), (self.kept_logits, raw)):
             if kept is not None:
@@ -169,6 +165,17 @@ class _Decoding:
         if self.seen is not None:
             self.seen.scatter_(1, token[:, None], True)
         self.tokens.copy_(token[:, None])
+
+    def check_scores(self, scores: torch.Tensor, raw: torch.Tensor) -> None:
+        """Note in `scores_ok` whether every row of `scores` (from the model's logits `raw`) has a finite max
+        (neither NaN nor +inf nor all -inf): else softmax has no distribution and argmax no answer (a NaN wins it)."""
+        if self.do_sample:
+            finite = torch.isfinite(scores.amax(dim=-1))
+        else:  # argmax has an answer (as transformers') where only the rules put inf: 0 where they left no token
+            finite = ~torch.isnan(scores.amax(dim=-1))
+            if not self.rules.remove_invalid:  # which asks for the model's NaN and inf to pass
+                finite &= torch.isfinite(raw.amax(dim=-1))
+        self.scores_ok &= finite.all()
 
     def kept_steps(self, steps: int) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """(scores, logits) of the first `steps` decoding steps, one (rows, vocab) tensor a step (None where not
@@ -219,15 +226,17 @@ class _Session:
     def __init__(self, key: tuple, model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
                  processors: dict, rules: dict, cuda_graph: bool, keep_scores: bool, keep_logits: bool,
-                 guidance_scale: float, unconditional_mask: torch.Tensor | None, watermark: tuple | None):
-        self.key, self.lock = key, threading.Lock()
-        self.decoder = KVDecoder(model, attention_mask, max_new_tokens)
+                 guidance_scale: float, unconditional_mask: torch.Tensor | None, watermark: tuple | None,
+                 lookup: tuple[int, int] | None):
+        self.key, self.lock, self.lookup = key, threading.Lock(), lookup  # lookup: (draft tokens, n-gram size)
+        # prompt lookup verifies drafts through the mask, which flash-attn's cache kernel does not read
+        self.decoder = KVDecoder(model, attention_mask, max_new_tokens, flash=False if lookup else None)
         # classifier-free guidance runs the model a second time, on the unconditional context, in a cache of its own
         self.unconditional = (None if unconditional_mask is None
                               else KVDecoder(model, unconditional_mask, max_new_tokens))
         self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
                                processors, rules, input_ids.device, keep_scores, keep_logits, guidance_scale,
-                               watermark)
+                               watermark, lookup[0] if lookup else 0)
 
         # not `self`: no reference cycle holding the caches past their use
         decoder, unconditional, state = self.decoder, self.unconditional, self.state
@@ -293,7 +302,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              negative_prompt_ids: torch.Tensor | None = None,
              negative_prompt_attention_mask: torch.Tensor | None = None, watermarking_config: Any = None,
              prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
-             generation_config: Any = None) -> torch.Tensor | GenerateOutput:
+             generation_config: Any = None, prompt_lookup_num_tokens: int | None = None,
+             max_matching_ngram_size: int | None = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -312,8 +322,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     with `do_sample` (`ttl_core.beam_search`). `guidance_scale` != 1 applies transformers' classifier-free guidance
     (unconditioned on `negative_prompt_ids`, else on each prompt's last token); `watermarking_config` its
     watermark (`ttl_core.watermark`); `prefix_allowed_tokens_fn(prompt index, row so far)` the ids each step may
-    choose. Checkpoint settings ttl does not implement (contrastive search, token
-    healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning naming them.
+    choose. `prompt_lookup_num_tokens=k` drafts up to k tokens a step from the row itself, as transformers' prompt
+    lookup does (`ttl_core.prompt_lookup`; one row, eagerly). Checkpoint settings ttl does not implement
+    (contrastive search, token healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
@@ -349,12 +360,15 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                      length_penalty=length_penalty, early_stopping=early_stopping,
                                      return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
                                      output_logits=output_logits, guidance_scale=guidance_scale,
-                                     watermarking_config=watermarking_config)
+                                     watermarking_config=watermarking_config,
+                                     prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                                     max_matching_ngram_size=max_matching_ngram_size)
         max_new_tokens, do_sample, num_return_sequences, max_time, num_beams, length_penalty, early_stopping = (
             settings.pop(name) for name in ("max_new_tokens", "do_sample", "num_return_sequences", "max_time",
                                             "num_beams", "length_penalty", "early_stopping"))
         outputs = {name: settings.pop(name) for name in ("return_dict_in_generate", "output_scores", "output_logits")}
         guidance_scale = settings.pop("guidance_scale")
+        lookup = settings.pop("prompt_lookup_num_tokens"), settings.pop("max_matching_ngram_size")
         try:
             watermark = checked_watermark(settings.pop("watermarking_config"))
         except GenerationError as e:  # name where a bad configuration came from
@@ -391,6 +405,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         deadline = None if max_time is None else time.monotonic() + max_time
+        lookup = checked_lookup(*lookup, max_matching_ngram_size is not None, input_ids.shape[0], num_beams,
+                                num_return_sequences, guidance_scale, watermark)
         if num_beams > 1:
             if streamer is not None or stops is not None:  # transformers refuses a streamer there too
                 raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
@@ -411,18 +427,18 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = (cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None and watermark is None
-                   and prefix_allowed_tokens_fn is None)  # both run host code every step
+                   and prefix_allowed_tokens_fn is None and lookup is None)  # all run host code every step
         unconditional_shape = None if unconditional is None else tuple(unconditional[0].shape)
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
                tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, guidance_scale,
-               unconditional_shape, watermark, _forward_fingerprint(model))
+               unconditional_shape, watermark, lookup, _forward_fingerprint(model))
         session = _acquire_session(model, key, lambda: _Session(
             key, model, input_ids, mask, max_new_tokens, eos, pad, do_sample, seed is not None, settings, rules,
             graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1],
-            watermark))
+            watermark, lookup))
         try:
             sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
-                             deadline, unconditional)
+                             deadline, unconditional, eos)
             if not as_dict:
                 return sequences
             return GenerateOutput(sequences, *session.state.kept_steps(sequences.shape[1] - input_ids.shape[1]))
@@ -435,10 +451,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
          streamer, stops: StopStrings | None, can_finish: bool, deadline: float | None,
-         unconditional: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+         unconditional: tuple[torch.Tensor, torch.Tensor] | None, eos: list[int]) -> torch.Tensor:
     """Prefill (also guidance's `unconditional` ids and mask), then decode until every row has finished,
     `max_new_tokens` are out or the `deadline` (of time.monotonic(), checked after each token as transformers'
-    max_time is) has passed."""
+    max_time is, or each prompt-lookup step) has passed."""
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
     state.reset(input_ids, mask, seed)
@@ -448,18 +464,21 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if unconditional is not None:
         session.unconditional.reset(unconditional[1])
         unconditional_logits = session.unconditional.prefill(unconditional[0])
-    state.advance(decoder.prefill(input_ids), unconditional_logits)
-    check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
-    produced = 1
-    while True:
-        if watch is not None:
-            watch(produced)
-        if produced == max_new_tokens or (deadline is not None and time.monotonic() > deadline):
-            break
-        if can_finish and produced % check_every == 0 and bool(state.finished.all()):
-            break
-        session.step()
-        produced += 1
+    if session.lookup is not None:
+        produced = lookup_decode(decoder, state, input_ids, *session.lookup, eos, watch, deadline)
+    else:
+        state.advance(decoder.prefill(input_ids), unconditional_logits)
+        check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
+        produced = 1
+        while True:
+            if watch is not None:
+                watch(produced)
+            if produced == max_new_tokens or (deadline is not None and time.monotonic() > deadline):
+                break
+            if can_finish and produced % check_every == 0 and bool(state.finished.all()):
+                break
+            session.step()
+            produced += 1
     if not bool(state.scores_ok):
         cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")

@@ -73,6 +73,7 @@ class StaticKVCache:
 class KVDecoder:
     """Runs a causal LM over a `StaticKVCache`: `prefill(input_ids)` over left-padded prompts, then
     `step(tokens)` one token per row. Returns the last position's logits (batch, vocab) in the model's dtype.
+    `verify(tokens)` and `accept(kept)` feed several tokens a row at once and keep the first of them (prompt lookup).
 
     Positions follow transformers: each row counts from 0 at its first real token (cumsum of the mask - 1).
     A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph, and
@@ -152,3 +153,29 @@ class KVDecoder:
         if self.flash:
             self.cache.seqlens.add_(1)
         return logits
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` (batch, n) at the next n positions in one pass, each seeing the cache and the tokens before
+        it; logits after each of them (batch, n, vocab). Their keys and values are written but stay masked until
+        `accept` keeps the first of them (the rest are overwritten later). Not in the flash-attn layout, whose
+        kernel reads its own lengths instead of the mask."""
+        if self.flash:
+            raise ValueError("KVDecoder.verify needs the SDPA cache layout: build the decoder with flash=False")
+        n = tokens.shape[1]
+        slots = self.decode_index + torch.arange(n, device=tokens.device)
+        # query i sees the open keys and the new slots up to its own: causal among the new tokens
+        own = (self.key_index >= self.decode_index) & (self.key_index <= slots[:, None])  # (n, max_len)
+        bias = self.key_bias[:, None, :].masked_fill(own, 0.0)
+        positions = self.position + slots - self.decode_index
+        self.cache.write_index = slots
+        try:
+            return self.model_ref()(tokens, attention_mask=bias[:, None], position_ids=positions, kv_cache=self.cache,
+                                    angles=self.angle_table[positions].unbind(2)).logits
+        finally:
+            self.cache.write_index = self.decode_index
+
+    def accept(self, kept: int) -> None:
+        """Keep the first `kept` tokens of the last `verify` in the cache, as if `step` had fed them."""
+        self.key_bias[:, self.decode_index:self.decode_index + kept] = 0.0
+        self.decode_index.add_(kept)
+        self.position.add_(kept)

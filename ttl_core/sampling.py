@@ -39,6 +39,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
                      "remove_invalid_values": False, "exponential_decay_length_penalty": None,
                      "renormalize_logits": False, "max_time": None, "num_beams": 1, "length_penalty": 1.0,
                      "early_stopping": False, "guidance_scale": 1.0, "watermarking_config": None,
+                     "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
                      "return_dict_in_generate": False, "output_scores": False, "output_logits": False}
 
 
@@ -48,8 +49,7 @@ DECODING_DEFAULTS = {"max_new_tokens": 20, "min_new_tokens": 0, "do_sample": Fal
 UNIMPLEMENTED_SETTINGS = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0.0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
-    "force_words_ids": None, "constraints": None, "stop_strings": None, "dola_layers": None, "token_healing": False,
-    "prompt_lookup_num_tokens": None}
+    "force_words_ids": None, "constraints": None, "stop_strings": None, "dola_layers": None, "token_healing": False}
 
 
 def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:

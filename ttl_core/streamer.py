@@ -167,16 +167,21 @@ class HostWatch:
         if streamer is not None:
             streamer.put(input_ids.cpu())  # (1, prompt_len), left padding included, as transformers puts it
 
-    def __call__(self, produced: int) -> None:
+    def __call__(self, produced: int, accepted: int | None = None) -> None:
+        """After `produced` new tokens: the newest, or, from a prompt-lookup step, the `accepted` newest, which go to
+        the streamer as one (1, accepted) tensor and are checked for stop strings at their end only, as
+        transformers' assisted decoding does."""
         # a copy (the step's one read of the device): a view of `out`, which later calls overwrite, would
         # change under a streamer that keeps what it is given
-        newest = self.state.out[:, produced - 1].to("cpu", copy=True)
+        newest = self.state.out[:, produced - 1 if accepted is None else slice(produced - accepted, produced)]
+        newest = newest.to("cpu", copy=True)
         if self.streamer is not None:
             self.streamer.put(newest)
         if self.stops is None:
             return
-        for row, (tokens, token, done) in enumerate(zip(self.rows, newest.tolist(), self.state.finished.tolist())):
-            tokens.append(token)
+        for row, (tokens, added, done) in enumerate(zip(self.rows, newest.view(len(self.rows), -1).tolist(),
+                                                        self.state.finished.tolist())):
+            tokens.extend(added)
             del tokens[:-self.stops.window]
             if not done and self.stops.ends_in_last(tokens):
                 self.state.finish_row(row, produced)

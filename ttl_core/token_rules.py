@@ -69,11 +69,13 @@ class TokenRules:
     """The processors of TOKEN_RULE_SETTINGS that are on for one decoding session of `prompt_len`-column prompts
     and `max_new_tokens` new tokens; `needs_rows` says whether a call needs each whole row so far (its prompt,
     left padding included, then its new tokens) and `penalizes` whether it needs the tokens each row has seen,
-    which the caller keeps."""
+    which the caller keeps. Prompt lookup (`ttl_core.prompt_lookup`) reads rows up to `past_end` columns longer:
+    its drafts may run past the last new token, and transformers checks them against the rules there too."""
 
     def __init__(self, settings: dict, eos: list[int], vocab: int, prompt_len: int, max_new_tokens: int,
-                 device: torch.device):
+                 device: torch.device, past_end: int = 0):
         self.vocab, self.max_new_tokens = vocab, max_new_tokens
+        columns = prompt_len + max_new_tokens + past_end
         self.sequence_bias = (_SequenceBias(dict(settings["sequence_bias"]), vocab, device)
                               if settings["sequence_bias"] else None)
         self.penalty = settings["repetition_penalty"]
@@ -82,10 +84,10 @@ class TokenRules:
         bad_words = {ids: float("-inf") for ids in settings["bad_words_ids"] or () if ids not in [(i,) for i in eos]}
         self.bad_words = _SequenceBias(bad_words, vocab, device) if bad_words else None
         self.ngram_size = settings["no_repeat_ngram_size"]
-        if self.ngram_size > prompt_len + max_new_tokens:  # no n-gram ever fits
+        if self.ngram_size > columns:  # no n-gram ever fits
             self.ngram_size = 0
         if self.ngram_size:
-            self.ngram_starts = torch.arange(prompt_len + max_new_tokens - self.ngram_size + 1, device=device)
+            self.ngram_starts = torch.arange(columns - self.ngram_size + 1, device=device)
             self.ngram_prefix = torch.arange(1 - self.ngram_size, 0, device=device)  # the n - 1 last, as offsets
         self.min_new_tokens = settings["min_new_tokens"] if eos else 0
         self.eos = self._mask(eos if self.min_new_tokens else (), device)
@@ -99,7 +101,7 @@ class TokenRules:
         if decay:  # step s > start multiplies |EOS scores| by factor ** (s - start) - 1, rounded as transformers does
             start, factor = decay
             self.decay = torch.tensor([_decay_factor(factor, step - start) if step > start else 0.0
-                                       for step in range(max_new_tokens)], dtype=torch.float, device=device)
+                                       for step in range(columns - prompt_len)], dtype=torch.float, device=device)
         self.suppressed = self._mask(settings["suppress_tokens"], device)
         self.suppressed_first = self._mask(settings["begin_suppress_tokens"], device)
         self.first_step = 1 if forces_bos else 0  # transformers suppresses after the forced BOS

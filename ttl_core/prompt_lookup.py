@@ -1,0 +1,143 @@
+"""Prompt-lookup decoding (`generate(prompt_lookup_num_tokens=k)`), step for step as transformers' assisted decoding
+runs it with its `PromptLookupCandidateGenerator`.
+
+Each step drafts up to k tokens by finding the row's last n-gram earlier in the row (n from
+`max_matching_ngram_size` down to 1, the leftmost match first) and copying what followed it; the model scores the
+row's newest token and the drafts in one pass over the KV cache (`KVDecoder.verify`), every position gets the
+processors as if it were a step of its own, and the step keeps the drafts up to the first one the model would not
+have chosen (its argmax, or with `do_sample` one draw over all positions at once) plus the model's own token there.
+Greedy rows are plain greedy decoding's (up to the rounding of a pass over several tokens); sampled ones follow
+transformers' draws, which differ from plain sampling's. One row only, decoded eagerly: each step needs the drafts and the accepted count on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .errors import GenerationError, is_integer
+from .kv_cache import KVDecoder
+from .sampling import process_logits, sample
+
+
+def checked_lookup(num_tokens: Any, max_ngram: Any, ngram_given: bool, rows: int, num_beams: int,
+                   num_return_sequences: int, guidance_scale: float, watermark: Any) -> tuple[int, int] | None:
+    """(draft tokens, largest n-gram) of a prompt-lookup call, None without `num_tokens`; a GenerationError naming
+    what it cannot run with (`ngram_given`: the call itself passed `max_ngram`; `rows`: prompt rows)."""
+    if num_tokens is None:
+        if ngram_given:
+            raise GenerationError("max_matching_ngram_size takes effect only with prompt_lookup_num_tokens")
+        return None
+    for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
+        if value is not None and not (is_integer(value) and value >= 1):
+            raise GenerationError(f"{name} must be a positive integer, got {value!r}")
+    if num_beams > 1:
+        raise GenerationError("prompt lookup (prompt_lookup_num_tokens) does not run with beam search (num_beams > 1)")
+    if rows != 1 or num_return_sequences != 1:  # transformers refuses both
+        raise GenerationError(f"prompt lookup (prompt_lookup_num_tokens) decodes one sequence, got {rows} prompt "
+                              f"rows and num_return_sequences={num_return_sequences}")
+    if guidance_scale != 1 or watermark is not None:
+        raise GenerationError("ttl's prompt lookup (prompt_lookup_num_tokens) takes no classifier-free guidance "
+                              "(guidance_scale) or watermarking_config")
+    return num_tokens, max_ngram or 2  # transformers' default n-gram size
+
+
+def _processed(state: Any, logits: torch.Tensor, row: list[int], drafted: list[int]) -> torch.Tensor:
+    """`logits` (1, vocab) after every processor, for the token after `row` followed by `drafted` tokens: what
+    transformers' processors make of them with those tokens as the row so far."""
+    length = len(row) + len(drafted)
+    if state.rows is not None and drafted:
+        state.rows[0, len(row):length] = torch.tensor(drafted)
+    scores = logits.float()
+    if state.rules.active:
+        seen = None
+        if state.seen is not None:
+            seen = state.seen.clone()
+            seen[0, drafted] = True
+            seen = seen[:, :state.vocab]
+        step = torch.tensor([length - state.prompt_len], device=scores.device)
+        scores = state.rules(scores, state.rows, step + state.prompt_len, step, seen)
+    return process_logits(scores, state.do_sample, **state.processors)
+
+
+def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_length: int, eos: list[int]) -> list[int]:
+    """The tokens transformers' PromptLookupCandidateGenerator proposes after `row` (prompt included): those after
+    the leftmost earlier occurrence of its last n tokens, n from `max_ngram` down to 1, at most `num_tokens` of them
+    and none past the row's current end or `max_length`; cut before the first one the processors forbid (-inf, or
+    float32's lowest, on all-ones logits), then before the first EOS id. A match whose first token is forbidden
+    gives way to the next; none where one more token reaches `max_length`."""
+    length = len(row)
+    if length + 1 == max_length:
+        return []
+    checks = state.rules.blocks or state.do_sample or state.rules.remove_invalid  # else nothing can be forbidden
+    ones = torch.ones(1, state.vocab, device=state.out.device)
+    lowest = torch.finfo(torch.float32).min
+    for size in range(min(max_ngram, length - 1), 0, -1):
+        tail = row[-size:]
+        for start in range(length - size + 1):
+            begin = start + size
+            end = min(begin + num_tokens, length, max_length)
+            if row[start:begin] != tail or begin >= end:
+                continue
+            chosen = row[begin:end]
+            for i in range(len(chosen) if checks else 0):
+                score = float(_processed(state, ones, row, chosen[:i])[0, chosen[i]])
+                if score in (float("-inf"), lowest):
+                    chosen = chosen[:i]
+                    break
+            if not chosen:
+                continue
+            return next((chosen[:i] for i, token in enumerate(chosen) if token in eos), chosen)
+    return []
+
+
+def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, num_tokens: int, max_ngram: int,
+           eos: list[int], watch: Any, deadline: float | None) -> int:
+    """Decode `input_ids` (one row) by prompt lookup into `state` (ttl_core.generate's decoding state, reset, with
+    rows `num_tokens` columns past the end), over `decoder` (reset); `watch` (or None) gets each step's accepted
+    tokens. Returns the number of new tokens."""
+    row = input_ids[0].tolist()
+    max_length = len(row) + state.max_new_tokens
+    head = decoder.prefill(input_ids)[:, None]  # the first step's pass is the prefill's, as in transformers
+    produced = 0
+    while True:
+        drafts = draft(state, row, num_tokens, max_ngram, max_length, eos)
+        budget = max_length - len(row)
+        verified = drafts[:budget - 1]  # the model need not score drafts that could never be kept
+        fed = ([] if head is not None else row[-1:]) + verified
+        logits = decoder.verify(torch.tensor([fed], device=input_ids.device)) if fed else head
+        if head is not None and fed:
+            logits = torch.cat([head, logits], dim=1)
+        raw = logits[0].float()
+        scores = torch.cat([_processed(state, raw[i:i + 1], row, drafts[:i]) for i in range(len(verified) + 1)])
+        # transformers draws all draft positions at once, including those past the budget
+        padded = torch.cat([scores, scores.new_zeros(len(drafts) - len(verified), scores.shape[1])])
+        chosen = (sample(padded, state.generator) if state.do_sample else padded.argmax(dim=-1)).tolist()
+        matches = next((i for i, token in enumerate(drafts) if token != chosen[i]), len(drafts))
+        accepted = chosen[:matches + 1][:budget]
+        accepted = next((accepted[:i + 1] for i, token in enumerate(accepted) if token in eos), accepted)
+        decoder.accept(len(fed) - len(verified) + len(accepted) - 1)
+        count = len(accepted)
+        state.check_scores(scores[:count], raw[:count])
+        columns = torch.arange(produced, produced + count, device=state.out.device)
+        tokens = torch.tensor(accepted, device=state.out.device)
+        state.out[0, columns] = tokens
+        if state.rows is not None:
+            state.rows[0, len(row):len(row) + count] = tokens
+        if state.seen is not None:
+            state.seen[0, tokens] = True
+        for kept, values in ((state.kept_scores, scores), (state.kept_logits, raw)):
+            if kept is not None:
+                kept[columns, 0] = values[:count]
+        row += accepted
+        produced += count
+        if accepted[-1] in eos:
+            state.finish_row(0, produced)
+        if watch is not None:
+            watch(produced, count)
+        head = None
+        if bool(state.finished[0]) or produced == state.max_new_tokens or (
+                deadline is not None and time.monotonic() > deadline):
+            return produced
