@@ -1,5 +1,5 @@
 """DoRA (PEFT's use_dora) against peft: fresh magnitudes to the bit, logits and gradients (dropout included) in
-both directions of loading, merging, and errors."""
+both directions of loading, merging, errors, and the fine-tuning scripts' --lora-dora."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import largest
+from finetune_helpers import saved_base_model
+from helpers import largest, run_script
 from hf_reference import hf_causal_lm, hf_classifier
 from lora_helpers import ids, randomize_lora_, saved_peft_adapter, to_ttl
 from safetensors.torch import load_file, save_file
@@ -170,3 +171,15 @@ def test_dora_inputs_peft_refuses_or_that_do_not_fit_are_one_line_errors(tmp_pat
             load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), directory)
         assert "\n" not in str(error.value)
 
+def test_the_lora_dora_flag_trains_and_saves_a_dora_adapter(tmp_path):
+    base = saved_base_model(tmp_path)
+    result = run_script("finetune_instruct", "--model", base, "--out", tmp_path / "run", "--epochs", "1",
+                        "--max-length", "256", "--lora-r", "4", "--lora-dora")
+    assert result.returncode == 0, result.stderr
+    adapter = tmp_path / "run" / "best"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    magnitudes = {k: v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "magnitude" in k}
+    assert len(magnitudes) == 4  # q_proj and v_proj of both layers, each moved off its initial row norms
+    initial = {k: v for k, v in _peft_keys(apply_lora(ttl_core.load_pretrained(base), r=4, use_dora=True)).items()
+               if k in magnitudes}
+    assert all(not torch.equal(magnitudes[k], initial[k]) for k in magnitudes)
