@@ -142,6 +142,27 @@ def test_dora_merge_equals_peft_merge_and_unmerges_back(tmp_path):
         assert (plain(x).logits - unmerged).abs().max() < 1e-5
 
 
+def test_dora_on_a_bf16_base_computes_and_merges_as_peft_does(tmp_path):
+    """The magnitudes stay float32 like the adapters; the logits are as close to float32 PEFT's as bf16 PEFT's are;
+    the merged weights round once from float64 where PEFT's round from float32, so only a rare one on a bf16 tie
+    differs."""
+    hf = hf_causal_lm().to(torch.bfloat16)
+    theirs = saved_peft_adapter(hf, tmp_path / "adapter", seed=6, target_modules="all-linear", use_dora=True)
+    ours = load_adapter(to_ttl(hf_causal_lm().to(torch.bfloat16), tmp_path), tmp_path / "adapter")
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_magnitude" in n} == {torch.float32}
+    x = ids()
+    with torch.no_grad():
+        exact = peft.PeftModel.from_pretrained(hf_causal_lm(), tmp_path / "adapter").eval()(input_ids=x).logits
+        ours_error = (ours(x).logits.float() - exact).abs().max()
+        peft_error = (theirs.eval()(input_ids=x).logits.float() - exact).abs().max()
+    assert ours_error <= 2 * peft_error  # flash-attn's criterion for a low-precision path
+    truth = theirs.merge_and_unload().state_dict()
+    ttl_core.save_pretrained(unload_lora(ours), tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert sorted(merged) == sorted(truth) and {t.dtype for t in merged.values()} == {torch.bfloat16}
+    differing = sum((merged[k] != truth[k]).sum().item() for k in merged)
+    assert differing <= 1e-4 * sum(t.numel() for t in merged.values()), differing
+
 def test_dora_inputs_peft_refuses_or_that_do_not_fit_are_one_line_errors(tmp_path):
     with pytest.raises(AdapterError, match=r"^LoRA use_dora must be true or false, got 'yes'$"):
         apply_lora(to_ttl(hf_causal_lm(), tmp_path), use_dora="yes")
