@@ -81,7 +81,7 @@ class LoRALinear(nn.Linear):
         self.lora_magnitude = nn.ParameterDict({n: torch.linalg.norm(base.weight.detach()[start:stop], dim=1).to(
             adapter_dtype) for n, (start, stop) in slices.items()} if use_dora else {})
         self.merged = False
-        self.merged_scales: dict[str, torch.Tensor | float] = {}  # what `folded` scaled each slice by when merged
+        self.merged_factors: dict[str, torch.Tensor | float] = {}  # what `folded` scaled each slice by when merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -111,16 +111,16 @@ class LoRALinear(nn.Linear):
         B A x, with g = m / ||W + s B A|| per row and `out` = B A x. With dropout in training, W x is computed again
         from the dropped-out input `x` that `out` saw, as in PEFT."""
         start, stop = self.slices[name]
-        scale = self.dora_scale(name, x.dtype)
+        factor = self.dora_factor(name, x.dtype)
         if self.training and not isinstance(self.dropout, nn.Identity):
             base_out = F.linear(x, self.weight[start:stop].to(x.dtype))
         elif self.bias is not None:
             base_out = base_out - self.bias[start:stop]
         else:  # a copy, which backward needs: forward goes on to add to these rows in place
             base_out = base_out.clone()
-        return (scale - 1) * base_out + scale * out * self.scales[name]
+        return (factor - 1) * base_out + factor * out * self.scales[name]
 
-    def dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def dora_factor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """DoRA's g = m / ||W + s B A|| for each row of one slice, in `dtype`; the norm takes no gradient, as in the
         paper (section 4.3) and PEFT."""
         start, stop = self.slices[name]
@@ -136,8 +136,8 @@ class LoRALinear(nn.Linear):
         """One slice's rows with its adapter folded in, in float64, and the factor they were scaled by: W + s B A
         and 1, or with DoRA g (W + s B A) and g, PEFT's merge."""
         start, stop = self.slices[name]
-        scale = self.dora_scale(name, torch.float64)[:, None] if name in self.lora_magnitude else 1.0
-        return (self.weight[start:stop].double() + self.delta(name)) * scale, scale
+        factor = self.dora_factor(name, torch.float64)[:, None] if name in self.lora_magnitude else 1.0
+        return (self.weight[start:stop].double() + self.delta(name)) * factor, factor
 
     def set_merged(self, merged: bool) -> None:
         """Fold (or take back out) every slice's update into the base weight; forward then skips (or runs) LoRA."""
@@ -147,9 +147,9 @@ class LoRALinear(nn.Linear):
             for n, (start, stop) in self.slices.items():
                 rows = self.weight[start:stop]
                 if merged:
-                    folded, self.merged_scales[n] = self.folded(n)
+                    folded, self.merged_factors[n] = self.folded(n)
                 else:  # DoRA's g kept from merging: the merged rows' norms are m, which cannot give ||W + s B A||
-                    folded = rows.double() / self.merged_scales.pop(n) - self.delta(n)
+                    folded = rows.double() / self.merged_factors.pop(n) - self.delta(n)
                 rows.copy_(folded.to(rows.dtype))
         self.merged = merged
 
