@@ -16,11 +16,15 @@ def to_ttl(hf_model, tmp_path, name="base"):
 
 
 def randomize_lora_(model, seed: int, scale: float = 0.2) -> None:
-    """Non-zero B (and fresh A) so the adapter changes the output and a wrong mapping cannot hide."""
+    """Non-zero B (and fresh A) so the adapter changes the output and a wrong mapping cannot hide; DoRA magnitudes
+    move off their initial row norms by factors 1 + N(0, scale^2), as training moves them (drawn near zero instead,
+    merging would scale rows by almost nothing, and unmerging divide by it)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude" in name:
+                p.mul_(1 + torch.randn(p.shape, generator=gen) * scale)
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 

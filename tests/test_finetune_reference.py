@@ -105,11 +105,12 @@ def reference_fine_tuning(model: torch.nn.Module, examples: list, cfg: FinetuneC
     return figures, scores, best
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_path, lora):
+@pytest.mark.parametrize("lora, dora", [(False, False), (True, False), (True, True)], ids=["full", "lora", "dora"])
+def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_path, lora, dora):
     """Truncation, right padding and last-token pooling, the score head drawn from the seed, accumulation over
     batches of unequal size, clipping, decay groups, warmup + cosine, and the first best epoch kept; with --lora,
-    PEFT's adapters from the seed (drawn after the head) with its dropout masks, and the head trained in full."""
+    PEFT's adapters from the seed (drawn after the head) with its dropout masks, and the head trained in full;
+    with --lora-dora, PEFT's DoRA magnitudes too (decayed, as transformers' Trainer decays them)."""
     base = saved_base_model(tmp_path)
     train_rows, eval_rows = task_rows(NEWS_TRAIN, 36), task_rows(NEWS_EVAL, 24)
     for name, rows in (("train.csv", train_rows), ("eval.csv", eval_rows)):
@@ -117,9 +118,10 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
             writer = csv.DictWriter(f, fieldnames=["title", "text", "label"])
             writer.writeheader()
             writer.writerows(rows)
-    cfg = FinetuneConfig(lr=2e-3 if not lora else 1e-2, batch_size=8, grad_accum_steps=3, epochs=3, warmup_steps=1,
-                         max_length=24, weight_decay=0.1, grad_clip=3.0 if not lora else 1.8, seed=1, lora=lora,
-                         lora_r=4, lora_alpha=8, lora_dropout=0.1)
+    # each run's lr makes its best epoch one before the last
+    cfg = FinetuneConfig(lr=2e-3 if not lora else 5e-3 if dora else 1e-2, batch_size=8, grad_accum_steps=3, epochs=3,
+                         warmup_steps=1, max_length=24, weight_decay=0.1, grad_clip=3.0 if not lora else 1.8, seed=1,
+                         lora=lora, lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_dora=dora)
     result = finetune_classifier(base, tmp_path / "train.csv", tmp_path / "eval.csv", tmp_path / "out", NEWS, cfg,
                                  verbose=False)
 
@@ -144,7 +146,7 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
         if lora:
             torch.set_rng_state(after_head)
             model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="SEQ_CLS",
-                                                               target_modules=["q_proj", "v_proj"]))
+                                                               target_modules=["q_proj", "v_proj"], use_dora=dora))
             snapshot = adapter_snapshot
         return reference_fine_tuning(model, examples, cfg, lambda batch: padded(batch, pad_id),
                                      lambda batch: len(batch["labels"]),

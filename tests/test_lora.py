@@ -242,7 +242,7 @@ def test_merged_weights_equal_peft_merge_and_unload(tmp_path, merge_first):
 @pytest.mark.parametrize("field, value", [
     ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("init_lora_weights", "loftq"),
     ("alora_invocation_tokens", [7, 8]), ("loftq_config", {"loftq_bits": 4}),
-    ("trainable_token_indices", [5]), ("init_lora_weights", "pissa_niter_4"), ("use_dora", True),
+    ("trainable_token_indices", [5]), ("init_lora_weights", "pissa_niter_4"),
 ])
 def test_adapter_settings_that_change_the_math_are_refused(tmp_path, field, value):
     """PEFT would compute something else with these (PiSSA/OLoRA/LoftQ rewrite the base weights on load,

@@ -155,12 +155,12 @@ def test_classifier_options_reach_the_task_spec_and_the_config(monkeypatch):
     assert script.main(["--model", "BASE", "--train", "T.csv", "--eval", "E.csv", "--out", "OUT",
                         "--text-fields", " premise, hypothesis,", "--label-field", "y", "--labels", "sim, não,,",
                         "--pair", "--lr", "1e-3", "--epochs", "2", "--batch-size", "4", "--max-length", "64",
-                        "--seed", "7", "--grad-clip", "0.25", "--lora", "--lora-r", "4"]) == 0
+                        "--seed", "7", "--grad-clip", "0.25", "--lora", "--lora-r", "4", "--lora-dora"]) == 0
     (model, train, eval_, out, spec, cfg), _ = run.calls[-1]
     assert (model, train, eval_, out) == ("BASE", "T.csv", "E.csv", "OUT")
     assert spec == TaskSpec(["premise", "hypothesis"], "y", True, False, ["sim", "não"])
     assert cfg == FinetuneConfig(lr=1e-3, epochs=2, batch_size=4, max_length=64, seed=7, grad_clip=0.25, lora=True,
-                                 lora_r=4)
+                                 lora_r=4, lora_dora=True)
     assert script.main(["--model", "BASE", "--train", "T.csv", "--eval", "E.csv", "--regression",
                         "--label-field", "score"]) == 0
     assert run.calls[-1][0][4] == TaskSpec(["title", "text"], "score", False, True, None)  # labels: the train file's
@@ -364,6 +364,7 @@ def test_benchmark_sizes_are_refused_before_any_gpu_time(name, argv, message, ca
     ("bench_kernels", ["--smoke", "--quick"], "--quick", "with --smoke"),
     ("finetune_classifier", ["--model", "B", "--lora-r", "4"], "--lora-r", "without --lora"),  # LoRA is off by default
     ("finetune_classifier", ["--model", "B", "--merge-lora"], "--merge-lora", "without --lora"),
+    ("finetune_instruct", ["--model", "B", "--no-lora", "--lora-dora"], "--lora-dora", "without --lora"),
     ("finetune_instruct", ["--model", "B", "--no-lora", "--lora-alpha", "8"], "--lora-alpha", "without --lora"),
     ("finetune_benchmark", ["--model", "B", "--lora-dropout", "0.1"], "--lora-dropout", "without --lora"),
     ("finetune_benchmark", ["--model", "B", "--lora-targets", "q_proj"], "--lora-targets", "without --lora"),

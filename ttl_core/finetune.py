@@ -63,6 +63,7 @@ class FinetuneConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
+    lora_dora: bool = False  # DoRA adapters (PEFT's use_dora)
     merge_lora: bool = False  # save the merged model instead of the PEFT adapter
 
     def __post_init__(self) -> None:
@@ -107,7 +108,7 @@ class FinetuneConfig:
                            seed=self.seed, dtype=self.dtype)
 
 
-LORA_OPTIONS = ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--merge-lora")
+LORA_OPTIONS = ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--lora-dora", "--merge-lora")
 
 
 def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
@@ -143,6 +144,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     targets = defaults.lora_targets
     lora.add_argument("--lora-targets", help="comma-separated HF module names, or all-linear (default "
                                              f"{targets if isinstance(targets, str) else ','.join(targets)})")
+    lora.add_argument("--lora-dora", action="store_true", help="train DoRA adapters (PEFT's use_dora)")
     lora.add_argument("--merge-lora", action="store_true",
                       help="save the merged model instead of the PEFT adapter")
     parser.set_defaults(finetune_defaults=defaults)
@@ -158,7 +160,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """The `FinetuneConfig` that `add_finetune_args` options describe; a LoRA option given without --lora is a
     usage error."""
     refuse_ignored(parser, args, "without --lora", *LORA_OPTIONS, active=not args.lora)
-    lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout")
+    lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_dora")
             if getattr(args, name) is not None}
     if args.lora_targets is not None:
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
@@ -323,7 +325,7 @@ class FinetuneResult:
 def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:
     """Freeze the model and add LoRA adapters as `cfg` says (the heads in `modules_to_save` stay trainable)."""
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-               targets=cfg.lora_targets, modules_to_save=modules_to_save)
+               targets=cfg.lora_targets, modules_to_save=modules_to_save, use_dora=cfg.lora_dora)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: LlamaConfig, model_dir: str | Path | None = None) -> None:
@@ -374,11 +376,8 @@ def save_finetuned(model: torch.nn.Module, directory: Path, tokenizer: Tokenizer
     """Write the model atomically as a directory: a PEFT adapter over `base_dir` (LoRA without merging) or,
     otherwise, a full transformers checkpoint (with LoRA, the adapters folded into the saved weights)."""
     def write(tmp: Path) -> None:
-        if not cfg.lora:
-            save_pretrained(model, tmp, tokenizer=tokenizer)
-            return
-        if cfg.merge_lora:
-            save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model))
+        if not cfg.lora or cfg.merge_lora:
+            save_pretrained(model, tmp, tokenizer=tokenizer, state_dict=merged_weights(model) if cfg.lora else None)
         else:
             save_adapter(model, tmp, base_model_name_or_path=str(Path(base_dir).resolve()))
             tokenizer.save_pretrained(tmp, model.config.max_position_embeddings)

@@ -2,16 +2,16 @@
 
 `apply_lora` replaces the targeted `nn.Linear` layers by `LoRALinear`, an `nn.Linear` that keeps the frozen
 base weight under its usual name and adds, for each targeted slice of its output rows, a low-rank update
-`B (A dropout(x)) * scale`. A fused projection (qkv, gate_up) thus adapts `q_proj` and `v_proj` (or any
-subset) independently, exactly as PEFT adapts the separate HF projections. The mapping between ttl's
-modules and HF names, and which layers PEFT's options pick, come from `ttl_core.lora_targets`; PEFT's key
-names are derived from them.
+`B (A dropout(x)) * scale` (with DoRA, rescaled row by row: `LoRALinear.dora_update`). A fused projection (qkv,
+gate_up) thus adapts `q_proj` and `v_proj` (or any subset) independently, exactly as PEFT adapts the separate
+HF projections. The mapping between ttl's modules and HF names, and which layers PEFT's options pick, come from
+`ttl_core.lora_targets`; PEFT's key names are derived from them.
 `load_with_adapter` turns an adapter directory into a ready causal LM: its base, resized and merged.
 
-PEFT's LoRA options that ttl reproduces: r, lora_alpha, lora_dropout, use_rslora, target_modules (names, paths,
-patterns, "all-linear"), exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern,
+PEFT's LoRA options that ttl reproduces: r, lora_alpha, lora_dropout, use_rslora, use_dora, target_modules (names,
+paths, patterns, "all-linear"), exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern,
 modules_to_save, ensure_weight_tying, and any init_lora_weights that leaves the base weights alone. Those it
-cannot (DoRA, LoRA on the embeddings or the LM head, trainable tokens, biases trained beside the adapter, inits
+cannot (LoRA on the embeddings or the LM head, trainable tokens, biases trained beside the adapter, inits
 that rewrite the base such as PiSSA, other PEFT types) are refused in one line naming the option.
 """
 
@@ -52,10 +52,11 @@ class LoRALinear(nn.Linear):
     """A frozen linear layer plus one LoRA pair per adapted slice of its output rows.
 
     `slices` maps an HF projection name to the (start, stop) rows it occupies in this layer's output; `ranks` and
-    `alphas` give each its rank and alpha (PEFT's rank_pattern and alpha_pattern can set them per module)."""
+    `alphas` give each its rank and alpha (PEFT's rank_pattern and alpha_pattern can set them per module);
+    `use_dora` adds each slice a DoRA magnitude vector, `lora_magnitude[name]`."""
 
     def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], ranks: dict[str, int],
-                 alphas: dict[str, float], dropout: float, use_rslora: bool):
+                 alphas: dict[str, float], dropout: float, use_rslora: bool, use_dora: bool = False):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same tensors, under the same names
         self.slices, self.ranks = dict(slices), dict(ranks)
@@ -76,7 +77,11 @@ class LoRALinear(nn.Linear):
             nn.init.zeros_(b.weight)
             self.lora_A[n] = a.to(device, dtype).to(adapter_dtype)
             self.lora_B[n] = b.to(device, dtype).to(adapter_dtype)
+        # PEFT's initial magnitude: the row norms of W + s B A, i.e. of W (B is zero), taken in the base's dtype
+        self.lora_magnitude = nn.ParameterDict({n: torch.linalg.norm(base.weight.detach()[start:stop], dim=1).to(
+            adapter_dtype) for n, (start, stop) in slices.items()} if use_dora else {})
         self.merged = False
+        self.merged_factors: dict[str, torch.Tensor | float] = {}  # what `folded` scaled each slice by when merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -85,30 +90,67 @@ class LoRALinear(nn.Linear):
         names = list(self.slices)
         x = x.to(self.lora_A[names[0]].weight.dtype)
         if isinstance(self.dropout, nn.Identity):  # one matmul for every slice's A
+            inputs = [x] * len(names)
             downs = F.linear(x, torch.cat([self.lora_A[n].weight for n in names])).split(
                 [self.ranks[n] for n in names], dim=-1)
         else:  # each slice draws its own dropout mask, as each of PEFT's separate modules does
-            downs = [self.lora_A[n](self.dropout(x)) for n in names]
-        for n, down in zip(names, downs):
+            inputs = [self.dropout(x) for _ in names]
+            downs = [self.lora_A[n](dropped) for n, dropped in zip(names, inputs)]
+        for n, dropped, down in zip(names, inputs, downs):
             start, stop = self.slices[n]
+            out = self.lora_B[n](down)
+            update = (self.dora_update(n, dropped, y[..., start:stop], out) if n in self.lora_magnitude
+                      else out * self.scales[n])
             # add_ on the view, not `y[...] += ...`: with a bias, y is torch's view of the matmul's output, and the
             # write-back that `+=` adds through indexing is refused by autograd when the slice is the whole output
-            y[..., start:stop].add_(self.lora_B[n](down) * self.scales[n])
+            y[..., start:stop].add_(update)
         return y
 
-    def delta(self, name: str) -> torch.Tensor:
-        """The dense weight update B A * scale of one slice, in float64 so merging rounds once."""
-        return (self.lora_B[name].weight.double() @ self.lora_A[name].weight.double()) * self.scales[name]
+    def dora_update(self, name: str, x: torch.Tensor, base_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """DoRA's change to one slice's base output `base_out` (W x + bias), as PEFT computes it: (g - 1) W x + g s
+        B A x, with g = m / ||W + s B A|| per row and `out` = B A x. With dropout in training, W x is computed again
+        from the dropped-out input `x` that `out` saw, as in PEFT."""
+        start, stop = self.slices[name]
+        factor = self.dora_factor(name, x.dtype)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            base_out = F.linear(x, self.weight[start:stop].to(x.dtype))
+        elif self.bias is not None:
+            base_out = base_out - self.bias[start:stop]
+        else:  # a copy, which backward needs: forward goes on to add to these rows in place
+            base_out = base_out.clone()
+        return (factor - 1) * base_out + factor * out * self.scales[name]
+
+    def dora_factor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """DoRA's g = m / ||W + s B A|| for each row of one slice, in `dtype`; the norm takes no gradient, as in the
+        paper (section 4.3) and PEFT."""
+        start, stop = self.slices[name]
+        with torch.no_grad():
+            norm = torch.linalg.norm(self.weight[start:stop].to(dtype) + self.delta(name, dtype), dim=1)
+        return self.lora_magnitude[name].to(dtype) / norm
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense weight update B A * scale of one slice, in float64 so merging rounds once, unless `dtype`."""
+        return (self.lora_B[name].weight.to(dtype) @ self.lora_A[name].weight.to(dtype)) * self.scales[name]
+
+    def folded(self, name: str) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """One slice's rows with its adapter folded in, in float64, and the factor they were scaled by: W + s B A
+        and 1, or with DoRA g (W + s B A) and g, PEFT's merge."""
+        start, stop = self.slices[name]
+        factor = self.dora_factor(name, torch.float64)[:, None] if name in self.lora_magnitude else 1.0
+        return (self.weight[start:stop].double() + self.delta(name)) * factor, factor
 
     def set_merged(self, merged: bool) -> None:
-        """Add (or subtract) every slice's update to the base weight; forward then skips (or runs) LoRA."""
+        """Fold (or take back out) every slice's update into the base weight; forward then skips (or runs) LoRA."""
         if merged == self.merged:
             return
-        sign = 1.0 if merged else -1.0
         with torch.no_grad():
             for n, (start, stop) in self.slices.items():
                 rows = self.weight[start:stop]
-                rows.copy_((rows.double() + sign * self.delta(n)).to(rows.dtype))
+                if merged:
+                    folded, self.merged_factors[n] = self.folded(n)
+                else:  # DoRA's g kept from merging: the merged rows' norms are m, which cannot give ||W + s B A||
+                    folded = rows.double() / self.merged_factors.pop(n) - self.delta(n)
+                rows.copy_(folded.to(rows.dtype))
         self.merged = merged
 
 
@@ -122,7 +164,8 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
                modules_to_save: Iterable[str] | None = None, ensure_weight_tying: bool = False,
                exclude_modules: str | list[str] | None = None, layers_to_transform: int | list[int] | None = None,
                layers_pattern: str | list[str] | None = None, rank_pattern: dict[str, int] | None = None,
-               alpha_pattern: dict[str, float] | None = None) -> LlamaForCausalLM | LlamaForSequenceClassification:
+               alpha_pattern: dict[str, float] | None = None,
+               use_dora: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Add LoRA adapters in place and freeze everything else; returns the model. A classifier's `score` head is
     always trained in full (as PEFT does for SEQ_CLS), and `modules_to_save` (HF module names such as "embed_tokens",
     "lm_head", matched as PEFT does) are trained in full too. On a model whose LM head shares the input
@@ -130,8 +173,9 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     `ensure_weight_tying` (PEFT's option of that name) trains the shared tensor as one. `targets`,
     `exclude_modules`, `layers_to_transform` and `layers_pattern` choose the adapted layers as PEFT's options of
     those names do (see `targeted_slices`), and `rank_pattern` and `alpha_pattern` give the layers whose path a key
-    ends (as a regular expression) their own r and alpha, as PEFT's do. From the same torch seed, the new adapters
-    are those PEFT's `get_peft_model` draws."""
+    ends (as a regular expression) their own r and alpha, as PEFT's do. `use_dora` makes them DoRA adapters (PEFT's
+    option): each adapted row also gets a trainable magnitude, starting at its weight's norm. From the same torch
+    seed, the new adapters are those PEFT's `get_peft_model` draws."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
     if not _valid_rank(r):
@@ -144,7 +188,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
                         "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-                        "modules_to_save": modules_to_save, "use_rslora": use_rslora,
+                        "modules_to_save": modules_to_save, "use_rslora": use_rslora, "use_dora": use_dora,
                         "ensure_weight_tying": ensure_weight_tying})
     saved = list(modules_to_save or [])
     if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
@@ -162,7 +206,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
         keys = {n: f"{hf_prefixes[path]}.{n}" for n in chosen}  # HF module paths, which the patterns match
         ranks = {n: pattern_value(rank_pattern, key, r) for n, key in keys.items()}
         alphas = {n: pattern_value(alpha_pattern, key, alpha) for n, key in keys.items()}
-        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora)
+        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora, use_dora)
         layer.train(model.training)
         setattr(model.get_submodule(parent), child, layer)
     for name in full:
@@ -172,7 +216,7 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
                          "target_modules": names if isinstance(names, str) else sorted(names),
                          "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
                          "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-                         "use_rslora": use_rslora, "modules_to_save": saved,
+                         "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": saved,
                          "ensure_weight_tying": ensure_weight_tying and tied(model)}
     return model
 
@@ -206,7 +250,7 @@ def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         merged = layer.weight.detach().double().clone()
         for n, (start, stop) in layer.slices.items():
-            merged[start:stop] += layer.delta(n)
+            merged[start:stop] = layer.folded(n)[0]
         weights[f"{path}.weight"] = merged.to(layer.weight.dtype)
     return weights
 
@@ -225,10 +269,16 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 
 def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor for every LoRA weight of the model."""
+    """PEFT key -> tensor for every LoRA weight of the model (PEFT saves a DoRA magnitude without ".weight")."""
     slices = linear_slices(model)
-    return {f"{PEFT_PREFIX}{slices[path][0]}.{n}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[n].weight
-            for path, layer in lora_layers(model).items() for n in layer.slices for ab in "AB"}
+    keys = {}
+    for path, layer in lora_layers(model).items():
+        for n in layer.slices:
+            prefix = f"{PEFT_PREFIX}{slices[path][0]}.{n}"
+            keys.update({f"{prefix}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[n].weight for ab in "AB"})
+            if n in layer.lora_magnitude:
+                keys[f"{prefix}.lora_magnitude_vector"] = layer.lora_magnitude[n]
+    return keys
 
 
 def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -283,7 +333,7 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
         "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
         "layers_pattern": settings["layers_pattern"], "rank_pattern": settings["rank_pattern"],
         "alpha_pattern": settings["alpha_pattern"],
-        "use_dora": False, "revision": None,
+        "use_dora": settings["use_dora"], "revision": None,
         **({"ensure_weight_tying": True} if settings["ensure_weight_tying"] else {}),
     })
 
@@ -295,8 +345,6 @@ def _read_adapter_config(directory: Path) -> dict:
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     # fan_in_fan_out is not checked: PEFT sets it to false on every nn.Linear, which all of a Llama's projections are
-    if config.get("use_dora"):
-        raise AdapterError(f"{directory}: use_dora={config['use_dora']!r} is not supported (expected False)")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
         raise AdapterError(f"{directory}: bias={config['bias']!r} is not one of PEFT's 'none', 'all', 'lora_only'")
     for key in UNSUPPORTED_ADAPTER_FIELDS:
@@ -308,6 +356,8 @@ def _read_adapter_config(directory: Path) -> dict:
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise AdapterError(f"{directory}: init_lora_weights={init!r} is not supported (PEFT rewrites the base "
                            "weights with it when loading)")
+    if config.get("use_dora") is True and init == "mica":  # two LoRA variants at once
+        raise AdapterError(f"{directory}: use_dora=True cannot go with init_lora_weights='mica' (as in PEFT)")
     try:  # an unset flag is false
         check_option_types({key: config.get(key, False if kinds == (bool,) else None)
                             for key, kinds in OPTION_TYPES.items()})
@@ -354,7 +404,8 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
     settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                     targets=present_targets(model, config["target_modules"]),
-                    use_rslora=config.get("use_rslora", False), modules_to_save=saved,
+                    use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
+                    modules_to_save=saved,
                     ensure_weight_tying=config.get("ensure_weight_tying", False),
                     **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
                                                         "rank_pattern", "alpha_pattern")})

@@ -23,7 +23,8 @@ EMBEDDING_PARAMS = ("backbone.embed.weight", "lm_head.weight")  # and ttl's para
 # the types PEFT's LoraConfig takes for the options that choose the adapted layers (NoneType: may be unset)
 OPTION_TYPES = {"target_modules": (str, list), "exclude_modules": (str, list, type(None)),
                 "layers_to_transform": (int, list, type(None)), "layers_pattern": (str, list, type(None)),
-                "modules_to_save": (list, type(None)), "use_rslora": (bool,), "ensure_weight_tying": (bool,)}
+                "modules_to_save": (list, type(None)), "use_rslora": (bool,), "use_dora": (bool,),
+                "ensure_weight_tying": (bool,)}
 TYPE_WORDS = {str: "a string", int: "an integer", list: "a list"}
 
 
