@@ -31,12 +31,9 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernel_backend: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-        self.kernel_backend = kernel_backend
+        self.eps, self.kernel_backend = eps, kernel_backend
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x). Under autocast the
         normed output comes in the autocast dtype: every consumer is a matmul that would cast it so."""
         out_dtype = autocast_dtype(x.device.type)
@@ -403,6 +400,7 @@ class LlamaForCausalLM(_LlamaBase):
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
+        z_loss: float = 0.0,
     ) -> ModelOutput | tuple:
         """Logits (batch, seq, vocab) without labels; with integer labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
@@ -413,21 +411,23 @@ class LlamaForCausalLM(_LlamaBase):
         them) and replace `labels`. `cu_seqlens` / `max_seqlen` (see `ttl_core.attention.document_layout`) pack
         several documents per row that do not attend to each other (positions restart in each). `angles`,
         `inputs_embeds` (in place of `input_ids`), `output_hidden_states`, `use_cache` and `return_dict`: see
-        `LlamaModel.forward`."""
+        `LlamaModel.forward`. `z_loss` > 0 adds z_loss * logsumexp(logits)**2 per target to the loss (PaLM's z-loss),
+        and that part alone, reduced alike, is the output's `z_loss`."""
         base = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen, angles,
                              inputs_embeds, output_hidden_states, use_cache)
         hidden = base.last_hidden_state
-        loss = logits = None
+        loss = logits = z_part = None
         if labels is not None or targets is not None:
             targets = next_token_targets(labels, targets, hidden.shape[:2])
             loss = ttl_kernels.fused_linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                reduction=loss_reduction, backend=self.config.kernels,
-            )
+                reduction=loss_reduction, z_loss=z_loss, return_z_loss=z_loss > 0, backend=self.config.kernels)
+            if z_loss > 0:
+                loss, z_part = loss
         if loss is None or return_logits:
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # -0: all
             logits = self.lm_head(hidden[:, kept])
-        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
+        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states, z_loss=z_part)
         return out if return_dict else out.to_tuple()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings):

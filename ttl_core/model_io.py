@@ -42,6 +42,7 @@ class ModelOutput:
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, when the call asked for one
 
     def keys(self) -> list[str]:
         """The names of the fields that are set, in order (transformers' outputs are dicts of those)."""

@@ -59,6 +59,9 @@ class TrainConfig:
     # [] decays everything (TeenyTinyLlama's practice)
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    # PaLM's z-loss: z_loss * logsumexp(logits)**2 per target token added to the objective (1e-4 in PaLM), which
+    # keeps the softmax normalizer near 1; logged apart, as "z_loss", beside the cross-entropy "loss"
+    z_loss: float = 0.0
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
     tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (TeenyTinyLlama's recipe); no effect off CUDA
@@ -185,12 +188,12 @@ def validate(run: RunConfig) -> None:
     if t.distributed not in DISTRIBUTED_CHOICES:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {t.distributed!r}")
     # comparisons written so that NaN fails them; lr is checked before it bounds min_lr, so a bad one is named
-    for key in ("lr", "warmup_steps", "grad_clip", "weight_decay", "sample_tokens"):
+    for key in ("lr", "warmup_steps", "grad_clip", "weight_decay", "sample_tokens", "z_loss"):
         if not getattr(t, key) >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if not t.eps > 0:
         raise ConfigError(f"train.eps must be > 0, got {t.eps}")
-    for key in ("lr", "eps", "weight_decay"):  # an infinite one turns the first update's weights into NaN
+    for key in ("lr", "eps", "weight_decay", "z_loss"):  # an infinite one turns the first update's weights into NaN
         if not math.isfinite(getattr(t, key)):
             raise ConfigError(f"train.{key} must be finite, got {getattr(t, key)}")
     if not 0 <= t.min_lr <= t.lr:

@@ -107,29 +107,33 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
-    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean loss per target token,
-    gradient norm before clipping, the grad scaler's figures from `apply_update`). Raises TrainingError, before
+    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token,
+    gradient norm before clipping, other figures to log: the grad scaler's from `apply_update` and, with
+    `train.z_loss`, the mean z-loss term the objective adds to the cross-entropy). Raises TrainingError, before
     touching the weights, on a non-finite loss or a non-finite gradient norm (with an fp16 grad scaler, which skips
     such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient into
     NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
-    loss_sum = torch.zeros((), device=world.device)
+    sums = torch.zeros(2, device=world.device)  # the objective (cross-entropy + z-loss) and its z-loss part
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with autocast(world.device, train.dtype):
-            loss = model(**inputs, loss_reduction="sum").loss
-        loss_sum += loss.detach().float()
-        scaled = loss * scale
+            out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss)
+        sums[0] += out.loss.detach().float()
+        if out.z_loss is not None:
+            sums[1] += out.z_loss.float()
+        scaled = out.loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
-    mean_loss = all_reduce_sum(loss_sum, world) / n_targets.to(world.device)
+    means = all_reduce_sum(sums, world) / n_targets.to(world.device)
     grad_norm = clip_gradients(model, optimizer, train, scaler)
-    # one host sync for both figures: the loss must be known before the weights change, and a second sync
+    # one host sync for every figure: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
-    mean_loss, grad_norm = torch.stack([mean_loss.reshape(()), grad_norm.to(mean_loss)]).tolist()
-    stop_if_not_finite(optimizer, {"loss": mean_loss, **gradient_figures(grad_norm, scaler)})
-    return mean_loss, grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
+    objective, z_part, grad_norm = torch.cat([means, grad_norm.to(means).reshape(1)]).tolist()
+    stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
+    figures = apply_update(optimizer, lr, grad_norm, scaler)
+    return objective - z_part, grad_norm, {**figures, "z_loss": z_part} if train.z_loss else figures
 
 
 @torch.no_grad()
@@ -452,7 +456,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             micro = [model_inputs(b, world.device, run.data.document_masking, tokenizer.bos_id)
                      for b in batches(loader, train.grad_accum_steps)]
             try:
-                loss, grad_norm, scaling = train_step(model, optimizer, micro, train, world, lr_at(step, train),
+                loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
                                                       scaler)
             except TrainingError as e:
                 good = latest_checkpoint(out_dir)
@@ -462,7 +466,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             tokens_per_s, mfu = step_throughput(train.tokens_per_step, world.size, elapsed, flops, peak)
             if log:
                 log.log({"step": step, "loss": loss, "lr": lr_at(step, train), "grad_norm": grad_norm,
-                         "tokens_per_s": tokens_per_s, "mfu": mfu, **scaling})
+                         "tokens_per_s": tokens_per_s, "mfu": mfu, **figures})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
