@@ -246,6 +246,10 @@ def test_bad_arguments_are_clear():
                                                backend="triton")
     with pytest.raises(ValueError, match=r"targets must be \(3,\), got \(3, 1\)"):  # one per row, not a column
         ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, 1, dtype=torch.long), backend="triton")
+    for z_loss in (-1e-4, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+            ttl_kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4),
+                                                   torch.zeros(3, dtype=torch.long), z_loss=z_loss)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

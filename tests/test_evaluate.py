@@ -138,7 +138,7 @@ def test_the_script_refuses_another_tokenizer_s_data_and_a_classifier(checkpoint
     with pytest.raises(ConfigError, match="was tokenized with another tokenizer than"):
         script.main(["--model", str(model_dir), "--data", str(other)])
     hf_classifier(vocab_size=400).save_pretrained(tmp_path / "classifier")
-    with pytest.raises(ConfigError, match="holds a LlamaForSequenceClassification; evaluation needs a LlamaForCausalLM"):
+    with pytest.raises(ConfigError, match="LlamaForSequenceClassification; evaluation needs a LlamaForCausalLM"):
         script.main(["--model", str(tmp_path / "classifier"), "--data", str(data)])
 
 

@@ -15,7 +15,8 @@ from ttl_core.train import train
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_the_floor():
-    t = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10", "train.max_steps=110"]).train
+    t = load_run_config(None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=10",
+                               "train.max_steps=110"]).train
     assert lr_at(1, t) == pytest.approx(0.1) and lr_at(10, t) == pytest.approx(1.0) == lr_at(11, t)
     assert lr_at(61, t) == pytest.approx(0.55)  # halfway through the cosine: the mean of lr and min_lr
     assert lr_at(110, t) > 0.1 and lr_at(111, t) == pytest.approx(0.1) and lr_at(500, t) == pytest.approx(0.1)

@@ -141,7 +141,7 @@ if HAVE_TRITON:
                     tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: float) -> None:
+def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: float, z_loss: float) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if targets.dim() != 1 or targets.shape[0] != rows:
@@ -151,6 +151,8 @@ def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: fl
         raise ValueError(f"targets must be class indices of an integer dtype, got {targets.dtype}")
     if not 0.0 <= label_smoothing <= 1.0:  # written so that NaN fails too
         raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
 
 
 def _reduction_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -217,7 +219,7 @@ def cross_entropy(
     also returns the z-loss part of the loss (reduced alike, without gradient), to log beside the loss."""
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
-    _check(targets, logits.shape[0], reduction, label_smoothing)
+    _check(targets, logits.shape[0], reduction, label_smoothing, z_loss)
     require_floating("cross_entropy", logits=logits)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss,
@@ -383,7 +385,7 @@ def fused_linear_cross_entropy(
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    _check(targets, hidden.shape[0], reduction, label_smoothing)
+    _check(targets, hidden.shape[0], reduction, label_smoothing, z_loss)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     if not use_triton(hidden, backend, weight):
         return fused_linear_cross_entropy_reference(
