@@ -482,8 +482,9 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if not bool(state.scores_ok):
         cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
-        if state.do_sample and state.rules.blocks:  # transformers fails there too
-            cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
+        if state.rules.blocks and (state.do_sample or state.processors["renormalize_logits"]):  # else greedy picks 0
+            cause += (", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
+                      + ("" if state.do_sample else " (NaN once renormalize_logits log-softmaxes it)"))
         if state.do_sample and state.guidance_scale != 1:  # scale * (log-probability difference) may overflow
             cause += f", or guidance_scale {state.guidance_scale} did"
         if state.rules.sequence_bias is not None:
