@@ -74,6 +74,9 @@ def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_lengt
     checks = state.rules.blocks or state.do_sample or state.rules.remove_invalid  # else nothing can be forbidden
     ones = torch.ones(1, state.vocab, device=state.out.device)
     lowest = torch.finfo(torch.float32).min
+    # by drafted tokens: in a repetitive row many matches propose the same ones, and every match's first token is
+    # checked against the same row; transformers runs the processors again for each match
+    forbidden: dict[tuple[int, ...], bool] = {}
     for size in range(min(max_ngram, length - 1), 0, -1):
         tail = row[-size:]
         for start in range(length - size + 1):
@@ -83,8 +86,11 @@ def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_lengt
                 continue
             chosen = row[begin:end]
             for i in range(len(chosen) if checks else 0):
-                score = float(_processed(state, ones, row, chosen[:i])[0, chosen[i]])
-                if score in (float("-inf"), lowest):
+                key = tuple(chosen[:i + 1])
+                if key not in forbidden:
+                    score = float(_processed(state, ones, row, chosen[:i])[0, chosen[i]])
+                    forbidden[key] = score in (float("-inf"), lowest)
+                if forbidden[key]:
                     chosen = chosen[:i]
                     break
             if not chosen:
