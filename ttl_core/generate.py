@@ -150,21 +150,26 @@ class _Decoding:
         scores = process_logits(logits, self.do_sample, watermark=watermark, **self.processors)
         self.check_scores(scores, raw)
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
-        for kept, step_values in ((self.kept_scores, scores), (self.kept_logits, raw)):
-            if kept is not None:
-                kept.index_copy_(0, self.column, step_values[None])
         token = torch.where(self.finished, self.pad, token)
-        self.out.index_copy_(1, self.column, token[:, None])
-        if self.rows is not None:
-            self.rows.index_copy_(1, self.prompt_len + self.column, token[:, None])
+        self.record(self.column, token[:, None], scores[None], raw[None])
         self.column.add_(1)
         if self.eos is not None:
             hit = (token[:, None] == self.eos).any(dim=-1) & ~self.finished
             self.done_at.copy_(torch.where(hit, self.column, self.done_at))
             self.finished |= hit
-        if self.seen is not None:
-            self.seen.scatter_(1, token[:, None], True)
         self.tokens.copy_(token[:, None])
+
+    def record(self, columns: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, raw: torch.Tensor) -> None:
+        """Write new `tokens` (rows, n) at `columns` (n,) and, where kept, the `scores` and model logits `raw`
+        (n, rows, vocab) they were chosen from."""
+        for kept, values in ((self.kept_scores, scores), (self.kept_logits, raw)):
+            if kept is not None:
+                kept.index_copy_(0, columns, values)
+        self.out.index_copy_(1, columns, tokens)
+        if self.rows is not None:
+            self.rows.index_copy_(1, self.prompt_len + columns, tokens)
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens, True)
 
     def check_scores(self, scores: torch.Tensor, raw: torch.Tensor) -> None:
         """Note in `scores_ok` whether every row of `scores` (from the model's logits `raw`) has a finite max

@@ -122,21 +122,13 @@ def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, num_tokens: 
         padded = torch.cat([scores, scores.new_zeros(len(drafts) - len(verified), scores.shape[1])])
         chosen = (sample(padded, state.generator) if state.do_sample else padded.argmax(dim=-1)).tolist()
         matches = next((i for i, token in enumerate(drafts) if token != chosen[i]), len(drafts))
-        accepted = chosen[:matches + 1][:budget]
-        accepted = next((accepted[:i + 1] for i, token in enumerate(accepted) if token in eos), accepted)
+        accepted = chosen[:matches + 1][:budget]  # only the last can be an EOS id: drafts stop before them
         decoder.accept(len(fed) - len(verified) + len(accepted) - 1)
         count = len(accepted)
         state.check_scores(scores[:count], raw[:count])
         columns = torch.arange(produced, produced + count, device=state.out.device)
-        tokens = torch.tensor(accepted, device=state.out.device)
-        state.out[0, columns] = tokens
-        if state.rows is not None:
-            state.rows[0, len(row):len(row) + count] = tokens
-        if state.seen is not None:
-            state.seen[0, tokens] = True
-        for kept, values in ((state.kept_scores, scores), (state.kept_logits, raw)):
-            if kept is not None:
-                kept[columns, 0] = values[:count]
+        tokens = torch.tensor([accepted], device=state.out.device)
+        state.record(columns, tokens, scores[:count, None], raw[:count, None])
         row += accepted
         produced += count
         if accepted[-1] in eos:
