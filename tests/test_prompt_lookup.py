@@ -132,6 +132,26 @@ def test_drafts_stop_before_an_eos_id_and_generation_at_one(models, drafted):
     assert torch.equal(got, ref) and got.shape[1] < free.shape[1] and got[0, -1] == ended
 
 
+def test_matches_that_share_a_forbidden_draft_run_the_processors_once(models, monkeypatch):
+    """A long repetitive prompt has many earlier matches of its last n-gram, all continued by the token that
+    no_repeat_ngram_size forbids: transformers runs its processors once a match (the cost grows with the row),
+    ttl once for the lot, with the same outcome."""
+    hf, ours = models
+    ids = torch.arange(10, 15).repeat(40)[None]
+    settings = dict(max_new_tokens=2, prompt_lookup_num_tokens=4, no_repeat_ngram_size=3)
+    runs = []
+    original = prompt_lookup._processed
+
+    def counted(*args):
+        runs.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(prompt_lookup, "_processed", counted)
+    got = ttl_core.generate(ours, ids, **settings, **COMMON)
+    assert torch.equal(got, theirs(hf, ids, do_sample=False, **settings))
+    assert len(runs) == 3  # one check for all 78 matches, then one verified position a step (no draft fits in the 2nd)
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_max_new_tokens_cuts_a_draft_as_in_transformers(models, max_new_tokens, do_sample):

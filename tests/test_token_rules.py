@@ -249,3 +249,17 @@ def test_an_exponential_decay_past_float32_is_named(models, do_sample):
 ])
 def test_bad_rules_are_one_line_errors(models, kwargs, message):
     assert_refused(models[1], message, max_new_tokens=3, **kwargs)
+
+
+def test_rules_that_leave_no_token_are_named_when_renormalize_logits_makes_that_nan(models):
+    """Greedy decoding picks id 0 where the rules leave no token, but renormalize_logits' log-softmax makes that
+    row NaN, which ttl refuses (transformers' argmax picks id 0 again): the error names the rules, not the model."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    banned = list(range(ours.config.vocab_size))
+    kwargs = dict(max_new_tokens=3, eos_token_id=[], pad_token_id=PAD, suppress_tokens=banned)
+    assert (ttl_core.generate(ours, ids, mask, **kwargs)[:, 9:] == 0).all()  # as the docs say
+    assert (hf.generate(ids, attention_mask=mask, renormalize_logits=True, **kwargs)[:, 9:] == 0).all()
+    with pytest.raises(GenerationError, match="renormalize_logits") as info:
+        ttl_core.generate(ours, ids, mask, renormalize_logits=True, **kwargs)
+    assert "token rules" in str(info.value) and "\n" not in str(info.value)

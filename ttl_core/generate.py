@@ -150,21 +150,26 @@ class _Decoding:
         scores = process_logits(logits, self.do_sample, watermark=watermark, **self.processors)
         self.check_scores(scores, raw)
         token = sample(scores, self.generator) if self.do_sample else scores.argmax(dim=-1)
-        for kept, step_values in ((self.kept_scores, scores), (self.kept_logits, raw)):
-            if kept is not None:
-                kept.index_copy_(0, self.column, step_values[None])
         token = torch.where(self.finished, self.pad, token)
-        self.out.index_copy_(1, self.column, token[:, None])
-        if self.rows is not None:
-            self.rows.index_copy_(1, self.prompt_len + self.column, token[:, None])
+        self.record(self.column, token[:, None], scores[None], raw[None])
         self.column.add_(1)
         if self.eos is not None:
             hit = (token[:, None] == self.eos).any(dim=-1) & ~self.finished
             self.done_at.copy_(torch.where(hit, self.column, self.done_at))
             self.finished |= hit
-        if self.seen is not None:
-            self.seen.scatter_(1, token[:, None], True)
         self.tokens.copy_(token[:, None])
+
+    def record(self, columns: torch.Tensor, tokens: torch.Tensor, scores: torch.Tensor, raw: torch.Tensor) -> None:
+        """Write new `tokens` (rows, n) at `columns` (n,) and, where kept, the `scores` and model logits `raw`
+        (n, rows, vocab) they were chosen from."""
+        for kept, values in ((self.kept_scores, scores), (self.kept_logits, raw)):
+            if kept is not None:
+                kept.index_copy_(0, columns, values)
+        self.out.index_copy_(1, columns, tokens)
+        if self.rows is not None:
+            self.rows.index_copy_(1, self.prompt_len + columns, tokens)
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens, True)
 
     def check_scores(self, scores: torch.Tensor, raw: torch.Tensor) -> None:
         """Note in `scores_ok` whether every row of `scores` (from the model's logits `raw`) has a finite max
@@ -482,8 +487,9 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if not bool(state.scores_ok):
         cause = (f"logits / temperature {state.processors['temperature']} overflowed float32, or the model's logits "
                  "did" if state.do_sample else "the model's logits hold NaN or inf (are its weights finite?)")
-        if state.do_sample and state.rules.blocks:  # transformers fails there too
-            cause += ", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
+        if state.rules.blocks and (state.do_sample or state.processors["renormalize_logits"]):  # else greedy picks 0
+            cause += (", or the token rules (min_new_tokens, no_repeat_ngram_size, bad_words_ids, ...) left no token"
+                      + ("" if state.do_sample else " (NaN once renormalize_logits log-softmaxes it)"))
         if state.do_sample and state.guidance_scale != 1:  # scale * (log-probability difference) may overflow
             cause += f", or guidance_scale {state.guidance_scale} did"
         if state.rules.sequence_bias is not None:

@@ -74,6 +74,9 @@ def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_lengt
     checks = state.rules.blocks or state.do_sample or state.rules.remove_invalid  # else nothing can be forbidden
     ones = torch.ones(1, state.vocab, device=state.out.device)
     lowest = torch.finfo(torch.float32).min
+    # by drafted tokens: in a repetitive row many matches propose the same ones, and every match's first token is
+    # checked against the same row; transformers runs the processors again for each match
+    forbidden: dict[tuple[int, ...], bool] = {}
     for size in range(min(max_ngram, length - 1), 0, -1):
         tail = row[-size:]
         for start in range(length - size + 1):
@@ -83,8 +86,11 @@ def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_lengt
                 continue
             chosen = row[begin:end]
             for i in range(len(chosen) if checks else 0):
-                score = float(_processed(state, ones, row, chosen[:i])[0, chosen[i]])
-                if score in (float("-inf"), lowest):
+                key = tuple(chosen[:i + 1])
+                if key not in forbidden:
+                    score = float(_processed(state, ones, row, chosen[:i])[0, chosen[i]])
+                    forbidden[key] = score in (float("-inf"), lowest)
+                if forbidden[key]:
                     chosen = chosen[:i]
                     break
             if not chosen:
@@ -116,21 +122,13 @@ def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, num_tokens: 
         padded = torch.cat([scores, scores.new_zeros(len(drafts) - len(verified), scores.shape[1])])
         chosen = (sample(padded, state.generator) if state.do_sample else padded.argmax(dim=-1)).tolist()
         matches = next((i for i, token in enumerate(drafts) if token != chosen[i]), len(drafts))
-        accepted = chosen[:matches + 1][:budget]
-        accepted = next((accepted[:i + 1] for i, token in enumerate(accepted) if token in eos), accepted)
+        accepted = chosen[:matches + 1][:budget]  # only the last can be an EOS id: drafts stop before them
         decoder.accept(len(fed) - len(verified) + len(accepted) - 1)
         count = len(accepted)
         state.check_scores(scores[:count], raw[:count])
         columns = torch.arange(produced, produced + count, device=state.out.device)
-        tokens = torch.tensor(accepted, device=state.out.device)
-        state.out[0, columns] = tokens
-        if state.rows is not None:
-            state.rows[0, len(row):len(row) + count] = tokens
-        if state.seen is not None:
-            state.seen[0, tokens] = True
-        for kept, values in ((state.kept_scores, scores), (state.kept_logits, raw)):
-            if kept is not None:
-                kept[columns, 0] = values[:count]
+        tokens = torch.tensor([accepted], device=state.out.device)
+        state.record(columns, tokens, scores[:count, None], raw[:count, None])
         row += accepted
         produced += count
         if accepted[-1] in eos:
