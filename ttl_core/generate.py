@@ -9,7 +9,7 @@ step when a streamer or stop strings need the new tokens on the host).
 
 The KV cache and the decoder are in `ttl_core.kv_cache`, the logits processors in `ttl_core.token_rules` and
 `ttl_core.sampling` (with the sampler), the streamer and the stop-string matcher in `ttl_core.streamer`, prompt-lookup
-decoding (several tokens a step, eagerly) in `ttl_core.prompt_lookup`.
+decoding (several tokens a step, eagerly) in `ttl_core.prompt_lookup`, the dict output in `ttl_core.generate_output`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from .beam_search import beam_search, check_beam_arguments
 from .errors import GenerationError, is_integer
+from .generate_output import GenerateOutput
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
 from .prompt_lookup import checked_lookup, decode as lookup_decode
@@ -45,46 +45,6 @@ EOS_CHECK_EVERY = {"cuda": 8}
 # Eager decode steps (real steps, not thrown away) run before the step is captured in a CUDA graph, so lazy
 # initialization (cuBLAS handles, Triton compilation and autotuning) happens outside the capture.
 GRAPH_WARMUP_STEPS = 3
-
-
-@dataclass
-class GenerateOutput:
-    """What `generate(..., return_dict_in_generate=True)` returns, as transformers' GenerateDecoderOnlyOutput (and,
-    with beams, GenerateBeamDecoderOnlyOutput) holds it: `sequences` as `generate()` returns them; with
-    `output_scores`, `scores`, one (rows, vocab) float32 tensor a decoding step: the scores the token was chosen from,
-    after every processor (with beams, of each beam's log-probabilities) and, with beams, `sequences_scores`, each
-    returned beam's length-penalized score; with `output_logits`, `logits`, the model's logits a step; with beams,
-    `beam_indices`, the beam row each returned sequence's token came from at each new position (-1 past its end)."""
-
-    sequences: torch.Tensor
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    sequences_scores: torch.Tensor | None = None
-    beam_indices: torch.Tensor | None = None
-
-    def __getitem__(self, key: str | int | slice) -> Any:
-        """As transformers' outputs are read: by the name of a field that is set, or by position among them."""
-        fields = {name: value for name, value in vars(self).items() if value is not None}
-        return fields[key] if isinstance(key, str) else tuple(fields.values())[key]
-
-    def transition_scores(self, normalize_logits: bool = False) -> torch.Tensor:
-        """(rows, new tokens): each new token's score at the step that chose it, in the scores of the beam row it
-        came from (log-softmaxed first with `normalize_logits`, which makes the greedy or sampled scores of a model
-        log-probabilities), 0 past a beam's end: what transformers' `compute_transition_scores` computes."""
-        if self.scores is None:
-            raise GenerationError("transition scores need each step's scores: generate with output_scores=True")
-        # (beam rows, vocab, steps), steps outermost in memory: transformers' layout, so the log-softmax rounds alike
-        steps = torch.stack(self.scores).permute(1, 2, 0)
-        if normalize_logits:
-            steps = steps.log_softmax(dim=1)
-        origins = self.beam_indices
-        if origins is None:  # greedy or sampled: each row's tokens come from its own scores
-            origins = torch.arange(self.sequences.shape[0], device=steps.device)[:, None].expand(-1, len(self.scores))
-        ended = origins < 0
-        new_tokens = int((~ended).sum(dim=-1).max())
-        origins, ended = origins[:, :new_tokens].long().clamp_min(0), ended[:, :new_tokens]
-        picked = steps[origins, self.sequences[:, -new_tokens:], torch.arange(new_tokens, device=steps.device)]
-        return picked.masked_fill(ended, 0.0)
 
 
 class _Decoding:
@@ -336,8 +296,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `tokenizer` (see `ttl_core.streamer.StopStrings`).
     `eos_token_id` and `pad_token_id` default to a passed `generation_config`'s, else to the checkpoint's
     generation_config.json, else to the model config's; the padding id then to the first EOS id. Without
-    `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in transformers. Sampling draws transformers' tokens: with
-    `seed=s` those it draws after `torch.manual_seed(s)`; without, from torch's global RNG where it stands.
+    `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in transformers.
+    Sampling draws transformers' tokens: with `seed=s` those it draws after `torch.manual_seed(s)`; without, from
+    torch's global RNG where it stands.
     `streamer` (one row only: ttl's `TextStreamer`, or transformers' `TextStreamer`, `TextIteratorStreamer` or
     any `BaseStreamer`) gets, as from transformers, `put()` with the prompt, then with each new token as it is
     produced (CPU LongTensors), then `end()`, also when the call fails. On CUDA the decode step runs as a CUDA

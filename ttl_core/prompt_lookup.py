@@ -1,13 +1,13 @@
 """Prompt-lookup decoding (`generate(prompt_lookup_num_tokens=k)`), step for step as transformers' assisted decoding
 runs it with its `PromptLookupCandidateGenerator`.
 
-Each step drafts up to k tokens by finding the row's last n-gram earlier in the row (n from
-`max_matching_ngram_size` down to 1, the leftmost match first) and copying what followed it; the model scores the
-row's newest token and the drafts in one pass over the KV cache (`KVDecoder.verify`), every position gets the
-processors as if it were a step of its own, and the step keeps the drafts up to the first one the model would not
-have chosen (its argmax, or with `do_sample` one draw over all positions at once) plus the model's own token there.
-Greedy rows are plain greedy decoding's (up to the rounding of a pass over several tokens); sampled ones follow
-transformers' draws, which differ from plain sampling's. One row only, decoded eagerly: each step needs the drafts and the accepted count on the host.
+Each step drafts up to k tokens by finding the row's last n-gram earlier in the row (n from `max_matching_ngram_size`
+down to 1, the leftmost match first) and copying what followed it; the model scores the row's newest token and the
+drafts in one pass over the KV cache (`KVDecoder.verify`), every position gets the processors as if it were a step of
+its own, and the step keeps the drafts up to the first one the model would not have chosen (its argmax, or with
+`do_sample` one draw over all positions at once) plus the model's own token there. Greedy rows are plain greedy
+decoding's (up to the rounding of a pass over several tokens); sampled ones follow transformers' draws, which differ
+from plain sampling's. One row only, decoded eagerly: each step needs the drafts and the accepted count on the host.
 """
 
 from __future__ import annotations
