@@ -18,7 +18,8 @@ from lora_helpers import ids, randomize_lora_, saved_peft_adapter, to_ttl
 from safetensors.torch import load_file, save_file
 
 import ttl_core
-from ttl_core.errors import AdapterError
+from ttl_core.errors import AdapterError, ConfigError
+from ttl_core.finetune import FinetuneConfig
 from ttl_core.lora import (_peft_keys, apply_lora, load_adapter, lora_layers, merge_lora, merged_weights,
                            save_adapter, unload_lora, unmerge_lora)
 
@@ -191,6 +192,17 @@ def test_dora_inputs_peft_refuses_or_that_do_not_fit_are_one_line_errors(tmp_pat
         with pytest.raises(AdapterError, match=message) as error:
             load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), directory)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lora_dora=True), r"^lora_dora \(--lora-dora\) trains DoRA adapters; it needs --lora$"),
+    (dict(lora=True, lora_dora="no"), r"^lora_dora \(--lora-dora\) must be true or false, got 'no'$")])
+def test_finetune_config_refuses_dora_without_lora_or_not_a_flag(settings, message):
+    """Without lora, lora_dora would be dropped for a full fine-tune, as merge_lora would; a string such as "no"
+    would turn DoRA on."""
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig(**settings)
+
 
 def test_the_lora_dora_flag_trains_and_saves_a_dora_adapter(tmp_path):
     base = saved_base_model(tmp_path)
