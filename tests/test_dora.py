@@ -164,6 +164,7 @@ def test_dora_on_a_bf16_base_computes_and_merges_as_peft_does(tmp_path):
     differing = sum((merged[k] != truth[k]).sum().item() for k in merged)
     assert differing <= 1e-4 * sum(t.numel() for t in merged.values()), differing
 
+
 def test_dora_inputs_peft_refuses_or_that_do_not_fit_are_one_line_errors(tmp_path):
     with pytest.raises(AdapterError, match=r"^LoRA use_dora must be true or false, got 'yes'$"):
         apply_lora(to_ttl(hf_causal_lm(), tmp_path), use_dora="yes")
