@@ -143,6 +143,16 @@ def test_dora_merge_equals_peft_merge_and_unmerges_back(tmp_path):
         assert (plain(x).logits - unmerged).abs().max() < 1e-5
 
 
+
+def test_a_merged_dora_model_moved_to_another_device_unmerges(tmp_path):
+    """The row factors merging kept (the merged rows cannot give them back) go where the weights have gone; the meta
+    device stands in for a GPU."""
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.0, targets="all-linear", use_dora=True)
+    randomize_lora_(model, seed=2)
+    merge_lora(model)
+    unmerge_lora(model.to("meta"))
+    assert not any(layer.merged for layer in lora_layers(model).values())
+
 def test_dora_on_a_bf16_base_computes_and_merges_as_peft_does(tmp_path):
     """The magnitudes stay float32 like the adapters; the logits are as close to float32 PEFT's as bf16 PEFT's are;
     the merged weights round once from float64 where PEFT's round from float32, so only a rare one on a bf16 tie
