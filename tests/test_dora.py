@@ -18,7 +18,8 @@ from lora_helpers import ids, randomize_lora_, saved_peft_adapter, to_ttl
 from safetensors.torch import load_file, save_file
 
 import ttl_core
-from ttl_core.errors import AdapterError
+from ttl_core.errors import AdapterError, ConfigError
+from ttl_core.finetune import FinetuneConfig
 from ttl_core.lora import (_peft_keys, apply_lora, load_adapter, lora_layers, merge_lora, merged_weights,
                            save_adapter, unload_lora, unmerge_lora)
 
@@ -142,6 +143,16 @@ def test_dora_merge_equals_peft_merge_and_unmerges_back(tmp_path):
         assert (plain(x).logits - unmerged).abs().max() < 1e-5
 
 
+
+def test_a_merged_dora_model_moved_to_another_device_unmerges(tmp_path):
+    """The row factors merging kept (the merged rows cannot give them back) go where the weights have gone; the meta
+    device stands in for a GPU."""
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), r=4, dropout=0.0, targets="all-linear", use_dora=True)
+    randomize_lora_(model, seed=2)
+    merge_lora(model)
+    unmerge_lora(model.to("meta"))
+    assert not any(layer.merged for layer in lora_layers(model).values())
+
 def test_dora_on_a_bf16_base_computes_and_merges_as_peft_does(tmp_path):
     """The magnitudes stay float32 like the adapters; the logits are as close to float32 PEFT's as bf16 PEFT's are;
     the merged weights round once from float64 where PEFT's round from float32, so only a rare one on a bf16 tie
@@ -162,6 +173,7 @@ def test_dora_on_a_bf16_base_computes_and_merges_as_peft_does(tmp_path):
     assert sorted(merged) == sorted(truth) and {t.dtype for t in merged.values()} == {torch.bfloat16}
     differing = sum((merged[k] != truth[k]).sum().item() for k in merged)
     assert differing <= 1e-4 * sum(t.numel() for t in merged.values()), differing
+
 
 def test_dora_inputs_peft_refuses_or_that_do_not_fit_are_one_line_errors(tmp_path):
     with pytest.raises(AdapterError, match=r"^LoRA use_dora must be true or false, got 'yes'$"):
@@ -191,6 +203,17 @@ def test_dora_inputs_peft_refuses_or_that_do_not_fit_are_one_line_errors(tmp_pat
         with pytest.raises(AdapterError, match=message) as error:
             load_adapter(to_ttl(hf_causal_lm(), tmp_path, "fresh"), directory)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lora_dora=True), r"^lora_dora \(--lora-dora\) trains DoRA adapters; it needs --lora$"),
+    (dict(lora=True, lora_dora="no"), r"^lora_dora \(--lora-dora\) must be true or false, got 'no'$")])
+def test_finetune_config_refuses_dora_without_lora_or_not_a_flag(settings, message):
+    """Without lora, lora_dora would be dropped for a full fine-tune, as merge_lora would; a string such as "no"
+    would turn DoRA on."""
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig(**settings)
+
 
 def test_the_lora_dora_flag_trains_and_saves_a_dora_adapter(tmp_path):
     base = saved_base_model(tmp_path)

@@ -87,12 +87,15 @@ class FinetuneConfig:
             "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
             "lora_targets": (self.lora_targets == "all-linear" or isinstance(self.lora_targets, (list, tuple))
                              and bool(self.lora_targets), "module names or all-linear"),
+            "lora_dora": (isinstance(self.lora_dora, bool), "true or false"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(self, name)!r}")
-        if self.merge_lora and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored
-            raise ConfigError("merge_lora (--merge-lora) merges LoRA adapters into the model; it needs --lora")
+        for flag, does in (("merge_lora", "merges LoRA adapters into the model"),
+                           ("lora_dora", "trains DoRA adapters")):
+            if getattr(self, flag) and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored
+                raise ConfigError(f"{flag} (--{flag.replace('_', '-')}) {does}; it needs --lora")
 
     def torch_device(self) -> torch.device:
         """`device` as a torch device; a malformed one, or CUDA on a machine without it, is a ConfigError."""
@@ -119,9 +122,8 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size,
                        help="examples per forward pass (default %(default)s)")
-    group.add_argument("--grad-accum-steps", type=int, default=defaults.grad_accum_steps,
-                       help="batches per optimizer step: the effective batch is batch size x this (default "
-                            "%(default)s)")
+    group.add_argument("--grad-accum-steps", type=int, default=defaults.grad_accum_steps, help="batches per "
+                       "optimizer step: the effective batch is batch size x this (default %(default)s)")
     group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
     group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
@@ -145,8 +147,7 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     lora.add_argument("--lora-targets", help="comma-separated HF module names, or all-linear (default "
                                              f"{targets if isinstance(targets, str) else ','.join(targets)})")
     lora.add_argument("--lora-dora", action="store_true", help="train DoRA adapters (PEFT's use_dora)")
-    lora.add_argument("--merge-lora", action="store_true",
-                      help="save the merged model instead of the PEFT adapter")
+    lora.add_argument("--merge-lora", action="store_true", help="save the merged model instead of the PEFT adapter")
     parser.set_defaults(finetune_defaults=defaults)
 
 

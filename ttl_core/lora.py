@@ -149,7 +149,8 @@ class LoRALinear(nn.Linear):
                 if merged:
                     folded, self.merged_factors[n] = self.folded(n)
                 else:  # DoRA's g kept from merging: the merged rows' norms are m, which cannot give ||W + s B A||
-                    folded = rows.double() / self.merged_factors.pop(n) - self.delta(n)
+                    factor = torch.as_tensor(self.merged_factors.pop(n), device=rows.device)  # the model may have moved
+                    folded = rows.double() / factor - self.delta(n)
                 rows.copy_(folded.to(rows.dtype))
         self.merged = merged
 
