@@ -108,8 +108,9 @@ def test_classifier_score_head_travels_as_modules_to_save_both_ways(tmp_path):
         assert (again(x).logits - ours(x).logits).abs().max() < 1e-5
 
 
-def test_merge_unmerge_and_unload(tmp_path):
-    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets="all-linear", r=4, alpha=8)
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_and_unload(use_dora, tmp_path):
+    model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets="all-linear", r=4, alpha=8, use_dora=use_dora)
     randomize_lora_(model, seed=11, scale=0.05)  # deltas of a trained adapter's size
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     x = ids()
@@ -380,33 +381,40 @@ def test_adapters_under_activation_checkpointing_train_as_without_it(tmp_path):
         assert loss != model.eval()(x, labels=x).loss  # dropout was on
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
 @pytest.mark.parametrize("kind, dtype, options", [
     ("causal", torch.float32, dict(target_modules=["q_proj", "v_proj"])),
-    ("causal", torch.bfloat16, dict(target_modules="all-linear", rank_pattern={"down_proj": 2})),
+    ("causal", torch.bfloat16, dict(target_modules="all-linear", use_rslora=True, rank_pattern={"down_proj": 2},
+                                    alpha_pattern={"v_proj": 32})),
     ("classifier", torch.float16, dict(target_modules=["k_proj", "up_proj"], layers_to_transform=[1]))])
-def test_fresh_adapters_from_a_seed_are_peft_s_to_the_bit(kind, dtype, options, tmp_path):
+def test_fresh_adapters_from_a_seed_are_peft_s_to_the_bit(kind, dtype, options, use_dora, tmp_path):
     """The same seed gives PEFT's initial adapters (A kaiming-uniform, drawn in PEFT's module order after each
     pair's default nn.Linear inits, rounded through a half-precision base's dtype; B zero), so a LoRA run can
-    start where PEFT's does; a fresh adapter leaves the logits exactly as they were."""
+    start where PEFT's does; a fresh adapter leaves the logits exactly as they were. DoRA's magnitudes start at
+    the row norms of each slice of the fused weight, taken in the base's dtype and kept in float32 as PEFT keeps
+    them, and leave the seed's A draws as they were."""
     hf = (hf_causal_lm() if kind == "causal" else hf_classifier(num_labels=3)).to(dtype)
     ours = to_ttl(hf, tmp_path)
     x = ids()
     with torch.no_grad():
         before = ours(x).logits
         torch.manual_seed(11)
-        apply_lora(ours, r=4, alpha=8, dropout=0.0, targets=options["target_modules"],
+        apply_lora(ours, r=4, alpha=8, dropout=0.0, use_dora=use_dora, targets=options["target_modules"],
                    **{k: v for k, v in options.items() if k != "target_modules"})
-        assert torch.equal(ours(x).logits, before)
+        if not use_dora or dtype == torch.float32:  # DoRA's m / ||W|| is 1 in fp32 (half precision rounds m)
+            assert torch.equal(ours(x).logits, before)
     torch.manual_seed(11)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=use_dora,
                                                      task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS", **options))
     save_adapter(ours, tmp_path / "ours")
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     expected = peft.get_peft_model_state_dict(theirs)
     lora = sorted(k for k in expected if "lora_" in k)
     assert lora and lora == sorted(k for k in saved if "lora_" in k)
+    assert any(k.endswith("lora_magnitude_vector") for k in lora) == use_dora
     for key in lora:
         assert saved[key].dtype == expected[key].dtype == torch.float32 and torch.equal(saved[key], expected[key]), key
+
 
 def test_merging_twice_folds_the_adapter_in_once(tmp_path):
     model = apply_lora(to_ttl(hf_causal_lm(), tmp_path), targets="all-linear", r=4, alpha=8)
