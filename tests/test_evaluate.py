@@ -94,6 +94,7 @@ def test_bad_streams_and_settings_are_named(checkpoint):
     for call, error, message in [
         (lambda: stream_loss(model, tokens, 65), ConfigError, r"seq_len 65 is longer than the model's context \(64"),
         (lambda: stream_loss(model, tokens, 16, stride=17), ConfigError, r"a stride in \[1, seq_len\]"),
+        (lambda: stream_loss(model, tokens, 16, stride=0), ConfigError, r"a stride in \[1, seq_len\], got .*stride=0"),
         (lambda: stream_loss(model, tokens[:1], 16), DataError, r"holds 1 token\(s\): nothing to predict"),
         (lambda: stream_loss(model, tokens + 390, 16), DataError, r"id 439, outside the model's vocabulary of 400"),
     ]:

@@ -95,7 +95,7 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     if top >= model.config.vocab_size:
         raise DataError(f"the stream holds id {top}, outside the model's vocabulary of {model.config.vocab_size} "
                         f"(data prepared with another tokenizer?)")
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride  # not `stride or seq_len`: a stride of 0 is refused, not defaulted
     if not (seq_len >= 1 and 1 <= stride <= seq_len):
         raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
     device = model.lm_head.weight.device
