@@ -94,6 +94,7 @@ def test_bad_streams_and_settings_are_named(checkpoint):
     for call, error, message in [
         (lambda: stream_loss(model, tokens, 65), ConfigError, r"seq_len 65 is longer than the model's context \(64"),
         (lambda: stream_loss(model, tokens, 16, stride=17), ConfigError, r"a stride in \[1, seq_len\]"),
+        (lambda: stream_loss(model, tokens, 16, stride=0), ConfigError, r"a stride in \[1, seq_len\], got .*stride=0"),
         (lambda: stream_loss(model, tokens[:1], 16), DataError, r"holds 1 token\(s\): nothing to predict"),
         (lambda: stream_loss(model, tokens + 390, 16), DataError, r"id 439, outside the model's vocabulary of 400"),
     ]:
@@ -137,6 +138,10 @@ def test_the_script_refuses_another_tokenizer_s_data_and_a_classifier(checkpoint
     ttl_core.data.prepare_data([ROOT / "ttl_core" / "sample_data" / "ciencia.txt"], other, vocab_size=400)
     with pytest.raises(ConfigError, match="was tokenized with another tokenizer than"):
         script.main(["--model", str(model_dir), "--data", str(other)])
+    held_out_nothing = tmp_path / "no-val"  # prepared with val_fraction 0: an empty val.bin
+    ttl_core.data.prepare_data([data.parent / "corpus.txt"], held_out_nothing, tokenizer=data, val_fraction=0.0)
+    with pytest.raises(DataError, match=r"no-val/val.bin holds 0 token\(s\): nothing to evaluate \(--split train"):
+        script.main(["--model", str(model_dir), "--data", str(held_out_nothing)])
     hf_classifier(vocab_size=400).save_pretrained(tmp_path / "classifier")
     with pytest.raises(ConfigError, match="LlamaForSequenceClassification; evaluation needs a LlamaForCausalLM"):
         script.main(["--model", str(tmp_path / "classifier"), "--data", str(data)])

@@ -46,13 +46,18 @@ class StreamLoss:
 
 
 def split_tokens(data_dir: str | Path, split: str) -> tuple[np.ndarray, dict]:
-    """The token stream of `DATA_DIR/{split}.bin` (memory-mapped) and the directory's meta.json."""
+    """The token stream of `DATA_DIR/{split}.bin` (memory-mapped; a DataError when it holds nothing to predict) and
+    the directory's meta.json."""
     data_dir = Path(data_dir)
     path = data_dir / f"{split}.bin"
     if not (data_dir / "meta.json").is_file() or not path.is_file():
         raise DataError(f"{data_dir}: no meta.json or {split}.bin (prepare the data with scripts/prepare_data.py)")
     meta = read_meta(data_dir / "meta.json")
-    return token_file(path, meta, split), meta
+    tokens = token_file(path, meta, split)
+    if len(tokens) < 2:  # a val.bin prepared with val_fraction 0 is empty
+        hint = " (--split train, or prepare the data with a --val-fraction above 0)" if split == "val" else ""
+        raise DataError(f"{path} holds {len(tokens)} token(s): nothing to evaluate{hint}")
+    return tokens, meta
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -95,7 +100,7 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     if top >= model.config.vocab_size:
         raise DataError(f"the stream holds id {top}, outside the model's vocabulary of {model.config.vocab_size} "
                         f"(data prepared with another tokenizer?)")
-    stride = stride or seq_len
+    stride = seq_len if stride is None else stride  # not `stride or seq_len`: a stride of 0 is refused, not defaulted
     if not (seq_len >= 1 and 1 <= stride <= seq_len):
         raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
     device = model.lm_head.weight.device
