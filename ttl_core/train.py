@@ -122,8 +122,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         with autocast(world.device, train.dtype):
             out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss)
         sums[0] += out.loss.detach().float()
-        if out.z_loss is not None:
-            sums[1] += out.z_loss.float()
+        sums[1] += 0.0 if out.z_loss is None else out.z_loss.float()
         scaled = out.loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
     means = all_reduce_sum(sums, world) / n_targets.to(world.device)
