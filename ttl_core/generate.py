@@ -9,7 +9,8 @@ step when a streamer or stop strings need the new tokens on the host).
 
 The KV cache and the decoder are in `ttl_core.kv_cache`, the logits processors in `ttl_core.token_rules` and
 `ttl_core.sampling` (with the sampler), the streamer and the stop-string matcher in `ttl_core.streamer`, prompt-lookup
-decoding (several tokens a step, eagerly) in `ttl_core.prompt_lookup`, the dict output in `ttl_core.generate_output`.
+decoding (several tokens a step, eagerly) in `ttl_core.prompt_lookup`, assisted decoding's draft model in
+`ttl_core.assisted`, the dict output in `ttl_core.generate_output`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from typing import Any, Callable
 
 import torch
 
+from .assisted import AssistantDrafts, assistant_settings
 from .beam_search import beam_search, check_beam_arguments
 from .errors import GenerationError, is_integer
 from .generate_output import GenerateOutput
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
-from .prompt_lookup import checked_lookup, decode as lookup_decode
+from .prompt_lookup import LookupDrafts, checked_lookup, decode as drafted_decode
 from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs, checked_token_rules,
                        decoding_settings, global_generator, mark_seen, passed_generation_config, process_logits,
                        sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
@@ -192,16 +194,19 @@ class _Session:
                  max_new_tokens: int, eos: list[int], pad: int | None, do_sample: bool, seeded: bool,
                  processors: dict, rules: dict, cuda_graph: bool, keep_scores: bool, keep_logits: bool,
                  guidance_scale: float, unconditional_mask: torch.Tensor | None, watermark: tuple | None,
-                 lookup: tuple[int, int] | None):
+                 lookup: tuple[int, int] | None, assistant: tuple[LlamaForCausalLM, dict] | None):
         self.key, self.lock, self.lookup = key, threading.Lock(), lookup  # lookup: (draft tokens, n-gram size)
-        # prompt lookup verifies drafts through the mask, which flash-attn's cache kernel does not read
-        self.decoder = KVDecoder(model, attention_mask, max_new_tokens, flash=False if lookup else None)
+        # drafts are verified through the mask, which flash-attn's cache kernel does not read
+        self.decoder = KVDecoder(model, attention_mask, max_new_tokens,
+                                 flash=False if lookup or assistant else None)
         # classifier-free guidance runs the model a second time, on the unconditional context, in a cache of its own
         self.unconditional = (None if unconditional_mask is None
                               else KVDecoder(model, unconditional_mask, max_new_tokens))
         self.state = _Decoding(input_ids.shape, max_new_tokens, model.config.vocab_size, eos, pad, do_sample, seeded,
                                processors, rules, input_ids.device, keep_scores, keep_logits, guidance_scale,
                                watermark, lookup[0] if lookup else 0)
+        self.assistant = None if assistant is None else AssistantDrafts(
+            assistant[0], self.state, attention_mask, max_new_tokens, assistant[1], eos)
 
         # not `self`: no reference cycle holding the caches past their use
         decoder, unconditional, state = self.decoder, self.unconditional, self.state
@@ -268,7 +273,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              negative_prompt_attention_mask: torch.Tensor | None = None, watermarking_config: Any = None,
              prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
              generation_config: Any = None, prompt_lookup_num_tokens: int | None = None,
-             max_matching_ngram_size: int | None = None) -> torch.Tensor | GenerateOutput:
+             max_matching_ngram_size: int | None = None, assistant_model: LlamaForCausalLM | None = None,
+             num_assistant_tokens: int | None = None, num_assistant_tokens_schedule: str | None = None,
+             assistant_confidence_threshold: float | None = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -288,7 +295,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     (unconditioned on `negative_prompt_ids`, else on each prompt's last token); `watermarking_config` its
     watermark (`ttl_core.watermark`); `prefix_allowed_tokens_fn(prompt index, row so far)` the ids each step may
     choose. `prompt_lookup_num_tokens=k` drafts up to k tokens a step from the row itself, as transformers' prompt
-    lookup does (`ttl_core.prompt_lookup`; one row, eagerly). Checkpoint settings ttl does not implement
+    lookup does (`ttl_core.prompt_lookup`; one row, eagerly); `assistant_model` drafts them with a smaller model of the
+    same vocabulary, as transformers' assisted decoding does (`ttl_core.assisted`; one row, eagerly). Checkpoint settings ttl does not implement
     (contrastive search, token healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
@@ -373,6 +381,13 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         deadline = None if max_time is None else time.monotonic() + max_time
         lookup = checked_lookup(*lookup, max_matching_ngram_size is not None, input_ids.shape[0], num_beams,
                                 num_return_sequences, guidance_scale, watermark)
+        drafting = dict(num_assistant_tokens=num_assistant_tokens,
+                        num_assistant_tokens_schedule=num_assistant_tokens_schedule,
+                        assistant_confidence_threshold=assistant_confidence_threshold)
+        drafting = assistant_settings(assistant_model, model, drafting, input_ids.shape[1] + max_new_tokens,
+                                      input_ids.shape[0], num_beams, num_return_sequences, guidance_scale, watermark,
+                                      lookup)
+        assistant = None if drafting is None else (assistant_model, drafting)
         if num_beams > 1:
             if streamer is not None or stops is not None:  # transformers refuses a streamer there too
                 raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
@@ -393,15 +408,16 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         device = input_ids.device
         # not under autocast: a graph kept for later calls would read weight casts that autocast frees at its exit
         graphed = (cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None and watermark is None
-                   and prefix_allowed_tokens_fn is None and lookup is None)  # all run host code every step
+                   and prefix_allowed_tokens_fn is None and lookup is None and assistant is None)  # host code a step
         unconditional_shape = None if unconditional is None else tuple(unconditional[0].shape)
         key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
                tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, guidance_scale,
-               unconditional_shape, watermark, lookup, _forward_fingerprint(model))
+               unconditional_shape, watermark, lookup, _forward_fingerprint(model),
+               None if assistant is None else (tuple(drafting.values()), _forward_fingerprint(assistant_model)))
         session = _acquire_session(model, key, lambda: _Session(
             key, model, input_ids, mask, max_new_tokens, eos, pad, do_sample, seed is not None, settings, rules,
             graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1],
-            watermark, lookup))
+            watermark, lookup, assistant))
         try:
             sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
                              deadline, unconditional, eos)
@@ -430,8 +446,11 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
     if unconditional is not None:
         session.unconditional.reset(unconditional[1])
         unconditional_logits = session.unconditional.prefill(unconditional[0])
-    if session.lookup is not None:
-        produced = lookup_decode(decoder, state, input_ids, *session.lookup, eos, watch, deadline)
+    if session.assistant is not None:
+        session.assistant.start(input_ids, mask)
+    if session.lookup is not None or session.assistant is not None:
+        drafts = session.assistant or LookupDrafts(state, *session.lookup, eos)
+        produced = drafted_decode(decoder, state, input_ids, drafts, eos, watch, deadline)
     else:
         state.advance(decoder.prefill(input_ids), unconditional_logits)
         check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)

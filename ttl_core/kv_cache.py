@@ -73,7 +73,8 @@ class StaticKVCache:
 class KVDecoder:
     """Runs a causal LM over a `StaticKVCache`: `prefill(input_ids)` over left-padded prompts, then
     `step(tokens)` one token per row. Returns the last position's logits (batch, vocab) in the model's dtype.
-    `verify(tokens)` and `accept(kept)` feed several tokens a row at once and keep the first of them (prompt lookup).
+    `verify(tokens)` and `accept(kept)` feed several tokens a row at once and keep the first of them (prompt lookup),
+    `rewind(count)` forgets the last tokens fed (assisted decoding's draft model).
 
     Positions follow transformers: each row counts from 0 at its first real token (cumsum of the mask - 1).
     A decode step's tensors keep their shapes and addresses, so it can be captured in a CUDA graph, and
@@ -179,3 +180,10 @@ class KVDecoder:
         self.key_bias[:, self.decode_index:self.decode_index + kept] = 0.0
         self.decode_index.add_(kept)
         self.position.add_(kept)
+
+    def rewind(self, count: int) -> None:
+        """Forget the last `count` tokens fed (an assistant's rejected drafts): their slots are masked again and
+        the next tokens overwrite them."""
+        self.decode_index.sub_(count)
+        self.position.sub_(count)
+        self.key_bias[:, self.decode_index:self.decode_index + count] = float("-inf")

@@ -8,6 +8,7 @@ its own, and the step keeps the drafts up to the first one the model would not h
 `do_sample` one draw over all positions at once) plus the model's own token there. Greedy rows are plain greedy
 decoding's (up to the rounding of a pass over several tokens); sampled ones follow transformers' draws, which differ
 from plain sampling's. One row only, decoded eagerly: each step needs the drafts and the accepted count on the host.
+`decode` takes its drafts from any source; assisted decoding's draft model (`ttl_core.assisted`) is the other one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from .errors import GenerationError, is_integer
 from .kv_cache import KVDecoder
-from .sampling import process_logits, sample
+from .sampling import draw, process_logits, sample
 
 
 def checked_lookup(num_tokens: Any, max_ngram: Any, ngram_given: bool, rows: int, num_beams: int,
@@ -33,15 +34,21 @@ def checked_lookup(num_tokens: Any, max_ngram: Any, ngram_given: bool, rows: int
     for name, value in (("prompt_lookup_num_tokens", num_tokens), ("max_matching_ngram_size", max_ngram)):
         if value is not None and not (is_integer(value) and value >= 1):
             raise GenerationError(f"{name} must be a positive integer, got {value!r}")
-    if num_beams > 1:
-        raise GenerationError("prompt lookup (prompt_lookup_num_tokens) does not run with beam search (num_beams > 1)")
-    if rows != 1 or num_return_sequences != 1:  # transformers refuses both
-        raise GenerationError(f"prompt lookup (prompt_lookup_num_tokens) decodes one sequence, got {rows} prompt "
-                              f"rows and num_return_sequences={num_return_sequences}")
-    if guidance_scale != 1 or watermark is not None:
-        raise GenerationError("ttl's prompt lookup (prompt_lookup_num_tokens) takes no classifier-free guidance "
-                              "(guidance_scale) or watermarking_config")
+    check_one_row("prompt lookup (prompt_lookup_num_tokens)", rows, num_beams, num_return_sequences, guidance_scale,
+                  watermark)
     return num_tokens, max_ngram or 2  # transformers' default n-gram size
+
+
+def check_one_row(what: str, rows: int, num_beams: int, num_return_sequences: int, guidance_scale: float,
+                  watermark: Any) -> None:
+    """A GenerationError where a drafting decoder (`what`) is asked for what it cannot run with."""
+    if num_beams > 1:
+        raise GenerationError(f"{what} does not run with beam search (num_beams > 1)")
+    if rows != 1 or num_return_sequences != 1:  # transformers refuses both
+        raise GenerationError(f"{what} decodes one sequence, got {rows} prompt rows and "
+                              f"num_return_sequences={num_return_sequences}")
+    if guidance_scale != 1 or watermark is not None:
+        raise GenerationError(f"ttl's {what} takes no classifier-free guidance (guidance_scale) or watermarking_config")
 
 
 def _processed(state: Any, logits: torch.Tensor, row: list[int], drafted: list[int]) -> torch.Tensor:
@@ -99,31 +106,50 @@ def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_lengt
     return []
 
 
-def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, num_tokens: int, max_ngram: int,
-           eos: list[int], watch: Any, deadline: float | None) -> int:
-    """Decode `input_ids` (one row) by prompt lookup into `state` (ttl_core.generate's decoding state, reset, with
-    rows `num_tokens` columns past the end), over `decoder` (reset); `watch` (or None) gets each step's accepted
-    tokens. Returns the number of new tokens."""
+class LookupDrafts:
+    """Prompt lookup as a draft source for `decode`: drafts from the row itself, no draft scores."""
+
+    def __init__(self, state: Any, num_tokens: int, max_ngram: int, eos: list[int]):
+        self.state, self.num_tokens, self.max_ngram, self.eos = state, num_tokens, max_ngram, eos
+
+    def propose(self, row: list[int], max_length: int) -> tuple[list[int], None]:
+        return draft(self.state, row, self.num_tokens, self.max_ngram, max_length, self.eos), None
+
+    def kept(self, count: int) -> None:
+        """`count` of the drafts were kept: nothing to roll back here."""
+
+
+def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, drafts: Any, eos: list[int], watch: Any,
+           deadline: float | None) -> int:
+    """Decode `input_ids` (one row) into `state` (ttl_core.generate's decoding state, reset, with rows as long as
+    any draft reaches) over `decoder` (reset), each step verifying the tokens `drafts.propose(row, max_length)`
+    returns (a list, and the draft model's processed scores for them or None) and telling `drafts.kept(count)` how
+    many were kept; `watch` (or None) gets each step's accepted tokens. Returns the number of new tokens."""
     row = input_ids[0].tolist()
     max_length = len(row) + state.max_new_tokens
     head = decoder.prefill(input_ids)[:, None]  # the first step's pass is the prefill's, as in transformers
     produced = 0
     while True:
-        drafts = draft(state, row, num_tokens, max_ngram, max_length, eos)
+        drafted, draft_scores = drafts.propose(row, max_length)
         budget = max_length - len(row)
-        verified = drafts[:budget - 1]  # the model need not score drafts that could never be kept
+        verified = drafted[:budget - 1]  # the model need not score drafts that could never be kept
         fed = ([] if head is not None else row[-1:]) + verified
         logits = decoder.verify(torch.tensor([fed], device=input_ids.device)) if fed else head
         if head is not None and fed:
             logits = torch.cat([head, logits], dim=1)
         raw = logits[0].float()
-        scores = torch.cat([_processed(state, raw[i:i + 1], row, drafts[:i]) for i in range(len(verified) + 1)])
-        # transformers draws all draft positions at once, including those past the budget
-        padded = torch.cat([scores, scores.new_zeros(len(drafts) - len(verified), scores.shape[1])])
-        chosen = (sample(padded, state.generator) if state.do_sample else padded.argmax(dim=-1)).tolist()
-        matches = next((i for i, token in enumerate(drafts) if token != chosen[i]), len(drafts))
-        accepted = chosen[:matches + 1][:budget]  # only the last can be an EOS id: drafts stop before them
+        scores = torch.cat([_processed(state, raw[i:i + 1], row, drafted[:i]) for i in range(len(verified) + 1)])
+        if state.do_sample and draft_scores is not None:
+            matches, chosen = speculative_sampling(scores, draft_scores, drafted, state.generator)
+        else:
+            # transformers draws all draft positions at once, including those past the budget
+            padded = torch.cat([scores, scores.new_zeros(len(drafted) - len(verified), scores.shape[1])])
+            chosen = (sample(padded, state.generator) if state.do_sample else padded.argmax(dim=-1)).tolist()
+            matches = next((i for i, token in enumerate(drafted) if token != chosen[i]), len(drafted))
+        accepted = chosen[:matches + 1][:budget]
+        accepted = next((accepted[:i + 1] for i, token in enumerate(accepted) if token in eos), accepted)
         decoder.accept(len(fed) - len(verified) + len(accepted) - 1)
+        drafts.kept(min(matches, len(accepted)))
         count = len(accepted)
         state.check_scores(scores[:count], raw[:count])
         columns = torch.arange(produced, produced + count, device=state.out.device)
@@ -139,3 +165,21 @@ def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, num_tokens: 
         if bool(state.finished[0]) or produced == state.max_new_tokens or (
                 deadline is not None and time.monotonic() > deadline):
             return produced
+
+
+def speculative_sampling(scores: torch.Tensor, draft_scores: torch.Tensor, drafted: list[int],
+                         generator: torch.Generator | None) -> tuple[int, list[int]]:
+    """(drafts kept, the kept drafts and one token more) as transformers' `_speculative_sampling` chooses them from
+    the model's processed `scores` (one row a draft and one more) and the draft model's `draft_scores` (one a draft),
+    with its draws: keep draft i with probability min(1, p_i / q_i) (one uniform draw a draft), then draw from
+    max(0, p - q) renormalized at the first rejection, or from p after the last draft."""
+    p, q = scores.softmax(dim=-1), draft_scores.softmax(dim=-1)
+    index = torch.arange(len(drafted), device=scores.device)
+    ids = torch.tensor(drafted, device=scores.device)
+    accepted = torch.rand(len(drafted), generator=generator, device=scores.device) < p[index, ids] / q[index, ids]
+    matches = int((~accepted).cumsum(dim=-1).lt(1).sum())
+    following = p[matches]
+    if matches < len(drafted):
+        following = (following - q[matches]).clamp_min(0)
+        following = following / following.sum()
+    return matches, drafted[:matches] + draw(following[None], generator).tolist()

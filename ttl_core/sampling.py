@@ -486,6 +486,10 @@ def sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     from Exp(1) picks token i with probability p_i (the exponential race). `torch.multinomial` draws one sample
     the same way, from the same draws, so transformers' tokens come out of the same generator state; but it
     checks the probabilities on the host first, which a CUDA graph cannot hold."""
-    probs = scores.softmax(dim=-1)
+    return draw(scores.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `probs` (each row's sum need not be 1), drawn as `torch.multinomial` draws one."""
     race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / race).argmax(dim=-1)
