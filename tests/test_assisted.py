@@ -117,6 +117,27 @@ def test_sampling_draws_transformers_tokens(models, steps, settings):
     assert any(kept > 0 for _, kept in steps) and any(kept < drafted for drafted, kept in steps)
 
 
+# transformers' assistant masks a new token equal to pad_token_id out of its attention (see docs/generation.md)
+RULES = [dict(repetition_penalty=1.3, no_repeat_ngram_size=3, min_new_tokens=5, suppress_tokens=[PAD]),
+         dict(sequence_bias={(40,): -float("inf")}, suppress_tokens=[7], forced_eos_token_id=2,
+              exponential_decay_length_penalty=(3, 1.2), renormalize_logits=True),
+         dict(prefix_allowed_tokens_fn=lambda prompt, row: range(4, 90) if len(row) % 3 else range(40, 131))]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("settings", RULES)
+def test_token_rules_apply_to_drafts_and_verified_positions(models, settings, do_sample):
+    """The draft model's scores get the call's processors at each draft's position, as transformers passes them
+    to its assistant, and so do the model's at each verified position."""
+    hf, draft, ours, small = models
+    ids = prompt(1)
+    torch.manual_seed(4)
+    ref = theirs(hf, draft, ids, tokens=4, threshold=0.1, max_new_tokens=25, do_sample=do_sample, top_k=0, **settings)
+    got = ttl_core.generate(ours, ids, assistant_model=small, max_new_tokens=25, do_sample=do_sample, seed=4,
+                            num_assistant_tokens=4, assistant_confidence_threshold=0.1, **COMMON, **settings)
+    assert torch.equal(got, ref)
+
+
 def saved(hf, path):
     hf.save_pretrained(path)
     return ttl_core.load_pretrained(path)
@@ -179,21 +200,34 @@ def test_eos_in_the_drafts_and_the_length_limit(models):
             assert torch.equal(got, ref)
 
 
-def test_scores_and_the_checkpoint_settings(models, steps, tmp_path):
-    """One score a new token, as transformers keeps them; the drafting settings come from the draft model's
-    generation_config.json where the call leaves them out, as transformers reads them."""
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_scores_streamer_and_the_checkpoint_settings(models, steps):
+    """One score a new token, and each step's kept tokens streamed as one tensor, as transformers hands them; the
+    drafting settings come from the draft model's generation_config.json where the call leaves them out, as
+    transformers reads them."""
     hf, draft, ours, small = models
     ids = prompt(2)
     settings = dict(max_new_tokens=15, return_dict_in_generate=True, output_scores=True, output_logits=True)
-    ref = theirs(hf, draft, ids, tokens=3, threshold=0.0, do_sample=False, **settings)
-    small.generation_config = {**(small.generation_config or {}), "num_assistant_tokens": 3,
-                               "assistant_confidence_threshold": 0.0}
+    theirs_stream, ours_stream = Recorder(), Recorder()
+    ref = theirs(hf, draft, ids, tokens=3, threshold=0.0, do_sample=False, streamer=theirs_stream, **settings)
+    saved_config = small.generation_config
+    small.generation_config = {**(saved_config or {}), "num_assistant_tokens": 3, "assistant_confidence_threshold": 0}
     try:
-        got = ttl_core.generate(ours, ids, assistant_model=small, **settings, **COMMON)
+        got = ttl_core.generate(ours, ids, assistant_model=small, streamer=ours_stream, **settings, **COMMON)
     finally:
-        small.generation_config = {k: v for k, v in small.generation_config.items()
-                                   if k not in ("num_assistant_tokens", "assistant_confidence_threshold")}
+        small.generation_config = saved_config
     assert torch.equal(got.sequences, ref.sequences) and max(drafted for drafted, _ in steps) == 3
+    assert ours_stream.calls == theirs_stream.calls and any(len(call[0]) > 1 for call in ours_stream.calls[1:-1])
     for name in ("scores", "logits"):
         torch.testing.assert_close(torch.stack(getattr(got, name)), torch.stack(getattr(ref, name)), atol=1e-5,
                                    rtol=1e-5)
