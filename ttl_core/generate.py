@@ -296,8 +296,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     watermark (`ttl_core.watermark`); `prefix_allowed_tokens_fn(prompt index, row so far)` the ids each step may
     choose. `prompt_lookup_num_tokens=k` drafts up to k tokens a step from the row itself, as transformers' prompt
     lookup does (`ttl_core.prompt_lookup`; one row, eagerly); `assistant_model` drafts them with a smaller model of the
-    same vocabulary, as transformers' assisted decoding does (`ttl_core.assisted`; one row, eagerly). Checkpoint settings ttl does not implement
-    (contrastive search, token healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`) are left out with a warning.
+    same vocabulary, as transformers' assisted decoding does (`ttl_core.assisted`; one row, eagerly). Checkpoint
+    settings ttl does not implement (contrastive search, token healing, ...: `ttl_core.sampling.UNIMPLEMENTED_SETTINGS`)
+    are left out with a warning.
     `eos_token_id` (an id or a list, `[]` for none) and `stop_strings` (`[]` for none; the checkpoint's where a
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
