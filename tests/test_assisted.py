@@ -92,6 +92,27 @@ def test_the_schedule_adapts_the_number_of_drafts(models, steps):
     assert {kept == drafted for drafted, kept in steps[:-1]} == {True, False}
 
 
+@pytest.mark.parametrize("schedule, threshold", [("heuristic", 0.08), ("constant", 0.15)])
+def test_each_step_drafts_as_many_tokens_as_transformers(models, steps, monkeypatch, schedule, threshold):
+    """The confidence threshold and the schedule give transformers' number of drafts, step by step."""
+    from transformers.generation.candidate_generator import AssistedCandidateGenerator
+    hf, draft, ours, small = models
+    lengths = []
+    original = AssistedCandidateGenerator.get_candidates
+
+    def counted(self, input_ids, **kwargs):
+        candidates = original(self, input_ids, **kwargs)
+        lengths.append(candidates[0].shape[1] - input_ids.shape[1])
+        return candidates
+
+    monkeypatch.setattr(AssistedCandidateGenerator, "get_candidates", counted)
+    ids = prompt(1)
+    theirs(hf, draft, ids, 4, schedule, threshold, max_new_tokens=40, do_sample=False)
+    ttl_core.generate(ours, ids, assistant_model=small, max_new_tokens=40, num_assistant_tokens=4,
+                      num_assistant_tokens_schedule=schedule, assistant_confidence_threshold=threshold, **COMMON)
+    assert [drafted for drafted, _ in steps] == lengths and len(set(lengths)) > 2
+
+
 SETTINGS = [dict(), dict(temperature=0.7, top_k=20, top_p=0.9), dict(repetition_penalty=1.3, min_new_tokens=5)]
 
 
