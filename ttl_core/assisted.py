@@ -77,14 +77,15 @@ class AssistantDrafts:
                  settings: dict[str, Any], eos: list[int]):
         # rewinding masks slots again, which flash-attn's cache kernel would not read
         self.decoder = KVDecoder(assistant, attention_mask, max_new_tokens, flash=False)
-        self.state, self.eos = state, eos
+        self.state, self.eos, self.device = state, eos, attention_mask.device
         self.initial_tokens = settings["num_assistant_tokens"]
         self.adapts = settings["num_assistant_tokens_schedule"] != "constant"
         self.threshold = settings["assistant_confidence_threshold"]
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Prefill the draft cache with the prompt. Every call starts from `num_assistant_tokens`: a "heuristic"
-        schedule's count is not carried to the next call, as transformers carries it on the assistant's config."""
+        schedule's count is not carried over to the next call, where transformers leaves it on the assistant's
+        generation config."""
         self.decoder.reset(attention_mask)
         self.logits = self.decoder.prefill(input_ids)  # after the cached tokens, until more are fed
         self.cached = input_ids.shape[1]
@@ -105,8 +106,9 @@ class AssistantDrafts:
                 scores[-1] = process_logits(scores[-1], True, **self.state.processors)
             token = int(sample(scores[-1], self.state.generator) if self.state.do_sample else scores[-1].argmax())
             drafted.append(token)
-            confident = float(scores[-1].softmax(dim=-1)[0, token]) >= self.threshold  # transformers' 0: never stop
-            if len(drafted) == limit or token in self.eos or (self.threshold > 0 and not confident):
+            # transformers' ConfidenceCriteria, which a threshold of 0 turns off
+            doubtful = self.threshold > 0 and float(scores[-1].softmax(dim=-1)[0, token]) < self.threshold
+            if len(drafted) == limit or token in self.eos or doubtful:
                 break
             logits = self._feed([token])
         self.drafted = len(drafted)
@@ -124,7 +126,7 @@ class AssistantDrafts:
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` to the draft cache; the logits after the last of them."""
-        logits = self.decoder.verify(torch.tensor([tokens], device=self.decoder.key_ok.device))[:, -1]
+        logits = self.decoder.verify(torch.tensor([tokens], device=self.device))[:, -1]
         self.decoder.accept(len(tokens))
         self.cached += len(tokens)
         return logits
