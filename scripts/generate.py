@@ -10,7 +10,9 @@ Sampling defaults are the ones the TeenyTinyLlama model card suggests (repetitio
 stops at the end of the answer; any answer also ends at the tokenizer's `</s>`, at the checkpoint's EOS ids (its
 generation_config.json's, else config.json's, as transformers reads them) and at its generation_config.json's
 stop_strings. `--interactive` keeps a conversation in that format, one turn per input line, until the model's context is
-full (an empty line or end of input quits).
+full (an empty line or end of input quits). `--assistant DIR` has a smaller checkpoint with the same tokenizer draft
+tokens that --model verifies several at a time (assisted decoding, as transformers' `assistant_model`): greedy
+answers are --model's own, sampled ones follow its distribution.
 
 --model may also be a PEFT adapter directory (what scripts/finetune_instruct.py saves by default): its base
 model (adapter_config.json's base_model_name_or_path, or --base when the base has moved) is loaded, grown to
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="greedy decoding (no sampling options or --seed; the repetition penalty applies)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs")
+    parser.add_argument("--assistant", help="a smaller checkpoint with the same tokenizer that drafts tokens for "
+                                            "--model to verify (assisted decoding: TeenyTinyLlama-160m for -460m)")
     args = parser.parse_args(argv)
     if args.prompt is None and not args.interactive:
         parser.error("--prompt is required unless --interactive")
@@ -102,8 +106,10 @@ class Chat:
             self.ids.append(self.end)
 
 
-def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int) -> list[int]:
-    """Generate (and stream) the model's continuation of the conversation; returns its token ids."""
+def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streamer: TextStreamer, budget: int,
+          assistant: LlamaForCausalLM | None = None) -> list[int]:
+    """Generate (and stream) the model's continuation of the conversation, drafted by `assistant` if given;
+    returns its token ids."""
     device = model.lm_head.weight.device
     ids = torch.tensor([chat.ids], dtype=torch.long, device=device)  # an empty prompt is still an id tensor
     # do_sample=False, not unset: a checkpoint's generation_config.json would otherwise decide
@@ -117,7 +123,8 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
     out = generate(model, ids, torch.ones_like(ids), max_new_tokens=budget, repetition_penalty=args.repetition_penalty,
                    eos_token_id=chat.eos, pad_token_id=pad if pad >= 0 else None,  # -1: no <pad> piece
                    num_return_sequences=1, num_beams=1, return_dict_in_generate=False, streamer=streamer,
-                   tokenizer=chat.tokenizer, cuda_graph=not args.no_cuda_graph, **sampling)
+                   tokenizer=chat.tokenizer, cuda_graph=not args.no_cuda_graph, **sampling,
+                   **({"assistant_model": assistant} if assistant is not None else {}))
     print(flush=True)
     return out[0, ids.shape[1]:].tolist()
 
@@ -125,6 +132,8 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = load_causal_lm(args, "generation", GenerationError)
+    assistant = None if args.assistant is None else load_causal_lm(
+        argparse.Namespace(**{**vars(args), "model": args.assistant, "base": None}), "drafting", GenerationError)
     tokenizer_dir = args.tokenizer or model_tokenizer_dir(args.model, args.base)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     check_tokenizer_fits(tokenizer, model.config, tokenizer_dir)  # another model's would misname ids
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if room < 1:
             raise GenerationError(f"the context is full ({context} tokens): the prompt takes {len(chat.ids)}, which "
                                   f"leaves no room for an answer")
-        reply(model, chat, args, streamer, min(args.max_new_tokens, room))
+        reply(model, chat, args, streamer, min(args.max_new_tokens, room), assistant)
         return 0
 
     first = args.prompt
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if room < 1:
             print(f"The context is full ({context} tokens): the conversation ends here. Start a new one to go on.")
             return 0
-        chat.add_model(reply(model, chat, args, streamer, min(args.max_new_tokens, room)))
+        chat.add_model(reply(model, chat, args, streamer, min(args.max_new_tokens, room), assistant))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared pieces of the generation tests: a transformers reference model, left-padded prompts and a
-character tokenizer with byte-fallback pieces."""
+"""Shared pieces of the generation tests: a transformers reference model, left-padded prompts, a
+character tokenizer with byte-fallback pieces, and a tiny checkpoint saved with a trained tokenizer."""
 
 from pathlib import Path
 
@@ -8,6 +8,8 @@ import torch
 from hf_reference import hf_causal_lm
 
 import ttl_core
+from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
+from ttl_core.tokenizer_train import train_tokenizer
 from ttl_core.errors import GenerationError
 
 PAD = 3
@@ -79,3 +81,28 @@ class CharTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
+
+
+WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
+CONTEXT = 64
+
+
+def tiny_model(vocab_size: int) -> ttl_core.LlamaForCausalLM:
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                              num_hidden_layers=2, max_position_embeddings=CONTEXT)
+    torch.manual_seed(0)
+    model = ttl_core.LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding does not just repeat a token
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() > 1 else None
+    return model
+
+
+def chat_checkpoint(path: Path):
+    """(path, tokenizer, model loaded back) of a tiny model saved at `path` with a small trained tokenizer that has
+    Aira's special tokens: what scripts/generate.py runs on."""
+    texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 20)) + "." for i in range(200)]
+    tok = train_tokenizer(texts, None, vocab_size=320)
+    tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
+    ttl_core.save_pretrained(tiny_model(tok.vocab_size), path, tokenizer=tok)
+    return path, tok, ttl_core.load_pretrained(path)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ttl_core
-from generation_helpers import PAD, cuda_models, hf_generation_model
+from generation_helpers import PAD, chat_checkpoint, cuda_models, hf_generation_model, tiny_model
+from helpers import load_script
 from ttl_core import assisted
 from ttl_core.errors import GenerationError
 from ttl_core.kv_cache import KVDecoder
@@ -281,6 +282,36 @@ def test_a_draft_model_it_cannot_use_is_refused(models, tmp_path):
                            (None, "num_assistant_tokens takes effect only with assistant_model")):
         with pytest.raises(GenerationError, match=message):
             ttl_core.generate(ours, prompt(0), max_new_tokens=4, assistant_model=model, num_assistant_tokens=2)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_draft_model_with_nan_logits_is_named(models, do_sample):
+    _, _, ours, small = models
+    broken = copy.deepcopy(small)
+    with torch.no_grad():
+        broken.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(GenerationError, match="assistant_model's logits hold NaN or inf"):
+        ttl_core.generate(ours, prompt(0), max_new_tokens=6, assistant_model=broken, do_sample=do_sample, seed=1,
+                          top_k=0, **COMMON)
+
+
+def test_the_cli_s_assistant_drafts_and_the_greedy_answer_stays_the_model_s(tmp_path, capsys, monkeypatch):
+    """--assistant: a draft model (here the model with nudged weights) changes how the answer is found, not what it is."""
+    path, tok, model = chat_checkpoint(tmp_path / "model")
+    kept = []
+    original = assisted.AssistantDrafts.kept
+    monkeypatch.setattr(assisted.AssistantDrafts, "kept", lambda self, count: kept.append(count) or original(self, count))
+    draft = tiny_model(tok.vocab_size)
+    with torch.no_grad():
+        for (name, p), q in zip(draft.named_parameters(), model.parameters()):
+            p.copy_(q + 0.02 * torch.randn_like(q))
+    ttl_core.save_pretrained(draft, tmp_path / "draft", tokenizer=tok)
+    arguments = ["--model", str(path), "--prompt", "o menino foi", "--greedy", "--max-new-tokens", "16"]
+    answers = []
+    for extra in ([], ["--assistant", str(tmp_path / "draft")]):
+        assert load_script("generate").main(arguments + extra) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0].strip() and answers[1] == answers[0] and sum(kept) > 0  # drafts were made and kept
 
 
 @pytest.mark.gpu

@@ -8,40 +8,21 @@ import warnings
 import pytest
 import sentencepiece as spm
 import torch
+from generation_helpers import CONTEXT, WORDS, chat_checkpoint, tiny_model
 from helpers import load_script, run_script
 
 import ttl_core
 import ttl_core.cli
 from ttl_core.errors import ConfigError, GenerationError
-from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt
+from ttl_core.chat_format import chat_prompt
 from ttl_core.lora import apply_lora, save_adapter
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 
-WORDS = "a casa de o menino foi para escola com seu cachorro ontem à noite e não voltou mais porque choveu".split()
-CONTEXT = 64
-
-
-def tiny_model(vocab_size: int) -> ttl_core.LlamaForCausalLM:
-    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
-                                              num_hidden_layers=2, max_position_embeddings=CONTEXT)
-    torch.manual_seed(0)
-    model = ttl_core.LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the 0.02 init, so greedy decoding does not just repeat a token
-        for p in model.parameters():
-            p.normal_(0.0, 0.3) if p.dim() > 1 else None
-    return model
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    texts = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(5 + i % 20)) + "." for i in range(200)]
-    tok = train_tokenizer(texts, None, vocab_size=320)
-    tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
-    model = tiny_model(tok.vocab_size)
-    path = tmp_path_factory.mktemp("chat")
-    ttl_core.save_pretrained(model, path, tokenizer=tok)
-    return path, tok, ttl_core.load_pretrained(path)
+    return chat_checkpoint(tmp_path_factory.mktemp("chat"))
 
 
 def save_with_generation_config(model, tok, path, **settings) -> None:

@@ -140,13 +140,13 @@ def test_matches_that_share_a_forbidden_draft_run_the_processors_once(models, mo
     ids = torch.arange(10, 15).repeat(40)[None]
     settings = dict(max_new_tokens=2, prompt_lookup_num_tokens=4, no_repeat_ngram_size=3)
     runs = []
-    original = prompt_lookup._processed
+    original = prompt_lookup.processed_scores
 
     def counted(*args):
         runs.append(args)
         return original(*args)
 
-    monkeypatch.setattr(prompt_lookup, "_processed", counted)
+    monkeypatch.setattr(prompt_lookup, "processed_scores", counted)
     got = ttl_core.generate(ours, ids, **settings, **COMMON)
     assert torch.equal(got, theirs(hf, ids, do_sample=False, **settings))
     assert len(runs) == 3  # one check for all 78 matches, then one verified position a step (no draft fits in the 2nd)

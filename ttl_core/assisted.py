@@ -19,7 +19,7 @@ import torch
 from .errors import GenerationError, is_integer, is_number
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM
-from .prompt_lookup import _processed, check_one_row
+from .prompt_lookup import processed_scores, check_one_row
 from .sampling import process_logits, sample
 
 # transformers' defaults, read from the assistant's generation config (there a call's own values are ignored)
@@ -101,7 +101,9 @@ class AssistantDrafts:
         logits = self.logits if self.cached == len(row) else self._feed(row[self.cached:])
         drafted, scores = [], []
         while True:
-            scores.append(_processed(self.state, logits, row, drafted))
+            if not bool(torch.isfinite(logits).all()):  # sampled drafts would be garbage, or multinomial's error
+                raise GenerationError("assistant_model's logits hold NaN or inf (are its weights finite?)")
+            scores.append(processed_scores(self.state, logits, row, drafted))
             if self.state.do_sample:  # transformers' assistant warps twice: with the call's warpers and its own
                 scores[-1] = process_logits(scores[-1], True, **self.state.processors)
             token = int(sample(scores[-1], self.state.generator) if self.state.do_sample else scores[-1].argmax())

@@ -51,9 +51,10 @@ def check_one_row(what: str, rows: int, num_beams: int, num_return_sequences: in
         raise GenerationError(f"ttl's {what} takes no classifier-free guidance (guidance_scale) or watermarking_config")
 
 
-def _processed(state: Any, logits: torch.Tensor, row: list[int], drafted: list[int]) -> torch.Tensor:
+def processed_scores(state: Any, logits: torch.Tensor, row: list[int], drafted: list[int]) -> torch.Tensor:
     """`logits` (1, vocab) after every processor, for the token after `row` followed by `drafted` tokens: what
-    transformers' processors make of them with those tokens as the row so far."""
+    transformers' processors make of them with those tokens as the row so far (written into `state.rows`, where
+    the rules read it)."""
     length = len(row) + len(drafted)
     if state.rows is not None and drafted:
         state.rows[0, len(row):length] = torch.tensor(drafted)
@@ -95,7 +96,7 @@ def draft(state: Any, row: list[int], num_tokens: int, max_ngram: int, max_lengt
             for i in range(len(chosen) if checks else 0):
                 key = tuple(chosen[:i + 1])
                 if key not in forbidden:
-                    score = float(_processed(state, ones, row, chosen[:i])[0, chosen[i]])
+                    score = float(processed_scores(state, ones, row, chosen[:i])[0, chosen[i]])
                     forbidden[key] = score in (float("-inf"), lowest)
                 if forbidden[key]:
                     chosen = chosen[:i]
@@ -138,7 +139,7 @@ def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, drafts: Any,
         if head is not None and fed:
             logits = torch.cat([head, logits], dim=1)
         raw = logits[0].float()
-        scores = torch.cat([_processed(state, raw[i:i + 1], row, drafted[:i]) for i in range(len(verified) + 1)])
+        scores = torch.cat([processed_scores(state, raw[i:i + 1], row, drafted[:i]) for i in range(len(verified) + 1)])
         if state.do_sample and draft_scores is not None:
             matches, chosen = speculative_sampling(scores, draft_scores, drafted, state.generator)
         else:
