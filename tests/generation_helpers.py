@@ -106,3 +106,19 @@ def chat_checkpoint(path: Path):
     tok.add_special_tokens(AIRA_SPECIAL_TOKENS)
     ttl_core.save_pretrained(tiny_model(tok.vocab_size), path, tokenizer=tok)
     return path, tok, ttl_core.load_pretrained(path)
+
+
+class RecordingStreamer:
+    """A streamer (transformers' BaseStreamer protocol) that keeps the value of every `put`, as given, then "end"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls.append(value)
+
+    def end(self) -> None:
+        self.calls.append("end")
+
+    def as_lists(self) -> list:
+        return [call if isinstance(call, str) else call.tolist() for call in self.calls]

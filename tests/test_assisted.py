@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ttl_core
-from generation_helpers import PAD, chat_checkpoint, cuda_models, hf_generation_model, tiny_model
+from generation_helpers import (PAD, RecordingStreamer, chat_checkpoint, cuda_models, hf_generation_model,
+                                tiny_model)
 from helpers import load_script
 from ttl_core import assisted
 from ttl_core.errors import GenerationError
@@ -222,17 +223,6 @@ def test_eos_in_the_drafts_and_the_length_limit(models):
             assert torch.equal(got, ref)
 
 
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def put(self, value):
-        self.calls.append(value.tolist())
-
-    def end(self):
-        self.calls.append("end")
-
-
 def test_scores_streamer_and_the_checkpoint_settings(models, steps):
     """One score a new token, and each step's kept tokens streamed as one tensor, as transformers hands them; the
     drafting settings come from the draft model's generation_config.json where the call leaves them out, as
@@ -240,7 +230,7 @@ def test_scores_streamer_and_the_checkpoint_settings(models, steps):
     hf, draft, ours, small = models
     ids = prompt(2)
     settings = dict(max_new_tokens=15, return_dict_in_generate=True, output_scores=True, output_logits=True)
-    theirs_stream, ours_stream = Recorder(), Recorder()
+    theirs_stream, ours_stream = RecordingStreamer(), RecordingStreamer()
     ref = theirs(hf, draft, ids, tokens=3, threshold=0.0, do_sample=False, streamer=theirs_stream, **settings)
     saved_config = small.generation_config
     small.generation_config = {**(saved_config or {}), "num_assistant_tokens": 3, "assistant_confidence_threshold": 0}
@@ -249,7 +239,8 @@ def test_scores_streamer_and_the_checkpoint_settings(models, steps):
     finally:
         small.generation_config = saved_config
     assert torch.equal(got.sequences, ref.sequences) and max(drafted for drafted, _ in steps) == 3
-    assert ours_stream.calls == theirs_stream.calls and any(len(call[0]) > 1 for call in ours_stream.calls[1:-1])
+    streamed = ours_stream.as_lists()
+    assert streamed == theirs_stream.as_lists() and any(len(call[0]) > 1 for call in streamed[1:-1])
     for name in ("scores", "logits"):
         torch.testing.assert_close(torch.stack(getattr(got, name)), torch.stack(getattr(ref, name)), atol=1e-5,
                                    rtol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ttl_core
-from generation_helpers import PAD, cuda_models, saved_models
+from generation_helpers import PAD, RecordingStreamer, cuda_models, saved_models
 from ttl_core import prompt_lookup
 from ttl_core.errors import GenerationError
 from ttl_core.kv_cache import KVDecoder
@@ -195,24 +195,15 @@ def test_scores_logits_and_streamer_are_transformers(models):
     (1, n) tensor, as transformers hands them."""
     hf, ours = models
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def put(self, value):
-            self.calls.append(value.tolist())
-
-        def end(self):
-            self.calls.append("end")
-
     ids = repeating_prompt(2)
     settings = dict(max_new_tokens=20, prompt_lookup_num_tokens=4, return_dict_in_generate=True, output_scores=True,
                     output_logits=True, repetition_penalty=1.2)
-    theirs_stream, ours_stream = Recorder(), Recorder()
+    theirs_stream, ours_stream = RecordingStreamer(), RecordingStreamer()
     ref = theirs(hf, ids, do_sample=False, streamer=theirs_stream, **settings)
     got = ttl_core.generate(ours, ids, streamer=ours_stream, **COMMON, **settings)
-    assert torch.equal(got.sequences, ref.sequences) and ours_stream.calls == theirs_stream.calls
-    assert any(len(call[0]) > 1 for call in ours_stream.calls[1:-1])  # a step streamed several tokens
+    streamed = ours_stream.as_lists()
+    assert torch.equal(got.sequences, ref.sequences) and streamed == theirs_stream.as_lists()
+    assert any(len(call[0]) > 1 for call in streamed[1:-1])  # a step streamed several tokens
     for name in ("scores", "logits"):
         assert len(getattr(got, name)) == len(getattr(ref, name)) == 20
         torch.testing.assert_close(torch.stack(getattr(got, name)), torch.stack(getattr(ref, name)), atol=1e-5,

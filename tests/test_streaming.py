@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from generation_helpers import PAD, CharTokenizer, left_padded, saved_models
+from generation_helpers import PAD, CharTokenizer, RecordingStreamer, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
@@ -409,17 +409,7 @@ def test_generate_puts_the_prompt_then_each_new_token_as_cpu_long_tensors(models
     _, ours = models
     ids, mask = left_padded(ours.config.vocab_size, batch=1)
 
-    class Recorder:
-        def __init__(self):
-            self.calls = []
-
-        def put(self, value):
-            self.calls.append(value)
-
-        def end(self):
-            self.calls.append("end")
-
-    recorder = Recorder()
+    recorder = RecordingStreamer()
     out = ttl_core.generate(ours, ids, mask, max_new_tokens=6, eos_token_id=[], streamer=recorder)
     ttl_core.generate(ours, ids + 1, mask, max_new_tokens=6, eos_token_id=[])  # reuses the output buffer
     prompt, *steps, end = recorder.calls
