@@ -19,7 +19,6 @@ included) over ln 2 and the documents' UTF-8 bytes, a figure comparable across t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir,
 from ttl_core.data import prepare_data
 from ttl_core.documents import read_documents
 from ttl_core.errors import ConfigError
+from ttl_core.fileio import write_json
 from ttl_core.evaluate import split_tokens, stream_loss
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.train import check_same_tokenizer
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             value = figures[key]
             print(f"{key:>13}: {value:,}" if key == "tokens" else f"{key:>13}: {value:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, figures)
     return 0
 
 

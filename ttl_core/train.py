@@ -108,11 +108,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
     """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token,
-    gradient norm before clipping, other figures to log: the grad scaler's from `apply_update` and, with
-    `train.z_loss`, the mean z-loss term the objective adds to the cross-entropy). Raises TrainingError, before
-    touching the weights, on a non-finite loss or a non-finite gradient norm (with an fp16 grad scaler, which skips
-    such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient into
-    NaN and the update would write NaN into every weight."""
+    gradient norm before clipping, figures to log: the grad scaler's from `apply_update`, and `z_loss`, the mean
+    z-loss term, with `train.z_loss`). Raises TrainingError, before touching the weights, on a non-finite loss or
+    gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale is down to
+    MIN_LOSS_SCALE): clipping would turn every gradient into NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
@@ -122,7 +121,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         with autocast(world.device, train.dtype):
             out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss)
         sums[0] += out.loss.detach().float()
-        sums[1] += 0.0 if out.z_loss is None else out.z_loss.float()
+        if out.z_loss is not None:  # no kernel for it without z-loss
+            sums[1] += out.z_loss.float()
         scaled = out.loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
     means = all_reduce_sum(sums, world) / n_targets.to(world.device)
