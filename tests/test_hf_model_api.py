@@ -335,3 +335,16 @@ def test_model_generate_is_ttl_generate_called_as_transformers_code_calls_it(tmp
     assert torch.equal(ours.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=PAD), expected)
     sampled = dict(max_new_tokens=5, do_sample=True, top_k=0, seed=4, pad_token_id=PAD)
     assert torch.equal(ours.generate(ids, mask, **sampled), ttl_core.generate(ours, ids, mask, **sampled))
+
+
+def test_model_generate_takes_the_prompt_as_inputs_as_transformers_does(tmp_path):
+    """transformers' `generate(inputs=ids)` names the prompt `inputs`; both `inputs` and `input_ids` is refused."""
+    from generation_helpers import left_padded, saved_models
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(hf.config.vocab_size)
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(ours.generate(inputs=ids, **settings), hf.generate(inputs=ids, **settings))
+    with pytest.raises(ValueError, match="were passed alongside input_ids"):
+        hf.generate(inputs=ids, input_ids=ids, **settings)
+    with pytest.raises(ValueError, match="both `inputs` and `input_ids`"):
+        ours.generate(inputs=ids, input_ids=ids, **settings)

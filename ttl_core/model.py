@@ -18,7 +18,7 @@ import ttl_kernels
 
 from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
-from .errors import ConfigError, is_integer
+from .errors import ConfigError, GenerationError, is_integer
 from .model_io import KVCache, ModelOutput, check_inputs, classification_loss, next_token_targets
 
 
@@ -36,11 +36,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); without a residual, (norm(x), x). Under autocast the
         normed output comes in the autocast dtype: every consumer is a matmul that would cast it so."""
-        out_dtype = autocast_dtype(x.device.type)
-        if residual is None:
-            return ttl_kernels.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype, backend=self.kernel_backend), x
-        return ttl_kernels.rms_norm(x, self.weight, self.eps, residual=residual, out_dtype=out_dtype,
-                                    backend=self.kernel_backend)
+        normed = ttl_kernels.rms_norm(x, self.weight, self.eps, residual=residual,
+                                      out_dtype=autocast_dtype(x.device.type), backend=self.kernel_backend)
+        return (normed, x) if residual is None else normed
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -354,8 +352,7 @@ class _LlamaBase(nn.Module):
                                  dtype=head.weight.dtype)
             _fill_resized_table(new_head.weight, head.weight)
             self.lm_head = new_head
-        self.config = self.config.replace(vocab_size=new_vocab_size)
-        self.backbone.config = self.config
+        self.config = self.backbone.config = self.config.replace(vocab_size=new_vocab_size)
         self.tie_weights()
 
     def num_parameters(self, exclude_embedding: bool = False) -> int:
@@ -390,8 +387,7 @@ class LlamaForCausalLM(_LlamaBase):
         embed = self.backbone.embed.weight
         if self.lm_head.weight is embed:
             self.lm_head.weight = nn.Parameter(embed.detach().clone(), requires_grad=embed.requires_grad)
-        self.config = self.config.replace(tie_word_embeddings=False)
-        self.backbone.config = self.config
+        self.config = self.backbone.config = self.config.replace(tie_word_embeddings=False)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -430,10 +426,14 @@ class LlamaForCausalLM(_LlamaBase):
         out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states, z_loss=z_part)
         return out if return_dict else out.to_tuple()
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings):
-        """`ttl_core.generate(self, input_ids, attention_mask, **settings)`, as transformers' `model.generate`."""
+    def generate(self, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                 input_ids: torch.Tensor | None = None, **settings):
+        """`ttl_core.generate(self, prompt, attention_mask, **settings)`, as transformers' `model.generate`, which
+        names the prompt `inputs` and takes it as `input_ids` too (the tokenizer's dict unpacked), never both."""
+        if inputs is not None and input_ids is not None:
+            raise GenerationError("generate() got both `inputs` and `input_ids`: pass the prompt as one of them")
         from .generate import generate  # generate.py imports this module
-        return generate(self, input_ids, attention_mask, **settings)
+        return generate(self, input_ids if inputs is None else inputs, attention_mask, **settings)
 
 
 class LlamaForSequenceClassification(_LlamaBase):
