@@ -98,9 +98,6 @@ def test_a_checkpoint_tells_transformers_its_models_context(tok, tmp_path):
 
 def test_a_tokenizer_without_a_pad_piece_saves_for_transformers(tmp_path):
     """Llama-2 style models have no `<pad>` (pad id -1); saving one used to raise IndexError."""
-    import io
-
-    import sentencepiece as spm
     from transformers import AutoTokenizer
 
     model_file = io.BytesIO()
