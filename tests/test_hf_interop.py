@@ -167,17 +167,20 @@ def _rewrite(directory: Path, edit) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_missing_tensor_is_named(tmp_path):
-    d = _saved(hf_causal_lm(), tmp_path)
-    _rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
-        ttl_core.load_pretrained(d)
+def _edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
 
 
-def test_unexpected_tensor_is_named(tmp_path):
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"),
+    (lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)),
+     r"unexpected tensors: model\.layers\.0\.extra\.weight"),
+])
+def test_missing_and_unexpected_tensors_are_named(tmp_path, edit, message):
     d = _saved(hf_causal_lm(), tmp_path)
-    _rewrite(d, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.extra\.weight"):
+    _rewrite(d, edit)
+    with pytest.raises(CheckpointError, match=message):
         ttl_core.load_pretrained(d)
 
 
@@ -197,9 +200,7 @@ def test_rotary_buffers_saved_by_older_transformers_are_ignored(tmp_path):
 
 def test_wrong_vocab_size_is_a_shape_mismatch_naming_the_tensor(tmp_path):
     d = _saved(hf_causal_lm(), tmp_path)
-    config = json.loads((d / "config.json").read_text())
-    config["vocab_size"] = 200
-    (d / "config.json").write_text(json.dumps(config))
+    _edit_config(d, vocab_size=200)
     with pytest.raises(CheckpointError, match=r"shape mismatch: model\.embed_tokens\.weight \[131, 64\].*\[200, 64\]"):
         ttl_core.load_pretrained(d)
 
@@ -263,9 +264,7 @@ def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
 ])
 def test_unsupported_configs_are_named(tmp_path, edit, message):
     d = _saved(hf_causal_lm(), tmp_path)
-    config = json.loads((d / "config.json").read_text())
-    config.update(edit)
-    (d / "config.json").write_text(json.dumps(config))
+    _edit_config(d, **edit)
     with pytest.raises(ConfigError, match=message):
         ttl_core.load_pretrained(d)
 
@@ -336,9 +335,7 @@ def test_less_common_shapes_round_trip_bit_identically(tmp_path, overrides):
 def test_label_overrides_rebuild_the_head_names(tmp_path):
     """Asking for another number of labels resizes the head even when config.json names two labels."""
     hf_causal_lm().save_pretrained(tmp_path / "src")
-    config = json.loads((tmp_path / "src" / "config.json").read_text())
-    config.update(id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
-    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    _edit_config(tmp_path / "src", id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "src", num_labels=5)
     ours = ttl_core.load_pretrained(tmp_path / "src", architecture="LlamaForSequenceClassification", num_labels=5)
     assert ours.score.weight.shape == theirs.score.weight.shape == (5, 64)
@@ -353,9 +350,7 @@ def test_label_overrides_rebuild_the_head_names(tmp_path):
 def test_a_config_json_whose_num_labels_disagrees_with_id2label_reads_as_in_transformers(tmp_path):
     """transformers lets num_labels win and names the labels anew (ttl took the head size from id2label)."""
     hf_causal_lm().save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config.update(num_labels=3, id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    _edit_config(tmp_path, num_labels=3, id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     ours = ttl_core.load_pretrained(tmp_path, architecture="LlamaForSequenceClassification")
     assert ours.score.weight.shape == theirs.score.weight.shape == (3, 64)
@@ -373,8 +368,7 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, decl
         if name.endswith("norm"):
             module.float()
     hf.save_pretrained(tmp_path / "src")
-    config = json.loads((tmp_path / "src" / "config.json").read_text())
-    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "dtype": declared}))
+    _edit_config(tmp_path / "src", dtype=declared)
     stored = read_all(tmp_path / "src")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16, torch.float32}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
@@ -452,8 +446,7 @@ def test_the_padding_row_is_the_one_transformers_picks(tmp_path, pad, row):
 
 def test_a_padding_id_outside_the_vocabulary_is_refused(tmp_path):
     d = _saved(hf_causal_lm(), tmp_path)
-    config = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**config, "pad_token_id": 131}))
+    _edit_config(d, pad_token_id=131)
     with pytest.raises(ConfigError, match="pad_token_id 131 is outside the vocabulary of 131 tokens"):
         ttl_core.load_pretrained(d)
 
