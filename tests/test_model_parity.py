@@ -150,32 +150,28 @@ def test_a_chunk_after_cached_keys_takes_the_last_positions_of_a_2d_mask(tmp_pat
     assert (got[real] - ref[:, split:][real]).abs().max() <= 1e-4
 
 
+def refused_for_input_ids_2x5(argument: str, value: torch.Tensor, classes=(ttl_core.LlamaForCausalLM,)) -> None:
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    message = rf"{argument} shape {re.escape(str(tuple(value.shape)))} does not fit input_ids shape \(2, 5\)"
+    for model_class in classes:
+        with pytest.raises(ConfigError, match=message):
+            model_class(config)(ids, **{argument: value})
+
+
 @pytest.mark.parametrize("shape", [(2, 4), (3, 5), (2, 6), (5,), (2, 1, 5)])
 def test_an_attention_mask_that_does_not_fit_input_ids_is_named(shape):
     """A mask of another batch or length, or without its batch dimension, is refused by name rather than with a
     broadcasting or dtype error from inside attention; a 2-d mask may be longer only over cached keys."""
-    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                              vocab_size=50)
-    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
-    for model in (ttl_core.LlamaForCausalLM(config), ttl_core.LlamaForSequenceClassification(config)):
-        message = rf"attention_mask shape {re.escape(str(shape))} does not fit input_ids shape \(2, 5\)"
-        with pytest.raises(ConfigError, match=message):
-            model(ids, attention_mask=torch.ones(shape, dtype=torch.long))
+    refused_for_input_ids_2x5("attention_mask", torch.ones(shape, dtype=torch.long),
+                              (ttl_core.LlamaForCausalLM, ttl_core.LlamaForSequenceClassification))
 
 
 @pytest.mark.parametrize("shape", [(2, 4), (3, 5), (5, 1), (2, 1, 5), (4,)])
 def test_position_ids_that_do_not_fit_input_ids_are_named(shape):
     """Positions are (batch or 1, seq) or (seq,); others were refused by the rotary kernel, naming its cos/sin."""
     refused_for_input_ids_2x5("position_ids", torch.zeros(shape, dtype=torch.long))
-
-
-def refused_for_input_ids_2x5(argument: str, value: torch.Tensor) -> None:
-    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                              vocab_size=50)
-    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
-    message = rf"{argument} shape {re.escape(str(tuple(value.shape)))} does not fit input_ids shape \(2, 5\)"
-    with pytest.raises(ConfigError, match=message):
-        ttl_core.LlamaForCausalLM(config)(ids, **{argument: value})
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 5, 4), (2, 1, 5, 6), (3, 1, 5, 5), (2, 1, 4, 5), (2, 3, 5, 5), (2, 5, 5)])
