@@ -39,6 +39,17 @@ def reduce(per_token, targets, reduction):
     return per_token.sum() if reduction == "sum" else per_token.sum() / (targets != -100).sum().clamp(min=1)
 
 
+def ce_check(logits, t, reduction, options, grad_out, tol=1e-5, backend="triton"):
+    """The loss on `logits` (which require grad) and its gradient against the float64 formula's; returns both."""
+    out = ttl_kernels.cross_entropy(logits, t, reduction=reduction, backend=backend, **options)
+    (grad,) = torch.autograd.grad(out, logits, grad_out)
+    truth_in = logits.detach().double().requires_grad_()
+    truth = reduce(formula(truth_in, t, **options), t, reduction)
+    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
+    assert rel_err(out, truth) <= tol and rel_err(grad, truth_grad) <= tol
+    return out, grad
+
+
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 def test_reference_matches_the_written_out_formula(options):
     logits, t = torch.randn(13, 37, dtype=torch.float64), targets_for(13, 37)
@@ -65,15 +76,9 @@ def test_reference_gives_zero_not_nan_when_every_target_is_ignored(options):
 def test_cross_entropy_on_logits_matches_float64(dtype, reduction, options):
     n, vocab = 19, 1003
     logits = (3 * torch.randn(n, vocab, generator=torch.Generator().manual_seed(2))).to(dtype).requires_grad_()
-    t = targets_for(n, vocab)
-    out = ttl_kernels.cross_entropy(logits, t, reduction=reduction, backend="triton", **options)
-    grad_out = torch.randn_like(out) if reduction == "none" else torch.tensor(1.3)
-    (grad,) = torch.autograd.grad(out, logits, grad_out)
-    truth_in = logits.detach().double().requires_grad_()
-    truth = reduce(formula(truth_in, t, **options), t, reduction)
-    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
+    grad_out = torch.randn(n) if reduction == "none" else torch.tensor(1.3)
+    out, grad = ce_check(logits, targets_for(n, vocab), reduction, options, grad_out, TOL[dtype])
     assert out.dtype == torch.float32 and grad.dtype == dtype
-    assert rel_err(out, truth) <= TOL[dtype] and rel_err(grad, truth_grad) <= TOL[dtype]
 
 
 def test_label_smoothing_spreads_over_the_whole_vocabulary_of_uncentred_logits():
@@ -82,13 +87,7 @@ def test_label_smoothing_spreads_over_the_whole_vocabulary_of_uncentred_logits()
     n, vocab = 7, 11
     logits = (torch.randn(n, vocab, generator=torch.Generator().manual_seed(26)) + 20).requires_grad_()
     t = targets_for(n, vocab, seed=26, ignored_every=4)
-    out = ttl_kernels.cross_entropy(logits, t, reduction="none", backend="triton", label_smoothing=0.1)
-    grad_out = torch.randn(n, generator=torch.Generator().manual_seed(27))
-    (grad,) = torch.autograd.grad(out, logits, grad_out)
-    truth_in = logits.detach().double().requires_grad_()
-    truth = formula(truth_in, t, label_smoothing=0.1)
-    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
-    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
+    ce_check(logits, t, "none", dict(label_smoothing=0.1), torch.randn(n, generator=torch.Generator().manual_seed(27)))
 
 
 @pytest.mark.parametrize("offset, vocab, options", [(-1000.0, 500, {}), (1000.0, 500, dict(label_smoothing=0.1, z_loss=1e-4)),
@@ -106,25 +105,14 @@ def test_float32_accuracy_does_not_depend_on_the_logits_magnitude(offset, vocab,
     The reference's z-loss lost what the kernel once did, through torch.logsumexp's backward (3e-4 near 1e4)."""
     n = 64
     logits = (3 * torch.randn(n, vocab, generator=torch.Generator().manual_seed(28)) + offset).requires_grad_()
-    t = targets_for(n, vocab, seed=28)
-    out = ttl_kernels.cross_entropy(logits, t, reduction="none", backend=backend, **options)
     grad_out = torch.randn(n, generator=torch.Generator().manual_seed(29))
-    (grad,) = torch.autograd.grad(out, logits, grad_out)
-    truth_in = logits.detach().double().requires_grad_()
-    truth = formula(truth_in, t, **options)
-    (truth_grad,) = torch.autograd.grad(truth, truth_in, grad_out.double())
-    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, truth_grad) <= 1e-5
+    ce_check(logits, targets_for(n, vocab, seed=28), "none", options, grad_out, backend=backend)
 
 
 def test_cross_entropy_on_a_strided_view_of_a_32000_vocab():
     wide = torch.randn(6, 32100, generator=torch.Generator().manual_seed(3))
     logits = wide[:, :32000].requires_grad_()  # rows strided by 32100, as a slice of a padded head output
-    t = targets_for(6, 32000, ignored_every=4)
-    out = ttl_kernels.cross_entropy(logits, t, backend="triton", label_smoothing=0.1)
-    (grad,) = torch.autograd.grad(out, logits)
-    truth_in = logits.detach().double().requires_grad_()
-    truth = reduce(formula(truth_in, t, label_smoothing=0.1), t, "mean")
-    assert rel_err(out, truth) <= 1e-5 and rel_err(grad, torch.autograd.grad(truth, truth_in)[0]) <= 1e-5
+    ce_check(logits, targets_for(6, 32000, ignored_every=4), "mean", dict(label_smoothing=0.1), torch.tensor(1.0))
 
 
 def test_logits_with_a_strided_last_dim():
