@@ -2,6 +2,7 @@
 interruption, clear errors naming file and line."""
 
 import array
+import contextlib
 import itertools
 import json
 import random
@@ -117,17 +118,6 @@ def test_multi_file_input_parallel_and_resumed_runs_are_identical(tmp_path, monk
     assert not (tmp_path / "resumed" / ".prepare").exists()
 
 
-def test_default_workers_are_the_cores_this_process_may_use(tmp_path, monkeypatch):
-    # os.cpu_count() counts the machine's: under SLURM or a container cpuset, more processes than allowed cores
-    monkeypatch.setattr(data.os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
-    assert data.usable_cpus() == 2
-    workers, real = [], data._run
-    monkeypatch.setattr(data, "_run", lambda fn, jobs, n, tok: (workers.append(n), real(fn, jobs, 1, tok))[1])
-    prepare_data(write_inputs(tmp_path)[0], tmp_path / "out", vocab_size=300, shard_docs=10)  # shards for both
-    assert workers == [2]
-
-
 @pytest.mark.parametrize("name,content,message", [
     ("empty.txt", b"\n\n  \n", r"empty.txt: empty input \(no documents\)"),
     ("latin1.txt", "primeira linha\nsegunda é ruim\n".encode("latin-1"), r"latin1.txt:2: not UTF-8"),
@@ -190,22 +180,25 @@ def test_vocab_too_large_for_the_input_says_what_fits(tmp_path):
         prepare_data([tmp_path / "small.txt"], tmp_path / "out", vocab_size=4096)
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_no_more_tokenizing_processes_start_than_there_are_shards(tmp_path, monkeypatch, shards):
-    """--workers 64 (or a machine's 64 cores) on a corpus of one shard forked 64 processes that had nothing to do."""
+@pytest.mark.parametrize("workers, shards, started", [(None, 5, [2]), (64, 1, []), (64, 3, [3])])
+def test_tokenizing_processes_are_the_usable_cores_and_no_more_than_the_shards(tmp_path, monkeypatch, workers,
+                                                                               shards, started):
+    """By default the cores this process may use (os.cpu_count() counts the machine's, more than SLURM or a container
+    cpuset allows), never more than the shards: --workers 64 on one shard forked 64 processes with nothing to do."""
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    assert data.usable_cpus() == 2
     inputs, docs = write_inputs(tmp_path, seed=int(torch.randint(0, 1000, ())))
-    started = []
+    pools = []
 
     def executor(processes, *args):
-        started.append(processes)
+        pools.append(processes)
         raise KeyboardInterrupt("a pool was started")
 
     monkeypatch.setattr(data, "ProcessPoolExecutor", executor)
-    try:
-        prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=64, shard_docs=-(-len(docs) // shards))
-    except KeyboardInterrupt:
-        pass
-    assert started == ([] if shards == 1 else [shards])  # one shard is tokenized in this process
+    with pytest.raises(KeyboardInterrupt) if started else contextlib.nullcontext():
+        prepare_data(inputs, tmp_path / "out", vocab_size=300, workers=workers, shard_docs=-(-len(docs) // shards))
+    assert pools == started
 
 
 def test_script_on_sample(tmp_path):
