@@ -73,8 +73,9 @@ def test_tensors_of_a_non_float_dtype_are_refused(checkpoint, dtype):
 
 
 @pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("meta", "not 'meta'")]
-                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU")]))
+                         + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU"), (0, "unknown device 0")]))
 def test_unusable_devices_are_refused(checkpoint, device, message):
+    """GPU 0 given as torch takes it, the index 0, is no CPU: it loaded onto the CPU as if no device was given."""
     with pytest.raises(CheckpointError, match=message):
         ttl_core.load_pretrained(checkpoint, device=device)
     with pytest.raises(CheckpointError, match="not a floating-point weight dtype"):

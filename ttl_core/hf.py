@@ -133,11 +133,11 @@ def _check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict
         raise CheckpointError(f"{directory}: " + "; ".join(problems))
 
 
-def checked_device(device: str | torch.device | None) -> torch.device:
-    """`device` (default the CPU) as a torch device ttl can load onto; anything else, CUDA on a machine
-    without it included, is a CheckpointError naming it."""
+def checked_device(device: str | int | torch.device | None) -> torch.device:
+    """`device` (default the CPU; an index is a GPU's, as in torch) as a torch device ttl can load onto; anything
+    else, CUDA on a machine without it included, is a CheckpointError naming it."""
     try:
-        device = torch.device(device or "cpu")
+        device = torch.device("cpu" if device is None else device)
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"unknown device {device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -202,7 +202,7 @@ def check_weight_files(path: str | os.PathLike) -> None:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+    path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | int | torch.device | None = None,
     architecture: str | None = None, **config_overrides: Any,
 ) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Load a checkpoint directory into a ttl model.
