@@ -273,6 +273,20 @@ def test_return_dict_false_gives_transformers_tuple(build, tmp_path):
     assert max_diff(base_got[0][real], base_ref[0][real]) <= 1e-5
 
 
+@pytest.mark.parametrize("build", [hf_causal_lm, hf_classifier])
+def test_return_dict_none_gives_the_output_object_as_in_transformers(build, tmp_path):
+    """None, which wrapping code passes on for "the config's default", gives the output, not a tuple (it gave one)."""
+    hf = build()
+    ours = to_ttl(hf, tmp_path)
+    ids, mask = padded_batch(seed=14)
+    with torch.no_grad():
+        assert hf(ids, attention_mask=mask, return_dict=None).logits is not None
+        got = ours(ids, attention_mask=mask, return_dict=None)
+        assert torch.equal(got.logits, ours(ids, attention_mask=mask).logits)
+        base = ours.backbone(ids, attention_mask=mask, return_dict=None)
+        assert torch.equal(base.last_hidden_state, ours.backbone(ids, attention_mask=mask).last_hidden_state)
+
+
 @pytest.mark.parametrize("keep", [3, torch.tensor([0, 4, 8]), torch.tensor([5])], ids=["last_3", "indices", "index"])
 def test_logits_to_keep_takes_a_count_or_positions_as_in_transformers(keep, tmp_path):
     """An int keeps the last n positions; a 1-d tensor keeps the positions it indexes (packed rows: each document's

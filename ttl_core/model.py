@@ -207,7 +207,7 @@ class LlamaModel(nn.Module):
         position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
+        output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool | None = True,
     ) -> ModelOutput | tuple:
         """`last_hidden_state` (batch, seq, hidden), the final norm's output (under autocast in its dtype, where
         transformers' stays float32), and, with `output_hidden_states`, `hidden_states` as transformers gives them:
@@ -252,7 +252,7 @@ class LlamaModel(nn.Module):
         hidden = self.norm(hidden, residual)[0]
         out = ModelOutput(last_hidden_state=hidden,
                           hidden_states=(*hidden_states, hidden) if output_hidden_states else None)
-        return out if return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
 
 @torch.no_grad()
@@ -395,7 +395,7 @@ class LlamaForCausalLM(_LlamaBase):
         logits_to_keep: int | torch.Tensor = 0, return_logits: bool = False, loss_reduction: str = "mean",
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool = True,
+        output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool | None = True,
         z_loss: float = 0.0,
     ) -> ModelOutput | tuple:
         """Logits (batch, seq, vocab) without labels; with integer labels (batch, seq, -100 ignored) the mean loss
@@ -424,7 +424,7 @@ class LlamaForCausalLM(_LlamaBase):
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # -0: all
             logits = self.lm_head(hidden[:, kept])
         out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states, z_loss=z_part)
-        return out if return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
     def generate(self, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
                  input_ids: torch.Tensor | None = None, **settings):
@@ -451,7 +451,7 @@ class LlamaForSequenceClassification(_LlamaBase):
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
-        return_dict: bool = True,
+        return_dict: bool | None = True,
     ) -> ModelOutput | tuple:
         """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
         `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`;
@@ -478,7 +478,7 @@ class LlamaForSequenceClassification(_LlamaBase):
         logits = token_logits.flatten(0, 1)[last_tokens]
         loss = None if labels is None else classification_loss(self.config, logits, labels)
         out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
-        return out if return_dict else out.to_tuple()
+        return out.returned(return_dict)
 
     def _pooled_tokens(self, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Index into the flat `ids` of the token each sequence is pooled at: transformers' argmax of position *

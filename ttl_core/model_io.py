@@ -51,6 +51,11 @@ class ModelOutput:
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, key) for key in self.keys())
 
+    def returned(self, return_dict: bool | None) -> ModelOutput | tuple[Any, ...]:
+        """This output as a forward returns it: the tuple for `return_dict=False`, else itself (None stands for
+        transformers' config default, which is the output object)."""
+        return self if return_dict is None or return_dict else self.to_tuple()
+
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
             if key not in self.keys():
