@@ -82,6 +82,20 @@ def test_unusable_devices_are_refused(checkpoint, device, message):
         ttl_core.load_pretrained(checkpoint, dtype=torch.int64)
 
 
+@pytest.mark.parametrize("ids", [[1.0, 5.7], torch.tensor([[5, 6]]), [[5, 6]], torch.tensor([1.0, 5.0]), 5])
+def test_decode_takes_one_sequence_of_integer_ids(ids):
+    """A float id was cut to a token (5.7 read as 5) without a word; a batch (what generate() returns) failed in
+    torch's or int()'s words. Integer ids of any kind decode: a tensor's, an array's."""
+    import numpy as np
+    from tokenizer_helpers import corpus
+
+    tok = ttl_core.train_tokenizer(corpus(50), None, vocab_size=300)
+    with pytest.raises(ttl_core.TTLError, match=r"^decode takes one sequence of integer token ids \(a batch: "):
+        tok.decode(ids)
+    expected = tok.decode([5, 6, 70])
+    assert tok.decode(torch.tensor([5, 6, 70], dtype=torch.int32)) == tok.decode(np.array([5, 6, 70])) == expected
+
+
 def test_an_hf_export_over_a_native_one_loads(checkpoint, tmp_path):
     model = ttl_core.load_pretrained(checkpoint)
     ttl_core.save_native(model, tmp_path / "out")

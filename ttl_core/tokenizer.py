@@ -17,6 +17,7 @@ split text differently (see `ttl_core.tokenizer_json`).
 
 from __future__ import annotations
 
+import operator
 import os
 from pathlib import Path
 from typing import Iterable
@@ -344,11 +345,17 @@ class Tokenizer:
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
         UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run. As there,
         an id past the vocabulary (a model's embedding table may be larger, and sample it) is no text and
-        interrupts no run; a negative id is an error."""
+        interrupts no run; a negative id is an error, and so are a float id (int() would cut it to some token) and a
+        batch."""
+        try:  # integers of any kind: Python's, a tensor's, an array's
+            ids = [operator.index(i) for i in ids]
+        except TypeError as e:
+            raise TokenizerError("decode takes one sequence of integer token ids (a batch: decode_batch): "
+                                 f"{e}") from None
         special, size = self.special_ids, self.vocab_size
         out: list[str] = []
         run = bytearray()  # the bytes of consecutive byte-fallback pieces
-        for i in map(int, ids):
+        for i in ids:
             if i >= size or (skip_special_tokens and i in special):
                 continue
             self._checked_id(i)
