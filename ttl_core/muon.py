@@ -21,8 +21,8 @@ NS_EPS = 1e-7
 
 
 def orthogonalized(matrix: torch.Tensor, steps: int) -> torch.Tensor:
-    """`matrix` with its singular values pushed towards 1 (roughly into [0.7, 1.2]) by `steps` quintic
-    Newton-Schulz iterations in bfloat16, in the order of torch.optim.Muon's operations, so the result is its
+    """`matrix` with its singular values pushed towards 1 (near it, not onto it: the coefficients buy speed) by
+    `steps` quintic Newton-Schulz iterations in bfloat16, in the order of torch.optim.Muon's operations, so the result is its
     result to the bit. The wide orientation keeps the Gram matrix the smaller one."""
     a, b, c = NS_COEFFICIENTS
     tall = matrix.size(0) > matrix.size(1)
@@ -43,7 +43,7 @@ def adjusted_lr(lr: float, adjust: str, shape: torch.Size) -> float:
     return lr * (0.2 * math.sqrt(max(rows, cols)) if adjust == "match_rms_adamw" else math.sqrt(max(1, rows / cols)))
 
 
-class Muon(torch.optim.Optimizer):
+class MuonAndAdamW(torch.optim.Optimizer):
     """`adamw`'s groups, stepped by `adamw` itself (torch's AdamW, bit for bit), and `muon_groups`, each with its
     `params` (2-D), `rows` (the row count of each piece the parameters are cut into along dim 0), `lr`,
     `weight_decay`, `momentum`, `nesterov`, `ns_steps` and `adjust_lr` (see `adjusted_lr`)."""
@@ -52,7 +52,8 @@ class Muon(torch.optim.Optimizer):
         for group in muon_groups:
             for param in group["params"]:
                 if param.dim() != 2 or param.shape[0] != sum(group["rows"]):
-                    raise ValueError(f"Muon needs 2-D parameters of {sum(group['rows'])} rows, got {tuple(param.shape)}")
+                    raise ValueError(f"Muon needs 2-D parameters of {sum(group['rows'])} rows, "
+                                     f"got {tuple(param.shape)}")
         self.adamw = adamw
         super().__init__([*adamw.param_groups, *muon_groups], {})  # the same group dicts as adamw's
         self.adamw.state = self.state

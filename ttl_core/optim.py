@@ -11,7 +11,7 @@ import torch
 from .distributed import unwrap
 from .errors import TrainingError
 from .lora_targets import linear_slices
-from .muon import Muon
+from .muon import MuonAndAdamW
 from .run_config import TrainConfig
 
 # fp16's grad scaler skips a step whose gradients are not finite and halves its loss scale. Gradients that are
@@ -42,10 +42,10 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
                               eps=train.eps, fused=device.type == "cuda")
     if not muon_groups:
         return adamw
-    return Muon(adamw, [{"params": params, "rows": list(rows), "lr": train.lr, "weight_decay": weight_decay,
-                         "momentum": train.muon_momentum, "nesterov": train.muon_nesterov,
-                         "ns_steps": train.muon_ns_steps, "adjust_lr": train.muon_adjust_lr}
-                        for (rows, weight_decay), params in muon_groups.items()])
+    return MuonAndAdamW(adamw, [{"params": params, "rows": list(rows), "lr": train.lr, "weight_decay": weight_decay,
+                                 "momentum": train.muon_momentum, "nesterov": train.muon_nesterov,
+                                 "ns_steps": train.muon_ns_steps, "adjust_lr": train.muon_adjust_lr}
+                                for (rows, weight_decay), params in muon_groups.items()])
 
 
 def projection_rows(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:

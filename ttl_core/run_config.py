@@ -218,6 +218,7 @@ def validate(run: RunConfig) -> None:
 
 
 def validate_optimizer(t: TrainConfig) -> None:
+    """The optimizer and Muon's settings (checked with AdamW too, so a typo is named before a run switches)."""
     if t.optimizer not in OPTIMIZER_CHOICES:
         raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {t.optimizer!r}")
     if t.muon_adjust_lr not in MUON_ADJUST_LR_CHOICES:
