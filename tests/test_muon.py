@@ -96,10 +96,9 @@ def test_a_muon_step_is_torch_muon_on_each_projection_to_the_bit(tmp_path, optio
 
 def test_muon_over_the_fused_matrices_is_another_optimizer(tmp_path, monkeypatch):
     """What the test above tells apart: orthogonalising [q; k; v] and [gate; up] whole moves the weights by about
-    an update's size (lr 1e-3) away from transformers'."""
+    an update's size (1.6e-3 after three steps at lrs up to 3e-3) away from transformers'."""
     fuse_nothing_apart(monkeypatch)
     assert largest_step_difference(tmp_path) > 1e-4
-
 
 
 RECIPE = ["train.max_steps=6", "train.grad_accum_steps=2", "train.warmup_steps=2", "train.min_lr=3e-4",
@@ -112,12 +111,13 @@ def run_errors(tmp_path) -> dict[str, tuple[float, float]]:
     against the loop's run in float64: figure -> (ttl's error, the float32 loop's), the largest over the run,
     relative for the losses and gradient norms, absolute for the weights."""
     data_dir = prepared_corpus(tmp_path)
-    t = run_config(*MUON, *RECIPE).train
+    run = run_config(*MUON, *RECIPE)
+    t = run.train
     reference = hf_causal_lm(seed=1, vocab_size=400, intermediate_size=128, max_position_embeddings=64,
                              num_key_value_heads=2).float().train()
     reference.save_pretrained(tmp_path / "init")
     truth = copy.deepcopy(reference).double()
-    train(run_config(*MUON, *RECIPE), tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
+    train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
     expected, eval_loss = reference_training(reference, data_dir, t, False, TorchMuonAndAdamW)
     exact, exact_eval_loss = reference_training(truth, data_dir, t, False, TorchMuonAndAdamW)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -148,6 +148,7 @@ def test_a_muon_run_is_transformers_with_torch_muon(tmp_path):
 
 
 def test_a_muon_run_over_the_fused_matrices_fails_that_comparison(tmp_path, monkeypatch):
+    """Every figure 20 to 100 times as far from the float64 loop as the float32 loop's."""
     fuse_nothing_apart(monkeypatch)
     errors = run_errors(tmp_path)
     assert all(ours > 4 * theirs for ours, theirs in errors.values()), errors
