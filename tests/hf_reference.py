@@ -4,6 +4,7 @@ plain training loop written with transformers and torch that ttl's training runs
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import transformers
@@ -39,9 +40,10 @@ def hf_classifier(seed: int = 0, **overrides) -> transformers.LlamaForSequenceCl
 
 
 def reference_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """torch's AdamW with the norms and biases (by transformers' parameter names) exempt from weight decay."""
-    named = list(model.named_parameters())
+                    eps: float = 1e-8, leave_out: Callable[[str], bool] = lambda name: False) -> torch.optim.AdamW:
+    """torch's AdamW with the norms and biases (by transformers' parameter names) exempt from weight decay, over
+    the parameters but those whose name is to `leave_out` (another optimizer's)."""
+    named = [(name, p) for name, p in model.named_parameters() if not leave_out(name)]
     exempt = [p for name, p in named if "norm" in name or "bias" in name]
     decayed = [p for name, p in named if not ("norm" in name or "bias" in name)]
     assert exempt and decayed

@@ -10,6 +10,7 @@ import copy
 import importlib
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -71,12 +72,14 @@ def target_count(block: torch.Tensor, meta: dict | None) -> int:
 
 
 def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: TrainConfig,
-                       document_masking: bool) -> tuple[list[dict], float]:
-    """Train `model` in place by the recipe in `t`; returns each step's figures (as metrics.jsonl
-    names them) and the evaluation after the last step."""
+                       document_masking: bool, make_optimizer: Callable | None = None) -> tuple[list[dict], float]:
+    """Train `model` in place by the recipe in `t`, with the optimizer `make_optimizer(model, t)` gives (the
+    recipe's AdamW by default); returns each step's figures (as metrics.jsonl names them) and the evaluation after
+    the last step."""
     meta = json.loads((data_dir / "meta.json").read_text()) if document_masking else None
     blocks = blocks_of(data_dir, "train", t.seq_len)
-    optimizer = reference_adamw(model, t.lr, t.weight_decay, t.betas, t.eps)
+    make_optimizer = make_optimizer or (lambda model, t: reference_adamw(model, t.lr, t.weight_decay, t.betas, t.eps))
+    optimizer = make_optimizer(model, t)
     draw = training_batches(blocks, t.micro_batch_size, t.seed)
     figures = []
     for step in range(1, t.max_steps + 1):

@@ -8,7 +8,10 @@ import math
 
 import torch
 
+from .distributed import unwrap
 from .errors import TrainingError
+from .lora_targets import linear_slices
+from .muon import MuonAndAdamW
 from .run_config import TrainConfig
 
 # fp16's grad scaler skips a step whose gradients are not finite and halves its loss scale. Gradients that are
@@ -17,19 +20,40 @@ from .run_config import TrainConfig
 MIN_LOSS_SCALE = 1.0
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
-    `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA)."""
+    `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA); with `train.optimizer`
+    "muon", the decoder blocks' projection matrices are Muon's instead (see `ttl_core.muon`)."""
     # a tied weight counts under each of its names (the LM head tied to the embedding is listed as the embedding's)
     excluded = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
                 if any(f in name for f in train.no_decay)}
-    decay, no_decay = [], []
+    muon_rows = projection_rows(model) if train.optimizer == "muon" else {}
+    decay, no_decay, muon_groups = [], [], {}
     for param in model.parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        weight_decay = 0.0 if id(param) in excluded else train.weight_decay
+        if id(param) in muon_rows:
+            muon_groups.setdefault((muon_rows[id(param)], weight_decay), []).append(param)
+        else:
             (no_decay if id(param) in excluded else decay).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
-                             eps=train.eps, fused=device.type == "cuda")
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas),
+                              eps=train.eps, fused=device.type == "cuda")
+    if not muon_groups:
+        return adamw
+    return MuonAndAdamW(adamw, [{"params": params, "rows": list(rows), "lr": train.lr, "weight_decay": weight_decay,
+                                 "momentum": train.muon_momentum, "nesterov": train.muon_nesterov,
+                                 "ns_steps": train.muon_ns_steps, "adjust_lr": train.muon_adjust_lr}
+                                for (rows, weight_decay), params in muon_groups.items()])
+
+
+def projection_rows(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:
+    """id of each decoder-block projection weight -> the row counts of the projections fused in it (q, k, v;
+    gate, up; or the one of o_proj, down_proj), as transformers' Llama holds them apart."""
+    model = unwrap(model)
+    return {id(model.get_submodule(path).weight): tuple(stop - start for start, stop in slices.values())
+            for path, (_, slices) in linear_slices(model).items()}
 
 
 def lr_at(step: int, train: TrainConfig) -> float:

@@ -25,6 +25,8 @@ else:  # pragma: no cover - Python 3.10 installs tomli (see setup.py)
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 DISTRIBUTED_CHOICES = ("ddp", "fsdp")
 SCHEDULE_CHOICES = ("cosine", "linear", "1-sqrt", "constant")
+OPTIMIZER_CHOICES = ("adamw", "muon")
+MUON_ADJUST_LR_CHOICES = ("match_rms_adamw", "original")
 
 
 @dataclass
@@ -58,6 +60,14 @@ class TrainConfig:
     # backbone.layers.0.attn_norm.weight, lm_head.weight: HF's "embed_tokens" matches nothing, silently);
     # [] decays everything (TeenyTinyLlama's practice)
     no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
+    # "muon": Muon on the decoder blocks' projection matrices (each of q, k, v, gate, up orthogonalised alone),
+    # AdamW as above on the rest; muon_adjust_lr "match_rms_adamw" (Moonshot's) lets Muon share lr and weight_decay,
+    # "original" is Keller Jordan's scaling (which wants a larger lr)
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "match_rms_adamw"
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     # PaLM's z-loss: z_loss * logsumexp(logits)**2 per target token added to the objective (1e-4 in PaLM), which
     # keeps the softmax normalizer near 1; logged apart, as "z_loss", beside the cross-entropy "loss"
@@ -200,10 +210,27 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    validate_optimizer(t)
     if not all(isinstance(name, str) for name in t.no_decay):
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+
+
+def validate_optimizer(t: TrainConfig) -> None:
+    """The optimizer and Muon's settings (checked with AdamW too, so a typo is named before a run switches)."""
+    if t.optimizer not in OPTIMIZER_CHOICES:
+        raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZER_CHOICES)}, got {t.optimizer!r}")
+    if t.muon_adjust_lr not in MUON_ADJUST_LR_CHOICES:
+        raise ConfigError(f"train.muon_adjust_lr must be one of {', '.join(MUON_ADJUST_LR_CHOICES)}, "
+                          f"got {t.muon_adjust_lr!r}")
+    if not 0 <= t.muon_momentum < 1:
+        raise ConfigError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
+    if t.muon_ns_steps < 1:
+        raise ConfigError(f"train.muon_ns_steps must be >= 1, got {t.muon_ns_steps}")
+    if t.optimizer == "muon" and t.distributed == "fsdp":
+        raise ConfigError("train.optimizer = \"muon\" needs whole matrices, which FSDP shards: use "
+                          "train.distributed = \"ddp\"")
 
 
 def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> None:
@@ -232,6 +259,10 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
     if no_decay is not None and list(no_decay) != list(run.train.no_decay):
         raise ConfigError(f"{checkpoint} was trained with train.no_decay={no_decay}; resuming with "
                           f"{run.train.no_decay} would move parameters between weight-decay groups")
+    optimizer = train_was.get("optimizer", "adamw")  # a run from before train.optimizer was AdamW's
+    if optimizer != run.train.optimizer:
+        raise ConfigError(f"{checkpoint} was trained with train.optimizer={optimizer!r}, whose state it saved; resume "
+                          f"with it, or start a new run with --init-from {checkpoint}")
     for key in ("seq_len", "seed"):
         if key in train_was and train_was[key] != getattr(run.train, key):
             raise ConfigError(f"train.{key} is {getattr(run.train, key)!r} here, but {checkpoint} was trained with "
