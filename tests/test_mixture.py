@@ -184,7 +184,8 @@ def test_a_mixture_of_one_source_trains_as_the_plain_run_bit_for_bit(prepared, t
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (['data.mix={web={path="MISSING",weight=1}}'], "data.mix source 'web': .*/missing is not a prepared data directory"),
+    (['data.mix={web={path="MISSING",weight=1}}'],
+     "data.mix source 'web': .*/missing is not a prepared data directory .*run scripts/prepare_data.py"),
     (['data.mix={web={path="A",weight=0}}'], "data.mix source 'web': weight must be a positive finite number, got 0"),
     (['data.mix={web={path="A",weight=-0.5}}'], "weight must be a positive finite number, got -0.5"),
     (['data.mix={web={path="A",weight=nan}}'], "weight must be a positive finite number, got nan"),
@@ -199,9 +200,8 @@ def test_a_mixture_of_one_source_trains_as_the_plain_run_bit_for_bit(prepared, t
                                   r"\(every source needs the same: scripts/prepare_data.py --tokenizer .*a\)"),
 ])
 def test_bad_mixtures_are_refused_in_one_line(prepared, tmp_path, overrides, message):
-    names = {"A": str(prepared / "a"), "OTHER": str(prepared / "other"), "MISSING": str(tmp_path / "missing")}
-    overrides = [o.replace('"A"', f'"{names["A"]}"').replace('"OTHER"', f'"{names["OTHER"]}"')
-                 .replace('"MISSING"', f'"{names["MISSING"]}"') for o in overrides]
+    for name, path in {"A": prepared / "a", "OTHER": prepared / "other", "MISSING": tmp_path / "missing"}.items():
+        overrides = [o.replace(f'"{name}"', f'"{path}"') for o in overrides]
     with pytest.raises(TTLError, match=message) as e:
         train(run_config("train.max_steps=1", *overrides), tmp_path / "run")
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
