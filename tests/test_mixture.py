@@ -194,6 +194,7 @@ def test_a_mixture_of_one_source_trains_as_the_plain_run_bit_for_bit(prepared, t
     (['data.mix={web={path="A"}}'], "data.mix source 'web' must be a table of path and weight"),
     (['data.mix={web="A"}'], "data.mix source 'web' must be a table of path and weight"),
     (['data.mix={}'], "data.mix names no source"),
+    (['data.mix={""={path="A",weight=1}}'], "data.mix: a source needs a name"),
     (['data.mix=3'], "data.mix must be a table, got 3"),
     (['data.path="A"', 'data.mix={web={path="A",weight=1}}'], "data.path .* and data.mix are exclusive"),
     ([mix_setting("A", "OTHER")], "data.mix: .*other was prepared with another tokenizer than .*a "

@@ -218,6 +218,8 @@ def validate_mix(data: DataConfig) -> None:
         raise ConfigError(f"data.path ({data.path!r}) and data.mix are exclusive: give one data directory, or a "
                           f"mixture whose sources name theirs")
     for name, source in data.mix.items():
+        if not name:  # it names the source's figures in the logs: eval_loss/NAME
+            raise ConfigError("data.mix: a source needs a name, as in web = {path = \"data/web\", weight = 0.7}")
         where = f"data.mix source {name!r}"
         if not isinstance(source, dict) or set(source) != {"path", "weight"}:
             raise ConfigError(f"{where} must be a table of path and weight, e.g. {{path = \"data/web\", "
