@@ -3,8 +3,9 @@
   python scripts/pretrain.py --config configs/tiny.toml --out runs/tiny
   torchrun --nproc_per_node 8 scripts/pretrain.py --config configs/ttl-160m.toml --data DATA --out RUN --device cuda
 
-Without --data (and no [data] path in the config) the bundled Portuguese sample corpus is prepared into
-RUN/data first; with --resume, the run continues on the data directory its checkpoint records instead.
+Without --data (and no [data] path or [data.mix] in the config) the bundled Portuguese sample corpus is prepared
+into RUN/data first; with --resume, the run continues on the data directory (or mixture) its checkpoint records
+instead.
 Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
 `ttl_core.load_pretrained`), RUN/loss.png, and prints a sample generation from the final model.
 
@@ -28,7 +29,8 @@ from ttl_core.train import train
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML run config (configs/*.toml); defaults apply when omitted")
-    parser.add_argument("--data", help="prepared data directory (scripts/prepare_data.py); overrides [data] path")
+    parser.add_argument("--data", help="prepared data directory (scripts/prepare_data.py); overrides [data] path "
+                        "(refused beside a [data.mix])")
     parser.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")

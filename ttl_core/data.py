@@ -439,10 +439,10 @@ class PackedLoader:
                             f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
                             f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
                             f"a smaller batch{', fewer processes' if several else ''} or a shorter sequence")
-        self.epoch, self.batch = 0, 0
-        self._order = self._permutation(0)
+        self.epoch, self.batch, self._order = 0, 0, self.permutation(0)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order in which epoch `epoch` visits the blocks (file order without shuffling)."""
         if not self.shuffle:
             return np.arange(self.n_blocks)
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
@@ -457,19 +457,20 @@ class PackedLoader:
             if not self.shuffle:
                 raise StopIteration
             self.epoch, self.batch = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
+            self._order = self.permutation(self.epoch)
         first = (self.batch * self.world_size + self.rank) * self.batch_size
-        blocks = self._order[first:first + self.batch_size]
         self.batch += 1
+        return self.batch_of(self._order[first:first + self.batch_size])
+
+    def batch_of(self, blocks: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of the blocks numbered `blocks`, every token id checked against the vocabulary."""
         S = self.seq_len
         x = torch.from_numpy(np.stack([self.tokens[b * S:b * S + S + 1] for b in blocks]).astype(np.int64))
         if int(x.max()) >= self.vocab_size:  # garbage would otherwise surface as an IndexError in the embedding
             row, col = divmod(int(x.argmax()), S + 1)
             raise DataError(f"{self.path}: token {int(blocks[row]) * S + col:,} has id {int(x.max())}, outside the "
                             f"vocabulary of {self.vocab_size} in meta.json (a corrupt file or another tokenizer's)")
-        doc_starts = torch.zeros(len(blocks), S, dtype=torch.bool)
-        doc_starts[:, 0] = True
-        doc_starts[:, 1:] = x[:, :S - 1] == self.eos_id
+        doc_starts = torch.cat([torch.ones(len(blocks), 1, dtype=torch.bool), x[:, :S - 1] == self.eos_id], dim=1)
         return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(), "doc_starts": doc_starts}
 
     def state_dict(self) -> dict:
@@ -496,5 +497,4 @@ class PackedLoader:
         if not (_is_int(epoch) and _is_int(batch) and epoch >= 0 and 0 <= batch <= self.batches_per_epoch):
             raise DataError(f"loader state: epoch {epoch!r} and batch {batch!r} are no position in epochs of "
                             f"{self.batches_per_epoch} batches (a damaged trainer_state.json?)")
-        self.epoch, self.batch = epoch, batch
-        self._order = self._permutation(self.epoch)
+        self.epoch, self.batch, self._order = epoch, batch, self.permutation(epoch)

@@ -35,6 +35,9 @@ class DataConfig:
 
     path: str = ""
     document_masking: bool = False  # attend within documents only, rotary positions restart per document
+    # a data mixture instead of `path`: {name = {path = DIR, weight = W}, ...}, each batch row drawn from a source
+    # with probability W / sum of the weights (see ttl_core.mixture)
+    mix: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,7 +120,8 @@ class RunConfig:
                 "train": dataclasses.asdict(self.train)}
 
 
-_TYPE_WORDS = {bool: "true or false", float: "a number", int: "an integer", str: "a string", list: "a list"}
+_TYPE_WORDS = {bool: "true or false", float: "a number", int: "an integer", str: "a string", list: "a list",
+               dict: "a table"}
 
 
 def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
@@ -215,6 +219,27 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    validate_mix(run.data)
+
+
+def validate_mix(data: DataConfig) -> None:
+    """A data.mix names its sources, each a table of a `path` (a prepared directory) and a positive finite
+    `weight`; it replaces data.path, so the two together are refused."""
+    if data.mix and data.path:
+        raise ConfigError(f"data.path ({data.path!r}) and data.mix are exclusive: give one data directory, or a "
+                          f"mixture whose sources name theirs")
+    for name, source in data.mix.items():
+        if not name:  # it names the source's figures in the logs: eval_loss/NAME
+            raise ConfigError("data.mix: a source needs a name, as in web = {path = \"data/web\", weight = 0.7}")
+        where = f"data.mix source {name!r}"
+        if not isinstance(source, dict) or set(source) != {"path", "weight"}:
+            raise ConfigError(f"{where} must be a table of path and weight, e.g. {{path = \"data/web\", "
+                              f"weight = 0.7}}; got {source!r}")
+        if not (isinstance(source["path"], str) and source["path"]):
+            raise ConfigError(f"{where}: path must name a prepared data directory, got {source['path']!r}")
+        weight = source["weight"]  # written so that NaN fails too
+        if not (is_number(weight) and 0 < weight < math.inf):
+            raise ConfigError(f"{where}: weight must be a positive finite number, got {weight!r}")
 
 
 def validate_optimizer(t: TrainConfig) -> None:
@@ -318,6 +343,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
         sections[section][key] = value
         if section == "model":
             model_overrides.append(key)
+    if sections["data"].get("mix") == {}:  # a [data.mix] table without sources would train on the bundled corpus
+        raise ConfigError("data.mix names no source; give each as NAME = {path = DIR, weight = W}, or remove it")
     run = RunConfig(model=sections["model"], data=_build(DataConfig, "data", sections["data"]),
                     train=_build(TrainConfig, "train", sections["train"]), model_overrides=model_overrides)
     run.model_config()  # validates the [model] section now, naming any unknown field

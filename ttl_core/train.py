@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -36,7 +36,8 @@ from .distributed import (World, all_reduce_sum, barrier, close_world, full_mode
 from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
-from .metrics import MetricsLog, flops_per_token, peak_tflops, perplexity, plot_metrics, step_throughput
+from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
+from .mixture import eval_figures, resolve_mixture, train_loader
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
 from .preemption import StopOnSignal
@@ -280,12 +281,6 @@ def check_run_fits_model(config: LlamaConfig, train: TrainConfig, tokenizer: Tok
                           "room for the sample")
 
 
-def batches(loader: PackedLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The loader's next `n` batches (the micro-batches of one optimizer step)."""
-    for _ in range(n):
-        yield next(loader)
-
-
 def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
     """A continuation of `prompt` by the saved model, with TeenyTinyLlama's suggested sampling settings."""
     model = load_pretrained(checkpoint, dtype=torch.float32)
@@ -379,11 +374,15 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
         raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
                           f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
+    mixture = resolve_mixture(run, data_dir, saved_run, resume_from, world.is_main)  # None: one data directory
     recorded = recorded_data_path(saved_run)
-    data_path = resolve_data(run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
+    data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
+        run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
+    sources = mixture.paths if mixture else {"": data_path}  # the directories evaluated
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
-    recorded_config["data"]["path"] = "" if data_path == out_dir / "data" else str(data_path.resolve())
+    recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
+    recorded_config["data"]["mix"] = mixture.sources if mixture else {}
     if trainer_state is not None:
         recorded_config["model"] = resumed_model_settings(run, saved_run)
     tokenizer = Tokenizer.from_pretrained(data_path)
@@ -391,15 +390,14 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
     check_run_fits_model(config, train, tokenizer, data_path,  # a new model's table is the run's to choose: warn once
                          warn_unused_rows=world.is_main and not (resume_from or init_from))
-    loader = PackedLoader(data_path, "train", train.seq_len, train.micro_batch_size, seed=train.seed,
-                          rank=world.rank, world_size=world.size)
+    loader = train_loader(mixture or data_path, train, world)
     if trainer_state is not None:  # another global batch, seq_len or data is refused here, before any weights load
         loader.load_state_dict(trainer_state["data"])
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
         raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
-    if train.eval_every:
-        check_eval_split(data_path, run, world)
+    for path in sources.values() if train.eval_every else ():
+        check_eval_split(path, run, world)
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
     with point_to_older_checkpoint(out_dir, resume_from):
@@ -452,8 +450,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         while step < last_step:
             step += 1
             start = time.perf_counter()
-            micro = [model_inputs(b, world.device, run.data.document_masking, tokenizer.bos_id)
-                     for b in batches(loader, train.grad_accum_steps)]
+            micro = [model_inputs(next(loader), world.device, run.data.document_masking, tokenizer.bos_id)
+                     for _ in range(train.grad_accum_steps)]
             try:
                 loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
                                                       scaler)
@@ -469,10 +467,12 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
-                eval_loss = evaluate(model, data_path, run, world, tokenizer.bos_id)
+                evals = eval_figures({name: evaluate(model, path, run, world, tokenizer.bos_id)
+                                      for name, path in sources.items()}, mixture)
                 if log:
-                    log.log({"step": step, "eval_loss": eval_loss, "eval_ppl": perplexity(eval_loss)})
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
+                    log.log({"step": step, **evals})
+                    progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
+                                   f"perplexity {evals['eval_ppl']:.1f}")
             stopped_by = stop.agreed() if step < last_step else None  # at the last step the run ends anyway
             if step % train.save_every == 0 or step == last_step or stopped_by:
                 saved_at = save(step)
