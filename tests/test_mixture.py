@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, run_script, run_torchrun
 from train_helpers import corpus_file, losses, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
@@ -243,28 +240,13 @@ def test_two_processes_train_a_mixture_as_one_process(prepared, tmp_path):
     """DDP over gloo with micro_batch_size 2 on each of 2 ranks, against 4 in one process: the same losses, grad
     norms and per-source eval losses within 1e-5."""
     common = ["train.max_steps=4", "train.eval_every=2", mix_setting(prepared / "a", prepared / "b")]
-    one = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--out", str(tmp_path / "one"),
-                          *set_arguments(*common, "train.micro_batch_size=4")],
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    one = run_script("pretrain", "--out", tmp_path / "one", *set_arguments(*common, "train.micro_batch_size=4"))
     assert one.returncode == 0, one.stderr[-2000:]
-    port = next(p for p in range(29610, 29620) if _free(p))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), str(ROOT / "scripts" / "pretrain.py"),
-                          "--out", str(tmp_path / "two"), *set_arguments(*common, "train.micro_batch_size=2")],
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=600)
+    two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--out", tmp_path / "two",
+                       *set_arguments(*common, "train.micro_batch_size=2"))
     assert two.returncode == 0, two.stderr[-3000:]
     for key in ("loss", "grad_norm", "eval_loss", "eval_loss/web", "eval_loss/books"):
         figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r]
                    for run in ("one", "two")]
         assert figures[1] == pytest.approx(figures[0], abs=1e-5) and len(figures[0]) in (2, 4), key
 
-
-def _free(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True

@@ -183,7 +183,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     source = _load_tokenizer(tokenizer)
     # "encoding" names how text becomes ids; a change to it makes directories prepared before it stale
     plan = {"inputs": _fingerprint(paths), "documents": counts, "val_fraction": val_fraction,
-            "shard_docs": shard_docs, "tokenizer": _fingerprint_tokenizer(source) if source else f"train:{vocab_size}",
+            "shard_docs": shard_docs, "tokenizer": fingerprint_tokenizer(source) if source else f"train:{vocab_size}",
             "encoding": "special tokens as text; CRLF as LF"}
     # the shard layout matters to resuming only: it goes in the work directory's plan (an older layout numbered
     # shards otherwise), not in meta.json, so directories prepared before stay valid
@@ -337,7 +337,7 @@ def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenize
     return tok
 
 
-def _fingerprint_tokenizer(tok: Tokenizer) -> str:
+def fingerprint_tokenizer(tok: Tokenizer) -> str:
     """SHA-256 of the files `tok` saves: its model and the config that says how it encodes (which tokens play
     <s> and </s>, the word prefix, the added tokens), all of which the token files depend on."""
     with tempfile.TemporaryDirectory() as directory:

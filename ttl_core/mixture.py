@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import PackedLoader, _fingerprint_tokenizer, _is_int, read_meta
+from .data import PackedLoader, fingerprint_tokenizer, read_meta
 from .distributed import World
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, is_integer
 from .metrics import perplexity
 from .run_config import RunConfig, TrainConfig
 from .tokenizer import Tokenizer
@@ -81,7 +81,7 @@ def resolve_mixture(run: RunConfig, data_dir: str | None, saved_run: Any, checkp
             raise ConfigError(f"data.mix source {name!r}: {path} is not a prepared data directory (no meta.json); "
                               f"run scripts/prepare_data.py")
         meta = read_meta(path / "meta.json")
-        tokens = (_fingerprint_tokenizer(Tokenizer.from_pretrained(path)), meta["vocab_size"], meta["dtype"])
+        tokens = (fingerprint_tokenizer(Tokenizer.from_pretrained(path)), meta["vocab_size"], meta["dtype"])
         first = first or (path, tokens)
         if tokens != first[1]:
             raise ConfigError(f"data.mix: {path} was prepared with another tokenizer than {first[0]} (every source "
@@ -169,7 +169,8 @@ class MixtureLoader:
             except DataError as e:
                 raise DataError(f"data.mix source {name!r}: {e}") from None
         served = [saved[name].get("served") for name in self.names]
-        if not (_is_int(state.get("batch")) and state["batch"] >= 0 and all(_is_int(n) and n >= 0 for n in served)):
+        position = [state.get("batch"), *served]
+        if not all(is_integer(n) and n >= 0 for n in position):
             raise DataError(f"loader state: batch {state.get('batch')!r} and blocks served {served} are no position "
                             f"(a damaged trainer_state.json?)")
         self.batch, self.served = state["batch"], served
