@@ -35,6 +35,7 @@ from .optim import build_optimizer, lr_at, optimizer_update
 from .run_config import DTYPE_CHOICES, TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
+from .tokenizer_call import pad_rows
 from .train import AUTOCAST_DTYPES, autocast
 
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
@@ -182,8 +183,7 @@ def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:
 
 def right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
     """The rows as one long tensor (rows, longest row), each filled up with `value` after its end."""
-    width = max(map(len, rows))
-    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+    return torch.tensor(pad_rows(rows, max(map(len, rows)), value, "right"), dtype=torch.long)
 
 
 def pad_sequences(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

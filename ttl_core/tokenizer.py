@@ -28,8 +28,9 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import TokenizerError
 from .fileio import atomic_write, read_json, write_json
+from .tokenizer_call import encode_for_model
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
-                               extra_special_tokens, prefix_scheme, read_chat_template, read_config,
+                               extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
                                replace_chat_template_files, role_tokens, split_special_tokens_flag, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
@@ -41,7 +42,14 @@ class Tokenizer:
     """A sentencepiece BPE model with Llama/TeenyTinyLlama conventions. `add_bos_token` / `add_eos_token`
     (transformers' names) say whether `encode` puts `<s>` / `</s>` (`bos_id` / `eos_id`) around a text unless
     told: `<s>` only, for a model file itself; as transformers reads them, for a tokenizer directory
-    (`from_pretrained`), whose config may also name other tokens for these roles and for `<pad>`."""
+    (`from_pretrained`), whose config may also name other tokens for these roles and for `<pad>`.
+
+    `tokenizer(texts, padding=True, return_tensors="pt")` is transformers' call (see `ttl_core.tokenizer_call`): it
+    pads and truncates on the sides `padding_side` / `truncation_side` name, at most `model_max_length` tokens by
+    default (None: no limit), as a directory's config says (no side named: LlamaTokenizer's left padding, right
+    truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
+
+    __call__ = encode_for_model
 
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
@@ -55,6 +63,7 @@ class Tokenizer:
         self._listed_piece_ids: set[int] = set()
         self._token_flags: dict[str, TokenFlags] = {}  # added tokens' flags as read; unlisted ones: TokenFlags()
         self.chat_template: str | dict[str, str] | None = None  # a directory's, carried to save_pretrained
+        self.padding_side, self.truncation_side, self.model_max_length = "right", "right", None
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -167,6 +176,9 @@ class Tokenizer:
         tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
         tokenizer.prefix_scheme = prefix_scheme(config_path, config)
         tokenizer.split_special_tokens = split_special_tokens_flag(config_path, config)
+        if config is not None:
+            tokenizer.padding_side, tokenizer.truncation_side, tokenizer.model_max_length = length_settings(
+                config_path, config)
         tokenizer.chat_template = read_chat_template(path.parent, config) if saved else None
         return tokenizer
 
@@ -301,10 +313,7 @@ class Tokenizer:
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
             checked_utf8(text, "the text")
-        # a tokenizer without <s> or </s> (null in the config) never adds it, as in transformers
-        add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
-        add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
-        ids = [self.bos_id] if add_bos else []
+        ids, end = self.special_ends(add_bos, add_eos)
         parts = self._splitter.split(text, self.split_special_tokens if split_special_tokens is None
                                      else split_special_tokens)
         for k, part in enumerate(parts):
@@ -315,9 +324,14 @@ class Tokenizer:
                         and not part.startswith((" ", "\u2581")):  # as transformers' Metaspace pre-tokenizer
                     part = " " + part
                 ids.extend(self.sp.encode(part))
-        if add_eos:
-            ids.append(self.eos_id)
-        return ids
+        return ids + end
+
+    def special_ends(self, add_bos: bool | None = None, add_eos: bool | None = None) -> tuple[list[int], list[int]]:
+        """The ids `encode(text, add_bos, add_eos)` puts before and after the text's own."""
+        # a tokenizer without <s> or </s> (null in the config) never adds it, as in transformers
+        add_bos = (self.add_bos_token if add_bos is None else add_bos) and self.bos_id >= 0
+        add_eos = (self.add_eos_token if add_eos is None else add_eos) and self.eos_id >= 0
+        return [self.bos_id] if add_bos else [], [self.eos_id] if add_eos else []
 
     def encode_batch(self, texts: Iterable[str], add_bos: bool | None = None, add_eos: bool | None = None,
                      split_special_tokens: bool | None = None) -> list[list[int]]:
@@ -372,7 +386,11 @@ class Tokenizer:
         return text[1:] if text.startswith(" ") and self.prefix_scheme != "never" else text
 
     def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of each row (also named `batch_decode`, as in transformers, but dropping special tokens unless
+        `skip_special_tokens=False`, where transformers' keeps them unless told)."""
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+
+    batch_decode = decode_batch
 
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -395,8 +413,9 @@ class Tokenizer:
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
-                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "padding_side": "right",
-                  "sp_model_kwargs": {}, "added_tokens_decoder": decoder, **special}
+                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+                  "padding_side": self.padding_side, "truncation_side": self.truncation_side, "sp_model_kwargs": {},
+                  "added_tokens_decoder": decoder, **special}
         if self.split_special_tokens:  # transformers too writes it only when set
             config["split_special_tokens"] = True
         # transformers lists these in all_special_tokens: the added tokens that are special, as it saves them

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import TokenizerError
+from .errors import TokenizerError, is_integer, is_number
 from .fileio import read_json
 
 ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -45,6 +45,22 @@ def split_special_tokens_flag(path: Path, config: dict | None) -> bool:
     if not isinstance(flag, bool):
         raise TokenizerError(f"{path}: split_special_tokens must be true or false, got {flag!r}")
     return flag
+
+
+def length_settings(path: Path, config: dict) -> tuple[str, str, int | None]:
+    """A config's `padding_side`, `truncation_side` and `model_max_length` as transformers 5's LlamaTokenizer reads
+    them: padding on the left and truncation on the right where it names no side, and no length limit where it
+    names none or, as transformers writes "no limit", one past 10**20."""
+    sides = [config.get(key, default) for key, default in (("padding_side", "left"), ("truncation_side", "right"))]
+    if not all(side in ("left", "right") for side in sides):
+        raise TokenizerError(f"{path}: padding_side and truncation_side must be \"left\" or \"right\", got "
+                             f"{sides[0]!r} and {sides[1]!r}")
+    limit = config.get("model_max_length")
+    if is_number(limit) and limit > 10**20:
+        limit = None
+    if limit is not None and not (is_integer(limit) and limit >= 0):
+        raise TokenizerError(f"{path}: model_max_length must be a non-negative integer, got {limit!r}")
+    return sides[0], sides[1], limit
 
 
 def prefix_scheme(path: Path, config: dict | None) -> str:

@@ -1,0 +1,242 @@
+"""`tokenizer(texts, padding=..., truncation=..., return_tensors=...)` and `batch_decode`, as transformers' calls,
+against transformers' AutoTokenizer on TeenyTinyLlama-style tokenizer directories built here, and the result fed to
+`generate` as transformers code feeds it."""
+
+import itertools
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from generation_helpers import PAD, hf_generation_model
+from tokenizer_helpers import HARD, corpus, make_ttl_style_dir, random_text
+
+import ttl_core
+from ttl_core import Tokenizer
+from ttl_core.errors import GenerationError, TokenizerError
+
+PADDINGS = [False, True, "longest", "max_length", "do_not_pad"]
+TRUNCATIONS = [None, False, True, "longest_first", "do_not_truncate"]
+SIDES = [None, "left", "right"]
+TENSORS = [None, "pt", "np"]
+
+
+def tokenizer_dir(path, with_eos: bool, **config):
+    """A TeenyTinyLlama-style directory (tokenizer.json, `<s>` before each text, or also `</s>` after it), its
+    tokenizer_config.json updated with `config`."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    spec = make_ttl_style_dir(path, corpus(200, seed=1), vocab_size=300)
+    if with_eos:
+        backend = HFTokenizer.from_str(json.dumps(spec))
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                               special_tokens=[("<s>", 1), ("</s>", 2)])
+        (path / "tokenizer.json").write_text(backend.to_str())
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**settings, **config}))
+    return path
+
+
+def both(path):
+    from transformers import AutoTokenizer
+    return Tokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def outcome(tokenizer, texts, **kwargs):
+    """(what the call returns or raises, the warnings it gives)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = dict(tokenizer(texts, **kwargs))
+        except ValueError as e:  # TokenizerError is one
+            result = e
+    return result, [str(w.message) for w in caught]
+
+
+def assert_same(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    for key, want in theirs.items():
+        have = ours[key]
+        if isinstance(want, torch.Tensor):
+            assert have.dtype == want.dtype and torch.equal(have, want), key
+        elif isinstance(want, np.ndarray):
+            assert isinstance(have, np.ndarray) and have.dtype == want.dtype and np.array_equal(have, want), key
+        else:
+            assert have == want, key
+
+
+def texts_for(rng: random.Random):
+    """One text or a batch of 1 to 4: Portuguese sentences, the hard cases (empty, emoji, whitespace runs), random
+    Unicode full of special-token look-alikes."""
+    pick = lambda: rng.choice([rng.choice(HARD), random_text(rng), rng.choice(corpus(20, seed=rng.randrange(99)))])
+    return pick() if rng.random() < 0.25 else [pick() for _ in range(rng.randint(1, 4))]
+
+
+@pytest.mark.parametrize("with_eos,config", [
+    (False, {}),  # TeenyTinyLlama's: <s> only; LlamaTokenizer's sides (pad left, cut right), no length limit
+    (True, {"padding_side": "right", "truncation_side": "left", "model_max_length": 9}),
+], ids=["bos_only", "bos_eos_right_padded_left_cut"])
+def test_call_matches_transformers_over_every_setting(with_eos, config, tmp_path):
+    """Every padding x truncation x max_length x padding_side x return_tensors combination, each over fresh random
+    texts, with add_special_tokens and return_attention_mask drawn: the same ids, masks, dtypes and warnings as
+    AutoTokenizer, and where it raises a ValueError, a one-line TokenizerError."""
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos, **config))
+    assert (ours.padding_side, ours.truncation_side) == (theirs.padding_side, theirs.truncation_side)
+    rng = random.Random(len(config))
+    compared = refused = 0
+    for padding, truncation, max_length, side, tensors in itertools.product(
+            PADDINGS, TRUNCATIONS, [None, 0, 1, 2, 5, 12], SIDES, TENSORS):
+        texts = texts_for(rng)
+        kwargs = dict(padding=padding, truncation=truncation, max_length=max_length, padding_side=side,
+                      return_tensors=tensors, add_special_tokens=rng.random() < 0.7,
+                      return_attention_mask=rng.choice([None, True, False]))
+        (want, their_warnings), (have, our_warnings) = outcome(theirs, texts, **kwargs), outcome(ours, texts, **kwargs)
+        assert our_warnings == their_warnings, kwargs
+        rows, _ = outcome(theirs, texts, **{**kwargs, "return_tensors": None})
+        if isinstance(have, TokenizerError):
+            assert "\n" not in str(have)
+            # where ttl alone refuses (see the next test): tensors of rows of different lengths, and no room left
+            # for the special tokens
+            if "needs rows of one length" in str(have):
+                assert tensors and len({len(row) for row in rows["input_ids"]}) > 1, (kwargs, texts)
+            else:
+                assert isinstance(want, ValueError) or "leaves no room" in str(have), (kwargs, texts, have)
+            refused += 1
+        else:
+            assert not isinstance(want, Exception), (kwargs, texts, want)
+            assert_same(have, want)
+            compared += 1
+    assert compared > 1000 and refused > 100
+
+
+def test_refusals_where_transformers_gives_something_else(tmp_path):
+    """max_length shorter than the special tokens while truncating (transformers then does not truncate at all) and
+    rows of different lengths as "np" (an array of arrays there) or as "pt" with the first row empty (an empty float
+    tensor there) are refused in one line."""
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=True))
+    assert theirs("casa de menino", max_length=1, truncation=True)["input_ids"] == theirs("casa de menino")["input_ids"]
+    with pytest.raises(TokenizerError, match="max_length=1 leaves no room for the 2 special token"):
+        ours("casa de menino", max_length=1, truncation=True)
+    assert ours("casa de menino", max_length=1, truncation=True, add_special_tokens=False)["input_ids"] == \
+        theirs("casa de menino", max_length=1, truncation=True, add_special_tokens=False)["input_ids"]
+    assert theirs(["a casa", "a"], return_tensors="np")["input_ids"].dtype == object
+    with pytest.raises(TokenizerError, match="return_tensors='np' needs rows of one length, and these have 3 to 6"):
+        ours(["a casa", "a"], return_tensors="np")
+    assert theirs(["", "a casa"], add_special_tokens=False, return_tensors="pt")["input_ids"].shape == (2, 0)
+    with pytest.raises(TokenizerError, match="return_tensors='pt' needs rows of one length, and these have 0 to"):
+        ours(["", "a casa"], add_special_tokens=False, return_tensors="pt")
+
+
+# what transformers does and ttl refuses: text pairs, the other outputs, overflowing windows, pre-split words
+UNSUPPORTED = [
+    (("a", "b"), {}, "text_pair='b' is not supported"),
+    ((["a"],), {"text_pair": ["b"]}, "text_pair=\\['b'\\] is not supported"),
+    (([["a", "b"]],), {}, "got a list among the texts"),
+    (("a",), {"truncation": "only_second", "max_length": 2}, "only_second.*ttl takes no pairs"),
+    (("a",), {"return_offsets_mapping": True}, "return_offsets_mapping=True is not supported"),
+    (("a",), {"return_token_type_ids": True}, "return_token_type_ids=True is not supported"),
+    (("a",), {"stride": 2}, "stride=2 is not supported"),
+    ((["a", "casa"],), {"is_split_into_words": True}, "is_split_into_words=True is not supported"),
+    (("a",), {"truncation_side": "left"}, "unknown argument\\(s\\) truncation_side"),  # transformers ignores it
+]
+# what transformers refuses too (ttl checks padding_side even where nothing is padded)
+INVALID = [
+    (("a",), {"truncation": "xx"}, "truncation must be True, False, 'longest_first' or 'do_not_truncate'"),
+    (("a",), {"padding": "middle"}, "padding must be True, False, 'longest', 'max_length' or 'do_not_pad'"),
+    (("a",), {"padding": 1}, "padding must be"),
+    (("a",), {"padding": True, "padding_side": "middle"}, "padding_side must be 'left' or 'right', got 'middle'"),
+    (("a",), {"return_tensors": "tf"}, "return_tensors must be 'pt', 'np' or None, got 'tf'"),
+    (("a",), {"max_length": -1, "truncation": True}, "max_length must be a non-negative integer"),
+    (("a",), {"max_length": 2.5, "truncation": True}, "max_length must be a non-negative integer"),
+    ((3,), {}, "takes a str or a non-empty list of str, got a int$"),
+    ((["a", 3],), {}, "got a int among the texts"),
+    (([],), {}, "got an empty list"),
+    ((["a casa", "a"],), {"return_tensors": "pt"}, "return_tensors='pt' needs rows of one length.*padding=True"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,message", UNSUPPORTED + INVALID)
+def test_bad_calls_are_refused_in_one_line(args, kwargs, message, tmp_path):
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    with pytest.raises(TokenizerError, match=message) as info:
+        ours(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    if (args, kwargs, message) in INVALID:
+        with pytest.raises(Exception):
+            theirs(*args, **kwargs)
+    else:
+        theirs(*args, **kwargs)
+    with pytest.raises(TokenizerError, match="add_special_tokens must be True or False"):
+        ours("a", add_special_tokens="yes")  # transformers reads any value as true or false
+
+
+def test_padding_without_a_pad_token_is_refused_as_transformers_refuses_it(tmp_path):
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False, pad_token=None))
+    assert ours.pad_id == -1 and theirs.pad_token is None
+    for texts in ("a casa", ["a casa", "a"]):
+        with pytest.raises(ValueError, match="Asking to pad"):
+            theirs(texts, padding=True)
+        with pytest.raises(TokenizerError, match="padding needs a padding token and this tokenizer has none"):
+            ours(texts, padding=True)
+    assert ours(["a casa", "a"])["input_ids"] == theirs(["a casa", "a"])["input_ids"]  # no padding asked: fine
+
+
+def test_options_asking_for_nothing_pass_and_the_sides_are_settable(tmp_path):
+    """transformers' other options at their "nothing" value change nothing; `padding_side` and `truncation_side`
+    are attributes as there, read from tokenizer_config.json, written back by save_pretrained, and checked."""
+    from transformers import AutoTokenizer
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    texts = ["a casa de pão", "não"]
+    plain = ours(texts, padding=True)
+    assert ours(texts, text_pair=None, stride=0, return_token_type_ids=False, return_offsets_mapping=None,
+                pad_to_multiple_of=None, is_split_into_words=False, padding=True) == plain
+    for tokenizer in (ours, theirs):
+        tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    assert_same(ours(texts, padding=True, truncation=True, max_length=3),
+                theirs(texts, padding=True, truncation=True, max_length=3))
+    ours.save_pretrained(tmp_path / "saved")
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (again.padding_side, again.truncation_side) == ("right", "left")
+    assert Tokenizer.from_pretrained(tmp_path / "saved").model_max_length == again.model_max_length == 2048
+    ours.truncation_side = "middle"
+    with pytest.raises(TokenizerError, match="truncation_side must be 'left' or 'right', got 'middle'"):
+        ours(texts)
+    tokenizer_dir(tmp_path / "odd", with_eos=False, padding_side="center")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: padding_side and truncation_side must be"):
+        Tokenizer.from_pretrained(tmp_path / "odd")
+
+
+def test_the_encoding_reads_as_attributes_and_moves_its_tensors(tmp_path):
+    ours, _ = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    enc = ours(["a casa", "a"], padding=True, return_tensors="pt")
+    assert enc.input_ids is enc["input_ids"] and enc.attention_mask is enc["attention_mask"]
+    moved = enc.to("cpu")
+    assert torch.equal(moved.input_ids, enc.input_ids) and moved.attention_mask.device.type == "cpu"
+    with pytest.raises(AttributeError, match="the encoding has no 'labels' \\(it holds input_ids, attention_mask\\)"):
+        enc.labels
+
+
+def test_generate_on_the_call_equals_transformers_generate_and_batch_decode(tmp_path):
+    """`generate(model, **tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left"))`, greedy, is
+    transformers' `model.generate(**tokenizer(...))` on the same weights token for token, and `batch_decode` gives
+    transformers' text (skipping special tokens, which ttl does by default)."""
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    hf = hf_generation_model(vocab_size=ours.vocab_size)
+    hf.save_pretrained(tmp_path / "model")
+    model = ttl_core.load_pretrained(tmp_path / "model")
+    prompts = ["A casa de pão", "O menino foi para a escola com seu cachorro ontem", "😀 não"]
+    inputs = ours(prompts, return_tensors="pt", padding=True, padding_side="left")
+    reference = theirs(prompts, return_tensors="pt", padding=True, padding_side="left")
+    assert_same(inputs, dict(reference))
+    assert (inputs.attention_mask == 0).any()  # the prompts differ in length: left padding is exercised
+    out = ttl_core.generate(model, **inputs, max_new_tokens=12, do_sample=False)
+    want = hf.generate(**reference, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(out, want)
+    assert ours.batch_decode(out) == theirs.batch_decode(want, skip_special_tokens=True)
+    assert ours.batch_decode(out, skip_special_tokens=False) == theirs.batch_decode(want)
+    right = ours(prompts, return_tensors="pt", padding=True, padding_side="right")
+    with pytest.raises(GenerationError, match="must be left-padded"):
+        ttl_core.generate(model, **right, max_new_tokens=2)

@@ -1,0 +1,155 @@
+"""`Tokenizer.__call__`: transformers' `tokenizer(texts, padding=True, return_tensors="pt")`, whose result `**`
+unpacks into `generate` or a model, giving the `input_ids` and `attention_mask` transformers 5's LlamaTokenizer
+gives for the same texts and settings: the special tokens `add_special_tokens` puts around each text, padding with
+the tokenizer's pad id, truncation that keeps those special tokens, and the settings' defaults and interplay
+(`max_length` alone truncates; padding="max_length" or truncation without `max_length` use `model_max_length`, and
+nothing where that is None). One text, or a list of them: text pairs, pre-split words and the other `return_*`
+outputs are refused, and so is what transformers answers oddly: `max_length` shorter than the special tokens when
+truncating (its tokenizers library then does not truncate at all), an empty list (an IndexError there) and tensors
+of rows of different lengths (for "np" an array of arrays there, for "pt" an error, but an empty float tensor where
+the first row is empty)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import TokenizerError, is_integer
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+PADDING = {"longest": "longest", "max_length": "max_length", "do_not_pad": None}
+TRUNCATION = {"longest_first": True, "only_first": True, "do_not_truncate": False}  # one text: both strategies agree
+# transformers' other options, accepted at the value that asks for nothing (None, False, 0)
+OFF_ONLY = ("text_pair", "text_target", "text_pair_target", "stride", "is_split_into_words", "pad_to_multiple_of",
+            "return_token_type_ids", "return_overflowing_tokens", "return_special_tokens_mask",
+            "return_offsets_mapping", "return_length", "tokenizer_kwargs")
+
+
+class BatchEncoding(dict):
+    """What `tokenizer(...)` returns, as transformers' BatchEncoding: a dict (`input_ids`, `attention_mask`) read
+    also as attributes (`enc.input_ids`), whose tensors `.to(device)` moves."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the encoding has no {name!r} (it holds {', '.join(self) or 'nothing'})") from None
+
+    def to(self, device: str | torch.device) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+def pad_rows(rows: list[list[int]], width: int, value: int, side: str) -> list[list[int]]:
+    """Each row filled up to `width` with `value` on `side` ("left" or "right"); longer rows are kept whole."""
+    return [[value] * (width - len(row)) + row if side == "left" else row + [value] * (width - len(row))
+            for row in rows]
+
+
+def encode_for_model(tokenizer: Tokenizer, text: str | list[str] | tuple[str, ...], text_pair: None = None, *,
+                     add_special_tokens: bool = True, padding: bool | str = False, truncation: bool | str | None = None,
+                     max_length: int | None = None, padding_side: str | None = None,
+                     return_tensors: str | None = None, return_attention_mask: bool | None = None,
+                     split_special_tokens: bool | None = None, verbose: bool = True,
+                     **options: Any) -> BatchEncoding:
+    """`input_ids` and `attention_mask` (unless `return_attention_mask=False`) of one text (a row, or with
+    `return_tensors` a batch of one) or of a list of texts (rows), as transformers' `tokenizer(...)` returns them:
+    lists of ints, or with return_tensors="pt" / "np" int64 tensors / arrays, which need rows of one length.
+
+    padding: True / "longest" pads to the longest row, "max_length" to `max_length`, with the pad id on
+    `padding_side` (by default the tokenizer's); truncation: True / "longest_first" cuts each text's own tokens on
+    the tokenizer's `truncation_side` so that with its special tokens it is at most `max_length` long.
+    `split_special_tokens` as in `Tokenizer.encode`; `verbose=False` silences transformers' warning that
+    padding=True ignores `max_length`."""
+    options = {"text_pair": text_pair, **options}
+    unknown = [name for name in options if name not in OFF_ONLY]
+    if unknown:
+        raise TokenizerError(f"tokenizer() got unknown argument(s) {', '.join(unknown)} (the sides: padding_side=, "
+                             "or set tokenizer.padding_side / tokenizer.truncation_side)")
+    asked = [(name, v) for name, v in options.items() if not (v is None or v is False or is_integer(v) and v == 0)]
+    if asked:
+        raise TokenizerError(f"tokenizer(): {asked[0][0]}={asked[0][1]!r} is not supported by ttl, which encodes one "
+                             "text or a list of texts into input_ids and attention_mask (a pair: join the texts)")
+    batched = isinstance(text, (list, tuple))
+    texts = list(text) if batched else [text]
+    wrong = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if wrong or not texts:
+        got = "an empty list" if not texts else f"a {wrong[0]}" + (" among the texts" if batched else "")
+        raise TokenizerError(f"tokenizer() takes a str or a non-empty list of str, got {got}")
+    for name, value in (("add_special_tokens", add_special_tokens), ("return_attention_mask", return_attention_mask),
+                        ("split_special_tokens", split_special_tokens)):
+        if not (isinstance(value, bool) or value is None and name != "add_special_tokens"):
+            raise TokenizerError(f"{name} must be True or False, got {value!r}")
+    if return_tensors not in (None, "pt", "np"):
+        raise TokenizerError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+    side = tokenizer.padding_side if padding_side is None else padding_side
+    for name, value in (("padding_side", side), ("truncation_side", tokenizer.truncation_side)):
+        if value not in ("left", "right"):
+            raise TokenizerError(f"{name} must be 'left' or 'right', got {value!r}")
+    pad, cut, max_length = _strategies(tokenizer, padding, truncation, max_length, verbose)
+
+    specials = None if add_special_tokens else False  # None: as the tokenizer's add_bos_token / add_eos_token say
+    before, after = tokenizer.special_ends(specials, specials)
+    room = max_length - len(before) - len(after) if cut else None  # for each text's own tokens
+    if room is not None and room < 0:
+        raise TokenizerError(f"max_length={max_length} leaves no room for the {len(before) + len(after)} special "
+                             "token(s) add_special_tokens puts around each text")
+    rows = []
+    for t in texts:
+        ids = tokenizer.encode(t, add_bos=False, add_eos=False, split_special_tokens=split_special_tokens)
+        if room is not None and len(ids) > room:
+            ids = ids[:room] if tokenizer.truncation_side == "right" else ids[len(ids) - room:]
+        rows.append(before + ids + after)
+    masks = [[1] * len(row) for row in rows]
+    if pad is not None:
+        width = max_length if pad == "max_length" else max(map(len, rows))
+        rows, masks = pad_rows(rows, width, tokenizer.pad_id, side), pad_rows(masks, width, 0, side)
+    out = {"input_ids": rows, **({"attention_mask": masks} if return_attention_mask is not False else {})}
+    if return_tensors is None:
+        return BatchEncoding(out if batched else {k: v[0] for k, v in out.items()})
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise TokenizerError(f"return_tensors={return_tensors!r} needs rows of one length, and these have "
+                             f"{lengths[0]} to {lengths[-1]} tokens: pass padding=True (or truncation=True and "
+                             "padding='max_length' with max_length)")
+    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    return BatchEncoding(tensors if return_tensors == "pt" else {k: v.numpy() for k, v in tensors.items()})
+
+
+def _strategies(tokenizer: Tokenizer, padding: Any, truncation: Any, max_length: Any,
+                verbose: bool) -> tuple[str | None, bool, int | None]:
+    """(padding: None, "longest" or "max_length"; whether to truncate; the length for either), read from the call's
+    settings as transformers reads them."""
+    if max_length is not None and not (is_integer(max_length) and max_length >= 0):
+        raise TokenizerError(f"max_length must be a non-negative integer or None, got {max_length!r}")
+    if isinstance(padding, bool):
+        pad = "longest" if padding else None
+    elif isinstance(padding, str) and padding in PADDING:
+        pad = PADDING[padding]
+    else:
+        raise TokenizerError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
+    if truncation is None or isinstance(truncation, bool):
+        cut = truncation
+    elif isinstance(truncation, str) and truncation in TRUNCATION:
+        cut = TRUNCATION[truncation]
+    elif truncation == "only_second":
+        raise TokenizerError("truncation='only_second' cuts the second text of a pair, and ttl takes no pairs")
+    else:
+        raise TokenizerError(f"truncation must be True, False, 'longest_first' or 'do_not_truncate', got "
+                             f"{truncation!r}")
+    if cut is None:  # as in transformers, max_length alone truncates
+        cut = padding is False and max_length is not None
+    if padding is True and max_length is not None and not cut and verbose:
+        warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
+                      "To pad to max length, use `padding='max_length'`.", stacklevel=3)
+    if max_length is None:  # the model's length, where there is one, else neither pad to it nor cut
+        max_length = tokenizer.model_max_length
+        if max_length is None:
+            pad, cut = None if pad == "max_length" else pad, False
+    if pad is not None and tokenizer.pad_id < 0:
+        raise TokenizerError("padding needs a padding token and this tokenizer has none (its config's pad_token is "
+                             "null): encode without padding, or name a pad_token in tokenizer_config.json")
+    return pad, cut, max_length
