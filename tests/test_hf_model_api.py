@@ -10,7 +10,7 @@ import torch
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
-from ttl_core.errors import ConfigError
+from ttl_core.errors import CheckpointError, ConfigError
 
 PAD = 3
 
@@ -362,3 +362,21 @@ def test_model_generate_takes_the_prompt_as_inputs_as_transformers_does(tmp_path
         hf.generate(inputs=ids, input_ids=ids, **settings)
     with pytest.raises(ValueError, match="both `inputs` and `input_ids`"):
         ours.generate(inputs=ids, input_ids=ids, **settings)
+
+
+@pytest.mark.parametrize("torch_dtype", [torch.bfloat16, "float16", "auto"], ids=["bf16", "fp16_name", "auto"])
+def test_torch_dtype_is_dtypes_older_name_as_in_transformers(torch_dtype, tmp_path):
+    """transformers 4.x code passes `load_pretrained(dir, torch_dtype=...)`; transformers 5 still takes it silently
+    as `dtype` (and takes `dtype` where both come, which ttl refuses instead)."""
+    import transformers
+    hf_causal_lm().save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = ttl_core.load_pretrained(tmp_path, torch_dtype=torch_dtype)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch_dtype)
+    assert {p.dtype for p in ours.parameters()} == {p.dtype for p in theirs.parameters()}
+    assert {p.dtype for p in ttl_core.load_pretrained(tmp_path, dtype=torch_dtype).parameters()} == \
+        {p.dtype for p in ours.parameters()}
+    with pytest.raises(CheckpointError, match="got both dtype=torch.float32 and torch_dtype=.* pass dtype alone") as e:
+        ttl_core.load_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch_dtype)
+    assert "\n" not in str(e.value)

@@ -203,7 +203,7 @@ def check_weight_files(path: str | os.PathLike) -> None:
 
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | int | torch.device | None = None,
-    architecture: str | None = None, **config_overrides: Any,
+    architecture: str | None = None, torch_dtype: torch.dtype | str | None = None, **config_overrides: Any,
 ) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Load a checkpoint directory into a ttl model.
 
@@ -211,7 +211,8 @@ def load_pretrained(
     The model is built on the meta device and filled tensor by tensor from the memory-mapped files, so
     host memory peaks near one copy of the weights. `dtype=None` (or "auto") loads in the dtype config.json
     declares, as transformers' default `dtype="auto"` does (a checkpoint may store fp32 norms beside bf16
-    matrices), else in the stored embedding's.
+    matrices), else in the stored embedding's. `torch_dtype` is `dtype`'s older name, which transformers 5 still
+    takes without a warning; passing both is refused (transformers would take `dtype`).
     `config_overrides` set runtime fields such as `kernels="torch"` or `attention="eager"`, or the labels.
     `architecture="LlamaForSequenceClassification"` on a causal-LM checkpoint starts a classifier
     fine-tune: the backbone is loaded, the LM head is left out, and a new `score` head (sized by
@@ -219,6 +220,10 @@ def load_pretrained(
     initializer_range), the only draw from torch's global RNG, so after the same `torch.manual_seed` the head
     is transformers' own (on the CPU). The model comes back in eval mode, as transformers'
     `from_pretrained` returns it: call `.train()` before training (dropout)."""
+    if torch_dtype is not None and dtype is not None:
+        raise CheckpointError(f"load_pretrained got both dtype={dtype!r} and torch_dtype={torch_dtype!r} (its older "
+                              "name): pass dtype alone")
+    dtype = torch_dtype if dtype is None else dtype
     directory = Path(path)
     device = checked_device(device)
     config, stored_architecture = read_model_config(directory)
