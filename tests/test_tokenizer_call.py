@@ -81,8 +81,8 @@ def texts_for(rng: random.Random):
 ], ids=["bos_only", "bos_eos_right_padded_left_cut"])
 def test_call_matches_transformers_over_every_setting(with_eos, config, tmp_path):
     """Every padding x truncation x max_length x padding_side x return_tensors combination, each over fresh random
-    texts, with add_special_tokens and return_attention_mask drawn: the same ids, masks, dtypes and warnings as
-    AutoTokenizer, and where it raises a ValueError, a one-line TokenizerError."""
+    texts, with add_special_tokens, return_attention_mask, split_special_tokens and verbose drawn: the same ids,
+    masks, dtypes and warnings as AutoTokenizer, and where it raises a ValueError, a one-line TokenizerError."""
     ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos, **config))
     assert (ours.padding_side, ours.truncation_side) == (theirs.padding_side, theirs.truncation_side)
     rng = random.Random(len(config))
@@ -92,7 +92,8 @@ def test_call_matches_transformers_over_every_setting(with_eos, config, tmp_path
         texts = texts_for(rng)
         kwargs = dict(padding=padding, truncation=truncation, max_length=max_length, padding_side=side,
                       return_tensors=tensors, add_special_tokens=rng.random() < 0.7,
-                      return_attention_mask=rng.choice([None, True, False]))
+                      return_attention_mask=rng.choice([None, True, False]),
+                      split_special_tokens=rng.choice([None, True, False]), verbose=rng.random() < 0.8)
         (want, their_warnings), (have, our_warnings) = outcome(theirs, texts, **kwargs), outcome(ours, texts, **kwargs)
         assert our_warnings == their_warnings, kwargs
         rows, _ = outcome(theirs, texts, **{**kwargs, "return_tensors": None})
