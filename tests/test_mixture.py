@@ -188,6 +188,8 @@ def test_a_mixture_of_one_source_trains_as_the_plain_run_bit_for_bit(prepared, t
     (['data.mix={web={path="A",weight=nan}}'], "weight must be a positive finite number, got nan"),
     (['data.mix={web={path="A",weight=inf}}'], "weight must be a positive finite number, got inf"),
     (['data.mix={web={path="A",weight="1"}}'], "weight must be a positive finite number, got '1'"),
+    (['data.mix={web={path="A",weight=1e308},books={path="A",weight=1e308}}'],
+     r"data.mix: the weights sum to inf, past a float's range; scale them down \(only their ratios count\)"),
     (['data.mix={web={path="A"}}'], "data.mix source 'web' must be a table of path and weight"),
     (['data.mix={web="A"}'], "data.mix source 'web' must be a table of path and weight"),
     (['data.mix={}'], "data.mix names no source"),
