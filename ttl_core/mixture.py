@@ -58,8 +58,9 @@ def resolve_mixture(run: RunConfig, data_dir: str | None, saved_run: Any, checkp
                     announce: bool) -> Mixture | None:
     """The run's data mixture, or None for a run on one data directory. --data names one directory, and is refused
     beside a data.mix; a resumed mixture run given no data.mix, data.path or --data continues on the mixture its
-    checkpoint records (as a one-directory run does on its directory). Every source must be a prepared directory,
-    and all must share one tokenizer: a row's ids mean the same tokens whichever source it came from."""
+    checkpoint records (as a one-directory run does on its directory), and one given its sources in another order
+    takes the recorded order (the draws depend on it). Every source must be a prepared directory, and all must
+    share one tokenizer: a row's ids mean the same tokens whichever source it came from."""
     mix, recorded = run.data.mix, recorded_mix(saved_run)
     if mix and data_dir:
         raise ConfigError(f"--data {data_dir} names one data directory, but the config sets a data.mix; drop --data "
@@ -73,6 +74,8 @@ def resolve_mixture(run: RunConfig, data_dir: str | None, saved_run: Any, checkp
             print(f"resuming on the data mixture the run was trained on: {_described(mix)}")
     if not mix:
         return None
+    if set(mix) == set(recorded):  # TOML's key order is no part of a mixture: the draws keep the run's order
+        mix = {name: mix[name] for name in recorded}
     mixture = Mixture({name: {"path": str(Path(source["path"]).resolve()), "weight": source["weight"]}
                        for name, source in mix.items()})
     first = None
