@@ -111,7 +111,6 @@ class MixtureLoader:
         self.seed, self.rank, self.batch_size, self.global_batch = seed, rank, batch_size, batch_size * world_size
         self.vocab_size = self.sources[0].vocab_size
         self.batch, self.served = 0, [0] * len(self.sources)  # the next global batch; blocks each source served
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
 
     def __iter__(self) -> "MixtureLoader":
         return self
@@ -126,9 +125,9 @@ class MixtureLoader:
         """The block a source serves after `served` others: its epochs are as long as a PackedLoader's over it."""
         loader = self.sources[source]
         epoch, index = divmod(served, loader.batches_per_epoch * self.global_batch)
-        if self._orders.get(source, (None,))[0] != epoch:
-            self._orders[source] = (epoch, loader.permutation(epoch))
-        return int(self._orders[source][1][index])
+        if loader.epoch != epoch:  # the permutation kept in the source's loader: one per source, as it holds alone
+            loader.epoch, loader.order = epoch, loader.permutation(epoch)
+        return int(loader.order[index])
 
     def __next__(self) -> dict[str, torch.Tensor]:
         draws, served = self.draws(self.batch), np.empty(self.global_batch, dtype=np.int64)
