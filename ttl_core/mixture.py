@@ -131,18 +131,18 @@ class MixtureLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         draws, served = self.draws(self.batch), np.empty(self.global_batch, dtype=np.int64)
-        for source in range(len(self.sources)):  # each row's count of blocks its source served before it
+        # only the sources drawn are visited: a mixture of thousands of sources draws a few dozen per batch
+        for source in np.unique(draws):  # each row's count of blocks its source served before it
             rows = np.flatnonzero(draws == source)
             served[rows] = self.served[source] + np.arange(len(rows))
             self.served[source] += len(rows)
         self.batch += 1
         mine = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         rows, parts = [], []
-        for source, loader in enumerate(self.sources):
+        for source in np.unique(draws[mine]):
             taken = mine[draws[mine] == source]
-            if len(taken):
-                rows.append(taken)
-                parts.append(loader.batch_of(np.array([self._block(source, served[i]) for i in taken])))
+            rows.append(taken)
+            parts.append(self.sources[source].batch_of(np.array([self._block(source, served[i]) for i in taken])))
         order = torch.from_numpy(np.argsort(np.concatenate(rows), kind="stable"))  # back to the rows' order
         return {key: torch.cat([part[key] for part in parts])[order] for key in parts[0]}
 
