@@ -56,7 +56,7 @@ def test_blocks_are_the_token_stream(data):
     seen = []
     for batch in take(loader, loader.batches_per_epoch):
         assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (4, S)
-        for x, y, b in zip(batch["input_ids"], batch["labels"], loader._order[len(seen):len(seen) + 4]):
+        for x, y, b in zip(batch["input_ids"], batch["labels"], loader.order[len(seen):len(seen) + 4]):
             block = torch.from_numpy(tokens[b * S:b * S + S + 1].astype(np.int64))
             assert torch.equal(x, block[:-1]) and torch.equal(y, block[1:])
             seen.append(int(b))

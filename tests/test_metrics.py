@@ -67,6 +67,16 @@ def test_the_plot_draws_the_finite_train_and_eval_losses(tmp_path, plotted):
     assert plotted == [("train loss", [1, 3], [3.0, 2.5]), ("eval loss", [2, 4], [2.8, 2.4])]
 
 
+def test_a_mixtures_plot_draws_each_sources_eval_loss_labelled_by_its_name(tmp_path, plotted):
+    """eval_loss/NAME, in the order the records give them (not eval_ppl/NAME), a source's NaN left out."""
+    write_records(tmp_path, {"step": 1, "loss": 3.0},
+                  {"step": 2, "eval_loss": 2.9, "eval_loss/web": 2.7, "eval_ppl/web": 14.9, "eval_loss/a/b ñ": 3.1},
+                  {"step": 4, "eval_loss": 2.5, "eval_loss/web": math.nan, "eval_loss/a/b ñ": 2.2})
+    assert plot_metrics(tmp_path) == tmp_path / "loss.png"
+    assert plotted == [("train loss", [1], [3.0]), ("eval loss", [2, 4], [2.9, 2.5]), ("web", [2], [2.7]),
+                       ("a/b ñ", [2, 4], [3.1, 2.2])]
+
+
 def test_a_run_whose_train_losses_are_all_nan_still_plots_its_evaluations(tmp_path, plotted):
     write_records(tmp_path, {"step": 1, "loss": math.nan}, {"step": 1, "eval_loss": 2.8})
     assert plot_metrics(tmp_path) == tmp_path / "loss.png"

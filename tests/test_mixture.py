@@ -149,13 +149,18 @@ def mix_setting(a, b, wa=0.7, wb=0.3) -> str:
 
 def test_a_mixture_run_resumes_exactly_and_logs_each_sources_eval_as_evaluating_its_directory_alone(prepared,
                                                                                                      tmp_path):
-    """3 steps + stop + resume (without a config: on the mixture the checkpoint records) + 3 == 6 straight, bit
-    for bit; eval_loss/NAME is `evaluate` of that directory alone with the saved weights, eval_loss their mean
-    weighted 0.7 / 0.3."""
+    """3 steps + stop + resume (without a config: on the mixture the checkpoint records; or with its data.mix in
+    another key order) + 3 == 6 straight, bit for bit; eval_loss/NAME is `evaluate` of that directory alone with
+    the saved weights, eval_loss their mean weighted 0.7 / 0.3."""
     run = run_config("train.max_steps=6", "train.eval_every=3", mix_setting(prepared / "a", prepared / "b"))
     train(run, tmp_path / "straight")
     train(run, tmp_path / "resumed", stop_after=3)
     train(run_config("train.max_steps=6", "train.eval_every=3"), tmp_path / "resumed", resume=True)
+    train(run, tmp_path / "reordered", stop_after=3)
+    books_first = (f'data.mix={{books={{path="{prepared / "b"}",weight=0.3}},'
+                   f'web={{path="{prepared / "a"}",weight=0.7}}}}')
+    train(run_config("train.max_steps=6", "train.eval_every=3", books_first), tmp_path / "reordered", resume=True)
+    assert losses(tmp_path / "reordered") == losses(tmp_path / "straight")
     records = [read_metrics(tmp_path / r / "metrics.jsonl") for r in ("straight", "resumed")]
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and len(losses(tmp_path / "resumed")) == 6
     evals = [[r for r in rs if "eval_loss" in r] for rs in records]
@@ -188,6 +193,8 @@ def test_a_mixture_of_one_source_trains_as_the_plain_run_bit_for_bit(prepared, t
     (['data.mix={web={path="A",weight=nan}}'], "weight must be a positive finite number, got nan"),
     (['data.mix={web={path="A",weight=inf}}'], "weight must be a positive finite number, got inf"),
     (['data.mix={web={path="A",weight="1"}}'], "weight must be a positive finite number, got '1'"),
+    (['data.mix={web={path="A",weight=1e308},books={path="A",weight=1e308}}'],
+     r"data.mix: the weights sum to inf, past a float's range; scale them down \(only their ratios count\)"),
     (['data.mix={web={path="A"}}'], "data.mix source 'web' must be a table of path and weight"),
     (['data.mix={web="A"}'], "data.mix source 'web' must be a table of path and weight"),
     (['data.mix={}'], "data.mix names no source"),

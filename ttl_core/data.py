@@ -439,7 +439,7 @@ class PackedLoader:
                             f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
                             f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
                             f"a smaller batch{', fewer processes' if several else ''} or a shorter sequence")
-        self.epoch, self.batch, self._order = 0, 0, self.permutation(0)
+        self.epoch, self.batch, self.order = 0, 0, self.permutation(0)
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order in which epoch `epoch` visits the blocks (file order without shuffling)."""
@@ -457,10 +457,10 @@ class PackedLoader:
             if not self.shuffle:
                 raise StopIteration
             self.epoch, self.batch = self.epoch + 1, 0
-            self._order = self.permutation(self.epoch)
+            self.order = self.permutation(self.epoch)
         first = (self.batch * self.world_size + self.rank) * self.batch_size
         self.batch += 1
-        return self.batch_of(self._order[first:first + self.batch_size])
+        return self.batch_of(self.order[first:first + self.batch_size])
 
     def batch_of(self, blocks: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch of the blocks numbered `blocks`, every token id checked against the vocabulary."""
@@ -497,4 +497,4 @@ class PackedLoader:
         if not (_is_int(epoch) and _is_int(batch) and epoch >= 0 and 0 <= batch <= self.batches_per_epoch):
             raise DataError(f"loader state: epoch {epoch!r} and batch {batch!r} are no position in epochs of "
                             f"{self.batches_per_epoch} batches (a damaged trainer_state.json?)")
-        self.epoch, self.batch, self._order = epoch, batch, self.permutation(epoch)
+        self.epoch, self.batch, self.order = epoch, batch, self.permutation(epoch)

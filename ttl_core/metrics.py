@@ -133,14 +133,17 @@ CLASSIFIER_LOSSES = {"eval_accuracy": "cross-entropy (nats/example)", "eval_pear
 
 
 def plot_metrics(run_dir: str | Path) -> Path | None:
-    """Write RUN/loss.png: training loss and eval loss against the step, labelled per token (a language model's)
-    or, once a classifier run has evaluated, per example. Returns None (with a note) when matplotlib, an optional
-    dependency (`pip install ttl[plot]`), is missing."""
+    """Write RUN/loss.png: training loss and eval loss against the step (and a data mixture's eval loss of each
+    source, eval_loss/NAME, labelled NAME), per token (a language model's) or, once a classifier run has
+    evaluated, per example. Returns None (with a note) when matplotlib, an optional dependency
+    (`pip install ttl[plot]`), is missing."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
     records = read_metrics(path)
     train, evals = _curve(path, records, "loss"), _curve(path, records, "eval_loss")
+    sources = {key.removeprefix("eval_loss/"): _curve(path, records, key)  # a mixture's, in the records' order
+               for key in dict.fromkeys(key for r in records for key in r if key.startswith("eval_loss/"))}
     if not train and not evals:
         logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)
         raise DataError(f"{path}: all {logged} loss values are NaN or infinite; nothing to plot" if logged
@@ -157,6 +160,9 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    for name, points in sources.items():
+        if points:
+            ax.plot(*zip(*points), ".--", label=name, linewidth=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(next((label for r in records for key, label in CLASSIFIER_LOSSES.items() if key in r),
                        "cross-entropy (nats/token)"))

@@ -58,8 +58,9 @@ def resolve_mixture(run: RunConfig, data_dir: str | None, saved_run: Any, checkp
                     announce: bool) -> Mixture | None:
     """The run's data mixture, or None for a run on one data directory. --data names one directory, and is refused
     beside a data.mix; a resumed mixture run given no data.mix, data.path or --data continues on the mixture its
-    checkpoint records (as a one-directory run does on its directory). Every source must be a prepared directory,
-    and all must share one tokenizer: a row's ids mean the same tokens whichever source it came from."""
+    checkpoint records (as a one-directory run does on its directory), and one given its sources in another order
+    takes the recorded order (the draws depend on it). Every source must be a prepared directory, and all must
+    share one tokenizer: a row's ids mean the same tokens whichever source it came from."""
     mix, recorded = run.data.mix, recorded_mix(saved_run)
     if mix and data_dir:
         raise ConfigError(f"--data {data_dir} names one data directory, but the config sets a data.mix; drop --data "
@@ -73,6 +74,8 @@ def resolve_mixture(run: RunConfig, data_dir: str | None, saved_run: Any, checkp
             print(f"resuming on the data mixture the run was trained on: {_described(mix)}")
     if not mix:
         return None
+    if set(mix) == set(recorded):  # TOML's key order is no part of a mixture: the draws keep the run's order
+        mix = {name: mix[name] for name in recorded}
     mixture = Mixture({name: {"path": str(Path(source["path"]).resolve()), "weight": source["weight"]}
                        for name, source in mix.items()})
     first = None
@@ -108,7 +111,6 @@ class MixtureLoader:
         self.seed, self.rank, self.batch_size, self.global_batch = seed, rank, batch_size, batch_size * world_size
         self.vocab_size = self.sources[0].vocab_size
         self.batch, self.served = 0, [0] * len(self.sources)  # the next global batch; blocks each source served
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
 
     def __iter__(self) -> "MixtureLoader":
         return self
@@ -123,24 +125,24 @@ class MixtureLoader:
         """The block a source serves after `served` others: its epochs are as long as a PackedLoader's over it."""
         loader = self.sources[source]
         epoch, index = divmod(served, loader.batches_per_epoch * self.global_batch)
-        if self._orders.get(source, (None,))[0] != epoch:
-            self._orders[source] = (epoch, loader.permutation(epoch))
-        return int(self._orders[source][1][index])
+        if loader.epoch != epoch:  # the permutation kept in the source's loader: one per source, as it holds alone
+            loader.epoch, loader.order = epoch, loader.permutation(epoch)
+        return int(loader.order[index])
 
     def __next__(self) -> dict[str, torch.Tensor]:
         draws, served = self.draws(self.batch), np.empty(self.global_batch, dtype=np.int64)
-        for source in range(len(self.sources)):  # each row's count of blocks its source served before it
+        # only the sources drawn are visited: a mixture of thousands of sources draws a few dozen per batch
+        for source in np.unique(draws):  # each row's count of blocks its source served before it
             rows = np.flatnonzero(draws == source)
             served[rows] = self.served[source] + np.arange(len(rows))
             self.served[source] += len(rows)
         self.batch += 1
         mine = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         rows, parts = [], []
-        for source, loader in enumerate(self.sources):
+        for source in np.unique(draws[mine]):
             taken = mine[draws[mine] == source]
-            if len(taken):
-                rows.append(taken)
-                parts.append(loader.batch_of(np.array([self._block(source, served[i]) for i in taken])))
+            rows.append(taken)
+            parts.append(self.sources[source].batch_of(np.array([self._block(source, served[i]) for i in taken])))
         order = torch.from_numpy(np.argsort(np.concatenate(rows), kind="stable"))  # back to the rows' order
         return {key: torch.cat([part[key] for part in parts])[order] for key in parts[0]}
 

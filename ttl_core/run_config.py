@@ -240,6 +240,10 @@ def validate_mix(data: DataConfig) -> None:
         weight = source["weight"]  # written so that NaN fails too
         if not (is_number(weight) and 0 < weight < math.inf):
             raise ConfigError(f"{where}: weight must be a positive finite number, got {weight!r}")
+    total = sum(source["weight"] for source in data.mix.values())  # what Mixture.weights divides by
+    if total == math.inf:  # each weight then normalises to 0, and every row would come from the last source
+        raise ConfigError(f"data.mix: the weights sum to {total}, past a float's range; scale them down (only their "
+                          f"ratios count)")
 
 
 def validate_optimizer(t: TrainConfig) -> None:
