@@ -5,6 +5,7 @@ options, its checkpoints and resume."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -178,6 +179,25 @@ def test_a_run_resumes_with_the_optimizer_it_saved(tmp_path):
     with pytest.raises(ConfigError, match=r"step-000002 was trained with train.optimizer='adamw', whose state it "
                                           r"saved; resume with it, or start a new run with --init-from"):
         train(run_config(*MUON, "train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), resume=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_resumed_before_its_first_update_is_the_uninterrupted_one(tmp_path, monkeypatch, optimizer):
+    """An fp16 run whose first steps overflow (a loss scale of 2**24) is checkpointed before any update, with no
+    optimizer state yet: saving must not make one (torch's gathering of the state steps the optimizer at lr 0, a
+    step AdamW counts in its bias correction), so the resumed run's first update is the uninterrupted run's."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**24))
+    run = run_config(f"train.optimizer=\"{optimizer}\"", "train.max_steps=8", "train.save_every=100",
+                     "train.dtype=\"float16\"")
+    data_dir = prepared_corpus(tmp_path)
+    train(run, tmp_path / "straight", data_dir=str(data_dir))
+    train(run, tmp_path / "sliced", data_dir=str(data_dir), stop_after=1)
+    train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
+    skipped = [r["skipped"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert skipped[0] and not all(skipped), skipped
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
+    a, b = (load_pretrained(tmp_path / d / "checkpoints" / "step-000008") for d in ("straight", "sliced"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 @pytest.mark.parametrize("override, message", [
