@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -172,13 +173,24 @@ def test_a_resumed_muon_run_is_the_uninterrupted_one_bit_for_bit(tmp_path, dtype
     assert losses(tmp_path / "adamw")[1:] != losses(tmp_path / "straight")[1:]
 
 
-def test_a_run_resumes_with_the_optimizer_it_saved(tmp_path):
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "before-model-and-optimizer-were-recorded"])
+def test_a_run_resumes_with_the_optimizer_it_saved(tmp_path, recorded):
+    """Also an AdamW checkpoint whose trainer state records neither [model] nor train.optimizer (nor its own
+    digest), as the oldest ones: it resumes with AdamW, and Muon is refused in one line, not a KeyError from
+    the loading of AdamW's moments."""
     data_dir = prepared_corpus(tmp_path)
     train(run_config("train.max_steps=4", "train.save_every=2"), tmp_path / "run", data_dir=str(data_dir),
           stop_after=2)
+    if not recorded:
+        path = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json"
+        state = json.loads(path.read_text())
+        del state["config"]["model"], state["config"]["train"]["optimizer"], state["state_sha256"]
+        path.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match=r"step-000002 was trained with train.optimizer='adamw', whose state it "
                                           r"saved; resume with it, or start a new run with --init-from"):
         train(run_config(*MUON, "train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), resume=True)
+    train(run_config("train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), resume=True)
+    assert len(losses(tmp_path / "run")) == 4
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
