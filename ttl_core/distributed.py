@@ -168,8 +168,14 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state keyed by parameter name, gathered in full (on rank 0 when sharded)."""
-    return get_optimizer_state_dict(unwrap(model), optimizer, options=FULL)
+    """The optimizer state keyed by parameter name, gathered in full (on rank 0 when sharded); {} before the
+    first update (the fp16 grad scaler skipped every step so far)."""
+    fresh = not optimizer.state
+    state = get_optimizer_state_dict(unwrap(model), optimizer, options=FULL)  # called on every rank: a collective
+    if fresh:  # torch made the state it gathered by a step at lr 0, which AdamW would count in its bias correction
+        optimizer.state.clear()
+        return {}
+    return state
 
 
 def full_rng_states(world: World) -> list[dict[str, Any]] | None:
@@ -185,7 +191,10 @@ def full_rng_states(world: World) -> list[dict[str, Any]] | None:
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a full, name-keyed optimizer state into a (possibly sharded) optimizer. The checkpoint supplies
     the moments and step counts; the hyperparameters (weight decay, betas, eps) stay the ones the optimizer
-    was built with, so a resumed run applies the config it was started with, as it does for the lr."""
+    was built with, so a resumed run applies the config it was started with, as it does for the lr. An empty
+    `state` (saved before the first update) leaves the optimizer as built."""
+    if not state:
+        return
     # the loader maps onto the optimizer's existing per-parameter state, so create it first with a step
     # that changes nothing (zero gradients, learning rate 0)
     lrs = [group["lr"] for group in optimizer.param_groups]

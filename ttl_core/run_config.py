@@ -266,10 +266,18 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
     """Refuse to resume `checkpoint` with a config that contradicts the run's own (`saved`, trainer_state.json's
     "config"): a [model] key given now, in the file or by --set, that resolves otherwise than in the run (the
     checkpoint fixes the model trained, and the other config would be recorded beside it), or another
-    train.no_decay (it would move parameters between weight-decay groups), or another train.seq_len or train.seed
+    train.no_decay (it would move parameters between weight-decay groups), or another train.optimizer (whose state
+    the checkpoint holds; checked even where the run recorded no [model]), or another train.seq_len or train.seed
     (they fix the data position; the loader checks the global batch, which needs the number of processes). The lr,
     schedule and other optimizer settings may change."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):  # written before it was recorded
+    if not isinstance(saved, dict):
+        return
+    train_was = saved.get("train", {})
+    optimizer = train_was.get("optimizer", "adamw")  # a run from before train.optimizer was AdamW's
+    if optimizer != run.train.optimizer:
+        raise ConfigError(f"{checkpoint} was trained with train.optimizer={optimizer!r}, whose state it saved; resume "
+                          f"with it, or start a new run with --init-from {checkpoint}")
+    if not isinstance(saved.get("model"), dict):  # written before it was recorded
         return
     try:
         model_was = RunConfig(dict(saved["model"]), run.data, run.train).model_config()
@@ -283,15 +291,10 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
             raise ConfigError(f"model.{key} is {now!r} here, but {checkpoint} was trained in a run with {before!r}; "
                               f"a resumed run keeps its model: give the run's own [model] settings, or start a new "
                               f"run with --init-from {checkpoint}")
-    train_was = saved.get("train", {})
     no_decay = train_was.get("no_decay")
     if no_decay is not None and list(no_decay) != list(run.train.no_decay):
         raise ConfigError(f"{checkpoint} was trained with train.no_decay={no_decay}; resuming with "
                           f"{run.train.no_decay} would move parameters between weight-decay groups")
-    optimizer = train_was.get("optimizer", "adamw")  # a run from before train.optimizer was AdamW's
-    if optimizer != run.train.optimizer:
-        raise ConfigError(f"{checkpoint} was trained with train.optimizer={optimizer!r}, whose state it saved; resume "
-                          f"with it, or start a new run with --init-from {checkpoint}")
     for key in ("seq_len", "seed"):
         if key in train_was and train_was[key] != getattr(run.train, key):
             raise ConfigError(f"train.{key} is {getattr(run.train, key)!r} here, but {checkpoint} was trained with "
