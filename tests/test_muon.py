@@ -20,7 +20,7 @@ from test_train_reference import reference_training
 from train_helpers import losses, prepared_corpus, run_config
 from ttl_core import load_pretrained
 from ttl_core.errors import ConfigError
-from ttl_core.hf import hf_plan
+from ttl_core.hf import TorchMuonAndAdamW, hf_plan, is_hf_projection
 from ttl_core.metrics import read_metrics
 from ttl_core.run_config import TrainConfig
 from ttl_core.train import train
@@ -30,28 +30,11 @@ KELLER = ["train.muon_adjust_lr=\"original\"", "train.muon_nesterov=false", "tra
           "train.muon_ns_steps=3"]
 
 
-def is_projection(name: str) -> bool:
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-class TorchMuonAndAdamW:
+def torch_muon_and_adamw(model: torch.nn.Module, t: TrainConfig) -> TorchMuonAndAdamW:
     """torch.optim.Muon over a transformers model's projection matrices and the recipe's AdamW over the rest,
     stepped as one optimizer (as `reference_update` steps it)."""
-
-    def __init__(self, model: torch.nn.Module, t: TrainConfig):
-        self.muon = torch.optim.Muon([p for name, p in model.named_parameters() if is_projection(name)], lr=t.lr,
-                                     weight_decay=t.weight_decay, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
-                                     ns_steps=t.muon_ns_steps, adjust_lr_fn=t.muon_adjust_lr)
-        self.adamw = reference_adamw(model, t.lr, t.weight_decay, t.betas, t.eps, leave_out=is_projection)
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self) -> None:
-        self.muon.zero_grad()
-        self.adamw.zero_grad()
+    return TorchMuonAndAdamW(model, t, reference_adamw(model, t.lr, t.weight_decay, t.betas, t.eps,
+                                                       leave_out=is_hf_projection))
 
 
 def fuse_nothing_apart(monkeypatch) -> None:
@@ -68,7 +51,7 @@ def largest_step_difference(tmp_path, *overrides: str, steps: int = 3) -> float:
     reference.save_pretrained(tmp_path / "init")
     model = load_pretrained(tmp_path / "init").train()
     t = run_config(*MUON, "train.weight_decay=0.1", *overrides).train
-    ours, theirs = ttl_optim.build_optimizer(model, t, torch.device("cpu")), TorchMuonAndAdamW(reference, t)
+    ours, theirs = ttl_optim.build_optimizer(model, t, torch.device("cpu")), torch_muon_and_adamw(reference, t)
     plan = hf_plan(model.config, "LlamaForCausalLM")
     named = dict(reference.named_parameters())
     gen = torch.Generator().manual_seed(3)
@@ -118,8 +101,8 @@ def run_errors(tmp_path) -> dict[str, tuple[float, float]]:
     reference.save_pretrained(tmp_path / "init")
     truth = copy.deepcopy(reference).double()
     train(run, tmp_path / "run", data_dir=str(data_dir), init_from=str(tmp_path / "init"))
-    expected, eval_loss = reference_training(reference, data_dir, t, False, TorchMuonAndAdamW)
-    exact, exact_eval_loss = reference_training(truth, data_dir, t, False, TorchMuonAndAdamW)
+    expected, eval_loss = reference_training(reference, data_dir, t, False, torch_muon_and_adamw)
+    exact, exact_eval_loss = reference_training(truth, data_dir, t, False, torch_muon_and_adamw)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     logged = [r for r in records if "loss" in r]
     [logged_eval] = [r["eval_loss"] for r in records if "eval_loss" in r]
@@ -229,3 +212,5 @@ print("stepped")
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     ours = [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
     assert done.returncode == 0 and ours == ["stepped"], done.stderr[-3000:]
+
+
