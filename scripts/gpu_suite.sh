@@ -76,9 +76,9 @@ if [ -n "$QUICK" ]; then
   bench kernels 45; bench attention 20; bench train 45; bench generate 30 --batches 1
 else
   # RMSNorm first (four goals; its goal shapes lead its sweep), then the cross-entropy goal's shape (its quick
-  # set), the rest of the kernels, and the model-level benchmarks: 390 s of limits, 515 s with the tests
+  # set), the rest of the kernels, and the model-level benchmarks: 405 s of limits, 530 s with the tests
   bench kernels 90 --only rms_norm; bench kernels 45 --quick --only cross_entropy
-  bench kernels 50 --only rotary swiglu; bench attention 55; bench train 85 --batch 16
+  bench kernels 50 --only rotary swiglu; bench attention 55; bench train 100 --batch 16
   bench generate 65 --hf-static-batches 1
 fi
 wait

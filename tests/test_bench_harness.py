@@ -98,9 +98,34 @@ def test_transformers_training_step_takes_the_gradient_norm_without_a_rescale(mo
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda grads, *args, **kwargs: norms.append(len(grads)))
     config = LlamaConfig.from_preset("tiny")
     train = TrainConfig(seq_len=8, lr=6e-4, weight_decay=0.01, no_decay=[], grad_clip=0.0, dtype="bfloat16")
-    step = script.hf_step(config, train, False, torch.device("cpu"))
+    step, _ = script.hf_step(config, train, False, torch.device("cpu"))
     ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     assert step(ids) > 0 and len(norms) == 1 and norms[0] > 0
+
+
+def test_transformers_muon_step_gives_muon_the_projections_and_adamw_the_rest():
+    """hf-muon's optimizer splits transformers' parameters as ttl's Muon splits its fused ones: torch.optim.Muon
+    on the 7 projection matrices of each layer, the AdamW that "hf" and "ttl" use (lr, weight decay) on the
+    embedding, head and norms, each parameter in exactly one; its step moves both."""
+    from ttl_core import LlamaConfig, LlamaForCausalLM
+    from ttl_core.run_config import TrainConfig
+    script = load_script("bench_train")
+    config = LlamaConfig.from_preset("tiny", num_hidden_layers=2)
+    train = TrainConfig(seq_len=8, lr=6e-4, weight_decay=0.01, no_decay=[], grad_clip=0.0, dtype="bfloat16",
+                        optimizer="muon")
+    step, optimizer = script.hf_step(config, train, False, torch.device("cpu"))
+    muon = [p for group in optimizer.muon.param_groups for p in group["params"]]
+    adamw = [p for group in optimizer.adamw.param_groups for p in group["params"]]
+    assert len(muon) == 7 * 2 and all(p.dim() == 2 and p.shape != (config.vocab_size, config.hidden_size)
+                                       for p in muon)
+    with torch.device("meta"):
+        parameters = LlamaForCausalLM(config).num_parameters()  # ttl's count of the same model's
+    assert sum(p.numel() for p in muon + adamw) == parameters
+    assert len({id(p) for p in muon + adamw}) == len(muon + adamw)
+    assert all(g["lr"] == 6e-4 and g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+    before = [p.detach().clone() for p in (muon[0], adamw[0])]
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert step(ids) > 0 and all(not torch.equal(b, p) for b, p in zip(before, (muon[0], adamw[0])))
 
 
 def test_timing_stays_within_its_budget():

@@ -79,10 +79,15 @@ def test_benchmark_harness_runs_at_toy_sizes(script, tmp_path):
         assert "ttl" in impls and len(impls) >= 2, impls  # ttl and at least one baseline, same run
         for r in written["rows"]:
             assert tuple(r) == ROW_FIELDS and r["ms"] > 0 and r["frac_of_peak"] > 0
-        assert (folder / f"{name}.csv").read_text().count("\n") == len(written["rows"]) + 1
+        with open(folder / f"{name}.csv", newline="") as f:
+            assert [r["impl"] for r in csv.DictReader(f)] == [r["impl"] for r in written["rows"]]
         if name in ("train", "generate"):  # where ttl's time goes, for the notes on a missed goal
             profile = written["notes"]["kernel_profiles"][f"ttl batch {1 if name == 'generate' else 2}"]
             assert 0 < profile["kernel_ms"] and profile["top"] and profile["top"][0]["share"] > 0
+        if name == "train":  # Muon's two beside ttl's AdamW, each optimizer.step() timed alone too
+            steps = written["notes"]["optimizer_steps"]
+            assert {"ttl-muon", "hf-muon"} <= impls and steps["ttl batch 2"]["optimizer_ms_vs_ttl"] == 1.0
+            assert all(steps[f"{impl} batch 2"]["share_of_step"] > 0 for impl in ("ttl", "ttl-muon", "hf-muon"))
 
 
 def test_every_kernel_compiles_for_hopper(tmp_path):
@@ -416,8 +421,9 @@ def test_training_mfu_is_6n_plus_12ldt_flops_per_token_over_the_published_peak(t
                           bandwidth_gbs=3000.0, bf16_tflops=800.0, sync=lambda: None,
                           kernel_profile=lambda fn: {"kernel_ms": 1.0, "top": []})
     monkeypatch.setattr(script, "open_device", lambda name, smoke: gpu)
-    monkeypatch.setattr(script, "ttl_step", lambda *args, **kwargs: lambda ids: 0.0)
-    monkeypatch.setattr(script, "hf_step", lambda *args, **kwargs: lambda ids: 0.0)
+    monkeypatch.setattr(script, "ttl_step", lambda *args, **kwargs: (lambda ids: 0.0, None))
+    monkeypatch.setattr(script, "hf_step", lambda *args, **kwargs: (lambda ids: 0.0, None))
+    monkeypatch.setattr(script, "optimizer_ms", lambda dev, optimizer: 1.0)
     monkeypatch.setattr(script, "measure", lambda dev, step, batch, seq, vocab, steps: (250.0, None))
     monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=False))  # the script sets it
     assert script.main(["--preset", "tiny", "--batch", "2", "--steps", "1", "--out", str(tmp_path)]) == 0

@@ -22,8 +22,8 @@ NS_EPS = 1e-7
 
 def orthogonalized(matrix: torch.Tensor, steps: int) -> torch.Tensor:
     """`matrix` with its singular values pushed towards 1 (near it, not onto it: the coefficients buy speed) by
-    `steps` quintic Newton-Schulz iterations in bfloat16, in the order of torch.optim.Muon's operations, so the result is its
-    result to the bit. The wide orientation keeps the Gram matrix the smaller one."""
+    `steps` quintic Newton-Schulz iterations in bfloat16, in the order of torch.optim.Muon's operations, so the
+    result is its result to the bit. The wide orientation keeps the Gram matrix the smaller one."""
     a, b, c = NS_COEFFICIENTS
     tall = matrix.size(0) > matrix.size(1)
     x = matrix.to(torch.bfloat16, copy=True)  # a copy: a bfloat16 momentum buffer would be divided in place

@@ -255,8 +255,8 @@ def validate_optimizer(t: TrainConfig) -> None:
                           f"got {t.muon_adjust_lr!r}")
     if not 0 <= t.muon_momentum < 1:
         raise ConfigError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
-    if t.muon_ns_steps < 1:
-        raise ConfigError(f"train.muon_ns_steps must be >= 1, got {t.muon_ns_steps}")
+    if not 1 <= t.muon_ns_steps < 100:  # torch.optim.Muon's range
+        raise ConfigError(f"train.muon_ns_steps must be in [1, 100), got {t.muon_ns_steps}")
     if t.optimizer == "muon" and t.distributed == "fsdp":
         raise ConfigError("train.optimizer = \"muon\" needs whole matrices, which FSDP shards: use "
                           "train.distributed = \"ddp\"")
