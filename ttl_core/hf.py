@@ -149,7 +149,7 @@ def checked_device(device: str | int | torch.device | None) -> torch.device:
     return device
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The weights' dtype asked for; None (or transformers' "auto") for the checkpoint's or model's own."""
     if isinstance(dtype, torch.dtype) and dtype not in SAFETENSORS_DTYPES.values():
         raise CheckpointError(f"dtype {dtype} is not a floating-point weight dtype")
@@ -279,7 +279,7 @@ def load_pretrained(
 
     embed_key = plan["backbone.embed.weight"][0][0]
     stored = SAFETENSORS_DTYPES[handles[found[embed_key][0]].get_slice(embed_key).get_dtype()]
-    target_dtype = _resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
+    target_dtype = resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
     model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
     if new_head:  # the only draw from torch's RNG, as in transformers: the same seed gives the same head
@@ -402,7 +402,7 @@ def save_pretrained(
     if state_dict is not None:
         _check_state_dict(state_dict, {name: params[name].shape for name in plan})
         params = state_dict
-    dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
+    dtype = resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     _refuse_unplanned(sorted(set(params) - set(plan) - {"lm_head.weight"}), "an HF checkpoint")
     shard_bytes = _parse_size(max_shard_size)
     directory.mkdir(parents=True, exist_ok=True)
@@ -453,7 +453,7 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     """Write ttl's native layout: fused parameters under ttl's names, `ttl_config.json` and, as
     `save_pretrained` does, a causal LM's `generation_config.json`."""
     directory = Path(path)
-    dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
+    dtype = resolve_dtype(dtype) or model.backbone.embed.weight.dtype
     params = dict(model.named_parameters())
     with torch.device("meta"):  # the parameters a model built from this config has, which loading expects
         _refuse_unplanned(sorted(set(params) - set(native_plan(build_model(model.config, model.architecture)))),
