@@ -1,7 +1,7 @@
 """Average the weights of several checkpoints of one model (LAWA, checkpoint averaging after a
 warmup-stable-decay schedule) into a checkpoint that transformers, ttl and scripts/evaluate.py load.
 
-  python scripts/average_checkpoints.py runs/160m --last 5 --out runs/160m/averaged
+  python scripts/average_checkpoints.py runs/160m --last 3 --out runs/160m/averaged
   python scripts/average_checkpoints.py CKPT_A CKPT_B CKPT_C --out OUT [--weights 1 1 2] [--dtype bfloat16]
 
 A run directory with --last K takes the run's newest K complete checkpoints; otherwise each path is a checkpoint

@@ -18,7 +18,7 @@ from ttl_core import load_pretrained
 from ttl_core.averaging import RECORD, average_checkpoints
 from ttl_core.cli import run_cli
 from ttl_core.evaluate import split_tokens, stream_loss
-from ttl_core.hf import save_pretrained
+from ttl_core.hf import save_native, save_pretrained
 from ttl_core.train import train
 
 
@@ -106,19 +106,42 @@ def test_bfloat16_checkpoints_average_to_the_float64_mean_in_bfloat16(tmp_path):
     assert not torch.equal(rounded_running, averaged["model.embed_tokens.weight"])
 
 
-def test_tied_embeddings_stay_tied_and_transformers_gives_ttl_s_logits(tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_loads_the_average_with_ttl_s_logits_and_tied_embeddings_stay_tied(tmp_path, tied):
     import transformers
-    dirs = random_checkpoints(tmp_path, 2, "float32", "model.tie_word_embeddings=true")
+    dirs = random_checkpoints(tmp_path, 2, "float32", f"model.tie_word_embeddings={str(tied).lower()}")
     average_checkpoints(dirs, tmp_path / "avg")
     with safe_open(tmp_path / "avg" / "model.safetensors", "pt") as f:
-        assert "lm_head.weight" not in f.keys()
+        assert ("lm_head.weight" in f.keys()) != tied
     ours = load_pretrained(tmp_path / "avg")
-    assert ours.lm_head.weight is ours.backbone.embed.weight
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "avg").eval()
-    assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    assert (ours.lm_head.weight is ours.backbone.embed.weight) == tied
+    assert (theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()) == tied
     ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (ours(ids).logits - theirs(ids).logits).abs().max() <= 1e-5
+
+
+def test_a_tied_table_stored_under_the_head_s_name_and_native_checkpoints_average_alike(tmp_path, capsys):
+    dirs = random_checkpoints(tmp_path, 2, "float32", "model.tie_word_embeddings=true")
+    average_checkpoints(dirs, tmp_path / "avg")
+    # safetensors' save_model keeps a shared tensor under its first name in sorted order, lm_head.weight
+    as_head = [edited_copy(d, tmp_path / f"head{i}", lambda t: {"lm_head.weight" if k == "model.embed_tokens.weight"
+                                                                 else k: v for k, v in t.items()})
+               for i, d in enumerate(dirs)]
+    average_checkpoints(as_head, tmp_path / "avg_head")
+    assert_bit_for_bit(stored(tmp_path / "avg_head"), stored(tmp_path / "avg"))
+    native = [tmp_path / f"native{i}" for i in range(2)]
+    for d, n in zip(dirs, native):
+        save_native(load_pretrained(d), n)
+    average_checkpoints(native, tmp_path / "avg_native")
+    assert_bit_for_bit(stored(tmp_path / "avg_native"), stored(tmp_path / "avg"))
+    both = [edited_copy(d, tmp_path / f"both{i}", lambda t: {**t, "lm_head.weight": torch.randn(400, 64)})
+            for i, d in enumerate(dirs)]
+    assert "ties the LM head to the embedding, yet lm_head.weight is stored" in refusal(capsys, *both, "--out",
+                                                                                         tmp_path / "x")
+    assert "layout is 'Hugging Face' in the first, 'ttl-native' in the second" in \
+        refusal(capsys, dirs[0], native[1], "--out", tmp_path / "x")
 
 
 def refusal(capsys, *argv: str) -> str:
@@ -135,6 +158,7 @@ def test_every_refusal_is_one_line(run_dir, tmp_path, capsys):
     out = ["--out", tmp_path / "avg"]
     assert "at least 2 checkpoints, got 1" in refusal(capsys, a, *out)
     assert "given twice" in refusal(capsys, a, b, a, *out)
+    assert "is one of the checkpoints averaged" in refusal(capsys, a, b, "--out", b, "--overwrite")
     assert "non-negative, got [1.0, -1.0]" in refusal(capsys, a, b, "--weights", "1", "-1", *out)
     assert "finite and non-negative, got [1.0, nan]" in refusal(capsys, a, b, "--weights", "1", "nan", *out)
     assert "positive, finite sum, got [0.0, 0.0]" in refusal(capsys, a, b, "--weights", "0", "0", *out)
@@ -163,7 +187,7 @@ def test_every_refusal_is_one_line(run_dir, tmp_path, capsys):
 def edited_copy(checkpoint: Path, where: Path, edit) -> Path:
     """A copy of `checkpoint` whose model.safetensors `edit` rewrites (a dict of tensors in, one out)."""
     copy = shutil.copytree(checkpoint, where)
-    (copy / "trainer_state.json").unlink()  # its digests would name the edit first
+    (copy / "trainer_state.json").unlink(missing_ok=True)  # a run's digests would name the edit first
     save_file(edit(stored(copy)), copy / "model.safetensors", metadata={"format": "pt"})
     return copy
 

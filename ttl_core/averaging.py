@@ -1,13 +1,15 @@
 """Checkpoint averaging: the weighted mean of several checkpoints of one model (the last checkpoints of a run, as
 in LAWA and the checkpoint averaging of warmup-stable-decay schedules), written as a checkpoint of its own.
 
-The mean is taken tensor by tensor from the memory-mapped safetensors files, so host memory holds the averaged
-model (in the output dtype) and one float64 tensor, whatever the number of checkpoints. Each tensor is accumulated
-in float64: a float32 or bfloat16 sum would round after every addition, and a float64 sum of a few float32 values
-is exact (or one float64 rounding off it), so each averaged element is the true mean rounded once to the output
-dtype. The output is written as `save_pretrained` writes any checkpoint, into a hidden directory renamed into place
-when complete, with the newest checkpoint's tokenizer and generation_config.json and an `averaging.json` naming
-the checkpoints and weights averaged.
+The mean is taken tensor by tensor, each checkpoint's file opened for the tensor and closed again, so host memory
+holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and one float64 tensor,
+whatever the number of checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
+every addition (a weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while
+in float64 the sum of a few float32 or bfloat16 values is exact (unless their magnitudes lie some 2**28 apart) and
+a weight's product is off by at most 2**-29 of a float32 step, so each averaged element is the true mean rounded
+once to the output dtype, but for a tie that close. The output is written as `save_pretrained` writes any
+checkpoint, into a hidden directory renamed into place when complete, with the newest checkpoint's tokenizer and
+generation_config.json and an `averaging.json` naming the checkpoints and weights averaged.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 
 from .checkpoint import SHA256, TRAINER_STATE, checkpoint_root, complete_checkpoints, verify_digests
 from .cli import refuse_to_replace
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import read_json, write_dir_atomically, write_json
-from .hf import (GENERATION_CONFIG, IGNORED_HF_TENSORS, NATIVE_CONFIG, SAFETENSORS_DTYPES, _resolve_dtype,
-                 check_against_plan, check_weight_files, hf_plan, native_plan, read_model_config, save_pretrained,
+from .hf import (GENERATION_CONFIG, IGNORED_HF_TENSORS, NATIVE_CONFIG, SAFETENSORS_DTYPES, check_against_plan,
+                 check_weight_files, hf_plan, native_plan, read_model_config, resolve_dtype, save_pretrained,
                  stored_tensors)
 from .lora import is_adapter_dir
 from .model import build_model
@@ -60,16 +63,19 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the average is written to a directory")
+    if out.resolve() in {d.resolve() for d in dirs}:  # a run's checkpoint replaced by an average could not resume
+        raise ConfigError(f"{out} is one of the checkpoints averaged; write the average to another directory")
     refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
     config, architecture = _same_model(dirs)
     newest = dirs[-1]
-    opened = [stored_tensors(d) for d in dirs]
-    _same_tensors(dirs, [found for _, found in opened])
+    # the files are opened again for each tensor: a file kept mapped would keep every page read resident, K models
+    founds = [stored_tensors(d)[1] for d in dirs]
+    _same_tensors(dirs, founds)
     native = (newest / NATIVE_CONFIG).exists()
     with torch.device("meta"):
         model = build_model(config, architecture)
     plan = native_plan(model) if native else hf_plan(config, architecture)
-    found = opened[-1][1]
+    found = founds[-1]
     tied = config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
     if tied and "lm_head.weight" in found:
         if "model.embed_tokens.weight" in found:  # loading would untie them if they differ: averaging cannot tie
@@ -79,13 +85,14 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     check_against_plan(plan, dict(model.named_parameters()), found, newest,
                        lambda key: bool(IGNORED_HF_TENSORS.fullmatch(key)))
     embed_key = plan["backbone.embed.weight"][0][0]
-    embed_file = found[embed_key][0]
-    out_dtype = _resolve_dtype(dtype) or SAFETENSORS_DTYPES[opened[-1][0][embed_file].get_slice(embed_key).get_dtype()]
+    with safe_open(found[embed_key][0], framework="pt") as f:
+        out_dtype = resolve_dtype(dtype) or SAFETENSORS_DTYPES[f.get_slice(embed_key).get_dtype()]
 
     def mean(key: str) -> torch.Tensor:
         total = torch.zeros(found[key][1], dtype=torch.float64)
-        for (handles, stored), weight in zip(opened, weights):
-            total.add_(handles[stored[key][0]].get_tensor(key).double(), alpha=weight)
+        for stored, weight in zip(founds, weights):
+            with safe_open(stored[key][0], framework="pt") as f:
+                total.add_(f.get_tensor(key).double(), alpha=weight)
         return (total / sum(weights)).to(out_dtype)
 
     # fused ttl parameters (q/k/v, gate/up) are built from their averaged pieces one at a time
@@ -128,7 +135,8 @@ def _same_model(dirs: list[Path]) -> tuple[LlamaConfig, str]:
             raise CheckpointError(f"{d} is given twice; give each checkpoint once (--weights weighs one more)")
         if is_adapter_dir(d):
             raise CheckpointError(f"{d} is a LoRA adapter (adapter_config.json), not a checkpoint: average full "
-                                  "checkpoints, or merge each adapter into its base first (ttl_core.lora.unload_lora)")
+                                  "checkpoints, or merge each adapter into its base first (ttl_core.lora."
+                                  "load_with_adapter, then save_pretrained)")
         _check_undamaged(d)
         config, architecture = read_model_config(d)
         fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
