@@ -140,8 +140,10 @@ def _list_some(names: list[str], limit: int = 6) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict[str, tuple[Path, list[int]]],
-                        directory: Path, ignorable) -> None:
+def check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict[str, tuple[Path, list[int]]],
+                       directory: Path, ignorable) -> None:
+    """A CheckpointError naming the tensors `directory` lacks, holds beyond the plan (unless `ignorable`), or holds
+    in another shape than `params` (ttl's, fused) want."""
     wanted = {key for pieces in plan.values() for key, _ in pieces}
     missing = sorted(wanted - set(found))
     unexpected = sorted(k for k in set(found) - wanted if not ignorable(k))
@@ -177,7 +179,7 @@ def checked_device(device: str | int | torch.device | None) -> torch.device:
     return device
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """The weights' dtype asked for; None (or transformers' "auto") for the checkpoint's or model's own."""
     if isinstance(dtype, torch.dtype) and dtype not in SAFETENSORS_DTYPES.values():
         raise CheckpointError(f"dtype {dtype} is not a floating-point weight dtype")
@@ -227,8 +229,24 @@ def check_weight_files(path: str | os.PathLike) -> None:
     header is unreadable (a cut-off file fails it). The tensors themselves are not read."""
     directory = Path(path)
     read_model_config(directory)
-    for f in _weight_files(directory):
-        _open_safetensors(f)
+    stored_tensors(directory)
+
+
+def stored_tensors(directory: Path) -> tuple[dict[Path, Any], dict[str, tuple[Path, list[int]]]]:
+    """The opened (memory-mapped) safetensors files of a checkpoint directory, and each tensor's file and shape
+    by name. A tensor stored twice, or not in a floating-point dtype, is a CheckpointError naming it."""
+    handles = {f: _open_safetensors(f) for f in _weight_files(directory)}
+    found: dict[str, tuple[Path, list[int]]] = {}
+    for f, handle in handles.items():
+        for key in handle.keys():
+            piece = handle.get_slice(key)
+            if piece.get_dtype() not in SAFETENSORS_DTYPES:  # copying would silently cast ints, bools, fp8
+                raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
+                                      f"weights ({', '.join(SAFETENSORS_DTYPES)})")
+            if key in found:  # which copy to load would be arbitrary
+                raise CheckpointError(f"{directory}: tensor {key} is stored in both {found[key][0].name} and {f.name}")
+            found[key] = (f, piece.get_shape())
+    return handles, found
 
 
 def load_pretrained(
@@ -265,19 +283,7 @@ def load_pretrained(
         raise CheckpointError(f"{directory}: a {stored_architecture} checkpoint cannot be loaded as {architecture} "
                               "(only a LlamaForCausalLM can start a LlamaForSequenceClassification)")
     native = (directory / NATIVE_CONFIG).exists()
-    files = _weight_files(directory)
-    handles = {f: _open_safetensors(f) for f in files}
-    found: dict[str, tuple[Path, list[int]]] = {}
-    for f, handle in handles.items():
-        for key in handle.keys():
-            piece = handle.get_slice(key)
-            if piece.get_dtype() not in SAFETENSORS_DTYPES:  # copying would silently cast ints, bools, fp8
-                raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
-                                      f"weights ({', '.join(SAFETENSORS_DTYPES)})")
-            if key in found:  # which copy to load would be arbitrary
-                raise CheckpointError(f"{directory}: tensor {key} is stored in both {found[key][0].name} and {f.name}")
-            found[key] = (f, piece.get_shape())
-
+    handles, found = stored_tensors(directory)
     if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
             and "lm_head.weight" in found and _stored_head_differs(handles, found)):
         warnings.warn(f"{directory}: config.json ties the LM head to the embedding, but the checkpoint stores a "
@@ -298,12 +304,12 @@ def load_pretrained(
     # transformers then fills the embedding from the head, and so does ttl
     if tied_lm and not native and "model.embed_tokens.weight" not in found and "lm_head.weight" in found:
         plan["backbone.embed.weight"] = [("lm_head.weight", None)]
-    _check_against_plan(plan, params, found, directory,
+    check_against_plan(plan, params, found, directory,
                         lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 
     embed_key = plan["backbone.embed.weight"][0][0]
     stored = SAFETENSORS_DTYPES[handles[found[embed_key][0]].get_slice(embed_key).get_dtype()]
-    target_dtype = _resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
+    target_dtype = resolve_dtype(dtype) or (None if native else _declared_dtype(directory)) or stored
     model = model.to(target_dtype).to_empty(device=device)
     model.tie_weights()
     if new_head:  # the only draw from torch's RNG, as in transformers: the same seed gives the same head
@@ -426,7 +432,7 @@ def save_pretrained(
     if state_dict is not None:
         _check_state_dict(state_dict, {name: params[name].shape for name in plan})
         params = state_dict
-    dtype = _resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
+    dtype = resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     _refuse_unplanned(sorted(set(params) - set(plan) - {"lm_head.weight"}), "an HF checkpoint")
     shard_bytes = _parse_size(max_shard_size)
     directory.mkdir(parents=True, exist_ok=True)
@@ -477,7 +483,7 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     """Write ttl's native layout: fused parameters under ttl's names, `ttl_config.json` and, as
     `save_pretrained` does, a causal LM's `generation_config.json`."""
     directory = Path(path)
-    dtype = _resolve_dtype(dtype) or model.backbone.embed.weight.dtype
+    dtype = resolve_dtype(dtype) or model.backbone.embed.weight.dtype
     params = dict(model.named_parameters())
     with torch.device("meta"):  # the parameters a model built from this config has, which loading expects
         _refuse_unplanned(sorted(set(params) - set(native_plan(build_model(model.config, model.architecture)))),

@@ -1,0 +1,175 @@
+"""Checkpoint averaging: the weighted mean of several checkpoints of one model (the last checkpoints of a run, as
+in LAWA and the checkpoint averaging of warmup-stable-decay schedules), written as a checkpoint of its own.
+
+The mean is taken tensor by tensor, each checkpoint's file opened for the tensor and closed again, so host memory
+holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and one float64 tensor,
+whatever the number of checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
+every addition (a weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while
+in float64 the sum of a few float32 or bfloat16 values is exact (unless their magnitudes lie some 2**28 apart) and
+a weight's product is off by at most 2**-29 of a float32 step, so each averaged element is the true mean rounded
+once to the output dtype, but for a tie that close. The output is written as `save_pretrained` writes any
+checkpoint, into a hidden directory renamed into place when complete, with the newest checkpoint's tokenizer and
+generation_config.json and an `averaging.json` naming the checkpoints and weights averaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import SHA256, TRAINER_STATE, checkpoint_root, complete_checkpoints, verify_digests
+from .cli import refuse_to_replace
+from .config import RUNTIME_FIELDS, LlamaConfig
+from .errors import CheckpointError, ConfigError
+from .fileio import read_json, write_dir_atomically, write_json
+from .hf import (GENERATION_CONFIG, IGNORED_HF_TENSORS, NATIVE_CONFIG, SAFETENSORS_DTYPES, check_against_plan,
+                 check_weight_files, hf_plan, native_plan, read_model_config, resolve_dtype, save_pretrained,
+                 stored_tensors)
+from .lora import is_adapter_dir
+from .model import build_model
+from .tokenizer import Tokenizer
+
+RECORD = "averaging.json"  # beside the averaged weights: what was averaged, with which weights
+
+
+def run_checkpoints(run_dir: str | os.PathLike, last: int) -> list[Path]:
+    """The newest `last` complete checkpoints of the run in `run_dir`, oldest first."""
+    run_dir = Path(run_dir)
+    if not checkpoint_root(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: not a run directory (it has no checkpoints/ folder)")
+    found = complete_checkpoints(run_dir)
+    if len(found) < last:
+        raise CheckpointError(f"{run_dir} holds {len(found)} complete checkpoint(s) "
+                              f"({', '.join(p.name for p in found) or 'none'}); asked for the last {last}")
+    return found[-last:]
+
+
+def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                        weights: Sequence[float] | None = None, dtype: torch.dtype | str | None = None,
+                        overwrite: bool = False) -> Path:
+    """Write to `out` the checkpoint whose every tensor is the mean of the `dirs` checkpoints' (HF or ttl-native
+    layout, one architecture and config), weighted by `weights` (default equal; normalized by their sum), in
+    `dtype` (default: the stored dtype of the last checkpoint's embedding). The last of `dirs` counts as the
+    newest: its tokenizer and generation_config.json go with the average. An existing `out` is replaced, whole,
+    only with `overwrite`."""
+    dirs = [Path(d) for d in dirs]
+    weights = _checked_weights(weights, len(dirs))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; the average is written to a directory")
+    if out.resolve() in {d.resolve() for d in dirs}:  # a run's checkpoint replaced by an average could not resume
+        raise ConfigError(f"{out} is one of the checkpoints averaged; write the average to another directory")
+    refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
+    config, architecture = _same_model(dirs)
+    newest = dirs[-1]
+    # the files are opened again for each tensor: a file kept mapped would keep every page read resident, K models
+    founds = [stored_tensors(d)[1] for d in dirs]
+    _same_tensors(dirs, founds)
+    native = (newest / NATIVE_CONFIG).exists()
+    with torch.device("meta"):
+        model = build_model(config, architecture)
+    plan = native_plan(model) if native else hf_plan(config, architecture)
+    found = founds[-1]
+    tied = config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
+    if tied and "lm_head.weight" in found:
+        if "model.embed_tokens.weight" in found:  # loading would untie them if they differ: averaging cannot tie
+            raise CheckpointError(f"{newest}: config.json ties the LM head to the embedding, yet lm_head.weight is "
+                                  "stored beside it; load and save the checkpoints with ttl first")
+        plan["backbone.embed.weight"] = [("lm_head.weight", None)]  # the shared tensor stored under the head's name
+    check_against_plan(plan, dict(model.named_parameters()), found, newest,
+                       lambda key: bool(IGNORED_HF_TENSORS.fullmatch(key)))
+    embed_key = plan["backbone.embed.weight"][0][0]
+    with safe_open(found[embed_key][0], framework="pt") as f:
+        out_dtype = resolve_dtype(dtype) or SAFETENSORS_DTYPES[f.get_slice(embed_key).get_dtype()]
+
+    def mean(key: str) -> torch.Tensor:
+        total = torch.zeros(found[key][1], dtype=torch.float64)
+        for stored, weight in zip(founds, weights):
+            with safe_open(stored[key][0], framework="pt") as f:
+                total.add_(f.get_tensor(key).double(), alpha=weight)
+        return (total / sum(weights)).to(out_dtype)
+
+    # fused ttl parameters (q/k/v, gate/up) are built from their averaged pieces one at a time
+    state_dict = {name: torch.cat([mean(key) for key, _ in pieces]) for name, pieces in plan.items()}
+    if (newest / GENERATION_CONFIG).is_file():
+        model.generation_config = read_json(newest / GENERATION_CONFIG, CheckpointError)
+    has_tokenizer = any((newest / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    tokenizer = Tokenizer.from_pretrained(newest) if has_tokenizer else None
+
+    def write(partial: Path) -> None:
+        save_pretrained(model, partial, dtype=out_dtype, tokenizer=tokenizer, state_dict=state_dict)
+        write_json(partial / RECORD, {"checkpoints": [str(d.resolve()) for d in dirs], "weights": weights,
+                                      "accumulation": "float64", "dtype": str(out_dtype).removeprefix("torch.")})
+
+    return write_dir_atomically(out, write)
+
+
+def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """One finite, non-negative weight per checkpoint (equal by default) with a positive, finite sum."""
+    if count < 2:
+        raise ConfigError(f"averaging takes at least 2 checkpoints, got {count}")
+    if weights is None:
+        return [1.0] * count
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise ConfigError(f"{len(weights)} weights for {count} checkpoints; give one weight per checkpoint")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"weights must be finite and non-negative, got {weights}")
+    if not 0 < sum(weights) < math.inf:
+        raise ConfigError(f"the weights must have a positive, finite sum, got {weights}")
+    return weights
+
+
+def _same_model(dirs: list[Path]) -> tuple[LlamaConfig, str]:
+    """The config and architecture the checkpoints share, each checked undamaged; a checkpoint given twice, or the
+    first difference between two (a config key, the architecture, the layout), is a CheckpointError naming it."""
+    described: dict[Path, dict] = {}
+    for d in dirs:
+        if d.resolve() in described:
+            raise CheckpointError(f"{d} is given twice; give each checkpoint once (--weights weighs one more)")
+        if is_adapter_dir(d):
+            raise CheckpointError(f"{d} is a LoRA adapter (adapter_config.json), not a checkpoint: average full "
+                                  "checkpoints, or merge each adapter into its base first (ttl_core.lora."
+                                  "load_with_adapter, then save_pretrained)")
+        _check_undamaged(d)
+        config, architecture = read_model_config(d)
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
+        layout = "ttl-native" if (d / NATIVE_CONFIG).exists() else "Hugging Face"
+        described[d.resolve()] = {"architecture": architecture, "layout": layout, **fields}
+    first, *others = described.values()
+    for d, description in zip(dirs[1:], others):
+        differing = next((k for k in first if description[k] != first[k]), None)
+        if differing is not None:
+            raise CheckpointError(f"{dirs[0]} and {d} are different models: {differing} is {first[differing]!r} in "
+                                  f"the first, {description[differing]!r} in the second")
+    return config, architecture
+
+
+def _check_undamaged(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose weight files cannot be read, or, for a run's checkpoint, whose weights or config
+    no longer match the digests its trainer_state.json recorded (a damaged byte leaves the headers readable)."""
+    check_weight_files(checkpoint)
+    if (checkpoint / TRAINER_STATE).is_file():
+        digests = read_json(checkpoint / TRAINER_STATE, CheckpointError).get(SHA256)
+        if isinstance(digests, dict):  # optimizer.pt is not read here: it need not be there
+            verify_digests(checkpoint, {SHA256: {name: digest for name, digest in digests.items()
+                                                 if name == "config.json" or name.startswith("model")}})
+
+
+def _same_tensors(dirs: list[Path], founds: list[dict[str, tuple[Path, list[int]]]]) -> None:
+    """Every checkpoint stores the same tensor names in the same shapes; the first difference is named."""
+    first = founds[0]
+    for d, found in zip(dirs[1:], founds[1:]):
+        for key in sorted(set(first) | set(found)):
+            if key not in found or key not in first:
+                holder, other = (dirs[0], d) if key in first else (d, dirs[0])
+                raise CheckpointError(f"tensor {key} is stored in {holder} but not in {other}")
+            if list(found[key][1]) != list(first[key][1]):
+                raise CheckpointError(f"tensor {key} has shape {list(first[key][1])} in {dirs[0]} and "
+                                      f"{list(found[key][1])} in {d}")
