@@ -153,7 +153,8 @@ def check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict[
             if key in found:
                 expected = [rows if rows is not None else params[name].shape[0], *params[name].shape[1:]]
                 if list(found[key][1]) != expected:
-                    mismatched.append(f"{key} {list(found[key][1])} (model expects {expected}, file {found[key][0].name})")
+                    mismatched.append(f"{key} {list(found[key][1])} (model expects {expected}, "
+                                      f"file {found[key][0].name})")
     problems = []
     if missing:
         problems.append(f"missing tensors: {_list_some(missing)}")
@@ -305,7 +306,7 @@ def load_pretrained(
     if tied_lm and not native and "model.embed_tokens.weight" not in found and "lm_head.weight" in found:
         plan["backbone.embed.weight"] = [("lm_head.weight", None)]
     check_against_plan(plan, params, found, directory,
-                        lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
+                       lambda k: bool(IGNORED_HF_TENSORS.fullmatch(k)) or (skip_head and k == "lm_head.weight"))
 
     embed_key = plan["backbone.embed.weight"][0][0]
     stored = SAFETENSORS_DTYPES[handles[found[embed_key][0]].get_slice(embed_key).get_dtype()]
