@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, free_port
+from helpers import ROOT, free_port, run_snippet
 from train_helpers import prepared_corpus, run_config, set_arguments
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
@@ -42,10 +42,7 @@ assert isinstance(fsdp, FSDPModule) and all(isinstance(block, FSDPModule) for bl
 dist.destroy_process_group()
 print("wrapped")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    # torch 2.9 and 2.10's gloo prints lines of its own ("[Gloo] Rank 0 is connected to ..."); nothing else may
-    ours = [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
+    done, ours = run_snippet(code)
     assert done.returncode == 0 and ours == ["wrapped"], done.stderr[-3000:]
 
 

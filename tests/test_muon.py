@@ -7,16 +7,13 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
 import ttl_core.optim as ttl_optim
-from helpers import ROOT, run_torchrun
+from helpers import ROOT, run_snippet, run_torchrun
 from hf_reference import hf_causal_lm, reference_adamw
 from test_train_reference import reference_training
 from train_helpers import losses, prepared_corpus, run_config, set_arguments
@@ -241,9 +238,7 @@ assert all(torch.equal(a, b) for a, b in zip(alone.parameters(), ddp.module.para
 dist.destroy_process_group()
 print("stepped")
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    ours = [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
+    done, ours = run_snippet(code)
     assert done.returncode == 0 and ours == ["stepped"], done.stderr[-3000:]
 
 
