@@ -82,6 +82,14 @@ def test_trailing_spaces_of_the_context_move_to_the_continuation_and_the_joined_
     # the moved spaces are scored with the answer: more spaces, other continuation ids
     assert encode_pair(tokenizer, "A capital do Brasil é  ", " Brasília")[1] != \
         encode_pair(tokenizer, "A capital do Brasil é", " Brasília")[1]
+    # lm-eval's rule written with transformers' tokenizer of the same directory (add_special_tokens as it is)
+    theirs = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    for context in ("O contrário de quente é ", "Dois mais dois é igual a\n", "A semana tem sete"):
+        stripped = context.rstrip()
+        continuation = context[len(stripped):] + " dias"
+        context_ids = theirs.encode(stripped)
+        assert encode_pair(tokenizer, context, " dias") == (context_ids,
+                                                            theirs.encode(stripped + continuation)[len(context_ids):])
     # an empty context is <s> alone, the continuation encoded without it
     assert encode_pair(tokenizer, "", " Brasília") == ([tokenizer.bos_id], tokenizer.encode(" Brasília", add_bos=False))
 
