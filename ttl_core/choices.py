@@ -1,0 +1,173 @@
+"""Zero-shot multiple-choice accuracy of a causal LM, scored as lm-evaluation-harness scores its `multiple_choice`
+tasks (HellaSwag, ARC, PIQA; ASSIN, ENEM, OAB in the Portuguese harness): what `scripts/evaluate_choices.py` reports.
+
+A task file holds one question per line, JSON: `{"context": str, "choices": [str, ...], "label": int}` (`label`
+indexes the right choice; at least 2 choices, none empty), and optionally `"target_delimiter": str`, the text
+between the context and each choice (default " ", lm-eval's). Each choice is scored by the summed log-likelihood
+of its tokens, `target_delimiter + choice`, given the context, as lm-eval's `loglikelihood` does:
+
+- whitespace that ends the context moves to the start of the continuation; then the context is encoded alone and
+  the joined text whole, and the continuation is what the joined ids hold past the context's token count (the
+  model's tokenizer adds `<s>` as it says, once, at the start of both; an empty context is `<s>` alone);
+- the ids fed are the context's then the continuation's, cut from the left to the model's context + 1 and
+  without the last, so a continuation is always scored whole, after as much context as fits.
+
+`acc` picks the choice of highest log-likelihood, `acc_norm` the highest per character of the choice (lm-eval's
+`len(choice)`, the delimiter not counted), `acc_bytes` per UTF-8 byte of it; each standard error is lm-eval's, the
+sample standard deviation of the 0/1 scores over the square root of the number of questions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import DataError, is_integer
+from .fileio import refuse_lone_surrogate
+from .model import LlamaForCausalLM
+from .task_files import read_task_file
+from .tokenizer import Tokenizer
+
+METRICS = ("acc", "acc_norm", "acc_bytes")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One line of a task file; `where` is its "FILE:LINE", for errors."""
+
+    where: str
+    context: str
+    choices: list[str]
+    label: int
+    target_delimiter: str = " "
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """The questions of a JSON-lines task file; a malformed line is a DataError naming file and line."""
+    path = Path(path)
+    questions = []
+    for number, record in read_task_file(path):
+        where = f"{path}:{number}"
+        missing = [key for key in ("context", "choices", "label") if key not in record]
+        if missing:
+            raise DataError(f"{where}: no {', '.join(map(repr, missing))} field (fields: {', '.join(map(repr, record))})")
+        context, choices, label = record["context"], record["choices"], record["label"]
+        delimiter = record.get("target_delimiter", " ")
+        for name, text in (("context", context), ("target_delimiter", delimiter)):
+            if not isinstance(text, str):
+                raise DataError(f"{where}: {name!r} must be text, got {type(text).__name__}")
+            refuse_lone_surrogate(path, number, name, text)
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise DataError(f"{where}: 'choices' must be a list of at least 2 non-empty strings, got {choices!r:.80}")
+        for choice in choices:
+            refuse_lone_surrogate(path, number, "choices", choice)
+        if not is_integer(label) or not 0 <= label < len(choices):
+            raise DataError(f"{where}: 'label' must be an integer in [0, {len(choices)}) indexing 'choices', "
+                            f"got {label!r}")
+        questions.append(Question(where, context, choices, label, delimiter))
+    return questions
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    # as lm-eval's tok_encode: no second <s> before a text that writes its own
+    written_bos = tokenizer.bos_id >= 0 and text.startswith(tokenizer.id_to_token(tokenizer.bos_id))
+    return tokenizer.encode(text, add_bos=False if written_bos else None)
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's causal `loglikelihood` splits them (see the module's doc)."""
+    if not context:
+        ids = tokenizer.encode(continuation, add_bos=False, add_eos=False)
+        prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+        return (ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix], ids)
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = _encode(tokenizer, context)
+    return context_ids, _encode(tokenizer, context + continuation)[len(context_ids):]
+
+
+@torch.no_grad()
+def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: list[tuple[list[int], list[int]]],
+                                batch_size: int = 16, progress: bool = False) -> list[float]:
+    """The summed log-likelihood (nats) of each pair's continuation ids given its context ids, `batch_size` pairs
+    per forward pass (longest first, right-padded: causal attention keeps padding out of the scored positions)."""
+    max_length = model.config.max_position_embeddings
+    device = model.lm_head.weight.device
+    inputs = [(context + continuation)[-(max_length + 1):-1] for context, continuation in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    scores = [0.0] * len(pairs)
+    was_training = model.training
+    model.eval()
+    with tqdm(total=len(pairs), unit="choice", leave=False, disable=not progress) as bar:
+        for first in range(0, len(order), batch_size):
+            group = order[first:first + batch_size]
+            ids = torch.zeros(len(group), len(inputs[group[0]]), dtype=torch.long)
+            rows, positions, targets = [], [], []
+            for row, i in enumerate(group):
+                ids[row, :len(inputs[i])] = torch.tensor(inputs[i])
+                n = len(pairs[i][1])
+                rows += [row] * n
+                positions += range(len(inputs[i]) - n, len(inputs[i]))
+                targets += pairs[i][1]
+            hidden = model.backbone(ids.to(device)).last_hidden_state
+            # only the continuations' positions go through the head: (batch, seq, vocab) logits are never built
+            logits = model.lm_head(hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)])
+            token_scores = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])
+            sums = torch.zeros(len(group), dtype=torch.float64, device=device)
+            sums.index_add_(0, torch.tensor(rows, device=device), token_scores[:, 0].double())
+            for i, total in zip(group, sums.tolist()):
+                scores[i] = total
+            bar.update(len(group))
+    model.train(was_training)
+    return scores
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    """The mean and lm-eval's standard error of it (None for a single value, lm-eval's "N/A")."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def question_scores(question: Question, loglikelihoods: list[float]) -> dict[str, float]:
+    """1.0 or 0.0 per metric for one question, from its choices' log-likelihoods (ties go to the first, as
+    numpy's argmax breaks them)."""
+    lengths = {"acc": [1] * len(question.choices), "acc_norm": [len(c) for c in question.choices],
+               "acc_bytes": [len(c.encode("utf-8")) for c in question.choices]}
+    scores = {}
+    for metric, length in lengths.items():
+        normed = [ll / n for ll, n in zip(loglikelihoods, length)]
+        scores[metric] = float(normed.index(max(normed)) == question.label)
+    return scores
+
+
+def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions: list[Question],
+                       batch_size: int = 16, progress: bool = False) -> dict[str, float | int | None]:
+    """`questions` (the number), and each metric of METRICS with its `_stderr`, over `questions`."""
+    if not questions:
+        raise DataError("no questions to evaluate")
+    max_length = model.config.max_position_embeddings
+    pairs = []
+    for question in questions:
+        for k, choice in enumerate(question.choices):
+            context_ids, continuation_ids = encode_pair(tokenizer, question.context, question.target_delimiter + choice)
+            if not context_ids or not 1 <= len(continuation_ids) <= max_length:
+                raise DataError(f"{question.where}: choice {k} is {len(continuation_ids)} tokens after a context of "
+                                f"{len(context_ids)}; need a context and 1 to {max_length} (the model's context)")
+            pairs.append((context_ids, continuation_ids))
+    loglikelihoods = continuation_loglikelihoods(model, pairs, batch_size, progress)
+    per_question, start = [], 0
+    for question in questions:
+        per_question.append(question_scores(question, loglikelihoods[start:start + len(question.choices)]))
+        start += len(question.choices)
+    figures: dict[str, float | int | None] = {"questions": len(questions)}
+    for metric in METRICS:
+        figures[metric], figures[f"{metric}_stderr"] = mean_and_stderr([s[metric] for s in per_question])
+    return figures
