@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="use this tokenizer (.model file or HF directory) instead of training")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of documents held out for evaluation (default 0.1); 0 holds out none, for runs "
-                             "with train.eval_every=0")
+                             "with train.eval_every=0; 1 all, for a directory only evaluated (a [data.eval] set)")
     parser.add_argument("--workers", type=int, help="tokenizing processes (default: every core this process may use)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace data --out holds from other inputs or settings (default: refuse)")

@@ -201,7 +201,7 @@ def test_a_mixture_of_one_source_trains_as_the_plain_run_bit_for_bit(prepared, t
     (['data.mix={""={path="A",weight=1}}'], "data.mix: a source needs a name"),
     (['data.mix=3'], "data.mix must be a table, got 3"),
     (['data.path="A"', 'data.mix={web={path="A",weight=1}}'], "data.path .* and data.mix are exclusive"),
-    ([mix_setting("A", "OTHER")], "data.mix: .*other was prepared with another tokenizer than .*a "
+    ([mix_setting("A", "OTHER")], "data.mix source 'books': .*other was prepared with another tokenizer than .*a "
                                   r"\(every source needs the same: scripts/prepare_data.py --tokenizer .*a\)"),
 ])
 def test_bad_mixtures_are_refused_in_one_line(prepared, tmp_path, overrides, message):
@@ -245,14 +245,16 @@ def test_a_toml_data_mix_table_reads_as_the_set_override(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_a_mixture_as_one_process(prepared, tmp_path):
     """DDP over gloo with micro_batch_size 2 on each of 2 ranks, against 4 in one process: the same losses, grad
-    norms and per-source eval losses within 1e-5."""
-    common = ["train.max_steps=4", "train.eval_every=2", mix_setting(prepared / "a", prepared / "b")]
+    norms, per-source eval losses and a data.eval set's within 1e-5."""
+    prepare_data([prepared / "b.txt"], tmp_path / "held", tokenizer=prepared / "a", val_fraction=1, workers=1)
+    common = ["train.max_steps=4", "train.eval_every=2", mix_setting(prepared / "a", prepared / "b"),
+              f'data.eval={{held="{tmp_path / "held"}"}}']
     one = run_script("pretrain", "--out", tmp_path / "one", *set_arguments(*common, "train.micro_batch_size=4"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--out", tmp_path / "two",
                        *set_arguments(*common, "train.micro_batch_size=2"))
     assert two.returncode == 0, two.stderr[-3000:]
-    for key in ("loss", "grad_norm", "eval_loss", "eval_loss/web", "eval_loss/books"):
+    for key in ("loss", "grad_norm", "eval_loss", "eval_loss/web", "eval_loss/books", "eval_loss/held"):
         figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r]
                    for run in ("one", "two")]
         assert figures[1] == pytest.approx(figures[0], abs=1e-5) and len(figures[0]) in (2, 4), key

@@ -155,7 +155,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     Trains a `vocab_size` tokenizer on the inputs (TRAIN_INPUT_BYTES and TRAIN_INPUT_SENTENCES documents of them
     at most, see `_tokenizer_sample`) unless `tokenizer` (a `.model` file, an HF tokenizer directory or a
     `Tokenizer`) is given. Every document becomes `<s>` tokens `</s>`; about `val_fraction` of them, spread
-    evenly, go to `val.bin` (empty with 0, for training without evaluation: `train.eval_every = 0`). `workers`
+    evenly, go to `val.bin` (none with 0: `train.eval_every = 0`; all with 1: a `data.eval` set). `workers`
     processes (default: every core this process may use) tokenize shards of `shard_docs` documents; rerunning
     after an interruption reuses the finished shards and gives identical files. A directory already prepared from
     other inputs or settings is replaced, or with `replace=False` refused."""
@@ -164,8 +164,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     paths = [Path(p) for p in inputs]
     if not paths:
         raise DataError("prepare_data: no input files")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= val_fraction <= 1:
+        raise DataError(f"val_fraction must be in [0, 1], got {val_fraction}")
     if workers is not None and not (_is_int(workers) and workers >= 1):
         raise DataError(f"workers must be an integer >= 1 (left unset: every usable core), got {workers!r}")
     if not (_is_int(shard_docs) and shard_docs >= 1):

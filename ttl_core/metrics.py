@@ -133,8 +133,8 @@ CLASSIFIER_LOSSES = {"eval_accuracy": "cross-entropy (nats/example)", "eval_pear
 
 
 def plot_metrics(run_dir: str | Path) -> Path | None:
-    """Write RUN/loss.png: training loss and eval loss against the step (and a data mixture's eval loss of each
-    source, eval_loss/NAME, labelled NAME), per token (a language model's) or, once a classifier run has
+    """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
+    source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
     evaluated, per example. Returns None (with a note) when matplotlib, an optional dependency
     (`pip install ttl[plot]`), is missing."""
     path = Path(run_dir) / METRICS_FILE

@@ -1,4 +1,5 @@
-"""Data mixtures: pretraining on several prepared data directories at once (`[data.mix]`), evaluated per source.
+"""Data mixtures: pretraining on several prepared data directories at once (`[data.mix]`), evaluated per source;
+and the directories a run evaluates: its training data's and extra held-out sets (`[data.eval]`), never trained on.
 
 Each row of a global batch comes from a source drawn with the sources' normalised weights by an RNG seeded with
 (train.seed, global batch index) alone, so a resumed run draws the same sources without any saved RNG state. Each
@@ -78,18 +79,27 @@ def resolve_mixture(run: RunConfig, data_dir: str | None, saved_run: Any, checkp
         mix = {name: mix[name] for name in recorded}
     mixture = Mixture({name: {"path": str(Path(source["path"]).resolve()), "weight": source["weight"]}
                        for name, source in mix.items()})
-    first = None
-    for name, path in mixture.paths.items():
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"data.mix source {name!r}: {path} is not a prepared data directory (no meta.json); "
-                              f"run scripts/prepare_data.py")
-        meta = read_meta(path / "meta.json")
-        tokens = (fingerprint_tokenizer(Tokenizer.from_pretrained(path)), meta["vocab_size"], meta["dtype"])
-        first = first or (path, tokens)
-        if tokens != first[1]:
-            raise ConfigError(f"data.mix: {path} was prepared with another tokenizer than {first[0]} (every source "
-                              f"needs the same: scripts/prepare_data.py --tokenizer {first[0]})")
+    check_tokenized_alike(mixture.paths, "data.mix source", "every source needs the same")
     return mixture
+
+
+def check_tokenized_alike(paths: dict[str, Path], what: str, need: str, reference: Path | None = None) -> None:
+    """Refuse a directory of `paths` (named `what` NAME in the refusal) that is not prepared, or was prepared with
+    another tokenizer than `reference` (by default, the first of `paths`): its ids would mean other tokens."""
+    def tokens(path: Path) -> tuple[str, int, str]:
+        meta = read_meta(path / "meta.json")
+        return fingerprint_tokenizer(Tokenizer.from_pretrained(path)), meta["vocab_size"], meta["dtype"]
+
+    expected = (reference, tokens(reference)) if reference else None
+    for name, path in paths.items():
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"{what} {name!r}: {path} is not a prepared data directory (no meta.json); run "
+                              f"scripts/prepare_data.py")
+        found = tokens(path)
+        expected = expected or (path, found)
+        if found != expected[1]:
+            raise ConfigError(f"{what} {name!r}: {path} was prepared with another tokenizer than {expected[0]} "
+                              f"({need}: scripts/prepare_data.py --tokenizer {expected[0]})")
 
 
 def _described(sources: dict[str, Any]) -> str:
@@ -185,15 +195,47 @@ def train_loader(data: Path | Mixture, train: TrainConfig, world: World) -> Pack
                 world_size=world.size)
 
 
+def resolve_eval_sets(run: RunConfig, data_path: Path, mixture: Mixture | None) -> dict[str, Path]:
+    """The run's data.eval sets, by name, their directories made absolute (as checkpoints record them): each a
+    prepared directory with the tokenizer of the training data (`data_path`, a mixture's first source), and named
+    apart from the mixture's sources (the resumed run's mixture too), whose eval_loss/NAME it would overwrite."""
+    clash = next((name for name in run.data.eval if mixture and name in mixture.sources), None)
+    if clash is not None:
+        raise ConfigError(f"data.eval set {clash!r} has the name of a data.mix source: both would log "
+                          f"eval_loss/{clash}; rename the set")
+    eval_sets = {name: Path(path).resolve() for name, path in run.data.eval.items()}
+    check_tokenized_alike(eval_sets, "data.eval set", "an eval set needs the training data's", reference=data_path)
+    return eval_sets
+
+
+def check_eval_split(data_path: Path, run: RunConfig, world: World, eval_set: str = "") -> None:
+    """With evaluation on, val.bin must hold a global batch before any step is spent (it is first read at the
+    first evaluation); a run with train.eval_every = 0 never opens it. `eval_set`: the name of a data.eval set,
+    which the refusal names, and asks to drop instead of turning evaluation off."""
+    where = f"data.eval set {eval_set!r}: " if eval_set else ""
+    skip = "drop it from data.eval" if eval_set else "set train.eval_every=0 to train without evaluation"
+    val = data_path / "val.bin"
+    if not val.is_file() or val.stat().st_size == 0:
+        what = "val.bin is empty" if val.is_file() else "no val.bin"
+        raise ConfigError(f"{where}{data_path} has no validation split ({what}); {skip}, or prepare "
+                          f"{'it' if eval_set else 'the data'} with a --val-fraction that holds out documents"
+                          f"{' (1: all)' if eval_set else ''}")
+    try:
+        PackedLoader(data_path, "val", run.train.seq_len, run.train.micro_batch_size, rank=world.rank,
+                     world_size=world.size, shuffle=False)
+    except DataError as e:  # the train split opened: this is the validation split's alone, and avoidable
+        raise DataError(f"{where}{e}; or {skip}") from None
+
+
 def eval_figures(losses: dict[str, float], mixture: Mixture | None) -> dict[str, float]:
-    """An eval record's figures from the loss of each directory evaluated: `eval_loss` and `eval_ppl`, with a
-    mixture the mean of its sources' losses weighted as the training draws them (the loss expected on the training
-    distribution, whatever the sizes of their val splits), and each source's own as eval_loss/NAME, eval_ppl/NAME."""
-    if mixture is None:
-        [loss] = losses.values()
-        return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
-    loss = math.fsum(mixture.weights[name] * value for name, value in losses.items())
+    """An eval record's figures from the loss of each directory evaluated (`losses`: the training data's, "" for one
+    directory or a mixture's sources by name, and the data.eval sets' by name). `eval_loss` and `eval_ppl` are the
+    training data's, a mixture's the mean of its sources' losses weighted as the training draws them (the loss
+    expected on the training distribution, whatever the sizes of their val splits); each named directory's own are
+    eval_loss/NAME and eval_ppl/NAME, an eval set's counted in no other figure."""
+    loss = math.fsum(weight * losses[name] for name, weight in (mixture.weights if mixture else {"": 1.0}).items())
     figures = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
     for name, value in losses.items():
-        figures.update({f"eval_loss/{name}": value, f"eval_ppl/{name}": perplexity(value)})
+        if name:  # the one training directory's are eval_loss and eval_ppl
+            figures.update({f"eval_loss/{name}": value, f"eval_ppl/{name}": perplexity(value)})
     return figures

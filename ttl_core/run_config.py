@@ -38,6 +38,9 @@ class DataConfig:
     # a data mixture instead of `path`: {name = {path = DIR, weight = W}, ...}, each batch row drawn from a source
     # with probability W / sum of the weights (see ttl_core.mixture)
     mix: dict[str, Any] = field(default_factory=dict)
+    # held-out sets evaluated beside the training data, never trained on: {name = DIR, ...}, each DIR's val.bin
+    # logged as eval_loss/NAME at every evaluation (see ttl_core.mixture.resolve_eval_sets)
+    eval: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,6 +223,7 @@ def validate(run: RunConfig) -> None:
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
     validate_mix(run.data)
+    validate_eval_sets(run.data)
 
 
 def validate_mix(data: DataConfig) -> None:
@@ -244,6 +248,16 @@ def validate_mix(data: DataConfig) -> None:
     if total == math.inf:  # each weight then normalises to 0, and every row would come from the last source
         raise ConfigError(f"data.mix: the weights sum to {total}, past a float's range; scale them down (only their "
                           f"ratios count)")
+
+
+def validate_eval_sets(data: DataConfig) -> None:
+    """A data.eval names each set (its figures are eval_loss/NAME) and gives its directory as a non-empty string."""
+    for name, path in data.eval.items():
+        if not name:
+            raise ConfigError('data.eval: a set needs a name, as in wiki = "data/wiki"')
+        if not (isinstance(path, str) and path):
+            raise ConfigError(f'data.eval set {name!r} must name a prepared data directory, as in wiki = "data/wiki"; '
+                              f'got {path!r}')
 
 
 def validate_optimizer(t: TrainConfig) -> None:

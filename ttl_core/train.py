@@ -33,11 +33,11 @@ from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_rng_states, init_world, load_optimizer_state, on_rank_0, set_gradient_sync, unwrap,
                           wrap_model)
-from .errors import ConfigError, DataError, TokenizerError, TrainingError, TTLError
+from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
-from .mixture import eval_figures, resolve_mixture, train_loader
+from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader
 from .model import LlamaForCausalLM
 from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
 from .preemption import StopOnSignal
@@ -154,21 +154,6 @@ def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: Worl
     model.train()
     totals = all_reduce_sum(totals, world)
     return float(totals[0] / totals[1].clamp_min(1))
-
-
-def check_eval_split(data_path: Path, run: RunConfig, world: World) -> None:
-    """With evaluation on, val.bin must hold a global batch before any step is spent (it is first read at the
-    first evaluation); a run with train.eval_every = 0 never opens it."""
-    val = data_path / "val.bin"
-    if not val.is_file() or val.stat().st_size == 0:
-        what = "val.bin is empty" if val.is_file() else "no val.bin"
-        raise ConfigError(f"{data_path} has no validation split ({what}); set train.eval_every=0 to train without "
-                          "evaluation, or prepare the data with a --val-fraction that holds out documents")
-    try:
-        PackedLoader(data_path, "val", run.train.seq_len, run.train.micro_batch_size, rank=world.rank,
-                     world_size=world.size, shuffle=False)
-    except DataError as e:  # the train split opened: this is the validation split's alone, and avoidable
-        raise DataError(f"{e}; or set train.eval_every=0 to train without evaluation") from None
 
 
 def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int,
@@ -378,11 +363,14 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     recorded = recorded_data_path(saved_run)
     data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
         run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
-    sources = mixture.paths if mixture else {"": data_path}  # the directories evaluated
+    sources = mixture.paths if mixture else {"": data_path}  # the directories of the training data
+    eval_sets = resolve_eval_sets(run, data_path, mixture)
+    evaluated = {**sources, **eval_sets}  # the held-out sets after them, in an eval record too
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
     recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
     recorded_config["data"]["mix"] = mixture.sources if mixture else {}
+    recorded_config["data"]["eval"] = {name: str(path) for name, path in eval_sets.items()}
     if trainer_state is not None:
         recorded_config["model"] = resumed_model_settings(run, saved_run)
     tokenizer = Tokenizer.from_pretrained(data_path)
@@ -396,8 +384,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
         raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
-    for path in sources.values() if train.eval_every else ():
-        check_eval_split(path, run, world)
+    for name, path in evaluated.items() if train.eval_every else ():
+        check_eval_split(path, run, world, eval_set=name if name in eval_sets else "")
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
     with point_to_older_checkpoint(out_dir, resume_from):
@@ -468,7 +456,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
                 evals = eval_figures({name: evaluate(model, path, run, world, tokenizer.bos_id)
-                                      for name, path in sources.items()}, mixture)
+                                      for name, path in evaluated.items()}, mixture)
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
