@@ -31,6 +31,18 @@ from ttl_core.train import train
 RUN = ("train.max_steps=5", "train.save_every=100")
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """A shell's background job (a CI runner's, say) starts with SIGINT ignored, which ttl leaves ignored, as
+    Python does: these tests send it as a terminal's Ctrl-C would reach a run."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return prepared_corpus(tmp_path_factory.mktemp("data"))
