@@ -73,9 +73,10 @@ def read_questions(path: str | Path) -> list[Question]:
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    # as lm-eval's tok_encode: no second <s> before a text that writes its own
+    # as lm-eval's tok_encode: a text that writes its own <s> is encoded with add_special_tokens=False, so neither
+    # a second <s> nor the </s> of a tokenizer that adds one
     written_bos = tokenizer.bos_id >= 0 and text.startswith(tokenizer.id_to_token(tokenizer.bos_id))
-    return tokenizer.encode(text, add_bos=False if written_bos else None)
+    return tokenizer.encode(text, add_bos=False, add_eos=False) if written_bos else tokenizer.encode(text)
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
