@@ -8,7 +8,8 @@ of its tokens, `target_delimiter + choice`, given the context, as lm-eval's `log
 
 - whitespace that ends the context moves to the start of the continuation; then the context is encoded alone and
   the joined text whole, and the continuation is what the joined ids hold past the context's token count (the
-  model's tokenizer adds `<s>` as it says, once, at the start of both; an empty context is `<s>` alone);
+  model's tokenizer adds `<s>` and `</s>` as it says, none to a text that writes its own `<s>`; an empty context
+  is `<s>` alone);
 - the ids fed are the context's then the continuation's, cut from the left to the model's context + 1 and
   without the last, so a continuation is always scored whole, after as much context as fits.
 
