@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,16 +83,32 @@ def test_trailing_spaces_of_the_context_move_to_the_continuation_and_the_joined_
     # the moved spaces are scored with the answer: more spaces, other continuation ids
     assert encode_pair(tokenizer, "A capital do Brasil é  ", " Brasília")[1] != \
         encode_pair(tokenizer, "A capital do Brasil é", " Brasília")[1]
-    # lm-eval's rule written with transformers' tokenizer of the same directory (add_special_tokens as it is)
-    theirs = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    for context in ("O contrário de quente é ", "Dois mais dois é igual a\n", "A semana tem sete"):
-        stripped = context.rstrip()
-        continuation = context[len(stripped):] + " dias"
-        context_ids = theirs.encode(stripped)
-        assert encode_pair(tokenizer, context, " dias") == (context_ids,
-                                                            theirs.encode(stripped + continuation)[len(context_ids):])
     # an empty context is <s> alone, the continuation encoded without it
     assert encode_pair(tokenizer, "", " Brasília") == ([tokenizer.bos_id], tokenizer.encode(" Brasília", add_bos=False))
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_eos_token": True}, {"add_bos_token": False, "add_eos_token": True},
+                                   {"bos_token": None, "add_eos_token": True}])
+def test_the_split_is_lm_evals_rule_written_with_transformers_tokenizer(checkpoint, tmp_path, flags):
+    """lm-eval's causal `_encode_pair` with transformers' tokenizer of the same directory: special tokens as the
+    config adds them, except for a text that starts with a written prefix token (<s>, or </s> for a tokenizer
+    without <s>), encoded with add_special_tokens=False (no <s> and no </s> either)."""
+    shutil.copytree(checkpoint, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({**config, **flags}))
+    tokenizer = ttl_core.Tokenizer.from_pretrained(tmp_path / "model")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
+
+    def lm_eval_encode(text: str) -> list[int]:
+        return theirs.encode(text, add_special_tokens=not text.startswith(theirs.bos_token or theirs.eos_token))
+
+    for context in ("O contrário de quente é ", "Dois mais dois é igual a\n", "A semana tem sete", "<s> A semana tem ",
+                    "<s>Dois mais dois é\t", "</s> A semana tem "):
+        stripped = context.rstrip()
+        continuation = context[len(stripped):] + " dias"
+        context_ids = lm_eval_encode(stripped)
+        assert encode_pair(tokenizer, context, " dias") == (context_ids,
+                                                            lm_eval_encode(stripped + continuation)[len(context_ids):])
 
 
 def test_a_context_too_long_is_cut_from_the_left(checkpoint):

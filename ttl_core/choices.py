@@ -8,7 +8,8 @@ of its tokens, `target_delimiter + choice`, given the context, as lm-eval's `log
 
 - whitespace that ends the context moves to the start of the continuation; then the context is encoded alone and
   the joined text whole, and the continuation is what the joined ids hold past the context's token count (the
-  model's tokenizer adds `<s>` as it says, once, at the start of both; an empty context is `<s>` alone);
+  model's tokenizer adds `<s>` and `</s>` as it says, none to a text that writes its own `<s>` (`</s>` for a
+  tokenizer without `<s>`, lm-eval's prefix token); an empty context is that prefix token alone);
 - the ids fed are the context's then the continuation's, cut from the left to the model's context + 1 and
   without the last, so a continuation is always scored whole, after as much context as fits.
 
@@ -72,17 +73,24 @@ def read_questions(path: str | Path) -> list[Question]:
     return questions
 
 
+def _prefix_id(tokenizer: Tokenizer) -> int:
+    # lm-eval's prefix token: what an empty context is, <s>, or </s> for a tokenizer without one
+    return tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+
+
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    # as lm-eval's tok_encode: no second <s> before a text that writes its own
-    written_bos = tokenizer.bos_id >= 0 and text.startswith(tokenizer.id_to_token(tokenizer.bos_id))
-    return tokenizer.encode(text, add_bos=False if written_bos else None)
+    # as lm-eval's tok_encode: a text that writes the prefix token itself is encoded with add_special_tokens=False,
+    # so neither a second <s> nor the </s> of a tokenizer that adds one
+    prefix = _prefix_id(tokenizer)
+    written = prefix >= 0 and text.startswith(tokenizer.id_to_token(prefix))
+    return tokenizer.encode(text, add_bos=False, add_eos=False) if written else tokenizer.encode(text)
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval's causal `loglikelihood` splits them (see the module's doc)."""
     if not context:
         ids = tokenizer.encode(continuation, add_bos=False, add_eos=False)
-        prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+        prefix = _prefix_id(tokenizer)
         return (ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix], ids)
     spaces = len(context) - len(context.rstrip())
     if spaces:
