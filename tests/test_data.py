@@ -210,13 +210,11 @@ def test_script_on_sample(tmp_path):
 @pytest.mark.parametrize("fraction, held_out", [(0.1, [9]), (0.3, [3, 6, 9]), (0.5, [1, 3, 5, 7, 9]),
                                               (1.0, list(range(10)))])
 def test_val_split_holds_out_the_fraction_spread_evenly(tmp_path, fraction, held_out):
-    """floor(n * val_fraction) of n documents go to val.bin, document k when floor((k+1) * fraction)
-    steps up: with 10 documents and 0.1, exactly one (the last), never none; with 1, all (a directory prepared only
-    to be evaluated, a data.eval set), leaving train.bin empty."""
+    """floor(n * val_fraction) of n documents go to val.bin, document k when floor((k+1) * fraction) steps up: with
+    10 documents and 0.1, exactly one (the last), never none; with 1, all (a data.eval set), train.bin empty."""
     inputs, docs = write_inputs(tmp_path)
     prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)
-    ten = docs[:10]
-    (tmp_path / "ten.txt").write_text("\n\n".join(ten) + "\n")
+    (tmp_path / "ten.txt").write_text("\n\n".join(ten := docs[:10]) + "\n")
     meta = prepare_data([tmp_path / "ten.txt"], tmp_path / "out", tokenizer=tmp_path / "tok" / "tokenizer.model",
                         val_fraction=fraction, workers=1, shard_docs=4)
     check_data_dir(tmp_path / "out", ten)
