@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import DataError, is_integer
+from .errors import ConfigError, DataError, is_integer
 from .fileio import refuse_lone_surrogate
 from .model import LlamaForCausalLM
 from .task_files import read_task_file
@@ -156,12 +156,12 @@ def question_scores(question: Question, loglikelihoods: list[float]) -> dict[str
     return scores
 
 
-def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions: list[Question],
-                       batch_size: int = 16, progress: bool = False) -> dict[str, float | int | None]:
-    """`questions` (the number), and each metric of METRICS with its `_stderr`, over `questions`."""
-    if not questions:
-        raise DataError("no questions to evaluate")
-    max_length = model.config.max_position_embeddings
+Pairs = list[tuple[list[int], list[int]]]  # (context ids, continuation ids) per choice
+
+
+def encode_questions(tokenizer: Tokenizer, questions: list[Question], max_length: int) -> Pairs:
+    """(context ids, continuation ids) of every choice of every question, in order; a choice the model's context
+    (`max_length`) cannot score is a DataError naming its line."""
     pairs = []
     for question in questions:
         for k, choice in enumerate(question.choices):
@@ -170,7 +170,12 @@ def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions:
                 raise DataError(f"{question.where}: choice {k} is {len(continuation_ids)} tokens after a context of "
                                 f"{len(context_ids)}; need a context and 1 to {max_length} (the model's context)")
             pairs.append((context_ids, continuation_ids))
-    loglikelihoods = continuation_loglikelihoods(model, pairs, batch_size, progress)
+    return pairs
+
+
+def score_questions(questions: list[Question], loglikelihoods: list[float]) -> dict[str, float | int | None]:
+    """`questions` (the number), and each metric of METRICS with its `_stderr`, from the log-likelihoods of every
+    choice of every question, in order."""
     per_question, start = [], 0
     for question in questions:
         per_question.append(question_scores(question, loglikelihoods[start:start + len(question.choices)]))
@@ -178,4 +183,42 @@ def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions:
     figures: dict[str, float | int | None] = {"questions": len(questions)}
     for metric in METRICS:
         figures[metric], figures[f"{metric}_stderr"] = mean_and_stderr([s[metric] for s in per_question])
+    return figures
+
+
+def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions: list[Question],
+                       batch_size: int = 16, progress: bool = False) -> dict[str, float | int | None]:
+    """`questions` (the number), and each metric of METRICS with its `_stderr`, over `questions`."""
+    if not questions:
+        raise DataError("no questions to evaluate")
+    pairs = encode_questions(tokenizer, questions, model.config.max_position_embeddings)
+    return score_questions(questions, continuation_loglikelihoods(model, pairs, batch_size, progress))
+
+
+Task = tuple[list[Question], Pairs]  # a task's questions and their encoded choices
+
+
+def read_tasks(paths: list[str], limit: int, tokenizer: Tokenizer, max_length: int) -> dict[str, Task]:
+    """The first `limit` questions (0: all) of each task file, by name (the file's stem), encoded and checked
+    against the model's context (`max_length`): what `train.eval_tasks` scores at each evaluation."""
+    tasks: dict[str, Task] = {}
+    named: dict[str, str] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in named:
+            raise ConfigError(f"train.eval_tasks: {named[name]} and {path} are both named {name!r} (a task's name "
+                              f"is its file's stem, logged as acc/{name}); rename one")
+        named[name] = path
+        questions = read_questions(path)[:limit or None]  # a file without questions is refused
+        tasks[name] = questions, encode_questions(tokenizer, questions, max_length)
+    return tasks
+
+
+def task_figures(model: LlamaForCausalLM, tasks: dict[str, Task]) -> dict[str, float]:
+    """acc/NAME and acc_norm/NAME of each task (acc_bytes, which matches acc_norm but for accented letters, is left
+    to scripts/evaluate_choices.py to keep an eval record readable)."""
+    figures = {}
+    for name, (questions, pairs) in tasks.items():
+        scores = score_questions(questions, continuation_loglikelihoods(model, pairs))
+        figures.update({f"acc/{name}": scores["acc"], f"acc_norm/{name}": scores["acc_norm"]})
     return figures

@@ -9,9 +9,10 @@ its own dropout masks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -149,6 +150,23 @@ def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Modu
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module with the model's own attributes (config, backbone) under DDP's wrapper."""
     return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module with every parameter whole, for code that calls its submodules (`model.backbone`) rather than
+    its forward: FSDP2 gathers the root's own parameters (embeddings, final norm, LM head) only in the root's
+    forward, so they are unsharded here (a collective: every rank must enter), and sharded again after."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield unwrap(model)
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:

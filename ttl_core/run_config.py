@@ -87,6 +87,10 @@ class TrainConfig:
     # evaluate on val.bin every eval_every steps and after the last; 0: never (the data then needs no val.bin)
     eval_every: int = 100
     eval_batches: int = 20
+    # zero-shot multiple-choice task files (ttl_core.choices), scored at each evaluation as acc/NAME and
+    # acc_norm/NAME (NAME: the file's stem) on the first eval_task_limit questions of each (0: all)
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_task_limit: int = 100
     save_every: int = 500
     keep_checkpoints: int = 2
     tensorboard: bool = False
@@ -205,7 +209,7 @@ def validate(run: RunConfig) -> None:
     if t.distributed not in DISTRIBUTED_CHOICES:
         raise ConfigError(f"train.distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {t.distributed!r}")
     # comparisons written so that NaN fails them; lr is checked before it bounds min_lr, so a bad one is named
-    for key in ("lr", "warmup_steps", "grad_clip", "weight_decay", "sample_tokens", "z_loss"):
+    for key in ("lr", "warmup_steps", "grad_clip", "weight_decay", "sample_tokens", "z_loss", "eval_task_limit"):
         if not getattr(t, key) >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
     if not t.eps > 0:
@@ -218,6 +222,8 @@ def validate(run: RunConfig) -> None:
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
     validate_optimizer(t)
+    if not all(isinstance(path, str) and path for path in t.eval_tasks):
+        raise ConfigError(f"train.eval_tasks must list task files (non-empty strings), got {t.eval_tasks}")
     if not all(isinstance(name, str) for name in t.no_decay):
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
     if not 0 <= t.seed < 2**32:

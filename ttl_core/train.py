@@ -28,11 +28,12 @@ from .attention import document_layout
 from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
                          read_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rank_rng_state,
                          verify_digests)
+from .choices import read_tasks, task_figures
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
-                          full_rng_states, init_world, load_optimizer_state, on_rank_0, set_gradient_sync, unwrap,
-                          wrap_model)
+                          full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0,
+                          set_gradient_sync, unwrap, wrap_model)
 from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
@@ -386,6 +387,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
     for name, path in evaluated.items() if train.eval_every else ():
         check_eval_split(path, run, world, eval_set=name if name in eval_sets else "")
+    tasks = read_tasks(train.eval_tasks, train.eval_task_limit, tokenizer, config.max_position_embeddings)
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
     with point_to_older_checkpoint(out_dir, resume_from):
@@ -455,8 +457,12 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
-                evals = eval_figures({name: evaluate(model, path, run, world, tokenizer.bos_id)
-                                      for name, path in evaluated.items()}, mixture)
+                # every rank scores every question (in eval mode: no dropout, no RNG drawn), so that FSDP's
+                # gathers run alike on all; rank 0 logs the figures, after the losses
+                with autocast(world.device, train.dtype), full_parameters(model) as whole:
+                    accuracies = task_figures(whole, tasks)
+                evals = {**eval_figures({name: evaluate(model, path, run, world, tokenizer.bos_id)
+                                         for name, path in evaluated.items()}, mixture), **accuracies}
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "

@@ -1,0 +1,122 @@
+"""Zero-shot multiple-choice accuracy during pretraining (train.eval_tasks): logged at each evaluation as
+`evaluate_questions` scores the saved checkpoint, with no effect on training (attention dropout on: scoring in
+training mode, or drawing from the RNG, would change every later step), alike on two processes, and refused in one
+line before any step when a task file cannot be scored."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from helpers import ROOT, run_script, run_torchrun
+from train_helpers import losses, prepared_corpus, run_config, set_arguments
+from ttl_core.choices import evaluate_questions, read_questions
+from ttl_core.errors import TTLError
+from ttl_core.hf import load_pretrained
+from ttl_core.metrics import read_metrics
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.train import train
+
+QUESTIONS = ROOT / "ttl_core" / "sample_data" / "escolhas_pt.jsonl"  # 32 questions of 4 choices
+LIMIT = 10
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """escolhas_pt.jsonl as 'escolhas', and its questions from the 11th on as 'outras' (other questions under the
+    limit)."""
+    tmp = tmp_path_factory.mktemp("tasks")
+    shutil.copy(QUESTIONS, tmp / "escolhas.jsonl")
+    lines = QUESTIONS.read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp / "outras.jsonl").write_text("".join(lines[LIMIT:]), encoding="utf-8")
+    return [tmp / "escolhas.jsonl", tmp / "outras.jsonl"]
+
+
+def task_setting(paths) -> str:
+    return "train.eval_tasks=[" + ",".join(f'"{path}"' for path in paths) + "]"
+
+
+def eval_records(run_dir) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
+
+
+def test_logged_accuracy_is_that_of_the_saved_checkpoint_and_training_stays_bit_for_bit_through_a_resume(
+        data_dir, tasks, tmp_path):
+    """6 steps with attention dropout, evaluated at steps 3 and 6: without tasks, with them, and with them for 3
+    steps then resumed: the same losses and eval_loss bit for bit; acc/NAME and acc_norm/NAME are
+    `evaluate_questions` of the first LIMIT questions with the checkpoint of that step, exactly."""
+    common = ("train.max_steps=6", "train.eval_every=3", "train.save_every=3", "model.attention_dropout=0.1")
+    with_tasks = run_config(*common, task_setting(tasks), f"train.eval_task_limit={LIMIT}")
+    train(run_config(*common), tmp_path / "plain", data_dir=str(data_dir))
+    train(with_tasks, tmp_path / "tasks", data_dir=str(data_dir))
+    train(with_tasks, tmp_path / "sliced", data_dir=str(data_dir), stop_after=3)
+    torch.manual_seed(12345)  # as in a new process
+    train(with_tasks, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
+    runs = ("plain", "tasks", "sliced")
+    assert losses(tmp_path / "plain") == losses(tmp_path / "tasks") == losses(tmp_path / "sliced")
+    assert len(losses(tmp_path / "plain")) == 6
+    evals = {run: eval_records(tmp_path / run) for run in runs}
+    assert [[r["eval_loss"] for r in evals[run]] for run in runs] == [[r["eval_loss"] for r in evals["plain"]]] * 3
+    assert evals["tasks"] == evals["sliced"]
+    assert [list(r) for r in evals["tasks"]] == [["step", "eval_loss", "eval_ppl", "acc/escolhas",
+                                                   "acc_norm/escolhas", "acc/outras", "acc_norm/outras"]] * 2
+    tokenizer = Tokenizer.from_pretrained(data_dir)
+    questions = {path.stem: read_questions(path)[:LIMIT] for path in tasks}
+    assert questions["escolhas"][0].context != questions["outras"][0].context
+    for record in evals["tasks"]:
+        model = load_pretrained(tmp_path / "tasks" / "checkpoints" / f"step-{record['step']:06d}", dtype=torch.float32)
+        for name, chosen in questions.items():
+            figures = evaluate_questions(model, tokenizer, chosen)
+            assert (record[f"acc/{name}"], record[f"acc_norm/{name}"]) == (figures["acc"], figures["acc_norm"])
+    print({run: [{k: v for k, v in r.items() if k.startswith("acc")} for r in evals[run]] for run in ("tasks",)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_log_the_accuracy_one_process_logs(data_dir, tasks, tmp_path, mode):
+    """Every rank scores every question (FSDP's gathers need all of them in each forward); the weights of the two
+    runs agree to float rounding, which leaves each question's choice alone."""
+    common = ["train.max_steps=2", "train.eval_every=2", "train.grad_accum_steps=2", task_setting(tasks),
+              f"train.eval_task_limit={LIMIT}"]
+    one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one",
+                     *set_arguments(*common, "train.micro_batch_size=4"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", tmp_path / "two",
+                       *set_arguments(*common, "train.micro_batch_size=2", f"train.distributed=\"{mode}\""))
+    assert two.returncode == 0, two.stderr[-3000:]
+    [a], [b] = eval_records(tmp_path / "one"), eval_records(tmp_path / "two")
+    accuracies = [key for key in a if key.startswith("acc")]
+    assert len(accuracies) == 4 and [a[key] for key in accuracies] == [b[key] for key in accuracies]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ('train.eval_tasks=["MISSING"]', r"^.*/missing.jsonl: no such file$"),
+    ('train.eval_tasks=["BAD"]', r"^.*/bad.jsonl:2: 'label' must be an integer in \[0, 2\) indexing 'choices', got 5$"),
+    ('train.eval_tasks=["ESCOLHAS", "CLASH"]',
+     r"^train.eval_tasks: .*/escolhas.jsonl and .*/clash/escolhas.jsonl are both named 'escolhas' \(a task's name is "
+     r"its file's stem, logged as acc/escolhas\); rename one$"),
+    ('train.eval_tasks=["EMPTY"]', r"^.*/empty.jsonl: no examples \(an empty file, or a header without rows\)$"),
+    ("train.eval_task_limit=-1", r"^train.eval_task_limit must be >= 0, got -1$"),
+    ('train.eval_tasks=[""]', r"^train.eval_tasks must list task files \(non-empty strings\), got \[''\]$"),
+])
+def test_task_files_that_cannot_be_scored_are_refused_in_one_line_before_any_step(data_dir, tasks, tmp_path, setting,
+                                                                                 message):
+    good = '{"context": "O céu é", "choices": ["azul", "verde"], "label": 0}\n'
+    (tmp_path / "bad.jsonl").write_text(good + good.replace('"label": 0', '"label": 5'), encoding="utf-8")
+    (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
+    (tmp_path / "clash").mkdir()
+    shutil.copy(QUESTIONS, tmp_path / "clash" / "escolhas.jsonl")
+    paths = {"MISSING": tmp_path / "missing.jsonl", "BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "empty.jsonl",
+             "ESCOLHAS": tasks[0], "CLASH": tmp_path / "clash" / "escolhas.jsonl"}
+    for name, path in paths.items():
+        setting = setting.replace(f'"{name}"', f'"{path}"')
+    with pytest.raises(TTLError, match=message) as e:
+        train(run_config("train.max_steps=1", setting), tmp_path / "run", data_dir=str(data_dir))
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
