@@ -91,3 +91,25 @@ def test_tensorboard_asked_for_but_missing_says_how_to_install_it(tmp_path, monk
     log.close()
     assert log.writer is None and read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.5}]
     assert "tensorboard is not installed (pip install tensorboard)" in capsys.readouterr().out
+
+
+def test_task_accuracies_are_drawn_on_axes_of_their_own_not_as_losses(tmp_path, monkeypatch):
+    """acc/NAME and acc_norm/NAME (train.eval_tasks) are fractions of questions, not losses: below the loss axes."""
+    import matplotlib.axes
+    drawn, draw = [], matplotlib.axes.Axes.plot
+
+    def plot(self, steps, values, *style, label, **kwargs):
+        drawn.append((self, label, list(values)))
+        return draw(self, steps, values, *style, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    write_records(tmp_path, {"step": 1, "loss": 3.0},
+                  {"step": 2, "eval_loss": 2.9, "eval_loss/wiki": 3.2, "acc/arc": 0.25, "acc_norm/arc": 0.5},
+                  {"step": 4, "eval_loss": 2.5, "eval_loss/wiki": 3.0, "acc/arc": 0.375, "acc_norm/arc": 0.625})
+    assert plot_metrics(tmp_path) == tmp_path / "loss.png"
+    by_axes = {}
+    for axes, label, values in drawn:
+        by_axes.setdefault(axes.get_ylabel(), []).append((label, values))
+    assert by_axes == {"cross-entropy (nats/token)": [("train loss", [3.0]), ("eval loss", [2.9, 2.5]),
+                                                      ("wiki", [3.2, 3.0])],
+                       "zero-shot accuracy": [("acc/arc", [0.25, 0.375]), ("acc_norm/arc", [0.5, 0.625])]}

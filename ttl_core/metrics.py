@@ -135,15 +135,18 @@ CLASSIFIER_LOSSES = {"eval_accuracy": "cross-entropy (nats/example)", "eval_pear
 def plot_metrics(run_dir: str | Path) -> Path | None:
     """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
     source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
-    evaluated, per example. Returns None (with a note) when matplotlib, an optional dependency
-    (`pip install ttl[plot]`), is missing."""
+    evaluated, per example; below them, on axes of their own, train.eval_tasks' acc/NAME and acc_norm/NAME. Returns
+    None (with a note) when matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
     records = read_metrics(path)
     train, evals = _curve(path, records, "loss"), _curve(path, records, "eval_loss")
-    sources = {key.removeprefix("eval_loss/"): _curve(path, records, key)  # a mixture's, in the records' order
-               for key in dict.fromkeys(key for r in records for key in r if key.startswith("eval_loss/"))}
+    named = list(dict.fromkeys(key for r in records for key in r))  # in the records' order
+    sources = {key.removeprefix("eval_loss/"): _curve(path, records, key)  # a mixture's or a data.eval set's
+               for key in named if key.startswith("eval_loss/")}
+    # train.eval_tasks' fractions of questions right: no loss, so on axes of their own
+    accuracies = {key: _curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
     if not train and not evals:
         logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)
         raise DataError(f"{path}: all {logged} loss values are NaN or infinite; nothing to plot" if logged
@@ -155,7 +158,17 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     except ImportError:
         print("note: matplotlib is not installed (pip install matplotlib); no loss plot written")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    if accuracies:
+        fig, (ax, acc_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+        for key, points in accuracies.items():
+            if points:
+                acc_ax.plot(*zip(*points), ".-", label=key, linewidth=1)
+        acc_ax.set_ylabel("zero-shot accuracy")
+        acc_ax.set_ylim(0, 1)
+        acc_ax.grid(alpha=0.3)
+        acc_ax.legend(fontsize="small")
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
@@ -163,7 +176,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     for name, points in sources.items():
         if points:
             ax.plot(*zip(*points), ".--", label=name, linewidth=1)
-    ax.set_xlabel("optimizer step")
+    fig.axes[-1].set_xlabel("optimizer step")
     ax.set_ylabel(next((label for r in records for key, label in CLASSIFIER_LOSSES.items() if key in r),
                        "cross-entropy (nats/token)"))
     ax.set_title(Path(run_dir).resolve().name)
