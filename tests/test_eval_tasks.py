@@ -75,15 +75,14 @@ def test_logged_accuracy_is_that_of_the_saved_checkpoint_and_training_stays_bit_
         for name, chosen in questions.items():
             figures = evaluate_questions(model, tokenizer, chosen)
             assert (record[f"acc/{name}"], record[f"acc_norm/{name}"]) == (figures["acc"], figures["acc_norm"])
-    print({run: [{k: v for k, v in r.items() if k.startswith("acc")} for r in evals[run]] for run in ("tasks",)})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_log_the_accuracy_one_process_logs(data_dir, tasks, tmp_path, mode):
-    """Every rank scores every question (FSDP's gathers need all of them in each forward); the weights of the two
-    runs agree to float rounding, which leaves each question's choice alone."""
-    common = ["train.max_steps=2", "train.eval_every=2", "train.grad_accum_steps=2", task_setting(tasks),
+    """Every rank scores every question (FSDP's gathers need all of them in each forward), and training goes on
+    after it; the weights of the two runs agree to float rounding, which leaves each question's choice alone."""
+    common = ["train.max_steps=3", "train.eval_every=2", "train.grad_accum_steps=2", task_setting(tasks),
               f"train.eval_task_limit={LIMIT}"]
     one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one",
                      *set_arguments(*common, "train.micro_batch_size=4"))
@@ -91,9 +90,11 @@ def test_two_processes_log_the_accuracy_one_process_logs(data_dir, tasks, tmp_pa
     two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", tmp_path / "two",
                        *set_arguments(*common, "train.micro_batch_size=2", f"train.distributed=\"{mode}\""))
     assert two.returncode == 0, two.stderr[-3000:]
-    [a], [b] = eval_records(tmp_path / "one"), eval_records(tmp_path / "two")
-    accuracies = [key for key in a if key.startswith("acc")]
-    assert len(accuracies) == 4 and [a[key] for key in accuracies] == [b[key] for key in accuracies]
+    one, two = eval_records(tmp_path / "one"), eval_records(tmp_path / "two")  # at steps 2 and 3: training went on
+    assert [r["step"] for r in two] == [2, 3] and len(losses(tmp_path / "two")) == 3
+    accuracies = [key for key in one[0] if key.startswith("acc")]
+    assert len(accuracies) == 4 and [[r[key] for key in accuracies] for r in one] == [[r[key] for key in accuracies]
+                                                                                      for r in two]
 
 
 @pytest.mark.parametrize("setting, message", [
