@@ -55,7 +55,8 @@ def read_questions(path: str | Path) -> list[Question]:
         where = f"{path}:{number}"
         missing = [key for key in ("context", "choices", "label") if key not in record]
         if missing:
-            raise DataError(f"{where}: no {', '.join(map(repr, missing))} field (fields: {', '.join(map(repr, record))})")
+            raise DataError(f"{where}: no {', '.join(map(repr, missing))} field "
+                            f"(fields: {', '.join(map(repr, record))})")
         context, choices, label = record["context"], record["choices"], record["label"]
         delimiter = record.get("target_delimiter", " ")
         for name, text in (("context", context), ("target_delimiter", delimiter)):
