@@ -158,7 +158,11 @@ def test_every_refusal_is_one_line(run_dir, tmp_path, capsys):
     out = ["--out", tmp_path / "avg"]
     assert "at least 2 checkpoints, got 1" in refusal(capsys, a, *out)
     assert "given twice" in refusal(capsys, a, b, a, *out)
-    assert "is one of the checkpoints averaged" in refusal(capsys, a, b, "--out", b, "--overwrite")
+    assert f"would replace {b}, one of the checkpoints averaged" in refusal(capsys, a, b, "--out", b, "--overwrite")
+    for holder in (run_dir, run_dir / "checkpoints"):  # --overwrite would delete the run with its checkpoints
+        assert f"{holder} would replace {b}, one of the checkpoints averaged" in \
+            refusal(capsys, run_dir, "--last", "2", "--out", holder, "--overwrite")
+    assert (c / "model.safetensors").exists() and (run_dir / "metrics.jsonl").exists()
     assert "non-negative, got [1.0, -1.0]" in refusal(capsys, a, b, "--weights", "1", "-1", *out)
     assert "finite and non-negative, got [1.0, nan]" in refusal(capsys, a, b, "--weights", "1", "nan", *out)
     assert "positive, finite sum, got [0.0, 0.0]" in refusal(capsys, a, b, "--weights", "0", "0", *out)

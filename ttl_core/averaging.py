@@ -63,8 +63,10 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the average is written to a directory")
-    if out.resolve() in {d.resolve() for d in dirs}:  # a run's checkpoint replaced by an average could not resume
-        raise ConfigError(f"{out} is one of the checkpoints averaged; write the average to another directory")
+    # replacing a checkpoint averaged, or a folder holding one (its run), would delete what is being read
+    held = next((d for d in dirs if out.resolve() in (d.resolve(), *d.resolve().parents)), None)
+    if held is not None:
+        raise ConfigError(f"{out} would replace {held}, one of the checkpoints averaged; write the average elsewhere")
     refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
     config, architecture = _same_model(dirs)
     newest = dirs[-1]
