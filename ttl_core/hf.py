@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -141,7 +141,7 @@ def _list_some(names: list[str], limit: int = 6) -> str:
 
 
 def check_against_plan(plan: Plan, params: dict[str, torch.Tensor], found: dict[str, tuple[Path, list[int]]],
-                       directory: Path, ignorable) -> None:
+                       directory: Path, ignorable: Callable[[str], bool]) -> None:
     """A CheckpointError naming the tensors `directory` lacks, holds beyond the plan (unless `ignorable`), or holds
     in another shape than `params` (ttl's, fused) want."""
     wanted = {key for pieces in plan.values() for key, _ in pieces}
