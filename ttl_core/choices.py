@@ -100,8 +100,11 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return context_ids, _encode(tokenizer, context + continuation)[len(context_ids):]
 
 
+Pairs = list[tuple[list[int], list[int]]]  # (context ids, continuation ids) per choice
+
+
 @torch.no_grad()
-def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: list[tuple[list[int], list[int]]],
+def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: Pairs,
                                 batch_size: int = 16, progress: bool = False) -> list[float]:
     """The summed log-likelihood (nats) of each pair's continuation ids given its context ids, `batch_size` pairs
     per forward pass (longest first, right-padded: causal attention keeps padding out of the scored positions)."""
@@ -155,9 +158,6 @@ def question_scores(question: Question, loglikelihoods: list[float]) -> dict[str
         normed = [ll / n for ll, n in zip(loglikelihoods, length)]
         scores[metric] = float(normed.index(max(normed)) == question.label)
     return scores
-
-
-Pairs = list[tuple[list[int], list[int]]]  # (context ids, continuation ids) per choice
 
 
 def encode_questions(tokenizer: Tokenizer, questions: list[Question], max_length: int) -> Pairs:
