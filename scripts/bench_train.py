@@ -85,7 +85,9 @@ def hf_step(config: LlamaConfig, train: TrainConfig, liger: bool,
     hf_config._attn_implementation = "sdpa"
     model = transformers.LlamaForCausalLM(hf_config).to(device).train()
     if train.optimizer == "muon":  # build_optimizer's AdamW over the parameters Muon does not take
-        rest = torch.nn.ParameterList(p for name, p in model.named_parameters() if not is_hf_projection(name))
+        # kept by name ('.' is no key for a module): train.no_decay exempts the norms by their names
+        rest = torch.nn.ParameterDict({name.replace(".", "/"): p for name, p in model.named_parameters()
+                                       if not is_hf_projection(name)})
         adamw = build_optimizer(rest, dataclasses.replace(train, optimizer="adamw"), device)
         optimizer = TorchMuonAndAdamW(model, train, adamw)
     else:

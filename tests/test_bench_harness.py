@@ -128,6 +128,17 @@ def test_transformers_muon_step_gives_muon_the_projections_and_adamw_the_rest():
     assert step(ids) > 0 and all(not torch.equal(b, p) for b, p in zip(before, (muon[0], adamw[0])))
 
 
+def test_transformers_muon_step_exempts_the_norms_from_weight_decay_as_ttl_does():
+    """hf-muon's AdamW groups transformers' norms by name, as "hf" and ttl's Muon run do (train.no_decay)."""
+    from ttl_core import LlamaConfig
+    from ttl_core.run_config import TrainConfig
+    config = LlamaConfig.from_preset("tiny", num_hidden_layers=2)
+    train = TrainConfig(seq_len=8, weight_decay=0.01, optimizer="muon")
+    _, optimizer = load_script("bench_train").hf_step(config, train, False, torch.device("cpu"))
+    exempt = [p for g in optimizer.adamw.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert len(exempt) == 2 * 2 + 1 and all(p.shape == (config.hidden_size,) for p in exempt)
+
+
 def test_timing_stays_within_its_budget():
     calls = []
 
