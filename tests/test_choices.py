@@ -19,7 +19,8 @@ from lora_helpers import saved_peft_adapter
 
 import ttl_core
 import ttl_core.choices
-from ttl_core.choices import Question, continuation_loglikelihoods, encode_pair, evaluate_questions, read_questions
+from ttl_core.choices import (Question, continuation_loglikelihoods, encode_pair, encode_questions, evaluate_questions,
+                              read_questions)
 from ttl_core.errors import DataError
 from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.tokenizer_train import train_tokenizer
@@ -109,6 +110,18 @@ def test_the_split_is_lm_evals_rule_written_with_transformers_tokenizer(checkpoi
         context_ids = lm_eval_encode(stripped)
         assert encode_pair(tokenizer, context, " dias") == (context_ids,
                                                             lm_eval_encode(stripped + continuation)[len(context_ids):])
+
+
+def test_an_empty_context_without_special_tokens_to_start_from_is_refused_in_one_line(checkpoint, tmp_path):
+    """lm-eval scores an empty context after its prefix token (<s>, else </s>); a tokenizer with neither has none."""
+    shutil.copytree(checkpoint, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None,
+                                                                          "eos_token": None}))
+    tokenizer = ttl_core.Tokenizer.from_pretrained(tmp_path / "model")
+    question = Question("tasks.jsonl:1", "", ["sim", "não"], 0)
+    with pytest.raises(DataError, match=r"^tasks.jsonl:1: choice 0 is \d+ tokens after a context of 0; need a context"):
+        encode_questions(tokenizer, [question], 32)
 
 
 def test_a_context_too_long_is_cut_from_the_left(checkpoint):

@@ -92,7 +92,8 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     if not context:
         ids = tokenizer.encode(continuation, add_bos=False, add_eos=False)
         prefix = _prefix_id(tokenizer)
-        return (ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix], ids)
+        # no context ids for a tokenizer with neither <s> nor </s>: nothing to score after, refused as such
+        return (ids[:1], ids[1:]) if ids and ids[0] == prefix else ([prefix] if prefix >= 0 else [], ids)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
