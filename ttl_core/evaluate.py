@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .data import read_meta, token_file
 from .errors import ConfigError, DataError
+from .metrics import perplexity
 from .model import LlamaForCausalLM
 from .train import model_inputs
 
@@ -39,10 +40,7 @@ class StreamLoss:
 
     @property
     def perplexity(self) -> float:
-        try:
-            return math.exp(self.loss)
-        except OverflowError:  # a loss past ~709 nats
-            return math.inf
+        return perplexity(self.loss)
 
 
 def split_tokens(data_dir: str | Path, split: str) -> tuple[np.ndarray, dict]:

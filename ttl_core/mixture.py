@@ -24,7 +24,7 @@ from .data import PackedLoader, fingerprint_tokenizer, read_meta
 from .distributed import World
 from .errors import ConfigError, DataError, is_integer
 from .metrics import perplexity
-from .run_config import RunConfig, TrainConfig
+from .run_config import RunConfig, TrainConfig, recorded_data_setting
 from .tokenizer import Tokenizer
 
 # a third word in the draws' seeds keeps them apart from the permutations', seeded [seed, epoch]
@@ -50,8 +50,7 @@ class Mixture:
 
 def recorded_mix(saved_run: Any) -> dict[str, Any]:
     """The data.mix a checkpoint's run trained on, from trainer_state.json's "config" ({} for one directory)."""
-    data = saved_run.get("data") if isinstance(saved_run, dict) else None
-    mix = data.get("mix") if isinstance(data, dict) else None
+    mix = recorded_data_setting(saved_run, "mix")
     return mix if isinstance(mix, dict) else {}
 
 

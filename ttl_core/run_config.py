@@ -330,11 +330,16 @@ def resumed_model_settings(run: RunConfig, saved: Any) -> dict[str, Any]:
     return {**model, **run.model} if isinstance(model, dict) else dict(run.model)
 
 
-def recorded_data_path(saved: Any) -> str | None:
-    """The data directory a checkpoint's run trained on, from trainer_state.json's "config"; None where it is not
-    recorded: the run's own RUN/data (the bundled corpus), or a checkpoint written before --data was recorded."""
+def recorded_data_setting(saved: Any, key: str) -> Any:
+    """`[data]`'s `key` as a checkpoint's run recorded it (trainer_state.json's "config"), or None."""
     data = saved.get("data") if isinstance(saved, dict) else None
-    path = data.get("path") if isinstance(data, dict) else None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def recorded_data_path(saved: Any) -> str | None:
+    """The data directory a checkpoint's run trained on; None where it is not recorded: the run's own RUN/data (the
+    bundled corpus), or a checkpoint written before --data was recorded."""
+    path = recorded_data_setting(saved, "path")
     return path if isinstance(path, str) and path else None
 
 
