@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 PADDING = {"longest": "longest", "max_length": "max_length", "do_not_pad": None}
 TRUNCATION = {"longest_first": True, "only_first": True, "do_not_truncate": False}  # one text: both strategies agree
+# where transformers warns the same (in its own words)
+MAX_LENGTH_IGNORED = ("tokenizer(): max_length does nothing here: padding=True pads to the longest text and nothing "
+                      "truncates (padding='max_length' pads to it, truncation=True cuts to it)")
 # transformers' other options, accepted at the value that asks for nothing (None, False, 0)
 OFF_ONLY = ("text_pair", "text_target", "text_pair_target", "stride", "is_split_into_words", "pad_to_multiple_of",
             "return_token_type_ids", "return_overflowing_tokens", "return_special_tokens_mask",
@@ -143,8 +146,7 @@ def _strategies(tokenizer: Tokenizer, padding: Any, truncation: Any, max_length:
     if cut is None:  # as in transformers, max_length alone truncates
         cut = padding is False and max_length is not None
     if padding is True and max_length is not None and not cut and verbose:
-        warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
-                      "To pad to max length, use `padding='max_length'`.", stacklevel=3)
+        warnings.warn(MAX_LENGTH_IGNORED, stacklevel=3)
     if max_length is None:  # the model's length, where there is one, else neither pad to it nor cut
         max_length = tokenizer.model_max_length
         if max_length is None:
