@@ -201,8 +201,6 @@ def test_a_run_resumed_before_its_first_update_is_the_uninterrupted_one(tmp_path
     ("train.muon_ns_steps=0", r"train.muon_ns_steps must be in \[1, 100\), got 0"),
     ("train.muon_ns_steps=100", r"train.muon_ns_steps must be in \[1, 100\), got 100"),
     ("train.muon_nesterov=1", "train.muon_nesterov must be true or false, got 1"),
-    ("train.distributed=\"fsdp\"", "train.optimizer = \"muon\" needs whole matrices, which FSDP shards: use "
-                                   "train.distributed = \"ddp\""),
 ])
 def test_bad_muon_options_are_named_in_one_line(override, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):

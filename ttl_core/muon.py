@@ -5,7 +5,12 @@ saves one state dict.
 ttl fuses projections (q, k, v into `qkv`; gate, up into `gate_up`), and orthogonalising the fused matrix is not
 Muon on each projection: each group of Muon parameters names the `rows` of its pieces, and each piece is
 orthogonalised alone and scaled for its own shape, as `torch.optim.Muon` treats transformers' separate q_proj,
-k_proj, ... The momentum and the weight decay are elementwise, so they act on the fused tensor whole."""
+k_proj, ... The momentum and the weight decay are elementwise, so they act on the fused tensor whole.
+
+Under FSDP2 a parameter, its gradient and its momentum are DTensors of which each process holds a block of rows:
+the momentum and the weight decay stay on the blocks, the update is gathered whole for Newton-Schulz, and each
+process orthogonalises the pieces it holds rows of (the same bfloat16 iteration of the same matrix as one process
+would run) and adds their rows to its block."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import math
 from typing import Any, Callable
 
 import torch
+from torch.distributed.tensor import DTensor, Shard
 
 # the quintic Newton-Schulz iteration's coefficients and the floor of the norm it starts from (Keller Jordan's,
 # and torch.optim.Muon's defaults)
@@ -81,6 +87,25 @@ class MuonAndAdamW(torch.optim.Optimizer):
         momentum = state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
         update = grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
         param.mul_(1 - group["lr"] * group["weight_decay"])
-        for piece, piece_update in zip(param.split(group["rows"]), update.split(group["rows"])):
-            piece.add_(orthogonalized(piece_update, group["ns_steps"]),
-                       alpha=-adjusted_lr(group["lr"], group["adjust_lr"], piece.shape))
+        whole = update.full_tensor() if isinstance(update, DTensor) else update  # a collective: every rank calls it
+        block, first = owned_rows(param)
+        start = 0
+        for rows in group["rows"]:
+            piece = whole[start:start + rows]
+            low, high = max(start, first), min(start + rows, first + block.shape[0])
+            if low < high:  # a piece with none of this process's rows is the other processes' to orthogonalise
+                block[low - first:high - first].add_(orthogonalized(piece, group["ns_steps"])[low - start:high - start],
+                                                     alpha=-adjusted_lr(group["lr"], group["adjust_lr"], piece.shape))
+            start += rows
+
+
+def owned_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows of `param` this process updates and the index of the first: all of them from 0, or under FSDP2 (a
+    DTensor sharded on dim 0, cut as torch.chunk cuts it: blocks of ceil(rows / processes) rows, the last ones
+    shorter or empty) its own block."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"Muon needs parameters sharded on dim 0 alone, got placements {param.placements}")
+    rows_per_block = -(-param.shape[0] // param.device_mesh.size())
+    return param.to_local(), min(param.device_mesh.get_local_rank() * rows_per_block, param.shape[0])

@@ -277,9 +277,6 @@ def validate_optimizer(t: TrainConfig) -> None:
         raise ConfigError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
     if not 1 <= t.muon_ns_steps < 100:  # torch.optim.Muon's range
         raise ConfigError(f"train.muon_ns_steps must be in [1, 100), got {t.muon_ns_steps}")
-    if t.optimizer == "muon" and t.distributed == "fsdp":
-        raise ConfigError("train.optimizer = \"muon\" needs whole matrices, which FSDP shards: use "
-                          "train.distributed = \"ddp\"")
 
 
 def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> None:
