@@ -6,6 +6,7 @@ over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ COMMON = ["train.optimizer=\"muon\"", "train.max_steps=4", "train.grad_accum_ste
 ONE, TWO = [*COMMON, "train.micro_batch_size=4"], [*COMMON, "train.micro_batch_size=2"]
 
 
-def torchrun_pretrain(data, out, mode: str, resume: bool = False) -> None:
+def torchrun_pretrain(data: Path, out: Path, mode: str, resume: bool = False) -> None:
     done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data, "--out", out, *(["--resume"] * resume),
                         *set_arguments(*TWO, f"train.distributed=\"{mode}\""))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,7 +79,8 @@ def torchrun_pretrain(data, out, mode: str, resume: bool = False) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The data, and the runs of one process and of two under FSDP and under DDP, with the same global batch."""
+    """The data (in "prepared") and the runs of one process and of two under FSDP and under DDP, with the same global
+    batch."""
     tmp = tmp_path_factory.mktemp("runs")
     data = prepared_corpus(tmp)
     train(run_config(*ONE), tmp / "one", data_dir=str(data))
@@ -87,11 +89,11 @@ def runs(tmp_path_factory):
     return tmp
 
 
-def checkpoint(run, step: int):
+def checkpoint(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:06d}"
 
 
-def same_weights(a, b) -> bool:
+def same_weights(a: Path, b: Path) -> bool:
     a, b = (load_pretrained(path).state_dict() for path in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
@@ -110,14 +112,14 @@ def test_fsdp_muon_runs_as_ddp_to_the_bit_and_as_one_process_to_float_rounding(r
     assert losses(runs / "fsdp") == losses(runs / "ddp") and len(losses(runs / "fsdp")) == 4
     assert same_weights(checkpoint(runs / "fsdp", 4), checkpoint(runs / "ddp", 4))
     states = [load_optimizer_file(checkpoint(runs / mode, 2))["optimizer"]["state"] for mode in ("fsdp", "ddp")]
-    momentum = {name: state["momentum_buffer"] for name, state in states[0].items() if "momentum_buffer" in state}
-    assert len(momentum) == 4 * 2 and states[0].keys() == states[1].keys()  # qkv, out, gate_up, down in 2 layers
+    assert sum("momentum_buffer" in state for state in states[0].values()) == 4 * 2  # qkv, out, gate_up, down: 2 layers
+    assert states[0].keys() == states[1].keys()
     assert all(torch.equal(value, states[1][name][key]) for name, state in states[0].items()
                for key, value in state.items())
     assert relative_difference(losses(runs / "fsdp"), losses(runs / "one")) <= 1e-5
 
 
-def resumed_from(source, run) -> None:
+def resumed_from(source: Path, run: Path) -> None:
     """`run` holds `source`'s step-2 checkpoint alone, to resume from."""
     shutil.copytree(checkpoint(source, 2), checkpoint(run, 2))
 
@@ -125,7 +127,7 @@ def resumed_from(source, run) -> None:
 @pytest.mark.slow
 def test_a_sharded_muon_run_resumes_bit_for_bit(runs, tmp_path):
     resumed_from(runs / "fsdp", tmp_path / "resumed")
-    torchrun_pretrain(prepared_corpus(tmp_path), tmp_path / "resumed", "fsdp", resume=True)
+    torchrun_pretrain(runs / "prepared", tmp_path / "resumed", "fsdp", resume=True)
     assert losses(tmp_path / "resumed") == losses(runs / "fsdp")[2:]
     assert same_weights(checkpoint(tmp_path / "resumed", 4), checkpoint(runs / "fsdp", 4))
 
@@ -135,7 +137,7 @@ def test_muon_checkpoints_resume_across_fsdp_and_one_process(runs, tmp_path):
     """FSDP's step-2 checkpoint in one process and one process's under FSDP: steps 3 and 4 as the run it continues
     to float rounding (the ranks' sums added in another order), momentum buffers included (lost, the fourth loss
     is 1.9e-4 away). DDP's checkpoint is FSDP's to the bit (the test above)."""
-    data = prepared_corpus(tmp_path)
+    data = runs / "prepared"
     resumed_from(runs / "fsdp", tmp_path / "one")
     train(run_config(*ONE), tmp_path / "one", data_dir=str(data), resume=True)
     resumed_from(runs / "one", tmp_path / "fsdp")
