@@ -4,6 +4,7 @@ checkpoints' rounded once to the output dtype, and every input it cannot average
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from ttl_core import load_pretrained
 from ttl_core.averaging import RECORD, average_checkpoints
 from ttl_core.cli import run_cli
 from ttl_core.evaluate import split_tokens, stream_loss
+from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.hf import save_native, save_pretrained
+from ttl_core.tokenizer_train import train_tokenizer
 from ttl_core.train import train
 
 
@@ -209,6 +212,12 @@ def test_other_tensors_and_damaged_checkpoints_are_refused_in_one_line(run_dir, 
     data[-100] ^= 0x40  # a weight's byte: the header still reads
     (flipped / "model.safetensors").write_bytes(bytes(data))
     assert "model.safetensors: damaged since it was saved" in refusal(capsys, a, flipped, *out)
+    # the same vocabulary size, other tokens: the embedding rows averaged would be different tokens'
+    other = shutil.copytree(b, tmp_path / "other")
+    texts = [SAMPLE_DATA / name for name in ("cronicas.txt", "noticias.txt", "ciencia.txt")]
+    assert train_tokenizer(texts, other / "tokenizer.model", vocab_size=400).vocab_size == 400
+    assert re.fullmatch(re.escape(f"error: {a} and {other} have different tokenizers: token ") +
+                        r"\d+ is '.+' in the first, '.+' in the second", refusal(capsys, a, other, *out))
     cut = shutil.copytree(b, tmp_path / "cut")
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
     assert "corrupt or truncated safetensors file" in refusal(capsys, a, cut, *out)
