@@ -222,3 +222,19 @@ def test_other_tensors_and_damaged_checkpoints_are_refused_in_one_line(run_dir, 
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
     assert "corrupt or truncated safetensors file" in refusal(capsys, a, cut, *out)
     assert not (tmp_path / "avg").exists()
+
+
+def test_an_average_that_is_not_finite_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    """A mean past the output dtype's range (float16's 65504) would be written as inf, and a checkpoint holding
+    NaN (a diverged one) would average to NaN: both are refused naming the tensor, and nothing is written."""
+    a, b = steps(run_dir, 3, 4)
+    out = ["--out", tmp_path / "avg"]
+    big = edited_copy(b, tmp_path / "big", lambda t: {**t, "model.norm.weight": t["model.norm.weight"] + 1e6})
+    assert "tensor model.norm.weight: its average overflows float16 (largest finite value 65504)" in \
+        refusal(capsys, a, big, "--dtype", "float16", *out)
+    assert load_script("average_checkpoints").main([str(a), str(big), "--out", str(tmp_path / "wide")]) == 0
+    assert stored(tmp_path / "wide")["model.norm.weight"].isfinite().all()  # float32 holds it
+    nan = edited_copy(b, tmp_path / "nan", lambda t: {**t, "model.norm.weight": t["model.norm.weight"].index_fill(
+        0, torch.tensor([5]), float("nan"))})
+    assert "tensor model.norm.weight: a checkpoint holds NaN or infinity in it" in refusal(capsys, a, nan, *out)
+    assert not (tmp_path / "avg").exists()

@@ -90,13 +90,20 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     embed_key = plan["backbone.embed.weight"][0][0]
     with safe_open(found[embed_key][0], framework="pt") as f:
         out_dtype = resolve_dtype(dtype) or SAFETENSORS_DTYPES[f.get_slice(embed_key).get_dtype()]
+    dtype_name = str(out_dtype).removeprefix("torch.")
 
     def mean(key: str) -> torch.Tensor:
         total = torch.zeros(found[key][1], dtype=torch.float64)
         for stored, weight in zip(founds, weights):
             with safe_open(stored[key][0], framework="pt") as f:
                 total.add_(f.get_tensor(key).double(), alpha=weight)
-        return (total / sum(weights)).to(out_dtype)
+        averaged = (total / sum(weights)).to(out_dtype)
+        if not bool(averaged.isfinite().all()):  # written as it is, a model of inf or NaN weights
+            if not bool(total.isfinite().all()):
+                raise CheckpointError(f"tensor {key}: a checkpoint holds NaN or infinity in it; average finite ones")
+            raise CheckpointError(f"tensor {key}: its average overflows {dtype_name} (largest finite value "
+                                  f"{torch.finfo(out_dtype).max:g}); pass a wider --dtype")
+        return averaged
 
     # fused ttl parameters (q/k/v, gate/up) are built from their averaged pieces one at a time
     state_dict = {name: torch.cat([mean(key) for key, _ in pieces]) for name, pieces in plan.items()}
@@ -106,7 +113,7 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     def write(partial: Path) -> None:
         save_pretrained(model, partial, dtype=out_dtype, tokenizer=tokenizer, state_dict=state_dict)
         write_json(partial / RECORD, {"checkpoints": [str(d.resolve()) for d in dirs], "weights": weights,
-                                      "accumulation": "float64", "dtype": str(out_dtype).removeprefix("torch.")})
+                                      "accumulation": "float64", "dtype": dtype_name})
 
     return write_dir_atomically(out, write)
 
