@@ -156,9 +156,15 @@ def refusal(capsys, *argv: str) -> str:
     return errors[0]
 
 
-def test_every_refusal_is_one_line(run_dir, tmp_path, capsys):
+def test_every_refusal_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
     a, b, c = steps(run_dir, 2, 3, 4)
     out = ["--out", tmp_path / "avg"]
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # an empty folder, which --out . would have replaced from under the shell
+    for where in (".", ""):
+        assert "'.' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", where)
+    assert "'..' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", "..")
+    monkeypatch.undo()
     assert "at least 2 checkpoints, got 1" in refusal(capsys, a, *out)
     assert "given twice" in refusal(capsys, a, b, a, *out)
     assert f"would replace {b}, one of the checkpoints averaged" in refusal(capsys, a, b, "--out", b, "--overwrite")

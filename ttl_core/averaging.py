@@ -63,6 +63,9 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the average is written to a directory")
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):  # replaced whole, it would go from under the shell
+        raise ConfigError(f"{str(out)!r} is the working directory or a folder holding it; write the average to a "
+                          "directory of its own")
     # replacing a checkpoint averaged, or a folder holding one (its run), would delete what is being read
     held = next((d for d in dirs if out.resolve() in (d.resolve(), *d.resolve().parents)), None)
     if held is not None:
