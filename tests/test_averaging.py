@@ -4,6 +4,7 @@ checkpoints' rounded once to the output dtype, and every input it cannot average
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from ttl_core import load_pretrained
 from ttl_core.averaging import RECORD, average_checkpoints
 from ttl_core.cli import run_cli
 from ttl_core.evaluate import split_tokens, stream_loss
+from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.hf import save_native, save_pretrained
+from ttl_core.tokenizer_train import train_tokenizer
 from ttl_core.train import train
 
 
@@ -153,9 +156,15 @@ def refusal(capsys, *argv: str) -> str:
     return errors[0]
 
 
-def test_every_refusal_is_one_line(run_dir, tmp_path, capsys):
+def test_every_refusal_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
     a, b, c = steps(run_dir, 2, 3, 4)
     out = ["--out", tmp_path / "avg"]
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # an empty folder, which --out . would have replaced from under the shell
+    for where in (".", ""):
+        assert "'.' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", where)
+    assert "'..' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", "..")
+    monkeypatch.undo()
     assert "at least 2 checkpoints, got 1" in refusal(capsys, a, *out)
     assert "given twice" in refusal(capsys, a, b, a, *out)
     assert f"would replace {b}, one of the checkpoints averaged" in refusal(capsys, a, b, "--out", b, "--overwrite")
@@ -209,7 +218,29 @@ def test_other_tensors_and_damaged_checkpoints_are_refused_in_one_line(run_dir, 
     data[-100] ^= 0x40  # a weight's byte: the header still reads
     (flipped / "model.safetensors").write_bytes(bytes(data))
     assert "model.safetensors: damaged since it was saved" in refusal(capsys, a, flipped, *out)
+    # the same vocabulary size, other tokens: the embedding rows averaged would be different tokens'
+    other = shutil.copytree(b, tmp_path / "other")
+    texts = [SAMPLE_DATA / name for name in ("cronicas.txt", "noticias.txt", "ciencia.txt")]
+    assert train_tokenizer(texts, other / "tokenizer.model", vocab_size=400).vocab_size == 400
+    assert re.fullmatch(re.escape(f"error: {a} and {other} have different tokenizers: token ") +
+                        r"\d+ is '.+' in the first, '.+' in the second", refusal(capsys, a, other, *out))
     cut = shutil.copytree(b, tmp_path / "cut")
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
     assert "corrupt or truncated safetensors file" in refusal(capsys, a, cut, *out)
+    assert not (tmp_path / "avg").exists()
+
+
+def test_an_average_that_is_not_finite_is_refused_in_one_line(run_dir, tmp_path, capsys):
+    """A mean past the output dtype's range (float16's 65504) would be written as inf, and a checkpoint holding
+    NaN (a diverged one) would average to NaN: both are refused naming the tensor, and nothing is written."""
+    a, b = steps(run_dir, 3, 4)
+    out = ["--out", tmp_path / "avg"]
+    big = edited_copy(b, tmp_path / "big", lambda t: {**t, "model.norm.weight": t["model.norm.weight"] + 1e6})
+    assert "tensor model.norm.weight: its average overflows float16 (largest finite value 65504)" in \
+        refusal(capsys, a, big, "--dtype", "float16", *out)
+    assert load_script("average_checkpoints").main([str(a), str(big), "--out", str(tmp_path / "wide")]) == 0
+    assert stored(tmp_path / "wide")["model.norm.weight"].isfinite().all()  # float32 holds it
+    nan = edited_copy(b, tmp_path / "nan", lambda t: {**t, "model.norm.weight": t["model.norm.weight"].index_fill(
+        0, torch.tensor([5]), float("nan"))})
+    assert "tensor model.norm.weight: a checkpoint holds NaN or infinity in it" in refusal(capsys, a, nan, *out)
     assert not (tmp_path / "avg").exists()

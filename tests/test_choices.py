@@ -73,6 +73,15 @@ def test_loglikelihoods_are_transformers_full_forward_batched_or_not(checkpoint)
     assert max(abs(b - u) for b, u in zip(batched, unbatched)) <= 1e-5
 
 
+def test_a_float64_model_is_scored_in_float64(checkpoint):
+    """`--dtype float64` scores to float64 precision (a float32 log-softmax would leave errors of 1e-6 nats)."""
+    hf = transformers.LlamaForCausalLM.from_pretrained(checkpoint).double().eval()
+    model = ttl_core.load_pretrained(checkpoint, dtype="float64")
+    pairs = sample_pairs(ttl_core.Tokenizer.from_pretrained(checkpoint))
+    want = [reference_loglikelihood(hf, *pair) for pair in pairs]
+    assert max(abs(g - w) for g, w in zip(continuation_loglikelihoods(model, pairs), want)) <= 1e-10
+
+
 def test_trailing_spaces_of_the_context_move_to_the_continuation_and_the_joined_text_is_split(checkpoint):
     tokenizer = ttl_core.Tokenizer.from_pretrained(checkpoint)
     for spaces in ("", " ", "  "):

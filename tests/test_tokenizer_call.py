@@ -177,6 +177,18 @@ def test_bad_calls_are_refused_in_one_line(args, kwargs, message, tmp_path):
         ours("a", add_special_tokens="yes")  # transformers reads any value as true or false
 
 
+def test_max_length_may_be_a_numpy_integer_or_a_0d_tensor_as_in_transformers(tmp_path):
+    """A length computed with NumPy or torch (`np.max(lengths)`) is a length, not "not an integer"."""
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=True))
+    texts = ["a casa de pão", "não", "o menino foi para a escola"]
+    for length in (np.int64(4), np.int32(6), torch.tensor(5)):
+        for kwargs in ({"truncation": True}, {"padding": "max_length", "truncation": True, "return_tensors": "pt"}):
+            assert_same(ours(texts, max_length=length, **kwargs), dict(theirs(texts, max_length=length, **kwargs)))
+    for length in (np.float64(4.0), torch.tensor([4])):
+        with pytest.raises(TokenizerError, match="max_length must be a non-negative integer or None"):
+            ours(texts, max_length=length, truncation=True)
+
+
 def test_padding_without_a_pad_token_is_refused_as_transformers_refuses_it(tmp_path):
     ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False, pad_token=None))
     assert ours.pad_id == -1 and theirs.pad_token is None

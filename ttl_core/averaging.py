@@ -54,21 +54,25 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
                         weights: Sequence[float] | None = None, dtype: torch.dtype | str | None = None,
                         overwrite: bool = False) -> Path:
     """Write to `out` the checkpoint whose every tensor is the mean of the `dirs` checkpoints' (HF or ttl-native
-    layout, one architecture and config), weighted by `weights` (default equal; normalized by their sum), in
-    `dtype` (default: the stored dtype of the last checkpoint's embedding). The last of `dirs` counts as the
-    newest: its tokenizer and generation_config.json go with the average. An existing `out` is replaced, whole,
-    only with `overwrite`."""
+    layout, one architecture, config and tokenizer vocabulary), weighted by `weights` (default equal; normalized
+    by their sum), in `dtype` (default: the stored dtype of the last checkpoint's embedding). The last of `dirs`
+    counts as the newest: its tokenizer and generation_config.json go with the average. An existing `out` is
+    replaced, whole, only with `overwrite`."""
     dirs = [Path(d) for d in dirs]
     weights = _checked_weights(weights, len(dirs))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the average is written to a directory")
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):  # replaced whole, it would go from under the shell
+        raise ConfigError(f"{str(out)!r} is the working directory or a folder holding it; write the average to a "
+                          "directory of its own")
     # replacing a checkpoint averaged, or a folder holding one (its run), would delete what is being read
     held = next((d for d in dirs if out.resolve() in (d.resolve(), *d.resolve().parents)), None)
     if held is not None:
         raise ConfigError(f"{out} would replace {held}, one of the checkpoints averaged; write the average elsewhere")
     refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
     config, architecture = _same_model(dirs)
+    tokenizer = _same_vocabulary(dirs)
     newest = dirs[-1]
     # the files are opened again for each tensor: a file kept mapped would keep every page read resident, K models
     founds = [stored_tensors(d)[1] for d in dirs]
@@ -89,25 +93,30 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     embed_key = plan["backbone.embed.weight"][0][0]
     with safe_open(found[embed_key][0], framework="pt") as f:
         out_dtype = resolve_dtype(dtype) or SAFETENSORS_DTYPES[f.get_slice(embed_key).get_dtype()]
+    dtype_name = str(out_dtype).removeprefix("torch.")
 
     def mean(key: str) -> torch.Tensor:
         total = torch.zeros(found[key][1], dtype=torch.float64)
         for stored, weight in zip(founds, weights):
             with safe_open(stored[key][0], framework="pt") as f:
                 total.add_(f.get_tensor(key).double(), alpha=weight)
-        return (total / sum(weights)).to(out_dtype)
+        averaged = (total / sum(weights)).to(out_dtype)
+        if not bool(averaged.isfinite().all()):  # written as it is, a model of inf or NaN weights
+            if not bool(total.isfinite().all()):
+                raise CheckpointError(f"tensor {key}: a checkpoint holds NaN or infinity in it; average finite ones")
+            raise CheckpointError(f"tensor {key}: its average overflows {dtype_name} (largest finite value "
+                                  f"{torch.finfo(out_dtype).max:g}); pass a wider --dtype")
+        return averaged
 
     # fused ttl parameters (q/k/v, gate/up) are built from their averaged pieces one at a time
     state_dict = {name: torch.cat([mean(key) for key, _ in pieces]) for name, pieces in plan.items()}
     if (newest / GENERATION_CONFIG).is_file():
         model.generation_config = read_json(newest / GENERATION_CONFIG, CheckpointError)
-    has_tokenizer = any((newest / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
-    tokenizer = Tokenizer.from_pretrained(newest) if has_tokenizer else None
 
     def write(partial: Path) -> None:
         save_pretrained(model, partial, dtype=out_dtype, tokenizer=tokenizer, state_dict=state_dict)
         write_json(partial / RECORD, {"checkpoints": [str(d.resolve()) for d in dirs], "weights": weights,
-                                      "accumulation": "float64", "dtype": str(out_dtype).removeprefix("torch.")})
+                                      "accumulation": "float64", "dtype": dtype_name})
 
     return write_dir_atomically(out, write)
 
@@ -151,6 +160,24 @@ def _same_model(dirs: list[Path]) -> tuple[LlamaConfig, str]:
             raise CheckpointError(f"{dirs[0]} and {d} are different models: {differing} is {first[differing]!r} in "
                                   f"the first, {description[differing]!r} in the second")
     return config, architecture
+
+
+def _same_vocabulary(dirs: list[Path]) -> Tokenizer | None:
+    """The newest checkpoint's tokenizer (None where it has none); a checkpoint whose tokenizer gives some id
+    another token than the first tokenizer found does is a CheckpointError: the embedding rows averaged would
+    belong to different tokens."""
+    carried = {d: Tokenizer.from_pretrained(d) for d in dirs
+               if any((d / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))}
+    vocabularies = {d: [t.id_to_token(i) for i in range(t.vocab_size)] for d, t in carried.items()}
+    first = next(iter(vocabularies), None)
+    for d, tokens in vocabularies.items():
+        expected = vocabularies[first]
+        if tokens != expected:
+            i = next((i for i, (a, b) in enumerate(zip(expected, tokens)) if a != b), None)
+            difference = (f"{len(expected)} tokens in the first, {len(tokens)} in the second" if i is None else
+                          f"token {i} is {expected[i]!r} in the first, {tokens[i]!r} in the second")
+            raise CheckpointError(f"{first} and {d} have different tokenizers: {difference}")
+    return carried.get(dirs[-1])
 
 
 def _check_undamaged(checkpoint: Path) -> None:

@@ -130,7 +130,9 @@ def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: Pairs,
             hidden = model.backbone(ids.to(device)).last_hidden_state
             # only the continuations' positions go through the head: (batch, seq, vocab) logits are never built
             logits = model.lm_head(hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)])
-            token_scores = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])
+            # bfloat16 / float16 logits are scored in float32, float64 ones in float64 (--dtype float64)
+            scored = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            token_scores = scored.log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])
             sums = torch.zeros(len(group), dtype=torch.float64, device=device)
             sums.index_add_(0, torch.tensor(rows, device=device), token_scores[:, 0].double())
             for i, total in zip(group, sums.tolist()):

@@ -126,6 +126,8 @@ def _strategies(tokenizer: Tokenizer, padding: Any, truncation: Any, max_length:
                 verbose: bool) -> tuple[str | None, bool, int | None]:
     """(padding: None, "longest" or "max_length"; whether to truncate; the length for either), read from the call's
     settings as transformers reads them."""
+    if hasattr(max_length, "tolist"):  # a NumPy integer or a 0-d tensor, as transformers takes them
+        max_length = max_length.tolist()
     if max_length is not None and not (is_integer(max_length) and max_length >= 0):
         raise TokenizerError(f"max_length must be a non-negative integer or None, got {max_length!r}")
     if isinstance(padding, bool):
