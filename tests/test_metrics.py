@@ -93,8 +93,10 @@ def test_tensorboard_asked_for_but_missing_says_how_to_install_it(tmp_path, monk
     assert "tensorboard is not installed (pip install tensorboard)" in capsys.readouterr().out
 
 
-def test_task_accuracies_are_drawn_on_axes_of_their_own_not_as_losses(tmp_path, monkeypatch):
-    """acc/NAME and acc_norm/NAME (train.eval_tasks) are fractions of questions, not losses: below the loss axes."""
+@pytest.fixture
+def drawn_by_axes(monkeypatch):
+    """The (label, values) of each curve drawn since the last call, by the y label of the axes it is on, and the y
+    scale of each of those axes."""
     import matplotlib.axes
     drawn, draw = [], matplotlib.axes.Axes.plot
 
@@ -103,13 +105,41 @@ def test_task_accuracies_are_drawn_on_axes_of_their_own_not_as_losses(tmp_path, 
         return draw(self, steps, values, *style, label=label, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+
+    def by_axes():
+        curves, scales = {}, {}
+        for axes, label, values in drawn:
+            curves.setdefault(axes.get_ylabel(), []).append((label, values))
+            scales[axes.get_ylabel()] = axes.get_yscale()
+        drawn.clear()
+        return curves, scales
+    return by_axes
+
+
+def test_task_accuracies_are_drawn_on_axes_of_their_own_not_as_losses(tmp_path, drawn_by_axes):
+    """acc/NAME and acc_norm/NAME (train.eval_tasks) are fractions of questions, not losses: below the loss axes."""
     write_records(tmp_path, {"step": 1, "loss": 3.0},
                   {"step": 2, "eval_loss": 2.9, "eval_loss/wiki": 3.2, "acc/arc": 0.25, "acc_norm/arc": 0.5},
                   {"step": 4, "eval_loss": 2.5, "eval_loss/wiki": 3.0, "acc/arc": 0.375, "acc_norm/arc": 0.625})
     assert plot_metrics(tmp_path) == tmp_path / "loss.png"
-    by_axes = {}
-    for axes, label, values in drawn:
-        by_axes.setdefault(axes.get_ylabel(), []).append((label, values))
-    assert by_axes == {"cross-entropy (nats/token)": [("train loss", [3.0]), ("eval loss", [2.9, 2.5]),
-                                                      ("wiki", [3.2, 3.0])],
-                       "zero-shot accuracy": [("acc/arc", [0.25, 0.375]), ("acc_norm/arc", [0.5, 0.625])]}
+    assert drawn_by_axes()[0] == {"cross-entropy (nats/token)": [("train loss", [3.0]), ("eval loss", [2.9, 2.5]),
+                                                                 ("wiki", [3.2, 3.0])],
+                                  "zero-shot accuracy": [("acc/arc", [0.25, 0.375]), ("acc_norm/arc", [0.5, 0.625])]}
+
+
+def test_gradient_norms_by_part_are_drawn_with_grad_norm_on_log_axes_of_their_own(tmp_path, drawn_by_axes):
+    """train.log_grad_norms' grad_norm/PART, labelled PART, with the grad_norm they make up, below the losses and the
+    accuracies (a NaN left out); grad_norm alone, as every run logs it, is drawn nowhere."""
+    write_records(tmp_path, {"step": 1, "loss": 3.0, "grad_norm": 2.0, "grad_norm/embed": 1.2,
+                             "grad_norm/layers.0": 1.6},
+                  {"step": 2, "eval_loss": 2.9, "acc/arc": 0.25},
+                  {"step": 2, "loss": 2.5, "grad_norm": 5.0, "grad_norm/embed": 3.0, "grad_norm/layers.0": math.nan})
+    assert plot_metrics(tmp_path) == tmp_path / "loss.png"
+    curves, scales = drawn_by_axes()
+    assert curves == {"cross-entropy (nats/token)": [("train loss", [3.0, 2.5]), ("eval loss", [2.9])],
+                      "zero-shot accuracy": [("acc/arc", [0.25])],
+                      "gradient norm": [("grad_norm", [2.0, 5.0]), ("embed", [1.2, 3.0]), ("layers.0", [1.6])]}
+    assert scales["gradient norm"] == "log" and scales["cross-entropy (nats/token)"] == "linear"
+    write_records(tmp_path, {"step": 1, "loss": 3.0, "grad_norm": 2.0})
+    plot_metrics(tmp_path)
+    assert drawn_by_axes()[0] == {"cross-entropy (nats/token)": [("train loss", [3.0])]}

@@ -108,6 +108,12 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value on every rank (FSDP's partial norms reduced over the ranks: a collective); a plain
+    tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def on_rank_0(world: World, work: Callable[[], T]) -> T | None:
     """`work()` on rank 0 while the other ranks wait; its result on rank 0, None on the others. When it fails,
     every rank stops: rank 0 with its error, the others with one line pointing to it, where they would otherwise

@@ -135,8 +135,9 @@ CLASSIFIER_LOSSES = {"eval_accuracy": "cross-entropy (nats/example)", "eval_pear
 def plot_metrics(run_dir: str | Path) -> Path | None:
     """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
     source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
-    evaluated, per example; below them, on axes of their own, train.eval_tasks' acc/NAME and acc_norm/NAME. Returns
-    None (with a note) when matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
+    evaluated, per example; below them, on axes of their own, train.eval_tasks' acc/NAME and acc_norm/NAME, and
+    train.log_grad_norms' grad_norm/PART (labelled PART) with grad_norm, on a log scale. Returns None (with a note)
+    when matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
@@ -145,8 +146,16 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     named = list(dict.fromkeys(key for r in records for key in r))  # in the records' order
     sources = {key.removeprefix("eval_loss/"): _curve(path, records, key)  # a mixture's or a data.eval set's
                for key in named if key.startswith("eval_loss/")}
-    # train.eval_tasks' fractions of questions right: no loss, so on axes of their own
+    # train.eval_tasks' fractions of questions right and train.log_grad_norms' gradient norms by part: no losses, so
+    # each kind on axes of its own
     accuracies = {key: _curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
+    gradients = {key.removeprefix("grad_norm/"): _curve(path, records, key)  # labelled PART
+                 for key in named if key.startswith("grad_norm/")}
+    if gradients:  # with the global norm they make up, on a log scale, where a part that spikes stands out
+        gradients = {"grad_norm": _curve(path, records, "grad_norm"), **gradients}
+    kinds = ((accuracies, {"ylabel": "zero-shot accuracy", "ylim": (0, 1)}),
+             (gradients, {"ylabel": "gradient norm", "yscale": "log"}))
+    panels = [(curves, settings) for curves, settings in kinds if curves]
     if not train and not evals:
         logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)
         raise DataError(f"{path}: all {logged} loss values are NaN or infinite; nothing to plot" if logged
@@ -158,17 +167,20 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     except ImportError:
         print("note: matplotlib is not installed (pip install matplotlib); no loss plot written")
         return None
-    if accuracies:
-        fig, (ax, acc_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-        for key, points in accuracies.items():
+    fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2 * len(panels)), sharex=True, squeeze=False,
+                             height_ratios=(2, *[1] * len(panels)))
+    ax = axes[0, 0]
+    for (curves, settings), below in zip(panels, axes[1:, 0]):
+        if curves is gradients:  # the whole in black, the parts from the input to the output in the colormap's order
+            below.set_prop_cycle(color=["black", *matplotlib.colormaps["viridis"].resampled(len(curves) - 1)(
+                range(len(curves) - 1))])
+        for key, points in curves.items():
             if points:
-                acc_ax.plot(*zip(*points), ".-", label=key, linewidth=1)
-        acc_ax.set_ylabel("zero-shot accuracy")
-        acc_ax.set_ylim(0, 1)
-        acc_ax.grid(alpha=0.3)
-        acc_ax.legend(fontsize="small")
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4))
+                below.plot(*zip(*points), ".-", label=key, linewidth=1)
+        below.set(**settings)
+        below.grid(alpha=0.3)
+        # beside the axes: a deep model's blocks would hide the curves
+        below.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(curves) // 16)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .distributed import unwrap
+from .distributed import full_tensor, unwrap
 from .errors import TrainingError
 from .lora_targets import linear_slices
 from .muon import MuonAndAdamW
@@ -72,17 +72,43 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + (train.lr - train.min_lr) * remaining
 
 
+def gradient_parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """The trainable parameters by the part of the model they belong to, keyed by the figure its gradient norm is
+    logged as: grad_norm/embed, grad_norm/layers.N (decoder block N), grad_norm/norm (the final norm) and
+    grad_norm/lm_head, absent when tied (its weight is the embedding's, listed once): each parameter is in one part."""
+    parts: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in unwrap(model).named_parameters():
+        if param.requires_grad:
+            path = name.removeprefix("backbone.").split(".")
+            part = ".".join(path[:2] if path[0] == "layers" else path[:1])
+            parts.setdefault(f"grad_norm/{part}", []).append(param)
+    return parts
+
+
 def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig,
-                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                   scaler: torch.amp.GradScaler | None = None,
+                   parts: dict[str, list[torch.nn.Parameter]] | None = None) -> torch.Tensor:
     """Unscale the accumulated gradients (fp16) and clip them to `train.grad_clip` (0: no clipping); returns
-    the gradient norm before clipping as a device tensor (no host sync)."""
+    the gradient norm before clipping as a device tensor (no host sync). Given `parts` (`gradient_parts`), a
+    vector instead: that norm, then each part's, unscaled and before clipping too."""
     if scaler:
         scaler.unscale_(optimizer)
+    part_norms = gradient_norms_by_part(parts) if parts else None  # before clipping rescales the gradients
     if train.grad_clip:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
     else:  # the norm alone: clipping to infinity would still rescale every gradient by 1, a pass over all of them
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = full_tensor(grad_norm)
+    return grad_norm if part_norms is None else torch.cat([grad_norm.reshape(1), part_norms])
+
+
+def gradient_norms_by_part(parts: dict[str, list[torch.nn.Parameter]]) -> torch.Tensor:
+    """The norm of each part's gradients, in the order of `parts`. Under FSDP each rank holds shards of every
+    gradient: the norms of all of them are reduced in one collective (a part's norm reduced alone would cost one
+    per part)."""
+    grads = [[p.grad for p in params if p.grad is not None] for params in parts.values()]
+    norms = full_tensor(torch.stack([torch.linalg.vector_norm(grad) for part in grads for grad in part]))
+    return torch.stack([torch.linalg.vector_norm(part) for part in norms.split([len(part) for part in grads])])
 
 
 def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,

@@ -94,6 +94,9 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     tensorboard: bool = False
+    # also log each part's gradient norm (before clipping) as grad_norm/embed, grad_norm/layers.N, grad_norm/norm and
+    # grad_norm/lm_head (none when tied): their squares sum to grad_norm's
+    log_grad_norms: bool = False
     sample_prompt: str = "O Brasil é"
     sample_tokens: int = 40
 

@@ -40,7 +40,8 @@ from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
 from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader
 from .model import LlamaForCausalLM
-from .optim import apply_update, build_optimizer, clip_gradients, gradient_figures, lr_at, stop_if_not_finite
+from .optim import (apply_update, build_optimizer, clip_gradients, gradient_figures, gradient_parts, lr_at,
+                    stop_if_not_finite)
 from .preemption import StopOnSignal
 from .run_config import RunConfig, TrainConfig, check_resumable, recorded_data_path, resumed_model_settings
 from .tokenizer import Tokenizer
@@ -110,8 +111,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
     """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token,
-    gradient norm before clipping, figures to log: the grad scaler's from `apply_update`, and `z_loss`, the mean
-    z-loss term, with `train.z_loss`). Raises TrainingError, before touching the weights, on a non-finite loss or
+    gradient norm before clipping, figures to log: the grad scaler's from `apply_update`, `z_loss`, the mean z-loss
+    term, with `train.z_loss`, and each part's gradient norm, grad_norm/PART (`gradient_parts`), with
+    `train.log_grad_norms`). Raises TrainingError, before touching the weights, on a non-finite loss or
     gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale is down to
     MIN_LOSS_SCALE): clipping would turn every gradient into NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
@@ -128,12 +130,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         scaled = out.loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
     means = all_reduce_sum(sums, world) / n_targets.to(world.device)
-    grad_norm = clip_gradients(model, optimizer, train, scaler)
+    parts = gradient_parts(model) if train.log_grad_norms else {}
+    grad_norms = clip_gradients(model, optimizer, train, scaler, parts)
     # one host sync for every figure: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
-    objective, z_part, grad_norm = torch.cat([means, grad_norm.to(means).reshape(1)]).tolist()
+    objective, z_part, grad_norm, *part_norms = torch.cat([means, grad_norms.to(means).reshape(-1)]).tolist()
     stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
-    figures = apply_update(optimizer, lr, grad_norm, scaler)
+    figures = {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts, part_norms))}
     return objective - z_part, grad_norm, {**figures, "z_loss": z_part} if train.z_loss else figures
 
 
