@@ -109,32 +109,37 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
-    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token,
-    gradient norm before clipping, figures to log: the grad scaler's from `apply_update`, and `z_loss`, the mean
-    z-loss term, with `train.z_loss`). Raises TrainingError, before touching the weights, on a non-finite loss or
-    gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale is down to
+    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token, not
+    label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
+    `smoothed_loss` with `train.label_smoothing`). Raises TrainingError, before touching the weights, on a non-finite
+    loss or gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale is down to
     MIN_LOSS_SCALE): clipping would turn every gradient into NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
-    sums = torch.zeros(2, device=world.device)  # the objective (cross-entropy + z-loss) and its z-loss part
+    sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with autocast(world.device, train.dtype):
-            out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss)
+            out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss, label_smoothing=train.label_smoothing)
         sums[0] += out.loss.detach().float()
-        if out.z_loss is not None:  # no kernel for it without z-loss
-            sums[1] += out.z_loss.float()
+        for part, value in enumerate((out.z_loss, out.nll), start=1):  # None where its setting is off: no kernel
+            if value is not None:
+                sums[part] += value.float()
         scaled = out.loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
     means = all_reduce_sum(sums, world) / n_targets.to(world.device)
     grad_norm = clip_gradients(model, optimizer, train, scaler)
     # one host sync for every figure: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
-    objective, z_part, grad_norm = torch.cat([means, grad_norm.to(means).reshape(1)]).tolist()
+    objective, z_part, nll, grad_norm = torch.cat([means, grad_norm.to(means).reshape(1)]).tolist()
     stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
     figures = apply_update(optimizer, lr, grad_norm, scaler)
-    return objective - z_part, grad_norm, {**figures, "z_loss": z_part} if train.z_loss else figures
+    if train.z_loss:
+        figures["z_loss"] = z_part
+    if train.label_smoothing:  # "loss" stays the plain cross-entropy, so that runs with and without it compare
+        return nll, grad_norm, {**figures, "smoothed_loss": objective - z_part}
+    return objective - z_part, grad_norm, figures
 
 
 @torch.no_grad()
