@@ -173,11 +173,13 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, data_di
 # --- distributed --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, extra", [("ddp", []), ("fsdp", ["data.document_masking=true",
-                                                                 "train.activation_checkpointing=true"])])
+@pytest.mark.parametrize("mode, extra", [("ddp", ["train.label_smoothing=0.1", "train.z_loss=1e-3"]),
+                                         ("fsdp", ["data.document_masking=true",
+                                                   "train.activation_checkpointing=true"])])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data_dir, mode, extra):
-    """Loss, grad norm and each part's (train.log_grad_norms; FSDP's over its shards: the global ones) and eval loss
-    (each rank's share of the same val batches) of every step, and the saved weights."""
+    """Loss, grad norm and each part's (train.log_grad_norms; FSDP's over its shards: the global ones), the smoothed
+    loss and z-loss (DDP's case), and eval loss (each rank's share of the same val batches) of every step, and the
+    saved weights."""
     common = ["train.max_steps=4", "train.grad_accum_steps=2", "train.log_grad_norms=true", *extra]
     one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one",
                      *set_arguments(*common, "train.micro_batch_size=4"))
@@ -186,7 +188,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
                        *set_arguments(*common, "train.micro_batch_size=2", f"train.distributed=\"{mode}\""))
     assert two.returncode == 0, two.stderr[-3000:]
     parts = [f"grad_norm/{part}" for part in ("embed", "layers.0", "layers.1", "norm", "lm_head")]
-    for key in ("loss", "grad_norm", "eval_loss", *parts):
+    objective = ["smoothed_loss", "z_loss"] if mode == "ddp" else []
+    for key in ("loss", "grad_norm", "eval_loss", *parts, *objective):
         figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r] for run in ("one", "two")]
         within = pytest.approx(figures[0], **{"rel" if key in parts else "abs": 1e-5})  # a part's norm may be 0.02
         assert figures[1] == within and len(figures[0]) == (2 if key == "eval_loss" else 4)

@@ -168,14 +168,14 @@ def _same_vocabulary(dirs: list[Path]) -> Tokenizer | None:
     belong to different tokens."""
     carried = {d: Tokenizer.from_pretrained(d) for d in dirs
                if any((d / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))}
-    vocabularies = {d: [t.id_to_token(i) for i in range(t.vocab_size)] for d, t in carried.items()}
-    first = next(iter(vocabularies), None)
-    for d, tokens in vocabularies.items():
-        expected = vocabularies[first]
-        if tokens != expected:
-            i = next((i for i, (a, b) in enumerate(zip(expected, tokens)) if a != b), None)
-            difference = (f"{len(expected)} tokens in the first, {len(tokens)} in the second" if i is None else
-                          f"token {i} is {expected[i]!r} in the first, {tokens[i]!r} in the second")
+    first = next(iter(carried), None)
+    for d, tokenizer in carried.items():
+        expected = carried[first]
+        i = expected.first_different_id(tokenizer)
+        if i is not None or tokenizer.vocab_size != expected.vocab_size:
+            difference = (f"{expected.vocab_size} tokens in the first, {tokenizer.vocab_size} in the second"
+                          if i is None else f"token {i} is {expected.id_to_token(i)!r} in the first, "
+                          f"{tokenizer.id_to_token(i)!r} in the second")
             raise CheckpointError(f"{first} and {d} have different tokenizers: {difference}")
     return carried.get(dirs[-1])
 

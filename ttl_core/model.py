@@ -19,7 +19,7 @@ import ttl_kernels
 from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
 from .errors import ConfigError, GenerationError, is_integer
-from .model_io import KVCache, ModelOutput, check_inputs, classification_loss, next_token_targets
+from .model_io import KVCache, ModelOutput, causal_lm_loss, check_inputs, classification_loss, next_token_targets
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -396,7 +396,7 @@ class LlamaForCausalLM(_LlamaBase):
         targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         angles: tuple[torch.Tensor, torch.Tensor] | None = None, inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False, use_cache: bool | None = None, return_dict: bool | None = True,
-        z_loss: float = 0.0,
+        z_loss: float = 0.0, label_smoothing: float = 0.0,
     ) -> ModelOutput | tuple:
         """Logits (batch, seq, vocab) without labels; with integer labels (batch, seq, -100 ignored) the mean loss
         of predicting token t+1 at position t, computed by the fused linear cross-entropy so the logits
@@ -408,22 +408,20 @@ class LlamaForCausalLM(_LlamaBase):
         several documents per row that do not attend to each other (positions restart in each). `angles`,
         `inputs_embeds` (in place of `input_ids`), `output_hidden_states`, `use_cache` and `return_dict`: see
         `LlamaModel.forward`. `z_loss` > 0 adds z_loss * logsumexp(logits)**2 per target to the loss (PaLM's z-loss),
-        and that part alone, reduced alike, is the output's `z_loss`."""
+        and that part alone, reduced alike, is the output's `z_loss`; `label_smoothing` > 0 smooths the targets as
+        torch's `F.cross_entropy(label_smoothing=)` does, the unsmoothed cross-entropy then being the output's `nll`."""
         base = self.backbone(input_ids, attention_mask, position_ids, kv_cache, cu_seqlens, max_seqlen, angles,
                              inputs_embeds, output_hidden_states, use_cache)
         hidden = base.last_hidden_state
-        loss = logits = z_part = None
+        loss = logits = z_part = nll = None
         if labels is not None or targets is not None:
             targets = next_token_targets(labels, targets, hidden.shape[:2])
-            loss = ttl_kernels.fused_linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                reduction=loss_reduction, z_loss=z_loss, return_z_loss=z_loss > 0, backend=self.config.kernels)
-            if z_loss > 0:
-                loss, z_part = loss
+            loss, z_part, nll = causal_lm_loss(hidden, self.lm_head.weight, targets, loss_reduction, label_smoothing,
+                                               z_loss, self.config.kernels)
         if loss is None or return_logits:
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # -0: all
             logits = self.lm_head(hidden[:, kept])
-        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states, z_loss=z_part)
+        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states, z_loss=z_part, nll=nll)
         return out.returned(return_dict)
 
     def generate(self, inputs: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,

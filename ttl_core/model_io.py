@@ -1,5 +1,5 @@
-"""The models' arguments checked (each mistake named in one line), and their outputs and the classifier's loss as
-transformers gives them."""
+"""The models' arguments checked (each mistake named in one line), their outputs and the classifier's loss as
+transformers gives them, and the causal LM's loss with the parts of it logged apart."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
+
+import ttl_kernels
 
 from .config import LlamaConfig
 from .errors import ConfigError
@@ -43,6 +45,7 @@ class ModelOutput:
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     z_loss: torch.Tensor | None = None  # the z-loss part of `loss`, when the call asked for one
+    nll: torch.Tensor | None = None  # the cross-entropy without label smoothing or z-loss, beside a smoothed `loss`
 
     def keys(self) -> list[str]:
         """The names of the fields that are set, in order (transformers' outputs are dicts of those)."""
@@ -132,6 +135,19 @@ def next_token_targets(labels: torch.Tensor | None, targets: torch.Tensor | None
     # wraps to 156, a token id), so with uint8 labels every position is a class but the shifted-out last one
     given = given.long()
     return given if targets is not None else F.pad(given[:, 1:], (0, 1), value=-100)
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
+                   label_smoothing: float, z_loss: float, backend: str) -> tuple[torch.Tensor, ...]:
+    """The LM head's fused cross-entropy of `hidden` (batch, seq, hidden_size) against `targets` (batch, seq), with
+    its z-loss part when `z_loss` > 0 and the negative log-likelihood of the targets when `label_smoothing` > 0
+    (each else None), all from one pass over the logits and reduced alike."""
+    asked = (z_loss > 0, label_smoothing > 0)
+    result = ttl_kernels.fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=asked[0], return_nll=asked[1], backend=backend)
+    loss, *parts = result if any(asked) else (result,)  # the parts asked for, in the order of `asked`
+    return loss, *(parts.pop(0) if wanted else None for wanted in asked)
 
 
 def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

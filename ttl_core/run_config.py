@@ -78,6 +78,9 @@ class TrainConfig:
     # PaLM's z-loss: z_loss * logsumexp(logits)**2 per target token added to the objective (1e-4 in PaLM), which
     # keeps the softmax normalizer near 1; logged apart, as "z_loss", beside the cross-entropy "loss"
     z_loss: float = 0.0
+    # label smoothing as torch's F.cross_entropy(label_smoothing=ε) applies it (targets (1 - ε) one-hot + ε / vocab);
+    # "loss" logs the unsmoothed cross-entropy (comparable with runs without it), "smoothed_loss" the smoothed one
+    label_smoothing: float = 0.0
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
     tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (TeenyTinyLlama's recipe); no effect off CUDA
@@ -220,6 +223,8 @@ def validate(run: RunConfig) -> None:
     for key in ("lr", "eps", "weight_decay", "z_loss"):  # an infinite one turns the first update's weights into NaN
         if not math.isfinite(getattr(t, key)):
             raise ConfigError(f"train.{key} must be finite, got {getattr(t, key)}")
+    if not 0 <= t.label_smoothing < 1:  # written so that NaN fails too; inf fails as any number >= 1
+        raise ConfigError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):

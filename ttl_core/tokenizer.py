@@ -261,6 +261,12 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self.sp.id_to_piece(self._checked_id(i))
 
+    def first_different_id(self, other: Tokenizer) -> int | None:
+        """The lowest id, among those both vocabularies have, whose token `other` spells differently; None when
+        they agree on all of them (one may still have more tokens than the other)."""
+        shared = min(self.vocab_size, other.vocab_size)
+        return next((i for i in range(shared) if self.sp.id_to_piece(i) != other.sp.id_to_piece(i)), None)
+
     def _checked_id(self, i: int) -> int:
         """`i` as an int, or a TokenizerError when the vocabulary has no such id (sentencepiece's IndexError
         would not say which id, nor how large the vocabulary is)."""

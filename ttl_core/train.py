@@ -110,23 +110,24 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
-    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token,
-    gradient norm before clipping, figures to log: the grad scaler's from `apply_update`, `z_loss`, the mean z-loss
-    term, with `train.z_loss`, and each part's gradient norm, grad_norm/PART (`gradient_parts`), with
-    `train.log_grad_norms`). Raises TrainingError, before touching the weights, on a non-finite loss or
-    gradient norm (with an fp16 grad scaler, which skips such steps itself, only once its loss scale is down to
-    MIN_LOSS_SCALE): clipping would turn every gradient into NaN and the update would write NaN into every weight."""
+    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token, not
+    label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
+    `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`). Raises
+    TrainingError, before touching the weights, on a non-finite loss or gradient norm (with an fp16 grad scaler, which
+    skips such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient
+    into NaN and the update would write NaN into every weight."""
     n_targets = count_targets(micro_batches, world).clamp_min(1.0)
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
-    sums = torch.zeros(2, device=world.device)  # the objective (cross-entropy + z-loss) and its z-loss part
+    sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with autocast(world.device, train.dtype):
-            out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss)
+            out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss, label_smoothing=train.label_smoothing)
         sums[0] += out.loss.detach().float()
-        if out.z_loss is not None:  # no kernel for it without z-loss
-            sums[1] += out.z_loss.float()
+        for part, value in enumerate((out.z_loss, out.nll), start=1):  # None where its setting is off: no kernel
+            if value is not None:
+                sums[part] += value.float()
         scaled = out.loss * scale
         (scaler.scale(scaled) if scaler else scaled).backward()
     means = all_reduce_sum(sums, world) / n_targets.to(world.device)
@@ -134,10 +135,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     grad_norms = clip_gradients(model, optimizer, train, scaler, parts)
     # one host sync for every figure: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
-    objective, z_part, grad_norm, *part_norms = torch.cat([means, grad_norms.to(means).reshape(-1)]).tolist()
+    objective, z_part, nll, grad_norm, *part_norms = torch.cat([means, grad_norms.to(means).reshape(-1)]).tolist()
     stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
-    figures = {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts, part_norms))}
-    return objective - z_part, grad_norm, {**figures, "z_loss": z_part} if train.z_loss else figures
+    figures = {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts, part_norms)),
+               **({"z_loss": z_part} if train.z_loss else {})}
+    if train.label_smoothing:  # "loss" stays the plain cross-entropy, so that runs with and without it compare
+        return nll, grad_norm, {**figures, "smoothed_loss": objective - z_part}
+    return objective - z_part, grad_norm, figures
 
 
 @torch.no_grad()
@@ -241,8 +245,7 @@ def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, re
         saved = Tokenizer.from_pretrained(source)
     except TokenizerError:
         return
-    shared = min(saved.vocab_size, tokenizer.vocab_size)
-    if any(saved.id_to_token(i) != tokenizer.id_to_token(i) for i in range(shared)):
+    if saved.first_different_id(tokenizer) is not None:
         fix = ("resume on the data the run was trained on (its --data)" if resuming
                else f"prepare the data with scripts/prepare_data.py --tokenizer {source}")
         raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")

@@ -31,18 +31,19 @@ BLOCK_V = 4096  # vocabulary columns per loop iteration; a starting point for GP
 
 def cross_entropy_reference(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-    label_smoothing: float = 0.0, z_loss: float = 0.0, return_z_loss: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    label_smoothing: float = 0.0, z_loss: float = 0.0, return_z_loss: bool = False, return_nll: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy in fp32 (or fp64 for fp64 inputs) with label smoothing and z-loss (`z_loss * logsumexp**2` per token).
 
     `mean` averages over non-ignored targets; with none of them it returns 0, not NaN. `return_z_loss` also
-    returns the z-loss part of the loss, reduced alike and without gradient."""
+    returns the z-loss part of the loss, `return_nll` the negative log-likelihood of the targets (the loss without
+    smoothing or z-loss), each reduced alike and without gradient, in that order after the loss."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (test truth)
     targets = targets.long()  # F.cross_entropy takes only int64 (and uint8) classes; the kernel any integer dtype
     valid = targets != ignore_index
-    if reduction == "mean" and z_loss == 0.0 and not return_z_loss:
+    if reduction == "mean" and z_loss == 0.0 and not (return_z_loss or return_nll):
         # the exact transformers computation (same rounding) whenever there is something to average
         loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
         return torch.where(valid.any(), loss, torch.zeros_like(loss))
@@ -60,24 +61,29 @@ def cross_entropy_reference(
         z_part = z_loss * lse.pow(2) * valid
         per_token = per_token + z_part
     loss = _reduce(per_token, targets, ignore_index, reduction)
-    return (loss, _reduce(z_part.detach(), targets, ignore_index, reduction)) if return_z_loss else loss
+    parts = [z_part.detach()] if return_z_loss else []
+    if return_nll:  # a second pass over the logits: the Triton kernel finds it in its one
+        parts.append(F.cross_entropy(logits.detach(), targets, ignore_index=ignore_index, reduction="none"))
+    return (loss, *(_reduce(part, targets, ignore_index, reduction) for part in parts)) if parts else loss
 
 
 def fused_linear_cross_entropy_reference(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
     reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, return_z_loss: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_nll: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy of `hidden @ weight.T` (logits in the input dtype, then fp32, as transformers does)."""
     return cross_entropy_reference(F.linear(hidden, weight), targets, ignore_index, reduction, label_smoothing, z_loss,
-                                   return_z_loss)
+                                   return_z_loss, return_nll)
 
 
 if HAVE_TRITON:
 
     @triton.jit
     def _ce_row_kernel(
-        LOGITS, TARGETS, LOSS, Z_PART, SCALE, n_cols, stride_row, scale_stride, ignore_index, smoothing, z_loss,
-        WRITE_GRAD: tl.constexpr, WRITE_Z: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK: tl.constexpr,
+        LOGITS, TARGETS, LOSS, PARTS, SCALE, n_cols, stride_row, scale_stride, parts_stride, ignore_index, smoothing,
+        z_loss,
+        WRITE_GRAD: tl.constexpr, WRITE_PARTS: tl.constexpr, SMOOTHING: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride_row
@@ -85,8 +91,9 @@ if HAVE_TRITON:
         cols = tl.arange(0, BLOCK)
         if target == ignore_index:
             tl.store(LOSS + row, 0.0)
-            if WRITE_Z:
-                tl.store(Z_PART + row, 0.0)
+            if WRITE_PARTS:
+                tl.store(PARTS + row, 0.0)
+                tl.store(PARTS + parts_stride + row, 0.0)
             if WRITE_GRAD:
                 for start in range(0, n_cols, BLOCK):
                     tl.store(base + start + cols, tl.zeros((BLOCK,), tl.float32).to(LOGITS.dtype.element_ty),
@@ -124,8 +131,9 @@ if HAVE_TRITON:
                 loss -= smoothing * (centred_sum / n_cols)
             z_part = z_loss * lse * lse
             tl.store(LOSS + row, loss + z_part)
-            if WRITE_Z:
-                tl.store(Z_PART + row, z_part)
+            if WRITE_PARTS:  # the z-loss term, and the negative log-likelihood of the target (the loss unsmoothed)
+                tl.store(PARTS + row, z_part)
+                tl.store(PARTS + parts_stride + row, log_sum + (shift - x_target))
             if WRITE_GRAD:
                 # pass 2: the gradient, written over the logits
                 scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
@@ -170,10 +178,11 @@ def _reduce(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int, redu
 
 
 def ce_rows_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None, ignore_index: int,
-             label_smoothing: float, z_loss: float, z_parts: torch.Tensor | None = None) -> torch.Tensor:
+             label_smoothing: float, z_loss: float, parts: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row losses (fp32) of `logits` (rows, V) with a contiguous last dim; when `scale` is given (one
-    value, or one per row), overwrite the logits with the loss gradient times that scale; when `z_parts` (rows,
-    fp32) is, write each row's z-loss term into it."""
+    value, or one per row), overwrite the logits with the loss gradient times that scale; when `parts` (2, rows,
+    fp32, rows contiguous) is, write each row's z-loss term into its first row and negative log-likelihood into its
+    second."""
     rows, vocab = logits.shape
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
@@ -182,9 +191,10 @@ def ce_rows_(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | 
     write = scale is not None
     scale = scale if write else losses  # unread when not writing
     _ce_row_kernel[(rows,)](
-        logits, targets.contiguous(), losses, losses if z_parts is None else z_parts, scale, vocab, logits.stride(0),
-        1 if scale.numel() > 1 else 0, ignore_index, label_smoothing, z_loss, WRITE_GRAD=write,
-        WRITE_Z=z_parts is not None, SMOOTHING=label_smoothing != 0.0, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        logits, targets.contiguous(), losses, losses if parts is None else parts, scale, vocab, logits.stride(0),
+        1 if scale.numel() > 1 else 0, 0 if parts is None else parts.stride(0), ignore_index, label_smoothing, z_loss,
+        WRITE_GRAD=write, WRITE_PARTS=parts is not None, SMOOTHING=label_smoothing != 0.0, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
     )
     return losses
 
@@ -193,10 +203,10 @@ class _CrossEntropy(torch.autograd.Function):
     """Used only when the logits need a gradient: it is made in the forward, in a copy of the logits."""
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, z_parts):
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, z_loss, parts):
         grad = logits.clone(memory_format=torch.contiguous_format)
         scale = _reduction_scale(targets, ignore_index, reduction)
-        losses = ce_rows_(grad, targets, scale, ignore_index, label_smoothing, z_loss, z_parts)
+        losses = ce_rows_(grad, targets, scale, ignore_index, label_smoothing, z_loss, parts)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         return _reduce(losses, targets, ignore_index, reduction)
@@ -211,36 +221,42 @@ class _CrossEntropy(torch.autograd.Function):
 
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-    label_smoothing: float = 0.0, z_loss: float = 0.0, *, return_z_loss: bool = False, backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    label_smoothing: float = 0.0, z_loss: float = 0.0, *, return_z_loss: bool = False, return_nll: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy on given logits (N, V) against targets (N,), fp32 math for fp32, bf16 and fp16 (float64
     takes the reference: see `ttl_kernels.dispatch.use_triton`). On the Triton path a target outside [0, V)
     other than `ignore_index` gives that row a NaN loss and gradient (the reference raises). `return_z_loss`
-    also returns the z-loss part of the loss (reduced alike, without gradient), to log beside the loss."""
+    and `return_nll` also return, to log beside the loss, its z-loss part and the negative log-likelihood of the
+    targets (the loss without smoothing or z-loss), reduced alike, without gradient, from the same pass."""
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
     _check(targets, logits.shape[0], reduction, label_smoothing, z_loss)
     require_floating("cross_entropy", logits=logits)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss,
-                                       return_z_loss)
-    z_parts = _z_parts(logits.shape[0], logits.device, return_z_loss)
+                                       return_z_loss, return_nll)
+    parts = _parts(logits.shape[0], logits.device, return_z_loss or return_nll)
     if not (torch.is_grad_enabled() and logits.requires_grad):  # the losses alone: no copy, no gradient
-        losses = ce_rows_(as_rows(logits), targets, None, ignore_index, label_smoothing, z_loss, z_parts)
+        losses = ce_rows_(as_rows(logits), targets, None, ignore_index, label_smoothing, z_loss, parts)
         loss = _reduce(losses, targets, ignore_index, reduction)
     else:
-        loss = apply_kernel(_CrossEntropy, logits, targets, ignore_index, reduction, label_smoothing, z_loss, z_parts)
-    return _with_z_part(loss, z_parts, targets, ignore_index, reduction)
+        loss = apply_kernel(_CrossEntropy, logits, targets, ignore_index, reduction, label_smoothing, z_loss, parts)
+    return _with_parts(loss, parts, (return_z_loss, return_nll), targets, ignore_index, reduction)
 
 
-def _z_parts(rows: int, device: torch.device, wanted: bool) -> torch.Tensor | None:
-    """The buffer the kernel writes each row's z-loss term into, when the caller asked for them."""
-    return torch.empty(rows, dtype=torch.float32, device=device) if wanted else None
+def _parts(rows: int, device: torch.device, wanted: bool) -> torch.Tensor | None:
+    """The buffer the kernel writes each row's z-loss term (into its first row) and negative log-likelihood (into
+    its second) when the caller asked for either: each a contiguous vector, as a strided column would be summed in
+    another order (a z-loss figure then moves in its last bits)."""
+    return torch.empty(2, rows, dtype=torch.float32, device=device) if wanted else None
 
 
-def _with_z_part(loss: torch.Tensor, z_parts: torch.Tensor | None, targets: torch.Tensor, ignore_index: int,
-                 reduction: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    return loss if z_parts is None else (loss, _reduce(z_parts, targets, ignore_index, reduction))
+def _with_parts(loss: torch.Tensor, parts: torch.Tensor | None, asked: tuple[bool, bool], targets: torch.Tensor,
+                ignore_index: int, reduction: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The loss, followed by the reduced rows of `parts` that `asked` (z-loss, NLL) names, if any."""
+    reduced = [_reduce(parts[i], targets, ignore_index, reduction) for i, wanted in enumerate(asked) if wanted]
+    return (loss, *reduced) if reduced else loss
 
 
 CHUNKS = 8
@@ -275,15 +291,15 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     grad_weight += (grad_logits.t() @ hidden).float()
 
 
-def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, z_parts=None) -> torch.Tensor:
-    """Losses of every row, one chunk of logits at a time, without gradients (and their z-loss terms into
-    `z_parts`, if given)."""
+def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts=None) -> torch.Tensor:
+    """Losses of every row, one chunk of logits at a time, without gradients (and their z-loss terms and negative
+    log-likelihoods into `parts`, if given)."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     step = chunk_rows(hidden.shape[0])
     for start in range(0, hidden.shape[0], step):
         stop = min(hidden.shape[0], start + step)
         losses[start:stop] = ce_rows_(hidden[start:stop] @ weight.t(), targets[start:stop], None, ignore_index,
-                                      label_smoothing, z_loss, None if z_parts is None else z_parts[start:stop])
+                                      label_smoothing, z_loss, None if parts is None else parts[:, start:stop])
     return losses
 
 
@@ -295,11 +311,11 @@ def _grad_buffers(hidden, weight, need_hidden: bool, need_weight: bool):
     return grad_hidden, grad_weight
 
 
-def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, z_parts, grad_hidden,
+def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, parts, grad_hidden,
                  grad_weight):
     """Losses of every row, writing the hidden gradient into `grad_hidden` and accumulating the weight gradient
-    into `grad_weight` (fp32), one chunk of rows at a time; either buffer may be None, as may `z_parts` (each
-    row's z-loss term). `scale` is one value or one per row."""
+    into `grad_weight` (fp32), one chunk of rows at a time; either buffer may be None, as may `parts` (each
+    row's z-loss term and negative log-likelihood). `scale` is one value or one per row."""
     n = hidden.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     step = chunk_rows(n)
@@ -309,7 +325,7 @@ def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, 
         logits = h @ weight.t()
         row_scale = scale[start:stop] if scale.numel() > 1 else scale
         losses[start:stop] = ce_rows_(logits, targets[start:stop], row_scale, ignore_index, label_smoothing, z_loss,
-                                      None if z_parts is None else z_parts[start:stop])
+                                      None if parts is None else parts[:, start:stop])
         if grad_hidden is not None:
             grad_hidden[start:stop] = logits @ weight
         if grad_weight is not None:
@@ -321,7 +337,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Used only when hidden or weight needs a gradient; makes the gradients of those that do."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, z_parts):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, parts):
         hidden = hidden.contiguous()
         ctx.reduction = reduction
         ctx.options = (ignore_index, label_smoothing, z_loss)
@@ -331,11 +347,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             device = hidden.device.type
             ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
             ctx.save_for_backward(hidden, weight, targets)
-            return _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, z_parts)
+            return _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts)
         ctx.weight_dtype, ctx.scaled = weight.dtype, False
         grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
         scale = _reduction_scale(targets, ignore_index, reduction)
-        losses = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, z_parts,
+        losses = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, parts,
                               grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return _reduce(losses, targets, ignore_index, reduction)
@@ -374,14 +390,14 @@ def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -
 def fused_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
     reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, *, return_z_loss: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_nll: bool = False, backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Cross-entropy of the LM head `hidden (N, d) @ weight (V, d).T` against targets (N,). The Triton path
     never holds more than one chunk of logits; the weight gradient accumulates in float32, and is made only
     when the weight requires grad; with "mean" or "sum" the gradients are made in the forward and handed out once,
     so a second backward through one loss (retain_graph) is refused. A target outside [0, V) other than
     `ignore_index` gives that row a NaN loss (and NaN gradients) on the Triton path (the reference raises).
-    `return_z_loss` also returns the z-loss part of the loss (reduced alike, without gradient)."""
+    `return_z_loss` and `return_nll`: see `cross_entropy`."""
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -389,12 +405,12 @@ def fused_linear_cross_entropy(
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     if not use_triton(hidden, backend, weight):
         return fused_linear_cross_entropy_reference(
-            hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, return_z_loss)
-    z_parts = _z_parts(hidden.shape[0], hidden.device, return_z_loss)
+            hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, return_z_loss, return_nll)
+    parts = _parts(hidden.shape[0], hidden.device, return_z_loss or return_nll)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # the losses alone
-        losses = _chunk_losses(hidden.contiguous(), weight, targets, ignore_index, label_smoothing, z_loss, z_parts)
+        losses = _chunk_losses(hidden.contiguous(), weight, targets, ignore_index, label_smoothing, z_loss, parts)
         loss = _reduce(losses, targets, ignore_index, reduction)
     else:
         loss = apply_kernel(_FusedLinearCrossEntropy, hidden, weight, targets, ignore_index, reduction,
-                            label_smoothing, z_loss, z_parts)
-    return _with_z_part(loss, z_parts, targets, ignore_index, reduction)
+                            label_smoothing, z_loss, parts)
+    return _with_parts(loss, parts, (return_z_loss, return_nll), targets, ignore_index, reduction)
