@@ -8,10 +8,12 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+
+import ttl_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +111,16 @@ def heads_far_apart(tokens: int, heads: int, dim: int, seed: int = 0) -> torch.T
     view = storage.as_strided((tokens, heads, dim), (dim, HEAD_STRIDE, 1), storage_offset=256)
     view.copy_(torch.randn(tokens, heads, dim, generator=torch.Generator().manual_seed(seed)))
     return view
+
+
+def head_loss_case(seed: int, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable]:
+    """(hidden (67, 24) needing a gradient, head weight (1003, 24), targets with every fourth ignored, a call of the
+    fused linear cross-entropy, or of the cross-entropy of the logits, on them that takes the kernels' options)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(67, 24, generator=gen), torch.randn(1003, 24, generator=gen) * 0.3
+    targets = torch.randint(0, 1003, (67,), generator=gen)
+    targets[::4] = -100
+    hidden.requires_grad_()
+    call = (lambda **kw: ttl_kernels.fused_linear_cross_entropy(hidden, weight, targets, **kw)) if fused else (
+        lambda **kw: ttl_kernels.cross_entropy(hidden @ weight.t(), targets, **kw))
+    return hidden, weight, targets, call

@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import head_loss_case
 from hf_reference import as_close_as_transformers, hf_causal_lm
 from train_helpers import prepared_corpus, run_config
 
@@ -44,13 +45,7 @@ def kernel_calls(monkeypatch) -> list[int]:
 def test_the_kernels_return_the_unsmoothed_cross_entropy_from_the_same_call(backend, reduction, fused):
     """With smoothing and z-loss, `return_nll` gives the plain cross-entropy of the targets (reduced alike, without
     gradient) after the z-loss part, and changes neither the loss nor its gradient."""
-    gen = torch.Generator().manual_seed(11)
-    hidden, weight = torch.randn(67, 24, generator=gen), torch.randn(1003, 24, generator=gen) * 0.3
-    targets = torch.randint(0, 1003, (67,), generator=gen)
-    targets[::4] = -100
-    hidden.requires_grad_()
-    call = (lambda **kw: ttl_kernels.fused_linear_cross_entropy(hidden, weight, targets, **kw)) if fused else (
-        lambda **kw: ttl_kernels.cross_entropy(hidden @ weight.t(), targets, **kw))
+    hidden, weight, targets, call = head_loss_case(11, fused)
     options = dict(reduction=reduction, label_smoothing=0.2, z_loss=1e-2, backend=backend)
     loss, z_part, nll = call(return_z_loss=True, return_nll=True, **options)
     want = F.cross_entropy(hidden.detach().double() @ weight.double().t(), targets, reduction=reduction)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import head_loss_case
 from hf_reference import hf_causal_lm
 from train_helpers import losses, prepared_corpus, random_model, run_config
 
@@ -29,13 +30,7 @@ def z_formula(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tor
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_kernels_return_the_z_loss_part_apart_and_the_same_loss(backend, reduction, fused):
-    gen = torch.Generator().manual_seed(7)
-    hidden, weight = torch.randn(67, 24, generator=gen), torch.randn(1003, 24, generator=gen) * 0.3
-    targets = torch.randint(0, 1003, (67,), generator=gen)
-    targets[::4] = -100
-    hidden.requires_grad_()
-    call = (lambda **kw: ttl_kernels.fused_linear_cross_entropy(hidden, weight, targets, **kw)) if fused else (
-        lambda **kw: ttl_kernels.cross_entropy(hidden @ weight.t(), targets, **kw))
+    hidden, weight, targets, call = head_loss_case(7, fused)
     loss, z_part = call(reduction=reduction, z_loss=1e-2, return_z_loss=True, backend=backend)
     per_token = z_formula(hidden.detach().double() @ weight.double().t(), targets, 1e-2)
     want = {"none": per_token, "sum": per_token.sum(), "mean": per_token.sum() / (targets != -100).sum()}[reduction]
