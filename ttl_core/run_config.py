@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, RUNTIME_FIELDS, LlamaConfig
 from .errors import ConfigError, is_integer, is_number
+from .tokenizer import Tokenizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -325,6 +327,28 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
             raise ConfigError(f"train.{key} is {getattr(run.train, key)!r} here, but {checkpoint} was trained with "
                               f"{train_was[key]!r}, which fixes where its data continues: resume with the run's own "
                               f"config (--config)")
+
+
+def check_run_fits_model(config: LlamaConfig, train: TrainConfig, tokenizer: Tokenizer, data_path: Path,
+                         warn_unused_rows: bool) -> None:
+    """Refuse, before any weights load, a run the model cannot serve: a tokenizer (the data's, in `data_path`)
+    with more tokens than the embedding table, a `train.seq_len` past the model's context, or a
+    `train.sample_prompt` that fills the context, leaving the end-of-run sample no room. With `warn_unused_rows`,
+    warn when the table is larger than the tokenizer's vocabulary padded to a multiple of 128, as a preset's 32000
+    rows are for data prepared with a smaller --vocab-size: the rows past it serve no token."""
+    context = config.max_position_embeddings
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocab_size is {config.vocab_size}")
+    if warn_unused_rows and config.vocab_size > math.ceil(tokenizer.vocab_size / 128) * 128:
+        warnings.warn(f"the model's vocab_size is {config.vocab_size} but the tokenizer in {data_path} has "
+                      f"{tokenizer.vocab_size} tokens: {config.vocab_size - tokenizer.vocab_size} rows of the "
+                      f"embedding and LM head serve no token (set model.vocab_size={tokenizer.vocab_size})")
+    if train.seq_len > context:
+        raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings {context}")
+    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= context:
+        raise ConfigError(f"train.sample_prompt is longer than the model's context of {context} tokens, leaving no "
+                          "room for the sample")
 
 
 def resumed_model_settings(run: RunConfig, saved: Any) -> dict[str, Any]:

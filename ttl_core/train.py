@@ -11,12 +11,10 @@ resumed run reproduces an uninterrupted one bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,9 @@ from .model import LlamaForCausalLM
 from .optim import (apply_update, build_optimizer, clip_gradients, gradient_figures, gradient_parts, lr_at,
                     stop_if_not_finite)
 from .preemption import StopOnSignal
-from .run_config import RunConfig, TrainConfig, check_resumable, recorded_data_path, resumed_model_settings
+from .profiling import StepProfiler, annotate
+from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, recorded_data_path,
+                         resumed_model_settings)
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -249,28 +249,6 @@ def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, re
         fix = ("resume on the data the run was trained on (its --data)" if resuming
                else f"prepare the data with scripts/prepare_data.py --tokenizer {source}")
         raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")
-
-
-def check_run_fits_model(config: LlamaConfig, train: TrainConfig, tokenizer: Tokenizer, data_path: Path,
-                         warn_unused_rows: bool) -> None:
-    """Refuse, before any weights load, a run the model cannot serve: a tokenizer (the data's, in `data_path`)
-    with more tokens than the embedding table, a `train.seq_len` past the model's context, or a
-    `train.sample_prompt` that fills the context, leaving the end-of-run sample no room. With `warn_unused_rows`,
-    warn when the table is larger than the tokenizer's vocabulary padded to a multiple of 128, as a preset's 32000
-    rows are for data prepared with a smaller --vocab-size: the rows past it serve no token."""
-    context = config.max_position_embeddings
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"the tokenizer in {data_path} has {tokenizer.vocab_size} tokens but the model's "
-                          f"vocab_size is {config.vocab_size}")
-    if warn_unused_rows and config.vocab_size > math.ceil(tokenizer.vocab_size / 128) * 128:
-        warnings.warn(f"the model's vocab_size is {config.vocab_size} but the tokenizer in {data_path} has "
-                      f"{tokenizer.vocab_size} tokens: {config.vocab_size - tokenizer.vocab_size} rows of the "
-                      f"embedding and LM head serve no token (set model.vocab_size={tokenizer.vocab_size})")
-    if train.seq_len > context:
-        raise ConfigError(f"train.seq_len {train.seq_len} exceeds the model's max_position_embeddings {context}")
-    if train.sample_tokens and len(tokenizer.encode(train.sample_prompt, add_eos=False)) >= context:
-        raise ConfigError(f"train.sample_prompt is longer than the model's context of {context} tokens, leaving no "
-                          "room for the sample")
 
 
 def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
