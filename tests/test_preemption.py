@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import ROOT, free_port
-from train_helpers import corpus_file, losses, prepared_corpus, run_config, set_arguments
-from ttl_core import load_pretrained
+from train_helpers import corpus_file, losses, prepared_corpus, run_config, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.data import prepare_data
 from ttl_core.distributed import World
@@ -71,11 +70,6 @@ def signal_during_step(monkeypatch, step: int, signum: int) -> None:
 
 def handlers() -> list:
     return [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    x, y = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])

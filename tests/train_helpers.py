@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from hf_reference import randomize_
+from ttl_core import load_pretrained
 from ttl_core.data import prepare_data
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
@@ -51,3 +52,9 @@ def random_model(run, seed: int = 0) -> LlamaForCausalLM:
     """`run`'s model with random weights (biases and norms included), in training mode."""
     torch.manual_seed(seed)
     return randomize_(LlamaForCausalLM(run.model_config()), seed).train()
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether the checkpoints `a` and `b` hold the same tensors, bit for bit."""
+    x, y = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

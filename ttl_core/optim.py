@@ -12,6 +12,7 @@ from .distributed import full_tensor, unwrap
 from .errors import TrainingError
 from .lora_targets import linear_slices
 from .muon import MuonAndAdamW
+from .profiling import annotate
 from .run_config import TrainConfig
 
 # fp16's grad scaler skips a step whose gradients are not finite and halves its loss scale. Gradients that are
@@ -91,14 +92,15 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tra
     """Unscale the accumulated gradients (fp16) and clip them to `train.grad_clip` (0: no clipping); returns
     the gradient norm before clipping as a device tensor (no host sync). Given `parts` (`gradient_parts`), a
     vector instead: that norm, then each part's, unscaled and before clipping too."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    part_norms = gradient_norms_by_part(parts) if parts else None  # before clipping rescales the gradients
-    if train.grad_clip:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-    else:  # the norm alone: clipping to infinity would still rescale every gradient by 1, a pass over all of them
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    grad_norm = full_tensor(grad_norm)
+    with annotate("clip gradients"):
+        if scaler:
+            scaler.unscale_(optimizer)
+        part_norms = gradient_norms_by_part(parts) if parts else None  # before clipping rescales the gradients
+        if train.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        else:  # the norm alone: clipping to infinity would still rescale every gradient by 1, a pass over all of them
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        grad_norm = full_tensor(grad_norm)
     return grad_norm if part_norms is None else torch.cat([grad_norm.reshape(1), part_norms])
 
 
@@ -120,14 +122,15 @@ def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,
     for group in optimizer.param_groups:
         group["lr"] = lr
     figures: dict[str, float | bool] = {}
-    if scaler:
-        scale = scaler.get_scale()  # no wait: the loss and norm were just read back
-        scaler.step(optimizer)
-        scaler.update()  # halves the scale after a skipped step
-        figures = {"loss_scale": scale, "skipped": not math.isfinite(grad_norm) and scaler.get_scale() < scale}
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with annotate("optimizer update"):
+        if scaler:
+            scale = scaler.get_scale()  # no wait: the loss and norm were just read back
+            scaler.step(optimizer)
+            scaler.update()  # halves the scale after a skipped step
+            figures = {"loss_scale": scale, "skipped": not math.isfinite(grad_norm) and scaler.get_scale() < scale}
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return figures
 
 

@@ -102,6 +102,9 @@ class TrainConfig:
     # also log each part's gradient norm (before clipping) as grad_norm/embed, grad_norm/layers.N, grad_norm/norm and
     # grad_norm/lm_head (none when tied): their squares sum to grad_norm's
     log_grad_norms: bool = False
+    # [start, stop]: trace optimizer steps start..stop with torch.profiler into RUN/profile, each rank's trace and rank
+    # 0's table of the operators that took the most time (see ttl_core.profiling); [] profiles nothing
+    profile_steps: list[int] = field(default_factory=list)
     sample_prompt: str = "O Brasil é"
     sample_tokens: int = 40
 
@@ -238,8 +241,20 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    validate_profile_steps(t)
     validate_mix(run.data)
     validate_eval_sets(run.data)
+
+
+def validate_profile_steps(t: TrainConfig) -> None:
+    """train.profile_steps is [] or [start, stop], integers with 1 <= start <= stop <= max_steps: a window past the
+    run's end would profile less than asked (or nothing) without a word."""
+    window = t.profile_steps
+    if window and not (len(window) == 2 and all(map(is_integer, window)) and 1 <= window[0] <= window[1]):
+        raise ConfigError(f"train.profile_steps must be [start, stop], two integers with 1 <= start <= stop (the "
+                          f"optimizer steps to profile, both included), got {window}")
+    if window and window[1] > t.max_steps:
+        raise ConfigError(f"train.profile_steps {window} ends past train.max_steps={t.max_steps}")
 
 
 def validate_mix(data: DataConfig) -> None:

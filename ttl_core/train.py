@@ -122,14 +122,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
-        with autocast(world.device, train.dtype):
+        with annotate(f"forward {i}"), autocast(world.device, train.dtype):
             out = model(**inputs, loss_reduction="sum", z_loss=train.z_loss, label_smoothing=train.label_smoothing)
         sums[0] += out.loss.detach().float()
         for part, value in enumerate((out.z_loss, out.nll), start=1):  # None where its setting is off: no kernel
             if value is not None:
                 sums[part] += value.float()
-        scaled = out.loss * scale
-        (scaler.scale(scaled) if scaler else scaled).backward()
+        with annotate(f"backward {i}"):
+            scaled = out.loss * scale
+            (scaler.scale(scaled) if scaler else scaled).backward()
     means = all_reduce_sum(sums, world) / n_targets.to(world.device)
     parts = gradient_parts(model) if train.log_grad_norms else {}
     grad_norms = clip_gradients(model, optimizer, train, scaler, parts)
@@ -420,19 +421,21 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states))
 
     stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
+    profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)
     try:
         while step < last_step:
             step += 1
             start = time.perf_counter()
-            micro = [model_inputs(next(loader), world.device, run.data.document_masking, tokenizer.bos_id)
-                     for _ in range(train.grad_accum_steps)]
-            try:
-                loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
-                                                      scaler)
-            except TrainingError as e:
-                good = latest_checkpoint(out_dir)
-                raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
-                                    f"{good or 'none (no checkpoint was saved yet)'}") from None
+            with profiler.step(step):  # a step of train.profile_steps' window: traced
+                micro = [model_inputs(next(loader), world.device, run.data.document_masking, tokenizer.bos_id)
+                         for _ in range(train.grad_accum_steps)]
+                try:
+                    loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
+                                                          scaler)
+                except TrainingError as e:
+                    good = latest_checkpoint(out_dir)
+                    raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
+                                        f"{good or 'none (no checkpoint was saved yet)'}") from None
             elapsed = time.perf_counter() - start
             tokens_per_s, mfu = step_throughput(train.tokens_per_step, world.size, elapsed, flops, peak)
             if log:
@@ -461,6 +464,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         progress.close()
         if log:
             log.close()
+        profiler.close()  # a run stopped inside the window writes the steps of it that it trained
 
     if stopped_by and world.is_main:
         print(f"stopped on {stopped_by.name} at step {step}, saved in {saved_at}; continue with --resume")
