@@ -27,13 +27,10 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def run_torchrun(script: Path, *args: str, env: dict | None = None,
-                 port: int | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGS...` (one thread per process) on this checkout; with
-    `port`, its rendezvous on that port of 127.0.0.1 instead of one the system picks."""
+def run_torchrun(script: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGS...` (one thread per process) on this checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    where = ["--standalone"] if port is None else ["--master-addr", "127.0.0.1", "--master-port", str(port)]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", "2",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *map(str, args)], env=full_env, capture_output=True, text=True, timeout=600)
 
 
@@ -45,16 +42,16 @@ def run_snippet(code: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     return done, [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
 
 
-def free_port(ports: range = range(29700, 29800)) -> int:
-    """A free port of `ports`, by default 29700-29799, the range these tests' process groups use."""
-    for port in ports:
+def free_port() -> int:
+    """A free port in 29700-29799, the range these tests' process groups use."""
+    for port in range(29700, 29800):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free port in {ports[0]}-{ports[-1]}")
+    raise RuntimeError("no free port in 29700-29799")
 
 
 def run_in_ascii_locale(code: str) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
-from helpers import ROOT, free_port, run_torchrun
+from helpers import ROOT, run_torchrun
 from train_helpers import losses, prepared_corpus, run_config, same_weights, set_arguments
 from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.profiling import annotate
@@ -144,8 +144,7 @@ def test_annotations_are_ranges_under_a_profiler_and_nothing_without_one():
 @pytest.mark.slow
 def test_every_rank_of_a_ddp_run_writes_its_trace_and_rank_0_the_table(tmp_path, data_dir):
     done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", tmp_path / "run",
-                        *set_arguments("train.max_steps=3", "train.eval_every=0", "train.profile_steps=[2, 3]"),
-                        port=free_port(range(29740, 29746)))  # a range apart from the one other tests scan
+                        *set_arguments("train.max_steps=3", "train.eval_every=0", "train.profile_steps=[2, 3]"))
     assert done.returncode == 0, done.stderr[-3000:]
     profiled = tmp_path / "run" / "profile"
     assert sorted(p.name for p in profiled.iterdir()) == ["rank0-steps2-3.json", "rank1-steps2-3.json",
