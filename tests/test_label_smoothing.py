@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 
 import pytest
 import torch
@@ -225,3 +226,14 @@ def test_cuda_kernel_nll_part(dtype, tolerance):
     loss.backward()
     want_loss.backward()
     assert (hidden.grad.double() - exact.grad).abs().max() <= tolerance * exact.grad.abs().max()
+
+
+@pytest.mark.parametrize("value", [None, "0.1", True])
+def test_a_label_smoothing_that_is_not_a_number_is_named_by_the_model_in_one_line(value):
+    """The model compared it with 0 before the kernel checked it: "'>' not supported between instances of 'NoneType'
+    and 'int'", naming neither the option nor the value; True was smoothing 1 on PyTorch and failed in Triton."""
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset(
+        "tiny", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(TypeError, match=rf"^label_smoothing must be a number, got {re.escape(repr(value))}$"):
+        model(ids, labels=ids, label_smoothing=value)
