@@ -2,6 +2,7 @@
 float64 truths: losses, logits / hidden / weight gradients, every reduction, label smoothing and z-loss."""
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -256,6 +257,9 @@ def test_inputs_that_are_not_logit_rows_and_class_indices_are_refused(backend):
     for smoothing in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="label_smoothing must be between 0 and 1"):
             ttl_kernels.cross_entropy(torch.randn(2, 5), t, label_smoothing=smoothing, backend=backend)
+    for option, value in (("label_smoothing", True), ("label_smoothing", torch.tensor(0.1)), ("z_loss", None)):
+        with pytest.raises(TypeError, match=rf"^{option} must be a number, got {re.escape(repr(value))}$"):  # Triton's was cryptic
+            ttl_kernels.cross_entropy(torch.randn(2, 5), t, **{option: value}, backend=backend)
     for hidden, weight in ((torch.randn(2, 3, 4), torch.randn(5, 4)), (torch.randn(2, 4), torch.randn(5, 3)),
                            (torch.randn(2, 4), torch.randn(4))):
         with pytest.raises(ValueError, match=r"needs hidden \(rows, d\) and weight \(vocab, d\)"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 
 import pytest
 import torch
@@ -200,3 +201,39 @@ def test_a_label_smoothing_outside_0_to_1_is_named_in_one_line(value):
     with pytest.raises(ConfigError, match=r"^train\.label_smoothing must lie in \[0, 1\), got ") as e:
         load_run_config(None, [f"train.label_smoothing={value}"])
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_cuda_kernel_nll_part(dtype, tolerance):
+    """The compiled kernel with smoothing and z-loss on a 32000 vocabulary: the loss, its z-loss part and the
+    unsmoothed cross-entropy, in that order, and the hidden gradient, against the float64 formulas on the same inputs
+    (the interpreter on the CPU is 10 times inside each tolerance)."""
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(300, 64, generator=gen).to("cuda", dtype).requires_grad_()
+    weight = (torch.randn(32000, 64, generator=gen) * 0.2).to("cuda", dtype)
+    targets = torch.randint(0, 32000, (300,), generator=gen).cuda()
+    targets[::3] = -100
+    loss, z_part, nll = ttl_kernels.fused_linear_cross_entropy(
+        hidden, weight, targets, label_smoothing=0.1, z_loss=1e-3, return_z_loss=True, return_nll=True,
+        backend="triton")
+    exact = hidden.detach().double().requires_grad_()
+    logits = exact @ weight.double().t()
+    want_z = 1e-3 * torch.logsumexp(logits, -1)[targets != -100].pow(2).mean()
+    want_loss = F.cross_entropy(logits, targets, label_smoothing=0.1) + want_z
+    for got, want in ((loss, want_loss), (z_part, want_z), (nll, F.cross_entropy(logits, targets))):
+        assert abs(float(got) - float(want)) <= tolerance * float(want)
+    loss.backward()
+    want_loss.backward()
+    assert (hidden.grad.double() - exact.grad).abs().max() <= tolerance * exact.grad.abs().max()
+
+
+@pytest.mark.parametrize("value", [None, "0.1", True])
+def test_a_label_smoothing_that_is_not_a_number_is_named_by_the_model_in_one_line(value):
+    """The model compared it with 0 before the kernel checked it: "'>' not supported between instances of 'NoneType'
+    and 'int'", naming neither the option nor the value; True was smoothing 1 on PyTorch and failed in Triton."""
+    model = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_preset(
+        "tiny", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(TypeError, match=rf"^label_smoothing must be a number, got {re.escape(repr(value))}$"):
+        model(ids, labels=ids, label_smoothing=value)

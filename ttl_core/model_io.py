@@ -142,7 +142,7 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """The LM head's fused cross-entropy of `hidden` (batch, seq, hidden_size) against `targets` (batch, seq), with
     its z-loss part when `z_loss` > 0 and the negative log-likelihood of the targets when `label_smoothing` > 0
     (each else None), all from one pass over the logits and reduced alike."""
-    asked = (z_loss > 0, label_smoothing > 0)
+    asked = (z_loss != 0, label_smoothing != 0)  # a bad value (None, negative) asked too: the kernel names it
     result = ttl_kernels.fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=asked[0], return_nll=asked[1], backend=backend)

@@ -15,6 +15,7 @@ gradient are NaN (the check would cost a host sync; NaN makes the error visible 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,10 @@ def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: fl
     # the kernel would truncate float targets to classes and read bool ones as 0 and 1; the reference refuses both
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must be class indices of an integer dtype, got {targets.dtype}")
+    for option, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        # the reference took True as 1 and a 0-d tensor as its value; Triton failed on both (an i1, a pointer)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{option} must be a number, got {value!r}")
     if not 0.0 <= label_smoothing <= 1.0:  # written so that NaN fails too
         raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
     if not 0.0 <= z_loss < math.inf:
