@@ -1,10 +1,12 @@
 """train.optimizer = "muon" under FSDP2, where each process holds a block of each matrix's rows: one sharded step
 against one process's with the same gradients, whole two-process runs against DDP's and one process's, and
 checkpoints that resume under FSDP and across FSDP, DDP and one process. The GQA model's row counts split unevenly
-over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25)."""
+over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25); a smaller one
+over four leaves ranks without rows."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,9 +20,12 @@ from ttl_core.checkpoint import load_optimizer_file
 from ttl_core.train import train
 
 ODD_ROWS = dict(hidden_size=45, intermediate_size=59, num_attention_heads=3, num_key_value_heads=1, head_dim=10)
+# over four processes, torch.chunk cuts 3 rows (out, down) into three blocks of 1 and 2 (gate_up) into two: the last
+# ranks hold no rows; qkv's 10 rows (q, k, v: 6, 2, 2) come in blocks of 3, so rank 2 holds k whole and a row of v
+FEW_ROWS = dict(hidden_size=3, intermediate_size=1, num_attention_heads=3, num_key_value_heads=1, head_dim=2)
 
-SHARDED_STEPS = f"""
-import copy, pytest, torch
+SHARDED_STEPS = """
+import copy, json, pytest, sys, torch
 from torch.distributed.tensor import Shard, distribute_tensor
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.distributed import close_world, init_world, wrap_model
@@ -28,14 +33,15 @@ from ttl_core.muon import owned_rows
 from ttl_core.optim import build_optimizer
 from ttl_core.run_config import TrainConfig
 world = init_world("cpu")
-config = LlamaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, **{ODD_ROWS!r})
+shape, down_rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])  # down's rows held by each rank
+config = LlamaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, **shape)
 t = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1)
 torch.manual_seed(0)
 alone = LlamaForCausalLM(config)
 sharded = wrap_model(copy.deepcopy(alone), "fsdp", world)
 optimizers = [build_optimizer(model, t, world.device) for model in (alone, sharded)]
 params, shards = dict(alone.named_parameters()), dict(sharded.named_parameters())
-assert shards["backbone.layers.0.mlp.down.weight"].to_local().shape[0] == (23, 22)[world.rank]
+assert shards["backbone.layers.0.mlp.down.weight"].to_local().shape[0] == down_rows[world.rank]
 gen = torch.Generator().manual_seed(1)  # every rank draws the same gradients and keeps its block of them
 for _ in range(3):
     for name, param in params.items():
@@ -54,13 +60,16 @@ close_world(world)
 """
 
 
-def test_a_sharded_muon_step_is_the_one_process_step_to_the_bit(tmp_path):
+@pytest.mark.parametrize("shape, down_rows", [(ODD_ROWS, [23, 22]), (FEW_ROWS, [1, 1, 1, 0])],
+                         ids=["two-processes", "four-processes"])
+def test_a_sharded_muon_step_is_the_one_process_step_to_the_bit(tmp_path, shape, down_rows):
     """Three steps from the same weights with the same fresh random gradients, each rank holding its block of them:
     every weight and momentum buffer, gathered, is the one process's to the bit (each rank orthogonalises the
-    pieces it holds rows of whole, and adds the rows it holds). Parameters sharded otherwise are refused."""
+    pieces it holds rows of whole, and adds the rows it holds; a rank holding none still joins each gather).
+    Parameters sharded otherwise are refused."""
     script = tmp_path / "sharded_steps.py"
     script.write_text(SHARDED_STEPS)
-    done = run_torchrun(script)
+    done = run_torchrun(script, json.dumps(shape), json.dumps(down_rows), processes=len(down_rows))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
