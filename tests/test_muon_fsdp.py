@@ -30,7 +30,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.distributed import close_world, init_world, wrap_model
 from ttl_core.muon import owned_rows
-from ttl_core.optim import build_optimizer
+from ttl_core.optim import apply_update, build_optimizer, clip_gradients
 from ttl_core.run_config import TrainConfig
 world = init_world("cpu")
 shape, down_rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])  # down's rows held by each rank
@@ -53,6 +53,15 @@ for name, param in params.items():
     momentum = optimizers[0].state[param].get("momentum_buffer")
     assert torch.equal(shards[name].full_tensor(), param), name
     assert momentum is None or torch.equal(optimizers[1].state[shards[name]]["momentum_buffer"].full_tensor(), momentum)
+scaler, weights = torch.amp.GradScaler("cpu"), {name: shard.full_tensor() for name, shard in shards.items()}
+scaler.scale(torch.ones(()))
+for name, shard in shards.items():  # an inf in the last rank's rows alone: every rank skips (or Muon's gathers hang)
+    grad = torch.randn(shard.shape, generator=gen)
+    grad[-1] = float("inf") if name == "backbone.layers.1.attn.qkv.weight" else grad[-1]
+    shard.grad = distribute_tensor(grad, shard.device_mesh, shard.placements, src_data_rank=None)
+norm = float(clip_gradients(sharded, optimizers[1], t, scaler))
+assert apply_update(optimizers[1], t.lr, norm, scaler)["skipped"]
+assert all(torch.equal(shard.full_tensor(), weights[name]) for name, shard in shards.items())
 columns = distribute_tensor(torch.randn(4, 6), shard.device_mesh, [Shard(1)])  # a block of columns has no rows of its own
 with pytest.raises(ValueError, match=r"^Muon needs parameters sharded on dim 0 alone, got placements \(Shard\(dim=1\),\)$"):
     owned_rows(columns)
@@ -65,8 +74,8 @@ close_world(world)
 def test_a_sharded_muon_step_is_the_one_process_step_to_the_bit(tmp_path, shape, down_rows):
     """Three steps from the same weights with the same fresh random gradients, each rank holding its block of them:
     every weight and momentum buffer, gathered, is the one process's to the bit (each rank orthogonalises the
-    pieces it holds rows of whole, and adds the rows it holds; a rank holding none still joins each gather).
-    Parameters sharded otherwise are refused."""
+    pieces it holds rows of whole, and adds the rows it holds; a rank holding none still joins each gather). An fp16
+    step with an inf in one rank's rows is skipped by every rank. Parameters sharded otherwise are refused."""
     script = tmp_path / "sharded_steps.py"
     script.write_text(SHARDED_STEPS)
     done = run_torchrun(script, json.dumps(shape), json.dumps(down_rows), processes=len(down_rows))
