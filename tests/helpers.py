@@ -27,11 +27,13 @@ def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = N
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def run_torchrun(script: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGS...` (one thread per process) on this checkout."""
+def run_torchrun(script: Path, *args: str, env: dict | None = None,
+                 processes: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node PROCESSES SCRIPT ARGS...` (one thread per process) on this checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), *map(str, args)], env=full_env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), str(script), *map(str, args)], env=full_env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def run_snippet(code: str) -> tuple[subprocess.CompletedProcess, list[str]]:

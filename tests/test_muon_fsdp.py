@@ -1,10 +1,12 @@
 """train.optimizer = "muon" under FSDP2, where each process holds a block of each matrix's rows: one sharded step
 against one process's with the same gradients, whole two-process runs against DDP's and one process's, and
 checkpoints that resume under FSDP and across FSDP, DDP and one process. The GQA model's row counts split unevenly
-over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25)."""
+over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25); a smaller one
+over four leaves ranks without rows."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,24 +20,28 @@ from ttl_core.checkpoint import load_optimizer_file
 from ttl_core.train import train
 
 ODD_ROWS = dict(hidden_size=45, intermediate_size=59, num_attention_heads=3, num_key_value_heads=1, head_dim=10)
+# over four processes, torch.chunk cuts 3 rows (out, down) into three blocks of 1 and 2 (gate_up) into two: the last
+# ranks hold no rows; qkv's 10 rows (q, k, v: 6, 2, 2) come in blocks of 3, so rank 2 holds k whole and a row of v
+FEW_ROWS = dict(hidden_size=3, intermediate_size=1, num_attention_heads=3, num_key_value_heads=1, head_dim=2)
 
-SHARDED_STEPS = f"""
-import copy, pytest, torch
+SHARDED_STEPS = """
+import copy, json, pytest, sys, torch
 from torch.distributed.tensor import Shard, distribute_tensor
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.distributed import close_world, init_world, wrap_model
 from ttl_core.muon import owned_rows
-from ttl_core.optim import build_optimizer
+from ttl_core.optim import apply_update, build_optimizer, clip_gradients
 from ttl_core.run_config import TrainConfig
 world = init_world("cpu")
-config = LlamaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, **{ODD_ROWS!r})
+shape, down_rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])  # down's rows held by each rank
+config = LlamaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, **shape)
 t = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1)
 torch.manual_seed(0)
 alone = LlamaForCausalLM(config)
 sharded = wrap_model(copy.deepcopy(alone), "fsdp", world)
 optimizers = [build_optimizer(model, t, world.device) for model in (alone, sharded)]
 params, shards = dict(alone.named_parameters()), dict(sharded.named_parameters())
-assert shards["backbone.layers.0.mlp.down.weight"].to_local().shape[0] == (23, 22)[world.rank]
+assert shards["backbone.layers.0.mlp.down.weight"].to_local().shape[0] == down_rows[world.rank]
 gen = torch.Generator().manual_seed(1)  # every rank draws the same gradients and keeps its block of them
 for _ in range(3):
     for name, param in params.items():
@@ -47,6 +53,15 @@ for name, param in params.items():
     momentum = optimizers[0].state[param].get("momentum_buffer")
     assert torch.equal(shards[name].full_tensor(), param), name
     assert momentum is None or torch.equal(optimizers[1].state[shards[name]]["momentum_buffer"].full_tensor(), momentum)
+scaler, weights = torch.amp.GradScaler("cpu"), {name: shard.full_tensor() for name, shard in shards.items()}
+scaler.scale(torch.ones(()))
+for name, shard in shards.items():  # an inf in the last rank's rows alone: every rank skips (or Muon's gathers hang)
+    grad = torch.randn(shard.shape, generator=gen)
+    grad[-1] = float("inf") if name == "backbone.layers.1.attn.qkv.weight" else grad[-1]
+    shard.grad = distribute_tensor(grad, shard.device_mesh, shard.placements, src_data_rank=None)
+norm = float(clip_gradients(sharded, optimizers[1], t, scaler))
+assert apply_update(optimizers[1], t.lr, norm, scaler)["skipped"]
+assert all(torch.equal(shard.full_tensor(), weights[name]) for name, shard in shards.items())
 columns = distribute_tensor(torch.randn(4, 6), shard.device_mesh, [Shard(1)])  # a block of columns has no rows of its own
 with pytest.raises(ValueError, match=r"^Muon needs parameters sharded on dim 0 alone, got placements \(Shard\(dim=1\),\)$"):
     owned_rows(columns)
@@ -54,13 +69,16 @@ close_world(world)
 """
 
 
-def test_a_sharded_muon_step_is_the_one_process_step_to_the_bit(tmp_path):
+@pytest.mark.parametrize("shape, down_rows", [(ODD_ROWS, [23, 22]), (FEW_ROWS, [1, 1, 1, 0])],
+                         ids=["two-processes", "four-processes"])
+def test_a_sharded_muon_step_is_the_one_process_step_to_the_bit(tmp_path, shape, down_rows):
     """Three steps from the same weights with the same fresh random gradients, each rank holding its block of them:
     every weight and momentum buffer, gathered, is the one process's to the bit (each rank orthogonalises the
-    pieces it holds rows of whole, and adds the rows it holds). Parameters sharded otherwise are refused."""
+    pieces it holds rows of whole, and adds the rows it holds; a rank holding none still joins each gather). An fp16
+    step with an inf in one rank's rows is skipped by every rank. Parameters sharded otherwise are refused."""
     script = tmp_path / "sharded_steps.py"
     script.write_text(SHARDED_STEPS)
-    done = run_torchrun(script)
+    done = run_torchrun(script, json.dumps(shape), json.dumps(down_rows), processes=len(down_rows))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
