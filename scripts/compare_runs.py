@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 
 from ttl_core.cli import run_cli
-from ttl_core.compare import (DEFAULT_METRICS, comparison_curves, format_table, load_run, plot_comparison,
-                              summarize)
+from ttl_core.compare import (DEFAULT_METRICS, check_metrics, comparison_curves, format_table, load_run,
+                              plot_comparison, summarize)
 from ttl_core.errors import ConfigError
 from ttl_core.fileio import write_json
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories holding metrics.jsonl")
     parser.add_argument("--out", required=True, help="PNG file to write the figure to")
-    parser.add_argument("--metric", nargs="+", default=list(DEFAULT_METRICS),
+    parser.add_argument("--metric", nargs="+",
                         help="logged keys to draw, e.g. grad_norm or acc_norm/NAME (default: loss eval_loss)")
     parser.add_argument("--x", choices=("tokens", "step"), default="tokens", help="x axis (default: tokens)")
     parser.add_argument("--smooth", type=smoothing_weight, default=0.9,
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     check_output("--out", args.out)
     check_output("--json", args.json)
     runs = [load_run(path, label) for path, label in zip(args.runs, labels)]
-    curves = comparison_curves(runs, args.metric, args.x, args.smooth)
+    if args.metric:
+        check_metrics(runs, args.metric)
+    curves = comparison_curves(runs, args.metric or list(DEFAULT_METRICS), args.x, args.smooth)
     rows = [summarize(run, args.smooth) for run in runs]
     print(format_table(rows))
     if args.json:

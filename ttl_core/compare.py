@@ -78,7 +78,8 @@ def checkpoint_batch_tokens(run: Run) -> int | None:
     if checkpoint is None:
         return None
     state = read_trainer_state(checkpoint)
-    train = state.get("config", {}).get("train") if isinstance(state.get("config"), dict) else None
+    config = state.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
     if not isinstance(train, dict):
         return None
     factors = (state["data"].get("global_batch"), train.get("grad_accum_steps"), state["data"].get("seq_len"))
@@ -124,7 +125,8 @@ def metric_curve(run: Run, metric: str, tokens: dict[float, int] | None, weight:
 
 
 def check_metrics(runs: list[Run], metrics: list[str]) -> None:
-    """Refuse a metric that no run logs, naming those they do."""
+    """Refuse a metric asked for that no run logs, naming those they do (the default eval_loss is drawn where
+    logged: a run with train.eval_every = 0, or not at its first evaluation yet, has none)."""
     logged = list(dict.fromkeys(key for run in runs for r in run.records for key in r if key != "step"))
     for metric in metrics:
         if metric not in logged:
@@ -177,9 +179,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def comparison_curves(runs: list[Run], metrics: list[str], x: str,
                       weight: float) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """run label -> metric -> points, for every run and chosen metric it logs (`metric_curve`): a run that logs
-    none of them with a finite value is a DataError, and so is a run whose tokens are unknown when `x` is tokens."""
-    check_metrics(runs, metrics)
+    """run label -> metric -> points, for every run and chosen metric it logs (`metric_curve`). A run that logs
+    none of them, or one of them without a finite value, is a DataError, and so is a run whose tokens are unknown
+    when `x` is tokens."""
     curves = {}
     for run in runs:
         tokens = tokens_seen(run) if x == "tokens" else None
