@@ -150,7 +150,7 @@ runpy.run_path(sys.argv.pop(1), run_name="__main__")
 
 @pytest.mark.slow
 def test_a_two_process_run_logs_the_tokens_of_both_ranks_and_a_per_gpu_mfu_of_6n_plus_12ldt(tmp_path):
-    """tokens_per_s counts both ranks' tokens, and the MFU is figured from 6N + 12·L·d·T FLOPs per token, N the
+    """tokens_per_s and batch_tokens count both ranks' tokens, and the MFU is figured from 6N + 12·L·d·T FLOPs per token, N the
     parameters without the input embedding table, over one GPU's peak: test_train checks `step_throughput` alone,
     this what the loop hands it (a one-process run on the CPU logs no MFU, and one rank's tokens are all its)."""
     overrides = ("train.max_steps=1", "train.grad_accum_steps=2", "train.eval_every=0")
@@ -169,4 +169,5 @@ def test_a_two_process_run_logs_the_tokens_of_both_ranks_and_a_per_gpu_mfu_of_6n
     flops = 6 * (params - config.vocab_size * config.hidden_size) + attention
     tokens_per_s = t.micro_batch_size * t.grad_accum_steps * t.seq_len * 2 / 2.0
     assert step["tokens_per_s"] == tokens_per_s
+    assert step["batch_tokens"] == t.micro_batch_size * t.grad_accum_steps * t.seq_len * 2  # compare_runs' x axis
     assert step["mfu"] == pytest.approx(flops * tokens_per_s / (312e12 * 2), rel=1e-12)

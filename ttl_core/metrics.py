@@ -115,7 +115,35 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _curve(path: Path, records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+def run_records(run_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+    """A run's metrics.jsonl and its records (`read_metrics`); a directory without one is a DataError."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
+    return path, read_metrics(path)
+
+
+def pyplot(plot: str) -> Any:
+    """matplotlib.pyplot drawing off-screen, or None (with a note naming the `plot` not written) when matplotlib,
+    an optional dependency (`pip install ttl[plot]`), is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed (pip install matplotlib); no {plot} written")
+        return None
+    return plt
+
+
+def save_png(plt: Any, fig: Any, out: Path) -> Path:
+    """Write `fig` to `out` atomically (a reader never sees half a PNG) and free it."""
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out
+
+
+def curve(path: Path, records: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     """(step, value) of every record holding `key`, non-finite values left out; a value or step that is not
     a number is a DataError (matplotlib would fail on it with a TypeError deep inside)."""
     points = []
@@ -138,21 +166,18 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     evaluated, per example; below them, on axes of their own, train.eval_tasks' acc/NAME and acc_norm/NAME, and
     train.log_grad_norms' grad_norm/PART (labelled PART) with grad_norm, on a log scale. Returns None (with a note)
     when matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        raise DataError(f"{path} does not exist: is {run_dir} a training run directory?")
-    records = read_metrics(path)
-    train, evals = _curve(path, records, "loss"), _curve(path, records, "eval_loss")
+    path, records = run_records(run_dir)
+    train, evals = curve(path, records, "loss"), curve(path, records, "eval_loss")
     named = list(dict.fromkeys(key for r in records for key in r))  # in the records' order
-    sources = {key.removeprefix("eval_loss/"): _curve(path, records, key)  # a mixture's or a data.eval set's
+    sources = {key.removeprefix("eval_loss/"): curve(path, records, key)  # a mixture's or a data.eval set's
                for key in named if key.startswith("eval_loss/")}
     # train.eval_tasks' fractions of questions right and train.log_grad_norms' gradient norms by part: no losses, so
     # each kind on axes of its own
-    accuracies = {key: _curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
-    gradients = {key.removeprefix("grad_norm/"): _curve(path, records, key)  # labelled PART
+    accuracies = {key: curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
+    gradients = {key.removeprefix("grad_norm/"): curve(path, records, key)  # labelled PART
                  for key in named if key.startswith("grad_norm/")}
     if gradients:  # with the global norm they make up, on a log scale, where a part that spikes stands out
-        gradients = {"grad_norm": _curve(path, records, "grad_norm"), **gradients}
+        gradients = {"grad_norm": curve(path, records, "grad_norm"), **gradients}
     kinds = ((accuracies, {"ylabel": "zero-shot accuracy", "ylim": (0, 1)}),
              (gradients, {"ylabel": "gradient norm", "yscale": "log"}))
     panels = [(curves, settings) for curves, settings in kinds if curves]
@@ -160,19 +185,15 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
         logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)
         raise DataError(f"{path}: all {logged} loss values are NaN or infinite; nothing to plot" if logged
                         else f"{path} holds no loss records yet")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed (pip install matplotlib); no loss plot written")
+    plt = pyplot("loss plot")
+    if plt is None:
         return None
     fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2 * len(panels)), sharex=True, squeeze=False,
                              height_ratios=(2, *[1] * len(panels)))
     ax = axes[0, 0]
     for (curves, settings), below in zip(panels, axes[1:, 0]):
         if curves is gradients:  # the whole in black, the parts from the input to the output in the colormap's order
-            below.set_prop_cycle(color=["black", *matplotlib.colormaps["viridis"].resampled(len(curves) - 1)(
+            below.set_prop_cycle(color=["black", *plt.colormaps["viridis"].resampled(len(curves) - 1)(
                 range(len(curves) - 1))])
         for key, points in curves.items():
             if points:
@@ -195,7 +216,4 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return out
+    return save_png(plt, fig, Path(run_dir) / "loss.png")

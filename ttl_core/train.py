@@ -440,7 +440,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             tokens_per_s, mfu = step_throughput(train.tokens_per_step, world.size, elapsed, flops, peak)
             if log:
                 log.log({"step": step, "loss": loss, "lr": lr_at(step, train), "grad_norm": grad_norm,
-                         "tokens_per_s": tokens_per_s, "mfu": mfu, **figures})
+                         "tokens_per_s": tokens_per_s, "mfu": mfu, "batch_tokens": train.tokens_per_step * world.size,
+                         **figures})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
