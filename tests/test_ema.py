@@ -179,6 +179,12 @@ TWO = [*COMMON, *EMA, "train.micro_batch_size=2", "model.attention_dropout=0.0",
        "train.save_every=2"]
 
 
+def torchrun_pretrain(data: Path, out: Path, mode: str, resume: bool = False) -> None:
+    done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data, "--out", out, *(["--resume"] * resume),
+                        *set_arguments(*TWO, f"train.distributed=\"{mode}\""))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_average_their_weights_as_one_process_does(runs, tmp_path, mode):
@@ -189,9 +195,7 @@ def test_two_processes_average_their_weights_as_one_process_does(runs, tmp_path,
     (measured: equal)."""
     one = tmp_path / "one"
     train(run_config(*TWO, "train.micro_batch_size=4"), one, data_dir=str(runs / "prepared"))
-    done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", runs / "prepared", "--out", tmp_path / mode,
-                        *set_arguments(*TWO, f"train.distributed=\"{mode}\""))
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_pretrain(runs / "prepared", tmp_path / mode, mode)
 
     def distance(step: int, name: str = "") -> float:
         ours, theirs = (weights(checkpoint(run, step) / name) for run in (tmp_path / mode, one))
@@ -202,3 +206,17 @@ def test_two_processes_average_their_weights_as_one_process_does(runs, tmp_path,
                for run in (one, tmp_path / mode)]
     print(mode, [distance(s, "ema") for s in (2, 4)], [distance(s) for s in (2, 4)], figures)
     assert len(figures[0]) == 4 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(*figures))
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_its_average_bit_for_bit(runs, tmp_path):
+    """Under FSDP the saved average is loaded whole and sharded as the model: steps 3 and 4 as the uninterrupted run."""
+    torchrun_pretrain(runs / "prepared", tmp_path / "straight", "fsdp")
+    shutil.copytree(checkpoint(tmp_path / "straight", 2), checkpoint(tmp_path / "resumed", 2))
+    torchrun_pretrain(runs / "prepared", tmp_path / "resumed", "fsdp", resume=True)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")[2:]
+    assert (checkpoint(tmp_path / "resumed", 4) / "ema" / "model.safetensors").read_bytes() == \
+        (checkpoint(tmp_path / "straight", 4) / "ema" / "model.safetensors").read_bytes()
+    evals = [[r["eval_loss/ema"] for r in read_metrics(run / "metrics.jsonl") if r["step"] > 2 and "eval_loss/ema" in r]
+             for run in (tmp_path / "resumed", tmp_path / "straight")]
+    assert len(evals[0]) == 2 and evals[0] == evals[1]
