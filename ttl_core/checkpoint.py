@@ -2,7 +2,8 @@
 
 `RUN/checkpoints/step-000120/` holds `model.safetensors` + `config.json` (+ the tokenizer), loadable by
 transformers as is, and beside them `trainer_state.json` (step, data position, run config) and
-`optimizer.pt` (optimizer moments and RNG states; read back with `weights_only=True`). A checkpoint is
+`optimizer.pt` (optimizer moments and RNG states; read back with `weights_only=True`), and with `train.ema_decay` the
+moving average of the weights as a model directory of its own, `ema/` (see `ttl_core.ema`). A checkpoint is
 written into a hidden `.step-000120.partial` directory and renamed into place only when complete, so a
 crash at any moment leaves the previous checkpoint as the newest complete one; an old checkpoint is renamed
 to a hidden `.step-000100.old` before it is deleted, so no crash leaves a half-deleted one under its name.
@@ -46,7 +47,8 @@ except ImportError:  # Windows has no flock: runs there go without the run-direc
 STEP_DIR = re.compile(r"step-(\d{6,})")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
-SHA256 = "sha256"  # trainer_state.json's record of the checkpoint's other files: name -> digest
+SHA256 = "sha256"  # trainer_state.json's record of the checkpoint's other files: name (ema/NAME in ema/) -> digest
+EMA_DIR = "ema"  # the moving average of the weights, an HF model directory inside the checkpoint
 STATE_SHA256 = "state_sha256"  # trainer_state.json's digest of its own content (see `state_digest`)
 ZIP_LOCAL_HEADER = b"PK\x03\x04"  # how the zip archive torch.save writes begins
 
@@ -189,7 +191,8 @@ def verify_digests(checkpoint: Path, trainer_state: dict[str, Any]) -> None:
     (checkpoints written before digests were recorded have none to check)."""
     digests = trainer_state.get(SHA256, {})
     # names of the checkpoint's own files only: an edited one must not send the check to a file elsewhere
-    if not isinstance(digests, dict) or not all(isinstance(d, str) and Path(n).name == n for n, d in digests.items()):
+    if not isinstance(digests, dict) or not all(isinstance(d, str) and n in (Path(n).name, f"{EMA_DIR}/{Path(n).name}")
+                                                for n, d in digests.items()):
         raise CheckpointError(f"{checkpoint / TRAINER_STATE}: '{SHA256}' must map the checkpoint's file names to "
                               "digests")
     for name, digest in digests.items():
@@ -205,20 +208,24 @@ def save_checkpoint(
     run_dir: str | Path, step: int, model: torch.nn.Module, model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any], trainer_state: dict[str, Any], tokenizer: Tokenizer | None = None, keep: int = 2,
     scaler_state: dict[str, Any] | None = None, rng_states: list[dict[str, Any]] | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only the newest `keep` ones.
 
     `model` supplies the config and architecture, `model_state` the full (gathered) weights; the
     optimizer state, every rank's `rng_state()` (`rng_states`, from `full_rng_states`; this process's alone by
-    default) and an fp16 run's gradient-scaler state go to `optimizer.pt`, `trainer_state` to JSON."""
+    default) and an fp16 run's gradient-scaler state go to `optimizer.pt`, `trainer_state` to JSON; `ema_state`, the
+    full moving average of the weights, to `ema/`, a model directory as the checkpoint's own."""
     def write(partial: Path) -> None:
         save_pretrained(model, partial, state_dict=model_state, tokenizer=tokenizer)
+        if ema_state is not None:
+            save_pretrained(model, partial / EMA_DIR, state_dict=ema_state, tokenizer=tokenizer)
         atomic_write(partial / OPTIMIZER_STATE,
                      lambda tmp: torch.save({"optimizer": optimizer_state, "rng": rng_states or [rng_state()],
                                              **({"scaler": scaler_state} if scaler_state else {})}, tmp))
         # every other file's digest, for a resume to tell a byte damaged since (a disk error, a bad copy) that
         # leaves the files' structure readable; ~1.5 GB/s, about a second per save of ttl-160m with its optimizer
-        digests = {f.name: file_sha256(f) for f in sorted(partial.iterdir()) if f.is_file()}
+        digests = {f.relative_to(partial).as_posix(): file_sha256(f) for f in sorted(partial.rglob("*")) if f.is_file()}
         # as read back (JSON makes tuples lists and keys strings), for the digest to match on reading
         state = json.loads(json.dumps({"step": step, **trainer_state, SHA256: digests}))
         write_json(partial / TRAINER_STATE, {**state, STATE_SHA256: state_digest(state)})

@@ -83,6 +83,10 @@ class TrainConfig:
     # label smoothing as torch's F.cross_entropy(label_smoothing=ε) applies it (targets (1 - ε) one-hot + ε / vocab);
     # "loss" logs the unsmoothed cross-entropy (comparable with runs without it), "smoothed_loss" the smoothed one
     label_smoothing: float = 0.0
+    # an exponential moving average of the weights, updated after each optimizer step at this decay (warmed up as
+    # min(ema_decay, (1 + step) / (10 + step))), evaluated as eval_loss/ema and saved as checkpoints' ema/ (see
+    # ttl_core.ema); 0: none
+    ema_decay: float = 0.0
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
     tf32: bool = False  # CUDA float32 matmuls on TF32 tensor cores (TeenyTinyLlama's recipe); no effect off CUDA
@@ -230,6 +234,11 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"train.{key} must be finite, got {getattr(t, key)}")
     if not 0 <= t.label_smoothing < 1:  # written so that NaN fails too; inf fails as any number >= 1
         raise ConfigError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must lie in [0, 1) (0: no average of the weights), got {t.ema_decay}")
+    if t.ema_decay and "ema" in {**run.data.mix, **run.data.eval}:  # their figures would be one and the same
+        raise ConfigError("a data.mix source or data.eval set named 'ema' would log eval_loss/ema, which "
+                          "train.ema_decay logs for the average of the weights: rename it")
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):

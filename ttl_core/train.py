@@ -32,6 +32,7 @@ from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0,
                           set_gradient_sync, unwrap, wrap_model)
+from .ema import start_ema
 from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
@@ -378,6 +379,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     with point_to_older_checkpoint(out_dir, resume_from):
         saved = load_optimizer_file(resume_from) if resume_from is not None else None
         model = build_or_load_model(config, train.seed, resume_from, init_from, world.device)
+        ema = start_ema(model, train.ema_decay, resume_from, world)  # None without train.ema_decay
         if resume_from is not None:  # every file read in structure; now every byte, against the digests saved
             verify_digests(resume_from, trainer_state)
 
@@ -389,6 +391,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if train.activation_checkpointing:
         model.activation_checkpointing_enable()
     model = wrap_model(model, train.distributed, world)
+    if ema:
+        ema.attach(model, train.distributed, world)
     if train.compile:
         for block in unwrap(model).backbone.layers:
             block.compile()
@@ -414,11 +418,11 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
 
     def save(at_step: int) -> Path | None:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
-        rng_states = full_rng_states(world)
+        rng_states, ema_state = full_rng_states(world), ema.full_state() if ema else None
         return on_rank_0(world, lambda: save_checkpoint(
             out_dir, at_step, unwrap(model), model_state, optimizer_state,
             {"data": loader.state_dict(), "config": recorded_config}, tokenizer, keep=train.keep_checkpoints,
-            scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states))
+            scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states, ema_state=ema_state))
 
     stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
     profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)
@@ -436,6 +440,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                     good = latest_checkpoint(out_dir)
                     raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
                                         f"{good or 'none (no checkpoint was saved yet)'}") from None
+                if ema and not figures.get("skipped"):  # a step the fp16 grad scaler skipped changed no weight
+                    ema.update(step)
             elapsed = time.perf_counter() - start
             tokens_per_s, mfu = step_throughput(train.tokens_per_step, world.size, elapsed, flops, peak)
             if log:
@@ -451,6 +457,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                     accuracies = task_figures(whole, tasks)
                 evals = {**eval_figures({name: evaluate(model, path, run, world, tokenizer.bos_id)
                                          for name, path in evaluated.items()}, mixture), **accuracies}
+                if ema:  # the averaged weights' eval_loss, on the same batches of the training data's val splits
+                    evals["eval_loss/ema"] = ema.evaluate(lambda m: eval_figures(
+                        {name: evaluate(m, path, run, world, tokenizer.bos_id) for name, path in sources.items()},
+                        mixture)["eval_loss"])
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
