@@ -32,10 +32,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir) -> Path:
-    """A real tiny run that kept its checkpoints of steps 2, 3 and 4."""
+    """A real tiny run that kept its checkpoints of steps 2, 3 and 4, each with the moving average of the weights."""
     run_dir = tmp_path_factory.mktemp("avg") / "run"
-    train(run_config("train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=3"), run_dir,
-          data_dir=str(data_dir))
+    train(run_config("train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=3", "train.ema_decay=0.5"),
+          run_dir, data_dir=str(data_dir))
     return run_dir
 
 
@@ -228,6 +228,20 @@ def test_other_tensors_and_damaged_checkpoints_are_refused_in_one_line(run_dir, 
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
     assert "corrupt or truncated safetensors file" in refusal(capsys, a, cut, *out)
     assert not (tmp_path / "avg").exists()
+
+
+def test_a_checkpoint_s_moving_averages_average_and_a_damaged_one_is_refused(run_dir, tmp_path, capsys):
+    """step-N/ema averages as a checkpoint does, and is checked against the digests that step-N's
+    trainer_state.json records of it, as step-N's own weights are: a damaged byte is refused, not averaged."""
+    a, b = (checkpoint / "ema" for checkpoint in steps(run_dir, 3, 4))
+    assert load_script("average_checkpoints").main([str(a), str(b), "--out", str(tmp_path / "avg")]) == 0
+    assert_bit_for_bit(stored(tmp_path / "avg"), reference_mean([a, b], [1, 1], torch.float32))
+    damaged = shutil.copytree(b.parent, tmp_path / "step-000004") / "ema"
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-100] ^= 0x40  # a weight's byte: the header still reads
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    assert f"{damaged}/model.safetensors: damaged since it was saved" in \
+        refusal(capsys, a, damaged, "--out", tmp_path / "avg2")
 
 
 def test_an_average_that_is_not_finite_is_refused_in_one_line(run_dir, tmp_path, capsys):

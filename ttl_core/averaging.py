@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 
-from .checkpoint import SHA256, TRAINER_STATE, checkpoint_root, complete_checkpoints, verify_digests
+from .checkpoint import EMA_DIR, SHA256, TRAINER_STATE, checkpoint_root, complete_checkpoints, verify_digests
 from .cli import refuse_to_replace
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .errors import CheckpointError, ConfigError
@@ -181,14 +181,17 @@ def _same_vocabulary(dirs: list[Path]) -> Tokenizer | None:
 
 
 def _check_undamaged(checkpoint: Path) -> None:
-    """Refuse a checkpoint whose weight files cannot be read, or, for a run's checkpoint, whose weights or config
-    no longer match the digests its trainer_state.json recorded (a damaged byte leaves the headers readable)."""
+    """Refuse a checkpoint whose weight files cannot be read, or, for a run's checkpoint or the moving average
+    saved in one (step-N/ema), whose weights or config no longer match the digests the run's trainer_state.json
+    recorded (a damaged byte leaves the headers readable)."""
     check_weight_files(checkpoint)
-    if (checkpoint / TRAINER_STATE).is_file():
-        digests = read_json(checkpoint / TRAINER_STATE, CheckpointError).get(SHA256)
+    run_checkpoint, inside = (checkpoint.parent, f"{EMA_DIR}/") if checkpoint.name == EMA_DIR else (checkpoint, "")
+    if (run_checkpoint / TRAINER_STATE).is_file():
+        digests = read_json(run_checkpoint / TRAINER_STATE, CheckpointError).get(SHA256)
         if isinstance(digests, dict):  # optimizer.pt is not read here: it need not be there
-            verify_digests(checkpoint, {SHA256: {name: digest for name, digest in digests.items()
-                                                 if name == "config.json" or name.startswith("model")}})
+            verify_digests(run_checkpoint, {SHA256: {
+                name: digest for name, digest in digests.items() if name.startswith(inside)
+                and (name[len(inside):] == "config.json" or name[len(inside):].startswith("model"))}})
 
 
 def _same_tensors(dirs: list[Path], founds: list[dict[str, tuple[Path, list[int]]]]) -> None:
