@@ -240,3 +240,36 @@ def test_a_real_resumed_run_logs_its_batch_and_compares_by_it_logged_or_not(tmp_
     assert [x for x, _ in logged["eval_loss"]] == [384, 640]
     write_run(tmp_path / "run", *({k: v for k, v in r.items() if k != "batch_tokens"} for r in records))
     assert curves_of(tmp_path / "run")["run"] == logged
+
+
+def classifier_run(run_dir, loss=lambda step: 0.7 - 0.05 * step):
+    """metrics.jsonl as scripts/finetune_classifier.py writes it: a loss per example at each step, no batch_tokens,
+    and an evaluation of accuracy and F1 after each epoch of 2 steps."""
+    records = []
+    for step in range(1, 5):
+        records.append({"step": step, "epoch": (step + 1) // 2, "loss": loss(step), "lr": 1e-4, "grad_norm": 1.0})
+        if step % 2 == 0:
+            records.append({"step": step, "epoch": step // 2, "eval_accuracy": 0.5 + 0.1 * step, "eval_f1": 0.5})
+    return write_run(run_dir, *records)
+
+
+def test_losses_per_example_and_per_token_do_not_share_axes(tmp_path, capsys):
+    """A classifier fine-tuning run's loss (per example) drawn on the language model's axes of nats per token would
+    read as comparable: refused in one line; classifier runs compare among themselves, and beside a language model
+    on metrics that are no loss."""
+    classifier = classifier_run(tmp_path / "classifier")
+    pretraining = write_run(tmp_path / "pretraining", *({**r, "grad_norm": 2.0} if "loss" in r else r
+                                                                 for r in steps(1, 4, 64, 2)))
+    with pytest.raises(SystemExit) as exit:
+        run_cli(load_script("compare_runs").main, [str(classifier), str(pretraining), "--x", "step", "--out",
+                                                   str(tmp_path / "c.png")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {classifier}'s loss is a cross-entropy (nats/example), {pretraining}'s a cross-entropy (nats/token): "
+        "losses in other units do not share axes; compare runs of one kind, or --metric without losses\n")
+    assert not (tmp_path / "c.png").exists()
+    other = classifier_run(tmp_path / "other", loss=lambda step: 0.9 - 0.1 * step)
+    assert curves_of(classifier, other, x="step")["other"]["loss"] == [(s, 0.9 - 0.1 * s) for s in range(1, 5)]
+    both = curves_of(classifier, pretraining, metrics=("grad_norm",), x="step")
+    assert both == {"classifier": {"grad_norm": [(s, 1.0) for s in range(1, 5)]},
+                    "pretraining": {"grad_norm": [(s, 2.0) for s in range(1, 5)]}}

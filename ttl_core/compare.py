@@ -13,7 +13,7 @@ from typing import Any
 
 from .checkpoint import latest_checkpoint, read_trainer_state
 from .errors import ConfigError, DataError, is_integer
-from .metrics import curve, pyplot, run_records, save_png
+from .metrics import curve, loss_kind, pyplot, run_records, save_png
 
 DEFAULT_METRICS = ("loss", "eval_loss")
 # logged at evaluations, drawn as logged; every other metric is a training record's, one point per step, smoothed
@@ -180,8 +180,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def comparison_curves(runs: list[Run], metrics: list[str], x: str,
                       weight: float) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """run label -> metric -> points, for every run and chosen metric it logs (`metric_curve`). A run that logs
-    none of them, or one of them without a finite value, is a DataError, and so is a run whose tokens are unknown
-    when `x` is tokens."""
+    none of them, or one of them without a finite value, is a DataError, and so are a run whose tokens are unknown
+    when `x` is tokens and losses measured otherwise (a classifier's per example beside a language model's)."""
+    kinds = {loss_kind(run.records): run for run in runs}
+    if len(kinds) > 1 and any(map(is_cross_entropy, metrics)):  # a classifier's loss is per example: not comparable
+        (kind, run), (other_kind, other) = list(kinds.items())[:2]
+        raise DataError(f"{run.dir}'s loss is a {kind}, {other.dir}'s a {other_kind}: losses in other units do not "
+                        "share axes; compare runs of one kind, or --metric without losses")
     curves = {}
     for run in runs:
         tokens = tokens_seen(run) if x == "tokens" else None

@@ -160,6 +160,12 @@ def curve(path: Path, records: list[dict[str, Any]], key: str) -> list[tuple[flo
 CLASSIFIER_LOSSES = {"eval_accuracy": "cross-entropy (nats/example)", "eval_pearson": "squared error (per example)"}
 
 
+def loss_kind(records: list[dict[str, Any]]) -> str:
+    """What a run's loss measures: per example for a classifier fine-tuning run that has evaluated, else per token."""
+    return next((kind for r in records for key, kind in CLASSIFIER_LOSSES.items() if key in r),
+                "cross-entropy (nats/token)")
+
+
 def plot_metrics(run_dir: str | Path) -> Path | None:
     """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
     source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
@@ -210,8 +216,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
         if points:
             ax.plot(*zip(*points), ".--", label=name, linewidth=1)
     fig.axes[-1].set_xlabel("optimizer step")
-    ax.set_ylabel(next((label for r in records for key, label in CLASSIFIER_LOSSES.items() if key in r),
-                       "cross-entropy (nats/token)"))
+    ax.set_ylabel(loss_kind(records))
     ax.set_title(Path(run_dir).resolve().name)
     ax.grid(alpha=0.3)
     ax.legend()
