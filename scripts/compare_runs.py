@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", help="one label per run (default: the run directories as given)")
     parser.add_argument("--json", help="also write the table to this JSON file (a list with one object per run)")
     args = parser.parse_args(argv)
+    resolved = [Path(run).resolve() for run in args.runs]
+    if twice := next((run for i, run in enumerate(args.runs) if resolved[i] in resolved[:i]), None):
+        raise ConfigError(f"{twice} is given twice; give each run once")
     if args.labels is not None and len(args.labels) != len(args.runs):
         raise ConfigError(f"--labels gives {len(args.labels)} labels for {len(args.runs)} runs")
     labels = args.labels or args.runs

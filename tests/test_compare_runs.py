@@ -170,6 +170,8 @@ def test_the_table_holds_each_runs_figures(tmp_path, capsys):
                                       "eval_loss, eval_ppl, grad_norm"),
     (["{a}", "{b}", "--labels", "x"], "--labels gives 1 labels for 2 runs"),
     (["{a}", "{b}", "--labels", "x", "x"], "'x' names two runs; give each run its own label (--labels)"),
+    (["{a}", "{a}", "--labels", "x", "y"], "{a} is given twice; give each run once"),
+    (["{a}", "{a}/"], "{a}/ is given twice; give each run once"),
     (["{a}", "{b}", "--metric", "grad_norm"], "{b}/metrics.jsonl: all 2 grad_norm values are NaN or infinite; "
                                               "nothing to compare"),
     (["{a}", "{b}", "--metric", "eval_loss"], "{b}/metrics.jsonl logs no eval_loss; nothing to compare"),
