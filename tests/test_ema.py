@@ -152,6 +152,18 @@ def test_the_digests_cover_the_average_and_a_damaged_one_names_its_file(runs, tm
               resume=True)
 
 
+def test_a_checkpoint_whose_average_was_deleted_names_it_without_saying_its_run_had_none(runs, tmp_path, recwarn):
+    """Its digests record ema/: the average was lost, not never kept, and no warning says the run had none."""
+    for step in (3, 4):
+        shutil.copytree(checkpoint(runs / "ema", step), checkpoint(tmp_path / "run", step))
+    shutil.rmtree(checkpoint(tmp_path / "run", 4) / "ema")
+    with pytest.raises(CheckpointError, match=f"^{checkpoint(tmp_path / 'run', 4)} is not a training checkpoint: "
+                                              "ema/config.json is missing; the older step-000003 looks complete"):
+        train(run_config(*COMMON, *EMA, "train.max_steps=5"), tmp_path / "run", data_dir=str(runs / "prepared"),
+              resume=True)
+    assert not [w for w in recwarn if "holds no average" in str(w.message)]
+
+
 def test_a_run_resumed_without_an_average_starts_it_from_the_resumed_weights(runs, tmp_path):
     shutil.copytree(checkpoint(runs / "plain", 2), checkpoint(tmp_path / "run", 2))
     with pytest.warns(UserWarning, match="holds no average of the weights .*starts from the resumed weights"):

@@ -379,9 +379,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     with point_to_older_checkpoint(out_dir, resume_from):
         saved = load_optimizer_file(resume_from) if resume_from is not None else None
         model = build_or_load_model(config, train.seed, resume_from, init_from, world.device)
-        ema = start_ema(model, train.ema_decay, resume_from, world)  # None without train.ema_decay
         if resume_from is not None:  # every file read in structure; now every byte, against the digests saved
             verify_digests(resume_from, trainer_state)
+        ema = start_ema(model, train.ema_decay, resume_from, world)  # None without it; a lost ema/ is named above
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
