@@ -164,6 +164,18 @@ def test_a_checkpoint_whose_average_was_deleted_names_it_without_saying_its_run_
     assert not [w for w in recwarn if "holds no average" in str(w.message)]
 
 
+def test_an_older_checkpoint_whose_average_is_cut_short_does_not_look_complete(runs, tmp_path):
+    """The advice to resume from the older checkpoint is given only where its ema/ reads too."""
+    for step in (3, 4):
+        shutil.copytree(checkpoint(runs / "ema", step), checkpoint(tmp_path / "run", step))
+    (checkpoint(tmp_path / "run", 4) / "model.safetensors").write_bytes(b"")
+    cut = checkpoint(tmp_path / "run", 3) / "ema" / "model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"; no older checkpoint \(step-000003\) looks complete either$"):
+        train(run_config(*COMMON, *EMA, "train.max_steps=5"), tmp_path / "run", data_dir=str(runs / "prepared"),
+              resume=True)
+
+
 def test_a_run_resumed_without_an_average_starts_it_from_the_resumed_weights(runs, tmp_path):
     shutil.copytree(checkpoint(runs / "plain", 2), checkpoint(tmp_path / "run", 2))
     with pytest.warns(UserWarning, match="holds no average of the weights .*starts from the resumed weights"):

@@ -298,10 +298,12 @@ def _head(path: Path) -> bytes:
 
 def looks_complete(checkpoint: Path) -> bool:
     """Whether every file of a training checkpoint is there and readable, as far as can be told without reading
-    the weights or the optimizer moments: the JSON files, the safetensors headers (which a cut-off file fails)
-    and optimizer.pt's structure."""
+    the weights or the optimizer moments: the JSON files, the safetensors headers (which a cut-off file fails), the
+    moving average's (ema/) where there is one, and optimizer.pt's structure."""
     try:
         check_weight_files(checkpoint)
+        if (checkpoint / EMA_DIR).is_dir():
+            check_weight_files(checkpoint / EMA_DIR)
         load_trainer_state(checkpoint, mmap=True)
     except TTLError:  # a config.json edited to values out of range is a ConfigError
         return False
