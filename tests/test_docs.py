@@ -4,6 +4,7 @@ and every `python scripts/NAME.py ...` command it shows is one that script's arg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pkgutil
 import re
 import shlex
@@ -11,12 +12,15 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, load_script
+from ttl_core.run_config import DataConfig, TrainConfig
 
 DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CODE_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.S)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 CITED_PATH = re.compile(r"`((?:scripts|configs|tests|docs|ttl_core|ttl_kernels|benchmarks)/[\w.*/-]+)`")
 PYTHON_NAME = re.compile(r"\b(?:ttl_core|ttl_kernels)(?:\.\w+)+")
+CITED_SETTING = re.compile(r"`(?:--set )?(train|data)\.(\w+)")
+FILE_SUFFIXES = {"bin", "json", "jsonl", "png", "py", "txt"}  # `train.bin` is a file, not a setting
 SCRIPT_COMMAND = re.compile(r"(?:^|&&|;)\s*(?:python|torchrun|srun python)\b.*?\b(scripts/\w+\.py\b.*)")
 
 
@@ -75,6 +79,15 @@ def test_cited_python_names_exist(page):
             pkgutil.resolve_name(name)  # imports the modules the dotted name goes through
         except (ImportError, AttributeError) as e:
             pytest.fail(f"{doc_id(page)} cites {name}: {e}")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=doc_id)
+def test_cited_settings_are_config_fields(page):
+    """A `train.KEY` or `data.KEY` a page cites is a field of the config (a misspelt one is refused by --set)."""
+    fields = {"train": TrainConfig, "data": DataConfig}
+    for section, key in CITED_SETTING.findall(page.read_text(encoding="utf-8")):
+        if key not in FILE_SUFFIXES:
+            assert key in {f.name for f in dataclasses.fields(fields[section])}, f"{doc_id(page)} cites {section}.{key}"
 
 
 class _Parsed(Exception):

@@ -92,6 +92,11 @@ def test_the_average_is_the_float64_recurrence_over_each_step_s_weights(tmp_path
     assert ema_decay_at(0.3, 2) == 0.25 and ema_decay_at(0.3, 3) == 0.3
 
 
+def test_the_decay_reaches_its_setting_at_the_step_docs_training_md_gives():
+    """d_t = min(d, (1 + t) / (10 + t)) reaches d at step (10d - 1) / (1 - d): 8,990 for 0.999."""
+    assert ema_decay_at(0.999, 8989) < 0.999 == ema_decay_at(0.999, 8990)
+
+
 def test_a_run_trains_bit_for_bit_as_without_the_average(runs):
     """Same losses, gradient norms, eval losses (dropout on: the RNG is untouched) and weights; eval_loss/ema is the
     one figure added, at each evaluation."""

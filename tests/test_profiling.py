@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from torch.profiler import profile
 
 from helpers import ROOT, run_torchrun
 from train_helpers import losses, prepared_corpus, run_config, same_weights, set_arguments
+from ttl_core.cli import _show_warning as show_warning
 from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.profiling import annotate
 from ttl_core.run_config import load_run_config
@@ -115,6 +119,17 @@ def test_a_run_stopped_inside_the_window_writes_the_steps_it_trained_and_its_res
     assert len(list((tmp_path / "profile").iterdir())) == 4
     assert losses(tmp_path) == losses(unprofiled)
     assert same_weights(final_checkpoint(tmp_path), final_checkpoint(unprofiled))
+
+
+def test_the_resume_warning_starts_a_line_of_its_own(tmp_path, data_dir, unprofiled, capsys):
+    """The warning of a run resumed past its window comes before the progress bar, not glued to its first line."""
+    shutil.copytree(unprofiled, tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show_warning  # as the scripts print a warning: one line, on stderr
+        train(run_config(*RUN, "train.max_steps=5", "train.profile_steps=[2, 3]"), tmp_path / "run",
+              data_dir=str(data_dir), resume=True)
+    assert re.search(r"(^|\n)warning: train.profile_steps \[2, 3\]: .* nothing is profiled\n", capsys.readouterr().err)
 
 
 def test_a_profiled_step_that_raises_stops_the_profiler_and_writes_nothing(tmp_path, data_dir, monkeypatch):

@@ -70,6 +70,10 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     held = next((d for d in dirs if out.resolve() in (d.resolve(), *d.resolve().parents)), None)
     if held is not None:
         raise ConfigError(f"{out} would replace {held}, one of the checkpoints averaged; write the average elsewhere")
+    # inside one (as its ema/), it would break the digests of the files it replaced, or go when the run prunes it
+    held = next((d for d in dirs if d.resolve() in out.resolve().parents), None)
+    if held is not None:
+        raise ConfigError(f"{out} lies inside {held}, one of the checkpoints averaged; write the average elsewhere")
     refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
     config, architecture = _same_model(dirs)
     tokenizer = _same_vocabulary(dirs)

@@ -412,6 +412,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         print(f"{unwrap(model).num_parameters():,} parameters; {train.tokens_per_step * world.size:,} tokens per "
               f"optimizer step ({train.micro_batch_size} x {train.grad_accum_steps} x {train.seq_len} x "
               f"{world.size} process{'es' if world.size > 1 else ''})")
+    profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)  # its warning before the bar
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
     loss = stopped_by = None
@@ -425,7 +426,6 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states, ema_state=ema_state))
 
     stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
-    profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)
     try:
         while step < last_step:
             step += 1
