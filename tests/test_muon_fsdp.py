@@ -1,8 +1,9 @@
-"""train.optimizer = "muon" under FSDP2, where each process holds a block of each matrix's rows: one sharded step
-against one process's with the same gradients, whole two-process runs against DDP's and one process's, and
-checkpoints that resume under FSDP and across FSDP, DDP and one process. The GQA model's row counts split unevenly
-over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25); a smaller one
-over four leaves ranks without rows."""
+"""train.optimizer = "muon" under FSDP2, where each process holds a block of each matrix's rows, and DDP, the
+processes sharing the Newton-Schulz work: one sharded or replicated step against one process's with the same
+gradients, whole two-process runs against DDP's, one process's and an unshared DDP run's, and checkpoints that resume
+under FSDP and across FSDP, DDP and one process. The GQA model's row counts split unevenly over two processes (45
+rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25); a smaller one over four leaves ranks
+without rows."""
 
 from __future__ import annotations
 
