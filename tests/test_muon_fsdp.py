@@ -1,8 +1,9 @@
-"""train.optimizer = "muon" under FSDP2, where each process holds a block of each matrix's rows: one sharded step
-against one process's with the same gradients, whole two-process runs against DDP's and one process's, and
-checkpoints that resume under FSDP and across FSDP, DDP and one process. The GQA model's row counts split unevenly
-over two processes (45 rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25); a smaller one
-over four leaves ranks without rows."""
+"""train.optimizer = "muon" under FSDP2, where each process holds a block of each matrix's rows, and DDP, the
+processes sharing the Newton-Schulz work: one sharded or replicated step against one process's with the same
+gradients, whole two-process runs against DDP's, one process's and an unshared DDP run's, and checkpoints that resume
+under FSDP and across FSDP, DDP and one process. The GQA model's row counts split unevenly over two processes (45
+rows: 23 and 22) and across its pieces (q, k, v: 30, 10, 10 rows, blocks of 25); a smaller one over four leaves ranks
+without rows."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ FEW_ROWS = dict(hidden_size=3, intermediate_size=1, num_attention_heads=3, num_k
 SHARDED_STEPS = """
 import copy, json, pytest, sys, torch
 from torch.distributed.tensor import Shard, distribute_tensor
+import ttl_core.muon as muon
 from ttl_core import LlamaConfig, LlamaForCausalLM
-from ttl_core.distributed import close_world, init_world, wrap_model
+from ttl_core.distributed import all_reduce_sum, close_world, init_world, wrap_model
 from ttl_core.muon import owned_rows
 from ttl_core.optim import apply_update, build_optimizer, clip_gradients
 from ttl_core.run_config import TrainConfig
@@ -38,29 +40,41 @@ config = LlamaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, **s
 t = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1)
 torch.manual_seed(0)
 alone = LlamaForCausalLM(config)
-sharded = wrap_model(copy.deepcopy(alone), "fsdp", world)
-optimizers = [build_optimizer(model, t, world.device) for model in (alone, sharded)]
+sharded, ddp = (wrap_model(copy.deepcopy(alone), mode, world) for mode in ("fsdp", "ddp"))
+models = {"alone": alone, "fsdp": sharded, "ddp": ddp.module}
+optimizers = {name: build_optimizer(model, t, world.device, None if name == "alone" else world)
+              for name, model in zip(models, (alone, sharded, ddp))}
 params, shards = dict(alone.named_parameters()), dict(sharded.named_parameters())
 assert shards["backbone.layers.0.mlp.down.weight"].to_local().shape[0] == down_rows[world.rank]
+calls, orthogonalized = {name: 0 for name in models}, muon.orthogonalized
 gen = torch.Generator().manual_seed(1)  # every rank draws the same gradients and keeps its block of them
 for _ in range(3):
     for name, param in params.items():
         param.grad, shard = torch.randn(param.shape, generator=gen), shards[name]
         shard.grad = distribute_tensor(param.grad, shard.device_mesh, shard.placements, src_data_rank=None)
-    for optimizer in optimizers:
+        ddp.module.get_parameter(name).grad = param.grad.clone()
+    for name, optimizer in optimizers.items():
+        muon.orthogonalized = lambda *args, name=name: calls.__setitem__(name, calls[name] + 1) or orthogonalized(*args)
         optimizer.step()
-for name, param in params.items():
-    momentum = optimizers[0].state[param].get("momentum_buffer")
-    assert torch.equal(shards[name].full_tensor(), param), name
-    assert momentum is None or torch.equal(optimizers[1].state[shards[name]]["momentum_buffer"].full_tensor(), momentum)
+muon.orthogonalized = orthogonalized
+pieces = 3 * 2 * 7  # 3 steps of q, k, v, o, gate, up and down in 2 layers
+shared = all_reduce_sum(torch.tensor([calls["fsdp"], calls["ddp"]]), world).tolist()
+assert calls["alone"] == pieces and shared == [pieces, pieces], (calls, shared)  # each piece by one process
+for mode, model in models.items():
+    for name, param in model.named_parameters():
+        momentum = optimizers["alone"].state[params[name]].get("momentum_buffer")
+        theirs = optimizers[mode].state[param].get("momentum_buffer")
+        gathered = lambda tensor: tensor.full_tensor() if mode == "fsdp" else tensor
+        assert torch.equal(gathered(param), params[name]), (mode, name)
+        assert momentum is None or torch.equal(gathered(theirs), momentum), (mode, name)
 scaler, weights = torch.amp.GradScaler("cpu"), {name: shard.full_tensor() for name, shard in shards.items()}
 scaler.scale(torch.ones(()))
 for name, shard in shards.items():  # an inf in the last rank's rows alone: every rank skips (or Muon's gathers hang)
     grad = torch.randn(shard.shape, generator=gen)
     grad[-1] = float("inf") if name == "backbone.layers.1.attn.qkv.weight" else grad[-1]
     shard.grad = distribute_tensor(grad, shard.device_mesh, shard.placements, src_data_rank=None)
-norm = float(clip_gradients(sharded, optimizers[1], t, scaler))
-assert apply_update(optimizers[1], t.lr, norm, scaler)["skipped"]
+norm = float(clip_gradients(sharded, optimizers["fsdp"], t, scaler))
+assert apply_update(optimizers["fsdp"], t.lr, norm, scaler)["skipped"]
 assert all(torch.equal(shard.full_tensor(), weights[name]) for name, shard in shards.items())
 columns = distribute_tensor(torch.randn(4, 6), shard.device_mesh, [Shard(1)])  # a block of columns has no rows of its own
 with pytest.raises(ValueError, match=r"^Muon needs parameters sharded on dim 0 alone, got placements \(Shard\(dim=1\),\)$"):
@@ -69,13 +83,16 @@ close_world(world)
 """
 
 
-@pytest.mark.parametrize("shape, down_rows", [(ODD_ROWS, [23, 22]), (FEW_ROWS, [1, 1, 1, 0])],
-                         ids=["two-processes", "four-processes"])
-def test_a_sharded_muon_step_is_the_one_process_step_to_the_bit(tmp_path, shape, down_rows):
-    """Three steps from the same weights with the same fresh random gradients, each rank holding its block of them:
-    every weight and momentum buffer, gathered, is the one process's to the bit (each rank orthogonalises the
-    pieces it holds rows of whole, and adds the rows it holds; a rank holding none still joins each gather). An fp16
-    step with an inf in one rank's rows is skipped by every rank. Parameters sharded otherwise are refused."""
+@pytest.mark.parametrize("shape, down_rows", [(ODD_ROWS, [23, 22]), (ODD_ROWS, [15, 15, 15]),
+                                              (FEW_ROWS, [1, 1, 1, 0])],
+                         ids=["two-processes", "three-processes", "four-processes"])
+def test_a_shared_muon_step_is_the_one_process_step_to_the_bit(tmp_path, shape, down_rows):
+    """Three steps from the same weights with the same fresh random gradients, under FSDP (each rank holding its
+    block of them) and under DDP: every weight and momentum buffer, gathered, is the one process's to the bit, and
+    each of the 14 pieces (q, k, v, o, gate, up, down in 2 layers) is orthogonalised once a step over all the ranks
+    (each piece by one rank, its bfloat16 result sent to the others, which add the rows they hold; a rank holding
+    none still joins each collective). An fp16 step with an inf in one rank's rows is skipped by every rank.
+    Parameters sharded otherwise are refused."""
     script = tmp_path / "sharded_steps.py"
     script.write_text(SHARDED_STEPS)
     done = run_torchrun(script, json.dumps(shape), json.dumps(down_rows), processes=len(down_rows))
@@ -89,8 +106,22 @@ COMMON = ["train.optimizer=\"muon\"", "train.max_steps=4", "train.grad_accum_ste
 ONE, TWO = [*COMMON, "train.micro_batch_size=4"], [*COMMON, "train.micro_batch_size=2"]
 
 
-def torchrun_pretrain(data: Path, out: Path, mode: str, resume: bool = False) -> None:
-    done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data, "--out", out, *(["--resume"] * resume),
+# scripts/pretrain.py with an optimizer that is not told the world: each rank orthogonalises every piece it steps
+UNSHARED = """
+import runpy, sys
+import ttl_core.optim, ttl_core.train
+ttl_core.train.build_optimizer = lambda model, train, device, world: ttl_core.optim.build_optimizer(model, train, device)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def torchrun_pretrain(data: Path, out: Path, mode: str, resume: bool = False, unshared: bool = False) -> None:
+    launched = [ROOT / "scripts" / "pretrain.py"]
+    if unshared:
+        (out.parent / "unshared.py").write_text(UNSHARED)
+        launched.insert(0, out.parent / "unshared.py")
+    done = run_torchrun(*launched, "--data", data, "--out", out, *(["--resume"] * resume),
                         *set_arguments(*TWO, f"train.distributed=\"{mode}\""))
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -98,12 +129,13 @@ def torchrun_pretrain(data: Path, out: Path, mode: str, resume: bool = False) ->
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The data (in "prepared") and the runs of one process and of two under FSDP and under DDP, with the same global
-    batch."""
+    batch, and a DDP run whose ranks do not share Newton-Schulz (each orthogonalises every piece, as before)."""
     tmp = tmp_path_factory.mktemp("runs")
     data = prepared_corpus(tmp)
     train(run_config(*ONE), tmp / "one", data_dir=str(data))
     for mode in ("fsdp", "ddp"):
         torchrun_pretrain(data, tmp / mode, mode)
+    torchrun_pretrain(data, tmp / "unshared", "ddp", unshared=True)
     return tmp
 
 
@@ -135,6 +167,15 @@ def test_fsdp_muon_runs_as_ddp_to_the_bit_and_as_one_process_to_float_rounding(r
     assert all(torch.equal(value, states[1][name][key]) for name, state in states[0].items()
                for key, value in state.items())
     assert relative_difference(losses(runs / "fsdp"), losses(runs / "one")) <= 1e-5
+
+
+@pytest.mark.slow
+def test_muon_runs_that_share_newton_schulz_are_the_unshared_run_to_the_bit(runs):
+    """Each piece orthogonalised by one rank and its bfloat16 result sent to the others: the DDP and FSDP runs'
+    losses and weights are those of a DDP run whose ranks each orthogonalise every piece."""
+    assert losses(runs / "ddp") == losses(runs / "unshared") == losses(runs / "fsdp")
+    assert same_weights(checkpoint(runs / "ddp", 4), checkpoint(runs / "unshared", 4))
+    assert same_weights(checkpoint(runs / "fsdp", 4), checkpoint(runs / "unshared", 4))
 
 
 def resumed_from(source: Path, run: Path) -> None:

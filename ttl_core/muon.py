@@ -9,16 +9,23 @@ k_proj, ... The momentum and the weight decay are elementwise, so they act on th
 
 Under FSDP2 a parameter, its gradient and its momentum are DTensors of which each process holds a block of rows:
 the momentum and the weight decay stay on the blocks, the update is gathered whole for Newton-Schulz, and each
-process orthogonalises the pieces it holds rows of (the same bfloat16 iteration of the same matrix as one process
-would run) and adds their rows to its block."""
+process adds the rows it holds of each piece's orthogonalised update to its block.
+
+Alone, a process orthogonalises every piece it holds rows of. Given the `world` of a DDP or FSDP run, each piece is
+orthogonalised by one process and the results are shared (`ttl_core.muon_sharing`): the same bfloat16 iteration of
+the same matrix as one process would run, so either way the step is one process's to the bit."""
 
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 from typing import Any, Callable
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
+
+from .distributed import World
+from .muon_sharing import balanced_owners, exchanged, newton_schulz_flops
 
 # the quintic Newton-Schulz iteration's coefficients and the floor of the norm it starts from (Keller Jordan's,
 # and torch.optim.Muon's defaults)
@@ -52,15 +59,16 @@ def adjusted_lr(lr: float, adjust: str, shape: torch.Size) -> float:
 class MuonAndAdamW(torch.optim.Optimizer):
     """`adamw`'s groups, stepped by `adamw` itself (torch's AdamW, bit for bit), and `muon_groups`, each with its
     `params` (2-D), `rows` (the row count of each piece the parameters are cut into along dim 0), `lr`,
-    `weight_decay`, `momentum`, `nesterov`, `ns_steps` and `adjust_lr` (see `adjusted_lr`)."""
+    `weight_decay`, `momentum`, `nesterov`, `ns_steps` and `adjust_lr` (see `adjusted_lr`). Given the `world` of a
+    DDP or FSDP run, its processes share the Newton-Schulz work: every one of them must step."""
 
-    def __init__(self, adamw: torch.optim.AdamW, muon_groups: list[dict[str, Any]]):
+    def __init__(self, adamw: torch.optim.AdamW, muon_groups: list[dict[str, Any]], world: World | None = None):
         for group in muon_groups:
             for param in group["params"]:
                 if param.dim() != 2 or param.shape[0] != sum(group["rows"]):
                     raise ValueError(f"Muon needs 2-D parameters of {sum(group['rows'])} rows, "
                                      f"got {tuple(param.shape)}")
-        self.adamw = adamw
+        self.adamw, self.world = adamw, world
         super().__init__([*adamw.param_groups, *muon_groups], {})  # the same group dicts as adamw's
         self.adamw.state = self.state
 
@@ -73,30 +81,61 @@ class MuonAndAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = self.adamw.step(closure)
-        for group in self.param_groups:
-            if "rows" in group:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        self._muon_update(param, group)
+        # every process lists the same pieces in the same order: (parameter, its group, first row, row count)
+        pieces = [(param, group, start, rows) for group in self.param_groups if "rows" in group
+                  for param in group["params"] if param.grad is not None
+                  for start, rows in zip(accumulate(group["rows"], initial=0), group["rows"])]
+        if self.world is not None and self.world.distributed:
+            self._shared_muon_step(pieces)
+            return loss
+        for param, group, start, rows in pieces:
+            if start == 0:
+                whole = self._whole_update(param, group)
+            if held_rows(param, start, rows)[0].numel():  # else the other processes' piece to orthogonalise
+                step_rows(param, group, start, orthogonalized(whole[start:start + rows], group["ns_steps"]))
         return loss
 
-    def _muon_update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+    def _shared_muon_step(self, pieces: list[tuple[torch.Tensor, dict[str, Any], int, int]]) -> None:
+        """Each piece orthogonalised by one process, the processes' work balanced by its FLOPs, and every result
+        sent to every process in one collective, which steps the rows it holds."""
+        shapes = [(rows, param.shape[1]) for param, _, _, rows in pieces]
+        owners = balanced_owners([newton_schulz_flops(*shape, group["ns_steps"])
+                                  for shape, (_, group, _, _) in zip(shapes, pieces)], self.world.size)
+        ours = []
+        for (param, group, start, rows), owner in zip(pieces, owners):
+            if start == 0:
+                whole = self._whole_update(param, group)
+            if owner == self.world.rank:
+                ours.append(orthogonalized(whole[start:start + rows], group["ns_steps"]))
+        for (param, group, start, _), update in zip(pieces, exchanged(ours, shapes, owners, self.world)):
+            step_rows(param, group, start, update)
+
+    def _whole_update(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Move `param`'s momentum, decay its weights and return its (Nesterov) update whole: under FSDP, gathered
+        from every process's block (a collective: every process calls it for every parameter)."""
         grad, state = param.grad, self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
         momentum = state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
         update = grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
         param.mul_(1 - group["lr"] * group["weight_decay"])
-        whole = update.full_tensor() if isinstance(update, DTensor) else update  # a collective: every rank calls it
-        block, first = owned_rows(param)
-        start = 0
-        for rows in group["rows"]:
-            piece = whole[start:start + rows]
-            low, high = max(start, first), min(start + rows, first + block.shape[0])
-            if low < high:  # a piece with none of this process's rows is the other processes' to orthogonalise
-                block[low - first:high - first].add_(orthogonalized(piece, group["ns_steps"])[low - start:high - start],
-                                                     alpha=-adjusted_lr(group["lr"], group["adjust_lr"], piece.shape))
-            start += rows
+        return update.full_tensor() if isinstance(update, DTensor) else update
+
+
+def step_rows(param: torch.Tensor, group: dict[str, Any], start: int, update: torch.Tensor) -> None:
+    """Add the rows this process holds of `update`, a piece's orthogonalised update whose first row is `param`'s
+    row `start`, to `param` at the piece's adjusted lr (none when it holds none of them)."""
+    target, within = held_rows(param, start, update.shape[0])
+    target.add_(update[within], alpha=-adjusted_lr(group["lr"], group["adjust_lr"], update.shape))
+
+
+def held_rows(param: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, slice]:
+    """Of `param`'s rows start..start+rows, those this process holds (a view of its block, maybe empty), and
+    where they lie in the piece."""
+    block, first = owned_rows(param)
+    low = max(start, first)
+    high = max(low, min(start + rows, first + block.shape[0]))
+    return block[low - first:high - first], slice(low - start, high - start)
 
 
 def owned_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:

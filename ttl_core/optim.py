@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .distributed import full_tensor, unwrap
+from .distributed import World, full_tensor, unwrap
 from .errors import TrainingError
 from .lora_targets import linear_slices
 from .muon import MuonAndAdamW
@@ -21,10 +21,12 @@ from .run_config import TrainConfig
 MIN_LOSS_SCALE = 1.0
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device,
+                    world: World | None = None) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, with those whose name (any of a tied weight's names) contains a
     `train.no_decay` fragment in a group without weight decay (fused kernels on CUDA); with `train.optimizer`
-    "muon", the decoder blocks' projection matrices are Muon's instead (see `ttl_core.muon`)."""
+    "muon", the decoder blocks' projection matrices are Muon's instead (see `ttl_core.muon`), whose Newton-Schulz
+    work the processes of `world` (a DDP or FSDP run's) share."""
     # a tied weight counts under each of its names (the LM head tied to the embedding is listed as the embedding's)
     excluded = {id(param) for name, param in model.named_parameters(remove_duplicate=False)
                 if any(f in name for f in train.no_decay)}
@@ -46,7 +48,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
     return MuonAndAdamW(adamw, [{"params": params, "rows": list(rows), "lr": train.lr, "weight_decay": weight_decay,
                                  "momentum": train.muon_momentum, "nesterov": train.muon_nesterov,
                                  "ns_steps": train.muon_ns_steps, "adjust_lr": train.muon_adjust_lr}
-                                for (rows, weight_decay), params in muon_groups.items()])
+                                for (rows, weight_decay), params in muon_groups.items()], world)
 
 
 def projection_rows(model: torch.nn.Module) -> dict[int, tuple[int, ...]]:

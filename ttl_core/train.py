@@ -396,7 +396,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if train.compile:
         for block in unwrap(model).backbone.layers:
             block.compile()
-    optimizer = build_optimizer(model, train, world.device)
+    optimizer = build_optimizer(model, train, world.device, world)
     scaler = torch.amp.GradScaler(world.device.type) if train.dtype == "float16" else None
 
     if saved is not None:
