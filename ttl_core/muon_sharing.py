@@ -42,7 +42,8 @@ def exchanged(ours: list[torch.Tensor], shapes: list[tuple[int, int]], owners: l
     packed = torch.cat([*((piece.T if piece.size(0) > piece.size(1) else piece).flatten() for piece in ours),
                         padding])
     gathered = torch.empty(world.size * max(sizes), dtype=torch.bfloat16, device=world.device)
-    dist.all_gather_single(gathered, packed)  # gloo takes the processes' buffers end to end, not stacked
+    # end to end, not stacked (gloo's way); torch 2.13 renamed all_gather_into_tensor, and ttl runs on torch 2.9 up
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(gathered, packed)
     gathered = gathered.view(world.size, max(sizes))
     updates, offsets = [], [0] * world.size
     for (rows, cols), owner in zip(shapes, owners):
