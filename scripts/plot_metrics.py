@@ -1,4 +1,5 @@
-"""Plot a training run's loss and eval curves to RUN/loss.png (works while the run is still going).
+"""Plot a training run's loss and eval curves to RUN/loss.png (works while the run is still going), with panels
+of their own for zero-shot accuracies (train.eval_tasks) and per-block gradient norms (train.log_grad_norms).
 
   python scripts/plot_metrics.py runs/tiny
 """

@@ -7,7 +7,8 @@ Without --data (and no [data] path or [data.mix] in the config) the bundled Port
 into RUN/data first; with --resume, the run continues on the data directory (or mixture) its checkpoint records
 instead.
 Writes RUN/metrics.jsonl, RUN/checkpoints/step-NNNNNN (HF format, loadable by transformers and
-`ttl_core.load_pretrained`), RUN/loss.png, and prints a sample generation from the final model.
+`ttl_core.load_pretrained`; with train.ema_decay the average of the weights in step-NNNNNN/ema as well),
+RUN/loss.png (RUN/profile with train.profile_steps), and prints a sample generation from the final model.
 
 SIGTERM or SIGUSR1 (a scheduler's warning before its time limit: `#SBATCH --signal=USR1@120` in SLURM) ends the
 run after the optimizer step in progress, with a checkpoint of that step, and exit status 75 (EX_TEMPFAIL: requeue
