@@ -73,3 +73,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The bundled sample corpus prepared once per test module (a module may define its own `data_dir`)."""
+    from train_helpers import prepared_corpus  # after the environment above: it imports ttl_kernels
+
+    return prepared_corpus(tmp_path_factory.mktemp("data"))

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import load_script
-from train_helpers import prepared_corpus, random_model, run_config
+from train_helpers import random_model, run_config
 from ttl_core import load_pretrained
 from ttl_core.averaging import RECORD, average_checkpoints
 from ttl_core.cli import run_cli
@@ -23,11 +23,6 @@ from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.hf import save_native, save_pretrained
 from ttl_core.tokenizer_train import train_tokenizer
 from ttl_core.train import train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

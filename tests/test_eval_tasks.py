@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_script, run_torchrun
-from train_helpers import losses, prepared_corpus, run_config, set_arguments
+from train_helpers import losses, run_config, set_arguments
 from ttl_core.choices import evaluate_questions, read_questions
 from ttl_core.errors import TTLError
 from ttl_core.hf import load_pretrained
@@ -21,11 +21,6 @@ from ttl_core.train import train
 
 QUESTIONS = ROOT / "ttl_core" / "sample_data" / "escolhas_pt.jsonl"  # 32 questions of 4 choices
 LIMIT = 10
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

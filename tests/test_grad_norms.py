@@ -11,14 +11,9 @@ import torch
 
 from hf_reference import hf_causal_lm
 from test_train_reference import blocks_of, summed_loss, target_count, training_batches
-from train_helpers import prepared_corpus, run_config
+from train_helpers import run_config
 from ttl_core.metrics import read_metrics
 from ttl_core.train import train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 def part_figures(record: dict) -> dict[str, float]:

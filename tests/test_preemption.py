@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import ROOT, free_port
-from train_helpers import corpus_file, losses, prepared_corpus, run_config, same_weights, set_arguments
+from train_helpers import corpus_file, losses, run_config, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.data import prepare_data
 from ttl_core.distributed import World
@@ -40,11 +40,6 @@ def ctrl_c_as_in_a_terminal():
     yield
     if ignored:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import profile
 
 from helpers import ROOT, run_torchrun
-from train_helpers import losses, prepared_corpus, run_config, same_weights, set_arguments
+from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.cli import _show_warning as show_warning
 from ttl_core.errors import ConfigError, TrainingError
 from ttl_core.profiling import annotate
@@ -27,11 +27,6 @@ from ttl_core.train import train
 
 # two micro-batches a step, dropout (the profiler must draw none of its random numbers), an evaluation inside the window
 RUN = ("train.max_steps=4", "train.grad_accum_steps=2", "model.attention_dropout=0.1", "train.eval_every=2")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

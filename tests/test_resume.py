@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_in_ascii_locale, run_script
-from train_helpers import FAST, MICRO_MODEL, losses, prepared_corpus, random_model, run_config, set_arguments
+from train_helpers import FAST, MICRO_MODEL, losses, random_model, run_config, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state,
                                  remove_partial_checkpoints, save_checkpoint)
@@ -28,11 +28,6 @@ import ttl_core.checkpoint as ttl_checkpoint
 import ttl_core.train as ttl_train
 from ttl_core.optim import build_optimizer
 from ttl_core.train import train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("accum, masking, dropout", [(1, "false", 0.0), (2, "false", 0.0), (2, "true", 0.0),

@@ -7,14 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.helpers import ROOT, largest, run_script, run_torchrun
-from train_helpers import losses, prepared_corpus, random_model, run_config, set_arguments
+from train_helpers import losses, random_model, run_config, set_arguments
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.checkpoint import complete_checkpoints
 from ttl_core.data import PackedLoader
@@ -25,11 +24,6 @@ import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
 from ttl_core.optim import build_optimizer, clip_gradients, lr_at, optimizer_update
 from ttl_core.train import cpp_compiler, evaluate, model_inputs, train, train_step
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 # --- optimizer groups, MFU -----------------------------------------------------------------------------------

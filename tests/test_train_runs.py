@@ -10,7 +10,6 @@ import math
 import shutil
 import sys
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,11 +27,6 @@ from ttl_core.run_config import check_resumable, load_run_config
 from ttl_core.tokenizer import Tokenizer
 import ttl_core.train as ttl_train
 from ttl_core.train import sample_text, train
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return prepared_corpus(tmp_path_factory.mktemp("data"))
 
 
 def test_refuses_to_overwrite_a_run_and_checks_vocab(tmp_path, data_dir):

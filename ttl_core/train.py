@@ -425,6 +425,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             {"data": loader.state_dict(), "config": recorded_config}, tokenizer, keep=train.keep_checkpoints,
             scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states, ema_state=ema_state))
 
+    def eval_losses(of_model: torch.nn.Module, directories: dict[str, Path]) -> dict[str, float]:
+        return {name: evaluate(of_model, path, run, world, tokenizer.bos_id) for name, path in directories.items()}
+
     stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
     try:
         while step < last_step:
@@ -455,12 +458,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 # gathers run alike on all; rank 0 logs the figures, after the losses
                 with autocast(world.device, train.dtype), full_parameters(model) as whole:
                     accuracies = task_figures(whole, tasks)
-                evals = {**eval_figures({name: evaluate(model, path, run, world, tokenizer.bos_id)
-                                         for name, path in evaluated.items()}, mixture), **accuracies}
+                evals = {**eval_figures(eval_losses(model, evaluated), mixture), **accuracies}
                 if ema:  # the averaged weights' eval_loss, on the same batches of the training data's val splits
-                    evals["eval_loss/ema"] = ema.evaluate(lambda m: eval_figures(
-                        {name: evaluate(m, path, run, world, tokenizer.bos_id) for name, path in sources.items()},
-                        mixture)["eval_loss"])
+                    evals["eval_loss/ema"] = ema.evaluate(
+                        lambda averaged: eval_figures(eval_losses(averaged, sources), mixture)["eval_loss"])
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
