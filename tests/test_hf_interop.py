@@ -259,8 +259,10 @@ def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
     ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture 'MistralForCausalLM'"),
     ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
     ({"hidden_act": "gelu"}, "unsupported activation hidden_act='gelu'"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "unsupported rope type 'yarn'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None}, "unsupported rope type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}},
+     "unsupported rope type 'longrope'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None},
+     r"unsupported rope type 'dynamic'; .* follow the longest sequence seen"),
 ])
 def test_unsupported_configs_are_named(tmp_path, edit, message):
     d = _saved(hf_causal_lm(), tmp_path)

@@ -35,5 +35,5 @@ def test_a_model_built_under_inference_mode_still_moves_and_casts():
     with torch.inference_mode():
         model = ttl_core.LlamaForCausalLM(tiny_config())
     model.to(torch.bfloat16).float()
-    expected = ttl_core.model.rope_inverse_frequencies(model.config)
+    expected = ttl_core.rope.rope_inverse_frequencies(model.config)
     assert torch.equal(model.backbone.rotary.inv_freq_bits.view(torch.float32), expected)

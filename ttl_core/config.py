@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ from ttl_kernels.dispatch import BACKENDS
 from .errors import ConfigError, is_integer, is_number
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 KERNEL_CHOICES = BACKENDS  # what ttl_kernels' dispatch takes
 ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn", "triton", "eager")
 # fields that pick how the model runs on this machine, not what it is: never read from or written to a checkpoint
@@ -225,31 +226,62 @@ class LlamaConfig:
 
 def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,
                           max_position_embeddings: int) -> dict[str, Any] | None:
-    """`rope_scaling` with its type under `rope_type` (also read from transformers' older `type` key) and
-    llama3's original_max_position_embeddings defaulted; None for the default rotary. An unsupported type, a
-    partial rotary factor, or a parameter of the type that is missing or not a positive number is refused."""
+    """`rope_scaling` with its type under `rope_type` (also read from transformers' older `type` key) and the
+    original_max_position_embeddings of llama3 and yarn defaulted; None for the default rotary. An unsupported
+    type, a partial rotary factor, or a parameter of the type that is missing or out of range is refused."""
     if rope_scaling is None:
         return None
     rope_scaling = dict(rope_scaling)
     rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"unsupported rope type {rope_type!r}; ttl supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+        why = " (its frequencies follow the longest sequence seen; docs/models.md)" if rope_type == "dynamic" else ""
+        raise ConfigError(f"unsupported rope type {rope_type!r}; ttl supports {', '.join(SUPPORTED_ROPE_TYPES)}{why}")
     rope_scaling["rope_type"] = rope_type
     rope_scaling.pop("type", None)
-    if rope_type == "llama3":  # transformers' default: the model was pretrained at its full context
+    if rope_type in ("llama3", "yarn"):  # transformers' default: the model was pretrained at its full context
         rope_scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
     if rope_scaling.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"partial_rotary_factor {rope_scaling['partial_rotary_factor']!r} is not supported; "
                           "Llama rotates the whole head")
     required = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings"]}.get(rope_type, [])
+                                                "original_max_position_embeddings"],
+                "yarn": ["factor", "original_max_position_embeddings"]}.get(rope_type, [])
     missing = [k for k in required if k not in rope_scaling]
     if missing:
         raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}")
-    for key in required:
+    # a null yarn factor, beta or attention_factor means transformers' default (the context ratio, 32, 1, mscale)
+    nullable = ["factor", "beta_fast", "beta_slow", "attention_factor"] if rope_type == "yarn" else []
+    for key in dict.fromkeys(required + nullable):
+        if key in nullable and rope_scaling.get(key) is None:
+            continue
         if not is_number(rope_scaling[key]) or not 0 < rope_scaling[key] < math.inf:
             raise ConfigError(f"rope_scaling {key} must be a positive finite number, got {rope_scaling[key]!r}")
+    if rope_type == "yarn":
+        _check_yarn(rope_scaling)
     return None if rope_type == "default" else rope_scaling
+
+
+YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor")
+
+
+def _check_yarn(rope_scaling: dict[str, Any]) -> None:
+    """What transformers computes garbage from (or reads otherwise than written) is refused; keys it ignores are
+    kept, with a warning (Nous' YaRN Llama 2 configs carry a `finetuned` flag)."""
+    if rope_scaling["factor"] is not None and rope_scaling["factor"] < 1:
+        raise ConfigError(f"rope_scaling factor of type 'yarn' must be >= 1, got {rope_scaling['factor']!r}")
+    if (rope_scaling.get("beta_fast") or 32) < (rope_scaling.get("beta_slow") or 1):
+        raise ConfigError(f"rope_scaling beta_fast {rope_scaling.get('beta_fast')!r} is below beta_slow "
+                          f"{rope_scaling.get('beta_slow')!r} (null: 32 and 1); the blend would run backwards")
+    for key in ("mscale", "mscale_all_dim"):
+        value = rope_scaling.get(key)
+        if value is not None and (not is_number(value) or not 0 <= value < math.inf):
+            raise ConfigError(f"rope_scaling {key} must be a finite number >= 0, got {value!r}")
+    if not isinstance(rope_scaling.get("truncate", True), bool):  # transformers would read a null as false
+        raise ConfigError(f"rope_scaling truncate must be true or false, got {rope_scaling['truncate']!r}")
+    ignored = sorted(set(rope_scaling) - set(YARN_KEYS))
+    if ignored:
+        warnings.warn(f"rope_scaling keys {', '.join(ignored)} mean nothing to yarn rotary scaling; ignored")
 
 
 def _is_token_id(value: Any) -> bool:

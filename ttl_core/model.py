@@ -7,7 +7,6 @@ splits and joins them when reading or writing Hugging Face checkpoints. Numerics
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -20,6 +19,7 @@ from .attention import attention, causal_mask, default_position_ids, packed_mask
 from .config import LlamaConfig, padding_index
 from .errors import ConfigError, GenerationError, is_integer
 from .model_io import KVCache, ModelOutput, causal_lm_loss, check_inputs, classification_loss, next_token_targets
+from .rope import RotaryEmbedding
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -39,59 +39,6 @@ class RMSNorm(nn.Module):
         normed = ttl_kernels.rms_norm(x, self.weight, self.eps, residual=residual,
                                       out_dtype=autocast_dtype(x.device.type), backend=self.kernel_backend)
         return (normed, x) if residual is None else normed
-
-
-def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies (head_dim / 2,) in fp32, scaled as `config.rope_scaling` says. Computed on
-    the CPU whatever the default device, as transformers computes them, so they are the same bits everywhere."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    scaling = config.rope_scaling or {}
-    if config.rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif config.rope_type == "llama3":
-        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        slowed = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        blend = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - blend) * slowed / factor + blend * slowed
-        in_between = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-        inv_freq = torch.where(in_between, smoothed, slowed)
-    return inv_freq
-
-
-class RotaryEmbedding(nn.Module):
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.config = config
-        # Kept as the int32 bit pattern of the fp32 values: `model.to(torch.bfloat16)` casts floating
-        # buffers, and rotary angles rounded to bf16 would drift from transformers' fp32 angles.
-        self.register_buffer("inv_freq_bits", torch.empty(config.head_dim // 2, dtype=torch.int32), persistent=False)
-        self.reset_inv_freq()
-
-    def reset_inv_freq(self) -> None:
-        """(Re)compute the frequencies (a no-op on the meta device). A new tensor, not an in-place copy: the
-        buffer may have been made under `torch.inference_mode`, which forbids writing into it outside."""
-        device = self.inv_freq_bits.device
-        if device.type != "meta":
-            self.inv_freq_bits = rope_inverse_frequencies(self.config).view(torch.int32).to(device)
-
-    def _apply(self, fn, recurse: bool = True):
-        # Every move goes through here, `to_empty` too: it leaves the buffer uninitialized after the model was
-        # built on the meta device, and no state dict holds it, so neither init_weights nor load_state_dict
-        # would fill it in.
-        super()._apply(fn, recurse)
-        self.reset_inv_freq()
-        return self
-
-    @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (batch, seq, head_dim) for integer positions (batch, seq), cast to `dtype`."""
-        freqs = position_ids[..., None].float() * self.inv_freq_bits.view(torch.float32)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 class Attention(nn.Module):
