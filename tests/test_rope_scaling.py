@@ -58,6 +58,15 @@ def test_yarn_logits_and_gradients_match_transformers_past_the_original_context(
     assert_loss_and_grads_match(hf, ours, ids)
 
 
+def test_a_bf16_yarn_checkpoint_gives_transformers_logits_bit_for_bit(tmp_path):
+    """The attention factor multiplies cos and sin in fp32, before their cast to the model's dtype, as transformers'."""
+    hf_causal_lm(**yarn_overrides("mscale_ratio")).to(torch.bfloat16).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # its rotary tables in fp32
+    ids = random_ids((2, 40))
+    with torch.no_grad():
+        assert torch.equal(ttl_core.load_pretrained(tmp_path)(ids).logits, theirs(ids).logits)
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_yarn_greedy_decoding_with_the_kv_cache_matches_transformers(kernels, tmp_path):
     """The cache's angle table and (Triton) rotary_into_cache take the scaled cos and sin, past the original context."""
