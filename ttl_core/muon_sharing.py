@@ -34,7 +34,8 @@ def balanced_owners(costs: list[int], processes: int) -> list[int]:
 
 
 # `orthogonalized` hands a tall piece back as the transpose of a wide matrix; its rows travel as that matrix's
-# columns and are viewed back so, so a process adds them to its rows exactly as the owner would (same strides)
+# columns and are viewed back so: a process adds a transposed view to its rows, as the owner would, not a copy laid
+# out otherwise (which an elementwise kernel may take another loop over)
 def packed(rows: torch.Tensor, tall: bool) -> torch.Tensor:
     return (rows.T if tall else rows).flatten()
 
@@ -80,13 +81,13 @@ def gathered_to_owners(held: list[torch.Tensor], counts: list[list[int]], owners
     """This process's pieces (those `owners` gives it, in order), whole and row-major, from the rows each process
     holds: `held[i]` this process's rows of piece i (bfloat16), `counts[i][rank]` how many of them process `rank`
     holds (the piece's rows in the order of the ranks)."""
-    ours = [i for i, owner in enumerate(owners) if owner == world.rank]
+    mine = [i for i, owner in enumerate(owners) if owner == world.rank]
     sent = [[] for _ in range(world.size)]
     for rows, owner in zip(held, owners):
         sent[owner].append(rows)
-    came = all_to_all(sent, [[counts[i][rank] * held[i].size(1) for i in ours] for rank in range(world.size)], world)
+    came = all_to_all(sent, [[counts[i][rank] * held[i].size(1) for i in mine] for rank in range(world.size)], world)
     return [torch.cat([came[rank][j].view(counts[i][rank], held[i].size(1)) for rank in range(world.size)])
-            for j, i in enumerate(ours)]
+            for j, i in enumerate(mine)]
 
 
 def scattered_from_owners(ours: list[torch.Tensor], shapes: list[tuple[int, int]], counts: list[list[int]],
