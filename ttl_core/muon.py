@@ -11,10 +11,10 @@ Under FSDP2 a parameter, its gradient and its momentum are DTensors of which eac
 the momentum and the weight decay stay on the blocks, each piece of the update is put together whole for
 Newton-Schulz, and each process adds the rows it holds of each piece's orthogonalised update to its block.
 
-Alone, a process gathers every matrix whole and orthogonalises every piece it holds rows of. Given the `world` of a
-DDP or FSDP run, each piece is orthogonalised by one process (`ttl_core.muon_sharing`), which under FSDP receives
-only its pieces' rows and sends each process only the rows it holds of the results: the same bfloat16 iteration of
-the same matrix as one process would run, so either way the step is one process's to the bit."""
+Alone, a process orthogonalises every piece it holds rows of (under FSDP, gathering every matrix whole). Given the
+`world` of a DDP or FSDP run, each piece is orthogonalised by one process (`ttl_core.muon_sharing`), which under FSDP
+receives only its pieces' rows and sends each process only the rows it holds of the results: the same bfloat16
+iteration of the same matrix as one process would run, so either way the step is one process's to the bit."""
 
 from __future__ import annotations
 
