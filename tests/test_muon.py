@@ -21,6 +21,7 @@ from ttl_core import LlamaConfig, LlamaForCausalLM, load_pretrained
 from ttl_core.errors import ConfigError
 from ttl_core.hf import TorchMuonAndAdamW, hf_plan, is_hf_projection
 from ttl_core.metrics import read_metrics
+from ttl_core.muon import orthogonalized
 from ttl_core.muon_sharing import balanced_owners, newton_schulz_flops
 from ttl_core.run_config import TrainConfig
 from ttl_core.train import train
@@ -255,6 +256,16 @@ def test_ttl_160m_newton_schulz_is_shared_evenly(processes, busiest):
     loads = [sum(cost for cost, owner in zip(costs, owners) if owner == process) for process in range(processes)]
     assert len(costs) == 84 and sorted(set(owners)) == list(range(processes))
     assert max(loads) <= busiest * sum(costs) / processes
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=["tall", "wide"])
+def test_an_update_sent_in_bfloat16_is_orthogonalised_to_the_same_bits(shape):
+    """FSDP sends each process's rows of a piece's float32 update to the piece's owner in bfloat16, which loses
+    nothing: `orthogonalized` casts to bfloat16 before anything else, its norm included. Its result, bfloat16 too,
+    travels back as it is."""
+    update = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    result = orthogonalized(update, 5)
+    assert result.dtype == torch.bfloat16 and torch.equal(result, orthogonalized(update.bfloat16(), 5))
 
 
 @pytest.mark.slow

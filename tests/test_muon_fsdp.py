@@ -26,8 +26,9 @@ ODD_ROWS = dict(hidden_size=45, intermediate_size=59, num_attention_heads=3, num
 FEW_ROWS = dict(hidden_size=3, intermediate_size=1, num_attention_heads=3, num_key_value_heads=1, head_dim=2)
 
 SHARDED_STEPS = """
-import copy, json, pytest, sys, torch
-from torch.distributed.tensor import Shard, distribute_tensor
+import collections, copy, json, pytest, sys, torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 import ttl_core.muon as muon
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.distributed import all_reduce_sum, close_world, init_world, wrap_model
@@ -36,6 +37,8 @@ from ttl_core.optim import apply_update, build_optimizer, clip_gradients
 from ttl_core.run_config import TrainConfig
 world = init_world("cpu")
 shape, down_rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])  # down's rows held by each rank
+if sys.argv[3:] == ["without-all_gather_single"]:  # as torch before 2.13
+    vars(dist).pop("all_gather_single", None)
 config = LlamaConfig.from_preset("tiny", vocab_size=64, num_hidden_layers=2, **shape)
 t = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1)
 torch.manual_seed(0)
@@ -47,19 +50,34 @@ optimizers = {name: build_optimizer(model, t, world.device, None if name == "alo
 params, shards = dict(alone.named_parameters()), dict(sharded.named_parameters())
 assert shards["backbone.layers.0.mlp.down.weight"].to_local().shape[0] == down_rows[world.rank]
 calls, orthogonalized = {name: 0 for name in models}, muon.orthogonalized
+# the collectives of each optimizer's steps (under None, the rest): their names and the elements each received
+received, stepping = collections.defaultdict(list), None
+def counted(collective, original):
+    return lambda output, *args, **kwargs: received[stepping].append((collective, output.numel())) or original(
+        output, *args, **kwargs)
+gathers = [name for name in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)][:1]
+for collective in ("all_to_all_single", *gathers):
+    setattr(dist, collective, counted(collective, getattr(dist, collective)))
+DTensor.full_tensor = counted("full_tensor", DTensor.full_tensor)
+muon.orthogonalized = lambda *args: calls.__setitem__(stepping, calls[stepping] + 1) or orthogonalized(*args)
 gen = torch.Generator().manual_seed(1)  # every rank draws the same gradients and keeps its block of them
 for _ in range(3):
     for name, param in params.items():
         param.grad, shard = torch.randn(param.shape, generator=gen), shards[name]
         shard.grad = distribute_tensor(param.grad, shard.device_mesh, shard.placements, src_data_rank=None)
         ddp.module.get_parameter(name).grad = param.grad.clone()
-    for name, optimizer in optimizers.items():
-        muon.orthogonalized = lambda *args, name=name: calls.__setitem__(name, calls[name] + 1) or orthogonalized(*args)
+    for stepping, optimizer in optimizers.items():
         optimizer.step()
-muon.orthogonalized = orthogonalized
+muon.orthogonalized, stepping = orthogonalized, None
 pieces = 3 * 2 * 7  # 3 steps of q, k, v, o, gate, up and down in 2 layers
 shared = all_reduce_sum(torch.tensor([calls["fsdp"], calls["ddp"]]), world).tolist()
 assert calls["alone"] == pieces and shared == [pieces, pieces], (calls, shared)  # each piece by one process
+# under FSDP each row of each piece's update goes to the piece's owner and its row of the result comes back, once
+projections = sum(param.numel() for group in optimizers["alone"].param_groups if "rows" in group
+                  for param in group["params"])
+assert [name for name, _ in received["fsdp"]] == ["all_to_all_single"] * 2 * 3, received["fsdp"]
+assert all_reduce_sum(torch.tensor([n for _, n in received["fsdp"]]), world).tolist() == [projections] * 2 * 3
+assert received["ddp"] == [(gathers[0], received["ddp"][0][1])] * 3 and received["alone"] == [], received
 for mode, model in models.items():
     for name, param in model.named_parameters():
         momentum = optimizers["alone"].state[params[name]].get("momentum_buffer")
@@ -90,12 +108,23 @@ def test_a_shared_muon_step_is_the_one_process_step_to_the_bit(tmp_path, shape, 
     """Three steps from the same weights with the same fresh random gradients, under FSDP (each rank holding its
     block of them) and under DDP: every weight and momentum buffer, gathered, is the one process's to the bit, and
     each of the 14 pieces (q, k, v, o, gate, up, down in 2 layers) is orthogonalised once a step over all the ranks
-    (each piece by one rank, its bfloat16 result sent to the others, which add the rows they hold; a rank holding
-    none still joins each collective). An fp16 step with an inf in one rank's rows is skipped by every rank.
-    Parameters sharded otherwise are refused."""
+    (each piece by one rank; a rank holding none of its rows still joins each collective). Under DDP the bfloat16
+    results go to every rank in one all_gather a step; under FSDP two all_to_alls a step move each rank's rows of
+    each piece's update to its owner and the rows of the result back, each row once each way, and nothing is
+    gathered whole. An fp16 step with an inf in one rank's rows is skipped by every rank. Parameters sharded
+    otherwise are refused."""
     script = tmp_path / "sharded_steps.py"
     script.write_text(SHARDED_STEPS)
     done = run_torchrun(script, json.dumps(shape), json.dumps(down_rows), processes=len(down_rows))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_shared_muon_steps_without_all_gather_single_are_the_one_process_steps(tmp_path):
+    """torch before 2.13 has no `dist.all_gather_single`: DDP's results travel by all_gather_into_tensor instead,
+    and the steps are still the one process's to the bit (the test above, the function taken away)."""
+    script = tmp_path / "sharded_steps.py"
+    script.write_text(SHARDED_STEPS)
+    done = run_torchrun(script, json.dumps(ODD_ROWS), json.dumps([23, 22]), "without-all_gather_single")
     assert done.returncode == 0, done.stderr[-3000:]
 
 

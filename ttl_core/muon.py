@@ -8,12 +8,13 @@ orthogonalised alone and scaled for its own shape, as `torch.optim.Muon` treats 
 k_proj, ... The momentum and the weight decay are elementwise, so they act on the fused tensor whole.
 
 Under FSDP2 a parameter, its gradient and its momentum are DTensors of which each process holds a block of rows:
-the momentum and the weight decay stay on the blocks, the update is gathered whole for Newton-Schulz, and each
-process adds the rows it holds of each piece's orthogonalised update to its block.
+the momentum and the weight decay stay on the blocks, each piece of the update is put together whole for
+Newton-Schulz, and each process adds the rows it holds of each piece's orthogonalised update to its block.
 
-Alone, a process orthogonalises every piece it holds rows of. Given the `world` of a DDP or FSDP run, each piece is
-orthogonalised by one process and the results are shared (`ttl_core.muon_sharing`): the same bfloat16 iteration of
-the same matrix as one process would run, so either way the step is one process's to the bit."""
+Alone, a process orthogonalises every piece it holds rows of (under FSDP, gathering every matrix whole). Given the
+`world` of a DDP or FSDP run, each piece is orthogonalised by one process (`ttl_core.muon_sharing`), which under FSDP
+receives only its pieces' rows and sends each process only the rows it holds of the results: the same bfloat16
+iteration of the same matrix as one process would run, so either way the step is one process's to the bit."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from .distributed import World
-from .muon_sharing import balanced_owners, exchanged, newton_schulz_flops
+from .muon_sharing import balanced_owners, exchanged, gathered_to_owners, newton_schulz_flops, scattered_from_owners
 
 # the quintic Newton-Schulz iteration's coefficients and the floor of the norm it starts from (Keller Jordan's,
 # and torch.optim.Muon's defaults)
@@ -89,62 +90,96 @@ class MuonAndAdamW(torch.optim.Optimizer):
             self._shared_muon_step(pieces)
             return loss
         for param, group, start, rows in pieces:
-            if start == 0:
-                whole = self._whole_update(param, group)
-            if held_rows(param, start, rows)[0].numel():  # else the other processes' piece to orthogonalise
-                step_rows(param, group, start, orthogonalized(whole[start:start + rows], group["ns_steps"]))
+            if start == 0:  # under FSDP gathered whole (a collective: every process gathers every parameter)
+                whole = self._moved_update(param, group)
+                whole = whole.full_tensor() if isinstance(whole, DTensor) else whole
+            held = held_rows(param, start, rows)[1]
+            if held.stop > held.start:  # else the other processes' piece to orthogonalise
+                update = orthogonalized(whole[start:start + rows], group["ns_steps"])
+                step_rows(param, group, start, update.shape, update[held])
         return loss
 
     def _shared_muon_step(self, pieces: list[tuple[torch.Tensor, dict[str, Any], int, int]]) -> None:
-        """Each piece orthogonalised by one process, the processes' work balanced by its FLOPs, and every result
-        sent to every process in one collective, which steps the rows it holds."""
+        """Each piece orthogonalised by one process, the processes' work balanced by its FLOPs. Under DDP every
+        result is sent to every process, which steps every row; under FSDP see `_sharded_muon_step`."""
         shapes = [(rows, param.shape[1]) for param, _, _, rows in pieces]
         owners = balanced_owners([newton_schulz_flops(*shape, group["ns_steps"])
                                   for shape, (_, group, _, _) in zip(shapes, pieces)], self.world.size)
+        if any(isinstance(param, DTensor) for param, _, _, _ in pieces):
+            self._sharded_muon_step(pieces, shapes, owners)
+            return
         ours = []
         for (param, group, start, rows), owner in zip(pieces, owners):
             if start == 0:
-                whole = self._whole_update(param, group)
+                whole = self._moved_update(param, group)
             if owner == self.world.rank:
                 ours.append(orthogonalized(whole[start:start + rows], group["ns_steps"]))
         for (param, group, start, _), update in zip(pieces, exchanged(ours, shapes, owners, self.world)):
-            step_rows(param, group, start, update)
+            step_rows(param, group, start, update.shape, update)
 
-    def _whole_update(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Move `param`'s momentum, decay its weights and return its (Nesterov) update whole: under FSDP, gathered
-        from every process's block (a collective: every process calls it for every parameter)."""
+    def _sharded_muon_step(self, pieces: list[tuple[torch.Tensor, dict[str, Any], int, int]],
+                           shapes: list[tuple[int, int]], owners: list[int]) -> None:
+        """Under FSDP each process sends the rows it holds of each piece's update to the piece's owner, which
+        orthogonalises the piece whole, and gets back the rows it holds of each result: two all_to_alls."""
+        held, counts = [], []
+        for param, group, start, rows in pieces:
+            if start == 0:  # bfloat16 loses nothing: `orthogonalized` casts to it before anything else
+                block = self._moved_update(param, group).to_local().to(torch.bfloat16)
+            held.append(block[held_rows(param, start, rows)[0]])
+            counts.append(rows_per_process(param, start, rows))
+        mine = [i for i, owner in enumerate(owners) if owner == self.world.rank]
+        ours = [orthogonalized(piece, pieces[i][1]["ns_steps"])
+                for i, piece in zip(mine, gathered_to_owners(held, counts, owners, self.world))]
+        for (param, group, start, _), shape, update in zip(
+                pieces, shapes, scattered_from_owners(ours, shapes, counts, owners, self.world)):
+            step_rows(param, group, start, shape, update)
+
+    def _moved_update(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Move `param`'s momentum, decay its weights and return its (Nesterov) update: under FSDP a DTensor of
+        which this process holds its block of rows."""
         grad, state = param.grad, self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
         momentum = state["momentum_buffer"].lerp_(grad, 1 - group["momentum"])
-        update = grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
         param.mul_(1 - group["lr"] * group["weight_decay"])
-        return update.full_tensor() if isinstance(update, DTensor) else update
+        return grad.lerp(momentum, group["momentum"]) if group["nesterov"] else momentum
 
 
-def step_rows(param: torch.Tensor, group: dict[str, Any], start: int, update: torch.Tensor) -> None:
-    """Add the rows this process holds of `update`, a piece's orthogonalised update whose first row is `param`'s
-    row `start`, to `param` at the piece's adjusted lr (none when it holds none of them)."""
-    target, within = held_rows(param, start, update.shape[0])
-    target.add_(update[within], alpha=-adjusted_lr(group["lr"], group["adjust_lr"], update.shape))
+def step_rows(param: torch.Tensor, group: dict[str, Any], start: int, shape: tuple[int, int],
+              update: torch.Tensor) -> None:
+    """Add `update`, the rows this process holds of the orthogonalised update of `param`'s `shape` piece whose
+    first row is `param`'s row `start`, to those rows at the piece's adjusted lr."""
+    block, _ = owned_rows(param)
+    block[held_rows(param, start, shape[0])[0]].add_(update, alpha=-adjusted_lr(group["lr"], group["adjust_lr"], shape))
 
 
-def held_rows(param: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, slice]:
-    """Of `param`'s rows start..start+rows, those this process holds (a view of its block, maybe empty), and
-    where they lie in the piece."""
+def held_rows(param: torch.Tensor, start: int, rows: int) -> tuple[slice, slice]:
+    """Of `param`'s rows start..start+rows, where those this process holds (maybe none) lie in its block (see
+    `owned_rows`) and in the piece."""
     block, first = owned_rows(param)
     low = max(start, first)
     high = max(low, min(start + rows, first + block.shape[0]))
-    return block[low - first:high - first], slice(low - start, high - start)
+    return slice(low - first, high - first), slice(low - start, high - start)
+
+
+def rows_per_process(param: torch.Tensor, start: int, rows: int) -> list[int]:
+    """How many of `param`'s rows start..start+rows each process holds, `param` a DTensor (see `owned_rows`)."""
+    firsts = block_firsts(param)
+    return [max(0, min(start + rows, end) - max(start, first)) for first, end in zip(firsts, firsts[1:])]
 
 
 def owned_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The rows of `param` this process updates and the index of the first: all of them from 0, or under FSDP2 (a
-    DTensor sharded on dim 0, cut as torch.chunk cuts it: blocks of ceil(rows / processes) rows, the last ones
-    shorter or empty) its own block."""
+    DTensor sharded on dim 0) its own block."""
     if not isinstance(param, DTensor):
         return param, 0
     if tuple(param.placements) != (Shard(0),):
         raise ValueError(f"Muon needs parameters sharded on dim 0 alone, got placements {param.placements}")
-    rows_per_block = -(-param.shape[0] // param.device_mesh.size())
-    return param.to_local(), min(param.device_mesh.get_local_rank() * rows_per_block, param.shape[0])
+    return param.to_local(), block_firsts(param)[param.device_mesh.get_local_rank()]
+
+
+def block_firsts(param: DTensor) -> list[int]:
+    """The first row of each process's block of `param`'s rows, then the row count: cut as torch.chunk cuts it,
+    blocks of ceil(rows / processes) rows, the last ones shorter or empty."""
+    rows, processes = param.shape[0], param.device_mesh.size()
+    return [min(rank * -(-rows // processes), rows) for rank in range(processes + 1)]
