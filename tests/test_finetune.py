@@ -174,7 +174,7 @@ def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, mo
     data.write_text("\n".join(lines[:21 if kind == "classifier" else 20]) + "\n")  # 20 examples: a short last batch
     grads: dict[int, list] = {}
 
-    def recording_update(model, optimizer, train_cfg, lr, scaler=None):
+    def recording_update(model, optimizer, train_cfg, lr, scaler=None, parts=None):
         grads[current].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         optimizer.zero_grad(set_to_none=True)
         return 0.0, {}

@@ -29,7 +29,7 @@ from .hf import checked_device, load_pretrained, read_model_config, save_pretrai
 from .lora import apply_lora, merged_weights, save_adapter
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
-from .optim import build_optimizer, lr_at, optimizer_update
+from .optim import build_optimizer, gradient_parts, lr_at, optimizer_update
 from .run_config import DTYPE_CHOICES, TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
@@ -64,6 +64,9 @@ class FinetuneConfig:
     lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
     lora_dora: bool = False  # DoRA adapters (PEFT's use_dora)
     merge_lora: bool = False  # save the merged model instead of the PEFT adapter
+    # as pretraining's train.label_smoothing, over the classes or the vocabulary; "loss" logs the unsmoothed loss
+    label_smoothing: float = 0.0
+    log_grad_norms: bool = False  # log grad_norm/PART too (optim.gradient_parts), as train.log_grad_norms does
 
     def __post_init__(self) -> None:
         """Refuse values that would fail late (a ZeroDivisionError, NaN weights) or train without complaint on
@@ -87,6 +90,8 @@ class FinetuneConfig:
             "lora_targets": (self.lora_targets == "all-linear" or isinstance(self.lora_targets, (list, tuple))
                              and bool(self.lora_targets), "module names or all-linear"),
             "lora_dora": (isinstance(self.lora_dora, bool), "true or false"),
+            "label_smoothing": (real(self.label_smoothing) and 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "log_grad_norms": (isinstance(self.log_grad_norms, bool), "true or false"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -258,6 +263,13 @@ class FinetuneResult:
     checkpoint: Path
 
 
+def refuse_smoothed_regression(cfg: FinetuneConfig, spec: TaskSpec, task: str = "") -> None:
+    """Refuse label smoothing for a regressor, which has no classes to smooth its targets over."""
+    if cfg.label_smoothing and spec.regression:
+        raise ConfigError(f"{task}label_smoothing (--label-smoothing) smooths class labels; a regressor "
+                          "(--regression) has none")
+
+
 def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:
     """Freeze the model and add LoRA adapters as `cfg` says (the heads in `modules_to_save` stay trainable)."""
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -341,13 +353,16 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
     and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch).loss` is a
     batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
     update's gradient is that of the mean over all items of its batches, as one large batch would give.
-    `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl."""
+    `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl, as pretraining logs it:
+    with `cfg.label_smoothing`, "loss" is the unsmoothed cross-entropy and "smoothed_loss" the one trained on; with
+    `cfg.log_grad_norms`, grad_norm/PART for each part with a trainable parameter (`gradient_parts`)."""
     device = cfg.torch_device()
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     train_cfg = cfg.train_config(math.ceil(batches_per_epoch / cfg.grad_accum_steps) * cfg.epochs)
     optimizer = build_optimizer(model, train_cfg, device)
     # fp16 gradients of small losses underflow without loss scaling, as in pretraining
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
+    parts = gradient_parts(model) if cfg.log_grad_norms else None
     model.train()
     step = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -355,19 +370,23 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
         while window := list(itertools.islice(batches, cfg.grad_accum_steps)):
             step += 1
             weights = [weight_fn(batch) for batch in window]
-            window_loss = torch.zeros((), device=device)
+            window_losses = torch.zeros(2, device=device)  # the loss trained on, and its unsmoothed cross-entropy
             for batch, weight in zip(window, weights):
                 batch = to_device(batch, device)
                 with autocast(device, cfg.dtype):
-                    loss = model(**batch).loss * (weight / sum(weights))
+                    out = model(**batch, label_smoothing=cfg.label_smoothing)
+                    loss = out.loss * (weight / sum(weights))
                 (scaler.scale(loss) if scaler else loss).backward()
-                window_loss += loss.detach().float()
-            loss_value = window_loss.item()  # one host sync per update
+                nll = loss if out.nll is None else out.nll * (weight / sum(weights))
+                window_losses += torch.stack([loss.detach().float(), nll.detach().float()])
+            loss_value, nll_value = window_losses.tolist()  # one host sync per update
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
             lr = lr_at(step, train_cfg)
-            grad_norm, scaling = optimizer_update(model, optimizer, train_cfg, lr, scaler)
-            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **scaling})
+            grad_norm, figures = optimizer_update(model, optimizer, train_cfg, lr, scaler, parts)
+            smoothed = {"smoothed_loss": loss_value} if cfg.label_smoothing else {}
+            log.log({"step": step, "epoch": epoch, "loss": nll_value, **smoothed, "lr": lr, "grad_norm": grad_norm,
+                     **figures})
         after_epoch(epoch, step)
 
 
@@ -384,6 +403,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
     device = cfg.torch_device()
     # the data is read and checked first: a bad file fails at once, not after a model load of seconds
+    refuse_smoothed_regression(cfg, spec)
     train_rows = read_task_file(train_file)
     labels = None if spec.regression else task_labels(train_rows, spec, train_file)
     if labels is not None and spec.labels is None:

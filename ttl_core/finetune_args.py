@@ -32,6 +32,11 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     group.add_argument("--max-length", type=int, default=defaults.max_length,
                        help="truncate examples to this many tokens (default %(default)s)")
     group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+    group.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+                       help="smooth the targets over the classes (instruction tuning: the vocabulary) as torch's "
+                            "cross_entropy does; the logged loss stays unsmoothed (default %(default)s)")
+    group.add_argument("--log-grad-norms", action=argparse.BooleanOptionalAction, default=defaults.log_grad_norms,
+                       help="also log each block's gradient norm, grad_norm/PART (default %(default)s)")
     group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
     group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPE_CHOICES),
                        help="autocast dtype (default %(default)s)")
@@ -70,4 +75,4 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                    grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, weight_decay=args.weight_decay,
                    warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, max_length=args.max_length,
                    seed=args.seed, device=args.device, dtype=args.dtype, lora=args.lora, merge_lora=args.merge_lora,
-                   **lora)
+                   label_smoothing=args.label_smoothing, log_grad_norms=args.log_grad_norms, **lora)
