@@ -350,8 +350,8 @@ def start_run(out_dir: Path, model_dir: str | Path, cfg: FinetuneConfig) -> Metr
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
                  weight_fn: Callable[[dict], int], log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
-    and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch).loss` is a
-    batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
+    and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch, label_smoothing=)`'s `loss`
+    is a batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
     update's gradient is that of the mean over all items of its batches, as one large batch would give.
     `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl, as pretraining logs it:
     with `cfg.label_smoothing`, "loss" is the unsmoothed cross-entropy and "smoothed_loss" the one trained on; with
