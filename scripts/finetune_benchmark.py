@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from ttl_core.cli import refuse_to_replace, run_cli
-from ttl_core.finetune import RUN_OUTPUTS, FinetuneConfig, add_finetune_args, config_from_args
+from ttl_core.finetune import RUN_OUTPUTS, FinetuneConfig
+from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.task_benchmark import RESULT_FILES, format_table, read_task_list, run_benchmark, sample_tasks
 
 

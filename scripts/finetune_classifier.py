@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 
 from ttl_core.cli import refuse_to_replace, run_cli
-from ttl_core.finetune import (AGNEWS_LABELS, RUN_OUTPUTS, SAMPLE_DATA, FinetuneConfig, add_finetune_args,
-                               config_from_args, finetune_classifier)
+from ttl_core.finetune import AGNEWS_LABELS, RUN_OUTPUTS, SAMPLE_DATA, FinetuneConfig, finetune_classifier
+from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.task_files import TaskSpec
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 
 from ttl_core.cli import refuse_to_replace, run_cli
-from ttl_core.finetune import RUN_OUTPUTS, SAMPLE_DATA, add_finetune_args, config_from_args
+from ttl_core.finetune import RUN_OUTPUTS, SAMPLE_DATA
+from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.instruct import INSTRUCT_DEFAULTS, finetune_instruct
 from ttl_core.chat_format import CHAT_FORMATS
 

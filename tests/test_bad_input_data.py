@@ -14,7 +14,8 @@ from helpers import run_script
 from ttl_core.config import LlamaConfig
 from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
 from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerError
-from ttl_core.finetune import FinetuneConfig, add_finetune_args, config_from_args, finetune_classifier, start_lora
+from ttl_core.finetune import FinetuneConfig, finetune_classifier, start_lora
+from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.hf import save_pretrained
 from ttl_core.instruct import finetune_instruct
 from ttl_core.metrics import MetricsLog, perplexity, plot_metrics, read_metrics

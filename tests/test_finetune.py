@@ -174,7 +174,7 @@ def test_gradient_accumulation_updates_as_one_large_batch(base_dir, tmp_path, mo
     data.write_text("\n".join(lines[:21 if kind == "classifier" else 20]) + "\n")  # 20 examples: a short last batch
     grads: dict[int, list] = {}
 
-    def recording_update(model, optimizer, train_cfg, lr, scaler=None):
+    def recording_update(model, optimizer, train_cfg, lr, scaler=None, parts=None):
         grads[current].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         optimizer.zero_grad(set_to_none=True)
         return 0.0, {}
@@ -479,11 +479,11 @@ def test_each_epoch_visits_every_example_once_in_a_new_seeded_order(tmp_path):
         seen: list[int] = []
         model = torch.nn.Module()
         model.weight = torch.nn.Parameter(torch.tensor([0.5]))
-        # train_epochs calls model(**batch).loss: this one notes the examples of each batch it sees
-        model.forward = lambda ids: (seen.extend(ids.tolist()), ModelOutput(loss=(model.weight * ids).mean()))[1]
+        # train_epochs calls model(**batch, label_smoothing=).loss: this one notes the examples of each batch it sees
+        model.forward = lambda ids, label_smoothing: (seen.extend(ids.tolist()),
+                                                      ModelOutput(loss=(model.weight * ids).mean()))[1]
         (tmp_path / f"run{seed}").mkdir(exist_ok=True)
-        log = MetricsLog(tmp_path / f"run{seed}")
-        cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, seed=seed)
+        log, cfg = MetricsLog(tmp_path / f"run{seed}"), FinetuneConfig(lr=1e-3, batch_size=4, epochs=3, seed=seed)
         train_epochs(model, list(range(10)), cfg, lambda ids: {"ids": torch.tensor(ids)},
                      lambda batch: len(batch["ids"]), log, lambda epoch, step: None)
         log.close()

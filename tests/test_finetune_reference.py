@@ -1,7 +1,8 @@
 """The fine-tuning recipes (classifier, in full or with LoRA, and LoRA instruction tuning) against plain loops
 written from their documentation with transformers (its tokenizer for the classifier), peft, torch's AdamW and
 transformers' schedule: the same files, base and seed in, so the same losses, gradient norms, lrs, evaluations and
-kept weights out."""
+kept weights out. One update with label smoothing and gradient norms by part against transformers' and peft's
+models in float64 with F.cross_entropy(label_smoothing=)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,26 @@ import random
 from pathlib import Path
 from typing import Callable
 
+import re
+import types
+
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
+import ttl_core
+import ttl_core.finetune as finetune
 from finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
 from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_transformers,
-                          assert_trained_as_closely_as_transformers, reference_adamw, reference_lr,
-                          reference_update)
-from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, finetune_classifier
-from ttl_core.instruct import add_chat_tokens, build_instruction_data, finetune_instruct
+                          assert_trained_as_closely_as_transformers, hf_causal_lm, hf_classifier, reference_adamw,
+                          reference_lr, reference_update)
+from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, classifier_collator, finetune_classifier, start_lora
+from ttl_core.hf import hf_plan
+from ttl_core.instruct import add_chat_tokens, build_instruction_data, finetune_instruct, lm_collator, target_tokens
+from ttl_core.lora import _adapter_tensors, save_adapter
 from ttl_core.metrics import read_metrics
 from ttl_core.tokenizer import Tokenizer
 
@@ -248,3 +257,125 @@ def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and
         assert as_close_as_transformers(abs(ours - truth), abs(theirs - truth), 1e-5 * truth)
     saved = load_file(tmp_path / "out" / "best" / "adapter_model.safetensors")
     assert_trained_as_closely_as_transformers(saved, best, exact_best)
+
+
+# --- one update with label smoothing and gradient norms by part, in float64 ---------------------------------------
+
+SMOOTHING = 0.2
+STEP = FinetuneConfig(lr=1e-3, batch_size=3, grad_accum_steps=2, epochs=1, grad_clip=0.5, lora_r=4, lora_alpha=8,
+                      lora_dropout=0.0, label_smoothing=SMOOTHING, log_grad_norms=True)  # 6 examples: one update
+HF_PARTS = (("embed_tokens", "embed"), ("score", "score"), ("lm_head", "lm_head"), ("norm", "norm"))
+
+
+def with_adapters(ours: torch.nn.Module, hf: torch.nn.Module, lora: bool, tmp_path: Path,
+                  modules_to_save: list[str] | None = None) -> torch.nn.Module:
+    """transformers' model in float64, with (`lora`) the LoRA adapters of `ours` loaded by peft: random B
+    matrices, so that the A matrices have gradients too."""
+    if lora:
+        start_lora(ours, STEP, modules_to_save)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, param in ours.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        save_adapter(ours, tmp_path / "adapter")
+        hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter", is_trainable=True)
+    return hf.double().train()
+
+
+def one_update(model: torch.nn.Module, examples: list, collate: Callable, weight: Callable,
+               monkeypatch) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`train_epochs`' one update of STEP: its metrics record and the gradients it applied, by parameter name."""
+    grads, records = {}, []
+
+    def recorded(model, *args, **kwargs):
+        grads.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        return update(model, *args, **kwargs)
+
+    update = finetune.optimizer_update
+    monkeypatch.setattr(finetune, "optimizer_update", recorded)
+    finetune.train_epochs(model, examples, STEP, collate, weight, types.SimpleNamespace(log=records.append),
+                          lambda epoch, step: None)
+    [record] = records
+    return record, grads
+
+
+def reference_part_norms(model: torch.nn.Module) -> dict[str, float]:
+    """The norm of the gradients of each part of a transformers or peft model, by the name ttl logs it under."""
+    grads: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            block = re.search(r"layers\.\d+", name)
+            part = block.group() if block else next(ours for theirs, ours in HF_PARTS if theirs in name)
+            grads.setdefault(f"grad_norm/{part}", []).append(param.grad.flatten())
+    return {part: torch.linalg.vector_norm(torch.cat(g)).item() for part, g in grads.items()}
+
+
+def assert_step_follows(record: dict, grads: dict, ours: torch.nn.Module, reference: torch.nn.Module,
+                        logits: torch.Tensor, targets: torch.Tensor, lora: bool) -> None:
+    """The record's "loss" is the unsmoothed cross-entropy, "smoothed_loss" the smoothed one, each parameter's
+    gradient that of the smoothed loss, and each part's norm the reference's (parts without a trainable parameter
+    left out), their squares adding up to grad_norm's; all to 1e-5, relative."""
+    nll = F.cross_entropy(logits, targets)
+    smoothed = F.cross_entropy(logits, targets, label_smoothing=SMOOTHING)
+    smoothed.backward()
+    assert abs(smoothed - nll) > 1e-3 * nll and math.isclose(record["loss"], nll.item(), rel_tol=1e-5)
+    assert math.isclose(record["smoothed_loss"], smoothed.item(), rel_tol=1e-5)
+    theirs = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
+    if lora:  # by PEFT's adapter keys: ttl's LoRA pairs and score head, peft's with their adapter name
+        names = {id(p): name for name, p in ours.named_parameters()}
+        pairs = {key: (grads[names[id(p)]], theirs[key.replace(".weight", ".default.weight").replace(
+            "score.default", "score.modules_to_save.default")]) for key, p in _adapter_tensors(ours).items()}
+        assert len(pairs) == len(grads) == len(theirs)
+    else:
+        pairs = {name: (grads[name], torch.cat([theirs[key] for key, _ in pieces]))
+                 for name, pieces in hf_plan(ours.config, ours.architecture).items()}
+    for name, (got, want) in pairs.items():
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), name
+    expected = reference_part_norms(reference)
+    parts = {key: value for key, value in record.items() if key.startswith("grad_norm/")}
+    assert parts.keys() == expected.keys() and ("grad_norm/embed" in parts) == (not lora)
+    for part, norm in expected.items():
+        assert math.isclose(parts[part], norm, rel_tol=1e-5), (part, parts[part], norm)
+    assert math.isclose(sum(n ** 2 for n in parts.values()), record["grad_norm"] ** 2, rel_tol=1e-6)
+
+
+def random_ids(gen: torch.Generator, vocab: int) -> list[int]:
+    """5 to 12 tokens above the pad id (3), so that a classifier pools each example at its last token."""
+    return torch.randint(4, vocab, (int(torch.randint(5, 13, (1,), generator=gen)),), generator=gen).tolist()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_classifier_update_with_label_smoothing_follows_transformers_in_float64(tmp_path, monkeypatch, lora):
+    """Batches of 3 accumulated twice, smoothed over 3 classes: the score head has its own part, grad_norm/score;
+    with LoRA (score trained in full) only the blocks' adapters and the head have gradients."""
+    hf = hf_classifier(seed=3, num_labels=3)
+    hf.save_pretrained(tmp_path / "base")
+    ours = ttl_core.load_pretrained(tmp_path / "base")
+    reference = with_adapters(ours, hf, lora, tmp_path, modules_to_save=["score"])
+    gen = torch.Generator().manual_seed(4)
+    examples = [(random_ids(gen, hf.config.vocab_size), i % 3) for i in range(6)]
+    record, grads = one_update(ours, examples, classifier_collator(ours, "float32"),
+                               lambda batch: len(batch["labels"]), monkeypatch)
+    logits = torch.cat([reference(input_ids=torch.tensor([ids])).logits for ids, _ in examples])
+    assert_step_follows(record, grads, ours, reference, logits, torch.tensor([label for _, label in examples]), lora)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_instruction_update_with_label_smoothing_follows_transformers_in_float64(tmp_path, monkeypatch, lora):
+    """Padded batches of 3 accumulated twice, weighted by their response tokens, smoothed over the vocabulary, the
+    prompt tokens left out as F.cross_entropy's ignore_index=-100 leaves them."""
+    hf = hf_causal_lm(seed=5)
+    hf.save_pretrained(tmp_path / "base")
+    ours = ttl_core.load_pretrained(tmp_path / "base")
+    reference = with_adapters(ours, hf, lora, tmp_path)
+    gen = torch.Generator().manual_seed(6)
+    examples = []
+    for _ in range(6):
+        ids = random_ids(gen, hf.config.vocab_size)
+        prompt = int(torch.randint(1, len(ids) - 1, (1,), generator=gen))
+        examples.append((ids, [-100] * prompt + ids[prompt:]))
+    record, grads = one_update(ours, examples, lm_collator(ours, "float32", 0), target_tokens, monkeypatch)
+    logits = torch.cat([reference(input_ids=torch.tensor([ids])).logits[0, :-1] for ids, _ in examples])
+    targets = torch.tensor([label for _, labels in examples for label in labels[1:]])
+    assert_step_follows(record, grads, ours, reference, logits, targets, lora)

@@ -179,10 +179,12 @@ def test_classifier_options_reach_the_task_spec_and_the_config(monkeypatch):
     # each training option reaches the config, not only those above; all-linear is PEFT's word, not a module name
     assert script.main(["--model", "BASE", "--weight-decay", "0.1", "--warmup-steps", "5", "--grad-accum-steps", "3",
                         "--dtype", "bfloat16", "--device", "cuda:1", "--lora", "--lora-dropout", "0",
-                        "--lora-targets", "all-linear", "--merge-lora"]) == 0
+                        "--lora-targets", "all-linear", "--merge-lora", "--label-smoothing", "0.1",
+                        "--log-grad-norms"]) == 0
     assert run.calls[-1][0][5] == FinetuneConfig(weight_decay=0.1, warmup_steps=5, grad_accum_steps=3, dtype="bfloat16",
                                                  device="cuda:1", lora=True, lora_dropout=0.0,
-                                                 lora_targets="all-linear", merge_lora=True)
+                                                 lora_targets="all-linear", merge_lora=True, label_smoothing=0.1,
+                                                 log_grad_norms=True)
     assert script.main(["--model", "BASE", "--lora", "--lora-targets", " q_proj, o_proj,"]) == 0
     assert run.calls[-1][0][5].lora_targets == ["q_proj", "o_proj"]
 

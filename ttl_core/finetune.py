@@ -12,18 +12,16 @@ The optimizer, schedule and update step are the pretraining loop's (`ttl_core.tr
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from .attention import document_layout, runs_packed_natively
-from .cli import refuse_ignored
 from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import remove_path, write_dir_atomically, write_json
@@ -31,7 +29,7 @@ from .hf import checked_device, load_pretrained, read_model_config, save_pretrai
 from .lora import apply_lora, merged_weights, save_adapter
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
-from .optim import build_optimizer, lr_at, optimizer_update
+from .optim import build_optimizer, gradient_parts, lr_at, optimizer_update
 from .run_config import DTYPE_CHOICES, TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
@@ -66,6 +64,9 @@ class FinetuneConfig:
     lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # or "all-linear"
     lora_dora: bool = False  # DoRA adapters (PEFT's use_dora)
     merge_lora: bool = False  # save the merged model instead of the PEFT adapter
+    # as pretraining's train.label_smoothing, over the classes or the vocabulary; "loss" logs the unsmoothed loss
+    label_smoothing: float = 0.0
+    log_grad_norms: bool = False  # log grad_norm/PART too (optim.gradient_parts), as train.log_grad_norms does
 
     def __post_init__(self) -> None:
         """Refuse values that would fail late (a ZeroDivisionError, NaN weights) or train without complaint on
@@ -89,6 +90,8 @@ class FinetuneConfig:
             "lora_targets": (self.lora_targets == "all-linear" or isinstance(self.lora_targets, (list, tuple))
                              and bool(self.lora_targets), "module names or all-linear"),
             "lora_dora": (isinstance(self.lora_dora, bool), "true or false"),
+            "label_smoothing": (real(self.label_smoothing) and 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "log_grad_norms": (isinstance(self.log_grad_norms, bool), "true or false"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -110,69 +113,6 @@ class FinetuneConfig:
         return TrainConfig(micro_batch_size=self.batch_size, lr=self.lr, min_lr=0.0, warmup_steps=self.warmup_steps,
                            max_steps=max_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                            seed=self.seed, dtype=self.dtype)
-
-
-LORA_OPTIONS = ("--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--lora-dora", "--merge-lora")
-
-
-def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig) -> None:
-    """The command-line options shared by the fine-tuning scripts, with `defaults` shown in --help."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results an earlier run left in --out (default: refuse)")
-    group = parser.add_argument_group("training")
-    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                       help="examples per forward pass (default %(default)s)")
-    group.add_argument("--grad-accum-steps", type=int, default=defaults.grad_accum_steps, help="batches per "
-                       "optimizer step: the effective batch is batch size x this (default %(default)s)")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
-    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                       help="optimizer steps of linear warmup, then cosine decay to 0 (default %(default)s)")
-    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip,
-                       help="clip the gradient norm to this (0: no clipping; default %(default)s)")
-    group.add_argument("--max-length", type=int, default=defaults.max_length,
-                       help="truncate examples to this many tokens (default %(default)s)")
-    group.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
-    group.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
-    group.add_argument("--dtype", default=defaults.dtype, choices=list(DTYPE_CHOICES),
-                       help="autocast dtype (default %(default)s)")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora", action=argparse.BooleanOptionalAction, default=defaults.lora,
-                      help="train LoRA adapters instead of all weights (default %(default)s)")
-    # no argparse defaults for these: given without --lora, they are refused (config_from_args fills them in)
-    lora.add_argument("--lora-r", type=int, help=f"default {defaults.lora_r}")
-    lora.add_argument("--lora-alpha", type=number, help=f"default {defaults.lora_alpha}")
-    lora.add_argument("--lora-dropout", type=float, help=f"default {defaults.lora_dropout}")
-    targets = defaults.lora_targets
-    lora.add_argument("--lora-targets", help="comma-separated HF module names, or all-linear (default "
-                                             f"{targets if isinstance(targets, str) else ','.join(targets)})")
-    lora.add_argument("--lora-dora", action="store_true", help="train DoRA adapters (PEFT's use_dora)")
-    lora.add_argument("--merge-lora", action="store_true", help="save the merged model instead of the PEFT adapter")
-    parser.set_defaults(finetune_defaults=defaults)
-
-
-def number(text: str) -> float:
-    """A number as PEFT's adapter_config.json holds lora_alpha: an int when whole, else a float."""
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
-    """The `FinetuneConfig` that `add_finetune_args` options describe; a LoRA option given without --lora is a
-    usage error."""
-    refuse_ignored(parser, args, "without --lora", *LORA_OPTIONS, active=not args.lora)
-    lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_dora")
-            if getattr(args, name) is not None}
-    if args.lora_targets is not None:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        # apply_lora takes "all-linear" as the bare string, not as a module name in a list
-        lora["lora_targets"] = "all-linear" if targets == ["all-linear"] else targets
-    return replace(args.finetune_defaults, lr=args.lr, batch_size=args.batch_size,
-                   grad_accum_steps=args.grad_accum_steps, epochs=args.epochs, weight_decay=args.weight_decay,
-                   warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, max_length=args.max_length,
-                   seed=args.seed, device=args.device, dtype=args.dtype, lora=args.lora, merge_lora=args.merge_lora,
-                   **lora)
 
 
 def classifier_labels(examples: list[tuple[list[int], Any]]) -> torch.Tensor:
@@ -323,6 +263,13 @@ class FinetuneResult:
     checkpoint: Path
 
 
+def refuse_smoothed_regression(cfg: FinetuneConfig, spec: TaskSpec, task: str = "") -> None:
+    """Refuse label smoothing for a regressor, which has no classes to smooth its targets over."""
+    if cfg.label_smoothing and spec.regression:
+        raise ConfigError(f"{task}label_smoothing (--label-smoothing) smooths class labels; a regressor "
+                          "(--regression) has none")
+
+
 def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:
     """Freeze the model and add LoRA adapters as `cfg` says (the heads in `modules_to_save` stay trainable)."""
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -403,16 +350,19 @@ def start_run(out_dir: Path, model_dir: str | Path, cfg: FinetuneConfig) -> Metr
 def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, collate_fn: Callable,
                  weight_fn: Callable[[dict], int], log: MetricsLog, after_epoch: Callable[[int, int], None]) -> None:
     """`cfg.epochs` passes over `examples` with the pretraining loop's AdamW, warmup + cosine schedule
-    and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch).loss` is a
-    batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
+    and clipped update, one update per `cfg.grad_accum_steps` batches; `model(**batch, label_smoothing=)`'s `loss`
+    is a batch's mean loss over the `weight_fn(batch)` items (examples, or target tokens) it averages, so an
     update's gradient is that of the mean over all items of its batches, as one large batch would give.
-    `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl."""
+    `after_epoch(epoch, step)` evaluates and saves. Each step is logged to metrics.jsonl, as pretraining logs it:
+    with `cfg.label_smoothing`, "loss" is the unsmoothed cross-entropy and "smoothed_loss" the one trained on; with
+    `cfg.log_grad_norms`, grad_norm/PART for each part with a trainable parameter (`gradient_parts`)."""
     device = cfg.torch_device()
     batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     train_cfg = cfg.train_config(math.ceil(batches_per_epoch / cfg.grad_accum_steps) * cfg.epochs)
     optimizer = build_optimizer(model, train_cfg, device)
     # fp16 gradients of small losses underflow without loss scaling, as in pretraining
     scaler = torch.amp.GradScaler(device.type) if cfg.dtype == "float16" else None
+    parts = gradient_parts(model) if cfg.log_grad_norms else None
     model.train()
     step = 0
     for epoch in range(1, cfg.epochs + 1):
@@ -420,19 +370,23 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
         while window := list(itertools.islice(batches, cfg.grad_accum_steps)):
             step += 1
             weights = [weight_fn(batch) for batch in window]
-            window_loss = torch.zeros((), device=device)
+            window_losses = torch.zeros(2, device=device)  # the loss trained on, and its unsmoothed cross-entropy
             for batch, weight in zip(window, weights):
                 batch = to_device(batch, device)
                 with autocast(device, cfg.dtype):
-                    loss = model(**batch).loss * (weight / sum(weights))
+                    out = model(**batch, label_smoothing=cfg.label_smoothing)
+                    loss = out.loss * (weight / sum(weights))
                 (scaler.scale(loss) if scaler else loss).backward()
-                window_loss += loss.detach().float()
-            loss_value = window_loss.item()  # one host sync per update
+                nll = loss if out.nll is None else out.nll * (weight / sum(weights))
+                window_losses += torch.stack([loss.detach().float(), nll.detach().float()])
+            loss_value, nll_value = window_losses.tolist()  # one host sync per update
             if not math.isfinite(loss_value):
                 raise ConfigError(f"epoch {epoch}, step {step}: the loss became {loss_value}; lower the lr")
             lr = lr_at(step, train_cfg)
-            grad_norm, scaling = optimizer_update(model, optimizer, train_cfg, lr, scaler)
-            log.log({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **scaling})
+            grad_norm, figures = optimizer_update(model, optimizer, train_cfg, lr, scaler, parts)
+            smoothed = {"smoothed_loss": loss_value} if cfg.label_smoothing else {}
+            log.log({"step": step, "epoch": epoch, "loss": nll_value, **smoothed, "lr": lr, "grad_norm": grad_norm,
+                     **figures})
         after_epoch(epoch, step)
 
 
@@ -449,6 +403,7 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
     train_file, eval_file, out_dir = Path(train_file), Path(eval_file), Path(out_dir)
     device = cfg.torch_device()
     # the data is read and checked first: a bad file fails at once, not after a model load of seconds
+    refuse_smoothed_regression(cfg, spec)
     train_rows = read_task_file(train_file)
     labels = None if spec.regression else task_labels(train_rows, spec, train_file)
     if labels is not None and spec.labels is None:

@@ -396,14 +396,15 @@ class LlamaForSequenceClassification(_LlamaBase):
         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
         inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
-        return_dict: bool | None = True,
+        return_dict: bool | None = True, label_smoothing: float = 0.0,
     ) -> ModelOutput | tuple:
         """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
         `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`;
         positions restart in each), each pooled where its own padded row would be. Loss: MSE for one label
         (regression), cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as
-        `config.problem_type` says), the mean over sequences. The first loss records the problem type it inferred
-        in `config.problem_type`, as transformers does. Given `inputs_embeds`, which show no pad token, each
+        `config.problem_type` says), the mean over sequences; `label_smoothing` > 0 smooths the cross-entropy's
+        targets, the unsmoothed one then being the output's `nll`. The first loss records the problem type it
+        inferred in `config.problem_type`, as transformers does. Given `inputs_embeds`, which show no pad token, each
         sequence is pooled at its last position, as transformers pools them (it warns; so does ttl). The other
         arguments: see `LlamaModel.forward`."""
         base = self.backbone(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
@@ -421,8 +422,9 @@ class LlamaForSequenceClassification(_LlamaBase):
         cu_seqlens = cu_seqlens.long()
         last_tokens = cu_seqlens[1:] - 1 if input_ids is None else self._pooled_tokens(input_ids.flatten(), cu_seqlens)
         logits = token_logits.flatten(0, 1)[last_tokens]
-        loss = None if labels is None else classification_loss(self.config, logits, labels)
-        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states)
+        labelled = labels is not None
+        loss, nll = classification_loss(self.config, logits, labels, label_smoothing) if labelled else (None, None)
+        out = ModelOutput(logits=logits, loss=loss, hidden_states=base.hidden_states, nll=nll)
         return out.returned(return_dict)
 
     def _pooled_tokens(self, ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -150,10 +150,12 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return loss, *(parts.pop(0) if wanted else None for wanted in asked)
 
 
-def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch.Tensor,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A sequence classifier's loss, chosen as transformers chooses it: MSE for one label (regression),
     cross-entropy for integer labels, BCE-with-logits for float multi-label targets, or as `config.problem_type`
-    says."""
+    says; and with `label_smoothing` > 0 (single-label classification only), which smooths the cross-entropy's
+    targets over the classes as torch's does, the unsmoothed cross-entropy beside it (else None)."""
     problem = config.problem_type
     if problem is None:
         if config.num_labels == 1:
@@ -163,17 +165,21 @@ def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch
         else:
             problem = "multi_label_classification"
         config.problem_type = problem  # recorded as transformers does, so a saved config keeps it
+    if label_smoothing and problem != "single_label_classification":
+        raise ConfigError(f"label_smoothing smooths the targets of single-label classification; {problem} has no "
+                          "class to smooth over")
     # labels keep their dtype, as in transformers: casting float targets to bf16 logits would round them
     if problem == "regression":
         if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze())
-        return F.mse_loss(logits, labels)
+            return F.mse_loss(logits.squeeze(), labels.squeeze()), None
+        return F.mse_loss(logits, labels), None
     if problem == "single_label_classification":  # class ids of any integer width: F.cross_entropy takes int64
-        ids = labels if labels.is_floating_point() else labels.long()
-        return F.cross_entropy(logits.view(-1, config.num_labels), ids.view(-1))
+        logits, ids = logits.view(-1, config.num_labels), (labels if labels.is_floating_point() else labels.long())
+        loss = F.cross_entropy(logits, ids.view(-1), label_smoothing=label_smoothing)
+        return loss, F.cross_entropy(logits.detach(), ids.view(-1)) if label_smoothing else None
     if problem == "multi_label_classification":
         if not labels.is_floating_point():  # torch's own error is a cast failure naming neither labels nor problem
             raise ConfigError(f"multi_label_classification takes float targets (a 0..1 value per label), got "
                               f"{labels.dtype}; class ids for single-label classification are int64 or int32")
-        return F.binary_cross_entropy_with_logits(logits, labels)
+        return F.binary_cross_entropy_with_logits(logits, labels), None
     raise ConfigError(f"unknown problem_type {problem!r}")

@@ -78,7 +78,8 @@ def lr_at(step: int, train: TrainConfig) -> float:
 def gradient_parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
     """The trainable parameters by the part of the model they belong to, keyed by the figure its gradient norm is
     logged as: grad_norm/embed, grad_norm/layers.N (decoder block N), grad_norm/norm (the final norm) and
-    grad_norm/lm_head, absent when tied (its weight is the embedding's, listed once): each parameter is in one part."""
+    grad_norm/lm_head, absent when tied (its weight is the embedding's, listed once), or a classifier's
+    grad_norm/score: each parameter is in one part. A part with nothing trainable (under LoRA, say) is left out."""
     parts: dict[str, list[torch.nn.Parameter]] = {}
     for name, param in unwrap(model).named_parameters():
         if param.requires_grad:
@@ -137,13 +138,15 @@ def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,
 
 
 def optimizer_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, lr: float,
-                     scaler: torch.amp.GradScaler | None = None) -> tuple[float, dict[str, float | bool]]:
-    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping and the grad scaler's
-    figures from `apply_update`. A non-finite norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE)
-    raises TrainingError before the weights change (see `train_step`)."""
-    grad_norm = float(clip_gradients(model, optimizer, train, scaler))
+                     scaler: torch.amp.GradScaler | None = None,
+                     parts: dict[str, list[torch.nn.Parameter]] | None = None) -> tuple[float, dict[str, float | bool]]:
+    """Clip, then apply the accumulated gradients; returns the gradient norm before clipping and the figures to
+    log: the grad scaler's from `apply_update`, and given `parts` (`gradient_parts`), each part's gradient norm
+    under its name. A non-finite norm (with a grad scaler, at a loss scale down to MIN_LOSS_SCALE) raises
+    TrainingError before the weights change (see `train_step`)."""
+    grad_norm, *part_norms = clip_gradients(model, optimizer, train, scaler, parts).reshape(-1).tolist()
     stop_if_not_finite(optimizer, gradient_figures(grad_norm, scaler))
-    return grad_norm, apply_update(optimizer, lr, grad_norm, scaler)
+    return grad_norm, {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts or {}, part_norms))}
 
 
 def gradient_figures(grad_norm: float, scaler: torch.amp.GradScaler | None) -> dict[str, float]:

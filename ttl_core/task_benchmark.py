@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError, DataError
 from .fileio import atomic_write, read_json, remove_path, write_json
-from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, finetune_classifier
+from .finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig, finetune_classifier, refuse_smoothed_regression
 from .task_files import TaskSpec
 
 RESULT_FILES = ("results.json", "results.md")  # written beside the tasks' run folders in OUT
@@ -85,6 +85,8 @@ def run_benchmark(model_dir: str | Path, tasks: list[Task], out_dir: str | Path,
     """Fine-tune `model_dir` on each task (OUT/NAME holds its run and best checkpoint); returns one row per
     task with the best epoch's metrics, also written to OUT/results.json and OUT/results.md."""
     out_dir = Path(out_dir)
+    for task in tasks:  # before any task has run
+        refuse_smoothed_regression(cfg, task.spec, f"task {task.name!r}: ")
     for name in RESULT_FILES:  # an earlier benchmark's table, which a run that fails midway must not leave as its own
         remove_path(out_dir / name)
     rows = []
