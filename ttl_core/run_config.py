@@ -51,6 +51,10 @@ class TrainConfig:
 
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
+    # batch-size warmup: batch_ramp_start micro-batches accumulated at step 1, rising linearly to grad_accum_steps at
+    # step batch_ramp_steps (see grad_accum_at); 0: the whole batch from step 1
+    batch_ramp_steps: int = 0
+    batch_ramp_start: int = 1
     seq_len: int = 256
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -115,6 +119,19 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.seq_len
+
+    def grad_accum_at(self, step: int) -> int:
+        """The micro-batches accumulated at optimizer step `step` (from 1): during the batch ramp, the line from
+        `batch_ramp_start` at step 1 to `grad_accum_steps` at step `batch_ramp_steps` rounded down (integers that never
+        fall, the whole batch first reached at the ramp's last step), `grad_accum_steps` after it or without one."""
+        if step >= self.batch_ramp_steps:
+            return self.grad_accum_steps
+        start = self.batch_ramp_start
+        return start + (self.grad_accum_steps - start) * (step - 1) // (self.batch_ramp_steps - 1)
+
+    def tokens_at(self, step: int) -> int:
+        """The tokens each process trains on at optimizer step `step` (the whole batch's past the batch ramp)."""
+        return self.micro_batch_size * self.grad_accum_at(step) * self.seq_len
 
 
 @dataclass
@@ -250,9 +267,40 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.no_decay must list parameter-name fragments (strings), got {t.no_decay}")
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
+    validate_batch_ramp(t)
     validate_profile_steps(t)
     validate_mix(run.data)
     validate_eval_sets(run.data)
+
+
+def validate_batch_ramp(t: TrainConfig) -> None:
+    """A batch ramp grows from batch_ramp_start, in [1, grad_accum_steps), over 2 to max_steps steps; a
+    batch_ramp_start without a ramp, or a ramp with nothing to grow to, would be ignored without a word."""
+    if not t.batch_ramp_steps:
+        if t.batch_ramp_start != 1:
+            raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} needs a batch ramp: set "
+                              f"train.batch_ramp_steps (0 is none)")
+        return
+    if not 2 <= t.batch_ramp_steps <= t.max_steps:
+        raise ConfigError(f"train.batch_ramp_steps must be 0 (no ramp) or lie in [2, max_steps={t.max_steps}], "
+                          f"got {t.batch_ramp_steps}")
+    if t.grad_accum_steps == 1:
+        raise ConfigError(f"train.batch_ramp_steps={t.batch_ramp_steps} ramps the micro-batches accumulated up to "
+                          f"train.grad_accum_steps, which is 1: raise it to the whole batch's count")
+    if not 1 <= t.batch_ramp_start < t.grad_accum_steps:
+        raise ConfigError(f"train.batch_ramp_start (micro-batches at step 1) must lie in [1, grad_accum_steps - 1 = "
+                          f"{t.grad_accum_steps - 1}], got {t.batch_ramp_start}")
+
+
+def describe_batch(train: TrainConfig, processes: int) -> str:
+    """The startup line's batch: tokens per optimizer step over all `processes` (micro_batch_size is per process: a
+    recipe's tokens per step multiply with the processes), their factors, and where a batch ramp starts."""
+    line = (f"{train.tokens_per_step * processes:,} tokens per optimizer step ({train.micro_batch_size} x "
+            f"{train.grad_accum_steps} x {train.seq_len} x {processes} process{'es' if processes > 1 else ''})")
+    if train.batch_ramp_steps:
+        line += (f", ramped up over steps 1-{train.batch_ramp_steps} from {train.tokens_at(1) * processes:,} at step 1 "
+                 f"({train.batch_ramp_start} of its {train.grad_accum_steps} micro-batches)")
+    return line
 
 
 def validate_profile_steps(t: TrainConfig) -> None:

@@ -43,8 +43,8 @@ from .optim import (apply_update, build_optimizer, clip_gradients, gradient_figu
                     stop_if_not_finite)
 from .preemption import StopOnSignal
 from .profiling import StepProfiler, annotate
-from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, recorded_data_path,
-                         resumed_model_settings)
+from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
+                         recorded_data_path, resumed_model_settings)
 from .tokenizer import Tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,7 +111,7 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
-    """One optimizer update from `grad_accum_steps` micro-batches; returns (mean cross-entropy per target token, not
+    """One optimizer update from the step's micro-batches; returns (mean cross-entropy per target token, not
     label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
     `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`). Raises
     TrainingError, before touching the weights, on a non-finite loss or gradient norm (with an fp16 grad scaler, which
@@ -408,10 +408,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     set_rank_rng_state(saved["rng"] if saved else None, train.seed, world)  # each rank its own dropout
 
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
-    if world.is_main:  # micro_batch_size is per process: a recipe's tokens per step multiply with the processes
-        print(f"{unwrap(model).num_parameters():,} parameters; {train.tokens_per_step * world.size:,} tokens per "
-              f"optimizer step ({train.micro_batch_size} x {train.grad_accum_steps} x {train.seq_len} x "
-              f"{world.size} process{'es' if world.size > 1 else ''})")
+    if world.is_main:
+        print(f"{unwrap(model).num_parameters():,} parameters; {describe_batch(train, world.size)}")
     profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)  # its warning before the bar
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
@@ -435,7 +433,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             start = time.perf_counter()
             with profiler.step(step):  # a step of train.profile_steps' window: traced
                 micro = [model_inputs(next(loader), world.device, run.data.document_masking, tokenizer.bos_id)
-                         for _ in range(train.grad_accum_steps)]
+                         for _ in range(train.grad_accum_at(step))]
                 try:
                     loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
                                                           scaler)
@@ -446,10 +444,10 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 if ema and not figures.get("skipped"):  # a step the fp16 grad scaler skipped changed no weight
                     ema.update(step)
             elapsed = time.perf_counter() - start
-            tokens_per_s, mfu = step_throughput(train.tokens_per_step, world.size, elapsed, flops, peak)
+            tokens_per_s, mfu = step_throughput(train.tokens_at(step), world.size, elapsed, flops, peak)
             if log:
                 log.log({"step": step, "loss": loss, "lr": lr_at(step, train), "grad_norm": grad_norm,
-                         "tokens_per_s": tokens_per_s, "mfu": mfu, "batch_tokens": train.tokens_per_step * world.size,
+                         "tokens_per_s": tokens_per_s, "mfu": mfu, "batch_tokens": train.tokens_at(step) * world.size,
                          **figures})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
