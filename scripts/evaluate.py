@@ -17,8 +17,8 @@ exp(loss); for text files scored whole (no --max-tokens) also bits per byte: eve
 included) over ln 2 and the documents' UTF-8 bytes, a figure comparable across tokenizers.
 --by-position also reports them by the context each token was predicted from (the window's tokens before it, 1 to
 --seq-len; with --document-masking its own document's only), in buckets 1, 2, 3-4, 5-8, ... (log2, the default) or
-N of equal width; with a stride below --seq-len, contexts under seq_len - stride + 1 come from the stream's first
-window alone. --plot draws them (needs matplotlib).
+N of equal width; with a stride below --seq-len, contexts up to seq_len - stride come only from the stream's first
+window (and, with --document-masking, documents' starts). --plot draws them (needs matplotlib).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ compute for context, as in transformers' perplexity guide.
 
 `by_position` also splits the loss by the context each scored token was predicted from: the window's tokens
 before it (1 to `seq_len`; with document masking only its own document's), in buckets that double (1, 2, 3-4, 5-8,
-..., the last ending at `seq_len`) or of equal width. With a stride below `seq_len`, contexts under
-`seq_len - stride + 1` come only from the stream's first window (or, with document masking, documents' starts)."""
+..., the last ending at `seq_len`) or of equal width. With a stride below `seq_len`, contexts up to
+`seq_len - stride` come only from the stream's first window (and, with document masking, documents' starts)."""
 
 from __future__ import annotations
 
