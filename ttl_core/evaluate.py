@@ -6,14 +6,19 @@ trained on them) is read in windows of `seq_len` tokens that start every `stride
 tokens' successors and scores those no earlier window scored, so every token after the first is scored once, with
 at least `seq_len - stride` tokens of context (fewer only at the stream's start). `stride = seq_len` (the
 default) is the training loop's evaluation (disjoint blocks, no token lost between them); a smaller stride trades
-compute for context, as in transformers' perplexity guide."""
+compute for context, as in transformers' perplexity guide.
+
+`by_position` also splits the loss by the context each scored token was predicted from: the window's tokens
+before it (1 to `seq_len`; with document masking only its own document's), in buckets that double (1, 2, 3-4, 5-8,
+..., the last ending at `seq_len`) or of equal width. With a stride below `seq_len`, contexts up to
+`seq_len - stride` come only from the stream's first window (and, with document masking, documents' starts)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -21,7 +26,7 @@ from tqdm import tqdm
 
 from .data import read_meta, token_file
 from .errors import ConfigError, DataError
-from .metrics import perplexity
+from .metrics import perplexity, save_png
 from .model import LlamaForCausalLM
 from .train import model_inputs
 
@@ -32,6 +37,8 @@ class StreamLoss:
 
     tokens: int
     nll: float
+    # with `by_position`: (first, last context length, the loss of the tokens scored with such a context) per bucket
+    by_position: list[tuple[int, int, StreamLoss]] | None = None
 
     @property
     def loss(self) -> float:
@@ -78,13 +85,32 @@ def count_windows(n_tokens: int, seq_len: int, stride: int) -> int:
     return min(-(-(n_tokens - 1) // stride), max(0, -(-(n_tokens - 1 - seq_len) // stride)) + 1)
 
 
+PositionBuckets = str | int  # "log2" (doubling buckets) or a number of equal-width ones
+
+
+def position_buckets(seq_len: int, buckets: PositionBuckets = "log2") -> list[int]:
+    """The edges of the context-length buckets over 1..`seq_len`: bucket i holds contexts edges[i] to
+    edges[i + 1] - 1. "log2": 1, 2, 3-4, 5-8, ... (each ends at a power of two, so a model trained at a power-of-two
+    length has a bucket end there), the last cut at `seq_len`; an int N: N buckets of equal width (to a token)."""
+    if buckets == "log2":
+        return [1, *(2 ** k + 1 for k in range((seq_len - 1).bit_length()))] + [seq_len + 1]
+    if isinstance(buckets, bool) or not isinstance(buckets, int):
+        raise ConfigError(f"position buckets are 'log2' or a number of equal-width buckets, got {buckets!r}")
+    if not 1 <= buckets <= seq_len:
+        raise ConfigError(f"{buckets} position buckets over a window of {seq_len} tokens: need 1 to {seq_len} "
+                          f"(one context length each at most)")
+    return [1 + i * seq_len // buckets for i in range(buckets)] + [seq_len + 1]
+
+
 @torch.no_grad()
 def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None = None,
-                batch_size: int = 8, document_ids: tuple[int, int] | None = None, progress: bool = False) -> StreamLoss:
+                batch_size: int = 8, document_ids: tuple[int, int] | None = None, progress: bool = False,
+                by_position: PositionBuckets | None = None) -> StreamLoss:
     """Score `tokens` (a 1-d id stream) in windows of `seq_len` every `stride` (default `seq_len`), `batch_size`
     windows per forward pass; the loss is the fused cross-entropy's, so no logits are built. With `document_ids`
     (the stream's BOS and EOS ids), documents are masked as the training loop masks them (`data.document_masking`):
-    each attends within itself, with positions from 0, and its BOS is not scored. `progress` shows a tqdm bar."""
+    each attends within itself, with positions from 0, and its BOS is not scored. `progress` shows a tqdm bar.
+    `by_position` ("log2" or a number of buckets, `position_buckets`) also fills the result's `by_position`."""
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
     context = model.config.max_position_embeddings
@@ -101,11 +127,15 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     stride = seq_len if stride is None else stride  # not `stride or seq_len`: a stride of 0 is refused, not defaulted
     if not (seq_len >= 1 and 1 <= stride <= seq_len):
         raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
+    edges = position_buckets(seq_len, by_position) if by_position is not None else [1, seq_len + 1]
     device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
-    # summed on the device: no host sync per batch
-    nll, scored = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long, device=device)
+    # the bucket of each position (a context of position + 1 tokens)
+    bucket_of = torch.repeat_interleave(torch.arange(len(edges) - 1), torch.tensor(edges).diff()).to(device)
+    # summed per bucket on the device: no host sync per batch
+    nll = torch.zeros(len(edges) - 1, dtype=torch.float64, device=device)
+    scored = torch.zeros(len(edges) - 1, dtype=torch.long, device=device)
 
     def score(group: list[tuple[int, int, int]]) -> None:
         block = torch.stack([torch.from_numpy(np.asarray(tokens[s:e + 1], dtype=np.int64)) for s, e, _ in group])
@@ -117,8 +147,11 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
             batch["doc_starts"] = torch.cat([torch.ones_like(block[:, :1], dtype=torch.bool),
                                              block[:, :-2] == document_ids[1]], dim=1)
         inputs = model_inputs(batch, device, document_ids is not None, document_ids[0] if document_ids else None)
-        nll.add_(model(**inputs, loss_reduction="sum").loss.double())
-        scored.add_((inputs["targets"] != -100).sum())
+        losses = model(**inputs, loss_reduction="none").loss  # 0 where a target is not scored
+        positions = inputs.get("position_ids", torch.arange(block.shape[1] - 1, device=device).expand(len(group), -1))
+        bucket = bucket_of[positions].flatten()
+        nll.index_add_(0, bucket, losses.double())
+        scored.index_add_(0, bucket, (inputs["targets"] != -100).flatten().long())
         bar.update(len(group))
 
     group: list[tuple[int, int, int]] = []  # windows of one length (only the last may be shorter)
@@ -131,4 +164,28 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
             group.append(window)
         score(group)
     model.train(was_training)
-    return StreamLoss(tokens=int(scored), nll=float(nll))
+    counts, sums = scored.tolist(), nll.tolist()
+    buckets = [(first, after - 1, StreamLoss(n, total))
+               for first, after, n, total in zip(edges, edges[1:], counts, sums)]
+    return StreamLoss(tokens=sum(counts), nll=sum(sums), by_position=buckets if by_position is not None else None)
+
+
+def plot_by_position(plt: Any, result: StreamLoss, out: str | Path, title: str,
+                     original_context: int | None = None) -> Path:
+    """Draw `result`'s loss per `by_position` bucket against the context (log scale), its overall loss dashed and,
+    for a rope-scaled model, its `original_context` (the length it was trained at) dotted, to the PNG `out`; `plt`
+    is `metrics.pyplot`'s."""
+    firsts, lasts, buckets = zip(*result.by_position)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    # each context c spans [c - 0.5, c + 0.5], so buckets of doubling contexts end near powers of two
+    ax.stairs([bucket.loss for bucket in buckets], [first - 0.5 for first in firsts] + [lasts[-1] + 0.5],
+              baseline=None, linewidth=1.5, label="loss by context")
+    ax.axhline(result.loss, color="gray", linestyle="--", linewidth=1, label="overall loss")
+    if original_context is not None:  # between its last trained context and the first one past it
+        ax.axvline(original_context + 0.5, color="red", linestyle=":", label=f"original context ({original_context})")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="context (tokens the prediction read)", ylabel="cross-entropy (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_png(plt, fig, Path(out))
