@@ -13,6 +13,7 @@ from test_model_parity import assert_loss_and_grads_match, to_ttl
 
 import ttl_core
 from ttl_core.attention import document_layout
+from ttl_core.config import yarn_factor
 from ttl_core.errors import ConfigError
 
 # (max_position_embeddings, rope block): transformers' defaults (the pretraining context is max_position_embeddings,
@@ -141,6 +142,17 @@ def test_yarn_round_trips_through_save_convert_and_transformers(tmp_path):
 def test_bad_yarn_parameters_are_refused_by_name(block, message):
     with pytest.raises(ConfigError, match=message):
         ttl_core.LlamaConfig.from_hf_dict({"rope_parameters": {"rope_type": "yarn", **block}})
+
+
+def test_a_null_yarn_factor_below_1_is_refused_as_a_written_one_is():
+    """A null factor is the context's ratio to the pretraining one: a context shorter than that is a factor below 1
+    (every pair turning faster than in pretraining), refused as `"factor": 0.5` is."""
+    block = {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 4096}
+    with pytest.raises(ConfigError, match=r"factor of type 'yarn' must be >= 1, got 0.5 \(null: max_position_embedd"
+                                          r"ings 2048 / original_max_position_embeddings 4096\)$"):
+        ttl_core.LlamaConfig.from_hf_dict({"max_position_embeddings": 2048, "rope_parameters": block})
+    config = ttl_core.LlamaConfig.from_hf_dict({"max_position_embeddings": 8192, "rope_parameters": block})
+    assert yarn_factor(config.rope_scaling, config.max_position_embeddings) == 2.0
 
 
 def test_keys_yarn_does_not_read_are_kept_with_a_warning():

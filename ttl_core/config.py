@@ -260,7 +260,7 @@ def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,
         if not is_number(rope_scaling[key]) or not 0 < rope_scaling[key] < math.inf:
             raise ConfigError(f"rope_scaling {key} must be a positive finite number, got {rope_scaling[key]!r}")
     if rope_type == "yarn":
-        _check_yarn(rope_scaling)
+        _check_yarn(rope_scaling, max_position_embeddings)
     return None if rope_type == "default" else rope_scaling
 
 
@@ -268,11 +268,22 @@ YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fa
              "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor")
 
 
-def _check_yarn(rope_scaling: dict[str, Any]) -> None:
+def yarn_factor(rope_scaling: dict[str, Any], max_position_embeddings: int) -> float:
+    """YaRN's context extension: `factor`, or where it is null the ratio of the context to the pretraining one."""
+    if rope_scaling["factor"] is not None:
+        return rope_scaling["factor"]
+    return max_position_embeddings / rope_scaling["original_max_position_embeddings"]
+
+
+def _check_yarn(rope_scaling: dict[str, Any], max_position_embeddings: int) -> None:
     """What transformers computes garbage from (or reads otherwise than written) is refused; keys it ignores are
     kept, with a warning (Nous' YaRN Llama 2 configs carry a `finetuned` flag)."""
-    if rope_scaling["factor"] is not None and rope_scaling["factor"] < 1:
-        raise ConfigError(f"rope_scaling factor of type 'yarn' must be >= 1, got {rope_scaling['factor']!r}")
+    factor = yarn_factor(rope_scaling, max_position_embeddings)
+    if factor < 1:
+        ratio = "" if rope_scaling["factor"] is not None else (
+            f" (null: max_position_embeddings {max_position_embeddings} / original_max_position_embeddings "
+            f"{rope_scaling['original_max_position_embeddings']})")
+        raise ConfigError(f"rope_scaling factor of type 'yarn' must be >= 1, got {factor!r}{ratio}")
     if (rope_scaling.get("beta_fast") or 32) < (rope_scaling.get("beta_slow") or 1):
         raise ConfigError(f"rope_scaling beta_fast {rope_scaling.get('beta_fast')!r} is below beta_slow "
                           f"{rope_scaling.get('beta_slow')!r} (null: 32 and 1); the blend would run backwards")
