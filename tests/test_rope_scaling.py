@@ -13,6 +13,7 @@ from test_model_parity import assert_loss_and_grads_match, to_ttl
 
 import ttl_core
 from ttl_core.attention import document_layout
+from ttl_core.config import yarn_factor
 from ttl_core.errors import ConfigError
 
 # (max_position_embeddings, rope block): transformers' defaults (the pretraining context is max_position_embeddings,
@@ -143,6 +144,17 @@ def test_bad_yarn_parameters_are_refused_by_name(block, message):
         ttl_core.LlamaConfig.from_hf_dict({"rope_parameters": {"rope_type": "yarn", **block}})
 
 
+def test_a_null_yarn_factor_below_1_is_refused_as_a_written_one_is():
+    """A null factor is the context's ratio to the pretraining one: a context shorter than that is a factor below 1
+    (every pair turning faster than in pretraining), refused as `"factor": 0.5` is."""
+    block = {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 4096}
+    with pytest.raises(ConfigError, match=r"factor of type 'yarn' must be >= 1, got 0.5 \(null: max_position_embedd"
+                                          r"ings 2048 / original_max_position_embeddings 4096\)$"):
+        ttl_core.LlamaConfig.from_hf_dict({"max_position_embeddings": 2048, "rope_parameters": block})
+    config = ttl_core.LlamaConfig.from_hf_dict({"max_position_embeddings": 8192, "rope_parameters": block})
+    assert yarn_factor(config.rope_scaling, config.max_position_embeddings) == 2.0
+
+
 def test_keys_yarn_does_not_read_are_kept_with_a_warning():
     """Nous' YaRN Llama 2 configs carry `finetuned`, which transformers ignores with a warning too."""
     with pytest.warns(UserWarning, match="rope_scaling keys finetuned mean nothing to yarn"):
@@ -155,3 +167,28 @@ def test_keys_yarn_does_not_read_are_kept_with_a_warning():
 def test_dynamic_ntk_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"unsupported rope type 'dynamic'; .*longest sequence seen; docs/models.md"):
         ttl_core.LlamaConfig.from_hf_dict({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"partial_rotary_factor": 0.5}, r"^partial_rotary_factor 0.5 is not supported"),
+    ({"original_max_position_embeddings": None}, r"original_max_position_embeddings must be a positive .*got None$"),
+    ({"rope_theta": None}, r"^rope_theta must be a number, got None$"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": None},
+      "rope_theta": 5e5}, r"^rope_theta must be a number, got None$"),
+])
+def test_top_level_rotary_keys_transformers_moves_into_the_block_are_refused_where_it_fails(config, message):
+    """transformers moves a top-level partial_rotary_factor and original_max_position_embeddings into the scaling
+    block and takes a null rope_theta as given: its model then fails (cos and sin of half the head; None / int), so
+    these configs are refused, not run with full rotary or a default in their place."""
+    with pytest.raises(ConfigError, match=message):
+        ttl_core.LlamaConfig.from_hf_dict({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, **config})
+
+
+def test_a_top_level_original_context_joins_llama3_and_yarn_blocks_alone():
+    """As transformers' rotary set-up: a linear block is left as written, not given a key it warns about."""
+    hf = {"max_position_embeddings": 64, "original_max_position_embeddings": 16}
+    for block in ({"rope_type": "linear", "factor": 2.0}, {"rope_type": "yarn", "factor": 2.0}):
+        theirs = transformers.LlamaConfig(**hf, rope_scaling=dict(block))
+        theirs.standardize_rope_params()  # as its rotary embedding does, once the top-level key is an attribute
+        ours = ttl_core.LlamaConfig.from_hf_dict({**hf, "rope_scaling": dict(block)}).to_hf_dict()["rope_parameters"]
+        assert ours == theirs.rope_parameters

@@ -147,19 +147,22 @@ class LlamaConfig:
         # pretraining_tp (v4 split each projection into that many matmuls: the same math) is not read by
         # current transformers either, so it is accepted and ignored
         # As transformers does, a v4 `rope_scaling` block wins over `rope_parameters`, and `rope_theta` comes
-        # from the chosen block, else from the top level.
+        # from the chosen block, else from the top level (a null where it is written: transformers fails on it).
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"rope_scaling / rope_parameters must be a JSON object, got {rope!r}")
         rope = dict(rope)
-        rope_theta = rope.pop("rope_theta", None)
-        rope_theta = hf.get("rope_theta") if rope_theta is None else rope_theta
-        rope_theta = 10000.0 if rope_theta is None else rope_theta
+        rope_theta = rope.pop("rope_theta") if "rope_theta" in rope else hf.get("rope_theta", 10000.0)
         if not is_number(rope_theta):
             raise ConfigError(f"rope_theta must be a number, got {rope_theta!r}")
-        rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        # transformers' rotary set-up lets a top-level original_max_position_embeddings win over the block's
-        if rope_scaling is not None and hf.get("original_max_position_embeddings") is not None:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_scaling = rope if rope_type != "default" else None
+        # transformers' rotary set-up moves a top-level partial_rotary_factor into a scaling block that has none
+        # (refused there, as its model fails on it), and lets a top-level original_max_position_embeddings, null
+        # included, win over a llama3 or yarn block's
+        if rope_scaling is not None and "partial_rotary_factor" in hf:
+            rope_scaling.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+        if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" in hf:
             rope_scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         if hf.get("is_causal", True) is False:
             raise ConfigError("is_causal false (bidirectional attention) is not supported; ttl's Llama is causal")
@@ -257,7 +260,7 @@ def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,
         if not is_number(rope_scaling[key]) or not 0 < rope_scaling[key] < math.inf:
             raise ConfigError(f"rope_scaling {key} must be a positive finite number, got {rope_scaling[key]!r}")
     if rope_type == "yarn":
-        _check_yarn(rope_scaling)
+        _check_yarn(rope_scaling, max_position_embeddings)
     return None if rope_type == "default" else rope_scaling
 
 
@@ -265,11 +268,22 @@ YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "beta_fa
              "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor")
 
 
-def _check_yarn(rope_scaling: dict[str, Any]) -> None:
+def yarn_factor(rope_scaling: dict[str, Any], max_position_embeddings: int) -> float:
+    """YaRN's context extension: `factor`, or where it is null the ratio of the context to the pretraining one."""
+    if rope_scaling["factor"] is not None:
+        return rope_scaling["factor"]
+    return max_position_embeddings / rope_scaling["original_max_position_embeddings"]
+
+
+def _check_yarn(rope_scaling: dict[str, Any], max_position_embeddings: int) -> None:
     """What transformers computes garbage from (or reads otherwise than written) is refused; keys it ignores are
     kept, with a warning (Nous' YaRN Llama 2 configs carry a `finetuned` flag)."""
-    if rope_scaling["factor"] is not None and rope_scaling["factor"] < 1:
-        raise ConfigError(f"rope_scaling factor of type 'yarn' must be >= 1, got {rope_scaling['factor']!r}")
+    factor = yarn_factor(rope_scaling, max_position_embeddings)
+    if factor < 1:
+        ratio = "" if rope_scaling["factor"] is not None else (
+            f" (null: max_position_embeddings {max_position_embeddings} / original_max_position_embeddings "
+            f"{rope_scaling['original_max_position_embeddings']})")
+        raise ConfigError(f"rope_scaling factor of type 'yarn' must be >= 1, got {factor!r}{ratio}")
     if (rope_scaling.get("beta_fast") or 32) < (rope_scaling.get("beta_slow") or 1):
         raise ConfigError(f"rope_scaling beta_fast {rope_scaling.get('beta_fast')!r} is below beta_slow "
                           f"{rope_scaling.get('beta_slow')!r} (null: 32 and 1); the blend would run backwards")

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import LlamaConfig
+from .config import LlamaConfig, yarn_factor
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -50,16 +50,9 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
         last = last + 0.001 if first == last else last
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - first) / (last - first)).clamp(0, 1)
         kept = 1 - ramp  # the blend weights written as transformers writes them: 1 - kept is not ramp's bits
-        inv_freq = 1.0 / (yarn_factor(config) * wavelength_scale) * (1 - kept) + inv_freq * kept
+        slowed = 1.0 / (yarn_factor(scaling, config.max_position_embeddings) * wavelength_scale)
+        inv_freq = slowed * (1 - kept) + inv_freq * kept
     return inv_freq
-
-
-def yarn_factor(config: LlamaConfig) -> float:
-    """YaRN's context extension: `factor`, or where it is null the ratio of the context to the pretraining one."""
-    scaling = config.rope_scaling
-    if scaling["factor"] is not None:
-        return scaling["factor"]
-    return config.max_position_embeddings / scaling["original_max_position_embeddings"]
 
 
 def rope_attention_factor(config: LlamaConfig) -> float:
@@ -67,7 +60,8 @@ def rope_attention_factor(config: LlamaConfig) -> float:
     0.1 * mscale * ln(factor) + 1, as a ratio of the `mscale` and `mscale_all_dim` forms where both are set."""
     if config.rope_type != "yarn":
         return 1.0
-    scaling, factor = config.rope_scaling, yarn_factor(config)
+    scaling = config.rope_scaling
+    factor = yarn_factor(scaling, config.max_position_embeddings)
     if scaling.get("attention_factor") is not None:
         return scaling["attention_factor"]
 
