@@ -94,9 +94,14 @@ for name, shard in shards.items():  # an inf in the last rank's rows alone: ever
 norm = float(clip_gradients(sharded, optimizers["fsdp"], t, scaler))
 assert apply_update(optimizers["fsdp"], t.lr, norm, scaler)["skipped"]
 assert all(torch.equal(shard.full_tensor(), weights[name]) for name, shard in shards.items())
-columns = distribute_tensor(torch.randn(4, 6), shard.device_mesh, [Shard(1)])  # a block of columns has no rows of its own
+# a block of columns has no rows of its own (no scatter: src_data_rank=None, see the barrier below)
+columns = distribute_tensor(torch.randn(4, 6), shard.device_mesh, [Shard(1)], src_data_rank=None)
 with pytest.raises(ValueError, match=r"^Muon needs parameters sharded on dim 0 alone, got placements \(Shard\(dim=1\),\)$"):
     owned_rows(columns)
+# DTensor's caches keep FSDP's group alive past close_world, so its worker threads outlive the script: one still
+# letting go of a finished collective's tensors while the interpreter shuts down aborts the process. A barrier's
+# round trip gives them time (ttl's training loop ends so too)
+dist.barrier()
 close_world(world)
 """
 
