@@ -82,6 +82,21 @@ def test_yarn_greedy_decoding_with_the_kv_cache_matches_transformers(kernels, tm
     assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]), ref)
 
 
+
+@pytest.mark.gpu
+def test_cuda_graph_yarn_decoding_matches_transformers(tmp_path):
+    """On the GPU in float32, past the original context of 16, graphed and eager decoding give transformers' tokens:
+    the captured graph replays the cache's angle table with the attention factor in it."""
+    hf = hf_generation_model(**yarn_overrides("mscale_ratio"))  # a context of 64
+    hf.save_pretrained(tmp_path)
+    hf, ours = hf.cuda(), ttl_core.load_pretrained(tmp_path, device="cuda")
+    ids, mask = (tensor.cuda() for tensor in left_padded(hf.config.vocab_size))
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=40, eos_token_id=[])
+    assert ref.shape[1] > 16
+    for cuda_graph in (True, False):
+        assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=40, eos_token_id=[],
+                                             cuda_graph=cuda_graph), ref), cuda_graph
+
 def test_yarn_triton_kernels_match_transformers(tmp_path):
     """The Triton rotary (on the fused q/k/v, forward and backward) and attention kernels, in the interpreter."""
     hf = hf_causal_lm(**yarn_overrides("betas_untruncated"), num_hidden_layers=1)
