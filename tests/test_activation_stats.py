@@ -156,9 +156,12 @@ def test_training_is_the_same_with_and_without_and_each_evaluation_logs_the_figu
     assert on[0]["act_rms/layers.1"] != on[1]["act_rms/layers.1"]  # measured again, on the trained weights
 
 
-def test_refused_without_evaluation():
+def test_refused_without_evaluation_or_with_a_kv_cache(models):
     with pytest.raises(ConfigError, match="log_activation_stats .*eval_every is 0") as e:
         run_config("train.log_activation_stats=true", "train.eval_every=0")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="without a kv_cache") as e:  # its keys would be the new tokens' alone
+        activation_stats(models[1], {"input_ids": random_ids(131), "kv_cache": object()})
     assert "\n" not in str(e.value)
 
 
