@@ -143,3 +143,18 @@ def test_gradient_norms_by_part_are_drawn_with_grad_norm_on_log_axes_of_their_ow
     write_records(tmp_path, {"step": 1, "loss": 3.0, "grad_norm": 2.0})
     plot_metrics(tmp_path)
     assert drawn_by_axes()[0] == {"cross-entropy (nats/token)": [("train loss", [3.0])]}
+
+
+def test_activation_statistics_are_drawn_by_block_on_axes_of_their_own(tmp_path, drawn_by_axes):
+    """train.log_activation_stats' act_rms/layers.N (log scale) and attn_logit_max/layers.N, labelled layers.N, each
+    kind on its axes; the sublayers' RMS stay in metrics.jsonl only (a small plot)."""
+    stats = [{"act_rms/layers.0": 1.0 + i, "act_rms/layers.1": 2.0 + i, "attn_out_rms/layers.0": 0.5,
+              "attn_logit_max/layers.0": 4.0 * i - 1, "attn_logit_max/layers.1": 6.0 * i} for i in (1, 2)]
+    write_records(tmp_path, {"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.9, **stats[0]},
+                  {"step": 4, "eval_loss": 2.5, **stats[1]})
+    plot_metrics(tmp_path)
+    curves, scales = drawn_by_axes()
+    assert curves == {"cross-entropy (nats/token)": [("train loss", [3.0]), ("eval loss", [2.9, 2.5])],
+                      "residual RMS": [("layers.0", [2.0, 3.0]), ("layers.1", [3.0, 4.0])],
+                      "largest attention logit": [("layers.0", [3.0, 7.0]), ("layers.1", [6.0, 12.0])]}
+    assert scales["residual RMS"] == "log" and scales["largest attention logit"] == "linear"

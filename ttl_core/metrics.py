@@ -170,8 +170,9 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
     source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
     evaluated, per example; below them, on axes of their own, train.eval_tasks' acc/NAME and acc_norm/NAME, and
-    train.log_grad_norms' grad_norm/PART (labelled PART) with grad_norm, on a log scale. Returns None (with a note)
-    when matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
+    train.log_grad_norms' grad_norm/PART (labelled PART) with grad_norm, on a log scale, and train.log_activation_stats'
+    act_rms/layers.N (on a log scale) and attn_logit_max/layers.N (labelled layers.N). Returns None (with a note) when
+    matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
     path, records = run_records(run_dir)
     train, evals = curve(path, records, "loss"), curve(path, records, "eval_loss")
     named = list(dict.fromkeys(key for r in records for key in r))  # in the records' order
@@ -182,10 +183,15 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     accuracies = {key: curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
     gradients = {key.removeprefix("grad_norm/"): curve(path, records, key)  # labelled PART
                  for key in named if key.startswith("grad_norm/")}
+    # train.log_activation_stats': the residual stream's growth and the attention logits', block by block
+    by_block = {kind: {key.removeprefix(kind): curve(path, records, key) for key in named if key.startswith(kind)}
+                for kind in ("act_rms/", "attn_logit_max/")}
     if gradients:  # with the global norm they make up, on a log scale, where a part that spikes stands out
         gradients = {"grad_norm": curve(path, records, "grad_norm"), **gradients}
     kinds = ((accuracies, {"ylabel": "zero-shot accuracy", "ylim": (0, 1)}),
-             (gradients, {"ylabel": "gradient norm", "yscale": "log"}))
+             (gradients, {"ylabel": "gradient norm", "yscale": "log"}),
+             (by_block["act_rms/"], {"ylabel": "residual RMS", "yscale": "log"}),
+             (by_block["attn_logit_max/"], {"ylabel": "largest attention logit"}))
     panels = [(curves, settings) for curves, settings in kinds if curves]
     if not train and not evals:
         logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)

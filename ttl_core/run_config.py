@@ -110,6 +110,9 @@ class TrainConfig:
     # also log each part's gradient norm (before clipping) as grad_norm/embed, grad_norm/layers.N, grad_norm/norm and
     # grad_norm/lm_head (none when tied): their squares sum to grad_norm's
     log_grad_norms: bool = False
+    # also log, at each evaluation, per-block activation statistics of the first val batch: act_rms/layers.N,
+    # attn_out_rms/layers.N, mlp_out_rms/layers.N, attn_logit_max/layers.N (see ttl_core.activation_stats)
+    log_activation_stats: bool = False
     # [start, stop]: trace optimizer steps start..stop with torch.profiler into RUN/profile, each rank's trace and rank
     # 0's table of the operators that took the most time (see ttl_core.profiling); [] profiles nothing
     profile_steps: list[int] = field(default_factory=list)
@@ -228,6 +231,8 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation), got {t.eval_every}")
+    if t.log_activation_stats and not t.eval_every:
+        raise ConfigError("train.log_activation_stats logs at each evaluation, and train.eval_every is 0 (none)")
     if t.dtype not in DTYPE_CHOICES:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {t.dtype!r}")
     if t.schedule not in SCHEDULE_CHOICES:

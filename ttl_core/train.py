@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .activation_stats import eval_activation_stats
 from .attention import document_layout
 from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
                          read_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rank_rng_state,
@@ -457,6 +458,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 with autocast(world.device, train.dtype), full_parameters(model) as whole:
                     accuracies = task_figures(whole, tasks)
                 evals = {**eval_figures(eval_losses(model, evaluated), mixture), **accuracies}
+                if train.log_activation_stats:  # one more forward, hooked, of the first val batch
+                    evals |= eval_activation_stats(model, data_path, run, world, tokenizer.bos_id)
                 if ema:  # the averaged weights' eval_loss, on the same batches of the training data's val splits
                     evals["eval_loss/ema"] = ema.evaluate(
                         lambda averaged: eval_figures(eval_losses(averaged, sources), mixture)["eval_loss"])
