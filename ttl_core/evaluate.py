@@ -133,7 +133,9 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     model.eval()
     # the bucket of each position (a context of position + 1 tokens)
     bucket_of = torch.repeat_interleave(torch.arange(len(edges) - 1), torch.tensor(edges).diff()).to(device)
-    # summed per bucket on the device: no host sync per batch
+    # summed on the device (no host sync per batch): the stream's nll and tokens by plain sums, the same bits on every
+    # run, and each bucket's by index_add_ (atomics on a GPU: its last bits may vary)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     nll = torch.zeros(len(edges) - 1, dtype=torch.float64, device=device)
     scored = torch.zeros(len(edges) - 1, dtype=torch.long, device=device)
 
@@ -147,11 +149,15 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
             batch["doc_starts"] = torch.cat([torch.ones_like(block[:, :1], dtype=torch.bool),
                                              block[:, :-2] == document_ids[1]], dim=1)
         inputs = model_inputs(batch, device, document_ids is not None, document_ids[0] if document_ids else None)
-        losses = model(**inputs, loss_reduction="none").loss  # 0 where a target is not scored
-        positions = inputs.get("position_ids", torch.arange(block.shape[1] - 1, device=device).expand(len(group), -1))
-        bucket = bucket_of[positions].flatten()
-        nll.index_add_(0, bucket, losses.double())
-        scored.index_add_(0, bucket, (inputs["targets"] != -100).flatten().long())
+        losses = model(**inputs, loss_reduction="none").loss.double()  # 0 where a target is not scored
+        is_scored = (inputs["targets"] != -100).flatten()
+        total.add_(torch.stack([losses.sum(), is_scored.sum().double()]))
+        if by_position is not None:
+            positions = inputs.get("position_ids",
+                                   torch.arange(block.shape[1] - 1, device=device).expand(len(group), -1))
+            bucket = bucket_of[positions].flatten()
+            nll.index_add_(0, bucket, losses)
+            scored.index_add_(0, bucket, is_scored.long())
         bar.update(len(group))
 
     group: list[tuple[int, int, int]] = []  # windows of one length (only the last may be shorter)
@@ -164,10 +170,11 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
             group.append(window)
         score(group)
     model.train(was_training)
-    counts, sums = scored.tolist(), nll.tolist()
-    buckets = [(first, after - 1, StreamLoss(n, total))
-               for first, after, n, total in zip(edges, edges[1:], counts, sums)]
-    return StreamLoss(tokens=sum(counts), nll=sum(sums), by_position=buckets if by_position is not None else None)
+    (stream_nll, stream_tokens), counts, sums = total.tolist(), scored.tolist(), nll.tolist()
+    buckets = [(first, after - 1, StreamLoss(n, bucket_nll))
+               for first, after, n, bucket_nll in zip(edges, edges[1:], counts, sums)]
+    return StreamLoss(tokens=int(stream_tokens), nll=stream_nll,
+                      by_position=buckets if by_position is not None else None)
 
 
 def plot_by_position(plt: Any, result: StreamLoss, out: str | Path, title: str,
