@@ -237,3 +237,20 @@ def test_a_label_smoothing_that_is_not_a_number_is_named_by_the_model_in_one_lin
     ids = torch.randint(0, 50, (2, 6))
     with pytest.raises(TypeError, match=rf"^label_smoothing must be a number, got {re.escape(repr(value))}$"):
         model(ids, labels=ids, label_smoothing=value)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (float("nan"), ValueError, "label_smoothing must be between 0 and 1, got nan"),
+    (1.5, ValueError, "label_smoothing must be between 0 and 1, got 1.5"),
+    (True, TypeError, "label_smoothing must be a number, got True"),
+    (None, TypeError, "label_smoothing must be a number, got None")])
+def test_the_classifier_refuses_a_bad_label_smoothing_as_the_causal_lm_does(value, error, message):
+    """torch's F.cross_entropy took a NaN label_smoothing as 0, so the classifier trained unsmoothed without a word
+    (and True as 1, None as 0, 1.5 in a torch RuntimeError), where the causal LM names each in one line."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=2, pad_token_id=0)
+    ids = torch.randint(1, 50, (2, 6))
+    for model, labels in ((ttl_core.LlamaForCausalLM(config), ids),
+                          (ttl_core.LlamaForSequenceClassification(config.replace(num_labels=3)), torch.tensor([0, 2]))):
+        with pytest.raises(error, match=f"^{re.escape(message)}$"):
+            model(ids, labels=labels, label_smoothing=value)

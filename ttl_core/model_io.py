@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import ttl_kernels
+from ttl_kernels.cross_entropy import check_label_smoothing
 
 from .config import LlamaConfig
 from .errors import ConfigError
@@ -156,6 +157,7 @@ def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch
     cross-entropy for integer labels, BCE-with-logits for float multi-label targets, or as `config.problem_type`
     says; and with `label_smoothing` > 0 (single-label classification only), which smooths the cross-entropy's
     targets over the classes as torch's does, the unsmoothed cross-entropy beside it (else None)."""
+    check_label_smoothing(label_smoothing)
     problem = config.problem_type
     if problem is None:
         if config.num_labels == 1:

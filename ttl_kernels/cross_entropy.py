@@ -158,14 +158,23 @@ def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: fl
     # the kernel would truncate float targets to classes and read bool ones as 0 and 1; the reference refuses both
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must be class indices of an integer dtype, got {targets.dtype}")
-    for option, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
-        # the reference took True as 1 and a 0-d tensor as its value; Triton failed on both (an i1, a pointer)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{option} must be a number, got {value!r}")
-    if not 0.0 <= label_smoothing <= 1.0:  # written so that NaN fails too
-        raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
+    check_label_smoothing(label_smoothing)
+    _check_number("z_loss", z_loss)
     if not 0.0 <= z_loss < math.inf:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """A label_smoothing in [0, 1]; torch's F.cross_entropy takes NaN as 0 and True as 1 without a word."""
+    _check_number("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:  # written so that NaN fails too
+        raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
+
+
+def _check_number(option: str, value: float) -> None:
+    # the reference took True as 1 and a 0-d tensor as its value; Triton failed on both (an i1, a pointer)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{option} must be a number, got {value!r}")
 
 
 def _reduction_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
