@@ -117,7 +117,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     """One optimizer update from the step's micro-batches; returns (mean cross-entropy per target token, not
     label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
     `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`,
-    `noise`'s (ttl_core.noise_scale) given one and several micro-batches). Raises
+    and given a `noise` and more than one micro-batch, its figures (`ttl_core.noise_scale`)). Raises
     TrainingError, before touching the weights, on a non-finite loss or gradient norm (with an fp16 grad scaler, which
     skips such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient
     into NaN and the update would write NaN into every weight."""
@@ -125,7 +125,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
     sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
-    small = sums[:0]  # small_batch_terms: summed over ranks in the loss's all-reduce, read in its host sync
+    small = sums[:0]  # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with annotate(f"forward {i}"), autocast(world.device, train.dtype):
