@@ -35,8 +35,7 @@ from ttl_core.errors import ConfigError
 from ttl_core.fileio import write_json
 from ttl_core.evaluate import StreamLoss, plot_by_position, split_tokens, stream_loss
 from ttl_core.metrics import pyplot
-from ttl_core.tokenizer import Tokenizer
-from ttl_core.train import check_same_tokenizer
+from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
 
 
 def position_buckets(text: str) -> str | int:

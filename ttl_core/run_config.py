@@ -17,6 +17,7 @@ from typing import Any
 
 from .config import PRESETS, RUNTIME_FIELDS, LlamaConfig
 from .errors import ConfigError, is_integer, is_number
+from .noise_scale import validate_noise_scale
 from .tokenizer import Tokenizer
 
 if sys.version_info >= (3, 11):
@@ -113,6 +114,10 @@ class TrainConfig:
     # also log, at each evaluation, per-block activation statistics of the first val batch: act_rms/layers.N,
     # attn_out_rms/layers.N, mlp_out_rms/layers.N, attn_logit_max/layers.N (see ttl_core.activation_stats)
     log_activation_stats: bool = False
+    # also log the gradient noise scale in target tokens (noise_scale, averaged at decay noise_scale_ema), with the
+    # step's grad_sq_small and grad_sq_big (see ttl_core.noise_scale); needs grad_accum_steps >= 2
+    log_noise_scale: bool = False
+    noise_scale_ema: float = 0.95
     # [start, stop]: trace optimizer steps start..stop with torch.profiler into RUN/profile, each rank's trace and rank
     # 0's table of the operators that took the most time (see ttl_core.profiling); [] profiles nothing
     profile_steps: list[int] = field(default_factory=list)
@@ -273,6 +278,7 @@ def validate(run: RunConfig) -> None:
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
     validate_batch_ramp(t)
+    validate_noise_scale(t)
     validate_profile_steps(t)
     validate_mix(run.data)
     validate_eval_sets(run.data)

@@ -26,7 +26,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
-from .errors import TokenizerError
+from .errors import ConfigError, TokenizerError
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer_call import encode_for_model
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
@@ -456,3 +456,18 @@ def _bytes_text(run: bytearray) -> str:
         return run.decode("utf-8")
     except UnicodeDecodeError:
         return "\ufffd" * len(run)
+
+
+def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, resuming: bool) -> None:
+    """Refuse data tokenized with another tokenizer than the one saved beside the weights trained on: its ids
+    would index embeddings learned for other tokens, silently when its vocabulary is no larger. Tokens one of
+    the two adds after the other's (added special tokens) change no id's meaning; weights saved without a
+    tokenizer (or with one ttl cannot read) leave nothing to compare."""
+    try:
+        saved = Tokenizer.from_pretrained(source)
+    except TokenizerError:
+        return
+    if saved.first_different_id(tokenizer) is not None:
+        fix = ("resume on the data the run was trained on (its --data)" if resuming
+               else f"prepare the data with scripts/prepare_data.py --tokenizer {source}")
+        raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")

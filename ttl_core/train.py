@@ -40,13 +40,14 @@ from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
 from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader
 from .model import LlamaForCausalLM
+from .noise_scale import NoiseScale, small_batch_terms
 from .optim import (apply_update, build_optimizer, clip_gradients, gradient_figures, gradient_parts, lr_at,
                     stop_if_not_finite)
 from .preemption import StopOnSignal
 from .profiling import StepProfiler, annotate
 from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
                          recorded_data_path, resumed_model_settings)
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_same_tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # [model] fields that change how a model trains, not what it is: an --init-from run may set them (see
@@ -111,10 +112,12 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float,
-               scaler: torch.amp.GradScaler | None) -> tuple[float, float, dict[str, float | bool]]:
+               scaler: torch.amp.GradScaler | None,
+               noise: NoiseScale | None = None) -> tuple[float, float, dict[str, float | bool]]:
     """One optimizer update from the step's micro-batches; returns (mean cross-entropy per target token, not
     label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
-    `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`). Raises
+    `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`,
+    and given a `noise` and more than one micro-batch, its figures (`ttl_core.noise_scale`)). Raises
     TrainingError, before touching the weights, on a non-finite loss or gradient norm (with an fp16 grad scaler, which
     skips such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient
     into NaN and the update would write NaN into every weight."""
@@ -122,6 +125,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
     sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
+    small = sums[:0]  # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with annotate(f"forward {i}"), autocast(world.device, train.dtype):
@@ -133,15 +137,21 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         with annotate(f"backward {i}"):
             scaled = out.loss * scale
             (scaler.scale(scaled) if scaler else scaled).backward()
-    means = all_reduce_sum(sums, world) / n_targets.to(world.device)
+        if noise and i == 0 and len(micro_batches) > 1:  # before the next micro-batch adds to the gradients
+            small = torch.cat([small_batch_terms(model, inputs["targets"], scale), n_targets.to(scale)])
+    totals = all_reduce_sum(torch.cat([sums, small[:2]]), world)
+    means = totals[:3] / n_targets.to(world.device)
     parts = gradient_parts(model) if train.log_grad_norms else {}
     grad_norms = clip_gradients(model, optimizer, train, scaler, parts)
     # one host sync for every figure: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
-    objective, z_part, nll, grad_norm, *part_norms = torch.cat([means, grad_norms.to(means).reshape(-1)]).tolist()
+    objective, z_part, nll, grad_norm, *rest = torch.cat([means, grad_norms.to(means).reshape(-1), totals[3:],
+                                                          small[2:]]).tolist()
+    part_norms, noise_terms = rest[:len(parts)], rest[len(parts):]
     stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
     figures = {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts, part_norms)),
-               **({"z_loss": z_part} if train.z_loss else {})}
+               **({"z_loss": z_part} if train.z_loss else {}),
+               **(noise.update(grad_norm**2, *noise_terms, world.size) if noise_terms else {})}
     if train.label_smoothing:  # "loss" stays the plain cross-entropy, so that runs with and without it compare
         return nll, grad_norm, {**figures, "smoothed_loss": objective - z_part}
     return objective - z_part, grad_norm, figures
@@ -237,21 +247,6 @@ def build_or_load_model(config: LlamaConfig, seed: int, resume_from: Path | None
     # the stored architecture, with the planned runtime and dropout fields on top
     overrides = {key: getattr(config, key) for key in (*RUNTIME_FIELDS, *DROPOUT_FIELDS)}
     return load_pretrained(source, dtype=torch.float32, device=device, **overrides).train()
-
-
-def check_same_tokenizer(source: Path, tokenizer: Tokenizer, data_path: Path, resuming: bool) -> None:
-    """Refuse data tokenized with another tokenizer than the one saved beside the weights trained on: its ids
-    would index embeddings learned for other tokens, silently when its vocabulary is no larger. Tokens one of
-    the two adds after the other's (added special tokens) change no id's meaning; weights saved without a
-    tokenizer (or with one ttl cannot read) leave nothing to compare."""
-    try:
-        saved = Tokenizer.from_pretrained(source)
-    except TokenizerError:
-        return
-    if saved.first_different_id(tokenizer) is not None:
-        fix = ("resume on the data the run was trained on (its --data)" if resuming
-               else f"prepare the data with scripts/prepare_data.py --tokenizer {source}")
-        raise ConfigError(f"{data_path} was tokenized with another tokenizer than {source}'s: {fix}")
 
 
 def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
@@ -414,15 +409,20 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)  # its warning before the bar
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
+    # the noise scale's averages go on from the checkpoint's (afresh from one saved without them)
+    noise = (NoiseScale(train.noise_scale_ema, (trainer_state or {}).get("noise_scale")) if train.log_noise_scale
+             else None)
     loss = stopped_by = None
 
     def save(at_step: int) -> Path | None:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         rng_states, ema_state = full_rng_states(world), ema.full_state() if ema else None
+        noise_state = {"noise_scale": noise.state_dict()} if noise else {}
         return on_rank_0(world, lambda: save_checkpoint(
             out_dir, at_step, unwrap(model), model_state, optimizer_state,
-            {"data": loader.state_dict(), "config": recorded_config}, tokenizer, keep=train.keep_checkpoints,
-            scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states, ema_state=ema_state))
+            {"data": loader.state_dict(), "config": recorded_config, **noise_state}, tokenizer,
+            keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states,
+            ema_state=ema_state))
 
     def eval_losses(of_model: torch.nn.Module, directories: dict[str, Path]) -> dict[str, float]:
         return {name: evaluate(of_model, path, run, world, tokenizer.bos_id) for name, path in directories.items()}
@@ -437,7 +437,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                          for _ in range(train.grad_accum_at(step))]
                 try:
                     loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
-                                                          scaler)
+                                                          scaler, noise)
                 except TrainingError as e:
                     good = latest_checkpoint(out_dir)
                     raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "

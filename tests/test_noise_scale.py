@@ -1,0 +1,216 @@
+"""The gradient noise scale (train.log_noise_scale, ttl_core.noise_scale): the estimator against its formula, the
+small and big batches' squared gradient norms against float64 autograd, training unchanged by it, resume, two
+processes, refusals."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import ROOT, run_script, run_torchrun
+from train_helpers import losses, run_config, same_weights, set_arguments
+from ttl_core.checkpoint import read_trainer_state
+from ttl_core.data import PackedLoader
+from ttl_core.distributed import World
+from ttl_core.errors import ConfigError
+from ttl_core.metrics import read_metrics
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.noise_scale import NoiseScale, noise_estimates
+from ttl_core.optim import build_optimizer
+from ttl_core.run_config import load_run_config
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.train import model_inputs, train, train_step
+
+CPU = torch.device("cpu")
+NOISY = ["train.max_steps=4", "train.grad_accum_steps=2", "train.eval_every=0", "train.log_noise_scale=true",
+         "train.noise_scale_ema=0.5"]
+
+
+def test_the_estimates_are_the_formula_and_recover_the_true_gradient_and_trace():
+    rng = random.Random(0)
+    for _ in range(20):
+        small_sq, big_sq, small = rng.uniform(0.1, 10), rng.uniform(0.1, 10), rng.randint(1, 500)
+        big = small + rng.randint(1, 5000)
+        grad_sq, trace = noise_estimates(small_sq, big_sq, small, big)
+        assert grad_sq == pytest.approx((big * big_sq - small * small_sq) / (big - small), rel=1e-14)
+        assert trace == pytest.approx((small_sq - big_sq) / (1 / small - 1 / big), rel=1e-14)
+        # squared norms as E|G_b|² = |G|² + tr(Σ)/b gives them: both come back
+        true_sq, true_trace = rng.uniform(0.1, 10), rng.uniform(1, 1000)
+        assert noise_estimates(true_sq + true_trace / small, true_sq + true_trace / big, small, big) == \
+            pytest.approx((true_sq, true_trace), rel=1e-10)
+
+
+def test_the_averages_are_exponential_from_zero_and_their_ratio_needs_no_bias_correction():
+    """Two processes whose small batches hold 100 and 300 targets: b is their harmonic mean, 150."""
+    noise, decay = NoiseScale(0.9), 0.9
+    grad_sq_avg = trace_avg = 0.0
+    rng = random.Random(1)
+    for _ in range(6):
+        small_sq, big_sq = rng.uniform(2, 3), rng.uniform(1, 2)
+        figures = noise.update(big_sq, 2 * small_sq, 1 / 100 + 1 / 300, 800.0, 2)
+        grad_sq, trace = noise_estimates(small_sq, big_sq, 150, 800)
+        grad_sq_avg, trace_avg = decay * grad_sq_avg + (1 - decay) * grad_sq, decay * trace_avg + (1 - decay) * trace
+        assert figures == pytest.approx({"noise_scale": trace_avg / grad_sq_avg, "grad_sq_small": small_sq,
+                                         "grad_sq_big": big_sq}, rel=1e-12)
+    assert noise.state_dict() == pytest.approx({"grad_sq": grad_sq_avg, "trace": trace_avg}, rel=1e-12)
+    constant = NoiseScale(0.99)  # the same estimates each step: their ratio from the first step on
+    for _ in range(3):
+        assert constant.update(1.0 + 300 / 800, 2 * (1.0 + 300 / 150), 1 / 100 + 1 / 300, 800.0, 2)["noise_scale"] \
+            == pytest.approx(300, rel=1e-12)
+    assert NoiseScale(0.9).update(1.0, 2.0, 1 / 800, 800.0, 1) == {}  # the small batch is the whole step
+
+
+def reference_squares(model: torch.nn.Module, micro: list[dict]) -> tuple[list[float], float]:
+    """(|G_b|² of each micro-batch, |G_B|² of them all): the squared norms of the mean gradients per target token
+    of `model`'s summed cross-entropy, by plain autograd on a float64 copy, one micro-batch at a time."""
+    model = copy.deepcopy(model).double()
+    total, smalls, count = None, [], 0
+    for inputs in micro:
+        model.zero_grad()
+        logits = model(**{k: v for k, v in inputs.items() if k != "targets"}).logits
+        F.cross_entropy(logits.flatten(0, 1), inputs["targets"].flatten(), reduction="sum").backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        tokens = int((inputs["targets"] != -100).sum())
+        smalls.append(float((grads / tokens).square().sum()))
+        total, count = grads if total is None else total + grads, count + tokens
+    return smalls, float((total / count).square().sum())
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_the_small_and_big_squared_norms_are_float64_autograd_s_with_uneven_targets(data_dir, accum):
+    """Document masking (no target at a document's BOS) and a few more -100 targets, at random, give each
+    micro-batch its own count of targets; the figures are within 1e-5 of float64 autograd's."""
+    run = run_config(f"train.grad_accum_steps={accum}", "data.document_masking=true", "train.log_noise_scale=true")
+    t = run.train
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", t.seq_len, t.micro_batch_size, seed=3)
+    micro = [model_inputs(next(loader), CPU, True, Tokenizer.from_pretrained(data_dir).bos_id) for _ in range(accum)]
+    for i, inputs in enumerate(micro):
+        inputs["targets"].view(-1)[torch.randperm(inputs["targets"].numel())[:3 * i + 1]] = -100
+    counts = [int((inputs["targets"] != -100).sum()) for inputs in micro]
+    assert len(set(counts)) == accum, counts
+    smalls, big = reference_squares(model, micro)
+    noise = NoiseScale(0.0)
+    _, grad_norm, figures = train_step(model, build_optimizer(model, t, CPU), micro, t, World(0, 1, CPU), 1e-3,
+                                       None, noise)
+    assert figures["grad_sq_small"] == pytest.approx(smalls[0], rel=1e-5)
+    assert figures["grad_sq_big"] == pytest.approx(big, rel=1e-5) == grad_norm**2
+    expected = noise_estimates(smalls[0], big, counts[0], sum(counts))
+    assert figures["noise_scale"] == pytest.approx(expected[1] / expected[0], rel=1e-4)  # a ratio of differences
+
+
+@pytest.fixture(scope="module")
+def noisy(data_dir, tmp_path_factory):
+    """A 4-step run logging the noise scale, 2 micro-batches a step."""
+    out = tmp_path_factory.mktemp("noisy") / "run"
+    train(run_config(*NOISY), out, data_dir=str(data_dir))
+    return out
+
+
+def figures(run_dir, key: str) -> list[float]:
+    return [r.get(key) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_training_is_bit_identical_with_and_without_it_and_every_step_logs_it(noisy, data_dir, tmp_path):
+    train(run_config(*NOISY, "train.log_noise_scale=false"), tmp_path / "plain", data_dir=str(data_dir))
+    assert losses(noisy) == losses(tmp_path / "plain")
+    assert figures(noisy, "grad_norm") == figures(tmp_path / "plain", "grad_norm")
+    assert same_weights(noisy / "checkpoints" / "step-000004", tmp_path / "plain" / "checkpoints" / "step-000004")
+    assert all(r["grad_sq_big"] == r["grad_norm"]**2 and r["grad_sq_small"] > 0 and "noise_scale" in r
+               for r in read_metrics(noisy / "metrics.jsonl"))
+    assert not any("noise_scale" in r for r in read_metrics(tmp_path / "plain" / "metrics.jsonl"))
+    state = read_trainer_state(noisy / "checkpoints" / "step-000004")["noise_scale"]
+    assert figures(noisy, "noise_scale")[-1] == state["trace"] / state["grad_sq"]
+
+
+def test_resume_continues_the_averages_exactly_and_a_checkpoint_without_them_starts_afresh(noisy, data_dir,
+                                                                                            tmp_path):
+    """Stopped after step 2 and resumed: the uninterrupted run's figures, bit for bit. Resumed from a checkpoint
+    of a run that did not log them, the averages start at step 3 as a fresh run's start: step 3 logs the ratio of
+    its own estimates, which an unaveraged run (noise_scale_ema 0) logs too."""
+    sliced, plain = tmp_path / "sliced", tmp_path / "plain"
+    train(run_config(*NOISY), sliced, data_dir=str(data_dir), stop_after=2)
+    train(run_config(*NOISY), sliced, data_dir=str(data_dir), resume=True)
+    for key in ("noise_scale", "grad_sq_small", "grad_sq_big"):
+        assert figures(sliced, key) == figures(noisy, key)
+    train(run_config(*NOISY, "train.log_noise_scale=false"), plain, data_dir=str(data_dir), stop_after=2)
+    assert "noise_scale" not in read_trainer_state(plain / "checkpoints" / "step-000002")
+    train(run_config(*NOISY), plain, data_dir=str(data_dir), resume=True)
+    train(run_config(*NOISY, "train.noise_scale_ema=0"), tmp_path / "raw", data_dir=str(data_dir))
+    logged = [r.get("noise_scale") for r in read_metrics(plain / "metrics.jsonl")]
+    assert logged[:2] == [None, None] and logged[2] == figures(tmp_path / "raw", "noise_scale")[2]
+    assert logged[2] != figures(noisy, "noise_scale")[2]
+
+
+def test_a_batch_ramp_s_steps_of_one_micro_batch_log_none_and_the_part_norms_still_come(data_dir, tmp_path):
+    """Ramping 1, 1, 2, 3 micro-batches: steps 3 and 4 log the figures, step 3 the ratio of its own estimates (as
+    an unaveraged run does); train.log_grad_norms' part norms are logged beside them, as without them."""
+    ramp = ["train.grad_accum_steps=3", "train.batch_ramp_steps=4", "train.log_grad_norms=true"]
+    train(run_config(*NOISY, *ramp), tmp_path / "ramp", data_dir=str(data_dir))
+    train(run_config(*NOISY, *ramp, "train.noise_scale_ema=0"), tmp_path / "raw", data_dir=str(data_dir))
+    train(run_config(*NOISY, *ramp, "train.log_noise_scale=false"), tmp_path / "plain", data_dir=str(data_dir))
+    records = [r for r in read_metrics(tmp_path / "ramp" / "metrics.jsonl") if "loss" in r]
+    assert [r["batch_tokens"] // 128 for r in records] == [1, 1, 2, 3]
+    assert ["noise_scale" in r for r in records] == [False, False, True, True]
+    assert records[2]["noise_scale"] == figures(tmp_path / "raw", "noise_scale")[2]
+    assert [{k: v for k, v in r.items() if k not in ("tokens_per_s", "noise_scale", "grad_sq_small", "grad_sq_big")}
+            for r in records] == [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                                  for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+    assert "grad_norm/layers.0" in records[3]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_mean_of_their_first_micro_batches_with_the_same_global_batch(data_dir, tmp_path):
+    """Step 1 of 1 process accumulating 4 micro-batches and of 2 accumulating 2 each (the same global batch, the
+    same weights): grad_sq_big alike, and the float64 reference's; grad_sq_small the first micro-batch's for one
+    process, the mean of micro-batches 0 and 1 (each rank's first) for two; noise_scale from b their harmonic
+    mean. Document masking gives the micro-batches uneven counts of targets (seed 2: 127 and 125)."""
+    common = ["train.max_steps=2", "train.seed=2", "data.document_masking=true", "train.log_noise_scale=true",
+              "train.eval_every=0", "train.noise_scale_ema=0.5"]
+    one = run_script("pretrain", "--data", data_dir, "--out", tmp_path / "one",
+                     *set_arguments(*common, "train.grad_accum_steps=4"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", tmp_path / "two",
+                       *set_arguments(*common, "train.grad_accum_steps=2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    first = [[r for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r][0] for run in ("one", "two")]
+
+    run = run_config(*common, "train.grad_accum_steps=4")
+    t = run.train
+    torch.manual_seed(t.seed)  # the run's fresh weights
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", t.seq_len, t.micro_batch_size, seed=t.seed)
+    micro = [model_inputs(next(loader), CPU, True, Tokenizer.from_pretrained(data_dir).bos_id) for _ in range(4)]
+    counts = [int((inputs["targets"] != -100).sum()) for inputs in micro]
+    assert counts[0] != counts[1], counts
+    smalls, big = reference_squares(model, micro)
+    assert first[0]["grad_sq_big"] == pytest.approx(big, rel=1e-5)
+    assert first[1]["grad_sq_big"] == pytest.approx(big, rel=1e-5)
+    assert first[0]["grad_sq_small"] == pytest.approx(smalls[0], rel=1e-5)
+    assert first[1]["grad_sq_small"] == pytest.approx((smalls[0] + smalls[1]) / 2, rel=1e-5)
+    for record, small_sq, small in ((first[0], smalls[0], counts[0]),
+                                    (first[1], (smalls[0] + smalls[1]) / 2, 2 / (1 / counts[0] + 1 / counts[1]))):
+        grad_sq, trace = noise_estimates(small_sq, big, small, sum(counts))
+        assert record["noise_scale"] == pytest.approx(trace / grad_sq, rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.grad_accum_steps=1"], r"^train.log_noise_scale compares each process's first micro-batch with the "
+                                   r"whole step: it needs train.grad_accum_steps >= 2, got 1$"),
+    (["train.distributed=fsdp"], r"^train.log_noise_scale reads the first micro-batch's gradient, which FSDP keeps "
+                                 r"inside its own state: use train.distributed=\"ddp\""),
+    (["train.dtype=float16"], r"which float16 loss-scales: use"),
+    (["train.noise_scale_ema=1.0"], r"^train.noise_scale_ema must lie in \[0, 1\) \(0: no averaging\), got 1.0$"),
+    (["train.noise_scale_ema=nan", "train.log_noise_scale=false"], r"^train.noise_scale_ema must lie in \[0, 1\)"),
+    (["train.noise_scale_ema=-0.1"], r"got -0.1$"),
+    (["train.log_noise_scale=1"], r"^train.log_noise_scale must be"),
+])
+def test_bad_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_run_config(None, ["train.grad_accum_steps=2", "train.log_noise_scale=true", *overrides])
+    assert "\n" not in str(e.value)
