@@ -6,10 +6,11 @@
 
 The x axis is the tokens seen (default: runs with other batch sizes or numbers of processes line up) or the step.
 Training metrics are smoothed as TensorBoard does (debiased exponential moving average, NaN and inf skipped);
-evaluation metrics (eval_*, acc/*, acc_norm/*) are drawn as logged. The table gives, per run: training steps
-logged, tokens seen, the last and the best eval_loss with their steps, the last smoothed training loss, the median
-tokens/s and each accuracy's last value. Runs logged before ttl logged batch_tokens take their tokens per step
-from their newest checkpoint, taken to hold for the whole run.
+evaluation metrics (eval_*, acc/*, acc_norm/*, train.log_activation_stats' act_rms/*, attn_out_rms/*, mlp_out_rms/*,
+attn_logit_max/*) are drawn as logged. The table gives, per run: training steps logged, tokens seen, the last and the
+best eval_loss with their steps, the last smoothed training loss, the median tokens/s and each accuracy's last value.
+Runs logged before ttl logged batch_tokens take their tokens per step from their newest checkpoint, taken to hold for
+the whole run.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from hf_reference import hf_causal_lm
 from train_helpers import losses, run_config, same_weights, set_arguments
 import ttl_core
 import ttl_core.activation_stats as ttl_activation_stats
-from ttl_core.activation_stats import KINDS, activation_stats
-from ttl_core.attention import document_layout
+from ttl_core.activation_stats import KINDS, _logit_max, activation_stats
+from ttl_core.attention import causal_mask, document_layout
 from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.train import train
@@ -134,6 +134,20 @@ def test_packed_documents_are_the_documents_alone(models, backend, monkeypatch, 
     assert_close(got, expected)
     whole_rows = activation_stats(ours, {"input_ids": ids})  # across documents the logits differ: the mask counts
     assert whole_rows["attn_logit_max/layers.0"] != got["attn_logit_max/layers.0"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_are_recomputed_in_float32_under_the_run_s_autocast(dtype):
+    """Under train.dtype's autocast (as evaluations run) the autocast output's q and k, not q·k rounded to dtype."""
+    generator = torch.Generator().manual_seed(2)
+    q = (torch.randn(2, 13, 4, 16, generator=generator) * 3).to(dtype)
+    k = (torch.randn(2, 13, 2, 16, generator=generator) * 3).to(dtype)
+    allowed = causal_mask(13, 13, q.device)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double().repeat_interleave(2, dim=2)) / 4
+    expected = scores.masked_fill(~allowed, float("-inf")).amax().item()
+    with torch.autocast("cpu", dtype=dtype):
+        got = _logit_max(q, k, allowed)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expected, rel=1e-6)
 
 
 def eval_records(run_dir) -> list[dict]:

@@ -94,6 +94,17 @@ def test_the_tokens_axis_counts_each_runs_own_batch(tmp_path):
     assert [x for x, _ in curves_of(small, x="step")["small"]["eval_loss"]] == [3, 6]
 
 
+def test_activation_statistics_are_evaluation_figures_drawn_as_logged(tmp_path):
+    """train.log_activation_stats' figures come with the eval records: a spike at one evaluation is drawn as it was,
+    not averaged into the evaluations before it as a training curve is."""
+    stats = {3: {"act_rms/layers.0": 1.5, "attn_logit_max/layers.1": 4.0},
+             6: {"act_rms/layers.0": 9.0, "attn_logit_max/layers.1": 40.0}}
+    run = write_run(tmp_path / "run", *[{**r, **stats.get(r["step"], {})} if "eval_loss" in r else r
+                                        for r in steps(1, 6, batch_tokens=128, eval_every=3)])
+    curves = curves_of(run, metrics=["act_rms/layers.0", "attn_logit_max/layers.1"], x="step", weight=0.9)["run"]
+    assert curves == {"act_rms/layers.0": [(3, 1.5), (6, 9.0)], "attn_logit_max/layers.1": [(3, 4.0), (6, 40.0)]}
+
+
 def test_a_run_logged_before_batch_tokens_takes_its_batch_from_its_newest_checkpoint(tmp_path, capsys):
     """global_batch (micro_batch_size x processes) x grad_accum_steps x seq_len of the newest checkpoint, for every
     step; without a checkpoint the tokens are unknown: the table says '-', and --x tokens is refused for --x step."""

@@ -158,3 +158,26 @@ def test_activation_statistics_are_drawn_by_block_on_axes_of_their_own(tmp_path,
                       "residual RMS": [("layers.0", [2.0, 3.0]), ("layers.1", [3.0, 4.0])],
                       "largest attention logit": [("layers.0", [3.0, 7.0]), ("layers.1", [6.0, 12.0])]}
     assert scales["residual RMS"] == "log" and scales["largest attention logit"] == "linear"
+
+
+def test_a_deep_model_s_blocks_each_have_a_colour_of_their_own(tmp_path, monkeypatch):
+    """12 blocks (the 160m model's), past the 10 colours of matplotlib's default cycle: layers.10 is not drawn in
+    layers.0's colour; a block has the same colour on both axes."""
+    import matplotlib.axes
+    drawn, draw = [], matplotlib.axes.Axes.plot
+
+    def plot(self, *args, label, **kwargs):
+        lines = draw(self, *args, label=label, **kwargs)
+        drawn.append((self, label, lines[0].get_color()))
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    stats = {f"{kind}/layers.{i}": 1.0 + i for kind in ("act_rms", "attn_logit_max") for i in range(12)}
+    write_records(tmp_path, {"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 2.9, **stats})
+    plot_metrics(tmp_path)
+    colours = {}
+    for axes, label, colour in drawn:
+        colours.setdefault(axes.get_ylabel(), {})[label] = str(colour)
+    rms, logits = colours["residual RMS"], colours["largest attention logit"]
+    assert list(rms) == [f"layers.{i}" for i in range(12)] and len(set(rms.values())) == 12
+    assert logits == rms

@@ -53,9 +53,10 @@ def _logit_max(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch
     kh = k.float().transpose(1, 2).repeat_interleave(heads // k.shape[2], dim=1).transpose(-1, -2)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // (batch * heads * k.shape[1]))
     best = torch.tensor(float("-inf"), device=q.device)
-    for start in range(0, seq, chunk):
-        scores = qh[:, :, start:start + chunk] @ kh * head_dim**-0.5
-        best = torch.maximum(best, scores.masked_fill(~allowed[:, :, start:start + chunk], float("-inf")).amax())
+    with torch.autocast(q.device.type, enabled=False):  # the run's autocast would round the matmul to its dtype
+        for start in range(0, seq, chunk):
+            scores = qh[:, :, start:start + chunk] @ kh * head_dim**-0.5
+            best = torch.maximum(best, scores.masked_fill(~allowed[:, :, start:start + chunk], float("-inf")).amax())
     return best
 
 

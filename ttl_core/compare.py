@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .activation_stats import KINDS
 from .checkpoint import latest_checkpoint, read_trainer_state
 from .errors import ConfigError, DataError, is_integer
 from .metrics import curve, loss_kind, pyplot, run_records, save_png
 
 DEFAULT_METRICS = ("loss", "eval_loss")
-# logged at evaluations, drawn as logged; every other metric is a training record's, one point per step, smoothed
-EVAL_PREFIXES = ("eval_", "acc/", "acc_norm/")
+# logged at evaluations (train.log_activation_stats' KINDS too), drawn as logged; every other metric is a training
+# record's, one point per step, smoothed
+EVAL_PREFIXES = ("eval_", "acc/", "acc_norm/", *(f"{kind}/" for kind in KINDS))
 ACCURACY_PREFIXES = ("acc/", "acc_norm/")
 EVAL_STYLES = ("o--", "s:", "^-.", "D--")
 

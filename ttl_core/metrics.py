@@ -204,9 +204,11 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
                              height_ratios=(2, *[1] * len(panels)))
     ax = axes[0, 0]
     for (curves, settings), below in zip(panels, axes[1:, 0]):
-        if curves is gradients:  # the whole in black, the parts from the input to the output in the colormap's order
-            below.set_prop_cycle(color=["black", *plt.colormaps["viridis"].resampled(len(curves) - 1)(
-                range(len(curves) - 1))])
+        if curves is not accuracies:  # parts and blocks from the input to the output in the colormap's order (a deep
+            # model's would repeat the default cycle's 10 colours), a gradient's whole in black
+            whole = ["black"] if curves is gradients else []
+            parts = len(curves) - len(whole)
+            below.set_prop_cycle(color=[*whole, *plt.colormaps["viridis"].resampled(parts)(range(parts))])
         for key, points in curves.items():
             if points:
                 below.plot(*zip(*points), ".-", label=key, linewidth=1)
