@@ -55,9 +55,10 @@ def _logit_max(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch
     best = torch.tensor(float("-inf"), device=q.device)
     with torch.autocast(q.device.type, enabled=False):  # the run's autocast would round the matmul to its dtype
         for start in range(0, seq, chunk):
-            scores = qh[:, :, start:start + chunk] @ kh * head_dim**-0.5
-            best = torch.maximum(best, scores.masked_fill(~allowed[:, :, start:start + chunk], float("-inf")).amax())
-    return best
+            scores = qh[:, :, start:start + chunk] @ kh  # masked in place: one chunk of scores alive at a time
+            best = torch.maximum(best, scores.masked_fill_(~allowed[:, :, start:start + chunk], float("-inf")).amax())
+    # scaled after the maximum: rounding x * c is monotone in x for c > 0, so the largest scaled score's bits
+    return best * head_dim**-0.5
 
 
 @contextlib.contextmanager
