@@ -51,7 +51,7 @@ def test_the_averages_are_exponential_from_zero_and_their_ratio_needs_no_bias_co
     rng = random.Random(1)
     for _ in range(6):
         small_sq, big_sq = rng.uniform(2, 3), rng.uniform(1, 2)
-        figures = noise.update(big_sq, 2 * small_sq, 1 / 100 + 1 / 300, 800.0, 2)
+        figures = noise.update(big_sq, 2 * small_sq, 1 / 100 + 1 / 300, 2, 800.0)
         grad_sq, trace = noise_estimates(small_sq, big_sq, 150, 800)
         grad_sq_avg, trace_avg = decay * grad_sq_avg + (1 - decay) * grad_sq, decay * trace_avg + (1 - decay) * trace
         assert figures == pytest.approx({"noise_scale": trace_avg / grad_sq_avg, "grad_sq_small": small_sq,
@@ -59,9 +59,13 @@ def test_the_averages_are_exponential_from_zero_and_their_ratio_needs_no_bias_co
     assert noise.state_dict() == pytest.approx({"grad_sq": grad_sq_avg, "trace": trace_avg}, rel=1e-12)
     constant = NoiseScale(0.99)  # the same estimates each step: their ratio from the first step on
     for _ in range(3):
-        assert constant.update(1.0 + 300 / 800, 2 * (1.0 + 300 / 150), 1 / 100 + 1 / 300, 800.0, 2)["noise_scale"] \
+        assert constant.update(1.0 + 300 / 800, 2 * (1.0 + 300 / 150), 1 / 100 + 1 / 300, 2, 800.0)["noise_scale"] \
             == pytest.approx(300, rel=1e-12)
-    assert NoiseScale(0.9).update(1.0, 2.0, 1 / 800, 800.0, 1) == {}  # the small batch is the whole step
+    assert NoiseScale(0.9).update(1.0, 2.0, 1 / 800, 1, 800.0) == {}  # the small batch is the whole step
+    # of two processes, one without a target in its first micro-batch: the other's alone, b = 100
+    assert NoiseScale(0.0).update(1.5, 2.5, 1 / 100, 1, 800.0)["noise_scale"] == pytest.approx(
+        noise_estimates(2.5, 1.5, 100, 800)[1] / noise_estimates(2.5, 1.5, 100, 800)[0], rel=1e-12)
+    assert NoiseScale(0.9).update(1.0, 0.0, 0.0, 0, 800.0) == {}  # no process has one
 
 
 def reference_squares(model: torch.nn.Module, micro: list[dict]) -> tuple[list[float], float]:
@@ -102,6 +106,22 @@ def test_the_small_and_big_squared_norms_are_float64_autograd_s_with_uneven_targ
     assert figures["grad_sq_big"] == pytest.approx(big, rel=1e-5) == grad_norm**2
     expected = noise_estimates(smalls[0], big, counts[0], sum(counts))
     assert figures["noise_scale"] == pytest.approx(expected[1] / expected[0], rel=1e-4)  # a ratio of differences
+
+
+def test_a_first_micro_batch_without_targets_is_no_small_batch(data_dir):
+    """A first micro-batch whose targets are all -100 has no per-token gradient: the step logs none of the figures
+    and leaves the averages as they were (counted as one target with a zero gradient, it logged -1)."""
+    run = run_config("train.grad_accum_steps=3", "train.log_noise_scale=true")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=3)
+    micro = [model_inputs(next(loader), CPU, False, None) for _ in range(3)]
+    micro[0]["targets"][:] = -100
+    noise = NoiseScale(0.5, {"grad_sq": 2.0, "trace": 300.0})
+    _, _, figures = train_step(model, build_optimizer(model, run.train, CPU), micro, run.train, World(0, 1, CPU),
+                               1e-3, None, noise)
+    assert not {"noise_scale", "grad_sq_small", "grad_sq_big"} & figures.keys()
+    assert noise.state_dict() == {"grad_sq": 2.0, "trace": 300.0}
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,15 @@ before clipping squared (`grad_sq_big`, grad_norm²). The small batch is each pr
 gradient is read right after its backward, before the next micro-batch accumulates into it (DDP all-reduces only
 at the last micro-batch, so it is the process's own), rescaled from the step's normalisation (world size / N) to
 the mean over its b_r target tokens. |G_b|² (`grad_sq_small`) is the mean over processes of their squared norms,
-and 1/b the mean of 1/b_r (E|G_b|² is linear in 1/b). Both estimates are noisy, so each is averaged by an
-exponential moving average of decay `train.noise_scale_ema` from 0, and `noise_scale` is the ratio of the two
-averages (their common start-up bias cancels in it); it can be negative while the average of |G|² is.
+and 1/b the mean of 1/b_r (E|G_b|² is linear in 1/b), both over the processes whose first micro-batch has a
+target. Both estimates are noisy, so each is averaged by an exponential moving average of decay
+`train.noise_scale_ema` from 0, and `noise_scale` is the ratio of the two averages (their common start-up bias
+cancels in it); it can be negative while the average of |G|² is.
 
-Cost: one foreach norm over the gradients per step and no copy of them; two numbers more in the step's all-reduce
-and in its one host read. A step with one micro-batch per process (a batch ramp's first) logs none and leaves the
-averages as they were. Target tokens are those the loss counts: not document masking's BOS targets nor any -100.
+Cost: one foreach norm over the gradients per step and no copy of them; three numbers more in the step's all-reduce
+and four in its one host read. A step with one micro-batch per process (a batch ramp's first), or without a target
+in any process's first, logs none and leaves the averages as they were. Target tokens are those the loss counts:
+not document masking's BOS targets nor any -100.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def noise_estimates(small_sq: float, big_sq: float, small: float, big: float) ->
 
 
 def small_batch_terms(model: torch.nn.Module, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[|G_b|², 1/b] of the micro-batch whose backward (of its summed loss times `scale`) alone filled the gradients
-    of `model`, b its target tokens; on the device, no host sync."""
-    tokens = (targets != -100).sum().clamp_min(1).reshape(1)
+    """[|G_b|², 1/b, 1] of the micro-batch whose backward (of its summed loss times `scale`) alone filled the gradients
+    of `model`, b its target tokens; zeros where it has none (no small batch); on the device, no host sync."""
+    tokens = (targets != -100).sum().reshape(1)
+    counted = (tokens > 0).to(scale.dtype)
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return torch.cat([(norm / (scale * tokens)).square(), 1 / tokens])
+    return torch.cat([(norm / (scale * tokens.clamp_min(1))).square(), counted / tokens.clamp_min(1), counted])
 
 
 class NoiseScale:
@@ -73,13 +76,14 @@ class NoiseScale:
         self.decay = decay
         self.grad_sq, self.trace = (state["grad_sq"], state["trace"]) if state else (0.0, 0.0)
 
-    def update(self, big_sq: float, small_sq_sum: float, inverse_small_sum: float, big: float,
-               processes: int) -> dict[str, float]:
-        """The step's figures from `small_batch_terms` summed over `processes` and the whole step's |G_B|² over
-        `big` target tokens, the averages updated with them; none for a step whose small batch is all of it."""
-        small_sq, small = small_sq_sum / processes, processes / inverse_small_sum
-        if small >= big:
+    def update(self, big_sq: float, small_sq_sum: float, inverse_small_sum: float, processes: float,
+               big: float) -> dict[str, float]:
+        """The step's figures from `small_batch_terms` summed over the processes (`processes` of them with a target in
+        their first micro-batch) and the whole step's |G_B|² over `big` target tokens, the averages updated with
+        them; none for a step without a small batch or whose small batch is all of it."""
+        if not processes or processes / inverse_small_sum >= big:
             return {}
+        small_sq, small = small_sq_sum / processes, processes / inverse_small_sum
         grad_sq, trace = noise_estimates(small_sq, big_sq, small, big)
         self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
         self.trace = self.decay * self.trace + (1 - self.decay) * trace

@@ -139,19 +139,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             (scaler.scale(scaled) if scaler else scaled).backward()
         if noise and i == 0 and len(micro_batches) > 1:  # before the next micro-batch adds to the gradients
             small = torch.cat([small_batch_terms(model, inputs["targets"], scale), n_targets.to(scale)])
-    totals = all_reduce_sum(torch.cat([sums, small[:2]]), world)
+    totals = all_reduce_sum(torch.cat([sums, small[:3]]), world)
     means = totals[:3] / n_targets.to(world.device)
     parts = gradient_parts(model) if train.log_grad_norms else {}
     grad_norms = clip_gradients(model, optimizer, train, scaler, parts)
     # one host sync for every figure: the loss must be known before the weights change, and a second sync
     # for the norm after the update would drain the GPU again before the next step's work is queued
     objective, z_part, nll, grad_norm, *rest = torch.cat([means, grad_norms.to(means).reshape(-1), totals[3:],
-                                                          small[2:]]).tolist()
+                                                          small[3:]]).tolist()
     part_norms, noise_terms = rest[:len(parts)], rest[len(parts):]
     stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
     figures = {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts, part_norms)),
                **({"z_loss": z_part} if train.z_loss else {}),
-               **(noise.update(grad_norm**2, *noise_terms, world.size) if noise_terms else {})}
+               **(noise.update(grad_norm**2, *noise_terms) if noise_terms else {})}
     if train.label_smoothing:  # "loss" stays the plain cross-entropy, so that runs with and without it compare
         return nll, grad_norm, {**figures, "smoothed_loss": objective - z_part}
     return objective - z_part, grad_norm, figures
