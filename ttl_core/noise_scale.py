@@ -63,9 +63,9 @@ def small_batch_terms(model: torch.nn.Module, targets: torch.Tensor, scale: torc
     """[|G_b|², 1/b, 1] of the micro-batch whose backward (of its summed loss times `scale`) alone filled the gradients
     of `model`, b its target tokens; zeros where it has none (no small batch); on the device, no host sync."""
     tokens = (targets != -100).sum().reshape(1)
-    counted = (tokens > 0).to(scale.dtype)
+    has_targets, b = (tokens > 0).to(scale.dtype), tokens.clamp_min(1)
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    return torch.cat([(norm / (scale * tokens.clamp_min(1))).square(), counted / tokens.clamp_min(1), counted])
+    return torch.cat([has_targets * (norm / (scale * b)).square(), has_targets / b, has_targets])
 
 
 class NoiseScale:
