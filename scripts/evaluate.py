@@ -38,7 +38,7 @@ from ttl_core.metrics import pyplot
 from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
 
 
-def position_buckets(text: str) -> str | int:
+def bucket_count(text: str) -> str | int:
     """--by-position's argparse type: "log2" or a number of buckets (its range is checked against the window)."""
     if text == "log2":
         return text
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, help="score only the stream's first N tokens")
     parser.add_argument("--document-masking", action="store_true",
                         help="attend within each document only, as a run with data.document_masking trained")
-    parser.add_argument("--by-position", nargs="?", const="log2", type=position_buckets, metavar="log2|N",
+    parser.add_argument("--by-position", nargs="?", const="log2", type=bucket_count, metavar="log2|N",
                         help="also report the loss by context length, in doubling buckets (log2, the default) or N "
                              "equal-width ones")
     parser.add_argument("--plot", type=output_file, metavar="FILE.png",

@@ -125,7 +125,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
     sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
-    small = sums[:0]  # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
+    small = sums.new_empty(0)  # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with annotate(f"forward {i}"), autocast(world.device, train.dtype):
