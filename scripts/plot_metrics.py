@@ -1,5 +1,6 @@
 """Plot a training run's loss and eval curves to RUN/loss.png (works while the run is still going), with panels
-of their own for zero-shot accuracies (train.eval_tasks) and per-block gradient norms (train.log_grad_norms).
+of their own for zero-shot accuracies (train.eval_tasks), per-block gradient norms (train.log_grad_norms) and
+per-block residual RMS and largest attention logit (train.log_activation_stats).
 
   python scripts/plot_metrics.py runs/tiny
 """

@@ -27,9 +27,9 @@ import torch.distributed as dist
 import ttl_kernels
 
 from .attention import causal_mask, packed_mask
-from .data import PackedLoader
 from .distributed import World, unwrap
 from .errors import ConfigError
+from .mixture import val_loader
 from .run_config import RunConfig
 
 KINDS = ("act_rms", "attn_out_rms", "mlp_out_rms", "attn_logit_max")
@@ -142,9 +142,6 @@ def eval_activation_stats(model: torch.nn.Module, data_dir: Path, run: RunConfig
     rank its micro-batch of it: the same figures whatever the number of ranks), under the run's autocast."""
     from .train import autocast, model_inputs  # train.py, which imports this module, calls it at each evaluation
 
-    train = run.train
-    loader = PackedLoader(data_dir, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
-                          world_size=world.size, shuffle=False)
-    inputs = model_inputs(next(iter(loader)), world.device, run.data.document_masking, bos_id)
-    with autocast(world.device, train.dtype):
+    inputs = model_inputs(next(iter(val_loader(data_dir, run, world))), world.device, run.data.document_masking, bos_id)
+    with autocast(world.device, run.train.dtype):
         return activation_stats(model, inputs, world)

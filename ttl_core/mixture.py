@@ -220,10 +220,16 @@ def check_eval_split(data_path: Path, run: RunConfig, world: World, eval_set: st
                           f"{'it' if eval_set else 'the data'} with a --val-fraction that holds out documents"
                           f"{' (1: all)' if eval_set else ''}")
     try:
-        PackedLoader(data_path, "val", run.train.seq_len, run.train.micro_batch_size, rank=world.rank,
-                     world_size=world.size, shuffle=False)
+        val_loader(data_path, run, world)
     except DataError as e:  # the train split opened: this is the validation split's alone, and avoidable
         raise DataError(f"{where}{e}; or {skip}") from None
+
+
+def val_loader(data_path: Path, run: RunConfig, world: World) -> PackedLoader:
+    """`data_path`'s val.bin as evaluations read it: global batches in file order, this rank's micro-batch of
+    each."""
+    return PackedLoader(data_path, "val", run.train.seq_len, run.train.micro_batch_size, rank=world.rank,
+                        world_size=world.size, shuffle=False)
 
 
 def eval_figures(losses: dict[str, float], mixture: Mixture | None) -> dict[str, float]:

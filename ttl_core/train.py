@@ -29,7 +29,7 @@ from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, p
                          verify_digests)
 from .choices import read_tasks, task_figures
 from .config import RUNTIME_FIELDS, LlamaConfig
-from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
+from .data import SAMPLE_CORPUS, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0,
                           set_gradient_sync, unwrap, wrap_model)
@@ -38,7 +38,7 @@ from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
-from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader
+from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader, val_loader
 from .model import LlamaForCausalLM
 from .noise_scale import NoiseScale, small_batch_terms
 from .optim import (apply_update, build_optimizer, clip_gradients, gradient_figures, gradient_parts, lr_at,
@@ -125,7 +125,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     # each rank's gradient is averaged over ranks by DDP/FSDP, hence the factor world.size
     scale = world.size / n_targets.to(world.device)
     sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
-    small = sums.new_empty(0)  # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
+    # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
+    small = sums.new_empty(0)
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with annotate(f"forward {i}"), autocast(world.device, train.dtype):
@@ -162,9 +163,7 @@ def evaluate(model: torch.nn.Module, data_dir: Path, run: RunConfig, world: Worl
     """Mean loss per target token over the first `eval_batches` global batches of val.bin (fewer if it holds
     fewer), in file order: each rank evaluates its micro-batch of each, so the tokens evaluated grow with the
     number of processes."""
-    train = run.train
-    loader = PackedLoader(data_dir, "val", train.seq_len, train.micro_batch_size, rank=world.rank,
-                          world_size=world.size, shuffle=False)
+    train, loader = run.train, val_loader(data_dir, run, world)
     model.eval()
     totals = torch.zeros(2, device=world.device)
     for _, batch in zip(range(train.eval_batches), loader):
