@@ -117,21 +117,25 @@ def gradient_norms_by_part(parts: dict[str, list[torch.nn.Parameter]]) -> torch.
 
 
 def apply_update(optimizer: torch.optim.Optimizer, lr: float, grad_norm: float,
-                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float | bool]:
+                 scaler: torch.amp.GradScaler | None = None, skip: bool = False) -> dict[str, float | bool]:
     """Set the learning rate, step the optimizer (through the scaler for fp16) and zero the gradients. With a
     scaler, returns the step's `loss_scale` (the one its gradients were scaled by) and whether the scaler `skipped`
     it; else {}. Only a step with an inf or NaN gradient, hence a non-finite `grad_norm`, can be skipped: only then
-    is the scale read back after the update (a host sync that waits for it) to tell."""
+    is the scale read back after the update (a host sync that waits for it) to tell. `skip` (a loss spike,
+    `ttl_core.spikes`) drops the gradients without a step, weights and optimizer state as they were, and returns
+    `skipped` true; a scaler still closes its step (its scale moves on as after any step with finite gradients)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    figures: dict[str, float | bool] = {}
+    figures: dict[str, float | bool] = {"skipped": True} if skip else {}
     with annotate("optimizer update"):
         if scaler:
             scale = scaler.get_scale()  # no wait: the loss and norm were just read back
-            scaler.step(optimizer)
-            scaler.update()  # halves the scale after a skipped step
-            figures = {"loss_scale": scale, "skipped": not math.isfinite(grad_norm) and scaler.get_scale() < scale}
-        else:
+            if not skip:
+                scaler.step(optimizer)
+            scaler.update()  # halves the scale after a step with an inf or NaN gradient
+            figures = {"loss_scale": scale,
+                       "skipped": skip or not math.isfinite(grad_norm) and scaler.get_scale() < scale}
+        elif not skip:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return figures

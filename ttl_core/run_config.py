@@ -18,6 +18,7 @@ from typing import Any
 from .config import PRESETS, RUNTIME_FIELDS, LlamaConfig
 from .errors import ConfigError, is_integer, is_number
 from .noise_scale import validate_noise_scale
+from .spikes import validate_spikes
 from .tokenizer import Tokenizer
 
 if sys.version_info >= (3, 11):
@@ -118,6 +119,9 @@ class TrainConfig:
     # step's grad_sq_small and grad_sq_big (see ttl_core.noise_scale); needs grad_accum_steps >= 2
     log_noise_scale: bool = False
     noise_scale_ema: float = 0.95
+    # skip the update of a step whose loss or grad norm spikes above the last steps' (see ttl_core.spikes); 0: never
+    skip_spikes_sigma: float = 0.0
+    skip_spikes_window: int = 128
     # [start, stop]: trace optimizer steps start..stop with torch.profiler into RUN/profile, each rank's trace and rank
     # 0's table of the operators that took the most time (see ttl_core.profiling); [] profiles nothing
     profile_steps: list[int] = field(default_factory=list)
@@ -279,6 +283,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")
     validate_batch_ramp(t)
     validate_noise_scale(t)
+    validate_spikes(t)
     validate_profile_steps(t)
     validate_mix(run.data)
     validate_eval_sets(run.data)

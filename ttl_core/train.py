@@ -47,6 +47,7 @@ from .preemption import StopOnSignal
 from .profiling import StepProfiler, annotate
 from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
                          recorded_data_path, resumed_model_settings)
+from .spikes import SpikeDetector, spike_detector
 from .tokenizer import Tokenizer, check_same_tokenizer
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,11 +114,13 @@ def count_targets(micro_batches: list[dict[str, Any]], world: World) -> torch.Te
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]],
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None,
-               noise: NoiseScale | None = None) -> tuple[float, float, dict[str, float | bool]]:
+               noise: NoiseScale | None = None,
+               spikes: SpikeDetector | None = None) -> tuple[float, float, dict[str, float | bool]]:
     """One optimizer update from the step's micro-batches; returns (mean cross-entropy per target token, not
     label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
     `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`,
-    and given a `noise` and more than one micro-batch, its figures (`ttl_core.noise_scale`)). Raises
+    and given a `noise` and more than one micro-batch, its figures (`ttl_core.noise_scale`)); given `spikes`, a step
+    whose loss or norm spikes (`ttl_core.spikes`) is not applied and logs `skipped` and `spike`. Raises
     TrainingError, before touching the weights, on a non-finite loss or gradient norm (with an fp16 grad scaler, which
     skips such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient
     into NaN and the update would write NaN into every weight."""
@@ -150,8 +153,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                                                           small[3:]]).tolist()
     part_norms, noise_terms = rest[:len(parts)], rest[len(parts):]
     stop_if_not_finite(optimizer, {"loss": objective, **gradient_figures(grad_norm, scaler)})
-    figures = {**apply_update(optimizer, lr, grad_norm, scaler), **dict(zip(parts, part_norms)),
-               **({"z_loss": z_part} if train.z_loss else {}),
+    spike = spikes.update(objective, grad_norm) if spikes else {}  # decided on the figures just read back
+    figures = {**apply_update(optimizer, lr, grad_norm, scaler, skip=bool(spike)), **dict(zip(parts, part_norms)),
+               **spike, **({"z_loss": z_part} if train.z_loss else {}),
                **(noise.update(grad_norm**2, *noise_terms) if noise_terms else {})}
     if train.label_smoothing:  # "loss" stays the plain cross-entropy, so that runs with and without it compare
         return nll, grad_norm, {**figures, "smoothed_loss": objective - z_part}
@@ -411,15 +415,17 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     # the noise scale's averages go on from the checkpoint's (afresh from one saved without them)
     noise = (NoiseScale(train.noise_scale_ema, (trainer_state or {}).get("noise_scale")) if train.log_noise_scale
              else None)
+    spikes = spike_detector(train, trainer_state)  # its windows go on from the checkpoint's (afresh without them)
     loss = stopped_by = None
 
     def save(at_step: int) -> Path | None:
         model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
         rng_states, ema_state = full_rng_states(world), ema.full_state() if ema else None
         noise_state = {"noise_scale": noise.state_dict()} if noise else {}
+        spike_state = {"spikes": spikes.state_dict()} if spikes else {}
         return on_rank_0(world, lambda: save_checkpoint(
             out_dir, at_step, unwrap(model), model_state, optimizer_state,
-            {"data": loader.state_dict(), "config": recorded_config, **noise_state}, tokenizer,
+            {"data": loader.state_dict(), "config": recorded_config, **noise_state, **spike_state}, tokenizer,
             keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states,
             ema_state=ema_state))
 
@@ -436,7 +442,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                          for _ in range(train.grad_accum_at(step))]
                 try:
                     loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
-                                                          scaler, noise)
+                                                          scaler, noise, spikes)
                 except TrainingError as e:
                     good = latest_checkpoint(out_dir)
                     raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "

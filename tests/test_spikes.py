@@ -1,0 +1,264 @@
+"""Skipping loss and gradient-norm spikes (train.skip_spikes_sigma, ttl_core.spikes): the detector as a pure object
+(threshold, full window first, a level shift, state), and tiny runs whose step 14 trains on a block of random tokens:
+skipped with weights, optimizer state and average left as they were, resumed exactly, alike on two processes."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import run_torchrun
+from train_helpers import prepared_corpus, run_config, same_weights
+from ttl_core.checkpoint import load_optimizer_file, read_trainer_state
+from ttl_core.data import PackedLoader, read_meta
+from ttl_core.errors import ConfigError
+from ttl_core.metrics import read_metrics
+from ttl_core.optim import lr_at
+from ttl_core.run_config import load_run_config
+from ttl_core.spikes import SpikeDetector
+from ttl_core.train import train
+
+SPIKE_STEP = 14  # the window of 8 is full from step 9 on
+SPIKY = ["train.max_steps=16", "train.eval_every=0", "train.skip_spikes_sigma=3", "train.skip_spikes_window=8"]
+# every step checkpointed, to compare the state before and after the spike
+EVERY = ["train.save_every=1", "train.keep_checkpoints=20"]
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:06d}"
+
+
+def records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def same_tensors(a, b) -> bool:
+    """Whether two nested states (dicts, lists, tensors, numbers) are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(same_tensors, a, b))
+    return a == b
+
+
+def spiked_corpus(tmp: Path, global_batch: int = 4) -> Path:
+    """`prepared_corpus` with the blocks that step SPIKE_STEP (seq_len 32, seed 0, `global_batch` blocks a step)
+    trains on overwritten by uniformly random token ids: a batch of garbage, whose loss is far above the text's."""
+    data = prepared_corpus(tmp)
+    loader = PackedLoader(data, "train", 32, global_batch, seed=0)
+    blocks = loader.permutation(0)[(SPIKE_STEP - 1) * global_batch:SPIKE_STEP * global_batch]
+    meta = read_meta(data / "meta.json")
+    tokens = np.memmap(data / "train.bin", dtype=meta["dtype"], mode="r+")
+    rng = np.random.default_rng(1)
+    for block in blocks:
+        tokens[block * 32:block * 32 + 33] = rng.integers(0, meta["vocab_size"], 33)
+    tokens.flush()
+    return data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return spiked_corpus(tmp_path_factory.mktemp("spiked"))
+
+
+@pytest.fixture(scope="module")
+def spiky(data_dir, tmp_path_factory) -> Path:
+    """The reference run: skips on, an average of the weights, every step checkpointed."""
+    out = tmp_path_factory.mktemp("spiky") / "run"
+    train(run_config(*SPIKY, *EVERY, "train.ema_decay=0.3"), out, data_dir=str(data_dir))
+    return out
+
+
+# the detector alone
+
+def fill(detector: SpikeDetector, losses, grad_norms) -> list[dict]:
+    return [detector.update(loss, norm) for loss, norm in zip(losses, grad_norms)]
+
+
+def test_a_figure_spikes_above_mean_plus_sigma_population_std_of_a_full_window_only():
+    rng = np.random.default_rng(0)
+    losses, norms = rng.normal(3.0, 0.1, 6), rng.normal(1.0, 0.2, 6)
+    detector = SpikeDetector(2.5, 6)
+    assert fill(detector, [*losses[:5], 1e9], [*norms[:5], 1e9]) == [{}] * 6  # no window full before step 7
+    # the windows now hold losses[:5] + 1e9: start again from a full window of the values drawn
+    detector = SpikeDetector(2.5, 6, {"loss": list(losses), "grad_norm": list(norms)})
+    # the lines of the population std (numpy's ddof 0), and halfway up to those of the sample std (ddof 1)
+    loss_line, norm_line = (x.mean() + 2.5 * x.std() for x in (losses, norms))
+    loss_up, norm_up = ((line + x.mean() + 2.5 * x.std(ddof=1)) / 2 for line, x in ((loss_line, losses),
+                                                                                 (norm_line, norms)))
+    below = 1 - 1e-12
+    state = detector.state_dict()
+    for loss, norm, spike in [(loss_line * below, norm_line * below, {}),
+                              (loss_up, norm_line * below, {"spike": ["loss"]}),
+                              (loss_line * below, norm_up, {"spike": ["grad_norm"]}),
+                              (loss_up, norm_up, {"spike": ["loss", "grad_norm"]})]:
+        detector = SpikeDetector(2.5, 6, state)
+        assert detector.update(float(loss), float(norm)) == spike
+        assert detector.state_dict() == {"loss": [*losses[1:], loss], "grad_norm": [*norms[1:], norm]}
+
+
+@pytest.mark.parametrize("sigma, window, skipped", [(6.0, 128, 4), (3.0, 24, 3), (1.0, 11, 6)])
+def test_a_lasting_step_up_is_skipped_until_a_fraction_1_over_1_plus_sigma_squared_of_the_window_holds_it(
+        sigma, window, skipped):
+    """A skipped step's figures enter the window: a level that moves up for good is admitted after
+    window / (1 + sigma²) steps, rounded up, as ttl_core.spikes says (4 for OLMo's 6 and a window of 128), and never
+    skipped again; a window that kept them out would skip every step after the rise."""
+    detector = SpikeDetector(sigma, window)
+    assert not any(fill(detector, [2.0] * window, [1.0] * window))
+    after = fill(detector, [3.0] * 3 * window, [1.0] * 3 * window)
+    assert after[:skipped] == [{"spike": ["loss"]}] * skipped and not any(after[skipped:])
+
+
+def test_non_finite_figures_are_left_out_and_the_state_round_trips_through_json():
+    rng = np.random.default_rng(2)
+    losses, norms = list(rng.normal(3.0, 0.1, 40)), list(rng.normal(1.0, 0.2, 40))
+    losses[20:23] = [5.0, 6.0, 4.5]  # spikes among them
+    whole = SpikeDetector(2.0, 8)
+    decisions = fill(whole, losses, norms)
+    assert decisions[20] == {"spike": ["loss"]}
+    part = SpikeDetector(2.0, 8)
+    fill(part, losses[:21], norms[:21])
+    state = part.state_dict()
+    assert part.update(float("nan"), 1.0) == part.update(3.0, float("inf")) == {} and part.state_dict() == state
+    resumed = SpikeDetector(2.0, 8, json.loads(json.dumps(state)))
+    assert fill(resumed, losses[21:], norms[21:]) == decisions[21:] and resumed.state_dict() == whole.state_dict()
+    narrower = SpikeDetector(2.0, 3, state)  # a resume with a smaller window keeps the newest values
+    assert narrower.state_dict() == {"loss": losses[18:21], "grad_norm": norms[18:21]}
+
+
+# tiny runs
+
+def test_the_spike_step_is_skipped_leaving_weights_moments_and_average_as_they_were(spiky):
+    """Step 14's random tokens: its loss, over 5 nats where the steps before it are near 4, is skipped; it logs the
+    loss and grad_norm, the lr schedule goes on, and the checkpoints of steps 13 and 14 hold the same weights, AdamW
+    state (moments and step count) and average, bit for bit; step 15 trains again."""
+    logged = records(spiky)
+    assert [(r["step"], r.get("skipped"), r.get("spike")) for r in logged if "skipped" in r] == \
+        [(SPIKE_STEP, True, ["loss"])]
+    spike = logged[SPIKE_STEP - 1]
+    assert spike["loss"] > 5 > 4.5 > max(r["loss"] for r in logged[SPIKE_STEP - 4:SPIKE_STEP - 1])
+    assert spike["grad_norm"] > 0 and spike["lr"] == lr_at(SPIKE_STEP, run_config(*SPIKY).train)
+    before, at, after = (checkpoint(spiky, s) for s in (SPIKE_STEP - 1, SPIKE_STEP, SPIKE_STEP + 1))
+    assert same_weights(before, at) and not same_weights(at, after)
+    assert same_weights(before / "ema", at / "ema") and not same_weights(at / "ema", after / "ema")
+    optimizer = [load_optimizer_file(c)["optimizer"]["state"] for c in (before, at, after)]
+    assert same_tensors(optimizer[0], optimizer[1]) and not same_tensors(optimizer[1], optimizer[2])
+    # the windows, as saved: the last 8 steps' figures, the skipped step's included
+    windows = read_trainer_state(at)["spikes"]
+    assert windows == {"loss": [r["loss"] for r in logged[SPIKE_STEP - 8:SPIKE_STEP]],
+                       "grad_norm": [r["grad_norm"] for r in logged[SPIKE_STEP - 8:SPIKE_STEP]]}
+
+
+def test_with_it_off_or_never_spiking_training_is_bit_identical_and_the_spike_is_trained_on(spiky, data_dir,
+                                                                                          tmp_path):
+    off, never = tmp_path / "off", tmp_path / "never"
+    train(run_config(*SPIKY, *EVERY, "train.skip_spikes_sigma=0"), off, data_dir=str(data_dir))
+    train(run_config(*SPIKY, "train.skip_spikes_sigma=1e6"), never, data_dir=str(data_dir))
+    plain = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records(off)]
+    assert plain == [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records(never)]
+    assert not any("skipped" in r for r in plain) and "spikes" not in read_trainer_state(checkpoint(off, 16))
+    assert same_weights(checkpoint(off, 16), checkpoint(never, 16))
+    assert not same_weights(checkpoint(off, SPIKE_STEP - 1), checkpoint(off, SPIKE_STEP))
+    # the same steps up to the spike as the run that skips it, after it not
+    assert [r["loss"] for r in plain[:SPIKE_STEP]] == [r["loss"] for r in records(spiky)[:SPIKE_STEP]]
+    assert plain[SPIKE_STEP]["loss"] != records(spiky)[SPIKE_STEP]["loss"]
+
+
+def test_a_resume_between_the_full_window_and_the_spike_skips_it_as_the_uninterrupted_run(spiky, data_dir,
+                                                                                          tmp_path):
+    """Stopped after step 10 and resumed: losses, grad norms and final weights bit for bit the uninterrupted run's.
+    Resumed from a checkpoint saved without the windows, they start empty and are not full again by step 14, which is
+    then trained on."""
+    sliced, plain = tmp_path / "sliced", tmp_path / "plain"
+    train(run_config(*SPIKY), sliced, data_dir=str(data_dir), stop_after=10)
+    assert len(read_trainer_state(checkpoint(sliced, 10))["spikes"]["loss"]) == 8
+    train(run_config(*SPIKY), sliced, data_dir=str(data_dir), resume=True)
+    assert [(r["loss"], r["grad_norm"], r.get("spike")) for r in records(sliced)] == \
+        [(r["loss"], r["grad_norm"], r.get("spike")) for r in records(spiky)]
+    assert same_weights(checkpoint(sliced, 16), checkpoint(spiky, 16))
+    train(run_config(*SPIKY, "train.skip_spikes_sigma=0"), plain, data_dir=str(data_dir), stop_after=10)
+    train(run_config(*SPIKY), plain, data_dir=str(data_dir), resume=True)
+    assert not any("skipped" in r for r in records(plain))
+    assert len(read_trainer_state(checkpoint(plain, 16))["spikes"]["loss"]) == 6
+
+
+@pytest.mark.parametrize("setting", ["muon", "float16"])
+def test_muon_and_the_fp16_grad_scaler_s_own_skips_compose_with_it(data_dir, tmp_path, monkeypatch, setting):
+    """Muon's momenta stay as they were over the skipped step, as AdamW's do. In float16 from a loss scale of 2**20
+    the first steps overflow: the grad scaler skips those (grad_norm infinite, no spike, left out of the windows) and
+    halves its scale; the spike step is skipped without a halving (its gradients are finite), and the next
+    step's unscale works (the scaler's step was closed)."""
+    if setting == "float16":
+        monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**20))
+    option = "train.optimizer=\"muon\"" if setting == "muon" else "train.dtype=\"float16\""
+    out = tmp_path / "run"
+    train(run_config(*SPIKY, *EVERY, option), out, data_dir=str(data_dir))
+    logged = records(out)
+    assert [r["step"] for r in logged if r.get("spike")] == [SPIKE_STEP]
+    before, at = checkpoint(out, SPIKE_STEP - 1), checkpoint(out, SPIKE_STEP)
+    assert same_weights(before, at) and len(logged) == 16
+    assert same_tensors(*(load_optimizer_file(c)["optimizer"]["state"] for c in (before, at)))
+    if setting == "float16":
+        overflowed = [r["step"] for r in logged if r["skipped"] and not r.get("spike")]
+        assert overflowed and all(r["grad_norm"] == float("inf") for r in logged if r["step"] in overflowed)
+        assert len(read_trainer_state(at)["spikes"]["loss"]) == min(8, SPIKE_STEP - len(overflowed))
+        scales = [r["loss_scale"] for r in logged]
+        assert scales[SPIKE_STEP] == scales[SPIKE_STEP - 1]
+
+
+WORKER = """
+import json, os, sys
+import ttl_core.train as t
+from train_helpers import run_config
+
+seen, step = [], t.train_step
+def recording(*args, **kwargs):
+    loss, grad_norm, figures = step(*args, **kwargs)
+    seen.append([loss, grad_norm, figures.get("spike")])
+    return loss, grad_norm, figures
+t.train_step = recording
+t.train(run_config(*sys.argv[3:]), sys.argv[1], data_dir=sys.argv[2])
+open(f"{sys.argv[1]}.rank{os.environ['RANK']}.json", "w").write(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_read_the_same_figures_and_skip_the_same_step(tmp_path):
+    """Under DDP each process reads the all-reduced loss and the norm of the all-reduced gradients: the same numbers,
+    bit for bit, so the same decisions (micro-batches of 2 on each of 2 processes: the global batch of 4 the
+    spiked corpus has garbage for)."""
+    data = spiked_corpus(tmp_path)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "run"
+    done = run_torchrun(worker, out, data, *SPIKY, "train.micro_batch_size=2",
+                        env={"PYTHONPATH": f"{Path(__file__).parent.parent}:{Path(__file__).parent}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 16
+    assert [step for step, (_, _, spike) in enumerate(ranks[0], start=1) if spike] == [SPIKE_STEP]
+    assert [r.get("spike") for r in records(out)][SPIKE_STEP - 1] == ["loss"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.skip_spikes_sigma=-1"], r"^train.skip_spikes_sigma must be a finite number >= 0 \(0: never skip\), "
+                                     r"got -1.0$"),
+    (["train.skip_spikes_sigma=nan"], r"^train.skip_spikes_sigma must be a finite number >= 0 .*got nan$"),
+    (["train.skip_spikes_sigma=inf"], r"got inf$"),
+    (["train.skip_spikes_window=1"], r"^train.skip_spikes_window must be >= 2 \(steps whose spread is measured\), "
+                                     r"got 1$"),
+    (["train.skip_spikes_window=8.0"], r"^train.skip_spikes_window must be an integer, got 8.0 \(a float in TOML"),
+    (["train.skip_spikes_sigma=six"], r"^train.skip_spikes_sigma must be a number, got the string 'six'"),
+    (["train.skip_spikes_sigma=true"], r"^train.skip_spikes_sigma must be a number, got True$"),
+])
+def test_bad_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_run_config(None, overrides)
+    assert "\n" not in str(e.value)
