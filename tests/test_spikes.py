@@ -230,15 +230,16 @@ open(f"{sys.argv[1]}.rank{os.environ['RANK']}.json", "w").write(json.dumps(seen)
 
 
 @pytest.mark.slow
-def test_two_processes_read_the_same_figures_and_skip_the_same_step(tmp_path):
-    """Under DDP each process reads the all-reduced loss and the norm of the all-reduced gradients: the same numbers,
-    bit for bit, so the same decisions (micro-batches of 2 on each of 2 processes: the global batch of 4 the
-    spiked corpus has garbage for)."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_read_the_same_figures_and_skip_the_same_step(tmp_path, mode):
+    """Each process reads the all-reduced loss and the global gradient norm (DDP: each process's norm of the
+    all-reduced gradients; FSDP: its shards' norms all-reduced): the same numbers, bit for bit, so the same decisions
+    (micro-batches of 2 on each of 2 processes: the global batch of 4 the spiked corpus has garbage for)."""
     data = spiked_corpus(tmp_path)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     out = tmp_path / "run"
-    done = run_torchrun(worker, out, data, *SPIKY, "train.micro_batch_size=2",
+    done = run_torchrun(worker, out, data, *SPIKY, "train.micro_batch_size=2", f"train.distributed=\"{mode}\"",
                         env={"PYTHONPATH": f"{Path(__file__).parent.parent}:{Path(__file__).parent}"})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.rank{rank}.json").read_text()) for rank in (0, 1)]
