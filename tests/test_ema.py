@@ -1,6 +1,7 @@
 """train.ema_decay: the moving average of the weights against a float64 recurrence over the weights of every step,
-a run trained bit for bit as without it, bit-exact resume, the saved ema/ in transformers, eval_loss/ema, fp16 steps
-the grad scaler skips, two processes under DDP and FSDP, refusals."""
+a run trained bit for bit as without it, bit-exact resume, the saved ema/ in transformers, the average's eval figures
+(each data.mix source's, data.eval set's and task's) against the saved ema/ scored apart, their names and plots, fp16
+steps the grad scaler skips, two processes under DDP and FSDP, refusals."""
 
 from __future__ import annotations
 
@@ -14,20 +15,29 @@ import torch
 import transformers
 
 from helpers import ROOT, run_torchrun
+from test_eval_sets import articles, eval_setting
+from test_eval_tasks import QUESTIONS, task_setting
+from test_mixture import mix_setting
 from train_helpers import losses, prepared_corpus, run_config, same_weights, set_arguments
 from ttl_core import load_pretrained
-from ttl_core.config import RUNTIME_FIELDS
-from ttl_core.distributed import World
-from ttl_core.ema import ema_decay_at
+from ttl_core.choices import evaluate_questions, read_questions
+from ttl_core.compare import comparison_curves, format_table, load_run, summarize
+from ttl_core.data import prepare_data
+from ttl_core.ema import averaged_names, ema_decay_at
 from ttl_core.errors import CheckpointError, ConfigError
-from ttl_core.metrics import read_metrics
+from ttl_core.evaluate import split_tokens, stream_loss
+from ttl_core.metrics import is_average, plot_metrics, read_metrics
 from ttl_core.tokenizer import Tokenizer
-from ttl_core.train import build_or_load_model, evaluate, train
+from ttl_core.train import build_or_load_model, train
 
 # 0.3 is below the warmed-up decay from step 3 on ((1 + 3) / (10 + 3) = 0.31): both branches of the min in 4 steps
 EMA = ["train.ema_decay=0.3"]
 COMMON = ["train.max_steps=4", "train.save_every=1", "train.keep_checkpoints=10", "train.eval_every=2",
           "model.attention_dropout=0.1"]
+TASK_LIMIT = 8  # escolhas_pt's first questions
+# every figure the average adds to an eval record of `held_out`'s runs
+AVERAGED = ["eval_loss/ema", "eval_loss/ema/web", "eval_loss/ema/books", "eval_loss/ema/wiki", "acc/ema/escolhas_pt",
+            "acc_norm/ema/escolhas_pt"]
 
 
 def checkpoint(run: Path, step: int) -> Path:
@@ -43,17 +53,28 @@ def max_error(ours: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> 
     return max(float((ours[k].double() - truth[k]).abs().max() / truth[k].abs().max()) for k in truth)
 
 
+def held_out(tmp: Path) -> list[str]:
+    """The data `runs` trains and evaluates on: a mixture of "web" (train_helpers' corpus) and "books", the data.eval
+    set "wiki", and the task escolhas_pt."""
+    return [mix_setting(tmp / "prepared", tmp / "books"), eval_setting(wiki=tmp / "wiki"), task_setting([QUESTIONS]),
+            f"train.eval_task_limit={TASK_LIMIT}"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """The data ("prepared"), a run without the average ("plain"), the same run with it ("ema"), and the latter
-    stopped after step 2 and resumed ("sliced")."""
+    """The data ("prepared", "books", "wiki": `held_out`), a run without the average ("plain"), the same run with it
+    ("ema"), and the latter stopped after step 2 and resumed ("sliced")."""
     tmp = tmp_path_factory.mktemp("runs")
-    data = str(prepared_corpus(tmp))
-    train(run_config(*COMMON), tmp / "plain", data_dir=data)
-    train(run_config(*COMMON, *EMA), tmp / "ema", data_dir=data)
-    train(run_config(*COMMON, *EMA), tmp / "sliced", data_dir=data, stop_after=2)
+    prepared_corpus(tmp)
+    for name, val_fraction in (("books", 0.2), ("wiki", 1)):
+        (tmp / f"{name}.txt").write_text(articles(name, 40), encoding="utf-8")
+        prepare_data([tmp / f"{name}.txt"], tmp / name, tokenizer=tmp / "prepared", val_fraction=val_fraction,
+                     workers=1)
+    train(run_config(*COMMON, *held_out(tmp)), tmp / "plain")
+    train(run_config(*COMMON, *EMA, *held_out(tmp)), tmp / "ema")
+    train(run_config(*COMMON, *EMA, *held_out(tmp)), tmp / "sliced", stop_after=2)
     torch.manual_seed(12345)  # as in a new process
-    train(run_config(*COMMON, *EMA), tmp / "sliced", data_dir=data, resume=True)
+    train(run_config(*COMMON, *EMA, *held_out(tmp)), tmp / "sliced", resume=True)
     return tmp
 
 
@@ -98,15 +119,16 @@ def test_the_decay_reaches_its_setting_at_the_step_docs_training_md_gives():
 
 
 def test_a_run_trains_bit_for_bit_as_without_the_average(runs):
-    """Same losses, gradient norms, eval losses (dropout on: the RNG is untouched) and weights; eval_loss/ema is the
-    one figure added, at each evaluation."""
+    """Same losses, gradient norms, eval figures (dropout on: the RNG is untouched) and weights; the average's figures
+    are the ones added, after the trained weights' in each eval record."""
     def records(run: str) -> list[dict]:
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "eval_loss/ema")}
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", *AVERAGED)}
                 for r in read_metrics(runs / run / "metrics.jsonl")]
     assert records("ema") == records("plain") and len(losses(runs / "plain")) == 4
     assert same_weights(checkpoint(runs / "ema", 4), checkpoint(runs / "plain", 4))
-    evals = [r for r in read_metrics(runs / "ema" / "metrics.jsonl") if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4] and all("eval_loss/ema" in r for r in evals)
+    evals = [list(r) for r in read_metrics(runs / "ema" / "metrics.jsonl") if "eval_loss" in r]
+    plain = [list(r) for r in read_metrics(runs / "plain" / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals == [[*record, *AVERAGED] for record in plain]
     assert not (checkpoint(runs / "plain", 4) / "ema").exists()
 
 
@@ -121,9 +143,9 @@ def test_a_resumed_run_continues_the_average_bit_for_bit(runs):
                 (checkpoint(runs / "ema", step) / name).read_bytes(), (step, name)
 
 
-def test_the_saved_average_loads_in_transformers_and_gives_the_logged_eval_loss(runs):
-    """step-N/ema is a model directory: transformers' logits equal ttl's from it (float32 rounding), its tokenizer
-    is the run's, and train.evaluate of it is the eval_loss/ema logged at that step."""
+def test_the_saved_average_loads_in_transformers(runs):
+    """step-N/ema is a model directory: transformers' logits equal ttl's from it (float32 rounding), and its tokenizer
+    is the run's."""
     ema = checkpoint(runs / "ema", 4) / "ema"
     ours = load_pretrained(ema, dtype=torch.float32).eval()
     theirs = transformers.LlamaForCausalLM.from_pretrained(ema, local_files_only=True, dtype=torch.float32).eval()
@@ -133,14 +155,70 @@ def test_the_saved_average_loads_in_transformers_and_gives_the_logged_eval_loss(
     assert Tokenizer.from_pretrained(ema).encode("O rio corre") == \
         Tokenizer.from_pretrained(runs / "prepared").encode("O rio corre")
     assert not torch.equal(ours.state_dict()["backbone.embed.weight"], weights(ema.parent)["backbone.embed.weight"])
-    run = run_config(*COMMON, *EMA)
-    runtime = {key: getattr(run.model_config(), key) for key in RUNTIME_FIELDS}
-    model = load_pretrained(ema, dtype=torch.float32, **runtime)
-    loss = evaluate(model, runs / "prepared", run, World(0, 1, torch.device("cpu")),
-                    Tokenizer.from_pretrained(runs / "prepared").bos_id)
-    logged = [r["eval_loss/ema"] for r in read_metrics(runs / "ema" / "metrics.jsonl") if r.get("step") == 4
-              and "eval_loss/ema" in r]
-    assert logged == [loss]
+
+
+def test_the_averaged_figures_are_those_of_the_saved_average_scored_apart(runs):
+    """At each evaluation, eval_loss/ema/NAME is scripts/evaluate.py's loss (`stream_loss`) of that step's ema/ on
+    the tokens the evaluation reads (eval_batches global batches of 4 x 32 tokens from the start of val.bin) to float
+    rounding (bound 1e-6 relative), eval_loss/ema the sources' mean weighted 0.7 / 0.3, and acc/ema/NAME and
+    acc_norm/ema/NAME are scripts/evaluate_choices.py's (`evaluate_questions`) exactly; none is the trained
+    weights'."""
+    directories = {"web": runs / "prepared", "books": runs / "books", "wiki": runs / "wiki"}
+    questions = read_questions(QUESTIONS)[:TASK_LIMIT]
+    tokenizer = Tokenizer.from_pretrained(runs / "prepared")
+    worst = 0.0
+    for record in [r for r in read_metrics(runs / "ema" / "metrics.jsonl") if "eval_loss" in r]:
+        model = load_pretrained(checkpoint(runs / "ema", record["step"]) / "ema", dtype=torch.float32)
+        truth = {}
+        for name, directory in directories.items():
+            tokens = split_tokens(directory, "val")[0]
+            read = min(2, (len(tokens) - 1) // 32 // 4) * 4 * 32  # train.eval_batches = 2, whole global batches
+            truth[name] = stream_loss(model, tokens[:read + 1], 32).loss
+        truth["ema"] = 0.7 * truth["web"] + 0.3 * truth["books"]
+        for name, loss in truth.items():
+            key = "eval_loss/ema" if name == "ema" else f"eval_loss/ema/{name}"
+            worst = max(worst, abs(record[key] - loss) / loss)
+            assert record[key] == pytest.approx(loss, rel=1e-6) != record[key.replace("/ema", "")], key
+        figures = evaluate_questions(model, tokenizer, questions)
+        assert (record["acc/ema/escolhas_pt"], record["acc_norm/ema/escolhas_pt"]) == \
+            (figures["acc"], figures["acc_norm"])
+    print(f"largest relative difference of a loss: {worst:.2e}")
+
+
+def test_the_averaged_figures_are_named_apart_drawn_dotted_and_compared(runs, tmp_path, monkeypatch):
+    """averaged_names keeps no perplexity and cannot give a trained weights' name; loss.png draws the average's losses
+    with the trained weights' and its accuracies with theirs, dotted; compare_runs draws them as logged (no
+    smoothing), the losses on the cross-entropy axes, and lists each averaged accuracy in its table."""
+    assert averaged_names({"eval_loss": 2.0, "eval_ppl": 7.4, "eval_loss/a/b": 3.0, "eval_ppl/a/b": 20.1,
+                           "acc/ema": 0.5, "acc_norm/t": 0.25}) == \
+        {"eval_loss/ema": 2.0, "eval_loss/ema/a/b": 3.0, "acc/ema/ema": 0.5, "acc_norm/ema/t": 0.25}
+    assert [is_average(key) for key in ("eval_loss/ema", "eval_loss/ema/a", "acc/ema/t", "acc/ema", "eval_loss/emas",
+                                        "eval_ppl/ema")] == [True, True, True, False, False, False]
+    matplotlib = pytest.importorskip("matplotlib")
+    drawn, draw = [], matplotlib.axes.Axes.plot
+
+    def plot(self, xs, ys, *style, label, **kwargs):
+        drawn.append((self, label, style[0] if style else "-", list(ys)))
+        return draw(self, xs, ys, *style, label=label, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    shutil.copy(runs / "ema" / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    plot_metrics(tmp_path)
+    by_axes = {}
+    for axes, label, style, _ in drawn:
+        by_axes.setdefault(axes.get_ylabel(), []).append((label, style))
+    losses_drawn = ["web", "books", "wiki", "ema", "ema/web", "ema/books", "ema/wiki"]
+    assert by_axes == {
+        "cross-entropy (nats/token)": [("train loss", "-"), ("eval loss", "o-"),
+                                       *((name, ".:" if name.startswith("ema") else ".--") for name in losses_drawn)],
+        "zero-shot accuracy": [(f"{kind}/{ema}escolhas_pt", ".:" if ema else ".-") for ema in ("", "ema/")
+                               for kind in ("acc", "acc_norm")]}
+    records = read_metrics(runs / "ema" / "metrics.jsonl")
+    metrics = ["loss", "eval_loss/ema/wiki", "acc/ema/escolhas_pt"]
+    curves = comparison_curves([load_run(runs / "ema", "ema")], metrics, "step", 0.9)["ema"]
+    for metric in metrics[1:]:
+        assert curves[metric] == [(r["step"], r[metric]) for r in records if metric in r] and len(curves[metric]) == 2
+    header = format_table([summarize(load_run(runs / "ema", "ema"), 0.9)]).splitlines()[0]
+    assert header.endswith("acc/escolhas_pt  acc_norm/escolhas_pt  acc/ema/escolhas_pt  acc_norm/ema/escolhas_pt")
 
 
 def test_the_digests_cover_the_average_and_a_damaged_one_names_its_file(runs, tmp_path):
@@ -153,8 +231,7 @@ def test_the_digests_cover_the_average_and_a_damaged_one_names_its_file(runs, tm
     data[-5] ^= 0x10  # a byte of the last tensor: the file stays readable
     damaged.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"^{damaged}: damaged since it was saved .*the older step-000003 looks"):
-        train(run_config(*COMMON, *EMA, "train.max_steps=5"), tmp_path / "run", data_dir=str(runs / "prepared"),
-              resume=True)
+        train(run_config(*COMMON, *EMA, *held_out(runs), "train.max_steps=5"), tmp_path / "run", resume=True)
 
 
 def test_a_checkpoint_whose_average_was_deleted_names_it_without_saying_its_run_had_none(runs, tmp_path, recwarn):
@@ -164,8 +241,7 @@ def test_a_checkpoint_whose_average_was_deleted_names_it_without_saying_its_run_
     shutil.rmtree(checkpoint(tmp_path / "run", 4) / "ema")
     with pytest.raises(CheckpointError, match=f"^{checkpoint(tmp_path / 'run', 4)} is not a training checkpoint: "
                                               "ema/config.json is missing; the older step-000003 looks complete"):
-        train(run_config(*COMMON, *EMA, "train.max_steps=5"), tmp_path / "run", data_dir=str(runs / "prepared"),
-              resume=True)
+        train(run_config(*COMMON, *EMA, *held_out(runs), "train.max_steps=5"), tmp_path / "run", resume=True)
     assert not [w for w in recwarn if "holds no average" in str(w.message)]
 
 
@@ -177,15 +253,13 @@ def test_an_older_checkpoint_whose_average_is_cut_short_does_not_look_complete(r
     cut = checkpoint(tmp_path / "run", 3) / "ema" / "model.safetensors"
     cut.write_bytes(cut.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"; no older checkpoint \(step-000003\) looks complete either$"):
-        train(run_config(*COMMON, *EMA, "train.max_steps=5"), tmp_path / "run", data_dir=str(runs / "prepared"),
-              resume=True)
+        train(run_config(*COMMON, *EMA, *held_out(runs), "train.max_steps=5"), tmp_path / "run", resume=True)
 
 
 def test_a_run_resumed_without_an_average_starts_it_from_the_resumed_weights(runs, tmp_path):
     shutil.copytree(checkpoint(runs / "plain", 2), checkpoint(tmp_path / "run", 2))
     with pytest.warns(UserWarning, match="holds no average of the weights .*starts from the resumed weights"):
-        train(run_config(*COMMON, *EMA), tmp_path / "run", data_dir=str(runs / "prepared"), resume=True,
-              stop_after=3)
+        train(run_config(*COMMON, *EMA, *held_out(runs)), tmp_path / "run", resume=True, stop_after=3)
     truth = recurrence(weights(checkpoint(runs / "plain", 2)), [weights(checkpoint(tmp_path / "run", 3))], 0.3,
                        [False], first_step=3)[0]
     assert max_error(weights(checkpoint(tmp_path / "run", 3) / "ema"), truth) <= 4 * 2.0**-24
@@ -196,6 +270,9 @@ def test_a_run_resumed_without_an_average_starts_it_from_the_resumed_weights(run
     ("train.ema_decay=-0.5", r"^train.ema_decay must lie in \[0, 1\) .*got -0.5$"),
     ("train.ema_decay=nan", r"^train.ema_decay must lie in \[0, 1\) .*got nan$"),
     ("data.eval={ema=\"data/x\"}", r"^a data.mix source or data.eval set named 'ema' would log eval_loss/ema"),
+    # the average's figure of a set named wiki
+    ("data.eval={\"ema/wiki\"=\"data/x\"}", r"^a data.mix source or data.eval set named 'ema/wiki' would log "
+                                          r"eval_loss/ema/wiki, a name train.ema_decay keeps for the average's "),
 ])
 def test_bad_settings_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -208,9 +285,9 @@ TWO = [*COMMON, *EMA, "train.micro_batch_size=2", "model.attention_dropout=0.0",
        "train.save_every=2"]
 
 
-def torchrun_pretrain(data: Path, out: Path, mode: str, resume: bool = False) -> None:
-    done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--data", data, "--out", out, *(["--resume"] * resume),
-                        *set_arguments(*TWO, f"train.distributed=\"{mode}\""))
+def torchrun_pretrain(out: Path, mode: str, *settings: str, data: Path | None = None, resume: bool = False) -> None:
+    done = run_torchrun(ROOT / "scripts" / "pretrain.py", "--out", out, *(["--data", data] if data else []),
+                        *(["--resume"] * resume), *set_arguments(*TWO, *settings, f"train.distributed=\"{mode}\""))
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -220,29 +297,31 @@ def test_two_processes_average_their_weights_as_one_process_does(runs, tmp_path,
     """Under DDP (a whole average on each rank) and FSDP (each rank its shards), the average is as far from one
     process's (the same global batch) as the weights are, not farther: the ranks' gradient sums are added in another
     order, which AdamW's first updates magnify (both measured 3.1e-5 of a tensor's largest entry, not the 1e-5 hoped
-    for), and the average is a weighted mean of weights that far apart; eval_loss/ema at each step within 1e-5
-    (measured: equal)."""
+    for), and the average is a weighted mean of weights that far apart; the average's figures (each source's, eval
+    set's and task's) at each step within 1e-5 relative (measured: equal)."""
     one = tmp_path / "one"
-    train(run_config(*TWO, "train.micro_batch_size=4"), one, data_dir=str(runs / "prepared"))
-    torchrun_pretrain(runs / "prepared", tmp_path / mode, mode)
+    train(run_config(*TWO, *held_out(runs), "train.micro_batch_size=4"), one)
+    torchrun_pretrain(tmp_path / mode, mode, *held_out(runs))
 
     def distance(step: int, name: str = "") -> float:
         ours, theirs = (weights(checkpoint(run, step) / name) for run in (tmp_path / mode, one))
         return max_error(ours, {k: v.double() for k, v in theirs.items()})
     for step in (2, 4):
         assert distance(step, "ema") <= max(distance(s) for s in range(2, step + 1, 2)) + 4 * 2.0**-24, step
-    figures = [[r["eval_loss/ema"] for r in read_metrics(run / "metrics.jsonl") if "eval_loss/ema" in r]
+    figures = [[r[key] for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r for key in AVERAGED]
                for run in (one, tmp_path / mode)]
-    print(mode, [distance(s, "ema") for s in (2, 4)], [distance(s) for s in (2, 4)], figures)
-    assert len(figures[0]) == 4 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(*figures))
+    print(mode, [distance(s, "ema") for s in (2, 4)], [distance(s) for s in (2, 4)],
+          max(abs(a - b) / abs(b) for a, b in zip(*figures) if b))
+    assert len(figures[0]) == len(figures[1]) == 4 * len(AVERAGED)
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(*figures))
 
 
 @pytest.mark.slow
 def test_a_sharded_run_resumes_its_average_bit_for_bit(runs, tmp_path):
     """Under FSDP the saved average is loaded whole and sharded as the model: steps 3 and 4 as the uninterrupted run."""
-    torchrun_pretrain(runs / "prepared", tmp_path / "straight", "fsdp")
+    torchrun_pretrain(tmp_path / "straight", "fsdp", data=runs / "prepared")
     shutil.copytree(checkpoint(tmp_path / "straight", 2), checkpoint(tmp_path / "resumed", 2))
-    torchrun_pretrain(runs / "prepared", tmp_path / "resumed", "fsdp", resume=True)
+    torchrun_pretrain(tmp_path / "resumed", "fsdp", data=runs / "prepared", resume=True)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")[2:]
     assert (checkpoint(tmp_path / "resumed", 4) / "ema" / "model.safetensors").read_bytes() == \
         (checkpoint(tmp_path / "straight", 4) / "ema" / "model.safetensors").read_bytes()

@@ -11,6 +11,9 @@ state): it costs what the averaged tensors cost (buffers are a few bytes), needs
 the training model to be evaluated or saved, and leaves the training weights untouched. Under FSDP it is sharded as
 the training model is, each rank averaging its own shards; under DDP every rank holds the whole average and applies
 the same update to the same weights: no communication but to evaluate it and to gather it for a checkpoint's `ema/`.
+
+Each evaluation scores the average as it scores the training weights, on the same batches and questions (one more
+pass over each val split and task): `averaged_names` gives its figures names of their own.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def averaged_names(figures: dict[str, float]) -> dict[str, float]:
+    """An eval record's figures (`eval_figures`, `task_figures`) as the average's: eval_loss as eval_loss/ema, and
+    KIND/NAME as KIND/ema/NAME (eval_loss/ema/NAME of a data.mix source or data.eval set, acc/ema/NAME and
+    acc_norm/ema/NAME of a task); no perplexities, each the exp of a loss logged beside it."""
+    return {f"{kind}/ema{sep}{name}": value for key, value in figures.items()
+            for kind, sep, name in [key.partition("/")] if kind != "eval_ppl"}
+
+
 class WeightEMA:
     """The moving average of a model's trainable weights, held in `module`, a copy of the model."""
 
@@ -60,12 +71,13 @@ class WeightEMA:
         averages, weights = zip(*((local_tensor(a), local_tensor(w)) for a, w in self.pairs))
         torch._foreach_lerp_(averages, weights, 1.0 - ema_decay_at(self.decay, step))
 
-    def evaluate(self, score: Callable[[torch.nn.Module], float]) -> float:
-        """`score(module)` of the averaged weights (every rank calls it). FSDP keeps the root's parameters gathered
-        after a forward, for the backward that follows in training: the average, never trained, lets go of them,
-        or its next evaluation would run on these stale copies."""
+    def evaluate(self, figures_of: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
+        """The eval figures `figures_of(module)` of the averaged weights, under the average's names (`averaged_names`;
+        every rank calls it). FSDP keeps the root's parameters gathered after a forward, for the backward that
+        follows in training: the average, never trained, lets go of them, or its next evaluation would run on these
+        stale copies."""
         try:
-            return score(self.module)
+            return averaged_names(figures_of(self.module))
         finally:
             if hasattr(self.module, "reshard"):
                 self.module.reshard()

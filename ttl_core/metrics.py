@@ -166,13 +166,21 @@ def loss_kind(records: list[dict[str, Any]]) -> str:
                 "cross-entropy (nats/token)")
 
 
+def is_average(key: str) -> bool:
+    """Whether an eval figure is train.ema_decay's average of the weights' (eval_loss/ema, KIND/ema/NAME:
+    `ttl_core.ema.averaged_names`) rather than the trained weights' (KIND/NAME; a task may be named ema)."""
+    kind, _, name = key.partition("/")
+    return name.startswith("ema/") or kind == "eval_loss" and name == "ema"
+
+
 def plot_metrics(run_dir: str | Path) -> Path | None:
     """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
     source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
     evaluated, per example; below them, on axes of their own, train.eval_tasks' acc/NAME and acc_norm/NAME, and
     train.log_grad_norms' grad_norm/PART (labelled PART) with grad_norm, on a log scale, and train.log_activation_stats'
-    act_rms/layers.N (on a log scale) and attn_logit_max/layers.N (labelled layers.N). Returns None (with a note) when
-    matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
+    act_rms/layers.N (on a log scale) and attn_logit_max/layers.N (labelled layers.N). train.ema_decay's figures of the
+    average of the weights (`is_average`: labelled ema and ema/NAME on the loss axes, acc/ema/NAME...) are dotted.
+    Returns None (with a note) when matplotlib, an optional dependency (`pip install ttl[plot]`), is missing."""
     path, records = run_records(run_dir)
     train, evals = curve(path, records, "loss"), curve(path, records, "eval_loss")
     named = list(dict.fromkeys(key for r in records for key in r))  # in the records' order
@@ -210,8 +218,8 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
             parts = len(curves) - len(whole)
             below.set_prop_cycle(color=[*whole, *plt.colormaps["viridis"].resampled(parts)(range(parts))])
         for key, points in curves.items():
-            if points:
-                below.plot(*zip(*points), ".-", label=key, linewidth=1)
+            if points:  # the average of the weights' dotted, beside the trained weights' figures
+                below.plot(*zip(*points), ".:" if is_average(key) else ".-", label=key, linewidth=1)
         below.set(**settings)
         below.grid(alpha=0.3)
         # beside the axes: a deep model's blocks would hide the curves
@@ -222,7 +230,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     for name, points in sources.items():
         if points:
-            ax.plot(*zip(*points), ".--", label=name, linewidth=1)
+            ax.plot(*zip(*points), ".:" if is_average(f"eval_loss/{name}") else ".--", label=name, linewidth=1)
     fig.axes[-1].set_xlabel("optimizer step")
     ax.set_ylabel(loss_kind(records))
     ax.set_title(Path(run_dir).resolve().name)

@@ -90,8 +90,8 @@ class TrainConfig:
     # "loss" logs the unsmoothed cross-entropy (comparable with runs without it), "smoothed_loss" the smoothed one
     label_smoothing: float = 0.0
     # an exponential moving average of the weights, updated after each optimizer step at this decay (warmed up as
-    # min(ema_decay, (1 + step) / (10 + step))), evaluated as eval_loss/ema and saved as checkpoints' ema/ (see
-    # ttl_core.ema); 0: none
+    # min(ema_decay, (1 + step) / (10 + step))), evaluated as eval_loss/ema (eval_loss/ema/NAME, acc/ema/NAME: see
+    # ttl_core.ema) and saved as checkpoints' ema/; 0: none
     ema_decay: float = 0.0
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
@@ -267,9 +267,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must lie in [0, 1) (0: no average of the weights), got {t.ema_decay}")
-    if t.ema_decay and "ema" in {**run.data.mix, **run.data.eval}:  # their figures would be one and the same
-        raise ConfigError("a data.mix source or data.eval set named 'ema' would log eval_loss/ema, which "
-                          "train.ema_decay logs for the average of the weights: rename it")
+    if t.ema_decay and (clash := next((n for n in {**run.data.mix, **run.data.eval} if n.split("/")[0] == "ema"), "")):
+        raise ConfigError(f"a data.mix source or data.eval set named {clash!r} would log eval_loss/{clash}, a name "
+                          "train.ema_decay keeps for the average's figures (ttl_core.ema): rename it")
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):

@@ -429,8 +429,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states,
             ema_state=ema_state))
 
-    def eval_losses(of_model: torch.nn.Module, directories: dict[str, Path]) -> dict[str, float]:
-        return {name: evaluate(of_model, path, run, world, tokenizer.bos_id) for name, path in directories.items()}
+    def eval_record(weights: torch.nn.Module) -> dict[str, float]:
+        # the losses first: FSDP sets a model up in its root's first forward, which scoring through its submodules
+        # skips (the average's first evaluation). Every rank scores every question (in eval mode: no dropout, no RNG
+        # drawn), so that FSDP's gathers run alike on all
+        losses = {name: evaluate(weights, path, run, world, tokenizer.bos_id) for name, path in evaluated.items()}
+        with autocast(world.device, train.dtype), full_parameters(weights) as whole:
+            return {**eval_figures(losses, mixture), **task_figures(whole, tasks)}
 
     stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
     try:
@@ -458,16 +463,11 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
-                # every rank scores every question (in eval mode: no dropout, no RNG drawn), so that FSDP's
-                # gathers run alike on all; rank 0 logs the figures, after the losses
-                with autocast(world.device, train.dtype), full_parameters(model) as whole:
-                    accuracies = task_figures(whole, tasks)
-                evals = {**eval_figures(eval_losses(model, evaluated), mixture), **accuracies}
+                evals = eval_record(model)  # rank 0 logs the figures
                 if train.log_activation_stats:  # one more forward, hooked, of the first val batch
                     evals |= eval_activation_stats(model, data_path, run, world, tokenizer.bos_id)
-                if ema:  # the averaged weights' eval_loss, on the same batches of the training data's val splits
-                    evals["eval_loss/ema"] = ema.evaluate(
-                        lambda averaged: eval_figures(eval_losses(averaged, sources), mixture)["eval_loss"])
+                if ema:  # the averaged weights' record, on the same batches and questions (ttl_core.ema)
+                    evals |= ema.evaluate(eval_record)
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
