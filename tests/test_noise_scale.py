@@ -352,6 +352,9 @@ def test_one_micro_batch_per_process_takes_each_process_s_gradient_before_ddp_s_
 
 @pytest.mark.slow
 def test_with_one_micro_batch_per_process_training_is_bit_identical_and_a_resume_continues_the_averages(one_each):
+    """The hook's reduction is DDP's own: losses, gradient norms and weights as without the noise scale, to the bit.
+    Resumed after step 2, DDP builds its first buckets again where the uninterrupted run had rebuilt them: step 3's
+    figures come out the same, bit for bit (the hook sums its norms in the parameters' order, not the buckets')."""
     runs, _ = one_each
     noisy, plain = runs["noisy"], runs["plain"]
     assert losses(noisy) == losses(plain) and figures(noisy, "grad_norm") == figures(plain, "grad_norm")
