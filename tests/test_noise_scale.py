@@ -1,10 +1,11 @@
 """The gradient noise scale (train.log_noise_scale, ttl_core.noise_scale): the estimator against its formula, the
 small and big batches' squared gradient norms against float64 autograd, training unchanged by it, resume, two
-processes, refusals."""
+processes (with several micro-batches each, and with one: DDP's communication hook), refusals."""
 
 from __future__ import annotations
 
 import copy
+import json
 import random
 
 import pytest
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 
 from tests.helpers import ROOT, run_script, run_torchrun
 from train_helpers import losses, run_config, same_weights, set_arguments
+from ttl_core import load_pretrained
 from ttl_core.checkpoint import read_trainer_state
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.noise_scale import NoiseScale, noise_estimates
+from ttl_core.noise_scale import NoiseScale, noise_estimates, validate_noise_scale
 from ttl_core.optim import build_optimizer
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
@@ -220,10 +222,8 @@ def test_two_processes_give_the_mean_of_their_first_micro_batches_with_the_same_
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.grad_accum_steps=1"], r"^train.log_noise_scale compares each process's first micro-batch with the "
-                                   r"whole step: it needs train.grad_accum_steps >= 2, got 1$"),
-    (["train.distributed=fsdp"], r"^train.log_noise_scale reads the first micro-batch's gradient, which FSDP keeps "
-                                 r"inside its own state: use train.distributed=\"ddp\""),
+    (["train.distributed=fsdp"], r"^train.log_noise_scale reads each process's own gradient, which FSDP "
+                                 r"reduce-scatters inside the backward: use train.distributed=\"ddp\""),
     (["train.dtype=float16"], r"which float16 loss-scales: use"),
     (["train.noise_scale_ema=1.0"], r"^train.noise_scale_ema must lie in \[0, 1\) \(0: no averaging\), got 1.0$"),
     (["train.noise_scale_ema=nan", "train.log_noise_scale=false"], r"^train.noise_scale_ema must lie in \[0, 1\)"),
@@ -234,3 +234,206 @@ def test_bad_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_run_config(None, ["train.grad_accum_steps=2", "train.log_noise_scale=true", *overrides])
     assert "\n" not in str(e.value)
+
+
+def test_one_process_with_one_micro_batch_per_step_is_refused_in_one_line_before_anything_is_made(data_dir, tmp_path):
+    """It has no small batch; a config cannot tell (under torchrun, 2 processes have theirs), a run can."""
+    run = run_config("train.grad_accum_steps=1", "train.log_noise_scale=true")  # loads
+    validate_noise_scale(run.train, 2)
+    message = (r"^train.log_noise_scale compares a small batch with the whole step: one process needs "
+               r"train.grad_accum_steps >= 2 \(its first micro-batch is the small one\), got 1; or launch 2 or more "
+               r"with torchrun \(each one's own micro-batch\)$")
+    with pytest.raises(ConfigError, match=message):
+        validate_noise_scale(run.train, 1)
+    with pytest.raises(ConfigError, match=message):
+        train(run, tmp_path / "new" / "run", data_dir=str(data_dir))
+    assert not (tmp_path / "new").exists()
+
+
+SMALL_BUCKETS = """
+import atexit, runpy, sys
+from torch.nn import parallel
+
+
+class SmallBuckets(parallel.DistributedDataParallel):
+    '''Buckets of 100 KB: several for the micro model, as DDP first builds them and as it rebuilds them after the first
+    step; prints how many the noise scale's communication hook saw.'''
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, bucket_cap_mb=0.1, **kwargs)
+
+    def register_comm_hook(self, state, hook):
+        seen = set()
+
+        def counted(state, bucket):
+            seen.add(bucket.index())
+            return hook(state, bucket)
+
+        atexit.register(lambda: print(f"the hook saw {len(seen)} buckets"))
+        super().register_comm_hook(state, counted)
+
+
+parallel.DistributedDataParallel = SmallBuckets
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+ONE_EACH = ["train.max_steps=3", "train.seed=2", "data.document_masking=true", "train.eval_every=0",
+            "train.noise_scale_ema=0.5", "train.save_every=1", "train.keep_checkpoints=3", "train.grad_accum_steps=1",
+            "train.log_noise_scale=true"]
+RAMP = ["train.grad_accum_steps=2", "train.batch_ramp_steps=3"]  # 1, 1 and 2 micro-batches per process
+
+
+def two_process_run(data_dir, launcher, out, *overrides, extra: tuple = ()) -> str:
+    done = run_torchrun(launcher, ROOT / "scripts" / "pretrain.py", "--data", data_dir, "--out", out, *extra,
+                        *set_arguments(*ONE_EACH, *overrides))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def one_each(data_dir, tmp_path_factory):
+    """Two processes, one micro-batch each per step, DDP's buckets small (3 steps, a checkpoint after each), with the
+    noise scale, without it, stopped after step 2 and resumed, and with a batch ramp: {name: run directory}, and
+    what the first printed."""
+    tmp = tmp_path_factory.mktemp("one_each")
+    launcher = tmp / "small_buckets.py"
+    launcher.write_text(SMALL_BUCKETS)
+    runs = {name: tmp / name for name in ("noisy", "plain", "resumed", "ramp")}
+    printed = two_process_run(data_dir, launcher, runs["noisy"])
+    two_process_run(data_dir, launcher, runs["plain"], "train.log_noise_scale=false")
+    two_process_run(data_dir, launcher, runs["resumed"], extra=("--stop-after", "2"))
+    two_process_run(data_dir, launcher, runs["resumed"], extra=("--resume",))
+    two_process_run(data_dir, launcher, runs["ramp"], *RAMP)
+    return runs, printed
+
+
+def reference_steps(data_dir, run_dir, micro_batches: list[int]) -> list[tuple[float, float, float, int]]:
+    """(|G_b|², |G_B|², b, B) of each step of a two-process run of `micro_batches[step - 1]` per process, by float64
+    autograd from its weights (fresh from the seed, then its checkpoints') over the batches its two loaders gave: one
+    loader hands out the same micro-batches in turn, rank 0's first, then rank 1's, then each one's next. b is the
+    harmonic mean of the ranks' first micro-batches' target counts, B the count over all."""
+    run = run_config(*ONE_EACH)
+    torch.manual_seed(run.train.seed)  # the run's fresh weights
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=run.train.seed)
+    bos = Tokenizer.from_pretrained(data_dir).bos_id
+    figures = []
+    for step, count in enumerate(micro_batches, start=1):
+        if step > 1:
+            model = load_pretrained(run_dir / "checkpoints" / f"step-{step - 1:06d}").train()
+        micro = [model_inputs(next(loader), CPU, True, bos) for _ in range(2 * count)]
+        targets = [int((inputs["targets"] != -100).sum()) for inputs in micro]
+        smalls, big = reference_squares(model, micro)
+        figures.append(((smalls[0] + smalls[1]) / 2, big, 2 / (1 / targets[0] + 1 / targets[1]), sum(targets)))
+    return figures
+
+
+def check_against(records: list[dict], references: list[tuple[float, float, float, int]], decay: float) -> None:
+    """Each record's figures within 1e-5 of the float64 reference (noise_scale, a ratio of differences, 1e-4), the
+    averages taken over the steps in turn."""
+    grad_sq_avg = trace_avg = 0.0
+    for record, (small_sq, big_sq, small, big) in zip(records, references, strict=True):
+        grad_sq, trace = noise_estimates(small_sq, big_sq, small, big)
+        grad_sq_avg, trace_avg = decay * grad_sq_avg + (1 - decay) * grad_sq, decay * trace_avg + (1 - decay) * trace
+        assert record["grad_sq_small"] == pytest.approx(small_sq, rel=1e-5)
+        assert record["grad_sq_big"] == pytest.approx(big_sq, rel=1e-5)
+        assert record["noise_scale"] == pytest.approx(trace_avg / grad_sq_avg, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_one_micro_batch_per_process_takes_each_process_s_gradient_before_ddp_s_all_reduce(one_each, data_dir):
+    """Steps 1 (DDP's first buckets) to 3 (rebuilt ones) of 2 processes of one micro-batch: grad_sq_small the mean of
+    the ranks' own squared norms, by float64 autograd per rank's micro-batch, and noise_scale the averaged ratio."""
+    runs, printed = one_each
+    assert int(printed.split("the hook saw ")[1].split()[0]) >= 3, printed[-500:]
+    references = reference_steps(data_dir, runs["noisy"], [1, 1, 1])
+    assert references[0][2] != references[0][3] / 2  # the ranks' micro-batches hold different counts of targets
+    check_against([r for r in read_metrics(runs["noisy"] / "metrics.jsonl") if "loss" in r], references, 0.5)
+
+
+@pytest.mark.slow
+def test_with_one_micro_batch_per_process_training_is_bit_identical_and_a_resume_continues_the_averages(one_each):
+    """The hook's reduction is DDP's own: losses, gradient norms and weights as without the noise scale, to the bit.
+    Resumed after step 2, DDP builds its first buckets again where the uninterrupted run had rebuilt them: step 3's
+    figures come out the same, bit for bit (the hook sums its norms in the parameters' order, not the buckets')."""
+    runs, _ = one_each
+    noisy, plain = runs["noisy"], runs["plain"]
+    assert losses(noisy) == losses(plain) and figures(noisy, "grad_norm") == figures(plain, "grad_norm")
+    assert same_weights(noisy / "checkpoints" / "step-000003", plain / "checkpoints" / "step-000003")
+    assert not any("noise_scale" in r for r in read_metrics(plain / "metrics.jsonl"))
+    for key in ("noise_scale", "grad_sq_small", "grad_sq_big", "loss"):
+        assert figures(runs["resumed"], key) == figures(noisy, key)
+
+
+@pytest.mark.slow
+def test_a_batch_ramp_s_steps_of_one_micro_batch_per_process_take_the_hook_s_figures_then_the_first_micro_batch_s(
+        one_each, data_dir):
+    """Ramping 1, 1, 2 micro-batches per process: steps 1 and 2 log what the run of one micro-batch each logs, step
+    3 the figures of the ranks' first micro-batches, the averages going on from steps 1 and 2."""
+    runs, _ = one_each
+    records = [r for r in read_metrics(runs["ramp"] / "metrics.jsonl") if "loss" in r]
+    assert [r["batch_tokens"] // 256 for r in records] == [1, 1, 2]
+    keys = ("loss", "grad_norm", "noise_scale", "grad_sq_small", "grad_sq_big")
+    assert [{k: r[k] for k in keys} for r in records[:2]] == [{k: r[k] for k in keys} for r in
+                                                            read_metrics(runs["noisy"] / "metrics.jsonl")[:2]]
+    check_against(records, reference_steps(data_dir, runs["ramp"], [1, 1, 2]), 0.5)
+
+
+THREE_RANKS = """
+import copy, json, torch, torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from ttl_core.noise_scale import ProcessGradient, reduce_as_ddp
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+base = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 300))
+
+
+def steps(hook=None):
+    '''Each step's reduced gradients, and this rank's gradient norm by the noise scale's hook (None without it) and
+    by a copy of the model outside DDP, for 3 steps (DDP's first buckets, then rebuilt ones) on this rank's data.'''
+    model = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=0.05)
+    state = ProcessGradient(model) if hook is reduce_as_ddp else None
+    if hook:
+        model.register_comm_hook(state, hook)
+    optimizer, figures = torch.optim.SGD(model.parameters(), lr=0.1), []
+    data = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(3):
+        inputs, alone = torch.randn(8, 64, generator=data), copy.deepcopy(model.module)
+        model(inputs).square().mean().backward()
+        alone(inputs).square().mean().backward()
+        local = torch.nn.utils.get_total_norm([p.grad for p in alone.parameters()])
+        figures.append(([p.grad.clone() for p in model.parameters()], state and float(state.norm()), float(local)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return figures
+
+
+def identical(first, second):
+    return [all(torch.equal(a, b) for a, b in zip(x[0], y[0])) for x, y in zip(first, second)]
+
+
+builtin, ours, torchs = steps(), steps(reduce_as_ddp), steps(allreduce_hook)
+mine = {"ours": identical(builtin, ours), "allreduce_hook": identical(builtin, torchs),
+        "norm": max(abs(hooked / alone - 1) for _, hooked, alone in ours)}
+every = [None] * 3 if dist.get_rank() == 0 else None
+dist.gather_object(mine, every)
+if every:
+    print(json.dumps(every))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_the_hook_reduces_as_ddp_does_to_the_bit_at_three_processes_and_reads_each_one_s_own_gradient(tmp_path):
+    """At 3 processes (1/3 rounds; at 2, halving is exact either way), with buckets of 50 KB (several, as built and
+    as rebuilt after the first step): the gradients DDP's own reduction gives, to the bit, where torch's
+    allreduce_hook, which divides, differs; the hook's norm is that of each rank's gradient outside DDP within 1e-6."""
+    script = tmp_path / "three_ranks.py"
+    script.write_text(THREE_RANKS)
+    done = run_torchrun(script, processes=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("[{")))
+    assert [rank["ours"] for rank in ranks] == [[True] * 3] * 3
+    assert [rank["allreduce_hook"] for rank in ranks] == [[False] * 3] * 3
+    assert max(rank["norm"] for rank in ranks) < 1e-6

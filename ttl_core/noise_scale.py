@@ -9,19 +9,26 @@ E|G_b|² = |G|² + tr(Σ) / b, so that each step gives the unbiased estimates
     |G|² ≈ (B |G_B|² - b |G_b|²) / (B - b)        tr(Σ) ≈ (|G_b|² - |G_B|²) / (1/b - 1/B).
 
 The big batch is the whole step: B its N target tokens (all micro-batches, all processes), |G_B|² its gradient norm
-before clipping squared (`grad_sq_big`, grad_norm²). The small batch is each process's first micro-batch: its
-gradient is read right after its backward, before the next micro-batch accumulates into it (DDP all-reduces only
-at the last micro-batch, so it is the process's own), rescaled from the step's normalisation (world size / N) to
-the mean over its b_r target tokens. |G_b|² (`grad_sq_small`) is the mean over processes of their squared norms,
-and 1/b the mean of 1/b_r (E|G_b|² is linear in 1/b), both over the processes whose first micro-batch has a
-target. Both estimates are noisy, so each is averaged by an exponential moving average of decay
-`train.noise_scale_ema` from 0, and `noise_scale` is the ratio of the two averages (their common start-up bias
-cancels in it); it can be negative while the average of |G|² is.
+before clipping squared (`grad_sq_big`, grad_norm²). The small batch is each process's own: of a step of several
+micro-batches, its first, whose gradient is read right after its backward, before the next micro-batch accumulates
+into it (DDP all-reduces only at the last; the first rather than all of the process's: the farther b lies below B,
+the less noisy the estimate of tr(Σ)); of a step of one micro-batch per process under DDP (grad_accum_steps 1, or a
+batch ramp's first steps), that micro-batch, whose gradient the communication hook `reduce_as_ddp` reads in DDP's
+buckets before their all-reduce. Either is rescaled from the step's normalisation (world size / N) to the mean over
+its b_r target tokens. |G_b|² (`grad_sq_small`) is the mean over processes of their squared norms, and 1/b the mean
+of 1/b_r (E|G_b|² is linear in 1/b), both over the processes whose small batch has a target. Both estimates are
+noisy, so each is averaged by an exponential moving average of decay `train.noise_scale_ema` from 0, and
+`noise_scale` is the ratio of the two averages (their common start-up bias cancels in it); it can be negative while
+the average of |G|² is.
 
-Cost: one foreach norm over the gradients per step and no copy of them; three numbers more in the step's all-reduce
-and four in its one host read. A step with one micro-batch per process (a batch ramp's first), or without a target
-in any process's first, logs none and leaves the averages as they were. Target tokens are those the loss counts:
-not document masking's BOS targets nor any -100.
+Cost: one norm over the gradients per step and no copy of them (the hook: its norms, and a pass over each bucket to
+scale it, which DDP's own reduction does while copying the gradients in); three numbers more in the step's
+all-reduce and four in its one host read. The hook is registered only for a run with steps of one micro-batch, and
+stops measuring at its first step of several (a batch ramp only grows). One process with one micro-batch per step
+has no small batch and is refused; a step of one micro-batch in one process (a batch ramp's first), or without a
+target in any process's small batch, logs none and leaves the averages as they were. FSDP is refused too: FSDP2
+reduce-scatters each block's gradient inside the backward, and keeps accumulated ones unsharded in its own state.
+Target tokens are those the loss counts: not document masking's BOS targets nor any -100.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError
 
@@ -37,21 +46,23 @@ if TYPE_CHECKING:
     from .run_config import TrainConfig
 
 
-def validate_noise_scale(t: TrainConfig) -> None:
-    """Refuse a noise_scale_ema outside [0, 1), and train.log_noise_scale where the first micro-batch's own gradient
-    cannot be read: one micro-batch per step (it is the whole step's), FSDP (which holds it unsharded inside its own
-    state) or float16 (loss-scaled by the grad scaler)."""
+def validate_noise_scale(t: TrainConfig, processes: int | None = None) -> None:
+    """Refuse a noise_scale_ema outside [0, 1), and train.log_noise_scale where no process's own gradient can be
+    read: FSDP (which reduce-scatters it inside the backward), float16 (loss-scaled by the grad scaler), or, given the
+    number of `processes` (a run knows it, a config does not), one process with one micro-batch per step (its
+    gradient is the whole step's)."""
     if not 0 <= t.noise_scale_ema < 1:
         raise ConfigError(f"train.noise_scale_ema must lie in [0, 1) (0: no averaging), got {t.noise_scale_ema}")
     if not t.log_noise_scale:
         return
-    if t.grad_accum_steps < 2:
-        raise ConfigError("train.log_noise_scale compares each process's first micro-batch with the whole step: it "
-                          f"needs train.grad_accum_steps >= 2, got {t.grad_accum_steps}")
     if t.distributed == "fsdp" or t.dtype == "float16":
-        raise ConfigError(f"train.log_noise_scale reads the first micro-batch's gradient, which "
-                          f"{'FSDP keeps inside its own state' if t.distributed == 'fsdp' else 'float16 loss-scales'}: "
-                          f"use train.distributed=\"ddp\" and a dtype other than float16")
+        which = "FSDP reduce-scatters inside the backward" if t.distributed == "fsdp" else "float16 loss-scales"
+        raise ConfigError(f"train.log_noise_scale reads each process's own gradient, which {which}: use "
+                          f"train.distributed=\"ddp\" and a dtype other than float16")
+    if processes == 1 and t.grad_accum_steps == 1:
+        raise ConfigError("train.log_noise_scale compares a small batch with the whole step: one process needs "
+                          "train.grad_accum_steps >= 2 (its first micro-batch is the small one), got 1; or launch 2 or "
+                          "more with torchrun (each one's own micro-batch)")
 
 
 def noise_estimates(small_sq: float, big_sq: float, small: float, big: float) -> tuple[float, float]:
@@ -59,28 +70,72 @@ def noise_estimates(small_sq: float, big_sq: float, small: float, big: float) ->
     return (big * big_sq - small * small_sq) / (big - small), (small_sq - big_sq) / (1 / small - 1 / big)
 
 
-def small_batch_terms(model: torch.nn.Module, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[|G_b|², 1/b, 1] of the micro-batch whose backward (of its summed loss times `scale`) alone filled the gradients
-    of `model`, b its target tokens; zeros where it has none (no small batch); on the device, no host sync."""
+def small_batch_terms(norm: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[|G_b|², 1/b, 1] of the micro-batch(es) of `targets` whose backward (of the summed loss times `scale`) gave
+    gradients of norm `norm`, b their target tokens; zeros where they have none (no small batch); no host sync."""
     tokens = (targets != -100).sum().reshape(1)
     has_targets, b = (tokens > 0).to(scale.dtype), tokens.clamp_min(1)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     return torch.cat([has_targets * (norm / (scale * b)).square(), has_targets / b, has_targets])
+
+
+class ProcessGradient:
+    """This process's gradient norm as DDP's buckets hold it before their all-reduce: each parameter's, set by
+    `reduce_as_ddp` while `measuring`, combined in the parameters' order, not the buckets' (DDP rebuilds them after
+    its first step, and a resumed run must sum as the uninterrupted one did); on the device, no host sync."""
+
+    def __init__(self, model: DistributedDataParallel):
+        self.group, self.measuring = model.process_group, True
+        self.position = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
+        self.norms: list[torch.Tensor | None] = [None] * len(self.position)
+
+    def norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.stack(self.norms))
+
+
+def reduce_as_ddp(state, bucket):  # unannotated: DDP checks a hook's annotations, which this module keeps as strings
+    """A DDP communication hook (a ProcessGradient, a dist.GradBucket -> a Future of the reduced bucket): the norms
+    of the bucket's gradients noted in `state`, then the all-reduce DDP does without a hook, to the bit. DDP
+    multiplies each gradient by 1/world size as it copies it into the bucket (torch's allreduce_hook divides the
+    bucket instead, which rounds otherwise unless the world size is a power of 2); given a hook, it copies the
+    gradients in as they are, and takes the future's tensor as the reduced bucket."""
+    if state.measuring:
+        for parameter, grad in zip(bucket.parameters(), bucket.gradients()):
+            state.norms[state.position[id(parameter)]] = torch.linalg.vector_norm(grad)
+    buffer = bucket.buffer()
+    buffer.mul_(1 / dist.get_world_size(state.group))
+    return dist.all_reduce(buffer, group=state.group, async_op=True).get_future().then(lambda done: done.value()[0])
 
 
 class NoiseScale:
     """The moving averages of |G|² and tr(Σ), on the host in float64; `state_dict` goes into checkpoints' trainer
-    state, so that a resumed run continues them exactly (from a checkpoint without them, they start afresh)."""
+    state, so that a resumed run continues them exactly (from a checkpoint without them, they start afresh).
+    `process_gradient` reads each process's gradient of a step of one micro-batch (None: such a step has no small
+    batch)."""
 
-    def __init__(self, decay: float, state: dict[str, float] | None = None):
-        self.decay = decay
+    def __init__(self, decay: float, state: dict[str, float] | None = None,
+                 process_gradient: ProcessGradient | None = None):
+        self.decay, self.process_gradient = decay, process_gradient
         self.grad_sq, self.trace = (state["grad_sq"], state["trace"]) if state else (0.0, 0.0)
+
+    def small_batch(self, model: torch.nn.Module, targets: torch.Tensor, scale: torch.Tensor, micro_batches: int,
+                    n_targets: torch.Tensor) -> torch.Tensor:
+        """After the step's first backward (of the micro-batch of `targets`, its summed loss times `scale`), of its
+        `micro_batches`: `small_batch_terms` of this process's small batch and N (`n_targets`); empty without one."""
+        if micro_batches > 1:  # the first micro-batch's gradient, before the next adds to it
+            if self.process_gradient:  # a batch ramp only grows: no step of one micro-batch follows
+                self.process_gradient.measuring = False
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        elif self.process_gradient:
+            norm = self.process_gradient.norm()
+        else:
+            return scale.new_empty(0)
+        return torch.cat([small_batch_terms(norm, targets, scale), n_targets.to(scale)])
 
     def update(self, big_sq: float, small_sq_sum: float, inverse_small_sum: float, processes: float,
                big: float) -> dict[str, float]:
         """The step's figures from `small_batch_terms` summed over the processes (`processes` of them with a target in
-        their first micro-batch) and the whole step's |G_B|² over `big` target tokens, the averages updated with
-        them; none for a step without a small batch or whose small batch is all of it."""
+        their small batch) and the whole step's |G_B|² over `big` target tokens, the averages updated with them; none
+        for a step without a small batch or whose small batch is all of it."""
         if not processes or processes / inverse_small_sum >= big:
             return {}
         small_sq, small = small_sq_sum / processes, processes / inverse_small_sum
@@ -92,3 +147,15 @@ class NoiseScale:
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_sq": self.grad_sq, "trace": self.trace}
+
+
+def start_noise_scale(model: torch.nn.Module, t: TrainConfig, state: dict[str, float] | None) -> NoiseScale | None:
+    """The run's NoiseScale (None without train.log_noise_scale), its averages from a checkpoint's `state`; a DDP
+    model whose steps may have one micro-batch per process gets `reduce_as_ddp` as its communication hook."""
+    if not t.log_noise_scale:
+        return None
+    if not isinstance(model, DistributedDataParallel) or t.grad_accum_at(1) > 1:
+        return NoiseScale(t.noise_scale_ema, state)
+    process_gradient = ProcessGradient(model)
+    model.register_comm_hook(process_gradient, reduce_as_ddp)
+    return NoiseScale(t.noise_scale_ema, state, process_gradient)

@@ -116,7 +116,7 @@ class TrainConfig:
     # attn_out_rms/layers.N, mlp_out_rms/layers.N, attn_logit_max/layers.N (see ttl_core.activation_stats)
     log_activation_stats: bool = False
     # also log the gradient noise scale in target tokens (noise_scale, averaged at decay noise_scale_ema), with the
-    # step's grad_sq_small and grad_sq_big (see ttl_core.noise_scale); needs grad_accum_steps >= 2
+    # step's grad_sq_small and grad_sq_big (see ttl_core.noise_scale); needs grad_accum_steps >= 2 or 2+ processes
     log_noise_scale: bool = False
     noise_scale_ema: float = 0.95
     # skip the update of a step whose loss or grad norm spikes above the last steps' (see ttl_core.spikes); 0: never

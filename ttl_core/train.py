@@ -40,7 +40,7 @@ from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
 from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader, val_loader
 from .model import LlamaForCausalLM
-from .noise_scale import NoiseScale, small_batch_terms
+from .noise_scale import NoiseScale, start_noise_scale, validate_noise_scale
 from .optim import (apply_update, build_optimizer, clip_gradients, gradient_figures, gradient_parts, lr_at,
                     stop_if_not_finite)
 from .preemption import StopOnSignal
@@ -119,8 +119,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     """One optimizer update from the step's micro-batches; returns (mean cross-entropy per target token, not
     label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
     `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`,
-    and given a `noise` and more than one micro-batch, its figures (`ttl_core.noise_scale`)); given `spikes`, a step
-    whose loss or norm spikes (`ttl_core.spikes`) is not applied and logs `skipped` and `spike`. Raises
+    and given a `noise`, its figures where the step has a small batch (`ttl_core.noise_scale`)); given `spikes`, a
+    step whose loss or norm spikes (`ttl_core.spikes`) is not applied and logs `skipped` and `spike`. Raises
     TrainingError, before touching the weights, on a non-finite loss or gradient norm (with an fp16 grad scaler, which
     skips such steps itself, only once its loss scale is down to MIN_LOSS_SCALE): clipping would turn every gradient
     into NaN and the update would write NaN into every weight."""
@@ -141,8 +141,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         with annotate(f"backward {i}"):
             scaled = out.loss * scale
             (scaler.scale(scaled) if scaler else scaled).backward()
-        if noise and i == 0 and len(micro_batches) > 1:  # before the next micro-batch adds to the gradients
-            small = torch.cat([small_batch_terms(model, inputs["targets"], scale), n_targets.to(scale)])
+        if noise and i == 0:  # before the next micro-batch adds to the gradients
+            small = noise.small_batch(model, inputs["targets"], scale, len(micro_batches), n_targets)
     totals = all_reduce_sum(torch.cat([sums, small[:3]]), world)
     means = totals[:3] / n_targets.to(world.device)
     parts = gradient_parts(model) if train.log_grad_norms else {}
@@ -316,6 +316,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
            stop_after: int | None, init_from: str | None) -> RunResult:
     train = run.train
     check_compiler(world.device, train)
+    validate_noise_scale(train, world.size)  # one process with one micro-batch per step has no small batch
     set_tf32(world.device, train.tf32)
     # out_dir is rank 0's to make (lock_run_dir): a slower rank making it too could bring back a refused run's dir
     if world.is_main:
@@ -413,8 +414,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
     # the noise scale's averages go on from the checkpoint's (afresh from one saved without them)
-    noise = (NoiseScale(train.noise_scale_ema, (trainer_state or {}).get("noise_scale")) if train.log_noise_scale
-             else None)
+    noise = start_noise_scale(model, train, (trainer_state or {}).get("noise_scale"))
     spikes = spike_detector(train, trainer_state)  # its windows go on from the checkpoint's (afresh without them)
     loss = stopped_by = None
 
