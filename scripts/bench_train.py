@@ -37,7 +37,7 @@ from ttl_core.hf import TorchMuonAndAdamW, is_hf_projection
 from ttl_core.metrics import flops_per_token, peak_tflops
 from ttl_core.run_config import TrainConfig
 from ttl_core.optim import build_optimizer
-from ttl_core.train import train_step
+from ttl_core.step import train_step
 
 
 Step = Callable[[torch.Tensor], float]

@@ -20,7 +20,8 @@ from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.optim import build_optimizer, lr_at
 from ttl_core.run_config import TrainConfig, load_run_config
-from ttl_core.train import model_inputs, train, train_step
+from ttl_core.step import model_inputs, train_step
+from ttl_core.train import train
 
 # 5 steps, ramping from 1 to 3 micro-batches of 4 x 32 tokens by step 4: 2 * (step - 1) // 3 more than 1
 RAMP = ["train.max_steps=5", "train.grad_accum_steps=3", "train.batch_ramp_steps=4", "train.batch_ramp_start=1",

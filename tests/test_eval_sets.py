@@ -17,7 +17,8 @@ from ttl_core.errors import ConfigError, TTLError
 from ttl_core.hf import load_pretrained
 from ttl_core.metrics import perplexity, read_metrics
 from ttl_core.run_config import load_run_config
-from ttl_core.train import evaluate, train
+from ttl_core.step import evaluate
+from ttl_core.train import train
 
 CPU = World(0, 1, torch.device("cpu"))
 

@@ -21,7 +21,7 @@ from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.evaluate import count_windows, position_buckets, split_tokens, stream_loss, windows
-from ttl_core.train import evaluate
+from ttl_core.step import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -409,7 +409,7 @@ def test_packed_batches_on_cuda_in_bf16_are_as_close_to_fp32_as_padded_ones(back
     "auto" picks in bf16) runs the packed batch: its loss and gradients are as near the fp32 padded batch's as the
     padded bf16 batch's (SDPA) are, by the flash-attn criterion (at most twice that error, or 1e-2)."""
     from ttl_core.finetune import to_device
-    from ttl_core.train import autocast
+    from ttl_core.step import autocast
 
     if backend == "auto" and attention_module.flash_attn_module() is None:
         pytest.skip("flash-attn is not installed")

@@ -23,7 +23,8 @@ from ttl_core.errors import ConfigError
 from ttl_core.hf import hf_plan
 from ttl_core.metrics import read_metrics
 from ttl_core.run_config import TrainConfig, load_run_config
-from ttl_core.train import train, train_step
+from ttl_core.step import train_step
+from ttl_core.train import train
 
 CPU = World(0, 1, torch.device("cpu"))
 CROSS_ENTROPY = importlib.import_module("ttl_kernels.cross_entropy")  # the module, which the function's name hides

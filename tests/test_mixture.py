@@ -20,7 +20,8 @@ from ttl_core.hf import load_pretrained
 from ttl_core.metrics import read_metrics
 from ttl_core.mixture import Mixture, MixtureLoader
 from ttl_core.run_config import load_run_config
-from ttl_core.train import evaluate, train
+from ttl_core.step import evaluate
+from ttl_core.train import train
 
 EOS = 2
 

@@ -25,7 +25,8 @@ from ttl_core.noise_scale import NoiseScale, noise_estimates, validate_noise_sca
 from ttl_core.optim import build_optimizer
 from ttl_core.run_config import load_run_config
 from ttl_core.tokenizer import Tokenizer
-from ttl_core.train import model_inputs, train, train_step
+from ttl_core.step import model_inputs, train_step
+from ttl_core.train import train
 
 CPU = torch.device("cpu")
 NOISY = ["train.max_steps=4", "train.grad_accum_steps=2", "train.eval_every=0", "train.log_noise_scale=true",

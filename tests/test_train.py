@@ -23,7 +23,8 @@ from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics, step_th
 import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
 from ttl_core.optim import build_optimizer, clip_gradients, lr_at, optimizer_update
-from ttl_core.train import cpp_compiler, evaluate, model_inputs, train, train_step
+from ttl_core.step import evaluate, model_inputs, train_step
+from ttl_core.train import cpp_compiler, train
 
 
 # --- optimizer groups, MFU -----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.run_config import load_run_config
-from ttl_core.train import train, train_step
+from ttl_core.step import train_step
+from ttl_core.train import train
 
 
 def z_formula(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .distributed import World, unwrap
 from .errors import ConfigError
 from .mixture import val_loader
 from .run_config import RunConfig
+from .step import autocast, model_inputs
 
 KINDS = ("act_rms", "attn_out_rms", "mlp_out_rms", "attn_logit_max")
 # scores computed at once by the logit pass, (batch, heads, query chunk, keys): bounds its memory at 64 MiB
@@ -140,8 +141,6 @@ def eval_activation_stats(model: torch.nn.Module, data_dir: Path, run: RunConfig
                           bos_id: int | None) -> dict[str, float]:
     """`activation_stats` of the first global batch of `data_dir`'s val.bin, the first one `evaluate` reads (each
     rank its micro-batch of it: the same figures whatever the number of ranks), under the run's autocast."""
-    from .train import autocast, model_inputs  # train.py, which imports this module, calls it at each evaluation
-
     inputs = model_inputs(next(iter(val_loader(data_dir, run, world))), world.device, run.data.document_masking, bos_id)
     with autocast(world.device, run.train.dtype):
         return activation_stats(model, inputs, world)

@@ -28,7 +28,7 @@ from .data import read_meta, token_file
 from .errors import ConfigError, DataError
 from .metrics import perplexity, save_png
 from .model import LlamaForCausalLM
-from .train import model_inputs
+from .step import model_inputs
 
 
 @dataclass

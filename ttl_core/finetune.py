@@ -34,7 +34,7 @@ from .run_config import DTYPE_CHOICES, TrainConfig
 from .task_files import TaskSpec, encode_task, read_task_file, task_examples, task_labels
 from .tokenizer import Tokenizer
 from .tokenizer_call import pad_rows
-from .train import AUTOCAST_DTYPES, autocast
+from .step import AUTOCAST_DTYPES, autocast
 
 AGNEWS_LABELS = ("MUNDO", "ESPORTES", "NEGÓCIOS", "TECNOLOGIA")
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"

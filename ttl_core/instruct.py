@@ -29,7 +29,7 @@ from .metrics import read_metrics
 from .model import LlamaForCausalLM
 from .task_files import Row, read_task_file
 from .tokenizer import Tokenizer
-from .train import autocast
+from .step import autocast
 
 # Accepted field names, first match wins: Alpaca-PTBR uses instruction/input/output, Aira prompt/completion.
 INSTRUCTION_FIELDS = ("instruction", "prompt")

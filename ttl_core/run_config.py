@@ -89,9 +89,8 @@ class TrainConfig:
     # label smoothing as torch's F.cross_entropy(label_smoothing=ε) applies it (targets (1 - ε) one-hot + ε / vocab);
     # "loss" logs the unsmoothed cross-entropy (comparable with runs without it), "smoothed_loss" the smoothed one
     label_smoothing: float = 0.0
-    # an exponential moving average of the weights, updated after each optimizer step at this decay (warmed up as
-    # min(ema_decay, (1 + step) / (10 + step))), evaluated as eval_loss/ema (eval_loss/ema/NAME, acc/ema/NAME: see
-    # ttl_core.ema) and saved as checkpoints' ema/; 0: none
+    # a moving average of the weights, updated after each optimizer step at this decay (warmed up: see ttl_core.ema),
+    # evaluated as eval_loss/ema (eval_loss/ema/NAME, acc/ema/NAME) and saved as checkpoints' ema/; 0: none
     ema_decay: float = 0.0
     seed: int = 0
     dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
