@@ -117,9 +117,9 @@ def test_a_run_logged_before_batch_tokens_takes_its_batch_from_its_newest_checkp
     assert summarize(load_run(old, "old"), 0.0)["tokens"] is None
     with pytest.raises(SystemExit):
         run_cli(load_script("compare_runs").main, [str(old), "--out", str(tmp_path / "c.png")])
-    assert capsys.readouterr().err == (f"error: {old}: its metrics.jsonl logs no batch_tokens (written before ttl "
-                                       "logged it) and it has no checkpoint recording its batch; compare with --x "
-                                       "step\n")
+    assert capsys.readouterr().err == (f"error: {old}: its metrics.jsonl logs no batch_tokens (fine-tuning runs do "
+                                       "not, nor did pretraining before 2026-12) and it has no checkpoint recording "
+                                       "its batch; compare with --x step\n")
 
 
 def test_a_resumed_runs_rewound_steps_are_drawn_once_with_the_values_logged_last(tmp_path):

@@ -164,3 +164,18 @@ def test_an_input_that_is_a_pipe_is_named_as_one_not_as_missing(tmp_path):
         list(read_documents(tmp_path / "corpus.txt"))
     with pytest.raises(DataError, match=r"missing\.txt: no such file$"):
         list(read_documents(tmp_path / "missing.txt"))
+
+
+def test_an_input_named_twice_is_refused_not_tokenized_twice(tmp_path, monkeypatch):
+    # overlapping globs (corpus/*.txt corpus/pt*.txt) named a file twice: its documents were tokenized twice, and
+    # the evenly spread validation split then held copies of training documents
+    (tmp_path / "corpus").mkdir()
+    doc = tmp_path / "corpus" / "pt.txt"
+    doc.write_text("primeiro documento\n\nsegundo documento\n")
+    other = tmp_path / "en.jsonl"
+    other.write_text('{"text": "first document"}\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"^corpus/pt.txt is given twice \(also as corpus/../corpus/pt.txt\): give "
+                                        r"each input once$"):
+        prepare_data(["corpus/pt.txt", other, "corpus/../corpus/pt.txt"], tmp_path / "out", vocab_size=300)
+    assert not (tmp_path / "out").exists()  # refused before any work

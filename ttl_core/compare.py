@@ -193,8 +193,10 @@ def comparison_curves(runs: list[Run], metrics: list[str], x: str,
     for run in runs:
         tokens = tokens_seen(run) if x == "tokens" else None
         if x == "tokens" and tokens is None:
-            raise DataError(f"{run.dir}: its metrics.jsonl logs no batch_tokens (written before ttl logged it) and it "
-                            "has no checkpoint recording its batch; compare with --x step")
+            # fine-tuning logs no batch_tokens either: "an old file" alone would send its user the wrong way
+            raise DataError(f"{run.dir}: its metrics.jsonl logs no batch_tokens (fine-tuning runs do not, nor did "
+                            "pretraining before 2026-12) and it has no checkpoint recording its batch; compare with "
+                            "--x step")
         logged = [metric for metric in metrics if any(metric in r for r in run.records)]
         curves[run.label] = {metric: metric_curve(run, metric, tokens, weight) for metric in logged or metrics[:1]}
     return curves
