@@ -128,7 +128,8 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         s = r["shape"]
         print(f"{s['batch']:>5} {r['impl']:<18} {r['ms']:>9.1f} {r['ms'] / s['new_tokens']:>9.3f} "
-              f"{r['tokens_per_s']:>10.0f} {r['gbs']:>7.0f} {r['frac_of_peak']:>8.1%} {cell(r['peak_mem_mb'], '8.0f'):>8} "
+              f"{r['tokens_per_s']:>10.0f} {r['gbs']:>7.0f} {r['frac_of_peak']:>8.1%} "
+              f"{cell(r['peak_mem_mb'], '8.0f'):>8} "
               f"{r['ms'] / ttl_ms.get(str(s), float('nan')):>11.2f}x")
 
 

@@ -88,7 +88,8 @@ class Chat:
         if fmt == "aira":
             self.end = tokenizer.token_to_id(AIRA_END)
             if self.end is None:
-                raise GenerationError(f"--chat aira needs a tokenizer with Aira's special tokens; {AIRA_END} is missing")
+                raise GenerationError(f"--chat aira needs a tokenizer with Aira's special tokens; {AIRA_END} is "
+                                      "missing")
         self.eos = list(dict.fromkeys([tokenizer.eos_id, *checkpoint_eos, self.end]))
 
     def add_user(self, text: str, extra_input: str = "") -> None:

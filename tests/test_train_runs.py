@@ -320,6 +320,21 @@ def test_the_end_of_run_sample_prompt_may_hold_the_padding_token(tmp_path, data_
     assert text.startswith(tokenizer.decode(ids)) and len(text) > len(tokenizer.decode(ids))
 
 
+def test_the_end_of_run_sample_applies_the_checkpoint_s_stop_strings_without_a_false_warning(tmp_path, data_dir):
+    """An --init-from checkpoint's generation_config.json may set stop_strings: the sample stops at them (ttl's
+    generate() applies them given the tokenizer), where it warned that ttl "does not implement" them."""
+    tokenizer = Tokenizer.from_pretrained(data_dir)
+    save_pretrained(random_model(run_config(*MICRO_MODEL, *FAST)).eval(), tmp_path / "checkpoint")
+    full = sample_text(tmp_path / "checkpoint", tokenizer, "O rio", max_new_tokens=12, seed=0)
+    stop = full[-3:]  # the sample of 12 tokens ends with it: the same seed's longer one stops there (or before)
+    assert len(full) > len("O rio") + 3
+    (tmp_path / "checkpoint" / "generation_config.json").write_text(json.dumps({"stop_strings": [stop]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stopped = sample_text(tmp_path / "checkpoint", tokenizer, "O rio", max_new_tokens=40, seed=0)
+    assert stopped.endswith(stop) and full.startswith(stopped)
+
+
 def test_a_model_vocabulary_larger_than_the_data_s_is_warned_of_and_still_gives_the_end_of_run_sample(tmp_path,
                                                                                                         data_dir):
     """configs/ttl-160m.toml (32,000 tokens) on data prepared with a smaller --vocab-size trains, with a warning

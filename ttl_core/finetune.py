@@ -95,7 +95,8 @@ class FinetuneConfig:
         }
         for name, (ok, expected) in checks.items():
             if not ok:
-                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {expected}, "
+                                  f"got {getattr(self, name)!r}")
         for flag, does in (("merge_lora", "merges LoRA adapters into the model"),
                            ("lora_dora", "trains DoRA adapters")):
             if getattr(self, flag) and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored

@@ -45,8 +45,10 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.attention_bias)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim,
+                             bias=config.attention_bias)
         self.out = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.kernel_backend = config.kernels
         self.attention_backend = config.attention
@@ -288,7 +290,8 @@ class _LlamaBase(nn.Module):
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
         pad = self.config.pad_token_id
-        in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size  # else no padding row, as in transformers
+        # else no padding row, as in transformers
+        in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
                              padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
         _fill_resized_table(embed.weight, old.weight)

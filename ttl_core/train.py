@@ -148,14 +148,15 @@ def build_or_load_model(config: LlamaConfig, seed: int, resume_from: Path | None
 
 
 def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int) -> str:
-    """A continuation of `prompt` by the saved model, with TeenyTinyLlama's suggested sampling settings."""
+    """A continuation of `prompt` by the saved model, with TeenyTinyLlama's suggested sampling settings (and its
+    generation_config.json's stop_strings, if any)."""
     model = load_pretrained(checkpoint, dtype=torch.float32)
     ids = torch.tensor([tokenizer.encode(prompt, add_eos=False)])
     max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - ids.shape[1])
     # an all-ones mask: a padding id in the one-row prompt (a "<pad>" in its text) is a token, not padding
     out = generate(model, ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=True, temperature=0.2,
                    top_k=20, top_p=0.2, repetition_penalty=1.2, eos_token_id=tokenizer.eos_id,
-                   pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None, seed=seed,
+                   pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None, seed=seed, tokenizer=tokenizer,
                    return_dict_in_generate=False)  # a tensor, whatever an --init-from generation_config.json says
     return tokenizer.decode(out[0].tolist())
 

@@ -34,7 +34,8 @@ def cross_entropy_reference(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
     label_smoothing: float = 0.0, z_loss: float = 0.0, return_z_loss: bool = False, return_nll: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Cross-entropy in fp32 (or fp64 for fp64 inputs) with label smoothing and z-loss (`z_loss * logsumexp**2` per token).
+    """Cross-entropy in fp32 (or fp64 for fp64 inputs) with label smoothing and z-loss (`z_loss * logsumexp**2` per
+    token).
 
     `mean` averages over non-ignored targets; with none of them it returns 0, not NaN. `return_z_loss` also
     returns the z-loss part of the loss, `return_nll` the negative log-likelihood of the targets (the loss without
