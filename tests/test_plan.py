@@ -185,3 +185,11 @@ def test_plan_processes_beside_torchrun_is_refused(tmp_path, capsys, monkeypatch
     with pytest.raises(SystemExit):
         pretrain.main(["--out", str(tmp_path / "run"), "--plan", "--plan-processes", "4"])
     assert capsys.readouterr().err.splitlines()[-1].endswith("plans without torchrun; this one set WORLD_SIZE=2")
+
+
+def test_under_torchrun_the_plan_is_for_its_world_size_and_printed_once(tmp_path, capsys, monkeypatch):
+    argv = ["--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(tmp_path / "run"), "--plan"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", ""), ("0", "steps 1-200 (200 optimizer steps) on 2 processes\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert pretrain.main(argv) == 0 and capsys.readouterr().out.startswith(printed)
