@@ -85,12 +85,15 @@ def source_plans(loader: PackedLoader | MixtureLoader, train: TrainConfig, first
 
 def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> dict[str, int]:
     """Bytes per process of the weights, gradients, optimizer state (AdamW: two moments; Muon: one momentum for each
-    of its matrices) and the average of the weights (train.ema_decay); FSDP shards each over the processes."""
+    of its matrices) and the average of the weights (train.ema_decay); FSDP shards each over the processes, and DDP
+    all-reduces the gradients through buckets of their size (torch's default, gradient_as_bucket_view=False)."""
     parameters = model.num_parameters()
     muon = projection_rows(model) if train.optimizer == "muon" else {}
     in_muon = sum(p.numel() for p in model.parameters() if id(p) in muon)
-    counts = {"weights": parameters, "gradients": parameters, "AdamW moments": 2 * (parameters - in_muon),
-              "Muon momentum": in_muon, "the average (EMA)": parameters if train.ema_decay else 0}
+    ddp = train.distributed == "ddp" and processes > 1
+    counts = {"weights": parameters, "gradients": parameters, "DDP's gradient buckets": parameters if ddp else 0,
+              "AdamW moments": 2 * (parameters - in_muon), "Muon momentum": in_muon,
+              "the average (EMA)": parameters if train.ema_decay else 0}
     shards = processes if train.distributed == "fsdp" else 1
     return {name: -(-count * FLOAT32_BYTES // shards) for name, count in counts.items() if count}
 
