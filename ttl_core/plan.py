@@ -5,6 +5,7 @@ with `describe_epochs` and `repeat_warning`."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,7 @@ def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> 
               "AdamW moments": 2 * (parameters - in_muon), "Muon momentum": in_muon,
               "the average (EMA)": parameters if train.ema_decay else 0}
     shards = processes if train.distributed == "fsdp" else 1
-    return {name: -(-count * FLOAT32_BYTES // shards) for name, count in counts.items() if count}
+    return {name: math.ceil(count * FLOAT32_BYTES / shards) for name, count in counts.items() if count}
 
 
 def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_step: int, last_step: int,
