@@ -18,7 +18,7 @@ torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGU
 
 --plan prints the run's plan and exits without training or writing anything: parameters, tokens, FLOPs, ideal time
 per GPU, memory per process, the epochs over each data source and the evaluations' cost (of the steps left, with
---resume), for torchrun's WORLD_SIZE or --plan-processes processes.
+--resume), for torchrun's WORLD_SIZE or --plan-processes processes; it needs no --out but for --resume.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from ttl_core.checkpoint import latest_checkpoint, read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
-from ttl_core.errors import ConfigError
+from ttl_core.errors import ConfigError, DataError
 from ttl_core.mixture import resolve_mixture, train_loader
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS
@@ -56,7 +56,7 @@ def positive(kind: type, what: str):
 def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
     """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
     data not prepared yet is named, and the rest planned from the config."""
-    out = Path(args.out)
+    out = Path(args.out) if args.out else None  # --resume needs it (main)
     resume_from = latest_checkpoint(out) if args.resume else None
     trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
     saved_run = trainer_state.get("config") if trainer_state is not None else None
@@ -64,20 +64,20 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
         check_resumable(run, saved_run, resume_from)
     config = planned_model_config(run, resume_from, args.init_from)
     first = trainer_state["step"] if trainer_state is not None else 0
-    last = min(run.train.max_steps, args.stop_after or run.train.max_steps)
+    last = run.train.max_steps if args.stop_after is None else min(run.train.max_steps, args.stop_after)
     if first >= last:
         return [f"{resume_from} is at step {first}: nothing left to train up to step {last}"]
     world, mixture, loader, missing = World(0, processes, torch.device("cpu")), None, None, ""
     try:
         mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
         recorded = recorded_data_path(saved_run)
-        if mixture or args.data or run.data.path or recorded or (out / "data" / "meta.json").exists():
+        if mixture or args.data or run.data.path or recorded or (out and (out / "data" / "meta.json").exists()):
             data = mixture or resolve_data(run, args.data, out, world, config.vocab_size,
                                            recorded and (resume_from, recorded))
             loader = train_loader(data, run.train, world)
         else:
-            missing = f"the bundled sample corpus is prepared into {out / 'data'} when the run starts"
-    except ConfigError as e:  # data not prepared: the rest is planned all the same
+            missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"
+    except (ConfigError, DataError) as e:  # data not prepared, or too small: the rest is planned all the same
         missing = str(e)
     eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
     plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML run config (configs/*.toml); defaults apply when omitted")
     parser.add_argument("--data", help="prepared data directory (scripts/prepare_data.py); overrides [data] path "
                         "(refused beside a [data.mix])")
-    parser.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
+    parser.add_argument("--out", help="run directory for checkpoints, metrics and plots (optional with --plan, "
+                        "but for --resume)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the MFU the plan's ideal times assume (default {ASSUMED_MFU})")
     args = parser.parse_args(argv)
     refuse_ignored(parser, args, "without --plan", "--plan-processes", "--plan-mfu", active=not args.plan)
+    if args.out is None and (args.resume or not args.plan):
+        parser.error(f"{'--resume' if args.plan else 'training'} needs --out, the run directory")
     if args.plan_mfu is not None and args.plan_mfu > 1:
         parser.error(f"--plan-mfu is a fraction in (0, 1], e.g. 0.4 for 40%, got {args.plan_mfu}")
     launched = os.environ.get("WORLD_SIZE")

@@ -110,6 +110,14 @@ def test_a_mixtures_epochs_are_its_weights_share_of_the_rows_served(halves):
         assert abs(served / per_epoch - plan.epochs) < 4 * sd, (plan.name, served / per_epoch, plan.epochs)
 
 
+def test_data_too_small_for_the_processes_is_named_and_the_rest_planned(halves, capsys):
+    assert pretrain.main(["--data", str(halves / "a"), "--plan", "--plan-processes", "64", *set_arguments()]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "steps 1-1,000 (1,000 optimizer steps) on 64 processes"
+    assert lines[7].startswith(f"data: not planned: {halves / 'a' / 'train.bin'}: ") and "fewer than one global " \
+        "batch (micro_batch_size 4 x 64 processes) needs (256 x 32 + 1 = 8,193)" in lines[7]
+
+
 def test_no_warning_when_each_token_is_seen_at_most_once(halves):
     t = run_config("train.max_steps=2").train
     assert repeat_warning(source_plans(PackedLoader(halves / "a", "train", t.seq_len, t.micro_batch_size),
@@ -121,14 +129,15 @@ def test_plan_writes_nothing_and_names_the_data_not_prepared(tmp_path, capsys):
     assert pretrain.main(["--config", str(ROOT / "configs" / "tiny.toml"), "--out", str(out), "--plan"]) == 0
     printed = capsys.readouterr().out
     assert not out.exists()
-    assert f"data: not planned: the bundled sample corpus is prepared into {out / 'data'}" in printed
+    assert f"data: not planned: the bundled sample corpus is prepared into {out}/data when the run starts" in printed
     assert "training tokens: 204,800 (205K), 0.0521 per parameter (compute-optimal is about 20" in printed
     assert "ideal time at 40% MFU (an assumption" in printed
 
 
-def test_the_160m_recipes_printed_times_and_memory(tmp_path, capsys):
-    assert pretrain.main(["--config", str(ROOT / "configs" / "ttl-160m.toml"), "--out", str(tmp_path), "--plan"]) == 0
+def test_the_160m_recipes_printed_times_and_memory(capsys):
+    assert pretrain.main(["--config", str(ROOT / "configs" / "ttl-160m.toml"), "--plan"]) == 0  # no --out needed
     lines = capsys.readouterr().out.splitlines()
+    assert lines[7] == "data: not planned: the bundled sample corpus is prepared into RUN/data when the run starts"
     # 3.95e18 FLOPs at 40% of 312 and 989 TFLOP/s: 31,600 s and 9,980 s
     assert lines[5] == ("ideal time at 40% MFU (an assumption; --plan-mfu sets it) on 1 GPU: A100 8.8 h, H100 2.8 h, "
                         "H200 2.8 h")
@@ -172,15 +181,17 @@ def test_training_states_its_epochs_and_a_resumed_plan_is_what_is_left(data_dir,
     assert f"{epochs * 58 / 60:.3g} epochs over these steps, {epochs:.3g} by step 60" in lines[7]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--plan-mfu", "0.4"], "--plan-mfu has no effect without --plan"),
-    (["--plan", "--plan-mfu", "40"], "--plan-mfu is a fraction in (0, 1], e.g. 0.4 for 40%, got 40.0"),
+@pytest.mark.parametrize("flags, message", [  # refused as they are parsed: RUN is never made
+    (["--out", "RUN", "--plan-mfu", "0.4"], "--plan-mfu has no effect without --plan"),
+    (["--out", "RUN", "--plan", "--plan-mfu", "40"], "--plan-mfu is a fraction in (0, 1], e.g. 0.4 for 40%, got 40.0"),
     (["--plan", "--plan-processes", "0"], "expected a number of processes >= 1, got '0'"),
     (["--plan", "--plan-mfu", "nan"], "expected a fraction in (0, 1], e.g. 0.4, got 'nan'"),
+    (["--plan", "--resume"], "--resume needs --out, the run directory"),
+    ([], "training needs --out, the run directory"),
 ])
-def test_bad_plan_flags_are_one_line(flags, message, tmp_path, capsys):
+def test_bad_plan_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        pretrain.main(["--out", str(tmp_path / "run"), *flags])
+        pretrain.main(flags)
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
