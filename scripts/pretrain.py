@@ -24,11 +24,13 @@ per GPU, memory per process, the epochs over each data source and the evaluation
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
 import torch
 
+from ttl_core.benchmark import positive_int
 from ttl_core.checkpoint import latest_checkpoint, read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
@@ -40,17 +42,15 @@ from ttl_core.run_config import RunConfig, check_resumable, load_run_config, rec
 from ttl_core.train import planned_model_config, resolve_data, train
 
 
-def positive(kind: type, what: str):
-    """An argparse type: a number of `kind` in (0, inf) (what: its range in words, for the message)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
+def mfu_fraction(text: str) -> float:
+    """An argparse type for --plan-mfu: a fraction in (0, 1] (40% is 0.4)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.4 for 40%, got {text!r}")
+    return value
 
 
 def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
@@ -104,19 +104,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one config value, e.g. --set train.grad_accum_steps=2 (repeatable)")
     parser.add_argument("--plan", action="store_true",
                         help="print the run's plan (cost, memory, epochs over the data) and exit, writing nothing")
-    parser.add_argument("--plan-processes", type=positive(int, "a number of processes >= 1"), metavar="N",
+    parser.add_argument("--plan-processes", type=positive_int, metavar="N",
                         help="plan for N processes (default: torchrun's WORLD_SIZE, else 1)")
-    parser.add_argument("--plan-mfu", type=positive(float, "a fraction in (0, 1], e.g. 0.4"), metavar="F",
+    parser.add_argument("--plan-mfu", type=mfu_fraction, metavar="F",
                         help=f"the MFU the plan's ideal times assume (default {ASSUMED_MFU})")
     args = parser.parse_args(argv)
     refuse_ignored(parser, args, "without --plan", "--plan-processes", "--plan-mfu", active=not args.plan)
     if args.out is None and (args.resume or not args.plan):
         parser.error(f"{'--resume' if args.plan else 'training'} needs --out, the run directory")
-    if args.plan_mfu is not None and args.plan_mfu > 1:
-        parser.error(f"--plan-mfu is a fraction in (0, 1], e.g. 0.4 for 40%, got {args.plan_mfu}")
     launched = os.environ.get("WORLD_SIZE")
     if launched and args.plan_processes is not None:
         parser.error(f"--plan-processes plans without torchrun; this one set WORLD_SIZE={launched}")
+    if args.plan and launched and not (launched.isdigit() and int(launched) >= 1):
+        parser.error(f"WORLD_SIZE={launched!r} must be an integer >= 1 (torchrun sets it)")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")

@@ -183,9 +183,9 @@ def test_training_states_its_epochs_and_a_resumed_plan_is_what_is_left(data_dir,
 
 @pytest.mark.parametrize("flags, message", [  # refused as they are parsed: RUN is never made
     (["--out", "RUN", "--plan-mfu", "0.4"], "--plan-mfu has no effect without --plan"),
-    (["--out", "RUN", "--plan", "--plan-mfu", "40"], "--plan-mfu is a fraction in (0, 1], e.g. 0.4 for 40%, got 40.0"),
-    (["--plan", "--plan-processes", "0"], "expected a number of processes >= 1, got '0'"),
-    (["--plan", "--plan-mfu", "nan"], "expected a fraction in (0, 1], e.g. 0.4, got 'nan'"),
+    (["--plan", "--plan-mfu", "40"], "argument --plan-mfu: expected a fraction in (0, 1], e.g. 0.4 for 40%, got '40'"),
+    (["--plan", "--plan-mfu", "nan"], "expected a fraction in (0, 1], e.g. 0.4 for 40%, got 'nan'"),
+    (["--plan", "--plan-processes", "0"], "argument --plan-processes: expected an integer >= 1, got '0'"),
     (["--plan", "--resume"], "--resume needs --out, the run directory"),
     ([], "training needs --out, the run directory"),
 ])
@@ -195,11 +195,16 @@ def test_bad_plan_flags_are_one_line(flags, message, capsys):
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
-def test_plan_processes_beside_torchrun_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+@pytest.mark.parametrize("world_size, flags, message", [
+    ("2", ["--plan-processes", "4"], "--plan-processes plans without torchrun; this one set WORLD_SIZE=2"),
+    ("0", [], "WORLD_SIZE='0' must be an integer >= 1 (torchrun sets it)"),
+    ("two", [], "WORLD_SIZE='two' must be an integer >= 1 (torchrun sets it)"),
+])
+def test_a_plan_under_a_launch_environment_it_cannot_use_is_refused(world_size, flags, message, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
     with pytest.raises(SystemExit):
-        pretrain.main(["--out", str(tmp_path / "run"), "--plan", "--plan-processes", "4"])
-    assert capsys.readouterr().err.splitlines()[-1].endswith("plans without torchrun; this one set WORLD_SIZE=2")
+        pretrain.main(["--plan", *flags])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message)
 
 
 def test_under_torchrun_the_plan_is_for_its_world_size_and_printed_once(tmp_path, capsys, monkeypatch):
