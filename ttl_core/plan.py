@@ -21,7 +21,7 @@ from .optim import projection_rows
 from .run_config import TrainConfig, describe_batch
 
 # compute-optimal training tokens per parameter, from Hoffmann et al. 2022, "Training Compute-Optimal Large Language
-# Models" (Chinchilla): a reference point, not a target (TeenyTinyLlama-160m trained on about 40 per parameter)
+# Models" (Chinchilla): a reference point, not a target (small models are often trained on many more)
 CHINCHILLA_TOKENS_PER_PARAMETER = 20
 ASSUMED_MFU = 0.4
 BYTES = ("TB", "GB", "MB", "KB")
