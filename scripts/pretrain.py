@@ -15,16 +15,73 @@ run after the optimizer step in progress, with a checkpoint of that step, and ex
 and run again with --resume); Ctrl-C does the same with status 130, and a second Ctrl-C stops at once. Under
 torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGUSR1 (see docs/training.md).
 --resume on a run already at train.max_steps says the run is complete and exits 0.
+
+--plan prints the run's plan and exits without training or writing anything: parameters, tokens, FLOPs, ideal time
+per GPU, memory per process, the epochs over each data source and the evaluations' cost (of the steps left, with
+--resume), for torchrun's WORLD_SIZE or --plan-processes processes; it needs no --out but for --resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+from pathlib import Path
 
-from ttl_core.cli import run_cli
+import torch
+
+from ttl_core.benchmark import positive_int
+from ttl_core.checkpoint import latest_checkpoint, read_trainer_state
+from ttl_core.cli import refuse_ignored, run_cli
+from ttl_core.distributed import World
+from ttl_core.errors import ConfigError, DataError
+from ttl_core.mixture import resolve_mixture, train_loader
+from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS
-from ttl_core.run_config import load_run_config
-from ttl_core.train import train
+from ttl_core.run_config import RunConfig, check_resumable, load_run_config, recorded_data_path
+from ttl_core.train import planned_model_config, resolve_data, train
+
+
+def mfu_fraction(text: str) -> float:
+    """An argparse type for --plan-mfu: a fraction in (0, 1] (40% is 0.4)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.4 for 40%, got {text!r}")
+    return value
+
+
+def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
+    """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
+    data not prepared yet is named, and the rest planned from the config."""
+    out = Path(args.out) if args.out else None  # --resume needs it (main)
+    resume_from = latest_checkpoint(out) if args.resume else None
+    trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
+    saved_run = trainer_state.get("config") if trainer_state is not None else None
+    if trainer_state is not None:
+        check_resumable(run, saved_run, resume_from)
+    config = planned_model_config(run, resume_from, args.init_from)
+    first = trainer_state["step"] if trainer_state is not None else 0
+    last = run.train.max_steps if args.stop_after is None else min(run.train.max_steps, args.stop_after)
+    if first >= last:
+        return [f"{resume_from} is at step {first}: nothing left to train up to step {last}"]
+    world, mixture, loader, missing = World(0, processes, torch.device("cpu")), None, None, ""
+    try:
+        mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
+        recorded = recorded_data_path(saved_run)
+        if mixture or args.data or run.data.path or recorded or (out and (out / "data" / "meta.json").exists()):
+            data = mixture or resolve_data(run, args.data, out, world, config.vocab_size,
+                                           recorded and (resume_from, recorded))
+            loader = train_loader(data, run.train, world)
+        else:
+            missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"
+    except (ConfigError, DataError) as e:  # data not prepared, or too small: the rest is planned all the same
+        missing = str(e)
+    eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
+    plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
+    return describe_plan(plan, run.train, args.plan_mfu, missing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML run config (configs/*.toml); defaults apply when omitted")
     parser.add_argument("--data", help="prepared data directory (scripts/prepare_data.py); overrides [data] path "
                         "(refused beside a [data.mix])")
-    parser.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
+    parser.add_argument("--out", help="run directory for checkpoints, metrics and plots (optional with --plan, "
+                        "but for --resume)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")
@@ -44,7 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default %(default)s, even with a GPU")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.grad_accum_steps=2 (repeatable)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the run's plan (cost, memory, epochs over the data) and exit, writing nothing")
+    parser.add_argument("--plan-processes", type=positive_int, metavar="N",
+                        help="plan for N processes (default: torchrun's WORLD_SIZE, else 1)")
+    parser.add_argument("--plan-mfu", type=mfu_fraction, metavar="F",
+                        help=f"the MFU the plan's ideal times assume (default {ASSUMED_MFU})")
     args = parser.parse_args(argv)
+    refuse_ignored(parser, args, "without --plan", "--plan-processes", "--plan-mfu", active=not args.plan)
+    if args.out is None and (args.resume or not args.plan):
+        parser.error(f"{'--resume' if args.plan else 'training'} needs --out, the run directory")
+    launched = os.environ.get("WORLD_SIZE")
+    if launched and args.plan_processes is not None:
+        parser.error(f"--plan-processes plans without torchrun; this one set WORLD_SIZE={launched}")
+    if args.plan and launched and not (launched.isdigit() and int(launched) >= 1):
+        parser.error(f"WORLD_SIZE={launched!r} must be an integer >= 1 (torchrun sets it)")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
@@ -53,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
     run = load_run_config(args.config, overrides)
+    if args.plan:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process prints it
+            print("\n".join(plan_lines(run, args, args.plan_processes or int(launched or 1))))
+        return 0
     result = train(run, args.out, data_dir=args.data, device=args.device, resume=args.resume,
                    stop_after=args.stop_after, init_from=args.init_from)
     if result.checkpoint is not None:

@@ -38,6 +38,7 @@ from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_
 from .model import LlamaForCausalLM
 from .noise_scale import start_noise_scale, validate_noise_scale
 from .optim import build_optimizer, lr_at
+from .plan import announce_epochs, source_plans
 from .preemption import StopOnSignal
 from .profiling import StepProfiler
 from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
@@ -306,6 +307,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     if world.is_main:
         print(f"{unwrap(model).num_parameters():,} parameters; {describe_batch(train, world.size)}")
+        announce_epochs(source_plans(loader, train, 0, train.max_steps))  # the whole run's, resumed or not
     profiler = StepProfiler(train.profile_steps, out_dir, world, resumed_at=step)  # its warning before the bar
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
