@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import ROOT, run_script, run_torchrun
+from tests.helpers import ROOT, run_script, run_snippet, run_torchrun
 from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import read_trainer_state
@@ -249,6 +249,28 @@ def test_one_process_with_one_micro_batch_per_step_is_refused_in_one_line_before
     with pytest.raises(ConfigError, match=message):
         train(run, tmp_path / "new" / "run", data_dir=str(data_dir))
     assert not (tmp_path / "new").exists()
+
+
+def test_the_hook_is_registered_only_where_a_step_of_one_micro_batch_per_process_lies_ahead(tmp_path):
+    """A batch ramp of 1, 1 and 2 micro-batches per process: a run from the start (or resumed after step 1) gets the
+    communication hook; one resumed after the ramp's steps of one micro-batch does not (the hook would measure nothing,
+    and DDP, given a hook, copies each gradient into its bucket and scales it there: a second pass at every step).
+    A one-process gloo group (a FileStore: no port) stands in for torchrun's, in a subprocess of its own."""
+    code = f"""
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from ttl_core.noise_scale import start_noise_scale
+from ttl_core.run_config import load_run_config
+dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+t = load_run_config(None, {RAMP + ["train.log_noise_scale=true"]!r}).train
+hooked = [start_noise_scale(DistributedDataParallel(torch.nn.Linear(4, 4)), t, None, resumed_at).process_gradient
+          is not None for resumed_at in (0, 1, 2)]
+dist.destroy_process_group()
+print(hooked)
+"""
+    done, printed = run_snippet(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert printed == ["[True, True, False]"]
 
 
 SMALL_BUCKETS = """

@@ -149,12 +149,14 @@ class NoiseScale:
         return {"grad_sq": self.grad_sq, "trace": self.trace}
 
 
-def start_noise_scale(model: torch.nn.Module, t: TrainConfig, state: dict[str, float] | None) -> NoiseScale | None:
+def start_noise_scale(model: torch.nn.Module, t: TrainConfig, state: dict[str, float] | None,
+                      resumed_at: int) -> NoiseScale | None:
     """The run's NoiseScale (None without train.log_noise_scale), its averages from a checkpoint's `state`; a DDP
-    model whose steps may have one micro-batch per process gets `reduce_as_ddp` as its communication hook."""
+    model whose steps after `resumed_at` (0: a fresh run) may have one micro-batch per process gets `reduce_as_ddp` as
+    its communication hook (not past a batch ramp's: it would measure nothing, and cost a pass over each bucket)."""
     if not t.log_noise_scale:
         return None
-    if not isinstance(model, DistributedDataParallel) or t.grad_accum_at(1) > 1:
+    if not isinstance(model, DistributedDataParallel) or t.grad_accum_at(resumed_at + 1) > 1:
         return NoiseScale(t.noise_scale_ema, state)
     process_gradient = ProcessGradient(model)
     model.register_comm_hook(process_gradient, reduce_as_ddp)
