@@ -127,6 +127,25 @@ def test_a_first_micro_batch_without_targets_is_no_small_batch(data_dir):
     assert noise.state_dict() == {"grad_sq": 2.0, "trace": 300.0}
 
 
+@pytest.mark.parametrize("kept", [3, 5, 7])
+def test_a_first_micro_batch_holding_every_target_of_the_step_is_no_small_batch(data_dir, kept):
+    """The first micro-batch keeps `kept` targets and the second none: the small batch is all of the step (b = B),
+    which logs none of the figures, though b comes back from a float32 1/b (as 2.9999999 for 3: b < B, and the
+    estimates' differences, of rounding errors alone, went into the averages)."""
+    run = run_config("train.grad_accum_steps=2", "train.log_noise_scale=true")
+    torch.manual_seed(kept)
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=kept)
+    micro = [model_inputs(next(loader), CPU, False, None) for _ in range(2)]
+    micro[0]["targets"].view(-1)[torch.randperm(micro[0]["targets"].numel())[kept:]] = -100
+    micro[1]["targets"][:] = -100
+    noise = NoiseScale(0.5, {"grad_sq": 2.0, "trace": 300.0})
+    _, _, figures = train_step(model, build_optimizer(model, run.train, CPU), micro, run.train, World(0, 1, CPU),
+                               1e-3, None, noise)
+    assert not {"noise_scale", "grad_sq_small", "grad_sq_big"} & figures.keys()
+    assert noise.state_dict() == {"grad_sq": 2.0, "trace": 300.0}
+
+
 @pytest.fixture(scope="module")
 def noisy(data_dir, tmp_path_factory):
     """A 4-step run logging the noise scale, 2 micro-batches a step."""

@@ -136,9 +136,12 @@ class NoiseScale:
         """The step's figures from `small_batch_terms` summed over the processes (`processes` of them with a target in
         their small batch) and the whole step's |G_B|² over `big` target tokens, the averages updated with them; none
         for a step without a small batch or whose small batch is all of it."""
-        if not processes or processes / inverse_small_sum >= big:
+        if not processes:
             return {}
         small_sq, small = small_sq_sum / processes, processes / inverse_small_sum
+        # b and B count targets, so that b is B or at most B - 1; but b comes from float32 1/b's (2.9999999 for 3)
+        if small > big - 0.5:
+            return {}
         grad_sq, trace = noise_estimates(small_sq, big_sq, small, big)
         self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
         self.trace = self.decay * self.trace + (1 - self.decay) * trace
