@@ -334,17 +334,19 @@ def two_process_run(data_dir, launcher, out, *overrides, extra: tuple = ()) -> s
 @pytest.fixture(scope="module")
 def one_each(data_dir, tmp_path_factory):
     """Two processes, one micro-batch each per step, DDP's buckets small (3 steps, a checkpoint after each), with the
-    noise scale, without it, stopped after step 2 and resumed, and with a batch ramp: {name: run directory}, and
-    what the first printed."""
+    noise scale, without it, stopped after step 2 and resumed, and with a batch ramp (uninterrupted, and resumed after
+    its steps of one micro-batch): {name: run directory}, and what the first printed."""
     tmp = tmp_path_factory.mktemp("one_each")
     launcher = tmp / "small_buckets.py"
     launcher.write_text(SMALL_BUCKETS)
-    runs = {name: tmp / name for name in ("noisy", "plain", "resumed", "ramp")}
+    runs = {name: tmp / name for name in ("noisy", "plain", "resumed", "ramp", "ramp_resumed")}
     printed = two_process_run(data_dir, launcher, runs["noisy"])
     two_process_run(data_dir, launcher, runs["plain"], "train.log_noise_scale=false")
     two_process_run(data_dir, launcher, runs["resumed"], extra=("--stop-after", "2"))
     two_process_run(data_dir, launcher, runs["resumed"], extra=("--resume",))
     two_process_run(data_dir, launcher, runs["ramp"], *RAMP)
+    two_process_run(data_dir, launcher, runs["ramp_resumed"], *RAMP, extra=("--stop-after", "2"))
+    two_process_run(data_dir, launcher, runs["ramp_resumed"], *RAMP, extra=("--resume",))
     return runs, printed
 
 
@@ -410,7 +412,8 @@ def test_with_one_micro_batch_per_process_training_is_bit_identical_and_a_resume
 def test_a_batch_ramp_s_steps_of_one_micro_batch_per_process_take_the_hook_s_figures_then_the_first_micro_batch_s(
         one_each, data_dir):
     """Ramping 1, 1, 2 micro-batches per process: steps 1 and 2 log what the run of one micro-batch each logs, step
-    3 the figures of the ranks' first micro-batches, the averages going on from steps 1 and 2."""
+    3 the figures of the ranks' first micro-batches, the averages going on from steps 1 and 2; resumed after step 2
+    (without the hook), the same, bit for bit."""
     runs, _ = one_each
     records = [r for r in read_metrics(runs["ramp"] / "metrics.jsonl") if "loss" in r]
     assert [r["batch_tokens"] // 256 for r in records] == [1, 1, 2]
@@ -418,6 +421,8 @@ def test_a_batch_ramp_s_steps_of_one_micro_batch_per_process_take_the_hook_s_fig
     assert [{k: r[k] for k in keys} for r in records[:2]] == [{k: r[k] for k in keys} for r in
                                                             read_metrics(runs["noisy"] / "metrics.jsonl")[:2]]
     check_against(records, reference_steps(data_dir, runs["ramp"], [1, 1, 2]), 0.5)
+    resumed = [r for r in read_metrics(runs["ramp_resumed"] / "metrics.jsonl") if "loss" in r]
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in records]
 
 
 THREE_RANKS = """
