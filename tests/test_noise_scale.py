@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import ROOT, run_script, run_torchrun
+from tests.helpers import ROOT, run_script, run_snippet, run_torchrun
 from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import read_trainer_state
@@ -120,6 +120,25 @@ def test_a_first_micro_batch_without_targets_is_no_small_batch(data_dir):
     loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=3)
     micro = [model_inputs(next(loader), CPU, False, None) for _ in range(3)]
     micro[0]["targets"][:] = -100
+    noise = NoiseScale(0.5, {"grad_sq": 2.0, "trace": 300.0})
+    _, _, figures = train_step(model, build_optimizer(model, run.train, CPU), micro, run.train, World(0, 1, CPU),
+                               1e-3, None, noise)
+    assert not {"noise_scale", "grad_sq_small", "grad_sq_big"} & figures.keys()
+    assert noise.state_dict() == {"grad_sq": 2.0, "trace": 300.0}
+
+
+@pytest.mark.parametrize("kept", [3, 5, 7])
+def test_a_first_micro_batch_holding_every_target_of_the_step_is_no_small_batch(data_dir, kept):
+    """The first micro-batch keeps `kept` targets and the second none: the small batch is all of the step (b = B),
+    which logs none of the figures, though b comes back from a float32 1/b (as 2.9999999 for 3: b < B, and the
+    estimates' differences, of rounding errors alone, went into the averages)."""
+    run = run_config("train.grad_accum_steps=2", "train.log_noise_scale=true")
+    torch.manual_seed(kept)
+    model = LlamaForCausalLM(run.model_config()).train()
+    loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=kept)
+    micro = [model_inputs(next(loader), CPU, False, None) for _ in range(2)]
+    micro[0]["targets"].view(-1)[torch.randperm(micro[0]["targets"].numel())[kept:]] = -100
+    micro[1]["targets"][:] = -100
     noise = NoiseScale(0.5, {"grad_sq": 2.0, "trace": 300.0})
     _, _, figures = train_step(model, build_optimizer(model, run.train, CPU), micro, run.train, World(0, 1, CPU),
                                1e-3, None, noise)
@@ -251,6 +270,28 @@ def test_one_process_with_one_micro_batch_per_step_is_refused_in_one_line_before
     assert not (tmp_path / "new").exists()
 
 
+def test_the_hook_is_registered_only_where_a_step_of_one_micro_batch_per_process_lies_ahead(tmp_path):
+    """A batch ramp of 1, 1 and 2 micro-batches per process: a run from the start (or resumed after step 1) gets the
+    communication hook; one resumed after the ramp's steps of one micro-batch does not (the hook would measure nothing,
+    and DDP, given a hook, copies each gradient into its bucket and scales it there: a second pass at every step).
+    A one-process gloo group (a FileStore: no port) stands in for torchrun's, in a subprocess of its own."""
+    code = f"""
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from ttl_core.noise_scale import start_noise_scale
+from ttl_core.run_config import load_run_config
+dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
+t = load_run_config(None, {RAMP + ["train.log_noise_scale=true"]!r}).train
+hooked = [start_noise_scale(DistributedDataParallel(torch.nn.Linear(4, 4)), t, None, resumed_at).process_gradient
+          is not None for resumed_at in (0, 1, 2)]
+dist.destroy_process_group()
+print(hooked)
+"""
+    done, printed = run_snippet(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert printed == ["[True, True, False]"]
+
+
 SMALL_BUCKETS = """
 import atexit, runpy, sys
 from torch.nn import parallel
@@ -293,17 +334,19 @@ def two_process_run(data_dir, launcher, out, *overrides, extra: tuple = ()) -> s
 @pytest.fixture(scope="module")
 def one_each(data_dir, tmp_path_factory):
     """Two processes, one micro-batch each per step, DDP's buckets small (3 steps, a checkpoint after each), with the
-    noise scale, without it, stopped after step 2 and resumed, and with a batch ramp: {name: run directory}, and
-    what the first printed."""
+    noise scale, without it, stopped after step 2 and resumed, and with a batch ramp (uninterrupted, and resumed after
+    its steps of one micro-batch): {name: run directory}, and what the first printed."""
     tmp = tmp_path_factory.mktemp("one_each")
     launcher = tmp / "small_buckets.py"
     launcher.write_text(SMALL_BUCKETS)
-    runs = {name: tmp / name for name in ("noisy", "plain", "resumed", "ramp")}
+    runs = {name: tmp / name for name in ("noisy", "plain", "resumed", "ramp", "ramp_resumed")}
     printed = two_process_run(data_dir, launcher, runs["noisy"])
     two_process_run(data_dir, launcher, runs["plain"], "train.log_noise_scale=false")
     two_process_run(data_dir, launcher, runs["resumed"], extra=("--stop-after", "2"))
     two_process_run(data_dir, launcher, runs["resumed"], extra=("--resume",))
     two_process_run(data_dir, launcher, runs["ramp"], *RAMP)
+    two_process_run(data_dir, launcher, runs["ramp_resumed"], *RAMP, extra=("--stop-after", "2"))
+    two_process_run(data_dir, launcher, runs["ramp_resumed"], *RAMP, extra=("--resume",))
     return runs, printed
 
 
@@ -369,7 +412,8 @@ def test_with_one_micro_batch_per_process_training_is_bit_identical_and_a_resume
 def test_a_batch_ramp_s_steps_of_one_micro_batch_per_process_take_the_hook_s_figures_then_the_first_micro_batch_s(
         one_each, data_dir):
     """Ramping 1, 1, 2 micro-batches per process: steps 1 and 2 log what the run of one micro-batch each logs, step
-    3 the figures of the ranks' first micro-batches, the averages going on from steps 1 and 2."""
+    3 the figures of the ranks' first micro-batches, the averages going on from steps 1 and 2; resumed after step 2
+    (without the hook), the same, bit for bit."""
     runs, _ = one_each
     records = [r for r in read_metrics(runs["ramp"] / "metrics.jsonl") if "loss" in r]
     assert [r["batch_tokens"] // 256 for r in records] == [1, 1, 2]
@@ -377,6 +421,8 @@ def test_a_batch_ramp_s_steps_of_one_micro_batch_per_process_take_the_hook_s_fig
     assert [{k: r[k] for k in keys} for r in records[:2]] == [{k: r[k] for k in keys} for r in
                                                             read_metrics(runs["noisy"] / "metrics.jsonl")[:2]]
     check_against(records, reference_steps(data_dir, runs["ramp"], [1, 1, 2]), 0.5)
+    resumed = [r for r in read_metrics(runs["ramp_resumed"] / "metrics.jsonl") if "loss" in r]
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in records]
 
 
 THREE_RANKS = """

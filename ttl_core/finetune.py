@@ -7,7 +7,8 @@ its examples end to end, kept apart by `cu_seqlens` (as instruction tuning's bat
 logits and loss.
 Task files (CSV, TSV, JSON lines or a JSON array) are read by `ttl_core.task_files`. One label
 (`regression=True`) makes an STS-style regressor scored by Pearson correlation and MSE.
-The optimizer, schedule and update step are the pretraining loop's (`ttl_core.train`).
+The optimizer, schedule and update step are the pretraining loop's (`ttl_core.optim`), and so is its autocast
+(`ttl_core.step`).
 """
 
 from __future__ import annotations

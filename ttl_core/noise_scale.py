@@ -25,9 +25,10 @@ Cost: one norm over the gradients per step and no copy of them (the hook: its no
 scale it, which DDP's own reduction does while copying the gradients in); three numbers more in the step's
 all-reduce and four in its one host read. The hook is registered only for a run with steps of one micro-batch, and
 stops measuring at its first step of several (a batch ramp only grows). One process with one micro-batch per step
-has no small batch and is refused; a step of one micro-batch in one process (a batch ramp's first), or without a
-target in any process's small batch, logs none and leaves the averages as they were. FSDP is refused too: FSDP2
-reduce-scatters each block's gradient inside the backward, and keeps accumulated ones unsharded in its own state.
+has no small batch and is refused; a step of one micro-batch in one process (a batch ramp's first), without a target
+in any process's small batch, or whose one small batch with targets holds all of them, logs none and leaves the
+averages as they were. FSDP is refused too: FSDP2 reduce-scatters each block's gradient inside the backward, and keeps
+accumulated ones unsharded in its own state.
 Target tokens are those the loss counts: not document masking's BOS targets nor any -100.
 """
 
@@ -136,9 +137,12 @@ class NoiseScale:
         """The step's figures from `small_batch_terms` summed over the processes (`processes` of them with a target in
         their small batch) and the whole step's |G_B|² over `big` target tokens, the averages updated with them; none
         for a step without a small batch or whose small batch is all of it."""
-        if not processes or processes / inverse_small_sum >= big:
+        if not processes:
             return {}
         small_sq, small = small_sq_sum / processes, processes / inverse_small_sum
+        # b and B count targets, so that b is B or at most B - 1; but b comes from float32 1/b's (2.9999999 for 3)
+        if small > big - 0.5:
+            return {}
         grad_sq, trace = noise_estimates(small_sq, big_sq, small, big)
         self.grad_sq = self.decay * self.grad_sq + (1 - self.decay) * grad_sq
         self.trace = self.decay * self.trace + (1 - self.decay) * trace
@@ -149,12 +153,14 @@ class NoiseScale:
         return {"grad_sq": self.grad_sq, "trace": self.trace}
 
 
-def start_noise_scale(model: torch.nn.Module, t: TrainConfig, state: dict[str, float] | None) -> NoiseScale | None:
+def start_noise_scale(model: torch.nn.Module, t: TrainConfig, state: dict[str, float] | None,
+                      resumed_at: int) -> NoiseScale | None:
     """The run's NoiseScale (None without train.log_noise_scale), its averages from a checkpoint's `state`; a DDP
-    model whose steps may have one micro-batch per process gets `reduce_as_ddp` as its communication hook."""
+    model whose steps after `resumed_at` (0: a fresh run) may have one micro-batch per process gets `reduce_as_ddp` as
+    its communication hook (not past a batch ramp's: it would measure nothing, and cost a pass over each bucket)."""
     if not t.log_noise_scale:
         return None
-    if not isinstance(model, DistributedDataParallel) or t.grad_accum_at(1) > 1:
+    if not isinstance(model, DistributedDataParallel) or t.grad_accum_at(resumed_at + 1) > 1:
         return NoiseScale(t.noise_scale_ema, state)
     process_gradient = ProcessGradient(model)
     model.register_comm_hook(process_gradient, reduce_as_ddp)

@@ -312,7 +312,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     progress = tqdm(total=train.max_steps, initial=step, disable=not world.is_main, dynamic_ncols=True)
     saved_at: Path | None = None
     # the noise scale's averages go on from the checkpoint's (afresh from one saved without them)
-    noise = start_noise_scale(model, train, (trainer_state or {}).get("noise_scale"))
+    noise = start_noise_scale(model, train, (trainer_state or {}).get("noise_scale"), step)
     spikes = spike_detector(train, trainer_state)  # its windows go on from the checkpoint's (afresh without them)
     loss = stopped_by = None
 
