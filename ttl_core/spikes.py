@@ -69,9 +69,11 @@ class SpikeDetector:
     def spikes(self, window: deque, value: float) -> bool:
         if len(window) < window.maxlen:
             return False
-        mean = math.fsum(window) / len(window)
-        std = math.sqrt(math.fsum((x - mean) ** 2 for x in window) / len(window))
-        return value > mean + self.sigma * std
+        # measured from `value`, not from 0: a window of equal values then has a std of exactly 0 and `value` is
+        # exactly as far above their mean as above them (a mean rounded an ulp below would skip a value equal to all)
+        rises = [value - x for x in window]
+        rise = math.fsum(rises) / len(rises)
+        return rise > self.sigma * math.sqrt(math.fsum((r - rise) ** 2 for r in rises) / len(rises))
 
     def state_dict(self) -> dict[str, Any]:
         return {name: list(values) for name, values in self.history.items()}
