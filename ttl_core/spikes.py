@@ -69,8 +69,9 @@ class SpikeDetector:
     def spikes(self, window: deque, value: float) -> bool:
         if len(window) < window.maxlen:
             return False
-        # measured from `value`, not from 0: a window of equal values then has a std of exactly 0 and `value` is
-        # exactly as far above their mean as above them (a mean rounded an ulp below would skip a value equal to all)
+        # the rises of `value` over the window, not the window's own values: a value equal to all of a constant
+        # window rises by exactly 0 (from their mean rounded an ulp below them, it was skipped), and one above them
+        # rises by far more than the rounding left in the std
         rises = [value - x for x in window]
         rise = math.fsum(rises) / len(rises)
         return rise > self.sigma * math.sqrt(math.fsum((r - rise) ** 2 for r in rises) / len(rises))
