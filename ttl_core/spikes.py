@@ -12,7 +12,8 @@ alone), its batch is not trained on again, and the lr schedule moves on, as afte
   take in a lasting change of level (a new data source's higher loss, gradient norms that grow) and would skip every
   step after it. Admitted, a step up of any size d over a steady window (std s << d) is skipped until about a
   fraction 1 / (1 + sigma²) of the window holds it, then the mean and std reach it: 4 steps for sigma 6 and a window
-  of 128 (exactly so with s = 0; the new level's own noise can add a step or two). The price: after a spike the window's std is larger, the detector duller, for `window` steps.
+  of 128 (exactly so with s = 0; the new level's own noise can add a step or two). The price: after a spike the
+  window's std is larger, the detector duller, for `window` steps.
 - A step with a figure that is not finite is left out altogether: a NaN or infinite loss stops the run
   (`stop_if_not_finite`), and an infinite or NaN gradient norm with fp16 is the grad scaler's to skip.
 
