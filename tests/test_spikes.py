@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,73 @@ def test_non_finite_figures_are_left_out_and_the_state_round_trips_through_json(
     assert fill(resumed, losses[21:], norms[21:]) == decisions[21:] and resumed.state_dict() == whole.state_dict()
     narrower = SpikeDetector(2.0, 3, state)  # a resume with a smaller window keeps the newest values
     assert narrower.state_dict() == {"loss": losses[18:21], "grad_norm": norms[18:21]}
+
+
+def reference_decisions(sigma: float, window: int, steps) -> list[dict]:
+    """The documented rule written out in exact rational arithmetic: a finite figure spikes when the window of the
+    last `window` finite steps (skipped ones included) is full and the figure lies more than sigma population standard
+    deviations above its mean; a step with a NaN or infinite figure is left out altogether."""
+    history: dict[str, list[Fraction]] = {"loss": [], "grad_norm": []}
+    decisions = []
+    for step in steps:
+        figures = dict(zip(history, step))
+        if not all(map(math.isfinite, figures.values())):
+            decisions.append({})
+            continue
+        spikes = []
+        for name, value in figures.items():
+            past = history[name]
+            mean = sum(past) / len(past) if past else 0
+            rise = Fraction(value) - mean
+            variance = sum((x - mean) ** 2 for x in past) / window
+            if len(past) == window and rise > 0 and rise ** 2 > Fraction(sigma) ** 2 * variance:
+                spikes.append(name)
+            history[name] = [*past, Fraction(value)][-window:]
+        decisions.append({"spike": spikes} if spikes else {})
+    return decisions
+
+
+def random_steps(rng: np.random.Generator, window: int) -> list[tuple[float, float]]:
+    """Noisy figures with spikes, a lasting step up, NaN and infinite figures, or a constant window whose next values
+    are equal to it or an ulp above it."""
+    n, kind, level = int(rng.integers(window, 4 * window)), rng.integers(4), float(rng.lognormal(0, 3))
+    if kind == 3:
+        up = np.nextafter(level, np.inf)
+        return [(float(rng.choice([level, up], p=[0.9, 0.1])), level) for _ in range(n)]
+    losses, norms = rng.normal(level, level * 0.05, n), np.abs(rng.normal(1.0, 0.2, n))
+    if kind == 0:
+        losses[rng.random(n) < 0.1] *= rng.uniform(1, 5)
+    elif kind == 1:
+        losses[n // 2:] *= 3
+    else:
+        losses[rng.random(n) < 0.1], norms[rng.random(n) < 0.1] = np.nan, np.inf
+    return [(float(loss), float(norm)) for loss, norm in zip(losses, norms)]
+
+
+def test_the_detector_decides_as_an_exact_reference_of_the_documented_rule_and_resumes_from_json():
+    """Random sequences, windows and sigmas (below 1 too): every decision is the exact rule's, constant windows
+    included, whose float mean may round an ulp off their value (a value equal to all of them is no spike, one an ulp
+    above is); the state, through JSON at a random step, resumes to the same decisions."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        sigma, window = float(rng.uniform(0.05, 7)), int(rng.choice([2, 3, 5, 7, 10, 13, 24]))
+        steps = random_steps(rng, window)
+        expected = reference_decisions(sigma, window, steps)
+        cut = int(rng.integers(len(steps)))
+        detector = SpikeDetector(sigma, window)
+        first = [detector.update(*step) for step in steps[:cut]]
+        resumed = SpikeDetector(sigma, window, json.loads(json.dumps(detector.state_dict())))
+        assert first + [resumed.update(*step) for step in steps[cut:]] == expected, (sigma, window, steps)
+
+
+def test_a_value_equal_to_a_constant_window_is_not_skipped_and_one_an_ulp_above_is():
+    rng = np.random.default_rng(4)
+    for _ in range(2000):
+        value, window, sigma = float(rng.lognormal(0, 3)), int(rng.integers(2, 200)), float(rng.uniform(0.01, 1))
+        state = {"loss": [value] * window, "grad_norm": [1.0] * window}
+        assert SpikeDetector(sigma, window, state).update(value, 1.0) == {}, (value, window, sigma)
+        above = float(np.nextafter(value, np.inf))
+        assert SpikeDetector(sigma, window, state).update(above, 1.0) == {"spike": ["loss"]}, (value, window, sigma)
 
 
 # tiny runs

@@ -10,9 +10,10 @@ alone), its batch is not trained on again, and the lr schedule moves on, as afte
   the window is full: early training moves too fast for a few steps to say what is normal.
 - Every step's figures enter the window, a skipped step's too. A window that left skipped steps out would never
   take in a lasting change of level (a new data source's higher loss, gradient norms that grow) and would skip every
-  step after it. Admitted, a step up of any size d over a steady window (std s << d) is skipped at most until a
+  step after it. Admitted, a step up of any size d over a steady window (std s << d) is skipped until about a
   fraction 1 / (1 + sigma²) of the window holds it, then the mean and std reach it: 4 steps for sigma 6 and a window
-  of 128. The price: after a spike the window's std is larger, the detector duller, for `window` steps.
+  of 128 (exactly so with s = 0; the new level's own noise can add a step or two). The price: after a spike the
+  window's std is larger, the detector duller, for `window` steps.
 - A step with a figure that is not finite is left out altogether: a NaN or infinite loss stops the run
   (`stop_if_not_finite`), and an infinite or NaN gradient norm with fp16 is the grad scaler's to skip.
 
@@ -69,9 +70,12 @@ class SpikeDetector:
     def spikes(self, window: deque, value: float) -> bool:
         if len(window) < window.maxlen:
             return False
-        mean = math.fsum(window) / len(window)
-        std = math.sqrt(math.fsum((x - mean) ** 2 for x in window) / len(window))
-        return value > mean + self.sigma * std
+        # the rises of `value` over the window, not the window's own values: a value equal to all of a constant
+        # window rises by exactly 0 (from their mean rounded an ulp below them, it was skipped), and one above them
+        # rises by far more than the rounding left in the std
+        rises = [value - x for x in window]
+        rise = math.fsum(rises) / len(rises)
+        return rise > self.sigma * math.sqrt(math.fsum((r - rise) ** 2 for r in rises) / len(rises))
 
     def state_dict(self) -> dict[str, Any]:
         return {name: list(values) for name, values in self.history.items()}

@@ -61,7 +61,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                train: TrainConfig, world: World, lr: float,
                scaler: torch.amp.GradScaler | None,
                noise: NoiseScale | None = None,
-               spikes: SpikeDetector | None = None) -> tuple[float, float, dict[str, float | bool]]:
+               spikes: SpikeDetector | None = None) -> tuple[float, float, dict[str, float | bool | list[str]]]:
     """One optimizer update from the step's micro-batches; returns (mean cross-entropy per target token, not
     label-smoothed, gradient norm before clipping, figures to log: the grad scaler's, `z_loss` with `train.z_loss`,
     `smoothed_loss` with `train.label_smoothing`, grad_norm/PART (`gradient_parts`) with `train.log_grad_norms`,

@@ -350,7 +350,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                     good = latest_checkpoint(out_dir)
                     raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
                                         f"{good or 'none (no checkpoint was saved yet)'}") from None
-                if ema and not figures.get("skipped"):  # a step the fp16 grad scaler skipped changed no weight
+                if ema and not figures.get("skipped"):  # a step skipped (fp16 overflow, a spike) changed no weight
                     ema.update(step)
             elapsed = time.perf_counter() - start
             tokens_per_s, mfu = step_throughput(train.tokens_at(step), world.size, elapsed, flops, peak)
