@@ -282,6 +282,20 @@ def test_muon_and_the_fp16_grad_scaler_s_own_skips_compose_with_it(data_dir, tmp
         assert scales[SPIKE_STEP] == scales[SPIKE_STEP - 1]
 
 
+def test_a_skipped_step_leaves_the_noise_scale_s_averages_as_they_were(data_dir, tmp_path):
+    """The batch a spike is skipped for is not trained on, and its gradient is no sample of the data trained on
+    either: the noise scale logs none of it and keeps its averages (they jumped at the spike and stayed there).
+    micro-batches of 2 sequences, 2 a step: the same 4 blocks a step as the other runs here, garbage at the spike."""
+    out = tmp_path / "run"
+    train(run_config(*SPIKY, *EVERY, "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                     "train.log_noise_scale=true"), out, data_dir=str(data_dir))
+    logged = {r["step"]: r for r in records(out)}
+    assert logged[SPIKE_STEP].get("spike") and "noise_scale" not in logged[SPIKE_STEP]
+    assert all("noise_scale" in logged[s] for s in (SPIKE_STEP - 1, SPIKE_STEP + 1))
+    states = [read_trainer_state(checkpoint(out, s))["noise_scale"] for s in (SPIKE_STEP - 1, SPIKE_STEP)]
+    assert states[0] == states[1]
+
+
 WORKER = """
 import json, os, sys
 import ttl_core.train as t

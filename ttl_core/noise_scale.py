@@ -23,12 +23,12 @@ the average of |G|² is.
 
 Cost: one norm over the gradients per step and no copy of them (the hook: its norms, and a pass over each bucket to
 scale it, which DDP's own reduction does while copying the gradients in); three numbers more in the step's
-all-reduce and four in its one host read. The hook is registered only for a run with steps of one micro-batch, and
-stops measuring at its first step of several (a batch ramp only grows). One process with one micro-batch per step
-has no small batch and is refused; a step of one micro-batch in one process (a batch ramp's first), without a target
-in any process's small batch, or whose one small batch with targets holds all of them, logs none and leaves the
-averages as they were. FSDP is refused too: FSDP2 reduce-scatters each block's gradient inside the backward, and keeps
-accumulated ones unsharded in its own state.
+all-reduce and four in its one host read. The hook is registered only for a run with steps of one micro-batch, and stops
+measuring at its first step of several (a batch ramp only grows). One process with one micro-batch per step has no small
+batch and is refused; a step of one micro-batch in one process (a batch ramp's first), without a target in any process's
+small batch, whose one small batch with targets holds all of them, or skipped as a spike (`ttl_core.spikes`: its batch
+is not trained on), logs none and leaves the averages as they were. FSDP is refused too: FSDP2 reduce-scatters each
+block's gradient inside the backward, and keeps accumulated ones unsharded in its own state.
 Target tokens are those the loss counts: not document masking's BOS targets nor any -100.
 """
 

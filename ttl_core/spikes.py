@@ -1,8 +1,9 @@
 """Skipping the update of a loss or gradient-norm spike during pretraining (`train.skip_spikes_sigma`).
 
 A step whose loss or gradient norm lies more than `sigma` standard deviations above the mean of that figure over
-the last `window` steps is a spike: its update is skipped (no optimizer step, the gradients dropped, the EMA left
-alone), its batch is not trained on again, and the lr schedule moves on, as after a step the fp16 grad scaler skips.
+the last `window` steps is a spike: its update is skipped (no optimizer step, the gradients dropped, the EMA and the
+noise scale's averages left alone), its batch is not trained on again, and the lr schedule moves on, as after a step
+the fp16 grad scaler skips.
 
 - The loss is the objective the update is the gradient of: the cross-entropy plus the z-loss term, label-smoothed
   with `train.label_smoothing`. The gradient norm is the one before clipping (unscaled with fp16).

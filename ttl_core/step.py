@@ -102,7 +102,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     spike = spikes.update(objective, grad_norm) if spikes else {}  # decided on the figures just read back
     figures = {**apply_update(optimizer, lr, grad_norm, scaler, skip=bool(spike)), **dict(zip(parts, part_norms)),
                **spike, **({"z_loss": z_part} if train.z_loss else {}),
-               **(noise.update(grad_norm**2, *noise_terms) if noise_terms else {})}
+               # a skipped batch is no sample of the data trained on: it leaves the noise scale's averages alone
+               **(noise.update(grad_norm**2, *noise_terms) if noise_terms and not spike else {})}
     if train.label_smoothing:  # "loss" stays the plain cross-entropy, so that runs with and without it compare
         return nll, grad_norm, {**figures, "smoothed_loss": objective - z_part}
     return objective - z_part, grad_norm, figures
