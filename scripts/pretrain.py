@@ -38,8 +38,11 @@ from ttl_core.errors import ConfigError, DataError
 from ttl_core.mixture import resolve_mixture, train_loader
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS
-from ttl_core.run_config import RunConfig, check_resumable, load_run_config, recorded_data_path
-from ttl_core.train import planned_model_config, resolve_data, train
+from ttl_core.noise_scale import validate_noise_scale
+from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
+                                 recorded_data_path)
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.train import planned_last_step, planned_model_config, resolve_data, train
 
 
 def mfu_fraction(text: str) -> float:
@@ -63,22 +66,25 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     if trainer_state is not None:
         check_resumable(run, saved_run, resume_from)
     config = planned_model_config(run, resume_from, args.init_from)
+    validate_noise_scale(run.train, processes)  # as the run refuses it on this many processes
     first = trainer_state["step"] if trainer_state is not None else 0
-    last = run.train.max_steps if args.stop_after is None else min(run.train.max_steps, args.stop_after)
-    if first >= last:
-        return [f"{resume_from} is at step {first}: nothing left to train up to step {last}"]
-    world, mixture, loader, missing = World(0, processes, torch.device("cpu")), None, None, ""
+    last = planned_last_step(run.train, first, args.stop_after, resume_from)
+    if last is None:
+        return [f"{resume_from} is at train.max_steps (step {first}): the run is complete, nothing is left to plan"]
+    world, mixture, loader, data_path, missing = World(0, processes, torch.device("cpu")), None, None, None, ""
     try:
         mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
         recorded = recorded_data_path(saved_run)
         if mixture or args.data or run.data.path or recorded or (out and (out / "data" / "meta.json").exists()):
-            data = mixture or resolve_data(run, args.data, out, world, config.vocab_size,
-                                           recorded and (resume_from, recorded))
-            loader = train_loader(data, run.train, world)
+            data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
+                run, args.data, out, world, config.vocab_size, recorded and (resume_from, recorded))
+            loader = train_loader(mixture or data_path, run.train, world)
         else:
             missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"
     except (ConfigError, DataError) as e:  # data not prepared, or too small: the rest is planned all the same
         missing = str(e)
+    if data_path is not None:  # a model that cannot serve the data is the run's refusal, whatever the processes
+        check_run_fits_model(config, run.train, Tokenizer.from_pretrained(data_path), data_path, False)
     eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
     plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
     return describe_plan(plan, run.train, args.plan_mfu, missing)

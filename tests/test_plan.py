@@ -5,6 +5,8 @@ is left; bad flags in one line."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from helpers import ROOT, load_script
 from train_helpers import corpus_file, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
+from ttl_core.errors import ConfigError
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM
@@ -213,3 +216,17 @@ def test_under_torchrun_the_plan_is_for_its_world_size_and_printed_once(tmp_path
     for rank, printed in (("1", ""), ("0", "steps 1-200 (200 optimizer steps) on 2 processes\n")):
         monkeypatch.setenv("RANK", rank)
         assert pretrain.main(argv) == 0 and capsys.readouterr().out.startswith(printed)
+
+
+@pytest.mark.parametrize("overrides, flags, refusal", [
+    ([], ["--stop-after", "0"], "--stop-after must be a step >= 1, got 0"),
+    (["train.log_noise_scale=true"], [], "train.log_noise_scale compares a small batch with the whole step"),
+    (["train.seq_len=4096"], [], "train.seq_len 4096 exceeds the model's max_position_embeddings"),
+    (["model.vocab_size=100"], [], "has 400 tokens but the model's vocab_size is 100"),
+])
+def test_plan_refuses_what_the_run_refuses(data_dir, tmp_path, overrides, flags, refusal):
+    args = ["--data", str(data_dir), *flags, *set_arguments(*overrides)]
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):  # the run, then its plan: the same refusal
+        with pytest.raises(ConfigError, match=re.escape(refusal)):
+            pretrain.main([*args, *mode])
+    assert not (tmp_path / "run").exists()

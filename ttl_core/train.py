@@ -135,6 +135,22 @@ def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: st
     return stored.replace(**runtime, **dropout)
 
 
+def planned_last_step(train: TrainConfig, step: int, stop_after: int | None, resume_from: Path | None) -> int | None:
+    """The last step a run at `step` (`resume_from`'s, else 0) trains: train.max_steps, or `stop_after` before it;
+    None for a run already at max_steps (a finished run requeued, whatever slice --stop-after asks: done, not
+    refused). A --stop-after below 1 or at most `step` is refused."""
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
+    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
+    if step == train.max_steps:
+        return None
+    if step >= last_step:
+        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
+        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
+                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
+    return last_step
+
+
 def build_or_load_model(config: LlamaConfig, seed: int, resume_from: Path | None, init_from: str | None,
                         device: torch.device) -> LlamaForCausalLM:
     """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from `seed`,
@@ -232,17 +248,11 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if trainer_state is not None:
         check_resumable(run, saved_run, resume_from)
     step = trainer_state["step"] if trainer_state is not None else 0
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
-    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
-    if step == train.max_steps:  # a finished run requeued (whatever slice --stop-after asks): done, not refused
+    last_step = planned_last_step(train, step, stop_after, resume_from)
+    if last_step is None:
         if world.is_main:
             print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
         return RunResult(step, None, None, None)
-    if step >= last_step:
-        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
-        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
-                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
     mixture = resolve_mixture(run, data_dir, saved_run, resume_from, world.is_main)  # None: one data directory
     recorded = recorded_data_path(saved_run)
     data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
