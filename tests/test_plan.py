@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from helpers import ROOT, load_script
+from helpers import ROOT, load_script, run_torchrun
 from train_helpers import corpus_file, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
@@ -230,3 +230,53 @@ def test_plan_refuses_what_the_run_refuses(data_dir, tmp_path, overrides, flags,
         with pytest.raises(ConfigError, match=re.escape(refusal)):
             pretrain.main([*args, *mode])
     assert not (tmp_path / "run").exists()
+
+
+FSDP_GRADIENTS = """
+import torch
+from torch.distributed.fsdp import FSDPModule
+from train_helpers import run_config
+from ttl_core.distributed import close_world, init_world, wrap_model
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.plan import state_bytes
+from ttl_core.step import train_step
+
+run = run_config("train.distributed=\\"fsdp\\"", "train.grad_accum_steps=2")
+world = init_world("cpu")
+model = LlamaForCausalLM(run.model_config())
+planned = state_bytes(model, run.train, world.size)
+model = wrap_model(model, "fsdp", world)
+optimizer = torch.optim.AdamW(model.parameters())
+held = []
+
+def local_bytes(tensor):
+    tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.numel() * tensor.element_size()
+
+def measure(unwrapped, enabled):  # before each micro-batch: the gradients the earlier ones left
+    unwrapped.set_requires_gradient_sync(enabled)
+    whole = [getattr(p, "_unsharded_param", None) for m in model.modules() if isinstance(m, FSDPModule)
+             for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params]  # made at the first forward
+    whole = [p.grad for p in whole if p is not None]
+    held.append(sum(local_bytes(g) for g in [*whole, *(p.grad for p in model.parameters())] if g is not None))
+
+import ttl_core.step
+ttl_core.step.set_gradient_sync = measure
+ids = torch.randint(0, 400, (2, 4, 32))
+micro = [{"input_ids": x, "targets": x} for x in ids]
+train_step(model, optimizer, micro, run.train, world, 1e-3, None, None, None)
+gradients = sum(size for name, size in planned.items() if "gradients" in name)
+print(f"rank {world.rank}: held {max(held)}, planned {gradients}", flush=True)
+close_world(world)
+"""
+
+
+def test_fsdp_accumulating_micro_batches_holds_whole_gradients_as_planned(tmp_path):
+    """FSDP2 reduce-scatters only at an accumulation window's last micro-batch: until then each process holds the
+    whole model's gradients, which the plan's memory must count."""
+    (tmp_path / "fsdp_gradients.py").write_text(FSDP_GRADIENTS, encoding="utf-8")
+    done = run_torchrun(tmp_path / "fsdp_gradients.py", env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for held, planned in re.findall(r"rank \d: held (\d+), planned (\d+)", done.stdout):
+        assert int(held) <= int(planned) < 2 * int(held), done.stdout
+    assert done.stdout.count("rank ") == 2

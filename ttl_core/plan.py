@@ -86,8 +86,9 @@ def source_plans(loader: PackedLoader | MixtureLoader, train: TrainConfig, first
 
 def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> dict[str, int]:
     """Bytes per process of the weights, gradients, optimizer state (AdamW: two moments; Muon: one momentum for each
-    of its matrices) and the average of the weights (train.ema_decay); FSDP shards each over the processes, and DDP
-    all-reduces the gradients through buckets of their size (torch's default, gradient_as_bucket_view=False)."""
+    of its matrices) and the average of the weights (train.ema_decay); FSDP shards each over the processes, but
+    holds the whole gradients while it accumulates micro-batches (it reduce-scatters them at a step's last one), and
+    DDP all-reduces the gradients through buckets of their size (torch's default, gradient_as_bucket_view=False)."""
     parameters = model.num_parameters()
     muon = projection_rows(model) if train.optimizer == "muon" else {}
     in_muon = sum(p.numel() for p in model.parameters() if id(p) in muon)
@@ -96,7 +97,10 @@ def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> 
               "AdamW moments": 2 * (parameters - in_muon), "Muon momentum": in_muon,
               "the average (EMA)": parameters if train.ema_decay else 0}
     shards = processes if train.distributed == "fsdp" else 1
-    return {name: math.ceil(count * FLOAT32_BYTES / shards) for name, count in counts.items() if count}
+    sizes = {name: math.ceil(count * FLOAT32_BYTES / shards) for name, count in counts.items() if count}
+    if shards > 1 and train.grad_accum_steps > 1:
+        sizes["FSDP's whole gradients while accumulating"] = parameters * FLOAT32_BYTES
+    return sizes
 
 
 def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_step: int, last_step: int,
