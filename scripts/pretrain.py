@@ -85,6 +85,8 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
         missing = str(e)
     if data_path is not None:  # a model that cannot serve the data is the run's refusal, whatever the processes
         check_run_fits_model(config, run.train, Tokenizer.from_pretrained(data_path), data_path, False)
+    if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
+        loader.load_state_dict(trainer_state["data"])
     eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
     plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
     return describe_plan(plan, run.train, args.plan_mfu, missing)

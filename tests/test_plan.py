@@ -14,7 +14,7 @@ from helpers import ROOT, load_script, run_torchrun
 from train_helpers import corpus_file, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
-from ttl_core.errors import ConfigError
+from ttl_core.errors import ConfigError, DataError
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM
@@ -280,3 +280,12 @@ def test_fsdp_accumulating_micro_batches_holds_whole_gradients_as_planned(tmp_pa
     for held, planned in re.findall(r"rank \d: held (\d+), planned (\d+)", done.stdout):
         assert int(held) <= int(planned) < 2 * int(held), done.stdout
     assert done.stdout.count("rank ") == 2
+
+
+def test_a_resumed_plan_on_another_global_batch_is_refused_as_the_resume_is(data_dir, tmp_path):
+    train(run_config("train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), stop_after=1)
+    args = ["--out", str(tmp_path / "run"), "--data", str(data_dir), "--resume", *set_arguments("train.max_steps=4")]
+    with pytest.raises(DataError, match=r"global_batch is 4 \(micro_batch_size 4 x 1 process\), here 8 .*: keep "):
+        pretrain.main([*args, "--plan", "--plan-processes", "2"])  # what torchrun on 2 processes would be refused
+    with pytest.raises(DataError, match=r"global_batch is 4 .*, here 8\b"):
+        pretrain.main([*args, "--set", "train.micro_batch_size=8"])  # the resume itself, on one process
