@@ -41,7 +41,7 @@ from ttl_core.preemption import EXIT_STATUS
 from ttl_core.noise_scale import validate_noise_scale
 from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
                                  recorded_data_path)
-from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
 from ttl_core.train import planned_last_step, planned_model_config, resolve_data, train
 
 
@@ -84,7 +84,10 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     except (ConfigError, DataError) as e:  # data not prepared, or too small: the rest is planned all the same
         missing = str(e)
     if data_path is not None:  # a model that cannot serve the data is the run's refusal, whatever the processes
-        check_run_fits_model(config, run.train, Tokenizer.from_pretrained(data_path), data_path, False)
+        tokenizer = Tokenizer.from_pretrained(data_path)
+        if resume_from or args.init_from:
+            check_same_tokenizer(Path(resume_from or args.init_from), tokenizer, data_path, resume_from is not None)
+        check_run_fits_model(config, run.train, tokenizer, data_path, False)
     if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
         loader.load_state_dict(trainer_state["data"])
     eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)

@@ -289,3 +289,12 @@ def test_a_resumed_plan_on_another_global_batch_is_refused_as_the_resume_is(data
         pretrain.main([*args, "--plan", "--plan-processes", "2"])  # what torchrun on 2 processes would be refused
     with pytest.raises(DataError, match=r"global_batch is 4 .*, here 8\b"):
         pretrain.main([*args, "--set", "train.micro_batch_size=8"])  # the resume itself, on one process
+
+
+def test_a_plan_from_a_checkpoint_on_data_of_another_tokenizer_is_refused_as_the_run_is(data_dir, halves, tmp_path):
+    train(run_config("train.max_steps=1"), tmp_path / "source", data_dir=str(data_dir))
+    args = ["--init-from", str(tmp_path / "source" / "checkpoints" / "step-000001"), "--data", str(halves / "a"),
+            *set_arguments()]
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
+        with pytest.raises(ConfigError, match=f"{halves / 'a'} was tokenized with another tokenizer than "):
+            pretrain.main([*args, *mode])
