@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     launched = os.environ.get("WORLD_SIZE")
     if launched and args.plan_processes is not None:
         parser.error(f"--plan-processes plans without torchrun; this one set WORLD_SIZE={launched}")
-    if args.plan and launched and not (launched.isdigit() and int(launched) >= 1):
+    if args.plan and launched and not (launched.isdecimal() and int(launched) >= 1):
         parser.error(f"WORLD_SIZE={launched!r} must be an integer >= 1 (torchrun sets it)")
     overrides = list(args.overrides)
     if args.max_steps is not None:

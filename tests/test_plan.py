@@ -202,6 +202,7 @@ def test_bad_plan_flags_are_one_line(flags, message, capsys):
     ("2", ["--plan-processes", "4"], "--plan-processes plans without torchrun; this one set WORLD_SIZE=2"),
     ("0", [], "WORLD_SIZE='0' must be an integer >= 1 (torchrun sets it)"),
     ("two", [], "WORLD_SIZE='two' must be an integer >= 1 (torchrun sets it)"),
+    ("\u00b2", [], "WORLD_SIZE='\u00b2' must be an integer >= 1 (torchrun sets it)"),  # a digit int() refuses
 ])
 def test_a_plan_under_a_launch_environment_it_cannot_use_is_refused(world_size, flags, message, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world_size)
