@@ -35,7 +35,7 @@ from ttl_core.checkpoint import latest_checkpoint, read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
-from ttl_core.mixture import resolve_mixture, train_loader
+from ttl_core.mixture import check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture, train_loader
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS
 from ttl_core.noise_scale import validate_noise_scale
@@ -71,7 +71,8 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     last = planned_last_step(run.train, first, args.stop_after, resume_from)
     if last is None:
         return [f"{resume_from} is at train.max_steps (step {first}): the run is complete, nothing is left to plan"]
-    world, mixture, loader, data_path, missing = World(0, processes, torch.device("cpu")), None, None, None, ""
+    world, mixture, loader, data_path = World(0, processes, torch.device("cpu")), None, None, None
+    missing = missing_eval = ""
     try:
         mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
         recorded = recorded_data_path(saved_run)
@@ -88,11 +89,16 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
         if resume_from or args.init_from:
             check_same_tokenizer(Path(resume_from or args.init_from), tokenizer, data_path, resume_from is not None)
         check_run_fits_model(config, run.train, tokenizer, data_path, False)
+        eval_sets = resolve_eval_sets(run, data_path, mixture)
+        try:  # a validation split too small for the processes' global batch, or none: named as the data's are
+            check_eval_splits(evaluated_dirs(data_path, mixture, eval_sets), eval_sets, run, world)
+        except (ConfigError, DataError) as e:
+            missing_eval = str(e)
     if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
         loader.load_state_dict(trainer_state["data"])
     eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
     plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
-    return describe_plan(plan, run.train, args.plan_mfu, missing)
+    return describe_plan(plan, run.train, args.plan_mfu, missing, missing_eval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,7 +162,9 @@ def test_plan_of_a_mixture_with_the_repeat_warning(halves, tmp_path, capsys):
     data = [line for line in lines if line.startswith("data: ")]
     assert [line.split(",")[0] for line in data] == [f"data: a: {halves / 'a' / 'train.bin'}",
                                                      f"data: b: {halves / 'b' / 'train.bin'}"]
-    assert "weight 0.75" in data[0] and "eval: 34 evaluations" in "\n".join(lines)  # every 3 steps, and the last
+    # b's val split holds no global batch of 4 processes, which the run would refuse: named, as the run names it
+    assert "weight 0.75" in data[0] and lines[-2].startswith(f"eval: not planned: {halves / 'b' / 'val.bin'}: 418 "
+                                                             "tokens, fewer than one global batch (micro_batch_size 4 x 4")
     assert lines[-1].startswith("warning: the run repeats its data: it sees tokens of a (")
 
 
@@ -299,3 +301,17 @@ def test_a_plan_from_a_checkpoint_on_data_of_another_tokenizer_is_refused_as_the
     for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
         with pytest.raises(ConfigError, match=f"{halves / 'a'} was tokenized with another tokenizer than "):
             pretrain.main([*args, *mode])
+
+
+def test_the_evaluated_directories_are_checked_as_the_run_checks_them(halves, tmp_path, capsys):
+    mix = "data.mix={a = {path = \"%s\", weight = 3}, b = {path = \"%s\", weight = 1}}" % (halves / "a", halves / "b")
+    clash = "data.eval={a = \"%s\"}" % (halves / "b")
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):  # an eval set named as a source: refused alike
+        with pytest.raises(ConfigError, match="data.eval set 'a' has the name of a data.mix source"):
+            pretrain.main([*mode, *set_arguments(mix, clash)])
+    no_val = tmp_path / "no_val"  # evaluation on, and no validation split: the run is refused, the plan names it
+    prepare_data([halves / "a.txt"], no_val, tokenizer=halves / "a", val_fraction=0, workers=1)
+    with pytest.raises(ConfigError, match="has no validation split"):
+        pretrain.main(["--out", str(tmp_path / "run"), "--data", str(no_val), *set_arguments()])
+    assert pretrain.main(["--plan", "--data", str(no_val), *set_arguments()]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith(f"eval: not planned: {no_val} has no validation split")

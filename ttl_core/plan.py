@@ -175,8 +175,10 @@ def describe_source(source: SourcePlan, plan: RunPlan) -> str:
             f"steps{by_end}")
 
 
-def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_data: str = "") -> list[str]:
-    """The plan's lines, as --plan prints them; `missing_data`: why the data is not planned, where it is not."""
+def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_data: str = "",
+                  missing_eval: str = "") -> list[str]:
+    """The plan's lines, as --plan prints them; `missing_data`, `missing_eval`: why the training data or the
+    evaluations are not planned, where they are not."""
     steps, resumed = plan.last_step - plan.first_step, f", resumed from step {plan.first_step:,}"
     hours = {gpu: plan.ideal_hours(peak, mfu or ASSUMED_MFU) for gpu, peak in PEAK_BF16_TFLOPS.items()}
     memory = " + ".join(f"{name} {count(size, BYTES)}" for name, size in plan.memory.items())
@@ -201,6 +203,7 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
         f"not counted)",
         *([f"data: not planned: {missing_data}"] if missing_data else []),
         *(describe_source(source, plan) for source in plan.sources),
+        f"eval: not planned: {missing_eval}" if missing_eval else
         f"eval: {plural(plan.evaluations, 'evaluation')}, each of at most {plan.eval_tokens:,} tokens "
         f"({train.eval_batches} batches of {plural(plan.eval_sets, 'set')}), {eval_flops:.3g} FLOPs"
         f"{' (twice: the average too)' if train.ema_decay else ''}{tasks}" if plan.evaluations else "eval: none",

@@ -34,7 +34,8 @@ from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
-from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader
+from .mixture import (check_eval_splits, eval_figures, evaluated_dirs, resolve_eval_sets, resolve_mixture,
+                      train_loader)
 from .model import LlamaForCausalLM
 from .noise_scale import start_noise_scale, validate_noise_scale
 from .optim import build_optimizer, lr_at
@@ -257,9 +258,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     recorded = recorded_data_path(saved_run)
     data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
         run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
-    sources = mixture.paths if mixture else {"": data_path}  # the directories of the training data
     eval_sets = resolve_eval_sets(run, data_path, mixture)
-    evaluated = {**sources, **eval_sets}  # the held-out sets after them, in an eval record too
+    evaluated = evaluated_dirs(data_path, mixture, eval_sets)
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
     recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
@@ -278,8 +278,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
         raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
-    for name, path in evaluated.items() if train.eval_every else ():
-        check_eval_split(path, run, world, eval_set=name if name in eval_sets else "")
+    check_eval_splits(evaluated, eval_sets, run, world)
     tasks = read_tasks(train.eval_tasks, train.eval_task_limit, tokenizer, config.max_position_embeddings)
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
