@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ttl_core.benchmark import positive_int
-from ttl_core.checkpoint import latest_checkpoint, read_trainer_state
+from ttl_core.checkpoint import read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
@@ -42,7 +42,7 @@ from ttl_core.noise_scale import validate_noise_scale
 from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
                                  recorded_data_path)
 from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
-from ttl_core.train import planned_last_step, planned_model_config, resolve_data, train
+from ttl_core.train import checkpoint_to_resume, planned_last_step, planned_model_config, resolve_data, train
 
 
 def mfu_fraction(text: str) -> float:
@@ -60,7 +60,7 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
     data not prepared yet is named, and the rest planned from the config."""
     out = Path(args.out) if args.out else None  # --resume needs it (main)
-    resume_from = latest_checkpoint(out) if args.resume else None
+    resume_from = checkpoint_to_resume(out, args.resume) if out else None
     trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
     saved_run = trainer_state.get("config") if trainer_state is not None else None
     if trainer_state is not None:

@@ -315,3 +315,11 @@ def test_the_evaluated_directories_are_checked_as_the_run_checks_them(halves, tm
         pretrain.main(["--out", str(tmp_path / "run"), "--data", str(no_val), *set_arguments()])
     assert pretrain.main(["--plan", "--data", str(no_val), *set_arguments()]) == 0
     assert capsys.readouterr().out.splitlines()[-2].startswith(f"eval: not planned: {no_val} has no validation split")
+
+
+def test_a_plan_without_resume_on_a_run_directory_with_checkpoints_is_refused_as_the_run_is(data_dir, tmp_path):
+    train(run_config("train.max_steps=1"), tmp_path / "run", data_dir=str(data_dir))
+    args = ["--out", str(tmp_path / "run"), "--data", str(data_dir), *set_arguments("train.max_steps=2")]
+    for mode in ([], ["--plan"]):
+        with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume to continue"):
+            pretrain.main([*args, *mode])

@@ -136,6 +136,15 @@ def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: st
     return stored.replace(**runtime, **dropout)
 
 
+def checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
+    """With `resume`, the newest complete checkpoint in `out_dir` (None: none yet, the run starts at step 0); without
+    it, a directory that holds checkpoints is refused rather than trained into afresh."""
+    newest = latest_checkpoint(out_dir)
+    if newest is not None and not resume:
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
+    return newest
+
+
 def planned_last_step(train: TrainConfig, step: int, stop_after: int | None, resume_from: Path | None) -> int | None:
     """The last step a run at `step` (`resume_from`'s, else 0) trains: train.max_steps, or `stop_after` before it;
     None for a run already at max_steps (a finished run requeued, whatever slice --stop-after asks: done, not
@@ -235,11 +244,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     # out_dir is rank 0's to make (lock_run_dir): a slower rank making it too could bring back a refused run's dir
     if world.is_main:
         remove_partial_checkpoints(out_dir)
-    resume_from = latest_checkpoint(out_dir) if resume else None
+    resume_from = checkpoint_to_resume(out_dir, resume)
     if resume and resume_from is None and world.is_main:
         print(f"no complete checkpoint in {out_dir}; starting from step 0")
-    if not resume and latest_checkpoint(out_dir) is not None:
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
 
     # what the checkpoint's JSON files tell is checked first: a refused resume reads no weights
     with point_to_older_checkpoint(out_dir, resume_from):
