@@ -42,7 +42,8 @@ from ttl_core.noise_scale import validate_noise_scale
 from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
                                  recorded_data_path)
 from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
-from ttl_core.train import checkpoint_to_resume, planned_last_step, planned_model_config, resolve_data, train
+from ttl_core.train import (check_compiler, checkpoint_to_resume, planned_last_step, planned_model_config, resolve_data,
+                            train)
 
 
 def mfu_fraction(text: str) -> float:
@@ -67,6 +68,7 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
         check_resumable(run, saved_run, resume_from)
     config = planned_model_config(run, resume_from, args.init_from)
     validate_noise_scale(run.train, processes)  # as the run refuses it on this many processes
+    check_compiler(torch.device(args.device), run.train)
     first = trainer_state["step"] if trainer_state is not None else 0
     last = planned_last_step(run.train, first, args.stop_after, resume_from)
     if last is None:

@@ -323,3 +323,12 @@ def test_a_plan_without_resume_on_a_run_directory_with_checkpoints_is_refused_as
     for mode in ([], ["--plan"]):
         with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume to continue"):
             pretrain.main([*args, *mode])
+
+
+def test_a_compiled_cpu_plan_without_a_compiler_is_refused_as_the_run_is(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("ttl_core.train.cpp_compiler", lambda: None)
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    args = ["--data", str(data_dir), *set_arguments("train.compile=true")]
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
+        with pytest.raises(ConfigError, match="train.compile on the CPU needs a C\\+\\+ compiler"):
+            pretrain.main([*args, *mode])
