@@ -59,7 +59,8 @@ def mfu_fraction(text: str) -> float:
 
 def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
     """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
-    data not prepared yet is named, and the rest planned from the config."""
+    what the run would refuse is refused alike; data not prepared yet, or too small for the processes' global batch,
+    is named, and the rest planned from the config."""
     out = Path(args.out) if args.out else None  # --resume needs it (main)
     resume_from = checkpoint_to_resume(out, args.resume) if out else None
     trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
@@ -98,8 +99,8 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
             missing_eval = str(e)
     if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
         loader.load_state_dict(trainer_state["data"])
-    eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
-    plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
+    scored = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
+    plan = make_plan(config, run.train, processes, first, last, loader, scored)
     return describe_plan(plan, run.train, args.plan_mfu, missing, missing_eval)
 
 
