@@ -31,15 +31,19 @@ from pathlib import Path
 import torch
 
 from ttl_core.benchmark import positive_int
-from ttl_core.checkpoint import latest_checkpoint, read_trainer_state
+from ttl_core.checkpoint import read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
-from ttl_core.mixture import resolve_mixture, train_loader
+from ttl_core.mixture import check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture, train_loader
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS
-from ttl_core.run_config import RunConfig, check_resumable, load_run_config, recorded_data_path
-from ttl_core.train import planned_model_config, resolve_data, train
+from ttl_core.noise_scale import validate_noise_scale
+from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
+                                 recorded_data_path)
+from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
+from ttl_core.train import (check_compiler, checkpoint_to_resume, planned_last_step, planned_model_config, resolve_data,
+                            train)
 
 
 def mfu_fraction(text: str) -> float:
@@ -55,33 +59,49 @@ def mfu_fraction(text: str) -> float:
 
 def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
     """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
-    data not prepared yet is named, and the rest planned from the config."""
+    what the run would refuse is refused alike; data not prepared yet, or too small for the processes' global batch,
+    is named, and the rest planned from the config."""
     out = Path(args.out) if args.out else None  # --resume needs it (main)
-    resume_from = latest_checkpoint(out) if args.resume else None
+    resume_from = checkpoint_to_resume(out, args.resume) if out else None
     trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
     saved_run = trainer_state.get("config") if trainer_state is not None else None
     if trainer_state is not None:
         check_resumable(run, saved_run, resume_from)
     config = planned_model_config(run, resume_from, args.init_from)
+    validate_noise_scale(run.train, processes)  # as the run refuses it on this many processes
+    check_compiler(torch.device(args.device), run.train)
     first = trainer_state["step"] if trainer_state is not None else 0
-    last = run.train.max_steps if args.stop_after is None else min(run.train.max_steps, args.stop_after)
-    if first >= last:
-        return [f"{resume_from} is at step {first}: nothing left to train up to step {last}"]
-    world, mixture, loader, missing = World(0, processes, torch.device("cpu")), None, None, ""
+    last = planned_last_step(run.train, first, args.stop_after, resume_from)
+    if last is None:
+        return [f"{resume_from} is at train.max_steps (step {first}): the run is complete, nothing is left to plan"]
+    world, mixture, loader, data_path = World(0, processes, torch.device("cpu")), None, None, None
+    missing = missing_eval = ""
     try:
         mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
         recorded = recorded_data_path(saved_run)
         if mixture or args.data or run.data.path or recorded or (out and (out / "data" / "meta.json").exists()):
-            data = mixture or resolve_data(run, args.data, out, world, config.vocab_size,
-                                           recorded and (resume_from, recorded))
-            loader = train_loader(data, run.train, world)
+            data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
+                run, args.data, out, world, config.vocab_size, recorded and (resume_from, recorded))
+            loader = train_loader(mixture or data_path, run.train, world)
         else:
             missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"
     except (ConfigError, DataError) as e:  # data not prepared, or too small: the rest is planned all the same
         missing = str(e)
-    eval_sets = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
-    plan = make_plan(config, run.train, processes, first, last, loader, eval_sets)
-    return describe_plan(plan, run.train, args.plan_mfu, missing)
+    if data_path is not None:  # a model that cannot serve the data is the run's refusal, whatever the processes
+        tokenizer = Tokenizer.from_pretrained(data_path)
+        if resume_from or args.init_from:
+            check_same_tokenizer(Path(resume_from or args.init_from), tokenizer, data_path, resume_from is not None)
+        check_run_fits_model(config, run.train, tokenizer, data_path, False)
+        eval_sets = resolve_eval_sets(run, data_path, mixture)
+        try:  # a validation split too small for the processes' global batch, or none: named as the data's are
+            check_eval_splits(evaluated_dirs(data_path, mixture, eval_sets), eval_sets, run, world)
+        except (ConfigError, DataError) as e:
+            missing_eval = str(e)
+    if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
+        loader.load_state_dict(trainer_state["data"])
+    scored = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
+    plan = make_plan(config, run.train, processes, first, last, loader, scored)
+    return describe_plan(plan, run.train, args.plan_mfu, missing, missing_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     launched = os.environ.get("WORLD_SIZE")
     if launched and args.plan_processes is not None:
         parser.error(f"--plan-processes plans without torchrun; this one set WORLD_SIZE={launched}")
-    if args.plan and launched and not (launched.isdigit() and int(launched) >= 1):
+    if args.plan and launched and not (launched.isdecimal() and int(launched) >= 1):
         parser.error(f"WORLD_SIZE={launched!r} must be an integer >= 1 (torchrun sets it)")
     overrides = list(args.overrides)
     if args.max_steps is not None:

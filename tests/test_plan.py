@@ -5,13 +5,16 @@ is left; bad flags in one line."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from helpers import ROOT, load_script
+from helpers import ROOT, load_script, run_torchrun
 from train_helpers import corpus_file, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
+from ttl_core.errors import ConfigError, DataError
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM
@@ -159,7 +162,9 @@ def test_plan_of_a_mixture_with_the_repeat_warning(halves, tmp_path, capsys):
     data = [line for line in lines if line.startswith("data: ")]
     assert [line.split(",")[0] for line in data] == [f"data: a: {halves / 'a' / 'train.bin'}",
                                                      f"data: b: {halves / 'b' / 'train.bin'}"]
-    assert "weight 0.75" in data[0] and "eval: 34 evaluations" in "\n".join(lines)  # every 3 steps, and the last
+    # b's val split holds no global batch of 4 processes, which the run would refuse: named, as the run names it
+    assert "weight 0.75" in data[0] and lines[-2].startswith(f"eval: not planned: {halves / 'b' / 'val.bin'}: 418 "
+                                                             "tokens, fewer than one global batch (micro_batch_size 4 x 4")
     assert lines[-1].startswith("warning: the run repeats its data: it sees tokens of a (")
 
 
@@ -199,6 +204,7 @@ def test_bad_plan_flags_are_one_line(flags, message, capsys):
     ("2", ["--plan-processes", "4"], "--plan-processes plans without torchrun; this one set WORLD_SIZE=2"),
     ("0", [], "WORLD_SIZE='0' must be an integer >= 1 (torchrun sets it)"),
     ("two", [], "WORLD_SIZE='two' must be an integer >= 1 (torchrun sets it)"),
+    ("\u00b2", [], "WORLD_SIZE='\u00b2' must be an integer >= 1 (torchrun sets it)"),  # a digit int() refuses
 ])
 def test_a_plan_under_a_launch_environment_it_cannot_use_is_refused(world_size, flags, message, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", world_size)
@@ -213,3 +219,116 @@ def test_under_torchrun_the_plan_is_for_its_world_size_and_printed_once(tmp_path
     for rank, printed in (("1", ""), ("0", "steps 1-200 (200 optimizer steps) on 2 processes\n")):
         monkeypatch.setenv("RANK", rank)
         assert pretrain.main(argv) == 0 and capsys.readouterr().out.startswith(printed)
+
+
+@pytest.mark.parametrize("overrides, flags, refusal", [
+    ([], ["--stop-after", "0"], "--stop-after must be a step >= 1, got 0"),
+    (["train.log_noise_scale=true"], [], "train.log_noise_scale compares a small batch with the whole step"),
+    (["train.seq_len=4096"], [], "train.seq_len 4096 exceeds the model's max_position_embeddings"),
+    (["model.vocab_size=100"], [], "has 400 tokens but the model's vocab_size is 100"),
+])
+def test_plan_refuses_what_the_run_refuses(data_dir, tmp_path, overrides, flags, refusal):
+    args = ["--data", str(data_dir), *flags, *set_arguments(*overrides)]
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):  # the run, then its plan: the same refusal
+        with pytest.raises(ConfigError, match=re.escape(refusal)):
+            pretrain.main([*args, *mode])
+    assert not (tmp_path / "run").exists()
+
+
+FSDP_GRADIENTS = """
+import torch
+from torch.distributed.fsdp import FSDPModule
+from train_helpers import run_config
+from ttl_core.distributed import close_world, init_world, wrap_model
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.plan import state_bytes
+from ttl_core.step import train_step
+
+run = run_config("train.distributed=\\"fsdp\\"", "train.grad_accum_steps=2")
+world = init_world("cpu")
+model = LlamaForCausalLM(run.model_config())
+planned = state_bytes(model, run.train, world.size)
+model = wrap_model(model, "fsdp", world)
+optimizer = torch.optim.AdamW(model.parameters())
+held = []
+
+def local_bytes(tensor):
+    tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return tensor.numel() * tensor.element_size()
+
+def measure(unwrapped, enabled):  # before each micro-batch: the gradients the earlier ones left
+    unwrapped.set_requires_gradient_sync(enabled)
+    whole = [getattr(p, "_unsharded_param", None) for m in model.modules() if isinstance(m, FSDPModule)
+             for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params]  # made at the first forward
+    whole = [p.grad for p in whole if p is not None]
+    held.append(sum(local_bytes(g) for g in [*whole, *(p.grad for p in model.parameters())] if g is not None))
+
+import ttl_core.step
+ttl_core.step.set_gradient_sync = measure
+ids = torch.randint(0, 400, (2, 4, 32))
+micro = [{"input_ids": x, "targets": x} for x in ids]
+train_step(model, optimizer, micro, run.train, world, 1e-3, None, None, None)
+gradients = sum(size for name, size in planned.items() if "gradients" in name)
+print(f"rank {world.rank}: held {max(held)}, planned {gradients}", flush=True)
+close_world(world)
+"""
+
+
+def test_fsdp_accumulating_micro_batches_holds_whole_gradients_as_planned(tmp_path):
+    """FSDP2 reduce-scatters only at an accumulation window's last micro-batch: until then each process holds the
+    whole model's gradients, which the plan's memory must count."""
+    (tmp_path / "fsdp_gradients.py").write_text(FSDP_GRADIENTS, encoding="utf-8")
+    done = run_torchrun(tmp_path / "fsdp_gradients.py", env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for held, planned in re.findall(r"rank \d: held (\d+), planned (\d+)", done.stdout):
+        assert int(held) <= int(planned) < 2 * int(held), done.stdout
+    assert done.stdout.count("rank ") == 2
+
+
+def test_a_resumed_plan_on_another_global_batch_is_refused_as_the_resume_is(data_dir, tmp_path):
+    train(run_config("train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), stop_after=1)
+    args = ["--out", str(tmp_path / "run"), "--data", str(data_dir), "--resume", *set_arguments("train.max_steps=4")]
+    with pytest.raises(DataError, match=r"global_batch is 4 \(micro_batch_size 4 x 1 process\), here 8 .*: keep "):
+        pretrain.main([*args, "--plan", "--plan-processes", "2"])  # what torchrun on 2 processes would be refused
+    with pytest.raises(DataError, match=r"global_batch is 4 .*, here 8\b"):
+        pretrain.main([*args, "--set", "train.micro_batch_size=8"])  # the resume itself, on one process
+
+
+def test_a_plan_from_a_checkpoint_on_data_of_another_tokenizer_is_refused_as_the_run_is(data_dir, halves, tmp_path):
+    train(run_config("train.max_steps=1"), tmp_path / "source", data_dir=str(data_dir))
+    args = ["--init-from", str(tmp_path / "source" / "checkpoints" / "step-000001"), "--data", str(halves / "a"),
+            *set_arguments()]
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
+        with pytest.raises(ConfigError, match=f"{halves / 'a'} was tokenized with another tokenizer than "):
+            pretrain.main([*args, *mode])
+
+
+def test_the_evaluated_directories_are_checked_as_the_run_checks_them(halves, tmp_path, capsys):
+    mix = "data.mix={a = {path = \"%s\", weight = 3}, b = {path = \"%s\", weight = 1}}" % (halves / "a", halves / "b")
+    clash = "data.eval={a = \"%s\"}" % (halves / "b")
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):  # an eval set named as a source: refused alike
+        with pytest.raises(ConfigError, match="data.eval set 'a' has the name of a data.mix source"):
+            pretrain.main([*mode, *set_arguments(mix, clash)])
+    no_val = tmp_path / "no_val"  # evaluation on, and no validation split: the run is refused, the plan names it
+    prepare_data([halves / "a.txt"], no_val, tokenizer=halves / "a", val_fraction=0, workers=1)
+    with pytest.raises(ConfigError, match="has no validation split"):
+        pretrain.main(["--out", str(tmp_path / "run"), "--data", str(no_val), *set_arguments()])
+    assert pretrain.main(["--plan", "--data", str(no_val), *set_arguments()]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith(f"eval: not planned: {no_val} has no validation split")
+
+
+def test_a_plan_without_resume_on_a_run_directory_with_checkpoints_is_refused_as_the_run_is(data_dir, tmp_path):
+    train(run_config("train.max_steps=1"), tmp_path / "run", data_dir=str(data_dir))
+    args = ["--out", str(tmp_path / "run"), "--data", str(data_dir), *set_arguments("train.max_steps=2")]
+    for mode in ([], ["--plan"]):
+        with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume to continue"):
+            pretrain.main([*args, *mode])
+
+
+def test_a_compiled_cpu_plan_without_a_compiler_is_refused_as_the_run_is(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("ttl_core.train.cpp_compiler", lambda: None)
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    args = ["--data", str(data_dir), *set_arguments("train.compile=true")]
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
+        with pytest.raises(ConfigError, match="train.compile on the CPU needs a C\\+\\+ compiler"):
+            pretrain.main([*args, *mode])

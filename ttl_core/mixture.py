@@ -207,6 +207,18 @@ def resolve_eval_sets(run: RunConfig, data_path: Path, mixture: Mixture | None) 
     return eval_sets
 
 
+def evaluated_dirs(data_path: Path, mixture: Mixture | None, eval_sets: dict[str, Path]) -> dict[str, Path]:
+    """The directories an evaluation scores, by name: the training data's ("" for one directory, a mixture's
+    sources), then the held-out data.eval sets (`resolve_eval_sets`)."""
+    return {**(mixture.paths if mixture else {"": data_path}), **eval_sets}
+
+
+def check_eval_splits(evaluated: dict[str, Path], eval_sets: dict[str, Path], run: RunConfig, world: World) -> None:
+    """`check_eval_split` of each directory `evaluated` (`evaluated_dirs`), where the run evaluates at all."""
+    for name, path in evaluated.items() if run.train.eval_every else ():
+        check_eval_split(path, run, world, eval_set=name if name in eval_sets else "")
+
+
 def check_eval_split(data_path: Path, run: RunConfig, world: World, eval_set: str = "") -> None:
     """With evaluation on, val.bin must hold a global batch before any step is spent (it is first read at the
     first evaluation); a run with train.eval_every = 0 never opens it. `eval_set`: the name of a data.eval set,

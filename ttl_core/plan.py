@@ -86,8 +86,9 @@ def source_plans(loader: PackedLoader | MixtureLoader, train: TrainConfig, first
 
 def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> dict[str, int]:
     """Bytes per process of the weights, gradients, optimizer state (AdamW: two moments; Muon: one momentum for each
-    of its matrices) and the average of the weights (train.ema_decay); FSDP shards each over the processes, and DDP
-    all-reduces the gradients through buckets of their size (torch's default, gradient_as_bucket_view=False)."""
+    of its matrices) and the average of the weights (train.ema_decay); FSDP shards each over the processes, but
+    holds the whole gradients while it accumulates micro-batches (it reduce-scatters them at a step's last one), and
+    DDP all-reduces the gradients through buckets of their size (torch's default, gradient_as_bucket_view=False)."""
     parameters = model.num_parameters()
     muon = projection_rows(model) if train.optimizer == "muon" else {}
     in_muon = sum(p.numel() for p in model.parameters() if id(p) in muon)
@@ -96,7 +97,10 @@ def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> 
               "AdamW moments": 2 * (parameters - in_muon), "Muon momentum": in_muon,
               "the average (EMA)": parameters if train.ema_decay else 0}
     shards = processes if train.distributed == "fsdp" else 1
-    return {name: math.ceil(count * FLOAT32_BYTES / shards) for name, count in counts.items() if count}
+    sizes = {name: math.ceil(count * FLOAT32_BYTES / shards) for name, count in counts.items() if count}
+    if shards > 1 and train.grad_accum_steps > 1:
+        sizes["FSDP's whole gradients while accumulating"] = parameters * FLOAT32_BYTES
+    return sizes
 
 
 def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_step: int, last_step: int,
@@ -171,8 +175,10 @@ def describe_source(source: SourcePlan, plan: RunPlan) -> str:
             f"steps{by_end}")
 
 
-def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_data: str = "") -> list[str]:
-    """The plan's lines, as --plan prints them; `missing_data`: why the data is not planned, where it is not."""
+def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_data: str = "",
+                  missing_eval: str = "") -> list[str]:
+    """The plan's lines, as --plan prints them; `missing_data`, `missing_eval`: why the training data or the
+    evaluations are not planned, where they are not."""
     steps, resumed = plan.last_step - plan.first_step, f", resumed from step {plan.first_step:,}"
     hours = {gpu: plan.ideal_hours(peak, mfu or ASSUMED_MFU) for gpu, peak in PEAK_BF16_TFLOPS.items()}
     memory = " + ".join(f"{name} {count(size, BYTES)}" for name, size in plan.memory.items())
@@ -197,6 +203,7 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
         f"not counted)",
         *([f"data: not planned: {missing_data}"] if missing_data else []),
         *(describe_source(source, plan) for source in plan.sources),
+        f"eval: not planned: {missing_eval}" if missing_eval else
         f"eval: {plural(plan.evaluations, 'evaluation')}, each of at most {plan.eval_tokens:,} tokens "
         f"({train.eval_batches} batches of {plural(plan.eval_sets, 'set')}), {eval_flops:.3g} FLOPs"
         f"{' (twice: the average too)' if train.ema_decay else ''}{tasks}" if plan.evaluations else "eval: none",

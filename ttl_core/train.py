@@ -34,7 +34,8 @@ from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
-from .mixture import check_eval_split, eval_figures, resolve_eval_sets, resolve_mixture, train_loader
+from .mixture import (check_eval_splits, eval_figures, evaluated_dirs, resolve_eval_sets, resolve_mixture,
+                      train_loader)
 from .model import LlamaForCausalLM
 from .noise_scale import start_noise_scale, validate_noise_scale
 from .optim import build_optimizer, lr_at
@@ -135,6 +136,31 @@ def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: st
     return stored.replace(**runtime, **dropout)
 
 
+def checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
+    """With `resume`, the newest complete checkpoint in `out_dir` (None: none yet, the run starts at step 0); without
+    it, a directory that holds checkpoints is refused rather than trained into afresh."""
+    newest = latest_checkpoint(out_dir)
+    if newest is not None and not resume:
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
+    return newest
+
+
+def planned_last_step(train: TrainConfig, step: int, stop_after: int | None, resume_from: Path | None) -> int | None:
+    """The last step a run at `step` (`resume_from`'s, else 0) trains: train.max_steps, or `stop_after` before it;
+    None for a run already at max_steps (a finished run requeued, whatever slice --stop-after asks: done, not
+    refused). A --stop-after below 1 or at most `step` is refused."""
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
+    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
+    if step == train.max_steps:
+        return None
+    if step >= last_step:
+        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
+        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
+                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
+    return last_step
+
+
 def build_or_load_model(config: LlamaConfig, seed: int, resume_from: Path | None, init_from: str | None,
                         device: torch.device) -> LlamaForCausalLM:
     """Weights from the checkpoint being resumed, else from `--init-from`, else freshly initialized from `seed`,
@@ -218,11 +244,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     # out_dir is rank 0's to make (lock_run_dir): a slower rank making it too could bring back a refused run's dir
     if world.is_main:
         remove_partial_checkpoints(out_dir)
-    resume_from = latest_checkpoint(out_dir) if resume else None
+    resume_from = checkpoint_to_resume(out_dir, resume)
     if resume and resume_from is None and world.is_main:
         print(f"no complete checkpoint in {out_dir}; starting from step 0")
-    if not resume and latest_checkpoint(out_dir) is not None:
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
 
     # what the checkpoint's JSON files tell is checked first: a refused resume reads no weights
     with point_to_older_checkpoint(out_dir, resume_from):
@@ -232,24 +256,17 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if trainer_state is not None:
         check_resumable(run, saved_run, resume_from)
     step = trainer_state["step"] if trainer_state is not None else 0
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
-    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
-    if step == train.max_steps:  # a finished run requeued (whatever slice --stop-after asks): done, not refused
+    last_step = planned_last_step(train, step, stop_after, resume_from)
+    if last_step is None:
         if world.is_main:
             print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
         return RunResult(step, None, None, None)
-    if step >= last_step:
-        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
-        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
-                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
     mixture = resolve_mixture(run, data_dir, saved_run, resume_from, world.is_main)  # None: one data directory
     recorded = recorded_data_path(saved_run)
     data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
         run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
-    sources = mixture.paths if mixture else {"": data_path}  # the directories of the training data
     eval_sets = resolve_eval_sets(run, data_path, mixture)
-    evaluated = {**sources, **eval_sets}  # the held-out sets after them, in an eval record too
+    evaluated = evaluated_dirs(data_path, mixture, eval_sets)
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
     recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
@@ -268,8 +285,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
         raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
                           f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
-    for name, path in evaluated.items() if train.eval_every else ():
-        check_eval_split(path, run, world, eval_set=name if name in eval_sets else "")
+    check_eval_splits(evaluated, eval_sets, run, world)
     tasks = read_tasks(train.eval_tasks, train.eval_task_limit, tokenizer, config.max_position_embeddings)
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
