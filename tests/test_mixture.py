@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import ROOT, run_script, run_torchrun
-from train_helpers import corpus_file, losses, run_config, set_arguments
+from train_helpers import corpus_halves, losses, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError, TTLError
@@ -134,12 +134,7 @@ def test_a_loader_state_of_other_weights_sources_or_a_single_directory_is_refuse
 def prepared(tmp_path_factory):
     """'a' and 'b': the two halves of train_helpers' corpus, one tokenizer (trained on 'a'); 'other': 'b' with a
     tokenizer of its own."""
-    tmp = tmp_path_factory.mktemp("mixture")
-    docs = corpus_file(tmp).read_text(encoding="utf-8").split("\n\n")
-    (tmp / "a.txt").write_text("\n\n".join(docs[:30]), encoding="utf-8")
-    (tmp / "b.txt").write_text("\n\n".join(docs[30:]), encoding="utf-8")
-    prepare_data([tmp / "a.txt"], tmp / "a", vocab_size=400, val_fraction=0.15, workers=1)
-    prepare_data([tmp / "b.txt"], tmp / "b", tokenizer=tmp / "a", val_fraction=0.15, workers=1)
+    tmp = corpus_halves(tmp_path_factory.mktemp("mixture"), 30)
     prepare_data([tmp / "b.txt"], tmp / "other", vocab_size=400, val_fraction=0.15, workers=1)
     return tmp
 

@@ -111,20 +111,32 @@ def test_the_small_and_big_squared_norms_are_float64_autograd_s_with_uneven_targ
     assert figures["noise_scale"] == pytest.approx(expected[1] / expected[0], rel=1e-4)  # a ratio of differences
 
 
-def test_a_first_micro_batch_without_targets_is_no_small_batch(data_dir):
-    """A first micro-batch whose targets are all -100 has no per-token gradient: the step logs none of the figures
-    and leaves the averages as they were (counted as one target with a zero gradient, it logged -1)."""
-    run = run_config("train.grad_accum_steps=3", "train.log_noise_scale=true")
-    torch.manual_seed(0)
+def micro_batches(data_dir, count: int, seed: int) -> list[dict]:
+    """`count` micro-batches of run_config's size, drawn by a loader seeded with `seed`."""
+    t = run_config().train
+    loader = PackedLoader(data_dir, "train", t.seq_len, t.micro_batch_size, seed=seed)
+    return [model_inputs(next(loader), CPU, False, None) for _ in range(count)]
+
+
+def assert_no_small_batch(micro: list[dict], seed: int) -> None:
+    """One train_step of `micro` (a model drawn after `seed`) logs none of the noise scale's figures and leaves its
+    averages as they were."""
+    run = run_config(f"train.grad_accum_steps={len(micro)}", "train.log_noise_scale=true")
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(run.model_config()).train()
-    loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=3)
-    micro = [model_inputs(next(loader), CPU, False, None) for _ in range(3)]
-    micro[0]["targets"][:] = -100
     noise = NoiseScale(0.5, {"grad_sq": 2.0, "trace": 300.0})
     _, _, figures = train_step(model, build_optimizer(model, run.train, CPU), micro, run.train, World(0, 1, CPU),
                                1e-3, None, noise)
     assert not {"noise_scale", "grad_sq_small", "grad_sq_big"} & figures.keys()
     assert noise.state_dict() == {"grad_sq": 2.0, "trace": 300.0}
+
+
+def test_a_first_micro_batch_without_targets_is_no_small_batch(data_dir):
+    """A first micro-batch whose targets are all -100 has no per-token gradient: the step logs none of the figures
+    and leaves the averages as they were (counted as one target with a zero gradient, it logged -1)."""
+    micro = micro_batches(data_dir, 3, seed=3)
+    micro[0]["targets"][:] = -100
+    assert_no_small_batch(micro, seed=0)
 
 
 @pytest.mark.parametrize("kept", [3, 5, 7])
@@ -132,18 +144,11 @@ def test_a_first_micro_batch_holding_every_target_of_the_step_is_no_small_batch(
     """The first micro-batch keeps `kept` targets and the second none: the small batch is all of the step (b = B),
     which logs none of the figures, though b comes back from a float32 1/b (as 2.9999999 for 3: b < B, and the
     estimates' differences, of rounding errors alone, went into the averages)."""
-    run = run_config("train.grad_accum_steps=2", "train.log_noise_scale=true")
+    micro = micro_batches(data_dir, 2, seed=kept)
     torch.manual_seed(kept)
-    model = LlamaForCausalLM(run.model_config()).train()
-    loader = PackedLoader(data_dir, "train", run.train.seq_len, run.train.micro_batch_size, seed=kept)
-    micro = [model_inputs(next(loader), CPU, False, None) for _ in range(2)]
     micro[0]["targets"].view(-1)[torch.randperm(micro[0]["targets"].numel())[kept:]] = -100
     micro[1]["targets"][:] = -100
-    noise = NoiseScale(0.5, {"grad_sq": 2.0, "trace": 300.0})
-    _, _, figures = train_step(model, build_optimizer(model, run.train, CPU), micro, run.train, World(0, 1, CPU),
-                               1e-3, None, noise)
-    assert not {"noise_scale", "grad_sq_small", "grad_sq_big"} & figures.keys()
-    assert noise.state_dict() == {"grad_sq": 2.0, "trace": 300.0}
+    assert_no_small_batch(micro, seed=kept)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import ROOT, load_script, run_torchrun
-from train_helpers import corpus_file, run_config, set_arguments
+from train_helpers import corpus_halves, run_config, set_arguments
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
@@ -76,13 +76,7 @@ def test_tokens_follow_the_batch_ramp():
 @pytest.fixture(scope="module")
 def halves(tmp_path_factory):
     """'a' and 'b': the two halves of train_helpers' corpus, prepared with one tokenizer."""
-    tmp = tmp_path_factory.mktemp("plan")
-    docs = corpus_file(tmp).read_text(encoding="utf-8").split("\n\n")
-    (tmp / "a.txt").write_text("\n\n".join(docs[:40]), encoding="utf-8")
-    (tmp / "b.txt").write_text("\n\n".join(docs[40:]), encoding="utf-8")
-    prepare_data([tmp / "a.txt"], tmp / "a", vocab_size=400, val_fraction=0.15, workers=1)
-    prepare_data([tmp / "b.txt"], tmp / "b", tokenizer=tmp / "a", val_fraction=0.15, workers=1)
-    return tmp
+    return corpus_halves(tmp_path_factory.mktemp("plan"), 40)
 
 
 def test_epochs_match_the_loader_run_for_the_planned_steps(halves):

@@ -35,6 +35,17 @@ def prepared_corpus(tmp: Path) -> Path:
     return tmp / "prepared"
 
 
+def corpus_halves(tmp: Path, first: int) -> Path:
+    """`tmp`/a and `tmp`/b: `corpus_file`'s first `first` documents and the rest, prepared with one tokenizer (trained
+    on a's); `tmp`/b.txt stays for a caller to prepare otherwise."""
+    docs = corpus_file(tmp).read_text(encoding="utf-8").split("\n\n")
+    (tmp / "a.txt").write_text("\n\n".join(docs[:first]), encoding="utf-8")
+    (tmp / "b.txt").write_text("\n\n".join(docs[first:]), encoding="utf-8")
+    prepare_data([tmp / "a.txt"], tmp / "a", vocab_size=400, val_fraction=0.15, workers=1)
+    prepare_data([tmp / "b.txt"], tmp / "b", tokenizer=tmp / "a", val_fraction=0.15, workers=1)
+    return tmp
+
+
 def run_config(*overrides: str):
     return load_run_config(None, [*MICRO_MODEL, "model.vocab_size=400", *FAST, *overrides])
 
