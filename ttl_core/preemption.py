@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import numbers
 import re
 import signal
 import threading
@@ -63,11 +64,11 @@ def duration_seconds(text: str) -> float:
 class TimeLimit:
     """A wall-clock budget of `seconds`, counted from construction (the start of `train()`: preparing the data and
     building the model count). Asked once per optimizer step, it answers whether the next step and a checkpoint
-    would no longer fit: the slowest step it timed (evaluation included, a save left out) plus the slowest save (the
-    first-save bound above before one was timed)."""
+    would no longer fit: the slowest step it timed (an evaluation included once one ran, a save left out) plus the
+    slowest save (the first-save bound above before one was timed)."""
 
     def __init__(self, seconds: float):
-        if not (isinstance(seconds, (int, float)) and 0 < seconds < math.inf):
+        if not (isinstance(seconds, numbers.Real) and 0 < seconds < math.inf):
             raise ConfigError(f"time_limit must be a positive number of seconds, got {seconds!r}")
         self._checked = monotonic()  # the end of the last step timed
         self.deadline = self._checked + seconds
