@@ -14,7 +14,10 @@ SIGTERM or SIGUSR1 (a scheduler's warning before its time limit: `#SBATCH --sign
 run after the optimizer step in progress, with a checkpoint of that step, and exit status 75 (EX_TEMPFAIL: requeue
 and run again with --resume); Ctrl-C does the same with status 130, and a second Ctrl-C stops at once. Under
 torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGUSR1 (see docs/training.md).
---resume on a run already at train.max_steps says the run is complete and exits 0.
+--resume on a run already at train.max_steps says the run is complete and exits 0. --time-limit 3h30m (also 90m,
+1.5h, 45s, or seconds) stops the same way, with status 75, where a scheduler or notebook kills at a limit without
+warning: after the step at which one more step and a checkpoint would pass that wall clock, counted from the start
+(setup included); each --resume gets the whole limit again.
 
 --plan prints the run's plan and exits without training or writing anything: parameters, tokens, FLOPs, ideal time
 per GPU, memory per process, the epochs over each data source and the evaluations' cost (of the steps left, with
@@ -36,14 +39,14 @@ from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.mixture import check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture, train_loader
-from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
-from ttl_core.preemption import EXIT_STATUS
 from ttl_core.noise_scale import validate_noise_scale
+from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
+from ttl_core.preemption import EXIT_STATUS, duration_seconds
 from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
                                  recorded_data_path)
 from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
-from ttl_core.train import (check_compiler, checkpoint_to_resume, planned_last_step, planned_model_config, resolve_data,
-                            train)
+from ttl_core.train import (check_compiler, checkpoint_to_resume, planned_last_step, planned_model_config,
+                            resolve_data, train)
 
 
 def mfu_fraction(text: str) -> float:
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")
+    parser.add_argument("--time-limit", type=duration_seconds, metavar="DURATION",
+                        help="stop cleanly (a checkpoint, exit status 75) before this much wall clock has passed, "
+                        "e.g. 3h30m, 90m, 45s or 5400 (seconds)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --out (without --data: on the data it records)")
     parser.add_argument("--init-from", help="start from this HF Llama checkpoint instead of random weights")
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the MFU the plan's ideal times assume (default {ASSUMED_MFU})")
     args = parser.parse_args(argv)
     refuse_ignored(parser, args, "without --plan", "--plan-processes", "--plan-mfu", active=not args.plan)
+    refuse_ignored(parser, args, "--plan", "--time-limit")
     if args.out is None and (args.resume or not args.plan):
         parser.error(f"{'--resume' if args.plan else 'training'} needs --out, the run directory")
     launched = os.environ.get("WORLD_SIZE")
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(plan_lines(run, args, args.plan_processes or int(launched or 1))))
         return 0
     result = train(run, args.out, data_dir=args.data, device=args.device, resume=args.resume,
-                   stop_after=args.stop_after, init_from=args.init_from)
+                   stop_after=args.stop_after, init_from=args.init_from, time_limit=args.time_limit)
     if result.checkpoint is not None:
         print(f"step {result.last_step}: loss {result.last_loss:.4f}; checkpoint {result.checkpoint}")
     if result.sample is not None:

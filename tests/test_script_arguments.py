@@ -19,6 +19,7 @@ from ttl_core.data import SAMPLE_CORPUS
 from ttl_core.errors import ConfigError, DataError, TTLError
 from ttl_core.finetune import AGNEWS_LABELS, SAMPLE_DATA, FinetuneConfig
 from ttl_core.instruct import INSTRUCT_DEFAULTS
+from ttl_core.preemption import TIME_LIMIT
 from ttl_core.run_config import load_run_config
 from ttl_core.task_files import TaskSpec
 from ttl_core.tokenizer import Tokenizer
@@ -49,11 +50,13 @@ def test_pretrain_defaults_reach_train(tmp_path, monkeypatch, capsys):
     assert script.main(["--out", str(tmp_path / "run")]) == 0
     [((run, out), kwargs)] = train.calls
     assert run == load_run_config(None, []) and out == str(tmp_path / "run")
-    assert kwargs == dict(data_dir=None, device="cpu", resume=False, stop_after=None, init_from=None)
+    assert kwargs == dict(data_dir=None, device="cpu", resume=False, stop_after=None, init_from=None,
+                          time_limit=None)
     assert capsys.readouterr().out == ""  # nothing trained, nothing to report
 
 
-@pytest.mark.parametrize("stopped_by, status", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("stopped_by, status", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130),
+                                                (TIME_LIMIT, 75)])
 def test_pretrain_stopped_by_a_signal_exits_with_the_documented_status(monkeypatch, stopped_by, status):
     """75 (EX_TEMPFAIL) asks a requeue script to run again with --resume; a Ctrl-C keeps an interrupted program's 130."""
     script = load_script("pretrain")
@@ -71,11 +74,11 @@ def test_pretrain_options_reach_the_config_and_train(tmp_path, monkeypatch, caps
     config = ROOT / "configs" / "tiny.toml"
     assert script.main(["--config", str(config), "--data", "DATA", "--out", "RUN", "--set", "train.max_steps=99",
                         "--max-steps", "7", "--save-every", "3", "--stop-after", "5", "--resume", "--init-from", "INIT",
-                        "--document-masking", "--device", "cuda", "--set", "train.lr=0.002",
+                        "--document-masking", "--device", "cuda", "--set", "train.lr=0.002", "--time-limit", "3h30m",
                         "--set", "train.seed=3"]) == 0
     [((run, out), kwargs)] = train.calls
     assert out == "RUN" and kwargs == dict(data_dir="DATA", device="cuda", resume=True, stop_after=5,
-                                           init_from="INIT")
+                                           init_from="INIT", time_limit=12600)
     tiny = load_run_config(config, [])
     assert run.model == tiny.model and tiny.train.max_steps != 7 and tiny.train.lr != 0.002
     assert (run.train.max_steps, run.train.save_every, run.train.lr, run.train.seed) == (7, 3, 0.002, 3)

@@ -40,7 +40,7 @@ from .model import LlamaForCausalLM
 from .noise_scale import start_noise_scale, validate_noise_scale
 from .optim import build_optimizer, lr_at
 from .plan import announce_epochs, source_plans
-from .preemption import StopOnSignal
+from .preemption import StopOnSignal, TimeLimit
 from .profiling import StepProfiler
 from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
                          recorded_data_path, resumed_model_settings)
@@ -192,25 +192,28 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
 class RunResult:
     """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only), the
     end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0) and the signal that stopped the
-    run early, if one did (see `ttl_core.preemption`)."""
+    run early, or `ttl_core.preemption.TIME_LIMIT`, if one did."""
 
     last_step: int
     last_loss: float | None
     checkpoint: Path | None
     sample: str | None
-    stopped_by: signal.Signals | None = None
+    stopped_by: signal.Signals | str | None = None
 
 
 def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, device: str = "cpu",
-          resume: bool = False, stop_after: int | None = None, init_from: str | None = None) -> RunResult:
+          resume: bool = False, stop_after: int | None = None, init_from: str | None = None,
+          time_limit: float | None = None) -> RunResult:
     """Train `run` into `out_dir`: metrics.jsonl, checkpoints/step-N (HF format + tokenizer + trainer
     state), loss.png, and a sample generation from the final model. Evaluation on val.bin runs every
     `train.eval_every` steps and after the last (never with 0). `resume` continues from the newest complete
     checkpoint (a damaged one is a CheckpointError naming the older one to resume from; there is no silent
     fallback); `stop_after` ends cleanly (with a checkpoint) after that step, and so does SIGTERM, SIGUSR1 or
-    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption); resuming a run already at
+    SIGINT after the step in progress (`RunResult.stopped_by`; see ttl_core.preemption), and so does `time_limit`
+    (seconds of wall clock from this call) before the next step and a checkpoint would pass it; resuming a run at
     `max_steps` trains nothing and returns that step, without a loss or checkpoint. A second run on `out_dir`
     while this one runs is refused; a run refused before its first step leaves no directory it made."""
+    limit = TimeLimit(time_limit) if time_limit is not None else None  # the clock starts here: setup counts
     out_dir = Path(out_dir)
     made = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)  # the top one new
     world = init_world(device)
@@ -222,7 +225,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
                 raise ConfigError(f"{out_dir} is in use by another training run; wait for it to end or choose "
                                   "another --out")
             try:
-                return _train(run, out_dir, data_dir, world, resume, stop_after, init_from)
+                return _train(run, out_dir, data_dir, world, resume, stop_after, init_from, limit)
             except TTLError:
                 # a run refused before its first step was logged (metrics.jsonl absent or empty: a refusal may
                 # come from step 1's forward) leaves no trace: the directories made for it go again, the sample
@@ -236,7 +239,7 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
 
 
 def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, resume: bool,
-           stop_after: int | None, init_from: str | None) -> RunResult:
+           stop_after: int | None, init_from: str | None, time_limit: TimeLimit | None) -> RunResult:
     train = run.train
     check_compiler(world.device, train)
     validate_noise_scale(train, world.size)  # one process with one micro-batch per step has no small batch
@@ -351,7 +354,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         with autocast(world.device, train.dtype), full_parameters(weights) as whole:
             return {**eval_figures(losses, mixture), **task_figures(whole, tasks)}
 
-    stop = StopOnSignal(world)  # SIGTERM, SIGUSR1, Ctrl-C: checkpoint the step in progress and return
+    # SIGTERM, SIGUSR1, Ctrl-C or the time limit: checkpoint the step in progress and return
+    stop = StopOnSignal(world, time_limit, unwrap(model).num_parameters())
     try:
         while step < last_step:
             step += 1
@@ -388,7 +392,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                                    f"perplexity {evals['eval_ppl']:.1f}")
             stopped_by = stop.agreed() if step < last_step else None  # at the last step the run ends anyway
             if step % train.save_every == 0 or step == last_step or stopped_by:
-                saved_at = save(step)
+                with stop.saving():  # timed: the time limit's margin
+                    saved_at = save(step)
             if stopped_by:
                 break
     finally:
@@ -399,7 +404,8 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         profiler.close()  # a run stopped inside the window writes the steps of it that it trained
 
     if stopped_by and world.is_main:
-        print(f"stopped on {stopped_by.name} at step {step}, saved in {saved_at}; continue with --resume")
+        cause = getattr(stopped_by, "name", stopped_by)  # a signal's name, or TIME_LIMIT's words
+        print(f"stopped on {cause} at step {step}, saved in {saved_at}; continue with --resume")
     sample = None
     try:
         if world.is_main:
