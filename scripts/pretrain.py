@@ -36,6 +36,7 @@ from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.mixture import resolve_mixture, train_loader
+from ttl_core.noise_scale import validate_noise_scale
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS
 from ttl_core.run_config import RunConfig, check_resumable, load_run_config, recorded_data_path
@@ -56,6 +57,7 @@ def mfu_fraction(text: str) -> float:
 def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
     """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
     data not prepared yet is named, and the rest planned from the config."""
+    validate_noise_scale(run.train, processes)  # what the run would refuse as it starts, for these processes
     out = Path(args.out) if args.out else None  # --resume needs it (main)
     resume_from = latest_checkpoint(out) if args.resume else None
     trainer_state = read_trainer_state(resume_from) if resume_from is not None else None

@@ -10,6 +10,7 @@ import torch
 
 from helpers import ROOT, load_script
 from train_helpers import corpus_file, run_config, set_arguments
+from ttl_core.cli import run_cli
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
 from ttl_core.metrics import PEAK_BF16_TFLOPS
@@ -213,3 +214,17 @@ def test_under_torchrun_the_plan_is_for_its_world_size_and_printed_once(tmp_path
     for rank, printed in (("1", ""), ("0", "steps 1-200 (200 optimizer steps) on 2 processes\n")):
         monkeypatch.setenv("RANK", rank)
         assert pretrain.main(argv) == 0 and capsys.readouterr().out.startswith(printed)
+
+
+def test_a_plan_refuses_the_noise_scale_its_processes_cannot_measure_as_training_does(capsys):
+    """train.log_noise_scale in one process with one micro-batch per step is refused when the run starts: its plan
+    says so in the same line rather than planning a run that will not start; two processes are planned."""
+    args = ["--plan", *set_arguments("train.log_noise_scale=true", "train.grad_accum_steps=1")]
+    with pytest.raises(SystemExit) as exit:
+        run_cli(pretrain.main, args)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: train.log_noise_scale compares a small batch with the whole step: one "
+                                       "process needs train.grad_accum_steps >= 2 (its first micro-batch is the small "
+                                       "one), got 1; or launch 2 or more with torchrun (each one's own micro-batch)\n")
+    assert pretrain.main([*args, "--plan-processes", "2"]) == 0
+    assert capsys.readouterr().out.startswith("steps 1-")
