@@ -203,8 +203,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "c.png").exists()
 
 
-@pytest.mark.parametrize("metric, shown", [("skipped", "False at step 1, true or false"),
-                                            ("spike", "['loss'] at step 2, a list of names")])
+@pytest.mark.parametrize("metric, shown", [("skipped", "true or false (False at step 1)"),
+                                            ("spike", "a list of names (['loss'] at step 2)")])
 def test_a_flag_or_a_list_of_names_is_refused_as_no_curve_in_one_line(tmp_path, capsys, metric, shown):
     """An fp16 run logs `skipped` at every step, a spike-skipping run `skipped` and `spike` at the steps it skips: a
     flag and a list of names, which ttl wrote so, are named as such, not blamed on the file as a damaged record is."""

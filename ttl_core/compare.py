@@ -139,8 +139,8 @@ def check_metrics(runs: list[Run], metrics: list[str]) -> None:
                        None)
         if flagged:
             (run, r), kind = flagged, "true or false" if isinstance(flagged[1][metric], bool) else "a list of names"
-            raise ConfigError(f"--metric {metric}: {run.path} logs it as {r[metric]!r} at step {r.get('step')}, "
-                              f"{kind}, not a number: there is no curve to draw")
+            raise ConfigError(f"--metric {metric}: {run.path} logs it as {kind} ({r[metric]!r} at step "
+                              f"{r.get('step')}), not a number: there is no curve to draw")
 
 
 def last_and_best(points: list[tuple[float, float]]) -> dict[str, float | None]:
