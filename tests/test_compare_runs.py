@@ -203,6 +203,23 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "c.png").exists()
 
 
+@pytest.mark.parametrize("metric, shown", [("skipped", "true or false (False at step 1)"),
+                                            ("spike", "a list of names (['loss'] at step 2)")])
+def test_a_flag_or_a_list_of_names_is_refused_as_no_curve_in_one_line(tmp_path, capsys, metric, shown):
+    """An fp16 run logs `skipped` at every step, a spike-skipping run `skipped` and `spike` at the steps it skips: a
+    flag and a list of names, which ttl wrote so, are named as such, not blamed on the file as a damaged record is."""
+    records = list(steps(1, 3, batch_tokens=64))
+    records[0]["skipped"] = False
+    records[1].update(skipped=True, spike=["loss"])
+    write_run(tmp_path / "a", *records)
+    with pytest.raises(SystemExit):
+        run_cli(load_script("compare_runs").main, [str(tmp_path / "a"), "--metric", metric, "--out",
+                                                   str(tmp_path / "c.png")])
+    assert capsys.readouterr().err == (f"error: --metric {metric}: {tmp_path / 'a' / 'metrics.jsonl'} logs it as "
+                                       f"{shown}, not a number: there is no curve to draw\n")
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_the_figure_draws_every_runs_curves_and_is_written(tmp_path, monkeypatch):
     """Each run's smoothed loss and eval loss on the top axes, another metric on axes of its own, in one PNG."""
     matplotlib = pytest.importorskip("matplotlib")

@@ -60,16 +60,22 @@ def held_out(tmp: Path) -> list[str]:
             f"train.eval_task_limit={TASK_LIMIT}"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """The data ("prepared", "books", "wiki": `held_out`), a run without the average ("plain"), the same run with it
-    ("ema"), and the latter stopped after step 2 and resumed ("sliced")."""
-    tmp = tmp_path_factory.mktemp("runs")
+def prepare_held_out(tmp: Path) -> list[str]:
+    """`held_out`'s data prepared under `tmp` ("prepared", "books", "wiki"), and its settings."""
     prepared_corpus(tmp)
     for name, val_fraction in (("books", 0.2), ("wiki", 1)):
         (tmp / f"{name}.txt").write_text(articles(name, 40), encoding="utf-8")
         prepare_data([tmp / f"{name}.txt"], tmp / name, tokenizer=tmp / "prepared", val_fraction=val_fraction,
                      workers=1)
+    return held_out(tmp)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The data ("prepared", "books", "wiki": `held_out`), a run without the average ("plain"), the same run with it
+    ("ema"), and the latter stopped after step 2 and resumed ("sliced")."""
+    tmp = tmp_path_factory.mktemp("runs")
+    prepare_held_out(tmp)
     train(run_config(*COMMON, *held_out(tmp)), tmp / "plain")
     train(run_config(*COMMON, *EMA, *held_out(tmp)), tmp / "ema")
     train(run_config(*COMMON, *EMA, *held_out(tmp)), tmp / "sliced", stop_after=2)

@@ -12,6 +12,7 @@ import torch
 
 from helpers import ROOT, load_script, run_torchrun
 from train_helpers import corpus_halves, run_config, set_arguments
+from ttl_core.cli import run_cli
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
@@ -326,3 +327,17 @@ def test_a_compiled_cpu_plan_without_a_compiler_is_refused_as_the_run_is(data_di
     for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
         with pytest.raises(ConfigError, match="train.compile on the CPU needs a C\\+\\+ compiler"):
             pretrain.main([*args, *mode])
+
+
+def test_a_plan_refuses_the_noise_scale_its_processes_cannot_measure_as_training_does(capsys):
+    """train.log_noise_scale in one process with one micro-batch per step is refused when the run starts: its plan
+    says so in the same line rather than planning a run that will not start; two processes are planned."""
+    args = ["--plan", *set_arguments("train.log_noise_scale=true", "train.grad_accum_steps=1")]
+    with pytest.raises(SystemExit) as exit:
+        run_cli(pretrain.main, args)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: train.log_noise_scale compares a small batch with the whole step: one "
+                                       "process needs train.grad_accum_steps >= 2 (its first micro-batch is the small "
+                                       "one), got 1; or launch 2 or more with torchrun (each one's own micro-batch)\n")
+    assert pretrain.main([*args, "--plan-processes", "2"]) == 0
+    assert capsys.readouterr().out.startswith("steps 1-")

@@ -1,6 +1,7 @@
 """Skipping loss and gradient-norm spikes (train.skip_spikes_sigma, ttl_core.spikes): the detector as a pure object
 (threshold, full window first, a level shift, state), and tiny runs whose step 14 trains on a block of random tokens:
-skipped with weights, optimizer state and average left as they were, resumed exactly, alike on two processes."""
+skipped with weights, optimizer state and average left as they were, resumed exactly, alike on two processes; and
+a run with every option that combines with it, resumed exactly and trained alike without its logging."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from helpers import run_torchrun
-from train_helpers import prepared_corpus, run_config, same_weights
+from test_ema import prepare_held_out
+from train_helpers import losses, prepared_corpus, run_config, same_weights
 from ttl_core.checkpoint import load_optimizer_file, read_trainer_state
 from ttl_core.data import PackedLoader, read_meta
 from ttl_core.errors import ConfigError
@@ -329,6 +331,39 @@ def test_two_processes_read_the_same_figures_and_skip_the_same_step(tmp_path, mo
     assert ranks[0] == ranks[1] and len(ranks[0]) == 16
     assert [step for step, (_, _, spike) in enumerate(ranks[0], start=1) if spike] == [SPIKE_STEP]
     assert [r.get("spike") for r in records(out)][SPIKE_STEP - 1] == ["loss"]
+
+
+# spike skipping beside every option that changes training and can be combined in one process (sigma 0.5 over a
+# window of 2 skips often), and those that only log (an average's evaluations, noise scale: steps of 3 micro-batches)
+KITCHEN_SINK = ["train.max_steps=10", "train.eval_every=3", *EVERY, "train.micro_batch_size=2",
+                "train.grad_accum_steps=3", "train.batch_ramp_steps=4", "train.z_loss=1e-4",
+                "train.label_smoothing=0.1", "model.attention_dropout=0.1", "data.document_masking=true",
+                "train.activation_checkpointing=true", "train.skip_spikes_sigma=0.5", "train.skip_spikes_window=2"]
+LOGGING = ["train.ema_decay=0.5", "train.log_grad_norms=true", "train.log_activation_stats=true",
+           "train.log_noise_scale=true"]
+
+
+def test_with_every_option_a_run_resumes_bit_for_bit_and_trains_as_without_its_logging(tmp_path):
+    """A data.mix, a data.eval set and a task beside it: stopped inside the batch ramp (step 2), at a skipped step that
+    evaluates (6) and right after it (7), the run logs what the uninterrupted one logs and ends with its weights and
+    average; without the logging-only options it trains to the same weights."""
+    settings = [*prepare_held_out(tmp_path), *KITCHEN_SINK]
+    train(run_config(*settings, *LOGGING), tmp_path / "whole")
+    for stop in (2, 6, 7, None):
+        torch.manual_seed(stop or 0)  # as in a new process
+        train(run_config(*settings, *LOGGING), tmp_path / "sliced", stop_after=stop, resume=stop != 2)
+    train(run_config(*settings), tmp_path / "quiet")
+    whole, sliced = ([{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
+                      for r in read_metrics(tmp_path / run / "metrics.jsonl")] for run in ("whole", "sliced"))
+    assert whole == sliced
+    skipped = [bool(r.get("skipped")) for r in records(tmp_path / "whole")]
+    assert skipped[5] and not all(skipped) and run_config(*KITCHEN_SINK).train.grad_accum_at(2) < 3, skipped
+    assert {"noise_scale", "grad_norm/embed", "spike"} <= {k for r in whole for k in r}
+    assert {"eval_loss/ema/wiki", "acc/ema/escolhas_pt", "act_rms/layers.1"} <= {k for r in whole for k in r}
+    assert losses(tmp_path / "quiet") == losses(tmp_path / "whole")
+    final, resumed = checkpoint(tmp_path / "whole", 10), checkpoint(tmp_path / "sliced", 10)
+    assert same_weights(final, resumed) and same_weights(final, checkpoint(tmp_path / "quiet", 10))
+    assert same_weights(final / "ema", resumed / "ema")
 
 
 @pytest.mark.parametrize("overrides, message", [

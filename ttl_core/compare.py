@@ -128,11 +128,19 @@ def metric_curve(run: Run, metric: str, tokens: dict[float, int] | None, weight:
 
 def check_metrics(runs: list[Run], metrics: list[str]) -> None:
     """Refuse a metric asked for that no run logs, naming those they do (the default eval_loss is drawn where
-    logged: a run with train.eval_every = 0, or not at its first evaluation yet, has none)."""
+    logged: a run with train.eval_every = 0, or not at its first evaluation yet, has none), and one logged as a flag
+    or a list of names."""
     logged = list(dict.fromkeys(key for run in runs for r in run.records for key in r if key != "step"))
     for metric in metrics:
         if metric not in logged:
             raise ConfigError(f"--metric {metric}: no run logs it; they log {', '.join(logged) or 'nothing yet'}")
+        # the fp16 scaler's and spike skipping's `skipped` and `spike`, as ttl logs them: no damaged record
+        flagged = next(((run, r) for run in runs for r in run.records if isinstance(r.get(metric), (bool, list))),
+                       None)
+        if flagged:
+            (run, r), kind = flagged, "true or false" if isinstance(flagged[1][metric], bool) else "a list of names"
+            raise ConfigError(f"--metric {metric}: {run.path} logs it as {kind} ({r[metric]!r} at step "
+                              f"{r.get('step')}), not a number: there is no curve to draw")
 
 
 def last_and_best(points: list[tuple[float, float]]) -> dict[str, float | None]:
