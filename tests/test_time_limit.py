@@ -55,7 +55,8 @@ def test_durations_read_as_seconds(text, seconds):
     assert duration_seconds(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "0", "0h0m", "3x", "30m3h", "-5", "inf", "nan", "1e3", "h", "3h 30m", "1.h"])
+@pytest.mark.parametrize("text", ["", "0", "0h0m", "3x", "30m3h", "-5", "inf", "nan", "1e3", "h", "3h 30m", "1.h",
+                                  "9" * 400, "9" * 306 + "h"])  # too many digits for a float: infinite
 def test_a_bad_time_limit_is_refused_in_one_line(text, capsys):
     with pytest.raises(argparse.ArgumentTypeError):
         duration_seconds(text)

@@ -55,7 +55,7 @@ def duration_seconds(text: str) -> float:
     or a plain number of seconds (`5400`); more than zero in all."""
     match = DURATION.fullmatch(text.strip().lower())
     seconds = sum(float(part or 0) * size for part, size in zip(match.groups(), (1, 3600, 60, 1))) if match else 0
-    if not seconds > 0:
+    if not 0 < seconds < math.inf:  # so many digits that a float holds them as infinity: no deadline to keep
         raise argparse.ArgumentTypeError(f"expected a duration such as 3h30m, 90m, 1.5h, 45s or 5400 (seconds), "
                                          f"more than zero, got {text!r}")
     return seconds
