@@ -29,7 +29,7 @@ import ttl_core.train as ttl_train
 from ttl_core.train import train
 
 RUN = ("train.max_steps=5", "train.save_every=100")  # test_preemption's `straight` run
-STEP_S, LIMIT_S = 60.0, 300.0
+STEP_S, LIMIT_S, PLOT_S = 60.0, 300.0, 50.0
 pretrain = load_script("pretrain")
 # test_preemption's fixtures, here too: its uninterrupted run, and Ctrl-C sent as a terminal sends it
 straight, ctrl_c_as_in_a_terminal = test_preemption.straight, test_preemption.ctrl_c_as_in_a_terminal
@@ -37,10 +37,12 @@ straight, ctrl_c_as_in_a_terminal = test_preemption.straight, test_preemption.ct
 
 def fake_clock(monkeypatch, save_s: float, setup_s: float = 0.0) -> list[float]:
     """Replace the time limit's clock by one that each optimizer step moves by STEP_S, each checkpoint's save by
-    `save_s` and building the model by `setup_s` seconds; [now] is returned, for a test to read or move."""
+    `save_s`, building the model by `setup_s` and drawing loss.png by PLOT_S seconds; [now] is returned, for a test
+    to read or move."""
     now = [0.0]
     monkeypatch.setattr(preemption, "monotonic", lambda: now[0])
-    for name, seconds in (("train_step", STEP_S), ("save_checkpoint", save_s), ("build_or_load_model", setup_s)):
+    for name, seconds in (("train_step", STEP_S), ("save_checkpoint", save_s), ("build_or_load_model", setup_s),
+                          ("plot_metrics", PLOT_S)):
         def advancing(*args, real=getattr(ttl_train, name), seconds=seconds, **kwargs):
             now[0] += seconds
             return real(*args, **kwargs)
@@ -113,7 +115,8 @@ def test_a_run_stops_when_its_next_step_and_a_save_would_not_fit(tmp_path, data_
         str(stopped_at))
     assert (f"stopped on the time limit at step {stopped_at}, saved in {result.checkpoint}; continue with --resume"
             in capsys.readouterr().out)
-    assert now[0] <= limit_s or stopped_at == 1  # the stop's checkpoint was saved in time
+    assert now[0] <= limit_s or stopped_at == 1  # the run ended in time, loss.png left to the resumed run
+    assert not (tmp_path / "loss.png").exists()
 
 
 CLOCKED = """
