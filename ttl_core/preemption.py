@@ -68,7 +68,8 @@ class TimeLimit:
     slowest save (the first-save bound above before one was timed)."""
 
     def __init__(self, seconds: float):
-        if not (isinstance(seconds, numbers.Real) and 0 < seconds < math.inf):
+        # a bool is a Real (True: one second), as JSON and TOML let it pass for a number; no limit means it
+        if not (isinstance(seconds, numbers.Real) and not isinstance(seconds, bool) and 0 < seconds < math.inf):
             raise ConfigError(f"time_limit must be a positive number of seconds, got {seconds!r}")
         self._checked = monotonic()  # the end of the last step timed
         self.deadline = self._checked + seconds
