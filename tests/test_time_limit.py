@@ -74,7 +74,8 @@ def test_a_time_limit_beside_plan_or_not_positive_is_refused(tmp_path, capsys):
         pretrain.main(["--plan", "--time-limit", "1h"])
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
         "--time-limit has no effect with --plan")
-    for seconds in (0, -1.0, float("nan"), float("inf"), "1h", True):  # True would be a limit of one second
+    # True would be a limit of one second; 10**400 seconds overflow a float deadline
+    for seconds in (0, -1.0, float("nan"), float("inf"), "1h", True, 10**400):
         with pytest.raises(ConfigError, match=f"^time_limit must be a positive number of seconds, got {seconds!r}$"):
             train(run_config(*RUN), tmp_path / "run", time_limit=seconds)
     assert not (tmp_path / "run").exists()

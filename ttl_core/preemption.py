@@ -23,6 +23,7 @@ import math
 import numbers
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from time import monotonic  # by name: the tests replace this module's clock
@@ -68,8 +69,10 @@ class TimeLimit:
     slowest save (the first-save bound above before one was timed)."""
 
     def __init__(self, seconds: float):
-        # a bool is a Real (True: one second), as JSON and TOML let it pass for a number; no limit means it
-        if not (isinstance(seconds, numbers.Real) and not isinstance(seconds, bool) and 0 < seconds < math.inf):
+        # a bool is a Real (True: one second), as JSON and TOML let it pass for a number; no limit means it. The
+        # bound is a float's: a larger int would overflow the deadline's arithmetic
+        if not (isinstance(seconds, numbers.Real) and not isinstance(seconds, bool)
+                and 0 < seconds < sys.float_info.max):
             raise ConfigError(f"time_limit must be a positive number of seconds, got {seconds!r}")
         self._checked = monotonic()  # the end of the last step timed
         self.deadline = self._checked + seconds
