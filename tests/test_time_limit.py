@@ -29,7 +29,7 @@ import ttl_core.train as ttl_train
 from ttl_core.train import train
 
 RUN = ("train.max_steps=5", "train.save_every=100")  # test_preemption's `straight` run
-STEP_S, LIMIT_S = 60.0, 300.0
+STEP_S, LIMIT_S, PLOT_S = 60.0, 300.0, 50.0
 pretrain = load_script("pretrain")
 # test_preemption's fixtures, here too: its uninterrupted run, and Ctrl-C sent as a terminal sends it
 straight, ctrl_c_as_in_a_terminal = test_preemption.straight, test_preemption.ctrl_c_as_in_a_terminal
@@ -37,10 +37,12 @@ straight, ctrl_c_as_in_a_terminal = test_preemption.straight, test_preemption.ct
 
 def fake_clock(monkeypatch, save_s: float, setup_s: float = 0.0) -> list[float]:
     """Replace the time limit's clock by one that each optimizer step moves by STEP_S, each checkpoint's save by
-    `save_s` and building the model by `setup_s` seconds; [now] is returned, for a test to read or move."""
+    `save_s`, building the model by `setup_s` and drawing loss.png by PLOT_S seconds; [now] is returned, for a test
+    to read or move."""
     now = [0.0]
     monkeypatch.setattr(preemption, "monotonic", lambda: now[0])
-    for name, seconds in (("train_step", STEP_S), ("save_checkpoint", save_s), ("build_or_load_model", setup_s)):
+    for name, seconds in (("train_step", STEP_S), ("save_checkpoint", save_s), ("build_or_load_model", setup_s),
+                          ("plot_metrics", PLOT_S)):
         def advancing(*args, real=getattr(ttl_train, name), seconds=seconds, **kwargs):
             now[0] += seconds
             return real(*args, **kwargs)
@@ -55,7 +57,8 @@ def test_durations_read_as_seconds(text, seconds):
     assert duration_seconds(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "0", "0h0m", "3x", "30m3h", "-5", "inf", "nan", "1e3", "h", "3h 30m", "1.h"])
+@pytest.mark.parametrize("text", ["", "0", "0h0m", "3x", "30m3h", "-5", "inf", "nan", "1e3", "h", "3h 30m", "1.h",
+                                  "9" * 400, "9" * 306 + "h"])  # too many digits for a float: infinite
 def test_a_bad_time_limit_is_refused_in_one_line(text, capsys):
     with pytest.raises(argparse.ArgumentTypeError):
         duration_seconds(text)
@@ -71,7 +74,8 @@ def test_a_time_limit_beside_plan_or_not_positive_is_refused(tmp_path, capsys):
         pretrain.main(["--plan", "--time-limit", "1h"])
     assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
         "--time-limit has no effect with --plan")
-    for seconds in (0, -1.0, float("nan"), float("inf"), "1h"):
+    # True would be a limit of one second; 10**400 seconds overflow a float deadline
+    for seconds in (0, -1.0, float("nan"), float("inf"), "1h", True, 10**400):
         with pytest.raises(ConfigError, match=f"^time_limit must be a positive number of seconds, got {seconds!r}$"):
             train(run_config(*RUN), tmp_path / "run", time_limit=seconds)
     assert not (tmp_path / "run").exists()
@@ -112,7 +116,8 @@ def test_a_run_stops_when_its_next_step_and_a_save_would_not_fit(tmp_path, data_
         str(stopped_at))
     assert (f"stopped on the time limit at step {stopped_at}, saved in {result.checkpoint}; continue with --resume"
             in capsys.readouterr().out)
-    assert now[0] <= limit_s or stopped_at == 1  # the stop's checkpoint was saved in time
+    assert now[0] <= limit_s or stopped_at == 1  # the run ended in time, loss.png left to the resumed run
+    assert not (tmp_path / "loss.png").exists()
 
 
 CLOCKED = """

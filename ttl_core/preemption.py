@@ -23,6 +23,7 @@ import math
 import numbers
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from time import monotonic  # by name: the tests replace this module's clock
@@ -55,7 +56,7 @@ def duration_seconds(text: str) -> float:
     or a plain number of seconds (`5400`); more than zero in all."""
     match = DURATION.fullmatch(text.strip().lower())
     seconds = sum(float(part or 0) * size for part, size in zip(match.groups(), (1, 3600, 60, 1))) if match else 0
-    if not seconds > 0:
+    if not 0 < seconds < math.inf:  # so many digits that a float holds them as infinity: no deadline to keep
         raise argparse.ArgumentTypeError(f"expected a duration such as 3h30m, 90m, 1.5h, 45s or 5400 (seconds), "
                                          f"more than zero, got {text!r}")
     return seconds
@@ -68,7 +69,10 @@ class TimeLimit:
     slowest save (the first-save bound above before one was timed)."""
 
     def __init__(self, seconds: float):
-        if not (isinstance(seconds, numbers.Real) and 0 < seconds < math.inf):
+        # a bool is a Real (True: one second), as JSON and TOML let it pass for a number; no limit means it. The
+        # bound is a float's: a larger int would overflow the deadline's arithmetic
+        if not (isinstance(seconds, numbers.Real) and not isinstance(seconds, bool)
+                and 0 < seconds < sys.float_info.max):
             raise ConfigError(f"time_limit must be a positive number of seconds, got {seconds!r}")
         self._checked = monotonic()  # the end of the last step timed
         self.deadline = self._checked + seconds

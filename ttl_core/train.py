@@ -40,7 +40,7 @@ from .model import LlamaForCausalLM
 from .noise_scale import start_noise_scale, validate_noise_scale
 from .optim import build_optimizer, lr_at
 from .plan import announce_epochs, source_plans
-from .preemption import StopOnSignal, TimeLimit
+from .preemption import TIME_LIMIT, StopOnSignal, TimeLimit
 from .profiling import StepProfiler
 from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
                          recorded_data_path, resumed_model_settings)
@@ -408,7 +408,9 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         print(f"stopped on {cause} at step {step}, saved in {saved_at}; continue with --resume")
     sample = None
     try:
-        if world.is_main:
+        # a stop at the time limit leaves loss.png to the run resuming it: drawing it (matplotlib's import alone, a
+        # second) is in no margin, and would end the run past its limit
+        if world.is_main and stopped_by != TIME_LIMIT:
             plot_metrics(out_dir)
             if step == train.max_steps and saved_at is not None and train.sample_tokens > 0:
                 sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
