@@ -14,10 +14,10 @@ SIGTERM or SIGUSR1 (a scheduler's warning before its time limit: `#SBATCH --sign
 run after the optimizer step in progress, with a checkpoint of that step, and exit status 75 (EX_TEMPFAIL: requeue
 and run again with --resume); Ctrl-C does the same with status 130, and a second Ctrl-C stops at once. Under
 torchrun, add --signals-to-handle SIGTERM,SIGINT,SIGUSR1 to have it forward SIGUSR1 (see docs/training.md).
---resume on a run already at train.max_steps says the run is complete and exits 0. --time-limit 3h30m (also 90m,
-1.5h, 45s, or seconds) stops the same way, with status 75, where a scheduler or notebook kills at a limit without
-warning: after the step at which one more step and a checkpoint would pass that wall clock, counted from the start
-(setup included); each --resume gets the whole limit again.
+--resume on a run already at train.max_steps says the run is complete and exits 0. --time-limit 3h30m (also 90m, 1.5h,
+45s, or seconds) stops the same way, with status 75, where a scheduler or notebook kills at a limit without warning:
+after the step at which one more step and a checkpoint would pass that wall clock, counted from train()'s start
+(preparing the data and the model included); each --resume gets the whole limit again.
 
 --plan prints the run's plan and exits without training or writing anything: parameters, tokens, FLOPs, ideal time
 per GPU, memory per process, the epochs over each data source and the evaluations' cost (of the steps left, with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -42,6 +43,21 @@ def run_snippet(code: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     return done, [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
+
+
+def forked_exit_codes(target: Callable, rank_args: list[tuple]) -> list[int | None]:
+    """The exit codes of `target(*args)` run in a forked process for each of `rank_args` (ranks of a gloo group, say),
+    all started before any is waited for; one still running after a minute (left waiting at a collective) is killed
+    rather than left to outlive the test."""
+    fork = multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=target, args=args) for args in rank_args]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=60)
+        if rank.is_alive():
+            rank.kill()
+    return [rank.exitcode for rank in ranks]
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ chosen step (a wrapped train_step), never by a timer racing the steps."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import ROOT, free_port
+from helpers import ROOT, forked_exit_codes, free_port
 from train_helpers import corpus_file, losses, run_config, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.data import prepare_data
@@ -206,16 +205,9 @@ def _agree_on_two_ranks(rank: int, signum: int, store: str) -> None:
 def test_ranks_agree_on_the_largest_signal_any_of_them_received(tmp_path, received, agreed):
     """Every rank reports the same signal, hence exits with the same status: the largest number any rank got
     (torchrun and SLURM signal every rank, often with the same one)."""
-    fork = multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=_agree_on_two_ranks, args=(rank, signum, str(tmp_path / "store")))
-             for rank, signum in enumerate(received)]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join(timeout=60)
-        if rank.is_alive():  # a rank left waiting at the collective must not outlive the test
-            rank.kill()
-    assert [rank.exitcode for rank in ranks] == [int(agreed)] * 2
+    codes = forked_exit_codes(_agree_on_two_ranks, [(rank, signum, str(tmp_path / "store"))
+                                                    for rank, signum in enumerate(received)])
+    assert codes == [int(agreed)] * 2
 
 
 SIGNALLER = """

@@ -5,7 +5,6 @@ steps and the saves move, each by a chosen number of seconds, so that the step a
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import ROOT, load_script, run_torchrun
+from helpers import ROOT, forked_exit_codes, load_script, run_torchrun
 import test_preemption
 from test_preemption import signal_during_step
 from train_helpers import losses, run_config, same_weights, set_arguments
@@ -199,16 +198,10 @@ def _agree_on_two_ranks(rank: int, out_of_time: bool, signum: int, store: str) -
                                                            ((True, False), (0, signal.SIGUSR1), signal.SIGUSR1),
                                                            ((False, False), (0, 0), 0)])
 def test_ranks_agree_on_the_time_limit_of_any_and_a_signal_goes_first(tmp_path, out_of_time, received, agreed):
-    fork = multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=_agree_on_two_ranks, args=(rank, out_of_time[rank], received[rank],
-                                                            str(tmp_path / "store"))) for rank in (0, 1)]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join(timeout=60)
-        if rank.is_alive():  # a rank left waiting at the collective must not outlive the test
-            rank.kill()
-    assert [rank.exitcode for rank in ranks] == [int(agreed)] * 2
+    store = str(tmp_path / "store")
+    codes = forked_exit_codes(_agree_on_two_ranks,
+                              [(rank, out_of_time[rank], received[rank], store) for rank in (0, 1)])
+    assert codes == [int(agreed)] * 2
 
 
 @pytest.mark.slow
