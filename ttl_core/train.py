@@ -336,15 +336,16 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     loss = stopped_by = None
 
     def save(at_step: int) -> Path | None:
-        model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
-        rng_states, ema_state = full_rng_states(world), ema.full_state() if ema else None
-        noise_state = {"noise_scale": noise.state_dict()} if noise else {}
-        spike_state = {"spikes": spikes.state_dict()} if spikes else {}
-        return on_rank_0(world, lambda: save_checkpoint(
-            out_dir, at_step, unwrap(model), model_state, optimizer_state,
-            {"data": loader.state_dict(), "config": recorded_config, **noise_state, **spike_state}, tokenizer,
-            keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None, rng_states=rng_states,
-            ema_state=ema_state))
+        with stop.saving():  # timed: the time limit's margin
+            model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
+            rng_states, ema_state = full_rng_states(world), ema.full_state() if ema else None
+            noise_state = {"noise_scale": noise.state_dict()} if noise else {}
+            spike_state = {"spikes": spikes.state_dict()} if spikes else {}
+            return on_rank_0(world, lambda: save_checkpoint(
+                out_dir, at_step, unwrap(model), model_state, optimizer_state,
+                {"data": loader.state_dict(), "config": recorded_config, **noise_state, **spike_state}, tokenizer,
+                keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None,
+                rng_states=rng_states, ema_state=ema_state))
 
     def eval_record(weights: torch.nn.Module) -> dict[str, float]:
         # the losses first: FSDP sets a model up in its root's first forward, which scoring through its submodules
@@ -390,10 +391,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
                                    f"perplexity {evals['eval_ppl']:.1f}")
+            # a step due for a checkpoint saves before the stop is agreed, so that the time limit, asked there,
+            # has only the next step and its checkpoint left to fit
+            if due := step % train.save_every == 0 or step == last_step:
+                saved_at = save(step)
             stopped_by = stop.agreed() if step < last_step else None  # at the last step the run ends anyway
-            if step % train.save_every == 0 or step == last_step or stopped_by:
-                with stop.saving():  # timed: the time limit's margin
-                    saved_at = save(step)
+            if stopped_by and not due:
+                saved_at = save(step)
             if stopped_by:
                 break
     finally:
