@@ -19,7 +19,7 @@ from ttl_core.errors import ConfigError, DataError
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.plan import make_plan, repeat_warning, source_plans
+from ttl_core.plan import BYTES, count, make_plan, repeat_warning, source_plans
 from ttl_core.run_config import load_run_config
 from ttl_core.train import train
 
@@ -63,6 +63,12 @@ def test_ttl_160m_recipe_plan_on_8_processes_with_fsdp_muon_and_ema():
                            "the average (EMA)": 4 * total // 8}
     hours = plan.flops_per_token * plan.tokens / (PEAK_BF16_TFLOPS["H100"] * 1e12 * 0.4 * 8) / 3600
     assert plan.ideal_hours(PEAK_BF16_TFLOPS["H100"], 0.4) == pytest.approx(hours, rel=1e-12)
+
+
+def test_a_count_that_rounds_up_to_the_next_suffix_is_shown_in_it():
+    """999,600 rounds to 3 digits as 1000K: shown 1M, not 1e+03K."""
+    assert [count(n) for n in (512, 999.6, 999_499, 999_600)] == ["512", "1K", "999K", "1M"]
+    assert [count(n, BYTES) for n in (2.6e9, 999.7e9)] == ["2.6GB", "1TB"]
 
 
 def test_tokens_follow_the_batch_ramp():

@@ -124,7 +124,7 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:
     """A large count in short: 3.5M, 1.2B (bytes with the suffixes ("TB", "GB", "MB", "KB"): 2.6GB)."""
     for size, suffix in zip((1e12, 1e9, 1e6, 1e3), suffixes):
-        if n >= size:
+        if float(f"{n / size:.3g}") >= 1:  # as shown: 999,600 is 1M, not 1e+03K
             return f"{n / size:.3g}{suffix}"
     return f"{n:.3g}"
 
