@@ -97,7 +97,8 @@ class TimeLimit:
         return self.slowest_step + (self.first_save if self.slowest_save is None else self.slowest_save)
 
     def out_of_time(self) -> bool:
-        """Whether the next step and a checkpoint would end past the limit; called once per step, after it."""
+        """Whether the next step and a checkpoint would end past the limit; called once per step, after it and the
+        checkpoint it is due for, if any (else that save would be in no margin)."""
         now = monotonic()
         self.slowest_step = max(self.slowest_step, now - self._checked - self._saving)
         self._checked, self._saving = now, 0.0
