@@ -83,8 +83,9 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
         mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
         recorded = recorded_data_path(saved_run)
         if mixture or args.data or run.data.path or recorded or (out and (out / "data" / "meta.json").exists()):
+            # one process finds the data (RUN/data included) as rank 0 would: the plan has no group for collectives
             data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
-                run, args.data, out, world, config.vocab_size, recorded and (resume_from, recorded))
+                run, args.data, out, World(0, 1, world.device), config.vocab_size, recorded and (resume_from, recorded))
             loader = train_loader(mixture or data_path, run.train, world)
         else:
             missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"

@@ -6,6 +6,7 @@ is left; bad flags in one line."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -136,6 +137,14 @@ def test_plan_writes_nothing_and_names_the_data_not_prepared(tmp_path, capsys):
     assert f"data: not planned: the bundled sample corpus is prepared into {out}/data when the run starts" in printed
     assert "training tokens: 204,800 (205K), 0.0521 per parameter (compute-optimal is about 20" in printed
     assert "ideal time at 40% MFU (an assumption" in printed
+
+
+def test_a_plan_for_2_processes_finds_the_data_prepared_in_the_run_directory(data_dir, tmp_path, capsys):
+    """RUN/data, where a run without --data prepares the sample corpus: found without the collective a run's rank 0
+    prepares it under (the plan has no process group: that was a traceback)."""
+    shutil.copytree(data_dir, tmp_path / "run" / "data")
+    assert pretrain.main(["--out", str(tmp_path / "run"), "--plan", "--plan-processes", "2", *set_arguments()]) == 0
+    assert f"data: {tmp_path / 'run' / 'data' / 'train.bin'}, " in capsys.readouterr().out
 
 
 def test_the_160m_recipes_printed_times_and_memory(capsys):
