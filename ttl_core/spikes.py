@@ -50,7 +50,7 @@ def validate_spikes(t: TrainConfig) -> None:
 
 
 class SpikeDetector:
-    """The last `window` losses and gradient norms, and the decision whether a step's spike above them."""
+    """The last `window` losses and gradient norms, and the decision whether a step's figures spike above them."""
 
     def __init__(self, sigma: float, window: int, state: dict[str, list[float]] | None = None):
         self.sigma = sigma
