@@ -37,6 +37,7 @@ from ttl_core.benchmark import positive_int
 from ttl_core.checkpoint import read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
+from ttl_core.ema import check_average_names
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.mixture import check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture, train_loader
 from ttl_core.noise_scale import validate_noise_scale
@@ -97,8 +98,10 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
             check_same_tokenizer(Path(resume_from or args.init_from), tokenizer, data_path, resume_from is not None)
         check_run_fits_model(config, run.train, tokenizer, data_path, False)
         eval_sets = resolve_eval_sets(run, data_path, mixture)
+        evaluated = evaluated_dirs(data_path, mixture, eval_sets)
+        check_average_names(evaluated, run.train.ema_decay)  # a resumed mixture's names too
         try:  # a validation split too small for the processes' global batch, or none: named as the data's are
-            check_eval_splits(evaluated_dirs(data_path, mixture, eval_sets), eval_sets, run, world)
+            check_eval_splits(evaluated, eval_sets, run, world)
         except (ConfigError, DataError) as e:
             missing_eval = str(e)
     if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import ROOT, run_torchrun
+from helpers import ROOT, load_script, run_torchrun
 from test_eval_sets import articles, eval_setting
 from test_eval_tasks import QUESTIONS, task_setting
 from test_mixture import mix_setting
@@ -283,6 +283,20 @@ def test_a_run_resumed_without_an_average_starts_it_from_the_resumed_weights(run
 def test_bad_settings_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message):
         run_config(*EMA, override)
+
+
+def test_an_average_is_refused_for_a_resumed_mixture_with_a_source_named_ema(data_dir, tmp_path):
+    """The mixture comes from the checkpoint, not the config, which validation saw: its source 'ema' would log
+    eval_loss/ema beside the average's eval_loss/ema (the average's overwrote it, eval_ppl/ema left the source's)."""
+    mix = f'data.mix={{ema={{path="{data_dir}",weight=1}}}}'
+    train(run_config(*COMMON, mix), tmp_path / "run", stop_after=2)
+    refusal = r"^a data.mix source or data.eval set named 'ema' would log eval_loss/ema"
+    with pytest.raises(ConfigError, match=refusal):
+        train(run_config(*COMMON, *EMA), tmp_path / "run", resume=True)
+    with pytest.raises(ConfigError, match=refusal):  # and its plan
+        load_script("pretrain").main(["--plan", "--out", str(tmp_path / "run"), "--resume", *set_arguments(*COMMON,
+                                                                                                          *EMA)])
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
 # an evaluation at every step and a checkpoint every other one: under FSDP an evaluation of the average after one of

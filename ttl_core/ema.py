@@ -21,12 +21,13 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from .checkpoint import EMA_DIR
 from .distributed import World, full_model_state, unwrap, wrap_model
+from .errors import ConfigError
 from .hf import load_pretrained
 
 
@@ -47,6 +48,14 @@ def averaged_names(figures: dict[str, float]) -> dict[str, float]:
     acc_norm/ema/NAME of a task); no perplexities, each the exp of a loss logged beside it."""
     return {f"{kind}/ema{sep}{name}": value for key, value in figures.items()
             for kind, sep, name in [key.partition("/")] if kind != "eval_ppl"}
+
+
+def check_average_names(names: Iterable[str], decay: float) -> None:
+    """With an average (`decay`), refuse a data.mix source or data.eval set named ema or ema/NAME: its eval_loss/NAME
+    would be one of the average's (`averaged_names`). The config's names, and a resumed run's mixture recorded."""
+    if decay and (clash := next((name for name in names if name.split("/")[0] == "ema"), "")):
+        raise ConfigError(f"a data.mix source or data.eval set named {clash!r} would log eval_loss/{clash}, a name "
+                          "train.ema_decay keeps for the average's figures (ttl_core.ema): rename it")
 
 
 class WeightEMA:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, RUNTIME_FIELDS, LlamaConfig
+from .ema import check_average_names
 from .errors import ConfigError, is_integer, is_number
 from .noise_scale import validate_noise_scale
 from .spikes import validate_spikes
@@ -266,9 +267,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must lie in [0, 1) (0: no average of the weights), got {t.ema_decay}")
-    if t.ema_decay and (clash := next((n for n in {**run.data.mix, **run.data.eval} if n.split("/")[0] == "ema"), "")):
-        raise ConfigError(f"a data.mix source or data.eval set named {clash!r} would log eval_loss/{clash}, a name "
-                          "train.ema_decay keeps for the average's figures (ttl_core.ema): rename it")
+    check_average_names([*run.data.mix, *run.data.eval], t.ema_decay)
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr must lie in [0, lr={t.lr}], got {t.min_lr}")
     if len(t.betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in t.betas):

@@ -29,7 +29,7 @@ from .data import SAMPLE_CORPUS, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0, unwrap,
                           wrap_model)
-from .ema import start_ema
+from .ema import check_average_names, start_ema
 from .errors import ConfigError, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
@@ -270,6 +270,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
     eval_sets = resolve_eval_sets(run, data_path, mixture)
     evaluated = evaluated_dirs(data_path, mixture, eval_sets)
+    check_average_names(evaluated, train.ema_decay)  # a resumed mixture's names too, which the config does not give
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
     recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
