@@ -38,7 +38,7 @@ from ttl_core.checkpoint import read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.ema import check_average_names
-from ttl_core.errors import ConfigError, DataError
+from ttl_core.errors import DataNotReady
 from ttl_core.mixture import check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture, train_loader
 from ttl_core.noise_scale import validate_noise_scale
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
@@ -90,19 +90,19 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
             loader = train_loader(mixture or data_path, run.train, world)
         else:
             missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"
-    except (ConfigError, DataError) as e:  # data not prepared, or too small: the rest is planned all the same
+    except DataNotReady as e:  # not prepared yet, or too small: the rest is planned all the same (refusals raise)
         missing = str(e)
     if data_path is not None:  # a model that cannot serve the data is the run's refusal, whatever the processes
         tokenizer = Tokenizer.from_pretrained(data_path)
         if resume_from or args.init_from:
             check_same_tokenizer(Path(resume_from or args.init_from), tokenizer, data_path, resume_from is not None)
         check_run_fits_model(config, run.train, tokenizer, data_path, False)
-        eval_sets = resolve_eval_sets(run, data_path, mixture)
-        evaluated = evaluated_dirs(data_path, mixture, eval_sets)
-        check_average_names(evaluated, run.train.ema_decay)  # a resumed mixture's names too
-        try:  # a validation split too small for the processes' global batch, or none: named as the data's are
+        try:  # an eval set not prepared, a validation split too small for the global batch, or none: named
+            eval_sets = resolve_eval_sets(run, data_path, mixture)
+            evaluated = evaluated_dirs(data_path, mixture, eval_sets)
+            check_average_names(evaluated, run.train.ema_decay)  # a resumed mixture's names too
             check_eval_splits(evaluated, eval_sets, run, world)
-        except (ConfigError, DataError) as e:
+        except DataNotReady as e:
             missing_eval = str(e)
     if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
         loader.load_state_dict(trainer_state["data"])

@@ -356,3 +356,42 @@ def test_a_plan_refuses_the_noise_scale_its_processes_cannot_measure_as_training
                                        "one), got 1; or launch 2 or more with torchrun (each one's own micro-batch)\n")
     assert pretrain.main([*args, "--plan-processes", "2"]) == 0
     assert capsys.readouterr().out.startswith("steps 1-")
+
+
+def test_a_plan_refuses_the_data_the_run_refuses_and_names_only_data_not_prepared(halves, tmp_path, capsys):
+    """--data beside a data.mix, a resumed mixture run given other data, and a damaged train split are the run's
+    refusals, not data to prepare: the plan refuses them alike; a mixture source without meta.json is named."""
+    mix = "data.mix={a = {path = \"%s\", weight = 3}, b = {path = \"%s\", weight = 1}}" % (halves / "a", halves / "b")
+    run_dir = tmp_path / "run"
+    train(run_config(mix, "train.max_steps=4"), run_dir, stop_after=1)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(halves / "a", damaged)
+    with open(damaged / "train.bin", "ab") as f:
+        f.write(b"\0")  # half a token more than meta.json records
+    for args, refusal in [
+        (["--data", str(halves / "a"), *set_arguments(mix)], "names one data directory, but the config sets a data.mix"),
+        (["--out", str(run_dir), "--resume", "--data", str(halves / "a"), *set_arguments("train.max_steps=4")],
+         "was trained on a data mixture (a, b)"),
+        (["--data", str(damaged), *set_arguments()], "train.bin: "),
+    ]:
+        with pytest.raises((ConfigError, DataError), match=re.escape(refusal)):
+            pretrain.main(["--plan", *args])
+    unprepared = "data.mix={a = {path = \"%s\", weight = 1}}" % (tmp_path / "missing")
+    assert pretrain.main(["--plan", *set_arguments(unprepared)]) == 0
+    assert (f"data: not planned: data.mix source 'a': {tmp_path / 'missing'} is not a prepared data directory (no "
+            "meta.json)") in capsys.readouterr().out
+    held_out = "data.eval={wiki = \"%s\"}" % (tmp_path / "missing")  # an eval set not prepared yet: named too
+    assert pretrain.main(["--plan", "--data", str(halves / "a"), *set_arguments(held_out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-2].startswith(
+        f"eval: not planned: data.eval set 'wiki': {tmp_path / 'missing'} is not a prepared data directory")
+
+
+def test_a_resumed_plan_prints_the_plan_alone(data_dir, tmp_path, capsys):
+    """A resume without --data continues on the directory the checkpoint records: the plan's data line names it, and
+    nothing is printed above the plan."""
+    train(run_config("train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), stop_after=1)
+    capsys.readouterr()
+    assert pretrain.main(["--out", str(tmp_path / "run"), "--resume", "--plan", *set_arguments("train.max_steps=4")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "steps 2-4 (3 optimizer steps) on 1 process, resumed from step 1"
+    assert lines[7].startswith(f"data: {data_dir / 'train.bin'}, ")

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .documents import count_documents, read_documents
-from .errors import DataError, is_integer
+from .errors import DataError, DataNotReady, is_integer
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer import Tokenizer
 from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer
@@ -434,7 +434,7 @@ class PackedLoader:
         self.batches_per_epoch = self.n_blocks // global_batch
         if self.batches_per_epoch == 0:  # a global batch of several processes: which product it is, and a remedy
             several = world_size > 1
-            raise DataError(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch"
+            raise DataNotReady(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch"
                             f"{_split_batch(global_batch, world_size) if several else ''} needs "
                             f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
                             f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "

@@ -47,6 +47,11 @@ class DataError(TTLError):
     """Input data (text files, token files, task files) is empty, malformed or inconsistent."""
 
 
+class DataNotReady(ConfigError, DataError):
+    """Data a run needs is not prepared yet (no meta.json, no validation split), or a split holds no global batch:
+    the run refuses it, its plan (`scripts/pretrain.py --plan`) names it and plans the rest."""
+
+
 class TokenizerError(TTLError):
     """A tokenizer file is missing or of an unsupported kind."""
 

@@ -22,7 +22,7 @@ import torch
 
 from .data import PackedLoader, fingerprint_tokenizer, read_meta
 from .distributed import World
-from .errors import ConfigError, DataError, is_integer
+from .errors import ConfigError, DataError, DataNotReady, is_integer
 from .metrics import perplexity
 from .run_config import RunConfig, TrainConfig, recorded_data_setting
 from .tokenizer import Tokenizer
@@ -92,7 +92,7 @@ def check_tokenized_alike(paths: dict[str, Path], what: str, need: str, referenc
     expected = (reference, tokens(reference)) if reference else None
     for name, path in paths.items():
         if not (path / "meta.json").is_file():
-            raise ConfigError(f"{what} {name!r}: {path} is not a prepared data directory (no meta.json); run "
+            raise DataNotReady(f"{what} {name!r}: {path} is not a prepared data directory (no meta.json); run "
                               f"scripts/prepare_data.py")
         found = tokens(path)
         expected = expected or (path, found)
@@ -228,13 +228,13 @@ def check_eval_split(data_path: Path, run: RunConfig, world: World, eval_set: st
     val = data_path / "val.bin"
     if not val.is_file() or val.stat().st_size == 0:
         what = "val.bin is empty" if val.is_file() else "no val.bin"
-        raise ConfigError(f"{where}{data_path} has no validation split ({what}); {skip}, or prepare "
+        raise DataNotReady(f"{where}{data_path} has no validation split ({what}); {skip}, or prepare "
                           f"{'it' if eval_set else 'the data'} with a --val-fraction that holds out documents"
                           f"{' (1: all)' if eval_set else ''}")
     try:
         val_loader(data_path, run, world)
     except DataError as e:  # the train split opened: this is the validation split's alone, and avoidable
-        raise DataError(f"{where}{e}; or {skip}") from None
+        raise type(e)(f"{where}{e}; or {skip}") from None  # too small (DataNotReady) or damaged
 
 
 def val_loader(data_path: Path, run: RunConfig, world: World) -> PackedLoader:

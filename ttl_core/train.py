@@ -30,7 +30,7 @@ from .distributed import (World, all_reduce_sum, barrier, close_world, full_mode
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0, unwrap,
                           wrap_model)
 from .ema import check_average_names, start_ema
-from .errors import ConfigError, TokenizerError, TrainingError, TTLError
+from .errors import ConfigError, DataNotReady, TokenizerError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained, read_model_config
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
@@ -78,21 +78,22 @@ def check_compiler(device: torch.device, train: TrainConfig) -> None:
 
 
 def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int,
-                 recorded: tuple[Path, str] | None = None) -> Path:
+                 recorded: tuple[Path, str] | None = None, announce: bool = False) -> Path:
     """The prepared data directory: given, named in the config, the one the run resumed trained on (`recorded`:
-    its checkpoint and that directory), or the bundled sample corpus prepared into RUN/data on first use."""
+    its checkpoint and that directory; `announce` says it is taken), or the bundled sample corpus prepared into
+    RUN/data on first use."""
     chosen = data_dir or run.data.path
     if not chosen and recorded is not None:
         checkpoint, chosen = recorded
         if not Path(chosen).exists():
             raise ConfigError(f"{checkpoint} was trained on {chosen}, which no longer exists; give the run's data "
                               "with --data")
-        if world.is_main:
+        if announce:
             print(f"resuming on the data the run was trained on, {chosen} (give --data for other data)")
     if chosen:
         path = Path(chosen)
         if not (path / "meta.json").exists():
-            raise ConfigError(f"{path} is not a prepared data directory (no meta.json); run scripts/prepare_data.py")
+            raise DataNotReady(f"{path} is not a prepared data directory (no meta.json); run scripts/prepare_data.py")
         return path
     path = out_dir / "data"
 
@@ -267,7 +268,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     mixture = resolve_mixture(run, data_dir, saved_run, resume_from, world.is_main)  # None: one data directory
     recorded = recorded_data_path(saved_run)
     data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
-        run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded))
+        run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded), world.is_main)
     eval_sets = resolve_eval_sets(run, data_path, mixture)
     evaluated = evaluated_dirs(data_path, mixture, eval_sets)
     check_average_names(evaluated, train.ema_decay)  # a resumed mixture's names too, which the config does not give
