@@ -20,7 +20,7 @@ from ttl_core.errors import ConfigError, DataError
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.plan import BYTES, count, make_plan, repeat_warning, source_plans
+from ttl_core.plan import BYTES, count, describe_plan, make_plan, repeat_warning, source_plans
 from ttl_core.run_config import load_run_config
 from ttl_core.train import train
 
@@ -395,3 +395,17 @@ def test_a_resumed_plan_prints_the_plan_alone(data_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "steps 2-4 (3 optimizer steps) on 1 process, resumed from step 1"
     assert lines[7].startswith(f"data: {data_dir / 'train.bin'}, ")
+
+
+def test_the_eval_cost_counts_the_forward_of_train_log_activation_stats():
+    """train.log_activation_stats runs one more forward at each evaluation, of one global batch of the training
+    data's val split (the model's, not the average's): counted in each evaluation's FLOPs, and said."""
+    runs = [run_config("train.eval_every=10", "train.ema_decay=0.9", f"train.log_activation_stats={on}")
+            for on in ("false", "true")]
+    for processes in (1, 3):
+        plain, stats = (make_plan(r.model_config(), r.train, processes, 0, 100, None, 2) for r in runs)
+        batch = runs[1].train.micro_batch_size * processes * runs[1].train.seq_len
+        assert plain.eval_flops == pytest.approx(2 * plain.eval_tokens * plain.flops_per_token / 3, rel=1e-12)
+        assert stats.eval_flops - plain.eval_flops == pytest.approx(batch * plain.flops_per_token / 3, rel=1e-12)
+    assert describe_plan(stats, runs[1].train, None)[-1].endswith(
+        f"{stats.eval_flops:.3g} FLOPs (twice: the average too; with train.log_activation_stats' forward of a batch)")

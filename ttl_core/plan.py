@@ -57,6 +57,7 @@ class RunPlan:
     evaluations: int
     eval_sets: int  # the directories each evaluation scores
     eval_tokens: int  # at most, per evaluation, over every set and every process
+    eval_flops: float  # per evaluation: its forwards (the average's, train.log_activation_stats')
 
     @property
     def flops(self) -> float:
@@ -112,13 +113,16 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     non_embedding = model.num_parameters(exclude_embedding=True)
     max_steps, every = train.max_steps, train.eval_every
     evaluated = [s for s in range(first_step + 1, last_step + 1) if every and (s % every == 0 or s == max_steps)]
+    per_token = flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, train.seq_len)
+    batch = train.micro_batch_size * train.seq_len * processes  # the tokens of a micro-batch on every process
+    eval_tokens = eval_sets * train.eval_batches * batch
+    # the average scores the same tokens, and train.log_activation_stats runs the model on one more global batch
+    forwards = eval_tokens * (2 if train.ema_decay else 1) + (batch if train.log_activation_stats else 0)
     return RunPlan(
         processes, first_step, last_step, model.num_parameters(), non_embedding,
-        micro_batches(train, first_step, last_step) * train.micro_batch_size * train.seq_len * processes,
-        flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, train.seq_len),
-        state_bytes(model, train, processes),
-        source_plans(loader, train, first_step, last_step) if loader is not None else [],
-        len(evaluated), eval_sets, eval_sets * train.eval_batches * train.micro_batch_size * processes * train.seq_len)
+        micro_batches(train, first_step, last_step) * batch, per_token, state_bytes(model, train, processes),
+        source_plans(loader, train, first_step, last_step) if loader is not None else [], len(evaluated), eval_sets,
+        eval_tokens, forwards * per_token / 3)  # a forward: a third of a training token's 6N + 12·L·d·T
 
 
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:
@@ -183,9 +187,9 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
     hours = {gpu: plan.ideal_hours(peak, mfu or ASSUMED_MFU) for gpu, peak in PEAK_BF16_TFLOPS.items()}
     memory = " + ".join(f"{name} {count(size, BYTES)}" for name, size in plan.memory.items())
     sharded = ", sharded by FSDP" if train.distributed == "fsdp" else ""
-    # a forward is a third of the 6N + 12·L·d·T of a training token (2N + 4·L·d·T); the average is scored too
-    eval_flops = plan.eval_tokens * plan.flops_per_token / 3 * (2 if train.ema_decay else 1)
     questions = f"up to {train.eval_task_limit} questions" if train.eval_task_limit else "all questions"
+    extra = "; ".join(words for on, words in ((train.ema_decay, "twice: the average too"), (
+        train.log_activation_stats, "with train.log_activation_stats' forward of a batch")) if on)
     tasks = f", and {questions} of each of {plural(len(train.eval_tasks), 'task')}" if train.eval_tasks else ""
     lines = [
         f"steps {plan.first_step + 1:,}-{plan.last_step:,} ({plural(steps, 'optimizer step')}) on "
@@ -205,8 +209,8 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
         *(describe_source(source, plan) for source in plan.sources),
         f"eval: not planned: {missing_eval}" if missing_eval else
         f"eval: {plural(plan.evaluations, 'evaluation')}, each of at most {plan.eval_tokens:,} tokens "
-        f"({train.eval_batches} batches of {plural(plan.eval_sets, 'set')}), {eval_flops:.3g} FLOPs"
-        f"{' (twice: the average too)' if train.ema_decay else ''}{tasks}" if plan.evaluations else "eval: none",
+        f"({train.eval_batches} batches of {plural(plan.eval_sets, 'set')}), {plan.eval_flops:.3g} FLOPs"
+        f"{f' ({extra})' if extra else ''}{tasks}" if plan.evaluations else "eval: none",
     ]
     warning = repeat_warning(plan.sources)
     return lines + ([f"warning: {warning}"] if warning else [])
