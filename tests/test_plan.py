@@ -369,7 +369,8 @@ def test_a_plan_refuses_the_data_the_run_refuses_and_names_only_data_not_prepare
     with open(damaged / "train.bin", "ab") as f:
         f.write(b"\0")  # half a token more than meta.json records
     for args, refusal in [
-        (["--data", str(halves / "a"), *set_arguments(mix)], "names one data directory, but the config sets a data.mix"),
+        (["--data", str(halves / "a"), *set_arguments(mix)],
+         "names one data directory, but the config sets a data.mix"),
         (["--out", str(run_dir), "--resume", "--data", str(halves / "a"), *set_arguments("train.max_steps=4")],
          "was trained on a data mixture (a, b)"),
         (["--data", str(damaged), *set_arguments()], "train.bin: "),
@@ -391,7 +392,8 @@ def test_a_resumed_plan_prints_the_plan_alone(data_dir, tmp_path, capsys):
     nothing is printed above the plan."""
     train(run_config("train.max_steps=4"), tmp_path / "run", data_dir=str(data_dir), stop_after=1)
     capsys.readouterr()
-    assert pretrain.main(["--out", str(tmp_path / "run"), "--resume", "--plan", *set_arguments("train.max_steps=4")]) == 0
+    args = ["--out", str(tmp_path / "run"), "--resume", "--plan", *set_arguments("train.max_steps=4")]
+    assert pretrain.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "steps 2-4 (3 optimizer steps) on 1 process, resumed from step 1"
     assert lines[7].startswith(f"data: {data_dir / 'train.bin'}, ")

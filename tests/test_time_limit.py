@@ -28,7 +28,7 @@ import ttl_core.train as ttl_train
 from ttl_core.train import train
 
 RUN = ("train.max_steps=5", "train.save_every=100")  # test_preemption's `straight` run
-STEP_S, LIMIT_S, PLOT_S = 60.0, 300.0, 50.0
+STEP_S, LIMIT_S, PLOT_S, SAMPLE_S = 60.0, 300.0, 50.0, 30.0
 pretrain = load_script("pretrain")
 # test_preemption's fixtures, here too: its uninterrupted run, and Ctrl-C sent as a terminal sends it
 straight, ctrl_c_as_in_a_terminal = test_preemption.straight, test_preemption.ctrl_c_as_in_a_terminal
@@ -36,12 +36,12 @@ straight, ctrl_c_as_in_a_terminal = test_preemption.straight, test_preemption.ct
 
 def fake_clock(monkeypatch, save_s: float, setup_s: float = 0.0) -> list[float]:
     """Replace the time limit's clock by one that each optimizer step moves by STEP_S, each checkpoint's save by
-    `save_s`, building the model by `setup_s` and drawing loss.png by PLOT_S seconds; [now] is returned, for a test
-    to read or move."""
+    `save_s`, building the model by `setup_s`, drawing loss.png by PLOT_S and the end-of-run sample by SAMPLE_S
+    seconds; [now] is returned, for a test to read or move."""
     now = [0.0]
     monkeypatch.setattr(preemption, "monotonic", lambda: now[0])
     for name, seconds in (("train_step", STEP_S), ("save_checkpoint", save_s), ("build_or_load_model", setup_s),
-                          ("plot_metrics", PLOT_S)):
+                          ("plot_metrics", PLOT_S), ("sample_text", SAMPLE_S)):
         def advancing(*args, real=getattr(ttl_train, name), seconds=seconds, **kwargs):
             now[0] += seconds
             return real(*args, **kwargs)
@@ -119,6 +119,27 @@ def test_a_run_stops_when_its_next_step_and_a_save_would_not_fit(tmp_path, data_
             in capsys.readouterr().out)
     assert now[0] <= limit_s or stopped_at == 1  # the run ended in time, loss.png left to the resumed run
     assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("limit_s, plotted, sampled", [(1000.0, True, True), (450.0, True, False),
+                                                     (350.0, False, False)])
+def test_a_finished_run_draws_and_samples_only_within_its_time_limit(tmp_path, data_dir, monkeypatch, capsys, limit_s,
+                                                                     plotted, sampled):
+    """Steps of 60 s and saves of 10 s (at steps 2, 4 and 5) end step 5 at 330 s. loss.png is drawn where the limit
+    still holds the margin (60 + 10 s), the sample of 3 tokens where it holds 3 steps and a save (loading the
+    checkpoint reads what a save wrote; each token is a forward, no slower than a step): 1000 s hold both, 450 s
+    the plot alone (at 380 s, 190 s more would pass it), 350 s neither. Each skipped one is said in a line."""
+    now = fake_clock(monkeypatch, save_s=10.0)
+    result = train(run_config(*RUN, "train.save_every=2", "train.sample_tokens=3"), tmp_path, data_dir=str(data_dir),
+                   time_limit=limit_s)
+    assert (result.last_step, result.stopped_by) == (5, None)
+    assert ((tmp_path / "loss.png").exists(), result.sample is not None) == (plotted, sampled)
+    assert now[0] == 330 + PLOT_S * plotted + SAMPLE_S * sampled <= limit_s
+    out = capsys.readouterr().out
+    assert ("loss.png not drawn: the time limit leaves no room for it (scripts/plot_metrics.py RUN draws it)\n"
+            in out) != plotted
+    assert ("no sample generation: the time limit leaves no room for it (scripts/generate.py samples the checkpoint)"
+            "\n" in out) != sampled
 
 
 CLOCKED = """

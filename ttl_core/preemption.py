@@ -92,9 +92,13 @@ class TimeLimit:
         self._saving += took
         self.slowest_save = max(self.slowest_save or 0.0, took)
 
-    def margin(self) -> float:
-        """The seconds one more step and its checkpoint are expected to take, at most."""
-        return self.slowest_step + (self.first_save if self.slowest_save is None else self.slowest_save)
+    def margin(self, steps: int = 1) -> float:
+        """The seconds `steps` more steps and a checkpoint are expected to take, at most."""
+        return steps * self.slowest_step + (self.first_save if self.slowest_save is None else self.slowest_save)
+
+    def leaves(self, seconds: float) -> bool:
+        """Whether `seconds` more would still end within the limit."""
+        return monotonic() + seconds <= self.deadline
 
     def out_of_time(self) -> bool:
         """Whether the next step and a checkpoint would end past the limit; called once per step, after it and the
@@ -102,7 +106,7 @@ class TimeLimit:
         now = monotonic()
         self.slowest_step = max(self.slowest_step, now - self._checked - self._saving)
         self._checked, self._saving = now, 0.0
-        return now + self.margin() > self.deadline
+        return not self.leaves(self.margin())
 
 
 class StopOnSignal:

@@ -40,7 +40,7 @@ from .model import LlamaForCausalLM
 from .noise_scale import start_noise_scale, validate_noise_scale
 from .optim import build_optimizer, lr_at
 from .plan import announce_epochs, source_plans
-from .preemption import TIME_LIMIT, StopOnSignal, TimeLimit
+from .preemption import StopOnSignal, TimeLimit
 from .profiling import StepProfiler
 from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
                          recorded_data_path, resumed_model_settings)
@@ -192,8 +192,8 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
 @dataclass
 class RunResult:
     """What `train` returns: the last step trained, its loss, the newest checkpoint it saved (rank 0 only), the
-    end-of-run sample (when the run reached `max_steps` and `sample_tokens` > 0) and the signal that stopped the
-    run early, or `ttl_core.preemption.TIME_LIMIT`, if one did."""
+    end-of-run sample (when the run reached `max_steps`, `sample_tokens` > 0 and the time limit left it room) and
+    the signal that stopped the run early, or `ttl_core.preemption.TIME_LIMIT`, if one did."""
 
     last_step: int
     last_loss: float | None
@@ -412,14 +412,22 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if stopped_by and world.is_main:
         cause = getattr(stopped_by, "name", stopped_by)  # a signal's name, or TIME_LIMIT's words
         print(f"stopped on {cause} at step {step}, saved in {saved_at}; continue with --resume")
+    # what follows the last step is in no margin, and its time is unknown before it runs: loss.png is drawn where the
+    # time limit still holds a step and a save, the sample where it holds a step per token (a forward each, no
+    # slower than a step) and a save (loading the checkpoint reads what a save wrote and read back)
+    def in_time(steps: int, what: str, remedy: str) -> bool:
+        if time_limit is None or time_limit.leaves(time_limit.margin(steps)):
+            return True
+        print(f"{what}: the time limit leaves no room for it ({remedy})")
+        return False
+
     sample = None
     try:
-        # a stop at the time limit leaves loss.png to the run resuming it: drawing it (matplotlib's import alone, a
-        # second) is in no margin, and would end the run past its limit
-        if world.is_main and stopped_by != TIME_LIMIT:
+        if world.is_main and in_time(1, "loss.png not drawn", "scripts/plot_metrics.py RUN draws it"):
             plot_metrics(out_dir)
-            if step == train.max_steps and saved_at is not None and train.sample_tokens > 0:
-                sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
+        if (world.is_main and step == train.max_steps and saved_at is not None and train.sample_tokens > 0
+                and in_time(train.sample_tokens, "no sample generation", "scripts/generate.py samples the checkpoint")):
+            sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
     finally:
         # the other ranks wait for rank 0 (even when it fails) before anyone tears the group down: a rank
         # that destroyed its gloo group meanwhile was seen to abort ("terminate called without an active
