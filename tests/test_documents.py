@@ -179,3 +179,7 @@ def test_an_input_named_twice_is_refused_not_tokenized_twice(tmp_path, monkeypat
                                         r"each input once$"):
         prepare_data(["corpus/pt.txt", other, "corpus/../corpus/pt.txt"], tmp_path / "out", vocab_size=300)
     assert not (tmp_path / "out").exists()  # refused before any work
+    # ttl_core.train_tokenizer, public, takes files too: a file named twice would weigh twice in the vocabulary
+    with pytest.raises(DataError, match=r"^corpus/pt.txt is given twice \(also as corpus/../corpus/pt.txt\)"):
+        train_tokenizer(["corpus/pt.txt", "corpus/../corpus/pt.txt"], tmp_path / "tok", vocab_size=300)
+    assert not (tmp_path / "tok.model").exists()

@@ -27,15 +27,21 @@ def read_documents(path: str | os.PathLike) -> Iterator[str]:
         raise _no_documents([Path(path)])
 
 
-def count_documents(paths: list[Path]) -> list[int]:
-    """The number of documents in each file, as `read_documents` reads them. Files without any document are
-    named together: a large corpus may hold many, and naming one at a time would take a full read per file. A file
-    named twice (overlapping globs) is refused: its documents would be trained on twice and held out as copies."""
+def refuse_repeated(paths: list[Path]) -> None:
+    """Refuse a file named twice (overlapping globs): its documents would be trained on twice (and held out as
+    copies by prepare_data)."""
     first_names = {}
     for path in paths:
         if path.resolve() in first_names:
             raise DataError(f"{first_names[path.resolve()]} is given twice (also as {path}): give each input once")
         first_names[path.resolve()] = path
+
+
+def count_documents(paths: list[Path]) -> list[int]:
+    """The number of documents in each file, as `read_documents` reads them, a file named twice refused
+    (`refuse_repeated`). Files without any document are named together: a large corpus may hold many, and naming
+    one at a time would take a full read per file."""
+    refuse_repeated(paths)
     counts = [sum(1 for _ in _documents_of(p)) for p in paths]
     empty = [p for p, n in zip(paths, counts) if n == 0]
     if empty:

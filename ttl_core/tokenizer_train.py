@@ -12,6 +12,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .documents import read_documents, refuse_repeated
 from .errors import DataError, TokenizerError, is_integer, noting_failure
 from .tokenizer import INPUT_SUFFIXES, Tokenizer, checked_utf8
 
@@ -27,12 +28,12 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
 
     `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
     iterable of strings (documents); the first item decides which (see `_is_path`), and every path must then
-    exist. Only the first `input_sentence_size` documents (a long one counts once per piece it is cut into, see
+    exist, each named once. Only the first `input_sentence_size` documents (a long one counts once per piece it is cut into, see
     `_sentences`), `input_bytes` of text at most, are read. Settings follow TeenyTinyLlama's: `<unk>` `<s>` `</s>`
     `<pad>` = 0..3, byte fallback (no text is ever unknown), identity normalization with whitespace kept as is,
     digits split, whitespace-only pieces allowed. A vocabulary too large or too small for the text raises
     TokenizerError with the size that fits."""
-    from .data import read_documents, usable_cpus  # deferred: data imports this module
+    from .data import usable_cpus  # deferred: data imports this module
     if not (is_integer(vocab_size) and vocab_size >= 1):
         raise TokenizerError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
@@ -46,6 +47,7 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         if missing:
             raise DataError(f"train_tokenizer: no such input file {missing[0]!r}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        refuse_repeated(list(map(Path, paths)))
         texts = (t for f in paths for t in read_documents(f))
     else:
         texts = items
