@@ -26,13 +26,13 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
                     input_bytes: int = TRAIN_INPUT_BYTES) -> Tokenizer:
     """Train a TeenyTinyLlama-style sentencepiece BPE tokenizer; write `out` (`.model` added if missing).
 
-    `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an
-    iterable of strings (documents); the first item decides which (see `_is_path`), and every path must then
-    exist, each named once. Only the first `input_sentence_size` documents (a long one counts once per piece it is cut into, see
+    `inputs` is an input file of `ttl_core.data.read_documents` (.txt, .jsonl, .parquet), a list of them, or an iterable
+    of strings (documents); the first item decides which (see `_is_path`), and every path must then exist, each named
+    once. Only the first `input_sentence_size` documents (a long one counts once per piece it is cut into, see
     `_sentences`), `input_bytes` of text at most, are read. Settings follow TeenyTinyLlama's: `<unk>` `<s>` `</s>`
-    `<pad>` = 0..3, byte fallback (no text is ever unknown), identity normalization with whitespace kept as is,
-    digits split, whitespace-only pieces allowed. A vocabulary too large or too small for the text raises
-    TokenizerError with the size that fits."""
+    `<pad>` = 0..3, byte fallback (no text is ever unknown), identity normalization with whitespace kept as is, digits
+    split, whitespace-only pieces allowed. A vocabulary too large or too small for the text raises TokenizerError with
+    the size that fits."""
     from .data import usable_cpus  # deferred: data imports this module
     if not (is_integer(vocab_size) and vocab_size >= 1):
         raise TokenizerError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
