@@ -435,10 +435,10 @@ class PackedLoader:
         if self.batches_per_epoch == 0:  # a global batch of several processes: which product it is, and a remedy
             several = world_size > 1
             raise DataNotReady(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch"
-                            f"{_split_batch(global_batch, world_size) if several else ''} needs "
-                            f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
-                            f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
-                            f"a smaller batch{', fewer processes' if several else ''} or a shorter sequence")
+                               f"{_split_batch(global_batch, world_size) if several else ''} needs "
+                               f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
+                               f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
+                               f"a smaller batch{', fewer processes' if several else ''} or a shorter sequence")
         self.epoch, self.batch, self.order = 0, 0, self.permutation(0)
 
     def permutation(self, epoch: int) -> np.ndarray:

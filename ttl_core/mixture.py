@@ -93,7 +93,7 @@ def check_tokenized_alike(paths: dict[str, Path], what: str, need: str, referenc
     for name, path in paths.items():
         if not (path / "meta.json").is_file():
             raise DataNotReady(f"{what} {name!r}: {path} is not a prepared data directory (no meta.json); run "
-                              f"scripts/prepare_data.py")
+                               f"scripts/prepare_data.py")
         found = tokens(path)
         expected = expected or (path, found)
         if found != expected[1]:
@@ -229,8 +229,8 @@ def check_eval_split(data_path: Path, run: RunConfig, world: World, eval_set: st
     if not val.is_file() or val.stat().st_size == 0:
         what = "val.bin is empty" if val.is_file() else "no val.bin"
         raise DataNotReady(f"{where}{data_path} has no validation split ({what}); {skip}, or prepare "
-                          f"{'it' if eval_set else 'the data'} with a --val-fraction that holds out documents"
-                          f"{' (1: all)' if eval_set else ''}")
+                           f"{'it' if eval_set else 'the data'} with a --val-fraction that holds out documents"
+                           f"{' (1: all)' if eval_set else ''}")
     try:
         val_loader(data_path, run, world)
     except DataError as e:  # the train split opened: this is the validation split's alone, and avoidable
