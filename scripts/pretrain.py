@@ -21,7 +21,8 @@ after the step at which one more step and a checkpoint would pass that wall cloc
 
 --plan prints the run's plan and exits without training or writing anything: parameters, tokens, FLOPs, ideal time
 per GPU, memory per process, the epochs over each data source and the evaluations' cost (of the steps left, with
---resume), for torchrun's WORLD_SIZE or --plan-processes processes; it needs no --out but for --resume.
+--resume), for torchrun's WORLD_SIZE or --plan-processes processes; it needs no --out but for --resume. What the run
+would refuse before its first step, the plan refuses alike.
 """
 
 from __future__ import annotations
@@ -34,20 +35,13 @@ from pathlib import Path
 import torch
 
 from ttl_core.benchmark import positive_int
-from ttl_core.checkpoint import read_trainer_state
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
-from ttl_core.ema import check_average_names
-from ttl_core.errors import DataNotReady
-from ttl_core.mixture import check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture, train_loader
-from ttl_core.noise_scale import validate_noise_scale
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS, duration_seconds
-from ttl_core.run_config import (RunConfig, check_resumable, check_run_fits_model, load_run_config,
-                                 recorded_data_path)
-from ttl_core.tokenizer import Tokenizer, check_same_tokenizer
-from ttl_core.train import (check_compiler, checkpoint_to_resume, planned_last_step, planned_model_config,
-                            resolve_data, train)
+from ttl_core.run_config import RunConfig, load_run_config
+from ttl_core.run_setup import set_up_run
+from ttl_core.train import train
 
 
 def mfu_fraction(text: str) -> float:
@@ -62,53 +56,17 @@ def mfu_fraction(text: str) -> float:
 
 
 def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list[str]:
-    """The plan of the run `args` would start (what is left of it with --resume), read without writing anything:
-    what the run would refuse is refused alike; data not prepared yet, or too small for the processes' global batch,
-    is named, and the rest planned from the config."""
-    out = Path(args.out) if args.out else None  # --resume needs it (main)
-    resume_from = checkpoint_to_resume(out, args.resume) if out else None
-    trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
-    saved_run = trainer_state.get("config") if trainer_state is not None else None
-    if trainer_state is not None:
-        check_resumable(run, saved_run, resume_from)
-    config = planned_model_config(run, resume_from, args.init_from)
-    validate_noise_scale(run.train, processes)  # as the run refuses it on this many processes
-    check_compiler(torch.device(args.device), run.train)
-    first = trainer_state["step"] if trainer_state is not None else 0
-    last = planned_last_step(run.train, first, args.stop_after, resume_from)
-    if last is None:
-        return [f"{resume_from} is at train.max_steps (step {first}): the run is complete, nothing is left to plan"]
-    world, mixture, loader, data_path = World(0, processes, torch.device("cpu")), None, None, None
-    missing = missing_eval = ""
-    try:
-        mixture = resolve_mixture(run, args.data, saved_run, resume_from, announce=False)
-        recorded = recorded_data_path(saved_run)
-        if mixture or args.data or run.data.path or recorded or (out and (out / "data" / "meta.json").exists()):
-            # one process finds the data (RUN/data included) as rank 0 would: the plan has no group for collectives
-            data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
-                run, args.data, out, World(0, 1, world.device), config.vocab_size, recorded and (resume_from, recorded))
-            loader = train_loader(mixture or data_path, run.train, world)
-        else:
-            missing = f"the bundled sample corpus is prepared into {out or 'RUN'}/data when the run starts"
-    except DataNotReady as e:  # not prepared yet, or too small: the rest is planned all the same (refusals raise)
-        missing = str(e)
-    if data_path is not None:  # a model that cannot serve the data is the run's refusal, whatever the processes
-        tokenizer = Tokenizer.from_pretrained(data_path)
-        if resume_from or args.init_from:
-            check_same_tokenizer(Path(resume_from or args.init_from), tokenizer, data_path, resume_from is not None)
-        check_run_fits_model(config, run.train, tokenizer, data_path, False)
-        try:  # an eval set not prepared, a validation split too small for the global batch, or none: named
-            eval_sets = resolve_eval_sets(run, data_path, mixture)
-            evaluated = evaluated_dirs(data_path, mixture, eval_sets)
-            check_average_names(evaluated, run.train.ema_decay)  # a resumed mixture's names too
-            check_eval_splits(evaluated, eval_sets, run, world)
-        except DataNotReady as e:
-            missing_eval = str(e)
-    if loader is not None and trainer_state is not None:  # another global batch or data: the resume's refusal
-        loader.load_state_dict(trainer_state["data"])
-    scored = len(run.data.eval) + (len(mixture.sources) if mixture else len(run.data.mix) or 1)
-    plan = make_plan(config, run.train, processes, first, last, loader, scored)
-    return describe_plan(plan, run.train, args.plan_mfu, missing, missing_eval)
+    """The plan of the run `args` would start (what is left of it with --resume), set up as the run sets itself up
+    (`set_up_run`) but without writing anything: what the run would refuse is refused alike; data not prepared yet,
+    or too small for the processes' global batch, is named, and the rest planned from the config."""
+    setup = set_up_run(run, Path(args.out) if args.out else None, args.data, args.resume, args.stop_after,
+                       args.init_from, World(0, processes, torch.device(args.device)), planning=True)
+    if setup.last_step is None:
+        return [f"{setup.resume_from} is at train.max_steps (step {setup.first_step}): the run is complete, nothing "
+                "is left to plan"]
+    scored = len(run.data.eval) + (len(setup.mixture.sources) if setup.mixture else len(run.data.mix) or 1)
+    plan = make_plan(setup.config, run.train, processes, setup.first_step, setup.last_step, setup.loader, scored)
+    return describe_plan(plan, run.train, args.plan_mfu, setup.missing.get("data", ""), setup.missing.get("eval", ""))
 
 
 def main(argv: list[str] | None = None) -> int:

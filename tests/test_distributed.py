@@ -49,8 +49,8 @@ print("wrapped")
 RANK_1_LAST = """
 import os, runpy, sys, time
 from pathlib import Path
-import ttl_core.train as train
-out, check_compiler = Path(sys.argv.pop(1)), train.check_compiler
+import ttl_core.run_setup as run_setup
+out, check_compiler = Path(sys.argv.pop(1)), run_setup.check_compiler
 
 def after_rank_0(*args):  # rank 1 starts its run once rank 0 has refused it and removed what it made
     deadline = time.monotonic() + 120
@@ -58,7 +58,7 @@ def after_rank_0(*args):  # rank 1 starts its run once rank 0 has refused it and
         time.sleep(0.05)
     check_compiler(*args)
 
-train.check_compiler = after_rank_0
+run_setup.check_compiler = after_rank_0
 runpy.run_path(sys.argv.pop(1), run_name="__main__")
 """
 

@@ -1,7 +1,7 @@
 """Zero-shot multiple-choice accuracy during pretraining (train.eval_tasks): logged at each evaluation as
 `evaluate_questions` scores the saved checkpoint, with no effect on training (attention dropout on: scoring in
 training mode, or drawing from the RNG, would change every later step), alike on two processes, and refused in one
-line before any step when a task file cannot be scored."""
+line before any step when a task file cannot be scored; `scripts/pretrain.py --plan` refuses those files alike."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import ROOT, run_script, run_torchrun
+from helpers import ROOT, load_script, run_script, run_torchrun
 from train_helpers import losses, run_config, set_arguments
 from ttl_core.choices import evaluate_questions, read_questions
 from ttl_core.errors import TTLError
@@ -21,6 +21,7 @@ from ttl_core.train import train
 
 QUESTIONS = ROOT / "ttl_core" / "sample_data" / "escolhas_pt.jsonl"  # 32 questions of 4 choices
 LIMIT = 10
+pretrain = load_script("pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +100,37 @@ def test_two_processes_log_the_accuracy_one_process_logs(data_dir, tasks, tmp_pa
      r"^train.eval_tasks: .*/escolhas.jsonl and .*/clash/escolhas.jsonl are both named 'escolhas' \(a task's name is "
      r"its file's stem, logged as acc/escolhas\); rename one$"),
     ('train.eval_tasks=["EMPTY"]', r"^.*/empty.jsonl: no examples \(an empty file, or a header without rows\)$"),
+    ('train.eval_tasks=["LONG"]', r"^.*/long.jsonl:1: choice 1 is \d+ tokens after a context of \d+; need a context "
+     r"and 1 to 64 \(the model's context\)$"),
     ("train.eval_task_limit=-1", r"^train.eval_task_limit must be >= 0, got -1$"),
     ('train.eval_tasks=[""]', r"^train.eval_tasks must list task files \(non-empty strings\), got \[''\]$"),
 ])
-def test_task_files_that_cannot_be_scored_are_refused_in_one_line_before_any_step(data_dir, tasks, tmp_path, setting,
-                                                                                 message):
+def test_task_files_that_cannot_be_scored_are_refused_in_one_line_before_any_step_and_by_the_plan(
+        data_dir, tasks, tmp_path, setting, message):
     good = '{"context": "O céu é", "choices": ["azul", "verde"], "label": 0}\n'
     (tmp_path / "bad.jsonl").write_text(good + good.replace('"label": 0', '"label": 5'), encoding="utf-8")
+    long = " ".join(f"verde{i}" for i in range(100))  # more tokens than the model's 64 positions
+    (tmp_path / "long.jsonl").write_text(good.replace('"verde"', f'"{long}"'), encoding="utf-8")
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     (tmp_path / "clash").mkdir()
     shutil.copy(QUESTIONS, tmp_path / "clash" / "escolhas.jsonl")
     paths = {"MISSING": tmp_path / "missing.jsonl", "BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "empty.jsonl",
-             "ESCOLHAS": tasks[0], "CLASH": tmp_path / "clash" / "escolhas.jsonl"}
+             "ESCOLHAS": tasks[0], "CLASH": tmp_path / "clash" / "escolhas.jsonl", "LONG": tmp_path / "long.jsonl"}
     for name, path in paths.items():
         setting = setting.replace(f'"{name}"', f'"{path}"')
     with pytest.raises(TTLError, match=message) as e:
         train(run_config("train.max_steps=1", setting), tmp_path / "run", data_dir=str(data_dir))
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    with pytest.raises(TTLError, match=message):  # the plan of that run
+        pretrain.main(["--plan", "--data", str(data_dir), *set_arguments("train.max_steps=1", setting)])
+
+
+def test_a_plan_before_the_data_is_prepared_reads_the_task_files(tasks, tmp_path):
+    """Without the data's tokenizer the questions cannot be encoded: a plan without --data (the sample corpus not
+    prepared yet) reads and checks the files all the same."""
+    for paths, message in (([tmp_path / "missing.jsonl"], "missing.jsonl: no such file"),
+                           ([tasks[0], tmp_path / "escolhas.jsonl"], "are both named 'escolhas'")):
+        shutil.copy(QUESTIONS, tmp_path / "escolhas.jsonl")
+        with pytest.raises(TTLError, match=message):
+            pretrain.main(["--plan", *set_arguments(task_setting(paths))])
+

@@ -5,6 +5,7 @@ is left; bad flags in one line."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -245,6 +246,17 @@ def test_plan_refuses_what_the_run_refuses(data_dir, tmp_path, overrides, flags,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_plan_on_data_of_a_vocabulary_larger_than_the_models_is_refused_as_the_run_is(data_dir, tmp_path):
+    """meta.json's vocab_size above the model's (a tokenizer swapped in the data directory): the run's refusal, which
+    the plan made no more (the two kept copies of the run's checks)."""
+    shutil.copytree(data_dir, tmp_path / "data")
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
+    for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
+        with pytest.raises(ConfigError, match="meta.json records a vocab_size of 1000, but the model's vocab_size is "):
+            pretrain.main(["--data", str(tmp_path / "data"), *set_arguments(), *mode])
+
+
 FSDP_GRADIENTS = """
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -336,7 +348,7 @@ def test_a_plan_without_resume_on_a_run_directory_with_checkpoints_is_refused_as
 
 
 def test_a_compiled_cpu_plan_without_a_compiler_is_refused_as_the_run_is(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("ttl_core.train.cpp_compiler", lambda: None)
+    monkeypatch.setattr("ttl_core.run_setup.cpp_compiler", lambda: None)
     monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
     args = ["--data", str(data_dir), *set_arguments("train.compile=true")]
     for mode in (["--out", str(tmp_path / "run")], ["--plan"]):

@@ -13,7 +13,7 @@ import torch
 from helpers import ROOT, load_script, run_script
 
 from ttl_core.benchmark import ROW_FIELDS, BenchDevice, Results, open_device, row
-from ttl_core.train import cpp_compiler
+from ttl_core.run_setup import cpp_compiler
 
 SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
 

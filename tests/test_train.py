@@ -24,7 +24,8 @@ import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train
 from ttl_core.optim import build_optimizer, clip_gradients, lr_at, optimizer_update
 from ttl_core.step import evaluate, model_inputs, train_step
-from ttl_core.train import cpp_compiler, train
+from ttl_core.run_setup import cpp_compiler
+from ttl_core.train import train
 
 
 # --- optimizer groups, MFU -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from ttl_core.metrics import plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.run_config import check_resumable, load_run_config
 from ttl_core.tokenizer import Tokenizer
+import ttl_core.run_setup as run_setup
 import ttl_core.train as ttl_train
 from ttl_core.train import sample_text, train
 
@@ -78,7 +79,7 @@ def test_init_from_takes_a_dropout_setting_and_a_resumed_run_keeps_its_own(tmp_p
     train(run_config("train.max_steps=1"), tmp_path / "a", data_dir=str(data_dir))
     source = tmp_path / "a" / "checkpoints" / "step-000001"
     dropout = run_config("train.max_steps=2", "train.save_every=1", "model.attention_dropout=0.3")
-    planned = ttl_train.planned_model_config(dropout, None, str(source))
+    planned = run_setup.planned_model_config(dropout, None, str(source))
     model = ttl_train.build_or_load_model(planned, dropout.train.seed, None, str(source), torch.device("cpu"))
     assert model.config.attention_dropout == 0.3 and model.training
     ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -202,17 +203,17 @@ def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tm
     compiled CPU run failed at its first step in a long inductor traceback; now it is refused in one line first."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
-    assert ttl_train.cpp_compiler() is None
+    assert run_setup.cpp_compiler() is None
     with pytest.raises(ConfigError, match=r"train.compile on the CPU needs a C\+\+ compiler, and \S*no-such-compiler"):
         train(run_config("train.compile=true"), tmp_path / "run", data_dir=str(data_dir))
     assert not (tmp_path / "run").exists()
     compiled, eager = run_config("train.compile=true").train, run_config().train
-    ttl_train.check_compiler(torch.device("cuda"), compiled)  # a CUDA run compiles Triton kernels, not C++
-    ttl_train.check_compiler(torch.device("cpu"), eager)
+    run_setup.check_compiler(torch.device("cuda"), compiled)  # a CUDA run compiles Triton kernels, not C++
+    run_setup.check_compiler(torch.device("cpu"), eager)
     monkeypatch.setenv("TORCH_INDUCTOR_INSTALL_GXX", "1")  # inductor fetches g++ itself
-    ttl_train.check_compiler(torch.device("cpu"), compiled)
+    run_setup.check_compiler(torch.device("cpu"), compiled)
     monkeypatch.setenv("CXX", sys.executable)  # any installed program passes the lookup, as in inductor's
-    assert ttl_train.cpp_compiler() == sys.executable
+    assert run_setup.cpp_compiler() == sys.executable
 
 
 @pytest.mark.parametrize("refused, kwargs, message", [

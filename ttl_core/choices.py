@@ -202,10 +202,10 @@ def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions:
 Task = tuple[list[Question], Pairs]  # a task's questions and their encoded choices
 
 
-def read_tasks(paths: list[str], limit: int, tokenizer: Tokenizer, max_length: int) -> dict[str, Task]:
-    """The first `limit` questions (0: all) of each task file, by name (the file's stem), encoded and checked
-    against the model's context (`max_length`): what `train.eval_tasks` scores at each evaluation."""
-    tasks: dict[str, Task] = {}
+def read_task_questions(paths: list[str], limit: int) -> dict[str, list[Question]]:
+    """The first `limit` questions (0: all) of each task file, by name (the file's stem), which names its figures:
+    two files of one stem are refused, as is a file without questions."""
+    tasks: dict[str, list[Question]] = {}
     named: dict[str, str] = {}
     for path in paths:
         name = Path(path).stem
@@ -213,9 +213,15 @@ def read_tasks(paths: list[str], limit: int, tokenizer: Tokenizer, max_length: i
             raise ConfigError(f"train.eval_tasks: {named[name]} and {path} are both named {name!r} (a task's name "
                               f"is its file's stem, logged as acc/{name}); rename one")
         named[name] = path
-        questions = read_questions(path)[:limit or None]  # a file without questions is refused
-        tasks[name] = questions, encode_questions(tokenizer, questions, max_length)
+        tasks[name] = read_questions(path)[:limit or None]
     return tasks
+
+
+def read_tasks(paths: list[str], limit: int, tokenizer: Tokenizer, max_length: int) -> dict[str, Task]:
+    """`read_task_questions`, each task's questions encoded and checked against the model's context (`max_length`):
+    what `train.eval_tasks` scores at each evaluation."""
+    return {name: (questions, encode_questions(tokenizer, questions, max_length))
+            for name, questions in read_task_questions(paths, limit).items()}
 
 
 def task_figures(model: LlamaForCausalLM, tasks: dict[str, Task]) -> dict[str, float]:

@@ -1,15 +1,15 @@
 """From-scratch pretraining (and continued pretraining) of a causal Llama on a prepared token directory.
 
-The loop is a handful of small functions with explicit inputs: `train_step` and `evaluate` in `ttl_core.step`, the
-optimizer pieces in `ttl_core.optim`, checkpointing in `ttl_core.checkpoint`, process groups in
-`ttl_core.distributed`. `train()` wires them together. Resuming restores weights, optimizer, RNG and data position,
+The loop is a handful of small functions with explicit inputs: what the run settles and checks before it reads any
+weights in `ttl_core.run_setup` (shared with its plan), `train_step` and `evaluate` in `ttl_core.step`, the optimizer
+pieces in `ttl_core.optim`, checkpointing in `ttl_core.checkpoint`, process groups in `ttl_core.distributed`.
+`train()` wires them together. Resuming restores weights, optimizer, RNG and data position,
 so a resumed run reproduces an uninterrupted one bit for bit on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import time
@@ -21,36 +21,29 @@ from tqdm import tqdm
 
 from .activation_stats import eval_activation_stats
 from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
-                         read_trainer_state, remove_partial_checkpoints, save_checkpoint, set_rank_rng_state,
-                         verify_digests)
-from .choices import read_tasks, task_figures
+                         save_checkpoint, set_rank_rng_state, verify_digests)
+from .choices import task_figures
 from .config import RUNTIME_FIELDS, LlamaConfig
-from .data import SAMPLE_CORPUS, prepare_data
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0, unwrap,
                           wrap_model)
-from .ema import check_average_names, start_ema
-from .errors import ConfigError, DataNotReady, TokenizerError, TrainingError, TTLError
+from .ema import start_ema
+from .errors import ConfigError, TrainingError, TTLError
 from .generate import generate
-from .hf import load_pretrained, read_model_config
+from .hf import load_pretrained
 from .metrics import MetricsLog, flops_per_token, peak_tflops, plot_metrics, step_throughput
-from .mixture import (check_eval_splits, eval_figures, evaluated_dirs, resolve_eval_sets, resolve_mixture,
-                      train_loader)
+from .mixture import eval_figures
 from .model import LlamaForCausalLM
-from .noise_scale import start_noise_scale, validate_noise_scale
+from .noise_scale import start_noise_scale
 from .optim import build_optimizer, lr_at
 from .plan import announce_epochs, source_plans
 from .preemption import StopOnSignal, TimeLimit
 from .profiling import StepProfiler
-from .run_config import (RunConfig, TrainConfig, check_resumable, check_run_fits_model, describe_batch,
-                         recorded_data_path, resumed_model_settings)
+from .run_config import RunConfig, describe_batch, resumed_model_settings
+from .run_setup import DROPOUT_FIELDS, set_up_run
 from .spikes import spike_detector
 from .step import autocast, evaluate, model_inputs, train_step
-from .tokenizer import Tokenizer, check_same_tokenizer
-
-# [model] fields that change how a model trains, not what it is: an --init-from run may set them (see
-# planned_model_config)
-DROPOUT_FIELDS = ("attention_dropout",)
+from .tokenizer import Tokenizer
 
 
 def set_tf32(device: torch.device, enabled: bool) -> None:
@@ -59,107 +52,6 @@ def set_tf32(device: torch.device, enabled: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = enabled
         torch.backends.cudnn.allow_tf32 = enabled
-
-
-def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU backend builds its kernels with, looked up as inductor does ($CXX,
-    else g++), or None when it is not installed."""
-    return shutil.which(os.environ.get("CXX", "g++"))
-
-
-def check_compiler(device: torch.device, train: TrainConfig) -> None:
-    """Refuse `train.compile` on the CPU without a C++ compiler, which would fail at the first step in a long
-    traceback (a CUDA run compiles Triton kernels instead; inductor can also fetch g++ itself when asked to)."""
-    if (train.compile and device.type == "cpu" and cpp_compiler() is None
-            and not os.environ.get("TORCH_INDUCTOR_INSTALL_GXX")):
-        raise ConfigError(f"train.compile on the CPU needs a C++ compiler, and {os.environ.get('CXX', 'g++')} "
-                          f"(named by $CXX, else g++) is not installed: install one, point $CXX at it, or set "
-                          f"train.compile=false")
-
-
-def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path, world: World, vocab_size: int,
-                 recorded: tuple[Path, str] | None = None, announce: bool = False) -> Path:
-    """The prepared data directory: given, named in the config, the one the run resumed trained on (`recorded`:
-    its checkpoint and that directory; `announce` says it is taken), or the bundled sample corpus prepared into
-    RUN/data on first use."""
-    chosen = data_dir or run.data.path
-    if not chosen and recorded is not None:
-        checkpoint, chosen = recorded
-        if not Path(chosen).exists():
-            raise ConfigError(f"{checkpoint} was trained on {chosen}, which no longer exists; give the run's data "
-                              "with --data")
-        if announce:
-            print(f"resuming on the data the run was trained on, {chosen} (give --data for other data)")
-    if chosen:
-        path = Path(chosen)
-        if not (path / "meta.json").exists():
-            raise DataNotReady(f"{path} is not a prepared data directory (no meta.json); run scripts/prepare_data.py")
-        return path
-    path = out_dir / "data"
-
-    def prepare() -> None:
-        if not (path / "meta.json").exists():
-            print(f"preparing the bundled sample corpus into {path}")
-            try:
-                prepare_data(SAMPLE_CORPUS, path, vocab_size=vocab_size, val_fraction=0.15)  # small: hold out more
-            except TokenizerError as e:  # the default config's 32,000 tokens, say: the corpus is about 80 KB
-                raise ConfigError(f"{e}; that is the bundled sample corpus, used without --data: set a "
-                                  "model.vocab_size it allows (configs/tiny.toml has 1024) or give --data") from None
-    on_rank_0(world, prepare)
-    return path
-
-
-def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: str | None) -> LlamaConfig:
-    """The config of the model the run will train, read without any weights: the checkpoint's (resumed or
-    `--init-from`; with the run's runtime fields, and an `--init-from` run's `--set` dropout), else the run's
-    [model]. A checkpoint fixes the architecture: a `--set` that contradicts it is refused, not ignored."""
-    config = run.model_config()
-    source = resume_from or init_from
-    if source is None:
-        return config
-    stored, architecture = read_model_config(source)
-    if architecture != "LlamaForCausalLM":
-        raise ConfigError(f"{source} holds a {architecture}; pretraining needs a LlamaForCausalLM")
-    runtime = {key: getattr(config, key) for key in RUNTIME_FIELDS}
-    for key in run.model_overrides:
-        if key == "preset" or key in runtime or getattr(stored, key) == getattr(config, key):
-            continue
-        if key not in DROPOUT_FIELDS:
-            raise ConfigError(f"--set model.{key}={run.model[key]!r} contradicts {source}, whose {key} is "
-                              f"{getattr(stored, key)!r}; the architecture comes from the checkpoint")
-        if resume_from:  # dropout changes what the resumed steps compute
-            raise ConfigError(f"--set model.{key}={run.model[key]!r}: {source} was trained with {key} "
-                              f"{getattr(stored, key)!r}, and a resumed run continues as it was; to train on "
-                              f"with another {key}, start a new run with --init-from {source}")
-    # --set dropout applies to an --init-from model (its checkpoints record it in config.json); a resumed run keeps
-    # the dropout it was trained with, so that it stays exact
-    dropout = {} if resume_from else {key: getattr(config, key) for key in run.model_overrides if key in DROPOUT_FIELDS}
-    return stored.replace(**runtime, **dropout)
-
-
-def checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
-    """With `resume`, the newest complete checkpoint in `out_dir` (None: none yet, the run starts at step 0); without
-    it, a directory that holds checkpoints is refused rather than trained into afresh."""
-    newest = latest_checkpoint(out_dir)
-    if newest is not None and not resume:
-        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue or choose another --out")
-    return newest
-
-
-def planned_last_step(train: TrainConfig, step: int, stop_after: int | None, resume_from: Path | None) -> int | None:
-    """The last step a run at `step` (`resume_from`'s, else 0) trains: train.max_steps, or `stop_after` before it;
-    None for a run already at max_steps (a finished run requeued, whatever slice --stop-after asks: done, not
-    refused). A --stop-after below 1 or at most `step` is refused."""
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
-    last_step = min(train.max_steps, stop_after) if stop_after is not None else train.max_steps
-    if step == train.max_steps:
-        return None
-    if step >= last_step:
-        which = "train.max_steps" if last_step == train.max_steps else "--stop-after"
-        raise ConfigError(f"{resume_from} is at step {step}, and {which} is {last_step}: nothing to train; "
-                          f"raise {'--max-steps' if which == 'train.max_steps' else which} to continue")
-    return last_step
 
 
 def build_or_load_model(config: LlamaConfig, seed: int, resume_from: Path | None, init_from: str | None,
@@ -242,56 +134,22 @@ def train(run: RunConfig, out_dir: str | Path, data_dir: str | None = None, devi
 def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, resume: bool,
            stop_after: int | None, init_from: str | None, time_limit: TimeLimit | None) -> RunResult:
     train = run.train
-    check_compiler(world.device, train)
-    validate_noise_scale(train, world.size)  # one process with one micro-batch per step has no small batch
-    set_tf32(world.device, train.tf32)
-    # out_dir is rank 0's to make (lock_run_dir): a slower rank making it too could bring back a refused run's dir
-    if world.is_main:
-        remove_partial_checkpoints(out_dir)
-    resume_from = checkpoint_to_resume(out_dir, resume)
-    if resume and resume_from is None and world.is_main:
-        print(f"no complete checkpoint in {out_dir}; starting from step 0")
-
-    # what the checkpoint's JSON files tell is checked first: a refused resume reads no weights
-    with point_to_older_checkpoint(out_dir, resume_from):
-        trainer_state = read_trainer_state(resume_from) if resume_from is not None else None
-        config = planned_model_config(run, resume_from, init_from)
-    saved_run = trainer_state.get("config") if trainer_state is not None else None
-    if trainer_state is not None:
-        check_resumable(run, saved_run, resume_from)
-    step = trainer_state["step"] if trainer_state is not None else 0
-    last_step = planned_last_step(train, step, stop_after, resume_from)
-    if last_step is None:
+    setup = set_up_run(run, out_dir, data_dir, resume, stop_after, init_from, world)  # every refusal before weights
+    resume_from, trainer_state, step = setup.resume_from, setup.trainer_state, setup.first_step
+    if setup.last_step is None:
         if world.is_main:
             print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
         return RunResult(step, None, None, None)
-    mixture = resolve_mixture(run, data_dir, saved_run, resume_from, world.is_main)  # None: one data directory
-    recorded = recorded_data_path(saved_run)
-    data_path = next(iter(mixture.paths.values())) if mixture else resolve_data(
-        run, data_dir, out_dir, world, config.vocab_size, recorded and (resume_from, recorded), world.is_main)
-    eval_sets = resolve_eval_sets(run, data_path, mixture)
-    evaluated = evaluated_dirs(data_path, mixture, eval_sets)
-    check_average_names(evaluated, train.ema_decay)  # a resumed mixture's names too, which the config does not give
+    config, last_step, mixture, data_path = setup.config, setup.last_step, setup.mixture, setup.data_path
+    evaluated, tokenizer, loader, tasks = setup.evaluated, setup.tokenizer, setup.loader, setup.tasks
+    set_tf32(world.device, train.tf32)
     recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
     # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
     recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
     recorded_config["data"]["mix"] = mixture.sources if mixture else {}
-    recorded_config["data"]["eval"] = {name: str(path) for name, path in eval_sets.items()}
+    recorded_config["data"]["eval"] = {name: str(path) for name, path in setup.eval_sets.items()}
     if trainer_state is not None:
-        recorded_config["model"] = resumed_model_settings(run, saved_run)
-    tokenizer = Tokenizer.from_pretrained(data_path)
-    if resume_from or init_from:
-        check_same_tokenizer(Path(resume_from or init_from), tokenizer, data_path, resuming=resume_from is not None)
-    check_run_fits_model(config, train, tokenizer, data_path,  # a new model's table is the run's to choose: warn once
-                         warn_unused_rows=world.is_main and not (resume_from or init_from))
-    loader = train_loader(mixture or data_path, train, world)
-    if trainer_state is not None:  # another global batch, seq_len or data is refused here, before any weights load
-        loader.load_state_dict(trainer_state["data"])
-    if loader.vocab_size > config.vocab_size:  # the loaders pass any id below it, which would index past the table
-        raise ConfigError(f"{data_path / 'meta.json'} records a vocab_size of {loader.vocab_size}, but the model's "
-                          f"vocab_size is {config.vocab_size}; its token ids may not fit the embedding table")
-    check_eval_splits(evaluated, eval_sets, run, world)
-    tasks = read_tasks(train.eval_tasks, train.eval_task_limit, tokenizer, config.max_position_embeddings)
+        recorded_config["model"] = resumed_model_settings(run, setup.saved_run)
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
     with point_to_older_checkpoint(out_dir, resume_from):
