@@ -20,9 +20,9 @@ after the step at which one more step and a checkpoint would pass that wall cloc
 (preparing the data and the model included); each --resume gets the whole limit again.
 
 --plan prints the run's plan and exits without training or writing anything: parameters, tokens, FLOPs, ideal time
-per GPU, memory per process, the epochs over each data source and the evaluations' cost (of the steps left, with
---resume), for torchrun's WORLD_SIZE or --plan-processes processes; it needs no --out but for --resume. What the run
-would refuse before its first step, the plan refuses alike.
+per GPU, memory per process, the epochs over each data source and the evaluations' cost (train.eval_tasks' questions
+included; of the steps left, with --resume), for torchrun's WORLD_SIZE or --plan-processes processes; it needs no
+--out but for --resume. What the run would refuse before its first step, the plan refuses alike.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
         return [f"{setup.resume_from} is at train.max_steps (step {setup.first_step}): the run is complete, nothing "
                 "is left to plan"]
     scored = len(run.data.eval) + (len(setup.mixture.sources) if setup.mixture else len(run.data.mix) or 1)
-    plan = make_plan(setup.config, run.train, processes, setup.first_step, setup.last_step, setup.loader, scored)
+    plan = make_plan(setup.config, run.train, processes, setup.first_step, setup.last_step, setup.loader, scored,
+                     setup.tasks)
     return describe_plan(plan, run.train, args.plan_mfu, setup.missing.get("data", ""), setup.missing.get("eval", ""))
 
 

@@ -1,7 +1,8 @@
 """Zero-shot multiple-choice accuracy during pretraining (train.eval_tasks): logged at each evaluation as
 `evaluate_questions` scores the saved checkpoint, with no effect on training (attention dropout on: scoring in
 training mode, or drawing from the RNG, would change every later step), alike on two processes, and refused in one
-line before any step when a task file cannot be scored; `scripts/pretrain.py --plan` refuses those files alike."""
+line before any step when a task file cannot be scored; `scripts/pretrain.py --plan` refuses those files alike, and
+counts the tokens and FLOPs of the tasks' forwards in each evaluation's cost."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 
 from helpers import ROOT, load_script, run_script, run_torchrun
 from train_helpers import losses, run_config, set_arguments
-from ttl_core.choices import evaluate_questions, read_questions
+from ttl_core.choices import evaluate_questions, read_questions, read_tasks
 from ttl_core.errors import TTLError
 from ttl_core.hf import load_pretrained
-from ttl_core.metrics import read_metrics
+from ttl_core.metrics import flops_per_token, read_metrics
+from ttl_core.plan import make_plan
 from ttl_core.tokenizer import Tokenizer
+import ttl_core.train as ttl_train
 from ttl_core.train import train
 
 QUESTIONS = ROOT / "ttl_core" / "sample_data" / "escolhas_pt.jsonl"  # 32 questions of 4 choices
@@ -125,12 +128,53 @@ def test_task_files_that_cannot_be_scored_are_refused_in_one_line_before_any_ste
         pretrain.main(["--plan", "--data", str(data_dir), *set_arguments("train.max_steps=1", setting)])
 
 
-def test_a_plan_before_the_data_is_prepared_reads_the_task_files(tasks, tmp_path):
+def test_a_plan_before_the_data_is_prepared_reads_the_task_files_and_says_their_cost_is_not_counted(tasks, tmp_path,
+                                                                                                   capsys):
     """Without the data's tokenizer the questions cannot be encoded: a plan without --data (the sample corpus not
-    prepared yet) reads and checks the files all the same."""
+    prepared yet) reads and checks the files all the same, and says their forwards are not in its FLOPs."""
     for paths, message in (([tmp_path / "missing.jsonl"], "missing.jsonl: no such file"),
                            ([tasks[0], tmp_path / "escolhas.jsonl"], "are both named 'escolhas'")):
         shutil.copy(QUESTIONS, tmp_path / "escolhas.jsonl")
         with pytest.raises(TTLError, match=message):
             pretrain.main(["--plan", *set_arguments(task_setting(paths))])
+    assert pretrain.main(["--plan", *set_arguments(task_setting(tasks))]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "and up to 100 questions of each of 2 tasks (not in the FLOPs: the data's tokenizer, not prepared yet, encodes "
+        "them)")
 
+
+def test_the_plans_task_cost_is_what_the_runs_evaluations_forward(data_dir, tasks, tmp_path, monkeypatch, capsys):
+    """The tokens each evaluation feeds the model to score the tasks (padded batches of choices, longest first) and
+    their FLOPs (a token as MFU counts one in a sequence of its forward's length), hooked in a run's evaluations: the
+    plan's, which also counts them on every process (each scores every question) and twice with an average."""
+    settings = ("train.max_steps=4", "train.eval_every=2", task_setting(tasks), f"train.eval_task_limit={LIMIT}")
+    shapes = []  # (rows, length) of the model's forwards while it scores the tasks, over the run
+
+    def hooked(model, scored, real=ttl_train.task_figures):
+        hook = model.backbone.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+        try:
+            return real(model, scored)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(ttl_train, "task_figures", hooked)
+    run = run_config(*settings)
+    train(run, tmp_path / "run", data_dir=str(data_dir))
+    assert len(shapes) == 2 * 2 * 3  # 2 evaluations of 2 tasks of 40 choices, 16 a forward
+    per_evaluation = shapes[:6]
+    assert shapes[6:] == per_evaluation and len({length for _, length in shapes}) > 1  # padded to unlike lengths
+    tokens = sum(rows * length for rows, length in per_evaluation)
+    assert pretrain.main(["--plan", "--data", str(data_dir), *set_arguments(*settings)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"({tokens:,} tokens on each process, in the FLOPs)")
+    config = run.model_config()
+    encoded = read_tasks([str(p) for p in tasks], LIMIT, Tokenizer.from_pretrained(data_dir),
+                         config.max_position_embeddings)
+    non_embedding = load_pretrained(tmp_path / "run" / "checkpoints" / "step-000004").num_parameters(
+        exclude_embedding=True)
+    flops = sum(rows * length * flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, length)
+                for rows, length in per_evaluation) / 3
+    for processes, overrides in ((1, ()), (3, ()), (2, ("train.ema_decay=0.9",))):
+        t = run_config(*settings, *overrides).train
+        plans = [make_plan(config, t, processes, 0, t.max_steps, None, 1, scored) for scored in ({}, encoded)]
+        assert plans[1].task_tokens == tokens and plans[0].task_tokens == 0
+        twice = 2 if t.ema_decay else 1
+        assert plans[1].eval_flops - plans[0].eval_flops == pytest.approx(processes * twice * flops, rel=1e-12)

@@ -38,7 +38,7 @@ def llama_parameters(vocab: int, d: int, layers: int, ff: int) -> tuple[int, int
 def test_tiny_plan_matches_hand_computation_and_the_model_built():
     run = load_run_config(ROOT / "configs" / "tiny.toml")
     config, t = run.model_config(), run.train
-    plan = make_plan(config, t, 1, 0, t.max_steps, None, 1)
+    plan = make_plan(config, t, 1, 0, t.max_steps, None, 1, {})
     total, non_embedding = llama_parameters(1024, 256, 4, 768)
     built = LlamaForCausalLM(config)
     assert (plan.parameters, plan.non_embedding_parameters) == (total, non_embedding) == (
@@ -47,14 +47,14 @@ def test_tiny_plan_matches_hand_computation_and_the_model_built():
     assert plan.flops_per_token == 6 * non_embedding + 12 * 4 * 256 * 64
     assert plan.memory == {"weights": 4 * total, "gradients": 4 * total, "AdamW moments": 8 * total}
     assert plan.evaluations == 10 and plan.eval_tokens == 4 * 16 * 64  # every 20 steps: 20, 40, ..., 200
-    ddp = make_plan(config, t, 2, 0, t.max_steps, None, 1)
+    ddp = make_plan(config, t, 2, 0, t.max_steps, None, 1, {})
     assert ddp.memory == {**plan.memory, "DDP's gradient buckets": 4 * total} and ddp.tokens == 2 * plan.tokens
 
 
 def test_ttl_160m_recipe_plan_on_8_processes_with_fsdp_muon_and_ema():
     run = load_run_config(ROOT / "configs" / "ttl-160m.toml",
                           ["train.distributed=\"fsdp\"", "train.optimizer=\"muon\"", "train.ema_decay=0.999"])
-    plan = make_plan(run.model_config(), run.train, 8, 0, 458_000, None, 1)
+    plan = make_plan(run.model_config(), run.train, 8, 0, 458_000, None, 1, {})
     total, non_embedding = llama_parameters(32000, 768, 12, 3072)
     assert (plan.parameters, plan.non_embedding_parameters) == (total, non_embedding) == (162_417_408, 137_841_408)
     assert plan.tokens == 458_000 * 4 * 2048 * 8
@@ -76,10 +76,10 @@ def test_a_count_that_rounds_up_to_the_next_suffix_is_shown_in_it():
 def test_tokens_follow_the_batch_ramp():
     ramp = ["train.grad_accum_steps=4", "train.batch_ramp_steps=4", "train.max_steps=10"]
     run = run_config(*ramp)
-    plan = make_plan(run.model_config(), run.train, 2, 0, 10, None, 1)
+    plan = make_plan(run.model_config(), run.train, 2, 0, 10, None, 1, {})
     assert [run.train.grad_accum_at(s) for s in range(1, 5)] == [1, 2, 3, 4]
     assert plan.tokens == (1 + 2 + 3 + 4 + 6 * 4) * 4 * 32 * 2
-    assert make_plan(run.model_config(), run.train, 2, 3, 10, None, 1).tokens == (4 + 6 * 4) * 4 * 32 * 2
+    assert make_plan(run.model_config(), run.train, 2, 3, 10, None, 1, {}).tokens == (4 + 6 * 4) * 4 * 32 * 2
 
 
 @pytest.fixture(scope="module")
@@ -417,7 +417,7 @@ def test_the_eval_cost_counts_the_forward_of_train_log_activation_stats():
     runs = [run_config("train.eval_every=10", "train.ema_decay=0.9", f"train.log_activation_stats={on}")
             for on in ("false", "true")]
     for processes in (1, 3):
-        plain, stats = (make_plan(r.model_config(), r.train, processes, 0, 100, None, 2) for r in runs)
+        plain, stats = (make_plan(r.model_config(), r.train, processes, 0, 100, None, 2, {}) for r in runs)
         batch = runs[1].train.micro_batch_size * processes * runs[1].train.seq_len
         assert plain.eval_flops == pytest.approx(2 * plain.eval_tokens * plain.flops_per_token / 3, rel=1e-12)
         assert stats.eval_flops - plain.eval_flops == pytest.approx(batch * plain.flops_per_token / 3, rel=1e-12)

@@ -34,6 +34,7 @@ from .task_files import read_task_file
 from .tokenizer import Tokenizer
 
 METRICS = ("acc", "acc_norm", "acc_bytes")
+BATCH_SIZE = 16  # choices scored per forward pass
 
 
 @dataclass(frozen=True)
@@ -104,21 +105,38 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 Pairs = list[tuple[list[int], list[int]]]  # (context ids, continuation ids) per choice
 
 
+def pair_inputs(pairs: Pairs, max_length: int) -> list[list[int]]:
+    """The ids fed for each pair: its context's then its continuation's, cut from the left to the model's context
+    (`max_length`) + 1 and without the last (whose prediction nothing scores)."""
+    return [(context + continuation)[-(max_length + 1):-1] for context, continuation in pairs]
+
+
+def forward_groups(inputs: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The indices of the inputs each forward pass takes: longest first, `batch_size` a pass, so that a pass pads
+    its rows to its first's length."""
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
+
+
+def forward_shapes(pairs: Pairs, max_length: int, batch_size: int = BATCH_SIZE) -> list[tuple[int, int]]:
+    """(rows, length) of each forward pass `continuation_loglikelihoods` makes over `pairs` (padding included): the
+    tokens scoring them costs, as a plan counts them."""
+    inputs = pair_inputs(pairs, max_length)
+    return [(len(group), len(inputs[group[0]])) for group in forward_groups(inputs, batch_size)]
+
+
 @torch.no_grad()
 def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: Pairs,
-                                batch_size: int = 16, progress: bool = False) -> list[float]:
+                                batch_size: int = BATCH_SIZE, progress: bool = False) -> list[float]:
     """The summed log-likelihood (nats) of each pair's continuation ids given its context ids, `batch_size` pairs
     per forward pass (longest first, right-padded: causal attention keeps padding out of the scored positions)."""
-    max_length = model.config.max_position_embeddings
     device = model.lm_head.weight.device
-    inputs = [(context + continuation)[-(max_length + 1):-1] for context, continuation in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+    inputs = pair_inputs(pairs, model.config.max_position_embeddings)
     scores = [0.0] * len(pairs)
     was_training = model.training
     model.eval()
     with tqdm(total=len(pairs), unit="choice", leave=False, disable=not progress) as bar:
-        for first in range(0, len(order), batch_size):
-            group = order[first:first + batch_size]
+        for group in forward_groups(inputs, batch_size):
             ids = torch.zeros(len(group), len(inputs[group[0]]), dtype=torch.long)
             rows, positions, targets = [], [], []
             for row, i in enumerate(group):
@@ -191,7 +209,7 @@ def score_questions(questions: list[Question], loglikelihoods: list[float]) -> d
 
 
 def evaluate_questions(model: LlamaForCausalLM, tokenizer: Tokenizer, questions: list[Question],
-                       batch_size: int = 16, progress: bool = False) -> dict[str, float | int | None]:
+                       batch_size: int = BATCH_SIZE, progress: bool = False) -> dict[str, float | int | None]:
     """`questions` (the number), and each metric of METRICS with its `_stderr`, over `questions`."""
     if not questions:
         raise DataError("no questions to evaluate")

@@ -14,6 +14,7 @@ import torch
 
 from .config import LlamaConfig
 from .data import PackedLoader
+from .choices import Task, forward_shapes
 from .metrics import PEAK_BF16_TFLOPS, flops_per_token
 from .mixture import MixtureLoader
 from .model import LlamaForCausalLM
@@ -57,7 +58,8 @@ class RunPlan:
     evaluations: int
     eval_sets: int  # the directories each evaluation scores
     eval_tokens: int  # at most, per evaluation, over every set and every process
-    eval_flops: float  # per evaluation: its forwards (the average's, train.log_activation_stats')
+    task_tokens: int | None  # per evaluation, that each process forwards to score every task; None: not encoded yet
+    eval_flops: float  # per evaluation: its forwards (the tasks', the average's, train.log_activation_stats')
 
     @property
     def flops(self) -> float:
@@ -105,9 +107,10 @@ def state_bytes(model: LlamaForCausalLM, train: TrainConfig, processes: int) -> 
 
 
 def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_step: int, last_step: int,
-              loader: PackedLoader | MixtureLoader | None, eval_sets: int) -> RunPlan:
+              loader: PackedLoader | MixtureLoader | None, eval_sets: int, tasks: dict[str, Task] | None) -> RunPlan:
     """The plan of steps first_step + 1 to last_step on `processes` processes; `loader`: the training data's (None
-    when it is not prepared yet), `eval_sets`: the directories each evaluation scores."""
+    when it is not prepared yet), `eval_sets`: the directories each evaluation scores, `tasks`: train.eval_tasks'
+    questions and their encoded choices (None when the data's tokenizer, which encodes them, is not prepared yet)."""
     with torch.device("meta"):  # the model's shapes, without its memory
         model = LlamaForCausalLM(config)
     non_embedding = model.num_parameters(exclude_embedding=True)
@@ -117,12 +120,20 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     batch = train.micro_batch_size * train.seq_len * processes  # the tokens of a micro-batch on every process
     eval_tokens = eval_sets * train.eval_batches * batch
     # the average scores the same tokens, and train.log_activation_stats runs the model on one more global batch
-    forwards = eval_tokens * (2 if train.ema_decay else 1) + (batch if train.log_activation_stats else 0)
+    # every process scores every question, in forwards of the lengths its batches pad to: a token of a forward of
+    # length T costs as MFU counts a token in a sequence of T
+    shapes = [shape for _, pairs in (tasks or {}).values()
+              for shape in forward_shapes(pairs, config.max_position_embeddings)]
+    task_flops = processes * sum(rows * length * flops_per_token(
+        non_embedding, config.num_hidden_layers, config.hidden_size, length) for rows, length in shapes)
+    forwards = (eval_tokens * per_token + task_flops) * (2 if train.ema_decay else 1) + (
+        batch * per_token if train.log_activation_stats else 0)
     return RunPlan(
         processes, first_step, last_step, model.num_parameters(), non_embedding,
         micro_batches(train, first_step, last_step) * batch, per_token, state_bytes(model, train, processes),
         source_plans(loader, train, first_step, last_step) if loader is not None else [], len(evaluated), eval_sets,
-        eval_tokens, forwards * per_token / 3)  # a forward: a third of a training token's 6N + 12·L·d·T
+        eval_tokens, sum(rows * length for rows, length in shapes) if tasks is not None else None,
+        forwards / 3)  # a forward: a third of a training token's 6N + 12·L·d·T
 
 
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:
@@ -190,7 +201,10 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
     questions = f"up to {train.eval_task_limit} questions" if train.eval_task_limit else "all questions"
     extra = "; ".join(words for on, words in ((train.ema_decay, "twice: the average too"), (
         train.log_activation_stats, "with train.log_activation_stats' forward of a batch")) if on)
-    tasks = f", and {questions} of each of {plural(len(train.eval_tasks), 'task')}" if train.eval_tasks else ""
+    cost = (f"{plan.task_tokens:,} tokens on each process, in the FLOPs" if plan.task_tokens is not None else
+            "not in the FLOPs: the data's tokenizer, not prepared yet, encodes them")
+    tasks = (f", and {questions} of each of {plural(len(train.eval_tasks), 'task')} ({cost})" if train.eval_tasks
+             else "")
     lines = [
         f"steps {plan.first_step + 1:,}-{plan.last_step:,} ({plural(steps, 'optimizer step')}) on "
         f"{plural(plan.processes, 'process')}{resumed if plan.first_step else ''}",
