@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .choices import Task, forward_shapes
 from .config import LlamaConfig
 from .data import PackedLoader
-from .choices import Task, forward_shapes
 from .metrics import PEAK_BF16_TFLOPS, flops_per_token
 from .mixture import MixtureLoader
 from .model import LlamaForCausalLM
@@ -119,21 +119,21 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     per_token = flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, train.seq_len)
     batch = train.micro_batch_size * train.seq_len * processes  # the tokens of a micro-batch on every process
     eval_tokens = eval_sets * train.eval_batches * batch
-    # the average scores the same tokens, and train.log_activation_stats runs the model on one more global batch
-    # every process scores every question, in forwards of the lengths its batches pad to: a token of a forward of
-    # length T costs as MFU counts a token in a sequence of T
+    # every process scores every question, in forwards padded to each batch's longest: a token of a forward of length
+    # T costs what MFU counts for a token in a sequence of T
     shapes = [shape for _, pairs in (tasks or {}).values()
               for shape in forward_shapes(pairs, config.max_position_embeddings)]
     task_flops = processes * sum(rows * length * flops_per_token(
         non_embedding, config.num_hidden_layers, config.hidden_size, length) for rows, length in shapes)
-    forwards = (eval_tokens * per_token + task_flops) * (2 if train.ema_decay else 1) + (
-        batch * per_token if train.log_activation_stats else 0)
+    # the average scores the same tokens and questions; train.log_activation_stats runs one more global batch. A
+    # forward is a third of a training token's 6N + 12·L·d·T
+    forward_flops = ((eval_tokens * per_token + task_flops) * (2 if train.ema_decay else 1)
+                     + (batch * per_token if train.log_activation_stats else 0)) / 3
     return RunPlan(
         processes, first_step, last_step, model.num_parameters(), non_embedding,
         micro_batches(train, first_step, last_step) * batch, per_token, state_bytes(model, train, processes),
         source_plans(loader, train, first_step, last_step) if loader is not None else [], len(evaluated), eval_sets,
-        eval_tokens, sum(rows * length for rows, length in shapes) if tasks is not None else None,
-        forwards / 3)  # a forward: a third of a training token's 6N + 12·L·d·T
+        eval_tokens, sum(rows * length for rows, length in shapes) if tasks is not None else None, forward_flops)
 
 
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:
