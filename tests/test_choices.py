@@ -19,6 +19,7 @@ from lora_helpers import saved_peft_adapter
 
 import ttl_core
 import ttl_core.choices
+import ttl_core.cli
 from ttl_core.choices import (Question, continuation_loglikelihoods, encode_pair, encode_questions, evaluate_questions,
                               read_questions)
 from ttl_core.errors import DataError
