@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ttl_core.choices import METRICS, evaluate_questions, read_questions
+from ttl_core.choices import BATCH_SIZE, METRICS, evaluate_questions, read_questions
 from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir, output_file, run_cli
 from ttl_core.finetune import SAMPLE_DATA, check_tokenizer_fits
 from ttl_core.fileio import write_json
@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_options(parser)
     parser.add_argument("--tasks", nargs="+", default=[str(SAMPLE_TASK)],
                         help="JSON-lines task files (default: the bundled sample, %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="choices per forward pass (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="choices per forward pass (default %(default)s)")
     parser.add_argument("--limit", type=int, help="score only each task's first N questions")
     parser.add_argument("--json", type=output_file, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -2,9 +2,9 @@
 
 The loop is a handful of small functions with explicit inputs: what the run settles and checks before it reads any
 weights in `ttl_core.run_setup` (shared with its plan), `train_step` and `evaluate` in `ttl_core.step`, the optimizer
-pieces in `ttl_core.optim`, checkpointing in `ttl_core.checkpoint`, process groups in `ttl_core.distributed`.
-`train()` wires them together. Resuming restores weights, optimizer, RNG and data position,
-so a resumed run reproduces an uninterrupted one bit for bit on the CPU.
+pieces in `ttl_core.optim`, checkpointing in `ttl_core.checkpoint`, process groups in `ttl_core.distributed`. `train()`
+wires them together. Resuming restores weights, optimizer, RNG and data position, so a resumed run reproduces an
+uninterrupted one bit for bit on the CPU.
 """
 
 from __future__ import annotations
