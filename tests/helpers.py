@@ -17,6 +17,8 @@ import torch
 import ttl_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
+KERNEL_MODULES = [importlib.import_module(f"ttl_kernels.{name}")
+                  for name in ("rms_norm", "rotary", "swiglu", "cross_entropy", "flash_attention")]
 
 
 def run_script(name: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -142,3 +144,16 @@ def head_loss_case(seed: int, fused: bool) -> tuple[torch.Tensor, torch.Tensor, 
     call = (lambda **kw: ttl_kernels.fused_linear_cross_entropy(hidden, weight, targets, **kw)) if fused else (
         lambda **kw: ttl_kernels.cross_entropy(hidden @ weight.t(), targets, **kw))
     return hidden, weight, targets, call
+
+
+def record_kernel_decisions(monkeypatch) -> dict[str, set[bool]]:
+    """Each kernel module's answers to "Triton or the reference?" from here on, by module name: a test comparing
+    the Triton path with the references means nothing unless the Triton path ran."""
+    decisions: dict[str, set[bool]] = {}
+    for module in KERNEL_MODULES:
+        def recorded(*args, module=module, decide=module.use_triton):
+            decision = decide(*args)
+            decisions.setdefault(module.__name__, set()).add(decision)
+            return decision
+        monkeypatch.setattr(module, "use_triton", recorded)
+    return decisions

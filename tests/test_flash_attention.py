@@ -93,6 +93,17 @@ def test_strided_views_of_a_fused_projection():
     assert err(out, truth) <= 1e-4
 
 
+def test_keys_and_values_with_different_strides():
+    # each of q, k, v (and so each gradient) is read and written by its own strides, where a fused projection gives
+    # k and v one layout: keys with heads outside tokens (their gradient made alike) beside values sliced from a
+    # wider tensor (their gradient made contiguous)
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(19, 4, 32, generator=gen).requires_grad_()
+    k = torch.randn(2, 19, 32, generator=gen).transpose(0, 1).requires_grad_()
+    v = torch.randn(19, 2, 64, generator=gen)[..., :32].requires_grad_()
+    check(q, k, v, True, TOL[torch.float32], torch.tensor([0, 8, 19], dtype=torch.int32), 11)
+
+
 def test_inputs_and_output_gradient_with_a_strided_last_dim():
     # (tokens, dim, heads) tensors transposed to (tokens, heads, dim): the kernels index the last dim as
     # contiguous, so q, k, v and the output gradient must be made contiguous first

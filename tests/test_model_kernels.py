@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import record_kernel_decisions, rel_err
 
 from ttl_core import LlamaConfig, LlamaForCausalLM
 from ttl_core.errors import ConfigError
@@ -19,7 +19,7 @@ def loss_and_grads(model, ids, labels=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_kernels_give_the_reference_loss_and_gradients(dtype):
+def test_triton_kernels_give_the_reference_loss_and_gradients(dtype, monkeypatch):
     config = LlamaConfig.from_preset("tiny", num_hidden_layers=2, num_key_value_heads=2, vocab_size=512,
                                      kernels="torch")
     torch.manual_seed(0)
@@ -31,7 +31,10 @@ def test_triton_kernels_give_the_reference_loss_and_gradients(dtype):
     ours.load_state_dict(reference.state_dict())
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     ref_loss, ref_grads = loss_and_grads(reference, ids)
+    decisions = record_kernel_decisions(monkeypatch)
     our_loss, our_grads = loss_and_grads(ours, ids)
+    # else the comparisons below hold the references against themselves (attention is the config's default)
+    assert decisions == {f"ttl_kernels.{name}": {True} for name in ("rms_norm", "rotary", "swiglu", "cross_entropy")}
     if dtype == torch.float32:  # the same math up to fp32 rounding
         assert rel_err(our_loss, ref_loss) <= 1e-5
         for name, grad in ref_grads.items():

@@ -148,6 +148,15 @@ def test_strided_inputs_and_gradients():
     check((y, h), got, *truth(x, w, 1e-5, r, [gy, gh]), 1e-5)
 
 
+def test_output_gradient_with_another_row_stride_than_the_input():
+    # a slice of a wider gradient stays a view with its own row stride (unlike the transposed ones above, which
+    # are copied), beside a contiguous saved input: each must be read by its own stride
+    x, w, _ = inputs(11, 96, torch.float32, False, seed=30)
+    g = torch.randn(11, 160, generator=torch.Generator().manual_seed(31))[:, :96]
+    outs, got = run(x, w, 1e-5, grads=[g])
+    check(outs, got, *truth(x, w, 1e-5, None, [g]), 1e-5)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("shape", [(5, 0), (0,), (0, 0)], ids=["hidden0", "empty-1d", "no-rows-hidden0"])
 def test_a_hidden_size_of_zero_gives_empty_results(shape, backend):

@@ -352,6 +352,15 @@ def test_more_key_heads_than_query_heads():
     check_against_truth(q, k, cos, sin, 1e-5)
 
 
+def test_q_and_k_with_different_head_strides():
+    # each operand is read by its own strides: q from the fused projection (heads side by side) beside k laid
+    # out (batch, heads, seq, dim), where the tests above give both one layout
+    _, q, _ = projection(2, 5, 4, 2, 16, torch.float32, seed=32)
+    k = torch.randn(2, 2, 5, 16, generator=torch.Generator().manual_seed(33)).transpose(1, 2).requires_grad_()
+    cos, sin = angles(torch.arange(5), 16, torch.float32)
+    check_against_truth(q, k, cos, sin, 1e-5)
+
+
 def test_head_offsets_beyond_32_bits():
     """q, and a fused qkv, whose heads lie 2^31 - 64 elements apart (a head-major view of a long sequence):
     the third head's offset (2^32 - 128) wrapped to -128 in 32 bits and rotated the values before the view

@@ -7,7 +7,6 @@ see `check_run_follows_reference`)."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from helpers import KERNEL_MODULES, record_kernel_decisions
 from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_transformers,
                           assert_trained_as_closely_as_transformers, hf_causal_lm, reference_adamw, reference_lr,
                           reference_update)
@@ -25,9 +25,6 @@ from train_helpers import prepared_corpus, run_config
 from ttl_core.metrics import read_metrics
 from ttl_core.run_config import TrainConfig
 from ttl_core.train import train
-
-KERNEL_MODULES = [importlib.import_module(f"ttl_kernels.{name}")
-                  for name in ("rms_norm", "rotary", "swiglu", "cross_entropy", "flash_attention")]
 
 # gradient accumulation, an epoch boundary (about 18 micro-batches an epoch), clipping both on and off, weight
 # decay, warmup and cosine to a floor
@@ -137,18 +134,6 @@ def check_run_follows_reference(tmp_path: Path, *overrides: str, device: str = "
     trained = transformers.LlamaForCausalLM.from_pretrained(last)
     assert_trained_as_closely_as_transformers(trained.state_dict(), reference.state_dict(), truth.state_dict())
     return expected
-
-
-def record_kernel_decisions(monkeypatch) -> dict[str, set[bool]]:
-    """Each kernel module's answers to "Triton or the reference?" from here on, by module name."""
-    decisions: dict[str, set[bool]] = {}
-    for module in KERNEL_MODULES:
-        def recorded(*args, module=module, decide=module.use_triton):
-            decision = decide(*args)
-            decisions.setdefault(module.__name__, set()).add(decision)
-            return decision
-        monkeypatch.setattr(module, "use_triton", recorded)
-    return decisions
 
 
 @pytest.mark.parametrize("start", ["untied", "tied", "from scratch"])
