@@ -120,11 +120,14 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     batch = train.micro_batch_size * train.seq_len * processes  # the tokens of a micro-batch on every process
     eval_tokens = eval_sets * train.eval_batches * batch
     # every process scores every question, in forwards padded to each batch's longest: a token of a forward of length
-    # T costs what MFU counts for a token in a sequence of T
+    # T costs what MFU counts for a token in a sequence of T, but for the LM head, which runs on the scored positions
+    # alone (the continuations')
     shapes = [shape for _, pairs in (tasks or {}).values()
               for shape in forward_shapes(pairs, config.max_position_embeddings)]
+    head = model.lm_head.weight.numel()
     task_flops = processes * sum(rows * length * flops_per_token(
-        non_embedding, config.num_hidden_layers, config.hidden_size, length) for rows, length in shapes)
+        non_embedding - head, config.num_hidden_layers, config.hidden_size, length) + 6 * head * scored
+        for rows, length, scored in shapes)
     # the average scores the same tokens and questions; train.log_activation_stats runs one more global batch. A
     # forward is a third of a training token's 6N + 12·L·d·T
     forward_flops = ((eval_tokens * per_token + task_flops) * (2 if train.ema_decay else 1)
@@ -133,7 +136,7 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
         processes, first_step, last_step, model.num_parameters(), non_embedding,
         micro_batches(train, first_step, last_step) * batch, per_token, state_bytes(model, train, processes),
         source_plans(loader, train, first_step, last_step) if loader is not None else [], len(evaluated), eval_sets,
-        eval_tokens, sum(rows * length for rows, length in shapes) if tasks is not None else None, forward_flops)
+        eval_tokens, sum(rows * length for rows, length, _ in shapes) if tasks is not None else None, forward_flops)
 
 
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:
