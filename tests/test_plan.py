@@ -423,3 +423,20 @@ def test_the_eval_cost_counts_the_forward_of_train_log_activation_stats():
         assert stats.eval_flops - plain.eval_flops == pytest.approx(batch * plain.flops_per_token / 3, rel=1e-12)
     assert describe_plan(stats, runs[1].train, None)[-1].endswith(
         f"{stats.eval_flops:.3g} FLOPs (twice: the average too; with train.log_activation_stats' forward of a batch)")
+
+
+@pytest.mark.parametrize("settings, ending", [
+    (("train.eval_every=10", "train.max_steps=10", 'train.eval_tasks=["a/escolhas.jsonl"]'),
+     "eval: 1 evaluation of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and up to 100 questions of 1 "
+     "task (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
+    (("train.eval_every=5", "train.max_steps=10", "train.eval_task_limit=0", 'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
+     "eval: 2 evaluations, each of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and all questions of 2 "
+     "tasks (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
+    (("train.eval_every=5", "train.max_steps=10", 'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
+     "eval: 2 evaluations, each of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and up to 100 questions "
+     "of each of 2 tasks (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
+])
+def test_the_eval_line_reads_for_one_evaluation_one_task_or_several(settings, ending):
+    run = run_config(*settings)
+    plan = make_plan(run.model_config(), run.train, 1, 0, run.train.max_steps, None, 1, None)
+    assert describe_plan(plan, run.train, None)[-1] == ending.format(flops=f"{plan.eval_flops:.3g}")

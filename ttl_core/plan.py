@@ -201,13 +201,13 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
     hours = {gpu: plan.ideal_hours(peak, mfu or ASSUMED_MFU) for gpu, peak in PEAK_BF16_TFLOPS.items()}
     memory = " + ".join(f"{name} {count(size, BYTES)}" for name, size in plan.memory.items())
     sharded = ", sharded by FSDP" if train.distributed == "fsdp" else ""
-    questions = f"up to {train.eval_task_limit} questions" if train.eval_task_limit else "all questions"
+    questions = (f"up to {train.eval_task_limit} questions of{' each of' if len(train.eval_tasks) > 1 else ''}"
+                 if train.eval_task_limit else "all questions of")
     extra = "; ".join(words for on, words in ((train.ema_decay, "twice: the average too"), (
         train.log_activation_stats, "with train.log_activation_stats' forward of a batch")) if on)
     cost = (f"{plan.task_tokens:,} tokens on each process, in the FLOPs" if plan.task_tokens is not None else
             "not in the FLOPs: the data's tokenizer, not prepared yet, encodes them")
-    tasks = (f", and {questions} of each of {plural(len(train.eval_tasks), 'task')} ({cost})" if train.eval_tasks
-             else "")
+    tasks = f", and {questions} {plural(len(train.eval_tasks), 'task')} ({cost})" if train.eval_tasks else ""
     lines = [
         f"steps {plan.first_step + 1:,}-{plan.last_step:,} ({plural(steps, 'optimizer step')}) on "
         f"{plural(plan.processes, 'process')}{resumed if plan.first_step else ''}",
@@ -225,7 +225,8 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
         *([f"data: not planned: {missing_data}"] if missing_data else []),
         *(describe_source(source, plan) for source in plan.sources),
         f"eval: not planned: {missing_eval}" if missing_eval else
-        f"eval: {plural(plan.evaluations, 'evaluation')}, each of at most {plan.eval_tokens:,} tokens "
+        f"eval: {plural(plan.evaluations, 'evaluation')}{', each' if plan.evaluations > 1 else ''} of at most "
+        f"{plan.eval_tokens:,} tokens "
         f"({train.eval_batches} batches of {plural(plan.eval_sets, 'set')}), {plan.eval_flops:.3g} FLOPs"
         f"{f' ({extra})' if extra else ''}{tasks}" if plan.evaluations else "eval: none",
     ]
