@@ -429,7 +429,8 @@ def test_the_eval_cost_counts_the_forward_of_train_log_activation_stats():
     (("train.eval_every=10", "train.max_steps=10", 'train.eval_tasks=["a/escolhas.jsonl"]'),
      "eval: 1 evaluation of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and up to 100 questions of 1 "
      "task (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
-    (("train.eval_every=5", "train.max_steps=10", "train.eval_task_limit=0", 'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
+    (("train.eval_every=5", "train.max_steps=10", "train.eval_task_limit=0",
+      'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
      "eval: 2 evaluations, each of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and all questions of 2 "
      "tasks (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
     (("train.eval_every=5", "train.max_steps=10", 'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
