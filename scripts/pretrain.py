@@ -37,6 +37,7 @@ import torch
 from ttl_core.benchmark import positive_int
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.distributed import World
+from ttl_core.mixture import recorded_mix
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
 from ttl_core.preemption import EXIT_STATUS, duration_seconds
 from ttl_core.run_config import RunConfig, load_run_config
@@ -64,7 +65,9 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     if setup.last_step is None:
         return [f"{setup.resume_from} is at train.max_steps (step {setup.first_step}): the run is complete, nothing "
                 "is left to plan"]
-    scored = len(run.data.eval) + (len(setup.mixture.sources) if setup.mixture else len(run.data.mix) or 1)
+    # the directories each evaluation scores (`evaluated_dirs`); with the data not prepared yet, those the config or
+    # the resumed checkpoint names
+    scored = len(setup.evaluated) or len(run.data.eval) + (len(run.data.mix or recorded_mix(setup.saved_run)) or 1)
     plan = make_plan(setup.config, run.train, processes, setup.first_step, setup.last_step, setup.loader, scored,
                      setup.tasks)
     return describe_plan(plan, run.train, args.plan_mfu, setup.missing.get("data", ""), setup.missing.get("eval", ""))

@@ -21,7 +21,9 @@ import ttl_core
 import ttl_core.choices
 import ttl_core.cli
 from ttl_core.choices import (Question, continuation_loglikelihoods, encode_pair, encode_questions, evaluate_questions,
-                              read_questions)
+                              forward_shapes, read_questions)
+from ttl_core.config import LlamaConfig
+from ttl_core.model import LlamaForCausalLM
 from ttl_core.errors import DataError
 from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.tokenizer_train import train_tokenizer
@@ -143,6 +145,25 @@ def test_a_context_too_long_is_cut_from_the_left(checkpoint):
     got = continuation_loglikelihoods(model, pairs, batch_size=2)
     want = [reference_loglikelihood(hf, *pair) for pair in pairs]
     assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16, 64])
+def test_forward_shapes_are_the_forwards_scoring_makes(batch_size):
+    """What a plan counts of scoring (`forward_shapes`) against the forwards `continuation_loglikelihoods` makes,
+    hooked: each batch's rows and padded length (contexts cut to the model's context included), and the positions the
+    LM head scores (the continuations' alone)."""
+    generator = torch.Generator().manual_seed(batch_size)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT))
+    lengths = torch.randint(1, 2 * CONTEXT, (37, 2), generator=generator).tolist()
+    pairs = [(torch.randint(0, 50, (c,), generator=generator).tolist(),
+              torch.randint(0, 50, (min(k, CONTEXT),), generator=generator).tolist()) for c, k in lengths]
+    forwards = []  # [rows, length, positions scored] of each forward
+    model.backbone.register_forward_pre_hook(lambda module, args: forwards.append(list(args[0].shape)))
+    model.lm_head.register_forward_pre_hook(lambda module, args: forwards[-1].append(args[0].shape[0]))
+    continuation_loglikelihoods(model, pairs, batch_size=batch_size)
+    assert any(c + k > CONTEXT + 1 for c, k in lengths)  # some cut
+    assert [tuple(f) for f in forwards] == forward_shapes(pairs, CONTEXT, batch_size)
 
 
 def test_acc_acc_norm_acc_bytes_and_their_stderr_are_lm_evals(checkpoint, monkeypatch):

@@ -145,33 +145,37 @@ def test_a_plan_before_the_data_is_prepared_reads_the_task_files_and_says_their_
 
 def test_the_plans_task_cost_is_what_the_runs_evaluations_forward(data_dir, tasks, tmp_path, monkeypatch, capsys):
     """The tokens each evaluation feeds the model to score the tasks (padded batches of choices, longest first) and
-    their FLOPs (a token as MFU counts one in a sequence of its forward's length), hooked in a run's evaluations: the
-    plan's, which also counts them on every process (each scores every question) and twice with an average."""
+    their FLOPs (a token as MFU counts one in a sequence of its forward's length, but the LM head's matmul only at
+    the continuations' positions, which alone it scores), hooked in a run's evaluations: the plan's, which also counts
+    them on every process (each scores every question) and twice with an average."""
     settings = ("train.max_steps=4", "train.eval_every=2", task_setting(tasks), f"train.eval_task_limit={LIMIT}")
-    shapes = []  # (rows, length) of the model's forwards while it scores the tasks, over the run
+    shapes = []  # [rows, length, positions scored] of the model's forwards while it scores the tasks, over the run
 
     def hooked(model, scored, real=ttl_train.task_figures):
-        hook = model.backbone.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+        hooks = [model.backbone.register_forward_pre_hook(lambda module, args: shapes.append(list(args[0].shape))),
+                 model.lm_head.register_forward_pre_hook(lambda module, args: shapes[-1].append(args[0].shape[0]))]
         try:
             return real(model, scored)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
     monkeypatch.setattr(ttl_train, "task_figures", hooked)
     run = run_config(*settings)
     train(run, tmp_path / "run", data_dir=str(data_dir))
     assert len(shapes) == 2 * 2 * 3  # 2 evaluations of 2 tasks of 40 choices, 16 a forward
     per_evaluation = shapes[:6]
-    assert shapes[6:] == per_evaluation and len({length for _, length in shapes}) > 1  # padded to unlike lengths
-    tokens = sum(rows * length for rows, length in per_evaluation)
+    assert shapes[6:] == per_evaluation and len({length for _, length, _ in shapes}) > 1  # padded to unlike lengths
+    tokens = sum(rows * length for rows, length, _ in per_evaluation)
     assert pretrain.main(["--plan", "--data", str(data_dir), *set_arguments(*settings)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"({tokens:,} tokens on each process, in the FLOPs)")
     config = run.model_config()
     encoded = read_tasks([str(p) for p in tasks], LIMIT, Tokenizer.from_pretrained(data_dir),
                          config.max_position_embeddings)
-    non_embedding = load_pretrained(tmp_path / "run" / "checkpoints" / "step-000004").num_parameters(
-        exclude_embedding=True)
-    flops = sum(rows * length * flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, length)
-                for rows, length in per_evaluation) / 3
+    model = load_pretrained(tmp_path / "run" / "checkpoints" / "step-000004")
+    head = model.lm_head.weight.numel()
+    backbone = model.num_parameters(exclude_embedding=True) - head
+    flops = sum(rows * length * flops_per_token(backbone, config.num_hidden_layers, config.hidden_size, length)
+                + 6 * head * scored for rows, length, scored in per_evaluation) / 3
     for processes, overrides in ((1, ()), (3, ()), (2, ("train.ema_decay=0.9",))):
         t = run_config(*settings, *overrides).train
         plans = [make_plan(config, t, processes, 0, t.max_steps, None, 1, scored) for scored in ({}, encoded)]

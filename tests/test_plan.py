@@ -423,3 +423,41 @@ def test_the_eval_cost_counts_the_forward_of_train_log_activation_stats():
         assert stats.eval_flops - plain.eval_flops == pytest.approx(batch * plain.flops_per_token / 3, rel=1e-12)
     assert describe_plan(stats, runs[1].train, None)[-1].endswith(
         f"{stats.eval_flops:.3g} FLOPs (twice: the average too; with train.log_activation_stats' forward of a batch)")
+
+
+@pytest.mark.parametrize("settings, ending", [
+    (("train.eval_every=10", "train.max_steps=10", 'train.eval_tasks=["a/escolhas.jsonl"]'),
+     "eval: 1 evaluation of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and up to 100 questions of 1 "
+     "task (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
+    (("train.eval_every=5", "train.max_steps=10", "train.eval_task_limit=0",
+      'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
+     "eval: 2 evaluations, each of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and all questions of 2 "
+     "tasks (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
+    (("train.eval_every=5", "train.max_steps=10", 'train.eval_tasks=["a/x.jsonl", "b.jsonl"]'),
+     "eval: 2 evaluations, each of at most 256 tokens (2 batches of 1 set), {flops} FLOPs, and up to 100 questions "
+     "of each of 2 tasks (not in the FLOPs: the data's tokenizer, not prepared yet, encodes them)"),
+])
+def test_the_eval_line_reads_for_one_evaluation_one_task_or_several(settings, ending):
+    run = run_config(*settings)
+    plan = make_plan(run.model_config(), run.train, 1, 0, run.train.max_steps, None, 1, None)
+    assert describe_plan(plan, run.train, None)[-1] == ending.format(flops=f"{plan.eval_flops:.3g}")
+
+
+def test_a_resumed_mixture_whose_source_is_gone_is_named_and_its_sources_evaluated_all_the_same(halves, tmp_path,
+                                                                                                 capsys):
+    """A mixture run resumed without its data.mix continues on the sources its checkpoint records: with one of them
+    not prepared (moved away), the plan names it, and its evaluations still score each source, as the run's will."""
+    for name in ("a", "b"):
+        shutil.copytree(halves / name, tmp_path / name)
+    mix = "data.mix={a = {path = \"%s\", weight = 3}, b = {path = \"%s\", weight = 1}}" % (tmp_path / "a",
+                                                                                          tmp_path / "b")
+    train(run_config(mix, "train.max_steps=4", "train.eval_every=2"), tmp_path / "run", stop_after=2)
+    capsys.readouterr()
+    (tmp_path / "b").rename(tmp_path / "b.moved")
+    args = ["--out", str(tmp_path / "run"), "--resume", "--plan", *set_arguments("train.max_steps=4",
+                                                                                 "train.eval_every=2")]
+    assert pretrain.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[7] == (f"data: not planned: data.mix source 'b': {tmp_path / 'b'} is not a prepared data directory "
+                        "(no meta.json); run scripts/prepare_data.py")
+    assert lines[8].startswith("eval: 1 evaluation of at most 512 tokens (2 batches of 2 sets), ")

@@ -118,11 +118,13 @@ def forward_groups(inputs: list[list[int]], batch_size: int) -> list[list[int]]:
     return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
 
 
-def forward_shapes(pairs: Pairs, max_length: int, batch_size: int = BATCH_SIZE) -> list[tuple[int, int]]:
-    """(rows, length) of each forward pass `continuation_loglikelihoods` makes over `pairs` (padding included): the
-    tokens scoring them costs, as a plan counts them."""
+def forward_shapes(pairs: Pairs, max_length: int, batch_size: int = BATCH_SIZE) -> list[tuple[int, int, int]]:
+    """(rows, length, scored) of each forward pass `continuation_loglikelihoods` makes over `pairs`: the backbone runs
+    on rows x length ids (padding included), the LM head on the `scored` positions of the continuations alone. What
+    scoring costs, as a plan counts it."""
     inputs = pair_inputs(pairs, max_length)
-    return [(len(group), len(inputs[group[0]])) for group in forward_groups(inputs, batch_size)]
+    return [(len(group), len(inputs[group[0]]), sum(len(pairs[i][1]) for i in group))
+            for group in forward_groups(inputs, batch_size)]
 
 
 @torch.no_grad()

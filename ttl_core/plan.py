@@ -120,11 +120,14 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     batch = train.micro_batch_size * train.seq_len * processes  # the tokens of a micro-batch on every process
     eval_tokens = eval_sets * train.eval_batches * batch
     # every process scores every question, in forwards padded to each batch's longest: a token of a forward of length
-    # T costs what MFU counts for a token in a sequence of T
+    # T costs what MFU counts for a token in a sequence of T, but for the LM head, which runs on the scored positions
+    # alone (the continuations')
     shapes = [shape for _, pairs in (tasks or {}).values()
               for shape in forward_shapes(pairs, config.max_position_embeddings)]
+    head = model.lm_head.weight.numel()
     task_flops = processes * sum(rows * length * flops_per_token(
-        non_embedding, config.num_hidden_layers, config.hidden_size, length) for rows, length in shapes)
+        non_embedding - head, config.num_hidden_layers, config.hidden_size, length) + 6 * head * scored
+        for rows, length, scored in shapes)
     # the average scores the same tokens and questions; train.log_activation_stats runs one more global batch. A
     # forward is a third of a training token's 6N + 12·L·d·T
     forward_flops = ((eval_tokens * per_token + task_flops) * (2 if train.ema_decay else 1)
@@ -133,7 +136,7 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
         processes, first_step, last_step, model.num_parameters(), non_embedding,
         micro_batches(train, first_step, last_step) * batch, per_token, state_bytes(model, train, processes),
         source_plans(loader, train, first_step, last_step) if loader is not None else [], len(evaluated), eval_sets,
-        eval_tokens, sum(rows * length for rows, length in shapes) if tasks is not None else None, forward_flops)
+        eval_tokens, sum(rows * length for rows, length, _ in shapes) if tasks is not None else None, forward_flops)
 
 
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:
@@ -198,13 +201,13 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
     hours = {gpu: plan.ideal_hours(peak, mfu or ASSUMED_MFU) for gpu, peak in PEAK_BF16_TFLOPS.items()}
     memory = " + ".join(f"{name} {count(size, BYTES)}" for name, size in plan.memory.items())
     sharded = ", sharded by FSDP" if train.distributed == "fsdp" else ""
-    questions = f"up to {train.eval_task_limit} questions" if train.eval_task_limit else "all questions"
+    questions = (f"up to {train.eval_task_limit} questions of{' each of' if len(train.eval_tasks) > 1 else ''}"
+                 if train.eval_task_limit else "all questions of")
     extra = "; ".join(words for on, words in ((train.ema_decay, "twice: the average too"), (
         train.log_activation_stats, "with train.log_activation_stats' forward of a batch")) if on)
     cost = (f"{plan.task_tokens:,} tokens on each process, in the FLOPs" if plan.task_tokens is not None else
             "not in the FLOPs: the data's tokenizer, not prepared yet, encodes them")
-    tasks = (f", and {questions} of each of {plural(len(train.eval_tasks), 'task')} ({cost})" if train.eval_tasks
-             else "")
+    tasks = f", and {questions} {plural(len(train.eval_tasks), 'task')} ({cost})" if train.eval_tasks else ""
     lines = [
         f"steps {plan.first_step + 1:,}-{plan.last_step:,} ({plural(steps, 'optimizer step')}) on "
         f"{plural(plan.processes, 'process')}{resumed if plan.first_step else ''}",
@@ -222,7 +225,8 @@ def describe_plan(plan: RunPlan, train: TrainConfig, mfu: float | None, missing_
         *([f"data: not planned: {missing_data}"] if missing_data else []),
         *(describe_source(source, plan) for source in plan.sources),
         f"eval: not planned: {missing_eval}" if missing_eval else
-        f"eval: {plural(plan.evaluations, 'evaluation')}, each of at most {plan.eval_tokens:,} tokens "
+        f"eval: {plural(plan.evaluations, 'evaluation')}{', each' if plan.evaluations > 1 else ''} of at most "
+        f"{plan.eval_tokens:,} tokens "
         f"({train.eval_batches} batches of {plural(plan.eval_sets, 'set')}), {plan.eval_flops:.3g} FLOPs"
         f"{f' ({extra})' if extra else ''}{tasks}" if plan.evaluations else "eval: none",
     ]
