@@ -309,8 +309,9 @@ def test_saved_config_records_the_weight_dtype(tmp_path):
     ttl_core.save_pretrained(model, tmp_path / "half", dtype="float16")
     for name, dtype in (("same", torch.bfloat16), ("half", torch.float16)):
         assert transformers.AutoConfig.from_pretrained(tmp_path / name).dtype == dtype
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:  # written so, not cast on loading
+            assert {f.get_tensor(key).dtype for key in f.keys()} == {dtype}, name
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name)  # dtype "auto": the config's
-        assert loaded.model.embed_tokens.weight.dtype == dtype, name
         assert torch.equal(loaded.model.embed_tokens.weight, hf.model.embed_tokens.weight.to(dtype))
 
 

@@ -15,6 +15,7 @@ import ttl_core
 from ttl_core.attention import document_layout
 from ttl_core.config import yarn_factor
 from ttl_core.errors import ConfigError
+from ttl_core.rope import rope_attention_factor, rope_inverse_frequencies
 
 # (max_position_embeddings, rope block): transformers' defaults (the pretraining context is max_position_embeddings,
 # betas 32 and 1, truncated), other betas untruncated, the mscale ratio, an mscale transformers ignores alone, and a
@@ -138,6 +139,23 @@ def test_yarn_round_trips_through_save_convert_and_transformers(tmp_path):
     ids = random_ids((2, 30), seed=4)
     with torch.no_grad():
         assert torch.equal(theirs(ids).logits, hf(ids).logits)
+
+
+@pytest.mark.parametrize("context, block", [
+    (1024, {"factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10.0}),
+    (131072, {"factor": 2.0, "original_max_position_embeddings": 65536, "beta_slow": 2}),
+])
+def test_a_yarn_ramp_ending_past_the_last_pair_gives_transformers_frequencies(context, block):
+    """A small rope_theta or a long pretraining context puts the slow end of the ramp past the last pair (13 and 8 of
+    a 16-dim head's 8 pairs here): transformers clamps it to head_dim - 1, not to the last pair, which changes the
+    ramp's slope over every pair. The frequencies and the attention factor are transformers' to the bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    hf = {"max_position_embeddings": context, "hidden_size": 64, "num_attention_heads": 4,
+          "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, **block}}
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig(**hf), "cpu")
+    ours = ttl_core.LlamaConfig.from_hf_dict(hf)
+    assert torch.equal(rope_inverse_frequencies(ours), inv_freq)
+    assert rope_attention_factor(ours) == attention_factor
 
 
 @pytest.mark.parametrize("block, message", [

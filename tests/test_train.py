@@ -56,6 +56,28 @@ def test_a_tied_lm_head_named_in_no_decay_is_not_decayed():
         assert optimizer.param_groups[1]["params"][0] is model.lm_head.weight is model.backbone.embed.weight
 
 
+def test_adamw_steps_with_the_configured_betas_and_eps():
+    """Three steps of build_optimizer's AdamW are torch's AdamW built with train.betas, train.eps and the no-decay
+    groups; the settings are far from torch's defaults and the gradients small beside eps, so one left at its
+    default moves the weights visibly (after one step any betas give the same update: three, drawn apart)."""
+    from hf_reference import reference_adamw
+    run = run_config("train.betas=[0.5, 0.8]", "train.eps=0.01", "train.weight_decay=0.3", "train.lr=0.1")
+    t = run.train
+    ours = random_model(run, seed=1)
+    reference = copy.deepcopy(ours)
+    optimizers = [build_optimizer(ours, t, torch.device("cpu")),
+                  reference_adamw(reference, t.lr, t.weight_decay, tuple(t.betas), t.eps)]
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) * 0.01 for p in ours.parameters()]
+        for model, optimizer in zip((ours, reference), optimizers):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
+        assert (p - q).abs().max() <= 1e-6, name
+
+
 def test_mfu_flops_and_peaks():
     from ttl_core import LlamaConfig, LlamaForCausalLM
     with torch.device("meta"):
