@@ -63,8 +63,7 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     setup = set_up_run(run, Path(args.out) if args.out else None, args.data, args.resume, args.stop_after,
                        args.init_from, World(0, processes, torch.device(args.device)), planning=True)
     if setup.last_step is None:
-        return [f"{setup.resume_from} is at train.max_steps (step {setup.first_step}): the run is complete, nothing "
-                "is left to plan"]
+        return [f"{setup.complete_message}, nothing is left to plan"]
     # the directories each evaluation scores (`evaluated_dirs`); with the data not prepared yet, those the config or
     # the resumed checkpoint names
     scored = len(setup.evaluated) or len(run.data.eval) + (len(run.data.mix or recorded_mix(setup.saved_run)) or 1)

@@ -174,8 +174,9 @@ def test_plan_of_a_mixture_with_the_repeat_warning(halves, tmp_path, capsys):
     assert [line.split(",")[0] for line in data] == [f"data: a: {halves / 'a' / 'train.bin'}",
                                                      f"data: b: {halves / 'b' / 'train.bin'}"]
     # b's val split holds no global batch of 4 processes, which the run would refuse: named, as the run names it
-    assert "weight 0.75" in data[0] and lines[-2].startswith(f"eval: not planned: {halves / 'b' / 'val.bin'}: 418 "
-                                                             "tokens, fewer than one global batch (micro_batch_size 4 x 4")
+    assert "weight 0.75" in data[0]
+    assert lines[-2].startswith(f"eval: not planned: {halves / 'b' / 'val.bin'}: 418 tokens, fewer than one global "
+                                "batch (micro_batch_size 4 x 4")
     assert lines[-1].startswith("warning: the run repeats its data: it sees tokens of a (")
 
 
@@ -315,6 +316,17 @@ def test_a_resumed_plan_on_another_global_batch_is_refused_as_the_resume_is(data
     with pytest.raises(DataError, match=r"global_batch is 4 .*, here 8\b"):
         pretrain.main([*args, "--set", "train.micro_batch_size=8"])  # the resume itself, on one process
 
+
+
+def test_a_plan_of_a_finished_run_says_it_is_complete_as_the_run_does(data_dir, tmp_path, capsys):
+    train(run_config("train.max_steps=2"), tmp_path / "run", data_dir=str(data_dir))
+    capsys.readouterr()
+    args = ["--out", str(tmp_path / "run"), "--data", str(data_dir), "--resume", *set_arguments("train.max_steps=2")]
+    assert pretrain.main([*args, "--plan"]) == 0
+    complete = f"{tmp_path / 'run' / 'checkpoints' / 'step-000002'} is at train.max_steps (step 2): the run is complete"
+    assert capsys.readouterr().out.splitlines() == [f"{complete}, nothing is left to plan"]
+    assert pretrain.main(args) == 0  # the requeued run itself
+    assert capsys.readouterr().out.splitlines()[-1] == complete
 
 def test_a_plan_from_a_checkpoint_on_data_of_another_tokenizer_is_refused_as_the_run_is(data_dir, halves, tmp_path):
     train(run_config("train.max_steps=1"), tmp_path / "source", data_dir=str(data_dir))

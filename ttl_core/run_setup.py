@@ -160,6 +160,11 @@ class RunSetup:
     tasks: dict[str, Task] | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def complete_message(self) -> str:
+        """What a run at train.max_steps already says (its last_step is None): nothing is left to train."""
+        return f"{self.resume_from} is at train.max_steps (step {self.first_step}): the run is complete"
+
 
 @contextlib.contextmanager
 def named_when_planning(planning: bool, missing: dict[str, str], part: str) -> Iterator[None]:

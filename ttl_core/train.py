@@ -138,7 +138,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     resume_from, trainer_state, step = setup.resume_from, setup.trainer_state, setup.first_step
     if setup.last_step is None:
         if world.is_main:
-            print(f"{resume_from} is at train.max_steps (step {step}): the run is complete")
+            print(setup.complete_message)
         return RunResult(step, None, None, None)
     config, last_step, mixture, data_path = setup.config, setup.last_step, setup.mixture, setup.data_path
     evaluated, tokenizer, loader, tasks = setup.evaluated, setup.tokenizer, setup.loader, setup.tasks
