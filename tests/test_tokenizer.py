@@ -433,6 +433,22 @@ def test_add_special_tokens_keeps_ids_of_existing_and_repeated_tokens(tok):
     assert ours.vocab_size == 321
 
 
+def test_first_different_id_finds_a_piece_spelled_otherwise_at_any_shared_id(tok):
+    """Data is refused as another tokenizer's (`check_same_tokenizer`) by the first id whose piece differs, the last
+    shared one included; a vocabulary that only goes on with more tokens differs at none."""
+    rng = random.Random(5)
+    normal = [i for i, piece in enumerate(tok.proto.pieces) if piece.type == piece.NORMAL]
+    assert normal[-1] == tok.vocab_size - 1
+    for i in (*rng.sample(normal[:-1], 3), normal[-1]):
+        proto = Tokenizer(tok.proto.SerializeToString()).proto
+        proto.pieces[i].piece = "\u2603" * 3  # a piece no vocabulary here has
+        other = Tokenizer(proto.SerializeToString())
+        assert tok.first_different_id(other) == i and other.first_different_id(tok) == i
+    longer = Tokenizer(tok.proto.SerializeToString())
+    longer.add_special_tokens(["<|fim|>"])
+    assert tok.first_different_id(longer) is None and longer.first_different_id(tok) is None
+
+
 def test_tokens_added_to_a_tokenizer_json_are_matched_whole_as_autotokenizer(tmp_path):
     """Aira's tokens added with the tokenizers library (in tokenizer.json's added_tokens only, after the BPE
     vocabulary) convert to added pieces: matched whole in the text, dropped by skip_special_tokens."""
