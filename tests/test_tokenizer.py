@@ -196,6 +196,18 @@ def test_train_tokenizer_refuses_bad_input_with_a_clear_error(documents, vocab_s
         train_tokenizer(documents, None, vocab_size=vocab_size)
 
 
+def test_encoding_a_text_with_a_lone_surrogate_names_it_in_one_line(tok):
+    """Half a UTF-16 pair (a byte read in another encoding) anywhere in a non-ASCII text: a TokenizerError naming
+    its position, not the RuntimeError sentencepiece's binding raises ('Unable to cast Python instance')."""
+    rng = random.Random(7)
+    for _ in range(5):
+        words = [rng.choice(["casa", "ação", "são", "x"]) for _ in range(rng.randint(1, 6))]
+        at = rng.randint(0, len(" ".join(words)))
+        text = " ".join(words)[:at] + rng.choice(["\ud800", "\udfff"]) + " ".join(words)[at:]
+        with pytest.raises(TokenizerError, match=rf"^the text is not valid Unicode: character {at} is a lone "):
+            tok.encode(text)
+
+
 def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
     """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
     and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""
