@@ -57,6 +57,16 @@ def test_txt_documents_are_the_blank_line_separated_blocks_as_written(tmp_path, 
         assert list(read_documents(tmp_path / "docs.txt")) == ["\n".join(block) for block in blocks], line_end
 
 
+@pytest.mark.parametrize("chunk_lines", [1, 2, 1024])
+def test_a_block_ending_in_a_lone_carriage_return_reads_alike_whatever_the_chunk_size(tmp_path, monkeypatch,
+                                                                                      chunk_lines):
+    """The "\r" a block's last line ends with goes with its line end, whether the block ends inside a chunk or at a
+    chunk's end (`_document` strips the one or the other): how lines are chunked never shows in the documents."""
+    monkeypatch.setattr(documents, "_CHUNK_LINES", chunk_lines)
+    (tmp_path / "docs.txt").write_bytes(b"um\r\r\n\r\ndois\ntres\r\r\n\nquatro\r")
+    assert list(read_documents(tmp_path / "docs.txt")) == ["um", "dois\ntres", "quatro"]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("changed, text", [("a.txt", "um\n\ndois\n\nmais um\n"), ("a.txt", "um\n"),
                                            ("b.jsonl", '{"text": "tres"}\n{"text": "quatro"}\n')])

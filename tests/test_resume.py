@@ -17,7 +17,7 @@ import torch
 from helpers import ROOT, run_in_ascii_locale, run_script
 from train_helpers import FAST, MICRO_MODEL, losses, random_model, run_config, set_arguments
 from ttl_core import load_pretrained
-from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state,
+from ttl_core.checkpoint import (complete_checkpoints, latest_checkpoint, load_trainer_state, looks_complete,
                                  remove_partial_checkpoints, save_checkpoint)
 from ttl_core.data import prepare_data
 from ttl_core.distributed import full_optimizer_state, load_optimizer_state
@@ -385,7 +385,10 @@ def test_a_damaged_newest_checkpoint_names_the_file_and_the_older_checkpoint_to_
             train(again, run_dir, data_dir=str(data_dir), resume=True)
         shutil.copy(two_checkpoints / "checkpoints" / "step-000001" / "model.safetensors",
                     run_dir / "checkpoints" / "step-000001")
-        shutil.copytree(two_checkpoints / "checkpoints" / "step-000001", run_dir / "checkpoints" / "step-000000")
+        oldest = run_dir / "checkpoints" / "step-000000"
+        shutil.copytree(two_checkpoints / "checkpoints" / "step-000001", oldest)
+        _edit_json(oldest / "trainer_state.json", step=0, state_sha256=None)  # its own step, no digest of its own
+        assert looks_complete(oldest)  # both older ones would do: the newer is offered
         with pytest.raises(CheckpointError, match="; the older step-000001 looks complete"):  # the least lost
             train(again, run_dir, data_dir=str(data_dir), resume=True)
         newest.rename(f"{newest}.damaged")

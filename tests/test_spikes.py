@@ -17,14 +17,17 @@ import torch
 
 from helpers import run_torchrun
 from test_ema import prepare_held_out
-from train_helpers import losses, prepared_corpus, run_config, same_weights
+from test_z_loss import z_formula
+from train_helpers import losses, prepared_corpus, random_model, run_config, same_weights
 from ttl_core.checkpoint import load_optimizer_file, read_trainer_state
 from ttl_core.data import PackedLoader, read_meta
+from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.optim import lr_at
 from ttl_core.run_config import load_run_config
 from ttl_core.spikes import SpikeDetector
+from ttl_core.step import train_step
 from ttl_core.train import train
 
 SPIKE_STEP = 14  # the window of 8 is full from step 9 on
@@ -204,6 +207,26 @@ def test_a_value_equal_to_a_constant_window_is_not_skipped_and_one_an_ulp_above_
         assert SpikeDetector(sigma, window, state).update(above, 1.0) == {"spike": ["loss"]}, (value, window, sigma)
 
 
+def test_the_loss_judged_is_the_objective_the_update_follows_label_smoothed_with_its_z_loss():
+    """The detector is given the loss the step's gradient is of: the label-smoothed cross-entropy plus the z-loss
+    term (as the module docstring says), not the plain cross-entropy the step logs as its loss."""
+    run = run_config("train.z_loss=0.01", "train.label_smoothing=0.1", "train.skip_spikes_sigma=3.0")
+    model = random_model(run)
+    gen = torch.Generator().manual_seed(11)
+    micro = [{"input_ids": torch.randint(0, 400, (2, 16), generator=gen),
+              "targets": torch.randint(0, 400, (2, 16), generator=gen)} for _ in range(2)]
+    with torch.no_grad():
+        logits = torch.cat([model(mb["input_ids"]).logits.flatten(0, 1) for mb in micro]).double()
+    targets = torch.cat([mb["targets"].flatten() for mb in micro])
+    objective = (torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+                 + z_formula(logits, targets, 0.01).mean()).item()
+    detector = SpikeDetector(run.train.skip_spikes_sigma, run.train.skip_spikes_window)
+    loss, _, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=1e-3), micro, run.train,
+                            World(0, 1, torch.device("cpu")), 1e-3, None, spikes=detector)
+    assert abs(loss - objective) > 1e-2  # the figure logged is another: the test tells the two apart
+    assert abs(detector.history["loss"][-1] - objective) <= 1e-5
+
+
 # tiny runs
 
 def test_the_spike_step_is_skipped_leaving_weights_moments_and_average_as_they_were(spiky):
@@ -273,6 +296,7 @@ def test_muon_and_the_fp16_grad_scaler_s_own_skips_compose_with_it(data_dir, tmp
     train(run_config(*SPIKY, *EVERY, option), out, data_dir=str(data_dir))
     logged = records(out)
     assert [r["step"] for r in logged if r.get("spike")] == [SPIKE_STEP]
+    assert logged[SPIKE_STEP - 1]["skipped"] is True  # with a grad scaler too, whose own step it did not skip
     before, at = checkpoint(out, SPIKE_STEP - 1), checkpoint(out, SPIKE_STEP)
     assert same_weights(before, at) and len(logged) == 16
     assert same_tensors(*(load_optimizer_file(c)["optimizer"]["state"] for c in (before, at)))

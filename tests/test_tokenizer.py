@@ -196,6 +196,18 @@ def test_train_tokenizer_refuses_bad_input_with_a_clear_error(documents, vocab_s
         train_tokenizer(documents, None, vocab_size=vocab_size)
 
 
+def test_encoding_a_text_with_a_lone_surrogate_names_it_in_one_line(tok):
+    """Half a UTF-16 pair (a byte read in another encoding) anywhere in a non-ASCII text: a TokenizerError naming
+    its position, not the RuntimeError sentencepiece's binding raises ('Unable to cast Python instance')."""
+    rng = random.Random(7)
+    for _ in range(5):
+        words = [rng.choice(["casa", "ação", "são", "x"]) for _ in range(rng.randint(1, 6))]
+        at = rng.randint(0, len(" ".join(words)))
+        text = " ".join(words)[:at] + rng.choice(["\ud800", "\udfff"]) + " ".join(words)[at:]
+        with pytest.raises(TokenizerError, match=rf"^the text is not valid Unicode: character {at} is a lone "):
+            tok.encode(text)
+
+
 def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
     """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
     and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""
@@ -431,6 +443,22 @@ def test_add_special_tokens_keeps_ids_of_existing_and_repeated_tokens(tok):
     with pytest.raises(TokenizerError, match="empty token"):
         ours.add_special_tokens(["<|y|>", ""])
     assert ours.vocab_size == 321
+
+
+def test_first_different_id_finds_a_piece_spelled_otherwise_at_any_shared_id(tok):
+    """Data is refused as another tokenizer's (`check_same_tokenizer`) by the first id whose piece differs, the last
+    shared one included; a vocabulary that only goes on with more tokens differs at none."""
+    rng = random.Random(5)
+    normal = [i for i, piece in enumerate(tok.proto.pieces) if piece.type == piece.NORMAL]
+    assert normal[-1] == tok.vocab_size - 1
+    for i in (*rng.sample(normal[:-1], 3), normal[-1]):
+        proto = Tokenizer(tok.proto.SerializeToString()).proto
+        proto.pieces[i].piece = "\u2603" * 3  # a piece no vocabulary here has
+        other = Tokenizer(proto.SerializeToString())
+        assert tok.first_different_id(other) == i and other.first_different_id(tok) == i
+    longer = Tokenizer(tok.proto.SerializeToString())
+    longer.add_special_tokens(["<|fim|>"])
+    assert tok.first_different_id(longer) is None and longer.first_different_id(tok) is None
 
 
 def test_tokens_added_to_a_tokenizer_json_are_matched_whole_as_autotokenizer(tmp_path):

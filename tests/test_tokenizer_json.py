@@ -114,7 +114,7 @@ def test_agreeing_files_load_tokenizer_model_itself(both_files):
 def test_beside_tokenizer_model_merges_sentencepiece_cannot_follow_are_refused_naming_both_files(both_files, tmp_path):
     """tokenizer.json without the merges into one of its pieces: transformers leaves that piece's two parts apart
     (between characters that never merge), which no sentencepiece model with that piece can do. The refusal names
-    both files and their first difference: the vocabulary's, else the merge."""
+    both files and their first difference: the vocabulary's (a piece, or its length), else the merge."""
     from transformers import AutoTokenizer
 
     spec = json.loads((both_files / "tokenizer.json").read_text(encoding="utf-8"))
@@ -132,6 +132,13 @@ def test_beside_tokenizer_model_merges_sentencepiece_cannot_follow_are_refused_n
                  f"{renamed + SNOWMAN!r} in tokenizer.json"
     with pytest.raises(TokenizerError, match=rf"disagree.*: {re.escape(difference)}$"):
         Tokenizer.from_pretrained(path)
+    longer = edited_copy(tmp_path / "dropped", tmp_path / "longer", lambda spec, config: None)
+    model = Tokenizer(longer / "tokenizer.model").proto
+    model.pieces.add(piece=SNOWMAN * 2, score=-1e9)  # the shared ids agree: the vocabularies differ in length
+    (longer / "tokenizer.model").write_bytes(model.SerializeToString())
+    with pytest.raises(TokenizerError, match=rf"disagree.*: tokenizer.model has {len(model.pieces)} pieces, "
+                                             rf"tokenizer.json {len(model.pieces) - 1}$"):
+        Tokenizer.from_pretrained(longer)
 
 
 def hand_written_dir(path, pieces, merges, byte_fallback=True):
