@@ -156,9 +156,7 @@ class NoiseScale:
         """After the backward of the last micro-batch of this process's small batch (of `targets`, of the step's
         `micro_batches`, each's summed loss times `scale`): `small_batch_terms` of it and N (`n_targets`); empty
         without one."""
-        if self.whole_share:
-            norm = self.process_gradient.norm()
-        elif micro_batches > 1:  # the first micro-batch's gradient, before the next adds to it
+        if micro_batches > 1 and not self.whole_share:  # the first micro-batch's gradient, before the next adds to it
             if self.process_gradient:  # a batch ramp only grows: no step of one micro-batch follows
                 self.process_gradient.measuring = False
             norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
