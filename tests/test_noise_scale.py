@@ -71,20 +71,24 @@ def test_the_averages_are_exponential_from_zero_and_their_ratio_needs_no_bias_co
     assert NoiseScale(0.9).update(1.0, 0.0, 0.0, 0, 800.0) == {}  # no process has one
 
 
-def reference_squares(model: torch.nn.Module, micro: list[dict]) -> tuple[list[float], float]:
-    """(|G_b|² of each micro-batch, |G_B|² of them all): the squared norms of the mean gradients per target token
-    of `model`'s summed cross-entropy, by plain autograd on a float64 copy, one micro-batch at a time."""
+def reference_squares(model: torch.nn.Module, micro: list[dict],
+                      processes: int | None = None) -> tuple[list[float], float]:
+    """(|G_b|² of each micro-batch, or given `processes`, of each one's share of them (process r's: micro-batches r,
+    r + processes, ..., as one loader hands them out), |G_B|² of them all): the squared norms of the mean gradients per
+    target token of `model`'s summed cross-entropy, by plain autograd on a float64 copy, one micro-batch at a time (a
+    share without a target: NaN)."""
     model = copy.deepcopy(model).double()
-    total, smalls, count = None, [], 0
+    grads, tokens = [], []
     for inputs in micro:
         model.zero_grad()
         logits = model(**{k: v for k, v in inputs.items() if k != "targets"}).logits
         F.cross_entropy(logits.flatten(0, 1), inputs["targets"].flatten(), reduction="sum").backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        tokens = int((inputs["targets"] != -100).sum())
-        smalls.append(float((grads / tokens).square().sum()))
-        total, count = grads if total is None else total + grads, count + tokens
-    return smalls, float((total / count).square().sum())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        tokens.append(int((inputs["targets"] != -100).sum()))
+    every = range(len(micro))
+    shares = [range(i, i + 1) for i in every] if processes is None else [every[r::processes] for r in range(processes)]
+    squares = [float((sum(grads[i] for i in s) / sum(tokens[i] for i in s)).square().sum()) for s in [*shares, every]]
+    return squares[:-1], squares[-1]
 
 
 @pytest.mark.parametrize("accum", [2, 4])
@@ -247,9 +251,9 @@ def test_two_processes_give_the_mean_of_their_first_micro_batches_with_the_same_
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.distributed=fsdp"], r"^train.log_noise_scale reads each process's own gradient, which FSDP "
-                                 r"reduce-scatters inside the backward: use train.distributed=\"ddp\""),
-    (["train.dtype=float16"], r"which float16 loss-scales: use"),
+    (["train.dtype=float16", "train.distributed=fsdp"], r"^train.log_noise_scale reads each process's own gradient, "
+                                                        r"which float16 loss-scales: use train.dtype=\"bfloat16\" "
+                                                        r"or \"float32\"$"),
     (["train.noise_scale_ema=1.0"], r"^train.noise_scale_ema must lie in \[0, 1\) \(0: no averaging\), got 1.0$"),
     (["train.noise_scale_ema=nan", "train.log_noise_scale=false"], r"^train.noise_scale_ema must lie in \[0, 1\)"),
     (["train.noise_scale_ema=-0.1"], r"got -0.1$"),
@@ -355,11 +359,13 @@ def one_each(data_dir, tmp_path_factory):
     return runs, printed
 
 
-def reference_steps(data_dir, run_dir, micro_batches: list[int]) -> list[tuple[float, float, float, int]]:
+def reference_steps(data_dir, run_dir, micro_batches: list[int],
+                    whole_shares: bool = False) -> list[tuple[float, float, float, int]]:
     """(|G_b|², |G_B|², b, B) of each step of a two-process run of `micro_batches[step - 1]` per process, by float64
     autograd from its weights (fresh from the seed, then its checkpoints') over the batches its two loaders gave: one
-    loader hands out the same micro-batches in turn, rank 0's first, then rank 1's, then each one's next. b is the
-    harmonic mean of the ranks' first micro-batches' target counts, B the count over all."""
+    loader hands out the same micro-batches in turn, rank 0's first, then rank 1's, then each one's next. The small
+    batches are the ranks' first micro-batches, or with `whole_shares` (FSDP) all of each rank's: b is the harmonic
+    mean of their target counts, B the count over all."""
     run = run_config(*ONE_EACH)
     torch.manual_seed(run.train.seed)  # the run's fresh weights
     model = LlamaForCausalLM(run.model_config()).train()
@@ -371,8 +377,10 @@ def reference_steps(data_dir, run_dir, micro_batches: list[int]) -> list[tuple[f
             model = load_pretrained(run_dir / "checkpoints" / f"step-{step - 1:06d}").train()
         micro = [model_inputs(next(loader), CPU, True, bos) for _ in range(2 * count)]
         targets = [int((inputs["targets"] != -100).sum()) for inputs in micro]
-        smalls, big = reference_squares(model, micro)
-        figures.append(((smalls[0] + smalls[1]) / 2, big, 2 / (1 / targets[0] + 1 / targets[1]), sum(targets)))
+        smalls, big = reference_squares(model, micro, 2 if whole_shares else None)
+        small_targets = [sum(targets[rank::2]) if whole_shares else targets[rank] for rank in range(2)]
+        figures.append(((smalls[0] + smalls[1]) / 2, big, 2 / (1 / small_targets[0] + 1 / small_targets[1]),
+                        sum(targets)))
     return figures
 
 
@@ -445,7 +453,7 @@ def steps(hook=None):
     '''Each step's reduced gradients, and this rank's gradient norm by the noise scale's hook (None without it) and
     by a copy of the model outside DDP, for 3 steps (DDP's first buckets, then rebuilt ones) on this rank's data.'''
     model = DistributedDataParallel(copy.deepcopy(base), bucket_cap_mb=0.05)
-    state = ProcessGradient(model) if hook is reduce_as_ddp else None
+    state = ProcessGradient(list(model.parameters()), model.process_group) if hook is reduce_as_ddp else None
     if hook:
         model.register_comm_hook(state, hook)
     optimizer, figures = torch.optim.SGD(model.parameters(), lr=0.1), []

@@ -236,6 +236,8 @@ def test_under_torchrun_the_plan_is_for_its_world_size_and_printed_once(tmp_path
 @pytest.mark.parametrize("overrides, flags, refusal", [
     ([], ["--stop-after", "0"], "--stop-after must be a step >= 1, got 0"),
     (["train.log_noise_scale=true"], [], "train.log_noise_scale compares a small batch with the whole step"),
+    (["train.log_noise_scale=true", "train.distributed=fsdp", "train.grad_accum_steps=2"], [],
+     "train.log_noise_scale under FSDP compares each process's share of the step with the whole step"),
     (["train.seq_len=4096"], [], "train.seq_len 4096 exceeds the model's max_position_embeddings"),
     (["model.vocab_size=100"], [], "has 400 tokens but the model's vocab_size is 100"),
 ])

@@ -117,6 +117,7 @@ class TrainConfig:
     log_activation_stats: bool = False
     # also log the gradient noise scale in target tokens (noise_scale, averaged at decay noise_scale_ema), with the
     # step's grad_sq_small and grad_sq_big (see ttl_core.noise_scale); needs grad_accum_steps >= 2 or 2+ processes
+    # (under FSDP, 2+ processes: each one's small batch is its share of the step)
     log_noise_scale: bool = False
     noise_scale_ema: float = 0.95
     # skip the update of a step whose loss or grad norm spikes above the last steps' (see ttl_core.spikes); 0: never

@@ -75,7 +75,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     scale = world.size / n_targets.to(world.device)
     sums = torch.zeros(3, device=world.device)  # the objective (cross-entropy + z-loss), its z-loss part, the NLL
     # small_batch_terms, summed over ranks in the loss's all-reduce, and N: in the one host sync
-    small = sums.new_empty(0)
+    small, small_size = sums.new_empty(0), noise.small_batch_size(len(micro_batches)) if noise else 0
     for i, inputs in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
         with annotate(f"forward {i}"), autocast(world.device, train.dtype):
@@ -87,8 +87,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         with annotate(f"backward {i}"):
             scaled = out.loss * scale
             (scaler.scale(scaled) if scaler else scaled).backward()
-        if noise and i == 0:  # before the next micro-batch adds to the gradients
-            small = noise.small_batch(model, inputs["targets"], scale, len(micro_batches), n_targets)
+        if i + 1 == small_size:  # the small batch's backward done: read before the next micro-batch adds to it
+            small = noise.small_batch(model, [mb["targets"] for mb in micro_batches[:small_size]], scale,
+                                      len(micro_batches), n_targets)
     totals = all_reduce_sum(torch.cat([sums, small[:3]]), world)
     means = totals[:3] / n_targets.to(world.device)
     parts = gradient_parts(model) if train.log_grad_norms else {}
