@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -27,7 +28,8 @@ from ttl_core.distributed import close_world, init_world, wrap_model
 from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.noise_scale import noise_estimates, start_noise_scale, validate_noise_scale
+from ttl_core.noise_scale import (fsdp_reduce_scatter, noise_estimates, start_noise_scale,
+                                  validate_noise_scale)
 from ttl_core.optim import build_optimizer
 from ttl_core.step import model_inputs, train_step
 from ttl_core.tokenizer import Tokenizer
@@ -184,3 +186,11 @@ def test_one_process_under_fsdp_is_refused_in_one_line_before_anything_is_made(d
     with pytest.raises(ConfigError, match=message):
         train(run, tmp_path / "new" / "run", data_dir=str(data_dir))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_torch_that_keeps_fsdps_reduce_scatter_elsewhere_is_named_in_one_line(monkeypatch):
+    # None in sys.modules makes the import fail, as it would where a torch moved the class
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp._fully_shard._fsdp_collectives", None)
+    message = f"FSDP2's reduce-scatter, which torch {torch.__version__} keeps elsewhere than torch 2.13 does"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fsdp_reduce_scatter()

@@ -42,8 +42,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-# FSDP2's own reduce-scatter, which NotingReduceScatter extends: torch exports no public name for it
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError
@@ -120,20 +118,36 @@ def reduce_as_ddp(state, bucket):  # unannotated: DDP checks a hook's annotation
     return dist.all_reduce(buffer, group=state.group, async_op=True).get_future().then(lambda done: done.value()[0])
 
 
-class NotingReduceScatter(DefaultReduceScatter):
-    """FSDP2's reduce-scatter of one FSDP `module`'s gradients, exactly as FSDP's own (to the bit), after noting in
-    `gradient` the norm of its input: this process's unsharded gradients of the module's parameters, flattened and
-    zero-padded, summed over its micro-batches (FSDP reduce-scatters once a step, at the last). FSDP divides that input
-    by nothing first (it pre-divides float16 gradients only; ttl's parameters, hence gradients, are float32); on a GPU
-    the norm runs on FSDP's reduce-scatter stream, which the step's stream waits for at the end of the backward."""
+class NotingReduceScatter:
+    """FSDP2's reduce-scatter of one FSDP `module`'s gradients, made by FSDP's own (`reduce_scatter`: to the bit),
+    after noting in `gradient` the norm of its input: this process's unsharded gradients of the module's parameters,
+    flattened and zero-padded, summed over its micro-batches (FSDP reduce-scatters once a step, at the last). FSDP
+    divides that input by nothing first (it pre-divides float16 gradients only; ttl's parameters, hence gradients, are
+    float32); on a GPU the norm runs on FSDP's reduce-scatter stream, which the step's stream waits for at the end of
+    the backward."""
 
-    def __init__(self, gradient: ProcessGradient, module: FSDPModule):
-        self.gradient, self.module = gradient, module
+    def __init__(self, gradient: ProcessGradient, module: FSDPModule, reduce_scatter: Any):
+        self.gradient, self.module, self.reduce_scatter = gradient, module, reduce_scatter
+
+    def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.reduce_scatter.allocate(size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup, op: Any,
                  async_op: bool = False) -> dist.Work | None:
         self.gradient.note(self.module, input_tensor)
-        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+        return self.reduce_scatter(output_tensor, input_tensor, group, op, async_op)
+
+
+def fsdp_reduce_scatter() -> Any:
+    """FSDP2's own reduce-scatter, which torch exports under no public name: imported here, so that only a run
+    measuring the noise scale under FSDP depends on where this torch keeps it."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+    except ImportError:
+        raise ConfigError(f"train.log_noise_scale under FSDP reads FSDP2's reduce-scatter, which torch "
+                          f"{torch.__version__} keeps elsewhere than torch 2.13 does: use train.distributed=\"ddp\""
+                          ) from None
+    return DefaultReduceScatter()
 
 
 class NoiseScale:
@@ -199,7 +213,7 @@ def start_noise_scale(model: torch.nn.Module, t: TrainConfig, state: dict[str, f
         modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
         process_gradient = ProcessGradient(modules)
         for module in modules:
-            module.set_custom_reduce_scatter(NotingReduceScatter(process_gradient, module))
+            module.set_custom_reduce_scatter(NotingReduceScatter(process_gradient, module, fsdp_reduce_scatter()))
         return NoiseScale(t.noise_scale_ema, state, process_gradient, whole_share=True)
     if not isinstance(model, DistributedDataParallel) or t.grad_accum_at(resumed_at + 1) > 1:
         return NoiseScale(t.noise_scale_ema, state)
