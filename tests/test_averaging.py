@@ -21,6 +21,7 @@ from ttl_core.cli import run_cli
 from ttl_core.evaluate import split_tokens, stream_loss
 from ttl_core.finetune import SAMPLE_DATA
 from ttl_core.hf import save_native, save_pretrained
+from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 from ttl_core.train import train
 
@@ -74,6 +75,24 @@ def test_the_last_k_of_a_run_average_bit_for_bit_and_evaluate(run_dir, data_dir,
                           "--json", str(tmp_path / "val.json")]) == 0
     want = stream_loss(load_pretrained(tmp_path / "avg"), split_tokens(data_dir, "val")[0], 32)
     assert json.loads((tmp_path / "val.json").read_text())["loss"] == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_the_newest_checkpoint_s_tokenizer_settings_and_generation_config_go_with_the_average(run_dir, tmp_path):
+    """Checkpoints of one vocabulary may differ in how their tokenizer adds </s> and in their generation settings:
+    the average carries the newest's (the last given), not the oldest's."""
+    dirs = [tmp_path / name for name in ("older", "newer")]
+    for d, source in zip(dirs, steps(run_dir, 3, 4)):
+        shutil.copytree(source, d)
+    config = json.loads((dirs[1] / "tokenizer_config.json").read_text())
+    (dirs[1] / "tokenizer_config.json").write_text(json.dumps({**config, "add_eos_token": True}))
+    generation = json.loads((dirs[1] / "generation_config.json").read_text())
+    (dirs[1] / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.25}))
+    average_checkpoints(dirs, tmp_path / "avg")
+    text = "uma frase qualquer"
+    newest, older = Tokenizer.from_pretrained(dirs[1]), Tokenizer.from_pretrained(dirs[0])
+    assert newest.encode(text) != older.encode(text)  # the settings differ where it shows
+    assert Tokenizer.from_pretrained(tmp_path / "avg").encode(text) == newest.encode(text)
+    assert json.loads((tmp_path / "avg" / "generation_config.json").read_text())["temperature"] == 0.25
 
 
 @pytest.mark.parametrize("weights, dtype", [([1.0, 2.0, 0.5], None), ([0.2, 0.0, 0.8], "bfloat16")])

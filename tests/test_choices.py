@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -21,7 +23,7 @@ import ttl_core
 import ttl_core.choices
 import ttl_core.cli
 from ttl_core.choices import (Question, continuation_loglikelihoods, encode_pair, encode_questions, evaluate_questions,
-                              forward_shapes, read_questions)
+                              forward_shapes, question_scores, read_questions)
 from ttl_core.config import LlamaConfig
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.errors import DataError
@@ -147,6 +149,34 @@ def test_a_context_too_long_is_cut_from_the_left(checkpoint):
     assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-5
 
 
+
+def test_a_choice_is_scored_whole_or_refused_at_the_model_s_context(checkpoint):
+    """A continuation of as many tokens as the model's context is scored after its context's last token; one token
+    more would leave it no context (and its first position would index the row's end)."""
+    tokenizer = ttl_core.Tokenizer.from_pretrained(checkpoint)
+    choice = " ".join(random.choices(["casa", "rio", "sol", "mar", "céu"], k=12))
+    length = len(encode_pair(tokenizer, "Pergunta:", " " + choice)[1])
+    question = Question("tasks.jsonl:3", "Pergunta:", [choice, "não"], 0)
+    assert len(encode_questions(tokenizer, [question], length)[0][1]) == length
+    with pytest.raises(DataError, match=rf"^tasks.jsonl:3: choice 0 is {length} tokens after a context of \d+; "
+                                        rf"need a context and 1 to {length - 1} "):
+        encode_questions(tokenizer, [question], length - 1)
+
+
+def test_each_question_s_picks_are_lm_evals_argmax_with_ties_to_the_first():
+    """Random choices (accented letters: bytes outnumber characters) and log-likelihoods of a few integer values
+    (ties are common, within a metric and after normalisation): each metric's pick is numpy's argmax of the
+    log-likelihoods over 1, the choice's characters (the delimiter not counted) or its UTF-8 bytes, as lm-eval's."""
+    rng = random.Random()
+    for _ in range(300):
+        choices = ["".join(rng.choices("abcéãçõ", k=rng.randint(1, 5))) for _ in range(rng.randint(2, 5))]
+        label, loglikelihoods = rng.randrange(len(choices)), [-float(rng.randint(1, 6)) for _ in choices]
+        question = Question("q:1", "x", choices, label, rng.choice([" ", "\n", ": "]))
+        lengths = {"acc": [1] * len(choices), "acc_norm": [len(c) for c in choices],
+                   "acc_bytes": [len(c.encode("utf-8")) for c in choices]}
+        expected = {metric: float(np.argmax(np.array(loglikelihoods) / np.array(length)) == label)
+                    for metric, length in lengths.items()}
+        assert question_scores(question, loglikelihoods) == expected, (question, loglikelihoods)
 @pytest.mark.parametrize("batch_size", [1, 3, 16, 64])
 def test_forward_shapes_are_the_forwards_scoring_makes(batch_size):
     """What a plan counts of scoring (`forward_shapes`) against the forwards `continuation_loglikelihoods` makes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -199,6 +200,15 @@ def test_position_buckets_double_or_are_of_equal_width_and_bad_counts_are_named(
     assert position_buckets(100)[-2:] == [65, 101] and position_buckets(2) == [1, 2, 3]
     assert position_buckets(1) == [1, 2] and position_buckets(7, 1) == [1, 8]
     assert position_buckets(10, 3) == [1, 4, 7, 11] and position_buckets(5, 5) == [1, 2, 3, 4, 5, 6]
+    assert position_buckets(10, 4) == [1, 3, 6, 8, 11]  # widths 2, 3, 2, 3: no remainder heaped on the last
+    rng = random.Random()
+    for _ in range(50):  # equal to a token: every width is the floor or the ceiling of seq_len / buckets
+        seq_len = rng.randint(1, 300)
+        buckets = rng.randint(1, seq_len)
+        edges = position_buckets(seq_len, buckets)
+        assert edges[0] == 1 and edges[-1] == seq_len + 1 and len(edges) == buckets + 1, (seq_len, buckets)
+        assert {b - a for a, b in zip(edges, edges[1:])} <= {seq_len // buckets, -(-seq_len // buckets)}, \
+            (seq_len, buckets)
     for buckets, message in [(0, r"0 position buckets over a window of 16 tokens: need 1 to 16"),
                              (17, r"17 position buckets over a window of 16 tokens"), (-2, "need 1 to 16"),
                              ("linear", r"'log2' or a number of equal-width buckets, got 'linear'"),

@@ -295,10 +295,17 @@ def test_a_prompt_token_merged_with_the_response_is_trained_on():
 
 def test_lm_eval_loss_is_the_mean_over_all_target_tokens(base_dir):
     """Batches of 2 over 3 examples of different lengths, trained on their inputs too (the label at position 0
-    is no target: nothing predicts it): the mean of each token's cross entropy, over all examples."""
+    is no target: nothing predicts it): the mean of each token's cross entropy, over all examples, with the model
+    in eval mode (LoRA's dropout off) whatever mode it was left in."""
     from ttl_core.instruct import lm_eval_loss
+    from ttl_core.lora import apply_lora, lora_layers
 
     tok, model = Tokenizer.from_pretrained(base_dir), load_pretrained(base_dir)
+    apply_lora(model, r=4, alpha=8, dropout=0.5)
+    for layer in lora_layers(model).values():  # B starts at zero, which would hide the dropout
+        for b in layer.lora_B.values():
+            torch.nn.init.normal_(b.weight, std=0.5)
+    model.eval()
     examples = [encode_chat(tok, "alpaca", instruction, "", response, 512, train_on_inputs=True)
                 for instruction, response in (("Diga oi.", "Oi."), ("Conte até três.", "Um, dois, três."),
                                               ("Qual é a capital do Brasil?", "Brasília."))]
