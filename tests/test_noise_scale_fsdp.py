@@ -20,9 +20,9 @@ from typing import Callable
 import pytest
 import torch
 
-from helpers import forked_exit_codes, free_port
+from helpers import forked_exit_codes, free_port, load_script
 from test_noise_scale import ONE_EACH, RAMP, check_against, figures, reference_squares, reference_steps
-from train_helpers import losses, run_config, same_weights
+from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import close_world, init_world, wrap_model
 from ttl_core.errors import ConfigError
@@ -188,9 +188,19 @@ def test_one_process_under_fsdp_is_refused_in_one_line_before_anything_is_made(d
     assert not (tmp_path / "new").exists()
 
 
-def test_a_torch_that_keeps_fsdps_reduce_scatter_elsewhere_is_named_in_one_line(monkeypatch):
+def test_a_torch_that_keeps_fsdps_reduce_scatter_elsewhere_is_named_in_one_line_before_anything_is_made(
+        monkeypatch, data_dir):
+    """Named where the config is checked, as the run's other refusals are: a run of 2 processes is refused while it
+    sets itself up, and its plan alike, rather than once its model is wrapped and its metrics file opened."""
+    fsdp, ddp = run_config(*STEP).train, run_config(*STEP, "train.distributed=ddp").train
     # None in sys.modules makes the import fail, as it would where a torch moved the class
     monkeypatch.setitem(sys.modules, "torch.distributed.fsdp._fully_shard._fsdp_collectives", None)
     message = f"FSDP2's reduce-scatter, which torch {torch.__version__} keeps elsewhere than torch 2.13 does"
     with pytest.raises(ConfigError, match=re.escape(message)):
         fsdp_reduce_scatter()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_noise_scale(fsdp, 2)
+    validate_noise_scale(ddp, 2)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_script("pretrain").main(["--plan", "--plan-processes", "2", "--data", str(data_dir),
+                                      *set_arguments(*STEP)])
