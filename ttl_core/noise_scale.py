@@ -124,9 +124,9 @@ class NotingReduceScatter:
     """FSDP2's reduce-scatter of one FSDP `module`'s gradients, made by FSDP's own (`reduce_scatter`: to the bit),
     after noting in `gradient` the norm of its input: this process's unsharded gradients of the module's parameters,
     flattened and zero-padded, summed over its micro-batches (FSDP reduce-scatters once a step, at the last). FSDP
-    divides that input by nothing first (it pre-divides float16 gradients only; ttl's parameters, hence gradients, are
-    float32); on a GPU the norm runs on FSDP's reduce-scatter stream, which the step's stream waits for at the end of
-    the backward."""
+    divides that input by nothing first (it pre-divides, against overflow, only gradients of a dtype other than
+    float32 and bfloat16; ttl's parameters, hence gradients, are float32, and it sets no gradient divide factor); on a
+    GPU the norm runs on FSDP's reduce-scatter stream, which the step's stream waits for at the end of the backward."""
 
     def __init__(self, gradient: ProcessGradient, module: FSDPModule, reduce_scatter: Any):
         self.gradient, self.module, self.reduce_scatter = gradient, module, reduce_scatter
