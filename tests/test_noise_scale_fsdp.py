@@ -1,9 +1,9 @@
 """The gradient noise scale under FSDP2 (train.log_noise_scale with train.distributed = "fsdp", ttl_core.noise_scale):
 each process's small batch is its whole share of the step, whose gradient the reduce-scatters read. The ranks are
 forked from the test process (gloo, one thread each): the figures against float64 autograd of each rank's share at two
-and three processes, in float32 and under bfloat16 autocast, with shares without a target; whole runs of one and of
-two micro-batches per process, trained bit for bit as without the noise scale and resumed exactly; the one-process
-refusal."""
+and three processes, in float32 and under bfloat16 autocast, with shares without a target, and with a tied LM head and
+activation checkpointing; whole runs of one and of two micro-batches per process, trained bit for bit as without the
+noise scale and resumed exactly; the refusals."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from typing import Callable
 import pytest
 import torch
 
-from helpers import forked_exit_codes, free_port
+from helpers import forked_exit_codes, free_port, load_script
 from test_noise_scale import ONE_EACH, RAMP, check_against, figures, reference_squares, reference_steps
-from train_helpers import losses, run_config, same_weights
+from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import close_world, init_world, wrap_model
 from ttl_core.errors import ConfigError
@@ -86,14 +86,18 @@ def step_batches(data_dir, processes: int, case: str) -> list[dict]:
 CASES = ("uneven", "one without", "none")
 
 
-def step_figures(data_dir, processes: int, dtype: str, out: Path) -> None:
-    """On each rank: one train_step of each case's batches on a fresh FSDP model (seed 0), its noise scale's averages
-    starting at (2, 300); rank 0 writes each case's figures and averages to `out` as JSON."""
+def step_figures(data_dir, processes: int, dtype: str, settings: tuple[str, ...], out: Path) -> None:
+    """On each rank: one train_step of each case's batches on a fresh FSDP model (seed 0) of `settings`, wrapped as
+    training wraps it, its noise scale's averages starting at (2, 300); rank 0 writes each case's figures and averages
+    to `out` as JSON."""
     world = init_world("cpu")
-    run, logged = run_config(*STEP, f"train.dtype={dtype}"), {}
+    run, logged = run_config(*STEP, f"train.dtype={dtype}", *settings), {}
     for case in CASES:
         torch.manual_seed(0)
-        model = wrap_model(LlamaForCausalLM(run.model_config()).train(), "fsdp", world)
+        model = LlamaForCausalLM(run.model_config()).train()
+        if run.train.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        model = wrap_model(model, "fsdp", world)
         noise = start_noise_scale(model, run.train, {"grad_sq": 2.0, "trace": 300.0}, 0)
         micro = step_batches(data_dir, processes, case)[world.rank::processes]
         _, _, step = train_step(model, build_optimizer(model, run.train, CPU, world), micro, run.train, world, 1e-3,
@@ -104,19 +108,26 @@ def step_figures(data_dir, processes: int, dtype: str, out: Path) -> None:
     close_world(world)
 
 
-@pytest.mark.parametrize("processes, dtype, tolerance", [(2, "float32", 1e-5), (3, "float32", 1e-5),
-                                                         (2, "bfloat16", 1e-2)])
+# the root's parameters hold the LM head once, tied to the embedding; each block recomputed in the backward
+TIED_CHECKPOINTED = ("model.tie_word_embeddings=true", "train.activation_checkpointing=true")
+
+
+@pytest.mark.parametrize("processes, dtype, tolerance, settings", [(2, "float32", 1e-5, ()), (3, "float32", 1e-5, ()),
+                                                                   (2, "bfloat16", 1e-2, ()),
+                                                                   (2, "float32", 1e-5, TIED_CHECKPOINTED)])
 def test_the_small_batch_is_each_process_s_share_by_float64_autograd_and_one_without_targets_is_left_out(
-        data_dir, tmp_path, processes, dtype, tolerance):
+        data_dir, tmp_path, processes, dtype, tolerance, settings):
     """grad_sq_small is the mean over ranks of the squared norm of each one's mean gradient over its 2 micro-batches,
     grad_sq_big the whole step's, both by float64 autograd (bfloat16 autocast: within 1e-2), and noise_scale the ratio
     of the estimates with b the harmonic mean of the shares' target counts. A rank whose share has no target is left
     out (of two, the other's share holds all of the step's targets); a step where none has one, or one holds all,
-    logs none of the figures and leaves the averages as they were."""
-    on_ranks(processes, tmp_path, partial(step_figures, data_dir, processes, dtype, tmp_path / "figures.json"))
-    logged = json.loads((tmp_path / "figures.json").read_text())
+    logs none of the figures and leaves the averages as they were. So too with the LM head tied to the embedding
+    (counted once) and activation checkpointing."""
+    out = tmp_path / "figures.json"
+    on_ranks(processes, tmp_path, partial(step_figures, data_dir, processes, dtype, settings, out))
+    logged = json.loads(out.read_text())
     torch.manual_seed(0)
-    model = LlamaForCausalLM(run_config(*STEP).model_config()).train()
+    model = LlamaForCausalLM(run_config(*STEP, *settings).model_config()).train()
     for case in CASES[:2]:
         micro = step_batches(data_dir, processes, case)
         smalls, big = reference_squares(model, micro, processes)
@@ -188,9 +199,19 @@ def test_one_process_under_fsdp_is_refused_in_one_line_before_anything_is_made(d
     assert not (tmp_path / "new").exists()
 
 
-def test_a_torch_that_keeps_fsdps_reduce_scatter_elsewhere_is_named_in_one_line(monkeypatch):
+def test_a_torch_that_keeps_fsdps_reduce_scatter_elsewhere_is_named_in_one_line_before_anything_is_made(
+        monkeypatch, data_dir):
+    """Named where the config is checked, as the run's other refusals are: a run of 2 processes is refused while it
+    sets itself up, and its plan alike, rather than once its model is wrapped and its metrics file opened."""
+    fsdp, ddp = run_config(*STEP).train, run_config(*STEP, "train.distributed=ddp").train
     # None in sys.modules makes the import fail, as it would where a torch moved the class
     monkeypatch.setitem(sys.modules, "torch.distributed.fsdp._fully_shard._fsdp_collectives", None)
     message = f"FSDP2's reduce-scatter, which torch {torch.__version__} keeps elsewhere than torch 2.13 does"
     with pytest.raises(ConfigError, match=re.escape(message)):
         fsdp_reduce_scatter()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_noise_scale(fsdp, 2)
+    validate_noise_scale(ddp, 2)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_script("pretrain").main(["--plan", "--plan-processes", "2", "--data", str(data_dir),
+                                      *set_arguments(*STEP)])

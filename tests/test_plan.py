@@ -319,7 +319,6 @@ def test_a_resumed_plan_on_another_global_batch_is_refused_as_the_resume_is(data
         pretrain.main([*args, "--set", "train.micro_batch_size=8"])  # the resume itself, on one process
 
 
-
 def test_a_plan_of_a_finished_run_says_it_is_complete_as_the_run_does(data_dir, tmp_path, capsys):
     train(run_config("train.max_steps=2"), tmp_path / "run", data_dir=str(data_dir))
     capsys.readouterr()
@@ -329,6 +328,7 @@ def test_a_plan_of_a_finished_run_says_it_is_complete_as_the_run_does(data_dir, 
     assert capsys.readouterr().out.splitlines() == [f"{complete}, nothing is left to plan"]
     assert pretrain.main(args) == 0  # the requeued run itself
     assert capsys.readouterr().out.splitlines()[-1] == complete
+
 
 def test_a_plan_from_a_checkpoint_on_data_of_another_tokenizer_is_refused_as_the_run_is(data_dir, halves, tmp_path):
     train(run_config("train.max_steps=1"), tmp_path / "source", data_dir=str(data_dir))

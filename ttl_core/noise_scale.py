@@ -52,9 +52,9 @@ if TYPE_CHECKING:
 
 def validate_noise_scale(t: TrainConfig, processes: int | None = None) -> None:
     """Refuse a noise_scale_ema outside [0, 1), and train.log_noise_scale where no process's own gradient can be
-    read: float16 (loss-scaled by the grad scaler), or, given the number of `processes` (a run knows it, a config does
-    not), one process whose small batch would be the whole step: under FSDP (its share of the step) or with one
-    micro-batch per step."""
+    read: float16 (loss-scaled by the grad scaler), FSDP where this torch keeps its reduce-scatter elsewhere
+    (`fsdp_reduce_scatter`), or, given the number of `processes` (a run knows it, a config does not), one process whose
+    small batch would be the whole step: under FSDP (its share of the step) or with one micro-batch per step."""
     if not 0 <= t.noise_scale_ema < 1:
         raise ConfigError(f"train.noise_scale_ema must lie in [0, 1) (0: no averaging), got {t.noise_scale_ema}")
     if not t.log_noise_scale:
@@ -66,6 +66,8 @@ def validate_noise_scale(t: TrainConfig, processes: int | None = None) -> None:
         raise ConfigError("train.log_noise_scale under FSDP compares each process's share of the step with the whole "
                           "step, which one process's is: launch 2 or more with torchrun, or use "
                           "train.distributed=\"ddp\" (its first micro-batch is then the small one)")
+    if t.distributed == "fsdp":  # a torch that moved FSDP2's reduce-scatter: named here, before anything is made
+        fsdp_reduce_scatter()
     if processes == 1 and t.grad_accum_steps == 1:
         raise ConfigError("train.log_noise_scale compares a small batch with the whole step: one process needs "
                           "train.grad_accum_steps >= 2 (its first micro-batch is the small one), got 1; or launch 2 or "
@@ -122,9 +124,9 @@ class NotingReduceScatter:
     """FSDP2's reduce-scatter of one FSDP `module`'s gradients, made by FSDP's own (`reduce_scatter`: to the bit),
     after noting in `gradient` the norm of its input: this process's unsharded gradients of the module's parameters,
     flattened and zero-padded, summed over its micro-batches (FSDP reduce-scatters once a step, at the last). FSDP
-    divides that input by nothing first (it pre-divides float16 gradients only; ttl's parameters, hence gradients, are
-    float32); on a GPU the norm runs on FSDP's reduce-scatter stream, which the step's stream waits for at the end of
-    the backward."""
+    divides that input by nothing first (it pre-divides, against overflow, only gradients of a dtype other than
+    float32 and bfloat16; ttl's parameters, hence gradients, are float32, and it sets no gradient divide factor); on a
+    GPU the norm runs on FSDP's reduce-scatter stream, which the step's stream waits for at the end of the backward."""
 
     def __init__(self, gradient: ProcessGradient, module: FSDPModule, reduce_scatter: Any):
         self.gradient, self.module, self.reduce_scatter = gradient, module, reduce_scatter
