@@ -265,18 +265,24 @@ def test_bad_settings_are_refused_in_one_line(overrides, message):
     assert "\n" not in str(e.value)
 
 
-def test_one_process_with_one_micro_batch_per_step_is_refused_in_one_line_before_anything_is_made(data_dir, tmp_path):
-    """It has no small batch; a config cannot tell (under torchrun, 2 processes have theirs), a run can."""
-    run = run_config("train.grad_accum_steps=1", "train.log_noise_scale=true")  # loads
+def check_refused_in_one_process(overrides: list[str], message: str, data_dir, tmp_path) -> None:
+    """A config that loads and suits 2 processes is refused in one line for one, by `validate_noise_scale` and by a
+    run before it makes anything: a config cannot tell how many processes will run it, a run can."""
+    run = run_config(*overrides, "train.log_noise_scale=true")  # loads
     validate_noise_scale(run.train, 2)
-    message = (r"^train.log_noise_scale compares a small batch with the whole step: one process needs "
-               r"train.grad_accum_steps >= 2 \(its first micro-batch is the small one\), got 1; or launch 2 or more "
-               r"with torchrun \(each one's own micro-batch\)$")
     with pytest.raises(ConfigError, match=message):
         validate_noise_scale(run.train, 1)
     with pytest.raises(ConfigError, match=message):
         train(run, tmp_path / "new" / "run", data_dir=str(data_dir))
     assert not (tmp_path / "new").exists()
+
+
+def test_one_process_with_one_micro_batch_per_step_is_refused_in_one_line_before_anything_is_made(data_dir, tmp_path):
+    """It has no small batch (under torchrun, 2 processes have theirs)."""
+    check_refused_in_one_process(
+        ["train.grad_accum_steps=1"], r"^train.log_noise_scale compares a small batch with the whole step: one process "
+        r"needs train.grad_accum_steps >= 2 \(its first micro-batch is the small one\), got 1; or launch 2 or more "
+        r"with torchrun \(each one's own micro-batch\)$", data_dir, tmp_path)
 
 
 def test_the_hook_is_registered_only_where_a_step_of_one_micro_batch_per_process_lies_ahead(tmp_path):

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from helpers import forked_exit_codes, free_port, load_script
-from test_noise_scale import ONE_EACH, RAMP, check_against, figures, reference_squares, reference_steps
+from test_noise_scale import (ONE_EACH, RAMP, check_against, check_refused_in_one_process, figures, reference_squares,
+                              reference_steps)
 from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.data import PackedLoader
 from ttl_core.distributed import close_world, init_world, wrap_model
@@ -186,17 +187,11 @@ def test_under_fsdp_each_step_s_small_batches_are_the_processes_shares_of_one_mi
 
 
 def test_one_process_under_fsdp_is_refused_in_one_line_before_anything_is_made(data_dir, tmp_path):
-    """Its share is the whole step, whatever its micro-batches; a config cannot tell (2 processes have theirs)."""
-    run = run_config("train.distributed=fsdp", "train.grad_accum_steps=2", "train.log_noise_scale=true")  # loads
-    validate_noise_scale(run.train, 2)
-    message = (r"^train.log_noise_scale under FSDP compares each process's share of the step with the whole step, "
-               r"which one process's is: launch 2 or more with torchrun, or use train.distributed=\"ddp\" \(its first "
-               r"micro-batch is then the small one\)$")
-    with pytest.raises(ConfigError, match=message):
-        validate_noise_scale(run.train, 1)
-    with pytest.raises(ConfigError, match=message):
-        train(run, tmp_path / "new" / "run", data_dir=str(data_dir))
-    assert not (tmp_path / "new").exists()
+    """Its share is the whole step, whatever its micro-batches (2 processes have theirs)."""
+    check_refused_in_one_process(
+        ["train.distributed=fsdp", "train.grad_accum_steps=2"], r"^train.log_noise_scale under FSDP compares each "
+        r"process's share of the step with the whole step, which one process's is: launch 2 or more with torchrun, or "
+        r"use train.distributed=\"ddp\" \(its first micro-batch is then the small one\)$", data_dir, tmp_path)
 
 
 def test_a_torch_that_keeps_fsdps_reduce_scatter_elsewhere_is_named_in_one_line_before_anything_is_made(
