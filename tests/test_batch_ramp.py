@@ -19,7 +19,7 @@ from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.optim import build_optimizer, lr_at
-from ttl_core.run_config import TrainConfig, load_run_config
+from ttl_core.run_config import TrainConfig, describe_batch, load_run_config
 from ttl_core.step import model_inputs, train_step
 from ttl_core.train import train
 
@@ -104,6 +104,12 @@ def test_the_banner_names_the_batch_the_ramp_starts_from(data_dir, tmp_path, cap
     train(run_config(*RAMP), tmp_path / "run", data_dir=str(data_dir), stop_after=1)
     assert ("384 tokens per optimizer step (4 x 3 x 32 x 1 process), ramped up over steps 1-4 from 128 at step 1 "
             "(1 of its 3 micro-batches)\n") in capsys.readouterr().out
+
+
+def test_the_banner_of_several_processes_counts_the_ramp_s_start_on_all_of_them():
+    t = TrainConfig(micro_batch_size=3, grad_accum_steps=5, seq_len=16, batch_ramp_steps=4, batch_ramp_start=2)
+    assert describe_batch(t, 3) == ("720 tokens per optimizer step (3 x 5 x 16 x 3 processes), ramped up over steps "
+                                    "1-4 from 288 at step 1 (2 of its 5 micro-batches)")  # 3 x 2 x 16 x 3 processes
 
 
 def test_resume_mid_ramp_is_bit_exact_and_a_changed_ramp_continues_from_the_data_position(ramped, data_dir,

@@ -99,6 +99,24 @@ def test_the_margin_is_the_slowest_step_and_the_slowest_save(monkeypatch):
     assert (now[0], limit.margin()) == (121, 11)
 
 
+def test_the_margin_keeps_the_slowest_step_and_save_of_the_run_not_the_last(monkeypatch):
+    """Steps and saves of random lengths, the slowest of each not the last: `margin(k)` is k slowest steps and the
+    slowest save, whatever came after them."""
+    step_s, save_s = (torch.rand(6, dtype=torch.float64) * 10 + 1 for _ in range(2))
+    step_s[-1], save_s[-1] = 0.5, 0.5  # the last step and save are the fastest
+    now = [100.0]
+    monkeypatch.setattr(preemption, "monotonic", lambda: now[0])
+    limit = TimeLimit(1e6)
+    limit.loop_starts(parameters=1)
+    for step, save in zip(step_s.tolist(), save_s.tolist()):
+        now[0] += step
+        with limit.saving():
+            now[0] += save
+        assert not limit.out_of_time()
+    for steps in (1, 3):
+        assert limit.margin(steps) == pytest.approx(steps * step_s.max().item() + save_s.max().item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("save_s, limit_s, setup_s, stopped_at", [(10.0, LIMIT_S, 0.0, 4), (40.0, LIMIT_S, 0.0, 3),
                                                                    (10.0, LIMIT_S, 100.0, 3), (10.0, 30.0, 0.0, 1),
                                                                    (40.0, 390.0, 0.0, 4)])
