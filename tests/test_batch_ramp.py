@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from ttl_core.model import LlamaForCausalLM
 from ttl_core.optim import build_optimizer, lr_at
 from ttl_core.run_config import TrainConfig, describe_batch, load_run_config
 from ttl_core.step import model_inputs, train_step
+import ttl_core.train as ttl_train
 from ttl_core.train import train
 
 # 5 steps, ramping from 1 to 3 micro-batches of 4 x 32 tokens by step 4: 2 * (step - 1) // 3 more than 1
@@ -98,6 +100,16 @@ def test_a_ramped_run_trains_as_a_plain_loop_on_the_schedule_s_micro_batches(ram
     assert summarize(load_run(ramped, "ramped"), 0.0)["tokens"] == seen[-1] == 4 * 32 * 10
     position = read_trainer_state(ramped / "checkpoints" / "step-000005")["data"]
     assert (position["epoch"], position["batch"]) == (0, sum(RAMP_COUNTS))  # the loader counts micro-batches
+
+
+def test_a_ramped_step_s_throughput_counts_its_own_micro_batches(data_dir, tmp_path, monkeypatch):
+    """tokens_per_s (and the MFU figured from it) of a step in the ramp is its own batch over its time, not the
+    whole batch's: a clock that only the steps move times each step at 1 s."""
+    monkeypatch.setattr(ttl_train, "time", SimpleNamespace(perf_counter=itertools.count().__next__))
+    train(run_config(*RAMP), tmp_path / "run", data_dir=str(data_dir), stop_after=3)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["tokens_per_s"] for r in records] == [r["batch_tokens"] for r in records] == [
+        4 * count * 32 for count in RAMP_COUNTS[:3]]
 
 
 def test_the_banner_names_the_batch_the_ramp_starts_from(data_dir, tmp_path, capsys):
