@@ -187,6 +187,21 @@ def test_the_first_signal_received_is_the_one_reported():
         stop.restore()
 
 
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_ctrl_c_while_a_stop_is_pending_stops_at_once(first):
+    """Whatever asked for the stop (a scheduler or a first Ctrl-C), a person's Ctrl-C then does not wait for the
+    checkpoint; a repeated SIGTERM or SIGUSR1 changes nothing."""
+    stop = StopOnSignal(World(0, 1, torch.device("cpu")))
+    try:
+        os.kill(os.getpid(), first)
+        os.kill(os.getpid(), signal.SIGTERM if first == signal.SIGINT else first)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.agreed() is first
+    finally:
+        stop.restore()
+
+
 def _agree_on_two_ranks(rank: int, signum: int, store: str) -> None:
     """A forked rank of a two-process gloo group: receive `signum` (0: none), exit with the agreed signal."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
