@@ -22,6 +22,7 @@ from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
+from ttl_core.model import LlamaForCausalLM
 import ttl_core.preemption as preemption
 from ttl_core.preemption import TIME_LIMIT, StopOnSignal, TimeLimit, duration_seconds
 import ttl_core.train as ttl_train
@@ -137,6 +138,20 @@ def test_a_run_stops_when_its_next_step_and_a_save_would_not_fit(tmp_path, data_
             in capsys.readouterr().out)
     assert now[0] <= limit_s or stopped_at == 1  # the run ended in time, loss.png left to the resumed run
     assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("spare_s, stopped_at", [(-0.01, 1), (0.01, 2)])
+def test_before_its_first_save_a_run_bounds_the_save_by_its_model_s_size(tmp_path, data_dir, monkeypatch, spare_s,
+                                                                         stopped_at):
+    """Steps of 60 s and no save timed yet: after step 1 the margin is a step and the first save's bound, 16 bytes
+    per parameter at 25 MB/s. A limit 0.01 s short of two steps and the bound stops the run after step 1; 0.01 s
+    more lets step 2 run."""
+    fake_clock(monkeypatch, save_s=0.0)
+    run = run_config(*RUN)
+    with torch.device("meta"):
+        bound = LlamaForCausalLM(run.model_config()).num_parameters() * 16 / 25e6
+    result = train(run, tmp_path, data_dir=str(data_dir), time_limit=2 * STEP_S + bound + spare_s)
+    assert (result.last_step, result.stopped_by) == (stopped_at, TIME_LIMIT)
 
 
 @pytest.mark.parametrize("limit_s, plotted, sampled", [(1000.0, True, True), (450.0, True, False),
