@@ -179,6 +179,19 @@ def test_refused_without_evaluation_or_with_a_kv_cache(models):
     assert "\n" not in str(e.value)
 
 
+def test_the_model_is_handed_back_in_the_mode_it_had(models):
+    """The pass runs in eval mode; a model in eval mode (an evaluation's) stays there, a training one trains on."""
+    ours, was = models[1], models[1].training
+    ids = random_ids(ours.config.vocab_size, seed=int(torch.randint(0, 2**31, ())))
+    try:
+        for training in (False, True):
+            ours.train(training)
+            activation_stats(ours, {"input_ids": ids})
+            assert ours.training is training and all(m.training is training for m in ours.modules())
+    finally:
+        ours.train(was)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_give_one_process_s_figures(tmp_path, data_dir, mode):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from ttl_core.errors import ConfigError
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.optim import build_optimizer, lr_at
-from ttl_core.run_config import TrainConfig, load_run_config
+from ttl_core.run_config import TrainConfig, describe_batch, load_run_config
 from ttl_core.step import model_inputs, train_step
+import ttl_core.train as ttl_train
 from ttl_core.train import train
 
 # 5 steps, ramping from 1 to 3 micro-batches of 4 x 32 tokens by step 4: 2 * (step - 1) // 3 more than 1
@@ -100,10 +102,26 @@ def test_a_ramped_run_trains_as_a_plain_loop_on_the_schedule_s_micro_batches(ram
     assert (position["epoch"], position["batch"]) == (0, sum(RAMP_COUNTS))  # the loader counts micro-batches
 
 
+def test_a_ramped_step_s_throughput_counts_its_own_micro_batches(data_dir, tmp_path, monkeypatch):
+    """tokens_per_s (and the MFU figured from it) of a step in the ramp is its own batch over its time, not the
+    whole batch's: a clock that only the steps move times each step at 1 s."""
+    monkeypatch.setattr(ttl_train, "time", SimpleNamespace(perf_counter=itertools.count().__next__))
+    train(run_config(*RAMP), tmp_path / "run", data_dir=str(data_dir), stop_after=3)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["tokens_per_s"] for r in records] == [r["batch_tokens"] for r in records] == [
+        4 * count * 32 for count in RAMP_COUNTS[:3]]
+
+
 def test_the_banner_names_the_batch_the_ramp_starts_from(data_dir, tmp_path, capsys):
     train(run_config(*RAMP), tmp_path / "run", data_dir=str(data_dir), stop_after=1)
     assert ("384 tokens per optimizer step (4 x 3 x 32 x 1 process), ramped up over steps 1-4 from 128 at step 1 "
             "(1 of its 3 micro-batches)\n") in capsys.readouterr().out
+
+
+def test_the_banner_of_several_processes_counts_the_ramp_s_start_on_all_of_them():
+    t = TrainConfig(micro_batch_size=3, grad_accum_steps=5, seq_len=16, batch_ramp_steps=4, batch_ramp_start=2)
+    assert describe_batch(t, 3) == ("720 tokens per optimizer step (3 x 5 x 16 x 3 processes), ramped up over steps "
+                                    "1-4 from 288 at step 1 (2 of its 5 micro-batches)")  # 3 x 2 x 16 x 3 processes
 
 
 def test_resume_mid_ramp_is_bit_exact_and_a_changed_ramp_continues_from_the_data_position(ramped, data_dir,

@@ -149,7 +149,7 @@ def test_the_table_holds_each_runs_figures(tmp_path, capsys):
     skipped), the median tokens/s (inf skipped) and each accuracy's last finite value; '-' where a run has none."""
     a = write_run(tmp_path / "a",
                   {"step": 1, "loss": 4.0, "tokens_per_s": 100.0, "batch_tokens": 64},
-                  {"step": 2, "loss": math.nan, "tokens_per_s": 300.0, "batch_tokens": 64},
+                  {"step": 2, "loss": math.nan, "tokens_per_s": 900.0, "batch_tokens": 64},  # a mean would be 400
                   {"step": 2, "eval_loss": 3.5, "acc/arc": 0.25, "acc_norm/arc": 0.5},
                   {"step": 3, "loss": 3.0, "tokens_per_s": math.inf, "batch_tokens": 64},
                   {"step": 4, "loss": 2.0, "tokens_per_s": 200.0, "batch_tokens": 64},
@@ -189,12 +189,18 @@ def test_the_table_holds_each_runs_figures(tmp_path, capsys):
     (["{a}", "--out", "{tmp}/missing/c.png"], "--out {tmp}/missing/c.png: the directory {tmp}/missing does not exist"),
     (["{a}", "--json", "{tmp}/missing/t.json"], "--json {tmp}/missing/t.json: the directory {tmp}/missing does "
                                                 "not exist"),
+    (["{repeated}"], "{repeated}/metrics.jsonl: training step 2 follows step 2; ttl writes each step once, cutting "
+                     "the file back to the step a run resumes from"),
+    (["{gap}"], "{gap}/metrics.jsonl: eval_loss at step 4, which has no training record to count its tokens by; "
+                "compare with --x step"),
 ])
 def test_bad_input_is_refused_in_one_line(tmp_path, capsys, argv, message):
-    places = {"tmp": tmp_path, "empty": tmp_path / "empty", "a": tmp_path / "a", "b": tmp_path / "b"}
+    places = {"tmp": tmp_path, **{name: tmp_path / name for name in ("empty", "a", "b", "repeated", "gap")}}
     (tmp_path / "empty").mkdir()
     write_run(tmp_path / "a", *steps(1, 3, batch_tokens=64, eval_every=3), {"step": 3, "grad_norm": 1.0})
     write_run(tmp_path / "b", *({**r, "grad_norm": math.nan} for r in steps(1, 2, batch_tokens=64)))
+    write_run(tmp_path / "repeated", *steps(1, 2, batch_tokens=64), *steps(2, 3, batch_tokens=64))
+    write_run(tmp_path / "gap", *steps(1, 3, batch_tokens=64), {"step": 4, "eval_loss": 3.0})
     argv = [arg.format(**places) for arg in argv]
     with pytest.raises(SystemExit) as exit:
         run_cli(load_script("compare_runs").main, [*argv, *(["--out", str(tmp_path / "c.png")] * ("--out" not in argv))])

@@ -181,19 +181,23 @@ def test_a_run_resumes_with_the_optimizer_it_saved(tmp_path, recorded):
 def test_a_run_resumed_before_its_first_update_is_the_uninterrupted_one(tmp_path, monkeypatch, optimizer):
     """An fp16 run whose first steps overflow (a loss scale of 2**24) is checkpointed before any update, with no
     optimizer state yet: saving must not make one (torch's gathering of the state steps the optimizer at lr 0, a
-    step AdamW counts in its bias correction), so the resumed run's first update is the uninterrupted run's."""
+    step AdamW counts in its bias correction), so the resumed run's first update is the uninterrupted run's, and a
+    run that saves then and goes on (train.save_every=1) updates as one that does not save."""
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**24))
-    run = run_config(f"train.optimizer=\"{optimizer}\"", "train.max_steps=8", "train.save_every=100",
-                     "train.dtype=\"float16\"")
+    run_overrides = (f"train.optimizer=\"{optimizer}\"", "train.max_steps=8", "train.dtype=\"float16\"")
+    run = run_config(*run_overrides, "train.save_every=100")
     data_dir = prepared_corpus(tmp_path)
     train(run, tmp_path / "straight", data_dir=str(data_dir))
     train(run, tmp_path / "sliced", data_dir=str(data_dir), stop_after=1)
     train(run, tmp_path / "sliced", data_dir=str(data_dir), resume=True)
+    train(run_config(*run_overrides, "train.save_every=1", "train.keep_checkpoints=1"), tmp_path / "saving",
+          data_dir=str(data_dir))
     skipped = [r["skipped"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
     assert skipped[0] and not all(skipped), skipped
-    assert losses(tmp_path / "sliced") == losses(tmp_path / "straight")
-    a, b = (load_pretrained(tmp_path / d / "checkpoints" / "step-000008") for d in ("straight", "sliced"))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert losses(tmp_path / "sliced") == losses(tmp_path / "saving") == losses(tmp_path / "straight")
+    a, b, c = (load_pretrained(tmp_path / d / "checkpoints" / "step-000008") for d in ("straight", "sliced", "saving"))
+    assert all(torch.equal(x, y) and torch.equal(x, z)
+               for x, y, z in zip(a.state_dict().values(), b.state_dict().values(), c.state_dict().values()))
 
 
 @pytest.mark.parametrize("override, message", [

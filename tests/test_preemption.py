@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import ROOT, forked_exit_codes, free_port
+from helpers import ROOT, forked_exit_codes, free_port, load_script
 from train_helpers import corpus_file, losses, run_config, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.data import prepare_data
@@ -187,6 +187,21 @@ def test_the_first_signal_received_is_the_one_reported():
         stop.restore()
 
 
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_ctrl_c_while_a_stop_is_pending_stops_at_once(first):
+    """Whatever asked for the stop (a scheduler or a first Ctrl-C), a person's Ctrl-C then does not wait for the
+    checkpoint; a repeated SIGTERM or SIGUSR1 changes nothing."""
+    stop = StopOnSignal(World(0, 1, torch.device("cpu")))
+    try:
+        os.kill(os.getpid(), first)
+        os.kill(os.getpid(), signal.SIGTERM if first == signal.SIGINT else first)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.agreed() is first
+    finally:
+        stop.restore()
+
+
 def _agree_on_two_ranks(rank: int, signum: int, store: str) -> None:
     """A forked rank of a two-process gloo group: receive `signum` (0: none), exit with the agreed signal."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -248,6 +263,14 @@ def test_pretrain_stopped_by_sigterm_exits_75_with_one_line_saying_how_to_contin
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
     assert f"stopped on SIGTERM at step 2, saved in {checkpoint}; continue with --resume\n" in out
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
+
+
+def test_pretrain_stopped_by_ctrl_c_exits_130_not_the_requeue_status(tmp_path, data_dir, monkeypatch, capsys):
+    """A requeue script resumes a run that exits 75 (a scheduler's stop); one a person stopped keeps the 130 of an
+    interrupted program."""
+    signal_during_step(monkeypatch, 2, signal.SIGINT)
+    assert load_script("pretrain").main(list(map(str, cli_args(data_dir, tmp_path / "run")))) == 130
+    assert "stopped on SIGINT at step 2" in capsys.readouterr().out
 
 
 def two_ranks(tmp_path: Path, args: list, signal_at: int | None = None) -> list[tuple[int, str, str]]:

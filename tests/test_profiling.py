@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from helpers import ROOT, run_torchrun
 from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.cli import _show_warning as show_warning
 from ttl_core.errors import ConfigError, TrainingError
-from ttl_core.profiling import annotate
+from ttl_core.profiling import annotate, top_operators
 from ttl_core.run_config import load_run_config
 import ttl_core.train as ttl_train
 from ttl_core.train import train
@@ -149,6 +150,17 @@ def test_annotations_are_ranges_under_a_profiler_and_nothing_without_one():
         with annotate("forward 0"):
             torch.randn(4, 4).sum()
     assert "forward 0" in {event.key for event in running.key_averages()}
+
+
+def test_the_table_leaves_out_a_named_range_however_much_self_time_it_has():
+    """A range's self time is what runs in it outside the operators (Python, waiting): on a GPU its kernels' time.
+    A range that waits 50 ms would top a table sorted by self time were ranges not left out."""
+    with profile() as running:
+        with annotate("waiting range"):
+            time.sleep(0.05)
+            torch.randn(64, 64) @ torch.randn(64, 64)
+    table = top_operators(running, cuda=False)
+    assert "aten::mm" in table and "waiting range" not in table
 
 
 @pytest.mark.slow

@@ -185,3 +185,13 @@ def test_a_resume_naming_another_preset_is_refused_though_it_sets_no_field_itsel
     check_resumable(load_run_config(None, ["model.preset=\"tiny\""]), saved, tmp_path)
     with pytest.raises(ConfigError, match=r"^model.hidden_size is 768 here, but .* was trained in a run with 256"):
         check_resumable(load_run_config(None, ["model.preset=\"ttl-160m\""]), saved, tmp_path)
+
+
+def test_a_resume_may_change_how_the_model_computes_but_not_the_model(tmp_path):
+    """kernels and attention pick implementations of the same model: a resume may switch them; a field of the model
+    given beside them is still checked."""
+    saved = {"model": {"preset": "tiny", "kernels": "torch", "attention": "sdpa"}}
+    switched = ["model.preset=\"tiny\"", "model.kernels=\"triton\"", "model.attention=\"eager\""]
+    check_resumable(load_run_config(None, switched), saved, tmp_path)
+    with pytest.raises(ConfigError, match=r"^model.num_hidden_layers is 3 here, but .* was trained in a run with 4"):
+        check_resumable(load_run_config(None, [*switched, "model.num_hidden_layers=3"]), saved, tmp_path)

@@ -22,6 +22,7 @@ from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
+from ttl_core.model import LlamaForCausalLM
 import ttl_core.preemption as preemption
 from ttl_core.preemption import TIME_LIMIT, StopOnSignal, TimeLimit, duration_seconds
 import ttl_core.train as ttl_train
@@ -99,6 +100,24 @@ def test_the_margin_is_the_slowest_step_and_the_slowest_save(monkeypatch):
     assert (now[0], limit.margin()) == (121, 11)
 
 
+def test_the_margin_keeps_the_slowest_step_and_save_of_the_run_not_the_last(monkeypatch):
+    """Steps and saves of random lengths, the slowest of each not the last: `margin(k)` is k slowest steps and the
+    slowest save, whatever came after them."""
+    step_s, save_s = (torch.rand(6, dtype=torch.float64) * 10 + 1 for _ in range(2))
+    step_s[-1], save_s[-1] = 0.5, 0.5  # the last step and save are the fastest
+    now = [100.0]
+    monkeypatch.setattr(preemption, "monotonic", lambda: now[0])
+    limit = TimeLimit(1e6)
+    limit.loop_starts(parameters=1)
+    for step, save in zip(step_s.tolist(), save_s.tolist()):
+        now[0] += step
+        with limit.saving():
+            now[0] += save
+        assert not limit.out_of_time()
+    for steps in (1, 3):
+        assert limit.margin(steps) == pytest.approx(steps * step_s.max().item() + save_s.max().item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("save_s, limit_s, setup_s, stopped_at", [(10.0, LIMIT_S, 0.0, 4), (40.0, LIMIT_S, 0.0, 3),
                                                                    (10.0, LIMIT_S, 100.0, 3), (10.0, 30.0, 0.0, 1),
                                                                    (40.0, 390.0, 0.0, 4)])
@@ -119,6 +138,20 @@ def test_a_run_stops_when_its_next_step_and_a_save_would_not_fit(tmp_path, data_
             in capsys.readouterr().out)
     assert now[0] <= limit_s or stopped_at == 1  # the run ended in time, loss.png left to the resumed run
     assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("spare_s, stopped_at", [(-0.01, 1), (0.01, 2)])
+def test_before_its_first_save_a_run_bounds_the_save_by_its_model_s_size(tmp_path, data_dir, monkeypatch, spare_s,
+                                                                         stopped_at):
+    """Steps of 60 s and no save timed yet: after step 1 the margin is a step and the first save's bound, 16 bytes
+    per parameter at 25 MB/s. A limit 0.01 s short of two steps and the bound stops the run after step 1; 0.01 s
+    more lets step 2 run."""
+    fake_clock(monkeypatch, save_s=0.0)
+    run = run_config(*RUN)
+    with torch.device("meta"):
+        bound = LlamaForCausalLM(run.model_config()).num_parameters() * 16 / 25e6
+    result = train(run, tmp_path, data_dir=str(data_dir), time_limit=2 * STEP_S + bound + spare_s)
+    assert (result.last_step, result.stopped_by) == (stopped_at, TIME_LIMIT)
 
 
 @pytest.mark.parametrize("limit_s, plotted, sampled", [(1000.0, True, True), (450.0, True, False),
