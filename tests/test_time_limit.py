@@ -123,12 +123,12 @@ def test_the_margin_keeps_the_slowest_step_and_save_of_the_run_not_the_last(monk
                                                                    (40.0, 390.0, 0.0, 4)])
 def test_a_run_stops_when_its_next_step_and_a_save_would_not_fit(tmp_path, data_dir, monkeypatch, capsys, save_s,
                                                                   limit_s, setup_s, stopped_at):
-    """Steps of 60 s against a limit of 300 s, a checkpoint every second step: 10 s saves leave room for step 4
-    (after step 3, at 190 s, 60 + 10 more fit), 40 s saves do not (at 220 s), nor do 10 s saves after a setup of
-    100 s (at 290 s). Step 4's own save counts before the check after it: with 40 s saves and a limit of 390 s,
-    step 5 and its save would pass the limit after it (320 + 100 s), though they would fit before it. A limit shorter than a step still lets the run train its first step and save it: refusing
-    would need the step's time before it ran, and a requeued run advances by a step each time rather than not at
-    all."""
+    """Steps of 60 s against a limit of 300 s, a checkpoint every second step: 10 s saves leave room for step 4 (after
+    step 3, at 190 s, 60 + 10 more fit), 40 s saves do not (at 220 s), nor do 10 s saves after a setup of 100 s (at 290
+    s). Step 4's own save counts before the check after it: with 40 s saves and a limit of 390 s, step 5 and its save
+    would pass the limit after it (320 + 100 s), though they would fit before it. A limit shorter than a step still lets
+    the run train its first step and save it: refusing would need the step's time before it ran, and a requeued run
+    advances by a step each time rather than not at all."""
     now = fake_clock(monkeypatch, save_s, setup_s)
     result = train(run_config(*RUN, "train.save_every=2"), tmp_path, data_dir=str(data_dir), time_limit=limit_s)
     assert (result.last_step, result.stopped_by) == (stopped_at, TIME_LIMIT)
