@@ -120,3 +120,13 @@ def test_a_prompt_just_as_long_as_the_context_is_marked_from_its_first_new_token
     common = dict(max_new_tokens=2, eos_token_id=[], pad_token_id=PAD, do_sample=False)
     expected = hf.generate(ids, attention_mask=mask, watermarking_config=config, **common)
     assert torch.equal(ttl_core.generate(ours, ids, mask, watermarking_config=config.to_dict(), **common), expected)
+
+
+def test_a_hashing_key_whose_seeds_pass_two_to_the_63_marks_as_in_transformers(models):
+    """Seeds reduced modulo 2**64 - 1 as transformers reduces them, which only a key this large tells apart."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, seed=11, batch=3, seq=5, pads=(0, 1, 2))
+    config = WatermarkingConfig(hashing_key=2**62 + 977, bias=4.0)
+    common = dict(max_new_tokens=4, eos_token_id=[], pad_token_id=PAD, do_sample=False)
+    expected = hf.generate(ids, attention_mask=mask, watermarking_config=config, **common)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, watermarking_config=config.to_dict(), **common), expected)
