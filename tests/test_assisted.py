@@ -246,6 +246,19 @@ def test_scores_streamer_and_the_checkpoint_settings(models, steps):
                                    rtol=1e-5)
 
 
+def test_a_kept_draft_eos_ends_the_row_where_plain_greedy_ends_it(models):
+    """The model as its own draft model keeps every draft: a draft EOS, always a step's last, is kept and the
+    token the model adds after it is not."""
+    _, _, ours, _ = models
+    ids = prompt(1)
+    free = ttl_core.generate(ours, ids, max_new_tokens=10, eos_token_id=[])[0, 8:].tolist()
+    for eos in free[2:7]:
+        kwargs = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD)
+        got = ttl_core.generate(ours, ids, assistant_model=ours, num_assistant_tokens=3,
+                                assistant_confidence_threshold=0, **kwargs)
+        assert torch.equal(got, ttl_core.generate(ours, ids, **kwargs)), eos
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_assistant_tokens=0), "num_assistant_tokens must be a positive integer, got 0"),
     (dict(num_assistant_tokens_schedule="fast"), "num_assistant_tokens_schedule must be one of constant, heuristic"),

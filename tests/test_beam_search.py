@@ -95,6 +95,20 @@ def test_beams_find_a_likelier_sequence_than_greedy(models):
         assert log_prob(beam) > log_prob(greedy) + 1e-3
 
 
+@pytest.mark.parametrize("early_stopping, length_penalty", [("never", 2.0), (False, 2.0)])
+def test_when_the_search_gives_up_on_a_prompt_as_transformers_does(models, early_stopping, length_penalty):
+    """Many EOS ids fill the finished slots early, where the stopping rule decides the result: "never" with a
+    positive length_penalty measures a running beam at the longest length it could reach, and a prompt given up on
+    files no more finished beams while the others of its batch run on."""
+    hf, ours = models
+    for case in range(2):
+        ids, mask = left_padded(131, seed=300 + case, batch=3, seq=4, pads=[0, 2, 1])
+        kwargs = dict(max_new_tokens=16, num_beams=3, eos_token_id=list(range(4, 70)), pad_token_id=PAD,
+                      length_penalty=length_penalty, early_stopping=early_stopping)
+        expected = hf.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
+        assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected), case
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_beams=0), "num_beams must be a positive integer, got 0"),
     (dict(num_beams=2, seed=-1), r"seed must be an integer in \[0, 2\*\*63\), got -1"),

@@ -78,13 +78,16 @@ def test_forced_bos_after_a_one_token_prompt_as_in_transformers(models, do_sampl
     one-column prompt (never after a longer one); begin_suppress_tokens then apply to the token after it."""
     hf, ours = models
     ids, mask = left_padded(ours.config.vocab_size, batch=3, seq=1, pads=(0, 0, 0))
-    first = ttl_core.generate(ours, ids, mask, max_new_tokens=2, eos_token_id=[])[:, 1:].tolist()
-    settings = dict(forced_bos_token_id=first[1][1], begin_suppress_tokens=[first[0][1], first[2][1]])
+    forced = int(ttl_core.generate(ours, ids, mask, max_new_tokens=2, eos_token_id=[])[1, 2])
+    # the greedy tokens after the forced one, so that suppressing them has an effect
+    after_forced = ttl_core.generate(ours, ids, mask, max_new_tokens=2, eos_token_id=[], forced_bos_token_id=forced)
+    settings = dict(forced_bos_token_id=forced, begin_suppress_tokens=after_forced[:, 2].tolist())
     kwargs = dict(max_new_tokens=NEW, do_sample=do_sample, top_k=0, eos_token_id=[5], pad_token_id=PAD)
     torch.manual_seed(2)
     expected = hf.generate(ids, attention_mask=mask, **kwargs, **settings)
     got = ttl_core.generate(ours, ids, mask, seed=2 if do_sample else None, **kwargs, **settings)
-    assert torch.equal(got, expected) and (got[:, 1] == settings["forced_bos_token_id"]).all()
+    assert torch.equal(got, expected) and (got[:, 1] == forced).all()
+    assert not torch.isin(got[:, 2], after_forced[:, 2]).any()
     longer, longer_mask = left_padded(ours.config.vocab_size)
     assert torch.equal(ttl_core.generate(ours, longer, longer_mask, **kwargs, forced_bos_token_id=7, seed=2),
                        ttl_core.generate(ours, longer, longer_mask, **kwargs, seed=2))
@@ -263,3 +266,20 @@ def test_rules_that_leave_no_token_are_named_when_renormalize_logits_makes_that_
     with pytest.raises(GenerationError, match="renormalize_logits") as info:
         ttl_core.generate(ours, ids, mask, renormalize_logits=True, **kwargs)
     assert "token rules" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_rules_at_the_edges_of_a_row_as_in_transformers(models):
+    """A sequence bias longer than the row so far matches nothing (not the row's first token read again), and the
+    n-gram that ends at the row's last token counts for no_repeat_ngram_size."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, seed=21, batch=3, seq=1, pads=(0, 0, 0))
+    greedy = ttl_core.generate(ours, ids, mask, max_new_tokens=1, eos_token_id=[])[:, 1].tolist()
+    prompt = ids[:, 0].tolist()
+    kwargs = dict(max_new_tokens=3, eos_token_id=[], pad_token_id=PAD)
+    cases = [(ids, mask, dict(sequence_bias={(p, p, g): -1e9 for p, g in zip(prompt, greedy)}))]
+    repeated, repeated_mask = left_padded(ours.config.vocab_size, seed=22, batch=3, seq=5, pads=(0, 0, 0))
+    repeated[:, -2:] = greedy[0]  # rows ending in "a a": with n = 2, "a" may not follow, however likely
+    cases.append((repeated, repeated_mask, dict(no_repeat_ngram_size=2, sequence_bias={(greedy[0],): 20.0})))
+    for rows, rows_mask, settings in cases:
+        expected = hf.generate(rows, attention_mask=rows_mask, **kwargs, **settings)
+        assert torch.equal(ttl_core.generate(ours, rows, rows_mask, **kwargs, **settings), expected), settings

@@ -15,7 +15,7 @@ def models(tmp_path_factory):
     return saved_models(tmp_path_factory.mktemp("watermark"))
 
 
-@pytest.mark.parametrize("scheme, width", [("lefthash", 1), ("selfhash", 1), ("selfhash", 3)])
+@pytest.mark.parametrize("scheme, width", [("lefthash", 1), ("lefthash", 3), ("selfhash", 1), ("selfhash", 3)])
 @pytest.mark.parametrize("kwargs", [
     dict(do_sample=False),
     dict(do_sample=True, top_k=10, temperature=0.7, num_return_sequences=2, renormalize_logits=True),
@@ -108,3 +108,25 @@ def test_cuda_watermark_matches_transformers(tmp_path):
     torch.manual_seed(0)
     expected = hf.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ttl_core.generate(ours, ids, mask, seed=0, **kwargs), expected)
+
+
+@pytest.mark.parametrize("scheme, width", [("lefthash", 1), ("selfhash", 3)])
+def test_a_prompt_just_as_long_as_the_context_is_marked_from_its_first_new_token(models, scheme, width):
+    """transformers seeds from the row once it holds `context_width` tokens: a prompt of just that many is marked
+    from the first new token on."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, seed=7, batch=4, seq=width, pads=(0, 0, 0, 0))
+    config = WatermarkingConfig(seeding_scheme=scheme, context_width=width, bias=4.0)
+    common = dict(max_new_tokens=2, eos_token_id=[], pad_token_id=PAD, do_sample=False)
+    expected = hf.generate(ids, attention_mask=mask, watermarking_config=config, **common)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, watermarking_config=config.to_dict(), **common), expected)
+
+
+def test_a_hashing_key_whose_seeds_pass_two_to_the_63_marks_as_in_transformers(models):
+    """Seeds reduced modulo 2**64 - 1 as transformers reduces them, which only a key this large tells apart."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size, seed=11, batch=3, seq=5, pads=(0, 1, 2))
+    config = WatermarkingConfig(hashing_key=2**62 + 977, bias=4.0)
+    common = dict(max_new_tokens=4, eos_token_id=[], pad_token_id=PAD, do_sample=False)
+    expected = hf.generate(ids, attention_mask=mask, watermarking_config=config, **common)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, watermarking_config=config.to_dict(), **common), expected)
