@@ -14,6 +14,7 @@ import torch
 
 from helpers import ROOT, load_script, run_torchrun
 from train_helpers import corpus_halves, run_config, set_arguments
+from ttl_core import load_pretrained
 from ttl_core.cli import run_cli
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
@@ -337,6 +338,22 @@ def test_a_plan_from_a_checkpoint_on_data_of_another_tokenizer_is_refused_as_the
     for mode in (["--out", str(tmp_path / "run")], ["--plan"]):
         with pytest.raises(ConfigError, match=f"{halves / 'a'} was tokenized with another tokenizer than "):
             pretrain.main([*args, *mode])
+
+
+def test_a_plan_from_a_tied_config_whose_stored_head_differs_counts_the_untied_head_the_run_trains(data_dir, tmp_path,
+                                                                                                      capsys):
+    """transformers keeps such a checkpoint's LM head untied, and so does the run's load: the plan, which reads no
+    weights but those two, counts the head's parameters too."""
+    train(run_config("train.max_steps=1"), tmp_path / "source", data_dir=str(data_dir))
+    source = tmp_path / "source" / "checkpoints" / "step-000001"
+    hf_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    (source / "config.json").write_text(json.dumps({**hf_config, "tie_word_embeddings": True}), encoding="utf-8")
+    with pytest.warns(UserWarning, match="kept untied"):
+        trained = load_pretrained(source)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="kept untied"):
+        assert pretrain.main(["--plan", "--init-from", str(source), "--data", str(data_dir), *set_arguments()]) == 0
+    assert f"parameters: {trained.num_parameters():,} (" in capsys.readouterr().out
 
 
 def test_the_evaluated_directories_are_checked_as_the_run_checks_them(halves, tmp_path, capsys):

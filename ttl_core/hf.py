@@ -285,11 +285,7 @@ def load_pretrained(
                               "(only a LlamaForCausalLM can start a LlamaForSequenceClassification)")
     native = (directory / NATIVE_CONFIG).exists()
     handles, found = stored_tensors(directory)
-    if (config.tie_word_embeddings and architecture == "LlamaForCausalLM" and not native
-            and "lm_head.weight" in found and _stored_head_differs(handles, found)):
-        warnings.warn(f"{directory}: config.json ties the LM head to the embedding, but the checkpoint stores a "
-                      "different lm_head.weight; it is kept untied, as transformers does")
-        config = config.replace(tie_word_embeddings=False)
+    config = _untied_if_stored_apart(directory, config, architecture, handles, found)
     try:
         with torch.device("meta"):
             model = build_model(config, architecture)
@@ -340,13 +336,32 @@ def _declared_dtype(directory: Path) -> torch.dtype | None:
     return DTYPES.get(name) if isinstance(name, str) else None
 
 
-def _stored_head_differs(handles: dict, found: dict[str, tuple[Path, list[int]]]) -> bool:
-    """Whether the checkpoint's lm_head.weight holds other values than its input embedding."""
+def read_loaded_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
+    """`read_model_config`'s config and architecture as `load_pretrained` builds the model from them: a transformers
+    causal LM whose config.json ties the LM head but whose stored lm_head.weight differs from its embedding is
+    untied. Reads those two tensors at most, and only for such a checkpoint."""
+    directory = Path(path)
+    config, architecture = read_model_config(directory)
+    if config.tie_word_embeddings and architecture == "LlamaForCausalLM":
+        config = _untied_if_stored_apart(directory, config, architecture, *stored_tensors(directory))
+    return config, architecture
+
+
+def _untied_if_stored_apart(directory: Path, config: LlamaConfig, architecture: str, handles: dict,
+                            found: dict[str, tuple[Path, list[int]]]) -> LlamaConfig:
+    """`config` untied where it ties a transformers causal LM's head whose checkpoint stores other values for
+    lm_head.weight than for its input embedding (absent, the embedding loads from the head, as in transformers)."""
     embed_key = "model.embed_tokens.weight"
-    if embed_key not in found:
-        return False  # the head stored alone: the embedding loads from it, as in transformers
+    if (not config.tie_word_embeddings or architecture != "LlamaForCausalLM" or (directory / NATIVE_CONFIG).exists()
+            or not {embed_key, "lm_head.weight"} <= found.keys()):
+        return config
     tensors = [handles[found[key][0]].get_tensor(key) for key in (embed_key, "lm_head.weight")]
-    return tensors[0].shape != tensors[1].shape or not torch.equal(*tensors)
+    if tensors[0].shape == tensors[1].shape and torch.equal(*tensors):
+        return config
+    # one line for a run whose plan read the config first: the default filter shows it once per process
+    warnings.warn(f"{directory}: config.json ties the LM head to the embedding, but the checkpoint stores a "
+                  "different lm_head.weight; it is kept untied, as transformers does")
+    return config.replace(tie_word_embeddings=False)
 
 
 def _parse_size(size: int | str) -> int:

@@ -22,7 +22,7 @@ from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
 from .distributed import World, on_rank_0
 from .ema import check_average_names
 from .errors import ConfigError, DataNotReady, TokenizerError
-from .hf import read_model_config
+from .hf import read_loaded_config
 from .mixture import (Mixture, MixtureLoader, check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture,
                       train_loader)
 from .noise_scale import validate_noise_scale
@@ -87,14 +87,15 @@ def resolve_data(run: RunConfig, data_dir: str | None, out_dir: Path | None, wor
 
 
 def planned_model_config(run: RunConfig, resume_from: Path | None, init_from: str | None) -> LlamaConfig:
-    """The config of the model the run will train, read without any weights: the checkpoint's (resumed or
-    `--init-from`; with the run's runtime fields, and an `--init-from` run's `--set` dropout), else the run's
-    [model]. A checkpoint fixes the architecture: a `--set` that contradicts it is refused, not ignored."""
+    """The config of the model the run will train, read without the weights (a tied head's two tensors aside:
+    `read_loaded_config`): the checkpoint's (resumed or `--init-from`; with the run's runtime fields, and an
+    `--init-from` run's `--set` dropout), else the run's [model]. A checkpoint fixes the architecture: a `--set` that
+    contradicts it is refused, not ignored."""
     config = run.model_config()
     source = resume_from or init_from
     if source is None:
         return config
-    stored, architecture = read_model_config(source)
+    stored, architecture = read_loaded_config(source)
     if architecture != "LlamaForCausalLM":
         raise ConfigError(f"{source} holds a {architecture}; pretraining needs a LlamaForCausalLM")
     runtime = {key: getattr(config, key) for key in RUNTIME_FIELDS}
