@@ -68,6 +68,20 @@ def test_the_fused_loss_forward_row_is_timed_as_an_evaluation_without_grad(monke
     assert seen == [(True, True), (False, False), (True, True)]  # the first call makes the output gradients
 
 
+def test_only_the_fused_loss_forward_row_is_measured_without_grad(monkeypatch):
+    """The fused linear cross-entropy's forward row is the loss alone (its training forward computes both gradients
+    too, 3x the 2·N·d·V FLOPs the row is charged); every other family's forward is timed as training runs it."""
+    script = load_script("bench_kernels")
+    forward_grads = []
+    monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, row_inputs, shape, *args,
+                        forward_grad=True, **kwargs: forward_grads.append(("unfused_logits_grad_mb" in shape,
+                                                                           forward_grad)))
+    for bench in script.FAMILIES.values():
+        bench("smoke", torch.bfloat16, SimpleNamespace(device=SimpleNamespace(device=torch.device("cpu"))))
+    assert {fused for fused, _ in forward_grads} == {True, False}
+    assert all(forward_grad != fused for fused, forward_grad in forward_grads), forward_grads
+
+
 def test_rotary_baselines_get_q_and_k_liger_rotates_without_a_copy(monkeypatch):
     """Liger's rotary takes transformers' transposed views of the q and k projections and makes them contiguous
     (batch, seq, heads, dim) before rotating in place: a no-op on separate projections, but a copy of both
