@@ -12,7 +12,7 @@ import torch
 from helpers import load_script
 
 from ttl_core import benchmark
-from ttl_core.benchmark import BenchDevice
+from ttl_core.benchmark import BenchDevice, Results
 
 
 def test_kernel_timing_keeps_no_output_or_graph_of_an_earlier_call_through_a_capture(monkeypatch):
@@ -66,6 +66,20 @@ def test_the_fused_loss_forward_row_is_timed_as_an_evaluation_without_grad(monke
     script.time_passes(dev, "ttl", fn, (torch.randn(8, 16, requires_grad=True),), {}, torch.bfloat16, 1, 1, 1.0,
                        2.0, [], forward_grad=False)
     assert seen == [(True, True), (False, False), (True, True)]  # the first call makes the output gradients
+
+
+def test_only_the_fused_loss_forward_row_is_measured_without_grad(monkeypatch):
+    """The fused linear cross-entropy's forward row is the loss alone (its training forward computes both gradients
+    too, 3x the 2·N·d·V FLOPs the row is charged); every other family's forward is timed as training runs it."""
+    script = load_script("bench_kernels")
+    forward_grads = []
+    monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, row_inputs, shape, *args,
+                        forward_grad=True, **kwargs: forward_grads.append(("unfused_logits_grad_mb" in shape,
+                                                                           forward_grad)))
+    for bench in script.FAMILIES.values():
+        bench("smoke", torch.bfloat16, SimpleNamespace(device=SimpleNamespace(device=torch.device("cpu"))))
+    assert {fused for fused, _ in forward_grads} == {True, False}
+    assert all(forward_grad != fused for fused, forward_grad in forward_grads), forward_grads
 
 
 def test_rotary_baselines_get_q_and_k_liger_rotates_without_a_copy(monkeypatch):
@@ -229,3 +243,97 @@ def test_a_kernel_run_with_a_failed_measurement_goes_on_and_exits_1(tmp_path, mo
 
     monkeypatch.setattr(script, "FAMILIES", {"first": family("first", True), "second": family("second", False)})
     assert script.main(["--out", str(tmp_path)]) == 1 and ran == ["first", "second"]
+
+
+def test_peak_memory_is_the_extra_mebibytes_a_call_allocates_beyond_what_was_held(monkeypatch):
+    """On a stubbed CUDA allocator holding 3 MiB of inputs before the call, whose peak reaches 3 + 5 MiB: the
+    figure is 5 (MiB, as the goal's gradient bytes are counted), not the inputs' 8 nor 5.24 million bytes."""
+    held = [3 * 2**20]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: held.append(held[0]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: held[0])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: max(held))
+    device = BenchDevice(torch.device("cuda"), "gpu", smoke=False)
+    assert device.peak_memory_mb(lambda: held.append(8 * 2**20)) == pytest.approx(5.0)
+
+
+def test_each_pass_is_timed_as_its_captured_replay_and_its_memory_measured_on_that_pass(monkeypatch):
+    """The fwd+bwd row's time and peak memory (the fused loss's memory goal reads it) are those of the forward +
+    backward, the forward row's those of the forward alone; where a pass was captured, its replay is timed."""
+    script = load_script("bench_kernels")
+    x = torch.randn(8, 16, requires_grad=True)
+    backwards = []
+    x.register_hook(lambda grad: backwards.append(1))
+    replays = set()
+
+    def graph_replay(self, fn):
+        def replay():
+            return fn()
+        replays.add(replay)
+        return replay
+
+    def time_ms(self, fn, **kwargs):
+        assert fn in replays, "timed eagerly though captured"
+        before = len(backwards)
+        fn()
+        return 1.0 + len(backwards) - before  # 1 ms forward, 2 ms with the backward
+
+    def peak_memory_mb(self, fn):
+        before = len(backwards)
+        fn()
+        return 10.0 * (len(backwards) - before)
+
+    monkeypatch.setattr(BenchDevice, "graph_replay", graph_replay)
+    monkeypatch.setattr(BenchDevice, "time_ms", time_ms)
+    monkeypatch.setattr(BenchDevice, "peak_memory_mb", peak_memory_mb)
+    dev = BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0, bf16_tflops=10.0)
+    rows = script.time_passes(dev, "ttl", lambda t: t * 2, (x,), {}, torch.bfloat16, 1, 1, 0.0, 0.0, [])
+    assert [(r["pass"], r["ms"], r["peak_mem_mb"]) for r in rows] == [("fwd", 1.0, 0.0), ("fwd+bwd", 2.0, 10.0)]
+
+
+def test_attention_shapes_hold_16k_tokens_and_a_2048_wide_model(tmp_path, monkeypatch):
+    """Every attention shape is timed with batch x seq = 16384 tokens and heads x head_dim = 2048, as the script
+    says (and its FLOP count follows from the shape): a 64-wide head's 32 heads, a 128-wide head's 16."""
+    attention = load_script("bench_attention")
+    device = BenchDevice(torch.device("cpu"), "Test GPU", smoke=False, bandwidth_gbs=1.0, bf16_tflops=1.0)
+    monkeypatch.setattr(attention, "open_device", lambda name, smoke: device)
+    monkeypatch.setattr(attention, "implementations", lambda dev: {"ttl": None})
+    monkeypatch.setattr(benchmark, "_plot", lambda *args: None)
+    shapes = []
+    monkeypatch.setattr(attention, "time_impl", lambda dev, impl, fn, shape, dtype, untimed: shapes.append(shape) or [])
+    assert attention.main(["--out", str(tmp_path)]) == 0
+    assert len(shapes) == 20 and {s["seq"] for s in shapes} == {512, 1024, 2048, 4096, 8192}
+    assert all(s["batch"] * s["seq"] == 16384 and s["heads"] * s["head_dim"] == 2048 for s in shapes), shapes
+
+
+def test_every_implementation_decodes_the_same_prompts_and_ttl_is_profiled_at_the_smallest_batch(tmp_path,
+                                                                                                 monkeypatch):
+    """Baselines are timed on ttl's inputs: at each batch size every implementation gets the same prompt tokens.
+    The kernel profile (is decoding bound by the host?) is of ttl at the goals' batch, the smallest."""
+    from ttl_core import LlamaConfig, LlamaForCausalLM
+    script = load_script("bench_generate")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig.from_preset("tiny"))
+    prompts = []
+    monkeypatch.setattr(script, "load_pretrained", lambda path, dtype, device: model)
+    monkeypatch.setattr(script, "generate", lambda model, ids, mask, **kwargs: prompts.append(ids.clone()))
+    monkeypatch.setattr(script, "hf_model", lambda path, device: SimpleNamespace(
+        generate=lambda ids, **kwargs: prompts.append(ids.clone())))
+    monkeypatch.setattr(script, "time_generate", lambda dev, impl, fn, shape, reps: (fn(), (250.0, None))[1])
+    monkeypatch.setattr(BenchDevice, "kernel_profile", lambda self, fn, calls: {"kernel_ms": 1.0, "top": []})
+    results = Results("generate", tmp_path, BenchDevice(torch.device("cpu"), "cpu", smoke=False, bandwidth_gbs=100.0))
+    results.last_plot = time.monotonic()  # no plot
+    script.bench("unused", "tiny", [4, 1], [1, 4], 8, 16, results, reps=1)
+    assert [p.shape for p in prompts] == [(1, 8)] * 4 + [(4, 8)] * 4  # ttl, hf, hf_static_compile, ttl_nograph
+    assert all(torch.equal(p, prompts[0]) for p in prompts[:4]) and all(torch.equal(p, prompts[4]) for p in prompts[4:])
+    assert list(results.notes["kernel_profiles"]) == ["ttl batch 1"]
+
+
+def test_smoke_results_get_their_own_folder_beside_a_gpus(tmp_path):
+    """A smoke run's figures (toy sizes, CPU allowed) never land in a GPU's results folder, even on that GPU."""
+    smoke_suffix = " (smoke run: figures mean nothing)"
+    for name, smoke, folder in (("NVIDIA H100 80GB HBM3", False, "nvidia-h100-80gb-hbm3"),
+                                ("NVIDIA H100 80GB HBM3" + smoke_suffix, True, "nvidia-h100-80gb-hbm3-smoke"),
+                                ("cpu" + smoke_suffix, True, "cpu-smoke")):
+        device = BenchDevice(torch.device("cpu"), name, smoke=smoke, bandwidth_gbs=1.0, bf16_tflops=1.0)
+        assert Results("demo", tmp_path, device).write(plot=False) == tmp_path / folder / "demo.json"
