@@ -70,10 +70,12 @@ def assert_same(ours, theirs):
 
 
 def texts_for(rng: random.Random):
-    """One text or a batch of 1 to 4: Portuguese sentences, the hard cases (empty, emoji, whitespace runs), random
-    Unicode full of special-token look-alikes."""
+    """One text or a batch of 1 to 4 (a list, or a tuple as transformers also takes): Portuguese sentences, the hard
+    cases (empty, emoji, whitespace runs), random Unicode full of special-token look-alikes."""
     pick = lambda: rng.choice([rng.choice(HARD), random_text(rng), rng.choice(corpus(20, seed=rng.randrange(99)))])
-    return pick() if rng.random() < 0.25 else [pick() for _ in range(rng.randint(1, 4))]
+    if rng.random() < 0.25:
+        return pick()
+    return rng.choice([list, tuple])(pick() for _ in range(rng.randint(1, 4)))
 
 
 @pytest.mark.parametrize("with_eos,config", [
