@@ -159,6 +159,11 @@ def test_a_json_object_spanning_lines_is_named_not_called_malformed(tmp_path):
     path.write_text('{"text": "a", "label": "A"}\n{"text": "b",\n', encoding="utf-8")  # truly malformed: as before
     with pytest.raises(DataError, match=r"t\.json:2: malformed JSON"):
         read_task_file(path)
+    # a .jsonl file holds JSON lines only (no array): the hint would name a layout it cannot have
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": "A"}, indent=2), encoding="utf-8")
+    with pytest.raises(DataError, match=r"t\.jsonl:1: malformed JSON"):
+        read_task_file(path)
 
 
 def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, tmp_path):

@@ -343,11 +343,11 @@ def test_from_pretrained_keeps_the_tokens_transformers_added(tok, tmp_path):
         Tokenizer.from_pretrained(tmp_path / "chat")
 
 
-@pytest.mark.parametrize("extra", [["<|c|>", "<|a|>"], {"image_token": "<|c|>"}, [], {}])
+@pytest.mark.parametrize("extra", [["<|c|>", "<|a|>"], {"image_token": "<|c|>"}, [], {}, None])
 def test_config_extra_special_tokens_replace_additional_special_tokens_as_in_transformers_5(tok, tmp_path, extra):
     """A config with both keys (transformers 4.48+ writes extra_special_tokens beside additional_special_tokens):
     transformers 5 appends extra_special_tokens' tokens, in their order, and reads additional_special_tokens only
-    when the other key is empty. ttl appended both lists, additional first: other ids, one token more."""
+    when the other key is empty or null. ttl appended both lists, additional first: other ids, one token more."""
     from transformers import AutoTokenizer
 
     tok.save_pretrained(tmp_path)

@@ -236,3 +236,20 @@ def test_a_corpus_is_cut_into_pieces_only_where_no_token_it_matches_spans_a_cut(
     monkeypatch.setattr(data, "_PIECE_CHARS", 1)  # a cut wherever the text allows one
     data._encode_document(text, ids := array.array("I"))
     assert ids.tolist() == ours.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
+
+
+def test_a_role_token_listed_as_not_special_is_saved_special_as_in_transformers(tok, tmp_path):
+    """A token playing <s> stays special whatever its added_tokens_decoder entry says; ttl's save writes it special,
+    as transformers holds it (and writes it), not the flag it was read with."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path / "base")
+    config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"][str(tok.bos_id)]["special"] = False
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = AutoTokenizer.from_pretrained(tmp_path / "base")
+    Tokenizer.from_pretrained(tmp_path / "base").save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {int(i): entry["special"] for i, entry in saved.items()} == {
+        i: t.special for i, t in hf.added_tokens_decoder.items()}
+    assert saved[str(tok.bos_id)]["special"]

@@ -70,10 +70,12 @@ def assert_same(ours, theirs):
 
 
 def texts_for(rng: random.Random):
-    """One text or a batch of 1 to 4: Portuguese sentences, the hard cases (empty, emoji, whitespace runs), random
-    Unicode full of special-token look-alikes."""
+    """One text or a batch of 1 to 4 (a list, or a tuple as transformers also takes): Portuguese sentences, the hard
+    cases (empty, emoji, whitespace runs), random Unicode full of special-token look-alikes."""
     pick = lambda: rng.choice([rng.choice(HARD), random_text(rng), rng.choice(corpus(20, seed=rng.randrange(99)))])
-    return pick() if rng.random() < 0.25 else [pick() for _ in range(rng.randint(1, 4))]
+    if rng.random() < 0.25:
+        return pick()
+    return rng.choice([list, tuple])(pick() for _ in range(rng.randint(1, 4)))
 
 
 @pytest.mark.parametrize("with_eos,config", [
@@ -134,6 +136,16 @@ def test_refusals_where_transformers_gives_something_else(tmp_path):
         ours(["", "a casa"], add_special_tokens=False, return_tensors="pt")
 
 
+def test_the_max_length_warning_points_at_the_callers_line(tmp_path):
+    """The warning that padding=True ignores max_length names the line that called the tokenizer, where the setting
+    is to be changed (and where `warnings` filters by module look), not a line inside ttl."""
+    ours, _ = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours(["a casa", "a"], padding=True, max_length=3)
+    assert [(str(w.message), w.filename) for w in caught] == [(MAX_LENGTH_IGNORED, __file__)]
+
+
 # what transformers does and ttl refuses: text pairs, the other outputs, overflowing windows, pre-split words
 UNSUPPORTED = [
     (("a", "b"), {}, "text_pair='b' is not supported"),
@@ -173,8 +185,9 @@ def test_bad_calls_are_refused_in_one_line(args, kwargs, message, tmp_path):
             theirs(*args, **kwargs)
     else:
         theirs(*args, **kwargs)
-    with pytest.raises(TokenizerError, match="add_special_tokens must be True or False"):
-        ours("a", add_special_tokens="yes")  # transformers reads any value as true or false
+    for value in ("yes", None):  # transformers reads any value as true or false
+        with pytest.raises(TokenizerError, match="add_special_tokens must be True or False"):
+            ours("a", add_special_tokens=value)
 
 
 def test_max_length_may_be_a_numpy_integer_or_a_0d_tensor_as_in_transformers(tmp_path):
@@ -226,13 +239,29 @@ def test_options_asking_for_nothing_pass_and_the_sides_are_settable(tmp_path):
 
 
 def test_the_encoding_reads_as_attributes_and_moves_its_tensors(tmp_path):
-    ours, _ = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
     enc = ours(["a casa", "a"], padding=True, return_tensors="pt")
     assert enc.input_ids is enc["input_ids"] and enc.attention_mask is enc["attention_mask"]
     moved = enc.to("cpu")
     assert torch.equal(moved.input_ids, enc.input_ids) and moved.attention_mask.device.type == "cpu"
     with pytest.raises(AttributeError, match="the encoding has no 'labels' \\(it holds input_ids, attention_mask\\)"):
         enc.labels
+    # as transformers' `.to`, lists and NumPy arrays stay as they are
+    for tensors in (None, "np"):
+        texts = ["a casa", "a"]
+        assert_same(ours(texts, padding=True, return_tensors=tensors).to("cpu"),
+                    dict(theirs(texts, padding=True, return_tensors=tensors).to("cpu")))
+
+
+def test_a_model_max_length_past_10_to_the_20_is_no_limit_as_in_transformers(tmp_path):
+    """transformers writes "no limit" as int(1e30) and reads any length past 10**20 as none: padding="max_length"
+    then pads to the longest text, where padding to the number itself would not fit in memory."""
+    for limit in (10**20 + 1, 10**25, int(1e30)):
+        ours, theirs = both(tokenizer_dir(tmp_path / str(limit), with_eos=False, model_max_length=limit))
+        assert ours.model_max_length is None
+        texts = ["a casa de pão", "não"]
+        for kwargs in ({"padding": "max_length"}, {"truncation": True}, {"padding": "max_length", "truncation": True}):
+            assert_same(ours(texts, **kwargs), dict(theirs(texts, **kwargs)))
 
 
 def test_generate_on_the_call_equals_transformers_generate_and_batch_decode(tmp_path):
