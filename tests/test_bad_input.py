@@ -3,6 +3,7 @@ traceback or in silently wrong weights."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
@@ -245,6 +246,14 @@ def test_scripts_show_ttl_s_warnings_in_one_line_and_a_library_s_as_python_does(
     with pytest.warns(FutureWarning, match="an argument a library will drop"), pytest.raises(SystemExit):
         run_cli(main, [])
     assert capsys.readouterr().err == "warning: val.bin will be empty\n"
+
+    def shown_into_a_file(argv):  # a caller that names the file: the line goes there, not to stderr
+        warnings.showwarning("val.bin will be empty", UserWarning, "data.py", 1, file=shown)
+
+    shown = io.StringIO()
+    with pytest.raises(SystemExit):
+        run_cli(shown_into_a_file, [])
+    assert shown.getvalue() == "warning: val.bin will be empty\n" and capsys.readouterr().err == ""
 
 
 def _kernel_calls(ints: torch.Tensor) -> dict:

@@ -1,0 +1,87 @@
+"""What `ttl_core.run_setup` settles before any weights are read, checked piece by piece where whole runs leave it
+unchecked: the last step and the option a refusal names, the data a plan without --out finds, a plan on a run
+directory (it removes and prints nothing), and the random stream an --init-from model starts dropout from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import load_script
+from train_helpers import random_model, run_config, set_arguments
+from ttl_core import save_pretrained
+from ttl_core.distributed import World
+from ttl_core.errors import ConfigError, DataNotReady
+from ttl_core.run_setup import planned_last_step, resolve_data
+from ttl_core.train import build_or_load_model
+
+pretrain = load_script("pretrain")
+CPU = torch.device("cpu")
+
+
+def test_the_last_step_is_max_steps_or_an_earlier_stop_after_and_a_refusal_names_the_option_that_set_it():
+    train = run_config("train.max_steps=5").train
+    assert planned_last_step(train, 0, None, None) == 5
+    assert planned_last_step(train, 2, 3, None) == 3
+    assert planned_last_step(train, 2, 9, None) == 5
+    assert planned_last_step(train, 5, 3, None) is None  # a finished run is complete whatever the slice asked
+    with pytest.raises(ConfigError, match="is at step 4, and --stop-after is 3: nothing to train; raise --stop-after"):
+        planned_last_step(train, 4, 3, "RUN/checkpoints/step-000004")
+    # a --stop-after past max_steps stops at max_steps: that is what the refusal names, and what to raise
+    with pytest.raises(ConfigError, match="is at step 6, and train.max_steps is 5: nothing to train; raise --max-steps"):
+        planned_last_step(train, 6, 9, "RUN/checkpoints/step-000006")
+
+
+def test_data_is_the_data_option_then_the_configs_path_then_the_directory_the_resumed_run_recorded(tmp_path):
+    """--data overrides the config's [data] path, as the option's help says, and both the directory a resumed
+    checkpoint records (which a resume without either takes, and announces)."""
+    given, configured, recorded = (tmp_path / name for name in ("given", "configured", "recorded"))
+    for directory in (given, configured, recorded):
+        directory.mkdir()
+        (directory / "meta.json").write_text("{}")
+    world, checkpoint = World(0, 1, CPU), (tmp_path / "run" / "checkpoints" / "step-000001", str(recorded))
+    for data_dir, path, chosen in ((str(given), str(configured), given), (None, str(configured), configured),
+                                   (None, "", recorded)):
+        run = run_config(f"data.path={str(path)!r}")
+        assert resolve_data(run, data_dir, tmp_path / "run", world, 400, checkpoint, announce=False,
+                            planning=False) == chosen
+
+
+def test_a_plan_without_out_does_not_take_a_run_directory_in_the_working_directory_for_its_own(tmp_path,
+                                                                                                 monkeypatch):
+    """With no --out the plan has no run directory, so the sample corpus a run would prepare is not prepared yet,
+    even where ./RUN/data (the name the message uses) holds a prepared directory."""
+    (tmp_path / "RUN" / "data").mkdir(parents=True)
+    (tmp_path / "RUN" / "data" / "meta.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataNotReady, match="the bundled sample corpus is prepared into RUN/data when the run starts"):
+        resolve_data(run_config(), None, None, World(0, 1, CPU), 400, None, announce=False, planning=True)
+    assert resolve_data(run_config(), None, tmp_path / "RUN", World(0, 1, CPU), 400, None, announce=False,
+                        planning=True) == tmp_path / "RUN" / "data"
+
+
+def test_a_plan_on_a_run_directory_removes_no_partial_checkpoint_and_prints_the_plan_alone(data_dir, tmp_path,
+                                                                                             capsys):
+    """What an interrupted save left is the run's to remove, when it starts; a plan writes nothing. A --resume
+    plan of a run with no complete checkpoint yet plans it from step 1 and says nothing more."""
+    partial = tmp_path / "run" / "checkpoints" / ".step-000002.partial"
+    partial.mkdir(parents=True)
+    argv = ["--out", str(tmp_path / "run"), "--data", str(data_dir), "--plan", *set_arguments("train.max_steps=4")]
+    for resume in ([], ["--resume"]):
+        assert pretrain.main([*argv, *resume]) == 0
+        assert capsys.readouterr().out.startswith("steps 1-4 (4 optimizer steps) on 1 process\n")
+        assert partial.is_dir()
+
+
+def test_an_init_from_model_starts_dropout_from_train_seed_whatever_drew_before(tmp_path):
+    """Rank 0's dropout stream is the one `build_or_load_model` seeds (a resume restores its own instead): an
+    --init-from run seeded alike draws alike, whatever the process drew before it."""
+    run = run_config("model.attention_dropout=0.1")
+    save_pretrained(random_model(run_config()), tmp_path / "source")
+    draws = []
+    for earlier in (1, 2):
+        torch.manual_seed(earlier)
+        model = build_or_load_model(run.model_config(), 7, None, str(tmp_path / "source"), CPU)
+        assert model.config.attention_dropout == 0.1 and model.training
+        draws.append(torch.rand(8))
+    assert torch.equal(*draws)
