@@ -209,6 +209,14 @@ def test_an_output_directory_that_is_a_file_is_named_as_such(tmp_path, capsys, m
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'run'}: a file, not a directory\n"
 
 
+def test_a_directory_that_exists_already_keeps_mkdir_s_words(tmp_path, capsys):
+    """Only a file in the path is "a file, not a directory": a directory made that exists already is not one."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda argv: (tmp_path / "run").mkdir())
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'run'}: File exists\n"
+
+
 def test_prepare_data_into_a_file_names_the_file(tmp_path, capsys):
     (tmp_path / "run").write_text("")
     with pytest.raises(SystemExit):
