@@ -1,6 +1,7 @@
 """What `ttl_core.run_setup` settles before any weights are read, checked piece by piece where whole runs leave it
 unchecked: the last step and the option a refusal names, the data a plan without --out finds, a plan on a run
-directory (it removes and prints nothing), and the random stream an --init-from model starts dropout from."""
+directory (it removes and prints nothing); and, in ttl_core.train, the random stream an --init-from model starts
+dropout from and the prompt of the end-of-run sample."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from train_helpers import random_model, run_config, set_arguments
 from ttl_core import save_pretrained
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataNotReady
+from ttl_core.generate import generate
 from ttl_core.run_setup import planned_last_step, resolve_data
-from ttl_core.train import build_or_load_model
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.train import build_or_load_model, sample_text
+import ttl_core.train as ttl_train
 
 pretrain = load_script("pretrain")
 CPU = torch.device("cpu")
@@ -85,3 +89,24 @@ def test_an_init_from_model_starts_dropout_from_train_seed_whatever_drew_before(
         assert model.config.attention_dropout == 0.1 and model.training
         draws.append(torch.rand(8))
     assert torch.equal(*draws)
+
+
+def test_the_end_of_run_sample_continues_the_prompt_as_written_and_only_up_to_the_context(tmp_path, data_dir,
+                                                                                           monkeypatch):
+    """The prompt is encoded without an end of text (which a tokenizer adding one by default would append: the
+    model would sample after a finished document), and the tokens asked for are cut to what the context leaves."""
+    tokenizer = Tokenizer.from_pretrained(data_dir)
+    tokenizer.add_eos_token = True
+    prompt = "O rio corre devagar entre as pedras da serra, e a cidade acorda com o cheiro de pão quente. " * 2
+    ids = tokenizer.encode(prompt, add_eos=False)
+    assert 40 < len(ids) < 60  # of the micro model's 64 positions
+    save_pretrained(random_model(run_config()).eval(), tmp_path / "checkpoint")
+    calls = []
+
+    def recorded_generate(model, input_ids, *args, max_new_tokens, **kwargs):
+        calls.append((input_ids[0].tolist(), max_new_tokens))
+        return generate(model, input_ids, *args, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(ttl_train, "generate", recorded_generate)
+    text = sample_text(tmp_path / "checkpoint", tokenizer, prompt, max_new_tokens=40, seed=0)
+    assert calls == [(ids, 64 - len(ids))] and text.startswith(tokenizer.decode(ids))
