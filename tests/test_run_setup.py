@@ -14,7 +14,7 @@ from ttl_core import save_pretrained
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataNotReady
 from ttl_core.generate import generate
-from ttl_core.run_setup import planned_last_step, resolve_data
+from ttl_core.run_setup import planned_last_step, resolve_data, set_up_run
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.train import build_or_load_model, sample_text
 import ttl_core.train as ttl_train
@@ -75,6 +75,17 @@ def test_a_plan_on_a_run_directory_removes_no_partial_checkpoint_and_prints_the_
         assert pretrain.main([*argv, *resume]) == 0
         assert capsys.readouterr().out.startswith("steps 1-4 (4 optimizer steps) on 1 process\n")
         assert partial.is_dir()
+
+
+def test_a_resume_with_no_checkpoint_yet_says_it_starts_at_step_0_and_a_fresh_run_says_nothing_of_it(data_dir,
+                                                                                                       tmp_path,
+                                                                                                       capsys):
+    for resume in (True, False):
+        setup = set_up_run(run_config("train.max_steps=2"), tmp_path / "run", str(data_dir), resume, None, None,
+                           World(0, 1, CPU))
+        assert (setup.resume_from, setup.first_step, setup.last_step) == (None, 0, 2)
+        said = capsys.readouterr().out
+        assert (f"no complete checkpoint in {tmp_path / 'run'}; starting from step 0\n" in said) == resume
 
 
 def test_an_init_from_model_starts_dropout_from_train_seed_whatever_drew_before(tmp_path):
