@@ -14,7 +14,7 @@ from ttl_core import save_pretrained
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataNotReady
 from ttl_core.generate import generate
-from ttl_core.run_setup import planned_last_step, resolve_data, set_up_run
+from ttl_core.run_setup import planned_last_step, planned_model_config, resolve_data, set_up_run
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.train import build_or_load_model, sample_text
 import ttl_core.train as ttl_train
@@ -86,6 +86,18 @@ def test_a_resume_with_no_checkpoint_yet_says_it_starts_at_step_0_and_a_fresh_ru
         assert (setup.resume_from, setup.first_step, setup.last_step) == (None, 0, 2)
         said = capsys.readouterr().out
         assert (f"no complete checkpoint in {tmp_path / 'run'}; starting from step 0\n" in said) == resume
+
+
+def test_a_checkpoint_fixes_the_architecture_but_takes_the_runtime_fields_set(tmp_path):
+    """The kernels and the attention backend say how a model runs, not what it is: set on a run from a checkpoint
+    (resumed or --init-from), they apply; a field of the architecture that differs is refused."""
+    save_pretrained(random_model(run_config()), tmp_path / "source")
+    run = run_config('model.attention="eager"', 'model.kernels="torch"')
+    for resume_from, init_from in ((tmp_path / "source", None), (None, str(tmp_path / "source"))):
+        config = planned_model_config(run, resume_from, init_from)
+        assert (config.attention, config.kernels, config.hidden_size) == ("eager", "torch", 64)
+        with pytest.raises(ConfigError, match="--set model.hidden_size=32 contradicts"):
+            planned_model_config(run_config("model.hidden_size=32"), resume_from, init_from)
 
 
 def test_an_init_from_model_starts_dropout_from_train_seed_whatever_drew_before(tmp_path):
