@@ -1,9 +1,11 @@
 """What `ttl_core.run_setup` settles before any weights are read, checked piece by piece where whole runs leave it
 unchecked: the last step and the option a refusal names, the data a plan without --out finds, a plan on a run
-directory (it removes and prints nothing); and, in ttl_core.train, the random stream an --init-from model starts
+directory (it removes, prints and warns of nothing); and, in ttl_core.train, the random stream an --init-from model starts
 dropout from and the prompt of the end-of-run sample."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -32,7 +34,7 @@ def test_the_last_step_is_max_steps_or_an_earlier_stop_after_and_a_refusal_names
     with pytest.raises(ConfigError, match="is at step 4, and --stop-after is 3: nothing to train; raise --stop-after"):
         planned_last_step(train, 4, 3, "RUN/checkpoints/step-000004")
     # a --stop-after past max_steps stops at max_steps: that is what the refusal names, and what to raise
-    with pytest.raises(ConfigError, match="is at step 6, and train.max_steps is 5: nothing to train; raise --max-steps"):
+    with pytest.raises(ConfigError, match="is at step 6, and train.max_steps is 5: nothing to train; raise --max-"):
         planned_last_step(train, 6, 9, "RUN/checkpoints/step-000006")
 
 
@@ -98,6 +100,13 @@ def test_a_checkpoint_fixes_the_architecture_but_takes_the_runtime_fields_set(tm
         assert (config.attention, config.kernels, config.hidden_size) == ("eager", "torch", 64)
         with pytest.raises(ConfigError, match="--set model.hidden_size=32 contradicts"):
             planned_model_config(run_config("model.hidden_size=32"), resume_from, init_from)
+
+
+def test_a_plan_does_not_warn_of_embedding_rows_no_token_uses_as_its_run_does(data_dir, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pretrain.main(["--data", str(data_dir), "--plan", *set_arguments("model.vocab_size=4096")]) == 0
+    assert capsys.readouterr().out.startswith("steps 1-") and not [str(w.message) for w in caught]
 
 
 def test_an_init_from_model_starts_dropout_from_train_seed_whatever_drew_before(tmp_path):
