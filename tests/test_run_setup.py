@@ -1,7 +1,7 @@
 """What `ttl_core.run_setup` settles before any weights are read, checked piece by piece where whole runs leave it
-unchecked: the last step and the option a refusal names, the data a plan without --out finds, a plan on a run
-directory (it removes, prints and warns of nothing); and, in ttl_core.train, the random stream an --init-from model starts
-dropout from and the prompt of the end-of-run sample."""
+unchecked: the last step and the option a refusal names, the data directory chosen, the runtime fields a run from a
+checkpoint takes, what a plan on a run directory leaves (it removes, prints and warns of nothing); and the prompt of
+the end-of-run sample (ttl_core.train)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,8 @@ def test_a_checkpoint_fixes_the_architecture_but_takes_the_runtime_fields_set(tm
         assert (config.attention, config.kernels, config.hidden_size) == ("eager", "torch", 64)
         with pytest.raises(ConfigError, match="--set model.hidden_size=32 contradicts"):
             planned_model_config(run_config("model.hidden_size=32"), resume_from, init_from)
+        model = build_or_load_model(config, 0, resume_from, init_from, CPU)  # and the model built runs so
+        assert (model.config.attention, model.config.kernels) == ("eager", "torch")
 
 
 def test_a_plan_does_not_warn_of_embedding_rows_no_token_uses_as_its_run_does(data_dir, capsys):
@@ -107,20 +109,6 @@ def test_a_plan_does_not_warn_of_embedding_rows_no_token_uses_as_its_run_does(da
         warnings.simplefilter("always")
         assert pretrain.main(["--data", str(data_dir), "--plan", *set_arguments("model.vocab_size=4096")]) == 0
     assert capsys.readouterr().out.startswith("steps 1-") and not [str(w.message) for w in caught]
-
-
-def test_an_init_from_model_starts_dropout_from_train_seed_whatever_drew_before(tmp_path):
-    """Rank 0's dropout stream is the one `build_or_load_model` seeds (a resume restores its own instead): an
-    --init-from run seeded alike draws alike, whatever the process drew before it."""
-    run = run_config("model.attention_dropout=0.1")
-    save_pretrained(random_model(run_config()), tmp_path / "source")
-    draws = []
-    for earlier in (1, 2):
-        torch.manual_seed(earlier)
-        model = build_or_load_model(run.model_config(), 7, None, str(tmp_path / "source"), CPU)
-        assert model.config.attention_dropout == 0.1 and model.training
-        draws.append(torch.rand(8))
-    assert torch.equal(*draws)
 
 
 def test_the_end_of_run_sample_continues_the_prompt_as_written_and_only_up_to_the_context(tmp_path, data_dir,
