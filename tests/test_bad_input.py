@@ -3,6 +3,7 @@ traceback or in silently wrong weights."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 
@@ -208,6 +209,14 @@ def test_an_output_directory_that_is_a_file_is_named_as_such(tmp_path, capsys, m
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'run'}: a file, not a directory\n"
 
 
+def test_a_directory_that_exists_already_keeps_mkdir_s_words(tmp_path, capsys):
+    """Only a file in the path is "a file, not a directory": a directory made that exists already is not one."""
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda argv: (tmp_path / "run").mkdir())
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path / 'run'}: File exists\n"
+
+
 def test_prepare_data_into_a_file_names_the_file(tmp_path, capsys):
     (tmp_path / "run").write_text("")
     with pytest.raises(SystemExit):
@@ -245,6 +254,14 @@ def test_scripts_show_ttl_s_warnings_in_one_line_and_a_library_s_as_python_does(
     with pytest.warns(FutureWarning, match="an argument a library will drop"), pytest.raises(SystemExit):
         run_cli(main, [])
     assert capsys.readouterr().err == "warning: val.bin will be empty\n"
+
+    def shown_into_a_file(argv):  # a caller that names the file: the line goes there, not to stderr
+        warnings.showwarning("val.bin will be empty", UserWarning, "data.py", 1, file=shown)
+
+    shown = io.StringIO()
+    with pytest.raises(SystemExit):
+        run_cli(shown_into_a_file, [])
+    assert shown.getvalue() == "warning: val.bin will be empty\n" and capsys.readouterr().err == ""
 
 
 def _kernel_calls(ints: torch.Tensor) -> dict:

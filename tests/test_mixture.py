@@ -159,6 +159,9 @@ def test_a_mixture_run_resumes_exactly_and_logs_each_sources_eval_as_evaluating_
     assert losses(tmp_path / "reordered") == losses(tmp_path / "straight")
     records = [read_metrics(tmp_path / r / "metrics.jsonl") for r in ("straight", "resumed")]
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") and len(losses(tmp_path / "resumed")) == 6
+    recorded = [json.loads((tmp_path / r / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+                ["config"]["data"]["mix"] for r in ("straight", "resumed")]  # for the next resume to find it
+    assert recorded[0] == recorded[1] and list(recorded[0]) == ["web", "books"]
     evals = [[r for r in rs if "eval_loss" in r] for rs in records]
     assert evals[0] == evals[1] and len(evals[0]) == 2
     model = load_pretrained(tmp_path / "straight" / "checkpoints" / "step-000006", dtype=torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -474,7 +475,9 @@ def test_data_tokenized_with_another_tokenizer_than_the_checkpoint_s_is_refused(
     (tmp_path / "other.txt").write_text("\n\n".join(docs), encoding="utf-8")
     other = tmp_path / "other"
     prepare_data([tmp_path / "other.txt"], other, vocab_size=300, val_fraction=0.25)
-    with pytest.raises(ConfigError, match=f"{other} was tokenized with another tokenizer than {source}'s"):
+    refusal = (f"{other} was tokenized with another tokenizer than {source}'s: prepare the data with "
+               f"scripts/prepare_data.py --tokenizer {source}")  # not a resume's remedy
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
         train(run_config("train.max_steps=2"), tmp_path / "b", data_dir=str(other), init_from=str(source))
     # resuming, the data is what changed (a forgotten --data trains on the bundled corpus, prepared anew)
     with pytest.raises(ConfigError, match="another tokenizer than .*step-000001's: resume on the data the run "

@@ -381,7 +381,8 @@ def test_an_option_another_makes_irrelevant_is_refused(name, argv, ignored, by, 
 
 
 @pytest.mark.parametrize("name, work", [("kernel_report", "capture_compilations"), ("check_goals", "load_rows")])
-@pytest.mark.parametrize("destination, message", [("", "is a directory"), ("missing/out.json", "no such directory")])
+@pytest.mark.parametrize("destination, message", [("", "is a directory"), ("missing/out.json", "no such directory"),
+                                                  ("a_file/out.json", "no such directory")])
 def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(name, work, destination, message,
                                                                                tmp_path, monkeypatch, capsys):
     """kernel_report compiles every kernel for minutes before it writes --json: a directory given for the file, or
@@ -392,6 +393,7 @@ def test_a_json_destination_that_cannot_be_written_is_refused_before_the_work(na
         raise AssertionError("the work started before --json was checked")
 
     monkeypatch.setattr(script, work, must_not_start)
+    (tmp_path / "a_file").write_text("")  # a file where the folder belongs
     folder = [] if name == "kernel_report" else [str(tmp_path)]
     usage_error(script, [*folder, "--json", str(tmp_path / destination)], capsys, message)
 

@@ -167,11 +167,12 @@ def test_a_resume_without_model_settings_records_the_run_s_own(tmp_path, data_di
 
 def test_the_checkpoint_records_the_data_directory_the_run_trained_on(tmp_path, data_dir, monkeypatch):
     """--data is no [data] key: the run config saved in trainer_state.json recorded the path "" for it. A relative
-    --data is recorded absolute, for a resume from another working directory to find it."""
+    --data is recorded absolute, for a resume from another working directory to find it; so is a data.eval set."""
     monkeypatch.chdir(data_dir.parent)
-    train(run_config("train.max_steps=1"), tmp_path, data_dir=data_dir.name)
+    train(run_config("train.max_steps=1", f"data.eval={{held = {data_dir.name!r}}}"), tmp_path, data_dir=data_dir.name)
     state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
     assert state["config"]["data"]["path"] == str(data_dir.resolve())
+    assert state["config"]["data"]["eval"] == {"held": str(data_dir.resolve())}
 
 
 def test_step_arguments_that_would_train_nothing_are_refused_and_a_finished_run_resumed_exits_0(tmp_path, data_dir,
@@ -242,11 +243,11 @@ def test_the_last_step_is_evaluated_and_stop_after_past_max_steps_ends_at_max_st
     assert result.last_step == 4 and result.checkpoint.name == "step-000004"
     assert len(losses(tmp_path)) == 4
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
-    # a run stopped early (here at step 2) is not at its last step: resumed, it logs the uninterrupted run's evals
-    train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path / "sliced", data_dir=str(data_dir),
-          stop_after=2)
-    train(run_config("train.max_steps=4", "train.eval_every=3"), tmp_path / "sliced", data_dir=str(data_dir),
-          resume=True)
+    # a run stopped early (here at step 2) is not at its last step: resumed, it logs the uninterrupted run's evals;
+    # and only the finished run samples
+    sliced = run_config("train.max_steps=4", "train.eval_every=3", "train.sample_tokens=4")
+    assert train(sliced, tmp_path / "sliced", data_dir=str(data_dir), stop_after=2).sample is None
+    assert train(sliced, tmp_path / "sliced", data_dir=str(data_dir), resume=True).sample is not None
     assert [r["step"] for r in read_metrics(tmp_path / "sliced" / "metrics.jsonl") if "eval_loss" in r] == [3, 4]
 
 
