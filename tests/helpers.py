@@ -39,10 +39,10 @@ def run_torchrun(script: Path, *args: str, env: dict | None = None,
                           timeout=600)
 
 
-def run_snippet(code: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """`python -c CODE` on this checkout (one thread), and the lines it printed: torch 2.9 and 2.10's gloo prints
-    lines of its own ("[Gloo] Rank 0 is connected to ..."), left out."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+def run_snippet(code: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`python -c CODE ARGS...` on this checkout (one thread), and the lines it printed: torch 2.9 and 2.10's gloo
+    prints lines of its own ("[Gloo] Rank 0 is connected to ..."), left out."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     return done, [line for line in done.stdout.splitlines() if not line.startswith("[Gloo] ")]
 

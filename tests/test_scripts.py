@@ -1,6 +1,7 @@
 """Every script in scripts/ answers --help (and so at least imports and parses); the benchmark harness runs
 end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its time to a harness bug."""
 
+import ast
 import csv
 import json
 import os
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, load_script, run_script
+from helpers import ROOT, load_script, run_script, run_snippet
 
 from ttl_core.benchmark import ROW_FIELDS, BenchDevice, Results, open_device, row
 from ttl_core.run_setup import cpp_compiler
@@ -18,11 +19,28 @@ from ttl_core.run_setup import cpp_compiler
 SCRIPTS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py"))
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_script_help(name):
-    run = run_script(name, "--help", timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "usage:" in run.stdout
+# every script's --help in one process: one import of torch and transformers rather than one per script
+HELP_OF_EACH = """
+import contextlib, io, runpy, sys
+for path in sys.argv[1:]:
+    printed, sys.argv = io.StringIO(), [path, "--help"]
+    try:
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(path, run_name="__main__")
+        status = "no exit"
+    except SystemExit as e:
+        status = e.code
+    except Exception as e:
+        status = repr(e)
+    print(repr((path, status, printed.getvalue().startswith("usage:"))))
+"""
+
+
+def test_every_script_prints_its_usage_and_exits_0_on_help():
+    paths = [str(ROOT / "scripts" / f"{name}.py") for name in SCRIPTS]
+    run, printed = run_snippet(HELP_OF_EACH, *paths)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [ast.literal_eval(line) for line in printed] == [(path, 0, True) for path in paths]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
