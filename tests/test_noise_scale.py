@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -349,19 +350,21 @@ def two_process_run(data_dir, launcher, out, *overrides, extra: tuple = ()) -> s
 @pytest.fixture(scope="module")
 def one_each(data_dir, tmp_path_factory):
     """Two processes, one micro-batch each per step, DDP's buckets small (3 steps, a checkpoint after each), with the
-    noise scale, without it, stopped after step 2 and resumed, and with a batch ramp (uninterrupted, and resumed after
-    its steps of one micro-batch): {name: run directory}, and what the first printed."""
+    noise scale, without it, resumed from its step-2 checkpoint, and with a batch ramp (uninterrupted, and resumed
+    after its steps of one micro-batch): {name: run directory}, and what the first printed. A resumed run is a copy
+    of the uninterrupted one without its step-3 checkpoint (the resume cuts metrics.jsonl back to step 2): the run
+    a stop after step 2 leaves, without training steps 1 and 2 again."""
     tmp = tmp_path_factory.mktemp("one_each")
     launcher = tmp / "small_buckets.py"
     launcher.write_text(SMALL_BUCKETS)
     runs = {name: tmp / name for name in ("noisy", "plain", "resumed", "ramp", "ramp_resumed")}
     printed = two_process_run(data_dir, launcher, runs["noisy"])
     two_process_run(data_dir, launcher, runs["plain"], "train.log_noise_scale=false")
-    two_process_run(data_dir, launcher, runs["resumed"], extra=("--stop-after", "2"))
-    two_process_run(data_dir, launcher, runs["resumed"], extra=("--resume",))
     two_process_run(data_dir, launcher, runs["ramp"], *RAMP)
-    two_process_run(data_dir, launcher, runs["ramp_resumed"], *RAMP, extra=("--stop-after", "2"))
-    two_process_run(data_dir, launcher, runs["ramp_resumed"], *RAMP, extra=("--resume",))
+    for uninterrupted, resumed, overrides in (("noisy", "resumed", ()), ("ramp", "ramp_resumed", RAMP)):
+        shutil.copytree(runs[uninterrupted], runs[resumed])
+        shutil.rmtree(runs[resumed] / "checkpoints" / "step-000003")
+        two_process_run(data_dir, launcher, runs[resumed], *overrides, extra=("--resume",))
     return runs, printed
 
 
