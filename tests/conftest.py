@@ -14,6 +14,11 @@ os.environ.setdefault("TTL_AUTOTUNE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the README's test command runs a pytest-xdist worker per core: torch's own threads in each (and in the scripts each
+# starts) would oversubscribe the cores, and the suite is mostly single-threaded work (the interpreter, imports)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
