@@ -27,6 +27,7 @@ setup(
         # transformers and peft are the tests' references, from the oldest releases the suite passes against
         # (transformers 5.17, the GPU image's) and capped above the newest (5.25, 0.21), so a new release is
         # checked on purpose (raise the cap) rather than by surprise
-        "dev": ["pytest", "pytest-xdist", "transformers>=5.17,<5.26", "peft>=0.21,<0.22", "tokenizers", "pyarrow", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "transformers>=5.17,<5.26", "peft>=0.21,<0.22", "tokenizers", "pyarrow",
+                "matplotlib"],
     },
 )

@@ -63,15 +63,18 @@ def forked_exit_codes(target: Callable, rank_args: list[tuple]) -> list[int | No
 
 
 def free_port() -> int:
-    """A free port in 29700-29799, the range these tests' process groups use."""
-    for port in range(29700, 29800):
+    """A free port for a test's process group: in 29700-29799, or under pytest-xdist in a range of 20 of its own
+    per worker from 29700 on, so that two workers' tests never take the same port before either binds it."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    first, count = (29700 + 20 * worker, 20) if "PYTEST_XDIST_WORKER" in os.environ else (29700, 100)
+    for port in range(first, first + count):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 29700-29799")
+    raise RuntimeError(f"no free port in {first}-{first + count - 1}")
 
 
 def run_in_ascii_locale(code: str) -> subprocess.CompletedProcess:

@@ -332,10 +332,10 @@ def test_classifier_fine_tuning_with_triton_attention_packs_and_trains_as_padded
 
 @pytest.mark.parametrize("script", ["finetune_classifier", "finetune_benchmark", "finetune_instruct"])
 def test_scripts_help(script, capsys):
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exit_:
         load_script(script).main(["--help"])
     printed = capsys.readouterr().out
-    assert exit.value.code == 0 and "--model" in printed and "--lora" in printed
+    assert exit_.value.code == 0 and "--model" in printed and "--lora" in printed
 
 
 def test_classifier_script_end_to_end_and_errors(base_dir, tmp_path):

@@ -352,8 +352,8 @@ def one_each(data_dir, tmp_path_factory):
     """Two processes, one micro-batch each per step, DDP's buckets small (3 steps, a checkpoint after each), with the
     noise scale, without it, resumed from its step-2 checkpoint, and with a batch ramp (uninterrupted, and resumed
     after its steps of one micro-batch): {name: run directory}, and what the first printed. A resumed run is a copy
-    of the uninterrupted one without its step-3 checkpoint (the resume cuts metrics.jsonl back to step 2): the run
-    a stop after step 2 leaves, without training steps 1 and 2 again."""
+    of the uninterrupted one as a stop after step 2 leaves it (no step-3 checkpoint nor record), without training
+    steps 1 and 2 again."""
     tmp = tmp_path_factory.mktemp("one_each")
     launcher = tmp / "small_buckets.py"
     launcher.write_text(SMALL_BUCKETS)
@@ -364,6 +364,8 @@ def one_each(data_dir, tmp_path_factory):
     for uninterrupted, resumed, overrides in (("noisy", "resumed", ()), ("ramp", "ramp_resumed", RAMP)):
         shutil.copytree(runs[uninterrupted], runs[resumed])
         shutil.rmtree(runs[resumed] / "checkpoints" / "step-000003")
+        kept = [r for r in read_metrics(runs[resumed] / "metrics.jsonl") if r["step"] <= 2]
+        (runs[resumed] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         two_process_run(data_dir, launcher, runs[resumed], *overrides, extra=("--resume",))
     return runs, printed
 

@@ -18,7 +18,7 @@ from ttl_core import load_pretrained
 from ttl_core.cli import run_cli
 from ttl_core.data import PackedLoader, prepare_data
 from ttl_core.distributed import World
-from ttl_core.errors import ConfigError, DataError
+from ttl_core.errors import CheckpointError, ConfigError, DataError
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM
@@ -357,6 +357,22 @@ def test_a_plan_from_a_tied_config_whose_stored_head_differs_counts_the_untied_h
     with pytest.warns(UserWarning, match="kept untied"):
         assert pretrain.main(["--plan", "--init-from", str(source), "--data", str(data_dir), *set_arguments()]) == 0
     assert f"parameters: {trained.num_parameters():,} (" in capsys.readouterr().out
+
+
+def test_a_plan_from_a_tied_checkpoint_whose_weights_are_damaged_leaves_the_refusal_to_the_run(data_dir, tmp_path,
+                                                                                                  capsys):
+    """The plan reads a tied checkpoint's embedding and head, but weights it cannot read are named by the run, which
+    points to the checkpoint to take instead: the plan is made from config.json."""
+    train(run_config("train.max_steps=1", "model.tie_word_embeddings=true"), tmp_path / "source",
+          data_dir=str(data_dir))
+    source = tmp_path / "source" / "checkpoints" / "step-000001"
+    with open(source / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    args = ["--init-from", str(source), "--data", str(data_dir), *set_arguments()]
+    assert pretrain.main(["--plan", *args]) == 0
+    assert "parameters: " in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        pretrain.main(["--out", str(tmp_path / "run"), *args])
 
 
 def test_the_evaluated_directories_are_checked_as_the_run_checks_them(halves, tmp_path, capsys):

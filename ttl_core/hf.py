@@ -285,7 +285,8 @@ def load_pretrained(
                               "(only a LlamaForCausalLM can start a LlamaForSequenceClassification)")
     native = (directory / NATIVE_CONFIG).exists()
     handles, found = stored_tensors(directory)
-    config = _untied_if_stored_apart(directory, config, architecture, handles, found)
+    if _ties_a_transformers_head(directory, config, architecture):
+        config = _untied_if_stored_apart(directory, config, handles, found)
     try:
         with torch.device("meta"):
             model = build_model(config, architecture)
@@ -317,11 +318,7 @@ def load_pretrained(
         for name, pieces in plan.items():
             start = 0
             for key, rows in pieces:
-                f = found[key][0]
-                try:
-                    tensor = handles[f].get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
+                tensor = _read_tensor(handles, found, key)
                 params[name][start:start + tensor.shape[0]].copy_(tensor)
                 start += tensor.shape[0]
     if (directory / GENERATION_CONFIG).exists():
@@ -339,29 +336,45 @@ def _declared_dtype(directory: Path) -> torch.dtype | None:
 def read_loaded_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
     """`read_model_config`'s config and architecture as `load_pretrained` builds the model from them: a transformers
     causal LM whose config.json ties the LM head but whose stored lm_head.weight differs from its embedding is
-    untied. Reads those two tensors at most, and only for such a checkpoint."""
+    untied. Reads those two tensors at most, and only for such a checkpoint; weights it cannot read leave the config
+    as config.json says, for the load to name what is damaged."""
     directory = Path(path)
     config, architecture = read_model_config(directory)
-    if config.tie_word_embeddings and architecture == "LlamaForCausalLM":
-        config = _untied_if_stored_apart(directory, config, architecture, *stored_tensors(directory))
+    if _ties_a_transformers_head(directory, config, architecture):
+        try:
+            config = _untied_if_stored_apart(directory, config, *stored_tensors(directory))
+        except CheckpointError:
+            pass
     return config, architecture
 
 
-def _untied_if_stored_apart(directory: Path, config: LlamaConfig, architecture: str, handles: dict,
+def _ties_a_transformers_head(directory: Path, config: LlamaConfig, architecture: str) -> bool:
+    return (config.tie_word_embeddings and architecture == "LlamaForCausalLM"
+            and not (directory / NATIVE_CONFIG).exists())
+
+
+def _untied_if_stored_apart(directory: Path, config: LlamaConfig, handles: dict,
                             found: dict[str, tuple[Path, list[int]]]) -> LlamaConfig:
-    """`config` untied where it ties a transformers causal LM's head whose checkpoint stores other values for
-    lm_head.weight than for its input embedding (absent, the embedding loads from the head, as in transformers)."""
+    """`config` untied where the checkpoint stores other values for lm_head.weight than for its input embedding
+    (absent, the embedding loads from the head, as in transformers)."""
     embed_key = "model.embed_tokens.weight"
-    if (not config.tie_word_embeddings or architecture != "LlamaForCausalLM" or (directory / NATIVE_CONFIG).exists()
-            or not {embed_key, "lm_head.weight"} <= found.keys()):
+    if not {embed_key, "lm_head.weight"} <= found.keys():
         return config
-    tensors = [handles[found[key][0]].get_tensor(key) for key in (embed_key, "lm_head.weight")]
+    tensors = [_read_tensor(handles, found, key) for key in (embed_key, "lm_head.weight")]
     if tensors[0].shape == tensors[1].shape and torch.equal(*tensors):
         return config
     # one line for a run whose plan read the config first: the default filter shows it once per process
     warnings.warn(f"{directory}: config.json ties the LM head to the embedding, but the checkpoint stores a "
                   "different lm_head.weight; it is kept untied, as transformers does")
     return config.replace(tie_word_embeddings=False)
+
+
+def _read_tensor(handles: dict, found: dict[str, tuple[Path, list[int]]], key: str) -> torch.Tensor:
+    f = found[key][0]
+    try:
+        return handles[f].get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
 
 
 def _parse_size(size: int | str) -> int:
