@@ -65,8 +65,8 @@ def forked_exit_codes(target: Callable, rank_args: list[tuple]) -> list[int | No
 def free_port() -> int:
     """A free port for a test's process group: in 29700-29799, or under pytest-xdist in a range of 20 of its own
     per worker from 29700 on, so that two workers' tests never take the same port before either binds it."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    first, count = (29700 + 20 * worker, 20) if "PYTEST_XDIST_WORKER" in os.environ else (29700, 100)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+    first, count = (29700 + 20 * int(worker.removeprefix("gw")), 20) if worker else (29700, 100)
     for port in range(first, first + count):
         with socket.socket() as s:
             try:
