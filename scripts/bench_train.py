@@ -33,7 +33,7 @@ from ttl_core.benchmark import (BenchDevice, Results, add_run_size_arguments, ce
 from ttl_core.cli import refuse_ignored, run_cli
 from ttl_core.config import PRESETS
 from ttl_core.distributed import World
-from ttl_core.hf import TorchMuonAndAdamW, is_hf_projection
+from ttl_core.muon import TorchMuonAndAdamW, is_hf_projection
 from ttl_core.metrics import flops_per_token, peak_tflops
 from ttl_core.run_config import TrainConfig
 from ttl_core.optim import build_optimizer

@@ -21,9 +21,9 @@ from test_train_reference import reference_training
 from train_helpers import losses, prepared_corpus, run_config, set_arguments
 from ttl_core import LlamaConfig, LlamaForCausalLM, load_pretrained
 from ttl_core.errors import ConfigError
-from ttl_core.hf import TorchMuonAndAdamW, hf_plan, is_hf_projection
+from ttl_core.hf import hf_plan
 from ttl_core.metrics import read_metrics
-from ttl_core.muon import orthogonalized, rows_per_process
+from ttl_core.muon import TorchMuonAndAdamW, is_hf_projection, orthogonalized, rows_per_process
 from ttl_core.muon_sharing import balanced_owners, newton_schulz_flops
 from ttl_core.run_config import TrainConfig
 from ttl_core.train import train

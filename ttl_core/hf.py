@@ -1,9 +1,8 @@
 """Reading and writing Hugging Face (and ttl-native) safetensors checkpoints.
 
-This is the only module that knows transformers' tensor names (so it also holds the transformers run with
-torch.optim.Muon that ttl's Muon is checked and timed against). A *plan* maps each ttl parameter to the
-checkpoint tensors stacked along dim 0 to form it (q/k/v -> qkv, gate/up -> gate_up); loading and saving
-both walk that plan, so the mapping is written once. Weights are read from safetensors only: pickles are
+This module knows transformers' tensor names (`ttl_core.muon.is_hf_projection` knows its projections' too). A
+*plan* maps each ttl parameter to the checkpoint tensors stacked along dim 0 to form it (q/k/v -> qkv, gate/up ->
+gate_up); loading and saving both walk that plan, so the mapping is written once. Weights are read from safetensors only: pickles are
 never opened.
 """
 
@@ -26,7 +25,6 @@ from .fileio import atomic_write, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 if TYPE_CHECKING:
-    from .run_config import TrainConfig
     from .tokenizer import Tokenizer
 
 # A plan: ttl parameter name -> [(checkpoint tensor name, rows taken along dim 0 or None for all)]
@@ -70,34 +68,6 @@ def hf_plan(config: LlamaConfig, architecture: str) -> Plan:
 def native_plan(model: torch.nn.Module) -> Plan:
     """ttl-native checkpoints store each parameter under its own name (tied weights once)."""
     return {name: [(name, None)] for name, _ in model.named_parameters()}  # a shared tensor comes once
-
-
-def is_hf_projection(name: str) -> bool:
-    """Whether `name` is a projection matrix of transformers' Llama decoder layers (q, k, v, o, gate, up, down):
-    what a transformers run hands torch.optim.Muon, one matrix for each piece ttl's fused ones are cut into."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight")
-
-
-class TorchMuonAndAdamW:
-    """torch.optim.Muon over a transformers Llama's projection matrices, with `train`'s lr, weight decay and
-    muon options, and `adamw` (built over the other parameters) stepped as one optimizer: the transformers run
-    that ttl's `train.optimizer = "muon"` is checked (tests/test_muon.py) and timed (bench_train) against."""
-
-    def __init__(self, model: torch.nn.Module, train: TrainConfig, adamw: torch.optim.Optimizer):
-        self.muon = torch.optim.Muon([p for name, p in model.named_parameters() if is_hf_projection(name)],
-                                     lr=train.lr, weight_decay=train.weight_decay, momentum=train.muon_momentum,
-                                     nesterov=train.muon_nesterov, ns_steps=train.muon_ns_steps,
-                                     adjust_lr_fn=train.muon_adjust_lr)
-        self.adamw = adamw
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
-
-    def step(self) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
 
 
 def _weight_files(directory: Path) -> list[Path]:

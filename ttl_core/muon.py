@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from .distributed import World
 from .muon_sharing import balanced_owners, exchanged, gathered_to_owners, newton_schulz_flops, scattered_from_owners
+
+if TYPE_CHECKING:
+    from .run_config import TrainConfig
 
 # the quintic Newton-Schulz iteration's coefficients and the floor of the norm it starts from (Keller Jordan's,
 # and torch.optim.Muon's defaults)
@@ -183,3 +186,31 @@ def block_firsts(param: DTensor) -> list[int]:
     blocks of ceil(rows / processes) rows, the last ones shorter or empty."""
     rows, processes = param.shape[0], param.device_mesh.size()
     return [min(rank * -(-rows // processes), rows) for rank in range(processes + 1)]
+
+
+def is_hf_projection(name: str) -> bool:
+    """Whether `name` is a projection matrix of transformers' Llama decoder layers (q, k, v, o, gate, up, down):
+    what a transformers run hands torch.optim.Muon, one matrix for each piece ttl's fused ones are cut into."""
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+class TorchMuonAndAdamW:
+    """torch.optim.Muon over a transformers Llama's projection matrices, with `train`'s lr, weight decay and
+    muon options, and `adamw` (built over the other parameters) stepped as one optimizer: the transformers run
+    that ttl's `train.optimizer = "muon"` is checked (tests/test_muon.py) and timed (bench_train) against."""
+
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, adamw: torch.optim.Optimizer):
+        self.muon = torch.optim.Muon([p for name, p in model.named_parameters() if is_hf_projection(name)],
+                                     lr=train.lr, weight_decay=train.weight_decay, momentum=train.muon_momentum,
+                                     nesterov=train.muon_nesterov, ns_steps=train.muon_ns_steps,
+                                     adjust_lr_fn=train.muon_adjust_lr)
+        self.adamw = adamw
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
