@@ -99,6 +99,10 @@ def test_examples_keep_the_special_tokens_the_tokenizer_adds_as_transformers_tru
     assert len(encode_example(tok, ["Primeira frase longa " * 5, "Segunda"], True, specials + 3)) == specials + 3
     with pytest.raises(ConfigError, match=f"leaves no room for a sentence pair's {specials} special tokens"):
         encode_example(tok, ["a", "b"], True, specials - 1)
+    if specials > 2:  # transformers gives the whole text, longer than max_length, where they leave no room
+        with pytest.raises(ConfigError, match=f"max_length .* {specials - 3} leaves no room for an example's "
+                                              f"{specials - 2} special tokens"):
+            encode_example(tok, ["Título", "texto"], False, specials - 3)
 
 
 def test_a_json_array_file_gives_the_rows_of_its_json_lines(tmp_path):

@@ -166,11 +166,12 @@ def encode_example(tokenizer: Tokenizer, texts: list[str], pair: bool, max_lengt
     a pair (the longer sentence loses its last token until both fit); the special tokens always stay."""
     start, end = [tokenizer.bos_id] * tokenizer.add_bos_token, [tokenizer.eos_id] * tokenizer.add_eos_token
     room = max_length - len(start) - len(end)
+    specials = len(start) + len(end) + (2 if pair else 0)  # a pair's own `<s>` and `</s>` between and after
+    if max_length < specials:  # transformers would return the whole text, longer than max_length
+        raise ConfigError(f"max_length (--max-length) {max_length} leaves no room for "
+                          f"{'a sentence pair' if pair else 'an example'}'s {specials} special tokens")
     if not pair:
-        return start + tokenizer.encode("\n\n".join(texts), add_bos=False, add_eos=False)[:max(room, 0)] + end
-    if room < 2:
-        raise ConfigError(f"max_length (--max-length) {max_length} leaves no room for a sentence pair's "
-                          f"{len(start) + len(end) + 2} special tokens")
+        return start + tokenizer.encode("\n\n".join(texts), add_bos=False, add_eos=False)[:room] + end
     first, second = texts
     head = tokenizer.encode(first, add_bos=False, add_eos=False)
     # the second sentence is encoded after its `<s>`, as in the whole text, so it gets the "▁" prefix only where the
