@@ -4,6 +4,7 @@ pick (and the combinations PEFT refuses), and the rank and alpha rank_pattern an
 from __future__ import annotations
 
 import json
+import re
 
 import peft
 import pytest
@@ -200,3 +201,15 @@ def test_a_classifier_of_a_tied_config_trains_its_embedding_in_full_as_peft_does
     with torch.no_grad():
         assert (ours(ids()).logits - theirs.eval()(input_ids=ids()).logits).abs().max() < 1e-4
     assert ours.config.tie_word_embeddings  # nothing was untied
+
+
+def test_a_peft_adapter_training_part_of_a_fused_projection_is_refused_naming_its_file(tmp_path):
+    """PEFT's modules_to_save=["up_proj"] trains up_proj in full, which ttl cannot (gate_up is one layer); apply_lora
+    refuses it, and so does load_adapter, whose error lacked the adapter's file (every other refusal of an adapter
+    names it)."""
+    theirs = peft.get_peft_model(hf_causal_lm(), peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                                 modules_to_save=["up_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    config = re.escape(str(tmp_path / "peft" / "adapter_config.json"))
+    with pytest.raises(AdapterError, match=rf"^{config}: modules_to_save names 'up_proj', which takes .*gate_proj"):
+        load_adapter(to_ttl(hf_causal_lm(), tmp_path), tmp_path / "peft")

@@ -402,20 +402,19 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
     if is_trainable and config.get("init_lora_weights") == "mica":
         raise AdapterError(f"{directory}: init_lora_weights='mica' trains lora_A only in PEFT, which ttl does not; "
                            "load it for inference (is_trainable=False)")
-    saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
-    settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                    targets=present_targets(model, config["target_modules"]),
-                    use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
-                    modules_to_save=saved,
-                    ensure_weight_tying=config.get("ensure_weight_tying", False),
-                    **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
-                                                        "rank_pattern", "alpha_pattern")})
     # PEFT's bias="all" / "lora_only" train and save the base layers' biases, which a Llama without them lacks
     if config.get("bias", "none") != "none" and any(name.endswith(".bias") for name, _ in model.named_parameters()):
         raise AdapterError(f"{directory}: bias={config['bias']!r} is not supported on a model with biases (ttl "
                            "trains LoRA adapters only, as bias='none')")
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
-    try:
+    try:  # the options PEFT takes but ttl cannot reproduce on this model are refused naming the adapter's file
+        saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
+        settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                        targets=present_targets(model, config["target_modules"]),
+                        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
+                        modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
+                        **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
+                                                            "rank_pattern", "alpha_pattern")})
         expected = _adapter_shapes(model, settings)
     except AdapterError as e:
         raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
