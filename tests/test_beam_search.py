@@ -78,6 +78,18 @@ def test_forced_eos_without_eos_ids_pads_placeholder_beams_with_the_padding_id(m
     assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
 
 
+def test_a_padding_id_of_0_without_eos_ids_pads_placeholder_beams_with_0(models):
+    """transformers' beam search takes a padding id of 0 for none and then fails on the missing EOS id; ttl pads as
+    transformers pads with any other padding id (never with -1, no token id)."""
+    hf, ours = models
+    ids, mask = left_padded(131, batch=2, seq=5, pads=(0, 2))
+    kwargs = dict(max_new_tokens=1, num_beams=3, num_return_sequences=3, eos_token_id=[], forced_eos_token_id=7)
+    expected = hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=9, **kwargs)
+    assert (expected[:, 5:] == 9).any()  # placeholder beams, padded
+    expected[:, 5:] = expected[:, 5:].masked_fill(expected[:, 5:] == 9, 0)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, pad_token_id=0, **kwargs), expected)
+
+
 def test_beams_find_a_likelier_sequence_than_greedy(models):
     """What beam search is for: with 4 beams the returned continuation is at least as likely as greedy's, and here
     strictly likelier (the sums of log-probabilities below are computed from full forward passes)."""

@@ -68,8 +68,9 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
                               f"overflows a float at {max_new_tokens} new tokens") from None
     length_penalty = float(length_penalty)  # an int's power of the length would be an int too large for a tensor
     # transformers' padding of short beams and of the finished slots no beam filled: a padding id of 0 counts as
-    # none; -1 only where there is neither a padding id nor an EOS id
-    fill = pad or (eos[0] if eos else -1)
+    # none there, so the first EOS id pads (without one transformers fails: the padding id pads); -1 only where
+    # there is neither a padding id nor an EOS id
+    fill = eos[0] if eos and not pad else -1 if pad is None else pad
     running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids.view(batch, num_beams, prompt_len)
     finished_sequences = running.clone()
