@@ -147,6 +147,20 @@ def test_beam_settings_are_checked(models, kwargs, message):
     assert_refused(ours, message, max_new_tokens=2, **kwargs)
 
 
+@pytest.mark.parametrize("rules", [
+    dict(suppress_tokens=list(range(131))),  # no token left: log-softmax of all -inf
+    # remove_invalid_values makes the blocked EOS score float32's lowest, which the decay takes to +inf
+    dict(min_new_tokens=3, remove_invalid_values=True, exponential_decay_length_penalty=(0, 1e10)),
+])
+def test_beams_from_nan_scores_are_refused_as_greedy_decoding_refuses_them(models, rules):
+    """renormalize_logits log-softmaxes a row with no token or a +inf score to NaN; transformers' beam search ranks
+    its NaN candidates first, as its greedy argmax picks one, where ttl refuses both."""
+    _, ours = models
+    kwargs = dict(max_new_tokens=3, eos_token_id=[5], pad_token_id=PAD, renormalize_logits=True, **rules)
+    assert_refused(ours, "greedy decoding met scores with no distribution", **kwargs)
+    assert_refused(ours, r"beam search met NaN scores at new token \d: renormalize_logits", num_beams=2, **kwargs)
+
+
 @pytest.mark.gpu
 def test_cuda_beam_search_matches_transformers_fp32(tmp_path):
     """On CUDA the cache rows follow their beams through index_select copies (flash-attn's layout too, in bf16)."""

@@ -127,6 +127,11 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
             top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
             top_index = top_index.gather(1, order)
         else:
+            if bool(totals.isnan().any()):  # topk would rank NaN first; greedy decoding refuses it too
+                raise GenerationError(f"beam search met NaN scores at new token {cur_len - prompt_len + 1}: "
+                                      "renormalize_logits log-softmaxes a row the token rules left no token, or one "
+                                      "with +inf (exponential_decay_length_penalty past float32, an infinite "
+                                      "sequence_bias), to NaN, or the model's logits hold NaN")
             top_scores, top_index = torch.topk(totals, keep)
         top_beams, top_tokens = top_index // vocab, top_index % vocab
         top_sequences = torch.take_along_dim(running, top_beams[..., None], dim=1)
