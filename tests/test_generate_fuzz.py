@@ -145,16 +145,17 @@ def random_case(seed: int, path: Path) -> dict:
 
 
 def magnitude(values: torch.Tensor) -> float:
-    """A quarter of the largest magnitude in `values` (at least 1), remove_invalid_values' float32 extremes and
-    -inf left out: how far float32 rounding scales up."""
+    """Half the largest magnitude in `values` (at least 1), remove_invalid_values' float32 extremes and -inf left
+    out: how far float32 rounding scales up."""
     ordinary = values[values.abs() < torch.finfo(torch.float32).max]
-    return max(1.0, ordinary.abs().max().item() / 4) if ordinary.numel() else 1.0
+    return max(1.0, ordinary.abs().max().item() / 2) if ordinary.numel() else 1.0
 
 
 def assert_same_steps(got: tuple | None, expected: tuple | None, atol: float, logit_scale: float, what: str) -> None:
     """Each step's scores or logits within `atol` times the `magnitude` of the model's logits (`logit_scale`) or of
-    the step's values, the larger: the random models' fp32 logits of magnitude 10 are up to 2e-5 off float64 in
-    transformers as in ttl (measured), and beams' log-probabilities reach -20."""
+    the step's values, the larger: the random models' fp32 logits of magnitude 8 are up to 4e-5 off float64 in
+    transformers (measured: a prompt-lookup pass over several tokens; ttl's were as close), and beams'
+    log-probabilities reach -20."""
     assert (got is None) == (expected is None), what
     if got is None:
         return
