@@ -78,6 +78,18 @@ def test_forced_eos_without_eos_ids_pads_placeholder_beams_with_the_padding_id(m
     assert torch.equal(ttl_core.generate(ours, ids, mask, **kwargs), expected)
 
 
+def test_a_padding_id_of_0_without_eos_ids_pads_placeholder_beams_with_0(models):
+    """transformers' beam search takes a padding id of 0 for none and then fails on the missing EOS id; ttl pads as
+    transformers pads with any other padding id (never with -1, no token id)."""
+    hf, ours = models
+    ids, mask = left_padded(131, batch=2, seq=5, pads=(0, 2))
+    kwargs = dict(max_new_tokens=1, num_beams=3, num_return_sequences=3, eos_token_id=[], forced_eos_token_id=7)
+    expected = hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=9, **kwargs)
+    assert (expected[:, 5:] == 9).any()  # placeholder beams, padded
+    expected[:, 5:] = expected[:, 5:].masked_fill(expected[:, 5:] == 9, 0)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, pad_token_id=0, **kwargs), expected)
+
+
 def test_beams_find_a_likelier_sequence_than_greedy(models):
     """What beam search is for: with 4 beams the returned continuation is at least as likely as greedy's, and here
     strictly likelier (the sums of log-probabilities below are computed from full forward passes)."""
@@ -133,6 +145,20 @@ def test_beam_settings_are_checked(models, kwargs, message):
         assert ttl_core.generate(ours, ids, mask, max_new_tokens=2, **kwargs).shape[0] == 3
         return
     assert_refused(ours, message, max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("rules", [
+    dict(suppress_tokens=list(range(131))),  # no token left: log-softmax of all -inf
+    # remove_invalid_values makes the blocked EOS score float32's lowest, which the decay takes to +inf
+    dict(min_new_tokens=3, remove_invalid_values=True, exponential_decay_length_penalty=(0, 1e10)),
+])
+def test_beams_from_nan_scores_are_refused_as_greedy_decoding_refuses_them(models, rules):
+    """renormalize_logits log-softmaxes a row with no token or a +inf score to NaN; transformers' beam search ranks
+    its NaN candidates first, as its greedy argmax picks one, where ttl refuses both."""
+    _, ours = models
+    kwargs = dict(max_new_tokens=3, eos_token_id=[5], pad_token_id=PAD, renormalize_logits=True, **rules)
+    assert_refused(ours, "greedy decoding met scores with no distribution", **kwargs)
+    assert_refused(ours, r"beam search met NaN scores at new token \d: renormalize_logits", num_beams=2, **kwargs)
 
 
 @pytest.mark.gpu

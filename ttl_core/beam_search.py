@@ -68,8 +68,9 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
                               f"overflows a float at {max_new_tokens} new tokens") from None
     length_penalty = float(length_penalty)  # an int's power of the length would be an int too large for a tensor
     # transformers' padding of short beams and of the finished slots no beam filled: a padding id of 0 counts as
-    # none; -1 only where there is neither a padding id nor an EOS id
-    fill = pad or (eos[0] if eos else -1)
+    # none there, so the first EOS id pads (without one transformers fails: the padding id pads); -1 only where
+    # there is neither a padding id nor an EOS id
+    fill = eos[0] if eos and not pad else -1 if pad is None else pad
     running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids.view(batch, num_beams, prompt_len)
     finished_sequences = running.clone()
@@ -126,6 +127,11 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
             top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
             top_index = top_index.gather(1, order)
         else:
+            if bool(totals.isnan().any()):  # topk would rank NaN first; greedy decoding refuses it too
+                raise GenerationError(f"beam search met NaN scores at new token {cur_len - prompt_len + 1}: "
+                                      "renormalize_logits log-softmaxes a row the token rules left no token, or one "
+                                      "with +inf (exponential_decay_length_penalty past float32, an infinite "
+                                      "sequence_bias), to NaN, or the model's logits hold NaN")
             top_scores, top_index = torch.topk(totals, keep)
         top_beams, top_tokens = top_index // vocab, top_index % vocab
         top_sequences = torch.take_along_dim(running, top_beams[..., None], dim=1)
