@@ -338,6 +338,23 @@ def test_resizing_after_a_seed_draws_transformers_new_rows(tied, dtype, tmp_path
                                                                                      ours.lm_head.weight[-2])
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_resizing_to_the_current_size_keeps_the_tables_and_draws_nothing(tied, tmp_path):
+    """transformers keeps the tables of a resize to the vocabulary's own size and draws nothing; new modules would
+    have drawn their initial weights from the global RNG, moving what is drawn next (LoRA's adapters) off
+    transformers' draws, and would have left an optimizer holding the old tables."""
+    theirs = hf_causal_lm(tie_word_embeddings=tied)
+    ours = to_ttl(theirs, tmp_path)
+    embed, head = ours.backbone.embed, ours.lm_head
+    torch.manual_seed(9)
+    theirs.resize_token_embeddings(theirs.config.vocab_size)
+    their_next_draw = torch.rand(4)
+    torch.manual_seed(9)
+    ours.resize_token_embeddings(ours.config.vocab_size)
+    assert torch.equal(torch.rand(4), their_next_draw)
+    assert ours.backbone.embed is embed and ours.lm_head is head
+
+
 def test_model_generate_is_ttl_generate_called_as_transformers_code_calls_it(tmp_path):
     """`model.generate(**batch, ...)` (the tokenizer's dict unpacked) gives transformers' tokens, and ttl's own
     options (here the seed) reach `ttl_core.generate`."""

@@ -285,10 +285,13 @@ class _LlamaBase(nn.Module):
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Change the vocabulary size (e.g. after adding special tokens) as transformers does by default: existing
         rows keep their values, new input-embedding and LM-head rows are drawn close around the mean of the existing
-        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows."""
+        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows. The
+        current size keeps the tables as they are."""
         if new_vocab_size < 1:
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
+        if new_vocab_size == old.num_embeddings:  # transformers keeps the tables: new modules would draw their init
+            return
         pad = self.config.pad_token_id
         # else no padding row, as in transformers
         in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
