@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
@@ -353,6 +354,22 @@ def test_resizing_to_the_current_size_keeps_the_tables_and_draws_nothing(tied, t
     ours.resize_token_embeddings(ours.config.vocab_size)
     assert torch.equal(torch.rand(4), their_next_draw)
     assert ours.backbone.embed is embed and ours.lm_head is head
+
+
+@pytest.mark.parametrize("size", [120, 140])
+def test_a_negative_pad_id_keeps_its_padding_row_on_the_last_row_through_a_resize(size, tmp_path):
+    """Old Llama configs' pad_token_id -1 names the last row: after a resize ttl's padding row is the new table's
+    last, the row transformers picks when it loads its resized checkpoint; its model in memory keeps the old row
+    (after growing, a real token's, which then learns nothing) or none after shrinking (docs/models.md)."""
+    theirs = hf_causal_lm(pad_token_id=-1)
+    theirs.generation_config.pad_token_id = None  # transformers refuses to save a negative one there
+    ours = to_ttl(theirs, tmp_path / "src")
+    theirs.resize_token_embeddings(size)
+    ours.resize_token_embeddings(size)
+    theirs.save_pretrained(tmp_path / "resized")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resized")
+    assert ours.backbone.embed.padding_idx == reloaded.model.embed_tokens.padding_idx == size - 1
+    assert theirs.model.embed_tokens.padding_idx == (130 if size > 131 else None)
 
 
 def test_model_generate_is_ttl_generate_called_as_transformers_code_calls_it(tmp_path):

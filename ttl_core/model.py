@@ -293,7 +293,8 @@ class _LlamaBase(nn.Module):
         if new_vocab_size == old.num_embeddings:  # transformers keeps the tables: new modules would draw their init
             return
         pad = self.config.pad_token_id
-        # else no padding row, as in transformers
+        # else no padding row, as in transformers; a negative id counts from the new end, as transformers reads the
+        # resized checkpoint (its model in memory keeps the old row: docs/models.md)
         in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
                              padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
