@@ -405,15 +405,15 @@ class LlamaForSequenceClassification(_LlamaBase):
         inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
         return_dict: bool | None = True, label_smoothing: float = 0.0,
     ) -> ModelOutput | tuple:
-        """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
-        `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`;
-        positions restart in each), each pooled where its own padded row would be. Loss: MSE for one label
-        (regression), cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as
-        `config.problem_type` says), the mean over sequences; `label_smoothing` > 0 smooths the cross-entropy's
-        targets, the unsmoothed one then being the output's `nll`. The first loss records the problem type it
-        inferred in `config.problem_type`, as transformers does. Given `inputs_embeds`, which show no pad token, each
-        sequence is pooled at its last position, as transformers pools them (it warns; so does ttl). The other
-        arguments: see `LlamaModel.forward`."""
+        """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that `cu_seqlens` /
+        `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`; positions restart in
+        each), each pooled where its own padded row would be. Loss: MSE for one label (regression), cross-entropy for
+        integer labels, BCE-with-logits for float multi-label targets (or as `config.problem_type` says), the mean over
+        sequences (labels of another shape than one per sequence, or for several regression or multi-label outputs the
+        logits', are a ConfigError); `label_smoothing` > 0 smooths the cross-entropy's targets, the unsmoothed one then
+        being the output's `nll`. The first loss records the problem type it inferred in `config.problem_type`, as
+        transformers does. Given `inputs_embeds`, which show no pad token, each sequence is pooled at its last position,
+        as transformers pools them (it warns; so does ttl). The other arguments: see `LlamaModel.forward`."""
         base = self.backbone(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                              inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
                              use_cache=use_cache)
