@@ -83,6 +83,23 @@ def test_unusable_devices_are_refused(checkpoint, device, message):
         ttl_core.load_pretrained(checkpoint, dtype=torch.int64)
 
 
+@pytest.mark.parametrize("problem, num_labels, labels, message", [
+    ("single_label_classification", 3, [0.0, 2.0], r"one integer class id per sequence \(2\), got .* torch.float32"),
+    ("single_label_classification", 3, [[0, 2], [1, 1]], r"class id per sequence \(2\), got shape \(2, 2\)"),
+    ("regression", 2, [0.5, 1.5], r"regression takes a target per label, shape \(2, 2\), got \(2,\)"),  # broadcast
+    ("regression", 1, [0.5, 1.5, 2.5], r"regression takes a target per sequence \(2\), got shape \(3,\)"),
+    ("multi_label_classification", 3, [0.0, 1.0], r"takes a target per label, shape \(2, 3\), got \(2,\)"),
+])
+def test_classifier_labels_that_do_not_fit_the_problem_type_are_named(problem, num_labels, labels, message):
+    """torch failed inside its loss naming neither the labels nor the problem type, or (regression over two labels)
+    broadcast the targets against the wrong outputs with only a warning."""
+    config = ttl_core.LlamaConfig.from_preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                              vocab_size=50, num_labels=num_labels, problem_type=problem)
+    ids = torch.randint(4, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=message):
+        ttl_core.LlamaForSequenceClassification(config)(ids, labels=torch.tensor(labels))
+
+
 @pytest.mark.parametrize("ids", [[1.0, 5.7], torch.tensor([[5, 6]]), [[5, 6]], torch.tensor([1.0, 5.0]), 5])
 def test_decode_takes_one_sequence_of_integer_ids(ids):
     """A float id was cut to a token (5.7 read as 5) without a word; a batch (what generate() returns) failed in

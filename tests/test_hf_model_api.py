@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from hf_reference import hf_causal_lm, hf_classifier
 
 import ttl_core
@@ -336,6 +337,39 @@ def test_resizing_after_a_seed_draws_transformers_new_rows(tied, dtype, tmp_path
     assert torch.equal(ours.backbone.embed.weight, theirs.model.embed_tokens.weight)
     assert torch.equal(ours.lm_head.weight, theirs.lm_head.weight) and not torch.equal(ours.lm_head.weight[-1],
                                                                                      ours.lm_head.weight[-2])
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_resizing_to_the_current_size_keeps_the_tables_and_draws_nothing(tied, tmp_path):
+    """transformers keeps the tables of a resize to the vocabulary's own size and draws nothing; new modules would
+    have drawn their initial weights from the global RNG, moving what is drawn next (LoRA's adapters) off
+    transformers' draws, and would have left an optimizer holding the old tables."""
+    theirs = hf_causal_lm(tie_word_embeddings=tied)
+    ours = to_ttl(theirs, tmp_path)
+    embed, head = ours.backbone.embed, ours.lm_head
+    torch.manual_seed(9)
+    theirs.resize_token_embeddings(theirs.config.vocab_size)
+    their_next_draw = torch.rand(4)
+    torch.manual_seed(9)
+    ours.resize_token_embeddings(ours.config.vocab_size)
+    assert torch.equal(torch.rand(4), their_next_draw)
+    assert ours.backbone.embed is embed and ours.lm_head is head
+
+
+@pytest.mark.parametrize("size", [120, 140])
+def test_a_negative_pad_id_keeps_its_padding_row_on_the_last_row_through_a_resize(size, tmp_path):
+    """Old Llama configs' pad_token_id -1 names the last row: after a resize ttl's padding row is the new table's
+    last, the row transformers picks when it loads its resized checkpoint; its model in memory keeps the old row
+    (after growing, a real token's, which then learns nothing) or none after shrinking (docs/models.md)."""
+    theirs = hf_causal_lm(pad_token_id=-1)
+    theirs.generation_config.pad_token_id = None  # transformers refuses to save a negative one there
+    ours = to_ttl(theirs, tmp_path / "src")
+    theirs.resize_token_embeddings(size)
+    ours.resize_token_embeddings(size)
+    theirs.save_pretrained(tmp_path / "resized")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resized")
+    assert ours.backbone.embed.padding_idx == reloaded.model.embed_tokens.padding_idx == size - 1
+    assert theirs.model.embed_tokens.padding_idx == (130 if size > 131 else None)
 
 
 def test_model_generate_is_ttl_generate_called_as_transformers_code_calls_it(tmp_path):

@@ -87,11 +87,11 @@ def assert_loss_and_grads_match(hf, ours, ids: torch.Tensor, mask: torch.Tensor 
         assert rel_err(ours_params[name].grad, hf_grad) <= 1e-5, name
 
 
-def hf_grads_in_ttl_layout(hf, config: ttl_core.LlamaConfig) -> dict[str, torch.Tensor]:
+def hf_grads_in_ttl_layout(hf, config: ttl_core.LlamaConfig, architecture: str = "LlamaForCausalLM") -> dict:
     """transformers' gradients under ttl's parameter names, the pieces of a fused weight (q, k, v) stacked."""
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     return {name: torch.cat([hf_grads[key] for key, _ in pieces])
-            for name, pieces in hf_plan(config, "LlamaForCausalLM").items()}
+            for name, pieces in hf_plan(config, architecture).items()}
 
 
 def test_bf16_gradients_are_as_close_to_float64_as_transformers(tmp_path):

@@ -285,12 +285,16 @@ class _LlamaBase(nn.Module):
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Change the vocabulary size (e.g. after adding special tokens) as transformers does by default: existing
         rows keep their values, new input-embedding and LM-head rows are drawn close around the mean of the existing
-        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows."""
+        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows. The
+        current size keeps the tables as they are."""
         if new_vocab_size < 1:
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
+        if new_vocab_size == old.num_embeddings:  # transformers keeps the tables: new modules would draw their init
+            return
         pad = self.config.pad_token_id
-        # else no padding row, as in transformers
+        # else no padding row, as in transformers; a negative id counts from the new end, as transformers reads the
+        # resized checkpoint (its model in memory keeps the old row: docs/models.md)
         in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
         embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
                              padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
@@ -401,15 +405,15 @@ class LlamaForSequenceClassification(_LlamaBase):
         inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool = False, use_cache: bool | None = None,
         return_dict: bool | None = True, label_smoothing: float = 0.0,
     ) -> ModelOutput | tuple:
-        """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that
-        `cu_seqlens` / `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`;
-        positions restart in each), each pooled where its own padded row would be. Loss: MSE for one label
-        (regression), cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as
-        `config.problem_type` says), the mean over sequences; `label_smoothing` > 0 smooths the cross-entropy's
-        targets, the unsmoothed one then being the output's `nll`. The first loss records the problem type it
-        inferred in `config.problem_type`, as transformers does. Given `inputs_embeds`, which show no pad token, each
-        sequence is pooled at its last position, as transformers pools them (it warns; so does ttl). The other
-        arguments: see `LlamaModel.forward`."""
+        """Pooled logits (sequences, num_labels): one sequence per row, or, packed, the sequences that `cu_seqlens` /
+        `max_seqlen` delimit in the flattened tokens (see `ttl_core.attention.document_layout`; positions restart in
+        each), each pooled where its own padded row would be. Loss: MSE for one label (regression), cross-entropy for
+        integer labels, BCE-with-logits for float multi-label targets (or as `config.problem_type` says), the mean over
+        sequences (labels of another shape than one per sequence, or for several regression or multi-label outputs the
+        logits', are a ConfigError); `label_smoothing` > 0 smooths the cross-entropy's targets, the unsmoothed one then
+        being the output's `nll`. The first loss records the problem type it inferred in `config.problem_type`, as
+        transformers does. Given `inputs_embeds`, which show no pad token, each sequence is pooled at its last position,
+        as transformers pools them (it warns; so does ttl). The other arguments: see `LlamaModel.forward`."""
         base = self.backbone(input_ids, attention_mask, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                              inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
                              use_cache=use_cache)

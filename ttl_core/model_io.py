@@ -170,13 +170,14 @@ def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch
     if label_smoothing and problem != "single_label_classification":
         raise ConfigError(f"label_smoothing smooths the targets of single-label classification; {problem} has no "
                           "class to smooth over")
+    _check_classification_labels(problem, logits, labels)
     # labels keep their dtype, as in transformers: casting float targets to bf16 logits would round them
     if problem == "regression":
         if config.num_labels == 1:
             return F.mse_loss(logits.squeeze(), labels.squeeze()), None
         return F.mse_loss(logits, labels), None
     if problem == "single_label_classification":  # class ids of any integer width: F.cross_entropy takes int64
-        logits, ids = logits.view(-1, config.num_labels), (labels if labels.is_floating_point() else labels.long())
+        logits, ids = logits.view(-1, config.num_labels), labels.long()
         loss = F.cross_entropy(logits, ids.view(-1), label_smoothing=label_smoothing)
         return loss, F.cross_entropy(logits.detach(), ids.view(-1)) if label_smoothing else None
     if problem == "multi_label_classification":
@@ -185,3 +186,17 @@ def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch
                               f"{labels.dtype}; class ids for single-label classification are int64 or int32")
         return F.binary_cross_entropy_with_logits(logits, labels), None
     raise ConfigError(f"unknown problem_type {problem!r}")
+
+
+def _check_classification_labels(problem: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """A ConfigError naming labels of a shape or kind `problem` cannot take, where torch would fail inside its loss
+    naming neither, or (regression over several labels) broadcast the targets against the wrong outputs."""
+    sequences, shape = len(logits), tuple(labels.shape)
+    if problem == "single_label_classification" and (labels.is_floating_point() or labels.numel() != sequences):
+        raise ConfigError(f"single_label_classification takes one integer class id per sequence ({sequences}), got "
+                          f"shape {shape} of {labels.dtype}")
+    per_sequence = problem == "regression" and logits.shape[1] == 1  # squeezed, as transformers squeezes both
+    if per_sequence and labels.numel() != sequences:
+        raise ConfigError(f"regression takes a target per sequence ({sequences}), got shape {shape}")
+    if not per_sequence and problem in ("regression", "multi_label_classification") and shape != tuple(logits.shape):
+        raise ConfigError(f"{problem} takes a target per label, shape {tuple(logits.shape)}, got {shape}")
