@@ -69,7 +69,8 @@ def test_beam_sampling_matches_transformers(models, chunk):
 
 def test_forced_eos_without_eos_ids_pads_placeholder_beams_with_the_padding_id(models):
     """With one token left (forced EOS) the k beams tie with the empty finished slots transformers starts with; those
-    are filled with the padding id there whenever it is set, also with no EOS ids (never with -1, no token id)."""
+    are filled with the padding id there whenever it is set, also given an empty list of EOS ids (given none at all,
+    transformers fills them with -1, no token id, where ttl keeps the padding id: docs/generation.md)."""
     hf, ours = models
     ids, mask = left_padded(131, batch=2, seq=5, pads=(0, 2))
     kwargs = dict(max_new_tokens=1, num_beams=3, num_return_sequences=3, eos_token_id=[], pad_token_id=5,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -354,6 +355,25 @@ def test_resizing_to_the_current_size_keeps_the_tables_and_draws_nothing(tied, t
     ours.resize_token_embeddings(ours.config.vocab_size)
     assert torch.equal(torch.rand(4), their_next_draw)
     assert ours.backbone.embed is embed and ours.lm_head is head
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_resize_to_the_embeddings_size_still_resizes_the_head_and_the_config(tied, tmp_path):
+    """Each table is compared with the new size on its own, as transformers compares them: after
+    `set_input_embeddings` of a larger table, resizing to its size keeps it and still resizes the LM head (by the same
+    draws as transformers'), the config's vocab_size and the tie."""
+    theirs = hf_causal_lm(tie_word_embeddings=tied)
+    ours = to_ttl(theirs, tmp_path)
+    size = theirs.config.vocab_size + 10
+    table = torch.nn.Embedding(size, theirs.config.hidden_size)
+    for model in (theirs, ours):
+        model.set_input_embeddings(copy.deepcopy(table))
+        torch.manual_seed(3)
+        model.resize_token_embeddings(size)
+    assert ours.config.vocab_size == theirs.config.vocab_size == size
+    assert torch.equal(ours.backbone.embed.weight, table.weight)
+    assert torch.equal(ours.lm_head.weight, theirs.lm_head.weight) and ours.lm_head.out_features == size
+    assert (ours.lm_head.weight is ours.backbone.embed.weight) == tied
 
 
 @pytest.mark.parametrize("size", [120, 140])

@@ -67,9 +67,10 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         raise GenerationError(f"length_penalty {length_penalty!r} is too large: (new tokens) ** length_penalty "
                               f"overflows a float at {max_new_tokens} new tokens") from None
     length_penalty = float(length_penalty)  # an int's power of the length would be an int too large for a tensor
-    # transformers' padding of short beams and of the finished slots no beam filled: a padding id of 0 counts as
-    # none there, so the first EOS id pads (without one transformers fails: the padding id pads); -1 only where
-    # there is neither a padding id nor an EOS id
+    # short beams and the finished slots no beam filled are padded as transformers pads them given EOS ids: with the
+    # padding id, or the first EOS id where the padding id is 0 or None. Where transformers pads with -1, no token
+    # id (no EOS ids at all), or fails (an empty list, a padding id of 0), the padding id pads (docs/generation.md):
+    # -1 only where there is neither
     fill = eos[0] if eos and not pad else -1 if pad is None else pad
     running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids.view(batch, num_beams, prompt_len)

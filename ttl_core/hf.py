@@ -2,8 +2,8 @@
 
 This module knows transformers' tensor names (`ttl_core.muon.is_hf_projection` knows its projections' too). A
 *plan* maps each ttl parameter to the checkpoint tensors stacked along dim 0 to form it (q/k/v -> qkv, gate/up ->
-gate_up); loading and saving both walk that plan, so the mapping is written once. Weights are read from safetensors only: pickles are
-never opened.
+gate_up); loading and saving both walk that plan, so the mapping is written once. Weights are read from safetensors
+only: pickles are never opened.
 """
 
 from __future__ import annotations

@@ -285,23 +285,24 @@ class _LlamaBase(nn.Module):
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Change the vocabulary size (e.g. after adding special tokens) as transformers does by default: existing
         rows keep their values, new input-embedding and LM-head rows are drawn close around the mean of the existing
-        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows. The
-        current size keeps the tables as they are."""
+        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows. A
+        table already of that size is kept as it is."""
         if new_vocab_size < 1:
             raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
         old = self.backbone.embed
-        if new_vocab_size == old.num_embeddings:  # transformers keeps the tables: new modules would draw their init
-            return
-        pad = self.config.pad_token_id
-        # else no padding row, as in transformers; a negative id counts from the new end, as transformers reads the
-        # resized checkpoint (its model in memory keeps the old row: docs/models.md)
-        in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
-        embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
-                             padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
-        _fill_resized_table(embed.weight, old.weight)
-        self.backbone.embed = embed
+        # as transformers, each table of another size is replaced: a new one of the same size would draw its init
+        # from the global RNG for nothing (moving what is drawn next off transformers' draws)
+        if old.num_embeddings != new_vocab_size:
+            pad = self.config.pad_token_id
+            # else no padding row, as in transformers; a negative id counts from the new end, as transformers reads
+            # the resized checkpoint (its model in memory keeps the old row: docs/models.md)
+            in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
+            embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
+                                 padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
+            _fill_resized_table(embed.weight, old.weight)
+            self.backbone.embed = embed
         head = getattr(self, "lm_head", None)
-        if head is not None and not self.config.tie_word_embeddings:
+        if head is not None and not self.config.tie_word_embeddings and len(head.weight) != new_vocab_size:
             new_head = nn.Linear(head.in_features, new_vocab_size, bias=False, device=head.weight.device,
                                  dtype=head.weight.dtype)
             _fill_resized_table(new_head.weight, head.weight)
@@ -335,6 +336,7 @@ class LlamaForCausalLM(_LlamaBase):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.backbone.embed.weight
+            self.lm_head.out_features = len(self.lm_head.weight)  # as transformers: else its repr names the old size
 
     def untie_embeddings(self) -> None:
         """Give the LM head its own copy of a shared input embedding; the config then says untied."""
