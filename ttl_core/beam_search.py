@@ -128,11 +128,6 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
             top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
             top_index = top_index.gather(1, order)
         else:
-            if bool(totals.isnan().any()):  # topk would rank NaN first; greedy decoding refuses it too
-                raise GenerationError(f"beam search met NaN scores at new token {cur_len - prompt_len + 1}: "
-                                      "renormalize_logits log-softmaxes a row the token rules left no token, or one "
-                                      "with +inf (exponential_decay_length_penalty past float32, an infinite "
-                                      "sequence_bias), to NaN, or the model's logits hold NaN")
             top_scores, top_index = torch.topk(totals, keep)
         top_beams, top_tokens = top_index // vocab, top_index % vocab
         top_sequences = torch.take_along_dim(running, top_beams[..., None], dim=1)
@@ -168,6 +163,13 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         best_running = running_scores[:, :1] / (hoped ** length_penalty)
         worst_finished = torch.where(finished, torch.min(finished_scores, dim=1, keepdim=True)[0], _NEVER)
         improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+        # topk ranks NaN first, where greedy decoding refuses it; read where the step waits on the host anyway, after
+        # its work is queued (the step's results are dropped)
+        if not do_sample and bool(totals.isnan().any()):
+            raise GenerationError(f"beam search met NaN scores at new token {cur_len - prompt_len + 1}: "
+                                  "renormalize_logits log-softmaxes a row the token rules left no token, or one with "
+                                  "+inf (exponential_decay_length_penalty past float32, an infinite sequence_bias), to "
+                                  "NaN, or the model's logits hold NaN")
         open_beams = not (bool(finished.all()) and early_stopping is True)
         if not (bool(improvable.any()) and open_beams and not bool(stopped.all())):
             break
