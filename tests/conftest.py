@@ -86,3 +86,12 @@ def data_dir(tmp_path_factory):
     from train_helpers import prepared_corpus  # after the environment above: it imports ttl_kernels
 
     return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def halves(tmp_path_factory):
+    """'a' and 'b': the two halves of train_helpers' corpus, prepared with one tokenizer (a module may define its
+    own)."""
+    from train_helpers import corpus_halves
+
+    return corpus_halves(tmp_path_factory.mktemp("halves"), 40)

@@ -20,8 +20,8 @@ from tests.helpers import largest, load_script, rel_err, run_script
 import ttl_kernels
 from ttl_core import LlamaConfig, LlamaForSequenceClassification
 from ttl_core.errors import CheckpointError, ConfigError
-from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classification_metrics, classifier_collator, collate,
-                               finetune_classifier, improves, pack, predict, regression_metrics)
+from ttl_core.finetune import (SAMPLE_DATA, FinetuneConfig, classifier_collator, collate, finetune_classifier, pack,
+                               predict)
 from ttl_core.hf import load_pretrained, save_pretrained
 from ttl_core.metrics import read_metrics
 from ttl_core.instruct import finetune_instruct
@@ -116,16 +116,6 @@ def test_float16_fine_tuning_scales_its_loss(base_dir, tmp_path, monkeypatch):
     steps = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 2 and steps[0]["loss_scale"] == 2.0**16
     assert all(r["skipped"] == (not math.isfinite(r["grad_norm"])) for r in steps)
-
-
-def test_metrics_against_hand_counts():
-    m = classification_metrics([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
-    # class 0: tp 1, predicted 2, actual 2 -> 0.5; class 1: tp 1, 1, 2 -> 2/3; class 2: tp 2, 3, 2 -> 0.8
-    assert m["accuracy"] == pytest.approx(4 / 6) and m["f1"] == pytest.approx((0.5 + 2 / 3 + 0.8) / 3)
-    rng = np.random.default_rng(0)
-    p, t = rng.normal(size=50), rng.normal(size=50)
-    r = regression_metrics(p.tolist(), t.tolist())
-    assert r["pearson"] == pytest.approx(np.corrcoef(p, t)[0, 1]) and r["mse"] == pytest.approx(np.mean((p - t) ** 2))
 
 
 def test_a_classifier_base_keeps_its_label_order_over_the_discovered_one(base_dir, tmp_path):
@@ -397,32 +387,6 @@ def test_benchmark_rows_json_and_markdown_table(tmp_path, monkeypatch):
         "|---|---|---|---|---|---|---|",
         "| noticias | classification | 2 | 0.7500 | 0.5000 | - | - |",
         "| sts | regression | 3 | - | - | - | 0.1250 |"]
-
-
-def test_metrics_count_a_class_that_is_only_predicted_and_handle_constant_sides():
-    """Macro F1 averages over the classes in the predictions or the labels: a class predicted but never true
-    scores 0 and counts; one in neither is left out. Pearson is 0, not a ZeroDivisionError, when either the
-    predictions or the targets are constant."""
-    m = classification_metrics([0, 1, 2, 2], [0, 1, 1, 1], 4)
-    # class 0: tp 1, predicted 1, actual 1 -> 1; class 1: tp 1, 1, 3 -> 0.5; class 2: tp 0, 2, 0 -> 0; class 3: none
-    assert m["accuracy"] == pytest.approx(0.5) and m["f1"] == pytest.approx(1.5 / 3)
-    varied = [0.3, -1.2, 2.5, 0.7]
-    for p, t in ((varied, [1.5] * 4), ([1.5] * 4, varied)):
-        r = regression_metrics(p, t)
-        assert r["pearson"] == 0.0 and r["mse"] == pytest.approx(np.mean((np.array(p) - np.array(t)) ** 2))
-
-
-def test_a_diverged_evaluation_is_never_kept_over_a_real_one():
-    """Non-finite predictions score NaN, not the 0 of a constant prediction (which would beat a negative
-    Pearson); a NaN score beats no best, and any score beats a NaN best (else no later epoch could be kept)."""
-    for bad in (math.nan, math.inf):
-        r = regression_metrics([0.3, bad, 2.5], [1.0, 2.0, 3.0])
-        assert math.isnan(r["pearson"]) and math.isnan(r["mse"])
-    assert improves(0.5, None, higher_is_better=True) and improves(-0.2, math.nan, higher_is_better=True)
-    assert improves(3.0, math.nan, higher_is_better=False)
-    assert not improves(math.nan, -0.2, higher_is_better=True) and not improves(math.nan, 3.0, higher_is_better=False)
-    assert improves(0.6, 0.5, higher_is_better=True) and not improves(0.5, 0.5, higher_is_better=True)
-    assert improves(0.9, 1.0, higher_is_better=False) and not improves(1.1, 1.0, higher_is_better=False)
 
 
 def test_classifier_keeps_the_first_best_epoch_and_decays_the_lr_over_all_updates(base_dir, tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ TeenyTinyLlama-style `tokenizer.json`, chat templates."""
 import io
 import json
 import random
-import re
 
 import pytest
 import sentencepiece as spm
@@ -164,38 +163,6 @@ def test_unsupported_tokenizer_json_is_a_clear_error(tmp_path):
         tokenizer_json_to_sentencepiece(tmp_path / "x.json")
 
 
-def test_vocab_too_large_names_the_size_that_fits():
-    with pytest.raises(TokenizerError, match=r"cannot train a 5000-token vocabulary.*largest this text allows is \d+"):
-        train_tokenizer(corpus(20), None, vocab_size=5000)
-
-
-def test_vocab_too_large_is_said_without_sentencepiece_internals():
-    """sentencepiece's message names its C++ source line and a failed assertion; the user needs only the size."""
-    with pytest.raises(TokenizerError) as e:
-        train_tokenizer(corpus(20), None, vocab_size=5000)
-    largest = int(re.search(r"the largest this text allows is (\d+)$", str(e.value)).group(1))
-    assert not re.search(r"INTERNAL|\.cc\(|pieces_size|Please set", str(e.value)), str(e.value)
-    assert train_tokenizer(corpus(20), None, vocab_size=largest).vocab_size == largest
-
-
-@pytest.mark.parametrize("documents, vocab_size, error", [
-    ([], 300, r"no text to train on"),
-    (["", "  \n", "\t"], 300, r"no text to train on"),
-    (corpus(5), 0, r"vocab_size must be an integer >= 1, got 0"),
-    (corpus(5), -3, r"vocab_size must be an integer >= 1, got -3"),
-    (corpus(5), 300.5, r"vocab_size must be an integer >= 1, got 300\.5"),
-    (corpus(5), None, r"vocab_size must be an integer >= 1, got None"),
-    (["casa", b"casa"], 300, r"document 1 is a bytes, not a str"),
-    ([None, *corpus(5)], 300, r"document 0 is a NoneType, not a str"),
-    (["casa \ud800 x"], 300, r"document 0 is not valid Unicode: character 5 is a lone surrogate"),
-])
-def test_train_tokenizer_refuses_bad_input_with_a_clear_error(documents, vocab_size, error):
-    """Not sentencepiece's internals ('INTERNAL: src/trainer_interface.cc(467) [!sentences_.empty()]', 'cannot
-    parse "None" as int') nor Python's (AttributeError, UnicodeEncodeError)."""
-    with pytest.raises(TokenizerError, match=error):
-        train_tokenizer(documents, None, vocab_size=vocab_size)
-
-
 def test_encoding_a_text_with_a_lone_surrogate_names_it_in_one_line(tok):
     """Half a UTF-16 pair (a byte read in another encoding) anywhere in a non-ASCII text: a TokenizerError naming
     its position, not the RuntimeError sentencepiece's binding raises ('Unable to cast Python instance')."""
@@ -206,16 +173,6 @@ def test_encoding_a_text_with_a_lone_surrogate_names_it_in_one_line(tok):
         text = " ".join(words)[:at] + rng.choice(["\ud800", "\udfff"]) + " ".join(words)[at:]
         with pytest.raises(TokenizerError, match=rf"^the text is not valid Unicode: character {at} is a lone "):
             tok.encode(text)
-
-
-def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
-    """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
-    and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""
-    with pytest.raises(TokenizerError, match=r"cannot train a 10-token vocabulary.*smallest this text allows") as e:
-        train_tokenizer(corpus(20), None, vocab_size=10)
-    assert "character_coverage" not in str(e.value)
-    smallest = int(re.search(r"smallest this text allows is (\d+)$", str(e.value)).group(1))
-    assert train_tokenizer(corpus(20), None, vocab_size=smallest).vocab_size == smallest
 
 
 def test_chat_templates():
@@ -394,30 +351,6 @@ def test_tokenizer_files_under_other_names_are_read_alone(tok, tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "ttl" / "ttl.json").proto == converted
 
 
-def endless(docs: list[str], pulled: list[int]):
-    """`docs` over and over, each one read noted in `pulled`."""
-    for k in range(100_000):
-        pulled.append(k)
-        yield docs[k % len(docs)]
-
-
-def test_train_tokenizer_reads_only_the_documents_it_uses():
-    docs, pulled = corpus(300, seed=1), []
-    trained = train_tokenizer(endless(docs, pulled), None, vocab_size=320, input_sentence_size=250)
-    assert len(pulled) == 250
-    assert trained.proto.pieces == train_tokenizer(docs[:250], None, vocab_size=320).proto.pieces
-
-
-def test_train_tokenizer_reads_no_more_than_its_byte_budget():
-    """sentencepiece holds every sentence it is given (a few times its size): documents of a few KB each would
-    take a multi-GB corpus whole under the 2M-sentence limit, so the text read is bounded in bytes too."""
-    docs, pulled = corpus(300, seed=1), []
-    budget = sum(len(d.encode()) for d in docs[:200])
-    trained = train_tokenizer(endless(docs, pulled), None, vocab_size=320, input_bytes=budget)
-    assert len(pulled) == 201  # the 201st would pass the budget
-    assert trained.proto.pieces == train_tokenizer(docs[:200], None, vocab_size=320).proto.pieces
-
-
 def test_added_tokens_that_extend_one_another_match_longest_first_as_autotokenizer(tok, tmp_path):
     """Added tokens where one starts another ("<|fim|>" and "<|fim|>!", "<s" and "<s>", "</s>" and "</s>x"):
     the longest one is matched, as transformers' added-token trie does."""
@@ -476,15 +409,6 @@ def test_tokens_added_to_a_tokenizer_json_are_matched_whole_as_autotokenizer(tmp
     chat = chat_prompt("aira", "qual é a capital?") + chat_response("aira", "brasília.")
     assert ours.encode(chat)[:2] == [1, 420] and ours.encode(chat)[-1] == 422
     assert_same_ids(ours, hf, [chat, "x<|pad|> y <|endofinstruction|>\nz", "a<|endofcompletion|>b"])
-
-
-def test_training_sentences_keep_documents_up_to_the_byte_limit_whole_and_cut_longer_ones_losslessly():
-    """`_sentences(texts, 8)`: a document of at most 8 UTF-8 bytes is one sentence; a longer one ("ééé\\né" is
-    9 bytes) is cut at line breaks, then into pieces of 8 // 4 = 2 characters, none lost; blank ones are dropped."""
-    from ttl_core.tokenizer_train import _sentences
-
-    texts = ["abc\ndefg", "ééé\né", " \n ", "", "abcdefghij\n\nkl", "x"]
-    assert list(_sentences(texts, 8)) == ["abc\ndefg", "éé", "é", "é", "ab", "cd", "ef", "gh", "ij", "kl", "x"]
 
 
 @pytest.mark.parametrize("named", [False, True])
