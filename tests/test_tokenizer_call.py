@@ -264,6 +264,17 @@ def test_a_model_max_length_past_10_to_the_20_is_no_limit_as_in_transformers(tmp
             assert_same(ours(texts, **kwargs), dict(theirs(texts, **kwargs)))
 
 
+def test_padding_to_a_length_too_long_for_memory_is_one_line(tmp_path):
+    """A model_max_length just under transformers' "no limit" (or a max_length as large): padding="max_length" to it
+    is refused in one line, where transformers (and ttl before) ended in a MemoryError or an OverflowError."""
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir(tmp_path / "tok", with_eos=False, model_max_length=10**15))
+    assert tokenizer.model_max_length == 10**15
+    for kwargs in ({}, {"max_length": 10**19}):
+        with pytest.raises(TokenizerError, match=r"^padding to max_length=10+ does not fit in memory: pass a "):
+            tokenizer(["a casa", "não"], padding="max_length", **kwargs)
+    assert [len(row) for row in tokenizer(["a casa", "não"], padding="max_length", max_length=9)["input_ids"]] == [9, 9]
+
+
 def test_generate_on_the_call_equals_transformers_generate_and_batch_decode(tmp_path):
     """`generate(model, **tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left"))`, greedy, is
     transformers' `model.generate(**tokenizer(...))` on the same weights token for token, and `batch_decode` gives

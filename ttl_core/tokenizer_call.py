@@ -7,7 +7,7 @@ nothing where that is None). One text, or a list of them: text pairs, pre-split 
 outputs are refused, and so is what transformers answers oddly: `max_length` shorter than the special tokens when
 truncating (its tokenizers library then does not truncate at all), an empty list (an IndexError there) and tensors
 of rows of different lengths (for "np" an array of arrays there, for "pt" an error, but an empty float tensor where
-the first row is empty)."""
+the first row is empty), or padding to a length that cannot fit in memory (a MemoryError there)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,11 @@ def encode_for_model(tokenizer: Tokenizer, text: str | list[str] | tuple[str, ..
     masks = [[1] * len(row) for row in rows]
     if pad is not None:
         width = max_length if pad == "max_length" else max(map(len, rows))
-        rows, masks = pad_rows(rows, width, tokenizer.pad_id, side), pad_rows(masks, width, 0, side)
+        try:
+            rows, masks = pad_rows(rows, width, tokenizer.pad_id, side), pad_rows(masks, width, 0, side)
+        except (MemoryError, OverflowError):  # a model_max_length meant as "no limit" (transformers pads alike)
+            raise TokenizerError(f"padding to max_length={width} does not fit in memory: pass a smaller max_length, "
+                                 "or padding=True to pad to the longest text") from None
     out = {"input_ids": rows, **({"attention_mask": masks} if return_attention_mask is not False else {})}
     if return_tensors is None:
         return BatchEncoding(out if batched else {k: v[0] for k, v in out.items()})
