@@ -94,11 +94,13 @@ def longest_first(head: list[int], tail: list[int], room: int) -> tuple[list[int
 
 
 def aira_text(instruction: str, extra: str, response: str) -> tuple[str, str]:
+    """(prompt, response) texts of an Aira-2 example, written out apart from ttl_core.chat_format."""
     prompt = "<|startofinstruction|>" + instruction + (f"\n{extra}" if extra else "") + "<|endofinstruction|>"
     return prompt, response + "<|endofcompletion|>"
 
 
 def alpaca_text(instruction: str, extra: str, response: str) -> tuple[str, str]:
+    """(prompt, response) texts of an Alpaca-PTBR example (its </s> is an id the caller adds)."""
     tail = "Escreva uma resposta que conclua adequadamente a solicitação."
     header = "Abaixo está uma instrução que descreve uma tarefa"
     if extra:
