@@ -166,7 +166,8 @@ def checked_model(model: LlamaForCausalLM, reference: LlamaForCausalLM | None = 
     logits = model(ids).logits
     assert torch.isfinite(logits).all()
     if reference is not None:
-        assert (logits - reference(ids).logits).abs().max() <= 1e-4
+        gap = (logits - reference(ids).logits).abs().max().item()
+        assert gap <= 1e-4, f"a damaged header loaded other weights (logits {gap:.3g} off)"
 
 
 # --- each kind: damage a copy, return what reads it -----------------------------------------------------------
@@ -428,9 +429,15 @@ def test_tokenizer_files_with_text_that_is_not_unicode_are_named(base, tmp_path)
         Tokenizer.from_pretrained(tokenizer)
 
 
-def test_a_merge_holding_a_line_break_is_named_in_one_line(tmp_path):
+def test_merges_holding_a_line_break_are_named_in_one_line(tmp_path):
     spec = make_ttl_style_dir(tmp_path / "tokenizer", corpus(40), vocab_size=300)
-    spec["model"]["merges"].insert(0, ["a\nb", "c"])
-    (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
+    unknown = {**spec, "model": {**spec["model"], "merges": [["a\nb", "c"], *spec["model"]["merges"]]}}
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps(unknown))
     with pytest.raises(TokenizerError, match=r"merge 'a\\nb c' uses or makes a token that is not in model\.vocab"):
+        Tokenizer.from_pretrained(tmp_path / "tokenizer")
+    vocab = spec["model"]["vocab"]
+    for piece in ("\n", "a\n"):  # a piece no listed merge makes
+        vocab.setdefault(piece, len(vocab))
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=r"never merges 'a' \+ '\\n' \(no merge 'a \\n'\)"):
         Tokenizer.from_pretrained(tmp_path / "tokenizer")

@@ -212,7 +212,7 @@ def _unlisted_merge_problem(pieces: list[str], vocab: dict[str, int], ranks: dic
             continue
         parts = _split_by_merges(piece, ranks)
         if len(parts) == 2:
-            return (f"tokenizers never merges {parts[0]!r} + {parts[1]!r} (no merge \"{' '.join(parts)}\"), "
+            return (f"tokenizers never merges {parts[0]!r} + {parts[1]!r} (no merge {' '.join(parts)!r}), "
                     f"which sentencepiece merges into the piece {piece!r}")
     return None
 
