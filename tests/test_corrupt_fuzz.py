@@ -4,7 +4,7 @@ task file) and damages it (truncated, bytes flipped, a JSON value deleted or of 
 header lying about dtype, shape or offsets, a tensor missing or extra, a shard missing, files swapped with another
 run's). Reading it through the Python API must then either work (the damage was harmless: a JSON key nothing
 reads, whitespace) or raise one of ttl's errors in one line; a traceback from deep inside (KeyError, struct, json,
-torch) or data that loads wrong fails. The seeds below were drawn from a longer run (/tmp/fuzz-files) to cover each
+torch) or data that loads wrong fails. The seeds below were picked from a longer run of these cases to cover each
 kind and each check that run found missing."""
 
 from __future__ import annotations
