@@ -383,7 +383,7 @@ def test_a_recorded_train_section_that_is_not_a_table_is_named(base, tmp_path):
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
         state["config"]["train"] = 3
         (checkpoint / TRAINER_STATE).write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=r"trainer_state\.json records the run's \[train\] as 3, not a table"):
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json records \[train\] as 3, not a table"):
         resumed(base, tmp_path, edit)
 
 

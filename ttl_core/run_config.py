@@ -388,8 +388,7 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
         return
     train_was = saved.get("train", {})
     if not isinstance(train_was, dict):
-        raise CheckpointError(f"{checkpoint}: trainer_state.json records the run's [train] as {train_was!r}, not a "
-                              "table")
+        raise CheckpointError(f"{checkpoint}: trainer_state.json records [train] as {train_was!r}, not a table")
     optimizer = train_was.get("optimizer", "adamw")  # a run from before train.optimizer was AdamW's
     if optimizer != run.train.optimizer:
         raise ConfigError(f"{checkpoint} was trained with train.optimizer={optimizer!r}, whose state it saved; resume "
