@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
-from .errors import CheckpointError, TTLError, is_integer
+from .errors import CheckpointError, TTLError, is_integer, is_number
 from .fileio import (atomic_write, read_json, remove_dir_atomically, remove_path, write_dir_atomically,
                      write_json)
 from .hf import check_weight_files, save_pretrained
@@ -284,6 +285,62 @@ def load_optimizer_file(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
     if not isinstance(saved, dict) or not {"optimizer", "rng"} <= set(saved):
         raise CheckpointError(f"{optimizer_path}: expected the optimizer and RNG states")
     return saved
+
+
+def check_optimizer_file(checkpoint: Path, saved: dict[str, Any], model: torch.nn.Module) -> None:
+    """Raise CheckpointError naming optimizer.pt when what `load_optimizer_file` read from it (`saved`) does not fit
+    `model` (one from another model's run, or a file written otherwise), where torch would fail naming no file or
+    load moments that break the next step: see `_check_optimizer_state` and `_check_rng_states`."""
+    path = checkpoint / OPTIMIZER_STATE
+    if saved["optimizer"] != {}:  # {} before the first update
+        shapes = {name: param.shape for name, param in model.named_parameters() if param.requires_grad}
+        _check_optimizer_state(path, saved["optimizer"], shapes)
+    _check_rng_states(path, saved["rng"])
+
+
+def _check_optimizer_state(path: Path, state: Any, shapes: dict[str, torch.Size]) -> None:
+    """A name-keyed optimizer state, as `full_optimizer_state` saves it, must hold every trainable parameter (of
+    `shapes`) and no other, in its groups and its per-parameter state; each step count a number >= 0 and each
+    moment a floating-point tensor of its parameter's shape."""
+    groups, per_param = (state.get("param_groups"), state.get("state")) if isinstance(state, dict) else (None, None)
+    if not (isinstance(groups, list) and isinstance(per_param, dict)
+            and all(isinstance(group, dict) and isinstance(group.get("params"), list) for group in groups)):
+        raise CheckpointError(f"{path}: the optimizer state is not the parameter groups and per-parameter state ttl "
+                              "saves")
+    grouped = [name for group in groups for name in group["params"]]
+    if sorted(grouped) != sorted(shapes) or set(per_param) != set(shapes):
+        differ = sorted(set(shapes) ^ set(grouped) | set(shapes) ^ set(per_param))
+        raise CheckpointError(f"{path}: an optimizer state for other parameters than the model's (not both hold "
+                              f"{differ[:3]}): saved by another model's run?")
+    for name, values in per_param.items():
+        wrong = next((key for key, value in (values.items() if isinstance(values, dict) else [("state", values)])
+                      if not _fits(key, value, shapes[name])), None)
+        if wrong is not None:
+            expected = ("a step count >= 0" if wrong == "step" else
+                        f"a floating-point tensor of the parameter's shape {tuple(shapes[name])}")
+            raise CheckpointError(f"{path}: optimizer state {name}.{wrong} is not {expected}: saved by another "
+                                  "model's run?")
+
+
+def _fits(key: str, value: Any, shape: torch.Size) -> bool:
+    if key == "step":
+        step = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        return is_number(step) and 0 <= step < math.inf
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == shape
+
+
+def _check_rng_states(path: Path, saved: Any) -> None:
+    """Every random-number generator state saved (one per rank, or one of an older checkpoint) must be one the
+    generators take: each is tried, then this process's own states are put back."""
+    kept = rng_state()
+    try:  # the generators' own setters know what a state must hold
+        for state in saved if isinstance(saved, list) else [saved]:
+            set_rng_state(state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: unusable random-number generator state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        set_rng_state(kept)
 
 
 def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -378,6 +378,8 @@ def read_meta(path: str | os.PathLike) -> dict:
     for key, low in (("eos_id", 0), ("vocab_size", 1)):
         if not (_is_int(meta.get(key)) and meta[key] >= low):
             raise DataError(f"{path}: {key!r} is {shown(key)}; expected an integer >= {low}")
+    if meta["eos_id"] >= meta["vocab_size"]:  # no token would end a document: masking would find none
+        raise DataError(f"{path}: 'eos_id' {meta['eos_id']} is outside the vocabulary ({meta['vocab_size']} ids)")
     return meta
 
 

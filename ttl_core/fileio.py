@@ -190,14 +190,14 @@ def json_array_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}:{line_at(pos)}: malformed JSON (text after the top-level array)")
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character outside this range
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character outside this range
 
 
 def refuse_lone_surrogate(path: Path, number: int, field: str, text: str) -> str:
     """`text`, the string `field` of a JSON record on line `number` of `path`. JSON escapes allow half a UTF-16
     pair ("\\ud83d" alone), which no text holds and which a tokenizer would refuse without naming the file: a
     DataError names file, line, field and character."""
-    if lone := _LONE_SURROGATE.search(text):
+    if lone := LONE_SURROGATE.search(text):
         raise DataError(f"{path}:{number}: {field!r} holds a lone surrogate {lone.group()!r} at character "
                         f"{lone.start()} (half an escaped UTF-16 pair)")
     return text

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import PRESETS, RUNTIME_FIELDS, LlamaConfig
 from .ema import check_average_names
-from .errors import ConfigError, is_integer, is_number
+from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .noise_scale import validate_noise_scale
 from .spikes import validate_spikes
 from .tokenizer import Tokenizer
@@ -387,6 +387,8 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
     if not isinstance(saved, dict):
         return
     train_was = saved.get("train", {})
+    if not isinstance(train_was, dict):
+        raise CheckpointError(f"{checkpoint}: trainer_state.json records [train] as {train_was!r}, not a table")
     optimizer = train_was.get("optimizer", "adamw")  # a run from before train.optimizer was AdamW's
     if optimizer != run.train.optimizer:
         raise ConfigError(f"{checkpoint} was trained with train.optimizer={optimizer!r}, whose state it saved; resume "
@@ -406,7 +408,7 @@ def check_resumable(run: RunConfig, saved: dict[str, Any], checkpoint: Path) -> 
                               f"a resumed run keeps its model: give the run's own [model] settings, or start a new "
                               f"run with --init-from {checkpoint}")
     no_decay = train_was.get("no_decay")
-    if no_decay is not None and list(no_decay) != list(run.train.no_decay):
+    if no_decay is not None and no_decay != list(run.train.no_decay):  # JSON recorded a list
         raise ConfigError(f"{checkpoint} was trained with train.no_decay={no_decay}; resuming with "
                           f"{run.train.no_decay} would move parameters between weight-decay groups")
     for key in ("seq_len", "seed"):

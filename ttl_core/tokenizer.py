@@ -27,11 +27,12 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
-from .fileio import atomic_write, read_json, write_json
+from .fileio import atomic_write, write_json
 from .tokenizer_call import encode_for_model
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
-                               replace_chat_template_files, role_tokens, split_special_tokens_flag, token_flags)
+                               read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
+                               token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and tokenizer_train trains on)
@@ -79,6 +80,9 @@ class Tokenizer:
             raise TokenizerError(f"{where}not a sentencepiece model ({e})") from None
         if not proto.pieces:
             raise TokenizerError(f"{where}not a sentencepiece model (no pieces)")
+        # protobuf hands a piece whose bytes are not UTF-8 (a damaged byte) over as bytes, not text
+        if (broken := next((i for i, p in enumerate(proto.pieces) if not isinstance(p.piece, str)), None)) is not None:
+            raise TokenizerError(f"{where}not a sentencepiece model (piece {broken} is not UTF-8 text)")
         try:
             self._load(proto)
         except RuntimeError as e:  # a well-formed proto sentencepiece still refuses (e.g. no <unk> piece)
@@ -213,7 +217,7 @@ class Tokenizer:
         Returns, where a tokenizer.json is beside it, the ids its post-processor puts around a text (transformers 5
         saves that setting only there) and its added tokens' flags; else (None, {})."""
         json_path = model_file.with_name("tokenizer.json")
-        spec = read_json(json_path, TokenizerError, expect=object) if json_path.is_file() else None
+        spec = read_tokenizer_json(json_path) if json_path.is_file() else None
         template, flags = None, {}
         if spec is not None:
             template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)

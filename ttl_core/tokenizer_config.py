@@ -8,17 +8,35 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import TokenizerError, is_integer, is_number
-from .fileio import read_json
+from .fileio import LONE_SURROGATE, read_json
 
 ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"  # transformers 5's
+
+
+def read_tokenizer_json(path: Path) -> object:
+    """The JSON document of a tokenizer file at `path` (tokenizer.json, tokenizer_config.json, ...): a string in it
+    holding half an escaped UTF-16 pair ("\\ud83d" alone), which no token's text can, is a TokenizerError naming
+    the file, where sentencepiece or protobuf would fail on it naming neither file nor token."""
+    document = read_json(path, TokenizerError, expect=object)
+    todo = [document]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            todo += [*node, *node.values()]
+        elif isinstance(node, list):
+            todo += node
+        elif isinstance(node, str) and (lone := LONE_SURROGATE.search(node)):
+            raise TokenizerError(f"{path}: the string {node[:40]!r} holds a lone surrogate {lone.group()!r} (half an "
+                                 "escaped UTF-16 pair)")
+    return document
 
 
 def read_config(path: Path) -> dict | None:
     """The tokenizer_config.json or special_tokens_map.json at `path`, or None where there is none."""
     if not path.is_file():
         return None
-    config = read_json(path, TokenizerError, expect=object)
+    config = read_tokenizer_json(path)
     if not isinstance(config, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config

@@ -29,8 +29,7 @@ from pathlib import Path
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .errors import TokenizerError
-from .fileio import read_json
-from .tokenizer_config import TokenFlags, token_flags
+from .tokenizer_config import TokenFlags, read_tokenizer_json, token_flags
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback piece
 _Piece = spm_pb2.ModelProto.SentencePiece
@@ -92,7 +91,7 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     why the model would split some text differently (None: never), the ids its post-processor puts around a
     text (see `template_ends`) and the flags of its added tokens ({} when `added_tokens` replace them).
     Piece score = minus that rank; `<0xNN>` pieces are typed BYTE, added tokens the model cannot make USER_DEFINED."""
-    spec = read_json(path, TokenizerError, expect=object)
+    spec = read_tokenizer_json(path)
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise TokenizerError(f"{path}: expected a JSON object with a \"model\" object, as the tokenizers library "
                              f"writes")
@@ -120,7 +119,8 @@ def _convert(path: Path, added_tokens: dict[int, str] | None) \
     for (left, right), r in sorted(ranks.items(), key=lambda item: item[1]):
         piece = left + right
         if left not in vocab or right not in vocab or piece not in vocab:
-            raise TokenizerError(f"{path}: merge '{left} {right}' uses or makes a token that is not in model.vocab")
+            raise TokenizerError(f"{path}: merge {f'{left} {right}'!r} uses or makes a token that is not in "
+                                 "model.vocab")
         if piece != before and piece in first_rank and order_problem is None:
             order_problem = (f"a merge into {before!r} is ranked between two merges into {piece!r}; a sentencepiece "
                              f"piece has one score for all of its merges")
@@ -212,7 +212,7 @@ def _unlisted_merge_problem(pieces: list[str], vocab: dict[str, int], ranks: dic
             continue
         parts = _split_by_merges(piece, ranks)
         if len(parts) == 2:
-            return (f"tokenizers never merges {parts[0]!r} + {parts[1]!r} (no merge \"{' '.join(parts)}\"), "
+            return (f"tokenizers never merges {parts[0]!r} + {parts[1]!r} (no merge {' '.join(parts)!r}), "
                     f"which sentencepiece merges into the piece {piece!r}")
     return None
 

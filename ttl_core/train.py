@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from .activation_stats import eval_activation_stats
-from .checkpoint import (latest_checkpoint, load_optimizer_file, lock_run_dir, point_to_older_checkpoint,
-                         save_checkpoint, set_rank_rng_state, verify_digests)
+from .checkpoint import (check_optimizer_file, latest_checkpoint, load_optimizer_file, lock_run_dir,
+                         point_to_older_checkpoint, save_checkpoint, set_rank_rng_state, verify_digests)
 from .choices import task_figures
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
@@ -157,6 +157,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         model = build_or_load_model(config, train.seed, resume_from, init_from, world.device)
         if resume_from is not None:  # every file read in structure; now every byte, against the digests saved
             verify_digests(resume_from, trainer_state)
+            check_optimizer_file(resume_from, saved, model)
         ema = start_ema(model, train.ema_decay, resume_from, world)  # None without it; a lost ema/ is named above
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
