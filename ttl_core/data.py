@@ -5,8 +5,7 @@ when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transf
 `prepare_data` tokenizes in shards with every core it may use; each finished shard is saved under
 `DIR/.prepare/`, so an interrupted run resumes where it stopped and writes exactly what an uninterrupted run
 would. `PackedLoader` memory-maps a split, cuts it into blocks of `seq_len + 1` tokens at stride `seq_len`,
-and serves a seeded permutation of them split across ranks, with a position that can be saved and restored.
-"""
+and serves a seeded permutation of them split across ranks, with a position that can be saved and restored."""
 
 from __future__ import annotations
 
@@ -131,8 +130,7 @@ def _bookkeeping(path: Path) -> object:
 
 def _evenly(k: int, fraction: float) -> bool:
     """Whether document k is among an evenly spread `fraction` of the documents (held out for validation, or
-    in the tokenizer's sample): when the running count floor((k+1) * fraction) steps up, so every file
-    contributes."""
+    in the tokenizer's sample): when the running count floor((k+1) * fraction) steps up, so every file contributes."""
     return int((k + 1) * fraction) > int(k * fraction)
 
 

@@ -2,8 +2,7 @@
 
 `[model]` names a preset and/or sets `LlamaConfig` fields; `[data]` and `[train]` set the fields of the
 dataclasses below. `--set train.lr=3e-4` style overrides are applied on top, and an unknown section or key
-is an error that names it, so a typo never silently trains with a default.
-"""
+is an error that names it, so a typo never silently trains with a default."""
 
 from __future__ import annotations
 
