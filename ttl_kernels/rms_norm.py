@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, sm_count, use_triton
+from .dispatch import (
+    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, sm_count, use_triton,
+)
 
 if HAVE_TRITON:
     import triton
@@ -232,6 +234,7 @@ def rms_norm(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     require_floating("rms_norm", x=x, weight=weight, residual=residual)
+    require_one_device("rms_norm", x=x, weight=weight, residual=residual)
     if not use_triton(x, backend, weight, residual):
         out = rms_norm_reference(x, weight, eps, residual)
         if out_dtype is None:
