@@ -122,3 +122,16 @@ def test_cuda_kernel_z_loss_part(dtype, tolerance):
     assert abs(float(z_part) - float(want)) <= tolerance * float(want)
     loss.backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_ignored_row_adds_no_loss_whatever_its_logits(backend):
+    # F.cross_entropy gives an ignored row a loss of 0 even for NaN logits; the reference's z-loss term,
+    # z * lse**2 times 0, made it NaN (and the mean over the batch with it)
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    logits[1, 4] = float("nan")
+    targets = torch.tensor([2, -100, 6])
+    losses = ttl_kernels.cross_entropy(logits, targets, reduction="none", z_loss=1e-2, backend=backend)
+    assert losses[1] == 0 and losses.isfinite().all()
+    assert torch.equal(losses[[0, 2]], ttl_kernels.cross_entropy(logits[[0, 2]], targets[[0, 2]], reduction="none",
+                                                                 z_loss=1e-2, backend=backend))

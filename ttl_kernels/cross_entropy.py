@@ -58,10 +58,13 @@ def cross_entropy_reference(
     if z_loss:
         # log-sum-exp of the logits measured from their max (a constant to autograd; 0 for a row of -inf):
         # torch.logsumexp's backward, exp(x - lse), lost |lse| * 2^-24 of every softmax value to lse's
-        # rounding (2e-4 of the gradient at float32 logits near 1e4), as the kernel once did
-        top = logits.detach().amax(-1, keepdim=True)
+        # rounding (2e-4 of the gradient at float32 logits near 1e4), as the kernel once did. Ignored rows' logits are
+        # left out, not multiplied by 0 after: a NaN there would make their loss and gradient NaN, where F.cross_entropy
+        # (and the kernel) give an ignored row 0 whatever its logits
+        kept = torch.where(valid[:, None], logits, 0.0)
+        top = kept.detach().amax(-1, keepdim=True)
         top = torch.where(top.isfinite(), top, torch.zeros_like(top))
-        lse = (torch.logsumexp(logits - top, dim=-1, keepdim=True) + top).squeeze(-1)
+        lse = (torch.logsumexp(kept - top, dim=-1, keepdim=True) + top).squeeze(-1)
         z_part = z_loss * lse.pow(2) * valid
         per_token = per_token + z_part
     loss = _reduce(per_token, targets, ignore_index, reduction)
