@@ -226,7 +226,10 @@ def rms_norm(
     of the weight's and the input's, or `out_dtype`, to which the result is rounded once (as the cast
     autocast puts before the next matmul would, without writing and rereading the wider tensor). With
     `residual` (same shape as `x`), normalizes `x + residual` in the same pass and returns `(normed,
-    x + residual)`. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
+    x + residual)`. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`). A limit of
+    both paths: the input gradient is a difference of terms of size |dy * weight| / rms, which cancels almost
+    entirely for a hidden size of 1 (or 2) with eps far below the mean square (at eps=0 the output is sign(x), of
+    exact gradient 0): both then return float32 rounding noise of that size, neither consistently smaller."""
     if x.dim() == 0:
         raise ValueError("rms_norm normalizes over the last dimension: the input must have one, got a 0-dim tensor")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
