@@ -135,3 +135,13 @@ def test_an_ignored_row_adds_no_loss_whatever_its_logits(backend):
     assert losses[1] == 0 and losses.isfinite().all()
     assert torch.equal(losses[[0, 2]], ttl_kernels.cross_entropy(logits[[0, 2]], targets[[0, 2]], reduction="none",
                                                                  z_loss=1e-2, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_z_loss_reports_a_zero_part_beside_a_non_finite_loss(backend):
+    # without z-loss its part is 0 whatever the logits; the kernel's 0 * lse**2 was NaN for a row of lse inf
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    logits[1, 4] = float("inf")
+    loss, z_part = ttl_kernels.cross_entropy(logits, torch.tensor([2, 3, 6]), reduction="none", return_z_loss=True,
+                                             backend=backend)
+    assert loss[1].isnan() and torch.equal(z_part, torch.zeros(3))

@@ -136,7 +136,7 @@ if HAVE_TRITON:
             loss = log_sum + (1.0 - smoothing) * (shift - x_target)
             if SMOOTHING:
                 loss -= smoothing * (centred_sum / n_cols)
-            z_part = z_loss * lse * lse
+            z_part = tl.where(z_loss == 0.0, 0.0, z_loss * lse * lse)  # 0 * lse**2 is NaN for an infinite lse
             tl.store(LOSS + row, loss + z_part)
             if WRITE_PARTS:  # the z-loss term, and the negative log-likelihood of the target (the loss unsmoothed)
                 tl.store(PARTS + row, z_part)
