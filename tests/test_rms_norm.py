@@ -339,3 +339,13 @@ def test_backward_with_no_output_gradient_gives_none():
                torch.randn(3, 8, requires_grad=True))
     assert torch.autograd.gradcheck(lambda *a: ttl_kernels.rms_norm(*a[:2], residual=a[2], backend="triton"),
                                     (x, w, r), eps=1e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_float64_inputs_keep_float64_accuracy():
+    # "auto" sends float64 to the reference so that it keeps float64 accuracy; statistics taken in float32 lost it
+    x, w, r = inputs(5, 33, torch.float64, residual=True)
+    grads = (torch.randn(5, 33, dtype=torch.float64), torch.randn(5, 33, dtype=torch.float64))
+    outs, got = run(x, w, 1e-6, r, grads, backend="auto")
+    ref_outs, ref_grads = truth(x, w, 1e-6, r, grads)
+    assert outs[0].dtype == torch.float64
+    check(outs, got, ref_outs, ref_grads, 1e-12)

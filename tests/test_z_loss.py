@@ -122,3 +122,26 @@ def test_cuda_kernel_z_loss_part(dtype, tolerance):
     assert abs(float(z_part) - float(want)) <= tolerance * float(want)
     loss.backward()
     assert torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_an_ignored_row_adds_no_loss_whatever_its_logits(backend):
+    # F.cross_entropy gives an ignored row a loss of 0 even for NaN logits; the reference's z-loss term,
+    # z * lse**2 times 0, made it NaN (and the mean over the batch with it)
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    logits[1, 4] = float("nan")
+    targets = torch.tensor([2, -100, 6])
+    losses = ttl_kernels.cross_entropy(logits, targets, reduction="none", z_loss=1e-2, backend=backend)
+    assert losses[1] == 0 and losses.isfinite().all()
+    assert torch.equal(losses[[0, 2]], ttl_kernels.cross_entropy(logits[[0, 2]], targets[[0, 2]], reduction="none",
+                                                                 z_loss=1e-2, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_no_z_loss_reports_a_zero_part_beside_a_non_finite_loss(backend):
+    # without z-loss its part is 0 whatever the logits; the kernel's 0 * lse**2 was NaN for a row of lse inf
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    logits[1, 4] = float("inf")
+    loss, z_part = ttl_kernels.cross_entropy(logits, torch.tensor([2, 3, 6]), reduction="none", return_z_loss=True,
+                                             backend=backend)
+    assert loss[1].isnan() and torch.equal(z_part, torch.zeros(3))

@@ -20,7 +20,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, use_triton
+from .dispatch import (
+    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, use_triton,
+)
 
 if HAVE_TRITON:
     import triton
@@ -56,10 +58,13 @@ def cross_entropy_reference(
     if z_loss:
         # log-sum-exp of the logits measured from their max (a constant to autograd; 0 for a row of -inf):
         # torch.logsumexp's backward, exp(x - lse), lost |lse| * 2^-24 of every softmax value to lse's
-        # rounding (2e-4 of the gradient at float32 logits near 1e4), as the kernel once did
-        top = logits.detach().amax(-1, keepdim=True)
+        # rounding (2e-4 of the gradient at float32 logits near 1e4), as the kernel once did. Ignored rows' logits are
+        # left out, not multiplied by 0 after: a NaN there would make their loss and gradient NaN, where F.cross_entropy
+        # (and the kernel) give an ignored row 0 whatever its logits
+        kept = torch.where(valid[:, None], logits, 0.0)
+        top = kept.detach().amax(-1, keepdim=True)
         top = torch.where(top.isfinite(), top, torch.zeros_like(top))
-        lse = (torch.logsumexp(logits - top, dim=-1, keepdim=True) + top).squeeze(-1)
+        lse = (torch.logsumexp(kept - top, dim=-1, keepdim=True) + top).squeeze(-1)
         z_part = z_loss * lse.pow(2) * valid
         per_token = per_token + z_part
     loss = _reduce(per_token, targets, ignore_index, reduction)
@@ -131,7 +136,7 @@ if HAVE_TRITON:
             loss = log_sum + (1.0 - smoothing) * (shift - x_target)
             if SMOOTHING:
                 loss -= smoothing * (centred_sum / n_cols)
-            z_part = z_loss * lse * lse
+            z_part = tl.where(z_loss == 0.0, 0.0, z_loss * lse * lse)  # 0 * lse**2 is NaN for an infinite lse
             tl.store(LOSS + row, loss + z_part)
             if WRITE_PARTS:  # the z-loss term, and the negative log-likelihood of the target (the loss unsmoothed)
                 tl.store(PARTS + row, z_part)
@@ -151,7 +156,13 @@ if HAVE_TRITON:
                     tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _check(targets: torch.Tensor, rows: int, reduction: str, label_smoothing: float, z_loss: float) -> None:
+def _check(targets: torch.Tensor, rows: int, vocab: int, ignore_index: int, reduction: str, label_smoothing: float,
+           z_loss: float) -> None:
+    if vocab == 0:  # every target would be out of range: the reference raises on the first, Triton cannot launch
+        raise ValueError("cross-entropy needs at least one class, got a vocabulary of 0")
+    # the kernel takes it as an int64 argument: 1.5 compared as 1, a tensor or None failed deep inside Triton
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if targets.dim() != 1 or targets.shape[0] != rows:
@@ -246,8 +257,9 @@ def cross_entropy(
     targets (the loss without smoothing or z-loss), reduced alike, without gradient, from the same pass."""
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
-    _check(targets, logits.shape[0], reduction, label_smoothing, z_loss)
+    _check(targets, logits.shape[0], logits.shape[1], ignore_index, reduction, label_smoothing, z_loss)
     require_floating("cross_entropy", logits=logits)
+    require_one_device("cross_entropy", logits=logits, targets=targets)
     if not use_triton(logits, backend):
         return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing, z_loss,
                                        return_z_loss, return_nll)
@@ -416,8 +428,9 @@ def fused_linear_cross_entropy(
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    _check(targets, hidden.shape[0], reduction, label_smoothing, z_loss)
+    _check(targets, hidden.shape[0], weight.shape[0], ignore_index, reduction, label_smoothing, z_loss)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
+    require_one_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
     if not use_triton(hidden, backend, weight):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, return_z_loss, return_nll)

@@ -90,6 +90,17 @@ def require_floating(function: str, **tensors: torch.Tensor | None) -> None:
             raise TypeError(f"{function} takes floating-point tensors, got {name} of dtype {t.dtype}")
 
 
+def require_one_device(function: str, **tensors: torch.Tensor | None) -> None:
+    """Refuse tensors on devices other than the first one's: a Triton kernel handed a pointer on another device
+    fails deep inside Triton's launcher (or reads memory it cannot), where torch names no argument."""
+    given = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = given[0]
+    for name, t in given[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{function} needs its tensors on one device, got {name} on {t.device} and {first_name} "
+                             f"on {first.device}")
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """`t` as a 2-D (rows, last dim) tensor with a contiguous last dim, for row-wise kernels: a view when
     the strides allow (e.g. a slice of a fused projection), a copy otherwise."""

@@ -19,7 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import HAVE_TRITON, apply_kernel, interpreting, once_differentiable, require_floating, use_triton
+from .dispatch import (
+    HAVE_TRITON, apply_kernel, interpreting, once_differentiable, require_floating, require_one_device, use_triton,
+)
 
 if HAVE_TRITON:
     import triton
@@ -436,6 +438,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
     if not q.dtype == k.dtype == v.dtype:  # the kernels' dots need one dtype (the reference's matmuls too)
         raise ValueError(f"flash_attention needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     require_floating("flash_attention", q=q)
+    require_one_device("flash_attention", q=q, k=k, v=v)
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads {q.shape[-2]} are not a multiple of key/value heads {k.shape[-2]}")
     if q.shape[-1] not in HEAD_DIMS:

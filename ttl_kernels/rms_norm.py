@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, sm_count, use_triton
+from .dispatch import (
+    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, sm_count, use_triton,
+)
 
 if HAVE_TRITON:
     import triton
@@ -31,12 +33,12 @@ MAX_HIDDEN = 65536
 def rms_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch RMSNorm, rounding exactly like transformers' `LlamaRMSNorm` (fp32 statistics, the
-    normalized value cast back to the input dtype before the weight multiply). With `residual`, normalizes
-    `x + residual` and also returns that sum."""
+    """Plain PyTorch RMSNorm, rounding exactly like transformers' `LlamaRMSNorm` (fp32 statistics, float64 for
+    float64 inputs, the normalized value cast back to the input dtype before the weight multiply). With `residual`,
+    normalizes `x + residual` and also returns that sum."""
     if residual is not None:
         x = residual + x
-    normed = x.float()
+    normed = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 keeps float64 (the "auto" path, test truth)
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
     out = weight * normed.to(x.dtype)
     return (out, x) if residual is not None else out
@@ -224,7 +226,10 @@ def rms_norm(
     of the weight's and the input's, or `out_dtype`, to which the result is rounded once (as the cast
     autocast puts before the next matmul would, without writing and rereading the wider tensor). With
     `residual` (same shape as `x`), normalizes `x + residual` in the same pass and returns `(normed,
-    x + residual)`. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`)."""
+    x + residual)`. `backend` picks Triton or the reference (see `ttl_kernels.dispatch.use_triton`). A limit of
+    both paths: the input gradient is a difference of terms of size |dy * weight| / rms, which cancels almost
+    entirely for a hidden size of 1 (or 2) with eps far below the mean square (at eps=0 the output is sign(x), of
+    exact gradient 0): both then return float32 rounding noise of that size, neither consistently smaller."""
     if x.dim() == 0:
         raise ValueError("rms_norm normalizes over the last dimension: the input must have one, got a 0-dim tensor")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -232,6 +237,7 @@ def rms_norm(
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm residual shape {tuple(residual.shape)} != input shape {tuple(x.shape)}")
     require_floating("rms_norm", x=x, weight=weight, residual=residual)
+    require_one_device("rms_norm", x=x, weight=weight, residual=residual)
     if not use_triton(x, backend, weight, residual):
         out = rms_norm_reference(x, weight, eps, residual)
         if out_dtype is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, apply_kernel, require_floating, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, require_floating, require_one_device, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -218,6 +218,7 @@ def _check_rotary_arguments(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if cos.dim() == 3 and cos.shape[0] not in (1, batch):
         raise ValueError(f"apply_rotary cos/sin batch {cos.shape[0]} does not match q's batch {batch}")
     require_floating("apply_rotary", q=q, k=k, cos=cos, sin=sin)
+    require_one_device("apply_rotary", q=q, k=k, cos=cos, sin=sin)
 
 
 def _check_constant_angles(cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -297,6 +298,7 @@ def rotary_into_cache(
     if slots.shape != (seq,) or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"rotary_into_cache needs one integer cache slot per new token ({seq}), "
                          f"got {slots.dtype} slots of shape {tuple(slots.shape)}")
+    require_one_device("rotary_into_cache", qkv=qkv, k_cache=k_cache, v_cache=v_cache, slots=slots)
     if not use_triton(qkv, backend) or (torch.is_grad_enabled() and qkv.requires_grad):
         q, k, v = apply_rotary_qkv(qkv, cos, sin, kv_heads, backend=backend)
         k_cache.index_copy_(1, slots.long(), k)

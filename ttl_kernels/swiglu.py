@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, use_triton
+from .dispatch import (
+    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, use_triton,
+)
 
 if HAVE_TRITON:
     import triton
@@ -113,6 +115,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, backend: str =
         raise ValueError(f"swiglu gate and up must have one shape with a last dim, got {tuple(gate.shape)} and "
                          f"{tuple(up.shape)}")
     require_floating("swiglu", gate=gate, up=up)
+    require_one_device("swiglu", gate=gate, up=up)
     if not use_triton(gate, backend, up):
         return swiglu_reference(gate, up)
     return apply_kernel(SwiGLUFunction, gate, up)
