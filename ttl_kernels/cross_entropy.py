@@ -20,9 +20,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .dispatch import (
-    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, use_triton,
-)
+from .dispatch import (HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device,
+                       use_triton)
 
 if HAVE_TRITON:
     import triton

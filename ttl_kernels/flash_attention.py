@@ -19,9 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import (
-    HAVE_TRITON, apply_kernel, interpreting, once_differentiable, require_floating, require_one_device, use_triton,
-)
+from .dispatch import (HAVE_TRITON, apply_kernel, interpreting, once_differentiable, require_floating,
+                       require_one_device, use_triton)
 
 if HAVE_TRITON:
     import triton

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import (
-    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, sm_count, use_triton,
-)
+from .dispatch import (HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device,
+                       sm_count, use_triton)
 
 if HAVE_TRITON:
     import triton

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import (
-    HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device, use_triton,
-)
+from .dispatch import (HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device,
+                       use_triton)
 
 if HAVE_TRITON:
     import triton
