@@ -248,15 +248,15 @@ def assert_as_close_as_transformers(errors: list[tuple], muon: bool) -> None:
             assert as_close_as_transformers(ours, theirs, 1e-5 * size), (figure, ours, theirs, size)
 
 
-def starting_model(run: RunConfig, start: str, init_dir: Path) -> transformers.LlamaForCausalLM:
-    """transformers' model of `run`'s config: random weights saved to `init_dir` for --init-from, or, from scratch,
+def starting_model(run: RunConfig, start: str, directory: Path) -> transformers.LlamaForCausalLM:
+    """transformers' model of `run`'s config: random weights saved to `directory` for --init-from, or, from scratch,
     those transformers draws after torch.manual_seed(train.seed) (which ttl's run must draw too)."""
     config = run.model_config().to_hf_dict()
     if start == "scratch":
         torch.manual_seed(run.train.seed)
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).train()
     model = hf_causal_lm(seed=run.train.seed, **{k: v for k, v in config.items() if k != "architectures"}).train()
-    model.save_pretrained(init_dir)
+    model.save_pretrained(directory)
     return model
 
 
@@ -300,6 +300,7 @@ def check_resume(run: RunConfig, start: str, stop_after: int, tmp_path: Path, da
 
 
 def init_dir(start: str, tmp_path: Path) -> str | None:
+    """The --init-from of a run that starts from `starting_model`'s saved weights; None from scratch."""
     return str(tmp_path / "init") if start == "init" else None
 
 
