@@ -61,14 +61,20 @@ def reference_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, l
     return grad_norm
 
 
-def reference_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
-    """The lr of update `step` (from 1): a linear warmup to `lr` at step `warmup`, then transformers' cosine
-    with a floor, one step behind (transformers numbers its first update 0)."""
+def reference_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, schedule: str = "cosine",
+                 decay_steps: int = 0) -> float:
+    """The lr of update `step` (from 1): a linear warmup to `lr` at step `warmup`, then transformers' warmup-stable-
+    decay schedule one step behind (transformers numbers its first update 0): the `schedule`'s decay to `min_lr` over
+    the last `decay_steps` steps (0: all those after the warmup); "constant" holds `lr`."""
     if step <= warmup:
         return lr * step / warmup
+    if schedule == "constant":
+        return lr
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    schedule = transformers.get_cosine_with_min_lr_schedule_with_warmup(probe, warmup, max_steps, min_lr=min_lr)
-    return schedule.lr_lambdas[0](step - 1) * lr
+    decay_steps = decay_steps or max_steps - warmup
+    wsd = transformers.get_wsd_schedule(probe, warmup, decay_steps, max_steps, decay_type=schedule,
+                                        min_lr_ratio=min_lr / lr)
+    return wsd.lr_lambdas[0](step - 1) * lr
 
 
 def as_close_as_transformers(our_error: float, their_error: float, floor: float) -> bool:

@@ -49,23 +49,34 @@ def training_batches(blocks: np.ndarray, batch_size: int, seed: int):
             yield torch.from_numpy(blocks[order[first:first + batch_size]])
 
 
-def summed_loss(model: transformers.LlamaForCausalLM, block: torch.Tensor, meta: dict | None) -> torch.Tensor:
-    """Cross-entropy summed over the block's targets. With document masking (`meta`, the data's meta.json) each
-    document runs alone, from position 0, and the <s> that starts the next one is no target."""
-    inputs, labels = block[:, :-1], block[:, 1:]
+def block_targets(block: torch.Tensor, meta: dict | None) -> torch.Tensor:
+    """The block's targets: every token after the first, but with document masking (`meta`, the data's meta.json)
+    the <s> that starts the next document, which is ignored (-100)."""
+    labels = block[:, 1:]
+    return labels if meta is None else labels.masked_fill(labels == meta["bos_id"], -100)
+
+
+def logits_and_targets(model: transformers.LlamaForCausalLM, block: torch.Tensor,
+                       meta: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of every position of the block and its targets (`block_targets`), flattened. With document masking
+    each document runs alone, from position 0."""
+    inputs, targets = block[:, :-1], block_targets(block, meta)
     if meta is None:
-        return F.cross_entropy(model(inputs).logits.flatten(0, 1), labels.flatten(), reduction="sum")
-    total = torch.zeros((), dtype=model.dtype)
-    for row, row_labels in zip(inputs, labels):
+        return model(inputs).logits.flatten(0, 1), targets.flatten()
+    logits = []
+    for row in inputs:
         starts = [0] + [j for j in range(1, len(row)) if row[j - 1] == meta["eos_id"]] + [len(row)]
-        for start, end in zip(starts, starts[1:]):
-            targets = row_labels[start:end].masked_fill(row_labels[start:end] == meta["bos_id"], -100)
-            total = total + F.cross_entropy(model(row[None, start:end]).logits[0], targets, reduction="sum")
-    return total
+        logits += [model(row[None, start:end]).logits[0] for start, end in zip(starts, starts[1:])]
+    return torch.cat(logits), targets.flatten()
+
+
+def summed_loss(model: transformers.LlamaForCausalLM, block: torch.Tensor, meta: dict | None) -> torch.Tensor:
+    """Cross-entropy summed over the block's targets (`logits_and_targets`)."""
+    return F.cross_entropy(*logits_and_targets(model, block, meta), reduction="sum")
 
 
 def target_count(block: torch.Tensor, meta: dict | None) -> int:
-    return block[:, 1:].numel() if meta is None else int((block[:, 1:] != meta["bos_id"]).sum())
+    return int((block_targets(block, meta) != -100).sum())
 
 
 def reference_training(model: transformers.LlamaForCausalLM, data_dir: Path, t: TrainConfig,
