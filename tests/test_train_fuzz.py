@@ -318,8 +318,9 @@ def check_case(tmp_path: Path, data_dir: Path, seed: int) -> None:
 
 
 # picked from a fuzzing run's passing seeds to cover, twice each and in about 25 s, every option drawn above, both
-# starts, every schedule and no-decay fragment, both Muon lr adjustments; 5138 skips a spike
-SEEDS = [5017, 5062, 5100, 5110, 5120, 5121, 5124, 5131, 5132, 5134, 5135, 5138, 5141]
+# starts, every schedule and no-decay fragment, both Muon lr adjustments; 5138 skips a spike; 5043 and 5194 exempt
+# the norms from a weight decay over 4 and 5 steps (each fails where the norms decay)
+SEEDS = [5017, 5043, 5062, 5100, 5110, 5120, 5121, 5124, 5131, 5132, 5134, 5135, 5138, 5141, 5194]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
