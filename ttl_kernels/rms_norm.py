@@ -32,12 +32,13 @@ MAX_HIDDEN = 65536
 def rms_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch RMSNorm, rounding exactly like transformers' `LlamaRMSNorm` (fp32 statistics, float64 for
-    float64 inputs, the normalized value cast back to the input dtype before the weight multiply). With `residual`,
-    normalizes `x + residual` and also returns that sum."""
+    """Plain PyTorch RMSNorm, rounding exactly like transformers' `LlamaRMSNorm` (fp32 statistics, float64 inputs
+    included, the normalized value cast back to the input dtype before the weight multiply), so that a float64 model
+    is transformers' float64 model to float64 rounding. With `residual`, normalizes `x + residual` and also returns
+    that sum."""
     if residual is not None:
         x = residual + x
-    normed = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 keeps float64 (the "auto" path, test truth)
+    normed = x.float()
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
     out = weight * normed.to(x.dtype)
     return (out, x) if residual is not None else out
