@@ -402,8 +402,13 @@ def edit_optimizer_file(edit):
      r"lm_head\.weight\.exp_avg is not a floating-point tensor of the parameter's shape \(400, 64\)"),
     (lambda saved, state: state["lm_head.weight"].update(step=torch.tensor(-2.0)),
      r"lm_head\.weight\.step is not a step count >= 0"),
+    (lambda saved, state: saved["optimizer"]["param_groups"][0]["params"].append("lm_head.weight"),
+     r"other parameters than the model's \(its groups list a parameter twice\)"),
     (lambda saved, state: saved["rng"][0].pop("python"), r"unusable random-number generator state \(KeyError"),
-])
+    (lambda saved, state: saved["rng"][0].update(numpy=("MT19937", [1, 2], 0, 0, 0.0)),
+     r"unusable random-number generator state \(AttributeError"),
+], ids=["a parameter missing", "a moment of another shape", "a negative step", "a parameter twice",
+        "no python state", "numpy keys not a tensor"])
 def test_an_optimizer_file_that_does_not_fit_the_model_is_named(base, tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=r"step-000002/optimizer\.pt: .*" + message):
         resumed(base, tmp_path, edit_optimizer_file(edit))

@@ -310,8 +310,9 @@ def _check_optimizer_state(path: Path, state: Any, shapes: dict[str, torch.Size]
     grouped = [name for group in groups for name in group["params"]]
     if sorted(grouped) != sorted(shapes) or set(per_param) != set(shapes):
         differ = sorted(set(shapes) ^ set(grouped) | set(shapes) ^ set(per_param))
-        raise CheckpointError(f"{path}: an optimizer state for other parameters than the model's (not both hold "
-                              f"{differ[:3]}): saved by another model's run?")
+        listed = f"not both hold {differ[:3]}" if differ else "its groups list a parameter twice"
+        raise CheckpointError(f"{path}: an optimizer state for other parameters than the model's ({listed}): saved "
+                              "by another model's run?")
     for name, values in per_param.items():
         wrong = next((key for key, value in (values.items() if isinstance(values, dict) else [("state", values)])
                       if not _fits(key, value, shapes[name])), None)
@@ -336,7 +337,7 @@ def _check_rng_states(path: Path, saved: Any) -> None:
     try:  # the generators' own setters know what a state must hold
         for state in saved if isinstance(saved, list) else [saved]:
             set_rng_state(state)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{path}: unusable random-number generator state ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
