@@ -35,7 +35,8 @@ def _interpreter_rounds_bf16_like_the_gpu() -> None:
     truncating = interpreter._convert_float
 
     def convert(input, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and rounding_mode != interpreter._ir.ROUNDING_MODE.RTZ:
+        if (input_dtype == tl.float32 and output_dtype == tl.bfloat16
+                and rounding_mode != interpreter._ir.ROUNDING_MODE.RTZ):
             values = torch.from_numpy(np.array(input, dtype=np.float32))
             return values.to(torch.bfloat16).view(torch.uint16).numpy().reshape(np.shape(input))
         return truncating(input, input_dtype, output_dtype, rounding_mode)

@@ -23,7 +23,8 @@ def saved_base_model(tmp: Path) -> Path:
     for name in ("agnews_pt_train.csv", "sts_pt_train.csv", "nli_pt_train.csv"):
         with open(SAMPLE_DATA / name, encoding="utf-8") as f:
             texts += [" ".join(v for k, v in row.items() if k not in ("label", "score")) for row in csv.DictReader(f)]
-    texts += [" ".join(json.loads(line).values()) for line in open(SAMPLE_DATA / "instrucoes_pt.jsonl", encoding="utf-8")]
+    texts += [" ".join(json.loads(line).values())
+              for line in open(SAMPLE_DATA / "instrucoes_pt.jsonl", encoding="utf-8")]
     (tmp / "corpus.txt").write_text("\n".join(texts), encoding="utf-8")
     tokenizer = train_tokenizer([tmp / "corpus.txt"], tmp / "tok.model", vocab_size=600)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

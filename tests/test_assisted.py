@@ -300,11 +300,13 @@ def test_a_draft_model_with_nan_logits_is_named(models, do_sample):
 
 
 def test_the_cli_s_assistant_drafts_and_the_greedy_answer_stays_the_model_s(tmp_path, capsys, monkeypatch):
-    """--assistant: a draft model (here the model with nudged weights) changes how the answer is found, not what it is."""
+    """--assistant: a draft model (here the model with nudged weights) changes how the answer is found, not what
+    it is."""
     path, tok, model = chat_checkpoint(tmp_path / "model")
     kept = []
     original = assisted.AssistantDrafts.kept
-    monkeypatch.setattr(assisted.AssistantDrafts, "kept", lambda self, count: kept.append(count) or original(self, count))
+    monkeypatch.setattr(assisted.AssistantDrafts, "kept",
+                        lambda self, count: kept.append(count) or original(self, count))
     draft = tiny_model(tok.vocab_size)
     with torch.no_grad():
         for (name, p), q in zip(draft.named_parameters(), model.parameters()):

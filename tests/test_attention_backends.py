@@ -112,7 +112,8 @@ def test_triton_backend_in_bf16_is_as_close_to_float64_as_sdpa():
 def test_packed_documents_equal_each_document_alone(backend):
     model = model_with(backend)
     lengths = [7, 12, 5]
-    docs = [torch.randint(4, 300, (1, n), generator=torch.Generator().manual_seed(10 + i)) for i, n in enumerate(lengths)]
+    docs = [torch.randint(4, 300, (1, n), generator=torch.Generator().manual_seed(10 + i))
+            for i, n in enumerate(lengths)]
     packed = torch.cat(docs, dim=1)
     starts = torch.zeros_like(packed, dtype=torch.bool)
     starts[0, [0, 7, 19]] = True

@@ -87,7 +87,8 @@ def test_prepare_data_arguments(tmp_path, tok_file):
                             (dict(shard_docs=0), "shard_docs must be an integer >= 1"),
                             (dict(val_fraction=1.5), r"^val_fraction must be in \[0, 1\], got 1.5$"),
                             # sentencepiece's own words for these were a line of its C++ source, after reading it all
-                            (dict(tokenizer=None, vocab_size=0), r"^vocab_size \(to train a tokenizer\) must be an int"),
+                            (dict(tokenizer=None, vocab_size=0),
+                             r"^vocab_size \(to train a tokenizer\) must be an int"),
                             (dict(tokenizer=None, vocab_size=2.5), r"^vocab_size \(to train a tokenizer\) must be an"),
                             (dict(tokenizer=5), "tokenizer must be a .model file, an HF tokenizer directory")]:
         with pytest.raises(DataError, match=message):

@@ -42,7 +42,8 @@ def checkpoint(tmp_path_factory) -> Path:
     corpus = "\n".join(p.read_text(encoding="utf-8") for p in texts) + "\n" + SAMPLE_TASK.read_text(encoding="utf-8")
     (tmp / "corpus.txt").write_text(corpus, encoding="utf-8")
     tokenizer = train_tokenizer([tmp / "corpus.txt"], tmp / "tok.model", vocab_size=500)
-    hf_causal_lm(seed=5, vocab_size=tokenizer.vocab_size, max_position_embeddings=CONTEXT).save_pretrained(tmp / "model")
+    hf_causal_lm(seed=5, vocab_size=tokenizer.vocab_size,
+                 max_position_embeddings=CONTEXT).save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "model")
     return tmp / "model"
 
@@ -233,7 +234,8 @@ def test_the_cli_scores_the_bundled_sample_as_the_reference_does(checkpoint, tmp
     tokenizer = ttl_core.Tokenizer.from_pretrained(checkpoint)
     questions = read_questions(SAMPLE_TASK)
     assert 20 <= len(questions) <= 40 and "sample_data/*.jsonl" in (Path(__file__).parents[1] / "setup.py").read_text()
-    code, out, _ = run_cli(capsys, "--model", str(checkpoint), "--json", str(tmp_path / "acc.json"), "--batch-size", "5")
+    code, out, _ = run_cli(capsys, "--model", str(checkpoint), "--json", str(tmp_path / "acc.json"),
+                           "--batch-size", "5")
     assert code == 0 and "escolhas_pt.jsonl: 32 questions" in out and "acc_norm" in out
     figures = json.loads((tmp_path / "acc.json").read_text())["tasks"][str(SAMPLE_TASK)]
     right = 0

@@ -203,7 +203,8 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys, argv, message):
     write_run(tmp_path / "gap", *steps(1, 3, batch_tokens=64), {"step": 4, "eval_loss": 3.0})
     argv = [arg.format(**places) for arg in argv]
     with pytest.raises(SystemExit) as exit:
-        run_cli(load_script("compare_runs").main, [*argv, *(["--out", str(tmp_path / "c.png")] * ("--out" not in argv))])
+        run_cli(load_script("compare_runs").main,
+                [*argv, *(["--out", str(tmp_path / "c.png")] * ("--out" not in argv))])
     assert exit.value.code == 2
     assert capsys.readouterr().err == f"error: {message.format(**places)}\n"
     assert not (tmp_path / "c.png").exists()

@@ -91,7 +91,8 @@ def test_label_smoothing_spreads_over_the_whole_vocabulary_of_uncentred_logits()
     ce_check(logits, t, "none", dict(label_smoothing=0.1), torch.randn(n, generator=torch.Generator().manual_seed(27)))
 
 
-@pytest.mark.parametrize("offset, vocab, options", [(-1000.0, 500, {}), (1000.0, 500, dict(label_smoothing=0.1, z_loss=1e-4)),
+@pytest.mark.parametrize("offset, vocab, options", [(-1000.0, 500, {}),
+                                                   (1000.0, 500, dict(label_smoothing=0.1, z_loss=1e-4)),
                                                    (0.0, 1, dict(label_smoothing=0.1, z_loss=1e-4)),
                                                    (30000.0, 9000, dict(label_smoothing=0.1)),
                                                    (-10000.0, 500, dict(z_loss=1e-4))],
@@ -174,7 +175,8 @@ def test_a_second_backward_through_the_fused_loss_fails_loudly_rather_than_scali
     t = torch.randint(0, 50, (10,))
     loss = ttl_kernels.fused_linear_cross_entropy(hidden, weight, t, backend="triton")
     first = torch.autograd.grad(loss * 3.0, (hidden, weight), retain_graph=True)
-    truth = torch.autograd.grad(ttl_kernels.fused_linear_cross_entropy_reference(hidden, weight, t) * 3.0, (hidden, weight))
+    truth = torch.autograd.grad(ttl_kernels.fused_linear_cross_entropy_reference(hidden, weight, t) * 3.0,
+                                (hidden, weight))
     assert all(rel_err(got, want) <= 1e-5 for got, want in zip(first, truth))
     with pytest.raises(RuntimeError, match="fused_linear_cross_entropy .* once: .* a second backward"):
         torch.autograd.grad(loss * 3.0, (hidden, weight))
@@ -229,7 +231,8 @@ def test_a_custom_ignore_index_ignores_exactly_its_rows(reduction):
 
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="reduction must be one of"):
-        ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg", backend="triton")
+        ttl_kernels.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), reduction="avg",
+                                  backend="triton")
     with pytest.raises(ValueError, match=r"targets must be \(3,\)"):
         ttl_kernels.fused_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long),
                                                backend="triton")
@@ -258,7 +261,8 @@ def test_inputs_that_are_not_logit_rows_and_class_indices_are_refused(backend):
         with pytest.raises(ValueError, match="label_smoothing must be between 0 and 1"):
             ttl_kernels.cross_entropy(torch.randn(2, 5), t, label_smoothing=smoothing, backend=backend)
     for option, value in (("label_smoothing", True), ("label_smoothing", torch.tensor(0.1)), ("z_loss", None)):
-        with pytest.raises(TypeError, match=rf"^{option} must be a number, got {re.escape(repr(value))}$"):  # Triton's was cryptic
+        with pytest.raises(TypeError,  # Triton's was cryptic
+                           match=rf"^{option} must be a number, got {re.escape(repr(value))}$"):
             ttl_kernels.cross_entropy(torch.randn(2, 5), t, **{option: value}, backend=backend)
     for hidden, weight in ((torch.randn(2, 3, 4), torch.randn(5, 4)), (torch.randn(2, 4), torch.randn(5, 3)),
                            (torch.randn(2, 4), torch.randn(4))):

@@ -151,8 +151,8 @@ def test_every_input_without_a_document_is_named_at_once(tmp_path):
     for path in empty[:-1]:
         path.write_text(rng.choice(["", "\n\n", " \t\n", "\r\n"]))
     empty[-1].write_text('{"text": " "}\n{"text": ""}\n')
-    with pytest.raises(DataError, match=rf"^{empty[0]}: empty input \(no documents\); also empty: {empty[1]}, {empty[2]}, "
-                                        rf"{empty[3]}, {empty[4]} and 3 more$"):
+    with pytest.raises(DataError, match=rf"^{empty[0]}: empty input \(no documents\); also empty: {empty[1]}, "
+                                        rf"{empty[2]}, {empty[3]}, {empty[4]} and 3 more$"):
         prepare_data(inputs[:1] + empty + inputs[1:], tmp_path / "out", vocab_size=300, workers=1)
     with pytest.raises(DataError, match=rf"^{empty[-1]}: empty input \(no documents\)$"):
         prepare_data(inputs + empty[-1:], tmp_path / "out", vocab_size=300, workers=1)

@@ -150,9 +150,10 @@ runpy.run_path(sys.argv.pop(1), run_name="__main__")
 
 @pytest.mark.slow
 def test_a_two_process_run_logs_the_tokens_of_both_ranks_and_a_per_gpu_mfu_of_6n_plus_12ldt(tmp_path):
-    """tokens_per_s and batch_tokens count both ranks' tokens, and the MFU is figured from 6N + 12·L·d·T FLOPs per token, N the
-    parameters without the input embedding table, over one GPU's peak: test_train checks `step_throughput` alone,
-    this what the loop hands it (a one-process run on the CPU logs no MFU, and one rank's tokens are all its)."""
+    """tokens_per_s and batch_tokens count both ranks' tokens, and the MFU is figured from 6N + 12·L·d·T FLOPs per
+    token, N the parameters without the input embedding table, over one GPU's peak: test_train checks
+    `step_throughput` alone, this what the loop hands it (a one-process run on the CPU logs no MFU, and one rank's
+    tokens are all its)."""
     overrides = ("train.max_steps=1", "train.grad_accum_steps=2", "train.eval_every=0")
     launcher = tmp_path / "a100.py"
     launcher.write_text(TWO_SECOND_STEPS_ON_AN_A100)

@@ -222,7 +222,8 @@ def pad_ending_examples(labels: list) -> list[tuple[list[int], object]]:
 
 
 @pytest.mark.parametrize("problem, lora", [("single_label_classification", False), ("regression", False),
-                                           ("multi_label_classification", False), ("single_label_classification", True)])
+                                           ("multi_label_classification", False),
+                                           ("single_label_classification", True)])
 def test_packed_classifier_batches_give_the_logits_loss_and_gradients_of_padded_ones(problem, lora, tmp_path,
                                                                                      monkeypatch):
     """The same examples packed into one row, through our Triton attention kernel's varlen path (interpreted here),
@@ -240,7 +241,8 @@ def test_packed_classifier_batches_give_the_logits_loss_and_gradients_of_padded_
                 if "lora_B" in name:
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(2)
-    targets = {"single_label_classification": torch.tensor([0, 2, 1, 2, 0]), "regression": torch.randn(5, generator=gen),
+    targets = {"single_label_classification": torch.tensor([0, 2, 1, 2, 0]),
+               "regression": torch.randn(5, generator=gen),
                "multi_label_classification": torch.rand(5, 3, generator=gen)}[problem]
     examples = pad_ending_examples(targets.tolist())
     packed_calls, flash_attention = [], ttl_kernels.flash_attention
@@ -313,7 +315,8 @@ def test_classifier_fine_tuning_with_triton_attention_packs_and_trains_as_padded
         losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
         runs[backend] = json.loads((out / "results.json").read_text())["packed"], losses, result.history
     assert runs["sdpa"][0] is False and runs["triton"][0] is True
-    assert len(runs["triton"][1]) == 2 and largest(abs(a - b) for a, b in zip(runs["sdpa"][1], runs["triton"][1])) <= 1e-5
+    assert len(runs["triton"][1]) == 2 and \
+        largest(abs(a - b) for a, b in zip(runs["sdpa"][1], runs["triton"][1])) <= 1e-5
     assert runs["triton"][2] == runs["sdpa"][2]
 
 
@@ -343,7 +346,8 @@ def test_classifier_script_end_to_end_and_errors(base_dir, tmp_path):
 
 def test_benchmark_script_prints_one_table(base_dir, tmp_path):
     tasks = [{"name": "noticias", "train": str(NEWS_TRAIN), "eval": str(NEWS_EVAL), "labels": NEWS.labels},
-             {"name": "sts", "train": str(SAMPLE_DATA / "sts_pt_train.csv"), "eval": str(SAMPLE_DATA / "sts_pt_eval.csv"),
+             {"name": "sts", "train": str(SAMPLE_DATA / "sts_pt_train.csv"),
+              "eval": str(SAMPLE_DATA / "sts_pt_eval.csv"),
               "text_fields": ["sentence1", "sentence2"], "label_field": "score", "pair": True, "regression": True}]
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))
     result = run_script("finetune_benchmark", "--model", base_dir, "--tasks", tmp_path / "tasks.json", "--out",

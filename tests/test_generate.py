@@ -79,7 +79,8 @@ def flash_attn_with_kvcache_reference(q, k_cache, v_cache, k, v, cache_seqlens, 
         start, end = int(cache_seqlens[row]), int(cache_seqlens[row]) + k.shape[1]
         k_cache[row, start:end], v_cache[row, start:end] = k[row], v[row]
         keys = slice(int(cache_leftpad[row]), end)
-        out.append(sdpa_attention(q[row:row + 1], k_cache[row:row + 1, keys], v_cache[row:row + 1, keys], causal=causal))
+        out.append(sdpa_attention(q[row:row + 1], k_cache[row:row + 1, keys], v_cache[row:row + 1, keys],
+                                  causal=causal))
     return torch.cat(out)
 
 
@@ -330,9 +331,9 @@ def test_cuda_graph_matches_eager_decoding(tmp_path, dtype, attention):
                         num_return_sequences=2),
                    dict(eos_token_id=[5, 6, 7, 8]),
                    dict(do_sample=True, top_h=0.9, typical_p=0.9, eta_cutoff=1e-3, no_repeat_ngram_size=3,
-                        min_new_tokens=20, eos_token_id=[5, 6, 7, 8], bad_words_ids=[[9], [10, 11]], suppress_tokens=[4],
-                        sequence_bias={(12, 13): -2.0}, begin_suppress_tokens=[15], forced_eos_token_id=5,
-                        remove_invalid_values=True, exponential_decay_length_penalty=(30, 1.05),
+                        min_new_tokens=20, eos_token_id=[5, 6, 7, 8], bad_words_ids=[[9], [10, 11]],
+                        suppress_tokens=[4], sequence_bias={(12, 13): -2.0}, begin_suppress_tokens=[15],
+                        forced_eos_token_id=5, remove_invalid_values=True, exponential_decay_length_penalty=(30, 1.05),
                         renormalize_logits=True)):
         ttl_core.generate(ours, ids, mask, max_new_tokens=64, **kwargs)
         torch.manual_seed(7)

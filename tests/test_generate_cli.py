@@ -134,8 +134,8 @@ def test_tokenizer_without_padding_piece(tmp_path, capsys):
     (tmp_path / "tokenizer.model").write_bytes(model_file.getvalue())
     tok = Tokenizer.from_pretrained(tmp_path)
     assert tok.pad_id == -1
-    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
-                               "8", "--device", "cpu"]) == 0
+    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
+                                         "--max-new-tokens", "8", "--device", "cpu"]) == 0
     answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=8, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id])
     assert capsys.readouterr().out == answer + "\n"
@@ -160,8 +160,8 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_named(checkpoint, tmp_pa
     ttl_core.save_pretrained(tiny_model(tok.vocab_size - 3), tmp_path)
     with pytest.raises(ConfigError, match=rf"^{path}: the tokenizer has {tok.vocab_size} tokens but the model's "
                                           rf"vocab_size is {tok.vocab_size - 3}; use the tokenizer"):
-        load_script("generate").main(["--model", str(tmp_path), "--tokenizer", str(path), "--prompt", "oi", "--chat", "aira",
-                            "--device", "cpu"])
+        load_script("generate").main(["--model", str(tmp_path), "--tokenizer", str(path), "--prompt", "oi",
+                                      "--chat", "aira", "--device", "cpu"])
 
 
 def test_a_prompt_that_is_not_utf8_is_named(checkpoint):
@@ -321,8 +321,9 @@ def test_tokenizer_option_loads_the_tokenizer_from_its_own_directory(checkpoint,
     _, tok, model = checkpoint
     ttl_core.save_pretrained(model, tmp_path / "weights")
     tok.save_pretrained(tmp_path / "tokenizer")
-    assert load_script("generate").main(["--model", str(tmp_path / "weights"), "--tokenizer", str(tmp_path / "tokenizer"),
-                               "--prompt", "o menino", "--greedy", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    assert load_script("generate").main(["--model", str(tmp_path / "weights"),
+                                         "--tokenizer", str(tmp_path / "tokenizer"), "--prompt", "o menino",
+                                         "--greedy", "--max-new-tokens", "6", "--device", "cpu"]) == 0
     answer = expected_answer(model, tok, tok.encode("o menino"), max_new_tokens=6, repetition_penalty=1.2,
                              eos_token_id=[tok.eos_id], pad_token_id=tok.pad_id)
     assert capsys.readouterr().out == answer + "\n"
@@ -457,8 +458,8 @@ def test_the_checkpoints_eos_ids_end_the_answer_too(checkpoint, tmp_path, capsys
     stop = int(free[3])
     assert stop not in free[:3].tolist() and stop != tok.eos_id and len(free) == 12
     save_with_generation_config(model, tok, tmp_path, eos_token_id=[tok.eos_id, stop])
-    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy", "--max-new-tokens",
-                               "12", "--device", "cpu"]) == 0
+    assert load_script("generate").main(["--model", str(tmp_path), "--prompt", "o menino", "--greedy",
+                                         "--max-new-tokens", "12", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == tok.decode(free[:4].tolist()) + "\n"
 
 

@@ -339,9 +339,10 @@ def test_speed_ratio_goals_need_strictly_faster_unless_ties_are_allowed_and_ever
     goals = load_script("check_goals")
     shape = {"rows": 16384, "hidden": 768, "residual": False}
     required = [shape]
-    tie = [goal_row("ttl", "fwd", shape, 1.0), goal_row("liger", "fwd", shape, 1.0), goal_row("torch", "fwd", shape, 3.0)]
-    judge = lambda rows, **kw: goals.speed_ratio_goal("g", rows, [], "fwd", lambda s: True, ("liger", "torch"),  # noqa: E731
-                                                      required, **kw).met
+    tie = [goal_row("ttl", "fwd", shape, 1.0), goal_row("liger", "fwd", shape, 1.0),
+           goal_row("torch", "fwd", shape, 3.0)]
+    judge = lambda rows, **kw: goals.speed_ratio_goal("g", rows, [], "fwd", lambda s: True,  # noqa: E731
+                                                      ("liger", "torch"), required, **kw).met
     assert judge(tie) is False and judge(tie, ties_allowed=True) is True
     faster_than_one = [goal_row("ttl", "fwd", shape, 0.9), goal_row("liger", "fwd", shape, 1.0)]
     assert judge(faster_than_one) is None  # torch not measured: not a "yes"
@@ -352,7 +353,8 @@ def test_fused_ce_memory_goal_is_met_at_exactly_one_eighth():
     goals = load_script("check_goals")
     shape = {"tokens": 16384, "hidden": 4096, "vocab": 128256, "unfused_logits_grad_mb": 8016.0}
     gradients_mb = (16384 + 128256) * 4096 * 2 / 2**20  # 1130 MB of bf16 hidden and weight gradients
-    at = lambda extra: goals.flce_memory([goal_row("ttl", "fwd+bwd", shape, 1.0, peak_mem_mb=gradients_mb + extra)],  # noqa: E731
+    at = lambda extra: goals.flce_memory([goal_row("ttl", "fwd+bwd", shape, 1.0,  # noqa: E731
+                                                   peak_mem_mb=gradients_mb + extra)],
                                          [], lambda s: True, []).met
     assert at(8016.0 / 8) is True and at(8016.0 / 8 + 1) is False
 

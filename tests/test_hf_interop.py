@@ -56,7 +56,8 @@ def test_hf_to_ttl_to_hf_is_bit_identical(tmp_path, dtype, shard, kind):
         assert len(set(index["weight_map"].values())) > 1
         assert not (out / "model.safetensors").exists()
 
-    auto = transformers.AutoModelForSequenceClassification if kind == "classifier" else transformers.AutoModelForCausalLM
+    auto = (transformers.AutoModelForSequenceClassification if kind == "classifier"
+            else transformers.AutoModelForCausalLM)
     reloaded = auto.from_pretrained(out, dtype=dtype).eval()
     original = auto.from_pretrained(src, dtype=dtype).eval()  # not `hf`: its .to(bf16) also rounded inv_freq
     assert type(reloaded) is type(hf)
@@ -426,7 +427,8 @@ def test_a_given_state_dict_is_checked_against_the_model(tmp_path):
     with pytest.raises(CheckpointError, match=r"state_dict lacks backbone\.embed\.weight.*without DDP"):
         ttl_core.save_pretrained(model, tmp_path / "a", state_dict={f"module.{k}": v for k, v in full.items()})
     half = {**full, "backbone.layers.0.attn.qkv.weight": full["backbone.layers.0.attn.qkv.weight"][:64]}
-    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.attn\.qkv\.weight \(64, 64\) \(model: \(128, 64\)\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"backbone\.layers\.0\.attn\.qkv\.weight \(64, 64\) \(model: \(128, 64\)\)"):
         ttl_core.save_pretrained(model, tmp_path / "b", state_dict=half)
     assert not list((tmp_path / "b").glob("*.safetensors"))
 

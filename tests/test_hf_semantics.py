@@ -224,7 +224,8 @@ def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
         assert expected.shape[1] == expected_len and torch.equal(got, expected), (saved, call)
     with pytest.raises(ValueError, match="max_length"):
         theirs.generate(ids(batch=2, seq=15), do_sample=False)
-    with pytest.raises(GenerationError, match=r"the prompt's 15 tokens already fill the checkpoint's max_length of 15: "):
+    with pytest.raises(GenerationError,
+                       match=r"the prompt's 15 tokens already fill the checkpoint's max_length of 15: "):
         ttl_core.generate(ours, ids(batch=2, seq=15))
     ours.generation_config["max_length"] = "15"
     with pytest.raises(GenerationError, match=r"generation_config.json: max_length must be an integer >= 0, got '15'"):

@@ -492,4 +492,5 @@ def test_instruction_tuning_with_triton_attention_packs_and_trains_as_padded(bas
         losses = [r["loss"] for r in read_metrics(tmp_path / backend / "metrics.jsonl") if "loss" in r]
         runs[backend] = summary["packed"], losses + [summary["history"][0]["eval_loss"]]
     assert runs["sdpa"][0] is False and runs["triton"][0] is True
-    assert len(runs["triton"][1]) == 3 and largest(abs(a - b) for a, b in zip(runs["sdpa"][1], runs["triton"][1])) <= 1e-5
+    assert len(runs["triton"][1]) == 3 and \
+        largest(abs(a - b) for a, b in zip(runs["sdpa"][1], runs["triton"][1])) <= 1e-5

@@ -193,7 +193,8 @@ def test_a_resumed_run_with_smoothing_reproduces_an_uninterrupted_one_bit_for_bi
     keys = ("loss", "smoothed_loss", "z_loss", "eval_loss")
     assert [[r.get(k) for k in keys] for r in sliced] == [[r.get(k) for k in keys] for r in straight]
     assert len([r for r in straight if "smoothed_loss" in r]) == 4
-    a, b = (ttl_core.load_pretrained(tmp_path / name / "checkpoints" / "step-000004") for name in ("straight", "sliced"))
+    a, b = (ttl_core.load_pretrained(tmp_path / name / "checkpoints" / "step-000004")
+            for name in ("straight", "sliced"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -252,6 +253,7 @@ def test_the_classifier_refuses_a_bad_label_smoothing_as_the_causal_lm_does(valu
                                               num_hidden_layers=1, num_attention_heads=2, pad_token_id=0)
     ids = torch.randint(1, 50, (2, 6))
     for model, labels in ((ttl_core.LlamaForCausalLM(config), ids),
-                          (ttl_core.LlamaForSequenceClassification(config.replace(num_labels=3)), torch.tensor([0, 2]))):
+                          (ttl_core.LlamaForSequenceClassification(config.replace(num_labels=3)),
+                           torch.tensor([0, 2]))):
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             model(ids, labels=labels, label_smoothing=value)

@@ -179,8 +179,8 @@ def test_a_state_from_another_sequence_length_split_or_data_is_refused(data, tmp
     make_dir(tmp_path / "other", np.random.default_rng(1).integers(0, 40, size=100).tolist())
     other = PackedLoader(tmp_path / "other", "train", 16, 4, seed=1)
     assert other.n_blocks != state["n_blocks"]
-    with pytest.raises(DataError, match=rf"n_blocks is {state['n_blocks']}, here {other.n_blocks} \(blocks in the token "
-                                        r"file: other data than the position was saved on\)$"):
+    with pytest.raises(DataError, match=rf"n_blocks is {state['n_blocks']}, here {other.n_blocks} \(blocks in the "
+                                        r"token file: other data than the position was saved on\)$"):
         other.load_state_dict(state)
 
 

@@ -193,7 +193,8 @@ def test_bad_adapters_are_clear_errors(tmp_path):
     config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
     (tmp_path / "wrong_r").mkdir()
     (tmp_path / "wrong_r" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    (tmp_path / "wrong_r" / "adapter_model.safetensors").write_bytes((tmp_path / "good" / "adapter_model.safetensors").read_bytes())
+    (tmp_path / "wrong_r" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "good" / "adapter_model.safetensors").read_bytes())
     with pytest.raises(AdapterError, match=r"has shape \(4, 64\).*r=8"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "d"), tmp_path / "wrong_r")
     (tmp_path / "other").mkdir()
@@ -405,7 +406,8 @@ def test_fresh_adapters_from_a_seed_are_peft_s_to_the_bit(kind, dtype, options, 
             assert torch.equal(ours(x).logits, before)
     torch.manual_seed(11)
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=use_dora,
-                                                     task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS", **options))
+                                                     task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS",
+                                                     **options))
     save_adapter(ours, tmp_path / "ours")
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     expected = peft.get_peft_model_state_dict(theirs)

@@ -38,7 +38,8 @@ CAUSAL_CASES = {
     "mha": dict(num_key_value_heads=4),
     "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
     "theta_500k": dict(rope_theta=500000.0),
-    "odd_sizes": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, intermediate_size=77, vocab_size=97),
+    "odd_sizes": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, intermediate_size=77,
+                      vocab_size=97),
     "bias": dict(attention_bias=True, mlp_bias=True),
     "head_dim_override": dict(head_dim=32, num_attention_heads=4, num_key_value_heads=2),
     "rope_linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
@@ -197,7 +198,8 @@ def test_a_ready_4d_mask_gives_transformers_logits_and_an_integer_one_is_refused
             assert (got - ref)[real].abs().max() <= 1e-4
         per_head = allowed.expand(-1, hf.config.num_attention_heads, -1, -1)  # (batch, heads, seq, seq) fits too
         assert (ours(ids, attention_mask=per_head).logits - got)[real].abs().max() <= 1e-5
-        with pytest.raises(ConfigError, match=r"a 4-d attention_mask must be boolean .* or additive .*, got torch.int64"):
+        with pytest.raises(ConfigError,
+                           match=r"a 4-d attention_mask must be boolean .* or additive .*, got torch.int64"):
             ours(ids, attention_mask=allowed.long())
 
 

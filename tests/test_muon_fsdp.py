@@ -96,7 +96,8 @@ assert apply_update(optimizers["fsdp"], t.lr, norm, scaler)["skipped"]
 assert all(torch.equal(shard.full_tensor(), weights[name]) for name, shard in shards.items())
 # a block of columns has no rows of its own (no scatter: src_data_rank=None, see the barrier below)
 columns = distribute_tensor(torch.randn(4, 6), shard.device_mesh, [Shard(1)], src_data_rank=None)
-with pytest.raises(ValueError, match=r"^Muon needs parameters sharded on dim 0 alone, got placements \(Shard\(dim=1\),\)$"):
+with pytest.raises(ValueError,
+                   match=r"^Muon needs parameters sharded on dim 0 alone, got placements \(Shard\(dim=1\),\)$"):
     owned_rows(columns)
 # DTensor's caches keep FSDP's group alive past close_world, so its worker threads outlive the script: one still
 # letting go of a finished collective's tensors while the interpreter shuts down aborts the process. A barrier's
@@ -144,7 +145,9 @@ ONE, TWO = [*COMMON, "train.micro_batch_size=4"], [*COMMON, "train.micro_batch_s
 UNSHARED = """
 import runpy, sys
 import ttl_core.optim, ttl_core.train
-ttl_core.train.build_optimizer = lambda model, train, device, world: ttl_core.optim.build_optimizer(model, train, device)
+def build_optimizer(model, train, device, world):
+    return ttl_core.optim.build_optimizer(model, train, device)
+ttl_core.train.build_optimizer = build_optimizer
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -44,7 +44,8 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path, data_dir, 
     torch.manual_seed(12345)  # as in a new process: the checkpoint's RNG states, which dropout draws from, come back
     train(run, sliced, data_dir=str(data_dir), resume=True)
     assert losses(sliced) == losses(straight) and len(losses(straight)) == 6
-    a, b = load_pretrained(straight / "checkpoints" / "step-000006"), load_pretrained(sliced / "checkpoints" / "step-000006")
+    a, b = load_pretrained(straight / "checkpoints" / "step-000006"), \
+        load_pretrained(sliced / "checkpoints" / "step-000006")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     evals = [r for r in read_metrics(sliced / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]

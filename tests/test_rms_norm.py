@@ -71,7 +71,8 @@ def test_fp16_and_mixed_dtypes_promote_like_the_reference():
         x, w, r = inputs(19, 300, dtype, True, seed=3, weight_dtype=w_dtype, residual_dtype=r_dtype)
         ref_y, ref_h = rms_norm_reference(x, w, 1e-5, r)
         gen = torch.Generator().manual_seed(4)
-        grads = [torch.randn(19, 300, generator=gen).to(ref_y.dtype), torch.randn(19, 300, generator=gen).to(ref_h.dtype)]
+        grads = [torch.randn(19, 300, generator=gen).to(ref_y.dtype),
+                 torch.randn(19, 300, generator=gen).to(ref_h.dtype)]
         outs, got = run(x, w, 1e-5, r, grads)
         assert [o.dtype for o in outs] == [ref_y.dtype, ref_h.dtype]
         assert got["x"].dtype == x.dtype and got["weight"].dtype == w.dtype and got["residual"].dtype == r.dtype

@@ -62,7 +62,8 @@ def test_bad_overrides_are_named(override, message):
     ("train.keep_checkpoints=0", "keep_checkpoints must be >= 1"), ("train.seed=4294967296", "seed must be in"),
     ("train.betas=[false, 0.9]", "betas must be two numbers"),  # a bool is no number, here as everywhere else
     pytest.param("train.lr=" + "9" * 400, "train.lr must be a number", id="an integer no float can hold"),
-    pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be an integer", id="an integer Python won't read"),
+    pytest.param("train.max_steps=" + "9" * 5000, "train.max_steps must be an integer",
+                 id="an integer Python won't read"),
     ("model.preset=[\"tiny\"]", "unknown preset"), ("model.preset={name = \"tiny\"}", "unknown preset"),
     ("train.min_lr=-0.1", r"min_lr must lie in \[0, lr"), ("train.betas=[0.9, 1.0]", "betas must be two numbers"),
     # a bad lr is named itself, not as the bound of min_lr's range
@@ -70,7 +71,8 @@ def test_bad_overrides_are_named(override, message):
     ("train.save_every=0", "save_every must be >= 1"),  # a step % 0 mid-run otherwise
     ("train.eval_every=-1", r"train.eval_every must be >= 0 \(0: no evaluation\), got -1"),
     # each value must have its setting's type: a bool is no int, a number no bool, a string no list of fragments
-    ("train.compile=1", "train.compile must be true or false"), ("train.max_steps=true", "train.max_steps must be an integer"),
+    ("train.compile=1", "train.compile must be true or false"),
+    ("train.max_steps=true", "train.max_steps must be an integer"),
     ("train.no_decay=\"norm\"", "train.no_decay must be a list"),
     # every count that sizes a step, the schedule or evaluation, and the way processes share the model
     *[(f"train.{key}=0", f"train.{key} must be >= 1, got 0") for key in (

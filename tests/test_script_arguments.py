@@ -58,7 +58,8 @@ def test_pretrain_defaults_reach_train(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("stopped_by, status", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130),
                                                 (TIME_LIMIT, 75)])
 def test_pretrain_stopped_by_a_signal_exits_with_the_documented_status(monkeypatch, stopped_by, status):
-    """75 (EX_TEMPFAIL) asks a requeue script to run again with --resume; a Ctrl-C keeps an interrupted program's 130."""
+    """75 (EX_TEMPFAIL) asks a requeue script to run again with --resume; a Ctrl-C keeps an interrupted
+    program's 130."""
     script = load_script("pretrain")
     monkeypatch.setattr(script, "train", recorder(types.SimpleNamespace(
         checkpoint="RUN/checkpoints/step-000002", sample=None, last_step=2, last_loss=1.5, stopped_by=stopped_by)))

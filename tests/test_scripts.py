@@ -228,10 +228,10 @@ def test_kernel_rows_charge_both_passes_bytes_and_judge_flops_against_the_matmul
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_kernel_benchmarks_charge_the_bytes_each_pass_must_move(monkeypatch, dtype):
-    """At the smoke sizes, in 2- and 4-byte elements: RMSNorm reads x, writes y (+ the residual in, the sum out), backward reads dy and
-    x (and the sum's gradient), writes dx; rotary reads and writes q and k and reads cos and sin, each pass;
-    SwiGLU reads 2 writes 1, backward reads 3 writes 2; the fused linear CE moves hidden and weight (2·N·d·V
-    FLOPs forward, twice that backward); CE on logits reads them, backward writes their gradient."""
+    """At the smoke sizes, in 2- and 4-byte elements: RMSNorm reads x, writes y (+ the residual in, the sum out),
+    backward reads dy and x (and the sum's gradient), writes dx; rotary reads and writes q and k and reads cos and
+    sin, each pass; SwiGLU reads 2 writes 1, backward reads 3 writes 2; the fused linear CE moves hidden and weight
+    (2·N·d·V FLOPs forward, twice that backward); CE on logits reads them, backward writes their gradient."""
     script = load_script("bench_kernels")
     charged = []
     monkeypatch.setattr(script, "measure", lambda results, impls, make_inputs, row_inputs, shape, dtype, fwd, bwd,

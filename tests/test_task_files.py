@@ -93,7 +93,8 @@ def test_examples_keep_the_special_tokens_the_tokenizer_adds_as_transformers_tru
     text = "Título\n\nUm texto um pouco mais longo que o corte."
     for max_length in (2, 5, 9, 256):
         expected = hf(text, truncation=True, max_length=max_length)["input_ids"]
-        assert encode_example(tok, ["Título", "Um texto um pouco mais longo que o corte."], False, max_length) == expected
+        assert encode_example(tok, ["Título", "Um texto um pouco mais longo que o corte."], False,
+                              max_length) == expected
     assert encode_example(tok, ["O gato.", "O cão."], True, 256) == hf("O gato.<s>O cão.</s>")["input_ids"]
     specials = 2 + flags.get("add_bos_token", False) + flags.get("add_eos_token", False)
     assert len(encode_example(tok, ["Primeira frase longa " * 5, "Segunda"], True, specials + 3)) == specials + 3
@@ -194,7 +195,8 @@ def test_a_number_is_a_class_id_only_where_the_label_order_was_given(base_dir, t
     ("title,text,label\n", "csv", "no examples"),
     ("title,text,label\na,b,A\nc,d,ZZZ\n", "csv", r"t\.csv:3: unknown label 'ZZZ'"),
     ("title,text,label\na,b,A\nc,d\n", "csv", r"t\.csv:3: .*columns"),
-    ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl", r"t\.jsonl:2: no field 'text'"),
+    ('{"title": "a", "text": "b", "label": "A"}\n{"title": "a", "label": "A"}\n', "jsonl",
+     r"t\.jsonl:2: no field 'text'"),
     ('{"title": "a", "text": "b", "label": "A"}\n{oops\n', "jsonl", r"t\.jsonl:2: malformed JSON"),
     ("x", "xlsx", "unsupported task file type"),
     # a space after a comma is part of the column's name (as in pandas): the message quotes the names to show it
@@ -389,8 +391,10 @@ def test_bad_data_is_refused_before_the_model_loads(tmp_path, monkeypatch, which
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text(json.dumps({"instruction": "Diga oi.", "output": "Oi."}) + "\n")
     for record, message in [('{"instruction": "x", "output": ', r"bad\.jsonl:2: malformed JSON"),
-                            (json.dumps({"instruction": "x", "reply": "y"}), r"bad\.jsonl:2: no text field among output"),
-                            (json.dumps({"instruction": "x", "input": 3, "output": "y"}), r"bad\.jsonl:2: field 'input'")]:
+                            (json.dumps({"instruction": "x", "reply": "y"}),
+                             r"bad\.jsonl:2: no text field among output"),
+                            (json.dumps({"instruction": "x", "input": 3, "output": "y"}),
+                             r"bad\.jsonl:2: field 'input'")]:
         bad.write_text(good.read_text() + record + "\n")
         train, evals = (bad, good) if which == "train" else (good, bad)
         with pytest.raises(DataError, match=message):

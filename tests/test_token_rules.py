@@ -240,7 +240,8 @@ def test_an_exponential_decay_past_float32_is_named(models, do_sample):
      "prefix_allowed_tokens_fn allowed no token for prompt 1: its constraint cannot be met"),
     (dict(prefix_allowed_tokens_fn=lambda prompt, row: [4, 131]),
      r"prefix_allowed_tokens_fn allowed ids outside the vocabulary \[0, 131\) for prompt 0"),
-    (dict(prefix_allowed_tokens_fn=[4, 5]), r"prefix_allowed_tokens_fn must be a function \(prompt index, row so far\)"),
+    (dict(prefix_allowed_tokens_fn=[4, 5]),
+     r"prefix_allowed_tokens_fn must be a function \(prompt index, row so far\)"),
     # transformers refuses this too: the last step would have no token left (greedy would silently pick id 0)
     (dict(forced_eos_token_id=[7, 9], suppress_tokens=[9, 4, 7]),
      r"every forced_eos_token_id \(\[7, 9\]\) is also in suppress_tokens"),

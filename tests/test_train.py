@@ -208,7 +208,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, da
     parts = [f"grad_norm/{part}" for part in ("embed", "layers.0", "layers.1", "norm", "lm_head")]
     objective = ["smoothed_loss", "z_loss"] if mode == "ddp" else []
     for key in ("loss", "grad_norm", "eval_loss", *parts, *objective):
-        figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r] for run in ("one", "two")]
+        figures = [[r[key] for r in read_metrics(tmp_path / run / "metrics.jsonl") if key in r]
+                   for run in ("one", "two")]
         within = pytest.approx(figures[0], **{"rel" if key in parts else "abs": 1e-5})  # a part's norm may be 0.02
         assert figures[1] == within and len(figures[0]) == (2 if key == "eval_loss" else 4)
     # the FSDP-saved checkpoint is an ordinary HF checkpoint with the same weights

@@ -33,7 +33,8 @@ def test_refuses_to_overwrite_a_run_and_checks_vocab(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(run_config("train.max_steps=1"), tmp_path, data_dir=str(data_dir))
     with pytest.raises(ConfigError, match="has 400 tokens but the model's vocab_size is 300"):
-        train(load_run_config(None, [*MICRO_MODEL, "model.vocab_size=300", *FAST]), tmp_path / "b", data_dir=str(data_dir))
+        train(load_run_config(None, [*MICRO_MODEL, "model.vocab_size=300", *FAST]), tmp_path / "b",
+              data_dir=str(data_dir))
     with pytest.raises(ConfigError, match="not a prepared data directory"):
         train(run_config(), tmp_path / "c", data_dir=str(tmp_path))
 

@@ -11,8 +11,9 @@ WORDS = ("a casa de o menino foi para escola com seu cachorro ontem à noite e n
          "na cidade até amanhã café pão ação coração professora médico rio floresta").split()
 # Capitals, emoji, CJK, tabs, repeated spaces, newlines, control characters, leading/trailing spaces.
 HARD = ["Olá, mundo! Tudo bem?", "ÁRVORE Grande ÇÃO Ñ", "😀 emoji 👍🏽 família 👨‍👩‍👧", "中文字 日本語 한국어",
-        "tab\tseparado\t\tduplo", "espaços   repetidos    aqui", "linha\nnova\n\nparágrafo\r\n", "\x00\x07\x1b controle",
-        "123456 7.5 2024", "fim ", "", " começa com espaço", "  dois", "\u200bzero\u00a0nbsp", "x" * 50]
+        "tab\tseparado\t\tduplo", "espaços   repetidos    aqui", "linha\nnova\n\nparágrafo\r\n",
+        "\x00\x07\x1b controle", "123456 7.5 2024", "fim ", "", " começa com espaço", "  dois", "\u200bzero\u00a0nbsp",
+        "x" * 50]
 
 # What random texts are made of: words with composed accents, whitespace of every kind (Python's and Unicode's
 # differ), controls, "▁", astral characters, marks, numbers and letters that are word characters for one regex
@@ -52,7 +53,8 @@ def corpus(n=300, seed=0):
 def assert_same_ids(ours, theirs, texts):
     for text in texts:
         assert ours.encode(text) == theirs(text)["input_ids"], text
-        assert ours.encode(text, add_bos=False, add_eos=False) == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.encode(text, add_bos=False, add_eos=False) == \
+            theirs(text, add_special_tokens=False)["input_ids"], text
         ids = ours.encode(text)
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
         ids = ids + [i for i in (ours.eos_id, ours.pad_id) if i >= 0]
