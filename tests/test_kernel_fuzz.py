@@ -181,12 +181,16 @@ def rotary_tables(case: Case, batch: int, seq: int, dim: int, dtype: torch.dtype
     case.constant("sin", sin if rows else sin[0])
 
 
+def draw_heads(rng: random.Random, max_seq: int) -> tuple[torch.dtype, int, int, int, int, int]:
+    """(dtype, kv_heads, batch, seq, heads, head_dim) of a rotary call: heads a multiple of kv_heads, head_dim even."""
+    dtype, kv_heads = rng.choice(DTYPES), rng.randint(1, 4)
+    return (dtype, kv_heads, rng.choice([1, 2, 3]), rng.randint(1, max_seq), kv_heads * rng.choice([1, 2, 3]),
+            2 * rng.randint(1, 80))
+
+
 def fuzz_rotary(case: Case) -> None:
     rng = case.rng
-    dtype = rng.choice(DTYPES)
-    kv_heads = rng.randint(1, 4)
-    batch, seq, heads = rng.choice([1, 2, 3]), rng.randint(1, 40), kv_heads * rng.choice([1, 2, 3])
-    dim = 2 * rng.randint(1, 80)
+    dtype, kv_heads, batch, seq, heads, dim = draw_heads(rng, 40)
     q_shape, kv_shape = (batch, seq, heads, dim), (batch, seq, kv_heads, dim)
     fused = rng.random() < 0.5
     if fused:
@@ -209,10 +213,7 @@ def fuzz_rotary(case: Case) -> None:
 
 def fuzz_rotary_into_cache(case: Case) -> None:
     rng = case.rng
-    dtype = rng.choice(DTYPES)
-    kv_heads = rng.randint(1, 4)
-    batch, seq, heads = rng.choice([1, 2, 3]), rng.randint(1, 12), kv_heads * rng.choice([1, 2, 3])
-    dim = 2 * rng.randint(1, 80)
+    dtype, kv_heads, batch, seq, heads, dim = draw_heads(rng, 12)
     max_len = seq + rng.randint(0, 20)
     qkv_shape, cache_shape = (batch, seq, heads + 2 * kv_heads, dim), (batch, max_len, kv_heads, dim)
     case.tensor("qkv", qkv_shape, dtype, case.layout(qkv_shape, ("contiguous", "sliced", "expanded")))
