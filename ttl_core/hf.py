@@ -3,8 +3,7 @@
 This module knows transformers' tensor names (`ttl_core.muon.is_hf_projection` knows its projections' too). A
 *plan* maps each ttl parameter to the checkpoint tensors stacked along dim 0 to form it (q/k/v -> qkv, gate/up ->
 gate_up); loading and saving both walk that plan, so the mapping is written once. Weights are read from safetensors
-only: pickles are never opened.
-"""
+only: pickles are never opened."""
 
 from __future__ import annotations
 
@@ -203,6 +202,14 @@ def check_weight_files(path: str | os.PathLike) -> None:
     stored_tensors(directory)
 
 
+def refuse_non_float(path: Path, key: str, dtype: str, error: type[TTLError]) -> None:
+    """Raise `error` for a safetensors tensor not stored in a floating-point dtype (`dtype` as its header names it):
+    copied into the float weights, ints, bools or fp8 would be cast silently."""
+    if dtype not in SAFETENSORS_DTYPES:
+        raise error(f"{path}: tensor {key} has dtype {dtype}; ttl loads floating-point weights "
+                    f"({', '.join(SAFETENSORS_DTYPES)})")
+
+
 def stored_tensors(directory: Path) -> tuple[dict[Path, Any], dict[str, tuple[Path, list[int]]]]:
     """The opened (memory-mapped) safetensors files of a checkpoint directory, and each tensor's file and shape
     by name. A tensor stored twice, or not in a floating-point dtype, is a CheckpointError naming it."""
@@ -211,9 +218,7 @@ def stored_tensors(directory: Path) -> tuple[dict[Path, Any], dict[str, tuple[Pa
     for f, handle in handles.items():
         for key in handle.keys():
             piece = handle.get_slice(key)
-            if piece.get_dtype() not in SAFETENSORS_DTYPES:  # copying would silently cast ints, bools, fp8
-                raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; ttl loads floating-point "
-                                      f"weights ({', '.join(SAFETENSORS_DTYPES)})")
+            refuse_non_float(f, key, piece.get_dtype(), CheckpointError)
             if key in found:  # which copy to load would be arbitrary
                 raise CheckpointError(f"{directory}: tensor {key} is stored in both {found[key][0].name} and {f.name}")
             found[key] = (f, piece.get_shape())

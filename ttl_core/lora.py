@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
-from .hf import NATIVE_CONFIG, SAFETENSORS_DTYPES, load_pretrained, read_model_config
+from .hf import NATIVE_CONFIG, load_pretrained, read_model_config, refuse_non_float
 from .lora_targets import (EMBEDDING_MODULES, EMBEDDING_PARAMS, OPTION_TYPES, PEFT_PREFIX, check_option_types,
                            checked_pattern, linear_slices, modules_to_save_params, pattern_value, present_targets,
                            target_names, targeted_slices, tied)
@@ -384,12 +384,8 @@ def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> d
             found = {key: read(f, key) for key in f.keys()}
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
-    # copied into the float LoRA weights, an integer tensor's values would be converted: an adapter whose header
-    # names another dtype (damage, or a foreign file) would load as garbage
-    for key, dtype in dtypes.items():
-        if dtype not in SAFETENSORS_DTYPES:
-            raise AdapterError(f"{directory / WEIGHTS_FILE}: tensor {key} has dtype {dtype}; adapters hold "
-                               f"floating-point weights ({', '.join(SAFETENSORS_DTYPES)})")
+    for key, dtype in dtypes.items():  # a header naming another dtype (damage, or a foreign file) loads garbage
+        refuse_non_float(directory / WEIGHTS_FILE, key, dtype, AdapterError)
     weights = {}
     # PEFT saving a module trained in full (modules_to_save) whose vocabulary grew can also write its wrapper's two
     # copies: the trained one again (".modules_to_save.") and the base's (".original_module."), which it replaces
