@@ -1,6 +1,8 @@
 """Inputs every kernel must refuse with one clear line on both backends, found by fuzzing: tensors on two devices
 (Triton failed deep in its launcher, or read a pointer it cannot), an ignore_index that is no int (Triton failed
-deep in the interpreter, or silently took 1.5), and an empty vocabulary."""
+deep in the interpreter, or silently took 1.5) or a kv_heads that is no int (torch's split failed naming no
+argument), an empty vocabulary, and a fused cross-entropy's hidden and weight of two dtypes outside autocast
+(torch's matmul refused naming neither)."""
 
 import pytest
 import torch
@@ -61,3 +63,22 @@ def test_an_empty_vocabulary_is_refused(backend):
         ttl_kernels.cross_entropy(rand(3, 0), targets, backend=backend)
     with pytest.raises(ValueError, match="at least one class"):
         ttl_kernels.fused_linear_cross_entropy(rand(3, 4), rand(0, 4), targets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_heads", [1.0, None, torch.tensor(1)], ids=["float", "None", "tensor"])
+def test_a_kv_heads_that_is_no_int_is_refused(kv_heads, backend):
+    with pytest.raises(TypeError, match="kv_heads must be an int"):
+        ttl_kernels.apply_rotary_qkv(rand(1, 5, 4, 8), rand(5, 8), rand(5, 8), kv_heads, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_fused_cross_entropy_of_two_dtypes_is_refused_outside_autocast_and_runs_within(backend):
+    hidden, weight, targets = rand(6, 4).bfloat16(), rand(11, 4), torch.tensor([0, 3, 5, 10, 2, 7])
+    with pytest.raises(TypeError, match="hidden and weight of one dtype outside autocast, got torch.bfloat16 and "
+                                        "torch.float32"):
+        ttl_kernels.fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ttl_kernels.fused_linear_cross_entropy(hidden, weight, targets, backend=backend)
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.bfloat16().T).float(), targets)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected.item(), rel=1e-2)

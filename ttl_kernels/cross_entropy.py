@@ -20,8 +20,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .dispatch import (HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_one_device,
-                       use_triton)
+from .dispatch import (HAVE_TRITON, apply_kernel, as_rows, once_differentiable, require_floating, require_int,
+                       require_one_device, use_triton)
 
 if HAVE_TRITON:
     import triton
@@ -159,9 +159,7 @@ def _check(targets: torch.Tensor, rows: int, vocab: int, ignore_index: int, redu
            z_loss: float) -> None:
     if vocab == 0:  # every target would be out of range: the reference raises on the first, Triton cannot launch
         raise ValueError("cross-entropy needs at least one class, got a vocabulary of 0")
-    # the kernel takes it as an int64 argument: 1.5 compared as 1, a tensor or None failed deep inside Triton
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    require_int("ignore_index", ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if targets.dim() != 1 or targets.shape[0] != rows:
@@ -430,6 +428,10 @@ def fused_linear_cross_entropy(
     _check(targets, hidden.shape[0], weight.shape[0], ignore_index, reduction, label_smoothing, z_loss)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     require_one_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        # autocast casts both for the matmul; without it torch's matmul refuses in words naming neither tensor
+        raise TypeError(f"fused_linear_cross_entropy needs hidden and weight of one dtype outside autocast, got "
+                        f"{hidden.dtype} and {weight.dtype}")
     if not use_triton(hidden, backend, weight):
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, return_z_loss, return_nll)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from collections.abc import Callable
 
@@ -88,6 +89,13 @@ def require_floating(function: str, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{function} takes floating-point tensors, got {name} of dtype {t.dtype}")
+
+
+def require_int(name: str, value: object) -> None:
+    """Refuse a non-integer where a kernel takes an int argument: Triton truncates 1.5 to 1 and fails deep inside
+    its launcher on a tensor or None, and torch's split fails on a float with a message naming no argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def require_one_device(function: str, **tensors: torch.Tensor | None) -> None:

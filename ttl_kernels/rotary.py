@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dispatch import HAVE_TRITON, apply_kernel, require_floating, require_one_device, use_triton
+from .dispatch import HAVE_TRITON, apply_kernel, require_floating, require_int, require_one_device, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -251,6 +251,7 @@ def apply_rotary(
 def _split_qkv(
     qkv: torch.Tensor, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    require_int("kv_heads", kv_heads)
     if qkv.dim() != 4 or not 0 < 2 * kv_heads < qkv.shape[2]:
         raise ValueError(f"qkv must be (batch, seq, heads + 2 * kv_heads, dim) with at least one query head, "
                          f"got shape {tuple(qkv.shape)} and kv_heads {kv_heads}")
