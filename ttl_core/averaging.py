@@ -5,9 +5,12 @@ The mean is taken tensor by tensor, each checkpoint's file opened for the tensor
 holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and one float64 tensor,
 whatever the number of checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
 every addition (a weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while
-in float64 the sum of a few float32 or bfloat16 values is exact (unless their magnitudes lie some 2**28 apart) and
-a weight's product is off by at most 2**-29 of a float32 step, so each averaged element is the true mean rounded
-once to the output dtype, but for a tie that close. The output is written as `save_pretrained` writes any
+in float64 the sum of a few float32 or bfloat16 values times small integer weights (equal ones included) is exact
+(unless their magnitudes lie some 2**28 apart), so each averaged element is the true mean rounded once to the
+output dtype, but for a tie within 2**-29 of a float32 step. A fractional weight's product is rounded, by at most
+2**-29 of the product's float32 step: the same holds unless the weighted values cancel to far below their own size
+(an element the checkpoints give opposite signs, averaging to near zero), where that rounding can move the mean's
+last bit. The output is written as `save_pretrained` writes any
 checkpoint, into a hidden directory renamed into place when complete, with the newest checkpoint's tokenizer and
 generation_config.json and an `averaging.json` naming the checkpoints and weights averaged.
 """
