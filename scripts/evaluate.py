@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stride is not None and args.stride > seq_len:
             raise ConfigError(f"--stride {args.stride} is longer than the window (--seq-len {seq_len}): tokens "
                               f"between windows would never be scored")
-        documents = (meta["bos_id"], meta["eos_id"]) if args.document_masking else None
+        documents = (meta.get("bos_id"), meta["eos_id"]) if args.document_masking else None  # bos_id is optional
         result = stream_loss(model, tokens[:args.max_tokens], seq_len, args.stride, args.batch_size, documents,
                              progress=True, by_position=args.by_position)
     figures = {"model": args.model, "data": args.data or args.text, "split": split if args.data else None,

@@ -4,6 +4,7 @@ checkpoints' rounded once to the output dtype, and every input it cannot average
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -43,11 +44,25 @@ def stored(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "model.safetensors")
 
 
+def nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 `x` rounded to the nearest `dtype` value, ties to even: of torch's cast (which may round twice, through
+    float32) and its neighbours, the closest by float64 distance (exact where they lie within a factor of two of x,
+    everywhere but next to zero)."""
+    cast = x.to(dtype)
+    candidates = torch.stack([torch.nextafter(cast, torch.full_like(cast, -math.inf)), cast,
+                              torch.nextafter(cast, torch.full_like(cast, math.inf))])
+    even = (candidates.view(torch.int16 if dtype.itemsize == 2 else torch.int32) & 1) == 0
+    distance = (candidates.double() - x).abs()
+    closest = distance == distance.min(0).values
+    picked = closest & (even | (closest.sum(0) == 1))  # of two equally close, the even one
+    return candidates.gather(0, picked.int().argmax(0, keepdim=True))[0]
+
+
 def reference_mean(dirs: list[Path], weights: list[float], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Each tensor's weighted mean computed in float64 at once (no running sum), rounded to `dtype`."""
+    """Each tensor's weighted mean computed in float64 at once (no running sum), rounded once to `dtype`."""
     tensors = [stored(d) for d in dirs]
     w = torch.tensor(weights, dtype=torch.float64)
-    return {key: (torch.tensordot(w, torch.stack([t[key].double() for t in tensors]), 1) / w.sum()).to(dtype)
+    return {key: nearest(torch.tensordot(w, torch.stack([t[key].double() for t in tensors]), 1) / w.sum(), dtype)
             for key in tensors[0]}
 
 
@@ -121,6 +136,21 @@ def test_bfloat16_checkpoints_average_to_the_float64_mean_in_bfloat16(tmp_path):
     tensors = [stored(d)["model.embed_tokens.weight"] for d in dirs]
     rounded_running = ((tensors[0] + tensors[1]) + tensors[2]) / 3
     assert not torch.equal(rounded_running, averaged["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("dtype, step", [("bfloat16", 2 ** -7), ("float16", 2 ** -10)])
+def test_a_narrower_output_dtype_is_rounded_to_once_not_through_float32(tmp_path, dtype, step):
+    """A mean half a float32 step above the tie between 1 and 1 + step: torch's float64 -> bfloat16 / float16 cast
+    goes through float32, which rounds it onto the tie (the even side), and the tie then to the even 1; the nearest
+    value, rounded once, is 1 + step."""
+    dirs = random_checkpoints(tmp_path, 2, "float32")
+    tie = 1 + step / 2
+    for d, value in zip(dirs, (tie, tie + 2 ** -23)):  # float32 values: their mean is exact in float64
+        tensors = stored(d)
+        tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], value)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    average_checkpoints(dirs, tmp_path / "avg", dtype=dtype)
+    assert stored(tmp_path / "avg")["model.norm.weight"].unique().tolist() == [1 + step]
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -140,6 +140,23 @@ def test_the_script_reports_a_split_and_text_files_with_bits_per_byte(checkpoint
     assert report["bits_per_byte"] == pytest.approx(want.nll / math.log(2) / n_bytes, rel=1e-6)
 
 
+def test_document_masking_of_data_whose_meta_json_names_no_bos(checkpoint, tmp_path):
+    """meta.json's bos_id is optional (read_meta checks eos_id alone): without it, documents still end at each </s>,
+    and no id is left unscored as a document's <s>."""
+    model_dir, data = checkpoint
+    shutil.copytree(data, tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["bos_id"]
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    assert load_script("evaluate").main(["--model", str(model_dir), "--data", str(tmp_path / "data"), "--seq-len",
+                                         "16", "--document-masking", "--json", str(tmp_path / "r.json")]) == 0
+    want = stream_loss(ttl_core.load_pretrained(model_dir), split_tokens(data, "val")[0], 16,
+                       document_ids=(None, meta["eos_id"]))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tokens"] == want.tokens == len(split_tokens(data, "val")[0]) - 1
+    assert report["loss"] == pytest.approx(want.loss, rel=1e-6)
+
+
 def test_the_script_refuses_another_tokenizer_s_data_and_a_classifier(checkpoint, tmp_path):
     model_dir, data = checkpoint
     script = load_script("evaluate")

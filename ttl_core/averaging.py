@@ -5,9 +5,12 @@ The mean is taken tensor by tensor, each checkpoint's file opened for the tensor
 holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and one float64 tensor,
 whatever the number of checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
 every addition (a weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while
-in float64 the sum of a few float32 or bfloat16 values is exact (unless their magnitudes lie some 2**28 apart) and
-a weight's product is off by at most 2**-29 of a float32 step, so each averaged element is the true mean rounded
-once to the output dtype, but for a tie that close. The output is written as `save_pretrained` writes any
+in float64 the sum of a few float32 or bfloat16 values times small integer weights (equal ones included) is exact
+(unless their magnitudes lie some 2**28 apart), so each averaged element is the true mean rounded once to the
+output dtype, but for a tie within 2**-29 of a float32 step. A fractional weight's product is rounded, by at most
+2**-29 of the product's float32 step: the same holds unless the weighted values cancel to far below their own size
+(an element the checkpoints give opposite signs, averaging to near zero), where that rounding can move the mean's
+last bit. The output is written as `save_pretrained` writes any
 checkpoint, into a hidden directory renamed into place when complete, with the newest checkpoint's tokenizer and
 generation_config.json and an `averaging.json` naming the checkpoints and weights averaged.
 """
@@ -104,7 +107,7 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
         for stored, weight in zip(founds, weights):
             with safe_open(stored[key][0], framework="pt") as f:
                 total.add_(f.get_tensor(key).double(), alpha=weight)
-        averaged = (total / sum(weights)).to(out_dtype)
+        averaged = _rounded_once(total / sum(weights), out_dtype)
         if not bool(averaged.isfinite().all()):  # written as it is, a model of inf or NaN weights
             if not bool(total.isfinite().all()):
                 raise CheckpointError(f"tensor {key}: a checkpoint holds NaN or infinity in it; average finite ones")
@@ -123,6 +126,19 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
                                       "accumulation": "float64", "dtype": dtype_name})
 
     return write_dir_atomically(out, write)
+
+
+def _rounded_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float64 `x` rounded to the nearest `dtype` value. torch casts float64 to bfloat16 and float16 through float32,
+    rounding twice: a value a little past a tie of the narrow dtype lands on the tie in float32, then goes to the even
+    side. Narrowed to float32 by rounding to odd (cut toward zero, the last bit set where anything was cut), which
+    keeps the side of every tie, the cast to the narrow dtype is the one rounding."""
+    if dtype.itemsize >= 4:
+        return x.to(dtype)
+    narrowed = x.float()
+    toward_zero = torch.nextafter(narrowed, torch.zeros_like(narrowed))
+    cut = torch.where(narrowed.double().abs() > x.abs(), toward_zero, narrowed)
+    return (cut.view(torch.int32) | (cut.double() != x).int()).view(torch.float32).to(dtype)
 
 
 def _checked_weights(weights: Sequence[float] | None, count: int) -> list[float]:

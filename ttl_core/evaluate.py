@@ -104,13 +104,14 @@ def position_buckets(seq_len: int, buckets: PositionBuckets = "log2") -> list[in
 
 @torch.no_grad()
 def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None = None,
-                batch_size: int = 8, document_ids: tuple[int, int] | None = None, progress: bool = False,
+                batch_size: int = 8, document_ids: tuple[int | None, int] | None = None, progress: bool = False,
                 by_position: PositionBuckets | None = None) -> StreamLoss:
     """Score `tokens` (a 1-d id stream) in windows of `seq_len` every `stride` (default `seq_len`), `batch_size`
     windows per forward pass; the loss is the fused cross-entropy's, so no logits are built. With `document_ids`
-    (the stream's BOS and EOS ids), documents are masked as the training loop masks them (`data.document_masking`):
-    each attends within itself, with positions from 0, and its BOS is not scored. `progress` shows a tqdm bar.
-    `by_position` ("log2" or a number of buckets, `position_buckets`) also fills the result's `by_position`."""
+    (the stream's BOS id, None where it has none, and EOS id), documents are masked as the training loop masks them
+    (`data.document_masking`): each attends within itself, with positions from 0, and its BOS is not scored.
+    `progress` shows a tqdm bar. `by_position` ("log2" or a number of buckets, `position_buckets`) also fills the
+    result's `by_position`."""
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
     context = model.config.max_position_embeddings
