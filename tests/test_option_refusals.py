@@ -1,0 +1,51 @@
+"""Option values a sweep of every script option, config field and API keyword found mishandled (a traceback, a hang,
+nonsense taken without a word), each now refused in one line naming the option, or run as documented. Every case
+is refused, or planned, before any work: the file runs in seconds."""
+
+import contextlib
+import signal
+
+import pytest
+import torch
+from helpers import load_script
+from train_helpers import corpus_file, set_arguments
+
+from ttl_core import LlamaConfig, apply_lora, train_tokenizer
+from ttl_core.data import prepare_data
+from ttl_core.errors import AdapterError, ConfigError, DataError, TokenizerError
+from ttl_core.finetune import FinetuneConfig, train_epochs
+from ttl_core.metrics import MetricsLog
+from ttl_core.model import LlamaForCausalLM
+from ttl_core.model_io import ModelOutput
+
+HUGE = 2**63  # past torch's int64 shapes and islice's sys.maxsize
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int):
+    """A hang (a loop over every one of billions of steps) fails the test instead of stalling the suite."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("field", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim",
+                                   "max_position_embeddings", "num_labels"])
+def test_a_model_size_past_int32_is_refused_by_name(field):
+    # it was a TypeError from torch.empty (or a model built without end, for num_hidden_layers)
+    with pytest.raises(ConfigError, match=rf"^{field} must be below 2\*\*31, got {HUGE}$"):
+        LlamaConfig(**{field: HUGE})
+
+
+@pytest.mark.parametrize("problem_type", ["regresion", "", 1, ["regression"]])
+def test_an_unknown_problem_type_is_refused_by_name(problem_type):
+    with pytest.raises(ConfigError, match=r"^problem_type must be one of regression, single_label_classification, "
+                                          r"multi_label_classification or null, got "):
+        LlamaConfig(problem_type=problem_type)
