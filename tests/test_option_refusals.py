@@ -49,3 +49,10 @@ def test_an_unknown_problem_type_is_refused_by_name(problem_type):
     with pytest.raises(ConfigError, match=r"^problem_type must be one of regression, single_label_classification, "
                                           r"multi_label_classification or null, got "):
         LlamaConfig(problem_type=problem_type)
+
+
+def test_a_vocabulary_past_sentencepiece_s_int32_is_refused_before_the_corpus_is_read(tmp_path):
+    with pytest.raises(TokenizerError, match=rf"^vocab_size must be an integer in \[1, 2\*\*31\), got {HUGE}$"):
+        train_tokenizer(["casa azul"], None, vocab_size=HUGE)
+    with pytest.raises(DataError, match=r"^vocab_size \(to train a tokenizer\) must be an integer in \[1, 2\*\*31\)"):
+        prepare_data([corpus_file(tmp_path)], tmp_path / "out", vocab_size=HUGE)

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .config import SIZE_LIMIT
 from .documents import read_documents, refuse_repeated
 from .errors import DataError, TokenizerError, is_integer, noting_failure
 from .tokenizer import INPUT_SUFFIXES, Tokenizer, checked_utf8
@@ -34,8 +35,8 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     split, whitespace-only pieces allowed. A vocabulary too large or too small for the text raises TokenizerError with
     the size that fits."""
     from .data import usable_cpus  # deferred: data imports this module
-    if not (is_integer(vocab_size) and vocab_size >= 1):
-        raise TokenizerError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+    if not valid_vocab_size(vocab_size):
+        raise TokenizerError(f"vocab_size must be an integer in [1, 2**31), got {vocab_size!r}")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items, nothing = iter(inputs), object()  # not None: a None document is reported, not dropped
@@ -83,6 +84,11 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         out = Path(out)
         tokenizer.save(out if out.suffix == ".model" else out.with_name(out.name + ".model"))
     return tokenizer
+
+
+def valid_vocab_size(value: object) -> bool:
+    """A vocabulary size sentencepiece takes (its int32), as a model's config allows it."""
+    return is_integer(value) and 1 <= value < SIZE_LIMIT
 
 
 def _is_path(item: object) -> bool:
