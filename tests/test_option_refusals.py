@@ -56,3 +56,29 @@ def test_a_vocabulary_past_sentencepiece_s_int32_is_refused_before_the_corpus_is
         train_tokenizer(["casa azul"], None, vocab_size=HUGE)
     with pytest.raises(DataError, match=r"^vocab_size \(to train a tokenizer\) must be an integer in \[1, 2\*\*31\)"):
         prepare_data([corpus_file(tmp_path)], tmp_path / "out", vocab_size=HUGE)
+
+
+def test_a_lora_rank_past_int32_is_refused_by_name():
+    with pytest.raises(ConfigError, match=rf"^lora_r \(--lora-r\) must be an integer in \[1, 2\*\*31\), got {HUGE}$"):
+        FinetuneConfig(lora=True, lora_r=HUGE)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    with pytest.raises(AdapterError, match=rf"^LoRA rank r must be an integer in \[1, 2\*\*31\), got {HUGE}$"):
+        apply_lora(model, r=HUGE)
+
+
+def test_accumulating_more_batches_than_an_epoch_holds_makes_one_update_an_epoch(tmp_path):
+    """--grad-accum-steps past sys.maxsize was a ValueError from islice; any count past the epoch's batches means
+    one update over all of them."""
+    seen: list[list[int]] = []
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.tensor([0.5]))
+    model.forward = lambda ids, label_smoothing: (seen.append(ids.tolist()),
+                                                  ModelOutput(loss=(model.weight * ids).mean()))[1]
+    steps = []
+    log = MetricsLog(tmp_path)
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=2, grad_accum_steps=HUGE)
+    train_epochs(model, list(range(10)), cfg, lambda ids: {"ids": torch.tensor(ids)}, lambda batch: len(batch["ids"]),
+                 log, lambda epoch, step: steps.append(step))
+    log.close()
+    assert steps == [1, 2] and len(seen) == 6 and sorted(sum(seen[:3], [])) == list(range(10))
