@@ -82,3 +82,12 @@ def test_accumulating_more_batches_than_an_epoch_holds_makes_one_update_an_epoch
                  log, lambda epoch, step: steps.append(step))
     log.close()
     assert steps == [1, 2] and len(seen) == 6 and sorted(sum(seen[:3], [])) == list(range(10))
+
+
+def test_a_plan_of_billions_of_steps_is_counted_not_stepped_through(data_dir, capsys):
+    # the plan (and a run's epoch announcement) summed each step's micro-batches and listed each evaluation
+    with fails_after(30):
+        load_script("pretrain").main(["--plan", "--data", str(data_dir), *set_arguments(f"train.max_steps={2**62}")])
+    out = capsys.readouterr().out
+    # every third step (train_helpers' train.eval_every) and after the last
+    assert f"({2**62:,} optimizer steps)" in out and f"eval: {2**62 // 3 + 1:,} evaluations" in out
