@@ -10,9 +10,9 @@ import torch
 from helpers import load_script
 from train_helpers import corpus_file, set_arguments
 
-from ttl_core import LlamaConfig, apply_lora, train_tokenizer
+from ttl_core import LlamaConfig, apply_lora, generate, load_pretrained, save_pretrained, train_tokenizer
 from ttl_core.data import prepare_data
-from ttl_core.errors import AdapterError, ConfigError, DataError, TokenizerError
+from ttl_core.errors import AdapterError, CheckpointError, ConfigError, DataError, GenerationError, TokenizerError
 from ttl_core.finetune import FinetuneConfig, train_epochs
 from ttl_core.metrics import MetricsLog
 from ttl_core.model import LlamaForCausalLM
@@ -58,13 +58,16 @@ def test_a_vocabulary_past_sentencepiece_s_int32_is_refused_before_the_corpus_is
         prepare_data([corpus_file(tmp_path)], tmp_path / "out", vocab_size=HUGE)
 
 
+def tiny_model() -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=16))
+
+
 def test_a_lora_rank_past_int32_is_refused_by_name():
     with pytest.raises(ConfigError, match=rf"^lora_r \(--lora-r\) must be an integer in \[1, 2\*\*31\), got {HUGE}$"):
         FinetuneConfig(lora=True, lora_r=HUGE)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=16))
     with pytest.raises(AdapterError, match=rf"^LoRA rank r must be an integer in \[1, 2\*\*31\), got {HUGE}$"):
-        apply_lora(model, r=HUGE)
+        apply_lora(tiny_model(), r=HUGE)
 
 
 def test_accumulating_more_batches_than_an_epoch_holds_makes_one_update_an_epoch(tmp_path):
@@ -91,3 +94,24 @@ def test_a_plan_of_billions_of_steps_is_counted_not_stepped_through(data_dir, ca
     out = capsys.readouterr().out
     # every third step (train_helpers' train.eval_every) and after the last
     assert f"({2**62:,} optimizer steps)" in out and f"eval: {2**62 // 3 + 1:,} evaluations" in out
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("pretrain", ["--data", "", "--out", "run"]),  # trained on the bundled sample corpus
+    ("pretrain", ["--out", ""]),  # wrote the run into the current directory
+    ("prepare_data", ["--sample", "--out", ""]),
+    ("prepare_data", ["--sample", "--out", "data", "--tokenizer", ""]),  # trained a tokenizer
+    ("finetune_instruct", ["--model", "base", "--eval", ""]),  # kept the last epoch, unevaluated
+    ("finetune_benchmark", ["--model", "base", "--tasks", ""]),  # ran the bundled tasks
+    ("generate", ["--model", "base", "--prompt", "a", "--tokenizer", ""]),  # the model's tokenizer
+    ("compare_runs", ["run", "--out", ""]),  # a ValueError from Path("").with_suffix, after the runs were read
+])
+def test_an_empty_path_is_refused_where_it_stood_for_the_default_or_the_current_directory(script, argv, capsys,
+                                                                                         tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a path taken as given would write
+    option = argv[argv.index("") - 1]
+    with pytest.raises(SystemExit) as exit:
+        load_script(script).main(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {option}: an empty path (an unset shell variable?); "
+                                            "give a file or directory\n")
