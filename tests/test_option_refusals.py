@@ -70,6 +70,24 @@ def test_a_lora_rank_past_int32_is_refused_by_name():
         apply_lora(tiny_model(), r=HUGE)
 
 
+# each was a TypeError or ValueError from sentencepiece, islice, torch or a dict lookup, or (alpha) NaN logits
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: train_tokenizer(["casa"], None, 300, max_sentence_length=2), TokenizerError,
+     r"max_sentence_length must be an integer >= 4 and below 2\*\*31, got 2"),
+    (lambda: train_tokenizer(["casa"], None, 300, num_threads="2"), TokenizerError,
+     r"num_threads must be an integer >= 1 and below 2\*\*31, got '2'"),
+    (lambda: train_tokenizer(["casa"], None, 300, input_sentence_size=-1), TokenizerError,
+     r"input_sentence_size must be an integer >= 1 and below 2\*\*63, got -1"),
+    (lambda: train_tokenizer(["casa"], None, 300, input_bytes=None), TokenizerError,
+     r"input_bytes must be an integer >= 1, got None"),
+])
+def test_api_keywords_of_the_wrong_type_or_past_their_range_are_refused_by_name(call, error, message, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=f"^{message}"):
+        call()
+
+
 def test_accumulating_more_batches_than_an_epoch_holds_makes_one_update_an_epoch(tmp_path):
     """--grad-accum-steps past sys.maxsize was a ValueError from islice; any count past the epoch's batches means
     one update over all of them."""

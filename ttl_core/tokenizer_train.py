@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,15 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     from .data import usable_cpus  # deferred: data imports this module
     if not valid_vocab_size(vocab_size):
         raise TokenizerError(f"vocab_size must be an integer in [1, 2**31), got {vocab_size!r}")
+    # sentencepiece reads max_sentence_length and num_threads as int32s, input_sentence_size as islice's stop; a line
+    # is cut every max_sentence_length // 4 characters (of 4 UTF-8 bytes at most)
+    for name, value, low, high in (("max_sentence_length", max_sentence_length, 4, SIZE_LIMIT),
+                                   ("num_threads", 1 if num_threads is None else num_threads, 1, SIZE_LIMIT),
+                                   ("input_sentence_size", input_sentence_size, 1, 2**63),
+                                   ("input_bytes", input_bytes, 1, math.inf)):
+        if not (is_integer(value) and low <= value < high):
+            shown = "" if high == math.inf else f" and below 2**{high.bit_length() - 1}"
+            raise TokenizerError(f"{name} must be an integer >= {low}{shown}, got {value!r}")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items, nothing = iter(inputs), object()  # not None: a None document is reported, not dropped
