@@ -80,6 +80,9 @@ def test_a_lora_rank_past_int32_is_refused_by_name():
      r"input_sentence_size must be an integer >= 1 and below 2\*\*63, got -1"),
     (lambda: train_tokenizer(["casa"], None, 300, input_bytes=None), TokenizerError,
      r"input_bytes must be an integer >= 1, got None"),
+    (lambda: save_pretrained(tiny_model(), "unwritten", dtype=["bfloat16"]), CheckpointError,
+     r"unknown dtype \['bfloat16'\]; choose one of auto, "),
+    (lambda: load_pretrained("unread", device=HUGE), CheckpointError, rf"unknown device {HUGE} \("),
 ])
 def test_api_keywords_of_the_wrong_type_or_past_their_range_are_refused_by_name(call, error, message, tmp_path,
                                                                                   monkeypatch):
