@@ -83,6 +83,12 @@ def test_a_lora_rank_past_int32_is_refused_by_name():
     (lambda: save_pretrained(tiny_model(), "unwritten", dtype=["bfloat16"]), CheckpointError,
      r"unknown dtype \['bfloat16'\]; choose one of auto, "),
     (lambda: load_pretrained("unread", device=HUGE), CheckpointError, rf"unknown device {HUGE} \("),
+    (lambda: apply_lora(tiny_model(), alpha=float("inf")), AdapterError,
+     r"LoRA alpha must be a positive finite number"),
+    (lambda: apply_lora(tiny_model(), modules_to_save=[1]), AdapterError,
+     r"LoRA modules_to_save must list strings, got \[1\]"),
+    (lambda: apply_lora(tiny_model(), layers_to_transform=["0"]), AdapterError,
+     r"LoRA layers_to_transform must list integers, got \['0'\]"),
 ])
 def test_api_keywords_of_the_wrong_type_or_past_their_range_are_refused_by_name(call, error, message, tmp_path,
                                                                                   monkeypatch):

@@ -183,9 +183,9 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     if not valid_rank(r):
         raise AdapterError(f"LoRA rank r must be an integer in [1, 2**31), got {r!r}")
     if not _valid_alpha(alpha):
-        raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        raise AdapterError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
     rank_pattern = checked_pattern("rank_pattern", rank_pattern, valid_rank, "an integer in [1, 2**31)")
-    alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive number")
+    alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive finite number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
@@ -229,7 +229,7 @@ def valid_rank(value: Any) -> bool:
 
 
 def _valid_alpha(value: Any) -> bool:
-    return is_number(value) and value > 0
+    return is_number(value) and 0 < value < math.inf  # an infinite scale makes every adapted output NaN
 
 
 def merge_lora(model: nn.Module) -> None:
