@@ -89,6 +89,8 @@ def test_a_lora_rank_past_int32_is_refused_by_name():
      r"LoRA modules_to_save must list strings, got \[1\]"),
     (lambda: apply_lora(tiny_model(), layers_to_transform=["0"]), AdapterError,
      r"LoRA layers_to_transform must list integers, got \['0'\]"),
+    (lambda: generate(tiny_model(), torch.tensor([[1, 2]]), max_new_tokens=2, num_beams=HUGE), GenerationError,
+     rf"num_beams must be an integer in \[1, 2\*\*31\), got {HUGE}"),
 ])
 def test_api_keywords_of_the_wrong_type_or_past_their_range_are_refused_by_name(call, error, message, tmp_path,
                                                                                   monkeypatch):
