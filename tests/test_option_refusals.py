@@ -99,6 +99,14 @@ def test_api_keywords_of_the_wrong_type_or_past_their_range_are_refused_by_name(
         call()
 
 
+@pytest.mark.parametrize("flag", ["lora", "merge_lora"])
+def test_a_lora_flag_that_is_not_a_bool_is_refused_by_name(flag):
+    # "false" is a true string: it switched the run to LoRA (or merged it) without a word
+    option = flag.replace("_", "-")
+    with pytest.raises(ConfigError, match=rf"^{flag} \(--{option}\) must be true or false, got 'false'$"):
+        FinetuneConfig(**{flag: "false"})
+
+
 def test_accumulating_more_batches_than_an_epoch_holds_makes_one_update_an_epoch(tmp_path):
     """--grad-accum-steps past sys.maxsize was a ValueError from islice; any count past the epoch's batches means
     one update over all of them."""

@@ -85,6 +85,9 @@ class FinetuneConfig:
             "seed": (is_integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
             "dtype": (self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
+            # a flag of another type ("false", a string, is true) would switch the run to or from LoRA unasked
+            "lora": (isinstance(self.lora, bool), "true or false"),
+            "merge_lora": (isinstance(self.merge_lora, bool), "true or false"),
             "lora_r": (valid_rank(self.lora_r), "an integer in [1, 2**31)"),
             "lora_alpha": (real(self.lora_alpha) and self.lora_alpha > 0, "a finite number > 0"),
             "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
