@@ -169,7 +169,7 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     if not (_is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
     if tokenizer is None and not valid_vocab_size(vocab_size):  # said before the corpus is read
-        raise DataError(f"vocab_size (to train a tokenizer) must be an integer in [1, 2**31), got {vocab_size!r}")
+        raise DataError(f"vocab_size (to train a tokenizer) must be an integer in [4, 2**31), got {vocab_size!r}")
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = count_documents(paths)  # validates every file before any work

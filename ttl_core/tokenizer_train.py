@@ -37,7 +37,7 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     the size that fits."""
     from .data import usable_cpus  # deferred: data imports this module
     if not valid_vocab_size(vocab_size):
-        raise TokenizerError(f"vocab_size must be an integer in [1, 2**31), got {vocab_size!r}")
+        raise TokenizerError(f"vocab_size must be an integer in [4, 2**31), got {vocab_size!r}")
     # sentencepiece reads max_sentence_length and num_threads as int32s, input_sentence_size as islice's stop; a line
     # is cut every max_sentence_length // 4 characters (of 4 UTF-8 bytes at most)
     for name, value, low, high in (("max_sentence_length", max_sentence_length, 4, SIZE_LIMIT),
@@ -97,8 +97,10 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
 
 
 def valid_vocab_size(value: object) -> bool:
-    """A vocabulary size sentencepiece takes (its int32), as a model's config allows it."""
-    return is_integer(value) and 1 <= value < SIZE_LIMIT
+    """A vocabulary size sentencepiece takes (an int32, as a model's config allows) that holds the special tokens
+    <unk> <s> </s> <pad> (sentencepiece's own refusal of fewer names a line of its code); a size too small for the
+    byte pieces and the text's characters is sentencepiece's to refuse, with the smallest that fits."""
+    return is_integer(value) and 4 <= value < SIZE_LIMIT
 
 
 def _is_path(item: object) -> bool:
