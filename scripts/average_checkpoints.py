@@ -17,15 +17,15 @@ import argparse
 
 from ttl_core.averaging import average_checkpoints, run_checkpoints
 from ttl_core.checkpoint import checkpoint_root
-from ttl_core.cli import run_cli
+from ttl_core.cli import given_path, run_cli
 from ttl_core.hf import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="RUN_OR_CHECKPOINT",
+    parser.add_argument("paths", type=given_path, nargs="+", metavar="RUN_OR_CHECKPOINT",
                         help="a run directory (with --last) or two or more checkpoint directories, oldest first")
-    parser.add_argument("--out", required=True, help="directory to write the averaged checkpoint to")
+    parser.add_argument("--out", type=given_path, required=True, help="directory to write the averaged checkpoint to")
     parser.add_argument("--last", type=int, help="average the run directory's newest K complete checkpoints")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint (default: equal)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the checkpoints')")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ttl_core.cli import run_cli
+from ttl_core.cli import given_path, run_cli
 from ttl_core.compare import (DEFAULT_METRICS, check_metrics, comparison_curves, format_table, load_run,
                               plot_comparison, summarize)
 from ttl_core.errors import ConfigError
@@ -43,15 +43,16 @@ def check_output(option: str, path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories holding metrics.jsonl")
-    parser.add_argument("--out", required=True, help="PNG file to write the figure to")
+    parser.add_argument("runs", type=given_path, nargs="+", metavar="RUN", help="run directories holding metrics.jsonl")
+    parser.add_argument("--out", type=given_path, required=True, help="PNG file to write the figure to")
     parser.add_argument("--metric", nargs="+",
                         help="logged keys to draw, e.g. grad_norm or acc_norm/NAME (default: loss eval_loss)")
     parser.add_argument("--x", choices=("tokens", "step"), default="tokens", help="x axis (default: tokens)")
     parser.add_argument("--smooth", type=smoothing_weight, default=0.9,
                         help="smoothing weight of training curves in [0, 1) (default: 0.9)")
     parser.add_argument("--labels", nargs="+", help="one label per run (default: the run directories as given)")
-    parser.add_argument("--json", help="also write the table to this JSON file (a list with one object per run)")
+    parser.add_argument("--json", type=given_path,
+                        help="also write the table to this JSON file (a list with one object per run)")
     args = parser.parse_args(argv)
     resolved = [Path(run).resolve() for run in args.runs]
     if twice := next((run for i, run in enumerate(args.runs) if resolved[i] in resolved[:i]), None):

@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.errors import ConfigError, TokenizerError
 from ttl_core.hf import DTYPES, NATIVE_CONFIG, load_pretrained, save_native, save_pretrained
 from ttl_core.tokenizer import Tokenizer
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", action="store_true", help="write ttl's native layout")
     direction.add_argument("--to-hf", action="store_true", help="write a transformers-loadable directory")
-    parser.add_argument("src", help="checkpoint directory to read")
-    parser.add_argument("out", help="directory to write")
+    parser.add_argument("src", type=given_path, help="checkpoint directory to read")
+    parser.add_argument("out", type=given_path, help="directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="convert weights (default: keep)")
     parser.add_argument("--max-shard-size", default="2GB", help="shard above this size (default 2GB)")
     parser.add_argument("--overwrite", action="store_true",

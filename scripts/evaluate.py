@@ -28,7 +28,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir, output_file, run_cli
+from ttl_core.cli import add_model_options, given_path, load_causal_lm, model_tokenizer_dir, output_file, run_cli
 from ttl_core.data import prepare_data
 from ttl_core.documents import read_documents
 from ttl_core.errors import ConfigError
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="prepared data directory (scripts/prepare_data.py)")
+    source.add_argument("--data", type=given_path, help="prepared data directory (scripts/prepare_data.py)")
     source.add_argument("--text", nargs="+", help="text files to tokenize with the model's tokenizer")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="split of --data (default val)")
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's context)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.finetune import RUN_OUTPUTS, FinetuneConfig
 from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.task_benchmark import RESULT_FILES, format_table, read_task_list, run_benchmark, sample_tasks
@@ -22,9 +22,11 @@ from ttl_core.task_benchmark import RESULT_FILES, format_table, read_task_list, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="base checkpoint directory (weights + tokenizer)")
-    parser.add_argument("--tasks", help="JSON task list (default: the bundled sample tasks)")
-    parser.add_argument("--out", default="runs/finetune-benchmark", help="output directory (default %(default)s)")
+    parser.add_argument("--model", required=True, type=given_path,
+                        help="base checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--tasks", type=given_path, help="JSON task list (default: the bundled sample tasks)")
+    parser.add_argument("--out", type=given_path, default="runs/finetune-benchmark",
+                        help="output directory (default %(default)s)")
     add_finetune_args(parser, FinetuneConfig())
     args = parser.parse_args(argv)
     tasks = read_task_list(args.tasks) if args.tasks else sample_tasks()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.finetune import AGNEWS_LABELS, RUN_OUTPUTS, SAMPLE_DATA, FinetuneConfig, finetune_classifier
 from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.task_files import TaskSpec
@@ -31,10 +31,12 @@ def _split(value: str | None) -> list[str] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="base checkpoint directory (weights + tokenizer)")
-    parser.add_argument("--train", help="training task file (default: the bundled news sample)")
-    parser.add_argument("--eval", help="evaluation task file (default: the bundled news sample)")
-    parser.add_argument("--out", default="runs/finetune-classifier", help="output directory (default %(default)s)")
+    parser.add_argument("--model", required=True, type=given_path,
+                        help="base checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--train", type=given_path, help="training task file (default: the bundled news sample)")
+    parser.add_argument("--eval", type=given_path, help="evaluation task file (default: the bundled news sample)")
+    parser.add_argument("--out", type=given_path, default="runs/finetune-classifier",
+                        help="output directory (default %(default)s)")
     parser.add_argument("--text-fields", default="title,text",
                         help="fields joined by a blank line into the text (default %(default)s)")
     parser.add_argument("--label-field", default="label", help="default %(default)s")

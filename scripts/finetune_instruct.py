@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from ttl_core.cli import refuse_to_replace, run_cli
+from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.finetune import RUN_OUTPUTS, SAMPLE_DATA
 from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.instruct import INSTRUCT_DEFAULTS, finetune_instruct
@@ -25,13 +25,16 @@ from ttl_core.chat_format import CHAT_FORMATS
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="base causal-LM checkpoint directory (weights + tokenizer)")
-    parser.add_argument("--data", default=str(SAMPLE_DATA / "instrucoes_pt.jsonl"),
+    parser.add_argument("--model", required=True, type=given_path,
+                        help="base causal-LM checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--data", type=given_path, default=str(SAMPLE_DATA / "instrucoes_pt.jsonl"),
                         help="instruction file (default: the bundled Portuguese pairs)")
-    parser.add_argument("--eval", help="held-out instruction file; keeps the epoch with the lowest eval loss")
+    parser.add_argument("--eval", type=given_path,
+                        help="held-out instruction file; keeps the epoch with the lowest eval loss")
     parser.add_argument("--format", default="aira", choices=list(CHAT_FORMATS), help="default %(default)s")
     parser.add_argument("--train-on-inputs", action="store_true", help="also compute the loss on the prompt")
-    parser.add_argument("--out", default="runs/finetune-instruct", help="output directory (default %(default)s)")
+    parser.add_argument("--out", type=given_path, default="runs/finetune-instruct",
+                        help="output directory (default %(default)s)")
     add_finetune_args(parser, INSTRUCT_DEFAULTS)
     args = parser.parse_args(argv)
     refuse_to_replace(args.out, RUN_OUTPUTS, "a fine-tuning run's results", args.overwrite)

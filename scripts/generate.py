@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir, refuse_ignored, run_cli
+from ttl_core.cli import add_model_options, given_path, load_causal_lm, model_tokenizer_dir, refuse_ignored, run_cli
 from ttl_core.errors import GenerationError, TokenizerError
 from ttl_core.finetune import check_tokenizer_fits
 from ttl_core.generate import generate
@@ -44,7 +44,7 @@ SAMPLING = {"temperature": 0.2, "top_k": 20, "top_p": 0.2, "min_p": 0.0}  # the 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    parser.add_argument("--tokenizer", type=given_path, help="tokenizer directory (default: the model directory)")
     parser.add_argument("--prompt", help="text to continue (in chat mode: the first question)")
     parser.add_argument("--input", default="",
                         help="extra context for --prompt, in the --chat format (Alpaca's `### Entrada:`)")
@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="greedy decoding (no sampling options or --seed; the repetition penalty applies)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs")
-    parser.add_argument("--assistant", help="a smaller checkpoint with the same tokenizer that drafts tokens for "
+    parser.add_argument("--assistant", type=given_path,
+                        help="a smaller checkpoint with the same tokenizer that drafts tokens for "
                                             "--model to verify (assisted decoding: TeenyTinyLlama-160m for -460m)")
     args = parser.parse_args(argv)
     if args.prompt is None and not args.interactive:

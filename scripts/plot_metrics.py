@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 
-from ttl_core.cli import run_cli
+from ttl_core.cli import given_path, run_cli
 from ttl_core.metrics import plot_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="run directory holding metrics.jsonl")
+    parser.add_argument("run", type=given_path, help="run directory holding metrics.jsonl")
     path = plot_metrics(parser.parse_args(argv).run)
     if path is not None:
         print(f"wrote {path}")

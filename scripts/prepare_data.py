@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ttl_core.cli import refuse_ignored, run_cli
+from ttl_core.cli import given_path, refuse_ignored, run_cli
 from ttl_core.data import SAMPLE_CORPUS, prepare_data
 from ttl_core.errors import DataError
 
@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", default=[], help="text files (.txt, .jsonl, .parquet)")
     parser.add_argument("--sample", action="store_true", help="use the bundled sample corpus as input")
-    parser.add_argument("--out", required=True, help="data directory to write")
+    parser.add_argument("--out", type=given_path, required=True, help="data directory to write")
     parser.add_argument("--vocab-size", type=int,
                         help=f"vocabulary of the trained tokenizer (default {VOCAB_SIZE}; not with --tokenizer)")
-    parser.add_argument("--tokenizer", help="use this tokenizer (.model file or HF directory) instead of training")
+    parser.add_argument("--tokenizer", type=given_path,
+                        help="use this tokenizer (.model file or HF directory) instead of training")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="share of documents held out for evaluation (default 0.1); 0 holds out none, for runs "
                              "with train.eval_every=0; 1 all, for a directory only evaluated (a [data.eval] set)")

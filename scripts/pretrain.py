@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ttl_core.benchmark import positive_int
-from ttl_core.cli import refuse_ignored, run_cli
+from ttl_core.cli import given_path, refuse_ignored, run_cli
 from ttl_core.distributed import World
 from ttl_core.mixture import recorded_mix
 from ttl_core.plan import ASSUMED_MFU, describe_plan, make_plan
@@ -74,10 +74,13 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="TOML run config (configs/*.toml); defaults apply when omitted")
-    parser.add_argument("--data", help="prepared data directory (scripts/prepare_data.py); overrides [data] path "
+    parser.add_argument("--config", type=given_path,
+                        help="TOML run config (configs/*.toml); defaults apply when omitted")
+    parser.add_argument("--data", type=given_path,
+                        help="prepared data directory (scripts/prepare_data.py); overrides [data] path "
                         "(refused beside a [data.mix])")
-    parser.add_argument("--out", help="run directory for checkpoints, metrics and plots (optional with --plan, "
+    parser.add_argument("--out", type=given_path,
+                        help="run directory for checkpoints, metrics and plots (optional with --plan, "
                         "but for --resume)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. 3h30m, 90m, 45s or 5400 (seconds)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --out (without --data: on the data it records)")
-    parser.add_argument("--init-from", help="start from this HF Llama checkpoint instead of random weights")
+    parser.add_argument("--init-from", type=given_path,
+                        help="start from this HF Llama checkpoint instead of random weights")
     parser.add_argument("--document-masking", action="store_true",
                         help="attend within each packed document only, positions restarting per document")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default %(default)s, even with a GPU")

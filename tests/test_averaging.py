@@ -205,8 +205,8 @@ def test_every_refusal_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
     out = ["--out", tmp_path / "avg"]
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")  # an empty folder, which --out . would have replaced from under the shell
-    for where in (".", ""):
-        assert "'.' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", where)
+    assert "'.' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", ".")
+    assert "argument --out: an empty path (an unset shell variable?)" in refusal(capsys, a, b, "--out", "")
     assert "'..' is the working directory or a folder holding it" in refusal(capsys, a, b, "--out", "..")
     monkeypatch.undo()
     assert "at least 2 checkpoints, got 1" in refusal(capsys, a, *out)

@@ -419,7 +419,7 @@ def test_float64_model_with_triton_attention_names_the_attention_backend():
     ({"grad_accum_steps": 0}, r"^grad_accum_steps \(--grad-accum-steps\) must be an integer >= 1, got 0$"),
     ({"grad_clip": -1.0}, r"^grad_clip \(--grad-clip\) must be a finite number >= 0 \(0: no clipping\), got -1.0$"),
     ({"grad_clip": float("inf")}, r"^grad_clip .*must be a finite number >= 0"),
-    ({"lora_r": 0}, r"^lora_r \(--lora-r\) must be an integer >= 1, got 0$"),
+    ({"lora_r": 0}, r"^lora_r \(--lora-r\) must be an integer in \[1, 2\*\*31\), got 0$"),
     ({"dtype": "float8"}, r"^dtype \(--dtype\) must be one of float32, bfloat16, float16, got 'float8'$"),
 ])
 def test_fine_tuning_settings_out_of_range_are_refused_by_the_config_itself(changes, message):

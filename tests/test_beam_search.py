@@ -123,7 +123,7 @@ def test_when_the_search_gives_up_on_a_prompt_as_transformers_does(models, early
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(num_beams=0), "num_beams must be a positive integer, got 0"),
+    (dict(num_beams=0), r"num_beams must be an integer in \[1, 2\*\*31\), got 0"),
     (dict(num_beams=2, seed=-1), r"seed must be an integer in \[0, 2\*\*63\), got -1"),
     (dict(num_beams=2, length_penalty="1"), "length_penalty must be a number, got '1'"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never', got 'sometimes'"),

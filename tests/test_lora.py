@@ -182,9 +182,11 @@ def test_bad_adapters_are_clear_errors(tmp_path):
         apply_lora(model)
     for targets, unknown in ((["qkv_proj"], "'qkv_proj'"), (["q_proj", "model.layers.9.self_attn.q_proj"],
                                                            "'model.layers.9.self_attn.q_proj'"),
-                             (["q_proj", 3], "3"), (["proj"], "'proj'")):  # a name ends a path after a dot
+                             (["proj"], "'proj'")):  # a name ends a path after a dot
         with pytest.raises(AdapterError, match=rf"unknown LoRA target module\(s\) \[{re.escape(unknown)}\]; "):
             apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=targets)
+    with pytest.raises(AdapterError, match=r"LoRA target_modules must list strings, got \['q_proj', 3\]"):
+        apply_lora(to_ttl(hf_causal_lm(), tmp_path, "b"), targets=["q_proj", 3])
     with pytest.raises(AdapterError, match="holds no adapter_config.json"):
         load_adapter(to_ttl(hf_causal_lm(), tmp_path, "c"), tmp_path)
     merge_lora(model)

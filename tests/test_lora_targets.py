@@ -111,9 +111,9 @@ def test_rank_and_alpha_patterns_cross_load_with_peft_logits(tmp_path, options):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("rank_pattern", {"q_proj": 0}, r"rank_pattern\['q_proj'\] must be an integer >= 1, got 0"),
+    ("rank_pattern", {"q_proj": 0}, r"rank_pattern\['q_proj'\] must be an integer in \[1, 2\*\*31\), got 0"),
     ("rank_pattern", ["q_proj", 2], r"rank_pattern must map module name patterns to values"),
-    ("alpha_pattern", {"v_proj": "8"}, r"alpha_pattern\['v_proj'\] must be a positive number, got '8'"),
+    ("alpha_pattern", {"v_proj": "8"}, r"alpha_pattern\['v_proj'\] must be a positive finite number, got '8'"),
     ("alpha_pattern", {"(v_proj": 8}, r"alpha_pattern key '\(v_proj' is not a regular expression"),
 ])
 def test_bad_rank_and_alpha_patterns_are_one_line_errors(tmp_path, option, value, message):

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .config import SIZE_LIMIT
 from .errors import GenerationError, is_integer, is_number
 from .sampling import apply_guidance, global_generator, mark_seen, process_logits
 from .token_rules import TokenRules
@@ -28,8 +29,8 @@ _NEVER = -1.0e9  # transformers' score for "not a candidate"; its arithmetic is 
 def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: bool | str,
                          num_return_sequences: int) -> None:
     """Raise a GenerationError naming the first beam-search setting that is out of range or not implemented."""
-    if not is_integer(num_beams) or num_beams < 1:
-        raise GenerationError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if not is_integer(num_beams) or not 1 <= num_beams < SIZE_LIMIT:  # its rows' origins are int32s
+        raise GenerationError(f"num_beams must be an integer in [1, 2**31), got {num_beams!r}")
     if not is_number(length_penalty):
         raise GenerationError(f"length_penalty must be a number, got {length_penalty!r}")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # 1 == True, but the search tests `is True`

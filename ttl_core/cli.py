@@ -32,10 +32,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         _python_show_warning(message, category, filename, lineno, file, line)
 
 
+def given_path(text: str) -> str:
+    """An argparse type for a path: an empty one (an unset shell variable, as in --data "$DATA") is a usage error,
+    where it would stand for the current directory, or for the option left out (the bundled sample data)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?); give a file or directory")
+    return text
+
+
 def output_file(text: str) -> str:
     """An argparse type for a file a script writes when its work is done (a report's --json): a directory, or a
     file in a folder that does not exist, is a usage error at once rather than after the work it was to record."""
-    path = Path(text)
+    path = Path(given_path(text))
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
     if not path.parent.is_dir():
@@ -59,9 +67,10 @@ def refuse_ignored(parser: argparse.ArgumentParser, args: argparse.Namespace, op
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model, --base, --device and --dtype: the causal LM a script runs, as `load_causal_lm` loads it."""
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model", required=True, type=given_path,
                         help="checkpoint directory (ttl or Hugging Face layout) or PEFT adapter directory")
-    parser.add_argument("--base", help="base model directory of an adapter --model (default: the one it names)")
+    parser.add_argument("--base", type=given_path,
+                        help="base model directory of an adapter --model (default: the one it names)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                         help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")

@@ -308,6 +308,9 @@ def _is_token_id(value: Any) -> bool:
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "max_position_embeddings", "num_labels")
 _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim")
+# a size past it overflows the kernels' int32 offsets (and torch's shapes, past 2**63), or builds without end
+SIZE_LIMIT = 2**31
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")  # transformers' own
 _POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 
@@ -319,6 +322,8 @@ def _check_field_types(config: "LlamaConfig") -> None:
             continue
         if not is_integer(value) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if value >= SIZE_LIMIT:
+            raise ConfigError(f"{name} must be below 2**31, got {value}")
     for name in _POSITIVE_FLOATS:
         value = getattr(config, name)
         if not is_number(value) or not 0 < value < math.inf:  # an infinite rope_theta or eps makes NaN activations
@@ -334,6 +339,9 @@ def _check_field_types(config: "LlamaConfig") -> None:
                         *(("eos_token_id", e) for e in (eos if isinstance(eos, list) else [eos]))):
         if not _is_token_id(value):
             raise ConfigError(f"{name} must be a token id (an integer) or null, got {value!r}")
+    if config.problem_type is not None and config.problem_type not in PROBLEM_TYPES:
+        raise ConfigError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)} or null, got "
+                          f"{config.problem_type!r}")
     for name in ("rope_scaling", "id2label", "label2id"):
         if getattr(config, name) is not None and not isinstance(getattr(config, name), dict):
             raise ConfigError(f"{name} must be a JSON object or null, got {getattr(config, name)!r}")

@@ -35,7 +35,7 @@ from .documents import count_documents, read_documents
 from .errors import DataError, DataNotReady, is_integer
 from .fileio import atomic_write, read_json, write_json
 from .tokenizer import Tokenizer
-from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer
+from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer, valid_vocab_size
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
@@ -168,8 +168,8 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         raise DataError(f"workers must be an integer >= 1 (left unset: every usable core), got {workers!r}")
     if not (_is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
-    if tokenizer is None and not (_is_int(vocab_size) and vocab_size >= 1):  # said before the corpus is read
-        raise DataError(f"vocab_size (to train a tokenizer) must be an integer >= 1, got {vocab_size!r}")
+    if tokenizer is None and not valid_vocab_size(vocab_size):  # said before the corpus is read
+        raise DataError(f"vocab_size (to train a tokenizer) must be an integer in [4, 2**31), got {vocab_size!r}")
     out_dir = Path(out_dir)
     work = out_dir / ".prepare"
     counts = count_documents(paths)  # validates every file before any work

@@ -27,7 +27,7 @@ from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import remove_path, write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
-from .lora import apply_lora, merged_weights, save_adapter
+from .lora import apply_lora, merged_weights, save_adapter, valid_rank
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .optim import build_optimizer, gradient_parts, lr_at, optimizer_update
@@ -85,7 +85,10 @@ class FinetuneConfig:
             "seed": (is_integer(self.seed) and 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
             "grad_clip": (real(self.grad_clip) and self.grad_clip >= 0, "a finite number >= 0 (0: no clipping)"),
             "dtype": (self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
-            "lora_r": (is_integer(self.lora_r) and self.lora_r >= 1, "an integer >= 1"),
+            # a flag of another type ("false", a string, is true) would switch the run to or from LoRA unasked
+            "lora": (isinstance(self.lora, bool), "true or false"),
+            "merge_lora": (isinstance(self.merge_lora, bool), "true or false"),
+            "lora_r": (valid_rank(self.lora_r), "an integer in [1, 2**31)"),
             "lora_alpha": (real(self.lora_alpha) and self.lora_alpha > 0, "a finite number > 0"),
             "lora_dropout": (real(self.lora_dropout) and 0 <= self.lora_dropout < 1, "a number in [0, 1)"),
             "lora_targets": (self.lora_targets == "all-linear" or isinstance(self.lora_targets, (list, tuple))
@@ -369,7 +372,8 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         batches = shuffled_batches(examples, cfg.batch_size, cfg.seed * 1000 + epoch, collate_fn)
-        while window := list(itertools.islice(batches, cfg.grad_accum_steps)):
+        # islice stops past sys.maxsize; a window longer than the epoch is the epoch's batches alike
+        while window := list(itertools.islice(batches, min(cfg.grad_accum_steps, batches_per_epoch))):
             step += 1
             weights = [weight_fn(batch) for batch in window]
             window_losses = torch.zeros(2, device=device)  # the loss trained on, and its unsmoothed cross-entropy

@@ -140,7 +140,7 @@ def checked_device(device: str | int | torch.device | None) -> torch.device:
     else, CUDA on a machine without it included, is a CheckpointError naming it."""
     try:
         device = torch.device("cpu" if device is None else device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError, ValueError) as e:  # ValueError: an index past int64
         raise CheckpointError(f"unknown device {device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
@@ -157,7 +157,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return None
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or a table is unhashable: no `in` for it
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 

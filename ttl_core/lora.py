@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import SIZE_LIMIT
 from .errors import AdapterError, CheckpointError, is_integer, is_number
 from .fileio import atomic_write, read_json, write_json
 from .hf import NATIVE_CONFIG, load_pretrained, read_model_config, refuse_non_float
@@ -179,12 +180,12 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     seed, the new adapters are those PEFT's `get_peft_model` draws."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
-    if not _valid_rank(r):
-        raise AdapterError(f"LoRA rank r must be an integer >= 1, got {r!r}")
+    if not valid_rank(r):
+        raise AdapterError(f"LoRA rank r must be an integer in [1, 2**31), got {r!r}")
     if not _valid_alpha(alpha):
-        raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
-    rank_pattern = checked_pattern("rank_pattern", rank_pattern, _valid_rank, "an integer >= 1")
-    alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive number")
+        raise AdapterError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+    rank_pattern = checked_pattern("rank_pattern", rank_pattern, valid_rank, "an integer in [1, 2**31)")
+    alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive finite number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
@@ -222,12 +223,13 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     return model
 
 
-def _valid_rank(value: Any) -> bool:
-    return is_integer(value) and value >= 1
+def valid_rank(value: Any) -> bool:
+    """An integer in [1, 2**31): the sizes a model's config allows."""
+    return is_integer(value) and 1 <= value < SIZE_LIMIT
 
 
 def _valid_alpha(value: Any) -> bool:
-    return is_number(value) and value > 0
+    return is_number(value) and 0 < value < math.inf  # an infinite scale makes every adapted output NaN
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -51,10 +51,13 @@ def check_option_types(options: dict[str, Any]) -> None:
     set of target names) is taken where PEFT's JSON holds a list."""
     for key, value in options.items():
         kinds = OPTION_TYPES[key]
-        if isinstance(value, (*kinds, *((tuple, set, frozenset) if list in kinds else ()))):
-            continue
-        expected = " or ".join(TYPE_WORDS[kind] for kind in kinds if kind in TYPE_WORDS) or "true or false"
-        raise AdapterError(f"LoRA {key} must be {expected}, got {value!r}")
+        if not isinstance(value, (*kinds, *((tuple, set, frozenset) if list in kinds else ()))):
+            expected = " or ".join(TYPE_WORDS[kind] for kind in kinds if kind in TYPE_WORDS) or "true or false"
+            raise AdapterError(f"LoRA {key} must be {expected}, got {value!r}")
+        element = int if int in kinds else str  # a list holds what the option names alone: layer indices, or names
+        if isinstance(value, (list, tuple, set, frozenset)) and not all(
+                isinstance(item, element) and not isinstance(item, bool) for item in value):
+            raise AdapterError(f"LoRA {key} must list {TYPE_WORDS[element].split()[-1]}s, got {value!r}")
 
 
 def target_names(targets: str | Iterable[str]) -> list[str] | str:

@@ -72,8 +72,21 @@ class RunPlan:
 
 def micro_batches(train: TrainConfig, first_step: int, last_step: int) -> int:
     """The micro-batches each process trains on over steps first_step + 1 to last_step (ramp-aware): one global
-    batch of its loader each."""
-    return sum(train.grad_accum_at(step) for step in range(first_step + 1, last_step + 1))
+    batch of its loader each. Only the ramp's steps are summed one by one: a sum over every step would take minutes
+    for a max_steps in the billions."""
+    ramp_end = min(last_step, max(first_step, train.batch_ramp_steps - 1))  # the last step short of the whole batch
+    ramped = sum(train.grad_accum_at(step) for step in range(first_step + 1, ramp_end + 1))
+    return ramped + (last_step - ramp_end) * train.grad_accum_steps
+
+
+def evaluations(train: TrainConfig, first_step: int, last_step: int) -> int:
+    """The evaluations over steps first_step + 1 to last_step: at each multiple of eval_every, and after the run's
+    last step (counted, not listed, for a max_steps in the billions)."""
+    every = train.eval_every
+    if not every:
+        return 0
+    final = first_step < train.max_steps <= last_step and train.max_steps % every != 0
+    return last_step // every - first_step // every + final
 
 
 def source_plans(loader: PackedLoader | MixtureLoader, train: TrainConfig, first_step: int,
@@ -114,8 +127,6 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     with torch.device("meta"):  # the model's shapes, without its memory
         model = LlamaForCausalLM(config)
     non_embedding = model.num_parameters(exclude_embedding=True)
-    max_steps, every = train.max_steps, train.eval_every
-    evaluated = [s for s in range(first_step + 1, last_step + 1) if every and (s % every == 0 or s == max_steps)]
     per_token = flops_per_token(non_embedding, config.num_hidden_layers, config.hidden_size, train.seq_len)
     batch = train.micro_batch_size * train.seq_len * processes  # the tokens of a micro-batch on every process
     eval_tokens = eval_sets * train.eval_batches * batch
@@ -135,8 +146,9 @@ def make_plan(config: LlamaConfig, train: TrainConfig, processes: int, first_ste
     return RunPlan(
         processes, first_step, last_step, model.num_parameters(), non_embedding,
         micro_batches(train, first_step, last_step) * batch, per_token, state_bytes(model, train, processes),
-        source_plans(loader, train, first_step, last_step) if loader is not None else [], len(evaluated), eval_sets,
-        eval_tokens, sum(rows * length for rows, length, _ in shapes) if tasks is not None else None, forward_flops)
+        source_plans(loader, train, first_step, last_step) if loader is not None else [],
+        evaluations(train, first_step, last_step), eval_sets, eval_tokens,
+        sum(rows * length for rows, length, _ in shapes) if tasks is not None else None, forward_flops)
 
 
 def count(n: float, suffixes: tuple[str, ...] = ("T", "B", "M", "K")) -> str:

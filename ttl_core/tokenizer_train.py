@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .config import SIZE_LIMIT
 from .documents import read_documents, refuse_repeated
 from .errors import DataError, TokenizerError, is_integer, noting_failure
 from .tokenizer import INPUT_SUFFIXES, Tokenizer, checked_utf8
@@ -34,8 +36,17 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
     split, whitespace-only pieces allowed. A vocabulary too large or too small for the text raises TokenizerError with
     the size that fits."""
     from .data import usable_cpus  # deferred: data imports this module
-    if not (is_integer(vocab_size) and vocab_size >= 1):
-        raise TokenizerError(f"vocab_size must be an integer >= 1, got {vocab_size!r}")
+    if not valid_vocab_size(vocab_size):
+        raise TokenizerError(f"vocab_size must be an integer in [4, 2**31), got {vocab_size!r}")
+    # sentencepiece reads max_sentence_length and num_threads as int32s, input_sentence_size as islice's stop; a line
+    # is cut every max_sentence_length // 4 characters (of 4 UTF-8 bytes at most)
+    for name, value, low, high in (("max_sentence_length", max_sentence_length, 4, SIZE_LIMIT),
+                                   ("num_threads", 1 if num_threads is None else num_threads, 1, SIZE_LIMIT),
+                                   ("input_sentence_size", input_sentence_size, 1, 2**63),
+                                   ("input_bytes", input_bytes, 1, math.inf)):
+        if not (is_integer(value) and low <= value < high):
+            shown = "" if high == math.inf else f" and below 2**{high.bit_length() - 1}"
+            raise TokenizerError(f"{name} must be an integer >= {low}{shown}, got {value!r}")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items, nothing = iter(inputs), object()  # not None: a None document is reported, not dropped
@@ -83,6 +94,13 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
         out = Path(out)
         tokenizer.save(out if out.suffix == ".model" else out.with_name(out.name + ".model"))
     return tokenizer
+
+
+def valid_vocab_size(value: object) -> bool:
+    """A vocabulary size sentencepiece takes (an int32, as a model's config allows) that holds the special tokens
+    <unk> <s> </s> <pad> (sentencepiece's own refusal of fewer names a line of its code); a size too small for the
+    byte pieces and the text's characters is sentencepiece's to refuse, with the smallest that fits."""
+    return is_integer(value) and 4 <= value < SIZE_LIMIT
 
 
 def _is_path(item: object) -> bool:
