@@ -42,6 +42,13 @@ def test_train_tokenizer_refuses_bad_input_with_a_clear_error(documents, vocab_s
         train_tokenizer(documents, None, vocab_size=vocab_size)
 
 
+def test_an_out_file_in_a_missing_folder_is_refused_before_the_training(tmp_path, monkeypatch):
+    """It failed after the training, as a FileNotFoundError naming the atomic write's `.tmp` file."""
+    monkeypatch.setattr("sentencepiece.SentencePieceTrainer.train", lambda **_: pytest.fail("trained"))
+    with pytest.raises(TokenizerError, match=r"^out '.*/missing/tok.model': its folder '.*/missing' does not exist$"):
+        train_tokenizer(corpus(5), tmp_path / "missing" / "tok.model", vocab_size=300)
+
+
 def test_vocab_too_small_names_the_size_that_fits_and_no_option_ttl_lacks():
     """Below its characters, the 256 byte pieces and the 4 special tokens, sentencepiece refuses a vocabulary
     and advises "--character_coverage", an option neither train_tokenizer nor prepare_data.py takes."""
