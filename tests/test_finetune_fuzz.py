@@ -39,7 +39,7 @@ ALPACA_HEADER = "Abaixo está uma instrução que descreve uma tarefa"
 ALPACA_TAIL = "Escreva uma resposta que conclua adequadamente a solicitação."
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCUMENTED_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
-SEEDS = [1025, 1034, 1035, 1032, 1033, 1011, 1045, 1006, 1044, 1007, 1015, 1046, 1036, 1043, 1030]
+SEEDS = [1025, 1034, 1035, 1033, 1011, 1014, 1006, 1044, 1007, 1015, 1046, 1036, 1043, 1030]
 ODDITIES = ("<pad>", "<unk>", "</s>", "<s>", "\n", "\t", "  ")
 
 
