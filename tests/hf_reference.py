@@ -90,12 +90,13 @@ def as_close_as_transformers(our_error: float, their_error: float, floor: float)
 
 def assert_figures_as_close_as_transformers(ours: list[dict], theirs: list[dict], exact: list[dict]) -> None:
     """Each update's figures as metrics.jsonl logs them (`ours`) against the float32 and float64 runs of the loop:
-    the same steps and lr, and the loss and gradient norm `as_close_as_transformers`, with a floor of 1e-5
-    relative."""
+    the same steps and lr, the same gradient norms by part, and every other figure of the loop's (the loss, the
+    gradient norm, a smoothed loss, each part's norm) `as_close_as_transformers`, with a floor of 1e-5 relative."""
     assert [(r["step"], r.get("epoch")) for r in ours] == [(r["step"], r.get("epoch")) for r in theirs]
     for got, want, truth in zip(ours, theirs, exact):
         assert math.isclose(got["lr"], want["lr"], rel_tol=1e-12), got["step"]  # one formula, two spellings
-        for key in ("loss", "grad_norm"):
+        assert {k for k in got if k.startswith("grad_norm/")} == {k for k in want if k.startswith("grad_norm/")}
+        for key in want.keys() - {"step", "epoch", "lr"}:
             their_error = abs(want[key] - truth[key])
             # else the two runs of the loop differ in more than rounding, and "twice their error" checks nothing
             assert their_error <= 1e-3 * abs(truth[key]), ("the float64 loop is another run", key, want, truth)
@@ -110,5 +111,5 @@ def assert_trained_as_closely_as_transformers(ours: dict, theirs: dict, exact: d
     for name, weight in ours.items():
         our_error = (weight.double() - exact[name]).abs().max().item()
         their_error = (theirs[name].double() - exact[name]).abs().max().item()
-        assert their_error <= 1e-3, ("the float64 loop is another run", name)  # as for the figures
-        assert as_close_as_transformers(our_error, their_error, 1e-5), name
+        assert their_error <= 1e-3, ("the float64 loop is another run", name, their_error)  # as for the figures
+        assert as_close_as_transformers(our_error, their_error, 1e-5), (name, our_error, their_error)

@@ -10,11 +10,9 @@ import copy
 import csv
 import json
 import math
-import random
 from pathlib import Path
 from typing import Callable
 
-import re
 import types
 
 import peft
@@ -28,8 +26,9 @@ import ttl_core
 import ttl_core.finetune as finetune
 from finetune_helpers import NEWS, NEWS_EVAL, NEWS_TRAIN, saved_base_model
 from hf_reference import (as_close_as_transformers, assert_figures_as_close_as_transformers,
-                          assert_trained_as_closely_as_transformers, hf_causal_lm, hf_classifier, reference_adamw,
-                          reference_lr, reference_update)
+                          assert_trained_as_closely_as_transformers, hf_causal_lm, hf_classifier)
+from plain_finetune import (adapter_snapshot, classifier_scores, lm_loss, lm_padded, padded, reference_fine_tuning,
+                            reference_part_norms, response_tokens)
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, classifier_collator, finetune_classifier, start_lora
 from ttl_core.hf import hf_plan
 from ttl_core.instruct import add_chat_tokens, build_instruction_data, finetune_instruct, lm_collator, target_tokens
@@ -47,71 +46,6 @@ def encoded(tokenizer, rows: list[dict[str, str]], max_length: int) -> list[tupl
     """(ids, label index) per row: title and text joined by a blank line, cut to `max_length` by transformers."""
     return [(tokenizer(row["title"] + "\n\n" + row["text"], truncation=True, max_length=max_length)["input_ids"],
              NEWS.labels.index(row["label"])) for row in rows]
-
-
-def right_padded(rows: list[list[int]], value: int, longest: int) -> torch.Tensor:
-    return torch.tensor([row + [value] * (longest - len(row)) for row in rows])
-
-
-def padded(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids with their attention mask and the labels."""
-    ids = [ids for ids, _ in batch]
-    longest = max(map(len, ids))
-    return {"input_ids": right_padded(ids, pad_id, longest),
-            "attention_mask": right_padded([[1] * len(row) for row in ids], 0, longest),
-            "labels": torch.tensor([label for _, label in batch])}
-
-
-def evaluation(model: transformers.LlamaForSequenceClassification, examples: list, pad_id: int) -> dict[str, float]:
-    """Accuracy, and macro F1 over the classes predicted or true, from the confusion matrix (F1 = 2PR / (P + R))."""
-    batch = padded(examples, pad_id)
-    predicted = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
-    confusion = torch.zeros(len(NEWS.labels), len(NEWS.labels), dtype=torch.float64)
-    confusion.index_put_((batch["labels"], predicted), torch.ones(len(examples), dtype=torch.float64), accumulate=True)
-    hits, predictions, truths = confusion.diag(), confusion.sum(0), confusion.sum(1)
-    precision, recall = hits / predictions.clamp(min=1), hits / truths.clamp(min=1)
-    f1 = torch.where(hits > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {"accuracy": hits.sum().item() / len(examples), "f1": f1[predictions + truths > 0].mean().item()}
-
-
-def reference_fine_tuning(model: torch.nn.Module, examples: list, cfg: FinetuneConfig,
-                          collate: Callable[[list], dict], weight: Callable[[dict], int],
-                          evaluate: Callable[[torch.nn.Module], float], higher_is_better: bool,
-                          snapshot: Callable[[torch.nn.Module], dict]) -> tuple[list[dict], list[float], dict]:
-    """Epoch e visits the examples in the order random.Random(seed * 1000 + e) shuffles them into, in batches of
-    `batch_size`, one update per `grad_accum_steps` batches (the last window may be short) on the mean loss over
-    its items (a batch's mean weighted by its `weight`: examples or target tokens); the lr warms up and then
-    follows the cosine to 0 over all the run's updates. Returns each update's figures, each epoch's `evaluate`
-    score, and the `snapshot` after the first epoch of the best score."""
-    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    max_steps = math.ceil(batches_per_epoch / cfg.grad_accum_steps) * cfg.epochs
-    optimizer = reference_adamw(model, cfg.lr, cfg.weight_decay)
-    figures, scores, best = [], [], {}
-    model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        order = list(range(len(examples)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        batches = [collate([examples[i] for i in order[at:at + cfg.batch_size]])
-                   for at in range(0, len(order), cfg.batch_size)]
-        for first in range(0, len(batches), cfg.grad_accum_steps):
-            window = batches[first:first + cfg.grad_accum_steps]
-            total = sum(weight(batch) for batch in window)
-            loss = 0.0
-            for batch in window:
-                part = model(**batch).loss * weight(batch) / total
-                part.backward()
-                loss += part.item()
-            lr = reference_lr(len(figures) + 1, cfg.lr, 0.0, cfg.warmup_steps, max_steps)
-            grad_norm = reference_update(model, optimizer, lr, cfg.grad_clip)
-            figures.append({"step": len(figures) + 1, "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr})
-        model.eval()
-        with torch.no_grad():
-            scores.append(evaluate(model))
-        model.train()
-        previous = scores[:-1]
-        if not previous or (scores[-1] > max(previous) if higher_is_better else scores[-1] < min(previous)):
-            best = snapshot(model)
-    return figures, scores, best
 
 
 @pytest.mark.parametrize("lora, dora", [(False, False), (True, False), (True, True)], ids=["full", "lora", "dora"])
@@ -148,7 +82,7 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
         pad_id = model.config.pad_token_id
 
         def accuracy(model: torch.nn.Module) -> float:
-            evaluations.append(evaluation(model, eval_examples, pad_id))
+            evaluations.append(classifier_scores(model, eval_examples, pad_id, len(NEWS.labels)))
             return evaluations[-1]["accuracy"]
 
         snapshot = lambda model: copy.deepcopy(model.state_dict())  # noqa: E731
@@ -180,31 +114,6 @@ def test_classifier_fine_tuning_is_the_recipe_written_out_with_transformers(tmp_
     else:
         trained = transformers.LlamaForSequenceClassification.from_pretrained(result.checkpoint).state_dict()
     assert_trained_as_closely_as_transformers(trained, best, exact_best)
-
-
-def adapter_snapshot(model: peft.PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter as PEFT saves it: the LoRA pairs and the modules trained in full (without the copies of those
-    that PEFT may add from their wrappers: the trained one again and the base's)."""
-    return {name: tensor.clone() for name, tensor in peft.get_peft_model_state_dict(model).items()
-            if ".modules_to_save." not in name and ".original_module." not in name}
-
-
-def lm_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids with their attention mask, and the labels (-100 over each prompt) padded with -100."""
-    longest = max(len(ids) for ids, _ in batch)
-    return {**padded([(ids, 0) for ids, _ in batch], pad_id),
-            "labels": right_padded([labels for _, labels in batch], -100, longest)}
-
-
-def response_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """The targets of transformers' shifted loss: labels other than -100 after the first position."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def lm_loss(model: torch.nn.Module, examples: list, pad_id: int) -> float:
-    """The mean loss over the response tokens of all `examples`."""
-    batch = lm_padded(examples, pad_id)
-    return model(**batch).loss.item()
 
 
 @pytest.mark.parametrize("chat_format", ["alpaca", "aira"])
@@ -264,7 +173,6 @@ def test_lora_instruction_tuning_is_the_recipe_written_out_with_transformers_and
 SMOOTHING = 0.2
 STEP = FinetuneConfig(lr=1e-3, batch_size=3, grad_accum_steps=2, epochs=1, grad_clip=0.5, lora_r=4, lora_alpha=8,
                       lora_dropout=0.0, label_smoothing=SMOOTHING, log_grad_norms=True)  # 6 examples: one update
-HF_PARTS = (("embed_tokens", "embed"), ("score", "score"), ("lm_head", "lm_head"), ("norm", "norm"))
 
 
 def with_adapters(ours: torch.nn.Module, hf: torch.nn.Module, lora: bool, tmp_path: Path,
@@ -298,17 +206,6 @@ def one_update(model: torch.nn.Module, examples: list, collate: Callable, weight
                           lambda epoch, step: None)
     [record] = records
     return record, grads
-
-
-def reference_part_norms(model: torch.nn.Module) -> dict[str, float]:
-    """The norm of the gradients of each part of a transformers or peft model, by the name ttl logs it under."""
-    grads: dict[str, list[torch.Tensor]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            block = re.search(r"layers\.\d+", name)
-            part = block.group() if block else next(ours for theirs, ours in HF_PARTS if theirs in name)
-            grads.setdefault(f"grad_norm/{part}", []).append(param.grad.flatten())
-    return {part: torch.linalg.vector_norm(torch.cat(g)).item() for part, g in grads.items()}
 
 
 def assert_step_follows(record: dict, grads: dict, ours: torch.nn.Module, reference: torch.nn.Module,
