@@ -292,9 +292,9 @@ def test_bad_finetune_arguments(argv, message):
         parse(*argv)
 
 
-def test_bad_device_is_a_config_error_as_the_options_are_read():
+def test_bad_device_is_a_config_error():
     with pytest.raises(ConfigError, match=r"--device 'bogus': unknown device 'bogus'"):
-        parse("--device", "bogus")
+        parse("--device", "bogus").torch_device()
     assert parse("--device", "cpu").torch_device() == torch.device("cpu")
 
 

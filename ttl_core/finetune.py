@@ -105,7 +105,6 @@ class FinetuneConfig:
                            ("lora_dora", "trains DoRA adapters")):
             if getattr(self, flag) and not self.lora:  # else a full fine-tune would run and be saved, the flag ignored
                 raise ConfigError(f"{flag} (--{flag.replace('_', '-')}) {does}; it needs --lora")
-        self.torch_device()  # a bad device said now, not after the base model has loaded
 
     def torch_device(self) -> torch.device:
         """`device` as a torch device; a malformed one, or CUDA on a machine without it, is a ConfigError."""
