@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_options(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=given_path, help="prepared data directory (scripts/prepare_data.py)")
-    source.add_argument("--text", nargs="+", help="text files to tokenize with the model's tokenizer")
+    source.add_argument("--text", type=given_path, nargs="+", help="text files to tokenize with the model's tokenizer")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="split of --data (default val)")
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len)")

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from ttl_core.choices import BATCH_SIZE, METRICS, evaluate_questions, read_questions
-from ttl_core.cli import add_model_options, load_causal_lm, model_tokenizer_dir, output_file, run_cli
+from ttl_core.cli import add_model_options, given_path, load_causal_lm, model_tokenizer_dir, output_file, run_cli
 from ttl_core.finetune import SAMPLE_DATA, check_tokenizer_fits
 from ttl_core.fileio import write_json
 from ttl_core.tokenizer import Tokenizer
@@ -27,7 +27,7 @@ SAMPLE_TASK = SAMPLE_DATA / "escolhas_pt.jsonl"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
-    parser.add_argument("--tasks", nargs="+", default=[str(SAMPLE_TASK)],
+    parser.add_argument("--tasks", type=given_path, nargs="+", default=[str(SAMPLE_TASK)],
                         help="JSON-lines task files (default: the bundled sample, %(default)s)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="choices per forward pass (default %(default)s)")

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode without CUDA graphs")
     parser.add_argument("--assistant", type=given_path,
                         help="a smaller checkpoint with the same tokenizer that drafts tokens for "
-                                            "--model to verify (assisted decoding: TeenyTinyLlama-160m for -460m)")
+                             "--model to verify (assisted decoding: TeenyTinyLlama-160m for -460m)")
     args = parser.parse_args(argv)
     if args.prompt is None and not args.interactive:
         parser.error("--prompt is required unless --interactive")

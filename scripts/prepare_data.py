@@ -24,7 +24,7 @@ VOCAB_SIZE = 4096  # the trained tokenizer's, without --vocab-size
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", default=[], help="text files (.txt, .jsonl, .parquet)")
+    parser.add_argument("--input", type=given_path, nargs="+", default=[], help="text files (.txt, .jsonl, .parquet)")
     parser.add_argument("--sample", action="store_true", help="use the bundled sample corpus as input")
     parser.add_argument("--out", type=given_path, required=True, help="data directory to write")
     parser.add_argument("--vocab-size", type=int,

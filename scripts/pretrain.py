@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="TOML run config (configs/*.toml); defaults apply when omitted")
     parser.add_argument("--data", type=given_path,
                         help="prepared data directory (scripts/prepare_data.py); overrides [data] path "
-                        "(refused beside a [data.mix])")
+                             "(refused beside a [data.mix])")
     parser.add_argument("--out", type=given_path,
                         help="run directory for checkpoints, metrics and plots (optional with --plan, "
-                        "but for --resume)")
+                             "but for --resume)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--save-every", type=int, help="override train.save_every")
     parser.add_argument("--stop-after", type=int, help="exit cleanly (with a checkpoint) after this step")

@@ -314,8 +314,8 @@ from torch.nn import parallel
 
 
 class SmallBuckets(parallel.DistributedDataParallel):
-    '''Buckets of 100 KB: several for the micro model, as DDP first builds them and as it rebuilds them after the first
-    step; prints how many the noise scale's communication hook saw.'''
+    '''Buckets of 100 KB: several for the micro model, as DDP rebuilds them after its first backward (ttl's
+    `settle_buckets`, before the first step); prints how many the noise scale's communication hook saw.'''
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, bucket_cap_mb=0.1, **kwargs)
@@ -409,8 +409,8 @@ def check_against(records: list[dict], references: list[tuple[float, float, floa
 
 @pytest.mark.slow
 def test_one_micro_batch_per_process_takes_each_process_s_gradient_before_ddp_s_all_reduce(one_each, data_dir):
-    """Steps 1 (DDP's first buckets) to 3 (rebuilt ones) of 2 processes of one micro-batch: grad_sq_small the mean of
-    the ranks' own squared norms, by float64 autograd per rank's micro-batch, and noise_scale the averaged ratio."""
+    """Steps 1 to 3 of 2 processes of one micro-batch: grad_sq_small the mean of the ranks' own squared norms, by
+    float64 autograd per rank's micro-batch, and noise_scale the averaged ratio."""
     runs, printed = one_each
     assert int(printed.split("the hook saw ")[1].split()[0]) >= 3, printed[-500:]
     references = reference_steps(data_dir, runs["noisy"], [1, 1, 1])
@@ -421,8 +421,8 @@ def test_one_micro_batch_per_process_takes_each_process_s_gradient_before_ddp_s_
 @pytest.mark.slow
 def test_with_one_micro_batch_per_process_training_is_bit_identical_and_a_resume_continues_the_averages(one_each):
     """The hook's reduction is DDP's own: losses, gradient norms and weights as without the noise scale, to the bit.
-    Resumed after step 2, DDP builds its first buckets again where the uninterrupted run had rebuilt them: step 3's
-    figures come out the same, bit for bit (the hook sums its norms in the parameters' order, not the buckets')."""
+    Resumed after step 2, step 3's figures come out the same, bit for bit (the hook sums its norms in the parameters'
+    order, not the buckets'; `test_noise_scale_hook.py` holds that order against two bucket layouts)."""
     runs, _ = one_each
     noisy, plain = runs["noisy"], runs["plain"]
     assert losses(noisy) == losses(plain) and figures(noisy, "grad_norm") == figures(plain, "grad_norm")

@@ -90,9 +90,9 @@ import ttl_core.train as train
 record = {"weights": None, "draws": []}
 wrap_model, train_step = train.wrap_model, train.train_step
 
-def recording_wrap(model, mode, world):  # the weights each rank built, before FSDP shards them
+def recording_wrap(model, *args):  # the weights each rank built, before FSDP shards them
     record["weights"] = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-    return wrap_model(model, mode, world)
+    return wrap_model(model, *args)
 
 def recording_step(*args, **kwargs):  # a dropout draw from the state the step's dropout starts from
     with torch.random.fork_rng(devices=[]):

@@ -2,8 +2,9 @@
 in LAWA and the checkpoint averaging of warmup-stable-decay schedules), written as a checkpoint of its own.
 
 The mean is taken tensor by tensor, each checkpoint's file opened for the tensor and closed again, so host memory
-holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and one float64 tensor,
-whatever the number of checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
+holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and a few float64 tensors the
+size of the one being averaged (up to five while a bfloat16 or float16 one is rounded), whatever the number of
+checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
 every addition (a weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while
 in float64 the sum of a few float32 or bfloat16 values times small integer weights (equal ones included) is exact
 (unless their magnitudes lie some 2**28 apart), so each averaged element is the true mean rounded once to the
@@ -107,7 +108,7 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
         for stored, weight in zip(founds, weights):
             with safe_open(stored[key][0], framework="pt") as f:
                 total.add_(f.get_tensor(key).double(), alpha=weight)
-        averaged = _rounded_once(total / sum(weights), out_dtype)
+        averaged = _rounded_once(total.div_(sum(weights)), out_dtype)
         if not bool(averaged.isfinite().all()):  # written as it is, a model of inf or NaN weights
             if not bool(total.isfinite().all()):
                 raise CheckpointError(f"tensor {key}: a checkpoint holds NaN or infinity in it; average finite ones")

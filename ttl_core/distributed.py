@@ -132,13 +132,17 @@ def on_rank_0(world: World, work: Callable[[], T]) -> T | None:
     return result
 
 
-def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Module:
-    """DDP, or FSDP2 with each decoder block as its own shard unit; the model itself when alone."""
+def wrap_model(model: torch.nn.Module, mode: str, world: World,
+               autocast: contextlib.AbstractContextManager | None = None) -> torch.nn.Module:
+    """DDP, or FSDP2 with each decoder block as its own shard unit; the model itself when alone. `autocast` is the
+    run's forward context, which DDP's `settle_buckets` runs in."""
     if not world.distributed:
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        ddp = DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+        settle_buckets(ddp, world.device, autocast or contextlib.nullcontext())
+        return ddp
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
@@ -151,6 +155,24 @@ def wrap_model(model: torch.nn.Module, mode: str, world: World) -> torch.nn.Modu
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def settle_buckets(ddp: torch.nn.Module, device: torch.device, autocast: contextlib.AbstractContextManager) -> None:
+    """One throwaway backward (of one token, its gradients dropped) before the first step, so that every step of a
+    run, resumed or not, all-reduces in the same gradient buckets. DDP all-reduces its first backward in one bucket
+    of every gradient and rebuilds the buckets after it, in the order the gradients came; with 3 or more processes a
+    ring all-reduce adds each element's shares in an order set by its place in the bucket, so a resumed run's first
+    step, back in the one bucket, came out a float32 rounding off the uninterrupted run's."""
+    was_training = ddp.training
+    ddp.eval()  # no dropout, which would draw from the random streams the run's steps draw from
+    try:
+        with autocast:  # the run's: an attention backend asked for by name may need its half precision
+            logits = ddp(torch.zeros(1, 1, dtype=torch.long, device=device)).logits
+        logits.float().sum().backward()
+    finally:
+        ddp.train(was_training)
+    for p in ddp.parameters():
+        p.grad = None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -91,8 +91,9 @@ class ProcessGradient:
     """This process's gradient norm as its reduction reads it, from the norms of its parts noted while `measuring`:
     each parameter's in DDP's buckets before their all-reduce (`reduce_as_ddp`, given DDP's `group`), or each FSDP
     module's before its reduce-scatter (`NotingReduceScatter`). Combined in the parts' order, not the order they come
-    in (DDP rebuilds its buckets after its first step, and a resumed run must sum as the uninterrupted one did); on the
-    device, no host sync."""
+    in (DDP rebuilds its buckets after its first backward, which `distributed.settle_buckets` runs before the hook is
+    registered, and a summing order that followed the buckets would hang on their layout); on the device, no host
+    sync."""
 
     def __init__(self, parts: list[Any], group: dist.ProcessGroup | None = None):
         self.group, self.measuring = group, True

@@ -48,7 +48,7 @@ def train_tokenizer(inputs: Iterable[str] | str | os.PathLike | list, out: str |
             shown = "" if high == math.inf else f" and below 2**{high.bit_length() - 1}"
             raise TokenizerError(f"{name} must be an integer >= {low}{shown}, got {value!r}")
     if out is not None and not Path(out).parent.is_dir():  # said before the training, not after it
-        raise TokenizerError(f"out {str(out)!r}: its folder {str(Path(out).parent)!r} does not exist")
+        raise TokenizerError(f"out {str(out)!r}: {str(Path(out).parent)!r} is not an existing folder")
     if isinstance(inputs, (str, os.PathLike)):  # one input file, never a text
         inputs = [Path(inputs)]
     items, nothing = iter(inputs), object()  # not None: a None document is reported, not dropped

@@ -167,7 +167,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     peak = peak_tflops(torch.cuda.get_device_name(world.device)) if half else None
     if train.activation_checkpointing:
         model.activation_checkpointing_enable()
-    model = wrap_model(model, train.distributed, world)
+    model = wrap_model(model, train.distributed, world, autocast(world.device, train.dtype))
     if ema:
         ema.attach(model, train.distributed, world)
     if train.compile:

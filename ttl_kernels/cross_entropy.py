@@ -428,12 +428,12 @@ def fused_linear_cross_entropy(
     _check(targets, hidden.shape[0], weight.shape[0], ignore_index, reduction, label_smoothing, z_loss)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     require_one_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
-    triton = use_triton(hidden, backend, weight)  # first: it names float64 given to the Triton backend
+    on_triton = use_triton(hidden, backend, weight)  # first: it names float64 given to the Triton backend
     if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
         # autocast casts both for the matmul; without it torch's matmul refuses in words naming neither tensor
         raise TypeError(f"fused_linear_cross_entropy needs hidden and weight of one dtype outside autocast, got "
                         f"{hidden.dtype} and {weight.dtype}")
-    if not triton:
+    if not on_triton:
         return fused_linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, return_z_loss, return_nll)
     parts = _parts(hidden.shape[0], hidden.device, return_z_loss or return_nll)
