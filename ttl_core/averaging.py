@@ -4,16 +4,16 @@ in LAWA and the checkpoint averaging of warmup-stable-decay schedules), written 
 The mean is taken tensor by tensor, each checkpoint's file opened for the tensor and closed again, so host memory
 holds the averaged model in the output dtype (twice while `save_pretrained` writes it) and a few float64 tensors the
 size of the one being averaged (up to five while a bfloat16 or float16 one is rounded), whatever the number of
-checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after
-every addition (a weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while
-in float64 the sum of a few float32 or bfloat16 values times small integer weights (equal ones included) is exact
-(unless their magnitudes lie some 2**28 apart), so each averaged element is the true mean rounded once to the
-output dtype, but for a tie within 2**-29 of a float32 step. A fractional weight's product is rounded, by at most
-2**-29 of the product's float32 step: the same holds unless the weighted values cancel to far below their own size
-(an element the checkpoints give opposite signs, averaging to near zero), where that rounding can move the mean's
-last bit. The output is written as `save_pretrained` writes any
-checkpoint, into a hidden directory renamed into place when complete, with the newest checkpoint's tokenizer and
-generation_config.json and an `averaging.json` naming the checkpoints and weights averaged.
+checkpoints. Each tensor is accumulated in float64, not float32: a float32 sum rounds after every addition (a
+weighted mean of three float32 checkpoints then misses the nearest float32 value somewhere), while in float64 the
+sum of a few float32 or bfloat16 values times small integer weights (equal ones included) is exact (unless their
+magnitudes lie some 2**28 apart), so each averaged element is the true mean rounded once to the output dtype, but
+for a tie within 2**-29 of a float32 step. A fractional weight's product is rounded, by at most 2**-29 of the
+product's float32 step: the same holds unless the weighted values cancel to far below their own size (an element the
+checkpoints give opposite signs, averaging to near zero), where that rounding can move the mean's last bit. The
+output is written as `save_pretrained` writes any checkpoint, into a hidden directory renamed into place when
+complete, with the newest checkpoint's tokenizer and generation_config.json and an `averaging.json` naming the
+checkpoints and weights averaged.
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
 def _rounded_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float64 `x` rounded to the nearest `dtype` value. torch casts float64 to bfloat16 and float16 through float32,
     rounding twice: a value a little past a tie of the narrow dtype lands on the tie in float32, then goes to the even
-    side. Narrowed to float32 by rounding to odd (cut toward zero, the last bit set where anything was cut), which
-    keeps the side of every tie, the cast to the narrow dtype is the one rounding."""
+    side. Narrowed to float32 by rounding to odd instead (cut toward zero, the last bit set where anything was cut),
+    which keeps every value on its side of a tie, so the cast to the narrow dtype is the one rounding."""
     if dtype.itemsize >= 4:
         return x.to(dtype)
     narrowed = x.float()
