@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ttl_core.benchmark import ROW_FIELDS, ROW_FIGURES
-from ttl_core.cli import output_file, run_cli
+from ttl_core.cli import given_path, output_file, run_cli
 from ttl_core.errors import TTLError, is_number
 from ttl_core.fileio import read_json, write_json
 
@@ -45,6 +45,8 @@ def load_rows(folder: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, 
     rows, failures = {}, {}
     for path in sorted(folder.glob("*.json")):
         data = read_json(path, TTLError)  # unreadable, not JSON, or not an object: one line naming the file
+        if "rows" not in data:  # another tool's JSON (a checkpoint's config): judged, it would look like no results
+            raise TTLError(f"{path}: no 'rows' (not a results file the benchmarks write)")
         for key in ("rows", "failures"):
             if not (isinstance(data.get(key, []), list) and all(isinstance(r, dict) for r in data.get(key, []))):
                 raise TTLError(f"{path}: {key!r} must be a list of objects (a results file the benchmarks write)")
@@ -248,7 +250,7 @@ def markdown(verdicts: list[Verdict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="one GPU's results folder, e.g. benchmarks/results/nvidia-h200")
+    parser.add_argument("folder", type=given_path, help="one GPU's results folder, e.g. benchmarks/results/nvidia-h200")
     parser.add_argument("--json", type=output_file, help="also write the verdicts to this file")
     args = parser.parse_args(argv)
     verdicts = judge(*load_rows(Path(args.folder)))

@@ -35,6 +35,22 @@ def test_a_malformed_results_file_is_named_in_one_line(tmp_path, capsys, content
     assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'rms_norm.json'}: ") and message in err
 
 
+def test_a_folder_of_other_json_files_is_not_judged_as_results(tmp_path, capsys):
+    """A checkpoint's or a run's folder (config.json, metrics) given for a results folder was judged as a run
+    that measured nothing: every goal "not measured", as if the benchmarks had failed."""
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 768}))
+    err = judged_with_error(tmp_path, capsys)
+    assert err == f"error: {tmp_path / 'config.json'}: no 'rows' (not a results file the benchmarks write)\n"
+
+
+def test_an_empty_folder_argument_is_a_usage_error_not_the_current_directory(tmp_path, capsys, monkeypatch):
+    """`check_goals.py "$RESULTS"` with RESULTS unset judged the working directory's JSON files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rms_norm.json").write_text(json.dumps({"benchmark": "rms_norm", "rows": [], "failures": []}))
+    err = judged_with_error("", capsys)
+    assert err.endswith("error: argument folder: an empty path (an unset shell variable?); give a file or directory\n")
+
+
 GOAL_SHAPE = {"rows": 16384, "hidden": 4096, "residual": False}
 
 
