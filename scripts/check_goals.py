@@ -46,7 +46,8 @@ def load_rows(folder: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, 
     for path in sorted(folder.glob("*.json")):
         data = read_json(path, TTLError)  # unreadable, not JSON, or not an object: one line naming the file
         if "rows" not in data:  # another tool's JSON (a checkpoint's config): judged, it would look like no results
-            raise TTLError(f"{path}: no 'rows' (not a results file the benchmarks write)")
+            raise TTLError(f"{path}: no 'rows' (not a results file the benchmarks write: keep other files out of "
+                           "the results folder)")
         for key in ("rows", "failures"):
             if not (isinstance(data.get(key, []), list) and all(isinstance(r, dict) for r in data.get(key, []))):
                 raise TTLError(f"{path}: {key!r} must be a list of objects (a results file the benchmarks write)")
@@ -251,7 +252,8 @@ def markdown(verdicts: list[Verdict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=given_path, help="one GPU's results folder, e.g. benchmarks/results/nvidia-h200")
-    parser.add_argument("--json", type=output_file, help="also write the verdicts to this file")
+    parser.add_argument("--json", type=output_file,
+                        help="also write the verdicts to this file (outside the results folder: it takes results only)")
     args = parser.parse_args(argv)
     verdicts = judge(*load_rows(Path(args.folder)))
     print(markdown(verdicts))
