@@ -21,6 +21,7 @@ CITED_PATH = re.compile(r"`((?:scripts|configs|tests|docs|ttl_core|ttl_kernels|b
 PYTHON_NAME = re.compile(r"\b(?:ttl_core|ttl_kernels)(?:\.\w+)+")
 CITED_SETTING = re.compile(r"`(?:--set )?(train|data)\.(\w+)")
 FILE_SUFFIXES = {"bin", "json", "jsonl", "png", "py", "txt"}  # `train.bin` is a file, not a setting
+SHELL_AFTER_COMMAND = re.compile(r"\s+(?:\||>|2>|;|&&)\s")
 SCRIPT_COMMAND = re.compile(r"(?:^|&&|;)\s*(?:python|torchrun|srun python)\b.*?\b(scripts/\w+\.py\b.*)")
 
 
@@ -40,15 +41,17 @@ def anchors(path: Path) -> set[str]:
 
 def documented_commands(path: Path) -> list[str]:
     """The `python scripts/NAME.py ...` lines of the page's shell blocks (also under torchrun or srun), with
-    continuation lines joined and the launcher dropped; a line with an elided `...` shows no whole command."""
+    continuation lines joined, the launcher dropped and what follows a pipe, a redirection or a `;` or `&&` cut off;
+    a line with an elided `...` shows no whole command."""
     commands = []
     for language, body in CODE_BLOCK.findall(path.read_text(encoding="utf-8")):
         if language != "bash":
             continue
         for line in body.replace("\\\n", " ").splitlines():
             match = SCRIPT_COMMAND.search(line.split(" #")[0].strip())
-            if match and " ... " not in f"{match.group(1)} ":
-                commands.append(match.group(1))
+            command = match and SHELL_AFTER_COMMAND.split(match.group(1))[0]
+            if command and " ... " not in f"{command} ":
+                commands.append(command)
     return commands
 
 
