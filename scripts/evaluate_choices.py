@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"ttl_core/sample_data/{SAMPLE_TASK.name})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="choices per forward pass (default %(default)s)")
-    parser.add_argument("--limit", type=int, help="score only each task's first N questions")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only each task's first N questions")
     parser.add_argument("--json", type=output_file, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for name in ("batch_size", "limit"):
