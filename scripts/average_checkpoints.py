@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", type=given_path, nargs="+", metavar="RUN_OR_CHECKPOINT",
                         help="a run directory (with --last) or two or more checkpoint directories, oldest first")
     parser.add_argument("--out", type=given_path, required=True, help="directory to write the averaged checkpoint to")
-    parser.add_argument("--last", type=int, help="average the run directory's newest K complete checkpoints")
+    parser.add_argument("--last", type=int, metavar="K",
+                        help="average the run directory's newest K complete checkpoints")
     parser.add_argument("--weights", type=float, nargs="+", help="one weight per checkpoint (default: equal)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the checkpoints')")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")

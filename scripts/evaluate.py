@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: --seq-len)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default %(default)s)")
-    parser.add_argument("--max-tokens", type=int, help="score only the stream's first N tokens")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="score only the stream's first N tokens")
     parser.add_argument("--document-masking", action="store_true",
                         help="attend within each document only, as a run with data.document_masking trained")
     parser.add_argument("--by-position", nargs="?", const="log2", type=bucket_count, metavar="log2|N",

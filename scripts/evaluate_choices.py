@@ -28,10 +28,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--tasks", type=given_path, nargs="+", default=[str(SAMPLE_TASK)],
-                        help="JSON-lines task files (default: the bundled sample, %(default)s)")
+                        help="JSON-lines task files (default: the bundled sample, "
+                             f"ttl_core/sample_data/{SAMPLE_TASK.name})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="choices per forward pass (default %(default)s)")
-    parser.add_argument("--limit", type=int, help="score only each task's first N questions")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only each task's first N questions")
     parser.add_argument("--json", type=output_file, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     for name in ("batch_size", "limit"):

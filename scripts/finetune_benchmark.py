@@ -2,11 +2,13 @@
 
   python scripts/finetune_benchmark.py --model BASE_DIR [--tasks TASKS.json] [--out DIR]
 
-Without --tasks, runs the bundled Portuguese sample tasks: news topics (4 classes), entailment pairs
-(<s> premise <s> hypothesis </s>) and sentence similarity (regression, 1-5). TASKS.json is a list of
-{"name", "train", "eval", "text_fields", "label_field", "pair", "regression", "labels"} objects. Each task
-runs the classifier recipe (lr 4e-5, batch 16, 3 epochs unless overridden); the table reports the best
-epoch's accuracy and macro F1 (classification) or Pearson and MSE (regression).
+Without --tasks, runs the bundled Portuguese sample tasks: news topics (4 classes), entailment pairs (<s>
+premise <s> hypothesis </s>) and sentence similarity (regression, 1-5). TASKS.json is a list of {"name",
+"train", "eval", "text_fields", "label_field", "pair", "regression", "labels"} objects ("train" and "eval"
+relative to the list's folder; the others optional, defaulting as finetune_classifier.py's options do,
+text_fields and labels as JSON lists). Each task runs the classifier recipe (lr 4e-5, batch 16, 3 epochs
+unless overridden); the table reports the best epoch's accuracy and macro F1 (classification) or Pearson and
+MSE (regression).
 """
 
 from __future__ import annotations

@@ -38,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=given_path, default="runs/finetune-classifier",
                         help="output directory (default %(default)s)")
     parser.add_argument("--text-fields", default="title,text",
-                        help="fields joined by a blank line into the text (default %(default)s)")
-    parser.add_argument("--label-field", default="label", help="default %(default)s")
+                        help="fields joined by a blank line into the text, or with --pair the pair's two sentences "
+                             "(default %(default)s)")
+    parser.add_argument("--label-field", default="label",
+                        help="field holding each label: a class name (or its id, given --labels), or with "
+                             "--regression a number (default %(default)s)")
     parser.add_argument("--labels", help="label names in class-id order (default: the values of the train file, "
                                          "in a classifier base's order when it names the same set, else sorted; "
                                          "the AgNews order for the bundled sample)")

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=given_path, default=str(SAMPLE_DATA / "instrucoes_pt.jsonl"),
                         help="instruction file (default: the bundled Portuguese pairs)")
     parser.add_argument("--eval", type=given_path,
-                        help="held-out instruction file; keeps the epoch with the lowest eval loss")
+                        help="held-out instruction file; keeps the epoch with the lowest eval loss (default: "
+                             "none, the last epoch is kept)")
     parser.add_argument("--format", default="aira", choices=list(CHAT_FORMATS), help="default %(default)s")
     parser.add_argument("--train-on-inputs", action="store_true", help="also compute the loss on the prompt")
     parser.add_argument("--out", type=given_path, default="runs/finetune-instruct",

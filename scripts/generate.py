@@ -90,7 +90,8 @@ class Chat:
             self.end = tokenizer.token_to_id(AIRA_END)
             if self.end is None:
                 raise GenerationError(f"--chat aira needs a tokenizer with Aira's special tokens; {AIRA_END} is "
-                                      "missing")
+                                      "missing (a model fine-tuned with finetune_instruct.py --format aira has them; "
+                                      "for another, try --chat alpaca)")
         self.eos = list(dict.fromkeys([tokenizer.eos_id, *checkpoint_eos, self.end]))
 
     def add_user(self, text: str, extra_input: str = "") -> None:

@@ -22,6 +22,10 @@ case "${2:-}" in
   ""|--quick) ;;
   *) echo "error: unknown option $2 (usage: scripts/gpu_suite.sh OUTDIR [--quick])" >&2; exit 2 ;;
 esac
+# without a GPU every test would skip and every benchmark refuse: stop before installing ttl into this python3
+python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null || {
+  echo "error: the suite needs a CUDA GPU that python3's torch can see, and there is none (each benchmark's --smoke" \
+    "checks its harness on a CPU)" >&2; exit 1; }
 OUT=$1
 QUICK=${2:-}
 mkdir -p "$OUT"

@@ -101,7 +101,8 @@ def test_aira_needs_its_special_tokens(checkpoint, tmp_path):
     ttl_core.save_pretrained(model, tmp_path, tokenizer=plain)
     run = run_script("generate", "--model", tmp_path, "--prompt", "oi", "--chat", "aira", "--device", "cpu")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        "error: --chat aira needs a tokenizer with Aira's special tokens; <|endofcompletion|> is missing"]
+        "error: --chat aira needs a tokenizer with Aira's special tokens; <|endofcompletion|> is missing (a model "
+        "fine-tuned with finetune_instruct.py --format aira has them; for another, try --chat alpaca)"]
 
 
 def test_prompt_mode_shrinks_the_answer_to_the_context(checkpoint, capsys):

@@ -351,3 +351,17 @@ def test_gpu_suite_refuses_a_second_argument_it_does_not_know_before_any_work(ar
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_suite_on_a_machine_without_cuda_says_so_before_any_work(tmp_path):
+    """Without a GPU torch can see, the suite ends at once with one line saying so: it neither installs ttl into
+    the environment nor spends minutes on tests and benchmarks that would each skip or refuse. A python3 whose
+    torch sees no GPU stands in."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "needs a CUDA GPU" in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()

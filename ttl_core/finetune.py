@@ -269,10 +269,12 @@ class FinetuneResult:
 
 
 def refuse_smoothed_regression(cfg: FinetuneConfig, spec: TaskSpec, task: str = "") -> None:
-    """Refuse label smoothing for a regressor, which has no classes to smooth its targets over."""
+    """Refuse label smoothing for a regressor, which has no classes to smooth its targets over; `task` names a
+    benchmark's task, which the user did not mark --regression but can leave out of --tasks."""
     if cfg.label_smoothing and spec.regression:
-        raise ConfigError(f"{task}label_smoothing (--label-smoothing) smooths class labels; a regressor "
-                          "(--regression) has none")
+        has_none = (f"task {task!r} is a regression task, with none (leave it out of --tasks)" if task else
+                    "a regressor (--regression) has none")
+        raise ConfigError(f"label_smoothing (--label-smoothing) smooths class labels; {has_none}")
 
 
 def start_lora(model: torch.nn.Module, cfg: FinetuneConfig, modules_to_save: list[str] | None = None) -> None:

@@ -203,7 +203,8 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
     if len(empty):
         raise GenerationError(f"row {empty[0].item()} of {source} attends to no token")
     if (mask[:, 1:] < mask[:, :-1]).any():
-        raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation")
+        raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation: tokenize "
+                              "with padding_side=\"left\"")
     return input_ids, mask
 
 

@@ -86,7 +86,7 @@ def run_benchmark(model_dir: str | Path, tasks: list[Task], out_dir: str | Path,
     task with the best epoch's metrics, also written to OUT/results.json and OUT/results.md."""
     out_dir = Path(out_dir)
     for task in tasks:  # before any task has run
-        refuse_smoothed_regression(cfg, task.spec, f"task {task.name!r}: ")
+        refuse_smoothed_regression(cfg, task.spec, task.name)
     for name in RESULT_FILES:  # an earlier benchmark's table, which a run that fails midway must not leave as its own
         remove_path(out_dir / name)
     rows = []
