@@ -22,6 +22,7 @@ def models(tmp_path_factory):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=250), "exceeds the model's context of 256"),
+    (dict(use_cache="no"), "use_cache must be True, False or None, got 'no'"),
     (dict(do_sample=True, top_p=0.0), "top_p must be in"),
     (dict(do_sample=True, top_p=1.5), "top_p must be in"),
     (dict(temperature=-0.1), "temperature must be"),
@@ -351,3 +352,17 @@ def test_a_bad_length_in_a_generation_config_passed_is_blamed_on_it(models, monk
     monkeypatch.setattr(ours, "generation_config", None)
     with pytest.raises(GenerationError, match=message):
         ttl_core.generate(ours, ids, mask, generation_config=passed)
+
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_use_cache_is_taken_as_transformers_callers_pass_it_and_changes_nothing(models, use_cache):
+    """Code written for transformers passes use_cache (False decodes without a cache there): the tokens are
+    transformers' either way, sampled from the same seed."""
+    hf, ours = models
+    ids, mask = left_padded(ours.config.vocab_size)
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=0, eos_token_id=[], pad_token_id=PAD, use_cache=use_cache)
+    torch.manual_seed(5)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ttl_core.generate(ours, ids, mask, seed=5, **kwargs), expected)
+    assert torch.equal(ours.generate(ids, mask, seed=5, **kwargs), expected)

@@ -275,7 +275,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              generation_config: Any = None, prompt_lookup_num_tokens: int | None = None,
              max_matching_ngram_size: int | None = None, assistant_model: LlamaForCausalLM | None = None,
              num_assistant_tokens: int | None = None, num_assistant_tokens_schedule: str | None = None,
-             assistant_confidence_threshold: float | None = None) -> torch.Tensor | GenerateOutput:
+             assistant_confidence_threshold: float | None = None,
+             use_cache: bool | None = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -312,10 +313,14 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     any `BaseStreamer`) gets, as from transformers, `put()` with the prompt, then with each new token as it is
     produced (CPU LongTensors), then `end()`, also when the call fails. On CUDA the decode step runs as a CUDA
     graph unless `cuda_graph=False`. The last call's KV cache, buffers and graph stay with the model until it is
-    freed or called with other shapes or settings: a repeated call allocates and captures nothing."""
+    freed or called with other shapes or settings: a repeated call allocates and captures nothing. `use_cache` is
+    taken, as code written for transformers passes it, and changes nothing: transformers' tokens are the same
+    either way, and ttl always decodes from its cache."""
     try:
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
+        if not (use_cache is None or isinstance(use_cache, bool)):
+            raise GenerationError(f"use_cache must be True, False or None, got {use_cache!r}")
         prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
         passed = passed_generation_config(generation_config)
         saved = {**(model.generation_config or {}), **passed} if passed else model.generation_config
