@@ -434,3 +434,29 @@ def test_torch_dtype_is_dtypes_older_name_as_in_transformers(torch_dtype, tmp_pa
     with pytest.raises(CheckpointError, match="got both dtype=torch.float32 and torch_dtype=.* pass dtype alone") as e:
         ttl_core.load_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch_dtype)
     assert "\n" not in str(e.value)
+
+
+def test_from_pretrained_and_save_pretrained_are_called_on_the_classes_as_in_transformers(tmp_path):
+    """`LlamaForSequenceClassification.from_pretrained(causal_lm_dir, num_labels=3)` after a seed starts the
+    classifier transformers starts (its new head drawn alike), `LlamaForCausalLM.from_pretrained(dir, dtype=...)`
+    loads what `load_pretrained` loads, and `model.save_pretrained(dir)` writes a directory transformers reads."""
+    hf_causal_lm().save_pretrained(tmp_path / "lm")
+    ids, mask = padded_batch()
+    torch.manual_seed(11)
+    theirs = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3,
+                                                                         pad_token_id=PAD)
+    torch.manual_seed(11)
+    ours = ttl_core.LlamaForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3, pad_token_id=PAD)
+    assert torch.equal(ours.score.weight, theirs.score.weight)
+    assert max_diff(ours(ids, attention_mask=mask).logits, theirs(ids, attention_mask=mask).logits) <= 1e-5
+    ours.save_pretrained(tmp_path / "classifier")
+    reread = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    assert max_diff(reread(ids, attention_mask=mask).logits, theirs(ids, attention_mask=mask).logits) <= 1e-5
+
+    lm = ttl_core.LlamaForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.bfloat16)
+    assert lm.architecture == "LlamaForCausalLM" and {p.dtype for p in lm.parameters()} == {torch.bfloat16}
+    reference = ttl_core.load_pretrained(tmp_path / "lm", dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), reference.state_dict().values()))
+    with pytest.raises(CheckpointError, match="cannot be loaded as LlamaForCausalLM") as e:
+        ttl_core.LlamaForCausalLM.from_pretrained(tmp_path / "classifier")
+    assert "\n" not in str(e.value)

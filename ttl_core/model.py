@@ -7,7 +7,9 @@ splits and joins them when reading or writing Hugging Face checkpoints. Numerics
 
 from __future__ import annotations
 
+import os
 import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -319,6 +321,18 @@ class _LlamaBase(nn.Module):
             if head is not None and head.weight is self.backbone.embed.weight:
                 params[id(head.weight)] = head.weight  # a tied head still does a matmul per token
         return sum(p.numel() for p in params.values())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> _LlamaBase:
+        """`ttl_core.load_pretrained(path, architecture=this class, **kwargs)`, called as transformers' classes are:
+        `LlamaForSequenceClassification.from_pretrained(causal_lm_dir, num_labels=3)` starts a classifier."""
+        from .hf import load_pretrained  # hf.py imports this module
+        return load_pretrained(path, architecture=cls.architecture, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
+        """`ttl_core.save_pretrained(self, path, **kwargs)`: a directory transformers loads."""
+        from .hf import save_pretrained
+        save_pretrained(self, path, **kwargs)
 
 
 class LlamaForCausalLM(_LlamaBase):
