@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,6 +169,41 @@ def test_a_preparation_killed_and_run_again_gives_the_uninterrupted_one_s_files(
     def files(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert files(tmp_path / "out") == files(tmp_path / "straight")
+
+
+def live_processes(group: int) -> list[int]:
+    """The processes of process group `group` that have not ended (zombies aside: a container's init may never
+    reap the orphans it adopts)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_tokenizing_workers_end_when_the_preparation_is_killed(tmp_path):
+    """Killed outright, the preparing process never shuts its pool down: its workers waited for work forever."""
+    corpus = corpus_file(tmp_path)
+
+    def prepare_in_a_group_of_its_own() -> None:
+        os.setpgid(0, 0)  # the workers forked from it join its group
+        (tmp_path / "group").write_text(str(os.getpid()))
+        prepare_data([corpus], tmp_path / "out", vocab_size=400, workers=2, shard_docs=4)
+
+    code = killed(prepare_in_a_group_of_its_own, lambda: kill_at("fsync", r"\.prepare/0000001\.npz"))
+    assert code == -signal.SIGKILL
+    group, deadline = int((tmp_path / "group").read_text()), time.monotonic() + 10
+    try:
+        while live_processes(group) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert live_processes(group) == []
+    finally:  # left, they would hold pytest's output open
+        for pid in live_processes(group):
+            os.kill(pid, signal.SIGKILL)
 
 
 def outcome(out: Path, complete: list[dict[str, bytes]]) -> str:
