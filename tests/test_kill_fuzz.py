@@ -229,6 +229,27 @@ def run_with_checkpoints(tmp_path_factory, data_dir) -> Path:
     return run_dir
 
 
+def contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("kill", [("fsync", r"/model-00002-of-\d+\.safetensors"), ("replace", r"/config\.json$"),
+                                  ("replace", r"/tokenizer_config\.json$"), ("replace", r"/\.out\.old$", 1, False),
+                                  ("replace", r"/out$")])
+def test_convert_killed_over_an_earlier_conversion_leaves_it_or_the_new_one(tmp_path, run_with_checkpoints, kill):
+    """--overwrite replaces OUT: killed at any moment, OUT is the earlier conversion or the new one (or, in the instant
+    between the two renames, absent), never the new weights under the old config.json, which loaded silently."""
+    convert = load_script("convert").main
+    source = complete_checkpoints(run_with_checkpoints)[-1]
+    assert convert(["--to-hf", str(source), str(tmp_path / "new"), "--max-shard-size", "150KB"]) == 0
+    assert convert(["--to-hf", str(source), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    before = contents(tmp_path / "out")
+    code = killed(lambda: convert(["--to-hf", str(source), str(tmp_path / "out"), "--max-shard-size", "150KB",
+                                   "--overwrite"]), lambda: kill_at(*kill))
+    assert code == -signal.SIGKILL
+    assert outcome(tmp_path / "out", [before, contents(tmp_path / "new")]) in ("complete", "absent")
+
+
 WRITERS = {  # a script's arguments to write into `out`, and the directory it writes there
     "average_checkpoints": (lambda run, out: [str(run), "--last", "2", "--out", str(out)], "."),
     "finetune_classifier": (lambda run, out: ["--model", str(complete_checkpoints(run)[-1]), "--out", str(out),
