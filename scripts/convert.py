@@ -5,8 +5,10 @@
 
 Either direction reads both layouts; only safetensors are ever read. The source's tokenizer (tokenizer.model
 or tokenizer.json) is written beside the weights in transformers' files, so the output is a whole checkpoint;
-one ttl cannot read is left out with a note. OUT_DIR must not be the source (it is written file by file), and
-one that already holds a checkpoint is replaced only with --overwrite.
+one ttl cannot read is left out with a note. OUT_DIR must not be the source, and one that already holds a checkpoint
+is replaced only with --overwrite. It is written atomically: built in a hidden directory beside it (from its own files,
+hard-linked, and the conversion) that takes its place when complete, so a conversion killed midway leaves OUT_DIR as it
+was.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.errors import ConfigError, TokenizerError
+from ttl_core.fileio import link_tree, write_dir_atomically
 from ttl_core.hf import DTYPES, NATIVE_CONFIG, load_pretrained, save_native, save_pretrained
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_config import replace_chat_template_files
@@ -52,23 +55,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a checkpoint OUT already holds (default: refuse)")
     args = parser.parse_args(argv)
-    # files are replaced one by one, not the directory; samefile also sees a case-insensitive or bind-mounted alias
-    if Path(args.out).exists() and Path(args.src).exists() and os.path.samefile(args.out, args.src):
-        raise ConfigError(f"{args.out} is the source checkpoint; write to another directory (a conversion in place "
-                          "that is interrupted leaves neither layout loadable)")
-    replacing = refuse_to_replace(args.out, CHECKPOINT_FILES, "a checkpoint", args.overwrite)
+    out = Path(args.out)
+    # samefile also sees a case-insensitive or bind-mounted alias
+    if out.exists() and Path(args.src).exists() and os.path.samefile(out, args.src):
+        raise ConfigError(f"{out} is the source checkpoint; write to another directory (then move it over the source "
+                          "if you want it there)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a directory to write the checkpoint to")
+    replacing = refuse_to_replace(out, CHECKPOINT_FILES, "a checkpoint", args.overwrite)
     model = load_pretrained(args.src, dtype=args.dtype)
     tokenizer = source_tokenizer(args.src)
-    if args.to_hf:
-        save_pretrained(model, args.out, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
-    else:
-        save_native(model, args.out, max_shard_size=args.max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(args.out, model.config.max_position_embeddings)
-    if tokenizer is None and replacing:
-        for name in TOKENIZER_FILES:
-            (Path(args.out) / name).unlink(missing_ok=True)
-        replace_chat_template_files(Path(args.out), None)
+
+    def write(partial: Path) -> None:
+        if out.is_dir():  # what OUT holds beside the checkpoint (notes, a tokenizer alone) stays
+            link_tree(out, partial)
+        if args.to_hf:
+            save_pretrained(model, partial, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
+        else:
+            save_native(model, partial, max_shard_size=args.max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial, model.config.max_position_embeddings)
+        if tokenizer is None and replacing:
+            for name in TOKENIZER_FILES:
+                (partial / name).unlink(missing_ok=True)
+            replace_chat_template_files(partial, None)
+
+    # killed midway, a conversion written over OUT file by file left new weights under the old config.json
+    write_dir_atomically(os.path.abspath(out), write)  # a name to put beside it, given "." too
     params = model.num_parameters()
     print(f"wrote {model.architecture} ({params:,} parameters, {model.backbone.embed.weight.dtype}) to {args.out}")
     return 0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import ROOT, forked_exit_codes, free_port, load_script
-from train_helpers import corpus_file, losses, run_config, same_weights, set_arguments
+from train_helpers import corpus_file, losses, run_config, same_state, same_weights, set_arguments
 from ttl_core.checkpoint import complete_checkpoints, load_trainer_state
 from ttl_core.data import prepare_data
 from ttl_core.distributed import World
@@ -288,17 +288,6 @@ def two_ranks(tmp_path: Path, args: list, signal_at: int | None = None) -> list[
             if rank.poll() is None:
                 rank.kill()
                 rank.wait()
-
-
-def same_state(a, b) -> bool:
-    """Equal nested dicts and lists of tensors and plain values."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    return a == b
 
 
 @pytest.mark.slow

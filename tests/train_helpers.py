@@ -69,3 +69,14 @@ def same_weights(a: Path, b: Path) -> bool:
     """Whether the checkpoints `a` and `b` hold the same tensors, bit for bit."""
     x, y = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def same_state(a, b) -> bool:
+    """Equal nested dicts and lists of tensors and plain values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b

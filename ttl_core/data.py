@@ -20,6 +20,8 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
+import time
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -64,11 +66,20 @@ def _init_worker(tokenizer_dir: str | os.PathLike) -> None:
     _worker_cuts = _cuttable(_worker_tokenizer)
 
 
-def _init_pool_worker(tokenizer_dir: str | os.PathLike) -> None:
+def _init_pool_worker(tokenizer_dir: str | os.PathLike, parent: int) -> None:
     # Ctrl-C reaches the whole process group: the parent alone stops (and says so), and lets the workers finish
     # their shards rather than each dropping its task with a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _init_worker(tokenizer_dir)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once `parent` is gone: a parent killed outright (SIGKILL, the out-of-memory killer) never
+    shuts its pool down, and the workers would wait for their next shard forever."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _cuttable(tok: Tokenizer) -> bool:
@@ -298,7 +309,7 @@ def _run(fn, jobs: Iterator, workers: int, tokenizer_dir: Path) -> Iterator:
     # fork: workers start at once (spawn would re-import torch in each); they never touch torch. An executor, not
     # a multiprocessing.Pool: a worker killed (out of memory) breaks it, where a Pool waits for its task forever.
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool, pending = ProcessPoolExecutor(workers, context, _init_pool_worker, (tokenizer_dir,)), deque()
+    pool, pending = ProcessPoolExecutor(workers, context, _init_pool_worker, (tokenizer_dir, os.getpid())), deque()
     try:  # jobs are read here (an input's DataError raises here), two a worker ahead: each busy, few in memory
         for job in jobs:
             pending.append(pool.submit(fn, job))
