@@ -6,7 +6,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ttl_kernels.dispatch import BACKENDS
 
@@ -55,6 +55,7 @@ class LlamaConfig:
     problem_type: str | None = None
     kernels: str = "auto"
     attention: str = "auto"
+    model_type: ClassVar[str] = "llama"  # transformers' name, which programs branch on
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -225,6 +226,15 @@ class LlamaConfig:
             if self.problem_type is not None:
                 out["problem_type"] = self.problem_type
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `config.to_dict()`: the config.json fields with the label fields of any head (id2label keyed
+        by int) and, as in a config transformers built itself, `architectures` and `dtype` None (the config knows
+        neither the model's class nor its dtype)."""
+        out = self.to_hf_dict("LlamaForSequenceClassification")
+        del out["torch_dtype"]
+        return {**out, "architectures": None, "dtype": None, "problem_type": self.problem_type,
+                "id2label": {int(k): v for k, v in out["id2label"].items()}}
 
 
 def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,
