@@ -11,7 +11,7 @@ from generation_helpers import PAD, left_padded, saved_models
 from hf_reference import hf_causal_lm
 
 import ttl_core
-from ttl_core.errors import CheckpointError, ConfigError
+from ttl_core.errors import CheckpointError, ConfigError, TokenizerError
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,3 +169,51 @@ def test_save_pretrained_takes_safe_serialization_true_only(tmp_path):
     with pytest.raises(CheckpointError, match="safe_serialization=False: ttl writes safetensors only") as e:
         ours.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     assert "\n" not in str(e.value)
+
+
+def tokenizers(tmp_path):
+    """(transformers' AutoTokenizer, ttl's Tokenizer) of one TeenyTinyLlama-style directory."""
+    from tokenizer_helpers import corpus, make_ttl_style_dir
+    make_ttl_style_dir(tmp_path / "tokenizer", corpus(200, seed=1), vocab_size=300)
+    return (transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer"),
+            ttl_core.Tokenizer.from_pretrained(tmp_path / "tokenizer"))
+
+
+def test_tokenizer_answers_to_transformers_names(tmp_path):
+    """`len(tokenizer)` (added tokens included), the special tokens and their ids, `tokenize`,
+    `convert_ids_to_tokens`, `convert_tokens_to_ids` (the unknown token's id for a token not in the vocabulary) and
+    `encode(text, add_special_tokens=False)`, as transformers' tokenizer answers them."""
+    theirs, ours = tokenizers(tmp_path)
+    text = "a casa de o menino foi para escola com seu cachorro"
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(ours, name) == getattr(theirs, name)
+        assert getattr(ours, f"{name}_id") == getattr(theirs, f"{name}_id")
+    ids = theirs(text)["input_ids"] + [theirs.eos_token_id, theirs.pad_token_id]
+    for calls in (lambda t: len(t), lambda t: t.tokenize(text), lambda t: t.tokenize(text, add_special_tokens=True),
+                  lambda t: t.convert_ids_to_tokens(ids), lambda t: t.convert_ids_to_tokens(ids[3]),
+                  lambda t: t.convert_ids_to_tokens(ids, skip_special_tokens=True),
+                  lambda t: t.convert_tokens_to_ids(t.tokenize(text) + ["not-a-token"]),
+                  lambda t: t.convert_tokens_to_ids("</s>"), lambda t: t.encode(text, add_special_tokens=False)):
+        assert calls(ours) == calls(theirs)
+    assert len(theirs.tokenize(text)) > 3
+    theirs.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    ours.add_special_tokens(["<|user|>"])
+    assert len(ours) == len(theirs) == 301
+
+
+def test_pad_token_set_to_eos_pads_as_transformers(tmp_path):
+    """`tokenizer.pad_token = tokenizer.eos_token` (or `pad_token_id = eos_token_id`), then padding, as programs
+    without a padding token do; a token outside the vocabulary is refused (transformers pads with `<unk>`'s id)."""
+    theirs, ours = tokenizers(tmp_path)
+    texts = ["a casa de o menino", "o cachorro"]
+    for set_pad in (lambda t: setattr(t, "pad_token", t.eos_token), lambda t: setattr(t, "pad_token_id", 2)):
+        for tokenizer in (theirs, ours):
+            tokenizer.pad_token_id = 3
+            set_pad(tokenizer)
+        assert (ours.pad_token, ours.pad_token_id) == (theirs.pad_token, theirs.pad_token_id) == ("</s>", 2)
+        padded = [t(texts, padding=True, return_tensors="pt") for t in (theirs, ours)]
+        assert torch.equal(padded[0]["input_ids"], padded[1]["input_ids"]) and (padded[1]["input_ids"] == 2).any()
+    ours.pad_token = None
+    assert (ours.pad_token, ours.pad_token_id, ours.pad_id) == (None, None, -1)
+    with pytest.raises(TokenizerError, match="pad_token '<zzz>' is not in the vocabulary"):
+        ours.pad_token = "<zzz>"

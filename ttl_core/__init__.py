@@ -15,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "LlamaConfig", "TTLError", "GenerateOutput", "generate", "load_pretrained", "save_native",
     "save_pretrained", "apply_lora", "load_adapter", "merge_lora", "save_adapter", "unload_lora", "unmerge_lora",
-    "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel", "build_model", "TextStreamer", "Tokenizer", "train_tokenizer",
+    "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel", "build_model", "TextStreamer", "Tokenizer",
+    "train_tokenizer",
 ]

@@ -28,7 +28,8 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_write, write_json
-from .tokenizer_call import encode_for_model
+from .tokenizer_call import (ROLE_IDS, convert_ids_to_tokens, convert_tokens_to_ids, encode_for_model,
+                             role_id_property, role_token_property, tokenize, vocabulary_length)
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
                                read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
@@ -50,7 +51,11 @@ class Tokenizer:
     default (None: no limit), as a directory's config says (no side named: LlamaTokenizer's left padding, right
     truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
 
-    __call__ = encode_for_model
+    # transformers' names for the calls below and the special tokens (see ttl_core.tokenizer_call)
+    __call__, __len__, tokenize = encode_for_model, vocabulary_length, tokenize
+    convert_ids_to_tokens, convert_tokens_to_ids = convert_ids_to_tokens, convert_tokens_to_ids
+    bos_token, eos_token, unk_token, pad_token = map(role_token_property, ROLE_IDS)
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id = map(role_id_property, ROLE_IDS)
 
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
@@ -257,6 +262,11 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self.sp.unk_id()
 
+    def set_pad_id(self, i: int | None) -> None:
+        """Pad with token `i` from now on (None: no padding token), as transformers' `tokenizer.pad_token_id = i`."""
+        self._role_ids["pad_token"] = -1 if i is None else self._checked_id(i)
+        self._index_special_tokens()
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a piece (`"▁de"`, `"<s>"`, an added token), or None when it is not in the vocabulary."""
         i = self.sp.piece_to_id(token)
@@ -311,9 +321,9 @@ class Tokenizer:
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
-               split_special_tokens: bool | None = None) -> list[int]:
+               split_special_tokens: bool | None = None, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with `<s>` first and `</s>` last when asked, or by default as `add_bos_token` and
-        `add_eos_token` say (transformers' `add_special_tokens=True`).
+        `add_eos_token` say (transformers' `add_special_tokens=True`; False, as there, adds neither).
 
         Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
         with `split_special_tokens` (transformers' name; by default as the directory's config says, else False) the
@@ -323,7 +333,7 @@ class Tokenizer:
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
             checked_utf8(text, "the text")
-        ids, end = self.special_ends(add_bos, add_eos)
+        ids, end = self.special_ends(add_bos, add_eos) if add_special_tokens else ([], [])
         parts = self._splitter.split(text, self.split_special_tokens if split_special_tokens is None
                                      else split_special_tokens)
         for k, part in enumerate(parts):
