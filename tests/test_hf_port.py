@@ -161,6 +161,34 @@ def test_config_reads_as_transformers_config(tmp_path):
     assert {key: mine[key] for key in shared} == {key: theirs[key] for key in shared}
 
 
+@pytest.mark.parametrize("labels", [{}, {"num_labels": 3}], ids=["default", "three"])
+def test_a_classifier_started_without_label_names_names_them_as_transformers(labels, tmp_path):
+    """Inference code reads `model.config.id2label[logits.argmax().item()]`: without names given, a classifier's are
+    transformers' LABEL_0, LABEL_1, ..., and label2id the other way, also after a change of `num_labels`."""
+    hf_causal_lm().save_pretrained(tmp_path)
+    theirs = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path, **labels).config
+    ours = ttl_core.LlamaForSequenceClassification.from_pretrained(tmp_path, **labels).config
+    assert (ours.id2label, ours.label2id) == (theirs.id2label, theirs.label2id)
+    assert ours.replace(num_labels=4).id2label == {i: f"LABEL_{i}" for i in range(4)}
+
+
+def test_a_config_read_from_a_checkpoint_and_changed_builds_transformers_model(tmp_path):
+    """`LlamaConfig.from_pretrained(dir, num_hidden_layers=1)` (transformers' `AutoConfig`), then a model built from
+    it after a seed, to train from scratch at a checkpoint's shape: transformers' weights."""
+    hf_causal_lm(tie_word_embeddings=True).save_pretrained(tmp_path)
+    theirs = transformers.LlamaConfig.from_pretrained(tmp_path, num_hidden_layers=1)
+    ours = ttl_core.LlamaConfig.from_pretrained(tmp_path, num_hidden_layers=1)
+    assert ours.to_hf_dict() == ttl_core.LlamaConfig.from_hf_dict(theirs.to_dict()).to_hf_dict()
+    models = []
+    for build, config in ((transformers.LlamaForCausalLM, theirs), (ttl_core.LlamaForCausalLM, ours)):
+        torch.manual_seed(6)
+        models.append(build(config))
+    ids = torch.randint(4, 131, (2, 8), generator=torch.Generator().manual_seed(1))
+    assert max_diff(models[0](ids).logits, models[1](ids).logits) <= 1e-5
+    with pytest.raises(ConfigError, match="unknown LlamaConfig field"):
+        ttl_core.LlamaConfig.from_pretrained(tmp_path, hidden_activation="gelu")
+
+
 def test_save_pretrained_takes_safe_serialization_true_only(tmp_path):
     """Older transformers code passes `safe_serialization=True`; ttl writes safetensors only and says so for False."""
     _, ours = both_models(tmp_path / "source")

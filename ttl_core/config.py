@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -83,8 +84,10 @@ class LlamaConfig:
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
-            if self.label2id is None:
-                self.label2id = {v: k for k, v in self.id2label.items()}
+        else:  # transformers' names, which inference code indexes (`config.id2label[logits.argmax().item()]`)
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
         # a one-class cross-entropy is 0 whatever the logits (nothing would be learned), and transformers refuses
         # to load a config.json that asks for it
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
@@ -124,6 +127,14 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"unknown LlamaConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **changes: Any) -> "LlamaConfig":
+        """The config of a checkpoint directory (transformers' config.json or ttl's own), with fields optionally
+        changed, as transformers' `AutoConfig.from_pretrained(dir, num_hidden_layers=...)` reads it."""
+        from .hf import read_model_config  # hf.py imports this module
+        config = read_model_config(path)[0]
+        return config.replace(**changes) if changes else config
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "LlamaConfig":
