@@ -245,3 +245,20 @@ def test_pad_token_set_to_eos_pads_as_transformers(tmp_path):
     assert (ours.pad_token, ours.pad_token_id, ours.pad_id) == (None, None, -1)
     with pytest.raises(TokenizerError, match="pad_token '<zzz>' is not in the vocabulary"):
         ours.pad_token = "<zzz>"
+
+
+def test_add_special_tokens_takes_transformers_dict(tmp_path):
+    """`tokenizer.add_special_tokens({"pad_token": "[PAD]"})` (GPT-2-era code adding a padding token) and
+    `{"additional_special_tokens": [...]}` add, pad and count as transformers' (before, the dict's keys were added as
+    tokens); `add_tokens("one")` adds one token; keys ttl does not take are refused by name."""
+    theirs, ours = tokenizers(tmp_path)
+    for tokens in ({"pad_token": "[PAD]"}, {"pad_token": "</s>"}, {"additional_special_tokens": ["<|u|>", "<|b|>"]}):
+        assert ours.add_special_tokens(tokens) == theirs.add_special_tokens(tokens)
+        assert (len(ours), ours.pad_token, ours.pad_token_id) == (len(theirs), theirs.pad_token, theirs.pad_token_id)
+    ours.add_tokens("novo")
+    theirs.add_tokens("novo")
+    texts = ["<|u|> a casa novo<|b|>", "o"]
+    padded = [t(texts, padding=True, return_tensors="pt")["input_ids"] for t in (theirs, ours)]
+    assert torch.equal(*padded) and (padded[1] == 2).any() and len(ours) == 304
+    with pytest.raises(TokenizerError, match="add_special_tokens: sep_token not taken by ttl"):
+        ours.add_special_tokens({"sep_token": "[SEP]"})

@@ -28,8 +28,8 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_write, write_json
-from .tokenizer_call import (ROLE_IDS, convert_ids_to_tokens, convert_tokens_to_ids, encode_for_model,
-                             role_id_property, role_token_property, tokenize, vocabulary_length)
+from .tokenizer_call import (ROLE_IDS, add_special_tokens_dict, convert_ids_to_tokens, convert_tokens_to_ids,
+                             encode_for_model, role_id_property, role_token_property, tokenize, vocabulary_length)
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
                                read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
@@ -289,12 +289,15 @@ class Tokenizer:
             raise TokenizerError(f"token id {i} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
         return i
 
-    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+    def add_special_tokens(self, tokens: list[str] | dict[str, str | list[str]]) -> list[int] | int:
         """Append special tokens (matched whole, never split, dropped by decode(skip_special_tokens=True)) at the
-        end of the vocabulary; return their ids.
+        end of the vocabulary; return their ids. transformers' dict (`{"pad_token": "[PAD]"}`,
+        `{"additional_special_tokens": [...]}`) is taken as there, returning how many tokens are new.
 
         Tokens already added (or special) keep their id and how they are treated, so calling twice is harmless; an
         ordinary piece of the model keeps its id but becomes an added token, as in transformers."""
+        if isinstance(tokens, dict):
+            return add_special_tokens_dict(self, tokens)
         return self._append_tokens("add_special_tokens", tokens, TokenFlags())
 
     def add_tokens(self, tokens: list[str]) -> list[int]:
@@ -302,7 +305,10 @@ class Tokenizer:
         but kept by decode(skip_special_tokens=True)."""
         return self._append_tokens("add_tokens", tokens, TokenFlags(normalized=True, special=False))
 
-    def _append_tokens(self, caller: str, tokens: list[str], flags: TokenFlags) -> list[int]:
+    def _append_tokens(self, caller: str, tokens: str | list[str], flags: TokenFlags) -> list[int]:
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)  # one token, as transformers' add_tokens takes
+        if not all(isinstance(token, str) for token in tokens):
+            raise TokenizerError(f"{caller} takes token strings, got {[type(t).__name__ for t in tokens]}")
         if not all(tokens):
             raise TokenizerError(f"{caller}: empty token")
         unique = [token for token in dict.fromkeys(tokens) if token not in self._whole_ids]

@@ -11,7 +11,7 @@ the first row is empty), or padding to a length that cannot fit in memory (a Mem
 
 Also the other names transformers' programs call a tokenizer by: `len(tokenizer)`, the special tokens and their ids
 (`tokenizer.eos_token_id`; `tokenizer.pad_token = tokenizer.eos_token` sets the padding token), `tokenize`,
-`convert_ids_to_tokens` and `convert_tokens_to_ids`."""
+`convert_ids_to_tokens`, `convert_tokens_to_ids` and `add_special_tokens` given transformers' dict."""
 
 from __future__ import annotations
 
@@ -107,6 +107,25 @@ def convert_tokens_to_ids(tokenizer: Tokenizer, tokens: str | list[str]) -> int 
         i = tokenizer.token_to_id(token)
         return tokenizer.unk_id if i is None else i
     return one(tokens) if isinstance(tokens, str) else [one(token) for token in tokens]
+
+
+def add_special_tokens_dict(tokenizer: Tokenizer, tokens: dict[str, Any]) -> int:
+    """transformers' `tokenizer.add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": [...]})`: the
+    tokens added as special ones, the `pad_token` then padding; returns how many are new to the vocabulary. The other
+    roles (bos, eos, unk) come from the tokenizer's files and are refused here, and so is any other key."""
+    unknown = sorted(set(tokens) - {"pad_token", "additional_special_tokens"})
+    if unknown:
+        raise TokenizerError(f"add_special_tokens: {', '.join(unknown)} not taken by ttl, which adds pad_token and "
+                             "additional_special_tokens (<s>, </s> and <unk> are the tokenizer files')")
+    pad, extra = tokens.get("pad_token"), tokens.get("additional_special_tokens", [])
+    if not (isinstance(pad, str) or pad is None) or not isinstance(extra, (list, tuple)):
+        raise TokenizerError(f"add_special_tokens takes a pad_token string and a list of additional_special_tokens, "
+                             f"got {type(pad).__name__} and {type(extra).__name__}")
+    before = len(tokenizer)
+    tokenizer.add_special_tokens(([] if pad is None else [pad]) + list(extra))
+    if pad is not None:
+        tokenizer.pad_token = pad
+    return len(tokenizer) - before
 
 
 def pad_rows(rows: list[list[int]], width: int, value: int, side: str) -> list[list[int]]:
