@@ -1,6 +1,7 @@
 """Idioms of whole transformers programs (a training loop moving its batch to `model.device`, LoRA-style training
 with frozen weights, transition scores, generation settings written on `model.generation_config`, resizing to a
-padded vocabulary, `AutoModel`-style embeddings), run on ttl's models against transformers itself."""
+padded vocabulary, `AutoModel`-style embeddings, label names, a padding token set or added on the tokenizer), run on
+ttl's models and tokenizer against transformers itself."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def test_device_and_dtype_are_the_parameters_as_in_transformers(tmp_path):
         assert convert(ours).dtype == convert(hf).dtype
     ours.backbone.norm.double()
     assert ours.dtype == torch.float16
+    base = ttl_core.LlamaModel.from_pretrained(tmp_path, dtype=torch.bfloat16)  # AutoModel-style embedding code too
+    assert (base.device, base.dtype) == (torch.device("cpu"), torch.bfloat16)
 
 
 def test_a_training_loop_moving_its_batch_to_model_device_trains_as_transformers(tmp_path):

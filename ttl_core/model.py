@@ -21,7 +21,8 @@ from .attention import attention, causal_mask, default_position_ids, packed_mask
 from .config import LlamaConfig, padding_index
 from .errors import CheckpointError, ConfigError, GenerationError, is_integer
 from .generate_output import GenerateOutput, GenerationSettings
-from .model_io import KVCache, ModelOutput, causal_lm_loss, check_inputs, classification_loss, next_token_targets
+from .model_io import (KVCache, ModelOutput, causal_lm_loss, check_inputs, classification_loss, next_token_targets,
+                       parameters_device, parameters_dtype)
 from .rope import RotaryEmbedding
 from .vocab_resize import requested_vocab_size, resized_embedding, resized_head
 
@@ -124,6 +125,8 @@ class Block(nn.Module):
 
 class LlamaModel(nn.Module):
     """Embedding, decoder blocks and final norm: token ids (or their embeddings) in, final hidden states out."""
+
+    device, dtype = property(parameters_device), property(parameters_dtype)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -237,16 +240,7 @@ class _LlamaBase(nn.Module):
     def generation_config(self, settings: dict | None) -> None:
         self._generation_config = None if settings is None else GenerationSettings(settings)
 
-    # transformers' names, which its programs read everywhere (`inputs.to(model.device)`)
-    @property
-    def device(self) -> torch.device:
-        """The first parameter's device."""
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The first floating-point parameter's dtype."""
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+    device, dtype = property(parameters_device), property(parameters_dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:
