@@ -229,7 +229,7 @@ def test_tokenizer_answers_to_transformers_names(tmp_path):
     assert len(theirs.tokenize(text)) > 3
     theirs.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
     ours.add_special_tokens(["<|user|>"])
-    assert len(ours) == len(theirs) == 301
+    assert len(ours) == len(theirs) == 301 and ours.get_vocab() == theirs.get_vocab()
 
 
 def test_pad_token_set_to_eos_pads_as_transformers(tmp_path):

@@ -11,7 +11,8 @@ the first row is empty), or padding to a length that cannot fit in memory (a Mem
 
 Also the other names transformers' programs call a tokenizer by: `len(tokenizer)`, the special tokens and their ids
 (`tokenizer.eos_token_id`; `tokenizer.pad_token = tokenizer.eos_token` sets the padding token), `tokenize`,
-`convert_ids_to_tokens`, `convert_tokens_to_ids` and `add_special_tokens` given transformers' dict."""
+`convert_ids_to_tokens`, `convert_tokens_to_ids`, `get_vocab` and `add_special_tokens` given transformers'
+dict."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ def role_token_property(role: str) -> property:
 def vocabulary_length(tokenizer: Tokenizer) -> int:
     """`len(tokenizer)`: every id, added tokens included (what `resize_token_embeddings(len(tokenizer))` needs)."""
     return tokenizer.vocab_size
+
+
+def get_vocab(tokenizer: Tokenizer) -> dict[str, int]:
+    """Every token's id by its text, added tokens included, as transformers' `get_vocab()` gives them."""
+    return {tokenizer.id_to_token(i): i for i in range(tokenizer.vocab_size)}
 
 
 def tokenize(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[str]:
