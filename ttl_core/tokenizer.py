@@ -301,9 +301,9 @@ class Tokenizer:
             return add_special_tokens_dict(self, tokens)
         return self._append_tokens("add_special_tokens", tokens, TokenFlags())
 
-    def add_tokens(self, tokens: list[str]) -> list[int]:
-        """As `add_special_tokens`, for tokens that are not special (transformers' `add_tokens`): matched whole,
-        but kept by decode(skip_special_tokens=True)."""
+    def add_tokens(self, tokens: str | list[str]) -> list[int]:
+        """As `add_special_tokens`, for tokens that are not special (transformers' `add_tokens`, which also takes one
+        token): matched whole, but kept by decode(skip_special_tokens=True)."""
         return self._append_tokens("add_tokens", tokens, TokenFlags(normalized=True, special=False))
 
     def _append_tokens(self, caller: str, tokens: str | list[str], flags: TokenFlags) -> list[int]:

@@ -93,8 +93,7 @@ def get_vocab(tokenizer: Tokenizer) -> dict[str, int]:
 def tokenize(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[str]:
     """The tokens of `text` as transformers' `tokenize` spells them, with the special tokens `<s>` / `</s>` the
     tokenizer puts around a text only when `add_special_tokens`."""
-    specials = None if add_special_tokens else False
-    return convert_ids_to_tokens(tokenizer, tokenizer.encode(text, add_bos=specials, add_eos=specials))
+    return convert_ids_to_tokens(tokenizer, tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def convert_ids_to_tokens(tokenizer: Tokenizer, ids: int | list[int], skip_special_tokens: bool = False) \
