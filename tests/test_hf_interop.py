@@ -343,7 +343,8 @@ def test_label_overrides_rebuild_the_head_names(tmp_path):
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "src", num_labels=5)
     ours = ttl_core.load_pretrained(tmp_path / "src", architecture="LlamaForSequenceClassification", num_labels=5)
     assert ours.score.weight.shape == theirs.score.weight.shape == (5, 64)
-    assert ours.config.id2label is None and ours.config.to_hf_dict("LlamaForSequenceClassification")["id2label"] == {
+    assert ours.config.id2label == theirs.config.id2label
+    assert ours.config.to_hf_dict("LlamaForSequenceClassification")["id2label"] == {
         str(k): v for k, v in theirs.config.id2label.items()}
     named = ours.config.replace(id2label={0: "neg", 1: "neu", 2: "pos"})
     assert named.num_labels == 3 and named.label2id == {"neg": 0, "neu": 1, "pos": 2}

@@ -5,7 +5,7 @@ from .errors import TTLError
 from .generate import GenerateOutput, generate
 from .hf import load_pretrained, save_native, save_pretrained
 from .lora import apply_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
-from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+from .model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, build_model
 from .streamer import TextStreamer
 from .tokenizer import Tokenizer
 from .tokenizer_train import train_tokenizer
@@ -15,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "LlamaConfig", "TTLError", "GenerateOutput", "generate", "load_pretrained", "save_native",
     "save_pretrained", "apply_lora", "load_adapter", "merge_lora", "save_adapter", "unload_lora", "unmerge_lora",
-    "LlamaForCausalLM", "LlamaForSequenceClassification", "build_model", "TextStreamer", "Tokenizer", "train_tokenizer",
+    "LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel", "build_model", "TextStreamer", "Tokenizer",
+    "train_tokenizer",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ttl_kernels.dispatch import BACKENDS
 
@@ -55,6 +56,7 @@ class LlamaConfig:
     problem_type: str | None = None
     kernels: str = "auto"
     attention: str = "auto"
+    model_type: ClassVar[str] = "llama"  # transformers' name, which programs branch on
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -82,8 +84,10 @@ class LlamaConfig:
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
-            if self.label2id is None:
-                self.label2id = {v: k for k, v in self.id2label.items()}
+        else:  # transformers' names, which inference code indexes (`config.id2label[logits.argmax().item()]`)
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
         # a one-class cross-entropy is 0 whatever the logits (nothing would be learned), and transformers refuses
         # to load a config.json that asks for it
         if self.problem_type == "single_label_classification" and self.num_labels == 1:
@@ -123,6 +127,14 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"unknown LlamaConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **changes: Any) -> "LlamaConfig":
+        """The config of a checkpoint directory (transformers' config.json or ttl's own), with fields optionally
+        changed, as transformers' `AutoConfig.from_pretrained(dir, num_hidden_layers=...)` reads it."""
+        from .hf import read_model_config  # hf.py imports this module
+        config = read_model_config(path)[0]
+        return config.replace(**changes) if changes else config
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "LlamaConfig":
@@ -225,6 +237,15 @@ class LlamaConfig:
             if self.problem_type is not None:
                 out["problem_type"] = self.problem_type
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' `config.to_dict()`: the config.json fields with the label fields of any head (id2label keyed
+        by int) and, as in a config transformers built itself, `architectures` and `dtype` None (the config knows
+        neither the model's class nor its dtype)."""
+        out = self.to_hf_dict("LlamaForSequenceClassification")
+        del out["torch_dtype"]
+        return {**out, "architectures": None, "dtype": None, "problem_type": self.problem_type,
+                "id2label": {int(k): v for k, v in out["id2label"].items()}}
 
 
 def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,

@@ -48,3 +48,19 @@ class GenerateOutput:
         origins, ended = origins[:, :new_tokens].long().clamp_min(0), ended[:, :new_tokens]
         picked = steps[origins, self.sequences[:, -new_tokens:], torch.arange(new_tokens, device=steps.device)]
         return picked.masked_fill(ended, 0.0)
+
+
+class GenerationSettings(dict):
+    """A model's `generation_config`: the settings of its checkpoint's generation_config.json, a dict that is also
+    read and written by attribute as transformers' GenerationConfig is, so that `model.generation_config.pad_token_id
+    = ...` sets what `generate()` then uses. A setting never set is an AttributeError naming it, where transformers
+    would give its default: `generate()` applies those defaults, but only where neither call nor checkpoint sets one."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no generation setting {name!r} in the model's generation_config") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value

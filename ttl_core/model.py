@@ -19,9 +19,12 @@ import ttl_kernels
 
 from .attention import attention, causal_mask, default_position_ids, packed_mask, runs_packed_natively
 from .config import LlamaConfig, padding_index
-from .errors import ConfigError, GenerationError, is_integer
-from .model_io import KVCache, ModelOutput, causal_lm_loss, check_inputs, classification_loss, next_token_targets
+from .errors import CheckpointError, ConfigError, GenerationError, is_integer
+from .generate_output import GenerateOutput, GenerationSettings
+from .model_io import (KVCache, ModelOutput, causal_lm_loss, check_inputs, classification_loss, next_token_targets,
+                       parameters_device, parameters_dtype)
 from .rope import RotaryEmbedding
+from .vocab_resize import requested_vocab_size, resized_embedding, resized_head
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -123,6 +126,8 @@ class Block(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder blocks and final norm: token ids (or their embeddings) in, final hidden states out."""
 
+    device, dtype = property(parameters_device), property(parameters_dtype)
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -133,6 +138,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.rotary = RotaryEmbedding(config)
         self.init_weights()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> LlamaModel:
+        """The decoder of the checkpoint at `path`, its head left out, as transformers' `LlamaModel.from_pretrained`
+        (or `AutoModel`) loads it for embeddings: `ttl_core.load_pretrained(path, **kwargs).backbone`."""
+        from .hf import load_pretrained  # hf.py imports this module
+        return load_pretrained(path, **kwargs).backbone
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -206,23 +218,8 @@ class LlamaModel(nn.Module):
         return out.returned(return_dict)
 
 
-@torch.no_grad()
-def _fill_resized_table(new: nn.Parameter, old: nn.Parameter) -> None:
-    """Fill a resized embedding or LM-head table as transformers' `resize_token_embeddings` does by default: the
-    old rows it still holds and, where it grew, rows drawn around the old rows' mean, from a normal with 1e-9 times
-    their covariance (a new token starts as an "average" one, not as noise), or the mean itself where that
-    covariance is not positive definite. It requires grad as the old table did."""
-    added = len(new) - len(old)
-    if added > 0:
-        rows = old.float()
-        mean = rows.mean(0)
-        covariance = 1e-9 * ((rows - mean).T @ (rows - mean) / len(old))
-        if torch.distributions.constraints.positive_definite.check(covariance).all():
-            new[len(old):] = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((added,))
-        else:
-            new[len(old):] = mean
-    new[:len(old)] = old[:len(new)]
-    new.requires_grad_(old.requires_grad)
+def _output_requires_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
 
 
 class _LlamaBase(nn.Module):
@@ -230,8 +227,20 @@ class _LlamaBase(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = LlamaModel(config)
-        # a checkpoint's generation_config.json (token ids, sampling defaults), as loaded by ttl_core.hf
-        self.generation_config: dict | None = None
+        self.generation_config = None
+        self._input_require_grads_hook = None
+
+    @property
+    def generation_config(self) -> GenerationSettings | None:
+        """A checkpoint's generation_config.json (token ids, sampling defaults) as ttl_core.hf loaded it, else None:
+        a dict whose settings are also read and set as attributes, as transformers' GenerationConfig's are."""
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, settings: dict | None) -> None:
+        self._generation_config = None if settings is None else GenerationSettings(settings)
+
+    device, dtype = property(parameters_device), property(parameters_dtype)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -284,42 +293,46 @@ class _LlamaBase(nn.Module):
     gradient_checkpointing_disable = activation_checkpointing_disable
     is_gradient_checkpointing = is_activation_checkpointing
 
-    def resize_token_embeddings(self, new_vocab_size: int) -> None:
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad, as transformers does, so that a frozen model trained
+        through adapters (PEFT's recipe calls this) still backpropagates through its blocks."""
+        self.disable_input_require_grads()
+        self._input_require_grads_hook = self.get_input_embeddings().register_forward_hook(_output_requires_grad)
+
+    def disable_input_require_grads(self) -> None:
+        if self._input_require_grads_hook is not None:
+            self._input_require_grads_hook.remove()
+            self._input_require_grads_hook = None
+
+    def resize_token_embeddings(self, new_vocab_size: int | None = None,
+                                pad_to_multiple_of: int | None = None) -> nn.Embedding:
         """Change the vocabulary size (e.g. after adding special tokens) as transformers does by default: existing
         rows keep their values, new input-embedding and LM-head rows are drawn close around the mean of the existing
-        ones (`_fill_resized_table`), with the same draws, so after the same seed they are transformers' rows. A
-        table already of that size is kept as it is."""
-        if new_vocab_size < 1:
-            raise ConfigError(f"new_vocab_size must be positive, got {new_vocab_size}")
-        old = self.backbone.embed
+        ones (see `ttl_core.vocab_resize`), with the same draws, so after the same seed they are transformers' rows. A
+        table already of that size is kept as it is. `pad_to_multiple_of` rounds the size (the current one when
+        `new_vocab_size` is None) up to a multiple of it; with neither, nothing changes. Returns the input embedding."""
+        new_vocab_size = requested_vocab_size(new_vocab_size, self.config.vocab_size, pad_to_multiple_of)
+        if new_vocab_size is None:
+            return self.get_input_embeddings()
         # as transformers, each table of another size is replaced: a new one of the same size would draw its init
         # from the global RNG for nothing (moving what is drawn next off transformers' draws)
-        if old.num_embeddings != new_vocab_size:
-            pad = self.config.pad_token_id
-            # else no padding row, as in transformers; a negative id counts from the new end, as transformers reads
-            # the resized checkpoint (its model in memory keeps the old row: docs/models.md)
-            in_vocab = pad is not None and -new_vocab_size <= pad < new_vocab_size
-            embed = nn.Embedding(new_vocab_size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype,
-                                 padding_idx=padding_index(pad, new_vocab_size) if in_vocab else None)
-            _fill_resized_table(embed.weight, old.weight)
-            self.backbone.embed = embed
+        if self.backbone.embed.num_embeddings != new_vocab_size:
+            self.backbone.embed = resized_embedding(self.backbone.embed, new_vocab_size, self.config.pad_token_id)
         head = getattr(self, "lm_head", None)
         if head is not None and not self.config.tie_word_embeddings and len(head.weight) != new_vocab_size:
-            new_head = nn.Linear(head.in_features, new_vocab_size, bias=False, device=head.weight.device,
-                                 dtype=head.weight.dtype)
-            _fill_resized_table(new_head.weight, head.weight)
-            self.lm_head = new_head
+            self.lm_head = resized_head(head, new_vocab_size)
         self.config = self.backbone.config = self.config.replace(vocab_size=new_vocab_size)
         self.tie_weights()
+        return self.get_input_embeddings()
 
-    def num_parameters(self, exclude_embedding: bool = False) -> int:
-        """Distinct parameters; `exclude_embedding` leaves out the input embedding table (for MFU)."""
-        params = {id(p): p for p in self.parameters()}
-        if exclude_embedding:
-            params.pop(id(self.backbone.embed.weight))
-            head = getattr(self, "lm_head", None)
-            if head is not None and head.weight is self.backbone.embed.weight:
-                params[id(head.weight)] = head.weight  # a tied head still does a matmul per token
+    def num_parameters(self, only_trainable: bool = False, exclude_embedding: bool = False) -> int:
+        """Distinct parameters (`only_trainable`: those that require grad, as in transformers); `exclude_embedding`
+        leaves out the input embedding table (for MFU; unlike transformers' `exclude_embeddings`, a tied head
+        counts)."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+        embed, head = self.backbone.embed.weight, self.get_output_embeddings()
+        if exclude_embedding and not (head is not None and head.weight is embed):  # a tied head still does a matmul
+            params.pop(id(embed), None)
         return sum(p.numel() for p in params.values())
 
     @classmethod
@@ -329,8 +342,11 @@ class _LlamaBase(nn.Module):
         from .hf import load_pretrained  # hf.py imports this module
         return load_pretrained(path, architecture=cls.architecture, **kwargs)
 
-    def save_pretrained(self, path: str | os.PathLike, **kwargs: Any) -> None:
-        """`ttl_core.save_pretrained(self, path, **kwargs)`: a directory transformers loads."""
+    def save_pretrained(self, path: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any) -> None:
+        """`ttl_core.save_pretrained(self, path, **kwargs)`: a directory transformers loads, in safetensors (older
+        transformers code passes `safe_serialization=True`)."""
+        if safe_serialization is not True:
+            raise CheckpointError(f"safe_serialization={safe_serialization!r}: ttl writes safetensors only")
         from .hf import save_pretrained
         save_pretrained(self, path, **kwargs)
 
@@ -402,6 +418,13 @@ class LlamaForCausalLM(_LlamaBase):
             raise GenerationError("generate() got both `inputs` and `input_ids`: pass the prompt as one of them")
         from .generate import generate  # generate.py imports this module
         return generate(self, input_ids if inputs is None else inputs, attention_mask, **settings)
+
+    def compute_transition_scores(self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...],
+                                  beam_indices: torch.Tensor | None = None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """transformers' name for the `transition_scores` of a generate() output, given its fields."""
+        output = GenerateOutput(sequences, tuple(scores), beam_indices=beam_indices)
+        return output.transition_scores(normalize_logits)
 
 
 class LlamaForSequenceClassification(_LlamaBase):

@@ -1,5 +1,6 @@
 """The models' arguments checked (each mistake named in one line), their outputs and the classifier's loss as
-transformers gives them, and the causal LM's loss with the parts of it logged apart."""
+transformers gives them, the causal LM's loss with the parts of it logged apart, and the device and dtype that
+transformers' programs read off a model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterator, Protocol
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import ttl_kernels
@@ -200,3 +202,14 @@ def _check_classification_labels(problem: str, logits: torch.Tensor, labels: tor
         raise ConfigError(f"regression takes a target per sequence ({sequences}), got shape {shape}")
     if not per_sequence and problem in ("regression", "multi_label_classification") and shape != tuple(logits.shape):
         raise ConfigError(f"{problem} takes a target per label, shape {tuple(logits.shape)}, got {shape}")
+
+
+def parameters_device(module: nn.Module) -> torch.device:
+    """transformers' `model.device`, which its programs read everywhere (`inputs.to(model.device)`): the first
+    parameter's device."""
+    return next(module.parameters()).device
+
+
+def parameters_dtype(module: nn.Module) -> torch.dtype:
+    """transformers' `model.dtype`: the first floating-point parameter's dtype."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())

@@ -28,7 +28,9 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_write, write_json
-from .tokenizer_call import encode_for_model
+from .tokenizer_call import (ROLE_IDS, add_special_tokens_dict, convert_ids_to_tokens, convert_tokens_to_ids,
+                             encode_for_model, get_vocab, role_id_property, role_token_property, tokenize,
+                             vocabulary_length)
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
                                read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
@@ -50,7 +52,11 @@ class Tokenizer:
     default (None: no limit), as a directory's config says (no side named: LlamaTokenizer's left padding, right
     truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
 
-    __call__ = encode_for_model
+    # transformers' names for the calls below and the special tokens (see ttl_core.tokenizer_call)
+    __call__, __len__, tokenize = encode_for_model, vocabulary_length, tokenize
+    convert_ids_to_tokens, convert_tokens_to_ids, get_vocab = convert_ids_to_tokens, convert_tokens_to_ids, get_vocab
+    bos_token, eos_token, unk_token, pad_token = map(role_token_property, ROLE_IDS)
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id = map(role_id_property, ROLE_IDS)
 
     def __init__(self, model: str | os.PathLike | bytes):
         """Load a sentencepiece `.model` file (a path) or its serialized bytes."""
@@ -257,6 +263,11 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self.sp.unk_id()
 
+    def set_pad_id(self, i: int | None) -> None:
+        """Pad with token `i` from now on (None: no padding token), as transformers' `tokenizer.pad_token_id = i`."""
+        self._role_ids["pad_token"] = -1 if i is None else self._checked_id(i)
+        self._index_special_tokens()
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a piece (`"▁de"`, `"<s>"`, an added token), or None when it is not in the vocabulary."""
         i = self.sp.piece_to_id(token)
@@ -279,20 +290,26 @@ class Tokenizer:
             raise TokenizerError(f"token id {i} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
         return i
 
-    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+    def add_special_tokens(self, tokens: list[str] | dict[str, str | list[str]]) -> list[int] | int:
         """Append special tokens (matched whole, never split, dropped by decode(skip_special_tokens=True)) at the
-        end of the vocabulary; return their ids.
+        end of the vocabulary; return their ids. transformers' dict (`{"pad_token": "[PAD]"}`,
+        `{"additional_special_tokens": [...]}`) is taken as there, returning how many tokens are new.
 
         Tokens already added (or special) keep their id and how they are treated, so calling twice is harmless; an
         ordinary piece of the model keeps its id but becomes an added token, as in transformers."""
+        if isinstance(tokens, dict):
+            return add_special_tokens_dict(self, tokens)
         return self._append_tokens("add_special_tokens", tokens, TokenFlags())
 
-    def add_tokens(self, tokens: list[str]) -> list[int]:
-        """As `add_special_tokens`, for tokens that are not special (transformers' `add_tokens`): matched whole,
-        but kept by decode(skip_special_tokens=True)."""
+    def add_tokens(self, tokens: str | list[str]) -> list[int]:
+        """As `add_special_tokens`, for tokens that are not special (transformers' `add_tokens`, which also takes one
+        token): matched whole, but kept by decode(skip_special_tokens=True)."""
         return self._append_tokens("add_tokens", tokens, TokenFlags(normalized=True, special=False))
 
-    def _append_tokens(self, caller: str, tokens: list[str], flags: TokenFlags) -> list[int]:
+    def _append_tokens(self, caller: str, tokens: str | list[str], flags: TokenFlags) -> list[int]:
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)  # one token, as transformers' add_tokens takes
+        if not all(isinstance(token, str) for token in tokens):
+            raise TokenizerError(f"{caller} takes token strings, got {[type(t).__name__ for t in tokens]}")
         if not all(tokens):
             raise TokenizerError(f"{caller}: empty token")
         unique = [token for token in dict.fromkeys(tokens) if token not in self._whole_ids]
@@ -311,9 +328,9 @@ class Tokenizer:
 
     # -- encoding ----------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
-               split_special_tokens: bool | None = None) -> list[int]:
+               split_special_tokens: bool | None = None, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with `<s>` first and `</s>` last when asked, or by default as `add_bos_token` and
-        `add_eos_token` say (transformers' `add_special_tokens=True`).
+        `add_eos_token` say (transformers' `add_special_tokens=True`; False, as there, adds neither).
 
         Special tokens written in the text (`</s>`, `<|endofcompletion|>`) become their ids, as in transformers;
         with `split_special_tokens` (transformers' name; by default as the directory's config says, else False) the
@@ -323,7 +340,7 @@ class Tokenizer:
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         if not text.isascii():
             checked_utf8(text, "the text")
-        ids, end = self.special_ends(add_bos, add_eos)
+        ids, end = self.special_ends(add_bos, add_eos) if add_special_tokens else ([], [])
         parts = self._splitter.split(text, self.split_special_tokens if split_special_tokens is None
                                      else split_special_tokens)
         for k, part in enumerate(parts):

@@ -7,7 +7,12 @@ nothing where that is None). One text, or a list of them: text pairs, pre-split 
 outputs are refused, and so is what transformers answers oddly: `max_length` shorter than the special tokens when
 truncating (its tokenizers library then does not truncate at all), an empty list (an IndexError there) and tensors
 of rows of different lengths (for "np" an array of arrays there, for "pt" an error, but an empty float tensor where
-the first row is empty), or padding to a length that cannot fit in memory (a MemoryError there)."""
+the first row is empty), or padding to a length that cannot fit in memory (a MemoryError there).
+
+Also the other names transformers' programs call a tokenizer by: `len(tokenizer)`, the special tokens and their ids
+(`tokenizer.eos_token_id`; `tokenizer.pad_token = tokenizer.eos_token` sets the padding token), `tokenize`,
+`convert_ids_to_tokens`, `convert_tokens_to_ids`, `get_vocab` and `add_special_tokens` given transformers'
+dict."""
 
 from __future__ import annotations
 
@@ -44,6 +49,88 @@ class BatchEncoding(dict):
 
     def to(self, device: str | torch.device) -> "BatchEncoding":
         return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+ROLE_IDS = {"bos_token": "bos_id", "eos_token": "eos_id", "unk_token": "unk_id", "pad_token": "pad_id"}
+
+
+def role_id_property(role: str) -> property:
+    """transformers' `tokenizer.<role>_id` (`eos_token_id`, ...): the token's id, None where the tokenizer has none
+    (ttl's own `eos_id` etc. say -1); the padding one is settable (`tokenizer.pad_token_id = tokenizer.eos_token_id`).
+    """
+    def read(tokenizer: Tokenizer) -> int | None:
+        i = getattr(tokenizer, ROLE_IDS[role])
+        return None if i < 0 else i
+    return property(read, (lambda tokenizer, i: tokenizer.set_pad_id(i)) if role == "pad_token" else None)
+
+
+def role_token_property(role: str) -> property:
+    """transformers' `tokenizer.<role>` (`eos_token`, ...): the token's text, None where the tokenizer has none; the
+    padding one is settable to a token of the vocabulary (`tokenizer.pad_token = tokenizer.eos_token`), where
+    transformers would pad with the unknown token's id for a text it does not hold."""
+    def read(tokenizer: Tokenizer) -> str | None:
+        i = getattr(tokenizer, ROLE_IDS[role])
+        return None if i < 0 else tokenizer.id_to_token(i)
+
+    def write(tokenizer: Tokenizer, token: str | None) -> None:
+        i = None if token is None else tokenizer.token_to_id(token)
+        if token is not None and i is None:
+            raise TokenizerError(f"pad_token {token!r} is not in the vocabulary: add it with add_special_tokens first")
+        tokenizer.set_pad_id(i)
+    return property(read, write if role == "pad_token" else None)
+
+
+def vocabulary_length(tokenizer: Tokenizer) -> int:
+    """`len(tokenizer)`: every id, added tokens included (what `resize_token_embeddings(len(tokenizer))` needs)."""
+    return tokenizer.vocab_size
+
+
+def get_vocab(tokenizer: Tokenizer) -> dict[str, int]:
+    """Every token's id by its text, added tokens included, as transformers' `get_vocab()` gives them."""
+    return {tokenizer.id_to_token(i): i for i in range(tokenizer.vocab_size)}
+
+
+def tokenize(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[str]:
+    """The tokens of `text` as transformers' `tokenize` spells them, with the special tokens `<s>` / `</s>` the
+    tokenizer puts around a text only when `add_special_tokens`."""
+    return convert_ids_to_tokens(tokenizer, tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def convert_ids_to_tokens(tokenizer: Tokenizer, ids: int | list[int], skip_special_tokens: bool = False) \
+        -> str | list[str]:
+    """The token of one id, or the tokens of a sequence of them (without the special ones when asked)."""
+    if is_integer(ids):
+        return tokenizer.id_to_token(ids)
+    special = tokenizer.special_ids if skip_special_tokens else frozenset()
+    return [tokenizer.id_to_token(i) for i in ids if int(i) not in special]
+
+
+def convert_tokens_to_ids(tokenizer: Tokenizer, tokens: str | list[str]) -> int | list[int]:
+    """The id of one token, or the ids of a list of them; a token the vocabulary lacks is the unknown token's id, as
+    in transformers (`token_to_id` says None instead)."""
+    def one(token: str) -> int:
+        i = tokenizer.token_to_id(token)
+        return tokenizer.unk_id if i is None else i
+    return one(tokens) if isinstance(tokens, str) else [one(token) for token in tokens]
+
+
+def add_special_tokens_dict(tokenizer: Tokenizer, tokens: dict[str, Any]) -> int:
+    """transformers' `tokenizer.add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": [...]})`: the
+    tokens added as special ones, the `pad_token` then padding; returns how many are new to the vocabulary. The other
+    roles (bos, eos, unk) come from the tokenizer's files and are refused here, and so is any other key."""
+    unknown = sorted(set(tokens) - {"pad_token", "additional_special_tokens"})
+    if unknown:
+        raise TokenizerError(f"add_special_tokens: {', '.join(unknown)} not taken by ttl, which adds pad_token and "
+                             "additional_special_tokens (<s>, </s> and <unk> are the tokenizer files')")
+    pad, extra = tokens.get("pad_token"), tokens.get("additional_special_tokens", [])
+    if not (isinstance(pad, str) or pad is None) or not isinstance(extra, (list, tuple)):
+        raise TokenizerError(f"add_special_tokens takes a pad_token string and a list of additional_special_tokens, "
+                             f"got {type(pad).__name__} and {type(extra).__name__}")
+    before = len(tokenizer)
+    tokenizer.add_special_tokens(([] if pad is None else [pad]) + list(extra))
+    if pad is not None:
+        tokenizer.pad_token = pad
+    return len(tokenizer) - before
 
 
 def pad_rows(rows: list[list[int]], width: int, value: int, side: str) -> list[list[int]]:

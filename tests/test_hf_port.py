@@ -1,0 +1,267 @@
+"""Idioms of whole transformers programs (a training loop moving its batch to `model.device`, LoRA-style training
+with frozen weights, transition scores, generation settings written on `model.generation_config`, resizing to a
+padded vocabulary, `AutoModel`-style embeddings, label names, a padding token set or added on the tokenizer), run on
+ttl's models and tokenizer against transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from generation_helpers import PAD, left_padded, saved_models
+from hf_reference import hf_causal_lm
+
+import ttl_core
+from ttl_core.errors import CheckpointError, ConfigError, TokenizerError
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+def both_models(tmp_path, **overrides):
+    """(transformers model, ttl model loaded from its saved checkpoint), in training mode as a program starts."""
+    hf = hf_causal_lm(**overrides)
+    hf.save_pretrained(tmp_path)
+    return hf.train(), ttl_core.LlamaForCausalLM.from_pretrained(tmp_path).train()
+
+
+def test_device_and_dtype_are_the_parameters_as_in_transformers(tmp_path):
+    """`inputs.to(model.device)` and `model.dtype`, read after `.to(bfloat16)` and `.half()` as programs read them;
+    the dtype is the first floating-point parameter's, so a float64 norm does not change it."""
+    hf, ours = both_models(tmp_path)
+    assert (ours.device, ours.dtype) == (hf.device, hf.dtype) == (torch.device("cpu"), torch.float32)
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        assert convert(ours).dtype == convert(hf).dtype
+    ours.backbone.norm.double()
+    assert ours.dtype == torch.float16
+    base = ttl_core.LlamaModel.from_pretrained(tmp_path, dtype=torch.bfloat16)  # AutoModel-style embedding code too
+    assert (base.device, base.dtype) == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_a_training_loop_moving_its_batch_to_model_device_trains_as_transformers(tmp_path):
+    """The plain PyTorch loop of transformers' course: the batch moved to `model.device`, `model(**batch).loss`, AdamW
+    and gradient clipping, three steps; the losses stay transformers'."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, 131, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    losses = []
+    for model in both_models(tmp_path):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+        run = []
+        for _ in range(3):
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            run.append(loss.item())
+        losses.append(torch.tensor(run))
+    assert losses[0][0] > 1 and max_diff(*losses) <= 1e-5
+
+
+def test_input_require_grads_lets_a_frozen_model_backpropagate_as_in_transformers(tmp_path):
+    """PEFT-style training freezes the weights and calls `enable_input_require_grads()` so that the embeddings' output
+    requires grad and reentrant checkpointing passes gradients on; `disable_input_require_grads()` undoes it."""
+    hf, ours = both_models(tmp_path)
+    ids = torch.randint(4, 131, (2, 7), generator=torch.Generator().manual_seed(2))
+    for model in (hf, ours):
+        model.requires_grad_(False)
+        assert not model(ids, labels=ids).loss.requires_grad
+        model.enable_input_require_grads()
+    hidden = [model(ids, output_hidden_states=True).hidden_states[0] for model in (hf, ours)]
+    assert all(h.requires_grad for h in hidden) and max_diff(*hidden) == 0
+    losses = [model(ids, labels=ids).loss for model in (hf, ours)]
+    assert all(loss.requires_grad for loss in losses) and max_diff(*losses) <= 1e-5
+    for model in (hf, ours):
+        model.disable_input_require_grads()
+    assert not any(model(ids, labels=ids).loss.requires_grad for model in (hf, ours))
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2)],
+                         ids=["greedy", "beams"])
+def test_compute_transition_scores_is_transformers_own(settings, tmp_path):
+    """`model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=True)` on a
+    ttl output gives what transformers' method gives for it, bit for bit."""
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(hf.config.vocab_size)
+    out = ours.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD, return_dict_in_generate=True,
+                        output_scores=True, **settings)
+    for normalize in (False, True):
+        expected = hf.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize)
+        got = ours.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=normalize)
+        assert torch.equal(got, expected)
+
+
+def test_num_parameters_counts_only_trainable_ones_when_asked_as_transformers(tmp_path):
+    hf, ours = both_models(tmp_path)
+    for model in (hf, ours):
+        model.get_input_embeddings().weight.requires_grad_(False)
+    assert ours.num_parameters() == hf.num_parameters()
+    assert ours.num_parameters(only_trainable=True) == hf.num_parameters(only_trainable=True) < hf.num_parameters()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_pads_to_a_multiple_and_returns_the_embedding_as_transformers(tied, tmp_path):
+    """`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)` rounds the size up, draws the new rows
+    as transformers does after the same seed and returns the new input embedding; without a size it pads the
+    current one, and without either it returns the embedding untouched."""
+    hf, ours = both_models(tmp_path, tie_word_embeddings=tied)
+    resized = []
+    for model in (hf, ours):
+        torch.manual_seed(3)
+        resized.append(model.resize_token_embeddings(133, pad_to_multiple_of=64))
+        assert resized[-1] is model.get_input_embeddings() and model.config.vocab_size == 192
+    assert max_diff(resized[0].weight, resized[1].weight) == 0
+    assert max_diff(hf.get_output_embeddings().weight, ours.get_output_embeddings().weight) == 0
+    assert ours.resize_token_embeddings(pad_to_multiple_of=100).num_embeddings == 200
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings() and ours.config.vocab_size == 200
+    with pytest.raises(ConfigError, match="pad_to_multiple_of must be a positive integer, got 8.0"):
+        ours.resize_token_embeddings(140, pad_to_multiple_of=8.0)
+
+
+def test_settings_written_on_generation_config_are_those_generate_uses(tmp_path):
+    """`model.generation_config.max_new_tokens = 4` and `.pad_token_id = ...`, as programs set them, are read by
+    `generate()` as transformers' are; a setting never set is an AttributeError naming it (transformers would give
+    its default), and `model.generation_config` stays a dict for ttl's code."""
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(hf.config.vocab_size)
+    for model in (hf, ours):
+        model.generation_config.max_new_tokens = 4
+        model.generation_config.pad_token_id = PAD
+        model.generation_config.do_sample = False
+    expected = hf.generate(ids, attention_mask=mask)
+    assert expected.shape[1] == ids.shape[1] + 4 and torch.equal(ours.generate(ids, attention_mask=mask), expected)
+    assert ours.generation_config["max_new_tokens"] == 4 and ours.generation_config.eos_token_id == 2
+    with pytest.raises(AttributeError, match="no generation setting 'top_k'"):
+        ours.generation_config.top_k
+
+
+def test_llama_model_from_pretrained_gives_transformers_base_model_outputs(tmp_path):
+    """`LlamaModel.from_pretrained(dir)` (transformers' `AutoModel`) for embeddings: the last hidden state of a
+    causal LM's checkpoint, pooled at the last real token as embedding code pools it."""
+    hf_causal_lm().save_pretrained(tmp_path)
+    ids = torch.randint(4, 131, (2, 8), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    theirs = transformers.LlamaModel.from_pretrained(tmp_path)(ids, attention_mask=mask).last_hidden_state
+    ours = ttl_core.LlamaModel.from_pretrained(tmp_path)(ids, attention_mask=mask).last_hidden_state
+    last = mask.sum(1) - 1
+    assert max_diff(theirs[[0, 1], last], ours[[0, 1], last]) <= 1e-5
+
+
+def test_config_reads_as_transformers_config(tmp_path):
+    """`model.config.model_type` and `model.config.to_dict()`, which programs branch on and log."""
+    hf, ours = both_models(tmp_path)
+    assert ours.config.model_type == hf.config.model_type == "llama"
+    theirs, mine = hf.config.to_dict(), ours.config.to_dict()
+    shared = ["vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "pad_token_id",
+              "tie_word_embeddings", "model_type"]
+    assert {key: mine[key] for key in shared} == {key: theirs[key] for key in shared}
+
+
+@pytest.mark.parametrize("labels", [{}, {"num_labels": 3}], ids=["default", "three"])
+def test_a_classifier_started_without_label_names_names_them_as_transformers(labels, tmp_path):
+    """Inference code reads `model.config.id2label[logits.argmax().item()]`: without names given, a classifier's are
+    transformers' LABEL_0, LABEL_1, ..., and label2id the other way, also after a change of `num_labels`."""
+    hf_causal_lm().save_pretrained(tmp_path)
+    theirs = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path, **labels).config
+    ours = ttl_core.LlamaForSequenceClassification.from_pretrained(tmp_path, **labels).config
+    assert (ours.id2label, ours.label2id) == (theirs.id2label, theirs.label2id)
+    assert ours.replace(num_labels=4).id2label == {i: f"LABEL_{i}" for i in range(4)}
+
+
+def test_a_config_read_from_a_checkpoint_and_changed_builds_transformers_model(tmp_path):
+    """`LlamaConfig.from_pretrained(dir, num_hidden_layers=1)` (transformers' `AutoConfig`), then a model built from
+    it after a seed, to train from scratch at a checkpoint's shape: transformers' weights."""
+    hf_causal_lm(tie_word_embeddings=True).save_pretrained(tmp_path)
+    theirs = transformers.LlamaConfig.from_pretrained(tmp_path, num_hidden_layers=1)
+    ours = ttl_core.LlamaConfig.from_pretrained(tmp_path, num_hidden_layers=1)
+    assert ours.to_hf_dict() == ttl_core.LlamaConfig.from_hf_dict(theirs.to_dict()).to_hf_dict()
+    models = []
+    for build, config in ((transformers.LlamaForCausalLM, theirs), (ttl_core.LlamaForCausalLM, ours)):
+        torch.manual_seed(6)
+        models.append(build(config))
+    ids = torch.randint(4, 131, (2, 8), generator=torch.Generator().manual_seed(1))
+    assert max_diff(models[0](ids).logits, models[1](ids).logits) <= 1e-5
+    with pytest.raises(ConfigError, match="unknown LlamaConfig field"):
+        ttl_core.LlamaConfig.from_pretrained(tmp_path, hidden_activation="gelu")
+
+
+def test_save_pretrained_takes_safe_serialization_true_only(tmp_path):
+    """Older transformers code passes `safe_serialization=True`; ttl writes safetensors only and says so for False."""
+    _, ours = both_models(tmp_path / "source")
+    ours.save_pretrained(tmp_path / "out", safe_serialization=True)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="safe_serialization=False: ttl writes safetensors only") as e:
+        ours.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert "\n" not in str(e.value)
+
+
+def tokenizers(tmp_path):
+    """(transformers' AutoTokenizer, ttl's Tokenizer) of one TeenyTinyLlama-style directory."""
+    from tokenizer_helpers import corpus, make_ttl_style_dir
+    make_ttl_style_dir(tmp_path / "tokenizer", corpus(200, seed=1), vocab_size=300)
+    return (transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer"),
+            ttl_core.Tokenizer.from_pretrained(tmp_path / "tokenizer"))
+
+
+def test_tokenizer_answers_to_transformers_names(tmp_path):
+    """`len(tokenizer)` (added tokens included), the special tokens and their ids, `tokenize`,
+    `convert_ids_to_tokens`, `convert_tokens_to_ids` (the unknown token's id for a token not in the vocabulary) and
+    `encode(text, add_special_tokens=False)`, as transformers' tokenizer answers them."""
+    theirs, ours = tokenizers(tmp_path)
+    text = "a casa de o menino foi para escola com seu cachorro"
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(ours, name) == getattr(theirs, name)
+        assert getattr(ours, f"{name}_id") == getattr(theirs, f"{name}_id")
+    ids = theirs(text)["input_ids"] + [theirs.eos_token_id, theirs.pad_token_id]
+    for calls in (lambda t: len(t), lambda t: t.tokenize(text), lambda t: t.tokenize(text, add_special_tokens=True),
+                  lambda t: t.convert_ids_to_tokens(ids), lambda t: t.convert_ids_to_tokens(ids[3]),
+                  lambda t: t.convert_ids_to_tokens(ids, skip_special_tokens=True),
+                  lambda t: t.convert_tokens_to_ids(t.tokenize(text) + ["not-a-token"]),
+                  lambda t: t.convert_tokens_to_ids("</s>"), lambda t: t.encode(text, add_special_tokens=False)):
+        assert calls(ours) == calls(theirs)
+    assert len(theirs.tokenize(text)) > 3
+    theirs.add_special_tokens({"additional_special_tokens": ["<|user|>"]})
+    ours.add_special_tokens(["<|user|>"])
+    assert len(ours) == len(theirs) == 301 and ours.get_vocab() == theirs.get_vocab()
+
+
+def test_pad_token_set_to_eos_pads_as_transformers(tmp_path):
+    """`tokenizer.pad_token = tokenizer.eos_token` (or `pad_token_id = eos_token_id`), then padding, as programs
+    without a padding token do; a token outside the vocabulary is refused (transformers pads with `<unk>`'s id)."""
+    theirs, ours = tokenizers(tmp_path)
+    texts = ["a casa de o menino", "o cachorro"]
+    for set_pad in (lambda t: setattr(t, "pad_token", t.eos_token), lambda t: setattr(t, "pad_token_id", 2)):
+        for tokenizer in (theirs, ours):
+            tokenizer.pad_token_id = 3
+            set_pad(tokenizer)
+        assert (ours.pad_token, ours.pad_token_id) == (theirs.pad_token, theirs.pad_token_id) == ("</s>", 2)
+        padded = [t(texts, padding=True, return_tensors="pt") for t in (theirs, ours)]
+        assert torch.equal(padded[0]["input_ids"], padded[1]["input_ids"]) and (padded[1]["input_ids"] == 2).any()
+    ours.pad_token = None
+    assert (ours.pad_token, ours.pad_token_id, ours.pad_id) == (None, None, -1)
+    with pytest.raises(TokenizerError, match="pad_token '<zzz>' is not in the vocabulary"):
+        ours.pad_token = "<zzz>"
+
+
+def test_add_special_tokens_takes_transformers_dict(tmp_path):
+    """`tokenizer.add_special_tokens({"pad_token": "[PAD]"})` (GPT-2-era code adding a padding token) and
+    `{"additional_special_tokens": [...]}` add, pad and count as transformers' (before, the dict's keys were added as
+    tokens); `add_tokens("one")` adds one token; keys ttl does not take are refused by name."""
+    theirs, ours = tokenizers(tmp_path)
+    for tokens in ({"pad_token": "[PAD]"}, {"pad_token": "</s>"}, {"additional_special_tokens": ["<|u|>", "<|b|>"]}):
+        assert ours.add_special_tokens(tokens) == theirs.add_special_tokens(tokens)
+        assert (len(ours), ours.pad_token, ours.pad_token_id) == (len(theirs), theirs.pad_token, theirs.pad_token_id)
+    ours.add_tokens("novo")
+    theirs.add_tokens("novo")
+    texts = ["<|u|> a casa novo<|b|>", "o"]
+    padded = [t(texts, padding=True, return_tensors="pt")["input_ids"] for t in (theirs, ours)]
+    assert torch.equal(*padded) and (padded[1] == 2).any() and len(ours) == 304
+    with pytest.raises(TokenizerError, match="add_special_tokens: sep_token not taken by ttl"):
+        ours.add_special_tokens({"sep_token": "[SEP]"})
