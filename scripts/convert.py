@@ -6,9 +6,8 @@
 Either direction reads both layouts; only safetensors are ever read. The source's tokenizer (tokenizer.model
 or tokenizer.json) is written beside the weights in transformers' files, so the output is a whole checkpoint;
 one ttl cannot read is left out with a note. OUT_DIR must not be the source, and one that already holds a checkpoint
-is replaced only with --overwrite. It is written atomically: built in a hidden directory beside it (from its own files,
-hard-linked, and the conversion) that takes its place when complete, so a conversion killed midway leaves OUT_DIR as it
-was.
+is replaced only with --overwrite: its config goes first and the new one is written last, so a conversion killed
+midway leaves a directory every loader refuses, never new weights under the old config.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from pathlib import Path
 
 from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.errors import ConfigError, TokenizerError
-from ttl_core.fileio import link_tree, write_dir_atomically
-from ttl_core.hf import DTYPES, NATIVE_CONFIG, load_pretrained, save_native, save_pretrained
+from ttl_core.hf import DTYPES, NATIVE_CONFIG, load_pretrained, save_native, save_pretrained, withdraw_configs
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_config import replace_chat_template_files
 
@@ -65,23 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     replacing = refuse_to_replace(out, CHECKPOINT_FILES, "a checkpoint", args.overwrite)
     model = load_pretrained(args.src, dtype=args.dtype)
     tokenizer = source_tokenizer(args.src)
-
-    def write(partial: Path) -> None:
-        if out.is_dir():  # what OUT holds beside the checkpoint (notes, a tokenizer alone) stays
-            link_tree(out, partial)
-        if args.to_hf:
-            save_pretrained(model, partial, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
-        else:
-            save_native(model, partial, max_shard_size=args.max_shard_size)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(partial, model.config.max_position_embeddings)
-        if tokenizer is None and replacing:
-            for name in TOKENIZER_FILES:
-                (partial / name).unlink(missing_ok=True)
-            replace_chat_template_files(partial, None)
-
-    # killed midway, a conversion written over OUT file by file left new weights under the old config.json
-    write_dir_atomically(os.path.abspath(out), write)  # a name to put beside it, given "." too
+    withdraw_configs(out)  # before the old tokenizer goes: until the new config, no loader takes the directory
+    if tokenizer is None and replacing:
+        for name in TOKENIZER_FILES:
+            (out / name).unlink(missing_ok=True)
+        replace_chat_template_files(out, None)
+    if args.to_hf:
+        save_pretrained(model, out, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
+    else:
+        if tokenizer is not None:  # before the weights, whose config comes last
+            tokenizer.save_pretrained(out, model.config.max_position_embeddings)
+        save_native(model, out, max_shard_size=args.max_shard_size)
     params = model.num_parameters()
     print(f"wrote {model.architecture} ({params:,} parameters, {model.backbone.embed.weight.dtype}) to {args.out}")
     return 0

@@ -119,19 +119,6 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None])
     return path
 
 
-def link_tree(source: Path, destination: Path) -> None:
-    """Fill `destination` with `source`'s files as hard links (copies where the file system has none), for a
-    directory rebuilt by `write_dir_atomically` from its old files without copying gigabytes of weights: the
-    writer must replace or delete a file (`atomic_write`), never write into it, as a link shares the old bytes."""
-    def link(file: str, target: str) -> None:
-        try:
-            os.link(file, target)
-        except OSError:
-            shutil.copy2(file, target)
-
-    shutil.copytree(source, destination, symlinks=True, copy_function=link, dirs_exist_ok=True)
-
-
 def remove_dir_atomically(path: str | os.PathLike) -> None:
     """Delete the directory `path` so that a crash midway leaves none of it under its own name: it is renamed
     to the hidden `.name.old` first, then deleted (`write_dir_atomically` clears a `.name.old` left behind)."""

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from .config import RUNTIME_FIELDS, SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, ConfigError, TTLError
-from .fileio import atomic_write, read_json, write_json
+from .fileio import atomic_write, fsync_dir, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 
 if TYPE_CHECKING:
@@ -378,8 +378,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, "float32")
 
 
-def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
-    """Write (name, tensor) pairs as one file or as shards with an index, replacing stale weight files."""
+def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]], max_shard_bytes: int) -> list[Path]:
+    """Write (name, tensor) pairs as one file or as shards with an index; return the stale weight files, which the
+    caller removes once the new config is written (`_remove_stale`)."""
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     shard_bytes = 0
     for name, t in tensors:
@@ -400,8 +401,11 @@ def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]],
         total = sum(t.numel() * t.element_size() for _, t in tensors)
         write_json(index, {"metadata": {"total_size": total},
                            "weight_map": {n: fname for fname, shard in zip(names, shards) for n, _ in shard}})
-    stale = [f for f in directory.glob("model*.safetensors*")
-             if f.name not in names and not (len(shards) > 1 and f == index) and not f.name.endswith(".tmp")]
+    return [f for f in directory.glob("model*.safetensors*")
+            if f.name not in names and not (len(shards) > 1 and f == index) and not f.name.endswith(".tmp")]
+
+
+def _remove_stale(stale: list[Path]) -> None:
     # model.safetensors loads before an index, so whichever of these removals a crash interrupts, the directory
     # loads the new weights or (shards replacing one file, until it goes) the old ones
     for f in stale:
@@ -426,9 +430,10 @@ def save_pretrained(
 ) -> None:
     """Write a transformers-loadable directory: safetensors (sharded with an index above `max_shard_size`),
     `config.json`, a causal LM's `generation_config.json`, and the tokenizer files when a tokenizer is given. Every
-    file is written atomically. `dtype=None` writes every tensor in the embedding's dtype (the model's, unless
-    its dtypes are mixed). `state_dict` (ttl names) replaces the
-    model's own parameters, e.g. the full weights gathered from an FSDP-sharded model."""
+    file is written atomically, and over an earlier checkpoint its config goes first and comes back last
+    (`withdraw_configs`). `dtype=None` writes every tensor in the embedding's dtype (the model's, unless its dtypes
+    are mixed). `state_dict` (ttl names) replaces the model's own parameters, e.g. the full weights gathered from an
+    FSDP-sharded model."""
     directory = Path(path)
     config = model.config
     plan = hf_plan(config, model.architecture)
@@ -439,13 +444,22 @@ def save_pretrained(
     dtype = resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     _refuse_unplanned(sorted(set(params) - set(plan) - {"lm_head.weight"}), "an HF checkpoint")
     shard_bytes = _parse_size(max_shard_size)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(directory, _planned_tensors(params, plan, dtype), shard_bytes)
-    (directory / NATIVE_CONFIG).unlink(missing_ok=True)  # a stale one would take precedence when loading
-    write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
+    withdraw_configs(directory)  # a stale ttl_config.json would also take precedence when loading
+    stale = _write_safetensors(directory, _planned_tensors(params, plan, dtype), shard_bytes)
     _write_generation_config(directory, model)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory, config.max_position_embeddings)
+    write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
+    _remove_stale(stale)
+
+
+def withdraw_configs(directory: Path) -> None:
+    """Remove a checkpoint directory's configs (made first) before new files go in, the new config last: a writer
+    killed midway leaves a directory every loader refuses, never new weights under the old config, which loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", NATIVE_CONFIG):
+        (directory / name).unlink(missing_ok=True)
+    fsync_dir(directory)
 
 
 def _write_generation_config(directory: Path, model) -> None:
@@ -493,11 +507,11 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
         _refuse_unplanned(sorted(set(params) - set(native_plan(build_model(model.config, model.architecture)))),
                           "ttl's native layout")
     shard_bytes = _parse_size(max_shard_size)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").unlink(missing_ok=True)  # transformers would read the new weights under it
-    _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), shard_bytes)
+    withdraw_configs(directory)  # transformers too would read the new weights under an old config.json
+    stale = _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), shard_bytes)
+    _write_generation_config(directory, model)
     # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
     write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION,
                                            "architecture": model.architecture, "config": config})
-    _write_generation_config(directory, model)
+    _remove_stale(stale)
