@@ -265,3 +265,30 @@ def test_add_special_tokens_takes_transformers_dict(tmp_path):
     assert torch.equal(*padded) and (padded[1] == 2).any() and len(ours) == 304
     with pytest.raises(TokenizerError, match="add_special_tokens: sep_token not taken by ttl"):
         ours.add_special_tokens({"sep_token": "[SEP]"})
+
+
+def test_pad_token_set_to_an_ordinary_piece_leaves_it_ordinary_as_in_transformers(tmp_path):
+    """`pad_token_id` set to a piece of the text: encoding and decoding are unchanged (ttl made it special, so decode
+    dropped it from the text), and padding uses it."""
+    theirs, ours = tokenizers(tmp_path)
+    text = "a casa de o menino foi para escola"
+    piece = theirs.convert_tokens_to_ids("s")
+    for tokenizer in (theirs, ours):
+        tokenizer.pad_token_id = piece
+    ids = theirs(text)["input_ids"]
+    assert ours(text)["input_ids"] == ids and piece in ids
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True) == text
+    padded = [t([text, "o"], padding=True, return_tensors="pt")["input_ids"] for t in (theirs, ours)]
+    assert torch.equal(*padded) and int((padded[1][1] == piece).sum()) >= len(ids) - 3
+
+
+def test_add_special_tokens_takes_transformers_5_names_and_the_roles_own_tokens(tmp_path):
+    """`{"extra_special_tokens": [...]}` (transformers 5's name) adds as `additional_special_tokens` does, and naming
+    the token a role already has (`{"eos_token": "</s>"}`, common in Llama scripts) adds nothing, as there."""
+    theirs, ours = tokenizers(tmp_path)
+    cases = ({"extra_special_tokens": ["<|x|>"]}, {"eos_token": "</s>"}, {"bos_token": "<s>", "pad_token": "</s>"})
+    for tokens in cases:
+        assert ours.add_special_tokens(tokens) == theirs.add_special_tokens(tokens)
+        assert (len(ours), ours.pad_token_id) == (len(theirs), theirs.pad_token_id)
+    with pytest.raises(TokenizerError, match="add_special_tokens: eos_token not taken by ttl"):
+        ours.add_special_tokens({"eos_token": "<|x|>"})

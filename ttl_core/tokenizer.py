@@ -64,6 +64,7 @@ class Tokenizer:
         self.prefix_scheme = "first"  # where encode puts the "▁" word prefix (see tokenizer_config.prefix_scheme)
         self.split_special_tokens = False  # encode's default, as a directory's config says
         self._role_ids: dict[str, int] = {}  # bos_token/eos_token/pad_token -> id (-1: none) where not the model's
+        self._pad_set: int | None = None  # `set_pad_id`'s padding id (-1: none), which wins over the roles'
         # pieces of the model that transformers matches whole though they are not control pieces: those the config
         # names for a role (always special) and those listed among its added tokens (special as their flags say)
         self._role_piece_ids: set[int] = set()
@@ -257,16 +258,17 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         """The padding token's id, -1 where there is none."""
-        return self._role_ids.get("pad_token", self.sp.pad_id())
+        return self._pad_set if self._pad_set is not None else self._role_ids.get("pad_token", self.sp.pad_id())
 
     @property
     def unk_id(self) -> int:
         return self.sp.unk_id()
 
     def set_pad_id(self, i: int | None) -> None:
-        """Pad with token `i` from now on (None: no padding token), as transformers' `tokenizer.pad_token_id = i`."""
-        self._role_ids["pad_token"] = -1 if i is None else self._checked_id(i)
-        self._index_special_tokens()
+        """Pad with token `i` from now on (None: no padding token), as transformers' `tokenizer.pad_token_id = i`,
+        which leaves an ordinary piece ordinary: still split from the text and kept by decode (saved, the config
+        names it the padding token, which makes it special when read back, in transformers too)."""
+        self._pad_set = -1 if i is None else self._checked_id(i)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a piece (`"▁de"`, `"<s>"`, an added token), or None when it is not in the vocabulary."""

@@ -115,19 +115,24 @@ def convert_tokens_to_ids(tokenizer: Tokenizer, tokens: str | list[str]) -> int 
 
 
 def add_special_tokens_dict(tokenizer: Tokenizer, tokens: dict[str, Any]) -> int:
-    """transformers' `tokenizer.add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": [...]})`: the
-    tokens added as special ones, the `pad_token` then padding; returns how many are new to the vocabulary. The other
-    roles (bos, eos, unk) come from the tokenizer's files and are refused here, and so is any other key."""
-    unknown = sorted(set(tokens) - {"pad_token", "additional_special_tokens"})
-    if unknown:
-        raise TokenizerError(f"add_special_tokens: {', '.join(unknown)} not taken by ttl, which adds pad_token and "
-                             "additional_special_tokens (<s>, </s> and <unk> are the tokenizer files')")
-    pad, extra = tokens.get("pad_token"), tokens.get("additional_special_tokens", [])
-    if not (isinstance(pad, str) or pad is None) or not isinstance(extra, (list, tuple)):
-        raise TokenizerError(f"add_special_tokens takes a pad_token string and a list of additional_special_tokens, "
-                             f"got {type(pad).__name__} and {type(extra).__name__}")
+    """transformers' `tokenizer.add_special_tokens({"pad_token": "[PAD]", "additional_special_tokens": [...]})` (or
+    transformers 5's `extra_special_tokens`): the tokens added as special ones, the `pad_token` then padding; returns
+    how many are new to the vocabulary. The other roles (bos, eos, unk) come from the tokenizer's files: naming the
+    token a role already has changes nothing, as there; another is refused, and so is any other key."""
+    fixed = {role: tokens[role] for role in ("bos_token", "eos_token", "unk_token") if role in tokens}
+    unknown = sorted(set(tokens) - {"pad_token", "additional_special_tokens", "extra_special_tokens", *fixed})
+    changed = sorted(role for role, token in fixed.items() if token != getattr(tokenizer, role))
+    if unknown or changed:
+        raise TokenizerError(f"add_special_tokens: {', '.join(unknown + changed)} not taken by ttl, which adds "
+                             "pad_token and additional (extra) special tokens (<s>, </s> and <unk> are the tokenizer "
+                             "files')")
+    pad = tokens.get("pad_token")
+    extra = [*tokens.get("additional_special_tokens", []), *tokens.get("extra_special_tokens", [])]
+    if not (isinstance(pad, str) or pad is None) or not all(isinstance(token, str) for token in extra):
+        raise TokenizerError(f"add_special_tokens takes a pad_token string and lists of special token strings, got "
+                             f"{tokens!r}")
     before = len(tokenizer)
-    tokenizer.add_special_tokens(([] if pad is None else [pad]) + list(extra))
+    tokenizer.add_special_tokens(([] if pad is None else [pad]) + extra)
     if pad is not None:
         tokenizer.pad_token = pad
     return len(tokenizer) - before
