@@ -77,6 +77,9 @@ def test_input_require_grads_lets_a_frozen_model_backpropagate_as_in_transformer
     assert all(h.requires_grad for h in hidden) and max_diff(*hidden) == 0
     losses = [model(ids, labels=ids).loss for model in (hf, ours)]
     assert all(loss.requires_grad for loss in losses) and max_diff(*losses) <= 1e-5
+    for model in (hf, ours):  # a new table: the hook follows it (transformers keeps its embedding module)
+        model.resize_token_embeddings(140)
+    assert all(model(ids, output_hidden_states=True).hidden_states[0].requires_grad for model in (hf, ours))
     for model in (hf, ours):
         model.disable_input_require_grads()
     assert not any(model(ids, labels=ids).loss.requires_grad for model in (hf, ours))
@@ -120,8 +123,12 @@ def test_resize_pads_to_a_multiple_and_returns_the_embedding_as_transformers(tie
     assert max_diff(hf.get_output_embeddings().weight, ours.get_output_embeddings().weight) == 0
     assert ours.resize_token_embeddings(pad_to_multiple_of=100).num_embeddings == 200
     assert ours.resize_token_embeddings() is ours.get_input_embeddings() and ours.config.vocab_size == 200
-    with pytest.raises(ConfigError, match="pad_to_multiple_of must be a positive integer, got 8.0"):
-        ours.resize_token_embeddings(140, pad_to_multiple_of=8.0)
+    for size, multiple, message in ((140, 8.0, "pad_to_multiple_of must be a positive integer, got 8.0"),
+                                    ("x", 8, "new_vocab_size must be a positive integer, got 'x'"),
+                                    (-5, 8, "new_vocab_size must be a positive integer, got -5"),
+                                    (10.5, 8, "new_vocab_size must be a positive integer, got 10.5")):
+        with pytest.raises(ConfigError, match=message):  # named as given, not after rounding
+            ours.resize_token_embeddings(size, pad_to_multiple_of=multiple)
 
 
 def test_settings_written_on_generation_config_are_those_generate_uses(tmp_path):
@@ -164,15 +171,20 @@ def test_config_reads_as_transformers_config(tmp_path):
     assert {key: mine[key] for key in shared} == {key: theirs[key] for key in shared}
 
 
-@pytest.mark.parametrize("labels", [{}, {"num_labels": 3}], ids=["default", "three"])
+@pytest.mark.parametrize("labels", [{}, {"num_labels": 3}, {"label2id": {"a": 0, "b": 1}}],
+                         ids=["default", "three", "label2id_alone"])
 def test_a_classifier_started_without_label_names_names_them_as_transformers(labels, tmp_path):
     """Inference code reads `model.config.id2label[logits.argmax().item()]`: without names given, a classifier's are
-    transformers' LABEL_0, LABEL_1, ..., and label2id the other way, also after a change of `num_labels`."""
+    transformers' LABEL_0, LABEL_1, ..., and label2id the other way (a label2id given alone too, as there), also
+    after a change of `num_labels`."""
     hf_causal_lm().save_pretrained(tmp_path)
     theirs = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path, **labels).config
     ours = ttl_core.LlamaForSequenceClassification.from_pretrained(tmp_path, **labels).config
     assert (ours.id2label, ours.label2id) == (theirs.id2label, theirs.label2id)
     assert ours.replace(num_labels=4).id2label == {i: f"LABEL_{i}" for i in range(4)}
+    built = [config.label2id for config in (transformers.LlamaConfig(**labels),
+                                            ttl_core.LlamaConfig.from_preset("tiny", **labels))]
+    assert built[0] == built[1]
 
 
 def test_a_config_read_from_a_checkpoint_and_changed_builds_transformers_model(tmp_path):

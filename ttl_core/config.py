@@ -84,8 +84,10 @@ class LlamaConfig:
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
-        else:  # transformers' names, which inference code indexes (`config.id2label[logits.argmax().item()]`)
+        else:  # transformers' names, which inference code indexes (`config.id2label[logits.argmax().item()]`), and
+            # as there they replace a label2id given alone
             self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            self.label2id = None
         if self.label2id is None:
             self.label2id = {v: k for k, v in self.id2label.items()}
         # a one-class cross-entropy is 0 whatever the logits (nothing would be learned), and transformers refuses
@@ -231,17 +233,18 @@ class LlamaConfig:
             "torch_dtype": dtype,
         }
         if architecture == "LlamaForSequenceClassification":
-            id2label = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
-            out["id2label"] = {str(k): v for k, v in id2label.items()}
-            out["label2id"] = self.label2id or {v: k for k, v in id2label.items()}
+            out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+            out["label2id"] = self.label2id
             if self.problem_type is not None:
                 out["problem_type"] = self.problem_type
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """transformers' `config.to_dict()`: the config.json fields with the label fields of any head (id2label keyed
-        by int) and, as in a config transformers built itself, `architectures` and `dtype` None (the config knows
-        neither the model's class nor its dtype)."""
+        """The fields transformers' `config.to_dict()` gives that programs read: config.json's, with the label fields
+        of any head (id2label keyed by int) and, as in a config transformers built itself, `architectures` and `dtype`
+        None (the config knows neither the model's class nor its dtype). Not a copy of transformers' dict: it lacks
+        transformers' generic fields (`return_dict`, ...) and keeps `rope_theta`/`rope_scaling` beside
+        `rope_parameters`; `LlamaConfig.from_hf_dict` reads it back."""
         out = self.to_hf_dict("LlamaForSequenceClassification")
         del out["torch_dtype"]
         return {**out, "architectures": None, "dtype": None, "problem_type": self.problem_type,

@@ -321,7 +321,7 @@ def label_order(model_dir: str | Path, labels: list[str]) -> list[str]:
     if not Path(model_dir).is_dir():  # load_base says what is wrong
         return labels
     config, architecture = read_model_config(model_dir)
-    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    names = [config.id2label[i] for i in sorted(config.id2label)]
     kept = architecture == "LlamaForSequenceClassification" and sorted(names) == sorted(labels)
     return names if kept else labels
 

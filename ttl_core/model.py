@@ -318,6 +318,8 @@ class _LlamaBase(nn.Module):
         # from the global RNG for nothing (moving what is drawn next off transformers' draws)
         if self.backbone.embed.num_embeddings != new_vocab_size:
             self.backbone.embed = resized_embedding(self.backbone.embed, new_vocab_size, self.config.pad_token_id)
+            if self._input_require_grads_hook is not None:  # it was on the old table (transformers keeps its module)
+                self.enable_input_require_grads()
         head = getattr(self, "lm_head", None)
         if head is not None and not self.config.tie_word_embeddings and len(head.weight) != new_vocab_size:
             self.lm_head = resized_head(head, new_vocab_size)
@@ -325,7 +327,7 @@ class _LlamaBase(nn.Module):
         self.tie_weights()
         return self.get_input_embeddings()
 
-    def num_parameters(self, only_trainable: bool = False, exclude_embedding: bool = False) -> int:
+    def num_parameters(self, only_trainable: bool = False, *, exclude_embedding: bool = False) -> int:
         """Distinct parameters (`only_trainable`: those that require grad, as in transformers); `exclude_embedding`
         leaves out the input embedding table (for MFU; unlike transformers' `exclude_embeddings`, a tied head
         counts)."""

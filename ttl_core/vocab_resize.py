@@ -13,14 +13,13 @@ from .errors import ConfigError, is_integer
 def requested_vocab_size(new_vocab_size: int | None, current: int, pad_to_multiple_of: int | None) -> int | None:
     """The size a resize asks for: `new_vocab_size` (the `current` one where None) rounded up to a multiple of
     `pad_to_multiple_of` where given; None where neither is given, which transformers reads as "change nothing"."""
-    if pad_to_multiple_of is not None:
-        if not is_integer(pad_to_multiple_of) or pad_to_multiple_of < 1:
-            raise ConfigError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
-        rows = current if new_vocab_size is None else new_vocab_size
-        new_vocab_size = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
-    if new_vocab_size is not None and (not is_integer(new_vocab_size) or new_vocab_size < 1):
-        raise ConfigError(f"new_vocab_size must be a positive integer, got {new_vocab_size!r}")
-    return new_vocab_size
+    for name, value in (("new_vocab_size", new_vocab_size), ("pad_to_multiple_of", pad_to_multiple_of)):
+        if value is not None and (not is_integer(value) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if pad_to_multiple_of is None:
+        return new_vocab_size
+    rows = current if new_vocab_size is None else new_vocab_size
+    return -(-rows // pad_to_multiple_of) * pad_to_multiple_of
 
 
 def resized_embedding(old: nn.Embedding, size: int, pad_token_id: int | None) -> nn.Embedding:
