@@ -15,7 +15,8 @@ from transformers.utils.hub import convert_file_size_to_int
 
 import ttl_core
 from ttl_core.errors import CheckpointError, ConfigError
-from ttl_core.hf import DTYPES, _parse_size
+from ttl_core.hf import DTYPES
+from ttl_core.shards import parse_shard_size
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 
@@ -133,7 +134,7 @@ def test_a_tensor_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
 
 def test_shard_sizes_read_as_transformers_reads_them():
     for size in ("40KB", "500MB", "2GB", "64KiB", "3MiB", "1GiB", "5Gb", "500mb", "40Kb", "3mib", 12345):
-        assert _parse_size(size) == convert_file_size_to_int(size), size
+        assert parse_shard_size(size) == convert_file_size_to_int(size), size
 
 
 def test_native_layout_round_trip_and_convert_script(tmp_path):

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import RUNTIME_FIELDS, SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, ConfigError, TTLError
-from .fileio import atomic_write, fsync_dir, read_json, write_json
+from .fileio import fsync_dir, read_json, write_json
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
+from .shards import parse_shard_size, remove_stale, write_shards
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -352,64 +352,8 @@ def _read_tensor(handles: dict, found: dict[str, tuple[Path, list[int]]], key: s
         raise CheckpointError(f"{f}: cannot read tensor {key} ({e})") from None
 
 
-def _parse_size(size: int | str) -> int:
-    """A shard size in bytes, from an int or transformers' strings ("2GB", "500MiB", "40Kb" in bits)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        return _at_least_a_byte(size, size)
-    if not isinstance(size, str):
-        raise CheckpointError(f"max_shard_size must be a byte count or a size such as '2GB', got {size!r}")
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise CheckpointError(f"cannot parse shard size {size!r} (examples: '2GB', '500MB', '1GiB')")
-    unit = match.group(2) or "B"
-    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    size_bytes = int(float(match.group(1)) * units[unit.lower()])
-    # as transformers reads them, "5Gb", "500Mb" and "40Kb" are bits
-    return _at_least_a_byte(size_bytes // 8 if len(unit) == 2 and unit.endswith("b") else size_bytes, size)
-
-
-def _at_least_a_byte(size_bytes: int, given: int | str) -> int:
-    if size_bytes < 1:  # every tensor would silently become a shard of its own
-        raise CheckpointError(f"max_shard_size must be at least one byte, got {given!r}")
-    return size_bytes
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, "float32")
-
-
-def _write_safetensors(directory: Path, tensors: list[tuple[str, torch.Tensor]], max_shard_bytes: int) -> list[Path]:
-    """Write (name, tensor) pairs as one file or as shards with an index; return the stale weight files, which the
-    caller removes once the new config is written (`_remove_stale`)."""
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    shard_bytes = 0
-    for name, t in tensors:
-        size = t.numel() * t.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append((name, t))
-        shard_bytes += size
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for fname, shard in zip(names, shards):
-        # slices of fused parameters share storage, which safetensors refuses: give each its own copy
-        payload = {n: t.detach().to("cpu").clone().contiguous() for n, t in shard}
-        atomic_write(directory / fname, lambda tmp, p=payload: save_file(p, str(tmp), metadata={"format": "pt"}))
-    index = directory / "model.safetensors.index.json"
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for _, t in tensors)
-        write_json(index, {"metadata": {"total_size": total},
-                           "weight_map": {n: fname for fname, shard in zip(names, shards) for n, _ in shard}})
-    return [f for f in directory.glob("model*.safetensors*")
-            if f.name not in names and not (len(shards) > 1 and f == index) and not f.name.endswith(".tmp")]
-
-
-def _remove_stale(stale: list[Path]) -> None:
-    # model.safetensors loads before an index, so whichever of these removals a crash interrupts, the directory
-    # loads the new weights or (shards replacing one file, until it goes) the old ones
-    for f in stale:
-        f.unlink()
 
 
 def _planned_tensors(params: dict[str, torch.Tensor], plan: Plan, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
@@ -443,14 +387,14 @@ def save_pretrained(
         params = state_dict
     dtype = resolve_dtype(dtype) or params["backbone.embed.weight"].dtype
     _refuse_unplanned(sorted(set(params) - set(plan) - {"lm_head.weight"}), "an HF checkpoint")
-    shard_bytes = _parse_size(max_shard_size)
+    shard_bytes = parse_shard_size(max_shard_size)
     withdraw_configs(directory)  # a stale ttl_config.json would also take precedence when loading
-    stale = _write_safetensors(directory, _planned_tensors(params, plan, dtype), shard_bytes)
+    stale = write_shards(directory, _planned_tensors(params, plan, dtype), shard_bytes)
     _write_generation_config(directory, model)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory, config.max_position_embeddings)
     write_json(directory / "config.json", config.to_hf_dict(model.architecture, _dtype_name(dtype)))
-    _remove_stale(stale)
+    remove_stale(stale)
 
 
 def withdraw_configs(directory: Path) -> None:
@@ -506,12 +450,12 @@ def save_native(model: LlamaForCausalLM | LlamaForSequenceClassification, path: 
     with torch.device("meta"):  # the parameters a model built from this config has, which loading expects
         _refuse_unplanned(sorted(set(params) - set(native_plan(build_model(model.config, model.architecture)))),
                           "ttl's native layout")
-    shard_bytes = _parse_size(max_shard_size)
+    shard_bytes = parse_shard_size(max_shard_size)
     withdraw_configs(directory)  # transformers too would read the new weights under an old config.json
-    stale = _write_safetensors(directory, _planned_tensors(params, native_plan(model), dtype), shard_bytes)
+    stale = write_shards(directory, _planned_tensors(params, native_plan(model), dtype), shard_bytes)
     _write_generation_config(directory, model)
     # runtime choices (kernels, attention backend) belong to the machine that loads the checkpoint
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in RUNTIME_FIELDS}
     write_json(directory / NATIVE_CONFIG, {"format": "ttl", "version": NATIVE_VERSION,
                                            "architecture": model.architecture, "config": config})
-    _remove_stale(stale)
+    remove_stale(stale)
