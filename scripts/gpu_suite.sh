@@ -23,7 +23,8 @@ case "${2:-}" in
   *) echo "error: unknown option $2 (usage: scripts/gpu_suite.sh OUTDIR [--quick])" >&2; exit 2 ;;
 esac
 # without a GPU every test would skip and every benchmark refuse: stop before installing ttl into this python3
-python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null || {
+python3 -c "import torch" || { echo "error: python3 cannot import torch (above)" >&2; exit 1; }
+python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
   echo "error: the suite needs a CUDA GPU that python3's torch can see, and there is none (each benchmark's --smoke" \
     "checks its harness on a CPU)" >&2; exit 1; }
 OUT=$1

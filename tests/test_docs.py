@@ -21,7 +21,7 @@ CITED_PATH = re.compile(r"`((?:scripts|configs|tests|docs|ttl_core|ttl_kernels|b
 PYTHON_NAME = re.compile(r"\b(?:ttl_core|ttl_kernels)(?:\.\w+)+")
 CITED_SETTING = re.compile(r"`(?:--set )?(train|data)\.(\w+)")
 FILE_SUFFIXES = {"bin", "json", "jsonl", "png", "py", "txt"}  # `train.bin` is a file, not a setting
-SHELL_AFTER_COMMAND = re.compile(r"\s+(?:\||>|2>|;|&&)\s")
+SHELL_AFTER_COMMAND = re.compile(r"\s+(?:\|&?|;|&&|\d?>>?)")
 SCRIPT_COMMAND = re.compile(r"(?:^|&&|;)\s*(?:python|torchrun|srun python)\b.*?\b(scripts/\w+\.py\b.*)")
 
 

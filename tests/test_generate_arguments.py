@@ -354,7 +354,6 @@ def test_a_bad_length_in_a_generation_config_passed_is_blamed_on_it(models, monk
         ttl_core.generate(ours, ids, mask, generation_config=passed)
 
 
-
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_use_cache_is_taken_as_transformers_callers_pass_it_and_changes_nothing(models, use_cache):
     """Code written for transformers passes use_cache (False decodes without a cache there): the tokens are

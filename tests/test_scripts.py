@@ -353,15 +353,21 @@ def test_gpu_suite_refuses_a_second_argument_it_does_not_know_before_any_work(ar
     assert not (tmp_path / "out").exists()
 
 
-def test_gpu_suite_on_a_machine_without_cuda_says_so_before_any_work(tmp_path):
-    """Without a GPU torch can see, the suite ends at once with one line saying so: it neither installs ttl into
-    the environment nor spends minutes on tests and benchmarks that would each skip or refuse. A python3 whose
-    torch sees no GPU stands in."""
+@pytest.mark.parametrize("stand_in, message", [
+    ('[ "$2" = "import torch" ] && exit 0; exit 1', "needs a CUDA GPU"),
+    ('echo "ImportError: libcudart.so.12" >&2; exit 1', "cannot import torch"),
+], ids=["no_gpu", "no_torch"])
+def test_gpu_suite_on_a_machine_without_cuda_says_so_before_any_work(tmp_path, stand_in, message):
+    """Without a GPU torch can see, the suite ends at once with one line saying so (and, where torch itself does not
+    import, with that error above it): it neither installs ttl into the environment nor spends minutes on tests and
+    benchmarks that would each skip or refuse. A python3 whose torch sees no GPU, or fails to import, stands in."""
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "python3").write_text(f"#!/bin/sh\n{stand_in}\n")
     (tmp_path / "bin" / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh"), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
-    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "needs a CUDA GPU" in run.stderr, run.stderr
+    error = run.stderr.splitlines()[-1]
+    assert run.returncode == 1 and error.startswith("error: ") and message in error, run.stderr
+    assert ("libcudart" in run.stderr) == (message == "cannot import torch")
     assert not (tmp_path / "out").exists()
