@@ -304,3 +304,12 @@ def test_add_special_tokens_takes_transformers_5_names_and_the_roles_own_tokens(
         assert (len(ours), ours.pad_token_id) == (len(theirs), theirs.pad_token_id)
     with pytest.raises(TokenizerError, match="add_special_tokens: eos_token not taken by ttl"):
         ours.add_special_tokens({"eos_token": "<|x|>"})
+
+
+@pytest.mark.parametrize("option", [{"device_map": "auto"}, {"load_in_8bit": True}, {"low_cpu_mem_usage": True}])
+def test_transformers_loader_options_are_refused_by_name(option, tmp_path):
+    """Options of transformers' loader that ttl does not take are named as such in one line, not as config fields."""
+    hf_causal_lm().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=f"load_pretrained takes no {next(iter(option))}: neither a LlamaConfig") as e:
+        ttl_core.LlamaForCausalLM.from_pretrained(tmp_path, **option)
+    assert "\n" not in str(e.value)

@@ -251,6 +251,10 @@ def load_pretrained(
     directory = Path(path)
     device = checked_device(device)
     config, stored_architecture = read_model_config(directory)
+    unknown = sorted(set(config_overrides) - {field.name for field in dataclasses.fields(LlamaConfig)})
+    if unknown:  # transformers' loader options (device_map, quantization_config, ...) land here
+        raise ConfigError(f"load_pretrained takes no {', '.join(unknown)}: neither a LlamaConfig field nor an option "
+                          "of ttl's loader (dtype, device, architecture)")
     if config_overrides:
         config = config.replace(**config_overrides)
     architecture = architecture or stored_architecture
