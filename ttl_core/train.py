@@ -28,7 +28,7 @@ from .config import RUNTIME_FIELDS, LlamaConfig
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0, unwrap,
                           wrap_model)
-from .ema import start_ema
+from .ema import WeightEMA, start_ema
 from .errors import ConfigError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained
@@ -102,6 +102,29 @@ def mfu_peak(device: torch.device, dtype: str) -> float | None:
     if device.type != "cuda" or dtype not in ("bfloat16", "float16"):
         return None
     return peak_tflops(torch.cuda.get_device_name(device))
+
+
+def run_evaluation(model: torch.nn.Module, ema: WeightEMA | None, run: RunConfig, setup: RunSetup,
+                   world: World) -> dict[str, float]:
+    """The figures of one evaluation (every rank calls it): the eval losses of `setup.evaluated` and the scores of
+    train.eval_tasks, with train.log_activation_stats' statistics of one more val batch, and with an `ema` the same
+    figures of the averaged weights, on the same batches and questions (`ttl_core.ema`)."""
+    train, tokenizer = run.train, setup.tokenizer
+
+    def record(weights: torch.nn.Module) -> dict[str, float]:
+        # the losses first: FSDP sets a model up in its root's first forward, which scoring through its submodules
+        # skips (the average's first evaluation). Every rank scores every question (in eval mode: no dropout, no RNG
+        # drawn), so that FSDP's gathers run alike on all
+        losses = {name: evaluate(weights, path, run, world, tokenizer.bos_id) for name, path in setup.evaluated.items()}
+        with autocast(world.device, train.dtype), full_parameters(weights) as whole:
+            return {**eval_figures(losses, setup.mixture), **task_figures(whole, setup.tasks)}
+
+    figures = record(model)
+    if train.log_activation_stats:  # one more forward, hooked, of the first val batch
+        figures |= eval_activation_stats(model, setup.data_path, run, world, tokenizer.bos_id)
+    if ema:
+        figures |= ema.evaluate(record)
+    return figures
 
 
 def leaves_room(time_limit: TimeLimit | None, steps: int, what: str, remedy: str) -> bool:
@@ -194,8 +217,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         if world.is_main:
             print(setup.complete_message)
         return RunResult(step, None, None, None)
-    config, last_step, mixture, data_path = setup.config, setup.last_step, setup.mixture, setup.data_path
-    evaluated, tokenizer, loader, tasks = setup.evaluated, setup.tokenizer, setup.loader, setup.tasks
+    config, last_step, tokenizer, loader = setup.config, setup.last_step, setup.tokenizer, setup.loader
     set_tf32(world.device, train.tf32)
     recorded_config = recorded_run_config(run, setup, out_dir)
 
@@ -254,14 +276,6 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None,
                 rng_states=rng_states, ema_state=ema_state))
 
-    def eval_record(weights: torch.nn.Module) -> dict[str, float]:
-        # the losses first: FSDP sets a model up in its root's first forward, which scoring through its submodules
-        # skips (the average's first evaluation). Every rank scores every question (in eval mode: no dropout, no RNG
-        # drawn), so that FSDP's gathers run alike on all
-        losses = {name: evaluate(weights, path, run, world, tokenizer.bos_id) for name, path in evaluated.items()}
-        with autocast(world.device, train.dtype), full_parameters(weights) as whole:
-            return {**eval_figures(losses, mixture), **task_figures(whole, tasks)}
-
     # SIGTERM, SIGUSR1, Ctrl-C or the time limit: checkpoint the step in progress and return
     stop = StopOnSignal(world, time_limit, unwrap(model).num_parameters())
     try:
@@ -289,11 +303,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
-                evals = eval_record(model)  # rank 0 logs the figures
-                if train.log_activation_stats:  # one more forward, hooked, of the first val batch
-                    evals |= eval_activation_stats(model, data_path, run, world, tokenizer.bos_id)
-                if ema:  # the averaged weights' record, on the same batches and questions (ttl_core.ema)
-                    evals |= ema.evaluate(eval_record)
+                evals = run_evaluation(model, ema, run, setup, world)  # every rank evaluates; rank 0 logs
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
