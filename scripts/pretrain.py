@@ -72,7 +72,7 @@ def plan_lines(run: RunConfig, args: argparse.Namespace, processes: int) -> list
     return describe_plan(plan, run.train, args.plan_mfu, setup.missing.get("data", ""), setup.missing.get("eval", ""))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=given_path,
                         help="TOML run config (configs/*.toml); defaults apply when omitted")
@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--plan-processes plans without torchrun; this one set WORLD_SIZE={launched}")
     if args.plan and launched and not (launched.isdecimal() and int(launched) >= 1):
         parser.error(f"WORLD_SIZE={launched!r} must be an integer >= 1 (torchrun sets it)")
+    return args
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set overrides, followed by those of the shorthands --max-steps, --document-masking and --save-every."""
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
@@ -120,10 +125,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("data.document_masking=true")
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
-    run = load_run_config(args.config, overrides)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = load_run_config(args.config, config_overrides(args))
     if args.plan:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one process prints it
-            print("\n".join(plan_lines(run, args, args.plan_processes or int(launched or 1))))
+            processes = args.plan_processes or int(os.environ.get("WORLD_SIZE") or 1)
+            print("\n".join(plan_lines(run, args, processes)))
         return 0
     result = train(run, args.out, data_dir=args.data, device=args.device, resume=args.resume,
                    stop_after=args.stop_after, init_from=args.init_from, time_limit=args.time_limit)

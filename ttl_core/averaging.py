@@ -62,23 +62,9 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     by their sum), in `dtype` (default: the stored dtype of the last checkpoint's embedding). The last of `dirs`
     counts as the newest: its tokenizer and generation_config.json go with the average. An existing `out` is
     replaced, whole, only with `overwrite`."""
-    dirs = [Path(d) for d in dirs]
+    dirs, out = [Path(d) for d in dirs], Path(out)
     weights = _checked_weights(weights, len(dirs))
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; the average is written to a directory")
-    if out.resolve() in (Path.cwd(), *Path.cwd().parents):  # replaced whole, it would go from under the shell
-        raise ConfigError(f"{str(out)!r} is the working directory or a folder holding it; write the average to a "
-                          "directory of its own")
-    # replacing a checkpoint averaged, or a folder holding one (its run), would delete what is being read
-    held = next((d for d in dirs if out.resolve() in (d.resolve(), *d.resolve().parents)), None)
-    if held is not None:
-        raise ConfigError(f"{out} would replace {held}, one of the checkpoints averaged; write the average elsewhere")
-    # inside one (as its ema/), it would break the digests of the files it replaced, or go when the run prunes it
-    held = next((d for d in dirs if d.resolve() in out.resolve().parents), None)
-    if held is not None:
-        raise ConfigError(f"{out} lies inside {held}, one of the checkpoints averaged; write the average elsewhere")
-    refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
+    _check_output_dir(out, dirs, overwrite)
     config, architecture = _same_model(dirs)
     tokenizer = _same_vocabulary(dirs)
     newest = dirs[-1]
@@ -127,6 +113,25 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
                                       "accumulation": "float64", "dtype": dtype_name})
 
     return write_dir_atomically(out, write)
+
+
+def _check_output_dir(out: Path, dirs: list[Path], overwrite: bool) -> None:
+    """Refuse an output directory that is a file, holds the working directory, replaces or lies inside a checkpoint
+    averaged, or (without `overwrite`) holds files already."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; the average is written to a directory")
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):  # replaced whole, it would go from under the shell
+        raise ConfigError(f"{str(out)!r} is the working directory or a folder holding it; write the average to a "
+                          "directory of its own")
+    # replacing a checkpoint averaged, or a folder holding one (its run), would delete what is being read
+    held = next((d for d in dirs if out.resolve() in (d.resolve(), *d.resolve().parents)), None)
+    if held is not None:
+        raise ConfigError(f"{out} would replace {held}, one of the checkpoints averaged; write the average elsewhere")
+    # inside one (as its ema/), it would break the digests of the files it replaced, or go when the run prunes it
+    held = next((d for d in dirs if d.resolve() in out.resolve().parents), None)
+    if held is not None:
+        raise ConfigError(f"{out} lies inside {held}, one of the checkpoints averaged; write the average elsewhere")
+    refuse_to_replace(out, tuple(sorted(os.listdir(out))) if out.is_dir() else (), "files", overwrite)
 
 
 def _rounded_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

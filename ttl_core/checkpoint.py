@@ -274,7 +274,7 @@ def load_optimizer_file(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
     # torch.save writes a zip archive whose directory comes last: an empty or cut-off file has none (torch's
     # own error for it is a paragraph about miniz); one whose first bytes are garbled torch.load would unpickle in
     # its legacy format, failing with whatever the garbage provokes (a UnicodeDecodeError, ...)
-    if not zipfile.is_zipfile(optimizer_path) or _head(optimizer_path) != ZIP_LOCAL_HEADER:
+    if not zipfile.is_zipfile(optimizer_path) or not _starts_as_zip(optimizer_path):
         raise CheckpointError(f"{optimizer_path}: empty, truncated or corrupt (not the complete zip archive "
                               "torch.save writes)")
     try:
@@ -315,7 +315,7 @@ def _check_optimizer_state(path: Path, state: Any, shapes: dict[str, torch.Size]
                               "by another model's run?")
     for name, values in per_param.items():
         wrong = next((key for key, value in (values.items() if isinstance(values, dict) else [("state", values)])
-                      if not _fits(key, value, shapes[name])), None)
+                      if not _fits_parameter(key, value, shapes[name])), None)
         if wrong is not None:
             expected = ("a step count >= 0" if wrong == "step" else
                         f"a floating-point tensor of the parameter's shape {tuple(shapes[name])}")
@@ -323,7 +323,9 @@ def _check_optimizer_state(path: Path, state: Any, shapes: dict[str, torch.Size]
                                   "model's run?")
 
 
-def _fits(key: str, value: Any, shape: torch.Size) -> bool:
+def _fits_parameter(key: str, value: Any, shape: torch.Size) -> bool:
+    """Whether one entry of a parameter's optimizer state is what ttl saves: a step count >= 0 under "step", else a
+    floating-point tensor of the parameter's `shape`."""
     if key == "step":
         step = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
         return is_number(step) and 0 <= step < math.inf
@@ -349,9 +351,10 @@ def load_trainer_state(checkpoint: Path, mmap: bool = False) -> tuple[dict[str, 
     return read_trainer_state(checkpoint), load_optimizer_file(checkpoint, mmap)
 
 
-def _head(path: Path) -> bytes:
+def _starts_as_zip(path: Path) -> bool:
+    """Whether the file begins as torch.save's zip archive does (`zipfile.is_zipfile` reads only its end)."""
     with open(path, "rb") as f:
-        return f.read(len(ZIP_LOCAL_HEADER))
+        return f.read(len(ZIP_LOCAL_HEADER)) == ZIP_LOCAL_HEADER
 
 
 def looks_complete(checkpoint: Path) -> bool:

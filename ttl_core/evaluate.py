@@ -112,22 +112,7 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     (`data.document_masking`): each attends within itself, with positions from 0, and its BOS is not scored.
     `progress` shows a tqdm bar. `by_position` ("log2" or a number of buckets, `position_buckets`) also fills the
     result's `by_position`."""
-    if not isinstance(model, LlamaForCausalLM):
-        raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
-    context = model.config.max_position_embeddings
-    if seq_len > context:
-        raise ConfigError(f"seq_len {seq_len} is longer than the model's context ({context} tokens)")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if len(tokens) < 2:
-        raise DataError(f"the stream holds {len(tokens)} token(s): nothing to predict")
-    top = int(tokens.max())
-    if top >= model.config.vocab_size:
-        raise DataError(f"the stream holds id {top}, outside the model's vocabulary of {model.config.vocab_size} "
-                        f"(data prepared with another tokenizer?)")
-    stride = seq_len if stride is None else stride  # not `stride or seq_len`: a stride of 0 is refused, not defaulted
-    if not (seq_len >= 1 and 1 <= stride <= seq_len):
-        raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
+    stride = _checked_stride(model, tokens, seq_len, stride, batch_size)
     edges = position_buckets(seq_len, by_position) if by_position is not None else [1, seq_len + 1]
     device = model.lm_head.weight.device
     was_training = model.training
@@ -176,6 +161,28 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
                for first, after, n, bucket_nll in zip(edges, edges[1:], counts, sums)]
     return StreamLoss(tokens=int(stream_tokens), nll=stream_nll,
                       by_position=buckets if by_position is not None else None)
+
+
+def _checked_stride(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None,
+                    batch_size: int) -> int:
+    """`stream_loss`'s stride (default `seq_len`), once its arguments are checked against the model and the stream."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
+    context = model.config.max_position_embeddings
+    if seq_len > context:
+        raise ConfigError(f"seq_len {seq_len} is longer than the model's context ({context} tokens)")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if len(tokens) < 2:
+        raise DataError(f"the stream holds {len(tokens)} token(s): nothing to predict")
+    top = int(tokens.max())
+    if top >= model.config.vocab_size:
+        raise DataError(f"the stream holds id {top}, outside the model's vocabulary of {model.config.vocab_size} "
+                        f"(data prepared with another tokenizer?)")
+    stride = seq_len if stride is None else stride  # not `stride or seq_len`: a stride of 0 is refused, not defaulted
+    if not (seq_len >= 1 and 1 <= stride <= seq_len):
+        raise ConfigError(f"need seq_len >= 1 and a stride in [1, seq_len], got seq_len={seq_len}, stride={stride}")
+    return stride
 
 
 def plot_by_position(plt: Any, result: StreamLoss, out: str | Path, title: str,

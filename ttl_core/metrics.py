@@ -74,6 +74,7 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append one record (a step's or an evaluation's), flushed: a crash loses at most the line being written."""
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -173,6 +174,46 @@ def is_average(key: str) -> bool:
     return name.startswith("ema/") or kind == "eval_loss" and name == "ema"
 
 
+Curves = dict[str, list[tuple[float, float]]]  # (step, value) points by label
+
+
+def _panels_below(path: Path, records: list[dict[str, Any]],
+                  named: list[str]) -> list[tuple[Curves, dict[str, Any], bool]]:
+    """The axes below the losses, each (its curves, its axes settings, whether the curves are parts or blocks in
+    the model's order), those without a curve left out: train.eval_tasks' fractions of questions right,
+    train.log_grad_norms' gradient norms by part and train.log_activation_stats' figures block by block. None of
+    them is a loss, so each kind gets axes of its own."""
+    accuracies = {key: curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
+    gradients = {key.removeprefix("grad_norm/"): curve(path, records, key)  # labelled PART
+                 for key in named if key.startswith("grad_norm/")}
+    # the residual stream's growth and the attention logits', block by block
+    by_block = {kind: {key.removeprefix(kind): curve(path, records, key) for key in named if key.startswith(kind)}
+                for kind in ("act_rms/", "attn_logit_max/")}
+    if gradients:  # with the global norm they make up, on a log scale, where a part that spikes stands out
+        gradients = {"grad_norm": curve(path, records, "grad_norm"), **gradients}
+    kinds = ((accuracies, {"ylabel": "zero-shot accuracy", "ylim": (0, 1)}, False),
+             (gradients, {"ylabel": "gradient norm", "yscale": "log"}, True),
+             (by_block["act_rms/"], {"ylabel": "residual RMS", "yscale": "log"}, True),
+             (by_block["attn_logit_max/"], {"ylabel": "largest attention logit"}, True))
+    return [kind for kind in kinds if kind[0]]
+
+
+def _draw_panel(plt: Any, axes: Any, curves: Curves, settings: dict[str, Any], in_depth_order: bool) -> None:
+    """Draw one of `_panels_below` on `axes`, the average of the weights' figures dotted, the legend beside the axes
+    (a deep model's blocks would hide the curves)."""
+    if in_depth_order:  # from the input to the output in the colormap's order (a deep model's would repeat the
+        # default cycle's 10 colours), the gradients' global norm in black
+        whole = ["black"] if "grad_norm" in curves else []
+        parts = len(curves) - len(whole)
+        axes.set_prop_cycle(color=[*whole, *plt.colormaps["viridis"].resampled(parts)(range(parts))])
+    for key, points in curves.items():
+        if points:
+            axes.plot(*zip(*points), ".:" if is_average(key) else ".-", label=key, linewidth=1)
+    axes.set(**settings)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(curves) // 16)
+
+
 def plot_metrics(run_dir: str | Path) -> Path | None:
     """Write RUN/loss.png: training loss and eval loss against the step (and each eval_loss/NAME, a data mixture's
     source or a data.eval set, labelled NAME), per token (a language model's) or, once a classifier run has
@@ -186,21 +227,7 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     named = list(dict.fromkeys(key for r in records for key in r))  # in the records' order
     sources = {key.removeprefix("eval_loss/"): curve(path, records, key)  # a mixture's or a data.eval set's
                for key in named if key.startswith("eval_loss/")}
-    # train.eval_tasks' fractions of questions right and train.log_grad_norms' gradient norms by part: no losses, so
-    # each kind on axes of its own
-    accuracies = {key: curve(path, records, key) for key in named if key.startswith(("acc/", "acc_norm/"))}
-    gradients = {key.removeprefix("grad_norm/"): curve(path, records, key)  # labelled PART
-                 for key in named if key.startswith("grad_norm/")}
-    # train.log_activation_stats': the residual stream's growth and the attention logits', block by block
-    by_block = {kind: {key.removeprefix(kind): curve(path, records, key) for key in named if key.startswith(kind)}
-                for kind in ("act_rms/", "attn_logit_max/")}
-    if gradients:  # with the global norm they make up, on a log scale, where a part that spikes stands out
-        gradients = {"grad_norm": curve(path, records, "grad_norm"), **gradients}
-    kinds = ((accuracies, {"ylabel": "zero-shot accuracy", "ylim": (0, 1)}),
-             (gradients, {"ylabel": "gradient norm", "yscale": "log"}),
-             (by_block["act_rms/"], {"ylabel": "residual RMS", "yscale": "log"}),
-             (by_block["attn_logit_max/"], {"ylabel": "largest attention logit"}))
-    panels = [(curves, settings) for curves, settings in kinds if curves]
+    panels = _panels_below(path, records, named)
     if not train and not evals:
         logged = sum(("loss" in r) + ("eval_loss" in r) for r in records)
         raise DataError(f"{path}: all {logged} loss values are NaN or infinite; nothing to plot" if logged
@@ -211,19 +238,8 @@ def plot_metrics(run_dir: str | Path) -> Path | None:
     fig, axes = plt.subplots(1 + len(panels), 1, figsize=(7, 4 + 2 * len(panels)), sharex=True, squeeze=False,
                              height_ratios=(2, *[1] * len(panels)))
     ax = axes[0, 0]
-    for (curves, settings), below in zip(panels, axes[1:, 0]):
-        if curves is not accuracies:  # parts and blocks from the input to the output in the colormap's order (a deep
-            # model's would repeat the default cycle's 10 colours), a gradient's whole in black
-            whole = ["black"] if curves is gradients else []
-            parts = len(curves) - len(whole)
-            below.set_prop_cycle(color=[*whole, *plt.colormaps["viridis"].resampled(parts)(range(parts))])
-        for key, points in curves.items():
-            if points:  # the average of the weights' dotted, beside the trained weights' figures
-                below.plot(*zip(*points), ".:" if is_average(key) else ".-", label=key, linewidth=1)
-        below.set(**settings)
-        below.grid(alpha=0.3)
-        # beside the axes: a deep model's blocks would hide the curves
-        below.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(curves) // 16)
+    for (curves, settings, in_depth_order), below in zip(panels, axes[1:, 0]):
+        _draw_panel(plt, below, curves, settings, in_depth_order)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:

@@ -1,6 +1,7 @@
 """The optimizer side of a training step, shared by pretraining (`ttl_core.train`) and fine-tuning
-(`ttl_core.finetune`): AdamW with no-decay groups, the warmup and decay schedule, gradient clipping, the fp16 grad
-scaler's step, and the stop on a non-finite loss or gradient before it reaches the weights."""
+(`ttl_core.finetune`): AdamW with no-decay groups (or Muon on the decoder blocks' projections, `ttl_core.muon`), the
+warmup and decay schedule, gradient clipping, the fp16 grad scaler's step, and the stop on a non-finite loss or gradient
+before it reaches the weights."""
 
 from __future__ import annotations
 

@@ -193,6 +193,7 @@ def announce_epochs(sources: list[SourcePlan]) -> None:
 
 
 def plural(n: int, word: str) -> str:
+    """`n` and `word`, pluralized unless `n` is 1: "1 process", "2 processes", "3 GPUs"."""
     return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
 
 

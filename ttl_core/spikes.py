@@ -63,12 +63,13 @@ class SpikeDetector:
         figures = dict(zip(FIGURES, (loss, grad_norm)))
         if not all(map(math.isfinite, figures.values())):
             return {}
-        spikes = [name for name, value in figures.items() if self.spikes(self.history[name], value)]
+        spikes = [name for name, value in figures.items() if self._is_spike(self.history[name], value)]
         for name, value in figures.items():
             self.history[name].append(value)
         return {"spike": spikes} if spikes else {}
 
-    def spikes(self, window: deque, value: float) -> bool:
+    def _is_spike(self, window: deque, value: float) -> bool:
+        """Whether `value` lies more than `sigma` standard deviations above the mean of a full `window`."""
         if len(window) < window.maxlen:
             return False
         # the rises of `value` over the window, not the window's own values: a value equal to all of a constant

@@ -15,6 +15,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from .config import RUNTIME_FIELDS, LlamaConfig
 from .distributed import (World, all_reduce_sum, barrier, close_world, full_model_state, full_optimizer_state,
                           full_parameters, full_rng_states, init_world, load_optimizer_state, on_rank_0, unwrap,
                           wrap_model)
-from .ema import start_ema
+from .ema import WeightEMA, start_ema
 from .errors import ConfigError, TrainingError, TTLError
 from .generate import generate
 from .hf import load_pretrained
@@ -39,8 +40,8 @@ from .optim import build_optimizer, lr_at
 from .plan import announce_epochs, source_plans
 from .preemption import StopOnSignal, TimeLimit
 from .profiling import StepProfiler
-from .run_config import RunConfig, describe_batch, resumed_model_settings
-from .run_setup import DROPOUT_FIELDS, set_up_run
+from .run_config import RunConfig, TrainConfig, describe_batch, resumed_model_settings
+from .run_setup import DROPOUT_FIELDS, RunSetup, set_up_run
 from .spikes import spike_detector
 from .step import autocast, evaluate, model_inputs, train_step
 from .tokenizer import Tokenizer
@@ -79,6 +80,82 @@ def sample_text(checkpoint: Path, tokenizer: Tokenizer, prompt: str, max_new_tok
                    pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None, seed=seed, tokenizer=tokenizer,
                    return_dict_in_generate=False)  # a tensor, whatever an --init-from generation_config.json says
     return tokenizer.decode(out[0].tolist())
+
+
+def recorded_run_config(run: RunConfig, setup: RunSetup, out_dir: Path) -> dict[str, Any]:
+    """What checkpoints record of the run: its config with the data it trains on (given by --data too, but not
+    RUN/data by path: that moves with the run, and a resume without --data finds it there) and, when resumed, the
+    model settings the resumed run recorded."""
+    recorded = run.to_dict()
+    mixture, data_path = setup.mixture, setup.data_path
+    recorded["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
+    recorded["data"]["mix"] = mixture.sources if mixture else {}
+    recorded["data"]["eval"] = {name: str(path) for name, path in setup.eval_sets.items()}
+    if setup.trainer_state is not None:
+        recorded["model"] = resumed_model_settings(run, setup.saved_run)
+    return recorded
+
+
+def mfu_peak(device: torch.device, dtype: str) -> float | None:
+    """The device's peak TFLOP/s that MFU is measured against, or None (no MFU logged). The peaks are half-precision
+    tensor-core rates: a float32 run gets no MFU rather than a flattering one."""
+    if device.type != "cuda" or dtype not in ("bfloat16", "float16"):
+        return None
+    return peak_tflops(torch.cuda.get_device_name(device))
+
+
+def run_evaluation(model: torch.nn.Module, ema: WeightEMA | None, run: RunConfig, setup: RunSetup,
+                   world: World) -> dict[str, float]:
+    """The figures of one evaluation (every rank calls it): the eval losses of `setup.evaluated` and the scores of
+    train.eval_tasks, with train.log_activation_stats' statistics of one more val batch, and with an `ema` the same
+    figures of the averaged weights, on the same batches and questions (`ttl_core.ema`)."""
+    train, tokenizer = run.train, setup.tokenizer
+
+    def record(weights: torch.nn.Module) -> dict[str, float]:
+        # the losses first: FSDP sets a model up in its root's first forward, which scoring through its submodules
+        # skips (the average's first evaluation). Every rank scores every question (in eval mode: no dropout, no RNG
+        # drawn), so that FSDP's gathers run alike on all
+        losses = {name: evaluate(weights, path, run, world, tokenizer.bos_id) for name, path in setup.evaluated.items()}
+        with autocast(world.device, train.dtype), full_parameters(weights) as whole:
+            return {**eval_figures(losses, setup.mixture), **task_figures(whole, setup.tasks)}
+
+    figures = record(model)
+    if train.log_activation_stats:  # one more forward, hooked, of the first val batch
+        figures |= eval_activation_stats(model, setup.data_path, run, world, tokenizer.bos_id)
+    if ema:
+        figures |= ema.evaluate(record)
+    return figures
+
+
+def leaves_room(time_limit: TimeLimit | None, steps: int, what: str, remedy: str) -> bool:
+    """Whether the time limit (if any) still holds `steps` steps and a save; if not, says that `what` is skipped."""
+    if time_limit is None or time_limit.leaves(time_limit.margin(steps)):
+        return True
+    print(f"{what}: the time limit leaves no room for it ({remedy})")
+    return False
+
+
+def finish_run(out_dir: Path, world: World, train: TrainConfig, step: int, saved_at: Path | None,
+               tokenizer: Tokenizer, time_limit: TimeLimit | None) -> str | None:
+    """After the last step: draw loss.png, and when the run reached max_steps and saved, sample the final model
+    (both on rank 0); returns the sample, if any. What follows the last step is in no margin and its time is unknown
+    before it runs: loss.png is drawn where the time limit still holds a step and a save, the sample where it holds
+    a step per token (a forward each, no slower than a step) and a save (loading the checkpoint reads what a save
+    wrote and read back)."""
+    sample = None
+    try:
+        if world.is_main and leaves_room(time_limit, 1, "loss.png not drawn", "scripts/plot_metrics.py RUN draws it"):
+            plot_metrics(out_dir)
+        if (world.is_main and step == train.max_steps and saved_at is not None and train.sample_tokens > 0
+                and leaves_room(time_limit, train.sample_tokens, "no sample generation",
+                                "scripts/generate.py samples the checkpoint")):
+            sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
+    finally:
+        # the other ranks wait for rank 0 (even when it fails) before anyone tears the group down: a rank
+        # that destroyed its gloo group meanwhile was seen to abort ("terminate called without an active
+        # exception")
+        barrier(world)
+    return sample
 
 
 @dataclass
@@ -140,31 +217,22 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         if world.is_main:
             print(setup.complete_message)
         return RunResult(step, None, None, None)
-    config, last_step, mixture, data_path = setup.config, setup.last_step, setup.mixture, setup.data_path
-    evaluated, tokenizer, loader, tasks = setup.evaluated, setup.tokenizer, setup.loader, setup.tasks
+    config, last_step, tokenizer, loader = setup.config, setup.last_step, setup.tokenizer, setup.loader
     set_tf32(world.device, train.tf32)
-    recorded_config = run.to_dict()  # what checkpoints record of the run, with the data it trains on (--data too)
-    # but not RUN/data by path: it moves with the run, and a resume without --data finds it there
-    recorded_config["data"]["path"] = "" if mixture or data_path == out_dir / "data" else str(data_path.resolve())
-    recorded_config["data"]["mix"] = mixture.sources if mixture else {}
-    recorded_config["data"]["eval"] = {name: str(path) for name, path in setup.eval_sets.items()}
-    if trainer_state is not None:
-        recorded_config["model"] = resumed_model_settings(run, setup.saved_run)
+    recorded_config = recorded_run_config(run, setup, out_dir)
 
     # every file of the checkpoint resumed is read here, where a damaged one is named with the older one to take
     with point_to_older_checkpoint(out_dir, resume_from):
-        saved = load_optimizer_file(resume_from) if resume_from is not None else None
+        resumed_state = load_optimizer_file(resume_from) if resume_from is not None else None  # optimizer, RNG
         model = build_or_load_model(config, train.seed, resume_from, init_from, world.device)
         if resume_from is not None:  # every file read in structure; now every byte, against the digests saved
             verify_digests(resume_from, trainer_state)
-            check_optimizer_file(resume_from, saved, model)
+            check_optimizer_file(resume_from, resumed_state, model)
         ema = start_ema(model, train.ema_decay, resume_from, world)  # None without it; a lost ema/ is named above
 
     flops = flops_per_token(model.num_parameters(exclude_embedding=True), config.num_hidden_layers,
                             config.hidden_size, train.seq_len)
-    # the peaks are half-precision tensor-core rates: a float32 run gets no MFU rather than a flattering one
-    half = world.device.type == "cuda" and train.dtype in ("bfloat16", "float16")
-    peak = peak_tflops(torch.cuda.get_device_name(world.device)) if half else None
+    peak = mfu_peak(world.device, train.dtype)
     if train.activation_checkpointing:
         model.activation_checkpointing_enable()
     model = wrap_model(model, train.distributed, world, autocast(world.device, train.dtype))
@@ -176,13 +244,13 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     optimizer = build_optimizer(model, train, world.device, world)
     scaler = torch.amp.GradScaler(world.device.type) if train.dtype == "float16" else None
 
-    if saved is not None:
-        load_optimizer_state(model, optimizer, saved["optimizer"])
-        if scaler is not None and "scaler" in saved:
-            scaler.load_state_dict(saved["scaler"])
+    if resumed_state is not None:
+        load_optimizer_state(model, optimizer, resumed_state["optimizer"])
+        if scaler is not None and "scaler" in resumed_state:
+            scaler.load_state_dict(resumed_state["scaler"])
         if world.is_main:
             print(f"resumed from {resume_from} at step {step}")
-    set_rank_rng_state(saved["rng"] if saved else None, train.seed, world)  # each rank its own dropout
+    set_rank_rng_state(resumed_state["rng"] if resumed_state else None, train.seed, world)  # each rank its own dropout
 
     log = MetricsLog(out_dir, resume_step=step, tensorboard=train.tensorboard) if world.is_main else None
     if world.is_main:
@@ -208,14 +276,6 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
                 keep=train.keep_checkpoints, scaler_state=scaler.state_dict() if scaler else None,
                 rng_states=rng_states, ema_state=ema_state))
 
-    def eval_record(weights: torch.nn.Module) -> dict[str, float]:
-        # the losses first: FSDP sets a model up in its root's first forward, which scoring through its submodules
-        # skips (the average's first evaluation). Every rank scores every question (in eval mode: no dropout, no RNG
-        # drawn), so that FSDP's gathers run alike on all
-        losses = {name: evaluate(weights, path, run, world, tokenizer.bos_id) for name, path in evaluated.items()}
-        with autocast(world.device, train.dtype), full_parameters(weights) as whole:
-            return {**eval_figures(losses, mixture), **task_figures(whole, tasks)}
-
     # SIGTERM, SIGUSR1, Ctrl-C or the time limit: checkpoint the step in progress and return
     stop = StopOnSignal(world, time_limit, unwrap(model).num_parameters())
     try:
@@ -223,11 +283,11 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             step += 1
             start = time.perf_counter()
             with profiler.step(step):  # a step of train.profile_steps' window: traced
-                micro = [model_inputs(next(loader), world.device, run.data.document_masking, tokenizer.bos_id)
-                         for _ in range(train.grad_accum_at(step))]
+                micro_batches = [model_inputs(next(loader), world.device, run.data.document_masking, tokenizer.bos_id)
+                                 for _ in range(train.grad_accum_at(step))]
                 try:
-                    loss, grad_norm, figures = train_step(model, optimizer, micro, train, world, lr_at(step, train),
-                                                          scaler, noise, spikes)
+                    loss, grad_norm, figures = train_step(model, optimizer, micro_batches, train, world,
+                                                          lr_at(step, train), scaler, noise, spikes)
                 except TrainingError as e:
                     good = latest_checkpoint(out_dir)
                     raise TrainingError(f"step {step}: {e}; stopping. Last good checkpoint: "
@@ -243,11 +303,7 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             if train.eval_every and (step % train.eval_every == 0 or step == train.max_steps):
-                evals = eval_record(model)  # rank 0 logs the figures
-                if train.log_activation_stats:  # one more forward, hooked, of the first val batch
-                    evals |= eval_activation_stats(model, data_path, run, world, tokenizer.bos_id)
-                if ema:  # the averaged weights' record, on the same batches and questions (ttl_core.ema)
-                    evals |= ema.evaluate(eval_record)
+                evals = run_evaluation(model, ema, run, setup, world)  # every rank evaluates; rank 0 logs
                 if log:
                     log.log({"step": step, **evals})
                     progress.write(f"step {step}: eval loss {evals['eval_loss']:.4f}, "
@@ -271,25 +327,6 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
     if stopped_by and world.is_main:
         cause = getattr(stopped_by, "name", stopped_by)  # a signal's name, or TIME_LIMIT's words
         print(f"stopped on {cause} at step {step}, saved in {saved_at}; continue with --resume")
-    # what follows the last step is in no margin, and its time is unknown before it runs: loss.png is drawn where the
-    # time limit still holds a step and a save, the sample where it holds a step per token (a forward each, no
-    # slower than a step) and a save (loading the checkpoint reads what a save wrote and read back)
-    def in_time(steps: int, what: str, remedy: str) -> bool:
-        if time_limit is None or time_limit.leaves(time_limit.margin(steps)):
-            return True
-        print(f"{what}: the time limit leaves no room for it ({remedy})")
-        return False
-
-    sample = None
-    try:
-        if world.is_main and in_time(1, "loss.png not drawn", "scripts/plot_metrics.py RUN draws it"):
-            plot_metrics(out_dir)
-        if (world.is_main and step == train.max_steps and saved_at is not None and train.sample_tokens > 0
-                and in_time(train.sample_tokens, "no sample generation", "scripts/generate.py samples the checkpoint")):
-            sample = sample_text(saved_at, tokenizer, train.sample_prompt, train.sample_tokens, train.seed)
-    finally:
-        # the other ranks wait for rank 0 (even when it fails) before anyone tears the group down: a rank
-        # that destroyed its gloo group meanwhile was seen to abort ("terminate called without an active
-        # exception")
-        barrier(world)
+    sample = finish_run(out_dir, world, train, step, saved_at, tokenizer, time_limit)
     return RunResult(step, loss, saved_at, sample, stopped_by)
+

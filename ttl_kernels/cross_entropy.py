@@ -155,8 +155,8 @@ if HAVE_TRITON:
                     tl.store(base + idx, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _check(targets: torch.Tensor, rows: int, vocab: int, ignore_index: int, reduction: str, label_smoothing: float,
-           z_loss: float) -> None:
+def _check_loss_arguments(targets: torch.Tensor, rows: int, vocab: int, ignore_index: int, reduction: str,
+                          label_smoothing: float, z_loss: float) -> None:
     if vocab == 0:  # every target would be out of range: the reference raises on the first, Triton cannot launch
         raise ValueError("cross-entropy needs at least one class, got a vocabulary of 0")
     require_int("ignore_index", ignore_index)
@@ -254,7 +254,7 @@ def cross_entropy(
     targets (the loss without smoothing or z-loss), reduced alike, without gradient, from the same pass."""
     if logits.dim() != 2:  # rows past the targets' end would be read as targets of other rows' logits
         raise ValueError(f"cross_entropy needs logits (rows, vocab), got shape {tuple(logits.shape)}")
-    _check(targets, logits.shape[0], logits.shape[1], ignore_index, reduction, label_smoothing, z_loss)
+    _check_loss_arguments(targets, logits.shape[0], logits.shape[1], ignore_index, reduction, label_smoothing, z_loss)
     require_floating("cross_entropy", logits=logits)
     require_one_device("cross_entropy", logits=logits, targets=targets)
     if not use_triton(logits, backend):
@@ -315,19 +315,8 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     grad_weight += (grad_logits.t() @ hidden).float()
 
 
-def _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts=None) -> torch.Tensor:
-    """Losses of every row, one chunk of logits at a time, without gradients (and their z-loss terms and negative
-    log-likelihoods into `parts`, if given)."""
-    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    step = chunk_rows(hidden.shape[0])
-    for start in range(0, hidden.shape[0], step):
-        stop = min(hidden.shape[0], start + step)
-        losses[start:stop] = ce_rows_(hidden[start:stop] @ weight.t(), targets[start:stop], None, ignore_index,
-                                      label_smoothing, z_loss, None if parts is None else parts[:, start:stop])
-    return losses
-
-
-def _grad_buffers(hidden, weight, need_hidden: bool, need_weight: bool):
+def _grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool,
+                  need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(hidden gradient, float32 weight gradient accumulator), each None where that input needs none (a frozen
     LM head under LoRA makes no V x d buffer and no weight-gradient matmuls)."""
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -335,11 +324,13 @@ def _grad_buffers(hidden, weight, need_hidden: bool, need_weight: bool):
     return grad_hidden, grad_weight
 
 
-def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, parts, grad_hidden,
-                 grad_weight):
-    """Losses of every row, writing the hidden gradient into `grad_hidden` and accumulating the weight gradient
-    into `grad_weight` (fp32), one chunk of rows at a time; either buffer may be None, as may `parts` (each
-    row's z-loss term and negative log-likelihood). `scale` is one value or one per row."""
+def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  label_smoothing: float, z_loss: float, parts: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None, grad_hidden: torch.Tensor | None = None,
+                  grad_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Losses of every row, one chunk of logits at a time (and each row's z-loss term and negative log-likelihood
+    into `parts`, if given). Given `scale` (one value or one per row), the gradients too: the hidden one written into
+    `grad_hidden`, the weight one accumulated into `grad_weight` (fp32), each where its buffer is given."""
     n = hidden.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     step = chunk_rows(n)
@@ -347,7 +338,7 @@ def _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, 
         stop = min(n, start + step)
         h = hidden[start:stop]
         logits = h @ weight.t()
-        row_scale = scale[start:stop] if scale.numel() > 1 else scale
+        row_scale = scale[start:stop] if scale is not None and scale.numel() > 1 else scale
         losses[start:stop] = ce_rows_(logits, targets[start:stop], row_scale, ignore_index, label_smoothing, z_loss,
                                       None if parts is None else parts[:, start:stop])
         if grad_hidden is not None:
@@ -375,8 +366,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype, ctx.scaled = weight.dtype, False
         grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
         scale = _reduction_scale(targets, ignore_index, reduction)
-        losses = _chunk_grads(hidden, weight, targets, scale, ignore_index, label_smoothing, z_loss, parts,
-                              grad_hidden, grad_weight)
+        losses = _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts, scale,
+                               grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return _reduce(losses, targets, ignore_index, reduction)
 
@@ -388,8 +379,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
             device, autocast, autocast_dtype = ctx.autocast
             with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
-                _chunk_grads(hidden, weight, targets, grad_output.float().contiguous(), *ctx.options, None,
-                             grad_hidden, grad_weight)
+                _chunk_losses(hidden, weight, targets, *ctx.options, None, grad_output.float().contiguous(),
+                              grad_hidden, grad_weight)
             return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                     None, None, None, None, None, None)
         if ctx.scaled:  # asked before saved_tensors, whose own check names only an internal tensor
@@ -425,7 +416,7 @@ def fused_linear_cross_entropy(
     if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"fused_linear_cross_entropy needs hidden (rows, d) and weight (vocab, d), got shapes "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    _check(targets, hidden.shape[0], weight.shape[0], ignore_index, reduction, label_smoothing, z_loss)
+    _check_loss_arguments(targets, hidden.shape[0], weight.shape[0], ignore_index, reduction, label_smoothing, z_loss)
     require_floating("fused_linear_cross_entropy", hidden=hidden, weight=weight)
     require_one_device("fused_linear_cross_entropy", hidden=hidden, weight=weight, targets=targets)
     on_triton = use_triton(hidden, backend, weight)  # first: it names float64 given to the Triton backend

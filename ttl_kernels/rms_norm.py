@@ -188,11 +188,11 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, out_dtype):
         shape = x.shape
-        x2 = as_rows(x)
-        r2 = None if residual is None else as_rows(residual)
+        x_rows = as_rows(x)
+        residual_rows = None if residual is None else as_rows(residual)
         weight = weight.contiguous()
-        y, h, rstd = rms_norm_forward(x2, weight, eps, r2, out_dtype)
-        ctx.save_for_backward(x2 if h is None else h, weight, rstd)
+        y, h, rstd = rms_norm_forward(x_rows, weight, eps, residual_rows, out_dtype)
+        ctx.save_for_backward(x_rows if h is None else h, weight, rstd)
         ctx.input_dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         if h is None:
@@ -208,13 +208,13 @@ class RMSNormFunction(torch.autograd.Function):
             return None, None, None, None, None
         if dy is None:  # only the new residual was used: its gradient is x's and the residual's (.to: no copy)
             return dh.to(x_dtype), None, dh.to(r_dtype), None, None
-        dh2 = None if dh is None else as_rows(dh)
-        dx2, dr2, dw = rms_norm_backward(as_rows(dy), dh2, h, weight, rstd, ctx.needs_input_grad[1], x_dtype,
-                                         r_dtype)
-        dx = dx2.view(dy.shape)
-        if dr2 is dx2:
+        dh_rows = None if dh is None else as_rows(dh)
+        dx_rows, dr_rows, dw = rms_norm_backward(as_rows(dy), dh_rows, h, weight, rstd, ctx.needs_input_grad[1],
+                                                 x_dtype, r_dtype)
+        dx = dx_rows.view(dy.shape)
+        if dr_rows is dx_rows:
             return dx, dw, dx, None, None  # one object for both, not two views (see the class docstring)
-        return dx, dw, None if dr2 is None else dr2.view(dy.shape), None, None
+        return dx, dw, None if dr_rows is None else dr_rows.view(dy.shape), None, None
 
 
 def rms_norm(

@@ -11,6 +11,8 @@ differentiates them).
 from __future__ import annotations
 
 import torch
+# torch's own, not dispatch's: the rotation is linear in q and k, so its gradients depend on neither, and a
+# second backward (create_graph=True) rightly gets nothing through them
 from torch.autograd.function import once_differentiable
 
 from .dispatch import HAVE_TRITON, apply_kernel, require_floating, require_int, require_one_device, use_triton
@@ -20,9 +22,9 @@ if HAVE_TRITON:
     import triton.language as tl
 
 
-def _broadcast_angles(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _broadcast_angles(table: torch.Tensor) -> torch.Tensor:
     # (seq, dim) or (batch, seq, dim) -> broadcastable against (batch, seq, heads, dim)
-    return t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :]
+    return table[None, :, None, :] if table.dim() == 2 else table[:, :, None, :]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +38,7 @@ def apply_rotary_reference(
     """Rotate q (batch, seq, heads, dim) and k (batch, seq, kv_heads, dim) by the angles whose cos/sin
     are given per position, computed exactly as transformers does: in the wider of the two dtypes (fp32 tables
     with bf16 q and k under autocast), the result rounded to q's dtype."""
-    cos, sin = _broadcast_angles(cos, q), _broadcast_angles(sin, q)
+    cos, sin = _broadcast_angles(cos), _broadcast_angles(sin)
     return (q * cos + _rotate_half(q) * sin).to(q.dtype), (k * cos + _rotate_half(k) * sin).to(k.dtype)
 
 

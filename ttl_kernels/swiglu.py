@@ -87,16 +87,16 @@ class SwiGLUFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         g, u = ctx.saved_tensors
-        d = as_rows(dout)
+        dout_rows = as_rows(dout)
         if ctx.packed:  # both halves of one gradient, as the fused projection's output is laid out
             grad = torch.empty((g.shape[0], 2 * g.shape[1]), dtype=g.dtype, device=g.device)
             dg, du = grad.chunk(2, dim=-1)
         else:
             dg = torch.empty(g.shape, dtype=g.dtype, device=g.device)
             du = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        if d.numel():
-            _swiglu_bwd_kernel[_grid(g)](d, g, u, dg, du, g.shape[1], d.stride(0), g.stride(0), u.stride(0),
-                                         dg.stride(0), du.stride(0), BLOCK=BLOCK, num_warps=4)
+        if dout_rows.numel():
+            _swiglu_bwd_kernel[_grid(g)](dout_rows, g, u, dg, du, g.shape[1], dout_rows.stride(0), g.stride(0),
+                                         u.stride(0), dg.stride(0), du.stride(0), BLOCK=BLOCK, num_warps=4)
         if ctx.packed:
             return grad.view(ctx.shape), None
         return dg.view(ctx.shape), du.view(ctx.shape)
