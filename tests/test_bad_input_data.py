@@ -12,12 +12,13 @@ import torch
 from helpers import run_script
 
 from ttl_core.config import LlamaConfig
-from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
+from ttl_core.data import SAMPLE_CORPUS, prepare_data, read_documents
 from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerError
 from ttl_core.finetune import FinetuneConfig, finetune_classifier, start_lora
 from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.hf import save_pretrained
 from ttl_core.instruct import finetune_instruct
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import MetricsLog, perplexity, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels

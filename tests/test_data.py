@@ -16,8 +16,9 @@ import torch
 from helpers import run_script
 
 import ttl_core.data as data
-from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
+from ttl_core.data import SAMPLE_CORPUS, prepare_data, read_documents
 from ttl_core.errors import DataError, TTLError
+from ttl_core.loader import PackedLoader
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 

@@ -19,9 +19,10 @@ import ttl_core.data as data
 from ttl_core.attention import packed_mask
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
 from ttl_core.config import LlamaConfig
-from ttl_core.data import PackedLoader, prepare_data
+from ttl_core.data import prepare_data
 from ttl_core.errors import DataError, DataNotReady
 from ttl_core.instruct import collate_lm, encode_chat, pack_lm
+from ttl_core.loader import PackedLoader
 from ttl_core.mixture import Mixture, MixtureLoader
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.step import model_inputs

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ttl_core.data import PackedLoader
 from ttl_core.errors import DataError
+from ttl_core.loader import PackedLoader
 
 BOS, EOS = 1, 2
 

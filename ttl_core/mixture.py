@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import PackedLoader, fingerprint_tokenizer, read_meta
+from .data import fingerprint_tokenizer
 from .distributed import World
 from .errors import ConfigError, DataError, DataNotReady, is_integer
+from .loader import PackedLoader, read_meta
 from .metrics import perplexity
 from .run_config import RunConfig, TrainConfig, recorded_data_setting
 from .tokenizer import Tokenizer
