@@ -25,7 +25,8 @@ from .distributed import World
 from .errors import ConfigError, DataError, DataNotReady, is_integer
 from .loader import PackedLoader, read_meta
 from .metrics import perplexity
-from .run_config import RunConfig, TrainConfig, recorded_data_setting
+from .recorded_config import recorded_data_setting
+from .run_config import RunConfig, TrainConfig
 from .tokenizer import Tokenizer
 
 # a third word in the draws' seeds keeps them apart from the permutations', seeded [seed, epoch]

@@ -27,7 +27,8 @@ from .loader import PackedLoader
 from .mixture import (Mixture, MixtureLoader, check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture,
                       train_loader)
 from .noise_scale import validate_noise_scale
-from .run_config import RunConfig, TrainConfig, check_resumable, check_run_fits_model, recorded_data_path
+from .recorded_config import check_resumable, recorded_data_path
+from .run_config import RunConfig, TrainConfig, check_run_fits_model
 from .tokenizer import Tokenizer, check_same_tokenizer
 
 # [model] fields that change how a model trains, not what it is: an --init-from run may set them (see
