@@ -13,6 +13,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
+import ttl_core
+
 
 def hf_config(**overrides) -> transformers.LlamaConfig:
     base = dict(vocab_size=131, hidden_size=64, intermediate_size=100, num_hidden_layers=2,
@@ -63,6 +65,23 @@ def edit_config(directory: Path, **changes) -> None:
     """Set keys of the config.json in `directory`."""
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def to_ttl(hf_model, tmp_path: Path, **overrides) -> torch.nn.Module:
+    """`hf_model` saved in `tmp_path` and loaded by ttl (with `load_pretrained`'s `overrides`)."""
+    return ttl_core.load_pretrained(saved_hf(hf_model, tmp_path), **overrides)
+
+
+def padded_batch(vocab: int, pad: int, seed: int = 1, batch: int = 4, seq: int = 19):
+    """Random ids with rows 0 and 1 left-padded (2 and 6 pads), row 2 right-padded, row 3 unpadded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :6] = 0
+    mask[2, 13:] = 0
+    mask[0, :2] = 0
+    ids[mask == 0] = pad
+    return ids, mask
 
 
 def reference_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
