@@ -157,7 +157,7 @@ def test_token_file_that_does_not_fit_meta(tmp_path):
     with pytest.raises(DataError, match=r"train\.bin: 179 bytes is not a whole number of uint16 tokens"):
         PackedLoader(path, "train", 8, 2)
     path = data_dir(tmp_path / "wide", TOKENS, dtype="uint32")  # a uint16 file read as uint32: half the tokens
-    with pytest.raises(DataError, match=r"train\.bin: 45 uint32 tokens, but meta\.json records 90"):
+    with pytest.raises(DataError, match=r"train\.bin: 180 bytes, but meta\.json records 90 uint32 tokens"):
         PackedLoader(path, "train", 8, 2)
     with pytest.raises(DataError, match=r"bad seq_len=64\.5"):
         PackedLoader(path, "train", 64.5, 2)

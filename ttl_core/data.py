@@ -1,7 +1,8 @@
 """Training data: text files -> token files (`prepare_data`); `ttl_core.loader` reads them.
 
 A data directory holds `train.bin` / `val.bin` (each document stored as `<s>` tokens `</s>`, uint16, or uint32
-when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transformers' files) and `meta.json`.
+when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transformers' files) and `meta.json`
+(with each token file's token count and SHA-256, which `ttl_core.loader` checks the file against).
 `prepare_data` tokenizes in shards with every core it may use; each finished shard is saved under
 `DIR/.prepare/`, so an interrupted run resumes where it stopped and writes exactly what an uninterrupted run
 would."""
@@ -31,10 +32,11 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from .checkpoint import file_sha256
 from .documents import count_documents, read_documents
 from .errors import DataError
 from .fileio import atomic_write, write_json
-from .loader import is_int
+from .loader import check_token_file, is_int
 from .tokenizer import Tokenizer
 from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer, valid_vocab_size
 
@@ -244,8 +246,10 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
     tok.save_pretrained(out_dir)
     val_docs = sum(_evenly(k, val_fraction) for k in range(total))
+    # the digests let a loader tell a file corrupted in place from the one prepared (see loader.DIGEST_CHECK_BYTES)
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
-            "val_tokens": tokens["val"], "documents": total, "train_documents": total - val_docs,
+            "val_tokens": tokens["val"], "train_sha256": file_sha256(out_dir / "train.bin"),
+            "val_sha256": file_sha256(out_dir / "val.bin"), "documents": total, "train_documents": total - val_docs,
             "val_documents": val_docs, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "unk_id": tok.unk_id, "tokenizer": "tokenizer.model", "plan": plan}
     write_json(meta_path, meta)
@@ -280,14 +284,15 @@ def _documents(paths: list[Path], counts: list[int] | None = None) -> Iterator[s
 
 
 def _outputs_fit(out_dir: Path, meta: dict) -> bool:
-    """Whether the token files and the tokenizer file still fit `meta` (a finished run's meta.json), as far as
-    sizes tell; a file deleted or replaced since (e.g. by an interrupted run with other inputs) means preparing
-    again."""
+    """Whether the token files and the tokenizer file still fit `meta` (a finished run's meta.json), their sizes
+    and digests (in full: preparing costs far more); a file deleted, replaced or corrupted since (e.g. by an
+    interrupted run with other inputs) means preparing again."""
     try:
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        return (all((out_dir / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
-                    for split in ("train", "val"))
-                and (out_dir / meta["tokenizer"]).is_file())
+        for split in ("train", "val"):
+            if not is_int(meta[f"{split}_tokens"]):  # a count the loader could not check the file against
+                return False
+            check_token_file(out_dir / f"{split}.bin", meta, split, full=True)
+        return (out_dir / meta["tokenizer"]).is_file()
     except (KeyError, TypeError, ValueError, OSError):  # missing files, or a meta.json without those keys
         return False
 

@@ -5,15 +5,23 @@ a seeded permutation of them split across ranks, from a position that can be sav
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import file_sha256
 from .errors import DataError, DataNotReady, is_integer
 from .fileio import read_json
 
 TOKEN_DTYPES = ("uint16", "uint32")
+# A token file's SHA-256, which meta.json records since prepare_data wrote it, is checked at every open up to this
+# size only: hashing reads the whole file (about a second a GB), on every rank at every open, where the size check
+# is free. Larger files are checked in full on request (`verify_data`, `prepare_data.py --verify`) and whenever
+# prepare_data runs again on the directory.
+DIGEST_CHECK_BYTES = 256 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_int(value: object) -> bool:
@@ -35,18 +43,52 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def token_file(path: Path, meta: dict, split: str) -> np.ndarray:
-    """`path` memory-mapped as meta's dtype; a size that is not a whole number of tokens, or a count other than
-    the one meta.json recorded, means a truncated file or a wrong dtype, and is a DataError."""
-    size, itemsize = path.stat().st_size, np.dtype(meta["dtype"]).itemsize
+def check_token_file(path: Path, meta: dict, split: str, full: bool = False) -> int:
+    """Refuse (DataError naming `path`) a token file that is not the one meta.json describes: a size other than its
+    token count recorded (a copy cut short, bytes appended, another file), then, where meta.json records one (data
+    prepared before did not), a SHA-256 of another content (bytes flipped or replaced in place), checked for files
+    up to DIGEST_CHECK_BYTES only unless `full`. Without a recorded count, the size need only be whole tokens.
+    Returns the file's token count."""
+    size, dtype = path.stat().st_size, meta["dtype"]
+    itemsize = np.dtype(dtype).itemsize
+    recorded, digest = meta.get(f"{split}_tokens"), meta.get(f"{split}_sha256")
+    if recorded is not None and not (is_int(recorded) and recorded >= 0):
+        raise DataError(f"{path.parent / 'meta.json'}: '{split}_tokens' is {recorded!r}; expected an integer >= 0")
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise DataError(f"{path.parent / 'meta.json'}: '{split}_sha256' is {digest!r}; expected 64 hex digits")
+    if recorded is not None and size != recorded * itemsize:
+        change = "truncated" if size < recorded * itemsize else "extended"
+        raise DataError(f"{path}: {size:,} bytes, but meta.json records {recorded:,} {dtype} tokens "
+                        f"({recorded * itemsize:,} bytes): the file was {change} or replaced since it was prepared, "
+                        f"or meta.json's dtype is wrong; prepare the data again")
     if size % itemsize:
-        raise DataError(f"{path}: {size:,} bytes is not a whole number of {meta['dtype']} tokens ({itemsize} bytes "
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of {dtype} tokens ({itemsize} bytes "
                         f"each); the file is truncated or meta.json's dtype is wrong")
-    recorded = meta.get(f"{split}_tokens")
-    if recorded is not None and recorded != size // itemsize:
-        raise DataError(f"{path}: {size // itemsize:,} {meta['dtype']} tokens, but meta.json records {recorded!r}; "
-                        f"the file is truncated or replaced, or meta.json's dtype is wrong")
-    return np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0, meta["dtype"])
+    if digest is not None and (full or size <= DIGEST_CHECK_BYTES) and file_sha256(path) != digest:
+        raise DataError(f"{path}: its content is not what was prepared (its SHA-256 differs from the one meta.json "
+                        f"records): the file is corrupted or replaced; prepare the data again")
+    return size // itemsize
+
+
+def token_file(path: Path, meta: dict, split: str) -> np.ndarray:
+    """`path` memory-mapped as meta's dtype, once `check_token_file` finds it is the file prepared."""
+    count = check_token_file(path, meta, split)
+    return np.memmap(path, dtype=meta["dtype"], mode="r") if count else np.zeros(0, meta["dtype"])
+
+
+def verify_data(data_dir: str | os.PathLike) -> bool:
+    """Check a prepared directory's token files against its meta.json in full, the SHA-256 of files of any size
+    included (a DataError naming the file otherwise); False when meta.json records no digests (data prepared
+    before they were), whose sizes alone could be checked."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta.json").is_file():
+        raise DataError(f"{data_dir}: no meta.json (not a prepared data directory; run scripts/prepare_data.py)")
+    meta = read_meta(data_dir / "meta.json")
+    for split in ("train", "val"):
+        if not (data_dir / f"{split}.bin").is_file():
+            raise DataError(f"{data_dir}: no {split}.bin; prepare the data again")
+        check_token_file(data_dir / f"{split}.bin", meta, split, full=True)
+    return all(f"{split}_sha256" in meta for split in ("train", "val"))
 
 
 def _split_batch(global_batch: object, world_size: object) -> str:
