@@ -151,18 +151,6 @@ def test_bad_meta_json(tmp_path, meta_text, message):
     one_line(e)
 
 
-def test_token_file_that_does_not_fit_meta(tmp_path):
-    path = data_dir(tmp_path / "odd", TOKENS, train_tokens=...)
-    (path / "train.bin").write_bytes((path / "train.bin").read_bytes()[:-1])
-    with pytest.raises(DataError, match=r"train\.bin: 179 bytes is not a whole number of uint16 tokens"):
-        PackedLoader(path, "train", 8, 2)
-    path = data_dir(tmp_path / "wide", TOKENS, dtype="uint32")  # a uint16 file read as uint32: half the tokens
-    with pytest.raises(DataError, match=r"train\.bin: 180 bytes, but meta\.json records 90 uint32 tokens"):
-        PackedLoader(path, "train", 8, 2)
-    with pytest.raises(DataError, match=r"bad seq_len=64\.5"):
-        PackedLoader(path, "train", 64.5, 2)
-
-
 def test_out_of_vocabulary_ids_are_named_with_file_and_offset(tmp_path):
     tokens = TOKENS.copy()
     tokens[37] = 100  # == vocab_size

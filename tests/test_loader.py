@@ -184,6 +184,12 @@ def test_a_state_from_another_sequence_length_split_or_data_is_refused(data, tmp
         other.load_state_dict(state)
 
 
+def test_a_fractional_sequence_length_is_refused(data):
+    path, _, _ = data
+    with pytest.raises(DataError, match=r"bad seq_len=64\.5"):
+        PackedLoader(path, "train", 64.5, 2)
+
+
 @pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0)])
 def test_a_rank_outside_the_world_is_refused(data, rank, world_size):
     path, _, _ = data

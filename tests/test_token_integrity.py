@@ -72,6 +72,21 @@ def test_a_damaged_token_file_is_refused_in_one_line_naming_it(data, how, refusa
         assert "\n" not in str(error.value)
 
 
+def test_a_meta_json_without_counts_or_with_another_dtype_is_told_from_the_file(data):
+    """A hand-made meta.json may record no count: the size must still be whole tokens. A uint16 file that meta.json
+    says is uint32 holds half the tokens recorded."""
+    edit_meta(data, train_tokens=None)
+    (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"train\.bin: [\d,]+ bytes is not a whole number of uint16 tokens"):
+        PackedLoader(data, "train", 16, 2)
+    meta = json.loads((data / "meta.json").read_text())
+    edit_meta(data, dtype="uint32")
+    size = (data / "val.bin").stat().st_size
+    with pytest.raises(DataError, match=rf"val\.bin: {size:,} bytes, but meta\.json records {meta['val_tokens']:,} "
+                                        rf"uint32 tokens \({2 * size:,} bytes\)"):
+        PackedLoader(data, "val", 4, 1)
+
+
 def test_above_the_digest_limit_only_a_full_verification_reads_the_whole_file(data, monkeypatch):
     damage(data / "val.bin", "replace")
     monkeypatch.setattr(loader, "DIGEST_CHECK_BYTES", (data / "val.bin").stat().st_size - 1)
