@@ -6,6 +6,7 @@ forward, a mixture's draws and blocks, and fine-tuning examples' ids and labels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import warnings
@@ -335,7 +336,8 @@ def check_mixture(rng: random.Random, tmp: Path, data_dir: Path) -> None:
         stretch = np.resize(tokens[start:start + size], size)
         (tmp / f"src{k}").mkdir()
         stretch.tofile(tmp / f"src{k}" / "train.bin")
-        (tmp / f"src{k}" / "meta.json").write_text(json.dumps({**meta, "train_tokens": size}))
+        recorded = {"train_tokens": size, "train_sha256": hashlib.sha256(stretch.tobytes()).hexdigest()}
+        (tmp / f"src{k}" / "meta.json").write_text(json.dumps({**meta, **recorded}))
         sources[f"s{k}"] = {"path": str(tmp / f"src{k}"), "weight": rng.choice([0.1, 1.0, 3.0, rng.random() + 0.01])}
     mixture, seed = Mixture(sources), rng.randrange(1000)
     weights = np.array(list(mixture.weights.values()))
