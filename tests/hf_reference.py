@@ -1,13 +1,19 @@
-"""Builders for small random transformers Llama models (built locally, never downloaded), and the pieces of a
-plain training loop written with transformers and torch that ttl's training runs are checked against."""
+"""Builders for small random transformers Llama models (built locally, never downloaded), their saved checkpoints
+read and edited, and the pieces of a plain training loop written with transformers and torch that ttl's training
+runs are checked against."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers
+from safetensors import safe_open
+
+import ttl_core
 
 
 def hf_config(**overrides) -> transformers.LlamaConfig:
@@ -37,6 +43,45 @@ def hf_causal_lm(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
 def hf_classifier(seed: int = 0, **overrides) -> transformers.LlamaForSequenceClassification:
     torch.manual_seed(seed)
     return randomize_(transformers.LlamaForSequenceClassification(hf_config(**overrides)), seed).eval()
+
+
+def read_all(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `directory`, by name."""
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def saved_hf(hf_model, directory: Path) -> Path:
+    """`hf_model` saved (transformers' layout) in `directory`, which is returned."""
+    hf_model.save_pretrained(directory)
+    return directory
+
+
+def edit_config(directory: Path, **changes) -> None:
+    """Set keys of the config.json in `directory`."""
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def to_ttl(hf_model, tmp_path: Path, **overrides) -> torch.nn.Module:
+    """`hf_model` saved in `tmp_path` and loaded by ttl (with `load_pretrained`'s `overrides`)."""
+    return ttl_core.load_pretrained(saved_hf(hf_model, tmp_path), **overrides)
+
+
+def padded_batch(vocab: int, pad: int, seed: int = 1, batch: int = 4, seq: int = 19):
+    """Random ids with rows 0 and 1 left-padded (2 and 6 pads), row 2 right-padded, row 3 unpadded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, :6] = 0
+    mask[2, 13:] = 0
+    mask[0, :2] = 0
+    ids[mask == 0] = pad
+    return ids, mask
 
 
 def reference_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),

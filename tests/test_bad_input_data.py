@@ -12,12 +12,13 @@ import torch
 from helpers import run_script
 
 from ttl_core.config import LlamaConfig
-from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
+from ttl_core.data import SAMPLE_CORPUS, prepare_data, read_documents
 from ttl_core.errors import CheckpointError, ConfigError, DataError, TokenizerError
 from ttl_core.finetune import FinetuneConfig, finetune_classifier, start_lora
 from ttl_core.finetune_args import add_finetune_args, config_from_args
 from ttl_core.hf import save_pretrained
 from ttl_core.instruct import finetune_instruct
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import MetricsLog, perplexity, plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.task_files import TaskSpec, load_task, read_task_file, task_labels
@@ -148,18 +149,6 @@ def test_bad_meta_json(tmp_path, meta_text, message):
     with pytest.raises(DataError, match=message) as e:
         PackedLoader(path, "train", 8, 2)
     one_line(e)
-
-
-def test_token_file_that_does_not_fit_meta(tmp_path):
-    path = data_dir(tmp_path / "odd", TOKENS, train_tokens=...)
-    (path / "train.bin").write_bytes((path / "train.bin").read_bytes()[:-1])
-    with pytest.raises(DataError, match=r"train\.bin: 179 bytes is not a whole number of uint16 tokens"):
-        PackedLoader(path, "train", 8, 2)
-    path = data_dir(tmp_path / "wide", TOKENS, dtype="uint32")  # a uint16 file read as uint32: half the tokens
-    with pytest.raises(DataError, match=r"train\.bin: 45 uint32 tokens, but meta\.json records 90"):
-        PackedLoader(path, "train", 8, 2)
-    with pytest.raises(DataError, match=r"bad seq_len=64\.5"):
-        PackedLoader(path, "train", 64.5, 2)
 
 
 def test_out_of_vocabulary_ids_are_named_with_file_and_offset(tmp_path):

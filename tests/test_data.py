@@ -1,7 +1,6 @@
 """prepare_data: token files that decode back to the input documents, counts that match, resumption after an
 interruption, clear errors naming file and line."""
 
-import array
 import contextlib
 import itertools
 import json
@@ -16,8 +15,9 @@ import torch
 from helpers import run_script
 
 import ttl_core.data as data
-from ttl_core.data import SAMPLE_CORPUS, PackedLoader, prepare_data, read_documents
+from ttl_core.data import SAMPLE_CORPUS, prepare_data, read_documents
 from ttl_core.errors import DataError, TTLError
+from ttl_core.loader import PackedLoader
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 
@@ -393,39 +393,6 @@ def test_the_tokenizer_trains_on_a_sample_spread_over_all_inputs_within_its_budg
     assert len(seen) < 0.6 * count and sum(len(t.encode()) for t in seen) <= total_bytes // 2 + max(map(len, docs)) * 4
     for path in inputs:  # every file contributes
         assert set(seen) & set(read_documents(path)), path.name
-
-
-def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path, monkeypatch):
-    """sentencepiece needs ~50 bytes of memory per character of a text it encodes at once, so a long document
-    (a .txt without blank lines is one) goes in pieces cut between words, which give the ids of the whole text."""
-    inputs, docs = write_inputs(tmp_path)
-    prepare_data(inputs, tmp_path / "tok", vocab_size=300, workers=1)
-    tok = Tokenizer(tmp_path / "tok" / "tokenizer.model")
-    rng = random.Random(1)
-    seps = [" ", " ", " ", "  ", "\n", " \n ", "\t", " \u2581", "\u2581 ", "   ", "😀 "]
-    long_doc = "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(3000)).strip()
-    (tmp_path / "long.txt").write_text(long_doc + "\n")
-    monkeypatch.setattr(data, "_PIECE_CHARS", 50)
-    lengths, real = [], Tokenizer.encode
-
-    def encode(self, text, **kwargs):
-        lengths.append(len(text))
-        return real(self, text, **kwargs)
-
-    monkeypatch.setattr(Tokenizer, "encode", encode)
-    meta = prepare_data([tmp_path / "long.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=1)
-    assert max(lengths) < 200  # pieces, not the whole 20,000-character document
-    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
-    whole = real(tok, long_doc, add_bos=True, add_eos=True, split_special_tokens=True)
-    assert train.tolist() == whole
-    tok.save_pretrained(tmp_path / "worker")
-    data._init_worker(tmp_path / "worker")
-    for size in (1, 7, 333):  # cuts everywhere the text allows one, and a few
-        monkeypatch.setattr(data, "_PIECE_CHARS", size)
-        data._encode_document(long_doc, ids := array.array("H"))
-        assert ids.tolist() == whole
-    tok.proto.normalizer_spec.remove_extra_whitespaces = True  # a cut piece's leading space would be dropped
-    assert not data._cuttable(tok)
 
 
 def test_shards_hold_tokens_in_the_final_dtype(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ forward, a mixture's draws and blocks, and fine-tuning examples' ids and labels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import warnings
@@ -19,9 +20,10 @@ import ttl_core.data as data
 from ttl_core.attention import packed_mask
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS
 from ttl_core.config import LlamaConfig
-from ttl_core.data import PackedLoader, prepare_data
+from ttl_core.data import prepare_data
 from ttl_core.errors import DataError, DataNotReady
 from ttl_core.instruct import collate_lm, encode_chat, pack_lm
+from ttl_core.loader import PackedLoader
 from ttl_core.mixture import Mixture, MixtureLoader
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.step import model_inputs
@@ -334,7 +336,8 @@ def check_mixture(rng: random.Random, tmp: Path, data_dir: Path) -> None:
         stretch = np.resize(tokens[start:start + size], size)
         (tmp / f"src{k}").mkdir()
         stretch.tofile(tmp / f"src{k}" / "train.bin")
-        (tmp / f"src{k}" / "meta.json").write_text(json.dumps({**meta, "train_tokens": size}))
+        recorded = {"train_tokens": size, "train_sha256": hashlib.sha256(stretch.tobytes()).hexdigest()}
+        (tmp / f"src{k}" / "meta.json").write_text(json.dumps({**meta, **recorded}))
         sources[f"s{k}"] = {"path": str(tmp / f"src{k}"), "weight": rng.choice([0.1, 1.0, 3.0, rng.random() + 0.01])}
     mixture, seed = Mixture(sources), rng.randrange(1000)
     weights = np.array(list(mixture.weights.values()))

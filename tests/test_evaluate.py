@@ -18,10 +18,10 @@ from hf_reference import hf_causal_lm, hf_classifier
 from train_helpers import prepared_corpus, run_config
 
 import ttl_core
-from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError
 from ttl_core.evaluate import count_windows, position_buckets, split_tokens, stream_loss, windows
+from ttl_core.loader import PackedLoader
 from ttl_core.step import evaluate
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint interop: bit-exact round trips, sharding, ttl-native layout and bad input."""
+"""Hugging Face checkpoint interop: bit-exact round trips, sharding and the ttl-native layout (refused checkpoints:
+test_hf_bad_checkpoints.py)."""
 
 import json
 import shutil
@@ -8,9 +9,8 @@ import pytest
 import torch
 import transformers
 from helpers import run_script
-from hf_reference import hf_causal_lm, hf_classifier
+from hf_reference import edit_config, hf_causal_lm, hf_classifier, read_all, saved_hf
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.utils.hub import convert_file_size_to_int
 
 import ttl_core
@@ -19,15 +19,6 @@ from ttl_core.hf import DTYPES
 from ttl_core.shards import parse_shard_size
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as handle:
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-    return tensors
 
 
 def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -88,7 +79,7 @@ def test_exported_config_round_trips_and_transformers_reads_it(tmp_path):
 
 
 def test_resharding_replaces_stale_shards(tmp_path):
-    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    model = ttl_core.load_pretrained(saved_hf(hf_causal_lm(), tmp_path / "src"))
     ttl_core.save_pretrained(model, tmp_path / "out", max_shard_size="40KB")
     ttl_core.save_pretrained(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").glob("model*")) == ["model.safetensors"]
@@ -98,7 +89,7 @@ def test_resharding_replaces_stale_shards(tmp_path):
 def test_a_save_killed_while_removing_stale_shards_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     """Saving one file over a sharded checkpoint, killed after any number of the old files are removed: the
     directory loads (an index left naming removed shards would make it load nothing)."""
-    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    model = ttl_core.load_pretrained(saved_hf(hf_causal_lm(), tmp_path / "src"))
     ttl_core.save_pretrained(model, tmp_path / "sharded", max_shard_size="40KB")
     n_old = len(list((tmp_path / "sharded").glob("model*.safetensors*")))
     real = Path.unlink
@@ -124,7 +115,7 @@ def test_a_save_killed_while_removing_stale_shards_leaves_a_loadable_checkpoint(
 
 def test_a_tensor_larger_than_the_shard_size_gets_a_shard_of_its_own(tmp_path):
     """The embedding (33.5 KB) exceeds 20 KB: it takes a shard alone, and no shard file is left empty."""
-    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    model = ttl_core.load_pretrained(saved_hf(hf_causal_lm(), tmp_path / "src"))
     ttl_core.save_pretrained(model, tmp_path / "out", max_shard_size="20KB")
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
@@ -139,7 +130,7 @@ def test_shard_sizes_read_as_transformers_reads_them():
 
 def test_native_layout_round_trip_and_convert_script(tmp_path):
     hf = hf_causal_lm()
-    _saved(hf, tmp_path / "hf")
+    saved_hf(hf, tmp_path / "hf")
     texts = [f"o menino {i} foi para a escola com seu cachorro número {i * 7}." for i in range(60)]
     tokenizer = train_tokenizer(texts, None, vocab_size=300)
     tokenizer.save_pretrained(tmp_path / "hf")
@@ -157,138 +148,6 @@ def test_native_layout_round_trip_and_convert_script(tmp_path):
     # the tokenizer travels with the weights, both ways, so each output is a whole checkpoint
     for out in ("native", "back"):
         assert Tokenizer.from_pretrained(tmp_path / out).encode(texts[3]) == tokenizer.encode(texts[3])
-
-
-def _saved(hf_model, directory: Path) -> Path:
-    hf_model.save_pretrained(directory)
-    return directory
-
-
-def _rewrite(directory: Path, edit) -> None:
-    tensors = read_all(directory)
-    edit(tensors)
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _edit_config(directory: Path, **changes) -> None:
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, **changes}))
-
-
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"),
-    (lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(2)),
-     r"unexpected tensors: model\.layers\.0\.extra\.weight"),
-])
-def test_missing_and_unexpected_tensors_are_named(tmp_path, edit, message):
-    d = _saved(hf_causal_lm(), tmp_path)
-    _rewrite(d, edit)
-    with pytest.raises(CheckpointError, match=message):
-        ttl_core.load_pretrained(d)
-
-
-def test_rotary_buffers_saved_by_older_transformers_are_ignored(tmp_path):
-    """Older transformers versions saved each layer's rotary inv_freq, state dicts gathered with the buffers hold the
-    model's: no weights, so the checkpoint loads, as in transformers, and the frequencies stay ttl's own."""
-    hf = hf_causal_lm()
-    d = _saved(hf, tmp_path)
-    gen = torch.Generator().manual_seed(7)
-    _rewrite(d, lambda t: t.update({f"model.{where}rotary_emb.inv_freq": torch.rand(8, generator=gen)
-                                    for where in ("", "layers.0.self_attn.", "layers.1.self_attn.")}))
-    ours = ttl_core.load_pretrained(d)
-    ids = torch.randint(4, 131, (2, 11), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert (ours(ids).logits - hf(ids).logits).abs().max() <= 1e-5
-
-
-def test_wrong_vocab_size_is_a_shape_mismatch_naming_the_tensor(tmp_path):
-    d = _saved(hf_causal_lm(), tmp_path)
-    _edit_config(d, vocab_size=200)
-    with pytest.raises(CheckpointError, match=r"shape mismatch: model\.embed_tokens\.weight \[131, 64\].*\[200, 64\]"):
-        ttl_core.load_pretrained(d)
-
-
-def test_truncated_file_is_reported(tmp_path):
-    d = _saved(hf_causal_lm(), tmp_path)
-    data = (d / "model.safetensors").read_bytes()
-    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt or truncated"):
-        ttl_core.load_pretrained(d)
-    (d / "model.safetensors").write_bytes(b"\x00" * 7)
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        ttl_core.load_pretrained(d)
-
-
-def test_missing_shard_and_corrupt_config(tmp_path):
-    d = _saved(hf_causal_lm(), tmp_path / "a")
-    ttl_core.save_pretrained(ttl_core.load_pretrained(d), tmp_path / "sharded", max_shard_size="40KB")
-    next((tmp_path / "sharded").glob("model-00002-*")).unlink()
-    with pytest.raises(CheckpointError, match="missing: .*model-00002"):
-        ttl_core.load_pretrained(tmp_path / "sharded")
-    (d / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
-        ttl_core.load_pretrained(d)
-
-
-def test_a_tensor_stored_in_two_shards_is_refused(tmp_path):
-    """Which copy a loader takes would be arbitrary (ttl took the last shard it scanned, transformers another):
-    the checkpoint is malformed, and the error names the tensor and both files."""
-    d = _saved(hf_causal_lm(), tmp_path / "a")
-    ttl_core.save_pretrained(ttl_core.load_pretrained(d), tmp_path / "sharded", max_shard_size="40KB")
-    first, second = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[:2]
-    with safe_open(first, framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    with safe_open(second, framework="pt") as handle:
-        key = next(iter(handle.keys()))
-        tensors[key] = handle.get_tensor(key) + 1
-    save_file(tensors, first, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=rf"tensor {key} is stored in both {first.name} and {second.name}"):
-        ttl_core.load_pretrained(tmp_path / "sharded")
-
-
-def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
-    d = _saved(hf_causal_lm(), tmp_path)
-    (d / "model.safetensors").unlink()
-    marker = tmp_path / "pwned"
-    # a pickle that would create a file if it were ever loaded
-    (d / "pytorch_model.bin").write_bytes(
-        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
-    with pytest.raises(CheckpointError, match=r"pickle checkpoint.*never unpickles.*save_pretrained\(OUT\), which"):
-        ttl_core.load_pretrained(d)
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("edit, message", [
-    ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture 'MistralForCausalLM'"),
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
-    ({"hidden_act": "gelu"}, "unsupported activation hidden_act='gelu'"),
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}},
-     "unsupported rope type 'longrope'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None},
-     r"unsupported rope type 'dynamic'; .* follow the longest sequence seen"),
-])
-def test_unsupported_configs_are_named(tmp_path, edit, message):
-    d = _saved(hf_causal_lm(), tmp_path)
-    _edit_config(d, **edit)
-    with pytest.raises(ConfigError, match=message):
-        ttl_core.load_pretrained(d)
-
-
-def test_not_a_directory_and_empty_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
-        ttl_core.load_pretrained(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="no config.json$"):
-        ttl_core.load_pretrained(tmp_path)
-    (tmp_path / "adapter_config.json").write_text("{}")  # an adapter where a model was expected is named as such
-    with pytest.raises(CheckpointError, match=r"no config.json \(it holds a PEFT adapter"):
-        ttl_core.load_pretrained(tmp_path)
-
-
-def test_convert_script_reports_errors_in_one_line(tmp_path):
-    run = run_script("convert", "--to-hf", tmp_path / "missing", tmp_path / "out")
-    assert run.returncode == 2
-    assert run.stderr.strip().count("\n") == 0 and run.stderr.startswith("error: ")
-    assert "Traceback" not in run.stderr
 
 
 def test_config_presets_and_validation():
@@ -341,7 +200,7 @@ def test_less_common_shapes_round_trip_bit_identically(tmp_path, overrides):
 def test_label_overrides_rebuild_the_head_names(tmp_path):
     """Asking for another number of labels resizes the head even when config.json names two labels."""
     hf_causal_lm().save_pretrained(tmp_path / "src")
-    _edit_config(tmp_path / "src", id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+    edit_config(tmp_path / "src", id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "src", num_labels=5)
     ours = ttl_core.load_pretrained(tmp_path / "src", architecture="LlamaForSequenceClassification", num_labels=5)
     assert ours.score.weight.shape == theirs.score.weight.shape == (5, 64)
@@ -357,7 +216,7 @@ def test_label_overrides_rebuild_the_head_names(tmp_path):
 def test_a_config_json_whose_num_labels_disagrees_with_id2label_reads_as_in_transformers(tmp_path):
     """transformers lets num_labels win and names the labels anew (ttl took the head size from id2label)."""
     hf_causal_lm().save_pretrained(tmp_path)
-    _edit_config(tmp_path, num_labels=3, id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})
+    edit_config(tmp_path, num_labels=3, id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     ours = ttl_core.load_pretrained(tmp_path, architecture="LlamaForSequenceClassification")
     assert ours.score.weight.shape == theirs.score.weight.shape == (3, 64)
@@ -375,7 +234,7 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_declared_dtype(tmp_path, decl
         if name.endswith("norm"):
             module.float()
     hf.save_pretrained(tmp_path / "src")
-    _edit_config(tmp_path / "src", dtype=declared)
+    edit_config(tmp_path / "src", dtype=declared)
     stored = read_all(tmp_path / "src")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16, torch.float32}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
@@ -402,7 +261,7 @@ def test_an_older_config_declaring_torch_dtype_loads_in_that_dtype(tmp_path):
 
 
 def test_each_layout_removes_the_others_config_and_native_keeps_no_runtime_settings(tmp_path):
-    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"), kernels="torch", attention="eager")
+    model = ttl_core.load_pretrained(saved_hf(hf_causal_lm(), tmp_path / "src"), kernels="torch", attention="eager")
     ttl_core.save_pretrained(model, tmp_path / "out")
     ttl_core.save_native(model, tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()  # transformers would read the fused tensors under it
@@ -425,7 +284,7 @@ def test_each_layout_removes_the_others_config_and_native_keeps_no_runtime_setti
 
 
 def test_a_given_state_dict_is_checked_against_the_model(tmp_path):
-    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"))
+    model = ttl_core.load_pretrained(saved_hf(hf_causal_lm(), tmp_path / "src"))
     full = {name: p.detach() for name, p in model.named_parameters()}
     with pytest.raises(CheckpointError, match=r"state_dict lacks backbone\.embed\.weight.*without DDP"):
         ttl_core.save_pretrained(model, tmp_path / "a", state_dict={f"module.{k}": v for k, v in full.items()})
@@ -437,7 +296,7 @@ def test_a_given_state_dict_is_checked_against_the_model(tmp_path):
 
 
 def test_float64_weights_are_labelled_float64(tmp_path):
-    model = ttl_core.load_pretrained(_saved(hf_causal_lm(), tmp_path / "src"), dtype=torch.float64)
+    model = ttl_core.load_pretrained(saved_hf(hf_causal_lm(), tmp_path / "src"), dtype=torch.float64)
     ttl_core.save_pretrained(model, tmp_path / "out")
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").dtype == torch.float64
 
@@ -447,14 +306,14 @@ def test_the_padding_row_is_the_one_transformers_picks(tmp_path, pad, row):
     hf = hf_causal_lm(pad_token_id=pad)
     # the padding row is config.json's; transformers 5.17 refuses to save a generation config with a negative pad
     hf.generation_config.pad_token_id = None
-    ours = ttl_core.load_pretrained(_saved(hf, tmp_path / "src"))
+    ours = ttl_core.load_pretrained(saved_hf(hf, tmp_path / "src"))
     assert json.loads((tmp_path / "src" / "config.json").read_text())["pad_token_id"] == pad
     assert ours.backbone.embed.padding_idx == hf.model.embed_tokens.padding_idx == row
 
 
 def test_a_padding_id_outside_the_vocabulary_is_refused(tmp_path):
-    d = _saved(hf_causal_lm(), tmp_path)
-    _edit_config(d, pad_token_id=131)
+    d = saved_hf(hf_causal_lm(), tmp_path)
+    edit_config(d, pad_token_id=131)
     with pytest.raises(ConfigError, match="pad_token_id 131 is outside the vocabulary of 131 tokens"):
         ttl_core.load_pretrained(d)
 
@@ -466,7 +325,7 @@ def test_llama3_rope_takes_the_original_context_as_transformers_models_do(tmp_pa
     original_max_position_embeddings wins over both when transformers builds the model (its config object
     still shows the other value, so logits are what this compares)."""
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, **block}
-    _saved(hf_causal_lm(rope_parameters=dict(rope)), tmp_path / "m")  # a copy: transformers fills in the defaults
+    saved_hf(hf_causal_lm(rope_parameters=dict(rope)), tmp_path / "m")  # a copy: transformers fills in the defaults
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config.pop("rope_scaling", None)
     config["rope_parameters"] = {**rope, "rope_theta": config.get("rope_theta", 10000.0)}
@@ -496,7 +355,7 @@ def test_bidirectional_and_partial_rotary_configs_are_refused(tmp_path):
 def test_shrinking_the_vocabulary_below_the_padding_id_drops_the_padding_row(tmp_path, size):
     """As transformers' resize_token_embeddings does; loading such a config is refused, naming the checkpoint."""
     theirs = hf_causal_lm(pad_token_id=100)
-    ours = ttl_core.load_pretrained(_saved(theirs, tmp_path / "src"))
+    ours = ttl_core.load_pretrained(saved_hf(theirs, tmp_path / "src"))
     theirs.resize_token_embeddings(size)
     ours.resize_token_embeddings(size)
     assert ours.backbone.embed.padding_idx is theirs.model.embed_tokens.padding_idx is None

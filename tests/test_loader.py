@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ttl_core.data import PackedLoader
 from ttl_core.errors import DataError
+from ttl_core.loader import PackedLoader
 
 BOS, EOS = 1, 2
 
@@ -182,6 +182,12 @@ def test_a_state_from_another_sequence_length_split_or_data_is_refused(data, tmp
     with pytest.raises(DataError, match=rf"n_blocks is {state['n_blocks']}, here {other.n_blocks} \(blocks in the "
                                         r"token file: other data than the position was saved on\)$"):
         other.load_state_dict(state)
+
+
+def test_a_fractional_sequence_length_is_refused(data):
+    path, _, _ = data
+    with pytest.raises(DataError, match=r"bad seq_len=64\.5"):
+        PackedLoader(path, "train", 64.5, 2)
 
 
 @pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0)])

@@ -13,10 +13,11 @@ import torch
 
 from helpers import ROOT, run_script, run_torchrun
 from train_helpers import corpus_halves, losses, run_config, set_arguments
-from ttl_core.data import PackedLoader, prepare_data
+from ttl_core.data import prepare_data
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError, DataError, TTLError
 from ttl_core.hf import load_pretrained
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import read_metrics
 from ttl_core.mixture import Mixture, MixtureLoader
 from ttl_core.run_config import load_run_config

@@ -17,9 +17,9 @@ from tests.helpers import ROOT, run_script, run_snippet, run_torchrun
 from train_helpers import losses, run_config, same_weights, set_arguments
 from ttl_core import load_pretrained
 from ttl_core.checkpoint import read_trainer_state
-from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.noise_scale import NoiseScale, noise_estimates, validate_noise_scale

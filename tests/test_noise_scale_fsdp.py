@@ -24,9 +24,9 @@ from helpers import forked_exit_codes, free_port, load_script
 from test_noise_scale import (ONE_EACH, RAMP, check_against, check_refused_in_one_process, figures, reference_squares,
                               reference_steps)
 from train_helpers import losses, run_config, same_weights, set_arguments
-from ttl_core.data import PackedLoader
 from ttl_core.distributed import close_world, init_world, wrap_model
 from ttl_core.errors import ConfigError
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.noise_scale import (fsdp_reduce_scatter, noise_estimates, start_noise_scale,

@@ -13,8 +13,8 @@ import torch
 
 from helpers import ROOT, load_script, run_torchrun
 from train_helpers import run_config, set_arguments
-from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import PEAK_BF16_TFLOPS
 from ttl_core.mixture import Mixture, MixtureLoader, train_loader
 from ttl_core.model import LlamaForCausalLM

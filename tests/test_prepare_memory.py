@@ -12,6 +12,7 @@ import pytest
 import ttl_core.data as data
 import ttl_core.documents as documents
 from ttl_core.data import prepare_data, read_documents
+from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 
 WORDS = "o rio a serra café manhã ponte escola árvore chuva João às 12h30 — ótimo! ação".split()
@@ -57,6 +58,37 @@ def test_a_long_document_is_read_and_tokenized_in_about_three_times_its_size(tmp
     ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
     assert ids.tolist() == tok.encode(text, add_bos=True, add_eos=True, split_special_tokens=True)
     assert peak < 3 * sys.getsizeof(text) + (4 << 20), f"{peak / sys.getsizeof(text):.1f} times the text"
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_ids_of_the_whole(tmp_path, monkeypatch):
+    """sentencepiece needs ~50 bytes of memory per character of a text it encodes at once, so a long document
+    (a .txt without blank lines is one) goes in pieces cut between words, which give the ids of the whole text."""
+    tok = train_tokenizer([one_paragraph(300)], None, vocab_size=300)
+    rng = random.Random(1)
+    seps = [" ", " ", " ", "  ", "\n", " \n ", "\t", " \u2581", "\u2581 ", "   ", "😀 "]
+    long_doc = "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(3000)).strip()
+    (tmp_path / "long.txt").write_text(long_doc + "\n")
+    monkeypatch.setattr(data, "_PIECE_CHARS", 50)
+    lengths, real = [], Tokenizer.encode
+
+    def encode(self, text, **kwargs):
+        lengths.append(len(text))
+        return real(self, text, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    meta = prepare_data([tmp_path / "long.txt"], tmp_path / "out", tokenizer=tok, val_fraction=0, workers=1)
+    assert max(lengths) < 200  # pieces, not the whole 20,000-character document
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    whole = real(tok, long_doc, add_bos=True, add_eos=True, split_special_tokens=True)
+    assert train.tolist() == whole
+    tok.save_pretrained(tmp_path / "worker")
+    data._init_worker(tmp_path / "worker")
+    for size in (1, 7, 333):  # cuts everywhere the text allows one, and a few
+        monkeypatch.setattr(data, "_PIECE_CHARS", size)
+        data._encode_document(long_doc, ids := array.array("H"))
+        assert ids.tolist() == whole
+    tok.proto.normalizer_spec.remove_extra_whitespaces = True  # a cut piece's leading space would be dropped
+    assert not data._cuttable(tok)
 
 
 @pytest.mark.parametrize("flag", ["lstrip", "rstrip"])

@@ -8,8 +8,8 @@ import torch
 import transformers
 from generation_helpers import hf_generation_model, hf_greedy, left_padded
 from helpers import load_script
-from hf_reference import hf_causal_lm
-from test_model_parity import assert_loss_and_grads_match, to_ttl
+from hf_reference import hf_causal_lm, to_ttl
+from test_model_parity import assert_loss_and_grads_match
 
 import ttl_core
 from ttl_core.attention import document_layout

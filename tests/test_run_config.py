@@ -8,7 +8,8 @@ import torch
 from tests.helpers import ROOT
 from train_helpers import run_config
 from ttl_core.errors import ConfigError
-from ttl_core.run_config import check_resumable, load_run_config, resumed_model_settings
+from ttl_core.recorded_config import check_resumable, resumed_model_settings
+from ttl_core.run_config import load_run_config
 
 
 def test_shipped_configs_load_and_match_the_published_recipe():

@@ -19,10 +19,11 @@ from helpers import run_torchrun
 from test_ema import prepare_held_out
 from test_z_loss import z_formula
 from train_helpers import losses, prepared_corpus, random_model, run_config, same_weights
-from ttl_core.checkpoint import load_optimizer_file, read_trainer_state
-from ttl_core.data import PackedLoader, read_meta
+from ttl_core.checkpoint import file_sha256, load_optimizer_file, read_trainer_state
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
+from ttl_core.fileio import write_json
+from ttl_core.loader import PackedLoader, read_meta
 from ttl_core.metrics import read_metrics
 from ttl_core.optim import lr_at
 from ttl_core.run_config import load_run_config
@@ -57,7 +58,8 @@ def same_tensors(a, b) -> bool:
 
 def spiked_corpus(tmp: Path, global_batch: int = 4) -> Path:
     """`prepared_corpus` with the blocks that step SPIKE_STEP (seq_len 32, seed 0, `global_batch` blocks a step)
-    trains on overwritten by uniformly random token ids: a batch of garbage, whose loss is far above the text's."""
+    trains on overwritten by uniformly random token ids: a batch of garbage, whose loss is far above the text's
+    (its digest recorded in meta.json anew, or the loader would refuse the file as corrupted)."""
     data = prepared_corpus(tmp)
     loader = PackedLoader(data, "train", 32, global_batch, seed=0)
     blocks = loader.permutation(0)[(SPIKE_STEP - 1) * global_batch:SPIKE_STEP * global_batch]
@@ -67,6 +69,7 @@ def spiked_corpus(tmp: Path, global_batch: int = 4) -> Path:
     for block in blocks:
         tokens[block * 32:block * 32 + 33] = rng.integers(0, meta["vocab_size"], 33)
     tokens.flush()
+    write_json(data / "meta.json", {**meta, "train_sha256": file_sha256(data / "train.bin")})
     return data
 
 

@@ -16,9 +16,9 @@ from tests.helpers import ROOT, largest, run_script, run_torchrun
 from train_helpers import losses, random_model, run_config, set_arguments
 from ttl_core import load_pretrained, save_pretrained
 from ttl_core.checkpoint import complete_checkpoints
-from ttl_core.data import PackedLoader
 from ttl_core.distributed import World
 from ttl_core.errors import TrainingError
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import flops_per_token, peak_tflops, read_metrics, step_throughput
 import ttl_core.model as ttl_model
 import ttl_core.train as ttl_train

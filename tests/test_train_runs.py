@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from tests.helpers import load_script, run_script
 from train_helpers import FAST, MICRO_MODEL, corpus_file, losses, run_config
 from ttl_core import load_pretrained
-from ttl_core.data import PackedLoader
 from ttl_core.errors import ConfigError, DataError
+from ttl_core.loader import PackedLoader
 from ttl_core.metrics import plot_metrics, read_metrics
 from ttl_core.model import LlamaForCausalLM
-from ttl_core.run_config import check_resumable, load_run_config
+from ttl_core.recorded_config import check_resumable
+from ttl_core.run_config import load_run_config
 import ttl_core.run_setup as run_setup
 import ttl_core.train as ttl_train
 from ttl_core.train import train

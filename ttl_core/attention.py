@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import ttl_kernels
-from ttl_kernels.flash_attention import HEAD_DIMS, check_documents
+from ttl_kernels.dispatch import check_documents
+from ttl_kernels.flash_attention import HEAD_DIMS
 
 from .config import ATTENTION_CHOICES
 from .errors import ConfigError

@@ -1,11 +1,11 @@
-"""Training data: text files -> token files (`prepare_data`), and a packed, sharded, resumable loader.
+"""Training data: text files -> token files (`prepare_data`); `ttl_core.loader` reads them.
 
 A data directory holds `train.bin` / `val.bin` (each document stored as `<s>` tokens `</s>`, uint16, or uint32
-when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transformers' files) and `meta.json`.
+when the vocabulary exceeds 65535), the tokenizer (`tokenizer.model` plus transformers' files) and `meta.json`
+(with each token file's token count and SHA-256, which `ttl_core.loader` checks the file against).
 `prepare_data` tokenizes in shards with every core it may use; each finished shard is saved under
 `DIR/.prepare/`, so an interrupted run resumes where it stopped and writes exactly what an uninterrupted run
-would. `PackedLoader` memory-maps a split, cuts it into blocks of `seq_len + 1` tokens at stride `seq_len`,
-and serves a seeded permutation of them split across ranks, with a position that can be saved and restored."""
+would."""
 
 from __future__ import annotations
 
@@ -30,26 +30,20 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from .checkpoint import file_sha256
 from .documents import count_documents, read_documents
-from .errors import DataError, DataNotReady, is_integer
-from .fileio import atomic_write, read_json, write_json
+from .errors import DataError
+from .fileio import atomic_write, write_json
+from .loader import check_token_file, is_int
 from .tokenizer import Tokenizer
 from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer, valid_vocab_size
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = sorted(SAMPLE_DIR.glob("*.txt"))
-TOKEN_DTYPES = ("uint16", "uint32")
 _TYPECODES = {np.uint16: "H", np.uint32: "I"}  # array.array's: C's unsigned short and int, 2 and 4 bytes
 
-
-def _is_int(value: object) -> bool:
-    return is_integer(value) or isinstance(value, np.integer)  # sizes computed with numpy are fine here
-
-
-# -- prepare_data ----------------------------------------------------------------------------------------------------
 _worker_tokenizer: Tokenizer | None = None
 _worker_cuts = False  # whether _worker_tokenizer may encode a long document in pieces (see _cuttable)
 # a longer document is encoded in pieces of about this many characters: each piece's ids come back as a Python
@@ -175,9 +169,9 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
         raise DataError("prepare_data: no input files")
     if not 0 <= val_fraction <= 1:
         raise DataError(f"val_fraction must be in [0, 1], got {val_fraction}")
-    if workers is not None and not (_is_int(workers) and workers >= 1):
+    if workers is not None and not (is_int(workers) and workers >= 1):
         raise DataError(f"workers must be an integer >= 1 (left unset: every usable core), got {workers!r}")
-    if not (_is_int(shard_docs) and shard_docs >= 1):
+    if not (is_int(shard_docs) and shard_docs >= 1):
         raise DataError(f"shard_docs must be an integer >= 1, got {shard_docs!r}")
     if tokenizer is None and not valid_vocab_size(vocab_size):  # said before the corpus is read
         raise DataError(f"vocab_size (to train a tokenizer) must be an integer in [4, 2**31), got {vocab_size!r}")
@@ -252,8 +246,10 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
     tok.save_pretrained(out_dir)
     val_docs = sum(_evenly(k, val_fraction) for k in range(total))
+    # the digests let a loader tell a file corrupted in place from the one prepared (see loader.DIGEST_CHECK_BYTES)
     meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
-            "val_tokens": tokens["val"], "documents": total, "train_documents": total - val_docs,
+            "val_tokens": tokens["val"], "train_sha256": file_sha256(out_dir / "train.bin"),
+            "val_sha256": file_sha256(out_dir / "val.bin"), "documents": total, "train_documents": total - val_docs,
             "val_documents": val_docs, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "unk_id": tok.unk_id, "tokenizer": "tokenizer.model", "plan": plan}
     write_json(meta_path, meta)
@@ -288,14 +284,15 @@ def _documents(paths: list[Path], counts: list[int] | None = None) -> Iterator[s
 
 
 def _outputs_fit(out_dir: Path, meta: dict) -> bool:
-    """Whether the token files and the tokenizer file still fit `meta` (a finished run's meta.json), as far as
-    sizes tell; a file deleted or replaced since (e.g. by an interrupted run with other inputs) means preparing
-    again."""
+    """Whether the token files and the tokenizer file still fit `meta` (a finished run's meta.json), their sizes
+    and digests (in full: preparing costs far more); a file deleted, replaced or corrupted since (e.g. by an
+    interrupted run with other inputs) means preparing again."""
     try:
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        return (all((out_dir / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * itemsize
-                    for split in ("train", "val"))
-                and (out_dir / meta["tokenizer"]).is_file())
+        for split in ("train", "val"):
+            if not is_int(meta[f"{split}_tokens"]):  # a count the loader could not check the file against
+                return False
+            check_token_file(out_dir / f"{split}.bin", meta, split, full=True)
+        return (out_dir / meta["tokenizer"]).is_file()
     except (KeyError, TypeError, ValueError, OSError):  # missing files, or a meta.json without those keys
         return False
 
@@ -375,137 +372,3 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
 
     atomic_write(out, write)
     return count
-
-
-# -- loader ----------------------------------------------------------------------------------------------------------
-def read_meta(path: str | os.PathLike) -> dict:
-    """A data directory's meta.json, checked for the keys the loader relies on (DataError naming the file)."""
-    meta = read_json(path, DataError)
-    shown = lambda key: repr(meta[key]) if key in meta else "missing"  # noqa: E731
-    if meta.get("dtype") not in TOKEN_DTYPES:
-        raise DataError(f"{path}: 'dtype' is {shown('dtype')}; expected one of {', '.join(TOKEN_DTYPES)}")
-    for key, low in (("eos_id", 0), ("vocab_size", 1)):
-        if not (_is_int(meta.get(key)) and meta[key] >= low):
-            raise DataError(f"{path}: {key!r} is {shown(key)}; expected an integer >= {low}")
-    if meta["eos_id"] >= meta["vocab_size"]:  # no token would end a document: masking would find none
-        raise DataError(f"{path}: 'eos_id' {meta['eos_id']} is outside the vocabulary ({meta['vocab_size']} ids)")
-    return meta
-
-
-def token_file(path: Path, meta: dict, split: str) -> np.ndarray:
-    """`path` memory-mapped as meta's dtype; a size that is not a whole number of tokens, or a count other than
-    the one meta.json recorded, means a truncated file or a wrong dtype, and is a DataError."""
-    size, itemsize = path.stat().st_size, np.dtype(meta["dtype"]).itemsize
-    if size % itemsize:
-        raise DataError(f"{path}: {size:,} bytes is not a whole number of {meta['dtype']} tokens ({itemsize} bytes "
-                        f"each); the file is truncated or meta.json's dtype is wrong")
-    recorded = meta.get(f"{split}_tokens")
-    if recorded is not None and recorded != size // itemsize:
-        raise DataError(f"{path}: {size // itemsize:,} {meta['dtype']} tokens, but meta.json records {recorded!r}; "
-                        f"the file is truncated or replaced, or meta.json's dtype is wrong")
-    return np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0, meta["dtype"])
-
-
-def _split_batch(global_batch: object, world_size: object) -> str:
-    """' (micro_batch_size B x W processes)' for a loader's global batch, or '' for a state that lacks it."""
-    if not (_is_int(global_batch) and _is_int(world_size) and world_size >= 1):
-        return ""
-    return f" (micro_batch_size {global_batch // world_size} x {world_size} process{'es' if world_size > 1 else ''})"
-
-
-class PackedLoader:
-    """Batches of fixed-length blocks from `DIR/{split}.bin`, deterministic, resumable and split across ranks.
-
-    The token stream is cut into blocks of `seq_len + 1` tokens at stride `seq_len` (inputs = block[:-1],
-    labels = block[1:], so no token is lost between blocks). Epoch e visits the blocks in a permutation seeded
-    by (seed, e); global batch g is permutation[g*B*W : (g+1)*B*W] and rank r takes the r-th slice of B, so the
-    W ranks' batches concatenated equal the batch of one process with batch size B*W, and no two ranks ever
-    share a block. The last incomplete global batch of an epoch is dropped. With `shuffle=True` iteration never
-    ends (epoch after epoch); with `shuffle=False` it is one pass in file order (evaluation), restarted by
-    `iter()`. Each batch is a dict of `input_ids`, `labels` (int64, (B, S)) and `doc_starts` (bool, (B, S): True
-    at position 0 and at each token that follows an `</s>`, i.e. each document's `<s>`)."""
-
-    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        data_dir = Path(data_dir)
-        meta_path, path = data_dir / "meta.json", data_dir / f"{split}.bin"
-        if not meta_path.is_file() or not path.is_file():
-            raise DataError(f"{data_dir}: no meta.json or {split}.bin (run scripts/prepare_data.py first)")
-        if not (all(map(_is_int, (seq_len, batch_size, rank, world_size)))
-                and seq_len >= 1 and batch_size >= 1 and 0 <= rank < world_size):
-            raise DataError(f"PackedLoader: bad seq_len={seq_len!r}, batch_size={batch_size!r}, rank={rank!r}, "
-                            f"world_size={world_size!r} (integers, rank in [0, world_size))")
-        meta = read_meta(meta_path)
-        self.tokens = token_file(path, meta, split)
-        self.path, self.eos_id, self.vocab_size = path, meta["eos_id"], meta["vocab_size"]
-        self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
-        self.rank, self.world_size, self.split = rank, world_size, split
-        self.n_blocks = max(len(self.tokens) - 1, 0) // seq_len
-        global_batch = batch_size * world_size
-        self.batches_per_epoch = self.n_blocks // global_batch
-        if self.batches_per_epoch == 0:  # a global batch of several processes: which product it is, and a remedy
-            several = world_size > 1
-            raise DataNotReady(f"{path}: {len(self.tokens):,} tokens, fewer than one global batch"
-                               f"{_split_batch(global_batch, world_size) if several else ''} needs "
-                               f"({global_batch} x {seq_len} + 1 = {global_batch * seq_len + 1:,}); use more data"
-                               f"{' (or a larger --val-fraction when preparing it)' if split == 'val' else ''}, "
-                               f"a smaller batch{', fewer processes' if several else ''} or a shorter sequence")
-        self.epoch, self.batch, self.order = 0, 0, self.permutation(0)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order in which epoch `epoch` visits the blocks (file order without shuffling)."""
-        if not self.shuffle:
-            return np.arange(self.n_blocks)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
-
-    def __iter__(self) -> "PackedLoader":
-        if not self.shuffle:
-            self.epoch, self.batch = 0, 0
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.batch == self.batches_per_epoch:
-            if not self.shuffle:
-                raise StopIteration
-            self.epoch, self.batch = self.epoch + 1, 0
-            self.order = self.permutation(self.epoch)
-        first = (self.batch * self.world_size + self.rank) * self.batch_size
-        self.batch += 1
-        return self.batch_of(self.order[first:first + self.batch_size])
-
-    def batch_of(self, blocks: np.ndarray) -> dict[str, torch.Tensor]:
-        """The batch of the blocks numbered `blocks`, every token id checked against the vocabulary."""
-        S = self.seq_len
-        x = torch.from_numpy(np.stack([self.tokens[b * S:b * S + S + 1] for b in blocks]).astype(np.int64))
-        if int(x.max()) >= self.vocab_size:  # garbage would otherwise surface as an IndexError in the embedding
-            row, col = divmod(int(x.argmax()), S + 1)
-            raise DataError(f"{self.path}: token {int(blocks[row]) * S + col:,} has id {int(x.max())}, outside the "
-                            f"vocabulary of {self.vocab_size} in meta.json (a corrupt file or another tokenizer's)")
-        doc_starts = torch.cat([torch.ones(len(blocks), 1, dtype=torch.bool), x[:, :S - 1] == self.eos_id], dim=1)
-        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(), "doc_starts": doc_starts}
-
-    def state_dict(self) -> dict:
-        """The position (JSON-serializable): the next batch is epoch `epoch`, batch `batch`. Independent of rank
-        and world size, so a run may resume on a different number of ranks with the same global batch."""
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch": self.batch_size * self.world_size, "world_size": self.world_size,
-                "n_blocks": self.n_blocks, "split": self.split}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`: the next batch is the one that followed when it was saved (on any
-        number of ranks with the same global batch)."""
-        mine = self.state_dict()
-        for key in ("seed", "seq_len", "global_batch", "n_blocks", "split"):
-            if state.get(key) != mine[key]:
-                saved, here = f"{state.get(key)!r}", f"{mine[key]!r}"
-                if key == "global_batch":  # a state saved before world_size was recorded goes without its split
-                    saved += _split_batch(state.get(key), state.get("world_size"))
-                    here += f"{_split_batch(mine[key], self.world_size)}: keep micro_batch_size x processes as it was"
-                elif key == "n_blocks":
-                    here += " (blocks in the token file: other data than the position was saved on)"
-                raise DataError(f"loader state does not fit this loader: {key} is {saved}, here {here}")
-        epoch, batch = state.get("epoch"), state.get("batch")
-        if not (_is_int(epoch) and _is_int(batch) and epoch >= 0 and 0 <= batch <= self.batches_per_epoch):
-            raise DataError(f"loader state: epoch {epoch!r} and batch {batch!r} are no position in epochs of "
-                            f"{self.batches_per_epoch} batches (a damaged trainer_state.json?)")
-        self.epoch, self.batch, self.order = epoch, batch, self.permutation(epoch)

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import read_meta, token_file
 from .errors import ConfigError, DataError
+from .loader import read_meta, token_file
 from .metrics import perplexity, save_png
 from .model import LlamaForCausalLM
 from .step import model_inputs

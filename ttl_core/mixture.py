@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import PackedLoader, fingerprint_tokenizer, read_meta
+from .data import fingerprint_tokenizer
 from .distributed import World
 from .errors import ConfigError, DataError, DataNotReady, is_integer
+from .loader import PackedLoader, read_meta
 from .metrics import perplexity
-from .run_config import RunConfig, TrainConfig, recorded_data_setting
+from .recorded_config import recorded_data_setting
+from .run_config import RunConfig, TrainConfig
 from .tokenizer import Tokenizer
 
 # a third word in the draws' seeds keeps them apart from the permutations', seeded [seed, epoch]

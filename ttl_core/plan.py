@@ -14,7 +14,7 @@ import torch
 
 from .choices import Task, forward_shapes
 from .config import LlamaConfig
-from .data import PackedLoader
+from .loader import PackedLoader
 from .metrics import PEAK_BF16_TFLOPS, flops_per_token
 from .mixture import MixtureLoader
 from .model import LlamaForCausalLM

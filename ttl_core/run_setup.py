@@ -18,15 +18,17 @@ import torch
 from .checkpoint import latest_checkpoint, point_to_older_checkpoint, read_trainer_state, remove_partial_checkpoints
 from .choices import Task, read_task_questions, read_tasks
 from .config import RUNTIME_FIELDS, LlamaConfig
-from .data import SAMPLE_CORPUS, PackedLoader, prepare_data
+from .data import SAMPLE_CORPUS, prepare_data
 from .distributed import World, on_rank_0
 from .ema import check_average_names
 from .errors import ConfigError, DataNotReady, TokenizerError
 from .hf import read_loaded_config
+from .loader import PackedLoader
 from .mixture import (Mixture, MixtureLoader, check_eval_splits, evaluated_dirs, resolve_eval_sets, resolve_mixture,
                       train_loader)
 from .noise_scale import validate_noise_scale
-from .run_config import RunConfig, TrainConfig, check_resumable, check_run_fits_model, recorded_data_path
+from .recorded_config import check_resumable, recorded_data_path
+from .run_config import RunConfig, TrainConfig, check_run_fits_model
 from .tokenizer import Tokenizer, check_same_tokenizer
 
 # [model] fields that change how a model trains, not what it is: an --init-from run may set them (see

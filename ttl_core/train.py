@@ -40,7 +40,8 @@ from .optim import build_optimizer, lr_at
 from .plan import announce_epochs, source_plans
 from .preemption import StopOnSignal, TimeLimit
 from .profiling import StepProfiler
-from .run_config import RunConfig, TrainConfig, describe_batch, resumed_model_settings
+from .recorded_config import resumed_model_settings
+from .run_config import RunConfig, TrainConfig, describe_batch
 from .run_setup import DROPOUT_FIELDS, RunSetup, set_up_run
 from .spikes import spike_detector
 from .step import autocast, evaluate, model_inputs, train_step

@@ -109,6 +109,32 @@ def require_one_device(function: str, **tensors: torch.Tensor | None) -> None:
                              f"on {first.device}")
 
 
+def check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """`cu_seqlens` against the packed tokens and `max_seqlen`: its values only when it is on the CPU, where
+    reading them costs no device sync (see `ttl_kernels.flash_attention` for the contract on a device). Messages
+    name no kernel: `ttl_core.attention` checks packed documents with this whatever backend runs them."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an integer tensor, got a {type(cu_seqlens).__name__}")
+    if max_seqlen is None or isinstance(max_seqlen, float):  # the kernels' grid counts blocks of whole tokens
+        raise ValueError(f"packed attention needs an int max_seqlen (the longest document), got {max_seqlen}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D, one more entry than documents, got shape {tuple(cu_seqlens.shape)}")
+    # the kernels read it as int32: float offsets would be truncated to other documents without a word
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        raise ValueError(f"cu_seqlens must hold integer token offsets, got {cu_seqlens.dtype}")
+    if cu_seqlens.device.type != "cpu":
+        return
+    bounds = cu_seqlens.tolist()
+    lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
+        shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-2:]
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the {total} packed tokens, got "
+                         f"{shown}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is less than the longest document in cu_seqlens "
+                         f"({max(lengths)} tokens)")
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """`t` as a 2-D (rows, last dim) tensor with a contiguous last dim, for row-wise kernels: a view when
     the strides allow (e.g. a slice of a fused projection), a copy otherwise."""

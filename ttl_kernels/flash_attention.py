@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import (HAVE_TRITON, apply_kernel, interpreting, once_differentiable, require_floating,
-                       require_one_device, use_triton)
+from .dispatch import (HAVE_TRITON, apply_kernel, check_documents, interpreting, once_differentiable,
+                       require_floating, require_one_device, use_triton)
 
 if HAVE_TRITON:
     import triton
@@ -442,32 +442,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> N
         raise ValueError(f"query heads {q.shape[-2]} are not a multiple of key/value heads {k.shape[-2]}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported (choose one of {HEAD_DIMS})")
-
-
-def check_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
-    """`cu_seqlens` against the packed tokens and `max_seqlen`: its values only when it is on the CPU, where
-    reading them costs no device sync (see `flash_attention` for the contract on a device). Messages name no
-    kernel: `ttl_core.attention` checks packed documents with this whatever backend runs them."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an integer tensor, got a {type(cu_seqlens).__name__}")
-    if max_seqlen is None or isinstance(max_seqlen, float):  # the kernels' grid counts blocks of whole tokens
-        raise ValueError(f"packed attention needs an int max_seqlen (the longest document), got {max_seqlen}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D, one more entry than documents, got shape {tuple(cu_seqlens.shape)}")
-    # the kernels read it as int32: float offsets would be truncated to other documents without a word
-    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
-        raise ValueError(f"cu_seqlens must hold integer token offsets, got {cu_seqlens.dtype}")
-    if cu_seqlens.device.type != "cpu":
-        return
-    bounds = cu_seqlens.tolist()
-    lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != total or min(lengths) < 0:
-        shown = bounds if len(bounds) <= 8 else bounds[:4] + ["..."] + bounds[-2:]
-        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the {total} packed tokens, got "
-                         f"{shown}")
-    if max(lengths) > max_seqlen:
-        raise ValueError(f"max_seqlen {max_seqlen} is less than the longest document in cu_seqlens "
-                         f"({max(lengths)} tokens)")
 
 
 def flash_attention(
