@@ -23,10 +23,11 @@ from tokenizer_helpers import corpus, make_ttl_style_dir
 from train_helpers import corpus_file, run_config
 
 from ttl_core import load_pretrained
-from ttl_core.checkpoint import SHA256, STATE_SHA256, TRAINER_STATE, file_sha256, state_digest
+from ttl_core.checkpoint import SHA256, STATE_SHA256, TRAINER_STATE, state_digest
 from ttl_core.config import LlamaConfig
 from ttl_core.data import prepare_data
 from ttl_core.errors import AdapterError, CheckpointError, DataError, TokenizerError, TTLError
+from ttl_core.fileio import file_sha256
 from ttl_core.hf import save_pretrained
 from ttl_core.loader import PackedLoader
 from ttl_core.lora import apply_lora, load_adapter, load_with_adapter, save_adapter

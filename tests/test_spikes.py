@@ -19,10 +19,10 @@ from helpers import run_torchrun
 from test_ema import prepare_held_out
 from test_z_loss import z_formula
 from train_helpers import losses, prepared_corpus, random_model, run_config, same_weights
-from ttl_core.checkpoint import file_sha256, load_optimizer_file, read_trainer_state
+from ttl_core.checkpoint import load_optimizer_file, read_trainer_state
 from ttl_core.distributed import World
 from ttl_core.errors import ConfigError
-from ttl_core.fileio import write_json
+from ttl_core.fileio import file_sha256, write_json
 from ttl_core.loader import PackedLoader, read_meta
 from ttl_core.metrics import read_metrics
 from ttl_core.optim import lr_at

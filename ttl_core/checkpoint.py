@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, TTLError, is_integer, is_number
-from .fileio import (atomic_write, read_json, remove_dir_atomically, remove_path, write_dir_atomically,
+from .fileio import (atomic_write, file_sha256, read_json, remove_dir_atomically, remove_path, write_dir_atomically,
                      write_json)
 from .hf import check_weight_files, save_pretrained
 
@@ -169,15 +169,6 @@ def _other_world_size_note(saved_ranks: int, ranks: int) -> str:
               else f"the states saved for {span} go unused")
     return (f"the checkpoint holds the random states of {saved_ranks} process{'es' if saved_ranks > 1 else ''}, "
             f"this run has {ranks}: {change}, so dropout masks (if any) differ from the uninterrupted run's")
-
-
-def file_sha256(path: Path) -> str:
-    """The hex SHA-256 of a file's bytes, read in 1 MiB chunks (a checkpoint's files run to gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_digest(trainer_state: dict[str, Any]) -> str:

@@ -32,10 +32,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import file_sha256
 from .documents import count_documents, read_documents
 from .errors import DataError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, file_sha256, write_json
 from .loader import check_token_file, is_int
 from .tokenizer import Tokenizer
 from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer, valid_vocab_size

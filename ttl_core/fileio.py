@@ -6,6 +6,7 @@ complete file, never a torn one. Also: JSON reading with errors that name the fi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -70,6 +71,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB chunks (a checkpoint's files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike, error: type[Exception], expect: type = dict) -> Any:

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import file_sha256
 from .errors import DataError, DataNotReady, is_integer
-from .fileio import read_json
+from .fileio import file_sha256, read_json
 
 TOKEN_DTYPES = ("uint16", "uint32")
 # A token file's SHA-256, which meta.json records since prepare_data wrote it, is checked at every open up to this
