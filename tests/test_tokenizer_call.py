@@ -296,3 +296,18 @@ def test_generate_on_the_call_equals_transformers_generate_and_batch_decode(tmp_
     right = ours(prompts, return_tensors="pt", padding=True, padding_side="right")
     with pytest.raises(GenerationError, match="must be left-padded .* tokenize with padding_side=\"left\""):
         ttl_core.generate(model, **right, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("clean_up", [True, False, None])
+def test_clean_up_tokenization_spaces_decodes_as_transformers_5(clean_up, tmp_path):
+    """transformers 5 takes `clean_up_tokenization_spaces` and, for Llama's BPE tokenizer, ignores it: spaces before
+    punctuation and contractions stay (transformers 4 removed them)."""
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    ids = theirs("Olá , mundo . Tudo bem ? Sim ! Don 't , it 's ; we 've n't a ' b")["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers warns that it ignores True
+        expected = theirs.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up)
+        expected_batch = theirs.batch_decode([ids, ids[:5]], skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=clean_up)
+    assert " ." in expected and ours.decode(ids, clean_up_tokenization_spaces=clean_up) == expected
+    assert ours.batch_decode([ids, ids[:5]], clean_up_tokenization_spaces=clean_up) == expected_batch

@@ -29,12 +29,12 @@ import torch
 from .assisted import AssistantDrafts, assistant_settings
 from .beam_search import beam_search, check_beam_arguments
 from .errors import GenerationError, is_integer
-from .generate_output import GenerateOutput
+from .generate_output import GenerateOutput, passed_generation_config
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
 from .prompt_lookup import LookupDrafts, checked_lookup, decode as drafted_decode
 from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs, checked_token_rules,
-                       decoding_settings, global_generator, mark_seen, passed_generation_config, process_logits,
+                       decoding_settings, global_generator, mark_seen, process_logits,
                        sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
 from .streamer import HostWatch, StopStrings
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
@@ -304,8 +304,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
     `tokenizer` (see `ttl_core.streamer.StopStrings`).
-    `eos_token_id` and `pad_token_id` default to a passed `generation_config`'s, else to the checkpoint's
-    generation_config.json, else to the model config's; the padding id then to the first EOS id. Without
+    `eos_token_id` and `pad_token_id` default to a passed `generation_config`'s, else to the model's
+    `generation_config` (the checkpoint's generation_config.json, else the ids of the config the model was built
+    from, as in transformers: a later change to `model.config` is not read); the padding id then to the first EOS id. Without
     `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in transformers.
     Sampling draws transformers' tokens: with `seed=s` those it draws after `torch.manual_seed(s)`; without, from
     torch's global RNG where it stands.

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .errors import GenerationError, is_integer, is_number
+from .generate_output import GenerationSettings
 from .streamer import StopStrings
 
 if TYPE_CHECKING:
@@ -308,34 +309,17 @@ def _without_none_marks(ids: object) -> object:
     return None if none_mark(ids) else ids
 
 
-def settings_dict(config: Any, name: str, transformers_class: str) -> dict[str, Any]:
-    """A configuration argument as a dict: a dict itself, or what the `to_dict()` of transformers' class of that
-    name (or anything with one) gives; a one-line error naming `name` otherwise."""
-    settings = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(settings, dict):
-        raise GenerationError(f"{name} must be a dict or a transformers {transformers_class}, got a "
-                              f"{type(config).__name__}")
-    return settings
-
-
-def passed_generation_config(generation_config: Any) -> dict[str, Any]:
-    """The settings a `generation_config` passed to `generate()` sets: a dict's, or those of transformers'
-    GenerationConfig (anything with `to_dict()`) that are not None, which win over the checkpoint's as there."""
-    if generation_config is None:
-        return {}
-    settings = settings_dict(generation_config, "generation_config", "GenerationConfig")
-    return {name: value for name, value in settings.items() if value is not None}
-
-
 def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | None, pad_token_id: int | None,
                       passed: dict[str, Any] | None = None) -> tuple[list[int], int | None]:
     """(EOS ids, padding id): the arguments where given, else those of the `generation_config` the call passed
-    (`passed`, see `passed_generation_config`), else the checkpoint's generation_config.json as transformers reads it
-    (when the model was loaded with one), else the model config's; the padding id falls back to the first EOS id."""
+    (`passed`, see `ttl_core.generate_output.passed_generation_config`), else the model's `generation_config` as
+    transformers reads it (its checkpoint's generation_config.json, else the ids of the config it was built from); the
+    padding id falls back to the first EOS id. An error names where a bad id came from."""
     config = model.config
-    defaults, source = model.generation_config, "generation_config.json: "
-    if defaults is None:
-        defaults, source = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}, "config.json: "
+    defaults = model.generation_config
+    if defaults is None:  # a program set it so
+        defaults = GenerationSettings.from_model_config(config)
+    source = defaults.source + ": "
 
     def ids(name: str, given: int | list[int] | None) -> list[int]:  # an error names the file a bad saved id came from
         if given is not None:

@@ -381,9 +381,11 @@ class Tokenizer:
         return any((flags.lstrip or flags.rstrip or flags.single_word and token[0] in WHITE_SPACE)
                    and self.token_to_id(token) not in special for token, flags in self._token_flags.items())
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of `ids`, as transformers decodes them; special tokens are dropped when `skip_special_tokens`, else
-        written as their text (as added tokens that are not special always are).
+        written as their text (as added tokens that are not special always are). `clean_up_tokenization_spaces`
+        changes nothing, as in transformers 5, which ignores it for Llama's BPE tokenizer (v4 stripped " ." to ".").
 
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
         UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run. As there,
@@ -414,10 +416,11 @@ class Tokenizer:
         text = "".join(out)
         return text[1:] if text.startswith(" ") and self.prefix_scheme != "never" else text
 
-    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         """`decode` of each row (also named `batch_decode`, as in transformers, but dropping special tokens unless
         `skip_special_tokens=False`, where transformers' keeps them unless told)."""
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in batch]
 
     batch_decode = decode_batch
 
