@@ -381,3 +381,14 @@ def test_labels_kept_on_the_cpu_are_moved_to_the_logits_device_as_in_transformer
     logits = torch.randn(2, 3, device="meta")
     loss, _ = classification_loss(config, logits, torch.tensor([0, 2]))
     assert loss.device.type == "meta" and config.problem_type == "single_label_classification"
+
+
+def test_config_to_dict_holds_transformers_keys_and_values():
+    """Programs log `model.config.to_dict()` and read `return_dict`, `output_hidden_states`, `is_encoder_decoder`,
+    `use_cache` ... from it: every key transformers' dict of the same config has, at its value, but the two that name
+    the checkpoint's path and transformers' version; ttl keeps the v4 rope keys beside `rope_parameters`."""
+    theirs = hf_config(num_labels=3, tie_word_embeddings=True).to_dict()
+    mine = ttl_core.LlamaConfig.from_hf_dict(theirs).to_dict()
+    assert set(theirs) - set(mine) == {"_name_or_path", "transformers_version"}
+    assert set(mine) - set(theirs) == {"rope_theta", "rope_scaling"}
+    assert {key: mine[key] for key in theirs if key in mine} == {key: theirs[key] for key in theirs if key in mine}
