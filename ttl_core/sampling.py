@@ -173,12 +173,7 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
         raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
     if input_ids.numel() == 0:
         raise GenerationError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    if not is_integer(max_new_tokens) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    total = input_ids.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise GenerationError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
-                              f"exceeds the model's context of {config.max_position_embeddings} positions")
+    check_room(model, input_ids.shape[1], max_new_tokens)
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device, torch.long)
     if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
@@ -190,12 +185,29 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
         # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
         attention_mask = (input_ids != pad).long()
         source = f"the attention mask inferred from the padding id {pad} in input_ids (pass one)"
+    return input_ids, checked_mask(attention_mask, input_ids.shape, "input_ids", device, source)
+
+
+def check_room(model: LlamaForCausalLM, prompt_len: int, max_new_tokens: Any) -> None:
+    """A GenerationError unless `max_new_tokens` is a positive integer and the prompt and they fit the context."""
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    total, context = prompt_len + max_new_tokens, model.config.max_position_embeddings
+    if total > context:
+        raise GenerationError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} exceeds "
+                              f"the model's context of {context} positions")
+
+
+def checked_mask(attention_mask: Any, shape: torch.Size, prompt_name: str, device: torch.device,
+                 source: str = "attention_mask") -> torch.Tensor:
+    """A prompt's attention mask as long 0/1 on `device`, after the checks that name what is wrong with it (`source`:
+    where it came from): `shape` (batch, seq), that of the prompt named `prompt_name`; left padding only."""
     if not isinstance(attention_mask, torch.Tensor):
-        raise GenerationError(f"attention_mask must be a tensor shaped like input_ids, got a "
+        raise GenerationError(f"attention_mask must be a tensor shaped like {prompt_name}, got a "
                               f"{type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                              f"{tuple(input_ids.shape)}")
+    if attention_mask.shape != shape:
+        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != {prompt_name} shape "
+                              f"{tuple(shape)}")
     mask = attention_mask.to(device)
     if ((mask != 0) & (mask != 1)).any():  # before the integer conversion, which would make 0.5 a 0 and 1.5 a 1
         raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
@@ -206,7 +218,7 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
     if (mask[:, 1:] < mask[:, :-1]).any():
         raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation: tokenize "
                               "with padding_side=\"left\"")
-    return input_ids, mask
+    return mask
 
 
 def unconditional_inputs(model: LlamaForCausalLM, input_ids: torch.Tensor, guidance_scale: float,

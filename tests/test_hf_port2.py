@@ -1,0 +1,46 @@
+"""More idioms of transformers programs (the second batch of ported ones): prompts given as embeddings, ... run on
+ttl's models against transformers itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from generation_helpers import left_padded, saved_models
+
+from ttl_core.errors import GenerationError
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, top_k=10)], ids=["greedy", "sampled"])
+def test_generate_from_inputs_embeds_gives_transformers_tokens(sampling, tmp_path):
+    """`model.generate(inputs_embeds=...)` (soft prompts, another model's features): the new tokens only without
+    input_ids, the ids and then the new tokens with them; left-padded per attention_mask, or unpadded without one;
+    `max_length` counts the embedded positions; several sequences a prompt."""
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(131)
+    embeds = hf.get_input_embeddings()(ids).detach() + 0.1 * torch.randn(3, 9, 64)  # no ids stand for these
+    calls = [dict(attention_mask=mask), {}, dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids),
+             dict(attention_mask=mask, max_length=13, max_new_tokens=None),
+             dict(attention_mask=mask, no_repeat_ngram_size=2)]
+    if sampling["do_sample"]:
+        calls.append(dict(attention_mask=mask, num_return_sequences=2))
+    for call in calls:
+        outputs = []
+        for model in (hf, ours):
+            torch.manual_seed(7)
+            outputs.append(model.generate(inputs_embeds=embeds, **{"max_new_tokens": 6, **call, **sampling}))
+        expected, got = outputs
+        columns = (9 if "input_ids" in call else 0) + (4 if "max_length" in call else 6)
+        assert expected.shape[1] == columns and torch.equal(got, expected), call
+
+
+def test_generate_from_inputs_embeds_refuses_what_reads_the_prompt_ids(tmp_path):
+    _, ours = saved_models(tmp_path)
+    ids, _ = left_padded(131)
+    embeds = torch.randn(3, 9, 64)
+    for call, message in [(dict(num_beams=2), "not with beam search"), (dict(guidance_scale=2.0), "not with guidance"),
+                          (dict(input_ids=ids[:, :4]), r"input_ids given with inputs_embeds must be the ids they "
+                                                       r"embed, shaped \(3, 9\), got \(3, 4\)")]:
+        with pytest.raises(GenerationError, match=message):
+            ours.generate(inputs_embeds=embeds, max_new_tokens=3, **call)
+    with pytest.raises(GenerationError, match=r"^inputs_embeds must be a floating-point tensor shaped \(batch, seq, 64"):
+        ours.generate(inputs_embeds=embeds[..., :5])
