@@ -367,6 +367,12 @@ def test_transformers_generation_config_assigned_to_a_model_is_what_generate_use
     got = ours.generate(ids, attention_mask=mask)
     assert got.shape == (3, 9 + 6) and torch.equal(got, expected)
     assert ours.generation_config.top_k == 5 and ours.generation_config.to_dict()["max_new_tokens"] == 6
+    files = {}  # saved as transformers saves them: without the config's EOS id, which generate() then does not read
+    for name, model in (("hf", hf), ("ttl", ours)):
+        model.save_pretrained(tmp_path / name)
+        files[name] = json.loads((tmp_path / name / "generation_config.json").read_text())
+        files[name].pop("transformers_version")  # the GenerationConfig's own, in ttl's file too
+    assert files["ttl"] == files["hf"]
     with pytest.raises(GenerationError, match="^generation_config must be a dict or a transformers GenerationConfig"):
         ours.generation_config = [("top_k", 3)]
 

@@ -70,12 +70,6 @@ def passed_generation_config(generation_config: Any) -> dict[str, Any]:
     return {name: value for name, value in settings.items() if value is not None}
 
 
-def config_token_ids(config: Any) -> dict[str, Any]:
-    """The special token ids a model config sets (None ones left out, as transformers leaves them out)."""
-    return {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if getattr(config, name) is not None}
-
-
 class GenerationSettings(dict):
     """A model's `generation_config`: a dict whose settings are also read and written by attribute as transformers'
     GenerationConfig's are, so that `model.generation_config.pad_token_id = ...` sets what `generate()` then uses. A
@@ -92,8 +86,10 @@ class GenerationSettings(dict):
     def from_model_config(cls, config: Any) -> GenerationSettings:
         """What transformers' `GenerationConfig.from_model_config` gives a Llama config (and its `save_pretrained`
         writes): the special token ids that are set, and its fixed flags."""
-        return cls({"use_cache": True, "output_attentions": False, "output_hidden_states": False,
-                    **config_token_ids(config), "_from_model_config": True}, source="config.json")
+        ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(config, name) is not None}
+        return cls({"use_cache": True, "output_attentions": False, "output_hidden_states": False, **ids,
+                    "_from_model_config": True}, source="config.json")
 
     @classmethod
     def assigned(cls, settings: Any) -> GenerationSettings | None:
