@@ -29,8 +29,8 @@ from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_write, write_json
 from .tokenizer_call import (ROLE_IDS, add_special_tokens_dict, convert_ids_to_tokens, convert_tokens_to_ids,
-                             encode_for_model, get_vocab, role_id_property, role_token_property, tokenize,
-                             vocabulary_length)
+                             encode_for_model, get_vocab, pad_encodings, role_id_property, role_token_property,
+                             tokenize, vocabulary_length)
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
                                read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
@@ -53,7 +53,7 @@ class Tokenizer:
     truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
 
     # transformers' names for the calls below and the special tokens (see ttl_core.tokenizer_call)
-    __call__, __len__, tokenize = encode_for_model, vocabulary_length, tokenize
+    __call__, __len__, tokenize, pad = encode_for_model, vocabulary_length, tokenize, pad_encodings
     convert_ids_to_tokens, convert_tokens_to_ids, get_vocab = convert_ids_to_tokens, convert_tokens_to_ids, get_vocab
     bos_token, eos_token, unk_token, pad_token = map(role_token_property, ROLE_IDS)
     bos_token_id, eos_token_id, unk_token_id, pad_token_id = map(role_id_property, ROLE_IDS)
