@@ -1,5 +1,5 @@
-"""More idioms of transformers programs (the second batch of ported ones): prompts given as embeddings, ... run on
-ttl's models against transformers itself."""
+"""More idioms of transformers programs (the second batch of ported ones): prompts given as embeddings, forward hooks
+capturing a block's activations; run on ttl's models against transformers itself."""
 
 from __future__ import annotations
 
@@ -44,3 +44,23 @@ def test_generate_from_inputs_embeds_refuses_what_reads_the_prompt_ids(tmp_path)
             ours.generate(inputs_embeds=embeds, max_new_tokens=3, **call)
     with pytest.raises(GenerationError, match=r"^inputs_embeds must be a floating-point tensor shaped \(batch, seq, 64"):
         ours.generate(inputs_embeds=embeds[..., :5])
+
+
+def test_a_forward_hook_on_a_block_sees_the_pair_that_sums_to_transformers_layer_output(tmp_path):
+    """Activation capture with forward hooks, as written for transformers' `model.model.layers[i]`: ttl's blocks
+    return (the MLP's output, the residual stream before it), whose sum is transformers' layer output (documented in
+    docs/models.md; `output[0]` alone is not)."""
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(131)
+    captured = {}
+    for name, layers in (("hf", hf.model.layers), ("ttl", ours.backbone.layers)):
+        handles = [layer.register_forward_hook(lambda module, args, output, i=i, name=name:
+                                               captured.__setitem__((name, i), output)) for i, layer in
+                   enumerate(layers)]
+        with torch.no_grad():
+            (hf if name == "hf" else ours)(ids, attention_mask=mask)
+        for handle in handles:
+            handle.remove()
+    for i in range(2):
+        expected, (mlp_out, residual) = captured["hf", i], captured["ttl", i]
+        assert float((mlp_out + residual - expected)[mask.bool()].abs().max()) <= 1e-5
