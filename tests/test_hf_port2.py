@@ -42,7 +42,7 @@ def test_generate_from_inputs_embeds_refuses_what_reads_the_prompt_ids(tmp_path)
                                                        r"embed, shaped \(3, 9\), got \(3, 4\)")]:
         with pytest.raises(GenerationError, match=message):
             ours.generate(inputs_embeds=embeds, max_new_tokens=3, **call)
-    with pytest.raises(GenerationError, match=r"^inputs_embeds must be a floating-point tensor shaped \(batch, seq, 64"):
+    with pytest.raises(GenerationError, match=r"^inputs_embeds must be a floating-point tensor shaped \(batch, seq"):
         ours.generate(inputs_embeds=embeds[..., :5])
 
 
