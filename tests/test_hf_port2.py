@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from generation_helpers import left_padded, saved_models
+from generation_helpers import PAD, left_padded, saved_models
 
 from ttl_core.errors import GenerationError
 
@@ -64,3 +64,39 @@ def test_a_forward_hook_on_a_block_sees_the_pair_that_sums_to_transformers_layer
     for i in range(2):
         expected, (mlp_out, residual) = captured["hf", i], captured["ttl", i]
         assert float((mlp_out + residual - expected)[mask.bool()].abs().max()) <= 1e-5
+
+
+class _LastTokenIs:
+    """A custom transformers-style stopping criterion: a row is done once its last token is `token`."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.Tensor, scores) -> torch.Tensor:
+        return input_ids[:, -1] == self.token
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, top_k=10)], ids=["greedy", "sampled"])
+def test_stopping_criteria_end_rows_as_in_transformers(sampling, tmp_path):
+    """`stopping_criteria=StoppingCriteriaList([...])`, custom criteria written for transformers (one per row, one
+    for all rows at a length): each row ends where transformers' ends, finished rows padded, the output trimmed."""
+    import transformers
+
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(131)
+    torch.manual_seed(4)
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[], pad_token_id=PAD, **sampling)
+    per_row = [_LastTokenIs(int(free[0, 9 + 2])), _LastTokenIs(int(free[2, 9 + 4]))]
+    at_length = [lambda input_ids, scores, **kwargs: input_ids.shape[1] >= 9 + 7]
+    for criteria in (per_row, at_length):
+        outputs = []
+        for model in (hf, ours):
+            torch.manual_seed(4)
+            outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[],
+                                          pad_token_id=PAD, stopping_criteria=transformers.StoppingCriteriaList(
+                                              criteria), **sampling))
+        assert torch.equal(outputs[1], outputs[0])
+        stopped = (outputs[0][0, 9 + 3:] == PAD).all() if criteria is per_row else outputs[0].shape[1] == 9 + 7
+        assert stopped
+    with pytest.raises(GenerationError, match="^stopping_criteria must be callables .* got a int$"):
+        ours.generate(ids, attention_mask=mask, stopping_criteria=[3])

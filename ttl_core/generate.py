@@ -37,7 +37,7 @@ from .prompt_lookup import LookupDrafts, checked_lookup, decode as drafted_decod
 from .sampling import (apply_guidance, check_sampling_arguments, checked_token_rules,
                        decoding_settings, global_generator, mark_seen, process_logits,
                        sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
-from .streamer import HostWatch, StopStrings
+from .streamer import HostWatch, checked_criteria, host_watch
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
 from .watermark import Watermark, checked_watermark
 
@@ -277,8 +277,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
              max_matching_ngram_size: int | None = None, assistant_model: LlamaForCausalLM | None = None,
              num_assistant_tokens: int | None = None, num_assistant_tokens_schedule: str | None = None,
              assistant_confidence_threshold: float | None = None,
-             use_cache: bool | None = None,
-             inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | GenerateOutput:
+             use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+             stopping_criteria: Any = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -318,8 +318,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
     graph unless `cuda_graph=False`. The last call's KV cache, buffers and graph stay with the model until it is
     freed or called with other shapes or settings: a repeated call allocates and captures nothing. `use_cache` is
     taken, as code written for transformers passes it, and changes nothing: transformers' tokens are the same
-    either way, and ttl always decodes from its cache. `inputs_embeds` (batch, seq, hidden_size) are prefilled in
-    place of the prompt ids, as transformers does (see `ttl_core.prompt_embeds`)."""
+    either way, and ttl always decodes from its cache. `inputs_embeds` are prefilled in place of the prompt ids (see
+    `ttl_core.prompt_embeds`); `stopping_criteria` are asked after each token (`ttl_core.streamer.HostWatch`)."""
     try:
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
@@ -386,9 +386,10 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
                                                         inputs_embeds, readers)
         unconditional = unconditional_inputs(model, input_ids, guidance_scale, negative_prompt_ids,
                                              negative_prompt_attention_mask, max_new_tokens)
-        stops = stop_string_matcher(saved, stop_strings, tokenizer)
-        if stops is not None and pad is None:
-            raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
+        stops, criteria = stop_string_matcher(saved, stop_strings, tokenizer), checked_criteria(stopping_criteria)
+        if (stops is not None or criteria) and pad is None:
+            raise GenerationError(f"{'stopping_criteria' if stops is None else 'stop_strings'} need a pad_token_id (or "
+                                  "an eos_token_id) to pad finished rows")
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         deadline = None if max_time is None else time.monotonic() + max_time
@@ -402,8 +403,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
                                       lookup)
         assistant = None if drafting is None else (assistant_model, drafting)
         if num_beams > 1:
-            if streamer is not None or stops is not None:  # transformers refuses a streamer there too
-                raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
+            if streamer is not None or stops is not None or criteria:  # transformers refuses a streamer there too
+                raise GenerationError("beam search (num_beams > 1) takes no streamer, stop strings or "
+                                      "stopping_criteria")
             input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
             guidance = None
             if unconditional is not None:
@@ -433,7 +435,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
             graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1],
             watermark, lookup, assistant))
         try:
-            sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
+            watch = host_watch(session.state, input_ids, streamer, stops, criteria)  # before the prefill
+            sequences = _run(session, input_ids, mask, max_new_tokens, seed, watch, bool(eos or stops or criteria),
                              deadline, unconditional, eos, inputs_embeds)
             if not as_dict:
                 return sequences
@@ -446,17 +449,15 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
 
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
-         streamer, stops: StopStrings | None, can_finish: bool, deadline: float | None,
+         watch: HostWatch | None, can_finish: bool, deadline: float | None,
          unconditional: tuple[torch.Tensor, torch.Tensor] | None, eos: list[int],
          inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill (also guidance's `unconditional` ids and mask), then decode until every row has finished,
     `max_new_tokens` are out or the `deadline` (of time.monotonic(), checked after each token as transformers'
-    max_time is, or each prompt-lookup step) has passed."""
+    max_time is, or each prompt-lookup step) has passed; `watch` (or None) sees each step's new tokens."""
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
     state.reset(input_ids, mask[:, mask.shape[1] - input_ids.shape[1]:], seed)  # no columns where only embedded
-    # before the prefill: a streamer gets the prompt first, as from transformers
-    watch = HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
     unconditional_logits = None
     if unconditional is not None:
         session.unconditional.reset(unconditional[1])
