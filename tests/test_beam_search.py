@@ -131,7 +131,7 @@ def test_when_the_search_gives_up_on_a_prompt_as_transformers_does(models, early
     (dict(num_beams=2, early_stopping=1), "early_stopping must be True, False or 'never', got 1"),
     (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must be at most num_beams \(2\)"),
     (dict(num_beams=2, stop_strings="ab", tokenizer=CharTokenizer()),
-     r"beam search \(num_beams > 1\) takes no streamer or stop strings"),
+     r"beam search \(num_beams > 1\) takes no streamer, stop strings or stopping_criteria"),
     (dict(num_beams=2, length_penalty=2000.0),
      r"length_penalty 2000.0 is too large: \(new tokens\) \*\* length_penalty overflows a float at 2 new tokens"),
     (dict(num_beams=2, length_penalty=1100), r"length_penalty 1100 is too large"),

@@ -5,14 +5,17 @@ ttl's models and tokenizer against transformers itself."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
 from generation_helpers import PAD, left_padded, saved_models
-from hf_reference import hf_causal_lm
+from hf_reference import hf_causal_lm, hf_config
 
 import ttl_core
-from ttl_core.errors import CheckpointError, ConfigError, TokenizerError
+from ttl_core.errors import CheckpointError, ConfigError, GenerationError, TokenizerError
+from ttl_core.model_io import classification_loss, next_token_targets
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -313,3 +316,85 @@ def test_transformers_loader_options_are_refused_by_name(option, tmp_path):
     with pytest.raises(ConfigError, match=f"load_pretrained takes no {next(iter(option))}: neither a LlamaConfig") as e:
         ttl_core.LlamaForCausalLM.from_pretrained(tmp_path, **option)
     assert "\n" not in str(e.value)
+
+
+def test_a_model_built_from_a_config_has_transformers_generation_config(tmp_path):
+    """A model built from a config, not loaded, has as in transformers a generation_config of its config's ids: the
+    common `model.generation_config.pad_token_id = tokenizer.eos_token_id` sets what generate() pads with, a later
+    change to `model.config` is not read, save_pretrained writes transformers' file, and a bad id names its origin."""
+    hf = hf_causal_lm(pad_token_id=None)
+    hf.save_pretrained(tmp_path / "weights")
+    ours = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_hf_dict(hf.config.to_dict())).eval()
+    ours.load_state_dict(ttl_core.load_pretrained(tmp_path / "weights").state_dict())
+    ids, mask = left_padded(131)
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=[],
+                       pad_token_id=5)
+    for model in (hf, ours):
+        model.generation_config.pad_token_id = 5
+        model.generation_config.eos_token_id = int(free[0, 9 + 2])  # row 0 stops early: padded with 5
+        model.config.eos_token_id = int(free[1, 9 + 1])  # read by neither
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(got, expected) and (got[0, 9 + 3:] == 5).all()
+    for pad in (None, 3):
+        config = hf_config(pad_token_id=pad)
+        models = {"hf": transformers.LlamaForCausalLM(config),
+                  "ttl": ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_hf_dict(config.to_dict()))}
+        for name, model in models.items():
+            model.save_pretrained(tmp_path / name)
+        files = {name: json.loads((tmp_path / name / "generation_config.json").read_text()) for name in models}
+        files["hf"].pop("transformers_version")
+        assert files["ttl"] == files["hf"]
+    bad_eos = ttl_core.LlamaForCausalLM(ttl_core.LlamaConfig.from_hf_dict(hf_config(eos_token_id=131).to_dict()))
+    with pytest.raises(GenerationError, match="^config.json: eos_token_id 131 is not a token id"):
+        bad_eos.generate(ids)
+    ours.generation_config.pad_token_id = 999
+    with pytest.raises(GenerationError, match="^model.generation_config: pad_token_id 999 is not a token id"):
+        ours.generate(ids)
+
+
+def test_transformers_generation_config_assigned_to_a_model_is_what_generate_uses(tmp_path):
+    """`model.generation_config = GenerationConfig(...)`, as transformers programs set decoding defaults; anything
+    else that is neither a dict nor has `to_dict()` is refused by name."""
+    hf, ours = saved_models(tmp_path)
+    ids, mask = left_padded(131)
+    settings = transformers.GenerationConfig(max_new_tokens=6, do_sample=True, top_k=5, eos_token_id=[], pad_token_id=2)
+    for model in (hf, ours):
+        model.generation_config = settings
+    torch.manual_seed(3)
+    expected = hf.generate(ids, attention_mask=mask)
+    torch.manual_seed(3)
+    got = ours.generate(ids, attention_mask=mask)
+    assert got.shape == (3, 9 + 6) and torch.equal(got, expected)
+    assert ours.generation_config.top_k == 5 and ours.generation_config.to_dict()["max_new_tokens"] == 6
+    files = {}  # saved as transformers saves them: without the config's EOS id, which generate() then does not read
+    for name, model in (("hf", hf), ("ttl", ours)):
+        model.save_pretrained(tmp_path / name)
+        files[name] = json.loads((tmp_path / name / "generation_config.json").read_text())
+        files[name].pop("transformers_version")  # the GenerationConfig's own, in ttl's file too
+    assert files["ttl"] == files["hf"]
+    with pytest.raises(GenerationError, match="^generation_config must be a dict or a transformers GenerationConfig"):
+        ours.generation_config = [("top_k", 3)]
+
+
+def test_labels_kept_on_the_cpu_are_moved_to_the_logits_device_as_in_transformers():
+    """HF code often leaves `labels` on the CPU with the model on CUDA; transformers moves them to the logits'
+    device. Checked on the loss helpers with the logits on the meta device (this machine may have no GPU)."""
+    labels = torch.randint(0, 131, (2, 7))
+    targets = next_token_targets(labels, None, (2, 7), torch.device("meta"))
+    assert targets.device.type == "meta" and targets.dtype == torch.long
+    config = ttl_core.LlamaConfig(num_labels=3)
+    logits = torch.randn(2, 3, device="meta")
+    loss, _ = classification_loss(config, logits, torch.tensor([0, 2]))
+    assert loss.device.type == "meta" and config.problem_type == "single_label_classification"
+
+
+def test_config_to_dict_holds_transformers_keys_and_values():
+    """Programs log `model.config.to_dict()` and read `return_dict`, `output_hidden_states`, `is_encoder_decoder`,
+    `use_cache` ... from it: every key transformers' dict of the same config has, at its value, but the two that name
+    the checkpoint's path and transformers' version; ttl keeps the v4 rope keys beside `rope_parameters`."""
+    theirs = hf_config(num_labels=3, tie_word_embeddings=True).to_dict()
+    mine = ttl_core.LlamaConfig.from_hf_dict(theirs).to_dict()
+    assert set(theirs) - set(mine) == {"_name_or_path", "transformers_version"}
+    assert set(mine) - set(theirs) == {"rope_theta", "rope_scaling"}
+    assert {key: mine[key] for key in theirs if key in mine} == {key: theirs[key] for key in theirs if key in mine}

@@ -296,3 +296,42 @@ def test_generate_on_the_call_equals_transformers_generate_and_batch_decode(tmp_
     right = ours(prompts, return_tensors="pt", padding=True, padding_side="right")
     with pytest.raises(GenerationError, match="must be left-padded .* tokenize with padding_side=\"left\""):
         ttl_core.generate(model, **right, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("clean_up", [True, False, None])
+def test_clean_up_tokenization_spaces_decodes_as_transformers_5(clean_up, tmp_path):
+    """transformers 5 takes `clean_up_tokenization_spaces` and, for Llama's BPE tokenizer, ignores it: spaces before
+    punctuation and contractions stay (transformers 4 removed them)."""
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False))
+    ids = theirs("Olá , mundo . Tudo bem ? Sim ! Don 't , it 's ; we 've n't a ' b")["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers warns that it ignores True
+        expected = theirs.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=clean_up)
+        expected_batch = theirs.batch_decode([ids, ids[:5]], skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=clean_up)
+    assert " ." in expected and ours.decode(ids, clean_up_tokenization_spaces=clean_up) == expected
+    assert ours.batch_decode([ids, ids[:5]], clean_up_tokenization_spaces=clean_up) == expected_batch
+
+
+def test_pad_and_transformers_data_collators_pad_as_transformers(tmp_path):
+    """`tokenizer.pad(features)`, which DataCollatorWithPadding and DataCollatorForLanguageModeling(mlm=False) call:
+    a list of encodings (lists or tensors), a dict of rows, one row; to the longest, to max_length, to a multiple;
+    either side; the attention mask made where missing; other keys kept; as lists, tensors or arrays."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=True))
+    texts = ["Olá , mundo .", "a casa de o menino foi para a escola", "sim"]
+    features = [dict(theirs(t)) for t in texts]
+    bare = [{"input_ids": f["input_ids"], "label": i} for i, f in enumerate(features)]
+    tensors = [{k: torch.tensor(v) for k, v in f.items()} for f in features]
+    calls = [(features, {}), (features, dict(return_tensors="pt")), (bare, dict(return_tensors="np")),
+             (tensors, dict(return_tensors="pt", pad_to_multiple_of=8, padding_side="right")),
+             (features, dict(padding="max_length", max_length=40, return_tensors="pt")),
+             (bare, dict(return_attention_mask=False, padding_side="left")), (features, dict(padding=False)),
+             ({"input_ids": [f["input_ids"] for f in features]}, dict(return_tensors="pt")), (features[1], {})]
+    for encoded, kwargs in calls:
+        assert_same(ours.pad(encoded, **kwargs), dict(theirs.pad(encoded, **kwargs)))
+    collators = (lambda tok: DataCollatorForLanguageModeling(tok, mlm=False),
+                 lambda tok: DataCollatorWithPadding(tok, pad_to_multiple_of=4))
+    for collator in collators:
+        assert_same(dict(collator(ours)(features)), dict(collator(theirs)(features)))

@@ -21,6 +21,12 @@ ATTENTION_CHOICES = ("auto", "sdpa", "flash_attn", "triton", "eager")
 RUNTIME_FIELDS = ("kernels", "attention")
 
 
+# transformers' PretrainedConfig fields every model has, at what ttl's forward does: a dict by default, no attentions
+# or hidden states unless asked per call, decoder-only, feed-forward in one chunk
+TRANSFORMERS_GENERIC_FIELDS = {"return_dict": True, "output_attentions": False, "output_hidden_states": False,
+                               "is_encoder_decoder": False, "chunk_size_feed_forward": 0}
+
+
 @dataclass
 class LlamaConfig:
     """Llama hyper-parameters under their Hugging Face names, plus two ttl-only runtime switches.
@@ -242,13 +248,14 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields transformers' `config.to_dict()` gives that programs read: config.json's, with the label fields
         of any head (id2label keyed by int) and, as in a config transformers built itself, `architectures` and `dtype`
-        None (the config knows neither the model's class nor its dtype). Not a copy of transformers' dict: it lacks
-        transformers' generic fields (`return_dict`, ...) and keeps `rope_theta`/`rope_scaling` beside
-        `rope_parameters`; `LlamaConfig.from_hf_dict` reads it back."""
+        None (the config knows neither the model's class nor its dtype), with transformers' generic fields at the
+        values that hold for ttl's models (`return_dict` True, `output_attentions` False, ...). Not a copy of
+        transformers' dict: it lacks `_name_or_path` and `transformers_version` and keeps `rope_theta`/`rope_scaling`
+        beside `rope_parameters`; `LlamaConfig.from_hf_dict` reads it back."""
         out = self.to_hf_dict("LlamaForSequenceClassification")
         del out["torch_dtype"]
-        return {**out, "architectures": None, "dtype": None, "problem_type": self.problem_type,
-                "id2label": {int(k): v for k, v in out["id2label"].items()}}
+        return {**out, **TRANSFORMERS_GENERIC_FIELDS, "architectures": None, "dtype": None,
+                "problem_type": self.problem_type, "id2label": {int(k): v for k, v in out["id2label"].items()}}
 
 
 def _checked_rope_scaling(rope_scaling: dict[str, Any] | None,

@@ -29,14 +29,15 @@ import torch
 from .assisted import AssistantDrafts, assistant_settings
 from .beam_search import beam_search, check_beam_arguments
 from .errors import GenerationError, is_integer
-from .generate_output import GenerateOutput
+from .generate_output import GenerateOutput, passed_generation_config
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
+from .prompt_embeds import checked_prompt, prompt_length
 from .prompt_lookup import LookupDrafts, checked_lookup, decode as drafted_decode
-from .sampling import (apply_guidance, check_sampling_arguments, checked_inputs, checked_token_rules,
-                       decoding_settings, global_generator, mark_seen, passed_generation_config, process_logits,
+from .sampling import (apply_guidance, check_sampling_arguments, checked_token_rules,
+                       decoding_settings, global_generator, mark_seen, process_logits,
                        sample, special_token_ids, stop_string_matcher, unconditional_inputs, unimplemented_settings)
-from .streamer import HostWatch, StopStrings
+from .streamer import HostWatch, checked_criteria, host_watch
 from .token_rules import TOKEN_RULE_SETTINGS, TokenRules
 from .watermark import Watermark, checked_watermark
 
@@ -252,7 +253,7 @@ def _acquire_session(model: LlamaForCausalLM, key: tuple, build: Callable[[], _S
 
 
 @torch.no_grad()
-def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, eos_token_id: int | list[int] | None = None,
@@ -276,7 +277,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
              max_matching_ngram_size: int | None = None, assistant_model: LlamaForCausalLM | None = None,
              num_assistant_tokens: int | None = None, num_assistant_tokens_schedule: str | None = None,
              assistant_confidence_threshold: float | None = None,
-             use_cache: bool | None = None) -> torch.Tensor | GenerateOutput:
+             use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+             stopping_criteria: Any = None) -> torch.Tensor | GenerateOutput:
     """Continue each prompt row of `input_ids` (batch, seq), left-padded per `attention_mask`, by up to
     `max_new_tokens` tokens; returns (batch * num_return_sequences, seq + new) like transformers'
     `generate()`: the prompts followed by the new tokens, rows that finished early padded with
@@ -304,8 +306,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     `tokenizer` is given, as in transformers) finish a row; a stop string matches, as in transformers, where it ends
     within a new token, in the text of the whole row (prompt included, special tokens as their text), which needs
     `tokenizer` (see `ttl_core.streamer.StopStrings`).
-    `eos_token_id` and `pad_token_id` default to a passed `generation_config`'s, else to the checkpoint's
-    generation_config.json, else to the model config's; the padding id then to the first EOS id. Without
+    `eos_token_id` and `pad_token_id` default to a passed `generation_config`'s, else to the model's
+    `generation_config` (the checkpoint's generation_config.json, else the ids of the config the model was built from,
+    as in transformers: a later change to `model.config` is not read); the padding id then to the first EOS id. Without
     `attention_mask`, prompt tokens equal to a padding id that is no EOS id count as padding, as in transformers.
     Sampling draws transformers' tokens: with `seed=s` those it draws after `torch.manual_seed(s)`; without, from
     torch's global RNG where it stands.
@@ -315,13 +318,14 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     graph unless `cuda_graph=False`. The last call's KV cache, buffers and graph stay with the model until it is
     freed or called with other shapes or settings: a repeated call allocates and captures nothing. `use_cache` is
     taken, as code written for transformers passes it, and changes nothing: transformers' tokens are the same
-    either way, and ttl always decodes from its cache."""
+    either way, and ttl always decodes from its cache. `inputs_embeds` are prefilled in place of the prompt ids (see
+    `ttl_core.prompt_embeds`); `stopping_criteria` are asked after each token (`ttl_core.streamer.HostWatch`)."""
     try:
         if not hasattr(model, "lm_head"):
             raise GenerationError(f"generation needs a causal LM, got {type(model).__name__}")
         if not (use_cache is None or isinstance(use_cache, bool)):
             raise GenerationError(f"use_cache must be True, False or None, got {use_cache!r}")
-        prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
+        prompt_len = prompt_length(input_ids, inputs_embeds)
         passed = passed_generation_config(generation_config)
         saved = {**(model.generation_config or {}), **passed} if passed else model.generation_config
         settings = decoding_settings(saved, prompt_len, model.config.max_position_embeddings,
@@ -376,12 +380,16 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                 raise GenerationError(f"prefix_allowed_tokens_fn must be a function (prompt index, row so far) -> "
                                       f"allowed ids, got a {type(prefix_allowed_tokens_fn).__name__}")
             rules["prefix_allowed_tokens_fn"] = (prefix_allowed_tokens_fn, max(num_beams, num_return_sequences))
-        input_ids, mask = checked_inputs(model, input_ids, attention_mask, max_new_tokens, eos, pad)
+        readers = {"beam search": num_beams > 1, "guidance": guidance_scale != 1,
+                   "prompt lookup": lookup[0] is not None, "assistant_model": assistant_model is not None}
+        input_ids, mask, inputs_embeds = checked_prompt(model, input_ids, attention_mask, max_new_tokens, eos, pad,
+                                                        inputs_embeds, readers)
         unconditional = unconditional_inputs(model, input_ids, guidance_scale, negative_prompt_ids,
                                              negative_prompt_attention_mask, max_new_tokens)
-        stops = stop_string_matcher(saved, stop_strings, tokenizer)
-        if stops is not None and pad is None:
-            raise GenerationError("stop_strings need a pad_token_id (or an eos_token_id) to pad finished rows")
+        stops, criteria = stop_string_matcher(saved, stop_strings, tokenizer), checked_criteria(stopping_criteria)
+        if (stops is not None or criteria) and pad is None:
+            raise GenerationError(f"{'stopping_criteria' if stops is None else 'stop_strings'} need a pad_token_id (or "
+                                  "an eos_token_id) to pad finished rows")
         if seed is not None and (not is_integer(seed) or not 0 <= seed < 2**63):
             raise GenerationError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         deadline = None if max_time is None else time.monotonic() + max_time
@@ -395,8 +403,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                       lookup)
         assistant = None if drafting is None else (assistant_model, drafting)
         if num_beams > 1:
-            if streamer is not None or stops is not None:  # transformers refuses a streamer there too
-                raise GenerationError("beam search (num_beams > 1) takes no streamer or stop strings")
+            if streamer is not None or stops is not None or criteria:  # transformers refuses a streamer there too
+                raise GenerationError("beam search (num_beams > 1) takes no streamer, stop strings or "
+                                      "stopping_criteria")
             input_ids, mask = input_ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
             guidance = None
             if unconditional is not None:
@@ -407,6 +416,7 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
                                 num_return_sequences, deadline, keep_scores, keep_logits, guidance, watermark)
             return GenerateOutput(*found) if as_dict else found[0]
         input_ids, mask = (t.repeat_interleave(num_return_sequences, dim=0) for t in (input_ids, mask))
+        inputs_embeds = None if inputs_embeds is None else inputs_embeds.repeat_interleave(num_return_sequences, 0)
         if unconditional is not None:
             unconditional = tuple(t.repeat_interleave(num_return_sequences, dim=0) for t in unconditional)
         if streamer is not None and input_ids.shape[0] != 1:
@@ -416,17 +426,18 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
         graphed = (cuda_graph and device.type == "cuda" and autocast_dtype("cuda") is None and watermark is None
                    and prefix_allowed_tokens_fn is None and lookup is None and assistant is None)  # host code a step
         unconditional_shape = None if unconditional is None else tuple(unconditional[0].shape)
-        key = (tuple(input_ids.shape), max_new_tokens, device, do_sample, seed is not None, tuple(settings.values()),
-               tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits, guidance_scale,
-               unconditional_shape, watermark, lookup, _forward_fingerprint(model),
+        key = ((input_ids.shape[1], *mask.shape), max_new_tokens, device, do_sample, seed is not None,
+               tuple(settings.values()), tuple(rules.values()), tuple(eos), pad, graphed, keep_scores, keep_logits,
+               guidance_scale, unconditional_shape, watermark, lookup, _forward_fingerprint(model),
                None if assistant is None else (tuple(drafting.values()), _forward_fingerprint(assistant_model)))
         session = _acquire_session(model, key, lambda: _Session(
             key, model, input_ids, mask, max_new_tokens, eos, pad, do_sample, seed is not None, settings, rules,
             graphed, keep_scores, keep_logits, guidance_scale, None if unconditional is None else unconditional[1],
             watermark, lookup, assistant))
         try:
-            sequences = _run(session, input_ids, mask, max_new_tokens, seed, streamer, stops, bool(eos or stops),
-                             deadline, unconditional, eos)
+            watch = host_watch(session.state, input_ids, streamer, stops, criteria)  # before the prefill
+            sequences = _run(session, input_ids, mask, max_new_tokens, seed, watch, bool(eos or stops or criteria),
+                             deadline, unconditional, eos, inputs_embeds)
             if not as_dict:
                 return sequences
             return GenerateOutput(sequences, *session.state.kept_steps(sequences.shape[1] - input_ids.shape[1]))
@@ -438,16 +449,15 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
 
 
 def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, seed: int | None,
-         streamer, stops: StopStrings | None, can_finish: bool, deadline: float | None,
-         unconditional: tuple[torch.Tensor, torch.Tensor] | None, eos: list[int]) -> torch.Tensor:
+         watch: HostWatch | None, can_finish: bool, deadline: float | None,
+         unconditional: tuple[torch.Tensor, torch.Tensor] | None, eos: list[int],
+         inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill (also guidance's `unconditional` ids and mask), then decode until every row has finished,
     `max_new_tokens` are out or the `deadline` (of time.monotonic(), checked after each token as transformers'
-    max_time is, or each prompt-lookup step) has passed."""
+    max_time is, or each prompt-lookup step) has passed; `watch` (or None) sees each step's new tokens."""
     decoder, state = session.decoder, session.state
     decoder.reset(mask)
-    state.reset(input_ids, mask, seed)
-    # before the prefill: a streamer gets the prompt first, as from transformers
-    watch = HostWatch(state, input_ids, streamer, stops) if streamer is not None or stops is not None else None
+    state.reset(input_ids, mask[:, mask.shape[1] - input_ids.shape[1]:], seed)  # no columns where only embedded
     unconditional_logits = None
     if unconditional is not None:
         session.unconditional.reset(unconditional[1])
@@ -458,7 +468,7 @@ def _run(session: _Session, input_ids: torch.Tensor, mask: torch.Tensor, max_new
         drafts = session.assistant or LookupDrafts(state, *session.lookup, eos)
         produced = drafted_decode(decoder, state, input_ids, drafts, eos, watch, deadline)
     else:
-        state.advance(decoder.prefill(input_ids), unconditional_logits)
+        state.advance(decoder.prefill(input_ids, inputs_embeds), unconditional_logits)
         check_every = 1 if watch is not None else EOS_CHECK_EVERY.get(input_ids.device.type, 1)
         produced = 1
         while True:

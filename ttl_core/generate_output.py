@@ -1,4 +1,5 @@
-"""What `ttl_core.generate(..., return_dict_in_generate=True)` returns."""
+"""What `ttl_core.generate(..., return_dict_in_generate=True)` returns, and the generation settings a model keeps
+(`model.generation_config`) or a call passes (`generate(generation_config=)`)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,55 @@ class GenerateOutput:
         return picked.masked_fill(ended, 0.0)
 
 
+def settings_dict(config: Any, name: str, transformers_class: str) -> dict[str, Any]:
+    """A configuration argument as a dict: a dict itself, or what the `to_dict()` of transformers' class of that
+    name (or anything with one) gives; a one-line error naming `name` otherwise."""
+    settings = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(settings, dict):
+        raise GenerationError(f"{name} must be a dict or a transformers {transformers_class}, got a "
+                              f"{type(config).__name__}")
+    return settings
+
+
+def passed_generation_config(generation_config: Any) -> dict[str, Any]:
+    """The settings a `generation_config` passed to `generate()` sets: a dict's, or those of transformers'
+    GenerationConfig (anything with `to_dict()`) that are not None, which win over the checkpoint's as there."""
+    if generation_config is None:
+        return {}
+    settings = settings_dict(generation_config, "generation_config", "GenerationConfig")
+    return {name: value for name, value in settings.items() if value is not None}
+
+
 class GenerationSettings(dict):
-    """A model's `generation_config`: the settings of its checkpoint's generation_config.json, a dict that is also
-    read and written by attribute as transformers' GenerationConfig is, so that `model.generation_config.pad_token_id
-    = ...` sets what `generate()` then uses. A setting never set is an AttributeError naming it, where transformers
-    would give its default: `generate()` applies those defaults, but only where neither call nor checkpoint sets one."""
+    """A model's `generation_config`: a dict whose settings are also read and written by attribute as transformers'
+    GenerationConfig's are, so that `model.generation_config.pad_token_id = ...` sets what `generate()` then uses. A
+    setting never set is an AttributeError naming it, where transformers would give its default: `generate()` applies
+    those defaults, but only where neither call nor model sets one. `source` names the settings' origin in messages:
+    the checkpoint's generation_config.json, the model's config.json (`from_model_config`), or, once a program sets one
+    by attribute or assigns transformers' GenerationConfig, "model.generation_config"."""
+
+    def __init__(self, settings: dict[str, Any] | None = None, source: str = "generation_config.json"):
+        super().__init__(settings or {})
+        object.__setattr__(self, "source", source)
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> GenerationSettings:
+        """What transformers' `GenerationConfig.from_model_config` gives a Llama config (and its `save_pretrained`
+        writes): the special token ids that are set, and its fixed flags."""
+        ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(config, name) is not None}
+        return cls({"use_cache": True, "output_attentions": False, "output_hidden_states": False, **ids,
+                    "_from_model_config": True}, source="config.json")
+
+    @classmethod
+    def assigned(cls, settings: Any) -> GenerationSettings | None:
+        """What `model.generation_config = settings` keeps: None, these settings themselves, a dict's (as read from
+        generation_config.json), or those of transformers' GenerationConfig (anything with `to_dict()`) that are set."""
+        if settings is None or isinstance(settings, GenerationSettings):
+            return settings
+        if isinstance(settings, dict):
+            return cls(settings)
+        return cls(passed_generation_config(settings), source="model.generation_config")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -64,3 +109,7 @@ class GenerationSettings(dict):
 
     def __setattr__(self, name: str, value: Any) -> None:
         self[name] = value
+        object.__setattr__(self, "source", "model.generation_config")  # no longer what a file or the config says
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from .config import RUNTIME_FIELDS, SUPPORTED_ARCHITECTURES, LlamaConfig
 from .errors import CheckpointError, ConfigError, TTLError
 from .fileio import fsync_dir, read_json, write_json
+from .generate_output import GenerationSettings
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
 from .shards import parse_shard_size, remove_stale, write_shards
 
@@ -411,16 +412,16 @@ def withdraw_configs(directory: Path) -> None:
 
 
 def _write_generation_config(directory: Path, model) -> None:
-    """`generation_config.json`: the model's special token ids, then the generation settings its checkpoint was
-    loaded with (extra EOS ids, sampling defaults), kept in either layout; for a causal LM only, as transformers
-    writes it only for models that generate."""
+    """`generation_config.json`: the model's generation settings as transformers writes them (those its checkpoint
+    was loaded with, extra EOS ids and sampling defaults included, else those derived from its config; an id they
+    lack stays out, as transformers' generate() then does not read the config's), kept in either layout; for a causal
+    LM only, as transformers writes it only for models that generate."""
     if model.architecture != "LlamaForCausalLM":
         return
-    config = model.config
-    write_json(directory / GENERATION_CONFIG, {
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
-        **(model.generation_config or {}),
-    })
+    settings = model.generation_config
+    if settings is None:  # a program set it so
+        settings = GenerationSettings.from_model_config(model.config)
+    write_json(directory / GENERATION_CONFIG, dict(settings))
 
 
 def _refuse_unplanned(unplanned: list[str], layout: str) -> None:

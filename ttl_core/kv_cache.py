@@ -127,17 +127,19 @@ class KVDecoder:
             self.cache.seqlens.fill_(self.prompt_len)
             self.cache.leftpad.copy_((~real).sum(-1))
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Fill the cache with the prompts; logits of each row's next token."""
-        cache, n = self.cache, self.prompt_len
-        cache.write_index = torch.arange(n, device=input_ids.device)
+    def prefill(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill the cache with the prompts (their ids, or their embeddings `inputs_embeds`, which then stand in for
+        the ids); logits of each row's next token."""
+        cache, n, device = self.cache, self.prompt_len, self.key_ok.device
+        cache.write_index = torch.arange(n, device=device)
         cache.visible, cache.attends = n, False
         # A padding query may attend itself: a query with no key at all makes some SDPA kernels return NaN,
         # which would land in the cache; real queries never see padding keys either way.
-        mask = causal_mask(n, n, input_ids.device, key_padding=self.key_ok[:, :n])
-        mask = mask | torch.eye(n, dtype=torch.bool, device=input_ids.device)
-        logits = self.model_ref()(input_ids, attention_mask=mask, position_ids=self.prompt_positions, kv_cache=cache,
-                            logits_to_keep=1).logits[:, -1]
+        mask = causal_mask(n, n, device, key_padding=self.key_ok[:, :n])
+        mask = mask | torch.eye(n, dtype=torch.bool, device=device)
+        logits = self.model_ref()(None if inputs_embeds is not None else input_ids, attention_mask=mask,
+                                  position_ids=self.prompt_positions, kv_cache=cache, logits_to_keep=1,
+                                  inputs_embeds=inputs_embeds).logits[:, -1]
         cache.write_index = self.decode_index
         cache.visible, cache.attends = cache.max_len, self.flash
         return logits

@@ -227,18 +227,21 @@ class _LlamaBase(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = LlamaModel(config)
-        self.generation_config = None
+        # as transformers, a model that generates starts from its config's token ids; a checkpoint's file replaces them
+        self.generation_config = GenerationSettings.from_model_config(config) if hasattr(self, "generate") else None
         self._input_require_grads_hook = None
 
     @property
     def generation_config(self) -> GenerationSettings | None:
-        """A checkpoint's generation_config.json (token ids, sampling defaults) as ttl_core.hf loaded it, else None:
-        a dict whose settings are also read and set as attributes, as transformers' GenerationConfig's are."""
+        """A causal LM's generation settings (token ids, sampling defaults): its checkpoint's generation_config.json as
+        ttl_core.hf loaded it, else, as in transformers, those of its config; None for a classifier. A dict whose
+        settings are also read and set as attributes, as transformers' GenerationConfig's are (see
+        `ttl_core.generate_output.GenerationSettings`); transformers' GenerationConfig may be assigned."""
         return self._generation_config
 
     @generation_config.setter
-    def generation_config(self, settings: dict | None) -> None:
-        self._generation_config = None if settings is None else GenerationSettings(settings)
+    def generation_config(self, settings: Any) -> None:
+        self._generation_config = GenerationSettings.assigned(settings)
 
     device, dtype = property(parameters_device), property(parameters_dtype)
 
@@ -403,7 +406,7 @@ class LlamaForCausalLM(_LlamaBase):
         hidden = base.last_hidden_state
         loss = logits = z_part = nll = None
         if labels is not None or targets is not None:
-            targets = next_token_targets(labels, targets, hidden.shape[:2])
+            targets = next_token_targets(labels, targets, hidden.shape[:2], hidden.device)
             loss, z_part, nll = causal_lm_loss(hidden, self.lm_head.weight, targets, loss_reduction, label_smoothing,
                                                z_loss, self.config.kernels)
         if loss is None or return_logits:

@@ -124,11 +124,12 @@ def _positions_fit(position_ids: torch.Tensor, batch: int, seq: int) -> bool:
     return position_ids.dim() == 1 or position_ids.shape[0] in (1, batch)
 
 
-def next_token_targets(labels: torch.Tensor | None, targets: torch.Tensor | None,
-                       batch_seq: tuple[int, int]) -> torch.Tensor:
-    """The int64 token to predict at each position (-100 ignored) of a causal LM: `targets` as given, else
-    `labels` shifted left by one with the last position ignored. Raise a ConfigError naming the argument whose
-    shape is not (batch, seq) or whose dtype is not an integer one (transformers refuses float labels too)."""
+def next_token_targets(labels: torch.Tensor | None, targets: torch.Tensor | None, batch_seq: tuple[int, int],
+                       device: torch.device) -> torch.Tensor:
+    """The int64 token to predict at each position (-100 ignored) of a causal LM, on the logits' `device` (as
+    transformers moves labels kept on the CPU): `targets` as given, else `labels` shifted left by one with the last
+    position ignored. Raise a ConfigError naming the argument whose shape is not (batch, seq) or whose dtype is not an
+    integer one (transformers refuses float labels too)."""
     name, given = ("targets", targets) if targets is not None else ("labels", labels)
     if given.shape != batch_seq:
         raise ConfigError(f"{name} shape {tuple(given.shape)} != (batch, seq) {tuple(batch_seq)}")
@@ -136,7 +137,7 @@ def next_token_targets(labels: torch.Tensor | None, targets: torch.Tensor | None
         raise ConfigError(f"{name} must be integer token ids, got {given.dtype}")
     # widened before the -100 padding, which no uint8 holds; nor can a uint8 label hold -100 (written into one it
     # wraps to 156, a token id), so with uint8 labels every position is a class but the shifted-out last one
-    given = given.long()
+    given = given.to(device, torch.long)
     return given if targets is not None else F.pad(given[:, 1:], (0, 1), value=-100)
 
 
@@ -158,8 +159,10 @@ def classification_loss(config: LlamaConfig, logits: torch.Tensor, labels: torch
     """A sequence classifier's loss, chosen as transformers chooses it: MSE for one label (regression),
     cross-entropy for integer labels, BCE-with-logits for float multi-label targets, or as `config.problem_type`
     says; and with `label_smoothing` > 0 (single-label classification only), which smooths the cross-entropy's
-    targets over the classes as torch's does, the unsmoothed cross-entropy beside it (else None)."""
+    targets over the classes as torch's does, the unsmoothed cross-entropy beside it (else None). Labels on another
+    device than the logits (kept on the CPU) are moved to theirs, as in transformers."""
     check_label_smoothing(label_smoothing)
+    labels = labels.to(logits.device)
     problem = config.problem_type
     if problem is None:
         if config.num_labels == 1:

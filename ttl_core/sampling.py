@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .errors import GenerationError, is_integer, is_number
+from .generate_output import GenerationSettings
 from .streamer import StopStrings
 
 if TYPE_CHECKING:
@@ -172,12 +173,7 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
         raise GenerationError("input_ids must be an integer tensor shaped (batch, seq)")
     if input_ids.numel() == 0:
         raise GenerationError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    if not is_integer(max_new_tokens) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    total = input_ids.shape[1] + max_new_tokens
-    if total > config.max_position_embeddings:
-        raise GenerationError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
-                              f"exceeds the model's context of {config.max_position_embeddings} positions")
+    check_room(model, input_ids.shape[1], max_new_tokens)
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device, torch.long)
     if input_ids.min() < 0 or input_ids.max() >= config.vocab_size:
@@ -189,12 +185,29 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
         # as transformers does: padding tokens in the prompts (a padding id that is no EOS id) are padding
         attention_mask = (input_ids != pad).long()
         source = f"the attention mask inferred from the padding id {pad} in input_ids (pass one)"
+    return input_ids, checked_mask(attention_mask, input_ids.shape, "input_ids", device, source)
+
+
+def check_room(model: LlamaForCausalLM, prompt_len: int, max_new_tokens: Any) -> None:
+    """A GenerationError unless `max_new_tokens` is a positive integer and the prompt and they fit the context."""
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    total, context = prompt_len + max_new_tokens, model.config.max_position_embeddings
+    if total > context:
+        raise GenerationError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} = {total} exceeds "
+                              f"the model's context of {context} positions")
+
+
+def checked_mask(attention_mask: Any, shape: torch.Size, prompt_name: str, device: torch.device,
+                 source: str = "attention_mask") -> torch.Tensor:
+    """A prompt's attention mask as long 0/1 on `device`, after the checks that name what is wrong with it (`source`:
+    where it came from): `shape` (batch, seq), that of the prompt named `prompt_name`; left padding only."""
     if not isinstance(attention_mask, torch.Tensor):
-        raise GenerationError(f"attention_mask must be a tensor shaped like input_ids, got a "
+        raise GenerationError(f"attention_mask must be a tensor shaped like {prompt_name}, got a "
                               f"{type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                              f"{tuple(input_ids.shape)}")
+    if attention_mask.shape != shape:
+        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != {prompt_name} shape "
+                              f"{tuple(shape)}")
     mask = attention_mask.to(device)
     if ((mask != 0) & (mask != 1)).any():  # before the integer conversion, which would make 0.5 a 0 and 1.5 a 1
         raise GenerationError("attention_mask must hold only 0 (padding) and 1 (token)")
@@ -205,7 +218,7 @@ def checked_inputs(model: LlamaForCausalLM, input_ids: Any, attention_mask: Any,
     if (mask[:, 1:] < mask[:, :-1]).any():
         raise GenerationError(f"{source} must be left-padded (padding before the tokens) for generation: tokenize "
                               "with padding_side=\"left\"")
-    return input_ids, mask
+    return mask
 
 
 def unconditional_inputs(model: LlamaForCausalLM, input_ids: torch.Tensor, guidance_scale: float,
@@ -308,34 +321,17 @@ def _without_none_marks(ids: object) -> object:
     return None if none_mark(ids) else ids
 
 
-def settings_dict(config: Any, name: str, transformers_class: str) -> dict[str, Any]:
-    """A configuration argument as a dict: a dict itself, or what the `to_dict()` of transformers' class of that
-    name (or anything with one) gives; a one-line error naming `name` otherwise."""
-    settings = config.to_dict() if hasattr(config, "to_dict") else config
-    if not isinstance(settings, dict):
-        raise GenerationError(f"{name} must be a dict or a transformers {transformers_class}, got a "
-                              f"{type(config).__name__}")
-    return settings
-
-
-def passed_generation_config(generation_config: Any) -> dict[str, Any]:
-    """The settings a `generation_config` passed to `generate()` sets: a dict's, or those of transformers'
-    GenerationConfig (anything with `to_dict()`) that are not None, which win over the checkpoint's as there."""
-    if generation_config is None:
-        return {}
-    settings = settings_dict(generation_config, "generation_config", "GenerationConfig")
-    return {name: value for name, value in settings.items() if value is not None}
-
-
 def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | None, pad_token_id: int | None,
                       passed: dict[str, Any] | None = None) -> tuple[list[int], int | None]:
     """(EOS ids, padding id): the arguments where given, else those of the `generation_config` the call passed
-    (`passed`, see `passed_generation_config`), else the checkpoint's generation_config.json as transformers reads it
-    (when the model was loaded with one), else the model config's; the padding id falls back to the first EOS id."""
+    (`passed`, see `ttl_core.generate_output.passed_generation_config`), else the model's `generation_config` as
+    transformers reads it (its checkpoint's generation_config.json, else the ids of the config it was built from); the
+    padding id falls back to the first EOS id. An error names where a bad id came from."""
     config = model.config
-    defaults, source = model.generation_config, "generation_config.json: "
-    if defaults is None:
-        defaults, source = {"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}, "config.json: "
+    defaults = model.generation_config
+    if defaults is None:  # a program set it so
+        defaults = GenerationSettings.from_model_config(config)
+    source = defaults.source + ": "
 
     def ids(name: str, given: int | list[int] | None) -> list[int]:  # an error names the file a bad saved id came from
         if given is not None:

@@ -1,6 +1,6 @@
 """The text of generated tokens on the host: `TextStreamer` turns the tokens `ttl_core.generate` produces into
-text pieces as they arrive, `StopStrings` finds where a stop string ends a row, and `HostWatch` feeds both
-from a generation's decoding state."""
+text pieces as they arrive, `StopStrings` finds where a stop string ends a row, and `HostWatch` feeds both, and
+transformers' `stopping_criteria`, from a generation's decoding state."""
 
 from __future__ import annotations
 
@@ -154,15 +154,36 @@ class StopStrings:
         return any(target in text[max(0, newest + 1 - len(target)):] for target in self.targets)
 
 
+def checked_criteria(stopping_criteria: Any) -> list[Callable] | None:
+    """transformers' `stopping_criteria` (its StoppingCriteriaList, or a list of callables `(rows so far, scores)` ->
+    a bool for all rows or one per row) as a list; None for none."""
+    criteria = list(stopping_criteria) if isinstance(stopping_criteria, (list, tuple)) else (
+        [] if stopping_criteria is None else [stopping_criteria])
+    wrong = next((criterion for criterion in criteria if not callable(criterion)), None)
+    if wrong is not None:
+        raise GenerationError(f"stopping_criteria must be callables (input_ids, scores) -> done, got a "
+                              f"{type(wrong).__name__}")
+    return criteria or None
+
+
+def host_watch(state: Any, input_ids: torch.Tensor, streamer: Any, stops: StopStrings | None,
+               criteria: list[Callable] | None) -> HostWatch | None:
+    """The `HostWatch` of a generation, which puts the prompt to the `streamer` now (call it before the prefill, as
+    transformers' streamer gets the prompt first); None where nothing needs the new tokens on the host."""
+    wanted = streamer is not None or stops is not None or criteria
+    return HostWatch(state, input_ids, streamer, stops, criteria) if wanted else None
+
+
 class HostWatch:
     """Per-step host work of `ttl_core.generate` that needs the new tokens: feeding a streamer (as transformers'
-    `generate()` does: the prompt first, then each step's new token, as CPU LongTensors) and looking for stop
-    strings, which finish a row through the decoding `state` (its `out` tokens, `finished` rows and
-    `finish_row`). It keeps each row's last tokens (from the prompt on) on the host, so a step reads only the
-    newest column."""
+    `generate()` does: the prompt first, then each step's new token, as CPU LongTensors), looking for stop
+    strings and asking transformers' stopping `criteria`, which finish a row through the decoding `state` (its `out`
+    tokens, `finished` rows and `finish_row`). It keeps each row's last tokens (from the prompt on) on the host, so a
+    step reads only the newest column (criteria read the whole rows)."""
 
-    def __init__(self, state: Any, input_ids: torch.Tensor, streamer: Any, stops: StopStrings | None):
-        self.state, self.streamer, self.stops = state, streamer, stops
+    def __init__(self, state: Any, input_ids: torch.Tensor, streamer: Any, stops: StopStrings | None,
+                 criteria: list[Callable] | None = None):
+        self.state, self.streamer, self.stops, self.criteria, self.prompt = state, streamer, stops, criteria, input_ids
         self.rows = [row[-stops.window:] for row in input_ids.tolist()] if stops is not None else []
         if streamer is not None:
             streamer.put(input_ids.cpu())  # (1, prompt_len), left padding included, as transformers puts it
@@ -177,6 +198,8 @@ class HostWatch:
         newest = newest.to("cpu", copy=True)
         if self.streamer is not None:
             self.streamer.put(newest)
+        if self.criteria:
+            self._ask_criteria(produced)
         if self.stops is None:
             return
         for row, (tokens, added, done) in enumerate(zip(self.rows, newest.view(len(self.rows), -1).tolist(),
@@ -185,3 +208,14 @@ class HostWatch:
             del tokens[:-self.stops.window]
             if not done and self.stops.ends_in_last(tokens):
                 self.state.finish_row(row, produced)
+
+    def _ask_criteria(self, produced: int) -> None:
+        """As transformers' generate() does after each new token: each criterion sees the rows so far (prompt and
+        padding included, finished rows padded) and a row any of them calls done finishes. The scores are None: ttl
+        keeps no step's scores unless asked to return them."""
+        rows = torch.cat([self.prompt, self.state.out[:, :produced]], dim=1)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+        for criterion in self.criteria:
+            done |= torch.as_tensor(criterion(rows, None), dtype=torch.bool, device=rows.device).expand(len(rows))
+        for row in (done & ~self.state.finished).nonzero().flatten().tolist():
+            self.state.finish_row(row, produced)

@@ -29,8 +29,8 @@ from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
 from .fileio import atomic_write, write_json
 from .tokenizer_call import (ROLE_IDS, add_special_tokens_dict, convert_ids_to_tokens, convert_tokens_to_ids,
-                             encode_for_model, get_vocab, role_id_property, role_token_property, tokenize,
-                             vocabulary_length)
+                             encode_for_model, get_vocab, pad_encodings, role_id_property, role_token_property,
+                             tokenize, vocabulary_length)
 from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
                                extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
                                read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
@@ -53,7 +53,7 @@ class Tokenizer:
     truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
 
     # transformers' names for the calls below and the special tokens (see ttl_core.tokenizer_call)
-    __call__, __len__, tokenize = encode_for_model, vocabulary_length, tokenize
+    __call__, __len__, tokenize, pad = encode_for_model, vocabulary_length, tokenize, pad_encodings
     convert_ids_to_tokens, convert_tokens_to_ids, get_vocab = convert_ids_to_tokens, convert_tokens_to_ids, get_vocab
     bos_token, eos_token, unk_token, pad_token = map(role_token_property, ROLE_IDS)
     bos_token_id, eos_token_id, unk_token_id, pad_token_id = map(role_id_property, ROLE_IDS)
@@ -381,9 +381,11 @@ class Tokenizer:
         return any((flags.lstrip or flags.rstrip or flags.single_word and token[0] in WHITE_SPACE)
                    and self.token_to_id(token) not in special for token, flags in self._token_flags.items())
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
         """Text of `ids`, as transformers decodes them; special tokens are dropped when `skip_special_tokens`, else
-        written as their text (as added tokens that are not special always are).
+        written as their text (as added tokens that are not special always are). `clean_up_tokenization_spaces`
+        changes nothing, as in transformers 5, which ignores it for Llama's BPE tokenizer (v4 stripped " ." to ".").
 
         Like transformers' decoder chain (not sentencepiece): a run of byte-fallback pieces that is not valid
         UTF-8 as a whole becomes one U+FFFD per byte, and skipped special tokens do not interrupt a run. As there,
@@ -414,10 +416,11 @@ class Tokenizer:
         text = "".join(out)
         return text[1:] if text.startswith(" ") and self.prefix_scheme != "never" else text
 
-    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+    def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         """`decode` of each row (also named `batch_decode`, as in transformers, but dropping special tokens unless
         `skip_special_tokens=False`, where transformers' keeps them unless told)."""
-        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in batch]
 
     batch_decode = decode_batch
 

@@ -11,8 +11,8 @@ the first row is empty), or padding to a length that cannot fit in memory (a Mem
 
 Also the other names transformers' programs call a tokenizer by: `len(tokenizer)`, the special tokens and their ids
 (`tokenizer.eos_token_id`; `tokenizer.pad_token = tokenizer.eos_token` sets the padding token), `tokenize`,
-`convert_ids_to_tokens`, `convert_tokens_to_ids`, `get_vocab` and `add_special_tokens` given transformers'
-dict."""
+`convert_ids_to_tokens`, `convert_tokens_to_ids`, `get_vocab`, `add_special_tokens` given transformers' dict and
+`pad`, which transformers' data collators call."""
 
 from __future__ import annotations
 
@@ -207,14 +207,63 @@ def encode_for_model(tokenizer: Tokenizer, text: str | list[str] | tuple[str, ..
             raise TokenizerError(f"padding to max_length={width} does not fit in memory: pass a smaller max_length, "
                                  "or padding=True to pad to the longest text") from None
     out = {"input_ids": rows, **({"attention_mask": masks} if return_attention_mask is not False else {})}
+    return _encoding(out, batched, return_tensors)
+
+
+def pad_encodings(tokenizer: Tokenizer, encoded_inputs: Any, padding: bool | str = True, max_length: int | None = None,
+                  pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                  return_attention_mask: bool | None = None, return_tensors: str | None = None,
+                  verbose: bool = True) -> BatchEncoding:
+    """transformers' `tokenizer.pad(...)`, which its data collators (DataCollatorWithPadding,
+    DataCollatorForLanguageModeling) call: encodings, a batch (a list of dicts, or a dict of rows) or one (a dict of
+    one row), lists or tensors, padded as `tokenizer(...)` pads (`padding`, `max_length`, `padding_side`), the longest
+    row or `max_length` rounded up to a multiple of `pad_to_multiple_of`; the `attention_mask` is padded with 0 (made
+    of 1s where missing, unless `return_attention_mask=False`), other keys are kept as given. Never truncates."""
+    if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], dict):
+        encoded_inputs = {key: [features[key] for features in encoded_inputs] for key in encoded_inputs[0]}
+    if not isinstance(encoded_inputs, dict) or "input_ids" not in encoded_inputs:
+        raise TokenizerError("pad() takes encodings with input_ids: a dict, or a non-empty list of dicts")
+    def as_lists(value: Any) -> Any:  # tensors and arrays, also as a batch's rows
+        return value.tolist() if hasattr(value, "tolist") else [as_lists(v) for v in value] \
+            if isinstance(value, (list, tuple)) else value
+
+    out = {k: as_lists(v) for k, v in encoded_inputs.items()}
+    batched = bool(out["input_ids"]) and not is_integer(out["input_ids"][0])
+    if not batched:
+        out = {k: [v] for k, v in out.items()}
+    rows = out["input_ids"]
+    if return_attention_mask is not False:
+        out["attention_mask"] = out.get("attention_mask") or [[1] * len(row) for row in rows]
+    if pad_to_multiple_of is not None and not (is_integer(pad_to_multiple_of) and pad_to_multiple_of > 0):
+        raise TokenizerError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}")
+    pad, _, max_length = _strategies(tokenizer, padding, False, max_length, verbose)
+    if pad is not None:
+        width = max_length if pad == "max_length" else max(map(len, rows), default=0)
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else width
+        side = tokenizer.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
+        out["input_ids"] = pad_rows(rows, width, tokenizer.pad_id, side)
+        if "attention_mask" in out:
+            out["attention_mask"] = pad_rows(out["attention_mask"], width, 0, side)
+    return _encoding(out, batched, return_tensors)
+
+
+def _encoding(out: dict[str, list], batched: bool, return_tensors: str | None) -> BatchEncoding:
+    """The BatchEncoding of rows `out` (key -> rows): lists (one row's where not `batched`), or the int64 tensors or
+    arrays `return_tensors` names, which need rows of one length."""
     if return_tensors is None:
         return BatchEncoding(out if batched else {k: v[0] for k, v in out.items()})
-    lengths = sorted({len(row) for row in rows})
+    lengths = sorted({len(row) for row in out["input_ids"]})
     if len(lengths) > 1:
         raise TokenizerError(f"return_tensors={return_tensors!r} needs rows of one length, and these have "
                              f"{lengths[0]} to {lengths[-1]} tokens: pass padding=True (or truncation=True and "
                              "padding='max_length' with max_length)")
-    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    try:
+        tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    except (TypeError, ValueError) as e:  # another key's rows of other lengths (labels not padded alike)
+        raise TokenizerError(f"return_tensors={return_tensors!r}: the encodings' values do not make one tensor each "
+                             f"({e})") from None
     return BatchEncoding(tensors if return_tensors == "pt" else {k: v.numpy() for k, v in tensors.items()})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import GenerationError, is_integer, is_number
-from .sampling import settings_dict
+from .generate_output import settings_dict
 
 WATERMARK_DEFAULTS = {"greenlist_ratio": 0.25, "bias": 2.0, "hashing_key": 15485863, "seeding_scheme": "lefthash",
                       "context_width": 1}
