@@ -1,6 +1,7 @@
 """Every script in scripts/ answers --help (and so at least imports and parses); the benchmark harness runs
 end to end at toy sizes on the CPU (`--smoke`), so a GPU session never loses its time to a harness bug."""
 
+import argparse
 import ast
 import csv
 import json
@@ -371,3 +372,34 @@ def test_gpu_suite_on_a_machine_without_cuda_says_so_before_any_work(tmp_path, s
     assert run.returncode == 1 and error.startswith("error: ") and message in error, run.stderr
     assert ("libcudart" in run.stderr) == (message == "cannot import torch")
     assert not (tmp_path / "out").exists()
+
+
+def gpu_suite_benchmark_calls(quick: bool) -> list[tuple[str, list[str]]]:
+    """(benchmark, arguments) of every `bench NAME LIMIT ARGS...` call `gpu_suite.sh [--quick]` makes, as its `bench`
+    function passes them on: the suite's --quick first, then --out, then the call's own arguments."""
+    text = (ROOT / "scripts" / "gpu_suite.sh").read_text()
+    branches = text.split('if [ -n "$QUICK" ]; then', 1)[1].split("\nfi\n", 1)[0].split("\nelse\n")
+    lines = [line for line in branches[0 if quick else 1].splitlines() if not line.strip().startswith("#")]
+    calls = [call.split() for call in ";".join(lines).split(";") if call.strip()]
+    assert calls and all(call[0] == "bench" and call[2].isdigit() for call in calls), calls
+    return [(name, ["--quick"] * quick + ["--out", "unused", *extra]) for _, name, _, *extra in calls]
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_every_benchmark_call_of_the_gpu_suite_parses(monkeypatch, quick):
+    """Each benchmark's arguments as gpu_suite.sh gives them (a misspelt option or kernel family would cost the
+    GPU call that step): parsed by the script's own parser, which then stops the script before any work."""
+    parse = argparse.ArgumentParser.parse_args
+
+    class Parsed(Exception):
+        pass
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    for name, args in gpu_suite_benchmark_calls(quick):
+        with pytest.raises(Parsed) as parsed:
+            load_script(f"bench_{name}").main(args)
+        options = parsed.value.args[0]
+        assert options.out == "unused" and (options.quick or not quick), (name, args)
