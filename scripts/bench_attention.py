@@ -32,6 +32,7 @@ WIDTH = {"full": 2048, "quick": 2048, "smoke": 64}  # model width: heads = WIDTH
 
 
 def sdpa(backend: SDPBackend) -> Callable:
+    """Attention in the flash-attn layout by torch's SDPA, held to its `backend` (flash, cuDNN or math)."""
     def run(q, k, v, causal):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

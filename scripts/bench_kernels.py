@@ -55,6 +55,7 @@ def compile_once_per_width() -> None:
 
 
 def goal_rows_first(mode: str) -> tuple[int, ...]:
+    """The row counts `mode` measures, the goals' first, so that a time limit cuts the others."""
     return tuple(sorted(ROWS[mode], key=lambda rows: rows != GOAL_ROWS))
 
 

@@ -140,7 +140,8 @@ def ratio(value: float, base: float | None) -> float | None:
     return value / base if base else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the options a run size (--smoke, --quick) would ignore refused."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default ttl-160m)")
     parser.add_argument("--batch", type=positive_int, nargs="+",
@@ -151,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     refuse_ignored(parser, args, "--smoke", "--quick", "--preset", "--batch", "--steps")
     refuse_ignored(parser, args, "--quick", "--batch", "--steps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every configuration at every batch size, print the table and write the results."""
+    args = parse_args(argv)
     dev = open_device("bench_train", args.smoke)
     preset, seq, batches, steps = ("tiny", 64, [2], 2) if args.smoke else (
         (args.preset or "ttl-160m", 2048, [16], 5) if args.quick else

@@ -87,6 +87,7 @@ def row_problem(r: dict, shape_numbers: tuple[str, ...]) -> str:
 
 
 def select(rows: list[dict], impl: str, pass_: str, where: Callable[[dict], bool] = lambda shape: True) -> list[dict]:
+    """The rows of implementation `impl` and pass `pass_` whose shape `where` accepts."""
     return [r for r in rows if r["impl"] == impl and r["pass"] == pass_ and where(r["shape"])]
 
 
@@ -147,6 +148,7 @@ def speed_ratio_goal(goal: str, rows: list[dict], failures: list[dict], pass_: s
 
 
 def shape_text(shape: dict) -> str:
+    """A shape as "key=value ..." for a verdict, without the memory figure recorded beside it."""
     return " ".join(f"{k}={v}" for k, v in shape.items() if k != "unfused_logits_grad_mb")
 
 
@@ -242,6 +244,7 @@ def generation_goals(rows: list[dict], failures: list[dict] = ()) -> list[Verdic
 
 
 def markdown(verdicts: list[Verdict]) -> str:
+    """The verdicts as a Markdown table, one row a goal (met: yes, no, or not measured)."""
     lines = ["| goal | measured | target | met |", "|---|---|---|---|"]
     for v in verdicts:
         verdict = "not measured" if v.met is None else "yes" if v.met else "no"

@@ -26,6 +26,7 @@ from ttl_core.fileio import write_json
 
 
 def smoothing_weight(text: str) -> float:
+    """An argparse type for --smooth: an exponential moving average's weight in [0, 1)."""
     try:
         weight = float(text)
     except ValueError:

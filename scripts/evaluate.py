@@ -49,6 +49,7 @@ def bucket_count(text: str) -> str | int:
 
 
 def print_by_position(result: StreamLoss) -> None:
+    """The loss and perplexity of each bucket of context positions, one line a bucket ("-" where it is empty)."""
     print(f"{'context':>13} {'tokens':>12} {'loss':>8} {'perplexity':>12}")
     for first, last, bucket in result.by_position:
         figures = f"{bucket.loss:8.4f} {bucket.perplexity:12.4f}" if bucket.tokens else f"{'-':>8} {'-':>12}"

@@ -21,12 +21,13 @@ import argparse
 
 from ttl_core.cli import given_path, refuse_to_replace, run_cli
 from ttl_core.finetune import AGNEWS_LABELS, RUN_OUTPUTS, SAMPLE_DATA, FinetuneConfig, finetune_classifier
-from ttl_core.finetune_args import add_finetune_args, config_from_args
+from ttl_core.finetune_args import add_finetune_args, comma_list, config_from_args
 from ttl_core.task_files import TaskSpec
 
 
 def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """`comma_list` of an option's value, None where it was not given (or empty)."""
+    return comma_list(value) if value else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,36 @@ def reply(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streame
     return out[0, ids.shape[1]:].tolist()
 
 
+def converse(model: LlamaForCausalLM, chat: Chat, args: argparse.Namespace, streamer: TextStreamer,
+             assistant: LlamaForCausalLM | None) -> None:
+    """The interactive session: --prompt (if given) as the first turn, then a line of stdin a turn, each answered,
+    until an empty line, the end of stdin or a full context."""
+    context = model.config.max_position_embeddings
+    first = args.prompt
+    while True:
+        if first is not None:
+            print(f"> {first}")
+            chat.add_user(first, args.input)
+            first = None
+        else:
+            print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                return
+            try:
+                chat.add_user(line.rstrip("\r\n"))  # a file of turns from Windows ends its lines in \r\n
+            except TokenizerError as e:  # a line the tokenizer refuses (a byte that is not UTF-8) ends no session
+                print(f"error: {e}; type the line again", file=sys.stderr)
+                continue
+        room = context - len(chat.ids)
+        if room < 1:
+            print(f"The context is full ({context} tokens): the conversation ends here. Start a new one to go on.")
+            return
+        chat.add_model(reply(model, chat, args, streamer, min(args.max_new_tokens, room), assistant))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Answer --prompt once, or hold an interactive session (--interactive), streaming each answer."""
     args = parse_args(argv)
     model = load_causal_lm(args, "generation", GenerationError)
     assistant = None if args.assistant is None else load_causal_lm(
@@ -151,30 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerationError(f"the context is full ({context} tokens): the prompt takes {len(chat.ids)}, which "
                                   f"leaves no room for an answer")
         reply(model, chat, args, streamer, min(args.max_new_tokens, room), assistant)
-        return 0
-
-    first = args.prompt
-    while True:
-        extra_input = ""
-        if first is not None:
-            line, first, extra_input = first, None, args.input
-            print(f"> {line}")
-            chat.add_user(line, extra_input)
-        else:
-            print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line.strip():
-                return 0
-            try:
-                chat.add_user(line.rstrip("\r\n"))  # a file of turns from Windows ends its lines in \r\n
-            except TokenizerError as e:  # a line the tokenizer refuses (a byte that is not UTF-8) ends no session
-                print(f"error: {e}; type the line again", file=sys.stderr)
-                continue
-        room = context - len(chat.ids)
-        if room < 1:
-            print(f"The context is full ({context} tokens): the conversation ends here. Start a new one to go on.")
-            return 0
-        chat.add_model(reply(model, chat, args, streamer, min(args.max_new_tokens, room), assistant))
+    else:
+        converse(model, chat, args, streamer, assistant)
+    return 0
 
 
 if __name__ == "__main__":

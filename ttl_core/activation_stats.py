@@ -62,6 +62,18 @@ def _logit_max(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch
     return best * head_dim**-0.5
 
 
+def _allowed_pairs(mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, max_seqlen: int | None, batch: int,
+                   seq: int, device: torch.device) -> torch.Tensor:
+    """The boolean (batch or 1, 1, seq, seq) (query, key) pairs an attention call given `mask` or packed documents
+    (`cu_seqlens`, `max_seqlen`), or neither (causal), lets attend."""
+    if cu_seqlens is not None:
+        return packed_mask(cu_seqlens, batch, seq, max_seqlen)
+    if mask is None:
+        return causal_mask(seq, seq, device)
+    # boolean, or additive with the dtype's most negative value where masked
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 @contextlib.contextmanager
 def recording_activations(model: torch.nn.Module, tokens: torch.Tensor | None = None) -> Iterator[dict[str, Any]]:
     """Hooks on every decoder block of `model` (ttl's causal LM, bare or DDP/FSDP-wrapped) while the context is open;
@@ -81,12 +93,7 @@ def recording_activations(model: torch.nn.Module, tokens: torch.Tensor | None = 
             batch, seq = x.shape[:2]
             qkv = projected.pop("qkv").view(batch, seq, module.heads + 2 * module.kv_heads, module.head_dim)
             q, k, _ = ttl_kernels.apply_rotary_qkv(qkv, cos, sin, module.kv_heads, backend=module.kernel_backend)
-            if cu_seqlens is not None:
-                allowed = packed_mask(cu_seqlens, batch, seq, max_seqlen)
-            elif mask is None:
-                allowed = causal_mask(seq, seq, x.device)
-            else:  # boolean, or additive with the dtype's most negative value where masked
-                allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            allowed = _allowed_pairs(mask, cu_seqlens, max_seqlen, batch, seq, x.device)
             if tokens is not None:
                 allowed = allowed & tokens[:, None, :, None] & tokens[:, None, None, :]
             raw[f"attn_logit_max/layers.{i}"] = _logit_max(q, k, allowed)

@@ -19,6 +19,7 @@ import torch
 
 from .config import SIZE_LIMIT
 from .errors import GenerationError, is_integer, is_number
+from .kv_cache import KVDecoder
 from .sampling import apply_guidance, global_generator, mark_seen, process_logits
 from .token_rules import TokenRules
 from .watermark import Watermark
@@ -39,7 +40,7 @@ def check_beam_arguments(num_beams: int, length_penalty: float, early_stopping: 
         raise GenerationError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
 
 
-def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
+def beam_search(decoder: KVDecoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int],
                 pad: int | None, do_sample: bool, seed: int | None, processors: dict, rules: dict, num_beams: int,
                 length_penalty: float, early_stopping: bool | str, num_return_sequences: int,
                 deadline: float | None, keep_scores: bool = False, keep_logits: bool = False,
@@ -58,22 +59,9 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     rows, prompt_len = input_ids.shape
     batch, device, vocab = rows // num_beams, input_ids.device, decoder.model_ref().config.vocab_size
     max_length = prompt_len + max_new_tokens
-    keep = max(2, 1 + len(eos)) * num_beams
-    if keep > num_beams * vocab:
-        raise GenerationError(f"beam search keeps (1 + {len(eos)} EOS ids) * {num_beams} beams = {keep} candidates, "
-                              f"more than the {num_beams * vocab} there are")
-    try:
-        float(max_new_tokens) ** float(length_penalty)  # the largest length divisor
-    except OverflowError:
-        raise GenerationError(f"length_penalty {length_penalty!r} is too large: (new tokens) ** length_penalty "
-                              f"overflows a float at {max_new_tokens} new tokens") from None
-    length_penalty = float(length_penalty)  # an int's power of the length would be an int too large for a tensor
-    # short beams and the finished slots no beam filled are padded as transformers pads them given EOS ids: with the
-    # padding id, or the first EOS id where the padding id is 0 or None. Where transformers pads with -1, no token
-    # id (no EOS ids at all), or fails (an empty list, a padding id of 0), the padding id pads (docs/generation.md):
-    # -1 only where there is neither
-    fill = eos[0] if eos and not pad else -1 if pad is None else pad
-    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    keep = _candidate_count(num_beams, len(eos), vocab)
+    length_penalty = _checked_length_penalty(length_penalty, max_new_tokens)
+    running = torch.full((batch, num_beams, max_length), _padding_id(eos, pad), dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids.view(batch, num_beams, prompt_len)
     finished_sequences = running.clone()
     running_scores = torch.zeros(batch, num_beams, device=device)
@@ -119,17 +107,7 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         if keep_logits:
             kept_logits.append(logits.float().clone())
         totals = (log_probs.view(batch, num_beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-        if do_sample:  # torch.multinomial without replacement, as transformers calls it: the top `keep` of p / Exp(1)
-            if not bool(torch.isfinite(totals.amax(dim=-1)).all()):  # transformers' torch.multinomial raises too
-                raise GenerationError(f"beam sampling met scores with no distribution (NaN or inf) at new token "
-                                      f"{cur_len - prompt_len + 1}: the model's logits, or the settings (a large "
-                                      "exponential_decay_length_penalty, token rules that leave no token) made them")
-            race = torch.empty_like(totals).exponential_(generator=generator)
-            top_index = torch.topk(totals.softmax(dim=-1) / race, keep)[1]
-            top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
-            top_index = top_index.gather(1, order)
-        else:
-            top_scores, top_index = torch.topk(totals, keep)
+        top_scores, top_index = _top_candidates(totals, keep, generator, cur_len - prompt_len)
         top_beams, top_tokens = top_index // vocab, top_index % vocab
         top_sequences = torch.take_along_dim(running, top_beams[..., None], dim=1)
         top_sequences[:, :, cur_len] = top_tokens
@@ -187,3 +165,48 @@ def beam_search(decoder, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     return (sequences[:, :prompt_len + new_tokens], tuple(kept_scores) if keep_scores else None,
             tuple(kept_logits) if keep_logits else None,
             finished_scores[:, :num_return_sequences].reshape(-1) if keep_scores else None, origins[:, :new_tokens])
+
+
+def _candidate_count(num_beams: int, num_eos: int, vocab: int) -> int:
+    """How many continuations each prompt keeps a step: as transformers, enough that `num_beams` run on even if
+    every EOS id is among the best."""
+    keep = max(2, 1 + num_eos) * num_beams
+    if keep > num_beams * vocab:
+        raise GenerationError(f"beam search keeps (1 + {num_eos} EOS ids) * {num_beams} beams = {keep} candidates, "
+                              f"more than the {num_beams * vocab} there are")
+    return keep
+
+
+def _checked_length_penalty(length_penalty: float, max_new_tokens: int) -> float:
+    """`length_penalty` as a float, refused where the largest length divisor it makes overflows one."""
+    try:
+        float(max_new_tokens) ** float(length_penalty)
+    except OverflowError:
+        raise GenerationError(f"length_penalty {length_penalty!r} is too large: (new tokens) ** length_penalty "
+                              f"overflows a float at {max_new_tokens} new tokens") from None
+    return float(length_penalty)  # an int's power of the length would be an int too large for a tensor
+
+
+def _padding_id(eos: list[int], pad: int | None) -> int:
+    """The id that pads short beams and the finished slots no beam filled. Transformers pads with the padding id,
+    or the first EOS id where the padding id is 0 or None. Where transformers pads with -1, no token id (no EOS
+    ids at all), or fails (an empty list, a padding id of 0), the padding id pads (docs/generation.md): -1 only
+    where there is neither."""
+    return eos[0] if eos and not pad else -1 if pad is None else pad
+
+
+def _top_candidates(totals: torch.Tensor, keep: int, generator: torch.Generator | None,
+                    new_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keep` continuations (score, index into beam * vocab) of each prompt's `totals`, best first: the top
+    scores, or with a `generator` (beam sampling) drawn as transformers' torch.multinomial without replacement
+    draws them, the top `keep` of p / Exp(1). `new_token` (from 0) names the step in the error."""
+    if generator is None:
+        return torch.topk(totals, keep)
+    if not bool(torch.isfinite(totals.amax(dim=-1)).all()):  # transformers' torch.multinomial raises too
+        raise GenerationError(f"beam sampling met scores with no distribution (NaN or inf) at new token "
+                              f"{new_token + 1}: the model's logits, or the settings (a large "
+                              "exponential_decay_length_penalty, token rules that leave no token) made them")
+    race = torch.empty_like(totals).exponential_(generator=generator)
+    top_index = torch.topk(totals.softmax(dim=-1) / race, keep)[1]
+    top_scores, order = totals.gather(1, top_index).sort(dim=-1, descending=True)
+    return top_scores, top_index.gather(1, order)

@@ -183,6 +183,7 @@ class BenchDevice:
             self.sync()
 
     def describe(self) -> str:
+        """One line: the device and the copy bandwidth and bf16 matmul rate measured on it."""
         return f"{self.name}: copy {self.bandwidth_gbs:.0f} GB/s, bf16 matmul {self.bf16_tflops:.1f} TFLOP/s measured"
 
 
@@ -295,6 +296,7 @@ class Results:
         return 1 if self.failures else 0
 
     def write(self, plot: bool) -> Path:
+        """Write the rows as JSON and CSV (and the plot, with `plot`) under the device's folder; returns the JSON."""
         import triton
 
         # smoke runs get their own folder ("<gpu>-smoke", "cpu-smoke"), never mixed with real figures

@@ -127,6 +127,21 @@ def forward_shapes(pairs: Pairs, max_length: int, batch_size: int = BATCH_SIZE) 
             for group in forward_groups(inputs, batch_size)]
 
 
+def _group_batch(pairs: Pairs, inputs: list[list[int]],
+                 group: list[int]) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """One forward pass's `inputs` (of the pairs in `group`) right-padded with zeros into (rows, longest) ids, and,
+    for each continuation token, the row and position whose prediction scores it and the token itself."""
+    ids = torch.zeros(len(group), len(inputs[group[0]]), dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for row, i in enumerate(group):
+        ids[row, :len(inputs[i])] = torch.tensor(inputs[i])
+        continuation = pairs[i][1]
+        rows += [row] * len(continuation)
+        positions += range(len(inputs[i]) - len(continuation), len(inputs[i]))
+        targets += continuation
+    return ids, rows, positions, targets
+
+
 @torch.no_grad()
 def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: Pairs,
                                 batch_size: int = BATCH_SIZE, progress: bool = False) -> list[float]:
@@ -139,14 +154,7 @@ def continuation_loglikelihoods(model: LlamaForCausalLM, pairs: Pairs,
     model.eval()
     with tqdm(total=len(pairs), unit="choice", leave=False, disable=not progress) as bar:
         for group in forward_groups(inputs, batch_size):
-            ids = torch.zeros(len(group), len(inputs[group[0]]), dtype=torch.long)
-            rows, positions, targets = [], [], []
-            for row, i in enumerate(group):
-                ids[row, :len(inputs[i])] = torch.tensor(inputs[i])
-                n = len(pairs[i][1])
-                rows += [row] * n
-                positions += range(len(inputs[i]) - n, len(inputs[i]))
-                targets += pairs[i][1]
+            ids, rows, positions, targets = _group_batch(pairs, inputs, group)
             hidden = model.backbone(ids.to(device)).last_hidden_state
             # only the continuations' positions go through the head: (batch, seq, vocab) logits are never built
             logits = model.lm_head(hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)])

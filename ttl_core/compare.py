@@ -144,6 +144,7 @@ def check_metrics(runs: list[Run], metrics: list[str]) -> None:
 
 
 def last_and_best(points: list[tuple[float, float]]) -> dict[str, float | None]:
+    """The last and the lowest of (step, eval loss) `points`, with their steps; all None without points."""
     if not points:
         return dict.fromkeys(("last_eval_loss", "last_eval_step", "best_eval_loss", "best_eval_step"))
     (last_step, last), (best_step, best) = points[-1], min(points, key=lambda p: p[1])

@@ -398,6 +398,23 @@ def train_epochs(model: torch.nn.Module, examples: list, cfg: FinetuneConfig, co
         after_epoch(epoch, step)
 
 
+def _classifier_head(labels: list[str] | None) -> dict[str, Any]:
+    """The config fields of a classifier head over `labels` (None: a regressor's single output), as
+    `load_pretrained` takes them."""
+    if labels is None:
+        return {"num_labels": 1, "id2label": None, "label2id": None, "problem_type": "regression"}
+    return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
+            "problem_type": "single_label_classification"}
+
+
+def _check_pad_id(pad_id: int | None, model_dir: str | Path) -> None:
+    """Batches are padded with the config's pad id and pooled at the last token that is not it: a negative id (old
+    Llama configs say -1 for none) would index before the embedding table."""
+    if pad_id is None or pad_id < 0:
+        raise ConfigError(f"{model_dir}: the config's pad_token_id {pad_id} is not a token id; "
+                          "batched classification pads with one (set it in config.json)")
+
+
 def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file: str | Path,
                         out_dir: str | Path, spec: TaskSpec | None = None,
                         cfg: FinetuneConfig | None = None, verbose: bool = True) -> FinetuneResult:
@@ -418,20 +435,12 @@ def finetune_classifier(model_dir: str | Path, train_file: str | Path, eval_file
         labels = label_order(model_dir, labels)
     train_texts = task_examples(train_file, spec, labels, train_rows)
     eval_texts = task_examples(eval_file, spec, labels)
-    if spec.regression:
-        head = {"num_labels": 1, "id2label": None, "label2id": None, "problem_type": "regression"}
-    else:
-        head = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
-                "problem_type": "single_label_classification"}
     torch.manual_seed(cfg.seed)  # the new score head's initial values
-    tokenizer, model = load_base(model_dir, cfg, architecture="LlamaForSequenceClassification", **head)
+    tokenizer, model = load_base(model_dir, cfg, architecture="LlamaForSequenceClassification",
+                                 **_classifier_head(labels))
     train_examples = encode_task(tokenizer, train_texts, spec.pair, cfg.max_length)
     eval_examples = encode_task(tokenizer, eval_texts, spec.pair, cfg.max_length)
-    # batches are padded with this id and pooled at the last token that is not it: a negative id (old Llama
-    # configs say -1 for none) would index before the embedding table
-    if model.config.pad_token_id is None or model.config.pad_token_id < 0:
-        raise ConfigError(f"{model_dir}: the config's pad_token_id {model.config.pad_token_id} is not a token id; "
-                          "batched classification pads with one (set it in config.json)")
+    _check_pad_id(model.config.pad_token_id, model_dir)
     if cfg.lora:
         start_lora(model, cfg, modules_to_save=["score"])
     log = start_run(out_dir, model_dir, cfg)

@@ -55,6 +55,11 @@ def add_finetune_args(parser: argparse.ArgumentParser, defaults: FinetuneConfig)
     parser.set_defaults(finetune_defaults=defaults)
 
 
+def comma_list(text: str) -> list[str]:
+    """The comma-separated names of an option's `text`, stripped, the empty ones dropped."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def number(text: str) -> float:
     """A number as PEFT's adapter_config.json holds lora_alpha: an int when whole, else a float."""
     value = float(text)
@@ -68,7 +73,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_dora")
             if getattr(args, name) is not None}
     if args.lora_targets is not None:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        targets = comma_list(args.lora_targets)
         # apply_lora takes "all-linear" as the bare string, not as a module name in a list
         lora["lora_targets"] = "all-linear" if targets == ["all-linear"] else targets
     return replace(args.finetune_defaults, lr=args.lr, batch_size=args.batch_size,

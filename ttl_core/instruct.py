@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .chat_format import AIRA_END, AIRA_SPECIAL_TOKENS, chat_prompt, chat_response, check_chat_format
+from .config import LlamaConfig
 from .errors import ConfigError, DataError
 from .fileio import refuse_lone_surrogate, write_json
 from .finetune import (FinetuneConfig, improves, pack_sequences, packs_batches, pad_sequences, read_base,
@@ -171,6 +172,32 @@ def lm_eval_loss(model: LlamaForCausalLM, examples: list, batch_size: int, pad_i
     return total / max(count, 1)
 
 
+def _padding_id(config: LlamaConfig, tokenizer: Tokenizer, model_dir: str | Path) -> int:
+    """The id instruction batches pad with: the config's pad id, else the tokenizer's pad or EOS id. Padded positions
+    are masked out of attention and loss, so any token id serves when none is defined as padding."""
+    pad_id = next((i for i in (config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id) if i is not None and i >= 0),
+                  None)
+    if pad_id is None:
+        raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad or EOS token to pad with")
+    return pad_id
+
+
+def _load_for_chat(model_dir: str | Path, tokenizer: Tokenizer, chat_format: str, cfg: FinetuneConfig,
+                   added: list[str]) -> LlamaForCausalLM:
+    """The causal LM in `model_dir` ready to instruction-tune: float32 on `cfg`'s device, its embeddings grown by
+    the `added` chat tokens, told to stop where `chat_format` ends a completion, and with `cfg`'s LoRA adapters."""
+    model = load_pretrained(model_dir, dtype=torch.float32, device=cfg.torch_device())
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices and dropout masks
+    if tokenizer.vocab_size > model.config.vocab_size:  # by the `added` tokens alone: read_base refused more
+        model.resize_token_embeddings(tokenizer.vocab_size)
+    if chat_format == "aira":
+        stop_at_end_of_completion(model, tokenizer)
+    if cfg.lora:
+        # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
+        start_lora(model, cfg, modules_to_save=list(EMBEDDING_MODULES) if added else None)
+    return model
+
+
 def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, chat_format: str = "aira",
                       cfg: FinetuneConfig | None = None, eval_file: str | Path | None = None,
                       train_on_inputs: bool = False, verbose: bool = True) -> dict[str, Any]:
@@ -189,24 +216,12 @@ def finetune_instruct(model_dir: str | Path, data_file: str | Path, out_dir: str
     if architecture != "LlamaForCausalLM":
         raise ConfigError(f"{model_dir} holds a {architecture}; instruction tuning needs a LlamaForCausalLM")
     added = add_chat_tokens(tokenizer, chat_format)
-    # padded positions are masked out of attention and loss, so any token id pads when none is defined
-    pad_id = next((i for i in (config.pad_token_id, tokenizer.pad_id, tokenizer.eos_id) if i is not None and i >= 0),
-                  None)
-    if pad_id is None:
-        raise ConfigError(f"{model_dir}: neither the config nor the tokenizer defines a pad or EOS token to pad with")
+    pad_id = _padding_id(config, tokenizer, model_dir)
     train_examples = build_instruction_data(data_file, tokenizer, chat_format, cfg.max_length, train_on_inputs,
                                             train_rows)
     eval_examples = (build_instruction_data(eval_file, tokenizer, chat_format, cfg.max_length, train_on_inputs,
                                             eval_rows) if eval_file else None)
-    model = load_pretrained(model_dir, dtype=torch.float32, device=device)
-    torch.manual_seed(cfg.seed)  # LoRA's A matrices and dropout masks
-    if tokenizer.vocab_size > model.config.vocab_size:  # by the `added` tokens alone: read_base refused more
-        model.resize_token_embeddings(tokenizer.vocab_size)
-    if chat_format == "aira":
-        stop_at_end_of_completion(model, tokenizer)
-    if cfg.lora:
-        # new embedding rows are trained (and saved) in full, as PEFT's modules_to_save
-        start_lora(model, cfg, modules_to_save=list(EMBEDDING_MODULES) if added else None)
+    model = _load_for_chat(model_dir, tokenizer, chat_format, cfg, added)
     log = start_run(out_dir, model_dir, cfg)
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}

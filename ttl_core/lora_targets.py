@@ -116,17 +116,10 @@ def present_targets(model: nn.Module, targets: str | list) -> str | list:
     return present or targets  # none left: the list as it is, for targeted_slices to name
 
 
-def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
-                    layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None,
-                    modules_to_save: Iterable[str] = ()) -> dict[str, dict[str, tuple[int, int]]]:
-    """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
-    ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
-    "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
-    unless `exclude_modules` names it the same way, `modules_to_save` names it or a module above it (trained in
-    full instead), or `layers_to_transform` (with a list of targets) leaves its layer out (a target that is the
-    module's whole path is exempt, as in PEFT). A listed target that names no linear layer of the model, targets
-    that leave none, and layer options PEFT refuses are errors."""
-    names = target_names(targets)
+def _check_selection_options(names: list[str] | str, exclude_modules: str | list | None,
+                             layers_to_transform: int | list | None, layers_pattern: str | list | None) -> None:
+    """Refuse the layer options PEFT refuses with these target `names`, and patterns that are no regular
+    expressions."""
     if isinstance(names, str) and (layers_to_transform is not None or layers_pattern is not None):
         option = "layers_to_transform" if layers_to_transform is not None else "layers_pattern"
         raise AdapterError(f"LoRA {option} cannot go with the target pattern {names!r}, which picks the layers "
@@ -139,6 +132,20 @@ def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modu
                 re.compile(pattern)
         except re.error as e:
             raise AdapterError(f"LoRA {what} pattern {pattern!r} is not a regular expression ({e})") from None
+
+
+def targeted_slices(model: nn.Module, targets: str | Iterable[str], exclude_modules: str | list | None = None,
+                    layers_to_transform: int | list | None = None, layers_pattern: str | list | None = None,
+                    modules_to_save: Iterable[str] = ()) -> dict[str, dict[str, tuple[int, int]]]:
+    """ttl linear module path -> the slices (HF projection name: rows) that PEFT's rules adapt. An HF module
+    ("model.layers.0.self_attn.q_proj") is adapted when a listed target is its path or ends it ("q_proj",
+    "self_attn.q_proj", as in the lists PEFT writes for "all-linear"), or a pattern target matches it whole;
+    unless `exclude_modules` names it the same way, `modules_to_save` names it or a module above it (trained in
+    full instead), or `layers_to_transform` (with a list of targets) leaves its layer out (a target that is the
+    module's whole path is exempt, as in PEFT). A listed target that names no linear layer of the model, targets
+    that leave none, and layer options PEFT refuses are errors."""
+    names = target_names(targets)
+    _check_selection_options(names, exclude_modules, layers_to_transform, layers_pattern)
     layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform or []
     chosen, named = {}, set()
     for path, (prefix, slices) in linear_slices(model).items():

@@ -114,6 +114,7 @@ class LookupDrafts:
         self.state, self.num_tokens, self.max_ngram, self.eos = state, num_tokens, max_ngram, eos
 
     def propose(self, row: list[int], max_length: int) -> tuple[list[int], None]:
+        """The `draft` after `row`, and no draft scores."""
         return draft(self.state, row, self.num_tokens, self.max_ngram, max_length, self.eos), None
 
     def kept(self, count: int) -> None:

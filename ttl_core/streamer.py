@@ -5,7 +5,7 @@ transformers' `stopping_criteria`, from a generation's decoding state."""
 from __future__ import annotations
 
 import queue
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -101,7 +101,7 @@ class TextStreamer:
                 self.on_text(piece)
             self.pieces.put(piece)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         while (piece := self.pieces.get(timeout=self.timeout)) is not None:
             yield piece
 

@@ -50,34 +50,40 @@ def read_task_list(path: str | Path) -> list[Task]:
     entries = read_json(path, DataError, expect=list)
     if not entries:
         raise DataError(f"{path}: expected a non-empty JSON list of tasks")
-    spec_fields = {f.name for f in dataclasses.fields(TaskSpec)}
-    tasks = []
+    tasks: list[Task] = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise DataError(f"{path}: task {i} is not an object")
-        missing = [k for k in ("name", "train", "eval") if k not in entry]
-        unknown = set(entry) - spec_fields - {"name", "train", "eval"}
-        if missing or unknown:
-            raise DataError(f"{path}: task {i}: " + "; ".join(
-                ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(sorted(unknown))}"]
-                                                                          if unknown else [])))
-        for key in ("name", "train", "eval"):
-            if not (isinstance(entry[key], str) and entry[key].strip()):
-                raise DataError(f"{path}: task {i}: {key!r} must be a non-empty string, got {entry[key]!r}")
-        # each task's run goes to OUT/NAME: another task's, OUT itself or a folder outside it would be overwritten
-        name = entry["name"]
-        if name != Path(name).name or name == ".." or name in RESULT_FILES:
-            raise DataError(f"{path}: task {i}: 'name' must be a plain folder name other than "
-                            f"{' and '.join(RESULT_FILES)} (the task's run goes to OUT/NAME), got {name!r}")
-        # case-insensitive file systems (macOS, Windows) make SST2 and sst2 one folder
-        if name.casefold() in [task.name.casefold() for task in tasks]:
-            raise DataError(f"{path}: task {i}: the name {name!r} is already another task's (each writes OUT/NAME)")
-        try:
-            spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
-        except ConfigError as e:
-            raise DataError(f"{path}: task {i} ({entry['name']}): {e}") from None
-        tasks.append(Task(entry["name"], path.parent / entry["train"], path.parent / entry["eval"], spec))
+        tasks.append(_read_task(entry, f"{path}: task {i}", path.parent, [task.name for task in tasks]))
     return tasks
+
+
+def _read_task(entry: Any, where: str, folder: Path, earlier_names: list[str]) -> Task:
+    """One entry of a task list (`where` names it in errors), its files resolved against `folder`; a name that is
+    one of `earlier_names` is refused."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{where} is not an object")
+    spec_fields = {f.name for f in dataclasses.fields(TaskSpec)}
+    missing = [k for k in ("name", "train", "eval") if k not in entry]
+    unknown = set(entry) - spec_fields - {"name", "train", "eval"}
+    if missing or unknown:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(sorted(unknown))}"] if unknown else [])
+        raise DataError(f"{where}: " + "; ".join(problems))
+    for key in ("name", "train", "eval"):
+        if not (isinstance(entry[key], str) and entry[key].strip()):
+            raise DataError(f"{where}: {key!r} must be a non-empty string, got {entry[key]!r}")
+    # each task's run goes to OUT/NAME: another task's, OUT itself or a folder outside it would be overwritten
+    name = entry["name"]
+    if name != Path(name).name or name == ".." or name in RESULT_FILES:
+        raise DataError(f"{where}: 'name' must be a plain folder name other than "
+                        f"{' and '.join(RESULT_FILES)} (the task's run goes to OUT/NAME), got {name!r}")
+    # case-insensitive file systems (macOS, Windows) make SST2 and sst2 one folder
+    if name.casefold() in [earlier.casefold() for earlier in earlier_names]:
+        raise DataError(f"{where}: the name {name!r} is already another task's (each writes OUT/NAME)")
+    try:
+        spec = TaskSpec(**{k: v for k, v in entry.items() if k in spec_fields})
+    except ConfigError as e:
+        raise DataError(f"{where} ({name}): {e}") from None
+    return Task(name, folder / entry["train"], folder / entry["eval"], spec)
 
 
 def run_benchmark(model_dir: str | Path, tasks: list[Task], out_dir: str | Path, cfg: FinetuneConfig,

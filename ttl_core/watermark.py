@@ -77,6 +77,7 @@ class Watermark:
         return torch.randperm(self.vocab, device=context.device, generator=self.generator)[:self.green_count]
 
     def __call__(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`scores` (rows, vocab) with the bias added to each row's green tokens, seeded from `rows`' tokens."""
         if rows.shape[1] < self.width:  # too short to seed from: transformers leaves the scores as they are
             return scores
         scores = scores.clone()
