@@ -301,19 +301,19 @@ def test_gradients_are_made_only_for_inputs_that_need_them(monkeypatch, reductio
     """No gradient work under no_grad or without inputs that require grad, no float32 weight gradient for a
     frozen LM head (LoRA), no hidden gradient for a frozen hidden; the gradients made are the same bits."""
     module = importlib.import_module("ttl_kernels.cross_entropy")
-    chunk_losses, ce_rows = module._chunk_losses, module.ce_rows_
+    chunked_pass, ce_rows = module._chunked_pass, module.ce_rows_
     passes, writes = [], []
 
-    def spy_chunk_losses(*args):  # a gradient pass (a scale given): which of the (hidden, weight) buffers it fills
-        if len(args) > 7 and args[7] is not None:
-            passes.append((args[-2] is not None, args[-1] is not None))
-        return chunk_losses(*args)
+    def spy_chunked_pass(*args, **buffers):  # a gradient pass (a scale given): which of the two buffers it fills
+        if buffers.get("scale") is not None:
+            passes.append((buffers["grad_hidden"] is not None, buffers["grad_weight"] is not None))
+        return chunked_pass(*args, **buffers)
 
     def spy_ce_rows(logits, targets, scale, *options):  # whether the kernel writes a gradient over the logits
         writes.append(scale is not None)
         return ce_rows(logits, targets, scale, *options)
 
-    monkeypatch.setattr(module, "_chunk_losses", spy_chunk_losses)
+    monkeypatch.setattr(module, "_chunked_pass", spy_chunked_pass)
     monkeypatch.setattr(module, "ce_rows_", spy_ce_rows)
     gen = torch.Generator().manual_seed(23)
     hidden, weight = torch.randn(12, 16, generator=gen), torch.randn(50, 16, generator=gen)

@@ -105,7 +105,7 @@ def test_verify_reports_what_it_checked_and_refuses_preparing_options(data, caps
         script.main(["--out", str(data), "--verify", "--val-fraction", "0.2"])
     assert "--val-fraction has no effect with --verify" in capsys.readouterr().err
     edit_meta(data, train_sha256="not a digest")
-    with pytest.raises(DataError, match=r"meta\.json: 'train_sha256' is 'not a digest'; expected 64 hex digits"):
+    with pytest.raises(DataError, match=r"meta\.json: 'train_sha256' is 'not a digest'; expected 64 lowercase hex"):
         script.main(["--out", str(data), "--verify"])
 
 

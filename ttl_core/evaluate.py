@@ -112,7 +112,7 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
     (`data.document_masking`): each attends within itself, with positions from 0, and its BOS is not scored.
     `progress` shows a tqdm bar. `by_position` ("log2" or a number of buckets, `position_buckets`) also fills the
     result's `by_position`."""
-    stride = _checked_stride(model, tokens, seq_len, stride, batch_size)
+    stride = _checked_stream_arguments(model, tokens, seq_len, stride, batch_size)
     edges = position_buckets(seq_len, by_position) if by_position is not None else [1, seq_len + 1]
     device = model.lm_head.weight.device
     was_training = model.training
@@ -163,9 +163,10 @@ def stream_loss(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, strid
                       by_position=buckets if by_position is not None else None)
 
 
-def _checked_stride(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None,
-                    batch_size: int) -> int:
-    """`stream_loss`'s stride (default `seq_len`), once its arguments are checked against the model and the stream."""
+def _checked_stream_arguments(model: LlamaForCausalLM, tokens: np.ndarray, seq_len: int, stride: int | None,
+                              batch_size: int) -> int:
+    """`stream_loss`'s arguments checked against the model and the token stream; returns the stride (default
+    `seq_len`)."""
     if not isinstance(model, LlamaForCausalLM):
         raise ConfigError(f"perplexity needs a LlamaForCausalLM, got a {getattr(model, 'architecture', type(model))}")
     context = model.config.max_position_embeddings

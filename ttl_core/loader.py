@@ -54,7 +54,8 @@ def check_token_file(path: Path, meta: dict, split: str, full: bool = False) -> 
     if recorded is not None and not (is_int(recorded) and recorded >= 0):
         raise DataError(f"{path.parent / 'meta.json'}: '{split}_tokens' is {recorded!r}; expected an integer >= 0")
     if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
-        raise DataError(f"{path.parent / 'meta.json'}: '{split}_sha256' is {digest!r}; expected 64 hex digits")
+        raise DataError(f"{path.parent / 'meta.json'}: '{split}_sha256' is {digest!r}; expected 64 lowercase hex "
+                        "digits (a SHA-256 as prepare_data writes it)")
     if recorded is not None and size != recorded * itemsize:
         change = "truncated" if size < recorded * itemsize else "extended"
         raise DataError(f"{path}: {size:,} bytes, but meta.json records {recorded:,} {dtype} tokens "

@@ -330,4 +330,3 @@ def _train(run: RunConfig, out_dir: Path, data_dir: str | None, world: World, re
         print(f"stopped on {cause} at step {step}, saved in {saved_at}; continue with --resume")
     sample = finish_run(out_dir, world, train, step, saved_at, tokenizer, time_limit)
     return RunResult(step, loss, saved_at, sample, stopped_by)
-

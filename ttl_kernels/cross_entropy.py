@@ -324,13 +324,16 @@ def _grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool,
     return grad_hidden, grad_weight
 
 
-def _chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  label_smoothing: float, z_loss: float, parts: torch.Tensor | None = None,
+def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  label_smoothing: float, z_loss: float, parts: torch.Tensor | None = None, *,
                   scale: torch.Tensor | None = None, grad_hidden: torch.Tensor | None = None,
                   grad_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Losses of every row, one chunk of logits at a time (and each row's z-loss term and negative log-likelihood
     into `parts`, if given). Given `scale` (one value or one per row), the gradients too: the hidden one written into
-    `grad_hidden`, the weight one accumulated into `grad_weight` (fp32), each where its buffer is given."""
+    `grad_hidden`, the weight one accumulated into `grad_weight` (fp32), each where its buffer is given; without a
+    scale the kernel leaves the logits as they are, so a buffer would receive them, not a gradient."""
+    if scale is None and (grad_hidden is not None or grad_weight is not None):
+        raise ValueError("_chunked_pass writes gradients only given the scale of the loss")
     n = hidden.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
     step = chunk_rows(n)
@@ -362,12 +365,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             device = hidden.device.type
             ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
             ctx.save_for_backward(hidden, weight, targets)
-            return _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts)
+            return _chunked_pass(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts)
         ctx.weight_dtype, ctx.scaled = weight.dtype, False
         grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
         scale = _reduction_scale(targets, ignore_index, reduction)
-        losses = _chunk_losses(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts, scale,
-                               grad_hidden, grad_weight)
+        losses = _chunked_pass(hidden, weight, targets, ignore_index, label_smoothing, z_loss, parts, scale=scale,
+                               grad_hidden=grad_hidden, grad_weight=grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return _reduce(losses, targets, ignore_index, reduction)
 
@@ -379,8 +382,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden, grad_weight = _grad_buffers(hidden, weight, *ctx.needs_input_grad[:2])
             device, autocast, autocast_dtype = ctx.autocast
             with torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
-                _chunk_losses(hidden, weight, targets, *ctx.options, None, grad_output.float().contiguous(),
-                              grad_hidden, grad_weight)
+                _chunked_pass(hidden, weight, targets, *ctx.options, scale=grad_output.float().contiguous(),
+                              grad_hidden=grad_hidden, grad_weight=grad_weight)
             return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                     None, None, None, None, None, None)
         if ctx.scaled:  # asked before saved_tensors, whose own check names only an internal tensor
@@ -429,7 +432,7 @@ def fused_linear_cross_entropy(
             hidden, weight, targets, ignore_index, reduction, label_smoothing, z_loss, return_z_loss, return_nll)
     parts = _parts(hidden.shape[0], hidden.device, return_z_loss or return_nll)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # the losses alone
-        losses = _chunk_losses(hidden.contiguous(), weight, targets, ignore_index, label_smoothing, z_loss, parts)
+        losses = _chunked_pass(hidden.contiguous(), weight, targets, ignore_index, label_smoothing, z_loss, parts)
         loss = _reduce(losses, targets, ignore_index, reduction)
     else:
         loss = apply_kernel(_FusedLinearCrossEntropy, hidden, weight, targets, ignore_index, reduction,
