@@ -10,6 +10,11 @@ from generation_helpers import PAD, left_padded, saved_models
 from ttl_core.errors import GenerationError
 
 
+def _column_verdict(input_ids: torch.Tensor, scores) -> torch.Tensor:
+    """A criterion answering (rows, 1), which transformers' own criteria never do."""
+    return (input_ids[:, -1] < 0)[:, None]
+
+
 @pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(do_sample=True, top_k=10)], ids=["greedy", "sampled"])
 def test_generate_from_inputs_embeds_gives_transformers_tokens(sampling, tmp_path):
     """`model.generate(inputs_embeds=...)` (soft prompts, another model's features): the new tokens only without
@@ -100,3 +105,7 @@ def test_stopping_criteria_end_rows_as_in_transformers(sampling, tmp_path):
         assert stopped
     with pytest.raises(GenerationError, match="^stopping_criteria must be callables .* got a int$"):
         ours.generate(ids, attention_mask=mask, stopping_criteria=[3])
+    with pytest.raises(GenerationError, match=r"^a stopping criterion must return one bool or one per row \(3\), "
+                       r"got shape \(3, 1\) from _column_verdict$"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
+                      stopping_criteria=[_column_verdict])

@@ -216,6 +216,15 @@ class HostWatch:
         rows = torch.cat([self.prompt, self.state.out[:, :produced]], dim=1)
         done = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
         for criterion in self.criteria:
-            done |= torch.as_tensor(criterion(rows, None), dtype=torch.bool, device=rows.device).expand(len(rows))
+            verdict = torch.as_tensor(criterion(rows, None), dtype=torch.bool, device=rows.device)
+            if verdict.shape not in ((), (1,), (len(rows),)):
+                raise GenerationError(f"a stopping criterion must return one bool or one per row ({len(rows)}), got "
+                                      f"shape {tuple(verdict.shape)} from {_criterion_name(criterion)}")
+            done |= verdict
         for row in (done & ~self.state.finished).nonzero().flatten().tolist():
             self.state.finish_row(row, produced)
+
+
+def _criterion_name(criterion: Callable) -> str:
+    """A stopping criterion as its function or class name, for an error."""
+    return getattr(criterion, "__name__", type(criterion).__name__)
