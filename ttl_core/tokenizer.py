@@ -31,10 +31,10 @@ from .fileio import atomic_write, write_json
 from .tokenizer_call import (ROLE_IDS, add_special_tokens_dict, convert_ids_to_tokens, convert_tokens_to_ids,
                              encode_for_model, get_vocab, pad_encodings, role_id_property, role_token_property,
                              tokenize, vocabulary_length)
-from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
-                               extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
-                               read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
-                               token_flags)
+from .tokenizer_config import (NO_LENGTH_LIMIT, ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries,
+                               bos_eos_flags, extra_special_tokens, length_settings, prefix_scheme, read_chat_template,
+                               read_config, read_tokenizer_json, replace_chat_template_files, role_tokens,
+                               split_special_tokens_flag, token_flags)
 from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and tokenizer_train trains on)
@@ -49,8 +49,9 @@ class Tokenizer:
 
     `tokenizer(texts, padding=True, return_tensors="pt")` is transformers' call (see `ttl_core.tokenizer_call`): it
     pads and truncates on the sides `padding_side` / `truncation_side` name, at most `model_max_length` tokens by
-    default (None: no limit), as a directory's config says (no side named: LlamaTokenizer's left padding, right
-    truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
+    default, as a directory's config says (no side named: LlamaTokenizer's left padding, right truncation; no length:
+    transformers' int(1e30), no limit); a model file alone pads on the right, the side ttl's saved configs have always
+    named, with no length limit."""
 
     # transformers' names for the calls below and the special tokens (see ttl_core.tokenizer_call)
     __call__, __len__, tokenize, pad = encode_for_model, vocabulary_length, tokenize, pad_encodings
@@ -71,7 +72,7 @@ class Tokenizer:
         self._listed_piece_ids: set[int] = set()
         self._token_flags: dict[str, TokenFlags] = {}  # added tokens' flags as read; unlisted ones: TokenFlags()
         self.chat_template: str | dict[str, str] | None = None  # a directory's, carried to save_pretrained
-        self.padding_side, self.truncation_side, self.model_max_length = "right", "right", None
+        self.padding_side, self.truncation_side, self.model_max_length = "right", "right", NO_LENGTH_LIMIT
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -429,9 +430,10 @@ class Tokenizer:
         """Write the sentencepiece model file atomically."""
         atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
 
-    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int = 2048) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int | None = None) -> None:
         """Write `tokenizer.model`, `tokenizer_config.json` (with the chat template) and `special_tokens_map.json`, and
-        remove a `tokenizer.json` and template files; transformers truncates at `model_max_length` (the model's)."""
+        remove a `tokenizer.json` and template files. The config's `model_max_length`, where transformers truncates,
+        is the one given (a model's context, saved beside it), else the tokenizer's own, as transformers writes it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.model")
@@ -445,7 +447,8 @@ class Tokenizer:
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
                   "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                   "add_prefix_space": False if self.prefix_scheme == "never" else None,
-                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+                  "clean_up_tokenization_spaces": False,
+                  "model_max_length": self.model_max_length if model_max_length is None else model_max_length,
                   "padding_side": self.padding_side, "truncation_side": self.truncation_side, "sp_model_kwargs": {},
                   "added_tokens_decoder": decoder, **special}
         if self.split_special_tokens:  # transformers too writes it only when set
