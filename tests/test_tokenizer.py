@@ -11,7 +11,8 @@ from tokenizer_helpers import HARD, assert_same_ids, corpus, make_ttl_style_dir
 
 from ttl_core.errors import ConfigError, TokenizerError
 from ttl_core.chat_format import AIRA_SPECIAL_TOKENS, chat_prompt, chat_response
-from ttl_core.tokenizer import Tokenizer, tokenizer_json_to_sentencepiece
+from ttl_core.tokenizer import Tokenizer
+from ttl_core.tokenizer_json import tokenizer_json_to_sentencepiece
 from ttl_core.tokenizer_train import train_tokenizer
 
 

@@ -22,6 +22,7 @@ PADDINGS = [False, True, "longest", "max_length", "do_not_pad"]
 TRUNCATIONS = [None, False, True, "longest_first", "do_not_truncate"]
 SIDES = [None, "left", "right"]
 TENSORS = [None, "pt", "np"]
+NO_LIMIT = int(1e30)  # transformers' "very large integer", its model_max_length where none is named
 
 
 def tokenizer_dir(path, with_eos: bool, **config):
@@ -229,13 +230,20 @@ def test_options_asking_for_nothing_pass_and_the_sides_are_settable(tmp_path):
     ours.save_pretrained(tmp_path / "saved")
     again = AutoTokenizer.from_pretrained(tmp_path / "saved")
     assert (again.padding_side, again.truncation_side) == ("right", "left")
-    assert Tokenizer.from_pretrained(tmp_path / "saved").model_max_length == again.model_max_length == 2048
+    assert Tokenizer.from_pretrained(tmp_path / "saved").model_max_length == again.model_max_length == NO_LIMIT
     ours.truncation_side = "middle"
     with pytest.raises(TokenizerError, match="truncation_side must be 'left' or 'right', got 'middle'"):
         ours(texts)
+    ours.truncation_side, ours.model_max_length = "right", None  # None: ttl's "no limit" before it took int(1e30)
+    with pytest.raises(TokenizerError, match=r"^tokenizer.model_max_length must be a non-negative integer \(int\(1e30\)"
+                                             r": no limit, as in transformers\), got None$"):
+        ours(texts, truncation=True)
     tokenizer_dir(tmp_path / "odd", with_eos=False, padding_side="center")
     with pytest.raises(TokenizerError, match="tokenizer_config.json: padding_side and truncation_side must be"):
         Tokenizer.from_pretrained(tmp_path / "odd")
+    tokenizer_dir(tmp_path / "short", with_eos=False, model_max_length=-1)
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: model_max_length must be a non-negative integer"):
+        Tokenizer.from_pretrained(tmp_path / "short")
 
 
 def test_the_encoding_reads_as_attributes_and_moves_its_tensors(tmp_path):
@@ -253,15 +261,43 @@ def test_the_encoding_reads_as_attributes_and_moves_its_tensors(tmp_path):
                     dict(theirs(texts, padding=True, return_tensors=tensors).to("cpu")))
 
 
-def test_a_model_max_length_past_10_to_the_20_is_no_limit_as_in_transformers(tmp_path):
-    """transformers writes "no limit" as int(1e30) and reads any length past 10**20 as none: padding="max_length"
-    then pads to the longest text, where padding to the number itself would not fit in memory."""
-    for limit in (10**20 + 1, 10**25, int(1e30)):
-        ours, theirs = both(tokenizer_dir(tmp_path / str(limit), with_eos=False, model_max_length=limit))
-        assert ours.model_max_length is None
-        texts = ["a casa de pão", "não"]
-        for kwargs in ({"padding": "max_length"}, {"truncation": True}, {"padding": "max_length", "truncation": True}):
-            assert_same(ours(texts, **kwargs), dict(theirs(texts, **kwargs)))
+def saved_length(tokenizer, directory):
+    """The model_max_length `tokenizer.save_pretrained(directory)` writes."""
+    tokenizer.save_pretrained(directory)
+    return json.loads((directory / "tokenizer_config.json").read_text())["model_max_length"]
+
+
+@pytest.mark.parametrize("limit", ["absent", None, 12, 10**20 + 1, 10**25, NO_LIMIT, 1e30])
+def test_model_max_length_is_transformers_and_saved_as_transformers_saves_it(limit, tmp_path):
+    """A directory's model_max_length, absent or null (transformers' int(1e30) then), a length, or one past 10**20
+    (which transformers reads as no limit): ttl's is transformers' value, of its type, so `min(tok.model_max_length,
+    512)` works in both; padding="max_length" and truncation without max_length use it alike (past 10**20: neither
+    pads nor cuts), and save_pretrained writes it back as transformers' does."""
+    config = {} if limit == "absent" else {"model_max_length": limit}
+    ours, theirs = both(tokenizer_dir(tmp_path / "tok", with_eos=False, **config))
+    assert ours.model_max_length == theirs.model_max_length
+    assert type(ours.model_max_length) is type(theirs.model_max_length)
+    assert min(ours.model_max_length, 512) == min(theirs.model_max_length, 512)
+    rng = random.Random(str(limit))
+    texts = [" ".join(corpus(3, seed=rng.randrange(99))), rng.choice(HARD), random_text(rng)]
+    for kwargs in ({"padding": "max_length"}, {"truncation": True}, {"padding": "max_length", "truncation": True}):
+        assert_same(ours(texts, **kwargs), dict(theirs(texts, **kwargs)))
+    assert saved_length(ours, tmp_path / "ours") == saved_length(theirs, tmp_path / "theirs")
+    assert Tokenizer.from_pretrained(tmp_path / "ours").model_max_length == ours.model_max_length
+
+
+def test_a_model_file_alone_has_transformers_model_max_length(tmp_path):
+    """A sentencepiece model file read alone (or a directory holding only tokenizer.model) names no length:
+    transformers' LlamaTokenizer then has int(1e30), and ttl the same, saved back alike."""
+    from transformers import LlamaTokenizer
+
+    model_file = tmp_path / "alone" / "tokenizer.model"
+    model_file.parent.mkdir()
+    Tokenizer.from_pretrained(tokenizer_dir(tmp_path / "tok", with_eos=False)).save(model_file)
+    theirs = LlamaTokenizer.from_pretrained(model_file)
+    for ours in (Tokenizer(model_file), Tokenizer.from_pretrained(model_file.parent)):
+        assert ours.model_max_length == theirs.model_max_length == NO_LIMIT
+    assert saved_length(ours, tmp_path / "ours") == saved_length(theirs, tmp_path / "theirs") == NO_LIMIT
 
 
 def test_padding_to_a_length_too_long_for_memory_is_one_line(tmp_path):

@@ -27,15 +27,13 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from .added_tokens import WHITE_SPACE, AddedTokenSplitter
 from .errors import ConfigError, TokenizerError
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write
 from .tokenizer_call import (ROLE_IDS, add_special_tokens_dict, convert_ids_to_tokens, convert_tokens_to_ids,
                              encode_for_model, get_vocab, pad_encodings, role_id_property, role_token_property,
                              tokenize, vocabulary_length)
-from .tokenizer_config import (ROLES, TokenFlags, added_tokens_decoder, added_tokens_entries, bos_eos_flags,
-                               extra_special_tokens, length_settings, prefix_scheme, read_chat_template, read_config,
-                               read_tokenizer_json, replace_chat_template_files, role_tokens, split_special_tokens_flag,
-                               token_flags)
-from .tokenizer_json import BYTE_PIECE, added_tokens_of, template_ends, tokenizer_json_to_sentencepiece
+from .tokenizer_config import NO_LENGTH_LIMIT, TokenFlags
+from .tokenizer_json import BYTE_PIECE
+from .tokenizer_pretrained import read_tokenizer_dir, write_tokenizer_dir
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")  # corpus files ttl_core.data reads (and tokenizer_train trains on)
 _Piece = spm_pb2.ModelProto.SentencePiece
@@ -49,8 +47,9 @@ class Tokenizer:
 
     `tokenizer(texts, padding=True, return_tensors="pt")` is transformers' call (see `ttl_core.tokenizer_call`): it
     pads and truncates on the sides `padding_side` / `truncation_side` name, at most `model_max_length` tokens by
-    default (None: no limit), as a directory's config says (no side named: LlamaTokenizer's left padding, right
-    truncation); a model file alone pads on the right, the side ttl's saved configs have always named."""
+    default, as a directory's config says (no side named: LlamaTokenizer's left padding, right truncation; no length:
+    transformers' int(1e30), no limit); a model file alone pads on the right, the side ttl's saved configs have always
+    named, with no length limit."""
 
     # transformers' names for the calls below and the special tokens (see ttl_core.tokenizer_call)
     __call__, __len__, tokenize, pad = encode_for_model, vocabulary_length, tokenize, pad_encodings
@@ -71,7 +70,7 @@ class Tokenizer:
         self._listed_piece_ids: set[int] = set()
         self._token_flags: dict[str, TokenFlags] = {}  # added tokens' flags as read; unlisted ones: TokenFlags()
         self.chat_template: str | dict[str, str] | None = None  # a directory's, carried to save_pretrained
-        self.padding_side, self.truncation_side, self.model_max_length = "right", "right", None
+        self.padding_side, self.truncation_side, self.model_max_length = "right", "right", NO_LENGTH_LIMIT
         where = ""  # the file, for error messages
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -130,69 +129,6 @@ class Tokenizer:
         self._splitter = AddedTokenSplitter({t: self._token_flags.get(t, TokenFlags()) for t in self._whole_ids},
                                             {t for t, i in self._whole_ids.items() if i not in self._plain_ids})
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Load an HF tokenizer directory as transformers does: its BPE `tokenizer.json` if present (transformers
-        then ignores `tokenizer.model`), else `tokenizer.model`; plus the tokens tokenizer_config.json adds and
-        the tokens it (or, beside tokenizer.json, special_tokens_map.json) names for the <s> </s> <unk> <pad>
-        roles, appended where the vocabulary lacks them. Either file may also be given itself (`--tokenizer
-        DIR/tokenizer.model`), and is then the one read.
-
-        Each added token keeps its flags (see `tokenizer_config.TokenFlags`): those marked not special are matched
-        whole but kept by decode(skip_special_tokens=True). Where ttl differs from transformers: `bos_id` /
-        `eos_id` are the tokens a tokenizer.json template puts around a text even where the config names others for
-        those roles; `unk_id` stays the model's `<unk>`; which tokens transformers lists in `all_special_tokens`
-        is not read (`save_pretrained` lists the special added tokens), so a token listed among the config's
-        extra special tokens but marked not special, or marked special but not listed, is listed otherwise after
-        ttl saves it, though encoded and decoded alike."""
-        if not isinstance(directory, (str, os.PathLike)):
-            raise TokenizerError(f"a tokenizer directory or file path is needed, got {directory!r}")
-        path = Path(directory)
-        if path.is_dir():
-            found = [path / name for name in ("tokenizer.json", "tokenizer.model") if (path / name).is_file()]
-            if not found:
-                raise TokenizerError(f"{path}: no tokenizer.model or tokenizer.json")
-            path = found[0]
-        elif not path.is_file():
-            raise TokenizerError(f"{path}: does not exist (no tokenizer.model or tokenizer.json)")
-        saved = path.name in ("tokenizer.model", "tokenizer.json")  # files transformers saves with a config
-        config_path = path.with_name("tokenizer_config.json")
-        config = read_config(config_path) if saved else None
-        decoder = added_tokens_decoder(config_path, config)
-        if path.suffix != ".json":
-            tokenizer = cls(path)
-            template, flags = tokenizer._add_saved_tokens(path, decoder) if saved else (None, {})
-        else:
-            beside = path.with_name("tokenizer.model")
-            model, template, flags = tokenizer_json_to_sentencepiece(path, beside if beside.is_file() else None,
-                                                                     decoder)
-            try:
-                tokenizer = cls(model)
-            except TokenizerError as e:  # the converted model names no file
-                raise TokenizerError(f"{path}: {e}") from None
-        roles = role_tokens(config_path, config)
-        if template is not None:  # with tokenizer.json, transformers 5 lets special_tokens_map.json name them too
-            map_path = path.with_name("special_tokens_map.json")
-            roles |= role_tokens(map_path, read_config(map_path))
-        if config is not None:  # transformers' LlamaTokenizer pads with nothing unless a pad token is named
-            roles.setdefault("pad_token", None)
-        # appended in the order of ROLES, as transformers appends them, wherever each was named
-        tokenizer.add_special_tokens([roles[r] for r in ROLES if roles.get(r) is not None]
-                                     + extra_special_tokens(config_path, config))
-        if decoder is not None:  # the added tokens' flags come from where their ids do
-            flags = token_flags(config_path, list((config.get("added_tokens_decoder") or {}).values()))
-        tokenizer._token_flags = flags
-        # the model's pieces listed among the added tokens are matched whole too (the flags name every listed token)
-        tokenizer._listed_piece_ids |= {tokenizer.token_to_id(token) for token in flags} - {None}
-        tokenizer._take_roles(path, roles, template, bos_eos_flags(config_path, config))
-        tokenizer.prefix_scheme = prefix_scheme(config_path, config)
-        tokenizer.split_special_tokens = split_special_tokens_flag(config_path, config)
-        if config is not None:
-            tokenizer.padding_side, tokenizer.truncation_side, tokenizer.model_max_length = length_settings(
-                config_path, config)
-        tokenizer.chat_template = read_chat_template(path.parent, config) if saved else None
-        return tokenizer
-
     def _take_roles(self, path: Path, roles: dict[str, str | None], template: tuple[int | None, int | None] | None,
                     flags: tuple[bool, bool]) -> None:
         """Settle, as transformers 5 does, which tokens play <s>, </s> and <pad> and whether `encode` puts <s> / </s>
@@ -215,32 +151,6 @@ class Tokenizer:
                                      f"(ids 0..{self.vocab_size - 1})")
         self._role_ids = ids
         self._index_special_tokens()
-
-    def _add_saved_tokens(self, model_file: Path, decoder: dict[int, str] | None) \
-            -> tuple[tuple[int | None, int | None] | None, dict[str, TokenFlags]]:
-        """Append the tokens transformers added to the model in `model_file` (its `add_special_tokens` never
-        writes tokenizer.model): the config's `added_tokens_decoder` (`decoder`), else tokenizer.json's
-        `added_tokens` (transformers 5 reads those only then); their ids must follow on from the model's pieces.
-        Returns, where a tokenizer.json is beside it, the ids its post-processor puts around a text (transformers 5
-        saves that setting only there) and its added tokens' flags; else (None, {})."""
-        json_path = model_file.with_name("tokenizer.json")
-        spec = read_tokenizer_json(json_path) if json_path.is_file() else None
-        template, flags = None, {}
-        if spec is not None:
-            template = template_ends(json_path, spec.get("post_processor") if isinstance(spec, dict) else None)
-            if decoder is None:
-                decoder = added_tokens_of(json_path, spec)
-                flags = token_flags(json_path, spec.get("added_tokens") or [])
-        extra = sorted((i, token) for i, token in (decoder or {}).items() if i >= self.vocab_size)
-        ids, expected = [i for i, _ in extra], list(range(self.vocab_size, self.vocab_size + len(extra)))
-        if ids != expected:
-            raise TokenizerError(f"{model_file.parent}: added token ids {ids} do not continue {model_file.name}'s "
-                                 f"{self.vocab_size} pieces (expected {expected})")
-        for (i, token), j in zip(extra, self.add_special_tokens([token for _, token in extra])):
-            if i != j:
-                raise TokenizerError(f"{model_file.parent}: added token {token!r} (id {i}) is already in "
-                                     f"{model_file.name} as id {j}")
-        return template, flags
 
     # -- ids and vocabulary ------------------------------------------------------------------------------------
     @property
@@ -425,37 +335,12 @@ class Tokenizer:
     batch_decode = decode_batch
 
     # -- files -------------------------------------------------------------------------------------------------
+    # a Hugging Face tokenizer directory, read and written as transformers 5 does (see ttl_core.tokenizer_pretrained)
+    from_pretrained, save_pretrained = classmethod(read_tokenizer_dir), write_tokenizer_dir
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the sentencepiece model file atomically."""
         atomic_write(path, lambda tmp: tmp.write_bytes(self.proto.SerializeToString()))
-
-    def save_pretrained(self, directory: str | os.PathLike, model_max_length: int = 2048) -> None:
-        """Write `tokenizer.model`, `tokenizer_config.json` (with the chat template) and `special_tokens_map.json`, and
-        remove a `tokenizer.json` and template files; transformers truncates at `model_max_length` (the model's)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.save(directory / "tokenizer.model")
-        # transformers and from_pretrained read a tokenizer.json before tokenizer.model: an older one would win
-        (directory / "tokenizer.json").unlink(missing_ok=True)
-        # a Llama-2 style model has no pad piece (id -1): transformers reads that as pad_token null
-        ids = {"unk_token": self.unk_id, "bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
-        special = {name: self.sp.id_to_piece(i) if i >= 0 else None for name, i in ids.items()}
-        decoder = added_tokens_entries({i: token for token, i in self._whole_ids.items()}, self._token_flags,
-                                       self.special_ids)
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.prefix_scheme == "always",
-                  "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
-                  "add_prefix_space": False if self.prefix_scheme == "never" else None,
-                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
-                  "padding_side": self.padding_side, "truncation_side": self.truncation_side, "sp_model_kwargs": {},
-                  "added_tokens_decoder": decoder, **special}
-        if self.split_special_tokens:  # transformers too writes it only when set
-            config["split_special_tokens"] = True
-        # transformers lists these in all_special_tokens: the added tokens that are special, as it saves them
-        listed = [token for token in self.added_tokens if self._added_ids[token] in self.special_ids]
-        extra = {"additional_special_tokens": listed} if listed else {}
-        template = replace_chat_template_files(directory, self.chat_template)
-        write_json(directory / "tokenizer_config.json", {**config, **extra, **template})
-        write_json(directory / "special_tokens_map.json", {**special, **extra})
 
 
 def piece_bytes(piece: str) -> bytes:

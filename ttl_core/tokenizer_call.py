@@ -3,11 +3,12 @@ unpacks into `generate` or a model, giving the `input_ids` and `attention_mask` 
 gives for the same texts and settings: the special tokens `add_special_tokens` puts around each text, padding with
 the tokenizer's pad id, truncation that keeps those special tokens, and the settings' defaults and interplay
 (`max_length` alone truncates; padding="max_length" or truncation without `max_length` use `model_max_length`, and
-nothing where that is None). One text, or a list of them: text pairs, pre-split words and the other `return_*`
-outputs are refused, and so is what transformers answers oddly: `max_length` shorter than the special tokens when
-truncating (its tokenizers library then does not truncate at all), an empty list (an IndexError there) and tensors
-of rows of different lengths (for "np" an array of arrays there, for "pt" an error, but an empty float tensor where
-the first row is empty), or padding to a length that cannot fit in memory (a MemoryError there).
+nothing where that is past 10**20, as transformers' "no limit" int(1e30) is). One text, or a list of them: text
+pairs, pre-split words and the other `return_*` outputs are refused, and so is what transformers answers oddly:
+`max_length` shorter than the special tokens when truncating (its tokenizers library then does not truncate at all),
+an empty list (an IndexError there) and tensors of rows of different lengths (for "np" an array of arrays there, for
+"pt" an error, but an empty float tensor where the first row is empty), or padding to a length that cannot fit in
+memory (a MemoryError there).
 
 Also the other names transformers' programs call a tokenizer by: `len(tokenizer)`, the special tokens and their ids
 (`tokenizer.eos_token_id`; `tokenizer.pad_token = tokenizer.eos_token` sets the padding token), `tokenize`,
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import TokenizerError, is_integer
+from .tokenizer_config import LIMITLESS_PAST, checked_length_limit
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -294,10 +296,10 @@ def _strategies(tokenizer: Tokenizer, padding: Any, truncation: Any, max_length:
         cut = padding is False and max_length is not None
     if padding is True and max_length is not None and not cut and verbose:
         warnings.warn(MAX_LENGTH_IGNORED, stacklevel=3)
-    if max_length is None:  # the model's length, where there is one, else neither pad to it nor cut
-        max_length = tokenizer.model_max_length
-        if max_length is None:
-            pad, cut = None if pad == "max_length" else pad, False
+    if max_length is None and (pad == "max_length" or cut):  # the model's length, unless it means no limit
+        max_length = checked_length_limit(tokenizer.model_max_length, "tokenizer.")
+        if max_length > LIMITLESS_PAST:  # then transformers neither pads to it nor cuts
+            pad, cut, max_length = None if pad == "max_length" else pad, False, None
     if pad is not None and tokenizer.pad_id < 0:
         raise TokenizerError("padding needs a padding token and this tokenizer has none (its config's pad_token is "
                              "null): encode without padding, or name a pad_token in tokenizer_config.json")

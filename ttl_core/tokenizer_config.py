@@ -12,6 +12,9 @@ from .fileio import LONE_SURROGATE, read_json
 
 ROLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"  # transformers 5's
+# transformers' model_max_length where nothing names one, and the lengths past which it neither pads nor truncates
+# to model_max_length (its VERY_LARGE_INTEGER and LARGE_INTEGER), both meaning "no limit"
+NO_LENGTH_LIMIT, LIMITLESS_PAST = int(1e30), int(1e20)
 
 
 def read_tokenizer_json(path: Path) -> object:
@@ -65,20 +68,25 @@ def split_special_tokens_flag(path: Path, config: dict | None) -> bool:
     return flag
 
 
-def length_settings(path: Path, config: dict) -> tuple[str, str, int | None]:
+def length_settings(path: Path, config: dict) -> tuple[str, str, int | float]:
     """A config's `padding_side`, `truncation_side` and `model_max_length` as transformers 5's LlamaTokenizer reads
-    them: padding on the left and truncation on the right where it names no side, and no length limit where it
-    names none or, as transformers writes "no limit", one past 10**20."""
+    them: padding on the left and truncation on the right where it names no side, and `NO_LENGTH_LIMIT` where it
+    names no length (or null)."""
     sides = [config.get(key, default) for key, default in (("padding_side", "left"), ("truncation_side", "right"))]
     if not all(side in ("left", "right") for side in sides):
         raise TokenizerError(f"{path}: padding_side and truncation_side must be \"left\" or \"right\", got "
                              f"{sides[0]!r} and {sides[1]!r}")
     limit = config.get("model_max_length")
-    if is_number(limit) and limit > 10**20:
-        limit = None
-    if limit is not None and not (is_integer(limit) and limit >= 0):
-        raise TokenizerError(f"{path}: model_max_length must be a non-negative integer, got {limit!r}")
-    return sides[0], sides[1], limit
+    return sides[0], sides[1], checked_length_limit(NO_LENGTH_LIMIT if limit is None else limit, f"{path}: ")
+
+
+def checked_length_limit(limit: object, where: str) -> int | float:
+    """`limit` as a `model_max_length`, or a TokenizerError starting with `where`: a non-negative integer, or any
+    number past `LIMITLESS_PAST` (a JSON writer may spell transformers' int(1e30) as 1e+30), which means no limit."""
+    if not (is_integer(limit) and limit >= 0 or is_number(limit) and limit > LIMITLESS_PAST):
+        raise TokenizerError(f"{where}model_max_length must be a non-negative integer (int(1e30): no limit, as in "
+                             f"transformers), got {limit!r}")
+    return limit
 
 
 def prefix_scheme(path: Path, config: dict | None) -> str:
