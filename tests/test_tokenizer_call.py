@@ -371,3 +371,11 @@ def test_pad_and_transformers_data_collators_pad_as_transformers(tmp_path):
                  lambda tok: DataCollatorWithPadding(tok, pad_to_multiple_of=4))
     for collator in collators:
         assert_same(dict(collator(ours)(features)), dict(collator(theirs)(features)))
+    # run_clm-style features carry a special-tokens mask (and BERT-style ones segment ids), padded too
+    marked = [dict(theirs(t, return_special_tokens_mask=True), token_type_ids=[0] * len(f["input_ids"]))
+              for t, f in zip(texts, features)]
+    for side in ("left", "right"):
+        assert_same(ours.pad(marked, padding_side=side), dict(theirs.pad(marked, padding_side=side)))
+    assert_same(dict(collators[0](ours)(marked)), dict(collators[0](theirs)(marked)))
+    with pytest.raises(TokenizerError, match="^return_tensors must be 'pt', 'np' or None, got 'tf'$"):
+        ours.pad(features, return_tensors="tf")

@@ -180,8 +180,7 @@ def encode_for_model(tokenizer: Tokenizer, text: str | list[str] | tuple[str, ..
                         ("split_special_tokens", split_special_tokens)):
         if not (isinstance(value, bool) or value is None and name != "add_special_tokens"):
             raise TokenizerError(f"{name} must be True or False, got {value!r}")
-    if return_tensors not in (None, "pt", "np"):
-        raise TokenizerError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+    _check_return_tensors(return_tensors)
     side = tokenizer.padding_side if padding_side is None else padding_side
     for name, value in (("padding_side", side), ("truncation_side", tokenizer.truncation_side)):
         if value not in ("left", "right"):
@@ -220,11 +219,14 @@ def pad_encodings(tokenizer: Tokenizer, encoded_inputs: Any, padding: bool | str
     DataCollatorForLanguageModeling) call: encodings, a batch (a list of dicts, or a dict of rows) or one (a dict of
     one row), lists or tensors, padded as `tokenizer(...)` pads (`padding`, `max_length`, `padding_side`), the longest
     row or `max_length` rounded up to a multiple of `pad_to_multiple_of`; the `attention_mask` is padded with 0 (made
-    of 1s where missing, unless `return_attention_mask=False`), other keys are kept as given. Never truncates."""
+    of 1s where missing, unless `return_attention_mask=False`), `token_type_ids` with 0 and `special_tokens_mask`
+    with 1, as transformers pads them; other keys are kept as given. Never truncates."""
     if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], dict):
         encoded_inputs = {key: [features[key] for features in encoded_inputs] for key in encoded_inputs[0]}
     if not isinstance(encoded_inputs, dict) or "input_ids" not in encoded_inputs:
         raise TokenizerError("pad() takes encodings with input_ids: a dict, or a non-empty list of dicts")
+    _check_return_tensors(return_tensors)
+
     def as_lists(value: Any) -> Any:  # tensors and arrays, also as a batch's rows
         return value.tolist() if hasattr(value, "tolist") else [as_lists(v) for v in value] \
             if isinstance(value, (list, tuple)) else value
@@ -245,10 +247,16 @@ def pad_encodings(tokenizer: Tokenizer, encoded_inputs: Any, padding: bool | str
         side = tokenizer.padding_side if padding_side is None else padding_side
         if side not in ("left", "right"):
             raise TokenizerError(f"padding_side must be 'left' or 'right', got {side!r}")
-        out["input_ids"] = pad_rows(rows, width, tokenizer.pad_id, side)
-        if "attention_mask" in out:
-            out["attention_mask"] = pad_rows(out["attention_mask"], width, 0, side)
+        # as transformers pads them: a padding position is no token (mask 0), of segment 0, and special (1)
+        fills = {"input_ids": tokenizer.pad_id, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+        for key in fills.keys() & out.keys():
+            out[key] = pad_rows(out[key], width, fills[key], side)
     return _encoding(out, batched, return_tensors)
+
+
+def _check_return_tensors(return_tensors: Any) -> None:
+    if return_tensors not in (None, "pt", "np"):
+        raise TokenizerError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
 
 
 def _encoding(out: dict[str, list], batched: bool, return_tensors: str | None) -> BatchEncoding:
