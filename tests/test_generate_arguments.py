@@ -1,7 +1,6 @@
 """generate()'s arguments: one-line errors for bad settings and inputs, the accepted edges of each range, the
 defaults and special token ids a checkpoint supplies, and token ids in any integer type."""
 
-import importlib
 import warnings
 
 import pytest
@@ -9,10 +8,10 @@ import torch
 from generation_helpers import PAD, CharTokenizer, assert_refused, left_padded, saved_models
 
 import ttl_core
+from ttl_core import decode_session
 from ttl_core.errors import GenerationError
 from ttl_core.streamer import TextStreamer
 
-generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +143,13 @@ def test_settings_left_out_sample_20_tokens_without_top_k(models, monkeypatch):
     ids, mask = left_padded(ours.config.vocab_size)
     assert ttl_core.generate(ours, ids, mask, eos_token_id=[]).shape == (3, 9 + 20)
     recorded = []
-    real = generate_module.process_logits
+    real = decode_session.process_logits
 
     def recording(*args, **kwargs):
         recorded.append(real(*args, **kwargs))
         return recorded[-1]
 
-    monkeypatch.setattr(generate_module, "process_logits", recording)
+    monkeypatch.setattr(decode_session, "process_logits", recording)
     for top_k in (None, 50):
         recorded.clear()
         ttl_core.generate(ours, ids, mask, max_new_tokens=3, do_sample=True, top_k=top_k, eos_token_id=[], seed=0)
