@@ -13,6 +13,7 @@ decoding's draft model in `ttl_core.assisted`, the dict output in `ttl_core.gene
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from .assisted import assistant_settings
 from .beam_search import beam_search, check_beam_arguments
 from .decode_session import DecodeSession, acquire_session, forward_fingerprint, run_session
 from .errors import GenerationError, is_integer
-from .generate_output import GenerateOutput, passed_generation_config
+from .generate_output import GenerateOutput, passed_generation_config, setting_source
 from .kv_cache import KVDecoder
 from .model import LlamaForCausalLM, autocast_dtype
 from .prompt_embeds import checked_prompt, prompt_length
@@ -111,8 +112,9 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
         prompt_len = prompt_length(input_ids, inputs_embeds)
         passed = passed_generation_config(generation_config)
         saved = {**(model.generation_config or {}), **passed} if passed else model.generation_config
-        settings = decoding_settings(saved, prompt_len, model.config.max_position_embeddings,
-                                     max_length, min_length, passed=passed, max_new_tokens=max_new_tokens,
+        source_of = functools.partial(setting_source, passed=passed, model_settings=model.generation_config)
+        settings = decoding_settings(saved, source_of, prompt_len, model.config.max_position_embeddings,
+                                     max_length, min_length, max_new_tokens=max_new_tokens,
                                      min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                      top_h=top_h, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
@@ -139,16 +141,14 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
         try:
             watermark = checked_watermark(settings.pop("watermarking_config"))
         except GenerationError as e:  # name where a bad configuration came from
-            source = ("" if watermarking_config is not None else "generation_config: "
-                      if "watermarking_config" in passed else "generation_config.json: ")
+            source = "" if watermarking_config is not None else f"{source_of('watermarking_config')}: "
             raise GenerationError(f"{source}{e}") from None
         given = {"stop_strings"} if stop_strings is not None or tokenizer is not None else set()
-        ignored = unimplemented_settings(saved, given)
+        ignored = unimplemented_settings(saved, source_of, given)
         if ignored:
-            whose = "the generation_config passed or " if passed else ""
-            warnings.warn(f"{whose}the checkpoint's generation_config.json sets {', '.join(ignored)}, which ttl's "
-                          "generate() does not implement: it decodes as if they were unset, unlike transformers' "
-                          "generate()", stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
+            warnings.warn(f"{' and '.join(ignored)}, which ttl's generate() does not implement: it decodes as if they "
+                          "were unset, unlike transformers' generate()",
+                          stacklevel=3)  # the caller of generate(), past torch.no_grad's wrapper
         eos, pad = special_token_ids(model, eos_token_id, pad_token_id, passed)
         rules = {name: settings.pop(name) for name in TOKEN_RULE_SETTINGS}
         check_beam_arguments(num_beams, length_penalty, early_stopping, num_return_sequences)
@@ -169,7 +169,8 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor | None, attention_
                                                         inputs_embeds, readers)
         unconditional = unconditional_inputs(model, input_ids, guidance_scale, negative_prompt_ids,
                                              negative_prompt_attention_mask, max_new_tokens)
-        stops, criteria = stop_string_matcher(saved, stop_strings, tokenizer), checked_criteria(stopping_criteria)
+        stops = stop_string_matcher(saved, stop_strings, tokenizer, source_of)
+        criteria = checked_criteria(stopping_criteria)
         if (stops is not None or criteria) and pad is None:
             raise GenerationError(f"{'stopping_criteria' if stops is None else 'stop_strings'} need a pad_token_id (or "
                                   "an eos_token_id) to pad finished rows")
