@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import WatermarkingConfig
 
 import ttl_core
+from ttl_core import decode_session
 
 generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
 
@@ -52,23 +53,23 @@ def graphed_on_the_cpu(monkeypatch) -> tuple[list[str], list[int]]:
 
         def __call__(self) -> None:
             self.calls += 1
-            if self.calls <= generate_module.GRAPH_WARMUP_STEPS:  # eager on a GPU too
+            if self.calls <= decode_session.GRAPH_WARMUP_STEPS:  # eager on a GPU too
                 self.fn()
                 return
             with RecordHostReads(found):
                 self.fn()
             recorded.append(self.calls)
 
-    build = generate_module._Session
+    build = generate_module.DecodeSession
 
     def graphed_session(*args, **kwargs):
         bound = inspect.signature(build).bind(*args, **kwargs)
         bound.arguments["cuda_graph"] = True
         return build(*bound.args, **bound.kwargs)
 
-    monkeypatch.setattr(generate_module, "_CudaGraphStep", RecordedStep)
-    monkeypatch.setattr(generate_module, "_Session", graphed_session)
-    monkeypatch.setattr(generate_module, "_SESSIONS", weakref.WeakKeyDictionary())  # no eager session reused
+    monkeypatch.setattr(decode_session, "_CudaGraphStep", RecordedStep)
+    monkeypatch.setattr(generate_module, "DecodeSession", graphed_session)  # where generate() builds one
+    monkeypatch.setattr(decode_session, "_SESSIONS", weakref.WeakKeyDictionary())  # no eager session reused
     return found, recorded
 
 

@@ -15,7 +15,7 @@ from hf_reference import hf_causal_lm
 
 import ttl_core
 from ttl_core.errors import GenerationError
-from ttl_core import kv_cache
+from ttl_core import decode_session, kv_cache
 from ttl_core.kv_cache import KVDecoder
 from ttl_core.lora import apply_lora, lora_layers, merge_lora
 
@@ -113,7 +113,7 @@ def test_lagged_eos_check_trims_to_the_same_output(models, monkeypatch):
     free = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=[])[:, 9:]
     eos = sorted({int(free[r, 2]) for r in range(3)})
     every_step = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
-    monkeypatch.setattr(generate_module, "EOS_CHECK_EVERY", {"cpu": 7})
+    monkeypatch.setattr(decode_session, "EOS_CHECK_EVERY", {"cpu": 7})
     lagged = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=PAD)
     assert torch.equal(lagged, every_step) and lagged.shape[1] < 9 + 7
 
@@ -230,12 +230,12 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path, monkeypatch):
     kwargs = dict(max_new_tokens=16, do_sample=True, top_k=20, repetition_penalty=1.3, eos_token_id=[5, 6], seed=4)
     first, first_mask = left_padded(ours.config.vocab_size, seed=10)  # other padding: rows 1, 2 more masked
     ids, mask = left_padded(ours.config.vocab_size, seed=11, pads=(4, 0, 2))
-    generate_module._SESSIONS.clear()
+    decode_session._SESSIONS.clear()
     fresh = ttl_core.generate(ours, ids, mask, **kwargs)
     ttl_core.generate(ours, first, first_mask, **kwargs)
-    session = generate_module._SESSIONS[ours]
+    session = decode_session._SESSIONS[ours]
     reused = ttl_core.generate(ours, ids, mask, **kwargs)
-    assert generate_module._SESSIONS[ours] is session and torch.equal(reused, fresh)
+    assert decode_session._SESSIONS[ours] is session and torch.equal(reused, fresh)
     replaced = weakref.ref(session)
     del session
     ttl_core.generate(ours, ids, mask, **{**kwargs, "top_k": 21})
@@ -249,28 +249,28 @@ def test_reused_session_matches_a_fresh_one(models, tmp_path, monkeypatch):
         for b in layer.lora_B.values():
             torch.nn.init.normal_(b.weight, std=0.2)
     unmerged = ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
-    session = generate_module._SESSIONS[lora_model]
+    session = decode_session._SESSIONS[lora_model]
     merge_lora(lora_model)
     assert torch.equal(ttl_core.generate(lora_model, ids, mask, max_new_tokens=8), unmerged)
-    assert generate_module._SESSIONS[lora_model] is not session
-    session = generate_module._SESSIONS[lora_model]
+    assert decode_session._SESSIONS[lora_model] is not session
+    session = decode_session._SESSIONS[lora_model]
     lora_model.train()
     ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
-    assert generate_module._SESSIONS[lora_model] is not session
+    assert decode_session._SESSIONS[lora_model] is not session
     for variable, choice in (("TTL_KERNELS", "torch"), ("TTL_ATTENTION", "eager")):  # what the step runs
-        session = generate_module._SESSIONS[lora_model]
+        session = decode_session._SESSIONS[lora_model]
         monkeypatch.setenv(variable, choice)
         ttl_core.generate(lora_model, ids, mask, max_new_tokens=8)
-        assert generate_module._SESSIONS[lora_model] is not session, variable
+        assert decode_session._SESSIONS[lora_model] is not session, variable
     del lora_model
 
     hf_generation_model(seed=5).save_pretrained(tmp_path)
     other = ttl_core.load_pretrained(tmp_path)
     ttl_core.generate(other, ids, mask, max_new_tokens=4)
-    assert other in generate_module._SESSIONS
+    assert other in decode_session._SESSIONS
     del other
     gc.collect()
-    assert all(m is ours for m in generate_module._SESSIONS.keys())  # a cached session keeps no model alive
+    assert all(m is ours for m in decode_session._SESSIONS.keys())  # a cached session keeps no model alive
 
 
 def test_scores_without_a_distribution_raise_like_transformers(tmp_path):
@@ -384,14 +384,14 @@ def test_repetition_penalty_scores_ignore_left_padding_like_transformers(tmp_pat
     ids, mask = left_padded(hf.config.vocab_size, seed=12, pads=pads)
     assert not torch.isin(ids[mask == 1], torch.tensor(PAD)).any()  # PAD is only padding
     recorded = []
-    real = generate_module.process_logits
+    real = decode_session.process_logits
 
     def recording(*args, **kwargs):
         out = real(*args, **kwargs)
         recorded.append(out.clone())
         return out
 
-    monkeypatch.setattr(generate_module, "process_logits", recording)
+    monkeypatch.setattr(decode_session, "process_logits", recording)
     got = ttl_core.generate(ours, ids, mask, max_new_tokens=6, repetition_penalty=1.5, eos_token_id=[],
                             pad_token_id=PAD)
     alone = [hf.generate(ids[row:row + 1, pad:], max_new_tokens=6, do_sample=False, repetition_penalty=1.5,
@@ -416,7 +416,7 @@ def test_padding_with_an_eos_id_and_a_lagged_check_trims_like_transformers(model
     ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24, eos_token_id=eos,
                       pad_token_id=eos[0])
     assert ref.shape[1] < 9 + 7  # every row finished before the first lagged check
-    monkeypatch.setattr(generate_module, "EOS_CHECK_EVERY", {"cpu": 7})
+    monkeypatch.setattr(decode_session, "EOS_CHECK_EVERY", {"cpu": 7})
     got = ttl_core.generate(ours, ids, mask, max_new_tokens=24, eos_token_id=eos, pad_token_id=eos[0])
     assert got.shape == ref.shape and torch.equal(got, ref)
 
@@ -486,16 +486,16 @@ def test_a_call_of_another_shape_frees_the_last_session_before_allocating(models
     _, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
     ttl_core.generate(ours, ids, mask, max_new_tokens=4)
-    last = weakref.ref(generate_module._SESSIONS[ours])
-    alive_at_build, session_class = [], generate_module._Session
+    last = weakref.ref(decode_session._SESSIONS[ours])
+    alive_at_build, session_class = [], generate_module.DecodeSession
 
     def session(*args, **kwargs):
         alive_at_build.append(last() is not None)
         return session_class(*args, **kwargs)
 
-    monkeypatch.setattr(generate_module, "_Session", session)
+    monkeypatch.setattr(generate_module, "DecodeSession", session)  # where generate() builds one
     ttl_core.generate(ours, ids, mask, max_new_tokens=5)
     assert alive_at_build == [False]
-    reused = generate_module._SESSIONS[ours]
+    reused = decode_session._SESSIONS[ours]
     ttl_core.generate(ours, ids, mask, max_new_tokens=5)
-    assert generate_module._SESSIONS[ours] is reused and alive_at_build == [False]  # same shape: reused
+    assert decode_session._SESSIONS[ours] is reused and alive_at_build == [False]  # same shape: reused

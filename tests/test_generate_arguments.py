@@ -1,7 +1,7 @@
 """generate()'s arguments: one-line errors for bad settings and inputs, the accepted edges of each range, the
 defaults and special token ids a checkpoint supplies, and token ids in any integer type."""
 
-import importlib
+import re
 import warnings
 
 import pytest
@@ -9,10 +9,10 @@ import torch
 from generation_helpers import PAD, CharTokenizer, assert_refused, left_padded, saved_models
 
 import ttl_core
+from ttl_core import decode_session
 from ttl_core.errors import GenerationError
+from ttl_core.generate_output import GenerationSettings
 from ttl_core.streamer import TextStreamer
-
-generate_module = importlib.import_module("ttl_core.generate")  # the package's `generate` is the function
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +144,13 @@ def test_settings_left_out_sample_20_tokens_without_top_k(models, monkeypatch):
     ids, mask = left_padded(ours.config.vocab_size)
     assert ttl_core.generate(ours, ids, mask, eos_token_id=[]).shape == (3, 9 + 20)
     recorded = []
-    real = generate_module.process_logits
+    real = decode_session.process_logits
 
     def recording(*args, **kwargs):
         recorded.append(real(*args, **kwargs))
         return recorded[-1]
 
-    monkeypatch.setattr(generate_module, "process_logits", recording)
+    monkeypatch.setattr(decode_session, "process_logits", recording)
     for top_k in (None, 50):
         recorded.clear()
         ttl_core.generate(ours, ids, mask, max_new_tokens=3, do_sample=True, top_k=top_k, eos_token_id=[], seed=0)
@@ -340,18 +340,39 @@ def test_a_generation_config_passed_wins_over_the_checkpoints_as_in_transformers
         ttl_core.generate(ours, ids, mask, generation_config={"eos_token_id": 131})
 
 
-@pytest.mark.parametrize("passed, message", [
-    ({"max_length": 5}, "^the prompt's 9 tokens already fill the generation_config's max_length of 5: no room"),
-    ({"max_length": 999}, "^the generation_config's max_length of 999 exceeds the model's context of 256 positions$"),
-    ({"min_length": -2}, "^generation_config: min_length must be an integer >= 0, got -2$"),
+@pytest.mark.parametrize("name, value, call, message", [
+    ("max_length", 5, {}, "the prompt's 9 tokens already fill max_length of 5: no room for new tokens$"),
+    ("max_length", 999, {}, "max_length of 999 exceeds the model's context of 256 positions$"),
+    ("min_length", -2, {}, "min_length must be an integer >= 0, got -2$"),
+    ("stop_strings", [5], dict(tokenizer=CharTokenizer()), "stop_strings must be a non-empty string"),
+    ("watermarking_config", {"bias": float("nan")}, {}, "watermarking_config bias must be a number other than NaN"),
 ])
-def test_a_bad_length_in_a_generation_config_passed_is_blamed_on_it(models, monkeypatch, passed, message):
-    """Not on the checkpoint's generation_config.json, which may not exist or not set a length at all."""
+def test_a_bad_setting_is_blamed_on_where_it_was_set(models, monkeypatch, name, value, call, message):
+    """On the generation_config passed, on model.generation_config once a program set it there, on the checkpoint's
+    generation_config.json only where it came from that file (which may not exist or not set it at all)."""
+    _, ours = models
+    set_in_code = GenerationSettings(ours.generation_config)
+    setattr(set_in_code, name, value)
+    for model_settings, passed, source in ((None, {name: value}, "generation_config"),
+                                           (set_in_code, None, "model.generation_config"),
+                                           ({**ours.generation_config, name: value}, None, "generation_config.json")):
+        monkeypatch.setattr(ours, "generation_config", model_settings)
+        assert_refused(ours, f"^{re.escape(source)}: {message}", generation_config=passed, **call)
+
+
+def test_settings_ttl_does_not_implement_are_warned_of_by_where_they_were_set(models, monkeypatch):
     _, ours = models
     ids, mask = left_padded(ours.config.vocab_size)
-    monkeypatch.setattr(ours, "generation_config", None)
-    with pytest.raises(GenerationError, match=message):
-        ttl_core.generate(ours, ids, mask, generation_config=passed)
+    set_in_code = GenerationSettings(ours.generation_config)
+    set_in_code.penalty_alpha = 0.6
+    monkeypatch.setattr(ours, "generation_config", set_in_code)
+    with pytest.warns(UserWarning, match=r"^model\.generation_config sets penalty_alpha=0\.6 and generation_config "
+                                         r"sets token_healing=True, which ttl's generate\(\) does not implement"):
+        ttl_core.generate(ours, ids, mask, max_new_tokens=1, generation_config={"token_healing": True})
+    monkeypatch.setattr(ours, "generation_config", {**ours.generation_config, "token_healing": True})
+    with pytest.warns(UserWarning, match=r"^generation_config\.json sets penalty_alpha=0\.6, token_healing=True, "
+                                         "which"):
+        ttl_core.generate(ours, ids, mask, max_new_tokens=1)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

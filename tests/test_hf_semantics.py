@@ -172,16 +172,21 @@ def test_checkpoint_settings_ttl_does_not_implement_are_named_in_a_warning(tmp_p
         warnings.simplefilter("error")
         ttl_core.generate(ttl_core.load_pretrained(tmp_path / "plain"), tokens, max_new_tokens=3)
     blocking = ttl_core.load_pretrained(tmp_path / "blocking")
-    every = (r"sets penalty_alpha=0.6, stop_strings='</s>' \(pass tokenizer= to apply them\), "
+    every = (r"^generation_config.json sets penalty_alpha=0.6, stop_strings='</s>' \(pass tokenizer= to apply them\), "
              r"token_healing=True, which")
     with pytest.warns(UserWarning, match=every):
         ttl_core.generate(blocking, tokens, max_new_tokens=3)
     with pytest.warns(UserWarning, match=r"sets penalty_alpha=0.6, token_healing=True, which") as seen:
         ttl_core.generate(blocking, tokens, max_new_tokens=3, stop_strings="x", tokenizer=CharTokenizer())
     assert seen[0].filename == __file__  # points at the call, not into ttl
-    assert unimplemented_settings({"token_healing": True, "top_k": 4}) == ["token_healing=True"]
+
+    def from_file(name: str) -> str:
+        return "generation_config.json"
+
+    assert unimplemented_settings({"token_healing": True, "top_k": 4}, from_file) == [
+        "generation_config.json sets token_healing=True"]
     # prompt lookup is implemented (ttl_core.prompt_lookup): a checkpoint that sets it decodes as transformers does
-    assert unimplemented_settings({"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}) == []
+    assert unimplemented_settings({"prompt_lookup_num_tokens": 3, "max_matching_ngram_size": 1}, from_file) == []
 
 
 def test_a_checkpoint_num_return_sequences_applies_as_in_transformers(tmp_path):
@@ -225,7 +230,7 @@ def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
     with pytest.raises(ValueError, match="max_length"):
         theirs.generate(ids(batch=2, seq=15), do_sample=False)
     with pytest.raises(GenerationError,
-                       match=r"the prompt's 15 tokens already fill the checkpoint's max_length of 15: "):
+                       match=r"^generation_config.json: the prompt's 15 tokens already fill max_length of 15: "):
         ttl_core.generate(ours, ids(batch=2, seq=15))
     ours.generation_config["max_length"] = "15"
     with pytest.raises(GenerationError, match=r"generation_config.json: max_length must be an integer >= 0, got '15'"):

@@ -70,6 +70,15 @@ def passed_generation_config(generation_config: Any) -> dict[str, Any]:
     return {name: value for name, value in settings.items() if value is not None}
 
 
+def setting_source(name: str, passed: dict[str, Any], model_settings: GenerationSettings | None) -> str:
+    """Where a setting that `generate()`'s own arguments leave unset comes from, as messages name it:
+    "generation_config" where the generation_config the call passed (`passed`, see `passed_generation_config`) sets it,
+    else the `source` of the model's settings (config.json where it has none: its ids are then the config's)."""
+    if name in passed:
+        return "generation_config"
+    return "config.json" if model_settings is None else model_settings.source
+
+
 class GenerationSettings(dict):
     """A model's `generation_config`: a dict whose settings are also read and written by attribute as transformers'
     GenerationConfig's are, so that `model.generation_config.pad_token_id = ...` sets what `generate()` then uses. A

@@ -1,6 +1,6 @@
 """The static KV cache generation decodes over, and the decoder that runs a causal LM on it: a prefill pass over
 left-padded prompts, then one-token steps whose tensors keep their shapes and addresses, so that a step can be
-captured in a CUDA graph (`ttl_core.generate`)."""
+captured in a CUDA graph (`ttl_core.decode_session`)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class KVDecoder:
 
     def __init__(self, model: LlamaForCausalLM, attention_mask: torch.Tensor, max_new_tokens: int,
                  flash: bool | None = None):
-        self.model_ref = weakref.ref(model)  # cached decoders (see _Session) must not keep their model alive
+        self.model_ref = weakref.ref(model)  # cached decoders (see DecodeSession) must not keep their model alive
         batch, prompt_len = attention_mask.shape
         device = attention_mask.device
         dtype = autocast_dtype(device.type) or model.lm_head.weight.dtype  # the projections' (the keys' and values')

@@ -123,7 +123,7 @@ class LookupDrafts:
 
 def decode(decoder: KVDecoder, state: Any, input_ids: torch.Tensor, drafts: Any, eos: list[int], watch: Any,
            deadline: float | None) -> int:
-    """Decode `input_ids` (one row) into `state` (ttl_core.generate's decoding state, reset, with rows as long as
+    """Decode `input_ids` (one row) into `state` (ttl_core.decode_session's decoding state, reset, with rows as long as
     any draft reaches) over `decoder` (reset), each step verifying the tokens `drafts.propose(row, max_length)`
     returns (a list, and the draft model's processed scores for them or None) and telling `drafts.kept(count)` how
     many were kept; `watch` (or None) gets each step's accepted tokens. Returns the number of new tokens."""

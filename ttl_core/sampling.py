@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .errors import GenerationError, is_integer, is_number
-from .generate_output import GenerationSettings
+from .generate_output import GenerationSettings, setting_source
 from .streamer import StopStrings
 
 if TYPE_CHECKING:
@@ -53,21 +53,26 @@ UNIMPLEMENTED_SETTINGS = {
     "force_words_ids": None, "constraints": None, "stop_strings": None, "dola_layers": None, "token_healing": False}
 
 
-def unimplemented_settings(checkpoint: dict | None, passed: set[str] = frozenset()) -> list[str]:
-    """`name=value` for each setting of a checkpoint's generation_config.json that transformers' generate() would
+def unimplemented_settings(checkpoint: dict | None, source_of: Callable[[str], str],
+                           passed: set[str] = frozenset()) -> list[str]:
+    """`SOURCE sets name=value, ...`, one for each place (`source_of(name)`, see
+    `ttl_core.generate_output.setting_source`) that sets settings in `checkpoint` which transformers' generate() would
     apply but ttl's does not (UNIMPLEMENTED_SETTINGS), so that a caller can say its output will differ; names in
     `passed` (set by the call itself, which then wins in ttl too) are left out."""
     how = {"stop_strings": " (pass tokenizer= to apply them)"}
-    return [f"{name}={value!r}{how.get(name, '')}" for name, value in (checkpoint or {}).items()
-            if name in UNIMPLEMENTED_SETTINGS and name not in passed
-            and value not in (None, [], {}, UNIMPLEMENTED_SETTINGS[name])]
+    sets: dict[str, list[str]] = {}
+    for name, value in (checkpoint or {}).items():
+        no_effect = (None, [], {}, UNIMPLEMENTED_SETTINGS.get(name))
+        if name in UNIMPLEMENTED_SETTINGS and name not in passed and value not in no_effect:
+            sets.setdefault(source_of(name), []).append(f"{name}={value!r}{how.get(name, '')}")
+    return [f"{source} sets {', '.join(shown)}" for source, shown in sets.items()]
 
 
-def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] | None,
-                        tokenizer: Any) -> StopStrings | None:
+def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] | None, tokenizer: Any,
+                        source_of: Callable[[str], str]) -> StopStrings | None:
     """What ends a row at a stop string: the call's `stop_strings` where given (`[]` for none), else, as in
-    transformers' generate(), the checkpoint's generation_config.json ones when the call passes a `tokenizer` to
-    read the tokens' text with (without one, transformers raises; ttl leaves them out and
+    transformers' generate(), the saved ones (`checkpoint`'s; an error names `source_of("stop_strings")`) when the call
+    passes a `tokenizer` to read the tokens' text with (without one, transformers raises; ttl leaves them out and
     `unimplemented_settings` names them)."""
     if stop_strings is not None:
         return StopStrings(stop_strings, tokenizer) if stop_strings else None
@@ -75,19 +80,19 @@ def stop_string_matcher(checkpoint: dict | None, stop_strings: str | list[str] |
     try:
         return StopStrings(saved, tokenizer) if saved else None
     except GenerationError as e:
-        raise GenerationError(f"generation_config.json: {e}") from None
+        raise GenerationError(f"{source_of('stop_strings')}: {e}") from None
 
 
-def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int | None = None,
-                      max_length: int | None = None, min_length: int | None = None, passed: dict | None = None,
+def decoding_settings(checkpoint: dict | None, source_of: Callable[[str], str], prompt_len: int = 0,
+                      context: int | None = None, max_length: int | None = None, min_length: int | None = None,
                       **given: Any) -> dict[str, Any]:
-    """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the `checkpoint`'s
-    generation_config.json value, which transformers' generate() applies too, else the default (`checkpoint` holds
-    the settings of a generation_config the call `passed` too: errors name those as its). As there, a
-    `max_length` (the call's, else the saved one; prompt included: `prompt_len` tokens) sets the number of new
-    tokens where neither the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills it is
-    an error; a `min_length` sets `min_new_tokens` likewise. The default number of new tokens stops at the model's
-    `context`, as transformers' default length does."""
+    """Each of DECODING_DEFAULTS' settings: the call's value where given (not None), else the saved one in
+    `checkpoint` (the model's generation_config, which transformers' generate() applies too, under a generation_config
+    the call passed), else the default; an error about a saved length names where it came from, `source_of(name)`.
+    As there, a `max_length` (the call's, else the saved one; prompt included: `prompt_len` tokens) sets the number
+    of new tokens where neither the call nor the checkpoint gives `max_new_tokens`, and a prompt that already fills
+    it is an error; a `min_length` sets `min_new_tokens` likewise. The default number of new tokens stops at the
+    model's `context`, as transformers' default length does."""
     saved = {name: value for name, value in (checkpoint or {}).items() if value is not None}
     merged = {**saved, **{name: value for name, value in given.items() if value is not None}}
     for length_name, new_tokens_name, given_length in (("max_length", "max_new_tokens", max_length),
@@ -95,18 +100,16 @@ def decoding_settings(checkpoint: dict | None, prompt_len: int = 0, context: int
         total = given_length if given_length is not None else saved.get(length_name)
         if total is None:
             continue
-        source, whose = (("", "") if given_length is not None else
-                         ("generation_config: ", "the generation_config's ") if length_name in (passed or {}) else
-                         ("generation_config.json: ", "the checkpoint's "))
+        source = "" if given_length is not None else f"{source_of(length_name)}: "
         if not is_integer(total) or total < 0:  # also where the number of new tokens wins: a wrong value is an error
             raise GenerationError(f"{source}{length_name} must be an integer >= 0, got {total!r}")
         if merged.get(new_tokens_name) is not None:
             continue
         if length_name == "max_length" and total <= prompt_len:
-            raise GenerationError(f"the prompt's {prompt_len} tokens already fill {whose}max_length of {total}: no "
+            raise GenerationError(f"{source}the prompt's {prompt_len} tokens already fill max_length of {total}: no "
                                   "room for new tokens")
         if length_name == "max_length" and context is not None and total > context:
-            raise GenerationError(f"{whose}max_length of {total} exceeds the model's context of {context} positions")
+            raise GenerationError(f"{source}max_length of {total} exceeds the model's context of {context} positions")
         merged[new_tokens_name] = max(total - prompt_len, 0)
     if merged.get("max_new_tokens") is None and context is not None:
         if prompt_len >= context:
@@ -327,18 +330,17 @@ def special_token_ids(model: LlamaForCausalLM, eos_token_id: int | list[int] | N
     (`passed`, see `ttl_core.generate_output.passed_generation_config`), else the model's `generation_config` as
     transformers reads it (its checkpoint's generation_config.json, else the ids of the config it was built from); the
     padding id falls back to the first EOS id. An error names where a bad id came from."""
-    config = model.config
+    config, passed = model.config, passed or {}
     defaults = model.generation_config
     if defaults is None:  # a program set it so
         defaults = GenerationSettings.from_model_config(config)
-    source = defaults.source + ": "
 
-    def ids(name: str, given: int | list[int] | None) -> list[int]:  # an error names the file a bad saved id came from
+    def ids(name: str, given: int | list[int] | None) -> list[int]:  # an error names where a bad saved id came from
         if given is not None:
             return _token_list(given, name, config.vocab_size)
-        if (passed or {}).get(name) is not None:
-            return _token_list(_without_none_marks(passed[name]), "generation_config: " + name, config.vocab_size)
-        return _token_list(_without_none_marks(defaults.get(name)), source + name, config.vocab_size)
+        saved = passed if name in passed else defaults
+        return _token_list(_without_none_marks(saved.get(name)), f"{setting_source(name, passed, defaults)}: {name}",
+                           config.vocab_size)
 
     eos, pad = ids("eos_token_id", eos_token_id), ids("pad_token_id", pad_token_id)
     if len(pad) > 1:
