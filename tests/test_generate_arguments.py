@@ -289,7 +289,7 @@ def test_the_default_length_stops_at_the_context_like_transformers(models):
 def test_bad_token_ids_in_the_checkpoint_are_named(models, monkeypatch, saved, message):
     """A malformed id in generation_config.json (a null in an EOS list) raised a TypeError from deep inside."""
     _, ours = models
-    monkeypatch.setattr(ours, "generation_config", saved)
+    monkeypatch.setattr(ours, "generation_config", GenerationSettings(saved))  # as the loader keeps the file's
     with pytest.raises(GenerationError, match=message):
         ttl_core.generate(ours, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
 
@@ -348,14 +348,19 @@ def test_a_generation_config_passed_wins_over_the_checkpoints_as_in_transformers
     ("watermarking_config", {"bias": float("nan")}, {}, "watermarking_config bias must be a number other than NaN"),
 ])
 def test_a_bad_setting_is_blamed_on_where_it_was_set(models, monkeypatch, name, value, call, message):
-    """On the generation_config passed, on model.generation_config once a program set it there, on the checkpoint's
-    generation_config.json only where it came from that file (which may not exist or not set it at all)."""
+    """On the generation_config passed, on model.generation_config once a program set it there (by attribute, by
+    item, or a dict assigned), on the checkpoint's generation_config.json only where it came from that file (which may
+    not exist or not set it at all)."""
     _, ours = models
-    set_in_code = GenerationSettings(ours.generation_config)
-    setattr(set_in_code, name, value)
+    by_attribute, by_item = GenerationSettings(ours.generation_config), GenerationSettings(ours.generation_config)
+    setattr(by_attribute, name, value)
+    by_item[name] = value
+    from_file = GenerationSettings({**ours.generation_config, name: value})
     for model_settings, passed, source in ((None, {name: value}, "generation_config"),
-                                           (set_in_code, None, "model.generation_config"),
-                                           ({**ours.generation_config, name: value}, None, "generation_config.json")):
+                                           (by_attribute, None, "model.generation_config"),
+                                           (by_item, None, "model.generation_config"),
+                                           ({**ours.generation_config, name: value}, None, "model.generation_config"),
+                                           (from_file, None, "generation_config.json")):
         monkeypatch.setattr(ours, "generation_config", model_settings)
         assert_refused(ours, f"^{re.escape(source)}: {message}", generation_config=passed, **call)
 
@@ -369,7 +374,8 @@ def test_settings_ttl_does_not_implement_are_warned_of_by_where_they_were_set(mo
     with pytest.warns(UserWarning, match=r"^model\.generation_config sets penalty_alpha=0\.6 and generation_config "
                                          r"sets token_healing=True, which ttl's generate\(\) does not implement"):
         ttl_core.generate(ours, ids, mask, max_new_tokens=1, generation_config={"token_healing": True})
-    monkeypatch.setattr(ours, "generation_config", {**ours.generation_config, "token_healing": True})
+    from_file = GenerationSettings({**ours.generation_config, "token_healing": True})
+    monkeypatch.setattr(ours, "generation_config", from_file)
     with pytest.warns(UserWarning, match=r"^generation_config\.json sets penalty_alpha=0\.6, token_healing=True, "
                                          "which"):
         ttl_core.generate(ours, ids, mask, max_new_tokens=1)

@@ -232,8 +232,12 @@ def test_a_checkpoint_max_length_counts_the_prompt_as_in_transformers(tmp_path):
     with pytest.raises(GenerationError,
                        match=r"^generation_config.json: the prompt's 15 tokens already fill max_length of 15: "):
         ttl_core.generate(ours, ids(batch=2, seq=15))
-    ours.generation_config["max_length"] = "15"
+    saved = json.loads((tmp_path / "ckpt" / "generation_config.json").read_text())
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({**saved, "max_length": "15"}))
     with pytest.raises(GenerationError, match=r"generation_config.json: max_length must be an integer >= 0, got '15'"):
+        ttl_core.generate(ttl_core.load_pretrained(tmp_path / "ckpt"), tokens)
+    ours.generation_config["max_length"] = "15"
+    with pytest.raises(GenerationError, match=r"model.generation_config: max_length must be an integer >= 0, got"):
         ttl_core.generate(ours, tokens)
 
 

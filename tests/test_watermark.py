@@ -8,6 +8,7 @@ from transformers import WatermarkDetector, WatermarkingConfig
 
 import ttl_core
 from ttl_core.errors import GenerationError
+from ttl_core.generate_output import GenerationSettings
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +83,10 @@ def test_a_bad_watermarking_config_names_where_it_came_from(models, monkeypatch)
     synthid = {"ngram_len": 5, "keys": [1, 2]}
     assert_refused(ours, "^generation_config: SynthID", max_new_tokens=2,
                    generation_config={"watermarking_config": synthid})
-    monkeypatch.setattr(ours, "generation_config", {"watermarking_config": synthid})
+    monkeypatch.setattr(ours, "generation_config", GenerationSettings({"watermarking_config": synthid}))
     assert_refused(ours, "^generation_config.json: SynthID", max_new_tokens=2)
-
+    monkeypatch.setattr(ours, "generation_config", {"watermarking_config": synthid})  # a program's
+    assert_refused(ours, "^model.generation_config: SynthID", max_new_tokens=2)
 
 
 @pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=0), dict(suppress_tokens=list(range(4, 60)))])

@@ -32,6 +32,7 @@ from .cli import refuse_to_replace
 from .config import RUNTIME_FIELDS, LlamaConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import read_json, write_dir_atomically, write_json
+from .generate_output import GenerationSettings
 from .hf import (GENERATION_CONFIG, IGNORED_HF_TENSORS, NATIVE_CONFIG, SAFETENSORS_DTYPES, check_against_plan,
                  check_weight_files, hf_plan, native_plan, read_model_config, resolve_dtype, save_pretrained,
                  stored_tensors)
@@ -105,7 +106,7 @@ def average_checkpoints(dirs: Sequence[str | os.PathLike], out: str | os.PathLik
     # fused ttl parameters (q/k/v, gate/up) are built from their averaged pieces one at a time
     state_dict = {name: torch.cat([mean(key) for key, _ in pieces]) for name, pieces in plan.items()}
     if (newest / GENERATION_CONFIG).is_file():
-        model.generation_config = read_json(newest / GENERATION_CONFIG, CheckpointError)
+        model.generation_config = GenerationSettings(read_json(newest / GENERATION_CONFIG, CheckpointError))
 
     def write(partial: Path) -> None:
         save_pretrained(model, partial, dtype=out_dtype, tokenizer=tokenizer, state_dict=state_dict)

@@ -85,7 +85,7 @@ class GenerationSettings(dict):
     setting never set is an AttributeError naming it, where transformers would give its default: `generate()` applies
     those defaults, but only where neither call nor model sets one. `source` names the settings' origin in messages:
     the checkpoint's generation_config.json, the model's config.json (`from_model_config`), or, once a program sets one
-    by attribute or assigns transformers' GenerationConfig, "model.generation_config"."""
+    (by attribute or item) or assigns settings (a dict or transformers' GenerationConfig), "model.generation_config"."""
 
     def __init__(self, settings: dict[str, Any] | None = None, source: str = "generation_config.json"):
         super().__init__(settings or {})
@@ -102,12 +102,13 @@ class GenerationSettings(dict):
 
     @classmethod
     def assigned(cls, settings: Any) -> GenerationSettings | None:
-        """What `model.generation_config = settings` keeps: None, these settings themselves, a dict's (as read from
-        generation_config.json), or those of transformers' GenerationConfig (anything with `to_dict()`) that are set."""
+        """What `model.generation_config = settings` keeps: None, these settings themselves (a loader passes
+        generation_config.json's so), or, as set by the program, a dict's or those of transformers' GenerationConfig
+        (anything with `to_dict()`) that are set."""
         if settings is None or isinstance(settings, GenerationSettings):
             return settings
         if isinstance(settings, dict):
-            return cls(settings)
+            return cls(settings, source="model.generation_config")
         return cls(passed_generation_config(settings), source="model.generation_config")
 
     def __getattr__(self, name: str) -> Any:
@@ -118,6 +119,9 @@ class GenerationSettings(dict):
 
     def __setattr__(self, name: str, value: Any) -> None:
         self[name] = value
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
         object.__setattr__(self, "source", "model.generation_config")  # no longer what a file or the config says
 
     def to_dict(self) -> dict[str, Any]:

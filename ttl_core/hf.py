@@ -302,7 +302,7 @@ def load_pretrained(
                 params[name][start:start + tensor.shape[0]].copy_(tensor)
                 start += tensor.shape[0]
     if (directory / GENERATION_CONFIG).exists():
-        model.generation_config = read_json(directory / GENERATION_CONFIG, CheckpointError)
+        model.generation_config = GenerationSettings(read_json(directory / GENERATION_CONFIG, CheckpointError))
     return model.eval()
 
 
