@@ -159,9 +159,44 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     those names do (see `targeted_slices`), and `rank_pattern` and `alpha_pattern` give the layers whose path a key
     ends (as a regular expression) their own r and alpha, as PEFT's do. `use_dora` makes them DoRA adapters (PEFT's
     option): each adapted row also gets a trainable magnitude, starting at its weight's norm. From the same torch
-    seed, the new adapters are those PEFT's `get_peft_model` draws."""
+    seed, the new adapters are those PEFT's `get_peft_model` draws. The options are kept in `model.lora_config`,
+    which `save_adapter` writes."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
+    rank_pattern, alpha_pattern = _checked_numbers(r, alpha, dropout, rank_pattern, alpha_pattern)
+    check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
+                        "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
+                        "modules_to_save": modules_to_save, "use_rslora": use_rslora, "use_dora": use_dora,
+                        "ensure_weight_tying": ensure_weight_tying})
+    full_modules = _trained_in_full(model, modules_to_save)
+    trains_embedding = set(EMBEDDING_PARAMS) & set(modules_to_save_params(model, full_modules))
+    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, full_modules)
+    if tied(model) and trains_embedding and not ensure_weight_tying:
+        model.untie_embeddings()
+    full_params = modules_to_save_params(model, full_modules)  # once untied, the LM head has a weight of its own
+    for param in model.parameters():
+        param.requires_grad_(False)
+    hf_prefixes = {path: prefix for path, (prefix, _) in linear_slices(model).items()}
+    for path, chosen in targeted.items():  # in PEFT's module order, so a seed draws PEFT's initial adapters
+        ranks = _per_slice(rank_pattern, hf_prefixes[path], chosen, r)
+        alphas = _per_slice(alpha_pattern, hf_prefixes[path], chosen, alpha)
+        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora, use_dora)
+        _replace_module(model, path, layer.train(model.training))
+    for name in full_params:
+        model.get_parameter(name).requires_grad_(True)
+    names = target_names(targets)
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": names if isinstance(names, str) else sorted(names),
+                         "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
+                         "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+                         "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": full_modules,
+                         "ensure_weight_tying": ensure_weight_tying and tied(model)}
+    return model
+
+
+def _checked_numbers(r: Any, alpha: Any, dropout: Any, rank_pattern: Any, alpha_pattern: Any) -> tuple[dict, dict]:
+    """`rank_pattern` and `alpha_pattern` as dicts (empty when unset), once r, alpha, they and dropout are known to
+    be what `apply_lora` takes; the first that is not is a one-line AdapterError."""
     if not valid_rank(r):
         raise AdapterError(f"LoRA rank r must be an integer in [1, 2**31), got {r!r}")
     if not _valid_alpha(alpha):
@@ -170,39 +205,27 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive finite number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
-                        "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-                        "modules_to_save": modules_to_save, "use_rslora": use_rslora, "use_dora": use_dora,
-                        "ensure_weight_tying": ensure_weight_tying})
-    saved = list(modules_to_save or [])
-    if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
-        saved.append("score")
-    trains_embedding = set(EMBEDDING_PARAMS) & set(modules_to_save_params(model, saved))
-    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, saved)
-    if tied(model) and trains_embedding and not ensure_weight_tying:
-        model.untie_embeddings()
-    full = modules_to_save_params(model, saved)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    hf_prefixes = {path: prefix for path, (prefix, _) in linear_slices(model).items()}
-    for path, chosen in targeted.items():
-        parent, child = path.rsplit(".", 1)
-        keys = {n: f"{hf_prefixes[path]}.{n}" for n in chosen}  # HF module paths, which the patterns match
-        ranks = {n: pattern_value(rank_pattern, key, r) for n, key in keys.items()}
-        alphas = {n: pattern_value(alpha_pattern, key, alpha) for n, key in keys.items()}
-        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora, use_dora)
-        layer.train(model.training)
-        setattr(model.get_submodule(parent), child, layer)
-    for name in full:
-        model.get_parameter(name).requires_grad_(True)
-    names = target_names(targets)
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                         "target_modules": names if isinstance(names, str) else sorted(names),
-                         "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
-                         "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-                         "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": saved,
-                         "ensure_weight_tying": ensure_weight_tying and tied(model)}
-    return model
+    return rank_pattern, alpha_pattern
+
+
+def _trained_in_full(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+    """The HF module names trained in full beside the adapters: `modules_to_save`, and a classifier's `score` head,
+    which PEFT always trains for SEQ_CLS."""
+    names = list(modules_to_save or [])
+    if model.architecture == "LlamaForSequenceClassification" and "score" not in names:
+        names.append("score")
+    return names
+
+
+def _per_slice(pattern: dict, hf_prefix: str, chosen: Iterable[str], default: Any) -> dict[str, Any]:
+    """Each chosen projection's rank (or alpha): the value `pattern` (rank_pattern, alpha_pattern) gives its HF
+    module path, `hf_prefix`.name, which is what PEFT's patterns match; else `default`."""
+    return {n: pattern_value(pattern, f"{hf_prefix}.{n}", default) for n in chosen}
+
+
+def _replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, child = path.rsplit(".", 1)
+    setattr(model.get_submodule(parent), child, module)
 
 
 def valid_rank(value: Any) -> bool:
@@ -247,7 +270,6 @@ def unload_lora(model: nn.Module) -> nn.Module:
         layer.set_merged(True)
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
-        parent, child = path.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, plain)
+        _replace_module(model, path, plain)
     model.__dict__.pop("lora_config", None)
     return model
