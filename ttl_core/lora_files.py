@@ -168,45 +168,21 @@ def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> d
 def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | Path,
                  is_trainable: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
     """Apply the LoRA adapter at `path` (ours or PEFT's) to a model without adapters; embedding rows it saves
-    overwrite the model's. `is_trainable=False` freezes it too and sets eval mode (inference); returns the model."""
+    overwrite the model's. Everything is checked before the model changes: an adapter that does not fit, or that
+    ttl cannot reproduce on this model, is a one-line AdapterError naming the file. `is_trainable=False` freezes it
+    too and sets eval mode (inference); returns the model."""
     directory = Path(path)
     config = _read_adapter_config(directory)
-    if is_trainable and config.get("init_lora_weights") == "mica":
-        raise AdapterError(f"{directory}: init_lora_weights='mica' trains lora_A only in PEFT, which ttl does not; "
-                           "load it for inference (is_trainable=False)")
-    # PEFT's bias="all" / "lora_only" train and save the base layers' biases, which a Llama without them lacks
-    if config.get("bias", "none") != "none" and any(name.endswith(".bias") for name, _ in model.named_parameters()):
-        raise AdapterError(f"{directory}: bias={config['bias']!r} is not supported on a model with biases (ttl "
-                           "trains LoRA adapters only, as bias='none')")
+    _check_reproducible(directory, config, model, is_trainable)
     found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
     try:  # the options PEFT takes but ttl cannot reproduce on this model are refused naming the adapter's file
-        saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
-        settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                        targets=present_targets(model, config["target_modules"]),
-                        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
-                        modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
-                        **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
-                                                            "rank_pattern", "alpha_pattern")})
+        settings = _lora_settings(model, config)
         expected = _adapter_shapes(model, settings)
     except AdapterError as e:
         raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
-    # PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
-    # loads them into the base model; so does ttl, once the model's vocabulary is resized to match
-    embeddings = {name: key for name, key in modules_to_save_params(model, EMBEDDING_MODULES, strict=False).items()
-                  if key in found and key not in expected}
-    for name, key in embeddings.items():
-        if tuple(found[key].shape) != tuple(model.get_parameter(name).shape):
-            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model's is "
-                               f"{tuple(model.get_parameter(name).shape)} (resize its token embeddings first)")
+    embeddings = _saved_embeddings(directory, model, found, expected)
     base_weights = {name: found.pop(key) for name, key in embeddings.items()}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise AdapterError(f"{directory}: the adapter does not fit this model: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
-    for key, shape in expected.items():
-        if tuple(found[key].shape) != shape:
-            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model needs {shape} "
-                               f"(r={config['r']})")
+    _check_fits(directory, found, expected, config["r"])
     apply_lora(model, **settings)  # only now that the adapter is known to fit
     with torch.no_grad():
         for key, target in _adapter_tensors(model).items():
@@ -218,6 +194,57 @@ def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path:
             param.requires_grad_(False)
         model.eval()
     return model
+
+
+def _check_reproducible(directory: Path, config: dict, model: nn.Module, is_trainable: bool) -> None:
+    """Refuse what ttl cannot reproduce of PEFT loading the adapter_config.json `config` onto `model`: trained
+    biases on a model that has biases, and training an init_lora_weights='mica' adapter."""
+    if is_trainable and config.get("init_lora_weights") == "mica":
+        raise AdapterError(f"{directory}: init_lora_weights='mica' trains lora_A only in PEFT, which ttl does not; "
+                           "load it for inference (is_trainable=False)")
+    # PEFT's bias="all" / "lora_only" train and save the base layers' biases, which a Llama without them lacks
+    if config.get("bias", "none") != "none" and any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        raise AdapterError(f"{directory}: bias={config['bias']!r} is not supported on a model with biases (ttl "
+                           "trains LoRA adapters only, as bias='none')")
+
+
+def _lora_settings(model: nn.Module, config: dict) -> dict[str, Any]:
+    """`apply_lora`'s arguments for the adapter_config.json `config` on `model`, without the target_modules and
+    modules_to_save entries that name no module of the model, which PEFT passes over (lists written for several
+    architectures; "classifier" beside "score")."""
+    saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
+    return dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                targets=present_targets(model, config["target_modules"]),
+                use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
+                modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
+                **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
+                                                    "rank_pattern", "alpha_pattern")})
+
+
+def _saved_embeddings(directory: Path, model: nn.Module, found: dict[str, torch.Tensor],
+                      expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """ttl parameter -> PEFT key of the input embedding and LM head that the adapter's weights `found` hold beside
+    the `expected` adapter tensors: PEFT saves a resized vocabulary's (save_embedding_layers) and loads them into
+    the base model, and so does ttl, once the model's vocabulary is resized to match, which is checked here."""
+    embeddings = {name: key for name, key in modules_to_save_params(model, EMBEDDING_MODULES, strict=False).items()
+                  if key in found and key not in expected}
+    for name, key in embeddings.items():
+        if tuple(found[key].shape) != tuple(model.get_parameter(name).shape):
+            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model's is "
+                               f"{tuple(model.get_parameter(name).shape)} (resize its token embeddings first)")
+    return embeddings
+
+
+def _check_fits(directory: Path, found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], r: int) -> None:
+    """Refuse adapter weights `found` that are not exactly the `expected` keys and shapes (rank `r` in the message)."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"{directory}: the adapter does not fit this model: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    for key, shape in expected.items():
+        if tuple(found[key].shape) != shape:
+            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model needs {shape} "
+                               f"(r={r})")
 
 
 def is_adapter_dir(path: str | Path) -> bool:
