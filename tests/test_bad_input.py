@@ -19,7 +19,8 @@ import ttl_core
 from ttl_core.cli import run_cli
 from ttl_core.errors import AdapterError, CheckpointError, ConfigError, GenerationError
 from ttl_core.fileio import write_json
-from ttl_core.lora import apply_lora, load_adapter, lora_layers, save_adapter
+from ttl_core.lora import apply_lora, lora_layers
+from ttl_core.lora_files import load_adapter, save_adapter
 
 
 @pytest.fixture

@@ -30,7 +30,8 @@ from ttl_core.errors import AdapterError, CheckpointError, DataError, TokenizerE
 from ttl_core.fileio import file_sha256
 from ttl_core.hf import save_pretrained
 from ttl_core.loader import PackedLoader
-from ttl_core.lora import apply_lora, load_adapter, load_with_adapter, save_adapter
+from ttl_core.lora import apply_lora
+from ttl_core.lora_files import load_adapter, load_with_adapter, save_adapter
 from ttl_core.metrics import read_metrics
 from ttl_core.model import LlamaForCausalLM
 from ttl_core.run_config import load_run_config

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 import ttl_core
 from ttl_core.errors import AdapterError, ConfigError
 from ttl_core.finetune import FinetuneConfig
-from ttl_core.lora import (_peft_keys, apply_lora, load_adapter, lora_layers, merge_lora, merged_weights,
-                           save_adapter, unload_lora, unmerge_lora)
+from ttl_core.lora import apply_lora, lora_layers, merge_lora, merged_weights, unload_lora, unmerge_lora
+from ttl_core.lora_files import _peft_keys, load_adapter, save_adapter
 
 PATTERNS = dict(target_modules="all-linear", use_rslora=True, rank_pattern={"down_proj": 2},
                 alpha_pattern={"v_proj": 32})

@@ -32,7 +32,7 @@ from plain_finetune import (adapter_snapshot, classifier_scores, lm_loss, lm_pad
 from ttl_core.finetune import SAMPLE_DATA, FinetuneConfig, classifier_collator, finetune_classifier, start_lora
 from ttl_core.hf import hf_plan
 from ttl_core.instruct import add_chat_tokens, build_instruction_data, finetune_instruct, lm_collator, target_tokens
-from ttl_core.lora import _adapter_tensors, save_adapter
+from ttl_core.lora_files import _adapter_tensors, save_adapter
 from ttl_core.metrics import read_metrics
 from ttl_core.tokenizer import Tokenizer
 

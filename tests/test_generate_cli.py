@@ -15,7 +15,8 @@ import ttl_core
 import ttl_core.cli
 from ttl_core.errors import ConfigError, GenerationError
 from ttl_core.chat_format import chat_prompt
-from ttl_core.lora import apply_lora, save_adapter
+from ttl_core.lora import apply_lora
+from ttl_core.lora_files import save_adapter
 from ttl_core.tokenizer import Tokenizer
 from ttl_core.tokenizer_train import train_tokenizer
 

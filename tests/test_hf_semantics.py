@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file, save_model
 import ttl_core
 from ttl_core.config import padding_index
 from ttl_core.errors import ConfigError
-from ttl_core.lora import apply_lora, load_adapter, save_adapter
+from ttl_core.lora import apply_lora
+from ttl_core.lora_files import load_adapter, save_adapter
 from ttl_core.sampling import unimplemented_settings
 
 PAD = 3

@@ -170,7 +170,7 @@ def test_an_example_is_refused_only_where_max_length_leaves_no_target(base_dir, 
 def test_lora_instruction_tuning_saves_a_peft_adapter(base_dir, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from ttl_core.lora import load_adapter
+    from ttl_core.lora_files import load_adapter
 
     cfg = FinetuneConfig(lr=1e-3, batch_size=8, epochs=2, max_length=256, lora=True)
     summary = finetune_instruct(base_dir, SAMPLE_DATA / "instrucoes_pt.jsonl", tmp_path, "aira", cfg, verbose=False)
@@ -242,7 +242,8 @@ def test_generate_script_runs_an_instruction_adapter_merged_into_its_base(base_d
     adapter's vocabulary (Aira's tokens), with the adapter merged, streams what ttl_core.generate gives on
     that merged model; --base finds a base that moved; a missing base or a classifier's adapter is one line."""
     import ttl_core
-    from ttl_core.lora import load_adapter, load_with_adapter, merge_lora
+    from ttl_core.lora import merge_lora
+    from ttl_core.lora_files import load_adapter, load_with_adapter
 
     base = Path(shutil.copytree(base_dir, tmp_path / "base"))
     data = tmp_path / "few.jsonl"

@@ -15,7 +15,8 @@ from lora_helpers import ALL, ids, randomize_lora_, saved_peft_adapter, scale_sa
 from safetensors.torch import load_file, save_file
 
 from ttl_core.errors import AdapterError
-from ttl_core.lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from ttl_core.lora import apply_lora, lora_layers, merge_lora
+from ttl_core.lora_files import load_adapter, save_adapter
 
 # PEFT matches a listed target against the end of each module path, so a list can name single layers
 ONE_LAYER_EACH = ["model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj", "self_attn.v_proj"]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import ttl_core
 from ttl_core.errors import AdapterError
-from ttl_core.lora import apply_lora, load_adapter, load_with_adapter, lora_layers, save_adapter
+from ttl_core.lora import apply_lora, lora_layers
+from ttl_core.lora_files import load_adapter, load_with_adapter, save_adapter
 
 
 def test_resized_embeddings_travel_as_modules_to_save(tmp_path):

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 import ttl_core
 from ttl_core.errors import AdapterError
-from ttl_core.lora import (_adapter_tensors, apply_lora, load_adapter, merge_lora, merged_weights, save_adapter,
-                           unmerge_lora)
+from ttl_core.lora import apply_lora, merge_lora, merged_weights, unmerge_lora
+from ttl_core.lora_files import _adapter_tensors, load_adapter, save_adapter
 
 PATTERN_TARGETS = [r".*\.(q_proj|up_proj)", r".*layers\.0\..*_proj", r"model\.layers\.\d+\.mlp\.(gate|down)_proj"]
 SAVED = ["embed_tokens", "norm", "input_layernorm", "layers.0.post_attention_layernorm", "down_proj", "up_proj",

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import ttl_core
 from ttl_core.errors import CheckpointError
-from ttl_core.lora import apply_lora, merge_lora, merged_weights, save_adapter, unload_lora, unmerge_lora
+from ttl_core.lora import apply_lora, merge_lora, merged_weights, unload_lora, unmerge_lora
+from ttl_core.lora_files import save_adapter
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

@@ -14,7 +14,8 @@ from lora_helpers import ALL, ids, randomize_lora_, saved_peft_adapter, scale_sa
 
 import ttl_core
 from ttl_core.errors import AdapterError
-from ttl_core.lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
+from ttl_core.lora import apply_lora, lora_layers, merge_lora, unmerge_lora
+from ttl_core.lora_files import load_adapter, save_adapter
 
 
 def adapted_modules(model) -> set[str]:

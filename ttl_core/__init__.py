@@ -4,7 +4,8 @@ from .config import PRESETS, LlamaConfig
 from .errors import TTLError
 from .generate import GenerateOutput, generate
 from .hf import load_pretrained, save_native, save_pretrained
-from .lora import apply_lora, load_adapter, merge_lora, save_adapter, unload_lora, unmerge_lora
+from .lora import apply_lora, merge_lora, unload_lora, unmerge_lora
+from .lora_files import load_adapter, save_adapter
 from .model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, build_model
 from .streamer import TextStreamer
 from .tokenizer import Tokenizer

@@ -36,7 +36,7 @@ from .generate_output import GenerationSettings
 from .hf import (GENERATION_CONFIG, IGNORED_HF_TENSORS, NATIVE_CONFIG, SAFETENSORS_DTYPES, check_against_plan,
                  check_weight_files, hf_plan, native_plan, read_model_config, resolve_dtype, save_pretrained,
                  stored_tensors)
-from .lora import is_adapter_dir
+from .lora_files import is_adapter_dir
 from .model import build_model
 from .tokenizer import Tokenizer
 
@@ -173,7 +173,7 @@ def _same_model(dirs: list[Path]) -> tuple[LlamaConfig, str]:
             raise CheckpointError(f"{d} is given twice; give each checkpoint once (--weights weighs one more)")
         if is_adapter_dir(d):
             raise CheckpointError(f"{d} is a LoRA adapter (adapter_config.json), not a checkpoint: average full "
-                                  "checkpoints, or merge each adapter into its base first (ttl_core.lora."
+                                  "checkpoints, or merge each adapter into its base first (ttl_core.lora_files."
                                   "load_with_adapter, then save_pretrained)")
         _check_undamaged(d)
         config, architecture = read_model_config(d)

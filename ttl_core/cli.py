@@ -17,7 +17,7 @@ from ttl_kernels.dispatch import BackendError
 
 from .errors import ConfigError, TTLError
 from .hf import DTYPES, checked_device, load_pretrained
-from .lora import adapter_base, is_adapter_dir, load_with_adapter
+from .lora_files import adapter_base, is_adapter_dir, load_with_adapter
 from .model import LlamaForCausalLM
 
 _python_show_warning = warnings.showwarning

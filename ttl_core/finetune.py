@@ -27,7 +27,8 @@ from .config import LlamaConfig
 from .errors import CheckpointError, ConfigError, is_integer, is_number
 from .fileio import remove_path, write_dir_atomically, write_json
 from .hf import checked_device, load_pretrained, read_model_config, save_pretrained
-from .lora import apply_lora, merged_weights, save_adapter, valid_rank
+from .lora import apply_lora, merged_weights, valid_rank
+from .lora_files import save_adapter
 from .metrics import MetricsLog
 from .model import LlamaForSequenceClassification
 from .optim import build_optimizer, gradient_parts, lr_at, optimizer_update

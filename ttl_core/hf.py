@@ -184,7 +184,7 @@ def read_model_config(path: str | os.PathLike) -> tuple[LlamaConfig, str]:
     if not (directory / "config.json").exists():
         adapter = (directory / "adapter_config.json").is_file()  # a fine-tuning run's OUT/best, say
         raise CheckpointError(f"{directory}: no config.json" + (" (it holds a PEFT adapter: merge it into its base "
-                              "with ttl_core.lora.load_with_adapter, or give the base model)" if adapter else ""))
+                              "with ttl_core.lora_files.load_with_adapter, or give the base model)" if adapter else ""))
     hf = read_json(directory / "config.json", CheckpointError, expect=object)  # from_hf_dict checks its shape
     try:
         config = LlamaConfig.from_hf_dict(hf)

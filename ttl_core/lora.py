@@ -1,12 +1,12 @@
-"""LoRA adapters on ttl's (fused) projections, saved and loaded in PEFT's format.
+"""LoRA adapters on ttl's (fused) projections, computed, initialised and merged as PEFT does.
 
 `apply_lora` replaces the targeted `nn.Linear` layers by `LoRALinear`, an `nn.Linear` that keeps the frozen
 base weight under its usual name and adds, for each targeted slice of its output rows, a low-rank update
 `B (A dropout(x)) * scale` (with DoRA, rescaled row by row: `LoRALinear.dora_update`). A fused projection (qkv,
 gate_up) thus adapts `q_proj` and `v_proj` (or any subset) independently, exactly as PEFT adapts the separate
 HF projections. The mapping between ttl's modules and HF names, and which layers PEFT's options pick, come from
-`ttl_core.lora_targets`; PEFT's key names are derived from them.
-`load_with_adapter` turns an adapter directory into a ready causal LM: its base, resized and merged.
+`ttl_core.lora_targets`; PEFT's adapter files (save_adapter, load_adapter, load_with_adapter) are
+`ttl_core.lora_files`.
 
 PEFT's LoRA options that ttl reproduces: r, lora_alpha, lora_dropout, use_rslora, use_dora, target_modules (names,
 paths, patterns, "all-linear"), exclude_modules, layers_to_transform, layers_pattern, rank_pattern, alpha_pattern,
@@ -18,35 +18,17 @@ that rewrite the base such as PiSSA, other PEFT types) are refused in one line n
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import SIZE_LIMIT
-from .errors import AdapterError, CheckpointError, is_integer, is_number
-from .fileio import atomic_write, read_json, write_json
-from .hf import NATIVE_CONFIG, load_pretrained, read_model_config, refuse_non_float
-from .lora_targets import (EMBEDDING_MODULES, EMBEDDING_PARAMS, OPTION_TYPES, PEFT_PREFIX, check_option_types,
-                           checked_pattern, linear_slices, modules_to_save_params, pattern_value, present_targets,
-                           target_names, targeted_slices, tied)
-from .model import LlamaForCausalLM, LlamaForSequenceClassification, build_model
-
-CONFIG_FILE, WEIGHTS_FILE, PICKLE_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-# adapter_config.json fields that change what the adapter computes; ttl refuses them when set rather than
-# load an adapter whose outputs would differ from PEFT's
-UNSUPPORTED_ADAPTER_FIELDS = (
-    "layer_replication", "lora_bias", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
-    "use_qalora", "use_bdlora",
-    "megatron_config", "loftq_config", "corda_config", "lora_ga_config", "velora_config", "monteclora_config",
-    "arrow_config", "kasa_config",
-)
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-TASK_TYPES = {"LlamaForCausalLM": "CAUSAL_LM", "LlamaForSequenceClassification": "SEQ_CLS"}
+from .errors import AdapterError, is_integer, is_number
+from .lora_targets import (EMBEDDING_PARAMS, check_option_types, checked_pattern, linear_slices,
+                           modules_to_save_params, pattern_value, target_names, targeted_slices, tied)
+from .model import LlamaForCausalLM, LlamaForSequenceClassification
 
 
 class LoRALinear(nn.Linear):
@@ -177,9 +159,44 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     those names do (see `targeted_slices`), and `rank_pattern` and `alpha_pattern` give the layers whose path a key
     ends (as a regular expression) their own r and alpha, as PEFT's do. `use_dora` makes them DoRA adapters (PEFT's
     option): each adapted row also gets a trainable magnitude, starting at its weight's norm. From the same torch
-    seed, the new adapters are those PEFT's `get_peft_model` draws."""
+    seed, the new adapters are those PEFT's `get_peft_model` draws. The options are kept in `model.lora_config`,
+    which `save_adapter` writes."""
     if lora_layers(model):
         raise AdapterError("the model already has LoRA adapters; merge or load into a fresh model instead")
+    rank_pattern, alpha_pattern = _checked_numbers(r, alpha, dropout, rank_pattern, alpha_pattern)
+    check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
+                        "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
+                        "modules_to_save": modules_to_save, "use_rslora": use_rslora, "use_dora": use_dora,
+                        "ensure_weight_tying": ensure_weight_tying})
+    full_modules = _trained_in_full(model, modules_to_save)
+    trains_embedding = set(EMBEDDING_PARAMS) & set(modules_to_save_params(model, full_modules))
+    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, full_modules)
+    if tied(model) and trains_embedding and not ensure_weight_tying:
+        model.untie_embeddings()
+    full_params = modules_to_save_params(model, full_modules)  # once untied, the LM head has a weight of its own
+    for param in model.parameters():
+        param.requires_grad_(False)
+    hf_prefixes = {path: prefix for path, (prefix, _) in linear_slices(model).items()}
+    for path, chosen in targeted.items():  # in PEFT's module order, so a seed draws PEFT's initial adapters
+        ranks = _per_slice(rank_pattern, hf_prefixes[path], chosen, r)
+        alphas = _per_slice(alpha_pattern, hf_prefixes[path], chosen, alpha)
+        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora, use_dora)
+        _replace_module(model, path, layer.train(model.training))
+    for name in full_params:
+        model.get_parameter(name).requires_grad_(True)
+    names = target_names(targets)
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": names if isinstance(names, str) else sorted(names),
+                         "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
+                         "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+                         "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": full_modules,
+                         "ensure_weight_tying": ensure_weight_tying and tied(model)}
+    return model
+
+
+def _checked_numbers(r: Any, alpha: Any, dropout: Any, rank_pattern: Any, alpha_pattern: Any) -> tuple[dict, dict]:
+    """`rank_pattern` and `alpha_pattern` as dicts (empty when unset), once r, alpha, they and dropout are known to
+    be what `apply_lora` takes; the first that is not is a one-line AdapterError."""
     if not valid_rank(r):
         raise AdapterError(f"LoRA rank r must be an integer in [1, 2**31), got {r!r}")
     if not _valid_alpha(alpha):
@@ -188,39 +205,27 @@ def apply_lora(model: LlamaForCausalLM | LlamaForSequenceClassification, r: int 
     alpha_pattern = checked_pattern("alpha_pattern", alpha_pattern, _valid_alpha, "a positive finite number")
     if not is_number(dropout) or not 0 <= dropout < 1:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    check_option_types({"target_modules": targets, "exclude_modules": exclude_modules,
-                        "layers_to_transform": layers_to_transform, "layers_pattern": layers_pattern,
-                        "modules_to_save": modules_to_save, "use_rslora": use_rslora, "use_dora": use_dora,
-                        "ensure_weight_tying": ensure_weight_tying})
-    saved = list(modules_to_save or [])
-    if model.architecture == "LlamaForSequenceClassification" and "score" not in saved:
-        saved.append("score")
-    trains_embedding = set(EMBEDDING_PARAMS) & set(modules_to_save_params(model, saved))
-    targeted = targeted_slices(model, targets, exclude_modules, layers_to_transform, layers_pattern, saved)
-    if tied(model) and trains_embedding and not ensure_weight_tying:
-        model.untie_embeddings()
-    full = modules_to_save_params(model, saved)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    hf_prefixes = {path: prefix for path, (prefix, _) in linear_slices(model).items()}
-    for path, chosen in targeted.items():
-        parent, child = path.rsplit(".", 1)
-        keys = {n: f"{hf_prefixes[path]}.{n}" for n in chosen}  # HF module paths, which the patterns match
-        ranks = {n: pattern_value(rank_pattern, key, r) for n, key in keys.items()}
-        alphas = {n: pattern_value(alpha_pattern, key, alpha) for n, key in keys.items()}
-        layer = LoRALinear(model.get_submodule(path), chosen, ranks, alphas, dropout, use_rslora, use_dora)
-        layer.train(model.training)
-        setattr(model.get_submodule(parent), child, layer)
-    for name in full:
-        model.get_parameter(name).requires_grad_(True)
-    names = target_names(targets)
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                         "target_modules": names if isinstance(names, str) else sorted(names),
-                         "exclude_modules": exclude_modules, "layers_to_transform": layers_to_transform,
-                         "layers_pattern": layers_pattern, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-                         "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": saved,
-                         "ensure_weight_tying": ensure_weight_tying and tied(model)}
-    return model
+    return rank_pattern, alpha_pattern
+
+
+def _trained_in_full(model: nn.Module, modules_to_save: Iterable[str] | None) -> list[str]:
+    """The HF module names trained in full beside the adapters: `modules_to_save`, and a classifier's `score` head,
+    which PEFT always trains for SEQ_CLS."""
+    names = list(modules_to_save or [])
+    if model.architecture == "LlamaForSequenceClassification" and "score" not in names:
+        names.append("score")
+    return names
+
+
+def _per_slice(pattern: dict, hf_prefix: str, chosen: Iterable[str], default: Any) -> dict[str, Any]:
+    """Each chosen projection's rank (or alpha): the value `pattern` (rank_pattern, alpha_pattern) gives its HF
+    module path, `hf_prefix`.name, which is what PEFT's patterns match; else `default`."""
+    return {n: pattern_value(pattern, f"{hf_prefix}.{n}", default) for n in chosen}
+
+
+def _replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, child = path.rsplit(".", 1)
+    setattr(model.get_submodule(parent), child, module)
 
 
 def valid_rank(value: Any) -> bool:
@@ -265,235 +270,6 @@ def unload_lora(model: nn.Module) -> nn.Module:
         layer.set_merged(True)
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
-        parent, child = path.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, plain)
+        _replace_module(model, path, plain)
     model.__dict__.pop("lora_config", None)
     return model
-
-
-def _peft_keys(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor for every LoRA weight of the model (PEFT saves a DoRA magnitude without ".weight")."""
-    slices = linear_slices(model)
-    keys = {}
-    for path, layer in lora_layers(model).items():
-        for n in layer.slices:
-            prefix = f"{PEFT_PREFIX}{slices[path][0]}.{n}"
-            keys.update({f"{prefix}.lora_{ab}.weight": getattr(layer, f"lora_{ab}")[n].weight for ab in "AB"})
-            if n in layer.lora_magnitude:
-                keys[f"{prefix}.lora_magnitude_vector"] = layer.lora_magnitude[n]
-    return keys
-
-
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor for everything an adapter file holds: the LoRA pairs and the modules_to_save."""
-    saved = modules_to_save_params(model, model.lora_config["modules_to_save"])
-    return {**_peft_keys(model), **{key: model.get_parameter(name) for name, key in saved.items()}}
-
-
-def _adapter_shapes(model: nn.Module, settings: dict) -> dict[str, tuple[int, ...]]:
-    """PEFT key -> shape of what `apply_lora(model, **settings)` would create, found on a weightless copy
-    of the model's structure, so an adapter that does not fit is refused before the model changes."""
-    with torch.device("meta"):
-        probe = build_model(model.config, model.architecture)
-    apply_lora(probe, **settings)
-    return {key: tuple(t.shape) for key, t in _adapter_tensors(probe).items()}
-
-
-def _grown_embeddings(model: nn.Module, base: str | None) -> dict[str, torch.Tensor]:
-    """PEFT key -> tensor of the input embedding and LM head when the model's vocabulary differs from that of the
-    base checkpoint directory `base` (either layout): PEFT's save_embedding_layers="auto" saves them beside the
-    adapter then, so that it loads onto the base with the rows of the tokens fine-tuning added. Nothing for a
-    base that is not a local checkpoint, as PEFT offline."""
-    if not base or not any((Path(base) / name).is_file() for name in ("config.json", NATIVE_CONFIG)):
-        return {}
-    if read_model_config(base)[0].vocab_size == model.config.vocab_size:
-        return {}
-    embeddings = modules_to_save_params(model, EMBEDDING_MODULES, strict=False)
-    return {key: model.get_parameter(name) for name, key in embeddings.items()}
-
-
-def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | Path | None = None) -> None:
-    """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does (loadable with
-    `PeftModel.from_pretrained`); with the embedding and LM head too when the vocabulary differs from that of
-    the base directory `base_model_name_or_path`, as PEFT's save_embedding_layers="auto" does."""
-    settings = getattr(model, "lora_config", None)
-    if settings is None:
-        raise AdapterError("the model has no LoRA adapters to save (call apply_lora or load_adapter first)")
-    if any(layer.merged for layer in lora_layers(model).values()):
-        raise AdapterError("the adapters are merged into the base weights; unmerge_lora before saving them")
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    base = None if base_model_name_or_path is None else str(base_model_name_or_path)  # a Path, as JSON text
-    tensors = {**_grown_embeddings(model, base), **_adapter_tensors(model)}
-    payload = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
-    write_json(directory / CONFIG_FILE, {
-        "peft_type": "LORA", "task_type": TASK_TYPES[model.architecture], "r": settings["r"],
-        "lora_alpha": settings["lora_alpha"], "lora_dropout": settings["lora_dropout"],
-        "target_modules": settings["target_modules"], "use_rslora": settings["use_rslora"],
-        "modules_to_save": settings["modules_to_save"] or None, "base_model_name_or_path": base,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "exclude_modules": settings["exclude_modules"], "layers_to_transform": settings["layers_to_transform"],
-        "layers_pattern": settings["layers_pattern"], "rank_pattern": settings["rank_pattern"],
-        "alpha_pattern": settings["alpha_pattern"],
-        "use_dora": settings["use_dora"], "revision": None,
-        **({"ensure_weight_tying": True} if settings["ensure_weight_tying"] else {}),
-    })
-
-
-def _read_adapter_config(directory: Path) -> dict:
-    if not (directory / CONFIG_FILE).is_file():
-        raise AdapterError(f"{directory} holds no {CONFIG_FILE}")
-    config = read_json(directory / CONFIG_FILE, AdapterError)
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{directory}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
-    # fan_in_fan_out is not checked: PEFT sets it to false on every nn.Linear, which all of a Llama's projections are
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise AdapterError(f"{directory}: bias={config['bias']!r} is not one of PEFT's 'none', 'all', 'lora_only'")
-    for key in UNSUPPORTED_ADAPTER_FIELDS:
-        value = config.get(key)
-        # PEFT writes these unset as null, false, {} or []; layers_to_transform=0 is set (layer 0 only)
-        if value is not None and value is not False and value != {} and value != []:
-            raise AdapterError(f"{directory}: {key}={value!r} is not supported")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterError(f"{directory}: init_lora_weights={init!r} is not supported (PEFT rewrites the base "
-                           "weights with it when loading)")
-    if config.get("use_dora") is True and init == "mica":  # two LoRA variants at once
-        raise AdapterError(f"{directory}: use_dora=True cannot go with init_lora_weights='mica' (as in PEFT)")
-    try:  # an unset flag is false
-        check_option_types({key: config.get(key, False if kinds == (bool,) else None)
-                            for key, kinds in OPTION_TYPES.items()})
-    except AdapterError as e:
-        raise AdapterError(f"{directory}: {e}") from None
-    if "r" not in config or "lora_alpha" not in config:
-        raise AdapterError(f"{directory}: {CONFIG_FILE} needs r and lora_alpha")
-    return config
-
-
-def _read_adapter_weights(directory: Path, read: Callable[[Any, str], Any]) -> dict[str, Any]:
-    """PEFT key -> `read(file, key)` for each tensor of the adapter's weights file (`get_tensor`, or a shape from
-    the header alone), the adapter name PEFT may leave in a key ("default") taken out."""
-    if not (directory / WEIGHTS_FILE).is_file():
-        if (directory / PICKLE_WEIGHTS_FILE).is_file():  # what PEFT writes with safe_serialization=False
-            raise AdapterError(f"{directory / PICKLE_WEIGHTS_FILE} is a pickle, which ttl never unpickles (it can run "
-                               "code); re-save the adapter in a trusted environment with PEFT: PeftModel."
-                               f"from_pretrained(base, DIR).save_pretrained(OUT), which writes {WEIGHTS_FILE}")
-        raise AdapterError(f"{directory} holds no {WEIGHTS_FILE}")
-    try:
-        with safe_open(directory / WEIGHTS_FILE, "pt") as f:
-            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
-            found = {key: read(f, key) for key in f.keys()}
-    except Exception as e:  # safetensors raises several types for truncated or foreign files
-        raise AdapterError(f"{directory / WEIGHTS_FILE}: unreadable ({e})") from None
-    for key, dtype in dtypes.items():  # a header naming another dtype (damage, or a foreign file) loads garbage
-        refuse_non_float(directory / WEIGHTS_FILE, key, dtype, AdapterError)
-    weights = {}
-    # PEFT saving a module trained in full (modules_to_save) whose vocabulary grew can also write its wrapper's two
-    # copies: the trained one again (".modules_to_save.") and the base's (".original_module."), which it replaces
-    for key in sorted(found, key=lambda k: ".modules_to_save.weight" in k):  # the plain key first
-        if ".original_module." not in key:
-            name = key.replace(".modules_to_save.default.", ".").replace(".default.", ".")
-            weights.setdefault(name.replace(".modules_to_save.", "."), found[key])
-    return weights
-
-
-def load_adapter(model: LlamaForCausalLM | LlamaForSequenceClassification, path: str | Path,
-                 is_trainable: bool = False) -> LlamaForCausalLM | LlamaForSequenceClassification:
-    """Apply the LoRA adapter at `path` (ours or PEFT's) to a model without adapters; embedding rows it saves
-    overwrite the model's. `is_trainable=False` freezes it too and sets eval mode (inference); returns the model."""
-    directory = Path(path)
-    config = _read_adapter_config(directory)
-    if is_trainable and config.get("init_lora_weights") == "mica":
-        raise AdapterError(f"{directory}: init_lora_weights='mica' trains lora_A only in PEFT, which ttl does not; "
-                           "load it for inference (is_trainable=False)")
-    # PEFT's bias="all" / "lora_only" train and save the base layers' biases, which a Llama without them lacks
-    if config.get("bias", "none") != "none" and any(name.endswith(".bias") for name, _ in model.named_parameters()):
-        raise AdapterError(f"{directory}: bias={config['bias']!r} is not supported on a model with biases (ttl "
-                           "trains LoRA adapters only, as bias='none')")
-    found = _read_adapter_weights(directory, lambda f, key: f.get_tensor(key))
-    try:  # the options PEFT takes but ttl cannot reproduce on this model are refused naming the adapter's file
-        saved = [n for n in config.get("modules_to_save") or [] if modules_to_save_params(model, [n], strict=False)]
-        settings = dict(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                        targets=present_targets(model, config["target_modules"]),
-                        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
-                        modules_to_save=saved, ensure_weight_tying=config.get("ensure_weight_tying", False),
-                        **{key: config.get(key) for key in ("exclude_modules", "layers_to_transform", "layers_pattern",
-                                                            "rank_pattern", "alpha_pattern")})
-        expected = _adapter_shapes(model, settings)
-    except AdapterError as e:
-        raise AdapterError(f"{directory / CONFIG_FILE}: {e}") from None
-    # PEFT saves a resized vocabulary's embedding and LM head beside the adapter (save_embedding_layers) and
-    # loads them into the base model; so does ttl, once the model's vocabulary is resized to match
-    embeddings = {name: key for name, key in modules_to_save_params(model, EMBEDDING_MODULES, strict=False).items()
-                  if key in found and key not in expected}
-    for name, key in embeddings.items():
-        if tuple(found[key].shape) != tuple(model.get_parameter(name).shape):
-            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model's is "
-                               f"{tuple(model.get_parameter(name).shape)} (resize its token embeddings first)")
-    base_weights = {name: found.pop(key) for name, key in embeddings.items()}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise AdapterError(f"{directory}: the adapter does not fit this model: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
-    for key, shape in expected.items():
-        if tuple(found[key].shape) != shape:
-            raise AdapterError(f"{directory}: {key} has shape {tuple(found[key].shape)}, the model needs {shape} "
-                               f"(r={config['r']})")
-    apply_lora(model, **settings)  # only now that the adapter is known to fit
-    with torch.no_grad():
-        for key, target in _adapter_tensors(model).items():
-            target.copy_(found[key])
-        for name, tensor in base_weights.items():
-            model.get_parameter(name).copy_(tensor)
-    if not is_trainable:  # inference, as PEFT's from_pretrained leaves it: frozen, dropout off
-        for param in model.parameters():
-            param.requires_grad_(False)
-        model.eval()
-    return model
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """Whether `path` is a PEFT adapter directory (it holds adapter_config.json) rather than a checkpoint."""
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def adapter_base(path: str | Path, base: str | Path | None = None) -> Path:
-    """The base model directory of the PEFT adapter directory `path`: `base` when given (the base has moved),
-    else the `base_model_name_or_path` its adapter_config.json names; one that is missing is a one-line error."""
-    directory = Path(path)
-    named = base is None  # the base is the one the adapter names
-    base = _read_adapter_config(directory).get("base_model_name_or_path") if named else base
-    if named and not (isinstance(base, str) and base):
-        raise AdapterError(f"{directory / CONFIG_FILE}: no base_model_name_or_path; give the base model's directory")
-    if not Path(base).is_dir():
-        where = (f" (base_model_name_or_path in {directory / CONFIG_FILE}; pass its new place as base=, --base in the "
-                 "scripts)") if named else ""
-        raise CheckpointError(f"{base}: no such base model directory{where}")
-    return Path(base)
-
-
-def load_with_adapter(path: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
-                      device: str | torch.device | None = None) -> LlamaForCausalLM:
-    """The causal LM that the PEFT adapter directory `path` makes of its base, for inference: the base
-    (`base`, else adapter_config.json's `base_model_name_or_path`) loaded in `dtype` on `device`, its
-    vocabulary grown to the embedding rows the adapter saves when fine-tuning added tokens (Aira's), the
-    adapter loaded and merged into the base weights, so the model runs at the base's speed. Use it with the
-    tokenizer saved in the adapter directory (or the base's, when PEFT saved the adapter without one). A
-    missing base directory, or an adapter that is not a causal LM's (a classifier's), is a one-line error
-    naming the path."""
-    directory = Path(path)
-    config = _read_adapter_config(directory)
-    if config.get("task_type") not in (None, TASK_TYPES["LlamaForCausalLM"]):
-        raise AdapterError(f"{directory}: a {config['task_type']} adapter, not a causal LM's (task_type CAUSAL_LM)")
-    base = adapter_base(directory, base)
-    model = load_pretrained(base, dtype=dtype, device=device)
-    if not isinstance(model, LlamaForCausalLM):
-        raise AdapterError(f"{base}: holds a {model.architecture}; the adapter {directory} needs a LlamaForCausalLM")
-    embeddings = set(modules_to_save_params(model, EMBEDDING_MODULES).values())
-    shapes = _read_adapter_weights(directory, lambda f, key: f.get_slice(key).get_shape())
-    rows = max((shape[0] for key, shape in shapes.items() if key in embeddings), default=0)
-    if rows > model.config.vocab_size:  # load_adapter then loads the saved rows into the grown tables
-        model.resize_token_embeddings(rows)
-    load_adapter(model, directory)
-    return unload_lora(model)
