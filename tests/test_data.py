@@ -317,6 +317,19 @@ def test_a_tokenizer_object_given_is_left_as_it_was(tmp_path):
     assert (saved.add_bos_token, saved.add_eos_token) == (True, False)
 
 
+def test_a_tokenizers_fingerprint_ignores_its_length_limit(tmp_path):
+    """model_max_length (1e30 when a config names none, a checkpoint's context, ...) does not change how texts encode:
+    data prepared with one tokenizer under two limits mixes, and a directory prepared before stays prepared."""
+    inputs, _ = write_inputs(tmp_path)
+    prepare_data(inputs[:1], tmp_path / "tok", vocab_size=300, workers=1)
+    tok = Tokenizer.from_pretrained(tmp_path / "tok")
+    fingerprint = data.fingerprint_tokenizer(tok)
+    tok.model_max_length = 256
+    assert data.fingerprint_tokenizer(tok) == fingerprint
+    tok.add_eos_token = True  # what does change the tokens
+    assert data.fingerprint_tokenizer(tok) != fingerprint
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_tokenizer_directory_encodes_as_its_config_says(tmp_path, workers):
     """A tokenizer directory whose config names another end-of-text token (a chat model's) and adds no word

@@ -1,6 +1,7 @@
 """generate()'s arguments: one-line errors for bad settings and inputs, the accepted edges of each range, the
 defaults and special token ids a checkpoint supplies, and token ids in any integer type."""
 
+import copy
 import re
 import warnings
 
@@ -349,18 +350,21 @@ def test_a_generation_config_passed_wins_over_the_checkpoints_as_in_transformers
 ])
 def test_a_bad_setting_is_blamed_on_where_it_was_set(models, monkeypatch, name, value, call, message):
     """On the generation_config passed, on model.generation_config once a program set it there (by attribute, by
-    item, or a dict assigned), on the checkpoint's generation_config.json only where it came from that file (which may
-    not exist or not set it at all)."""
+    item, by update, or a dict assigned), on the checkpoint's generation_config.json only where it came from that file
+    (which may not exist or not set it at all; a copy, as the EMA's of a model, still did)."""
     _, ours = models
-    by_attribute, by_item = GenerationSettings(ours.generation_config), GenerationSettings(ours.generation_config)
+    by_attribute, by_item, by_update = (GenerationSettings(ours.generation_config) for _ in range(3))
     setattr(by_attribute, name, value)
     by_item[name] = value
+    by_update.update({name: value})
     from_file = GenerationSettings({**ours.generation_config, name: value})
     for model_settings, passed, source in ((None, {name: value}, "generation_config"),
                                            (by_attribute, None, "model.generation_config"),
                                            (by_item, None, "model.generation_config"),
+                                           (by_update, None, "model.generation_config"),
                                            ({**ours.generation_config, name: value}, None, "model.generation_config"),
-                                           (from_file, None, "generation_config.json")):
+                                           (from_file, None, "generation_config.json"),
+                                           (copy.deepcopy(from_file), None, "generation_config.json")):
         monkeypatch.setattr(ours, "generation_config", model_settings)
         assert_refused(ours, f"^{re.escape(source)}: {message}", generation_config=passed, **call)
 

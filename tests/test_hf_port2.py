@@ -109,3 +109,6 @@ def test_stopping_criteria_end_rows_as_in_transformers(sampling, tmp_path):
                        r"got shape \(3, 1\) from _column_verdict$"):
         ours.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
                       stopping_criteria=[_column_verdict])
+    with pytest.raises(GenerationError, match=r"^a stopping criterion must return .* got a str from <lambda>$"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD,
+                      stopping_criteria=[lambda input_ids, scores: "done"])

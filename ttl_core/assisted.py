@@ -32,8 +32,9 @@ def assistant_settings(assistant: Any, model: LlamaForCausalLM, given: dict[str,
                        num_beams: int, num_return_sequences: int, guidance_scale: float, watermark: Any,
                        lookup: Any) -> dict[str, Any] | None:
     """The drafting settings of a call with `assistant` (None without one): each of `given` (the call's) where not
-    None, else the assistant's generation_config.json value, else transformers' default; a GenerationError naming
-    what is wrong (`length`: prompt plus new tokens, `rows`: prompt rows, `lookup`: prompt lookup's settings)."""
+    None, else the assistant's `generation_config` value (its generation_config.json's, or as a program set it), else
+    transformers' default; a GenerationError naming what is wrong (`length`: prompt plus new tokens, `rows`: prompt
+    rows, `lookup`: prompt lookup's settings)."""
     if assistant is None:
         named = next((name for name, value in given.items() if value is not None), None)
         if named is not None:

@@ -344,9 +344,10 @@ def _load_tokenizer(tokenizer: str | os.PathLike | Tokenizer | None) -> Tokenize
 
 def fingerprint_tokenizer(tok: Tokenizer) -> str:
     """SHA-256 of the files `tok` saves: its model and the config that says how it encodes (which tokens play
-    <s> and </s>, the word prefix, the added tokens), all of which the token files depend on."""
+    <s> and </s>, the word prefix, the added tokens), all of which the token files depend on. Its model_max_length,
+    which changes no token, is saved as the fixed 2048 that directories prepared before recorded."""
     with tempfile.TemporaryDirectory() as directory:
-        tok.save_pretrained(directory)
+        tok.save_pretrained(directory, model_max_length=2048)
         files = sorted(Path(directory).iterdir())
         return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
 

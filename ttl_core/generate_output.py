@@ -122,7 +122,26 @@ class GenerationSettings(dict):
 
     def __setitem__(self, name: str, value: Any) -> None:
         super().__setitem__(name, value)
+        self._set_by_program()
+
+    def update(self, *args: Any, **settings: Any) -> None:  # dict's own skips __setitem__
+        super().update(*args, **settings)
+        self._set_by_program()
+
+    def setdefault(self, name: str, default: Any = None) -> Any:
+        if name not in self:
+            self[name] = default
+        return self[name]
+
+    def __ior__(self, other: Any) -> GenerationSettings:
+        self.update(other)
+        return self
+
+    def _set_by_program(self) -> None:
         object.__setattr__(self, "source", "model.generation_config")  # no longer what a file or the config says
+
+    def __reduce__(self) -> tuple:  # copies (the EMA's deepcopy of a model) keep the source: dict's rebuild by item
+        return type(self), (dict(self), self.source)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self)

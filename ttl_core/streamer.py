@@ -216,10 +216,15 @@ class HostWatch:
         rows = torch.cat([self.prompt, self.state.out[:, :produced]], dim=1)
         done = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
         for criterion in self.criteria:
-            verdict = torch.as_tensor(criterion(rows, None), dtype=torch.bool, device=rows.device)
-            if verdict.shape not in ((), (1,), (len(rows),)):
+            answer = criterion(rows, None)
+            try:
+                verdict = torch.as_tensor(answer, dtype=torch.bool, device=rows.device)
+            except (TypeError, ValueError, RuntimeError):
+                verdict = None
+            if verdict is None or verdict.shape not in ((), (1,), (len(rows),)):
+                got = f"a {type(answer).__name__}" if verdict is None else f"shape {tuple(verdict.shape)}"
                 raise GenerationError(f"a stopping criterion must return one bool or one per row ({len(rows)}), got "
-                                      f"shape {tuple(verdict.shape)} from {_criterion_name(criterion)}")
+                                      f"{got} from {_criterion_name(criterion)}")
             done |= verdict
         for row in (done & ~self.state.finished).nonzero().flatten().tolist():
             self.state.finish_row(row, produced)
