@@ -150,7 +150,6 @@ def test_a_context_too_long_is_cut_from_the_left(checkpoint):
     assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-5
 
 
-
 def test_a_choice_is_scored_whole_or_refused_at_the_model_s_context(checkpoint):
     """A continuation of as many tokens as the model's context is scored after its context's last token; one token
     more would leave it no context (and its first position would index the row's end)."""

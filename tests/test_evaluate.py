@@ -173,7 +173,6 @@ def test_the_script_refuses_another_tokenizer_s_data_and_a_classifier(checkpoint
         script.main(["--model", str(tmp_path / "classifier"), "--data", str(data)])
 
 
-
 def document_stream(seed: int, n_tokens: int) -> np.ndarray:
     """`n_tokens` of documents `<s>` ids `</s>` (BOS 1, EOS 2, random ids) of random lengths, end to end."""
     rng, ids = np.random.default_rng(seed), []

@@ -83,7 +83,6 @@ def test_yarn_greedy_decoding_with_the_kv_cache_matches_transformers(kernels, tm
     assert torch.equal(ttl_core.generate(ours, ids, mask, max_new_tokens=new, eos_token_id=[]), ref)
 
 
-
 @pytest.mark.gpu
 def test_cuda_graph_yarn_decoding_matches_transformers(tmp_path):
     """On the GPU in float32, past the original context of 16, graphed and eager decoding give transformers' tokens:

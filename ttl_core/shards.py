@@ -35,7 +35,6 @@ def _at_least_a_byte(size_bytes: int, given: int | str) -> int:
     return size_bytes
 
 
-
 def write_shards(directory: Path, tensors: list[tuple[str, torch.Tensor]], max_shard_bytes: int) -> list[Path]:
     """Write (name, tensor) pairs as one file or as shards with an index; return the stale weight files, which the
     caller removes once the new config is written (`remove_stale`)."""
