@@ -228,7 +228,8 @@ class _LlamaBase(nn.Module):
         self.config = config
         self.backbone = LlamaModel(config)
         # as transformers, a model that generates starts from its config's token ids; a checkpoint's file replaces them
-        self.generation_config = GenerationSettings.from_model_config(config) if hasattr(self, "generate") else None
+        generates = self.architecture == "LlamaForCausalLM"
+        self.generation_config = GenerationSettings.from_model_config(config) if generates else None
         self._input_require_grads_hook = None
 
     @property
