@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .documents import count_documents, read_documents
 from .errors import DataError
-from .fileio import atomic_write, file_sha256, write_json
+from .fileio import atomic_write, write_json
 from .loader import check_token_file, is_int
 from .tokenizer import Tokenizer
 from .tokenizer_train import TRAIN_INPUT_BYTES, TRAIN_INPUT_SENTENCES, train_tokenizer, valid_vocab_size
@@ -242,13 +242,13 @@ def prepare_data(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike
     # The files below replace whatever meta.json describes: without it, an interruption from here on cannot
     # leave an old meta.json vouching for new token files.
     meta_path.unlink(missing_ok=True)
-    tokens = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
+    written = {split: _concat(shards, split, dtype, out_dir / f"{split}.bin") for split in ("train", "val")}
     tok.save_pretrained(out_dir)
     val_docs = sum(_evenly(k, val_fraction) for k in range(total))
     # the digests let a loader tell a file corrupted in place from the one prepared (see loader.DIGEST_CHECK_BYTES)
-    meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": tokens["train"],
-            "val_tokens": tokens["val"], "train_sha256": file_sha256(out_dir / "train.bin"),
-            "val_sha256": file_sha256(out_dir / "val.bin"), "documents": total, "train_documents": total - val_docs,
+    meta = {"vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "train_tokens": written["train"][0],
+            "val_tokens": written["val"][0], "train_sha256": written["train"][1],
+            "val_sha256": written["val"][1], "documents": total, "train_documents": total - val_docs,
             "val_documents": val_docs, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "unk_id": tok.unk_id, "tokenizer": "tokenizer.model", "plan": plan}
     write_json(meta_path, meta)
@@ -357,9 +357,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         np.savez(f, **arrays)
 
 
-def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
-    """Write the shards' `split` tokens one after the other into `out`; return the token count."""
-    count = 0
+def _concat(shards: list[Path], split: str, dtype, out: Path) -> tuple[int, str]:
+    """Write the shards' `split` tokens one after the other into `out`; return the token count and the SHA-256 of
+    the bytes written (hashed as they are written: the file need not be read back)."""
+    count, digest = 0, hashlib.sha256()
 
     def write(tmp: Path) -> None:
         nonlocal count
@@ -368,7 +369,9 @@ def _concat(shards: list[Path], split: str, dtype, out: Path) -> int:
                 with np.load(shard, allow_pickle=False) as z:
                     ids = z[split]
                 count += len(ids)
-                f.write(ids.astype(dtype, copy=False).tobytes())  # uint32 only in shards an older version left
+                data = ids.astype(dtype, copy=False).tobytes()  # uint32 only in shards an older version left
+                digest.update(data)
+                f.write(data)
 
     atomic_write(out, write)
-    return count
+    return count, digest.hexdigest()
